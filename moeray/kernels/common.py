@@ -1,0 +1,91 @@
+"""Shared pieces of the kernels: input checks with clear errors, interpreter detection, and the
+e4m3 rounding helper that keeps Triton's CPU interpreter exact.
+
+Imports torch and triton only; never touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value; scale = amax / 448 (DeepSeek-V3 recipe)
+# A zero group would give scale 0 and 0/0; clamping amax keeps zero groups at q = 0, scale ~2e-15.
+AMAX_FLOOR = 1e-12
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    return all(t.is_cuda for t in tensors) or interpreting()
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    *,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    ndim: int | None = None,
+    contiguous: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise ValueError naming `name`, the bad value and what is accepted."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; accepted: {', '.join(map(str, dtypes))}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+    return t
+
+
+def check_shape(t: torch.Tensor, name: str, expected: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """Round fp32 values (already clamped to +-448) to the e4m3 grid, nearest-even, in fp32.
+
+    Triton's interpreter (3.6-3.9) converts fp32 -> e4m3 wrongly when rounding carries into the
+    exponent (124.4 -> 64 instead of 128). Rounding here first makes the final cast exact, so CPU
+    tests check the same function the GPU computes with its native cvt.rn.satfinite.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    # e4m3: 3 mantissa bits, smallest normal exponent -6; subnormal spacing 2^-9.
+    exp = tl.maximum(exp, -6)
+    ulp = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    v = x / ulp
+    r = tl.floor(v)
+    d = v - r
+    half_r = r * 0.5
+    r_is_odd = tl.floor(half_r) != half_r
+    up = (d > 0.5) | ((d == 0.5) & r_is_odd)
+    r = tl.where(up, r + 1.0, r)
+    return r * ulp
+
+
+@triton.jit
+def to_e4m3(x, EXACT: tl.constexpr):
+    """fp32 (clamped to +-448) -> e4m3; EXACT rounds in fp32 first (interpreter only)."""
+    if EXACT:
+        x = round_to_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,546 @@
+"""FP8 (e4m3) block quantization and block-scaled GEMMs, DeepSeek-V3 recipe.
+
+Legend: M tokens (rows of activations), N output features, K reduction features, KB = ceil(K/128),
+NB = ceil(N/128), MB = ceil(M/128).
+
+- act_quant:     x [..., K]     -> e4m3 [..., K] and fp32 scale [..., KB]   (1x128 per-token groups)
+- act_quant_t:   x [M, K]       -> e4m3 [K, M] and fp32 scale [K, MB]       (128x1 groups, transposed:
+                                   the weight-grad GEMM reduces over tokens)
+- weight_quant:  w [N, K]       -> e4m3 [N, K] and fp32 scale_inv [NB, KB]  (128x128 blocks)
+- weight_dequant: inverse of weight_quant, dequant = w_fp8 * scale_inv per block (checkpoint rule)
+- fp8_gemm:      a [M, K] e4m3 (scale [M, KB]) x b [N, K] e4m3 (scale [NB, KB] per 128x128 block, or
+                 [N, KB] per 1x128 row group) -> [M, N] bf16, fp32 accumulation, like F.linear.
+  Uses torch's native block-scaled `torch._scaled_mm` (cuBLASLt) where it works on this torch and GPU
+  (probed once per device against the reference), else the Triton kernel here.
+- fp8_linear_dgrad / fp8_linear_wgrad: the two backward GEMMs of y = x W^T, so all three GEMMs of a
+  linear layer run in FP8.
+
+scale = amax / 448 per group, q = x / scale rounded to nearest-even e4m3; dequant = q * scale.
+Every `*_ref` is plain PyTorch (CPU or GPU) and is the test oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import (
+    AMAX_FLOOR,
+    FP8_DTYPE,
+    FP8_MAX,
+    cdiv,
+    check_shape,
+    check_tensor,
+    interpreting,
+    to_e4m3,
+    use_triton,
+)
+
+FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# References (plain PyTorch, fp32 math)
+# ----------------------------------------------------------------------------------------------
+
+
+def _quant_groups_ref(x_GB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each row of x_GB (groups x group elements) with one scale per row."""
+    x = x_GB.float()
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR)
+    scale = amax / FP8_MAX
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.squeeze(-1)
+
+
+def act_quant_ref(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    *lead, k = x.shape
+    kb = cdiv(k, block)
+    xp = torch.nn.functional.pad(x.float(), (0, kb * block - k)).reshape(-1, kb, block)
+    q, s = _quant_groups_ref(xp)
+    q = q.reshape(-1, kb * block)[:, :k].reshape(*lead, k)
+    return q, s.reshape(*lead, kb)
+
+
+def act_quant_t_ref(x_MK: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = act_quant_ref(x_MK.t(), block)
+    return q.contiguous(), s.contiguous()
+
+
+def weight_quant_ref(w_NK: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w_NK.shape
+    nb, kb = cdiv(n, block), cdiv(k, block)
+    wp = torch.nn.functional.pad(w_NK.float(), (0, kb * block - k, 0, nb * block - n))
+    tiles = wp.reshape(nb, block, kb, block).permute(0, 2, 1, 3).reshape(nb, kb, block * block)
+    q, s = _quant_groups_ref(tiles)
+    q = q.reshape(nb, kb, block, block).permute(0, 2, 1, 3).reshape(nb * block, kb * block)
+    return q[:n, :k].contiguous(), s
+
+
+def weight_dequant_ref(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, out_dtype=torch.bfloat16
+) -> torch.Tensor:
+    n, k = w_fp8.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    return (w_fp8.float() * s).to(out_dtype)
+
+
+def dequant_rows_ref(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """fp32 values of 1x128-quantized rows: q [R, K], scale [R, KB]."""
+    k = q.shape[-1]
+    return q.float() * scale.float().repeat_interleave(block, -1)[..., :k]
+
+
+def fp8_gemm_ref(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """(a * a_scale) @ (b * b_scale)^T in fp32, b_scale per 128x128 block or per 1x128 row group."""
+    a = dequant_rows_ref(a_fp8, a_scale)
+    n = b_fp8.shape[0]
+    if b_scale.shape[0] == n and n > cdiv(n, 128):
+        b = dequant_rows_ref(b_fp8, b_scale)
+    else:
+        b = weight_dequant_ref(b_fp8, b_scale, out_dtype=torch.float32)
+    return (a @ b.t()).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, K,
+    stride_xm, stride_qm, stride_sm, stride_sk,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, EXACT: tl.constexpr,
+):
+    # One program: BLOCK_M rows x one 128-wide group -> BLOCK_M scales.
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)
+    s = amax / 448.0
+    y = tl.math.div_rn(x, s[:, None])
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], to_e4m3(y, EXACT), mask=mask)
+    tl.store(s_ptr + offs_m * stride_sm + g * stride_sk, s, mask=offs_m < M)
+
+
+@triton.jit
+def _act_quant_t_kernel(
+    x_ptr, q_ptr, s_ptr, M, K,
+    stride_xm, stride_qk, stride_sk,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EXACT: tl.constexpr,
+):
+    # One program: a 128-token group x BLOCK_K channels; amax over tokens; writes q transposed.
+    g = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = g * GROUP + tl.arange(0, GROUP)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+    s = amax / 448.0
+    y = tl.math.div_rn(x, s[None, :])
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    tl.store(q_ptr + offs_k[None, :] * stride_qk + offs_m[:, None], to_e4m3(y, EXACT), mask=mask)
+    tl.store(s_ptr + offs_k * stride_sk + g, s, mask=offs_k < K)
+
+
+@triton.jit
+def _weight_quant_kernel(
+    w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_qn, stride_sn,
+    BLOCK: tl.constexpr, EXACT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    w = w.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12)
+    s = amax / 448.0
+    y = tl.math.div_rn(w, s)
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    tl.store(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], to_e4m3(y, EXACT), mask=mask)
+    tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
+
+
+@triton.jit
+def _weight_dequant_kernel(
+    q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_wn, stride_sn,
+    BLOCK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(s_ptr + pid_n * stride_sn + pid_k)
+    w = q.to(tl.float32) * s
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_block(block: int) -> None:
+    if block != 128:
+        raise ValueError(f"block={block}: only 128 is supported (DeepSeek-V3 1x128 / 128x128 tiles)")
+
+
+def act_quant(
+    x: torch.Tensor, block: int = 128, *, scale_col_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 1x128 e4m3 quantization: x [..., K] -> (q [..., K] e4m3, scale [..., KB] fp32).
+
+    scale_col_major=True (2-D x only) returns the scale as an [M, KB] view with strides (1, M), the
+    layout cuBLASLt's block-scaled GEMM reads, so fp8_gemm needs no transposing copy.
+    """
+    _check_block(block)
+    check_tensor(x, "x", dtypes=FLOAT_IN)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if scale_col_major and x.dim() != 2:
+        raise ValueError(f"scale_col_major needs a 2-D x, got shape {tuple(x.shape)}")
+    if not use_triton(x):
+        q, s = act_quant_ref(x, block)
+        return q, (s.t().contiguous().t() if scale_col_major else s)
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    kb = cdiv(k, block)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    if scale_col_major:
+        s = torch.empty((kb, m), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
+    block_m = 16
+    grid = (cdiv(m, block_m), kb)
+    _act_quant_kernel[grid](
+        x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
+        BLOCK_M=block_m, GROUP=block, EXACT=interpreting(), num_warps=4,
+    )
+    if scale_col_major:
+        return q, s
+    return q.reshape(*lead, k), s.reshape(*lead, kb)
+
+
+def act_quant_t(x_MK: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x1 quantization of activations for the weight-grad GEMM, transposed.
+
+    x [M, K] -> (q [K, M] e4m3, scale [K, MB] fp32): each channel gets one scale per 128 tokens.
+    """
+    _check_block(block)
+    check_tensor(x_MK, "x", dtypes=FLOAT_IN, ndim=2)
+    if not use_triton(x_MK):
+        return act_quant_t_ref(x_MK, block)
+    x = x_MK if x_MK.stride(-1) == 1 else x_MK.contiguous()
+    m, k = x.shape
+    mb = cdiv(m, block)
+    q = torch.empty((k, m), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((k, mb), dtype=torch.float32, device=x.device)
+    block_k = 64
+    _act_quant_t_kernel[(mb, cdiv(k, block_k))](
+        x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0),
+        BLOCK_K=block_k, GROUP=block, EXACT=interpreting(), num_warps=4,
+    )
+    return q, s
+
+
+def weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block quantization: w [N, K] -> (q [N, K] e4m3, scale_inv [NB, KB] fp32)."""
+    _check_block(block)
+    check_tensor(w, "w", dtypes=FLOAT_IN, ndim=2)
+    if not use_triton(w):
+        return weight_quant_ref(w, block)
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((cdiv(n, block), cdiv(k, block)), dtype=torch.float32, device=w.device)
+    _weight_quant_kernel[s.shape](
+        w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0),
+        BLOCK=block, EXACT=interpreting(), num_warps=8,
+    )
+    return q, s
+
+
+def weight_dequant(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """w_fp8 [N, K] e4m3 * scale_inv [NB, KB] (one per 128x128 block) -> [N, K] out_dtype."""
+    _check_block(block)
+    check_tensor(w_fp8, "w_fp8", dtypes=(FP8_DTYPE,), ndim=2)
+    check_tensor(scale_inv, "scale_inv", dtypes=(torch.float32,), ndim=2, device=w_fp8.device)
+    n, k = w_fp8.shape
+    check_shape(scale_inv, "scale_inv", (cdiv(n, block), cdiv(k, block)))
+    if out_dtype not in FLOAT_IN:
+        raise ValueError(f"out_dtype={out_dtype}; accepted: {FLOAT_IN}")
+    if not use_triton(w_fp8):
+        return weight_dequant_ref(w_fp8, scale_inv, block, out_dtype)
+    q = w_fp8 if w_fp8.stride(-1) == 1 else w_fp8.contiguous()
+    s = scale_inv.contiguous()
+    w = torch.empty((n, k), dtype=out_dtype, device=q.device)
+    _weight_dequant_kernel[s.shape](q, s, w, n, k, q.stride(0), w.stride(0), s.stride(0), BLOCK=block, num_warps=8)
+    return w
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-scaled GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    B_SCALE_DIV: tl.constexpr,  # 128: b scale per 128x128 block; 1: per 1x128 row group
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrap out-of-range rows/cols onto valid ones so loads need no row mask; stores are masked.
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    as_ptrs = as_ptr + offs_am * stride_asm
+    bs_ptrs = bs_ptr + (offs_bn // B_SCALE_DIV) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a_s = tl.load(as_ptrs + kb * stride_ask)
+        b_s = tl.load(bs_ptrs + kb * stride_bsk)
+        if UPCAST:  # the CPU interpreter has no fp8 matmul of its own: same math in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        # Promote every 128 of K into the fp32 accumulator with both scales (DeepSeek-V3 recipe).
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c = acc.to(c_ptr.dtype.element_ty)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _gemm_config(m: int, n: int, k: int) -> dict:
+    """Block shapes by problem size (tuned on H100 for the DeepSeek-V3 shapes; see notes-kernels.md)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=5)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _b_scale_div(b_fp8: torch.Tensor, b_scale: torch.Tensor, kb: int) -> int:
+    n = b_fp8.shape[0]
+    if tuple(b_scale.shape) == (cdiv(n, 128), kb):
+        return 128
+    if tuple(b_scale.shape) == (n, kb):
+        return 1
+    raise ValueError(
+        f"b_scale has shape {tuple(b_scale.shape)}; accepted: ({cdiv(n, 128)}, {kb}) for 128x128 "
+        f"blocks or ({n}, {kb}) for 1x128 row groups of b [{n}, {b_fp8.shape[1]}]"
+    )
+
+
+def _check_gemm_inputs(a_fp8, a_scale, b_fp8, b_scale) -> int:
+    check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2)
+    check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=2, device=a_fp8.device)
+    check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
+    check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
+    m, k = a_fp8.shape
+    if b_fp8.shape[1] != k:
+        raise ValueError(f"b_fp8 [N, K] has K={b_fp8.shape[1]}, a_fp8 [M, K] has K={k}: they must match")
+    kb = cdiv(k, 128)
+    check_shape(a_scale, "a_scale", (m, kb))
+    return _b_scale_div(b_fp8, b_scale, kb)
+
+
+def fp8_gemm_triton(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The Triton block-scaled GEMM (any strides for a, b and both scales)."""
+    div = _check_gemm_inputs(a_fp8, a_scale, b_fp8, b_scale)
+    m, k = a_fp8.shape
+    n = b_fp8.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=a_fp8.device)
+    if m == 0 or n == 0:
+        return c
+    cfg = dict(config or _gemm_config(m, n, k))
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    if div == 128 and cfg["BLOCK_N"] % 128 and 128 % cfg["BLOCK_N"]:
+        raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide or be a multiple of 128")
+    _fp8_gemm_kernel[grid](
+        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
+        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        B_SCALE_DIV=div, EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), **cfg,
+    )
+    return c
+
+
+def _scaled_mm_call(a, a_scale_cm, b, b_scale, b_layout: str):
+    """torch._scaled_mm with 1x128 a-scales and b-scales in the layout `b_layout` names."""
+    if b_layout == "t_view":  # (KB, NB or N) view of the row-major (NB or N, KB) tensor
+        sb = b_scale.t()
+    else:  # "t_contig": the same values, contiguous
+        sb = b_scale.t().contiguous()
+    return torch._scaled_mm(a, b.t(), scale_a=a_scale_cm, scale_b=sb, out_dtype=torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=8)
+def native_blockscaled_layout(device_index: int, per_row_b: bool) -> str | None:
+    """Probe once per device: which b-scale layout torch._scaled_mm accepts and computes right.
+
+    Returns "t_view" or "t_contig", or None where this torch/GPU has no block-scaled _scaled_mm
+    (torch < 2.9, cuBLASLt < 12.9, not sm_90). The probe compares against fp8_gemm_ref, so a layout
+    that runs but reads scales wrongly is rejected.
+    """
+    if not hasattr(torch, "_scaled_mm"):
+        return None
+    dev = torch.device("cuda", device_index)
+    if torch.cuda.get_device_capability(dev)[0] != 9:
+        return None  # cuBLASLt's 1x128/128x128 float32 block scaling is a Hopper (sm_90) mode
+    g = torch.Generator(device=dev).manual_seed(0)
+    m, n, k = 256, 384, 512
+    a, sa = act_quant(torch.randn(m, k, device=dev, generator=g), scale_col_major=True)
+    w = torch.randn(n, k, device=dev, generator=g)
+    # Scales that vary strongly per block, so a layout mix-up cannot pass by accident.
+    w = w * torch.rand(n // 128 if not per_row_b else n, 1, device=dev, generator=g).repeat_interleave(
+        128 if not per_row_b else 1, 0
+    ) * 10
+    if per_row_b:
+        b, sb = act_quant(w)
+    else:
+        b, sb = weight_quant(w)
+    ref = fp8_gemm_ref(a, sa, b, sb).float()
+    for layout in ("t_view", "t_contig"):
+        try:
+            out = _scaled_mm_call(a, sa, b, sb, layout).float()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if (out - ref).norm() / ref.norm() < 1e-2:
+            return layout
+    return None
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-scaled e4m3 GEMM: a [M, K] x b [N, K]^T -> [M, N] bf16 with fp32 accumulation.
+
+    a_scale [M, KB]: 1x128 groups (any strides; strides (1, M) from act_quant(scale_col_major=True)
+    avoid a copy on the native path). b_scale [NB, KB] per 128x128 block (weights) or [N, KB] per
+    1x128 row group (the weight-grad GEMM). backend: "auto" (native when the probe accepts it and the
+    shape suits cuBLASLt, else Triton), "native", "triton", or "ref".
+    """
+    if backend not in ("auto", "native", "triton", "ref"):
+        raise ValueError(f"backend={backend!r}; accepted: auto, native, triton, ref")
+    div = _check_gemm_inputs(a_fp8, a_scale, b_fp8, b_scale)
+    if backend == "ref" or (backend == "auto" and not use_triton(a_fp8)):
+        return fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale)
+    m, k = a_fp8.shape
+    n = b_fp8.shape[0]
+    if backend in ("auto", "native") and a_fp8.is_cuda:
+        # cuBLASLt needs 16-byte aligned leading dims and whole 128-wide K groups.
+        shape_ok = k % 128 == 0 and n % 16 == 0 and m % 4 == 0 and m > 0
+        layout = native_blockscaled_layout(a_fp8.device.index or 0, div == 1) if shape_ok else None
+        if layout is not None:
+            a = a_fp8 if a_fp8.stride(1) == 1 else a_fp8.contiguous()
+            b = b_fp8 if b_fp8.stride(1) == 1 else b_fp8.contiguous()
+            sa = a_scale if a_scale.stride(0) == 1 else a_scale.t().contiguous().t()
+            return _scaled_mm_call(a, sa, b, b_scale.contiguous(), layout)
+        if backend == "native":
+            raise ValueError(
+                f"backend='native': torch._scaled_mm block scaling is unavailable for M={m}, N={n}, "
+                f"K={k} on this torch/GPU (needs sm_90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0)"
+            )
+    return fp8_gemm_triton(a_fp8, a_scale, b_fp8, b_scale)
+
+
+def fp8_linear_forward(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T with x quantized 1x128 on the fly and W in 128x128 blocks."""
+    xq, xs = act_quant(x, scale_col_major=x.dim() == 2)
+    return fp8_gemm(xq, xs, w_fp8, w_scale, backend=backend)
+
+
+def fp8_linear_dgrad(
+    dy: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    w_t_fp8: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Input grad dx [M, K] = dy [M, N] @ W [N, K], dy quantized 1x128 along N.
+
+    W's 128x128 blocks transpose exactly, so W^T reuses the same scales (transposed). Pass w_t_fp8
+    (W^T contiguous, [K, N]) to skip the transposing copy of the weight.
+    """
+    check_tensor(dy, "dy", dtypes=FLOAT_IN, ndim=2)
+    check_tensor(w_fp8, "w_fp8", dtypes=(FP8_DTYPE,), ndim=2)
+    if dy.shape[1] != w_fp8.shape[0]:
+        raise ValueError(f"dy [M, N] has N={dy.shape[1]} but w_fp8 [N, K] has N={w_fp8.shape[0]}")
+    dyq, dys = act_quant(dy, scale_col_major=True)
+    if w_t_fp8 is None:
+        w_t_fp8 = w_fp8.t() if backend == "triton" else w_fp8.t().contiguous()
+    return fp8_gemm(dyq, dys, w_t_fp8, w_scale.t().contiguous(), backend=backend)
+
+
+def fp8_linear_wgrad(dy: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Weight grad dW [N, K] = dy^T [N, M] @ x [M, K], both re-tiled to 128x1 (groups of 128 tokens)."""
+    check_tensor(dy, "dy", dtypes=FLOAT_IN, ndim=2)
+    check_tensor(x, "x", dtypes=FLOAT_IN, ndim=2)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy has {dy.shape[0]} tokens but x has {x.shape[0]}: they must match")
+    dyt, dyt_s = act_quant_t(dy)  # [N, M], [N, MB]
+    xt, xt_s = act_quant_t(x)  # [K, M], [K, MB]
+    return fp8_gemm(dyt, dyt_s, xt, xt_s, backend=backend)

@@ -1,0 +1,141 @@
+"""FP8 quantization and block-scaled GEMM kernels vs their PyTorch references, under the interpreter."""
+
+import pytest
+import torch
+
+from moeray.kernels import fp8
+from moeray.kernels.common import FP8_DTYPE
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _poison_check(q: torch.Tensor) -> None:
+    assert torch.isfinite(q.float()).all(), "unwritten (NaN-poisoned) or non-finite output"
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 200), (17, 128), (1, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    # Per-row magnitudes over 4 decades, so a scale taken from the wrong group shows up.
+    x = (torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-2] if len(shape) > 1 else 1)
+         .reshape(-1, 1)).to(dtype)
+    q, s = fp8.act_quant(x)
+    qr, sr = fp8.act_quant_ref(x)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape and s.shape == (*shape[:-1], -(-shape[-1] // 128))
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), qr.float())
+    # Round trip: 1x128 e4m3 keeps each element within half an e4m3 step (2^-4 relative) of x.
+    deq = fp8.dequant_rows_ref(q.reshape(-1, shape[-1]), s.reshape(-1, s.shape[-1]))
+    assert _rel(deq, x.reshape(-1, shape[-1]).float()) < 0.04
+
+
+def test_act_quant_col_major_scale_and_zero_rows():
+    x = torch.randn(9, 260)
+    x[4] = 0.0  # an all-zero token must quantize to zeros, not NaN
+    q, s = fp8.act_quant(x, scale_col_major=True)
+    assert s.shape == (9, 3) and s.stride() == (1, 9)
+    qr, sr = fp8.act_quant_ref(x)
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), qr.float())
+    assert (q[4].float() == 0).all()
+
+
+def test_act_quant_t_matches_reference():
+    x = torch.randn(131, 70) * torch.rand(1, 70) * 5
+    q, s = fp8.act_quant_t(x)
+    qr, sr = fp8.act_quant_t_ref(x)
+    assert q.shape == (70, 131) and s.shape == (70, 2)
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), qr.float())
+
+
+@pytest.mark.parametrize("shape", [(130, 260), (128, 128), (40, 300)])
+def test_weight_quant_dequant(shape):
+    w = torch.randn(shape) * 3
+    q, s = fp8.weight_quant(w)
+    qr, sr = fp8.weight_quant_ref(w)
+    assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), qr.float())
+    d = fp8.weight_dequant(q, s)
+    dr = fp8.weight_dequant_ref(q, s)
+    assert d.dtype == torch.bfloat16
+    torch.testing.assert_close(d.float(), dr.float(), rtol=8e-3, atol=0)
+    assert _rel(d, w) < 0.05
+
+
+def test_rounding_carry_matches_torch():
+    # Values that round up into the next binade (124.4 -> 128): the interpreter's own cast gets
+    # these wrong; the kernels' exact rounding must not.
+    x = torch.tensor([[124.4, -127.7, 31.2, 0.0178, 1e-3, 447.0] + [448.0] * 122])
+    q, _ = fp8.act_quant(x)
+    qr, _ = fp8.act_quant_ref(x)
+    assert torch.equal(q.float(), qr.float())
+
+
+@pytest.mark.parametrize("mnk", [(33, 160, 256), (5, 72, 200), (64, 256, 384)])
+def test_fp8_gemm_block_scaled(mnk):
+    m, n, k = mnk
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g)
+    # Distinct magnitudes per 128-row block of w catch a scale read from the wrong block.
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).mul(8).add(0.1)
+    xq, xs = fp8.act_quant(x)
+    wq, ws = fp8.weight_quant(w)
+    out = fp8.fp8_gemm(xq, xs, wq, ws, backend="triton")
+    ref = fp8.fp8_gemm_ref(xq, xs, wq, ws)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert _rel(out, ref) < 8e-3
+    # And the whole FP8 path stays close to the fp32 product (e4m3 error ~2-3%).
+    assert _rel(out, x @ w.t()) < 0.06
+
+
+def test_fp8_gemm_col_major_a_scale_and_strided_b():
+    m, n, k = 20, 130, 256
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    xq, xs = fp8.act_quant(x, scale_col_major=True)
+    wq, ws = fp8.weight_quant(w)
+    out = fp8.fp8_gemm_triton(xq, xs, wq, ws)
+    assert _rel(out, fp8.fp8_gemm_ref(xq, xs, wq, ws)) < 8e-3
+    # b given as a transposed view ([N, K] with strides (1, N)) must give the same result.
+    wt = wq.t().contiguous().t()
+    assert _rel(fp8.fp8_gemm_triton(xq, xs, wt, ws), out) < 1e-6
+
+
+def test_backward_gemms():
+    m, n, k = 136, 144, 256
+    g = torch.Generator().manual_seed(7)
+    x, w, dy = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+    wq, ws = fp8.weight_quant(w)
+    dx = fp8.fp8_linear_dgrad(dy, wq, ws, backend="triton")
+    assert dx.shape == (m, k)
+    assert _rel(dx, dy @ fp8.weight_dequant_ref(wq, ws, out_dtype=torch.float32)) < 0.05
+    dw = fp8.fp8_linear_wgrad(dy, x, backend="triton")
+    assert dw.shape == (n, k)
+    assert _rel(dw, dy.t() @ x) < 0.05
+    # The wgrad GEMM with per-row (1x128) b scales against its reference.
+    dyt, dyts = fp8.act_quant_t(dy)
+    xt, xts = fp8.act_quant_t(x)
+    assert _rel(fp8.fp8_gemm_triton(dyt, dyts, xt, xts), fp8.fp8_gemm_ref(dyt, dyts, xt, xts)) < 8e-3
+
+
+def test_input_errors():
+    xq, xs = fp8.act_quant(torch.randn(4, 256))
+    wq, ws = fp8.weight_quant(torch.randn(128, 256))
+    with pytest.raises(ValueError, match="a_fp8 has dtype"):
+        fp8.fp8_gemm(xq.float(), xs, wq, ws)
+    with pytest.raises(ValueError, match="b_scale has shape"):
+        fp8.fp8_gemm(xq, xs, wq, ws[:, :1])
+    with pytest.raises(ValueError, match="must match"):
+        fp8.fp8_gemm(xq, xs, wq[:, :128].contiguous(), ws[:, :1].contiguous())
+    with pytest.raises(ValueError, match="block=64"):
+        fp8.act_quant(torch.randn(4, 256), block=64)
+    with pytest.raises(ValueError, match="x has dtype"):
+        fp8.act_quant(torch.randint(0, 4, (4, 128)))
+    with pytest.raises(ValueError, match="backend"):
+        fp8.fp8_gemm(xq, xs, wq, ws, backend="cutlass")
