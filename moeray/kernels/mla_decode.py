@@ -1,0 +1,295 @@
+"""MLA decode attention over a paged latent KV cache (absorbed queries), split-KV.
+
+Legend: B sequences, H heads, S query tokens per sequence (1 for plain decode), D = R + P with
+R = kv_lora_rank (512) latent dims and P = rope dims (64), T page size (64 tokens), NP pages in the
+pool, MP max pages per sequence, NS KV splits.
+
+kv_cache [NP, T, D]: each row is one token's latent (first R) and rope key (last P). With absorbed
+queries, scores = q_nope . c_kv + q_rope . k_rope and the values are the latent c_kv itself, so the
+output is [.., R] latent (the caller multiplies by W_UV and W_O).
+
+Stage 1 (Triton): one program per (head block, sequence, split) walks its pages through the block
+table with an online softmax, writes a partial output and its log-sum-exp. Stage 2 merges the splits.
+Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512 pages).
+
+The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
+prefix: query i of a sequence with length L (which already includes the S new tokens in the cache)
+sees cache positions 0 .. L - S + i.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def mla_decode_ref(
+    q_BSHD: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_lora_rank: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 reference: q [B, S, H, D] -> (out [B, S, H, R] fp32, lse [B, S, H] natural log)."""
+    b_, s_, h_, _ = q_BSHD.shape
+    page = kv_cache.shape[1]
+    out = torch.empty(b_, s_, h_, kv_lora_rank, dtype=torch.float32, device=q_BSHD.device)
+    lse = torch.empty(b_, s_, h_, dtype=torch.float32, device=q_BSHD.device)
+    for b in range(b_):
+        n = int(seq_lens[b])
+        pages = block_table[b, : cdiv(n, page)].long()
+        kv = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:n].float()  # [n, D]
+        scores = torch.einsum("shd,nd->shn", q_BSHD[b].float(), kv) * softmax_scale
+        pos = torch.arange(n, device=kv.device)
+        limit = n - s_ + torch.arange(s_, device=kv.device)  # last visible position per query
+        scores = scores.masked_fill(pos[None, None, :] > limit[:, None, None], float("-inf"))
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_ptr, kv_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
+    sm_scale_log2, ROWS, NUM_HEADS, Q_LEN, pages_per_split,
+    stride_qb, stride_qr, stride_kvp, stride_kvt, stride_btb,
+    stride_ob, stride_or, stride_os, stride_lb, stride_lr,
+    BLOCK_H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < ROWS
+    seq_len = tl.load(len_ptr + b)
+    limit = seq_len - Q_LEN + rows // NUM_HEADS  # last cache position each row may attend to
+
+    offs_r = tl.arange(0, R)
+    offs_p = tl.arange(0, P)
+    offs_t = tl.arange(0, PAGE)
+    q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
+    q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+    q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q_nope = q_nope.to(tl.float32)
+        q_rope = q_rope.to(tl.float32)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, R), dtype=tl.float32)
+
+    t_start = split * pages_per_split * PAGE
+    t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
+    for t0 in range(t_start, t_end, PAGE):
+        page = tl.load(bt_ptr + b * stride_btb + t0 // PAGE).to(tl.int64)
+        pos = t0 + offs_t
+        t_ok = pos < t_end
+        kv_base = kv_ptr + page * stride_kvp + offs_t[:, None] * stride_kvt
+        c_kv = tl.load(kv_base + offs_r[None, :], mask=t_ok[:, None], other=0.0)  # [PAGE, R]
+        k_pe = tl.load(kv_base + R + offs_p[None, :], mask=t_ok[:, None], other=0.0)  # [PAGE, P]
+        if UPCAST:
+            c_kv = c_kv.to(tl.float32)
+            k_pe = k_pe.to(tl.float32)
+        s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
+        s = s * sm_scale_log2
+        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :], out,
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _mla_merge_kernel(
+    o_ptr, lse_ptr, out_ptr, lse_out_ptr, num_splits,
+    stride_ob, stride_or, stride_os, stride_lb, stride_lr, stride_outb, stride_outr, stride_lob,
+    NS: tl.constexpr, R: tl.constexpr,
+):
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    offs_s = tl.arange(0, NS)
+    s_ok = offs_s < num_splits
+    lse = tl.load(lse_ptr + b * stride_lb + r * stride_lr + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)  # empty splits (lse = -inf) weigh 0
+    w_sum = tl.sum(w, axis=0)
+    offs_r = tl.arange(0, R)
+    o = tl.load(o_ptr + b * stride_ob + r * stride_or + offs_s[:, None] * stride_os + offs_r[None, :],
+                mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    tl.store(out_ptr + b * stride_outb + r * stride_outr + offs_r, out.to(out_ptr.dtype.element_ty))
+    # natural-log LSE, for merging with other attention pieces (chunked prefill)
+    tl.store(lse_out_ptr + b * stride_lob + r, (m_safe + tl.log2(w_sum)) / 1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
+    check_tensor(q, "q", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=nd_q)
+    check_tensor(kv_cache, "kv_cache", dtypes=(q.dtype,), ndim=3, device=q.device)
+    check_tensor(block_table, "block_table", dtypes=(torch.int32, torch.int64), ndim=2, device=q.device)
+    check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32, torch.int64), ndim=1, device=q.device)
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache rows must be contiguous, got strides {kv_cache.stride()}")
+    d = kv_cache.shape[-1]
+    if q.shape[-1] != d:
+        raise ValueError(f"q has head dim {q.shape[-1]} but kv_cache rows have {d} (latent + rope)")
+    rope = d - kv_lora_rank
+    if not (_is_pow2(kv_lora_rank) and _is_pow2(rope)):
+        raise ValueError(
+            f"kv_lora_rank={kv_lora_rank} and rope dim {rope} (= {d} - kv_lora_rank) must be powers of 2 "
+            "(DeepSeek-V3: 512 + 64)"
+        )
+    page = kv_cache.shape[1]
+    if not _is_pow2(page) or page < 16:
+        raise ValueError(f"kv_cache page size {page} must be a power of 2 >= 16 (DeepSeek-V3 uses 64)")
+    b = q.shape[0]
+    if block_table.shape[0] != b or seq_lens.shape[0] != b:
+        raise ValueError(
+            f"batch mismatch: q has {b} sequences, block_table {block_table.shape[0]}, seq_lens {seq_lens.shape[0]}"
+        )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _mla_decode_rows(
+    q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
+    kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank, num_heads, q_len, num_splits, block_h,
+):
+    b, rows, d = q_BRD.shape
+    page = kv_cache.shape[1]
+    max_pages = block_table.shape[1]
+    if block_h is None:
+        block_h = 16 if rows <= 16 or interpreting() else 32
+    head_blocks = cdiv(rows, block_h)
+    if num_splits is None:
+        # Aim at two waves of programs over the SMs; no split shorter than 4 pages (256 tokens).
+        want = cdiv(2 * _num_sms(q_BRD.device), b * head_blocks)
+        num_splits = max(1, min(want, cdiv(max_pages, 4)))
+    pages_per_split = cdiv(max_pages, num_splits)
+    num_splits = cdiv(max_pages, pages_per_split)
+    o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
+    lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
+    upcast = interpreting()
+    _mla_decode_split_kernel[(head_blocks, b, num_splits)](
+        q_BRD, kv_cache, block_table, seq_lens, o, lse,
+        softmax_scale * LOG2E, rows, num_heads, q_len, pages_per_split,
+        q_BRD.stride(0), q_BRD.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        BLOCK_H=block_h, R=kv_lora_rank, P=d - kv_lora_rank, PAGE=page, UPCAST=upcast,
+        num_warps=4 if block_h <= 16 else 8, num_stages=2,
+    )
+    out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
+    lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
+    _mla_merge_kernel[(b, rows)](
+        o, lse, out, lse_out, num_splits,
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), lse_out.stride(0),
+        NS=triton.next_power_of_2(num_splits), R=kv_lora_rank, num_warps=4,
+    )
+    return out, lse_out
+
+
+def mla_decode_multi(
+    q_BSHD: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_lora_rank: int = 512,
+    *,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+    return_lse: bool = False,
+):
+    """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
+
+    seq_lens counts the cached tokens including the S new ones; query s sees positions
+    0 .. seq_len - S + s. Sequences need seq_len >= S.
+    """
+    _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
+    if block_h is not None and (not _is_pow2(block_h) or block_h < 16):
+        raise ValueError(f"block_h={block_h} must be a power of 2 >= 16")
+    b, s, h, d = q_BSHD.shape
+    if not use_triton(q_BSHD):
+        out, lse = mla_decode_ref(q_BSHD, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank)
+        out = out.to(q_BSHD.dtype)
+        return (out, lse) if return_lse else out
+    q = q_BSHD.reshape(b, s * h, d)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out, lse = _mla_decode_rows(
+        q, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank, h, s, num_splits, block_h
+    )
+    out = out.view(b, s, h, kv_lora_rank)
+    return (out, lse.view(b, s, h)) if return_lse else out
+
+
+def mla_decode(
+    q_BHD: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_lora_rank: int = 512,
+    *,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+    return_lse: bool = False,
+):
+    """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
+
+    kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B] int32
+    (>= 1, including the current token). num_splits / block_h override the automatic choice.
+    """
+    check_tensor(q_BHD, "q", ndim=3)
+    res = mla_decode_multi(
+        q_BHD.unsqueeze(1), kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank,
+        num_splits=num_splits, block_h=block_h, return_lse=return_lse,
+    )
+    if return_lse:
+        return res[0].squeeze(1), res[1].squeeze(1)
+    return res.squeeze(1)
