@@ -1,0 +1,188 @@
+"""Sampling: greedy, temperature, top-k, top-p, one random stream per request, logprobs.
+
+Legend: B rows (one per sequence being sampled), V vocabulary, k top-logprob count.
+
+Each request owns a torch.Generator seeded from its `seed` (or from the engine's generator when it
+has none) and draws exactly one uniform number per sampled token, on the CPU. So a seeded request
+gives the same tokens whatever else shares its batch, and whatever the device.
+The token is found by inverse transform sampling over the filtered, renormalized probabilities in
+vocabulary order: the first v whose cumulative probability exceeds u.
+
+Logprobs are those of the model's raw distribution (log_softmax of the logits, before temperature
+and filtering), as vLLM reports by default: they measure the model, not the sampling settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI-style names).
+
+    temperature 0 means greedy (argmax, ties to the lowest token id, like transformers).
+    top_k 0 and top_p 1.0 disable those filters. logprobs None returns none; n >= 0 returns the
+    sampled token's logprob plus the n most likely tokens'. stop strings end generation when they
+    appear in the detokenized output (the stop string itself is not returned); stop_token_ids and
+    the model's eos (unless ignore_eos) end it with that token returned.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs={self.logprobs} must be None or in [0, 20]")
+        if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
+            raise ValueError("stop and stop_token_ids must be sequences, e.g. ('\\n',) and (2,)")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r}: empty stop strings are not accepted")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """The sampled token's logprob and the top-n alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generator:
+    """A request's CPU generator: from its seed, else from a draw of the engine's generator."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=fallback).item())
+    g.manual_seed(int(seed))
+    return g
+
+
+def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, renormalized (fp32). Greedy rows become a
+    one-hot on the argmax, so speculative verification can treat every row alike."""
+    B, V = logits_BV.shape
+    if len(params) != B:
+        raise ValueError(f"{len(params)} sampling params for {B} rows")
+    logits = logits_BV.float()
+    device = logits.device
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temps[:, None]
+    # top-k: keep values >= the k-th largest (ties at the boundary are kept, as in transformers)
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(ks):
+        kmax = max(ks)
+        topv = logits.topk(kmax, dim=-1).values
+        idx = torch.tensor([max(k, 1) - 1 for k in ks], device=device)
+        kth = topv.gather(1, idx[:, None])
+        use = torch.tensor([k > 0 for k in ks], device=device)[:, None]
+        logits = torch.where(use & (logits < kth), torch.full_like(logits, float("-inf")), logits)
+    probs = logits.softmax(dim=-1)
+    top_ps = [p.top_p for p in params]
+    if any(tp < 1.0 for tp in top_ps):
+        # top-p: the smallest set of most likely tokens whose mass reaches p (always >= 1 token)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        tp = torch.tensor(top_ps, device=device)[:, None]
+        drop_sorted = mass_before >= tp
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if greedy_rows:
+        rows = torch.tensor(greedy_rows, device=device)
+        onehot = torch.zeros(len(greedy_rows), V, device=device)
+        onehot[torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)] = 1
+        probs[rows] = onehot
+    return probs
+
+
+def draw_uniforms(generators: Sequence[torch.Generator], device) -> torch.Tensor:
+    """One uniform in [0, 1) per row from each row's own generator (CPU draws, moved once)."""
+    u = torch.stack([torch.rand((), generator=g) for g in generators])
+    return u.to(device)
+
+
+def sample_from_probs(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Inverse transform: the first token whose cumulative probability exceeds u (int64 [B])."""
+    cdf = probs_BV.cumsum(-1)
+    # Scale u by the total so fp32 rounding of the cumsum (total 1 +- 1e-6) never runs off the end.
+    target = u_B.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    tok = tok.clamp_(max=probs_BV.shape[-1] - 1)
+    # A zero-probability token can only be picked through rounding at its edge: step back to a
+    # token with mass (the previous nonzero one always exists because cdf > target >= 0 there).
+    bad = probs_BV.gather(1, tok[:, None]).squeeze(1) <= 0
+    if bad.any():
+        for i in bad.nonzero().flatten().tolist():
+            nz = (probs_BV[i] > 0).nonzero().flatten()
+            tok[i] = nz[nz <= tok[i]].max() if (nz <= tok[i]).any() else nz.min()
+    return tok
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[Logprobs | None]
+
+
+def compute_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor,
+                     params: Sequence[SamplingParams]) -> list[Logprobs | None]:
+    want = [p.logprobs for p in params]
+    if all(w is None for w in want):
+        return [None] * len(params)
+    lp_BV = logits_BV.float().log_softmax(-1)
+    n = max(w or 0 for w in want)
+    top_v, top_i = (lp_BV.topk(n, dim=-1) if n else (None, None))
+    chosen = lp_BV.gather(1, tokens_B[:, None]).squeeze(1).tolist()
+    out: list[Logprobs | None] = []
+    for b, w in enumerate(want):
+        if w is None:
+            out.append(None)
+            continue
+        top = tuple(zip(top_i[b, :w].tolist(), top_v[b, :w].tolist())) if w else ()
+        out.append(Logprobs(int(tokens_B[b]), float(chosen[b]), top))
+    return out
+
+
+class Sampler:
+    """Samples one token per row. Stateless apart from the per-request generators it is given."""
+
+    def __call__(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator]) -> SampleResult:
+        B = logits_BV.shape[0]
+        if not (len(params) == len(generators) == B):
+            raise ValueError(f"{B} rows, {len(params)} params, {len(generators)} generators")
+        tokens = logits_BV.float().argmax(-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits_BV.device)
+            sub = [params[i] for i in sampled_rows]
+            probs = filtered_probs(logits_BV[rows], sub)
+            u = draw_uniforms([generators[i] for i in sampled_rows], logits_BV.device)
+            tokens[rows] = sample_from_probs(probs, u)
+        return SampleResult(tokens.tolist(), compute_logprobs(logits_BV, tokens, params))
