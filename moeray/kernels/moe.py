@@ -1,0 +1,338 @@
+"""Fused MoE: all local experts in one launch per GEMM, SiLU-and-multiply fused into the first.
+
+Legend: T tokens, H hidden (7168), I expert width (moe_intermediate_size, 2048), E local experts,
+K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per block.
+
+1. moe_align: sort assignments by expert and pad each expert's run to a multiple of BM, so every
+   block of BM sorted rows belongs to one expert. Padding rows hold the sentinel TK. Experts that
+   get no tokens get no blocks. Sizes are upper bounds (no host sync), so it can be graph-captured.
+2. gate/up kernel: block (m, n) gathers its BM token rows of x, multiplies by w13[e] gate rows n and
+   up rows I + n, and writes silu(gate) * up -> h [TK, I] (bf16), row = assignment id.
+3. down kernel: block (m, n) multiplies h rows by w2[e] [H, I] columns n, scales by the routing
+   weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32.
+
+bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
+quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
+Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.fp8 import act_quant, dequant_rows_ref, weight_dequant_ref
+
+BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: the per-expert PyTorch loop (also the benchmark baseline)
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_moe_ref(
+    x_TH: torch.Tensor,
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Loop over experts: y_t = sum_k w_tk * W2_e (silu(W1_e x_t) * W3_e x_t).
+
+    With FP8 weights it dequantizes them and fake-quantizes x and h per token (1x128), the same
+    numbers the FP8 kernel multiplies.
+    """
+    t, h = x_TH.shape
+    e_count, two_i, _ = w13_E2IH.shape
+    i = two_i // 2
+    fp8 = w13_E2IH.dtype == FP8_DTYPE
+    x = x_TH
+    if fp8:
+        xq, xs = act_quant(x_TH.float())
+        x = dequant_rows_ref(xq, xs)
+    x = x.to(compute_dtype)
+    y = torch.zeros(t, h, dtype=torch.float32, device=x_TH.device)
+    for e in range(e_count):
+        tok, slot = torch.where(expert_ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        if fp8:
+            w13 = weight_dequant_ref(w13_E2IH[e], w13_scale[e], out_dtype=compute_dtype)
+            w2 = weight_dequant_ref(w2_EHI[e], w2_scale[e], out_dtype=compute_dtype)
+        else:
+            w13, w2 = w13_E2IH[e].to(compute_dtype), w2_EHI[e].to(compute_dtype)
+        gu = x[tok] @ w13.t()
+        act = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
+        if fp8:
+            aq, as_ = act_quant(act.float())
+            act = dequant_rows_ref(aq, as_).to(compute_dtype)
+        out = act @ w2.t()
+        y.index_add_(0, tok, out.float() * weights_TK[tok, slot].float()[:, None])
+    return y.to(x_TH.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment
+# ----------------------------------------------------------------------------------------------
+
+
+def moe_align(
+    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort assignments by expert, padded per expert to block_m.
+
+    Returns sorted_ids [max_blocks * block_m] (assignment ids, sentinel TK for padding) and
+    block_expert [max_blocks] (expert of each block, -1 past the end). max_blocks =
+    ceil(TK / block_m) + E bounds the padded total without reading it back to the host.
+    """
+    flat = expert_ids_TK.reshape(-1).long()
+    tk = flat.numel()
+    dev = flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    bucket = torch.where(valid, flat, num_experts)  # invalid ids go to a bucket that gets no blocks
+    counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(bucket, stable=True)
+    sorted_bucket = bucket[order]
+    ok = sorted_bucket < num_experts
+    e_safe = torch.where(ok, sorted_bucket, 0)
+    rank = torch.arange(tk, device=dev) - cnt_start[e_safe]
+    max_blocks = cdiv(tk, block_m) + num_experts
+    cap = max_blocks * block_m
+    dest = torch.where(ok, pad_start[e_safe] + rank, cap)  # invalid -> a dropped extra slot
+    sorted_ids = torch.full((cap + 1,), tk, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(max_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(pad_end, block_start, right=True)
+    total = pad_end[-1] if num_experts > 0 else torch.zeros((), dtype=torch.long, device=dev)
+    block_expert = torch.where(block_start < total, block_expert, -1).to(torch.int32)
+    return sorted_ids[:cap], block_expert
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, sorted_ptr, bexp_ptr, xs_ptr, ws_ptr,
+    num_valid, top_k, H, I,
+    stride_xt, stride_we, stride_wn, stride_ht, stride_xst, stride_wse, stride_wsn,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)  # fastest: the n-blocks of one row block share its x rows in L2
+    e = tl.load(bexp_ptr + pid_m)
+    if e < 0:
+        return
+    ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = ids < num_valid
+    tok = tl.where(row_ok, ids // top_k, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_ng = tl.where(n_ok, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
+    wg_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    wu_ptrs = wg_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = offs_k < H - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
+        if FP8:
+            kb = k0 // 128
+            a_s = tl.load(xs_ptr + tok * stride_xst + kb)
+            sg = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
+            su = tl.load(ws_ptr + e64 * stride_wse + ((offs_ng + I) // 128) * stride_wsn + kb)
+            acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
+            acc_u += tl.dot(a, wu) * a_s[:, None] * su[None, :]
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, in fp32
+    h_ptrs = h_ptr + ids[:, None].to(tl.int64) * stride_ht + offs_n[None, :]
+    tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, w_ptr, y_ptr, sorted_ptr, bexp_ptr, hs_ptr, ws_ptr, rw_ptr,
+    num_valid, H, I,
+    stride_ht, stride_we, stride_wn, stride_yt, stride_hst, stride_wse, stride_wsn,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    e = tl.load(bexp_ptr + pid_m)
+    if e < 0:
+        return
+    ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = ids < num_valid
+    rows = tl.where(row_ok, ids, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_ng = tl.where(n_ok, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]
+    b_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if FP8:
+            kb = k0 // 128
+            a_s = tl.load(hs_ptr + rows * stride_hst + kb)
+            b_s = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * rw[:, None]
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapper
+# ----------------------------------------------------------------------------------------------
+
+
+def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
+    """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big tiles."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
+    rows_per_expert = tk / max(num_experts, 1)
+    if rows_per_expert <= 32:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if rows_per_expert <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
+
+
+def fused_moe(
+    x_TH: torch.Tensor,
+    w13_E2IH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y [T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), all local experts at once.
+
+    x [T, H] bf16; w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], bf16 or e4m3 with
+    w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128] (checkpoint scale_inv);
+    expert_ids [T, K] int (ids outside [0, E) are skipped), weights [T, K] float.
+    """
+    check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
+    check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
+    check_tensor(w2_EHI, "w2", dtypes=(w13_E2IH.dtype,), ndim=3, device=x_TH.device)
+    check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64), ndim=2, device=x_TH.device)
+    check_tensor(weights_TK, "weights", dtypes=BF16_IN, ndim=2, device=x_TH.device)
+    t, h = x_TH.shape
+    e_count, two_i, h_w = w13_E2IH.shape
+    i = two_i // 2
+    if h_w != h or two_i % 2:
+        raise ValueError(f"w13 has shape {tuple(w13_E2IH.shape)}; expected [E, 2I, {h}] (gate then up rows)")
+    if tuple(w2_EHI.shape) != (e_count, h, i):
+        raise ValueError(f"w2 has shape {tuple(w2_EHI.shape)}; expected [{e_count}, {h}, {i}]")
+    if expert_ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(expert_ids_TK.shape):
+        raise ValueError(
+            f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={t}, K]"
+        )
+    fp8 = w13_E2IH.dtype == FP8_DTYPE
+    if fp8:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError("FP8 weights need w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128]")
+        check_tensor(w13_scale, "w13_scale", dtypes=(torch.float32,), ndim=3, device=x_TH.device)
+        check_tensor(w2_scale, "w2_scale", dtypes=(torch.float32,), ndim=3, device=x_TH.device)
+        if i % 128 or h % 128:
+            raise ValueError(f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)")
+        if tuple(w13_scale.shape) != (e_count, two_i // 128, h // 128):
+            raise ValueError(f"w13_scale has shape {tuple(w13_scale.shape)}; expected {(e_count, two_i // 128, h // 128)}")
+        if tuple(w2_scale.shape) != (e_count, h // 128, i // 128):
+            raise ValueError(f"w2_scale has shape {tuple(w2_scale.shape)}; expected {(e_count, h // 128, i // 128)}")
+    if not use_triton(x_TH):
+        return fused_moe_ref(x_TH, w13_E2IH, w2_EHI, expert_ids_TK, weights_TK, w13_scale=w13_scale,
+                             w2_scale=w2_scale)
+    for name, w in (("w13", w13_E2IH), ("w2", w2_EHI)):
+        if w.stride(-1) != 1:
+            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}")
+    k = expert_ids_TK.shape[1]
+    tk = t * k
+    cfg = dict(config or _moe_config(tk, e_count, fp8))
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    if fp8 and 128 % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide 128 for FP8 weights")
+    x = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
+    sorted_ids, block_expert = moe_align(expert_ids_TK, e_count, bm)
+    max_blocks = block_expert.numel()
+    act_dtype = torch.bfloat16 if x.dtype == torch.float32 and not interpreting() else x.dtype
+    hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
+    upcast = interpreting()
+    if fp8:
+        xq, xs = act_quant(x)
+        a_in, a_scale = xq, xs
+        ws13, ws2 = w13_scale.contiguous(), w2_scale.contiguous()
+    else:
+        a_in, a_scale = x, x  # a_scale unused without FP8
+        ws13 = ws2 = x
+    _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
+        a_in, w13_E2IH, hbuf, sorted_ids, block_expert, a_scale, ws13,
+        tk, k, h, i,
+        a_in.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), hbuf.stride(0),
+        a_scale.stride(0), ws13.stride(0), ws13.stride(1),
+        FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
+    )
+    if fp8:
+        hq, hs = act_quant(hbuf)
+        h_in, h_scale = hq, hs
+    else:
+        h_in, h_scale = hbuf, hbuf
+    y_tk = torch.empty(tk, h, dtype=torch.float32 if k > 1 else x.dtype, device=x.device)
+    rw = weights_TK.reshape(-1).contiguous()
+    _moe_down_kernel[(cdiv(h, bn), max_blocks)](
+        h_in, w2_EHI, y_tk, sorted_ids, block_expert, h_scale, ws2, rw,
+        tk, h, i,
+        h_in.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_tk.stride(0),
+        h_scale.stride(0), ws2.stride(0), ws2.stride(1),
+        FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
+    )
+    # Rows of assignments whose expert is not local were never written: zero them before the sum.
+    flat_e = expert_ids_TK.reshape(-1)
+    local = ((flat_e >= 0) & (flat_e < e_count))[:, None]
+    y_tk = torch.where(local, y_tk, 0.0)
+    return y_tk.view(t, k, h).sum(dim=1, dtype=torch.float32).to(x_TH.dtype)

@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (MLA), with the expanded and the absorbed paths.
+
+Legend: B batch, S new positions, T cached+new positions, H heads, D model width,
+C kv_lora_rank (latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, Q q_lora_rank.
+
+Expanded path (prefill, training): up-project the latent to per-head keys and values, attend.
+Absorbed path (decode): cache only the normalized latent c (C values) and the rotated rope key
+(R values) per token; fold W_UK into the query (q_nope W_UK^T lives in latent space) and W_UV into
+the output, so attention runs over C + R = 576 values per cached token (V3) instead of
+H x (N + R + V) = 40,960 for the expanded keys and values.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeray.platform.config import ModelConfig
+from moeray.platform.model.norm import RMSNorm
+from moeray.platform.model.rope import apply_rope
+
+
+class KVCache(Protocol):
+    """What the absorbed path needs from a latent cache (dense here, paged in the engine)."""
+
+    def update(
+        self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the S new tokens' normalized latent kv_BSC and rotated rope key pe_BSR; return
+        the whole context kv_BTC, pe_BTR and a bool mask_BST (True: query s may attend key t), or
+        None for plain causal attention where the S new tokens are the last S of T."""
+        ...
+
+
+class DenseKVCache:
+    """Contiguous latent cache for B sequences that advance together (demo, tests, oracle)."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, config: ModelConfig,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.max_len = max_len
+        self.kv_LBTC = torch.zeros(num_layers, batch, max_len, config.kv_lora_rank, dtype=dtype, device=device)
+        self.pe_LBTR = torch.zeros(num_layers, batch, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.lengths = [0] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens already cached (layer 0 is written first in every forward)."""
+        return self.lengths[0]
+
+    def update(self, layer_idx, kv_BSC, pe_BSR):
+        start, S = self.lengths[layer_idx], kv_BSC.shape[1]
+        if start + S > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {start} cached + {S} new exceeds it")
+        self.kv_LBTC[layer_idx, :, start:start + S] = kv_BSC
+        self.pe_LBTR[layer_idx, :, start:start + S] = pe_BSR
+        self.lengths[layer_idx] = start + S
+        return self.kv_LBTC[layer_idx, :, :start + S], self.pe_LBTR[layer_idx, :, :start + S], None
+
+
+def causal_mask(S: int, T: int, device: torch.device) -> torch.Tensor:
+    """[S, T] bool: the S queries are the last S of T positions."""
+    q_pos = torch.arange(T - S, T, device=device)[:, None]
+    return torch.arange(T, device=device)[None, :] <= q_pos
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.softmax_scale = config.softmax_scale
+        D, H, bias = config.hidden_size, self.n_heads, config.attention_bias
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+    def _queries(self, x_BSD, cos, sin):
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
+
+    def _latent(self, x_BSD, cos, sin):
+        kv = self.kv_a_proj_with_mqa(x_BSD)
+        kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        pe_BSR = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_a_layernorm(kv_BSC), pe_BSR
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, *, absorbed: bool | None = None) -> torch.Tensor:
+        """Attention over x (causal). With a cache the absorbed path runs over the cached latents;
+        `absorbed=True` without a cache runs the absorbed math over x alone (for tests)."""
+        q_nope, q_pe = self._queries(x_BSD, cos, sin)
+        kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
+        if cache is None and not absorbed:
+            return self._expanded(q_nope, q_pe, kv_BSC, pe_BSR)
+        if cache is not None:
+            kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
+        else:
+            kv_BTC, pe_BTR, mask = kv_BSC, pe_BSR, None
+        return self._absorbed(q_nope, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask)
+
+    def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BSC, pe_BSR):
+        B, S, H, _ = q_nope_BSHN.shape
+        kv = self.kv_b_proj(kv_BSC).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope_BSHN, v_BSHV = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q_BHSK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1).transpose(1, 2)
+        k_BHSK = torch.cat([k_nope_BSHN, pe_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)], -1).transpose(1, 2)
+        o_BHSV = F.scaled_dot_product_attention(
+            q_BHSK, k_BHSK, v_BSHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
+        B, S, H, _ = q_nope_BSHN.shape
+        w_HKC = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HKC[:, : self.nope_dim], w_HKC[:, self.nope_dim:]
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC.to(q_nope_BSHN.dtype))
+        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
+                       + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)).float() * self.softmax_scale
+        if mask_BST is None:
+            mask_BST = causal_mask(S, kv_BTC.shape[1], kv_BTC.device)[None]
+        scores_BSHT = scores_BSHT.masked_fill(~mask_BST[:, :, None, :], float("-inf"))
+        probs_BSHT = scores_BSHT.softmax(dim=-1).to(kv_BTC.dtype)
+        o_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
+        o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC.to(o_lat_BSHC.dtype))
+        return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))

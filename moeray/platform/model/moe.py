@@ -1,0 +1,132 @@
+"""DeepSeekMoE: a sigmoid-gated, group-limited top-k over routed experts plus shared experts.
+
+Legend: T tokens (B*S flattened), D model width, E routed experts, I expert width, K experts per
+token.
+
+Routed experts are stored stacked ([E, I, D] and [E, D, I]) rather than as E modules: one tensor
+per projection is what expert-parallel sharding and the fused-MoE kernel want. The checkpoint code
+maps them to the official per-expert keys `experts.{e}.{gate,up,down}_proj.weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeray.platform import routing
+from moeray.platform.config import ModelConfig
+from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router weight and the aux-loss-free correction bias (used for selection only)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        # fp32 whatever the model dtype: bias steps of gamma=0.001 vanish in bf16 near 1.0.
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts. `linear` is F.linear by default; FP8 training swaps it from outside."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, I, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts = E
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.linear: LinearFn = F.linear
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate, up, down) matrices; FP8-stored ones (see `quant.py`) dequantized."""
+        out = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(self, name)[e]
+            if w.dtype == FP8:
+                w = dequantize_fp8_blocks(w, getattr(self, f"{name}_scale_inv")[e], dtype)
+            out.append(w)
+        return out[0], out[1], out[2]
+
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                expert_offset: int = 0) -> torch.Tensor:
+        """Sum over each token's experts of weight * expert(x). Ids outside
+        [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
+        K = expert_ids_TK.shape[1]
+        local_ids = expert_ids_TK.flatten() - expert_offset
+        # Ids of other ranks get key E so that they sort last and are never computed here.
+        key = torch.where((local_ids >= 0) & (local_ids < self.num_experts), local_ids, self.num_experts)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=self.num_experts + 1)
+        token_of = order // K
+        out_TD = torch.zeros_like(x_TD)
+        start = 0
+        for e, n in enumerate(counts[: self.num_experts].tolist()):
+            if n == 0:
+                continue
+            idx = order[start:start + n]
+            tokens = token_of[start:start + n]
+            start += n
+            w1, w3, w2 = self.expert_weights(e, x_TD.dtype)
+            x = x_TD[tokens]
+            y = self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
+            out_TD.index_add_(0, tokens, y * weights_TK.flatten()[idx, None].to(y.dtype))
+        return out_TD
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+        self.group_mask_value = routing.GROUP_MASK_OFFICIAL
+        # The last forward's routing (counts per expert, affinities): read by the training loop for
+        # the bias update and the balance loss, and by serving for expert-load metrics.
+        self.last_routing: routing.Routing | None = None
+
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor:
+        return self.gate.e_score_correction_bias
+
+    def route(self, x_TD: torch.Tensor) -> routing.Routing:
+        c = self.config
+        return routing.route(
+            self.gate.logits(x_TD), self.gate.e_score_correction_bias,
+            top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+            routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+            group_mask_value=self.group_mask_value)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        r = self.route(x_TD)
+        self.last_routing = r
+        y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view_as(x_BSD)

@@ -1,0 +1,86 @@
+"""FP8 e4m3 weights with 128x128 block scales, as the official DeepSeek-V3 checkpoint stores them.
+
+Each quantized weight W [N, K] comes with `weight_scale_inv` [ceil(N/128), ceil(K/128)] (fp32):
+W ~= W_fp8 * scale_inv per block, scale_inv = amax(block) / 448 (448 = e4m3's largest normal).
+Dimensions that are not multiples of 128 get a partial last block (the official code masks it).
+
+These are the PyTorch references; `moeray.kernels` has the Triton versions for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+
+
+def quantize_fp8_blocks(w_NK: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] float -> (e4m3 [..., N, K], fp32 scale_inv [..., ceil(N/b), ceil(K/b)])."""
+    if w_NK.dim() < 2:
+        raise ValueError(f"need a matrix (or a stack of them), got shape {tuple(w_NK.shape)}")
+    *lead, N, K = w_NK.shape
+    nb, kb = -(-N // block), -(-K // block)
+    w = F.pad(w_NK.float(), (0, kb * block - K, 0, nb * block - N))
+    blocks = w.reshape(*lead, nb, block, kb, block)
+    amax = blocks.abs().amax(dim=(-3, -1))
+    scale_inv = (amax / FP8_MAX).clamp(min=1e-12)
+    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(*lead, nb * block, kb * block)[..., :N, :K].contiguous(), scale_inv
+
+
+def dequantize_fp8_blocks(q_NK: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
+                          block: int = BLOCK) -> torch.Tensor:
+    *lead, N, K = q_NK.shape
+    nb, kb = -(-N // block), -(-K // block)
+    if tuple(scale_inv.shape) != (*lead, nb, kb):
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q_NK.shape)}: "
+                         f"expected {(*lead, nb, kb)} for {block}x{block} blocks")
+    s = scale_inv.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :N, :K]
+    return (q_NK.float() * s).to(dtype)
+
+
+class FP8Linear(nn.Module):
+    """A linear layer that keeps its weight in FP8 plus block scales (inference).
+
+    On a GPU with the kernels available it runs the block-scaled FP8 GEMM; elsewhere it
+    dequantizes and runs a plain matmul in the activation dtype."""
+
+    def __init__(self, weight_fp8: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight_fp8)
+        self.register_buffer("weight_scale_inv", scale_inv.float())
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            try:
+                from moeray.kernels.fp8 import act_quant, fp8_gemm
+            except ImportError:
+                pass
+            else:
+                x2 = x.reshape(-1, x.shape[-1])
+                if x2.shape[-1] % BLOCK == 0 and self.out_features % BLOCK == 0:
+                    xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
+                    y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
+                    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
+
+
+def set_fp8_expert_weight(experts: nn.Module, name: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    """Store one stacked expert projection ([E, N, K]) of an `Experts` module as e4m3 plus
+    `<name>_scale_inv` [E, N/128, K/128]; `Experts` dequantizes one expert at a time when it runs."""
+    if name in experts._parameters:
+        del experts._parameters[name]
+    experts.register_buffer(name, q)
+    experts.register_buffer(f"{name}_scale_inv", scale_inv.float())
