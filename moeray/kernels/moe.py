@@ -322,7 +322,7 @@ def fused_moe(
         h_in, h_scale = hq, hs
     else:
         h_in, h_scale = hbuf, hbuf
-    y_tk = torch.empty(tk, h, dtype=torch.float32 if k > 1 else x.dtype, device=x.device)
+    y_tk = torch.empty(tk, h, dtype=act_dtype, device=x.device)
     rw = weights_TK.reshape(-1).contiguous()
     _moe_down_kernel[(cdiv(h, bn), max_blocks)](
         h_in, w2_EHI, y_tk, sorted_ids, block_expert, h_scale, ws2, rw,
@@ -331,8 +331,26 @@ def fused_moe(
         h_scale.stride(0), ws2.stride(0), ws2.stride(1),
         FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
     )
-    # Rows of assignments whose expert is not local were never written: zero them before the sum.
-    flat_e = expert_ids_TK.reshape(-1)
-    local = ((flat_e >= 0) & (flat_e < e_count))[:, None]
-    y_tk = torch.where(local, y_tk, 0.0)
-    return y_tk.view(t, k, h).sum(dim=1, dtype=torch.float32).to(x_TH.dtype)
+    y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)
+    ids = expert_ids_TK if expert_ids_TK.is_contiguous() else expert_ids_TK.contiguous()
+    block_h = 128 if interpreting() else 1024
+    _moe_sum_kernel[(t, cdiv(h, block_h))](
+        y_tk, ids, y, h, e_count, K=k, BLOCK=block_h, num_warps=4,
+    )
+    return y
+
+
+@triton.jit
+def _moe_sum_kernel(y_tk_ptr, ids_ptr, y_ptr, H, num_experts, K: tl.constexpr, BLOCK: tl.constexpr):
+    # y[t] = sum over the token's K assignments that went to a local expert (others were never
+    # written, so they must be skipped, not read).
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for kk in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + kk)
+        local = ((e >= 0) & (e < num_experts)).to(tl.int32)
+        v = tl.load(y_tk_ptr + (t * K + kk) * H + offs, mask=ok & (offs * 0 + local > 0), other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(y_ptr + t * H + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
