@@ -34,6 +34,10 @@ class KVCache(Protocol):
         None for plain causal attention where the S new tokens are the last S of T."""
         ...
 
+    # Optional: a cache with a fused kernel may also define
+    #   attend(layer_idx, q_lat_BSHC, q_pe_BSHR, kv_BSC, pe_BSR, softmax_scale) -> o_lat_BSHC
+    # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context.
+
 
 class DenseKVCache:
     """Contiguous latent cache for B sequences that advance together (demo, tests, oracle)."""
@@ -111,11 +115,17 @@ class MLA(nn.Module):
         kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
         if cache is None and not absorbed:
             return self._expanded(q_nope, q_pe, kv_BSC, pe_BSR)
-        if cache is not None:
-            kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC().to(q_nope.dtype))
+        if cache is not None and hasattr(cache, "attend"):
+            # A paged cache with a kernel attends over its pages itself (engine/runner.py).
+            o_lat_BSHC = cache.attend(self.layer_idx, q_lat_BSHC, q_pe, kv_BSC, pe_BSR, self.softmax_scale)
         else:
-            kv_BTC, pe_BTR, mask = kv_BSC, pe_BSR, None
-        return self._absorbed(q_nope, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask)
+            if cache is not None:
+                kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
+            else:
+                kv_BTC, pe_BTR, mask = kv_BSC, pe_BSR, None
+            o_lat_BSHC = self._absorbed_core(q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask)
+        return self._absorbed_out(o_lat_BSHC)
 
     def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BSC, pe_BSR):
         B, S, H, _ = q_nope_BSHN.shape
@@ -127,17 +137,25 @@ class MLA(nn.Module):
             q_BHSK, k_BHSK, v_BSHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
         return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
-    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
-        B, S, H, _ = q_nope_BSHN.shape
-        w_HKC = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk_HNC, w_uv_HVC = w_HKC[:, : self.nope_dim], w_HKC[:, self.nope_dim:]
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC.to(q_nope_BSHN.dtype))
+    def _w_HKC(self) -> torch.Tensor:
+        return self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+
+    def _w_uk_HNC(self) -> torch.Tensor:
+        return self._w_HKC()[:, : self.nope_dim]
+
+    def _absorbed_core(self, q_lat_BSHC, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
+        """softmax(q_lat.kv + q_pe.pe) @ kv in latent space: [B, S, H, C]."""
+        S = q_lat_BSHC.shape[1]
         scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
                        + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)).float() * self.softmax_scale
         if mask_BST is None:
             mask_BST = causal_mask(S, kv_BTC.shape[1], kv_BTC.device)[None]
         scores_BSHT = scores_BSHT.masked_fill(~mask_BST[:, :, None, :], float("-inf"))
         probs_BSHT = scores_BSHT.softmax(dim=-1).to(kv_BTC.dtype)
-        o_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
+        return torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
+
+    def _absorbed_out(self, o_lat_BSHC):
+        B, S, H, _ = o_lat_BSHC.shape
+        w_uv_HVC = self._w_HKC()[:, self.nope_dim:]
         o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC.to(o_lat_BSHC.dtype))
         return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
