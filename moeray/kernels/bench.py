@@ -1,0 +1,295 @@
+"""`moeray bench kernels`: time every kernel on the GPU against ceilings measured in the same run.
+
+Writes benchmarks/results/kernels-<device>.json: per kernel and shape the median time (CUDA events,
+triton.testing.do_bench), achieved TB/s or TFLOP/s, the fraction of the measured ceiling
+(device-to-device copy bandwidth, bf16 and fp8 matmul rates) and the ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _bench(fn, ms: int = 100) -> float:
+    """Median milliseconds of fn over ~ms of repeats, after warm-up."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median"))
+
+
+def _bench_slow(fn, reps: int = 3) -> float:
+    """Median ms of a slow host-driven baseline (per-expert loops, reference loops)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings() -> dict:
+    import torch
+
+    dev = "cuda"
+    n = 1 << 28  # 1 GiB of fp32: far past L2
+    a = torch.randn(n, device=dev)
+    b = torch.empty_like(a)
+    copy_ms = _bench(lambda: b.copy_(a))
+    copy_tbs = 2 * a.numel() * 4 / copy_ms / 1e9
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    bf16_ms = _bench(lambda: x @ y)
+    bf16_tflops = 2 * m**3 / bf16_ms / 1e9
+    xf = x.to(torch.float8_e4m3fn)
+    yf = y.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device=dev)
+    fp8_ms = _bench(lambda: torch._scaled_mm(xf, yf, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    fp8_tflops = 2 * m**3 / fp8_ms / 1e9
+    return {
+        "copy_TBps": round(copy_tbs, 3),
+        "bf16_matmul_TFLOPs": round(bf16_tflops, 1),
+        "fp8_matmul_TFLOPs": round(fp8_tflops, 1),
+        "how": "copy: 1 GiB fp32 device-to-device, bytes read + written; matmul: 8192^3 random, "
+        "bf16 torch.matmul and fp8 tensorwise torch._scaled_mm",
+    }
+
+
+def bench_quant(ceil: dict) -> list[dict]:
+    import torch
+
+    from moeray.kernels import fp8
+
+    rows = []
+    x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(7168, 2048, device="cuda", dtype=torch.bfloat16)
+    wq, ws = fp8.weight_quant(w)
+    cases = [
+        ("act_quant", "4096x7168 bf16", lambda: fp8.act_quant(x), x.numel() * 3 + x.numel() // 128 * 4),
+        ("act_quant_colmajor_scale", "4096x7168 bf16", lambda: fp8.act_quant(x, scale_col_major=True),
+         x.numel() * 3 + x.numel() // 128 * 4),
+        ("act_quant_t", "4096x7168 bf16", lambda: fp8.act_quant_t(x), x.numel() * 3 + x.numel() // 128 * 4),
+        ("weight_quant", "7168x2048 bf16", lambda: fp8.weight_quant(w), w.numel() * 3),
+        ("weight_dequant", "7168x2048 e4m3", lambda: fp8.weight_dequant(wq, ws), w.numel() * 3),
+    ]
+    for name, shape, fn, nbytes in cases:
+        ms = _bench(fn)
+        tbs = nbytes / ms / 1e9
+        rows.append({"kernel": name, "shape": shape, "ms": round(ms, 4), "TBps": round(tbs, 3),
+                     "frac_copy_bw": round(tbs / ceil["copy_TBps"], 3)})
+    return rows
+
+
+def bench_fp8_gemm(ceil: dict) -> list[dict]:
+    import torch
+
+    from moeray.kernels import fp8
+
+    rows = []
+    layout = fp8.native_blockscaled_layout(0, False)
+    for n, k in [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        wq, ws = fp8.weight_quant(w)
+        for m in (64, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, xs = fp8.act_quant(x, scale_col_major=True)
+            flops = 2 * m * n * k
+            r = {"kernel": "fp8_gemm", "M": m, "N": n, "K": k, "native_layout": layout}
+            t_auto = _bench(lambda: fp8.fp8_gemm(xq, xs, wq, ws))
+            t_tri = _bench(lambda: fp8.fp8_gemm_triton(xq, xs, wq, ws))
+            t_bf16 = _bench(lambda: x @ w.t())
+            r.update(ms=round(t_auto, 4), triton_ms=round(t_tri, 4), bf16_matmul_ms=round(t_bf16, 4))
+            if layout is not None:
+                sb = ws.t() if layout == "t_view" else ws.t().contiguous()
+                t_sm = _bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16))
+                r["scaled_mm_ms"] = round(t_sm, 4)
+                r["ratio_vs_scaled_mm"] = round(t_sm / t_auto, 3)
+                r["triton_ratio_vs_scaled_mm"] = round(t_sm / t_tri, 3)
+            r["TFLOPs"] = round(flops / t_auto / 1e9, 1)
+            r["triton_TFLOPs"] = round(flops / t_tri / 1e9, 1)
+            r["frac_fp8_peak"] = round(flops / t_auto / 1e9 / ceil["fp8_matmul_TFLOPs"], 3)
+            r["speedup_vs_bf16"] = round(t_bf16 / t_auto, 3)
+            r["triton_speedup_vs_bf16"] = round(t_bf16 / t_tri, 3)
+            rows.append(r)
+        del w, wq, ws
+    # The backward GEMMs of a 4096-token linear 7168 -> 2048 (dgrad: dy @ W; wgrad: dy^T @ x).
+    m, n, k = 4096, 2048, 7168
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    wq, ws = fp8.weight_quant(w)
+    wtq = wq.t().contiguous()
+    for name, fn, ref in [
+        ("fp8_linear_dgrad (quant dy + GEMM)", lambda: fp8.fp8_linear_dgrad(dy, wq, ws, w_t_fp8=wtq), lambda: dy @ w),
+        ("fp8_linear_wgrad (quant dy, x 128x1 + GEMM)", lambda: fp8.fp8_linear_wgrad(dy, x), lambda: dy.t() @ x),
+    ]:
+        t, tb = _bench(fn), _bench(ref)
+        rows.append({"kernel": name, "M": m, "N": n, "K": k, "ms": round(t, 4), "bf16_matmul_ms": round(tb, 4),
+                     "TFLOPs": round(2 * m * n * k / t / 1e9, 1), "speedup_vs_bf16": round(tb / t, 3)})
+    return rows
+
+
+def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
+    import torch
+
+    from moeray.kernels import fp8
+    from moeray.kernels.moe import fused_moe, fused_moe_ref
+
+    rows = []
+    torch.manual_seed(0)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5)
+    q13, s13 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w13]))
+    q2, s2 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w2]))
+    top_k = 8
+    for phase, t in (("decode", 64), ("prefill", 8192)):
+        x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(t, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+        wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
+        touched = int(torch.unique(ids).numel())
+        flops = 2 * t * top_k * 3 * hidden * inter
+        # Baseline: the per-expert PyTorch loop with bf16 weights (cuBLAS GEMMs per expert); the FP8
+        # kernel is compared with it too, since a loop over FP8 experts would dequantize each time.
+        loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
+        for wname, args, kw, elt in (
+            ("bf16", (w13, w2), {}, 2),
+            ("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2}, 1),
+        ):
+            fn = lambda: fused_moe(x, *args, ids, wts, **kw)  # noqa: E731
+            out = fn()
+            ms = _bench(fn, ms=200)
+            weight_bytes = touched * 3 * hidden * inter * elt
+            floor_bw_ms = (weight_bytes + 2 * t * hidden * 2) / (ceil["copy_TBps"] * 1e9)
+            rate = ceil["fp8_matmul_TFLOPs"] if elt == 1 else ceil["bf16_matmul_TFLOPs"]
+            floor_fl_ms = flops / (rate * 1e9)
+            ref = fused_moe_ref(x[:64], *args, ids[:64], wts[:64], **kw).float()
+            err = ((out[:64].float() - ref).norm() / ref.norm()).item()
+            rows.append({
+                "kernel": f"fused_moe_{wname}", "phase": phase, "tokens": t, "experts": experts, "top_k": top_k,
+                "hidden": hidden, "inter": inter, "experts_touched": touched,
+                "ms": round(ms, 4), "loop_ms": round(loop_ms, 3), "speedup_vs_loop": round(loop_ms / ms, 2),
+                "TBps_weights": round(weight_bytes / ms / 1e9, 3), "TFLOPs": round(flops / ms / 1e9, 1),
+                "floor_ms": round(max(floor_bw_ms, floor_fl_ms), 4),
+                "frac_of_floor": round(max(floor_bw_ms, floor_fl_ms) / ms, 3),
+                "floor_is": "bandwidth" if floor_bw_ms > floor_fl_ms else "compute",
+                "rel_err_vs_ref_first64": round(err, 5),
+            })
+        del x
+    return rows
+
+
+def bench_mla_decode(ceil: dict, quick: bool) -> list[dict]:
+    import torch
+
+    from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
+
+    rows = []
+    page, d, r = 64, 576, 512
+    batches = (1, 8, 64, 128) if not quick else (1, 64)
+    ctxs = (1024, 4096, 32768) if not quick else (4096,)
+    for heads in (16, 128):
+        for b in batches:
+            for ctx in ctxs:
+                pages_per = ctx // page
+                kv = torch.randn(b * pages_per, page, d, device="cuda", dtype=torch.bfloat16)
+                table = torch.randperm(b * pages_per, device="cuda", dtype=torch.int32).view(b, pages_per)
+                lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+                q = torch.randn(b, heads, d, device="cuda", dtype=torch.bfloat16)
+                scale = 192**-0.5
+                ms = _bench(lambda: mla_decode(q, kv, table, lens, scale))
+                nbytes = kv.numel() * 2 + q.numel() * 2 + b * heads * r * 2
+                flops = 2 * b * heads * ctx * (d + r)
+                row = {"kernel": "mla_decode", "batch": b, "context": ctx, "heads": heads, "ms": round(ms, 4),
+                       "TBps": round(nbytes / ms / 1e9, 3), "frac_copy_bw": round(nbytes / ms / 1e9 / ceil["copy_TBps"], 3),
+                       "TFLOPs": round(flops / ms / 1e9, 1)}
+                if b * ctx <= 64 * 4096:  # the reference loops over sequences on the host
+                    q4 = q.unsqueeze(1)
+                    ref_ms = _bench_slow(lambda: mla_decode_ref(q4, kv, table, lens, scale))
+                    row["ref_ms"] = round(ref_ms, 3)
+                    row["speedup_vs_ref"] = round(ref_ms / ms, 1)
+                rows.append(row)
+                del kv, table, q
+    return rows
+
+
+def _print_table(result: dict) -> None:
+    c = result["ceilings"]
+    print(f"\nceilings: copy {c['copy_TBps']} TB/s, bf16 {c['bf16_matmul_TFLOPs']} TFLOP/s, fp8 {c['fp8_matmul_TFLOPs']} TFLOP/s")
+    for r in result.get("quant", []):
+        print(f"{r['kernel']:28s} {r['shape']:16s} {r['ms']:8.4f} ms {r['TBps']:6.3f} TB/s ({r['frac_copy_bw']:.2f} of copy)")
+    for r in result.get("fp8_gemm", []):
+        if "N" in r and r["kernel"] == "fp8_gemm":
+            print(f"fp8_gemm M={r['M']:5d} N={r['N']:5d} K={r['K']:5d}: {r['TFLOPs']:7.1f} TFLOP/s "
+                  f"(x{r.get('ratio_vs_scaled_mm', float('nan'))} scaled_mm, x{r['speedup_vs_bf16']} bf16); "
+                  f"triton {r['triton_TFLOPs']:7.1f} (x{r.get('triton_ratio_vs_scaled_mm', float('nan'))} scaled_mm, "
+                  f"x{r['triton_speedup_vs_bf16']} bf16)")
+        else:
+            print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
+    for r in result.get("fused_moe", []):
+        print(f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d}: {r['ms']:8.3f} ms, loop {r['loop_ms']:8.3f} ms, "
+              f"x{r['speedup_vs_loop']} loop, {r['frac_of_floor']:.2f} of {r['floor_is']} floor, err {r['rel_err_vs_ref_first64']}")
+    for r in result.get("mla_decode", []):
+        print(f"mla_decode H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d}: {r['ms']:8.4f} ms "
+              f"{r['TBps']:6.3f} TB/s ({r['frac_copy_bw']:.2f} of copy) {r['TFLOPs']:6.1f} TFLOP/s"
+              + (f", x{r['speedup_vs_ref']} ref" if "speedup_vs_ref" in r else ""))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moeray bench kernels", description=__doc__)
+    p.add_argument("--only", default="quant,fp8_gemm,fused_moe,mla_decode",
+                   help="comma list of: quant, fp8_gemm, fused_moe, mla_decode")
+    p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
+    p.add_argument("--moe-hidden", type=int, default=7168)
+    p.add_argument("--moe-inter", type=int, default=2048)
+    p.add_argument("--moe-experts", type=int, default=64)
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("moeray bench kernels: needs a CUDA GPU (run it on the device machine)", file=sys.stderr)
+        return 2
+    from moeray.platform.results import device_slug, write_result
+
+    want = set(args.only.split(","))
+    bad = want - {"quant", "fp8_gemm", "fused_moe", "mla_decode"}
+    if bad:
+        raise ValueError(f"--only got {sorted(bad)}; accepted: quant, fp8_gemm, fused_moe, mla_decode")
+    result: dict = {"torch": torch.__version__}
+    import triton
+
+    result["triton"] = triton.__version__
+    result["ceilings"] = ceilings()
+    print("ceilings", result["ceilings"], flush=True)
+    sections = [
+        ("quant", lambda: bench_quant(result["ceilings"])),
+        ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
+        ("fused_moe", lambda: bench_moe(result["ceilings"], args.moe_hidden, args.moe_inter, args.moe_experts)),
+        ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
+    ]
+    for name, fn in sections:
+        if name not in want:
+            continue
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as e:  # keep the other sections' numbers; record what broke
+            result[name + "_error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{name} failed: {result[name + '_error']}", flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        torch.cuda.empty_cache()
+    path = write_result(f"kernels-{device_slug()}", result)
+    _print_table(result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

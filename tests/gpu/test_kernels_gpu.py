@@ -1,0 +1,140 @@
+"""The kernel checks at real DeepSeek-V3 shapes on the GPU (marker gpu; skipped without CUDA)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def _rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output: unwritten (poisoned) elements"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _poison(nbytes: int = 1 << 30) -> None:
+    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+
+
+def test_quant_kernels_exact_at_real_shapes():
+    from moeray.kernels import fp8
+
+    x = torch.randn(4099, 7168, device="cuda", dtype=torch.bfloat16) * torch.rand(4099, 1, device="cuda") * 4
+    _poison()
+    q, s = fp8.act_quant(x)
+    qr, sr = fp8.act_quant_ref(x)
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), qr.float())
+    _poison()
+    qc, sc = fp8.act_quant(x, scale_col_major=True)
+    assert sc.stride() == (1, 4099) and torch.equal(sc, sr) and torch.equal(qc.float(), qr.float())
+    _poison()
+    qt, st = fp8.act_quant_t(x)
+    qtr, str_ = fp8.act_quant_t_ref(x)
+    torch.testing.assert_close(st, str_, rtol=1e-6, atol=0)
+    assert torch.equal(qt.float(), qtr.float())
+    w = torch.randn(2112, 7168, device="cuda", dtype=torch.bfloat16)
+    _poison()
+    wq, ws = fp8.weight_quant(w)
+    wqr, wsr = fp8.weight_quant_ref(w)
+    torch.testing.assert_close(ws, wsr, rtol=1e-6, atol=0)
+    assert torch.equal(wq.float(), wqr.float())
+    _poison()
+    d = fp8.weight_dequant(wq, ws)
+    assert torch.equal(d, fp8.weight_dequant_ref(wq, ws))
+
+
+@pytest.mark.parametrize("m", [64, 4096, 77])
+@pytest.mark.parametrize("nk", [(2112, 7168), (24576, 1536), (4096, 7168)])
+def test_fp8_gemm_native_and_triton(m, nk):
+    from moeray.kernels import fp8
+
+    n, k = nk
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * torch.rand(n, 1, device="cuda").mul(4).add(0.1)
+    xq, xs = fp8.act_quant(x, scale_col_major=True)
+    wq, ws = fp8.weight_quant(w)
+    ref = fp8.fp8_gemm_ref(xq, xs, wq, ws).float()
+    _poison()
+    assert _rel(fp8.fp8_gemm_triton(xq, xs, wq, ws), ref) < 8e-3
+    _poison()
+    assert _rel(fp8.fp8_gemm(xq, xs, wq, ws), ref) < 8e-3
+    assert _rel(fp8.fp8_gemm(xq, xs, wq, ws), x @ w.t()) < 0.06
+
+
+def test_native_block_scaled_available_on_hopper():
+    from moeray.kernels import fp8
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("block-scaled _scaled_mm is probed on sm_90 only")
+    layout = fp8.native_blockscaled_layout(0, False)
+    print("native block-scaled _scaled_mm b-scale layout:", layout,
+          "| per-row b:", fp8.native_blockscaled_layout(0, True))
+    assert layout is not None
+
+
+def test_backward_gemms_real_shape():
+    from moeray.kernels import fp8
+
+    m, n, k = 4096, 2048, 7168
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda")
+    dy = torch.randn(m, n, device="cuda")
+    wq, ws = fp8.weight_quant(w)
+    wd = fp8.weight_dequant(wq, ws, out_dtype=torch.float32)
+    for backend in ("auto", "triton"):
+        _poison()
+        assert _rel(fp8.fp8_linear_dgrad(dy, wq, ws, backend=backend), dy @ wd) < 0.05
+        _poison()
+        assert _rel(fp8.fp8_linear_wgrad(dy, x, backend=backend), dy.t() @ x) < 0.05
+
+
+@pytest.mark.parametrize("t", [5, 333])
+@pytest.mark.parametrize("fp8_weights", [False, True])
+def test_fused_moe_real_width(t, fp8_weights):
+    from moeray.kernels import fp8
+    from moeray.kernels.moe import fused_moe, fused_moe_ref
+
+    e, h, i, k = 16, 7168, 2048, 8
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
+    scores = torch.rand(t, e, device="cuda")
+    scores[:, 7] = -1  # expert 7 gets no tokens
+    ids = scores.topk(k, dim=1).indices.to(torch.int32)
+    ids[::4, 0] = e + 3  # routed to an expert on another rank: skipped
+    wts = torch.rand(t, k, device="cuda", dtype=torch.bfloat16)
+    kw = {}
+    if fp8_weights:
+        q13, s13 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w13]))
+        q2, s2 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w2]))
+        w13, w2, kw = q13, q2, {"w13_scale": s13, "w2_scale": s2}
+    _poison()
+    out = fused_moe(x, w13, w2, ids, wts, **kw)
+    ref = fused_moe_ref(x, w13, w2, ids, wts, **kw)
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_mla_decode_real_shapes(heads):
+    from moeray.kernels.mla_decode import mla_decode, mla_decode_multi, mla_decode_ref
+
+    lens = [5000, 1, 64, 4097, 300]
+    b, page = len(lens), 64
+    max_pages = max(-(-n // page) for n in lens) + 2
+    kv = torch.randn(b * max_pages + 5, page, 576, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(b * max_pages + 5, device="cuda")[: b * max_pages].view(b, max_pages).int()
+    seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(b, 3, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
+    scale = 192**-0.5
+    ref, ref_lse = mla_decode_ref(q, kv, table, seq, scale)
+    _poison()
+    out, lse = mla_decode(q[:, 2], kv, table, seq, scale, return_lse=True)
+    assert _rel(out, ref[:, 2]) < 1e-2
+    torch.testing.assert_close(lse, ref_lse[:, 2], atol=1e-2, rtol=0)
+    seq3 = seq.clamp(min=3)
+    ref3, _ = mla_decode_ref(q, kv, table, seq3, scale)
+    _poison()
+    out3 = mla_decode_multi(q, kv, table, seq3, scale)
+    assert _rel(out3, ref3) < 1e-2
