@@ -1,0 +1,180 @@
+"""FP8 training for linear layers, DeepSeek-V3 recipe (REFERENCE.md "FP8 training").
+
+Legend: M tokens, K input features, N output features; 1x128 = one scale per token per 128
+features, 128x1 = one scale per feature per 128 tokens, 128x128 = one scale per weight block.
+
+y = x W^T with all three GEMMs in e4m3 and fp32 accumulation:
+  forward   y  = Q1x128(x)  @ Q128x128(W)^T          [M, K] x [N, K]^T
+  input     dx = Q1x128(dy) @ Q128x128(W)            [M, N] x [N, K]  (W's blocks transpose exactly)
+  weight    dW = Q128x1(dy)^T @ Q128x1(x)            reduce over tokens, so both re-tiled 128x1
+Q(.) quantizes each group with scale = amax/448 (448 = largest e4m3 value), rounds to nearest e4m3.
+Master weights and gradients stay fp32 (or the model's dtype); only the GEMM inputs are FP8.
+
+On CPU this module is an exact emulation: quantize, dequantize, fp32 matmul (the GEMM's fp32
+accumulation differs from the GPU's only in summation order). On CUDA it calls
+`moeray.kernels.fp8` (Triton / cuBLASLt block-scaled GEMMs), imported only there.
+
+What runs in FP8 (`enable_fp8_training`): the attention projections (q/kv LoRA, kv_b, o) and the
+SwiGLU projections of the dense layers, shared experts and routed experts. The embedding, output
+head, router gate, norms, MTP's eh_proj and the attention core stay in higher precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+# a zero group would divide by zero; with this floor it quantizes to zeros (same as the kernels)
+AMAX_FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# quantizers (plain PyTorch; the CPU path and the test oracle)
+
+
+def _qdq_rows(x_RG: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """Quantize-dequantize each row (one group) of x with its own scale amax/fp8_max, in fp32."""
+    amax = x_RG.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR)
+    scale = amax / fp8_max
+    q = (x_RG / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.float() * scale
+
+
+def qdq_1x128(x_MK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """Per-token groups of 128 features (a partial last group when K % 128 != 0)."""
+    M, K = x_MK.shape
+    kb = -(-K // BLOCK)
+    x = F.pad(x_MK.float(), (0, kb * BLOCK - K)).view(M, kb, BLOCK)
+    return _qdq_rows(x, fp8_max).view(M, kb * BLOCK)[:, :K]
+
+
+def qdq_128x1(x_MK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """Per-feature groups of 128 tokens: the tiling the weight-grad GEMM reduces over."""
+    return qdq_1x128(x_MK.t(), fp8_max).t()
+
+
+def qdq_128x128(w_NK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
+    """Per 128x128 weight block (partial blocks at the edges)."""
+    N, K = w_NK.shape
+    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
+    w = F.pad(w_NK.float(), (0, kb * BLOCK - K, 0, nb * BLOCK - N))
+    blocks = w.view(nb, BLOCK, kb, BLOCK).permute(0, 2, 1, 3).reshape(nb, kb, BLOCK * BLOCK)
+    out = _qdq_rows(blocks, fp8_max).view(nb, kb, BLOCK, BLOCK).permute(0, 2, 1, 3)
+    return out.reshape(nb * BLOCK, kb * BLOCK)[:N, :K]
+
+
+# ----------------------------------------------------------------------------------------------
+# the three GEMMs
+
+
+def _kernels_for(t: torch.Tensor):
+    """moeray.kernels.fp8 on CUDA tensors, else None (the CPU emulation must not need it)."""
+    if not t.is_cuda:
+        return None
+    from moeray.kernels import fp8 as kernels
+
+    return kernels
+
+
+def _forward_gemm(x_MK, w_NK):
+    k = _kernels_for(x_MK)
+    if k is None:
+        return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
+    wq, ws = k.weight_quant(w_NK)
+    return k.fp8_linear_forward(x_MK.to(torch.bfloat16).contiguous(), wq, ws).float()
+
+
+def _dgrad_gemm(dy_MN, w_NK):
+    k = _kernels_for(dy_MN)
+    if k is None:
+        return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
+    wq, ws = k.weight_quant(w_NK)
+    return k.fp8_linear_dgrad(dy_MN.to(torch.bfloat16).contiguous(), wq, ws).float()
+
+
+def _wgrad_gemm(dy_MN, x_MK):
+    k = _kernels_for(dy_MN)
+    if k is None:
+        return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
+    return k.fp8_linear_wgrad(dy_MN.to(torch.bfloat16).contiguous(),
+                              x_MK.to(torch.bfloat16).contiguous()).float()
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_MK, w_NK)
+        return _forward_gemm(x_MK, w_NK).to(x_MK.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_MN: torch.Tensor):
+        x_MK, w_NK = ctx.saved_tensors
+        dx = _dgrad_gemm(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
+        dw = _wgrad_gemm(dy_MN, x_MK).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def fp8_linear(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with the three GEMMs in FP8 (see the module docstring); any leading dims."""
+    if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
+        raise ValueError(
+            f"fp8_linear: x [..., {x.shape[-1]}] does not match weight {tuple(weight_NK.shape)} [N, K]"
+        )
+    lead = x.shape[:-1]
+    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK)
+    y = y.reshape(*lead, weight_NK.shape[0])
+    return y if bias is None else y + bias
+
+
+class FP8TrainLinear(nn.Module):
+    """An nn.Linear whose GEMMs run in FP8; it shares the original layer's Parameters, so the
+    parameter names, the optimizer state and the checkpoints are unchanged."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def enable_fp8_training(model: nn.Module) -> list[str]:
+    """Switch the attention projections and the expert/MLP projections of `model` to FP8.
+
+    Returns the qualified names of what now runs in FP8 (for logs and tests). Call before the
+    optimizer is built or after: the Parameters are the same objects either way.
+    """
+    from moeray.platform.model.mla import MLA
+    from moeray.platform.model.moe import MLP, Experts
+
+    converted: list[str] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MLA):
+            children = ATTENTION_PROJECTIONS
+        elif isinstance(module, MLP):
+            children = MLP_PROJECTIONS
+        elif isinstance(module, Experts):
+            module.linear = fp8_linear
+            converted.append(name)
+            continue
+        else:
+            continue
+        for child in children:
+            lin = getattr(module, child, None)
+            if isinstance(lin, nn.Linear):
+                setattr(module, child, FP8TrainLinear(lin))
+                converted.append(f"{name}.{child}")
+    return converted

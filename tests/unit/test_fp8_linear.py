@@ -1,0 +1,140 @@
+"""FP8 training linear: quantizer error within e4m3 bounds, exact emulation of the three GEMMs,
+and the model conversion (what runs in FP8 and what stays in higher precision)."""
+
+import pytest
+import torch
+
+from moeray.platform import fp8
+
+# e4m3: 3 mantissa bits -> round-to-nearest error <= 2^-4 relative for normals; subnormal spacing
+# 2^-9 (in units of the scale) -> absolute error <= 2^-10 * scale below the normal range.
+REL, SUB = 2.0**-4, 2.0**-10
+
+
+def _elementwise_ok(x, qdq, scale):
+    return ((qdq - x).abs() <= torch.maximum(REL * x.abs(), SUB * scale) * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("M,K", [(37, 300), (128, 256), (3, 129)])
+def test_quantizers_within_e4m3_bounds(M, K):
+    g = torch.Generator().manual_seed(M * K)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-3, 2, K)  # wide dynamic range per row
+    for qdq in (fp8.qdq_1x128,):
+        out = qdq(x)
+        # per-token scale of each 128-wide group, broadcast back to elements
+        kb = -(-K // 128)
+        pad = torch.nn.functional.pad(x.abs(), (0, kb * 128 - K)).view(M, kb, 128)
+        scale = (pad.amax(-1, keepdim=True) / 448).expand(M, kb, 128).reshape(M, -1)[:, :K]
+        assert _elementwise_ok(x, out, scale)
+        assert not torch.equal(out, x)  # it did quantize
+    # 128x1 is the transpose of 1x128 of the transpose; 128x128 one scale per block
+    assert torch.equal(fp8.qdq_128x1(x), fp8.qdq_1x128(x.t()).t())
+    w = torch.randn(K, M, generator=g)
+    wq = fp8.qdq_128x128(w)
+    for i in range(0, K, 128):
+        for j in range(0, M, 128):
+            blk, qblk = w[i:i + 128, j:j + 128], wq[i:i + 128, j:j + 128]
+            assert _elementwise_ok(blk, qblk, blk.abs().max() / 448)
+    # the largest element of each group is exactly representable after scaling (amax -> 448)
+    row = x[0, :128]
+    assert fp8.qdq_1x128(row[None])[0].abs().max() == pytest.approx(row.abs().max().item(), rel=1e-6)
+
+
+def test_quantizers_match_the_kernel_references():
+    kref = pytest.importorskip("moeray.kernels.fp8")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(19, 333, generator=g) * 3
+    q, s = kref.act_quant_ref(x)
+    assert torch.equal(kref.dequant_rows_ref(q, s), fp8.qdq_1x128(x))
+    wq, ws = kref.weight_quant_ref(x)
+    assert torch.equal(kref.weight_dequant_ref(wq, ws, out_dtype=torch.float32), fp8.qdq_128x128(x))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 300, 200), (1, 130, 64, 96)])
+def test_fp8_linear_forward_backward(shape):
+    B, S, K, N = shape
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(B, S, K, generator=g, requires_grad=True)
+    w = (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_()
+    bias = torch.randn(N, generator=g, requires_grad=True)
+    dy = torch.randn(B, S, N, generator=g)
+    y = fp8.fp8_linear(x, w, bias)
+    y.backward(dy)
+
+    x2, dy2 = x.detach().reshape(-1, K), dy.reshape(-1, N)
+    # exact emulation: the three GEMMs on quantize-dequantized operands, fp32 accumulation
+    y_emul = fp8.qdq_1x128(x2) @ fp8.qdq_128x128(w.detach()).t() + bias.detach()
+    dx_emul = fp8.qdq_1x128(dy2) @ fp8.qdq_128x128(w.detach())
+    dw_emul = fp8.qdq_128x1(dy2).t() @ fp8.qdq_128x1(x2)
+    torch.testing.assert_close(y.detach().reshape(-1, N), y_emul, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.reshape(-1, K), dx_emul, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, dw_emul, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, dy2.sum(0), rtol=1e-5, atol=1e-5)
+
+    # against fp64 without quantization: two e4m3 operands -> a few percent, not more
+    ref_y = x2.double() @ w.detach().double().t() + bias.detach().double()
+    ref_dx = dy2.double() @ w.detach().double()
+    ref_dw = dy2.double().t() @ x2.double()
+    for got, ref in ((y.detach().reshape(-1, N), ref_y), (x.grad.reshape(-1, K), ref_dx), (w.grad, ref_dw)):
+        assert 0.01 < _rel(got, ref) < 0.045
+
+    # a wrong scale breaks that bound: amax/600 clips the top of every group (a wrong e4m3 max)
+    bad = fp8.qdq_1x128(x2, fp8_max=600.0) @ fp8.qdq_128x128(w.detach(), fp8_max=600.0).t()
+    assert _rel(bad + bias.detach(), ref_y) > 0.06
+    # and so does re-tiling the weight-grad operands 1x128 instead of 128x1 (exactness check)
+    wrong_tiles = fp8.qdq_1x128(dy2).t() @ fp8.qdq_1x128(x2)
+    assert not torch.allclose(w.grad, wrong_tiles, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_keep_their_dtype():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 160, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(48, 160, generator=g).bfloat16().requires_grad_()
+    y = fp8.fp8_linear(x, w)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="does not match"):
+        fp8.fp8_linear(x, w.t())
+
+
+def test_enable_fp8_training_on_the_tiny_model():
+    from moeray.platform.config import tiny
+    from moeray.platform.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    ref = Transformer(cfg)
+    model = Transformer(cfg)
+    model.load_state_dict(ref.state_dict())
+    params_before = {n: id(p) for n, p in model.named_parameters()}
+    converted = fp8.enable_fp8_training(model)
+    assert {n: id(p) for n, p in model.named_parameters()} == params_before  # same Parameters
+    assert "model.layers.0.self_attn.q_a_proj" in converted
+    assert "model.layers.0.mlp.down_proj" in converted  # dense layer
+    assert "model.layers.1.mlp.experts" in converted and "model.layers.1.mlp.shared_experts.up_proj" in converted
+    assert "mtp.0.block.self_attn.o_proj" in converted
+    for kept in ("lm_head", "model.embed_tokens", "model.layers.1.mlp.gate", "mtp.0.eh_proj"):
+        assert not any(c == kept or c.startswith(kept + ".") for c in converted)
+    assert isinstance(model.lm_head, torch.nn.Linear) and type(model.mtp[0].eh_proj) is torch.nn.Linear
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        out = m(ids[:, :-1])
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss + 0.3 * ce(out.mtp_logits[0].flatten(0, 1), ids[:, 2:].flatten())
+        loss.backward()
+        assert all(p.grad is not None for p in m.parameters())
+        return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    l_ref, g_ref = loss_and_grads(ref)
+    l_fp8, g_fp8 = loss_and_grads(model)
+    assert l_fp8 != l_ref  # FP8 is active
+    assert abs(l_fp8 - l_ref) / l_ref < 2e-3
+    assert torch.nn.functional.cosine_similarity(g_fp8, g_ref, dim=0) > 0.99
