@@ -1,0 +1,261 @@
+"""Model runner: batched forwards over the paged latent cache, CUDA graphs for decode on GPU.
+
+Legend: B sequences in a forward, S new tokens per sequence, T context tokens (cached + new),
+M pages per sequence (block table width), N tokens per page, C kv_lora_rank, R rope dims,
+H heads, D model width, V vocabulary, L cached layers.
+
+A step's scheduled sequences are grouped by how many tokens each computes, and each group runs as
+one forward [B, S] with no padding: all decodes together (S = 1, or 1 + drafts), prefill chunks of
+equal length together. So query s of sequence b always sits at position start_b + s with the S new
+tokens last in its context, which is exactly what the paged MLA kernel computes.
+
+Attention over the pages, through the model's KVCache protocol (`moeray.platform.model.mla`):
+  * GatherPagedView (CPU, and GPU fallback): `update` writes the new latents into their slots and
+    gathers each sequence's context into padded [B, T, C] / [B, T, R] with a mask_BST.
+  * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
+    `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather). The model uses
+    it when its MLA calls `cache.attend(...)` (see `attend` for the contract).
+CUDA graphs: for decode groups on GPU the runner captures one graph per batch size in
+`graph_batch_sizes` (a smaller batch is padded up with rows that write into a scratch page). Capture
+needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if capture fails
+the runner says why in `graph_status` and runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
+from moeray.platform.engine.scheduler import ScheduledSeq
+
+
+def _slots(block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat slot (page * N + offset) of each position through each row's block table."""
+    page_BS = block_table_BM.gather(1, positions_BS // page_size).long()
+    return page_BS * page_size + positions_BS % page_size
+
+
+class GatherPagedView:
+    """KVCache over the pages for one forward of B sequences with S new tokens each."""
+
+    def __init__(self, storage: PagedKVStorage, block_table_BM: torch.Tensor, starts_B: torch.Tensor,
+                 S: int) -> None:
+        self.storage = storage
+        self.N = storage.shape.page_size
+        self.block_table_BM = block_table_BM
+        self.starts_B = starts_B
+        self.S = S
+        dev = block_table_BM.device
+        self.positions_BS = starts_B[:, None] + torch.arange(S, device=dev)[None, :]
+        self.seq_lens_B = starts_B + S
+        self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
+        self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
+        self.calls = {"update": 0, "attend": 0}
+
+    def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
+        C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
+        self.storage.write(layer_idx, self.new_slots, kv_BSC.reshape(-1, C), pe_BSR.reshape(-1, R))
+
+    def _context(self):
+        if self._ctx is None:
+            T = int(self.seq_lens_B.max())
+            dev = self.block_table_BM.device
+            t_T = torch.arange(T, device=dev)
+            # Positions past a row's pages read slot 0 of the row's first page; the mask hides them.
+            t_BT = torch.minimum(t_T[None, :], (self.seq_lens_B - 1)[:, None])
+            slots_BT = _slots(self.block_table_BM, t_BT, self.N)
+            mask_BST = t_T[None, None, :] <= self.positions_BS[:, :, None]
+            self._ctx = (slots_BT, mask_BST)
+        return self._ctx
+
+    def update(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor):
+        self.calls["update"] += 1
+        self._write(layer_idx, kv_BSC, pe_BSR)
+        slots_BT, mask_BST = self._context()
+        kv_BTC, pe_BTR = self.storage.read(layer_idx, slots_BT)
+        return kv_BTC.to(kv_BSC.dtype), pe_BTR.to(pe_BSR.dtype), mask_BST
+
+
+class KernelPagedView(GatherPagedView):
+    """GPU view: `attend` runs the paged MLA kernel over the pages."""
+
+    def attend(self, layer_idx: int, q_lat_BSHC: torch.Tensor, q_pe_BSHR: torch.Tensor,
+               kv_BSC: torch.Tensor, pe_BSR: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+        """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
+        attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
+        context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
+        from moeray.kernels.mla_decode import mla_decode_multi
+
+        self.calls["attend"] += 1
+        self._write(layer_idx, kv_BSC, pe_BSR)
+        q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
+        out = mla_decode_multi(q_BSHK, self.storage.kv_LPNK[layer_idx], self.block_table_BM,
+                               self.seq_lens_B.to(torch.int32), softmax_scale,
+                               kv_lora_rank=self.storage.shape.kv_lora_rank)
+        return out.to(q_lat_BSHC.dtype)
+
+
+@dataclass
+class ForwardResult:
+    """Per scheduled sequence (same order as given): its logits and hidden rows for its tokens."""
+
+    logits: list[torch.Tensor]  # [num_tokens, V] each (fp32)
+    hidden: list[torch.Tensor]  # [num_tokens, D] each
+
+
+class _DecodeGraph:
+    """One captured decode forward for a fixed batch size bs and S tokens per row."""
+
+    def __init__(self, runner: "ModelRunner", bs: int, S: int) -> None:
+        dev = runner.device
+        self.bs, self.S = bs, S
+        self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
+        self.block_table_BM = torch.full((bs, runner.max_pages), runner.scratch_page,
+                                         dtype=torch.int32, device=dev)
+        self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
+        # The view is built inside the capture: its slots and positions derive from the static
+        # starts and block table, so they must be recomputed at every replay.
+        view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
+        if view.calls["attend"] == 0:
+            raise RuntimeError("the model's MLA does not call cache.attend, so attention would "
+                               "gather with host-side sizes: not capturable")
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
+        runner.graph_pool = self.graph.pool()
+        self.scratch_page = runner.scratch_page
+
+    def _forward(self, runner: "ModelRunner"):
+        view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
+        return view, runner._forward_model(self.ids_BS, view)
+
+    def run(self, ids_BS, block_table_BM, starts_B):
+        b, m = block_table_BM.shape
+        self.ids_BS[:b].copy_(ids_BS)
+        self.ids_BS[b:].zero_()
+        self.block_table_BM.fill_(self.scratch_page)  # padding rows: positions 0..S-1 of scratch
+        self.block_table_BM[:b, :m].copy_(block_table_BM)
+        self.starts_B[:b].copy_(starts_B)
+        self.starts_B[b:].zero_()
+        self.graph.replay()
+        return self.logits_BSV[:b], self.hidden_BSD[:b]
+
+
+class ModelRunner:
+    """Runs the model over scheduled sequences against a PagedKVStorage."""
+
+    def __init__(self, model, kv: KVCacheManager, storage: PagedKVStorage, *,
+                 max_model_len: int, use_cuda_graphs: bool = True,
+                 graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> None:
+        self.model = model
+        self.kv = kv
+        self.storage = storage
+        self.device = storage.device
+        self.page_size = kv.page_size
+        self.max_pages = -(-max_model_len // kv.page_size)
+        self.on_gpu = self.device.type == "cuda"
+        # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
+        self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
+        self.graph_batch_sizes = sorted(graph_batch_sizes)
+        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.graph_pool = None
+        self.graph_status = "off"
+        self.use_cuda_graphs = bool(use_cuda_graphs and self.on_gpu and self.scratch_page is not None)
+        self.attention_calls = {"update": 0, "attend": 0}
+
+    # ---- building blocks -----------------------------------------------------------------------
+    def _view(self, block_table_BM, starts_B, S):
+        cls = KernelPagedView if self.on_gpu else GatherPagedView
+        return cls(self.storage, block_table_BM, starts_B, S)
+
+    def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView):
+        out = self.model(ids_BS, positions_BS=view.positions_BS, cache=view, return_mtp=False)
+        return out.logits.float(), out.hidden
+
+    def _tables(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
+        return self._tables_by_id([s.request.request_id for s in seqs])
+
+    def forward_group(self, ids_BS: torch.Tensor, block_table_BM: torch.Tensor,
+                      starts_B: torch.Tensor, *, mtp_module=None, hidden_BSD=None):
+        """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
+        on (hidden_BSD, ids_BS = the next tokens) instead of the main model. -> (logits, hidden)."""
+        B, S = ids_BS.shape
+        if mtp_module is None and self.use_cuda_graphs and S <= 1 + 4:
+            graph = self._graph_for(B, S)
+            if graph is not None:
+                return graph.run(ids_BS, block_table_BM, starts_B)
+        view = self._view(block_table_BM, starts_B, S)
+        if mtp_module is None:
+            logits, hidden = self._forward_model(ids_BS, view)
+        else:
+            hidden, logits = self.model.mtp_step(mtp_module, hidden_BSD, ids_BS, view.positions_BS,
+                                                 cache=view)
+            logits = logits.float()
+        for k, v in view.calls.items():
+            self.attention_calls[k] += v
+        return logits, hidden
+
+    def _graph_for(self, B: int, S: int):
+        if B > self.graph_batch_sizes[-1]:
+            return None
+        bs = next(b for b in self.graph_batch_sizes if b >= B)
+        key = (bs, S)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = _DecodeGraph(self, bs, S)
+                self.graph_status = "captured"
+            except Exception as e:  # capture is an optimization: say why and run eagerly
+                self.use_cuda_graphs = False
+                self.graph_status = f"disabled: {type(e).__name__}: {e}"
+                return None
+        return self.graphs[key]
+
+    # ---- a step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: Sequence[ScheduledSeq]) -> ForwardResult:
+        """Main-model forward over the scheduled sequences (grouped by token count)."""
+        logits: list = [None] * len(seqs)
+        hidden: list = [None] * len(seqs)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(s.num_tokens, []).append(i)
+        for S, idx in groups.items():
+            group = [seqs[i] for i in idx]
+            ids = torch.tensor([list(s.input_ids) for s in group], dtype=torch.long).to(self.device)
+            starts = torch.tensor([s.start for s in group], dtype=torch.long).to(self.device)
+            lg, hd = self.forward_group(ids, self._tables(group), starts)
+            for j, i in enumerate(idx):
+                logits[i], hidden[i] = lg[j], hd[j]
+        return ForwardResult(logits, hidden)
+
+    @torch.inference_mode()
+    def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):
+        """MTP forwards: items = (request_id, start, hidden_SD, next_ids) with S = len(next_ids)
+        positions from start. Returns per item (hidden_SD, logits_SV), grouped by S like execute."""
+        results: list = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(len(it[3]), []).append(i)
+        for S, idx in groups.items():
+            rows = [items[i] for i in idx]
+            ids = torch.tensor([r[3] for r in rows], dtype=torch.long).to(self.device)
+            starts = torch.tensor([r[1] for r in rows], dtype=torch.long).to(self.device)
+            hid = torch.stack([r[2] for r in rows])
+            bt = self._tables_by_id([r[0] for r in rows])
+            lg, hd = self.forward_group(ids, bt, starts, mtp_module=mtp_module, hidden_BSD=hid)
+            for j, i in enumerate(idx):
+                results[i] = (hd[j], lg[j])
+        return results
+
+    def _tables_by_id(self, request_ids: Sequence[str]) -> torch.Tensor:
+        rows = [self.kv.tables[r].pages for r in request_ids]
+        M = max(len(r) for r in rows)
+        bt = torch.zeros(len(rows), M, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            bt[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+            bt[i, len(r):] = r[0]
+        return bt.to(self.device, non_blocking=True)

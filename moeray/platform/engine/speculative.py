@@ -1,0 +1,137 @@
+"""MTP speculative decoding: the MTP module drafts the next-next token, the main model verifies.
+
+Legend: J = 1 + k verified rows (the last known token, then the k drafts), V vocabulary, D width.
+
+Drafting (k = 1, DeepSeek-V3's single MTP depth). The MTP block at position i reads the main
+model's hidden state at i and the embedding of token i+1, and predicts token i+2. It keeps its own
+latent cache (layer index num_hidden_layers), so after every step it runs over exactly the positions
+whose main-model KV just became valid, each with its now-known next token: a prefill chunk's
+positions, or a decode's last token plus its accepted drafts. Its output at the last of them drafts
+the token after the one just sampled. (A prefix-cache hit reuses the MTP latents of shared pages;
+the MTP latent of a page's last position was computed with the original request's next token, which
+can only lower the draft's acceptance, never change the verified output.)
+
+Verification. The main model computes the last known token and the draft in one forward (J = 2
+rows). Row j predicts the token after input j. Greedy: drafts are accepted while they equal the
+argmax of the row before them, and the first mismatch (or the row after the last draft) gives one
+more token, so the output is exactly plain greedy decoding. Sampling: drafts are the MTP argmax
+(a one-hot draft distribution q), so the standard speculative rule reduces to: accept draft d with
+probability p(d) under the target's filtered distribution p; on rejection sample from p with d
+removed, renormalized. That leaves each emitted token distributed exactly as p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from moeray.platform.engine.sampler import (
+    Logprobs, SamplingParams, compute_logprobs, filtered_probs, sample_from_probs)
+
+
+@dataclass
+class SpecStats:
+    num_verify_steps: int = 0  # sequence-steps that verified at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying step: 1 + accepted drafts (1.0 means no gain)."""
+        if not self.num_verify_steps:
+            return 0.0
+        return 1.0 + self.num_accepted_tokens / self.num_verify_steps
+
+    def as_dict(self) -> dict[str, float]:
+        return {"acceptance_rate": self.acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length,
+                "draft_tokens": self.num_draft_tokens, "accepted_tokens": self.num_accepted_tokens}
+
+
+def verify(logits_JV: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
+           generator: torch.Generator) -> tuple[list[int], list[Logprobs | None]]:
+    """Accepted drafts then one more token, and their logprobs (see the module docstring)."""
+    J = logits_JV.shape[0]
+    if J != len(drafts) + 1:
+        raise ValueError(f"{J} logit rows for {len(drafts)} drafts: expected {len(drafts) + 1}")
+    out: list[int] = []
+    if params.greedy:
+        target = logits_JV.argmax(-1).tolist()
+        for j, d in enumerate(drafts):
+            if d != target[j]:
+                break
+            out.append(d)
+        out.append(target[len(out)])
+    else:
+        probs_JV = filtered_probs(logits_JV, [params] * J)
+        for j, d in enumerate(drafts):
+            u = float(torch.rand((), generator=generator))
+            if u < float(probs_JV[j, d]):
+                out.append(d)
+                continue
+            residual = probs_JV[j].clone()
+            residual[d] = 0.0
+            total = residual.sum()
+            if total <= 0:  # p was all on d: rejection had probability 0, keep d
+                out.append(d)
+                continue
+            u2 = torch.rand((1,), generator=generator).to(residual.device)
+            out.append(int(sample_from_probs((residual / total)[None], u2)[0]))
+            break
+        else:
+            u = torch.rand((1,), generator=generator).to(logits_JV.device)
+            out.append(int(sample_from_probs(probs_JV[-1:], u)[0]))
+    rows = logits_JV[:len(out)]
+    lps = compute_logprobs(rows, torch.tensor(out, device=rows.device), [params] * len(out))
+    return out, lps
+
+
+class MTPDrafter:
+    """Keeps the MTP layer's cache up to date and proposes one draft per decoding request."""
+
+    def __init__(self, model, runner, num_speculative_tokens: int = 1) -> None:
+        if len(getattr(model, "mtp", [])) == 0:
+            raise ValueError("speculative decoding needs a model with MTP modules "
+                             "(num_nextn_predict_layers >= 1)")
+        if num_speculative_tokens != 1:
+            raise ValueError(f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter "
+                             "proposes 1 token per step (DeepSeek-V3's MTP depth is 1)")
+        self.model = model
+        self.runner = runner
+        self.k = num_speculative_tokens
+        self.stats = SpecStats()
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts:
+            self.stats.num_verify_steps += 1
+            self.stats.num_draft_tokens += num_drafts
+            self.stats.num_accepted_tokens += num_accepted
+
+    def propose(self, scheduled, hidden: Sequence[torch.Tensor], max_model_len: int) -> None:
+        """After the scheduler's update: run the MTP block over each scheduled request's newly
+        valid positions and set request.spec_token_ids for those now waiting to decode."""
+        items, reqs = [], []
+        for s, h_SD in zip(scheduled, hidden):
+            req = s.request
+            if req.status.value != "running":
+                continue
+            m = req.num_computed - s.start
+            assert 1 <= m <= h_SD.shape[0], (req.request_id, m)
+            next_ids = req.token_ids[s.start + 1:s.start + m + 1]
+            assert len(next_ids) == m
+            items.append((req.request_id, s.start, h_SD[:m], next_ids))
+            reqs.append(req)
+        if not items:
+            return
+        results = self.runner.execute_mtp(self.model.mtp[0], items)
+        for req, (_h, logits_SV) in zip(reqs, results):
+            decoding = len(req.token_ids) - req.num_computed == 1
+            room = (len(req.output_token_ids) + 1 < req.params.max_tokens
+                    and len(req.token_ids) + 1 < max_model_len)
+            req.spec_token_ids = [int(logits_SV[-1].argmax())] if decoding and room else []
