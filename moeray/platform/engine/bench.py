@@ -1,0 +1,311 @@
+"""`moeray bench engine`: decode and prefill throughput of the engine, against transformers'
+`generate` on the same weights and against the memory/compute roofline, plus MTP speedup.
+
+Steps (GPU, bf16, the `small()` preset by default):
+  1. Build the model, train it briefly (main + MTP loss, as in training) on a synthetic text: a
+     cycle through a random permutation of `--cycle-len` distinct tokens, so the next token and the
+     next-next token are learnable and MTP drafts on "text the model was trained on" can be accepted.
+  2. Save it as an HF directory; the engine and transformers both load that directory.
+  3. Decode tokens/s at each batch size: prompts of --prompt-len tokens prefilled first, then
+     --decode-tokens decode steps timed. transformers: generate(n) minus generate(1), same prompts.
+  4. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token.
+  5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
+Roofline for a decode step: weights read once (dense parts and the experts that the batch touches,
+expected E * (1 - (1 - K/E)^B) of E per layer) plus the latent cache read, over the HBM bandwidth,
+or the FLOPs over peak, whichever is slower. Known GPUs use their datasheet numbers (H100 SXM
+3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a measured copy bandwidth and matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeray bench engine", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--prefill-len", type=int, default=None, help="default: 8 x --prompt-len")
+    p.add_argument("--hf-max-batch", type=int, default=256, help="skip transformers above this")
+    p.add_argument("--cycle-len", type=int, default=512)
+    p.add_argument("--mtp-train-steps", type=int, default=150)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    try:
+        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
+    except ValueError:
+        p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers")
+    if not a.batch_sizes or min(a.batch_sizes) < 1:
+        p.error(f"--batch-sizes {a.batch_sizes}: expected positive integers")
+    return a
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_machine(device) -> dict:
+    """Measured copy bandwidth (read + write bytes/s) and matmul FLOP/s, and the datasheet numbers
+    when the GPU is known; the roofline uses the datasheet where there is one."""
+    import torch
+
+    n = (256 if device.type == "cuda" else 32) * 1024**2
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    _sync(device)
+    bw = 2 * n * 5 / (time.perf_counter() - t)
+    m = 4096 if device.type == "cuda" else 512
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(m, m, device=device, dtype=dt)
+    a @ a
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    _sync(device)
+    flops = 2 * m**3 * 5 / (time.perf_counter() - t)
+    out = {"measured_bandwidth_Bps": bw, "measured_flops": flops,
+           "bandwidth_Bps": bw, "peak_flops": flops, "source": "measured"}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (b, f) in SPEC.items():
+            if key in name:
+                out.update(bandwidth_Bps=b, peak_flops=f, source=f"datasheet {key}")
+                break
+    return out
+
+
+def decode_roofline(cfg, batch: int, context: int, machine: dict, dtype_bytes: int) -> float:
+    """Upper bound on decode tokens/s for `batch` sequences at `context` tokens (module docstring)."""
+    D, V, E, K = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    L = cfg.num_hidden_layers
+    n_moe = L - cfg.first_k_dense_replace
+    expert = 3 * D * cfg.moe_intermediate_size
+    routed = n_moe * E * expert
+    total = cfg.num_parameters()  # main model, embedding and head counted once each
+    touched = E * (1 - (1 - K / E) ** batch)
+    weight_bytes = (total - V * D - routed + n_moe * touched * expert) * dtype_bytes
+    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    kv_bytes = batch * context * L * (C + R) * dtype_bytes
+    flops = batch * (2 * (cfg.num_parameters(activated=True) - V * D)
+                     + 2 * context * L * H * (2 * C + R))
+    t = max((weight_bytes + kv_bytes) / machine["bandwidth_Bps"], flops / machine["peak_flops"])
+    return batch / t
+
+
+def train_on_cycle(model, cycle, steps: int, device, *, seq_len: int = 128, batch: int = 8,
+                   lr: float = 1e-3, mtp_weight: float = 0.3) -> list[float]:
+    """A few AdamW steps of next-token + MTP loss on windows of the cyclic corpus."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    for _ in range(steps):
+        starts = torch.randint(0, len(cycle), (batch,), generator=g)
+        ids = cycle[(starts[:, None] + torch.arange(seq_len + 1)) % len(cycle)].to(device)
+        if amp is not None:
+            with amp:
+                out = model(ids[:, :-1], return_mtp=True)
+        else:
+            out = model(ids[:, :-1], return_mtp=True)
+        V = out.logits.shape[-1]
+        loss = F.cross_entropy(out.logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
+        if out.mtp_logits:
+            loss = loss + mtp_weight * F.cross_entropy(out.mtp_logits[0].float().reshape(-1, V),
+                                                       ids[:, 2:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
+    """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
+    Returns (decode tokens/s, outputs)."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
+           for p in prompts]
+    outs: dict[str, list[int]] = {}
+    while any(len(engine.scheduler.requests[r].output_token_ids) == 0 for r in ids):
+        engine.step()
+    produced = 0
+    t = time.perf_counter()
+    while engine.has_unfinished():
+        for o in engine.step():
+            produced += len(o.new_token_ids)
+            if o.finished:
+                outs[o.request_id] = o.output_token_ids
+    _sync(engine.device)
+    dt = time.perf_counter() - t
+    return produced / dt, [outs[r] for r in ids]
+
+
+def hf_decode(hf, prompts, n: int, device) -> float:
+    """transformers generate: (time(n+1 tokens) - time(1 token)) gives n decode steps."""
+    import torch
+
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(do_sample=False, pad_token_id=0)
+
+    def timed(k):
+        _sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
+        _sync(device)
+        return time.perf_counter() - t
+
+    timed(2)  # warm up
+    t1 = timed(1)
+    tn = timed(n + 1)
+    return len(prompts) * n / max(tn - t1, 1e-9)
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from moeray.platform.checkpoint import save_model
+    from moeray.platform.config import preset
+    from moeray.platform.engine.engine import Engine, EngineConfig
+    from moeray.platform.engine.sampler import SamplingParams
+    from moeray.platform.model.transformer import Transformer
+    from moeray.platform.results import device_slug, write_result
+
+    a = _parse(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = preset(a.preset)
+    if a.layers is not None:
+        cfg = cfg.replace(num_hidden_layers=a.layers,
+                          first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+    cfg = cfg.replace(eos_token_id=None)  # fixed-length generations on both sides
+    prefill_len = a.prefill_len or 8 * a.prompt_len
+    cycle_len = min(a.cycle_len, cfg.vocab_size)
+    torch.manual_seed(0)
+    cycle = torch.randperm(cfg.vocab_size)[:cycle_len]
+
+    model = Transformer(cfg).to(device)
+    t0 = time.perf_counter()
+    losses = train_on_cycle(model, cycle, a.mtp_train_steps, device,
+                            seq_len=min(128, a.prompt_len), batch=8)
+    train_s = time.perf_counter() - t0
+    model = model.to(dtype)
+    hf_dir = tempfile.mkdtemp(prefix="moeray-bench-engine-")
+    save_model(model, cfg, hf_dir)
+    machine = measure_machine(device)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(1)
+    n = a.decode_tokens
+    max_b = max(a.batch_sizes)
+    need_tokens = max(max_b * (a.prompt_len + n + 2), a.prefill_batch * (prefill_len + 2))
+    ecfg = dict(page_size=64, num_pages=need_tokens // 64 + max_b + 8, max_num_seqs=max_b,
+                max_num_batched_tokens=max(4096, max_b * 2), enable_prefix_caching=False,
+                use_cuda_graphs=not a.no_cuda_graphs,
+                max_model_len=max(prefill_len, a.prompt_len + n) + 8)
+
+    decode, roof, frac, hf_rate, notes = {}, {}, {}, {}, {}
+    engine = Engine(model, EngineConfig(**ecfg))
+    for B in a.batch_sizes:
+        prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+                   for _ in range(B)]
+        engine_decode(engine, prompts[:1], 2)  # warm-up (CUDA graphs, Triton compilation)
+        rate, _ = engine_decode(engine, prompts, n)
+        decode[str(B)] = rate
+        roof[str(B)] = decode_roofline(cfg, B, a.prompt_len + n // 2, machine, dtype_bytes)
+        frac[str(B)] = rate / roof[str(B)]
+    notes["cuda_graphs"] = engine.runner.graph_status
+    notes["attention_calls"] = dict(engine.runner.attention_calls)
+
+    prompts = [torch.randint(0, cfg.vocab_size, (prefill_len,), generator=g).tolist()
+               for _ in range(a.prefill_batch)]
+    engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1))  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+    _sync(device)
+    prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
+    del engine
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    for B in a.batch_sizes:
+        if B > a.hf_max_batch:
+            continue
+        prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+                   for _ in range(B)]
+        hf_rate[str(B)] = hf_decode(hf, prompts, min(n, 16), device)
+    del hf
+
+    # MTP on the training text: greedy with and without the drafter, same prompts
+    mtp = {}
+    for B in sorted({1, min(16, max_b)}):
+        starts = torch.randint(0, cycle_len, (B,), generator=g)
+        prompts = [cycle[(s + torch.arange(a.prompt_len)) % cycle_len].tolist() for s in starts]
+        base = Engine(model, EngineConfig(**ecfg))
+        engine_decode(base, prompts[:1], 2)
+        r0, out0 = engine_decode(base, prompts, n)
+        del base
+        spec = Engine(model, EngineConfig(**ecfg, num_speculative_tokens=1))
+        engine_decode(spec, prompts[:1], 2)
+        spec.drafter.stats.__init__()
+        r1, out1 = engine_decode(spec, prompts, n)
+        st = spec.drafter.stats
+        mtp[str(B)] = {"tokens_per_s": r1, "baseline_tokens_per_s": r0, "speedup": r1 / r0,
+                       "acceptance": st.acceptance_rate,
+                       "mean_accepted_length": st.mean_accepted_length,
+                       "outputs_identical": out0 == out1}
+        del spec
+
+    result = {
+        "model": {"preset": a.preset, "num_hidden_layers": cfg.num_hidden_layers,
+                  "parameters": cfg.num_parameters(), "dtype": str(dtype).removeprefix("torch.")},
+        "settings": {"prompt_len": a.prompt_len, "decode_tokens": n, "prefill_len": prefill_len,
+                     "prefill_batch": a.prefill_batch, "page_size": 64},
+        "decode_tokens_per_s": decode,
+        "hf_generate_tokens_per_s": hf_rate,
+        "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
+        "prefill_tokens_per_s": prefill,
+        "roofline_tokens_per_s": roof,
+        "roofline_fraction": frac,
+        "roofline_machine": machine,
+        "mtp_acceptance": mtp["1"]["acceptance"],
+        "mtp_speedup": mtp["1"]["speedup"],
+        "mtp": mtp,
+        "mtp_training": {"steps": a.mtp_train_steps, "seconds": train_s,
+                         "first_loss": losses[0] if losses else None,
+                         "last_loss": losses[-1] if losses else None, "cycle_len": cycle_len},
+        "engine": notes,
+    }
+    path = write_result(f"engine-{device_slug()}", result,
+                        directory=None if a.out_dir is None else a.out_dir)
+    print(f"wrote {path}")
+    for k in ("decode_tokens_per_s", "hf_generate_tokens_per_s", "roofline_fraction"):
+        print(k, {b: round(v, 3) for b, v in result[k].items()})
+    print("prefill_tokens_per_s", round(prefill, 1), "mtp", mtp)
+    return 0
