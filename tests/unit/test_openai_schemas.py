@@ -43,15 +43,16 @@ class ByteTokenizer:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
 
-def echo_tokens(prompt: Sequence[int], seed: int | None, max_tokens: int) -> tuple[list[int], str]:
+def echo_tokens(prompt: Sequence[int], seed: int | None, max_tokens: int,
+                ignore_eos: bool = False) -> tuple[list[int], str]:
     """What EchoEngine generates: the prompt cyclically from offset seed % len, until EOS
-    (included, finish "stop") or max_tokens ("length")."""
+    (included, finish "stop"; unless ignore_eos) or max_tokens ("length")."""
     start = 0 if seed is None else seed % len(prompt)
     out: list[int] = []
     for i in range(max_tokens):
         t = prompt[(start + i) % len(prompt)]
         out.append(t)
-        if t == EOS:
+        if t == EOS and not ignore_eos:
             return out, "stop"
     return out, "length"
 
@@ -75,7 +76,7 @@ class EchoEngine:
         self.requests.append(request)
         self.live.add(request.request_id)
         tokens, reason = echo_tokens(request.prompt_ids, request.params.seed,
-                                     request.params.max_tokens)
+                                     request.params.max_tokens, request.params.ignore_eos)
         k = request.params.logprobs
         pos, i = 0, 0
         outcome = "cancelled"
@@ -342,6 +343,9 @@ def test_completions_token_prompts_eos_stop_and_default_max_tokens(live):
     r = client.completions.create(model="tiny", prompt=[72, 105, EOS, 33], max_tokens=50)
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hi", "stop")
     assert r.usage.completion_tokens == 3
+    r = client.completions.create(model="tiny", prompt=[72, 105, EOS, 33], max_tokens=9,
+                                  extra_body={"ignore_eos": True})
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hi!Hi!H", "length")
     # a batch of prompts x n: choices indexed prompt * n + j, default max_tokens is 16
     r = client.completions.create(model="tiny", prompt=["abcdefghijklmnopqrstuvwxyz", "0123"],
                                   n=2, seed=3)

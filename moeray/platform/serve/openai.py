@@ -33,6 +33,7 @@ Errors are OpenAI-shaped `{"error": {"message", "type", "param", "code"}}`:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import math
@@ -82,6 +83,7 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks); vLLM's extension
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -224,6 +226,7 @@ class _SamplingRequest(_Strict):
     frequency_penalty: SFloat = 0.0
     logit_bias: dict[str, float] | None = None
     user: SStr | None = None
+    ignore_eos: SBool = False  # not OpenAI: vLLM's extension, used by `moeray bench serve`
 
     @field_validator("stop")
     @classmethod
@@ -813,8 +816,7 @@ class OpenAIServer:
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 req = EngineRequest(
                     f"{rid}-{p * n + j}", tuple(ids),
-                    GenerationParams(params.max_tokens, params.temperature, params.top_p, seed,
-                                     params.stop, params.logprobs))
+                    dataclasses.replace(params, seed=seed))
                 streams.append(self._run_choice(p * n + j, req, stats))
         merged = self._merge(streams)
         try:
@@ -865,7 +867,7 @@ class OpenAIServer:
             logprobs = body.logprobs
         weight = self._check_n(body.n, len(prompts))
         params = GenerationParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop,
-                                  logprobs)
+                                  logprobs, body.ignore_eos)
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
             raise self.gate.rejection()
