@@ -45,6 +45,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,7 +105,8 @@ class Engine:
             detokenize=self._detokenize if tokenizer is not None else None)
         self.runner = ModelRunner(model, self.kv, self.storage, max_model_len=self.max_model_len,
                                   use_cuda_graphs=config.use_cuda_graphs,
-                                  graph_batch_sizes=config.graph_batch_sizes)
+                                  graph_batch_sizes=config.graph_batch_sizes,
+                                  attention=config.attention)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         self._rng = torch.Generator().manual_seed(config.seed)

@@ -150,7 +150,8 @@ class ModelRunner:
 
     def __init__(self, model, kv: KVCacheManager, storage: PagedKVStorage, *,
                  max_model_len: int, use_cuda_graphs: bool = True,
-                 graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> None:
+                 graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                 attention: str = "auto") -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
@@ -158,6 +159,12 @@ class ModelRunner:
         self.page_size = kv.page_size
         self.max_pages = -(-max_model_len // kv.page_size)
         self.on_gpu = self.device.type == "cuda"
+        # "kernel" offers cache.attend (the paged MLA kernel on GPU; its PyTorch reference on CPU),
+        # "gather" only cache.update; "auto" is kernel on GPU, gather on CPU.
+        if attention not in ("auto", "kernel", "gather"):
+            raise ValueError(f"attention={attention!r}: accepted 'auto', 'kernel' or 'gather'")
+        kernel = attention == "kernel" or (attention == "auto" and self.on_gpu)
+        self.view_cls = KernelPagedView if kernel else GatherPagedView
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
         self.graph_batch_sizes = sorted(graph_batch_sizes)
@@ -169,8 +176,7 @@ class ModelRunner:
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S):
-        cls = KernelPagedView if self.on_gpu else GatherPagedView
-        return cls(self.storage, block_table_BM, starts_B, S)
+        return self.view_cls(self.storage, block_table_BM, starts_B, S)
 
     def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView):
         out = self.model(ids_BS, positions_BS=view.positions_BS, cache=view, return_mtp=False)
@@ -184,7 +190,7 @@ class ModelRunner:
         """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
         on (hidden_BSD, ids_BS = the next tokens) instead of the main model. -> (logits, hidden)."""
         B, S = ids_BS.shape
-        if mtp_module is None and self.use_cuda_graphs and S <= 1 + 4:
+        if mtp_module is None and self.use_cuda_graphs and S <= 2:  # decode, or decode + 1 draft
             graph = self._graph_for(B, S)
             if graph is not None:
                 return graph.run(ids_BS, block_table_BM, starts_B)
