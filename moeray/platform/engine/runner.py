@@ -122,6 +122,14 @@ class _DecodeGraph:
         if view.calls["attend"] == 0:
             raise RuntimeError("the model's MLA does not call cache.attend, so attention would "
                                "gather with host-side sizes: not capturable")
+        # A host sync inside a capture invalidates it (and can leave the stream in an error
+        # state), so first replay the forward with syncs turned into errors.
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._forward(runner)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
@@ -171,7 +179,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self.graph_pool = None
         self.graph_status = "off"
-        self.use_cuda_graphs = bool(use_cuda_graphs and self.on_gpu and self.scratch_page is not None)
+        self.use_cuda_graphs = bool(use_cuda_graphs and self.on_gpu and kernel
+                                    and self.scratch_page is not None)
         self.attention_calls = {"update": 0, "attend": 0}
 
     # ---- building blocks -----------------------------------------------------------------------
