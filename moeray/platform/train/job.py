@@ -1,0 +1,136 @@
+"""`moeray train --config configs/train/tiny.yaml`: the Ray Train job.
+
+    ray start --head
+    ray job submit --working-dir . -- moeray train --config configs/train/tiny.yaml
+or simply `moeray train --config ...`, which starts a local Ray when none is running.
+
+The driver (this module) trains the tokenizer and tokenizes the corpus once into the run
+directory, creates the RouterActor (named, detached), and runs a `TorchTrainer` (Ray Train V2)
+with PP x EP x DP workers, gloo on CPU and NCCL on GPU, `FailureConfig` retries and checkpoints
+reported by the workers (`loop.py`). Rank 0 writes the final model as an HF directory with the
+tokenizer, which `moeray serve` and transformers load.
+
+Run directory: <storage>/<name>/ holds data/ (tokenizer/, tokens.pt), history.jsonl (one line per
+step, from rank 0), router_state.pt, Ray Train's checkpoints, and the final model (`output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moeray.platform.train.loop import TrainJobConfig
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainJobConfig:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"train config {str(path)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"train config {path} must be a mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    return TrainJobConfig.from_dict(raw)
+
+
+def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
+    """Tokenizer and token stream, built once per (corpus, vocab, size) and reused."""
+    from moeray.platform.train import data
+
+    data_dir = run_dir / "data"
+    key = {"corpus": job.data.corpus, "vocab_size": job.data.vocab_size,
+           "max_bytes": job.data.max_bytes}
+    stamp = data_dir / "data.json"
+    tok_dir, tokens = data_dir / "tokenizer", data_dir / "tokens.pt"
+    if stamp.exists() and json.loads(stamp.read_text()) == key and tokens.exists():
+        return tok_dir, tokens
+    corpus = None if job.data.corpus in ("", "stdlib") else job.data.corpus
+    tok_dir, tokens = data.prepare_corpus(data_dir, corpus, vocab_size=job.data.vocab_size,
+                                          max_bytes=job.data.max_bytes)
+    stamp.write_text(json.dumps(key) + "\n")
+    return tok_dir, tokens
+
+
+def run(job: TrainJobConfig) -> Path:
+    """Run the job to completion; returns the final HF model directory."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from moeray.actors.router import get_or_create_router
+    from moeray.platform.routing import RouterConfig
+    from moeray.platform.train.loop import train_loop_per_worker
+
+    model_cfg = job.model_config()
+    if model_cfg.vocab_size != job.data.vocab_size:
+        raise ValueError(f"data.vocab_size={job.data.vocab_size} must equal the model's "
+                         f"vocab_size={model_cfg.vocab_size}")
+    storage = Path(job.storage).expanduser().resolve()
+    run_dir = storage / job.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir, tokens = prepare_data(job, run_dir)
+
+    if not ray.is_initialized():
+        # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray
+        ray.init(address=os.environ.get("RAY_ADDRESS"),
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    world = job.parallel.world
+    router_cfg = RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+    get_or_create_router(job.router, job.router_namespace, router_cfg,
+                         state_path=str(run_dir / "router_state.pt"))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "tokens": str(tokens),
+                           "tokenizer": str(tok_dir)},
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=job.name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    out = Path(job.output).expanduser()
+    return out if out.is_absolute() else run_dir / out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeray train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML train config (configs/train/*.yaml)")
+    p.add_argument("--steps", type=int, help="override `steps`")
+    p.add_argument("--name", help="override the run name")
+    p.add_argument("--storage", help="override the storage directory")
+    p.add_argument("--output", help="override the final model directory")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the attention and expert projections in FP8")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        job = load_config(args.config, {"steps": args.steps, "name": args.name,
+                                        "storage": args.storage, "output": args.output,
+                                        "fp8": args.fp8})
+    except ValueError as e:
+        print(f"moeray train: {e}", file=sys.stderr)
+        return 2
+    out = run(job)
+    print(f"moeray train: done; model at {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,170 @@
+"""One training step, pure (no Ray, no process groups of its own): loss, optimizer, schedule.
+
+Legend: B sequences, S positions, V vocabulary, E routed experts, K experts per token, L MoE
+layers (main layers then MTP blocks, the RouterActor's order).
+
+Objective (DeepSeek-V3 report, sections 2.2 and 2.1.2):
+  L = CE(main) + (lambda / D) * sum_k CE_k  +  sum over MoE layers of the sequence-wise balance loss
+where CE_k is MTP depth k's cross-entropy for token t+1+k, and the balance term is
+alpha * sum_i f_i P_i per sequence (`routing.sequence_balance_loss`, alpha = 0.0001).
+Optimizer: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices (not on norms, biases or the
+1-D gate bias buffer), gradient clipping at global norm 1.0; learning rate: linear warmup, then
+cosine decay to `min_lr_ratio * lr`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeray.platform import routing
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    total_steps: int = 200
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
+            )
+        if self.clip <= 0 or self.weight_decay < 0:
+            raise ValueError(f"clip={self.clip} must be > 0 and weight_decay={self.weight_decay} >= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+
+
+def learning_rate(step: int, cfg: OptimConfig) -> float:
+    """Step 0-based. Warmup reaches `lr` at step warmup_steps-1; cosine ends at min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.total_steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor  # what backward runs on
+    main: float  # next-token cross-entropy
+    mtp: float  # mean MTP cross-entropy over depths (before lambda); nan without MTP
+    balance: float  # sum of the sequence-wise balance losses
+
+
+def moe_layers(model: torch.nn.Module) -> list:
+    from moeray.platform.model.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConfig) -> LossParts:
+    """Forward the model on tokens[:, :-1] and build the objective from the module docstring."""
+    if tokens_BS1.dim() != 2 or tokens_BS1.shape[1] < 2:
+        raise ValueError(f"tokens must be [B, S+1] with S >= 1, got {tuple(tokens_BS1.shape)}")
+    inputs_BS, targets_BS = tokens_BS1[:, :-1], tokens_BS1[:, 1:]
+    B, S = inputs_BS.shape
+    out = model(inputs_BS)
+    main = F.cross_entropy(out.logits.flatten(0, 1).float(), targets_BS.flatten())
+    total = main
+    mtp_ces = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        # position s of depth k predicts token s+1+k: targets[:, k:], S-k of them
+        mtp_ces.append(F.cross_entropy(logits.flatten(0, 1).float(), targets_BS[:, k:].flatten()))
+    if mtp_ces:
+        total = total + cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()
+    balance = main.new_zeros(())
+    if cfg.balance_alpha > 0:
+        for moe in moe_layers(model):
+            r = moe.last_routing
+            if r is None:
+                continue
+            T = r.scores_TE.shape[0]
+            balance = balance + routing.sequence_balance_loss(
+                r.scores_TE.view(B, T // B, -1), r.expert_ids_TK.view(B, T // B, -1), cfg.balance_alpha)
+        total = total + balance
+    mtp = torch.stack(mtp_ces).mean().item() if mtp_ces else float("nan")
+    return LossParts(total, main.item(), mtp, balance.item())
+
+
+def expert_loads(model: torch.nn.Module) -> torch.Tensor:
+    """[L, E] int64 tokens per expert of the last forward (this rank's tokens only)."""
+    rows = [m.last_routing.counts_E.detach().cpu() for m in moe_layers(model)]
+    return torch.stack(rows).to(torch.int64) if rows else torch.zeros(0, 0, dtype=torch.int64)
+
+
+@torch.no_grad()
+def set_biases(model: torch.nn.Module, bias_LE: torch.Tensor) -> None:
+    layers = moe_layers(model)
+    if bias_LE.shape[0] != len(layers):
+        raise ValueError(f"bias_LE has {bias_LE.shape[0]} rows for {len(layers)} MoE layers")
+    for moe, b in zip(layers, bias_LE):
+        moe.gate.e_score_correction_bias.copy_(b.to(moe.gate.e_score_correction_bias))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: LossParts
+    grad_norm: float
+    lr: float
+    loads_LE: torch.Tensor
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                 cfg: OptimConfig, total_norm: float | None = None) -> tuple[float, float]:
+    """Clip, set this step's learning rate, step the optimizer; returns (grad norm, lr).
+
+    `total_norm`: the global gradient norm when parameters are sharded over ranks (every rank
+    must scale by the same factor or the replicas drift apart); None computes it locally.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if total_norm is None:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+    else:
+        norm = float(total_norm)
+        scale = cfg.clip / (norm + 1e-6)
+        if scale < 1.0:
+            for p in params:
+                p.grad.mul_(scale)
+    lr = learning_rate(step, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, lr
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens_BS1: torch.Tensor,
+               step: int, optim_cfg: OptimConfig, loss_cfg: LossConfig) -> StepResult:
+    """Single-process step: forward, backward, clip, AdamW. (Distributed runs put a gradient
+    all-reduce between backward and `apply_update`; see `loop.py`.)"""
+    model.train()
+    parts = compute_loss(model, tokens_BS1, loss_cfg)
+    parts.total.backward()
+    loads = expert_loads(model)
+    norm, lr = apply_update(model, optimizer, step, optim_cfg)
+    return StepResult(parts, norm, lr, loads)
