@@ -168,31 +168,10 @@ def test_bench_cpu_path(tmp_path, monkeypatch):
     assert 0 <= r["mtp_acceptance"] <= 1
 
 
-def _mla_forward_with_attend(self, x_BSD, cos, sin, cache=None, *, absorbed=None):
-    """The hook proposed for moeray/platform/model/mla.py: when the cache offers `attend`, the
-    attention runs over the cache's pages (the paged MLA kernel) instead of update + dense math."""
-    if cache is None or not hasattr(cache, "attend"):
-        return _ORIGINAL_MLA_FORWARD(self, x_BSD, cos, sin, cache, absorbed=absorbed)
-    q_nope_BSHN, q_pe_BSHR = self._queries(x_BSD, cos, sin)
-    kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
-    B, S, H, _ = q_nope_BSHN.shape
-    w_HKC = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-    q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_HKC[:, :self.nope_dim])
-    o_lat_BSHC = cache.attend(self.layer_idx, q_lat_BSHC, q_pe_BSHR, kv_BSC, pe_BSR, self.softmax_scale)
-    o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_HKC[:, self.nope_dim:])
-    return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
-
-
-from moeray.platform.model.mla import MLA  # noqa: E402
-
-_ORIGINAL_MLA_FORWARD = MLA.forward
-
-
-def test_kernel_view_attend_path_matches_hf(setup, monkeypatch):
-    """The GPU attention path (KernelPagedView.attend -> mla_decode_multi, here its CPU reference)
-    through the proposed MLA hook gives the same greedy generations, with and without MTP."""
+def test_kernel_view_attend_path_matches_hf(setup):
+    """The GPU attention path (MLA's cache.attend hook -> KernelPagedView -> mla_decode_multi, here
+    its CPU reference) gives the same greedy generations, with and without MTP."""
     cfg, model, path, prompts, ref = setup
-    monkeypatch.setattr(MLA, "forward", _mla_forward_with_attend)
     for spec in (0, 1):
         eng = engine(model, attention="kernel", num_speculative_tokens=spec)
         outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
