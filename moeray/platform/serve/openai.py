@@ -20,7 +20,8 @@ usage and records the metrics in `moeray.platform.metrics`.
 
 Cancellation contract: when a client disconnects, a stop string matches, or another choice of the
 same request fails, the ingress calls `aclose()` on the engine's async generator (on the task
-that iterates it), so the engine must free the request's KV pages in that generator's `finally`.
+that iterates it), so the engine must free the request's KV pages in that generator's `finally`
+(and a generator that wraps another must `aclose()` the inner one there: `async for` does not).
 
 Errors are OpenAI-shaped `{"error": {"message", "type", "param", "code"}}`:
     400 invalid body (param names the field, e.g. `messages.[0].role`), prompt over the context
