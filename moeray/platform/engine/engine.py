@@ -13,6 +13,7 @@ and the MTP drafter proposes the next drafts.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from moeray.platform.engine.kv_cache import (
     CacheShape, KVCacheManager, PagedKVStorage, device_budget_bytes, num_pages_for_budget)
+from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
@@ -112,6 +114,10 @@ class Engine:
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
+        # P/D: request id -> first prompt position to export; exported rows until step() returns.
+        self._exports: dict[str, int] = {}
+        self._exported: dict[str, KVRows] = {}
+        self.scheduler.before_free = self._export_before_free
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig = EngineConfig(), *,
@@ -137,18 +143,80 @@ class Engine:
         return list(enc.ids if hasattr(enc, "ids") else enc)
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None) -> str:
+    def _check_ids(self, prompt: Sequence[int] | str) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         V = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= int(t) < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        return ids
+
+    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None, *, export_kv_from: int | None = None) -> str:
+        """Queue a request. With `export_kv_from` (a prefill replica), the finished request's
+        output carries `kv_export`: the KV rows of prompt tokens [export_kv_from, P)."""
+        ids = self._check_ids(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if export_kv_from is not None and not 0 <= export_kv_from < len(ids):
+            raise ValueError(f"export_kv_from={export_kv_from} must be in [0, {len(ids)}) for a "
+                             f"{len(ids)}-token prompt")
         self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
+        if export_kv_from is not None:
+            self._exports[rid] = export_kv_from
         return rid
 
+    # ---- prefill/decode disaggregation ----------------------------------------------------------
+    def _export_before_free(self, req) -> None:
+        start = self._exports.pop(req.request_id, None)
+        P = len(req.prompt_token_ids)
+        if start is None or req.num_computed < P:
+            return  # not exported, or aborted before its prompt was computed
+        slots = torch.tensor(self.kv.slots(req.request_id, start, P), device=self.device)
+        rows = [self.storage.read(layer, slots) for layer in range(self.storage.shape.num_layers)]
+        self._exported[req.request_id] = KVRows(
+            start, torch.stack([kv for kv, _ in rows]).clone(), torch.stack([pe for _, pe in rows]).clone())
+
+    def _attach_exports(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        if not self._exported:
+            return outs
+        return [dataclasses.replace(o, kv_export=self._exported.pop(o.request_id))
+                if o.request_id in self._exported else o for o in outs]
+
+    def cached_prefix_length(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens this engine's prefix cache holds now (whole pages)."""
+        return self.kv.match_length(list(prompt))
+
+    def add_prefilled_request(self, prompt: Sequence[int], first_token: int, rows: KVRows,
+                              params: SamplingParams = SamplingParams(), request_id: str | None = None,
+                              *, first_logprobs=None):
+        """Continue a request whose prompt was prefilled elsewhere: write `rows` (prompt tokens
+        [rows.start, P)) into this engine's pages and join the running batch with `first_token`.
+        Returns the first token's RequestOutput, or None when the rows could not be used (they
+        start after this engine's cached prefix, or no pages are free): then the request is queued
+        for a normal prefill here, so it completes either way."""
+        ids = self._check_ids(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        P = len(ids)
+        if rows.end != P:
+            raise ValueError(f"KV rows cover tokens [{rows.start}, {rows.end}) but the prompt has {P}")
+        layers = min(rows.kv_LTC.shape[0], self.storage.shape.num_layers)
+
+        def import_rows(num_cached: int) -> bool:
+            if rows.start > num_cached:
+                return False  # our cached prefix was evicted since the prefill was asked
+            slots = torch.tensor(self.kv.slots(rid, num_cached, P), device=self.device)
+            off = num_cached - rows.start
+            for layer in range(layers):
+                self.storage.write(layer, slots, rows.kv_LTC[layer, off:].to(self.device),
+                                   rows.pe_LTR[layer, off:].to(self.device))
+            return True
+
+        return self.scheduler.add_prefilled(rid, ids, params, make_generator(params.seed, self._rng),
+                                            first_token, first_logprobs, import_rows)
+
     def abort(self, request_id: str) -> bool:
+        self._exports.pop(request_id, None)
+        self._exported.pop(request_id, None)
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -159,7 +227,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return self.scheduler.update(out, {})
+            return self._attach_exports(self.scheduler.update(out, {}))
         t0 = time.perf_counter()
         fwd = self.runner.execute(out.scheduled)
         sampled: dict[str, list[int]] = {}
@@ -180,7 +248,7 @@ class Engine:
                 sampled[s.request.request_id] = toks
                 logprobs[s.request.request_id] = lps
                 self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
-        outs = self.scheduler.update(out, sampled, logprobs)
+        outs = self._attach_exports(self.scheduler.update(out, sampled, logprobs))
         if self.drafter is not None:
             self.drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)
         if self.device.type == "cuda":

@@ -140,6 +140,7 @@ class RequestOutput:
     logprobs: list[Logprobs]
     num_prompt_tokens: int
     num_cached_tokens: int
+    kv_export: object = None  # KVRows of the prompt, for requests added with export_kv_from
 
 
 class Scheduler:
@@ -155,6 +156,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._finished_at_schedule: list[Request] = []
+        # Called with a running request right before its pages are freed (KV export for P/D).
+        self.before_free: Callable[[Request], None] | None = None
         self.num_preemptions = 0
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -178,6 +181,36 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
+    def add_prefilled(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                      generator, first_token: int, first_logprob: Logprobs | None,
+                      import_rows: Callable[[int], bool]) -> RequestOutput | None:
+        """A request whose prompt KV was computed by another engine (a prefill replica). Takes
+        pages for the prompt (its cached prefix shared as usual), calls import_rows(num_cached)
+        to fill tokens [num_cached, P), and joins the running batch with its first token. Returns
+        that token's output, or None when it could not be placed (no pages, no batch slot, or the
+        rows do not cover what is missing): the request then waits for a normal prefill."""
+        req = self.add_request(request_id, prompt_token_ids, params, generator)
+        P = len(req.prompt_token_ids)
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        num_cached = self.kv.admit(request_id, req.token_ids, P)
+        if num_cached is None:
+            return None
+        if not import_rows(num_cached):
+            self.kv.free(request_id)
+            return None
+        self.waiting.remove(req)
+        req.num_cached_tokens, req.first_scheduled = num_cached, True
+        req.num_computed = P
+        req.status = Status.RUNNING
+        bisect.insort(self.running, req, key=lambda r: r.arrival)
+        self.kv.commit(request_id, req.token_ids, P)
+        req.token_ids.append(int(first_token))
+        if first_logprob is not None:
+            req.logprobs.append(first_logprob)
+        self._check_stop(req, int(first_token))
+        return self._output(req, [int(first_token)])
+
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its pages are freed now. False when it is unknown or already done."""
         req = self.requests.get(request_id)
@@ -192,6 +225,8 @@ class Scheduler:
     def _finish(self, req: Request, reason: str, stop_reason) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
+            if self.before_free is not None:
+                self.before_free(req)
             self.kv.free(req.request_id)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
