@@ -220,6 +220,97 @@ def bench_mla_decode(ceil: dict, quick: bool) -> list[dict]:
     return rows
 
 
+def _try(fn) -> float | str:
+    try:
+        return round(_bench(fn), 4)
+    except Exception as e:  # a config that does not compile (shared memory, registers)
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def sweep() -> dict:
+    """Time candidate block configs; the heuristics in fp8.py, moe.py and mla_decode.py come from here."""
+    import torch
+
+    from moeray.kernels import fp8
+    from moeray.kernels.mla_decode import mla_decode
+    from moeray.kernels.moe import fused_moe
+
+    out: dict = {"fp8_gemm_triton": [], "fused_moe": [], "mla_decode": []}
+    gemm_cfgs = [
+        (128, 128, 8, 4, 8), (128, 128, 4, 4, 8), (128, 256, 8, 3, 8), (64, 128, 4, 4, 8), (128, 64, 4, 5, 8),
+        (64, 256, 4, 3, 8), (64, 64, 4, 6, 1), (64, 32, 4, 6, 1), (64, 128, 4, 5, 1), (64, 256, 8, 3, 1),
+    ]
+    for m, n, k in [(4096, 4096, 7168), (4096, 2112, 7168), (64, 4096, 7168), (64, 24576, 1536)]:
+        xq, xs = fp8.act_quant(torch.randn(m, k, device="cuda"), scale_col_major=True)
+        wq, ws = fp8.weight_quant(torch.randn(n, k, device="cuda"))
+        for bm, bn, nw, ns, gm in gemm_cfgs:
+            if (m == 64) != (gm == 1):
+                continue
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=gm, num_warps=nw, num_stages=ns)
+            t = _try(lambda: fp8.fp8_gemm_triton(xq, xs, wq, ws, config=cfg))
+            out["fp8_gemm_triton"].append({"M": m, "N": n, "K": k, **cfg, "ms": t,
+                                           "TFLOPs": round(2 * m * n * k / t / 1e9, 1) if isinstance(t, float) else None})
+    e, h, i, top_k = 64, 7168, 2048, 8
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
+    q13, s13 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w13]))
+    q2, s2 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w2]))
+    moe_cfgs = {
+        "decode": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 4), (32, 64, 128, 4, 4),
+                   (16, 64, 128, 4, 6), (16, 64, 64, 4, 6)],
+        "prefill": [(128, 128, 64, 8, 3), (128, 64, 128, 8, 3), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4),
+                    (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)],
+    }
+    for phase, t in (("decode", 64), ("prefill", 8192)):
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(t, e, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+        wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
+        for wname, args, kw in (("bf16", (w13, w2), {}), ("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2})):
+            for bm, bn, bk, nw, ns in moe_cfgs[phase]:
+                if wname == "fp8" and 128 % bk:
+                    continue
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                tms = _try(lambda: fused_moe(x, *args, ids, wts, config=cfg, **kw))
+                out["fused_moe"].append({"phase": phase, "weights": wname, **cfg, "ms": tms})
+    del w13, w2, q13, q2
+    for heads, b, ctx in ((16, 64, 4096), (128, 64, 4096), (16, 1, 32768)):
+        pages = ctx // 64
+        kv = torch.randn(b * pages, 64, 576, device="cuda", dtype=torch.bfloat16)
+        table = torch.randperm(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
+        lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(b, heads, 576, device="cuda", dtype=torch.bfloat16)
+        nbytes = kv.numel() * 2
+        for bh in ((16,) if heads == 16 else (16, 32, 64)):
+            for nw in (4, 8):
+                for ns in (1, 2, 3):
+                    for splits in ((None, 1, 2, 4, 8, 16) if heads == 16 else (None,)):
+                        tms = _try(lambda: mla_decode(q, kv, table, lens, 192**-0.5, num_splits=splits, block_h=bh,
+                                                      num_warps=nw, num_stages=ns))
+                        out["mla_decode"].append({"heads": heads, "batch": b, "context": ctx, "block_h": bh,
+                                                  "num_warps": nw, "num_stages": ns, "num_splits": splits, "ms": tms,
+                                                  "TBps": round(nbytes / tms / 1e9, 3) if isinstance(tms, float) else None})
+        del kv
+    return out
+
+
+def _print_sweep(sw: dict) -> None:
+    def best(rows, keys):
+        groups: dict = {}
+        for r in rows:
+            if isinstance(r["ms"], float):
+                g = tuple(r[k] for k in keys)
+                if g not in groups or r["ms"] < groups[g]["ms"]:
+                    groups[g] = r
+        return groups
+
+    for g, r in best(sw["fp8_gemm_triton"], ("M", "N", "K")).items():
+        print("sweep best fp8_gemm_triton", g, {k: r[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ms", "TFLOPs")})
+    for g, r in best(sw["fused_moe"], ("phase", "weights")).items():
+        print("sweep best fused_moe", g, {k: r[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "ms")})
+    for g, r in best(sw["mla_decode"], ("heads", "batch", "context")).items():
+        print("sweep best mla_decode", g, {k: r[k] for k in ("block_h", "num_warps", "num_stages", "num_splits", "ms", "TBps")})
+
+
 def _print_table(result: dict) -> None:
     c = result["ceilings"]
     print(f"\nceilings: copy {c['copy_TBps']} TB/s, bf16 {c['bf16_matmul_TFLOPs']} TFLOP/s, fp8 {c['fp8_matmul_TFLOPs']} TFLOP/s")
@@ -247,6 +338,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", default="quant,fp8_gemm,fused_moe,mla_decode",
                    help="comma list of: quant, fp8_gemm, fused_moe, mla_decode")
     p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
+    p.add_argument("--sweep", action="store_true", help="also time candidate block configs")
     p.add_argument("--moe-hidden", type=int, default=7168)
     p.add_argument("--moe-inter", type=int, default=2048)
     p.add_argument("--moe-experts", type=int, default=64)
@@ -285,8 +377,14 @@ def main(argv: list[str]) -> int:
             print(f"{name} failed: {result[name + '_error']}", flush=True)
         print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
         torch.cuda.empty_cache()
+    if args.sweep:
+        t0 = time.perf_counter()
+        result["sweep"] = sweep()
+        print(f"[sweep: {time.perf_counter() - t0:.1f} s]", flush=True)
     path = write_result(f"kernels-{device_slug()}", result)
     _print_table(result)
+    if args.sweep:
+        _print_sweep(result["sweep"])
     print(f"wrote {path}")
     return 0
 

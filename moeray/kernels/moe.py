@@ -232,12 +232,17 @@ def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
     """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big tiles."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
+    # From the H100 sweep (hidden 7168, width 2048, 64 experts, top-8): decode best at 32x64 tiles
+    # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at 64x128x128
+    # / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
     rows_per_expert = tk / max(num_experts, 1)
     if rows_per_expert <= 32:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if fp8:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
     if rows_per_expert <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def fused_moe(
