@@ -267,3 +267,81 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ---- serving -----------------------------------------------------------------------------------
+
+DEFAULT_DEMO_MODEL = "artifacts/demo-model"  # where `make demo` leaves the trained tiny model
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The serving application: `moeray serve` flags, or the `args` of a Serve config file."""
+
+    model: str = DEFAULT_DEMO_MODEL  # HF model directory
+    model_id: str | None = None  # the name clients send as `model`; default: the directory name
+    mode: str = "pd"  # "pd": prefill and decode deployments; "colocated": one engine does both
+    prefill_replicas: int = 1
+    decode_replicas: int = 1
+    # {"min_replicas", "max_replicas", "target_ongoing_requests"} per engine deployment; overrides
+    # the fixed replica counts when set.
+    autoscaling: dict[str, Any] | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_in_flight: int = 256  # admitted choices at the ingress before 429
+    max_waiting: int = 64  # requests queued per engine replica before 429
+    kv_transport: str = "object_store"
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    device: str = "auto"  # "auto": cuda when a GPU is assigned, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    # engine
+    page_size: int = 64
+    num_pages: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    num_speculative_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pd", "colocated"):
+            raise ValueError(f"mode={self.mode!r}: accepted 'pd' or 'colocated'")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
+        for name in ("prefill_replicas", "decode_replicas", "max_in_flight", "max_waiting",
+                     "page_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port={self.port} must be in 1..65535")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: accepted auto, float32, bfloat16, float16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
+        if self.autoscaling is not None:
+            unknown = set(self.autoscaling) - {"min_replicas", "max_replicas", "target_ongoing_requests",
+                                               "initial_replicas", "upscale_delay_s", "downscale_delay_s"}
+            if unknown:
+                raise ValueError(f"autoscaling keys {sorted(unknown)} are not accepted")
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or Path(self.model).name
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown serve settings {sorted(unknown)}; accepted: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ServeConfig":
+        return dataclasses.replace(self, **changes)
+
+
+KV_TRANSPORTS = ("object_store",)

@@ -1,0 +1,173 @@
+"""The serving application: the only place that builds Serve deployments.
+
+    client --HTTP--> Ingress (FastAPI, OpenAI API) --handle, streaming--> Decode replica
+                                                         |  asks for the rows it lacks
+                                                         v
+                                                     Prefill replica (chunked prefill, KV export)
+In "colocated" mode one engine deployment does both (the baseline the split is compared with).
+
+`moeray serve --model DIR ...` runs it on a local (or `RAY_ADDRESS`) Ray cluster; the same
+application is importable for `serve run` / `serve deploy` through `build(args)`, whose args are a
+ServeConfig dict (see `moeray serve --write-config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+from moeray.platform.config import DEFAULT_DEMO_MODEL, ModelConfig, ServeConfig
+from moeray.platform.serve.openai import EngineRequest, GenerationStep
+
+APP_NAME = "moeray"
+
+
+class HandleEngine:
+    """The app's Engine protocol over a Serve handle to a decode/colocated deployment."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+        gen = self.handle.generate.remote(request)
+        try:
+            async for step in gen:
+                yield step
+        finally:
+            # Client gone, stop string hit, or done: cancelling the replica's generator aborts the
+            # request there, which frees its KV pages at once.
+            gen.cancel()
+
+
+class Ingress:
+    def __init__(self, config: dict[str, Any], backend: Any) -> None:
+        from moeray.platform.serve.tokenizer import ServeTokenizer
+
+        self.cfg = ServeConfig.from_dict(config)
+        self.tokenizer = ServeTokenizer(self.cfg.model)
+        model = ModelConfig.from_hf(self.cfg.model)
+        self.max_context = min(self.cfg.max_model_len or model.max_position_embeddings,
+                               model.max_position_embeddings)
+        self.engine = HandleEngine(backend)
+
+    def __serve_build_asgi_app__(self):
+        from moeray.platform.metrics import Metrics
+        from moeray.platform.serve.openai import (
+            OpenAIServerConfig, build_app, deepseek_chat_prompt, resolve_api_key)
+
+        server_cfg = OpenAIServerConfig(model_id=self.cfg.served_model_id, max_context=self.max_context,
+                                        max_in_flight=self.cfg.max_in_flight,
+                                        api_key=resolve_api_key(self.cfg.api_key), created=int(time.time()))
+        return build_app(self.engine, self.tokenizer, server_cfg,
+                         metrics=Metrics("ray", default_labels={"model": self.cfg.served_model_id}),
+                         chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt)
+
+
+def _engine_options(cfg: ServeConfig, replicas: int) -> dict[str, Any]:
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
+                                                  "num_gpus": cfg.gpus_per_replica},
+                            "max_ongoing_requests": cfg.max_num_seqs + cfg.max_waiting}
+    if cfg.autoscaling is not None:
+        opts["autoscaling_config"] = dict(cfg.autoscaling)
+    else:
+        opts["num_replicas"] = replicas
+    return opts
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application for `cfg` (deployments bound, not yet running)."""
+    from ray import serve
+
+    from moeray.actors.decode import ColocatedServer, DecodeServer
+    from moeray.actors.prefill import PrefillServer
+
+    if not (Path(cfg.model) / "config.json").exists():
+        raise ValueError(f"model directory {cfg.model!r} has no config.json"
+                         + (" (run `make demo` first to train it)" if cfg.model == DEFAULT_DEMO_MODEL else ""))
+    args = cfg.to_dict()
+    if cfg.mode == "colocated":
+        backend = serve.deployment(ColocatedServer, name="Colocated",
+                                   **_engine_options(cfg, cfg.decode_replicas)).bind(args)
+    else:
+        prefill = serve.deployment(PrefillServer, name="Prefill",
+                                   **_engine_options(cfg, cfg.prefill_replicas)).bind(args)
+        backend = serve.deployment(DecodeServer, name="Decode",
+                                   **_engine_options(cfg, cfg.decode_replicas)).bind(args, prefill)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
+                               ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=cfg.max_in_flight * 2)
+    return ingress.bind(args, backend)
+
+
+def build(args: dict[str, Any]):
+    """Application builder for Serve config files: `import_path: moeray.platform.serve.app:build`."""
+    return build_app(ServeConfig.from_dict(dict(args)))
+
+
+def serve_config_file(cfg: ServeConfig) -> dict[str, Any]:
+    """A Serve config (for `serve run F` / `serve deploy F`) equal to the `moeray serve` flags."""
+    return {"proxy_location": "HeadOnly",
+            "http_options": {"host": cfg.host, "port": cfg.port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/",
+                              "import_path": "moeray.platform.serve.app:build",
+                              "args": {k: v for k, v in cfg.to_dict().items() if k != "api_key"}}]}
+
+
+def start(cfg: ServeConfig, *, blocking: bool = False):
+    """Start Serve on the current Ray cluster (a local one when none) and deploy the app."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    p = argparse.ArgumentParser(prog="moeray serve", description="Serve a model directory with Ray "
+                                "Serve behind an OpenAI-compatible API.")
+    p.add_argument("--model", default=d.model, help=f"HF model directory (default: {d.model}, from make demo)")
+    p.add_argument("--model-id", default=None, help="name clients use as `model` (default: directory name)")
+    p.add_argument("--mode", choices=("pd", "colocated"), default=d.mode)
+    p.add_argument("--prefill-replicas", type=int, default=d.prefill_replicas)
+    p.add_argument("--decode-replicas", type=int, default=d.decode_replicas)
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=None, help="require this bearer token (or set MOERAY_API_KEY)")
+    p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        cfg = ServeConfig(model=a.model, model_id=a.model_id, mode=a.mode, prefill_replicas=a.prefill_replicas,
+                          decode_replicas=a.decode_replicas, host=a.host, port=a.port, api_key=a.api_key,
+                          gpus_per_replica=a.gpus_per_replica, num_speculative_tokens=a.num_speculative_tokens,
+                          max_model_len=a.max_model_len)
+    except ValueError as e:
+        print(f"moeray serve: {e}", file=sys.stderr)
+        return 2
+    if a.write_config:
+        import yaml
+
+        Path(a.write_config).write_text(yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
+        print(f"wrote {a.write_config}: serve run {a.write_config}")
+        return 0
+    if not (Path(cfg.model) / "config.json").exists():
+        print(f"moeray serve: no model at {cfg.model!r} (config.json missing); "
+              "train one with `make demo` or pass --model DIR", file=sys.stderr)
+        return 2
+    print(f"serving {cfg.served_model_id} ({cfg.mode}) on http://{cfg.host}:{cfg.port}/v1 ...", flush=True)
+    start(cfg, blocking=True)
+    return 0

@@ -1,0 +1,284 @@
+"""What a prefill, decode or colocated replica runs, without Ray: an engine on its own thread.
+
+`EngineLoop` owns one `Engine` and steps it on a background thread (a forward holds the GIL
+little and the event loop must keep serving HTTP/handle calls meanwhile). Every engine call goes
+through the loop's command queue and runs on that thread between steps, so the engine needs no
+locks. Outputs reach asyncio consumers through per-request queues.
+
+The three workers wrap it for the three roles; the Serve deployments in `moeray.actors` are thin
+shells around them, and tests build them directly.
+  * ColocatedWorker.generate: prefill and decode in one engine.
+  * PrefillWorker.prefill: computes a prompt's KV (and its first token) and exports the rows the
+    decode side lacks.
+  * DecodeWorker.generate: imports the prefill's rows into its own pages and decodes; if the
+    prefill or the transfer fails, it computes the prefill itself and the request still completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from moeray.platform.engine.disagg import KVRows
+from moeray.platform.engine.engine import Engine
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationStep
+
+if TYPE_CHECKING:
+    from moeray.platform.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def sampling_params(req: EngineRequest, *, max_tokens: int | None = None) -> SamplingParams:
+    """The ingress enforces stop strings on the text itself (and closes the stream), so the
+    engine needs no tokenizer for them."""
+    p = req.params
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                          max_tokens=max_tokens or p.max_tokens, logprobs=p.logprobs)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, *, max_waiting: int = 256, name: str = "engine") -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"moeray-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                cmd = self._commands.get(timeout=0.05 if not self.engine.has_unfinished() else 0)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a failed step fails its requests, not the replica
+                    log.exception("engine step failed")
+                    for rid in list(self._streams):
+                        self.engine.abort(rid)
+                        self._deliver(rid, e)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        loop.call_soon_threadsafe(q.put_nowait, item)
+
+    # ---- any thread -------------------------------------------------------------------------------
+    def call(self, fn: Callable[[], Any]) -> Awaitable[Any]:
+        """Run fn on the engine thread between steps; await its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+            else:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+        self._commands.put(run)
+        return fut
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    def free_pages(self) -> int:
+        return self.engine.kv.pool.num_available
+
+    async def stream(self, request_id: str, start: Callable[[], Any]) -> AsyncGenerator[Any, None]:
+        """Register a stream, run `start` (which adds the request) on the engine thread, then
+        yield the request's outputs until it finishes. Closing the generator aborts the request,
+        which frees its pages at once."""
+        if self.num_waiting() >= self.max_waiting:
+            raise EngineOverloaded(f"{self.num_waiting()} requests already wait in this replica",
+                                   retry_after_s=1.0)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            first = await self.call(start)
+            if first is not None:
+                yield first
+                if first.finished:
+                    finished = True
+                    return
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(lambda: self.engine.abort(request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _step(out: Any) -> GenerationStep:
+    reason = out.finish_reason if out.finished else None
+    if reason == "abort":
+        reason = "stop"
+    return GenerationStep(token_ids=tuple(out.new_token_ids),
+                          logprobs=tuple(out.logprobs) if out.logprobs else None,
+                          finish_reason=reason)
+
+
+class ColocatedWorker:
+    """Prefill and decode in one engine (the baseline the P/D split is compared with)."""
+
+    def __init__(self, engine: Engine, **loop_kwargs: Any) -> None:
+        self.loop = EngineLoop(engine, name="colocated", **loop_kwargs)
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+        engine = self.loop.engine
+        add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
+        async for out in self.loop.stream(req.request_id, lambda: add() and None):
+            if out.new_token_ids or out.finished:
+                yield _step(out)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What the prefill side returns: its first sampled token and the KV rows from `kv.start`."""
+
+    first: GenerationStep
+    kv: KVRows
+    seconds: float  # prefill compute, queueing included
+
+
+class PrefillWorker:
+    def __init__(self, engine: Engine, **loop_kwargs: Any) -> None:
+        self.loop = EngineLoop(engine, name="prefill", **loop_kwargs)
+
+    async def prefill(self, req: EngineRequest, export_from: int) -> PrefillResult:
+        t0 = time.perf_counter()
+        engine = self.loop.engine
+        rid = f"{req.request_id}-prefill"
+
+        def add() -> None:
+            engine.add_request(list(req.prompt_ids), sampling_params(req, max_tokens=1), rid,
+                               export_kv_from=export_from)
+
+        result = None
+        async for out in self.loop.stream(rid, add):
+            if out.finished:
+                result = out
+        if result is None or result.kv_export is None:
+            raise RuntimeError(f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})")
+        return PrefillResult(_step(result), result.kv_export, time.perf_counter() - t0)
+
+    def queue_length(self) -> int:
+        return self.loop.num_waiting() + self.loop.num_running()
+
+
+@dataclass
+class TransferRecord:
+    request_id: str
+    bytes: int
+    seconds: float
+    recomputed: bool
+
+
+class DecodeWorker:
+    """Decode with KV from a prefill replica. `fetch(req, export_from)` returns a PrefillResult
+    (over a Serve handle in production, a direct call in tests)."""
+
+    def __init__(self, engine: Engine, fetch: Callable[[EngineRequest, int], Awaitable[PrefillResult]],
+                 *, on_transfer: Callable[[TransferRecord], None] | None = None, **loop_kwargs: Any) -> None:
+        self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
+        self.fetch = fetch
+        self.on_transfer = on_transfer
+        self.transfers: list[TransferRecord] = []
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+        engine = self.loop.engine
+        prompt = list(req.prompt_ids)
+        # Only the pages this replica lacks cross the wire: ask the prefill for rows from the end
+        # of our cached prefix (whole pages; the last, partial page always travels).
+        have = await self.loop.call(lambda: engine.cached_prefix_length(prompt))
+        t0 = time.perf_counter()
+        try:
+            pre = await self.fetch(req, have)
+        except Exception as e:  # noqa: BLE001 - the request must still complete
+            log.warning("prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
+                        req.request_id, type(e).__name__, e)
+            pre = None
+        seconds = time.perf_counter() - t0
+        params = sampling_params(req)
+
+        def start():
+            """On the engine thread: import the rows (an output for the first token), or fall
+            back to a local prefill when there is nothing to import or the pages moved on."""
+            if pre is not None:
+                out = engine.add_prefilled_request(
+                    prompt, pre.first.token_ids[0], pre.kv, params, req.request_id,
+                    first_logprobs=pre.first.logprobs[0] if pre.first.logprobs else None)
+                if out is not None:
+                    self._record(TransferRecord(req.request_id, pre.kv.nbytes, seconds, False))
+                    return out
+            engine.add_request(prompt, params, req.request_id)
+            self._record(TransferRecord(req.request_id, 0, seconds, True))
+            return None
+
+        async for out in self.loop.stream(req.request_id, start):
+            if out.new_token_ids or out.finished:
+                yield _step(out)
+
+    def _record(self, rec: TransferRecord) -> None:
+        self.transfers.append(rec)
+        if self.on_transfer is not None:
+            self.on_transfer(rec)
+
+    def free_pages(self) -> int:
+        return self.loop.free_pages()
+
+
+def make_engine(cfg: "ServeConfig") -> Engine:
+    """Load the model directory into an engine as the serve config says (device, dtype, pages)."""
+    import torch
+
+    from moeray.platform.engine.engine import EngineConfig
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    econf = EngineConfig(page_size=cfg.page_size, num_pages=cfg.num_pages, max_num_seqs=cfg.max_num_seqs,
+                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
+                         num_speculative_tokens=cfg.num_speculative_tokens,
+                         use_cuda_graphs=device == "cuda")
+    return Engine.from_pretrained(cfg.model, econf, device=device, dtype=dtype)

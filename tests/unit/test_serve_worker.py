@@ -1,0 +1,116 @@
+"""The replica workers without Ray: an engine on its own thread, P/D through direct calls."""
+
+import asyncio
+
+import pytest
+import torch
+
+from moeray.platform.config import tiny
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationParams
+from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker, PrefillWorker
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(tiny()).eval()
+
+
+def _engine(model, pages=64):
+    return Engine(model, EngineConfig(num_pages=pages, page_size=16, max_num_batched_tokens=64,
+                                      use_cuda_graphs=False))
+
+
+def _req(rid, prompt, max_tokens=8):
+    return EngineRequest(rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def _collect(gen):
+    steps = [s async for s in gen]
+    return [t for s in steps for t in s.token_ids], steps[-1].finish_reason
+
+
+def test_colocated_and_pd_match_the_engine(model):
+    torch.manual_seed(1)
+    prompts = [torch.randint(2, 1024, (n,)).tolist() for n in (5, 23, 40)]
+    expected = [o.output_token_ids for o in _engine(model).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=8))]
+
+    async def run():
+        colocated = ColocatedWorker(_engine(model))
+        prefill = PrefillWorker(_engine(model))
+        decode = DecodeWorker(_engine(model), prefill.prefill)
+        try:
+            co = await asyncio.gather(*[_collect(colocated.generate(_req(f"c{i}", p)))
+                                        for i, p in enumerate(prompts)])
+            pd = await asyncio.gather(*[_collect(decode.generate(_req(f"d{i}", p)))
+                                        for i, p in enumerate(prompts)])
+            return co, pd, decode.transfers
+        finally:
+            for w in (colocated, prefill, decode):
+                w.loop.shutdown()
+
+    co, pd, transfers = asyncio.run(run())
+    assert [t for t, _ in co] == expected
+    assert [t for t, _ in pd] == expected
+    assert all(reason == "length" for _, reason in pd)
+    assert [t.recomputed for t in transfers] == [False] * 3
+    # rows of every prompt token, all layers: (C + R) values x 4 bytes (fp32) x layers
+    c = tiny()
+    per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * c.num_hidden_layers
+    assert sorted(t.bytes for t in transfers) == sorted(len(p) * per_token for p in prompts)
+
+
+def test_failed_prefill_is_recomputed_and_completes(model):
+    prompt = list(range(2, 30))
+    expected = _engine(model).generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
+
+    async def broken(req, start):
+        raise ConnectionError("prefill replica died")
+
+    async def run():
+        decode = DecodeWorker(_engine(model), broken)
+        try:
+            return await _collect(decode.generate(_req("x", prompt, 6))), decode.transfers
+        finally:
+            decode.loop.shutdown()
+
+    (tokens, reason), transfers = asyncio.run(run())
+    assert tokens == expected.output_token_ids and reason == "length"
+    assert transfers[0].recomputed and transfers[0].bytes == 0
+
+
+def test_closing_the_stream_aborts_and_frees_pages(model):
+    async def run():
+        w = ColocatedWorker(_engine(model, pages=32))
+        try:
+            total = w.loop.free_pages()
+            gen = w.generate(_req("long", list(range(2, 40)), max_tokens=200))
+            await gen.__anext__()
+            assert w.loop.free_pages() < total
+            await gen.aclose()  # what the ingress does when the client disconnects
+            for _ in range(100):
+                if w.loop.free_pages() == total and not w.loop.engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.01)
+            return w.loop.free_pages() == total
+        finally:
+            w.loop.shutdown()
+
+    assert asyncio.run(run())
+
+
+def test_overloaded_replica_raises_before_queueing(model):
+    async def run():
+        w = ColocatedWorker(_engine(model), max_waiting=0)
+        try:
+            with pytest.raises(EngineOverloaded):
+                await _collect(w.generate(_req("y", [5, 6, 7])))
+            assert not w.loop.engine.has_unfinished()
+        finally:
+            w.loop.shutdown()
+
+    asyncio.run(run())
