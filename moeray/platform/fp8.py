@@ -105,16 +105,24 @@ def _wgrad_gemm(dy_MN, x_MK):
 
 
 class _FP8LinearFn(torch.autograd.Function):
+    # Autocast is switched off inside: the GEMM inputs are already FP8 values and the products
+    # must accumulate in fp32 (an autocast region would run the emulated matmul in bf16).
+    # Under autocast the output takes the autocast dtype, like F.linear would.
+
     @staticmethod
     def forward(ctx, x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        dev = x_MK.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_MK.dtype
         ctx.save_for_backward(x_MK, w_NK)
-        return _forward_gemm(x_MK, w_NK).to(x_MK.dtype)
+        with torch.autocast(dev, enabled=False):
+            return _forward_gemm(x_MK, w_NK).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy_MN: torch.Tensor):
         x_MK, w_NK = ctx.saved_tensors
-        dx = _dgrad_gemm(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
-        dw = _wgrad_gemm(dy_MN, x_MK).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            dx = _dgrad_gemm(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
+            dw = _wgrad_gemm(dy_MN, x_MK).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
