@@ -475,9 +475,11 @@ class RouterConfig:
     @classmethod
     def from_model(cls, model_config, **overrides) -> "RouterConfig":
         """From a ModelConfig with HF field names (n_routed_experts, n_group, topk_group,
-        num_hidden_layers, first_k_dense_replace)."""
+        num_hidden_layers, first_k_dense_replace, num_nextn_predict_layers). The MTP blocks are
+        MoE layers too (ids from num_hidden_layers on, as in the HF checkpoint), so they get biases."""
         first = int(getattr(model_config, "first_k_dense_replace", 0))
-        layers = tuple(range(first, int(model_config.num_hidden_layers)))
+        last = int(model_config.num_hidden_layers) + int(getattr(model_config, "num_nextn_predict_layers", 0))
+        layers = tuple(range(first, last))
         kw = dict(
             layer_ids=layers,
             n_experts=int(model_config.n_routed_experts),

@@ -266,3 +266,20 @@ def test_to_physical_spreads_hot_expert_over_replicas():
         slots = [p for p in pl.log2phy_LER[0, e].tolist() if p >= 0]
         counts = per_slot[slots]
         assert int(counts.max() - counts.min()) <= 1
+
+
+def test_balance_bench_smoke(tmp_path):
+    """A few steps of the three runs on a small corpus: the result file has the promised shape."""
+    pytest.importorskip("moeray.platform.model.transformer")
+    from moeray.platform import balance_bench
+
+    cfg = balance_bench.BenchConfig(steps=4, batch=2, seq_len=16, max_bytes=150_000, eval_batches=1)
+    numbers = balance_bench.run_bench(cfg, tmp_path, make_plot=False, log=lambda *_: None)
+    saved = __import__("json").loads((tmp_path / "balance.json").read_text())
+    assert set(saved["runs"]) == {"bias", "none", "aux_loss"}
+    for run in saved["runs"].values():
+        assert len(run["maxvio"]) == 4 and all(v >= 0 for v in run["maxvio"])
+        assert run["final_loss"] > 0 and run["nodes_per_token_max"] <= 2
+    assert saved["runs"]["none"]["bias_abs_max"] == 0.0
+    assert 0 < saved["runs"]["bias"]["bias_abs_max"] <= 4 * cfg.gamma + 1e-7  # at most gamma per step
+    assert numbers["checks"]["node_limit_held"]
