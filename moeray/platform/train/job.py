@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from moeray.platform.train.loop import TrainJobConfig
@@ -89,7 +90,7 @@ def run(job: TrainJobConfig) -> Path:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "tokens": str(tokens),
-                           "tokenizer": str(tok_dir)},
+                           "tokenizer": str(tok_dir), "run_id": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": 1}),

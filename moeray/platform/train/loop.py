@@ -231,9 +231,38 @@ def _save_checkpoint(directory: Path, rank: int, model, optimizer, loader, step:
         (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _checkpoint_step(d: Path, run_id: str, world: int) -> int:
+    """The step of a complete checkpoint directory of this run, else -1."""
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return -1
+    complete = all((d / f"rank{r}.pt").exists() for r in range(world)) and (d / "router.pt").exists()
+    return int(meta["step"]) if complete and meta.get("run_id") == run_id else -1
+
+
+def _latest_checkpoint(reported, run_dir: Path, run_id: str, world: int) -> Path | None:
+    """The newer of Ray Train's latest checkpoint and the newest complete one in the run dir.
+
+    Ray Train registers a reported checkpoint asynchronously; a worker killed right after
+    reporting can restart without it (seen with Ray 2.58: the restarted group got no checkpoint
+    although the files were persisted). Checkpoints are persisted before `report` returns, so
+    scanning the run directory (only this run's, by run id) loses nothing that was written.
+    """
+    candidates: list[tuple[int, Path]] = []
+    if reported is not None:
+        local = Path(reported.path)
+        if local.is_dir():
+            candidates.append((_checkpoint_step(local, run_id, world), local))
+    for d in run_dir.glob("step_*"):
+        candidates.append((_checkpoint_step(d, run_id, world), d))
+    candidates = [c for c in candidates if c[0] >= 0]
+    return max(candidates)[1] if candidates else None
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir", "tokens",
-    "tokenizer"} from `job.py`."""
+    """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir", "run_id",
+    "tokens", "tokenizer"} from `job.py`."""
     import ray
     import ray.train
     import torch
@@ -272,15 +301,16 @@ def train_loop_per_worker(config: dict) -> None:
     state = tdata.DataState()
     start = 0
     router = ray.get_actor(job.router, namespace=job.router_namespace)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved = torch.load(Path(d) / f"rank{rank}.pt", weights_only=False)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state = tdata.DataState.from_dict(saved["data"])
-            start = saved["step"] + 1
-            router_state = torch.load(Path(d) / "router.pt", weights_only=False) if rank == 0 else None
+    ckpt_dir = _latest_checkpoint(ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world)
+    if ckpt_dir is not None:
+        saved = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = tdata.DataState.from_dict(saved["data"])
+        start = saved["step"] + 1
+        router_state = torch.load(ckpt_dir / "router.pt", weights_only=False) if rank == 0 else None
+        if rank == 0:
+            print(f"resuming from {ckpt_dir} at step {start}", flush=True)
     else:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
@@ -343,7 +373,8 @@ def train_loop_per_worker(config: dict) -> None:
             router_state = ray.get(router.state_dict.remote()) if rank == 0 else None
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(Path(tmp), rank, model, optimizer, loader, step, router_state,
-                                 {"step": step, "world": world, "parallel": asdict(job.parallel)})
+                                 {"step": step, "world": world, "parallel": asdict(job.parallel),
+                                  "run_id": config.get("run_id", "")})
                 ray.train.report({"step": step, "loss": float(stats[0])},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{step:07d}")
