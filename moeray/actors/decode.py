@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from moeray.actors.engine_metrics import EngineMetrics
@@ -29,9 +30,10 @@ class DecodeServer:
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
         try:
-            async for step in self.worker.generate(request):
-                yield step
-                self.metrics.update()
+            async with aclosing(self.worker.generate(request)) as steps:
+                async for step in steps:
+                    yield step
+                    self.metrics.update()
         finally:
             self.metrics.update()
 
@@ -49,9 +51,10 @@ class ColocatedServer:
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
         try:
-            async for step in self.worker.generate(request):
-                yield step
-                self.metrics.update()
+            async with aclosing(self.worker.generate(request)) as steps:
+                async for step in steps:
+                    yield step
+                    self.metrics.update()
         finally:
             self.metrics.update()
 

@@ -25,11 +25,13 @@ def _engine(model, pages=64):
 
 
 def _req(rid, prompt, max_tokens=8):
-    return EngineRequest(rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0))
+    return EngineRequest(rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=1))
 
 
 async def _collect(gen):
     steps = [s async for s in gen]
+    for s in steps:  # one logprob per new token, for that token
+        assert s.logprobs is None or [lp.token_id for lp in s.logprobs] == list(s.token_ids)
     return [t for s in steps for t in s.token_ids], steps[-1].finish_reason
 
 

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,9 +154,10 @@ def _step(out: Any) -> GenerationStep:
     reason = out.finish_reason if out.finished else None
     if reason == "abort":
         reason = "stop"
-    return GenerationStep(token_ids=tuple(out.new_token_ids),
-                          logprobs=tuple(out.logprobs) if out.logprobs else None,
-                          finish_reason=reason)
+    n = len(out.new_token_ids)
+    # RequestOutput.logprobs holds the whole output's so far; a step carries its new tokens' own.
+    logprobs = tuple(out.logprobs[len(out.logprobs) - n:]) if out.logprobs and n else None
+    return GenerationStep(token_ids=tuple(out.new_token_ids), logprobs=logprobs, finish_reason=reason)
 
 
 class ColocatedWorker:
@@ -167,9 +169,10 @@ class ColocatedWorker:
     async def generate(self, req: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
-        async for out in self.loop.stream(req.request_id, lambda: add() and None):
-            if out.new_token_ids or out.finished:
-                yield _step(out)
+        async with aclosing(self.loop.stream(req.request_id, lambda: add() and None)) as outs:
+            async for out in outs:
+                if out.new_token_ids or out.finished:
+                    yield _step(out)
 
 
 @dataclass(frozen=True)
@@ -195,9 +198,10 @@ class PrefillWorker:
                                export_kv_from=export_from)
 
         result = None
-        async for out in self.loop.stream(rid, add):
-            if out.finished:
-                result = out
+        async with aclosing(self.loop.stream(rid, add)) as outs:
+            async for out in outs:
+                if out.finished:
+                    result = out
         if result is None or result.kv_export is None:
             raise RuntimeError(f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})")
         return PrefillResult(_step(result), result.kv_export, time.perf_counter() - t0)
@@ -255,9 +259,10 @@ class DecodeWorker:
             self._record(TransferRecord(req.request_id, 0, seconds, True))
             return None
 
-        async for out in self.loop.stream(req.request_id, start):
-            if out.new_token_ids or out.finished:
-                yield _step(out)
+        async with aclosing(self.loop.stream(req.request_id, start)) as outs:
+            async for out in outs:
+                if out.new_token_ids or out.finished:
+                    yield _step(out)
 
     def _record(self, rec: TransferRecord) -> None:
         self.transfers.append(rec)
