@@ -93,7 +93,7 @@ class Experts(nn.Module):
             w1, w3, w2 = self.expert_weights(e, x_TD.dtype)
             x = x_TD[tokens]
             y = self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
-            out_TD.index_add_(0, tokens, y * weights_TK.flatten()[idx, None].to(y.dtype))
+            out_TD.index_add_(0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype))
         return out_TD
 
 
