@@ -153,8 +153,15 @@ class ExpertParallelMoE(MoE):
         r = self.route(x_TD)
         self.last_routing = r
         x_RD, local_R, plan = dispatch(x_TD, r.expert_ids_TK, self.num_global_experts, self.group)
-        ones_R1 = torch.ones(local_R.shape[0], 1, dtype=torch.float32, device=x_RD.device)
-        y_RD = self.experts(x_RD, local_R[:, None], ones_R1)
+        if local_R.numel():
+            ones_R1 = torch.ones(local_R.shape[0], 1, dtype=torch.float32, device=x_RD.device)
+            y_RD = self.experts(x_RD, local_R[:, None], ones_R1)
+        else:
+            # No rows for this rank's experts: pass the (empty) rows through, so the combine (and,
+            # in backward, the dispatch) all-to-alls stay in the autograd graph. Without this link
+            # this rank skips both backward collectives while its peers run them: a collective
+            # mismatch (gloo aborts with "Received data size doesn't match expected size").
+            y_RD = x_RD
         y_TD = combine(y_RD, r.weights_TK, plan, self.group)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
