@@ -220,6 +220,259 @@ def bench_mla_decode(ceil: dict, quick: bool) -> list[dict]:
     return rows
 
 
+def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median ms per call of fn replayed from a CUDA graph of `calls` back-to-back calls: the
+    host-side launch cost (allocations, argument packing, 2 launches per call) drops out."""
+    import torch
+
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def bench_mla_decode_graph(ceil: dict) -> list[dict]:
+    """MLA decode timed under a CUDA graph (issue 4: run 3's 0.202 ms at batch 64 x 4K x 16 heads
+    looked launch-bound), against do_bench's back-to-back eager calls, for a few split counts."""
+    import torch
+
+    from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
+
+    rows = []
+    page, d, r = 64, 576, 512
+    for heads, b, ctx in ((16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096)):
+        pages_per = ctx // page
+        kv = torch.randn(b * pages_per, page, d, device="cuda", dtype=torch.bfloat16)
+        table = torch.randperm(b * pages_per, device="cuda", dtype=torch.int32).view(b, pages_per)
+        lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+        lens[::3] -= 37  # ragged: every third sequence ends inside a page
+        q = torch.randn(b, heads, d, device="cuda", dtype=torch.bfloat16)
+        scale = 192**-0.5
+        nbytes = kv.numel() * 2 + q.numel() * 2 + b * heads * r * 2
+        ref, _ = mla_decode_ref(q[:4].unsqueeze(1), kv, table[:4], lens[:4], scale)
+        splits_options = (None, 2, 4, 8) if (heads, b, ctx) == (16, 64, 4096) else (None,)
+        for splits in splits_options:
+            for stages in ((2, 3) if splits is None or heads == 16 else (2,)):
+                fn = lambda: mla_decode(q, kv, table, lens, scale, num_splits=splits, num_stages=stages)  # noqa: E731
+                out = fn()
+                err = ((out[:4].float() - ref[:, 0]).norm() / ref.norm()).item()
+                eager = _bench(fn)
+                graph = _graph_ms(fn)
+                rows.append({"kernel": "mla_decode", "heads": heads, "batch": b, "context": ctx,
+                             "num_splits": splits if splits is not None else "auto", "num_stages": stages,
+                             "eager_ms": round(eager, 4), "graph_ms": round(graph, 4),
+                             "graph_TBps": round(nbytes / graph / 1e9, 3),
+                             "graph_frac_copy_bw": round(nbytes / graph / 1e9 / ceil["copy_TBps"], 3),
+                             "eager_frac_copy_bw": round(nbytes / eager / 1e9 / ceil["copy_TBps"], 3),
+                             "rel_err_first4": round(err, 5)})
+        del kv, table, q
+    return rows
+
+
+def _prefill_case(heads: int, lens: list[int]):
+    """Inputs as MLA's expanded path holds them: q split into nope/rope views of one projection,
+    k_nope and v the two halves of kv_b_proj's output, one rope key per token shared by the heads."""
+    import torch
+
+    t = sum(lens)
+    q = torch.randn(t, heads, 192, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(t, heads, 256, device="cuda", dtype=torch.bfloat16)
+    pe = torch.randn(t, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q_nope, q_pe = q.split([128, 64], -1)
+    k_nope, v = kv.split([128, 128], -1)
+    return q, q_nope, q_pe, k_nope, pe, v, cu
+
+
+def _pad_bhsd(x_TH_, lens, smax):
+    """Packed [T, H, D] -> zero-padded [B, H, Smax, D] (right padding)."""
+    import torch
+
+    b = len(lens)
+    out = x_TH_.new_zeros(b, smax, *x_TH_.shape[1:])
+    s = 0
+    for i, n in enumerate(lens):
+        out[i, :n] = x_TH_[s:s + n]
+        s += n
+    return out.transpose(1, 2)
+
+
+def bench_mla_prefill(ceil: dict, quick: bool = False) -> dict:
+    """Causal MLA prefill (qk 128+64, v 128) over packed sequences: the Triton kernel against torch
+    SDPA backends (on right-padded batches: with a causal mask the valid rows never see padding),
+    FlashAttention through torch's varlen API (v zero-padded to 192) and flex-attention."""
+    import inspect
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref
+
+    layouts = {"1x8192": [8192], "4x2048": [2048] * 4, "16x512": [512] * 16,
+               "varlen6": [3001, 517, 1200, 64, 2410, 1000]}
+    if quick:
+        layouts = {k: layouts[k] for k in ("4x2048", "varlen6")}
+    assert all(sum(v) == 8192 for v in layouts.values())  # the flex mask buffer below is 8192 long
+    triton_cfgs = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)]
+    scale = 192**-0.5
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        flex_error = f"{type(e).__name__}: {e}"[:200]
+    varlen = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn as varlen
+
+        varlen_params = inspect.signature(varlen).parameters
+    except Exception:  # noqa: BLE001
+        varlen_params = {}
+    rows = []
+    t_start, budget_s = time.perf_counter(), 240
+    doc_buf = torch.zeros(8192, dtype=torch.long, device="cuda")
+
+    def mask_mod(b_, h_, q_idx, kv_idx):
+        return (doc_buf[q_idx] == doc_buf[kv_idx]) & (q_idx >= kv_idx)
+
+    for heads in (16, 128):
+        for name, lens in layouts.items():
+            q, q_nope, q_pe, k_nope, pe, v, cu = _prefill_case(heads, lens)
+            t, b, smax = sum(lens), len(lens), max(lens)
+            flops = 2 * heads * sum(n * (n + 1) // 2 for n in lens) * (192 + 128)
+            row: dict = {"heads": heads, "layout": name, "tokens": t, "seqs": b, "useful_TFLOP": round(flops / 1e12, 3)}
+            ms: dict = {}
+            errs: dict = {}
+            # Triton: each candidate config; the best is the number that counts.
+            out_tri = None
+            for i, cfg in enumerate(triton_cfgs):
+                fn = lambda: mla_prefill(q_nope, q_pe, k_nope, pe, v, cu, scale, max_seqlen=smax, config=cfg)  # noqa: E731
+                tms = _try(fn)
+                ms[f"triton_cfg{i}"] = tms
+                if out_tri is None and isinstance(tms, float):
+                    out_tri = fn().float()
+            tri_ok = [k for k in ms if k.startswith("triton") and isinstance(ms[k], float)]
+            if tri_ok:
+                best = min(tri_ok, key=lambda k: ms[k])
+                ms["triton"] = ms[best]
+                row["triton_best_cfg"] = triton_cfgs[int(best.removeprefix("triton_cfg"))]
+            if out_tri is not None and heads == 16 and name == "varlen6":
+                ref, _ = mla_prefill_ref(q_nope, q_pe, k_nope, pe, v, cu, scale)
+                errs["triton_vs_fp32_ref"] = ((out_tri - ref).norm() / ref.norm()).item()
+                del ref
+
+            def check(key, out_THV):
+                if out_tri is not None:
+                    errs[key] = ((out_THV.float() - out_tri).norm() / out_tri.norm()).item()
+
+            def unpad(o_BHSV):
+                return torch.cat([o_BHSV[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)])
+
+            # SDPA on right-padded [B, H, Smax, D] (padding built outside the timing).
+            kk = torch.cat([k_nope, pe[:, None].expand(t, heads, 64)], -1)
+            qp, kp, vp = _pad_bhsd(q, lens, smax), _pad_bhsd(kk, lens, smax), _pad_bhsd(v.contiguous(), lens, smax)
+            vp192 = F.pad(vp, (0, 64))
+            for key, backend, vv in (("sdpa_flash_padv192", SDPBackend.FLASH_ATTENTION, vp192),
+                                     ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION, vp),
+                                     ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION, vp),
+                                     ("sdpa_default", None, vp)):
+                def fn(backend=backend, vv=vv):
+                    if backend is None:
+                        return F.scaled_dot_product_attention(qp, kp, vv, is_causal=True, scale=scale)
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(qp, kp, vv, is_causal=True, scale=scale)
+                ms[key] = _try(fn)
+                if isinstance(ms[key], float):
+                    check(key, unpad(fn()[..., :128]))
+            # What mla.py's expanded path does today for equal lengths: cat + expand, then SDPA.
+            if len(set(lens)) == 1:
+                s_ = lens[0]
+
+                def mla_now():
+                    qb = q.view(b, s_, heads, 192).transpose(1, 2)
+                    kb = torch.cat([k_nope.reshape(b, s_, heads, 128),
+                                    pe.view(b, s_, 1, 64).expand(b, s_, heads, 64)], -1).transpose(1, 2)
+                    return F.scaled_dot_product_attention(qb, kb, v.reshape(b, s_, heads, 128).transpose(1, 2),
+                                                          is_causal=True, scale=scale)
+                ms["mla_py_now_cat_plus_sdpa"] = _try(mla_now)
+            del qp, kp, vp, vp192
+            # FlashAttention varlen through torch (packed, no padding waste; v padded to 192).
+            if varlen is not None:
+                v192 = F.pad(v, (0, 64))
+                kw = {"is_causal": True} if "is_causal" in varlen_params else {"window_size": (-1, 0)}
+                if "scale" in varlen_params:
+                    kw["scale"] = scale
+
+                def fn_varlen():
+                    return varlen(q, kk, v192, cu, cu, smax, smax, **kw)
+                ms["varlen_flash_padv192"] = _try(fn_varlen)
+                if isinstance(ms["varlen_flash_padv192"], float):
+                    o = fn_varlen()
+                    o = o[0] if isinstance(o, tuple) else o
+                    check("varlen_flash_padv192", o[..., :128])
+                del v192
+            # flex-attention: packed [1, H, T, D] with a document-causal block mask.
+            if flex is not None and time.perf_counter() - t_start > budget_s:
+                ms["flex"] = f"skipped: section past its {budget_s} s budget (flex compiles per shape)"
+            elif flex is not None:
+                # One mask_mod and one document-id buffer for every layout (all pack 8192 tokens),
+                # so torch.compile does not recompile for each layout's closure.
+                doc_buf.copy_(torch.repeat_interleave(torch.arange(b, device="cuda"), torch.tensor(lens, device="cuda")))
+                try:
+                    t0 = time.perf_counter()
+                    bmask = create_block_mask(mask_mod, None, None, t, t, device="cuda")
+                    qf, kf, vf = q.transpose(0, 1)[None], kk.transpose(0, 1)[None], v.transpose(0, 1)[None]
+
+                    def fn_flex():
+                        return flex(qf, kf, vf, block_mask=bmask, scale=scale)
+                    o = fn_flex()
+                    torch.cuda.synchronize()
+                    row["flex_first_call_s"] = round(time.perf_counter() - t0, 1)
+                    ms["flex"] = _try(fn_flex)
+                    check("flex", o[0].transpose(0, 1))
+                except Exception as e:  # noqa: BLE001
+                    ms["flex"] = f"{type(e).__name__}: {str(e)[:160]}"
+            else:
+                ms["flex"] = flex_error
+            timed = {k: v_ for k, v_ in ms.items() if isinstance(v_, float) and not k.startswith("triton_cfg")}
+            fastest = min(timed, key=timed.get) if timed else None
+            row.update({"ms": {k: (round(v_, 4) if isinstance(v_, float) else v_) for k, v_ in ms.items()},
+                        "TFLOPs": {k: round(flops / v_ / 1e9, 1) for k, v_ in timed.items()},
+                        "frac_bf16_peak": {k: round(flops / v_ / 1e9 / ceil["bf16_matmul_TFLOPs"], 3)
+                                           for k, v_ in timed.items()},
+                        "rel_err_vs_triton": {k: round(e_, 5) for k, e_ in errs.items()},
+                        "fastest": fastest})
+            rows.append(row)
+            del q, q_nope, q_pe, k_nope, pe, v, kk
+            torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
 def _try(fn) -> float | str:
     try:
         return round(_bench(fn), 4)
@@ -313,6 +566,15 @@ def _print_sweep(sw: dict) -> None:
 
 def _print_table(result: dict) -> None:
     c = result["ceilings"]
+    for r in result.get("mla_decode_graph", []):
+        print(f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} splits={r['num_splits']!s:4s} "
+              f"stages={r['num_stages']}: graph {r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy), "
+              f"eager {r['eager_ms']:.4f} ms ({r['eager_frac_copy_bw']:.2f}), err {r['rel_err_first4']}")
+    for r in result.get("mla_prefill", {}).get("rows", []):
+        tf = r["TFLOPs"]
+        print(f"mla_prefill H={r['heads']:3d} {r['layout']:7s}: fastest {r['fastest']} | "
+              + ", ".join(f"{k} {v}" for k, v in sorted(tf.items(), key=lambda kv: -kv[1])) + " TFLOP/s"
+              + f" | err {r['rel_err_vs_triton']}")
     print(f"\nceilings: copy {c['copy_TBps']} TB/s, bf16 {c['bf16_matmul_TFLOPs']} TFLOP/s, fp8 {c['fp8_matmul_TFLOPs']} TFLOP/s")
     for r in result.get("quant", []):
         print(f"{r['kernel']:28s} {r['shape']:16s} {r['ms']:8.4f} ms {r['TBps']:6.3f} TB/s ({r['frac_copy_bw']:.2f} of copy)")
@@ -333,15 +595,19 @@ def _print_table(result: dict) -> None:
               + (f", x{r['speedup_vs_ref']} ref" if "speedup_vs_ref" in r else ""))
 
 
+SECTIONS = ("quant", "fp8_gemm", "fused_moe", "mla_decode", "mla_decode_graph", "mla_prefill")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moeray bench kernels", description=__doc__)
     p.add_argument("--only", default="quant,fp8_gemm,fused_moe,mla_decode",
-                   help="comma list of: quant, fp8_gemm, fused_moe, mla_decode")
+                   help="comma list of: " + ", ".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
     p.add_argument("--sweep", action="store_true", help="also time candidate block configs")
     p.add_argument("--moe-hidden", type=int, default=7168)
     p.add_argument("--moe-inter", type=int, default=2048)
     p.add_argument("--moe-experts", type=int, default=64)
+    p.add_argument("--tag", default="", help="results file kernels-<device>[-<tag>].json")
     args = p.parse_args(argv)
     import torch
 
@@ -351,9 +617,9 @@ def main(argv: list[str]) -> int:
     from moeray.platform.results import device_slug, write_result
 
     want = set(args.only.split(","))
-    bad = want - {"quant", "fp8_gemm", "fused_moe", "mla_decode"}
+    bad = want - set(SECTIONS)
     if bad:
-        raise ValueError(f"--only got {sorted(bad)}; accepted: quant, fp8_gemm, fused_moe, mla_decode")
+        raise ValueError(f"--only got {sorted(bad)}; accepted: {', '.join(SECTIONS)}")
     result: dict = {"torch": torch.__version__}
     import triton
 
@@ -365,6 +631,8 @@ def main(argv: list[str]) -> int:
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
         ("fused_moe", lambda: bench_moe(result["ceilings"], args.moe_hidden, args.moe_inter, args.moe_experts)),
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
+        ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
+        ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
     ]
     for name, fn in sections:
         if name not in want:
@@ -381,7 +649,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         result["sweep"] = sweep()
         print(f"[sweep: {time.perf_counter() - t0:.1f} s]", flush=True)
-    path = write_result(f"kernels-{device_slug()}", result)
+    path = write_result(f"kernels-{device_slug()}" + (f"-{args.tag}" if args.tag else ""), result)
     _print_table(result)
     if args.sweep:
         _print_sweep(result["sweep"])

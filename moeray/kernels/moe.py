@@ -91,13 +91,17 @@ def moe_align(
     Returns sorted_ids [max_blocks * block_m] (assignment ids, sentinel TK for padding) and
     block_expert [max_blocks] (expert of each block, -1 past the end). max_blocks =
     ceil(TK / block_m) + E bounds the padded total without reading it back to the host.
+    No host syncs: it can run inside a CUDA graph capture.
     """
     flat = expert_ids_TK.reshape(-1).long()
     tk = flat.numel()
     dev = flat.device
     valid = (flat >= 0) & (flat < num_experts)
     bucket = torch.where(valid, flat, num_experts)  # invalid ids go to a bucket that gets no blocks
-    counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not torch.bincount: CUDA bincount reads min and max back to the host (a sync),
+    # which would stop the decode step from being captured in a CUDA graph.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
+    counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
@@ -126,12 +130,15 @@ def moe_align(
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, sorted_ptr, bexp_ptr, xs_ptr, ws_ptr,
+    x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, bexp_ptr, xs_ptr, wsg_ptr, wsu_ptr,
     num_valid, top_k, H, I,
-    stride_xt, stride_we, stride_wn, stride_ht, stride_xst, stride_wse, stride_wsn,
+    stride_xt, stride_wge, stride_wgn, stride_wue, stride_wun, stride_ht, stride_xst,
+    stride_wsge, stride_wsgn, stride_wsue, stride_wsun,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
+    # separate gate_proj / up_proj need no per-call concatenation.
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)  # fastest: the n-blocks of one row block share its x rows in L2
     e = tl.load(bexp_ptr + pid_m)
@@ -146,8 +153,8 @@ def _moe_gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
-    wg_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    wu_ptrs = wg_ptrs + I * stride_wn
+    wg_ptrs = wg_ptr + e64 * stride_wge + offs_ng[None, :].to(tl.int64) * stride_wgn + offs_k[:, None]
+    wu_ptrs = wu_ptr + e64 * stride_wue + offs_ng[None, :].to(tl.int64) * stride_wun + offs_k[:, None]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -162,8 +169,8 @@ def _moe_gate_up_kernel(
         if FP8:
             kb = k0 // 128
             a_s = tl.load(xs_ptr + tok * stride_xst + kb)
-            sg = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
-            su = tl.load(ws_ptr + e64 * stride_wse + ((offs_ng + I) // 128) * stride_wsn + kb)
+            sg = tl.load(wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn + kb)
+            su = tl.load(wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun + kb)
             acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
             acc_u += tl.dot(a, wu) * a_s[:, None] * su[None, :]
         else:
@@ -261,39 +268,75 @@ def fused_moe(
     x [T, H] bf16; w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], bf16 or e4m3 with
     w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128] (checkpoint scale_inv);
     expert_ids [T, K] int (ids outside [0, E) are skipped), weights [T, K] float.
+    No host syncs (CUDA-graph capturable).
     """
+    check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3)
+    e_count, two_i, h_w = w13_E2IH.shape
+    if two_i % 2:
+        raise ValueError(f"w13 has shape {tuple(w13_E2IH.shape)}; expected [E, 2I, H] (gate then up rows)")
+    i = two_i // 2
+    w1_scale = w3_scale = None
+    if w13_E2IH.dtype == FP8_DTYPE and w13_scale is not None:
+        check_tensor(w13_scale, "w13_scale", dtypes=(torch.float32,), ndim=3, device=w13_E2IH.device)
+        if i % 128 or tuple(w13_scale.shape) != (e_count, two_i // 128, -(-h_w // 128)):
+            raise ValueError(f"w13_scale has shape {tuple(w13_scale.shape)}; expected "
+                             f"{(e_count, two_i // 128, -(-h_w // 128))} with I={i} a multiple of 128")
+        w1_scale, w3_scale = w13_scale[:, : i // 128], w13_scale[:, i // 128:]
+    return fused_moe_gate_up(x_TH, w13_E2IH[:, :i], w13_E2IH[:, i:], w2_EHI, expert_ids_TK, weights_TK,
+                             w1_scale=w1_scale, w3_scale=w3_scale, w2_scale=w2_scale, config=config)
+
+
+def fused_moe_gate_up(
+    x_TH: torch.Tensor,
+    w1_EIH: torch.Tensor,
+    w3_EIH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    w1_scale: torch.Tensor | None = None,
+    w3_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """`fused_moe` with the gate (w1 [E, I, H]) and up (w3 [E, I, H]) weights as two tensors, as the
+    model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
+    [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous)."""
     check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
-    check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
-    check_tensor(w2_EHI, "w2", dtypes=(w13_E2IH.dtype,), ndim=3, device=x_TH.device)
+    check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
+    check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
+    check_tensor(w2_EHI, "w2", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
     check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64), ndim=2, device=x_TH.device)
     check_tensor(weights_TK, "weights", dtypes=BF16_IN, ndim=2, device=x_TH.device)
     t, h = x_TH.shape
-    e_count, two_i, h_w = w13_E2IH.shape
-    i = two_i // 2
-    if h_w != h or two_i % 2:
-        raise ValueError(f"w13 has shape {tuple(w13_E2IH.shape)}; expected [E, 2I, {h}] (gate then up rows)")
+    e_count, i, h_w = w1_EIH.shape
+    if h_w != h:
+        raise ValueError(f"w1 has shape {tuple(w1_EIH.shape)}; expected [E, I, {h}] (x has width {h})")
+    if tuple(w3_EIH.shape) != (e_count, i, h):
+        raise ValueError(f"w3 has shape {tuple(w3_EIH.shape)}; expected {(e_count, i, h)} like w1")
     if tuple(w2_EHI.shape) != (e_count, h, i):
         raise ValueError(f"w2 has shape {tuple(w2_EHI.shape)}; expected [{e_count}, {h}, {i}]")
     if expert_ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(expert_ids_TK.shape):
         raise ValueError(
             f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={t}, K]"
         )
-    fp8 = w13_E2IH.dtype == FP8_DTYPE
+    fp8 = w1_EIH.dtype == FP8_DTYPE
     if fp8:
-        if w13_scale is None or w2_scale is None:
-            raise ValueError("FP8 weights need w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128]")
-        check_tensor(w13_scale, "w13_scale", dtypes=(torch.float32,), ndim=3, device=x_TH.device)
-        check_tensor(w2_scale, "w2_scale", dtypes=(torch.float32,), ndim=3, device=x_TH.device)
+        if w1_scale is None or w3_scale is None or w2_scale is None:
+            raise ValueError("FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]")
         if i % 128 or h % 128:
             raise ValueError(f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)")
-        if tuple(w13_scale.shape) != (e_count, two_i // 128, h // 128):
-            raise ValueError(f"w13_scale has shape {tuple(w13_scale.shape)}; expected {(e_count, two_i // 128, h // 128)}")
-        if tuple(w2_scale.shape) != (e_count, h // 128, i // 128):
-            raise ValueError(f"w2_scale has shape {tuple(w2_scale.shape)}; expected {(e_count, h // 128, i // 128)}")
+        for name, sc, shape in (("w1_scale", w1_scale, (e_count, i // 128, h // 128)),
+                                ("w3_scale", w3_scale, (e_count, i // 128, h // 128)),
+                                ("w2_scale", w2_scale, (e_count, h // 128, i // 128))):
+            check_tensor(sc, name, dtypes=(torch.float32,), ndim=3, device=x_TH.device)
+            if tuple(sc.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected {shape}")
     if not use_triton(x_TH):
-        return fused_moe_ref(x_TH, w13_E2IH, w2_EHI, expert_ids_TK, weights_TK, w13_scale=w13_scale,
-                             w2_scale=w2_scale)
-    for name, w in (("w13", w13_E2IH), ("w2", w2_EHI)):
+        w13 = torch.cat([w1_EIH, w3_EIH], 1)
+        s13 = torch.cat([w1_scale, w3_scale], 1) if fp8 else None
+        return fused_moe_ref(x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale)
+    for name, w in (("w1", w1_EIH), ("w3", w3_EIH), ("w2", w2_EHI)):
         if w.stride(-1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}")
     k = expert_ids_TK.shape[1]
@@ -311,15 +354,16 @@ def fused_moe(
     if fp8:
         xq, xs = act_quant(x)
         a_in, a_scale = xq, xs
-        ws13, ws2 = w13_scale.contiguous(), w2_scale.contiguous()
+        # the kernels step over K blocks with stride 1
+        s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in (w1_scale, w3_scale, w2_scale))
     else:
-        a_in, a_scale = x, x  # a_scale unused without FP8
-        ws13 = ws2 = x
+        a_in, a_scale = x, x  # the scale pointers are unused without FP8
+        s1 = s3 = s2 = w1_EIH
     _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
-        a_in, w13_E2IH, hbuf, sorted_ids, block_expert, a_scale, ws13,
+        a_in, w1_EIH, w3_EIH, hbuf, sorted_ids, block_expert, a_scale, s1, s3,
         tk, k, h, i,
-        a_in.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), hbuf.stride(0),
-        a_scale.stride(0), ws13.stride(0), ws13.stride(1),
+        a_in.stride(0), w1_EIH.stride(0), w1_EIH.stride(1), w3_EIH.stride(0), w3_EIH.stride(1), hbuf.stride(0),
+        a_scale.stride(0), s1.stride(0), s1.stride(1), s3.stride(0), s3.stride(1),
         FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
     )
     if fp8:
@@ -330,10 +374,10 @@ def fused_moe(
     y_tk = torch.empty(tk, h, dtype=act_dtype, device=x.device)
     rw = weights_TK.reshape(-1).contiguous()
     _moe_down_kernel[(cdiv(h, bn), max_blocks)](
-        h_in, w2_EHI, y_tk, sorted_ids, block_expert, h_scale, ws2, rw,
+        h_in, w2_EHI, y_tk, sorted_ids, block_expert, h_scale, s2, rw,
         tk, h, i,
         h_in.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_tk.stride(0),
-        h_scale.stride(0), ws2.stride(0), ws2.stride(1),
+        h_scale.stride(0), s2.stride(0), s2.stride(1),
         FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
     )
     y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)

@@ -40,6 +40,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--note", default=None, help="free text stored in the result (what was special about the run)")
     a = p.parse_args(argv)
     try:
         a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
@@ -302,6 +303,8 @@ def main(argv: list[str]) -> int:
                          "last_loss": losses[-1] if losses else None, "cycle_len": cycle_len},
         "engine": notes,
     }
+    if a.note:
+        result["note"] = a.note
     path = write_result(f"engine-{device_slug()}", result,
                         directory=None if a.out_dir is None else a.out_dir)
     print(f"wrote {path}")
