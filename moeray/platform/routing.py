@@ -239,6 +239,11 @@ class Placement:
             "num_nodes": self.num_nodes,
         }
 
+    def gpu_of_slot(self) -> torch.Tensor:
+        """[P] GPU index of each physical slot."""
+        P = self.phy2log_LP.shape[1]
+        return torch.arange(P) // (P // self.num_gpus)
+
     @classmethod
     def from_state_dict(cls, d: dict) -> "Placement":
         return cls(d["phy2log_LP"], d["log2phy_LER"], d["logcnt_LE"], int(d["num_gpus"]), int(d["num_nodes"]))
