@@ -83,16 +83,21 @@ def test_expert_parallel_matches_single_process(tmp_path):
         assert counts[[e for e in range(E) if e // L != r]].sum() > 0
 
     ref = dict(moe.named_parameters())
+    # Tokens reach an expert in a different order than in the single process, so the fp32 sums
+    # behind each weight gradient round differently: bound the error by the gradient's scale.
+    def tol(g):
+        return {"rtol": 1e-5, "atol": 1e-5 * float(g.abs().max())}
+
     for name, p in ref.items():
         if name.startswith("experts."):
             # each rank holds (and gets gradients for) its own slice of the stacked experts
             shards = torch.cat([got[r]["grads"][name] for r in range(world)])
-            torch.testing.assert_close(shards, p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(shards, p.grad, **tol(p.grad))
             assert got[0]["grads"][name].shape[0] == L
         else:
             # replicated parameters: the per-rank gradients sum (all-reduce) to the full gradient
             total = sum(got[r]["grads"][name] for r in range(world))
-            torch.testing.assert_close(total, p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(total, p.grad, **tol(p.grad))
     assert ref["gate.weight"].grad.abs().sum() > 0  # routing-weight gradients flow through combine
 
 
