@@ -1,32 +1,51 @@
-"""Serve deployment shells around `DecodeWorker` (P/D) and `ColocatedWorker`."""
+"""Serve deployment shells around `DecodeWorker` (P/D) and `ColocatedWorker`, and the decode
+request router (most free KV pages, with affinity to the replica holding a prompt's prefix)."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from moeray.actors.engine_metrics import EngineMetrics
+from moeray.actors.engine_metrics import EngineMetrics, replica_id
 from moeray.platform.config import ServeConfig
 from moeray.platform.serve.openai import EngineRequest, GenerationStep
-from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker, TransferRecord, make_engine
+from moeray.platform.serve.worker import (
+    ColocatedWorker, DecodeRoutingPolicy, DecodeWorker, TransferRecord, make_engine)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests)
+        return "127.0.0.1"
 
 
 class DecodeServer:
     def __init__(self, config: dict[str, Any], prefill: Any) -> None:
+        from moeray.platform.serve.kv_transfer import make_receiver
+
         cfg = ServeConfig.from_dict(config)
         self.transport = cfg.kv_transport
         self.prefill = prefill  # DeploymentHandle of the prefill deployment
 
-        async def fetch(req: EngineRequest, export_from: int):
-            return await self.prefill.prefill.remote(req, export_from)
+        async def fetch(req: EngineRequest, export_from: int, endpoint: Any):
+            return await self.prefill.prefill.remote(req, export_from, endpoint)
 
-        self.worker = DecodeWorker(make_engine(cfg), fetch, on_transfer=self._on_transfer,
+        engine = make_engine(cfg)
+        receiver = make_receiver(cfg.kv_transport, replica_id(), engine.device, host=_node_ip(),
+                                 timeout_s=cfg.kv_transfer_timeout_s)
+        self.worker = DecodeWorker(engine, fetch, receiver=receiver, on_transfer=self._on_transfer,
                                    max_waiting=cfg.max_waiting)
         self.metrics = EngineMetrics("decode", self.worker.loop)
+        self._stats_seq = itertools.count()
 
     def _on_transfer(self, rec: TransferRecord) -> None:
-        self.metrics.transfer(rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=self.transport)
+        self.metrics.transfer(rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=rec.transport)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
         try:
@@ -37,8 +56,14 @@ class DecodeServer:
         finally:
             self.metrics.update()
 
-    def stats(self) -> dict[str, Any]:
-        return {"free_pages": self.worker.free_pages(),
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve calls this every `request_routing_stats_period_s`; DecodeRouter reads it."""
+        return {"free_pages": self.worker.free_pages(), "seq": next(self._stats_seq)}
+
+    def stats(self, replica: str | None = None) -> dict[str, Any]:
+        """This replica's pages and recent transfers. `replica` (a replica id) is read by
+        DecodeRouter, which then sends the call to that replica."""
+        return {"replica": replica_id(), "free_pages": self.worker.free_pages(),
                 "transfers": [vars(t) for t in self.worker.transfers[-100:]],
                 "engine": self.worker.loop.engine.metrics()}
 
@@ -59,4 +84,61 @@ class ColocatedServer:
             self.metrics.update()
 
     def stats(self) -> dict[str, Any]:
-        return {"free_pages": self.worker.loop.free_pages(), "engine": self.worker.loop.engine.metrics()}
+        return {"replica": replica_id(), "free_pages": self.worker.loop.free_pages(),
+                "engine": self.worker.loop.engine.metrics()}
+
+
+def _prompt(pending_request: Any) -> tuple[int, ...]:
+    if pending_request is None:
+        return ()
+    for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
+        if isinstance(arg, EngineRequest):
+            return arg.prompt_ids
+    return ()
+
+
+@functools.cache
+def decode_router_class():
+    """The Serve RequestRouter for the decode deployment, `moeray.actors.decode:DecodeRouter`
+    (built on first access: it subclasses Ray Serve classes, and importing this module must not
+    import Ray)."""
+    from ray.serve.request_router import FIFOMixin, RequestRouter
+
+    class DecodeRouter(FIFOMixin, RequestRouter):
+        """Ranks replicas with `DecodeRoutingPolicy`, one replica per rank: Serve tries the ranks
+        in order and skips a replica whose queue (max_ongoing_requests) is full."""
+
+        def initialize_state(self, page_size: int = 64, **kwargs: Any) -> None:
+            self.policy = DecodeRoutingPolicy(page_size)
+
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            by_id = {}
+            for r in candidate_replicas:
+                rid = r.replica_id.unique_id
+                by_id[rid] = r
+                stats = r.routing_stats or {}
+                if "free_pages" in stats:
+                    self.policy.observe(rid, stats["free_pages"], stats.get("seq"))
+            target = pending_request.kwargs.get("replica") if pending_request is not None else None
+            if target is not None:  # an operator's call for one replica (stats(replica=...))
+                return [[by_id[target]]] if target in by_id else []
+            order = self.policy.rank(_prompt(pending_request), list(by_id))
+            return [[by_id[rid]] for rid in order]
+
+        def on_request_routed(self, pending_request, replica_id, result) -> None:
+            self.policy.routed(_prompt(pending_request), replica_id.unique_id)
+
+        def on_replica_actor_died(self, replica_id) -> None:
+            super().on_replica_actor_died(replica_id)
+            self.policy.forget(replica_id.unique_id)
+
+    DecodeRouter.__module__ = __name__
+    DecodeRouter.__qualname__ = "DecodeRouter"
+    return DecodeRouter
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: makes the import path "moeray.actors.decode:DecodeRouter" resolve.
+    if name == "DecodeRouter":
+        return decode_router_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _replica_id() -> str:
+def replica_id() -> str:
     try:
         from ray import serve
 
@@ -20,7 +20,7 @@ class EngineMetrics:
 
         self.loop = loop
         self.deployment = deployment
-        self.m = Metrics("ray", default_labels={"deployment": deployment, "replica": _replica_id()})
+        self.m = Metrics("ray", default_labels={"deployment": deployment, "replica": replica_id()})
         self._mtp_seen = (0, 0)
 
     def update(self) -> None:

@@ -1,4 +1,12 @@
-"""Serve deployment shell around `PrefillWorker` (the wiring is in `platform/serve/app.py`)."""
+"""Serve deployment shell around `PrefillWorker` (the wiring is in `platform/serve/app.py`).
+
+Routing to prefill replicas is Serve's default power-of-two-choices router: it samples two
+replicas, probes their number of ongoing requests (for this deployment: prefills queued or
+running) and sends to the shorter queue, so with one or two replicas it is exactly "shortest
+queue"; with more it is the power-of-two approximation of it.
+
+The KV sender's relay actors (rdt) are owned by this replica's process, so Ray removes them with it.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +20,18 @@ from moeray.platform.serve.worker import PrefillResult, PrefillWorker, make_engi
 
 class PrefillServer:
     def __init__(self, config: dict[str, Any]) -> None:
+        from moeray.platform.serve.kv_transfer import make_sender
+
         cfg = ServeConfig.from_dict(config)
-        self.worker = PrefillWorker(make_engine(cfg), max_waiting=cfg.max_waiting)
+        engine = make_engine(cfg)
+        self.worker = PrefillWorker(engine, max_waiting=cfg.max_waiting,
+                                    sender=make_sender(cfg.kv_transport, engine.device,
+                                                       timeout_s=cfg.kv_transfer_timeout_s))
         self.metrics = EngineMetrics("prefill", self.worker.loop)
 
-    async def prefill(self, request: EngineRequest, export_from: int) -> PrefillResult:
+    async def prefill(self, request: EngineRequest, export_from: int, dest: Any = None) -> PrefillResult:
         try:
-            return await self.worker.prefill(request, export_from)
+            return await self.worker.prefill(request, export_from, dest)
         finally:
             self.metrics.update()
 

@@ -292,6 +292,9 @@ class ServeConfig:
     max_in_flight: int = 256  # admitted choices at the ingress before 429
     max_waiting: int = 64  # requests queued per engine replica before 429
     kv_transport: str = "object_store"
+    kv_transfer_timeout_s: float = 30.0  # rdt/channel setup and each send/recv; then recompute
+    # Decode replicas report free KV pages to the decode router this often (Serve routing stats).
+    routing_stats_period_s: float = 1.0
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     device: str = "auto"  # "auto": cuda when a GPU is assigned, else cpu
@@ -313,6 +316,9 @@ class ServeConfig:
                      "page_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("kv_transfer_timeout_s", "routing_stats_period_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port} must be in 1..65535")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -344,4 +350,7 @@ class ServeConfig:
         return dataclasses.replace(self, **changes)
 
 
-KV_TRANSPORTS = ("object_store",)
+# How KV rows move from prefill to decode (serve/kv_transfer.py): the reply of the prefill call
+# (object store), Ray Direct Transport through relay actors, or a persistent pairwise
+# torch.distributed channel between the replica processes.
+KV_TRANSPORTS = ("object_store", "rdt", "channel")

@@ -70,7 +70,7 @@ def test_failed_prefill_is_recomputed_and_completes(model):
     prompt = list(range(2, 30))
     expected = _engine(model).generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
 
-    async def broken(req, start):
+    async def broken(req, start, endpoint):
         raise ConnectionError("prefill replica died")
 
     async def run():

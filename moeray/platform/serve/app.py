@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from moeray.platform.config import DEFAULT_DEMO_MODEL, ModelConfig, ServeConfig
+from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
 from moeray.platform.serve.openai import EngineRequest, GenerationStep
 
 APP_NAME = "moeray"
@@ -79,6 +79,16 @@ def _engine_options(cfg: ServeConfig, replicas: int) -> dict[str, Any]:
     return opts
 
 
+def _decode_router(cfg: ServeConfig) -> dict[str, Any]:
+    """Decode replicas: most free KV pages first, affinity to the one holding a prompt's prefix
+    (moeray.actors.decode.DecodeRouter); replicas report free pages every routing_stats_period_s.
+    Prefill keeps Serve's default power-of-two router, which sends to the shorter queue."""
+    return {"request_router_class": "moeray.actors.decode:DecodeRouter",
+            "request_router_kwargs": {"page_size": cfg.page_size},
+            "request_routing_stats_period_s": cfg.routing_stats_period_s,
+            "request_routing_stats_timeout_s": max(5.0, 5 * cfg.routing_stats_period_s)}
+
+
 def build_app(cfg: ServeConfig):
     """The Serve application for `cfg` (deployments bound, not yet running)."""
     from ray import serve
@@ -96,7 +106,7 @@ def build_app(cfg: ServeConfig):
     else:
         prefill = serve.deployment(PrefillServer, name="Prefill",
                                    **_engine_options(cfg, cfg.prefill_replicas)).bind(args)
-        backend = serve.deployment(DecodeServer, name="Decode",
+        backend = serve.deployment(DecodeServer, name="Decode", request_router_config=_decode_router(cfg),
                                    **_engine_options(cfg, cfg.decode_replicas)).bind(args, prefill)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
                                ray_actor_options={"num_cpus": 0},
@@ -118,15 +128,21 @@ def serve_config_file(cfg: ServeConfig) -> dict[str, Any]:
                               "args": {k: v for k, v in cfg.to_dict().items() if k != "api_key"}}]}
 
 
-def start(cfg: ServeConfig, *, blocking: bool = False):
-    """Start Serve on the current Ray cluster (a local one when none) and deploy the app."""
+def start(cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"):
+    """Start Serve on the current Ray cluster (a local one when none) and deploy the app.
+
+    The API key (--api-key, else $MOERAY_API_KEY here) is resolved now and handed to the ingress,
+    so it holds even when the cluster's processes do not share this shell's environment."""
     import ray
     from ray import serve
+
+    from moeray.platform.serve.openai import resolve_api_key
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    cfg = cfg.replace(api_key=resolve_api_key(cfg.api_key))
+    return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=None, help="require this bearer token (or set MOERAY_API_KEY)")
+    p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default=d.kv_transport,
+                   help="how KV moves from prefill to decode (default: object_store)")
     p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
+    p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit")
@@ -153,7 +172,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = ServeConfig(model=a.model, model_id=a.model_id, mode=a.mode, prefill_replicas=a.prefill_replicas,
                           decode_replicas=a.decode_replicas, host=a.host, port=a.port, api_key=a.api_key,
-                          gpus_per_replica=a.gpus_per_replica, num_speculative_tokens=a.num_speculative_tokens,
+                          kv_transport=a.kv_transport, gpus_per_replica=a.gpus_per_replica,
+                          cpus_per_replica=a.cpus_per_replica, num_speculative_tokens=a.num_speculative_tokens,
                           max_model_len=a.max_model_len)
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,7 +45,8 @@ def sampling_params(req: EngineRequest, *, max_tokens: int | None = None) -> Sam
     engine needs no tokenizer for them."""
     p = req.params
     return SamplingParams(temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                          max_tokens=max_tokens or p.max_tokens, logprobs=p.logprobs)
+                          max_tokens=max_tokens or p.max_tokens, logprobs=p.logprobs,
+                          ignore_eos=p.ignore_eos)
 
 
 class EngineLoop:
@@ -177,18 +179,26 @@ class ColocatedWorker:
 
 @dataclass(frozen=True)
 class PrefillResult:
-    """What the prefill side returns: its first sampled token and the KV rows from `kv.start`."""
+    """What the prefill side returns: its first sampled token and a KV ticket (the rows from
+    `export_from`, or what the transport needs to fetch them; see serve/kv_transfer.py)."""
 
     first: GenerationStep
-    kv: KVRows
-    seconds: float  # prefill compute, queueing included
+    kv: Any
+    seconds: float  # prefill compute, queueing included, up to the rows being ready to send
+    nbytes: int  # bytes of the exported rows
+    transport: str
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, **loop_kwargs: Any) -> None:
-        self.loop = EngineLoop(engine, name="prefill", **loop_kwargs)
+    def __init__(self, engine: Engine, *, sender: Any = None, **loop_kwargs: Any) -> None:
+        from moeray.platform.serve.kv_transfer import ObjectStoreSender
 
-    async def prefill(self, req: EngineRequest, export_from: int) -> PrefillResult:
+        self.loop = EngineLoop(engine, name="prefill", **loop_kwargs)
+        self.sender = sender if sender is not None else ObjectStoreSender()
+
+    async def prefill(self, req: EngineRequest, export_from: int, dest: Any = None) -> PrefillResult:
+        """Prefill `req`, export its KV rows from `export_from`, and hand them to the transport
+        for the decode replica at `dest` (a kv_transfer.DecodeEndpoint)."""
         t0 = time.perf_counter()
         engine = self.loop.engine
         rid = f"{req.request_id}-prefill"
@@ -204,7 +214,9 @@ class PrefillWorker:
                     result = out
         if result is None or result.kv_export is None:
             raise RuntimeError(f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})")
-        return PrefillResult(_step(result), result.kv_export, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        ticket = await self.sender.send(req.request_id, result.kv_export, dest)
+        return PrefillResult(_step(result), ticket, seconds, result.kv_export.nbytes, self.sender.name)
 
     def queue_length(self) -> int:
         return self.loop.num_waiting() + self.loop.num_running()
@@ -212,20 +224,31 @@ class PrefillWorker:
 
 @dataclass
 class TransferRecord:
+    """One request's KV transfer as the decode replica saw it. `seconds`: from the prefill side
+    having the rows to the decode side holding them (the prefill call's wall time minus the
+    prefill's own compute, plus the receive), so every transport is timed over the same span."""
+
     request_id: str
     bytes: int
     seconds: float
     recomputed: bool
+    transport: str = "object_store"
 
 
 class DecodeWorker:
-    """Decode with KV from a prefill replica. `fetch(req, export_from)` returns a PrefillResult
-    (over a Serve handle in production, a direct call in tests)."""
+    """Decode with KV from a prefill replica. `fetch(req, export_from, endpoint)` returns a
+    PrefillResult (over a Serve handle in production, a direct call in tests); `receiver`
+    (kv_transfer) turns its ticket into rows."""
 
-    def __init__(self, engine: Engine, fetch: Callable[[EngineRequest, int], Awaitable[PrefillResult]],
-                 *, on_transfer: Callable[[TransferRecord], None] | None = None, **loop_kwargs: Any) -> None:
+    def __init__(self, engine: Engine,
+                 fetch: Callable[[EngineRequest, int, Any], Awaitable[PrefillResult]],
+                 *, receiver: Any = None, on_transfer: Callable[[TransferRecord], None] | None = None,
+                 **loop_kwargs: Any) -> None:
+        from moeray.platform.serve.kv_transfer import ObjectStoreReceiver
+
         self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
         self.fetch = fetch
+        self.receiver = receiver if receiver is not None else ObjectStoreReceiver(engine.device)
         self.on_transfer = on_transfer
         self.transfers: list[TransferRecord] = []
 
@@ -236,27 +259,30 @@ class DecodeWorker:
         # of our cached prefix (whole pages; the last, partial page always travels).
         have = await self.loop.call(lambda: engine.cached_prefix_length(prompt))
         t0 = time.perf_counter()
+        pre: PrefillResult | None = None
+        rows: KVRows | None = None
         try:
-            pre = await self.fetch(req, have)
+            pre = await self.fetch(req, have, self.receiver.endpoint())
+            rows = await self.receiver.receive(pre.kv)
         except Exception as e:  # noqa: BLE001 - the request must still complete
             log.warning("prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
                         req.request_id, type(e).__name__, e)
-            pre = None
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - (pre.seconds if pre is not None else 0.0)
         params = sampling_params(req)
+        transport = self.receiver.name
 
         def start():
             """On the engine thread: import the rows (an output for the first token), or fall
             back to a local prefill when there is nothing to import or the pages moved on."""
-            if pre is not None:
+            if pre is not None and rows is not None:
                 out = engine.add_prefilled_request(
-                    prompt, pre.first.token_ids[0], pre.kv, params, req.request_id,
+                    prompt, pre.first.token_ids[0], rows, params, req.request_id,
                     first_logprobs=pre.first.logprobs[0] if pre.first.logprobs else None)
                 if out is not None:
-                    self._record(TransferRecord(req.request_id, pre.kv.nbytes, seconds, False))
+                    self._record(TransferRecord(req.request_id, rows.nbytes, seconds, False, transport))
                     return out
             engine.add_request(prompt, params, req.request_id)
-            self._record(TransferRecord(req.request_id, 0, seconds, True))
+            self._record(TransferRecord(req.request_id, 0, seconds, True, transport))
             return None
 
         async with aclosing(self.loop.stream(req.request_id, start)) as outs:
@@ -266,11 +292,93 @@ class DecodeWorker:
 
     def _record(self, rec: TransferRecord) -> None:
         self.transfers.append(rec)
+        del self.transfers[:-1000]  # a bounded history for stats()
         if self.on_transfer is not None:
             self.on_transfer(rec)
 
     def free_pages(self) -> int:
         return self.loop.free_pages()
+
+
+class DecodeRoutingPolicy:
+    """Which decode replica gets a request: the one holding the prompt's longest cached prefix
+    (when it has the pages for the rest), else the one with the most free KV pages.
+
+    Prefix ownership is remembered here, on the routing side, from where requests were sent:
+    page-aligned prefixes are chain-hashed like the engine's prefix cache (hash of a page =
+    hash(previous page's hash, its tokens)), and each hash maps to the replica that last got a
+    prompt with it. Free pages come from the replicas' periodic stats (`observe`); between two
+    reports the pages a routed prompt needs are debited, so a burst does not all go to the
+    replica that looked emptiest at the last report. No Ray here: the Serve router wraps it.
+    """
+
+    def __init__(self, page_size: int, *, max_entries: int = 65536) -> None:
+        from collections import OrderedDict
+
+        if page_size < 1 or max_entries < 1:
+            raise ValueError(f"page_size={page_size} and max_entries={max_entries} must be >= 1")
+        self.page_size = page_size
+        self.max_entries = max_entries
+        self._owner: OrderedDict[int, str] = OrderedDict()
+        self._free: dict[str, int] = {}
+        self._seq: dict[str, Any] = {}
+        self._debit: dict[str, int] = {}
+
+    def prefix_hashes(self, prompt: tuple[int, ...] | list[int]) -> list[int]:
+        """One chained hash per full page of the prompt, excluding the last token (the engine
+        never caches it either, so a prompt of exactly k pages has k-1 cacheable pages)."""
+        out, h = [], 0
+        n_full = (len(prompt) - 1) // self.page_size if prompt else 0
+        for i in range(n_full):
+            h = hash((h, tuple(prompt[i * self.page_size:(i + 1) * self.page_size])))
+            out.append(h)
+        return out
+
+    def observe(self, replica: str, free_pages: int, seq: Any) -> None:
+        if self._seq.get(replica) != seq:
+            self._seq[replica] = seq
+            self._free[replica] = int(free_pages)
+            self._debit[replica] = 0
+
+    def free_pages(self, replica: str) -> float:
+        if replica not in self._free:
+            return math.inf  # no report yet: a new replica, its cache empty
+        return self._free[replica] - self._debit.get(replica, 0)
+
+    def rank(self, prompt: tuple[int, ...] | list[int], replicas: list[str]) -> list[str]:
+        """`replicas` in preference order."""
+        order = sorted(replicas, key=lambda r: (-self.free_pages(r), r))
+        hashes = self.prefix_hashes(prompt)
+        live = set(replicas)
+        for depth in range(len(hashes), 0, -1):
+            owner = self._owner.get(hashes[depth - 1])
+            if owner in live:
+                # Affinity only when the owner has the pages for the uncached rest of the prompt.
+                rest = -(-(len(prompt) - depth * self.page_size) // self.page_size)
+                if self.free_pages(owner) >= rest:
+                    order.remove(owner)
+                    order.insert(0, owner)
+                break
+        return order
+
+    def routed(self, prompt: tuple[int, ...] | list[int], replica: str) -> None:
+        hashes = self.prefix_hashes(prompt)
+        cached = 0
+        for h in hashes:
+            if self._owner.get(h) == replica:
+                cached += 1
+            self._owner[h] = replica
+            self._owner.move_to_end(h)
+        while len(self._owner) > self.max_entries:
+            self._owner.popitem(last=False)
+        need = -(-len(prompt) // self.page_size) - cached
+        self._debit[replica] = self._debit.get(replica, 0) + max(need, 0)
+
+    def forget(self, replica: str) -> None:
+        for d in (self._free, self._seq, self._debit):
+            d.pop(replica, None)
+        for h in [h for h, r in self._owner.items() if r == replica]:
+            del self._owner[h]
 
 
 def make_engine(cfg: "ServeConfig") -> Engine:

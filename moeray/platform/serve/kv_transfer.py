@@ -1,0 +1,379 @@
+"""KV transfer from a prefill replica to a decode replica, behind one interface.
+
+Legend: L cached layers, T tokens, C kv_lora_rank, R qk_rope_head_dim (see engine/disagg.py).
+
+The decode replica sends its `DecodeEndpoint` with each prefill call; the prefill replica's
+`KVSender.send` turns the exported rows into a *ticket* that rides back in the call's return value;
+the decode replica's `KVReceiver.receive(ticket)` turns the ticket back into rows. Only the rows the
+decode side lacks travel (the decode replica asks for rows from the end of its cached prefix).
+
+Transports (`ServeConfig.kv_transport`):
+  * "object_store": the ticket *is* the rows; Ray carries them in the call's reply. Works everywhere;
+    the default.
+  * "rdt": Ray Direct Transport. Serve creates its replica actors without
+    `enable_tensor_transport`, so replica methods cannot use `tensor_transport`. Each prefill
+    replica therefore owns, per decode replica it meets, a pair of small `KVRelay` actors: `src` on
+    its own node and `dst` on the decode replica's node, joined in a 2-actor collective group
+    (gloo on CPU, nccl on GPU; Ray 2.58 lets an actor join one group per backend, hence one pair
+    per (prefill, decode) replica pair). Rows go replica -> src (object store, same node),
+    src -> dst (RDT, out of band), dst -> decode replica (object store, same node). The ticket holds
+    the ObjectRef of dst's copy. On one node the two extra local hops cost more than RDT saves; the
+    RDT hop is what crosses nodes.
+  * "channel": a persistent torch.distributed group of two ranks between the prefill and the decode
+    replica *processes* (no relay): set up once per pair (the decode replica hosts a TCPStore for
+    the rendezvous), then plain send/recv of the rows under a per-transfer tag; Ray carries only
+    the ticket (shapes, dtype, tag). gloo on CPU (tested); nccl on GPU is the same code with the
+    tensors on the device and sends issued in tag order (NCCL matches point-to-point calls in
+    issue order, not by tag) - not run in this repository's tests (no 2-GPU machine).
+
+If any step fails (relay or peer gone, timeout), the decode replica recomputes the prefill itself
+(`serve/worker.py`), so the request still completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from moeray.platform.engine.disagg import KVRows
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("object_store", "rdt", "channel")
+
+
+@dataclass(frozen=True)
+class DecodeEndpoint:
+    """Where a decode replica receives KV: sent with every prefill call."""
+
+    replica_id: str
+    node_id: str | None = None  # Ray node id (rdt: where the dst relay must live)
+    host: str = "127.0.0.1"  # channel: the TCPStore host
+    store_port: int | None = None  # channel: the TCPStore port
+
+
+def backend_for(device: torch.device | str) -> str:
+    """gloo for CPU tensors, nccl for CUDA tensors."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+# ---- object store -----------------------------------------------------------------------------
+class ObjectStoreSender:
+    name = "object_store"
+
+    async def send(self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None) -> KVRows:
+        return rows
+
+    def close(self) -> None:
+        pass
+
+
+class ObjectStoreReceiver:
+    name = "object_store"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def endpoint(self) -> DecodeEndpoint:
+        return DecodeEndpoint(replica_id="local")
+
+    async def receive(self, ticket: Any) -> KVRows:
+        if not isinstance(ticket, KVRows):
+            raise TypeError(f"object_store receiver got a {type(ticket).__name__} ticket, not KVRows "
+                            "(prefill and decode configured with different kv_transport?)")
+        return ticket
+
+    def close(self) -> None:
+        pass
+
+
+# ---- Ray Direct Transport through relay actors ------------------------------------------------
+class KVRelay:
+    """One end of a relay pair (a plain Ray actor, created with enable_tensor_transport)."""
+
+    def take(self, kv_LTC: torch.Tensor, pe_LTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Called with .options(tensor_transport=...): the returned tensors stay here until the
+        # dst relay pulls them over the collective group.
+        return kv_LTC, pe_LTR
+
+    def receive(self, rows: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # `rows` arrived out of band; returning them puts them in this node's object store.
+        kv_LTC, pe_LTR = rows
+        return kv_LTC, pe_LTR
+
+    def ping(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class RDTTicket:
+    start: int
+    rows_ref: Any  # ObjectRef of (kv_LTC, pe_LTR), produced by the dst relay on the decode node
+    nbytes: int
+
+
+class RDTSender:
+    name = "rdt"
+
+    def __init__(self, backend: str = "gloo") -> None:
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"RDT backend {backend!r}: accepted gloo, nccl")
+        self.backend = backend
+        self._pairs: dict[str, tuple[Any, Any, str]] = {}
+        self._lock = asyncio.Lock()
+
+    async def _pair(self, dest: DecodeEndpoint) -> tuple[Any, Any]:
+        async with self._lock:
+            if dest.replica_id not in self._pairs:
+                import ray
+                from ray.experimental.collective import create_collective_group
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                here = ray.get_runtime_context().get_node_id()
+                relay = ray.remote(enable_tensor_transport=True)(KVRelay)
+                gpu = {"num_gpus": 0.01} if self.backend == "nccl" else {}
+
+                def on(node: str | None):
+                    if node is None:
+                        return {}
+                    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+                src = relay.options(num_cpus=0, **gpu, **on(here)).remote()
+                dst = relay.options(num_cpus=0, **gpu, **on(dest.node_id)).remote()
+                name = f"moeray-kv-{uuid.uuid4().hex[:12]}"
+                # create_collective_group blocks on ray.get: keep it off the event loop.
+                await asyncio.to_thread(create_collective_group, [src, dst], self.backend, name)
+                self._pairs[dest.replica_id] = (src, dst, name)
+            src, dst, _ = self._pairs[dest.replica_id]
+            return src, dst
+
+    async def send(self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None) -> RDTTicket:
+        if dest is None or dest.replica_id == "local":
+            raise ValueError("rdt transport needs the decode replica's endpoint (node id)")
+        src, dst = await self._pair(dest)
+        ref = src.take.options(tensor_transport=self.backend).remote(rows.kv_LTC, rows.pe_LTR)
+        return RDTTicket(rows.start, dst.receive.remote(ref), rows.nbytes)
+
+    def close(self) -> None:
+        from ray.experimental.collective import destroy_collective_group
+
+        for _src, _dst, name in self._pairs.values():
+            try:
+                destroy_collective_group(name)
+            except Exception:  # noqa: BLE001 - the relays may already be gone
+                pass
+        self._pairs.clear()
+
+
+class RDTReceiver:
+    name = "rdt"
+
+    def __init__(self, replica_id: str, device: torch.device | str = "cpu") -> None:
+        import ray
+
+        self.device = torch.device(device)
+        self._endpoint = DecodeEndpoint(replica_id=replica_id, node_id=ray.get_runtime_context().get_node_id())
+
+    def endpoint(self) -> DecodeEndpoint:
+        return self._endpoint
+
+    async def receive(self, ticket: Any) -> KVRows:
+        if not isinstance(ticket, RDTTicket):
+            raise TypeError(f"rdt receiver got a {type(ticket).__name__} ticket")
+        kv_LTC, pe_LTR = await ticket.rows_ref
+        return KVRows(ticket.start, kv_LTC.to(self.device), pe_LTR.to(self.device))
+
+    def close(self) -> None:
+        pass
+
+
+# ---- persistent pairwise channel (torch.distributed send/recv) ----------------------------------
+@dataclass(frozen=True)
+class ChannelTicket:
+    start: int
+    channel: str  # the sender's id: names the pair's rendezvous prefix in the decode's store
+    tag: int  # kv rows travel under `tag`, rope rows under `tag + 1`
+    kv_shape: tuple[int, ...]
+    pe_shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+def _process_group(backend: str, store: Any, rank: int, timeout_s: float, device: torch.device):
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+    return pg
+
+
+class ChannelSender:
+    name = "channel"
+
+    def __init__(self, backend: str = "gloo", *, timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.device = torch.device(device)
+        self.id = uuid.uuid4().hex[:16]
+        self._groups: dict[str, Any] = {}
+        self._group_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._tags = itertools.count()
+        # gloo matches by tag, so sends may run concurrently; nccl matches in issue order, so one
+        # thread issues them in tag order.
+        self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
+                                        thread_name_prefix="moeray-kv-send")
+        self.failures = 0
+
+    def _group(self, dest: DecodeEndpoint) -> Any:
+        import torch.distributed as dist
+
+        with self._lock:
+            lock = self._group_locks.setdefault(dest.replica_id, threading.Lock())
+        with lock:
+            pg = self._groups.get(dest.replica_id)
+            if pg is None:
+                store = dist.TCPStore(dest.host, dest.store_port, is_master=False,
+                                      timeout=timedelta(seconds=self.timeout_s))
+                # Blocks until the decode replica joins as rank 1 (on its first ticket from us).
+                pg = _process_group(self.backend, dist.PrefixStore(f"kv/{self.id}", store), 0,
+                                    self.timeout_s, self.device)
+                self._groups[dest.replica_id] = pg
+            return pg
+
+    def _send_blocking(self, dest: DecodeEndpoint, tag: int, kv_LTC: torch.Tensor, pe_LTR: torch.Tensor) -> None:
+        pg = self._group(dest)
+        works = [pg.send([kv_LTC.contiguous()], 1, tag), pg.send([pe_LTR.contiguous()], 1, tag + 1)]
+        for w in works:
+            w.wait()
+
+    def _done(self, fut: Future) -> None:
+        if fut.exception() is not None:
+            self.failures += 1
+            log.warning("KV channel send failed: %s", fut.exception())
+
+    async def send(self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None) -> ChannelTicket:
+        if dest is None or dest.store_port is None:
+            raise ValueError("channel transport needs the decode replica's endpoint (store host/port)")
+        tag = 2 * next(self._tags)
+        ticket = ChannelTicket(rows.start, self.id, tag, tuple(rows.kv_LTC.shape), tuple(rows.pe_LTR.shape),
+                               str(rows.kv_LTC.dtype).removeprefix("torch."), rows.nbytes)
+        # Not awaited: the send completes once the decode replica, holding the ticket, posts its
+        # receive. The future keeps the tensors alive until then.
+        fut = self._pool.submit(self._send_blocking, dest, tag, rows.kv_LTC, rows.pe_LTR)
+        fut.add_done_callback(self._done)
+        return ticket
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._groups.clear()
+
+
+class ChannelReceiver:
+    name = "channel"
+
+    def __init__(self, replica_id: str, backend: str = "gloo", *, host: str = "127.0.0.1",
+                 timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
+        import torch.distributed as dist
+
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.device = torch.device(device)
+        # Port 0: the OS picks a free one; senders learn it from the endpoint.
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=timeout_s))
+        self._endpoint = DecodeEndpoint(replica_id=replica_id, host=host, store_port=self.store.port)
+        self._groups: dict[str, Any] = {}
+        self._group_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
+                                        thread_name_prefix="moeray-kv-recv")
+        # nccl: receives must be issued in the sender's order (tags ascending per channel).
+        self._next_tag: dict[str, int] = {}
+        self._order = threading.Condition()
+
+    def endpoint(self) -> DecodeEndpoint:
+        return self._endpoint
+
+    def _group(self, channel: str) -> Any:
+        import torch.distributed as dist
+
+        with self._lock:
+            lock = self._group_locks.setdefault(channel, threading.Lock())
+        with lock:
+            pg = self._groups.get(channel)
+            if pg is None:
+                pg = _process_group(self.backend, dist.PrefixStore(f"kv/{channel}", self.store), 1,
+                                    self.timeout_s, self.device)
+                self._groups[channel] = pg
+            return pg
+
+    def _recv_blocking(self, t: ChannelTicket) -> KVRows:
+        dtype = getattr(torch, t.dtype)
+        pg = self._group(t.channel)
+        kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
+        pe_LTR = torch.empty(t.pe_shape, dtype=dtype, device=self.device)
+        if self.backend == "nccl":
+            with self._order:
+                ok = self._order.wait_for(lambda: self._next_tag.get(t.channel, 0) == t.tag, self.timeout_s)
+                if not ok:
+                    raise TimeoutError(f"KV channel {t.channel}: tag {t.tag} not next after {self.timeout_s} s")
+        try:
+            for w in (pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)):
+                w.wait()
+        finally:
+            if self.backend == "nccl":
+                with self._order:
+                    self._next_tag[t.channel] = t.tag + 2
+                    self._order.notify_all()
+        return KVRows(t.start, kv_LTC, pe_LTR)
+
+    async def receive(self, ticket: Any) -> KVRows:
+        if not isinstance(ticket, ChannelTicket):
+            raise TypeError(f"channel receiver got a {type(ticket).__name__} ticket")
+        # Shielded: once we hold a ticket its receive must happen even if the request is
+        # cancelled meanwhile, or the sender's send would wait out its timeout.
+        fut = asyncio.wrap_future(self._pool.submit(self._recv_blocking, ticket))
+        return await asyncio.shield(fut)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._groups.clear()
+
+
+def make_sender(transport: str, device: torch.device | str = "cpu", *, timeout_s: float = 30.0):
+    if transport == "object_store":
+        return ObjectStoreSender()
+    if transport == "rdt":
+        return RDTSender(backend_for(device))
+    if transport == "channel":
+        return ChannelSender(backend_for(device), timeout_s=timeout_s, device=device)
+    raise ValueError(f"kv_transport={transport!r}: accepted {TRANSPORTS}")
+
+
+def make_receiver(transport: str, replica_id: str, device: torch.device | str = "cpu", *,
+                  host: str = "127.0.0.1", timeout_s: float = 30.0):
+    if transport == "object_store":
+        return ObjectStoreReceiver(device)
+    if transport == "rdt":
+        return RDTReceiver(replica_id, device)
+    if transport == "channel":
+        return ChannelReceiver(replica_id, backend_for(device), host=host, timeout_s=timeout_s, device=device)
+    raise ValueError(f"kv_transport={transport!r}: accepted {TRANSPORTS}")

@@ -1,0 +1,176 @@
+"""KV transports without Ray (object store, persistent gloo channel), P/D workers over the channel,
+and the decode routing policy."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from moeray.platform.config import tiny
+from moeray.platform.engine.disagg import KVRows
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.kv_transfer import (
+    ChannelReceiver, ChannelSender, ChannelTicket, DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender,
+    make_receiver, make_sender)
+from moeray.platform.serve.openai import EngineRequest, GenerationParams
+from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
+
+
+def _rows(rng: torch.Generator, start: int, L: int, T: int, C: int, R: int, dtype=torch.float32) -> KVRows:
+    return KVRows(start, torch.randn(L, T, C, generator=rng).to(dtype), torch.randn(L, T, R, generator=rng).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_moves_rows_exactly_with_concurrent_transfers(dtype):
+    rng = torch.Generator().manual_seed(11)
+    shapes = [(3, 1, 7, 5), (2, 37, 13, 3), (5, 129, 9, 4), (1, 2, 16, 8), (4, 65, 3, 2)]
+    rows = [_rows(rng, random.Random(i).randint(0, 300), *s, dtype=dtype) for i, s in enumerate(shapes)]
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        send = ChannelSender(timeout_s=20)
+        try:
+            tickets = [await send.send(f"r{i}", r, recv.endpoint()) for i, r in enumerate(rows)]
+            assert len({t.tag for t in tickets}) == len(rows)
+            assert all(t.nbytes == r.nbytes for t, r in zip(tickets, rows))
+            # Received in reverse order and concurrently: gloo matches by tag.
+            got = await asyncio.gather(*[recv.receive(t) for t in reversed(tickets)])
+            return list(reversed(got)), send.failures
+        finally:
+            send.close()
+            recv.close()
+
+    got, failures = asyncio.run(run())
+    assert failures == 0
+    for g, r in zip(got, rows):
+        assert g.start == r.start and g.kv_LTC.dtype == dtype
+        assert torch.equal(g.kv_LTC, r.kv_LTC) and torch.equal(g.pe_LTR, r.pe_LTR)
+
+
+def test_channel_receive_times_out_when_the_sender_never_sends():
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=1.0)
+        try:
+            forged = ChannelTicket(0, "nobody", 0, (1, 2, 3), (1, 2, 1), "float32", 32)
+            with pytest.raises(Exception, match="(?i)timeout|timed out|wait"):
+                await recv.receive(forged)
+            with pytest.raises(TypeError, match="ticket"):
+                await recv.receive(_rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1))
+        finally:
+            recv.close()
+
+    asyncio.run(run())
+
+
+def test_object_store_transport_passes_rows_through_and_bad_names_fail():
+    rows = _rows(torch.Generator().manual_seed(1), 4, 2, 3, 5, 2)
+
+    async def run():
+        ticket = await ObjectStoreSender().send("r", rows, None)
+        return await ObjectStoreReceiver().receive(ticket)
+
+    assert asyncio.run(run()) is rows
+    with pytest.raises(ValueError, match="kv_transport='tcp'"):
+        make_sender("tcp")
+    with pytest.raises(ValueError, match="accepted"):
+        make_receiver("ucx", "d0")
+    with pytest.raises(ValueError, match="backend"):
+        ChannelSender("mpi")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(tiny()).eval()
+
+
+def _engine(model, pages=64):
+    return Engine(model, EngineConfig(num_pages=pages, page_size=16, max_num_batched_tokens=64,
+                                      use_cuda_graphs=False))
+
+
+async def _tokens(gen):
+    return [t async for s in gen for t in s.token_ids]
+
+
+def test_pd_over_the_channel_matches_the_engine_and_sends_only_missing_pages(model):
+    torch.manual_seed(5)
+    shared = torch.randint(2, 1024, (37,)).tolist()  # 2 full pages of 16 + 5 tokens
+    prompts = [shared + torch.randint(2, 1024, (n,)).tolist() for n in (4, 19)]
+    expected = [o.output_token_ids for o in _engine(model).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=6))]
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        prefill = PrefillWorker(_engine(model), sender=ChannelSender(timeout_s=20))
+        decode = DecodeWorker(_engine(model), prefill.prefill, receiver=recv)
+        try:
+            out = []
+            for i, p in enumerate(prompts):  # in turn: the second finds the first's pages cached
+                req = EngineRequest(f"q{i}", tuple(p), GenerationParams(max_tokens=6, temperature=0.0))
+                out.append(await _tokens(decode.generate(req)))
+            return out, decode.transfers
+        finally:
+            prefill.loop.shutdown()
+            decode.loop.shutdown()
+            prefill.sender.close()
+            recv.close()
+
+    out, transfers = asyncio.run(run())
+    assert out == expected
+    c = tiny()
+    per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * c.num_hidden_layers
+    assert [t.recomputed for t in transfers] == [False, False]
+    assert all(t.transport == "channel" and t.seconds >= 0 for t in transfers)
+    assert transfers[0].bytes == len(prompts[0]) * per_token
+    # The decode replica already held the shared prefix's 2 full pages (32 tokens).
+    assert transfers[1].bytes == (len(prompts[1]) - 32) * per_token
+
+
+def test_routing_prefers_most_free_pages_then_prefix_owner():
+    rng = random.Random(3)
+    pol = DecodeRoutingPolicy(page_size=16)
+    reps = ["a", "b", "c"]
+    for r, free in zip(reps, (40, 90, 10)):
+        pol.observe(r, free, seq=1)
+    p1 = [rng.randrange(2, 1000) for _ in range(70)]  # 4 cacheable full pages
+    assert pol.rank(p1, reps) == ["b", "a", "c"]
+    pol.routed(p1, "b")
+    assert pol.free_pages("b") == 90 - 5  # 70 tokens need 5 pages until b reports again
+    # A prompt sharing p1's first 3 pages goes to b even though a has... fewer free pages now.
+    pol.observe("a", 200, seq=2)
+    p2 = p1[:48] + [rng.randrange(2, 1000) for _ in range(30)]
+    assert pol.rank(p2, reps)[0] == "b"
+    assert pol.rank([rng.randrange(2, 1000) for _ in range(70)], reps)[0] == "a"
+    # Affinity yields when the owner lacks the pages for the rest of the prompt.
+    pol.observe("b", 1, seq=2)
+    assert pol.rank(p2, reps)[0] == "a"
+    # A replica without a report yet counts as empty (fresh cache); a forgotten one loses affinity.
+    assert pol.rank(p2, reps + ["d"])[0] == "d"
+    pol.observe("b", 500, seq=3)
+    pol.forget("b")
+    assert pol.rank(p2, ["a", "c"]) == ["a", "c"]
+    # Same report (seq) again keeps the debits.
+    pol.routed(p2, "a")
+    before = pol.free_pages("a")
+    pol.observe("a", 200, seq=2)
+    assert pol.free_pages("a") == before < 200
+    with pytest.raises(ValueError, match="page_size"):
+        DecodeRoutingPolicy(page_size=0)
+
+
+def test_prefix_hashes_match_page_boundaries():
+    pol = DecodeRoutingPolicy(page_size=4)
+    assert pol.prefix_hashes(list(range(4))) == []  # the last token is never cached
+    h5 = pol.prefix_hashes(list(range(5)))
+    h9 = pol.prefix_hashes(list(range(9)))
+    assert len(h5) == 1 and len(h9) == 2 and h9[0] == h5[0]
+    assert pol.prefix_hashes([9] + list(range(1, 9)))[1] != h9[1]  # chained: page 2 depends on page 1
+
+
+def test_endpoint_is_plain_data():
+    ep = DecodeEndpoint("d0", "node", "10.0.0.1", 1234)
+    assert ep.store_port == 1234 and ep == DecodeEndpoint("d0", "node", "10.0.0.1", 1234)
