@@ -273,6 +273,19 @@ def mla_prefill(
     return (out, lse) if return_lse else out
 
 
+def mla_prefill_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                          v: torch.Tensor) -> bool:
+    """Whether `mla_prefill` / `mla_prefill_bshd` runs the Triton kernel on these inputs: all on one
+    CUDA device, one float dtype, head dims powers of 2 >= 16 (V3: 128 / 64 / 128; `tiny()`'s rope
+    dim 8 is not), no autograd needed (the kernel has no backward)."""
+    ts = (q_nope, q_pe, k_nope, k_pe, v)
+    if not all(t.is_cuda and t.device == q_nope.device and t.dtype == q_nope.dtype for t in ts):
+        return False
+    if q_nope.dtype not in FLOAT_IN or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return False
+    return all(_is_pow2(d) and d >= 16 for d in (q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]))
+
+
 def mla_prefill_bshd(
     q_nope_BSHN: torch.Tensor,
     q_pe_BSHR: torch.Tensor,

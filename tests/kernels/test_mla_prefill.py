@@ -95,3 +95,16 @@ def test_input_errors():
     with pytest.raises(ValueError, match="multiple of BLOCK_N"):
         mla_prefill(q_nope, q_pe, k_nope, k_pe, v, cu, 0.1,
                     config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
+
+
+def test_supported_only_for_cuda_pow2_no_grad():
+    from moeray.kernels.mla_prefill import mla_prefill_supported
+
+    q_nope, q_pe, k_nope, k_pe, v, _ = _case([4], heads=2, n=16, r=16, v=16, seed=5)
+    assert not mla_prefill_supported(q_nope, q_pe, k_nope, k_pe, v)  # CPU tensors: the caller's own path
+    if torch.cuda.is_available():
+        c = [t.cuda() for t in (q_nope, q_pe, k_nope, k_pe, v)]
+        assert mla_prefill_supported(*c)
+        assert not mla_prefill_supported(c[0], c[1][..., :8], c[2], c[3][..., :8], c[4])  # rope dim 8
+        with torch.enable_grad():
+            assert not mla_prefill_supported(c[0].requires_grad_(), *c[1:])
