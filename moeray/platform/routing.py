@@ -68,7 +68,9 @@ def route(
     if norm_topk_prob and top_k > 1:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
     weights_TK = weights_TK * routed_scaling_factor
-    counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=E)
+    # scatter_add, not bincount: bincount syncs with the host on CUDA, which breaks graph capture.
+    flat = expert_ids_TK.flatten()
+    counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return Routing(expert_ids_TK, weights_TK, counts_E, scores_TE)
 
 
