@@ -68,7 +68,7 @@ def qdq_128x128(w_NK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# the three GEMMs
+# the three GEMMs (public: `parallel/pipeline.py` runs the weight-grad one later, as DualPipe's W)
 
 
 def _kernels_for(t: torch.Tensor):
@@ -80,7 +80,7 @@ def _kernels_for(t: torch.Tensor):
     return kernels
 
 
-def _forward_gemm(x_MK, w_NK):
+def forward_gemm(x_MK, w_NK):
     k = _kernels_for(x_MK)
     if k is None:
         return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
@@ -88,7 +88,7 @@ def _forward_gemm(x_MK, w_NK):
     return k.fp8_linear_forward(x_MK.to(torch.bfloat16).contiguous(), wq, ws).float()
 
 
-def _dgrad_gemm(dy_MN, w_NK):
+def dgrad_gemm(dy_MN, w_NK):
     k = _kernels_for(dy_MN)
     if k is None:
         return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
@@ -96,7 +96,7 @@ def _dgrad_gemm(dy_MN, w_NK):
     return k.fp8_linear_dgrad(dy_MN.to(torch.bfloat16).contiguous(), wq, ws).float()
 
 
-def _wgrad_gemm(dy_MN, x_MK):
+def wgrad_gemm(dy_MN, x_MK):
     k = _kernels_for(dy_MN)
     if k is None:
         return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
@@ -115,14 +115,14 @@ class _FP8LinearFn(torch.autograd.Function):
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_MK.dtype
         ctx.save_for_backward(x_MK, w_NK)
         with torch.autocast(dev, enabled=False):
-            return _forward_gemm(x_MK, w_NK).to(out_dtype)
+            return forward_gemm(x_MK, w_NK).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy_MN: torch.Tensor):
         x_MK, w_NK = ctx.saved_tensors
         with torch.autocast(dy_MN.device.type, enabled=False):
-            dx = _dgrad_gemm(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
-            dw = _wgrad_gemm(dy_MN, x_MK).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
+            dx = dgrad_gemm(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
+            dw = wgrad_gemm(dy_MN, x_MK).to(w_NK.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 

@@ -111,6 +111,11 @@ def combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, gr
     return (y_AD.view(T, K, -1) * w_TK1).sum(dim=1)
 
 
+def is_expert_param(name: str) -> bool:
+    """True for the stacked routed-expert weights (sharded over EP, never all-reduced over it)."""
+    return ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
+
+
 def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
     """Keep only this rank's slice [ep_rank*L, (ep_rank+1)*L) of the stacked expert weights."""
     experts = moe.experts

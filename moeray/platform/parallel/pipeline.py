@@ -1,0 +1,888 @@
+"""Pipeline parallelism: the model split into stages, and an executor that runs a schedule's op list
+(`schedule.py`: 1F1B, ZB1P, DualPipe) with torch.distributed point-to-point messages.
+
+Legend: b sequences of a micro-batch, S positions, D model width, V vocabulary, M micro-batches of
+a step (both DualPipe directions together), PP pipeline ranks, E routed experts, L MoE layers
+(main layers then MTP blocks: the RouterActor's order).
+
+Stages (`split_layers`, `PipelineStage`). Stage 0 holds the embedding, the last stage the final
+norm, the head and the MTP modules; decoder layers are spread so that every stage runs about the
+same number of blocks (an MTP block counts as one). A stage keeps the full model's module names,
+so its state_dict keys are the checkpoint's and the stages of all ranks merge back into one model.
+
+Shared weights. MTP depth k reads the main model's embedding of token s+k and the shared head.
+The head lives on the last stage with the MTP modules, so only the embedding is needed twice: the
+last stage holds a copy of `model.embed_tokens` built from the same initial weights. Every
+parameter's *holders* are the pipeline ranks that hold a copy of it (1F1B: embedding on ranks 0
+and PP-1, everything else once; DualPipe: stage s on ranks s and PP-1-s, i.e. every parameter
+twice). After the backward pass the gradients of all copies are summed (and averaged over the
+EP x DP data shards) in one all-reduce per holder set, so every copy takes the same AdamW step and
+the copies never drift apart. On one rank two stages share a single embedding module (DualPipe:
+rank 0 holds stages 0 and PP-1), so the sum over copies counts each contribution once.
+
+Backward split (ZB1P, DualPipe). `BI` runs the backward with every linear layer's weight-gradient
+GEMM (dW = dy^T x) deferred into the stage's `WeightGradStore`; the input gradient, what the
+previous stage waits for, is ready sooner. `W` runs the deferred GEMMs. Linear layers, the lm head,
+the MTP projection and the routed experts (the GEMMs, about 2/3 of a backward's weight-grad work
+on the tiny model and more at scale) are deferred; norms, the router gate and the embedding take
+their (cheap) gradients inside BI.
+
+Messages. Between two pipeline ranks four kinds of stream can flow: activations and gradients of
+each direction. Every stream has its own two-rank process group, so the messages of one stream are
+matched in order (micro-batch order on both ends, which every schedule keeps) without tags, and
+NCCL never queues a send of one stream behind a receive of another on the same communicator.
+Receives are posted a slot ahead of their use; sends are asynchronous and waited for at the end of
+the step, so no rank blocks on a peer that is itself waiting to receive.
+
+Overlap (CUDA). Each direction computes on its own CUDA stream and uses its own EP process group.
+A DualPipe F&B slot pairs a forward of one direction with a backward of the other; with
+`overlap=True` the two run in two host threads, so one chunk's all-to-all (and its p2p messages)
+proceed while the other chunk computes. Two directions never share a collective, so the EP ranks'
+collectives stay matched whatever the interleaving. On CPU/gloo the slot runs sequentially unless
+asked (the tests run the threaded path on gloo too).
+
+Rank layout (`Topology`): global rank = (pp_rank * DP + dp_rank) * EP + ep_rank. EP is innermost
+(its all-to-all is the heaviest traffic: keep it inside a node), pipeline outermost (one
+activation per micro-batch crosses a stage boundary). With PP = 1 this is the EP x DP layout of
+`train/loop.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeray.platform.parallel.schedule import Kind, Op, Schedule, Slot, validate
+
+
+# ----------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass(frozen=True)
+class Topology:
+    pp: int
+    dp: int = 1
+    ep: int = 1
+
+    def __post_init__(self):
+        if min(self.pp, self.dp, self.ep) < 1:
+            raise ValueError(f"pp={self.pp}, dp={self.dp}, ep={self.ep} must all be >= 1")
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.ep
+
+    @property
+    def shards(self) -> int:
+        """Data shards: every (dp, ep) coordinate is one pipeline with its own slice of the batch."""
+        return self.dp * self.ep
+
+    def rank(self, pp_rank: int, dp_rank: int, ep_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.ep + ep_rank
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, ep_rank) of a global rank."""
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank={rank} outside a world of {self.world}")
+        return rank // (self.dp * self.ep), rank // self.ep % self.dp, rank % self.ep
+
+    def shard(self, rank: int) -> int:
+        """This rank's data shard: all pipeline ranks of one (dp, ep) pipeline read the same one."""
+        _, d, e = self.coords(rank)
+        return d * self.ep + e
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    num_layers: int
+    num_mtp: int
+    layers: tuple[tuple[int, ...], ...]  # main decoder layer ids of each stage
+
+    @property
+    def pp(self) -> int:
+        return len(self.layers)
+
+
+def split_layers(num_layers: int, num_mtp: int, pp: int) -> StageLayout:
+    """Contiguous layers per stage; the last stage's MTP blocks count as layers when balancing.
+
+    tiny (3 layers + 1 MTP): PP=2 -> (0, 1) | (2,)+MTP; PP=4 -> (0,) | (1,) | (2,) | ()+MTP.
+    """
+    if pp < 1:
+        raise ValueError(f"pp={pp} must be >= 1")
+    if pp > num_layers + 1:
+        raise ValueError(f"pp={pp} stages need at least pp-1={pp - 1} decoder layers, "
+                         f"the model has {num_layers}")
+    units = num_layers + num_mtp
+    last = max(units // pp - num_mtp, 0) if pp > 1 else num_layers
+    rest = num_layers - last
+    base, extra = divmod(rest, pp - 1) if pp > 1 else (0, 0)
+    sizes = [base + (1 if i < extra else 0) for i in range(pp - 1)] + [last]
+    if pp > 1 and min(sizes[:-1]) == 0:
+        raise ValueError(f"pp={pp} leaves a stage without decoder layers ({num_layers} layers)")
+    out, start = [], 0
+    for n in sizes:
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return StageLayout(num_layers, num_mtp, tuple(out))
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the MoE modules in the RouterActor's row order (`step.moe_layers`)."""
+    from moeray.platform.model.moe import MoE
+
+    return [name for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+class PipelineStage(nn.Module):
+    """Stage `index` of `layout`, holding the full model's modules under the full model's names.
+
+    The modules are taken (not copied) from `full`: stages built from one model on one rank share
+    what they have in common (the embedding of stage 0 and of the last stage).
+    """
+
+    def __init__(self, full: nn.Module, layout: StageLayout, index: int) -> None:
+        super().__init__()
+        if not 0 <= index < layout.pp:
+            raise ValueError(f"stage {index} outside pp={layout.pp}")
+        self.config = full.config
+        self.index = index
+        self.first, self.last = index == 0, index == layout.pp - 1
+        self.model = nn.Module()
+        self.model.rotary_emb = full.model.rotary_emb
+        if self.first or (self.last and layout.num_mtp > 0):
+            self.model.embed_tokens = full.model.embed_tokens
+        self.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in layout.layers[index]})
+        if self.last:
+            self.model.norm = full.model.norm
+            self.lm_head = full.lm_head
+            self.mtp = full.mtp
+        self.store = WeightGradStore()
+        # rows of this stage's MoE layers in the model's [L, E] order
+        names = moe_layer_names(full)
+        self.moe_rows = {name: names.index(name) for name in moe_layer_names(self)}
+        self.num_moe_layers = len(names)
+
+    def forward_chunk(self, x_bSD: torch.Tensor | None, tokens_bS1: torch.Tensor, loss_cfg,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch through this stage.
+
+        Returns (out, aux, stats): out is the activation for the next stage, or on the last stage
+        the scaled objective of `train/step.compute_loss`; aux is this stage's scaled balance loss
+        (a scalar; backward runs on it with gradient 1); stats holds detached unscaled parts.
+        """
+        from moeray.platform import routing
+
+        inputs_bS, targets_bS = tokens_bS1[:, :-1], tokens_bS1[:, 1:]
+        b, S = inputs_bS.shape
+        positions_bS = torch.arange(S, device=inputs_bS.device).expand(b, S)
+        cos, sin = self.model.rotary_emb(positions_bS)
+        x = self.model.embed_tokens(inputs_bS) if self.first else x_bSD
+        for layer in self.model.layers.values():
+            x = layer(x, cos, sin)
+        stats: dict[str, torch.Tensor] = {}
+        if self.last:
+            hidden_bSD = self.model.norm(x)
+            logits = self.lm_head(hidden_bSD)
+            main = F.cross_entropy(logits.flatten(0, 1).float(), targets_bS.flatten())
+            objective = main
+            mtp_ces = []
+            h_bSD = hidden_bSD
+            for k, module in enumerate(self.mtp, start=1):
+                if S - k < 1:
+                    break
+                pos = positions_bS[:, : S - k]
+                cos_k, sin_k = self.model.rotary_emb(pos)
+                h_bSD = module(h_bSD[:, :-1], self.model.embed_tokens(inputs_bS[:, k:]), cos_k, sin_k)
+                logits_k = self.lm_head(module.shared_head.norm(h_bSD))
+                mtp_ces.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets_bS[:, k:].flatten()))
+            if mtp_ces:
+                objective = objective + loss_cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()
+                stats["mtp"] = torch.stack(mtp_ces).mean().detach()
+            stats["main"] = main.detach()
+        balance = x.new_zeros((), dtype=torch.float32)
+        loads = []
+        for name, row in self.moe_rows.items():
+            r = self.get_submodule(name).last_routing
+            loads.append((row, r.counts_E.detach()))
+            if loss_cfg.balance_alpha > 0:
+                T = r.scores_TE.shape[0]
+                balance = balance + routing.sequence_balance_loss(
+                    r.scores_TE.view(b, T // b, -1), r.expert_ids_TK.view(b, T // b, -1),
+                    loss_cfg.balance_alpha)
+        stats["balance"] = balance.detach()
+        stats["loads"] = loads  # type: ignore[assignment]
+        if self.last:
+            return (objective + balance) * scale, balance.new_zeros(()), stats
+        return x, balance * scale, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# backward split: deferred weight-gradient GEMMs
+
+
+class WeightGradStore:
+    """Per-stage queue of deferred weight-gradient GEMMs, keyed by (direction, mb, stage).
+
+    A backward run inside `collect(key, defer=True)` queues each linear layer's dW instead of
+    computing it; `flush(key)` computes them (the schedule's W op)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int, int] | None = None
+        self.defer = False
+        self.pending: dict[tuple[int, int, int], list[Callable[[], None]]] = {}
+
+    @contextlib.contextmanager
+    def collect(self, key: tuple[int, int, int], defer: bool):
+        self.key, self.defer = key, defer
+        try:
+            yield
+        finally:
+            self.key, self.defer = None, False
+
+    def put(self, fn: Callable[[], None]) -> None:
+        assert self.key is not None, "a deferred weight grad outside a BI backward"
+        self.pending.setdefault(self.key, []).append(fn)
+
+    def flush(self, key: tuple[int, int, int]) -> int:
+        fns = self.pending.pop(key, [])
+        for fn in fns:
+            fn()
+        return len(fns)
+
+
+def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
+    if w.is_leaf:
+        # plain parameters: add into .grad directly (what AccumulateGrad would do)
+        if w.grad is None:
+            w.grad = dw
+        else:
+            w.grad += dw
+    else:
+        # a view of a parameter (one routed expert of the stacked [E, I, D] weights): autograd
+        # carries dW through the view's index into the stacked gradient
+        torch.autograd.backward(w, dw)
+
+
+class _SplitLinearFn(torch.autograd.Function):
+    """y = x W^T whose dW GEMM can be deferred to the stage's WeightGradStore.
+
+    `fp8`: the three GEMMs of `fp8.py` (block-scaled e4m3); else plain matmuls. Under autocast the
+    GEMMs run in the autocast dtype (like F.linear) and the output takes it; gradients come back
+    in the dtypes of x and W.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, store: WeightGradStore | None, fp8: bool):
+        dev = x_MK.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.store, ctx.fp8, ctx.cast = store, fp8, cast
+        with torch.autocast(dev, enabled=False):
+            if fp8:
+                from moeray.platform import fp8 as f8
+
+                return f8.forward_gemm(x_MK, w_NK).to(cast or x_MK.dtype)
+            if cast is not None:
+                return x_MK.to(cast) @ w_NK.to(cast).t()
+            return x_MK @ w_NK.t()
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        fp8, cast, store = ctx.fp8, ctx.cast, ctx.store
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            if fp8:
+                from moeray.platform import fp8 as f8
+
+                dgrad, wgrad = f8.dgrad_gemm, f8.wgrad_gemm
+            else:
+                def dgrad(dy, w):
+                    return dy @ (w if cast is None else w.to(cast))
+
+                def wgrad(dy, x):
+                    return dy.t() @ (x if cast is None else x.to(cast))
+            dx = dgrad(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
+            dw = None
+            if ctx.needs_input_grad[1]:
+                if store is not None and store.defer:
+                    def deferred(dy=dy_MN, x=x_MK, w=w_NK):
+                        # outside the autograd engine grad mode is on: dW must not build a graph
+                        with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                            dw_NK = wgrad(dy, x).to(w.dtype)
+                        _accumulate_weight_grad(w, dw_NK)
+                    store.put(deferred)
+                else:
+                    dw = wgrad(dy_MN, x_MK).to(w_NK.dtype)
+        return dx, dw, None, None
+
+
+def split_linear(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 store: WeightGradStore | None = None, fp8: bool = False) -> torch.Tensor:
+    """F.linear (any leading dims) with a deferrable weight gradient."""
+    if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
+        raise ValueError(f"split_linear: x [..., {x.shape[-1]}] does not match weight "
+                         f"{tuple(weight_NK.shape)} [N, K]")
+    lead = x.shape[:-1]
+    y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8)
+    y = y.reshape(*lead, weight_NK.shape[0])
+    return y if bias is None else y + bias
+
+
+class SplitLinear(nn.Module):
+    """Replaces an nn.Linear (or an FP8TrainLinear), sharing its Parameters (same names)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, store: WeightGradStore,
+                 fp8: bool) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.store, self.fp8 = store, fp8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_linear(x, self.weight, self.bias, store=self.store, fp8=self.fp8)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}, deferred dW"
+
+
+def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
+    """Route every linear layer and routed-expert GEMM of `stage` through `split_linear` with
+    `store` (FP8 ones stay FP8). Returns how many layers were switched."""
+    from moeray.platform.fp8 import FP8TrainLinear, fp8_linear
+    from moeray.platform.model.moe import Experts
+
+    n = 0
+    for module in list(stage.modules()):
+        if isinstance(module, Experts):
+            if isinstance(module.linear, functools.partial):
+                raise ValueError("enable_weight_grad_split: experts already switched")
+            module.linear = functools.partial(split_linear, store=store, fp8=module.linear is fp8_linear)
+            n += 1
+            continue
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear or isinstance(child, FP8TrainLinear):
+                setattr(module, child_name, SplitLinear(child.weight, child.bias, store,
+                                                        fp8=isinstance(child, FP8TrainLinear)))
+                n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# process groups
+
+
+@dataclass
+class PipelineGroups:
+    """Every process group a pipeline rank uses; `create` makes them on all ranks in one order."""
+
+    topology: Topology
+    rank: int
+    ep: dict[int, Any]  # direction -> this rank's EP group (None when EP = 1)
+    p2p: dict[tuple[str, int, int], tuple[Any, int, int]]  # (kind, direction, stage s) -> (group, src, dst)
+    sync: dict[tuple[tuple[int, ...], bool], Any]  # (holder pp ranks, expert?) -> group (None: alone)
+
+    @staticmethod
+    def create(topology: Topology, rank: int, directions: int,
+               holder_sets: list[tuple[int, ...]]) -> "PipelineGroups":
+        """p2p: for stage boundary s -> s+1 of each direction, an "act" stream (s to s+1) and a
+        "grad" stream (s+1 to s), one group each; keyed by (kind, direction, s) where s is the
+        lower stage. sync: per holder set, one group over all data shards (replicated parameters)
+        and one per EP rank (expert shards)."""
+        import torch.distributed as dist
+
+        t = topology
+        me_p, me_d, me_e = t.coords(rank)
+
+        def pp_rank_of(stage: int, direction: int) -> int:
+            return stage if direction == 0 else t.pp - 1 - stage
+
+        ep: dict[int, Any] = {}
+        for p in range(t.pp):
+            for d in range(t.dp):
+                for direction in range(directions):
+                    if t.ep == 1:
+                        continue
+                    g = dist.new_group([t.rank(p, d, e) for e in range(t.ep)])
+                    if (p, d) == (me_p, me_d):
+                        ep[direction] = g
+        if t.ep == 1:
+            ep = {direction: None for direction in range(directions)}
+        p2p: dict[tuple[str, int, int], tuple[Any, int, int]] = {}
+        for d in range(t.dp):
+            for e in range(t.ep):
+                for direction in range(directions):
+                    for s in range(t.pp - 1):
+                        lo = t.rank(pp_rank_of(s, direction), d, e)
+                        hi = t.rank(pp_rank_of(s + 1, direction), d, e)
+                        for kind, src, dst in (("act", lo, hi), ("grad", hi, lo)):
+                            g = dist.new_group(sorted((src, dst)))
+                            if (d, e) == (me_d, me_e):
+                                p2p[(kind, direction, s)] = (g, src, dst)
+        sync: dict[tuple[tuple[int, ...], bool], Any] = {}
+        for holders in sorted(set(holder_sets)):
+            ranks = sorted(t.rank(p, d, e) for p in holders for d in range(t.dp) for e in range(t.ep))
+            g = dist.new_group(ranks) if len(ranks) > 1 else None
+            if me_p in holders:
+                sync[(holders, False)] = g
+            for e in range(t.ep):
+                ranks = sorted(t.rank(p, d, e) for p in holders for d in range(t.dp))
+                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if me_p in holders and e == me_e:
+                    sync[(holders, True)] = g
+        return PipelineGroups(topology, rank, ep, p2p, sync)
+
+
+# ----------------------------------------------------------------------------------------------
+# the executor
+
+
+@dataclass
+class OpTiming:
+    kind: str  # "F", "B", "BI", "W" or "F&B"
+    start: float  # seconds from the step's start: inputs received, compute begins
+    end: float  # compute done (sends posted)
+
+
+@dataclass
+class StepTimings:
+    wall: float  # seconds from the step's start (after a barrier) to this rank's last op
+    slots: list[OpTiming] = field(default_factory=list)
+
+    @property
+    def busy(self) -> float:
+        return sum(s.end - s.start for s in self.slots)
+
+    @property
+    def idle(self) -> float:
+        return max(self.wall - self.busy, 0.0)
+
+    def mean_cost(self, kind: str) -> float | None:
+        xs = [s.end - s.start for s in self.slots if s.kind == kind]
+        return sum(xs) / len(xs) if xs else None
+
+
+@dataclass
+class StepOutput:
+    main_sum: float  # sum over this rank's last-stage micro-batches of CE / M
+    mtp_sum: float
+    balance_sum: float  # sum over this rank's stages and micro-batches of the balance loss / M
+    loads_LE: torch.Tensor  # int64 tokens per expert, this rank's layers, all its micro-batches
+    timings: StepTimings
+
+
+def _slot_kind(slot: Slot) -> str:
+    return "F&B" if len(slot) == 2 else slot[0].kind.value
+
+
+class PipelineExecutor:
+    """Runs one rank's ops of `schedule` for one step.
+
+    `stages[(direction, stage)]` are this rank's stage modules; `groups.p2p` the message streams.
+    """
+
+    def __init__(self, schedule: Schedule, pp_rank: int, stages: dict[tuple[int, int], PipelineStage],
+                 groups: PipelineGroups, *, device: torch.device, act_dtype: torch.dtype,
+                 seq_len: int, hidden: int, autocast_dtype: torch.dtype | None = None,
+                 overlap: bool | None = None, time_ops: bool = True) -> None:
+        validate(schedule)
+        self.schedule, self.pp_rank, self.stages, self.groups = schedule, pp_rank, stages, groups
+        need = {(d, st) for st in schedule.stages_of(pp_rank) for d in range(schedule.directions)
+                if schedule.rank_of(st, d) == pp_rank}
+        if set(stages) != need:
+            raise ValueError(f"rank {pp_rank} needs stages {sorted(need)} (direction, stage), "
+                             f"got {sorted(stages)}")
+        self.device, self.act_dtype = device, act_dtype
+        self.seq_len, self.hidden = seq_len, hidden
+        self.autocast_dtype = autocast_dtype
+        self.cuda = device.type == "cuda"
+        self.overlap = self.cuda if overlap is None else overlap
+        self.time_ops = time_ops
+        # one CUDA stream per direction: a forward of one overlaps a backward of the other
+        self.streams = ({d: torch.cuda.Stream(device) for d in range(schedule.directions)}
+                        if self.cuda else {})
+        self._pool = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _stream(self, direction: int):
+        return torch.cuda.stream(self.streams[direction]) if self.cuda else contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _recv_key(self, op: Op) -> tuple[str, int, int] | None:
+        """The stream an op receives from: (kind, direction, lower stage of the boundary)."""
+        d, _, st = op.key
+        if op.kind == Kind.F:
+            return ("act", d, st - 1) if st > 0 else None
+        if op.kind in (Kind.B, Kind.BI):
+            return ("grad", d, st) if st < self.schedule.pp - 1 else None
+        return None
+
+    def _post_recv(self, op: Op) -> None:
+        key = self._recv_key(op)
+        if key is None or op.key + (op.kind == Kind.F,) in self._recvs:
+            return
+        import torch.distributed as dist
+
+        group, src, _ = self.groups.p2p[key]
+        with self._stream(op.direction):
+            buf = torch.empty(self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype,
+                              device=self.device)
+            work = dist.irecv(buf, src=src, group=group)
+        self._recvs[op.key + (op.kind == Kind.F,)] = [buf, work]
+
+    def _wait_recv(self, op: Op) -> None:
+        """Wait once for an op's receive (a gloo Work must not be waited on twice); on CUDA this
+        makes the direction's stream, not the host, wait for it."""
+        entry = self._recvs.get(op.key + (op.kind == Kind.F,))
+        if entry is not None and entry[1] is not None:
+            with self._stream(op.direction):
+                entry[1].wait()
+            entry[1] = None
+
+    def _take_recv(self, op: Op) -> torch.Tensor:
+        self._wait_recv(op)
+        return self._recvs.pop(op.key + (op.kind == Kind.F,))[0]
+
+    def _send(self, key: tuple[str, int, int], tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        group, _, dst = self.groups.p2p[key]
+        if tensor.dtype != self.act_dtype:
+            raise ValueError(f"stage boundary sends {tensor.dtype}, expected {self.act_dtype}")
+        tensor = tensor.detach().contiguous()
+        self._sends.append((tensor, dist.isend(tensor, dst=dst, group=group)))
+
+    # -- ops ------------------------------------------------------------------------------------
+
+    def _forward(self, op: Op) -> None:
+        d, mb, st = op.key
+        stage = self.stages[(d, st)]
+        x = None
+        if st > 0:
+            x = self._take_recv(op).requires_grad_()
+        g = d * self.schedule.microbatches_per_direction() + mb
+        tokens = self._micro[g]
+        with self._autocast():
+            out, aux, stats = stage.forward_chunk(x, tokens, self.loss_cfg, 1.0 / self.schedule.microbatches)
+        self._ctx[op.key] = (x, out, aux)
+        for row, counts in stats.pop("loads"):
+            self._loads[row] += counts.to(self._loads.device, torch.int64)
+        for name, v in stats.items():
+            self._stats[name] = self._stats[name] + v.float()
+        if st < self.schedule.pp - 1:
+            self._send(("act", d, st), out)
+
+    def _backward(self, op: Op) -> None:
+        d, mb, st = op.key
+        stage = self.stages[(d, st)]
+        x, out, aux = self._ctx.pop(op.key)
+        if st == self.schedule.pp - 1:
+            tensors, grads = [out], [torch.ones_like(out)]
+        else:
+            tensors, grads = [out], [self._take_recv(op)]
+            if aux.requires_grad:
+                tensors.append(aux)
+                grads.append(torch.ones_like(aux))
+        with stage.store.collect(op.key, defer=op.kind == Kind.BI):
+            torch.autograd.backward(tensors, grads)
+        if st > 0:
+            self._send(("grad", d, st - 1), x.grad)
+
+    def _weight(self, op: Op) -> None:
+        d, _, st = op.key
+        self.stages[(d, st)].store.flush(op.key)
+
+    def _run_op(self, op: Op) -> None:
+        with self._stream(op.direction):
+            {Kind.F: self._forward, Kind.B: self._backward, Kind.BI: self._backward,
+             Kind.W: self._weight}[op.kind](op)
+
+    def _run_slot(self, slot: Slot) -> None:
+        if len(slot) == 2 and self.overlap:
+            # the forward in a helper thread (autocast and grad mode are thread-local: both are
+            # set inside), the backward here; each on its direction's stream and EP group
+            fwd, bwd = slot
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-fwd")
+            fut = self._pool.submit(self._run_op, fwd)
+            self._run_op(bwd)
+            fut.result()
+        else:
+            for op in slot:
+                self._run_op(op)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # -- a step ---------------------------------------------------------------------------------
+
+    def run(self, tokens_BS1: torch.Tensor, loss_cfg) -> StepOutput:
+        """Forward and backward of all micro-batches of this pipeline's batch (gradients are left
+        in the parameters' .grad, not yet synchronized across copies or data shards)."""
+        import torch.distributed as dist
+
+        M = self.schedule.microbatches
+        B = tokens_BS1.shape[0]
+        if B % M or tokens_BS1.shape[1] != self.seq_len + 1:
+            raise ValueError(f"batch {tuple(tokens_BS1.shape)} must be [k*M, seq_len+1] with "
+                             f"M={M} micro-batches and seq_len={self.seq_len}")
+        self._mb_rows = B // M
+        self._micro = tokens_BS1.to(self.device).split(self._mb_rows)
+        self.loss_cfg = loss_cfg
+        stage0 = next(iter(self.stages.values()))
+        self._loads = torch.zeros(stage0.num_moe_layers, stage0.config.n_routed_experts,
+                                  dtype=torch.int64, device=self.device)
+        zero = torch.zeros((), device=self.device)
+        self._stats = {"main": zero, "mtp": zero, "balance": zero}
+        self._ctx: dict = {}
+        self._recvs: dict = {}
+        self._sends: list = []
+        timings = StepTimings(0.0)
+        events = []
+        if self.cuda:
+            for s in self.streams.values():
+                s.wait_stream(torch.cuda.current_stream(self.device))
+        ops = self.schedule.ranks[self.pp_rank]
+        dist.barrier()  # the step's clock starts together on every rank
+        t0 = time.perf_counter()
+        for i, slot in enumerate(ops):
+            for ahead in ops[i:i + 2]:  # post this slot's and the next slot's receives
+                for op in ahead:
+                    self._post_recv(op)
+            for op in slot:  # inputs of this slot: the compute clock starts once they are in
+                self._wait_recv(op)
+            if self.cuda and self.time_ops:
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for s in self.streams.values():
+                    torch.cuda.current_stream(self.device).wait_stream(s)
+                ev[0].record()
+            start = time.perf_counter() - t0
+            self._run_slot(slot)
+            if self.cuda and self.time_ops:
+                for s in self.streams.values():
+                    torch.cuda.current_stream(self.device).wait_stream(s)
+                ev[1].record()
+                events.append(ev)
+            timings.slots.append(OpTiming(_slot_kind(slot), start, time.perf_counter() - t0))
+        for _, work in self._sends:
+            work.wait()
+        if self.cuda:
+            for s in self.streams.values():
+                torch.cuda.current_stream(self.device).wait_stream(s)
+            torch.cuda.synchronize(self.device)
+            if self.time_ops:
+                # GPU time per slot from events; host timestamps only order them
+                for t, (a, b) in zip(timings.slots, events):
+                    t.end = t.start + a.elapsed_time(b) / 1e3
+        timings.wall = time.perf_counter() - t0
+        assert not self._ctx and not self._recvs, "ops left without their backward or receive"
+        left = [k for st in self.stages.values() for k in st.store.pending]
+        assert not left, f"deferred weight grads never flushed: {left}"
+        self._sends = []
+        return StepOutput(float(self._stats["main"]) / M, float(self._stats["mtp"]) / M,
+                          float(self._stats["balance"]) / M, self._loads.cpu(), timings)
+
+
+# ----------------------------------------------------------------------------------------------
+# one rank of a pipeline-parallel model
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    pp: int
+    dp: int = 1
+    ep: int = 1
+    schedule: str = "dualpipe"
+    microbatches: int = 8
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.pp, self.dp, self.ep)
+
+
+class PipelineModel:
+    """This rank's stages of the model, their optimizer-visible parameters, gradient sync.
+
+    Build it on every rank of a `PipelineSpec.topology` world (torch.distributed initialized):
+    every rank builds the full model from `seed` (identical weights everywhere), keeps its stages,
+    optionally switches them to FP8 and expert parallelism, and defers weight grads.
+    """
+
+    def __init__(self, model_cfg, spec: PipelineSpec, rank: int, *, seed: int = 0, fp8: bool = False,
+                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                 overlap: bool | None = None, seq_len: int, full_init: Callable | None = None) -> None:
+        from moeray.platform.model.transformer import Transformer
+        from moeray.platform.parallel import schedule as sched
+        from moeray.platform.parallel.expert import enable_expert_parallel
+
+        self.spec, self.rank = spec, rank
+        self.topology = spec.topology
+        self.pp_rank, self.dp_rank, self.ep_rank = self.topology.coords(rank)
+        self.schedule = sched.build(spec.schedule, spec.pp, spec.microbatches)
+        self.device = torch.device(device)
+        full = Transformer(model_cfg)
+        full.reset_parameters(seed=seed)
+        if full_init is not None:
+            full_init(full)  # tests: e.g. nonzero router biases
+        full.to(self.device)
+        self.layout = split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, spec.pp)
+        self.moe_names = moe_layer_names(full)
+        # holders of every parameter name, from the names of every stage
+        stage_names = [set(n for n, _ in PipelineStage(full, self.layout, s).named_parameters())
+                       for s in range(spec.pp)]
+        self.holders: dict[str, tuple[int, ...]] = {}
+        for s, names in enumerate(stage_names):
+            for direction in range(self.schedule.directions):
+                p = self.schedule.rank_of(s, direction)
+                for n in names:
+                    self.holders[n] = tuple(sorted(set(self.holders.get(n, ())) | {p}))
+        self.groups = PipelineGroups.create(self.topology, rank, self.schedule.directions,
+                                            list(set(self.holders.values())))
+        self.stages: dict[tuple[int, int], PipelineStage] = {}
+        for st in self.schedule.stages_of(self.pp_rank):
+            for direction in range(self.schedule.directions):
+                if self.schedule.rank_of(st, direction) == self.pp_rank:
+                    self.stages[(direction, st)] = PipelineStage(full, self.layout, st)
+        for (direction, _), stage in self.stages.items():
+            if fp8:
+                from moeray.platform.fp8 import enable_fp8_training
+
+                enable_fp8_training(stage)
+            if spec.ep > 1:
+                enable_expert_parallel(stage, self.groups.ep[direction], self.ep_rank, spec.ep)
+            enable_weight_grad_split(stage, stage.store)
+        del full
+        self.modules = nn.ModuleList(self.stages.values())  # parameters() counts shared ones once
+        self.executor = PipelineExecutor(
+            self.schedule, self.pp_rank, self.stages, self.groups, device=self.device,
+            act_dtype=torch.float32, seq_len=seq_len, hidden=model_cfg.hidden_size,
+            autocast_dtype=autocast_dtype, overlap=overlap)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for stage in self.stages.values():
+            for n, p in stage.named_parameters():
+                assert out.get(n, p) is p, f"two different copies of {n} on one rank"
+                out[n] = p
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.stages.values():
+            out.update(stage.state_dict())
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for stage in self.stages.values():
+            own = stage.state_dict()
+            missing = [k for k in own if k not in state]
+            if missing:
+                raise ValueError(f"checkpoint lacks {missing[:3]}... for stage {stage.index}")
+            stage.load_state_dict({k: state[k] for k in own})
+
+    def moe_layers(self):
+        """(row, MoE module) of every MoE layer on this rank (each once)."""
+        seen = {}
+        for stage in self.stages.values():
+            for name, row in stage.moe_rows.items():
+                seen[row] = stage.get_submodule(name)
+        return sorted(seen.items())
+
+    @torch.no_grad()
+    def set_biases(self, bias_LE: torch.Tensor) -> None:
+        if bias_LE.shape[0] != len(self.moe_names):
+            raise ValueError(f"bias_LE has {bias_LE.shape[0]} rows for {len(self.moe_names)} MoE layers")
+        for row, moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.copy_(bias_LE[row].to(moe.gate.e_score_correction_bias))
+
+    def train(self) -> None:
+        self.modules.train()
+
+    def zero_grad(self) -> None:
+        for p in self.modules.parameters():
+            p.grad = None
+
+    def forward_backward(self, tokens_BS1: torch.Tensor, loss_cfg) -> StepOutput:
+        return self.executor.run(tokens_BS1, loss_cfg)
+
+    def sync_gradients(self) -> float:
+        """Sum every parameter's gradient over its copies and average over the data shards, in
+        one all-reduce per holder set; returns the global gradient norm (each parameter counted
+        once: on its lowest holder, data shard 0, and for experts once per EP rank)."""
+        import torch.distributed as dist
+
+        from moeray.platform.parallel.expert import is_expert_param
+
+        buckets: dict[tuple[tuple[int, ...], bool], list[nn.Parameter]] = {}
+        sq = torch.zeros((), dtype=torch.float64)
+        # sorted by name: the ranks of a holder set hold their stages in different orders
+        for name, p in sorted(self.named_parameters().items()):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buckets.setdefault((self.holders[name], is_expert_param(name)), []).append(p)
+        for key in sorted(buckets):
+            params = buckets[key]
+            group = self.groups.sync[key]
+            flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+            if group is not None:
+                dist.all_reduce(flat, group=group)
+            flat /= self.topology.shards
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p))
+                offset += n
+            holders, expert = key
+            if self.pp_rank == holders[0] and self.dp_rank == 0 and (expert or self.ep_rank == 0):
+                sq += float(flat.detach().double().pow(2).sum())
+        if self.topology.world > 1:
+            sq = sq.to(self.device) if self.device.type == "cuda" else sq
+            dist.all_reduce(sq)
+        return float(sq) ** 0.5
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole (EP=1, all stages) state dict on global rank 0, CPU tensors; None elsewhere.
+        Collective: every rank must call it."""
+        import torch.distributed as dist
+
+        from moeray.platform.parallel.expert import is_expert_param
+
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.spec.ep > 1:
+            group = self.groups.ep[0]
+            for k in sorted(state):
+                if is_expert_param(k):
+                    parts = [torch.empty_like(state[k]) for _ in range(self.spec.ep)]
+                    dist.all_gather(parts, state[k].contiguous(), group=group)
+                    state[k] = torch.cat(parts)
+        mine = ({k: v.cpu() for k, v in state.items()}
+                if self.dp_rank == 0 and self.ep_rank == 0 else None)
+        gathered = [None] * self.topology.world if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            if part:
+                full.update(part)
+        return full
+
+    def close(self) -> None:
+        self.executor.close()

@@ -1,0 +1,159 @@
+"""Pipeline parallelism: 1F1B, ZB1P and DualPipe over gloo processes give the gradients of a
+single-process step (same weights, same batch; MTP and the sequence-balance loss included), for
+PP=2, PP=4 and PP=2 x EP=2; stage layout; the deferred weight-grad split on its own."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moeray.platform.config import tiny
+from moeray.platform.parallel import pipeline as P
+from moeray.platform.train import step as ts
+
+SEED = 5
+B, S = 8, 12
+LOSS = ts.LossConfig(mtp_lambda=0.3, balance_alpha=0.01)  # alpha x100: balance grads are visible
+
+
+def _biases(model):
+    # nonzero selection biases, as after some balancing steps (the same on every process)
+    g = torch.Generator().manual_seed(77)
+    ts.set_biases(model, 0.05 * torch.randn(len(ts.moe_layers(model)), tiny().n_routed_experts, generator=g))
+
+
+def _tokens():
+    return torch.randint(0, tiny().vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(9))
+
+
+def _reference():
+    from moeray.platform.model.transformer import Transformer
+
+    model = Transformer(tiny())
+    model.reset_parameters(seed=SEED)
+    _biases(model)
+    parts = ts.compute_loss(model, _tokens(), LOSS)
+    parts.total.backward()
+    return parts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, init_file, out_dir, cases):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, spec, overlap in cases:
+            pm = P.PipelineModel(tiny(), spec, rank, seed=SEED, seq_len=S, overlap=overlap,
+                                 full_init=_biases)
+            shard = spec.topology.shard(rank)
+            rows = B // spec.topology.shards
+            out = pm.forward_backward(_tokens()[shard * rows:(shard + 1) * rows], LOSS)
+            norm = pm.sync_gradients()
+            stats = torch.tensor([out.main_sum, out.mtp_sum, out.balance_sum], dtype=torch.float64)
+            dist.all_reduce(stats)
+            torch.save({"grads": {n: p.grad for n, p in pm.named_parameters().items()},
+                        "stats": stats / spec.topology.shards, "norm": norm,
+                        "loads": out.loads_LE, "ep_rank": pm.ep_rank, "pp_rank": pm.pp_rank,
+                        "busy": out.timings.busy, "wall": out.timings.wall,
+                        "kinds": sorted({s.kind for s in out.timings.slots})},
+                       os.path.join(out_dir, f"{name}-rank{rank}.pt"))
+            pm.close()
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, world, cases):
+    mp.spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path), cases), nprocs=world, join=True)
+    return {name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(world)]
+            for name, _, _ in cases}
+
+
+def _check(results, ref_parts, ref_grads, ep=1):
+    E = tiny().n_routed_experts
+    for name, ranks in results.items():
+        seen = set()
+        for r in ranks:
+            for n, g in r["grads"].items():
+                want = ref_grads[n]
+                if ep > 1 and ".experts." in n:
+                    L = E // ep
+                    want = want[r["ep_rank"] * L:(r["ep_rank"] + 1) * L]
+                # fp32 rounding: micro-batches sum in another order than the full batch
+                torch.testing.assert_close(g, want, rtol=2e-4, atol=2e-7, msg=f"{name}: {n}")
+                seen.add(n)
+        assert seen == set(ref_grads), f"{name}: parameters missing {set(ref_grads) - seen}"
+        main, mtp, balance = ranks[0]["stats"].tolist()
+        assert main == pytest.approx(ref_parts.main, rel=1e-5), name
+        assert mtp == pytest.approx(ref_parts.mtp, rel=1e-5), name
+        assert balance == pytest.approx(ref_parts.balance, rel=1e-4), name
+        ref_norm = sum(float(g.double().pow(2).sum()) for g in ref_grads.values()) ** 0.5
+        assert all(r["norm"] == pytest.approx(ref_norm, rel=1e-4) for r in ranks), name
+        # every assignment of every token of every MoE layer was counted once over the world
+        loads = sum(r["loads"] for r in ranks)
+        K = tiny().num_experts_per_tok
+        assert loads[:-1].sum(1).tolist() == [B * S * K] * (loads.shape[0] - 1)
+        assert loads[-1].sum() == B * (S - 1) * K  # the MTP block sees S-1 positions
+
+
+def test_layout_and_arguments():
+    assert P.split_layers(3, 1, 2).layers == ((0, 1), (2,))
+    assert P.split_layers(3, 1, 4).layers == ((0,), (1,), (2,), ())
+    assert P.split_layers(12, 1, 4).layers == ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11))
+    assert P.split_layers(5, 0, 2).layers == ((0, 1, 2), (3, 4))
+    with pytest.raises(ValueError, match="decoder layers"):
+        P.split_layers(3, 1, 5)
+    t = P.Topology(pp=2, dp=3, ep=2)
+    assert [t.coords(r) for r in (0, 1, 2, 7, 11)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 2, 1)]
+    assert all(t.rank(*t.coords(r)) == r for r in range(t.world))
+    assert t.shard(7) == t.shard(1) == 1 and t.shards == 6
+    with pytest.raises(ValueError, match="outside"):
+        t.coords(12)
+
+
+def test_weight_grad_split_equals_full_backward():
+    """BI then W gives the same gradients as one full backward; BI alone leaves the deferred
+    GEMMs' weights (linears, routed experts, head) without gradient and the rest with it."""
+    from moeray.platform.model.transformer import Transformer
+
+    def stage_and_loss():
+        full = Transformer(tiny())
+        full.reset_parameters(seed=SEED)
+        stage = P.PipelineStage(full, P.split_layers(3, 1, 1), 0)
+        P.enable_weight_grad_split(stage, stage.store)
+        loss, _, _ = stage.forward_chunk(None, _tokens(), LOSS, 0.5)
+        return stage, loss
+
+    ref, loss = stage_and_loss()
+    loss.backward()
+    stage, loss = stage_and_loss()
+    with stage.store.collect((0, 0, 0), defer=True):
+        loss.backward()
+    assert stage.model.layers["1"].mlp.experts.gate_proj.grad is None
+    assert stage.lm_head.weight.grad is None and stage.model.layers["0"].self_attn.o_proj.weight.grad is None
+    assert stage.model.norm.weight.grad is not None and stage.model.embed_tokens.weight.grad is not None
+    assert stage.store.flush((0, 0, 0)) > 20
+    for (n, p), (_, q) in zip(stage.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_pp2_schedules_match_single_process(tmp_path):
+    ref_parts, ref_grads = _reference()
+    cases = [("1f1b", P.PipelineSpec(2, schedule="1f1b", microbatches=4), False),
+             ("zb1p", P.PipelineSpec(2, schedule="zb1p", microbatches=4), False),
+             ("dualpipe", P.PipelineSpec(2, schedule="dualpipe", microbatches=4), False),
+             ("dualpipe-overlap", P.PipelineSpec(2, schedule="dualpipe", microbatches=8), True)]
+    results = _run(tmp_path, 2, cases)
+    _check(results, ref_parts, ref_grads)
+    assert results["dualpipe"][0]["kinds"] == ["B", "BI", "F", "F&B", "W"]
+    assert results["1f1b"][0]["kinds"] == ["B", "F"]
+
+
+def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
+    ref_parts, ref_grads = _reference()
+    results = _run(tmp_path, 4, [("pp4", P.PipelineSpec(4, schedule="dualpipe", microbatches=8), False)])
+    _check(results, ref_parts, ref_grads)
+    results = _run(tmp_path, 4, [("pp2ep2", P.PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)])
+    _check(results, ref_parts, ref_grads, ep=2)
