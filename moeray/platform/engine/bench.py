@@ -152,15 +152,22 @@ def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
            for p in prompts]
     outs: dict[str, list[int]] = {}
-    while any(len(engine.scheduler.requests[r].output_token_ids) == 0 for r in ids):
-        engine.step()
+
+    def step():
+        res = engine.step()
+        for o in res:
+            if o.finished:
+                outs[o.request_id] = o.output_token_ids
+        return res
+
+    # A large batch prefills over several steps; early requests may decode (even finish) meanwhile.
+    while any(r not in outs and not engine.scheduler.requests[r].output_token_ids for r in ids):
+        step()
     produced = 0
     t = time.perf_counter()
     while engine.has_unfinished():
-        for o in engine.step():
+        for o in step():
             produced += len(o.new_token_ids)
-            if o.finished:
-                outs[o.request_id] = o.output_token_ids
     _sync(engine.device)
     dt = time.perf_counter() - t
     return produced / dt, [outs[r] for r in ids]
