@@ -60,11 +60,11 @@ class DecodeServer:
         """Serve calls this every `request_routing_stats_period_s`; DecodeRouter reads it."""
         return {"free_pages": self.worker.free_pages(), "seq": next(self._stats_seq)}
 
-    def stats(self, replica: str | None = None) -> dict[str, Any]:
-        """This replica's pages and recent transfers. `replica` (a replica id) is read by
-        DecodeRouter, which then sends the call to that replica."""
+    def stats(self, replica: str | None = None, last: int = 100) -> dict[str, Any]:
+        """This replica's pages and its `last` transfers (at most 1000 are kept). `replica` (a
+        replica id) is read by DecodeRouter, which then sends the call to that replica."""
         return {"replica": replica_id(), "free_pages": self.worker.free_pages(),
-                "transfers": [vars(t) for t in self.worker.transfers[-100:]],
+                "transfers": [vars(t) for t in self.worker.transfers[-last:]] if last > 0 else [],
                 "engine": self.worker.loop.engine.metrics()}
 
 

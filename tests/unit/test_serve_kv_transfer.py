@@ -174,3 +174,18 @@ def test_prefix_hashes_match_page_boundaries():
 def test_endpoint_is_plain_data():
     ep = DecodeEndpoint("d0", "node", "10.0.0.1", 1234)
     assert ep.store_port == 1234 and ep == DecodeEndpoint("d0", "node", "10.0.0.1", 1234)
+
+
+def test_bench_transfer_summary_skips_recomputed_requests():
+    from moeray.platform.serve.bench import _transfer_summary
+
+    rng = random.Random(9)
+    moved = [{"bytes": rng.randint(1, 10_000), "seconds": rng.uniform(0.001, 0.2), "recomputed": False,
+              "receive_seconds": rng.uniform(0, 0.01)} for _ in range(37)]
+    redo = [{"bytes": 0, "seconds": 5.0, "recomputed": True} for _ in range(3)]
+    s = _transfer_summary(moved + redo)
+    assert s["requests"] == 40 and s["recomputed"] == 3
+    assert s["bytes_per_request_mean"] == pytest.approx(sum(m["bytes"] for m in moved) / 37)
+    assert s["seconds_mean_ms"] == pytest.approx(1000 * sum(m["seconds"] for m in moved) / 37)
+    assert s["seconds_p99_ms"] < 200.0  # the recomputed 5 s entries are not transfers
+    assert _transfer_summary(redo)["bytes_per_request_mean"] is None

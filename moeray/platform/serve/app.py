@@ -181,8 +181,15 @@ def main(argv: list[str]) -> int:
     if a.write_config:
         import yaml
 
-        Path(a.write_config).write_text(yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
+        header = ("# Written by `moeray serve --write-config`; run with `serve run F` or `serve deploy F`.\n"
+                  "# `args` are ServeConfig fields (moeray/platform/config.py); e.g. autoscaling:\n"
+                  "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} per engine deployment.\n"
+                  "# The API key is never written here: set MOERAY_API_KEY in the cluster's environment.\n")
+        Path(a.write_config).write_text(header + yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
         print(f"wrote {a.write_config}: serve run {a.write_config}")
+        if a.api_key:
+            print("note: --api-key is not written to the file; set MOERAY_API_KEY where the app runs",
+                  file=sys.stderr)
         return 0
     if not (Path(cfg.model) / "config.json").exists():
         print(f"moeray serve: no model at {cfg.model!r} (config.json missing); "

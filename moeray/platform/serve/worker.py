@@ -233,6 +233,9 @@ class TransferRecord:
     seconds: float
     recomputed: bool
     transport: str = "object_store"
+    # The receive alone (after the ticket arrived): the data movement of rdt/channel; ~0 for the
+    # object store, whose rows arrive inside the prefill call's reply.
+    receive_seconds: float = 0.0
 
 
 class DecodeWorker:
@@ -261,13 +264,17 @@ class DecodeWorker:
         t0 = time.perf_counter()
         pre: PrefillResult | None = None
         rows: KVRows | None = None
+        t_recv = t0
         try:
             pre = await self.fetch(req, have, self.receiver.endpoint())
+            t_recv = time.perf_counter()
             rows = await self.receiver.receive(pre.kv)
         except Exception as e:  # noqa: BLE001 - the request must still complete
             log.warning("prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
                         req.request_id, type(e).__name__, e)
-        seconds = time.perf_counter() - t0 - (pre.seconds if pre is not None else 0.0)
+        now = time.perf_counter()
+        seconds = now - t0 - (pre.seconds if pre is not None else 0.0)
+        receive_seconds = now - t_recv if rows is not None else 0.0
         params = sampling_params(req)
         transport = self.receiver.name
 
@@ -279,7 +286,8 @@ class DecodeWorker:
                     prompt, pre.first.token_ids[0], rows, params, req.request_id,
                     first_logprobs=pre.first.logprobs[0] if pre.first.logprobs else None)
                 if out is not None:
-                    self._record(TransferRecord(req.request_id, rows.nbytes, seconds, False, transport))
+                    self._record(TransferRecord(req.request_id, rows.nbytes, seconds, False, transport,
+                                                receive_seconds))
                     return out
             engine.add_request(prompt, params, req.request_id)
             self._record(TransferRecord(req.request_id, 0, seconds, True, transport))

@@ -1,0 +1,62 @@
+"""`moeray serve --write-config`, the shipped Serve configs, and ServeConfig validation (no Ray cluster)."""
+
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from moeray.platform.config import KV_TRANSPORTS, ServeConfig  # noqa: E402
+from moeray.platform.serve.app import _decode_router, main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_write_config_round_trips_the_flags(tmp_path):
+    f = tmp_path / "serve.yaml"
+    assert main(["--model", "/m/dir", "--mode", "pd", "--prefill-replicas", "3", "--decode-replicas", "5",
+                 "--port", "9123", "--kv-transport", "channel", "--cpus-per-replica", "0.25",
+                 "--api-key", "sk-secret", "--write-config", str(f)]) == 0
+    text = f.read_text()
+    assert "sk-secret" not in text and "MOERAY_API_KEY" in text
+    conf = yaml.safe_load(text)
+    (app,) = conf["applications"]
+    cfg = ServeConfig.from_dict(app["args"])
+    assert (cfg.model, cfg.prefill_replicas, cfg.decode_replicas, cfg.port, cfg.kv_transport,
+            cfg.cpus_per_replica, cfg.api_key) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None)
+    assert conf["http_options"]["port"] == 9123 and app["import_path"] == "moeray.platform.serve.app:build"
+
+
+def test_bad_flags_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["--kv-transport", "carrier-pigeon"])
+    assert main(["--decode-replicas", "0", "--write-config", "/dev/null"]) == 2
+    assert "decode_replicas=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["pd.yaml", "colocated.yaml"])
+def test_shipped_serve_configs_parse(name):
+    conf = yaml.safe_load((ROOT / "configs" / "serve" / name).read_text())
+    cfg = ServeConfig.from_dict(conf["applications"][0]["args"])
+    assert cfg.mode == name.split(".")[0] and cfg.kv_transport in KV_TRANSPORTS
+
+
+def test_serve_config_rejects_bad_values():
+    for bad, match in (({"kv_transport": "tcp"}, "kv_transport='tcp'"),
+                       ({"kv_transfer_timeout_s": 0}, "kv_transfer_timeout_s"),
+                       ({"routing_stats_period_s": -1.0}, "routing_stats_period_s"),
+                       ({"autoscaling": {"max_replica": 3}}, "max_replica")):
+        with pytest.raises(ValueError, match=match):
+            ServeConfig(**bad)
+    with pytest.raises(ValueError, match="unknown serve settings"):
+        ServeConfig.from_dict({"kv_transprot": "rdt"})
+
+
+def test_decode_router_resolves_to_a_serve_request_router():
+    from ray.serve._private.utils import import_attr
+    from ray.serve.request_router import RequestRouter
+
+    opts = _decode_router(ServeConfig(page_size=32, routing_stats_period_s=0.5))
+    cls = import_attr(opts["request_router_class"])
+    assert issubclass(cls, RequestRouter) and cls.__name__ == "DecodeRouter"
+    assert opts["request_router_kwargs"] == {"page_size": 32} and opts["request_routing_stats_period_s"] == 0.5
