@@ -39,6 +39,15 @@ if TYPE_CHECKING:
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
+# DeepSeek-V3's chat layout (system text after BOS, then User/Assistant turns, each assistant turn
+# closed by EOS) written with our tokenizer's specials; served models read it from
+# tokenizer_config.json like any HF chat template.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|Assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}"
+)
 
 # 4 MB of stdlib source trains a 1024-token BPE in about a second and packs to roughly 1.3M tokens
 # (about 3 bytes per token at this vocabulary size): hundreds of tiny-model steps without repeats.
@@ -186,6 +195,7 @@ def save_tokenizer(tok: "tokenizers.Tokenizer", directory: str | os.PathLike,
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
