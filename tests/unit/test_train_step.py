@@ -132,6 +132,14 @@ def test_job_config_parsing(tmp_path):
         TrainJobConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="multiple of"):
         TrainJobConfig.from_dict({"parallel": {"ep": 3}, "data": {"global_batch": 8}})
+    pp = load_config("configs/train/tiny-pp2.yaml")
+    assert (pp.parallel.pp, pp.parallel.schedule, pp.parallel.microbatches, pp.parallel.world) == (2, "dualpipe", 4, 2)
+    with pytest.raises(ValueError, match="2\\*pp"):
+        TrainJobConfig.from_dict({"parallel": {"pp": 4, "microbatches": 4}})
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        TrainJobConfig.from_dict({"parallel": {"pp": 2, "microbatches": 6}, "data": {"global_batch": 8}})
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainJobConfig.from_dict({"parallel": {"pp": 2, "schedule": "gpipe"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: 1.0, momentum: 0.9}\n")
     with pytest.raises(ValueError, match="momentum"):

@@ -1,12 +1,17 @@
 """The training loop of one worker (a Ray Train worker process), and the job's typed config.
 
-World layout: rank = dp_rank * EP + ep_rank. Ranks [d*EP, (d+1)*EP) form one expert-parallel
-group (they split the routed experts); ranks with the same ep_rank form a data-parallel group
-(they hold the same expert shard). Every rank reads its own slice of each global batch, so all
-EP x DP ranks are data-parallel for the replicated parameters.
+World layout: rank = (pp_rank * DP + dp_rank) * EP + ep_rank (`parallel/pipeline.Topology`).
+With PP = 1 that is dp_rank * EP + ep_rank: ranks [d*EP, (d+1)*EP) form one expert-parallel group
+(they split the routed experts); ranks with the same ep_rank form a data-parallel group (they hold
+the same expert shard). Every (dp, ep) coordinate is one data shard that reads its own slice of
+each global batch, so all EP x DP shards are data-parallel for the replicated parameters.
+With PP > 1 each shard is a pipeline of PP ranks that all read the shard's slice (stage 0 needs
+the tokens, the last stage the targets and the MTP's future tokens); the slice is cut into
+`parallel.microbatches` micro-batches run by `parallel.schedule` (`parallel/pipeline.py`).
 
-Per step: forward and backward on the local micro-batch; all-reduce gradients (replicated
-parameters over the world, expert shards over their DP group; both divided by the world size);
+Per step: forward and backward on the local batch (PP > 1: all micro-batches through the
+pipeline schedule); all-reduce gradients (replicated parameters over the world, expert shards
+over their DP group, pipeline copies over their holders; divided by the EP x DP shards);
 clip by the global norm; AdamW; report this rank's expert loads to the RouterActor and load the
 new biases it returns (so every rank routes the next step with the same biases).
 
@@ -36,10 +41,17 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     dp: int = 1
+    schedule: str = "dualpipe"  # with pp > 1: 1f1b | zb1p | dualpipe
+    microbatches: int = 8  # per step and data shard (DualPipe: both directions together)
+    overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA
 
     @property
     def world(self) -> int:
         return self.pp * self.ep * self.dp
+
+    @property
+    def shards(self) -> int:
+        return self.ep * self.dp
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class TrainJobConfig:
     checkpoint_every: int = 50
     max_failures: int = 3
     fp8: bool = False
+    bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
     seed: int = 0
     use_gpu: bool = False
     router_name: str = ""  # default: moeray-router-<name>
@@ -80,16 +93,21 @@ class TrainJobConfig:
         p = self.parallel
         if min(p.pp, p.ep, p.dp) < 1:
             raise ValueError(f"parallel sizes must be >= 1, got {p}")
-        if p.pp != 1:
-            raise ValueError(
-                f"parallel.pp={p.pp}: pipeline stages across workers are not wired into the job yet "
-                "(the schedules are in moeray.platform.parallel.schedule); use pp: 1"
-            )
-        if self.data.global_batch % p.world:
+        if self.data.global_batch % p.shards:
             raise ValueError(
                 f"data.global_batch={self.data.global_batch} must be a multiple of the "
-                f"{p.world} workers (pp*ep*dp)"
+                f"{p.shards} data shards (ep*dp)"
             )
+        if p.pp > 1:
+            from moeray.platform.parallel.schedule import build
+
+            build(p.schedule, p.pp, p.microbatches)  # ValueError names the bad schedule/sizes
+            local = self.data.global_batch // p.shards
+            if local % p.microbatches:
+                raise ValueError(
+                    f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
+                    f"parallel.microbatches={p.microbatches} equal micro-batches"
+                )
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, log_every and checkpoint_every must be >= 1")
 
@@ -169,7 +187,9 @@ def make_groups(rank: int, world: int, ep: int) -> Groups:
 
 
 def _is_expert_param(name: str) -> bool:
-    return ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
+    from moeray.platform.parallel.expert import is_expert_param
+
+    return is_expert_param(name)
 
 
 def sync_gradients(model, groups: Groups) -> float:
@@ -260,6 +280,101 @@ def _latest_checkpoint(reported, run_dir: Path, run_id: str, world: int) -> Path
     return max(candidates)[1] if candidates else None
 
 
+@dataclass
+class _StepParts:
+    main: float  # this rank's share: summed over ranks and divided by the shards it is the loss
+    mtp: float
+    balance: float
+    norm: float
+    loads_LE: Any
+
+
+class _FlatReplica:
+    """PP = 1: the whole model (experts sharded over EP) on this rank."""
+
+    def __init__(self, job: "TrainJobConfig", rank: int, world: int, device) -> None:
+        import torch
+
+        from moeray.platform.model.transformer import Transformer
+        from moeray.platform.parallel.expert import enable_expert_parallel
+
+        self.job, self.device = job, device
+        self.groups = make_groups(rank, world, job.parallel.ep)
+        model = Transformer(job.model_config())
+        model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
+        if job.fp8:
+            from moeray.platform.fp8 import enable_fp8_training
+
+            enable_fp8_training(model)
+        if self.groups.ep_size > 1:
+            enable_expert_parallel(model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
+        self.module = model
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
+
+    def step(self, batch) -> _StepParts:
+        from moeray.platform.train import step as tstep
+
+        with self.autocast:
+            parts = tstep.compute_loss(self.module, batch, self.job.loss)
+        parts.total.backward()
+        norm = sync_gradients(self.module, self.groups)
+        return _StepParts(parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module))
+
+    def set_biases(self, bias_LE) -> None:
+        from moeray.platform.train import step as tstep
+
+        tstep.set_biases(self.module, bias_LE)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+    def full_state(self) -> dict | None:
+        return gather_full_state(self.module, self.groups)
+
+    def close(self) -> None:
+        pass
+
+
+class _PipelineReplica:
+    """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
+
+    def __init__(self, job: "TrainJobConfig", rank: int, world: int, device) -> None:
+        import torch
+
+        from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+
+        p = job.parallel
+        self.job = job
+        self.pm = PipelineModel(
+            job.model_config(), PipelineSpec(p.pp, p.dp, p.ep, p.schedule, p.microbatches), rank,
+            seed=job.seed, fp8=job.fp8, device=device, overlap=p.overlap,
+            autocast_dtype=torch.bfloat16 if job.bf16 else None, seq_len=job.data.seq_len)
+        self.module = self.pm.modules
+
+    def step(self, batch) -> _StepParts:
+        out = self.pm.forward_backward(batch, self.job.loss)
+        norm = self.pm.sync_gradients()
+        return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
+
+    def set_biases(self, bias_LE) -> None:
+        self.pm.set_biases(bias_LE)
+
+    def state_dict(self) -> dict:
+        return self.pm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pm.load_state_dict(state)
+
+    def full_state(self) -> dict | None:
+        return self.pm.full_state()
+
+    def close(self) -> None:
+        self.pm.close()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir", "run_id",
     "tokens", "tokenizer"} from `job.py`."""
@@ -272,7 +387,7 @@ def train_loop_per_worker(config: dict) -> None:
     from moeray.platform.metrics import (
         TRAIN_LOSS, TRAIN_LR, TRAIN_MAXVIO, TRAIN_MTP_LOSS, TRAIN_STEP, TRAIN_TOKENS_PER_S, Metrics)
     from moeray.platform.model.transformer import Transformer
-    from moeray.platform.parallel.expert import enable_expert_parallel
+    from moeray.platform.parallel.pipeline import Topology
     from moeray.platform.train import data as tdata
     from moeray.platform.train import step as tstep
 
@@ -283,18 +398,16 @@ def train_loop_per_worker(config: dict) -> None:
     if world != job.parallel.world:
         raise ValueError(f"{world} workers, but the config asks for pp*ep*dp={job.parallel.world}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    groups = make_groups(rank, world, job.parallel.ep)
+    p = job.parallel
+    topology = Topology(p.pp, p.dp, p.ep)
+    device = torch.device("cpu")
+    if job.use_gpu and p.pp > 1:  # the PP = 1 path runs on the CPU
+        import ray.train.torch
 
+        device = ray.train.torch.get_device()
+    replica = (_PipelineReplica if p.pp > 1 else _FlatReplica)(job, rank, world, device)
     model_cfg = job.model_config()
-    model = Transformer(model_cfg)
-    model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
-    if job.fp8:
-        from moeray.platform.fp8 import enable_fp8_training
-
-        enable_fp8_training(model)
-    if groups.ep_size > 1:
-        enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
-    optimizer = tstep.build_optimizer(model, job.optim)
+    optimizer = tstep.build_optimizer(replica.module, job.optim)
 
     tokens = torch.load(config["tokens"])
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
@@ -304,7 +417,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_dir = _latest_checkpoint(ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world)
     if ckpt_dir is not None:
         saved = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=False)
-        model.load_state_dict(saved["model"])
+        replica.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = tdata.DataState.from_dict(saved["data"])
         start = saved["step"] + 1
@@ -320,16 +433,17 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         ray.get(router.load_state_dict.remote(router_state))
     dist.barrier()
-    tstep.set_biases(model, ray.get(router.biases.remote())["bias_LE"])
-    loader = tdata.BatchLoader(dataset, job.data.global_batch, dp_rank=rank, dp_size=world,
-                               seed=job.data.seed, state=state)
+    replica.set_biases(ray.get(router.biases.remote())["bias_LE"])
+    # every pipeline rank of a data shard reads the shard's slice
+    loader = tdata.BatchLoader(dataset, job.data.global_batch, dp_rank=topology.shard(rank),
+                               dp_size=topology.shards, seed=job.data.seed, state=state)
 
     metrics = Metrics("ray", defs=(TRAIN_STEP, TRAIN_LOSS, TRAIN_MTP_LOSS, TRAIN_TOKENS_PER_S,
                                    TRAIN_MAXVIO, TRAIN_LR)) if rank == 0 else None
     history = run_dir / "history.jsonl"
     kill_marker = run_dir / f"killed-rank{job.kill_rank}"
     tokens_per_step = job.data.global_batch * job.data.seq_len
-    model.train()
+    replica.module.train()
     for step in range(start, job.steps):
         if step == job.kill_at_step and rank == job.kill_rank and not kill_marker.exists():
             kill_marker.write_text(str(os.getpid()))
@@ -337,19 +451,21 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         position = loader.state
         batch = loader.next_batch()
-        parts = tstep.compute_loss(model, batch, job.loss)
-        parts.total.backward()
-        norm = sync_gradients(model, groups)
-        _, lr = tstep.apply_update(model, optimizer, step, job.optim, total_norm=norm)
-        loads = tstep.expert_loads(model)
+        parts = replica.step(batch)
+        _, lr = tstep.apply_update(replica.module, optimizer, step, job.optim, total_norm=parts.norm)
+        loads = parts.loads_LE
         ray.get(router.report.remote(step, rank, loads))
-        tstep.set_biases(model, ray.get(router.biases.remote(min_step=step))["bias_LE"])
+        replica.set_biases(ray.get(router.biases.remote(min_step=step))["bias_LE"])
+        # PP = 1: every rank holds its shard's whole loss; PP > 1: the ranks of a pipeline hold
+        # parts of it (the loss on the last stage, balance terms on every stage); either way the
+        # sum over the world divided by the shards is the mean over shards
         stats = torch.tensor([parts.main, parts.mtp, parts.balance], dtype=torch.float64)
         dist.all_reduce(stats)
-        stats /= world
+        stats /= topology.shards
         global_loads = loads.clone()
         dist.all_reduce(global_loads)
         maxvio = float(routing.maxvio(global_loads).mean())
+        norm = parts.norm
         dt = time.perf_counter() - t0
         if rank == 0:
             rec = {"step": step, "loss": float(stats[0]), "mtp_loss": float(stats[1]),
@@ -372,14 +488,15 @@ def train_loop_per_worker(config: dict) -> None:
         if (step + 1) % job.checkpoint_every == 0 or last:
             router_state = ray.get(router.state_dict.remote()) if rank == 0 else None
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), rank, model, optimizer, loader, step, router_state,
+                _save_checkpoint(Path(tmp), rank, replica, optimizer, loader, step, router_state,
                                  {"step": step, "world": world, "parallel": asdict(job.parallel),
                                   "run_id": config.get("run_id", "")})
                 ray.train.report({"step": step, "loss": float(stats[0])},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{step:07d}")
 
-    full = gather_full_state(model, groups)
+    full = replica.full_state()
+    replica.close()
     if rank == 0:
         from moeray.platform.checkpoint import save_model
 

@@ -1,0 +1,314 @@
+"""`moeray bench train`: pipeline-parallel training throughput, bubbles and FP8 vs BF16.
+
+    moeray bench train                                   # CPU: tiny, PP=2, gloo, ~2-3 minutes
+    moeray bench train --model small --device cuda --pp 2 --ep 2 --seq-len 1024 \\
+        --micro-batch-size 2 --microbatches 8 --steps 30        # 4 GPUs, NCCL
+
+Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
+process) and runs three trainings of the same steps on the same batches, each from the same
+initial weights:
+  dualpipe-fp8   DualPipe, FP8 projections (`fp8.py`), other GEMMs under bf16 autocast;
+  dualpipe-bf16  DualPipe, every GEMM under bf16 autocast;
+  1f1b-fp8       1F1B, FP8: the baseline schedule's bubble and step time.
+Each step is a full training step: the pipeline schedule, the gradient sync, clipping, AdamW and
+the aux-loss-free bias update (gamma 0.001, done locally from the all-reduced expert loads).
+
+Data: a synthetic sparse-bigram stream (each token has 4 equally likely successors drawn once
+from a seeded generator): learnable (the loss falls from log V towards log 4 = 1.39) and the same
+on every machine, without a tokenizer or corpus.
+
+Numbers (the first `--warmup` steps excluded from timings):
+  step_time_s       rank 0's wall time of a whole step, mean;
+  tokens_per_s      global tokens per step / step_time_s;
+  mfu               training FLOPs per token x tokens_per_s / (workers x measured matmul rate):
+                    the rate is measured here, per worker (CPU: fp32 GEMM on the worker's thread;
+                    CUDA: bf16 GEMM, 8192^3), so MFU is against what this device delivers, not
+                    the datasheet; FLOPs = 3 x forward (matmuls with the activated experts, the
+                    head for the main and each MTP depth, causal attention);
+  bubble_fraction_* per step: max over ranks of (wall - busy) / wall, mean over steps, where busy
+                    is the time a rank spends computing after its inputs arrived (CUDA: events);
+                    `simulated_bubble_fraction_*` feeds the measured mean F, B, W, F&B times to
+                    `parallel/simulate.py` for comparison;
+  fp8_bf16_loss_rel_diff    |loss_fp8 - loss_bf16| / loss_bf16 at the final step (same batch);
+  fp8_bf16_step_time_ratio  step_time(dualpipe-fp8) / step_time(dualpipe-bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny"
+    device: str = "cpu"
+    pp: int = 2
+    ep: int = 1
+    microbatches: int = 8
+    micro_batch_size: int = 2
+    seq_len: int = 64
+    steps: int = 40
+    warmup: int = 3
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = 1  # CPU: torch threads per worker
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected cpu or cuda")
+        if self.steps <= self.warmup + 1 or self.warmup < 0:
+            raise ValueError(f"steps={self.steps} must exceed warmup={self.warmup} + 1")
+        if min(self.pp, self.ep, self.microbatches, self.micro_batch_size, self.seq_len) < 1:
+            raise ValueError("pp, ep, microbatches, micro_batch_size and seq_len must be >= 1")
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.ep
+
+    @property
+    def global_batch(self) -> int:
+        return self.ep * self.microbatches * self.micro_batch_size
+
+
+RUNS = (("dualpipe-fp8", "dualpipe", True), ("dualpipe-bf16", "dualpipe", False),
+        ("1f1b-fp8", "1f1b", True))
+
+
+def bigram_stream(vocab: int, n: int, seed: int):
+    """n tokens of a random sparse bigram chain (4 successors per token)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    succ_V4 = torch.randint(0, vocab, (vocab, 4), generator=g)
+    pick = torch.randint(0, 4, (n,), generator=g).tolist()
+    out = [int(torch.randint(0, vocab, (1,), generator=g))]
+    table = succ_V4.tolist()
+    for i in range(n - 1):
+        out.append(table[out[-1]][pick[i]])
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+    """3 x forward FLOPs per token (see the module docstring)."""
+    V, D = cfg.vocab_size, cfg.hidden_size
+    n_mtp = cfg.num_nextn_predict_layers
+    matmul_params = cfg.num_parameters(activated=True, include_mtp=True) - V * D + n_mtp * V * D
+    attn = (cfg.num_hidden_layers + n_mtp) * cfg.num_attention_heads * (
+        cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1)
+    return 3.0 * (2.0 * matmul_params + attn)
+
+
+def measure_matmul_rate(device) -> float:
+    """FLOP/s of a square GEMM on this worker: CPU fp32 n=512, CUDA bf16 n=8192."""
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 20 if device.type == "cuda" else 5
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _one_run(cfg: BenchConfig, rank: int, schedule: str, fp8: bool, tokens, device) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
+    from moeray.platform import routing
+    from moeray.platform.config import preset
+    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+    from moeray.platform.parallel.simulate import Costs, simulate
+    from moeray.platform.train import step as tstep
+
+    model_cfg = preset(cfg.model)
+    spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
+    pm = PipelineModel(model_cfg, spec, rank, seed=cfg.seed, fp8=fp8, device=device,
+                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len)
+    optim = tstep.OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps)
+    loss_cfg = tstep.LossConfig()
+    opt = tstep.build_optimizer(pm.modules, optim)
+    bias_LE = torch.zeros(len(pm.moe_names), model_cfg.n_routed_experts)
+    rows = cfg.micro_batch_size * cfg.microbatches
+    shard = spec.topology.shard(rank)
+    S1 = cfg.seq_len + 1
+    losses, walls, bubbles = [], [], []
+    costs: dict[str, list[float]] = {}
+    pm.train()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        first = (step * cfg.global_batch + shard * rows) * S1
+        batch = tokens[first:first + rows * S1].view(rows, S1)
+        out = pm.forward_backward(batch, loss_cfg)
+        norm = pm.sync_gradients()
+        tstep.apply_update(pm.modules, opt, step, optim, total_norm=norm)
+        loads = out.loads_LE.to(device)
+        dist.all_reduce(loads)
+        bias_LE = routing.bias_update(bias_LE, loads.cpu(), 0.001)
+        pm.set_biases(bias_LE)
+        stats = torch.tensor([out.main_sum, out.timings.wall, out.timings.idle], dtype=torch.float64,
+                             device=device)
+        every = [torch.zeros_like(stats) for _ in range(cfg.world)]
+        dist.all_gather(every, stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        losses.append(sum(float(s[0]) for s in every) / cfg.ep)
+        if step >= cfg.warmup:
+            walls.append(wall)
+            bubbles.append(max(float(s[2]) for s in every) / max(float(s[1]) for s in every))
+            for kind in ("F", "B", "BI", "W", "F&B"):
+                c = out.timings.mean_cost(kind)
+                if c is not None:
+                    costs.setdefault(kind, []).append(c)
+    pm.close()
+    if rank != 0:
+        return None
+    mean = {k: sum(v) / len(v) for k, v in costs.items()}
+    f, b = mean["F"], mean.get("B", mean.get("BI", 0.0) + mean.get("W", 0.0))
+    w = min(mean.get("W", 0.0), b)
+    sim = simulate(pm.schedule, Costs(f, b, w, mean.get("F&B")))
+    return {"losses": losses, "step_time_s": sum(walls) / len(walls),
+            "bubble_fraction": sum(bubbles) / len(bubbles),
+            "simulated_bubble_fraction": sim.bubble() / sim.makespan,
+            "op_costs_s": mean}
+
+
+def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
+                            init_method=f"file://{init_file}", rank=rank, world_size=cfg.world)
+    try:
+        from moeray.platform.config import preset
+
+        vocab = preset(cfg.model).vocab_size
+        tokens = bigram_stream(vocab, cfg.steps * cfg.global_batch * (cfg.seq_len + 1), cfg.seed)
+        rate = measure_matmul_rate(device)
+        results = {"matmul_flops_per_s": rate}
+        for name, schedule, fp8 in RUNS:
+            results[name] = _one_run(cfg, rank, schedule, fp8, tokens, device)
+            dist.barrier()
+        if rank == 0:
+            Path(out_dir, "bench.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(cfg: BenchConfig) -> dict:
+    import torch.multiprocessing as mp
+
+    from moeray.platform.config import preset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(cfg, os.path.join(tmp, "pg"), tmp), nprocs=cfg.world, join=True)
+        raw = json.loads(Path(tmp, "bench.json").read_text())
+    main, bf16, base = raw["dualpipe-fp8"], raw["dualpipe-bf16"], raw["1f1b-fp8"]
+    model_cfg = preset(cfg.model)
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    tokens_per_s = tokens_per_step / main["step_time_s"]
+    flops = train_flops_per_token(model_cfg, cfg.seq_len)
+    rate = raw["matmul_flops_per_s"]
+    last = 5
+    fp8_final, bf16_final = main["losses"][-1], bf16["losses"][-1]
+    tail_fp8 = sum(main["losses"][-last:]) / last
+    tail_bf16 = sum(bf16["losses"][-last:]) / last
+    return {
+        "config": asdict(cfg),
+        "workers": cfg.world,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops * tokens_per_s / (cfg.world * rate),
+        "train_flops_per_token": flops,
+        "matmul_flops_per_s_per_worker": rate,
+        "step_time_s": main["step_time_s"],
+        "step_time_s_1f1b": base["step_time_s"],
+        "step_time_s_bf16": bf16["step_time_s"],
+        "bubble_fraction_dualpipe": main["bubble_fraction"],
+        "bubble_fraction_1f1b": base["bubble_fraction"],
+        "simulated_bubble_fraction_dualpipe": main["simulated_bubble_fraction"],
+        "simulated_bubble_fraction_1f1b": base["simulated_bubble_fraction"],
+        "op_costs_s_dualpipe": main["op_costs_s"],
+        "op_costs_s_1f1b": base["op_costs_s"],
+        "fp8_bf16_step_time_ratio": main["step_time_s"] / bf16["step_time_s"],
+        "fp8_final_loss": fp8_final,
+        "bf16_final_loss": bf16_final,
+        "fp8_bf16_loss_rel_diff": abs(fp8_final - bf16_final) / bf16_final,
+        f"fp8_bf16_loss_rel_diff_mean_last{last}": abs(tail_fp8 - tail_bf16) / tail_bf16,
+        "first_loss": main["losses"][0],
+        "losses_fp8": main["losses"],
+        "losses_bf16": bf16["losses"],
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeray bench train", description=__doc__.split("\n\n")[0])
+    d = BenchConfig()
+    p.add_argument("--model", default=d.model, help="preset (tiny, small)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--pp", type=int, default=d.pp)
+    p.add_argument("--ep", type=int, default=d.ep)
+    p.add_argument("--microbatches", type=int, default=d.microbatches,
+                   help="per step and pipeline, both DualPipe directions together")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the timings")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from moeray.platform.results import device_slug, write_result
+
+    args = _parser().parse_args(argv)
+    try:
+        cfg = BenchConfig(args.model, args.device, args.pp, args.ep, args.microbatches,
+                          args.micro_batch_size, args.seq_len, args.steps, args.warmup, args.lr,
+                          threads=args.threads)
+        if cfg.device == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < cfg.world:
+                raise ValueError(f"{cfg.world} workers need {cfg.world} GPUs, "
+                                 f"found {torch.cuda.device_count()}")
+    except ValueError as e:
+        print(f"moeray bench train: {e}", file=sys.stderr)
+        return 2
+    numbers = run(cfg)
+    slug = device_slug() if cfg.device == "cuda" else "cpu"
+    path = write_result(f"train-{slug}", numbers, directory=Path(args.out) if args.out else None)
+    keys = ("tokens_per_s", "mfu", "step_time_s", "bubble_fraction_dualpipe", "bubble_fraction_1f1b",
+            "simulated_bubble_fraction_dualpipe", "simulated_bubble_fraction_1f1b",
+            "fp8_bf16_step_time_ratio", "fp8_bf16_loss_rel_diff", "fp8_final_loss", "bf16_final_loss")
+    for k in keys:
+        print(f"{k:<36} {numbers[k]:.6g}")
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
