@@ -75,28 +75,10 @@ class Experts(nn.Module):
                 expert_offset: int = 0) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(x). Ids outside
         [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
-        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
-        half = (torch.bfloat16, torch.float16)
-        needs_grad = torch.is_grad_enabled() and (
-            x_TD.requires_grad or weights_TK.requires_grad or w1.requires_grad or w3.requires_grad or w2.requires_grad)
-        if x_TD.is_cuda and x_TD.shape[0] > 0 and self.linear is F.linear and not needs_grad:
-            # GPU inference: the fused Triton MoE (moeray.kernels.moe), one launch per GEMM over all
-            # local experts and no host sync, so the engine can capture decode steps in CUDA graphs
-            # (the loop below reads the per-expert counts back with .tolist()). It has no backward
-            # and knows nothing of a swapped `linear` (FP8 training): those take the loop.
-            scales: tuple = ()
-            if w1.dtype == FP8:
-                scales = tuple(getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj"))
-                ok = (w3.dtype == FP8 and w2.dtype == FP8 and x_TD.dtype in half
-                      and all(s is not None for s in scales)
-                      and w1.shape[1] % 128 == 0 and w1.shape[2] % 128 == 0)  # whole 128x128 blocks
-            else:
-                ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
-            if ok:
-                from moeray.kernels.moe import fused_moe_gate_up
-
-                kw = dict(zip(("w1_scale", "w3_scale", "w2_scale"), (s.float() for s in scales)))
-                return fused_moe_gate_up(x_TD, w1, w3, w2, expert_ids_TK - expert_offset, weights_TK, **kw)
+        if x_TD.is_cuda and x_TD.shape[0] > 0:
+            y_TD = self._fused(x_TD, expert_ids_TK - expert_offset, weights_TK)
+            if y_TD is not None:
+                return y_TD
         K = expert_ids_TK.shape[1]
         local_ids = expert_ids_TK.flatten() - expert_offset
         # Ids of other ranks get key E so that they sort last and are never computed here.
@@ -117,6 +99,33 @@ class Experts(nn.Module):
             y = self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
             out_TD.index_add_(0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype))
         return out_TD
+
+
+    def _fused(self, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        """GPU inference: the fused Triton MoE (moeray.kernels.moe), one launch per GEMM over all
+        local experts and no host sync, so the engine can capture decode steps in CUDA graphs (the
+        loop in `forward` reads per-expert counts back with .tolist()). None when it does not apply:
+        gradients needed (it has no backward), a swapped `linear` (FP8 training), mixed dtypes, or
+        FP8 weights without whole 128x128 blocks."""
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
+        half = (torch.bfloat16, torch.float16)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, w1, w3, w2))
+        if self.linear is not F.linear or needs_grad:
+            return None
+        scales: tuple = ()
+        if w1.dtype == FP8:
+            scales = tuple(getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj"))
+            ok = (w3.dtype == FP8 and w2.dtype == FP8 and x_TD.dtype in half
+                  and all(s is not None for s in scales)
+                  and w1.shape[1] % 128 == 0 and w1.shape[2] % 128 == 0)
+        else:
+            ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
+        if not ok:
+            return None
+        from moeray.kernels.moe import fused_moe_gate_up
+
+        kw = dict(zip(("w1_scale", "w3_scale", "w2_scale"), (s.float() for s in scales)))
+        return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, **kw)
 
 
 class MoE(nn.Module):
