@@ -3,10 +3,10 @@ outputs unchanged, and the busiest GPU lighter than with one copy per expert."""
 
 import torch
 
-from moeray.platform import routing
 from moeray.platform.config import tiny
 from moeray.platform.engine.eplb import PlacedMoE, apply_placement, gpu_loads
 from moeray.platform.model.transformer import Transformer, greedy_generate
+from moeray.platform.placement import place_experts, round_robin_gpu_loads
 
 GPUS = 4
 
@@ -27,7 +27,7 @@ def test_placed_layers_spread_hot_experts_and_keep_outputs():
     with torch.no_grad():
         ref = model(ids)
     loads_LE = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float()
-    placement = routing.place_experts(loads_LE, num_physical=c.n_routed_experts + GPUS,
+    placement = place_experts(loads_LE, num_physical=c.n_routed_experts + GPUS,
                                       num_groups=c.n_group, num_nodes=1, num_gpus=GPUS)
     assert int(placement.logcnt_LE[:, 5].min()) >= 2  # the hot expert got replicas
 
@@ -42,7 +42,7 @@ def test_placed_layers_spread_hot_experts_and_keep_outputs():
         assert int(per_replica.max() - per_replica.min()) <= 1  # evenly spread
         assert int(per_replica.sum()) == int(m.last_routing.counts_E[5])
         placed_max = int(gpu_loads(m.slot_counts_P, placement).max())
-        rr_max = int(routing.round_robin_gpu_loads(m.last_routing.counts_E[None].float(), GPUS).max())
+        rr_max = int(round_robin_gpu_loads(m.last_routing.counts_E[None].float(), GPUS).max())
         assert placed_max < rr_max, (placed_max, rr_max)
 
 
@@ -54,14 +54,14 @@ def test_generation_unchanged_with_placement():
     with torch.no_grad():
         model(prompt)  # a full forward (MTP included) to observe every MoE layer's loads
     loads = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float() + 1
-    apply_placement(model, routing.place_experts(loads, c.n_routed_experts + GPUS, c.n_group, 1, GPUS))
+    apply_placement(model, place_experts(loads, c.n_routed_experts + GPUS, c.n_group, 1, GPUS))
     assert torch.equal(greedy_generate(model, prompt, 8), before)
 
 
 def test_layer_count_mismatch_is_a_clear_error():
     model = _skewed_model()
     c = tiny()
-    bad = routing.place_experts(torch.ones(1, c.n_routed_experts), c.n_routed_experts, c.n_group, 1, 1)
+    bad = place_experts(torch.ones(1, c.n_routed_experts), c.n_routed_experts, c.n_group, 1, 1)
     try:
         apply_placement(model, bad)
     except ValueError as e:

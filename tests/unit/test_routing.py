@@ -6,6 +6,7 @@ Legend: T tokens, E experts, K experts per token, G groups, L layers, P physical
 import pytest
 import torch
 
+from moeray.platform import placement as PL
 from moeray.platform import routing as R
 
 
@@ -228,12 +229,12 @@ def test_placement_keeps_every_expert_and_beats_round_robin(E, P, groups, nodes,
     # Skewed loads: a few hot experts (Zipf-like), shuffled so hot ones are not adjacent.
     base = 1000.0 / torch.arange(1, E + 1).double() ** 1.2
     load = torch.stack([base[torch.randperm(E, generator=g)] for _ in range(L)]).round()
-    pl = R.place_experts(load, P, groups, nodes, gpus)
+    pl = PL.place_experts(load, P, groups, nodes, gpus)
     _check_placement(pl, E, P, gpus)
-    ours = R.gpu_loads(load, pl).amax(-1)
-    rr = R.round_robin_gpu_loads(load, gpus).amax(-1)
+    ours = PL.gpu_loads(load, pl).amax(-1)
+    rr = PL.round_robin_gpu_loads(load, gpus).amax(-1)
     assert bool((ours < rr).all()), (ours, rr)
-    assert torch.allclose(R.gpu_loads(load, pl).sum(-1), load.sum(-1))
+    assert torch.allclose(PL.gpu_loads(load, pl).sum(-1), load.sum(-1))
     if groups % nodes == 0:
         # Hierarchical: every replica of a group's experts sits on that group's node.
         gpus_per_node = gpus // nodes
@@ -247,19 +248,19 @@ def test_placement_keeps_every_expert_and_beats_round_robin(E, P, groups, nodes,
 def test_placement_rejects_bad_shapes():
     load = torch.ones(2, 8)
     with pytest.raises(ValueError, match="num_physical"):
-        R.place_experts(load, 6, 2, 1, 2)
+        PL.place_experts(load, 6, 2, 1, 2)
     with pytest.raises(ValueError, match="num_gpus"):
-        R.place_experts(load, 12, 2, 2, 3)
+        PL.place_experts(load, 12, 2, 2, 3)
 
 
 def test_to_physical_spreads_hot_expert_over_replicas():
     g = torch.Generator().manual_seed(5)
     E, P, T, K = 8, 12, 301, 2
     load = torch.tensor([[900.0, 50, 40, 30, 20, 10, 5, 1]])
-    pl = R.place_experts(load, P, 2, 1, 4)
+    pl = PL.place_experts(load, P, 2, 1, 4)
     assert int(pl.logcnt_LE[0, 0]) >= 3
     ids = torch.multinomial(load[0] / load.sum(), T * K, replacement=True, generator=g).view(T, K)
-    phys = R.to_physical(ids, pl.log2phy_LER[0], pl.logcnt_LE[0])
+    phys = PL.to_physical(ids, pl.log2phy_LER[0], pl.logcnt_LE[0])
     assert torch.equal(pl.phy2log_LP[0][phys], ids)  # every token lands on a replica of its expert
     per_slot = torch.bincount(phys.flatten(), minlength=P)
     for e in range(E):
@@ -301,7 +302,7 @@ def test_serving_loop_rebalance_spreads_real_routing():
     pl = st.rebalance()
     out = R.route(torch.randn(T, E, generator=g) + skew, None, top_k=K, n_group=G, topk_group=M,
                   routed_scaling_factor=1.0)
-    phys = R.to_physical(out.expert_ids_TK, pl.log2phy_LER[0], pl.logcnt_LE[0])
+    phys = PL.to_physical(out.expert_ids_TK, pl.log2phy_LER[0], pl.logcnt_LE[0])
     per_gpu = torch.bincount(pl.gpu_of_slot()[phys.flatten()], minlength=gpus)
     rr = torch.bincount(out.expert_ids_TK.flatten() % gpus, minlength=gpus)
     assert int(per_gpu.sum()) == T * K, (per_gpu, rr)

@@ -3,10 +3,10 @@
 Legend: T tokens, K experts per token, E logical experts, P physical slots (E + redundant), D model
 width, I expert width.
 
-`routing.place_experts` turns measured loads into a `Placement`: which logical expert each
+`placement.place_experts` turns measured loads into a `Placement`: which logical expert each
 physical slot holds, and on which GPU each slot lives. `PlacedMoE` is the serving MoE layer that
 honours it: routing stays logical (the gate, the bias and the node limit are unchanged), then
-`routing.to_physical` spreads each expert's tokens evenly over its replicas, and the experts run
+`placement.to_physical` spreads each expert's tokens evenly over its replicas, and the experts run
 per physical slot. Replicas hold identical weights, so outputs equal the unreplicated layer's; what
 changes is the load per slot, hence per GPU once slots are sharded over expert-parallel ranks.
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeray.platform import routing
 from moeray.platform.model.moe import Experts, MoE
+from moeray.platform.placement import Placement, to_physical
 
 
 class PlacedMoE(MoE):
-    def __init__(self, moe: MoE, placement: routing.Placement, layer: int) -> None:
+    def __init__(self, moe: MoE, placement: Placement, layer: int) -> None:
         nn.Module.__init__(self)
         self.config = moe.config
         self.gate = moe.gate
@@ -49,7 +49,7 @@ class PlacedMoE(MoE):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         r = self.route(x_TD)
         self.last_routing = r  # logical loads: what the RouterActor's moving average observes
-        phys_TK = routing.to_physical(r.expert_ids_TK, self.log2phy_ER, self.logcnt_E)
+        phys_TK = to_physical(r.expert_ids_TK, self.log2phy_ER, self.logcnt_E)
         self.slot_counts_P = torch.bincount(phys_TK.flatten(), minlength=self.experts.num_experts)
         y_TD = self.experts(x_TD, phys_TK, r.weights_TK)
         if self.shared_experts is not None:
@@ -57,7 +57,7 @@ class PlacedMoE(MoE):
         return y_TD.view_as(x_BSD)
 
 
-def apply_placement(model: nn.Module, placement: routing.Placement) -> list[PlacedMoE]:
+def apply_placement(model: nn.Module, placement: Placement) -> list[PlacedMoE]:
     """Swap every MoE layer of `model` (in `Transformer.moe_layers()` order, which is the order the
     router numbers them) for its placed version; returns the new layers."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -76,7 +76,7 @@ def apply_placement(model: nn.Module, placement: routing.Placement) -> list[Plac
     return placed
 
 
-def gpu_loads(slot_counts_P: torch.Tensor, placement: routing.Placement) -> torch.Tensor:
+def gpu_loads(slot_counts_P: torch.Tensor, placement: Placement) -> torch.Tensor:
     """Tokens per GPU from tokens per physical slot."""
     return torch.zeros(placement.num_gpus, dtype=torch.int64).index_add_(
         0, placement.gpu_of_slot(), slot_counts_P.cpu().to(torch.int64))
