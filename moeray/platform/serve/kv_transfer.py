@@ -130,11 +130,20 @@ class RDTSender:
         self.backend = backend
         self._pairs: dict[str, tuple[Any, Any, str]] = {}
         self._lock = asyncio.Lock()
+        self._dead_lock = threading.Lock()  # _check runs on Ray's callback thread
+        self._orphans: list[Any] = []  # src relays whose dst died: killed on the next _pair
 
     async def _pair(self, dest: DecodeEndpoint) -> tuple[Any, Any]:
+        import ray
+
         async with self._lock:
-            if dest.replica_id not in self._pairs:
-                import ray
+            with self._dead_lock:
+                orphans, self._orphans = self._orphans, []
+            for relay in orphans:
+                ray.kill(relay)
+            with self._dead_lock:
+                pair = self._pairs.get(dest.replica_id)
+            if pair is None:
                 from ray.experimental.collective import create_collective_group
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -152,16 +161,35 @@ class RDTSender:
                 name = f"moeray-kv-{uuid.uuid4().hex[:12]}"
                 # create_collective_group blocks on ray.get: keep it off the event loop.
                 await asyncio.to_thread(create_collective_group, [src, dst], self.backend, name)
-                self._pairs[dest.replica_id] = (src, dst, name)
-            src, dst, _ = self._pairs[dest.replica_id]
-            return src, dst
+                pair = (src, dst, name)
+                with self._dead_lock:
+                    self._pairs[dest.replica_id] = pair
+            return pair[0], pair[1]
 
     async def send(self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None) -> RDTTicket:
         if dest is None or dest.replica_id == "local":
             raise ValueError("rdt transport needs the decode replica's endpoint (node id)")
         src, dst = await self._pair(dest)
         ref = src.take.options(tensor_transport=self.backend).remote(rows.kv_LTC, rows.pe_LTR)
-        return RDTTicket(rows.start, dst.receive.remote(ref), rows.nbytes)
+        out = dst.receive.remote(ref)
+        out.future().add_done_callback(lambda fut: self._check(fut, dest.replica_id, src))
+        return RDTTicket(rows.start, out, rows.nbytes)
+
+    def _check(self, fut: Any, replica_id: str, src: Any) -> None:
+        """A relay that died takes its pair with it: the next send to that decode replica builds
+        a new pair instead of failing (and recomputing) forever. Runs on Ray's callback thread,
+        where calling Ray (ray.kill) would deadlock: the orphaned src relay is killed later, on
+        the event loop, by the next `_pair`."""
+        import ray
+
+        if not isinstance(fut.exception(), ray.exceptions.RayActorError):
+            return
+        with self._dead_lock:
+            pair = self._pairs.get(replica_id)
+            if pair is not None and pair[0] is src:
+                del self._pairs[replica_id]
+                self._orphans.append(src)
+                log.warning("KV relay pair for decode replica %s died; rebuilding on next use", replica_id)
 
     def close(self) -> None:
         from ray.experimental.collective import destroy_collective_group
