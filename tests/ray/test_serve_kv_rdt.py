@@ -29,10 +29,22 @@ def test_rdt_relay_pair_moves_rows_exactly_then_fails_loudly_without_its_relay(r
         assert len(send._pairs) == 1  # one relay pair per decode replica, set up once
         (src, dst, _name), = send._pairs.values()
         ray_local.kill(dst)
-        with pytest.raises(Exception):
+        with pytest.raises(ray_local.exceptions.RayActorError):
             t = await send.send("dead", rows[0], ep)
             await asyncio.wait_for(recv.receive(t), timeout=30)
-        ray_local.kill(src)
+        for _ in range(50):  # the failed transfer drops the pair ...
+            if not send._pairs:
+                break
+            await asyncio.sleep(0.1)
+        assert not send._pairs
+        again = await recv.receive(await send.send("again", rows[1], ep))  # ... and a new one works
+        assert torch.equal(again.kv_LTC, rows[1].kv_LTC)
+        (src2, dst2, _name), = send._pairs.values()
+        assert src2 is not src
+        with pytest.raises(ray_local.exceptions.RayActorError):  # the orphaned src relay was killed
+            await src.ping.remote()
+        ray_local.kill(src2)
+        ray_local.kill(dst2)
         return got
 
     got = asyncio.run(run())
