@@ -60,3 +60,17 @@ def test_decode_router_resolves_to_a_serve_request_router():
     cls = import_attr(opts["request_router_class"])
     assert issubclass(cls, RequestRouter) and cls.__name__ == "DecodeRouter"
     assert opts["request_router_kwargs"] == {"page_size": 32} and opts["request_routing_stats_period_s"] == 0.5
+
+
+def test_engine_deployments_take_resources_and_autoscaling_from_the_config():
+    from moeray.platform.serve.app import _engine_options
+
+    cfg = ServeConfig(gpus_per_replica=1.0, cpus_per_replica=3.0, max_num_seqs=7, max_waiting=5)
+    fixed = _engine_options(cfg, 4)
+    assert fixed["num_replicas"] == 4 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 1.0}
+    assert fixed["max_ongoing_requests"] == 12
+    auto = _engine_options(cfg.replace(autoscaling={"min_replicas": 1, "max_replicas": 6,
+                                                    "target_ongoing_requests": 9}), 4)
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 9}
