@@ -26,6 +26,7 @@ try:
 except ImportError:  # the openai client in this environment ships httpx as httpx2
     import httpx2 as httpx
 
+from moeray.platform.serve import ingress
 from moeray.platform.serve import openai as oa
 
 EOS = 256
@@ -132,8 +133,8 @@ def serve_app(app) -> Iterator[str]:
 
 def make_server(engine=None, *, metrics=None, **cfg):
     engine = engine or EchoEngine()
-    config = oa.OpenAIServerConfig(**{"model_id": "tiny", "max_context": 512, **cfg})
-    return engine, oa.build_app(engine, ByteTokenizer(), config, metrics=metrics)
+    config = ingress.OpenAIServerConfig(**{"model_id": "tiny", "max_context": 512, **cfg})
+    return engine, ingress.build_app(engine, ByteTokenizer(), config, metrics=metrics)
 
 
 def _wait(cond, timeout=5.0):
@@ -151,7 +152,7 @@ def test_incremental_detokenizer_random_utf8_splits():
     for _ in range(50):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
         ids = tok.encode(text)
-        det = oa.IncrementalDetokenizer(tok)
+        det = ingress.IncrementalDetokenizer(tok)
         pieces, pos = [], 0
         while pos < len(ids):
             n = rng.randint(1, 4)
@@ -164,7 +165,7 @@ def test_incremental_detokenizer_random_utf8_splits():
 
 def test_incremental_detokenizer_flushes_a_truncated_character():
     tok = ByteTokenizer()
-    det = oa.IncrementalDetokenizer(tok)
+    det = ingress.IncrementalDetokenizer(tok)
     ids = tok.encode("a€")[:-1]  # the euro sign cut after 2 of 3 bytes
     assert det.push(ids[:1]) == "a"
     assert det.push(ids[1:]) == ""  # held back: the character is incomplete
@@ -179,7 +180,7 @@ def test_stop_matcher_random_against_reference():
                  for _ in range(rng.randint(1, 3))]
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         want = text[: min(hits)] if hits else text
-        m = oa.StopMatcher(stops)
+        m = ingress.StopMatcher(stops)
         out, pos = [], 0
         while pos < len(text) and not m.stopped:
             n = rng.randint(1, 5)
@@ -251,7 +252,7 @@ def test_param_paths_and_validation_errors():
 
 
 def test_admission_gate_bearer_and_params():
-    g = oa.AdmissionGate(limit=3, retry_after_s=0.2)
+    g = ingress.AdmissionGate(limit=3, retry_after_s=0.2)
     assert g.try_acquire(2) and not g.try_acquire(2) and g.try_acquire(1)
     assert g.in_flight == 3
     err = g.rejection()
@@ -259,34 +260,34 @@ def test_admission_gate_bearer_and_params():
     g.release(2)
     assert g.try_acquire(2)
     with pytest.raises(ValueError):
-        oa.AdmissionGate(limit=0)
-    oa.check_bearer(None, None)
-    oa.check_bearer("Bearer s3cret", "s3cret")
-    oa.check_bearer("bearer s3cret", "s3cret")
+        ingress.AdmissionGate(limit=0)
+    ingress.check_bearer(None, None)
+    ingress.check_bearer("Bearer s3cret", "s3cret")
+    ingress.check_bearer("bearer s3cret", "s3cret")
     for bad in (None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret"):
         with pytest.raises(oa.APIError) as ei:
-            oa.check_bearer(bad, "s3cret")
+            ingress.check_bearer(bad, "s3cret")
         assert ei.value.status == 401
     with pytest.raises(ValueError, match="max_tokens"):
         oa.GenerationParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         oa.GenerationParams(max_tokens=1, top_p=0.0)
     with pytest.raises(ValueError, match="max_context"):
-        oa.OpenAIServerConfig(model_id="m", max_context=0)
+        ingress.OpenAIServerConfig(model_id="m", max_context=0)
 
 
 def test_resolve_api_key(monkeypatch):
-    monkeypatch.delenv(oa.API_KEY_ENV, raising=False)
-    assert oa.resolve_api_key(None) is None
-    monkeypatch.setenv(oa.API_KEY_ENV, "from-env")
-    assert oa.resolve_api_key(None) == "from-env"
-    assert oa.resolve_api_key("flag") == "flag"
+    monkeypatch.delenv(ingress.API_KEY_ENV, raising=False)
+    assert ingress.resolve_api_key(None) is None
+    monkeypatch.setenv(ingress.API_KEY_ENV, "from-env")
+    assert ingress.resolve_api_key(None) == "from-env"
+    assert ingress.resolve_api_key("flag") == "flag"
 
 
 def test_deepseek_chat_prompt():
     msgs = [oa.ChatMessage(role="system", content="S"), oa.ChatMessage(role="user", content="hi"),
             oa.ChatMessage(role="assistant", content="yo"), oa.ChatMessage(role="user", content="q")]
-    assert oa.deepseek_chat_prompt(msgs) == (
+    assert ingress.deepseek_chat_prompt(msgs) == (
         "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜>"
         "<｜User｜>q<｜Assistant｜>")
 
@@ -380,7 +381,7 @@ def test_chat_with_openai_client(live):
     engine, url, _ = live
     client = _client(url)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ça va?"}]
-    prompt_ids = ByteTokenizer().encode(oa.deepseek_chat_prompt(
+    prompt_ids = ByteTokenizer().encode(ingress.deepseek_chat_prompt(
         [oa.ChatMessage(**m) for m in msgs]))
     want_ids, _ = echo_tokens(prompt_ids, 11, 30)
     want = ByteTokenizer().decode(want_ids)

@@ -57,7 +57,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from moeray.platform.metrics import Metrics
-        from moeray.platform.serve.openai import (
+        from moeray.platform.serve.ingress import (
             OpenAIServerConfig, build_app, deepseek_chat_prompt, resolve_api_key)
 
         server_cfg = OpenAIServerConfig(model_id=self.cfg.served_model_id, max_context=self.max_context,
@@ -136,7 +136,7 @@ def start(cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, rou
     import ray
     from ray import serve
 
-    from moeray.platform.serve.openai import resolve_api_key
+    from moeray.platform.serve.ingress import resolve_api_key
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
