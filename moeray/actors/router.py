@@ -9,7 +9,7 @@ Training protocol, per step s, on every data-/expert-parallel rank r:
     ray.get(router.report.remote(s, r, loads_LE))            # idempotent: safe to retry
     biases = ray.get(router.biases.remote(min_step=s))       # waits until every rank reported s
 Serving: replicas call `observe(loads_LE)`; a controller calls `rebalance()` every ~10 minutes
-and pushes the returned placement to the MoE layers (`routing.to_physical`).
+and pushes the returned placement to the MoE layers (`placement.to_physical`).
 
 Fault tolerance: the actor restarts forever (max_restarts=-1) and Ray retries calls that were in
 flight (max_task_retries=-1). Its state is written to `state_path` after every counted report,
