@@ -47,14 +47,8 @@ class DecodeServer:
     def _on_transfer(self, rec: TransferRecord) -> None:
         self.metrics.transfer(rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=rec.transport)
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
-        try:
-            async with aclosing(self.worker.generate(request)) as steps:
-                async for step in steps:
-                    yield step
-                    self.metrics.update()
-        finally:
-            self.metrics.update()
+    def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+        return _metered(self.worker.generate(request), self.metrics)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve calls this every `request_routing_stats_period_s`; DecodeRouter reads it."""
@@ -74,18 +68,24 @@ class ColocatedServer:
         self.worker = ColocatedWorker(make_engine(cfg), max_waiting=cfg.max_waiting)
         self.metrics = EngineMetrics("colocated", self.worker.loop)
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
-        try:
-            async with aclosing(self.worker.generate(request)) as steps:
-                async for step in steps:
-                    yield step
-                    self.metrics.update()
-        finally:
-            self.metrics.update()
+    def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+        return _metered(self.worker.generate(request), self.metrics)
 
     def stats(self) -> dict[str, Any]:
         return {"replica": replica_id(), "free_pages": self.worker.loop.free_pages(),
                 "engine": self.worker.loop.engine.metrics()}
+
+
+async def _metered(steps: AsyncGenerator[GenerationStep, None], metrics: EngineMetrics
+                   ) -> AsyncGenerator[GenerationStep, None]:
+    """Stream a worker's steps, refreshing the replica's gauges after each (and at the end)."""
+    try:
+        async with aclosing(steps):
+            async for step in steps:
+                yield step
+                metrics.update()
+    finally:
+        metrics.update()
 
 
 def _prompt(pending_request: Any) -> tuple[int, ...]:
