@@ -1,6 +1,7 @@
 """Pipeline parallelism: 1F1B, ZB1P and DualPipe over gloo processes give the gradients of a
 single-process step (same weights, same batch; MTP and the sequence-balance loss included), for
-PP=2, PP=4 and PP=2 x EP=2; stage layout; the deferred weight-grad split on its own."""
+PP=2, PP=4 and PP=2 x EP=2; stage layout; the deferred weight-grad split on its own; every
+process group made on every rank and checked before the first step; the timeout and bench flags."""
 
 import os
 
@@ -57,10 +58,14 @@ def _worker(rank, world, init_file, out_dir, cases):
                         "stats": stats / spec.topology.shards, "norm": norm,
                         "loads": out.loads_LE, "ep_rank": pm.ep_rank, "pp_rank": pm.pp_rank,
                         "busy": out.timings.busy, "wall": out.timings.wall,
+                        "groups": [(n, r) for n, r, _ in pm.groups.made],
                         "kinds": sorted({s.kind for s in out.timings.slots})},
                        os.path.join(out_dir, f"{name}-rank{rank}.pt"))
             pm.close()
             dist.barrier()
+        # a rank that believes in other members than the group has is caught, not left waiting
+        with pytest.raises(RuntimeError, match="created their groups differently"):
+            P.check_groups([("world", tuple(range(world + 1)), None)], rank, world, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
 
@@ -149,6 +154,13 @@ def test_pp2_schedules_match_single_process(tmp_path):
     _check(results, ref_parts, ref_grads)
     assert results["dualpipe"][0]["kinds"] == ["B", "BI", "F", "F&B", "W"]
     assert results["1f1b"][0]["kinds"] == ["B", "F"]
+    # every rank made the same groups in the same order: world, one group per p2p stream
+    # (1F1B: act + grad; DualPipe: both per direction), the holder sets' sync groups (1F1B: the
+    # embedding's {0, 1}; the others are held once, no group; DualPipe: everything on {0, 1})
+    for name, n in (("1f1b", 5), ("zb1p", 5), ("dualpipe", 7)):
+        made = [r["groups"] for r in results[name]]
+        assert made[0] == made[1] and len(made[0]) == n, (name, made[0])
+        assert made[0][0] == ("world", (0, 1)) and all(len(r) == 2 for _, r in made[0]), name
 
 
 def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
@@ -157,3 +169,25 @@ def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
     _check(results, ref_parts, ref_grads)
     results = _run(tmp_path, 4, [("pp2ep2", P.PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)])
     _check(results, ref_parts, ref_grads, ep=2)
+    made = [r["groups"] for r in results["pp2ep2"]]
+    assert all(m == made[0] for m in made)
+    # world, 2 pp ranks x 2 directions EP groups, 2 EP pipelines x 2 directions x (act, grad),
+    # the replicated sync group over all 4 ranks and one expert sync group per EP rank
+    assert [len(r) for _, r in made[0]] == [4] + [2] * 4 + [2] * 8 + [4, 2, 2]
+    assert [r for n, r in made[0] if n.startswith("ep(")] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+
+
+def test_timeout_env_and_bench_flags(monkeypatch):
+    from moeray.platform.train import bench
+
+    assert P.dist_timeout_s({}) == P.DEFAULT_TIMEOUT_S == 600
+    assert P.dist_timeout_s({P.TIMEOUT_ENV: " 42.5 "}) == 42.5
+    for bad in ("0", "-3", "abc", "nan"):
+        with pytest.raises(ValueError, match=P.TIMEOUT_ENV):
+            P.dist_timeout_s({P.TIMEOUT_ENV: bad})
+    parse = bench._parser().parse_args
+    assert parse([]).overlap is None
+    assert parse(["--no-overlap"]).overlap is False and parse(["--overlap"]).overlap is True
+    # a bad timeout stops the CLI before any worker starts
+    monkeypatch.setenv(P.TIMEOUT_ENV, "soon")
+    assert bench.main(["--steps", "5"]) == 2

@@ -30,9 +30,19 @@ their (cheap) gradients inside BI.
 Messages. Between two pipeline ranks four kinds of stream can flow: activations and gradients of
 each direction. Every stream has its own two-rank process group, so the messages of one stream are
 matched in order (micro-batch order on both ends, which every schedule keeps) without tags, and
-NCCL never queues a send of one stream behind a receive of another on the same communicator.
-Receives are posted a slot ahead of their use; sends are asynchronous and waited for at the end of
-the step, so no rank blocks on a peer that is itself waiting to receive.
+every communicator carries one stream one way: a rank only sends or only receives on it, so NCCL
+never queues a send of one stream behind a receive of another, and no send/recv pair on one
+communicator can be posted in clashing orders. Receives are posted a slot ahead of their use;
+sends are asynchronous and waited for at the end of the step, so no rank blocks on a peer that is
+itself waiting to receive. Every message goes through `dist.batch_isend_irecv` (a batch of one:
+torch batches only ops of one group, and each group holds one stream): on NCCL a batched p2p op
+runs on the group's own communicator, made when the group is (`init_distributed` binds the device,
+so `new_group` splits it eagerly) and checked by `PipelineGroups.create`, where a lone
+`isend`/`irecv` would lazily build a separate two-rank communicator at its first message. That
+lazy build blocks until the peer builds the same one, and DualPipe's first messages differ per
+rank (rank 0 first receives direction 1's activations, rank 1 direction 0's): both ranks wait in
+different communicators' setup forever: the likely cause of the first 2-GPU run's hang
+(`benchmarks/notes-train.md`).
 
 Overlap (CUDA). Each direction computes on its own CUDA stream and uses its own EP process group.
 A DualPipe F&B slot pairs a forward of one direction with a backward of the other; with
@@ -51,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -380,6 +391,78 @@ def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
 # process groups
 
 
+TIMEOUT_ENV = "MOERAY_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # 10 minutes: far above any step here (the small model on GPUs: seconds)
+
+
+def dist_timeout_s(environ: dict[str, str] | None = None) -> float:
+    """How long a collective or p2p op may wait before the process group fails it, in seconds:
+    env MOERAY_DIST_TIMEOUT_S, default 600. A hang becomes an error after this long."""
+    raw = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "")
+    if raw.strip() == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def init_distributed(rank: int, world: int, init_method: str, device: torch.device) -> None:
+    """init_process_group for one worker of `world`: gloo on CPU, NCCL on CUDA, timeout from
+    `dist_timeout_s`. On CUDA the device is made current *before* the group exists and bound to it
+    (`device_id`): NCCL then builds the world communicator at once, and every later `new_group`
+    splits its communicator from it eagerly (all ranks of the world take part in each split,
+    members or not, so every rank must make every group in one order: `PipelineGroups.create`).
+    Without the binding NCCL guesses the device from the global rank and builds communicators
+    lazily at each group's first op (the warning of the first GPU run)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=dist_timeout_s())
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timeout, device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timeout)
+    else:
+        raise ValueError(f"device={device}: expected cpu or cuda")
+
+
+def check_groups(made: list[tuple[str, tuple[int, ...], Any]], rank: int, world: int,
+                 device: torch.device) -> int:
+    """Run one small all-reduce on every group of `made` (name, global ranks, group) that this rank
+    belongs to, in list order, each finished before the next, and check that exactly the listed
+    ranks answered. Returns how many groups were checked.
+
+    Every rank walks the same list, so the groups' first ops (and on NCCL any communicator set-up
+    still pending) happen in one global order: the earliest unfinished group always has all its
+    members waiting in it, so this cannot deadlock, whereas first ops issued in rank-dependent
+    orders (DualPipe's first messages) can. A mismatch means the ranks disagree on the groups."""
+    import torch.distributed as dist
+
+    checked = 0
+    for name, ranks, group in made:
+        if rank not in ranks or len(ranks) < 2:
+            continue
+        onehot_W = torch.zeros(world, device=device)
+        onehot_W[rank] = 1.0
+        dist.all_reduce(onehot_W, group=group)
+        answered = [r for r, v in enumerate(onehot_W.tolist()) if v != 0.0]
+        if answered != sorted(ranks) or max(onehot_W.tolist()) != 1.0:
+            raise RuntimeError(f"process group {name} of ranks {sorted(ranks)}: rank {rank} saw "
+                               f"{onehot_W.tolist()} (the ranks created their groups differently)")
+        checked += 1
+    return checked
+
+
 @dataclass
 class PipelineGroups:
     """Every process group a pipeline rank uses; `create` makes them on all ranks in one order."""
@@ -389,33 +472,45 @@ class PipelineGroups:
     ep: dict[int, Any]  # direction -> this rank's EP group (None when EP = 1)
     p2p: dict[tuple[str, int, int], tuple[Any, int, int]]  # (kind, direction, stage s) -> (group, src, dst)
     sync: dict[tuple[tuple[int, ...], bool], Any]  # (holder pp ranks, expert?) -> group (None: alone)
+    made: list[tuple[str, tuple[int, ...], Any]] = field(default_factory=list)  # creation order
 
     @staticmethod
     def create(topology: Topology, rank: int, directions: int,
-               holder_sets: list[tuple[int, ...]]) -> "PipelineGroups":
+               holder_sets: list[tuple[int, ...]], device: torch.device | None = None,
+               check: bool = True) -> "PipelineGroups":
         """p2p: for stage boundary s -> s+1 of each direction, an "act" stream (s to s+1) and a
         "grad" stream (s+1 to s), one group each; keyed by (kind, direction, s) where s is the
         lower stage. sync: per holder set, one group over all data shards (replicated parameters)
-        and one per EP rank (expert shards)."""
+        and one per EP rank (expert shards).
+
+        Every rank calls `new_group` for every group, its own or not, in one order fixed by the
+        topology alone (never by the rank): NCCL splits each communicator from the world's with
+        all ranks taking part. With `check` every group then runs `check_groups` (world first)
+        on `device`, before any step."""
         import torch.distributed as dist
 
         t = topology
         me_p, me_d, me_e = t.coords(rank)
+        made: list[tuple[str, tuple[int, ...], Any]] = [("world", tuple(range(t.world)), None)]
+
+        def new_group(name: str, ranks: list[int]):
+            ranks_t = tuple(sorted(ranks))
+            g = dist.new_group(list(ranks_t))
+            made.append((name, ranks_t, g))
+            return g
 
         def pp_rank_of(stage: int, direction: int) -> int:
             return stage if direction == 0 else t.pp - 1 - stage
 
-        ep: dict[int, Any] = {}
-        for p in range(t.pp):
-            for d in range(t.dp):
-                for direction in range(directions):
-                    if t.ep == 1:
-                        continue
-                    g = dist.new_group([t.rank(p, d, e) for e in range(t.ep)])
-                    if (p, d) == (me_p, me_d):
-                        ep[direction] = g
-        if t.ep == 1:
-            ep = {direction: None for direction in range(directions)}
+        ep: dict[int, Any] = {direction: None for direction in range(directions)}
+        if t.ep > 1:
+            for p in range(t.pp):
+                for d in range(t.dp):
+                    for direction in range(directions):
+                        g = new_group(f"ep(pp={p},dp={d},dir={direction})",
+                                      [t.rank(p, d, e) for e in range(t.ep)])
+                        if (p, d) == (me_p, me_d):
+                            ep[direction] = g
         p2p: dict[tuple[str, int, int], tuple[Any, int, int]] = {}
         for d in range(t.dp):
             for e in range(t.ep):
@@ -424,21 +519,23 @@ class PipelineGroups:
                         lo = t.rank(pp_rank_of(s, direction), d, e)
                         hi = t.rank(pp_rank_of(s + 1, direction), d, e)
                         for kind, src, dst in (("act", lo, hi), ("grad", hi, lo)):
-                            g = dist.new_group(sorted((src, dst)))
+                            g = new_group(f"{kind}(dir={direction},s={s},dp={d},ep={e})", [src, dst])
                             if (d, e) == (me_d, me_e):
                                 p2p[(kind, direction, s)] = (g, src, dst)
         sync: dict[tuple[tuple[int, ...], bool], Any] = {}
         for holders in sorted(set(holder_sets)):
             ranks = sorted(t.rank(p, d, e) for p in holders for d in range(t.dp) for e in range(t.ep))
-            g = dist.new_group(ranks) if len(ranks) > 1 else None
+            g = new_group(f"sync{holders}", ranks) if len(ranks) > 1 else None
             if me_p in holders:
                 sync[(holders, False)] = g
             for e in range(t.ep):
                 ranks = sorted(t.rank(p, d, e) for p in holders for d in range(t.dp))
-                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                g = new_group(f"sync{holders}-experts(ep={e})", ranks) if len(ranks) > 1 else None
                 if me_p in holders and e == me_e:
                     sync[(holders, True)] = g
-        return PipelineGroups(topology, rank, ep, p2p, sync)
+        if check and t.world > 1:
+            check_groups(made, rank, t.world, torch.device("cpu") if device is None else device)
+        return PipelineGroups(topology, rank, ep, p2p, sync, made)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +637,8 @@ class PipelineExecutor:
         with self._stream(op.direction):
             buf = torch.empty(self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype,
                               device=self.device)
-            work = dist.irecv(buf, src=src, group=group)
+            # a batch of one: on NCCL it runs on the group's own communicator (module docstring)
+            (work,) = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, group)])
         self._recvs[op.key + (op.kind == Kind.F,)] = [buf, work]
 
     def _wait_recv(self, op: Op) -> None:
@@ -563,7 +661,8 @@ class PipelineExecutor:
         if tensor.dtype != self.act_dtype:
             raise ValueError(f"stage boundary sends {tensor.dtype}, expected {self.act_dtype}")
         tensor = tensor.detach().contiguous()
-        self._sends.append((tensor, dist.isend(tensor, dst=dst, group=group)))
+        (work,) = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, dst, group)])
+        self._sends.append((tensor, work))
 
     # -- ops ------------------------------------------------------------------------------------
 
@@ -618,7 +717,11 @@ class PipelineExecutor:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-fwd")
+                # the CUDA current device is per thread: a new thread starts on cuda:0, where
+                # rank 1's allocations and NCCL calls do not belong
+                init = functools.partial(torch.cuda.set_device, self.device) if self.cuda else None
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-fwd",
+                                                initializer=init)
             fut = self._pool.submit(self._run_op, fwd)
             self._run_op(bwd)
             fut.result()
@@ -754,7 +857,7 @@ class PipelineModel:
                 for n in names:
                     self.holders[n] = tuple(sorted(set(self.holders.get(n, ())) | {p}))
         self.groups = PipelineGroups.create(self.topology, rank, self.schedule.directions,
-                                            list(set(self.holders.values())))
+                                            list(set(self.holders.values())), device=self.device)
         self.stages: dict[tuple[int, int], PipelineStage] = {}
         for st in self.schedule.stages_of(self.pp_rank):
             for direction in range(self.schedule.directions):

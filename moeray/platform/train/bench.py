@@ -3,6 +3,7 @@
     moeray bench train                                   # CPU: tiny, PP=2, gloo, ~2-3 minutes
     moeray bench train --model small --device cuda --pp 2 --ep 2 --seq-len 1024 \\
         --micro-batch-size 2 --microbatches 8 --steps 30        # 4 GPUs, NCCL
+    moeray bench train ... --no-overlap       # DualPipe F&B slots run sequentially (no helper thread)
 
 Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
 process) and runs three trainings of the same steps on the same batches, each from the same
@@ -31,13 +32,21 @@ Numbers (the first `--warmup` steps excluded from timings):
                     `parallel/simulate.py` for comparison;
   fp8_bf16_loss_rel_diff    |loss_fp8 - loss_bf16| / loss_bf16 at the final step (same batch);
   fp8_bf16_step_time_ratio  step_time(dualpipe-fp8) / step_time(dualpipe-bf16).
+
+Hangs. Rank 0 prints one flushed line when the process group is up, when each run's groups are
+checked, and after every step, so a stuck run shows where it stopped. Every collective and p2p op
+fails after MOERAY_DIST_TIMEOUT_S seconds (default 600), and each worker dumps the Python stacks of
+all its threads to stderr when one step (or a run's set-up) takes that long, or when it is
+terminated (after another worker failed), so a hang ends as an error with a stack per rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -59,6 +68,7 @@ class BenchConfig:
     lr: float = 3e-3
     seed: int = 0
     threads: int = 1  # CPU: torch threads per worker
+    overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -125,20 +135,36 @@ def measure_matmul_rate(device) -> float:
     return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def _one_run(cfg: BenchConfig, rank: int, schedule: str, fp8: bool, tokens, device) -> dict | None:
+def _say(rank: int, text: str) -> None:
+    """A progress line from rank 0, flushed at once (stdout of spawned workers is a pipe)."""
+    if rank == 0:
+        print(f"[bench train] {text}", flush=True)
+
+
+def _arm_watchdog(seconds: float) -> None:
+    """Dump every thread's Python stack and exit if not re-armed within `seconds`."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, tokens,
+             device) -> dict | None:
     import torch
     import torch.distributed as dist
 
     from moeray.platform import routing
     from moeray.platform.config import preset
-    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec, dist_timeout_s
     from moeray.platform.parallel.simulate import Costs, simulate
     from moeray.platform.train import step as tstep
 
     model_cfg = preset(cfg.model)
     spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
+    timeout = dist_timeout_s()
+    _arm_watchdog(timeout)
     pm = PipelineModel(model_cfg, spec, rank, seed=cfg.seed, fp8=fp8, device=device,
-                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len)
+                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap)
+    _say(rank, f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
+               f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}")
     optim = tstep.OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps)
     loss_cfg = tstep.LossConfig()
     opt = tstep.build_optimizer(pm.modules, optim)
@@ -150,6 +176,7 @@ def _one_run(cfg: BenchConfig, rank: int, schedule: str, fp8: bool, tokens, devi
     costs: dict[str, list[float]] = {}
     pm.train()
     for step in range(cfg.steps):
+        _arm_watchdog(timeout)
         t0 = time.perf_counter()
         first = (step * cfg.global_batch + shard * rows) * S1
         batch = tokens[first:first + rows * S1].view(rows, S1)
@@ -168,6 +195,8 @@ def _one_run(cfg: BenchConfig, rank: int, schedule: str, fp8: bool, tokens, devi
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
         losses.append(sum(float(s[0]) for s in every) / cfg.ep)
+        _say(rank, f"{name}: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} "
+                   f"step {wall:.3f} s{' (warm-up)' if step < cfg.warmup else ''}")
         if step >= cfg.warmup:
             walls.append(wall)
             bubbles.append(max(float(s[2]) for s in every) / max(float(s[1]) for s in every))
@@ -176,6 +205,7 @@ def _one_run(cfg: BenchConfig, rank: int, schedule: str, fp8: bool, tokens, devi
                 if c is not None:
                     costs.setdefault(kind, []).append(c)
     pm.close()
+    faulthandler.cancel_dump_traceback_later()
     if rank != 0:
         return None
     mean = {k: sum(v) / len(v) for k, v in costs.items()}
@@ -192,23 +222,26 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from moeray.platform.parallel.pipeline import dist_timeout_s, init_distributed
+
+    # terminated by mp.spawn after another worker failed: print where this one was first
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
-                            init_method=f"file://{init_file}", rank=rank, world_size=cfg.world)
+    # one node: the local rank is the global rank; the device is current before any group exists
+    device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
+    init_distributed(rank, cfg.world, f"file://{init_file}", device)
+    _say(rank, f"process group up: {dist.get_backend()}, world {cfg.world}, device {device}, "
+               f"timeout {dist_timeout_s():g} s, overlap {cfg.overlap}")
     try:
         from moeray.platform.config import preset
 
         vocab = preset(cfg.model).vocab_size
         tokens = bigram_stream(vocab, cfg.steps * cfg.global_batch * (cfg.seq_len + 1), cfg.seed)
         rate = measure_matmul_rate(device)
+        _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
         results = {"matmul_flops_per_s": rate}
         for name, schedule, fp8 in RUNS:
-            results[name] = _one_run(cfg, rank, schedule, fp8, tokens, device)
+            results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device)
             dist.barrier()
         if rank == 0:
             Path(out_dir, "bench.json").write_text(json.dumps(results))
@@ -230,7 +263,7 @@ def run(cfg: BenchConfig) -> dict:
     tokens_per_s = tokens_per_step / main["step_time_s"]
     flops = train_flops_per_token(model_cfg, cfg.seq_len)
     rate = raw["matmul_flops_per_s"]
-    last = 5
+    last = min(5, len(main["losses"]))
     fp8_final, bf16_final = main["losses"][-1], bf16["losses"][-1]
     tail_fp8 = sum(main["losses"][-last:]) / last
     tail_bf16 = sum(bf16["losses"][-last:]) / last
@@ -277,18 +310,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the timings")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=d.overlap,
+                   help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
+                        "CUDA only); --no-overlap runs them one after the other")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     return p
 
 
 def main(argv: list[str]) -> int:
+    from moeray.platform.parallel.pipeline import dist_timeout_s
     from moeray.platform.results import device_slug, write_result
 
     args = _parser().parse_args(argv)
     try:
         cfg = BenchConfig(args.model, args.device, args.pp, args.ep, args.microbatches,
                           args.micro_batch_size, args.seq_len, args.steps, args.warmup, args.lr,
-                          threads=args.threads)
+                          threads=args.threads, overlap=args.overlap)
+        dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
             import torch
 

@@ -405,6 +405,12 @@ def train_loop_per_worker(config: dict) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+        # current before any sub-group is made (PipelineGroups.create checks each group with a
+        # CUDA all-reduce, and a thread's NCCL calls take the current device): Ray Train's own
+        # set_device runs in a context manager this must not depend on. Ray Train's
+        # init_process_group binds no device, so communicators are built at each group's first
+        # op, which the group check orders the same on every rank (parallel/pipeline.py).
+        torch.cuda.set_device(device)
     replica = (_PipelineReplica if p.pp > 1 else _FlatReplica)(job, rank, world, device)
     model_cfg = job.model_config()
     optimizer = tstep.build_optimizer(replica.module, job.optim)
