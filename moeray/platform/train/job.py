@@ -66,6 +66,7 @@ def run(job: TrainJobConfig) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from moeray.actors.router import get_or_create_router
+    from moeray.platform.parallel.pipeline import dist_timeout_s
     from moeray.platform.routing import RouterConfig
     from moeray.platform.train.loop import train_loop_per_worker
 
@@ -91,7 +92,8 @@ def run(job: TrainJobConfig) -> Path:
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "tokens": str(tokens),
                            "tokenizer": str(tok_dir), "run_id": uuid.uuid4().hex},
-        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        # A hung collective fails after MOERAY_DIST_TIMEOUT_S (default 600 s), not Ray's 1800 s.
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo", timeout_s=int(dist_timeout_s())),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
