@@ -116,3 +116,30 @@ def test_overloaded_replica_raises_before_queueing(model):
             w.loop.shutdown()
 
     asyncio.run(run())
+
+
+def test_decode_with_a_full_batch_queues_the_request_and_errors_reach_the_caller(model):
+    """With one batch slot, a second P/D request cannot be placed when its KV arrives: the engine
+    queues it for a local prefill (it must not be added twice), and it still completes."""
+    prompts, lengths = [list(range(2, 20)), list(range(30, 45))], [40, 6]
+    expected = [o.output_token_ids for o in _engine(model).generate(
+        prompts, [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths])]
+
+    async def run():
+        prefill = PrefillWorker(_engine(model))
+        decode = DecodeWorker(Engine(model, EngineConfig(num_pages=64, page_size=16, max_num_seqs=1,
+                                                         use_cuda_graphs=False)), prefill.prefill)
+        try:
+            with pytest.raises(ZeroDivisionError):
+                await decode.loop.call(lambda: 1 / 0)
+            first = decode.generate(_req("long", prompts[0], lengths[0]))
+            head = await first.__anext__()  # the long request holds the only batch slot now
+            rest, second = await asyncio.gather(_collect(first), _collect(decode.generate(_req("short", prompts[1], lengths[1]))))
+            return [list(head.token_ids) + rest[0], second[0]], decode.transfers
+        finally:
+            prefill.loop.shutdown()
+            decode.loop.shutdown()
+
+    outs, transfers = asyncio.run(asyncio.wait_for(run(), 60))
+    assert outs == expected
+    assert [t.recomputed for t in transfers] == [False, True]

@@ -101,9 +101,10 @@ class EngineLoop:
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
+                loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+                loop.call_soon_threadsafe(_settle, fut, result, None)
 
         self._commands.put(run)
         return fut
@@ -150,6 +151,15 @@ class EngineLoop:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _step(out: Any) -> GenerationStep:
@@ -289,7 +299,10 @@ class DecodeWorker:
                     self._record(TransferRecord(req.request_id, rows.nbytes, seconds, False, transport,
                                                 receive_seconds))
                     return out
-            engine.add_request(prompt, params, req.request_id)
+                # Not placed (batch or pages full, or rows past our cached prefix): the engine has
+                # queued the request for a normal prefill already.
+            else:
+                engine.add_request(prompt, params, req.request_id)
             self._record(TransferRecord(req.request_id, 0, seconds, True, transport))
             return None
 
