@@ -237,22 +237,9 @@ class _Call:
             self.answered.set()
 
 
-class KnownServeGap(AssertionError):
-    """The checks of the full-queue test failed (an error in setup stays an error, not an xfail)."""
-
-
-@pytest.mark.xfail(
-    strict=False, raises=KnownServeGap,
-    reason="decode-queue-full 429 is unreachable through Ray: Serve caps the decode replica at "
-    "max_ongoing_requests = max_num_seqs + max_waiting and queues the rest at the ingress's handle "
-    "(bounded only by the ingress's max_in_flight gate, which does answer 429); see "
-    "benchmarks/notes-serve.md.")
 def test_full_decode_queue_answers_429_with_retry_after_then_serves_again(deployed):
     args, url, _ = deployed
-    try:
-        _full_queue_checks(args, url)
-    except AssertionError as e:
-        raise KnownServeGap(str(e)) from e
+    _full_queue_checks(args, url)
 
 
 def _full_queue_checks(args: dict, url: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
-from moeray.platform.serve.openai import EngineRequest, GenerationStep
+from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationStep
 
 APP_NAME = "moeray"
 
@@ -38,6 +38,11 @@ class HandleEngine:
         try:
             async for step in gen:
                 yield step
+        except EngineOverloaded as e:
+            # Ray wraps the replica's exception (its message is a task traceback): re-raise the
+            # replica's own, so the 429 body carries its message and Retry-After.
+            cause = getattr(e, "cause", e)
+            raise EngineOverloaded(str(cause), retry_after_s=cause.retry_after_s) from None
         finally:
             # Client gone, stop string hit, or done: cancelling the replica's generator aborts the
             # request there, which frees its KV pages at once.
@@ -68,10 +73,15 @@ class Ingress:
                          chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt)
 
 
-def _engine_options(cfg: ServeConfig, replicas: int) -> dict[str, Any]:
+def _engine_options(cfg: ServeConfig, replicas: int, *, reject_overflow: bool = False) -> dict[str, Any]:
+    """Serve options of an engine deployment. With `reject_overflow` (the deployments that stream
+    to clients) Serve lets one more request through than the engine holds, so a full replica
+    answers EngineOverloaded (429 at the API) instead of Serve queueing the excess at the handle
+    without bound; the prefill keeps the plain cap (its overflow would only turn into recomputes)."""
+    cap = cfg.max_num_seqs + cfg.max_waiting + (1 if reject_overflow else 0)
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
                                                   "num_gpus": cfg.gpus_per_replica},
-                            "max_ongoing_requests": cfg.max_num_seqs + cfg.max_waiting}
+                            "max_ongoing_requests": cap}
     if cfg.autoscaling is not None:
         opts["autoscaling_config"] = dict(cfg.autoscaling)
     else:
@@ -102,12 +112,12 @@ def build_app(cfg: ServeConfig):
     args = cfg.to_dict()
     if cfg.mode == "colocated":
         backend = serve.deployment(ColocatedServer, name="Colocated",
-                                   **_engine_options(cfg, cfg.decode_replicas)).bind(args)
+                                   **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True)).bind(args)
     else:
         prefill = serve.deployment(PrefillServer, name="Prefill",
                                    **_engine_options(cfg, cfg.prefill_replicas)).bind(args)
         backend = serve.deployment(DecodeServer, name="Decode", request_router_config=_decode_router(cfg),
-                                   **_engine_options(cfg, cfg.decode_replicas)).bind(args, prefill)
+                                   **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True)).bind(args, prefill)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
                                ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=cfg.max_in_flight * 2)
