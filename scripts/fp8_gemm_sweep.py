@@ -50,7 +50,7 @@ REL_TOL = 1e-2  # bf16 output rounding alone gives ~2e-3 relative (Frobenius) er
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # "prod" (moeray's kernel as shipped), "ptr" (pointer loads), "tma" (tensor descriptors)
+    kind: str  # "prod" (moeray's kernel as shipped), "ptr" (pointer loads), "tma" (tensor descriptors), "gluon"
     why: str
     block_m: int = 64
     block_n: int = 128
@@ -87,6 +87,12 @@ VARIANTS = [
     Variant("tma_devdesc_persist_x2", "tma", "device-side make_tensor_descriptor, persistent x2", persistent=True, ctas_per_sm=2, device_desc=True),
     Variant("tma_ws", "tma", "automatic warp specialization of the K loop (Triton documents it for Blackwell only)", warp_spec=True),
     Variant("tma_ws128w8", "tma", "warp specialization, 128x128, 8 warps", block_m=128, warps=8, stages=3, warp_spec=True),
+    # Gluon (triton.experimental.gluon, GPU only): explicit async wgmma. K block kb's MMA is issued,
+    # then wgmma.wait(1) retires block kb-1 only, so its scaling FMAs and the TMA refill of its stage
+    # run while block kb's MMA is on the tensor cores -- what tl.dot's pipeliner cannot do here.
+    Variant("gluon64x128s4", "gluon", "async wgmma, wait(1): scale block kb-1 while MMA kb runs; 4 TMA stages"),
+    Variant("gluon64x128s3", "gluon", "as gluon64x128s4 with 3 stages (more CTAs per SM)", stages=3),
+    Variant("gluon128x128w8s3", "gluon", "async wgmma, 2 warpgroups (64 rows each), 3 stages", block_m=128, warps=8, stages=3),
 ]
 # Not swept: 128x256 and 64x256 tiles. The fp32 accumulator plus the fresh dot result they need are
 # 2 x 128 registers per thread (> 255 with addresses), so they spill (the earlier sweep: 329 TFLOP/s).
@@ -253,6 +259,98 @@ def _gemm_tma_kernel(
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
+try:  # Gluon's API moves between Triton releases; a failed import only disables the gluon variants
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.language.nvidia.hopper import tma as gtma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    # Newer Triton renamed the TMA copies (the old names raise there); take whichever this one has.
+    _tma_load = getattr(gtma, "async_load", None) or gtma.async_copy_global_to_shared
+    _tma_store = getattr(gtma, "async_store", None) or gtma.async_copy_shared_to_global
+    GLUON_IMPORT_ERROR = None
+except Exception as _e:  # noqa: BLE001
+    GLUON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"[:200]
+
+if GLUON_IMPORT_ERROR is None:
+
+    @gluon.jit
+    def _gemm_gluon_kernel(
+        a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
+        stride_asm, stride_ask, stride_bsn, stride_bsk,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        pid = gl.program_id(0)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (pid % group) % size_m) * BLOCK_M
+        off_n = ((pid % group) // size_m) * BLOCK_N
+        KB = K // BLOCK_K
+
+        # One m64nNk32 wgmma per 16 rows x 4 warps; warps stacked along M (BLOCK_M = 16 x num_warps x reps).
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        rows = (off_m + gl.arange(0, BLOCK_M, layout=row_layout)) % M
+        as_ptrs = as_ptr + rows * stride_asm
+        bs_tile = bs_ptr + (off_n // 128) * stride_bsn
+
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for i in gl.static_range(STAGES - 1):  # prologue: K blocks 0 .. STAGES-2 in flight
+            if i < KB:
+                mbarrier.expect(bars.index(i), nbytes)
+                _tma_load(a_desc, [off_m, i * BLOCK_K], bars.index(i), a_bufs.index(i))
+                _tma_load(b_desc, [off_n, i * BLOCK_K], bars.index(i), b_bufs.index(i))
+
+        zero = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma_layout)
+        acc = zero
+        prev = zero  # raw dot of K block kb-1 (still in flight at the top of iteration kb)
+        s_prev = gl.zeros((BLOCK_M,), gl.float32, layout=row_layout)
+        for kb in range(KB):
+            slot = kb % STAGES
+            mbarrier.wait(bars.index(slot), (kb // STAGES) & 1)
+            cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero,
+                                use_acc=False, is_async=True)
+            # Retire block kb-1's MMA only; block kb's stays on the tensor cores during what follows.
+            cur, prev = warpgroup_mma_wait(num_outstanding=1, deps=(cur, prev))
+            nxt = kb + STAGES - 1
+            if nxt < KB:  # the stage block kb-1 used is free again
+                ns = nxt % STAGES
+                mbarrier.expect(bars.index(ns), nbytes)
+                _tma_load(a_desc, [off_m, nxt * BLOCK_K], bars.index(ns), a_bufs.index(ns))
+                _tma_load(b_desc, [off_n, nxt * BLOCK_K], bars.index(ns), b_bufs.index(ns))
+            acc = acc + prev * s_prev[:, None]
+            s_prev = gl.load(as_ptrs + kb * stride_ask) * gl.load(bs_tile + kb * stride_bsk)
+            prev = cur
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+        acc = acc + prev * s_prev[:, None]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m, off_n], c_smem)
+        gtma.store_wait(pendings=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +416,28 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
                 a_in, b_in, c_in, as_MKb, bs_NbKb, m, n, k, *sa, *sb, progs,
                 FLATTEN=v.flatten, DEVICE_DESC=v.device_desc, WS_OUTER=v.warp_spec and v.persistent,
                 WS_INNER=v.warp_spec and not v.persistent, **common)
+            return c
+        return run
+    if v.kind == "gluon":
+        if GLUON_IMPORT_ERROR is not None:
+            raise RuntimeError(f"gluon unavailable: {GLUON_IMPORT_ERROR}")
+        if a_MK.device.type != "cuda":
+            raise RuntimeError("gluon kernels run on a GPU only (no interpreter)")
+        if v.block_m != 16 * v.warps:
+            raise ValueError(f"{v.name}: block_m={v.block_m} must be 16 x warps={v.warps} (warps stacked along M)")
+
+        def desc(t, block, dtype):
+            layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+            return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+        a_d = desc(a_MK, [v.block_m, BLOCK_K], gl.float8e4nv)
+        b_d = desc(b_NK, [v.block_n, BLOCK_K], gl.float8e4nv)
+        c_d = desc(c, [v.block_m, v.block_n], gl.bfloat16)
+
+        def run():
+            _gemm_gluon_kernel[(tiles,)](
+                a_d, b_d, c_d, as_MKb, bs_NbKb, m, n, k, *sa, *sb,
+                GROUP_M=v.group_m, STAGES=v.stages, num_warps=v.warps)
             return c
         return run
     raise ValueError(f"{v.name}: unknown kind {v.kind!r}")
@@ -414,6 +534,9 @@ def check_only(variants: list[Variant]) -> int:
     failures = 0
     print(f"{'variant':24s} " + " ".join(f"{f'{m}x{n}x{k}':>14s}" for m, n, k in CHECK_SHAPES))
     for v in variants:
+        if v.kind == "gluon" and device == "cpu":
+            print(f"{v.name:24s} skipped: Gluon kernels have no interpreter; checked in the GPU sweep")
+            continue
         cells = []
         for m, n, k in CHECK_SHAPES:
             a, sa, b, sb = make_inputs(m, n, k, device)
