@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "kernels": "moeray.kernels.bench",
     "engine": "moeray.platform.engine.bench",
     "serve": "moeray.platform.serve.bench",
+    "kv": "moeray.platform.serve.kv_bench",
     "train": "moeray.platform.train.bench",
     "balance": "moeray.platform.balance_bench",
 }

@@ -1,0 +1,430 @@
+"""`moeray bench kv`: KV transfer time per request over the real transports, against raw send/recv.
+
+Legend: L cached layers, T tokens, C kv_lora_rank, R qk_rope_head_dim (see engine/disagg.py).
+
+Two Ray actors on this node play prefill and decode (one GPU each on CUDA, CPU-only on CPU). Each
+holds the transports' real Sender / Receiver (`kv_transfer.make_sender` / `make_receiver`). Per
+(transport, T) the decode actor drives the loop the way a decode replica does in Serve: it calls
+the prefill actor with its endpoint, the prefill actor builds the rows (kv [L, T, C] + rope
+[L, T, R], bf16, on its device; not timed), reads the clock and turns them into a ticket with
+`send`; the ticket rides back in the call's reply; the decode actor `receive`s it, synchronizes its
+device and reads the clock again. The transfer time is that second reading minus the first (both
+CLOCK_MONOTONIC, which is system-wide on Linux: valid because both actors are pinned to this node).
+Every transfer's rows are checked on the decode side against the pattern the prefill side wrote
+for that iteration (exact equality, outside the timed window), so a transport that delivers
+garbage, stale rows or the wrong shape fails the run.
+
+In the same run the same two processes measure the raw floor: a bare torch.distributed pair (the
+`_P2PPeer` of kv_transfer, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
+
+V3 sizes: 61 layers x 4096 tokens x (512 + 64) x 2 bytes = 288 MB per 4K-token prompt; issue #7
+asks the fast path (the channel) to move that in under 2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeray.platform.engine.disagg import KVRows
+from moeray.platform.serve.kv_transfer import TRANSPORTS, _P2PPeer, backend_for, make_receiver, make_sender
+
+V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM = 61, 512, 64
+FAST_PATH_TOKENS = 4096  # the issue's 4K-token prompt: 288 MB at the V3 shape
+TARGET_MS = 2.0
+MIN_TIMED = 3  # the per-cell time budget never cuts a cell below this many timed transfers
+# Order of the default run: the fast path first, RDT last (it needs Ray's NCCL collective group on
+# CUDA and is the likeliest to fail; a failing transport is recorded and the run goes on).
+DEFAULT_TRANSPORTS = ("channel", "object_store", "rdt")
+# On a GPU each actor takes 0.99 of its card, not 1: RDT's relay pair asks for 0.01 GPU per relay,
+# and with exactly 0.01 left on each card the two relays land on different cards (NCCL refuses two
+# ranks of one communicator on the same GPU; with whole-GPU actors the relays could not be placed).
+ACTOR_GPUS = 0.99
+
+
+@dataclass(frozen=True)
+class KVBenchConfig:
+    device: str = "cpu"  # "cpu" (gloo) or "cuda" (nccl; needs 2 GPUs)
+    tokens: tuple[int, ...] = (16, 128)
+    layers: int = 4
+    kv_lora_rank: int = V3_KV_LORA_RANK
+    rope_dim: int = V3_ROPE_DIM
+    transports: tuple[str, ...] = DEFAULT_TRANSPORTS
+    warmup: int = 3
+    iters: int = 20
+    budget_s: float = 20.0  # per (transport, T): stop timing after this, once MIN_TIMED are in
+    timeout_s: float = 60.0  # per transfer, and the transports' own rendezvous/collective timeout
+    raw_tiny_bytes: int = 4  # the tiny ping subtracted from the raw ping-pong (one float32)
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: accepted cpu, cuda")
+        if not self.tokens or any(t < 1 for t in self.tokens) or len(set(self.tokens)) != len(self.tokens):
+            raise ValueError(f"tokens={self.tokens}: need at least one size, each >= 1, none repeated")
+        if min(self.layers, self.kv_lora_rank, self.rope_dim) < 1:
+            raise ValueError(f"layers={self.layers}, kv_lora_rank={self.kv_lora_rank}, "
+                             f"rope_dim={self.rope_dim} must all be >= 1")
+        bad = [t for t in self.transports if t not in TRANSPORTS]
+        if bad or not self.transports or len(set(self.transports)) != len(self.transports):
+            raise ValueError(f"transports={self.transports}: give each of {TRANSPORTS} at most once")
+        if self.warmup < 1 or self.iters < 1:
+            # warm-up >= 1: the first transfer of a transport sets up its channel / relay pair.
+            raise ValueError(f"warmup={self.warmup} and iters={self.iters} must be >= 1")
+        if self.budget_s <= 0 or self.timeout_s <= 0:
+            raise ValueError(f"budget_s={self.budget_s} and timeout_s={self.timeout_s} must be > 0")
+        if self.raw_tiny_bytes < 1:
+            raise ValueError(f"raw_tiny_bytes={self.raw_tiny_bytes} must be >= 1")
+
+    def nbytes(self, tokens: int) -> int:
+        return self.layers * tokens * (self.kv_lora_rank + self.rope_dim) * torch.finfo(self.dtype).bits // 8
+
+
+# ---- payload: a per-iteration pattern, exact in bf16 ----------------------------------------------
+def pattern(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Integers in [0, 255] (exact in bf16's 8 significant bits), period 251 * 241 = 60491
+    elements along the flattened tensor, offset by 17 * seed mod 256 (period 256 in seed; a run's
+    seeds are 2 * iteration and 2 * iteration + 1, so kv vs rope rows and any of the last 127
+    iterations' rows differ from it, as does a shifted or truncated copy)."""
+    n = 1
+    for s in shape:
+        n *= s
+    i = torch.arange(n, dtype=torch.int32, device=device)
+    # Reduced first so int32 never overflows (250 * 131 + 240 * 7 + 17 * 255 < 2^16).
+    v = ((i % 251) * 131 + (i % 241) * 7 + 17 * (seed % 256)) % 256
+    return v.to(dtype).view(shape)
+
+
+def make_rows(layers: int, tokens: int, kv_lora_rank: int, rope_dim: int, seed: int, dtype: torch.dtype,
+              device: torch.device) -> KVRows:
+    return KVRows(seed, pattern((layers, tokens, kv_lora_rank), 2 * seed, dtype, device),
+                  pattern((layers, tokens, rope_dim), 2 * seed + 1, dtype, device))
+
+
+def verify(rows: KVRows, layers: int, tokens: int, kv_lora_rank: int, rope_dim: int, seed: int,
+           dtype: torch.dtype, label: str) -> None:
+    """Raise RuntimeError unless `rows` are exactly the rows `make_rows(..., seed)` built."""
+    if rows.start != seed:
+        raise RuntimeError(f"{label}: rows start at {rows.start}, sent {seed}")
+    for name, got, width, s in (("kv", rows.kv_LTC, kv_lora_rank, 2 * seed), ("rope", rows.pe_LTR, rope_dim, 2 * seed + 1)):
+        shape = (layers, tokens, width)
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise RuntimeError(f"{label}: {name} rows {tuple(got.shape)} {got.dtype}, sent {shape} {dtype}")
+        want = pattern(shape, s, dtype, got.device)
+        if not torch.equal(got, want):
+            bad = int((got != want).sum())
+            raise RuntimeError(f"{label}: {name} rows differ from those sent in {bad} of {want.numel()} values")
+
+
+async def _within(aw: Any, timeout_s: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(aw, timeout_s)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what} after {timeout_s} s") from None
+
+
+# ---- the two actors ---------------------------------------------------------------------------
+class KVBenchPeer(_P2PPeer):
+    """Prefill (rank 0 of the raw pair) or decode (rank 1: hosts the raw pair's TCPStore) side."""
+
+    def __init__(self, role: str, cfg: KVBenchConfig) -> None:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role={role!r}: accepted prefill, decode")
+        # In each actor Ray makes its one GPU cuda:0 (CUDA_VISIBLE_DEVICES).
+        device = "cuda:0" if cfg.device == "cuda" else "cpu"
+        super().__init__(0 if role == "prefill" else 1, backend_for(device), device, cfg.timeout_s)
+        self.role, self.cfg = role, cfg
+        self._senders: dict[str, Any] = {}
+        self._receivers: dict[str, Any] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def where(self) -> dict[str, Any]:
+        import os
+        import socket
+
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "pid": os.getpid(), "device": str(self.device),
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+
+    # prefill side
+    async def open_sender(self, transport: str) -> None:
+        self._senders[transport] = make_sender(transport, self.device, timeout_s=self.cfg.timeout_s)
+
+    async def send_one(self, transport: str, tokens: int, seed: int, dest: Any) -> tuple[Any, int]:
+        c = self.cfg
+        rows = make_rows(c.layers, tokens, c.kv_lora_rank, c.rope_dim, seed, c.dtype, self.device)
+        self._sync()  # building the rows is not part of the transfer
+        t0 = time.monotonic_ns()
+        ticket = await self._senders[transport].send(f"kv-bench-{seed}", rows, dest)
+        return ticket, t0
+
+    async def close_sender(self, transport: str) -> None:
+        import ray
+
+        sender = self._senders.pop(transport, None)
+        if sender is None:
+            return
+        relays = [a for src, dst, _ in getattr(sender, "_pairs", {}).values() for a in (src, dst)]
+        sender.close()
+        for relay in relays:  # RDTSender.close leaves its relays alive (each holds 0.01 GPU)
+            ray.kill(relay)
+
+    # decode side
+    async def open_receiver(self, transport: str) -> None:
+        self._receivers[transport] = make_receiver(transport, "kv-bench-decode", self.device,
+                                                   timeout_s=self.cfg.timeout_s)
+
+    async def run_cell(self, prefill: Any, transport: str, tokens: int, seed0: int) -> dict[str, Any]:
+        """Warm-up plus timed transfers of T-token rows from `prefill`, as the decode side sees
+        them; every transfer verified. Returns seconds per timed transfer."""
+        c = self.cfg
+        recv = self._receivers[transport]
+        dest = recv.endpoint()
+        transfer_s, call_s = [], []
+        moved = 0
+        timed_since = None
+        for i in range(c.warmup + c.iters):
+            seed = seed0 + i
+            t_call = time.monotonic_ns()
+            label = f"{transport} at T={tokens}, iteration {i}"
+            ticket, t0 = await _within(prefill.send_one.remote(transport, tokens, seed, dest), c.timeout_s,
+                                       f"{label}: no ticket from the prefill side")
+            rows = await _within(recv.receive(ticket), c.timeout_s, f"{label}: ticket not redeemed")
+            if rows.kv_LTC.device != self.device or rows.pe_LTR.device != self.device:
+                rows = rows.to(self.device)  # timed: the decode side needs them on its device
+                moved += 1
+            self._sync()
+            t1 = time.monotonic_ns()
+            verify(rows, c.layers, tokens, c.kv_lora_rank, c.rope_dim, seed, c.dtype, label)
+            del rows
+            if i < c.warmup:
+                continue
+            transfer_s.append((t1 - t0) / 1e9)
+            call_s.append((t1 - t_call) / 1e9)
+            timed_since = timed_since or t_call
+            if len(transfer_s) >= MIN_TIMED and (time.monotonic_ns() - timed_since) / 1e9 > c.budget_s:
+                break
+        return {"transfer_s": transfer_s, "call_s": call_s, "verified": c.warmup + len(transfer_s),
+                "moved_to_device": moved}
+
+    async def close_receiver(self, transport: str) -> None:
+        recv = self._receivers.pop(transport, None)
+        if recv is not None:
+            recv.close()
+
+
+# ---- driver -------------------------------------------------------------------------------------
+def _ms(xs: list[float]) -> dict[str, float]:
+    return {"p50_ms": 1e3 * statistics.median(xs), "mean_ms": 1e3 * statistics.fmean(xs),
+            "min_ms": 1e3 * min(xs), "max_ms": 1e3 * max(xs)}
+
+
+def _gbps(nbytes: int, seconds: float) -> float | None:
+    return nbytes / seconds / 1e9 if seconds > 0 else None
+
+
+def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
+    """Run the raw floor and every transport at every size on a started Ray; return the numbers."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        raise ValueError("run_bench needs an initialized Ray (ray.init())")
+    if cfg.device == "cuda":
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < 2:
+            raise ValueError(f"device=cuda needs 2 GPUs in the Ray cluster, it has {gpus}")
+    here = ray.get_runtime_context().get_node_id()
+    opts = {"num_cpus": 0, "num_gpus": ACTOR_GPUS if cfg.device == "cuda" else 0,
+            # Both on this node: the one-way time compares the two actors' monotonic clocks.
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    peer = ray.remote(KVBenchPeer)
+
+    def pair() -> tuple[Any, Any]:
+        return peer.options(**opts).remote("prefill", cfg), peer.options(**opts).remote("decode", cfg)
+
+    backend = backend_for(cfg.device)
+    out: dict[str, Any] = {
+        "what": "KV transfer per request, prefill actor -> decode actor on one node: clock read on "
+                "the prefill side just before `send` (rows already built), read again on the decode "
+                "side once `receive` returned and the device is synchronized (send + ticket in the "
+                "call's reply + receive); every transfer checked for exact equality with the rows "
+                "sent (not timed). call_p50_ms adds the decode -> prefill request hop. Warm-up "
+                "transfers (channel / relay setup) excluded. Each transport and the raw floor run on "
+                "a fresh actor pair (a transport that kills its process cannot take the others down).",
+        "setup": {"device": cfg.device, "backend": backend, "layers": cfg.layers, "kv_lora_rank": cfg.kv_lora_rank,
+                  "rope_dim": cfg.rope_dim, "dtype": str(cfg.dtype).removeprefix("torch."),
+                  "tokens": list(cfg.tokens), "warmup": cfg.warmup, "iters": cfg.iters,
+                  "budget_s": cfg.budget_s, "timeout_s": cfg.timeout_s,
+                  "actor_gpus": opts["num_gpus"]},
+    }
+    errors: dict[str, str] = {}
+    # ---- raw floor: a bare pair, same bytes -----------------------------------------------------
+    prefill, decode = pair()
+    try:
+        out["setup"]["actors"] = ray.get([prefill.where.remote(), decode.where.remote()], timeout=cfg.timeout_s)
+        port = ray.get(decode.store_port.remote(), timeout=cfg.timeout_s)
+        ray.get([prefill.join.remote(port), decode.join.remote(port)], timeout=cfg.timeout_s)
+        raw: dict[str, Any] = {
+            "what": f"ping-pong between two actors like the transports' over a bare {backend} pair: "
+                    "rank 0 sends the payload, rank 1 answers with 1 float32, rank 0 times the round "
+                    "trip (device synchronized). one_way_ms = p50 round trip with the payload - p50 "
+                    f"round trip with a {cfg.raw_tiny_bytes}-byte payload / 2 (the tiny round trip is "
+                    "two latency-only hops; half of it is the ack's return).",
+            "backend": backend}
+
+        def pingpong(nbytes: int) -> list[float]:
+            times, _ = ray.get([prefill.run.remote(nbytes, cfg.iters, cfg.warmup),
+                                decode.run.remote(nbytes, cfg.iters, cfg.warmup)], timeout=10 * cfg.timeout_s)
+            return times
+
+        tiny = pingpong(cfg.raw_tiny_bytes)
+        raw["tiny_rtt_p50_ms"] = 1e3 * statistics.median(tiny)
+        for t in cfg.tokens:
+            nbytes = cfg.nbytes(t)
+            rtt = pingpong(nbytes)
+            one_way = statistics.median(rtt) - statistics.median(tiny) / 2
+            raw[str(t)] = {"bytes": nbytes, "rtt_p50_ms": 1e3 * statistics.median(rtt),
+                           "rtt_mean_ms": 1e3 * statistics.fmean(rtt), "one_way_ms": 1e3 * one_way,
+                           "gbps": _gbps(nbytes, one_way)}
+            log(f"raw {backend} T={t}: one-way {1e3 * one_way:.3f} ms")
+        out["raw"] = raw
+    finally:
+        ray.kill(prefill)
+        ray.kill(decode)
+    # ---- transports -----------------------------------------------------------------------------
+    seed0 = 0
+    for transport in cfg.transports:
+        entry: dict[str, Any] = {}
+        out[transport] = entry
+        prefill, decode = pair()
+        try:
+            ray.get([prefill.open_sender.remote(transport), decode.open_receiver.remote(transport)],
+                    timeout=cfg.timeout_s)
+            for t in cfg.tokens:
+                r = ray.get(decode.run_cell.remote(prefill, transport, t, seed0),
+                            timeout=(cfg.warmup + cfg.iters + 1) * cfg.timeout_s + cfg.budget_s)
+                seed0 += cfg.warmup + cfg.iters
+                nbytes = cfg.nbytes(t)
+                cell = {"bytes": nbytes, "iters": len(r["transfer_s"]), "verified": r["verified"],
+                        "moved_to_device": r["moved_to_device"], **_ms(r["transfer_s"]),
+                        "call_p50_ms": 1e3 * statistics.median(r["call_s"])}
+                cell["gbps_p50"] = _gbps(nbytes, cell["p50_ms"] / 1e3)
+                floor = out["raw"][str(t)]["one_way_ms"]
+                cell["x_raw"] = cell["p50_ms"] / floor if floor > 0 else None
+                entry[str(t)] = cell
+                log(f"{transport} T={t}: p50 {cell['p50_ms']:.3f} ms over {cell['iters']} transfers")
+        except Exception as e:  # noqa: BLE001 - record it, measure the other transports
+            errors[transport] = f"{type(e).__name__}: {e}"[:2000]
+            entry["error"] = errors[transport]
+            log(f"{transport}: FAILED {errors[transport]}")
+        finally:
+            try:
+                ray.get([prefill.close_sender.remote(transport), decode.close_receiver.remote(transport)],
+                        timeout=cfg.timeout_s)
+            except Exception as e:  # noqa: BLE001 - the actors may be gone; they are killed next
+                log(f"{transport}: close failed: {type(e).__name__}: {e}"[:500])
+            ray.kill(prefill)
+            ray.kill(decode)
+    fast = out.get("channel", {}).get(str(FAST_PATH_TOKENS))
+    v3 = (cfg.layers, cfg.kv_lora_rank, cfg.rope_dim) == (V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM)
+    out["fast_path_288mb_ms"] = fast["p50_ms"] if fast and v3 and cfg.dtype == torch.bfloat16 else None
+    out["target_ms"] = TARGET_MS
+    out["errors"] = errors
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    tokens = res["setup"]["tokens"]
+    lines = [f"KV transfer, {res['setup']['layers']} layers x T x ({res['setup']['kv_lora_rank']}+"
+             f"{res['setup']['rope_dim']}) {res['setup']['dtype']}, {res['setup']['backend']}",
+             f"{'path':<14}{'T':>6}{'MB':>9}{'p50 ms':>10}{'mean ms':>10}{'GB/s':>9}{'x raw':>8}{'n':>4}"]
+    raw = res.get("raw", {})
+    for t in tokens:
+        r = raw.get(str(t))
+        if r:
+            lines.append(f"{'raw one-way':<14}{t:>6}{r['bytes'] / 1e6:>9.1f}{r['one_way_ms']:>10.3f}{'':>10}"
+                         f"{(r['gbps'] or 0):>9.2f}{1.0:>8.1f}{'':>4}")
+    for name in TRANSPORTS:
+        entry = res.get(name)
+        if entry is None:
+            continue
+        if "error" in entry:
+            lines.append(f"{name:<14} FAILED: {entry['error'][:100]}")
+        for t in tokens:
+            c = entry.get(str(t))
+            if c:
+                xr = f"{c['x_raw']:.1f}" if c["x_raw"] is not None else "-"
+                lines.append(f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}{c['mean_ms']:>10.3f}"
+                             f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}")
+    fp = res.get("fast_path_288mb_ms")
+    lines.append(f"fast path (channel, 4096 tokens, 288 MB): "
+                 + (f"{fp:.3f} ms vs target {res['target_ms']} ms" if fp is not None
+                    else "not measured (needs --tokens with 4096 at 61 layers)"))
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--tokens {s!r}: comma-separated integers, e.g. 64,512,4096") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeray bench kv", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when 2 GPUs are visible, else cpu")
+    p.add_argument("--tokens", default=None, help="comma-separated T (default 64,512,4096 on cuda, 16,128 on cpu)")
+    p.add_argument("--layers", type=int, default=None, help=f"default {V3_LAYERS} on cuda (V3), 4 on cpu")
+    p.add_argument("--transports", default=",".join(DEFAULT_TRANSPORTS))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=20.0,
+                   help=f"per (transport, T): stop timing after this many seconds (at least {MIN_TIMED} transfers)")
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.add_argument("--out", default=None, help="result name (default kv-<device>)")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    import os
+
+    a = _parser().parse_args(argv)
+    try:
+        device = a.device or ("cuda" if torch.cuda.device_count() >= 2 else "cpu")
+        cuda = device == "cuda"
+        cfg = KVBenchConfig(device=device,
+                            tokens=_ints(a.tokens) if a.tokens else ((64, 512, 4096) if cuda else (16, 128)),
+                            layers=a.layers if a.layers is not None else (V3_LAYERS if cuda else 4),
+                            transports=tuple(t for t in a.transports.split(",") if t),
+                            warmup=a.warmup, iters=a.iters, budget_s=a.budget_s, timeout_s=a.timeout_s)
+    except ValueError as e:
+        print(f"moeray bench kv: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from moeray.platform.results import device_slug, write_result
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    res = run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    path = write_result(a.out or f"kv-{device_slug()}", res, directory=Path(a.out_dir) if a.out_dir else None)
+    print(f"wrote {path}")
+    print(table(res))
+    return 1 if res["errors"] else 0
