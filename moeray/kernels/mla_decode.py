@@ -72,7 +72,8 @@ def _mla_decode_split_kernel(
     sm_scale_log2, ROWS, NUM_HEADS, Q_LEN, pages_per_split,
     stride_qb, stride_qr, stride_kvp, stride_kvt, stride_btb,
     stride_ob, stride_or, stride_os, stride_lb, stride_lr,
-    BLOCK_H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
+    PAGE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
     b = tl.program_id(1)
@@ -82,19 +83,22 @@ def _mla_decode_split_kernel(
     seq_len = tl.load(len_ptr + b)
     limit = seq_len - Q_LEN + rows // NUM_HEADS  # last cache position each row may attend to
 
-    offs_r = tl.arange(0, R)
-    offs_p = tl.arange(0, P)
+    # RB, PB: R and P padded to >= 16 (tl.dot's minimum on GPUs; tiny()'s rope dim is 8).
+    offs_r = tl.arange(0, RB)
+    offs_p = tl.arange(0, PB)
+    r_ok = offs_r < R
+    p_ok = offs_p < P
     offs_t = tl.arange(0, PAGE)
     q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
-    q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None], other=0.0)
-    q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None], other=0.0)
+    q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
     if UPCAST:
         q_nope = q_nope.to(tl.float32)
         q_rope = q_rope.to(tl.float32)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, RB), dtype=tl.float32)
 
     t_start = split * pages_per_split * PAGE
     t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
@@ -103,8 +107,8 @@ def _mla_decode_split_kernel(
         pos = t0 + offs_t
         t_ok = pos < t_end
         kv_base = kv_ptr + page * stride_kvp + offs_t[:, None] * stride_kvt
-        c_kv = tl.load(kv_base + offs_r[None, :], mask=t_ok[:, None], other=0.0)  # [PAGE, R]
-        k_pe = tl.load(kv_base + R + offs_p[None, :], mask=t_ok[:, None], other=0.0)  # [PAGE, P]
+        c_kv = tl.load(kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [PAGE, RB]
+        k_pe = tl.load(kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)  # [PAGE, PB]
         if UPCAST:
             c_kv = c_kv.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
@@ -124,7 +128,7 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :], out,
-             mask=row_ok[:, None])
+             mask=row_ok[:, None] & r_ok[None, :])
     tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
 
 
@@ -224,7 +228,8 @@ def _mla_decode_rows(
         softmax_scale * LOG2E, rows, num_heads, q_len, pages_per_split,
         q_BRD.stride(0), q_BRD.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK_H=block_h, R=kv_lora_rank, P=d - kv_lora_rank, PAGE=page, UPCAST=upcast,
+        BLOCK_H=block_h, R=kv_lora_rank, P=d - kv_lora_rank, RB=max(16, kv_lora_rank), PB=max(16, d - kv_lora_rank),
+        PAGE=page, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages or 2,
     )
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)

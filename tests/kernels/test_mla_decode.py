@@ -67,3 +67,14 @@ def test_input_errors():
         mla_decode(q[:, 0], kv, table, torch.tensor([3, 4], dtype=torch.int32), 0.1, kv_lora_rank=32)
     with pytest.raises(ValueError, match="softmax_scale"):
         mla_decode(q[:, 0], kv, table, lens, -1.0, kv_lora_rank=32)
+
+
+def test_tiny_model_dims_pad_to_dot_minimum():
+    # tiny(): 32 latent + 8 rope dims. On a GPU tl.dot needs every dim >= 16, so the kernel pads
+    # the rope block to 16 with masked loads; padding must not leak into scores or outputs.
+    q, kv, table, lens = _paged_case([70, 5], heads=4, r=32, p=8, page=16, seed=4, s_q=2)
+    out, lse = mla_decode_multi(q, kv, table, lens, 0.3, kv_lora_rank=32, num_splits=2, return_lse=True)
+    ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=32)
+    assert out.shape == (2, 2, 4, 32)
+    assert _rel(out, ref) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)

@@ -41,8 +41,12 @@ so `new_group` splits it eagerly) and checked by `PipelineGroups.create`, where 
 `isend`/`irecv` would lazily build a separate two-rank communicator at its first message. That
 lazy build blocks until the peer builds the same one, and DualPipe's first messages differ per
 rank (rank 0 first receives direction 1's activations, rank 1 direction 0's): both ranks wait in
-different communicators' setup forever: the likely cause of the first 2-GPU run's hang
-(`benchmarks/notes-train.md`).
+different communicators' setup forever. The communicator alone is not enough: NCCL also connects
+a pair of ranks for point-to-point traffic lazily, inside the first send/recv between them, and
+that connection step blocks until the peer posts its matching op on the same communicator. The
+2-GPU run on H200s (2026-11-27) hung exactly there, both ranks inside their first `irecv`'s group
+end. So `PipelineGroups.create` also warms every stream (`warm_links`): one small message per
+stream and one all-to-all per EP group, in one global order, before any step.
 
 Overlap (CUDA). Each direction computes on its own CUDA stream and uses its own EP process group.
 A DualPipe F&B slot pairs a forward of one direction with a backward of the other; with
@@ -463,6 +467,38 @@ def check_groups(made: list[tuple[str, tuple[int, ...], Any]], rank: int, world:
     return checked
 
 
+def warm_links(links: list[tuple[int, int, Any]], ep_groups: list[tuple[tuple[int, ...], Any]],
+               rank: int, device: torch.device) -> None:
+    """Make NCCL connect every point-to-point path before the first step (module docstring,
+    "Messages"): one 1-element message per stream (src -> dst, through `batch_isend_irecv` as the
+    steps do) and one all-to-all per EP group, walked in one global order by every rank, each
+    finished on the host before the next, so the earliest unfinished one always has both (all)
+    its ranks in it. Cheap on gloo too (a few ms), where it also checks the streams' ends."""
+    import torch.distributed as dist
+
+    for src, dst, group in links:
+        if rank not in (src, dst):
+            continue
+        buf = torch.full((1,), float(src), device=device)
+        if rank == dst:
+            buf.zero_()
+        op = dist.isend if rank == src else dist.irecv
+        (work,) = dist.batch_isend_irecv([dist.P2POp(op, buf, dst if rank == src else src, group)])
+        work.wait()
+        if rank == dst and buf.item() != float(src):  # .item() also syncs the host on CUDA
+            raise RuntimeError(f"stream {src} -> {dst}: received {buf.item()}, expected {float(src)}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for ranks, group in ep_groups:
+        if rank not in ranks:
+            continue
+        x = torch.full((len(ranks),), float(rank), device=device)
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, group=group)
+        if y.tolist() != [float(r) for r in ranks]:
+            raise RuntimeError(f"EP group {ranks}: all-to-all gave {y.tolist()} on rank {rank}")
+
+
 @dataclass
 class PipelineGroups:
     """Every process group a pipeline rank uses; `create` makes them on all ranks in one order."""
@@ -503,12 +539,15 @@ class PipelineGroups:
             return stage if direction == 0 else t.pp - 1 - stage
 
         ep: dict[int, Any] = {direction: None for direction in range(directions)}
+        ep_groups: list[tuple[tuple[int, ...], Any]] = []  # creation order, every rank's
+        links: list[tuple[int, int, Any]] = []  # (src, dst, group) of every stream, creation order
         if t.ep > 1:
             for p in range(t.pp):
                 for d in range(t.dp):
                     for direction in range(directions):
                         g = new_group(f"ep(pp={p},dp={d},dir={direction})",
                                       [t.rank(p, d, e) for e in range(t.ep)])
+                        ep_groups.append((tuple(t.rank(p, d, e) for e in range(t.ep)), g))
                         if (p, d) == (me_p, me_d):
                             ep[direction] = g
         p2p: dict[tuple[str, int, int], tuple[Any, int, int]] = {}
@@ -520,6 +559,7 @@ class PipelineGroups:
                         hi = t.rank(pp_rank_of(s + 1, direction), d, e)
                         for kind, src, dst in (("act", lo, hi), ("grad", hi, lo)):
                             g = new_group(f"{kind}(dir={direction},s={s},dp={d},ep={e})", [src, dst])
+                            links.append((src, dst, g))
                             if (d, e) == (me_d, me_e):
                                 p2p[(kind, direction, s)] = (g, src, dst)
         sync: dict[tuple[tuple[int, ...], bool], Any] = {}
@@ -534,7 +574,9 @@ class PipelineGroups:
                 if me_p in holders and e == me_e:
                     sync[(holders, True)] = g
         if check and t.world > 1:
-            check_groups(made, rank, t.world, torch.device("cpu") if device is None else device)
+            dev = torch.device("cpu") if device is None else device
+            check_groups(made, rank, t.world, dev)
+            warm_links(links, ep_groups, rank, dev)
         return PipelineGroups(topology, rank, ep, p2p, sync, made)
 
 

@@ -73,14 +73,22 @@ class Ingress:
                          chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt)
 
 
+RDT_RELAY_GPUS = 0.01  # keep equal to the relays' num_gpus in kv_transfer.RDTSender
+
+
 def _engine_options(cfg: ServeConfig, replicas: int, *, reject_overflow: bool = False) -> dict[str, Any]:
     """Serve options of an engine deployment. With `reject_overflow` (the deployments that stream
     to clients) Serve lets one more request through than the engine holds, so a full replica
     answers EngineOverloaded (429 at the API) instead of Serve queueing the excess at the handle
     without bound; the prefill keeps the plain cap (its overflow would only turn into recomputes)."""
     cap = cfg.max_num_seqs + cfg.max_waiting + (1 if reject_overflow else 0)
+    gpus = cfg.gpus_per_replica
+    if cfg.mode == "pd" and cfg.kv_transport == "rdt" and gpus >= 1:
+        # RDT's relay actors (kv_transfer.py) take 0.01 GPU each and must sit on different GPUs;
+        # whole-GPU replicas would leave them unplaceable (transfers then time out and recompute).
+        gpus -= RDT_RELAY_GPUS
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
-                                                  "num_gpus": cfg.gpus_per_replica},
+                                                  "num_gpus": gpus},
                             "max_ongoing_requests": cap}
     if cfg.autoscaling is not None:
         opts["autoscaling_config"] = dict(cfg.autoscaling)
