@@ -180,3 +180,30 @@ def test_kernel_view_attend_path_matches_hf(setup):
         assert calls["attend"] > 0 and calls["update"] == 0
     with pytest.raises(ValueError, match="attention"):
         engine(model, attention="flash")
+
+
+def test_batched_greedy_targets_and_mtp_forward_checks(setup):
+    """verify with targets read back for the whole step (one sync) decides as it does alone; the
+    MTP forward refuses hidden rows that do not match its ids; CPU runs no graphs."""
+    from moeray.platform.engine.speculative import greedy_targets, verify
+
+    cfg, model, path, prompts, ref = setup
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(j, V, generator=g) for j in (2, 1, 2)]
+    targets = greedy_targets(logits)
+    assert targets == [lg.argmax(-1).tolist() for lg in logits] and greedy_targets([]) == []
+    greedy = SamplingParams(temperature=0)
+    for lg, t in zip([logits[0], logits[2]], [targets[0], targets[2]]):
+        for d in (t[0], (t[0] + 1) % V):
+            assert verify(lg, [d], greedy, torch.Generator(), t) == verify(lg, [d], greedy, torch.Generator())
+    with pytest.raises(ValueError, match="greedy targets"):
+        verify(logits[0], [1], greedy, torch.Generator(), targets[1])
+    eng = engine(model, num_speculative_tokens=1)
+    rid = eng.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=4))
+    eng.step()
+    bt = eng.runner._tables_by_id([rid])
+    ids = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match=r"hidden_BSD \[B=1, S=2"):
+        eng.runner.forward_group(ids, bt, torch.tensor([0]), mtp_module=model.mtp[0],
+                                 hidden_BSD=torch.zeros(1, 1, cfg.hidden_size))
+    assert eng.runner.graph_status == "off" and not eng.runner.graphs

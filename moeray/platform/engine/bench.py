@@ -278,19 +278,24 @@ def main(argv: list[str]) -> int:
     for B in sorted({1, min(16, max_b)}):
         starts = torch.randint(0, cycle_len, (B,), generator=g)
         prompts = [cycle[(s + torch.arange(a.prompt_len)) % cycle_len].tolist() for s in starts]
+        # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
+        # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured
+        # outside the timed loop.
         base = Engine(model, EngineConfig(**ecfg))
-        engine_decode(base, prompts, 2)
+        engine_decode(base, prompts, 8)
         r0, out0 = engine_decode(base, prompts, n)
         del base
         spec = Engine(model, EngineConfig(**ecfg, num_speculative_tokens=1))
-        engine_decode(spec, prompts, 2)
+        engine_decode(spec, prompts, 8)
         spec.drafter.stats.__init__()
         r1, out1 = engine_decode(spec, prompts, n)
         st = spec.drafter.stats
         mtp[str(B)] = {"tokens_per_s": r1, "baseline_tokens_per_s": r0, "speedup": r1 / r0,
                        "acceptance": st.acceptance_rate,
                        "mean_accepted_length": st.mean_accepted_length,
-                       "outputs_identical": out0 == out1}
+                       "outputs_identical": out0 == out1,
+                       "cuda_graphs": spec.runner.graph_status,
+                       "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs)}
         del spec
 
     result = {

@@ -28,7 +28,7 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
-from moeray.platform.engine.speculative import MTPDrafter, verify
+from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, verify
 
 
 @dataclass(frozen=True)
@@ -241,13 +241,16 @@ class Engine:
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
-        for i, s in enumerate(out.scheduled):
-            if s.samples and s.spec_token_ids:
-                toks, lps = verify(fwd.logits[i], s.spec_token_ids, s.request.params,
-                                   s.request.generator)
-                sampled[s.request.request_id] = toks
-                logprobs[s.request.request_id] = lps
-                self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
+        spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
+        greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
+        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy])))
+        for i in spec:
+            s = out.scheduled[i]
+            toks, lps = verify(fwd.logits[i], s.spec_token_ids, s.request.params,
+                               s.request.generator, targets.get(i))
+            sampled[s.request.request_id] = toks
+            logprobs[s.request.request_id] = lps
+            self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
         outs = self._attach_exports(self.scheduler.update(out, sampled, logprobs))
         if self.drafter is not None:
             self.drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)

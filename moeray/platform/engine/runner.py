@@ -15,10 +15,13 @@ Attention over the pages, through the model's KVCache protocol (`moeray.platform
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather). The model uses
     it when its MLA calls `cache.attend(...)` (see `attend` for the contract).
-CUDA graphs: for decode groups on GPU the runner captures one graph per batch size in
-`graph_batch_sizes` (a smaller batch is padded up with rows that write into a scratch page). Capture
-needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if capture fails
-the runner says why in `graph_status` and runs eagerly.
+CUDA graphs: for decode groups on GPU (S <= 2: a decode, or a decode plus one draft) the runner
+captures one graph per batch size in `graph_batch_sizes` (a smaller batch is padded up with rows
+that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP forward
+after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is captured the same
+way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
+zero). Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
+capture fails the runner says why in `graph_status` and runs that kind eagerly.
 """
 
 from __future__ import annotations
@@ -107,15 +110,24 @@ class ForwardResult:
 
 
 class _DecodeGraph:
-    """One captured decode forward for a fixed batch size bs and S tokens per row."""
+    """One captured decode forward for a fixed batch size bs and S tokens per row: the main model
+    (kind "main"), or one MTP depth (kind "mtp") reading a static hidden_BSD input as well."""
 
-    def __init__(self, runner: "ModelRunner", bs: int, S: int) -> None:
+    def __init__(self, runner: "ModelRunner", bs: int, S: int, mtp_module=None,
+                 hidden_dtype: torch.dtype | None = None) -> None:
         dev = runner.device
         self.bs, self.S = bs, S
+        self.mtp_module = mtp_module
         self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
         self.block_table_BM = torch.full((bs, runner.max_pages), runner.scratch_page,
                                          dtype=torch.int32, device=dev)
         self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
+        self.hidden_in_BSD = None
+        if mtp_module is not None:
+            D = runner.model.config.hidden_size
+            # Padding rows stay zero: RMSNorm of a zero row is zero (no NaN), and those rows only
+            # write the MTP layer's latent into the scratch page.
+            self.hidden_in_BSD = torch.zeros(bs, S, D, dtype=hidden_dtype, device=dev)
         # The view is built inside the capture: its slots and positions derive from the static
         # starts and block table, so they must be recomputed at every replay.
         view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
@@ -139,9 +151,11 @@ class _DecodeGraph:
 
     def _forward(self, runner: "ModelRunner"):
         view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
-        return view, runner._forward_model(self.ids_BS, view)
+        if self.mtp_module is None:
+            return view, runner._forward_model(self.ids_BS, view)
+        return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
 
-    def run(self, ids_BS, block_table_BM, starts_B):
+    def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None):
         b, m = block_table_BM.shape
         self.ids_BS[:b].copy_(ids_BS)
         self.ids_BS[b:].zero_()
@@ -149,6 +163,9 @@ class _DecodeGraph:
         self.block_table_BM[:b, :m].copy_(block_table_BM)
         self.starts_B[:b].copy_(starts_B)
         self.starts_B[b:].zero_()
+        if self.hidden_in_BSD is not None:
+            self.hidden_in_BSD[:b].copy_(hidden_BSD)
+            self.hidden_in_BSD[b:].zero_()
         self.graph.replay()
         return self.logits_BSV[:b], self.hidden_BSD[:b]
 
@@ -176,11 +193,14 @@ class ModelRunner:
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
         self.graph_batch_sizes = sorted(graph_batch_sizes)
-        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        # Keyed by (padded batch size, S, "main" or "mtp").
+        self.graphs: dict[tuple[int, int, str], _DecodeGraph] = {}
         self.graph_pool = None
-        self.graph_status = "off"
         self.use_cuda_graphs = bool(use_cuda_graphs and self.on_gpu and kernel
                                     and self.scratch_page is not None)
+        # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
+        self.use_mtp_graphs = self.use_cuda_graphs
+        self._status = {"main": "off", "mtp": "off"}
         self.attention_calls = {"update": 0, "attend": 0}
 
     # ---- building blocks -----------------------------------------------------------------------
@@ -191,6 +211,22 @@ class ModelRunner:
         out = self.model(ids_BS, positions_BS=view.positions_BS, cache=view, return_mtp=False)
         return out.logits.float(), out.hidden
 
+    def _forward_mtp(self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor,
+                     view: GatherPagedView):
+        hidden, logits = self.model.mtp_step(mtp_module, hidden_BSD, ids_BS, view.positions_BS,
+                                             cache=view)
+        return logits.float(), hidden
+
+    @property
+    def graph_status(self) -> str:
+        """"off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
+        the main forward could not be captured; an MTP failure alone reads
+        "captured; mtp disabled: <why>"."""
+        main, mtp = self._status["main"], self._status["mtp"]
+        if mtp.startswith("disabled") and not main.startswith("disabled"):
+            return f"{main}; mtp {mtp}"
+        return main
+
     def _tables(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
         return self._tables_by_id([s.request.request_id for s in seqs])
 
@@ -199,35 +235,46 @@ class ModelRunner:
         """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
         on (hidden_BSD, ids_BS = the next tokens) instead of the main model. -> (logits, hidden)."""
         B, S = ids_BS.shape
-        if mtp_module is None and self.use_cuda_graphs and S <= 2:  # decode, or decode + 1 draft
-            graph = self._graph_for(B, S)
+        if mtp_module is not None and (hidden_BSD is None or hidden_BSD.shape[:2] != (B, S)):
+            raise ValueError(f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
+                             f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}")
+        # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
+        if S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
+            graph = self._graph_for(B, S, mtp_module, hidden_BSD)
             if graph is not None:
-                return graph.run(ids_BS, block_table_BM, starts_B)
+                return graph.run(ids_BS, block_table_BM, starts_B, hidden_BSD)
         view = self._view(block_table_BM, starts_B, S)
         if mtp_module is None:
             logits, hidden = self._forward_model(ids_BS, view)
         else:
-            hidden, logits = self.model.mtp_step(mtp_module, hidden_BSD, ids_BS, view.positions_BS,
-                                                 cache=view)
-            logits = logits.float()
+            logits, hidden = self._forward_mtp(mtp_module, hidden_BSD, ids_BS, view)
         for k, v in view.calls.items():
             self.attention_calls[k] += v
         return logits, hidden
 
-    def _graph_for(self, B: int, S: int):
+    def _graph_for(self, B: int, S: int, mtp_module=None, hidden_BSD=None):
         if B > self.graph_batch_sizes[-1]:
             return None
         bs = next(b for b in self.graph_batch_sizes if b >= B)
-        key = (bs, S)
-        if key not in self.graphs:
+        kind = "main" if mtp_module is None else "mtp"
+        key = (bs, S, kind)
+        graph = self.graphs.get(key)
+        if graph is not None and graph.mtp_module is not mtp_module:
+            raise ValueError(f"graph {key} was captured for another MTP module: one drafter depth "
+                             "per runner")
+        if graph is None:
             try:
-                self.graphs[key] = _DecodeGraph(self, bs, S)
-                self.graph_status = "captured"
+                graph = _DecodeGraph(self, bs, S, mtp_module,
+                                     None if hidden_BSD is None else hidden_BSD.dtype)
             except Exception as e:  # capture is an optimization: say why and run eagerly
-                self.use_cuda_graphs = False
-                self.graph_status = f"disabled: {type(e).__name__}: {e}"
+                if kind == "main":
+                    self.use_cuda_graphs = False
+                self.use_mtp_graphs = False
+                self._status[kind] = f"disabled: {type(e).__name__}: {e}"
                 return None
-        return self.graphs[key]
+            self.graphs[key] = graph
+            self._status[kind] = "captured"
+        return graph
 
     # ---- a step --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -240,8 +287,8 @@ class ModelRunner:
             groups.setdefault(s.num_tokens, []).append(i)
         for S, idx in groups.items():
             group = [seqs[i] for i in idx]
-            ids = torch.tensor([list(s.input_ids) for s in group], dtype=torch.long).to(self.device)
-            starts = torch.tensor([s.start for s in group], dtype=torch.long).to(self.device)
+            ids, starts = self._ids_and_starts([list(s.input_ids) for s in group],
+                                               [s.start for s in group])
             lg, hd = self.forward_group(ids, self._tables(group), starts)
             for j, i in enumerate(idx):
                 logits[i], hidden[i] = lg[j], hd[j]
@@ -257,8 +304,7 @@ class ModelRunner:
             groups.setdefault(len(it[3]), []).append(i)
         for S, idx in groups.items():
             rows = [items[i] for i in idx]
-            ids = torch.tensor([r[3] for r in rows], dtype=torch.long).to(self.device)
-            starts = torch.tensor([r[1] for r in rows], dtype=torch.long).to(self.device)
+            ids, starts = self._ids_and_starts([list(r[3]) for r in rows], [r[1] for r in rows])
             hid = torch.stack([r[2] for r in rows])
             bt = self._tables_by_id([r[0] for r in rows])
             lg, hd = self.forward_group(ids, bt, starts, mtp_module=mtp_module, hidden_BSD=hid)
@@ -266,11 +312,15 @@ class ModelRunner:
                 results[i] = (hd[j], lg[j])
         return results
 
+    def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
+        """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
+        both = torch.tensor([r + [s] for r, s in zip(ids, starts)], dtype=torch.long).to(self.device)
+        return both[:, :-1], both[:, -1]
+
     def _tables_by_id(self, request_ids: Sequence[str]) -> torch.Tensor:
         rows = [self.kv.tables[r].pages for r in request_ids]
         M = max(len(r) for r in rows)
-        bt = torch.zeros(len(rows), M, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            bt[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
-            bt[i, len(r):] = r[0]
-        return bt.to(self.device, non_blocking=True)
+        # One tensor built from Python lists (one host->device copy), short rows padded with their
+        # first page: cheaper per step than filling a tensor row by row.
+        padded = [list(r) + [r[0]] * (M - len(r)) for r in rows]
+        return torch.tensor(padded, dtype=torch.int32).to(self.device, non_blocking=True)

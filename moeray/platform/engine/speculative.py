@@ -54,15 +54,33 @@ class SpecStats:
                 "draft_tokens": self.num_draft_tokens, "accepted_tokens": self.num_accepted_tokens}
 
 
+def greedy_targets(logits: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Argmax of every row of each [J, V] logits tensor, read back in one device->host copy (one
+    sync per step instead of one per verifying request)."""
+    if not logits:
+        return []
+    flat = torch.cat([lg.argmax(-1) for lg in logits]).tolist()
+    out, i = [], 0
+    for lg in logits:
+        out.append(flat[i:i + lg.shape[0]])
+        i += lg.shape[0]
+    return out
+
+
 def verify(logits_JV: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
-           generator: torch.Generator) -> tuple[list[int], list[Logprobs | None]]:
-    """Accepted drafts then one more token, and their logprobs (see the module docstring)."""
+           generator: torch.Generator, target: Sequence[int] | None = None
+           ) -> tuple[list[int], list[Logprobs | None]]:
+    """Accepted drafts then one more token, and their logprobs (see the module docstring).
+    Greedy: `target` may carry logits_JV's row argmaxes already read back (`greedy_targets`)."""
     J = logits_JV.shape[0]
     if J != len(drafts) + 1:
         raise ValueError(f"{J} logit rows for {len(drafts)} drafts: expected {len(drafts) + 1}")
     out: list[int] = []
     if params.greedy:
-        target = logits_JV.argmax(-1).tolist()
+        if target is None:
+            target = logits_JV.argmax(-1).tolist()
+        elif len(target) != J:
+            raise ValueError(f"{len(target)} greedy targets for {J} logit rows")
         for j, d in enumerate(drafts):
             if d != target[j]:
                 break
@@ -87,6 +105,8 @@ def verify(logits_JV: torch.Tensor, drafts: Sequence[int], params: SamplingParam
         else:
             u = torch.rand((1,), generator=generator).to(logits_JV.device)
             out.append(int(sample_from_probs(probs_JV[-1:], u)[0]))
+    if params.logprobs is None:  # skip the token upload when no logprobs are asked
+        return out, [None] * len(out)
     rows = logits_JV[:len(out)]
     lps = compute_logprobs(rows, torch.tensor(out, device=rows.device), [params] * len(out))
     return out, lps
@@ -130,8 +150,10 @@ class MTPDrafter:
         if not items:
             return
         results = self.runner.execute_mtp(self.model.mtp[0], items)
-        for req, (_h, logits_SV) in zip(reqs, results):
+        # Every request's draft in one device->host copy (one sync per step, not per request).
+        drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
+        for req, draft in zip(reqs, drafts):
             decoding = len(req.token_ids) - req.num_computed == 1
             room = (len(req.output_token_ids) + 1 < req.params.max_tokens
                     and len(req.token_ids) + 1 < max_model_len)
-            req.spec_token_ids = [int(logits_SV[-1].argmax())] if decoding and room else []
+            req.spec_token_ids = [draft] if decoding and room else []
