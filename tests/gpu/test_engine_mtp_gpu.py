@@ -34,8 +34,7 @@ CYCLE_LEN = 256
 PAGE = 64
 
 
-@pytest.fixture(scope="module")
-def trained():
+def _train(**latent):
     """(cfg, fp32 model trained on the cycle, cycle) on the GPU."""
     from moeray.platform.config import small
     from moeray.platform.engine.bench import train_on_cycle
@@ -43,13 +42,28 @@ def trained():
 
     cfg = small().replace(num_hidden_layers=2, vocab_size=2048, hidden_size=512,
                           intermediate_size=1024, moe_intermediate_size=128, n_routed_experts=16,
-                          n_group=4, topk_group=2, num_experts_per_tok=4, eos_token_id=None)
+                          n_group=4, topk_group=2, num_experts_per_tok=4, eos_token_id=None,
+                          **latent)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
     cycle = torch.randperm(cfg.vocab_size)[:CYCLE_LEN]
     losses = train_on_cycle(model, cycle, 300, torch.device("cuda"), seq_len=128, batch=8, lr=1e-3)
-    print(f"\ntraining loss (main + 0.3 MTP): first {losses[0]:.3f}, last {losses[-1]:.3f}")
+    print(f"\ntraining {latent or 'V3 latent 512 + 64'}: loss (main + 0.3 MTP) first "
+          f"{losses[0]:.3f}, last {losses[-1]:.3f}")
     return cfg, model.eval(), cycle
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The V3 latent (512 + 64), as `moeray bench engine` runs it."""
+    return _train()
+
+
+@pytest.fixture(scope="module")
+def trained_small_latent():
+    """A 128 + 32 latent for fp32: the paged MLA kernel's fp32 tiles of a 512-wide latent
+    ([64, 512] x 4 B = 128 KiB each for the queries and the page) would not fit in shared memory."""
+    return _train(kv_lora_rank=128, qk_rope_head_dim=32)
 
 
 def _clone(model):
@@ -72,7 +86,7 @@ def _prompts(cfg, cycle, lengths_cycle=(40, 100, 70), lengths_random=(5, 64)):
 def _engine(model, *, spec: int, graphs: bool):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
-    return Engine(model, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=512,
+    return Engine(model, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=1032,
                                       enable_prefix_caching=False, use_cuda_graphs=graphs,
                                       graph_batch_sizes=(1, 2, 4, 8), num_speculative_tokens=spec))
 
@@ -91,6 +105,14 @@ def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=
     return torch.einsum("tei,edi,te->td", h_TEI, self.down_proj, w_TE)
 
 
+def _ref_logits(ref_model, ids: list[int]) -> torch.Tensor:
+    """fp32 logits [len(ids), V] from a cache-free forward. Run with autograd on: then attention
+    takes SDPA and the MoE its per-expert loop (the Triton kernels run only without autograd), an
+    independent reference for the engine's paged-kernel path."""
+    with torch.enable_grad():
+        return ref_model(torch.tensor([ids], device="cuda"), return_mtp=False).logits[0].detach().float()
+
+
 def _generate(eng, prompts, n):
     from moeray.platform.engine.sampler import SamplingParams
 
@@ -98,10 +120,10 @@ def _generate(eng, prompts, n):
     return [o.output_token_ids for o in outs]
 
 
-def test_mtp_graphs_fp32_exact(trained, monkeypatch):
+def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
     from moeray.platform.model.moe import Experts
 
-    cfg, trained_model, cycle = trained
+    cfg, trained_model, cycle = trained_small_latent
     monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
     # The trained model's drafts are nearly all accepted (its MTP uses the true next token, so it
     # agrees with the main model even off the cycle). A copy with a re-initialized MTP block
@@ -186,8 +208,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                                               starts)[0][0].clone()
                     res[mode] = (l1, l2, draft)
                 runner.use_cuda_graphs = True
-                seq = torch.tensor([req.token_ids[:p + 1] + [res["eager"][2]]], device="cuda")
-                ref = ref_model(seq, return_mtp=False).logits[0, -2:].float()
+            ref = _ref_logits(ref_model, req.token_ids[:p + 1] + [res["eager"][2]])[-2:]
             top2 = ref[0].topk(2).values
             l1e, l2e, _ = res["eager"]
             l1g, l2g, dg = res["graph"]
@@ -200,6 +221,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                           mx(l1e, l2e[0]), mx(l1g, l2g[0]), agree))
             eng.step()  # the engine's own plain decode step at p (rewrites the same KV)
         eng.abort(rid)
+        assert runner.graph_status == "captured", runner.graph_status
     # Noise yardstick: the plain S = 1 path's error against fp32, the path decode always used.
     noise = max(max(s[3], s[5]) for s in stats)
     print(f"\nbf16 noise (max |S=1 logits - fp32|) = {noise:.4f}")
@@ -237,9 +259,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                         f"({st.num_accepted_tokens}/{st.num_draft_tokens}); identical to plain: "
                         f"{first is None}")
                 if first is not None:
-                    with torch.inference_mode():
-                        seq = torch.tensor([prompt + plain[pi][:first]], device="cuda")
-                        ref = ref_model(seq, return_mtp=False).logits[0, -1].float()
+                    ref = _ref_logits(ref_model, prompt + plain[pi][:first])[-1]
                     top2 = ref.topk(2).values
                     margin = float(top2[0] - top2[1])
                     line += (f"; first difference at output {first}: plain {plain[pi][first]}, "
