@@ -428,6 +428,11 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
 
     timeout = datetime.timedelta(seconds=dist_timeout_s())
     if device.type == "cuda":
+        # CUDA loads a kernel's module at its first launch by default (lazy loading), and a load
+        # may wait for the whole device: with a peer's NCCL receive spinning on this GPU, that
+        # wait never ends (both ranks hung so, 2x H200, 2026-11-27). Load torch's kernels at
+        # context creation instead; Triton's are loaded by `PipelineExecutor.rehearse`.
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         if device.index is None:
             raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
         torch.cuda.set_device(device)
@@ -649,6 +654,7 @@ class PipelineExecutor:
         self.streams = ({d: torch.cuda.Stream(device) for d in range(schedule.directions)}
                         if self.cuda else {})
         self._pool = None
+        self._rehearsed = False  # on CPU too: cheap, and the gloo tests then cover it
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -771,6 +777,39 @@ class PipelineExecutor:
             for op in slot:
                 self._run_op(op)
 
+    def rehearse(self) -> None:
+        """Run every held stage's forward and both backward forms (full, and input-grad then
+        deferred weight-grad) once on this step's first micro-batch, with no point-to-point message
+        in flight, then drop the gradients. Kernels first launched here (Triton's JIT-compiled ones
+        and any torch kernel still lazily loaded) load now: a module load may wait for the whole
+        GPU, which deadlocks while a pre-posted NCCL receive spins on it waiting for a peer that is
+        itself stuck the same way. EP all-to-alls inside the forwards still run: every EP rank of a
+        pipeline rank holds the same stages and rehearses them in the same order."""
+        tokens = self._micro[0]
+        for (d, st), stage in sorted(self.stages.items()):
+            for defer in (False, True):
+                with self._stream(d):
+                    x = None
+                    if st > 0:
+                        x = torch.zeros(self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype,
+                                        device=self.device, requires_grad=True)
+                    with self._autocast():
+                        out, aux, _ = stage.forward_chunk(x, tokens, self.loss_cfg, 1.0)
+                    tensors, grads = [out], [torch.ones_like(out)]
+                    if aux.requires_grad and st < self.schedule.pp - 1:
+                        tensors.append(aux)
+                        grads.append(torch.ones_like(aux))
+                    key = (-1, -1, st)
+                    with stage.store.collect(key, defer=defer):
+                        torch.autograd.backward(tensors, grads)
+                    stage.store.flush(key)
+        for stage in self.stages.values():
+            for p in stage.parameters():
+                p.grad = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._rehearsed = True
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -797,6 +836,8 @@ class PipelineExecutor:
         zero = torch.zeros((), device=self.device)
         self._stats = {"main": zero, "mtp": zero, "balance": zero}
         self._ctx: dict = {}
+        if not self._rehearsed:
+            self.rehearse()
         self._recvs: dict = {}
         self._sends: list = []
         timings = StepTimings(0.0)
