@@ -230,14 +230,18 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
     for s in stats:
         print(f"{s[0]:6d} {s[1]:4d} {s[2]:11.4f} {s[3]:9.4f} {s[4]:11.4f} {s[5]:9.4f} {s[6]:11.4f}"
               f" {s[7]:11.4f} {s[8]:12.4f} {s[9]:12.4f}  {s[10]}")
+    # Checked after the end-to-end runs below, so that one failure still prints everything.
+    problems = []
     for s in stats:
         # Row 0 of the verify forward is no noisier than plain decode (a wrong context, position
         # or mask for row 0 would be off by the logits' scale, not by bf16 rounding).
-        assert s[4] <= 4 * noise + 1e-3 and s[6] <= 4 * noise + 1e-3, s
+        if not (s[4] <= 4 * noise + 1e-3 and s[6] <= 4 * noise + 1e-3):
+            problems.append(f"S=2 row 0 error above 4 x noise: {s}")
         # Row 1 (the draft's row, seeing the draft it just wrote) likewise.
-        assert not s[7] > 4 * noise + 1e-3, s
-        if s[2] > 4 * noise:
-            assert s[10], f"argmax differs where the fp32 top-2 margin {s[2]:.4f} > 4 x noise: {s}"
+        if s[7] > 4 * noise + 1e-3:
+            problems.append(f"S=2 row 1 error above 4 x noise: {s}")
+        if s[2] > 4 * noise and not s[10]:
+            problems.append(f"argmax differs where the fp32 top-2 margin {s[2]:.4f} > 4 x noise: {s}")
 
     # End to end at batch 1 (the bench's case) and in a batch of both prompts: plain decoding
     # (graphs) against MTP with the MTP forward captured and eager, and where outputs first differ.
@@ -266,6 +270,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                              f"MTP {outs[pi][first]}, fp32 argmax {int(ref.argmax())}, fp32 top-2 "
                              f"margin {margin:.4f} (4 x noise = {4 * noise:.4f})")
                 print(line)
-                if first is not None:
-                    # bf16 rounding can only flip a near-tie; a real bug flips confident ones.
-                    assert margin <= 4 * noise, line
+                # bf16 rounding can only flip a near-tie; a real bug flips confident ones.
+                if first is not None and margin > 4 * noise:
+                    problems.append(line)
+    assert not problems, "\n".join(problems)
