@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import math
 import os
 import signal
 import sys
@@ -197,6 +198,10 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
         losses.append(sum(float(s[0]) for s in every) / cfg.ep)
         _say(rank, f"{name}: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} "
                    f"step {wall:.3f} s{' (warm-up)' if step < cfg.warmup else ''}")
+        if not math.isfinite(losses[-1]):
+            # every rank saw the same all-gathered losses, so all stop here together
+            raise FloatingPointError(f"{name}: loss {losses[-1]} at step {step + 1} "
+                                     f"(losses so far {losses})")
         if step >= cfg.warmup:
             walls.append(wall)
             bubbles.append(max(float(s[2]) for s in every) / max(float(s[1]) for s in every))
@@ -218,7 +223,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
             "op_costs_s": mean}
 
 
-def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, runs=RUNS) -> None:
     import torch
     import torch.distributed as dist
 
@@ -240,11 +245,11 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str) -> None:
         rate = measure_matmul_rate(device)
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
         results = {"matmul_flops_per_s": rate}
-        for name, schedule, fp8 in RUNS:
+        for name, schedule, fp8 in runs:
             results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device)
             dist.barrier()
         if rank == 0:
-            Path(out_dir, "bench.json").write_text(json.dumps(results))
+            Path(out_dir, f"bench-{runs[0][0]}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
@@ -254,9 +259,15 @@ def run(cfg: BenchConfig) -> dict:
 
     from moeray.platform.config import preset
 
+    raw: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(cfg, os.path.join(tmp, "pg"), tmp), nprocs=cfg.world, join=True)
-        raw = json.loads(Path(tmp, "bench.json").read_text())
+        # One set of worker processes per run: on NCCL the second run in the same processes hung
+        # in its first step (2x H200, 2026-11-27; notes-train.md), and fresh processes also keep
+        # one run's cached memory, communicators and compiled kernels out of the next's timings.
+        for i, one in enumerate(RUNS):
+            mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, (one,)), nprocs=cfg.world,
+                     join=True)
+            raw.update(json.loads(Path(tmp, f"bench-{one[0]}.json").read_text()))
     main, bf16, base = raw["dualpipe-fp8"], raw["dualpipe-bf16"], raw["1f1b-fp8"]
     model_cfg = preset(cfg.model)
     tokens_per_step = cfg.global_batch * cfg.seq_len
