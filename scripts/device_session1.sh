@@ -5,14 +5,10 @@
 #   GPUs 0-3: `moeray bench train --model small --pp 2 --ep 2` (the issue's run).
 # Logs and result JSONs go to $OUT.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+source "$(dirname "$0")/device_env.sh"
 if [ -f .gpu-bundle/site.tar.xz ]; then
-  mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  use_bundle
 fi
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 python3 -c 'import ray; print("ray", ray.__version__)' || echo "no ray"

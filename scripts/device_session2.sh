@@ -3,11 +3,7 @@
 #   GPUs 0,1: `moeray bench train --model small --pp 2` (DualPipe overlap on; off if that fails)
 #   then GPU 0: tests/gpu  |  GPU 1: scripts/fp8_gemm_sweep.py
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 train() {  # $1 = --overlap | --no-overlap, $2 = limit s
   MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 $2 python3 -m moeray.cli bench train \

@@ -2,12 +2,8 @@
 # Device call 3 (2 GPUs): KV transports at V3 sizes vs raw NCCL, then the Serve comparison
 # (2 colocated replicas vs 1 prefill + 1 decode per transport), then (if present) the MTP GPU tests.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+source "$(dirname "$0")/device_env.sh"
+use_bundle
 timeout -k 5 130 python3 -m moeray.cli bench kv --device cuda --tokens 64,512,4096 \
     --iters 20 --budget-s 6 --timeout-s 40 --out-dir "$OUT" > "$OUT/kv.log" 2>&1; el "kv rc=$?"
 timeout -k 5 200 python3 -m moeray.cli bench serve --launch \

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Device call 4 (2 GPUs): PP=2 DualPipe training bench after the rehearsal fix, then the KV-transport bench.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 train() {  # $1 = --overlap | --no-overlap, $2 = limit s
   MOERAY_DIST_TIMEOUT_S=75 timeout -k 5 $2 python3 -m moeray.cli bench train \
@@ -14,7 +10,7 @@ train() {  # $1 = --overlap | --no-overlap, $2 = limit s
   local rc=$?; el "train $1 rc=$rc"; grep -v "^\s*$" "$OUT/train$1.log" | grep -v "step [0-9]*/[0-9]*" | tail -22; return $rc
 }
 train --overlap 230 || train --no-overlap 150
-mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+use_bundle
 timeout -k 5 140 python3 -m moeray.cli bench kv --device cuda --tokens 64,512,4096 \
     --iters 20 --budget-s 6 --timeout-s 40 --out-dir "$OUT" > "$OUT/kv.log" 2>&1; el "kv rc=$?"
 grep -v "^\s*$" "$OUT/kv.log" | tail -24

@@ -4,14 +4,10 @@
 #   GPU 0:    the MTP-graph and tiny-model GPU engine tests
 #   GPU 1:    `moeray bench engine` MTP speedup at 4 layers
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+source "$(dirname "$0")/device_env.sh"
 ( CUDA_VISIBLE_DEVICES=0 timeout -k 5 230 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_engine_mtp_gpu.py tests/gpu/test_tiny_engine_gpu.py > "$OUT/pytest_mtp.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_mtp.log" ) &
 ( CUDA_VISIBLE_DEVICES=1 timeout -k 5 230 python3 -m moeray.cli bench engine --device cuda --layers 4 --batch-sizes 1,16 --hf-max-batch 0 --out-dir "$OUT" > "$OUT/engine.log" 2>&1; echo "engine rc=$?" >> "$OUT/engine.log" ) &
-mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+use_bundle
 timeout -k 5 220 python3 -m moeray.cli bench serve --launch \
     --gpus-per-replica 1 --cpus-per-replica 2 --num-requests 48 --concurrency 8 \
     --input-len 128 --output-len 128 --results-dir "$OUT" > "$OUT/serve.log" 2>&1; el "serve rc=$?"

@@ -1,0 +1,9 @@
+# Sourced by scripts/device_session*.sh: the device machine's environment for a run.
+# NVLink multicast stays off (the device tool's KINDS.md says why); $OUT comes back from the device.
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+# Ray, FastAPI and pydantic are not in the GPU image: unpack the bundle from ../shared/tools/gpu-bundle.
+use_bundle() { mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; }
