@@ -305,12 +305,46 @@ def weight_dequant(
 
 
 @triton.jit
+def _load_k_block(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    # offs_k is broadcast along the K axis of ptrs; a ragged last K block reads zeros past K.
+    if EVEN_K:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_k < k_left, other=0.0)
+    return x
+
+
+@triton.jit
+def _scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE: tl.constexpr, UPCAST: tl.constexpr):
+    # Promote one 128-deep K block into the fp32 accumulator with both scales (DeepSeek-V3 recipe).
+    if UPCAST:  # the CPU interpreter has no fp8 matmul of its own: same math in fp32
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ROW_SCALE:
+        # b_s is one scalar for the whole tile (128x128 weight blocks, BLOCK_N <= 128): fold it into
+        # the row scale first, so the promotion is one FMA per accumulator element instead of a
+        # multiply plus an FMA (H200 sweep: 0.555x -> 0.699x of _scaled_mm at 4096x2112x7168).
+        out = acc + tl.dot(a, b) * (a_s * b_s)[:, None]
+    else:  # per-column b scales (1x128 row groups of the weight-grad GEMM, or BLOCK_N > 128)
+        out = acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    return out
+
+
+@triton.jit
+def _store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn):
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
     B_SCALE_DIV: tl.constexpr,  # 128: b scale per 128x128 block; 1: per 1x128 row group
+    ROW_SCALE: tl.constexpr,  # B_SCALE_DIV == 128 and BLOCK_N <= 128: one b scale per tile and K block
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_M: tl.constexpr,  # the BLOCK_M rows as two BLOCK_M/2-row dots, each its own accumulator
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
@@ -323,51 +357,106 @@ def _fp8_gemm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Wrap out-of-range rows/cols onto valid ones so loads need no row mask; stores are masked.
-    offs_am = offs_m % M
-    offs_bn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-    as_ptrs = as_ptr + offs_am * stride_asm
-    bs_ptrs = bs_ptr + (offs_bn // B_SCALE_DIV) * stride_bsn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
+    # Wrap out-of-range rows/cols onto valid ones so loads need no row mask; stores are masked.
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
+    if ROW_SCALE:
+        bs_ptrs = bs_ptr + (pid_n * BLOCK_N // 128) * stride_bsn  # the tile's 128-column block
+    else:
+        bs_ptrs = bs_ptr + ((offs_n % N) // B_SCALE_DIV) * stride_bsn
+    num_kb = tl.cdiv(K, BLOCK_K)
+    if SPLIT_M:
+        # One warpgroup, two 64-row dots sharing each b tile: b is read once per 128 rows and the
+        # grid has half the CTAs of 64-row tiles (wins at large K / large N; see _split_m_wins).
+        HALF: tl.constexpr = BLOCK_M // 2
+        offs_m0 = pid_m * BLOCK_M + tl.arange(0, HALF)
+        offs_m1 = offs_m0 + HALF
+        a0_ptrs = a_ptr + (offs_m0 % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a1_ptrs = a_ptr + (offs_m1 % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        as0_ptrs = as_ptr + (offs_m0 % M) * stride_asm
+        as1_ptrs = as_ptr + (offs_m1 % M) * stride_asm
+        acc0 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, num_kb):
             k_left = K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        a_s = tl.load(as_ptrs + kb * stride_ask)
-        b_s = tl.load(bs_ptrs + kb * stride_bsk)
-        if UPCAST:  # the CPU interpreter has no fp8 matmul of its own: same math in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # Promote every 128 of K into the fp32 accumulator with both scales (DeepSeek-V3 recipe).
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
+            b_s = tl.load(bs_ptrs + kb * stride_bsk)
+            a0 = _load_k_block(a0_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            a1 = _load_k_block(a1_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            a0_s = tl.load(as0_ptrs + kb * stride_ask)
+            a1_s = tl.load(as1_ptrs + kb * stride_ask)
+            acc0 = _scaled_block_dot(acc0, a0, b, a0_s, b_s, ROW_SCALE, UPCAST)
+            acc1 = _scaled_block_dot(acc1, a1, b, a1_s, b_s, ROW_SCALE, UPCAST)
+        _store_tile(c_ptr, acc0, offs_m0, offs_n, M, N, stride_cm, stride_cn)
+        _store_tile(c_ptr, acc1, offs_m1, offs_n, M, N, stride_cm, stride_cn)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        as_ptrs = as_ptr + (offs_m % M) * stride_asm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, num_kb):
+            k_left = K - kb * BLOCK_K
+            a = _load_k_block(a_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
+            a_s = tl.load(as_ptrs + kb * stride_ask)
+            b_s = tl.load(bs_ptrs + kb * stride_bsk)
+            acc = _scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE, UPCAST)
+        _store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
 
-    c = acc.to(c_ptr.dtype.element_ty)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+# CTAs per SM each M >= 128 tile shape fits on sm_90 (228 KB shared memory per SM), 3 stages of
+# a and b fp8 tiles: 64x128 -> 3 x (64 + 128) x 128 B = 72 KB -> 3 CTAs; split-M 128x128 ->
+# 3 x (128 + 128) x 128 B = 96 KB -> 2 CTAs. Derived from sizes, not measured per SM.
+_CTAS_PER_SM_64 = 3
+_CTAS_PER_SM_SPLIT = 2
 
 
-def _gemm_config(m: int, n: int, k: int) -> dict:
-    """Block shapes by problem size (tuned on H100 for the DeepSeek-V3 shapes; see notes-kernels.md)."""
+def _launch_fill(m: int, n: int, block_m: int, ctas_per_sm: int, num_sms: int) -> tuple[int, int]:
+    """Useful fraction of the launched work as (num, den): rows of m among the padded rows, times
+    tiles among the CTA slots of all waves (a last wave that is mostly empty wastes the GPU)."""
+    tiles_m = cdiv(m, block_m)
+    tiles = tiles_m * cdiv(n, 128)
+    slots = num_sms * ctas_per_sm
+    return m * tiles, tiles_m * block_m * cdiv(tiles, slots) * slots
+
+
+def _split_m_wins(m: int, n: int, num_sms: int) -> bool:
+    """Split-M 128x128 (2 CTAs/SM) instead of 64x128 (3 CTAs/SM) where its launch fills the GPU at
+    least as well. H200 sweep (scripts/fp8_gemm_sweep.py, 132 SMs, M=4096, one run), ratio to
+    _scaled_mm for 64x128 / split-M: N2112K7168 0.777 / 0.675, N24576K1536 0.676 / 0.717,
+    N7168K16384 0.760 / 0.825, N4096K7168 0.688 / 0.688. This rule's fills (64x128 vs split):
+    0.92 vs 0.69 -> 64x128; 0.97 vs 0.97 -> split; 0.91 vs 0.97 -> split; 0.86 vs 0.97 -> split
+    (measured a tie): the faster or an equal variant at all four. Shapes away from M=4096 are
+    extrapolated by the model, not measured. Integer cross-multiplication: no float ties."""
+    n64, d64 = _launch_fill(m, n, 64, _CTAS_PER_SM_64, num_sms)
+    ns, ds = _launch_fill(m, n, 128, _CTAS_PER_SM_SPLIT, num_sms)
+    return ns * d64 >= n64 * ds
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _gemm_config(m: int, n: int, device: torch.device) -> dict:
+    """Tile shapes by problem size (see _split_m_wins and benchmarks/notes-kernels.md)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1)
-    # H100 sweep (benchmarks/results/kernels-*.json "sweep"): one 4-warp warpgroup on 64x128 tiles
-    # beat 128x128 with 8 warps (651 vs 540 TFLOP/s at 4096x4096x7168); at M=64 narrow 32-column
-    # tiles spread the weight read over more SMs (79 vs 72 TFLOP/s).
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, SPLIT_M=False, num_warps=4, num_stages=1)
+    # At M=64 (H100 sweep, benchmarks/results/kernels-*-sweep.json): narrow 32-column tiles spread the
+    # weight read over more SMs (79 vs 72 TFLOP/s); not re-measured with the one-FMA promotion.
     if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=6)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_M=False, num_warps=4, num_stages=6)
+    # H200 sweep, M=4096, ratio to _scaled_mm (one run): the old 64x128/4 warps/4 stages with
+    # mul + FMA per K block 0.555 0.564 0.614 0.549 at N2112K7168 / N24576K1536 / N7168K16384 /
+    # N4096K7168; the same tile with one FMA 0.699 0.643 0.715 0.673; one FMA and 3 stages (72 KB
+    # smem -> 3 CTAs/SM, each hiding the others' wait for their wgmma before scaling) 0.777 0.676
+    # 0.760 0.688; 5 stages 0.551 0.486 0.627 0.535; 128x128 with 8 warps 0.624 0.601 0.745 0.607.
+    # 4 warps everywhere: one warpgroup per CTA, more CTAs per SM.
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    if m >= 128 and _split_m_wins(m, n, _num_sms(device_index)):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3)
 
 
 def _b_scale_div(b_fp8: torch.Tensor, b_scale: torch.Tensor, kb: int) -> int:
@@ -410,15 +499,21 @@ def fp8_gemm_triton(
     c = torch.empty((m, n), dtype=out_dtype, device=a_fp8.device)
     if m == 0 or n == 0:
         return c
-    cfg = dict(config or _gemm_config(m, n, k))
-    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    # Configs without SPLIT_M (bench.py's sweep list) run unsplit tiles.
+    cfg = {"SPLIT_M": False, **(config or _gemm_config(m, n, a_fp8.device))}
+    if cfg["BLOCK_K"] != 128:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']}: must be 128, the scale group size along K")
     if div == 128 and cfg["BLOCK_N"] % 128 and 128 % cfg["BLOCK_N"]:
         raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide or be a multiple of 128")
+    if cfg["SPLIT_M"] and cfg["BLOCK_M"] < 32:
+        raise ValueError(f"SPLIT_M needs BLOCK_M >= 32 (two dots of >= 16 rows), got {cfg['BLOCK_M']}")
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](
         a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
         a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        B_SCALE_DIV=div, EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), **cfg,
+        B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
+        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), **cfg,
     )
     return c
 
