@@ -2,7 +2,8 @@
 
 a) fp32: greedy outputs with MTP + CUDA graphs == MTP eager == plain decoding, at batch 1 and in a
    mixed batch, with the MTP forward captured in graphs keyed (bs, S, "mtp") and drafting exactly
-   what the eager MTP forward drafts (same accepted-draft counts).
+   what the eager MTP forward drafts (same accepted-draft counts); every pure-decode step runs one
+   main forward and at most one MTP forward (rows padded to a uniform S, runner docstring).
 b) bf16 diagnostic for the batch-1 divergence of benchmarks/notes-engine.md: the main model's logits
    of the last token from an S = 2 verify forward (row 0) against an S = 1 plain forward, eager and
    graph, each against an fp32 forward of the same bf16 weights; then an end-to-end batch-1 run with
@@ -105,6 +106,25 @@ def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=
     return torch.einsum("tei,edi,te->td", h_TEI, self.down_proj, w_TE)
 
 
+def _count_decode_forwards(eng):
+    """Wrap eng.runner: per step, [main forwards, MTP forwards] when every scheduled sequence
+    decodes, None for a step with a prefill chunk (those may add a group)."""
+    runner, steps = eng.runner, []
+    fg, ex = runner.forward_group, runner.execute
+
+    def forward_group(*a, **kw):
+        if steps and steps[-1] is not None:
+            steps[-1][0 if kw.get("mtp_module") is None else 1] += 1
+        return fg(*a, **kw)
+
+    def execute(seqs):
+        steps.append([0, 0] if all(s.is_decode for s in seqs) else None)
+        return ex(seqs)
+
+    runner.forward_group, runner.execute = forward_group, execute
+    return steps
+
+
 def _ref_logits(ref_model, ids: list[int]) -> torch.Tensor:
     """fp32 logits [len(ids), V] from a cache-free forward. Run with autograd on: then attention
     takes SDPA and the MoE its per-expert loop (the Triton kernels run only without autograd), an
@@ -146,21 +166,32 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
         for name, spec, graphs in (("plain eager", 0, False), ("plain graphs", 0, True),
                                    ("mtp eager", 1, False), ("mtp graphs", 1, True)):
             eng = _engine(model, spec=spec, graphs=graphs)
+            steps = _count_decode_forwards(eng)
             outs = [o for grp in groups for o in _generate(eng, grp, n)]
             st = eng.drafter.stats if spec else None
-            res[name] = (outs, st, eng)
+            res[name] = (outs, st, eng, [c for c in steps if c is not None])
+            fw = max((tuple(c) for c in steps if c is not None), default=(0, 0))
             rows.append((model_name, batch_name, name, eng.runner.graph_status,
                          sorted(k for k in eng.runner.graphs if k[2] == "mtp"),
-                         st.num_draft_tokens if st else 0, st.num_accepted_tokens if st else 0))
+                         st.num_draft_tokens if st else 0, st.num_accepted_tokens if st else 0, fw))
         plain = res["plain eager"][0]
-        for name, (outs, _st, _e) in res.items():
+        for name, (outs, _st, _e, _steps) in res.items():
             assert outs == plain, f"{batch_name}: {name} differs from plain eager decoding"
         st_e, st_g = res["mtp eager"][1], res["mtp graphs"][1]
         eng_g = res["mtp graphs"][2]
         assert eng_g.runner.graph_status == "captured", eng_g.runner.graph_status
         mtp_keys = {k[1] for k in eng_g.runner.graphs if k[2] == "mtp"}
-        # S = 2 after an accepted draft, S = 1 after a rejected one (or a step without a draft).
-        assert mtp_keys == ({1, 2} if st_g.num_accepted_tokens else {1}), sorted(eng_g.runner.graphs)
+        # One MTP forward per decode step over every row: S = 2 when any row's draft was accepted
+        # (rows with 1 newly valid position padded to 2), S = 1 when none was. Alone, a rejected
+        # draft is such a step.
+        assert mtp_keys <= {1, 2} and (2 in mtp_keys) == (st_g.num_accepted_tokens > 0), \
+            (sorted(eng_g.runner.graphs), st_g)
+        if batch_name == "batch 1" and st_g.num_accepted_tokens < st_g.num_draft_tokens:
+            assert 1 in mtp_keys, (sorted(eng_g.runner.graphs), st_g)
+        # ... and one main forward: every pure-decode step replayed one main and <= 1 MTP graph
+        # (0 MTP when the step finished every request).
+        steps = res["mtp graphs"][3]
+        assert steps and all(c == [1, c[1]] and c[1] <= 1 for c in steps), steps
         # Exactness holds whatever the drafts are, so compare the drafting itself: the captured
         # MTP forward must draft what the eager one drafts.
         assert (st_g.num_draft_tokens, st_g.num_accepted_tokens) == \
@@ -169,10 +200,11 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
             assert st_g.num_accepted_tokens > st_g.num_draft_tokens // 2, st_g
         else:
             assert st_g.num_accepted_tokens < st_g.num_draft_tokens // 2, st_g
-    print(f"\n{'model':10} {'batch':8} {'mode':13} {'drafts':>6} {'accepted':>8}  "
-          "graph_status / mtp graph keys")
-    for m, b, name, status, keys, d, a in rows:
-        print(f"{m:10} {b:8} {name:13} {d:6d} {a:8d}  {status} {keys}")
+    print(f"\n{'model':10} {'batch':8} {'mode':13} {'drafts':>6} {'accepted':>8} "
+          f"{'fwd/step':>8}  graph_status / mtp graph keys   (fwd/step: the most main, MTP "
+          "forwards of a pure-decode step; 1,1 expected)")
+    for m, b, name, status, keys, d, a, fw in rows:
+        print(f"{m:10} {b:8} {name:13} {d:6d} {a:8d} {fw[0]:>4},{fw[1]:<3}  {status} {keys}")
 
 
 def test_bf16_verify_row0_vs_plain_decode(trained):

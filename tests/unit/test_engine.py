@@ -206,4 +206,117 @@ def test_batched_greedy_targets_and_mtp_forward_checks(setup):
     with pytest.raises(ValueError, match=r"hidden_BSD \[B=1, S=2"):
         eng.runner.forward_group(ids, bt, torch.tensor([0]), mtp_module=model.mtp[0],
                                  hidden_BSD=torch.zeros(1, 1, cfg.hidden_size))
+    with pytest.raises(ValueError, match="2 hidden rows for 1 next tokens"):
+        eng.runner.execute_mtp(model.mtp[0], [(rid, 0, torch.zeros(2, cfg.hidden_size), [1])])
     assert eng.runner.graph_status == "off" and not eng.runner.graphs
+
+
+def _count_forwards(eng):
+    """Wrap eng.runner so each step records its scheduled token counts, the MTP items' position
+    counts and every forward_group call as (kind, B, S). -> the list of step records."""
+    runner, log = eng.runner, []
+    fg, ex, ex_mtp = runner.forward_group, runner.execute, runner.execute_mtp
+
+    def forward_group(ids_BS, *a, **kw):
+        kind = "main" if kw.get("mtp_module") is None else "mtp"
+        log[-1]["forwards"].append((kind, *ids_BS.shape))
+        return fg(ids_BS, *a, **kw)
+
+    def execute(seqs):
+        log.append({"decode": all(s.is_decode for s in seqs), "S": [s.num_tokens for s in seqs],
+                    "mtp_m": [], "forwards": []})
+        return ex(seqs)
+
+    def execute_mtp(module, items):
+        log[-1]["mtp_m"] = [len(it[3]) for it in items]
+        return ex_mtp(module, items)
+
+    runner.forward_group, runner.execute, runner.execute_mtp = forward_group, execute, execute_mtp
+    return log
+
+
+def test_mtp_decode_step_is_one_main_and_one_mtp_forward(setup):
+    """Batch 4 with mixed acceptance and requests reaching max_tokens: verify rows of 1 token (no
+    room for a draft) and MTP rows of 1 position (draft rejected) are padded to 2, so every
+    pure-decode step runs one main forward and one MTP forward, and greedy output stays exactly
+    HF's. Drafts are forced right or wrong by (step + request) parity so both paddings occur; the
+    natural MTP drafts run too."""
+    cfg, model, path, prompts, ref = setup
+    max_tokens = (8, 5, 8, 6)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens]
+    expect = [r[:m] for r, m in zip(ref, max_tokens)]
+    checked: list[str] = []
+    for forced in (True, False):
+        eng = engine(model, num_speculative_tokens=1)
+        log = _count_forwards(eng)
+        if forced:
+            propose = eng.drafter.propose
+
+            def forced_propose(scheduled, hidden, max_model_len, propose=propose, log=log):
+                propose(scheduled, hidden, max_model_len)  # the real MTP forward, then override
+                for s in scheduled:
+                    req = s.request
+                    if req.spec_token_ids:
+                        # the paged MTP cache, padded writes and all, drafts what the model's
+                        # uncached MTP head does (position s predicts s + 2)
+                        with torch.no_grad():
+                            out = model(torch.tensor([req.token_ids]), return_mtp=True)
+                        mtp = out.mtp_logits[0]
+                        assert req.spec_token_ids == [int(mtp[0, len(req.token_ids) - 2].argmax())]
+                        checked.append(req.request_id)
+                        i = int(req.request_id.split("-")[1])
+                        right = expect[i][len(req.output_token_ids)]
+                        req.spec_token_ids = [right if (len(log) + i) % 2 else (right + 1) % V]
+
+            eng.drafter.propose = forced_propose
+        outs = eng.generate(prompts[:4], params)
+        assert [o.output_token_ids for o in outs] == expect, f"forced={forced}"
+        st = eng.drafter.stats
+        decode_steps = [e for e in log if e["decode"]]
+        assert len(decode_steps) >= 4, log
+        for e in decode_steps:
+            kinds = [f[0] for f in e["forwards"]]
+            assert kinds.count("main") == 1 and kinds.count("mtp") == (1 if e["mtp_m"] else 0), e
+            assert all(f[1] == len(e["S"]) for f in e["forwards"] if f[0] == "main"), e
+            assert all(f[1] == len(e["mtp_m"]) for f in e["forwards"] if f[0] == "mtp"), e
+        if forced:
+            assert 0 < st.num_accepted_tokens < st.num_draft_tokens, st
+            assert len(checked) >= st.num_draft_tokens, (checked, st)
+            # both paddings happened, each in one forward at S = 2
+            main_pad = [e for e in decode_steps if {1, 2} <= set(e["S"])]
+            mtp_pad = [e for e in decode_steps if {1, 2} <= set(e["mtp_m"])]
+            assert main_pad and mtp_pad, log
+            assert all(("main", len(e["S"]), 2) in e["forwards"] for e in main_pad)
+            assert all(("mtp", len(e["mtp_m"]), 2) in e["forwards"] for e in mtp_pad)
+
+
+def test_padded_row_writes_scratch_not_unowned_pages(setup):
+    """A decode without a draft (max_tokens next) padded to S = 2 next to a drafting one: its
+    padded position 16 lies on a page it does not own (16-token pages, it holds one), so the
+    write lands on the scratch page; no page outside the two sequences' tables changes."""
+    cfg, model, path, prompts, ref = setup
+    eng = engine(model, num_speculative_tokens=1)
+    g = torch.Generator().manual_seed(7)
+    a = eng.add_request(torch.randint(0, V, (15,), generator=g).tolist(),
+                        SamplingParams(temperature=0, max_tokens=2))
+    b = eng.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=N_NEW))
+    eng.step()  # prefill both; a samples token 16 (position 15) and has no room for a draft
+    ra, rb = eng.scheduler.requests[a], eng.scheduler.requests[b]
+    assert ra.spec_token_ids == [] and len(rb.spec_token_ids) == 1
+    assert len(ra.token_ids) == 16 and len(eng.kv.tables[a].pages) == 1
+    pages_a = list(eng.kv.tables[a].pages)
+    owned = set(pages_a) | set(eng.kv.tables[b].pages)
+    before = eng.storage.kv_LPNK.clone()
+    log = _count_forwards(eng)
+    eng.step()
+    assert log[-1]["S"] == [1, 2] and ("main", 2, 2) in log[-1]["forwards"]
+    changed = {p for p in range(eng.storage.kv_LPNK.shape[1])
+               if not torch.equal(before[:, p], eng.storage.kv_LPNK[:, p])}
+    scratch = eng.runner.scratch_page
+    assert scratch in changed and changed <= owned | {scratch}, (changed, owned, scratch)
+    # on a's own page only its real position 15 was written (a padded write routed to the row's
+    # first page, say, would change slot 0 too)
+    page_a = pages_a[0]
+    after = eng.storage.kv_LPNK
+    slots = {s for s in range(16) if not torch.equal(before[:, page_a, s], after[:, page_a, s])}
+    assert slots == {15}, slots

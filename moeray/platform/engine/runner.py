@@ -4,10 +4,33 @@ Legend: B sequences in a forward, S new tokens per sequence, T context tokens (c
 M pages per sequence (block table width), N tokens per page, C kv_lora_rank, R rope dims,
 H heads, D model width, V vocabulary, L cached layers.
 
-A step's scheduled sequences are grouped by how many tokens each computes, and each group runs as
-one forward [B, S] with no padding: all decodes together (S = 1, or 1 + drafts), prefill chunks of
-equal length together. So query s of sequence b always sits at position start_b + s with the S new
-tokens last in its context, which is exactly what the paged MLA kernel computes.
+A step's scheduled sequences run as few forwards [B, S] as possible: every row of at most
+PAD_MAX_S = 2 tokens (a decode, a decode plus its one MTP draft, a 1- or 2-token prefill chunk) runs
+in ONE forward at the longest such row's S, shorter rows padded; longer prefill chunks group by
+exact length. The MTP forward after the step groups the same way over each row's newly valid
+positions (1 after a rejected draft or no draft, 2 after an accepted one). So a pure-decode MTP
+step is one main forward and one MTP forward (one graph replay each) whatever the mix of drafts and
+acceptances. Query s of sequence b sits at position start_b + s with the S new tokens last in its
+context, which is exactly what the paged MLA kernel computes.
+
+Why padding is harmless. A padded row of sequence b sits at a position p >= start_b + n_b (n_b its
+real tokens) whose KV is not valid: after the step the sequence's num_computed is at most
+start_b + n_b (main forward) or exactly start_b + n_b (MTP forward). So
+  * no real row reads it: attention is causal, and its own real rows sit before p;
+  * its cache write is dead: p is not valid, so the forward that makes p valid (the next step's
+    main forward, or the MTP forward right after it) rewrites p in that layer before anything
+    reads it; a page holding p is not full-and-computed, so it is never registered or shared;
+  * it never touches a page the sequence does not own: `_tables_by_id` points block-table columns
+    past a row's own pages at the scratch page (as `_DecodeGraph` does for padding rows), so such
+    a p writes and reads scratch. The scheduler allocates nothing extra for padding;
+  * its outputs are cut off (`lg[j, :n]`), and its inputs (the row's last token repeated; a zero
+    hidden row for MTP, whose RMSNorm is zero, not NaN) are finite, so the masked-out reads of p
+    by the real rows (weight exactly 0) stay finite.
+The real rows compute what they computed unpadded up to rounding (a [B, 2] forward instead of a
+[B, 1] one, as any change of batch size already does), so greedy outputs stay those of plain
+decoding (tests/unit/test_engine.py). Positions stay below max_model_len: a row's last real
+position is at most max_model_len - 2 (a sequence of max_model_len tokens has finished), so a
+1-token pad stays inside the max_pages block-table columns.
 
 Attention over the pages, through the model's KVCache protocol (`moeray.platform.model.mla`):
   * GatherPagedView (CPU, and GPU fallback): `update` writes the new latents into their slots and
@@ -33,6 +56,9 @@ import torch
 
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.scheduler import ScheduledSeq
+
+# Rows of up to this many tokens share one padded forward: 1 + the MTP drafter's one draft.
+PAD_MAX_S = 2
 
 
 def _slots(block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -67,7 +93,7 @@ class GatherPagedView:
             T = int(self.seq_lens_B.max())
             dev = self.block_table_BM.device
             t_T = torch.arange(T, device=dev)
-            # Positions past a row's pages read slot 0 of the row's first page; the mask hides them.
+            # Positions past a row's end read its last position again; the mask hides them.
             t_BT = torch.minimum(t_T[None, :], (self.seq_lens_B - 1)[:, None])
             slots_BT = _slots(self.block_table_BM, t_BT, self.N)
             mask_BST = t_T[None, None, :] <= self.positions_BS[:, :, None]
@@ -227,9 +253,6 @@ class ModelRunner:
             return f"{main}; mtp {mtp}"
         return main
 
-    def _tables(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
-        return self._tables_by_id([s.request.request_id for s in seqs])
-
     def forward_group(self, ids_BS: torch.Tensor, block_table_BM: torch.Tensor,
                       starts_B: torch.Tensor, *, mtp_module=None, hidden_BSD=None):
         """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
@@ -277,39 +300,63 @@ class ModelRunner:
         return graph
 
     # ---- a step --------------------------------------------------------------------------------
+    def _groups(self, lengths: Sequence[int]) -> dict[int, list[int]]:
+        """Row indices by the S their forward runs at. Rows of at most PAD_MAX_S tokens (decodes
+        with or without a draft, MTP steps over 1 or 2 newly valid positions) form ONE group padded
+        up to its longest row (see the module docstring); longer rows (prefill chunks) group by
+        exact length. Without a scratch page nothing is padded (a padded position could land on a
+        page the sequence does not own)."""
+        groups: dict[int, list[int]] = {}
+        pad = self.scratch_page is not None
+        small = [i for i, n in enumerate(lengths) if pad and n <= PAD_MAX_S]
+        if small:
+            groups[max(lengths[i] for i in small)] = small
+        for i, n in enumerate(lengths):
+            if not (pad and n <= PAD_MAX_S):
+                groups.setdefault(n, []).append(i)
+        return groups
+
     @torch.inference_mode()
     def execute(self, seqs: Sequence[ScheduledSeq]) -> ForwardResult:
-        """Main-model forward over the scheduled sequences (grouped by token count)."""
+        """Main-model forward over the scheduled sequences: one forward per group of `_groups`
+        (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens."""
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(seqs):
-            groups.setdefault(s.num_tokens, []).append(i)
-        for S, idx in groups.items():
+        for S, idx in self._groups([s.num_tokens for s in seqs]).items():
             group = [seqs[i] for i in idx]
-            ids, starts = self._ids_and_starts([list(s.input_ids) for s in group],
+            ids, starts = self._ids_and_starts([_pad_ids(s.input_ids, S) for s in group],
                                                [s.start for s in group])
-            lg, hd = self.forward_group(ids, self._tables(group), starts)
+            bt = self._tables_by_id([s.request.request_id for s in group],
+                                    self._pages_to(max(s.start for s in group) + S))
+            lg, hd = self.forward_group(ids, bt, starts)
             for j, i in enumerate(idx):
-                logits[i], hidden[i] = lg[j], hd[j]
+                n = seqs[i].num_tokens
+                logits[i], hidden[i] = lg[j, :n], hd[j, :n]
         return ForwardResult(logits, hidden)
 
     @torch.inference_mode()
     def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):
         """MTP forwards: items = (request_id, start, hidden_SD, next_ids) with S = len(next_ids)
-        positions from start. Returns per item (hidden_SD, logits_SV), grouped by S like execute."""
+        positions from start. Returns per item (hidden_SD, logits_SV) of its S positions, run in
+        the groups of `_groups` like execute (padded rows get zero hidden rows)."""
+        for rid, _start, h_SD, next_ids in items:
+            if h_SD.shape[0] != len(next_ids):
+                raise ValueError(f"MTP item {rid!r}: {h_SD.shape[0]} hidden rows for "
+                                 f"{len(next_ids)} next tokens")
         results: list = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for i, it in enumerate(items):
-            groups.setdefault(len(it[3]), []).append(i)
-        for S, idx in groups.items():
+        for S, idx in self._groups([len(it[3]) for it in items]).items():
             rows = [items[i] for i in idx]
-            ids, starts = self._ids_and_starts([list(r[3]) for r in rows], [r[1] for r in rows])
-            hid = torch.stack([r[2] for r in rows])
-            bt = self._tables_by_id([r[0] for r in rows])
+            ids, starts = self._ids_and_starts([_pad_ids(r[3], S) for r in rows],
+                                               [r[1] for r in rows])
+            hid = torch.stack([r[2] if r[2].shape[0] == S else
+                               torch.cat([r[2], r[2].new_zeros(S - r[2].shape[0], r[2].shape[1])])
+                               for r in rows])
+            bt = self._tables_by_id([r[0] for r in rows],
+                                    self._pages_to(max(r[1] for r in rows) + S))
             lg, hd = self.forward_group(ids, bt, starts, mtp_module=mtp_module, hidden_BSD=hid)
             for j, i in enumerate(idx):
-                results[i] = (hd[j], lg[j])
+                n = len(items[i][3])
+                results[i] = (hd[j, :n], lg[j, :n])
         return results
 
     def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
@@ -317,10 +364,29 @@ class ModelRunner:
         both = torch.tensor([r + [s] for r, s in zip(ids, starts)], dtype=torch.long).to(self.device)
         return both[:, :-1], both[:, -1]
 
-    def _tables_by_id(self, request_ids: Sequence[str]) -> torch.Tensor:
+    def _pages_to(self, end: int) -> int:
+        """Block-table width that covers positions [0, end)."""
+        M = -(-end // self.page_size)
+        if M > self.max_pages:
+            raise ValueError(f"positions up to {end - 1} need {M} pages, past max_model_len's "
+                             f"{self.max_pages} pages of {self.page_size}")
+        return M
+
+    def _tables_by_id(self, request_ids: Sequence[str], min_width: int = 0) -> torch.Tensor:
+        """Block tables [B, M], M = the most pages any row holds (at least min_width). Columns past
+        a row's own pages point at the scratch page, so a padded position there writes (and reads
+        back) scratch, never another sequence's page; without a scratch page they repeat the row's
+        first page, which only masked reads touch (nothing is padded then)."""
         rows = [self.kv.tables[r].pages for r in request_ids]
-        M = max(len(r) for r in rows)
-        # One tensor built from Python lists (one host->device copy), short rows padded with their
-        # first page: cheaper per step than filling a tensor row by row.
-        padded = [list(r) + [r[0]] * (M - len(r)) for r in rows]
+        M = max(max(len(r) for r in rows), min_width)
+        # One tensor built from Python lists (one host->device copy): cheaper per step than
+        # filling a tensor row by row.
+        fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
+        padded = [list(r) + [f] * (M - len(r)) for r, f in zip(rows, fill)]
         return torch.tensor(padded, dtype=torch.int32).to(self.device, non_blocking=True)
+
+
+def _pad_ids(ids: Sequence[int], S: int) -> list[int]:
+    """ids then its last token repeated up to S: any finite input will do, a padded row's outputs
+    are cut off."""
+    return list(ids) + [ids[-1]] * (S - len(ids))

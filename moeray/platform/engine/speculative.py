@@ -11,6 +11,13 @@ the token after the one just sampled. (A prefix-cache hit reuses the MTP latents
 the MTP latent of a page's last position was computed with the original request's next token, which
 can only lower the draft's acceptance, never change the verified output.)
 
+One forward each per step. A decode step mixes rows of 2 verified tokens (a draft) and 1 (no room
+for a draft: max_tokens or max_model_len next), and MTP rows of 2 newly valid positions (draft
+accepted) and 1 (rejected, or none). The runner pads the shorter rows of each to 2 (runner module
+docstring: the padded position is not valid yet, so its cache write is dead and sits on an owned
+or the scratch page, and its outputs are cut off), so a pure-decode step is one main-model forward
+plus one MTP forward at any batch size and acceptance, not up to 2 + 2 graph replays.
+
 Verification. The main model computes the last known token and the draft in one forward (J = 2
 rows). Row j predicts the token after input j. Greedy: drafts are accepted while they equal the
 argmax of the row before them, and the first mismatch (or the row after the last draft) gives one
