@@ -108,6 +108,11 @@ class TrainJobConfig:
                     f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
                     f"parallel.microbatches={p.microbatches} equal micro-batches"
                 )
+        if self.use_gpu and p.pp == 1:
+            # The PP = 1 replica keeps its model and gradient sync on the CPU; under use_gpu Ray
+            # Train would make an NCCL group that cannot carry its CPU tensors.
+            raise ValueError(f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
+                             "path trains on the CPU; set use_gpu: false, or pp >= 2")
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, log_every and checkpoint_every must be >= 1")
 
@@ -401,7 +406,7 @@ def train_loop_per_worker(config: dict) -> None:
     p = job.parallel
     topology = Topology(p.pp, p.dp, p.ep)
     device = torch.device("cpu")
-    if job.use_gpu and p.pp > 1:  # the PP = 1 path runs on the CPU
+    if job.use_gpu:  # pp >= 2 (TrainJobConfig): the PP = 1 path runs on the CPU
         import ray.train.torch
 
         device = ray.train.torch.get_device()
