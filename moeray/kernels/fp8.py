@@ -563,6 +563,25 @@ def native_blockscaled_layout(device_index: int, per_row_b: bool) -> str | None:
     return None
 
 
+def native_shape_ok(m: int, n: int, k: int, b_scale_div: int) -> bool:
+    """Whether torch._scaled_mm (cuBLASLt) can compute a [M, K] x b [N, K]^T right, from the shape.
+
+    cuBLASLt needs 16-byte aligned leading dims (N % 16, 1x128 a-scale columns of M floats: M % 4)
+    and whole 128-wide K groups. 128x128 b-scales: cuBLASLt reads them with a leading dimension of
+    round_up(KB, 4) (cuBLAS docs, "scaling factors layouts"; pytorch PR #166752), while torch's
+    _scaled_mm accepts only the unpadded [NB, KB] layout (stride(0) == KB in ScaledBlas.cpp
+    is_blockwise_128x128_scaling) and passes it through unchecked. So for KB % 4 != 0 and NB > 1
+    no accepted layout is read right: K = 384 (KB = 3, small()'s q_lora_rank) reads block row nb
+    at 4 * nb, the wrong scales, and the last rows past the end of the 3 * NB scales (stale
+    allocator memory: any value, inf/NaN included). Those shapes go to Triton. 1x128 b-scales
+    (the weight-grad GEMM) have no padding rule. The probe (K = 512, KB = 4) cannot see this.
+    """
+    if m <= 0 or m % 4 or n % 16 or k % 128:
+        return False
+    kb = k // 128
+    return b_scale_div == 1 or kb % 4 == 0 or cdiv(n, 128) == 1
+
+
 def fp8_gemm(
     a_fp8: torch.Tensor,
     a_scale: torch.Tensor,
@@ -586,8 +605,7 @@ def fp8_gemm(
     m, k = a_fp8.shape
     n = b_fp8.shape[0]
     if backend in ("auto", "native") and a_fp8.is_cuda:
-        # cuBLASLt needs 16-byte aligned leading dims and whole 128-wide K groups.
-        shape_ok = k % 128 == 0 and n % 16 == 0 and m % 4 == 0 and m > 0
+        shape_ok = native_shape_ok(m, n, k, div)
         layout = native_blockscaled_layout(a_fp8.device.index or 0, div == 1) if shape_ok else None
         if layout is not None:
             a = a_fp8 if a_fp8.stride(1) == 1 else a_fp8.contiguous()
@@ -597,7 +615,8 @@ def fp8_gemm(
         if backend == "native":
             raise ValueError(
                 f"backend='native': torch._scaled_mm block scaling is unavailable for M={m}, N={n}, "
-                f"K={k} on this torch/GPU (needs sm_90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0)"
+                f"K={k} on this torch/GPU (needs sm_90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0, M % 4 == 0, "
+                f"M > 0, and for 128x128 b-scales K/128 % 4 == 0 or N <= 128; see native_shape_ok)"
             )
     return fp8_gemm_triton(a_fp8, a_scale, b_fp8, b_scale)
 
