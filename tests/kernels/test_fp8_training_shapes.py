@@ -185,7 +185,8 @@ def test_gpu_native_and_triton_at_small_model_shapes():
         pytest.skip("needs CUDA")
     root = Path(__file__).resolve().parents[2]
     # This directory's conftest set TRITON_INTERPRET=1 for this process; the check compiles.
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", _GPU_CHECK], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     print(proc.stdout, proc.stderr[-4000:])
