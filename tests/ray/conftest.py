@@ -11,3 +11,11 @@ def ray_local():
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A served model directory: tiny() with random weights (seed 0) and a small BPE tokenizer."""
+    from moeray.platform.serve.bench import random_tiny_model
+
+    return random_tiny_model(tmp_path_factory.mktemp("tiny-served"))

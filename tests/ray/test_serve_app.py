@@ -21,20 +21,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 yaml = pytest.importorskip("yaml")
 
-from moeray.platform.checkpoint import save_model  # noqa: E402
 from moeray.platform.config import ServeConfig, tiny  # noqa: E402
 from moeray.platform.engine.engine import Engine, EngineConfig  # noqa: E402
 from moeray.platform.engine.sampler import SamplingParams  # noqa: E402
-from moeray.platform.model.transformer import Transformer  # noqa: E402
 from moeray.platform.serve.tokenizer import ServeTokenizer  # noqa: E402
-from moeray.platform.train.data import save_tokenizer, train_tokenizer  # noqa: E402
 
-TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int\n    y: int\n"] * 50
 API_KEY = "sk-test-" + os.urandom(6).hex()
 
 
@@ -55,12 +50,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    save_model(Transformer(tiny()), tiny(), d)
-    save_tokenizer(train_tokenizer(TEXT, vocab_size=400), d)
-    return d
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

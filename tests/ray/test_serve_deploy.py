@@ -28,19 +28,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 yaml = pytest.importorskip("yaml")
 
-from moeray.platform.checkpoint import save_model  # noqa: E402
-from moeray.platform.config import tiny  # noqa: E402
 from moeray.platform.engine.engine import Engine, EngineConfig  # noqa: E402
 from moeray.platform.engine.sampler import SamplingParams  # noqa: E402
-from moeray.platform.model.transformer import Transformer  # noqa: E402
 from moeray.platform.serve.tokenizer import ServeTokenizer  # noqa: E402
-from moeray.platform.train.data import save_tokenizer, train_tokenizer  # noqa: E402
 
-TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int\n    y: int\n"] * 50
 BIN = Path(sys.executable).parent
 
 
@@ -138,12 +132,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("deployed")
-    torch.manual_seed(0)
-    save_model(Transformer(tiny()), tiny(), d)
-    save_tokenizer(train_tokenizer(TEXT, vocab_size=400), d)
-    return d
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -351,9 +351,10 @@ def _transfer_summary(transfers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _random_tiny_model(directory: Path) -> Path:
+def random_tiny_model(directory: Path) -> Path:
     """A random-init tiny model with a byte-level BPE tokenizer: same shapes and speed as the
-    one `make demo` trains (serving cost does not depend on the weights with ignore_eos)."""
+    one `make demo` trains (serving cost does not depend on the weights with ignore_eos). Also the
+    served model of the Ray-tier tests (tests/ray/conftest.py)."""
     import torch
 
     from moeray.platform.checkpoint import save_model
@@ -526,7 +527,7 @@ def _main_launch(args: argparse.Namespace, cfg: BenchConfig, directory: Path | N
             print(f"moeray bench serve: no model at {model_dir!r}", file=sys.stderr)
             return 2
         tmp = tempfile.TemporaryDirectory(prefix="moeray-bench-")
-        model_dir = str(_random_tiny_model(Path(tmp.name)))
+        model_dir = str(random_tiny_model(Path(tmp.name)))
         note = "model: tiny config, random init (`make demo` output not found; timing does not depend on weights)"
     try:
         transports = tuple(t for t in args.transports.split(",") if t)
