@@ -14,7 +14,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.kv_transfer import (
     ChannelReceiver, ChannelSender, ChannelTicket, DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender,
-    make_receiver, make_sender)
+    make_receiver, make_sender, ticket_key)
 from moeray.platform.serve.openai import EngineRequest, GenerationParams
 from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
 
@@ -63,6 +63,150 @@ def test_channel_receive_times_out_when_the_sender_never_sends():
             recv.close()
 
     asyncio.run(run())
+
+
+async def _until(cond, what, timeout_s=10.0):
+    """Poll `cond` (the watcher and send threads run on their own); fail after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} not within {timeout_s} s")
+        await asyncio.sleep(0.005)
+
+
+def _same(got: KVRows, sent: KVRows) -> bool:
+    return got.start == sent.start and torch.equal(got.kv_LTC, sent.kv_LTC) and torch.equal(got.pe_LTR, sent.pe_LTR)
+
+
+def test_channel_expect_receives_before_the_reply_hands_over_the_ticket():
+    rng = torch.Generator().manual_seed(21)
+    rows = [_rows(rng, 3 * i, 2, 5 + i, 7, 3) for i in range(3)]
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        send = ChannelSender(timeout_s=20)
+        try:
+            for i, r in enumerate(rows):  # the first one also sets the channel up
+                early = recv.expect(f"q{i}")
+                ticket = await send.send(f"q{i}", r, recv.endpoint())
+                # The receive was posted on the store notice: the rows are in before `receive`.
+                await _until(early.done, f"early receive of q{i}")
+                assert _same(early.result(), r)
+                assert await recv.receive(ticket) is early.result()
+                assert not recv.store.check([ticket_key(f"q{i}")])  # the watcher deleted the key
+            assert recv.early == 3 and not recv._expected and send.failures == send.unclaimed == 0
+            with pytest.raises(ValueError, match="already expected"):
+                recv.expect("dup")
+                recv.expect("dup")
+            recv.cancel("dup")
+            with pytest.raises(ValueError, match="request_id"):
+                recv.expect("")
+        finally:
+            send.close()
+            recv.close()
+
+    asyncio.run(run())
+
+
+def test_channel_two_interleaved_expectations():
+    rng = torch.Generator().manual_seed(22)
+    a, b = _rows(rng, 0, 3, 9, 5, 2), _rows(rng, 16, 3, 4, 5, 2)
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        send = ChannelSender(timeout_s=20)
+        try:
+            fa, fb = recv.expect("a"), recv.expect("b")
+            tb = await send.send("b", b, recv.endpoint())  # b's prefill finishes first: tag 0
+            ta = await send.send("a", a, recv.endpoint())
+            assert (tb.tag, ta.tag) == (0, 2)
+            await _until(lambda: fa.done() and fb.done(), "both early receives")
+            got_a, got_b = await asyncio.gather(recv.receive(ta), recv.receive(tb))
+            assert got_a is fa.result() and got_b is fb.result()
+            return got_a, got_b, recv.early, dict(recv._expected)
+        finally:
+            send.close()
+            recv.close()
+
+    got_a, got_b, early, pending = asyncio.run(run())
+    assert _same(got_a, a) and _same(got_b, b) and early == 2 and pending == {}
+
+
+def test_channel_cancelled_expectation_then_normal_requests_on_the_same_channel():
+    rng = torch.Generator().manual_seed(23)
+    rows = [_rows(rng, i, 2, 6, 4, 2) for i in range(3)]
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        send = ChannelSender(timeout_s=20)
+        ep = recv.endpoint()
+        try:
+            # The prefill failed before sending: cancel wakes the watcher at once (not after the
+            # 20 s timeout) and leaves no key behind.
+            failed = recv.expect("failed")
+            recv.cancel("failed")
+            await _until(failed.done, "cancelled watcher", timeout_s=5.0)
+            assert isinstance(failed.exception(), TimeoutError)
+            await _until(lambda: not recv.store.check([ticket_key("failed")]), "marker cleanup", 5.0)
+            # A normal request on the same (still unopened) channel.
+            ok = recv.expect("ok")
+            assert _same(await recv.receive(await send.send("ok", rows[0], ep)), rows[0])
+            # Done either way: rows (watcher first) or "claimed" (the reply's ticket was first).
+            await _until(ok.done, "watcher of ok")
+            # The decode request went away after the prefill published: the rows are received and
+            # dropped (drain), so the send completes and the next tag is not held up.
+            gone = recv.expect("gone")
+            await send.send("gone", rows[1], ep)
+            await _until(gone.done, "drained receive")
+            recv.cancel("gone", drain=True)
+            assert _same(gone.result(), rows[1])
+            nxt = recv.expect("next")
+            assert _same(await recv.receive(await send.send("next", rows[2], ep)), rows[2])
+            await _until(nxt.done, "watcher of next")
+            assert not recv._expected
+            return send.failures, send.unclaimed
+        finally:
+            send.close()
+            recv.close()
+
+    assert asyncio.run(run()) == (0, 0)
+
+
+def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
+    rng = torch.Generator().manual_seed(24)
+    slow, after = _rows(rng, 5, 2, 8, 6, 2), _rows(rng, 9, 2, 3, 6, 2)
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=1.0)
+        send = ChannelSender(timeout_s=20)
+        ep = recv.endpoint()
+        try:
+            expired = recv.expect("slow")  # the prefill takes longer than the 1 s timeout
+            await _until(expired.done, "expiry", timeout_s=5.0)
+            assert isinstance(expired.exception(), TimeoutError)
+            ticket = await send.send("slow", slow, ep)
+            got = await recv.receive(ticket)
+            # The sender found the gone marker, so it deleted the key instead of publishing.
+            await _until(lambda: send.unclaimed == 1, "unclaimed ticket")
+            assert not recv.store.check([ticket_key("slow")]) and recv.early == 0
+            nxt = recv.expect("after")
+            ticket = await send.send("after", after, ep)
+            await _until(nxt.done, "early receive after the expired one")
+            got_after = await recv.receive(ticket)
+            return got, got_after, recv.early, send.failures
+        finally:
+            send.close()
+            recv.close()
+
+    got, got_after, early, failures = asyncio.run(run())
+    assert _same(got, slow) and _same(got_after, after) and early == 1 and failures == 0
+
+
+def test_object_store_and_rdt_receivers_ignore_expect():
+    recv = ObjectStoreReceiver()
+    assert recv.expect("r") is None
+    recv.cancel("r")
+    recv.cancel("r", drain=True)
 
 
 def test_object_store_transport_passes_rows_through_and_bad_names_fail():

@@ -26,6 +26,40 @@ Transports (`ServeConfig.kv_transport`):
     tensors on the device and sends issued in tag order (NCCL matches point-to-point calls in
     issue order, not by tag) - not run in this repository's tests (no 2-GPU machine).
 
+Channel: receive posted on the store notice (issue #7). Waiting for the ticket in the prefill's
+Serve reply cost ~1.6 ms per transfer on 2x H200 (raw NCCL moves 288 MB in 0.8 ms) and 1.4-2.7 ms
+on CPU: the receive could only be posted once the reply had crossed Ray. So the ticket also goes
+through the decode replica's TCPStore:
+  * The decode replica calls `receiver.expect(request_id)` just before it calls the prefill. A
+    watcher thread (its own TCPStore client: a blocking `wait` holds a client's socket) waits for
+    the key `kvt/<request_id>`; when the ticket appears it posts the receive at once, and the rows
+    land in a future.
+  * `ChannelSender.send` publishes the ticket under that key from its send thread, just before
+    posting the send (the first transfer of a pair must publish before the rendezvous, or the
+    sender would wait in the rendezvous for a decode side that waits for the ticket). It publishes
+    with compare_set(key, "", ticket): a key already holding the "gone" marker means the decode
+    side stopped waiting (cancelled, timed out), so the sender deletes the key instead.
+  * The ticket still rides in the reply: it is the source of truth. `receive(ticket)` returns the
+    expectation's rows when its watcher saw the same ticket (channel, tag, shapes, ... all equal),
+    else receives as before (and a watcher that sees the ticket later leaves it alone).
+  * `cancel(request_id)` (the prefill call failed: no ticket is coming) writes the "gone" marker,
+    which wakes the watcher at once; a ticket that was published first is still received and
+    dropped. `cancel(request_id, drain=True)` (the decode request was cancelled while the prefill
+    runs on) keeps the watcher waiting, up to the transport timeout, to receive and drop the rows:
+    the send does not hang and later tags of the channel are not held up.
+Ordering (nccl: receives must be posted in the sender's tag order per channel). The sender
+allocates tags, publishes and posts its sends from one thread in tag order. On the decode side
+every receive, whether posted by a watcher or by `receive(ticket)`, waits in `_recv_blocking` on
+the `_next_tag` condition until its tag is the channel's next (tags are per sender, so ascending
+per channel). An expectation owns no tag until its ticket arrives, and its watcher waits for the
+key outside the order lock, so an expectation whose ticket never comes holds up nothing. Receives
+run on up to 8 threads for both backends (was 1 for nccl): with one thread, a receive for tag k+2
+that arrived first would hold the only thread while tag k queued behind it until the timeout. What
+can still hold a channel up is a tag that was sent and never received on the decode side: the
+decode request gave up (cancel without drain) before the prefill published - the prefill call had
+failed, so normally nothing was sent; the later tags of that channel then time out (recomputed)
+as before this change.
+
 If any step fails (relay or peer gone, timeout), the decode replica recomputes the prefill itself
 (`serve/worker.py`), so the request still completes.
 """
@@ -85,6 +119,13 @@ class ObjectStoreReceiver:
 
     def endpoint(self) -> DecodeEndpoint:
         return DecodeEndpoint(replica_id="local")
+
+    def expect(self, request_id: str) -> None:
+        """No early receive: the rows come in the prefill call's reply."""
+        return None
+
+    def cancel(self, request_id: str, *, drain: bool = False) -> None:
+        pass
 
     async def receive(self, ticket: Any) -> KVRows:
         if not isinstance(ticket, KVRows):
@@ -214,6 +255,13 @@ class RDTReceiver:
     def endpoint(self) -> DecodeEndpoint:
         return self._endpoint
 
+    def expect(self, request_id: str) -> None:
+        """No early receive: the dst relay's ObjectRef exists only once the prefill has sent."""
+        return None
+
+    def cancel(self, request_id: str, *, drain: bool = False) -> None:
+        pass
+
     async def receive(self, ticket: Any) -> KVRows:
         if not isinstance(ticket, RDTTicket):
             raise TypeError(f"rdt receiver got a {type(ticket).__name__} ticket")
@@ -234,6 +282,17 @@ class ChannelTicket:
     pe_shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    request_id: str = ""  # names the store key the ticket is also published under
+
+
+# The decode side's "gone" marker: written with compare_set into a ticket key nobody waits on any
+# more. Pickled tickets start with b"\x80", so the two cannot be confused.
+_GONE = b"gone"
+
+
+def ticket_key(request_id: str) -> str:
+    """The decode replica's TCPStore key a ticket for `request_id` is published under."""
+    return f"kvt/{request_id}"
 
 
 def _process_group(backend: str, store: Any, rank: int, timeout_s: float, device: torch.device):
@@ -259,33 +318,69 @@ class ChannelSender:
         self.device = torch.device(device)
         self.id = uuid.uuid4().hex[:16]
         self._groups: dict[str, Any] = {}
+        self._stores: dict[str, Any] = {}  # per decode replica: the client tickets are published with
         self._group_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._tags = itertools.count()
         # gloo matches by tag, so sends may run concurrently; nccl matches in issue order, so one
-        # thread issues them in tag order.
+        # thread publishes tickets and issues sends in tag order.
         self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
                                         thread_name_prefix="moeray-kv-send")
         self.failures = 0
+        self.unclaimed = 0  # tickets published after the decode side had stopped waiting
+
+    def _dest_lock(self, dest: DecodeEndpoint) -> threading.Lock:
+        with self._lock:
+            return self._group_locks.setdefault(dest.replica_id, threading.Lock())
+
+    def _store(self, dest: DecodeEndpoint) -> Any:
+        """The client that publishes tickets. Not the process group's: its rendezvous blocks on
+        the store while it waits for the decode side, and a publish must not queue behind it."""
+        import torch.distributed as dist
+
+        with self._lock:  # not the per-destination lock: `_group` holds that during the rendezvous
+            store = self._stores.get(dest.replica_id)
+            if store is None:
+                store = dist.TCPStore(dest.host, dest.store_port, is_master=False,
+                                      timeout=timedelta(seconds=self.timeout_s))
+                self._stores[dest.replica_id] = store
+            return store
 
     def _group(self, dest: DecodeEndpoint) -> Any:
         import torch.distributed as dist
 
-        with self._lock:
-            lock = self._group_locks.setdefault(dest.replica_id, threading.Lock())
-        with lock:
+        with self._dest_lock(dest):
             pg = self._groups.get(dest.replica_id)
             if pg is None:
                 store = dist.TCPStore(dest.host, dest.store_port, is_master=False,
                                       timeout=timedelta(seconds=self.timeout_s))
-                # Blocks until the decode replica joins as rank 1 (on its first ticket from us).
+                # Blocks until the decode replica joins as rank 1 (on our first ticket, which
+                # `_publish` put in its store before we got here).
                 pg = _process_group(self.backend, dist.PrefixStore(f"kv/{self.id}", store), 0,
                                     self.timeout_s, self.device)
                 self._groups[dest.replica_id] = pg
             return pg
 
-    def _send_blocking(self, dest: DecodeEndpoint, tag: int, kv_LTC: torch.Tensor, pe_LTR: torch.Tensor) -> None:
+    def _publish(self, dest: DecodeEndpoint, ticket: ChannelTicket) -> None:
+        import pickle
+
+        store = self._store(dest)
+        key = ticket_key(ticket.request_id)
+        payload = pickle.dumps(ticket)
+        if store.compare_set(key, b"", payload) != payload:
+            # The decode side wrote the gone marker: nobody waits on the key; the reply's ticket
+            # is still redeemed by `receive(ticket)` if the decode request goes on.
+            store.delete_key(key)
+            self.unclaimed += 1
+
+    def _send_blocking(self, dest: DecodeEndpoint, ticket: ChannelTicket, kv_LTC: torch.Tensor,
+                       pe_LTR: torch.Tensor) -> None:
+        try:
+            self._publish(dest, ticket)
+        except Exception as e:  # noqa: BLE001 - the reply still carries the ticket
+            log.warning("KV channel: could not publish ticket of %s: %s", ticket.request_id, e)
         pg = self._group(dest)
+        tag = ticket.tag
         works = [pg.send([kv_LTC.contiguous()], 1, tag), pg.send([pe_LTR.contiguous()], 1, tag + 1)]
         for w in works:
             w.wait()
@@ -300,42 +395,73 @@ class ChannelSender:
             raise ValueError("channel transport needs the decode replica's endpoint (store host/port)")
         tag = 2 * next(self._tags)
         ticket = ChannelTicket(rows.start, self.id, tag, tuple(rows.kv_LTC.shape), tuple(rows.pe_LTR.shape),
-                               str(rows.kv_LTC.dtype).removeprefix("torch."), rows.nbytes)
-        # Not awaited: the send completes once the decode replica, holding the ticket, posts its
-        # receive. The future keeps the tensors alive until then.
-        fut = self._pool.submit(self._send_blocking, dest, tag, rows.kv_LTC, rows.pe_LTR)
+                               str(rows.kv_LTC.dtype).removeprefix("torch."), rows.nbytes, request_id)
+        # Not awaited: the send completes once the decode replica posts its receive (on the
+        # store notice or, failing that, on the reply's ticket). The future keeps the tensors
+        # alive until then.
+        fut = self._pool.submit(self._send_blocking, dest, ticket, rows.kv_LTC, rows.pe_LTR)
         fut.add_done_callback(self._done)
         return ticket
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._groups.clear()
+        self._stores.clear()
+
+
+@dataclass(eq=False)
+class _Expectation:
+    """One request's early receive. Mutable (its state moves under ChannelReceiver._lock):
+    waiting -> receiving (the watcher saw the ticket and posts the receive)
+            -> claimed (the reply's ticket came first: `receive` posts it; the watcher only
+               consumes the key) | cancelled (drain: receive and drop a ticket that still comes)
+            | expired (no ticket within the timeout; the reply's ticket is received as usual)."""
+
+    request_id: str
+    deadline: float  # time.monotonic()
+    rows: Future  # KVRows once received; an exception if no ticket came or the receive failed
+    state: str = "waiting"
+    drain: bool = False
+    ticket: ChannelTicket | None = None
 
 
 class ChannelReceiver:
     name = "channel"
 
     def __init__(self, replica_id: str, backend: str = "gloo", *, host: str = "127.0.0.1",
-                 timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
+                 timeout_s: float = 30.0, device: torch.device | str = "cpu",
+                 max_expected: int = 64) -> None:
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
+        if timeout_s <= 0 or max_expected < 1:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0 and max_expected={max_expected} >= 1")
         self.backend = backend
         self.timeout_s = timeout_s
         self.device = torch.device(device)
+        self.host = host
         # Port 0: the OS picks a free one; senders learn it from the endpoint.
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=timeout_s))
         self._endpoint = DecodeEndpoint(replica_id=replica_id, host=host, store_port=self.store.port)
+        # Short store operations from the event loop (cancel's marker): not `self.store`, which a
+        # process group's rendezvous may hold while it waits for a sender.
+        self._ctl = dist.TCPStore(host, self.store.port, is_master=False, timeout=timedelta(seconds=timeout_s))
         self._groups: dict[str, Any] = {}
         self._group_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
-                                        thread_name_prefix="moeray-kv-recv")
+        # Receives of both backends: the order condition below serializes nccl's per channel.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moeray-kv-recv")
+        # Watchers: one per pending expectation, each blocked in its own client's `wait`; past
+        # `max_expected` pending, later ones start late and their reply's ticket may win instead.
+        self._watch_pool = ThreadPoolExecutor(max_workers=max_expected, thread_name_prefix="moeray-kv-watch")
+        self._local = threading.local()
+        self._expected: dict[str, _Expectation] = {}
         # nccl: receives must be issued in the sender's order (tags ascending per channel).
         self._next_tag: dict[str, int] = {}
         self._order = threading.Condition()
+        self.early = 0  # transfers whose receive was posted on the store notice
 
     def endpoint(self) -> DecodeEndpoint:
         return self._endpoint
@@ -373,15 +499,140 @@ class ChannelReceiver:
                     self._order.notify_all()
         return KVRows(t.start, kv_LTC, pe_LTR)
 
+    # ---- early receive ------------------------------------------------------------------------
+    def expect(self, request_id: str) -> Future:
+        """Start waiting for `request_id`'s ticket in the store; call right before the prefill
+        call. Returns the future of the rows (informational: `receive` / `cancel` consume it).
+        Every expect must be followed by `receive(ticket)` or `cancel(request_id)`."""
+        import time
+
+        if not request_id:
+            raise ValueError("expect needs a non-empty request_id")
+        e = _Expectation(request_id, time.monotonic() + self.timeout_s, Future())
+        with self._lock:
+            if request_id in self._expected:
+                raise ValueError(f"request {request_id!r} is already expected on this receiver")
+            self._expected[request_id] = e
+        self._watch_pool.submit(self._watch, e)
+        return e.rows
+
+    def _client(self) -> Any:
+        import torch.distributed as dist
+
+        client = getattr(self._local, "store", None)
+        if client is None:
+            client = dist.TCPStore(self.host, self.store.port, is_master=False,
+                                   timeout=timedelta(seconds=self.timeout_s))
+            self._local.store = client
+        return client
+
+    def _watch(self, e: _Expectation) -> None:
+        import pickle
+        import time
+
+        import torch.distributed as dist
+
+        key = ticket_key(e.request_id)
+        ticket: ChannelTicket | None = None
+        try:
+            client = self._client()
+            while ticket is None:
+                remaining = e.deadline - time.monotonic()
+                if remaining > 0:
+                    try:
+                        client.wait([key], timedelta(seconds=remaining))
+                    except dist.DistStoreError:  # timed out: the clock decides (other errors end it)
+                        continue
+                    raw = client.get(key)
+                else:
+                    # Out of time: tell a late sender nobody waits (it deletes the key).
+                    raw = client.compare_set(key, b"", _GONE)
+                if raw == _GONE:
+                    with self._lock:
+                        if e.state == "waiting":
+                            e.state = "expired"
+                        state = e.state
+                    # Cancelled: the prefill failed, no sender will come to delete the marker.
+                    # Expired or claimed: a sender may still publish; it deletes the marker then.
+                    if state == "cancelled":
+                        client.delete_key(key)
+                    break
+                client.delete_key(key)
+                ticket = pickle.loads(raw)
+        except Exception as err:  # noqa: BLE001 - the reply's ticket remains
+            log.warning("KV channel: watching %s failed: %s", e.request_id, err)
+            with self._lock:
+                if e.state == "waiting":
+                    e.state = "expired"
+            e.rows.set_exception(err)
+            return
+        with self._lock:
+            if ticket is not None and e.state == "waiting":
+                e.state, e.ticket = "receiving", ticket
+            post = ticket is not None and (e.state == "receiving" or e.state == "cancelled")
+            state = e.state
+        if not post:
+            # No ticket in time, or the reply's ticket came first and `receive` posted it.
+            e.rows.set_exception(TimeoutError(f"KV channel: no early receive for {e.request_id} ({state})"))
+            return
+        try:
+            rows = self._recv_blocking(ticket)
+        except BaseException as err:  # noqa: BLE001 - handed to `receive`
+            e.rows.set_exception(err)
+            return
+        self.early += 1
+        e.rows.set_result(rows)
+
+    def cancel(self, request_id: str, *, drain: bool = False) -> None:
+        """The prefill call for `request_id` failed (no ticket is coming): stop waiting. With
+        `drain`, the decode request itself went away while the prefill may still send: keep
+        waiting (up to the timeout) and receive and drop the rows, so the send completes."""
+        with self._lock:
+            e = self._expected.pop(request_id, None)
+            if e is None or e.state not in ("waiting", "expired"):
+                return  # unknown, or a receive is posted already (its rows are dropped)
+            was = e.state
+            e.state, e.drain = "cancelled", drain
+        if drain:
+            return
+        try:
+            if was == "expired":
+                self._ctl.delete_key(ticket_key(request_id))  # the marker: the prefill failed
+            else:
+                self._ctl.compare_set(ticket_key(request_id), b"", _GONE)  # wakes the watcher
+        except Exception as err:  # noqa: BLE001 - the watcher still ends at its deadline
+            log.warning("KV channel: cancelling %s: %s", request_id, err)
+
     async def receive(self, ticket: Any) -> KVRows:
         if not isinstance(ticket, ChannelTicket):
             raise TypeError(f"channel receiver got a {type(ticket).__name__} ticket")
+        with self._lock:
+            e = self._expected.pop(ticket.request_id, None) if ticket.request_id else None
+            if e is not None and e.state == "waiting":
+                e.state = "claimed"
+            early = e is not None and e.state == "receiving"
+        if early:
+            if e.ticket == ticket:
+                return await asyncio.shield(asyncio.wrap_future(e.rows))
+            # Same request id, another transfer (a retried prefill): its rows are dropped.
+            log.warning("KV channel: store ticket %s differs from the reply's %s", e.ticket, ticket)
         # Shielded: once we hold a ticket its receive must happen even if the request is
         # cancelled meanwhile, or the sender's send would wait out its timeout.
         fut = asyncio.wrap_future(self._pool.submit(self._recv_blocking, ticket))
         return await asyncio.shield(fut)
 
     def close(self) -> None:
+        with self._lock:
+            pending, self._expected = list(self._expected.values()), {}
+            for e in pending:
+                if e.state == "waiting":
+                    e.state = "cancelled"
+        for e in pending:  # wake the watchers
+            try:
+                self._ctl.compare_set(ticket_key(e.request_id), b"", _GONE)
+            except Exception:  # noqa: BLE001 - they end at their deadline anyway
+                pass
+        self._watch_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._groups.clear()
 

@@ -275,11 +275,20 @@ class DecodeWorker:
         pre: PrefillResult | None = None
         rows: KVRows | None = None
         t_recv = t0
+        # The channel transport posts its receive as soon as the prefill publishes the ticket in
+        # our store (same request id as the prefill's `send`), not when the reply arrives; the
+        # other transports ignore this.
+        self.receiver.expect(req.request_id)
         try:
             pre = await self.fetch(req, have, self.receiver.endpoint())
             t_recv = time.perf_counter()
             rows = await self.receiver.receive(pre.kv)
+        except asyncio.CancelledError:
+            # The prefill may still send: receive and drop its rows, so its send does not hang.
+            self.receiver.cancel(req.request_id, drain=True)
+            raise
         except Exception as e:  # noqa: BLE001 - the request must still complete
+            self.receiver.cancel(req.request_id)
             log.warning("prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
                         req.request_id, type(e).__name__, e)
         now = time.perf_counter()
