@@ -4,12 +4,18 @@ Legend: L cached layers, T tokens, C kv_lora_rank, R qk_rope_head_dim (see engin
 
 Two Ray actors on this node play prefill and decode (one GPU each on CUDA, CPU-only on CPU). Each
 holds the transports' real Sender / Receiver (`kv_transfer.make_sender` / `make_receiver`). Per
-(transport, T) the decode actor drives the loop the way a decode replica does in Serve: it calls
-the prefill actor with its endpoint, the prefill actor builds the rows (kv [L, T, C] + rope
-[L, T, R], bf16, on its device; not timed), reads the clock and turns them into a ticket with
-`send`; the ticket rides back in the call's reply; the decode actor `receive`s it, synchronizes its
-device and reads the clock again. The transfer time is that second reading minus the first (both
-CLOCK_MONOTONIC, which is system-wide on Linux: valid because both actors are pinned to this node).
+(transport, T) the decode actor drives the loop the way a decode replica does in Serve
+(`DecodeWorker.generate`): it calls `receiver.expect(request_id)`, then calls the prefill actor
+with its endpoint; the prefill actor builds the rows (kv [L, T, C] + rope [L, T, R], bf16, on its
+device; not timed), reads the clock and turns them into a ticket with `send`; the ticket rides back
+in the call's reply; the decode actor `receive`s it, synchronizes its device and reads the clock
+again. The channel also publishes the ticket in the decode actor's TCPStore, where the `expect`
+watcher posts the receive without waiting for the reply; when the rows arrived that way, the
+transfer ends when they landed (the watcher synchronizes the device and reads the clock), else
+when `receive` returned. The transfer time is that end minus the prefill's reading (both
+CLOCK_MONOTONIC, which is system-wide on Linux: valid because both actors are pinned to this node);
+with_reply_p50_ms ends at `receive` for every transport: what a decode replica waits for, since it
+also needs the reply's first token.
 Every transfer's rows are checked on the decode side against the pattern the prefill side wrote
 for that iteration (exact equality, outside the timed window), so a transport that delivers
 garbage, stale rows or the wrong shape fails the run.
@@ -124,6 +130,12 @@ def verify(rows: KVRows, layers: int, tokens: int, kv_lora_rank: int, rope_dim: 
             raise RuntimeError(f"{label}: {name} rows differ from those sent in {bad} of {want.numel()} values")
 
 
+def request_id(seed: int) -> str:
+    """The request id of a transfer: both sides derive it from the seed, as the prefill and
+    decode replicas share a request's id in Serve."""
+    return f"kv-bench-{seed}"
+
+
 async def _within(aw: Any, timeout_s: float, what: str) -> Any:
     try:
         return await asyncio.wait_for(aw, timeout_s)
@@ -168,7 +180,7 @@ class KVBenchPeer(_P2PPeer):
         rows = make_rows(c.layers, tokens, c.kv_lora_rank, c.rope_dim, seed, c.dtype, self.device)
         self._sync()  # building the rows is not part of the transfer
         t0 = time.monotonic_ns()
-        ticket = await self._senders[transport].send(f"kv-bench-{seed}", rows, dest)
+        ticket = await self._senders[transport].send(request_id(seed), rows, dest)
         return ticket, t0
 
     async def close_sender(self, transport: str) -> None:
@@ -193,15 +205,31 @@ class KVBenchPeer(_P2PPeer):
         c = self.cfg
         recv = self._receivers[transport]
         dest = recv.endpoint()
-        transfer_s, call_s = [], []
-        moved = 0
+        transfer_s, with_reply_s, call_s = [], [], []
+        moved = early_n = before_reply = 0
         timed_since = None
         for i in range(c.warmup + c.iters):
             seed = seed0 + i
             t_call = time.monotonic_ns()
             label = f"{transport} at T={tokens}, iteration {i}"
-            ticket, t0 = await _within(prefill.send_one.remote(transport, tokens, seed, dest), c.timeout_s,
-                                       f"{label}: no ticket from the prefill side")
+            # As DecodeWorker.generate: expect (the channel posts its receive once the prefill
+            # publishes the ticket in our store; the others return None) right before the call.
+            early = recv.expect(request_id(seed))
+            ready_ns: list[int] = []
+            if early is not None:
+                def stamp(f, ready_ns=ready_ns) -> None:  # on the watcher thread, as the rows land
+                    if not f.cancelled() and f.exception() is None:
+                        self._sync()
+                        ready_ns.append(time.monotonic_ns())
+
+                early.add_done_callback(stamp)
+            try:
+                ticket, t0 = await _within(prefill.send_one.remote(transport, tokens, seed, dest), c.timeout_s,
+                                           f"{label}: no ticket from the prefill side")
+            except BaseException:
+                recv.cancel(request_id(seed))
+                raise
+            before_reply += int(early is not None and early.done() and i >= c.warmup)
             rows = await _within(recv.receive(ticket), c.timeout_s, f"{label}: ticket not redeemed")
             if rows.kv_LTC.device != self.device or rows.pe_LTR.device != self.device:
                 rows = rows.to(self.device)  # timed: the decode side needs them on its device
@@ -212,13 +240,18 @@ class KVBenchPeer(_P2PPeer):
             del rows
             if i < c.warmup:
                 continue
-            transfer_s.append((t1 - t0) / 1e9)
+            # Rows received on the store notice: their own arrival; else once `receive` returned.
+            # ready_ns is complete here: the stamp runs before the future wakes `receive`.
+            transfer_s.append(((ready_ns[0] if ready_ns else t1) - t0) / 1e9)
+            early_n += bool(ready_ns)
+            with_reply_s.append((t1 - t0) / 1e9)
             call_s.append((t1 - t_call) / 1e9)
             timed_since = timed_since or t_call
             if len(transfer_s) >= MIN_TIMED and (time.monotonic_ns() - timed_since) / 1e9 > c.budget_s:
                 break
-        return {"transfer_s": transfer_s, "call_s": call_s, "verified": c.warmup + len(transfer_s),
-                "moved_to_device": moved}
+        return {"transfer_s": transfer_s, "with_reply_s": with_reply_s, "call_s": call_s,
+                "verified": c.warmup + len(transfer_s), "moved_to_device": moved,
+                "early": early_n, "rows_before_reply": int(before_reply)}
 
     async def close_receiver(self, transport: str) -> None:
         recv = self._receivers.pop(transport, None)
@@ -260,8 +293,12 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
     out: dict[str, Any] = {
         "what": "KV transfer per request, prefill actor -> decode actor on one node: clock read on "
                 "the prefill side just before `send` (rows already built), read again on the decode "
-                "side once `receive` returned and the device is synchronized (send + ticket in the "
-                "call's reply + receive); every transfer checked for exact equality with the rows "
+                "side once the rows are there and the device is synchronized: channel with the "
+                "receive posted on the store notice (`expect` before the call; early = transfers "
+                "that ended so), when the rows landed; otherwise once `receive` of the reply's ticket "
+                "returned. with_reply_p50_ms: until both the reply and the rows are in (what a decode "
+                "replica waits for); rows_before_reply: transfers whose rows were in before the reply. "
+                "Every transfer checked for exact equality with the rows "
                 "sent (not timed). call_p50_ms adds the decode -> prefill request hop. Warm-up "
                 "transfers (channel / relay setup) excluded. Each transport and the raw floor run on "
                 "a fresh actor pair (a transport that kills its process cannot take the others down).",
@@ -308,7 +345,9 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
     # ---- transports -----------------------------------------------------------------------------
     seed0 = 0
     for transport in cfg.transports:
-        entry: dict[str, Any] = {}
+        # channel: `expect` before the call, the receive posted when the ticket appears in the
+        # decode actor's TCPStore; the others can only receive once the reply brought the ticket.
+        entry: dict[str, Any] = {"receive_posted_on": "store notice" if transport == "channel" else "reply"}
         out[transport] = entry
         prefill, decode = pair()
         try:
@@ -321,7 +360,9 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
                 nbytes = cfg.nbytes(t)
                 cell = {"bytes": nbytes, "iters": len(r["transfer_s"]), "verified": r["verified"],
                         "moved_to_device": r["moved_to_device"], **_ms(r["transfer_s"]),
-                        "call_p50_ms": 1e3 * statistics.median(r["call_s"])}
+                        "with_reply_p50_ms": 1e3 * statistics.median(r["with_reply_s"]),
+                        "call_p50_ms": 1e3 * statistics.median(r["call_s"]),
+                        "early": r["early"], "rows_before_reply": r["rows_before_reply"]}
                 cell["gbps_p50"] = _gbps(nbytes, cell["p50_ms"] / 1e3)
                 floor = out["raw"][str(t)]["one_way_ms"]
                 cell["x_raw"] = cell["p50_ms"] / floor if floor > 0 else None
@@ -351,7 +392,8 @@ def table(res: dict[str, Any]) -> str:
     tokens = res["setup"]["tokens"]
     lines = [f"KV transfer, {res['setup']['layers']} layers x T x ({res['setup']['kv_lora_rank']}+"
              f"{res['setup']['rope_dim']}) {res['setup']['dtype']}, {res['setup']['backend']}",
-             f"{'path':<14}{'T':>6}{'MB':>9}{'p50 ms':>10}{'mean ms':>10}{'GB/s':>9}{'x raw':>8}{'n':>4}"]
+             f"{'path':<14}{'T':>6}{'MB':>9}{'p50 ms':>10}{'mean ms':>10}{'GB/s':>9}{'x raw':>8}{'n':>4}"
+             f"{'+reply ms':>11}{'early':>7}"]
     raw = res.get("raw", {})
     for t in tokens:
         r = raw.get(str(t))
@@ -369,7 +411,10 @@ def table(res: dict[str, Any]) -> str:
             if c:
                 xr = f"{c['x_raw']:.1f}" if c["x_raw"] is not None else "-"
                 lines.append(f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}{c['mean_ms']:>10.3f}"
-                             f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}")
+                             f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}"
+                             f"{c['with_reply_p50_ms']:>11.3f}{c['early']:>7}")
+    lines.append("p50: send -> rows on the decode device (channel: early = transfers received on the "
+                 "store notice, before the reply); +reply: until the reply is in too")
     fp = res.get("fast_path_288mb_ms")
     lines.append(f"fast path (channel, 4096 tokens, 288 MB): "
                  + (f"{fp:.3f} ms vs target {res['target_ms']} ms" if fp is not None

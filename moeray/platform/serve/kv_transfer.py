@@ -34,29 +34,35 @@ through the decode replica's TCPStore:
     watcher thread (its own TCPStore client: a blocking `wait` holds a client's socket) waits for
     the key `kvt/<request_id>`; when the ticket appears it posts the receive at once, and the rows
     land in a future.
-  * `ChannelSender.send` publishes the ticket under that key from its send thread, just before
-    posting the send (the first transfer of a pair must publish before the rendezvous, or the
-    sender would wait in the rendezvous for a decode side that waits for the ticket). It publishes
-    with compare_set(key, "", ticket): a key already holding the "gone" marker means the decode
-    side stopped waiting (cancelled, timed out), so the sender deletes the key instead.
+  * `ChannelSender.send` publishes the ticket under that key with TCPStore `set` (which sends and
+    does not wait for an answer: 8 us on the dev box) in `send` itself, before the send thread
+    posts the send; the first send to a decode replica connects its store client on the send
+    thread and publishes there, before the rendezvous (else the sender would wait in the
+    rendezvous for a decode side that waits for the ticket).
   * The ticket still rides in the reply: it is the source of truth. `receive(ticket)` returns the
     expectation's rows when its watcher saw the same ticket (channel, tag, shapes, ... all equal),
-    else receives as before (and a watcher that sees the ticket later leaves it alone).
-  * `cancel(request_id)` (the prefill call failed: no ticket is coming) writes the "gone" marker,
-    which wakes the watcher at once; a ticket that was published first is still received and
-    dropped. `cancel(request_id, drain=True)` (the decode request was cancelled while the prefill
-    runs on) keeps the watcher waiting, up to the transport timeout, to receive and drop the rows:
-    the send does not hang and later tags of the channel are not held up.
+    else receives as before (and a watcher that sees the ticket later only deletes the key).
+  * `cancel(request_id)` (the prefill call failed: no ticket is coming) writes a "gone" marker
+    with compare_set (a published ticket is not overwritten), which wakes the watcher at once; a
+    ticket that was published first is still received and dropped. `cancel(request_id,
+    drain=True)` (the decode request was cancelled while the prefill runs on) keeps the watcher
+    waiting, up to the transport timeout, to receive and drop the rows: the send does not hang
+    and later tags of the channel are not held up.
+  * Keys are deleted by whoever receives the ticket (watcher, or `receive` of the reply's ticket
+    once its rows are in: the publish precedes the send), or by `cancel` after an expiry. A
+    ticket published after its request was cancelled without drain stays (~200 bytes).
 Ordering (nccl: receives must be posted in the sender's tag order per channel). The sender
-allocates tags, publishes and posts its sends from one thread in tag order. On the decode side
-every receive, whether posted by a watcher or by `receive(ticket)`, waits in `_recv_blocking` on
-the `_next_tag` condition until its tag is the channel's next (tags are per sender, so ascending
-per channel). An expectation owns no tag until its ticket arrives, and its watcher waits for the
-key outside the order lock, so an expectation whose ticket never comes holds up nothing. Receives
-run on up to 8 threads for both backends (was 1 for nccl): with one thread, a receive for tag k+2
-that arrived first would hold the only thread while tag k queued behind it until the timeout. What
-can still hold a channel up is a tag that was sent and never received on the decode side: the
-decode request gave up (cancel without drain) before the prefill published - the prefill call had
+allocates tags and publishes on its event loop, and posts its sends from one thread, both in tag
+order (only the order of the sends matters for correctness). On the decode side every receive,
+whether posted by a watcher or by `receive(ticket)`, waits in `_recv_blocking` on the `_next_tag`
+condition until its tag is the channel's next (tags are per sender, so ascending per channel). An
+expectation owns no tag until its ticket arrives, and its watcher waits for the key outside the
+order lock, so an expectation whose ticket never comes holds up nothing. Receives of the reply's
+tickets run on 8 threads for both backends (was 1 for nccl): with one thread, a receive for tag
+k+2 whose reply came first held the only thread while tag k queued behind it until the timeout
+(8 such inversions at once would still do that; watchers have their own threads). What can
+still hold a channel up is a tag that was sent and never received on the decode side: the decode
+request gave up (cancel without drain) before the prefill published - the prefill call had
 failed, so normally nothing was sent; the later tags of that channel then time out (recomputed)
 as before this change.
 
@@ -327,7 +333,6 @@ class ChannelSender:
         self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
                                         thread_name_prefix="moeray-kv-send")
         self.failures = 0
-        self.unclaimed = 0  # tickets published after the decode side had stopped waiting
 
     def _dest_lock(self, dest: DecodeEndpoint) -> threading.Lock:
         with self._lock:
@@ -361,24 +366,22 @@ class ChannelSender:
                 self._groups[dest.replica_id] = pg
             return pg
 
-    def _publish(self, dest: DecodeEndpoint, ticket: ChannelTicket) -> None:
+    @staticmethod
+    def _publish(store: Any, ticket: ChannelTicket) -> None:
         import pickle
 
-        store = self._store(dest)
-        key = ticket_key(ticket.request_id)
-        payload = pickle.dumps(ticket)
-        if store.compare_set(key, b"", payload) != payload:
-            # The decode side wrote the gone marker: nobody waits on the key; the reply's ticket
-            # is still redeemed by `receive(ticket)` if the decode request goes on.
-            store.delete_key(key)
-            self.unclaimed += 1
+        # `set`, not compare_set: TCPStore's set does not wait for an answer (8 us vs 62 us for
+        # compare_set on the dev box). It overwrites a gone marker (the decode side stopped
+        # waiting); whoever then receives the reply's ticket deletes the key.
+        store.set(ticket_key(ticket.request_id), pickle.dumps(ticket))
 
     def _send_blocking(self, dest: DecodeEndpoint, ticket: ChannelTicket, kv_LTC: torch.Tensor,
-                       pe_LTR: torch.Tensor) -> None:
-        try:
-            self._publish(dest, ticket)
-        except Exception as e:  # noqa: BLE001 - the reply still carries the ticket
-            log.warning("KV channel: could not publish ticket of %s: %s", ticket.request_id, e)
+                       pe_LTR: torch.Tensor, published: bool) -> None:
+        if not published:
+            try:
+                self._publish(self._store(dest), ticket)
+            except Exception as e:  # noqa: BLE001 - the reply still carries the ticket
+                log.warning("KV channel: could not publish ticket of %s: %s", ticket.request_id, e)
         pg = self._group(dest)
         tag = ticket.tag
         works = [pg.send([kv_LTC.contiguous()], 1, tag), pg.send([pe_LTR.contiguous()], 1, tag + 1)]
@@ -396,10 +399,21 @@ class ChannelSender:
         tag = 2 * next(self._tags)
         ticket = ChannelTicket(rows.start, self.id, tag, tuple(rows.kv_LTC.shape), tuple(rows.pe_LTR.shape),
                                str(rows.kv_LTC.dtype).removeprefix("torch."), rows.nbytes, request_id)
+        # Published here, before the hop to the send thread (~0.25 ms to wake it on the dev box),
+        # once the store client exists; the first send to a decode replica connects it (may
+        # block) on the send thread and publishes there.
+        store = self._stores.get(dest.replica_id)
+        published = False
+        if store is not None:
+            try:
+                self._publish(store, ticket)
+                published = True
+            except Exception as e:  # noqa: BLE001 - retried on the send thread
+                log.warning("KV channel: could not publish ticket of %s: %s", request_id, e)
         # Not awaited: the send completes once the decode replica posts its receive (on the
         # store notice or, failing that, on the reply's ticket). The future keeps the tensors
         # alive until then.
-        fut = self._pool.submit(self._send_blocking, dest, ticket, rows.kv_LTC, rows.pe_LTR)
+        fut = self._pool.submit(self._send_blocking, dest, ticket, rows.kv_LTC, rows.pe_LTR, published)
         fut.add_done_callback(self._done)
         return ticket
 
@@ -545,19 +559,18 @@ class ChannelReceiver:
                         continue
                     raw = client.get(key)
                 else:
-                    # Out of time: tell a late sender nobody waits (it deletes the key).
+                    # Out of time: leave the gone marker unless the ticket just came.
                     raw = client.compare_set(key, b"", _GONE)
                 if raw == _GONE:
                     with self._lock:
                         if e.state == "waiting":
                             e.state = "expired"
                         state = e.state
-                    # Cancelled: the prefill failed, no sender will come to delete the marker.
-                    # Expired or claimed: a sender may still publish; it deletes the marker then.
-                    if state == "cancelled":
+                    # Expired: the marker stays; a late sender overwrites it and the receive of
+                    # the reply's ticket deletes the key, or `cancel` deletes it (prefill failed).
+                    if state != "expired":
                         client.delete_key(key)
                     break
-                client.delete_key(key)
                 ticket = pickle.loads(raw)
         except Exception as err:  # noqa: BLE001 - the reply's ticket remains
             log.warning("KV channel: watching %s failed: %s", e.request_id, err)
@@ -572,16 +585,35 @@ class ChannelReceiver:
             post = ticket is not None and (e.state == "receiving" or e.state == "cancelled")
             state = e.state
         if not post:
-            # No ticket in time, or the reply's ticket came first and `receive` posted it.
+            if ticket is not None:  # claimed: `receive` posted the reply's ticket
+                self._forget(key, client)
             e.rows.set_exception(TimeoutError(f"KV channel: no early receive for {e.request_id} ({state})"))
             return
         try:
             rows = self._recv_blocking(ticket)
         except BaseException as err:  # noqa: BLE001 - handed to `receive`
             e.rows.set_exception(err)
+            self._forget(key, client)
             return
         self.early += 1
         e.rows.set_result(rows)
+        self._forget(key, client)  # after the rows are out: the delete is off the critical path
+
+    def _forget(self, key: str, client: Any = None) -> None:
+        try:
+            (client or self._client()).delete_key(key)
+        except Exception as err:  # noqa: BLE001 - a stale key costs ~200 bytes of the store
+            log.warning("KV channel: could not delete %s: %s", key, err)
+
+    def _recv_and_forget(self, t: ChannelTicket) -> KVRows:
+        """A receive posted on the reply's ticket. The sender publishes before it posts its
+        send, so once the rows are in, the key holds this ticket (or nothing, if the publish
+        failed): nobody else deletes it."""
+        try:
+            return self._recv_blocking(t)
+        finally:
+            if t.request_id:
+                self._forget(ticket_key(t.request_id))
 
     def cancel(self, request_id: str, *, drain: bool = False) -> None:
         """The prefill call for `request_id` failed (no ticket is coming): stop waiting. With
@@ -597,7 +629,7 @@ class ChannelReceiver:
             return
         try:
             if was == "expired":
-                self._ctl.delete_key(ticket_key(request_id))  # the marker: the prefill failed
+                self._ctl.delete_key(ticket_key(request_id))  # the marker (or a late ticket)
             else:
                 self._ctl.compare_set(ticket_key(request_id), b"", _GONE)  # wakes the watcher
         except Exception as err:  # noqa: BLE001 - the watcher still ends at its deadline
@@ -610,15 +642,17 @@ class ChannelReceiver:
             e = self._expected.pop(ticket.request_id, None) if ticket.request_id else None
             if e is not None and e.state == "waiting":
                 e.state = "claimed"
-            early = e is not None and e.state == "receiving"
-        if early:
+            state = e.state if e is not None else None
+        if state == "receiving":
             if e.ticket == ticket:
                 return await asyncio.shield(asyncio.wrap_future(e.rows))
             # Same request id, another transfer (a retried prefill): its rows are dropped.
             log.warning("KV channel: store ticket %s differs from the reply's %s", e.ticket, ticket)
+        # Claimed: the watcher still waits for the key and deletes it; otherwise the receive does.
+        recv = self._recv_blocking if state == "claimed" else self._recv_and_forget
         # Shielded: once we hold a ticket its receive must happen even if the request is
         # cancelled meanwhile, or the sender's send would wait out its timeout.
-        fut = asyncio.wrap_future(self._pool.submit(self._recv_blocking, ticket))
+        fut = asyncio.wrap_future(self._pool.submit(recv, ticket))
         return await asyncio.shield(fut)
 
     def close(self) -> None:
