@@ -278,6 +278,48 @@ def test_pd_over_the_channel_matches_the_engine_and_sends_only_missing_pages(mod
     assert transfers[1].bytes == (len(prompts[1]) - 32) * per_token
 
 
+def test_decode_worker_cancels_the_expectation_of_a_failed_prefill(model):
+    """DecodeWorker.generate: expect before the prefill call; a failed call cancels it (the
+    request is recomputed locally) and the next request on the same channel moves its KV."""
+    torch.manual_seed(6)
+    prompts = [torch.randint(2, 1024, (n,)).tolist() for n in (21, 30)]
+    expected = [o.output_token_ids for o in _engine(model).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=4))]
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=20)
+        prefill = PrefillWorker(_engine(model), sender=ChannelSender(timeout_s=20))
+        calls = []
+
+        async def flaky(req, export_from, endpoint):
+            calls.append(req.request_id)
+            # The expectation is up before the call; the first call dies before sending.
+            assert req.request_id in recv._expected
+            if len(calls) == 1:
+                raise ConnectionError("prefill replica died")
+            return await prefill.prefill(req, export_from, endpoint)
+
+        decode = DecodeWorker(_engine(model), flaky, receiver=recv)
+        try:
+            out = []
+            for i, p in enumerate(prompts):
+                req = EngineRequest(f"w{i}", tuple(p), GenerationParams(max_tokens=4, temperature=0.0))
+                out.append(await _tokens(decode.generate(req)))
+            await _until(lambda: not any(recv.store.check([ticket_key(f"w{i}")]) for i in range(2)),
+                         "key cleanup")
+            return out, decode.transfers, dict(recv._expected), prefill.sender.failures
+        finally:
+            prefill.loop.shutdown()
+            decode.loop.shutdown()
+            prefill.sender.close()
+            recv.close()
+
+    out, transfers, pending, failures = asyncio.run(run())
+    assert out == expected
+    assert [t.recomputed for t in transfers] == [True, False]
+    assert pending == {} and failures == 0
+
+
 def test_routing_prefers_most_free_pages_then_prefix_owner():
     rng = random.Random(3)
     pol = DecodeRoutingPolicy(page_size=16)
