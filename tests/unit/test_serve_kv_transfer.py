@@ -14,7 +14,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.kv_transfer import (
     ChannelReceiver, ChannelSender, ChannelTicket, DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender,
-    make_receiver, make_sender, ticket_key)
+    make_receiver, make_sender)
 from moeray.platform.serve.openai import EngineRequest, GenerationParams
 from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
 
@@ -89,12 +89,12 @@ def test_channel_expect_receives_before_the_reply_hands_over_the_ticket():
             for i, r in enumerate(rows):  # the first one also sets the channel up
                 early = recv.expect(f"q{i}")
                 ticket = await send.send(f"q{i}", r, recv.endpoint())
-                # The receive was posted on the store notice: the rows are in before `receive`.
+                # The receive was posted on the queue notice: the rows are in before `receive`.
                 await _until(early.done, f"early receive of q{i}")
                 assert _same(early.result(), r)
                 assert await recv.receive(ticket) is early.result()
-                await _until(lambda: not recv.store.check([ticket_key(f"q{i}")]), "key cleanup")
             assert recv.early == 3 and not recv._expected and send.failures == 0
+            assert recv.store.queue_len("kvq") == 0  # every pushed ticket was popped
             with pytest.raises(ValueError, match="already expected"):
                 recv.expect("dup")
                 recv.expect("dup")
@@ -141,38 +141,34 @@ def test_channel_cancelled_expectation_then_normal_requests_on_the_same_channel(
         send = ChannelSender(timeout_s=20)
         ep = recv.endpoint()
         try:
-            # The prefill failed before sending: cancel wakes the watcher at once (not after the
-            # 20 s timeout) and leaves no key behind.
+            # The prefill failed before sending: the expectation ends at once (no thread waits).
             failed = recv.expect("failed")
             recv.cancel("failed")
-            await _until(failed.done, "cancelled watcher", timeout_s=5.0)
-            assert isinstance(failed.exception(), TimeoutError)
-            await _until(lambda: not recv.store.check([ticket_key("failed")]), "marker cleanup", 5.0)
+            assert failed.cancelled() and not recv._expected
             # A normal request on the same (still unopened) channel.
             ok = recv.expect("ok")
-            assert _same(await recv.receive(await send.send("ok", rows[0], ep)), rows[0])
-            # Done either way: rows (watcher first) or "claimed" (the reply's ticket was first).
-            await _until(ok.done, "watcher of ok")
-            # The decode request went away after the prefill published: the rows are received and
-            # dropped (drain), so the send completes and the next tag is not held up.
+            ticket = await send.send("ok", rows[0], ep)
+            await _until(ok.done, "early receive of ok")
+            assert _same(await recv.receive(ticket), rows[0])
+            # The decode request went away while the prefill ran on and then sent: its rows are
+            # received and dropped, so the send completes and tag 2 does not hold up tag 4.
             gone = recv.expect("gone")
+            recv.cancel("gone")
             await send.send("gone", rows[1], ep)
-            await _until(gone.done, "drained receive")
-            recv.cancel("gone", drain=True)
-            assert _same(gone.result(), rows[1])
+            await _until(lambda: recv.drained == 1, "drained receive")
+            assert gone.cancelled()
             nxt = recv.expect("next")
-            assert _same(await recv.receive(await send.send("next", rows[2], ep)), rows[2])
-            await _until(nxt.done, "watcher of next")
-            assert not recv._expected
-            # Both cancelled keys are gone (the drained one deleted by its watcher).
-            await _until(lambda: not any(recv.store.check([ticket_key(r)]) for r in ("gone", "failed")),
-                         "key cleanup")
-            return send.failures
+            ticket = await send.send("next", rows[2], ep)
+            await _until(nxt.done, "early receive of next")
+            assert _same(await recv.receive(ticket), rows[2])
+            return send.failures, recv.early, dict(recv._expected), dict(recv._gone)
         finally:
             send.close()
             recv.close()
 
-    assert asyncio.run(run()) == 0
+    failures, early, pending, gone = asyncio.run(run())
+    assert failures == 0 and early == 2 and pending == {}
+    assert list(gone) == ["failed"]  # no ticket came for it: the drain mark waits out its timeout
 
 
 def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
@@ -184,15 +180,12 @@ def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
         send = ChannelSender(timeout_s=20)
         ep = recv.endpoint()
         try:
-            expired = recv.expect("slow")  # the prefill takes longer than the 1 s timeout
-            await _until(expired.done, "expiry", timeout_s=5.0)
-            assert isinstance(expired.exception(), TimeoutError)
-            # The marker stays after the expiry: a late sender overwrites it.
-            assert recv.store.check([ticket_key("slow")])
+            expired = recv.expect("slow")
+            await asyncio.sleep(1.2)  # the prefill takes longer than the 1 s transport timeout
             ticket = await send.send("slow", slow, ep)
-            got = await recv.receive(ticket)
-            # The receive of the reply's ticket deleted the key (the publish precedes the send).
-            assert not recv.store.check([ticket_key("slow")]) and recv.early == 0
+            await _until(expired.done, "expiry", timeout_s=5.0)  # swept when the ticket came
+            assert isinstance(expired.exception(), TimeoutError) and not recv._expected
+            got = await recv.receive(ticket)  # the queued copy was ignored: the reply's rules
             nxt = recv.expect("after")
             ticket = await send.send("after", after, ep)
             await _until(nxt.done, "early receive after the expired one")
@@ -210,7 +203,6 @@ def test_object_store_and_rdt_receivers_ignore_expect():
     recv = ObjectStoreReceiver()
     assert recv.expect("r") is None
     recv.cancel("r")
-    recv.cancel("r", drain=True)
 
 
 def test_object_store_transport_passes_rows_through_and_bad_names_fail():
@@ -305,8 +297,6 @@ def test_decode_worker_cancels_the_expectation_of_a_failed_prefill(model):
             for i, p in enumerate(prompts):
                 req = EngineRequest(f"w{i}", tuple(p), GenerationParams(max_tokens=4, temperature=0.0))
                 out.append(await _tokens(decode.generate(req)))
-            await _until(lambda: not any(recv.store.check([ticket_key(f"w{i}")]) for i in range(2)),
-                         "key cleanup")
             return out, decode.transfers, dict(recv._expected), prefill.sender.failures
         finally:
             prefill.loop.shutdown()

@@ -9,10 +9,11 @@ holds the transports' real Sender / Receiver (`kv_transfer.make_sender` / `make_
 with its endpoint; the prefill actor builds the rows (kv [L, T, C] + rope [L, T, R], bf16, on its
 device; not timed), reads the clock and turns them into a ticket with `send`; the ticket rides back
 in the call's reply; the decode actor `receive`s it, synchronizes its device and reads the clock
-again. The channel also publishes the ticket in the decode actor's TCPStore, where the `expect`
-watcher posts the receive without waiting for the reply; when the rows arrived that way, the
-transfer ends when they landed (the watcher synchronizes the device and reads the clock), else
-when `receive` returned. The transfer time is that end minus the prefill's reading (both
+again. The channel also pushes the ticket to a queue in the decode actor's TCPStore, where the
+receiver posts the receive of an expected request without waiting for the reply; when the rows
+arrived that way, the transfer ends when they landed (the receive thread synchronizes the device
+and reads the clock), else when `receive` returned. The transfer time is that end minus the
+prefill's reading (both
 CLOCK_MONOTONIC, which is system-wide on Linux: valid because both actors are pinned to this node);
 with_reply_p50_ms ends at `receive` for every transport: what a decode replica waits for, since it
 also needs the reply's first token.
@@ -217,7 +218,7 @@ class KVBenchPeer(_P2PPeer):
             early = recv.expect(request_id(seed))
             ready_ns: list[int] = []
             if early is not None:
-                def stamp(f, ready_ns=ready_ns) -> None:  # on the watcher thread, as the rows land
+                def stamp(f, ready_ns=ready_ns) -> None:  # on the receive thread, as the rows land
                     if not f.cancelled() and f.exception() is None:
                         self._sync()
                         ready_ns.append(time.monotonic_ns())
@@ -240,7 +241,7 @@ class KVBenchPeer(_P2PPeer):
             del rows
             if i < c.warmup:
                 continue
-            # Rows received on the store notice: their own arrival; else once `receive` returned.
+            # Rows received on the store (queue) notice: when they landed; else once `receive` returned.
             # ready_ns is complete here: the stamp runs before the future wakes `receive`.
             transfer_s.append(((ready_ns[0] if ready_ns else t1) - t0) / 1e9)
             early_n += bool(ready_ns)

@@ -26,45 +26,39 @@ Transports (`ServeConfig.kv_transport`):
     tensors on the device and sends issued in tag order (NCCL matches point-to-point calls in
     issue order, not by tag) - not run in this repository's tests (no 2-GPU machine).
 
-Channel: receive posted on the store notice (issue #7). Waiting for the ticket in the prefill's
-Serve reply cost ~1.6 ms per transfer on 2x H200 (raw NCCL moves 288 MB in 0.8 ms) and 1.4-2.7 ms
+Channel: receive posted on the queue notice (issue #7). Waiting for the ticket in the prefill's
+Serve reply cost ~1.6 ms per transfer on 2x H200 (raw NCCL moves 288 MB in 0.8 ms) and 1.7-2.6 ms
 on CPU: the receive could only be posted once the reply had crossed Ray. So the ticket also goes
-through the decode replica's TCPStore:
-  * The decode replica calls `receiver.expect(request_id)` just before it calls the prefill. A
-    watcher thread (its own TCPStore client: a blocking `wait` holds a client's socket) waits for
-    the key `kvt/<request_id>`; when the ticket appears it posts the receive at once, and the rows
-    land in a future.
-  * `ChannelSender.send` publishes the ticket under that key with TCPStore `set` (which sends and
-    does not wait for an answer: 8 us on the dev box) in `send` itself, before the send thread
-    posts the send; the first send to a decode replica connects its store client on the send
-    thread and publishes there, before the rendezvous (else the sender would wait in the
-    rendezvous for a decode side that waits for the ticket).
+through a queue in the decode replica's TCPStore:
+  * `ChannelSender.send` pushes the ticket (TCPStore queue_push, which does not wait for an
+    answer: 7 us on the dev box) in `send` itself, before the send thread posts the send; the
+    first send to a decode replica connects its store client on the send thread and pushes
+    there, before the rendezvous (else the sender would wait in the rendezvous for a decode side
+    that waits for the ticket).
+  * The decode replica calls `receiver.expect(request_id)` just before it calls the prefill. One
+    dispatcher thread per receiver pops the queue (blocking pop, its own client); a ticket whose
+    request is expected gets its receive posted at once, and the rows land in the expectation's
+    future. Waiting costs no thread and no connection per request.
   * The ticket still rides in the reply: it is the source of truth. `receive(ticket)` returns the
-    expectation's rows when its watcher saw the same ticket (channel, tag, shapes, ... all equal),
-    else receives as before (and a watcher that sees the ticket later only deletes the key).
-  * `cancel(request_id)` (the prefill call failed: no ticket is coming) writes a "gone" marker
-    with compare_set (a published ticket is not overwritten), which wakes the watcher at once; a
-    ticket that was published first is still received and dropped. `cancel(request_id,
-    drain=True)` (the decode request was cancelled while the prefill runs on) keeps the watcher
-    waiting, up to the transport timeout, to receive and drop the rows: the send does not hang
-    and later tags of the channel are not held up.
-  * Keys are deleted by whoever receives the ticket (watcher, or `receive` of the reply's ticket
-    once its rows are in: the publish precedes the send), or by `cancel` after an expiry. A
-    ticket published after its request was cancelled without drain stays (~200 bytes).
+    expectation's rows when the queued ticket was the same (channel, tag, shapes, ... all equal);
+    otherwise (the reply came first, the expectation expired, nothing was expected) it receives as
+    before, and a queued copy that comes later is ignored.
+  * `cancel(request_id)` (the prefill call failed, or the decode request went away) ends the
+    expectation; a ticket of that request that still comes within the transport timeout is
+    received and dropped, so the send completes instead of waiting out its timeout.
+  * An expectation that gets neither `receive` nor `cancel` expires after the transport timeout
+    (checked on every expect / receive / cancel / queued ticket).
 Ordering (nccl: receives must be posted in the sender's tag order per channel). The sender
-allocates tags and publishes on its event loop, and posts its sends from one thread, both in tag
-order (only the order of the sends matters for correctness). On the decode side every receive,
-whether posted by a watcher or by `receive(ticket)`, waits in `_recv_blocking` on the `_next_tag`
-condition until its tag is the channel's next (tags are per sender, so ascending per channel). An
-expectation owns no tag until its ticket arrives, and its watcher waits for the key outside the
-order lock, so an expectation whose ticket never comes holds up nothing. Receives of the reply's
-tickets run on 8 threads for both backends (was 1 for nccl): with one thread, a receive for tag
-k+2 whose reply came first held the only thread while tag k queued behind it until the timeout
-(8 such inversions at once would still do that; watchers have their own threads). What can
-still hold a channel up is a tag that was sent and never received on the decode side: the decode
-request gave up (cancel without drain) before the prefill published - the prefill call had
-failed, so normally nothing was sent; the later tags of that channel then time out (recomputed)
-as before this change.
+allocates tags and pushes tickets on its event loop, and posts its sends from one thread, both in
+tag order (only the order of the sends matters for correctness). On the decode side every
+receive, whether posted for a queued ticket or by `receive(ticket)`, waits in `_recv_blocking` on
+the `_next_tag` condition until its tag is the channel's next (tags are per sender, so ascending
+per channel). An expectation owns no tag until its ticket arrives and waits in no thread, so one
+whose ticket never comes holds up nothing. Receives run on 8 threads for both backends (was 1 for
+nccl): with one thread, a receive for tag k+2 whose reply came first held the only thread while
+tag k queued behind it until the timeout (8 such inversions at once would still do that; queued
+tickets arrive in push order, which is tag order). What can still hold a channel up is a tag that
+was sent and never received: its ticket reached neither the queue in time nor a `receive`.
 
 If any step fails (relay or peer gone, timeout), the decode replica recomputes the prefill itself
 (`serve/worker.py`), so the request still completes.
@@ -130,7 +124,7 @@ class ObjectStoreReceiver:
         """No early receive: the rows come in the prefill call's reply."""
         return None
 
-    def cancel(self, request_id: str, *, drain: bool = False) -> None:
+    def cancel(self, request_id: str) -> None:
         pass
 
     async def receive(self, ticket: Any) -> KVRows:
@@ -265,7 +259,7 @@ class RDTReceiver:
         """No early receive: the dst relay's ObjectRef exists only once the prefill has sent."""
         return None
 
-    def cancel(self, request_id: str, *, drain: bool = False) -> None:
+    def cancel(self, request_id: str) -> None:
         pass
 
     async def receive(self, ticket: Any) -> KVRows:
@@ -291,14 +285,13 @@ class ChannelTicket:
     request_id: str = ""  # names the store key the ticket is also published under
 
 
-# The decode side's "gone" marker: written with compare_set into a ticket key nobody waits on any
-# more. Pickled tickets start with b"\x80", so the two cannot be confused.
-_GONE = b"gone"
-
-
-def ticket_key(request_id: str) -> str:
-    """The decode replica's TCPStore key a ticket for `request_id` is published under."""
-    return f"kvt/{request_id}"
+# The decode replica's ticket queue (TCPStore queue_push / queue_pop): every sender pushes every
+# ticket; one dispatcher thread per receiver pops them. A pop removes the item, so nothing is left
+# to clean up, and one client serves any number of pending requests (a client per waiting request
+# does not scale: on the dev box, 32 clients connecting at once stalled 5 s in connect).
+_QUEUE = "kvq"
+_STOP = b"stop"  # pushed by close() to end the dispatcher; pickled tickets start with b"\x80"
+_IDLE_POP_S = 3600.0  # an idle pop times out (and logs a socket warning) at most once an hour
 
 
 def _process_group(backend: str, store: Any, rank: int, timeout_s: float, device: torch.device):
@@ -370,10 +363,9 @@ class ChannelSender:
     def _publish(store: Any, ticket: ChannelTicket) -> None:
         import pickle
 
-        # `set`, not compare_set: TCPStore's set does not wait for an answer (8 us vs 62 us for
-        # compare_set on the dev box). It overwrites a gone marker (the decode side stopped
-        # waiting); whoever then receives the reply's ticket deletes the key.
-        store.set(ticket_key(ticket.request_id), pickle.dumps(ticket))
+        # queue_push does not wait for an answer (7 us on the dev box, vs 62 us for a
+        # compare_set round trip).
+        store.queue_push(_QUEUE, pickle.dumps(ticket))
 
     def _send_blocking(self, dest: DecodeEndpoint, ticket: ChannelTicket, kv_LTC: torch.Tensor,
                        pe_LTR: torch.Tensor, published: bool) -> None:
@@ -426,16 +418,13 @@ class ChannelSender:
 @dataclass(eq=False)
 class _Expectation:
     """One request's early receive. Mutable (its state moves under ChannelReceiver._lock):
-    waiting -> receiving (the watcher saw the ticket and posts the receive)
-            -> claimed (the reply's ticket came first: `receive` posts it; the watcher only
-               consumes the key) | cancelled (drain: receive and drop a ticket that still comes)
-            | expired (no ticket within the timeout; the reply's ticket is received as usual)."""
+    waiting -> receiving (its ticket came through the queue; the receive is posted) | popped by
+    `receive` (the reply's ticket came first), `cancel` or the expiry sweep."""
 
     request_id: str
     deadline: float  # time.monotonic()
-    rows: Future  # KVRows once received; an exception if no ticket came or the receive failed
+    rows: Future  # KVRows once received; cancelled / TimeoutError if no early receive happens
     state: str = "waiting"
-    drain: bool = False
     ticket: ChannelTicket | None = None
 
 
@@ -443,14 +432,13 @@ class ChannelReceiver:
     name = "channel"
 
     def __init__(self, replica_id: str, backend: str = "gloo", *, host: str = "127.0.0.1",
-                 timeout_s: float = 30.0, device: torch.device | str = "cpu",
-                 max_expected: int = 64) -> None:
+                 timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
-        if timeout_s <= 0 or max_expected < 1:
-            raise ValueError(f"timeout_s={timeout_s} must be > 0 and max_expected={max_expected} >= 1")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.backend = backend
         self.timeout_s = timeout_s
         self.device = torch.device(device)
@@ -459,23 +447,25 @@ class ChannelReceiver:
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=timeout_s))
         self._endpoint = DecodeEndpoint(replica_id=replica_id, host=host, store_port=self.store.port)
-        # Short store operations from the event loop (cancel's marker): not `self.store`, which a
-        # process group's rendezvous may hold while it waits for a sender.
-        self._ctl = dist.TCPStore(host, self.store.port, is_master=False, timeout=timedelta(seconds=timeout_s))
         self._groups: dict[str, Any] = {}
         self._group_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         # Receives of both backends: the order condition below serializes nccl's per channel.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moeray-kv-recv")
-        # Watchers: one per pending expectation, each blocked in its own client's `wait`; past
-        # `max_expected` pending, later ones start late and their reply's ticket may win instead.
-        self._watch_pool = ThreadPoolExecutor(max_workers=max_expected, thread_name_prefix="moeray-kv-watch")
-        self._local = threading.local()
-        self._expected: dict[str, _Expectation] = {}
         # nccl: receives must be issued in the sender's order (tags ascending per channel).
         self._next_tag: dict[str, int] = {}
         self._order = threading.Condition()
-        self.early = 0  # transfers whose receive was posted on the store notice
+        self._expected: dict[str, _Expectation] = {}
+        self._gone: dict[str, float] = {}  # cancelled request -> until when a late ticket is drained
+        self.early = 0  # transfers received on the queue notice for an expecting request
+        self.drained = 0  # transfers received and dropped: their request was cancelled
+        self._closed = False
+        # The dispatcher pops the ticket queue with its own client (a blocking pop holds a
+        # client's socket); its timeout only bounds an idle pop, which then pops again.
+        self._queue_client = dist.TCPStore(host, self.store.port, is_master=False,
+                                           timeout=timedelta(seconds=max(timeout_s, _IDLE_POP_S)))
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="moeray-kv-tickets", daemon=True)
+        self._dispatcher.start()
 
     def endpoint(self) -> DecodeEndpoint:
         return self._endpoint
@@ -515,158 +505,137 @@ class ChannelReceiver:
 
     # ---- early receive ------------------------------------------------------------------------
     def expect(self, request_id: str) -> Future:
-        """Start waiting for `request_id`'s ticket in the store; call right before the prefill
-        call. Returns the future of the rows (informational: `receive` / `cancel` consume it).
-        Every expect must be followed by `receive(ticket)` or `cancel(request_id)`."""
+        """Receive `request_id`'s rows as soon as its ticket reaches this replica's queue; call
+        right before the prefill call. Returns the future of the rows (informational:
+        `receive` / `cancel` consume it). Every expect must end in `receive(ticket)` or
+        `cancel(request_id)`; one that does neither expires after the transport timeout."""
         import time
 
         if not request_id:
             raise ValueError("expect needs a non-empty request_id")
-        e = _Expectation(request_id, time.monotonic() + self.timeout_s, Future())
+        now = time.monotonic()
+        e = _Expectation(request_id, now + self.timeout_s, Future())
         with self._lock:
+            expired = self._sweep(now)
             if request_id in self._expected:
                 raise ValueError(f"request {request_id!r} is already expected on this receiver")
+            self._gone.pop(request_id, None)
             self._expected[request_id] = e
-        self._watch_pool.submit(self._watch, e)
+        self._expire(expired)
         return e.rows
 
-    def _client(self) -> Any:
+    def _sweep(self, now: float) -> list[_Expectation]:
+        """Under self._lock: drop expectations and drain marks past their deadline."""
+        expired = [e for e in self._expected.values() if e.state == "waiting" and e.deadline < now]
+        for e in expired:
+            del self._expected[e.request_id]
+        for rid in [rid for rid, until in self._gone.items() if until < now]:
+            del self._gone[rid]
+        return expired
+
+    def _expire(self, expired: list[_Expectation]) -> None:
+        for e in expired:
+            # A ticket that comes later is left to `receive` (the reply's copy).
+            e.rows.set_exception(TimeoutError(f"KV channel: no ticket for {e.request_id} within "
+                                              f"{self.timeout_s} s of expect"))
+
+    def _dispatch_loop(self) -> None:
+        import pickle
+
         import torch.distributed as dist
 
-        client = getattr(self._local, "store", None)
-        if client is None:
-            client = dist.TCPStore(self.host, self.store.port, is_master=False,
-                                   timeout=timedelta(seconds=self.timeout_s))
-            self._local.store = client
-        return client
+        while not self._closed:
+            try:
+                raw = self._queue_client.queue_pop(_QUEUE)
+            except dist.DistStoreError:  # an idle pop timed out
+                continue
+            except Exception as err:  # noqa: BLE001 - the store is gone (closed): stop
+                if not self._closed:
+                    log.warning("KV channel: ticket queue failed, early receives stop: %s", err)
+                return
+            if raw == _STOP:
+                return
+            try:
+                self._dispatch(pickle.loads(raw))
+            except Exception as err:  # noqa: BLE001 - one bad ticket must not stop the loop
+                log.warning("KV channel: dropping a queued ticket: %s", err)
 
-    def _watch(self, e: _Expectation) -> None:
-        import pickle
+    def _dispatch(self, ticket: ChannelTicket) -> None:
         import time
 
-        import torch.distributed as dist
-
-        key = ticket_key(e.request_id)
-        ticket: ChannelTicket | None = None
-        try:
-            client = self._client()
-            while ticket is None:
-                remaining = e.deadline - time.monotonic()
-                if remaining > 0:
-                    try:
-                        client.wait([key], timedelta(seconds=remaining))
-                    except dist.DistStoreError:  # timed out: the clock decides (other errors end it)
-                        continue
-                    raw = client.get(key)
-                else:
-                    # Out of time: leave the gone marker unless the ticket just came.
-                    raw = client.compare_set(key, b"", _GONE)
-                if raw == _GONE:
-                    with self._lock:
-                        if e.state == "waiting":
-                            e.state = "expired"
-                        state = e.state
-                    # Expired: the marker stays; a late sender overwrites it and the receive of
-                    # the reply's ticket deletes the key, or `cancel` deletes it (prefill failed).
-                    if state != "expired":
-                        client.delete_key(key)
-                    break
-                ticket = pickle.loads(raw)
-        except Exception as err:  # noqa: BLE001 - the reply's ticket remains
-            log.warning("KV channel: watching %s failed: %s", e.request_id, err)
-            with self._lock:
-                if e.state == "waiting":
-                    e.state = "expired"
-            e.rows.set_exception(err)
-            return
         with self._lock:
-            if ticket is not None and e.state == "waiting":
+            expired = self._sweep(time.monotonic())
+            e = self._expected.get(ticket.request_id)
+            if e is not None and e.state == "waiting":
                 e.state, e.ticket = "receiving", ticket
-            post = ticket is not None and (e.state == "receiving" or e.state == "cancelled")
-            state = e.state
-        if not post:
-            if ticket is not None:  # claimed: `receive` posted the reply's ticket
-                self._forget(key, client)
-            e.rows.set_exception(TimeoutError(f"KV channel: no early receive for {e.request_id} ({state})"))
-            return
+            elif self._gone.pop(ticket.request_id, None) is not None:
+                e = None  # cancelled: receive and drop, so the send completes and tags move on
+            else:
+                e = False  # taken by `receive`, expired, or never expected: the reply's copy rules
+        self._expire(expired)
+        if e is not False:
+            self._pool.submit(self._early, e, ticket)
+
+    def _early(self, e: _Expectation | None, ticket: ChannelTicket) -> None:
         try:
             rows = self._recv_blocking(ticket)
         except BaseException as err:  # noqa: BLE001 - handed to `receive`
-            e.rows.set_exception(err)
-            self._forget(key, client)
+            if e is not None:
+                e.rows.set_exception(err)
+            else:
+                log.warning("KV channel: draining %s failed: %s", ticket.request_id, err)
+            return
+        if e is None:
+            self.drained += 1
             return
         self.early += 1
         e.rows.set_result(rows)
-        self._forget(key, client)  # after the rows are out: the delete is off the critical path
 
-    def _forget(self, key: str, client: Any = None) -> None:
-        try:
-            (client or self._client()).delete_key(key)
-        except Exception as err:  # noqa: BLE001 - a stale key costs ~200 bytes of the store
-            log.warning("KV channel: could not delete %s: %s", key, err)
+    def cancel(self, request_id: str) -> None:
+        """The prefill call for `request_id` failed or its request went away: no early receive.
+        A ticket of it that still reaches the queue within the timeout is received and dropped
+        (the send then completes, and nccl's later tags on that channel are not held up)."""
+        import time
 
-    def _recv_and_forget(self, t: ChannelTicket) -> KVRows:
-        """A receive posted on the reply's ticket. The sender publishes before it posts its
-        send, so once the rows are in, the key holds this ticket (or nothing, if the publish
-        failed): nobody else deletes it."""
-        try:
-            return self._recv_blocking(t)
-        finally:
-            if t.request_id:
-                self._forget(ticket_key(t.request_id))
-
-    def cancel(self, request_id: str, *, drain: bool = False) -> None:
-        """The prefill call for `request_id` failed (no ticket is coming): stop waiting. With
-        `drain`, the decode request itself went away while the prefill may still send: keep
-        waiting (up to the timeout) and receive and drop the rows, so the send completes."""
         with self._lock:
             e = self._expected.pop(request_id, None)
-            if e is None or e.state not in ("waiting", "expired"):
-                return  # unknown, or a receive is posted already (its rows are dropped)
-            was = e.state
-            e.state, e.drain = "cancelled", drain
-        if drain:
-            return
-        try:
-            if was == "expired":
-                self._ctl.delete_key(ticket_key(request_id))  # the marker (or a late ticket)
-            else:
-                self._ctl.compare_set(ticket_key(request_id), b"", _GONE)  # wakes the watcher
-        except Exception as err:  # noqa: BLE001 - the watcher still ends at its deadline
-            log.warning("KV channel: cancelling %s: %s", request_id, err)
+            if e is None or e.state != "waiting":
+                return  # unknown, or its receive is posted already (the rows are dropped)
+            self._gone[request_id] = time.monotonic() + self.timeout_s
+        e.rows.cancel()
 
     async def receive(self, ticket: Any) -> KVRows:
+        import time
+
         if not isinstance(ticket, ChannelTicket):
             raise TypeError(f"channel receiver got a {type(ticket).__name__} ticket")
         with self._lock:
+            expired = self._sweep(time.monotonic())
+            # Popped: a copy of the ticket that reaches the queue later finds no expectation.
             e = self._expected.pop(ticket.request_id, None) if ticket.request_id else None
-            if e is not None and e.state == "waiting":
-                e.state = "claimed"
-            state = e.state if e is not None else None
-        if state == "receiving":
+        self._expire(expired)
+        if e is not None and e.state == "receiving":
             if e.ticket == ticket:
                 return await asyncio.shield(asyncio.wrap_future(e.rows))
             # Same request id, another transfer (a retried prefill): its rows are dropped.
-            log.warning("KV channel: store ticket %s differs from the reply's %s", e.ticket, ticket)
-        # Claimed: the watcher still waits for the key and deletes it; otherwise the receive does.
-        recv = self._recv_blocking if state == "claimed" else self._recv_and_forget
+            log.warning("KV channel: queued ticket %s differs from the reply's %s", e.ticket, ticket)
+        elif e is not None:
+            e.rows.cancel()  # the reply's ticket came first
         # Shielded: once we hold a ticket its receive must happen even if the request is
         # cancelled meanwhile, or the sender's send would wait out its timeout.
-        fut = asyncio.wrap_future(self._pool.submit(recv, ticket))
+        fut = asyncio.wrap_future(self._pool.submit(self._recv_blocking, ticket))
         return await asyncio.shield(fut)
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             pending, self._expected = list(self._expected.values()), {}
-            for e in pending:
-                if e.state == "waiting":
-                    e.state = "cancelled"
-        for e in pending:  # wake the watchers
-            try:
-                self._ctl.compare_set(ticket_key(e.request_id), b"", _GONE)
-            except Exception:  # noqa: BLE001 - they end at their deadline anyway
-                pass
-        self._watch_pool.shutdown(wait=False, cancel_futures=True)
+        for e in pending:
+            e.rows.cancel()
+        try:  # wakes the dispatcher (its own client holds the pop)
+            self.store.queue_push(_QUEUE, _STOP)
+        except Exception:  # noqa: BLE001 - it stops when the store goes away anyway
+            pass
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._groups.clear()
 

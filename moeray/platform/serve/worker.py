@@ -275,17 +275,17 @@ class DecodeWorker:
         pre: PrefillResult | None = None
         rows: KVRows | None = None
         t_recv = t0
-        # The channel transport posts its receive as soon as the prefill publishes the ticket in
-        # our store (same request id as the prefill's `send`), not when the reply arrives; the
-        # other transports ignore this.
+        # The channel transport posts its receive as soon as the prefill pushes the ticket to
+        # our store's queue (same request id as the prefill's `send`), not when the reply
+        # arrives; the other transports ignore this.
         self.receiver.expect(req.request_id)
         try:
             pre = await self.fetch(req, have, self.receiver.endpoint())
             t_recv = time.perf_counter()
             rows = await self.receiver.receive(pre.kv)
         except asyncio.CancelledError:
-            # The prefill may still send: receive and drop its rows, so its send does not hang.
-            self.receiver.cancel(req.request_id, drain=True)
+            # The prefill may still send: its rows are received and dropped, so the send does not hang.
+            self.receiver.cancel(req.request_id)
             raise
         except Exception as e:  # noqa: BLE001 - the request must still complete
             self.receiver.cancel(req.request_id)
