@@ -199,6 +199,33 @@ def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
     assert _same(got, slow) and _same(got_after, after) and early == 1 and failures == 0
 
 
+def test_channel_many_concurrent_transfers_in_scrambled_order():
+    """48 transfers in flight at once, half expected, received in an order unrelated to the
+    sends': with post-and-wait on 4 receive threads, 16 such transfers deadlocked until the
+    timeout (the send threads waited for receives queued behind receives of unposted sends)."""
+    rng = torch.Generator().manual_seed(25)
+    rows = [_rows(rng, i, 2, 1 + i % 9, 6, 2) for i in range(48)]
+    order = random.Random(4).sample(range(48), 48)
+
+    async def run():
+        recv = ChannelReceiver("decode-0", timeout_s=5)
+        send = ChannelSender(timeout_s=5)
+        ep = recv.endpoint()
+        try:
+            for i in range(0, 48, 2):
+                recv.expect(f"m{i}")
+            tickets = [await send.send(f"m{i}", r, ep) for i, r in enumerate(rows)]
+            got = await asyncio.wait_for(asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 20)
+            return dict(zip(order, got)), send.failures, dict(recv._expected)
+        finally:
+            send.close()
+            recv.close()
+
+    got, failures, pending = asyncio.run(run())
+    assert failures == 0 and pending == {}
+    assert all(_same(got[i], r) for i, r in enumerate(rows))
+
+
 def test_object_store_and_rdt_receivers_ignore_expect():
     recv = ObjectStoreReceiver()
     assert recv.expect("r") is None

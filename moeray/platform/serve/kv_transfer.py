@@ -483,24 +483,52 @@ class ChannelReceiver:
                 self._groups[channel] = pg
             return pg
 
-    def _recv_blocking(self, t: ChannelTicket) -> KVRows:
+    def _post(self, t: ChannelTicket, pg: Any) -> tuple[list[Any], KVRows]:
+        """gloo: post the two receives (returns at once; gloo matches them by tag) without
+        waiting. Posting every ticket as soon as it is known, on the thread that learns it, and
+        waiting on the pool keeps a pool thread from being held by a receive whose send sits
+        behind a sender thread that waits for a receive queued behind it: with post-and-wait in
+        each pool thread, 16 concurrent transfers deadlocked (until the timeout) on the dev box."""
         dtype = getattr(torch, t.dtype)
-        pg = self._group(t.channel)
         kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
         pe_LTR = torch.empty(t.pe_shape, dtype=dtype, device=self.device)
-        if self.backend == "nccl":
-            with self._order:
-                ok = self._order.wait_for(lambda: self._next_tag.get(t.channel, 0) == t.tag, self.timeout_s)
-                if not ok:
-                    raise TimeoutError(f"KV channel {t.channel}: tag {t.tag} not next after {self.timeout_s} s")
+        return [pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)], KVRows(t.start, kv_LTC, pe_LTR)
+
+    @staticmethod
+    def _wait(works: list[Any], rows: KVRows) -> KVRows:
+        for w in works:
+            w.wait()
+        return rows
+
+    def _start(self, t: ChannelTicket) -> Future:
+        """Start receiving `t` on any thread that must not block: gloo posts here when the
+        channel's group exists (else its rendezvous would block) and waits on the pool; nccl
+        (posts in tag order, under the order condition) and first contacts go to the pool."""
+        pg = self._groups.get(t.channel) if self.backend == "gloo" else None
+        if pg is None:
+            return self._pool.submit(self._recv_blocking, t)
+        works, rows = self._post(t, pg)
+        return self._pool.submit(self._wait, works, rows)
+
+    def _recv_blocking(self, t: ChannelTicket) -> KVRows:
+        pg = self._group(t.channel)
+        if self.backend == "gloo":
+            return self._wait(*self._post(t, pg))
+        # nccl (unchanged; not run here): posted in tag order per channel, as the sends were.
+        dtype = getattr(torch, t.dtype)
+        kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
+        pe_LTR = torch.empty(t.pe_shape, dtype=dtype, device=self.device)
+        with self._order:
+            ok = self._order.wait_for(lambda: self._next_tag.get(t.channel, 0) == t.tag, self.timeout_s)
+            if not ok:
+                raise TimeoutError(f"KV channel {t.channel}: tag {t.tag} not next after {self.timeout_s} s")
         try:
             for w in (pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)):
-                w.wait()
+                w.wait()  # nccl: the current stream waits on the receive; the CPU does not
         finally:
-            if self.backend == "nccl":
-                with self._order:
-                    self._next_tag[t.channel] = t.tag + 2
-                    self._order.notify_all()
+            with self._order:
+                self._next_tag[t.channel] = t.tag + 2
+                self._order.notify_all()
         return KVRows(t.start, kv_LTC, pe_LTR)
 
     # ---- early receive ------------------------------------------------------------------------
@@ -573,13 +601,19 @@ class ChannelReceiver:
             else:
                 e = False  # taken by `receive`, expired, or never expected: the reply's copy rules
         self._expire(expired)
-        if e is not False:
-            self._pool.submit(self._early, e, ticket)
-
-    def _early(self, e: _Expectation | None, ticket: ChannelTicket) -> None:
+        if e is False:
+            return
         try:
-            rows = self._recv_blocking(ticket)
-        except BaseException as err:  # noqa: BLE001 - handed to `receive`
+            fut = self._start(ticket)
+        except Exception as err:  # noqa: BLE001 - a failed post fails this transfer only
+            fut = Future()
+            fut.set_exception(err)
+        fut.add_done_callback(lambda f: self._early(e, ticket, f))
+
+    def _early(self, e: _Expectation | None, ticket: ChannelTicket, fut: Future) -> None:
+        """On the thread that finished the receive: hand the rows over (or drop them)."""
+        err = fut.exception()
+        if err is not None:
             if e is not None:
                 e.rows.set_exception(err)
             else:
@@ -589,7 +623,7 @@ class ChannelReceiver:
             self.drained += 1
             return
         self.early += 1
-        e.rows.set_result(rows)
+        e.rows.set_result(fut.result())
 
     def cancel(self, request_id: str) -> None:
         """The prefill call for `request_id` failed or its request went away: no early receive.
@@ -623,8 +657,7 @@ class ChannelReceiver:
             e.rows.cancel()  # the reply's ticket came first
         # Shielded: once we hold a ticket its receive must happen even if the request is
         # cancelled meanwhile, or the sender's send would wait out its timeout.
-        fut = asyncio.wrap_future(self._pool.submit(self._recv_blocking, ticket))
-        return await asyncio.shield(fut)
+        return await asyncio.shield(asyncio.wrap_future(self._start(ticket)))
 
     def close(self) -> None:
         self._closed = True
