@@ -612,18 +612,23 @@ class ChannelReceiver:
 
     def _early(self, e: _Expectation | None, ticket: ChannelTicket, fut: Future) -> None:
         """On the thread that finished the receive: hand the rows over (or drop them)."""
+        from concurrent.futures import InvalidStateError
+
         err = fut.exception()
-        if err is not None:
-            if e is not None:
+        if e is None:
+            if err is not None:
+                log.warning("KV channel: draining %s failed: %s", ticket.request_id, err)
+            else:
+                self.drained += 1
+            return
+        try:
+            if err is not None:
                 e.rows.set_exception(err)
             else:
-                log.warning("KV channel: draining %s failed: %s", ticket.request_id, err)
-            return
-        if e is None:
-            self.drained += 1
-            return
-        self.early += 1
-        e.rows.set_result(fut.result())
+                self.early += 1
+                e.rows.set_result(fut.result())
+        except InvalidStateError:  # close() cancelled it meanwhile
+            pass
 
     def cancel(self, request_id: str) -> None:
         """The prefill call for `request_id` failed or its request went away: no early receive.
