@@ -564,8 +564,19 @@ def _print_sweep(sw: dict) -> None:
         print("sweep best mla_decode", g, {k: r[k] for k in ("block_h", "num_warps", "num_stages", "num_splits", "ms", "TBps")})
 
 
+def _bench_router() -> list[dict]:
+    from moeray.kernels.router import bench_router
+
+    return bench_router()
+
+
 def _print_table(result: dict) -> None:
     c = result["ceilings"]
+    for r in result.get("router", []):
+        print(f"router {r['shape']:5s} E={r['E']:3d} T={r['tokens']:5d}: in a graph {r['torch_graph_ms'] * 1e3:7.1f} us "
+              f"torch -> {r['fused_graph_ms'] * 1e3:6.1f} us fused (x{r['graph_speedup']}), eager {r['torch_ms']:.4f} -> "
+              f"{r['fused_ms']:.4f} ms; ids== {r['ids_equal']} counts== {r['counts_equal']} "
+              f"scores bit== {r['scores_bit_equal']} w diff {r['weights_max_abs_diff']:.1e}")
     for r in result.get("mla_decode_graph", []):
         print(f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} splits={r['num_splits']!s:4s} "
               f"stages={r['num_stages']}: graph {r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy), "
@@ -595,7 +606,7 @@ def _print_table(result: dict) -> None:
               + (f", x{r['speedup_vs_ref']} ref" if "speedup_vs_ref" in r else ""))
 
 
-SECTIONS = ("quant", "fp8_gemm", "fused_moe", "mla_decode", "mla_decode_graph", "mla_prefill")
+SECTIONS = ("quant", "fp8_gemm", "fused_moe", "mla_decode", "mla_decode_graph", "mla_prefill", "router")
 
 
 def main(argv: list[str]) -> int:
@@ -633,6 +644,7 @@ def main(argv: list[str]) -> int:
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
+        ("router", _bench_router),
     ]
     for name, fn in sections:
         if name not in want:

@@ -1,0 +1,282 @@
+"""The DeepSeek-V3 gate (moeray.platform.routing.route) as one Triton launch.
+
+Legend: T tokens, E routed experts, G expert groups (n_group), PG experts per group, K experts per
+token; GP, PGP, KP are G, PG, K padded to powers of 2.
+
+Why: at decode batch 1 the gate is ~15 tiny PyTorch kernels per MoE layer (sigmoid, bias add,
+per-group top-2, group top-k, scatter, masked_fill, top-k, gather, sum, div, mul, zeros,
+scatter_add), each a few microseconds of launch and dependency latency for ~1 KB of data
+(benchmarks/notes-engine.md: ~80 kernels per layer, 3 ms per step vs a 0.12 ms roofline).
+Here a block of token rows lives in registers as a [BLOCK_T, GP, PGP] tile and the whole gate runs
+there: sigmoid, bias, per-group top-2 sums, the `topk_group` best groups, the top-K experts over
+the kept groups (-inf outside them, the official mask), the normalized and scaled weights, and
+the per-expert counts.
+
+Top-k is K rounds of max, then the lowest index holding that max, then masking it to -inf: ties go
+to the lowest expert (or group) index. torch.topk's order among ties is unspecified, so the two
+agree whenever scores are distinct (continuous logits; tests use random ones). The K experts come
+out in descending biased score, as torch.topk returns them.
+
+Numerics: the sigmoid is 1 / (1 + exp(-x)) with libdevice's expf and an IEEE division on the GPU,
+the same operations PyTorch's CUDA sigmoid compiles to, so the scores match route's bit for bit
+there (Triton's own tl.exp is ex2.approx, a few ulp off). Under the CPU interpreter the exp is
+numpy's, which differs from torch's CPU sigmoid by up to 1 ulp (1.2e-7) on ~17% of values.
+NaN logits give expert id E (out of range, skipped by the MoE as "another rank's") and no count.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
+from moeray.platform.routing import Routing
+
+try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - every supported Triton (3.x) has it
+    libdevice = None
+
+# One row's padded tile GP * PGP is held in registers; V3's 256 experts in 8 groups of 32 is 256
+# cells, and a 256-wide group tile (n_group=1) is the widest case tested.
+MAX_EXPERTS = 256
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
+# prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
+TILE_CELLS = 2048
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, scores_ptr,
+    T, stride_lt, scaling,
+    E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, GP: tl.constexpr, PGP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, PRECISE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    r64 = rows.to(tl.int64)
+    g = tl.arange(0, GP)
+    j = tl.arange(0, PGP)
+    col_GJ = g[:, None] * PG + j[None, :]  # expert index of each cell; increasing in (g, j)
+    valid_GJ = (g[:, None] < G) & (j[None, :] < PG)
+    col = col_GJ[None, :, :]
+    valid = valid_GJ[None, :, :]
+    mask = row_ok[:, None, None] & valid
+
+    x = tl.load(logits_ptr + r64[:, None, None] * stride_lt + col, mask=mask, other=0.0).to(tl.float32)
+    if PRECISE:
+        e = libdevice.exp(-x)
+    else:
+        e = tl.exp(-x)
+    s = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e)
+    tl.store(scores_ptr + r64[:, None, None] * E + col, s, mask=mask)
+    b = s
+    if HAS_BIAS:
+        b = s + tl.load(bias_ptr + col, mask=valid, other=0.0).to(tl.float32)
+    b = tl.where(valid, b, float("-inf"))  # padding cells never win a max
+
+    if G > 1:
+        # Group score: sum of the group's top-2 biased scores (top-1 for one-expert groups).
+        m1 = tl.max(b, axis=2)  # [BT, GP]; -inf for padding groups
+        if PG > 1:
+            jj = j[None, None, :]
+            i1 = tl.min(tl.where(b == m1[:, :, None], jj, PGP), axis=2)
+            m2 = tl.max(tl.where(jj == i1[:, :, None], float("-inf"), b), axis=2)
+            gs = m1 + m2
+        else:
+            gs = m1
+        gg = g[None, :]
+        keep = tl.zeros([BLOCK_T, GP], dtype=tl.int32)
+        for _r in tl.static_range(TOPK_GROUP):
+            gm = tl.max(gs, axis=1)
+            gi = tl.min(tl.where(gs == gm[:, None], gg, GP), axis=1)
+            ghit = gg == gi[:, None]
+            keep += ghit.to(tl.int32)
+            gs = tl.where(ghit, float("-inf"), gs)
+        b = tl.where(keep[:, :, None] > 0, b, float("-inf"))
+
+    kk = tl.arange(0, KP)[None, :]
+    ids = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
+    wts = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
+    hits = tl.zeros([BLOCK_T, GP, PGP], dtype=tl.int32)
+    for k in tl.static_range(K):
+        m = tl.max(tl.max(b, axis=2), axis=1)  # [BT]
+        idx = tl.min(tl.min(tl.where(b == m[:, None, None], col, E), axis=2), axis=1)
+        hit = col == idx[:, None, None]
+        w = tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=2), axis=1)
+        ids = tl.where(kk == k, idx[:, None], ids)
+        wts = tl.where(kk == k, w[:, None], wts)
+        hits += hit.to(tl.int32)
+        b = tl.where(hit, float("-inf"), b)
+
+    if NORM:
+        wts = tl.math.div_rn(wts, tl.broadcast_to(tl.sum(wts, axis=1)[:, None], (BLOCK_T, KP)))
+    wts = wts * scaling
+    kmask = row_ok[:, None] & (kk < K)
+    tl.store(ids_ptr + r64[:, None] * K + kk, ids.to(tl.int64), mask=kmask)
+    tl.store(w_ptr + r64[:, None] * K + kk, wts, mask=kmask)
+    cnt_GJ = tl.sum(tl.where(row_ok[:, None, None], hits, 0), axis=0).to(tl.int64)
+    if ATOMIC_COUNTS:
+        tl.atomic_add(counts_ptr + col_GJ, cnt_GJ, mask=valid_GJ)
+    else:  # the only program: plain stores, so counts need no zero-fill launch before it
+        tl.store(counts_ptr + col_GJ, cnt_GJ, mask=valid_GJ)
+
+
+def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
+    """The group rules of routing.route (same messages); returns experts per group."""
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts {num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    per_group = num_experts // n_group
+    if not 1 <= top_k <= topk_group * per_group:
+        raise ValueError(
+            f"top_k={top_k} must be in [1, topk_group*experts_per_group={topk_group * per_group}]"
+        )
+    return per_group
+
+
+def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
+    """Whether route_fused takes these tensors as they are (routing.route's dispatch test)."""
+    if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
+        return False
+    if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS:
+        return False
+    if bias_E is not None and (
+        bias_E.dim() != 1 or bias_E.dtype not in LOGIT_DTYPES or not bias_E.is_contiguous()
+        or bias_E.device != logits_TE.device or bias_E.shape[0] != logits_TE.shape[1]
+    ):
+        return False
+    return use_triton(logits_TE)
+
+
+def route_fused(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+) -> Routing:
+    """routing.route with the official -inf group mask, in one Triton launch (see module doc).
+
+    logits [T, E] fp32/bf16/fp16 with unit stride over experts, bias [E] or None, E <= 256.
+    Returns int64 ids [T, K], fp32 weights [T, K], int64 counts [E], fp32 scores [T, E]. No host
+    sync, so it captures in CUDA graphs. block_t (rows per program, a power of 2) and num_warps
+    override the automatic choice (benchmark sweeps). On CPU without the interpreter it is route's
+    PyTorch path.
+    """
+    check_tensor(logits_TE, "logits", dtypes=LOGIT_DTYPES, ndim=2)
+    if logits_TE.stride(-1) != 1:
+        raise ValueError(f"logits must have unit stride over experts, got strides {logits_TE.stride()}")
+    T, E = logits_TE.shape
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"logits has {E} experts; the fused router supports 1..{MAX_EXPERTS}")
+    if bias_E is not None:
+        check_tensor(bias_E, "bias", dtypes=LOGIT_DTYPES, ndim=1, contiguous=True, device=logits_TE.device)
+        if bias_E.shape[0] != E:
+            raise ValueError(f"bias has {bias_E.shape[0]} entries, logits have {E} experts")
+    per_group = check_groups(E, top_k, n_group, topk_group)
+    if block_t is not None and (block_t < 1 or block_t & (block_t - 1)):
+        raise ValueError(f"block_t={block_t} must be a power of 2 >= 1")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps={num_warps} must be 1, 2, 4 or 8")
+    if not use_triton(logits_TE):
+        from moeray.platform.routing import route_torch
+
+        return route_torch(logits_TE, bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob)
+    dev = logits_TE.device
+    gp, pgp = triton.next_power_of_2(n_group), triton.next_power_of_2(per_group)
+    cells = gp * pgp
+    if block_t is None:
+        block_t = max(1, min(triton.next_power_of_2(max(T, 1)), TILE_CELLS // cells))
+    if num_warps is None:
+        # One warp holds a decode row of V3 (256 cells, 8 per thread): every reduction is warp
+        # shuffles, no shared memory round trip; bigger tiles get more warps.
+        num_warps = max(1, min(4, block_t * cells // 256))
+    grid = cdiv(T, block_t)
+    ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    weights_TK = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    scores_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
+    atomic = grid > 1
+    counts_E = (torch.zeros if atomic or grid == 0 else torch.empty)(E, dtype=torch.int64, device=dev)
+    if grid == 0:
+        return Routing(ids_TK, weights_TK, counts_E, scores_TE)
+    _route_kernel[(grid,)](
+        logits_TE, bias_E if bias_E is not None else logits_TE, ids_TK, weights_TK, counts_E, scores_TE,
+        T, logits_TE.stride(0), float(routed_scaling_factor),
+        E=E, G=n_group, PG=per_group, GP=gp, PGP=pgp, TOPK_GROUP=topk_group, K=top_k,
+        KP=triton.next_power_of_2(top_k), BLOCK_T=block_t, HAS_BIAS=bias_E is not None,
+        NORM=bool(norm_topk_prob) and top_k > 1, ATOMIC_COUNTS=atomic,
+        PRECISE=not interpreting() and libdevice is not None,
+        num_warps=num_warps,
+    )
+    return Routing(ids_TK, weights_TK, counts_E, scores_TE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (moeray bench kernels --only router)
+# ----------------------------------------------------------------------------------------------
+
+BENCH_SHAPES = (  # (name, E, n_group, topk_group, top_k, routed_scaling_factor)
+    ("small", 64, 8, 4, 8, 2.5),
+    ("v3", 256, 8, 4, 8, 2.5),
+)
+
+
+def bench_router(tokens: tuple[int, ...] = (1, 8, 64, 4096)) -> list[dict]:
+    """Per shape and token count: PyTorch route vs route_fused, eager and replayed in a CUDA graph
+    (the engine's decode path), plus whether ids, counts and scores agree exactly."""
+    from moeray.platform.routing import route_torch
+
+    def timed(fn) -> float:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def graphed(fn, calls: int = 20) -> float:
+        """ms per call inside a CUDA graph of `calls` back-to-back calls, as a decode step runs
+        one gate per MoE layer: the replay's own launch cost (~10 us) is spread over 20 gates."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return timed(graph.replay) / calls
+
+    rows = []
+    for name, e, ng, tg, k, rsf in BENCH_SHAPES:
+        bias = torch.randn(e, device="cuda") * 0.1
+        for t in tokens:
+            logits = torch.randn(t, e, device="cuda")
+            kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=rsf)
+            with torch.no_grad():
+                ref = route_torch(logits, bias, **kw)
+                out = route_fused(logits, bias, **kw)
+                torch_ms = timed(lambda: route_torch(logits, bias, **kw))
+                fused_ms = timed(lambda: route_fused(logits, bias, **kw))
+                torch_graph_ms = graphed(lambda: route_torch(logits, bias, **kw))
+                fused_graph_ms = graphed(lambda: route_fused(logits, bias, **kw))
+            rows.append({
+                "shape": name, "E": e, "n_group": ng, "topk_group": tg, "top_k": k, "tokens": t,
+                "torch_ms": round(torch_ms, 4), "fused_ms": round(fused_ms, 4),
+                "torch_graph_ms": round(torch_graph_ms, 4), "fused_graph_ms": round(fused_graph_ms, 4),
+                "graph_speedup": round(torch_graph_ms / fused_graph_ms, 2),
+                "ids_equal": bool(torch.equal(ref.expert_ids_TK, out.expert_ids_TK)),
+                "counts_equal": bool(torch.equal(ref.counts_E, out.counts_E)),
+                "scores_bit_equal": bool(torch.equal(ref.scores_TE, out.scores_TE)),
+                "weights_max_abs_diff": float((ref.weights_TK - out.weights_TK).abs().max()) if t else 0.0,
+            })
+    return rows
