@@ -158,12 +158,18 @@ for e, ng, tg, k in combos:
             bias = torch.randn(e, device="cuda") * 0.3
             kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=2.5)
             out, ref = router.route_fused(logits, bias, **kw), route_torch(logits, bias, **kw)
-            ids_eq = torch.equal(out.expert_ids_TK, ref.expert_ids_TK)
-            cnt_eq = torch.equal(out.counts_E, ref.counts_E)
-            w_err = float((out.weights_TK - ref.weights_TK).abs().max())
             s_err = float((out.scores_TE - ref.scores_TE).abs().max())
-            ok = ids_eq and cnt_eq and w_err <= 1e-6 and s_err <= 2.5e-7
-            rows.append((f"E{e} G{ng} TG{tg} K{k}", t, str(dtype)[6:], ids_eq, cnt_eq, w_err, s_err, ok))
+            # Bit-equal scores feed the same fp32 comparisons, so the choice must be identical. If
+            # the sigmoid were 1 ulp off somewhere, a near-tie (gap < 1e-7) could flip a row: allow
+            # 1 in 1000 rows then, and compare weights and counts on the rows that agree.
+            diff_T = (out.expert_ids_TK != ref.expert_ids_TK).any(-1)
+            n_diff = int(diff_T.sum())
+            same = ~diff_T
+            w_err = float((out.weights_TK[same] - ref.weights_TK[same]).abs().max()) if bool(same.any()) else 0.0
+            cnt_gap = int((out.counts_E - ref.counts_E).abs().sum())
+            ids_ok = n_diff == 0 if s_err == 0.0 else n_diff <= t // 1000
+            ok = ids_ok and cnt_gap <= 2 * k * n_diff and w_err <= 1e-6 and s_err <= 2.5e-7
+            rows.append((f"E{e} G{ng} TG{tg} K{k}", t, str(dtype)[6:], n_diff, cnt_gap, w_err, s_err, ok))
             if not ok:
                 bad.append(f"E{e}/T{t}/{dtype}")
 
@@ -213,9 +219,12 @@ if not graph_ok:
     bad.append("cuda graph replay")
 
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-print(f"{'shape':22s} {'T':>5s} {'dtype':>9s} {'ids==':>6s} {'cnt==':>6s} {'w maxdiff':>10s} {'s maxdiff':>10s} ok")
-for name, t, dt, ie, ce, we, se, ok in rows:
-    print(f"{name:22s} {t:5d} {dt:>9s} {ie!s:>6s} {ce!s:>6s} {we:10.2e} {se:10.2e} {ok}")
+print("fused vs PyTorch route, worst over T in (1, 5, 33, 1000, 8192) x fp32/bf16 logits:")
+print(f"{'shape':18s} {'rows!=':>6s} {'|dcnt|':>6s} {'w maxdiff':>10s} {'s maxdiff':>10s} ok")
+for name in dict.fromkeys(r[0] for r in rows):
+    rs = [r for r in rows if r[0] == name]
+    print(f"{name:18s} {max(r[3] for r in rs):6d} {max(r[4] for r in rs):6d} {max(r[5] for r in rs):10.2e} "
+          f"{max(r[6] for r in rs):10.2e} {all(r[7] for r in rs)}")
 print(f"scores bit-exact vs torch sigmoid in every case: {all(r[6] == 0.0 for r in rows)}")
 print(f"dispatch: no_grad -> fused {n_nograd}, with grad -> fused {n_grad}, transformers mask -> fused {n_tf}: {'OK' if dispatch_ok else 'WRONG'}")
 print(f"route() captured in a CUDA graph, 3 replays on new logits equal eager: {graph_ok}")
