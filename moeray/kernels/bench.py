@@ -573,8 +573,8 @@ def _bench_router() -> list[dict]:
 def _print_table(result: dict) -> None:
     c = result["ceilings"]
     for r in result.get("router", []):
-        print(f"router {r['shape']:5s} E={r['E']:3d} T={r['tokens']:5d}: in a graph {r['torch_graph_ms'] * 1e3:7.1f} us "
-              f"torch -> {r['fused_graph_ms'] * 1e3:6.1f} us fused (x{r['graph_speedup']}), eager {r['torch_ms']:.4f} -> "
+        print(f"router {r['shape']:5s} E={r['E']:3d} T={r['tokens']:5d}: in a graph {r['torch_graph_us']:7.1f} us "
+              f"torch -> {r['fused_graph_us']:6.1f} us fused (x{r['graph_speedup']}), eager {r['torch_ms']:.4f} -> "
               f"{r['fused_ms']:.4f} ms; ids== {r['ids_equal']} counts== {r['counts_equal']} "
               f"scores bit== {r['scores_bit_equal']} w diff {r['weights_max_abs_diff']:.1e}")
     for r in result.get("mla_decode_graph", []):

@@ -272,7 +272,7 @@ def bench_router(tokens: tuple[int, ...] = (1, 8, 64, 4096)) -> list[dict]:
             rows.append({
                 "shape": name, "E": e, "n_group": ng, "topk_group": tg, "top_k": k, "tokens": t,
                 "torch_ms": round(torch_ms, 4), "fused_ms": round(fused_ms, 4),
-                "torch_graph_ms": round(torch_graph_ms, 4), "fused_graph_ms": round(fused_graph_ms, 4),
+                "torch_graph_us": round(torch_graph_ms * 1e3, 2), "fused_graph_us": round(fused_graph_ms * 1e3, 2),
                 "graph_speedup": round(torch_graph_ms / fused_graph_ms, 2),
                 "ids_equal": bool(torch.equal(ref.expert_ids_TK, out.expert_ids_TK)),
                 "counts_equal": bool(torch.equal(ref.counts_E, out.counts_E)),
