@@ -18,8 +18,8 @@ agree whenever scores are distinct (continuous logits; tests use random ones). T
 out in descending biased score, as torch.topk returns them.
 
 Numerics: the sigmoid is 1 / (1 + exp(-x)) with libdevice's expf and an IEEE division on the GPU,
-the same operations PyTorch's CUDA sigmoid compiles to, so the scores match route's bit for bit
-there (Triton's own tl.exp is ex2.approx, a few ulp off). Under the CPU interpreter the exp is
+the same operations PyTorch's CUDA sigmoid compiles to, so the scores should match route's bit for
+bit there (Triton's own tl.exp is ex2.approx, a few ulp off); the GPU test reports whether they do. Under the CPU interpreter the exp is
 numpy's, which differs from torch's CPU sigmoid by up to 1 ulp (1.2e-7) on ~17% of values.
 NaN logits give expert id E (out of range, skipped by the MoE as "another rank's") and no count.
 """
