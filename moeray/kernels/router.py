@@ -26,6 +26,8 @@ NaN logits give expert id E (out of range, skipped by the MoE as "another rank's
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -141,7 +143,12 @@ def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) ->
 
 
 def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
-    """Whether route_fused takes these tensors as they are (routing.route's dispatch test)."""
+    """Whether route_fused takes these tensors as they are (routing.route's dispatch test).
+    MOERAY_FUSED_ROUTER=0 in the environment routes with PyTorch instead: an A/B switch for
+    `moeray bench engine`, and a way out if a new Triton miscompiles the kernel (it has run only
+    under the interpreter so far)."""
+    if os.environ.get("MOERAY_FUSED_ROUTER", "1") == "0":
+        return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
         return False
     if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS:

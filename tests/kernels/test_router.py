@@ -248,3 +248,12 @@ def test_gpu_compiled_kernel_dispatch_and_graph_capture():
         Path(out_dir, "router_gpu.txt").write_text(proc.stdout + proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "RESULT PASS" in proc.stdout, proc.stdout
+
+
+def test_env_switch_turns_the_fused_path_off(monkeypatch):
+    from moeray.kernels.router import fused_route_applies
+
+    logits = torch.randn(3, 16)
+    assert fused_route_applies(logits, None)  # the interpreter runs the kernel on CPU tensors
+    monkeypatch.setenv("MOERAY_FUSED_ROUTER", "0")
+    assert not fused_route_applies(logits, None)
