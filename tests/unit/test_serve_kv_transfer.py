@@ -12,9 +12,9 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.kv_channel import ChannelReceiver, ChannelSender, ChannelTicket
 from moeray.platform.serve.kv_transfer import (
-    ChannelReceiver, ChannelSender, ChannelTicket, DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender,
-    make_receiver, make_sender)
+    DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender, make_receiver, make_sender)
 from moeray.platform.serve.openai import EngineRequest, GenerationParams
 from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
 

@@ -417,7 +417,7 @@ def table(res: dict[str, Any]) -> str:
     lines.append("p50: send -> rows on the decode device (channel: early = transfers received on the "
                  "store notice, before the reply); +reply: until the reply is in too")
     fp = res.get("fast_path_288mb_ms")
-    lines.append(f"fast path (channel, 4096 tokens, 288 MB): "
+    lines.append("fast path (channel, 4096 tokens, 288 MB): "
                  + (f"{fp:.3f} ms vs target {res['target_ms']} ms" if fp is not None
                     else "not measured (needs --tokens with 4096 at 61 layers)"))
     return "\n".join(lines)
