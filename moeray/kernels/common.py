@@ -6,6 +6,7 @@ Imports torch and triton only; never touches CUDA at import time.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,19 @@ AMAX_FLOOR = 1e-12
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launch heuristics ask on every call);
+    4 for CPU tensors, so the interpreter exercises several programs per launch."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ from moeray.kernels.common import (
     check_shape,
     check_tensor,
     interpreting,
+    num_sms,
     to_e4m3,
     use_triton,
 )
@@ -434,11 +435,6 @@ def _split_m_wins(m: int, n: int, num_sms: int) -> bool:
     return ns * d64 >= n64 * ds
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _gemm_config(m: int, n: int, device: torch.device) -> dict:
     """Tile shapes by problem size (see _split_m_wins and benchmarks/notes-kernels.md)."""
     if interpreting():
@@ -453,8 +449,7 @@ def _gemm_config(m: int, n: int, device: torch.device) -> dict:
     # smem -> 3 CTAs/SM, each hiding the others' wait for their wgmma before scaling) 0.777 0.676
     # 0.760 0.688; 5 stages 0.551 0.486 0.627 0.535; 128x128 with 8 warps 0.624 0.601 0.745 0.607.
     # 4 warps everywhere: one warpgroup per CTA, more CTAs per SM.
-    device_index = device.index if device.index is not None else torch.cuda.current_device()
-    if m >= 128 and _split_m_wins(m, n, _num_sms(device_index)):
+    if m >= 128 and _split_m_wins(m, n, num_sms(device)):
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=True, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3)
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.common import cdiv, check_tensor, interpreting, num_sms, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -191,12 +191,6 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
         )
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _mla_decode_rows(
     q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
     kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank, num_heads, q_len, num_splits, block_h,
@@ -216,7 +210,7 @@ def _mla_decode_rows(
         # Fill one wave of program slots (2 per SM for 16-row blocks, 1 for 64-row) without spilling
         # into a second partial wave: at batch 64 x 16 heads, 4 splits took 0.125 ms, 5 took 0.199.
         # No split shorter than 4 pages (256 tokens).
-        slots = _num_sms(q_BRD.device) * (2 if block_h <= 16 else 1)
+        slots = num_sms(q_BRD.device) * (2 if block_h <= 16 else 1)
         num_splits = max(1, min(slots // (b * head_blocks), cdiv(max_pages, 4)))
     pages_per_split = cdiv(max_pages, num_splits)
     num_splits = cdiv(max_pages, pages_per_split)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
-from moeray.platform.routing import Routing
+from moeray.platform.routing import Routing, check_group_sizes
 
 try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
     from triton.language.extra import libdevice
@@ -128,20 +128,6 @@ def _route_kernel(
         tl.store(counts_ptr + col_GJ, cnt_GJ, mask=valid_GJ)
 
 
-def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
-    """The group rules of routing.route (same messages); returns experts per group."""
-    if n_group < 1 or num_experts % n_group:
-        raise ValueError(f"n_group={n_group} must divide the number of experts {num_experts}")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
-    per_group = num_experts // n_group
-    if not 1 <= top_k <= topk_group * per_group:
-        raise ValueError(
-            f"top_k={top_k} must be in [1, topk_group*experts_per_group={topk_group * per_group}]"
-        )
-    return per_group
-
-
 def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
     """Whether route_fused takes these tensors as they are (routing.route's dispatch test).
     MOERAY_FUSED_ROUTER=0 in the environment routes with PyTorch instead: an A/B switch for
@@ -191,7 +177,7 @@ def route_fused(
         check_tensor(bias_E, "bias", dtypes=LOGIT_DTYPES, ndim=1, contiguous=True, device=logits_TE.device)
         if bias_E.shape[0] != E:
             raise ValueError(f"bias has {bias_E.shape[0]} entries, logits have {E} experts")
-    per_group = check_groups(E, top_k, n_group, topk_group)
+    per_group = check_group_sizes(E, top_k, n_group, topk_group)
     if block_t is not None and (block_t < 1 or block_t & (block_t - 1)):
         raise ValueError(f"block_t={block_t} must be a power of 2 >= 1")
     if num_warps is not None and num_warps not in (1, 2, 4, 8):

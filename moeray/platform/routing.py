@@ -32,6 +32,21 @@ class Routing:
     scores_TE: torch.Tensor  # fp32 sigmoid affinities (before bias), for the balance loss
 
 
+def check_group_sizes(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
+    """ValueError unless top_k experts can be chosen from topk_group of n_group equal groups;
+    returns the experts per group. Shared by `route_torch` and the fused kernel's wrapper."""
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts {num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    per_group = num_experts // n_group
+    if not 1 <= top_k <= topk_group * per_group:
+        raise ValueError(
+            f"top_k={top_k} must be in [1, topk_group*experts_per_group={topk_group * per_group}]"
+        )
+    return per_group
+
+
 def route(
     logits_TE: torch.Tensor,
     bias_E: torch.Tensor | None,
@@ -76,15 +91,7 @@ def route_torch(
     if logits_TE.dim() != 2:
         raise ValueError(f"logits must be [tokens, experts], got shape {tuple(logits_TE.shape)}")
     T, E = logits_TE.shape
-    if n_group < 1 or E % n_group:
-        raise ValueError(f"n_group={n_group} must divide the number of experts {E}")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
-    per_group = E // n_group
-    if not 1 <= top_k <= topk_group * per_group:
-        raise ValueError(
-            f"top_k={top_k} must be in [1, topk_group*experts_per_group={topk_group * per_group}]"
-        )
+    per_group = check_group_sizes(E, top_k, n_group, topk_group)
     scores_TE = logits_TE.float().sigmoid()
     biased_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
     if n_group > 1:

@@ -7,9 +7,35 @@ first, reload it so its kernels are rebuilt in interpreter mode.
 
 import importlib
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 for _name in [m for m in sys.modules if m.startswith("moeray.kernels.")]:
     importlib.reload(sys.modules[_name])
+
+
+@pytest.fixture
+def compiled_check():
+    """Run a GPU check script compiled, not interpreted: TRITON_INTERPRET=1 is set for this whole
+    process (above), so the script runs in a subprocess with TRITON_INTERPRET=0. Its output is
+    printed, copied to $OUT/<out_name> when $OUT is set (the device machine), and must end well:
+    exit code 0 and a "RESULT PASS" line."""
+
+    def run(script: str, out_name: str) -> None:
+        root = Path(__file__).resolve().parents[2]
+        path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
+                              text=True, timeout=300)
+        print(proc.stdout, proc.stderr[-4000:])
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], out_name).write_text(proc.stdout + proc.stderr[-4000:])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "RESULT PASS" in proc.stdout, proc.stdout
+
+    return run

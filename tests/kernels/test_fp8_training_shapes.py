@@ -10,11 +10,6 @@ step 2 on 2x H200, the CPU emulation never did).
 - The same on the GPU (marker gpu), in a subprocess so the kernels compile instead of interpreting.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -180,18 +175,7 @@ print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS (fixed path finite an
 
 
 @pytest.mark.gpu
-def test_gpu_native_and_triton_at_small_model_shapes():
+def test_gpu_native_and_triton_at_small_model_shapes(compiled_check):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    root = Path(__file__).resolve().parents[2]
-    # This directory's conftest set TRITON_INTERPRET=1 for this process; the check compiles.
-    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", _GPU_CHECK], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    print(proc.stdout, proc.stderr[-4000:])
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "fp8_small_shapes_gpu.txt").write_text(proc.stdout + proc.stderr[-4000:])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "RESULT PASS" in proc.stdout, proc.stdout
+    compiled_check(_GPU_CHECK, "fp8_small_shapes_gpu.txt")

@@ -5,11 +5,6 @@ Logits are continuous random numbers, so no two scores of a row tie and the top-
 (torch.topk's order among ties is unspecified; the kernel's is lowest index first).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -233,21 +228,10 @@ print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS")
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_kernel_dispatch_and_graph_capture():
+def test_gpu_compiled_kernel_dispatch_and_graph_capture(compiled_check):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    root = Path(__file__).resolve().parents[2]
-    # This directory's conftest set TRITON_INTERPRET=1 for this process; the check compiles.
-    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", _GPU_CHECK], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    print(proc.stdout, proc.stderr[-4000:])
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "router_gpu.txt").write_text(proc.stdout + proc.stderr[-4000:])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "RESULT PASS" in proc.stdout, proc.stdout
+    compiled_check(_GPU_CHECK, "router_gpu.txt")
 
 
 def test_env_switch_turns_the_fused_path_off(monkeypatch):
