@@ -64,7 +64,10 @@ def test_fp8_save_load_dequantized_and_kept(tiny_model, tmp_path):
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32  # embedding, head, gate, norms stay
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
 
-    ids = torch.randint(0, 1024, (2, 11))
+    # Seeded, and 256 tokens: with the global RNG and 22 tokens the error depended on which tests
+    # ran before (0.039-0.051 over seeds, so the test failed when run alone); over 256 tokens it
+    # is 0.037-0.047.
+    ids = torch.randint(0, 1024, (8, 32), generator=torch.Generator().manual_seed(0))
     _, deq = load_model(tmp_path)
     _, kept = load_model(tmp_path, keep_fp8=True)
     assert isinstance(kept.model.layers[0].self_attn.kv_b_proj, FP8Linear)
