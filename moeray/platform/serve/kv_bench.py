@@ -22,7 +22,7 @@ for that iteration (exact equality, outside the timed window), so a transport th
 garbage, stale rows or the wrong shape fails the run.
 
 In the same run the same two processes measure the raw floor: a bare torch.distributed pair (the
-`_P2PPeer` of kv_transfer, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
+`P2PPeer` of kv_transfer, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
 
 V3 sizes: 61 layers x 4096 tokens x (512 + 64) x 2 bytes = 288 MB per 4K-token prompt; issue #7
 asks the fast path (the channel) to move that in under 2 ms.
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transfer import TRANSPORTS, _P2PPeer, backend_for, make_receiver, make_sender
+from moeray.platform.serve.kv_transfer import TRANSPORTS, P2PPeer, backend_for, make_receiver, make_sender
 
 V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM = 61, 512, 64
 FAST_PATH_TOKENS = 4096  # the issue's 4K-token prompt: 288 MB at the V3 shape
@@ -145,7 +145,7 @@ async def _within(aw: Any, timeout_s: float, what: str) -> Any:
 
 
 # ---- the two actors ---------------------------------------------------------------------------
-class KVBenchPeer(_P2PPeer):
+class KVBenchPeer(P2PPeer):
     """Prefill (rank 0 of the raw pair) or decode (rank 1: hosts the raw pair's TCPStore) side."""
 
     def __init__(self, role: str, cfg: KVBenchConfig) -> None:

@@ -262,7 +262,7 @@ def make_receiver(transport: str, replica_id: str, device: torch.device | str = 
 
 
 # ---- raw point-to-point baseline ----------------------------------------------------------------
-class _P2PPeer:
+class P2PPeer:
     """One side of a bare torch.distributed pair (a Ray actor): the floor a KV transport is
     measured against - the same bytes, plain send/recv, no Serve, no tickets."""
 
@@ -319,7 +319,7 @@ def raw_p2p_seconds(nbytes: int, *, backend: str = "gloo", iters: int = 20) -> l
         raise ValueError(f"nbytes={nbytes} and iters={iters} must be >= 1")
     device = "cuda" if backend == "nccl" else "cpu"
     opts = {"num_cpus": 0, "num_gpus": 1 if backend == "nccl" else 0}
-    peer = ray.remote(_P2PPeer)
+    peer = ray.remote(P2PPeer)
     a, b = peer.options(**opts).remote(0, backend, device), peer.options(**opts).remote(1, backend, device)
     try:
         port = ray.get(b.store_port.remote())

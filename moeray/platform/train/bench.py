@@ -223,7 +223,8 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
             "op_costs_s": mean}
 
 
-def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, runs=RUNS) -> None:
+def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tuple[str, str, bool]) -> None:
+    """One rank of one of RUNS (name, schedule, fp8); rank 0 writes bench-<name>.json."""
     import torch
     import torch.distributed as dist
 
@@ -245,11 +246,11 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, runs=RUNS
         rate = measure_matmul_rate(device)
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
         results = {"matmul_flops_per_s": rate}
-        for name, schedule, fp8 in runs:
-            results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device)
-            dist.barrier()
+        name, schedule, fp8 = run
+        results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device)
+        dist.barrier()
         if rank == 0:
-            Path(out_dir, f"bench-{runs[0][0]}.json").write_text(json.dumps(results))
+            Path(out_dir, f"bench-{name}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
@@ -264,10 +265,10 @@ def run(cfg: BenchConfig) -> dict:
         # One set of worker processes per run: on NCCL the second run in the same processes hung
         # in its first step (2x H200, 2026-11-27; notes-train.md), and fresh processes also keep
         # one run's cached memory, communicators and compiled kernels out of the next's timings.
-        for i, one in enumerate(RUNS):
-            mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, (one,)), nprocs=cfg.world,
+        for i, run_ in enumerate(RUNS):
+            mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, run_), nprocs=cfg.world,
                      join=True)
-            raw.update(json.loads(Path(tmp, f"bench-{one[0]}.json").read_text()))
+            raw.update(json.loads(Path(tmp, f"bench-{run_[0]}.json").read_text()))
     main, bf16, base = raw["dualpipe-fp8"], raw["dualpipe-bf16"], raw["1f1b-fp8"]
     model_cfg = preset(cfg.model)
     tokens_per_step = cfg.global_batch * cfg.seq_len
