@@ -80,12 +80,30 @@ def _kernels_for(t: torch.Tensor):
     return kernels
 
 
+def _rows128(t: torch.Tensor) -> torch.Tensor:
+    """t with zero rows appended up to a multiple of 128 rows (the GPU path's token padding)."""
+    pad = -t.shape[0] % BLOCK
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+# On CUDA the token dimension of every GEMM is padded with zero rows to a multiple of 128 (as
+# DeepGEMM's grouped layout aligns each expert's rows). Zero rows change no product: they add
+# zero rows to y and dx, which are cut off, and zero terms to dW. Why: per-expert token counts
+# change every step, and each new count could pick a kernel variant (Triton specializes on
+# divisibility by 16, the tile config depends on M, and the route between cuBLASLt and Triton on
+# M % 4 and M % 128) that is compiled and loaded mid-step. A module load may need the whole GPU
+# idle, which never comes while a pre-posted NCCL receive spins on it: the 4x H200 PP=2 x EP=2 run
+# hung so (2026-11-27, notes-train.md). Padded, the counts take at most max_rows / 128 values,
+# and `prewarm` loads the kernels of every one of them before the first step.
+
+
 def forward_gemm(x_MK, w_NK):
     k = _kernels_for(x_MK)
     if k is None:
         return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
     wq, ws = k.weight_quant(w_NK)
-    return k.fp8_linear_forward(x_MK.to(torch.bfloat16).contiguous(), wq, ws).float()
+    M = x_MK.shape[0]
+    return k.fp8_linear_forward(_rows128(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
 
 
 def dgrad_gemm(dy_MN, w_NK):
@@ -93,15 +111,42 @@ def dgrad_gemm(dy_MN, w_NK):
     if k is None:
         return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
     wq, ws = k.weight_quant(w_NK)
-    return k.fp8_linear_dgrad(dy_MN.to(torch.bfloat16).contiguous(), wq, ws).float()
+    M = dy_MN.shape[0]
+    return k.fp8_linear_dgrad(_rows128(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
 
 
 def wgrad_gemm(dy_MN, x_MK):
     k = _kernels_for(dy_MN)
     if k is None:
         return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
-    return k.fp8_linear_wgrad(dy_MN.to(torch.bfloat16).contiguous(),
-                              x_MK.to(torch.bfloat16).contiguous()).float()
+    return k.fp8_linear_wgrad(_rows128(dy_MN.to(torch.bfloat16).contiguous()),
+                              _rows128(x_MK.to(torch.bfloat16).contiguous())).float()
+
+
+def prewarm(weights: set[tuple[int, int, torch.dtype]], max_rows: int, device: torch.device) -> int:
+    """Run the three GEMMs of every weight (N, K, dtype) in `weights` at every padded token count up to
+    `max_rows`, so that each kernel variant a training step can pick is compiled and loaded now
+    (see the padding note above). Returns the number of GEMMs run; 0 off CUDA.
+
+    For small() with 2,048-token micro-batches and EP = 2 that is 32 counts x 3 GEMMs per shape,
+    ~1 ms each once compiled."""
+    if device.type != "cuda":
+        return 0
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows}: must be >= 1")
+    runs = 0
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n, k, dtype in sorted(weights, key=str):
+        w_NK = torch.randn(n, k, device=device, generator=gen).to(dtype)
+        for m in range(BLOCK, -(-max_rows // BLOCK) * BLOCK + 1, BLOCK):
+            x_MK = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
+            dy_MN = torch.randn(m, n, device=device, dtype=torch.bfloat16, generator=gen)
+            forward_gemm(x_MK, w_NK)
+            dgrad_gemm(dy_MN, w_NK)
+            wgrad_gemm(dy_MN, x_MK)
+            runs += 3
+    torch.cuda.synchronize(device)
+    return runs
 
 
 class _FP8LinearFn(torch.autograd.Function):

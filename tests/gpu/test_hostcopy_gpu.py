@@ -27,7 +27,8 @@ def test_ints_equals_tolist():
 
 def _other_thread_latency(read) -> tuple[float, float]:
     """(seconds thread B needed for its alloc + launch + own-stream sync, seconds A's read took)."""
-    # calibrate a ~1 s busy kernel on this GPU
+    # calibrate a ~1 s busy kernel on this GPU (the first launch also pays for module loading)
+    torch.cuda._sleep(1000)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     torch.cuda._sleep(100_000_000)

@@ -432,7 +432,8 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
         # may wait for the whole device: with a peer's NCCL receive spinning on this GPU, that
         # wait never ends (both ranks hung so, 2x H200, 2026-11-27). Load torch's kernels at
         # context creation instead; Triton's are loaded by `PipelineExecutor.rehearse`.
-        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        # Set, not defaulted: CUDA images often export LAZY (NVIDIA's containers do).
+        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
         if device.index is None:
             raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
         torch.cuda.set_device(device)
@@ -786,6 +787,8 @@ class PipelineExecutor:
         itself stuck the same way. EP all-to-alls inside the forwards still run: every EP rank of a
         pipeline rank holds the same stages and rehearses them in the same order."""
         tokens = self._micro[0]
+        if self.cuda:
+            self._prewarm_fp8()
         for (d, st), stage in sorted(self.stages.items()):
             for defer in (False, True):
                 with self._stream(d):
@@ -809,6 +812,25 @@ class PipelineExecutor:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._rehearsed = True
+
+    def _prewarm_fp8(self) -> int:
+        """Load the FP8 GEMM kernels of every token count a step can give any FP8 layer here
+        (`platform/fp8.py`, the padding note). An expert receives at most one row per token of
+        each EP rank's micro-batch: max rows = micro-batch tokens x EP."""
+        from moeray.platform import fp8 as f8
+        from moeray.platform.model.moe import Experts
+
+        weights: set[tuple[int, int, torch.dtype]] = set()
+        for stage in self.stages.values():
+            for module in stage.modules():
+                if isinstance(module, SplitLinear) and module.fp8:
+                    n, k = module.weight.shape
+                    weights.add((n, k, module.weight.dtype))
+                elif isinstance(module, Experts) and getattr(module.linear, "keywords", {}).get("fp8"):
+                    for w in (module.gate_proj, module.up_proj, module.down_proj):
+                        weights.add((w.shape[1], w.shape[2], w.dtype))
+        ep = self.groups.topology.ep
+        return f8.prewarm(weights, self._mb_rows * self.seq_len * ep, self.device)
 
     def close(self) -> None:
         if self._pool is not None:
