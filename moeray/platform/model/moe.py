@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.platform import hostcopy, routing
+from moeray.platform import routing
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
 
@@ -88,7 +88,7 @@ class Experts(nn.Module):
         token_of = order // K
         out_TD = torch.zeros_like(x_TD)
         start = 0
-        for e, n in enumerate(hostcopy.ints(counts[: self.num_experts])):
+        for e, n in enumerate(counts[: self.num_experts].tolist()):
             if n == 0:
                 continue
             idx = order[start:start + n]

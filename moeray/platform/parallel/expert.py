@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeray.platform import hostcopy
 from moeray.platform.model.moe import MoE
 
 
@@ -92,7 +91,7 @@ def dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, 
     order_A = torch.argsort(owner_A, stable=True)
     send_P = torch.bincount(owner_A, minlength=world).to(torch.int64)
     recv_P = exchange_counts(send_P, group)
-    counts = hostcopy.ints(torch.cat([send_P, recv_P]))  # one wait for both
+    counts = torch.cat([send_P, recv_P]).tolist()  # one device->host wait for both
     send_counts, recv_counts = counts[:world], counts[world:]
     x_AD = x_TD.repeat_interleave(K, dim=0)[order_A]  # row a = token a // K
     x_RD = all_to_all(x_AD, recv_counts, send_counts, group)

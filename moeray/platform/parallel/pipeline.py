@@ -586,6 +586,34 @@ class PipelineGroups:
         return PipelineGroups(topology, rank, ep, p2p, sync, made)
 
 
+def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
+                          small_fraction: float = 0.05) -> tuple[int, int]:
+    """Grow torch's caching allocator now so that no step has to call cudaMalloc.
+
+    A device memory allocation is an implicit synchronization (CUDA C Programming Guide,
+    "Implicit Synchronization"): the host waits until the GPU idles (measured on H200: a 768 MiB
+    allocation in one thread waited out another stream's 1 s kernel). Mid-step the GPU does not
+    idle while a pre-posted NCCL receive spins for a message its peer has not sent, and the peer
+    may be stuck the same way: the BF16 DualPipe runs on 2 and 4 H200s hung so, inside a cuBLAS
+    GEMM whose output needed fresh memory (2026-11-27, notes-train.md). Reserved, later tensors
+    are carved from cached blocks: one block of `large_fraction` of the free memory (tensors over
+    1 MiB are split from it) and `small_fraction` of it as the 2 MiB segments of the small pool
+    (tensors up to 1 MiB: per-expert scales, indices, short activations). Returns the two sizes."""
+    if device.type != "cuda":
+        return 0, 0
+    if not (0 < large_fraction < 1 and 0 <= small_fraction < 1 and large_fraction + small_fraction < 1):
+        raise ValueError(f"large_fraction={large_fraction}, small_fraction={small_fraction}: "
+                         f"each in [0, 1) and together under 1")
+    free, _ = torch.cuda.mem_get_info(device)
+    large = int(free * large_fraction) // (2 << 20) * (2 << 20)
+    small_segments = int(free * small_fraction) // (2 << 20)
+    block = torch.empty(large, dtype=torch.uint8, device=device)
+    # two 1 MiB tensors fill one 2 MiB small-pool segment
+    smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=device) for _ in range(2 * small_segments)]
+    del block, smalls  # back to the allocator's cache, not to the driver
+    return large, small_segments * (2 << 20)
+
+
 # ----------------------------------------------------------------------------------------------
 # the executor
 
@@ -811,6 +839,7 @@ class PipelineExecutor:
                 p.grad = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            reserve_device_memory(self.device)
         self._rehearsed = True
 
     def _prewarm_fp8(self) -> int:
