@@ -191,3 +191,18 @@ def test_timeout_env_and_bench_flags(monkeypatch):
     # a bad timeout stops the CLI before any worker starts
     monkeypatch.setenv(P.TIMEOUT_ENV, "soon")
     assert bench.main(["--steps", "5"]) == 2
+
+
+def test_padded_rows_change_no_gemm():
+    # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (pipeline.pad_rows)
+    from moeray.platform.parallel.pipeline import pad_rows
+
+    g = torch.Generator().manual_seed(0)
+    x, dy, w = (torch.randn(130, 24, generator=g), torch.randn(130, 40, generator=g),
+                torch.randn(40, 24, generator=g))
+    xp, dyp = pad_rows(x), pad_rows(dy)
+    assert xp.shape == (256, 24) and pad_rows(xp) is xp and pad_rows(x[:0]).shape == (0, 24)
+    assert torch.equal(xp[130:], torch.zeros(126, 24)) and torch.equal(xp[:130], x)
+    torch.testing.assert_close((xp @ w.t())[:130], x @ w.t())
+    torch.testing.assert_close((dyp @ w)[:130], dy @ w)
+    torch.testing.assert_close(dyp.t() @ xp, dy.t() @ x)

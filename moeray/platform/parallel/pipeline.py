@@ -288,6 +288,57 @@ def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
         torch.autograd.backward(w, dw)
 
 
+ROW_MULTIPLE = 128
+
+
+def pad_rows(t: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    """t with zero rows appended up to a multiple of `multiple` rows."""
+    pad = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+# The higher-precision GEMMs of split_linear. On CUDA the token dimension is padded with zero rows
+# to a multiple of 128, as the FP8 ones are (platform/fp8.py says why): cuBLAS picks its kernel by
+# shape, and a per-expert token count never seen before made it load one mid-step, which needs the
+# GPU idle while a pre-posted NCCL receive spins on it (the BF16 DualPipe hang, 2x and 4x H200,
+# 2026-11-27). Padded, the counts take max_rows / 128 values and rehearse runs each of them first.
+# Zero rows change nothing: extra rows of y and dx are cut off, and add zero terms to dW.
+
+
+def matmul_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    x, w = (x_MK, w_NK) if cast is None else (x_MK.to(cast), w_NK.to(cast))
+    return (pad_rows(x) @ w.t())[: x_MK.shape[0]] if x.is_cuda else x @ w.t()
+
+
+def matmul_dgrad(dy_MN: torch.Tensor, w_NK: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    w = w_NK if cast is None else w_NK.to(cast)
+    return (pad_rows(dy_MN) @ w)[: dy_MN.shape[0]] if dy_MN.is_cuda else dy_MN @ w
+
+
+def matmul_wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    x = x_MK if cast is None else x_MK.to(cast)
+    return pad_rows(dy_MN).t() @ pad_rows(x) if dy_MN.is_cuda else dy_MN.t() @ x
+
+
+def prewarm_matmuls(weights: set[tuple[int, int, torch.dtype]], max_rows: int, device: torch.device,
+                    cast: torch.dtype | None) -> int:
+    """Run matmul_forward/dgrad/wgrad for every weight (N, K, dtype) at every padded token count up
+    to `max_rows`, so cuBLAS has loaded every kernel a step can pick. Returns the GEMMs run."""
+    if device.type != "cuda":
+        return 0
+    runs = 0
+    for n, k, dtype in sorted(weights, key=str):
+        w = torch.randn(n, k, device=device).to(dtype)
+        act = cast or dtype
+        for m in range(ROW_MULTIPLE, -(-max_rows // ROW_MULTIPLE) * ROW_MULTIPLE + 1, ROW_MULTIPLE):
+            x = torch.randn(m, k, device=device, dtype=act)
+            dy = torch.randn(m, n, device=device, dtype=act)
+            matmul_forward(x, w, cast), matmul_dgrad(dy, w, cast), matmul_wgrad(dy, x, cast)
+            runs += 3
+    torch.cuda.synchronize(device)
+    return runs
+
+
 class _SplitLinearFn(torch.autograd.Function):
     """y = x W^T whose dW GEMM can be deferred to the stage's WeightGradStore.
 
@@ -307,9 +358,7 @@ class _SplitLinearFn(torch.autograd.Function):
                 from moeray.platform import fp8 as f8
 
                 return f8.forward_gemm(x_MK, w_NK).to(cast or x_MK.dtype)
-            if cast is not None:
-                return x_MK.to(cast) @ w_NK.to(cast).t()
-            return x_MK @ w_NK.t()
+            return matmul_forward(x_MK, w_NK, cast)
 
     @staticmethod
     def backward(ctx, dy_MN):
@@ -321,11 +370,8 @@ class _SplitLinearFn(torch.autograd.Function):
 
                 dgrad, wgrad = f8.dgrad_gemm, f8.wgrad_gemm
             else:
-                def dgrad(dy, w):
-                    return dy @ (w if cast is None else w.to(cast))
-
-                def wgrad(dy, x):
-                    return dy.t() @ (x if cast is None else x.to(cast))
+                dgrad = functools.partial(matmul_dgrad, cast=cast)
+                wgrad = functools.partial(matmul_wgrad, cast=cast)
             dx = dgrad(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
             dw = None
             if ctx.needs_input_grad[1]:
@@ -816,7 +862,7 @@ class PipelineExecutor:
         pipeline rank holds the same stages and rehearses them in the same order."""
         tokens = self._micro[0]
         if self.cuda:
-            self._prewarm_fp8()
+            self._prewarm_gemms()
         for (d, st), stage in sorted(self.stages.items()):
             for defer in (False, True):
                 with self._stream(d):
@@ -842,24 +888,26 @@ class PipelineExecutor:
             reserve_device_memory(self.device)
         self._rehearsed = True
 
-    def _prewarm_fp8(self) -> int:
-        """Load the FP8 GEMM kernels of every token count a step can give any FP8 layer here
-        (`platform/fp8.py`, the padding note). An expert receives at most one row per token of
-        each EP rank's micro-batch: max rows = micro-batch tokens x EP."""
+    def _prewarm_gemms(self) -> int:
+        """Load the GEMM kernels of every token count a step can give any split linear layer here
+        (FP8: `platform/fp8.py`'s padding note; else `matmul_forward` and the note above it). An
+        expert receives at most one row per token of each EP rank's micro-batch: max rows =
+        micro-batch tokens x EP. Returns the GEMMs run."""
         from moeray.platform import fp8 as f8
         from moeray.platform.model.moe import Experts
 
-        weights: set[tuple[int, int, torch.dtype]] = set()
+        weights: dict[bool, set[tuple[int, int, torch.dtype]]] = {True: set(), False: set()}
         for stage in self.stages.values():
             for module in stage.modules():
-                if isinstance(module, SplitLinear) and module.fp8:
+                if isinstance(module, SplitLinear):
                     n, k = module.weight.shape
-                    weights.add((n, k, module.weight.dtype))
-                elif isinstance(module, Experts) and getattr(module.linear, "keywords", {}).get("fp8"):
+                    weights[module.fp8].add((n, k, module.weight.dtype))
+                elif isinstance(module, Experts) and isinstance(module.linear, functools.partial):
                     for w in (module.gate_proj, module.up_proj, module.down_proj):
-                        weights.add((w.shape[1], w.shape[2], w.dtype))
-        ep = self.groups.topology.ep
-        return f8.prewarm(weights, self._mb_rows * self.seq_len * ep, self.device)
+                        weights[bool(module.linear.keywords.get("fp8"))].add((w.shape[1], w.shape[2], w.dtype))
+        max_rows = self._mb_rows * self.seq_len * self.groups.topology.ep
+        return (f8.prewarm(weights[True], max_rows, self.device)
+                + prewarm_matmuls(weights[False], max_rows, self.device, self.autocast_dtype))
 
     def close(self) -> None:
         if self._pool is not None:
