@@ -89,7 +89,9 @@ def _engine(model, *, spec: int, graphs: bool):
 
     return Engine(model, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=1032,
                                       enable_prefix_caching=False, use_cuda_graphs=graphs,
-                                      graph_batch_sizes=(1, 2, 4, 8), num_speculative_tokens=spec))
+                                      graph_batch_sizes=(1, 2, 4, 8), num_speculative_tokens=spec,
+                                      # lazy: the graph keys then show which S each step used
+                                      capture_graphs_at_start=False))
 
 
 def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0):

@@ -6,15 +6,18 @@ import random
 import pytest
 import torch
 
-from moeray.kernels import fp8 as kernels
 from moeray.platform import fp8
 
+# moeray.kernels is imported inside the tests: imported at collection it would bind its Triton
+# kernels before tests/kernels/conftest.py turns on the CPU interpreter for the kernel tests.
 pytestmark = pytest.mark.gpu
 
 TRITON_KERNELS = ("_act_quant_kernel", "_act_quant_t_kernel", "_fp8_gemm_kernel", "_weight_quant_kernel")
 
 
 def _compiled() -> dict[str, int]:
+    from moeray.kernels import fp8 as kernels
+
     # Triton keeps one compiled kernel per specialization key in device_caches[device][0]
     return {name: sum(len(c[0]) for c in getattr(kernels, name).device_caches.values())
             for name in TRITON_KERNELS}

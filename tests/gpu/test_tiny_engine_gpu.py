@@ -58,3 +58,25 @@ def test_tiny_bf16_decode_graphs_capture():
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
     assert eng.runner.graphs
     assert all(len(o) == 10 for o in outs)
+
+
+def test_engine_captures_every_decode_graph_at_start():
+    """EngineConfig.capture_graphs_at_start: every padded batch size up to max_num_seqs, S = 1
+    and 2, main and MTP, before the first request, so no step pays for a capture."""
+    from moeray.platform.config import tiny
+    from moeray.platform.engine.engine import Engine, EngineConfig
+    from moeray.platform.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = Transformer(cfg).cuda().eval()
+    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_seqs=5,
+                                     graph_batch_sizes=(1, 2, 4, 8, 16), num_speculative_tokens=1))
+    want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
+    assert set(eng.runner.graphs) == want, sorted(eng.runner.graphs)
+    assert eng.runner.graph_status == "captured"
+    before = set(eng.runner.graphs)
+    from moeray.platform.engine.sampler import SamplingParams
+
+    eng.generate([[1, 2, 3]] * 5, SamplingParams(temperature=0, max_tokens=6))
+    assert set(eng.runner.graphs) == before, "a step captured a graph after start"

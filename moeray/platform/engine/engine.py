@@ -47,6 +47,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # GPU: capture every decode graph up to max_num_seqs when the engine starts (as vLLM does),
+    # not at a batch size's first step.
+    capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     seed: int = 0
 
@@ -111,6 +114,8 @@ class Engine:
                                   attention=config.attention)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
+        if config.capture_graphs_at_start:
+            self.runner.capture_graphs(config.max_num_seqs, model.mtp[0] if spec else None, self.dtype)
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
