@@ -19,6 +19,8 @@ or the FLOPs over peak, whichever is slower. Known GPUs use their datasheet numb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import time
 
@@ -144,6 +146,19 @@ def train_on_cycle(model, cycle, steps: int, device, *, seq_len: int = 128, batc
     return losses
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
 def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
     """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
     Returns (decode tokens/s, outputs)."""
@@ -241,9 +256,9 @@ def main(argv: list[str]) -> int:
     for B in a.batch_sizes:
         prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
                    for _ in range(B)]
-        # Warm up with the whole batch: the runner captures one decode graph per padded batch size
-        # on first use, so a batch-1 warm-up left the batch-B capture (and Triton's compilation for
-        # B's shapes) inside the timed loop (the H100 run of 2026-11-23 measured it that way).
+        # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
+        # a prefill of B prompts compiles Triton kernels for its own token counts (a batch-1
+        # warm-up left such work inside the timed loop on the H100 run of 2026-11-23).
         engine_decode(engine, prompts, 2)
         rate, _ = engine_decode(engine, prompts, n)
         decode[str(B)] = rate
@@ -264,6 +279,20 @@ def main(argv: list[str]) -> int:
     engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     _sync(device)
     prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
+    if device.type == "cuda":
+        # A/B of the fused Triton router (kernels/router.py) against PyTorch routing, same engine
+        # settings: H200 decode at batch 256 fell to 3,341 tok/s on 2026-11-27 (20,425 on an H100
+        # before the fused router and the uniform-S padding landed); this separates the two.
+        del engine
+        ab = {}
+        with _environ("MOERAY_FUSED_ROUTER", "0"):
+            engine = Engine(model, EngineConfig(**ecfg))
+            for B in sorted({min(16, max_b), max_b}):
+                prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+                           for _ in range(B)]
+                engine_decode(engine, prompts, 2)
+                ab[str(B)] = engine_decode(engine, prompts, n)[0]
+        notes["decode_tokens_per_s_pytorch_router"] = ab
     del engine
 
     from transformers import AutoModelForCausalLM
@@ -285,11 +314,12 @@ def main(argv: list[str]) -> int:
         # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
         # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured
         # outside the timed loop.
-        base = Engine(model, EngineConfig(**ecfg))
+        # max_num_seqs = B: the engine captures its decode graphs up to B at start
+        base = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}))
         engine_decode(base, prompts, 8)
         r0, out0 = engine_decode(base, prompts, n)
         del base
-        spec = Engine(model, EngineConfig(**ecfg, num_speculative_tokens=1))
+        spec = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1))
         engine_decode(spec, prompts, 8)
         spec.drafter.stats.__init__()
         r1, out1 = engine_decode(spec, prompts, n)
