@@ -251,6 +251,12 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
         dist.barrier()
         if rank == 0:
             Path(out_dir, f"bench-{name}.json").write_text(json.dumps(results))
+            # the log keeps each finished run's numbers even if a later run fails
+            r = results[name]
+            _say(rank, f"{name} done: " + json.dumps(
+                {"step_time_s": r["step_time_s"], "bubble_fraction": r["bubble_fraction"],
+                 "simulated_bubble_fraction": r["simulated_bubble_fraction"],
+                 "final_loss": r["losses"][-1], "matmul_flops_per_s": rate}))
     finally:
         dist.destroy_process_group()
 
