@@ -32,9 +32,14 @@ each direction. Every stream has its own two-rank process group, so the messages
 matched in order (micro-batch order on both ends, which every schedule keeps) without tags, and
 every communicator carries one stream one way: a rank only sends or only receives on it, so NCCL
 never queues a send of one stream behind a receive of another, and no send/recv pair on one
-communicator can be posted in clashing orders. Receives are posted a slot ahead of their use;
-sends are asynchronous and waited for at the end of the step, so no rank blocks on a peer that is
-itself waiting to receive. Every message goes through `dist.batch_isend_irecv` (a batch of one:
+communicator can be posted in clashing orders. A slot's receives are all posted when the slot
+starts, not earlier: on NCCL a posted receive is a kernel spinning on the GPU until its message
+comes, and any implicit device synchronization on the host (a cudaMalloc, a module load) waits
+for it. Posted a slot early, it can wait for a message the peer sends only after this rank's
+current slot, and with both ranks so the GPUs never idle (suspected in the BF16 DualPipe hang,
+notes-train.md). Posted at slot start, it waits only for what the schedule needs now, sent in an
+earlier slot of the peer. Sends are asynchronous and waited for at the end of the step, so no
+rank blocks on a peer that is itself waiting to receive. Every message goes through `dist.batch_isend_irecv` (a batch of one:
 torch batches only ops of one group, and each group holds one stream): on NCCL a batched p2p op
 runs on the group's own communicator, made when the group is (`init_distributed` binds the device,
 so `new_group` splits it eagerly) and checked by `PipelineGroups.create`, where a lone
@@ -947,10 +952,9 @@ class PipelineExecutor:
         ops = self.schedule.ranks[self.pp_rank]
         dist.barrier()  # the step's clock starts together on every rank
         t0 = time.perf_counter()
-        for i, slot in enumerate(ops):
-            for ahead in ops[i:i + 2]:  # post this slot's and the next slot's receives
-                for op in ahead:
-                    self._post_recv(op)
+        for slot in ops:
+            for op in slot:  # this slot's receives, none earlier (module docstring)
+                self._post_recv(op)
             for op in slot:  # inputs of this slot: the compute clock starts once they are in
                 self._wait_recv(op)
             if self.cuda and self.time_ops:
