@@ -80,10 +80,18 @@ def _kernels_for(t: torch.Tensor):
     return kernels
 
 
-def _rows128(t: torch.Tensor) -> torch.Tensor:
-    """t with zero rows appended up to a multiple of 128 rows (the GPU path's token padding)."""
-    pad = -t.shape[0] % BLOCK
+def pad_rows(t: torch.Tensor, multiple: int = BLOCK) -> torch.Tensor:
+    """t with zero rows appended up to a multiple of `multiple` rows (the GPU token padding of
+    these GEMMs and of split_linear's higher-precision ones in parallel/pipeline.py)."""
+    pad = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
+    """Every padded token count a GEMM of at most `max_rows` rows can run at."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows}: must be >= 1")
+    return list(range(multiple, -(-max_rows // multiple) * multiple + 1, multiple))
 
 
 # On CUDA the token dimension of every GEMM is padded with zero rows to a multiple of 128 (as
@@ -103,7 +111,7 @@ def forward_gemm(x_MK, w_NK):
         return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
     wq, ws = k.weight_quant(w_NK)
     M = x_MK.shape[0]
-    return k.fp8_linear_forward(_rows128(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
+    return k.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
 
 
 def dgrad_gemm(dy_MN, w_NK):
@@ -112,33 +120,32 @@ def dgrad_gemm(dy_MN, w_NK):
         return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
     wq, ws = k.weight_quant(w_NK)
     M = dy_MN.shape[0]
-    return k.fp8_linear_dgrad(_rows128(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
+    return k.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
 
 
 def wgrad_gemm(dy_MN, x_MK):
     k = _kernels_for(dy_MN)
     if k is None:
         return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
-    return k.fp8_linear_wgrad(_rows128(dy_MN.to(torch.bfloat16).contiguous()),
-                              _rows128(x_MK.to(torch.bfloat16).contiguous())).float()
+    return k.fp8_linear_wgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()),
+                              pad_rows(x_MK.to(torch.bfloat16).contiguous())).float()
 
 
-def prewarm(weights: set[tuple[int, int, torch.dtype]], max_rows: int, device: torch.device) -> int:
-    """Run the three GEMMs of every weight (N, K, dtype) in `weights` at every padded token count up to
-    `max_rows`, so that each kernel variant a training step can pick is compiled and loaded now
-    (see the padding note above). Returns the number of GEMMs run; 0 off CUDA.
+def prewarm(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int], device: torch.device) -> int:
+    """Run the three GEMMs of every weight (N, K, dtype) in `weights` at each token count of
+    `row_counts` (see `padded_row_counts`), so that each kernel variant a training step can pick is
+    compiled and loaded now (the padding note above). Returns the number of GEMMs run; 0 off CUDA.
 
-    For small() with 2,048-token micro-batches and EP = 2 that is 32 counts x 3 GEMMs per shape,
-    ~1 ms each once compiled."""
+    For small()'s routed experts with 2,048-token micro-batches and EP = 2: 32 counts x 3 GEMMs
+    per shape, ~1 ms each once compiled. The count grows with micro-batch tokens x EP: at V3 scale
+    (EP = 64) kernels that do not specialize on the token count would be the way, not this."""
     if device.type != "cuda":
         return 0
-    if max_rows < 1:
-        raise ValueError(f"max_rows={max_rows}: must be >= 1")
     runs = 0
     gen = torch.Generator(device=device).manual_seed(0)
     for n, k, dtype in sorted(weights, key=str):
         w_NK = torch.randn(n, k, device=device, generator=gen).to(dtype)
-        for m in range(BLOCK, -(-max_rows // BLOCK) * BLOCK + 1, BLOCK):
+        for m in row_counts:
             x_MK = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
             dy_MN = torch.randn(m, n, device=device, dtype=torch.bfloat16, generator=gen)
             forward_gemm(x_MK, w_NK)

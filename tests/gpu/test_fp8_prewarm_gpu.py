@@ -43,7 +43,7 @@ def test_padded_gemms_match_cpu_emulation(m):
 def test_prewarm_covers_every_token_count():
     dev = torch.device("cuda")
     weights = {(288, 1024, torch.float32), (1024, 288, torch.float32), (384, 1024, torch.float32)}
-    runs = fp8.prewarm(weights, 1000, dev)
+    runs = fp8.prewarm(weights, fp8.padded_row_counts(1000), dev)
     assert runs == 3 * 3 * 8  # 3 shapes x 3 GEMMs x token counts 128..1024
     before = _compiled()
     assert before["_fp8_gemm_kernel"] > 0, "K = 288 and 1024 x 288 go to the Triton GEMM"
@@ -68,4 +68,4 @@ def test_padded_bf16_matmuls_match_unpadded(m):
     torch.testing.assert_close(P.matmul_forward(x, w, bf), x.to(bf) @ w.to(bf).t())
     torch.testing.assert_close(P.matmul_dgrad(dy.to(bf), w, bf), dy.to(bf) @ w.to(bf))
     torch.testing.assert_close(P.matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5)
-    assert P.prewarm_matmuls({(1024, 288, torch.float32)}, 300, torch.device("cuda"), bf) == 3 * 3
+    assert P.prewarm_matmuls({(1024, 288, torch.float32)}, fp8.padded_row_counts(300), torch.device("cuda"), bf) == 3 * 3

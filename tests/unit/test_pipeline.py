@@ -194,8 +194,8 @@ def test_timeout_env_and_bench_flags(monkeypatch):
 
 
 def test_padded_rows_change_no_gemm():
-    # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (pipeline.pad_rows)
-    from moeray.platform.parallel.pipeline import pad_rows
+    # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (fp8.pad_rows)
+    from moeray.platform.fp8 import pad_rows, padded_row_counts
 
     g = torch.Generator().manual_seed(0)
     x, dy, w = (torch.randn(130, 24, generator=g), torch.randn(130, 40, generator=g),
@@ -206,3 +206,6 @@ def test_padded_rows_change_no_gemm():
     torch.testing.assert_close((xp @ w.t())[:130], x @ w.t())
     torch.testing.assert_close((dyp @ w)[:130], dy @ w)
     torch.testing.assert_close(dyp.t() @ xp, dy.t() @ x)
+    assert padded_row_counts(1) == [128] and padded_row_counts(300) == [128, 256, 384]
+    with pytest.raises(ValueError, match="max_rows=0"):
+        padded_row_counts(0)

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.platform.fp8 import pad_rows
 from moeray.platform.parallel.schedule import Kind, Op, Schedule, Slot, validate
 
 
@@ -293,20 +294,12 @@ def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
         torch.autograd.backward(w, dw)
 
 
-ROW_MULTIPLE = 128
-
-
-def pad_rows(t: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
-    """t with zero rows appended up to a multiple of `multiple` rows."""
-    pad = -t.shape[0] % multiple
-    return F.pad(t, (0, 0, 0, pad)) if pad else t
-
-
 # The higher-precision GEMMs of split_linear. On CUDA the token dimension is padded with zero rows
 # to a multiple of 128, as the FP8 ones are (platform/fp8.py says why): cuBLAS picks its kernel by
 # shape, and a per-expert token count never seen before made it load one mid-step, which needs the
 # GPU idle while a pre-posted NCCL receive spins on it (the BF16 DualPipe hang, 2x and 4x H200,
-# 2026-11-27). Padded, the counts take max_rows / 128 values and rehearse runs each of them first.
+# 2026-11-27). Padded, the counts take max_rows / 128 values and rehearse runs each of them first
+# (`fp8.pad_rows`, `fp8.padded_row_counts`).
 # Zero rows change nothing: extra rows of y and dx are cut off, and add zero terms to dW.
 
 
@@ -325,17 +318,17 @@ def matmul_wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, cast: torch.dtype | No
     return pad_rows(dy_MN).t() @ pad_rows(x) if dy_MN.is_cuda else dy_MN.t() @ x
 
 
-def prewarm_matmuls(weights: set[tuple[int, int, torch.dtype]], max_rows: int, device: torch.device,
-                    cast: torch.dtype | None) -> int:
-    """Run matmul_forward/dgrad/wgrad for every weight (N, K, dtype) at every padded token count up
-    to `max_rows`, so cuBLAS has loaded every kernel a step can pick. Returns the GEMMs run."""
+def prewarm_matmuls(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int],
+                    device: torch.device, cast: torch.dtype | None) -> int:
+    """Run matmul_forward/dgrad/wgrad for every weight (N, K, dtype) at each token count of
+    `row_counts`, so cuBLAS has loaded every kernel a step can pick. Returns the GEMMs run."""
     if device.type != "cuda":
         return 0
     runs = 0
     for n, k, dtype in sorted(weights, key=str):
         w = torch.randn(n, k, device=device).to(dtype)
         act = cast or dtype
-        for m in range(ROW_MULTIPLE, -(-max_rows // ROW_MULTIPLE) * ROW_MULTIPLE + 1, ROW_MULTIPLE):
+        for m in row_counts:
             x = torch.randn(m, k, device=device, dtype=act)
             dy = torch.randn(m, n, device=device, dtype=act)
             matmul_forward(x, w, cast), matmul_dgrad(dy, w, cast), matmul_wgrad(dy, x, cast)
@@ -895,24 +888,35 @@ class PipelineExecutor:
 
     def _prewarm_gemms(self) -> int:
         """Load the GEMM kernels of every token count a step can give any split linear layer here
-        (FP8: `platform/fp8.py`'s padding note; else `matmul_forward` and the note above it). An
-        expert receives at most one row per token of each EP rank's micro-batch: max rows =
-        micro-batch tokens x EP. Returns the GEMMs run."""
+        (FP8: `platform/fp8.py`'s padding note; else `matmul_forward` and the note above it). A
+        routed expert receives at most one row per token of each EP rank's micro-batch: every
+        padded count up to micro-batch tokens x EP; other layers always see the micro-batch's
+        tokens. Returns the GEMMs run."""
         from moeray.platform import fp8 as f8
         from moeray.platform.model.moe import Experts
 
-        weights: dict[bool, set[tuple[int, int, torch.dtype]]] = {True: set(), False: set()}
+        # (N, K, dtype) by (fp8, routed expert)
+        weights: dict[tuple[bool, bool], set[tuple[int, int, torch.dtype]]] = {
+            (f, e): set() for f in (True, False) for e in (True, False)}
         for stage in self.stages.values():
             for module in stage.modules():
                 if isinstance(module, SplitLinear):
                     n, k = module.weight.shape
-                    weights[module.fp8].add((n, k, module.weight.dtype))
+                    weights[(module.fp8, False)].add((n, k, module.weight.dtype))
                 elif isinstance(module, Experts) and isinstance(module.linear, functools.partial):
+                    fp8 = bool(module.linear.keywords.get("fp8"))
                     for w in (module.gate_proj, module.up_proj, module.down_proj):
-                        weights[bool(module.linear.keywords.get("fp8"))].add((w.shape[1], w.shape[2], w.dtype))
-        max_rows = self._mb_rows * self.seq_len * self.groups.topology.ep
-        return (f8.prewarm(weights[True], max_rows, self.device)
-                + prewarm_matmuls(weights[False], max_rows, self.device, self.autocast_dtype))
+                        weights[(fp8, True)].add((w.shape[1], w.shape[2], w.dtype))
+        tokens = self._mb_rows * self.seq_len
+        counts = {False: f8.padded_row_counts(tokens)[-1:],  # one count: the micro-batch's
+                  True: f8.padded_row_counts(tokens * self.groups.topology.ep)}
+        runs = 0
+        for (fp8, expert), ws in weights.items():
+            if fp8:
+                runs += f8.prewarm(ws, counts[expert], self.device)
+            else:
+                runs += prewarm_matmuls(ws, counts[expert], self.device, self.autocast_dtype)
+        return runs
 
     def close(self) -> None:
         if self._pool is not None:
