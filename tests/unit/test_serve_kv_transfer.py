@@ -208,14 +208,16 @@ def test_channel_many_concurrent_transfers_in_scrambled_order():
     order = random.Random(4).sample(range(48), 48)
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=5)
-        send = ChannelSender(timeout_s=5)
+        # 15 s: a TCP connect on the loaded 2-core CI box can stall 5 s (kv_channel.py, the
+        # _QUEUE note); a deadlock still fails the 30 s bound below
+        recv = ChannelReceiver("decode-0", timeout_s=15)
+        send = ChannelSender(timeout_s=15)
         ep = recv.endpoint()
         try:
             for i in range(0, 48, 2):
                 recv.expect(f"m{i}")
             tickets = [await send.send(f"m{i}", r, ep) for i, r in enumerate(rows)]
-            got = await asyncio.wait_for(asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 20)
+            got = await asyncio.wait_for(asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 30)
             return dict(zip(order, got)), send.failures, dict(recv._expected)
         finally:
             send.close()

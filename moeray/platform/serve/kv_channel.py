@@ -207,6 +207,21 @@ class ChannelSender:
         self._stores.clear()
 
 
+def _copy_outcome(src: Future, dst: Future) -> None:
+    """Give `dst` the result or exception of the finished `src` (unless `dst` was cancelled)."""
+    from concurrent.futures import InvalidStateError
+
+    try:
+        if src.cancelled():
+            dst.cancel()
+        elif src.exception() is not None:
+            dst.set_exception(src.exception())
+        else:
+            dst.set_result(src.result())
+    except InvalidStateError:  # dst cancelled meanwhile (close)
+        pass
+
+
 @dataclass(eq=False)
 class _Expectation:
     """One request's early receive. Mutable (its state moves under ChannelReceiver._lock):
@@ -244,6 +259,10 @@ class ChannelReceiver:
         self._lock = threading.Lock()
         # Receives of both backends: the order condition below serializes nccl's per channel.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moeray-kv-recv")
+        # gloo first contact: tickets of a channel whose group is being made wait here, unposted,
+        # and are all posted by the connecting thread once the group exists (`_connect`).
+        self._parked: dict[str, list[tuple[ChannelTicket, Future]]] = {}
+        self._connector = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moeray-kv-connect")
         # nccl: receives must be issued in the sender's order (tags ascending per channel).
         self._next_tag: dict[str, int] = {}
         self._order = threading.Condition()
@@ -293,19 +312,55 @@ class ChannelReceiver:
         return rows
 
     def _start(self, t: ChannelTicket) -> Future:
-        """Start receiving `t` on any thread that must not block: gloo posts here when the
-        channel's group exists (else its rendezvous would block) and waits on the pool; nccl
-        (posts in tag order, under the order condition) and first contacts go to the pool."""
-        pg = self._groups.get(t.channel) if self.backend == "gloo" else None
-        if pg is None:
+        """Start receiving `t` on any thread that must not block. gloo: post here when the
+        channel's group exists and wait on the pool; otherwise park the ticket until `_connect`
+        has made the group and posts every parked ticket at once. A first-contact ticket that
+        posted and waited inside a pool thread could hold that thread while its send sat behind
+        sends of tickets still queued for a thread: 48 concurrent first transfers timed out so in
+        a fresh-clone CI run (2 cores, 2026-11-27). nccl (posts in tag order, under the order
+        condition) goes to the pool."""
+        if self.backend != "gloo":
             return self._pool.submit(self._recv_blocking, t)
+        with self._lock:
+            pg = self._groups.get(t.channel)
+            if pg is None:
+                fut: Future = Future()
+                parked = self._parked.setdefault(t.channel, [])
+                parked.append((t, fut))
+                if len(parked) == 1:
+                    self._connector.submit(self._connect, t.channel)
+                return fut
         works, rows = self._post(t, pg)
         return self._pool.submit(self._wait, works, rows)
 
+    def _connect(self, channel: str) -> None:
+        """Make `channel`'s gloo group, then post the receives of every ticket parked for it."""
+        import torch.distributed as dist
+
+        try:
+            pg = pair_process_group(self.backend, dist.PrefixStore(f"kv/{channel}", self.store), 1,
+                                    self.timeout_s, self.device)
+        except Exception as err:  # noqa: BLE001 - fails the parked transfers, not the receiver
+            with self._lock:
+                parked = self._parked.pop(channel, [])
+            for _, fut in parked:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        with self._lock:
+            self._groups[channel] = pg
+            parked = self._parked.pop(channel, [])
+        for t, fut in parked:
+            try:
+                waiting = self._pool.submit(self._wait, *self._post(t, pg))
+            except Exception as err:  # noqa: BLE001 - a failed post fails this transfer only
+                if not fut.done():
+                    fut.set_exception(err)
+                continue
+            waiting.add_done_callback(lambda w, fut=fut: _copy_outcome(w, fut))
+
     def _recv_blocking(self, t: ChannelTicket) -> KVRows:
         pg = self._group(t.channel)
-        if self.backend == "gloo":
-            return self._wait(*self._post(t, pg))
         # nccl (unchanged; not run here): posted in tag order per channel, as the sends were.
         dtype = getattr(torch, t.dtype)
         kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
@@ -466,5 +521,11 @@ class ChannelReceiver:
             self.store.queue_push(_QUEUE, _STOP)
         except Exception:  # noqa: BLE001 - it stops when the store goes away anyway
             pass
+        with self._lock:
+            parked = [fut for tickets in self._parked.values() for _, fut in tickets]
+            self._parked.clear()
+        for fut in parked:
+            fut.cancel()
+        self._connector.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._groups.clear()
