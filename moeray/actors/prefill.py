@@ -23,7 +23,7 @@ class PrefillServer:
         from moeray.platform.serve.kv_transfer import make_sender
 
         cfg = ServeConfig.from_dict(config)
-        engine = make_engine(cfg)
+        engine = make_engine(cfg, decodes=False)
         self.worker = PrefillWorker(engine, max_waiting=cfg.max_waiting,
                                     sender=make_sender(cfg.kv_transport, engine.device,
                                                        timeout_s=cfg.kv_transfer_timeout_s))

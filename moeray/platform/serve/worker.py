@@ -411,8 +411,10 @@ class DecodeRoutingPolicy:
             del self._owner[h]
 
 
-def make_engine(cfg: "ServeConfig") -> Engine:
-    """Load the model directory into an engine as the serve config says (device, dtype, pages)."""
+def make_engine(cfg: "ServeConfig", *, decodes: bool = True) -> Engine:
+    """Load the model directory into an engine as the serve config says (device, dtype, pages).
+    `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
+    replays them."""
     import torch
 
     from moeray.platform.engine.engine import EngineConfig
@@ -423,5 +425,5 @@ def make_engine(cfg: "ServeConfig") -> Engine:
     econf = EngineConfig(page_size=cfg.page_size, num_pages=cfg.num_pages, max_num_seqs=cfg.max_num_seqs,
                          max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                          num_speculative_tokens=cfg.num_speculative_tokens,
-                         use_cuda_graphs=device == "cuda")
+                         use_cuda_graphs=device == "cuda", capture_graphs_at_start=decodes)
     return Engine.from_pretrained(cfg.model, econf, device=device, dtype=dtype)
