@@ -320,3 +320,23 @@ def test_padded_row_writes_scratch_not_unowned_pages(setup):
     after = eng.storage.kv_LPNK
     slots = {s for s in range(16) if not torch.equal(before[:, page_a, s], after[:, page_a, s])}
     assert slots == {15}, slots
+
+
+def test_capture_graphs_covers_every_padded_batch_up_to_max_num_seqs(setup):
+    # The capture itself needs CUDA (tests/gpu/test_tiny_engine_gpu.py); here which graphs are
+    # asked for: every padded size below max_num_seqs plus the first one that holds it, S = 1
+    # and 2, main and (given an MTP module) MTP.
+    _cfg, model, *_ = setup
+    eng = engine(model, graph_batch_sizes=(1, 2, 4, 8, 16, 32))
+    runner = eng.runner
+    assert runner.capture_graphs(5) == 0  # off on CPU
+    asked = []
+    runner.use_cuda_graphs = runner.use_mtp_graphs = True
+    runner._graph_for = lambda B, S, mtp_module=None, hidden_dtype=None: asked.append(
+        (B, S, "main" if mtp_module is None else "mtp", hidden_dtype))
+    runner.capture_graphs(5, model.mtp[0], torch.bfloat16)
+    assert sorted(asked) == sorted((b, s, k, None if k == "main" else torch.bfloat16)
+                                   for b in (1, 2, 4, 8) for s in (1, 2) for k in ("main", "mtp"))
+    asked.clear()
+    runner.capture_graphs(300)  # beyond the largest size: all sizes, main only
+    assert sorted(asked) == sorted((b, s, "main", None) for b in (1, 2, 4, 8, 16, 32) for s in (1, 2))
