@@ -39,8 +39,9 @@ for it. Posted a slot early, it can wait for a message the peer sends only after
 current slot, and with both ranks so the GPUs never idle (suspected in the BF16 DualPipe hang,
 notes-train.md). Posted at slot start, it waits only for what the schedule needs now, sent in an
 earlier slot of the peer. Sends are asynchronous and waited for at the end of the step, so no
-rank blocks on a peer that is itself waiting to receive. Every message goes through `dist.batch_isend_irecv` (a batch of one:
-torch batches only ops of one group, and each group holds one stream): on NCCL a batched p2p op
+rank blocks on a peer that is itself waiting to receive. Every message goes through
+`dist.batch_isend_irecv` (a batch of one: torch batches only ops of one group, and each group
+holds one stream): on NCCL a batched p2p op
 runs on the group's own communicator, made when the group is (`init_distributed` binds the device,
 so `new_group` splits it eagerly) and checked by `PipelineGroups.create`, where a lone
 `isend`/`irecv` would lazily build a separate two-rank communicator at its first message. That
@@ -295,12 +296,14 @@ def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
 
 
 # The higher-precision GEMMs of split_linear. On CUDA the token dimension is padded with zero rows
-# to a multiple of 128, as the FP8 ones are (platform/fp8.py says why): cuBLAS picks its kernel by
-# shape, and a per-expert token count never seen before made it load one mid-step, which needs the
-# GPU idle while a pre-posted NCCL receive spins on it (the BF16 DualPipe hang, 2x and 4x H200,
-# 2026-11-27). Padded, the counts take max_rows / 128 values and rehearse runs each of them first
-# (`fp8.pad_rows`, `fp8.padded_row_counts`).
-# Zero rows change nothing: extra rows of y and dx are cut off, and add zero terms to dW.
+# to a multiple of 128, as the FP8 ones are (platform/fp8.py says why; there it fixed the FP8
+# PP=2 x EP=2 hang on 4x H200): cuBLAS picks its kernel by shape, and a kernel first loaded
+# mid-step may need the GPU idle while a posted NCCL receive spins on it. That is the suspected
+# cause of the BF16 DualPipe hang (2x and 4x H200, 2026-11-27: both ranks inside a BF16 cuBLAS
+# GEMM at a new per-expert token count), not yet confirmed on a GPU. Padded, the counts take
+# max_rows / 128 values and rehearse runs each of them first (`fp8.pad_rows`,
+# `fp8.padded_row_counts`). Zero rows change nothing: extra rows of y and dx are cut off, and
+# they add zero terms to dW.
 
 
 def matmul_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
@@ -636,13 +639,15 @@ def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
 
     A device memory allocation is an implicit synchronization (CUDA C Programming Guide,
     "Implicit Synchronization"): the host waits until the GPU idles (measured on H200: a 768 MiB
-    allocation in one thread waited out another stream's 1 s kernel). Mid-step the GPU does not
-    idle while a pre-posted NCCL receive spins for a message its peer has not sent, and the peer
-    may be stuck the same way: the BF16 DualPipe runs on 2 and 4 H200s hung so, inside a cuBLAS
-    GEMM whose output needed fresh memory (2026-11-27, notes-train.md). Reserved, later tensors
-    are carved from cached blocks: one block of `large_fraction` of the free memory (tensors over
-    1 MiB are split from it) and `small_fraction` of it as the 2 MiB segments of the small pool
-    (tensors up to 1 MiB: per-expert scales, indices, short activations). Returns the two sizes."""
+    allocation in one thread waited out another stream's 1 s kernel; from the reserved cache it
+    took 1.1 ms, tests/gpu/test_reserve_memory_gpu.py). Mid-step the GPU does not idle while a
+    posted NCCL receive spins for a message its peer has not sent, and if the peer is stuck the
+    same way neither rank moves again. Growing the cache at a new peak is one such allocation (it
+    was not the whole cause of the BF16 DualPipe hang: that run still hung with this in place,
+    notes-train.md). Reserved, later tensors are carved from cached blocks: one block of
+    `large_fraction` of the free memory (tensors over 1 MiB are split from it) and
+    `small_fraction` of it as the 2 MiB segments of the small pool (tensors up to 1 MiB:
+    per-expert scales, indices, short activations). Returns the two sizes."""
     if device.type != "cuda":
         return 0, 0
     if not (0 < large_fraction < 1 and 0 <= small_fraction < 1 and large_fraction + small_fraction < 1):
