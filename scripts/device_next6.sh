@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call (4 GPUs, or 2 with EP=1; ~4.5 min, no carry): issue #5's PP=2 x EP=2 run after the allocator
+# Device call (4 GPUs, or 2 with EP=1; ~5-7 min, no carry): issue #5's PP=2 x EP=2 run after the allocator
 # reservation (pipeline.reserve_device_memory) and the padded + prewarmed BF16 GEMMs (pipeline.matmul_*);
 # the GPU tests of both on GPU 0 alongside.
 set -u
@@ -7,7 +7,7 @@ source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 ( CUDA_VISIBLE_DEVICES=0 timeout -k 5 60 python3 -m pytest -q -s -p no:cacheprovider \
     tests/gpu/test_reserve_memory_gpu.py tests/gpu/test_fp8_prewarm_gpu.py > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.log" ) &
-MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-250} python3 -m moeray.cli bench train \
+MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-420} python3 -m moeray.cli bench train \
   --model small --device cuda --pp 2 --ep ${EP:-2} --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
   --steps ${STEPS:-8} --warmup 2 --overlap --out "$OUT" > "$OUT/train.log" 2>&1
 el "train rc=$?"; wait
