@@ -209,3 +209,28 @@ def test_padded_rows_change_no_gemm():
     assert padded_row_counts(1) == [128] and padded_row_counts(300) == [128, 256, 384]
     with pytest.raises(ValueError, match="max_rows=0"):
         padded_row_counts(0)
+
+
+def test_bench_train_summary_keeps_finished_runs_when_one_failed():
+    from moeray.platform.train import bench
+
+    cfg = bench.BenchConfig(steps=4, warmup=1)
+
+    def run_numbers(step_s, losses):
+        return {"step_time_s": step_s, "bubble_fraction": 0.1, "simulated_bubble_fraction": 0.05,
+                "op_costs_s": {"F": 0.01}, "losses": losses}
+
+    raw = {"matmul_flops_per_s": 1e12, "dualpipe-fp8": run_numbers(2.0, [7.0, 6.0, 5.0, 4.0]),
+           "1f1b-fp8": run_numbers(3.0, [7.0, 6.0, 5.0, 4.0])}
+    out = bench.summarize(cfg, raw, {"dualpipe-bf16": "ProcessExitedException: hung"})
+    assert out["failed_runs"] == {"dualpipe-bf16": "ProcessExitedException: hung"}
+    assert out["step_time_s"] == 2.0 and out["step_time_s_1f1b"] == 3.0
+    assert out["tokens_per_s"] == cfg.global_batch * cfg.seq_len / 2.0
+    assert out["fp8_bf16_step_time_ratio"] is None and out["fp8_bf16_loss_rel_diff"] is None
+    assert out["losses_bf16"] is None and out["bf16_final_loss"] is None
+    raw["dualpipe-bf16"] = run_numbers(1.6, [7.0, 6.0, 5.0, 4.004])
+    out = bench.summarize(cfg, raw, {})
+    assert out["failed_runs"] == {} and out["fp8_bf16_step_time_ratio"] == pytest.approx(1.25)
+    assert out["fp8_bf16_loss_rel_diff"] == pytest.approx(0.004 / 4.004)
+    with pytest.raises(KeyError):  # no main run, no result
+        bench.summarize(cfg, {"matmul_flops_per_s": 1e12}, {"dualpipe-fp8": "hung"})
