@@ -176,6 +176,4 @@ print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS (fixed path finite an
 
 @pytest.mark.gpu
 def test_gpu_native_and_triton_at_small_model_shapes(compiled_check):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     compiled_check(_GPU_CHECK, "fp8_small_shapes_gpu.txt")

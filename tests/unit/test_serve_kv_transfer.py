@@ -2,6 +2,7 @@
 and the decode routing policy."""
 
 import asyncio
+import contextlib
 import random
 
 import pytest
@@ -23,6 +24,18 @@ def _rows(rng: torch.Generator, start: int, L: int, T: int, C: int, R: int, dtyp
     return KVRows(start, torch.randn(L, T, C, generator=rng).to(dtype), torch.randn(L, T, R, generator=rng).to(dtype))
 
 
+@contextlib.contextmanager
+def _channel(recv_timeout_s: float = 20, send_timeout_s: float = 20):
+    """A gloo channel receiver and sender on this process, closed at the end."""
+    recv = ChannelReceiver("decode-0", timeout_s=recv_timeout_s)
+    send = ChannelSender(timeout_s=send_timeout_s)
+    try:
+        yield recv, send
+    finally:
+        send.close()
+        recv.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channel_moves_rows_exactly_with_concurrent_transfers(dtype):
     rng = torch.Generator().manual_seed(11)
@@ -30,18 +43,13 @@ def test_channel_moves_rows_exactly_with_concurrent_transfers(dtype):
     rows = [_rows(rng, random.Random(i).randint(0, 300), *s, dtype=dtype) for i, s in enumerate(shapes)]
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=20)
-        send = ChannelSender(timeout_s=20)
-        try:
+        with _channel() as (recv, send):
             tickets = [await send.send(f"r{i}", r, recv.endpoint()) for i, r in enumerate(rows)]
             assert len({t.tag for t in tickets}) == len(rows)
             assert all(t.nbytes == r.nbytes for t, r in zip(tickets, rows))
             # Received in reverse order and concurrently: gloo matches by tag.
             got = await asyncio.gather(*[recv.receive(t) for t in reversed(tickets)])
             return list(reversed(got)), send.failures
-        finally:
-            send.close()
-            recv.close()
 
     got, failures = asyncio.run(run())
     assert failures == 0
@@ -83,9 +91,7 @@ def test_channel_expect_receives_before_the_reply_hands_over_the_ticket():
     rows = [_rows(rng, 3 * i, 2, 5 + i, 7, 3) for i in range(3)]
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=20)
-        send = ChannelSender(timeout_s=20)
-        try:
+        with _channel() as (recv, send):
             for i, r in enumerate(rows):  # the first one also sets the channel up
                 early = recv.expect(f"q{i}")
                 ticket = await send.send(f"q{i}", r, recv.endpoint())
@@ -101,9 +107,6 @@ def test_channel_expect_receives_before_the_reply_hands_over_the_ticket():
             recv.cancel("dup")
             with pytest.raises(ValueError, match="request_id"):
                 recv.expect("")
-        finally:
-            send.close()
-            recv.close()
 
     asyncio.run(run())
 
@@ -113,9 +116,7 @@ def test_channel_two_interleaved_expectations():
     a, b = _rows(rng, 0, 3, 9, 5, 2), _rows(rng, 16, 3, 4, 5, 2)
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=20)
-        send = ChannelSender(timeout_s=20)
-        try:
+        with _channel() as (recv, send):
             fa, fb = recv.expect("a"), recv.expect("b")
             tb = await send.send("b", b, recv.endpoint())  # b's prefill finishes first: tag 0
             ta = await send.send("a", a, recv.endpoint())
@@ -124,9 +125,6 @@ def test_channel_two_interleaved_expectations():
             got_a, got_b = await asyncio.gather(recv.receive(ta), recv.receive(tb))
             assert got_a is fa.result() and got_b is fb.result()
             return got_a, got_b, recv.early, dict(recv._expected)
-        finally:
-            send.close()
-            recv.close()
 
     got_a, got_b, early, pending = asyncio.run(run())
     assert _same(got_a, a) and _same(got_b, b) and early == 2 and pending == {}
@@ -137,10 +135,8 @@ def test_channel_cancelled_expectation_then_normal_requests_on_the_same_channel(
     rows = [_rows(rng, i, 2, 6, 4, 2) for i in range(3)]
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=20)
-        send = ChannelSender(timeout_s=20)
-        ep = recv.endpoint()
-        try:
+        with _channel() as (recv, send):
+            ep = recv.endpoint()
             # The prefill failed before sending: the expectation ends at once (no thread waits).
             failed = recv.expect("failed")
             recv.cancel("failed")
@@ -162,9 +158,6 @@ def test_channel_cancelled_expectation_then_normal_requests_on_the_same_channel(
             await _until(nxt.done, "early receive of next")
             assert _same(await recv.receive(ticket), rows[2])
             return send.failures, recv.early, dict(recv._expected), dict(recv._gone)
-        finally:
-            send.close()
-            recv.close()
 
     failures, early, pending, gone = asyncio.run(run())
     assert failures == 0 and early == 2 and pending == {}
@@ -176,10 +169,8 @@ def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
     slow, after = _rows(rng, 5, 2, 8, 6, 2), _rows(rng, 9, 2, 3, 6, 2)
 
     async def run():
-        recv = ChannelReceiver("decode-0", timeout_s=1.0)
-        send = ChannelSender(timeout_s=20)
-        ep = recv.endpoint()
-        try:
+        with _channel(1.0, 20) as (recv, send):
+            ep = recv.endpoint()
             expired = recv.expect("slow")
             await asyncio.sleep(1.2)  # the prefill takes longer than the 1 s transport timeout
             ticket = await send.send("slow", slow, ep)
@@ -191,9 +182,6 @@ def test_channel_ticket_of_an_expired_expectation_is_received_from_the_reply():
             await _until(nxt.done, "early receive after the expired one")
             got_after = await recv.receive(ticket)
             return got, got_after, recv.early, send.failures
-        finally:
-            send.close()
-            recv.close()
 
     got, got_after, early, failures = asyncio.run(run())
     assert _same(got, slow) and _same(got_after, after) and early == 1 and failures == 0
@@ -210,18 +198,13 @@ def test_channel_many_concurrent_transfers_in_scrambled_order():
     async def run():
         # 15 s: a TCP connect on the loaded 2-core CI box can stall 5 s (kv_channel.py, the
         # _QUEUE note); a deadlock still fails the 30 s bound below
-        recv = ChannelReceiver("decode-0", timeout_s=15)
-        send = ChannelSender(timeout_s=15)
-        ep = recv.endpoint()
-        try:
+        with _channel(15, 15) as (recv, send):
+            ep = recv.endpoint()
             for i in range(0, 48, 2):
                 recv.expect(f"m{i}")
             tickets = [await send.send(f"m{i}", r, ep) for i, r in enumerate(rows)]
             got = await asyncio.wait_for(asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 30)
             return dict(zip(order, got)), send.failures, dict(recv._expected)
-        finally:
-            send.close()
-            recv.close()
 
     got, failures, pending = asyncio.run(run())
     assert failures == 0 and pending == {}
