@@ -103,6 +103,8 @@ def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
 # idle, which never comes while a pre-posted NCCL receive spins on it: the 4x H200 PP=2 x EP=2 run
 # hung so (2026-11-27, notes-train.md). Padded, the counts take at most max_rows / 128 values,
 # and `prewarm` loads the kernels of every one of them before the first step.
+# The GEMMs return fp32 on CPU and the kernels' bf16 on CUDA: every caller casts the result to the
+# dtype it needs (an fp32 copy here was one more pass over each output, undone under autocast).
 
 
 def forward_gemm(x_MK, w_NK):
@@ -111,7 +113,7 @@ def forward_gemm(x_MK, w_NK):
         return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
     wq, ws = k.weight_quant(w_NK)
     M = x_MK.shape[0]
-    return k.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
+    return k.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M]
 
 
 def dgrad_gemm(dy_MN, w_NK):
@@ -120,7 +122,7 @@ def dgrad_gemm(dy_MN, w_NK):
         return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
     wq, ws = k.weight_quant(w_NK)
     M = dy_MN.shape[0]
-    return k.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M].float()
+    return k.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M]
 
 
 def wgrad_gemm(dy_MN, x_MK):
@@ -128,7 +130,7 @@ def wgrad_gemm(dy_MN, x_MK):
     if k is None:
         return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
     return k.fp8_linear_wgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()),
-                              pad_rows(x_MK.to(torch.bfloat16).contiguous())).float()
+                              pad_rows(x_MK.to(torch.bfloat16).contiguous()))
 
 
 def prewarm(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int], device: torch.device) -> int:
