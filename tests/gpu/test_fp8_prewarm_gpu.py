@@ -32,12 +32,13 @@ def test_padded_gemms_match_cpu_emulation(m):
     # small()'s expert down projection: K = 288 is not a multiple of 128 (the Triton route)
     w = torch.randn(1024, 288)
     x, dy = torch.randn(m, 288), torch.randn(m, 1024)
-    for gpu, cpu in ((fp8.forward_gemm(x.cuda(), w.cuda()), fp8.forward_gemm(x, w)),
-                     (fp8.dgrad_gemm(dy.cuda(), w.cuda()), fp8.dgrad_gemm(dy, w)),
-                     (fp8.wgrad_gemm(dy.cuda(), x.cuda()), fp8.wgrad_gemm(dy, x))):
+    for name, gpu, cpu in (("forward", fp8.forward_gemm(x.cuda(), w.cuda()), fp8.forward_gemm(x, w)),
+                           ("dgrad", fp8.dgrad_gemm(dy.cuda(), w.cuda()), fp8.dgrad_gemm(dy, w)),
+                           ("wgrad", fp8.wgrad_gemm(dy.cuda(), x.cuda()), fp8.wgrad_gemm(dy, x))):
         assert gpu.shape == cpu.shape
-        # the same quantized values; bf16 GEMM inputs and accumulation order differ from the emulation
-        assert _rel(gpu.cpu(), cpu) < 2e-2
+        # The same quantized values; the GPU's bf16 output and accumulation order differ from the
+        # fp32 emulation (m = 1 measured 0.0209 on H200). A wrong pad or scale row gives O(1).
+        assert _rel(gpu.cpu(), cpu) < 3e-2, name
 
 
 def test_prewarm_covers_every_token_count():

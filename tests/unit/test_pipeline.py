@@ -193,6 +193,17 @@ def test_timeout_env_and_bench_flags(monkeypatch):
     assert bench.main(["--steps", "5"]) == 2
 
 
+def test_cuda_env_is_set_before_the_context(monkeypatch):
+    env = {"CUDA_MODULE_LOADING": "LAZY"}  # what NVIDIA's containers export
+    P.apply_cuda_env(env)
+    assert env["CUDA_MODULE_LOADING"] == "EAGER" and int(env["CUDA_DEVICE_MAX_CONNECTIONS"]) == 32
+    # with a CUDA context already made the settings would be ignored: refuse, naming them
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="CUDA_DEVICE_MAX_CONNECTIONS"):
+        P.apply_cuda_env({"CUDA_MODULE_LOADING": "LAZY"})
+    P.apply_cuda_env(env)  # already in place: nothing to refuse
+
+
 def test_padded_rows_change_no_gemm():
     # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (fp8.pad_rows)
     from moeray.platform.fp8 import pad_rows, padded_row_counts

@@ -28,6 +28,17 @@ from torch import nn
 from moeray.platform.model.moe import MoE
 
 
+def _host_wait(t: torch.Tensor) -> None:
+    """On CUDA, block the host until the current stream (and so the exchange just enqueued on it)
+    is done. The compute that follows an exchange is then never queued behind a kernel that waits
+    for the EP peer: a pipeline rank runs two directions in two threads, and a launch queue filled
+    behind one direction's waiting all-to-all blocks the other direction's launches too, which
+    can be what the peer waits for (parallel/pipeline.py, `_wait_recv`). The GPU loses only the
+    tail of the stream: the other direction's thread keeps it busy."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single on dim 0 with explicit splits; backward runs the reverse exchange."""
 
@@ -38,6 +49,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _host_wait(out)
         return out
 
     @staticmethod
@@ -47,6 +59,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
         dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        _host_wait(grad_in)
         return grad_in, None, None, None
 
 
@@ -98,6 +111,7 @@ def dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, 
     local_A = (ids_A[order_A] - owner_A[order_A] * per_rank).contiguous()
     local_R = torch.empty(sum(recv_counts), dtype=local_A.dtype, device=local_A.device)
     dist.all_to_all_single(local_R, local_A, recv_counts, send_counts, group=group)
+    _host_wait(local_R)
     return x_RD, local_R, DispatchPlan(order_A, send_counts, recv_counts, T, K)
 
 

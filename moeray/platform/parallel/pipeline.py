@@ -461,6 +461,34 @@ def dist_timeout_s(environ: dict[str, str] | None = None) -> float:
     return value
 
 
+# The CUDA environment of a pipeline worker; it must be in place before the process creates its
+# CUDA context (`apply_cuda_env`, and the Ray job's runtime_env, train/job.py). Set, not defaulted:
+# CUDA images often export other values (NVIDIA's containers export CUDA_MODULE_LOADING=LAZY).
+CUDA_ENV = {
+    # CUDA loads a kernel's module at its first launch by default (lazy loading), and a load may
+    # wait for the whole device: with a peer's NCCL receive spinning on this GPU, that wait never
+    # ends (both ranks hung so, 2x H200, 2026-11-27). Load torch's kernels at context creation;
+    # Triton's are loaded by `PipelineExecutor.rehearse`.
+    "CUDA_MODULE_LOADING": "EAGER",
+    # Streams share the GPU's hardware work queues, 8 by default: kernels of two streams on one
+    # queue run in launch order. A rank here has ~20 streams (two compute streams, one NCCL stream
+    # per communicator), so a receive spinning on its communicator's stream can hold back compute
+    # of the other direction queued behind it on the same hardware queue -- the compute that
+    # leads to the message the peer waits for. 32 (the most) gives every stream its own queue.
+    "CUDA_DEVICE_MAX_CONNECTIONS": "32",
+}
+
+
+def apply_cuda_env(environ) -> None:
+    """Put CUDA_ENV into `environ` (os.environ); a ValueError if this process's CUDA context
+    already exists, since the settings would then be silently ignored."""
+    if torch.cuda.is_initialized() and any(environ.get(k) != v for k, v in CUDA_ENV.items()):
+        current = {k: environ.get(k) for k in CUDA_ENV}
+        raise ValueError(f"CUDA is already initialized with {current}; a pipeline worker needs "
+                         f"{CUDA_ENV} before its first CUDA call")
+    environ.update(CUDA_ENV)
+
+
 def init_distributed(rank: int, world: int, init_method: str, device: torch.device) -> None:
     """init_process_group for one worker of `world`: gloo on CPU, NCCL on CUDA, timeout from
     `dist_timeout_s`. On CUDA the device is made current *before* the group exists and bound to it
@@ -475,14 +503,9 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
 
     timeout = datetime.timedelta(seconds=dist_timeout_s())
     if device.type == "cuda":
-        # CUDA loads a kernel's module at its first launch by default (lazy loading), and a load
-        # may wait for the whole device: with a peer's NCCL receive spinning on this GPU, that
-        # wait never ends (both ranks hung so, 2x H200, 2026-11-27). Load torch's kernels at
-        # context creation instead; Triton's are loaded by `PipelineExecutor.rehearse`.
-        # Set, not defaulted: CUDA images often export LAZY (NVIDIA's containers do).
-        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
         if device.index is None:
             raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
+        apply_cuda_env(os.environ)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timeout, device_id=device)
@@ -768,12 +791,18 @@ class PipelineExecutor:
         self._recvs[op.key + (op.kind == Kind.F,)] = [buf, work]
 
     def _wait_recv(self, op: Op) -> None:
-        """Wait once for an op's receive (a gloo Work must not be waited on twice); on CUDA this
-        makes the direction's stream, not the host, wait for it."""
+        """Wait once for an op's receive (a gloo Work must not be waited on twice). On CUDA the
+        host waits too, not only the direction's stream: the op's thousands of kernel launches are
+        then never queued behind a receive that spins until a peer sends. Queued so, they fill the
+        GPU's launch queue, the other direction's thread blocks in its next launch, and the message
+        that would free the peer is never sent (4x H200, 2026-11-27: every thread of every rank
+        inside a launch)."""
         entry = self._recvs.get(op.key + (op.kind == Kind.F,))
         if entry is not None and entry[1] is not None:
             with self._stream(op.direction):
                 entry[1].wait()
+                if self.cuda:
+                    torch.cuda.current_stream(self.device).synchronize()
             entry[1] = None
 
     def _take_recv(self, op: Op) -> torch.Tensor:

@@ -146,13 +146,18 @@ def _say(rank: int, text: str) -> None:
         print(f"[bench train] {text}", flush=True)
 
 
-def _arm_watchdog(seconds: float) -> None:
-    """Dump every thread's Python stack and exit if not re-armed within `seconds`."""
-    faulthandler.dump_traceback_later(seconds, exit=True)
+# When set, each worker writes its watchdog's thread dump to <dir>/stacks-<run>-rank<r>.txt instead of
+# stderr, where the dumps of all ranks and threads interleave character by character.
+STACKS_ENV = "MOERAY_STACKS_DIR"
+
+
+def _arm_watchdog(seconds: float, file) -> None:
+    """Dump every thread's Python stack to `file` and exit if not re-armed within `seconds`."""
+    faulthandler.dump_traceback_later(seconds, exit=True, file=file)
 
 
 def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, tokens,
-             device) -> dict | None:
+             device, stacks) -> dict | None:
     import torch
     import torch.distributed as dist
 
@@ -165,7 +170,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
     model_cfg = preset(cfg.model)
     spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
     timeout = dist_timeout_s()
-    _arm_watchdog(timeout)
+    _arm_watchdog(timeout, stacks)
     pm = PipelineModel(model_cfg, spec, rank, seed=cfg.seed, fp8=fp8, device=device,
                        autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap)
     _say(rank, f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
@@ -181,7 +186,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
     costs: dict[str, list[float]] = {}
     pm.train()
     for step in range(cfg.steps):
-        _arm_watchdog(timeout)
+        _arm_watchdog(timeout, stacks)
         t0 = time.perf_counter()
         first = (step * cfg.global_batch + shard * rows) * S1
         batch = tokens[first:first + rows * S1].view(rows, S1)
@@ -234,8 +239,10 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
 
     from moeray.platform.parallel.pipeline import dist_timeout_s, init_distributed
 
+    stacks_dir = os.environ.get(STACKS_ENV)
+    stacks = open(Path(stacks_dir, f"stacks-{run[0]}-rank{rank}.txt"), "w") if stacks_dir else sys.stderr
     # terminated by mp.spawn after another worker failed: print where this one was first
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
     torch.set_num_threads(cfg.threads)
     # one node: the local rank is the global rank; the device is current before any group exists
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
@@ -251,7 +258,7 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
         results = {"matmul_flops_per_s": rate}
         name, schedule, fp8 = run
-        results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device)
+        results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device, stacks)
         dist.barrier()
         if rank == 0:
             Path(out_dir, f"bench-{name}.json").write_text(json.dumps(results))

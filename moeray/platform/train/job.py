@@ -80,9 +80,12 @@ def run(job: TrainJobConfig) -> Path:
     tok_dir, tokens = prepare_data(job, run_dir)
 
     if not ray.is_initialized():
-        # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray
-        ray.init(address=os.environ.get("RAY_ADDRESS"),
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+        from moeray.platform.parallel.pipeline import CUDA_ENV
+
+        # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray.
+        # The pipeline workers' CUDA settings must precede their CUDA contexts (pipeline.CUDA_ENV).
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **CUDA_ENV}
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world
     router_cfg = RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
     get_or_create_router(job.router, job.router_namespace, router_cfg,
