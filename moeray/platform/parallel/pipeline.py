@@ -791,22 +791,25 @@ class PipelineExecutor:
         self._recvs[op.key + (op.kind == Kind.F,)] = [buf, work]
 
     def _wait_recv(self, op: Op) -> None:
-        """Wait once for an op's receive (a gloo Work must not be waited on twice). On CUDA the
-        host waits too, not only the direction's stream: the op's thousands of kernel launches are
-        then never queued behind a receive that spins until a peer sends. Queued so, they fill the
-        GPU's launch queue, the other direction's thread blocks in its next launch, and the message
-        that would free the peer is never sent (4x H200, 2026-11-27: every thread of every rank
-        inside a launch)."""
+        """Wait once for an op's receive (a gloo Work must not be waited on twice); on CUDA this
+        makes the direction's stream, not the host, wait for it. Only that op waits: a host wait
+        for both inputs of an F&B slot deadlocked DualPipe (4x H200, 2026-11-27), since one op's
+        input can come from a peer's op that needs this rank's other op first."""
         entry = self._recvs.get(op.key + (op.kind == Kind.F,))
         if entry is not None and entry[1] is not None:
             with self._stream(op.direction):
                 entry[1].wait()
-                if self.cuda:
-                    torch.cuda.current_stream(self.device).synchronize()
             entry[1] = None
 
     def _take_recv(self, op: Op) -> torch.Tensor:
+        """The op's received input, in the op's own thread. On CUDA the host waits for it too:
+        the op's thousands of launches are then never queued behind a receive that spins until a
+        peer sends. Queued so, they can fill the launch queue; the other direction's thread then
+        blocks in its next launch, and the message that would free the peer is never sent (4x H200,
+        2026-11-27: every thread of every rank inside a kernel launch)."""
         self._wait_recv(op)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
         return self._recvs.pop(op.key + (op.kind == Kind.F,))[0]
 
     def _send(self, key: tuple[str, int, int], tensor: torch.Tensor) -> None:
