@@ -332,9 +332,16 @@ def test_capture_graphs_covers_every_padded_batch_up_to_max_num_seqs(setup):
     assert runner.capture_graphs(5) == 0  # off on CPU
     asked = []
     runner.use_cuda_graphs = runner.use_mtp_graphs = True
-    runner._graph_for = lambda B, S, mtp_module=None, hidden_dtype=None: asked.append(
-        (B, S, "main" if mtp_module is None else "mtp", hidden_dtype))
+    modes = set()
+
+    def graph_for(B, S, mtp_module=None, hidden_dtype=None):
+        # what the forwards of a capture would see: with grad on, MoE takes its syncing training path
+        modes.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        asked.append((B, S, "main" if mtp_module is None else "mtp", hidden_dtype))
+
+    runner._graph_for = graph_for
     runner.capture_graphs(5, model.mtp[0], torch.bfloat16)
+    assert modes == {(True, False)}
     assert sorted(asked) == sorted((b, s, k, None if k == "main" else torch.bfloat16)
                                    for b in (1, 2, 4, 8) for s in (1, 2) for k in ("main", "mtp"))
     asked.clear()
