@@ -47,6 +47,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
 # prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
 TILE_CELLS = 2048
+# routing.route sends at most this many rows to the kernel. Measured in one `moeray bench engine`
+# run (small(), H200, eager decode, 2026-11-27), only the router switched: batch 16 decoded at 534
+# tok/s fused vs 490 PyTorch, batch 256 at 2,617 vs 6,062. Why the kernel loses at 256 rows is not
+# known yet (notes-engine.md); decode batches up to 32 keep the one-launch gate.
+FUSED_MAX_TOKENS = 32
 
 
 @triton.jit
@@ -129,7 +134,8 @@ def _route_kernel(
 
 
 def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
-    """Whether route_fused takes these tensors as they are (routing.route's dispatch test).
+    """Whether route_fused takes these tensors as they are and is the faster choice: at most
+    FUSED_MAX_TOKENS rows (routing.route's dispatch test).
     MOERAY_FUSED_ROUTER=0 in the environment routes with PyTorch instead: an A/B switch for
     `moeray bench engine`, and a way out if a new Triton miscompiles the kernel (it has run only
     under the interpreter so far)."""
@@ -137,7 +143,7 @@ def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) ->
         return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
         return False
-    if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS:
+    if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS or logits_TE.shape[0] > FUSED_MAX_TOKENS:
         return False
     if bias_E is not None and (
         bias_E.dim() != 1 or bias_E.dtype not in LOGIT_DTYPES or not bias_E.is_contiguous()
@@ -226,7 +232,7 @@ BENCH_SHAPES = (  # (name, E, n_group, topk_group, top_k, routed_scaling_factor)
 )
 
 
-def bench_router(tokens: tuple[int, ...] = (1, 8, 64, 4096)) -> list[dict]:
+def bench_router(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[dict]:
     """Per shape and token count: PyTorch route vs route_fused, eager and replayed in a CUDA graph
     (the engine's decode path), plus whether ids, counts and scores agree exactly."""
     from moeray.platform.routing import route_torch

@@ -8,7 +8,7 @@ Logits are continuous random numbers, so no two scores of a row tie and the top-
 import pytest
 import torch
 
-from moeray.kernels.router import MAX_EXPERTS, fused_route_applies, route_fused
+from moeray.kernels.router import FUSED_MAX_TOKENS, MAX_EXPERTS, fused_route_applies, route_fused
 from moeray.platform.routing import route, route_torch
 
 # (E, n_group, topk_group, top_k): tiny(), small(), DeepSeek-V3, groups of 4 that are not a power of
@@ -131,6 +131,9 @@ def test_dispatch_rule_and_cpu_route():
     assert not fused_route_applies(logits.t().contiguous().t(), bias)
     assert not fused_route_applies(torch.randn(2, 512), None)
     assert not fused_route_applies(logits, bias[:32])
+    # beyond FUSED_MAX_TOKENS rows PyTorch routing measured faster (router.py)
+    assert fused_route_applies(torch.randn(FUSED_MAX_TOKENS, 64), bias)
+    assert not fused_route_applies(torch.randn(FUSED_MAX_TOKENS + 1, 64), bias)
     # route() sends only CUDA tensors to the kernel: on CPU it is route_torch, gradients included.
     x = logits.clone().requires_grad_()
     r = route(x, bias, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
