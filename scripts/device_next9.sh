@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Next session, call A (4 GPUs, ~9 min, no carry): issue #5's train bench again with a stable
+# learning rate and 20 steps (a second clean run of the final code, and an FP8/BF16 loss
+# comparison that is not noise), then issue #4's side-by-side of the Triton GEMM as shipped
+# (prod) and the sweep kernel that ran 821 TFLOP/s at N2112 K7168.
+set -u
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+mkdir -p /tmp/stacks /tmp/results
+MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-450} python3 -m moeray.cli bench train \
+  --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
+  --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results > "$OUT/train.log" 2>&1
+el "train rc=$?"
+find /tmp/stacks -empty -delete; tar czf "$OUT/stacks.tgz" -C /tmp stacks
+cp /tmp/results/train-*.json "$OUT/" 2>/dev/null
+grep "bench train\]" "$OUT/train.log" | grep "done\|failed" | cut -c1-300
+grep -v "^\s*$" "$OUT/train.log" | grep -v "UserWarning\|return Variable\|step [0-9]*/" | tail -14
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 120 python3 scripts/fp8_gemm_sweep.py --variants prod,ptr64x128s3 \
+  --budget 90 --json "$OUT/fp8_gemm_sweep.json" > "$OUT/sweep.log" 2>&1; el "sweep rc=$?"; tail -12 "$OUT/sweep.log"
