@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Next session, call A (4 GPUs, ~9 min, no carry): issue #5's train bench again with a stable
-# learning rate and 20 steps (a second clean run of the final code, and an FP8/BF16 loss
-# comparison that is not noise), then issue #4's side-by-side of the Triton GEMM as shipped
-# (prod) and the sweep kernel that ran 821 TFLOP/s at N2112 K7168.
+# learning rate and 20 steps (a second clean run of the final code, and an FP8/BF16 loss comparison
+# that is not noise; each run's last step profiled on rank 0), then issue #4's side-by-side of the
+# Triton GEMM as shipped (prod) and the sweep kernel that ran 821 TFLOP/s at N2112 K7168.
 set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 mkdir -p /tmp/stacks /tmp/results
 MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-450} python3 -m moeray.cli bench train \
   --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
-  --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results > "$OUT/train.log" 2>&1
+  --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results --profile /tmp/prof > "$OUT/train.log" 2>&1
 el "train rc=$?"
-find /tmp/stacks -empty -delete; tar czf "$OUT/stacks.tgz" -C /tmp stacks
+find /tmp/stacks -empty -delete; tar czf "$OUT/stacks-profiles.tgz" -C /tmp stacks prof
 cp /tmp/results/train-*.json "$OUT/" 2>/dev/null
 grep "bench train\]" "$OUT/train.log" | grep "done\|failed" | cut -c1-300
 grep -v "^\s*$" "$OUT/train.log" | grep -v "UserWarning\|return Variable\|step [0-9]*/" | tail -14

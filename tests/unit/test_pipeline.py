@@ -204,6 +204,24 @@ def test_cuda_env_is_set_before_the_context(monkeypatch):
     P.apply_cuda_env(env)  # already in place: nothing to refuse
 
 
+def test_bench_step_profiler_writes_rank0_tables(tmp_path):
+    from moeray.platform.train import bench
+
+    cfg = bench.BenchConfig(steps=4, warmup=1, profile_dir=str(tmp_path))
+    a = torch.randn(64, 64)
+    with bench._step_profiler(cfg, "dualpipe-fp8", 1, True):  # not rank 0: nothing
+        a @ a
+    with bench._step_profiler(cfg, "dualpipe-fp8", 0, False):  # not the profiled step: nothing
+        a @ a
+    assert list(tmp_path.iterdir()) == []
+    with bench._step_profiler(cfg, "dualpipe-fp8", 0, True):
+        for _ in range(3):
+            a @ a
+    text = (tmp_path / "profile-dualpipe-fp8-rank0.txt").read_text()
+    assert "## by count" in text and "aten::mm" in text
+    assert bench._parser().parse_args(["--profile", "d"]).profile == "d"
+
+
 def test_padded_rows_change_no_gemm():
     # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (fp8.pad_rows)
     from moeray.platform.fp8 import pad_rows, padded_row_counts

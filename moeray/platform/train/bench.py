@@ -45,6 +45,7 @@ terminated (after another worker failed), so a hang ends as an error with a stac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import math
@@ -72,6 +73,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1  # CPU: torch threads per worker
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
+    profile_dir: str | None = None  # rank 0 profiles each run's last step into this directory
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -156,6 +158,29 @@ def _arm_watchdog(seconds: float, file) -> None:
     faulthandler.dump_traceback_later(seconds, exit=True, file=file)
 
 
+@contextlib.contextmanager
+def _step_profiler(cfg: BenchConfig, name: str, rank: int, on: bool):
+    """torch.profiler around one step's forward-backward on rank 0 when `on`. The table says where
+    the host time goes (a step here is launch- and Python-bound: notes-train.md): self CPU time
+    per op and the launch counts (cudaLaunchKernel for torch, cuLaunchKernelEx for Triton)."""
+    if not on or rank != 0:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        yield
+    table = prof.key_averages()
+    path = Path(cfg.profile_dir, f"profile-{name}-rank{rank}.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {name}, step {cfg.steps} of {cfg.steps}, rank {rank}, torch {torch.__version__}\n\n"
+                    "## by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=40)
+                    + "\n\n## by count\n" + table.table(sort_by="count", row_limit=40) + "\n")
+    _say(rank, f"{name}: profile of the last step written to {path}")
+
+
 def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, tokens,
              device, stacks) -> dict | None:
     import torch
@@ -190,7 +215,9 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
         t0 = time.perf_counter()
         first = (step * cfg.global_batch + shard * rows) * S1
         batch = tokens[first:first + rows * S1].view(rows, S1)
-        out = pm.forward_backward(batch, loss_cfg)
+        profiled = cfg.profile_dir is not None and step == cfg.steps - 1
+        with _step_profiler(cfg, name, rank, profiled):
+            out = pm.forward_backward(batch, loss_cfg)
         norm = pm.sync_gradients()
         tstep.apply_update(pm.modules, opt, step, optim, total_norm=norm)
         loads = out.loads_LE.to(device)
@@ -211,7 +238,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
             # every rank saw the same all-gathered losses, so all stop here together
             raise FloatingPointError(f"{name}: loss {losses[-1]} at step {step + 1} "
                                      f"(losses so far {losses})")
-        if step >= cfg.warmup:
+        if step >= cfg.warmup and not profiled:  # the profiler's overhead stays out of the timings
             walls.append(wall)
             bubbles.append(max(float(s[2]) for s in every) / max(float(s[1]) for s in every))
             for kind in ("F", "B", "BI", "W", "F&B"):
@@ -364,6 +391,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
                         "CUDA only); --no-overlap runs them one after the other")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile each run's last step on rank 0 (left out of the timings) and "
+                        "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count")
     return p
 
 
@@ -375,7 +405,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = BenchConfig(args.model, args.device, args.pp, args.ep, args.microbatches,
                           args.micro_batch_size, args.seq_len, args.steps, args.warmup, args.lr,
-                          threads=args.threads, overlap=args.overlap)
+                          threads=args.threads, overlap=args.overlap, profile_dir=args.profile)
         dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
             import torch
