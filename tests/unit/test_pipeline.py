@@ -137,6 +137,7 @@ def test_weight_grad_split_equals_full_backward():
     with stage.store.collect((0, 0, 0), defer=True):
         loss.backward()
     assert stage.model.layers["1"].mlp.experts.gate_proj.grad is None
+    assert stage.model.layers["1"].mlp.experts.mlp_fn.func is P.experts_mlp  # one node for all experts
     assert stage.lm_head.weight.grad is None and stage.model.layers["0"].self_attn.o_proj.weight.grad is None
     assert stage.model.norm.weight.grad is not None and stage.model.embed_tokens.weight.grad is not None
     assert stage.store.flush((0, 0, 0)) > 20
@@ -220,6 +221,50 @@ def test_bench_step_profiler_writes_rank0_tables(tmp_path):
     text = (tmp_path / "profile-dualpipe-fp8-rank0.txt").read_text()
     assert "## by count" in text and "aten::mm" in text
     assert bench._parser().parse_args(["--profile", "d"]).profile == "d"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_experts_mlp_equals_the_per_expert_loop(fp8):
+    """Experts.mlp_fn (one autograd node for all experts, deferrable dW) against the per-expert
+    loop: outputs, input, routing-weight and expert-weight gradients; experts without rows."""
+    import copy
+    import functools
+
+    import torch.nn.functional as F
+
+    from moeray.platform import fp8 as f8
+    from moeray.platform.model.moe import Experts
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    loop = Experts(cfg)
+    for w in (loop.gate_proj, loop.up_proj, loop.down_proj):
+        torch.nn.init.normal_(w, std=0.2)
+    grouped = copy.deepcopy(loop)
+    loop.linear = f8.fp8_linear if fp8 else F.linear
+    store = P.WeightGradStore()
+    grouped.mlp_fn = functools.partial(P.experts_mlp, store=store, fp8=fp8)
+    T, K, E = 40, cfg.num_experts_per_tok, cfg.n_routed_experts
+    ids = torch.stack([torch.randperm(E - 3)[:K] for _ in range(T)])  # the last 3 experts get no rows
+    x = torch.randn(T, cfg.hidden_size)
+    dy = torch.randn(T, cfg.hidden_size)
+    weights = torch.rand(T, K)
+    grads = []
+    for module, defer in ((loop, False), (grouped, True)):
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        with store.collect((0, 0, 0), defer=defer):
+            y = module(xi, ids, wi)
+            y.backward(dy)
+        if defer:
+            assert module.gate_proj.grad is None, "dW must wait for the W op"
+            assert store.flush((0, 0, 0)) == 1
+        grads.append((y.detach(), xi.grad, wi.grad, module.gate_proj.grad, module.up_proj.grad,
+                      module.down_proj.grad))
+    for name, a, b in zip(("y", "dx", "dweights", "dgate", "dup", "ddown"), *grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert grads[1][3][E - 3:].abs().sum() == 0 and grads[1][3][: E - 3].abs().sum() > 0
+    with pytest.raises(ValueError, match="rows"):
+        P.experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
 
 def test_padded_rows_change_no_gemm():

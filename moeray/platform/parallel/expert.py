@@ -106,12 +106,12 @@ def dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, 
     recv_P = exchange_counts(send_P, group)
     counts = torch.cat([send_P, recv_P]).tolist()  # one device->host wait for both
     send_counts, recv_counts = counts[:world], counts[world:]
-    x_AD = x_TD.repeat_interleave(K, dim=0)[order_A]  # row a = token a // K
-    x_RD = all_to_all(x_AD, recv_counts, send_counts, group)
     local_A = (ids_A[order_A] - owner_A[order_A] * per_rank).contiguous()
     local_R = torch.empty(sum(recv_counts), dtype=local_A.dtype, device=local_A.device)
+    # the ids first: the rows' exchange then host-waits for both (one communicator, in order)
     dist.all_to_all_single(local_R, local_A, recv_counts, send_counts, group=group)
-    _host_wait(local_R)
+    x_AD = x_TD.repeat_interleave(K, dim=0)[order_A]  # row a = token a // K
+    x_RD = all_to_all(x_AD, recv_counts, send_counts, group)
     return x_RD, local_R, DispatchPlan(order_A, send_counts, recv_counts, T, K)
 
 
