@@ -36,7 +36,7 @@ class PlacedMoE(MoE):
         experts = Experts.__new__(Experts)
         nn.Module.__init__(experts)
         experts.num_experts = phy2log_P.numel()
-        experts.linear = moe.experts.linear
+        experts.linear, experts.mlp_fn = moe.experts.linear, moe.experts.mlp_fn
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(moe.experts, name).detach()
             experts.register_parameter(name, nn.Parameter(w[phy2log_P.to(w.device)].clone(), requires_grad=False))
