@@ -267,6 +267,31 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
         P.experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
 
+def test_grouped_expert_gemms_with_aligned_rows():
+    """_Grouped's CUDA layout (each expert's rows start at a multiple of 16, zero rows between),
+    run on CPU: the same products and weight gradients as the unpadded layout and as per-expert
+    matmuls; experts without rows get exact zero gradients."""
+    torch.manual_seed(0)
+    rows = [5, 0, 17, 16, 1]
+    E, K, N = len(rows), 24, 40
+    x, dy = torch.randn(sum(rows), K), torch.randn(sum(rows), N)
+    w = torch.randn(E, N, K)
+    starts = [0, 5, 5, 22, 38]
+    want_y = torch.cat([x[s:s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, rows))])
+    want_dw = torch.stack([dy[s:s + n].t() @ x[s:s + n] for s, n in zip(starts, rows)])
+    for align in (1, 16):
+        grp = P._Grouped(x, rows, align=align)
+        assert grp.P == (sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16)
+        x_P, dy_P = grp.pad(x), grp.pad(dy)
+        torch.testing.assert_close(grp.unpad(grp.mm(x_P, w.transpose(-2, -1))), want_y)
+        dw = grp.wgrad(dy_P, x_P, torch.float32)
+        torch.testing.assert_close(dw, want_dw)
+        assert dw[1].abs().sum() == 0
+        if align > 1:  # the padding rows are zero and every expert starts aligned
+            assert x_P.abs().sum(1).nonzero().flatten().tolist() == (
+                list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64])
+
+
 def test_padded_rows_change_no_gemm():
     # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (fp8.pad_rows)
     from moeray.platform.fp8 import pad_rows, padded_row_counts

@@ -407,10 +407,11 @@ class _ExpertsMLPFn(torch.autograd.Function):
     Why: the per-expert loop of `Experts.forward` builds ~10 autograd nodes and ~17 kernel launches
     per expert, plus as many again backward; small() with 32 local experts in 6 MoE layers per stage
     ran a stage's forward of one micro-batch in 0.2 s on H200 (4x H200, 2026-11-27), ~45 us per op
-    for 1.75 GFLOP/token: host-bound. Here the per-expert work is the GEMMs alone (split_linear's
-    helpers, FP8 or not, padded on CUDA as there); the SwiGLU runs once over all rows, and the
-    weight gradients of all experts are one deferred closure and one accumulation per stacked
-    weight. Gradients equal the loop's: the same GEMMs on the same rows, summed in the same order.
+    for 1.75 GFLOP/token: host-bound. Here the SwiGLU runs once over all rows, and the weight
+    gradients of all experts are one deferred closure and one accumulation per stacked weight.
+    GEMMs: without FP8 one grouped GEMM per projection for all experts (`_Grouped`); with FP8 the
+    per-expert block-scaled GEMMs of split_linear (padded on CUDA as there). Gradients equal the
+    loop's (unit tests): the same products on the same rows.
     """
 
     @staticmethod
@@ -419,6 +420,20 @@ class _ExpertsMLPFn(torch.autograd.Function):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         act = cast or x_AD.dtype
+        ctx.rows, ctx.store, ctx.fp8, ctx.cast, ctx.x_dtype = rows, store, fp8, cast, x_AD.dtype
+        ctx.grouped = _Grouped.applies(x_AD, fp8, act)
+        if ctx.grouped:
+            with torch.autocast(dev, enabled=False):
+                grp = _Grouped(x_AD, rows)
+                w1, w3, w2 = (w.to(act) for w in (w1_EID, w3_EID, w2_EDI))
+                x_PD = grp.pad(x_AD.to(act))
+                g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
+                u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
+                h_PI = F.silu(g_PI) * u_PI
+                y_AD = grp.unpad(grp.mm(h_PI, w2.transpose(-2, -1)))
+            ctx.grp = grp
+            ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1_EID, w3_EID, w2_EDI)
+            return y_AD
         fwd, _, _ = _gemms(fp8, cast)
         with torch.autocast(dev, enabled=False):
             g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
@@ -426,11 +441,12 @@ class _ExpertsMLPFn(torch.autograd.Function):
             h_AI = F.silu(g_AI) * u_AI
             y_AD = _per_expert(fwd, h_AI, w2_EDI, rows, act, w2_EDI.shape[1])
         ctx.save_for_backward(x_AD, g_AI, u_AI, h_AI, w1_EID, w3_EID, w2_EDI)
-        ctx.rows, ctx.store, ctx.fp8, ctx.cast = rows, store, fp8, cast
         return y_AD
 
     @staticmethod
     def backward(ctx, dy_AD):
+        if ctx.grouped:
+            return _ExpertsMLPFn._grouped_backward(ctx, dy_AD)
         x_AD, g_AI, u_AI, h_AI, w1, w3, w2 = ctx.saved_tensors
         rows, store = ctx.rows, ctx.store
         _, dgrad, wgrad = _gemms(ctx.fp8, ctx.cast)
@@ -446,16 +462,90 @@ class _ExpertsMLPFn(torch.autograd.Function):
                 return (_per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3),
                         _per_expert_wgrad(wgrad, dy, h, rows, w2))
 
-        needs_w = any(ctx.needs_input_grad[1:4])
-        if needs_w and store is not None and store.defer:
-            def deferred():
-                for w, dw in zip((w1, w3, w2), weight_grads()):
-                    _accumulate_weight_grad(w, dw)
-            store.put(deferred)
-            dws = (None, None, None)
-        else:
-            dws = weight_grads() if needs_w else (None, None, None)
-        return (dx_AD, *dws, None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None)
+
+    @staticmethod
+    def _grouped_backward(ctx, dy_AD):
+        x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
+        grp = ctx.grp
+        act = x_PD.dtype
+        with torch.autocast(dy_AD.device.type, enabled=False):
+            w1c, w3c, w2c = (w.to(act) for w in (w1, w3, w2))
+            dy_PD = grp.pad(dy_AD.to(act))
+            dh_PI = grp.mm(dy_PD, w2c)
+            du_PI = dh_PI * F.silu(g_PI)
+            dg_PI = torch.ops.aten.silu_backward(dh_PI * u_PI, g_PI)
+            dx_AD = (grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype)
+                     + grp.unpad(grp.mm(du_PI, w3c)).to(ctx.x_dtype))
+
+        def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
+            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                return (grp.wgrad(dg, x, w1.dtype), grp.wgrad(du, x, w3.dtype), grp.wgrad(dy, h, w2.dtype))
+
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None)
+
+
+def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
+    """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
+    needs_w = any(ctx.needs_input_grad[1:4])
+    if needs_w and ctx.store is not None and ctx.store.defer:
+        def deferred():
+            for w, dw in zip(weights, weight_grads()):
+                _accumulate_weight_grad(w, dw)
+        ctx.store.put(deferred)
+        return None, None, None
+    return weight_grads() if needs_w else (None, None, None)
+
+
+class _Grouped:
+    """All experts' rows in one grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90 for bf16, a
+    per-group loop on CPU): one launch per projection instead of one per expert. On CUDA each
+    expert's rows start at a multiple of ALIGN (zero rows between), the grouped kernel's alignment;
+    on CPU the rows stay as they are."""
+
+    ALIGN = 16
+
+    @staticmethod
+    def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
+        # FP8 keeps the per-expert block-scaled GEMMs (torch's grouped FP8 GEMM scales per row,
+        # not in 1x128 / 128x128 blocks); on CUDA the grouped kernel takes bf16 only
+        return (not fp8 and x.shape[0] > 0 and hasattr(torch, "_grouped_mm")
+                and (act == torch.bfloat16 if x.is_cuda else x.device.type == "cpu"))
+
+    def __init__(self, x_AD: torch.Tensor, rows: list[int], align: int | None = None) -> None:
+        self.rows = rows
+        align = align or (self.ALIGN if x_AD.is_cuda else 1)
+        padded = [-(-n // align) * align for n in rows]
+        ends = torch.tensor(padded).cumsum(0)
+        self.P = int(ends[-1]) if len(rows) else 0
+        self.offs = ends.to(torch.int32).to(x_AD.device, non_blocking=True)
+        if align == 1:
+            self.dst_A = None
+        else:  # padded position of each row: its expert's padded start + its rank within the expert
+            starts = [0] + ends.tolist()[:-1]
+            self.dst_A = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows)]).to(
+                x_AD.device, non_blocking=True)
+
+    def pad(self, t_A: torch.Tensor) -> torch.Tensor:
+        if self.dst_A is None:
+            return t_A
+        return t_A.new_zeros(self.P, t_A.shape[1]).index_copy_(0, self.dst_A, t_A)
+
+    def unpad(self, t_P: torch.Tensor) -> torch.Tensor:
+        return t_P if self.dst_A is None else t_P.index_select(0, self.dst_A)
+
+    def mm(self, a_P: torch.Tensor, b_E: torch.Tensor) -> torch.Tensor:
+        """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
+        return torch._grouped_mm(a_P, b_E, offs=self.offs)
+
+    def wgrad(self, dy_PN: torch.Tensor, x_PK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e], exact zeros for experts without rows
+        (not left to the kernel's handling of empty groups)."""
+        dw = torch._grouped_mm(dy_PN.t(), x_PK, offs=self.offs).to(dtype)
+        empty = [e for e, n in enumerate(self.rows) if n == 0]
+        if empty:
+            dw[empty] = 0
+        return dw
 
 
 def _segments(rows: list[int]):
