@@ -107,22 +107,64 @@ def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
 # dtype it needs (an fp32 copy here was one more pass over each output, undone under autocast).
 
 
-def forward_gemm(x_MK, w_NK):
-    k = _kernels_for(x_MK)
-    if k is None:
-        return qdq_1x128(x_MK) @ qdq_128x128(w_NK).t()
-    wq, ws = k.weight_quant(w_NK)
+class QuantizedWeight:
+    """A weight's FP8 form for the forward and input-grad GEMMs: on CUDA the e4m3 values and
+    128x128 scales (and, made on first use, the transposed values the input-grad GEMM reads); on
+    CPU the emulation's quantized-dequantized fp32 weight."""
+
+    def __init__(self, w_NK: torch.Tensor) -> None:
+        self.kernels = _kernels_for(w_NK)
+        if self.kernels is None:
+            self.qdq_NK = qdq_128x128(w_NK)
+        else:
+            self.q_NK, self.scale = self.kernels.weight_quant(w_NK)
+            self._q_KN = None
+
+    @property
+    def q_KN(self) -> torch.Tensor:
+        if self._q_KN is None:
+            self._q_KN = self.q_NK.t().contiguous()
+        return self._q_KN
+
+
+class WeightCache:
+    """Quantized weights kept until the weight changes. Without it every micro-batch quantizes
+    each weight twice (forward and input grad) and transposes it once, ~4 of the ~15 launches of
+    an FP8 expert GEMM; weights change only at the optimizer step. An entry is keyed by where the
+    weight lives and checked against its version counter, which every in-place update moves
+    (AdamW's included), so a stale entry is never used. One cache per module: entries of one
+    weight (or one expert's slice of a stacked weight) replace each other."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[int, QuantizedWeight]] = {}
+
+    def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
+        key = (w_NK.device, w_NK.data_ptr(), tuple(w_NK.shape), tuple(w_NK.stride()), w_NK.dtype)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == w_NK._version:
+            return hit[1]
+        q = QuantizedWeight(w_NK.detach())
+        self._entries[key] = (w_NK._version, q)
+        return q
+
+
+def forward_gemm(x_MK, w_NK, wq: QuantizedWeight | None = None):
+    """y = x W^T in FP8; `wq`: W already quantized (WeightCache), else quantized here."""
+    wq = wq or QuantizedWeight(w_NK)
+    if wq.kernels is None:
+        return qdq_1x128(x_MK) @ wq.qdq_NK.t()
     M = x_MK.shape[0]
-    return k.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq, ws)[:M]
+    return wq.kernels.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq.q_NK, wq.scale)[:M]
 
 
-def dgrad_gemm(dy_MN, w_NK):
-    k = _kernels_for(dy_MN)
-    if k is None:
-        return qdq_1x128(dy_MN) @ qdq_128x128(w_NK)
-    wq, ws = k.weight_quant(w_NK)
+def dgrad_gemm(dy_MN, w_NK, wq: QuantizedWeight | None = None):
+    """dx = dy W in FP8; `wq` as in forward_gemm."""
+    wq = wq or QuantizedWeight(w_NK)
+    if wq.kernels is None:
+        return qdq_1x128(dy_MN) @ wq.qdq_NK
     M = dy_MN.shape[0]
-    return k.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq, ws)[:M]
+    return wq.kernels.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq.q_NK, wq.scale,
+                                       w_t_fp8=wq.q_KN)[:M]
 
 
 def wgrad_gemm(dy_MN, x_MK):

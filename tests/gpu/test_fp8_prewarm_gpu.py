@@ -70,3 +70,19 @@ def test_padded_bf16_matmuls_match_unpadded(m):
     torch.testing.assert_close(P.matmul_dgrad(dy.to(bf), w, bf), dy.to(bf) @ w.to(bf))
     torch.testing.assert_close(P.matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5)
     assert P.prewarm_matmuls({(1024, 288, torch.float32)}, fp8.padded_row_counts(300), torch.device("cuda"), bf) == 3 * 3
+
+
+def test_cached_weights_give_the_same_gemms():
+    """fp8.WeightCache on the GPU: the kernels' FP8 weight (and its transpose for the input grad)
+    reused from the cache gives bit-identical GEMMs, and an in-place update is seen."""
+    w = torch.nn.Parameter(torch.randn(2, 1024, 288, device="cuda"))
+    x, dy = torch.randn(130, 288, device="cuda"), torch.randn(130, 1024, device="cuda")
+    cache = fp8.WeightCache()
+    for _ in range(2):
+        q = cache.get(w[1])
+        assert torch.equal(fp8.forward_gemm(x, w[1], q), fp8.forward_gemm(x, w[1]))
+        assert torch.equal(fp8.dgrad_gemm(dy, w[1], q), fp8.dgrad_gemm(dy, w[1]))
+        with torch.no_grad():
+            w.mul_(0.5)
+    assert cache.get(w[1]) is not q
+

@@ -138,3 +138,21 @@ def test_enable_fp8_training_on_the_tiny_model():
     assert l_fp8 != l_ref  # FP8 is active
     assert abs(l_fp8 - l_ref) / l_ref < 2e-3
     assert torch.nn.functional.cosine_similarity(g_fp8, g_ref, dim=0) > 0.99
+
+
+def test_weight_cache_reuses_until_the_weight_changes():
+    cache = fp8.WeightCache()
+    stacked = torch.nn.Parameter(torch.randn(3, 256, 128))
+    first = cache.get(stacked[1])
+    assert cache.get(stacked[1]) is first  # same expert, unchanged: no new quantization
+    assert cache.get(stacked[2]) is not first  # another expert's slice
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(fp8.forward_gemm(x, stacked[1], first), fp8.forward_gemm(x, stacked[1]))
+    with torch.no_grad():  # an optimizer step: in place, the version counter moves
+        stacked.mul_(2)
+    again = cache.get(stacked[1])
+    assert again is not first
+    torch.testing.assert_close(fp8.forward_gemm(x, stacked[1], again), fp8.forward_gemm(x, stacked[1]))
+    dy = torch.randn(5, 256)
+    torch.testing.assert_close(fp8.dgrad_gemm(dy, stacked[1], again), fp8.dgrad_gemm(dy, stacked[1]))
+

@@ -243,7 +243,8 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
     grouped = copy.deepcopy(loop)
     loop.linear = f8.fp8_linear if fp8 else F.linear
     store = P.WeightGradStore()
-    grouped.mlp_fn = functools.partial(P.experts_mlp, store=store, fp8=fp8)
+    grouped.mlp_fn = functools.partial(P.experts_mlp, store=store, fp8=fp8,
+                                       cache=f8.WeightCache() if fp8 else None)
     T, K, E = 40, cfg.num_experts_per_tok, cfg.n_routed_experts
     ids = torch.stack([torch.randperm(E - 3)[:K] for _ in range(T)])  # the last 3 experts get no rows
     x = torch.randn(T, cfg.hidden_size)

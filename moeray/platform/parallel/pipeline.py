@@ -416,11 +416,12 @@ class _ExpertsMLPFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, rows: list[int], store: WeightGradStore | None,
-                fp8: bool):
+                fp8: bool, cache):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         act = cast or x_AD.dtype
         ctx.rows, ctx.store, ctx.fp8, ctx.cast, ctx.x_dtype = rows, store, fp8, cast, x_AD.dtype
+        ctx.cache = cache
         ctx.grouped = _Grouped.applies(x_AD, fp8, act)
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
@@ -434,7 +435,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             ctx.grp = grp
             ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1_EID, w3_EID, w2_EDI)
             return y_AD
-        fwd, _, _ = _gemms(fp8, cast)
+        fwd, _, _ = _gemms(fp8, cast, cache)
         with torch.autocast(dev, enabled=False):
             g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
             u_AI = _per_expert(fwd, x_AD, w3_EID, rows, act, w3_EID.shape[1])
@@ -449,7 +450,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             return _ExpertsMLPFn._grouped_backward(ctx, dy_AD)
         x_AD, g_AI, u_AI, h_AI, w1, w3, w2 = ctx.saved_tensors
         rows, store = ctx.rows, ctx.store
-        _, dgrad, wgrad = _gemms(ctx.fp8, ctx.cast)
+        _, dgrad, wgrad = _gemms(ctx.fp8, ctx.cast, ctx.cache)
         with torch.autocast(dy_AD.device.type, enabled=False):
             dh_AI = _per_expert(dgrad, dy_AD, w2, rows, h_AI.dtype, w2.shape[2])
             du_AI = dh_AI * F.silu(g_AI)
@@ -462,7 +463,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
                 return (_per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3),
                         _per_expert_wgrad(wgrad, dy, h, rows, w2))
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None)
 
     @staticmethod
     def _grouped_backward(ctx, dy_AD):
@@ -482,7 +483,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 return (grp.wgrad(dg, x, w1.dtype), grp.wgrad(du, x, w3.dtype), grp.wgrad(dy, h, w2.dtype))
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None)
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
@@ -573,24 +574,29 @@ def _per_expert_wgrad(wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list
     return torch.stack([got[e].to(w_ENK.dtype) if e in got else zero for e in range(len(rows))])
 
 
-def _gemms(fp8: bool, cast: torch.dtype | None):
+def _gemms(fp8: bool, cast: torch.dtype | None, cache=None):
     """split_linear's (forward, dgrad, wgrad) GEMMs, each returning the dtype the caller stores
-    into (the FP8 ones return the kernels' bf16 on CUDA, fp32 on CPU)."""
+    into (the FP8 ones return the kernels' bf16 on CUDA, fp32 on CPU). `cache`: an
+    fp8.WeightCache that keeps the FP8 weights from one micro-batch to the next."""
     if fp8:
         from moeray.platform import fp8 as f8
 
-        return f8.forward_gemm, f8.dgrad_gemm, f8.wgrad_gemm
+        if cache is None:
+            return f8.forward_gemm, f8.dgrad_gemm, f8.wgrad_gemm
+        return (lambda x, w: f8.forward_gemm(x, w, cache.get(w)),
+                lambda dy, w: f8.dgrad_gemm(dy, w, cache.get(w)), f8.wgrad_gemm)
     return (functools.partial(matmul_forward, cast=cast), functools.partial(matmul_dgrad, cast=cast),
             functools.partial(matmul_wgrad, cast=cast))
 
 
 def experts_mlp(x_AD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
-                rows: list[int], *, store: WeightGradStore | None = None, fp8: bool = False) -> torch.Tensor:
-    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn."""
+                rows: list[int], *, store: WeightGradStore | None = None, fp8: bool = False,
+                cache=None) -> torch.Tensor:
+    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache."""
     if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
         raise ValueError(f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
                          f"and {w1_EID.shape[0]} experts")
-    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8)
+    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache)
 
 
 class SplitLinear(nn.Module):
@@ -612,7 +618,7 @@ class SplitLinear(nn.Module):
 def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
     """Route every linear layer and routed-expert GEMM of `stage` through `split_linear` with
     `store` (FP8 ones stay FP8). Returns how many layers were switched."""
-    from moeray.platform.fp8 import FP8TrainLinear, fp8_linear
+    from moeray.platform.fp8 import FP8TrainLinear, WeightCache, fp8_linear
     from moeray.platform.model.moe import Experts
 
     n = 0
@@ -622,7 +628,8 @@ def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
                 raise ValueError("enable_weight_grad_split: experts already switched")
             fp8 = module.linear is fp8_linear
             module.linear = functools.partial(split_linear, store=store, fp8=fp8)
-            module.mlp_fn = functools.partial(experts_mlp, store=store, fp8=fp8)
+            module.mlp_fn = functools.partial(experts_mlp, store=store, fp8=fp8,
+                                              cache=WeightCache() if fp8 else None)
             n += 1
             continue
         for child_name, child in list(module.named_children()):
