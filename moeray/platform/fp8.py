@@ -175,6 +175,30 @@ def wgrad_gemm(dy_MN, x_MK):
                               pad_rows(x_MK.to(torch.bfloat16).contiguous()))
 
 
+def forward_gemm_pair(x_MK, wa: QuantizedWeight, wb: QuantizedWeight):
+    """(x Wa^T, x Wb^T) with x quantized once: a SwiGLU's gate and up projections read the same rows."""
+    if wa.kernels is None:
+        xq = qdq_1x128(x_MK)
+        return xq @ wa.qdq_NK.t(), xq @ wb.qdq_NK.t()
+    k, M = wa.kernels, x_MK.shape[0]
+    xq, xs = k.act_quant(pad_rows(x_MK.to(torch.bfloat16).contiguous()), scale_col_major=True)
+    return k.fp8_gemm(xq, xs, wa.q_NK, wa.scale)[:M], k.fp8_gemm(xq, xs, wb.q_NK, wb.scale)[:M]
+
+
+def wgrad_gemm_pair(dya_MN, dyb_MN, x_MK):
+    """(dya^T x, dyb^T x) with x re-tiled 128x1 once (the gate and up weight gradients)."""
+    k = _kernels_for(x_MK)
+    if k is None:
+        xq = qdq_128x1(x_MK)
+        return qdq_128x1(dya_MN).t() @ xq, qdq_128x1(dyb_MN).t() @ xq
+    xt, xt_s = k.act_quant_t(pad_rows(x_MK.to(torch.bfloat16).contiguous()))
+    out = []
+    for dy in (dya_MN, dyb_MN):
+        dyt, dyt_s = k.act_quant_t(pad_rows(dy.to(torch.bfloat16).contiguous()))
+        out.append(k.fp8_gemm(dyt, dyt_s, xt, xt_s))
+    return out[0], out[1]
+
+
 def prewarm(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int], device: torch.device) -> int:
     """Run the three GEMMs of every weight (N, K, dtype) in `weights` at each token count of
     `row_counts` (see `padded_row_counts`), so that each kernel variant a training step can pick is

@@ -86,3 +86,14 @@ def test_cached_weights_give_the_same_gemms():
             w.mul_(0.5)
     assert cache.get(w[1]) is not q
 
+
+@pytest.mark.parametrize("m", [1, 130])
+def test_gemm_pairs_equal_the_single_gemms_on_gpu(m):
+    x = torch.randn(m, 1024, device="cuda")
+    wa, wb = torch.randn(288, 1024, device="cuda"), torch.randn(288, 1024, device="cuda")
+    ya, yb = fp8.forward_gemm_pair(x, fp8.QuantizedWeight(wa), fp8.QuantizedWeight(wb))
+    assert torch.equal(ya, fp8.forward_gemm(x, wa)) and torch.equal(yb, fp8.forward_gemm(x, wb))
+    dya, dyb = torch.randn(m, 288, device="cuda"), torch.randn(m, 288, device="cuda")
+    dwa, dwb = fp8.wgrad_gemm_pair(dya, dyb, x)
+    assert torch.equal(dwa, fp8.wgrad_gemm(dya, x)) and torch.equal(dwb, fp8.wgrad_gemm(dyb, x))
+

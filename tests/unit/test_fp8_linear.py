@@ -156,3 +156,16 @@ def test_weight_cache_reuses_until_the_weight_changes():
     dy = torch.randn(5, 256)
     torch.testing.assert_close(fp8.dgrad_gemm(dy, stacked[1], again), fp8.dgrad_gemm(dy, stacked[1]))
 
+
+def test_gemm_pairs_equal_the_single_gemms():
+    """forward_gemm_pair / wgrad_gemm_pair quantize the shared operand once: same products."""
+    torch.manual_seed(0)
+    x, wa, wb = torch.randn(70, 256), torch.randn(160, 256), torch.randn(160, 256)
+    ya, yb = fp8.forward_gemm_pair(x, fp8.QuantizedWeight(wa), fp8.QuantizedWeight(wb))
+    torch.testing.assert_close(ya, fp8.forward_gemm(x, wa))
+    torch.testing.assert_close(yb, fp8.forward_gemm(x, wb))
+    dya, dyb = torch.randn(70, 160), torch.randn(70, 160)
+    dwa, dwb = fp8.wgrad_gemm_pair(dya, dyb, x)
+    torch.testing.assert_close(dwa, fp8.wgrad_gemm(dya, x))
+    torch.testing.assert_close(dwb, fp8.wgrad_gemm(dyb, x))
+

@@ -437,8 +437,17 @@ class _ExpertsMLPFn(torch.autograd.Function):
             return y_AD
         fwd, _, _ = _gemms(fp8, cast, cache)
         with torch.autocast(dev, enabled=False):
-            g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
-            u_AI = _per_expert(fwd, x_AD, w3_EID, rows, act, w3_EID.shape[1])
+            if fp8:  # gate and up quantize their shared rows once
+                from moeray.platform import fp8 as f8
+
+                quantized = cache.get if cache is not None else f8.QuantizedWeight
+                pairs = [f8.forward_gemm_pair(x_AD[sl], quantized(w1_EID[e]), quantized(w3_EID[e]))
+                         for e, sl in _segments(rows)]
+                g_AI, u_AI = (torch.cat([p[i].to(act) for p in pairs]) if pairs
+                              else x_AD.new_empty(0, w1_EID.shape[1], dtype=act) for i in (0, 1))
+            else:
+                g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
+                u_AI = _per_expert(fwd, x_AD, w3_EID, rows, act, w3_EID.shape[1])
             h_AI = F.silu(g_AI) * u_AI
             y_AD = _per_expert(fwd, h_AI, w2_EDI, rows, act, w2_EDI.shape[1])
         ctx.save_for_backward(x_AD, g_AI, u_AI, h_AI, w1_EID, w3_EID, w2_EDI)
@@ -460,8 +469,14 @@ class _ExpertsMLPFn(torch.autograd.Function):
 
         def weight_grads(dy=dy_AD, dg=dg_AI, du=du_AI, x=x_AD, h=h_AI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                return (_per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3),
-                        _per_expert_wgrad(wgrad, dy, h, rows, w2))
+                if ctx.fp8:  # gate and up re-tile their shared rows x once
+                    from moeray.platform import fp8 as f8
+
+                    pairs = {e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in _segments(rows)}
+                    dw1, dw3 = (_stack_experts({e: p[i] for e, p in pairs.items()}, w) for i, w in ((0, w1), (1, w3)))
+                else:
+                    dw1, dw3 = _per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3)
+                return dw1, dw3, _per_expert_wgrad(wgrad, dy, h, rows, w2)
 
         return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None)
 
@@ -569,9 +584,13 @@ def _per_expert(gemm, a_A: torch.Tensor, w_E: torch.Tensor, rows: list[int], dty
 def _per_expert_wgrad(wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int],
                       w_ENK: torch.Tensor) -> torch.Tensor:
     """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e]; zeros for experts without rows."""
-    got = {e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in _segments(rows)}
+    return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in _segments(rows)}, w_ENK)
+
+
+def _stack_experts(got: dict[int, torch.Tensor], w_ENK: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] in w_ENK's dtype from per-expert results; zeros for experts not in `got`."""
     zero = torch.zeros_like(w_ENK[0])
-    return torch.stack([got[e].to(w_ENK.dtype) if e in got else zero for e in range(len(rows))])
+    return torch.stack([got[e].to(w_ENK.dtype) if e in got else zero for e in range(w_ENK.shape[0])])
 
 
 def _gemms(fp8: bool, cast: torch.dtype | None, cache=None):
