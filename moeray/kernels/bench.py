@@ -137,6 +137,38 @@ def bench_fp8_gemm(ceil: dict) -> list[dict]:
     return rows
 
 
+def bench_fp8_gemm_grouped(ceil: dict) -> list[dict]:
+    """The m-grouped FP8 GEMM (one launch for all experts) against one `fp8_gemm` per expert, at
+    training shapes: small()'s 32 local experts (EP = 2) x 512 rows, and V3's 8 local experts
+    (EP = 32) x 1024 rows; gate/up (N = I) and down (N = D) projections."""
+    import torch
+
+    from moeray.kernels import fp8
+
+    rows = []
+    for name, e, per, d, i in (("small", 32, 512, 1024, 288), ("v3", 8, 1024, 7168, 2048)):
+        for proj, n, k in (("gate_up", i, d), ("down", d, i)):
+            w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16)
+            qs = [fp8.weight_quant(w[j]) for j in range(e)]
+            b, b_s = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+            x = torch.randn(e * per, k, device="cuda", dtype=torch.bfloat16)
+            a, a_s = fp8.act_quant(x, scale_col_major=True)
+            blocks = torch.arange(e, device="cuda", dtype=torch.int32).repeat_interleave(per // 128)
+            segs = [slice(j * per, (j + 1) * per) for j in range(e)]
+            a_s_segs = [a_s[sl].t().contiguous().t() for sl in segs]  # each expert's own column-major scales
+            grouped = _bench(lambda: fp8.fp8_gemm_grouped(a, a_s, b, b_s, blocks))
+            loop = _bench(lambda: [fp8.fp8_gemm(a[sl], s_, b[j], b_s[j]) for j, (sl, s_) in enumerate(zip(segs, a_s_segs))])
+            out = fp8.fp8_gemm_grouped(a, a_s, b, b_s, blocks).float()
+            ref = torch.cat([fp8.fp8_gemm(a[sl], s_, b[j], b_s[j]) for j, (sl, s_) in enumerate(zip(segs, a_s_segs))]).float()
+            flops = 2 * e * per * n * k
+            rows.append({"kernel": "fp8_gemm_grouped", "shape": f"{name} {proj}", "experts": e, "rows_per_expert": per,
+                         "N": n, "K": k, "ms": round(grouped, 4), "per_expert_loop_ms": round(loop, 4),
+                         "speedup_vs_loop": round(loop / grouped, 2), "TFLOPs": round(flops / grouped / 1e9, 1),
+                         "frac_fp8_peak": round(flops / grouped / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
+                         "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5)})
+    return rows
+
+
 def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
     import torch
 
@@ -597,6 +629,10 @@ def _print_table(result: dict) -> None:
                   f"x{r['triton_speedup_vs_bf16']} bf16)")
         else:
             print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
+    for r in result.get("fp8_gemm_grouped", []):
+        print(f"fp8_gemm_grouped {r['shape']:13s} {r['experts']:2d} x {r['rows_per_expert']:4d} rows, N={r['N']:5d} "
+              f"K={r['K']:5d}: {r['ms']:.4f} ms ({r['TFLOPs']} TFLOP/s), per-expert loop {r['per_expert_loop_ms']:.4f} ms "
+              f"(x{r['speedup_vs_loop']}), err {r['rel_err_vs_loop']}")
     for r in result.get("fused_moe", []):
         print(f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d}: {r['ms']:8.3f} ms, loop {r['loop_ms']:8.3f} ms, "
               f"x{r['speedup_vs_loop']} loop, {r['frac_of_floor']:.2f} of {r['floor_is']} floor, err {r['rel_err_vs_ref_first64']}")
@@ -606,12 +642,13 @@ def _print_table(result: dict) -> None:
               + (f", x{r['speedup_vs_ref']} ref" if "speedup_vs_ref" in r else ""))
 
 
-SECTIONS = ("quant", "fp8_gemm", "fused_moe", "mla_decode", "mla_decode_graph", "mla_prefill", "router")
+SECTIONS = ("quant", "fp8_gemm", "fp8_gemm_grouped", "fused_moe", "mla_decode", "mla_decode_graph", "mla_prefill",
+            "router")
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moeray bench kernels", description=__doc__)
-    p.add_argument("--only", default="quant,fp8_gemm,fused_moe,mla_decode",
+    p.add_argument("--only", default="quant,fp8_gemm,fp8_gemm_grouped,fused_moe,mla_decode",
                    help="comma list of: " + ", ".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
     p.add_argument("--sweep", action="store_true", help="also time candidate block configs")
@@ -640,6 +677,7 @@ def main(argv: list[str]) -> int:
     sections = [
         ("quant", lambda: bench_quant(result["ceilings"])),
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
+        ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         ("fused_moe", lambda: bench_moe(result["ceilings"], args.moe_hidden, args.moe_inter, args.moe_experts)),
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),

@@ -342,11 +342,13 @@ def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
+    expert_ptr, stride_be, stride_bse,  # GROUPED only: the expert of each 128-row block of a
     B_SCALE_DIV: tl.constexpr,  # 128: b scale per 128x128 block; 1: per 1x128 row group
     ROW_SCALE: tl.constexpr,  # B_SCALE_DIV == 128 and BLOCK_N <= 128: one b scale per tile and K block
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_M: tl.constexpr,  # the BLOCK_M rows as two BLOCK_M/2-row dots, each its own accumulator
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    GROUPED: tl.constexpr,  # b [E, N, K]: rows of a in 128-row blocks, each block one expert's
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
     pid = tl.program_id(0)
@@ -357,6 +359,10 @@ def _fp8_gemm_kernel(
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
+    if GROUPED:  # BLOCK_M divides 128, so the whole tile is one expert's
+        e = tl.load(expert_ptr + (pid_m * BLOCK_M) // 128).to(tl.int64)
+        b_ptr += e * stride_be
+        bs_ptr += e * stride_bse
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -507,9 +513,72 @@ def fp8_gemm_triton(
         a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
         a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        a_scale, 0, 0,
         B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
-        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), **cfg,
+        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, **cfg,
     )
+    return c
+
+
+# One tile config for every grouped GEMM, whatever its row count: `_gemm_config` picks by M, and
+# in training the total rows change every step, so a by-M choice would compile a new variant
+# mid-step (the multi-GPU hang of benchmarks/notes-train.md). 64x128, 3 stages, 4 warps is the
+# sweep's best 64-row tile (notes-kernels.md).
+_GROUPED_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4,
+                       num_stages=3)
+
+
+def fp8_gemm_grouped(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    block_expert: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """m-grouped block-scaled GEMM (DeepGEMM's contiguous layout): a [P, K] holds the rows of all
+    experts, each expert's starting at a multiple of 128 (zero rows between), and rows
+    [128 i, 128 (i + 1)) are multiplied by expert block_expert[i]'s b:
+        c[rows of block i] = a[rows] @ b[block_expert[i]]^T        b [E, N, K], any strides
+    a_scale [P, K/128] (1x128 groups), b_scale [E, N/128, K/128] (128x128 blocks), block_expert
+    int32 [P / 128]. One launch for all experts, where per-expert GEMMs launch E."""
+    check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2)
+    check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=3, device=a_fp8.device)
+    check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
+    check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), ndim=3, device=a_fp8.device)
+    check_tensor(block_expert, "block_expert", dtypes=(torch.int32,), ndim=1, device=a_fp8.device)
+    p, k = a_fp8.shape
+    e, n = b_fp8.shape[:2]
+    if p % 128 or block_expert.shape[0] != p // 128:
+        raise ValueError(f"a_fp8 has {p} rows: expected a multiple of 128 with one block_expert entry "
+                         f"per 128 rows, got {block_expert.shape[0]} entries")
+    if b_fp8.shape[2] != k:
+        raise ValueError(f"b_fp8 [E, N, K] has K={b_fp8.shape[2]}, a_fp8 [P, K] has K={k}: they must match")
+    kb = cdiv(k, 128)
+    check_shape(a_scale, "a_scale", (p, kb))
+    check_shape(b_scale, "b_scale", (e, cdiv(n, 128), kb))
+    c = torch.empty((p, n), dtype=out_dtype, device=a_fp8.device)
+    if p == 0 or n == 0:
+        return c
+    cfg = _gemm_config(p, n, a_fp8.device) if interpreting() else _GROUPED_CONFIG
+    grid = (cdiv(p, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    _fp8_gemm_kernel[grid](
+        a_fp8, b_fp8, c, a_scale, b_scale, p, n, k,
+        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(1), b_fp8.stride(2), c.stride(0), c.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(1), b_scale.stride(2),
+        block_expert, b_fp8.stride(0), b_scale.stride(0),
+        B_SCALE_DIV=128, ROW_SCALE=cfg["BLOCK_N"] <= 128, EVEN_K=(k % cfg["BLOCK_K"] == 0),
+        UPCAST=interpreting(), GROUPED=True, **cfg,
+    )
+    return c
+
+
+def fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype=torch.bfloat16):
+    """fp8_gemm_grouped in PyTorch: fp8_gemm_ref per 128-row block."""
+    c = torch.empty((a_fp8.shape[0], b_fp8.shape[1]), dtype=out_dtype, device=a_fp8.device)
+    for i, e in enumerate(block_expert.tolist()):
+        rows = slice(128 * i, 128 * (i + 1))
+        c[rows] = fp8_gemm_ref(a_fp8[rows], a_scale[rows], b_fp8[e], b_scale[e], out_dtype)
     return c
 
 

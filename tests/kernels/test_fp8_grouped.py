@@ -1,0 +1,58 @@
+"""The m-grouped FP8 GEMM (`fp8_gemm_grouped`: all experts' rows in one launch) against its
+PyTorch reference and against per-expert `fp8_gemm`, under the interpreter."""
+
+import pytest
+import torch
+
+from moeray.kernels import fp8
+
+
+def _experts(e: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    # each expert's weights at its own scale, so a tile that reads another expert's b or scales fails
+    w = torch.randn(e, n, k, generator=g) * torch.logspace(-1, 1, e).reshape(e, 1, 1)
+    qs = [fp8.weight_quant_ref(w[i]) for i in range(e)]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+@pytest.mark.parametrize("blocks", [[2, 0, 1], [1, 1, 2, 0]])
+def test_grouped_gemm_matches_per_expert_gemms(blocks):
+    E, N, K = 3, 160, 256  # N not a multiple of 128: each expert's last column tile is ragged
+    b, b_s = _experts(E, N, K, seed=len(blocks))
+    rows = 128 * len(blocks)
+    x = torch.randn(rows, K)
+    x[100:128] = 0.0  # the zero padding rows at the end of an expert's last block
+    a, a_s = fp8.act_quant(x, scale_col_major=True)
+    block_expert = torch.tensor(blocks, dtype=torch.int32)
+    out = fp8.fp8_gemm_grouped(a, a_s, b, b_s, block_expert)
+    ref = fp8.fp8_gemm_grouped_ref(a, a_s, b, b_s, block_expert)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    for i, e in enumerate(blocks):  # the same as one fp8_gemm per block
+        r = slice(128 * i, 128 * (i + 1))
+        torch.testing.assert_close(out[r], fp8.fp8_gemm(a[r], a_s[r], b[e], b_s[e]))
+    assert out[100:128].abs().max() == 0
+
+
+def test_grouped_gemm_transposed_b_for_the_input_grad():
+    """dx = dy W: b is each expert's W^T, a strided view of [E, N, K] (no copy), scales transposed."""
+    E, N, K = 2, 256, 160
+    w, w_s = _experts(E, N, K, seed=7)
+    dy = torch.randn(256, N)
+    a, a_s = fp8.act_quant(dy, scale_col_major=True)
+    block_expert = torch.tensor([1, 0], dtype=torch.int32)
+    out = fp8.fp8_gemm_grouped(a, a_s, w.transpose(1, 2), w_s.transpose(1, 2), block_expert)
+    ref = fp8.fp8_gemm_grouped_ref(a, a_s, w.transpose(1, 2), w_s.transpose(1, 2), block_expert)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_grouped_gemm_input_errors():
+    b, b_s = _experts(2, 128, 128, seed=1)
+    a, a_s = fp8.act_quant(torch.randn(200, 128), scale_col_major=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8.fp8_gemm_grouped(a, a_s, b, b_s, torch.zeros(2, dtype=torch.int32))
+    a, a_s = fp8.act_quant(torch.randn(256, 128), scale_col_major=True)
+    with pytest.raises(ValueError, match="block_expert"):
+        fp8.fp8_gemm_grouped(a, a_s, b, b_s, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="b_scale"):
+        fp8.fp8_gemm_grouped(a, a_s, b, b_s[:, :, :0], torch.zeros(2, dtype=torch.int32))
