@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Next session, call A (4 GPUs, ~9 min, no carry): issue #5's train bench again with a stable
 # learning rate and 20 steps (a second clean run of the final code, and an FP8/BF16 loss comparison
-# that is not noise; each run's last step profiled on rank 0), then issue #4's side-by-side of the
-# Triton GEMM as shipped (prod) and the sweep kernel that ran 821 TFLOP/s at N2112 K7168.
+# that is not noise; each run's last step profiled on rank 0). Issue #4's follow-ups are in
+# device_next11.sh (one GPU).
 set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 mkdir -p /tmp/stacks /tmp/results
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_prewarm_gpu.py \
   > "$OUT/pytest.log" 2>&1; el "fp8 GPU tests rc=$?"; tail -2 "$OUT/pytest.log"
-MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-450} python3 -m moeray.cli bench train \
+MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-480} python3 -m moeray.cli bench train \
   --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
   --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results --profile /tmp/prof > "$OUT/train.log" 2>&1
 el "train rc=$?"
@@ -17,5 +17,3 @@ find /tmp/stacks -empty -delete; tar czf "$OUT/stacks-profiles.tgz" -C /tmp stac
 cp /tmp/results/train-*.json "$OUT/" 2>/dev/null
 grep "bench train\]" "$OUT/train.log" | grep "done\|failed" | cut -c1-300
 grep -v "^\s*$" "$OUT/train.log" | grep -v "UserWarning\|return Variable\|step [0-9]*/" | tail -14
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 120 python3 scripts/fp8_gemm_sweep.py --variants prod,ptr64x128s3 \
-  --budget 90 --json "$OUT/fp8_gemm_sweep.json" > "$OUT/sweep.log" 2>&1; el "sweep rc=$?"; tail -12 "$OUT/sweep.log"
