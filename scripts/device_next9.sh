@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Next session, call A (4 GPUs, ~9 min, no carry): issue #5's train bench again with a stable
 # learning rate and 20 steps (a second clean run of the final code, and an FP8/BF16 loss comparison
-# that is not noise; each run's last step profiled on rank 0). Issue #4's follow-ups are in
+# that is not noise; each run's last step profiled on rank 0). GROUPED=1: the FP8 runs use the
+# grouped FP8 GEMM (run device_next11.sh's GPU check of it first). Issue #4's follow-ups are in
 # device_next11.sh (one GPU).
 set -u
 source "$(dirname "$0")/device_env.sh"
@@ -11,7 +12,7 @@ CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider 
   > "$OUT/pytest.log" 2>&1; el "fp8 GPU tests rc=$?"; tail -2 "$OUT/pytest.log"
 MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-480} python3 -m moeray.cli bench train \
   --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
-  --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results --profile /tmp/prof > "$OUT/train.log" 2>&1
+  --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results --profile /tmp/prof ${GROUPED:+--grouped-fp8} > "$OUT/train.log" 2>&1
 el "train rc=$?"
 find /tmp/stacks -empty -delete; tar czf "$OUT/stacks-profiles.tgz" -C /tmp stacks prof
 cp /tmp/results/train-*.json "$OUT/" 2>/dev/null

@@ -557,6 +557,8 @@ def fp8_gemm_grouped(
     kb = cdiv(k, 128)
     check_shape(a_scale, "a_scale", (p, kb))
     check_shape(b_scale, "b_scale", (e, cdiv(n, 128), kb))
+    if not use_triton(a_fp8):
+        return fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype)
     c = torch.empty((p, n), dtype=out_dtype, device=a_fp8.device)
     if p == 0 or n == 0:
         return c

@@ -136,16 +136,37 @@ class WeightCache:
     weight (or one expert's slice of a stacked weight) replace each other."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[int, QuantizedWeight]] = {}
+        self._entries: dict[tuple, tuple[int, object]] = {}
 
     def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
-        key = (w_NK.device, w_NK.data_ptr(), tuple(w_NK.shape), tuple(w_NK.stride()), w_NK.dtype)
+        return self._get(w_NK, QuantizedWeight)
+
+    def stacked(self, w_ENK: torch.Tensor) -> "StackedWeight":
+        """All experts of a stacked [E, N, K] weight at once (the grouped GEMM's form)."""
+        return self._get(w_ENK, StackedWeight)
+
+    def _get(self, w: torch.Tensor, make):
+        key = (make.__name__, w.device, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == w_NK._version:
+        if hit is not None and hit[0] == w._version:
             return hit[1]
-        q = QuantizedWeight(w_NK.detach())
-        self._entries[key] = (w_NK._version, q)
+        q = make(w.detach())
+        self._entries[key] = (w._version, q)
         return q
+
+
+class StackedWeight:
+    """All experts' weights [E, N, K] in FP8 for the grouped GEMM (`kernels.fp8.fp8_gemm_grouped`):
+    q [E, N, K] e4m3 and scales [E, N/128, K/128], each expert quantized on its own (its 128x128
+    blocks never straddle two experts). Uses the kernels module on any device (its PyTorch
+    references off CUDA)."""
+
+    def __init__(self, w_ENK: torch.Tensor) -> None:
+        from moeray.kernels import fp8 as kernels
+
+        qs = [kernels.weight_quant(w_ENK[e]) for e in range(w_ENK.shape[0])]
+        self.q = torch.stack([q for q, _ in qs])
+        self.scale = torch.stack([s for _, s in qs])
 
 
 def forward_gemm(x_MK, w_NK, wq: QuantizedWeight | None = None):

@@ -268,6 +268,59 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
         P.experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
 
+def run_experts_mlp(rows, D, I, *, grouped_fp8, defer, seed=0):
+    """experts_mlp (FP8) forward + backward on random inputs: (y, dx, dW1, dW3, dW2)."""
+    from moeray.platform import fp8 as f8
+
+    g = torch.Generator().manual_seed(seed)
+    E = len(rows)
+    # bf16-exact inputs: on CUDA both paths round x and dy to bf16 before quantizing; the CPU
+    # emulation of the per-expert path would not, and e4m3 rounding flips would show as ~3%
+    x = torch.randn(sum(rows), D, generator=g).bfloat16().float().requires_grad_()
+    ws = [torch.nn.Parameter(torch.randn(E, *shape, generator=g) * 0.2) for shape in ((I, D), (I, D), (D, I))]
+    dy = torch.randn(sum(rows), D, generator=g).bfloat16().float()
+    store = P.WeightGradStore()
+    # bf16 autocast as in training: both paths round the GEMM outputs and the SwiGLU to bf16
+    with store.collect((0, 0, 0), defer=defer), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = P.experts_mlp(x, *ws, rows, store=store, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped_fp8)
+    y.backward(dy.to(y.dtype))
+    store.flush((0, 0, 0))
+    return y.detach().float(), x.grad, *(w.grad for w in ws)
+
+
+def test_grouped_fp8_experts_match_the_per_expert_path():
+    """_GroupedFP8 (128-aligned layout, one quantization per tensor, grouped GEMMs; here the kernels'
+    PyTorch references) against the per-expert FP8 emulation: the same output, and gradients equal
+    up to the bf16 rounding of the grouped GEMMs' outputs (measured 0.17%); a wrong block, scale or
+    transpose gives O(1). Experts without rows, deferred weight grads."""
+    rows = [5, 0, 130, 17]
+    want = run_experts_mlp(rows, 128, 160, grouped_fp8=False, defer=False)
+    got = run_experts_mlp(rows, 128, 160, grouped_fp8=True, defer=True)
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip(("dx", "dW1", "dW3", "dW2"), got[1:], want[1:]):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel < 5e-3, (name, rel)
+    assert got[2][1].abs().sum() == 0 and got[4][1].abs().sum() == 0  # expert 1 has no rows
+    with pytest.raises(ValueError, match="grouped_fp8"):
+        P.experts_mlp(torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True)
+
+
+def test_grouped_fp8_is_opt_in_per_stage():
+    from moeray.platform.fp8 import enable_fp8_training
+    from moeray.platform.model.transformer import Transformer
+
+    for grouped in (False, True):
+        full = Transformer(tiny())
+        stage = P.PipelineStage(full, P.split_layers(3, 1, 1), 0)
+        enable_fp8_training(stage)
+        P.enable_weight_grad_split(stage, stage.store, grouped_fp8=grouped)
+        kw = stage.model.layers["1"].mlp.experts.mlp_fn.keywords
+        assert kw["fp8"] and kw["grouped_fp8"] is grouped and kw["cache"] is not None
+        loss, _, _ = stage.forward_chunk(None, _tokens(), LOSS, 0.5)
+        loss.backward()  # the whole stage runs either way
+        assert stage.model.layers["1"].mlp.experts.gate_proj.grad.abs().sum() > 0
+
+
 def test_grouped_expert_gemms_with_aligned_rows():
     """_Grouped's CUDA layout (each expert's rows start at a multiple of 16, zero rows between),
     run on CPU: the same products and weight gradients as the unpadded layout and as per-expert

@@ -416,13 +416,17 @@ class _ExpertsMLPFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, rows: list[int], store: WeightGradStore | None,
-                fp8: bool, cache):
+                fp8: bool, cache, grouped_fp8: bool):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         act = cast or x_AD.dtype
         ctx.rows, ctx.store, ctx.fp8, ctx.cast, ctx.x_dtype = rows, store, fp8, cast, x_AD.dtype
         ctx.cache = cache
         ctx.grouped = _Grouped.applies(x_AD, fp8, act)
+        ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
+        if ctx.grouped_fp8:
+            with torch.autocast(dev, enabled=False):
+                return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act)
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
                 grp = _Grouped(x_AD, rows)
@@ -455,6 +459,8 @@ class _ExpertsMLPFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_AD):
+        if ctx.grouped_fp8:
+            return _GroupedFP8.backward(ctx, dy_AD)
         if ctx.grouped:
             return _ExpertsMLPFn._grouped_backward(ctx, dy_AD)
         x_AD, g_AI, u_AI, h_AI, w1, w3, w2 = ctx.saved_tensors
@@ -478,7 +484,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
                     dw1, dw3 = _per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3)
                 return dw1, dw3, _per_expert_wgrad(wgrad, dy, h, rows, w2)
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
 
     @staticmethod
     def _grouped_backward(ctx, dy_AD):
@@ -498,7 +504,70 @@ class _ExpertsMLPFn(torch.autograd.Function):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 return (grp.wgrad(dg, x, w1.dtype), grp.wgrad(du, x, w3.dtype), grp.wgrad(dy, h, w2.dtype))
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
+
+
+class _GroupedFP8:
+    """FP8 experts on the 128-aligned layout (`_Grouped` with align 128, DeepGEMM's contiguous
+    layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
+    two experts there), one grouped GEMM per projection forward and input-grad
+    (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
+    quantization. Weights come stacked from the WeightCache. Launches per MoE layer and
+    micro-batch: ~10 forward, ~12 + 3 E backward, where the per-expert path makes ~29 E."""
+
+    @staticmethod
+    def forward(ctx, x_AD, w1, w3, w2, act):
+        from moeray.kernels import fp8 as k
+
+        cache = ctx.cache
+        grp = _Grouped(x_AD, ctx.rows, align=128)
+        blocks = grp.block_expert()
+        x_PD = grp.pad(x_AD.to(torch.bfloat16))
+        xq, xs = k.act_quant(x_PD, scale_col_major=True)
+        s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
+        g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
+        u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
+        h_PI = F.silu(g_PI) * u_PI
+        hq, hs = k.act_quant(h_PI, scale_col_major=True)
+        y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
+        ctx.grp, ctx.blocks, ctx.act = grp, blocks, act
+        ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, dy_AD):
+        from moeray.kernels import fp8 as k
+
+        x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
+        grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
+
+        def input_grad(d_PN, s):  # d @ W per expert: W^T as a view of the stacked FP8 weight
+            dq, ds = k.act_quant(d_PN, scale_col_major=True)
+            return k.fp8_gemm_grouped(dq, ds, s.q.transpose(1, 2), s.scale.transpose(1, 2), blocks)
+
+        with torch.autocast(dy_AD.device.type, enabled=False):
+            s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
+            dy_PD = grp.pad(dy_AD.to(torch.bfloat16))
+            dh_PI = input_grad(dy_PD, s2)
+            du_PI = dh_PI * F.silu(g_PI)
+            dg_PI = torch.ops.aten.silu_backward(dh_PI * u_PI, g_PI)
+            dx_AD = (grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype)
+                     + grp.unpad(input_grad(du_PI, s3)).to(ctx.x_dtype))
+
+        def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
+            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
+
+                def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
+                    got = {}
+                    for e, sl in grp.padded_segments():
+                        sb = slice(sl.start // 128, sl.stop // 128)
+                        got[e] = k.fp8_gemm(at[0][:, sl], at[1][:, sb], bt[0][:, sl], bt[1][:, sb])
+                    return _stack_experts(got, w)
+
+                return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
+
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
@@ -529,9 +598,9 @@ class _Grouped:
                 and (act == torch.bfloat16 if x.is_cuda else x.device.type == "cpu"))
 
     def __init__(self, x_AD: torch.Tensor, rows: list[int], align: int | None = None) -> None:
-        self.rows = rows
+        self.rows, self.device = rows, x_AD.device
         align = align or (self.ALIGN if x_AD.is_cuda else 1)
-        padded = [-(-n // align) * align for n in rows]
+        self.padded = padded = [-(-n // align) * align for n in rows]
         ends = torch.tensor(padded).cumsum(0)
         self.P = int(ends[-1]) if len(rows) else 0
         self.offs = ends.to(torch.int32).to(x_AD.device, non_blocking=True)
@@ -541,6 +610,19 @@ class _Grouped:
             starts = [0] + ends.tolist()[:-1]
             self.dst_A = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows)]).to(
                 x_AD.device, non_blocking=True)
+
+    def block_expert(self, block: int = 128) -> torch.Tensor:
+        """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
+        ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
+        return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def padded_segments(self):
+        """(expert, slice of its padded rows) for every expert with rows."""
+        start = 0
+        for e, p in enumerate(self.padded):
+            if p:
+                yield e, slice(start, start + p)
+            start += p
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:
@@ -610,12 +692,16 @@ def _gemms(fp8: bool, cast: torch.dtype | None, cache=None):
 
 def experts_mlp(x_AD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
                 rows: list[int], *, store: WeightGradStore | None = None, fp8: bool = False,
-                cache=None) -> torch.Tensor:
-    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache."""
+                cache=None, grouped_fp8: bool = False) -> torch.Tensor:
+    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
+    `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8)."""
     if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
         raise ValueError(f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
                          f"and {w1_EID.shape[0]} experts")
-    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache)
+    if grouped_fp8 and (not fp8 or cache is None):
+        raise ValueError(f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
+                         f"cache={cache}")
+    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)
 
 
 class SplitLinear(nn.Module):
@@ -634,9 +720,10 @@ class SplitLinear(nn.Module):
         return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}, deferred dW"
 
 
-def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
+def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore, *, grouped_fp8: bool = False) -> int:
     """Route every linear layer and routed-expert GEMM of `stage` through `split_linear` with
-    `store` (FP8 ones stay FP8). Returns how many layers were switched."""
+    `store` (FP8 ones stay FP8). `grouped_fp8`: FP8 routed experts through the grouped FP8 GEMM
+    (`_GroupedFP8`) instead of one GEMM per expert. Returns how many layers were switched."""
     from moeray.platform.fp8 import FP8TrainLinear, WeightCache, fp8_linear
     from moeray.platform.model.moe import Experts
 
@@ -648,7 +735,8 @@ def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore) -> int:
             fp8 = module.linear is fp8_linear
             module.linear = functools.partial(split_linear, store=store, fp8=fp8)
             module.mlp_fn = functools.partial(experts_mlp, store=store, fp8=fp8,
-                                              cache=WeightCache() if fp8 else None)
+                                              cache=WeightCache() if fp8 else None,
+                                              grouped_fp8=fp8 and grouped_fp8)
             n += 1
             continue
         for child_name, child in list(module.named_children()):
@@ -1278,7 +1366,8 @@ class PipelineModel:
 
     def __init__(self, model_cfg, spec: PipelineSpec, rank: int, *, seed: int = 0, fp8: bool = False,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None, seq_len: int, full_init: Callable | None = None) -> None:
+                 overlap: bool | None = None, seq_len: int, full_init: Callable | None = None,
+                 grouped_fp8: bool = False) -> None:
         from moeray.platform.model.transformer import Transformer
         from moeray.platform.parallel import schedule as sched
         from moeray.platform.parallel.expert import enable_expert_parallel
@@ -1318,7 +1407,7 @@ class PipelineModel:
                 enable_fp8_training(stage)
             if spec.ep > 1:
                 enable_expert_parallel(stage, self.groups.ep[direction], self.ep_rank, spec.ep)
-            enable_weight_grad_split(stage, stage.store)
+            enable_weight_grad_split(stage, stage.store, grouped_fp8=grouped_fp8)
         del full
         self.modules = nn.ModuleList(self.stages.values())  # parameters() counts shared ones once
         self.executor = PipelineExecutor(

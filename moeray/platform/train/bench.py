@@ -74,6 +74,7 @@ class BenchConfig:
     threads: int = 1  # CPU: torch threads per worker
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
     profile_dir: str | None = None  # rank 0 profiles each run's last step into this directory
+    grouped_fp8: bool = False  # FP8 runs: routed experts through the grouped FP8 GEMM
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -197,7 +198,8 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
     timeout = dist_timeout_s()
     _arm_watchdog(timeout, stacks)
     pm = PipelineModel(model_cfg, spec, rank, seed=cfg.seed, fp8=fp8, device=device,
-                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap)
+                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap,
+                       grouped_fp8=cfg.grouped_fp8)
     _say(rank, f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
                f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}")
     optim = tstep.OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps)
@@ -391,6 +393,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
                         "CUDA only); --no-overlap runs them one after the other")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--grouped-fp8", action="store_true",
+                   help="FP8 runs: routed experts through the grouped FP8 GEMM (one launch per "
+                        "projection for all experts) instead of one GEMM per expert")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile each run's last step on rank 0 (left out of the timings) and "
                         "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count")
@@ -405,7 +410,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = BenchConfig(args.model, args.device, args.pp, args.ep, args.microbatches,
                           args.micro_batch_size, args.seq_len, args.steps, args.warmup, args.lr,
-                          threads=args.threads, overlap=args.overlap, profile_dir=args.profile)
+                          threads=args.threads, overlap=args.overlap, profile_dir=args.profile,
+                          grouped_fp8=args.grouped_fp8)
         dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
             import torch
