@@ -167,6 +167,16 @@ class StackedWeight:
         qs = [kernels.weight_quant(w_ENK[e]) for e in range(w_ENK.shape[0])]
         self.q = torch.stack([q for q, _ in qs])
         self.scale = torch.stack([s for _, s in qs])
+        self._t = None
+
+    @property
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W^T [E, K, N] e4m3, its scales [E, K/128, N/128]), contiguous, made on first use: the
+        input-grad GEMM's b, K-major like every b of the block-scaled GEMMs (FP8 tensor-core MMAs
+        read K-major operands; a transposed view would make the kernel transpose every tile)."""
+        if self._t is None:
+            self._t = (self.q.transpose(1, 2).contiguous(), self.scale.transpose(1, 2).contiguous())
+        return self._t
 
 
 def forward_gemm(x_MK, w_NK, wq: QuantizedWeight | None = None):

@@ -541,9 +541,9 @@ class _GroupedFP8:
         x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
         grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
 
-        def input_grad(d_PN, s):  # d @ W per expert: W^T as a view of the stacked FP8 weight
+        def input_grad(d_PN, s):  # d @ W per expert, with W^T stored K-major
             dq, ds = k.act_quant(d_PN, scale_col_major=True)
-            return k.fp8_gemm_grouped(dq, ds, s.q.transpose(1, 2), s.scale.transpose(1, 2), blocks)
+            return k.fp8_gemm_grouped(dq, ds, *s.transposed, blocks)
 
         with torch.autocast(dy_AD.device.type, enabled=False):
             s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
