@@ -87,6 +87,11 @@ def pad_rows(t: torch.Tensor, multiple: int = BLOCK) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+def _bf16_rows(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA GEMM operand as the kernels take it: bf16, contiguous, rows padded to 128."""
+    return pad_rows(t.to(torch.bfloat16).contiguous())
+
+
 def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
     """Every padded token count a GEMM of at most `max_rows` rows can run at."""
     if max_rows < 1:
@@ -185,7 +190,7 @@ def forward_gemm(x_MK, w_NK, wq: QuantizedWeight | None = None):
     if wq.kernels is None:
         return qdq_1x128(x_MK) @ wq.qdq_NK.t()
     M = x_MK.shape[0]
-    return wq.kernels.fp8_linear_forward(pad_rows(x_MK.to(torch.bfloat16).contiguous()), wq.q_NK, wq.scale)[:M]
+    return wq.kernels.fp8_linear_forward(_bf16_rows(x_MK), wq.q_NK, wq.scale)[:M]
 
 
 def dgrad_gemm(dy_MN, w_NK, wq: QuantizedWeight | None = None):
@@ -194,7 +199,7 @@ def dgrad_gemm(dy_MN, w_NK, wq: QuantizedWeight | None = None):
     if wq.kernels is None:
         return qdq_1x128(dy_MN) @ wq.qdq_NK
     M = dy_MN.shape[0]
-    return wq.kernels.fp8_linear_dgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()), wq.q_NK, wq.scale,
+    return wq.kernels.fp8_linear_dgrad(_bf16_rows(dy_MN), wq.q_NK, wq.scale,
                                        w_t_fp8=wq.q_KN)[:M]
 
 
@@ -202,8 +207,7 @@ def wgrad_gemm(dy_MN, x_MK):
     k = _kernels_for(dy_MN)
     if k is None:
         return qdq_128x1(dy_MN).t() @ qdq_128x1(x_MK)
-    return k.fp8_linear_wgrad(pad_rows(dy_MN.to(torch.bfloat16).contiguous()),
-                              pad_rows(x_MK.to(torch.bfloat16).contiguous()))
+    return k.fp8_linear_wgrad(_bf16_rows(dy_MN), _bf16_rows(x_MK))
 
 
 def forward_gemm_pair(x_MK, wa: QuantizedWeight, wb: QuantizedWeight):
@@ -212,7 +216,7 @@ def forward_gemm_pair(x_MK, wa: QuantizedWeight, wb: QuantizedWeight):
         xq = qdq_1x128(x_MK)
         return xq @ wa.qdq_NK.t(), xq @ wb.qdq_NK.t()
     k, M = wa.kernels, x_MK.shape[0]
-    xq, xs = k.act_quant(pad_rows(x_MK.to(torch.bfloat16).contiguous()), scale_col_major=True)
+    xq, xs = k.act_quant(_bf16_rows(x_MK), scale_col_major=True)
     return k.fp8_gemm(xq, xs, wa.q_NK, wa.scale)[:M], k.fp8_gemm(xq, xs, wb.q_NK, wb.scale)[:M]
 
 
@@ -222,10 +226,10 @@ def wgrad_gemm_pair(dya_MN, dyb_MN, x_MK):
     if k is None:
         xq = qdq_128x1(x_MK)
         return qdq_128x1(dya_MN).t() @ xq, qdq_128x1(dyb_MN).t() @ xq
-    xt, xt_s = k.act_quant_t(pad_rows(x_MK.to(torch.bfloat16).contiguous()))
+    xt, xt_s = k.act_quant_t(_bf16_rows(x_MK))
     out = []
     for dy in (dya_MN, dyb_MN):
-        dyt, dyt_s = k.act_quant_t(pad_rows(dy.to(torch.bfloat16).contiguous()))
+        dyt, dyt_s = k.act_quant_t(_bf16_rows(dy))
         out.append(k.fp8_gemm(dyt, dyt_s, xt, xt_s))
     return out[0], out[1]
 

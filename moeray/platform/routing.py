@@ -61,8 +61,8 @@ def route(
     """Group-limited top-k routing of T tokens over E experts (see the module docstring).
 
     CUDA inference with the official mask and at most FUSED_MAX_TOKENS rows goes to the fused
-    Triton gate (moeray.kernels.router, one launch instead of ~15; same results, ties aside); training (gradients to the gate) and
-    everything else run the PyTorch code, `route_torch`.
+    Triton gate (moeray.kernels.router, one launch instead of ~15; same results, ties aside);
+    training (gradients to the gate) and everything else run the PyTorch code, `route_torch`.
     """
     kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group,
               routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob)

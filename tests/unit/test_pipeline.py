@@ -326,6 +326,15 @@ def test_grouped_fp8_is_opt_in_per_stage(monkeypatch):
         assert stage.model.layers["1"].mlp.experts.gate_proj.grad.abs().sum() > 0
 
 
+def test_grouped_gemms_apply_to_bf16_on_cuda_and_anything_on_cpu():
+    # the rule both the experts' forward and the executor's prewarm (which skips grouped experts) use
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert P._Grouped.available(cuda, False, torch.bfloat16)
+    assert not P._Grouped.available(cuda, False, torch.float32)
+    assert not P._Grouped.available(cuda, True, torch.bfloat16)
+    assert P._Grouped.available(cpu, False, torch.float32) and not P._Grouped.available(cpu, True, None)
+
+
 def test_grouped_expert_gemms_with_aligned_rows():
     """_Grouped's CUDA layout (each expert's rows start at a multiple of 16, zero rows between),
     run on CPU: the same products and weight gradients as the unpadded layout and as per-expert
@@ -346,6 +355,7 @@ def test_grouped_expert_gemms_with_aligned_rows():
         dw = grp.wgrad(dy_P, x_P, torch.float32)
         torch.testing.assert_close(dw, want_dw)
         assert dw[1].abs().sum() == 0
+        assert [e for e, _ in grp.padded_segments()] == [0, 2, 3, 4]
         if align > 1:  # the padding rows are zero and every expert starts aligned
             assert x_P.abs().sum(1).nonzero().flatten().tolist() == (
                 list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64])

@@ -19,10 +19,10 @@ or the FLOPs over peak, whichever is slower. Known GPUs use their datasheet numb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 import time
+from unittest import mock
 
 SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
 
@@ -144,19 +144,6 @@ def train_on_cycle(model, cycle, steps: int, device, *, seq_len: int = 128, batc
         losses.append(float(loss.detach()))
     model.eval()
     return losses
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = old
 
 
 def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
@@ -285,7 +272,7 @@ def main(argv: list[str]) -> int:
         # before the fused router and the uniform-S padding landed); this separates the two.
         del engine
         ab = {}
-        with _environ("MOERAY_FUSED_ROUTER", "0"):
+        with mock.patch.dict(os.environ, {"MOERAY_FUSED_ROUTER": "0"}):
             engine = Engine(model, EngineConfig(**ecfg))
             for B in sorted({min(16, max_b), max_b}):
                 prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()

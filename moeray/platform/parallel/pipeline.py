@@ -298,10 +298,10 @@ def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
 # The higher-precision GEMMs of split_linear. On CUDA the token dimension is padded with zero rows
 # to a multiple of 128, as the FP8 ones are (platform/fp8.py says why; there it fixed the FP8
 # PP=2 x EP=2 hang on 4x H200): cuBLAS picks its kernel by shape, and a kernel first loaded
-# mid-step may need the GPU idle while a posted NCCL receive spins on it. That is the suspected
-# cause of the BF16 DualPipe hang (2x and 4x H200, 2026-11-27: both ranks inside a BF16 cuBLAS
-# GEMM at a new per-expert token count), not yet confirmed on a GPU. Padded, the counts take
-# max_rows / 128 values and rehearse runs each of them first (`fp8.pad_rows`,
+# mid-step may need the GPU idle while a posted NCCL receive spins on it (suspected in the BF16
+# DualPipe hang of 2026-11-27, which stopped with CUDA_ENV and the host waits; which of the three
+# mattered is not isolated). Routed experts use these GEMMs only where `_Grouped` does not apply.
+# Padded, the counts take max_rows / 128 values and rehearse runs each of them first (`fp8.pad_rows`,
 # `fp8.padded_row_counts`). Zero rows change nothing: extra rows of y and dx are cut off, and
 # they add zero terms to dW.
 
@@ -354,25 +354,16 @@ class _SplitLinearFn(torch.autograd.Function):
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         ctx.save_for_backward(x_MK, w_NK)
         ctx.store, ctx.fp8, ctx.cast = store, fp8, cast
+        fwd, _, _ = _gemms(fp8, cast)
         with torch.autocast(dev, enabled=False):
-            if fp8:
-                from moeray.platform import fp8 as f8
-
-                return f8.forward_gemm(x_MK, w_NK).to(cast or x_MK.dtype)
-            return matmul_forward(x_MK, w_NK, cast)
+            return fwd(x_MK, w_NK).to(cast or x_MK.dtype)
 
     @staticmethod
     def backward(ctx, dy_MN):
         x_MK, w_NK = ctx.saved_tensors
-        fp8, cast, store = ctx.fp8, ctx.cast, ctx.store
+        store = ctx.store
+        _, dgrad, wgrad = _gemms(ctx.fp8, ctx.cast)
         with torch.autocast(dy_MN.device.type, enabled=False):
-            if fp8:
-                from moeray.platform import fp8 as f8
-
-                dgrad, wgrad = f8.dgrad_gemm, f8.wgrad_gemm
-            else:
-                dgrad = functools.partial(matmul_dgrad, cast=cast)
-                wgrad = functools.partial(matmul_wgrad, cast=cast)
             dx = dgrad(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
             dw = None
             if ctx.needs_input_grad[1]:
@@ -530,7 +521,7 @@ class _GroupedFP8:
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
         y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
-        ctx.grp, ctx.blocks, ctx.act = grp, blocks, act
+        ctx.grp, ctx.blocks = grp, blocks
         ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
         return y_AD
 
@@ -591,11 +582,16 @@ class _Grouped:
     ALIGN = 16
 
     @staticmethod
+    def available(device: torch.device, fp8: bool, act: torch.dtype | None) -> bool:
+        """Whether experts with these settings run their GEMMs grouped. FP8 keeps its own GEMMs
+        (torch's grouped FP8 GEMM scales per row, not in 1x128 / 128x128 blocks); on CUDA the
+        grouped kernel takes bf16 only."""
+        return (not fp8 and hasattr(torch, "_grouped_mm")
+                and (act == torch.bfloat16 if device.type == "cuda" else device.type == "cpu"))
+
+    @staticmethod
     def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
-        # FP8 keeps the per-expert block-scaled GEMMs (torch's grouped FP8 GEMM scales per row,
-        # not in 1x128 / 128x128 blocks); on CUDA the grouped kernel takes bf16 only
-        return (not fp8 and x.shape[0] > 0 and hasattr(torch, "_grouped_mm")
-                and (act == torch.bfloat16 if x.is_cuda else x.device.type == "cpu"))
+        return x.shape[0] > 0 and _Grouped.available(x.device, fp8, act)
 
     def __init__(self, x_AD: torch.Tensor, rows: list[int], align: int | None = None) -> None:
         self.rows, self.device = rows, x_AD.device
@@ -603,7 +599,7 @@ class _Grouped:
         self.padded = padded = [-(-n // align) * align for n in rows]
         ends = torch.tensor(padded).cumsum(0)
         self.P = int(ends[-1]) if len(rows) else 0
-        self.offs = ends.to(torch.int32).to(x_AD.device, non_blocking=True)
+        self._ends = ends
         if align == 1:
             self.dst_A = None
         else:  # padded position of each row: its expert's padded start + its rank within the expert
@@ -618,11 +614,7 @@ class _Grouped:
 
     def padded_segments(self):
         """(expert, slice of its padded rows) for every expert with rows."""
-        start = 0
-        for e, p in enumerate(self.padded):
-            if p:
-                yield e, slice(start, start + p)
-            start += p
+        return _segments(self.padded)
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:
@@ -631,6 +623,12 @@ class _Grouped:
 
     def unpad(self, t_P: torch.Tensor) -> torch.Tensor:
         return t_P if self.dst_A is None else t_P.index_select(0, self.dst_A)
+
+    @functools.cached_property
+    def offs(self) -> torch.Tensor:
+        """int32 end row of each expert on the device: torch._grouped_mm's offsets (made on first
+        use: the grouped FP8 path indexes blocks instead)."""
+        return self._ends.to(torch.int32).to(self.device, non_blocking=True)
 
     def mm(self, a_P: torch.Tensor, b_E: torch.Tensor) -> torch.Tensor:
         """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
@@ -1251,6 +1249,8 @@ class PipelineExecutor:
                     weights[(module.fp8, False)].add((n, k, module.weight.dtype))
                 elif isinstance(module, Experts) and isinstance(module.linear, functools.partial):
                     fp8 = bool(module.linear.keywords.get("fp8"))
+                    if _Grouped.available(self.device, fp8, self.autocast_dtype or module.gate_proj.dtype):
+                        continue  # one grouped GEMM per projection: nothing per token count to load
                     for w in (module.gate_proj, module.up_proj, module.down_proj):
                         weights[(fp8, True)].add((w.shape[1], w.shape[2], w.dtype))
         tokens = self._mb_rows * self.seq_len
