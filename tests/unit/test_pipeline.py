@@ -203,6 +203,28 @@ def test_cuda_env_is_set_before_the_context(monkeypatch):
     with pytest.raises(ValueError, match="CUDA_DEVICE_MAX_CONNECTIONS"):
         P.apply_cuda_env({"CUDA_MODULE_LOADING": "LAZY"})
     P.apply_cuda_env(env)  # already in place: nothing to refuse
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+
+
+def test_cuda_worker_refuses_the_native_allocator(monkeypatch):
+    # this process imported torch without the setting, so its allocator is the native one: a
+    # worker started so would hang at its first mid-step cudaMalloc; it must say so instead
+    for k in P.CUDA_ENV:
+        monkeypatch.setenv(k, "")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match="PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync'.*before torch is imported"):
+        P.init_distributed(0, 1, "file:///nonexistent", torch.device("cuda", 0))
+
+
+def test_bench_spawns_cuda_workers_with_the_cuda_env(monkeypatch):
+    from moeray.platform.train import bench
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    with bench._worker_env("cuda"):
+        assert all(os.environ[k] == v for k, v in P.CUDA_ENV.items())
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    with bench._worker_env("cpu"):
+        assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
 def test_bench_step_profiler_writes_rank0_tables(tmp_path):

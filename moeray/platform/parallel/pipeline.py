@@ -783,6 +783,13 @@ CUDA_ENV = {
     # of the other direction queued behind it on the same hardware queue -- the compute that
     # leads to the message the peer waits for. 32 (the most) gives every stream its own queue.
     "CUDA_DEVICE_MAX_CONNECTIONS": "32",
+    # torch's native allocator calls cudaMalloc at each new peak of a stream's cache, and a
+    # cudaMalloc waits for the whole GPU to idle: the deadlock above again (4x H200, 2026-11-27:
+    # two EP peers each stuck in an allocation while its GPU spun on the other's all-to-all).
+    # The stream-ordered allocator (cudaMallocAsync) allocates without a device-wide wait. torch
+    # picks its allocator when it is imported: launchers put this in a worker's environment before
+    # the process starts (train/bench.py's spawn, train/job.py's runtime_env).
+    "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
 }
 
 
@@ -813,6 +820,13 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
         if device.index is None:
             raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
         apply_cuda_env(os.environ)
+        backend = (torch.cuda.get_allocator_backend() if hasattr(torch._C, "_cuda_getAllocatorBackend")
+                   else "none (torch built without CUDA)")
+        if backend != "cudaMallocAsync":
+            raise ValueError(
+                f"the CUDA allocator is {backend!r}; a pipeline worker needs PYTORCH_CUDA_ALLOC_CONF="
+                f"{CUDA_ENV['PYTORCH_CUDA_ALLOC_CONF']!r} in its environment before torch is imported "
+                f"(its launcher's job: pipeline.CUDA_ENV)")
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timeout, device_id=device)
@@ -964,33 +978,39 @@ class PipelineGroups:
 
 
 def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
-                          small_fraction: float = 0.05) -> tuple[int, int]:
-    """Grow torch's caching allocator now so that no step has to call cudaMalloc.
+                          small_fraction: float = 0.05, streams: list | None = None) -> tuple[int, int]:
+    """Grow the CUDA allocator's cache now so that no step has to ask the driver for memory.
 
-    A device memory allocation is an implicit synchronization (CUDA C Programming Guide,
-    "Implicit Synchronization"): the host waits until the GPU idles (measured on H200: a 768 MiB
-    allocation in one thread waited out another stream's 1 s kernel; from the reserved cache it
-    took 1.1 ms, tests/gpu/test_reserve_memory_gpu.py). Mid-step the GPU does not idle while a
-    posted NCCL receive spins for a message its peer has not sent, and if the peer is stuck the
-    same way neither rank moves again. Growing the cache at a new peak is one such allocation (it
-    was not the whole cause of the BF16 DualPipe hang: that run still hung with this in place,
-    notes-train.md). Reserved, later tensors are carved from cached blocks: one block of
-    `large_fraction` of the free memory (tensors over 1 MiB are split from it) and
-    `small_fraction` of it as the 2 MiB segments of the small pool (tensors up to 1 MiB:
-    per-expert scales, indices, short activations). Returns the two sizes."""
+    A cudaMalloc is an implicit synchronization (CUDA C Programming Guide, "Implicit
+    Synchronization"): the host waits until the GPU idles (H200: a 768 MiB allocation in one
+    thread waited 951 ms for another stream's 1 s kernel, tests/gpu/test_reserve_memory_gpu.py).
+    Mid-step the GPU does not idle while a posted NCCL receive spins for a message its peer has
+    not sent, and if the peer is stuck the same way neither rank moves again (the 4x H200 run of
+    2026-11-27 afternoon: one rank's backward thread stuck in `torch.empty`, its EP peer's forward
+    thread in `torch.cat`, notes-train.md). Pipeline workers use the stream-ordered allocator
+    (`CUDA_ENV`), whose allocations do not synchronize; this keeps torch's native allocator safe
+    too. The native allocator reuses a freed block only on the stream that allocated it, so the
+    cache is grown on each of `streams` (default: the current stream), `large_fraction` of the
+    free memory in all as one block per stream (tensors over 1 MiB are split from it) and
+    `small_fraction` as 2 MiB small-pool segments (tensors up to 1 MiB: per-expert scales,
+    indices, short activations). Returns the two sizes in bytes, all streams together."""
     if device.type != "cuda":
         return 0, 0
     if not (0 < large_fraction < 1 and 0 <= small_fraction < 1 and large_fraction + small_fraction < 1):
         raise ValueError(f"large_fraction={large_fraction}, small_fraction={small_fraction}: "
                          f"each in [0, 1) and together under 1")
+    streams = list(streams) if streams else [torch.cuda.current_stream(device)]
     free, _ = torch.cuda.mem_get_info(device)
-    large = int(free * large_fraction) // (2 << 20) * (2 << 20)
-    small_segments = int(free * small_fraction) // (2 << 20)
-    block = torch.empty(large, dtype=torch.uint8, device=device)
-    # two 1 MiB tensors fill one 2 MiB small-pool segment
-    smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=device) for _ in range(2 * small_segments)]
-    del block, smalls  # back to the allocator's cache, not to the driver
-    return large, small_segments * (2 << 20)
+    large = int(free * large_fraction / len(streams)) // (2 << 20) * (2 << 20)
+    small_segments = int(free * small_fraction / len(streams)) // (2 << 20)
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            block = torch.empty(large, dtype=torch.uint8, device=device)
+            # two 1 MiB tensors fill one 2 MiB small-pool segment
+            smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=device)
+                      for _ in range(2 * small_segments)]
+            del block, smalls  # back to the allocator's cache for this stream, not to the driver
+    return large * len(streams), small_segments * (2 << 20) * len(streams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1227,7 +1247,8 @@ class PipelineExecutor:
                 p.grad = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            reserve_device_memory(self.device)
+            reserve_device_memory(self.device, streams=[torch.cuda.current_stream(self.device),
+                                                        *self.streams.values()])
         self._rehearsed = True
 
     def _prewarm_gemms(self) -> int:

@@ -301,6 +301,16 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
         dist.destroy_process_group()
 
 
+def _worker_env(device: str):
+    """The environment spawned CUDA workers start with: pipeline.CUDA_ENV (its allocator choice
+    must precede the workers' `import torch`)."""
+    from unittest import mock
+
+    from moeray.platform.parallel.pipeline import CUDA_ENV
+
+    return mock.patch.dict(os.environ, CUDA_ENV) if device == "cuda" else contextlib.nullcontext()
+
+
 def run(cfg: BenchConfig) -> dict:
     import torch.multiprocessing as mp
 
@@ -312,8 +322,9 @@ def run(cfg: BenchConfig) -> dict:
         failed: dict[str, str] = {}
         for i, run_ in enumerate(RUNS):
             try:
-                mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, run_),
-                         nprocs=cfg.world, join=True)
+                with _worker_env(cfg.device):
+                    mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, run_),
+                             nprocs=cfg.world, join=True)
             except Exception as err:  # noqa: BLE001 - the run failed (its workers said why)
                 if run_[0] == "dualpipe-fp8":
                     raise  # the main run: nothing to report without it
