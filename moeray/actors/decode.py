@@ -112,6 +112,14 @@ def decode_router_class():
             self.policy = DecodeRoutingPolicy(page_size)
 
         async def choose_replicas(self, candidate_replicas, pending_request=None):
+            if pending_request is not None:
+                # Sleep (exponential backoff) between rounds when no replica takes the request.
+                # Without it Serve's routing loop calls this again at once, and as nothing here
+                # awaits, the router's event loop never runs anything else: with every decode
+                # replica full it burned a core ("Failed to route request after 17250
+                # attempts" in 50 s), and a stats call for a killed replica spun forever, since
+                # the replica-set update that would end it never ran (tests/ray/test_serve_app.py).
+                pending_request.routing_context.should_backoff = True
             by_id = {}
             for r in candidate_replicas:
                 rid = r.replica_id.unique_id

@@ -326,3 +326,64 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
     # Earlier tests in this module sent many requests; every transfer moves whole token rows.
     assert got["ttft"] >= 5 and got["pages"] == 2
     assert got["kv_bytes"] >= per_token and got["kv_bytes"] % per_token == 0
+
+
+def _decode_replica_actors() -> dict[str, tuple[str, str]]:
+    """Replica id -> (actor name, namespace) of every live Decode replica of the P/D app."""
+    import ray
+
+    return {a["name"].rsplit("#", 1)[-1]: (a["name"], a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "#Decode#" in a["name"] and "moeray" in a["name"]}
+
+
+def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, model_dir):
+    """Last in the module: it kills a decode replica while a request streams from it."""
+    import ray
+
+    cfg, url = server
+    before = _decode_replica_actors()
+    assert len(before) == 2, before
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"model": "tiny", "prompt": "import os", "max_tokens": 400,
+                                  "ignore_eos": True, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = json.loads(resp.readline()[len(b"data: "):])
+    owner = [rid for rid, st in _decode_stats().items()
+             if any(t["request_id"].startswith(first["id"]) for t in st["transfers"])]
+    assert len(owner) == 1, owner
+    name, namespace = before[owner[0]]
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    # The in-flight stream ends (cut off or with an error event); it must not hang the client.
+    t0 = time.monotonic()
+    try:
+        while resp.readline():
+            assert time.monotonic() - t0 < 90, "the stream of the killed replica never ended"
+    except (http.client.HTTPException, OSError):
+        pass
+    conn.close()
+    deadline = time.monotonic() + 180
+    while True:  # Serve's controller notices the dead replica and starts another
+        now = _decode_replica_actors()
+        if len(now) == 2 and owner[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"the killed replica {owner[0]} was not replaced: {now}"
+        time.sleep(1.0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    prompt = "def add(a, b):"
+    want = _expected(model_dir, prompt, 8)
+    deadline = time.monotonic() + 120
+    for i in range(4):  # new requests, spread over both replicas (the new one included)
+        while True:
+            try:
+                r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                break
+            except openai.APIStatusError as e:  # the new replica may still be starting: 5xx/429, retried
+                assert e.status_code >= 429 and time.monotonic() < deadline, (i, e.status_code, str(e))
+                time.sleep(1.0)
+        assert r.choices[0].text == want
+    stats = _decode_stats()  # both replicas answer, the new one included
+    assert len(stats) == 2 and owner[0] not in stats

@@ -74,3 +74,25 @@ def test_engine_deployments_take_resources_and_autoscaling_from_the_config():
                                                     "target_ongoing_requests": 9}), 4)
     assert "num_replicas" not in auto
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 9}
+
+
+def test_decode_router_backs_off_when_no_replica_takes_the_request():
+    """Serve's routing loop calls choose_replicas again at once unless the request asks for a
+    backoff; as choose_replicas never awaits, that loop starved the router's event loop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.request_router.common import RequestRoutingContext
+
+    from moeray.actors.decode import decode_router_class
+    from moeray.platform.serve.worker import DecodeRoutingPolicy
+
+    router = SimpleNamespace(policy=DecodeRoutingPolicy(16))
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={"free_pages": n, "seq": 1})
+                for rid, n in (("a", 3), ("b", 9))]
+    choose = decode_router_class().choose_replicas
+    for kwargs, want in (({}, ["b", "a"]), ({"replica": "a"}, ["a"]), ({"replica": "gone"}, [])):
+        pending = SimpleNamespace(args=[], kwargs=kwargs, routing_context=RequestRoutingContext())
+        ranks = asyncio.run(choose(router, replicas, pending))
+        assert [r.replica_id.unique_id for (r,) in ranks] == want
+        assert pending.routing_context.should_backoff is True
