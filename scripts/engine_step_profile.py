@@ -73,19 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(4):  # prefill and the first decodes
         engine.step()
     _sync(device)
-    walls = []
-    for _ in range(a.steps):
-        t = time.perf_counter()
-        engine.step()
-        _sync(device)
-        walls.append(time.perf_counter() - t)
+    def timed_steps() -> list[float]:
+        out = []
+        for _ in range(a.steps):
+            t = time.perf_counter()
+            engine.step()
+            _sync(device)
+            out.append(time.perf_counter() - t)
+        return out
+
+    walls = timed_steps()
     runner.execute = timed_execute
-    synced = []
-    for _ in range(a.steps):
-        t = time.perf_counter()
-        engine.step()
-        _sync(device)
-        synced.append(time.perf_counter() - t)
+    synced = timed_steps()
     runner.execute = execute
     model_ms = statistics.median(inner) * 1e3
 
