@@ -64,12 +64,17 @@ class Variant:
     device_desc: bool = False  # tl.make_tensor_descriptor in the kernel (needs triton.set_allocator)
     warp_spec: bool = False  # tl.range(..., warp_specialize=True)
     flatten: bool = False  # tl.range(..., flatten=True) on the persistent tile loop
+    plain_loop: bool = False  # ptr: the K loop as `range` pipelined by the launch's num_stages (prod's form)
 
 
 VARIANTS = [
-    Variant("prod", "prod", "moeray.kernels.fp8.fp8_gemm_triton as shipped (64x128, 4 warps, 4 stages)"),
+    Variant("prod", "prod", "moeray.kernels.fp8.fp8_gemm_triton as shipped (its _gemm_config: 64x128 or split-M 128x128, 4 warps, 3 stages)"),
     Variant("ptr64x128s4", "ptr", "prod + one FMA per element: scale a_s*b_s per row first (b_s is one scalar per 128-col tile)"),
     Variant("ptr64x128s3", "ptr", "3 stages: 72 KB smem -> 3 CTAs/SM overlap each other's scale epilogue", stages=3),
+    # The port (prod) and ptr64x128s3 share tile, stages, warps and promotion; prod loops with
+    # `range` under the launch's num_stages where ptr64x128s3 uses tl.range(num_stages=): this
+    # variant isolates that difference (prod ran 0.61x of _scaled_mm at N2112 K7168, ptr64x128s3 0.78x).
+    Variant("ptr64x128s3_range", "ptr", "ptr64x128s3 with prod's K loop: range + launch num_stages", stages=3, plain_loop=True),
     Variant("ptr64x128s5", "ptr", "5 stages, 2 CTAs/SM", stages=5),
     Variant("ptr64x64s4", "ptr", "narrow tile: 4 CTAs/SM, more overlap, more operand traffic", block_n=64),
     Variant("ptr128x128w8s3", "ptr", "2 warpgroups per CTA interleave wgmma and scaling", block_m=128, warps=8, stages=3),
@@ -130,6 +135,7 @@ def _ptr_tile(
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, K_PAIR: tl.constexpr, SPLIT_M: tl.constexpr, UPCAST: tl.constexpr,
+    PLAIN_LOOP: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,6 +194,12 @@ def _ptr_tile(
                 kl = KB - 1
                 s = tl.load(as_ptrs + kl * stride_ask) * tl.load(bs_tile + kl * stride_bsk)
                 acc = _scaled_dot(acc, tl.load(a_ptrs + kl * BLOCK_K), tl.load(b_ptrs + kl * BLOCK_K), s, UPCAST)
+        elif PLAIN_LOOP:
+            for kb in range(0, KB):
+                a = tl.load(a_ptrs + kb * BLOCK_K)
+                b = tl.load(b_ptrs + kb * BLOCK_K)
+                s = tl.load(as_ptrs + kb * stride_ask) * tl.load(bs_tile + kb * stride_bsk)
+                acc = _scaled_dot(acc, a, b, s, UPCAST)
         else:
             for kb in tl.range(0, KB, num_stages=NUM_STAGES):
                 a = tl.load(a_ptrs + kb * BLOCK_K)
@@ -204,7 +216,7 @@ def _gemm_ptr_kernel(
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk, NUM_PROGS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr, K_PAIR: tl.constexpr, SPLIT_M: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PLAIN_LOOP: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -213,11 +225,11 @@ def _gemm_ptr_kernel(
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, num_stages=1):
             _ptr_tile(tile, a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, num_m, num_n, KB,
                       stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST)
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST, PLAIN_LOOP)
     else:
         _ptr_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, num_m, num_n, KB,
                   stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST)
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST, PLAIN_LOOP)
 
 
 @triton.jit
@@ -395,7 +407,7 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
             _gemm_ptr_kernel[(progs,)](
                 a_MK, b_NK, c, as_MKb, bs_NbKb, m, n, k,
                 a_MK.stride(0), b_NK.stride(0), c.stride(0), *sa, *sb, progs,
-                K_PAIR=v.k_pair, SPLIT_M=v.split_m, **common)
+                K_PAIR=v.k_pair, SPLIT_M=v.split_m, PLAIN_LOOP=v.plain_loop, **common)
             return c
         return run
     if v.kind == "tma":
