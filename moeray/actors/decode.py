@@ -115,10 +115,11 @@ def decode_router_class():
             if pending_request is not None:
                 # Sleep (exponential backoff) between rounds when no replica takes the request.
                 # Without it Serve's routing loop calls this again at once, and as nothing here
-                # awaits, the router's event loop never runs anything else: with every decode
-                # replica full it burned a core ("Failed to route request after 17250
-                # attempts" in 50 s), and a stats call for a killed replica spun forever, since
-                # the replica-set update that would end it never ran (tests/ray/test_serve_app.py).
+                # awaits, the router's event loop never runs anything else: a stats call for a
+                # killed replica spun a core forever, since the replica-set update that would
+                # end it never ran (tests/ray/test_serve_app.py); with every decode replica full
+                # it likely burned a core the same way ("Failed to route request after 17250
+                # attempts" in 50 s, notes-serve.md).
                 pending_request.routing_context.should_backoff = True
             by_id = {}
             for r in candidate_replicas:
