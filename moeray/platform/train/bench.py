@@ -160,19 +160,28 @@ def _arm_watchdog(seconds: float, file) -> None:
 
 
 @contextlib.contextmanager
-def _step_profiler(cfg: BenchConfig, name: str, rank: int, on: bool):
-    """torch.profiler around one step's forward-backward on rank 0 when `on`. The table says where
-    the host time goes (a step here is launch- and Python-bound: notes-train.md): self CPU time
-    per op and the launch counts (cudaLaunchKernel for torch, cuLaunchKernelEx for Triton)."""
+def _step_profiler(cfg: BenchConfig, rank: int, on: bool, into: list):
+    """torch.profiler around one step's forward-backward on rank 0 when `on`; the stopped profiler
+    is appended to `into`. Its table (`write_profile`) is made after the run's last collective:
+    made here, between the step and its gradient all-reduce, it kept the peers waiting in that
+    collective (4x H200: 1f1b-fp8 timed out so, notes-train.md)."""
     if not on or rank != 0:
         yield
         return
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device == "cuda" else [])
     with profile(activities=acts) as prof:
         yield
+    into.append(prof)
+
+
+def write_profile(cfg: BenchConfig, name: str, rank: int, prof) -> Path:
+    """The profiled step as a table: where the host time goes (a step here is launch- and
+    Python-bound: notes-train.md), self CPU time per op and the launch counts (cudaLaunchKernel
+    for torch, cuLaunchKernelEx for Triton)."""
+    import torch
+
     table = prof.key_averages()
     path = Path(cfg.profile_dir, f"profile-{name}-rank{rank}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,10 +189,11 @@ def _step_profiler(cfg: BenchConfig, name: str, rank: int, on: bool):
                     "## by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=40)
                     + "\n\n## by count\n" + table.table(sort_by="count", row_limit=40) + "\n")
     _say(rank, f"{name}: profile of the last step written to {path}")
+    return path
 
 
 def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, tokens,
-             device, stacks) -> dict | None:
+             device, stacks, profiles: list) -> dict | None:
     import torch
     import torch.distributed as dist
 
@@ -218,7 +228,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
         first = (step * cfg.global_batch + shard * rows) * S1
         batch = tokens[first:first + rows * S1].view(rows, S1)
         profiled = cfg.profile_dir is not None and step == cfg.steps - 1
-        with _step_profiler(cfg, name, rank, profiled):
+        with _step_profiler(cfg, rank, profiled, profiles):
             out = pm.forward_backward(batch, loss_cfg)
         norm = pm.sync_gradients()
         tstep.apply_update(pm.modules, opt, step, optim, total_norm=norm)
@@ -287,8 +297,11 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
         results = {"matmul_flops_per_s": rate}
         name, schedule, fp8 = run
-        results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device, stacks)
+        profiles: list = []
+        results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device, stacks, profiles)
         dist.barrier()
+        for prof in profiles:  # no collective follows: nobody waits on the table
+            write_profile(cfg, name, rank, prof)
         if rank == 0:
             Path(out_dir, f"bench-{name}.json").write_text(json.dumps(results))
             # the log keeps each finished run's numbers even if a later run fails
@@ -410,8 +423,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile each run's last step on rank 0 (left out of the timings) and "
                         "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
-                        "The profiled step ran ~15x slower on 4x H200 (55 s) while the other ranks "
-                        "waited in a collective: set MOERAY_DIST_TIMEOUT_S above that")
+                        "The profiled step ran ~15x slower on 4x H200 (55 s with the table, since "
+                        "moved after the run): keep MOERAY_DIST_TIMEOUT_S above it")
     return p
 
 
