@@ -391,6 +391,11 @@ def split_linear(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | 
     return y if bias is None else y + bias
 
 
+def _swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of h = silu(g) * u."""
+    return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+
+
 class _ExpertsMLPFn(torch.autograd.Function):
     """Every local expert's SwiGLU, y = (silu(x W1^T) * (x W3^T)) W2^T, on rows sorted by expert
     (`rows[e]` of them for expert e), as ONE autograd node with a deferrable weight gradient.
@@ -459,8 +464,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         _, dgrad, wgrad = _gemms(ctx.fp8, ctx.cast, ctx.cache)
         with torch.autocast(dy_AD.device.type, enabled=False):
             dh_AI = _per_expert(dgrad, dy_AD, w2, rows, h_AI.dtype, w2.shape[2])
-            du_AI = dh_AI * F.silu(g_AI)
-            dg_AI = torch.ops.aten.silu_backward(dh_AI * u_AI, g_AI)
+            dg_AI, du_AI = _swiglu_backward(dh_AI, g_AI, u_AI)
             dx_AD = (_per_expert(dgrad, dg_AI, w1, rows, x_AD.dtype, w1.shape[2])
                      + _per_expert(dgrad, du_AI, w3, rows, x_AD.dtype, w3.shape[2]))
 
@@ -486,8 +490,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             w1c, w3c, w2c = (w.to(act) for w in (w1, w3, w2))
             dy_PD = grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
-            du_PI = dh_PI * F.silu(g_PI)
-            dg_PI = torch.ops.aten.silu_backward(dh_PI * u_PI, g_PI)
+            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
             dx_AD = (grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype)
                      + grp.unpad(grp.mm(du_PI, w3c)).to(ctx.x_dtype))
 
@@ -540,8 +543,7 @@ class _GroupedFP8:
             s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
             dy_PD = grp.pad(dy_AD.to(torch.bfloat16))
             dh_PI = input_grad(dy_PD, s2)
-            du_PI = dh_PI * F.silu(g_PI)
-            dg_PI = torch.ops.aten.silu_backward(dh_PI * u_PI, g_PI)
+            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
             dx_AD = (grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype)
                      + grp.unpad(input_grad(du_PI, s3)).to(ctx.x_dtype))
 
