@@ -156,10 +156,13 @@ def bench_fp8_gemm_grouped(ceil: dict) -> list[dict]:
             blocks = torch.arange(e, device="cuda", dtype=torch.int32).repeat_interleave(per // 128)
             segs = [slice(j * per, (j + 1) * per) for j in range(e)]
             a_s_segs = [a_s[sl].t().contiguous().t() for sl in segs]  # each expert's own column-major scales
+            def per_expert():
+                return [fp8.fp8_gemm(a[sl], s_, b[j], b_s[j]) for j, (sl, s_) in enumerate(zip(segs, a_s_segs))]
+
             grouped = _bench(lambda: fp8.fp8_gemm_grouped(a, a_s, b, b_s, blocks))
-            loop = _bench(lambda: [fp8.fp8_gemm(a[sl], s_, b[j], b_s[j]) for j, (sl, s_) in enumerate(zip(segs, a_s_segs))])
+            loop = _bench(per_expert)
             out = fp8.fp8_gemm_grouped(a, a_s, b, b_s, blocks).float()
-            ref = torch.cat([fp8.fp8_gemm(a[sl], s_, b[j], b_s[j]) for j, (sl, s_) in enumerate(zip(segs, a_s_segs))]).float()
+            ref = torch.cat(per_expert()).float()
             flops = 2 * e * per * n * k
             rows.append({"kernel": "fp8_gemm_grouped", "shape": f"{name} {proj}", "experts": e, "rows_per_expert": per,
                          "N": n, "K": k, "ms": round(grouped, 4), "per_expert_loop_ms": round(loop, 4),

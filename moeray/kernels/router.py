@@ -49,8 +49,10 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE_CELLS = 2048
 # routing.route sends at most this many rows to the kernel. Measured in one `moeray bench engine`
 # run (small(), H200, eager decode, 2026-11-27), only the router switched: batch 16 decoded at 534
-# tok/s fused vs 490 PyTorch, batch 256 at 2,617 vs 6,062. Why the kernel loses at 256 rows is not
-# known yet (notes-engine.md); decode batches up to 32 keep the one-launch gate.
+# tok/s fused vs 490 PyTorch, batch 256 at 2,617 vs 6,062. Yet the kernel alone wins at 256 rows
+# (`moeray bench kernels --only router`, H200, later the same day: 8.8 vs 70 us in a graph), so the
+# engine's loss is not the kernel's own time and is not explained (notes-engine.md); until it is,
+# decode batches up to 32 keep the one-launch gate.
 FUSED_MAX_TOKENS = 32
 
 
@@ -134,11 +136,10 @@ def _route_kernel(
 
 
 def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
-    """Whether route_fused takes these tensors as they are and is the faster choice: at most
+    """Whether route_fused takes these tensors as they are and gets them: at most
     FUSED_MAX_TOKENS rows (routing.route's dispatch test).
     MOERAY_FUSED_ROUTER=0 in the environment routes with PyTorch instead: an A/B switch for
-    `moeray bench engine`, and a way out if a new Triton miscompiles the kernel (it has run only
-    under the interpreter so far)."""
+    `moeray bench engine`, and a way out if a new Triton miscompiles the kernel."""
     if os.environ.get("MOERAY_FUSED_ROUTER", "1") == "0":
         return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
