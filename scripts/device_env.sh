@@ -7,3 +7,10 @@ T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 # Ray, FastAPI and pydantic are not in the GPU image: unpack the bundle from ../shared/tools/gpu-bundle.
 use_bundle() { mkdir -p /tmp/site && tar xJf .gpu-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; }
+# gpu_pytest LOG SECONDS FILES...: pytest on GPU 0 into $OUT/LOG, then its summary lines. One
+# directory per call: tests/kernels sets TRITON_INTERPRET=1 for its whole process (tests/gpu/conftest.py).
+gpu_pytest() {
+  local log=$1 limit=$2; shift 2
+  CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$limit" python3 -m pytest -q -s -p no:cacheprovider "$@" > "$OUT/$log" 2>&1
+  el "pytest $* rc=$?"; grep "alloc+fill\|rel \|passed\|failed\|skipped\|error" "$OUT/$log" | tail -12 | cut -c1-200
+}

@@ -7,10 +7,8 @@ source "$(dirname "$0")/device_env.sh"
 use_bundle
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 # tests/gpu and tests/kernels in separate processes (tests/gpu/conftest.py says why)
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tiny_engine_gpu.py \
-  > "$OUT/pytest.log" 2>&1; el "GPU tests rc=$?"; tail -3 "$OUT/pytest.log"
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_router_kernel.py \
-  > "$OUT/pytest_router.log" 2>&1; el "router tests rc=$?"; tail -3 "$OUT/pytest_router.log"
+gpu_pytest pytest.log 150 tests/gpu/test_tiny_engine_gpu.py
+gpu_pytest pytest_router.log 150 tests/kernels/test_router_kernel.py
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 python3 -m moeray.cli bench kernels --only router --tag router \
   > "$OUT/router.log" 2>&1; el "router bench rc=$?"; grep -i "tokens\|router" "$OUT/router.log" | tail -14
 cp benchmarks/results/kernels-*-router.json "$OUT/" 2>/dev/null

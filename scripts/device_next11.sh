@@ -7,8 +7,7 @@ source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 timeout -k 5 120 python3 scripts/fp8_gemm_sweep.py --variants prod,ptr64x128s3 \
   --budget 90 --json "$OUT/fp8_gemm_sweep.json" > "$OUT/sweep.log" 2>&1; el "sweep rc=$?"; tail -8 "$OUT/sweep.log"
-timeout -k 5 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_fp8_grouped.py -k gpu_compiled \
-  > "$OUT/pytest_grouped.log" 2>&1; el "grouped GEMM GPU check rc=$?"; grep "rel\|passed\|failed" "$OUT/pytest_grouped.log" | tail -10
+gpu_pytest pytest_grouped.log 150 tests/kernels/test_fp8_grouped.py -k gpu_compiled
 timeout -k 5 120 python3 -m moeray.cli bench kernels --only fp8_gemm_grouped --tag grouped > "$OUT/grouped.log" 2>&1
 el "grouped bench rc=$?"; grep "fp8_gemm_grouped\|ceilings" "$OUT/grouped.log"
 cp benchmarks/results/kernels-*-grouped.json "$OUT/" 2>/dev/null

@@ -8,8 +8,7 @@ set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 mkdir -p /tmp/stacks /tmp/results
-[ -n "${SKIP_TESTS:-}" ] || CUDA_VISIBLE_DEVICES=0 timeout -k 5 150 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_fp8_prewarm_gpu.py tests/gpu/test_reserve_memory_gpu.py \
-  > "$OUT/pytest.log" 2>&1; el "GPU tests rc=$?"; grep "alloc+fill\|passed\|failed" "$OUT/pytest.log" | cut -c1-200
+[ -n "${SKIP_TESTS:-}" ] || gpu_pytest pytest.log 150 tests/gpu/test_fp8_prewarm_gpu.py tests/gpu/test_reserve_memory_gpu.py
 MOERAY_STACKS_DIR=/tmp/stacks MOERAY_DIST_TIMEOUT_S=$([ -n "${PROFILE:-}" ] && echo 300 || echo 60) timeout -k 5 ${TRAIN_LIMIT:-480} python3 -m moeray.cli bench train \
   --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
   --steps ${STEPS:-20} --warmup 3 --lr ${LR:-1e-3} --overlap --out /tmp/results ${PROFILE:+--profile /tmp/prof} ${GROUPED:+--grouped-fp8} > "$OUT/train.log" 2>&1
