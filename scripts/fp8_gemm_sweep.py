@@ -65,6 +65,10 @@ class Variant:
     warp_spec: bool = False  # tl.range(..., warp_specialize=True)
     flatten: bool = False  # tl.range(..., flatten=True) on the persistent tile loop
     plain_loop: bool = False  # ptr: the K loop as `range` pipelined by the launch's num_stages (prod's form)
+    # Launch option capping registers per thread. 3 CTAs of 128 threads fit an SM's 65,536 registers
+    # only at <= 168 registers per thread (allocated in 8s): a 64x128 tile's fp32 accumulator and
+    # the fresh dot result alone take 128, so a few extra address registers cost a whole CTA.
+    maxnreg: int | None = None
 
 
 VARIANTS = [
@@ -75,6 +79,8 @@ VARIANTS = [
     # `range` under the launch's num_stages where ptr64x128s3 uses tl.range(num_stages=): this
     # variant isolates that difference (prod ran 0.61x of _scaled_mm at N2112 K7168, ptr64x128s3 0.78x).
     Variant("ptr64x128s3_range", "ptr", "ptr64x128s3 with prod's K loop: range + launch num_stages", stages=3, plain_loop=True),
+    Variant("prod_r168", "prod", "prod with maxnreg=168: 3 CTAs/SM of 128 threads fit the register file", maxnreg=168),
+    Variant("ptr64x128s3_r168", "ptr", "ptr64x128s3 with maxnreg=168", stages=3, maxnreg=168),
     Variant("ptr64x128s5", "ptr", "5 stages, 2 CTAs/SM", stages=5),
     Variant("ptr64x64s4", "ptr", "narrow tile: 4 CTAs/SM, more overlap, more operand traffic", block_n=64),
     Variant("ptr128x128w8s3", "ptr", "2 warpgroups per CTA interleave wgmma and scaling", block_m=128, warps=8, stages=3),
@@ -391,7 +397,12 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from moeray.kernels.fp8 import fp8_gemm_triton
 
-        return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb)
+        if v.maxnreg is None:
+            return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb)
+        from moeray.kernels.fp8 import _gemm_config
+
+        cfg = {**_gemm_config(m, n, a_MK.device), "maxnreg": v.maxnreg}
+        return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb, config=cfg)
     if v.block_n > 128 or 128 % v.block_n:
         raise ValueError(f"{v.name}: block_n={v.block_n} must divide 128 (one b scale per tile)")
     c = torch.empty((m, n), dtype=torch.bfloat16, device=a_MK.device)
@@ -400,6 +411,8 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
     common = dict(BLOCK_M=v.block_m, BLOCK_N=v.block_n, BLOCK_K=BLOCK_K, GROUP_M=v.group_m,
                   NUM_STAGES=v.stages, PERSISTENT=v.persistent, UPCAST=INTERPRET,
                   num_warps=v.warps, num_stages=v.stages)
+    if v.maxnreg is not None:
+        common["maxnreg"] = v.maxnreg
     sa = (as_MKb.stride(0), as_MKb.stride(1))
     sb = (bs_NbKb.stride(0), bs_NbKb.stride(1))
     if v.kind == "ptr":
@@ -529,6 +542,31 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def compiled_report() -> list[dict]:
+    """Registers, spills and shared memory of every compiled GEMM kernel in this process (the
+    Triton JIT caches, keyed by specialization): what decides how many CTAs share an SM."""
+    kernels = [("sweep_ptr", _gemm_ptr_kernel), ("sweep_tma", _gemm_tma_kernel)]
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from moeray.kernels import fp8 as _fp8
+
+        kernels.append(("prod", _fp8._fp8_gemm_kernel))
+    except ImportError:
+        pass
+    rows = []
+    for label, fn in kernels:
+        for entry in getattr(fn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for compiled in getattr(cache, "values", lambda: [])():
+                md = compiled.metadata
+                rows.append({"kernel": label, "regs": getattr(compiled, "n_regs", None),
+                             "spills": getattr(compiled, "n_spills", None),
+                             "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None),
+                             "num_stages": getattr(md, "num_stages", None),
+                             "maxnreg": getattr(md, "maxnreg", None)})
+    return rows
+
+
 def select(names: str | None) -> list[Variant]:
     if not names:
         return VARIANTS
@@ -640,11 +678,19 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
                          for t, r in zip(tfs, ratios))
         note = dead.get(v.name, "")
         print(f"{v.name:24s} {cells} {mn:6.3f} {gm:6.3f}  {note[:90]}")
+    try:
+        compiled = compiled_report()
+    except Exception as e:  # noqa: BLE001 - Triton-internal cache layout; the timings stand without it
+        compiled = [{"error": _first_line(e)}]
+    print("compiled kernels (registers/thread decide CTAs per SM: 3 x 128 threads need <= 168):")
+    for row in compiled:
+        print("  " + " ".join(f"{k}={v}" for k, v in row.items()))
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
-            json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                       "command": " ".join(sys.argv), "results": results}, f, indent=1)
+            json.dump({"device": props.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "torch": torch.__version__, "triton": triton.__version__,
+                       "command": " ".join(sys.argv), "results": results, "compiled": compiled}, f, indent=1)
         print(f"wrote {json_path}")
     return 0
 

@@ -349,6 +349,7 @@ def _fp8_gemm_kernel(
     SPLIT_M: tl.constexpr,  # the BLOCK_M rows as two BLOCK_M/2-row dots, each its own accumulator
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     GROUPED: tl.constexpr,  # b [E, N, K]: rows of a in 128-row blocks, each block one expert's
+    NUM_STAGES: tl.constexpr,  # the launch's num_stages, for the K loop's tl.range
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
     pid = tl.program_id(0)
@@ -385,7 +386,7 @@ def _fp8_gemm_kernel(
         as1_ptrs = as_ptr + (offs_m1 % M) * stride_asm
         acc0 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
         acc1 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, num_kb):
+        for kb in tl.range(0, num_kb, num_stages=NUM_STAGES):
             k_left = K - kb * BLOCK_K
             b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
             b_s = tl.load(bs_ptrs + kb * stride_bsk)
@@ -402,7 +403,11 @@ def _fp8_gemm_kernel(
         a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
         as_ptrs = as_ptr + (offs_m % M) * stride_asm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, num_kb):
+        # tl.range with the stage count, not `range` under the launch's num_stages: same pipeline,
+        # but Triton 3.6 then fits the tile in 167 registers/thread instead of 177, and 3 CTAs of
+        # 128 threads fit an SM only at <= 168 (ptxas -v, sm_90). With 2 CTAs per SM this tile ran
+        # 0.61x of _scaled_mm at 4096x2112x7168 on an H200; the same tile at 167 registers, 0.78x.
+        for kb in tl.range(0, num_kb, num_stages=NUM_STAGES):
             k_left = K - kb * BLOCK_K
             a = _load_k_block(a_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
             b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
@@ -414,7 +419,9 @@ def _fp8_gemm_kernel(
 
 # CTAs per SM each M >= 128 tile shape fits on sm_90 (228 KB shared memory per SM), 3 stages of
 # a and b fp8 tiles: 64x128 -> 3 x (64 + 128) x 128 B = 72 KB -> 3 CTAs; split-M 128x128 ->
-# 3 x (128 + 128) x 128 B = 96 KB -> 2 CTAs. Derived from sizes, not measured per SM.
+# 3 x (128 + 128) x 128 B = 96 KB -> 2 CTAs. Registers must allow it too: 3 x 128 threads need
+# <= 168 per thread (64x128 compiles to 167 on Triton 3.6), 2 x 128 allow 256 (split-M: 255).
+# tests/gpu/test_fp8_gemm_variants_gpu.py checks both counts against the compiled kernels.
 _CTAS_PER_SM_64 = 3
 _CTAS_PER_SM_SPLIT = 2
 
@@ -494,12 +501,55 @@ def fp8_gemm_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """The Triton block-scaled GEMM (any strides for a, b and both scales)."""
+    return _fp8_gemm_launch(a_fp8, a_scale, b_fp8, b_scale, out_dtype, config)[0]
+
+
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+_CONFIG_OPTIONAL = {"SPLIT_M", "maxnreg"}
+
+
+def _fp8_gemm_launch(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, config=None):
+    """fp8_gemm_triton's launch; also returns the compiled kernel (None under the interpreter or
+    for an empty output), whose registers and shared memory `ctas_per_sm` turns into occupancy."""
     div = _check_gemm_inputs(a_fp8, a_scale, b_fp8, b_scale)
     m, k = a_fp8.shape
     n = b_fp8.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=a_fp8.device)
     if m == 0 or n == 0:
-        return c
+        return c, None
+    if config is not None and (_CONFIG_KEYS - config.keys() or config.keys() - _CONFIG_KEYS - _CONFIG_OPTIONAL):
+        raise ValueError(f"config keys {sorted(config)}: need {sorted(_CONFIG_KEYS)}, "
+                         f"optionally {sorted(_CONFIG_OPTIONAL)}")
+    # Configs without SPLIT_M (bench.py's sweep list) run unsplit tiles.
+    cfg = {"SPLIT_M": False, **(config or _gemm_config(m, n, a_fp8.device))}
+    if cfg["BLOCK_K"] != 128:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']}: must be 128, the scale group size along K")
+    if div == 128 and cfg["BLOCK_N"] % 128 and 128 % cfg["BLOCK_N"]:
+        raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide or be a multiple of 128")
+    if cfg["SPLIT_M"] and cfg["BLOCK_M"] < 32:
+        raise ValueError(f"SPLIT_M needs BLOCK_M >= 32 (two dots of >= 16 rows), got {cfg['BLOCK_M']}")
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
+    compiled = _fp8_gemm_kernel[grid](
+        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
+        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        a_scale, 0, 0,
+        B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
+        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, NUM_STAGES=cfg["num_stages"], **cfg,
+    )
+    return c, (None if interpreting() else compiled)
+
+
+def ctas_per_sm(compiled, regs_per_sm: int = 65536, smem_per_sm: int = 228 * 1024) -> dict:
+    """How many CTAs of a compiled Triton kernel fit one sm_90 SM: registers are granted per warp
+    in units of 256 (8 per thread), and each CTA also reserves 1 KB of shared memory."""
+    warps = compiled.metadata.num_warps
+    regs = compiled.n_regs
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = regs_per_sm // (per_warp * warps)
+    by_smem = smem_per_sm // (compiled.metadata.shared + 1024)
+    return {"regs": regs, "spills": compiled.n_spills, "shared": compiled.metadata.shared,
+            "ctas_by_regs": by_regs, "ctas_by_smem": by_smem, "ctas_per_sm": min(by_regs, by_smem)}
     # Configs without SPLIT_M (bench.py's sweep list) run unsplit tiles.
     cfg = {"SPLIT_M": False, **(config or _gemm_config(m, n, a_fp8.device))}
     if cfg["BLOCK_K"] != 128:
@@ -515,7 +565,7 @@ def fp8_gemm_triton(
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         a_scale, 0, 0,
         B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
-        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, **cfg,
+        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, NUM_STAGES=cfg["num_stages"], **cfg,
     )
     return c
 
@@ -570,7 +620,7 @@ def fp8_gemm_grouped(
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(1), b_scale.stride(2),
         block_expert, b_fp8.stride(0), b_scale.stride(0),
         B_SCALE_DIV=128, ROW_SCALE=cfg["BLOCK_N"] <= 128, EVEN_K=(k % cfg["BLOCK_K"] == 0),
-        UPCAST=interpreting(), GROUPED=True, **cfg,
+        UPCAST=interpreting(), GROUPED=True, NUM_STAGES=cfg["num_stages"], **cfg,
     )
     return c
 

@@ -75,3 +75,20 @@ def test_config_choice_at_sweep_shapes():
         assert cfg["SPLIT_M"] is fp8._split_m_wins(4096, n, sms)
         print(f"4096 x {n}: {sms} SMs -> BLOCK_M={cfg['BLOCK_M']} SPLIT_M={cfg['SPLIT_M']} stages={cfg['num_stages']}")
     assert fp8._gemm_config(64, 7168, dev)["BLOCK_N"] == 32
+
+
+@pytest.mark.parametrize("n, split", [(2112, False), (7168, True)])
+def test_gemm_tiles_fit_the_ctas_per_sm_the_fill_model_assumes(n, split):
+    """_split_m_wins assumes 3 CTAs/SM for 64x128 tiles and 2 for split-M. With 177 registers per
+    thread the 64x128 tile fit only 2 (0.61x of _scaled_mm at N2112 instead of 0.78x), a loss no
+    correctness test sees: the compiled kernel's registers and shared memory decide it."""
+    from moeray.kernels import fp8
+
+    m, k = 4096, 7168
+    xq, xs = fp8.act_quant(torch.randn(m, k, device="cuda"), scale_col_major=True)
+    wq, ws = fp8.weight_quant(torch.randn(n, k, device="cuda"))
+    assert fp8._gemm_config(m, n, xq.device)["SPLIT_M"] is split
+    _, compiled = fp8._fp8_gemm_launch(xq, xs, wq, ws)
+    occ = fp8.ctas_per_sm(compiled)
+    want = fp8._CTAS_PER_SM_SPLIT if split else fp8._CTAS_PER_SM_64
+    assert occ["ctas_per_sm"] >= want, occ

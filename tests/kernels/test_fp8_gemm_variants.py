@@ -75,6 +75,11 @@ def test_config_errors():
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config={**_cfg(16, 32, False), "BLOCK_K": 64})
     with pytest.raises(ValueError, match="BLOCK_N=96"):
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config=_cfg(16, 96, False))
+    no_stages = {k: v for k, v in _cfg(16, 32, False).items() if k != "num_stages"}
+    with pytest.raises(ValueError, match="need .*num_stages"):
+        fp8.fp8_gemm_triton(xq, xs, wq, ws, config=no_stages)
+    with pytest.raises(ValueError, match="BLOCK_SIZE_M"):
+        fp8.fp8_gemm_triton(xq, xs, wq, ws, config={**_cfg(16, 32, False), "BLOCK_SIZE_M": 64})
 
 
 @pytest.mark.parametrize("n,k,split_faster_or_tied", [(2112, 7168, False), (24576, 1536, True),
@@ -90,3 +95,20 @@ def test_split_m_not_chosen_for_small_grids():
     assert not fp8._split_m_wins(256, 2112, 132)
     # 100 rows: a 128-row tile computes 28 padded rows (22%) for nothing.
     assert not fp8._split_m_wins(100, 24576, 132)
+
+
+def test_ctas_per_sm_from_registers_and_shared_memory():
+    from types import SimpleNamespace
+
+    def kernel(regs, shared, warps=4):
+        return SimpleNamespace(n_regs=regs, n_spills=0, metadata=SimpleNamespace(num_warps=warps, shared=shared))
+
+    # The 64x128 tile on Triton 3.6 (ptxas, sm_90): 167 registers fit 3 CTAs, 177 (the `range`
+    # loop) only 2; its 74,248 B of shared memory alone would allow 3.
+    assert fp8.ctas_per_sm(kernel(167, 74248)) == dict(
+        regs=167, spills=0, shared=74248, ctas_by_regs=3, ctas_by_smem=3, ctas_per_sm=3)
+    assert fp8.ctas_per_sm(kernel(177, 74248))["ctas_per_sm"] == 2
+    assert fp8.ctas_per_sm(kernel(168, 74248))["ctas_per_sm"] == 3  # registers come in 8s: 168 is the edge
+    # Split-M 128x128: 255 registers x 4 warps -> 2 CTAs; 99 KB of shared memory -> 2 as well.
+    assert fp8.ctas_per_sm(kernel(255, 99336))["ctas_per_sm"] == 2
+    assert fp8.ctas_per_sm(kernel(64, 150_000))["ctas_by_smem"] == 1
