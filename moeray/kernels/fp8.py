@@ -550,24 +550,6 @@ def ctas_per_sm(compiled, regs_per_sm: int = 65536, smem_per_sm: int = 228 * 102
     by_smem = smem_per_sm // (compiled.metadata.shared + 1024)
     return {"regs": regs, "spills": compiled.n_spills, "shared": compiled.metadata.shared,
             "ctas_by_regs": by_regs, "ctas_by_smem": by_smem, "ctas_per_sm": min(by_regs, by_smem)}
-    # Configs without SPLIT_M (bench.py's sweep list) run unsplit tiles.
-    cfg = {"SPLIT_M": False, **(config or _gemm_config(m, n, a_fp8.device))}
-    if cfg["BLOCK_K"] != 128:
-        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']}: must be 128, the scale group size along K")
-    if div == 128 and cfg["BLOCK_N"] % 128 and 128 % cfg["BLOCK_N"]:
-        raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide or be a multiple of 128")
-    if cfg["SPLIT_M"] and cfg["BLOCK_M"] < 32:
-        raise ValueError(f"SPLIT_M needs BLOCK_M >= 32 (two dots of >= 16 rows), got {cfg['BLOCK_M']}")
-    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
-    _fp8_gemm_kernel[grid](
-        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
-        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        a_scale, 0, 0,
-        B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
-        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, NUM_STAGES=cfg["num_stages"], **cfg,
-    )
-    return c
 
 
 # One tile config for every grouped GEMM, whatever its row count: `_gemm_config` picks by M, and
