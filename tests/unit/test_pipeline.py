@@ -59,7 +59,8 @@ def _worker(rank, world, init_file, out_dir, cases):
                         "loads": out.loads_LE, "ep_rank": pm.ep_rank, "pp_rank": pm.pp_rank,
                         "busy": out.timings.busy, "wall": out.timings.wall,
                         "groups": [(n, r) for n, r, _ in pm.groups.made],
-                        "kinds": sorted({s.kind for s in out.timings.slots})},
+                        "kinds": sorted({s.kind for s in out.timings.slots}),
+                        "grouped_fp8": pm.grouped_fp8},
                        os.path.join(out_dir, f"{name}-rank{rank}.pt"))
             pm.close()
             dist.barrier()
@@ -80,6 +81,8 @@ def _check(results, ref_parts, ref_grads, ep=1):
     E = tiny().n_routed_experts
     for name, ranks in results.items():
         seen = set()
+        # grouped FP8 experts default to CUDA only: on CPU the per-expert path runs
+        assert not any(r["grouped_fp8"] for r in ranks), name
         for r in ranks:
             for n, g in r["grads"].items():
                 want = ref_grads[n]
@@ -189,6 +192,8 @@ def test_timeout_env_and_bench_flags(monkeypatch):
     parse = bench._parser().parse_args
     assert parse([]).overlap is None
     assert parse(["--no-overlap"]).overlap is False and parse(["--overlap"]).overlap is True
+    assert parse([]).grouped_fp8 is None  # PipelineModel: grouped on CUDA, per expert on CPU
+    assert parse(["--no-grouped-fp8"]).grouped_fp8 is False and parse(["--grouped-fp8"]).grouped_fp8 is True
     # a bad timeout stops the CLI before any worker starts
     monkeypatch.setenv(P.TIMEOUT_ENV, "soon")
     assert bench.main(["--steps", "5"]) == 2
@@ -333,7 +338,7 @@ def test_grouped_fp8_experts_match_the_per_expert_path(monkeypatch):
         P.experts_mlp(torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True)
 
 
-def test_grouped_fp8_is_opt_in_per_stage(monkeypatch):
+def test_grouped_fp8_is_a_per_stage_switch(monkeypatch):
     from moeray.platform.fp8 import enable_fp8_training
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' references (see the test above)

@@ -74,7 +74,7 @@ class BenchConfig:
     threads: int = 1  # CPU: torch threads per worker
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
     profile_dir: str | None = None  # rank 0 profiles each run's last step into this directory
-    grouped_fp8: bool = False  # FP8 runs: routed experts through the grouped FP8 GEMM
+    grouped_fp8: bool | None = None  # FP8 runs: routed experts through the grouped FP8 GEMM; None: on CUDA only
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -211,7 +211,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
                        autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap,
                        grouped_fp8=cfg.grouped_fp8)
     _say(rank, f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
-               f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}")
+               f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}, grouped_fp8={pm.grouped_fp8}")
     optim = tstep.OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps)
     loss_cfg = tstep.LossConfig()
     opt = tstep.build_optimizer(pm.modules, optim)
@@ -417,9 +417,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
                         "CUDA only); --no-overlap runs them one after the other")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--grouped-fp8", action="store_true",
+    p.add_argument("--grouped-fp8", action=argparse.BooleanOptionalAction, default=d.grouped_fp8,
                    help="FP8 runs: routed experts through the grouped FP8 GEMM (one launch per "
-                        "projection for all experts) instead of one GEMM per expert")
+                        "projection for all experts; default: on CUDA only); --no-grouped-fp8 "
+                        "runs one GEMM per expert")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile each run's last step on rank 0 (left out of the timings) and "
                         "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
