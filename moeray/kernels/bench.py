@@ -2,7 +2,10 @@
 
 Writes benchmarks/results/kernels-<device>.json: per kernel and shape the median time (CUDA events,
 triton.testing.do_bench), achieved TB/s or TFLOP/s, the fraction of the measured ceiling
-(device-to-device copy bandwidth, bf16 and fp8 matmul rates) and the ratio to the baseline.
+(device-to-device copy bandwidth, bf16 and fp8 matmul rates) and the ratio to the baseline: each
+section's detailed rows under its name, and all of them as uniform records under `results`
+(`flat_results`: kernel, shape, time_us, ratio_to_ceiling, baseline, ratio_to_baseline, and for
+issue 4's targets `target` / `meets_target`).
 """
 
 from __future__ import annotations
