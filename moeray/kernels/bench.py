@@ -180,6 +180,26 @@ def bench_fp8_gemm_grouped(ceil: dict) -> list[dict]:
                          "speedup_vs_loop": round(loop / grouped, 2), "TFLOPs": round(flops / grouped / 1e9, 1),
                          "frac_fp8_peak": round(flops / grouped / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
                          "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5)})
+            # The weight gradient of the same projection: dW[e] [N, K] = dy[tokens of e]^T x[tokens
+            # of e], every expert in one k-grouped launch against one fp8_gemm per expert.
+            dyt, dyt_s = fp8.act_quant_t(torch.randn(e * per, n, device="cuda", dtype=torch.bfloat16))
+            xt, xt_s = fp8.act_quant_t(x)
+            ends = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * per
+            cols = [(slice(j * per, (j + 1) * per), slice(j * per // 128, (j + 1) * per // 128)) for j in range(e)]
+
+            def wgrad_loop():
+                return [fp8.fp8_gemm(dyt[:, t], dyt_s[:, tb], xt[:, t], xt_s[:, tb]) for t, tb in cols]
+
+            kg = _bench(lambda: fp8.fp8_gemm_kgrouped(dyt, dyt_s, xt, xt_s, ends))
+            kloop = _bench(wgrad_loop)
+            out = fp8.fp8_gemm_kgrouped(dyt, dyt_s, xt, xt_s, ends).float()
+            ref = torch.stack(wgrad_loop()).float()
+            rows.append({"kernel": "fp8_gemm_kgrouped", "shape": f"{name} {proj} wgrad", "experts": e,
+                         "rows_per_expert": per, "N": n, "K": k, "ms": round(kg, 4),
+                         "per_expert_loop_ms": round(kloop, 4), "speedup_vs_loop": round(kloop / kg, 2),
+                         "TFLOPs": round(flops / kg / 1e9, 1),
+                         "frac_fp8_peak": round(flops / kg / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
+                         "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5)})
     return rows
 
 
@@ -644,7 +664,7 @@ def _print_table(result: dict) -> None:
         else:
             print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
     for r in result.get("fp8_gemm_grouped", []):
-        print(f"fp8_gemm_grouped {r['shape']:13s} {r['experts']:2d} x {r['rows_per_expert']:4d} rows, N={r['N']:5d} "
+        print(f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} rows, N={r['N']:5d} "
               f"K={r['K']:5d}: {r['ms']:.4f} ms ({r['TFLOPs']} TFLOP/s), per-expert loop {r['per_expert_loop_ms']:.4f} ms "
               f"(x{r['speedup_vs_loop']}), err {r['rel_err_vs_loop']}")
     for r in result.get("fused_moe", []):
@@ -694,7 +714,7 @@ def flat_results(result: dict) -> list[dict]:
             out.append(_rec(kernel, shape, ms, ratio_c, "fp8 matmul rate", "torch.matmul bf16", bf16_ratio,
                             {"ratio_to_baseline": bf16_target} if big and bf16_target else None))
     for r in result.get("fp8_gemm_grouped", []):
-        out.append(_rec("fp8_gemm_grouped", f"{r['shape']}: {r['experts']} x {r['rows_per_expert']} rows, "
+        out.append(_rec(r["kernel"], f"{r['shape']}: {r['experts']} x {r['rows_per_expert']} rows, "
                         f"N{r['N']} K{r['K']}", r["ms"], r["frac_fp8_peak"], "fp8 matmul rate",
                         "fp8_gemm per expert", r["speedup_vs_loop"]))
     for r in result.get("fused_moe", []):

@@ -505,9 +505,10 @@ class _GroupedFP8:
     """FP8 experts on the 128-aligned layout (`_Grouped` with align 128, DeepGEMM's contiguous
     layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
     two experts there), one grouped GEMM per projection forward and input-grad
-    (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
-    quantization. Weights come stacked from the WeightCache. Launches per MoE layer and
-    micro-batch: ~10 forward, ~12 + 3 E backward, where the per-expert path makes ~29 E."""
+    (`kernels.fp8.fp8_gemm_grouped`), and one k-grouped GEMM per projection for the weight
+    gradients of all experts (`fp8_gemm_kgrouped`, each expert reducing over its own tokens of one
+    128x1 quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
+    micro-batch: ~10 forward, ~15 backward, where the per-expert path makes ~29 E."""
 
     @staticmethod
     def forward(ctx, x_AD, w1, w3, w2, act):
@@ -551,14 +552,11 @@ class _GroupedFP8:
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
 
-                def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
-                    got = {}
-                    for e, sl in grp.padded_segments():
-                        sb = slice(sl.start // 128, sl.stop // 128)
-                        got[e] = k.fp8_gemm(at[0][:, sl], at[1][:, sb], bt[0][:, sl], bt[1][:, sb])
-                    return _stack_experts(got, w)
+                def all_experts(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
+                    out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
+                    return k.fp8_gemm_kgrouped(*at, *bt, grp.offs, out_dtype=out).to(w.dtype)
 
-                return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
+                return all_experts(dgt, xt, w1), all_experts(dut, xt, w3), all_experts(dyt, ht, w2)
 
         return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
 
@@ -613,10 +611,6 @@ class _Grouped:
         """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
         ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
         return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
-
-    def padded_segments(self):
-        """(expert, slice of its padded rows) for every expert with rows."""
-        return _segments(self.padded)
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Session 5, call E (4 GPUs, ~7 min, no carry): the k-grouped FP8 weight-grad GEMM (every expert's
+# dW in one launch) checked compiled and timed against the per-expert loop on GPU 0, then the
+# 4-GPU train bench with it in the grouped FP8 path (compare with train-nvidia-h200.json).
+set -u
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1
+gpu_pytest pytest_kgrouped.log 150 tests/kernels/test_fp8_kgrouped.py tests/kernels/test_fp8_grouped.py -k gpu_compiled
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 120 python3 -m moeray.cli bench kernels --only fp8_gemm_grouped --tag grouped > "$OUT/grouped.log" 2>&1
+el "grouped bench rc=$?"; grep "^fp8_gemm\|failed" "$OUT/grouped.log" | cut -c1-200
+cp benchmarks/results/kernels-*-grouped.json "$OUT/" 2>/dev/null
+mkdir -p /tmp/results
+MOERAY_DIST_TIMEOUT_S=60 timeout -k 5 ${TRAIN_LIMIT:-400} python3 -m moeray.cli bench train \
+  --model small --device cuda --pp 2 --ep 2 --seq-len 1024 --micro-batch-size 2 --microbatches 8 \
+  --steps ${STEPS:-16} --warmup 3 --lr 1e-3 --overlap --out /tmp/results > "$OUT/train.log" 2>&1
+el "train rc=$?"
+cp /tmp/results/train-*.json "$OUT/" 2>/dev/null
+grep "bench train\]" "$OUT/train.log" | grep "done\|failed" | cut -c1-300
+grep -v "^\s*$" "$OUT/train.log" | grep -v "UserWarning\|return Variable\|step [0-9]*/" | tail -14
