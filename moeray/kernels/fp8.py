@@ -616,7 +616,11 @@ def fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype
     return c
 
 
-@triton.jit
+# The token count P changes every training step, and Triton specializes integer arguments on
+# divisibility by 16 (and on == 1): P / 128 (the scales' row stride) would pick a new variant, and
+# compile and load it mid-step, whenever its divisibility changes. A module load may wait for the
+# whole GPU, which hung the 4x H200 train bench in its first step (benchmarks/notes-train.md).
+@triton.jit(do_not_specialize=["stride_am", "stride_bn", "stride_asm", "stride_bsn"])
 def _fp8_gemm_kgrouped_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, ends_ptr, M, N,
     stride_am, stride_ak, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
@@ -694,6 +698,8 @@ def fp8_gemm_kgrouped(
             raise ValueError(f"ends={e_list}: expected nondecreasing multiples of 128 up to P={p}")
     if not use_triton(a_fp8):
         return fp8_gemm_kgrouped_ref(a_fp8, a_scale, b_fp8, b_scale, ends, out_dtype)
+    if p == 0:  # no tokens at all: every expert's gradient is zero (and no stride-0 variant)
+        return torch.zeros((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
     c = torch.empty((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
     if c.numel() == 0:
         return c

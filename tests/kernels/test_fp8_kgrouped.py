@@ -60,6 +60,8 @@ def test_kgrouped_gemm_bf16_output_and_input_errors():
         fp8.fp8_gemm_kgrouped(a, a_s, b, b_s, ends.long())
     with pytest.raises(ValueError, match="out_dtype=torch.float16"):
         fp8.fp8_gemm_kgrouped(a, a_s, b, b_s, ends, out_dtype=torch.float16)
+    empty = fp8.fp8_gemm_kgrouped(a[:, :0], a_s[:, :0], b[:, :0], b_s[:, :0], torch.zeros(2, dtype=torch.int32))
+    assert empty.shape == (2, 64, 32) and empty.abs().max() == 0
     with pytest.raises(ValueError, match="P must match"):
         fp8.fp8_gemm_kgrouped(a, a_s, b[:, :128], b_s[:, :1], ends)
 
@@ -88,6 +90,18 @@ for tokens, m, n in [([512, 0, 384, 640] * 8, 288, 1024), ([512, 0, 384, 640] * 
     print(f"E{len(tokens)} M{m} N{n} P{p}: rel {rel:.2e} vs ref, empty experts zero: {zero}")
     if not (rel < 1e-2 and zero and torch.isfinite(out).all() and len(per) == sum(t > 0 for t in tokens)):
         bad.append(f"M{m} N{n}")
+# One compiled variant for every token count: P / 128 (the scales' row stride) odd, even, 1 and a
+# multiple of 16 must not each compile their own (a mid-step compile hung multi-GPU training).
+m, n = 96, 160
+before = sum(len(v[0]) for v in fp8._fp8_gemm_kgrouped_kernel.device_caches.values())
+for p in (128, 384, 2048, 2176, 4096):
+    a, a_s = fp8.act_quant_t(torch.randn(p, m, device="cuda"))
+    b, b_s = fp8.act_quant_t(torch.randn(p, n, device="cuda"))
+    fp8.fp8_gemm_kgrouped(a, a_s, b, b_s, torch.tensor([p // 2 // 128 * 128, p], device="cuda", dtype=torch.int32))
+variants = sum(len(v[0]) for v in fp8._fp8_gemm_kgrouped_kernel.device_caches.values()) - before
+print(f"compiled variants for 5 token counts: {variants}")
+if variants != 1:
+    bad.append(f"{variants} variants")
 print("RESULT", "PASS" if not bad else f"FAIL {bad}")
 """
 
