@@ -3,11 +3,13 @@
 # dW in one launch) checked compiled and timed against the per-expert loop on GPU 0, then the
 # 4-GPU train bench with it in the grouped FP8 path (compare with train-nvidia-h200.json).
 # The first run of this (rc 1) hung in step 1: the kernel compiled a new variant mid-step for a
-# token count whose P / 128 divisibility differed; SKIP_BENCH=1 on the rerun after the fix.
+# token count whose P / 128 divisibility differed; SKIP_BENCH=1 on the rerun after the fix, which
+# hung the same way (the experts' end rows were copied host->device in the backward: fixed by
+# deriving them on the device in the forward); third call SKIP_TESTS=1 SKIP_BENCH=1 STEPS=10.
 set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-gpu_pytest pytest_kgrouped.log 150 tests/kernels/test_fp8_kgrouped.py tests/kernels/test_fp8_grouped.py -k gpu_compiled
+[ -n "${SKIP_TESTS:-}" ] || gpu_pytest pytest_kgrouped.log 150 tests/kernels/test_fp8_kgrouped.py tests/kernels/test_fp8_grouped.py -k gpu_compiled
 if [ -z "${SKIP_BENCH:-}" ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 120 python3 -m moeray.cli bench kernels --only fp8_gemm_grouped --tag grouped > "$OUT/grouped.log" 2>&1
   el "grouped bench rc=$?"; grep "^fp8_gemm\|failed" "$OUT/grouped.log" | cut -c1-200

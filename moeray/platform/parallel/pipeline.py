@@ -525,7 +525,12 @@ class _GroupedFP8:
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
         y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
-        ctx.grp, ctx.blocks = grp, blocks
+        # Each expert's end row for the weight-grad GEMMs, derived on the device from `blocks`:
+        # a host->device copy from pageable memory waits for its stream, and in a backward or W op
+        # that stream can hold a pre-posted receive from a peer that waits for this rank.
+        ends = torch.zeros(w1.shape[0], dtype=torch.int32, device=blocks.device)
+        ends = (ends.scatter_add_(0, blocks.long(), torch.ones_like(blocks)).cumsum(0) * 128).to(torch.int32)
+        ctx.grp, ctx.blocks, ctx.ends = grp, blocks, ends
         ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
         return y_AD
 
@@ -534,7 +539,7 @@ class _GroupedFP8:
         from moeray.kernels import fp8 as k
 
         x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
-        grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
+        grp, blocks, cache, ends = ctx.grp, ctx.blocks, ctx.cache, ctx.ends
 
         def input_grad(d_PN, s):  # d @ W per expert, with W^T stored K-major
             dq, ds = k.act_quant(d_PN, scale_col_major=True)
@@ -554,7 +559,7 @@ class _GroupedFP8:
 
                 def all_experts(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
                     out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
-                    return k.fp8_gemm_kgrouped(*at, *bt, grp.offs, out_dtype=out).to(w.dtype)
+                    return k.fp8_gemm_kgrouped(*at, *bt, ends, out_dtype=out).to(w.dtype)
 
                 return all_experts(dgt, xt, w1), all_experts(dut, xt, w3), all_experts(dyt, ht, w2)
 
