@@ -678,7 +678,8 @@ def fp8_gemm_kgrouped(
         c[e] = a[:, tokens of e] @ b[:, tokens of e]^T        -> c [E, M, N]
     a_scale [M, P/128], b_scale [N, P/128]; ends int32 [E], nondecreasing multiples of 128, at
     most P (the device reads them, so they are checked here only when they are on the CPU). An
-    expert without tokens gets exact zeros."""
+    expert without tokens gets exact zeros. Not yet in the training path: wired into the grouped
+    FP8 experts, the 4x H200 train bench hung in step 1 three times (benchmarks/notes-train.md)."""
     check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2)
     check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=2, device=a_fp8.device)
     check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)

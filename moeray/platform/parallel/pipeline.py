@@ -505,10 +505,9 @@ class _GroupedFP8:
     """FP8 experts on the 128-aligned layout (`_Grouped` with align 128, DeepGEMM's contiguous
     layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
     two experts there), one grouped GEMM per projection forward and input-grad
-    (`kernels.fp8.fp8_gemm_grouped`), and one k-grouped GEMM per projection for the weight
-    gradients of all experts (`fp8_gemm_kgrouped`, each expert reducing over its own tokens of one
-    128x1 quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
-    micro-batch: ~10 forward, ~15 backward, where the per-expert path makes ~29 E."""
+    (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
+    quantization. Weights come stacked from the WeightCache. Launches per MoE layer and
+    micro-batch: ~10 forward, ~12 + 3 E backward, where the per-expert path makes ~29 E."""
 
     @staticmethod
     def forward(ctx, x_AD, w1, w3, w2, act):
@@ -525,12 +524,7 @@ class _GroupedFP8:
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
         y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
-        # Each expert's end row for the weight-grad GEMMs, derived on the device from `blocks`:
-        # a host->device copy from pageable memory waits for its stream, and in a backward or W op
-        # that stream can hold a pre-posted receive from a peer that waits for this rank.
-        ends = torch.zeros(w1.shape[0], dtype=torch.int32, device=blocks.device)
-        ends = (ends.scatter_add_(0, blocks.long(), torch.ones_like(blocks)).cumsum(0) * 128).to(torch.int32)
-        ctx.grp, ctx.blocks, ctx.ends = grp, blocks, ends
+        ctx.grp, ctx.blocks = grp, blocks
         ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
         return y_AD
 
@@ -539,7 +533,7 @@ class _GroupedFP8:
         from moeray.kernels import fp8 as k
 
         x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
-        grp, blocks, cache, ends = ctx.grp, ctx.blocks, ctx.cache, ctx.ends
+        grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
 
         def input_grad(d_PN, s):  # d @ W per expert, with W^T stored K-major
             dq, ds = k.act_quant(d_PN, scale_col_major=True)
@@ -557,11 +551,14 @@ class _GroupedFP8:
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
 
-                def all_experts(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
-                    out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
-                    return k.fp8_gemm_kgrouped(*at, *bt, ends, out_dtype=out).to(w.dtype)
+                def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
+                    got = {}
+                    for e, sl in grp.padded_segments():
+                        sb = slice(sl.start // 128, sl.stop // 128)
+                        got[e] = k.fp8_gemm(at[0][:, sl], at[1][:, sb], bt[0][:, sl], bt[1][:, sb])
+                    return _stack_experts(got, w)
 
-                return all_experts(dgt, xt, w1), all_experts(dut, xt, w3), all_experts(dyt, ht, w2)
+                return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
 
         return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
 
@@ -616,6 +613,10 @@ class _Grouped:
         """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
         ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
         return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def padded_segments(self):
+        """(expert, slice of its padded rows) for every expert with rows."""
+        return _segments(self.padded)
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:
