@@ -6,7 +6,8 @@
 # token count whose P / 128 divisibility differed; SKIP_BENCH=1 on the rerun after the fix, which
 # hung the same way (the experts' end rows were copied host->device in the backward: fixed by
 # deriving them on the device in the forward); third call SKIP_TESTS=1 SKIP_BENCH=1 STEPS=10 hung
-# too. The training path went back to per-expert weight-grad GEMMs (notes-train.md).
+# too, and a fourth (kernel in deferred W ops only, STEPS=8 TRAIN_LIMIT=200) as well. The training
+# path went back to per-expert weight-grad GEMMs (notes-train.md).
 set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1

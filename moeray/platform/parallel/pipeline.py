@@ -524,11 +524,7 @@ class _GroupedFP8:
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
         y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
-        # Each expert's end row for the k-grouped weight-grad GEMM, derived on the device (no
-        # host->device copy in a later backward or W op, whose stream may hold a pre-posted receive).
-        ends = torch.zeros(w1.shape[0], dtype=torch.int32, device=blocks.device)
-        ends = (ends.scatter_add_(0, blocks.long(), torch.ones_like(blocks)).cumsum(0) * 128).to(torch.int32)
-        ctx.grp, ctx.blocks, ctx.ends = grp, blocks, ends
+        ctx.grp, ctx.blocks = grp, blocks
         ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
         return y_AD
 
@@ -564,30 +560,15 @@ class _GroupedFP8:
 
                 return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
 
-        def weight_grads_kgrouped(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI, ends=ctx.ends):
-            # Every expert's dW in one k-grouped launch. Only in deferred W ops: run inside the
-            # expert backward (before the dispatch all-to-all's backward) it hung the 4x H200
-            # train bench in step 1, three times (benchmarks/notes-train.md).
-            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
-
-                def all_experts(at, bt, w):
-                    out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
-                    return k.fp8_gemm_kgrouped(*at, *bt, ends, out_dtype=out).to(w.dtype)
-
-                return all_experts(dgt, xt, w1), all_experts(dut, xt, w3), all_experts(dyt, ht, w2)
-
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads, weight_grads_kgrouped),
-                None, None, None, None, None)
+        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
 
 
-def _weight_grads_or_defer(ctx, weights, weight_grads, deferred_grads=None) -> tuple:
-    """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them
-    (computed by `deferred_grads` when given, else by `weight_grads`)."""
+def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
+    """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
     needs_w = any(ctx.needs_input_grad[1:4])
     if needs_w and ctx.store is not None and ctx.store.defer:
         def deferred():
-            for w, dw in zip(weights, (deferred_grads or weight_grads)()):
+            for w, dw in zip(weights, weight_grads()):
                 _accumulate_weight_grad(w, dw)
         ctx.store.put(deferred)
         return None, None, None
