@@ -124,7 +124,7 @@ def bench_fp8_gemm(ceil: dict) -> list[dict]:
                 r["triton_ratio_vs_scaled_mm"] = round(t_sm / t_tri, 3)
             r["TFLOPs"] = round(flops / t_auto / 1e9, 1)
             r["triton_TFLOPs"] = round(flops / t_tri / 1e9, 1)
-            r["triton_config"] = {k_: v_ for k_, v_ in fp8._gemm_config(m, n, xq.device).items()}
+            r["triton_config"] = fp8._gemm_config(m, n, xq.device)
             r["triton_occupancy"] = fp8.ctas_per_sm(fp8._fp8_gemm_launch(xq, xs, wq, ws)[1])
             r["frac_fp8_peak"] = round(flops / t_auto / 1e9 / ceil["fp8_matmul_TFLOPs"], 3)
             r["speedup_vs_bf16"] = round(t_bf16 / t_auto, 3)
