@@ -338,6 +338,15 @@ def _store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn):
 
 
 @triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -351,15 +360,7 @@ def _fp8_gemm_kernel(
     GROUPED: tl.constexpr,  # b [E, N, K]: rows of a in 128-row blocks, each block one expert's
     NUM_STAGES: tl.constexpr,  # the launch's num_stages, for the K loop's tl.range
 ):
-    # Grouped launch order: GROUP_M row tiles share each column tile of b while it sits in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if GROUPED:  # BLOCK_M divides 128, so the whole tile is one expert's
         e = tl.load(expert_ptr + (pid_m * BLOCK_M) // 128).to(tl.int64)
         b_ptr += e * stride_be
@@ -632,15 +633,8 @@ def _fp8_gemm_kgrouped_kernel(
     # reducing over its own 128-aligned token range [ends[e - 1], ends[e]) of the shared K axis.
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    tiles = num_m * num_n
-    pid = tl.program_id(0)
-    e = pid // tiles
-    t = pid % tiles
-    group = GROUP_M * num_n
-    first_m = (t // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (t % group) % size_m
-    pid_n = (t % group) // size_m
+    e = tl.program_id(0) // (num_m * num_n)
+    pid_m, pid_n = _tile_coords(tl.program_id(0) % (num_m * num_n), num_m, num_n, GROUP_M)
     k_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
     k_end = tl.load(ends_ptr + e)
 
@@ -679,7 +673,7 @@ def fp8_gemm_kgrouped(
     a_scale [M, P/128], b_scale [N, P/128]; ends int32 [E], nondecreasing multiples of 128, at
     most P (the device reads them, so they are checked here only when they are on the CPU). An
     expert without tokens gets exact zeros. Not yet in the training path: wired into the grouped
-    FP8 experts, the 4x H200 train bench hung in step 1 three times (benchmarks/notes-train.md)."""
+    FP8 experts, the 4x H200 train bench hung in step 1 four times (benchmarks/notes-train.md)."""
     check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2)
     check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=2, device=a_fp8.device)
     check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
