@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -76,9 +77,10 @@ def main() -> int:
     ]
     for name, fn, rt, consts in cases:
         r = compile_sm90(fn, rt, consts, opts)
-        per_warp = -(-r["regs"] * 32 // 256) * 256
-        ctas = min(65536 // (per_warp * 4), 228 * 1024 // (r["shared"] + 1024))
-        print(f"{name:26s} regs {r['regs']:3d}  stack {r['stack']:4d} B  shared {r['shared']:6d} B  -> {ctas} CTAs/SM")
+        occ = fp8.ctas_per_sm(SimpleNamespace(n_regs=r["regs"], n_spills=None,
+                                              metadata=SimpleNamespace(num_warps=opts["num_warps"], shared=r["shared"])))
+        print(f"{name:26s} regs {r['regs']:3d}  stack {r['stack']:4d} B  shared {r['shared']:6d} B  "
+              f"-> {occ['ctas_per_sm']} CTAs/SM")
     return 0
 
 
