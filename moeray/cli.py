@@ -12,7 +12,10 @@ import sys
 
 # subcommand -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("moeray.demo", "train a tiny model, serve it with prefill/decode split, send requests"),
+    "demo": (
+        "moeray.demo",
+        "train a tiny model, serve it with prefill/decode split, send requests",
+    ),
     "train": ("moeray.platform.train.job", "run the training job (Ray Train) from a YAML config"),
     "serve": ("moeray.platform.serve.app", "serve a model directory with Ray Serve (OpenAI API)"),
     "bench": ("moeray.bench", "benchmarks: kernels | engine | serve | kv | train | balance"),

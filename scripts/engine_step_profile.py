@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeray.platform.config import preset  # noqa: E402
-from moeray.platform.engine.engine import Engine, EngineConfig  # noqa: E402
-from moeray.platform.engine.sampler import SamplingParams  # noqa: E402
-from moeray.platform.model.transformer import Transformer  # noqa: E402
+from moeray.platform.config import preset
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.transformer import Transformer
 
 
 def _sync(device: torch.device) -> None:
@@ -40,18 +40,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for the profile tables")
     a = p.parse_args(argv)
     if a.batch < 1 or a.steps < 1 or a.profile_steps < 1:
-        p.error(f"--batch {a.batch}, --steps {a.steps}, --profile-steps {a.profile_steps}: "
-                f"expected positive integers")
+        p.error(
+            f"--batch {a.batch}, --steps {a.steps}, --profile-steps {a.profile_steps}: "
+            f"expected positive integers"
+        )
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = preset(a.preset).replace(eos_token_id=None)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=device, dtype=dtype)
     total = 2 * a.steps + a.profile_steps + 8  # decode steps the request must last
-    engine = Engine(model, EngineConfig(
-        page_size=64, num_pages=a.batch * ((a.prompt_len + total) // 64 + 2) + 8, max_num_seqs=a.batch,
-        max_num_batched_tokens=max(4096, a.batch * a.prompt_len), enable_prefix_caching=False,
-        use_cuda_graphs=device.type == "cuda", max_model_len=a.prompt_len + total + 8))
+    engine = Engine(
+        model,
+        EngineConfig(
+            page_size=64,
+            num_pages=a.batch * ((a.prompt_len + total) // 64 + 2) + 8,
+            max_num_seqs=a.batch,
+            max_num_batched_tokens=max(4096, a.batch * a.prompt_len),
+            enable_prefix_caching=False,
+            use_cuda_graphs=device.type == "cuda",
+            max_model_len=a.prompt_len + total + 8,
+        ),
+    )
 
     # Time the model call inside each step by wrapping the runner's model (graph replay on GPU).
     runner = engine.runner
@@ -68,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(1)
     for _ in range(a.batch):
-        engine.add_request(torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist(),
-                           SamplingParams(temperature=0, max_tokens=total, ignore_eos=True))
+        engine.add_request(
+            torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist(),
+            SamplingParams(temperature=0, max_tokens=total, ignore_eos=True),
+        )
     for _ in range(4):  # prefill and the first decodes
         engine.step()
     _sync(device)
+
     def timed_steps() -> list[float]:
         out = []
         for _ in range(a.steps):
@@ -96,20 +109,30 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
         _sync(device)
     table = prof.key_averages()
-    text = ("## by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30)
-            + ("\n\n## by CUDA time\n" + table.table(sort_by="self_cuda_time_total", row_limit=30)
-               if device.type == "cuda" else ""))
+    text = (
+        "## by self CPU time\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=30)
+        + (
+            "\n\n## by CUDA time\n" + table.table(sort_by="self_cuda_time_total", row_limit=30)
+            if device.type == "cuda"
+            else ""
+        )
+    )
     if a.out:
         path = Path(a.out, f"engine-step-profile-{a.preset}-b{a.batch}.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# {a.preset} batch {a.batch} on {device}, graphs {runner.graph_status}\n\n" + text)
+        path.write_text(
+            f"# {a.preset} batch {a.batch} on {device}, graphs {runner.graph_status}\n\n" + text
+        )
     print(text[:6000])
     step_ms = statistics.median(walls) * 1e3
-    print(f"\n{a.preset} batch {a.batch} on {device} (graphs: {runner.graph_status}):\n"
-          f"  step (median of {a.steps})                   {step_ms:8.3f} ms\n"
-          f"  step with a sync around the model call       {statistics.median(synced) * 1e3:8.3f} ms\n"
-          f"  model call (runner.execute, synced), median   {model_ms:8.3f} ms\n"
-          f"  everything else in the step                   {statistics.median(synced) * 1e3 - model_ms:8.3f} ms")
+    print(
+        f"\n{a.preset} batch {a.batch} on {device} (graphs: {runner.graph_status}):\n"
+        f"  step (median of {a.steps})                   {step_ms:8.3f} ms\n"
+        f"  step with a sync around the model call       {statistics.median(synced) * 1e3:8.3f} ms\n"
+        f"  model call (runner.execute, synced), median   {model_ms:8.3f} ms\n"
+        f"  everything else in the step                   {statistics.median(synced) * 1e3 - model_ms:8.3f} ms"
+    )
     return 0
 
 

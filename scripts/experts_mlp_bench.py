@@ -15,11 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeray.platform.config import tiny  # noqa: E402
-from moeray.platform.model.transformer import Transformer  # noqa: E402
-from moeray.platform.parallel import pipeline as P  # noqa: E402
-from moeray.platform.results import write_result  # noqa: E402
-from moeray.platform.train import step as ts  # noqa: E402
+from moeray.platform.config import tiny
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel import pipeline as P
+from moeray.platform.results import write_result
+from moeray.platform.train import step as ts
 
 
 def stage_ms(grouped: bool, reps: int = 10) -> float:
@@ -31,7 +31,9 @@ def stage_ms(grouped: bool, reps: int = 10) -> float:
         for m in stage.modules():
             if hasattr(m, "mlp_fn"):
                 m.mlp_fn = None  # back to the per-expert loop
-    tokens = torch.randint(0, tiny().vocab_size, (4, 65), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, tiny().vocab_size, (4, 65), generator=torch.Generator().manual_seed(0)
+    )
     times = []
     for _ in range(reps + 2):
         t = time.perf_counter()
@@ -47,10 +49,16 @@ def main() -> None:
     for _ in range(3):  # interleaved, so drift hits both
         loop.append(stage_ms(False))
         grouped.append(stage_ms(True))
-    numbers = {"model": "tiny", "batch": "4 x 64 tokens", "threads": 1,
-               "per_expert_loop_ms": round(min(loop), 2), "experts_mlp_ms": round(min(grouped), 2),
-               "speedup": round(min(loop) / min(grouped), 2),
-               "all_loop_ms": [round(v, 2) for v in loop], "all_experts_mlp_ms": [round(v, 2) for v in grouped]}
+    numbers = {
+        "model": "tiny",
+        "batch": "4 x 64 tokens",
+        "threads": 1,
+        "per_expert_loop_ms": round(min(loop), 2),
+        "experts_mlp_ms": round(min(grouped), 2),
+        "speedup": round(min(loop) / min(grouped), 2),
+        "all_loop_ms": [round(v, 2) for v in loop],
+        "all_experts_mlp_ms": [round(v, 2) for v in grouped],
+    }
     path = write_result("experts-mlp-cpu", numbers, command="python scripts/experts_mlp_bench.py")
     print(numbers, "->", path)
 

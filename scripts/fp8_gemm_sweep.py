@@ -61,10 +61,14 @@ class Variant:
     ctas_per_sm: int = 1  # persistent grid = min(tiles, SMs x this)
     k_pair: bool = False  # two K blocks per iteration, two independent dots
     split_m: bool = False  # two BLOCK_M/2-row halves, each its own dot and accumulator
-    device_desc: bool = False  # tl.make_tensor_descriptor in the kernel (needs triton.set_allocator)
+    device_desc: bool = (
+        False  # tl.make_tensor_descriptor in the kernel (needs triton.set_allocator)
+    )
     warp_spec: bool = False  # tl.range(..., warp_specialize=True)
     flatten: bool = False  # tl.range(..., flatten=True) on the persistent tile loop
-    plain_loop: bool = False  # ptr: the K loop as `range` pipelined by the launch's num_stages (prod's form)
+    plain_loop: bool = (
+        False  # ptr: the K loop as `range` pipelined by the launch's num_stages (prod's form)
+    )
     # Launch option capping registers per thread. 3 CTAs of 128 threads fit an SM's 65,536 registers
     # only at <= 168 registers per thread (allocated in 8s): a 64x128 tile's fp32 accumulator and
     # the fresh dot result alone take 128, so a few extra address registers cost a whole CTA.
@@ -72,38 +76,149 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("prod", "prod", "moeray.kernels.fp8.fp8_gemm_triton as shipped (its _gemm_config: 64x128 or split-M 128x128, 4 warps, 3 stages)"),
-    Variant("ptr64x128s4", "ptr", "prod + one FMA per element: scale a_s*b_s per row first (b_s is one scalar per 128-col tile)"),
-    Variant("ptr64x128s3", "ptr", "3 stages: 72 KB smem -> 3 CTAs/SM overlap each other's scale epilogue", stages=3),
+    Variant(
+        "prod",
+        "prod",
+        "moeray.kernels.fp8.fp8_gemm_triton as shipped (its _gemm_config: 64x128 or split-M 128x128, 4 warps, 3 stages)",
+    ),
+    Variant(
+        "ptr64x128s4",
+        "ptr",
+        "prod + one FMA per element: scale a_s*b_s per row first (b_s is one scalar per 128-col tile)",
+    ),
+    Variant(
+        "ptr64x128s3",
+        "ptr",
+        "3 stages: 72 KB smem -> 3 CTAs/SM overlap each other's scale epilogue",
+        stages=3,
+    ),
     # The port (prod) and ptr64x128s3 share tile, stages, warps and promotion; prod loops with
     # `range` under the launch's num_stages where ptr64x128s3 uses tl.range(num_stages=): this
     # variant isolates that difference (prod ran 0.61x of _scaled_mm at N2112 K7168, ptr64x128s3 0.78x).
-    Variant("ptr64x128s3_range", "ptr", "ptr64x128s3 with prod's K loop: range + launch num_stages", stages=3, plain_loop=True),
-    Variant("prod_r168", "prod", "prod with maxnreg=168: 3 CTAs/SM of 128 threads fit the register file", maxnreg=168),
+    Variant(
+        "ptr64x128s3_range",
+        "ptr",
+        "ptr64x128s3 with prod's K loop: range + launch num_stages",
+        stages=3,
+        plain_loop=True,
+    ),
+    Variant(
+        "prod_r168",
+        "prod",
+        "prod with maxnreg=168: 3 CTAs/SM of 128 threads fit the register file",
+        maxnreg=168,
+    ),
     Variant("ptr64x128s3_r168", "ptr", "ptr64x128s3 with maxnreg=168", stages=3, maxnreg=168),
     Variant("ptr64x128s5", "ptr", "5 stages, 2 CTAs/SM", stages=5),
-    Variant("ptr64x64s4", "ptr", "narrow tile: 4 CTAs/SM, more overlap, more operand traffic", block_n=64),
-    Variant("ptr128x128w8s3", "ptr", "2 warpgroups per CTA interleave wgmma and scaling", block_m=128, warps=8, stages=3),
-    Variant("ptr_kpair_s3", "ptr", "two K blocks per iteration: two independent dots before scaling", k_pair=True, stages=3),
-    Variant("ptr_splitm128w4", "ptr", "128-row tile as two 64-row dots/accumulators, 1 warpgroup", block_m=128, split_m=True, stages=3),
-    Variant("ptr_splitm128w8", "ptr", "as splitm with 2 warpgroups", block_m=128, split_m=True, warps=8, stages=3),
-    Variant("ptr_persist_x2", "ptr", "persistent, 2 CTAs/SM, GROUP_M=8 swizzle", persistent=True, ctas_per_sm=2),
+    Variant(
+        "ptr64x64s4",
+        "ptr",
+        "narrow tile: 4 CTAs/SM, more overlap, more operand traffic",
+        block_n=64,
+    ),
+    Variant(
+        "ptr128x128w8s3",
+        "ptr",
+        "2 warpgroups per CTA interleave wgmma and scaling",
+        block_m=128,
+        warps=8,
+        stages=3,
+    ),
+    Variant(
+        "ptr_kpair_s3",
+        "ptr",
+        "two K blocks per iteration: two independent dots before scaling",
+        k_pair=True,
+        stages=3,
+    ),
+    Variant(
+        "ptr_splitm128w4",
+        "ptr",
+        "128-row tile as two 64-row dots/accumulators, 1 warpgroup",
+        block_m=128,
+        split_m=True,
+        stages=3,
+    ),
+    Variant(
+        "ptr_splitm128w8",
+        "ptr",
+        "as splitm with 2 warpgroups",
+        block_m=128,
+        split_m=True,
+        warps=8,
+        stages=3,
+    ),
+    Variant(
+        "ptr_persist_x2",
+        "ptr",
+        "persistent, 2 CTAs/SM, GROUP_M=8 swizzle",
+        persistent=True,
+        ctas_per_sm=2,
+    ),
     Variant("tma64x128s4", "tma", "TMA loads/stores (host descriptors), grouped launch"),
     Variant("tma64x128s3", "tma", "TMA, 3 stages / 3 CTAs per SM", stages=3),
     Variant("tma128x128w8s3", "tma", "TMA, 2 warpgroups", block_m=128, warps=8, stages=3),
     Variant("tma_persist_x2", "tma", "TMA + persistent, 2 CTAs/SM", persistent=True, ctas_per_sm=2),
-    Variant("tma_persist_x3s3", "tma", "TMA + persistent, 3 CTAs/SM, 3 stages", persistent=True, ctas_per_sm=3, stages=3),
-    Variant("tma_persist_flat", "tma", "TMA + persistent (1 CTA/SM, 8 warps) with flatten=True: next tile's loads overlap this epilogue",
-            block_m=128, warps=8, stages=3, persistent=True, flatten=True),
-    Variant("tma_devdesc_persist_x2", "tma", "device-side make_tensor_descriptor, persistent x2", persistent=True, ctas_per_sm=2, device_desc=True),
-    Variant("tma_ws", "tma", "automatic warp specialization of the K loop (Triton documents it for Blackwell only)", warp_spec=True),
-    Variant("tma_ws128w8", "tma", "warp specialization, 128x128, 8 warps", block_m=128, warps=8, stages=3, warp_spec=True),
+    Variant(
+        "tma_persist_x3s3",
+        "tma",
+        "TMA + persistent, 3 CTAs/SM, 3 stages",
+        persistent=True,
+        ctas_per_sm=3,
+        stages=3,
+    ),
+    Variant(
+        "tma_persist_flat",
+        "tma",
+        "TMA + persistent (1 CTA/SM, 8 warps) with flatten=True: next tile's loads overlap this epilogue",
+        block_m=128,
+        warps=8,
+        stages=3,
+        persistent=True,
+        flatten=True,
+    ),
+    Variant(
+        "tma_devdesc_persist_x2",
+        "tma",
+        "device-side make_tensor_descriptor, persistent x2",
+        persistent=True,
+        ctas_per_sm=2,
+        device_desc=True,
+    ),
+    Variant(
+        "tma_ws",
+        "tma",
+        "automatic warp specialization of the K loop (Triton documents it for Blackwell only)",
+        warp_spec=True,
+    ),
+    Variant(
+        "tma_ws128w8",
+        "tma",
+        "warp specialization, 128x128, 8 warps",
+        block_m=128,
+        warps=8,
+        stages=3,
+        warp_spec=True,
+    ),
     # Gluon (triton.experimental.gluon, GPU only): explicit async wgmma. K block kb's MMA is issued,
     # then wgmma.wait(1) retires block kb-1 only, so its scaling FMAs and the TMA refill of its stage
     # run while block kb's MMA is on the tensor cores -- what tl.dot's pipeliner cannot do here.
-    Variant("gluon64x128s4", "gluon", "async wgmma, wait(1): scale block kb-1 while MMA kb runs; 4 TMA stages"),
-    Variant("gluon64x128s3", "gluon", "as gluon64x128s4 with 3 stages (more CTAs per SM)", stages=3),
-    Variant("gluon128x128w8s3", "gluon", "async wgmma, 2 warpgroups (64 rows each), 3 stages", block_m=128, warps=8, stages=3),
+    Variant(
+        "gluon64x128s4",
+        "gluon",
+        "async wgmma, wait(1): scale block kb-1 while MMA kb runs; 4 TMA stages",
+    ),
+    Variant(
+        "gluon64x128s3", "gluon", "as gluon64x128s4 with 3 stages (more CTAs per SM)", stages=3
+    ),
+    Variant(
+        "gluon128x128w8s3",
+        "gluon",
+        "async wgmma, 2 warpgroups (64 rows each), 3 stages",
+        block_m=128,
+        warps=8,
+        stages=3,
+    ),
 ]
 # Not swept: 128x256 and 64x256 tiles. The fp32 accumulator plus the fresh dot result they need are
 # 2 x 128 registers per thread (> 255 with addresses), so they spill (the earlier sweep: 329 TFLOP/s).
@@ -137,10 +252,32 @@ def _scaled_dot(acc, a, b, s_row, UPCAST: tl.constexpr):
 
 @triton.jit
 def _ptr_tile(
-    tile, a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, num_m, num_n, KB,
-    stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr, K_PAIR: tl.constexpr, SPLIT_M: tl.constexpr, UPCAST: tl.constexpr,
+    tile,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    num_m,
+    num_n,
+    KB,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    K_PAIR: tl.constexpr,
+    SPLIT_M: tl.constexpr,
+    UPCAST: tl.constexpr,
     PLAIN_LOOP: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
@@ -186,7 +323,9 @@ def _ptr_tile(
                 a1 = tl.load(a_ptrs + (k0 + 1) * BLOCK_K)
                 b1 = tl.load(b_ptrs + (k0 + 1) * BLOCK_K)
                 s0 = tl.load(as_ptrs + k0 * stride_ask) * tl.load(bs_tile + k0 * stride_bsk)
-                s1 = tl.load(as_ptrs + (k0 + 1) * stride_ask) * tl.load(bs_tile + (k0 + 1) * stride_bsk)
+                s1 = tl.load(as_ptrs + (k0 + 1) * stride_ask) * tl.load(
+                    bs_tile + (k0 + 1) * stride_bsk
+                )
                 if UPCAST:
                     a0 = a0.to(tl.float32)
                     b0 = b0.to(tl.float32)
@@ -199,7 +338,9 @@ def _ptr_tile(
             if KB % 2 == 1:  # odd number of K blocks: the last one alone
                 kl = KB - 1
                 s = tl.load(as_ptrs + kl * stride_ask) * tl.load(bs_tile + kl * stride_bsk)
-                acc = _scaled_dot(acc, tl.load(a_ptrs + kl * BLOCK_K), tl.load(b_ptrs + kl * BLOCK_K), s, UPCAST)
+                acc = _scaled_dot(
+                    acc, tl.load(a_ptrs + kl * BLOCK_K), tl.load(b_ptrs + kl * BLOCK_K), s, UPCAST
+                )
         elif PLAIN_LOOP:
             for kb in range(0, KB):
                 a = tl.load(a_ptrs + kb * BLOCK_K)
@@ -218,39 +359,137 @@ def _ptr_tile(
 
 @triton.jit
 def _gemm_ptr_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
-    stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk, NUM_PROGS,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr, K_PAIR: tl.constexpr, SPLIT_M: tl.constexpr,
-    UPCAST: tl.constexpr, PLAIN_LOOP: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    NUM_PROGS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    K_PAIR: tl.constexpr,
+    SPLIT_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PLAIN_LOOP: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     KB = K // BLOCK_K
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, num_stages=1):
-            _ptr_tile(tile, a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, num_m, num_n, KB,
-                      stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST, PLAIN_LOOP)
+            _ptr_tile(
+                tile,
+                a_ptr,
+                b_ptr,
+                c_ptr,
+                as_ptr,
+                bs_ptr,
+                M,
+                N,
+                num_m,
+                num_n,
+                KB,
+                stride_am,
+                stride_bn,
+                stride_cm,
+                stride_asm,
+                stride_ask,
+                stride_bsn,
+                stride_bsk,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                GROUP_M,
+                NUM_STAGES,
+                K_PAIR,
+                SPLIT_M,
+                UPCAST,
+                PLAIN_LOOP,
+            )
     else:
-        _ptr_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, num_m, num_n, KB,
-                  stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_STAGES, K_PAIR, SPLIT_M, UPCAST, PLAIN_LOOP)
+        _ptr_tile(
+            tl.program_id(0),
+            a_ptr,
+            b_ptr,
+            c_ptr,
+            as_ptr,
+            bs_ptr,
+            M,
+            N,
+            num_m,
+            num_n,
+            KB,
+            stride_am,
+            stride_bn,
+            stride_cm,
+            stride_asm,
+            stride_ask,
+            stride_bsn,
+            stride_bsk,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP_M,
+            NUM_STAGES,
+            K_PAIR,
+            SPLIT_M,
+            UPCAST,
+            PLAIN_LOOP,
+        )
 
 
 @triton.jit
 def _gemm_tma_kernel(
-    a_in, b_in, c_in, as_ptr, bs_ptr, M, N, K,
-    stride_asm, stride_ask, stride_bsn, stride_bsk, NUM_PROGS,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
-    DEVICE_DESC: tl.constexpr, WS_OUTER: tl.constexpr, WS_INNER: tl.constexpr, UPCAST: tl.constexpr,
+    a_in,
+    b_in,
+    c_in,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    NUM_PROGS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    DEVICE_DESC: tl.constexpr,
+    WS_OUTER: tl.constexpr,
+    WS_INNER: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # a_in/b_in/c_in: host TensorDescriptors, or (DEVICE_DESC) the raw tensors, row-major.
     if DEVICE_DESC:
-        a_desc = tl.make_tensor_descriptor(a_in, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-        b_desc = tl.make_tensor_descriptor(b_in, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-        c_desc = tl.make_tensor_descriptor(c_in, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+        a_desc = tl.make_tensor_descriptor(
+            a_in, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+        b_desc = tl.make_tensor_descriptor(
+            b_in, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
+        c_desc = tl.make_tensor_descriptor(
+            c_in, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
     else:
         a_desc = a_in
         b_desc = b_in
@@ -260,12 +499,15 @@ def _gemm_tma_kernel(
     KB = K // BLOCK_K
     # Non-persistent: this loop runs once (step = all tiles); persistent: tiles pid, pid + NUM_PROGS, ...
     step = NUM_PROGS if PERSISTENT else num_m * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, step, flatten=FLATTEN,
-                         warp_specialize=WS_OUTER):
+    for tile in tl.range(
+        tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WS_OUTER
+    ):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        rows = (off_m + tl.arange(0, BLOCK_M)) % M  # rows past M (zero-filled by TMA) read a valid scale
+        rows = (
+            off_m + tl.arange(0, BLOCK_M)
+        ) % M  # rows past M (zero-filled by TMA) read a valid scale
         as_ptrs = as_ptr + rows * stride_asm
         bs_tile = bs_ptr + (off_n // 128) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -293,16 +535,28 @@ try:  # Gluon's API moves between Triton releases; a failed import only disables
     _tma_load = getattr(gtma, "async_load", None) or gtma.async_copy_global_to_shared
     _tma_store = getattr(gtma, "async_store", None) or gtma.async_copy_shared_to_global
     GLUON_IMPORT_ERROR = None
-except Exception as _e:  # noqa: BLE001
+except Exception as _e:
     GLUON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"[:200]
 
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _gemm_gluon_kernel(
-        a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
-        stride_asm, stride_ask, stride_bsn, stride_bsk,
-        GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        a_desc,
+        b_desc,
+        c_desc,
+        as_ptr,
+        bs_ptr,
+        M,
+        N,
+        K,
+        stride_asm,
+        stride_ask,
+        stride_bsn,
+        stride_bsk,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
@@ -319,7 +573,8 @@ if GLUON_IMPORT_ERROR is None:
 
         # One m64nNk32 wgmma per 16 rows x 4 warps; warps stacked along M (BLOCK_M = 16 x num_warps x reps).
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32]
+        )
         row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         rows = (off_m + gl.arange(0, BLOCK_M, layout=row_layout)) % M
         as_ptrs = as_ptr + rows * stride_asm
@@ -344,8 +599,13 @@ if GLUON_IMPORT_ERROR is None:
         for kb in range(KB):
             slot = kb % STAGES
             mbarrier.wait(bars.index(slot), (kb // STAGES) & 1)
-            cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero,
-                                use_acc=False, is_async=True)
+            cur = warpgroup_mma(
+                a_bufs.index(slot),
+                b_bufs.index(slot).permute((1, 0)),
+                zero,
+                use_acc=False,
+                is_async=True,
+            )
             # Retire block kb-1's MMA only; block kb's stays on the tensor cores during what follows.
             cur, prev = warpgroup_mma_wait(num_outstanding=1, deps=(cur, prev))
             nxt = kb + STAGES - 1
@@ -389,8 +649,10 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
     if k % BLOCK_K:
         raise ValueError(f"K={k} must be a multiple of {BLOCK_K} for the sweep kernels")
     if tuple(as_MKb.shape) != (m, kb) or tuple(bs_NbKb.shape) != (math.ceil(n / 128), kb):
-        raise ValueError(f"scales {tuple(as_MKb.shape)}, {tuple(bs_NbKb.shape)}; want ({m}, {kb}), "
-                         f"({math.ceil(n / 128)}, {kb}) for a [{m}, {k}], b [{n}, {k}]")
+        raise ValueError(
+            f"scales {tuple(as_MKb.shape)}, {tuple(bs_NbKb.shape)}; want ({m}, {kb}), "
+            f"({math.ceil(n / 128)}, {kb}) for a [{m}, {k}], b [{n}, {k}]"
+        )
     if a_MK.stride(1) != 1 or b_NK.stride(1) != 1:
         raise ValueError(f"a and b must be K-contiguous, strides {a_MK.stride()}, {b_NK.stride()}")
     if v.kind == "prod":
@@ -408,26 +670,54 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
     c = torch.empty((m, n), dtype=torch.bfloat16, device=a_MK.device)
     tiles = math.ceil(m / v.block_m) * math.ceil(n / v.block_n)
     progs = min(tiles, _num_sms(a_MK.device) * v.ctas_per_sm) if v.persistent else tiles
-    common = dict(BLOCK_M=v.block_m, BLOCK_N=v.block_n, BLOCK_K=BLOCK_K, GROUP_M=v.group_m,
-                  NUM_STAGES=v.stages, PERSISTENT=v.persistent, UPCAST=INTERPRET,
-                  num_warps=v.warps, num_stages=v.stages)
+    common = dict(
+        BLOCK_M=v.block_m,
+        BLOCK_N=v.block_n,
+        BLOCK_K=BLOCK_K,
+        GROUP_M=v.group_m,
+        NUM_STAGES=v.stages,
+        PERSISTENT=v.persistent,
+        UPCAST=INTERPRET,
+        num_warps=v.warps,
+        num_stages=v.stages,
+    )
     if v.maxnreg is not None:
         common["maxnreg"] = v.maxnreg
     sa = (as_MKb.stride(0), as_MKb.stride(1))
     sb = (bs_NbKb.stride(0), bs_NbKb.stride(1))
     if v.kind == "ptr":
+
         def run():
             _gemm_ptr_kernel[(progs,)](
-                a_MK, b_NK, c, as_MKb, bs_NbKb, m, n, k,
-                a_MK.stride(0), b_NK.stride(0), c.stride(0), *sa, *sb, progs,
-                K_PAIR=v.k_pair, SPLIT_M=v.split_m, PLAIN_LOOP=v.plain_loop, **common)
+                a_MK,
+                b_NK,
+                c,
+                as_MKb,
+                bs_NbKb,
+                m,
+                n,
+                k,
+                a_MK.stride(0),
+                b_NK.stride(0),
+                c.stride(0),
+                *sa,
+                *sb,
+                progs,
+                K_PAIR=v.k_pair,
+                SPLIT_M=v.split_m,
+                PLAIN_LOOP=v.plain_loop,
+                **common,
+            )
             return c
+
         return run
     if v.kind == "tma":
         if v.device_desc:
             if a_MK.stride(0) != k or b_NK.stride(0) != k:
                 raise ValueError("device descriptors assume row-major a and b")
-            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a_MK.device))
+            triton.set_allocator(
+                lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a_MK.device)
+            )
             a_in, b_in, c_in = a_MK, b_NK, c
         else:
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -438,10 +728,25 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
 
         def run():
             _gemm_tma_kernel[(progs,)](
-                a_in, b_in, c_in, as_MKb, bs_NbKb, m, n, k, *sa, *sb, progs,
-                FLATTEN=v.flatten, DEVICE_DESC=v.device_desc, WS_OUTER=v.warp_spec and v.persistent,
-                WS_INNER=v.warp_spec and not v.persistent, **common)
+                a_in,
+                b_in,
+                c_in,
+                as_MKb,
+                bs_NbKb,
+                m,
+                n,
+                k,
+                *sa,
+                *sb,
+                progs,
+                FLATTEN=v.flatten,
+                DEVICE_DESC=v.device_desc,
+                WS_OUTER=v.warp_spec and v.persistent,
+                WS_INNER=v.warp_spec and not v.persistent,
+                **common,
+            )
             return c
+
         return run
     if v.kind == "gluon":
         if GLUON_IMPORT_ERROR is not None:
@@ -449,7 +754,9 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
         if a_MK.device.type != "cuda":
             raise RuntimeError("gluon kernels run on a GPU only (no interpreter)")
         if v.block_m != 16 * v.warps:
-            raise ValueError(f"{v.name}: block_m={v.block_m} must be 16 x warps={v.warps} (warps stacked along M)")
+            raise ValueError(
+                f"{v.name}: block_m={v.block_m} must be 16 x warps={v.warps} (warps stacked along M)"
+            )
 
         def desc(t, block, dtype):
             layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
@@ -461,9 +768,22 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
 
         def run():
             _gemm_gluon_kernel[(tiles,)](
-                a_d, b_d, c_d, as_MKb, bs_NbKb, m, n, k, *sa, *sb,
-                GROUP_M=v.group_m, STAGES=v.stages, num_warps=v.warps)
+                a_d,
+                b_d,
+                c_d,
+                as_MKb,
+                bs_NbKb,
+                m,
+                n,
+                k,
+                *sa,
+                *sb,
+                GROUP_M=v.group_m,
+                STAGES=v.stages,
+                num_warps=v.warps,
+            )
             return c
+
         return run
     raise ValueError(f"{v.name}: unknown kind {v.kind!r}")
 
@@ -488,7 +808,13 @@ def make_inputs(m: int, n: int, k: int, device: str, seed: int = 0):
     w = w * torch.exp2(w_exp).repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
     wp = torch.nn.functional.pad(w, (0, 0, 0, nb * 128 - n)).view(nb, 128, kb, 128)
     ws = wp.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [NB, KB]
-    b = (wp / ws[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(nb * 128, k)[:n].contiguous()
+    b = (
+        (wp / ws[:, None, :, None])
+        .clamp(-FP8_MAX, FP8_MAX)
+        .to(FP8)
+        .reshape(nb * 128, k)[:n]
+        .contiguous()
+    )
     as_cm = xs.t().contiguous().t()  # [M, KB], strides (1, M)
     return a, as_cm, b, ws.contiguous()
 
@@ -516,7 +842,9 @@ def scaled_mm_launcher(a, as_MKb, b, bs_NbKb, ref):
     copy, whichever this torch accepts and gets right (as moeray.kernels.fp8 probes)."""
     errors = []
     for sb in (bs_NbKb.t(), bs_NbKb.t().contiguous()):
-        fn = lambda sb=sb: torch._scaled_mm(a, b.t(), scale_a=as_MKb, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+        fn = lambda sb=sb: torch._scaled_mm(
+            a, b.t(), scale_a=as_MKb, scale_b=sb, out_dtype=torch.bfloat16
+        )
         try:
             err = rel_err(fn(), ref)
         except (RuntimeError, NotImplementedError) as e:
@@ -559,11 +887,17 @@ def compiled_report() -> list[dict]:
             cache = entry[0] if isinstance(entry, tuple) else entry
             for compiled in getattr(cache, "values", lambda: [])():
                 md = compiled.metadata
-                rows.append({"kernel": label, "regs": getattr(compiled, "n_regs", None),
-                             "spills": getattr(compiled, "n_spills", None),
-                             "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None),
-                             "num_stages": getattr(md, "num_stages", None),
-                             "maxnreg": getattr(md, "maxnreg", None)})
+                rows.append(
+                    {
+                        "kernel": label,
+                        "regs": getattr(compiled, "n_regs", None),
+                        "spills": getattr(compiled, "n_spills", None),
+                        "shared": getattr(md, "shared", None),
+                        "num_warps": getattr(md, "num_warps", None),
+                        "num_stages": getattr(md, "num_stages", None),
+                        "maxnreg": getattr(md, "maxnreg", None),
+                    }
+                )
     return rows
 
 
@@ -585,7 +919,9 @@ def check_only(variants: list[Variant]) -> int:
     print(f"{'variant':24s} " + " ".join(f"{f'{m}x{n}x{k}':>14s}" for m, n, k in CHECK_SHAPES))
     for v in variants:
         if v.kind == "gluon" and device == "cpu":
-            print(f"{v.name:24s} skipped: Gluon kernels have no interpreter; checked in the GPU sweep")
+            print(
+                f"{v.name:24s} skipped: Gluon kernels have no interpreter; checked in the GPU sweep"
+            )
             continue
         cells = []
         for m, n, k in CHECK_SHAPES:
@@ -596,7 +932,7 @@ def check_only(variants: list[Variant]) -> int:
                 ok = err < REL_TOL
                 cells.append(f"{err:.2e}{'' if ok else ' BAD'}")
                 failures += not ok
-            except Exception as e:  # noqa: BLE001 - report and go on to the next variant
+            except Exception as e:
                 cells.append("ERROR")
                 failures += 1
                 print(f"  {v.name} {m}x{n}x{k}: {_first_line(e)}")
@@ -607,12 +943,16 @@ def check_only(variants: list[Variant]) -> int:
 
 def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s: float) -> int:
     if not torch.cuda.is_available():
-        raise ValueError("the timed sweep needs a CUDA GPU; use TRITON_INTERPRET=1 ... --check-only on CPU")
+        raise ValueError(
+            "the timed sweep needs a CUDA GPU; use TRITON_INTERPRET=1 ... --check-only on CPU"
+        )
     t_start = time.perf_counter()
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    print(f"device {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-          f"triton {triton.__version__}; do_bench median, rep {rep_ms} ms; M=4096, BLOCK_K=128")
+    print(
+        f"device {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+        f"triton {triton.__version__}; do_bench median, rep {rep_ms} ms; M=4096, BLOCK_K=128"
+    )
     results: dict[str, dict] = {v.name: {"variant": asdict(v), "shapes": {}} for v in variants}
     results["_scaled_mm"] = {"shapes": {}}
     dead: dict[str, str] = {}  # variant -> why it stopped (a compile error repeats at every shape)
@@ -624,9 +964,15 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
         try:
             sm_fn, sm_err = scaled_mm_launcher(a, sa, b, sb, ref)
             sm_ms = triton.testing.do_bench(sm_fn, warmup=25, rep=rep_ms, return_mode="median")
-            results["_scaled_mm"]["shapes"][key] = {"ms": sm_ms, "TFLOPs": flop / sm_ms / 1e9, "rel_err": sm_err}
-            print(f"\n== {key}: _scaled_mm {sm_ms:.4f} ms  {flop / sm_ms / 1e9:7.1f} TFLOP/s  rel_err {sm_err:.1e}")
-        except Exception as e:  # noqa: BLE001
+            results["_scaled_mm"]["shapes"][key] = {
+                "ms": sm_ms,
+                "TFLOPs": flop / sm_ms / 1e9,
+                "rel_err": sm_err,
+            }
+            print(
+                f"\n== {key}: _scaled_mm {sm_ms:.4f} ms  {flop / sm_ms / 1e9:7.1f} TFLOP/s  rel_err {sm_err:.1e}"
+            )
+        except Exception as e:
             sm_ms = None
             print(f"\n== {key}: _scaled_mm unavailable: {_first_line(e)}")
         for v in variants:
@@ -643,15 +989,22 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
                 if not err < REL_TOL:
                     raise RuntimeError(f"wrong result: rel err {err:.3g} >= {REL_TOL}")
                 ms = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - one broken variant must not end the sweep
+            except Exception as e:
                 why = _first_line(e)
                 dead[v.name] = why
                 print(f"  {v.name:24s} FAILED {why}")
                 continue
             tf = flop / ms / 1e9
             ratio = sm_ms / ms if sm_ms else float("nan")
-            results[v.name]["shapes"][key] = {"ms": ms, "TFLOPs": tf, "ratio_vs_scaled_mm": ratio, "rel_err": err}
-            print(f"  {v.name:24s} {ms:.4f} ms {tf:7.1f} TFLOP/s  x{ratio:.3f}  err {err:.1e}  (first call {compile_s:.1f} s)")
+            results[v.name]["shapes"][key] = {
+                "ms": ms,
+                "TFLOPs": tf,
+                "ratio_vs_scaled_mm": ratio,
+                "rel_err": err,
+            }
+            print(
+                f"  {v.name:24s} {ms:.4f} ms {tf:7.1f} TFLOP/s  x{ratio:.3f}  err {err:.1e}  (first call {compile_s:.1f} s)"
+            )
         del a, sa, b, sb, ref
         torch.cuda.empty_cache()
     for name, why in dead.items():
@@ -667,20 +1020,34 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
         done = [r for r in ratios if not math.isnan(r)]
         gmean = math.exp(sum(map(math.log, done)) / len(done)) if done else float("nan")
         rows.append((v, ratios, tfs, min(done) if len(done) == len(keys) else float("nan"), gmean))
-    rows.sort(key=lambda r: (-(r[4] if not math.isnan(r[4]) else -1)))
+    rows.sort(key=lambda r: -(r[4] if not math.isnan(r[4]) else -1))
     sm = results["_scaled_mm"]["shapes"]
-    print("\nFINAL: TFLOP/s (ratio to torch._scaled_mm in the same run); issue #4 target: every ratio >= 0.70")
-    print(f"{'variant':24s} " + " ".join(f"{s:>16s}" for s in short) + f" {'min':>6s} {'gmean':>6s}  note")
-    print(f"{'_scaled_mm':24s} " + " ".join(
-        f"{sm[k_]['TFLOPs']:8.1f}        " if k_ in sm else f"{'n/a':>16s}" for k_ in keys))
+    print(
+        "\nFINAL: TFLOP/s (ratio to torch._scaled_mm in the same run); issue #4 target: every ratio >= 0.70"
+    )
+    print(
+        f"{'variant':24s} "
+        + " ".join(f"{s:>16s}" for s in short)
+        + f" {'min':>6s} {'gmean':>6s}  note"
+    )
+    print(
+        f"{'_scaled_mm':24s} "
+        + " ".join(
+            f"{sm[k_]['TFLOPs']:8.1f}        " if k_ in sm else f"{'n/a':>16s}" for k_ in keys
+        )
+    )
     for v, ratios, tfs, mn, gm in rows:
-        cells = " ".join(f"{t:7.1f} (x{r:.3f})" if not math.isnan(r) else (f"{t:7.1f}   (n/a) " if not math.isnan(t) else f"{'-':>16s}")
-                         for t, r in zip(tfs, ratios))
+        cells = " ".join(
+            f"{t:7.1f} (x{r:.3f})"
+            if not math.isnan(r)
+            else (f"{t:7.1f}   (n/a) " if not math.isnan(t) else f"{'-':>16s}")
+            for t, r in zip(tfs, ratios)
+        )
         note = dead.get(v.name, "")
         print(f"{v.name:24s} {cells} {mn:6.3f} {gm:6.3f}  {note[:90]}")
     try:
         compiled = compiled_report()
-    except Exception as e:  # noqa: BLE001 - Triton-internal cache layout; the timings stand without it
+    except Exception as e:
         compiled = [{"error": _first_line(e)}]
     print("compiled kernels (registers/thread decide CTAs per SM: 3 x 128 threads need <= 168):")
     for row in compiled:
@@ -688,19 +1055,40 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
-            json.dump({"device": props.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "torch": torch.__version__, "triton": triton.__version__,
-                       "command": " ".join(sys.argv), "results": results, "compiled": compiled}, f, indent=1)
+            json.dump(
+                {
+                    "device": props.name,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "torch": torch.__version__,
+                    "triton": triton.__version__,
+                    "command": " ".join(sys.argv),
+                    "results": results,
+                    "compiled": compiled,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {json_path}")
     return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check-only", action="store_true", help="correctness at small shapes only (CPU: TRITON_INTERPRET=1)")
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="correctness at small shapes only (CPU: TRITON_INTERPRET=1)",
+    )
     p.add_argument("--variants", default=None, help="comma-separated names or name prefixes")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time per measurement, ms")
-    p.add_argument("--budget", type=float, default=150.0, help="stop timing new variants after this many seconds")
+    p.add_argument(
+        "--rep", type=int, default=100, help="do_bench repetition time per measurement, ms"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=150.0,
+        help="stop timing new variants after this many seconds",
+    )
     out = os.environ.get("OUT")
     p.add_argument("--json", default=os.path.join(out, "fp8_gemm_sweep.json") if out else None)
     args = p.parse_args()

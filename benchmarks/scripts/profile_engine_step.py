@@ -1,6 +1,6 @@
 """Where a decode step's time goes: cProfile of Engine.step at batch B on `small()` (random weights).
 
-    python benchmarks/scripts/profile_engine_step.py [--batch 1] [--steps 50]
+python benchmarks/scripts/profile_engine_step.py [--batch 1] [--steps 50]
 """
 
 import argparse

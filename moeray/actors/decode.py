@@ -13,7 +13,12 @@ from moeray.actors.engine_metrics import EngineMetrics, replica_id
 from moeray.platform.config import ServeConfig
 from moeray.platform.serve.openai import EngineRequest, GenerationStep
 from moeray.platform.serve.worker import (
-    ColocatedWorker, DecodeRoutingPolicy, DecodeWorker, TransferRecord, make_engine)
+    ColocatedWorker,
+    DecodeRoutingPolicy,
+    DecodeWorker,
+    TransferRecord,
+    make_engine,
+)
 
 
 def _node_ip() -> str:
@@ -21,7 +26,7 @@ def _node_ip() -> str:
         import ray
 
         return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray (tests)
+    except Exception:
         return "127.0.0.1"
 
 
@@ -37,15 +42,27 @@ class DecodeServer:
             return await self.prefill.prefill.remote(req, export_from, endpoint)
 
         engine = make_engine(cfg)
-        receiver = make_receiver(cfg.kv_transport, replica_id(), engine.device, host=_node_ip(),
-                                 timeout_s=cfg.kv_transfer_timeout_s)
-        self.worker = DecodeWorker(engine, fetch, receiver=receiver, on_transfer=self._on_transfer,
-                                   max_waiting=cfg.max_waiting)
+        receiver = make_receiver(
+            cfg.kv_transport,
+            replica_id(),
+            engine.device,
+            host=_node_ip(),
+            timeout_s=cfg.kv_transfer_timeout_s,
+        )
+        self.worker = DecodeWorker(
+            engine,
+            fetch,
+            receiver=receiver,
+            on_transfer=self._on_transfer,
+            max_waiting=cfg.max_waiting,
+        )
         self.metrics = EngineMetrics("decode", self.worker.loop)
         self._stats_seq = itertools.count()
 
     def _on_transfer(self, rec: TransferRecord) -> None:
-        self.metrics.transfer(rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=rec.transport)
+        self.metrics.transfer(
+            rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=rec.transport
+        )
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
         return _metered(self.worker.generate(request), self.metrics)
@@ -57,9 +74,12 @@ class DecodeServer:
     def stats(self, replica: str | None = None, last: int = 100) -> dict[str, Any]:
         """This replica's pages and its `last` transfers (at most 1000 are kept). `replica` (a
         replica id) is read by DecodeRouter, which then sends the call to that replica."""
-        return {"replica": replica_id(), "free_pages": self.worker.free_pages(),
-                "transfers": [vars(t) for t in self.worker.transfers[-last:]] if last > 0 else [],
-                "engine": self.worker.loop.engine.metrics()}
+        return {
+            "replica": replica_id(),
+            "free_pages": self.worker.free_pages(),
+            "transfers": [vars(t) for t in self.worker.transfers[-last:]] if last > 0 else [],
+            "engine": self.worker.loop.engine.metrics(),
+        }
 
 
 class ColocatedServer:
@@ -72,12 +92,16 @@ class ColocatedServer:
         return _metered(self.worker.generate(request), self.metrics)
 
     def stats(self) -> dict[str, Any]:
-        return {"replica": replica_id(), "free_pages": self.worker.loop.free_pages(),
-                "engine": self.worker.loop.engine.metrics()}
+        return {
+            "replica": replica_id(),
+            "free_pages": self.worker.loop.free_pages(),
+            "engine": self.worker.loop.engine.metrics(),
+        }
 
 
-async def _metered(steps: AsyncGenerator[GenerationStep, None], metrics: EngineMetrics
-                   ) -> AsyncGenerator[GenerationStep, None]:
+async def _metered(
+    steps: AsyncGenerator[GenerationStep, None], metrics: EngineMetrics
+) -> AsyncGenerator[GenerationStep, None]:
     """Stream a worker's steps, refreshing the replica's gauges after each (and at the end)."""
     try:
         async with aclosing(steps):

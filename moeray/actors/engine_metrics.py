@@ -10,7 +10,7 @@ def replica_id() -> str:
         from ray import serve
 
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside a replica (tests): one process, one label
+    except Exception:
         return "local"
 
 

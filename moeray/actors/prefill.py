@@ -24,12 +24,18 @@ class PrefillServer:
 
         cfg = ServeConfig.from_dict(config)
         engine = make_engine(cfg, decodes=False)
-        self.worker = PrefillWorker(engine, max_waiting=cfg.max_waiting,
-                                    sender=make_sender(cfg.kv_transport, engine.device,
-                                                       timeout_s=cfg.kv_transfer_timeout_s))
+        self.worker = PrefillWorker(
+            engine,
+            max_waiting=cfg.max_waiting,
+            sender=make_sender(
+                cfg.kv_transport, engine.device, timeout_s=cfg.kv_transfer_timeout_s
+            ),
+        )
         self.metrics = EngineMetrics("prefill", self.worker.loop)
 
-    async def prefill(self, request: EngineRequest, export_from: int, dest: Any = None) -> PrefillResult:
+    async def prefill(
+        self, request: EngineRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
         try:
             return await self.worker.prefill(request, export_from, dest)
         finally:

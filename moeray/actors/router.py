@@ -79,7 +79,7 @@ class RouterActor:
                     )
                 try:
                     await asyncio.wait_for(cond.wait(), timeout=left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         return self._state.biases()
 

@@ -59,7 +59,9 @@ def check_tensor(
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}"
+        )
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
     return t

@@ -119,9 +119,18 @@ def fp8_gemm_ref(
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K,
-    stride_xm, stride_qm, stride_sm, stride_sk,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, EXACT: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    stride_sk,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     # One program: BLOCK_M rows x one 128-wide group -> BLOCK_M scales.
     pid_m = tl.program_id(0)
@@ -141,9 +150,17 @@ def _act_quant_kernel(
 
 @triton.jit
 def _act_quant_t_kernel(
-    x_ptr, q_ptr, s_ptr, M, K,
-    stride_xm, stride_qk, stride_sk,
-    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EXACT: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qk,
+    stride_sk,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     # One program: a 128-token group x BLOCK_K channels; amax over tokens; writes q transposed.
     g = tl.program_id(0)
@@ -163,8 +180,16 @@ def _act_quant_t_kernel(
 
 @triton.jit
 def _weight_quant_kernel(
-    w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_qn, stride_sn,
-    BLOCK: tl.constexpr, EXACT: tl.constexpr,
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_qn,
+    stride_sn,
+    BLOCK: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -183,7 +208,14 @@ def _weight_quant_kernel(
 
 @triton.jit
 def _weight_dequant_kernel(
-    q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_wn, stride_sn,
+    q_ptr,
+    s_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_wn,
+    stride_sn,
     BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -194,12 +226,18 @@ def _weight_dequant_kernel(
     q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0.0)
     s = tl.load(s_ptr + pid_n * stride_sn + pid_k)
     w = q.to(tl.float32) * s
-    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+        w.to(w_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _check_block(block: int) -> None:
     if block != 128:
-        raise ValueError(f"block={block}: only 128 is supported (DeepSeek-V3 1x128 / 128x128 tiles)")
+        raise ValueError(
+            f"block={block}: only 128 is supported (DeepSeek-V3 1x128 / 128x128 tiles)"
+        )
 
 
 def act_quant(
@@ -233,8 +271,19 @@ def act_quant(
     block_m = 16
     grid = (cdiv(m, block_m), kb)
     _act_quant_kernel[grid](
-        x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        BLOCK_M=block_m, GROUP=block, EXACT=interpreting(), num_warps=4,
+        x2,
+        q,
+        s,
+        m,
+        k,
+        x2.stride(0),
+        q.stride(0),
+        s.stride(0),
+        s.stride(1),
+        BLOCK_M=block_m,
+        GROUP=block,
+        EXACT=interpreting(),
+        num_warps=4,
     )
     if scale_col_major:
         return q, s
@@ -257,8 +306,18 @@ def act_quant_t(x_MK: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
     s = torch.empty((k, mb), dtype=torch.float32, device=x.device)
     block_k = 64
     _act_quant_t_kernel[(mb, cdiv(k, block_k))](
-        x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0),
-        BLOCK_K=block_k, GROUP=block, EXACT=interpreting(), num_warps=4,
+        x,
+        q,
+        s,
+        m,
+        k,
+        x.stride(0),
+        q.stride(0),
+        s.stride(0),
+        BLOCK_K=block_k,
+        GROUP=block,
+        EXACT=interpreting(),
+        num_warps=4,
     )
     return q, s
 
@@ -274,14 +333,26 @@ def weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
     s = torch.empty((cdiv(n, block), cdiv(k, block)), dtype=torch.float32, device=w.device)
     _weight_quant_kernel[s.shape](
-        w, q, s, n, k, w.stride(0), q.stride(0), s.stride(0),
-        BLOCK=block, EXACT=interpreting(), num_warps=8,
+        w,
+        q,
+        s,
+        n,
+        k,
+        w.stride(0),
+        q.stride(0),
+        s.stride(0),
+        BLOCK=block,
+        EXACT=interpreting(),
+        num_warps=8,
     )
     return q, s
 
 
 def weight_dequant(
-    w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.bfloat16
+    w_fp8: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: int = 128,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """w_fp8 [N, K] e4m3 * scale_inv [NB, KB] (one per 128x128 block) -> [N, K] out_dtype."""
     _check_block(block)
@@ -296,7 +367,9 @@ def weight_dequant(
     q = w_fp8 if w_fp8.stride(-1) == 1 else w_fp8.contiguous()
     s = scale_inv.contiguous()
     w = torch.empty((n, k), dtype=out_dtype, device=q.device)
-    _weight_dequant_kernel[s.shape](q, s, w, n, k, q.stride(0), w.stride(0), s.stride(0), BLOCK=block, num_warps=8)
+    _weight_dequant_kernel[s.shape](
+        q, s, w, n, k, q.stride(0), w.stride(0), s.stride(0), BLOCK=block, num_warps=8
+    )
     return w
 
 
@@ -334,7 +407,9 @@ def _scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE: tl.constexpr, UPCAST: tl.c
 @triton.jit
 def _store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn):
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(
+        c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
+    )
 
 
 @triton.jit
@@ -348,15 +423,36 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-    stride_asm, stride_ask, stride_bsn, stride_bsk,
-    expert_ptr, stride_be, stride_bse,  # GROUPED only: the expert of each 128-row block of a
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    expert_ptr,
+    stride_be,
+    stride_bse,  # GROUPED only: the expert of each 128-row block of a
     B_SCALE_DIV: tl.constexpr,  # 128: b scale per 128x128 block; 1: per 1x128 row group
     ROW_SCALE: tl.constexpr,  # B_SCALE_DIV == 128 and BLOCK_N <= 128: one b scale per tile and K block
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     SPLIT_M: tl.constexpr,  # the BLOCK_M rows as two BLOCK_M/2-row dots, each its own accumulator
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
     GROUPED: tl.constexpr,  # b [E, N, K]: rows of a in 128-row blocks, each block one expert's
     NUM_STAGES: tl.constexpr,  # the launch's num_stages, for the K loop's tl.range
 ):
@@ -452,11 +548,15 @@ def _split_m_wins(m: int, n: int, num_sms: int) -> bool:
 def _gemm_config(m: int, n: int, device: torch.device) -> dict:
     """Tile shapes by problem size (see _split_m_wins and benchmarks/notes-kernels.md)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, SPLIT_M=False, num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, SPLIT_M=False, num_warps=4, num_stages=1
+        )
     # At M=64 (H100 sweep, benchmarks/results/kernels-*-sweep.json): narrow 32-column tiles spread the
     # weight read over more SMs (79 vs 72 TFLOP/s); not re-measured with the one-FMA promotion.
     if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_M=False, num_warps=4, num_stages=6)
+        return dict(
+            BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_M=False, num_warps=4, num_stages=6
+        )
     # H200 sweep, M=4096, ratio to _scaled_mm (one run): the old 64x128/4 warps/4 stages with
     # mul + FMA per K block 0.555 0.564 0.614 0.549 at N2112K7168 / N24576K1536 / N7168K16384 /
     # N4096K7168; the same tile with one FMA 0.699 0.643 0.715 0.673; one FMA and 3 stages (72 KB
@@ -464,8 +564,18 @@ def _gemm_config(m: int, n: int, device: torch.device) -> dict:
     # 0.760 0.688; 5 stages 0.551 0.486 0.627 0.535; 128x128 with 8 warps 0.624 0.601 0.745 0.607.
     # 4 warps everywhere: one warpgroup per CTA, more CTAs per SM.
     if m >= 128 and _split_m_wins(m, n, num_sms(device)):
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=True, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3)
+        return dict(
+            BLOCK_M=128,
+            BLOCK_N=128,
+            BLOCK_K=128,
+            GROUP_M=8,
+            SPLIT_M=True,
+            num_warps=4,
+            num_stages=3,
+        )
+    return dict(
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3
+    )
 
 
 def _b_scale_div(b_fp8: torch.Tensor, b_scale: torch.Tensor, kb: int) -> int:
@@ -487,7 +597,9 @@ def _check_gemm_inputs(a_fp8, a_scale, b_fp8, b_scale) -> int:
     check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
     m, k = a_fp8.shape
     if b_fp8.shape[1] != k:
-        raise ValueError(f"b_fp8 [N, K] has K={b_fp8.shape[1]}, a_fp8 [M, K] has K={k}: they must match")
+        raise ValueError(
+            f"b_fp8 [N, K] has K={b_fp8.shape[1]}, a_fp8 [M, K] has K={k}: they must match"
+        )
     kb = cdiv(k, 128)
     check_shape(a_scale, "a_scale", (m, kb))
     return _b_scale_div(b_fp8, b_scale, kb)
@@ -518,9 +630,13 @@ def _fp8_gemm_launch(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, c
     c = torch.empty((m, n), dtype=out_dtype, device=a_fp8.device)
     if m == 0 or n == 0:
         return c, None
-    if config is not None and (_CONFIG_KEYS - config.keys() or config.keys() - _CONFIG_KEYS - _CONFIG_OPTIONAL):
-        raise ValueError(f"config keys {sorted(config)}: need {sorted(_CONFIG_KEYS)}, "
-                         f"optionally {sorted(_CONFIG_OPTIONAL)}")
+    if config is not None and (
+        _CONFIG_KEYS - config.keys() or config.keys() - _CONFIG_KEYS - _CONFIG_OPTIONAL
+    ):
+        raise ValueError(
+            f"config keys {sorted(config)}: need {sorted(_CONFIG_KEYS)}, "
+            f"optionally {sorted(_CONFIG_OPTIONAL)}"
+        )
     # Configs without SPLIT_M (bench.py's sweep list) run unsplit tiles.
     cfg = {"SPLIT_M": False, **(config or _gemm_config(m, n, a_fp8.device))}
     if cfg["BLOCK_K"] != 128:
@@ -528,15 +644,39 @@ def _fp8_gemm_launch(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, c
     if div == 128 and cfg["BLOCK_N"] % 128 and 128 % cfg["BLOCK_N"]:
         raise ValueError(f"BLOCK_N={cfg['BLOCK_N']} must divide or be a multiple of 128")
     if cfg["SPLIT_M"] and cfg["BLOCK_M"] < 32:
-        raise ValueError(f"SPLIT_M needs BLOCK_M >= 32 (two dots of >= 16 rows), got {cfg['BLOCK_M']}")
+        raise ValueError(
+            f"SPLIT_M needs BLOCK_M >= 32 (two dots of >= 16 rows), got {cfg['BLOCK_M']}"
+        )
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     compiled = _fp8_gemm_kernel[grid](
-        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
-        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        a_scale, 0, 0,
-        B_SCALE_DIV=div, ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
-        EVEN_K=(k % cfg["BLOCK_K"] == 0), UPCAST=interpreting(), GROUPED=False, NUM_STAGES=cfg["num_stages"], **cfg,
+        a_fp8,
+        b_fp8,
+        c,
+        a_scale,
+        b_scale,
+        m,
+        n,
+        k,
+        a_fp8.stride(0),
+        a_fp8.stride(1),
+        b_fp8.stride(0),
+        b_fp8.stride(1),
+        c.stride(0),
+        c.stride(1),
+        a_scale.stride(0),
+        a_scale.stride(1),
+        b_scale.stride(0),
+        b_scale.stride(1),
+        a_scale,
+        0,
+        0,
+        B_SCALE_DIV=div,
+        ROW_SCALE=(div == 128 and cfg["BLOCK_N"] <= 128),
+        EVEN_K=(k % cfg["BLOCK_K"] == 0),
+        UPCAST=interpreting(),
+        GROUPED=False,
+        NUM_STAGES=cfg["num_stages"],
+        **cfg,
     )
     return c, (None if interpreting() else compiled)
 
@@ -549,16 +689,23 @@ def ctas_per_sm(compiled, regs_per_sm: int = 65536, smem_per_sm: int = 228 * 102
     per_warp = -(-regs * 32 // 256) * 256
     by_regs = regs_per_sm // (per_warp * warps)
     by_smem = smem_per_sm // (compiled.metadata.shared + 1024)
-    return {"regs": regs, "spills": compiled.n_spills, "shared": compiled.metadata.shared,
-            "ctas_by_regs": by_regs, "ctas_by_smem": by_smem, "ctas_per_sm": min(by_regs, by_smem)}
+    return {
+        "regs": regs,
+        "spills": compiled.n_spills,
+        "shared": compiled.metadata.shared,
+        "ctas_by_regs": by_regs,
+        "ctas_by_smem": by_smem,
+        "ctas_per_sm": min(by_regs, by_smem),
+    }
 
 
 # One tile config for every grouped GEMM, whatever its row count: `_gemm_config` picks by M, and
 # in training the total rows change every step, so a by-M choice would compile a new variant
 # mid-step (the multi-GPU hang of benchmarks/notes-train.md). 64x128, 3 stages, 4 warps is the
 # sweep's best 64-row tile (notes-kernels.md).
-_GROUPED_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4,
-                       num_stages=3)
+_GROUPED_CONFIG = dict(
+    BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3
+)
 
 
 def fp8_gemm_grouped(
@@ -583,10 +730,14 @@ def fp8_gemm_grouped(
     p, k = a_fp8.shape
     e, n = b_fp8.shape[:2]
     if p % 128 or block_expert.shape[0] != p // 128:
-        raise ValueError(f"a_fp8 has {p} rows: expected a multiple of 128 with one block_expert entry "
-                         f"per 128 rows, got {block_expert.shape[0]} entries")
+        raise ValueError(
+            f"a_fp8 has {p} rows: expected a multiple of 128 with one block_expert entry "
+            f"per 128 rows, got {block_expert.shape[0]} entries"
+        )
     if b_fp8.shape[2] != k:
-        raise ValueError(f"b_fp8 [E, N, K] has K={b_fp8.shape[2]}, a_fp8 [P, K] has K={k}: they must match")
+        raise ValueError(
+            f"b_fp8 [E, N, K] has K={b_fp8.shape[2]}, a_fp8 [P, K] has K={k}: they must match"
+        )
     kb = cdiv(k, 128)
     check_shape(a_scale, "a_scale", (p, kb))
     check_shape(b_scale, "b_scale", (e, cdiv(n, 128), kb))
@@ -598,12 +749,34 @@ def fp8_gemm_grouped(
     cfg = _gemm_config(p, n, a_fp8.device) if interpreting() else _GROUPED_CONFIG
     grid = (cdiv(p, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](
-        a_fp8, b_fp8, c, a_scale, b_scale, p, n, k,
-        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(1), b_fp8.stride(2), c.stride(0), c.stride(1),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(1), b_scale.stride(2),
-        block_expert, b_fp8.stride(0), b_scale.stride(0),
-        B_SCALE_DIV=128, ROW_SCALE=cfg["BLOCK_N"] <= 128, EVEN_K=(k % cfg["BLOCK_K"] == 0),
-        UPCAST=interpreting(), GROUPED=True, NUM_STAGES=cfg["num_stages"], **cfg,
+        a_fp8,
+        b_fp8,
+        c,
+        a_scale,
+        b_scale,
+        p,
+        n,
+        k,
+        a_fp8.stride(0),
+        a_fp8.stride(1),
+        b_fp8.stride(1),
+        b_fp8.stride(2),
+        c.stride(0),
+        c.stride(1),
+        a_scale.stride(0),
+        a_scale.stride(1),
+        b_scale.stride(1),
+        b_scale.stride(2),
+        block_expert,
+        b_fp8.stride(0),
+        b_scale.stride(0),
+        B_SCALE_DIV=128,
+        ROW_SCALE=cfg["BLOCK_N"] <= 128,
+        EVEN_K=(k % cfg["BLOCK_K"] == 0),
+        UPCAST=interpreting(),
+        GROUPED=True,
+        NUM_STAGES=cfg["num_stages"],
+        **cfg,
     )
     return c
 
@@ -623,11 +796,31 @@ def fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype
 # whole GPU, which hung the 4x H200 train bench in its first step (benchmarks/notes-train.md).
 @triton.jit(do_not_specialize=["stride_am", "stride_bn", "stride_asm", "stride_bsn"])
 def _fp8_gemm_kgrouped_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, ends_ptr, M, N,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
-    stride_asm, stride_ask, stride_bsn, stride_bsk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    ends_ptr,
+    M,
+    N,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_ce,
+    stride_cm,
+    stride_cn,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # c[e] = a[:, tokens of e] @ b[:, tokens of e]^T: the weight gradients of all experts, each
     # reducing over its own 128-aligned token range [ends[e - 1], ends[e]) of the shared K axis.
@@ -646,7 +839,9 @@ def _fp8_gemm_kgrouped_kernel(
     as_ptrs = as_ptr + (offs_m % M) * stride_asm
     bs_ptrs = bs_ptr + (offs_n % N) * stride_bsn  # b's scales are per 1x128 row group
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in tl.range(k_start // BLOCK_K, k_end // BLOCK_K, num_stages=NUM_STAGES):  # an empty range: zeros
+    for kb in tl.range(
+        k_start // BLOCK_K, k_end // BLOCK_K, num_stages=NUM_STAGES
+    ):  # an empty range: zeros
         a = tl.load(a_ptrs + kb * BLOCK_K * stride_ak)
         b = tl.load(b_ptrs + kb * BLOCK_K * stride_bk)
         a_s = tl.load(as_ptrs + kb * stride_ask)
@@ -683,8 +878,10 @@ def fp8_gemm_kgrouped(
         raise ValueError(f"out_dtype={out_dtype}; accepted: torch.bfloat16, torch.float32")
     (m, p), n = a_fp8.shape, b_fp8.shape[0]
     if b_fp8.shape[1] != p or p % 128:
-        raise ValueError(f"a_fp8 [M, P] {tuple(a_fp8.shape)} and b_fp8 [N, P] {tuple(b_fp8.shape)}: "
-                         f"P must match and be a multiple of 128")
+        raise ValueError(
+            f"a_fp8 [M, P] {tuple(a_fp8.shape)} and b_fp8 [N, P] {tuple(b_fp8.shape)}: "
+            f"P must match and be a multiple of 128"
+        )
     check_shape(a_scale, "a_scale", (m, p // 128))
     check_shape(b_scale, "b_scale", (n, p // 128))
     if not ends.is_cuda:
@@ -698,20 +895,42 @@ def fp8_gemm_kgrouped(
     c = torch.empty((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
     if c.numel() == 0:
         return c
-    cfg = dict(_KGROUPED_CONFIG, **(dict(BLOCK_M=16, BLOCK_N=32, num_stages=1) if interpreting() else {}))
+    cfg = dict(
+        _KGROUPED_CONFIG, **(dict(BLOCK_M=16, BLOCK_N=32, num_stages=1) if interpreting() else {})
+    )
     grid = (ends.shape[0] * cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kgrouped_kernel[grid](
-        a_fp8, b_fp8, c, a_scale, b_scale, ends, m, n,
-        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1), c.stride(2),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        UPCAST=interpreting(), NUM_STAGES=cfg["num_stages"], **cfg,
+        a_fp8,
+        b_fp8,
+        c,
+        a_scale,
+        b_scale,
+        ends,
+        m,
+        n,
+        a_fp8.stride(0),
+        a_fp8.stride(1),
+        b_fp8.stride(0),
+        b_fp8.stride(1),
+        c.stride(0),
+        c.stride(1),
+        c.stride(2),
+        a_scale.stride(0),
+        a_scale.stride(1),
+        b_scale.stride(0),
+        b_scale.stride(1),
+        UPCAST=interpreting(),
+        NUM_STAGES=cfg["num_stages"],
+        **cfg,
     )
     return c
 
 
 def fp8_gemm_kgrouped_ref(a_fp8, a_scale, b_fp8, b_scale, ends, out_dtype=torch.bfloat16):
     """fp8_gemm_kgrouped in PyTorch: fp8_gemm_ref per expert on its token columns."""
-    c = torch.zeros((ends.shape[0], a_fp8.shape[0], b_fp8.shape[0]), dtype=out_dtype, device=a_fp8.device)
+    c = torch.zeros(
+        (ends.shape[0], a_fp8.shape[0], b_fp8.shape[0]), dtype=out_dtype, device=a_fp8.device
+    )
     start = 0
     for e, end in enumerate(ends.tolist()):
         if end > start:
@@ -748,9 +967,13 @@ def native_blockscaled_layout(device_index: int, per_row_b: bool) -> str | None:
     a, sa = act_quant(torch.randn(m, k, device=dev, generator=g), scale_col_major=True)
     w = torch.randn(n, k, device=dev, generator=g)
     # Scales that vary strongly per block, so a layout mix-up cannot pass by accident.
-    w = w * torch.rand(n // 128 if not per_row_b else n, 1, device=dev, generator=g).repeat_interleave(
-        128 if not per_row_b else 1, 0
-    ) * 10
+    w = (
+        w
+        * torch.rand(
+            n // 128 if not per_row_b else n, 1, device=dev, generator=g
+        ).repeat_interleave(128 if not per_row_b else 1, 0)
+        * 10
+    )
     if per_row_b:
         b, sb = act_quant(w)
     else:

@@ -68,12 +68,34 @@ def mla_decode_ref(
 
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, kv_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
-    sm_scale_log2, ROWS, NUM_HEADS, Q_LEN, pages_per_split,
-    stride_qb, stride_qr, stride_kvp, stride_kvt, stride_btb,
-    stride_ob, stride_or, stride_os, stride_lb, stride_lr,
-    BLOCK_H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, RB: tl.constexpr, PB: tl.constexpr,
-    PAGE: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    kv_ptr,
+    bt_ptr,
+    len_ptr,
+    o_ptr,
+    lse_ptr,
+    sm_scale_log2,
+    ROWS,
+    NUM_HEADS,
+    Q_LEN,
+    pages_per_split,
+    stride_qb,
+    stride_qr,
+    stride_kvp,
+    stride_kvt,
+    stride_btb,
+    stride_ob,
+    stride_or,
+    stride_os,
+    stride_lb,
+    stride_lr,
+    BLOCK_H: tl.constexpr,
+    R: tl.constexpr,
+    P: tl.constexpr,
+    RB: tl.constexpr,
+    PB: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
     b = tl.program_id(1)
@@ -107,8 +129,12 @@ def _mla_decode_split_kernel(
         pos = t0 + offs_t
         t_ok = pos < t_end
         kv_base = kv_ptr + page * stride_kvp + offs_t[:, None] * stride_kvt
-        c_kv = tl.load(kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # [PAGE, RB]
-        k_pe = tl.load(kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)  # [PAGE, PB]
+        c_kv = tl.load(
+            kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
+        )  # [PAGE, RB]
+        k_pe = tl.load(
+            kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
+        )  # [PAGE, PB]
         if UPCAST:
             c_kv = c_kv.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
@@ -127,16 +153,31 @@ def _mla_decode_split_kernel(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :], out,
-             mask=row_ok[:, None] & r_ok[None, :])
+    tl.store(
+        o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :],
+        out,
+        mask=row_ok[:, None] & r_ok[None, :],
+    )
     tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
 
 
 @triton.jit
 def _mla_merge_kernel(
-    o_ptr, lse_ptr, out_ptr, lse_out_ptr, num_splits,
-    stride_ob, stride_or, stride_os, stride_lb, stride_lr, stride_outb, stride_outr, stride_lob,
-    NS: tl.constexpr, R: tl.constexpr,
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    lse_out_ptr,
+    num_splits,
+    stride_ob,
+    stride_or,
+    stride_os,
+    stride_lb,
+    stride_lr,
+    stride_outb,
+    stride_outr,
+    stride_lob,
+    NS: tl.constexpr,
+    R: tl.constexpr,
 ):
     b = tl.program_id(0)
     r = tl.program_id(1)
@@ -148,8 +189,11 @@ def _mla_merge_kernel(
     w = tl.exp2(lse - m_safe)  # empty splits (lse = -inf) weigh 0
     w_sum = tl.sum(w, axis=0)
     offs_r = tl.arange(0, R)
-    o = tl.load(o_ptr + b * stride_ob + r * stride_or + offs_s[:, None] * stride_os + offs_r[None, :],
-                mask=s_ok[:, None], other=0.0)
+    o = tl.load(
+        o_ptr + b * stride_ob + r * stride_or + offs_s[:, None] * stride_os + offs_r[None, :],
+        mask=s_ok[:, None],
+        other=0.0,
+    )
     out = tl.sum(o * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     tl.store(out_ptr + b * stride_outb + r * stride_outr + offs_r, out.to(out_ptr.dtype.element_ty))
     # natural-log LSE, for merging with other attention pieces (chunked prefill)
@@ -168,7 +212,9 @@ def _is_pow2(x: int) -> bool:
 def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     check_tensor(q, "q", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=nd_q)
     check_tensor(kv_cache, "kv_cache", dtypes=(q.dtype,), ndim=3, device=q.device)
-    check_tensor(block_table, "block_table", dtypes=(torch.int32, torch.int64), ndim=2, device=q.device)
+    check_tensor(
+        block_table, "block_table", dtypes=(torch.int32, torch.int64), ndim=2, device=q.device
+    )
     check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32, torch.int64), ndim=1, device=q.device)
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache rows must be contiguous, got strides {kv_cache.stride()}")
@@ -183,7 +229,9 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
         )
     page = kv_cache.shape[1]
     if not _is_pow2(page) or page < 16:
-        raise ValueError(f"kv_cache page size {page} must be a power of 2 >= 16 (DeepSeek-V3 uses 64)")
+        raise ValueError(
+            f"kv_cache page size {page} must be a power of 2 >= 16 (DeepSeek-V3 uses 64)"
+        )
     b = q.shape[0]
     if block_table.shape[0] != b or seq_lens.shape[0] != b:
         raise ValueError(
@@ -193,8 +241,17 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
 
 def _mla_decode_rows(
     q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
-    kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank, num_heads, q_len, num_splits, block_h,
-    num_warps=None, num_stages=None,
+    kv_cache,
+    block_table,
+    seq_lens,
+    softmax_scale,
+    kv_lora_rank,
+    num_heads,
+    q_len,
+    num_splits,
+    block_h,
+    num_warps=None,
+    num_stages=None,
 ):
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
@@ -218,21 +275,56 @@ def _mla_decode_rows(
     lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
     upcast = interpreting()
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
-        q_BRD, kv_cache, block_table, seq_lens, o, lse,
-        softmax_scale * LOG2E, rows, num_heads, q_len, pages_per_split,
-        q_BRD.stride(0), q_BRD.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK_H=block_h, R=kv_lora_rank, P=d - kv_lora_rank, RB=max(16, kv_lora_rank), PB=max(16, d - kv_lora_rank),
-        PAGE=page, UPCAST=upcast,
-        num_warps=num_warps, num_stages=num_stages or 2,
+        q_BRD,
+        kv_cache,
+        block_table,
+        seq_lens,
+        o,
+        lse,
+        softmax_scale * LOG2E,
+        rows,
+        num_heads,
+        q_len,
+        pages_per_split,
+        q_BRD.stride(0),
+        q_BRD.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        block_table.stride(0),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        BLOCK_H=block_h,
+        R=kv_lora_rank,
+        P=d - kv_lora_rank,
+        RB=max(16, kv_lora_rank),
+        PB=max(16, d - kv_lora_rank),
+        PAGE=page,
+        UPCAST=upcast,
+        num_warps=num_warps,
+        num_stages=num_stages or 2,
     )
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
     _mla_merge_kernel[(b, rows)](
-        o, lse, out, lse_out, num_splits,
-        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), lse_out.stride(0),
-        NS=triton.next_power_of_2(num_splits), R=kv_lora_rank, num_warps=4,
+        o,
+        lse,
+        out,
+        lse_out,
+        num_splits,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse_out.stride(0),
+        NS=triton.next_power_of_2(num_splits),
+        R=kv_lora_rank,
+        num_warps=4,
     )
     return out, lse_out
 
@@ -263,15 +355,27 @@ def mla_decode_multi(
         raise ValueError(f"block_h={block_h} must be a power of 2 >= 16")
     b, s, h, d = q_BSHD.shape
     if not use_triton(q_BSHD):
-        out, lse = mla_decode_ref(q_BSHD, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank)
+        out, lse = mla_decode_ref(
+            q_BSHD, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank
+        )
         out = out.to(q_BSHD.dtype)
         return (out, lse) if return_lse else out
     q = q_BSHD.reshape(b, s * h, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _mla_decode_rows(
-        q, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank, h, s, num_splits, block_h,
-        num_warps, num_stages,
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        softmax_scale,
+        kv_lora_rank,
+        h,
+        s,
+        num_splits,
+        block_h,
+        num_warps,
+        num_stages,
     )
     out = out.view(b, s, h, kv_lora_rank)
     return (out, lse.view(b, s, h)) if return_lse else out
@@ -298,8 +402,16 @@ def mla_decode(
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
-        q_BHD.unsqueeze(1), kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank,
-        num_splits=num_splits, block_h=block_h, return_lse=return_lse, num_warps=num_warps,
+        q_BHD.unsqueeze(1),
+        kv_cache,
+        block_table,
+        seq_lens,
+        softmax_scale,
+        kv_lora_rank,
+        num_splits=num_splits,
+        block_h=block_h,
+        return_lse=return_lse,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     if return_lse:

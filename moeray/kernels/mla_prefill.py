@@ -83,12 +83,35 @@ def mla_prefill_ref(
 
 @triton.jit
 def _mla_prefill_kernel(
-    qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr,
+    qn_ptr,
+    qp_ptr,
+    kn_ptr,
+    kp_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    cu_ptr,
     sm_scale_log2,
-    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_knt, stride_knh, stride_kpt, stride_kph,
-    stride_vt, stride_vh, stride_ot, stride_oh, stride_lt, stride_lh,
-    N: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    stride_qnt,
+    stride_qnh,
+    stride_qpt,
+    stride_qph,
+    stride_knt,
+    stride_knh,
+    stride_kpt,
+    stride_kph,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_lh,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Longest rows first: the last query block of a sequence has the most key blocks.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -109,16 +132,38 @@ def _mla_prefill_kernel(
     offs_dv = tl.arange(0, V)
 
     rows = (start + offs_m)[:, None]
-    q_nope = tl.load(qn_ptr + rows * stride_qnt + h64 * stride_qnh + offs_dn[None, :], mask=m_ok[:, None], other=0.0)
-    q_pe = tl.load(qp_ptr + rows * stride_qpt + h64 * stride_qph + offs_dr[None, :], mask=m_ok[:, None], other=0.0)
+    q_nope = tl.load(
+        qn_ptr + rows * stride_qnt + h64 * stride_qnh + offs_dn[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
+    q_pe = tl.load(
+        qp_ptr + rows * stride_qpt + h64 * stride_qph + offs_dr[None, :],
+        mask=m_ok[:, None],
+        other=0.0,
+    )
     if UPCAST:
         q_nope = q_nope.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
 
     # Keys are loaded transposed ([dim, BN]) so both score products are plain [BM, d] x [d, BN].
-    kn_ptrs = kn_ptr + start * stride_knt + h64 * stride_knh + offs_n[None, :] * stride_knt + offs_dn[:, None]
-    kp_ptrs = kp_ptr + start * stride_kpt + h64 * stride_kph + offs_n[None, :] * stride_kpt + offs_dr[:, None]
-    v_ptrs = v_ptr + start * stride_vt + h64 * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :]
+    kn_ptrs = (
+        kn_ptr
+        + start * stride_knt
+        + h64 * stride_knh
+        + offs_n[None, :] * stride_knt
+        + offs_dn[:, None]
+    )
+    kp_ptrs = (
+        kp_ptr
+        + start * stride_kpt
+        + h64 * stride_kph
+        + offs_n[None, :] * stride_kpt
+        + offs_dr[:, None]
+    )
+    v_ptrs = (
+        v_ptr + start * stride_vt + h64 * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :]
+    )
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -233,12 +278,26 @@ def mla_prefill(
     elif k_pe_TR.dim() == 3:
         k_pe = k_pe_TR
     else:
-        raise ValueError(f"k_pe must be [T, R] (shared) or [T, H, R], got shape {tuple(k_pe_TR.shape)}")
-    for name, x, d in (("q_pe", q_pe_THR, r), ("k_nope", k_nope_THN, n), ("k_pe", k_pe, r), ("v", v_THV, vd)):
+        raise ValueError(
+            f"k_pe must be [T, R] (shared) or [T, H, R], got shape {tuple(k_pe_TR.shape)}"
+        )
+    for name, x, d in (
+        ("q_pe", q_pe_THR, r),
+        ("k_nope", k_nope_THN, n),
+        ("k_pe", k_pe, r),
+        ("v", v_THV, vd),
+    ):
         if tuple(x.shape) != (t, h, d):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {(t, h, d)} (q_nope is {(t, h, n)})")
-    for name, x in (("q_nope", q_nope_THN), ("q_pe", q_pe_THR), ("k_nope", k_nope_THN), ("k_pe", k_pe),
-                    ("v", v_THV)):
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, expected {(t, h, d)} (q_nope is {(t, h, n)})"
+            )
+    for name, x in (
+        ("q_nope", q_nope_THN),
+        ("q_pe", q_pe_THR),
+        ("k_nope", k_nope_THN),
+        ("k_pe", k_pe),
+        ("v", v_THV),
+    ):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {x.stride()}")
     for name, d in (("qk_nope_head_dim", n), ("qk_rope_head_dim", r), ("v_head_dim", vd)):
@@ -249,7 +308,9 @@ def mla_prefill(
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
     if not use_triton(q_nope_THN):
-        out, lse = mla_prefill_ref(q_nope_THN, q_pe_THR, k_nope_THN, k_pe_TR, v_THV, cu_seqlens, softmax_scale)
+        out, lse = mla_prefill_ref(
+            q_nope_THN, q_pe_THR, k_nope_THN, k_pe_TR, v_THV, cu_seqlens, softmax_scale
+        )
         out = out.to(dt)
         return (out, lse) if return_lse else out
     if max_seqlen is None:
@@ -263,25 +324,56 @@ def mla_prefill(
     b = cu_seqlens.numel() - 1
     grid = (max(cdiv(max_seqlen, bm), 1), h, b)
     _mla_prefill_kernel[grid](
-        q_nope_THN, q_pe_THR, k_nope_THN, k_pe, v_THV, out, lse, cu_seqlens,
+        q_nope_THN,
+        q_pe_THR,
+        k_nope_THN,
+        k_pe,
+        v_THV,
+        out,
+        lse,
+        cu_seqlens,
         softmax_scale * LOG2E,
-        q_nope_THN.stride(0), q_nope_THN.stride(1), q_pe_THR.stride(0), q_pe_THR.stride(1),
-        k_nope_THN.stride(0), k_nope_THN.stride(1), k_pe.stride(0), k_pe.stride(1),
-        v_THV.stride(0), v_THV.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        N=n, R=r, V=vd, BLOCK_M=bm, BLOCK_N=bn, UPCAST=interpreting(), **cfg,
+        q_nope_THN.stride(0),
+        q_nope_THN.stride(1),
+        q_pe_THR.stride(0),
+        q_pe_THR.stride(1),
+        k_nope_THN.stride(0),
+        k_nope_THN.stride(1),
+        k_pe.stride(0),
+        k_pe.stride(1),
+        v_THV.stride(0),
+        v_THV.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        lse.stride(1),
+        N=n,
+        R=r,
+        V=vd,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        UPCAST=interpreting(),
+        **cfg,
     )
     return (out, lse) if return_lse else out
 
 
-def mla_prefill_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
-                          v: torch.Tensor) -> bool:
+def mla_prefill_supported(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    v: torch.Tensor,
+) -> bool:
     """Whether `mla_prefill` / `mla_prefill_bshd` runs the Triton kernel on these inputs: all on one
     CUDA device, one float dtype, head dims powers of 2 >= 16 (V3: 128 / 64 / 128; `tiny()`'s rope
     dim 8 is not), no autograd needed (the kernel has no backward)."""
     ts = (q_nope, q_pe, k_nope, k_pe, v)
     if not all(t.is_cuda and t.device == q_nope.device and t.dtype == q_nope.dtype for t in ts):
         return False
-    if q_nope.dtype not in FLOAT_IN or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+    if q_nope.dtype not in FLOAT_IN or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    ):
         return False
     return all(_is_pow2(d) and d >= 16 for d in (q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]))
 
@@ -304,6 +396,14 @@ def mla_prefill_bshd(
     def flat(x):  # [B, S, ...] -> [B*S, ...], a view whenever B and S are adjacent in memory
         return x.reshape(b * s, *x.shape[2:])
 
-    out = mla_prefill(flat(q_nope_BSHN), flat(q_pe_BSHR), flat(k_nope_BSHN), flat(pe_BSR), flat(v_BSHV),
-                      cu, softmax_scale, max_seqlen=s)
+    out = mla_prefill(
+        flat(q_nope_BSHN),
+        flat(q_pe_BSHR),
+        flat(k_nope_BSHN),
+        flat(pe_BSR),
+        flat(v_BSHV),
+        cu,
+        softmax_scale,
+        max_seqlen=s,
+    )
     return out.view(b, s, h, -1)

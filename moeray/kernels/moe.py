@@ -130,11 +130,34 @@ def moe_align(
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ptr, bexp_ptr, xs_ptr, wsg_ptr, wsu_ptr,
-    num_valid, top_k, H, I,
-    stride_xt, stride_wge, stride_wgn, stride_wue, stride_wun, stride_ht, stride_xst,
-    stride_wsge, stride_wsgn, stride_wsue, stride_wsun,
-    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    h_ptr,
+    sorted_ptr,
+    bexp_ptr,
+    xs_ptr,
+    wsg_ptr,
+    wsu_ptr,
+    num_valid,
+    top_k,
+    H,
+    I,
+    stride_xt,
+    stride_wge,
+    stride_wgn,
+    stride_wue,
+    stride_wun,
+    stride_ht,
+    stride_xst,
+    stride_wsge,
+    stride_wsgn,
+    stride_wsue,
+    stride_wsun,
+    FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
@@ -153,8 +176,12 @@ def _moe_gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
-    wg_ptrs = wg_ptr + e64 * stride_wge + offs_ng[None, :].to(tl.int64) * stride_wgn + offs_k[:, None]
-    wu_ptrs = wu_ptr + e64 * stride_wue + offs_ng[None, :].to(tl.int64) * stride_wun + offs_k[:, None]
+    wg_ptrs = (
+        wg_ptr + e64 * stride_wge + offs_ng[None, :].to(tl.int64) * stride_wgn + offs_k[:, None]
+    )
+    wu_ptrs = (
+        wu_ptr + e64 * stride_wue + offs_ng[None, :].to(tl.int64) * stride_wun + offs_k[:, None]
+    )
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -186,10 +213,28 @@ def _moe_gate_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, w_ptr, y_ptr, sorted_ptr, bexp_ptr, hs_ptr, ws_ptr, rw_ptr,
-    num_valid, H, I,
-    stride_ht, stride_we, stride_wn, stride_yt, stride_hst, stride_wse, stride_wsn,
-    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    y_ptr,
+    sorted_ptr,
+    bexp_ptr,
+    hs_ptr,
+    ws_ptr,
+    rw_ptr,
+    num_valid,
+    H,
+    I,
+    stride_ht,
+    stride_we,
+    stride_wn,
+    stride_yt,
+    stride_hst,
+    stride_wse,
+    stride_wsn,
+    FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
@@ -273,17 +318,33 @@ def fused_moe(
     check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3)
     e_count, two_i, h_w = w13_E2IH.shape
     if two_i % 2:
-        raise ValueError(f"w13 has shape {tuple(w13_E2IH.shape)}; expected [E, 2I, H] (gate then up rows)")
+        raise ValueError(
+            f"w13 has shape {tuple(w13_E2IH.shape)}; expected [E, 2I, H] (gate then up rows)"
+        )
     i = two_i // 2
     w1_scale = w3_scale = None
     if w13_E2IH.dtype == FP8_DTYPE and w13_scale is not None:
-        check_tensor(w13_scale, "w13_scale", dtypes=(torch.float32,), ndim=3, device=w13_E2IH.device)
+        check_tensor(
+            w13_scale, "w13_scale", dtypes=(torch.float32,), ndim=3, device=w13_E2IH.device
+        )
         if i % 128 or tuple(w13_scale.shape) != (e_count, two_i // 128, -(-h_w // 128)):
-            raise ValueError(f"w13_scale has shape {tuple(w13_scale.shape)}; expected "
-                             f"{(e_count, two_i // 128, -(-h_w // 128))} with I={i} a multiple of 128")
-        w1_scale, w3_scale = w13_scale[:, : i // 128], w13_scale[:, i // 128:]
-    return fused_moe_gate_up(x_TH, w13_E2IH[:, :i], w13_E2IH[:, i:], w2_EHI, expert_ids_TK, weights_TK,
-                             w1_scale=w1_scale, w3_scale=w3_scale, w2_scale=w2_scale, config=config)
+            raise ValueError(
+                f"w13_scale has shape {tuple(w13_scale.shape)}; expected "
+                f"{(e_count, two_i // 128, -(-h_w // 128))} with I={i} a multiple of 128"
+            )
+        w1_scale, w3_scale = w13_scale[:, : i // 128], w13_scale[:, i // 128 :]
+    return fused_moe_gate_up(
+        x_TH,
+        w13_E2IH[:, :i],
+        w13_E2IH[:, i:],
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        w1_scale=w1_scale,
+        w3_scale=w3_scale,
+        w2_scale=w2_scale,
+        config=config,
+    )
 
 
 def fused_moe_gate_up(
@@ -306,12 +367,16 @@ def fused_moe_gate_up(
     check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
     check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
     check_tensor(w2_EHI, "w2", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
-    check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64), ndim=2, device=x_TH.device)
+    check_tensor(
+        expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64), ndim=2, device=x_TH.device
+    )
     check_tensor(weights_TK, "weights", dtypes=BF16_IN, ndim=2, device=x_TH.device)
     t, h = x_TH.shape
     e_count, i, h_w = w1_EIH.shape
     if h_w != h:
-        raise ValueError(f"w1 has shape {tuple(w1_EIH.shape)}; expected [E, I, {h}] (x has width {h})")
+        raise ValueError(
+            f"w1 has shape {tuple(w1_EIH.shape)}; expected [E, I, {h}] (x has width {h})"
+        )
     if tuple(w3_EIH.shape) != (e_count, i, h):
         raise ValueError(f"w3 has shape {tuple(w3_EIH.shape)}; expected {(e_count, i, h)} like w1")
     if tuple(w2_EHI.shape) != (e_count, h, i):
@@ -323,22 +388,32 @@ def fused_moe_gate_up(
     fp8 = w1_EIH.dtype == FP8_DTYPE
     if fp8:
         if w1_scale is None or w3_scale is None or w2_scale is None:
-            raise ValueError("FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]")
+            raise ValueError(
+                "FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]"
+            )
         if i % 128 or h % 128:
-            raise ValueError(f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)")
-        for name, sc, shape in (("w1_scale", w1_scale, (e_count, i // 128, h // 128)),
-                                ("w3_scale", w3_scale, (e_count, i // 128, h // 128)),
-                                ("w2_scale", w2_scale, (e_count, h // 128, i // 128))):
+            raise ValueError(
+                f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)"
+            )
+        for name, sc, shape in (
+            ("w1_scale", w1_scale, (e_count, i // 128, h // 128)),
+            ("w3_scale", w3_scale, (e_count, i // 128, h // 128)),
+            ("w2_scale", w2_scale, (e_count, h // 128, i // 128)),
+        ):
             check_tensor(sc, name, dtypes=(torch.float32,), ndim=3, device=x_TH.device)
             if tuple(sc.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected {shape}")
     if not use_triton(x_TH):
         w13 = torch.cat([w1_EIH, w3_EIH], 1)
         s13 = torch.cat([w1_scale, w3_scale], 1) if fp8 else None
-        return fused_moe_ref(x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale)
+        return fused_moe_ref(
+            x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale
+        )
     for name, w in (("w1", w1_EIH), ("w3", w3_EIH), ("w2", w2_EHI)):
         if w.stride(-1) != 1:
-            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}")
+            raise ValueError(
+                f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}"
+            )
     k = expert_ids_TK.shape[1]
     tk = t * k
     cfg = dict(config or _moe_config(tk, e_count, fp8))
@@ -355,16 +430,43 @@ def fused_moe_gate_up(
         xq, xs = act_quant(x)
         a_in, a_scale = xq, xs
         # the kernels step over K blocks with stride 1
-        s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in (w1_scale, w3_scale, w2_scale))
+        s1, s3, s2 = (
+            sc if sc.stride(-1) == 1 else sc.contiguous() for sc in (w1_scale, w3_scale, w2_scale)
+        )
     else:
         a_in, a_scale = x, x  # the scale pointers are unused without FP8
         s1 = s3 = s2 = w1_EIH
     _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
-        a_in, w1_EIH, w3_EIH, hbuf, sorted_ids, block_expert, a_scale, s1, s3,
-        tk, k, h, i,
-        a_in.stride(0), w1_EIH.stride(0), w1_EIH.stride(1), w3_EIH.stride(0), w3_EIH.stride(1), hbuf.stride(0),
-        a_scale.stride(0), s1.stride(0), s1.stride(1), s3.stride(0), s3.stride(1),
-        FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
+        a_in,
+        w1_EIH,
+        w3_EIH,
+        hbuf,
+        sorted_ids,
+        block_expert,
+        a_scale,
+        s1,
+        s3,
+        tk,
+        k,
+        h,
+        i,
+        a_in.stride(0),
+        w1_EIH.stride(0),
+        w1_EIH.stride(1),
+        w3_EIH.stride(0),
+        w3_EIH.stride(1),
+        hbuf.stride(0),
+        a_scale.stride(0),
+        s1.stride(0),
+        s1.stride(1),
+        s3.stride(0),
+        s3.stride(1),
+        FP8=fp8,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        UPCAST=upcast,
+        **cfg,
     )
     if fp8:
         hq, hs = act_quant(hbuf)
@@ -374,17 +476,43 @@ def fused_moe_gate_up(
     y_tk = torch.empty(tk, h, dtype=act_dtype, device=x.device)
     rw = weights_TK.reshape(-1).contiguous()
     _moe_down_kernel[(cdiv(h, bn), max_blocks)](
-        h_in, w2_EHI, y_tk, sorted_ids, block_expert, h_scale, s2, rw,
-        tk, h, i,
-        h_in.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_tk.stride(0),
-        h_scale.stride(0), s2.stride(0), s2.stride(1),
-        FP8=fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, **cfg,
+        h_in,
+        w2_EHI,
+        y_tk,
+        sorted_ids,
+        block_expert,
+        h_scale,
+        s2,
+        rw,
+        tk,
+        h,
+        i,
+        h_in.stride(0),
+        w2_EHI.stride(0),
+        w2_EHI.stride(1),
+        y_tk.stride(0),
+        h_scale.stride(0),
+        s2.stride(0),
+        s2.stride(1),
+        FP8=fp8,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        UPCAST=upcast,
+        **cfg,
     )
     y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)
     ids = expert_ids_TK if expert_ids_TK.is_contiguous() else expert_ids_TK.contiguous()
     block_h = 128 if interpreting() else 1024
     _moe_sum_kernel[(t, cdiv(h, block_h))](
-        y_tk, ids, y, h, e_count, K=k, BLOCK=block_h, num_warps=4,
+        y_tk,
+        ids,
+        y,
+        h,
+        e_count,
+        K=k,
+        BLOCK=block_h,
+        num_warps=4,
     )
     return y
 

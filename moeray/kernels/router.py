@@ -58,11 +58,28 @@ FUSED_MAX_TOKENS = 32
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, scores_ptr,
-    T, stride_lt, scaling,
-    E: tl.constexpr, G: tl.constexpr, PG: tl.constexpr, GP: tl.constexpr, PGP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ATOMIC_COUNTS: tl.constexpr, PRECISE: tl.constexpr,
+    logits_ptr,
+    bias_ptr,
+    ids_ptr,
+    w_ptr,
+    counts_ptr,
+    scores_ptr,
+    T,
+    stride_lt,
+    scaling,
+    E: tl.constexpr,
+    G: tl.constexpr,
+    PG: tl.constexpr,
+    GP: tl.constexpr,
+    PGP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    ATOMIC_COUNTS: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -76,7 +93,9 @@ def _route_kernel(
     valid = valid_GJ[None, :, :]
     mask = row_ok[:, None, None] & valid
 
-    x = tl.load(logits_ptr + r64[:, None, None] * stride_lt + col, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(logits_ptr + r64[:, None, None] * stride_lt + col, mask=mask, other=0.0).to(
+        tl.float32
+    )
     if PRECISE:
         e = libdevice.exp(-x)
     else:
@@ -147,8 +166,11 @@ def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) ->
     if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS or logits_TE.shape[0] > FUSED_MAX_TOKENS:
         return False
     if bias_E is not None and (
-        bias_E.dim() != 1 or bias_E.dtype not in LOGIT_DTYPES or not bias_E.is_contiguous()
-        or bias_E.device != logits_TE.device or bias_E.shape[0] != logits_TE.shape[1]
+        bias_E.dim() != 1
+        or bias_E.dtype not in LOGIT_DTYPES
+        or not bias_E.is_contiguous()
+        or bias_E.device != logits_TE.device
+        or bias_E.shape[0] != logits_TE.shape[1]
     ):
         return False
     return use_triton(logits_TE)
@@ -176,12 +198,16 @@ def route_fused(
     """
     check_tensor(logits_TE, "logits", dtypes=LOGIT_DTYPES, ndim=2)
     if logits_TE.stride(-1) != 1:
-        raise ValueError(f"logits must have unit stride over experts, got strides {logits_TE.stride()}")
+        raise ValueError(
+            f"logits must have unit stride over experts, got strides {logits_TE.stride()}"
+        )
     T, E = logits_TE.shape
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"logits has {E} experts; the fused router supports 1..{MAX_EXPERTS}")
     if bias_E is not None:
-        check_tensor(bias_E, "bias", dtypes=LOGIT_DTYPES, ndim=1, contiguous=True, device=logits_TE.device)
+        check_tensor(
+            bias_E, "bias", dtypes=LOGIT_DTYPES, ndim=1, contiguous=True, device=logits_TE.device
+        )
         if bias_E.shape[0] != E:
             raise ValueError(f"bias has {bias_E.shape[0]} entries, logits have {E} experts")
     per_group = check_group_sizes(E, top_k, n_group, topk_group)
@@ -192,8 +218,15 @@ def route_fused(
     if not use_triton(logits_TE):
         from moeray.platform.routing import route_torch
 
-        return route_torch(logits_TE, bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                           routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob)
+        return route_torch(
+            logits_TE,
+            bias_E,
+            top_k=top_k,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+            norm_topk_prob=norm_topk_prob,
+        )
     dev = logits_TE.device
     gp, pgp = triton.next_power_of_2(n_group), triton.next_power_of_2(per_group)
     cells = gp * pgp
@@ -208,15 +241,33 @@ def route_fused(
     weights_TK = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     scores_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     atomic = grid > 1
-    counts_E = (torch.zeros if atomic or grid == 0 else torch.empty)(E, dtype=torch.int64, device=dev)
+    counts_E = (torch.zeros if atomic or grid == 0 else torch.empty)(
+        E, dtype=torch.int64, device=dev
+    )
     if grid == 0:
         return Routing(ids_TK, weights_TK, counts_E, scores_TE)
     _route_kernel[(grid,)](
-        logits_TE, bias_E if bias_E is not None else logits_TE, ids_TK, weights_TK, counts_E, scores_TE,
-        T, logits_TE.stride(0), float(routed_scaling_factor),
-        E=E, G=n_group, PG=per_group, GP=gp, PGP=pgp, TOPK_GROUP=topk_group, K=top_k,
-        KP=triton.next_power_of_2(top_k), BLOCK_T=block_t, HAS_BIAS=bias_E is not None,
-        NORM=bool(norm_topk_prob) and top_k > 1, ATOMIC_COUNTS=atomic,
+        logits_TE,
+        bias_E if bias_E is not None else logits_TE,
+        ids_TK,
+        weights_TK,
+        counts_E,
+        scores_TE,
+        T,
+        logits_TE.stride(0),
+        float(routed_scaling_factor),
+        E=E,
+        G=n_group,
+        PG=per_group,
+        GP=gp,
+        PGP=pgp,
+        TOPK_GROUP=topk_group,
+        K=top_k,
+        KP=triton.next_power_of_2(top_k),
+        BLOCK_T=block_t,
+        HAS_BIAS=bias_E is not None,
+        NORM=bool(norm_topk_prob) and top_k > 1,
+        ATOMIC_COUNTS=atomic,
         PRECISE=not interpreting() and libdevice is not None,
         num_warps=num_warps,
     )
@@ -269,14 +320,25 @@ def bench_router(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[di
                 fused_ms = timed(lambda: route_fused(logits, bias, **kw))
                 torch_graph_ms = graphed(lambda: route_torch(logits, bias, **kw))
                 fused_graph_ms = graphed(lambda: route_fused(logits, bias, **kw))
-            rows.append({
-                "shape": name, "E": e, "n_group": ng, "topk_group": tg, "top_k": k, "tokens": t,
-                "torch_ms": round(torch_ms, 4), "fused_ms": round(fused_ms, 4),
-                "torch_graph_us": round(torch_graph_ms * 1e3, 2), "fused_graph_us": round(fused_graph_ms * 1e3, 2),
-                "graph_speedup": round(torch_graph_ms / fused_graph_ms, 2),
-                "ids_equal": bool(torch.equal(ref.expert_ids_TK, out.expert_ids_TK)),
-                "counts_equal": bool(torch.equal(ref.counts_E, out.counts_E)),
-                "scores_bit_equal": bool(torch.equal(ref.scores_TE, out.scores_TE)),
-                "weights_max_abs_diff": float((ref.weights_TK - out.weights_TK).abs().max()) if t else 0.0,
-            })
+            rows.append(
+                {
+                    "shape": name,
+                    "E": e,
+                    "n_group": ng,
+                    "topk_group": tg,
+                    "top_k": k,
+                    "tokens": t,
+                    "torch_ms": round(torch_ms, 4),
+                    "fused_ms": round(fused_ms, 4),
+                    "torch_graph_us": round(torch_graph_ms * 1e3, 2),
+                    "fused_graph_us": round(fused_graph_ms * 1e3, 2),
+                    "graph_speedup": round(torch_graph_ms / fused_graph_ms, 2),
+                    "ids_equal": bool(torch.equal(ref.expert_ids_TK, out.expert_ids_TK)),
+                    "counts_equal": bool(torch.equal(ref.counts_E, out.counts_E)),
+                    "scores_bit_equal": bool(torch.equal(ref.scores_TE, out.scores_TE)),
+                    "weights_max_abs_diff": float((ref.weights_TK - out.weights_TK).abs().max())
+                    if t
+                    else 0.0,
+                }
+            )
     return rows

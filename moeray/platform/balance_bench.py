@@ -61,11 +61,15 @@ def _prepare_data(cfg: BenchConfig, vocab_size: int, workdir: Path):
 
     from moeray.platform.train import data
 
-    _, tokens_path = data.prepare_corpus(workdir, None, vocab_size=vocab_size, max_bytes=cfg.max_bytes)
+    _, tokens_path = data.prepare_corpus(
+        workdir, None, vocab_size=vocab_size, max_bytes=cfg.max_bytes
+    )
     tokens = torch.load(tokens_path)
     n_eval = max((cfg.seq_len + 1) * cfg.batch * cfg.eval_batches, tokens.numel() // 20)
     if tokens.numel() <= n_eval + (cfg.seq_len + 1) * cfg.batch:
-        raise ValueError(f"corpus of {tokens.numel()} tokens is too small; raise max_bytes={cfg.max_bytes}")
+        raise ValueError(
+            f"corpus of {tokens.numel()} tokens is too small; raise max_bytes={cfg.max_bytes}"
+        )
     train = data.PackedDataset(tokens[:-n_eval], cfg.seq_len)
     held_out = data.PackedDataset(tokens[-n_eval:], cfg.seq_len).windows_NS1
     return train, held_out[: cfg.batch * cfg.eval_batches].view(cfg.eval_batches, cfg.batch, -1)
@@ -123,7 +127,9 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
                 B = inputs.shape[0]
                 loss = loss + routing.sequence_balance_loss(
                     r.scores_TE.view(B, -1, r.scores_TE.shape[-1]),
-                    r.expert_ids_TK.view(B, -1, r.expert_ids_TK.shape[-1]), alpha)
+                    r.expert_ids_TK.view(B, -1, r.expert_ids_TK.shape[-1]),
+                    alpha,
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,7 +140,9 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
         maxvio_layers.append([round(float(v), 5) for v in vio_L])
         losses.append(round(float(lm.detach()), 5))
         for m in moes:
-            stats = routing.balance_stats(m.last_routing.expert_ids_TK, model_cfg.n_routed_experts, group_to_node)
+            stats = routing.balance_stats(
+                m.last_routing.expert_ids_TK, model_cfg.n_routed_experts, group_to_node
+            )
             nodes_max = max(nodes_max, stats.nodes_per_token_max)
         if use_bias:
             # Exactly what a training worker does with the RouterActor, in-process: report this
@@ -148,7 +156,9 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
 
     model.eval()
     with torch.no_grad():
-        held_out = [float(_lm_loss(model(b[:, :-1], return_mtp=False).logits, b[:, 1:])) for b in eval_BNS]
+        held_out = [
+            float(_lm_loss(model(b[:, :-1], return_mtp=False).logits, b[:, 1:])) for b in eval_BNS
+        ]
     q = max(1, cfg.steps // 4)
     return {
         "maxvio": maxvio_steps,
@@ -156,7 +166,8 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
         "final_train_loss": round(sum(losses[-q:]) / q, 5),
         "maxvio_last_quarter": round(sum(maxvio_steps[-q:]) / q, 5),
         "maxvio_per_layer_last_quarter": [
-            round(sum(v[i] for v in maxvio_layers[-q:]) / q, 5) for i in range(len(moes))],
+            round(sum(v[i] for v in maxvio_layers[-q:]) / q, 5) for i in range(len(moes))
+        ],
         "train_loss": losses,
         "nodes_per_token_max": nodes_max,
         "bias_abs_max": round(float(router.bias_LE.abs().max()), 5),
@@ -185,16 +196,25 @@ def plot(runs: dict, path: Path) -> None:
     for name, run in runs.items():
         v, loss = run["maxvio"], run["train_loss"]
         ax_v.plot(v, color=colors.get(name), alpha=0.2, lw=0.8)
-        ax_v.plot(_moving_average(v, max(1, len(v) // 40)), color=colors.get(name),
-                  label=f"{name} (last quarter {run['maxvio_last_quarter']:.2f})")
+        ax_v.plot(
+            _moving_average(v, max(1, len(v) // 40)),
+            color=colors.get(name),
+            label=f"{name} (last quarter {run['maxvio_last_quarter']:.2f})",
+        )
         # The three loss curves overlap within noise; a moving average over the second half
         # shows the differences that matter.
         start = len(loss) // 2
         smooth = _moving_average(loss, max(1, len(loss) // 16))
-        ax_l.plot(range(start, len(loss)), smooth[start:], color=colors.get(name),
-                  label=f"{name} (held-out {run['final_loss']:.3f})")
+        ax_l.plot(
+            range(start, len(loss)),
+            smooth[start:],
+            color=colors.get(name),
+            label=f"{name} (held-out {run['final_loss']:.3f})",
+        )
     ax_v.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="Expert load imbalance")
-    ax_l.set(xlabel="step", ylabel="train next-token loss (moving average)", title="Loss, second half")
+    ax_l.set(
+        xlabel="step", ylabel="train next-token loss (moving average)", title="Loss, second half"
+    )
     ax_v.legend()
     ax_l.legend()
     fig.tight_layout()
@@ -203,8 +223,9 @@ def plot(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(cfg: BenchConfig, out_dir: Path | None = None, *, make_plot: bool = True,
-              log=print) -> dict:
+def run_bench(
+    cfg: BenchConfig, out_dir: Path | None = None, *, make_plot: bool = True, log=print
+) -> dict:
     import torch
 
     from moeray.platform.config import tiny
@@ -217,20 +238,31 @@ def run_bench(cfg: BenchConfig, out_dir: Path | None = None, *, make_plot: bool 
     for name in RUN_NAMES:
         runs[name] = train_run(name, cfg, train_set, eval_BNS)
         r = runs[name]
-        log(f"{name:9s} MaxVio last quarter {r['maxvio_last_quarter']:.3f}  held-out loss "
-            f"{r['final_loss']:.4f}  nodes/token max {r['nodes_per_token_max']}  {r['seconds']} s")
+        log(
+            f"{name:9s} MaxVio last quarter {r['maxvio_last_quarter']:.3f}  held-out loss "
+            f"{r['final_loss']:.4f}  nodes/token max {r['nodes_per_token_max']}  {r['seconds']} s"
+        )
     bias, none, aux = runs["bias"], runs["none"], runs["aux_loss"]
     checks = {
         # "far below": at most half of the unbalanced run's MaxVio.
-        "bias_maxvio_below_half_of_none": bias["maxvio_last_quarter"] < 0.5 * none["maxvio_last_quarter"],
+        "bias_maxvio_below_half_of_none": bias["maxvio_last_quarter"]
+        < 0.5 * none["maxvio_last_quarter"],
         "bias_loss_not_worse_than_aux_loss": bias["final_loss"] <= aux["final_loss"],
-        "node_limit_held": all(r["nodes_per_token_max"] <= tiny().topk_group for r in runs.values()),
+        "node_limit_held": all(
+            r["nodes_per_token_max"] <= tiny().topk_group for r in runs.values()
+        ),
     }
     numbers = {
-        "config": {**cfg.__dict__, "model": "tiny", "corpus": "stdlib .py (moeray.platform.train.data)",
-                   "torch_threads": torch.get_num_threads()},
-        "summary": {name: {"maxvio_last_quarter": r["maxvio_last_quarter"], "final_loss": r["final_loss"]}
-                    for name, r in runs.items()},
+        "config": {
+            **cfg.__dict__,
+            "model": "tiny",
+            "corpus": "stdlib .py (moeray.platform.train.data)",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "summary": {
+            name: {"maxvio_last_quarter": r["maxvio_last_quarter"], "final_loss": r["final_loss"]}
+            for name, r in runs.items()
+        },
         "checks": checks,
         "runs": runs,
     }
@@ -253,8 +285,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--gamma", type=float, default=d.gamma)
-    p.add_argument("--seq-alpha", type=float, default=d.seq_alpha, help="complementary loss weight (bias run)")
-    p.add_argument("--aux-alpha", type=float, default=d.aux_alpha, help="conventional aux loss weight")
+    p.add_argument(
+        "--seq-alpha", type=float, default=d.seq_alpha, help="complementary loss weight (bias run)"
+    )
+    p.add_argument(
+        "--aux-alpha", type=float, default=d.aux_alpha, help="conventional aux loss weight"
+    )
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="corpus size in bytes")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
@@ -265,8 +301,18 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(a.threads)
     try:
-        cfg = BenchConfig(a.steps, a.batch, a.seq_len, a.lr, a.seed, a.gamma, a.seq_alpha,
-                          a.aux_alpha, a.max_bytes, a.eval_batches)
+        cfg = BenchConfig(
+            a.steps,
+            a.batch,
+            a.seq_len,
+            a.lr,
+            a.seed,
+            a.gamma,
+            a.seq_alpha,
+            a.aux_alpha,
+            a.max_bytes,
+            a.eval_batches,
+        )
     except ValueError as e:
         print(f"moeray bench balance: {e}", file=sys.stderr)
         return 2

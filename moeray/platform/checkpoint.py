@@ -18,8 +18,9 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,16 +37,23 @@ from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 # Weights the official release stores in FP8: every projection of attention and of the FFNs.
-_FP8_WEIGHT = re.compile(r"(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-                         r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
-                         r"|mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj))\.weight$")
+_FP8_WEIGHT = re.compile(
+    r"(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
+    r"|mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj))\.weight$"
+)
 
 
 def _to_hf_key(key: str, num_layers: int) -> str:
@@ -53,7 +61,7 @@ def _to_hf_key(key: str, num_layers: int) -> str:
     if not m:
         return key
     k, rest = int(m.group(1)), m.group(2)
-    rest = rest[len("block."):] if rest.startswith("block.") else rest
+    rest = rest[len("block.") :] if rest.startswith("block.") else rest
     return f"model.layers.{num_layers + k}.{rest}"
 
 
@@ -82,7 +90,10 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             yield _to_hf_key(key, L), t
     for k in range(len(model.mtp)):
         # Separate copies: safetensors refuses tensors that share storage within one file.
-        yield f"model.layers.{L + k}.embed_tokens.weight", model.model.embed_tokens.weight.detach().clone()
+        yield (
+            f"model.layers.{L + k}.embed_tokens.weight",
+            model.model.embed_tokens.weight.detach().clone(),
+        )
         yield f"model.layers.{L + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
@@ -100,15 +111,25 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
         (path / "tokenizer.json").write_text(tokenizer.to_str())
         if not (path / "tokenizer_config.json").exists():
             (path / "tokenizer_config.json").write_text(
-                json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+                json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
+            )
     else:
-        raise ValueError(f"tokenizer of type {type(tokenizer).__name__} is not supported: "
-                         "pass a directory, a tokenizer.json path, a tokenizers.Tokenizer or an HF tokenizer")
+        raise ValueError(
+            f"tokenizer of type {type(tokenizer).__name__} is not supported: "
+            "pass a directory, a tokenizer.json path, a tokenizers.Tokenizer or an HF tokenizer"
+        )
 
 
-def save_model(model: Transformer, config: ModelConfig, path: str | Path, *, tokenizer: Any = None,
-               fp8: bool = False, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = 4 * 1024**3) -> Path:
+def save_model(
+    model: Transformer,
+    config: ModelConfig,
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    fp8: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
     """Write an HF model directory. `fp8=True` stores the projections as e4m3 + 128x128 scales."""
     from safetensors.torch import save_file
 
@@ -125,7 +146,11 @@ def save_model(model: Transformer, config: ModelConfig, path: str | Path, *, tok
             tensors[key] = q
             tensors[key[: -len("weight")] + "weight_scale_inv"] = s
             continue
-        if dtype is not None and t.is_floating_point() and not key.endswith("e_score_correction_bias"):
+        if (
+            dtype is not None
+            and t.is_floating_point()
+            and not key.endswith("e_score_correction_bias")
+        ):
             t = t.to(dtype)
         tensors[key] = t.contiguous()
     # Greedy sharding in key order, like transformers' `max_shard_size`.
@@ -146,10 +171,16 @@ def save_model(model: Transformer, config: ModelConfig, path: str | Path, *, tok
         save_file(shard, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    hf = config.replace(quantization_config=dict(FP8_QUANTIZATION) if (fp8 or _has_fp8(model)) else None).to_hf()
+    (path / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
+    hf = config.replace(
+        quantization_config=dict(FP8_QUANTIZATION) if (fp8 or _has_fp8(model)) else None
+    ).to_hf()
     param = next(model.parameters(), None)
-    hf["torch_dtype"] = str(dtype or (param.dtype if param is not None else torch.float32)).removeprefix("torch.")
+    hf["torch_dtype"] = str(
+        dtype or (param.dtype if param is not None else torch.float32)
+    ).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path)
@@ -166,7 +197,9 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / f for f in sorted(set(index["weight_map"].values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"no safetensors weights in {path} (expected {INDEX} or model*.safetensors)")
+        raise ValueError(
+            f"no safetensors weights in {path} (expected {INDEX} or model*.safetensors)"
+        )
     return files
 
 
@@ -175,8 +208,13 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               keep_fp8: bool = False) -> tuple[ModelConfig, Transformer]:
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    keep_fp8: bool = False,
+) -> tuple[ModelConfig, Transformer]:
     """Load an HF DeepSeek-V3 directory. Raises ValueError naming missing, unexpected or
     mis-shaped tensors. FP8 weights are dequantized to `dtype` unless `keep_fp8`."""
     from safetensors import safe_open
@@ -197,7 +235,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
             for hf_key in f.keys():
                 t = f.get_tensor(hf_key)
                 m = _HF_LAYER.match(hf_key)
-                if m and int(m.group(1)) >= L and m.group(2) in ("embed_tokens.weight", "shared_head.head.weight"):
+                if (
+                    m
+                    and int(m.group(1)) >= L
+                    and m.group(2) in ("embed_tokens.weight", "shared_head.head.weight")
+                ):
                     shared_copies[hf_key] = t
                     continue
                 if hf_key.endswith("weight_scale_inv"):
@@ -206,7 +248,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
                 key = _from_hf_key(hf_key, L)
                 me = _HF_EXPERT.match(key)
                 if me:
-                    experts.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (hf_key, t)
+                    experts.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (
+                        hf_key,
+                        t,
+                    )
                 elif key in expected:
                     loaded[key] = (hf_key, t)
                 else:
@@ -249,7 +294,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
                 continue
             state[key] = torch.stack(parts)
             if keep_fp8 and all(p is not None for p in pairs):
-                fp8_experts[key] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                fp8_experts[key] = (
+                    torch.stack([p[0] for p in pairs]),
+                    torch.stack([p[1] for p in pairs]),
+                )
             continue
         if key not in loaded:
             missing.append(_to_hf_key(key, L))
@@ -265,29 +313,45 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     unexpected += [hk for per in experts.values() for hk, _ in per.values()]
     unexpected += [k + "_scale_inv" for k in scales]
     problems = []
-    for what, names, sep in (("missing", sorted(missing), ", "), ("mismatched", mismatched, "; "),
-                             ("unexpected", sorted(unexpected), ", ")):
+    for what, names, sep in (
+        ("missing", sorted(missing), ", "),
+        ("mismatched", mismatched, "; "),
+        ("unexpected", sorted(unexpected), ", "),
+    ):
         if names:
-            shown = sep.join(names[:12]) + (f"{sep}... ({len(names) - 12} more)" if len(names) > 12 else "")
+            shown = sep.join(names[:12]) + (
+                f"{sep}... ({len(names) - 12} more)" if len(names) > 12 else ""
+            )
             problems.append(f"{len(names)} {what} tensors: {shown}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match its config.json: " + " | ".join(problems))
+        raise ValueError(
+            f"checkpoint {path} does not match its config.json: " + " | ".join(problems)
+        )
 
     model = model.to_empty(device=device)
     model.to(dtype)
     for key, t in state.items():
-        target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+        target = (
+            model.get_parameter(key)
+            if key in dict(model.named_parameters())
+            else model.get_buffer(key)
+        )
         keep_dtype = key.endswith("e_score_correction_bias")
         target.data = t.to(device=device, dtype=torch.float32 if keep_dtype else dtype)
     # Non-persistent buffers are not in the checkpoint and were left uninitialized by to_empty.
     model.model.rotary_emb.inv_freq = rope_frequencies(config)[0].to(device)
     for k in range(len(model.mtp)):
-        for name, main in (("embed_tokens.weight", model.model.embed_tokens.weight),
-                           ("shared_head.head.weight", model.lm_head.weight)):
+        for name, main in (
+            ("embed_tokens.weight", model.model.embed_tokens.weight),
+            ("shared_head.head.weight", model.lm_head.weight),
+        ):
             copy = shared_copies.get(f"model.layers.{L + k}.{name}")
             if copy is not None and not torch.equal(copy.to(main.dtype).cpu(), main.detach().cpu()):
-                warnings.warn(f"model.layers.{L + k}.{name} differs from the main model's; "
-                              "moeray's MTP shares the main embedding and head", stacklevel=2)
+                warnings.warn(
+                    f"model.layers.{L + k}.{name} differs from the main model's; "
+                    "moeray's MTP shares the main embedding and head",
+                    stacklevel=2,
+                )
     for prefix, (q, s) in fp8_linear.items():
         _set_submodule(model, prefix, FP8Linear(q.to(device), s.to(device)))
     for key, (q, s) in fp8_experts.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,21 @@ class ModelConfig:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {accepted}")
 
         for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-            "n_group", "topk_group", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "max_position_embeddings",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "a positive integer")
@@ -93,7 +104,10 @@ class ModelConfig:
             raise bad("topk_group", f"at most n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
         if self.num_experts_per_tok > self.topk_group * per_group:
-            raise bad("num_experts_per_tok", f"at most topk_group*experts_per_group={self.topk_group * per_group}")
+            raise bad(
+                "num_experts_per_tok",
+                f"at most topk_group*experts_per_group={self.topk_group * per_group}",
+            )
         if self.scoring_func != "sigmoid":
             raise bad("scoring_func", "'sigmoid' (DeepSeek-V3's gate)")
         if self.topk_method != "noaux_tc":
@@ -103,17 +117,27 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("yarn", "default"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported: expected 'yarn' or 'default'")
+                raise ValueError(
+                    f"rope_scaling type {kind!r} is not supported: expected 'yarn' or 'default'"
+                )
             if kind == "yarn":
-                missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
+                missing = [
+                    k
+                    for k in ("factor", "original_max_position_embeddings")
+                    if k not in self.rope_scaling
+                ]
                 if missing:
-                    raise ValueError(f"rope_scaling is missing {missing} for YaRN: got {self.rope_scaling}")
+                    raise ValueError(
+                        f"rope_scaling is missing {missing} for YaRN: got {self.rope_scaling}"
+                    )
         if self.quantization_config is not None:
             q = self.quantization_config
             if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
                 raise ValueError(f"quantization_config={q} is not supported: expected fp8 e4m3")
             if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
-                raise ValueError(f"weight_block_size={q.get('weight_block_size')} is not supported: expected [128, 128]")
+                raise ValueError(
+                    f"weight_block_size={q.get('weight_block_size')} is not supported: expected [128, 128]"
+                )
 
     # ---- derived numbers -------------------------------------------------------------------
     @property
@@ -122,12 +146,15 @@ class ModelConfig:
 
     @property
     def is_yarn(self) -> bool:
-        return self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "yarn"
+        return (
+            self.rope_scaling is not None
+            and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "yarn"
+        )
 
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times YaRN's mscale^2 when mscale_all_dim is set (official code)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.is_yarn:
             mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0)
             factor = float(self.rope_scaling["factor"])
@@ -148,11 +175,19 @@ class ModelConfig:
     def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
         """Parameter count computed from the shapes (embedding and head counted once each)."""
         D, H = self.hidden_size, self.num_attention_heads
-        q = D * H * self.qk_head_dim if self.q_lora_rank is None else (
-            D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim)
-        attn = (q + D * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-                + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
-                + H * self.v_head_dim * D + 2 * D)
+        q = (
+            D * H * self.qk_head_dim
+            if self.q_lora_rank is None
+            else (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim)
+        )
+        attn = (
+            q
+            + D * (self.kv_lora_rank + self.qk_rope_head_dim)
+            + self.kv_lora_rank
+            + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+            + H * self.v_head_dim * D
+            + 2 * D
+        )
         dense = 3 * D * self.intermediate_size
         expert = 3 * D * self.moe_intermediate_size
         n_exp = self.num_experts_per_tok if activated else self.n_routed_experts
@@ -166,7 +201,7 @@ class ModelConfig:
 
     # ---- HF config.json --------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source: str | Path | dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, source: str | Path | dict[str, Any]) -> ModelConfig:
         """Build from an HF model directory, a config.json path, or its parsed dict."""
         if isinstance(source, (str, Path)):
             path = Path(source)
@@ -177,16 +212,23 @@ class ModelConfig:
         else:
             data = dict(source)
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names and k not in ("rope_scaling", "rope_theta")}
+        kwargs = {
+            k: v for k, v in data.items() if k in names and k not in ("rope_scaling", "rope_theta")
+        }
         rope = data.get("rope_parameters") or data.get("rope_scaling")
         theta = data.get("rope_theta")
         if rope:
             theta = rope.get("rope_theta", theta)
             kind = rope.get("rope_type", rope.get("type", "default"))
             if kind == "yarn":
-                kwargs["rope_scaling"] = {"rope_type": "yarn", **{k: rope[k] for k in _ROPE_KEYS if k in rope}}
+                kwargs["rope_scaling"] = {
+                    "rope_type": "yarn",
+                    **{k: rope[k] for k in _ROPE_KEYS if k in rope},
+                }
             elif kind != "default":
-                raise ValueError(f"rope type {kind!r} is not supported: expected 'yarn' or 'default'")
+                raise ValueError(
+                    f"rope type {kind!r} is not supported: expected 'yarn' or 'default'"
+                )
         if theta is not None:
             kwargs["rope_theta"] = float(theta)
         if isinstance(kwargs.get("eos_token_id"), list):
@@ -210,24 +252,38 @@ class ModelConfig:
             out[f.name] = value
         if self.rope_scaling is not None:
             # "type" is what the official config and older readers use; "rope_type" what newer ones do.
-            out["rope_scaling"] = {"type": self.rope_scaling.get("rope_type", "yarn"), **self.rope_scaling}
+            out["rope_scaling"] = {
+                "type": self.rope_scaling.get("rope_type", "yarn"),
+                **self.rope_scaling,
+            }
         return out
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
 # ---- presets ---------------------------------------------------------------------------------
 
-FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                    "weight_block_size": [128, 128]}
+FP8_QUANTIZATION = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 def deepseek_v3() -> ModelConfig:
     """The 671B DeepSeek-V3 numbers (REFERENCE.md)."""
     return ModelConfig(
-        rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         quantization_config=dict(FP8_QUANTIZATION),
     )
 
@@ -236,13 +292,33 @@ def small() -> ModelConfig:
     """About 0.85B parameters for one GPU, V3-shaped: the 512+64 latent and 128/64/128 heads of V3
     (so the MLA kernels apply unchanged), 64 experts in 8 groups with top-8 over 4 groups."""
     return ModelConfig(
-        vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=288,
-        num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=288,
+        num_hidden_layers=12,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=384,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
         max_position_embeddings=16384,
-        rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     )
 
 
@@ -250,13 +326,33 @@ def tiny() -> ModelConfig:
     """Trains on 2 CPU cores in minutes; keeps every V3 feature on (MLA with q/kv LoRA, YaRN,
     a dense first layer, 16 experts in 4 groups with top-4 over 2 groups, a shared expert, MTP)."""
     return ModelConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
-        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48,
-        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=160,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
         max_position_embeddings=1024,
-        rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 256,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     )
 
 
@@ -312,8 +408,15 @@ class ServeConfig:
             raise ValueError(f"mode={self.mode!r}: accepted 'pd' or 'colocated'")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
-        for name in ("prefill_replicas", "decode_replicas", "max_in_flight", "max_waiting",
-                     "page_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "prefill_replicas",
+            "decode_replicas",
+            "max_in_flight",
+            "max_waiting",
+            "page_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("kv_transfer_timeout_s", "routing_stats_period_s"):
@@ -326,8 +429,14 @@ class ServeConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
         if self.autoscaling is not None:
-            unknown = set(self.autoscaling) - {"min_replicas", "max_replicas", "target_ongoing_requests",
-                                               "initial_replicas", "upscale_delay_s", "downscale_delay_s"}
+            unknown = set(self.autoscaling) - {
+                "min_replicas",
+                "max_replicas",
+                "target_ongoing_requests",
+                "initial_replicas",
+                "upscale_delay_s",
+                "downscale_delay_s",
+            }
             if unknown:
                 raise ValueError(f"autoscaling keys {sorted(unknown)} are not accepted")
 
@@ -336,7 +445,7 @@ class ServeConfig:
         return self.model_id or Path(self.model).name
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -346,7 +455,7 @@ class ServeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "ServeConfig":
+    def replace(self, **changes: Any) -> ServeConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -63,8 +63,10 @@ def queries(d: MetricDef) -> list[tuple[str, str]]:
     if d.kind == "histogram":
         bucket = _selector(d, d.series("ray")[0])
         return [
-            (f"histogram_quantile({q}, sum{_by(d, ('le',))} (rate({bucket}[{RATE}])))",
-             _legend(d, f"p{round(q * 100)}"))
+            (
+                f"histogram_quantile({q}, sum{_by(d, ('le',))} (rate({bucket}[{RATE}])))",
+                _legend(d, f"p{round(q * 100)}"),
+            )
             for q in QUANTILES
         ]
     if d.kind == "counter":
@@ -76,8 +78,15 @@ def queries(d: MetricDef) -> list[tuple[str, str]]:
     return [(expr, _legend(d))]
 
 
-_ACRONYMS = {"ttft": "TTFT", "tpot": "TPOT", "kv": "KV", "mtp": "MTP", "e2e": "E2E",
-             "maxvio": "MaxVio", "lr": "LR"}
+_ACRONYMS = {
+    "ttft": "TTFT",
+    "tpot": "TPOT",
+    "kv": "KV",
+    "mtp": "MTP",
+    "e2e": "E2E",
+    "maxvio": "MaxVio",
+    "lr": "LR",
+}
 
 
 def _title(d: MetricDef) -> str:
@@ -106,26 +115,53 @@ def _derived(group: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
         used, free = s("moeray_kv_pages_used"), s("moeray_kv_pages_free")
         acc, draft = s("moeray_mtp_accepted_tokens"), s("moeray_mtp_draft_tokens")
         return [
-            ("KV cache utilization", "used / (used + free) pages per deployment",
-             [(f"sum by (deployment) ({used}) / (sum by (deployment) ({used}) + "
-               f"sum by (deployment) ({free}))", "{{deployment}}")], "percentunit"),
-            ("MTP acceptance rate", "accepted / drafted MTP tokens",
-             [(f"sum by (deployment) (rate({acc}[{RATE}])) / "
-               f"sum by (deployment) (rate({draft}[{RATE}]))", "{{deployment}}")], "percentunit"),
+            (
+                "KV cache utilization",
+                "used / (used + free) pages per deployment",
+                [
+                    (
+                        f"sum by (deployment) ({used}) / (sum by (deployment) ({used}) + "
+                        f"sum by (deployment) ({free}))",
+                        "{{deployment}}",
+                    )
+                ],
+                "percentunit",
+            ),
+            (
+                "MTP acceptance rate",
+                "accepted / drafted MTP tokens",
+                [
+                    (
+                        f"sum by (deployment) (rate({acc}[{RATE}])) / "
+                        f"sum by (deployment) (rate({draft}[{RATE}]))",
+                        "{{deployment}}",
+                    )
+                ],
+                "percentunit",
+            ),
         ]
     if group == "serving":
         req = s("moeray_requests")
         return [
-            ("Error and rejection ratio", "non-200 answers / all answers, by status",
-             [(f'sum by (status) (rate({req}{{model=~"$model",status!="200"}}[{RATE}])) / '
-               f'scalar(sum(rate({req}{{model=~"$model"}}[{RATE}])))', "{{status}}")],
-             "percentunit"),
+            (
+                "Error and rejection ratio",
+                "non-200 answers / all answers, by status",
+                [
+                    (
+                        f'sum by (status) (rate({req}{{model=~"$model",status!="200"}}[{RATE}])) / '
+                        f'scalar(sum(rate({req}{{model=~"$model"}}[{RATE}])))',
+                        "{{status}}",
+                    )
+                ],
+                "percentunit",
+            ),
         ]
     return []
 
 
-def _panel(pid: int, x: int, y: int, title: str, desc: str, targets: list[tuple[str, str]],
-           unit: str) -> dict[str, Any]:
+def _panel(
+    pid: int, x: int, y: int, title: str, desc: str, targets: list[tuple[str, str]], unit: str
+) -> dict[str, Any]:
     return {
         "id": pid,
         "type": "timeseries",
@@ -134,33 +170,60 @@ def _panel(pid: int, x: int, y: int, title: str, desc: str, targets: list[tuple[
         "datasource": DS,
         "gridPos": {"h": PANEL_H, "w": PANEL_W, "x": x, "y": y},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
         "targets": [
-            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
-             "range": True}
+            {
+                "refId": chr(ord("A") + i),
+                "datasource": DS,
+                "expr": expr,
+                "legendFormat": legend,
+                "range": True,
+            }
             for i, (expr, legend) in enumerate(targets)
         ],
     }
 
 
 def _variables(defs: list[MetricDef]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{
-        "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-        "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
-    }]
+    out: list[dict[str, Any]] = [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+            "refresh": 1,
+            "regex": "",
+            "options": [],
+        }
+    ]
     for lab in VARIABLE_LABELS:
         src = next((d for d in defs if lab in d.labels), None)
         if src is None:
             continue
-        out.append({
-            "name": lab, "label": lab, "type": "query", "datasource": DS,
-            "query": {"query": f"label_values({src.series('ray')[0]}, {lab})", "refId": lab},
-            "definition": f"label_values({src.series('ray')[0]}, {lab})",
-            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 3,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "hide": 0, "options": [], "regex": "",
-        })
+        out.append(
+            {
+                "name": lab,
+                "label": lab,
+                "type": "query",
+                "datasource": DS,
+                "query": {"query": f"label_values({src.series('ray')[0]}, {lab})", "refId": lab},
+                "definition": f"label_values({src.series('ray')[0]}, {lab})",
+                "includeAll": True,
+                "multi": True,
+                "allValue": ".*",
+                "refresh": 2,
+                "sort": 3,
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                "hide": 0,
+                "options": [],
+                "regex": "",
+            }
+        )
     return out
 
 
@@ -170,14 +233,23 @@ def build_dashboard(uid: str) -> dict[str, Any]:
     panels: list[dict[str, Any]] = []
     y, pid = 0, 1
     for group in groups:
-        panels.append({"id": pid, "type": "row", "title": group, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": group,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         pid, y = pid + 1, y + 1
         items = [(_title(d), d.help, queries(d), _panel_unit(d)) for d in defs if d.group == group]
         items += _derived(group)
         for i, (ptitle, desc, targets, unit) in enumerate(items):
-            panels.append(_panel(pid, (i % 2) * PANEL_W, y + (i // 2) * PANEL_H, ptitle, desc,
-                                 targets, unit))
+            panels.append(
+                _panel(pid, (i % 2) * PANEL_W, y + (i // 2) * PANEL_H, ptitle, desc, targets, unit)
+            )
             pid += 1
         y += ((len(items) + 1) // 2) * PANEL_H
     return {
@@ -224,14 +296,18 @@ def provisioning_files(prometheus_url: str = "http://prometheus:9090") -> dict[s
         "    options:\n"
         "      path: /var/lib/grafana/dashboards/moeray\n"
     )
-    return {"provisioning/datasources/moeray.yaml": datasources,
-            "provisioning/dashboards/moeray.yaml": providers}
+    return {
+        "provisioning/datasources/moeray.yaml": datasources,
+        "provisioning/dashboards/moeray.yaml": providers,
+    }
 
 
 def rendered_files() -> dict[str, str]:
     """Every file `generate` writes, relative to the output directory."""
-    files = {f"{uid}.json": json.dumps(d, indent=2, sort_keys=True) + "\n"
-             for uid, d in all_dashboards().items()}
+    files = {
+        f"{uid}.json": json.dumps(d, indent=2, sort_keys=True) + "\n"
+        for uid, d in all_dashboards().items()
+    }
     files.update(provisioning_files())
     return files
 
@@ -250,7 +326,9 @@ def generate(out_dir: Path, check: bool = False) -> list[str]:
     return stale
 
 
-def push(url: str, api_key: str | None, folder: str = FOLDER_UID, timeout_s: float = 10.0) -> list[str]:
+def push(
+    url: str, api_key: str | None, folder: str = FOLDER_UID, timeout_s: float = 10.0
+) -> list[str]:
     """Create the folder if missing and upload every dashboard (overwriting); return the uids."""
     from grafana_client import GrafanaApi
     from grafana_client.client import GrafanaClientError
@@ -264,9 +342,14 @@ def push(url: str, api_key: str | None, folder: str = FOLDER_UID, timeout_s: flo
         api.folder.create_folder(folder, uid=folder)
     uids = []
     for uid, dash in all_dashboards().items():
-        api.dashboard.update_dashboard({
-            "dashboard": {**dash, "id": None}, "folderUid": folder, "overwrite": True,
-            "message": "moeray dashboards push"})
+        api.dashboard.update_dashboard(
+            {
+                "dashboard": {**dash, "id": None},
+                "folderUid": folder,
+                "overwrite": True,
+                "message": "moeray dashboards push",
+            }
+        )
         uids.append(uid)
     return uids
 

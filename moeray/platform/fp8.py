@@ -146,7 +146,7 @@ class WeightCache:
     def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
         return self._get(w_NK, QuantizedWeight)
 
-    def stacked(self, w_ENK: torch.Tensor) -> "StackedWeight":
+    def stacked(self, w_ENK: torch.Tensor) -> StackedWeight:
         """All experts of a stacked [E, N, K] weight at once (the grouped GEMM's form)."""
         return self._get(w_ENK, StackedWeight)
 
@@ -199,8 +199,7 @@ def dgrad_gemm(dy_MN, w_NK, wq: QuantizedWeight | None = None):
     if wq.kernels is None:
         return qdq_1x128(dy_MN) @ wq.qdq_NK
     M = dy_MN.shape[0]
-    return wq.kernels.fp8_linear_dgrad(_bf16_rows(dy_MN), wq.q_NK, wq.scale,
-                                       w_t_fp8=wq.q_KN)[:M]
+    return wq.kernels.fp8_linear_dgrad(_bf16_rows(dy_MN), wq.q_NK, wq.scale, w_t_fp8=wq.q_KN)[:M]
 
 
 def wgrad_gemm(dy_MN, x_MK):
@@ -234,7 +233,9 @@ def wgrad_gemm_pair(dya_MN, dyb_MN, x_MK):
     return out[0], out[1]
 
 
-def prewarm(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int], device: torch.device) -> int:
+def prewarm(
+    weights: set[tuple[int, int, torch.dtype]], row_counts: list[int], device: torch.device
+) -> int:
     """Run the three GEMMs of every weight (N, K, dtype) in `weights` at each token count of
     `row_counts` (see `padded_row_counts`), so that each kernel variant a training step can pick is
     compiled and loaded now (the padding note above). Returns the number of GEMMs run; 0 off CUDA.
@@ -281,7 +282,9 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw
 
 
-def fp8_linear(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """F.linear with the three GEMMs in FP8 (see the module docstring); any leading dims."""
     if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
         raise ValueError(
@@ -310,7 +313,14 @@ class FP8TrainLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+ATTENTION_PROJECTIONS = (
+    "q_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 

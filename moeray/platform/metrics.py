@@ -78,7 +78,9 @@ class MetricDef:
         if not self.help.strip():
             raise ValueError(f"metric {self.name}: help text is empty")
         if not isinstance(self.labels, tuple) or len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"metric {self.name}: labels {self.labels!r} must be a tuple of unique names")
+            raise ValueError(
+                f"metric {self.name}: labels {self.labels!r} must be a tuple of unique names"
+            )
         for label in self.labels:
             if not _LABEL_RE.match(label) or label in _RESERVED_LABELS:
                 raise ValueError(
@@ -87,15 +89,19 @@ class MetricDef:
                 )
         if self.kind == "histogram":
             b = self.buckets
-            if not b or any(not math.isfinite(x) or x <= 0 for x in b) or any(
-                b[i] >= b[i + 1] for i in range(len(b) - 1)
+            if (
+                not b
+                or any(not math.isfinite(x) or x <= 0 for x in b)
+                or any(b[i] >= b[i + 1] for i in range(len(b) - 1))
             ):
                 raise ValueError(
                     f"histogram {self.name}: buckets {b!r} must be finite, positive and strictly "
                     "increasing (Ray rejects non-positive boundaries)"
                 )
         elif self.buckets:
-            raise ValueError(f"metric {self.name}: buckets are only for histograms, not {self.kind}")
+            raise ValueError(
+                f"metric {self.name}: buckets are only for histograms, not {self.kind}"
+            )
 
     def exported_name(self, runtime: Runtime = "ray") -> str:
         """The base series name as scraped: `ray_` prefix under Ray, `_total` for counters."""
@@ -115,79 +121,170 @@ class MetricDef:
 # ---- serving: ingress (per request, measured where the client sees it) -----------------------
 _MODEL = ("model",)
 TTFT = MetricDef(
-    "moeray_ttft_seconds", "Time to first token: request arrival at the ingress to the first "
-    "generated token leaving it.", "histogram", _MODEL, TTFT_BUCKETS, "s")
+    "moeray_ttft_seconds",
+    "Time to first token: request arrival at the ingress to the first generated token leaving it.",
+    "histogram",
+    _MODEL,
+    TTFT_BUCKETS,
+    "s",
+)
 TPOT = MetricDef(
-    "moeray_tpot_seconds", "Time per output token after the first, per request: (e2e - ttft) / "
-    "(generated tokens - 1).", "histogram", _MODEL, TOKEN_BUCKETS, "s")
+    "moeray_tpot_seconds",
+    "Time per output token after the first, per request: (e2e - ttft) / (generated tokens - 1).",
+    "histogram",
+    _MODEL,
+    TOKEN_BUCKETS,
+    "s",
+)
 ITL = MetricDef(
-    "moeray_inter_token_latency_seconds", "Time between consecutive streamed chunks of one request "
-    "(an MTP step that accepts drafts emits several tokens in one chunk).", "histogram", _MODEL,
-    TOKEN_BUCKETS, "s")
+    "moeray_inter_token_latency_seconds",
+    "Time between consecutive streamed chunks of one request "
+    "(an MTP step that accepts drafts emits several tokens in one chunk).",
+    "histogram",
+    _MODEL,
+    TOKEN_BUCKETS,
+    "s",
+)
 E2E = MetricDef(
-    "moeray_e2e_latency_seconds", "Request arrival to the last token (or the error).",
-    "histogram", _MODEL, E2E_BUCKETS, "s")
+    "moeray_e2e_latency_seconds",
+    "Request arrival to the last token (or the error).",
+    "histogram",
+    _MODEL,
+    E2E_BUCKETS,
+    "s",
+)
 REQUESTS = MetricDef(
-    "moeray_requests", "Finished API requests by endpoint and HTTP status (429 = admission "
+    "moeray_requests",
+    "Finished API requests by endpoint and HTTP status (429 = admission "
     "rejected, 400 = invalid body or over the context limit, 499 = client disconnected).",
-    "counter", ("model", "endpoint", "status"), unit="short")
+    "counter",
+    ("model", "endpoint", "status"),
+    unit="short",
+)
 PROMPT_TOKENS = MetricDef(
-    "moeray_prompt_tokens", "Prompt tokens of admitted requests.", "counter", _MODEL, unit="short")
+    "moeray_prompt_tokens", "Prompt tokens of admitted requests.", "counter", _MODEL, unit="short"
+)
 GENERATION_TOKENS = MetricDef(
-    "moeray_generation_tokens", "Generated (completion) tokens.", "counter", _MODEL, unit="short")
+    "moeray_generation_tokens", "Generated (completion) tokens.", "counter", _MODEL, unit="short"
+)
 
 # ---- serving: engine replicas ------------------------------------------------------------------
 _DEPLOYMENT = ("deployment", "replica")
 RUNNING = MetricDef(
-    "moeray_running_requests", "Requests in the running batch of a replica.", "gauge",
-    _DEPLOYMENT, unit="short")
+    "moeray_running_requests",
+    "Requests in the running batch of a replica.",
+    "gauge",
+    _DEPLOYMENT,
+    unit="short",
+)
 WAITING = MetricDef(
-    "moeray_waiting_requests", "Requests queued in a replica, waiting for a batch slot or KV pages.",
-    "gauge", _DEPLOYMENT, unit="short")
+    "moeray_waiting_requests",
+    "Requests queued in a replica, waiting for a batch slot or KV pages.",
+    "gauge",
+    _DEPLOYMENT,
+    unit="short",
+)
 KV_USED = MetricDef(
-    "moeray_kv_pages_used", "KV cache pages in use on a replica.", "gauge", _DEPLOYMENT,
-    unit="short", group="kv")
+    "moeray_kv_pages_used",
+    "KV cache pages in use on a replica.",
+    "gauge",
+    _DEPLOYMENT,
+    unit="short",
+    group="kv",
+)
 KV_FREE = MetricDef(
-    "moeray_kv_pages_free", "KV cache pages free on a replica.", "gauge", _DEPLOYMENT,
-    unit="short", group="kv")
+    "moeray_kv_pages_free",
+    "KV cache pages free on a replica.",
+    "gauge",
+    _DEPLOYMENT,
+    unit="short",
+    group="kv",
+)
 KV_TRANSFER_BYTES = MetricDef(
-    "moeray_kv_transfer_bytes", "Bytes of KV cache moved from prefill to decode replicas.",
-    "counter", ("transport",), unit="bytes", group="kv")
+    "moeray_kv_transfer_bytes",
+    "Bytes of KV cache moved from prefill to decode replicas.",
+    "counter",
+    ("transport",),
+    unit="bytes",
+    group="kv",
+)
 KV_TRANSFER_SECONDS = MetricDef(
-    "moeray_kv_transfer_seconds", "Duration of one prefill-to-decode KV transfer.", "histogram",
-    ("transport",), TRANSFER_BUCKETS, "s", group="kv")
+    "moeray_kv_transfer_seconds",
+    "Duration of one prefill-to-decode KV transfer.",
+    "histogram",
+    ("transport",),
+    TRANSFER_BUCKETS,
+    "s",
+    group="kv",
+)
 MTP_DRAFT = MetricDef(
-    "moeray_mtp_draft_tokens", "Tokens drafted by the MTP module in decode.", "counter",
-    ("deployment",), unit="short", group="kv")
+    "moeray_mtp_draft_tokens",
+    "Tokens drafted by the MTP module in decode.",
+    "counter",
+    ("deployment",),
+    unit="short",
+    group="kv",
+)
 MTP_ACCEPTED = MetricDef(
-    "moeray_mtp_accepted_tokens", "MTP draft tokens accepted by verification; acceptance = "
-    "rate(accepted) / rate(draft).", "counter", ("deployment",), unit="short", group="kv")
+    "moeray_mtp_accepted_tokens",
+    "MTP draft tokens accepted by verification; acceptance = rate(accepted) / rate(draft).",
+    "counter",
+    ("deployment",),
+    unit="short",
+    group="kv",
+)
 
 # ---- router (RouterActor: training and serving) --------------------------------------------
 EXPERT_LOAD = MetricDef(
-    "moeray_expert_load", "Tokens routed to each routed expert in the last reporting window.",
-    "gauge", ("layer", "expert"), unit="short", group="router")
+    "moeray_expert_load",
+    "Tokens routed to each routed expert in the last reporting window.",
+    "gauge",
+    ("layer", "expert"),
+    unit="short",
+    group="router",
+)
 ROUTER_MAXVIO = MetricDef(
-    "moeray_router_maxvio", "MaxVio = max_i(load_i) / mean(load) - 1 per MoE layer over the last "
-    "reporting window.", "gauge", ("layer",), unit="percentunit", group="router")
+    "moeray_router_maxvio",
+    "MaxVio = max_i(load_i) / mean(load) - 1 per MoE layer over the last reporting window.",
+    "gauge",
+    ("layer",),
+    unit="percentunit",
+    group="router",
+)
 
 # ---- training ------------------------------------------------------------------------------
 TRAIN_STEP = MetricDef(
-    "moeray_train_step", "Last finished optimizer step.", "gauge", unit="short", group="training")
+    "moeray_train_step", "Last finished optimizer step.", "gauge", unit="short", group="training"
+)
 TRAIN_LOSS = MetricDef(
-    "moeray_train_loss", "Main next-token cross-entropy of the last step.", "gauge",
-    group="training")
+    "moeray_train_loss",
+    "Main next-token cross-entropy of the last step.",
+    "gauge",
+    group="training",
+)
 TRAIN_MTP_LOSS = MetricDef(
-    "moeray_train_mtp_loss", "MTP cross-entropy (before its lambda weight) of the last step.",
-    "gauge", group="training")
+    "moeray_train_mtp_loss",
+    "MTP cross-entropy (before its lambda weight) of the last step.",
+    "gauge",
+    group="training",
+)
 TRAIN_TOKENS_PER_S = MetricDef(
-    "moeray_train_tokens_per_s", "Training throughput of the last step in tokens per second.",
-    "gauge", unit="short", group="training")
+    "moeray_train_tokens_per_s",
+    "Training throughput of the last step in tokens per second.",
+    "gauge",
+    unit="short",
+    group="training",
+)
 TRAIN_MAXVIO = MetricDef(
-    "moeray_train_maxvio", "MaxVio of the last step's global batch, averaged over MoE layers.",
-    "gauge", unit="percentunit", group="training")
+    "moeray_train_maxvio",
+    "MaxVio of the last step's global batch, averaged over MoE layers.",
+    "gauge",
+    unit="percentunit",
+    group="training",
+)
 TRAIN_LR = MetricDef(
-    "moeray_train_learning_rate", "Learning rate of the last step.", "gauge", group="training")
+    "moeray_train_learning_rate", "Learning rate of the last step.", "gauge", group="training"
+)
 
 METRICS: tuple[MetricDef, ...] = (
     TTFT, TPOT, ITL, E2E, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS,

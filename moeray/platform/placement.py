@@ -43,8 +43,14 @@ class Placement:
         return torch.arange(P) // (P // self.num_gpus)
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> "Placement":
-        return cls(d["phy2log_LP"], d["log2phy_LER"], d["logcnt_LE"], int(d["num_gpus"]), int(d["num_nodes"]))
+    def from_state_dict(cls, d: dict) -> Placement:
+        return cls(
+            d["phy2log_LP"],
+            d["log2phy_LER"],
+            d["logcnt_LE"],
+            int(d["num_gpus"]),
+            int(d["num_nodes"]),
+        )
 
 
 def _balanced_packing(
@@ -84,7 +90,9 @@ def _balanced_packing(
     return pack_LX, rank_LX
 
 
-def _replicate(weight_LX: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _replicate(
+    weight_LX: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give each of X experts one slot, then each extra slot to the expert with the highest load
     per replica. Returns (slot -> expert [L, num_slots], replica index of each slot, replicas per
     expert [L, X])."""
@@ -130,11 +138,15 @@ def _place_hierarchical(
     slot2nm, replica, nm_count = _replicate(nm_load, slots_per_node)
     # 3. the node's slots onto its GPUs, each slot weighing its expert's load / replicas.
     slot_load = (nm_load.double() / nm_count).gather(1, slot2nm)
-    gpu_of_slot, rank_in_gpu = _balanced_packing(slot_load, num_gpus // num_nodes, labels_LX=slot2nm)
+    gpu_of_slot, rank_in_gpu = _balanced_packing(
+        slot_load, num_gpus // num_nodes, labels_LX=slot2nm
+    )
     slot2phys = gpu_of_slot * slots_per_gpu + rank_in_gpu  # position within the node
     phys2slot = _inverse(slot2phys)
     phys2nm_local = slot2nm.gather(1, phys2slot).view(L, num_nodes, slots_per_node)
-    phys2nm = (phys2nm_local + (torch.arange(num_nodes) * experts_per_node).view(1, -1, 1)).flatten(1)
+    phys2nm = (phys2nm_local + (torch.arange(num_nodes) * experts_per_node).view(1, -1, 1)).flatten(
+        1
+    )
     phy2log_LP = nm2log_LE.gather(1, phys2nm)
     replica_LP = replica.gather(1, phys2slot).view(L, num_physical)
     logcnt_LE = nm_count.view(L, E).gather(1, log2nm_LE)
@@ -153,7 +165,9 @@ def place_experts(
         raise ValueError(f"load must be [layers, experts], got shape {tuple(load_LE.shape)}")
     L, E = load_LE.shape
     if num_gpus < 1 or num_nodes < 1 or num_gpus % num_nodes:
-        raise ValueError(f"num_gpus={num_gpus} must be a positive multiple of num_nodes={num_nodes}")
+        raise ValueError(
+            f"num_gpus={num_gpus} must be a positive multiple of num_nodes={num_nodes}"
+        )
     if num_physical < E or num_physical % num_gpus:
         raise ValueError(
             f"num_physical={num_physical} must be >= the {E} experts and a multiple of num_gpus={num_gpus}"
@@ -164,7 +178,9 @@ def place_experts(
         raise ValueError("expert loads must be >= 0")
     load_LE = load_LE.detach().double().cpu()
     if num_groups % num_nodes == 0:
-        phy2log, replica, logcnt = _place_hierarchical(load_LE, num_physical, num_groups, num_nodes, num_gpus)
+        phy2log, replica, logcnt = _place_hierarchical(
+            load_LE, num_physical, num_groups, num_nodes, num_gpus
+        )
     else:
         phy2log, replica, logcnt = _place_hierarchical(load_LE, num_physical, 1, 1, num_gpus)
     R = int(logcnt.max())
@@ -173,10 +189,14 @@ def place_experts(
     return Placement(phy2log, log2phy.view(L, E, R), logcnt, num_gpus, num_nodes)
 
 
-def identity_placement(n_layers: int, n_experts: int, num_gpus: int = 1, num_nodes: int = 1) -> Placement:
+def identity_placement(
+    n_layers: int, n_experts: int, num_gpus: int = 1, num_nodes: int = 1
+) -> Placement:
     """No replicas: expert e in slot e (contiguous blocks of experts per GPU)."""
     phy2log = torch.arange(n_experts, dtype=torch.int64).repeat(n_layers, 1)
-    return Placement(phy2log, phy2log.clone().unsqueeze(-1), torch.ones_like(phy2log), num_gpus, num_nodes)
+    return Placement(
+        phy2log, phy2log.clone().unsqueeze(-1), torch.ones_like(phy2log), num_gpus, num_nodes
+    )
 
 
 def gpu_loads(load_LE: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -195,7 +215,9 @@ def round_robin_gpu_loads(load_LE: torch.Tensor, num_gpus: int) -> torch.Tensor:
     return out.index_add_(1, gpu_E, load_LE.double())
 
 
-def to_physical(expert_ids_TK: torch.Tensor, log2phy_ER: torch.Tensor, logcnt_E: torch.Tensor) -> torch.Tensor:
+def to_physical(
+    expert_ids_TK: torch.Tensor, log2phy_ER: torch.Tensor, logcnt_E: torch.Tensor
+) -> torch.Tensor:
     """Map one layer's logical expert ids to physical slots, spreading each expert's tokens evenly
     over its replicas (the n-th token of expert e, in token order, goes to replica n % count[e];
     replica loads differ by at most one token). Same shape as `expert_ids_TK`."""
@@ -207,7 +229,9 @@ def to_physical(expert_ids_TK: torch.Tensor, log2phy_ER: torch.Tensor, logcnt_E:
     logcnt_E = logcnt_E.to(flat.device)
     order = torch.sort(flat, stable=True).indices
     sorted_ids = flat[order]
-    run_start_E = torch.cumsum(torch.bincount(flat, minlength=E), 0) - torch.bincount(flat, minlength=E)
+    run_start_E = torch.cumsum(torch.bincount(flat, minlength=E), 0) - torch.bincount(
+        flat, minlength=E
+    )
     rank_in_run = torch.arange(flat.numel(), device=flat.device) - run_start_E[sorted_ids]
     replica = rank_in_run % logcnt_E[sorted_ids]
     phys = torch.empty_like(flat)

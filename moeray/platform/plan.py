@@ -54,18 +54,31 @@ def render(t: Timeline, scale: float) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeray plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--schedule", choices=SCHEDULES, default="dualpipe",
-                   help="schedule shown last, with per-rank detail (default: dualpipe)")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="dualpipe",
+        help="schedule shown last, with per-rank detail (default: dualpipe)",
+    )
     p.add_argument("--pp", type=int, default=8, help="pipeline ranks (default 8)")
-    p.add_argument("--microbatches", type=int, default=20,
-                   help="micro-batches per step, both DualPipe directions together (default 20)")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=20,
+        help="micro-batches per step, both DualPipe directions together (default 20)",
+    )
     p.add_argument("--f", type=float, default=1.0, help="forward chunk time F (default 1)")
     p.add_argument("--b", type=float, default=2.0, help="full backward chunk time B (default 2)")
     p.add_argument("--w", type=float, default=1.0, help="weight-grad time W (default 1)")
-    p.add_argument("--fb", type=float, default=2.5,
-                   help="overlapped forward+backward time F&B (default 2.5)")
-    p.add_argument("--scale", type=float, default=3.0,
-                   help="timeline characters per unit of time (default 3: 'F12' fills one F)")
+    p.add_argument(
+        "--fb", type=float, default=2.5, help="overlapped forward+backward time F&B (default 2.5)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=3.0,
+        help="timeline characters per unit of time (default 3: 'F12' fills one F)",
+    )
     p.add_argument("--no-timeline", action="store_true", help="print only the table")
     return p
 
@@ -88,8 +101,10 @@ def main(argv: list[str]) -> int:
         return 2
     timelines = {name: simulate(s, costs) for name, s in schedules.items()}
 
-    print(f"PP={args.pp} micro-batches={args.microbatches}  F={costs.f:g} B={costs.b:g} "
-          f"W={costs.w:g} F&B={costs.f_and_b:g}")
+    print(
+        f"PP={args.pp} micro-batches={args.microbatches}  F={costs.f:g} B={costs.b:g} "
+        f"W={costs.w:g} F&B={costs.f_and_b:g}"
+    )
     if not args.no_timeline:
         for name, t in timelines.items():
             print(f"\n{name}  (makespan {t.makespan:g}, bubble {t.bubble():g})")
@@ -101,8 +116,10 @@ def main(argv: list[str]) -> int:
             print(f"\n{args.schedule} idle per rank: {idle}")
 
     print()
-    header = f"{'schedule':<10}{'makespan':>10}{'bubble':>10}{'formula':>10}  {'formula text':<20}" \
-             f"{'params':>7}{'activ.':>7}"
+    header = (
+        f"{'schedule':<10}{'makespan':>10}{'bubble':>10}{'formula':>10}  {'formula text':<20}"
+        f"{'params':>7}{'activ.':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name in SCHEDULES:
@@ -112,13 +129,17 @@ def main(argv: list[str]) -> int:
         fb = formula_bubble(name, args.pp, costs)
         params = len(t.schedule.stages_of(0))
         act = max(t.peak_activations(r) for r in range(args.pp))
-        print(f"{name:<10}{t.makespan:>10g}{t.bubble():>10g}{fb:>10g}  {FORMULA_TEXT[name]:<20}"
-              f"{params:>6}x{act:>7}")
+        print(
+            f"{name:<10}{t.makespan:>10g}{t.bubble():>10g}{fb:>10g}  {FORMULA_TEXT[name]:<20}"
+            f"{params:>6}x{act:>7}"
+        )
     exact = costs.w <= costs.f <= costs.b - costs.w
     if not (costs.f == costs.w == costs.b - costs.w):
-        print("\nnote: the formulas are exact for 1F1B always, for ZB1P when W <= F <= B-W"
-              f"{' (holds)' if exact else ' (does not hold)'}, for DualPipe when F = W = B-W"
-              " (does not hold); elsewhere the simulation is the better estimate.")
+        print(
+            "\nnote: the formulas are exact for 1F1B always, for ZB1P when W <= F <= B-W"
+            f"{' (holds)' if exact else ' (does not hold)'}, for DualPipe when F = W = B-W"
+            " (does not hold); elsewhere the simulation is the better estimate."
+        )
     return 0
 
 

@@ -29,16 +29,19 @@ def device_slug() -> str:
     return "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
 
 
-def write_result(name: str, numbers: dict[str, Any], *, directory: Path | None = None,
-                 command: str | None = None) -> Path:
+def write_result(
+    name: str, numbers: dict[str, Any], *, directory: Path | None = None, command: str | None = None
+) -> Path:
     """Write numbers plus device, date and command to `<directory>/<name>.json`; return the path.
     `command`: how the run was started, when not a `moeray` subcommand (scripts)."""
     out_dir = Path(directory) if directory is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "device": device_name(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else (" ".join(["moeray"] + sys.argv[1:]) if sys.argv else ""),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": command
+        if command is not None
+        else (" ".join(["moeray"] + sys.argv[1:]) if sys.argv else ""),
         **numbers,
     }
     path = out_dir / f"{name}.json"

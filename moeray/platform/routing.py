@@ -64,10 +64,16 @@ def route(
     Triton gate (moeray.kernels.router, one launch instead of ~15; same results, ties aside);
     training (gradients to the gate) and everything else run the PyTorch code, `route_torch`.
     """
-    kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group,
-              routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob)
+    kw = dict(
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+        norm_topk_prob=norm_topk_prob,
+    )
     needs_grad = torch.is_grad_enabled() and (
-        logits_TE.requires_grad or (bias_E is not None and bias_E.requires_grad))
+        logits_TE.requires_grad or (bias_E is not None and bias_E.requires_grad)
+    )
     if logits_TE.is_cuda and group_mask_value == GROUP_MASK_OFFICIAL and not needs_grad:
         from moeray.kernels.router import fused_route_applies, route_fused
 
@@ -108,7 +114,9 @@ def route_torch(
     weights_TK = weights_TK * routed_scaling_factor
     # scatter_add, not bincount: bincount syncs with the host on CUDA, which breaks graph capture.
     flat = expert_ids_TK.flatten()
-    counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
     return Routing(expert_ids_TK, weights_TK, counts_E, scores_TE)
 
 
@@ -125,14 +133,20 @@ def maxvio(counts_E: torch.Tensor) -> torch.Tensor:
     """
     counts = counts_E.double()
     mean = counts.mean(-1)
-    return torch.where(mean > 0, counts.amax(-1) / mean.clamp_min(1e-12) - 1.0, torch.zeros_like(mean))
+    return torch.where(
+        mean > 0, counts.amax(-1) / mean.clamp_min(1e-12) - 1.0, torch.zeros_like(mean)
+    )
 
 
-def check_group_to_node(group_to_node: tuple[int, ...] | list[int], n_group: int) -> tuple[int, ...]:
+def check_group_to_node(
+    group_to_node: tuple[int, ...] | list[int], n_group: int
+) -> tuple[int, ...]:
     """Validate a group -> node map: one entry per group, nodes numbered 0..N-1 with none unused."""
     g2n = tuple(int(n) for n in group_to_node)
     if len(g2n) != n_group:
-        raise ValueError(f"group_to_node has {len(g2n)} entries, need one per group (n_group={n_group})")
+        raise ValueError(
+            f"group_to_node has {len(g2n)} entries, need one per group (n_group={n_group})"
+        )
     if min(g2n) < 0 or sorted(set(g2n)) != list(range(max(g2n) + 1)):
         raise ValueError(f"group_to_node={g2n} must use node ids 0..N-1, each at least once")
     return g2n
@@ -195,7 +209,9 @@ def bias_update(bias_LE: torch.Tensor, counts_LE: torch.Tensor, gamma: float) ->
     the size of the imbalance, so the bias moves at most gamma per step.
     """
     if bias_LE.shape != counts_LE.shape:
-        raise ValueError(f"bias shape {tuple(bias_LE.shape)} != counts shape {tuple(counts_LE.shape)}")
+        raise ValueError(
+            f"bias shape {tuple(bias_LE.shape)} != counts shape {tuple(counts_LE.shape)}"
+        )
     if gamma < 0:
         raise ValueError(f"gamma={gamma} must be >= 0")
     counts = counts_LE.to(torch.float64)
@@ -241,7 +257,9 @@ def sequence_balance_loss(
     B, S, E = scores_BSE.shape
     K = expert_ids_BSK.shape[-1]
     if expert_ids_BSK.shape[:2] != (B, S):
-        raise ValueError(f"expert ids {tuple(expert_ids_BSK.shape)} do not match scores {(B, S, E)}")
+        raise ValueError(
+            f"expert ids {tuple(expert_ids_BSK.shape)} do not match scores {(B, S, E)}"
+        )
     counts_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
     ones = torch.ones(B, S * K, dtype=scores_BSE.dtype, device=scores_BSE.device)
     counts_BE.scatter_add_(1, expert_ids_BSK.reshape(B, S * K), ones)
@@ -283,7 +301,9 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         if not self.layer_ids or len(set(self.layer_ids)) != len(self.layer_ids):
-            raise ValueError(f"layer_ids={self.layer_ids} must be a non-empty tuple of distinct ids")
+            raise ValueError(
+                f"layer_ids={self.layer_ids} must be a non-empty tuple of distinct ids"
+            )
         if self.n_group < 1 or self.n_experts % self.n_group:
             raise ValueError(f"n_group={self.n_group} must divide n_experts={self.n_experts}")
         if not 1 <= self.topk_group <= self.n_group:
@@ -296,7 +316,11 @@ class RouterConfig:
         if not 0.0 <= self.load_ema < 1.0:
             raise ValueError(f"load_ema={self.load_ema} must be in [0, 1)")
         physical = self.physical_slots
-        if physical < self.n_experts or physical % self.serve_gpus or self.serve_gpus % self.serve_nodes:
+        if (
+            physical < self.n_experts
+            or physical % self.serve_gpus
+            or self.serve_gpus % self.serve_nodes
+        ):
             raise ValueError(
                 f"num_physical={physical} must be >= n_experts={self.n_experts} and a multiple of "
                 f"serve_gpus={self.serve_gpus}, itself a multiple of serve_nodes={self.serve_nodes}"
@@ -311,12 +335,14 @@ class RouterConfig:
         return self.n_experts if self.num_physical is None else self.num_physical
 
     @classmethod
-    def from_model(cls, model_config, **overrides) -> "RouterConfig":
+    def from_model(cls, model_config, **overrides) -> RouterConfig:
         """From a ModelConfig with HF field names (n_routed_experts, n_group, topk_group,
         num_hidden_layers, first_k_dense_replace, num_nextn_predict_layers). The MTP blocks are
         MoE layers too (ids from num_hidden_layers on, as in the HF checkpoint), so they get biases."""
         first = int(getattr(model_config, "first_k_dense_replace", 0))
-        last = int(model_config.num_hidden_layers) + int(getattr(model_config, "num_nextn_predict_layers", 0))
+        last = int(model_config.num_hidden_layers) + int(
+            getattr(model_config, "num_nextn_predict_layers", 0)
+        )
         layers = tuple(range(first, last))
         kw = dict(
             layer_ids=layers,
@@ -373,7 +399,9 @@ class RouterState:
         "step": last applied step}.
         """
         if not 0 <= rank < self.config.num_reporters:
-            raise ValueError(f"rank={rank} must be in [0, num_reporters={self.config.num_reporters})")
+            raise ValueError(
+                f"rank={rank} must be in [0, num_reporters={self.config.num_reporters})"
+            )
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         loads = self._check_loads(loads_LE)
@@ -446,7 +474,10 @@ class RouterState:
             "bias_LE": self.bias_LE.clone(),
             "gamma": self.schedule.gamma,
             "gamma_zero_at_step": self.schedule.zero_at_step,
-            "pending": {s: {"sum_LE": e["sum_LE"].clone(), "ranks": sorted(e["ranks"])} for s, e in self.pending.items()},
+            "pending": {
+                s: {"sum_LE": e["sum_LE"].clone(), "ranks": sorted(e["ranks"])}
+                for s, e in self.pending.items()
+            },
             "last_loads_LE": self.last_loads_LE.clone(),
             "load_ema_LE": None if self.load_ema_LE is None else self.load_ema_LE.clone(),
             "placement": self.placement.state_dict(),
@@ -454,16 +485,21 @@ class RouterState:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
-            raise ValueError(f"router state version {state.get('version')!r} not supported (need 1)")
+            raise ValueError(
+                f"router state version {state.get('version')!r} not supported (need 1)"
+            )
         mine, theirs = _config_dict(self.config), state["config"]
         for key in ("layer_ids", "n_experts", "n_group", "topk_group"):
             if mine[key] != theirs[key]:
-                raise ValueError(f"router state has {key}={theirs[key]}, this router has {mine[key]}")
+                raise ValueError(
+                    f"router state has {key}={theirs[key]}, this router has {mine[key]}"
+                )
         self.step = int(state["step"])
         self.bias_LE = state["bias_LE"].to(torch.float32).clone()
         self.schedule = GammaSchedule(float(state["gamma"]), state["gamma_zero_at_step"])
         self.pending = {
-            int(s): {"sum_LE": e["sum_LE"].clone(), "ranks": set(e["ranks"])} for s, e in state["pending"].items()
+            int(s): {"sum_LE": e["sum_LE"].clone(), "ranks": set(e["ranks"])}
+            for s, e in state["pending"].items()
         }
         self.last_loads_LE = state["last_loads_LE"].clone()
         ema = state["load_ema_LE"]

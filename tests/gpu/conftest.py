@@ -12,5 +12,7 @@ import torch
 @pytest.fixture(autouse=True)
 def _compiled_kernels():
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("TRITON_INTERPRET=1 in a GPU test (tests/kernels sets it for its pytest process): "
-                    "run tests/gpu and tests/kernels in separate pytest commands")
+        pytest.fail(
+            "TRITON_INTERPRET=1 in a GPU test (tests/kernels sets it for its pytest process): "
+            "run tests/gpu and tests/kernels in separate pytest commands"
+        )

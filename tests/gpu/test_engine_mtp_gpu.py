@@ -23,8 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 # fp32 Triton dots default to TF32 (10-bit mantissa); IEEE fp32 keeps the paged MLA kernel's S = 1
 # and S = 2 launches within fp32 rounding of each other. Read when a kernel is compiled, so it must
@@ -41,16 +43,27 @@ def _train(**latent):
     from moeray.platform.engine.bench import train_on_cycle
     from moeray.platform.model.transformer import Transformer
 
-    cfg = small().replace(num_hidden_layers=2, vocab_size=2048, hidden_size=512,
-                          intermediate_size=1024, moe_intermediate_size=128, n_routed_experts=16,
-                          n_group=4, topk_group=2, num_experts_per_tok=4, eos_token_id=None,
-                          **latent)
+    cfg = small().replace(
+        num_hidden_layers=2,
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1024,
+        moe_intermediate_size=128,
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=4,
+        eos_token_id=None,
+        **latent,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
     cycle = torch.randperm(cfg.vocab_size)[:CYCLE_LEN]
     losses = train_on_cycle(model, cycle, 300, torch.device("cuda"), seq_len=128, batch=8, lr=1e-3)
-    print(f"\ntraining {latent or 'V3 latent 512 + 64'}: loss (main + 0.3 MTP) first "
-          f"{losses[0]:.3f}, last {losses[-1]:.3f}")
+    print(
+        f"\ntraining {latent or 'V3 latent 512 + 64'}: loss (main + 0.3 MTP) first "
+        f"{losses[0]:.3f}, last {losses[-1]:.3f}"
+    )
     return cfg, model.eval(), cycle
 
 
@@ -87,11 +100,20 @@ def _prompts(cfg, cycle, lengths_cycle=(40, 100, 70), lengths_random=(5, 64)):
 def _engine(model, *, spec: int, graphs: bool):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
-    return Engine(model, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=1032,
-                                      enable_prefix_caching=False, use_cuda_graphs=graphs,
-                                      graph_batch_sizes=(1, 2, 4, 8), num_speculative_tokens=spec,
-                                      # lazy: the graph keys then show which S each step used
-                                      capture_graphs_at_start=False))
+    return Engine(
+        model,
+        EngineConfig(
+            page_size=PAGE,
+            num_pages=64,
+            max_model_len=1032,
+            enable_prefix_caching=False,
+            use_cuda_graphs=graphs,
+            graph_batch_sizes=(1, 2, 4, 8),
+            num_speculative_tokens=spec,
+            # lazy: the graph keys then show which S each step used
+            capture_graphs_at_start=False,
+        ),
+    )
 
 
 def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0):
@@ -103,8 +125,9 @@ def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=
     ok_TK = (local_TK >= 0) & (local_TK < E)
     w_TE = torch.zeros(x_TD.shape[0], E, dtype=x_TD.dtype, device=x_TD.device)
     w_TE.scatter_add_(1, local_TK.clamp(0, E - 1), (weights_TK * ok_TK).to(x_TD.dtype))
-    h_TEI = (F.silu(torch.einsum("td,eid->tei", x_TD, self.gate_proj))
-             * torch.einsum("td,eid->tei", x_TD, self.up_proj))
+    h_TEI = F.silu(torch.einsum("td,eid->tei", x_TD, self.gate_proj)) * torch.einsum(
+        "td,eid->tei", x_TD, self.up_proj
+    )
     return torch.einsum("tei,edi,te->td", h_TEI, self.down_proj, w_TE)
 
 
@@ -132,7 +155,12 @@ def _ref_logits(ref_model, ids: list[int]) -> torch.Tensor:
     takes SDPA and the MoE its per-expert loop (the Triton kernels run only without autograd), an
     independent reference for the engine's paged-kernel path."""
     with torch.enable_grad():
-        return ref_model(torch.tensor([ids], device="cuda"), return_mtp=False).logits[0].detach().float()
+        return (
+            ref_model(torch.tensor([ids], device="cuda"), return_mtp=False)
+            .logits[0]
+            .detach()
+            .float()
+        )
 
 
 def _generate(eng, prompts, n):
@@ -160,22 +188,38 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
     prompts = _prompts(cfg, cycle)
     n = 24
     rows = []
-    cases = [(m, b, grp) for m in ("trained", "random mtp")
-             for b, grp in (("batch 1", [[p] for p in prompts]), ("mixed", [prompts]))]
+    cases = [
+        (m, b, grp)
+        for m in ("trained", "random mtp")
+        for b, grp in (("batch 1", [[p] for p in prompts]), ("mixed", [prompts]))
+    ]
     for model_name, batch_name, groups in cases:
         model = trained_model if model_name == "trained" else random_mtp
         res = {}
-        for name, spec, graphs in (("plain eager", 0, False), ("plain graphs", 0, True),
-                                   ("mtp eager", 1, False), ("mtp graphs", 1, True)):
+        for name, spec, graphs in (
+            ("plain eager", 0, False),
+            ("plain graphs", 0, True),
+            ("mtp eager", 1, False),
+            ("mtp graphs", 1, True),
+        ):
             eng = _engine(model, spec=spec, graphs=graphs)
             steps = _count_decode_forwards(eng)
             outs = [o for grp in groups for o in _generate(eng, grp, n)]
             st = eng.drafter.stats if spec else None
             res[name] = (outs, st, eng, [c for c in steps if c is not None])
             fw = max((tuple(c) for c in steps if c is not None), default=(0, 0))
-            rows.append((model_name, batch_name, name, eng.runner.graph_status,
-                         sorted(k for k in eng.runner.graphs if k[2] == "mtp"),
-                         st.num_draft_tokens if st else 0, st.num_accepted_tokens if st else 0, fw))
+            rows.append(
+                (
+                    model_name,
+                    batch_name,
+                    name,
+                    eng.runner.graph_status,
+                    sorted(k for k in eng.runner.graphs if k[2] == "mtp"),
+                    st.num_draft_tokens if st else 0,
+                    st.num_accepted_tokens if st else 0,
+                    fw,
+                )
+            )
         plain = res["plain eager"][0]
         for name, (outs, _st, _e, _steps) in res.items():
             assert outs == plain, f"{batch_name}: {name} differs from plain eager decoding"
@@ -186,8 +230,10 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
         # One MTP forward per decode step over every row: S = 2 when any row's draft was accepted
         # (rows with 1 newly valid position padded to 2), S = 1 when none was. Alone, a rejected
         # draft is such a step.
-        assert mtp_keys <= {1, 2} and (2 in mtp_keys) == (st_g.num_accepted_tokens > 0), \
-            (sorted(eng_g.runner.graphs), st_g)
+        assert mtp_keys <= {1, 2} and (2 in mtp_keys) == (st_g.num_accepted_tokens > 0), (
+            sorted(eng_g.runner.graphs),
+            st_g,
+        )
         if batch_name == "batch 1" and st_g.num_accepted_tokens < st_g.num_draft_tokens:
             assert 1 in mtp_keys, (sorted(eng_g.runner.graphs), st_g)
         # ... and one main forward: every pure-decode step replayed one main and <= 1 MTP graph
@@ -196,15 +242,19 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
         assert steps and all(c == [1, c[1]] and c[1] <= 1 for c in steps), steps
         # Exactness holds whatever the drafts are, so compare the drafting itself: the captured
         # MTP forward must draft what the eager one drafts.
-        assert (st_g.num_draft_tokens, st_g.num_accepted_tokens) == \
-               (st_e.num_draft_tokens, st_e.num_accepted_tokens), (batch_name, st_e, st_g)
+        assert (st_g.num_draft_tokens, st_g.num_accepted_tokens) == (
+            st_e.num_draft_tokens,
+            st_e.num_accepted_tokens,
+        ), (batch_name, st_e, st_g)
         if model_name == "trained":
             assert st_g.num_accepted_tokens > st_g.num_draft_tokens // 2, st_g
         else:
             assert st_g.num_accepted_tokens < st_g.num_draft_tokens // 2, st_g
-    print(f"\n{'model':10} {'batch':8} {'mode':13} {'drafts':>6} {'accepted':>8} "
-          f"{'fwd/step':>8}  graph_status / mtp graph keys   (fwd/step: the most main, MTP "
-          "forwards of a pure-decode step; 1,1 expected)")
+    print(
+        f"\n{'model':10} {'batch':8} {'mode':13} {'drafts':>6} {'accepted':>8} "
+        f"{'fwd/step':>8}  graph_status / mtp graph keys   (fwd/step: the most main, MTP "
+        "forwards of a pure-decode step; 1,1 expected)"
+    )
     for m, b, name, status, keys, d, a, fw in rows:
         print(f"{m:10} {b:8} {name:13} {d:6d} {a:8d} {fw[0]:>4},{fw[1]:<3}  {status} {keys}")
 
@@ -238,32 +288,58 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                     l1 = runner.forward_group(torch.tensor([[tok]], device="cuda"), bt, starts)[0]
                     l1 = l1[0, 0].clone()
                     draft = int(l1.argmax())  # the draft a perfect MTP would give
-                    l2 = runner.forward_group(torch.tensor([[tok, draft]], device="cuda"), bt,
-                                              starts)[0][0].clone()
+                    l2 = runner.forward_group(
+                        torch.tensor([[tok, draft]], device="cuda"), bt, starts
+                    )[0][0].clone()
                     res[mode] = (l1, l2, draft)
                 runner.use_cuda_graphs = True
-            ref = _ref_logits(ref_model, req.token_ids[:p + 1] + [res["eager"][2]])[-2:]
+            ref = _ref_logits(ref_model, req.token_ids[: p + 1] + [res["eager"][2]])[-2:]
             top2 = ref[0].topk(2).values
             l1e, l2e, _ = res["eager"]
             l1g, l2g, dg = res["graph"]
             mx = lambda a, b: float((a - b).abs().max())  # noqa: E731
-            agree = len({int(ref[0].argmax()), int(l1e.argmax()), int(l2e[0].argmax()),
-                         int(l1g.argmax()), int(l2g[0].argmax())}) == 1
-            stats.append((pi, p, float(top2[0] - top2[1]), mx(l1e, ref[0]), mx(l2e[0], ref[0]),
-                          mx(l1g, ref[0]), mx(l2g[0], ref[0]),
-                          mx(l2g[1], ref[1]) if dg == res["eager"][2] else float("nan"),
-                          mx(l1e, l2e[0]), mx(l1g, l2g[0]), agree))
+            agree = (
+                len(
+                    {
+                        int(ref[0].argmax()),
+                        int(l1e.argmax()),
+                        int(l2e[0].argmax()),
+                        int(l1g.argmax()),
+                        int(l2g[0].argmax()),
+                    }
+                )
+                == 1
+            )
+            stats.append(
+                (
+                    pi,
+                    p,
+                    float(top2[0] - top2[1]),
+                    mx(l1e, ref[0]),
+                    mx(l2e[0], ref[0]),
+                    mx(l1g, ref[0]),
+                    mx(l2g[0], ref[0]),
+                    mx(l2g[1], ref[1]) if dg == res["eager"][2] else float("nan"),
+                    mx(l1e, l2e[0]),
+                    mx(l1g, l2g[0]),
+                    agree,
+                )
+            )
             eng.step()  # the engine's own plain decode step at p (rewrites the same KV)
         eng.abort(rid)
         assert runner.graph_status == "captured", runner.graph_status
     # Noise yardstick: the plain S = 1 path's error against fp32, the path decode always used.
     noise = max(max(s[3], s[5]) for s in stats)
     print(f"\nbf16 noise (max |S=1 logits - fp32|) = {noise:.4f}")
-    print("prompt  pos  ref_margin  S1_eager  S2r0_eager  S1_graph  S2r0_graph  S2r1_graph"
-          "  |S1-S2r0|_e  |S1-S2r0|_g  argmax_agree")
+    print(
+        "prompt  pos  ref_margin  S1_eager  S2r0_eager  S1_graph  S2r0_graph  S2r1_graph"
+        "  |S1-S2r0|_e  |S1-S2r0|_g  argmax_agree"
+    )
     for s in stats:
-        print(f"{s[0]:6d} {s[1]:4d} {s[2]:11.4f} {s[3]:9.4f} {s[4]:11.4f} {s[5]:9.4f} {s[6]:11.4f}"
-              f" {s[7]:11.4f} {s[8]:12.4f} {s[9]:12.4f}  {s[10]}")
+        print(
+            f"{s[0]:6d} {s[1]:4d} {s[2]:11.4f} {s[3]:9.4f} {s[4]:11.4f} {s[5]:9.4f} {s[6]:11.4f}"
+            f" {s[7]:11.4f} {s[8]:12.4f} {s[9]:12.4f}  {s[10]}"
+        )
     # Checked after the end-to-end runs below, so that one failure still prints everything.
     problems = []
     for s in stats:
@@ -275,7 +351,9 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
         if s[7] > 4 * noise + 1e-3:
             problems.append(f"S=2 row 1 error above 4 x noise: {s}")
         if s[2] > 4 * noise and not s[10]:
-            problems.append(f"argmax differs where the fp32 top-2 margin {s[2]:.4f} > 4 x noise: {s}")
+            problems.append(
+                f"argmax differs where the fp32 top-2 margin {s[2]:.4f} > 4 x noise: {s}"
+            )
 
     # End to end at batch 1 (the bench's case) and in a batch of both prompts: plain decoding
     # (graphs) against MTP with the MTP forward captured and eager, and where outputs first differ.
@@ -291,18 +369,24 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
             if mtp_graphs:
                 assert e.runner.graph_status == "captured", e.runner.graph_status
             for pi, prompt in enumerate(prompts):
-                first = next((i for i, (a, b) in enumerate(zip(plain[pi], outs[pi])) if a != b), None)
-                line = (f"batch {len(batch[0])}, MTP {'graphs' if mtp_graphs else 'eager '}: prompt "
-                        f"{pi} acceptance (all prompts) {st.acceptance_rate:.2f} "
-                        f"({st.num_accepted_tokens}/{st.num_draft_tokens}); identical to plain: "
-                        f"{first is None}")
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(plain[pi], outs[pi])) if a != b), None
+                )
+                line = (
+                    f"batch {len(batch[0])}, MTP {'graphs' if mtp_graphs else 'eager '}: prompt "
+                    f"{pi} acceptance (all prompts) {st.acceptance_rate:.2f} "
+                    f"({st.num_accepted_tokens}/{st.num_draft_tokens}); identical to plain: "
+                    f"{first is None}"
+                )
                 if first is not None:
                     ref = _ref_logits(ref_model, prompt + plain[pi][:first])[-1]
                     top2 = ref.topk(2).values
                     margin = float(top2[0] - top2[1])
-                    line += (f"; first difference at output {first}: plain {plain[pi][first]}, "
-                             f"MTP {outs[pi][first]}, fp32 argmax {int(ref.argmax())}, fp32 top-2 "
-                             f"margin {margin:.4f} (4 x noise = {4 * noise:.4f})")
+                    line += (
+                        f"; first difference at output {first}: plain {plain[pi][first]}, "
+                        f"MTP {outs[pi][first]}, fp32 argmax {int(ref.argmax())}, fp32 top-2 "
+                        f"margin {margin:.4f} (4 x noise = {4 * noise:.4f})"
+                    )
                 print(line)
                 # bf16 rounding can only flip a near-tie; a real bug flips confident ones.
                 if first is not None and margin > 4 * noise:

@@ -10,7 +10,9 @@ pytestmark = pytest.mark.gpu
 
 def _rel(out, ref):
     out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output: unwritten (NaN-poisoned) tile or bad scale"
+    assert torch.isfinite(out).all(), (
+        "non-finite output: unwritten (NaN-poisoned) tile or bad scale"
+    )
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -20,25 +22,46 @@ def _poison(nbytes: int = 1 << 30) -> None:
 
 
 def _cfg(block_m, block_n, split_m, stages=3):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, SPLIT_M=split_m,
-                num_warps=4, num_stages=stages)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=128,
+        GROUP_M=8,
+        SPLIT_M=split_m,
+        num_warps=4,
+        num_stages=stages,
+    )
 
 
-@pytest.mark.parametrize("mnk", [(4099, 2112, 7168 - 40), (333, 7168, 1536 + 64), (4096, 4096, 7168)])
+@pytest.mark.parametrize(
+    "mnk", [(4099, 2112, 7168 - 40), (333, 7168, 1536 + 64), (4096, 4096, 7168)]
+)
 @pytest.mark.parametrize("variant", ["split", "64x128", "64x256_vector_bs", "auto"])
 def test_gemm_variants_ragged(mnk, variant):
     from moeray.kernels import fp8
 
     m, n, k = mnk
     g = torch.Generator(device="cuda").manual_seed(m + n + k)
-    x = torch.randn(m, k, device="cuda", generator=g) * torch.logspace(-1, 2, m, device="cuda")[:, None]
-    blk = torch.rand(-(-n // 128), 1, device="cuda", generator=g).mul(30).add(0.1).repeat_interleave(128, 0)[:n]
+    x = (
+        torch.randn(m, k, device="cuda", generator=g)
+        * torch.logspace(-1, 2, m, device="cuda")[:, None]
+    )
+    blk = (
+        torch.rand(-(-n // 128), 1, device="cuda", generator=g)
+        .mul(30)
+        .add(0.1)
+        .repeat_interleave(128, 0)[:n]
+    )
     w = torch.randn(n, k, device="cuda", generator=g) * blk
     xq, xs = fp8.act_quant(x, scale_col_major=True)
     wq, ws = fp8.weight_quant(w)
     ref = fp8.fp8_gemm_ref(xq, xs, wq, ws).float()
-    cfg = {"split": _cfg(128, 128, True), "64x128": _cfg(64, 128, False),
-           "64x256_vector_bs": _cfg(64, 256, False), "auto": None}[variant]
+    cfg = {
+        "split": _cfg(128, 128, True),
+        "64x128": _cfg(64, 128, False),
+        "64x256_vector_bs": _cfg(64, 256, False),
+        "auto": None,
+    }[variant]
     _poison()
     assert _rel(fp8.fp8_gemm_triton(xq, xs, wq, ws, config=cfg), ref) < 8e-3
 
@@ -73,7 +96,9 @@ def test_config_choice_at_sweep_shapes():
     for n in (2112, 24576, 7168, 4096):
         cfg = fp8._gemm_config(4096, n, dev)
         assert cfg["SPLIT_M"] is fp8._split_m_wins(4096, n, sms)
-        print(f"4096 x {n}: {sms} SMs -> BLOCK_M={cfg['BLOCK_M']} SPLIT_M={cfg['SPLIT_M']} stages={cfg['num_stages']}")
+        print(
+            f"4096 x {n}: {sms} SMs -> BLOCK_M={cfg['BLOCK_M']} SPLIT_M={cfg['SPLIT_M']} stages={cfg['num_stages']}"
+        )
     assert fp8._gemm_config(64, 7168, dev)["BLOCK_N"] == 32
 
 

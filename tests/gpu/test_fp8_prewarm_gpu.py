@@ -12,15 +12,22 @@ from moeray.platform import fp8
 # kernels before tests/kernels/conftest.py turns on the CPU interpreter for the kernel tests.
 pytestmark = pytest.mark.gpu
 
-TRITON_KERNELS = ("_act_quant_kernel", "_act_quant_t_kernel", "_fp8_gemm_kernel", "_weight_quant_kernel")
+TRITON_KERNELS = (
+    "_act_quant_kernel",
+    "_act_quant_t_kernel",
+    "_fp8_gemm_kernel",
+    "_weight_quant_kernel",
+)
 
 
 def _compiled() -> dict[str, int]:
     from moeray.kernels import fp8 as kernels
 
     # Triton keeps one compiled kernel per specialization key in device_caches[device][0]
-    return {name: sum(len(c[0]) for c in getattr(kernels, name).device_caches.values())
-            for name in TRITON_KERNELS}
+    return {
+        name: sum(len(c[0]) for c in getattr(kernels, name).device_caches.values())
+        for name in TRITON_KERNELS
+    }
 
 
 def _rel(a, b):
@@ -32,9 +39,11 @@ def test_padded_gemms_match_cpu_emulation(m):
     # small()'s expert down projection: K = 288 is not a multiple of 128 (the Triton route)
     w = torch.randn(1024, 288)
     x, dy = torch.randn(m, 288), torch.randn(m, 1024)
-    for name, gpu, cpu in (("forward", fp8.forward_gemm(x.cuda(), w.cuda()), fp8.forward_gemm(x, w)),
-                           ("dgrad", fp8.dgrad_gemm(dy.cuda(), w.cuda()), fp8.dgrad_gemm(dy, w)),
-                           ("wgrad", fp8.wgrad_gemm(dy.cuda(), x.cuda()), fp8.wgrad_gemm(dy, x))):
+    for name, gpu, cpu in (
+        ("forward", fp8.forward_gemm(x.cuda(), w.cuda()), fp8.forward_gemm(x, w)),
+        ("dgrad", fp8.dgrad_gemm(dy.cuda(), w.cuda()), fp8.dgrad_gemm(dy, w)),
+        ("wgrad", fp8.wgrad_gemm(dy.cuda(), x.cuda()), fp8.wgrad_gemm(dy, x)),
+    ):
         assert gpu.shape == cpu.shape
         # The same quantized values; the GPU's bf16 output and accumulation order differ from the
         # fp32 emulation (m = 1 measured 0.0209 on H200). A wrong pad or scale row gives O(1).
@@ -49,7 +58,9 @@ def test_prewarm_covers_every_token_count():
     before = _compiled()
     assert before["_fp8_gemm_kernel"] > 0, "K = 288 and 1024 x 288 go to the Triton GEMM"
     rng = random.Random(0)
-    for m in [1, 7, 16, 64, 65, 127, 128, 129, 500, 999, 1000] + [rng.randrange(1, 1001) for _ in range(20)]:
+    for m in [1, 7, 16, 64, 65, 127, 128, 129, 500, 999, 1000] + [
+        rng.randrange(1, 1001) for _ in range(20)
+    ]:
         for n, k, _ in weights:
             w = torch.randn(n, k, device=dev)
             x = torch.randn(m, k, device=dev)
@@ -68,8 +79,15 @@ def test_padded_bf16_matmuls_match_unpadded(m):
     bf = torch.bfloat16
     torch.testing.assert_close(P.matmul_forward(x, w, bf), x.to(bf) @ w.to(bf).t())
     torch.testing.assert_close(P.matmul_dgrad(dy.to(bf), w, bf), dy.to(bf) @ w.to(bf))
-    torch.testing.assert_close(P.matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5)
-    assert P.prewarm_matmuls({(1024, 288, torch.float32)}, fp8.padded_row_counts(300), torch.device("cuda"), bf) == 3 * 3
+    torch.testing.assert_close(
+        P.matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5
+    )
+    assert (
+        P.prewarm_matmuls(
+            {(1024, 288, torch.float32)}, fp8.padded_row_counts(300), torch.device("cuda"), bf
+        )
+        == 3 * 3
+    )
 
 
 def test_cached_weights_give_the_same_gemms():
@@ -96,4 +114,3 @@ def test_gemm_pairs_equal_the_single_gemms_on_gpu(m):
     dya, dyb = torch.randn(m, 288, device="cuda"), torch.randn(m, 288, device="cuda")
     dwa, dwb = fp8.wgrad_gemm_pair(dya, dyb, x)
     assert torch.equal(dwa, fp8.wgrad_gemm(dya, x)) and torch.equal(dwb, fp8.wgrad_gemm(dyb, x))
-

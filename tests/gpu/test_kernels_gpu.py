@@ -20,7 +20,11 @@ def _poison(nbytes: int = 1 << 30) -> None:
 def test_quant_kernels_exact_at_real_shapes():
     from moeray.kernels import fp8
 
-    x = torch.randn(4099, 7168, device="cuda", dtype=torch.bfloat16) * torch.rand(4099, 1, device="cuda") * 4
+    x = (
+        torch.randn(4099, 7168, device="cuda", dtype=torch.bfloat16)
+        * torch.rand(4099, 1, device="cuda")
+        * 4
+    )
     _poison()
     q, s = fp8.act_quant(x)
     qr, sr = fp8.act_quant_ref(x)
@@ -69,8 +73,12 @@ def test_native_block_scaled_available_on_hopper():
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("block-scaled _scaled_mm is probed on sm_90 only")
     layout = fp8.native_blockscaled_layout(0, False)
-    print("native block-scaled _scaled_mm b-scale layout:", layout,
-          "| per-row b:", fp8.native_blockscaled_layout(0, True))
+    print(
+        "native block-scaled _scaled_mm b-scale layout:",
+        layout,
+        "| per-row b:",
+        fp8.native_blockscaled_layout(0, True),
+    )
     assert layout is not None
 
 
@@ -125,7 +133,9 @@ def test_mla_decode_real_shapes(heads):
     b, page = len(lens), 64
     max_pages = max(-(-n // page) for n in lens) + 2
     kv = torch.randn(b * max_pages + 5, page, 576, device="cuda", dtype=torch.bfloat16)
-    table = torch.randperm(b * max_pages + 5, device="cuda")[: b * max_pages].view(b, max_pages).int()
+    table = (
+        torch.randperm(b * max_pages + 5, device="cuda")[: b * max_pages].view(b, max_pages).int()
+    )
     seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
     q = torch.randn(b, 3, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
     scale = 192**-0.5

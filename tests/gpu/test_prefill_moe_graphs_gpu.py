@@ -37,8 +37,16 @@ def test_mla_prefill_real_dims(heads):
     assert _rel(out, ref) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
     _poison()  # a second block config: 128 x 128 tiles
-    out2 = mla_prefill(q_nope, q_pe, k_nope, pe, v, cu, scale,
-                       config=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2))
+    out2 = mla_prefill(
+        q_nope,
+        q_pe,
+        k_nope,
+        pe,
+        v,
+        cu,
+        scale,
+        config=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    )
     assert _rel(out2, ref) < 1e-2
 
 
@@ -119,12 +127,22 @@ def test_engine_decode_graphs_capture_and_match_eager():
     model.reset_parameters(seed=3)
     model = model.to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 64, 130, 17, 90)]
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 64, 130, 17, 90)
+    ]
     params = SamplingParams(temperature=0, max_tokens=12)
     outs = {}
     for graphs in (False, True):
-        eng = Engine(model, EngineConfig(page_size=64, num_pages=64, max_model_len=512,
-                                         use_cuda_graphs=graphs, enable_prefix_caching=False))
+        eng = Engine(
+            model,
+            EngineConfig(
+                page_size=64,
+                num_pages=64,
+                max_model_len=512,
+                use_cuda_graphs=graphs,
+                enable_prefix_caching=False,
+            ),
+        )
         outs[graphs] = [o.output_token_ids for o in eng.generate(prompts, params)]
         status = eng.metrics()["cuda_graphs"]
         print(f"use_cuda_graphs={graphs}: cuda_graphs={status!r}")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 # Thread A runs a ~1 s kernel on its stream; thread B then allocates `nbytes` on its own stream and
 # fills it. Returns B's seconds. Source text, so that a fresh interpreter can run it too.
-ALLOC_WHILE_BUSY = textwrap.dedent('''
+ALLOC_WHILE_BUSY = textwrap.dedent("""
     import threading, time
     import torch
 
@@ -51,7 +51,7 @@ ALLOC_WHILE_BUSY = textwrap.dedent('''
         ta.start(), tb.start()
         ta.join(), tb.join()
         return out["b"]
-''')
+""")
 
 
 def _alloc_while_busy(nbytes, sa, sb) -> float:
@@ -71,26 +71,31 @@ def test_reserved_allocation_does_not_wait_for_the_gpu():
     assert large > 3 << 28 and small > 0
     warm_large = _alloc_while_busy(3 << 28, sa, sb)  # carved from sb's reserved block
     warm_small = _alloc_while_busy(1 << 19, sa, sb)  # from one of sb's reserved small-pool segments
-    print(f"\nB's 768 MiB alloc+fill while another stream runs 1 s: {cold * 1e3:.0f} ms cold, "
-          f"{warm_large * 1e3:.1f} ms reserved; 512 KiB reserved {warm_small * 1e3:.1f} ms")
+    print(
+        f"\nB's 768 MiB alloc+fill while another stream runs 1 s: {cold * 1e3:.0f} ms cold, "
+        f"{warm_large * 1e3:.1f} ms reserved; 512 KiB reserved {warm_small * 1e3:.1f} ms"
+    )
     assert warm_large < 0.25 and warm_small < 0.25
     torch.cuda.empty_cache()
 
 
 def test_stream_ordered_allocator_does_not_wait_for_the_gpu():
     # a fresh interpreter: torch picks its allocator at import
-    script = ALLOC_WHILE_BUSY + textwrap.dedent('''
+    script = ALLOC_WHILE_BUSY + textwrap.dedent("""
         assert torch.cuda.get_allocator_backend() == "cudaMallocAsync", torch.cuda.get_allocator_backend()
         sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
         print(alloc_while_busy(3 << 28, sa, sb), alloc_while_busy(5 << 28, sa, sb))
-    ''')
+    """)
     env = {**os.environ, **CUDA_ENV}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = map(float, done.stdout.split()[-2:])
-    print(f"\ncudaMallocAsync: B's 768 MiB alloc+fill while another stream runs 1 s: "
-          f"{first * 1e3:.1f} ms; then 1.25 GiB (pool grows): {second * 1e3:.1f} ms")
+    print(
+        f"\ncudaMallocAsync: B's 768 MiB alloc+fill while another stream runs 1 s: "
+        f"{first * 1e3:.1f} ms; then 1.25 GiB (pool grows): {second * 1e3:.1f} ms"
+    )
     assert first < 0.25 and second < 0.25
 
 

@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 # fp32 Triton dots default to TF32; IEEE keeps the kernel within fp32 rounding of the gather path.
 # Read when a kernel compiles: set at import, before any test of this process compiles one.
@@ -33,10 +35,23 @@ def _generate(model, cfg, attention):
     from moeray.platform.engine.sampler import SamplingParams
 
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 129, 16)]
-    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256,
-                                     attention=attention, enable_prefix_caching=False))
-    outs = [o.output_token_ids for o in eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))]
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 129, 16)
+    ]
+    eng = Engine(
+        model,
+        EngineConfig(
+            page_size=16,
+            num_pages=64,
+            max_model_len=256,
+            attention=attention,
+            enable_prefix_caching=False,
+        ),
+    )
+    outs = [
+        o.output_token_ids
+        for o in eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    ]
     return eng, outs
 
 
@@ -70,8 +85,16 @@ def test_engine_captures_every_decode_graph_at_start():
     torch.manual_seed(0)
     cfg = tiny()
     model = Transformer(cfg).cuda().eval()
-    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_seqs=5,
-                                     graph_batch_sizes=(1, 2, 4, 8, 16), num_speculative_tokens=1))
+    eng = Engine(
+        model,
+        EngineConfig(
+            page_size=16,
+            num_pages=64,
+            max_num_seqs=5,
+            graph_batch_sizes=(1, 2, 4, 8, 16),
+            num_speculative_tokens=1,
+        ),
+    )
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
     assert set(eng.runner.graphs) == want, sorted(eng.runner.graphs)
     assert eng.runner.graph_status == "captured"

@@ -34,8 +34,14 @@ def compiled_check():
         root = Path(__file__).resolve().parents[2]
         path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-        proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         print(proc.stdout, proc.stderr[-4000:])
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], out_name).write_text(proc.stdout + proc.stderr[-4000:])

@@ -22,11 +22,17 @@ def _poison_check(q: torch.Tensor) -> None:
 def test_act_quant_matches_reference(shape, dtype):
     g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
     # Per-row magnitudes over 4 decades, so a scale taken from the wrong group shows up.
-    x = (torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-2] if len(shape) > 1 else 1)
-         .reshape(-1, 1)).to(dtype)
+    x = (
+        torch.randn(shape, generator=g)
+        * torch.logspace(-2, 2, shape[-2] if len(shape) > 1 else 1).reshape(-1, 1)
+    ).to(dtype)
     q, s = fp8.act_quant(x)
     qr, sr = fp8.act_quant_ref(x)
-    assert q.dtype == FP8_DTYPE and q.shape == x.shape and s.shape == (*shape[:-1], -(-shape[-1] // 128))
+    assert (
+        q.dtype == FP8_DTYPE
+        and q.shape == x.shape
+        and s.shape == (*shape[:-1], -(-shape[-1] // 128))
+    )
     torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
     assert torch.equal(q.float(), qr.float())
     # Round trip: 1x128 e4m3 keeps each element within half an e4m3 step (2^-4 relative) of x.
@@ -110,7 +116,11 @@ def test_fp8_gemm_col_major_a_scale_and_strided_b():
 def test_backward_gemms():
     m, n, k = 136, 144, 256
     g = torch.Generator().manual_seed(7)
-    x, w, dy = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+    x, w, dy = (
+        torch.randn(m, k, generator=g),
+        torch.randn(n, k, generator=g),
+        torch.randn(m, n, generator=g),
+    )
     wq, ws = fp8.weight_quant(w)
     dx = fp8.fp8_linear_dgrad(dy, wq, ws, backend="triton")
     assert dx.shape == (m, k)
@@ -121,7 +131,9 @@ def test_backward_gemms():
     # The wgrad GEMM with per-row (1x128) b scales against its reference.
     dyt, dyts = fp8.act_quant_t(dy)
     xt, xts = fp8.act_quant_t(x)
-    assert _rel(fp8.fp8_gemm_triton(dyt, dyts, xt, xts), fp8.fp8_gemm_ref(dyt, dyts, xt, xts)) < 8e-3
+    assert (
+        _rel(fp8.fp8_gemm_triton(dyt, dyts, xt, xts), fp8.fp8_gemm_ref(dyt, dyts, xt, xts)) < 8e-3
+    )
 
 
 def test_input_errors():

@@ -14,8 +14,15 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _cfg(block_m: int, block_n: int, split_m: bool) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=2, SPLIT_M=split_m,
-                num_warps=4, num_stages=1)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=128,
+        GROUP_M=2,
+        SPLIT_M=split_m,
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 def _block_scaled(m: int, n: int, k: int, seed: int):
@@ -37,8 +44,9 @@ SHAPES = [(50, 200, 300), (64, 256, 384), (17, 130, 128)]
 
 
 @pytest.mark.parametrize("mnk", SHAPES)
-@pytest.mark.parametrize("block_m,block_n,split_m", [(32, 32, True), (16, 32, False), (32, 64, True),
-                                                     (16, 256, False)])
+@pytest.mark.parametrize(
+    "block_m,block_n,split_m", [(32, 32, True), (16, 32, False), (32, 64, True), (16, 256, False)]
+)
 def test_gemm_variants_block_scaled(mnk, block_m, block_n, split_m):
     m, n, k = mnk
     xq, xs, wq, ws = _block_scaled(m, n, k, seed=m + n + k)
@@ -82,8 +90,10 @@ def test_config_errors():
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config={**_cfg(16, 32, False), "BLOCK_SIZE_M": 64})
 
 
-@pytest.mark.parametrize("n,k,split_faster_or_tied", [(2112, 7168, False), (24576, 1536, True),
-                                                      (7168, 16384, True), (4096, 7168, True)])
+@pytest.mark.parametrize(
+    "n,k,split_faster_or_tied",
+    [(2112, 7168, False), (24576, 1536, True), (7168, 16384, True), (4096, 7168, True)],
+)
 def test_split_m_choice_matches_h200_sweep(n, k, split_faster_or_tied):
     # H200 (132 SMs), M=4096, ratio to _scaled_mm, 64x128 / split-M: 0.777/0.675, 0.676/0.717,
     # 0.760/0.825, 0.688/0.688 (scripts/fp8_gemm_sweep.py, one run). k does not enter the rule.
@@ -101,14 +111,19 @@ def test_ctas_per_sm_from_registers_and_shared_memory():
     from types import SimpleNamespace
 
     def kernel(regs, shared, warps=4):
-        return SimpleNamespace(n_regs=regs, n_spills=0, metadata=SimpleNamespace(num_warps=warps, shared=shared))
+        return SimpleNamespace(
+            n_regs=regs, n_spills=0, metadata=SimpleNamespace(num_warps=warps, shared=shared)
+        )
 
     # The 64x128 tile on Triton 3.6 (ptxas, sm_90): 167 registers fit 3 CTAs, 177 (the `range`
     # loop) only 2; its 74,248 B of shared memory alone would allow 3.
     assert fp8.ctas_per_sm(kernel(167, 74248)) == dict(
-        regs=167, spills=0, shared=74248, ctas_by_regs=3, ctas_by_smem=3, ctas_per_sm=3)
+        regs=167, spills=0, shared=74248, ctas_by_regs=3, ctas_by_smem=3, ctas_per_sm=3
+    )
     assert fp8.ctas_per_sm(kernel(177, 74248))["ctas_per_sm"] == 2
-    assert fp8.ctas_per_sm(kernel(168, 74248))["ctas_per_sm"] == 3  # registers come in 8s: 168 is the edge
+    assert (
+        fp8.ctas_per_sm(kernel(168, 74248))["ctas_per_sm"] == 3
+    )  # registers come in 8s: 168 is the edge
     # Split-M 128x128: 255 registers x 4 warps -> 2 CTAs; 99 KB of shared memory -> 2 as well.
     assert fp8.ctas_per_sm(kernel(255, 99336))["ctas_per_sm"] == 2
     assert fp8.ctas_per_sm(kernel(64, 150_000))["ctas_by_smem"] == 1

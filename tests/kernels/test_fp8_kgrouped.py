@@ -11,7 +11,10 @@ def _quantized_t(p: int, width: int, seed: int):
     """act_quant_t of a [P, width] activation whose 128-token blocks differ in magnitude, so a
     tile that reads another expert's tokens or scales is off by far more than rounding."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(p, width, generator=g) * torch.logspace(-1, 1, p // 128).repeat_interleave(128)[:, None]
+    x = (
+        torch.randn(p, width, generator=g)
+        * torch.logspace(-1, 1, p // 128).repeat_interleave(128)[:, None]
+    )
     return fp8.act_quant_t(x)
 
 
@@ -33,7 +36,9 @@ def test_kgrouped_gemm_matches_per_expert_gemms(tokens):
     for e, n in enumerate(tokens):
         t, tb = slice(start, start + n), slice(start // 128, (start + n) // 128)
         if n == 0:
-            assert out[e].abs().max() == 0, f"expert {e} has no tokens: its gradient must be exactly 0"
+            assert out[e].abs().max() == 0, (
+                f"expert {e} has no tokens: its gradient must be exactly 0"
+            )
         else:
             want = fp8.fp8_gemm_ref(a[:, t], a_s[:, tb], b[:, t], b_s[:, tb], torch.float32)
             # fp32 sums in another order (per 128-token block, then scaled): ~1e-7 relative; a
@@ -60,7 +65,9 @@ def test_kgrouped_gemm_bf16_output_and_input_errors():
         fp8.fp8_gemm_kgrouped(a, a_s, b, b_s, ends.long())
     with pytest.raises(ValueError, match="out_dtype=torch.float16"):
         fp8.fp8_gemm_kgrouped(a, a_s, b, b_s, ends, out_dtype=torch.float16)
-    empty = fp8.fp8_gemm_kgrouped(a[:, :0], a_s[:, :0], b[:, :0], b_s[:, :0], torch.zeros(2, dtype=torch.int32))
+    empty = fp8.fp8_gemm_kgrouped(
+        a[:, :0], a_s[:, :0], b[:, :0], b_s[:, :0], torch.zeros(2, dtype=torch.int32)
+    )
     assert empty.shape == (2, 64, 32) and empty.abs().max() == 0
     with pytest.raises(ValueError, match="P must match"):
         fp8.fp8_gemm_kgrouped(a, a_s, b[:, :128], b_s[:, :1], ends)

@@ -93,15 +93,24 @@ def test_native_route_only_where_cublas_reads_the_scales_right():
                 read_right = torch.equal(_cublas_blk128_scales(scales), scales)
                 if fp8.native_shape_ok(m, n, k, 128):
                     assert old_rule
-                    assert read_right, f"{name} {gemm} [N={n}, K={k}]: cuBLASLt would misread its scales"
+                    assert read_right, (
+                        f"{name} {gemm} [N={n}, K={k}]: cuBLASLt would misread its scales"
+                    )
                     routed.append(f"{name}.{gemm}")
                 elif old_rule:
                     assert not read_right
                     kept_off.append(f"{name}.{gemm}")
     # The test is not vacuous: most GEMMs keep the fast path, and exactly the ones that broke
     # (K/128 = 3 for q_lora_rank 384, 22 for the dense intermediate 2816) are kept off it.
-    assert {"q_a_proj.fwd", "kv_b_proj.fwd", "expert.gate_up.fwd", "expert.down.dgrad"} <= set(routed)
-    assert set(kept_off) == {"q_b_proj.fwd", "q_a_proj.dgrad", "dense.down.fwd", "dense.gate_up.dgrad"}
+    assert {"q_a_proj.fwd", "kv_b_proj.fwd", "expert.gate_up.fwd", "expert.down.dgrad"} <= set(
+        routed
+    )
+    assert set(kept_off) == {
+        "q_b_proj.fwd",
+        "q_a_proj.dgrad",
+        "dense.down.fwd",
+        "dense.gate_up.dgrad",
+    }
     # The weight-grad GEMM (1x128 b-scales) has no padding rule.
     assert fp8.native_shape_ok(288, 1024, 384, 1)
 

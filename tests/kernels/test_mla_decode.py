@@ -27,8 +27,9 @@ def _rel(out, ref):
 def test_decode_small_dims(num_splits):
     q, kv, table, lens = _paged_case([37, 1, 80, 16], heads=5, r=64, p=16, page=16, seed=1)
     scale = 0.3
-    out, lse = mla_decode(q[:, 0], kv, table, lens, scale, kv_lora_rank=64, num_splits=num_splits,
-                          return_lse=True)
+    out, lse = mla_decode(
+        q[:, 0], kv, table, lens, scale, kv_lora_rank=64, num_splits=num_splits, return_lse=True
+    )
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, scale, kv_lora_rank=64)
     assert out.shape == (4, 5, 64) and out.dtype == torch.bfloat16
     assert _rel(out, ref[:, 0]) < 1e-2
@@ -46,7 +47,9 @@ def test_decode_deepseek_dims():
 
 def test_multi_token_causal():
     q, kv, table, lens = _paged_case([40, 21, 3], heads=3, r=32, p=16, page=16, seed=3, s_q=3)
-    out, lse = mla_decode_multi(q, kv, table, lens, 0.25, kv_lora_rank=32, num_splits=2, return_lse=True)
+    out, lse = mla_decode_multi(
+        q, kv, table, lens, 0.25, kv_lora_rank=32, num_splits=2, return_lse=True
+    )
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.25, kv_lora_rank=32)
     assert out.shape == (3, 3, 3, 32)
     assert _rel(out, ref) < 1e-2
@@ -64,7 +67,9 @@ def test_input_errors():
     with pytest.raises(ValueError, match="block_table has dtype"):
         mla_decode(q[:, 0], kv, table.float(), lens, 0.1, kv_lora_rank=32)
     with pytest.raises(ValueError, match="batch mismatch"):
-        mla_decode(q[:, 0], kv, table, torch.tensor([3, 4], dtype=torch.int32), 0.1, kv_lora_rank=32)
+        mla_decode(
+            q[:, 0], kv, table, torch.tensor([3, 4], dtype=torch.int32), 0.1, kv_lora_rank=32
+        )
     with pytest.raises(ValueError, match="softmax_scale"):
         mla_decode(q[:, 0], kv, table, lens, -1.0, kv_lora_rank=32)
 
@@ -73,7 +78,9 @@ def test_tiny_model_dims_pad_to_dot_minimum():
     # tiny(): 32 latent + 8 rope dims. On a GPU tl.dot needs every dim >= 16, so the kernel pads
     # the rope block to 16 with masked loads; padding must not leak into scores or outputs.
     q, kv, table, lens = _paged_case([70, 5], heads=4, r=32, p=8, page=16, seed=4, s_q=2)
-    out, lse = mla_decode_multi(q, kv, table, lens, 0.3, kv_lora_rank=32, num_splits=2, return_lse=True)
+    out, lse = mla_decode_multi(
+        q, kv, table, lens, 0.3, kv_lora_rank=32, num_splits=2, return_lse=True
+    )
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=32)
     assert out.shape == (2, 2, 4, 32)
     assert _rel(out, ref) < 1e-2

@@ -30,7 +30,9 @@ def _rel(out, ref):
 def test_odd_lengths_match_reference(shared_pe):
     # Lengths straddle the 16-row blocks (1, 15, 16, 17, 50) and include an empty sequence.
     lens = [17, 1, 0, 50, 16, 15]
-    q_nope, q_pe, k_nope, k_pe, v, cu = _case(lens, heads=3, n=32, r=16, v=16, seed=0, shared_pe=shared_pe)
+    q_nope, q_pe, k_nope, k_pe, v, cu = _case(
+        lens, heads=3, n=32, r=16, v=16, seed=0, shared_pe=shared_pe
+    )
     scale = 0.2
     out, lse = mla_prefill(q_nope, q_pe, k_nope, k_pe, v, cu, scale, return_lse=True)
     ref, ref_lse = mla_prefill_ref(q_nope, q_pe, k_nope, k_pe, v, cu, scale)
@@ -42,7 +44,9 @@ def test_odd_lengths_match_reference(shared_pe):
 def test_blocks_of_unequal_size_and_bf16():
     # BLOCK_M = 32 over BLOCK_N = 16: two diagonal key blocks per query block.
     lens = [70, 33, 5]
-    q_nope, q_pe, k_nope, k_pe, v, cu = _case(lens, heads=2, n=16, r=16, v=32, seed=1, dtype=torch.bfloat16)
+    q_nope, q_pe, k_nope, k_pe, v, cu = _case(
+        lens, heads=2, n=16, r=16, v=32, seed=1, dtype=torch.bfloat16
+    )
     cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     out = mla_prefill(q_nope, q_pe, k_nope, k_pe, v, cu, 0.25, config=cfg)
     ref, _ = mla_prefill_ref(q_nope, q_pe, k_nope, k_pe, v, cu, 0.25)
@@ -77,7 +81,8 @@ def test_deepseek_head_dims_and_bshd_views():
     out = mla_prefill_bshd(q_nope, q_pe, k_nope, pe, v, scale)
     kk = torch.cat([k_nope, pe[:, :, None].expand(b, s, h, 64)], -1)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale).transpose(1, 2)
+        q.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    ).transpose(1, 2)
     assert out.shape == (b, s, h, 128)
     assert _rel(out, ref) < 1e-5
 
@@ -93,18 +98,30 @@ def test_input_errors():
     with pytest.raises(ValueError, match="dtype"):
         mla_prefill(q_nope, q_pe, k_nope, k_pe, v.double(), cu, 0.1)
     with pytest.raises(ValueError, match="multiple of BLOCK_N"):
-        mla_prefill(q_nope, q_pe, k_nope, k_pe, v, cu, 0.1,
-                    config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
+        mla_prefill(
+            q_nope,
+            q_pe,
+            k_nope,
+            k_pe,
+            v,
+            cu,
+            0.1,
+            config=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+        )
 
 
 def test_supported_only_for_cuda_pow2_no_grad():
     from moeray.kernels.mla_prefill import mla_prefill_supported
 
     q_nope, q_pe, k_nope, k_pe, v, _ = _case([4], heads=2, n=16, r=16, v=16, seed=5)
-    assert not mla_prefill_supported(q_nope, q_pe, k_nope, k_pe, v)  # CPU tensors: the caller's own path
+    assert not mla_prefill_supported(
+        q_nope, q_pe, k_nope, k_pe, v
+    )  # CPU tensors: the caller's own path
     if torch.cuda.is_available():
         c = [t.cuda() for t in (q_nope, q_pe, k_nope, k_pe, v)]
         assert mla_prefill_supported(*c)
-        assert not mla_prefill_supported(c[0], c[1][..., :8], c[2], c[3][..., :8], c[4])  # rope dim 8
+        assert not mla_prefill_supported(
+            c[0], c[1][..., :8], c[2], c[3][..., :8], c[4]
+        )  # rope dim 8
         with torch.enable_grad():
             assert not mla_prefill_supported(c[0].requires_grad_(), *c[1:])

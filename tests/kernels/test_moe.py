@@ -27,11 +27,15 @@ def _rel(out, ref):
 
 
 def test_moe_align_blocks_and_padding():
-    ids = torch.tensor([[2, 0], [2, 5], [2, 0], [9, 2]], dtype=torch.int32)  # expert 1,3,4 empty; 9 foreign
+    ids = torch.tensor(
+        [[2, 0], [2, 5], [2, 0], [9, 2]], dtype=torch.int32
+    )  # expert 1,3,4 empty; 9 foreign
     sorted_ids, block_expert = moe_align(ids, num_experts=6, block_m=4)
     tk = ids.numel()
     # expert 0: assignments 1, 5; expert 2: 0, 2, 4, 7; expert 5: 3 -> 3 blocks of 4
-    assert block_expert.tolist()[:3] == [0, 2, 5] and all(b == -1 for b in block_expert.tolist()[3:])
+    assert block_expert.tolist()[:3] == [0, 2, 5] and all(
+        b == -1 for b in block_expert.tolist()[3:]
+    )
     assert sorted_ids[:12].tolist() == [1, 5, tk, tk, 0, 2, 4, 7, 3, tk, tk, tk]
     assert (sorted_ids[12:] == tk).all()
 

@@ -13,8 +13,15 @@ from moeray.platform.routing import route, route_torch
 
 # (E, n_group, topk_group, top_k): tiny(), small(), DeepSeek-V3, groups of 4 that are not a power of
 # 2 in number, one group, one-expert groups (group score = top-1), and one 256-wide group.
-COMBOS = [(16, 4, 2, 4), (64, 8, 4, 8), (256, 8, 4, 8), (12, 3, 2, 5), (20, 1, 1, 6), (6, 6, 3, 2),
-          (256, 1, 1, 8)]
+COMBOS = [
+    (16, 4, 2, 4),
+    (64, 8, 4, 8),
+    (256, 8, 4, 8),
+    (12, 3, 2, 5),
+    (20, 1, 1, 6),
+    (6, 6, 3, 2),
+    (256, 1, 1, 8),
+]
 # Under the interpreter the sigmoid uses numpy's exp, torch's CPU sigmoid its own: they differ by
 # at most 1 ulp of values in (0, 1), 1.2e-7 (measured on 1e6 normal logits: 17% differ).
 SCORE_ATOL = 2.5e-7
@@ -33,7 +40,9 @@ def _check(out, ref, t, k, e):
     assert out.weights_TK.shape == (t, k) and out.weights_TK.dtype == torch.float32
     assert out.counts_E.shape == (e,) and out.counts_E.dtype == torch.int64
     assert out.scores_TE.shape == (t, e) and out.scores_TE.dtype == torch.float32
-    assert torch.equal(out.expert_ids_TK.sort(-1).values, ref.expert_ids_TK.sort(-1).values)  # as sets
+    assert torch.equal(
+        out.expert_ids_TK.sort(-1).values, ref.expert_ids_TK.sort(-1).values
+    )  # as sets
     assert torch.equal(out.expert_ids_TK, ref.expert_ids_TK)  # and in descending biased score
     torch.testing.assert_close(out.weights_TK, ref.weights_TK, atol=1e-6, rtol=0)
     assert torch.equal(out.counts_E, ref.counts_E)
@@ -43,7 +52,9 @@ def _check(out, ref, t, k, e):
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "E{}_G{}_TG{}_K{}".format(*c))
 @pytest.mark.parametrize("t", [1, 5, 33])
-@pytest.mark.parametrize("with_bias,norm", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "with_bias,norm", [(True, True), (False, True), (True, False), (False, False)]
+)
 def test_matches_route(combo, t, with_bias, norm):
     e, ng, tg, k = combo
     logits, bias = _case(t, e, seed=e * 1000 + t * 10 + 2 * with_bias + norm, with_bias=with_bias)
@@ -91,7 +102,9 @@ def test_strided_rows_and_empty_batch():
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
     _check(route_fused(view, bias[:64], **kw), route_torch(view, bias[:64], **kw), 5, 8, 64)
     empty = route_fused(torch.empty(0, 64), bias[:64], **kw)
-    assert empty.expert_ids_TK.shape == (0, 8) and torch.equal(empty.counts_E, torch.zeros(64, dtype=torch.int64))
+    assert empty.expert_ids_TK.shape == (0, 8) and torch.equal(
+        empty.counts_E, torch.zeros(64, dtype=torch.int64)
+    )
 
 
 def test_input_errors():
@@ -103,7 +116,9 @@ def test_input_errors():
         route_fused(logits[None], bias, **kw)
     with pytest.raises(ValueError, match="unit stride over experts"):
         route_fused(logits.t().contiguous().t(), bias, **kw)
-    with pytest.raises(ValueError, match=f"512 experts; the fused router supports 1..{MAX_EXPERTS}"):
+    with pytest.raises(
+        ValueError, match=f"512 experts; the fused router supports 1..{MAX_EXPERTS}"
+    ):
         route_fused(torch.randn(2, 512), None, **{**kw, "n_group": 8})
     with pytest.raises(ValueError, match="bias has 15 entries, logits have 16"):
         route_fused(logits, bias[:15], **kw)
@@ -112,9 +127,11 @@ def test_input_errors():
     with pytest.raises(ValueError, match="bias is on meta"):
         route_fused(logits, bias.to("meta"), **kw)
     # The group rules raise route's own messages.
-    for bad, match in ((dict(n_group=3), "n_group=3 must divide"),
-                       (dict(topk_group=5), r"topk_group=5 must be in \[1, n_group=4\]"),
-                       (dict(top_k=9), r"top_k=9 must be in \[1, topk_group\*experts_per_group=8\]")):
+    for bad, match in (
+        (dict(n_group=3), "n_group=3 must divide"),
+        (dict(topk_group=5), r"topk_group=5 must be in \[1, n_group=4\]"),
+        (dict(top_k=9), r"top_k=9 must be in \[1, topk_group\*experts_per_group=8\]"),
+    ):
         with pytest.raises(ValueError, match=match):
             route_fused(logits, bias, **{**kw, **bad})
         with pytest.raises(ValueError, match=match):

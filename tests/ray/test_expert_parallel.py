@@ -50,11 +50,15 @@ def _worker(rank, world, init_file, out_dir):
         x.requires_grad_()
         y = moe(x)
         y.backward(dy)
-        torch.save({
-            "y": y.detach(), "x_grad": x.grad,
-            "grads": {n: p.grad for n, p in moe.named_parameters()},
-            "counts": moe.last_routing.counts_E,
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "y": y.detach(),
+                "x_grad": x.grad,
+                "grads": {n: p.grad for n, p in moe.named_parameters()},
+                "counts": moe.last_routing.counts_E,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -83,6 +87,7 @@ def test_expert_parallel_matches_single_process(tmp_path):
         assert counts[[e for e in range(E) if e // L != r]].sum() > 0
 
     ref = dict(moe.named_parameters())
+
     # Tokens reach an expert in a different order than in the single process, so the fp32 sums
     # behind each weight gradient round differently: bound the error by the gradient's scale.
     def tol(g):

@@ -21,8 +21,13 @@ def _worker(rank, world, init_file, out_dir):
     from moeray.platform.parallel.expert import ExpertParallelMoE
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.manual_seed(0)
         moe = MoE(_config())
@@ -31,17 +36,28 @@ def _worker(rank, world, init_file, out_dir):
         # Experts 0-3 (rank 0's) win every selection: rank 1 receives zero rows.
         moe.gate.e_score_correction_bias.copy_(torch.tensor([10.0] * 4 + [0.0] * 4))
         ep = ExpertParallelMoE(moe, None, rank, world)
-        x = torch.randn(1, 9, _config().hidden_size, generator=torch.Generator().manual_seed(rank),
-                        requires_grad=True)
+        x = torch.randn(
+            1,
+            9,
+            _config().hidden_size,
+            generator=torch.Generator().manual_seed(rank),
+            requires_grad=True,
+        )
         ep(x).square().sum().backward()
-        torch.save({"x_grad": x.grad, "counts": ep.last_routing.counts_E}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"x_grad": x.grad, "counts": ep.last_routing.counts_E},
+            os.path.join(out_dir, f"{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_rank_without_tokens_completes_backward(tmp_path):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path))) for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path)))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_bench import KVBenchConfig, KVBenchPeer, main, make_rows, table, verify
+from moeray.platform.serve.kv_bench import (
+    KVBenchConfig,
+    KVBenchPeer,
+    main,
+    make_rows,
+    table,
+    verify,
+)
 
 
 def test_verify_rejects_rows_a_broken_transport_could_deliver():
@@ -21,7 +28,9 @@ def test_verify_rejects_rows_a_broken_transport_could_deliver():
     cases = {
         "one value": KVRows(5, flipped, good.pe_LTR),
         "previous iteration": KVRows(5, stale.kv_LTC, stale.pe_LTR),
-        "rope rows carrying the kv pattern": KVRows(5, good.kv_LTC, make_rows(L, T, R, R, 5, bf16, torch.device("cpu")).kv_LTC),
+        "rope rows carrying the kv pattern": KVRows(
+            5, good.kv_LTC, make_rows(L, T, R, R, 5, bf16, torch.device("cpu")).kv_LTC
+        ),
         "start": KVRows(6, good.kv_LTC, good.pe_LTR),
         "truncated": KVRows(5, good.kv_LTC[:, :-1], good.pe_LTR[:, :-1]),
         "dtype": KVRows(5, good.kv_LTC.float(), good.pe_LTR.float()),
@@ -30,7 +39,9 @@ def test_verify_rejects_rows_a_broken_transport_could_deliver():
         with pytest.raises(RuntimeError, match="rows"):
             verify(rows, L, T, C, R, 5, bf16, what)
     # The pattern is exact in bf16 (integers 0..255) and differs between iterations.
-    assert torch.equal(good.kv_LTC.float(), good.kv_LTC.float().round()) and good.kv_LTC.max() <= 255
+    assert (
+        torch.equal(good.kv_LTC.float(), good.kv_LTC.float().round()) and good.kv_LTC.max() <= 255
+    )
     assert not torch.equal(good.kv_LTC, stale.kv_LTC)
 
 
@@ -69,13 +80,21 @@ def test_bench_loop_fails_on_a_transport_that_garbles_rows():
 
     honest = asyncio.run(run(_Prefill(prefill)))
     assert honest["verified"] == 4 and len(honest["transfer_s"]) == 3 and honest["early"] == 0
-    with pytest.raises(RuntimeError, match="iteration 2: kv rows differ from those sent in 1 of 3072"):
+    with pytest.raises(
+        RuntimeError, match="iteration 2: kv rows differ from those sent in 1 of 3072"
+    ):
         asyncio.run(run(_Prefill(prefill, garble_seed=2)))
 
 
 def test_bad_config_is_refused():
-    for kw in ({"device": "tpu"}, {"tokens": ()}, {"tokens": (4, 4)}, {"transports": ("carrier_pigeon",)},
-               {"warmup": 0}, {"layers": 0}):
+    for kw in (
+        {"device": "tpu"},
+        {"tokens": ()},
+        {"tokens": (4, 4)},
+        {"transports": ("carrier_pigeon",)},
+        {"warmup": 0},
+        {"layers": 0},
+    ):
         with pytest.raises(ValueError):
             KVBenchConfig(**kw)
 
@@ -83,8 +102,26 @@ def test_bad_config_is_refused():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_kv_bench_all_transports_exact_bytes(ray_local, tmp_path, capsys):
-    rc = main(["--device", "cpu", "--tokens", "3,40", "--layers", "2", "--warmup", "2", "--iters", "3",
-               "--timeout-s", "60", "--out", "kv-test", "--out-dir", str(tmp_path)])
+    rc = main(
+        [
+            "--device",
+            "cpu",
+            "--tokens",
+            "3,40",
+            "--layers",
+            "2",
+            "--warmup",
+            "2",
+            "--iters",
+            "3",
+            "--timeout-s",
+            "60",
+            "--out",
+            "kv-test",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "kv-test.json").read_text())
     assert res["errors"] == {}, res["errors"]
@@ -108,7 +145,9 @@ def test_kv_bench_all_transports_exact_bytes(ray_local, tmp_path, capsys):
             assert 0 <= cell["rows_before_reply"] <= cell["early"] <= cell["iters"]
             if name != "channel":
                 assert cell["early"] == 0  # only the channel receives on the store notice
-            assert res[name]["receive_posted_on"] == ("store notice" if name == "channel" else "reply")
+            assert res[name]["receive_posted_on"] == (
+                "store notice" if name == "channel" else "reply"
+            )
     # The channel's receives are posted on the store notice: the store hop (~0.3 ms on a loaded
     # 2-core VM) beats Ray's reply (~1.4 ms, object_store's time here), so most of its 6 timed
     # transfers end before the reply; one is enough to show the path is live.

@@ -18,14 +18,23 @@ def test_pipeline_job_trains_and_writes_the_model(ray_local, tmp_path):
     from moeray.platform.train.job import run
     from moeray.platform.train.loop import TrainJobConfig
 
-    job = TrainJobConfig.from_dict({
-        "model": "tiny", "name": "pptest", "storage": str(tmp_path), "output": "model",
-        "steps": 4, "log_every": 1, "checkpoint_every": 2, "max_failures": 0, "seed": 3,
-        "router_name": f"router-{tmp_path.name}",
-        "parallel": {"pp": 2, "ep": 1, "dp": 1, "schedule": "dualpipe", "microbatches": 4},
-        "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
-        "optim": {"warmup_steps": 1},
-    })
+    job = TrainJobConfig.from_dict(
+        {
+            "model": "tiny",
+            "name": "pptest",
+            "storage": str(tmp_path),
+            "output": "model",
+            "steps": 4,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "max_failures": 0,
+            "seed": 3,
+            "router_name": f"router-{tmp_path.name}",
+            "parallel": {"pp": 2, "ep": 1, "dp": 1, "schedule": "dualpipe", "microbatches": 4},
+            "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
+            "optim": {"warmup_steps": 1},
+        }
+    )
     out = run(job)
 
     run_dir = tmp_path / "pptest"

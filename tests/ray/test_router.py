@@ -11,8 +11,17 @@ pytestmark = pytest.mark.ray
 
 
 def _config():
-    return R.RouterConfig(layer_ids=(1, 3), n_experts=8, n_group=4, topk_group=2,
-                          num_reporters=2, gamma=0.01, num_physical=12, serve_gpus=4, serve_nodes=2)
+    return R.RouterConfig(
+        layer_ids=(1, 3),
+        n_experts=8,
+        n_group=4,
+        topk_group=2,
+        num_reporters=2,
+        gamma=0.01,
+        num_physical=12,
+        serve_gpus=4,
+        serve_nodes=2,
+    )
 
 
 def test_router_actor_sums_ranks_and_survives_a_kill(ray_local, tmp_path):
@@ -40,7 +49,8 @@ def test_router_actor_sums_ranks_and_survives_a_kill(ray_local, tmp_path):
         expect = R.bias_update(torch.zeros(2, 8), loads[0][0] + loads[0][1], 0.01)
         assert got["step"] == 0 and torch.allclose(got["bias_LE"], expect)
         assert ray.get(router.maxvio.remote()) == pytest.approx(
-            dict(zip((1, 3), R.maxvio(loads[0][0] + loads[0][1]).tolist())))
+            dict(zip((1, 3), R.maxvio(loads[0][0] + loads[0][1]).tolist()))
+        )
 
         # Step 1 fully, step 2 half, then kill the actor: it restarts with all of it.
         ray.get(router.report.remote(1, 1, loads[1][1]))
@@ -63,7 +73,9 @@ def test_router_actor_sums_ranks_and_survives_a_kill(ray_local, tmp_path):
         assert info["step"] == 1 and info["pending_steps"] == [2]
         after = ray.get(router.state_dict.remote())
         assert torch.equal(after["bias_LE"], before["bias_LE"])
-        assert torch.equal(after["placement"]["phy2log_LP"], torch.as_tensor(placement["phy2log_LP"]))
+        assert torch.equal(
+            after["placement"]["phy2log_LP"], torch.as_tensor(placement["phy2log_LP"])
+        )
 
         # Rank 0's step-2 report survived the restart: a retry is not counted twice.
         assert ray.get(router.report.remote(2, 0, loads[2][0]))["counted"] is False

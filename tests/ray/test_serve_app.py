@@ -34,8 +34,12 @@ API_KEY = "sk-test-" + os.urandom(6).hex()
 
 
 def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
@@ -62,22 +66,55 @@ def server(ray_local, model_dir, tmp_path_factory):
 
     port = _free_port()
     f = tmp_path_factory.mktemp("cfg") / "serve.yaml"
-    assert serve_main(["--model", str(model_dir), "--model-id", "tiny", "--decode-replicas", "2",
-                       "--port", str(port), "--kv-transport", "rdt", "--cpus-per-replica", "0.25",
-                       "--write-config", str(f)]) == 0
+    assert (
+        serve_main(
+            [
+                "--model",
+                str(model_dir),
+                "--model-id",
+                "tiny",
+                "--decode-replicas",
+                "2",
+                "--port",
+                str(port),
+                "--kv-transport",
+                "rdt",
+                "--cpus-per-replica",
+                "0.25",
+                "--write-config",
+                str(f),
+            ]
+        )
+        == 0
+    )
     conf = yaml.safe_load(f.read_text())
     (app,) = conf["applications"]
     assert app["import_path"] == "moeray.platform.serve.app:build"
     assert conf["http_options"]["port"] == port and app["args"]["decode_replicas"] == 2
     # A Serve config file is meant for editing: engine sizes that have no flag.
-    app["args"].update(num_pages=64, page_size=16, max_num_batched_tokens=256, max_in_flight=6,
-                       routing_stats_period_s=0.5)
+    app["args"].update(
+        num_pages=64,
+        page_size=16,
+        max_num_batched_tokens=256,
+        max_in_flight=6,
+        routing_stats_period_s=0.5,
+    )
     f.write_text(yaml.safe_dump(conf, sort_keys=False))
     serve_cli = str(Path(sys.executable).with_name("serve"))
-    run = subprocess.run([serve_cli, "run", "--non-blocking", "--address",
-                          ray_local.get_runtime_context().gcs_address, str(f)],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            serve_cli,
+            "run",
+            "--non-blocking",
+            "--address",
+            ray_local.get_runtime_context().gcs_address,
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -103,7 +140,9 @@ def secure(server):
     cfg, url = server
     os.environ["MOERAY_API_KEY"] = API_KEY
     try:
-        start(cfg.replace(mode="colocated", decode_replicas=1), name="secure", route_prefix="/secure")
+        start(
+            cfg.replace(mode="colocated", decode_replicas=1), name="secure", route_prefix="/secure"
+        )
     finally:
         del os.environ["MOERAY_API_KEY"]
     return url + "/secure"
@@ -111,8 +150,12 @@ def secure(server):
 
 def _expected(model_dir, prompt: str, n: int) -> str:
     tok = ServeTokenizer(model_dir)
-    engine = Engine.from_pretrained(model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False))
-    out = engine.generate([tok.encode(prompt)], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=False))
+    engine = Engine.from_pretrained(
+        model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False)
+    )
+    out = engine.generate(
+        [tok.encode(prompt)], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=False)
+    )
     return tok.decode(out[0].output_token_ids)
 
 
@@ -122,8 +165,11 @@ def _decode_stats() -> dict[str, dict]:
     from ray import serve
 
     handle = serve.get_deployment_handle("Decode", app_name="moeray")
-    ids = [a["name"].rsplit("#", 1)[-1] for a in ray.util.list_named_actors(all_namespaces=True)
-           if "#Decode#" in a["name"] and "moeray" in a["name"]]
+    ids = [
+        a["name"].rsplit("#", 1)[-1]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "#Decode#" in a["name"] and "moeray" in a["name"]
+    ]
     assert len(ids) == 2, ids
     return {rid: handle.stats.remote(replica=rid).result(timeout_s=30) for rid in ids}
 
@@ -136,12 +182,21 @@ def test_completions_through_prefill_and_decode(server, model_dir):
     assert r.choices[0].text == _expected(model_dir, prompt, 12)
     assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
 
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
 
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert chat.choices[0].message.role == "assistant"
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -154,7 +209,9 @@ def test_kv_moved_over_rdt_and_prefix_affinity_sends_only_missing_pages(server):
     prompt = list(range(40, 40 + 53))  # 3 full pages of 16 + 5 tokens
     ids = []
     for _ in range(3):
-        status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2})
+        status, body, _ = _post(
+            url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2}
+        )
         assert status == 200
         ids.append(body["id"])
         time.sleep(0.6)  # a routing-stats period
@@ -177,20 +234,36 @@ def test_busy_decode_replica_is_avoided(server):
     """Most free KV pages: while a long request holds pages on one replica, the next goes to the other."""
     cfg, url = server
     conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
-    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
-                 body=json.dumps({"model": "tiny", "prompt": list(range(100, 200)), "max_tokens": 600,
-                                  "ignore_eos": True, "stream": True}))
+    conn.request(
+        "POST",
+        "/v1/completions",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps(
+            {
+                "model": "tiny",
+                "prompt": list(range(100, 200)),
+                "max_tokens": 600,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        ),
+    )
     resp = conn.getresponse()
-    first = json.loads(resp.readline()[len(b"data: "):])
+    first = json.loads(resp.readline()[len(b"data: ") :])
     time.sleep(1.2)  # two routing-stats periods: the busy replica's report shows its pages used
-    status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": list(range(200, 240)),
-                                                      "max_tokens": 2})
+    status, body, _ = _post(
+        url + "/v1/completions", {"model": "tiny", "prompt": list(range(200, 240)), "max_tokens": 2}
+    )
     stats = _decode_stats()
     conn.close()
     assert status == 200
 
     def owner(req_id):
-        return [rid for rid, st in stats.items() if any(t["request_id"].startswith(req_id) for t in st["transfers"])]
+        return [
+            rid
+            for rid, st in stats.items()
+            if any(t["request_id"].startswith(req_id) for t in st["transfers"])
+        ]
 
     long_on, short_on = owner(first["id"]), owner(body["id"])
     assert len(long_on) == 1 and len(short_on) == 1 and long_on != short_on
@@ -199,11 +272,17 @@ def test_busy_decode_replica_is_avoided(server):
 
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(server):
     cfg, url = server
-    status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"})
+    status, body, _ = _post(
+        url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}
+    )
     assert status == 400 and body["error"]["param"] == "max_tokens"
-    status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": "x " * 5000, "max_tokens": 4})
+    status, body, _ = _post(
+        url + "/v1/completions", {"model": "tiny", "prompt": "x " * 5000, "max_tokens": 4}
+    )
     assert status == 400 and "context" in body["error"]["message"]
-    status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3})
+    status, body, _ = _post(
+        url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3}
+    )
     assert status == 200 and body["usage"]["completion_tokens"] <= 3
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
@@ -217,9 +296,20 @@ def test_full_queues_answer_429_with_retry_after_then_serve_again(server):
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(n)]
 
     def go(i: int) -> None:
-        conns[i].request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
-                         body=json.dumps({"model": "tiny", "prompt": [50 + i] * 20, "max_tokens": 500,
-                                          "ignore_eos": True, "stream": True}))
+        conns[i].request(
+            "POST",
+            "/v1/completions",
+            headers={"Content-Type": "application/json"},
+            body=json.dumps(
+                {
+                    "model": "tiny",
+                    "prompt": [50 + i] * 20,
+                    "max_tokens": 500,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            ),
+        )
         r = conns[i].getresponse()
         results[i] = (r.status, r.getheader("Retry-After"))
         if r.status == 200:
@@ -237,7 +327,9 @@ def test_full_queues_answer_429_with_retry_after_then_serve_again(server):
     assert all(int(ra) >= 1 for s, ra in results if s == 429)
     deadline = time.monotonic() + 60
     while True:  # slots come back once the disconnects are noticed
-        status, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3})
+        status, body, _ = _post(
+            url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3}
+        )
         if status == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -259,9 +351,21 @@ def test_disconnect_mid_stream_frees_decode_pages(server):
     time.sleep(0.5)
     idle = {rid: st["free_pages"] for rid, st in _decode_stats().items()}
     conn = http.client.HTTPConnection(cfg.host, cfg.port, timeout=60)
-    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
-                 body=json.dumps({"model": "tiny", "prompt": "class Point:", "max_tokens": 500,
-                                  "stream": True, "temperature": 0, "ignore_eos": True}))
+    conn.request(
+        "POST",
+        "/v1/completions",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps(
+            {
+                "model": "tiny",
+                "prompt": "class Point:",
+                "max_tokens": 500,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+        ),
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     for _ in range(3):
@@ -289,11 +393,18 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
     prom_port = _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ray\n    static_configs:\n"
-        f"      - targets: ['{target}']\n")
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        f"      - targets: ['{target}']\n"
+    )
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def query(q: str) -> float | None:
         u = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
@@ -304,10 +415,12 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
             return None
         return sum(float(s["value"][1]) for s in res) if res else None
 
-    want = {"ttft": 'sum(ray_moeray_ttft_seconds_count{model="tiny"})',
-            "kv_bytes": 'sum(ray_moeray_kv_transfer_bytes_total{transport="rdt"})',
-            "kv_seconds": 'sum(ray_moeray_kv_transfer_seconds_count{transport="rdt"})',
-            "pages": 'count(ray_moeray_kv_pages_free{deployment="decode"})'}
+    want = {
+        "ttft": 'sum(ray_moeray_ttft_seconds_count{model="tiny"})',
+        "kv_bytes": 'sum(ray_moeray_kv_transfer_bytes_total{transport="rdt"})',
+        "kv_seconds": 'sum(ray_moeray_kv_transfer_seconds_count{transport="rdt"})',
+        "pages": 'count(ray_moeray_kv_pages_free{deployment="decode"})',
+    }
     got: dict[str, float | None] = {}
     try:
         deadline = time.monotonic() + 60  # Ray exports every ~10 s
@@ -332,9 +445,11 @@ def _decode_replica_actors() -> dict[str, tuple[str, str]]:
     """Replica id -> (actor name, namespace) of every live Decode replica of the P/D app."""
     import ray
 
-    return {a["name"].rsplit("#", 1)[-1]: (a["name"], a["namespace"])
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if "#Decode#" in a["name"] and "moeray" in a["name"]}
+    return {
+        a["name"].rsplit("#", 1)[-1]: (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "#Decode#" in a["name"] and "moeray" in a["name"]
+    }
 
 
 def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, model_dir):
@@ -346,14 +461,28 @@ def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, mode
     assert len(before) == 2, before
     port = int(url.rsplit(":", 1)[1])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
-    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
-                 body=json.dumps({"model": "tiny", "prompt": "import os", "max_tokens": 400,
-                                  "ignore_eos": True, "stream": True}))
+    conn.request(
+        "POST",
+        "/v1/completions",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps(
+            {
+                "model": "tiny",
+                "prompt": "import os",
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        ),
+    )
     resp = conn.getresponse()
     assert resp.status == 200
-    first = json.loads(resp.readline()[len(b"data: "):])
-    owner = [rid for rid, st in _decode_stats().items()
-             if any(t["request_id"].startswith(first["id"]) for t in st["transfers"])]
+    first = json.loads(resp.readline()[len(b"data: ") :])
+    owner = [
+        rid
+        for rid, st in _decode_stats().items()
+        if any(t["request_id"].startswith(first["id"]) for t in st["transfers"])
+    ]
     assert len(owner) == 1, owner
     name, namespace = before[owner[0]]
     ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
@@ -379,10 +508,18 @@ def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, mode
     for i in range(4):  # new requests, spread over both replicas (the new one included)
         while True:
             try:
-                r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                r = client.completions.create(
+                    model="tiny", prompt=prompt, max_tokens=8, temperature=0
+                )
                 break
-            except openai.APIStatusError as e:  # the new replica may still be starting: 5xx/429, retried
-                assert e.status_code >= 429 and time.monotonic() < deadline, (i, e.status_code, str(e))
+            except (
+                openai.APIStatusError
+            ) as e:  # the new replica may still be starting: 5xx/429, retried
+                assert e.status_code >= 429 and time.monotonic() < deadline, (
+                    i,
+                    e.status_code,
+                    str(e),
+                )
                 time.sleep(1.0)
         assert r.choices[0].text == want
     stats = _decode_stats()  # both replicas answer, the new one included

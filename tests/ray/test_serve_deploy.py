@@ -53,8 +53,12 @@ def _get_json(url: str) -> dict | None:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
@@ -109,20 +113,42 @@ def cluster():
     dash_port = _free_port()
     # Every port explicit: the defaults (client server 10001, agent 52365) would collide with
     # another local cluster. OS-picked free ports lie outside Ray's worker range 10002-19999.
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", tmp,
-           "--port", str(_free_port()), "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash_port), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        tmp,
+        "--port",
+        str(_free_port()),
+        "--include-dashboard=true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash_port),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--disable-usage-stats",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     log = open(Path(tmp) / "head.log", "w+")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    head = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     url = f"http://127.0.0.1:{dash_port}"
     try:
         deadline = time.monotonic() + 60  # ~20 s here
         while _get_json(url + "/api/version") is None:
             if head.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                pytest.skip(f"the Ray dashboard did not start on this machine: {log.read()[-1500:]}")
+                pytest.skip(
+                    f"the Ray dashboard did not start on this machine: {log.read()[-1500:]}"
+                )
             time.sleep(0.5)
         yield url, env, Path(tmp)
     finally:
@@ -144,20 +170,46 @@ def deployed(cluster, model_dir):
     dash, env, tmp = cluster
     port = _free_port()
     f = tmp / "serve.yaml"
-    assert serve_main(["--model", str(model_dir), "--model-id", "tiny", "--port", str(port),
-                       "--cpus-per-replica", "0.25", "--write-config", str(f)]) == 0
+    assert (
+        serve_main(
+            [
+                "--model",
+                str(model_dir),
+                "--model-id",
+                "tiny",
+                "--port",
+                str(port),
+                "--cpus-per-replica",
+                "0.25",
+                "--write-config",
+                str(f),
+            ]
+        )
+        == 0
+    )
     conf = yaml.safe_load(f.read_text())
     (app,) = conf["applications"]
-    app["args"].update(max_num_seqs=1, max_waiting=1, max_in_flight=64, num_pages=64, page_size=16,
-                       max_num_batched_tokens=256)
+    app["args"].update(
+        max_num_seqs=1,
+        max_waiting=1,
+        max_in_flight=64,
+        num_pages=64,
+        page_size=16,
+        max_num_batched_tokens=256,
+    )
     f.write_text(yaml.safe_dump(conf, sort_keys=False))
     # /api/version answers before the dashboard's Serve module (a subprocess of its own) does.
     deadline = time.monotonic() + 60
     while _get_json(dash + "/api/serve/applications/") is None:
         assert time.monotonic() < deadline, "the dashboard's Serve REST API never answered"
         time.sleep(0.5)
-    run = subprocess.run([str(BIN / "serve"), "deploy", str(f), "--address", dash],
-                         capture_output=True, text=True, timeout=120, env=env)
+    run = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(f), "--address", dash],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     deadline = time.monotonic() + 120  # ~20 s here: build the app, start 3 replicas, load the model
     while True:
@@ -175,14 +227,21 @@ def test_serve_deploy_runs_the_written_config(deployed, model_dir):
     args, url, status = deployed
     assert status["deployed_app_config"]["import_path"] == "moeray.platform.serve.app:build"
     assert {k: v["status"] for k, v in status["deployments"].items()} == {
-        "Prefill": "HEALTHY", "Decode": "HEALTHY", "Ingress": "HEALTHY"}
+        "Prefill": "HEALTHY",
+        "Decode": "HEALTHY",
+        "Ingress": "HEALTHY",
+    }
     prompt = "def add(a, b):"
-    code, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 9,
-                                                     "temperature": 0})
+    code, body, _ = _post(
+        url + "/v1/completions",
+        {"model": "tiny", "prompt": prompt, "max_tokens": 9, "temperature": 0},
+    )
     assert code == 200, body
     # The deployed app ran this directory's weights: greedy text equals an in-process engine's.
     tok = ServeTokenizer(model_dir)
-    engine = Engine.from_pretrained(model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False))
+    engine = Engine.from_pretrained(
+        model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False)
+    )
     out = engine.generate([tok.encode(prompt)], SamplingParams(temperature=0.0, max_tokens=9))
     assert body["choices"][0]["text"] == tok.decode(out[0].output_token_ids)
     assert body["usage"]["prompt_tokens"] == len(tok.encode(prompt))
@@ -193,8 +252,14 @@ class _Call:
 
     def __init__(self, port: int, prompt: list[int], max_tokens: int) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
-        self.body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                     "stream": True, "stream_options": {"include_usage": True}}
+        self.body = {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         self.status: int | None = None
         self.retry_after: str | None = None
         self.error: dict | None = None
@@ -206,8 +271,12 @@ class _Call:
 
     def _run(self) -> None:
         try:
-            self.conn.request("POST", "/v1/completions", body=json.dumps(self.body),
-                              headers={"Content-Type": "application/json"})
+            self.conn.request(
+                "POST",
+                "/v1/completions",
+                body=json.dumps(self.body),
+                headers={"Content-Type": "application/json"},
+            )
             r = self.conn.getresponse()
             self.status, self.retry_after = r.status, r.getheader("Retry-After")
             self.answered.set()
@@ -216,7 +285,7 @@ class _Call:
                 return
             for line in r:
                 if line.startswith(b"data: {"):
-                    chunk = json.loads(line[len(b"data: "):])
+                    chunk = json.loads(line[len(b"data: ") :])
                     for choice in chunk["choices"]:
                         self.finish_reason = choice["finish_reason"] or self.finish_reason
                     if chunk.get("usage"):
@@ -251,8 +320,12 @@ def _full_queue_checks(args: dict, url: str) -> None:
         assert rejected, [c.status for c in extra]
         for c in rejected:
             assert int(c.retry_after) >= 1
-            assert c.error["type"] == "rate_limit_error" and c.error["code"] == "rate_limit_exceeded"
-            assert "Traceback" not in c.error["message"] and "ray::" not in c.error["message"], c.error
+            assert (
+                c.error["type"] == "rate_limit_error" and c.error["code"] == "rate_limit_exceeded"
+            )
+            assert "Traceback" not in c.error["message"] and "ray::" not in c.error["message"], (
+                c.error
+            )
         # The long request and the one that waited behind it both finish.
         long.thread.join(60)
         assert long.finish_reason == "length" and long.tokens == 300
@@ -261,5 +334,7 @@ def _full_queue_checks(args: dict, url: str) -> None:
     finally:
         for c in [long, waiter, *extra]:
             c.conn.close()
-    code, body, _ = _post(url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3})
+    code, body, _ = _post(
+        url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3}
+    )
     assert code == 200 and body["usage"]["completion_tokens"] >= 1

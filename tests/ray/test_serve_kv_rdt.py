@@ -27,7 +27,7 @@ def test_rdt_relay_pair_moves_rows_exactly_then_fails_loudly_without_its_relay(r
         assert all(isinstance(t, RDTTicket) and t.nbytes == r.nbytes for t, r in zip(tickets, rows))
         got = await asyncio.gather(*[recv.receive(t) for t in tickets])
         assert len(send._pairs) == 1  # one relay pair per decode replica, set up once
-        (src, dst, _name), = send._pairs.values()
+        ((src, dst, _name),) = send._pairs.values()
         ray_local.kill(dst)
         with pytest.raises(ray_local.exceptions.RayActorError):
             t = await send.send("dead", rows[0], ep)
@@ -39,7 +39,7 @@ def test_rdt_relay_pair_moves_rows_exactly_then_fails_loudly_without_its_relay(r
         assert not send._pairs
         again = await recv.receive(await send.send("again", rows[1], ep))  # ... and a new one works
         assert torch.equal(again.kv_LTC, rows[1].kv_LTC)
-        (src2, dst2, _name), = send._pairs.values()
+        ((src2, dst2, _name),) = send._pairs.values()
         assert src2 is not src
         with pytest.raises(ray_local.exceptions.RayActorError):  # the orphaned src relay was killed
             await src.ping.remote()

@@ -15,14 +15,24 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     from moeray.platform.train.job import run
     from moeray.platform.train.loop import TrainJobConfig
 
-    job = TrainJobConfig.from_dict({
-        "model": "tiny", "name": "killtest", "storage": str(tmp_path), "output": "model",
-        "steps": 8, "log_every": 1, "checkpoint_every": 3, "max_failures": 2,
-        "kill_at_step": 5, "kill_rank": 1, "router_name": f"router-{tmp_path.name}",
-        "parallel": {"pp": 1, "ep": 2, "dp": 1},
-        "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
-        "optim": {"warmup_steps": 2},
-    })
+    job = TrainJobConfig.from_dict(
+        {
+            "model": "tiny",
+            "name": "killtest",
+            "storage": str(tmp_path),
+            "output": "model",
+            "steps": 8,
+            "log_every": 1,
+            "checkpoint_every": 3,
+            "max_failures": 2,
+            "kill_at_step": 5,
+            "kill_rank": 1,
+            "router_name": f"router-{tmp_path.name}",
+            "parallel": {"pp": 1, "ep": 2, "dp": 1},
+            "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
+            "optim": {"warmup_steps": 2},
+        }
+    )
     out = run(job)
 
     run_dir = tmp_path / "killtest"

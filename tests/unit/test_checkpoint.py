@@ -11,7 +11,7 @@ from moeray.platform.model.transformer import Transformer
 
 # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 per element (half an ulp); block
 # scaling puts the largest element of each block at 448, so small elements lose more.
-E4M3_REL = 2 ** -4
+E4M3_REL = 2**-4
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,14 @@ def test_round_trip_is_exact_with_sharding_and_index(tiny_model, tmp_path):
     assert len(shards) > 1 and all((tmp_path / s).exists() for s in shards)
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in index["weight_map"]
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in index["weight_map"]
-    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
+    for name in (
+        "enorm",
+        "hnorm",
+        "eh_proj",
+        "shared_head.norm",
+        "shared_head.head",
+        "embed_tokens",
+    ):
         assert f"model.layers.3.{name}.weight" in index["weight_map"], name
     _, loaded = load_model(tmp_path)
     for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
@@ -44,8 +51,10 @@ def test_block_quantization_error_and_odd_shapes(shape):
     back = dequantize_fp8_blocks(q, s)
     err = (back - w).abs()
     # Per element: half an ulp of e4m3 at the element's binade, or the subnormal step of its block.
-    block_amax = s.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., : shape[-2], : shape[-1]] * 448
-    bound = torch.maximum(w.abs() * E4M3_REL, block_amax / 448 * 2 ** -9)
+    block_amax = (
+        s.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., : shape[-2], : shape[-1]] * 448
+    )
+    bound = torch.maximum(w.abs() * E4M3_REL, block_amax / 448 * 2**-9)
     assert bool((err <= bound * 1.0001).all())
     assert float((back - w).norm() / w.norm()) < 0.04
     with pytest.raises(ValueError, match="scale_inv shape"):
@@ -61,7 +70,9 @@ def test_fp8_save_load_dequantized_and_kept(tiny_model, tmp_path):
         tensors.update(load_file(str(f)))
     assert tensors["model.layers.0.self_attn.q_a_proj.weight"].dtype == FP8
     assert tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].dtype == torch.float32
-    assert tensors["model.embed_tokens.weight"].dtype == torch.float32  # embedding, head, gate, norms stay
+    assert (
+        tensors["model.embed_tokens.weight"].dtype == torch.float32
+    )  # embedding, head, gate, norms stay
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32
 
     # Seeded, and 256 tokens: with the global RNG and 22 tokens the error depended on which tests
@@ -112,4 +123,6 @@ def test_tokenizer_files_are_written(tiny_model, tmp_path):
     save_model(tiny_model, tiny(), tmp_path, tokenizer=tok)
     assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab()["b"] == 1
     with pytest.raises(ValueError, match="no tokenizer files"):
-        save_model(tiny_model, tiny(), tmp_path / "x", tokenizer=tmp_path / "empty_dir_that_is_missing")
+        save_model(
+            tiny_model, tiny(), tmp_path / "x", tokenizer=tmp_path / "empty_dir_that_is_missing"
+        )

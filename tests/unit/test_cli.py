@@ -20,13 +20,17 @@ def test_unknown_command_is_an_error(capsys):
 
 
 def test_import_starts_neither_torch_nor_ray():
-    code = ("import sys, moeray, moeray.cli; "
-            "bad = [m for m in ('torch', 'ray', 'triton') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, moeray, moeray.cli; "
+        "bad = [m for m in ('torch', 'ray', 'triton') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_console_script_help():
-    r = subprocess.run([sys.executable, "-m", "moeray.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "moeray.cli", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "dashboards" in r.stdout

@@ -13,24 +13,47 @@ def test_v3_numbers_match_reference():
     assert c.kv_cache_bytes_per_token == 70272
     assert c.qk_head_dim == 192
     # YaRN factor 40, mscale_all_dim 1: softmax scale = 192^-0.5 * (0.1 ln 40 + 1)^2
-    assert c.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * 3.6888794541139363 + 1) ** 2)
+    assert c.softmax_scale == pytest.approx(192**-0.5 * (0.1 * 3.6888794541139363 + 1) ** 2)
 
 
 def test_small_is_half_to_one_billion_and_keeps_v3_latent():
     c = small()
     assert 0.5e9 <= c.num_parameters(include_mtp=True) <= 1.0e9
-    assert (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (512, 64, 128, 128)
+    assert (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (
+        512,
+        64,
+        128,
+        128,
+    )
 
 
 def test_official_config_json_round_trip():
     official = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "hidden_size": 7168, "num_hidden_layers": 61, "n_routed_experts": 256, "n_group": 8,
-        "topk_group": 4, "kv_lora_rank": 512, "num_nextn_predict_layers": 1, "rope_theta": 10000,
-        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [128, 128]},
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "n_routed_experts": 256,
+        "n_group": 8,
+        "topk_group": 4,
+        "kv_lora_rank": 512,
+        "num_nextn_predict_layers": 1,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
         "some_unknown_field": 3,
     }
     c = ModelConfig.from_hf(official)
@@ -54,16 +77,22 @@ def test_from_hf_directory(tmp_path):
         ModelConfig.from_hf(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"n_group": 5}, "n_group=5"),
-    ({"topk_group": 9, "n_group": 4}, "topk_group=9"),
-    ({"num_experts_per_tok": 100}, "num_experts_per_tok=100"),
-    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
-    ({"hidden_size": 0}, "hidden_size=0"),
-    ({"qk_rope_head_dim": 7}, "qk_rope_head_dim=7"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "'dynamic'"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}, r"\[64, 64\]"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"n_group": 5}, "n_group=5"),
+        ({"topk_group": 9, "n_group": 4}, "topk_group=9"),
+        ({"num_experts_per_tok": 100}, "num_experts_per_tok=100"),
+        ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ({"hidden_size": 0}, "hidden_size=0"),
+        ({"qk_rope_head_dim": 7}, "qk_rope_head_dim=7"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "'dynamic'"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+            r"\[64, 64\]",
+        ),
+    ],
+)
 def test_bad_config_names_the_value(change, match):
     with pytest.raises(ValueError, match=match):
         tiny().replace(**change)

@@ -62,7 +62,8 @@ def test_every_metric_has_a_panel_and_every_query_names_a_real_series():
 
 def test_committed_dashboards_are_up_to_date(capsys):
     assert D.generate(REPO / "dashboards", check=True) == [], (
-        "dashboards/ is stale: run `moeray dashboards generate`")
+        "dashboards/ is stale: run `moeray dashboards generate`"
+    )
     assert D.main(["generate", "--check", "--out", str(REPO / "dashboards")]) == 0
 
 
@@ -74,12 +75,16 @@ def test_generate_writes_and_check_detects_drift(tmp_path):
     assert D.generate(tmp_path) == ["moeray-router.json"]
     dash = json.loads((tmp_path / "moeray-serving.json").read_text())
     assert dash == json.loads(json.dumps(D.build_dashboard("moeray-serving")))
-    assert "url: http://prometheus:9090" in (
-        tmp_path / "provisioning/datasources/moeray.yaml").read_text()
+    assert (
+        "url: http://prometheus:9090"
+        in (tmp_path / "provisioning/datasources/moeray.yaml").read_text()
+    )
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="`prometheus` binary not installed "
-                    "(`make test` installs the Debian package)")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="`prometheus` binary not installed (`make test` installs the Debian package)",
+)
 def test_real_prometheus_evaluates_every_panel_query(tmp_path):
     """Metrics exported by prometheus_client, renamed to Ray's `ray_` names by Prometheus
     relabeling; every panel expression must parse, and the TTFT and KV panels must show the
@@ -113,23 +118,37 @@ def test_real_prometheus_evaluates_every_panel_query(tmp_path):
         f"    static_configs:\n      - targets: ['{target}']\n"
         "    metric_relabel_configs:\n"
         "      - source_labels: [__name__]\n        regex: '(moeray_.*)'\n"
-        "        target_label: __name__\n        replacement: 'ray_$1'\n")
+        "        target_label: __name__\n        replacement: 'ray_$1'\n"
+    )
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def query(expr: str) -> dict:
-        expr = expr.replace("$__rate_interval", "5s").replace("$model", ".*").replace("$layer", ".*")
-        url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        expr = (
+            expr.replace("$__rate_interval", "5s").replace("$model", ".*").replace("$layer", ".*")
+        )
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
         try:
             with urllib.request.urlopen(url, timeout=3) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:  # 400 bad_data: a PromQL syntax error
             return json.loads(e.read())
 
-    ttft_p50 = next(e for e in _exprs(D.build_dashboard("moeray-serving"))
-                    if e.startswith("histogram_quantile(0.5,") and "ttft" in e)
+    ttft_p50 = next(
+        e
+        for e in _exprs(D.build_dashboard("moeray-serving"))
+        if e.startswith("histogram_quantile(0.5,") and "ttft" in e
+    )
     try:
         deadline = time.monotonic() + 40
         values: list = []
@@ -186,7 +205,7 @@ class _GrafanaAPI(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.auth.append(self.headers.get("Authorization", ""))
         uid = self.path.removeprefix("/api/folders/")
         if self.path.startswith("/api/folders/") and uid in self.folders:
@@ -194,7 +213,7 @@ class _GrafanaAPI(BaseHTTPRequestHandler):
         else:
             self._reply(404, {"message": "folder not found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.auth.append(self.headers.get("Authorization", ""))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/api/folders":
@@ -220,8 +239,10 @@ def test_push_uses_the_grafana_http_api():
         assert set(_GrafanaAPI.folders) == {"moeray"}
         posted = _GrafanaAPI.dashboards
         assert [p["dashboard"]["uid"] for p in posted] == list(D.DASHBOARDS)
-        assert all(p["overwrite"] and p["folderUid"] == "moeray" and p["dashboard"]["id"] is None
-                   for p in posted)
+        assert all(
+            p["overwrite"] and p["folderUid"] == "moeray" and p["dashboard"]["id"] is None
+            for p in posted
+        )
         assert posted[0]["dashboard"]["panels"] == D.build_dashboard("moeray-serving")["panels"]
         assert set(_GrafanaAPI.auth) == {"Bearer glsa_test"}
         assert D.push(url, "glsa_test") == list(D.DASHBOARDS)  # folder exists now: no re-create

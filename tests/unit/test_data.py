@@ -33,7 +33,9 @@ def test_tokenizer_special_tokens_and_byte_roundtrip(tok):
     assert tok.token_to_id(data.BOS_TOKEN) == 0 and tok.token_to_id(data.EOS_TOKEN) == 1
     rng = random.Random(3)
     # arbitrary unicode (incl. characters never seen in training) must survive: byte level, no <unk>
-    alphabet = "abc XYZ\t\n()[]{}:=é✓漢😀\u00a0" + "".join(chr(rng.randrange(32, 0x3000)) for _ in range(50))
+    alphabet = "abc XYZ\t\n()[]{}:=é✓漢😀\u00a0" + "".join(
+        chr(rng.randrange(32, 0x3000)) for _ in range(50)
+    )
     for _ in range(20):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 200)))
         ids = tok.encode(s, add_special_tokens=False).ids
@@ -64,7 +66,10 @@ def test_corpus_by_path(tmp_path):
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     assert data.corpus_texts(tmp_path) == ["first document", "second", "third"]
     assert data.corpus_texts(tmp_path / "sub" / "b.jsonl") == ["second", "third"]
-    assert data.corpus_texts(tmp_path, max_bytes=len("first document") + 6) == ["first document", "second"]
+    assert data.corpus_texts(tmp_path, max_bytes=len("first document") + 6) == [
+        "first document",
+        "second",
+    ]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match="text"):
         data.corpus_texts(tmp_path / "bad.jsonl")

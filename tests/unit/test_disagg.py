@@ -20,8 +20,12 @@ def model():
 
 
 def _engine(model, **kw):
-    return Engine(model, EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=64,
-                                      use_cuda_graphs=False, **kw))
+    return Engine(
+        model,
+        EngineConfig(
+            num_pages=64, page_size=16, max_num_batched_tokens=64, use_cuda_graphs=False, **kw
+        ),
+    )
 
 
 def _run(engine, rid):
@@ -36,8 +40,9 @@ def _run(engine, rid):
 
 
 def _prefill(prefill, prompt, start, rid="p"):
-    prefill.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, logprobs=2), rid,
-                        export_kv_from=start)
+    prefill.add_request(
+        prompt, SamplingParams(temperature=0.0, max_tokens=1, logprobs=2), rid, export_kv_from=start
+    )
     toks, out = _run(prefill, rid)
     assert out.kv_export is not None and out.kv_export.start == start
     return toks[0], out
@@ -52,7 +57,9 @@ def test_pd_equals_colocated_and_sends_only_missing_rows(model):
     first, pout = _prefill(prefill, prompt, 0)
     rows = pout.kv_export
     assert rows.num_tokens == 45 and rows.kv_LTC.shape[0] == tiny().num_hidden_layers
-    o = decode.add_prefilled_request(prompt, first, rows, GREEDY, "d", first_logprobs=pout.logprobs[0])
+    o = decode.add_prefilled_request(
+        prompt, first, rows, GREEDY, "d", first_logprobs=pout.logprobs[0]
+    )
     assert o is not None and o.new_token_ids == [first]
     rest, final = _run(decode, "d")
     assert [first] + rest == colocated.output_token_ids

@@ -33,9 +33,10 @@ def setup(tmp_path_factory):
     ref = []
     with torch.no_grad():
         for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                              do_sample=False)
-            ref.append(out[0, len(p):].tolist())
+            out = hf.generate(
+                torch.tensor([p]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False
+            )
+            ref.append(out[0, len(p) :].tolist())
     return cfg, model, path, prompts, ref
 
 
@@ -55,7 +56,10 @@ def test_greedy_matches_hf_generate_mixed_batch(setup):
     assert outs[-1].num_cached_tokens == 32  # the shared two pages came from the prefix cache
     # ... and loading the same directory through from_pretrained gives the same
     eng2 = Engine.from_pretrained(path, EngineConfig(page_size=16, num_pages=64))
-    assert [o.output_token_ids for o in eng2.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=N_NEW))] == ref[:2]
+    assert [
+        o.output_token_ids
+        for o in eng2.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=N_NEW))
+    ] == ref[:2]
 
 
 def test_preemption_and_staggered_arrivals_match_hf(setup):
@@ -79,8 +83,10 @@ def test_preemption_and_staggered_arrivals_match_hf(setup):
 
 def test_results_do_not_depend_on_batch(setup):
     cfg, model, path, prompts, ref = setup
-    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=10 + i, max_tokens=N_NEW, logprobs=2)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.95, seed=10 + i, max_tokens=N_NEW, logprobs=2)
+        for i in range(len(prompts))
+    ]
     together = engine(model).generate(prompts, params)
     for i in (0, 3):
         alone = engine(model).generate([prompts[i]], [params[i]])[0]
@@ -132,7 +138,9 @@ def test_mtp_with_sampling_and_verify_rule(setup):
     p = torch.softmax(logits[0], -1)
     d2 = int(p.argsort()[-2])
     g = torch.Generator().manual_seed(1)
-    acc = sum(verify(logits, [d2], SamplingParams(temperature=1.0), g)[0][0] == d2 for _ in range(2000))
+    acc = sum(
+        verify(logits, [d2], SamplingParams(temperature=1.0), g)[0][0] == d2 for _ in range(2000)
+    )
     expect = float(p[d2])
     assert abs(acc / 2000 - expect) < 4.5 * (expect * (1 - expect) / 2000) ** 0.5 + 1e-3
 
@@ -154,17 +162,45 @@ def test_bench_cpu_path(tmp_path, monkeypatch):
     from moeray.platform.engine import bench
 
     monkeypatch.setenv("MOERAY_RESULTS_DIR", str(tmp_path))
-    rc = bench.main(["--preset", "tiny", "--layers", "1", "--batch-sizes", "1,4", "--prompt-len", "24",
-                     "--decode-tokens", "4", "--prefill-batch", "2", "--mtp-train-steps", "5",
-                     "--out-dir", str(tmp_path)])
+    rc = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--layers",
+            "1",
+            "--batch-sizes",
+            "1,4",
+            "--prompt-len",
+            "24",
+            "--decode-tokens",
+            "4",
+            "--prefill-batch",
+            "2",
+            "--mtp-train-steps",
+            "5",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     files = list(tmp_path.glob("engine-*.json"))
     assert len(files) == 1
     r = json.loads(files[0].read_text())
-    for key in ("device", "date", "command", "decode_tokens_per_s", "hf_generate_tokens_per_s",
-                "roofline_fraction", "mtp_acceptance", "mtp_speedup", "prefill_tokens_per_s"):
+    for key in (
+        "device",
+        "date",
+        "command",
+        "decode_tokens_per_s",
+        "hf_generate_tokens_per_s",
+        "roofline_fraction",
+        "mtp_acceptance",
+        "mtp_speedup",
+        "prefill_tokens_per_s",
+    ):
         assert key in r, key
-    assert set(r["decode_tokens_per_s"]) == {"1", "4"} and all(v > 0 for v in r["decode_tokens_per_s"].values())
+    assert set(r["decode_tokens_per_s"]) == {"1", "4"} and all(
+        v > 0 for v in r["decode_tokens_per_s"].values()
+    )
     assert 0 <= r["mtp_acceptance"] <= 1
 
 
@@ -195,7 +231,9 @@ def test_batched_greedy_targets_and_mtp_forward_checks(setup):
     greedy = SamplingParams(temperature=0)
     for lg, t in zip([logits[0], logits[2]], [targets[0], targets[2]]):
         for d in (t[0], (t[0] + 1) % V):
-            assert verify(lg, [d], greedy, torch.Generator(), t) == verify(lg, [d], greedy, torch.Generator())
+            assert verify(lg, [d], greedy, torch.Generator(), t) == verify(
+                lg, [d], greedy, torch.Generator()
+            )
     with pytest.raises(ValueError, match="greedy targets"):
         verify(logits[0], [1], greedy, torch.Generator(), targets[1])
     eng = engine(model, num_speculative_tokens=1)
@@ -204,8 +242,13 @@ def test_batched_greedy_targets_and_mtp_forward_checks(setup):
     bt = eng.runner._tables_by_id([rid])
     ids = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match=r"hidden_BSD \[B=1, S=2"):
-        eng.runner.forward_group(ids, bt, torch.tensor([0]), mtp_module=model.mtp[0],
-                                 hidden_BSD=torch.zeros(1, 1, cfg.hidden_size))
+        eng.runner.forward_group(
+            ids,
+            bt,
+            torch.tensor([0]),
+            mtp_module=model.mtp[0],
+            hidden_BSD=torch.zeros(1, 1, cfg.hidden_size),
+        )
     with pytest.raises(ValueError, match="2 hidden rows for 1 next tokens"):
         eng.runner.execute_mtp(model.mtp[0], [(rid, 0, torch.zeros(2, cfg.hidden_size), [1])])
     assert eng.runner.graph_status == "off" and not eng.runner.graphs
@@ -223,8 +266,14 @@ def _count_forwards(eng):
         return fg(ids_BS, *a, **kw)
 
     def execute(seqs):
-        log.append({"decode": all(s.is_decode for s in seqs), "S": [s.num_tokens for s in seqs],
-                    "mtp_m": [], "forwards": []})
+        log.append(
+            {
+                "decode": all(s.is_decode for s in seqs),
+                "S": [s.num_tokens for s in seqs],
+                "mtp_m": [],
+                "forwards": [],
+            }
+        )
         return ex(seqs)
 
     def execute_mtp(module, items):
@@ -297,8 +346,10 @@ def test_padded_row_writes_scratch_not_unowned_pages(setup):
     cfg, model, path, prompts, ref = setup
     eng = engine(model, num_speculative_tokens=1)
     g = torch.Generator().manual_seed(7)
-    a = eng.add_request(torch.randint(0, V, (15,), generator=g).tolist(),
-                        SamplingParams(temperature=0, max_tokens=2))
+    a = eng.add_request(
+        torch.randint(0, V, (15,), generator=g).tolist(),
+        SamplingParams(temperature=0, max_tokens=2),
+    )
     b = eng.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=N_NEW))
     eng.step()  # prefill both; a samples token 16 (position 15) and has no room for a draft
     ra, rb = eng.scheduler.requests[a], eng.scheduler.requests[b]
@@ -310,8 +361,11 @@ def test_padded_row_writes_scratch_not_unowned_pages(setup):
     log = _count_forwards(eng)
     eng.step()
     assert log[-1]["S"] == [1, 2] and ("main", 2, 2) in log[-1]["forwards"]
-    changed = {p for p in range(eng.storage.kv_LPNK.shape[1])
-               if not torch.equal(before[:, p], eng.storage.kv_LPNK[:, p])}
+    changed = {
+        p
+        for p in range(eng.storage.kv_LPNK.shape[1])
+        if not torch.equal(before[:, p], eng.storage.kv_LPNK[:, p])
+    }
     scratch = eng.runner.scratch_page
     assert scratch in changed and changed <= owned | {scratch}, (changed, owned, scratch)
     # on a's own page only its real position 15 was written (a padded write routed to the row's
@@ -342,8 +396,14 @@ def test_capture_graphs_covers_every_padded_batch_up_to_max_num_seqs(setup):
     runner._graph_for = graph_for
     runner.capture_graphs(5, model.mtp[0], torch.bfloat16)
     assert modes == {(True, False)}
-    assert sorted(asked) == sorted((b, s, k, None if k == "main" else torch.bfloat16)
-                                   for b in (1, 2, 4, 8) for s in (1, 2) for k in ("main", "mtp"))
+    assert sorted(asked) == sorted(
+        (b, s, k, None if k == "main" else torch.bfloat16)
+        for b in (1, 2, 4, 8)
+        for s in (1, 2)
+        for k in ("main", "mtp")
+    )
     asked.clear()
     runner.capture_graphs(300)  # beyond the largest size: all sizes, main only
-    assert sorted(asked) == sorted((b, s, "main", None) for b in (1, 2, 4, 8, 16, 32) for s in (1, 2))
+    assert sorted(asked) == sorted(
+        (b, s, "main", None) for b in (1, 2, 4, 8, 16, 32) for s in (1, 2)
+    )

@@ -27,8 +27,13 @@ def test_placed_layers_spread_hot_experts_and_keep_outputs():
     with torch.no_grad():
         ref = model(ids)
     loads_LE = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float()
-    placement = place_experts(loads_LE, num_physical=c.n_routed_experts + GPUS,
-                                      num_groups=c.n_group, num_nodes=1, num_gpus=GPUS)
+    placement = place_experts(
+        loads_LE,
+        num_physical=c.n_routed_experts + GPUS,
+        num_groups=c.n_group,
+        num_nodes=1,
+        num_gpus=GPUS,
+    )
     assert int(placement.logcnt_LE[:, 5].min()) >= 2  # the hot expert got replicas
 
     placed = apply_placement(model, placement)

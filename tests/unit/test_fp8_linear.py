@@ -33,11 +33,13 @@ def test_quantizers_within_e4m3_bounds(M, K):
     wq = fp8.qdq_128x128(w)
     for i in range(0, K, 128):
         for j in range(0, M, 128):
-            blk, qblk = w[i:i + 128, j:j + 128], wq[i:i + 128, j:j + 128]
+            blk, qblk = w[i : i + 128, j : j + 128], wq[i : i + 128, j : j + 128]
             assert _elementwise_ok(blk, qblk, blk.abs().max() / 448)
     # the largest element of each group is exactly representable after scaling (amax -> 448)
     row = x[0, :128]
-    assert fp8.qdq_1x128(row[None])[0].abs().max() == pytest.approx(row.abs().max().item(), rel=1e-6)
+    assert fp8.qdq_1x128(row[None])[0].abs().max() == pytest.approx(
+        row.abs().max().item(), rel=1e-6
+    )
 
 
 def test_quantizers_match_the_kernel_references():
@@ -79,7 +81,11 @@ def test_fp8_linear_forward_backward(shape):
     ref_y = x2.double() @ w.detach().double().t() + bias.detach().double()
     ref_dx = dy2.double() @ w.detach().double()
     ref_dw = dy2.double().t() @ x2.double()
-    for got, ref in ((y.detach().reshape(-1, N), ref_y), (x.grad.reshape(-1, K), ref_dx), (w.grad, ref_dw)):
+    for got, ref in (
+        (y.detach().reshape(-1, N), ref_y),
+        (x.grad.reshape(-1, K), ref_dx),
+        (w.grad, ref_dw),
+    ):
         assert 0.01 < _rel(got, ref) < 0.045
 
     # a wrong scale breaks that bound: amax/600 clips the top of every group (a wrong e4m3 max)
@@ -115,11 +121,16 @@ def test_enable_fp8_training_on_the_tiny_model():
     assert {n: id(p) for n, p in model.named_parameters()} == params_before  # same Parameters
     assert "model.layers.0.self_attn.q_a_proj" in converted
     assert "model.layers.0.mlp.down_proj" in converted  # dense layer
-    assert "model.layers.1.mlp.experts" in converted and "model.layers.1.mlp.shared_experts.up_proj" in converted
+    assert (
+        "model.layers.1.mlp.experts" in converted
+        and "model.layers.1.mlp.shared_experts.up_proj" in converted
+    )
     assert "mtp.0.block.self_attn.o_proj" in converted
     for kept in ("lm_head", "model.embed_tokens", "model.layers.1.mlp.gate", "mtp.0.eh_proj"):
         assert not any(c == kept or c.startswith(kept + ".") for c in converted)
-    assert isinstance(model.lm_head, torch.nn.Linear) and type(model.mtp[0].eh_proj) is torch.nn.Linear
+    assert (
+        isinstance(model.lm_head, torch.nn.Linear) and type(model.mtp[0].eh_proj) is torch.nn.Linear
+    )
 
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
 
@@ -147,14 +158,20 @@ def test_weight_cache_reuses_until_the_weight_changes():
     assert cache.get(stacked[1]) is first  # same expert, unchanged: no new quantization
     assert cache.get(stacked[2]) is not first  # another expert's slice
     x = torch.randn(5, 128)
-    torch.testing.assert_close(fp8.forward_gemm(x, stacked[1], first), fp8.forward_gemm(x, stacked[1]))
+    torch.testing.assert_close(
+        fp8.forward_gemm(x, stacked[1], first), fp8.forward_gemm(x, stacked[1])
+    )
     with torch.no_grad():  # an optimizer step: in place, the version counter moves
         stacked.mul_(2)
     again = cache.get(stacked[1])
     assert again is not first
-    torch.testing.assert_close(fp8.forward_gemm(x, stacked[1], again), fp8.forward_gemm(x, stacked[1]))
+    torch.testing.assert_close(
+        fp8.forward_gemm(x, stacked[1], again), fp8.forward_gemm(x, stacked[1])
+    )
     dy = torch.randn(5, 256)
-    torch.testing.assert_close(fp8.dgrad_gemm(dy, stacked[1], again), fp8.dgrad_gemm(dy, stacked[1]))
+    torch.testing.assert_close(
+        fp8.dgrad_gemm(dy, stacked[1], again), fp8.dgrad_gemm(dy, stacked[1])
+    )
 
 
 def test_gemm_pairs_equal_the_single_gemms():
@@ -168,4 +185,3 @@ def test_gemm_pairs_equal_the_single_gemms():
     dwa, dwb = fp8.wgrad_gemm_pair(dya, dyb, x)
     torch.testing.assert_close(dwa, fp8.wgrad_gemm(dya, x))
     torch.testing.assert_close(dwb, fp8.wgrad_gemm(dyb, x))
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 DASHBOARD_PORTS = {8265, 52365}
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_schema(kind: str) -> dict:
     # libyaml when available: the three CRDs are 3.3 MB, ~5 s each with the pure-Python loader
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -75,9 +78,13 @@ def validate(doc: dict) -> None:
 
 def cluster_specs() -> list[tuple[str, dict]]:
     out = [(f"RayCluster/{d['metadata']['name']}", d["spec"]) for d in by_kind("RayCluster")]
-    out += [(f"RayJob/{d['metadata']['name']}", d["spec"]["rayClusterSpec"]) for d in by_kind("RayJob")]
-    out += [(f"RayService/{d['metadata']['name']}", d["spec"]["rayClusterConfig"])
-            for d in by_kind("RayService")]
+    out += [
+        (f"RayJob/{d['metadata']['name']}", d["spec"]["rayClusterSpec"]) for d in by_kind("RayJob")
+    ]
+    out += [
+        (f"RayService/{d['metadata']['name']}", d["spec"]["rayClusterConfig"])
+        for d in by_kind("RayService")
+    ]
     return out
 
 
@@ -118,8 +125,11 @@ def test_validation_can_fail():
 def test_dashboard_is_never_exposed():
     for name, spec in cluster_specs():
         head = spec["headGroupSpec"]
-        ports = {p["containerPort"] for c in head["template"]["spec"]["containers"]
-                 for p in c.get("ports", [])}
+        ports = {
+            p["containerPort"]
+            for c in head["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         if name.startswith("RayService"):
             # the operator must reach it in-cluster; the network policy admits only the operator
             assert head.get("serviceType", "ClusterIP") == "ClusterIP", name
@@ -139,7 +149,8 @@ def test_dashboard_is_never_exposed():
         if ports & DASHBOARD_PORTS:
             (src,) = rule["from"]
             assert src["namespaceSelector"]["matchLabels"] == {
-                "kubernetes.io/metadata.name": "kuberay-system"}
+                "kubernetes.io/metadata.name": "kuberay-system"
+            }
     labels = policy["spec"]["podSelector"]["matchLabels"]
     for name, spec in cluster_specs():
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
@@ -151,7 +162,10 @@ def test_training_job_matches_the_train_config():
     (job,) = by_kind("RayJob")
     assert job["spec"]["entrypoint"] == "moeray train --config configs/train/tiny.yaml"
     assert job["spec"]["submissionMode"] == "SidecarMode"
-    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert (
+        job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"]
+        == "Never"
+    )
     cfg = yaml.safe_load((REPO / "configs/train/tiny.yaml").read_text())
     par = cfg["parallel"]
     world = par["pp"] * par["ep"] * par["dp"]
@@ -174,11 +188,14 @@ def test_rayservice_serve_config_parses_into_serve_config():
     assert app["import_path"] == "moeray.platform.serve.app:build"
     cfg = ServeConfig.from_dict(app["args"])
     assert "api_key" not in app["args"]  # the key comes from a Secret, never from the manifest
-    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["replicas"]
-               for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-               for c in g["template"]["spec"]["containers"])
-    need = cfg.gpus_per_replica * (cfg.prefill_replicas + cfg.decode_replicas
-                                   if cfg.mode == "pd" else cfg.decode_replicas)
+    gpus = sum(
+        int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["replicas"]
+        for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    )
+    need = cfg.gpus_per_replica * (
+        cfg.prefill_replicas + cfg.decode_replicas if cfg.mode == "pd" else cfg.decode_replicas
+    )
     assert need <= gpus, (need, gpus)
     assert serve["http_options"]["port"] == 8000
     for _, spec in cluster_specs():
@@ -195,10 +212,15 @@ def test_monitoring_scrapes_the_metrics_port(tmp_path):
     assert ep["port"] == "metrics"
     for name, spec in cluster_specs():
         for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-            assert pm["spec"]["selector"]["matchLabels"].items() <= \
-                g["template"]["metadata"]["labels"].items()
-            ports = {p["name"]: p["containerPort"] for c in g["template"]["spec"]["containers"]
-                     for p in c.get("ports", [])}
+            assert (
+                pm["spec"]["selector"]["matchLabels"].items()
+                <= g["template"]["metadata"]["labels"].items()
+            )
+            ports = {
+                p["name"]: p["containerPort"]
+                for c in g["template"]["spec"]["containers"]
+                for p in c.get("ports", [])
+            }
             assert ports.get("metrics") == 8080, name
     (cm,) = by_kind("ConfigMap")
     prom = cm["data"]["prometheus.yml"]
@@ -208,13 +230,22 @@ def test_monitoring_scrapes_the_metrics_port(tmp_path):
     # Debian builds Prometheus without Kubernetes service discovery; check everything else
     # (relabel rules, intervals) with the discovery swapped for a static target.
     conf = yaml.safe_load(prom)
-    probe = subprocess.run(["promtool", "check", "config", "/dev/stdin"], input=prom,
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        ["promtool", "check", "config", "/dev/stdin"],
+        input=prom,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if "kubernetes_sd_configs not found" in probe.stdout + probe.stderr:
         for job in conf["scrape_configs"]:
             job["static_configs"] = [{"targets": ["127.0.0.1:8080"]}]
             del job["kubernetes_sd_configs"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(conf))
-    r = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -34,10 +34,21 @@ def test_every_section_row_becomes_records_with_the_issue_fields():
     run = _recorded_run()
     recs = flat_results(run)
     assert all(KEYS <= r.keys() for r in recs)
-    assert {r["kernel"] for r in recs if r["kernel"].startswith("route")} == {"route_fused (CUDA graph)"}
+    assert {r["kernel"] for r in recs if r["kernel"].startswith("route")} == {
+        "route_fused (CUDA graph)"
+    }
     kernels = {r["kernel"] for r in recs}
-    assert {"act_quant", "weight_quant", "fp8_gemm", "fp8_gemm_triton", "fused_moe_bf16", "fused_moe_fp8",
-            "mla_decode", "mla_decode (CUDA graph)", "mla_prefill_triton"} <= kernels
+    assert {
+        "act_quant",
+        "weight_quant",
+        "fp8_gemm",
+        "fp8_gemm_triton",
+        "fused_moe_bf16",
+        "fused_moe_fp8",
+        "mla_decode",
+        "mla_decode (CUDA graph)",
+        "mla_prefill_triton",
+    } <= kernels
     # fp8_gemm rows: 8 (M, N, K) x (auto + Triton) x 2 baselines, plus dgrad and wgrad.
     gemm = [r for r in recs if r["kernel"] in ("fp8_gemm", "fp8_gemm_triton")]
     assert len(gemm) == 32
@@ -52,10 +63,21 @@ def test_ratios_come_from_the_row_they_describe():
     tri = recs[("fp8_gemm_triton", "M4096 N2112 K7168", "torch._scaled_mm block-scaled")]
     assert tri["ratio_to_baseline"] == row["triton_ratio_vs_scaled_mm"]
     assert tri["time_us"] == round(row["triton_ms"] * 1e3, 2)
-    assert tri["ratio_to_ceiling"] == round(row["triton_TFLOPs"] / run["ceilings"]["fp8_matmul_TFLOPs"], 3)
-    moe = next(r for r in run["fused_moe"] if r["kernel"] == "fused_moe_fp8" and r["phase"] == "decode")
-    rec = next(r for r in recs.values() if r["kernel"] == "fused_moe_fp8" and r["shape"].startswith("decode"))
-    assert (rec["ratio_to_baseline"], rec["ratio_to_ceiling"]) == (moe["speedup_vs_loop"], moe["frac_of_floor"])
+    assert tri["ratio_to_ceiling"] == round(
+        row["triton_TFLOPs"] / run["ceilings"]["fp8_matmul_TFLOPs"], 3
+    )
+    moe = next(
+        r for r in run["fused_moe"] if r["kernel"] == "fused_moe_fp8" and r["phase"] == "decode"
+    )
+    rec = next(
+        r
+        for r in recs.values()
+        if r["kernel"] == "fused_moe_fp8" and r["shape"].startswith("decode")
+    )
+    assert (rec["ratio_to_baseline"], rec["ratio_to_ceiling"]) == (
+        moe["speedup_vs_loop"],
+        moe["frac_of_floor"],
+    )
 
 
 def test_targets_are_judged_against_the_issue_thresholds():
@@ -65,18 +87,35 @@ def test_targets_are_judged_against_the_issue_thresholds():
     assert len(targeted) == 17
     assert all(r["meets_target"] for r in targeted)  # this H100 run met every target
     mla = next(r for r in targeted if r["kernel"] == "mla_decode (CUDA graph)")
-    assert mla["shape"].startswith("H16 B64 ctx4096 splits=auto") and mla["target"] == {"ratio_to_ceiling": 0.7}
+    assert mla["shape"].startswith("H16 B64 ctx4096 splits=auto") and mla["target"] == {
+        "ratio_to_ceiling": 0.7
+    }
     # The H200 run before the register fix: the Triton GEMM at N2112 K7168 was 0.608x of _scaled_mm.
     old = [r for r in flat_results(_h200_run()) if "target" in r]
-    missed = [(r["kernel"], r["shape"], r["ratio_to_baseline"]) for r in old if not r["meets_target"]]
+    missed = [
+        (r["kernel"], r["shape"], r["ratio_to_baseline"]) for r in old if not r["meets_target"]
+    ]
     assert missed == [("fp8_gemm_triton", "M4096 N2112 K7168", 0.608)]
 
 
 def test_a_missing_number_fails_its_target():
-    run = {"ceilings": {"copy_TBps": 3.0, "bf16_matmul_TFLOPs": 700.0, "fp8_matmul_TFLOPs": 1200.0},
-           "fp8_gemm": [{"kernel": "fp8_gemm", "M": 4096, "N": 2112, "K": 7168, "ms": 0.12, "TFLOPs": 1000.0,
-                         "speedup_vs_bf16": 1.5, "triton_ms": 0.2, "triton_TFLOPs": 600.0,
-                         "triton_speedup_vs_bf16": 0.9}]}  # no native block-scaled _scaled_mm here
+    run = {
+        "ceilings": {"copy_TBps": 3.0, "bf16_matmul_TFLOPs": 700.0, "fp8_matmul_TFLOPs": 1200.0},
+        "fp8_gemm": [
+            {
+                "kernel": "fp8_gemm",
+                "M": 4096,
+                "N": 2112,
+                "K": 7168,
+                "ms": 0.12,
+                "TFLOPs": 1000.0,
+                "speedup_vs_bf16": 1.5,
+                "triton_ms": 0.2,
+                "triton_TFLOPs": 600.0,
+                "triton_speedup_vs_bf16": 0.9,
+            }
+        ],
+    }  # no native block-scaled _scaled_mm here
     recs = flat_results(run)
     assert [r["baseline"] for r in recs] == ["torch.matmul bf16", "torch.matmul bf16"]
     assert recs[0]["meets_target"] is True and "target" not in recs[1]

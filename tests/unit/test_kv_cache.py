@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from moeray.platform.engine.kv_cache import (
-    CacheShape, KVCacheManager, PagedKVStorage, PagePool, device_budget_bytes, hash_page,
-    num_pages_for_budget, page_hashes)
+    CacheShape,
+    KVCacheManager,
+    PagedKVStorage,
+    PagePool,
+    device_budget_bytes,
+    hash_page,
+    num_pages_for_budget,
+    page_hashes,
+)
 
 
 def test_v3_bytes_per_token_and_budget():
@@ -26,6 +33,7 @@ def test_v3_bytes_per_token_and_budget():
 def test_from_model_config_counts_mtp_layers():
     class Cfg:
         num_hidden_layers, kv_lora_rank, qk_rope_head_dim, num_nextn_predict_layers = 3, 32, 8, 1
+
     s = CacheShape.from_model_config(Cfg, dtype_bytes=4)
     assert (s.num_layers, s.values_per_token, s.bytes_per_token) == (4, 40, 4 * 40 * 4)
     assert CacheShape.from_model_config(Cfg, include_mtp=False).num_layers == 3
@@ -100,7 +108,10 @@ def test_uncomputed_pages_are_not_shared():
     kv.commit("a", prompt, 4)
     assert kv.match_length(prompt) == 4
     kv.commit("b", prompt, 8)  # b computed the same page 0: duplicate stays private
-    assert kv.tables["b"].hashes and kv.pool.lookup(kv.tables["b"].hashes[0]) == kv.tables["a"].pages[0]
+    assert (
+        kv.tables["b"].hashes
+        and kv.pool.lookup(kv.tables["b"].hashes[0]) == kv.tables["a"].pages[0]
+    )
     assert kv.match_length(prompt) == 8  # page 1 registered from b
 
 
@@ -150,7 +161,9 @@ def test_random_workload_keeps_refcounts_consistent():
             kv.free(sid)
             del live[sid]
         else:
-            toks = rng.choice(bases)[:rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(rng.randrange(6))]
+            toks = rng.choice(bases)[: rng.randrange(1, 13)] + [
+                rng.randrange(50) for _ in range(rng.randrange(6))
+            ]
             if not toks:
                 continue
             sid = f"s{step}"
@@ -170,7 +183,7 @@ def test_random_workload_keeps_refcounts_consistent():
         # shared pages hold the same tokens: equal hashes at equal page index
         for sid, toks in live.items():
             t = kv.tables[sid]
-            assert t.hashes == page_hashes(toks, 4)[:len(t.hashes)]
+            assert t.hashes == page_hashes(toks, 4)[: len(t.hashes)]
 
 
 def test_storage_write_read_roundtrip():

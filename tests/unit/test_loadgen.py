@@ -17,7 +17,8 @@ import pytest
 from moeray.platform.serve import bench as B
 
 _spec = importlib.util.spec_from_file_location(
-    "moeray_test_openai_server", Path(__file__).with_name("test_openai_schemas.py"))
+    "moeray_test_openai_server", Path(__file__).with_name("test_openai_schemas.py")
+)
 srv = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = srv  # dataclasses look their module up while the class is created
 _spec.loader.exec_module(srv)
@@ -54,15 +55,30 @@ def test_length_distributions():
     n = B.LengthDist.parse("normal:5:20", max_len=12)
     zs = [n.sample(rng) for _ in range(1000)]
     assert min(zs) == 1 and max(zs) == 12  # clipped to [1, max_len]
-    for bad in ("", "x", "0", "uniform:9:3", "uniform:0:3", "poisson:3:4", "normal:5", "normal:a:b",
-                "lognormal:-1:1"):
+    for bad in (
+        "",
+        "x",
+        "0",
+        "uniform:9:3",
+        "uniform:0:3",
+        "poisson:3:4",
+        "normal:5",
+        "normal:a:b",
+        "lognormal:-1:1",
+    ):
         with pytest.raises(ValueError):
             B.LengthDist.parse(bad)
 
 
 def test_make_requests_is_deterministic_and_exact():
-    cfg = B.BenchConfig(model="tiny", num_requests=30, input_len=B.LengthDist.parse("uniform:5:50"),
-                        output_len=B.LengthDist.parse("uniform:1:9"), token_range=(97, 123), seed=4)
+    cfg = B.BenchConfig(
+        model="tiny",
+        num_requests=30,
+        input_len=B.LengthDist.parse("uniform:5:50"),
+        output_len=B.LengthDist.parse("uniform:1:9"),
+        token_range=(97, 123),
+        seed=4,
+    )
     a, b = B.make_requests(cfg), B.make_requests(cfg)
     assert [x for x, _ in a] == [x for x, _ in b]
     for body, rec in a:
@@ -80,9 +96,15 @@ def test_make_requests_is_deterministic_and_exact():
 def test_fixed_concurrency_timings_and_goodput():
     engine = CountingEngine(delay_s=0.01, steps=(1,))
     _, app = srv.make_server(engine)
-    cfg = B.BenchConfig(model="tiny", num_requests=16, concurrency=4,
-                        input_len=B.LengthDist.parse("uniform:4:20"),
-                        output_len=B.LengthDist.parse("6"), token_range=(97, 123), seed=1)
+    cfg = B.BenchConfig(
+        model="tiny",
+        num_requests=16,
+        concurrency=4,
+        input_len=B.LengthDist.parse("uniform:4:20"),
+        output_len=B.LengthDist.parse("6"),
+        token_range=(97, 123),
+        seed=1,
+    )
     with srv.serve_app(app) as url:
         records, wall = B.asyncio.run(B.run_load(url, cfg))
     assert all(r.ok for r in records), [r.error for r in records]
@@ -103,16 +125,24 @@ def test_fixed_concurrency_timings_and_goodput():
     tight = B.summarize(records, wall, B.BenchConfig(model="tiny", ttft_slo_ms=1.0))
     assert tight["goodput"] == 0 and tight["slo_attainment"] == 0
     median_tpot = statistics.median(r.tpot_s for r in records) * 1000
-    half = B.summarize(records, wall, B.BenchConfig(model="tiny", ttft_slo_ms=loose_ttft,
-                                                    tpot_slo_ms=median_tpot))
+    half = B.summarize(
+        records, wall, B.BenchConfig(model="tiny", ttft_slo_ms=loose_ttft, tpot_slo_ms=median_tpot)
+    )
     assert half["goodput"] * wall == sum(r.tpot_s * 1000 <= median_tpot for r in records)
 
 
 def test_poisson_arrivals_and_429():
     engine = CountingEngine(delay_s=0.005, steps=(1, 2))
     _, app = srv.make_server(engine, max_in_flight=2)
-    cfg = B.BenchConfig(model="tiny", num_requests=24, rate=40.0, output_len=B.LengthDist("fixed", 4),
-                        input_len=B.LengthDist("fixed", 8), token_range=(97, 123), seed=2)
+    cfg = B.BenchConfig(
+        model="tiny",
+        num_requests=24,
+        rate=40.0,
+        output_len=B.LengthDist("fixed", 4),
+        input_len=B.LengthDist("fixed", 8),
+        token_range=(97, 123),
+        seed=2,
+    )
     with srv.serve_app(app) as url:
         records, wall = B.asyncio.run(B.run_load(url, cfg))
     starts = sorted(r.start for r in records)
@@ -123,8 +153,13 @@ def test_poisson_arrivals_and_429():
     assert res["completed"] + res["failed"] == 24 and res["completed"] > 0
     assert res["rejected_429"] == res["failed"]
     # a burst against a 2-slot server: overflowing requests come back as 429, not queued forever
-    burst = B.BenchConfig(model="tiny", num_requests=12, concurrency=6,
-                          output_len=B.LengthDist("fixed", 30), input_len=B.LengthDist("fixed", 5))
+    burst = B.BenchConfig(
+        model="tiny",
+        num_requests=12,
+        concurrency=6,
+        output_len=B.LengthDist("fixed", 30),
+        input_len=B.LengthDist("fixed", 5),
+    )
     with srv.serve_app(app) as url:
         res = B.summarize(*B.asyncio.run(B.run_load(url, burst)), burst)
     assert res["rejected_429"] > 0 and res["completed"] > 0
@@ -135,15 +170,39 @@ def test_main_writes_both_setups_and_keeps_earlier_ones(tmp_path, monkeypatch, c
     _, app = srv.make_server(srv.EchoEngine(delay_s=0.002), api_key="k3y")
     monkeypatch.setenv("MOERAY_API_KEY", "k3y")
     with srv.serve_app(app) as url:
-        argv = ["--target", f"colocated={url}", "--target", f"pd={url}", "--model", "tiny",
-                "--num-requests", "6", "--concurrency", "3", "--input-len", "uniform:4:12",
-                "--output-len", "5", "--token-range", "97:123", "--results-dir", str(tmp_path),
-                "--out", "serve-test"]
+        argv = [
+            "--target",
+            f"colocated={url}",
+            "--target",
+            f"pd={url}",
+            "--model",
+            "tiny",
+            "--num-requests",
+            "6",
+            "--concurrency",
+            "3",
+            "--input-len",
+            "uniform:4:12",
+            "--output-len",
+            "5",
+            "--token-range",
+            "97:123",
+            "--results-dir",
+            str(tmp_path),
+            "--out",
+            "serve-test",
+        ]
         assert B.main(argv) == 0
         data = json.loads((tmp_path / "serve-test.json").read_text())
         for key in ("colocated", "pd"):
-            for k in ("throughput_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
-                      "tpot_p99_ms", "goodput"):
+            for k in (
+                "throughput_tokens_per_s",
+                "ttft_p50_ms",
+                "ttft_p99_ms",
+                "tpot_p50_ms",
+                "tpot_p99_ms",
+                "goodput",
+            ):
                 assert isinstance(data[key][k], float) and data[key][k] > 0, (key, k)
             assert data[key]["completed"] == 6 and data[key]["output_tokens"] == 30
         assert {"device", "date", "command"} <= set(data)

@@ -170,8 +170,10 @@ def test_import_creates_no_backend_objects():
     assert names == {d.name for d in M.METRICS}
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="`prometheus` binary not installed "
-                    "(`make test` installs the Debian package)")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="`prometheus` binary not installed (`make test` installs the Debian package)",
+)
 def test_real_prometheus_scrapes_our_metrics(tmp_path):
     import prometheus_client as pc
 

@@ -37,7 +37,7 @@ def test_incremental_decoding_equals_full_forward(model):
         full = model(ids).logits
         parts = [model(ids[:, :6], cache=cache).logits]
         for s in range(6, 13):  # one token at a time, positions continue from the cache
-            parts.append(model(ids[:, s:s + 1], cache=cache).logits)
+            parts.append(model(ids[:, s : s + 1], cache=cache).logits)
     inc = torch.cat(parts, dim=1)
     assert torch.allclose(inc, full, atol=1e-5, rtol=1e-4), (inc - full).abs().max()
 
@@ -87,9 +87,19 @@ def test_group_masking_official_vs_transformers_with_negative_scores():
     logits = torch.randn(T, E)
     bias = torch.full((E,), -0.5)  # biased score < 0 wherever the logit is < 0
     groups_used = {}
-    for name, value in (("official", routing.GROUP_MASK_OFFICIAL), ("zero", routing.GROUP_MASK_TRANSFORMERS)):
-        r = routing.route(logits, bias, top_k=K, n_group=G, topk_group=topk_group,
-                          routed_scaling_factor=2.5, group_mask_value=value)
+    for name, value in (
+        ("official", routing.GROUP_MASK_OFFICIAL),
+        ("zero", routing.GROUP_MASK_TRANSFORMERS),
+    ):
+        r = routing.route(
+            logits,
+            bias,
+            top_k=K,
+            n_group=G,
+            topk_group=topk_group,
+            routed_scaling_factor=2.5,
+            group_mask_value=value,
+        )
         groups = r.expert_ids_TK // (E // G)
         groups_used[name] = torch.tensor([len(set(g.tolist())) for g in groups])
     assert int(groups_used["official"].max()) <= topk_group
@@ -99,7 +109,13 @@ def test_group_masking_official_vs_transformers_with_negative_scores():
 
 def test_routing_weights_normalized_and_scaled():
     torch.manual_seed(2)
-    r = routing.route(torch.randn(64, 16), torch.zeros(16), top_k=4, n_group=4, topk_group=2,
-                      routed_scaling_factor=2.5)
+    r = routing.route(
+        torch.randn(64, 16),
+        torch.zeros(16),
+        top_k=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+    )
     assert torch.allclose(r.weights_TK.sum(-1), torch.full((64,), 2.5))
     assert int(r.counts_E.sum()) == 64 * 4

@@ -44,8 +44,9 @@ class ByteTokenizer:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
 
-def echo_tokens(prompt: Sequence[int], seed: int | None, max_tokens: int,
-                ignore_eos: bool = False) -> tuple[list[int], str]:
+def echo_tokens(
+    prompt: Sequence[int], seed: int | None, max_tokens: int, ignore_eos: bool = False
+) -> tuple[list[int], str]:
     """What EchoEngine generates: the prompt cyclically from offset seed % len, until EOS
     (included, finish "stop"; unless ignore_eos) or max_tokens ("length")."""
     start = 0 if seed is None else seed % len(prompt)
@@ -76,8 +77,12 @@ class EchoEngine:
             raise oa.EngineOverloaded("test engine queue full", retry_after_s=2.5)
         self.requests.append(request)
         self.live.add(request.request_id)
-        tokens, reason = echo_tokens(request.prompt_ids, request.params.seed,
-                                     request.params.max_tokens, request.params.ignore_eos)
+        tokens, reason = echo_tokens(
+            request.prompt_ids,
+            request.params.seed,
+            request.params.max_tokens,
+            request.params.ignore_eos,
+        )
         k = request.params.logprobs
         pos, i = 0, 0
         outcome = "cancelled"
@@ -92,9 +97,13 @@ class EchoEngine:
                 lps = None
                 if k is not None:
                     lps = tuple(
-                        oa.TokenLogprob(t, fake_logprob(t),
-                                        tuple(((t + j) % 256, -0.05 * (j + 1)) for j in range(k)))
-                        for t in chunk)
+                        oa.TokenLogprob(
+                            t,
+                            fake_logprob(t),
+                            tuple(((t + j) % 256, -0.05 * (j + 1)) for j in range(k)),
+                        )
+                        for t in chunk
+                    )
                 done = pos == len(tokens)
                 if done:
                     outcome = "finished"
@@ -116,8 +125,11 @@ def serve_app(app) -> Iterator[str]:
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -176,8 +188,10 @@ def test_stop_matcher_random_against_reference():
     rng = random.Random(1)
     for _ in range(300):
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
-        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
-                 for _ in range(rng.randint(1, 3))]
+        stops = [
+            "".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 3))
+        ]
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         want = text[: min(hits)] if hits else text
         m = ingress.StopMatcher(stops)
@@ -213,7 +227,10 @@ def test_param_paths_and_validation_errors():
         ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
         ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
         ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
         ({"model": "m", "prompt": "x", "frobnicate": 1}, "frobnicate"),
         ({"model": "m", "prompt": []}, "prompt"),
         ({"model": "m", "prompt": [1, "a"]}, "prompt"),
@@ -229,23 +246,48 @@ def test_param_paths_and_validation_errors():
     chat_cases = [
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.[0].role"),
-        ({"model": "m", "messages": [{"role": "user", "content": "a"},
-                                     {"role": "user", "content": 5}]}, "messages.[1].content"),
-        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-         "messages.[0].content"),
-        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
-         "top_logprobs"),
-        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
-          "top_logprobs": 21}, "top_logprobs"),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 5}],
+            },
+            "messages.[1].content",
+        ),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.[0].content",
+        ),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "logprobs": True,
+                "top_logprobs": 21,
+            },
+            "top_logprobs",
+        ),
     ]
     for body, param in chat_cases:
         with pytest.raises(Exception) as ei:
             oa.ChatCompletionRequest.model_validate(body)
         assert oa.validation_error(ei.value.errors()).param == param, body
-    ok = oa.ChatCompletionRequest.model_validate({
-        "model": "m", "temperature": 0, "stop": "x",
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                  {"type": "text", "text": "b"}]}]})
+    ok = oa.ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "temperature": 0,
+            "stop": "x",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                }
+            ],
+        }
+    )
     assert ok.messages[0].content == "ab" and ok.stop == ("x",) and ok.temperature == 0.0
     batch = oa.CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
     assert batch.prompt == [[1, 2], [3]]
@@ -285,11 +327,16 @@ def test_resolve_api_key(monkeypatch):
 
 
 def test_deepseek_chat_prompt():
-    msgs = [oa.ChatMessage(role="system", content="S"), oa.ChatMessage(role="user", content="hi"),
-            oa.ChatMessage(role="assistant", content="yo"), oa.ChatMessage(role="user", content="q")]
+    msgs = [
+        oa.ChatMessage(role="system", content="S"),
+        oa.ChatMessage(role="user", content="hi"),
+        oa.ChatMessage(role="assistant", content="yo"),
+        oa.ChatMessage(role="user", content="q"),
+    ]
     assert ingress.deepseek_chat_prompt(msgs) == (
         "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜>"
-        "<｜User｜>q<｜Assistant｜>")
+        "<｜User｜>q<｜Assistant｜>"
+    )
 
 
 # ---- over HTTP ---------------------------------------------------------------------------------
@@ -320,8 +367,9 @@ def test_completions_with_openai_client(live):
     seed = random.Random(5).randint(0, 10_000)
     want_ids, reason = echo_tokens(ids, seed, 23)
     want = ByteTokenizer().decode(want_ids)
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=23, seed=seed,
-                                  temperature=0.7, top_p=0.9)
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=23, seed=seed, temperature=0.7, top_p=0.9
+    )
     assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-")
     (c,) = r.choices
     assert c.text == want and c.finish_reason == reason == "length"
@@ -329,8 +377,16 @@ def test_completions_with_openai_client(live):
     req = next(q for q in engine.requests if q.params.seed == seed)
     assert (req.params.temperature, req.params.top_p, req.params.max_tokens) == (0.7, 0.9, 23)
 
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=23, seed=seed,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=23,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == want
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
@@ -344,12 +400,14 @@ def test_completions_token_prompts_eos_stop_and_default_max_tokens(live):
     r = client.completions.create(model="tiny", prompt=[72, 105, EOS, 33], max_tokens=50)
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hi", "stop")
     assert r.usage.completion_tokens == 3
-    r = client.completions.create(model="tiny", prompt=[72, 105, EOS, 33], max_tokens=9,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt=[72, 105, EOS, 33], max_tokens=9, extra_body={"ignore_eos": True}
+    )
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("Hi!Hi!H", "length")
     # a batch of prompts x n: choices indexed prompt * n + j, default max_tokens is 16
-    r = client.completions.create(model="tiny", prompt=["abcdefghijklmnopqrstuvwxyz", "0123"],
-                                  n=2, seed=3)
+    r = client.completions.create(
+        model="tiny", prompt=["abcdefghijklmnopqrstuvwxyz", "0123"], n=2, seed=3
+    )
     by_index = {c.index: c.text for c in r.choices}
     tok = ByteTokenizer()
     for p, prompt in enumerate(["abcdefghijklmnopqrstuvwxyz", "0123"]):
@@ -358,11 +416,15 @@ def test_completions_token_prompts_eos_stop_and_default_max_tokens(live):
             assert by_index[p * 2 + j] == tok.decode(want)
     assert r.usage.prompt_tokens == 30 and r.usage.completion_tokens == 64
     # stop strings cut the text (and end the engine's request)
-    r = client.completions.create(model="tiny", prompt="one, two, three", max_tokens=40,
-                                  stop=["three", ", t"])
+    r = client.completions.create(
+        model="tiny", prompt="one, two, three", max_tokens=40, stop=["three", ", t"]
+    )
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("one", "stop")
-    chunks = list(client.completions.create(model="tiny", prompt="one, two, three",
-                                            max_tokens=40, stop="two", stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="one, two, three", max_tokens=40, stop="two", stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == "one, "
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -381,19 +443,22 @@ def test_chat_with_openai_client(live):
     engine, url, _ = live
     client = _client(url)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ça va?"}]
-    prompt_ids = ByteTokenizer().encode(ingress.deepseek_chat_prompt(
-        [oa.ChatMessage(**m) for m in msgs]))
+    prompt_ids = ByteTokenizer().encode(
+        ingress.deepseek_chat_prompt([oa.ChatMessage(**m) for m in msgs])
+    )
     want_ids, _ = echo_tokens(prompt_ids, 11, 30)
     want = ByteTokenizer().decode(want_ids)
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=30, seed=11,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=30, seed=11, logprobs=True, top_logprobs=3
+    )
     assert r.object == "chat.completion"
     (c,) = r.choices
     assert c.message.role == "assistant" and c.message.content == want
     assert c.finish_reason == "length" and r.usage.prompt_tokens == len(prompt_ids)
     assert len(c.logprobs.content) == 30 and len(c.logprobs.content[0].top_logprobs) == 3
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=30, seed=11,
-                                            stream=True, n=3)
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=30, seed=11, stream=True, n=3
+    )
     texts: dict[int, str] = {}
     roles: dict[int, str] = {}
     finish: dict[int, str] = {}
@@ -420,8 +485,11 @@ def test_models_health_and_raw_sse(live):
     assert [m.id for m in models.data] == ["tiny"]
     with httpx.Client(timeout=10) as h:
         assert h.get(url + "/health").json()["status"] == "ok"
-        with h.stream("POST", url + "/v1/completions",
-                      json={"model": "tiny", "prompt": "ab", "max_tokens": 7, "stream": True}) as r:
+        with h.stream(
+            "POST",
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "ab", "max_tokens": 7, "stream": True},
+        ) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             raw = r.read().decode()
@@ -435,6 +503,7 @@ def test_models_health_and_raw_sse(live):
 def test_bad_requests_get_400_naming_the_field(live):
     _, url, reg = live
     with httpx.Client(timeout=10) as h:
+
         def post(path, body, **kw):
             return h.post(url + path, json=body, **kw)
 
@@ -443,11 +512,22 @@ def test_bad_requests_get_400_naming_the_field(live):
             ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -2}, "max_tokens"),
             ("/v1/completions", {"model": "tiny", "prompt": [5, 999]}, "prompt"),
             ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 17}, "n"),
-            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]},
-             "messages.[0].content"),
+            (
+                "/v1/chat/completions",
+                {"model": "tiny", "messages": [{"role": "user"}]},
+                "messages.[0].content",
+            ),
             ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, "messages"),
-            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content":
-             "x"}], "max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens"),
+            (
+                "/v1/chat/completions",
+                {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": 3,
+                    "max_completion_tokens": 3,
+                },
+                "max_completion_tokens",
+            ),
         ]
         for path, body, param in cases:
             r = post(path, body)
@@ -455,8 +535,11 @@ def test_bad_requests_get_400_naming_the_field(live):
             err = r.json()["error"]
             assert err["param"] == param and err["type"] == "invalid_request_error", err
             assert set(err) == {"message", "type", "param", "code"}
-        r = h.post(url + "/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+        r = h.post(
+            url + "/v1/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         # over the context limit (512): prompt alone, and prompt + max_tokens
         r = post("/v1/completions", {"model": "tiny", "prompt": "x" * 512})
@@ -467,14 +550,20 @@ def test_bad_requests_get_400_naming_the_field(live):
         assert "513" in r.json()["error"]["message"]
         r = post("/v1/completions", {"model": "tiny", "prompt": "x" * 500, "max_tokens": 12})
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 512
-        r = post("/v1/chat/completions", {"model": "tiny", "messages": [
-            {"role": "user", "content": "y" * 600}]})
+        r = post(
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "y" * 600}]},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = post("/v1/completions", {"model": "gpt-9", "prompt": "x"})
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
         assert h.get(url + "/v1/nope").status_code == 404
-    assert reg.get_sample_value("moeray_requests_total", {
-        "model": "tiny", "endpoint": "completions", "status": "400"}) == 7
+    assert (
+        reg.get_sample_value(
+            "moeray_requests_total", {"model": "tiny", "endpoint": "completions", "status": "400"}
+        )
+        == 7
+    )
 
 
 def test_auth_401_and_metrics():
@@ -500,10 +589,14 @@ def test_auth_401_and_metrics():
         r = _client(url, "s3cret").completions.create(model="tiny", prompt="abc", max_tokens=4)
         assert r.choices[0].text == "abca"
     g = reg.get_sample_value
-    assert g("moeray_requests_total", {"model": "tiny", "endpoint": "completions",
-                                       "status": "401"}) == 4
-    assert g("moeray_requests_total", {"model": "tiny", "endpoint": "completions",
-                                       "status": "200"}) == 1
+    assert (
+        g("moeray_requests_total", {"model": "tiny", "endpoint": "completions", "status": "401"})
+        == 4
+    )
+    assert (
+        g("moeray_requests_total", {"model": "tiny", "endpoint": "completions", "status": "200"})
+        == 1
+    )
     assert g("moeray_prompt_tokens_total", {"model": "tiny"}) == 3
     assert g("moeray_generation_tokens_total", {"model": "tiny"}) == 4
     assert g("moeray_ttft_seconds_count", {"model": "tiny"}) == 1
@@ -543,7 +636,8 @@ def test_429_when_full_and_when_engine_overloaded():
     with serve_app(app) as url:
         with pytest.raises(openai.RateLimitError):
             _client(url).chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "x"}])
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
 
 
 @pytest.mark.parametrize("n", [1, 3])

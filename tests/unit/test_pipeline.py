@@ -21,11 +21,15 @@ LOSS = ts.LossConfig(mtp_lambda=0.3, balance_alpha=0.01)  # alpha x100: balance 
 def _biases(model):
     # nonzero selection biases, as after some balancing steps (the same on every process)
     g = torch.Generator().manual_seed(77)
-    ts.set_biases(model, 0.05 * torch.randn(len(ts.moe_layers(model)), tiny().n_routed_experts, generator=g))
+    ts.set_biases(
+        model, 0.05 * torch.randn(len(ts.moe_layers(model)), tiny().n_routed_experts, generator=g)
+    )
 
 
 def _tokens():
-    return torch.randint(0, tiny().vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(9))
+    return torch.randint(
+        0, tiny().vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(9)
+    )
 
 
 def _reference():
@@ -46,35 +50,50 @@ def _worker(rank, world, init_file, out_dir, cases):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, spec, overlap in cases:
-            pm = P.PipelineModel(tiny(), spec, rank, seed=SEED, seq_len=S, overlap=overlap,
-                                 full_init=_biases)
+            pm = P.PipelineModel(
+                tiny(), spec, rank, seed=SEED, seq_len=S, overlap=overlap, full_init=_biases
+            )
             shard = spec.topology.shard(rank)
             rows = B // spec.topology.shards
-            out = pm.forward_backward(_tokens()[shard * rows:(shard + 1) * rows], LOSS)
+            out = pm.forward_backward(_tokens()[shard * rows : (shard + 1) * rows], LOSS)
             norm = pm.sync_gradients()
             stats = torch.tensor([out.main_sum, out.mtp_sum, out.balance_sum], dtype=torch.float64)
             dist.all_reduce(stats)
-            torch.save({"grads": {n: p.grad for n, p in pm.named_parameters().items()},
-                        "stats": stats / spec.topology.shards, "norm": norm,
-                        "loads": out.loads_LE, "ep_rank": pm.ep_rank, "pp_rank": pm.pp_rank,
-                        "busy": out.timings.busy, "wall": out.timings.wall,
-                        "groups": [(n, r) for n, r, _ in pm.groups.made],
-                        "kinds": sorted({s.kind for s in out.timings.slots}),
-                        "grouped_fp8": pm.grouped_fp8},
-                       os.path.join(out_dir, f"{name}-rank{rank}.pt"))
+            torch.save(
+                {
+                    "grads": {n: p.grad for n, p in pm.named_parameters().items()},
+                    "stats": stats / spec.topology.shards,
+                    "norm": norm,
+                    "loads": out.loads_LE,
+                    "ep_rank": pm.ep_rank,
+                    "pp_rank": pm.pp_rank,
+                    "busy": out.timings.busy,
+                    "wall": out.timings.wall,
+                    "groups": [(n, r) for n, r, _ in pm.groups.made],
+                    "kinds": sorted({s.kind for s in out.timings.slots}),
+                    "grouped_fp8": pm.grouped_fp8,
+                },
+                os.path.join(out_dir, f"{name}-rank{rank}.pt"),
+            )
             pm.close()
             dist.barrier()
         # a rank that believes in other members than the group has is caught, not left waiting
         with pytest.raises(RuntimeError, match="created their groups differently"):
-            P.check_groups([("world", tuple(range(world + 1)), None)], rank, world, torch.device("cpu"))
+            P.check_groups(
+                [("world", tuple(range(world + 1)), None)], rank, world, torch.device("cpu")
+            )
     finally:
         dist.destroy_process_group()
 
 
 def _run(tmp_path, world, cases):
-    mp.spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path), cases), nprocs=world, join=True)
-    return {name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(world)]
-            for name, _, _ in cases}
+    mp.spawn(
+        _worker, args=(world, str(tmp_path / "pg"), str(tmp_path), cases), nprocs=world, join=True
+    )
+    return {
+        name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(world)]
+        for name, _, _ in cases
+    }
 
 
 def _check(results, ref_parts, ref_grads, ep=1):
@@ -88,7 +107,7 @@ def _check(results, ref_parts, ref_grads, ep=1):
                 want = ref_grads[n]
                 if ep > 1 and ".experts." in n:
                     L = E // ep
-                    want = want[r["ep_rank"] * L:(r["ep_rank"] + 1) * L]
+                    want = want[r["ep_rank"] * L : (r["ep_rank"] + 1) * L]
                 # fp32 rounding: micro-batches sum in another order than the full batch
                 torch.testing.assert_close(g, want, rtol=2e-4, atol=2e-7, msg=f"{name}: {n}")
                 seen.add(n)
@@ -114,7 +133,13 @@ def test_layout_and_arguments():
     with pytest.raises(ValueError, match="decoder layers"):
         P.split_layers(3, 1, 5)
     t = P.Topology(pp=2, dp=3, ep=2)
-    assert [t.coords(r) for r in (0, 1, 2, 7, 11)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 2, 1)]
+    assert [t.coords(r) for r in (0, 1, 2, 7, 11)] == [
+        (0, 0, 0),
+        (0, 0, 1),
+        (0, 1, 0),
+        (1, 0, 1),
+        (1, 2, 1),
+    ]
     assert all(t.rank(*t.coords(r)) == r for r in range(t.world))
     assert t.shard(7) == t.shard(1) == 1 and t.shards == 6
     with pytest.raises(ValueError, match="outside"):
@@ -140,9 +165,17 @@ def test_weight_grad_split_equals_full_backward():
     with stage.store.collect((0, 0, 0), defer=True):
         loss.backward()
     assert stage.model.layers["1"].mlp.experts.gate_proj.grad is None
-    assert stage.model.layers["1"].mlp.experts.mlp_fn.func is P.experts_mlp  # one node for all experts
-    assert stage.lm_head.weight.grad is None and stage.model.layers["0"].self_attn.o_proj.weight.grad is None
-    assert stage.model.norm.weight.grad is not None and stage.model.embed_tokens.weight.grad is not None
+    assert (
+        stage.model.layers["1"].mlp.experts.mlp_fn.func is P.experts_mlp
+    )  # one node for all experts
+    assert (
+        stage.lm_head.weight.grad is None
+        and stage.model.layers["0"].self_attn.o_proj.weight.grad is None
+    )
+    assert (
+        stage.model.norm.weight.grad is not None
+        and stage.model.embed_tokens.weight.grad is not None
+    )
     assert stage.store.flush((0, 0, 0)) > 20
     for (n, p), (_, q) in zip(stage.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
@@ -150,10 +183,12 @@ def test_weight_grad_split_equals_full_backward():
 
 def test_pp2_schedules_match_single_process(tmp_path):
     ref_parts, ref_grads = _reference()
-    cases = [("1f1b", P.PipelineSpec(2, schedule="1f1b", microbatches=4), False),
-             ("zb1p", P.PipelineSpec(2, schedule="zb1p", microbatches=4), False),
-             ("dualpipe", P.PipelineSpec(2, schedule="dualpipe", microbatches=4), False),
-             ("dualpipe-overlap", P.PipelineSpec(2, schedule="dualpipe", microbatches=8), True)]
+    cases = [
+        ("1f1b", P.PipelineSpec(2, schedule="1f1b", microbatches=4), False),
+        ("zb1p", P.PipelineSpec(2, schedule="zb1p", microbatches=4), False),
+        ("dualpipe", P.PipelineSpec(2, schedule="dualpipe", microbatches=4), False),
+        ("dualpipe-overlap", P.PipelineSpec(2, schedule="dualpipe", microbatches=8), True),
+    ]
     results = _run(tmp_path, 2, cases)
     _check(results, ref_parts, ref_grads)
     assert results["dualpipe"][0]["kinds"] == ["B", "BI", "F", "F&B", "W"]
@@ -169,9 +204,15 @@ def test_pp2_schedules_match_single_process(tmp_path):
 
 def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
     ref_parts, ref_grads = _reference()
-    results = _run(tmp_path, 4, [("pp4", P.PipelineSpec(4, schedule="dualpipe", microbatches=8), False)])
+    results = _run(
+        tmp_path, 4, [("pp4", P.PipelineSpec(4, schedule="dualpipe", microbatches=8), False)]
+    )
     _check(results, ref_parts, ref_grads)
-    results = _run(tmp_path, 4, [("pp2ep2", P.PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)])
+    results = _run(
+        tmp_path,
+        4,
+        [("pp2ep2", P.PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)],
+    )
     _check(results, ref_parts, ref_grads, ep=2)
     made = [r["groups"] for r in results["pp2ep2"]]
     assert all(m == made[0] for m in made)
@@ -193,7 +234,10 @@ def test_timeout_env_and_bench_flags(monkeypatch):
     assert parse([]).overlap is None
     assert parse(["--no-overlap"]).overlap is False and parse(["--overlap"]).overlap is True
     assert parse([]).grouped_fp8 is None  # PipelineModel: grouped on CUDA, per expert on CPU
-    assert parse(["--no-grouped-fp8"]).grouped_fp8 is False and parse(["--grouped-fp8"]).grouped_fp8 is True
+    assert (
+        parse(["--no-grouped-fp8"]).grouped_fp8 is False
+        and parse(["--grouped-fp8"]).grouped_fp8 is True
+    )
     # a bad timeout stops the CLI before any worker starts
     monkeypatch.setenv(P.TIMEOUT_ENV, "soon")
     assert bench.main(["--steps", "5"]) == 2
@@ -217,7 +261,10 @@ def test_cuda_worker_refuses_the_native_allocator(monkeypatch):
     for k in P.CUDA_ENV:
         monkeypatch.setenv(k, "")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    with pytest.raises(ValueError, match="PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync'.*before torch is imported"):
+    with pytest.raises(
+        ValueError,
+        match="PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync'.*before torch is imported",
+    ):
         P.init_distributed(0, 1, "file:///nonexistent", torch.device("cuda", 0))
 
 
@@ -273,10 +320,13 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
     grouped = copy.deepcopy(loop)
     loop.linear = f8.fp8_linear if fp8 else F.linear
     store = P.WeightGradStore()
-    grouped.mlp_fn = functools.partial(P.experts_mlp, store=store, fp8=fp8,
-                                       cache=f8.WeightCache() if fp8 else None)
+    grouped.mlp_fn = functools.partial(
+        P.experts_mlp, store=store, fp8=fp8, cache=f8.WeightCache() if fp8 else None
+    )
     T, K, E = 40, cfg.num_experts_per_tok, cfg.n_routed_experts
-    ids = torch.stack([torch.randperm(E - 3)[:K] for _ in range(T)])  # the last 3 experts get no rows
+    ids = torch.stack(
+        [torch.randperm(E - 3)[:K] for _ in range(T)]
+    )  # the last 3 experts get no rows
     x = torch.randn(T, cfg.hidden_size)
     dy = torch.randn(T, cfg.hidden_size)
     weights = torch.rand(T, K)
@@ -289,11 +339,19 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
         if defer:
             assert module.gate_proj.grad is None, "dW must wait for the W op"
             assert store.flush((0, 0, 0)) == 1
-        grads.append((y.detach(), xi.grad, wi.grad, module.gate_proj.grad, module.up_proj.grad,
-                      module.down_proj.grad))
+        grads.append(
+            (
+                y.detach(),
+                xi.grad,
+                wi.grad,
+                module.gate_proj.grad,
+                module.up_proj.grad,
+                module.down_proj.grad,
+            )
+        )
     for name, a, b in zip(("y", "dx", "dweights", "dgate", "dup", "ddown"), *grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert grads[1][3][E - 3:].abs().sum() == 0 and grads[1][3][: E - 3].abs().sum() > 0
+    assert grads[1][3][E - 3 :].abs().sum() == 0 and grads[1][3][: E - 3].abs().sum() > 0
     with pytest.raises(ValueError, match="rows"):
         P.experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
@@ -307,12 +365,17 @@ def run_experts_mlp(rows, D, I, *, grouped_fp8, defer, seed=0):
     # bf16-exact inputs: on CUDA both paths round x and dy to bf16 before quantizing; the CPU
     # emulation of the per-expert path would not, and e4m3 rounding flips would show as ~3%
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float().requires_grad_()
-    ws = [torch.nn.Parameter(torch.randn(E, *shape, generator=g) * 0.2) for shape in ((I, D), (I, D), (D, I))]
+    ws = [
+        torch.nn.Parameter(torch.randn(E, *shape, generator=g) * 0.2)
+        for shape in ((I, D), (I, D), (D, I))
+    ]
     dy = torch.randn(sum(rows), D, generator=g).bfloat16().float()
     store = P.WeightGradStore()
     # bf16 autocast as in training: both paths round the GEMM outputs and the SwiGLU to bf16
     with store.collect((0, 0, 0), defer=defer), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = P.experts_mlp(x, *ws, rows, store=store, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped_fp8)
+        y = P.experts_mlp(
+            x, *ws, rows, store=store, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped_fp8
+        )
     y.backward(dy.to(y.dtype))
     store.flush((0, 0, 0))
     return y.detach().float(), x.grad, *(w.grad for w in ws)
@@ -335,7 +398,9 @@ def test_grouped_fp8_experts_match_the_per_expert_path(monkeypatch):
         assert rel < 5e-3, (name, rel)
     assert got[2][1].abs().sum() == 0 and got[4][1].abs().sum() == 0  # expert 1 has no rows
     with pytest.raises(ValueError, match="grouped_fp8"):
-        P.experts_mlp(torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True)
+        P.experts_mlp(
+            torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True
+        )
 
 
 def test_grouped_fp8_is_a_per_stage_switch(monkeypatch):
@@ -362,7 +427,9 @@ def test_grouped_gemms_apply_to_bf16_on_cuda_and_anything_on_cpu():
     assert P._Grouped.available(cuda, False, torch.bfloat16)
     assert not P._Grouped.available(cuda, False, torch.float32)
     assert not P._Grouped.available(cuda, True, torch.bfloat16)
-    assert P._Grouped.available(cpu, False, torch.float32) and not P._Grouped.available(cpu, True, None)
+    assert P._Grouped.available(cpu, False, torch.float32) and not P._Grouped.available(
+        cpu, True, None
+    )
 
 
 def test_grouped_expert_gemms_with_aligned_rows():
@@ -375,8 +442,8 @@ def test_grouped_expert_gemms_with_aligned_rows():
     x, dy = torch.randn(sum(rows), K), torch.randn(sum(rows), N)
     w = torch.randn(E, N, K)
     starts = [0, 5, 5, 22, 38]
-    want_y = torch.cat([x[s:s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, rows))])
-    want_dw = torch.stack([dy[s:s + n].t() @ x[s:s + n] for s, n in zip(starts, rows)])
+    want_y = torch.cat([x[s : s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, rows))])
+    want_dw = torch.stack([dy[s : s + n].t() @ x[s : s + n] for s, n in zip(starts, rows)])
     for align in (1, 16):
         grp = P._Grouped(x, rows, align=align)
         assert grp.P == (sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16)
@@ -388,7 +455,8 @@ def test_grouped_expert_gemms_with_aligned_rows():
         assert [e for e, _ in grp.padded_segments()] == [0, 2, 3, 4]
         if align > 1:  # the padding rows are zero and every expert starts aligned
             assert x_P.abs().sum(1).nonzero().flatten().tolist() == (
-                list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64])
+                list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64]
+            )
 
 
 def test_padded_rows_change_no_gemm():
@@ -396,8 +464,11 @@ def test_padded_rows_change_no_gemm():
     from moeray.platform.fp8 import pad_rows, padded_row_counts
 
     g = torch.Generator().manual_seed(0)
-    x, dy, w = (torch.randn(130, 24, generator=g), torch.randn(130, 40, generator=g),
-                torch.randn(40, 24, generator=g))
+    x, dy, w = (
+        torch.randn(130, 24, generator=g),
+        torch.randn(130, 40, generator=g),
+        torch.randn(40, 24, generator=g),
+    )
     xp, dyp = pad_rows(x), pad_rows(dy)
     assert xp.shape == (256, 24) and pad_rows(xp) is xp and pad_rows(x[:0]).shape == (0, 24)
     assert torch.equal(xp[130:], torch.zeros(126, 24)) and torch.equal(xp[:130], x)
@@ -415,11 +486,19 @@ def test_bench_train_summary_keeps_finished_runs_when_one_failed():
     cfg = bench.BenchConfig(steps=4, warmup=1)
 
     def run_numbers(step_s, losses):
-        return {"step_time_s": step_s, "bubble_fraction": 0.1, "simulated_bubble_fraction": 0.05,
-                "op_costs_s": {"F": 0.01}, "losses": losses}
+        return {
+            "step_time_s": step_s,
+            "bubble_fraction": 0.1,
+            "simulated_bubble_fraction": 0.05,
+            "op_costs_s": {"F": 0.01},
+            "losses": losses,
+        }
 
-    raw = {"matmul_flops_per_s": 1e12, "dualpipe-fp8": run_numbers(2.0, [7.0, 6.0, 5.0, 4.0]),
-           "1f1b-fp8": run_numbers(3.0, [7.0, 6.0, 5.0, 4.0])}
+    raw = {
+        "matmul_flops_per_s": 1e12,
+        "dualpipe-fp8": run_numbers(2.0, [7.0, 6.0, 5.0, 4.0]),
+        "1f1b-fp8": run_numbers(3.0, [7.0, 6.0, 5.0, 4.0]),
+    }
     out = bench.summarize(cfg, raw, {"dualpipe-bf16": "ProcessExitedException: hung"})
     assert out["failed_runs"] == {"dualpipe-bf16": "ProcessExitedException: hung"}
     assert out["step_time_s"] == 2.0 and out["step_time_s_1f1b"] == 3.0

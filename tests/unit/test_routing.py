@@ -18,7 +18,7 @@ def _route_reference(logits_TE, bias_E, top_k, n_group, topk_group, scale):
     for t in range(T):
         s = [1.0 / (1.0 + torch.exp(-logits_TE[t, e].double()).item()) for e in range(E)]
         b = [s[e] + (0.0 if bias_E is None else float(bias_E[e])) for e in range(E)]
-        gscore = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+        gscore = [sum(sorted(b[g * per : (g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
         kept = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
         cand = [e for e in range(E) if e // per in kept]
         chosen = sorted(cand, key=lambda e: -b[e])[:top_k]
@@ -49,7 +49,9 @@ def test_node_limit_holds_on_random_scores(seed):
     """Random logits and biases (many biased scores negative): never more than topk_group nodes."""
     g = torch.Generator().manual_seed(seed)
     E, G, M, K = 32, 8, 3, 6
-    group_to_node = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1, 2, 2, 3, 3], [3, 1, 0, 2, 2, 0, 1, 3]][seed % 3]
+    group_to_node = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1, 2, 2, 3, 3], [3, 1, 0, 2, 2, 0, 1, 3]][
+        seed % 3
+    ]
     logits = torch.randn(501, E, generator=g) * 3
     bias = torch.randn(E, generator=g) - 0.5  # pushes many biased scores below 0
     out = R.route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0)
@@ -59,8 +61,15 @@ def test_node_limit_holds_on_random_scores(seed):
     distinct = (groups_per_token.diff(dim=-1) != 0).sum(-1) + 1
     assert int(distinct.max()) <= M
     # The same inputs masked with 0.0 (transformers' choice) do break the limit.
-    loose = R.route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0,
-                    group_mask_value=R.GROUP_MASK_TRANSFORMERS)
+    loose = R.route(
+        logits,
+        bias,
+        top_k=K,
+        n_group=G,
+        topk_group=M,
+        routed_scaling_factor=1.0,
+        group_mask_value=R.GROUP_MASK_TRANSFORMERS,
+    )
     loose_groups = (loose.expert_ids_TK // (E // G)).sort(-1).values
     assert int(((loose_groups.diff(dim=-1) != 0).sum(-1) + 1).max()) > M
 
@@ -153,7 +162,9 @@ def test_sequence_balance_loss_matches_reference_and_has_gradient():
 
 
 def _config(**kw):
-    base = dict(layer_ids=(1, 2, 3), n_experts=8, n_group=4, topk_group=2, num_reporters=3, gamma=0.01)
+    base = dict(
+        layer_ids=(1, 2, 3), n_experts=8, n_group=4, topk_group=2, num_reporters=3, gamma=0.01
+    )
     base.update(kw)
     return R.RouterConfig(**base)
 
@@ -222,7 +233,9 @@ def _check_placement(pl, E, P, num_gpus):
             assert all(int(pl.phy2log_LP[layer, p]) == e for p in slots)
 
 
-@pytest.mark.parametrize("E,P,groups,nodes,gpus", [(16, 24, 4, 2, 4), (16, 24, 4, 3, 6), (12, 20, 3, 1, 5)])
+@pytest.mark.parametrize(
+    "E,P,groups,nodes,gpus", [(16, 24, 4, 2, 4), (16, 24, 4, 3, 6), (12, 20, 3, 1, 5)]
+)
 def test_placement_keeps_every_expert_and_beats_round_robin(E, P, groups, nodes, gpus):
     g = torch.Generator().manual_seed(E + P + nodes)
     L = 4
@@ -282,7 +295,9 @@ def test_balance_bench_smoke(tmp_path):
         assert len(run["maxvio"]) == 4 and all(v >= 0 for v in run["maxvio"])
         assert run["final_loss"] > 0 and run["nodes_per_token_max"] <= 2
     assert saved["runs"]["none"]["bias_abs_max"] == 0.0
-    assert 0 < saved["runs"]["bias"]["bias_abs_max"] <= 4 * cfg.gamma + 1e-7  # at most gamma per step
+    assert (
+        0 < saved["runs"]["bias"]["bias_abs_max"] <= 4 * cfg.gamma + 1e-7
+    )  # at most gamma per step
     assert numbers["checks"]["node_limit_held"]
 
 
@@ -291,17 +306,37 @@ def test_serving_loop_rebalance_spreads_real_routing():
     on the physical ids of fresh batches, peak below round-robin placement's."""
     g = torch.Generator().manual_seed(11)
     E, G, M, K, T, gpus = 16, 4, 2, 4, 2000, 4
-    cfg = R.RouterConfig(layer_ids=(5,), n_experts=E, n_group=G, topk_group=M,
-                         num_physical=24, serve_gpus=gpus, serve_nodes=1, load_ema=0.5)
+    cfg = R.RouterConfig(
+        layer_ids=(5,),
+        n_experts=E,
+        n_group=G,
+        topk_group=M,
+        num_physical=24,
+        serve_gpus=gpus,
+        serve_nodes=1,
+        load_ema=0.5,
+    )
     st = R.RouterState(cfg)
     skew = torch.randn(E, generator=g) * 1.5
     for _ in range(4):
-        out = R.route(torch.randn(T, E, generator=g) + skew, None, top_k=K, n_group=G, topk_group=M,
-                      routed_scaling_factor=1.0)
+        out = R.route(
+            torch.randn(T, E, generator=g) + skew,
+            None,
+            top_k=K,
+            n_group=G,
+            topk_group=M,
+            routed_scaling_factor=1.0,
+        )
         st.observe(out.counts_E.unsqueeze(0))
     pl = st.rebalance()
-    out = R.route(torch.randn(T, E, generator=g) + skew, None, top_k=K, n_group=G, topk_group=M,
-                  routed_scaling_factor=1.0)
+    out = R.route(
+        torch.randn(T, E, generator=g) + skew,
+        None,
+        top_k=K,
+        n_group=G,
+        topk_group=M,
+        routed_scaling_factor=1.0,
+    )
     phys = PL.to_physical(out.expert_ids_TK, pl.log2phy_LER[0], pl.logcnt_LE[0])
     per_gpu = torch.bincount(pl.gpu_of_slot()[phys.flatten()], minlength=gpus)
     rr = torch.bincount(out.expert_ids_TK.flatten() % gpus, minlength=gpus)

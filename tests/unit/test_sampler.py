@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from moeray.platform.engine.sampler import (
-    Sampler, SamplingParams, filtered_probs, make_generator, sample_from_probs)
+    Sampler,
+    SamplingParams,
+    filtered_probs,
+    make_generator,
+    sample_from_probs,
+)
 
 V = 37
 
@@ -28,10 +33,18 @@ def test_greedy_is_argmax_with_first_index_on_ties():
 
 def test_top_k_and_top_p_filters():
     x = logits(3, seed=1)
-    p = filtered_probs(x, [SamplingParams(top_k=5), SamplingParams(top_p=0.5),
-                           SamplingParams(temperature=0.5, top_k=3, top_p=0.9)])
+    p = filtered_probs(
+        x,
+        [
+            SamplingParams(top_k=5),
+            SamplingParams(top_p=0.5),
+            SamplingParams(temperature=0.5, top_k=3, top_p=0.9),
+        ],
+    )
     assert torch.allclose(p.sum(-1), torch.ones(3))
-    assert (p[0] > 0).sum() == 5 and set(p[0].nonzero().flatten().tolist()) == set(x[0].topk(5).indices.tolist())
+    assert (p[0] > 0).sum() == 5 and set(p[0].nonzero().flatten().tolist()) == set(
+        x[0].topk(5).indices.tolist()
+    )
     keep5 = x[0].topk(5).indices
     assert torch.allclose(p[0][keep5], x[0][keep5].softmax(-1), atol=1e-6)
     # top-p: the smallest most-likely set with mass >= 0.5
@@ -41,7 +54,7 @@ def test_top_k_and_top_p_filters():
     assert set(p[1].nonzero().flatten().tolist()) == set(order[:n].tolist())
     assert torch.allclose(p[1][order[:n]], sp[:n] / sp[:n].sum(), atol=1e-6)
     # temperature then top-k then top-p
-    t = (x[2] / 0.5)
+    t = x[2] / 0.5
     keep = t.topk(3).indices
     q = t[keep].softmax(-1)
     qs, qo = q.sort(descending=True)
@@ -77,23 +90,34 @@ def test_seed_per_request_independent_of_batch():
     for _ in range(10):
         a.append(s(x, ps, ga).token_ids)
         # request 3 alone, then alongside a greedy one: same stream
-        b.append(s(torch.stack([x[0], x[3]]), [SamplingParams(temperature=0), ps[3]],
-                   [gb[0], gb[3]]).token_ids[1])
+        b.append(
+            s(
+                torch.stack([x[0], x[3]]), [SamplingParams(temperature=0), ps[3]], [gb[0], gb[3]]
+            ).token_ids[1]
+        )
     assert [row[3] for row in a] == b
     assert len({tuple(row) for row in a}) > 1  # actually random across steps
     # unseeded requests differ from each other
     g2 = gens([None, None])
-    draws = [s(x[:1].expand(2, V), [SamplingParams(temperature=2.0)] * 2, g2).token_ids for _ in range(20)]
+    draws = [
+        s(x[:1].expand(2, V), [SamplingParams(temperature=2.0)] * 2, g2).token_ids
+        for _ in range(20)
+    ]
     assert any(d[0] != d[1] for d in draws)
 
 
 def test_logprobs_raw_model_distribution():
     x = logits(2, seed=4)
-    ps = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, seed=0, logprobs=0)]
+    ps = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0.8, seed=0, logprobs=0),
+    ]
     r = Sampler()(x, ps, gens([None, 0]))
     lp = x.log_softmax(-1)
     a, b = r.logprobs
-    assert a.token_id == r.token_ids[0] and math.isclose(a.logprob, lp[0].max().item(), rel_tol=1e-5)
+    assert a.token_id == r.token_ids[0] and math.isclose(
+        a.logprob, lp[0].max().item(), rel_tol=1e-5
+    )
     assert [t for t, _ in a.top] == lp[0].topk(3).indices.tolist()
     assert math.isclose(b.logprob, lp[1, r.token_ids[1]].item(), rel_tol=1e-5) and b.top == ()
 
@@ -105,10 +129,19 @@ def test_inverse_cdf_never_picks_zero_probability():
     assert tok.tolist() == [1, 1, 3, 3, 3]
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
-    (dict(max_tokens=0), "max_tokens"), (dict(logprobs=21), "logprobs"), (dict(stop="ab"), "sequences"),
-    (dict(stop=("",)), "empty"), (dict(temperature=float("nan")), "temperature")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(stop="ab"), "sequences"),
+        (dict(stop=("",)), "empty"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
 def test_bad_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)

@@ -105,8 +105,10 @@ def test_dualpipe_beats_zb1p_beats_1f1b_at_the_papers_example():
 
 def test_memory_columns_of_the_table():
     for pp, m in [(4, 8), (8, 20), (6, 14)]:
-        act = {n: max(sim.peak_activations(S.build(n, pp, m), r) for r in range(pp))
-               for n in S.SCHEDULES}
+        act = {
+            n: max(sim.peak_activations(S.build(n, pp, m), r) for r in range(pp))
+            for n in S.SCHEDULES
+        }
         assert act == {"1f1b": pp, "zb1p": pp, "dualpipe": pp + 1}
         d = S.dualpipe(pp, m)
         assert all(sorted(d.stages_of(r)) == sorted({r, pp - 1 - r}) for r in range(pp))
@@ -118,7 +120,11 @@ def test_dualpipe_structure_of_the_papers_figure():
     # rank 0 (figure 5 of the report): six forwards of its own direction, the seventh, then the
     # first micro-batch from the other end (stage 7 on rank 0), then input-grad, weight, forward
     first = [[(op.kind.value, op.mb, op.direction) for op in slot] for slot in s.ranks[0][:10]]
-    assert first == [[("F", i, 0)] for i in range(7)] + [[("F", 0, 1)], [("BI", 0, 1)], [("W", 0, 1)]]
+    assert first == [[("F", i, 0)] for i in range(7)] + [
+        [("F", 0, 1)],
+        [("BI", 0, 1)],
+        [("W", 0, 1)],
+    ]
     # the last rank mirrors it with the directions swapped
     mirror = [[(op.kind.value, op.mb, 1 - op.direction) for op in slot] for slot in s.ranks[7]]
     assert mirror == [[(op.kind.value, op.mb, op.direction) for op in slot] for slot in s.ranks[0]]
@@ -157,7 +163,9 @@ def test_bad_arguments_and_broken_schedules():
     with pytest.raises(ValueError, match="before its forward"):
         i = next(t for t, slot in enumerate(r0) if slot[0].kind == S.Kind.B)
         swapped = r0[:]
-        j = next(t for t, slot in enumerate(r0) if slot[0].kind == S.Kind.F and slot[0].mb == r0[i][0].mb)
+        j = next(
+            t for t, slot in enumerate(r0) if slot[0].kind == S.Kind.F and slot[0].mb == r0[i][0].mb
+        )
         swapped[i], swapped[j] = swapped[j], swapped[i]
         S.validate(edited(0, swapped))
     with pytest.raises(ValueError, match="lives elsewhere"):
@@ -176,8 +184,11 @@ def test_plan_prints_timelines_and_formulas(capsys):
 
     assert plan.main(["--schedule", "dualpipe", "--pp", "8", "--microbatches", "20"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in S.SCHEDULES and len(line.split()) >= 7}
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in S.SCHEDULES and len(line.split()) >= 7
+    }
     assert rows["1f1b"][1:4] == ["81", "21", "21"]
     assert rows["zb1p"][1:4] == ["67", "7", "7"]
     assert rows["dualpipe"][1:4] == ["59", "4.5", "4.5"]

@@ -52,12 +52,12 @@ class FakeRunner:
                 self.slots[slot] = t
             ctx = [self.slots[x] for x in self.kv.slots(rid, 0, s.start + s.num_tokens)]
             known = s.num_tokens - len(s.spec_token_ids)
-            assert ctx[:s.start + known] == s.request.token_ids[:s.start + known]
+            assert ctx[: s.start + known] == s.request.token_ids[: s.start + known]
             if not s.samples:
                 continue
             new = []
             for j in range(len(s.spec_token_ids) + 1):
-                t = next_token(ctx[:s.start + known + j])
+                t = next_token(ctx[: s.start + known + j])
                 new.append(t)
                 if j == len(s.spec_token_ids) or s.spec_token_ids[j] != t:
                     break
@@ -94,8 +94,12 @@ class FakeRunner:
 
 def make(num_pages=64, page_size=4, budget=16, max_seqs=8, k=0, max_len=256, **kw):
     kv = KVCacheManager(num_pages, page_size)
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                          max_model_len=max_len, num_speculative_tokens=k)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_len,
+        num_speculative_tokens=k,
+    )
     return Scheduler(cfg, kv, **kw)
 
 
@@ -111,7 +115,9 @@ def test_continuous_batching_matches_sequential(budget, max_seqs):
     ps = prompts(9, seed=budget)
     arrivals = {}
     for i, p in enumerate(ps):
-        arrivals.setdefault(i * 2, []).append((f"r{i}", p, SamplingParams(temperature=0, max_tokens=3 + i)))
+        arrivals.setdefault(i * 2, []).append(
+            (f"r{i}", p, SamplingParams(temperature=0, max_tokens=3 + i))
+        )
     final = runner.run(arrivals)
     for i, p in enumerate(ps):
         o = final[f"r{i}"]
@@ -164,8 +170,9 @@ def test_preemption_by_recompute_gives_same_outputs():
     sched = make(num_pages=10, page_size=4, budget=32, max_seqs=5)
     runner = FakeRunner(sched)
     ps = prompts(5, seed=3, lo=5, hi=12)
-    final = runner.run({0: [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=14))
-                            for i, p in enumerate(ps)]})
+    final = runner.run(
+        {0: [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=14)) for i, p in enumerate(ps)]}
+    )
     assert sched.num_preemptions > 0
     for i, p in enumerate(ps):
         assert final[f"r{i}"].output_token_ids == reference(p, 14)
@@ -188,15 +195,23 @@ def test_stop_token_ids_eos_and_ignore_eos():
     stop_tok = ref[4]
     sched = make(eos_token_ids=[ref[6]])
     runner = FakeRunner(sched)
-    final = runner.run({0: [
-        ("stop", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(stop_tok,))),
-        ("eos", p, SamplingParams(temperature=0, max_tokens=30)),
-        ("ign", p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
-    ]})
+    final = runner.run(
+        {
+            0: [
+                (
+                    "stop",
+                    p,
+                    SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(stop_tok,)),
+                ),
+                ("eos", p, SamplingParams(temperature=0, max_tokens=30)),
+                ("ign", p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+            ]
+        }
+    )
     first_stop = ref.index(stop_tok)
-    assert final["stop"].output_token_ids == ref[:first_stop + 1]
+    assert final["stop"].output_token_ids == ref[: first_stop + 1]
     assert final["stop"].stop_reason == stop_tok and final["stop"].finish_reason == "stop"
-    assert final["eos"].output_token_ids == ref[:ref.index(ref[6]) + 1]
+    assert final["eos"].output_token_ids == ref[: ref.index(ref[6]) + 1]
     assert final["ign"].output_token_ids == ref and final["ign"].finish_reason == "length"
 
 
@@ -208,7 +223,9 @@ def test_stop_strings_straddling_tokens():
     stop = text[7:10]  # spans three tokens
     sched = make(detokenize=detok)
     runner = FakeRunner(sched)
-    final = runner.run({0: [("s", p, SamplingParams(temperature=0, max_tokens=40, stop=(stop, "#")))]})
+    final = runner.run(
+        {0: [("s", p, SamplingParams(temperature=0, max_tokens=40, stop=(stop, "#")))]}
+    )
     o = final["s"]
     cut = text.find(stop)
     assert o.finish_reason == "stop" and o.stop_reason == stop
@@ -248,8 +265,12 @@ def test_prefix_cache_hit_on_repeated_prompt():
     sched = make(num_pages=32, page_size=4)
     runner = FakeRunner(sched)
     p = prompts(1, seed=9, lo=18, hi=19)[0]
-    final = runner.run({0: [("a", p, SamplingParams(temperature=0, max_tokens=4))],
-                        6: [("b", p + [1, 2], SamplingParams(temperature=0, max_tokens=4))]})
+    final = runner.run(
+        {
+            0: [("a", p, SamplingParams(temperature=0, max_tokens=4))],
+            6: [("b", p + [1, 2], SamplingParams(temperature=0, max_tokens=4))],
+        }
+    )
     assert final["a"].num_cached_tokens == 0 and final["b"].num_cached_tokens == 16
     assert final["b"].output_token_ids == reference(p + [1, 2], 4)
 
@@ -259,8 +280,9 @@ def test_speculative_drafts_verify_to_the_same_output(accuracy):
     sched = make(k=3, budget=12, num_pages=40, page_size=4)
     runner = FakeRunner(sched, draft_accuracy=accuracy, seed=1)
     ps = prompts(4, seed=7)
-    final = runner.run({0: [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=17))
-                            for i, p in enumerate(ps)]})
+    final = runner.run(
+        {0: [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=17)) for i, p in enumerate(ps)]}
+    )
     for i, p in enumerate(ps):
         assert final[f"r{i}"].output_token_ids == reference(p, 17)
     n_steps = len(runner.steps)

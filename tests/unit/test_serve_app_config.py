@@ -14,17 +14,49 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_write_config_round_trips_the_flags(tmp_path):
     f = tmp_path / "serve.yaml"
-    assert main(["--model", "/m/dir", "--mode", "pd", "--prefill-replicas", "3", "--decode-replicas", "5",
-                 "--port", "9123", "--kv-transport", "channel", "--cpus-per-replica", "0.25",
-                 "--api-key", "sk-secret", "--write-config", str(f)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "/m/dir",
+                "--mode",
+                "pd",
+                "--prefill-replicas",
+                "3",
+                "--decode-replicas",
+                "5",
+                "--port",
+                "9123",
+                "--kv-transport",
+                "channel",
+                "--cpus-per-replica",
+                "0.25",
+                "--api-key",
+                "sk-secret",
+                "--write-config",
+                str(f),
+            ]
+        )
+        == 0
+    )
     text = f.read_text()
     assert "sk-secret" not in text and "MOERAY_API_KEY" in text
     conf = yaml.safe_load(text)
     (app,) = conf["applications"]
     cfg = ServeConfig.from_dict(app["args"])
-    assert (cfg.model, cfg.prefill_replicas, cfg.decode_replicas, cfg.port, cfg.kv_transport,
-            cfg.cpus_per_replica, cfg.api_key) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None)
-    assert conf["http_options"]["port"] == 9123 and app["import_path"] == "moeray.platform.serve.app:build"
+    assert (
+        cfg.model,
+        cfg.prefill_replicas,
+        cfg.decode_replicas,
+        cfg.port,
+        cfg.kv_transport,
+        cfg.cpus_per_replica,
+        cfg.api_key,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None)
+    assert (
+        conf["http_options"]["port"] == 9123
+        and app["import_path"] == "moeray.platform.serve.app:build"
+    )
 
 
 def test_bad_flags_exit_with_a_message(capsys):
@@ -42,10 +74,12 @@ def test_shipped_serve_configs_parse(name):
 
 
 def test_serve_config_rejects_bad_values():
-    for bad, match in (({"kv_transport": "tcp"}, "kv_transport='tcp'"),
-                       ({"kv_transfer_timeout_s": 0}, "kv_transfer_timeout_s"),
-                       ({"routing_stats_period_s": -1.0}, "routing_stats_period_s"),
-                       ({"autoscaling": {"max_replica": 3}}, "max_replica")):
+    for bad, match in (
+        ({"kv_transport": "tcp"}, "kv_transport='tcp'"),
+        ({"kv_transfer_timeout_s": 0}, "kv_transfer_timeout_s"),
+        ({"routing_stats_period_s": -1.0}, "routing_stats_period_s"),
+        ({"autoscaling": {"max_replica": 3}}, "max_replica"),
+    ):
         with pytest.raises(ValueError, match=match):
             ServeConfig(**bad)
     with pytest.raises(ValueError, match="unknown serve settings"):
@@ -59,7 +93,10 @@ def test_decode_router_resolves_to_a_serve_request_router():
     opts = _decode_router(ServeConfig(page_size=32, routing_stats_period_s=0.5))
     cls = import_attr(opts["request_router_class"])
     assert issubclass(cls, RequestRouter) and cls.__name__ == "DecodeRouter"
-    assert opts["request_router_kwargs"] == {"page_size": 32} and opts["request_routing_stats_period_s"] == 0.5
+    assert (
+        opts["request_router_kwargs"] == {"page_size": 32}
+        and opts["request_routing_stats_period_s"] == 0.5
+    )
 
 
 def test_engine_deployments_take_resources_and_autoscaling_from_the_config():
@@ -70,10 +107,18 @@ def test_engine_deployments_take_resources_and_autoscaling_from_the_config():
     assert fixed["num_replicas"] == 4 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 3.0, "num_gpus": 1.0}
     assert fixed["max_ongoing_requests"] == 12
-    auto = _engine_options(cfg.replace(autoscaling={"min_replicas": 1, "max_replicas": 6,
-                                                    "target_ongoing_requests": 9}), 4)
+    auto = _engine_options(
+        cfg.replace(
+            autoscaling={"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 9}
+        ),
+        4,
+    )
     assert "num_replicas" not in auto
-    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 9}
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 6,
+        "target_ongoing_requests": 9,
+    }
 
 
 def test_decode_router_backs_off_when_no_replica_takes_the_request():
@@ -88,8 +133,12 @@ def test_decode_router_backs_off_when_no_replica_takes_the_request():
     from moeray.platform.serve.worker import DecodeRoutingPolicy
 
     router = SimpleNamespace(policy=DecodeRoutingPolicy(16))
-    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={"free_pages": n, "seq": 1})
-                for rid, n in (("a", 3), ("b", 9))]
+    replicas = [
+        SimpleNamespace(
+            replica_id=SimpleNamespace(unique_id=rid), routing_stats={"free_pages": n, "seq": 1}
+        )
+        for rid, n in (("a", 3), ("b", 9))
+    ]
     choose = decode_router_class().choose_replicas
     for kwargs, want in (({}, ["b", "a"]), ({"replica": "a"}, ["a"]), ({"replica": "gone"}, [])):
         pending = SimpleNamespace(args=[], kwargs=kwargs, routing_context=RequestRoutingContext())

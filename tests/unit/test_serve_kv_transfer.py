@@ -15,13 +15,24 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.kv_channel import ChannelReceiver, ChannelSender, ChannelTicket
 from moeray.platform.serve.kv_transfer import (
-    DecodeEndpoint, ObjectStoreReceiver, ObjectStoreSender, make_receiver, make_sender)
+    DecodeEndpoint,
+    ObjectStoreReceiver,
+    ObjectStoreSender,
+    make_receiver,
+    make_sender,
+)
 from moeray.platform.serve.openai import EngineRequest, GenerationParams
 from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
 
 
-def _rows(rng: torch.Generator, start: int, L: int, T: int, C: int, R: int, dtype=torch.float32) -> KVRows:
-    return KVRows(start, torch.randn(L, T, C, generator=rng).to(dtype), torch.randn(L, T, R, generator=rng).to(dtype))
+def _rows(
+    rng: torch.Generator, start: int, L: int, T: int, C: int, R: int, dtype=torch.float32
+) -> KVRows:
+    return KVRows(
+        start,
+        torch.randn(L, T, C, generator=rng).to(dtype),
+        torch.randn(L, T, R, generator=rng).to(dtype),
+    )
 
 
 @contextlib.contextmanager
@@ -40,7 +51,9 @@ def _channel(recv_timeout_s: float = 20, send_timeout_s: float = 20):
 def test_channel_moves_rows_exactly_with_concurrent_transfers(dtype):
     rng = torch.Generator().manual_seed(11)
     shapes = [(3, 1, 7, 5), (2, 37, 13, 3), (5, 129, 9, 4), (1, 2, 16, 8), (4, 65, 3, 2)]
-    rows = [_rows(rng, random.Random(i).randint(0, 300), *s, dtype=dtype) for i, s in enumerate(shapes)]
+    rows = [
+        _rows(rng, random.Random(i).randint(0, 300), *s, dtype=dtype) for i, s in enumerate(shapes)
+    ]
 
     async def run():
         with _channel() as (recv, send):
@@ -83,7 +96,11 @@ async def _until(cond, what, timeout_s=10.0):
 
 
 def _same(got: KVRows, sent: KVRows) -> bool:
-    return got.start == sent.start and torch.equal(got.kv_LTC, sent.kv_LTC) and torch.equal(got.pe_LTR, sent.pe_LTR)
+    return (
+        got.start == sent.start
+        and torch.equal(got.kv_LTC, sent.kv_LTC)
+        and torch.equal(got.pe_LTR, sent.pe_LTR)
+    )
 
 
 def test_channel_expect_receives_before_the_reply_hands_over_the_ticket():
@@ -203,7 +220,9 @@ def test_channel_many_concurrent_transfers_in_scrambled_order():
             for i in range(0, 48, 2):
                 recv.expect(f"m{i}")
             tickets = [await send.send(f"m{i}", r, ep) for i, r in enumerate(rows)]
-            got = await asyncio.wait_for(asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 30)
+            got = await asyncio.wait_for(
+                asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 30
+            )
             return dict(zip(order, got)), send.failures, dict(recv._expected)
 
     got, failures, pending = asyncio.run(run())
@@ -240,8 +259,12 @@ def model():
 
 
 def _engine(model, pages=64):
-    return Engine(model, EngineConfig(num_pages=pages, page_size=16, max_num_batched_tokens=64,
-                                      use_cuda_graphs=False))
+    return Engine(
+        model,
+        EngineConfig(
+            num_pages=pages, page_size=16, max_num_batched_tokens=64, use_cuda_graphs=False
+        ),
+    )
 
 
 async def _tokens(gen):
@@ -252,8 +275,10 @@ def test_pd_over_the_channel_matches_the_engine_and_sends_only_missing_pages(mod
     torch.manual_seed(5)
     shared = torch.randint(2, 1024, (37,)).tolist()  # 2 full pages of 16 + 5 tokens
     prompts = [shared + torch.randint(2, 1024, (n,)).tolist() for n in (4, 19)]
-    expected = [o.output_token_ids for o in _engine(model).generate(
-        prompts, SamplingParams(temperature=0.0, max_tokens=6))]
+    expected = [
+        o.output_token_ids
+        for o in _engine(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
+    ]
 
     async def run():
         recv = ChannelReceiver("decode-0", timeout_s=20)
@@ -262,7 +287,9 @@ def test_pd_over_the_channel_matches_the_engine_and_sends_only_missing_pages(mod
         try:
             out = []
             for i, p in enumerate(prompts):  # in turn: the second finds the first's pages cached
-                req = EngineRequest(f"q{i}", tuple(p), GenerationParams(max_tokens=6, temperature=0.0))
+                req = EngineRequest(
+                    f"q{i}", tuple(p), GenerationParams(max_tokens=6, temperature=0.0)
+                )
                 out.append(await _tokens(decode.generate(req)))
             return out, decode.transfers
         finally:
@@ -287,8 +314,10 @@ def test_decode_worker_cancels_the_expectation_of_a_failed_prefill(model):
     request is recomputed locally) and the next request on the same channel moves its KV."""
     torch.manual_seed(6)
     prompts = [torch.randint(2, 1024, (n,)).tolist() for n in (21, 30)]
-    expected = [o.output_token_ids for o in _engine(model).generate(
-        prompts, SamplingParams(temperature=0.0, max_tokens=4))]
+    expected = [
+        o.output_token_ids
+        for o in _engine(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=4))
+    ]
 
     async def run():
         recv = ChannelReceiver("decode-0", timeout_s=20)
@@ -307,7 +336,9 @@ def test_decode_worker_cancels_the_expectation_of_a_failed_prefill(model):
         try:
             out = []
             for i, p in enumerate(prompts):
-                req = EngineRequest(f"w{i}", tuple(p), GenerationParams(max_tokens=4, temperature=0.0))
+                req = EngineRequest(
+                    f"w{i}", tuple(p), GenerationParams(max_tokens=4, temperature=0.0)
+                )
                 out.append(await _tokens(decode.generate(req)))
             return out, decode.transfers, dict(recv._expected), prefill.sender.failures
         finally:
@@ -360,7 +391,9 @@ def test_prefix_hashes_match_page_boundaries():
     h5 = pol.prefix_hashes(list(range(5)))
     h9 = pol.prefix_hashes(list(range(9)))
     assert len(h5) == 1 and len(h9) == 2 and h9[0] == h5[0]
-    assert pol.prefix_hashes([9] + list(range(1, 9)))[1] != h9[1]  # chained: page 2 depends on page 1
+    assert (
+        pol.prefix_hashes([9] + list(range(1, 9)))[1] != h9[1]
+    )  # chained: page 2 depends on page 1
 
 
 def test_endpoint_is_plain_data():
@@ -372,8 +405,15 @@ def test_bench_transfer_summary_skips_recomputed_requests():
     from moeray.platform.serve.bench import _transfer_summary
 
     rng = random.Random(9)
-    moved = [{"bytes": rng.randint(1, 10_000), "seconds": rng.uniform(0.001, 0.2), "recomputed": False,
-              "receive_seconds": rng.uniform(0, 0.01)} for _ in range(37)]
+    moved = [
+        {
+            "bytes": rng.randint(1, 10_000),
+            "seconds": rng.uniform(0.001, 0.2),
+            "recomputed": False,
+            "receive_seconds": rng.uniform(0, 0.01),
+        }
+        for _ in range(37)
+    ]
     redo = [{"bytes": 0, "seconds": 5.0, "recomputed": True} for _ in range(3)]
     s = _transfer_summary(moved + redo)
     assert s["requests"] == 40 and s["recomputed"] == 3

@@ -21,8 +21,14 @@ def test_round_trip_and_template_from_tokenizer_config(tok_dir):
     text = "def f(x):\n    return x + 1\n"
     assert tok.decode(tok.encode(text)) == text
     render = tok.chat_template()
-    prompt = render([ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi"),
-                     ChatMessage(role="assistant", content="hello"), ChatMessage(role="user", content="bye")])
+    prompt = render(
+        [
+            ChatMessage(role="system", content="be brief"),
+            ChatMessage(role="user", content="hi"),
+            ChatMessage(role="assistant", content="hello"),
+            ChatMessage(role="user", content="bye"),
+        ]
+    )
     assert prompt == "<|bos|>be brief\n<|User|>hi<|Assistant|>hello<|eos|><|User|>bye<|Assistant|>"
 
 

@@ -20,12 +20,18 @@ def model():
 
 
 def _engine(model, pages=64):
-    return Engine(model, EngineConfig(num_pages=pages, page_size=16, max_num_batched_tokens=64,
-                                      use_cuda_graphs=False))
+    return Engine(
+        model,
+        EngineConfig(
+            num_pages=pages, page_size=16, max_num_batched_tokens=64, use_cuda_graphs=False
+        ),
+    )
 
 
 def _req(rid, prompt, max_tokens=8):
-    return EngineRequest(rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=1))
+    return EngineRequest(
+        rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+    )
 
 
 async def _collect(gen):
@@ -38,18 +44,22 @@ async def _collect(gen):
 def test_colocated_and_pd_match_the_engine(model):
     torch.manual_seed(1)
     prompts = [torch.randint(2, 1024, (n,)).tolist() for n in (5, 23, 40)]
-    expected = [o.output_token_ids for o in _engine(model).generate(
-        prompts, SamplingParams(temperature=0.0, max_tokens=8))]
+    expected = [
+        o.output_token_ids
+        for o in _engine(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+    ]
 
     async def run():
         colocated = ColocatedWorker(_engine(model))
         prefill = PrefillWorker(_engine(model))
         decode = DecodeWorker(_engine(model), prefill.prefill)
         try:
-            co = await asyncio.gather(*[_collect(colocated.generate(_req(f"c{i}", p)))
-                                        for i, p in enumerate(prompts)])
-            pd = await asyncio.gather(*[_collect(decode.generate(_req(f"d{i}", p)))
-                                        for i, p in enumerate(prompts)])
+            co = await asyncio.gather(
+                *[_collect(colocated.generate(_req(f"c{i}", p))) for i, p in enumerate(prompts)]
+            )
+            pd = await asyncio.gather(
+                *[_collect(decode.generate(_req(f"d{i}", p))) for i, p in enumerate(prompts)]
+            )
             return co, pd, decode.transfers
         finally:
             for w in (colocated, prefill, decode):
@@ -122,19 +132,30 @@ def test_decode_with_a_full_batch_queues_the_request_and_errors_reach_the_caller
     """With one batch slot, a second P/D request cannot be placed when its KV arrives: the engine
     queues it for a local prefill (it must not be added twice), and it still completes."""
     prompts, lengths = [list(range(2, 20)), list(range(30, 45))], [40, 6]
-    expected = [o.output_token_ids for o in _engine(model).generate(
-        prompts, [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths])]
+    expected = [
+        o.output_token_ids
+        for o in _engine(model).generate(
+            prompts, [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths]
+        )
+    ]
 
     async def run():
         prefill = PrefillWorker(_engine(model))
-        decode = DecodeWorker(Engine(model, EngineConfig(num_pages=64, page_size=16, max_num_seqs=1,
-                                                         use_cuda_graphs=False)), prefill.prefill)
+        decode = DecodeWorker(
+            Engine(
+                model,
+                EngineConfig(num_pages=64, page_size=16, max_num_seqs=1, use_cuda_graphs=False),
+            ),
+            prefill.prefill,
+        )
         try:
             with pytest.raises(ZeroDivisionError):
                 await decode.loop.call(lambda: 1 / 0)
             first = decode.generate(_req("long", prompts[0], lengths[0]))
             head = await first.__anext__()  # the long request holds the only batch slot now
-            rest, second = await asyncio.gather(_collect(first), _collect(decode.generate(_req("short", prompts[1], lengths[1]))))
+            rest, second = await asyncio.gather(
+                _collect(first), _collect(decode.generate(_req("short", prompts[1], lengths[1])))
+            )
             return [list(head.token_ids) + rest[0], second[0]], decode.transfers
         finally:
             prefill.loop.shutdown()

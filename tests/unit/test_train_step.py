@@ -20,7 +20,9 @@ def _model(seed=0):
 
 
 def _tokens(B=3, S=17, seed=1):
-    return torch.randint(0, tiny().vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, tiny().vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -31,7 +33,9 @@ def test_learning_rate_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(1e-4)
     mid = 10 + (50 - 10 - 1) / 2  # halfway through the cosine: the mean of peak and floor
-    assert ts.learning_rate(int(mid), cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 39)))
+    assert ts.learning_rate(int(mid), cfg) == pytest.approx(
+        1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 39))
+    )
     with pytest.raises(ValueError, match="warmup_steps"):
         ts.OptimConfig(warmup_steps=60, total_steps=50)
 
@@ -42,7 +46,9 @@ def test_optimizer_settings():
     assert opt.defaults["betas"] == (0.9, 0.95)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
 
 
@@ -61,8 +67,9 @@ def test_loss_is_ce_plus_mtp_plus_sequence_balance():
     for moe in ts.moe_layers(m):
         r = moe.last_routing
         T = r.scores_TE.shape[0]
-        bal += routing.sequence_balance_loss(r.scores_TE.view(B, T // B, -1),
-                                             r.expert_ids_TK.view(B, T // B, -1), 0.01).item()
+        bal += routing.sequence_balance_loss(
+            r.scores_TE.view(B, T // B, -1), r.expert_ids_TK.view(B, T // B, -1), 0.01
+        ).item()
     assert parts.main == pytest.approx(main.item(), rel=1e-6)
     assert parts.mtp == pytest.approx(mtp.item(), rel=1e-6)
     assert parts.balance == pytest.approx(bal, rel=1e-6) and parts.balance > 0
@@ -95,7 +102,9 @@ def test_set_biases_reaches_every_moe_layer():
     L, E = len(ts.moe_layers(m)), tiny().n_routed_experts
     b = torch.randn(L, E)
     ts.set_biases(m, b)
-    assert all(torch.equal(moe.e_score_correction_bias, b[i]) for i, moe in enumerate(ts.moe_layers(m)))
+    assert all(
+        torch.equal(moe.e_score_correction_bias, b[i]) for i, moe in enumerate(ts.moe_layers(m))
+    )
     with pytest.raises(ValueError, match="MoE layers"):
         ts.set_biases(m, b[:1])
 
@@ -111,8 +120,12 @@ def test_fp8_training_tracks_higher_precision():
             enable_fp8_training(m)
         cfg = ts.OptimConfig(lr=3e-3, warmup_steps=3, total_steps=16)
         opt = ts.build_optimizer(m, cfg)
-        losses = [ts.train_step(m, opt, _tokens(B=4, S=32, seed=100 + s), s, cfg, ts.LossConfig()).loss.main
-                  for s in range(16)]
+        losses = [
+            ts.train_step(
+                m, opt, _tokens(B=4, S=32, seed=100 + s), s, cfg, ts.LossConfig()
+            ).loss.main
+            for s in range(16)
+        ]
         return sum(losses[-4:]) / 4
 
     base, fp8 = train(False), train(True)
@@ -133,11 +146,18 @@ def test_job_config_parsing(tmp_path):
     with pytest.raises(ValueError, match="multiple of"):
         TrainJobConfig.from_dict({"parallel": {"ep": 3}, "data": {"global_batch": 8}})
     pp = load_config("configs/train/tiny-pp2.yaml")
-    assert (pp.parallel.pp, pp.parallel.schedule, pp.parallel.microbatches, pp.parallel.world) == (2, "dualpipe", 4, 2)
+    assert (pp.parallel.pp, pp.parallel.schedule, pp.parallel.microbatches, pp.parallel.world) == (
+        2,
+        "dualpipe",
+        4,
+        2,
+    )
     with pytest.raises(ValueError, match="2\\*pp"):
         TrainJobConfig.from_dict({"parallel": {"pp": 4, "microbatches": 4}})
     with pytest.raises(ValueError, match="equal micro-batches"):
-        TrainJobConfig.from_dict({"parallel": {"pp": 2, "microbatches": 6}, "data": {"global_batch": 8}})
+        TrainJobConfig.from_dict(
+            {"parallel": {"pp": 2, "microbatches": 6}, "data": {"global_batch": 8}}
+        )
     with pytest.raises(ValueError, match="unknown schedule"):
         TrainJobConfig.from_dict({"parallel": {"pp": 2, "schedule": "gpipe"}})
     with pytest.raises(ValueError, match="use_gpu=true needs parallel.pp >= 2"):

@@ -42,7 +42,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--note", default=None, help="free text stored in the result (what was special about the run)")
+    p.add_argument(
+        "--note",
+        default=None,
+        help="free text stored in the result (what was special about the run)",
+    )
     a = p.parse_args(argv)
     try:
         a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
@@ -85,8 +89,13 @@ def measure_machine(device) -> dict:
         a @ a
     _sync(device)
     flops = 2 * m**3 * 5 / (time.perf_counter() - t)
-    out = {"measured_bandwidth_Bps": bw, "measured_flops": flops,
-           "bandwidth_Bps": bw, "peak_flops": flops, "source": "measured"}
+    out = {
+        "measured_bandwidth_Bps": bw,
+        "measured_flops": flops,
+        "bandwidth_Bps": bw,
+        "peak_flops": flops,
+        "source": "measured",
+    }
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (b, f) in SPEC.items():
@@ -108,14 +117,24 @@ def decode_roofline(cfg, batch: int, context: int, machine: dict, dtype_bytes: i
     weight_bytes = (total - V * D - routed + n_moe * touched * expert) * dtype_bytes
     C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     kv_bytes = batch * context * L * (C + R) * dtype_bytes
-    flops = batch * (2 * (cfg.num_parameters(activated=True) - V * D)
-                     + 2 * context * L * H * (2 * C + R))
+    flops = batch * (
+        2 * (cfg.num_parameters(activated=True) - V * D) + 2 * context * L * H * (2 * C + R)
+    )
     t = max((weight_bytes + kv_bytes) / machine["bandwidth_Bps"], flops / machine["peak_flops"])
     return batch / t
 
 
-def train_on_cycle(model, cycle, steps: int, device, *, seq_len: int = 128, batch: int = 8,
-                   lr: float = 1e-3, mtp_weight: float = 0.3) -> list[float]:
+def train_on_cycle(
+    model,
+    cycle,
+    steps: int,
+    device,
+    *,
+    seq_len: int = 128,
+    batch: int = 8,
+    lr: float = 1e-3,
+    mtp_weight: float = 0.3,
+) -> list[float]:
     """A few AdamW steps of next-token + MTP loss on windows of the cyclic corpus."""
     import torch
     import torch.nn.functional as F
@@ -136,8 +155,9 @@ def train_on_cycle(model, cycle, steps: int, device, *, seq_len: int = 128, batc
         V = out.logits.shape[-1]
         loss = F.cross_entropy(out.logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
         if out.mtp_logits:
-            loss = loss + mtp_weight * F.cross_entropy(out.mtp_logits[0].float().reshape(-1, V),
-                                                       ids[:, 2:].reshape(-1))
+            loss = loss + mtp_weight * F.cross_entropy(
+                out.mtp_logits[0].float().reshape(-1, V), ids[:, 2:].reshape(-1)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,8 +171,10 @@ def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
     Returns (decode tokens/s, outputs)."""
     from moeray.platform.engine.sampler import SamplingParams
 
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
-           for p in prompts]
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
+        for p in prompts
+    ]
     outs: dict[str, list[int]] = {}
 
     def step():
@@ -211,8 +233,10 @@ def main(argv: list[str]) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = preset(a.preset)
     if a.layers is not None:
-        cfg = cfg.replace(num_hidden_layers=a.layers,
-                          first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+        cfg = cfg.replace(
+            num_hidden_layers=a.layers,
+            first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers),
+        )
     cfg = cfg.replace(eos_token_id=None)  # fixed-length generations on both sides
     prefill_len = a.prefill_len or 8 * a.prompt_len
     cycle_len = min(a.cycle_len, cfg.vocab_size)
@@ -221,8 +245,9 @@ def main(argv: list[str]) -> int:
 
     model = Transformer(cfg).to(device)
     t0 = time.perf_counter()
-    losses = train_on_cycle(model, cycle, a.mtp_train_steps, device,
-                            seq_len=min(128, a.prompt_len), batch=8)
+    losses = train_on_cycle(
+        model, cycle, a.mtp_train_steps, device, seq_len=min(128, a.prompt_len), batch=8
+    )
     train_s = time.perf_counter() - t0
     model = model.to(dtype)
     hf_dir = tempfile.mkdtemp(prefix="moeray-bench-engine-")
@@ -233,16 +258,23 @@ def main(argv: list[str]) -> int:
     n = a.decode_tokens
     max_b = max(a.batch_sizes)
     need_tokens = max(max_b * (a.prompt_len + n + 2), a.prefill_batch * (prefill_len + 2))
-    ecfg = dict(page_size=64, num_pages=need_tokens // 64 + max_b + 8, max_num_seqs=max_b,
-                max_num_batched_tokens=max(4096, max_b * 2), enable_prefix_caching=False,
-                use_cuda_graphs=not a.no_cuda_graphs,
-                max_model_len=max(prefill_len, a.prompt_len + n) + 8)
+    ecfg = dict(
+        page_size=64,
+        num_pages=need_tokens // 64 + max_b + 8,
+        max_num_seqs=max_b,
+        max_num_batched_tokens=max(4096, max_b * 2),
+        enable_prefix_caching=False,
+        use_cuda_graphs=not a.no_cuda_graphs,
+        max_model_len=max(prefill_len, a.prompt_len + n) + 8,
+    )
 
     decode, roof, frac, hf_rate, notes = {}, {}, {}, {}, {}
     engine = Engine(model, EngineConfig(**ecfg))
     for B in a.batch_sizes:
-        prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
-                   for _ in range(B)]
+        prompts = [
+            torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+            for _ in range(B)
+        ]
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
         # a prefill of B prompts compiles Triton kernels for its own token counts (a batch-1
         # warm-up left such work inside the timed loop on the H100 run of 2026-11-23).
@@ -254,8 +286,10 @@ def main(argv: list[str]) -> int:
     notes["cuda_graphs"] = engine.runner.graph_status
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 
-    prompts = [torch.randint(0, cfg.vocab_size, (prefill_len,), generator=g).tolist()
-               for _ in range(a.prefill_batch)]
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (prefill_len,), generator=g).tolist()
+        for _ in range(a.prefill_batch)
+    ]
     # Warm up with the whole batch (prefix caching is off): a 1-prompt warm-up leaves the
     # Triton compiles for the full step's token count (fused MoE and prefill configs are chosen by
     # it) inside the timed run; that is the likely reason the H100 measured 40.6K tok/s on
@@ -275,8 +309,10 @@ def main(argv: list[str]) -> int:
         with mock.patch.dict(os.environ, {"MOERAY_FUSED_ROUTER": "0"}):
             engine = Engine(model, EngineConfig(**ecfg))
             for B in sorted({min(16, max_b), max_b}):
-                prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
-                           for _ in range(B)]
+                prompts = [
+                    torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+                    for _ in range(B)
+                ]
                 engine_decode(engine, prompts, 2)
                 ab[str(B)] = engine_decode(engine, prompts, n)[0]
         notes["decode_tokens_per_s_pytorch_router"] = ab
@@ -288,8 +324,10 @@ def main(argv: list[str]) -> int:
     for B in a.batch_sizes:
         if B > a.hf_max_batch:
             continue
-        prompts = [torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
-                   for _ in range(B)]
+        prompts = [
+            torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+            for _ in range(B)
+        ]
         hf_rate[str(B)] = hf_decode(hf, prompts, min(n, 16), device)
     del hf
 
@@ -311,19 +349,32 @@ def main(argv: list[str]) -> int:
         spec.drafter.stats.__init__()
         r1, out1 = engine_decode(spec, prompts, n)
         st = spec.drafter.stats
-        mtp[str(B)] = {"tokens_per_s": r1, "baseline_tokens_per_s": r0, "speedup": r1 / r0,
-                       "acceptance": st.acceptance_rate,
-                       "mean_accepted_length": st.mean_accepted_length,
-                       "outputs_identical": out0 == out1,
-                       "cuda_graphs": spec.runner.graph_status,
-                       "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs)}
+        mtp[str(B)] = {
+            "tokens_per_s": r1,
+            "baseline_tokens_per_s": r0,
+            "speedup": r1 / r0,
+            "acceptance": st.acceptance_rate,
+            "mean_accepted_length": st.mean_accepted_length,
+            "outputs_identical": out0 == out1,
+            "cuda_graphs": spec.runner.graph_status,
+            "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs),
+        }
         del spec
 
     result = {
-        "model": {"preset": a.preset, "num_hidden_layers": cfg.num_hidden_layers,
-                  "parameters": cfg.num_parameters(), "dtype": str(dtype).removeprefix("torch.")},
-        "settings": {"prompt_len": a.prompt_len, "decode_tokens": n, "prefill_len": prefill_len,
-                     "prefill_batch": a.prefill_batch, "page_size": 64},
+        "model": {
+            "preset": a.preset,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "parameters": cfg.num_parameters(),
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "settings": {
+            "prompt_len": a.prompt_len,
+            "decode_tokens": n,
+            "prefill_len": prefill_len,
+            "prefill_batch": a.prefill_batch,
+            "page_size": 64,
+        },
         "decode_tokens_per_s": decode,
         "hf_generate_tokens_per_s": hf_rate,
         "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
@@ -334,15 +385,20 @@ def main(argv: list[str]) -> int:
         "mtp_acceptance": mtp["1"]["acceptance"],
         "mtp_speedup": mtp["1"]["speedup"],
         "mtp": mtp,
-        "mtp_training": {"steps": a.mtp_train_steps, "seconds": train_s,
-                         "first_loss": losses[0] if losses else None,
-                         "last_loss": losses[-1] if losses else None, "cycle_len": cycle_len},
+        "mtp_training": {
+            "steps": a.mtp_train_steps,
+            "seconds": train_s,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "cycle_len": cycle_len,
+        },
         "engine": notes,
     }
     if a.note:
         result["note"] = a.note
-    path = write_result(f"engine-{device_slug()}", result,
-                        directory=None if a.out_dir is None else a.out_dir)
+    path = write_result(
+        f"engine-{device_slug()}", result, directory=None if a.out_dir is None else a.out_dir
+    )
     print(f"wrote {path}")
     for k in ("decode_tokens_per_s", "hf_generate_tokens_per_s", "roofline_fraction"):
         print(k, {b: round(v, 3) for b, v in result[k].items()})

@@ -23,8 +23,10 @@ class KVRows:
 
     def __post_init__(self) -> None:
         if self.kv_LTC.shape[:2] != self.pe_LTR.shape[:2]:
-            raise ValueError(f"kv rows {tuple(self.kv_LTC.shape)} and rope rows {tuple(self.pe_LTR.shape)} "
-                             "disagree on layers/tokens")
+            raise ValueError(
+                f"kv rows {tuple(self.kv_LTC.shape)} and rope rows {tuple(self.pe_LTR.shape)} "
+                "disagree on layers/tokens"
+            )
         if self.start < 0:
             raise ValueError(f"start={self.start} must be >= 0")
 
@@ -38,7 +40,10 @@ class KVRows:
 
     @property
     def nbytes(self) -> int:
-        return self.kv_LTC.numel() * self.kv_LTC.element_size() + self.pe_LTR.numel() * self.pe_LTR.element_size()
+        return (
+            self.kv_LTC.numel() * self.kv_LTC.element_size()
+            + self.pe_LTR.numel() * self.pe_LTR.element_size()
+        )
 
-    def to(self, device: torch.device | str) -> "KVRows":
+    def to(self, device: torch.device | str) -> KVRows:
         return KVRows(self.start, self.kv_LTC.to(device), self.pe_LTR.to(device))

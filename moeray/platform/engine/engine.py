@@ -16,15 +16,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from moeray.platform.engine.kv_cache import (
-    CacheShape, KVCacheManager, PagedKVStorage, device_budget_bytes, num_pages_for_budget)
 from moeray.platform.engine.disagg import KVRows
+from moeray.platform.engine.kv_cache import (
+    CacheShape,
+    KVCacheManager,
+    PagedKVStorage,
+    device_budget_bytes,
+    num_pages_for_budget,
+)
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
@@ -59,8 +65,10 @@ class EngineConfig:
         if self.page_size < 1:
             raise ValueError(f"page_size={self.page_size} must be >= 1")
         if self.num_speculative_tokens not in (0, 1):
-            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens}: accepted 0 "
-                             "(off) or 1 (one MTP draft per step)")
+            raise ValueError(
+                f"num_speculative_tokens={self.num_speculative_tokens}: accepted 0 "
+                "(off) or 1 (one MTP draft per step)"
+            )
 
 
 @dataclass
@@ -83,13 +91,19 @@ class Engine:
         self.tokenizer = tokenizer
         spec = config.num_speculative_tokens
         shape = CacheShape.from_model_config(
-            model.config, page_size=config.page_size,
-            dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), include_mtp=spec > 0)
+            model.config,
+            page_size=config.page_size,
+            dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(),
+            include_mtp=spec > 0,
+        )
         if config.num_pages is not None:
             num_pages = config.num_pages
         else:
-            budget = device_budget_bytes(self.device, fraction=config.memory_fraction,
-                                         cpu_budget_bytes=config.cpu_cache_bytes)
+            budget = device_budget_bytes(
+                self.device,
+                fraction=config.memory_fraction,
+                cpu_budget_bytes=config.cpu_cache_bytes,
+            )
             num_pages = num_pages_for_budget(shape, budget) - 1  # one page kept as scratch
             if num_pages < 1:
                 raise ValueError(f"{budget} bytes hold no KV page of {shape.bytes_per_page} bytes")
@@ -97,25 +111,37 @@ class Engine:
         capacity = num_pages * config.page_size
         max_len = config.max_model_len or model.config.max_position_embeddings
         self.max_model_len = min(max_len, model.config.max_position_embeddings, capacity)
-        self.kv = KVCacheManager(num_pages, config.page_size,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         # One extra page: CUDA-graph padding rows write there (no block table holds it).
         self.storage = PagedKVStorage(shape, num_pages + 1, device=self.device, dtype=self.dtype)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs,
-                            max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=self.max_model_len, num_speculative_tokens=spec),
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                num_speculative_tokens=spec,
+            ),
             self.kv,
             eos_token_ids=[] if model.config.eos_token_id is None else [model.config.eos_token_id],
-            detokenize=self._detokenize if tokenizer is not None else None)
-        self.runner = ModelRunner(model, self.kv, self.storage, max_model_len=self.max_model_len,
-                                  use_cuda_graphs=config.use_cuda_graphs,
-                                  graph_batch_sizes=config.graph_batch_sizes,
-                                  attention=config.attention)
+            detokenize=self._detokenize if tokenizer is not None else None,
+        )
+        self.runner = ModelRunner(
+            model,
+            self.kv,
+            self.storage,
+            max_model_len=self.max_model_len,
+            use_cuda_graphs=config.use_cuda_graphs,
+            graph_batch_sizes=config.graph_batch_sizes,
+            attention=config.attention,
+        )
         self.sampler = Sampler()
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         if config.capture_graphs_at_start:
-            self.runner.capture_graphs(config.max_num_seqs, model.mtp[0] if spec else None, self.dtype)
+            self.runner.capture_graphs(
+                config.max_num_seqs, model.mtp[0] if spec else None, self.dtype
+            )
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -125,9 +151,15 @@ class Engine:
         self.scheduler.before_free = self._export_before_free
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig = EngineConfig(), *,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        tokenizer=None) -> "Engine":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: EngineConfig = EngineConfig(),
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tokenizer=None,
+    ) -> Engine:
         from moeray.platform.checkpoint import load_model
 
         _cfg, model = load_model(path, device=device, dtype=dtype)
@@ -156,15 +188,23 @@ class Engine:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         return ids
 
-    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None, *, export_kv_from: int | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Sequence[int] | str,
+        params: SamplingParams = SamplingParams(),
+        request_id: str | None = None,
+        *,
+        export_kv_from: int | None = None,
+    ) -> str:
         """Queue a request. With `export_kv_from` (a prefill replica), the finished request's
         output carries `kv_export`: the KV rows of prompt tokens [export_kv_from, P)."""
         ids = self._check_ids(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if export_kv_from is not None and not 0 <= export_kv_from < len(ids):
-            raise ValueError(f"export_kv_from={export_kv_from} must be in [0, {len(ids)}) for a "
-                             f"{len(ids)}-token prompt")
+            raise ValueError(
+                f"export_kv_from={export_kv_from} must be in [0, {len(ids)}) for a "
+                f"{len(ids)}-token prompt"
+            )
         self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
         if export_kv_from is not None:
             self._exports[rid] = export_kv_from
@@ -179,21 +219,35 @@ class Engine:
         slots = torch.tensor(self.kv.slots(req.request_id, start, P), device=self.device)
         rows = [self.storage.read(layer, slots) for layer in range(self.storage.shape.num_layers)]
         self._exported[req.request_id] = KVRows(
-            start, torch.stack([kv for kv, _ in rows]).clone(), torch.stack([pe for _, pe in rows]).clone())
+            start,
+            torch.stack([kv for kv, _ in rows]).clone(),
+            torch.stack([pe for _, pe in rows]).clone(),
+        )
 
     def _attach_exports(self, outs: list[RequestOutput]) -> list[RequestOutput]:
         if not self._exported:
             return outs
-        return [dataclasses.replace(o, kv_export=self._exported.pop(o.request_id))
-                if o.request_id in self._exported else o for o in outs]
+        return [
+            dataclasses.replace(o, kv_export=self._exported.pop(o.request_id))
+            if o.request_id in self._exported
+            else o
+            for o in outs
+        ]
 
     def cached_prefix_length(self, prompt: Sequence[int]) -> int:
         """Prompt tokens this engine's prefix cache holds now (whole pages)."""
         return self.kv.match_length(list(prompt))
 
-    def add_prefilled_request(self, prompt: Sequence[int], first_token: int, rows: KVRows,
-                              params: SamplingParams = SamplingParams(), request_id: str | None = None,
-                              *, first_logprobs=None):
+    def add_prefilled_request(
+        self,
+        prompt: Sequence[int],
+        first_token: int,
+        rows: KVRows,
+        params: SamplingParams = SamplingParams(),
+        request_id: str | None = None,
+        *,
+        first_logprobs=None,
+    ):
         """Continue a request whose prompt was prefilled elsewhere: write `rows` (prompt tokens
         [rows.start, P)) into this engine's pages and join the running batch with `first_token`.
         Returns the first token's RequestOutput, or None when the rows could not be used (they
@@ -203,7 +257,9 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         P = len(ids)
         if rows.end != P:
-            raise ValueError(f"KV rows cover tokens [{rows.start}, {rows.end}) but the prompt has {P}")
+            raise ValueError(
+                f"KV rows cover tokens [{rows.start}, {rows.end}) but the prompt has {P}"
+            )
         layers = min(rows.kv_LTC.shape[0], self.storage.shape.num_layers)
 
         def import_rows(num_cached: int) -> bool:
@@ -212,12 +268,23 @@ class Engine:
             slots = torch.tensor(self.kv.slots(rid, num_cached, P), device=self.device)
             off = num_cached - rows.start
             for layer in range(layers):
-                self.storage.write(layer, slots, rows.kv_LTC[layer, off:].to(self.device),
-                                   rows.pe_LTR[layer, off:].to(self.device))
+                self.storage.write(
+                    layer,
+                    slots,
+                    rows.kv_LTC[layer, off:].to(self.device),
+                    rows.pe_LTR[layer, off:].to(self.device),
+                )
             return True
 
-        return self.scheduler.add_prefilled(rid, ids, params, make_generator(params.seed, self._rng),
-                                            first_token, first_logprobs, import_rows)
+        return self.scheduler.add_prefilled(
+            rid,
+            ids,
+            params,
+            make_generator(params.seed, self._rng),
+            first_token,
+            first_logprobs,
+            import_rows,
+        )
 
     def abort(self, request_id: str) -> bool:
         self._exports.pop(request_id, None)
@@ -241,8 +308,9 @@ class Engine:
         if plain:
             seqs = [out.scheduled[i] for i in plain]
             rows = torch.stack([fwd.logits[i][-1] for i in plain])
-            res = self.sampler(rows, [s.request.params for s in seqs],
-                               [s.request.generator for s in seqs])
+            res = self.sampler(
+                rows, [s.request.params for s in seqs], [s.request.generator for s in seqs]
+            )
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
@@ -251,8 +319,13 @@ class Engine:
         targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy])))
         for i in spec:
             s = out.scheduled[i]
-            toks, lps = verify(fwd.logits[i], s.spec_token_ids, s.request.params,
-                               s.request.generator, targets.get(i))
+            toks, lps = verify(
+                fwd.logits[i],
+                s.spec_token_ids,
+                s.request.params,
+                s.request.generator,
+                targets.get(i),
+            )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
             self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
@@ -267,9 +340,11 @@ class Engine:
         self.stats.generated_tokens += sum(len(v) for v in sampled.values())
         return outs
 
-    def generate(self, prompts: Sequence[Sequence[int] | str],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    ) -> list[RequestOutput]:
         """Run the prompts to completion (with whatever else is queued); outputs in prompt order."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
@@ -285,11 +360,15 @@ class Engine:
         return [final[i] for i in ids]
 
     def metrics(self) -> dict[str, Any]:
-        m = {"steps": self.stats.steps, "num_pages": self.kv.num_pages,
-             "free_pages": self.kv.pool.num_available, "prefix_hit_rate": self.kv.prefix_hit_rate,
-             "preemptions": self.scheduler.num_preemptions,
-             "cuda_graphs": self.runner.graph_status,
-             "attention_calls": dict(self.runner.attention_calls)}
+        m = {
+            "steps": self.stats.steps,
+            "num_pages": self.kv.num_pages,
+            "free_pages": self.kv.pool.num_available,
+            "prefix_hit_rate": self.kv.prefix_hit_rate,
+            "preemptions": self.scheduler.num_preemptions,
+            "cuda_graphs": self.runner.graph_status,
+            "attention_calls": dict(self.runner.attention_calls),
+        }
         if self.drafter is not None:
             m["mtp"] = self.drafter.stats.as_dict()
         return m

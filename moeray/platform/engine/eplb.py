@@ -31,15 +31,19 @@ class PlacedMoE(MoE):
         E = moe.experts.num_experts
         phy2log_P = placement.phy2log_LP[layer]
         if int(phy2log_P.max()) >= E or placement.logcnt_LE.shape[1] != E:
-            raise ValueError(f"placement layer {layer} is for {placement.logcnt_LE.shape[1]} experts; "
-                             f"this layer has {E}")
+            raise ValueError(
+                f"placement layer {layer} is for {placement.logcnt_LE.shape[1]} experts; "
+                f"this layer has {E}"
+            )
         experts = Experts.__new__(Experts)
         nn.Module.__init__(experts)
         experts.num_experts = phy2log_P.numel()
         experts.linear, experts.mlp_fn = moe.experts.linear, moe.experts.mlp_fn
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(moe.experts, name).detach()
-            experts.register_parameter(name, nn.Parameter(w[phy2log_P.to(w.device)].clone(), requires_grad=False))
+            experts.register_parameter(
+                name, nn.Parameter(w[phy2log_P.to(w.device)].clone(), requires_grad=False)
+            )
         self.experts = experts
         self.register_buffer("log2phy_ER", placement.log2phy_LER[layer].clone(), persistent=False)
         self.register_buffer("logcnt_E", placement.logcnt_LE[layer].clone(), persistent=False)
@@ -62,8 +66,10 @@ def apply_placement(model: nn.Module, placement: Placement) -> list[PlacedMoE]:
     router numbers them) for its placed version; returns the new layers."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     if len(layers) != placement.phy2log_LP.shape[0]:
-        raise ValueError(f"placement has {placement.phy2log_LP.shape[0]} layers; the model has "
-                         f"{len(layers)} MoE layers")
+        raise ValueError(
+            f"placement has {placement.phy2log_LP.shape[0]} layers; the model has "
+            f"{len(layers)} MoE layers"
+        )
     placed = []
     for layer, (name, moe) in enumerate(layers):
         base = moe
@@ -79,4 +85,5 @@ def apply_placement(model: nn.Module, placement: Placement) -> list[PlacedMoE]:
 def gpu_loads(slot_counts_P: torch.Tensor, placement: Placement) -> torch.Tensor:
     """Tokens per GPU from tokens per physical slot."""
     return torch.zeros(placement.num_gpus, dtype=torch.int64).index_add_(
-        0, placement.gpu_of_slot(), slot_counts_P.cpu().to(torch.int64))
+        0, placement.gpu_of_slot(), slot_counts_P.cpu().to(torch.int64)
+    )

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily by the functions that need it
     import torch
@@ -60,13 +61,19 @@ class CacheShape:
         return self.page_size * self.bytes_per_token
 
     @classmethod
-    def from_model_config(cls, cfg, *, page_size: int = PAGE_SIZE, dtype_bytes: int = 2,
-                          include_mtp: bool = True) -> "CacheShape":
+    def from_model_config(
+        cls, cfg, *, page_size: int = PAGE_SIZE, dtype_bytes: int = 2, include_mtp: bool = True
+    ) -> CacheShape:
         """Cache shape of an HF-style model config; the MTP layers get layer indices after the
         main ones (layer_idx = num_hidden_layers + k), as in the checkpoint."""
         mtp = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0) if include_mtp else 0
-        return cls(num_layers=cfg.num_hidden_layers + mtp, kv_lora_rank=cfg.kv_lora_rank,
-                   rope_dim=cfg.qk_rope_head_dim, page_size=page_size, dtype_bytes=dtype_bytes)
+        return cls(
+            num_layers=cfg.num_hidden_layers + mtp,
+            kv_lora_rank=cfg.kv_lora_rank,
+            rope_dim=cfg.qk_rope_head_dim,
+            page_size=page_size,
+            dtype_bytes=dtype_bytes,
+        )
 
 
 def num_pages_for_budget(shape: CacheShape, budget_bytes: int) -> int:
@@ -76,8 +83,9 @@ def num_pages_for_budget(shape: CacheShape, budget_bytes: int) -> int:
     return int(budget_bytes) // shape.bytes_per_page
 
 
-def device_budget_bytes(device, *, fraction: float = 0.9, cpu_budget_bytes: int | None = None,
-                        reserve_bytes: int = 0) -> int:
+def device_budget_bytes(
+    device, *, fraction: float = 0.9, cpu_budget_bytes: int | None = None, reserve_bytes: int = 0
+) -> int:
     """Bytes the cache may take: `fraction` of the free device memory minus `reserve_bytes`
     (activations, CUDA graphs) on GPU; on CPU the caller's byte budget (there is no free-memory
     query worth trusting on a shared host)."""
@@ -104,14 +112,19 @@ def hash_page(prev_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
-def page_hashes(token_ids: Sequence[int], page_size: int, prev: bytes | None = None,
-                start_page: int = 0, num_pages: int | None = None) -> list[bytes]:
+def page_hashes(
+    token_ids: Sequence[int],
+    page_size: int,
+    prev: bytes | None = None,
+    start_page: int = 0,
+    num_pages: int | None = None,
+) -> list[bytes]:
     """Hashes of the full pages of token_ids, from start_page (with prev = hash of the page before)."""
     full = len(token_ids) // page_size
     end = full if num_pages is None else min(full, start_page + num_pages)
     out = []
     for p in range(start_page, end):
-        prev = hash_page(prev, token_ids[p * page_size:(p + 1) * page_size])
+        prev = hash_page(prev, token_ids[p * page_size : (p + 1) * page_size])
         out.append(prev)
     return out
 
@@ -209,8 +222,9 @@ class BlockTable:
 class KVCacheManager:
     """Block tables over a PagePool: what the scheduler calls to admit, grow and free sequences."""
 
-    def __init__(self, num_pages: int, page_size: int = PAGE_SIZE, *,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_pages: int, page_size: int = PAGE_SIZE, *, enable_prefix_caching: bool = True
+    ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size={page_size} must be >= 1")
         self.page_size = page_size
@@ -233,7 +247,7 @@ class KVCacheManager:
             return [], []
         pages, hashes, prev = [], [], None
         for p in range((len(token_ids) - 1) // self.page_size):
-            prev = hash_page(prev, token_ids[p * self.page_size:(p + 1) * self.page_size])
+            prev = hash_page(prev, token_ids[p * self.page_size : (p + 1) * self.page_size])
             page = self.pool.lookup(prev)
             if page is None:
                 break
@@ -297,7 +311,9 @@ class KVCacheManager:
         if full <= done:
             return
         prev = table.hashes[-1] if table.hashes else None
-        for p, h in enumerate(page_hashes(token_ids, self.page_size, prev, done, full - done), done):
+        for p, h in enumerate(
+            page_hashes(token_ids, self.page_size, prev, done, full - done), done
+        ):
             self.pool.register(table.pages[p], h)
             table.hashes.append(h)
 
@@ -329,25 +345,32 @@ class PagedKVStorage:
         self.shape = shape
         self.num_pages = num_pages
         self.dtype = dtype if dtype is not None else torch.bfloat16
-        self.kv_LPNK = torch.zeros(shape.num_layers, num_pages, shape.page_size,
-                                   shape.values_per_token, device=device, dtype=self.dtype)
+        self.kv_LPNK = torch.zeros(
+            shape.num_layers,
+            num_pages,
+            shape.page_size,
+            shape.values_per_token,
+            device=device,
+            dtype=self.dtype,
+        )
 
     @property
     def device(self):
         return self.kv_LPNK.device
 
-    def layer_flat(self, layer_idx: int) -> "torch.Tensor":
+    def layer_flat(self, layer_idx: int) -> torch.Tensor:
         """[P*N, K] view of one layer: row = slot index."""
         return self.kv_LPNK[layer_idx].view(-1, self.shape.values_per_token)
 
-    def write(self, layer_idx: int, slots_T: "torch.Tensor", kv_TC: "torch.Tensor",
-              pe_TR: "torch.Tensor") -> None:
+    def write(
+        self, layer_idx: int, slots_T: torch.Tensor, kv_TC: torch.Tensor, pe_TR: torch.Tensor
+    ) -> None:
         flat = self.layer_flat(layer_idx)
         C = self.shape.kv_lora_rank
         flat[slots_T, :C] = kv_TC.to(self.dtype)
         flat[slots_T, C:] = pe_TR.to(self.dtype)
 
-    def read(self, layer_idx: int, slots: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def read(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather rows by slot index (any shape); returns (kv[..., C], pe[..., R])."""
         rows = self.layer_flat(layer_idx)[slots]
         C = self.shape.kv_lora_rank

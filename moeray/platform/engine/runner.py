@@ -49,8 +49,8 @@ capture fails the runner says why in `graph_status` and runs that kind eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -61,7 +61,9 @@ from moeray.platform.engine.scheduler import ScheduledSeq
 PAD_MAX_S = 2
 
 
-def _slots(block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int) -> torch.Tensor:
+def _slots(
+    block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int
+) -> torch.Tensor:
     """Flat slot (page * N + offset) of each position through each row's block table."""
     page_BS = block_table_BM.gather(1, positions_BS // page_size).long()
     return page_BS * page_size + positions_BS % page_size
@@ -70,8 +72,9 @@ def _slots(block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: 
 class GatherPagedView:
     """KVCache over the pages for one forward of B sequences with S new tokens each."""
 
-    def __init__(self, storage: PagedKVStorage, block_table_BM: torch.Tensor, starts_B: torch.Tensor,
-                 S: int) -> None:
+    def __init__(
+        self, storage: PagedKVStorage, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
+    ) -> None:
         self.storage = storage
         self.N = storage.shape.page_size
         self.block_table_BM = block_table_BM
@@ -111,8 +114,15 @@ class GatherPagedView:
 class KernelPagedView(GatherPagedView):
     """GPU view: `attend` runs the paged MLA kernel over the pages."""
 
-    def attend(self, layer_idx: int, q_lat_BSHC: torch.Tensor, q_pe_BSHR: torch.Tensor,
-               kv_BSC: torch.Tensor, pe_BSR: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        q_lat_BSHC: torch.Tensor,
+        q_pe_BSHR: torch.Tensor,
+        kv_BSC: torch.Tensor,
+        pe_BSR: torch.Tensor,
+        softmax_scale: float,
+    ) -> torch.Tensor:
         """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
         context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
@@ -121,9 +131,14 @@ class KernelPagedView(GatherPagedView):
         self.calls["attend"] += 1
         self._write(layer_idx, kv_BSC, pe_BSR)
         q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
-        out = mla_decode_multi(q_BSHK, self.storage.kv_LPNK[layer_idx], self.block_table_BM,
-                               self.seq_lens_B.to(torch.int32), softmax_scale,
-                               kv_lora_rank=self.storage.shape.kv_lora_rank)
+        out = mla_decode_multi(
+            q_BSHK,
+            self.storage.kv_LPNK[layer_idx],
+            self.block_table_BM,
+            self.seq_lens_B.to(torch.int32),
+            softmax_scale,
+            kv_lora_rank=self.storage.shape.kv_lora_rank,
+        )
         return out.to(q_lat_BSHC.dtype)
 
 
@@ -139,14 +154,21 @@ class _DecodeGraph:
     """One captured decode forward for a fixed batch size bs and S tokens per row: the main model
     (kind "main"), or one MTP depth (kind "mtp") reading a static hidden_BSD input as well."""
 
-    def __init__(self, runner: "ModelRunner", bs: int, S: int, mtp_module=None,
-                 hidden_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        bs: int,
+        S: int,
+        mtp_module=None,
+        hidden_dtype: torch.dtype | None = None,
+    ) -> None:
         dev = runner.device
         self.bs, self.S = bs, S
         self.mtp_module = mtp_module
         self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
-        self.block_table_BM = torch.full((bs, runner.max_pages), runner.scratch_page,
-                                         dtype=torch.int32, device=dev)
+        self.block_table_BM = torch.full(
+            (bs, runner.max_pages), runner.scratch_page, dtype=torch.int32, device=dev
+        )
         self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
         self.hidden_in_BSD = None
         if mtp_module is not None:
@@ -158,8 +180,10 @@ class _DecodeGraph:
         # starts and block table, so they must be recomputed at every replay.
         view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
         if view.calls["attend"] == 0:
-            raise RuntimeError("the model's MLA does not call cache.attend, so attention would "
-                               "gather with host-side sizes: not capturable")
+            raise RuntimeError(
+                "the model's MLA does not call cache.attend, so attention would "
+                "gather with host-side sizes: not capturable"
+            )
         # A host sync inside a capture invalidates it (and can leave the stream in an error
         # state), so first replay the forward with syncs turned into errors.
         prev = torch.cuda.get_sync_debug_mode()
@@ -175,7 +199,7 @@ class _DecodeGraph:
         runner.graph_pool = self.graph.pool()
         self.scratch_page = runner.scratch_page
 
-    def _forward(self, runner: "ModelRunner"):
+    def _forward(self, runner: ModelRunner):
         view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
         if self.mtp_module is None:
             return view, runner._forward_model(self.ids_BS, view)
@@ -199,10 +223,17 @@ class _DecodeGraph:
 class ModelRunner:
     """Runs the model over scheduled sequences against a PagedKVStorage."""
 
-    def __init__(self, model, kv: KVCacheManager, storage: PagedKVStorage, *,
-                 max_model_len: int, use_cuda_graphs: bool = True,
-                 graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 attention: str = "auto") -> None:
+    def __init__(
+        self,
+        model,
+        kv: KVCacheManager,
+        storage: PagedKVStorage,
+        *,
+        max_model_len: int,
+        use_cuda_graphs: bool = True,
+        graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+        attention: str = "auto",
+    ) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
@@ -222,8 +253,9 @@ class ModelRunner:
         # Keyed by (padded batch size, S, "main" or "mtp").
         self.graphs: dict[tuple[int, int, str], _DecodeGraph] = {}
         self.graph_pool = None
-        self.use_cuda_graphs = bool(use_cuda_graphs and self.on_gpu and kernel
-                                    and self.scratch_page is not None)
+        self.use_cuda_graphs = bool(
+            use_cuda_graphs and self.on_gpu and kernel and self.scratch_page is not None
+        )
         # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
         self.use_mtp_graphs = self.use_cuda_graphs
         self._status = {"main": "off", "mtp": "off"}
@@ -237,15 +269,17 @@ class ModelRunner:
         out = self.model(ids_BS, positions_BS=view.positions_BS, cache=view, return_mtp=False)
         return out.logits.float(), out.hidden
 
-    def _forward_mtp(self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor,
-                     view: GatherPagedView):
-        hidden, logits = self.model.mtp_step(mtp_module, hidden_BSD, ids_BS, view.positions_BS,
-                                             cache=view)
+    def _forward_mtp(
+        self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, view: GatherPagedView
+    ):
+        hidden, logits = self.model.mtp_step(
+            mtp_module, hidden_BSD, ids_BS, view.positions_BS, cache=view
+        )
         return logits.float(), hidden
 
     @property
     def graph_status(self) -> str:
-        """"off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
+        """ "off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
         the main forward could not be captured; an MTP failure alone reads
         "captured; mtp disabled: <why>"."""
         main, mtp = self._status["main"], self._status["mtp"]
@@ -253,17 +287,28 @@ class ModelRunner:
             return f"{main}; mtp {mtp}"
         return main
 
-    def forward_group(self, ids_BS: torch.Tensor, block_table_BM: torch.Tensor,
-                      starts_B: torch.Tensor, *, mtp_module=None, hidden_BSD=None):
+    def forward_group(
+        self,
+        ids_BS: torch.Tensor,
+        block_table_BM: torch.Tensor,
+        starts_B: torch.Tensor,
+        *,
+        mtp_module=None,
+        hidden_BSD=None,
+    ):
         """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
         on (hidden_BSD, ids_BS = the next tokens) instead of the main model. -> (logits, hidden)."""
         B, S = ids_BS.shape
         if mtp_module is not None and (hidden_BSD is None or hidden_BSD.shape[:2] != (B, S)):
-            raise ValueError(f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
-                             f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}")
+            raise ValueError(
+                f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
+                f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}"
+            )
         # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
         if S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
-            graph = self._graph_for(B, S, mtp_module, None if hidden_BSD is None else hidden_BSD.dtype)
+            graph = self._graph_for(
+                B, S, mtp_module, None if hidden_BSD is None else hidden_BSD.dtype
+            )
             if graph is not None:
                 return graph.run(ids_BS, block_table_BM, starts_B, hidden_BSD)
         view = self._view(block_table_BM, starts_B, S)
@@ -283,8 +328,9 @@ class ModelRunner:
         key = (bs, S, kind)
         graph = self.graphs.get(key)
         if graph is not None and graph.mtp_module is not mtp_module:
-            raise ValueError(f"graph {key} was captured for another MTP module: one drafter depth "
-                             "per runner")
+            raise ValueError(
+                f"graph {key} was captured for another MTP module: one drafter depth per runner"
+            )
         if graph is None:
             try:
                 graph = _DecodeGraph(self, bs, S, mtp_module, hidden_dtype)
@@ -299,7 +345,9 @@ class ModelRunner:
         return graph
 
     @torch.inference_mode()  # as in execute: with grad on, MoE takes its training path, which syncs
-    def capture_graphs(self, max_batch: int, mtp_module=None, hidden_dtype: torch.dtype | None = None) -> int:
+    def capture_graphs(
+        self, max_batch: int, mtp_module=None, hidden_dtype: torch.dtype | None = None
+    ) -> int:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
         that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
         depth. Captured lazily instead, a batch that shrank or grew into a new size paid for the
@@ -344,10 +392,13 @@ class ModelRunner:
         hidden: list = [None] * len(seqs)
         for S, idx in self._groups([s.num_tokens for s in seqs]).items():
             group = [seqs[i] for i in idx]
-            ids, starts = self._ids_and_starts([_pad_ids(s.input_ids, S) for s in group],
-                                               [s.start for s in group])
-            bt = self._tables_by_id([s.request.request_id for s in group],
-                                    self._pages_to(max(s.start for s in group) + S))
+            ids, starts = self._ids_and_starts(
+                [_pad_ids(s.input_ids, S) for s in group], [s.start for s in group]
+            )
+            bt = self._tables_by_id(
+                [s.request.request_id for s in group],
+                self._pages_to(max(s.start for s in group) + S),
+            )
             lg, hd = self.forward_group(ids, bt, starts)
             for j, i in enumerate(idx):
                 n = seqs[i].num_tokens
@@ -361,18 +412,26 @@ class ModelRunner:
         the groups of `_groups` like execute (padded rows get zero hidden rows)."""
         for rid, _start, h_SD, next_ids in items:
             if h_SD.shape[0] != len(next_ids):
-                raise ValueError(f"MTP item {rid!r}: {h_SD.shape[0]} hidden rows for "
-                                 f"{len(next_ids)} next tokens")
+                raise ValueError(
+                    f"MTP item {rid!r}: {h_SD.shape[0]} hidden rows for {len(next_ids)} next tokens"
+                )
         results: list = [None] * len(items)
         for S, idx in self._groups([len(it[3]) for it in items]).items():
             rows = [items[i] for i in idx]
-            ids, starts = self._ids_and_starts([_pad_ids(r[3], S) for r in rows],
-                                               [r[1] for r in rows])
-            hid = torch.stack([r[2] if r[2].shape[0] == S else
-                               torch.cat([r[2], r[2].new_zeros(S - r[2].shape[0], r[2].shape[1])])
-                               for r in rows])
-            bt = self._tables_by_id([r[0] for r in rows],
-                                    self._pages_to(max(r[1] for r in rows) + S))
+            ids, starts = self._ids_and_starts(
+                [_pad_ids(r[3], S) for r in rows], [r[1] for r in rows]
+            )
+            hid = torch.stack(
+                [
+                    r[2]
+                    if r[2].shape[0] == S
+                    else torch.cat([r[2], r[2].new_zeros(S - r[2].shape[0], r[2].shape[1])])
+                    for r in rows
+                ]
+            )
+            bt = self._tables_by_id(
+                [r[0] for r in rows], self._pages_to(max(r[1] for r in rows) + S)
+            )
             lg, hd = self.forward_group(ids, bt, starts, mtp_module=mtp_module, hidden_BSD=hid)
             for j, i in enumerate(idx):
                 n = len(items[i][3])
@@ -381,15 +440,19 @@ class ModelRunner:
 
     def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
         """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
-        both = torch.tensor([r + [s] for r, s in zip(ids, starts)], dtype=torch.long).to(self.device)
+        both = torch.tensor([r + [s] for r, s in zip(ids, starts)], dtype=torch.long).to(
+            self.device
+        )
         return both[:, :-1], both[:, -1]
 
     def _pages_to(self, end: int) -> int:
         """Block-table width that covers positions [0, end)."""
         M = -(-end // self.page_size)
         if M > self.max_pages:
-            raise ValueError(f"positions up to {end - 1} need {M} pages, past max_model_len's "
-                             f"{self.max_pages} pages of {self.page_size}")
+            raise ValueError(
+                f"positions up to {end - 1} need {M} pages, past max_model_len's "
+                f"{self.max_pages} pages of {self.page_size}"
+            )
         return M
 
     def _tables_by_id(self, request_ids: Sequence[str], min_width: int = 0) -> torch.Tensor:

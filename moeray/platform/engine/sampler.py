@@ -14,8 +14,8 @@ and filtering), as vLLM reports by default: they measure the model, not the samp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -116,7 +116,9 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
     if greedy_rows:
         rows = torch.tensor(greedy_rows, device=device)
         onehot = torch.zeros(len(greedy_rows), V, device=device)
-        onehot[torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)] = 1
+        onehot[
+            torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)
+        ] = 1
         probs[rows] = onehot
     return probs
 
@@ -150,14 +152,15 @@ class SampleResult:
     logprobs: list[Logprobs | None]
 
 
-def compute_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor,
-                     params: Sequence[SamplingParams]) -> list[Logprobs | None]:
+def compute_logprobs(
+    logits_BV: torch.Tensor, tokens_B: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[Logprobs | None]:
     want = [p.logprobs for p in params]
     if all(w is None for w in want):
         return [None] * len(params)
     lp_BV = logits_BV.float().log_softmax(-1)
     n = max(w or 0 for w in want)
-    top_v, top_i = (lp_BV.topk(n, dim=-1) if n else (None, None))
+    top_v, top_i = lp_BV.topk(n, dim=-1) if n else (None, None)
     chosen = lp_BV.gather(1, tokens_B[:, None]).squeeze(1).tolist()
     out: list[Logprobs | None] = []
     for b, w in enumerate(want):
@@ -172,8 +175,12 @@ def compute_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor,
 class Sampler:
     """Samples one token per row. Stateless apart from the per-request generators it is given."""
 
-    def __call__(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator]) -> SampleResult:
+    def __call__(
+        self,
+        logits_BV: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+    ) -> SampleResult:
         B = logits_BV.shape[0]
         if not (len(params) == len(generators) == B):
             raise ValueError(f"{B} rows, {len(params)} params, {len(generators)} generators")

@@ -21,9 +21,9 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Sequence
 
 from moeray.platform.engine.kv_cache import KVCacheManager
 from moeray.platform.engine.sampler import Logprobs, SamplingParams
@@ -48,8 +48,10 @@ class SchedulerConfig:
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 0")
         if self.max_num_batched_tokens < 1 + self.num_speculative_tokens:
-            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
-                             f"1 + num_speculative_tokens ({1 + self.num_speculative_tokens})")
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                f"1 + num_speculative_tokens ({1 + self.num_speculative_tokens})"
+            )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
 
@@ -83,7 +85,7 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def finished(self) -> bool:
@@ -104,14 +106,16 @@ class ScheduledSeq:
     input_ids: tuple[int, ...] = ()
 
     @classmethod
-    def make(cls, request: Request, start: int, num_tokens: int,
-             spec_token_ids: tuple[int, ...] = ()) -> "ScheduledSeq":
+    def make(
+        cls, request: Request, start: int, num_tokens: int, spec_token_ids: tuple[int, ...] = ()
+    ) -> ScheduledSeq:
         known = num_tokens - len(spec_token_ids)
         end = start + known
         assert 0 <= start and known >= 1 and end <= len(request.token_ids)
         ids = tuple(request.token_ids[start:end]) + tuple(spec_token_ids)
-        return cls(request, start, num_tokens, tuple(spec_token_ids),
-                   end == len(request.token_ids), ids)
+        return cls(
+            request, start, num_tokens, tuple(spec_token_ids), end == len(request.token_ids), ids
+        )
 
     @property
     def is_decode(self) -> bool:
@@ -144,9 +148,14 @@ class RequestOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, *,
-                 eos_token_ids: Iterable[int] = (),
-                 detokenize: Callable[[Sequence[int]], str] | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
@@ -161,29 +170,47 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- requests in and out -------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    params: SamplingParams, generator=None) -> Request:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        generator=None,
+    ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
             raise ValueError(f"request {request_id!r}: empty prompt")
         if len(prompt) >= self.config.max_model_len:
-            raise ValueError(f"request {request_id!r}: prompt of {len(prompt)} tokens leaves no room "
-                             f"under max_model_len={self.config.max_model_len}")
+            raise ValueError(
+                f"request {request_id!r}: prompt of {len(prompt)} tokens leaves no room "
+                f"under max_model_len={self.config.max_model_len}"
+            )
         if self.kv.pages_for(len(prompt) + 1) > self.kv.num_pages:
-            raise ValueError(f"request {request_id!r}: prompt of {len(prompt)} tokens exceeds the KV "
-                             f"cache ({self.kv.num_pages} pages of {self.kv.page_size})")
+            raise ValueError(
+                f"request {request_id!r}: prompt of {len(prompt)} tokens exceeds the KV "
+                f"cache ({self.kv.num_pages} pages of {self.kv.page_size})"
+            )
         if params.stop and self.detokenize is None:
-            raise ValueError(f"request {request_id!r}: stop strings {params.stop!r} need a tokenizer")
+            raise ValueError(
+                f"request {request_id!r}: stop strings {params.stop!r} need a tokenizer"
+            )
         req = Request(request_id, prompt, params, next(self._arrivals), generator)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
 
-    def add_prefilled(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                      generator, first_token: int, first_logprob: Logprobs | None,
-                      import_rows: Callable[[int], bool]) -> RequestOutput | None:
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        generator,
+        first_token: int,
+        first_logprob: Logprobs | None,
+        import_rows: Callable[[int], bool],
+    ) -> RequestOutput | None:
         """A request whose prompt KV was computed by another engine (a prefill replica). Takes
         pages for the prompt (its cached prefix shared as usual), calls import_rows(num_cached)
         to fill tokens [num_cached, P), and joins the running batch with its first token. Returns
@@ -256,7 +283,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
-        finished_now: list[Request] = []  # ended at scheduling time (cache full); reported by update
+        finished_now: list[
+            Request
+        ] = []  # ended at scheduling time (cache full); reported by update
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -264,7 +293,7 @@ class Scheduler:
             assert missing >= 1, (req.request_id, missing)
             spec: tuple[int, ...] = ()
             if missing == 1:
-                spec = tuple(req.spec_token_ids[:max(0, budget - 1)])
+                spec = tuple(req.spec_token_ids[: max(0, budget - 1)])
                 n = 1 + len(spec)
             else:
                 n = min(missing, budget)
@@ -290,8 +319,7 @@ class Scheduler:
             i += 1
 
         if not preempted:
-            while (self.waiting and budget > 0
-                   and len(self.running) < self.config.max_num_seqs):
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 num_cached = self.kv.admit(req.request_id, req.token_ids, budget)
                 if num_cached is None:
@@ -309,8 +337,12 @@ class Scheduler:
         self._finished_at_schedule = finished_now
         return SchedulerOutput(scheduled, preempted)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]],
-               logprobs: dict[str, list[Logprobs | None]] | None = None) -> list[RequestOutput]:
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled: dict[str, list[int]],
+        logprobs: dict[str, list[Logprobs | None]] | None = None,
+    ) -> list[RequestOutput]:
         """Apply a step's results. sampled[request_id] = the tokens the step produced for each
         scheduled request that samples: the accepted draft tokens then one more token (a single
         token without speculation). Returns an output for every request that produced tokens or
@@ -328,9 +360,10 @@ class Scheduler:
                 continue
             new = sampled[req.request_id]
             if not 1 <= len(new) <= 1 + len(s.spec_token_ids):
-                raise ValueError(f"{req.request_id!r}: {len(new)} tokens for "
-                                 f"{len(s.spec_token_ids)} drafts")
-            assert list(s.spec_token_ids[:len(new) - 1]) == new[:-1], "accepted tokens != drafts"
+                raise ValueError(
+                    f"{req.request_id!r}: {len(new)} tokens for {len(s.spec_token_ids)} drafts"
+                )
+            assert list(s.spec_token_ids[: len(new) - 1]) == new[:-1], "accepted tokens != drafts"
             # KV is valid for the known tokens and the accepted drafts (which are now known).
             req.num_computed = s.start + known + len(new) - 1
             lps = (logprobs or {}).get(req.request_id) or [None] * len(new)
@@ -349,9 +382,18 @@ class Scheduler:
 
     @staticmethod
     def _output(req: Request, added: list[int]) -> RequestOutput:
-        return RequestOutput(req.request_id, added, req.output_token_ids, req.text, req.finished,
-                             req.finish_reason, req.stop_reason, list(req.logprobs),
-                             req.num_prompt_tokens, req.num_cached_tokens)
+        return RequestOutput(
+            req.request_id,
+            added,
+            req.output_token_ids,
+            req.text,
+            req.finished,
+            req.finish_reason,
+            req.stop_reason,
+            list(req.logprobs),
+            req.num_prompt_tokens,
+            req.num_cached_tokens,
+        )
 
     def _check_stop(self, req: Request, tok: int) -> bool:
         """After appending tok: update the text and finish the request if a stop condition holds."""
@@ -376,7 +418,10 @@ class Scheduler:
         if tok in self.eos_token_ids and not p.ignore_eos:
             self._finish(req, "stop", tok)
             return True
-        if len(req.output_token_ids) >= p.max_tokens or len(req.token_ids) >= self.config.max_model_len:
+        if (
+            len(req.output_token_ids) >= p.max_tokens
+            or len(req.token_ids) >= self.config.max_model_len
+        ):
             self._finish(req, "length", None)
             return True
         return False

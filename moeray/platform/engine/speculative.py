@@ -29,13 +29,18 @@ removed, renormalized. That leaves each emitted token distributed exactly as p.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from moeray.platform.engine.sampler import (
-    Logprobs, SamplingParams, compute_logprobs, filtered_probs, sample_from_probs)
+    Logprobs,
+    SamplingParams,
+    compute_logprobs,
+    filtered_probs,
+    sample_from_probs,
+)
 
 
 @dataclass
@@ -56,9 +61,12 @@ class SpecStats:
         return 1.0 + self.num_accepted_tokens / self.num_verify_steps
 
     def as_dict(self) -> dict[str, float]:
-        return {"acceptance_rate": self.acceptance_rate,
-                "mean_accepted_length": self.mean_accepted_length,
-                "draft_tokens": self.num_draft_tokens, "accepted_tokens": self.num_accepted_tokens}
+        return {
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "draft_tokens": self.num_draft_tokens,
+            "accepted_tokens": self.num_accepted_tokens,
+        }
 
 
 def greedy_targets(logits: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -69,14 +77,18 @@ def greedy_targets(logits: Sequence[torch.Tensor]) -> list[list[int]]:
     flat = torch.cat([lg.argmax(-1) for lg in logits]).tolist()
     out, i = [], 0
     for lg in logits:
-        out.append(flat[i:i + lg.shape[0]])
+        out.append(flat[i : i + lg.shape[0]])
         i += lg.shape[0]
     return out
 
 
-def verify(logits_JV: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
-           generator: torch.Generator, target: Sequence[int] | None = None
-           ) -> tuple[list[int], list[Logprobs | None]]:
+def verify(
+    logits_JV: torch.Tensor,
+    drafts: Sequence[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    target: Sequence[int] | None = None,
+) -> tuple[list[int], list[Logprobs | None]]:
     """Accepted drafts then one more token, and their logprobs (see the module docstring).
     Greedy: `target` may carry logits_JV's row argmaxes already read back (`greedy_targets`)."""
     J = logits_JV.shape[0]
@@ -114,7 +126,7 @@ def verify(logits_JV: torch.Tensor, drafts: Sequence[int], params: SamplingParam
             out.append(int(sample_from_probs(probs_JV[-1:], u)[0]))
     if params.logprobs is None:  # skip the token upload when no logprobs are asked
         return out, [None] * len(out)
-    rows = logits_JV[:len(out)]
+    rows = logits_JV[: len(out)]
     lps = compute_logprobs(rows, torch.tensor(out, device=rows.device), [params] * len(out))
     return out, lps
 
@@ -124,11 +136,15 @@ class MTPDrafter:
 
     def __init__(self, model, runner, num_speculative_tokens: int = 1) -> None:
         if len(getattr(model, "mtp", [])) == 0:
-            raise ValueError("speculative decoding needs a model with MTP modules "
-                             "(num_nextn_predict_layers >= 1)")
+            raise ValueError(
+                "speculative decoding needs a model with MTP modules "
+                "(num_nextn_predict_layers >= 1)"
+            )
         if num_speculative_tokens != 1:
-            raise ValueError(f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter "
-                             "proposes 1 token per step (DeepSeek-V3's MTP depth is 1)")
+            raise ValueError(
+                f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter "
+                "proposes 1 token per step (DeepSeek-V3's MTP depth is 1)"
+            )
         self.model = model
         self.runner = runner
         self.k = num_speculative_tokens
@@ -150,7 +166,7 @@ class MTPDrafter:
                 continue
             m = req.num_computed - s.start
             assert 1 <= m <= h_SD.shape[0], (req.request_id, m)
-            next_ids = req.token_ids[s.start + 1:s.start + m + 1]
+            next_ids = req.token_ids[s.start + 1 : s.start + m + 1]
             assert len(next_ids) == m
             items.append((req.request_id, s.start, h_SD[:m], next_ids))
             reqs.append(req)
@@ -161,6 +177,8 @@ class MTPDrafter:
         drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
         for req, draft in zip(reqs, drafts):
             decoding = len(req.token_ids) - req.num_computed == 1
-            room = (len(req.output_token_ids) + 1 < req.params.max_tokens
-                    and len(req.token_ids) + 1 < max_model_len)
+            room = (
+                len(req.output_token_ids) + 1 < req.params.max_tokens
+                and len(req.token_ids) + 1 < max_model_len
+            )
             req.spec_token_ids = [draft] if decoding and room else []

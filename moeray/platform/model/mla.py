@@ -42,11 +42,23 @@ class KVCache(Protocol):
 class DenseKVCache:
     """Contiguous latent cache for B sequences that advance together (demo, tests, oracle)."""
 
-    def __init__(self, num_layers: int, batch: int, max_len: int, config: ModelConfig,
-                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.max_len = max_len
-        self.kv_LBTC = torch.zeros(num_layers, batch, max_len, config.kv_lora_rank, dtype=dtype, device=device)
-        self.pe_LBTR = torch.zeros(num_layers, batch, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.kv_LBTC = torch.zeros(
+            num_layers, batch, max_len, config.kv_lora_rank, dtype=dtype, device=device
+        )
+        self.pe_LBTR = torch.zeros(
+            num_layers, batch, max_len, config.qk_rope_head_dim, dtype=dtype, device=device
+        )
         self.lengths = [0] * num_layers
 
     @property
@@ -57,11 +69,17 @@ class DenseKVCache:
     def update(self, layer_idx, kv_BSC, pe_BSR):
         start, S = self.lengths[layer_idx], kv_BSC.shape[1]
         if start + S > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; {start} cached + {S} new exceeds it")
-        self.kv_LBTC[layer_idx, :, start:start + S] = kv_BSC
-        self.pe_LBTR[layer_idx, :, start:start + S] = pe_BSR
+            raise ValueError(
+                f"cache holds {self.max_len} tokens; {start} cached + {S} new exceeds it"
+            )
+        self.kv_LBTC[layer_idx, :, start : start + S] = kv_BSC
+        self.pe_LBTR[layer_idx, :, start : start + S] = pe_BSR
         self.lengths[layer_idx] = start + S
-        return self.kv_LBTC[layer_idx, :, :start + S], self.pe_LBTR[layer_idx, :, :start + S], None
+        return (
+            self.kv_LBTC[layer_idx, :, : start + S],
+            self.pe_LBTR[layer_idx, :, : start + S],
+            None,
+        )
 
 
 def causal_mask(S: int, T: int, device: torch.device) -> torch.Tensor:
@@ -96,7 +114,11 @@ class MLA(nn.Module):
 
     def _queries(self, x_BSD, cos, sin):
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q = (
+            self.q_proj(x_BSD)
+            if self.q_lora_rank is None
+            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        )
         q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
@@ -107,8 +129,15 @@ class MLA(nn.Module):
         pe_BSR = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_a_layernorm(kv_BSC), pe_BSR
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, *, absorbed: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        absorbed: bool | None = None,
+    ) -> torch.Tensor:
         """Attention over x (causal). With a cache the absorbed path runs over the cached latents;
         `absorbed=True` without a cache runs the absorbed math over x alone (for tests)."""
         q_nope, q_pe = self._queries(x_BSD, cos, sin)
@@ -118,13 +147,17 @@ class MLA(nn.Module):
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC().to(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/runner.py).
-            o_lat_BSHC = cache.attend(self.layer_idx, q_lat_BSHC, q_pe, kv_BSC, pe_BSR, self.softmax_scale)
+            o_lat_BSHC = cache.attend(
+                self.layer_idx, q_lat_BSHC, q_pe, kv_BSC, pe_BSR, self.softmax_scale
+            )
         else:
             if cache is not None:
                 kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
             else:
                 kv_BTC, pe_BTR, mask = kv_BSC, pe_BSR, None
-            o_lat_BSHC = self._absorbed_core(q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask)
+            o_lat_BSHC = self._absorbed_core(
+                q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
+            )
         return self._absorbed_out(o_lat_BSHC)
 
     def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BSC, pe_BSR):
@@ -137,16 +170,23 @@ class MLA(nn.Module):
             from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 
             if mla_prefill_supported(q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV):
-                o_BSHV = mla_prefill_bshd(q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV, self.softmax_scale)
+                o_BSHV = mla_prefill_bshd(
+                    q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV, self.softmax_scale
+                )
                 return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
         q_BHSK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1).transpose(1, 2)
-        k_BHSK = torch.cat([k_nope_BSHN, pe_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)], -1).transpose(1, 2)
+        k_BHSK = torch.cat(
+            [k_nope_BSHN, pe_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)], -1
+        ).transpose(1, 2)
         o_BHSV = F.scaled_dot_product_attention(
-            q_BHSK, k_BHSK, v_BSHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+            q_BHSK, k_BHSK, v_BSHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
         return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def _w_HKC(self) -> torch.Tensor:
-        return self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return self.kv_b_proj.weight.view(
+            self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
+        )
 
     def _w_uk_HNC(self) -> torch.Tensor:
         return self._w_HKC()[:, : self.nope_dim]
@@ -154,8 +194,10 @@ class MLA(nn.Module):
     def _absorbed_core(self, q_lat_BSHC, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
         """softmax(q_lat.kv + q_pe.pe) @ kv in latent space: [B, S, H, C]."""
         S = q_lat_BSHC.shape[1]
-        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
-                       + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)).float() * self.softmax_scale
+        scores_BSHT = (
+            torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
+            + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)
+        ).float() * self.softmax_scale
         if mask_BST is None:
             mask_BST = causal_mask(S, kv_BTC.shape[1], kv_BTC.device)[None]
         scores_BSHT = scores_BSHT.masked_fill(~mask_BST[:, :, None, :], float("-inf"))
@@ -164,6 +206,6 @@ class MLA(nn.Module):
 
     def _absorbed_out(self, o_lat_BSHC):
         B, S, H, _ = o_lat_BSHC.shape
-        w_uv_HVC = self._w_HKC()[:, self.nope_dim:]
+        w_uv_HVC = self._w_HKC()[:, self.nope_dim :]
         o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC.to(o_lat_BSHC.dtype))
         return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))

@@ -10,7 +10,7 @@ maps them to the official per-expert keys `experts.{e}.{gate,up,down}_proj.weigh
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (x_AD rows sorted by expert, gate [E, I, D], up [E, I, D], down [E, D, I], rows per expert) ->
 # y_AD: every local expert's SwiGLU over its rows, as one call (see Experts.mlp_fn)
-ExpertsMLPFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor]
+ExpertsMLPFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor
+]
 
 
 class MLP(nn.Module):
@@ -46,7 +48,9 @@ class Gate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         # fp32 whatever the model dtype: bias steps of gamma=0.001 vanish in bf16 near 1.0.
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(x_TD.float(), self.weight.float())
@@ -67,7 +71,9 @@ class Experts(nn.Module):
         # experts through one autograd node instead of the per-expert loop's ~10 nodes per expert.
         self.mlp_fn: ExpertsMLPFn | None = None
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def expert_weights(
+        self, e: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate, up, down) matrices; FP8-stored ones (see `quant.py`) dequantized."""
         out = []
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -77,8 +83,13 @@ class Experts(nn.Module):
             out.append(w)
         return out[0], out[1], out[2]
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                expert_offset: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        expert_offset: int = 0,
+    ) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(x). Ids outside
         [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
         if x_TD.is_cuda and x_TD.shape[0] > 0:
@@ -88,7 +99,9 @@ class Experts(nn.Module):
         K = expert_ids_TK.shape[1]
         local_ids = expert_ids_TK.flatten() - expert_offset
         # Ids of other ranks get key E so that they sort last and are never computed here.
-        key = torch.where((local_ids >= 0) & (local_ids < self.num_experts), local_ids, self.num_experts)
+        key = torch.where(
+            (local_ids >= 0) & (local_ids < self.num_experts), local_ids, self.num_experts
+        )
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=self.num_experts + 1)
         token_of = order // K
@@ -98,23 +111,27 @@ class Experts(nn.Module):
             n = sum(rows)
             idx, tokens = order[:n], token_of[:n]
             y_AD = self.mlp_fn(x_TD[tokens], self.gate_proj, self.up_proj, self.down_proj, rows)
-            return out_TD.index_add_(0, tokens, y_AD.to(out_TD.dtype)
-                                     * weights_TK.flatten()[idx, None].to(out_TD.dtype))
+            return out_TD.index_add_(
+                0, tokens, y_AD.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
+            )
         start = 0
         for e, n in enumerate(counts[: self.num_experts].tolist()):
             if n == 0:
                 continue
-            idx = order[start:start + n]
-            tokens = token_of[start:start + n]
+            idx = order[start : start + n]
+            tokens = token_of[start : start + n]
             start += n
             w1, w3, w2 = self.expert_weights(e, x_TD.dtype)
             x = x_TD[tokens]
             y = self.linear(F.silu(self.linear(x, w1)) * self.linear(x, w3), w2)
-            out_TD.index_add_(0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype))
+            out_TD.index_add_(
+                0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
+            )
         return out_TD
 
-
-    def _fused(self, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+    def _fused(
+        self, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor | None:
         """GPU inference: the fused Triton MoE (moeray.kernels.moe), one launch per GEMM over all
         local experts and no host sync, so the engine can capture decode steps in CUDA graphs (the
         loop in `forward` reads per-expert counts back with .tolist()). None when it does not apply:
@@ -122,15 +139,24 @@ class Experts(nn.Module):
         FP8 weights without whole 128x128 blocks."""
         w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
         half = (torch.bfloat16, torch.float16)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, w1, w3, w2))
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TD, weights_TK, w1, w3, w2)
+        )
         if self.linear is not F.linear or needs_grad:
             return None
         scales: tuple = ()
         if w1.dtype == FP8:
-            scales = tuple(getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj"))
-            ok = (w3.dtype == FP8 and w2.dtype == FP8 and x_TD.dtype in half
-                  and all(s is not None for s in scales)
-                  and w1.shape[1] % 128 == 0 and w1.shape[2] % 128 == 0)
+            scales = tuple(
+                getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj")
+            )
+            ok = (
+                w3.dtype == FP8
+                and w2.dtype == FP8
+                and x_TD.dtype in half
+                and all(s is not None for s in scales)
+                and w1.shape[1] % 128 == 0
+                and w1.shape[2] % 128 == 0
+            )
         else:
             ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
         if not ok:
@@ -147,8 +173,11 @@ class MoE(nn.Module):
         self.config = config
         self.gate = Gate(config)
         self.experts = Experts(config)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-                               if config.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
         self.group_mask_value = routing.GROUP_MASK_OFFICIAL
         # The last forward's routing (counts per expert, affinities): read by the training loop for
         # the bias update and the balance loss, and by serving for expert-load metrics.
@@ -161,10 +190,15 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor) -> routing.Routing:
         c = self.config
         return routing.route(
-            self.gate.logits(x_TD), self.gate.e_score_correction_bias,
-            top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
-            routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
-            group_mask_value=self.group_mask_value)
+            self.gate.logits(x_TD),
+            self.gate.e_score_correction_bias,
+            top_k=c.num_experts_per_tok,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            routed_scaling_factor=c.routed_scaling_factor,
+            norm_topk_prob=c.norm_topk_prob,
+            group_mask_value=self.group_mask_value,
+        )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])

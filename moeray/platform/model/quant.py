@@ -18,7 +18,9 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 
-def quantize_fp8_blocks(w_NK: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blocks(
+    w_NK: torch.Tensor, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., N, K] float -> (e4m3 [..., N, K], fp32 scale_inv [..., ceil(N/b), ceil(K/b)])."""
     if w_NK.dim() < 2:
         raise ValueError(f"need a matrix (or a stack of them), got shape {tuple(w_NK.shape)}")
@@ -32,13 +34,19 @@ def quantize_fp8_blocks(w_NK: torch.Tensor, block: int = BLOCK) -> tuple[torch.T
     return q.reshape(*lead, nb * block, kb * block)[..., :N, :K].contiguous(), scale_inv
 
 
-def dequantize_fp8_blocks(q_NK: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
-                          block: int = BLOCK) -> torch.Tensor:
+def dequantize_fp8_blocks(
+    q_NK: torch.Tensor,
+    scale_inv: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    block: int = BLOCK,
+) -> torch.Tensor:
     *lead, N, K = q_NK.shape
     nb, kb = -(-N // block), -(-K // block)
     if tuple(scale_inv.shape) != (*lead, nb, kb):
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q_NK.shape)}: "
-                         f"expected {(*lead, nb, kb)} for {block}x{block} blocks")
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q_NK.shape)}: "
+            f"expected {(*lead, nb, kb)} for {block}x{block} blocks"
+        )
     s = scale_inv.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :N, :K]
     return (q_NK.float() * s).to(dtype)
 
@@ -77,7 +85,9 @@ class FP8Linear(nn.Module):
         return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
 
 
-def set_fp8_expert_weight(experts: nn.Module, name: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+def set_fp8_expert_weight(
+    experts: nn.Module, name: str, q: torch.Tensor, scale_inv: torch.Tensor
+) -> None:
     """Store one stacked expert projection ([E, N, K]) of an `Experts` module as e4m3 plus
     `<name>_scale_inv` [E, N/128, K/128]; `Experts` dequantizes one expert at a time when it runs."""
     if name in experts._parameters:

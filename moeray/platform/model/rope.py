@@ -64,7 +64,9 @@ class RotaryEmbedding(nn.Module):
         return angles_BSR2.cos() * self.attention_factor, angles_BSR2.sin() * self.attention_factor
 
 
-def apply_rope(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor
+) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1), (x2, x3), ... of the last dim (the official layout)."""
     xf = x_BSHR.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]

@@ -36,11 +36,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (MoE(config) if config.is_moe_layer(layer_idx)
-                               else MLP(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (
+            MoE(config)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
 
     def forward(self, x_BSD, cos, sin, cache: KVCache | None = None, absorbed: bool | None = None):
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed)
+        x_BSD = x_BSD + self.self_attn(
+            self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed
+        )
         return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
 
 
@@ -48,7 +53,9 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -59,8 +66,10 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k)
-                                 for k in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers + k)
+            for k in range(config.num_nextn_predict_layers)
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -82,9 +91,15 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids_BS: torch.Tensor, *, positions_BS: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_mtp: bool | None = None,
-                absorbed: bool | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        positions_BS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_mtp: bool | None = None,
+        absorbed: bool | None = None,
+    ) -> ModelOutput:
         """Logits for every position. With `cache` the attention runs the absorbed path over the
         cached latents; positions then default to continuing the cache. MTP logits are computed
         without a cache unless `return_mtp=False`."""
@@ -105,14 +120,25 @@ class Transformer(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 if S - k < 1:
                     break
-                h_BSD, logits = self.mtp_step(module, h_BSD[:, :-1], input_ids_BS[:, k:],
-                                              positions_BS[:, : S - k], absorbed=absorbed)
+                h_BSD, logits = self.mtp_step(
+                    module,
+                    h_BSD[:, :-1],
+                    input_ids_BS[:, k:],
+                    positions_BS[:, : S - k],
+                    absorbed=absorbed,
+                )
                 out.mtp_logits.append(logits)
         return out
 
-    def mtp_step(self, module: MTPModule, hidden_BSD: torch.Tensor, next_ids_BS: torch.Tensor,
-                 positions_BS: torch.Tensor, cache: KVCache | None = None,
-                 absorbed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(
+        self,
+        module: MTPModule,
+        hidden_BSD: torch.Tensor,
+        next_ids_BS: torch.Tensor,
+        positions_BS: torch.Tensor,
+        cache: KVCache | None = None,
+        absorbed: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth: hidden of position s and the token at s+k -> (hidden', logits for s+k+1)."""
         cos, sin = self.model.rotary_emb(positions_BS)
         h_BSD = module(hidden_BSD, self.model.embed_tokens(next_ids_BS), cos, sin, cache, absorbed)
@@ -120,16 +146,25 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
-def greedy_generate(model: Transformer, input_ids_BS: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> torch.Tensor:
+def greedy_generate(
+    model: Transformer,
+    input_ids_BS: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
     """Plain greedy decoding with a dense latent cache: prefill, then one token per step."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     B, S = input_ids_BS.shape
     param = next(model.parameters())
-    cache = DenseKVCache(model.config.num_hidden_layers, B, S + max_new_tokens, model.config,
-                         dtype=param.dtype if param.is_floating_point() else torch.float32,
-                         device=input_ids_BS.device)
+    cache = DenseKVCache(
+        model.config.num_hidden_layers,
+        B,
+        S + max_new_tokens,
+        model.config,
+        dtype=param.dtype if param.is_floating_point() else torch.float32,
+        device=input_ids_BS.device,
+    )
     out_ids = input_ids_BS
     logits = model(input_ids_BS, cache=cache).logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids_BS.device)

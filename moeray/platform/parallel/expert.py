@@ -58,12 +58,16 @@ class _AllToAll(torch.autograd.Function):
 
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        dist.all_to_all_single(
+            grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group
+        )
         _host_wait(grad_in)
         return grad_in, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None
+) -> torch.Tensor:
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
@@ -85,8 +89,9 @@ class DispatchPlan:
     top_k: int
 
 
-def dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, group=None
-             ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+def dispatch(
+    x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, group=None
+) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
     """Send each (token, expert) assignment's row to the expert's owner.
 
     Returns the received rows x_RD, their expert ids local to this rank [R], and the plan that
@@ -115,7 +120,9 @@ def dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int, 
     return x_RD, local_R, DispatchPlan(order_A, send_counts, recv_counts, T, K)
 
 
-def combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, group=None) -> torch.Tensor:
+def combine(
+    y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, group=None
+) -> torch.Tensor:
     """Bring expert outputs back to their tokens and sum them with the routing weights."""
     y_sorted_AD = all_to_all(y_RD, plan.send_counts, plan.recv_counts, group)
     inverse_A = torch.empty_like(plan.order_A)
@@ -144,7 +151,11 @@ def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
     lo = ep_rank * L
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(experts, name)
-        setattr(experts, name, nn.Parameter(full.detach()[lo:lo + L].clone(), requires_grad=full.requires_grad))
+        setattr(
+            experts,
+            name,
+            nn.Parameter(full.detach()[lo : lo + L].clone(), requires_grad=full.requires_grad),
+        )
     experts.num_experts = L
 
 

@@ -72,10 +72,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,6 @@ from torch import nn
 
 from moeray.platform.fp8 import pad_rows
 from moeray.platform.parallel.schedule import Kind, Op, Schedule, Slot, validate
-
 
 # ----------------------------------------------------------------------------------------------
 # layout
@@ -142,8 +141,9 @@ def split_layers(num_layers: int, num_mtp: int, pp: int) -> StageLayout:
     if pp < 1:
         raise ValueError(f"pp={pp} must be >= 1")
     if pp > num_layers + 1:
-        raise ValueError(f"pp={pp} stages need at least pp-1={pp - 1} decoder layers, "
-                         f"the model has {num_layers}")
+        raise ValueError(
+            f"pp={pp} stages need at least pp-1={pp - 1} decoder layers, the model has {num_layers}"
+        )
     units = num_layers + num_mtp
     last = max(units // pp - num_mtp, 0) if pp > 1 else num_layers
     rest = num_layers - last
@@ -183,7 +183,9 @@ class PipelineStage(nn.Module):
         self.model.rotary_emb = full.model.rotary_emb
         if self.first or (self.last and layout.num_mtp > 0):
             self.model.embed_tokens = full.model.embed_tokens
-        self.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in layout.layers[index]})
+        self.model.layers = nn.ModuleDict(
+            {str(i): full.model.layers[i] for i in layout.layers[index]}
+        )
         if self.last:
             self.model.norm = full.model.norm
             self.lm_head = full.lm_head
@@ -194,8 +196,9 @@ class PipelineStage(nn.Module):
         self.moe_rows = {name: names.index(name) for name in moe_layer_names(self)}
         self.num_moe_layers = len(names)
 
-    def forward_chunk(self, x_bSD: torch.Tensor | None, tokens_bS1: torch.Tensor, loss_cfg,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_chunk(
+        self, x_bSD: torch.Tensor | None, tokens_bS1: torch.Tensor, loss_cfg, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch through this stage.
 
         Returns (out, aux, stats): out is the activation for the next stage, or on the last stage
@@ -224,11 +227,17 @@ class PipelineStage(nn.Module):
                     break
                 pos = positions_bS[:, : S - k]
                 cos_k, sin_k = self.model.rotary_emb(pos)
-                h_bSD = module(h_bSD[:, :-1], self.model.embed_tokens(inputs_bS[:, k:]), cos_k, sin_k)
+                h_bSD = module(
+                    h_bSD[:, :-1], self.model.embed_tokens(inputs_bS[:, k:]), cos_k, sin_k
+                )
                 logits_k = self.lm_head(module.shared_head.norm(h_bSD))
-                mtp_ces.append(F.cross_entropy(logits_k.flatten(0, 1).float(), targets_bS[:, k:].flatten()))
+                mtp_ces.append(
+                    F.cross_entropy(logits_k.flatten(0, 1).float(), targets_bS[:, k:].flatten())
+                )
             if mtp_ces:
-                objective = objective + loss_cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()
+                objective = (
+                    objective + loss_cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()
+                )
                 stats["mtp"] = torch.stack(mtp_ces).mean().detach()
             stats["main"] = main.detach()
         balance = x.new_zeros((), dtype=torch.float32)
@@ -239,8 +248,10 @@ class PipelineStage(nn.Module):
             if loss_cfg.balance_alpha > 0:
                 T = r.scores_TE.shape[0]
                 balance = balance + routing.sequence_balance_loss(
-                    r.scores_TE.view(b, T // b, -1), r.expert_ids_TK.view(b, T // b, -1),
-                    loss_cfg.balance_alpha)
+                    r.scores_TE.view(b, T // b, -1),
+                    r.expert_ids_TK.view(b, T // b, -1),
+                    loss_cfg.balance_alpha,
+                )
         stats["balance"] = balance.detach()
         stats["loads"] = loads  # type: ignore[assignment]
         if self.last:
@@ -306,7 +317,9 @@ def _accumulate_weight_grad(w: torch.Tensor, dw: torch.Tensor) -> None:
 # they add zero terms to dW.
 
 
-def matmul_forward(x_MK: torch.Tensor, w_NK: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+def matmul_forward(
+    x_MK: torch.Tensor, w_NK: torch.Tensor, cast: torch.dtype | None
+) -> torch.Tensor:
     x, w = (x_MK, w_NK) if cast is None else (x_MK.to(cast), w_NK.to(cast))
     return (pad_rows(x) @ w.t())[: x_MK.shape[0]] if x.is_cuda else x @ w.t()
 
@@ -321,8 +334,12 @@ def matmul_wgrad(dy_MN: torch.Tensor, x_MK: torch.Tensor, cast: torch.dtype | No
     return pad_rows(dy_MN).t() @ pad_rows(x) if dy_MN.is_cuda else dy_MN.t() @ x
 
 
-def prewarm_matmuls(weights: set[tuple[int, int, torch.dtype]], row_counts: list[int],
-                    device: torch.device, cast: torch.dtype | None) -> int:
+def prewarm_matmuls(
+    weights: set[tuple[int, int, torch.dtype]],
+    row_counts: list[int],
+    device: torch.device,
+    cast: torch.dtype | None,
+) -> int:
     """Run matmul_forward/dgrad/wgrad for every weight (N, K, dtype) at each token count of
     `row_counts`, so cuBLAS has loaded every kernel a step can pick. Returns the GEMMs run."""
     if device.type != "cuda":
@@ -368,30 +385,42 @@ class _SplitLinearFn(torch.autograd.Function):
             dw = None
             if ctx.needs_input_grad[1]:
                 if store is not None and store.defer:
+
                     def deferred(dy=dy_MN, x=x_MK, w=w_NK):
                         # outside the autograd engine grad mode is on: dW must not build a graph
                         with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                             dw_NK = wgrad(dy, x).to(w.dtype)
                         _accumulate_weight_grad(w, dw_NK)
+
                     store.put(deferred)
                 else:
                     dw = wgrad(dy_MN, x_MK).to(w_NK.dtype)
         return dx, dw, None, None
 
 
-def split_linear(x: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 store: WeightGradStore | None = None, fp8: bool = False) -> torch.Tensor:
+def split_linear(
+    x: torch.Tensor,
+    weight_NK: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    store: WeightGradStore | None = None,
+    fp8: bool = False,
+) -> torch.Tensor:
     """F.linear (any leading dims) with a deferrable weight gradient."""
     if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
-        raise ValueError(f"split_linear: x [..., {x.shape[-1]}] does not match weight "
-                         f"{tuple(weight_NK.shape)} [N, K]")
+        raise ValueError(
+            f"split_linear: x [..., {x.shape[-1]}] does not match weight "
+            f"{tuple(weight_NK.shape)} [N, K]"
+        )
     lead = x.shape[:-1]
     y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8)
     y = y.reshape(*lead, weight_NK.shape[0])
     return y if bias is None else y + bias
 
 
-def _swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_backward(
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of h = silu(g) * u."""
     return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
 
@@ -411,8 +440,18 @@ class _ExpertsMLPFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, rows: list[int], store: WeightGradStore | None,
-                fp8: bool, cache, grouped_fp8: bool):
+    def forward(
+        ctx,
+        x_AD,
+        w1_EID,
+        w3_EID,
+        w2_EDI,
+        rows: list[int],
+        store: WeightGradStore | None,
+        fp8: bool,
+        cache,
+        grouped_fp8: bool,
+    ):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         act = cast or x_AD.dtype
@@ -441,10 +480,16 @@ class _ExpertsMLPFn(torch.autograd.Function):
                 from moeray.platform import fp8 as f8
 
                 quantized = cache.get if cache is not None else f8.QuantizedWeight
-                pairs = [f8.forward_gemm_pair(x_AD[sl], quantized(w1_EID[e]), quantized(w3_EID[e]))
-                         for e, sl in _segments(rows)]
-                g_AI, u_AI = (torch.cat([p[i].to(act) for p in pairs]) if pairs
-                              else x_AD.new_empty(0, w1_EID.shape[1], dtype=act) for i in (0, 1))
+                pairs = [
+                    f8.forward_gemm_pair(x_AD[sl], quantized(w1_EID[e]), quantized(w3_EID[e]))
+                    for e, sl in _segments(rows)
+                ]
+                g_AI, u_AI = (
+                    torch.cat([p[i].to(act) for p in pairs])
+                    if pairs
+                    else x_AD.new_empty(0, w1_EID.shape[1], dtype=act)
+                    for i in (0, 1)
+                )
             else:
                 g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
                 u_AI = _per_expert(fwd, x_AD, w3_EID, rows, act, w3_EID.shape[1])
@@ -465,21 +510,38 @@ class _ExpertsMLPFn(torch.autograd.Function):
         with torch.autocast(dy_AD.device.type, enabled=False):
             dh_AI = _per_expert(dgrad, dy_AD, w2, rows, h_AI.dtype, w2.shape[2])
             dg_AI, du_AI = _swiglu_backward(dh_AI, g_AI, u_AI)
-            dx_AD = (_per_expert(dgrad, dg_AI, w1, rows, x_AD.dtype, w1.shape[2])
-                     + _per_expert(dgrad, du_AI, w3, rows, x_AD.dtype, w3.shape[2]))
+            dx_AD = _per_expert(dgrad, dg_AI, w1, rows, x_AD.dtype, w1.shape[2]) + _per_expert(
+                dgrad, du_AI, w3, rows, x_AD.dtype, w3.shape[2]
+            )
 
         def weight_grads(dy=dy_AD, dg=dg_AI, du=du_AI, x=x_AD, h=h_AI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 if ctx.fp8:  # gate and up re-tile their shared rows x once
                     from moeray.platform import fp8 as f8
 
-                    pairs = {e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in _segments(rows)}
-                    dw1, dw3 = (_stack_experts({e: p[i] for e, p in pairs.items()}, w) for i, w in ((0, w1), (1, w3)))
+                    pairs = {
+                        e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in _segments(rows)
+                    }
+                    dw1, dw3 = (
+                        _stack_experts({e: p[i] for e, p in pairs.items()}, w)
+                        for i, w in ((0, w1), (1, w3))
+                    )
                 else:
-                    dw1, dw3 = _per_expert_wgrad(wgrad, dg, x, rows, w1), _per_expert_wgrad(wgrad, du, x, rows, w3)
+                    dw1, dw3 = (
+                        _per_expert_wgrad(wgrad, dg, x, rows, w1),
+                        _per_expert_wgrad(wgrad, du, x, rows, w3),
+                    )
                 return dw1, dw3, _per_expert_wgrad(wgrad, dy, h, rows, w2)
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def _grouped_backward(ctx, dy_AD):
@@ -491,14 +553,27 @@ class _ExpertsMLPFn(torch.autograd.Function):
             dy_PD = grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
             dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
-            dx_AD = (grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype)
-                     + grp.unpad(grp.mm(du_PI, w3c)).to(ctx.x_dtype))
+            dx_AD = grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype) + grp.unpad(
+                grp.mm(du_PI, w3c)
+            ).to(ctx.x_dtype)
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                return (grp.wgrad(dg, x, w1.dtype), grp.wgrad(du, x, w3.dtype), grp.wgrad(dy, h, w2.dtype))
+                return (
+                    grp.wgrad(dg, x, w1.dtype),
+                    grp.wgrad(du, x, w3.dtype),
+                    grp.wgrad(dy, h, w2.dtype),
+                )
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _GroupedFP8:
@@ -544,8 +619,9 @@ class _GroupedFP8:
             dy_PD = grp.pad(dy_AD.to(torch.bfloat16))
             dh_PI = input_grad(dy_PD, s2)
             dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
-            dx_AD = (grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype)
-                     + grp.unpad(input_grad(du_PI, s3)).to(ctx.x_dtype))
+            dx_AD = grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype) + grp.unpad(
+                input_grad(du_PI, s3)
+            ).to(ctx.x_dtype)
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
@@ -560,16 +636,26 @@ class _GroupedFP8:
 
                 return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
 
-        return (dx_AD, *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads), None, None, None, None, None)
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
     """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
     needs_w = any(ctx.needs_input_grad[1:4])
     if needs_w and ctx.store is not None and ctx.store.defer:
+
         def deferred():
             for w, dw in zip(weights, weight_grads()):
                 _accumulate_weight_grad(w, dw)
+
         ctx.store.put(deferred)
         return None, None, None
     return weight_grads() if needs_w else (None, None, None)
@@ -588,8 +674,11 @@ class _Grouped:
         """Whether experts with these settings run their GEMMs grouped. FP8 keeps its own GEMMs
         (torch's grouped FP8 GEMM scales per row, not in 1x128 / 128x128 blocks); on CUDA the
         grouped kernel takes bf16 only."""
-        return (not fp8 and hasattr(torch, "_grouped_mm")
-                and (act == torch.bfloat16 if device.type == "cuda" else device.type == "cpu"))
+        return (
+            not fp8
+            and hasattr(torch, "_grouped_mm")
+            and (act == torch.bfloat16 if device.type == "cuda" else device.type == "cpu")
+        )
 
     @staticmethod
     def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
@@ -607,7 +696,8 @@ class _Grouped:
         else:  # padded position of each row: its expert's padded start + its rank within the expert
             starts = [0] + ends.tolist()[:-1]
             self.dst_A = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows)]).to(
-                x_AD.device, non_blocking=True)
+                x_AD.device, non_blocking=True
+            )
 
     def block_expert(self, block: int = 128) -> torch.Tensor:
         """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
@@ -655,16 +745,18 @@ def _segments(rows: list[int]):
         start += n
 
 
-def _per_expert(gemm, a_A: torch.Tensor, w_E: torch.Tensor, rows: list[int], dtype: torch.dtype,
-                width: int) -> torch.Tensor:
+def _per_expert(
+    gemm, a_A: torch.Tensor, w_E: torch.Tensor, rows: list[int], dtype: torch.dtype, width: int
+) -> torch.Tensor:
     """gemm(rows of expert e, w_E[e]) for every expert with rows, concatenated in one copy;
     [0, width] when no expert has rows."""
     outs = [gemm(a_A[sl], w_E[e]).to(dtype) for e, sl in _segments(rows)]
     return torch.cat(outs) if outs else a_A.new_empty(0, width, dtype=dtype)
 
 
-def _per_expert_wgrad(wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int],
-                      w_ENK: torch.Tensor) -> torch.Tensor:
+def _per_expert_wgrad(
+    wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int], w_ENK: torch.Tensor
+) -> torch.Tensor:
     """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e]; zeros for experts without rows."""
     return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in _segments(rows)}, w_ENK)
 
@@ -672,7 +764,9 @@ def _per_expert_wgrad(wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list
 def _stack_experts(got: dict[int, torch.Tensor], w_ENK: torch.Tensor) -> torch.Tensor:
     """[E, N, K] in w_ENK's dtype from per-expert results; zeros for experts not in `got`."""
     zero = torch.zeros_like(w_ENK[0])
-    return torch.stack([got[e].to(w_ENK.dtype) if e in got else zero for e in range(w_ENK.shape[0])])
+    return torch.stack(
+        [got[e].to(w_ENK.dtype) if e in got else zero for e in range(w_ENK.shape[0])]
+    )
 
 
 def _gemms(fp8: bool, cast: torch.dtype | None, cache=None):
@@ -684,31 +778,51 @@ def _gemms(fp8: bool, cast: torch.dtype | None, cache=None):
 
         if cache is None:
             return f8.forward_gemm, f8.dgrad_gemm, f8.wgrad_gemm
-        return (lambda x, w: f8.forward_gemm(x, w, cache.get(w)),
-                lambda dy, w: f8.dgrad_gemm(dy, w, cache.get(w)), f8.wgrad_gemm)
-    return (functools.partial(matmul_forward, cast=cast), functools.partial(matmul_dgrad, cast=cast),
-            functools.partial(matmul_wgrad, cast=cast))
+        return (
+            lambda x, w: f8.forward_gemm(x, w, cache.get(w)),
+            lambda dy, w: f8.dgrad_gemm(dy, w, cache.get(w)),
+            f8.wgrad_gemm,
+        )
+    return (
+        functools.partial(matmul_forward, cast=cast),
+        functools.partial(matmul_dgrad, cast=cast),
+        functools.partial(matmul_wgrad, cast=cast),
+    )
 
 
-def experts_mlp(x_AD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
-                rows: list[int], *, store: WeightGradStore | None = None, fp8: bool = False,
-                cache=None, grouped_fp8: bool = False) -> torch.Tensor:
+def experts_mlp(
+    x_AD: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w3_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    rows: list[int],
+    *,
+    store: WeightGradStore | None = None,
+    fp8: bool = False,
+    cache=None,
+    grouped_fp8: bool = False,
+) -> torch.Tensor:
     """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
     `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8)."""
     if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
-        raise ValueError(f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
-                         f"and {w1_EID.shape[0]} experts")
+        raise ValueError(
+            f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
+            f"and {w1_EID.shape[0]} experts"
+        )
     if grouped_fp8 and (not fp8 or cache is None):
-        raise ValueError(f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
-                         f"cache={cache}")
+        raise ValueError(
+            f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
+            f"cache={cache}"
+        )
     return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)
 
 
 class SplitLinear(nn.Module):
     """Replaces an nn.Linear (or an FP8TrainLinear), sharing its Parameters (same names)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, store: WeightGradStore,
-                 fp8: bool) -> None:
+    def __init__(
+        self, weight: nn.Parameter, bias: nn.Parameter | None, store: WeightGradStore, fp8: bool
+    ) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
         self.store, self.fp8 = store, fp8
@@ -720,7 +834,9 @@ class SplitLinear(nn.Module):
         return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}, deferred dW"
 
 
-def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore, *, grouped_fp8: bool = False) -> int:
+def enable_weight_grad_split(
+    stage: nn.Module, store: WeightGradStore, *, grouped_fp8: bool = False
+) -> int:
     """Route every linear layer and routed-expert GEMM of `stage` through `split_linear` with
     `store` (FP8 ones stay FP8). `grouped_fp8`: FP8 routed experts through the grouped FP8 GEMM
     (`_GroupedFP8`) instead of one GEMM per expert. Returns how many layers were switched."""
@@ -734,15 +850,24 @@ def enable_weight_grad_split(stage: nn.Module, store: WeightGradStore, *, groupe
                 raise ValueError("enable_weight_grad_split: experts already switched")
             fp8 = module.linear is fp8_linear
             module.linear = functools.partial(split_linear, store=store, fp8=fp8)
-            module.mlp_fn = functools.partial(experts_mlp, store=store, fp8=fp8,
-                                              cache=WeightCache() if fp8 else None,
-                                              grouped_fp8=fp8 and grouped_fp8)
+            module.mlp_fn = functools.partial(
+                experts_mlp,
+                store=store,
+                fp8=fp8,
+                cache=WeightCache() if fp8 else None,
+                grouped_fp8=fp8 and grouped_fp8,
+            )
             n += 1
             continue
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear or isinstance(child, FP8TrainLinear):
-                setattr(module, child_name, SplitLinear(child.weight, child.bias, store,
-                                                        fp8=isinstance(child, FP8TrainLinear)))
+                setattr(
+                    module,
+                    child_name,
+                    SplitLinear(
+                        child.weight, child.bias, store, fp8=isinstance(child, FP8TrainLinear)
+                    ),
+                )
                 n += 1
     return n
 
@@ -800,8 +925,10 @@ def apply_cuda_env(environ) -> None:
     already exists, since the settings would then be silently ignored."""
     if torch.cuda.is_initialized() and any(environ.get(k) != v for k, v in CUDA_ENV.items()):
         current = {k: environ.get(k) for k in CUDA_ENV}
-        raise ValueError(f"CUDA is already initialized with {current}; a pipeline worker needs "
-                         f"{CUDA_ENV} before its first CUDA call")
+        raise ValueError(
+            f"CUDA is already initialized with {current}; a pipeline worker needs "
+            f"{CUDA_ENV} before its first CUDA call"
+        )
     environ.update(CUDA_ENV)
 
 
@@ -820,27 +947,41 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
     timeout = datetime.timedelta(seconds=dist_timeout_s())
     if device.type == "cuda":
         if device.index is None:
-            raise ValueError(f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)")
+            raise ValueError(
+                f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)"
+            )
         apply_cuda_env(os.environ)
-        backend = (torch.cuda.get_allocator_backend() if hasattr(torch._C, "_cuda_getAllocatorBackend")
-                   else "none (torch built without CUDA)")
+        backend = (
+            torch.cuda.get_allocator_backend()
+            if hasattr(torch._C, "_cuda_getAllocatorBackend")
+            else "none (torch built without CUDA)"
+        )
         if backend != "cudaMallocAsync":
             raise ValueError(
                 f"the CUDA allocator is {backend!r}; a pipeline worker needs PYTORCH_CUDA_ALLOC_CONF="
                 f"{CUDA_ENV['PYTORCH_CUDA_ALLOC_CONF']!r} in its environment before torch is imported "
-                f"(its launcher's job: pipeline.CUDA_ENV)")
+                f"(its launcher's job: pipeline.CUDA_ENV)"
+            )
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timeout, device_id=device)
+        dist.init_process_group(
+            "nccl",
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=device,
+        )
     elif device.type == "cpu":
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timeout)
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=world, timeout=timeout
+        )
     else:
         raise ValueError(f"device={device}: expected cpu or cuda")
 
 
-def check_groups(made: list[tuple[str, tuple[int, ...], Any]], rank: int, world: int,
-                 device: torch.device) -> int:
+def check_groups(
+    made: list[tuple[str, tuple[int, ...], Any]], rank: int, world: int, device: torch.device
+) -> int:
     """Run one small all-reduce on every group of `made` (name, global ranks, group) that this rank
     belongs to, in list order, each finished before the next, and check that exactly the listed
     ranks answered. Returns how many groups were checked.
@@ -860,14 +1001,20 @@ def check_groups(made: list[tuple[str, tuple[int, ...], Any]], rank: int, world:
         dist.all_reduce(onehot_W, group=group)
         answered = [r for r, v in enumerate(onehot_W.tolist()) if v != 0.0]
         if answered != sorted(ranks) or max(onehot_W.tolist()) != 1.0:
-            raise RuntimeError(f"process group {name} of ranks {sorted(ranks)}: rank {rank} saw "
-                               f"{onehot_W.tolist()} (the ranks created their groups differently)")
+            raise RuntimeError(
+                f"process group {name} of ranks {sorted(ranks)}: rank {rank} saw "
+                f"{onehot_W.tolist()} (the ranks created their groups differently)"
+            )
         checked += 1
     return checked
 
 
-def warm_links(links: list[tuple[int, int, Any]], ep_groups: list[tuple[tuple[int, ...], Any]],
-               rank: int, device: torch.device) -> None:
+def warm_links(
+    links: list[tuple[int, int, Any]],
+    ep_groups: list[tuple[tuple[int, ...], Any]],
+    rank: int,
+    device: torch.device,
+) -> None:
     """Make NCCL connect every point-to-point path before the first step (module docstring,
     "Messages"): one 1-element message per stream (src -> dst, through `batch_isend_irecv` as the
     steps do) and one all-to-all per EP group, walked in one global order by every rank, each
@@ -885,7 +1032,9 @@ def warm_links(links: list[tuple[int, int, Any]], ep_groups: list[tuple[tuple[in
         (work,) = dist.batch_isend_irecv([dist.P2POp(op, buf, dst if rank == src else src, group)])
         work.wait()
         if rank == dst and buf.item() != float(src):  # .item() also syncs the host on CUDA
-            raise RuntimeError(f"stream {src} -> {dst}: received {buf.item()}, expected {float(src)}")
+            raise RuntimeError(
+                f"stream {src} -> {dst}: received {buf.item()}, expected {float(src)}"
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     for ranks, group in ep_groups:
@@ -905,14 +1054,23 @@ class PipelineGroups:
     topology: Topology
     rank: int
     ep: dict[int, Any]  # direction -> this rank's EP group (None when EP = 1)
-    p2p: dict[tuple[str, int, int], tuple[Any, int, int]]  # (kind, direction, stage s) -> (group, src, dst)
-    sync: dict[tuple[tuple[int, ...], bool], Any]  # (holder pp ranks, expert?) -> group (None: alone)
+    p2p: dict[
+        tuple[str, int, int], tuple[Any, int, int]
+    ]  # (kind, direction, stage s) -> (group, src, dst)
+    sync: dict[
+        tuple[tuple[int, ...], bool], Any
+    ]  # (holder pp ranks, expert?) -> group (None: alone)
     made: list[tuple[str, tuple[int, ...], Any]] = field(default_factory=list)  # creation order
 
     @staticmethod
-    def create(topology: Topology, rank: int, directions: int,
-               holder_sets: list[tuple[int, ...]], device: torch.device | None = None,
-               check: bool = True) -> "PipelineGroups":
+    def create(
+        topology: Topology,
+        rank: int,
+        directions: int,
+        holder_sets: list[tuple[int, ...]],
+        device: torch.device | None = None,
+        check: bool = True,
+    ) -> PipelineGroups:
         """p2p: for stage boundary s -> s+1 of each direction, an "act" stream (s to s+1) and a
         "grad" stream (s+1 to s), one group each; keyed by (kind, direction, s) where s is the
         lower stage. sync: per holder set, one group over all data shards (replicated parameters)
@@ -944,8 +1102,10 @@ class PipelineGroups:
             for p in range(t.pp):
                 for d in range(t.dp):
                     for direction in range(directions):
-                        g = new_group(f"ep(pp={p},dp={d},dir={direction})",
-                                      [t.rank(p, d, e) for e in range(t.ep)])
+                        g = new_group(
+                            f"ep(pp={p},dp={d},dir={direction})",
+                            [t.rank(p, d, e) for e in range(t.ep)],
+                        )
                         ep_groups.append((tuple(t.rank(p, d, e) for e in range(t.ep)), g))
                         if (p, d) == (me_p, me_d):
                             ep[direction] = g
@@ -957,13 +1117,17 @@ class PipelineGroups:
                         lo = t.rank(pp_rank_of(s, direction), d, e)
                         hi = t.rank(pp_rank_of(s + 1, direction), d, e)
                         for kind, src, dst in (("act", lo, hi), ("grad", hi, lo)):
-                            g = new_group(f"{kind}(dir={direction},s={s},dp={d},ep={e})", [src, dst])
+                            g = new_group(
+                                f"{kind}(dir={direction},s={s},dp={d},ep={e})", [src, dst]
+                            )
                             links.append((src, dst, g))
                             if (d, e) == (me_d, me_e):
                                 p2p[(kind, direction, s)] = (g, src, dst)
         sync: dict[tuple[tuple[int, ...], bool], Any] = {}
         for holders in sorted(set(holder_sets)):
-            ranks = sorted(t.rank(p, d, e) for p in holders for d in range(t.dp) for e in range(t.ep))
+            ranks = sorted(
+                t.rank(p, d, e) for p in holders for d in range(t.dp) for e in range(t.ep)
+            )
             g = new_group(f"sync{holders}", ranks) if len(ranks) > 1 else None
             if me_p in holders:
                 sync[(holders, False)] = g
@@ -979,8 +1143,12 @@ class PipelineGroups:
         return PipelineGroups(topology, rank, ep, p2p, sync, made)
 
 
-def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
-                          small_fraction: float = 0.05, streams: list | None = None) -> tuple[int, int]:
+def reserve_device_memory(
+    device: torch.device,
+    large_fraction: float = 0.5,
+    small_fraction: float = 0.05,
+    streams: list | None = None,
+) -> tuple[int, int]:
     """Grow the CUDA allocator's cache now so that no step has to ask the driver for memory.
 
     A cudaMalloc is an implicit synchronization (CUDA C Programming Guide, "Implicit
@@ -998,9 +1166,13 @@ def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
     indices, short activations). Returns the two sizes in bytes, all streams together."""
     if device.type != "cuda":
         return 0, 0
-    if not (0 < large_fraction < 1 and 0 <= small_fraction < 1 and large_fraction + small_fraction < 1):
-        raise ValueError(f"large_fraction={large_fraction}, small_fraction={small_fraction}: "
-                         f"each in [0, 1) and together under 1")
+    if not (
+        0 < large_fraction < 1 and 0 <= small_fraction < 1 and large_fraction + small_fraction < 1
+    ):
+        raise ValueError(
+            f"large_fraction={large_fraction}, small_fraction={small_fraction}: "
+            f"each in [0, 1) and together under 1"
+        )
     streams = list(streams) if streams else [torch.cuda.current_stream(device)]
     free, _ = torch.cuda.mem_get_info(device)
     large = int(free * large_fraction / len(streams)) // (2 << 20) * (2 << 20)
@@ -1009,8 +1181,10 @@ def reserve_device_memory(device: torch.device, large_fraction: float = 0.5,
         with torch.cuda.stream(stream):
             block = torch.empty(large, dtype=torch.uint8, device=device)
             # two 1 MiB tensors fill one 2 MiB small-pool segment
-            smalls = [torch.empty(1 << 20, dtype=torch.uint8, device=device)
-                      for _ in range(2 * small_segments)]
+            smalls = [
+                torch.empty(1 << 20, dtype=torch.uint8, device=device)
+                for _ in range(2 * small_segments)
+            ]
             del block, smalls  # back to the allocator's cache for this stream, not to the driver
     return large * len(streams), small_segments * (2 << 20) * len(streams)
 
@@ -1063,17 +1237,34 @@ class PipelineExecutor:
     `stages[(direction, stage)]` are this rank's stage modules; `groups.p2p` the message streams.
     """
 
-    def __init__(self, schedule: Schedule, pp_rank: int, stages: dict[tuple[int, int], PipelineStage],
-                 groups: PipelineGroups, *, device: torch.device, act_dtype: torch.dtype,
-                 seq_len: int, hidden: int, autocast_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None, time_ops: bool = True) -> None:
+    def __init__(
+        self,
+        schedule: Schedule,
+        pp_rank: int,
+        stages: dict[tuple[int, int], PipelineStage],
+        groups: PipelineGroups,
+        *,
+        device: torch.device,
+        act_dtype: torch.dtype,
+        seq_len: int,
+        hidden: int,
+        autocast_dtype: torch.dtype | None = None,
+        overlap: bool | None = None,
+        time_ops: bool = True,
+    ) -> None:
         validate(schedule)
         self.schedule, self.pp_rank, self.stages, self.groups = schedule, pp_rank, stages, groups
-        need = {(d, st) for st in schedule.stages_of(pp_rank) for d in range(schedule.directions)
-                if schedule.rank_of(st, d) == pp_rank}
+        need = {
+            (d, st)
+            for st in schedule.stages_of(pp_rank)
+            for d in range(schedule.directions)
+            if schedule.rank_of(st, d) == pp_rank
+        }
         if set(stages) != need:
-            raise ValueError(f"rank {pp_rank} needs stages {sorted(need)} (direction, stage), "
-                             f"got {sorted(stages)}")
+            raise ValueError(
+                f"rank {pp_rank} needs stages {sorted(need)} (direction, stage), "
+                f"got {sorted(stages)}"
+            )
         self.device, self.act_dtype = device, act_dtype
         self.seq_len, self.hidden = seq_len, hidden
         self.autocast_dtype = autocast_dtype
@@ -1081,8 +1272,9 @@ class PipelineExecutor:
         self.overlap = self.cuda if overlap is None else overlap
         self.time_ops = time_ops
         # one CUDA stream per direction: a forward of one overlaps a backward of the other
-        self.streams = ({d: torch.cuda.Stream(device) for d in range(schedule.directions)}
-                        if self.cuda else {})
+        self.streams = (
+            {d: torch.cuda.Stream(device) for d in range(schedule.directions)} if self.cuda else {}
+        )
         self._pool = None
         self._rehearsed = False  # on CPU too: cheap, and the gloo tests then cover it
 
@@ -1113,8 +1305,9 @@ class PipelineExecutor:
 
         group, src, _ = self.groups.p2p[key]
         with self._stream(op.direction):
-            buf = torch.empty(self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype,
-                              device=self.device)
+            buf = torch.empty(
+                self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype, device=self.device
+            )
             # a batch of one: on NCCL it runs on the group's own communicator (module docstring)
             (work,) = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, group)])
         self._recvs[op.key + (op.kind == Kind.F,)] = [buf, work]
@@ -1162,7 +1355,9 @@ class PipelineExecutor:
         g = d * self.schedule.microbatches_per_direction() + mb
         tokens = self._micro[g]
         with self._autocast():
-            out, aux, stats = stage.forward_chunk(x, tokens, self.loss_cfg, 1.0 / self.schedule.microbatches)
+            out, aux, stats = stage.forward_chunk(
+                x, tokens, self.loss_cfg, 1.0 / self.schedule.microbatches
+            )
         self._ctx[op.key] = (x, out, aux)
         for row, counts in stats.pop("loads"):
             self._loads[row] += counts.to(self._loads.device, torch.int64)
@@ -1193,8 +1388,12 @@ class PipelineExecutor:
 
     def _run_op(self, op: Op) -> None:
         with self._stream(op.direction):
-            {Kind.F: self._forward, Kind.B: self._backward, Kind.BI: self._backward,
-             Kind.W: self._weight}[op.kind](op)
+            {
+                Kind.F: self._forward,
+                Kind.B: self._backward,
+                Kind.BI: self._backward,
+                Kind.W: self._weight,
+            }[op.kind](op)
 
     def _run_slot(self, slot: Slot) -> None:
         if len(slot) == 2 and self.overlap:
@@ -1207,8 +1406,9 @@ class PipelineExecutor:
                 # the CUDA current device is per thread: a new thread starts on cuda:0, where
                 # rank 1's allocations and NCCL calls do not belong
                 init = functools.partial(torch.cuda.set_device, self.device) if self.cuda else None
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-fwd",
-                                                initializer=init)
+                self._pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="pipeline-fwd", initializer=init
+                )
             fut = self._pool.submit(self._run_op, fwd)
             self._run_op(bwd)
             fut.result()
@@ -1232,8 +1432,14 @@ class PipelineExecutor:
                 with self._stream(d):
                     x = None
                     if st > 0:
-                        x = torch.zeros(self._mb_rows, self.seq_len, self.hidden, dtype=self.act_dtype,
-                                        device=self.device, requires_grad=True)
+                        x = torch.zeros(
+                            self._mb_rows,
+                            self.seq_len,
+                            self.hidden,
+                            dtype=self.act_dtype,
+                            device=self.device,
+                            requires_grad=True,
+                        )
                     with self._autocast():
                         out, aux, _ = stage.forward_chunk(x, tokens, self.loss_cfg, 1.0)
                     tensors, grads = [out], [torch.ones_like(out)]
@@ -1249,8 +1455,10 @@ class PipelineExecutor:
                 p.grad = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            reserve_device_memory(self.device, streams=[torch.cuda.current_stream(self.device),
-                                                        *self.streams.values()])
+            reserve_device_memory(
+                self.device,
+                streams=[torch.cuda.current_stream(self.device), *self.streams.values()],
+            )
         self._rehearsed = True
 
     def _prewarm_gemms(self) -> int:
@@ -1264,7 +1472,8 @@ class PipelineExecutor:
 
         # (N, K, dtype) by (fp8, routed expert)
         weights: dict[tuple[bool, bool], set[tuple[int, int, torch.dtype]]] = {
-            (f, e): set() for f in (True, False) for e in (True, False)}
+            (f, e): set() for f in (True, False) for e in (True, False)
+        }
         for stage in self.stages.values():
             for module in stage.modules():
                 if isinstance(module, SplitLinear):
@@ -1272,13 +1481,17 @@ class PipelineExecutor:
                     weights[(module.fp8, False)].add((n, k, module.weight.dtype))
                 elif isinstance(module, Experts) and isinstance(module.linear, functools.partial):
                     fp8 = bool(module.linear.keywords.get("fp8"))
-                    if _Grouped.available(self.device, fp8, self.autocast_dtype or module.gate_proj.dtype):
+                    if _Grouped.available(
+                        self.device, fp8, self.autocast_dtype or module.gate_proj.dtype
+                    ):
                         continue  # one grouped GEMM per projection: nothing per token count to load
                     for w in (module.gate_proj, module.up_proj, module.down_proj):
                         weights[(fp8, True)].add((w.shape[1], w.shape[2], w.dtype))
         tokens = self._mb_rows * self.seq_len
-        counts = {False: f8.padded_row_counts(tokens)[-1:],  # one count: the micro-batch's
-                  True: f8.padded_row_counts(tokens * self.groups.topology.ep)}
+        counts = {
+            False: f8.padded_row_counts(tokens)[-1:],  # one count: the micro-batch's
+            True: f8.padded_row_counts(tokens * self.groups.topology.ep),
+        }
         runs = 0
         for (fp8, expert), ws in weights.items():
             if fp8:
@@ -1302,14 +1515,20 @@ class PipelineExecutor:
         M = self.schedule.microbatches
         B = tokens_BS1.shape[0]
         if B % M or tokens_BS1.shape[1] != self.seq_len + 1:
-            raise ValueError(f"batch {tuple(tokens_BS1.shape)} must be [k*M, seq_len+1] with "
-                             f"M={M} micro-batches and seq_len={self.seq_len}")
+            raise ValueError(
+                f"batch {tuple(tokens_BS1.shape)} must be [k*M, seq_len+1] with "
+                f"M={M} micro-batches and seq_len={self.seq_len}"
+            )
         self._mb_rows = B // M
         self._micro = tokens_BS1.to(self.device).split(self._mb_rows)
         self.loss_cfg = loss_cfg
         stage0 = next(iter(self.stages.values()))
-        self._loads = torch.zeros(stage0.num_moe_layers, stage0.config.n_routed_experts,
-                                  dtype=torch.int64, device=self.device)
+        self._loads = torch.zeros(
+            stage0.num_moe_layers,
+            stage0.config.n_routed_experts,
+            dtype=torch.int64,
+            device=self.device,
+        )
         zero = torch.zeros((), device=self.device)
         self._stats = {"main": zero, "mtp": zero, "balance": zero}
         self._ctx: dict = {}
@@ -1358,8 +1577,13 @@ class PipelineExecutor:
         left = [k for st in self.stages.values() for k in st.store.pending]
         assert not left, f"deferred weight grads never flushed: {left}"
         self._sends = []
-        return StepOutput(float(self._stats["main"]) / M, float(self._stats["mtp"]) / M,
-                          float(self._stats["balance"]) / M, self._loads.cpu(), timings)
+        return StepOutput(
+            float(self._stats["main"]) / M,
+            float(self._stats["mtp"]) / M,
+            float(self._stats["balance"]) / M,
+            self._loads.cpu(),
+            timings,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,10 +1611,21 @@ class PipelineModel:
     optionally switches them to FP8 and expert parallelism, and defers weight grads.
     """
 
-    def __init__(self, model_cfg, spec: PipelineSpec, rank: int, *, seed: int = 0, fp8: bool = False,
-                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None, seq_len: int, full_init: Callable | None = None,
-                 grouped_fp8: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_cfg,
+        spec: PipelineSpec,
+        rank: int,
+        *,
+        seed: int = 0,
+        fp8: bool = False,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        overlap: bool | None = None,
+        seq_len: int,
+        full_init: Callable | None = None,
+        grouped_fp8: bool | None = None,
+    ) -> None:
         from moeray.platform.model.transformer import Transformer
         from moeray.platform.parallel import schedule as sched
         from moeray.platform.parallel.expert import enable_expert_parallel
@@ -1409,19 +1644,28 @@ class PipelineModel:
         if full_init is not None:
             full_init(full)  # tests: e.g. nonzero router biases
         full.to(self.device)
-        self.layout = split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, spec.pp)
+        self.layout = split_layers(
+            model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, spec.pp
+        )
         self.moe_names = moe_layer_names(full)
         # holders of every parameter name, from the names of every stage
-        stage_names = [set(n for n, _ in PipelineStage(full, self.layout, s).named_parameters())
-                       for s in range(spec.pp)]
+        stage_names = [
+            set(n for n, _ in PipelineStage(full, self.layout, s).named_parameters())
+            for s in range(spec.pp)
+        ]
         self.holders: dict[str, tuple[int, ...]] = {}
         for s, names in enumerate(stage_names):
             for direction in range(self.schedule.directions):
                 p = self.schedule.rank_of(s, direction)
                 for n in names:
                     self.holders[n] = tuple(sorted(set(self.holders.get(n, ())) | {p}))
-        self.groups = PipelineGroups.create(self.topology, rank, self.schedule.directions,
-                                            list(set(self.holders.values())), device=self.device)
+        self.groups = PipelineGroups.create(
+            self.topology,
+            rank,
+            self.schedule.directions,
+            list(set(self.holders.values())),
+            device=self.device,
+        )
         self.stages: dict[tuple[int, int], PipelineStage] = {}
         for st in self.schedule.stages_of(self.pp_rank):
             for direction in range(self.schedule.directions):
@@ -1438,9 +1682,17 @@ class PipelineModel:
         del full
         self.modules = nn.ModuleList(self.stages.values())  # parameters() counts shared ones once
         self.executor = PipelineExecutor(
-            self.schedule, self.pp_rank, self.stages, self.groups, device=self.device,
-            act_dtype=torch.float32, seq_len=seq_len, hidden=model_cfg.hidden_size,
-            autocast_dtype=autocast_dtype, overlap=overlap)
+            self.schedule,
+            self.pp_rank,
+            self.stages,
+            self.groups,
+            device=self.device,
+            act_dtype=torch.float32,
+            seq_len=seq_len,
+            hidden=model_cfg.hidden_size,
+            autocast_dtype=autocast_dtype,
+            overlap=overlap,
+        )
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         out: dict[str, nn.Parameter] = {}
@@ -1475,9 +1727,13 @@ class PipelineModel:
     @torch.no_grad()
     def set_biases(self, bias_LE: torch.Tensor) -> None:
         if bias_LE.shape[0] != len(self.moe_names):
-            raise ValueError(f"bias_LE has {bias_LE.shape[0]} rows for {len(self.moe_names)} MoE layers")
+            raise ValueError(
+                f"bias_LE has {bias_LE.shape[0]} rows for {len(self.moe_names)} MoE layers"
+            )
         for row, moe in self.moe_layers():
-            moe.gate.e_score_correction_bias.copy_(bias_LE[row].to(moe.gate.e_score_correction_bias))
+            moe.gate.e_score_correction_bias.copy_(
+                bias_LE[row].to(moe.gate.e_score_correction_bias)
+            )
 
     def train(self) -> None:
         self.modules.train()
@@ -1514,7 +1770,7 @@ class PipelineModel:
             offset = 0
             for p in params:
                 n = p.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p))
+                p.grad.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
             holders, expert = key
             if self.pp_rank == holders[0] and self.dp_rank == 0 and (expert or self.ep_rank == 0):
@@ -1539,8 +1795,11 @@ class PipelineModel:
                     parts = [torch.empty_like(state[k]) for _ in range(self.spec.ep)]
                     dist.all_gather(parts, state[k].contiguous(), group=group)
                     state[k] = torch.cat(parts)
-        mine = ({k: v.cpu() for k, v in state.items()}
-                if self.dp_rank == 0 and self.ep_rank == 0 else None)
+        mine = (
+            {k: v.cpu() for k, v in state.items()}
+            if self.dp_rank == 0 and self.ep_rank == 0
+            else None
+        )
         gathered = [None] * self.topology.world if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if self.rank != 0:

@@ -238,8 +238,11 @@ def validate(s: Schedule) -> None:
             if len(slot) not in (1, 2):
                 raise ValueError(f"rank {r} slot {t}: a slot holds 1 or 2 ops, got {len(slot)}")
             for op in slot:
-                if not (0 <= op.mb < per_dir and 0 <= op.stage < s.pp
-                        and 0 <= op.direction < s.directions):
+                if not (
+                    0 <= op.mb < per_dir
+                    and 0 <= op.stage < s.pp
+                    and 0 <= op.direction < s.directions
+                ):
                     raise ValueError(f"{op} is outside pp={s.pp}, microbatches={s.microbatches}")
                 if s.rank_of(op.stage, op.direction) != r:
                     raise ValueError(f"{op} runs on rank {r}, but its stage lives elsewhere")
@@ -255,7 +258,9 @@ def validate(s: Schedule) -> None:
                 if f is None:
                     raise ValueError(f"missing F for (direction, mb, stage)={key}")
                 if (b is None) == (bi is None) or (bi is None) != (w is None):
-                    raise ValueError(f"(direction, mb, stage)={key} needs one B or one BI and one W")
+                    raise ValueError(
+                        f"(direction, mb, stage)={key} needs one B or one BI and one W"
+                    )
                 back = b or bi
                 if back[1] <= f[1]:
                     raise ValueError(f"backward of {key} before its forward on rank {f[0]}")

@@ -128,7 +128,9 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
                 remaining -= 1
                 progressed = True
         if not progressed:
-            stuck = {r: schedule.ranks[r][nxt[r]] for r in range(pp) if nxt[r] < len(schedule.ranks[r])}
+            stuck = {
+                r: schedule.ranks[r][nxt[r]] for r in range(pp) if nxt[r] < len(schedule.ranks[r])
+            }
             raise ValueError(f"schedule {schedule.name} deadlocks; waiting slots: {stuck}")
     return Timeline(schedule, costs, tuple(tuple(s) for s in spans))
 

@@ -56,27 +56,42 @@ class Ingress:
         self.cfg = ServeConfig.from_dict(config)
         self.tokenizer = ServeTokenizer(self.cfg.model)
         model = ModelConfig.from_hf(self.cfg.model)
-        self.max_context = min(self.cfg.max_model_len or model.max_position_embeddings,
-                               model.max_position_embeddings)
+        self.max_context = min(
+            self.cfg.max_model_len or model.max_position_embeddings, model.max_position_embeddings
+        )
         self.engine = HandleEngine(backend)
 
     def __serve_build_asgi_app__(self):
         from moeray.platform.metrics import Metrics
         from moeray.platform.serve.ingress import (
-            OpenAIServerConfig, build_app, deepseek_chat_prompt, resolve_api_key)
+            OpenAIServerConfig,
+            build_app,
+            deepseek_chat_prompt,
+            resolve_api_key,
+        )
 
-        server_cfg = OpenAIServerConfig(model_id=self.cfg.served_model_id, max_context=self.max_context,
-                                        max_in_flight=self.cfg.max_in_flight,
-                                        api_key=resolve_api_key(self.cfg.api_key), created=int(time.time()))
-        return build_app(self.engine, self.tokenizer, server_cfg,
-                         metrics=Metrics("ray", default_labels={"model": self.cfg.served_model_id}),
-                         chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt)
+        server_cfg = OpenAIServerConfig(
+            model_id=self.cfg.served_model_id,
+            max_context=self.max_context,
+            max_in_flight=self.cfg.max_in_flight,
+            api_key=resolve_api_key(self.cfg.api_key),
+            created=int(time.time()),
+        )
+        return build_app(
+            self.engine,
+            self.tokenizer,
+            server_cfg,
+            metrics=Metrics("ray", default_labels={"model": self.cfg.served_model_id}),
+            chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt,
+        )
 
 
 RDT_RELAY_GPUS = 0.01  # keep equal to the relays' num_gpus in kv_transfer.RDTSender
 
 
-def _engine_options(cfg: ServeConfig, replicas: int, *, reject_overflow: bool = False) -> dict[str, Any]:
+def _engine_options(
+    cfg: ServeConfig, replicas: int, *, reject_overflow: bool = False
+) -> dict[str, Any]:
     """Serve options of an engine deployment. With `reject_overflow` (the deployments that stream
     to clients) Serve lets one more request through than the engine holds, so a full replica
     answers EngineOverloaded (429 at the API) instead of Serve queueing the excess at the handle
@@ -87,9 +102,10 @@ def _engine_options(cfg: ServeConfig, replicas: int, *, reject_overflow: bool = 
         # RDT's relay actors (kv_transfer.py) take 0.01 GPU each and must sit on different GPUs;
         # whole-GPU replicas would leave them unplaceable (transfers then time out and recompute).
         gpus -= RDT_RELAY_GPUS
-    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
-                                                  "num_gpus": gpus},
-                            "max_ongoing_requests": cap}
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus},
+        "max_ongoing_requests": cap,
+    }
     if cfg.autoscaling is not None:
         opts["autoscaling_config"] = dict(cfg.autoscaling)
     else:
@@ -101,10 +117,12 @@ def _decode_router(cfg: ServeConfig) -> dict[str, Any]:
     """Decode replicas: most free KV pages first, affinity to the one holding a prompt's prefix
     (moeray.actors.decode.DecodeRouter); replicas report free pages every routing_stats_period_s.
     Prefill keeps Serve's default power-of-two router, which sends to the shorter queue."""
-    return {"request_router_class": "moeray.actors.decode:DecodeRouter",
-            "request_router_kwargs": {"page_size": cfg.page_size},
-            "request_routing_stats_period_s": cfg.routing_stats_period_s,
-            "request_routing_stats_timeout_s": max(5.0, 5 * cfg.routing_stats_period_s)}
+    return {
+        "request_router_class": "moeray.actors.decode:DecodeRouter",
+        "request_router_kwargs": {"page_size": cfg.page_size},
+        "request_routing_stats_period_s": cfg.routing_stats_period_s,
+        "request_routing_stats_timeout_s": max(5.0, 5 * cfg.routing_stats_period_s),
+    }
 
 
 def build_app(cfg: ServeConfig):
@@ -115,20 +133,33 @@ def build_app(cfg: ServeConfig):
     from moeray.actors.prefill import PrefillServer
 
     if not (Path(cfg.model) / "config.json").exists():
-        raise ValueError(f"model directory {cfg.model!r} has no config.json"
-                         + (" (run `make demo` first to train it)" if cfg.model == DEFAULT_DEMO_MODEL else ""))
+        raise ValueError(
+            f"model directory {cfg.model!r} has no config.json"
+            + (" (run `make demo` first to train it)" if cfg.model == DEFAULT_DEMO_MODEL else "")
+        )
     args = cfg.to_dict()
     if cfg.mode == "colocated":
-        backend = serve.deployment(ColocatedServer, name="Colocated",
-                                   **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True)).bind(args)
+        backend = serve.deployment(
+            ColocatedServer,
+            name="Colocated",
+            **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
+        ).bind(args)
     else:
-        prefill = serve.deployment(PrefillServer, name="Prefill",
-                                   **_engine_options(cfg, cfg.prefill_replicas)).bind(args)
-        backend = serve.deployment(DecodeServer, name="Decode", request_router_config=_decode_router(cfg),
-                                   **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True)).bind(args, prefill)
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress",
-                               ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=cfg.max_in_flight * 2)
+        prefill = serve.deployment(
+            PrefillServer, name="Prefill", **_engine_options(cfg, cfg.prefill_replicas)
+        ).bind(args)
+        backend = serve.deployment(
+            DecodeServer,
+            name="Decode",
+            request_router_config=_decode_router(cfg),
+            **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
+        ).bind(args, prefill)
+    ingress = serve.deployment(
+        serve.ingress()(Ingress),
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=cfg.max_in_flight * 2,
+    )
     return ingress.bind(args, backend)
 
 
@@ -139,14 +170,23 @@ def build(args: dict[str, Any]):
 
 def serve_config_file(cfg: ServeConfig) -> dict[str, Any]:
     """A Serve config (for `serve run F` / `serve deploy F`) equal to the `moeray serve` flags."""
-    return {"proxy_location": "HeadOnly",
-            "http_options": {"host": cfg.host, "port": cfg.port},
-            "applications": [{"name": APP_NAME, "route_prefix": "/",
-                              "import_path": "moeray.platform.serve.app:build",
-                              "args": {k: v for k, v in cfg.to_dict().items() if k != "api_key"}}]}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "moeray.platform.serve.app:build",
+                "args": {k: v for k, v in cfg.to_dict().items() if k != "api_key"},
+            }
+        ],
+    }
 
 
-def start(cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"):
+def start(
+    cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/"
+):
     """Start Serve on the current Ray cluster (a local one when none) and deploy the app.
 
     The API key (--api-key, else $MOERAY_API_KEY here) is resolved now and handed to the ingress,
@@ -157,7 +197,9 @@ def start(cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, rou
     from moeray.platform.serve.ingress import resolve_api_key
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+        )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     cfg = cfg.replace(api_key=resolve_api_key(cfg.api_key))
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
@@ -165,54 +207,90 @@ def start(cfg: ServeConfig, *, blocking: bool = False, name: str = APP_NAME, rou
 
 def _parser() -> argparse.ArgumentParser:
     d = ServeConfig()
-    p = argparse.ArgumentParser(prog="moeray serve", description="Serve a model directory with Ray "
-                                "Serve behind an OpenAI-compatible API.")
-    p.add_argument("--model", default=d.model, help=f"HF model directory (default: {d.model}, from make demo)")
-    p.add_argument("--model-id", default=None, help="name clients use as `model` (default: directory name)")
+    p = argparse.ArgumentParser(
+        prog="moeray serve",
+        description="Serve a model directory with Ray Serve behind an OpenAI-compatible API.",
+    )
+    p.add_argument(
+        "--model", default=d.model, help=f"HF model directory (default: {d.model}, from make demo)"
+    )
+    p.add_argument(
+        "--model-id", default=None, help="name clients use as `model` (default: directory name)"
+    )
     p.add_argument("--mode", choices=("pd", "colocated"), default=d.mode)
     p.add_argument("--prefill-replicas", type=int, default=d.prefill_replicas)
     p.add_argument("--decode-replicas", type=int, default=d.decode_replicas)
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-key", default=None, help="require this bearer token (or set MOERAY_API_KEY)")
-    p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default=d.kv_transport,
-                   help="how KV moves from prefill to decode (default: object_store)")
+    p.add_argument(
+        "--api-key", default=None, help="require this bearer token (or set MOERAY_API_KEY)"
+    )
+    p.add_argument(
+        "--kv-transport",
+        choices=KV_TRANSPORTS,
+        default=d.kv_transport,
+        help="how KV moves from prefill to decode (default: object_store)",
+    )
     p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit")
+    p.add_argument(
+        "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     try:
-        cfg = ServeConfig(model=a.model, model_id=a.model_id, mode=a.mode, prefill_replicas=a.prefill_replicas,
-                          decode_replicas=a.decode_replicas, host=a.host, port=a.port, api_key=a.api_key,
-                          kv_transport=a.kv_transport, gpus_per_replica=a.gpus_per_replica,
-                          cpus_per_replica=a.cpus_per_replica, num_speculative_tokens=a.num_speculative_tokens,
-                          max_model_len=a.max_model_len)
+        cfg = ServeConfig(
+            model=a.model,
+            model_id=a.model_id,
+            mode=a.mode,
+            prefill_replicas=a.prefill_replicas,
+            decode_replicas=a.decode_replicas,
+            host=a.host,
+            port=a.port,
+            api_key=a.api_key,
+            kv_transport=a.kv_transport,
+            gpus_per_replica=a.gpus_per_replica,
+            cpus_per_replica=a.cpus_per_replica,
+            num_speculative_tokens=a.num_speculative_tokens,
+            max_model_len=a.max_model_len,
+        )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)
         return 2
     if a.write_config:
         import yaml
 
-        header = ("# Written by `moeray serve --write-config`; run with `serve run F` or `serve deploy F`.\n"
-                  "# `args` are ServeConfig fields (moeray/platform/config.py); e.g. autoscaling:\n"
-                  "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} per engine deployment.\n"
-                  "# The API key is never written here: set MOERAY_API_KEY in the cluster's environment.\n")
-        Path(a.write_config).write_text(header + yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
+        header = (
+            "# Written by `moeray serve --write-config`; run with `serve run F` or `serve deploy F`.\n"
+            "# `args` are ServeConfig fields (moeray/platform/config.py); e.g. autoscaling:\n"
+            "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} per engine deployment.\n"
+            "# The API key is never written here: set MOERAY_API_KEY in the cluster's environment.\n"
+        )
+        Path(a.write_config).write_text(
+            header + yaml.safe_dump(serve_config_file(cfg), sort_keys=False)
+        )
         print(f"wrote {a.write_config}: serve run {a.write_config}")
         if a.api_key:
-            print("note: --api-key is not written to the file; set MOERAY_API_KEY where the app runs",
-                  file=sys.stderr)
+            print(
+                "note: --api-key is not written to the file; set MOERAY_API_KEY where the app runs",
+                file=sys.stderr,
+            )
         return 0
     if not (Path(cfg.model) / "config.json").exists():
-        print(f"moeray serve: no model at {cfg.model!r} (config.json missing); "
-              "train one with `make demo` or pass --model DIR", file=sys.stderr)
+        print(
+            f"moeray serve: no model at {cfg.model!r} (config.json missing); "
+            "train one with `make demo` or pass --model DIR",
+            file=sys.stderr,
+        )
         return 2
-    print(f"serving {cfg.served_model_id} ({cfg.mode}) on http://{cfg.host}:{cfg.port}/v1 ...", flush=True)
+    print(
+        f"serving {cfg.served_model_id} ({cfg.mode}) on http://{cfg.host}:{cfg.port}/v1 ...",
+        flush=True,
+    )
     start(cfg, blocking=True)
     return 0

@@ -119,8 +119,9 @@ class BenchConfig:
         if self.endpoint not in ("completions", "chat"):
             raise ValueError(f"endpoint {self.endpoint!r}; accepted: completions, chat")
         if self.num_requests < 1 or self.concurrency < 1:
-            raise ValueError(f"num_requests={self.num_requests} and concurrency="
-                             f"{self.concurrency} must be >= 1")
+            raise ValueError(
+                f"num_requests={self.num_requests} and concurrency={self.concurrency} must be >= 1"
+            )
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"rate={self.rate} must be > 0 requests/s (or None)")
         if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
@@ -166,8 +167,11 @@ def make_requests(cfg: BenchConfig) -> list[tuple[dict[str, Any], RequestRecord]
     for _ in range(cfg.num_requests):
         n_in, n_out = cfg.input_len.sample(rng), cfg.output_len.sample(rng)
         body: dict[str, Any] = {
-            "model": cfg.model, "max_tokens": n_out, "temperature": cfg.temperature,
-            "stream": True, "stream_options": {"include_usage": True},
+            "model": cfg.model,
+            "max_tokens": n_out,
+            "temperature": cfg.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if cfg.ignore_eos:
             body["ignore_eos"] = True
@@ -179,8 +183,9 @@ def make_requests(cfg: BenchConfig) -> list[tuple[dict[str, Any], RequestRecord]
     return out
 
 
-async def _send(session: Any, url: str, headers: dict[str, str], body: dict[str, Any],
-                rec: RequestRecord) -> None:
+async def _send(
+    session: Any, url: str, headers: dict[str, str], body: dict[str, Any], rec: RequestRecord
+) -> None:
     rec.start = time.perf_counter()
     last = None
     chunks = 0
@@ -215,7 +220,7 @@ async def _send(session: Any, url: str, headers: dict[str, str], body: dict[str,
                     rec.output_tokens = int(usage["completion_tokens"])
             if rec.ok and rec.output_tokens == 0:
                 rec.output_tokens = chunks  # a server without usage: one token per chunk
-    except (OSError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, OSError, ValueError) as e:
         rec.error = f"{type(e).__name__}: {e}"[:300]
         rec.ok = False
     finally:
@@ -267,7 +272,12 @@ def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float | None]
     if v.size == 0:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
     p50, p90, p99 = np.percentile(v, [50, 90, 99]) * scale
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(v.mean() * scale)}
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(v.mean() * scale),
+    }
 
 
 def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> dict[str, Any]:
@@ -280,8 +290,12 @@ def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> 
     itl = _pcts([x for r in ok for x in r.itl_s])
     e2e = _pcts([r.e2e_s for r in ok])
     # A one-token answer has no TPOT: it meets the TPOT target trivially.
-    good = [r for r in ok if r.ttft_s * 1000 <= cfg.ttft_slo_ms
-            and (math.isnan(r.tpot_s) or r.tpot_s * 1000 <= cfg.tpot_slo_ms)]
+    good = [
+        r
+        for r in ok
+        if r.ttft_s * 1000 <= cfg.ttft_slo_ms
+        and (math.isnan(r.tpot_s) or r.tpot_s * 1000 <= cfg.tpot_slo_ms)
+    ]
     res: dict[str, Any] = {
         "throughput_tokens_per_s": out_tokens / wall_s,
         "input_tokens_per_s": in_tokens / wall_s,
@@ -297,7 +311,8 @@ def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> 
         "output_tokens": out_tokens,
         "input_tokens": in_tokens,
         "duration_s": wall_s,
-        "mode": f"poisson rate={cfg.rate}/s" if cfg.rate is not None
+        "mode": f"poisson rate={cfg.rate}/s"
+        if cfg.rate is not None
         else f"concurrency={cfg.concurrency}",
         "endpoint": cfg.endpoint,
     }
@@ -317,8 +332,13 @@ def _parse_target(spec: str) -> tuple[str, str]:
     return label, url
 
 
-def run(targets: list[tuple[str, str]], cfg: BenchConfig, *, out_name: str | None = None,
-        directory: Path | None = None) -> tuple[dict[str, Any], Path]:
+def run(
+    targets: list[tuple[str, str]],
+    cfg: BenchConfig,
+    *,
+    out_name: str | None = None,
+    directory: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Benchmark every target in turn and write the merged result file."""
     from moeray.platform.results import RESULTS_DIR, device_slug, write_result
 
@@ -327,8 +347,9 @@ def run(targets: list[tuple[str, str]], cfg: BenchConfig, *, out_name: str | Non
     results: dict[str, Any] = {}
     if path.exists():  # keep the other targets' numbers from an earlier run
         old = json.loads(path.read_text())
-        results.update({k: v for k, v in old.items()
-                        if isinstance(v, dict) and "throughput_tokens_per_s" in v})
+        results.update(
+            {k: v for k, v in old.items() if isinstance(v, dict) and "throughput_tokens_per_s" in v}
+        )
     for label, url in targets:
         records, wall = asyncio.run(run_load(url, cfg))
         results[label] = {"base_url": url, **summarize(records, wall, cfg)}
@@ -342,12 +363,22 @@ LAUNCH_TRANSPORTS = ("object_store", "rdt", "channel")
 def _transfer_summary(transfers: list[dict[str, Any]]) -> dict[str, Any]:
     moved = [t for t in transfers if not t["recomputed"]]
     secs = [t["seconds"] for t in moved]
-    out: dict[str, Any] = {"requests": len(transfers), "recomputed": len(transfers) - len(moved),
-                           "bytes_per_request_mean": (sum(t["bytes"] for t in moved) / len(moved)) if moved else None}
+    out: dict[str, Any] = {
+        "requests": len(transfers),
+        "recomputed": len(transfers) - len(moved),
+        "bytes_per_request_mean": (sum(t["bytes"] for t in moved) / len(moved)) if moved else None,
+    }
     out.update({f"seconds_{k}_ms": v for k, v in _pcts(secs).items()})
-    out.update({f"receive_{k}_ms": v for k, v in _pcts([t.get("receive_seconds", 0.0) for t in moved]).items()})
-    out["what"] = ("seconds: prefill call wall time minus the prefill's compute, plus the receive "
-                   "(Serve reply included); receive: the receive after the ticket arrived")
+    out.update(
+        {
+            f"receive_{k}_ms": v
+            for k, v in _pcts([t.get("receive_seconds", 0.0) for t in moved]).items()
+        }
+    )
+    out["what"] = (
+        "seconds: prefill call wall time minus the prefill's compute, plus the receive "
+        "(Serve reply included); receive: the receive after the ticket arrived"
+    )
     return out
 
 
@@ -369,9 +400,17 @@ def random_tiny_model(directory: Path) -> Path:
     return directory
 
 
-def launch(model_dir: str, cfg: BenchConfig, *, transports: tuple[str, ...] = LAUNCH_TRANSPORTS,
-           port: int = 8123, cpus_per_replica: float = 0.5, gpus_per_replica: float = 0.0, warmup: int = 4,
-           raw_iters: int = 20) -> dict[str, Any]:
+def launch(
+    model_dir: str,
+    cfg: BenchConfig,
+    *,
+    transports: tuple[str, ...] = LAUNCH_TRANSPORTS,
+    port: int = 8123,
+    cpus_per_replica: float = 0.5,
+    gpus_per_replica: float = 0.0,
+    warmup: int = 4,
+    raw_iters: int = 20,
+) -> dict[str, Any]:
     """Deploy colocated (2 replicas) and pd (1+1, per transport) in turn on a local Ray (or
     $RAY_ADDRESS) and benchmark each through its HTTP API. Returns the result dict."""
     import dataclasses
@@ -389,16 +428,28 @@ def launch(model_dir: str, cfg: BenchConfig, *, transports: tuple[str, ...] = LA
         if t not in LAUNCH_TRANSPORTS:
             raise ValueError(f"transport {t!r}; accepted: {LAUNCH_TRANSPORTS}")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}},
+        )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = ServeConfig(model=model_dir, model_id=cfg.model, cpus_per_replica=cpus_per_replica,
-                       gpus_per_replica=gpus_per_replica,
-                       max_in_flight=max(256, 2 * cfg.concurrency))
+    base = ServeConfig(
+        model=model_dir,
+        model_id=cfg.model,
+        cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica,
+        max_in_flight=max(256, 2 * cfg.concurrency),
+    )
     setups = [("colocated", base.replace(mode="colocated", decode_replicas=2))]
     for t in transports:
-        setups.append(("pd" if t == "object_store" else f"pd_{t}",
-                       base.replace(mode="pd", prefill_replicas=1, decode_replicas=1, kv_transport=t)))
+        setups.append(
+            (
+                "pd" if t == "object_store" else f"pd_{t}",
+                base.replace(mode="pd", prefill_replicas=1, decode_replicas=1, kv_transport=t),
+            )
+        )
     results: dict[str, Any] = {"kv_transfer": {}}
     device = None
     try:
@@ -406,34 +457,59 @@ def launch(model_dir: str, cfg: BenchConfig, *, transports: tuple[str, ...] = LA
             serve.run(build_app(scfg), name=label, route_prefix=f"/{label}")
             url = f"http://127.0.0.1:{port}/{label}"
             # Warm-up (first forward, KV channel/relay setup), excluded from the numbers.
-            asyncio.run(run_load(url, dataclasses.replace(cfg, num_requests=warmup, rate=None,
-                                                          concurrency=min(2, warmup), seed=cfg.seed + 99)))
+            asyncio.run(
+                run_load(
+                    url,
+                    dataclasses.replace(
+                        cfg,
+                        num_requests=warmup,
+                        rate=None,
+                        concurrency=min(2, warmup),
+                        seed=cfg.seed + 99,
+                    ),
+                )
+            )
             seen = 0
             if scfg.mode == "pd":
                 h = serve.get_deployment_handle("Decode", app_name=label)
                 seen = len(h.stats.remote(last=1000).result(timeout_s=60)["transfers"])
             records, wall = asyncio.run(run_load(url, cfg))
-            results[label] = {"base_url": url, "setup": {"mode": scfg.mode, "prefill_replicas": scfg.prefill_replicas
-                                                         if scfg.mode == "pd" else 0,
-                                                         "decode_replicas": scfg.decode_replicas,
-                                                         "kv_transport": scfg.kv_transport if scfg.mode == "pd" else None,
-                                                         "cpus_per_replica": scfg.cpus_per_replica,
-                                                         "gpus_per_replica": scfg.gpus_per_replica},
-                              **summarize(records, wall, cfg)}
+            results[label] = {
+                "base_url": url,
+                "setup": {
+                    "mode": scfg.mode,
+                    "prefill_replicas": scfg.prefill_replicas if scfg.mode == "pd" else 0,
+                    "decode_replicas": scfg.decode_replicas,
+                    "kv_transport": scfg.kv_transport if scfg.mode == "pd" else None,
+                    "cpus_per_replica": scfg.cpus_per_replica,
+                    "gpus_per_replica": scfg.gpus_per_replica,
+                },
+                **summarize(records, wall, cfg),
+            }
             if scfg.mode == "pd":
                 st = h.stats.remote(last=1000).result(timeout_s=60)
-                results["kv_transfer"][scfg.kv_transport] = _transfer_summary(st["transfers"][seen:])
+                results["kv_transfer"][scfg.kv_transport] = _transfer_summary(
+                    st["transfers"][seen:]
+                )
                 device = device or ("cuda" if scfg.gpus_per_replica > 0 else "cpu")
             serve.delete(label)
-        moved = [v["bytes_per_request_mean"] for v in results["kv_transfer"].values() if v["bytes_per_request_mean"]]
+        moved = [
+            v["bytes_per_request_mean"]
+            for v in results["kv_transfer"].values()
+            if v["bytes_per_request_mean"]
+        ]
         if moved:
             nbytes = int(statistics.mean(moved))
             backend = backend_for(device or "cpu")
             times = raw_p2p_seconds(nbytes, backend=backend, iters=raw_iters)
             results["kv_transfer"]["raw_send_recv"] = {
-                "backend": backend, "bytes": nbytes, "iters": raw_iters, "what": "ping-pong round trip "
+                "backend": backend,
+                "bytes": nbytes,
+                "iters": raw_iters,
+                "what": "ping-pong round trip "
                 "(payload + 1-element ack) between two bare actors, same bytes as the mean request",
-                **{f"seconds_{k}_ms": v for k, v in _pcts(times).items()}}
+                **{f"seconds_{k}_ms": v for k, v in _pcts(times).items()},
+            }
     finally:
         serve.shutdown()
     return results
@@ -441,25 +517,51 @@ def launch(model_dir: str, cfg: BenchConfig, *, transports: tuple[str, ...] = LA
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeray bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--target", action="append", default=[],
-                   help="LABEL=URL, repeatable: e.g. colocated=http://127.0.0.1:8000")
-    p.add_argument("--launch", action="store_true", help="deploy colocated (2 replicas) and pd "
-                   "(1+1 per --transports) on a local Ray and bench each instead of --target")
-    p.add_argument("--model-dir", default=None, help="--launch: model directory (default: the "
-                   "`make demo` model; a random-init tiny model when that is missing)")
-    p.add_argument("--transports", default=",".join(LAUNCH_TRANSPORTS), help="--launch: KV transports for pd")
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="LABEL=URL, repeatable: e.g. colocated=http://127.0.0.1:8000",
+    )
+    p.add_argument(
+        "--launch",
+        action="store_true",
+        help="deploy colocated (2 replicas) and pd "
+        "(1+1 per --transports) on a local Ray and bench each instead of --target",
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="--launch: model directory (default: the "
+        "`make demo` model; a random-init tiny model when that is missing)",
+    )
+    p.add_argument(
+        "--transports", default=",".join(LAUNCH_TRANSPORTS), help="--launch: KV transports for pd"
+    )
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="--launch: GPUs per engine "
-                   "replica (> 0: engines on CUDA, KV over nccl for rdt/channel, raw baseline over nccl)")
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=0.0,
+        help="--launch: GPUs per engine "
+        "replica (> 0: engines on CUDA, KV over nccl for rdt/channel, raw baseline over nccl)",
+    )
     p.add_argument("--port", type=int, default=8123, help="--launch: HTTP port")
-    p.add_argument("--model", default="tiny", help="model id sent in requests (--launch serves it under this id)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="model id sent in requests (--launch serves it under this id)",
+    )
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--num-requests", type=int, default=100)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rate", type=float, help="Poisson arrivals, requests/s")
     g.add_argument("--concurrency", type=int, default=8, help="fixed number of requests in flight")
-    p.add_argument("--input-len", default="128", help="N | uniform:LO:HI | normal:MEAN:STD | "
-                   "lognormal:MEDIAN:SIGMA")
+    p.add_argument(
+        "--input-len",
+        default="128",
+        help="N | uniform:LO:HI | normal:MEAN:STD | lognormal:MEDIAN:SIGMA",
+    )
     p.add_argument("--output-len", default="128")
     p.add_argument("--max-len", type=int, default=1 << 20, help="clip sampled lengths to this")
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
@@ -481,14 +583,21 @@ def main(argv: list[str]) -> int:
     try:
         lo, hi = (int(x) for x in args.token_range.split(":"))
         cfg = BenchConfig(
-            model=args.model, endpoint=args.endpoint, num_requests=args.num_requests,
-            rate=args.rate, concurrency=args.concurrency,
+            model=args.model,
+            endpoint=args.endpoint,
+            num_requests=args.num_requests,
+            rate=args.rate,
+            concurrency=args.concurrency,
             input_len=LengthDist.parse(args.input_len, args.max_len),
             output_len=LengthDist.parse(args.output_len, args.max_len),
-            ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+            ttft_slo_ms=args.ttft_slo_ms,
+            tpot_slo_ms=args.tpot_slo_ms,
             api_key=args.api_key or os.environ.get("MOERAY_API_KEY") or None,
-            token_range=(lo, hi), ignore_eos=not args.no_ignore_eos,
-            temperature=args.temperature, seed=args.seed)
+            token_range=(lo, hi),
+            ignore_eos=not args.no_ignore_eos,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
         targets = [_parse_target(t) for t in args.target]
         if bool(targets) == args.launch:
             raise ValueError("give either --target LABEL=URL (repeatable) or --launch")
@@ -499,16 +608,19 @@ def main(argv: list[str]) -> int:
     if args.launch:
         return _main_launch(args, cfg, directory)
     results, path = run(targets, cfg, out_name=args.out, directory=directory)
+
     def f(x: float | None, d: int = 1) -> str:
         return "-" if x is None else f"{x:.{d}f}"
 
     for label, _ in targets:
         r = results[label]
-        print(f"{label:>10}: {f(r['throughput_tokens_per_s'])} tok/s  {f(r['requests_per_s'], 2)} "
-              f"req/s  TTFT p50/p99 {f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])} ms  TPOT p50/p99 "
-              f"{f(r['tpot_p50_ms'], 2)}/{f(r['tpot_p99_ms'], 2)} ms  ITL p50 "
-              f"{f(r['itl_p50_ms'], 2)} ms  goodput {f(r['goodput'], 2)} req/s  "
-              f"({r['completed']}/{r['num_requests']} ok, {r['rejected_429']} rejected)")
+        print(
+            f"{label:>10}: {f(r['throughput_tokens_per_s'])} tok/s  {f(r['requests_per_s'], 2)} "
+            f"req/s  TTFT p50/p99 {f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])} ms  TPOT p50/p99 "
+            f"{f(r['tpot_p50_ms'], 2)}/{f(r['tpot_p99_ms'], 2)} ms  ITL p50 "
+            f"{f(r['itl_p50_ms'], 2)} ms  goodput {f(r['goodput'], 2)} req/s  "
+            f"({r['completed']}/{r['num_requests']} ok, {r['rejected_429']} rejected)"
+        )
     print(f"wrote {path}")
     return 0 if all(results[label]["completed"] > 0 for label, _ in targets) else 1
 
@@ -531,21 +643,38 @@ def _main_launch(args: argparse.Namespace, cfg: BenchConfig, directory: Path | N
         note = "model: tiny config, random init (`make demo` output not found; timing does not depend on weights)"
     try:
         transports = tuple(t for t in args.transports.split(",") if t)
-        results = launch(model_dir, cfg, transports=transports, port=args.port,
-                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+        results = launch(
+            model_dir,
+            cfg,
+            transports=transports,
+            port=args.port,
+            cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica,
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
     results["model"] = note
     path = write_result(args.out or f"serve-{device_slug()}", results, directory=directory)
+
     def f(x: float | None, d: int = 1) -> str:
         return "-" if x is None else f"{x:.{d}f}"
 
     for label, r in results.items():
         if isinstance(r, dict) and "throughput_tokens_per_s" in r:
-            print(f"{label:>12}: {f(r['throughput_tokens_per_s'])} tok/s  TTFT p50 {f(r['ttft_p50_ms'])} ms  "
-                  f"TPOT p50 {f(r['tpot_p50_ms'], 2)} ms  ({r['completed']}/{r['num_requests']} ok)")
+            print(
+                f"{label:>12}: {f(r['throughput_tokens_per_s'])} tok/s  TTFT p50 {f(r['ttft_p50_ms'])} ms  "
+                f"TPOT p50 {f(r['tpot_p50_ms'], 2)} ms  ({r['completed']}/{r['num_requests']} ok)"
+            )
     for name, r in results["kv_transfer"].items():
-        print(f"  kv {name:>14}: p50 {f(r['seconds_p50_ms'], 2)} ms  mean {f(r['seconds_mean_ms'], 2)} ms")
+        print(
+            f"  kv {name:>14}: p50 {f(r['seconds_p50_ms'], 2)} ms  mean {f(r['seconds_mean_ms'], 2)} ms"
+        )
     print(f"wrote {path}")
-    return 0 if all(r["completed"] > 0 for r in results.values() if isinstance(r, dict) and "completed" in r) else 1
+    return (
+        0
+        if all(
+            r["completed"] > 0 for r in results.values() if isinstance(r, dict) and "completed" in r
+        )
+        else 1
+    )

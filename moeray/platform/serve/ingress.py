@@ -100,7 +100,9 @@ def check_bearer(authorization: str | None, api_key: str | None) -> None:
     if api_key is None:
         return
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    ):
         raise APIError(
             401,
             "Missing or incorrect API key: send `Authorization: Bearer <key>`",
@@ -140,7 +142,8 @@ class AdmissionGate:
 
     def rejection(self) -> APIError:
         return too_many_requests(
-            f"Server busy: {self.in_flight} of {self.limit} request slots in use", self.retry_after_s
+            f"Server busy: {self.in_flight} of {self.limit} request slots in use",
+            self.retry_after_s,
         )
 
 
@@ -197,8 +200,12 @@ class StopMatcher:
         pending = n
         if not final:
             pending = min(
-                (i for s in self._stops for i in range(max(self._sent, n - len(s) + 1), n)
-                 if s.startswith(text[i:])),
+                (
+                    i
+                    for s in self._stops
+                    for i in range(max(self._sent, n - len(s) + 1), n)
+                    if s.startswith(text[i:])
+                ),
                 default=n,
             )
         if hit < n and hit <= pending:
@@ -299,45 +306,67 @@ class OpenAIServer:
     def _check_model(self, model: str) -> None:
         if model != self.config.model_id:
             raise APIError(
-                404, f"The model `{model}` does not exist; this server serves "
-                f"`{self.config.model_id}`", param="model", code="model_not_found")
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.config.model_id}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def _check_ids(self, ids: Sequence[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside [0, {vocab})", param=param,
-                           code="invalid_value")
+            raise APIError(
+                400,
+                f"token ids {bad[:5]} are outside [0, {vocab})",
+                param=param,
+                code="invalid_value",
+            )
         if not ids:
-            raise APIError(400, "the prompt is empty after tokenization", param=param,
-                           code="invalid_value")
+            raise APIError(
+                400, "the prompt is empty after tokenization", param=param, code="invalid_value"
+            )
 
     def _budget(self, prompt_len: int, max_tokens: int | None, param: str, mt_param: str) -> int:
         """max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the context."""
         ctx = self.config.max_context
         if prompt_len >= ctx:
             raise APIError(
-                400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                f"{prompt_len} tokens (at least one token must be generated)", param=param,
-                code="context_length_exceeded")
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{prompt_len} tokens (at least one token must be generated)",
+                param=param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             return ctx - prompt_len
         if prompt_len + max_tokens > ctx:
             raise APIError(
-                400, f"This model's maximum context length is {ctx} tokens. However, you "
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you "
                 f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{max_tokens} for the completion). Reduce the prompt or {mt_param}.",
-                param=mt_param, code="context_length_exceeded")
+                param=mt_param,
+                code="context_length_exceeded",
+            )
         return max_tokens
 
     def _check_n(self, n: int, prompts: int) -> int:
         if n > self.config.max_n:
-            raise APIError(400, f"n={n} is above this server's limit {self.config.max_n}",
-                           param="n", code="invalid_value")
+            raise APIError(
+                400,
+                f"n={n} is above this server's limit {self.config.max_n}",
+                param="n",
+                code="invalid_value",
+            )
         weight = n * prompts
         if weight > self.gate.limit:
-            raise APIError(400, f"{weight} choices (n x prompts) exceed the server's "
-                           f"{self.gate.limit} slots", param="n", code="invalid_value")
+            raise APIError(
+                400,
+                f"{weight} choices (n x prompts) exceed the server's {self.gate.limit} slots",
+                param="n",
+                code="invalid_value",
+            )
         return weight
 
     # -- generation ----------------------------------------------------------------------------
@@ -358,7 +387,8 @@ class OpenAIServer:
                 if step.logprobs is not None and len(step.logprobs) != len(step.token_ids):
                     raise RuntimeError(
                         f"engine step has {len(step.logprobs)} logprobs for "
-                        f"{len(step.token_ids)} tokens")
+                        f"{len(step.token_ids)} tokens"
+                    )
                 if first is None:
                     first = now
                     self._record("observe", "moeray_ttft_seconds", now - stats.arrival)
@@ -376,8 +406,9 @@ class OpenAIServer:
                 if finish is not None:
                     finished = True
                     return
-            raise RuntimeError(f"engine stream for {request.request_id} ended without a "
-                               "finish_reason")
+            raise RuntimeError(
+                f"engine stream for {request.request_id} ended without a finish_reason"
+            )
         finally:
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
@@ -404,7 +435,7 @@ class OpenAIServer:
                 async for ev in s:
                     await queue.put(ev)
                 await queue.put(None)
-            except Exception as e:  # noqa: BLE001 -- re-raised by the consumer
+            except Exception as e:
                 await queue.put(e)
             finally:
                 await s.aclose()
@@ -426,7 +457,11 @@ class OpenAIServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _start(
-        self, prompts: list[list[int]], params: GenerationParams, n: int, stats: _RequestStats,
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        n: int,
+        stats: _RequestStats,
         rid: str,
     ) -> tuple[AsyncGenerator[_ChoiceEvent, None], _ChoiceEvent]:
         """Start every choice and wait for the first event, so that an overloaded engine still
@@ -436,8 +471,8 @@ class OpenAIServer:
             for j in range(n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 req = EngineRequest(
-                    f"{rid}-{p * n + j}", tuple(ids),
-                    dataclasses.replace(params, seed=seed))
+                    f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
+                )
                 streams.append(self._run_choice(p * n + j, req, stats))
         merged = self._merge(streams)
         try:
@@ -465,10 +500,16 @@ class OpenAIServer:
             prompts = [self.tokenizer.encode(text)]
             self._check_ids(prompts[0], "messages")
             if body.max_tokens is not None and body.max_completion_tokens is not None:
-                raise APIError(400, "set max_tokens or max_completion_tokens, not both",
-                               param="max_completion_tokens", code="invalid_value")
+                raise APIError(
+                    400,
+                    "set max_tokens or max_completion_tokens, not both",
+                    param="max_completion_tokens",
+                    code="invalid_value",
+                )
             mt_param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-            requested = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+            requested = (
+                body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+            )
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
@@ -478,17 +519,27 @@ class OpenAIServer:
                 param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
                 self._check_ids(ids, param)
                 prompts.append(ids)
-            requested = body.max_tokens if body.max_tokens is not None else self.config.default_max_tokens
+            requested = (
+                body.max_tokens if body.max_tokens is not None else self.config.default_max_tokens
+            )
             # A short default must still fit: clip it (never an explicit max_tokens) to the context.
             if body.max_tokens is None:
                 longest = max(len(p) for p in prompts)
                 requested = max(1, min(requested, self.config.max_context - longest))
             max_tokens = min(
-                self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts)
+                self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts
+            )
             logprobs = body.logprobs
         weight = self._check_n(body.n, len(prompts))
-        params = GenerationParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop,
-                                  logprobs, body.ignore_eos)
+        params = GenerationParams(
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.stop,
+            logprobs,
+            body.ignore_eos,
+        )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
             raise self.gate.rejection()
@@ -507,8 +558,11 @@ class OpenAIServer:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
-            return SSEResponse(stream, media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return SSEResponse(
+                stream,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             events = [first]
             async for ev in merged:
@@ -521,22 +575,37 @@ class OpenAIServer:
             await merged.aclose()
             self.gate.release(weight)
             self._finish(endpoint, stats)
-        usage = Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                      total_tokens=stats.prompt_tokens + stats.completion_tokens)
+        usage = Usage(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        )
         return JSONResponse(fmt.full(events, len(prompts) * body.n, usage).model_dump())
 
     async def _stream(
-        self, endpoint: str, fmt: _Formatter, merged: AsyncGenerator[_ChoiceEvent, None],
-        first: _ChoiceEvent, stats: _RequestStats, weight: int, include_usage: bool,
+        self,
+        endpoint: str,
+        fmt: _Formatter,
+        merged: AsyncGenerator[_ChoiceEvent, None],
+        first: _ChoiceEvent,
+        stats: _RequestStats,
+        weight: int,
+        include_usage: bool,
     ) -> AsyncGenerator[bytes, None]:
         try:
             yield sse_event(fmt.chunk(first))
             async for ev in merged:
                 yield sse_event(fmt.chunk(ev))
             if include_usage:
-                yield sse_event(fmt.usage_chunk(Usage(
-                    prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                    total_tokens=stats.prompt_tokens + stats.completion_tokens)))
+                yield sse_event(
+                    fmt.usage_chunk(
+                        Usage(
+                            prompt_tokens=stats.prompt_tokens,
+                            completion_tokens=stats.completion_tokens,
+                            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+                        )
+                    )
+                )
             yield SSE_DONE
             stats.status = 200
         except Exception as e:  # the stream is already a 200: report the error inside it
@@ -553,8 +622,15 @@ class OpenAIServer:
         self.record_status(endpoint, stats.status)
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.config.model_id, created=self.config.created,
-                                         max_model_len=self.config.max_context)])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.config.model_id,
+                    created=self.config.created,
+                    max_model_len=self.config.max_context,
+                )
+            ]
+        )
 
 
 class _Formatter:
@@ -562,7 +638,12 @@ class _Formatter:
 
     def __init__(self, tokenizer: Tokenizer, endpoint: str, rid: str, created: int, model: str):
         self.tok, self.endpoint, self.rid, self.created, self.model = (
-            tokenizer, endpoint, rid, created, model)
+            tokenizer,
+            endpoint,
+            rid,
+            created,
+            model,
+        )
         self._started: set[int] = set()
         self._offsets: dict[int, int] = {}
 
@@ -592,26 +673,48 @@ class _Formatter:
             s = self._token_str(t)
             return TopLogprob(token=s, logprob=float(v), bytes=list(s.encode()))
 
-        return ChatChoiceLogprobs(content=[
-            ChatLogprob(**top(lp.token_id, lp.logprob).model_dump(),
-                        top_logprobs=[top(t, v) for t, v in lp.top])
-            for lp in ev.logprobs])
+        return ChatChoiceLogprobs(
+            content=[
+                ChatLogprob(
+                    **top(lp.token_id, lp.logprob).model_dump(),
+                    top_logprobs=[top(t, v) for t, v in lp.top],
+                )
+                for lp in ev.logprobs
+            ]
+        )
 
     def chunk(self, ev: _ChoiceEvent) -> BaseModel:
         if self.endpoint == "completions":
             return CompletionResponse(
-                id=self.rid, created=self.created, model=self.model,
-                choices=[CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason,
-                                          logprobs=self._completion_logprobs(ev))])
+                id=self.rid,
+                created=self.created,
+                model=self.model,
+                choices=[
+                    CompletionChoice(
+                        index=ev.index,
+                        text=ev.text,
+                        finish_reason=ev.finish_reason,
+                        logprobs=self._completion_logprobs(ev),
+                    )
+                ],
+            )
         role = None
         if ev.index not in self._started:
             self._started.add(ev.index)
             role = "assistant"
         return ChatCompletionChunk(
-            id=self.rid, created=self.created, model=self.model,
-            choices=[ChatChunkChoice(index=ev.index, delta=ChatDelta(role=role, content=ev.text),
-                                     finish_reason=ev.finish_reason,
-                                     logprobs=self._chat_logprobs(ev))])
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChunkChoice(
+                    index=ev.index,
+                    delta=ChatDelta(role=role, content=ev.text),
+                    finish_reason=ev.finish_reason,
+                    logprobs=self._chat_logprobs(ev),
+                )
+            ],
+        )
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         cls = CompletionResponse if self.endpoint == "completions" else ChatCompletionChunk
@@ -636,18 +739,31 @@ class _Formatter:
                 lp = None
                 if has_lp:
                     lp = self._completion_logprobs(_ChoiceEvent(i, "", (), tuple(lps[i]), None))
-                choices.append(CompletionChoice(index=i, text="".join(texts[i]),
-                                                finish_reason=finish[i], logprobs=lp))
-            return CompletionResponse(id=self.rid, created=self.created, model=self.model,
-                                      choices=choices, usage=usage)
+                choices.append(
+                    CompletionChoice(
+                        index=i, text="".join(texts[i]), finish_reason=finish[i], logprobs=lp
+                    )
+                )
+            return CompletionResponse(
+                id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
+            )
         return ChatCompletionResponse(
-            id=self.rid, created=self.created, model=self.model, usage=usage,
-            choices=[ChatChoice(
-                index=i, message=ChatResponseMessage(content="".join(texts[i])),
-                finish_reason=finish[i],
-                logprobs=self._chat_logprobs(_ChoiceEvent(i, "", (), tuple(lps[i]), None))
-                if has_lp else None)
-                for i in range(n_choices)])
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            usage=usage,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatResponseMessage(content="".join(texts[i])),
+                    finish_reason=finish[i],
+                    logprobs=self._chat_logprobs(_ChoiceEvent(i, "", (), tuple(lps[i]), None))
+                    if has_lp
+                    else None,
+                )
+                for i in range(n_choices)
+            ],
+        )
 
 
 class SSEResponse(StreamingResponse):
@@ -693,13 +809,17 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app: routes, bearer auth on /v1/*, OpenAI-style errors."""
     server = OpenAIServer(engine, tokenizer, config, metrics=metrics, chat_template=chat_template)
-    app = FastAPI(title="moeray OpenAI-compatible API", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="moeray OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = server
 
     def endpoint_of(request: Request) -> str:
-        return "chat" if request.url.path.endswith("/chat/completions") else (
-            "completions" if request.url.path.endswith("/completions") else request.url.path)
+        return (
+            "chat"
+            if request.url.path.endswith("/chat/completions")
+            else ("completions" if request.url.path.endswith("/completions") else request.url.path)
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -715,13 +835,18 @@ def build_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(str(exc.detail), kind),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}",
-                                       "server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+            status_code=500,
+        )
 
     async def auth(request: Request) -> None:
         check_bearer(request.headers.get("authorization"), config.api_key)

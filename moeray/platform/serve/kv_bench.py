@@ -42,7 +42,13 @@ from typing import Any
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transfer import TRANSPORTS, P2PPeer, backend_for, make_receiver, make_sender
+from moeray.platform.serve.kv_transfer import (
+    TRANSPORTS,
+    P2PPeer,
+    backend_for,
+    make_receiver,
+    make_sender,
+)
 
 V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM = 61, 512, 64
 FAST_PATH_TOKENS = 4096  # the issue's 4K-token prompt: 288 MB at the V3 shape
@@ -75,14 +81,24 @@ class KVBenchConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted cpu, cuda")
-        if not self.tokens or any(t < 1 for t in self.tokens) or len(set(self.tokens)) != len(self.tokens):
-            raise ValueError(f"tokens={self.tokens}: need at least one size, each >= 1, none repeated")
+        if (
+            not self.tokens
+            or any(t < 1 for t in self.tokens)
+            or len(set(self.tokens)) != len(self.tokens)
+        ):
+            raise ValueError(
+                f"tokens={self.tokens}: need at least one size, each >= 1, none repeated"
+            )
         if min(self.layers, self.kv_lora_rank, self.rope_dim) < 1:
-            raise ValueError(f"layers={self.layers}, kv_lora_rank={self.kv_lora_rank}, "
-                             f"rope_dim={self.rope_dim} must all be >= 1")
+            raise ValueError(
+                f"layers={self.layers}, kv_lora_rank={self.kv_lora_rank}, "
+                f"rope_dim={self.rope_dim} must all be >= 1"
+            )
         bad = [t for t in self.transports if t not in TRANSPORTS]
         if bad or not self.transports or len(set(self.transports)) != len(self.transports):
-            raise ValueError(f"transports={self.transports}: give each of {TRANSPORTS} at most once")
+            raise ValueError(
+                f"transports={self.transports}: give each of {TRANSPORTS} at most once"
+            )
         if self.warmup < 1 or self.iters < 1:
             # warm-up >= 1: the first transfer of a transport sets up its channel / relay pair.
             raise ValueError(f"warmup={self.warmup} and iters={self.iters} must be >= 1")
@@ -92,11 +108,19 @@ class KVBenchConfig:
             raise ValueError(f"raw_tiny_bytes={self.raw_tiny_bytes} must be >= 1")
 
     def nbytes(self, tokens: int) -> int:
-        return self.layers * tokens * (self.kv_lora_rank + self.rope_dim) * torch.finfo(self.dtype).bits // 8
+        return (
+            self.layers
+            * tokens
+            * (self.kv_lora_rank + self.rope_dim)
+            * torch.finfo(self.dtype).bits
+            // 8
+        )
 
 
 # ---- payload: a per-iteration pattern, exact in bf16 ----------------------------------------------
-def pattern(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def pattern(
+    shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Integers in [0, 255] (exact in bf16's 8 significant bits), period 251 * 241 = 60491
     elements along the flattened tensor, offset by 17 * seed mod 256 (period 256 in seed; a run's
     seeds are 2 * iteration and 2 * iteration + 1, so kv vs rope rows and any of the last 127
@@ -110,25 +134,50 @@ def pattern(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch
     return v.to(dtype).view(shape)
 
 
-def make_rows(layers: int, tokens: int, kv_lora_rank: int, rope_dim: int, seed: int, dtype: torch.dtype,
-              device: torch.device) -> KVRows:
-    return KVRows(seed, pattern((layers, tokens, kv_lora_rank), 2 * seed, dtype, device),
-                  pattern((layers, tokens, rope_dim), 2 * seed + 1, dtype, device))
+def make_rows(
+    layers: int,
+    tokens: int,
+    kv_lora_rank: int,
+    rope_dim: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KVRows:
+    return KVRows(
+        seed,
+        pattern((layers, tokens, kv_lora_rank), 2 * seed, dtype, device),
+        pattern((layers, tokens, rope_dim), 2 * seed + 1, dtype, device),
+    )
 
 
-def verify(rows: KVRows, layers: int, tokens: int, kv_lora_rank: int, rope_dim: int, seed: int,
-           dtype: torch.dtype, label: str) -> None:
+def verify(
+    rows: KVRows,
+    layers: int,
+    tokens: int,
+    kv_lora_rank: int,
+    rope_dim: int,
+    seed: int,
+    dtype: torch.dtype,
+    label: str,
+) -> None:
     """Raise RuntimeError unless `rows` are exactly the rows `make_rows(..., seed)` built."""
     if rows.start != seed:
         raise RuntimeError(f"{label}: rows start at {rows.start}, sent {seed}")
-    for name, got, width, s in (("kv", rows.kv_LTC, kv_lora_rank, 2 * seed), ("rope", rows.pe_LTR, rope_dim, 2 * seed + 1)):
+    for name, got, width, s in (
+        ("kv", rows.kv_LTC, kv_lora_rank, 2 * seed),
+        ("rope", rows.pe_LTR, rope_dim, 2 * seed + 1),
+    ):
         shape = (layers, tokens, width)
         if tuple(got.shape) != shape or got.dtype != dtype:
-            raise RuntimeError(f"{label}: {name} rows {tuple(got.shape)} {got.dtype}, sent {shape} {dtype}")
+            raise RuntimeError(
+                f"{label}: {name} rows {tuple(got.shape)} {got.dtype}, sent {shape} {dtype}"
+            )
         want = pattern(shape, s, dtype, got.device)
         if not torch.equal(got, want):
             bad = int((got != want).sum())
-            raise RuntimeError(f"{label}: {name} rows differ from those sent in {bad} of {want.numel()} values")
+            raise RuntimeError(
+                f"{label}: {name} rows differ from those sent in {bad} of {want.numel()} values"
+            )
 
 
 def request_id(seed: int) -> str:
@@ -140,7 +189,7 @@ def request_id(seed: int) -> str:
 async def _within(aw: Any, timeout_s: float, what: str) -> Any:
     try:
         return await asyncio.wait_for(aw, timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise TimeoutError(f"{what} after {timeout_s} s") from None
 
 
@@ -168,9 +217,13 @@ class KVBenchPeer(P2PPeer):
 
         import ray
 
-        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-                "pid": os.getpid(), "device": str(self.device),
-                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+        }
 
     # prefill side
     async def open_sender(self, transport: str) -> None:
@@ -197,10 +250,13 @@ class KVBenchPeer(P2PPeer):
 
     # decode side
     async def open_receiver(self, transport: str) -> None:
-        self._receivers[transport] = make_receiver(transport, "kv-bench-decode", self.device,
-                                                   timeout_s=self.cfg.timeout_s)
+        self._receivers[transport] = make_receiver(
+            transport, "kv-bench-decode", self.device, timeout_s=self.cfg.timeout_s
+        )
 
-    async def run_cell(self, prefill: Any, transport: str, tokens: int, seed0: int) -> dict[str, Any]:
+    async def run_cell(
+        self, prefill: Any, transport: str, tokens: int, seed0: int
+    ) -> dict[str, Any]:
         """Warm-up plus timed transfers of T-token rows from `prefill`, as the decode side sees
         them; every transfer verified. Returns seconds per timed transfer."""
         c = self.cfg
@@ -218,6 +274,7 @@ class KVBenchPeer(P2PPeer):
             early = recv.expect(request_id(seed))
             ready_ns: list[int] = []
             if early is not None:
+
                 def stamp(f, ready_ns=ready_ns) -> None:  # on the receive thread, as the rows land
                     if not f.cancelled() and f.exception() is None:
                         self._sync()
@@ -225,8 +282,11 @@ class KVBenchPeer(P2PPeer):
 
                 early.add_done_callback(stamp)
             try:
-                ticket, t0 = await _within(prefill.send_one.remote(transport, tokens, seed, dest), c.timeout_s,
-                                           f"{label}: no ticket from the prefill side")
+                ticket, t0 = await _within(
+                    prefill.send_one.remote(transport, tokens, seed, dest),
+                    c.timeout_s,
+                    f"{label}: no ticket from the prefill side",
+                )
             except BaseException:
                 recv.cancel(request_id(seed))
                 raise
@@ -248,11 +308,20 @@ class KVBenchPeer(P2PPeer):
             with_reply_s.append((t1 - t0) / 1e9)
             call_s.append((t1 - t_call) / 1e9)
             timed_since = timed_since or t_call
-            if len(transfer_s) >= MIN_TIMED and (time.monotonic_ns() - timed_since) / 1e9 > c.budget_s:
+            if (
+                len(transfer_s) >= MIN_TIMED
+                and (time.monotonic_ns() - timed_since) / 1e9 > c.budget_s
+            ):
                 break
-        return {"transfer_s": transfer_s, "with_reply_s": with_reply_s, "call_s": call_s,
-                "verified": c.warmup + len(transfer_s), "moved_to_device": moved,
-                "early": early_n, "rows_before_reply": int(before_reply)}
+        return {
+            "transfer_s": transfer_s,
+            "with_reply_s": with_reply_s,
+            "call_s": call_s,
+            "verified": c.warmup + len(transfer_s),
+            "moved_to_device": moved,
+            "early": early_n,
+            "rows_before_reply": int(before_reply),
+        }
 
     async def close_receiver(self, transport: str) -> None:
         recv = self._receivers.pop(transport, None)
@@ -262,8 +331,12 @@ class KVBenchPeer(P2PPeer):
 
 # ---- driver -------------------------------------------------------------------------------------
 def _ms(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": 1e3 * statistics.median(xs), "mean_ms": 1e3 * statistics.fmean(xs),
-            "min_ms": 1e3 * min(xs), "max_ms": 1e3 * max(xs)}
+    return {
+        "p50_ms": 1e3 * statistics.median(xs),
+        "mean_ms": 1e3 * statistics.fmean(xs),
+        "min_ms": 1e3 * min(xs),
+        "max_ms": 1e3 * max(xs),
+    }
 
 
 def _gbps(nbytes: int, seconds: float) -> float | None:
@@ -282,51 +355,73 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
         if gpus < 2:
             raise ValueError(f"device=cuda needs 2 GPUs in the Ray cluster, it has {gpus}")
     here = ray.get_runtime_context().get_node_id()
-    opts = {"num_cpus": 0, "num_gpus": ACTOR_GPUS if cfg.device == "cuda" else 0,
-            # Both on this node: the one-way time compares the two actors' monotonic clocks.
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    opts = {
+        "num_cpus": 0,
+        "num_gpus": ACTOR_GPUS if cfg.device == "cuda" else 0,
+        # Both on this node: the one-way time compares the two actors' monotonic clocks.
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False),
+    }
     peer = ray.remote(KVBenchPeer)
 
     def pair() -> tuple[Any, Any]:
-        return peer.options(**opts).remote("prefill", cfg), peer.options(**opts).remote("decode", cfg)
+        return peer.options(**opts).remote("prefill", cfg), peer.options(**opts).remote(
+            "decode", cfg
+        )
 
     backend = backend_for(cfg.device)
     out: dict[str, Any] = {
         "what": "KV transfer per request, prefill actor -> decode actor on one node: clock read on "
-                "the prefill side just before `send` (rows already built), read again on the decode "
-                "side once the rows are there and the device is synchronized: channel with the "
-                "receive posted on the store notice (`expect` before the call; early = transfers "
-                "that ended so), when the rows landed; otherwise once `receive` of the reply's ticket "
-                "returned. with_reply_p50_ms: until both the reply and the rows are in (what a decode "
-                "replica waits for); rows_before_reply: transfers whose rows were in before the reply. "
-                "Every transfer checked for exact equality with the rows "
-                "sent (not timed). call_p50_ms adds the decode -> prefill request hop. Warm-up "
-                "transfers (channel / relay setup) excluded. Each transport and the raw floor run on "
-                "a fresh actor pair (a transport that kills its process cannot take the others down).",
-        "setup": {"device": cfg.device, "backend": backend, "layers": cfg.layers, "kv_lora_rank": cfg.kv_lora_rank,
-                  "rope_dim": cfg.rope_dim, "dtype": str(cfg.dtype).removeprefix("torch."),
-                  "tokens": list(cfg.tokens), "warmup": cfg.warmup, "iters": cfg.iters,
-                  "budget_s": cfg.budget_s, "timeout_s": cfg.timeout_s,
-                  "actor_gpus": opts["num_gpus"]},
+        "the prefill side just before `send` (rows already built), read again on the decode "
+        "side once the rows are there and the device is synchronized: channel with the "
+        "receive posted on the store notice (`expect` before the call; early = transfers "
+        "that ended so), when the rows landed; otherwise once `receive` of the reply's ticket "
+        "returned. with_reply_p50_ms: until both the reply and the rows are in (what a decode "
+        "replica waits for); rows_before_reply: transfers whose rows were in before the reply. "
+        "Every transfer checked for exact equality with the rows "
+        "sent (not timed). call_p50_ms adds the decode -> prefill request hop. Warm-up "
+        "transfers (channel / relay setup) excluded. Each transport and the raw floor run on "
+        "a fresh actor pair (a transport that kills its process cannot take the others down).",
+        "setup": {
+            "device": cfg.device,
+            "backend": backend,
+            "layers": cfg.layers,
+            "kv_lora_rank": cfg.kv_lora_rank,
+            "rope_dim": cfg.rope_dim,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "tokens": list(cfg.tokens),
+            "warmup": cfg.warmup,
+            "iters": cfg.iters,
+            "budget_s": cfg.budget_s,
+            "timeout_s": cfg.timeout_s,
+            "actor_gpus": opts["num_gpus"],
+        },
     }
     errors: dict[str, str] = {}
     # ---- raw floor: a bare pair, same bytes -----------------------------------------------------
     prefill, decode = pair()
     try:
-        out["setup"]["actors"] = ray.get([prefill.where.remote(), decode.where.remote()], timeout=cfg.timeout_s)
+        out["setup"]["actors"] = ray.get(
+            [prefill.where.remote(), decode.where.remote()], timeout=cfg.timeout_s
+        )
         port = ray.get(decode.store_port.remote(), timeout=cfg.timeout_s)
         ray.get([prefill.join.remote(port), decode.join.remote(port)], timeout=cfg.timeout_s)
         raw: dict[str, Any] = {
             "what": f"ping-pong between two actors like the transports' over a bare {backend} pair: "
-                    "rank 0 sends the payload, rank 1 answers with 1 float32, rank 0 times the round "
-                    "trip (device synchronized). one_way_ms = p50 round trip with the payload - p50 "
-                    f"round trip with a {cfg.raw_tiny_bytes}-byte payload / 2 (the tiny round trip is "
-                    "two latency-only hops; half of it is the ack's return).",
-            "backend": backend}
+            "rank 0 sends the payload, rank 1 answers with 1 float32, rank 0 times the round "
+            "trip (device synchronized). one_way_ms = p50 round trip with the payload - p50 "
+            f"round trip with a {cfg.raw_tiny_bytes}-byte payload / 2 (the tiny round trip is "
+            "two latency-only hops; half of it is the ack's return).",
+            "backend": backend,
+        }
 
         def pingpong(nbytes: int) -> list[float]:
-            times, _ = ray.get([prefill.run.remote(nbytes, cfg.iters, cfg.warmup),
-                                decode.run.remote(nbytes, cfg.iters, cfg.warmup)], timeout=10 * cfg.timeout_s)
+            times, _ = ray.get(
+                [
+                    prefill.run.remote(nbytes, cfg.iters, cfg.warmup),
+                    decode.run.remote(nbytes, cfg.iters, cfg.warmup),
+                ],
+                timeout=10 * cfg.timeout_s,
+            )
             return times
 
         tiny = pingpong(cfg.raw_tiny_bytes)
@@ -335,9 +430,13 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
             nbytes = cfg.nbytes(t)
             rtt = pingpong(nbytes)
             one_way = statistics.median(rtt) - statistics.median(tiny) / 2
-            raw[str(t)] = {"bytes": nbytes, "rtt_p50_ms": 1e3 * statistics.median(rtt),
-                           "rtt_mean_ms": 1e3 * statistics.fmean(rtt), "one_way_ms": 1e3 * one_way,
-                           "gbps": _gbps(nbytes, one_way)}
+            raw[str(t)] = {
+                "bytes": nbytes,
+                "rtt_p50_ms": 1e3 * statistics.median(rtt),
+                "rtt_mean_ms": 1e3 * statistics.fmean(rtt),
+                "one_way_ms": 1e3 * one_way,
+                "gbps": _gbps(nbytes, one_way),
+            }
             log(f"raw {backend} T={t}: one-way {1e3 * one_way:.3f} ms")
         out["raw"] = raw
     finally:
@@ -348,42 +447,63 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
     for transport in cfg.transports:
         # channel: `expect` before the call, the receive posted when the ticket appears in the
         # decode actor's TCPStore; the others can only receive once the reply brought the ticket.
-        entry: dict[str, Any] = {"receive_posted_on": "store notice" if transport == "channel" else "reply"}
+        entry: dict[str, Any] = {
+            "receive_posted_on": "store notice" if transport == "channel" else "reply"
+        }
         out[transport] = entry
         prefill, decode = pair()
         try:
-            ray.get([prefill.open_sender.remote(transport), decode.open_receiver.remote(transport)],
-                    timeout=cfg.timeout_s)
+            ray.get(
+                [prefill.open_sender.remote(transport), decode.open_receiver.remote(transport)],
+                timeout=cfg.timeout_s,
+            )
             for t in cfg.tokens:
-                r = ray.get(decode.run_cell.remote(prefill, transport, t, seed0),
-                            timeout=(cfg.warmup + cfg.iters + 1) * cfg.timeout_s + cfg.budget_s)
+                r = ray.get(
+                    decode.run_cell.remote(prefill, transport, t, seed0),
+                    timeout=(cfg.warmup + cfg.iters + 1) * cfg.timeout_s + cfg.budget_s,
+                )
                 seed0 += cfg.warmup + cfg.iters
                 nbytes = cfg.nbytes(t)
-                cell = {"bytes": nbytes, "iters": len(r["transfer_s"]), "verified": r["verified"],
-                        "moved_to_device": r["moved_to_device"], **_ms(r["transfer_s"]),
-                        "with_reply_p50_ms": 1e3 * statistics.median(r["with_reply_s"]),
-                        "call_p50_ms": 1e3 * statistics.median(r["call_s"]),
-                        "early": r["early"], "rows_before_reply": r["rows_before_reply"]}
+                cell = {
+                    "bytes": nbytes,
+                    "iters": len(r["transfer_s"]),
+                    "verified": r["verified"],
+                    "moved_to_device": r["moved_to_device"],
+                    **_ms(r["transfer_s"]),
+                    "with_reply_p50_ms": 1e3 * statistics.median(r["with_reply_s"]),
+                    "call_p50_ms": 1e3 * statistics.median(r["call_s"]),
+                    "early": r["early"],
+                    "rows_before_reply": r["rows_before_reply"],
+                }
                 cell["gbps_p50"] = _gbps(nbytes, cell["p50_ms"] / 1e3)
                 floor = out["raw"][str(t)]["one_way_ms"]
                 cell["x_raw"] = cell["p50_ms"] / floor if floor > 0 else None
                 entry[str(t)] = cell
-                log(f"{transport} T={t}: p50 {cell['p50_ms']:.3f} ms over {cell['iters']} transfers")
-        except Exception as e:  # noqa: BLE001 - record it, measure the other transports
+                log(
+                    f"{transport} T={t}: p50 {cell['p50_ms']:.3f} ms over {cell['iters']} transfers"
+                )
+        except Exception as e:
             errors[transport] = f"{type(e).__name__}: {e}"[:2000]
             entry["error"] = errors[transport]
             log(f"{transport}: FAILED {errors[transport]}")
         finally:
             try:
-                ray.get([prefill.close_sender.remote(transport), decode.close_receiver.remote(transport)],
-                        timeout=cfg.timeout_s)
-            except Exception as e:  # noqa: BLE001 - the actors may be gone; they are killed next
+                ray.get(
+                    [
+                        prefill.close_sender.remote(transport),
+                        decode.close_receiver.remote(transport),
+                    ],
+                    timeout=cfg.timeout_s,
+                )
+            except Exception as e:
                 log(f"{transport}: close failed: {type(e).__name__}: {e}"[:500])
             ray.kill(prefill)
             ray.kill(decode)
     fast = out.get("channel", {}).get(str(FAST_PATH_TOKENS))
     v3 = (cfg.layers, cfg.kv_lora_rank, cfg.rope_dim) == (V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM)
-    out["fast_path_288mb_ms"] = fast["p50_ms"] if fast and v3 and cfg.dtype == torch.bfloat16 else None
+    out["fast_path_288mb_ms"] = (
+        fast["p50_ms"] if fast and v3 and cfg.dtype == torch.bfloat16 else None
+    )
     out["target_ms"] = TARGET_MS
     out["errors"] = errors
     return out
@@ -391,16 +511,20 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     tokens = res["setup"]["tokens"]
-    lines = [f"KV transfer, {res['setup']['layers']} layers x T x ({res['setup']['kv_lora_rank']}+"
-             f"{res['setup']['rope_dim']}) {res['setup']['dtype']}, {res['setup']['backend']}",
-             f"{'path':<14}{'T':>6}{'MB':>9}{'p50 ms':>10}{'mean ms':>10}{'GB/s':>9}{'x raw':>8}{'n':>4}"
-             f"{'+reply ms':>11}{'early':>7}"]
+    lines = [
+        f"KV transfer, {res['setup']['layers']} layers x T x ({res['setup']['kv_lora_rank']}+"
+        f"{res['setup']['rope_dim']}) {res['setup']['dtype']}, {res['setup']['backend']}",
+        f"{'path':<14}{'T':>6}{'MB':>9}{'p50 ms':>10}{'mean ms':>10}{'GB/s':>9}{'x raw':>8}{'n':>4}"
+        f"{'+reply ms':>11}{'early':>7}",
+    ]
     raw = res.get("raw", {})
     for t in tokens:
         r = raw.get(str(t))
         if r:
-            lines.append(f"{'raw one-way':<14}{t:>6}{r['bytes'] / 1e6:>9.1f}{r['one_way_ms']:>10.3f}{'':>10}"
-                         f"{(r['gbps'] or 0):>9.2f}{1.0:>8.1f}{'':>4}")
+            lines.append(
+                f"{'raw one-way':<14}{t:>6}{r['bytes'] / 1e6:>9.1f}{r['one_way_ms']:>10.3f}{'':>10}"
+                f"{(r['gbps'] or 0):>9.2f}{1.0:>8.1f}{'':>4}"
+            )
     for name in TRANSPORTS:
         entry = res.get(name)
         if entry is None:
@@ -411,15 +535,24 @@ def table(res: dict[str, Any]) -> str:
             c = entry.get(str(t))
             if c:
                 xr = f"{c['x_raw']:.1f}" if c["x_raw"] is not None else "-"
-                lines.append(f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}{c['mean_ms']:>10.3f}"
-                             f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}"
-                             f"{c['with_reply_p50_ms']:>11.3f}{c['early']:>7}")
-    lines.append("p50: send -> rows on the decode device (channel: early = transfers received on the "
-                 "store notice, before the reply); +reply: until the reply is in too")
+                lines.append(
+                    f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}{c['mean_ms']:>10.3f}"
+                    f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}"
+                    f"{c['with_reply_p50_ms']:>11.3f}{c['early']:>7}"
+                )
+    lines.append(
+        "p50: send -> rows on the decode device (channel: early = transfers received on the "
+        "store notice, before the reply); +reply: until the reply is in too"
+    )
     fp = res.get("fast_path_288mb_ms")
-    lines.append("fast path (channel, 4096 tokens, 288 MB): "
-                 + (f"{fp:.3f} ms vs target {res['target_ms']} ms" if fp is not None
-                    else "not measured (needs --tokens with 4096 at 61 layers)"))
+    lines.append(
+        "fast path (channel, 4096 tokens, 288 MB): "
+        + (
+            f"{fp:.3f} ms vs target {res['target_ms']} ms"
+            if fp is not None
+            else "not measured (needs --tokens with 4096 at 61 layers)"
+        )
+    )
     return "\n".join(lines)
 
 
@@ -432,15 +565,29 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeray bench kv", description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when 2 GPUs are visible, else cpu")
-    p.add_argument("--tokens", default=None, help="comma-separated T (default 64,512,4096 on cuda, 16,128 on cpu)")
-    p.add_argument("--layers", type=int, default=None, help=f"default {V3_LAYERS} on cuda (V3), 4 on cpu")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when 2 GPUs are visible, else cpu",
+    )
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated T (default 64,512,4096 on cuda, 16,128 on cpu)",
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help=f"default {V3_LAYERS} on cuda (V3), 4 on cpu"
+    )
     p.add_argument("--transports", default=",".join(DEFAULT_TRANSPORTS))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=20.0,
-                   help=f"per (transport, T): stop timing after this many seconds (at least {MIN_TIMED} transfers)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=20.0,
+        help=f"per (transport, T): stop timing after this many seconds (at least {MIN_TIMED} transfers)",
+    )
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--out", default=None, help="result name (default kv-<device>)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results")
@@ -454,11 +601,16 @@ def main(argv: list[str]) -> int:
     try:
         device = a.device or ("cuda" if torch.cuda.device_count() >= 2 else "cpu")
         cuda = device == "cuda"
-        cfg = KVBenchConfig(device=device,
-                            tokens=_ints(a.tokens) if a.tokens else ((64, 512, 4096) if cuda else (16, 128)),
-                            layers=a.layers if a.layers is not None else (V3_LAYERS if cuda else 4),
-                            transports=tuple(t for t in a.transports.split(",") if t),
-                            warmup=a.warmup, iters=a.iters, budget_s=a.budget_s, timeout_s=a.timeout_s)
+        cfg = KVBenchConfig(
+            device=device,
+            tokens=_ints(a.tokens) if a.tokens else ((64, 512, 4096) if cuda else (16, 128)),
+            layers=a.layers if a.layers is not None else (V3_LAYERS if cuda else 4),
+            transports=tuple(t for t in a.transports.split(",") if t),
+            warmup=a.warmup,
+            iters=a.iters,
+            budget_s=a.budget_s,
+            timeout_s=a.timeout_s,
+        )
     except ValueError as e:
         print(f"moeray bench kv: {e}", file=sys.stderr)
         return 2
@@ -467,10 +619,16 @@ def main(argv: list[str]) -> int:
     from moeray.platform.results import device_slug, write_result
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}},
+        )
     res = run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    path = write_result(a.out or f"kv-{device_slug()}", res, directory=Path(a.out_dir) if a.out_dir else None)
+    path = write_result(
+        a.out or f"kv-{device_slug()}", res, directory=Path(a.out_dir) if a.out_dir else None
+    )
     print(f"wrote {path}")
     print(table(res))
     return 1 if res["errors"] else 0

@@ -101,7 +101,9 @@ def pair_process_group(backend: str, store: Any, rank: int, timeout_s: float, de
 class ChannelSender:
     name = "channel"
 
-    def __init__(self, backend: str = "gloo", *, timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, backend: str = "gloo", *, timeout_s: float = 30.0, device: torch.device | str = "cpu"
+    ) -> None:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
         self.backend = backend
@@ -109,14 +111,17 @@ class ChannelSender:
         self.device = torch.device(device)
         self.id = uuid.uuid4().hex[:16]
         self._groups: dict[str, Any] = {}
-        self._stores: dict[str, Any] = {}  # per decode replica: the client tickets are published with
+        self._stores: dict[
+            str, Any
+        ] = {}  # per decode replica: the client tickets are published with
         self._group_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._tags = itertools.count()
         # gloo matches by tag, so sends may run concurrently; nccl matches in issue order, so one
         # thread publishes tickets and issues sends in tag order.
-        self._pool = ThreadPoolExecutor(max_workers=4 if backend == "gloo" else 1,
-                                        thread_name_prefix="moeray-kv-send")
+        self._pool = ThreadPoolExecutor(
+            max_workers=4 if backend == "gloo" else 1, thread_name_prefix="moeray-kv-send"
+        )
         self.failures = 0
 
     def _dest_lock(self, dest: DecodeEndpoint) -> threading.Lock:
@@ -131,8 +136,12 @@ class ChannelSender:
         with self._lock:  # not the per-destination lock: `_group` holds that during the rendezvous
             store = self._stores.get(dest.replica_id)
             if store is None:
-                store = dist.TCPStore(dest.host, dest.store_port, is_master=False,
-                                      timeout=timedelta(seconds=self.timeout_s))
+                store = dist.TCPStore(
+                    dest.host,
+                    dest.store_port,
+                    is_master=False,
+                    timeout=timedelta(seconds=self.timeout_s),
+                )
                 self._stores[dest.replica_id] = store
             return store
 
@@ -142,12 +151,21 @@ class ChannelSender:
         with self._dest_lock(dest):
             pg = self._groups.get(dest.replica_id)
             if pg is None:
-                store = dist.TCPStore(dest.host, dest.store_port, is_master=False,
-                                      timeout=timedelta(seconds=self.timeout_s))
+                store = dist.TCPStore(
+                    dest.host,
+                    dest.store_port,
+                    is_master=False,
+                    timeout=timedelta(seconds=self.timeout_s),
+                )
                 # Blocks until the decode replica joins as rank 1 (on our first ticket, which
                 # `_publish` put in its store before we got here).
-                pg = pair_process_group(self.backend, dist.PrefixStore(f"kv/{self.id}", store), 0,
-                                    self.timeout_s, self.device)
+                pg = pair_process_group(
+                    self.backend,
+                    dist.PrefixStore(f"kv/{self.id}", store),
+                    0,
+                    self.timeout_s,
+                    self.device,
+                )
                 self._groups[dest.replica_id] = pg
             return pg
 
@@ -159,12 +177,18 @@ class ChannelSender:
         # compare_set round trip).
         store.queue_push(_QUEUE, pickle.dumps(ticket))
 
-    def _send_blocking(self, dest: DecodeEndpoint, ticket: ChannelTicket, kv_LTC: torch.Tensor,
-                       pe_LTR: torch.Tensor, published: bool) -> None:
+    def _send_blocking(
+        self,
+        dest: DecodeEndpoint,
+        ticket: ChannelTicket,
+        kv_LTC: torch.Tensor,
+        pe_LTR: torch.Tensor,
+        published: bool,
+    ) -> None:
         if not published:
             try:
                 self._publish(self._store(dest), ticket)
-            except Exception as e:  # noqa: BLE001 - the reply still carries the ticket
+            except Exception as e:
                 log.warning("KV channel: could not publish ticket of %s: %s", ticket.request_id, e)
         pg = self._group(dest)
         tag = ticket.tag
@@ -177,12 +201,24 @@ class ChannelSender:
             self.failures += 1
             log.warning("KV channel send failed: %s", fut.exception())
 
-    async def send(self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None) -> ChannelTicket:
+    async def send(
+        self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None
+    ) -> ChannelTicket:
         if dest is None or dest.store_port is None:
-            raise ValueError("channel transport needs the decode replica's endpoint (store host/port)")
+            raise ValueError(
+                "channel transport needs the decode replica's endpoint (store host/port)"
+            )
         tag = 2 * next(self._tags)
-        ticket = ChannelTicket(rows.start, self.id, tag, tuple(rows.kv_LTC.shape), tuple(rows.pe_LTR.shape),
-                               str(rows.kv_LTC.dtype).removeprefix("torch."), rows.nbytes, request_id)
+        ticket = ChannelTicket(
+            rows.start,
+            self.id,
+            tag,
+            tuple(rows.kv_LTC.shape),
+            tuple(rows.pe_LTR.shape),
+            str(rows.kv_LTC.dtype).removeprefix("torch."),
+            rows.nbytes,
+            request_id,
+        )
         # Published here, before the hop to the send thread (~0.25 ms to wake it on the dev box),
         # once the store client exists; the first send to a decode replica connects it (may
         # block) on the send thread and publishes there.
@@ -192,12 +228,14 @@ class ChannelSender:
             try:
                 self._publish(store, ticket)
                 published = True
-            except Exception as e:  # noqa: BLE001 - retried on the send thread
+            except Exception as e:
                 log.warning("KV channel: could not publish ticket of %s: %s", request_id, e)
         # Not awaited: the send completes once the decode replica posts its receive (on the
         # store notice or, failing that, on the reply's ticket). The future keeps the tensors
         # alive until then.
-        fut = self._pool.submit(self._send_blocking, dest, ticket, rows.kv_LTC, rows.pe_LTR, published)
+        fut = self._pool.submit(
+            self._send_blocking, dest, ticket, rows.kv_LTC, rows.pe_LTR, published
+        )
         fut.add_done_callback(self._done)
         return ticket
 
@@ -238,8 +276,15 @@ class _Expectation:
 class ChannelReceiver:
     name = "channel"
 
-    def __init__(self, replica_id: str, backend: str = "gloo", *, host: str = "127.0.0.1",
-                 timeout_s: float = 30.0, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        backend: str = "gloo",
+        *,
+        host: str = "127.0.0.1",
+        timeout_s: float = 30.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
@@ -251,9 +296,12 @@ class ChannelReceiver:
         self.device = torch.device(device)
         self.host = host
         # Port 0: the OS picks a free one; senders learn it from the endpoint.
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=timeout_s))
-        self._endpoint = DecodeEndpoint(replica_id=replica_id, host=host, store_port=self.store.port)
+        self.store = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+        )
+        self._endpoint = DecodeEndpoint(
+            replica_id=replica_id, host=host, store_port=self.store.port
+        )
         self._groups: dict[str, Any] = {}
         self._group_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -267,15 +315,23 @@ class ChannelReceiver:
         self._next_tag: dict[str, int] = {}
         self._order = threading.Condition()
         self._expected: dict[str, _Expectation] = {}
-        self._gone: dict[str, float] = {}  # cancelled request -> until when a late ticket is drained
+        self._gone: dict[
+            str, float
+        ] = {}  # cancelled request -> until when a late ticket is drained
         self.early = 0  # transfers received on the queue notice for an expecting request
         self.drained = 0  # transfers received and dropped: their request was cancelled
         self._closed = False
         # The dispatcher pops the ticket queue with its own client (a blocking pop holds a
         # client's socket); its timeout only bounds an idle pop, which then pops again.
-        self._queue_client = dist.TCPStore(host, self.store.port, is_master=False,
-                                           timeout=timedelta(seconds=max(timeout_s, _IDLE_POP_S)))
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="moeray-kv-tickets", daemon=True)
+        self._queue_client = dist.TCPStore(
+            host,
+            self.store.port,
+            is_master=False,
+            timeout=timedelta(seconds=max(timeout_s, _IDLE_POP_S)),
+        )
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="moeray-kv-tickets", daemon=True
+        )
         self._dispatcher.start()
 
     def endpoint(self) -> DecodeEndpoint:
@@ -289,8 +345,13 @@ class ChannelReceiver:
         with lock:
             pg = self._groups.get(channel)
             if pg is None:
-                pg = pair_process_group(self.backend, dist.PrefixStore(f"kv/{channel}", self.store), 1,
-                                    self.timeout_s, self.device)
+                pg = pair_process_group(
+                    self.backend,
+                    dist.PrefixStore(f"kv/{channel}", self.store),
+                    1,
+                    self.timeout_s,
+                    self.device,
+                )
                 self._groups[channel] = pg
             return pg
 
@@ -303,7 +364,9 @@ class ChannelReceiver:
         dtype = getattr(torch, t.dtype)
         kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
         pe_LTR = torch.empty(t.pe_shape, dtype=dtype, device=self.device)
-        return [pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)], KVRows(t.start, kv_LTC, pe_LTR)
+        return [pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)], KVRows(
+            t.start, kv_LTC, pe_LTR
+        )
 
     @staticmethod
     def _wait(works: list[Any], rows: KVRows) -> KVRows:
@@ -338,9 +401,14 @@ class ChannelReceiver:
         import torch.distributed as dist
 
         try:
-            pg = pair_process_group(self.backend, dist.PrefixStore(f"kv/{channel}", self.store), 1,
-                                    self.timeout_s, self.device)
-        except Exception as err:  # noqa: BLE001 - fails the parked transfers, not the receiver
+            pg = pair_process_group(
+                self.backend,
+                dist.PrefixStore(f"kv/{channel}", self.store),
+                1,
+                self.timeout_s,
+                self.device,
+            )
+        except Exception as err:
             with self._lock:
                 parked = self._parked.pop(channel, [])
             for _, fut in parked:
@@ -353,7 +421,7 @@ class ChannelReceiver:
         for t, fut in parked:
             try:
                 waiting = self._pool.submit(self._wait, *self._post(t, pg))
-            except Exception as err:  # noqa: BLE001 - a failed post fails this transfer only
+            except Exception as err:
                 if not fut.done():
                     fut.set_exception(err)
                 continue
@@ -366,9 +434,13 @@ class ChannelReceiver:
         kv_LTC = torch.empty(t.kv_shape, dtype=dtype, device=self.device)
         pe_LTR = torch.empty(t.pe_shape, dtype=dtype, device=self.device)
         with self._order:
-            ok = self._order.wait_for(lambda: self._next_tag.get(t.channel, 0) == t.tag, self.timeout_s)
+            ok = self._order.wait_for(
+                lambda: self._next_tag.get(t.channel, 0) == t.tag, self.timeout_s
+            )
             if not ok:
-                raise TimeoutError(f"KV channel {t.channel}: tag {t.tag} not next after {self.timeout_s} s")
+                raise TimeoutError(
+                    f"KV channel {t.channel}: tag {t.tag} not next after {self.timeout_s} s"
+                )
         try:
             for w in (pg.recv([kv_LTC], 0, t.tag), pg.recv([pe_LTR], 0, t.tag + 1)):
                 w.wait()  # nccl: the current stream waits on the receive; the CPU does not
@@ -411,8 +483,11 @@ class ChannelReceiver:
     def _expire(self, expired: list[_Expectation]) -> None:
         for e in expired:
             # A ticket that comes later is left to `receive` (the reply's copy).
-            e.rows.set_exception(TimeoutError(f"KV channel: no ticket for {e.request_id} within "
-                                              f"{self.timeout_s} s of expect"))
+            e.rows.set_exception(
+                TimeoutError(
+                    f"KV channel: no ticket for {e.request_id} within {self.timeout_s} s of expect"
+                )
+            )
 
     def _dispatch_loop(self) -> None:
         import pickle
@@ -424,7 +499,7 @@ class ChannelReceiver:
                 raw = self._queue_client.queue_pop(_QUEUE)
             except dist.DistStoreError:  # an idle pop timed out
                 continue
-            except Exception as err:  # noqa: BLE001 - the store is gone (closed): stop
+            except Exception as err:
                 if not self._closed:
                     log.warning("KV channel: ticket queue failed, early receives stop: %s", err)
                 return
@@ -432,7 +507,7 @@ class ChannelReceiver:
                 return
             try:
                 self._dispatch(pickle.loads(raw))
-            except Exception as err:  # noqa: BLE001 - one bad ticket must not stop the loop
+            except Exception as err:
                 log.warning("KV channel: dropping a queued ticket: %s", err)
 
     def _dispatch(self, ticket: ChannelTicket) -> None:
@@ -452,7 +527,7 @@ class ChannelReceiver:
             return
         try:
             fut = self._start(ticket)
-        except Exception as err:  # noqa: BLE001 - a failed post fails this transfer only
+        except Exception as err:
             fut = Future()
             fut.set_exception(err)
         fut.add_done_callback(lambda f: self._early(e, ticket, f))
@@ -504,7 +579,9 @@ class ChannelReceiver:
             if e.ticket == ticket:
                 return await asyncio.shield(asyncio.wrap_future(e.rows))
             # Same request id, another transfer (a retried prefill): its rows are dropped.
-            log.warning("KV channel: queued ticket %s differs from the reply's %s", e.ticket, ticket)
+            log.warning(
+                "KV channel: queued ticket %s differs from the reply's %s", e.ticket, ticket
+            )
         elif e is not None:
             e.rows.cancel()  # the reply's ticket came first
         # Shielded: once we hold a ticket its receive must happen even if the request is
@@ -519,7 +596,7 @@ class ChannelReceiver:
             e.rows.cancel()
         try:  # wakes the dispatcher (its own client holds the pop)
             self.store.queue_push(_QUEUE, _STOP)
-        except Exception:  # noqa: BLE001 - it stops when the store goes away anyway
+        except Exception:
             pass
         with self._lock:
             parked = [fut for tickets in self._parked.values() for _, fut in tickets]

@@ -93,8 +93,10 @@ class ObjectStoreReceiver:
 
     async def receive(self, ticket: Any) -> KVRows:
         if not isinstance(ticket, KVRows):
-            raise TypeError(f"object_store receiver got a {type(ticket).__name__} ticket, not KVRows "
-                            "(prefill and decode configured with different kv_transport?)")
+            raise TypeError(
+                f"object_store receiver got a {type(ticket).__name__} ticket, not KVRows "
+                "(prefill and decode configured with different kv_transport?)"
+            )
         return ticket
 
     def close(self) -> None:
@@ -194,7 +196,9 @@ class RDTSender:
             if pair is not None and pair[0] is src:
                 del self._pairs[replica_id]
                 self._orphans.append(src)
-                log.warning("KV relay pair for decode replica %s died; rebuilding on next use", replica_id)
+                log.warning(
+                    "KV relay pair for decode replica %s died; rebuilding on next use", replica_id
+                )
 
     def close(self) -> None:
         from ray.experimental.collective import destroy_collective_group
@@ -202,7 +206,7 @@ class RDTSender:
         for _src, _dst, name in self._pairs.values():
             try:
                 destroy_collective_group(name)
-            except Exception:  # noqa: BLE001 - the relays may already be gone
+            except Exception:
                 pass
         self._pairs.clear()
 
@@ -214,7 +218,9 @@ class RDTReceiver:
         import ray
 
         self.device = torch.device(device)
-        self._endpoint = DecodeEndpoint(replica_id=replica_id, node_id=ray.get_runtime_context().get_node_id())
+        self._endpoint = DecodeEndpoint(
+            replica_id=replica_id, node_id=ray.get_runtime_context().get_node_id()
+        )
 
     def endpoint(self) -> DecodeEndpoint:
         return self._endpoint
@@ -248,8 +254,14 @@ def make_sender(transport: str, device: torch.device | str = "cpu", *, timeout_s
     raise ValueError(f"kv_transport={transport!r}: accepted {TRANSPORTS}")
 
 
-def make_receiver(transport: str, replica_id: str, device: torch.device | str = "cpu", *,
-                  host: str = "127.0.0.1", timeout_s: float = 30.0):
+def make_receiver(
+    transport: str,
+    replica_id: str,
+    device: torch.device | str = "cpu",
+    *,
+    host: str = "127.0.0.1",
+    timeout_s: float = 30.0,
+):
     if transport == "object_store":
         return ObjectStoreReceiver(device)
     if transport == "rdt":
@@ -257,7 +269,9 @@ def make_receiver(transport: str, replica_id: str, device: torch.device | str = 
     if transport == "channel":
         from moeray.platform.serve.kv_channel import ChannelReceiver
 
-        return ChannelReceiver(replica_id, backend_for(device), host=host, timeout_s=timeout_s, device=device)
+        return ChannelReceiver(
+            replica_id, backend_for(device), host=host, timeout_s=timeout_s, device=device
+        )
     raise ValueError(f"kv_transport={transport!r}: accepted {TRANSPORTS}")
 
 
@@ -271,8 +285,17 @@ class P2PPeer:
 
         self.rank, self.backend, self.timeout_s = rank, backend, timeout_s
         self.device = torch.device(device)
-        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=timeout_s)) if rank == 1 else None
+        self.store = (
+            dist.TCPStore(
+                "127.0.0.1",
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            if rank == 1
+            else None
+        )
         self.pg = None
 
     def store_port(self) -> int:
@@ -283,9 +306,12 @@ class P2PPeer:
 
         from moeray.platform.serve.kv_channel import pair_process_group
 
-        store = self.store or dist.TCPStore("127.0.0.1", port, is_master=False,
-                                            timeout=timedelta(seconds=self.timeout_s))
-        self.pg = pair_process_group(self.backend, dist.PrefixStore("raw", store), self.rank, self.timeout_s, self.device)
+        store = self.store or dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=self.timeout_s)
+        )
+        self.pg = pair_process_group(
+            self.backend, dist.PrefixStore("raw", store), self.rank, self.timeout_s, self.device
+        )
 
     def run(self, nbytes: int, iters: int, warmup: int = 3) -> list[float]:
         """Ping-pong: rank 0 sends `nbytes`, rank 1 answers with one element; rank 0 returns the
@@ -320,7 +346,10 @@ def raw_p2p_seconds(nbytes: int, *, backend: str = "gloo", iters: int = 20) -> l
     device = "cuda" if backend == "nccl" else "cpu"
     opts = {"num_cpus": 0, "num_gpus": 1 if backend == "nccl" else 0}
     peer = ray.remote(P2PPeer)
-    a, b = peer.options(**opts).remote(0, backend, device), peer.options(**opts).remote(1, backend, device)
+    a, b = (
+        peer.options(**opts).remote(0, backend, device),
+        peer.options(**opts).remote(1, backend, device),
+    )
     try:
         port = ray.get(b.store_port.remote())
         ray.get([a.join.remote(port), b.join.remote(port)])

@@ -308,10 +308,16 @@ class ChatMessage(_Strict):
         if isinstance(v, list) and v:
             parts = []
             for i, p in enumerate(v):
-                if (not isinstance(p, dict) or set(p) != {"type", "text"} or p["type"] != "text"
-                        or not isinstance(p["text"], str)):
-                    raise ValueError(f"part [{i}] must be {{'type': 'text', 'text': <string>}} "
-                                     "(only text parts are supported)")
+                if (
+                    not isinstance(p, dict)
+                    or set(p) != {"type", "text"}
+                    or p["type"] != "text"
+                    or not isinstance(p["text"], str)
+                ):
+                    raise ValueError(
+                        f"part [{i}] must be {{'type': 'text', 'text': <string>}} "
+                        "(only text parts are supported)"
+                    )
                 parts.append(p["text"])
             return "".join(parts)
         raise ValueError("must be a string or a non-empty list of text parts")

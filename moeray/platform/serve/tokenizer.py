@@ -17,7 +17,9 @@ class ServeTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
-            raise ValueError(f"no tokenizer.json in {path}: the model directory needs its tokenizer files")
+            raise ValueError(
+                f"no tokenizer.json in {path}: the model directory needs its tokenizer files"
+            )
         self._tok = Tokenizer.from_file(str(file))
         self.directory = file.parent
         config = file.parent / "tokenizer_config.json"
@@ -48,19 +50,21 @@ class ServeTokenizer:
             return None
         import jinja2
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        env = jinja2.Environment(
+            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+        )
         env.globals["raise_exception"] = _raise
         template = env.from_string(source)
         bos, eos = self._special("bos_token"), self._special("eos_token")
 
         def render(messages: Sequence[Any]) -> str:
             msgs = [{"role": m.role, "content": m.content} for m in messages]
-            return template.render(messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+            return template.render(
+                messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos
+            )
 
         return render
 
 
 def _raise(message: str) -> None:
     raise ValueError(message)
-
-

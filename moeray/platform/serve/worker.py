@@ -25,9 +25,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine
@@ -44,9 +42,14 @@ def sampling_params(req: EngineRequest, *, max_tokens: int | None = None) -> Sam
     """The ingress enforces stop strings on the text itself (and closes the stream), so the
     engine needs no tokenizer for them."""
     p = req.params
-    return SamplingParams(temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                          max_tokens=max_tokens or p.max_tokens, logprobs=p.logprobs,
-                          ignore_eos=p.ignore_eos)
+    return SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        seed=p.seed,
+        max_tokens=max_tokens or p.max_tokens,
+        logprobs=p.logprobs,
+        ignore_eos=p.ignore_eos,
+    )
 
 
 class EngineLoop:
@@ -100,7 +103,7 @@ class EngineLoop:
         def run() -> None:
             try:
                 result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            except BaseException as e:
                 # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
                 loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
@@ -123,8 +126,9 @@ class EngineLoop:
         yield the request's outputs until it finishes. Closing the generator aborts the request,
         which frees its pages at once."""
         if self.num_waiting() >= self.max_waiting:
-            raise EngineOverloaded(f"{self.num_waiting()} requests already wait in this replica",
-                                   retry_after_s=1.0)
+            raise EngineOverloaded(
+                f"{self.num_waiting()} requests already wait in this replica", retry_after_s=1.0
+            )
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         finished = False
@@ -168,8 +172,10 @@ def _step(out: Any) -> GenerationStep:
         reason = "stop"
     n = len(out.new_token_ids)
     # RequestOutput.logprobs holds the whole output's so far; a step carries its new tokens' own.
-    logprobs = tuple(out.logprobs[len(out.logprobs) - n:]) if out.logprobs and n else None
-    return GenerationStep(token_ids=tuple(out.new_token_ids), logprobs=logprobs, finish_reason=reason)
+    logprobs = tuple(out.logprobs[len(out.logprobs) - n :]) if out.logprobs and n else None
+    return GenerationStep(
+        token_ids=tuple(out.new_token_ids), logprobs=logprobs, finish_reason=reason
+    )
 
 
 class ColocatedWorker:
@@ -206,7 +212,9 @@ class PrefillWorker:
         self.loop = EngineLoop(engine, name="prefill", **loop_kwargs)
         self.sender = sender if sender is not None else ObjectStoreSender()
 
-    async def prefill(self, req: EngineRequest, export_from: int, dest: Any = None) -> PrefillResult:
+    async def prefill(
+        self, req: EngineRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
         """Prefill `req`, export its KV rows from `export_from`, and hand them to the transport
         for the decode replica at `dest` (a kv_transfer.DecodeEndpoint)."""
         t0 = time.perf_counter()
@@ -214,8 +222,12 @@ class PrefillWorker:
         rid = f"{req.request_id}-prefill"
 
         def add() -> None:
-            engine.add_request(list(req.prompt_ids), sampling_params(req, max_tokens=1), rid,
-                               export_kv_from=export_from)
+            engine.add_request(
+                list(req.prompt_ids),
+                sampling_params(req, max_tokens=1),
+                rid,
+                export_kv_from=export_from,
+            )
 
         result = None
         async with aclosing(self.loop.stream(rid, add)) as outs:
@@ -223,10 +235,14 @@ class PrefillWorker:
                 if out.finished:
                     result = out
         if result is None or result.kv_export is None:
-            raise RuntimeError(f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})")
+            raise RuntimeError(
+                f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})"
+            )
         seconds = time.perf_counter() - t0
         ticket = await self.sender.send(req.request_id, result.kv_export, dest)
-        return PrefillResult(_step(result), ticket, seconds, result.kv_export.nbytes, self.sender.name)
+        return PrefillResult(
+            _step(result), ticket, seconds, result.kv_export.nbytes, self.sender.name
+        )
 
     def queue_length(self) -> int:
         return self.loop.num_waiting() + self.loop.num_running()
@@ -253,10 +269,15 @@ class DecodeWorker:
     PrefillResult (over a Serve handle in production, a direct call in tests); `receiver`
     (kv_transfer) turns its ticket into rows."""
 
-    def __init__(self, engine: Engine,
-                 fetch: Callable[[EngineRequest, int, Any], Awaitable[PrefillResult]],
-                 *, receiver: Any = None, on_transfer: Callable[[TransferRecord], None] | None = None,
-                 **loop_kwargs: Any) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        fetch: Callable[[EngineRequest, int, Any], Awaitable[PrefillResult]],
+        *,
+        receiver: Any = None,
+        on_transfer: Callable[[TransferRecord], None] | None = None,
+        **loop_kwargs: Any,
+    ) -> None:
         from moeray.platform.serve.kv_transfer import ObjectStoreReceiver
 
         self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
@@ -287,10 +308,14 @@ class DecodeWorker:
             # The prefill may still send: its rows are received and dropped, so the send does not hang.
             self.receiver.cancel(req.request_id)
             raise
-        except Exception as e:  # noqa: BLE001 - the request must still complete
+        except Exception as e:
             self.receiver.cancel(req.request_id)
-            log.warning("prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
-                        req.request_id, type(e).__name__, e)
+            log.warning(
+                "prefill/KV transfer for %s failed (%s: %s); recomputing the prefill here",
+                req.request_id,
+                type(e).__name__,
+                e,
+            )
         now = time.perf_counter()
         seconds = now - t0 - (pre.seconds if pre is not None else 0.0)
         receive_seconds = now - t_recv if rows is not None else 0.0
@@ -302,11 +327,19 @@ class DecodeWorker:
             back to a local prefill when there is nothing to import or the pages moved on."""
             if pre is not None and rows is not None:
                 out = engine.add_prefilled_request(
-                    prompt, pre.first.token_ids[0], rows, params, req.request_id,
-                    first_logprobs=pre.first.logprobs[0] if pre.first.logprobs else None)
+                    prompt,
+                    pre.first.token_ids[0],
+                    rows,
+                    params,
+                    req.request_id,
+                    first_logprobs=pre.first.logprobs[0] if pre.first.logprobs else None,
+                )
                 if out is not None:
-                    self._record(TransferRecord(req.request_id, rows.nbytes, seconds, False, transport,
-                                                receive_seconds))
+                    self._record(
+                        TransferRecord(
+                            req.request_id, rows.nbytes, seconds, False, transport, receive_seconds
+                        )
+                    )
                     return out
                 # Not placed (batch or pages full, or rows past our cached prefix): the engine has
                 # queued the request for a normal prefill already.
@@ -360,7 +393,7 @@ class DecodeRoutingPolicy:
         out, h = [], 0
         n_full = (len(prompt) - 1) // self.page_size if prompt else 0
         for i in range(n_full):
-            h = hash((h, tuple(prompt[i * self.page_size:(i + 1) * self.page_size])))
+            h = hash((h, tuple(prompt[i * self.page_size : (i + 1) * self.page_size])))
             out.append(h)
         return out
 
@@ -411,7 +444,7 @@ class DecodeRoutingPolicy:
             del self._owner[h]
 
 
-def make_engine(cfg: "ServeConfig", *, decodes: bool = True) -> Engine:
+def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
     """Load the model directory into an engine as the serve config says (device, dtype, pages).
     `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
     replays them."""
@@ -419,11 +452,23 @@ def make_engine(cfg: "ServeConfig", *, decodes: bool = True) -> Engine:
 
     from moeray.platform.engine.engine import EngineConfig
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    econf = EngineConfig(page_size=cfg.page_size, num_pages=cfg.num_pages, max_num_seqs=cfg.max_num_seqs,
-                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
-                         num_speculative_tokens=cfg.num_speculative_tokens,
-                         use_cuda_graphs=device == "cuda", capture_graphs_at_start=decodes)
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    dtype = {
+        "auto": torch.bfloat16 if device == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[cfg.dtype]
+    econf = EngineConfig(
+        page_size=cfg.page_size,
+        num_pages=cfg.num_pages,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=cfg.max_model_len,
+        num_speculative_tokens=cfg.num_speculative_tokens,
+        use_cuda_graphs=device == "cuda",
+        capture_graphs_at_start=decodes,
+    )
     return Engine.from_pretrained(cfg.model, econf, device=device, dtype=dtype)

@@ -74,7 +74,9 @@ class BenchConfig:
     threads: int = 1  # CPU: torch threads per worker
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
     profile_dir: str | None = None  # rank 0 profiles each run's last step into this directory
-    grouped_fp8: bool | None = None  # FP8 runs: routed experts through the grouped FP8 GEMM; None: on CUDA only
+    grouped_fp8: bool | None = (
+        None  # FP8 runs: routed experts through the grouped FP8 GEMM; None: on CUDA only
+    )
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -95,8 +97,11 @@ class BenchConfig:
 
 # The BF16 run last: it hung on GPUs (notes-train.md), and the other two still give the
 # throughput and bubble numbers when it fails.
-RUNS = (("dualpipe-fp8", "dualpipe", True), ("1f1b-fp8", "1f1b", True),
-        ("dualpipe-bf16", "dualpipe", False))
+RUNS = (
+    ("dualpipe-fp8", "dualpipe", True),
+    ("1f1b-fp8", "1f1b", True),
+    ("dualpipe-bf16", "dualpipe", False),
+)
 
 
 def bigram_stream(vocab: int, n: int, seed: int):
@@ -118,8 +123,12 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     V, D = cfg.vocab_size, cfg.hidden_size
     n_mtp = cfg.num_nextn_predict_layers
     matmul_params = cfg.num_parameters(activated=True, include_mtp=True) - V * D + n_mtp * V * D
-    attn = (cfg.num_hidden_layers + n_mtp) * cfg.num_attention_heads * (
-        cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1)
+    attn = (
+        (cfg.num_hidden_layers + n_mtp)
+        * cfg.num_attention_heads
+        * (cfg.qk_head_dim + cfg.v_head_dim)
+        * (seq_len + 1)
+    )
     return 3.0 * (2.0 * matmul_params + attn)
 
 
@@ -140,7 +149,7 @@ def measure_matmul_rate(device) -> float:
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def _say(rank: int, text: str) -> None:
@@ -185,15 +194,29 @@ def write_profile(cfg: BenchConfig, name: str, rank: int, prof) -> Path:
     table = prof.key_averages()
     path = Path(cfg.profile_dir, f"profile-{name}-rank{rank}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {name}, step {cfg.steps} of {cfg.steps}, rank {rank}, torch {torch.__version__}\n\n"
-                    "## by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=40)
-                    + "\n\n## by count\n" + table.table(sort_by="count", row_limit=40) + "\n")
+    path.write_text(
+        f"# {name}, step {cfg.steps} of {cfg.steps}, rank {rank}, torch {torch.__version__}\n\n"
+        "## by self CPU time\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=40)
+        + "\n\n## by count\n"
+        + table.table(sort_by="count", row_limit=40)
+        + "\n"
+    )
     _say(rank, f"{name}: profile of the last step written to {path}")
     return path
 
 
-def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, tokens,
-             device, stacks, profiles: list) -> dict | None:
+def _one_run(
+    cfg: BenchConfig,
+    rank: int,
+    name: str,
+    schedule: str,
+    fp8: bool,
+    tokens,
+    device,
+    stacks,
+    profiles: list,
+) -> dict | None:
     import torch
     import torch.distributed as dist
 
@@ -207,12 +230,26 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
     spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
     timeout = dist_timeout_s()
     _arm_watchdog(timeout, stacks)
-    pm = PipelineModel(model_cfg, spec, rank, seed=cfg.seed, fp8=fp8, device=device,
-                       autocast_dtype=torch.bfloat16, seq_len=cfg.seq_len, overlap=cfg.overlap,
-                       grouped_fp8=cfg.grouped_fp8)
-    _say(rank, f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
-               f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}, grouped_fp8={pm.grouped_fp8}")
-    optim = tstep.OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps)
+    pm = PipelineModel(
+        model_cfg,
+        spec,
+        rank,
+        seed=cfg.seed,
+        fp8=fp8,
+        device=device,
+        autocast_dtype=torch.bfloat16,
+        seq_len=cfg.seq_len,
+        overlap=cfg.overlap,
+        grouped_fp8=cfg.grouped_fp8,
+    )
+    _say(
+        rank,
+        f"{name}: {len(pm.groups.made)} process groups made and checked, stages "
+        f"{sorted(pm.stages)} built, overlap={pm.executor.overlap}, grouped_fp8={pm.grouped_fp8}",
+    )
+    optim = tstep.OptimConfig(
+        lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1), total_steps=cfg.steps
+    )
     loss_cfg = tstep.LossConfig()
     opt = tstep.build_optimizer(pm.modules, optim)
     bias_LE = torch.zeros(len(pm.moe_names), model_cfg.n_routed_experts)
@@ -226,7 +263,7 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
         _arm_watchdog(timeout, stacks)
         t0 = time.perf_counter()
         first = (step * cfg.global_batch + shard * rows) * S1
-        batch = tokens[first:first + rows * S1].view(rows, S1)
+        batch = tokens[first : first + rows * S1].view(rows, S1)
         profiled = cfg.profile_dir is not None and step == cfg.steps - 1
         with _step_profiler(cfg, rank, profiled, profiles):
             out = pm.forward_backward(batch, loss_cfg)
@@ -236,20 +273,25 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
         dist.all_reduce(loads)
         bias_LE = routing.bias_update(bias_LE, loads.cpu(), 0.001)
         pm.set_biases(bias_LE)
-        stats = torch.tensor([out.main_sum, out.timings.wall, out.timings.idle], dtype=torch.float64,
-                             device=device)
+        stats = torch.tensor(
+            [out.main_sum, out.timings.wall, out.timings.idle], dtype=torch.float64, device=device
+        )
         every = [torch.zeros_like(stats) for _ in range(cfg.world)]
         dist.all_gather(every, stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
         losses.append(sum(float(s[0]) for s in every) / cfg.ep)
-        _say(rank, f"{name}: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} "
-                   f"step {wall:.3f} s{' (warm-up)' if step < cfg.warmup else ''}")
+        _say(
+            rank,
+            f"{name}: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} "
+            f"step {wall:.3f} s{' (warm-up)' if step < cfg.warmup else ''}",
+        )
         if not math.isfinite(losses[-1]):
             # every rank saw the same all-gathered losses, so all stop here together
-            raise FloatingPointError(f"{name}: loss {losses[-1]} at step {step + 1} "
-                                     f"(losses so far {losses})")
+            raise FloatingPointError(
+                f"{name}: loss {losses[-1]} at step {step + 1} (losses so far {losses})"
+            )
         if step >= cfg.warmup and not profiled:  # the profiler's overhead stays out of the timings
             walls.append(wall)
             bubbles.append(max(float(s[2]) for s in every) / max(float(s[1]) for s in every))
@@ -265,13 +307,18 @@ def _one_run(cfg: BenchConfig, rank: int, name: str, schedule: str, fp8: bool, t
     f, b = mean["F"], mean.get("B", mean.get("BI", 0.0) + mean.get("W", 0.0))
     w = min(mean.get("W", 0.0), b)
     sim = simulate(pm.schedule, Costs(f, b, w, mean.get("F&B")))
-    return {"losses": losses, "step_time_s": sum(walls) / len(walls),
-            "bubble_fraction": sum(bubbles) / len(bubbles),
-            "simulated_bubble_fraction": sim.bubble() / sim.makespan,
-            "op_costs_s": mean}
+    return {
+        "losses": losses,
+        "step_time_s": sum(walls) / len(walls),
+        "bubble_fraction": sum(bubbles) / len(bubbles),
+        "simulated_bubble_fraction": sim.bubble() / sim.makespan,
+        "op_costs_s": mean,
+    }
 
 
-def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tuple[str, str, bool]) -> None:
+def _worker(
+    rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tuple[str, str, bool]
+) -> None:
     """One rank of one of RUNS (name, schedule, fp8); rank 0 writes bench-<name>.json."""
     import torch
     import torch.distributed as dist
@@ -279,15 +326,20 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
     from moeray.platform.parallel.pipeline import dist_timeout_s, init_distributed
 
     stacks_dir = os.environ.get(STACKS_ENV)
-    stacks = open(Path(stacks_dir, f"stacks-{run[0]}-rank{rank}.txt"), "w") if stacks_dir else sys.stderr
+    stacks = (
+        open(Path(stacks_dir, f"stacks-{run[0]}-rank{rank}.txt"), "w") if stacks_dir else sys.stderr
+    )
     # terminated by mp.spawn after another worker failed: print where this one was first
     faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
     torch.set_num_threads(cfg.threads)
     # one node: the local rank is the global rank; the device is current before any group exists
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     init_distributed(rank, cfg.world, f"file://{init_file}", device)
-    _say(rank, f"process group up: {dist.get_backend()}, world {cfg.world}, device {device}, "
-               f"timeout {dist_timeout_s():g} s, overlap {cfg.overlap}")
+    _say(
+        rank,
+        f"process group up: {dist.get_backend()}, world {cfg.world}, device {device}, "
+        f"timeout {dist_timeout_s():g} s, overlap {cfg.overlap}",
+    )
     try:
         from moeray.platform.config import preset
 
@@ -306,10 +358,19 @@ def _worker(rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tupl
             Path(out_dir, f"bench-{name}.json").write_text(json.dumps(results))
             # the log keeps each finished run's numbers even if a later run fails
             r = results[name]
-            _say(rank, f"{name} done: " + json.dumps(
-                {"step_time_s": r["step_time_s"], "bubble_fraction": r["bubble_fraction"],
-                 "simulated_bubble_fraction": r["simulated_bubble_fraction"],
-                 "final_loss": r["losses"][-1], "matmul_flops_per_s": rate}))
+            _say(
+                rank,
+                f"{name} done: "
+                + json.dumps(
+                    {
+                        "step_time_s": r["step_time_s"],
+                        "bubble_fraction": r["bubble_fraction"],
+                        "simulated_bubble_fraction": r["simulated_bubble_fraction"],
+                        "final_loss": r["losses"][-1],
+                        "matmul_flops_per_s": rate,
+                    }
+                ),
+            )
     finally:
         dist.destroy_process_group()
 
@@ -336,9 +397,13 @@ def run(cfg: BenchConfig) -> dict:
         for i, run_ in enumerate(RUNS):
             try:
                 with _worker_env(cfg.device):
-                    mp.spawn(_worker, args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, run_),
-                             nprocs=cfg.world, join=True)
-            except Exception as err:  # noqa: BLE001 - the run failed (its workers said why)
+                    mp.spawn(
+                        _worker,
+                        args=(cfg, os.path.join(tmp, f"pg{i}"), tmp, run_),
+                        nprocs=cfg.world,
+                        join=True,
+                    )
+            except Exception as err:
                 if run_[0] == "dualpipe-fp8":
                     raise  # the main run: nothing to report without it
                 failed[run_[0]] = f"{type(err).__name__}: {err}"
@@ -390,8 +455,9 @@ def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
         "fp8_final_loss": fp8_final,
         "bf16_final_loss": bf16_final,
         "fp8_bf16_loss_rel_diff": abs(fp8_final - bf16_final) / bf16_final if bf16 else None,
-        f"fp8_bf16_loss_rel_diff_mean_last{last}": (abs(tail_fp8 - tail_bf16) / tail_bf16
-                                                     if bf16 else None),
+        f"fp8_bf16_loss_rel_diff_mean_last{last}": (
+            abs(tail_fp8 - tail_bf16) / tail_bf16 if bf16 else None
+        ),
         "first_loss": main["losses"][0],
         "losses_fp8": main["losses"],
         "losses_bf16": of(bf16, "losses"),
@@ -405,27 +471,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--pp", type=int, default=d.pp)
     p.add_argument("--ep", type=int, default=d.ep)
-    p.add_argument("--microbatches", type=int, default=d.microbatches,
-                   help="per step and pipeline, both DualPipe directions together")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=d.microbatches,
+        help="per step and pipeline, both DualPipe directions together",
+    )
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the timings")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=d.overlap,
-                   help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
-                        "CUDA only); --no-overlap runs them one after the other")
+    p.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=d.overlap,
+        help="DualPipe F&B slots in two host threads and CUDA streams (default: on "
+        "CUDA only); --no-overlap runs them one after the other",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--grouped-fp8", action=argparse.BooleanOptionalAction, default=d.grouped_fp8,
-                   help="FP8 runs: routed experts through the grouped FP8 GEMM (one launch per "
-                        "projection for all experts; default: on CUDA only); --no-grouped-fp8 "
-                        "runs one GEMM per expert")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="profile each run's last step on rank 0 (left out of the timings) and "
-                        "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
-                        "The profiled step ran ~15x slower on 4x H200 (55 s with the table, since "
-                        "moved after the run): keep MOERAY_DIST_TIMEOUT_S above it")
+    p.add_argument(
+        "--grouped-fp8",
+        action=argparse.BooleanOptionalAction,
+        default=d.grouped_fp8,
+        help="FP8 runs: routed experts through the grouped FP8 GEMM (one launch per "
+        "projection for all experts; default: on CUDA only); --no-grouped-fp8 "
+        "runs one GEMM per expert",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="profile each run's last step on rank 0 (left out of the timings) and "
+        "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
+        "The profiled step ran ~15x slower on 4x H200 (55 s with the table, since "
+        "moved after the run): keep MOERAY_DIST_TIMEOUT_S above it",
+    )
     return p
 
 
@@ -435,32 +517,58 @@ def main(argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        cfg = BenchConfig(args.model, args.device, args.pp, args.ep, args.microbatches,
-                          args.micro_batch_size, args.seq_len, args.steps, args.warmup, args.lr,
-                          threads=args.threads, overlap=args.overlap, profile_dir=args.profile,
-                          grouped_fp8=args.grouped_fp8)
+        cfg = BenchConfig(
+            args.model,
+            args.device,
+            args.pp,
+            args.ep,
+            args.microbatches,
+            args.micro_batch_size,
+            args.seq_len,
+            args.steps,
+            args.warmup,
+            args.lr,
+            threads=args.threads,
+            overlap=args.overlap,
+            profile_dir=args.profile,
+            grouped_fp8=args.grouped_fp8,
+        )
         dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
             import torch
 
             if torch.cuda.device_count() < cfg.world:
-                raise ValueError(f"{cfg.world} workers need {cfg.world} GPUs, "
-                                 f"found {torch.cuda.device_count()}")
+                raise ValueError(
+                    f"{cfg.world} workers need {cfg.world} GPUs, found {torch.cuda.device_count()}"
+                )
     except ValueError as e:
         print(f"moeray bench train: {e}", file=sys.stderr)
         return 2
     numbers = run(cfg)
     slug = device_slug() if cfg.device == "cuda" else "cpu"
     path = write_result(f"train-{slug}", numbers, directory=Path(args.out) if args.out else None)
-    keys = ("tokens_per_s", "mfu", "step_time_s", "bubble_fraction_dualpipe", "bubble_fraction_1f1b",
-            "simulated_bubble_fraction_dualpipe", "simulated_bubble_fraction_1f1b",
-            "fp8_bf16_step_time_ratio", "fp8_bf16_loss_rel_diff", "fp8_final_loss", "bf16_final_loss")
+    keys = (
+        "tokens_per_s",
+        "mfu",
+        "step_time_s",
+        "bubble_fraction_dualpipe",
+        "bubble_fraction_1f1b",
+        "simulated_bubble_fraction_dualpipe",
+        "simulated_bubble_fraction_1f1b",
+        "fp8_bf16_step_time_ratio",
+        "fp8_bf16_loss_rel_diff",
+        "fp8_final_loss",
+        "bf16_final_loss",
+    )
     for k in keys:
         print(f"{k:<36} {'-' if numbers[k] is None else format(numbers[k], '.6g')}")
     print(f"written to {path}")
     if numbers["failed_runs"]:
-        print(f"moeray bench train: runs failed: {', '.join(numbers['failed_runs'])} (their numbers "
-              f"are null in {path})", file=sys.stderr)
+        print(
+            f"moeray bench train: runs failed: {', '.join(numbers['failed_runs'])} (their numbers "
+            f"are null in {path})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

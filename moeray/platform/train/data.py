@@ -113,8 +113,9 @@ def _file_texts(path: Path) -> Iterator[str]:
             yield text
 
 
-def corpus_texts(corpus: str | os.PathLike | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+def corpus_texts(
+    corpus: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> list[str]:
     """The documents of a corpus (see the module docstring); None means the stdlib subset.
 
     `max_bytes` bounds every corpus: documents are taken in order until the next would pass it.
@@ -128,7 +129,9 @@ def corpus_texts(corpus: str | os.PathLike | None = None,
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
             if not files:
-                raise ValueError(f"corpus directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files")
+                raise ValueError(
+                    f"corpus directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files"
+                )
         elif path.is_file():
             files = [path]
         else:
@@ -153,7 +156,9 @@ def corpus_texts(corpus: str | os.PathLike | None = None,
 # tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "tokenizers.Tokenizer":
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> tokenizers.Tokenizer:
     """Byte-level BPE with the special tokens <|bos|> (id 0) and <|eos|> (id 1).
 
     Byte level: the 256 byte symbols are the initial alphabet, so any text encodes without <unk>
@@ -163,7 +168,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 
     # 2 special tokens + 256 byte symbols; below that BPE could not even hold the alphabet
     if vocab_size < 258 + 1:
-        raise ValueError(f"vocab_size={vocab_size} must be at least 259 (2 special + 256 bytes + 1)")
+        raise ValueError(
+            f"vocab_size={vocab_size} must be at least 259 (2 special + 256 bytes + 1)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -179,8 +186,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     return tok
 
 
-def save_tokenizer(tok: "tokenizers.Tokenizer", directory: str | os.PathLike,
-                   model_max_length: int = 4096) -> Path:
+def save_tokenizer(
+    tok: tokenizers.Tokenizer, directory: str | os.PathLike, model_max_length: int = 4096
+) -> Path:
     """Write tokenizer.json plus the config files that transformers' AutoTokenizer reads."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -203,7 +211,7 @@ def save_tokenizer(tok: "tokenizers.Tokenizer", directory: str | os.PathLike,
     return d / "tokenizer.json"
 
 
-def load_tokenizer(directory_or_file: str | os.PathLike) -> "tokenizers.Tokenizer":
+def load_tokenizer(directory_or_file: str | os.PathLike) -> tokenizers.Tokenizer:
     from tokenizers import Tokenizer
 
     p = Path(directory_or_file)
@@ -214,7 +222,7 @@ def load_tokenizer(directory_or_file: str | os.PathLike) -> "tokenizers.Tokenize
     return Tokenizer.from_file(str(p))
 
 
-def tokenize_corpus(texts: list[str], tok: "tokenizers.Tokenizer") -> "torch.Tensor":
+def tokenize_corpus(texts: list[str], tok: tokenizers.Tokenizer) -> torch.Tensor:
     """One int32 token stream: each document's tokens followed by <|eos|>."""
     import torch
 
@@ -228,9 +236,14 @@ def tokenize_corpus(texts: list[str], tok: "tokenizers.Tokenizer") -> "torch.Ten
     return torch.tensor(ids, dtype=torch.int32)
 
 
-def prepare_corpus(directory: str | os.PathLike, corpus: str | None = None, *,
-                   vocab_size: int = DEFAULT_VOCAB_SIZE, max_bytes: int = DEFAULT_MAX_BYTES,
-                   model_max_length: int = 4096) -> tuple[Path, Path]:
+def prepare_corpus(
+    directory: str | os.PathLike,
+    corpus: str | None = None,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    model_max_length: int = 4096,
+) -> tuple[Path, Path]:
     """Train the tokenizer and tokenize the corpus once (the driver does it, workers load files).
 
     Writes `directory/tokenizer/` (HF tokenizer files) and `directory/tokens.pt` (int32 stream).
@@ -259,14 +272,14 @@ class DataState:
         return {"epoch": self.epoch, "position": self.position}
 
     @staticmethod
-    def from_dict(d: dict) -> "DataState":
+    def from_dict(d: dict) -> DataState:
         return DataState(int(d["epoch"]), int(d["position"]))
 
 
 class PackedDataset:
     """Non-overlapping windows of S+1 tokens over a token stream."""
 
-    def __init__(self, tokens: "torch.Tensor", seq_len: int):
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be a 1-D stream, got shape {tuple(tokens.shape)}")
         if seq_len < 1:
@@ -287,8 +300,16 @@ class PackedDataset:
 class BatchLoader:
     """This DP rank's slice of each global batch, in a deterministic, resumable order."""
 
-    def __init__(self, dataset: PackedDataset, global_batch: int, *, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, state: DataState = DataState()):
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        global_batch: int,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        state: DataState = DataState(),
+    ):
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if global_batch < 1 or global_batch % dp_size:
@@ -310,7 +331,7 @@ class BatchLoader:
         self._order_epoch = -1
         self._order = None
 
-    def _epoch_order(self, epoch: int) -> "torch.Tensor":
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
         import torch
 
         if epoch != self._order_epoch:
@@ -323,7 +344,7 @@ class BatchLoader:
     def steps_per_epoch(self) -> int:
         return len(self.dataset) // self.global_batch
 
-    def next_batch(self) -> "torch.Tensor":
+    def next_batch(self) -> torch.Tensor:
         """[local_batch, S+1] token ids; advances the state by one global batch."""
         epoch, pos = self.state.epoch, self.state.position
         if pos + self.global_batch > len(self.dataset):
@@ -334,6 +355,6 @@ class BatchLoader:
         self.state = DataState(epoch, pos + self.global_batch)
         return self.dataset.windows_NS1[rows]
 
-    def __iter__(self) -> Iterator["torch.Tensor"]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
             yield self.next_batch()

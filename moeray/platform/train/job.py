@@ -46,15 +46,19 @@ def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
     from moeray.platform.train import data
 
     data_dir = run_dir / "data"
-    key = {"corpus": job.data.corpus, "vocab_size": job.data.vocab_size,
-           "max_bytes": job.data.max_bytes}
+    key = {
+        "corpus": job.data.corpus,
+        "vocab_size": job.data.vocab_size,
+        "max_bytes": job.data.max_bytes,
+    }
     stamp = data_dir / "data.json"
     tok_dir, tokens = data_dir / "tokenizer", data_dir / "tokens.pt"
     if stamp.exists() and json.loads(stamp.read_text()) == key and tokens.exists():
         return tok_dir, tokens
     corpus = None if job.data.corpus in ("", "stdlib") else job.data.corpus
-    tok_dir, tokens = data.prepare_corpus(data_dir, corpus, vocab_size=job.data.vocab_size,
-                                          max_bytes=job.data.max_bytes)
+    tok_dir, tokens = data.prepare_corpus(
+        data_dir, corpus, vocab_size=job.data.vocab_size, max_bytes=job.data.max_bytes
+    )
     stamp.write_text(json.dumps(key) + "\n")
     return tok_dir, tokens
 
@@ -72,8 +76,10 @@ def run(job: TrainJobConfig) -> Path:
 
     model_cfg = job.model_config()
     if model_cfg.vocab_size != job.data.vocab_size:
-        raise ValueError(f"data.vocab_size={job.data.vocab_size} must equal the model's "
-                         f"vocab_size={model_cfg.vocab_size}")
+        raise ValueError(
+            f"data.vocab_size={job.data.vocab_size} must equal the model's "
+            f"vocab_size={model_cfg.vocab_size}"
+        )
     storage = Path(job.storage).expanduser().resolve()
     run_dir = storage / job.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,19 +94,29 @@ def run(job: TrainJobConfig) -> Path:
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world
     router_cfg = RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
-    get_or_create_router(job.router, job.router_namespace, router_cfg,
-                         state_path=str(run_dir / "router_state.pt"))
+    get_or_create_router(
+        job.router, job.router_namespace, router_cfg, state_path=str(run_dir / "router_state.pt")
+    )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "run_dir": str(run_dir), "tokens": str(tokens),
-                           "tokenizer": str(tok_dir), "run_id": uuid.uuid4().hex},
+        train_loop_config={
+            "job": job.to_dict(),
+            "run_dir": str(run_dir),
+            "tokens": str(tokens),
+            "tokenizer": str(tok_dir),
+            "run_id": uuid.uuid4().hex,
+        },
         # A hung collective fails after MOERAY_DIST_TIMEOUT_S (default 600 s), not Ray's 1800 s.
-        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo", timeout_s=int(dist_timeout_s())),
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(
+            backend="nccl" if job.use_gpu else "gloo", timeout_s=int(dist_timeout_s())
+        ),
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=job.use_gpu, resources_per_worker={"CPU": 1}
+        ),
         run_config=RunConfig(
-            name=job.name, storage_path=str(storage),
+            name=job.name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -119,17 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="override the run name")
     p.add_argument("--storage", help="override the storage directory")
     p.add_argument("--output", help="override the final model directory")
-    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the attention and expert projections in FP8")
+    p.add_argument(
+        "--fp8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the attention and expert projections in FP8",
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
-        job = load_config(args.config, {"steps": args.steps, "name": args.name,
-                                        "storage": args.storage, "output": args.output,
-                                        "fp8": args.fp8})
+        job = load_config(
+            args.config,
+            {
+                "steps": args.steps,
+                "name": args.name,
+                "storage": args.storage,
+                "output": args.output,
+                "fp8": args.fp8,
+            },
+        )
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)
         return 2

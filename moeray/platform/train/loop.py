@@ -111,8 +111,10 @@ class TrainJobConfig:
         if self.use_gpu and p.pp == 1:
             # The PP = 1 replica keeps its model and gradient sync on the CPU; under use_gpu Ray
             # Train would make an NCCL group that cannot carry its CPU tensors.
-            raise ValueError(f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
-                             "path trains on the CPU; set use_gpu: false, or pp >= 2")
+            raise ValueError(
+                f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
+                "path trains on the CPU; set use_gpu: false, or pp >= 2"
+            )
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, log_every and checkpoint_every must be >= 1")
 
@@ -124,14 +126,20 @@ class TrainJobConfig:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TrainJobConfig":
+    def from_dict(d: dict[str, Any]) -> TrainJobConfig:
         """From a parsed YAML/dict; unknown keys raise ValueError naming them."""
-        sections = {"parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
-                    "loss": LossConfig}
+        sections = {
+            "parallel": ParallelConfig,
+            "data": DataConfig,
+            "optim": OptimConfig,
+            "loss": LossConfig,
+        }
         top = {f.name for f in fields(TrainJobConfig)}
         unknown = set(d) - top
         if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}")
+            raise ValueError(
+                f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}"
+            )
         kw: dict[str, Any] = {}
         for key, value in d.items():
             if key in sections:
@@ -139,7 +147,9 @@ class TrainJobConfig:
                 names = {f.name for f in fields(cls)}
                 bad = set(value or {}) - names
                 if bad:
-                    raise ValueError(f"unknown keys {sorted(bad)} in '{key}'; accepted: {sorted(names)}")
+                    raise ValueError(
+                        f"unknown keys {sorted(bad)} in '{key}'; accepted: {sorted(names)}"
+                    )
                 value = dict(value or {})
                 if "betas" in value:
                     value["betas"] = tuple(value["betas"])
@@ -148,8 +158,13 @@ class TrainJobConfig:
                 kw[key] = value
         if "optim" not in kw or "total_steps" not in (d.get("optim") or {}):
             base = kw.get("optim", OptimConfig())
-            kw["optim"] = OptimConfig(**{**asdict(base), "total_steps": int(d.get("steps", 200)),
-                                         "warmup_steps": min(base.warmup_steps, int(d.get("steps", 200)))})
+            kw["optim"] = OptimConfig(
+                **{
+                    **asdict(base),
+                    "total_steps": int(d.get("steps", 200)),
+                    "warmup_steps": min(base.warmup_steps, int(d.get("steps", 200))),
+                }
+            )
         return TrainJobConfig(**kw)
 
     def model_config(self):
@@ -217,10 +232,12 @@ def sync_gradients(model, groups: Groups) -> float:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
     rep_sq = sum(float(p.grad.float().pow(2).sum()) for p in replicated)
-    exp_sq = torch.tensor([sum(float(p.grad.float().pow(2).sum()) for p in experts)], dtype=torch.float64)
+    exp_sq = torch.tensor(
+        [sum(float(p.grad.float().pow(2).sum()) for p in experts)], dtype=torch.float64
+    )
     if groups.ep_size > 1:
         dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up
     return math.sqrt(rep_sq + float(exp_sq))
@@ -245,12 +262,27 @@ def gather_full_state(model, groups: Groups) -> dict | None:
 # the worker
 
 
-def _save_checkpoint(directory: Path, rank: int, model, optimizer, loader, step: int,
-                     router_state: dict | None, meta: dict) -> None:
+def _save_checkpoint(
+    directory: Path,
+    rank: int,
+    model,
+    optimizer,
+    loader,
+    step: int,
+    router_state: dict | None,
+    meta: dict,
+) -> None:
     import torch
 
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "data": loader.state.to_dict(), "step": step}, directory / f"rank{rank}.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "data": loader.state.to_dict(),
+            "step": step,
+        },
+        directory / f"rank{rank}.pt",
+    )
     if rank == 0:
         torch.save(router_state, directory / "router.pt")
         (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -262,7 +294,9 @@ def _checkpoint_step(d: Path, run_id: str, world: int) -> int:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError):
         return -1
-    complete = all((d / f"rank{r}.pt").exists() for r in range(world)) and (d / "router.pt").exists()
+    complete = (
+        all((d / f"rank{r}.pt").exists() for r in range(world)) and (d / "router.pt").exists()
+    )
     return int(meta["step"]) if complete and meta.get("run_id") == run_id else -1
 
 
@@ -297,7 +331,7 @@ class _StepParts:
 class _FlatReplica:
     """PP = 1: the whole model (experts sharded over EP) on this rank."""
 
-    def __init__(self, job: "TrainJobConfig", rank: int, world: int, device) -> None:
+    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
         import torch
 
         from moeray.platform.model.transformer import Transformer
@@ -312,7 +346,9 @@ class _FlatReplica:
 
             enable_fp8_training(model)
         if self.groups.ep_size > 1:
-            enable_expert_parallel(model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
+            enable_expert_parallel(
+                model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size
+            )
         self.module = model
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
 
@@ -323,7 +359,9 @@ class _FlatReplica:
             parts = tstep.compute_loss(self.module, batch, self.job.loss)
         parts.total.backward()
         norm = sync_gradients(self.module, self.groups)
-        return _StepParts(parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module))
+        return _StepParts(
+            parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module)
+        )
 
     def set_biases(self, bias_LE) -> None:
         from moeray.platform.train import step as tstep
@@ -346,7 +384,7 @@ class _FlatReplica:
 class _PipelineReplica:
     """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
 
-    def __init__(self, job: "TrainJobConfig", rank: int, world: int, device) -> None:
+    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
         import torch
 
         from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
@@ -354,9 +392,16 @@ class _PipelineReplica:
         p = job.parallel
         self.job = job
         self.pm = PipelineModel(
-            job.model_config(), PipelineSpec(p.pp, p.dp, p.ep, p.schedule, p.microbatches), rank,
-            seed=job.seed, fp8=job.fp8, device=device, overlap=p.overlap,
-            autocast_dtype=torch.bfloat16 if job.bf16 else None, seq_len=job.data.seq_len)
+            job.model_config(),
+            PipelineSpec(p.pp, p.dp, p.ep, p.schedule, p.microbatches),
+            rank,
+            seed=job.seed,
+            fp8=job.fp8,
+            device=device,
+            overlap=p.overlap,
+            autocast_dtype=torch.bfloat16 if job.bf16 else None,
+            seq_len=job.data.seq_len,
+        )
         self.module = self.pm.modules
 
     def step(self, batch) -> _StepParts:
@@ -390,7 +435,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     from moeray.platform import routing
     from moeray.platform.metrics import (
-        TRAIN_LOSS, TRAIN_LR, TRAIN_MAXVIO, TRAIN_MTP_LOSS, TRAIN_STEP, TRAIN_TOKENS_PER_S, Metrics)
+        TRAIN_LOSS,
+        TRAIN_LR,
+        TRAIN_MAXVIO,
+        TRAIN_MTP_LOSS,
+        TRAIN_STEP,
+        TRAIN_TOKENS_PER_S,
+        Metrics,
+    )
     from moeray.platform.model.transformer import Transformer
     from moeray.platform.parallel.pipeline import Topology
     from moeray.platform.train import data as tdata
@@ -425,7 +477,9 @@ def train_loop_per_worker(config: dict) -> None:
     state = tdata.DataState()
     start = 0
     router = ray.get_actor(job.router, namespace=job.router_namespace)
-    ckpt_dir = _latest_checkpoint(ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world)
+    ckpt_dir = _latest_checkpoint(
+        ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world
+    )
     if ckpt_dir is not None:
         saved = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=False)
         replica.load_state_dict(saved["model"])
@@ -438,19 +492,39 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
-            fresh = routing.RouterState(routing.RouterConfig.from_model(
-                model_cfg, num_reporters=world, gamma=job.gamma))
+            fresh = routing.RouterState(
+                routing.RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+            )
             router_state = fresh.state_dict()
     if rank == 0:
         ray.get(router.load_state_dict.remote(router_state))
     dist.barrier()
     replica.set_biases(ray.get(router.biases.remote())["bias_LE"])
     # every pipeline rank of a data shard reads the shard's slice
-    loader = tdata.BatchLoader(dataset, job.data.global_batch, dp_rank=topology.shard(rank),
-                               dp_size=topology.shards, seed=job.data.seed, state=state)
+    loader = tdata.BatchLoader(
+        dataset,
+        job.data.global_batch,
+        dp_rank=topology.shard(rank),
+        dp_size=topology.shards,
+        seed=job.data.seed,
+        state=state,
+    )
 
-    metrics = Metrics("ray", defs=(TRAIN_STEP, TRAIN_LOSS, TRAIN_MTP_LOSS, TRAIN_TOKENS_PER_S,
-                                   TRAIN_MAXVIO, TRAIN_LR)) if rank == 0 else None
+    metrics = (
+        Metrics(
+            "ray",
+            defs=(
+                TRAIN_STEP,
+                TRAIN_LOSS,
+                TRAIN_MTP_LOSS,
+                TRAIN_TOKENS_PER_S,
+                TRAIN_MAXVIO,
+                TRAIN_LR,
+            ),
+        )
+        if rank == 0
+        else None
+    )
     history = run_dir / "history.jsonl"
     kill_marker = run_dir / f"killed-rank{job.kill_rank}"
     tokens_per_step = job.data.global_batch * job.data.seq_len
@@ -463,7 +537,9 @@ def train_loop_per_worker(config: dict) -> None:
         position = loader.state
         batch = loader.next_batch()
         parts = replica.step(batch)
-        _, lr = tstep.apply_update(replica.module, optimizer, step, job.optim, total_norm=parts.norm)
+        _, lr = tstep.apply_update(
+            replica.module, optimizer, step, job.optim, total_norm=parts.norm
+        )
         loads = parts.loads_LE
         ray.get(router.report.remote(step, rank, loads))
         replica.set_biases(ray.get(router.biases.remote(min_step=step))["bias_LE"])
@@ -479,10 +555,19 @@ def train_loop_per_worker(config: dict) -> None:
         norm = parts.norm
         dt = time.perf_counter() - t0
         if rank == 0:
-            rec = {"step": step, "loss": float(stats[0]), "mtp_loss": float(stats[1]),
-                   "balance": float(stats[2]), "lr": lr, "grad_norm": norm, "maxvio": maxvio,
-                   "tokens_per_s": tokens_per_step / dt, "epoch": position.epoch,
-                   "position": position.position, "pid": os.getpid()}
+            rec = {
+                "step": step,
+                "loss": float(stats[0]),
+                "mtp_loss": float(stats[1]),
+                "balance": float(stats[2]),
+                "lr": lr,
+                "grad_norm": norm,
+                "maxvio": maxvio,
+                "tokens_per_s": tokens_per_step / dt,
+                "epoch": position.epoch,
+                "position": position.position,
+                "pid": os.getpid(),
+            }
             with history.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             metrics.set(TRAIN_STEP.name, step)
@@ -492,19 +577,35 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.set(TRAIN_MAXVIO.name, maxvio)
             metrics.set(TRAIN_LR.name, lr)
             if step % job.log_every == 0 or step == job.steps - 1:
-                print(f"step {step:>5} | loss {rec['loss']:.4f} | mtp {rec['mtp_loss']:.4f} | "
-                      f"{rec['tokens_per_s']:,.0f} tok/s | maxvio {maxvio:.3f} | lr {lr:.2e}",
-                      flush=True)
+                print(
+                    f"step {step:>5} | loss {rec['loss']:.4f} | mtp {rec['mtp_loss']:.4f} | "
+                    f"{rec['tokens_per_s']:,.0f} tok/s | maxvio {maxvio:.3f} | lr {lr:.2e}",
+                    flush=True,
+                )
         last = step == job.steps - 1
         if (step + 1) % job.checkpoint_every == 0 or last:
             router_state = ray.get(router.state_dict.remote()) if rank == 0 else None
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), rank, replica, optimizer, loader, step, router_state,
-                                 {"step": step, "world": world, "parallel": asdict(job.parallel),
-                                  "run_id": config.get("run_id", "")})
-                ray.train.report({"step": step, "loss": float(stats[0])},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"step_{step:07d}")
+                _save_checkpoint(
+                    Path(tmp),
+                    rank,
+                    replica,
+                    optimizer,
+                    loader,
+                    step,
+                    router_state,
+                    {
+                        "step": step,
+                        "world": world,
+                        "parallel": asdict(job.parallel),
+                        "run_id": config.get("run_id", ""),
+                    },
+                )
+                ray.train.report(
+                    {"step": step, "loss": float(stats[0])},
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"step_{step:07d}",
+                )
 
     full = replica.full_state()
     replica.close()

@@ -35,13 +35,17 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+            raise ValueError(
+                f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
+            )
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
             )
         if self.clip <= 0 or self.weight_decay < 0:
-            raise ValueError(f"clip={self.clip} must be > 0 and weight_decay={self.weight_decay} >= 0")
+            raise ValueError(
+                f"clip={self.clip} must be > 0 and weight_decay={self.weight_decay} >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,10 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 
@@ -105,7 +111,10 @@ def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConf
                 continue
             T = r.scores_TE.shape[0]
             balance = balance + routing.sequence_balance_loss(
-                r.scores_TE.view(B, T // B, -1), r.expert_ids_TK.view(B, T // B, -1), cfg.balance_alpha)
+                r.scores_TE.view(B, T // B, -1),
+                r.expert_ids_TK.view(B, T // B, -1),
+                cfg.balance_alpha,
+            )
         total = total + balance
     mtp = torch.stack(mtp_ces).mean().item() if mtp_ces else float("nan")
     return LossParts(total, main.item(), mtp, balance.item())
@@ -134,8 +143,13 @@ class StepResult:
     loads_LE: torch.Tensor
 
 
-def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                 cfg: OptimConfig, total_norm: float | None = None) -> tuple[float, float]:
+def apply_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    cfg: OptimConfig,
+    total_norm: float | None = None,
+) -> tuple[float, float]:
     """Clip, set this step's learning rate, step the optimizer; returns (grad norm, lr).
 
     `total_norm`: the global gradient norm when parameters are sharded over ranks (every rank
@@ -158,8 +172,14 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
     return norm, lr
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens_BS1: torch.Tensor,
-               step: int, optim_cfg: OptimConfig, loss_cfg: LossConfig) -> StepResult:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens_BS1: torch.Tensor,
+    step: int,
+    optim_cfg: OptimConfig,
+    loss_cfg: LossConfig,
+) -> StepResult:
     """Single-process step: forward, backward, clip, AdamW. (Distributed runs put a gradient
     all-reduce between backward and `apply_update`; see `loop.py`.)"""
     model.train()
