@@ -273,7 +273,7 @@ FP8_QUANTIZATION = {
 
 
 def deepseek_v3() -> ModelConfig:
-    """The 671B DeepSeek-V3 numbers (REFERENCE.md)."""
+    """The 671B DeepSeek-V3 numbers (docs/deepseek-v3.md, "Model config")."""
     return ModelConfig(
         rope_scaling={
             "rope_type": "yarn",

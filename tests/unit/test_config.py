@@ -7,7 +7,7 @@ from moeray.platform.config import ModelConfig, deepseek_v3, preset, small, tiny
 
 def test_v3_numbers_match_reference():
     c = deepseek_v3()
-    # REFERENCE.md: 671B total, ~37B activated, 70,272 bytes of latent cache per token.
+    # docs/deepseek-v3.md, "Model config": 671B total, ~37B activated, 70,272 bytes of latent cache per token.
     assert round(c.num_parameters() / 1e9) == 671
     assert 36.5e9 < c.num_parameters(activated=True) < 38e9
     assert c.kv_cache_bytes_per_token == 70272

@@ -16,7 +16,7 @@ from moeray.platform.engine.kv_cache import (
 
 
 def test_v3_bytes_per_token_and_budget():
-    # REFERENCE.md: 61 layers x (512 + 64) x 2 bytes = 70,272 bytes per token
+    # docs/deepseek-v3.md, "Model config": 61 layers x (512 + 64) x 2 bytes = 70,272 bytes per token
     shape = CacheShape(num_layers=61, kv_lora_rank=512, rope_dim=64)
     assert shape.values_per_token == 576
     assert shape.bytes_per_token == 70_272
