@@ -10,7 +10,7 @@ KEYS = {"kernel", "shape", "time_us", "ratio_to_ceiling", "baseline", "ratio_to_
 
 
 def _recorded_run() -> dict:
-    """The H100 run of every section (scripts/device_next13.sh), without the records it wrote."""
+    """The H100 run of every section (scripts/device/kernels.sh), without the records it wrote."""
     run = json.loads((RESULTS / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
     run.pop("results")
     return run

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One runner for the GPU recipes in this folder: each recipe measures one thing and leaves its
+# logs and result JSONs in $OUT. Runs the recipes in order and prints a table (recipe, exit status,
+# seconds) last.
+#
+#   scripts/device/run.sh gpu-tests kernels          # from the repository root, on the device
+#
+# Recipes (scripts/device/<name>.sh; the header of each says what it needs: GPUs, carry):
+#   gpu-tests          tests/gpu and the compiled kernel checks (1 GPU)
+#   kernels            `moeray bench kernels`, every section (1 GPU)
+#   fp8-gemm-sweep     the FP8 GEMM tile sweep against the shipped kernel, registers per tile (1 GPU)
+#   engine             `moeray bench engine` (graphs, MTP, HF baseline) (1 GPU)
+#   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
+#   kv-serve           KV transports between two actors, P/D vs colocated Serve (2 GPUs, carry .gpu-bundle)
+#   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
+set -u
+cd "$(dirname "$0")/../.."
+source scripts/device/env.sh
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
+declare -a rows
+status=0
+for name in "$@"; do
+  recipe=scripts/device/$name.sh
+  [ -f "$recipe" ] || { echo "unknown recipe '$name': choose from $(ls scripts/device | grep -v 'run.sh\|env.sh' | sed 's/\.sh$//' | tr '\n' ' ')"; exit 2; }
+  start=$(date +%s); el "== $name"
+  ( source "$recipe" ); rc=$?
+  rows+=("$(printf '%-16s %4s %6s' "$name" "$rc" "$(( $(date +%s) - start ))")")
+  [ $rc -eq 0 ] || status=1
+done
+echo; printf '%-16s %4s %6s\n' recipe rc seconds; printf '%s\n' "${rows[@]}"
+exit $status
