@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test install test-deps prometheus clean
+.PHONY: demo test lint format install test-deps prometheus clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +22,10 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[lint]'
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -31,6 +36,16 @@ prometheus:
 
 test: $(TEST_STAMP) prometheus
 	$(BIN)/python -m pytest -q tests
+
+# ruff (lint and format check) and mypy, configured in pyproject.toml.
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(LINT_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
