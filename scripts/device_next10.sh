@@ -8,7 +8,7 @@ use_bundle
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 # tests/gpu and tests/kernels in separate processes (tests/gpu/conftest.py says why)
 gpu_pytest pytest.log 150 tests/gpu/test_tiny_engine_gpu.py
-gpu_pytest pytest_router.log 150 tests/kernels/test_router_kernel.py
+gpu_pytest pytest_router.log 150 tests/kernels/test_gate.py
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 python3 -m moeray.cli bench kernels --only router --tag router \
   > "$OUT/router.log" 2>&1; el "router bench rc=$?"; grep -i "tokens\|router" "$OUT/router.log" | tail -14
 cp benchmarks/results/kernels-*-router.json "$OUT/" 2>/dev/null

@@ -10,7 +10,7 @@ source "$(dirname "$0")/device_env.sh"
 touch /tmp/t0  # results written after this are this run's
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 ( CUDA_VISIBLE_DEVICES=0 timeout -k 5 200 python3 -m pytest -q -s -p no:cacheprovider -m gpu \
-    tests/kernels/test_fp8_training_shapes.py tests/kernels/test_router_kernel.py > "$OUT/pytest_fp8_shapes.log" 2>&1
+    tests/kernels/test_fp8_training_shapes.py tests/kernels/test_gate.py > "$OUT/pytest_fp8_shapes.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 200 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu \
     > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_gpu.log" ) &
 ( CUDA_VISIBLE_DEVICES=1 timeout -k 5 330 python3 -m moeray.cli bench kernels > "$OUT/kernels.log" 2>&1

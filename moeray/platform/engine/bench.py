@@ -301,12 +301,12 @@ def main(argv: list[str]) -> int:
     _sync(device)
     prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
     if device.type == "cuda":
-        # A/B of the fused Triton router (kernels/router.py) against PyTorch routing, same engine
+        # A/B of the fused Triton gate (kernels/gate.py) against PyTorch routing, same engine
         # settings: H200 decode at batch 256 fell to 3,341 tok/s on 2026-11-27 (20,425 on an H100
         # before the fused router and the uniform-S padding landed); this separates the two.
         del engine
         ab = {}
-        with mock.patch.dict(os.environ, {"MOERAY_FUSED_ROUTER": "0"}):
+        with mock.patch.dict(os.environ, {"MOERAY_FUSED_GATE": "0"}):
             engine = Engine(model, EngineConfig(**ecfg))
             for B in sorted({min(16, max_b), max_b}):
                 prompts = [
