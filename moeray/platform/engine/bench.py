@@ -268,8 +268,8 @@ def main(argv: list[str]) -> int:
             for _ in range(B)
         ]
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
-        # a prefill of B prompts compiles Triton kernels for its own token counts (a batch-1
-        # warm-up left such work inside the timed loop on the H100 run of 2026-11-23).
+        # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
+        # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
         engine_decode(engine, prompts, 2)
         rate, _ = engine_decode(engine, prompts, n)
         decode[str(B)] = rate
@@ -284,8 +284,8 @@ def main(argv: list[str]) -> int:
     ]
     # Warm up with the whole batch (prefix caching is off): a 1-prompt warm-up leaves the
     # Triton compiles for the full step's token count (fused MoE and prefill configs are chosen by
-    # it) inside the timed run; that is the likely reason the H100 measured 40.6K tok/s on
-    # 2026-11-27 against 76.1K on 2026-11-23, when earlier runs on that machine had filled the cache.
+    # it) inside the timed run: the likely reason one H100 measured 40.6K prefill tok/s against
+    # 76.1K in an earlier run whose Triton cache was already filled (benchmarks/notes-engine.md).
     engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     _sync(device)
     t = time.perf_counter()
@@ -293,9 +293,9 @@ def main(argv: list[str]) -> int:
     _sync(device)
     prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
     if device.type == "cuda":
-        # A/B of the fused Triton gate (kernels/gate.py) against PyTorch routing, same engine
-        # settings: H200 decode at batch 256 fell to 3,341 tok/s on 2026-11-27 (20,425 on an H100
-        # before the fused router and the uniform-S padding landed); this separates the two.
+        # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
+        # settings, at batch 16 and the largest batch: the gate's row limit FUSED_MAX_TOKENS rests
+        # on this comparison (benchmarks/notes-engine.md).
         del engine
         ab = {}
         with mock.patch.dict(os.environ, {"MOERAY_FUSED_GATE": "0"}):

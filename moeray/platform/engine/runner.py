@@ -350,11 +350,11 @@ class ModelRunner:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
         that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
         depth. Captured lazily instead, a batch that shrank or grew into a new size paid for the
-        capture (and Triton's compiles for its shapes) inside a step: the H200 bench of 2026-11-27
-        measured MTP at batch 16 at 0.31x of plain decoding, its graph keys showing captures of
-        the shrinking tail (4x1, 4x2, 1x1). Returns the number of graphs held; 0 without graphs.
-        Outside inference mode every capture failed on H200 ("called a synchronizing CUDA
-        operation": MoE's per-expert training loop reads counts back to the host)."""
+        capture (and Triton's compiles for its shapes) inside a step: MTP at batch 16 ran at 0.31x
+        of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns
+        the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
+        takes its per-expert training loop, which reads counts back to the host, and every capture
+        fails ("called a synchronizing CUDA operation")."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
