@@ -1,4 +1,4 @@
-"""RouterActor: a named, detached Ray actor around `moeray.platform.routing.RouterState`.
+"""RouterActor: a named, detached Ray actor around `moeray.platform.routing.state.RouterState`.
 
 It owns load balancing for training and serving: per-layer biases (the aux-loss-free rule),
 gamma, the group -> node map, load history and the serving expert placement. Tokens never pass
@@ -31,7 +31,7 @@ import ray
 import torch
 
 from moeray.platform.metrics import EXPERT_LOAD, ROUTER_MAXVIO, Metrics
-from moeray.platform.routing import RouterConfig, RouterState
+from moeray.platform.routing.state import RouterConfig, RouterState
 
 # A worker waiting for the other ranks' reports gives up after this long (a rank that died
 # mid-step is Ray Train's to restart; the waiters should fail, not hang forever).

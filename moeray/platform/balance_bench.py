@@ -11,8 +11,8 @@ Three runs, same seed, data order, steps and optimizer; only the balancing diffe
 Per step it records MaxVio (max load / mean load - 1) of the step's batch, averaged over the MoE
 layers, and checks the node limit; at the end, the next-token loss on held-out windows.
 
-A single process here; the Ray Train job reuses the same pieces (`routing.RouterState` behind the
-RouterActor, `routing.sequence_balance_loss`, `MoE.last_routing`).
+A single process here; the Ray Train job reuses the same pieces (`routing.state.RouterState`
+behind the RouterActor, `routing.balance.sequence_balance_loss`, `MoE.last_routing`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from moeray.platform.config import tiny
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.results import RESULTS_DIR, write_result
+from moeray.platform.routing.balance import balance_stats, maxvio, sequence_balance_loss
+from moeray.platform.routing.state import RouterConfig, RouterState
+from moeray.platform.train import data
+
 RUN_NAMES = ("bias", "none", "aux_loss")
-# V3's MTP loss weight for the first 10T tokens (REFERENCE.md): every run trains the MTP module,
-# whose MoE block is balanced like the others.
+# V3's MTP loss weight for the first 10T tokens (docs/deepseek-v3.md, "Multi-token prediction"):
+# every run trains the MTP module, whose MoE block is balanced like the others.
 MTP_LAMBDA = 0.3
 
 
@@ -57,10 +67,6 @@ class BenchConfig:
 
 def _prepare_data(cfg: BenchConfig, vocab_size: int, workdir: Path):
     """Tokenizer + packed windows of the default corpus; the last 5% of the stream is held out."""
-    import torch
-
-    from moeray.platform.train import data
-
     _, tokens_path = data.prepare_corpus(
         workdir, None, vocab_size=vocab_size, max_bytes=cfg.max_bytes
     )
@@ -76,20 +82,11 @@ def _prepare_data(cfg: BenchConfig, vocab_size: int, workdir: Path):
 
 
 def _lm_loss(logits_BSV, targets_BS):
-    import torch.nn.functional as F
-
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
 
 
 def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
     """One training run; returns per-step MaxVio and losses and the held-out loss."""
-    import torch
-
-    from moeray.platform import routing
-    from moeray.platform.config import tiny
-    from moeray.platform.model.transformer import Transformer
-    from moeray.platform.train.data import BatchLoader
-
     if name not in RUN_NAMES:
         raise ValueError(f"run {name!r}; accepted: {RUN_NAMES}")
     use_bias = name == "bias"
@@ -100,11 +97,11 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
     model = Transformer(model_cfg)
     model.reset_parameters(cfg.seed)
     moes = model.moe_layers()
-    router = routing.RouterState(routing.RouterConfig.from_model(model_cfg, gamma=cfg.gamma))
+    router = RouterState(RouterConfig.from_model(model_cfg, gamma=cfg.gamma))
     assert len(moes) == len(router.config.layer_ids), (len(moes), router.config.layer_ids)
     group_to_node = router.config.nodes
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    loader = BatchLoader(train_set, cfg.batch, seed=cfg.seed)
+    loader = data.BatchLoader(train_set, cfg.batch, seed=cfg.seed)
     warmup = max(1, cfg.steps // 20)
 
     maxvio_steps, maxvio_layers, losses, nodes_max = [], [], [], 0
@@ -125,7 +122,7 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
             for m in moes:
                 r = m.last_routing
                 B = inputs.shape[0]
-                loss = loss + routing.sequence_balance_loss(
+                loss = loss + sequence_balance_loss(
                     r.scores_TE.view(B, -1, r.scores_TE.shape[-1]),
                     r.expert_ids_TK.view(B, -1, r.expert_ids_TK.shape[-1]),
                     alpha,
@@ -135,12 +132,12 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-        vio_L = routing.maxvio(loads_LE)
+        vio_L = maxvio(loads_LE)
         maxvio_steps.append(round(float(vio_L.mean()), 5))
         maxvio_layers.append([round(float(v), 5) for v in vio_L])
         losses.append(round(float(lm.detach()), 5))
         for m in moes:
-            stats = routing.balance_stats(
+            stats = balance_stats(
                 m.last_routing.expert_ids_TK, model_cfg.n_routed_experts, group_to_node
             )
             nodes_max = max(nodes_max, stats.nodes_per_token_max)
@@ -150,7 +147,7 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
             router.report(step, 0, loads_LE)
             bias_LE = router.biases()["bias_LE"]
             with torch.no_grad():
-                for m, b in zip(moes, bias_LE):
+                for m, b in zip(moes, bias_LE, strict=True):
                     m.gate.e_score_correction_bias.copy_(b)
     seconds = time.perf_counter() - t0
 
@@ -226,11 +223,6 @@ def plot(runs: dict, path: Path) -> None:
 def run_bench(
     cfg: BenchConfig, out_dir: Path | None = None, *, make_plot: bool = True, log=print
 ) -> dict:
-    import torch
-
-    from moeray.platform.config import tiny
-    from moeray.platform.results import RESULTS_DIR, write_result
-
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     with tempfile.TemporaryDirectory() as tmp:
         train_set, eval_BNS = _prepare_data(cfg, tiny().vocab_size, Path(tmp))
@@ -297,8 +289,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    import torch
-
     torch.set_num_threads(a.threads)
     try:
         cfg = BenchConfig(

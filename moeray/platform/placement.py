@@ -4,8 +4,8 @@ Legend: L MoE layers, E logical (routed) experts, T tokens, K experts per token,
 slots (experts plus redundant replicas), R the most replicas of any one expert, X items to pack.
 
 Replicate the hottest experts, pack groups onto nodes, then replicas onto GPUs. Runs on the CPU:
-L x P is at most ~60 x 300. The router (`routing.RouterState`) recomputes a `Placement` from its
-load average; the engine (`engine/eplb.py`) applies one with `to_physical`.
+L x P is at most ~60 x 300. The router (`routing.state.RouterState`) recomputes a `Placement`
+from its load average; the engine (`engine/eplb.py`) applies one with `to_physical`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def place_experts(
         )
     if num_physical < E or num_physical % num_gpus:
         raise ValueError(
-            f"num_physical={num_physical} must be >= the {E} experts and a multiple of num_gpus={num_gpus}"
+            f"num_physical={num_physical} must be >= the {E} experts and a multiple of "
+            f"num_gpus={num_gpus}"
         )
     if num_groups < 1 or E % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the {E} experts")

@@ -5,13 +5,14 @@ import time
 import pytest
 import torch
 
-from moeray.platform import routing as R
+from moeray.platform.routing.balance import bias_update, maxvio
+from moeray.platform.routing.state import RouterConfig
 
 pytestmark = pytest.mark.ray
 
 
 def _config():
-    return R.RouterConfig(
+    return RouterConfig(
         layer_ids=(1, 3),
         n_experts=8,
         n_group=4,
@@ -46,10 +47,10 @@ def test_router_actor_sums_ranks_and_survives_a_kill(ray_local, tmp_path):
         assert ray.get(router.report.remote(0, 0, loads[0][0]))["counted"] is False  # retry
         assert ray.get(router.report.remote(0, 1, loads[0][1]))["applied"] is True
         got = ray.get(waiter)
-        expect = R.bias_update(torch.zeros(2, 8), loads[0][0] + loads[0][1], 0.01)
+        expect = bias_update(torch.zeros(2, 8), loads[0][0] + loads[0][1], 0.01)
         assert got["step"] == 0 and torch.allclose(got["bias_LE"], expect)
         assert ray.get(router.maxvio.remote()) == pytest.approx(
-            dict(zip((1, 3), R.maxvio(loads[0][0] + loads[0][1]).tolist()))
+            dict(zip((1, 3), maxvio(loads[0][0] + loads[0][1]).tolist(), strict=True))
         )
 
         # Step 1 fully, step 2 half, then kill the actor: it restarts with all of it.
@@ -82,7 +83,7 @@ def test_router_actor_sums_ranks_and_survives_a_kill(ray_local, tmp_path):
         assert ray.get(router.report.remote(2, 1, loads[2][1]))["applied"] is True
         bias = torch.zeros(2, 8)
         for s in range(3):
-            bias = R.bias_update(bias, loads[s][0] + loads[s][1], 0.01)
+            bias = bias_update(bias, loads[s][0] + loads[s][1], 0.01)
         assert torch.allclose(ray.get(router.biases.remote())["bias_LE"], bias)
 
         # Waiting for a step nobody reports fails instead of hanging.

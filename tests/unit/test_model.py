@@ -4,11 +4,11 @@ forward, the gate's group masking, MTP shapes."""
 import pytest
 import torch
 
-from moeray.platform import routing
 from moeray.platform.config import tiny
 from moeray.platform.model.mla import DenseKVCache
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer, greedy_generate
+from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, GROUP_MASK_TRANSFORMERS, route
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +88,10 @@ def test_group_masking_official_vs_transformers_with_negative_scores():
     bias = torch.full((E,), -0.5)  # biased score < 0 wherever the logit is < 0
     groups_used = {}
     for name, value in (
-        ("official", routing.GROUP_MASK_OFFICIAL),
-        ("zero", routing.GROUP_MASK_TRANSFORMERS),
+        ("official", GROUP_MASK_OFFICIAL),
+        ("zero", GROUP_MASK_TRANSFORMERS),
     ):
-        r = routing.route(
+        r = route(
             logits,
             bias,
             top_k=K,
@@ -109,7 +109,7 @@ def test_group_masking_official_vs_transformers_with_negative_scores():
 
 def test_routing_weights_normalized_and_scaled():
     torch.manual_seed(2)
-    r = routing.route(
+    r = route(
         torch.randn(64, 16),
         torch.zeros(16),
         top_k=4,

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from moeray.platform import placement as PL
-from moeray.platform import routing as R
+from moeray.platform.routing.balance import (
+    GammaSchedule,
+    balance_stats,
+    bias_update,
+    maxvio,
+    sequence_balance_loss,
+)
+from moeray.platform.routing.gate import GROUP_MASK_TRANSFORMERS, route
+from moeray.platform.routing.state import RouterConfig, RouterState
 
 
 def _route_reference(logits_TE, bias_E, top_k, n_group, topk_group, scale):
@@ -33,7 +41,7 @@ def test_route_matches_token_by_token_reference(T, E, K, G, M):
     g = torch.Generator().manual_seed(T * E)
     logits = torch.randn(T, E, generator=g) * 2
     bias = torch.randn(E, generator=g) * 0.3
-    out = R.route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=2.5)
+    out = route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=2.5)
     ids, weights = _route_reference(logits, bias, K, G, M, 2.5)
     for t in range(T):
         got = out.expert_ids_TK[t].tolist()
@@ -54,21 +62,21 @@ def test_node_limit_holds_on_random_scores(seed):
     ]
     logits = torch.randn(501, E, generator=g) * 3
     bias = torch.randn(E, generator=g) - 0.5  # pushes many biased scores below 0
-    out = R.route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0)
-    stats = R.balance_stats(out.expert_ids_TK, E, group_to_node)
+    out = route(logits, bias, top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0)
+    stats = balance_stats(out.expert_ids_TK, E, group_to_node)
     assert stats.nodes_per_token_max <= M
     groups_per_token = (out.expert_ids_TK // (E // G)).sort(-1).values
     distinct = (groups_per_token.diff(dim=-1) != 0).sum(-1) + 1
     assert int(distinct.max()) <= M
     # The same inputs masked with 0.0 (transformers' choice) do break the limit.
-    loose = R.route(
+    loose = route(
         logits,
         bias,
         top_k=K,
         n_group=G,
         topk_group=M,
         routed_scaling_factor=1.0,
-        group_mask_value=R.GROUP_MASK_TRANSFORMERS,
+        group_mask_value=GROUP_MASK_TRANSFORMERS,
     )
     loose_groups = (loose.expert_ids_TK // (E // G)).sort(-1).values
     assert int(((loose_groups.diff(dim=-1) != 0).sum(-1) + 1).max()) > M
@@ -77,7 +85,7 @@ def test_node_limit_holds_on_random_scores(seed):
 def test_balance_stats_hand_made():
     # E=8 in 4 groups of 2; groups 0,1 on node 0, groups 2,3 on node 1.
     ids = torch.tensor([[0, 1], [0, 2], [0, 7], [5, 6]])
-    st = R.balance_stats(ids, 8, [0, 0, 1, 1])
+    st = balance_stats(ids, 8, [0, 0, 1, 1])
     assert st.tokens_per_expert_E.tolist() == [3, 1, 1, 0, 0, 1, 1, 1]
     assert st.maxvio == pytest.approx(3 / 1.0 - 1)
     assert st.tokens_per_node_N.tolist() == [3, 2]  # token 2 counts once per node it touches
@@ -86,31 +94,31 @@ def test_balance_stats_hand_made():
 
 
 def test_maxvio_values():
-    assert R.maxvio(torch.tensor([5, 5, 5, 5])).item() == 0.0
-    assert R.maxvio(torch.tensor([8, 0, 0, 0])).item() == pytest.approx(3.0)
-    v = R.maxvio(torch.tensor([[3, 1, 2], [0, 0, 0]]))
+    assert maxvio(torch.tensor([5, 5, 5, 5])).item() == 0.0
+    assert maxvio(torch.tensor([8, 0, 0, 0])).item() == pytest.approx(3.0)
+    v = maxvio(torch.tensor([[3, 1, 2], [0, 0, 0]]))
     assert v.tolist() == pytest.approx([0.5, 0.0])
 
 
 def test_bias_update_on_hand_made_loads():
     bias = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, -0.2, 0.3, 0.0]])
     loads = torch.tensor([[10, 2, 5, 3], [7, 7, 7, 7]])  # means 5 and 7
-    new = R.bias_update(bias, loads, gamma=0.001)
+    new = bias_update(bias, loads, gamma=0.001)
     assert new[0].tolist() == pytest.approx([-0.001, 0.001, 0.0, 0.001])
     assert new[1].tolist() == pytest.approx([0.1, -0.2, 0.3, 0.0])  # balanced layer unchanged
-    assert torch.equal(R.bias_update(bias, loads, gamma=0.0), bias)
+    assert torch.equal(bias_update(bias, loads, gamma=0.0), bias)
     with pytest.raises(ValueError, match="gamma"):
-        R.bias_update(bias, loads, gamma=-1.0)
+        bias_update(bias, loads, gamma=-1.0)
     with pytest.raises(ValueError, match="shape"):
-        R.bias_update(bias, loads[:, :3], gamma=0.1)
+        bias_update(bias, loads[:, :3], gamma=0.1)
 
 
 def test_gamma_schedule_reaches_zero():
-    s = R.GammaSchedule(0.001, zero_at_step=10)
+    s = GammaSchedule(0.001, zero_at_step=10)
     assert [s(i) for i in (0, 9, 10, 1000)] == [0.001, 0.001, 0.0, 0.0]
-    assert R.GammaSchedule(0.002)(10**9) == 0.002
+    assert GammaSchedule(0.002)(10**9) == 0.002
     with pytest.raises(ValueError):
-        R.GammaSchedule(-0.1)
+        GammaSchedule(-0.1)
 
 
 def test_bias_updates_balance_a_skewed_gate():
@@ -122,9 +130,9 @@ def test_bias_updates_balance_a_skewed_gate():
     vios = []
     for _ in range(300):
         logits = torch.randn(T, E, generator=g) + skew
-        out = R.route(logits, bias[0], top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0)
-        vios.append(float(R.maxvio(out.counts_E)))
-        bias = R.bias_update(bias, out.counts_E.unsqueeze(0), gamma=0.01)
+        out = route(logits, bias[0], top_k=K, n_group=G, topk_group=M, routed_scaling_factor=1.0)
+        vios.append(float(maxvio(out.counts_E)))
+        bias = bias_update(bias, out.counts_E.unsqueeze(0), gamma=0.01)
     assert vios[0] > 1.5
     assert sum(vios[-50:]) / 50 < 0.35
     assert bias[0, 0] > bias[0, -1]  # the disfavoured expert got the larger bias
@@ -148,17 +156,17 @@ def test_sequence_balance_loss_matches_reference_and_has_gradient():
     g = torch.Generator().manual_seed(0)
     B, S, E, K = 3, 7, 12, 3
     logits = torch.randn(B * S, E, generator=g, requires_grad=True)
-    out = R.route(logits, None, top_k=K, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    out = route(logits, None, top_k=K, n_group=4, topk_group=2, routed_scaling_factor=1.0)
     ids = out.expert_ids_TK.view(B, S, K)
     scores = out.scores_TE.view(B, S, E)
-    loss = R.sequence_balance_loss(scores, ids, alpha=0.01)
+    loss = sequence_balance_loss(scores, ids, alpha=0.01)
     assert loss.item() == pytest.approx(_seq_loss_reference(scores.detach(), ids, 0.01), rel=1e-5)
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     # Perfect balance and uniform scores give exactly alpha.
     uniform = torch.full((1, 4, 4), 0.5)
     ids_bal = torch.tensor([[[0], [1], [2], [3]]])
-    assert R.sequence_balance_loss(uniform, ids_bal, alpha=0.1).item() == pytest.approx(0.1)
+    assert sequence_balance_loss(uniform, ids_bal, alpha=0.1).item() == pytest.approx(0.1)
 
 
 def _config(**kw):
@@ -166,11 +174,11 @@ def _config(**kw):
         layer_ids=(1, 2, 3), n_experts=8, n_group=4, topk_group=2, num_reporters=3, gamma=0.01
     )
     base.update(kw)
-    return R.RouterConfig(**base)
+    return RouterConfig(**base)
 
 
 def test_router_state_sums_ranks_and_ignores_retries():
-    st = R.RouterState(_config())
+    st = RouterState(_config())
     g = torch.Generator().manual_seed(1)
     loads = [torch.randint(0, 50, (3, 8), generator=g) for _ in range(3)]
     assert st.report(0, 0, loads[0]) == {"counted": True, "applied": False, "step": -1}
@@ -180,9 +188,11 @@ def test_router_state_sums_ranks_and_ignores_retries():
     assert st.report(0, 1, loads[1]) == {"counted": True, "applied": True, "step": 0}
     total = loads[0] + loads[1] + loads[2]
     assert torch.equal(st.last_loads_LE, total)
-    assert torch.allclose(st.biases()["bias_LE"], R.bias_update(torch.zeros(3, 8), total, 0.01))
+    assert torch.allclose(st.biases()["bias_LE"], bias_update(torch.zeros(3, 8), total, 0.01))
     assert st.report(0, 1, loads[1])["counted"] is False  # late retry after the step applied
-    assert st.maxvio() == pytest.approx({k: float(v) for k, v in zip((1, 2, 3), R.maxvio(total))})
+    assert st.maxvio() == pytest.approx(
+        {k: float(v) for k, v in zip((1, 2, 3), maxvio(total), strict=True)}
+    )
     with pytest.raises(ValueError, match="rank"):
         st.report(1, 3, loads[0])
     with pytest.raises(ValueError, match="shape"):
@@ -194,12 +204,12 @@ def test_router_state_sums_ranks_and_ignores_retries():
 def test_router_state_round_trips_and_continues_identically():
     g = torch.Generator().manual_seed(2)
     steps = [[torch.randint(0, 40, (3, 8), generator=g) for _ in range(3)] for _ in range(6)]
-    a = R.RouterState(_config(gamma_zero_at_step=4, num_physical=12, serve_gpus=4, serve_nodes=2))
+    a = RouterState(_config(gamma_zero_at_step=4, num_physical=12, serve_gpus=4, serve_nodes=2))
     for s in range(3):
         for r in range(3):
             a.report(s, r, steps[s][r])
     a.report(3, 0, steps[3][0])  # step 3 half reported when the checkpoint is taken
-    b = R.RouterState(_config(gamma_zero_at_step=4, num_physical=12, serve_gpus=4, serve_nodes=2))
+    b = RouterState(_config(gamma_zero_at_step=4, num_physical=12, serve_gpus=4, serve_nodes=2))
     b.load_state_dict(a.state_dict())
     for st in (a, b):
         st.report(3, 0, steps[3][0])  # retry after restore: still not double counted
@@ -211,13 +221,13 @@ def test_router_state_round_trips_and_continues_identically():
     assert torch.equal(a.placement.phy2log_LP, b.placement.phy2log_LP)
     assert b.step == 5 and b.biases()["gamma"] == 0.0
     # Steps 4 and 5 ran with gamma 0: biases equal those after step 3.
-    c = R.RouterState(_config())
+    c = RouterState(_config())
     bias = torch.zeros(3, 8)
     for s in range(4):
-        bias = R.bias_update(bias, sum(steps[s]), 0.01)
+        bias = bias_update(bias, sum(steps[s]), 0.01)
     assert torch.allclose(b.bias_LE, bias)
     with pytest.raises(ValueError, match="n_experts"):
-        R.RouterState(_config(n_experts=12)).load_state_dict(c.state_dict())
+        RouterState(_config(n_experts=12)).load_state_dict(c.state_dict())
 
 
 def _check_placement(pl, E, P, num_gpus):
@@ -306,7 +316,7 @@ def test_serving_loop_rebalance_spreads_real_routing():
     on the physical ids of fresh batches, peak below round-robin placement's."""
     g = torch.Generator().manual_seed(11)
     E, G, M, K, T, gpus = 16, 4, 2, 4, 2000, 4
-    cfg = R.RouterConfig(
+    cfg = RouterConfig(
         layer_ids=(5,),
         n_experts=E,
         n_group=G,
@@ -316,10 +326,10 @@ def test_serving_loop_rebalance_spreads_real_routing():
         serve_nodes=1,
         load_ema=0.5,
     )
-    st = R.RouterState(cfg)
+    st = RouterState(cfg)
     skew = torch.randn(E, generator=g) * 1.5
     for _ in range(4):
-        out = R.route(
+        out = route(
             torch.randn(T, E, generator=g) + skew,
             None,
             top_k=K,
@@ -329,7 +339,7 @@ def test_serving_loop_rebalance_spreads_real_routing():
         )
         st.observe(out.counts_E.unsqueeze(0))
     pl = st.rebalance()
-    out = R.route(
+    out = route(
         torch.randn(T, E, generator=g) + skew,
         None,
         top_k=K,

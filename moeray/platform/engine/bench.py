@@ -4,7 +4,8 @@
 Steps (GPU, bf16, the `small()` preset by default):
   1. Build the model, train it briefly (main + MTP loss, as in training) on a synthetic text: a
      cycle through a random permutation of `--cycle-len` distinct tokens, so the next token and the
-     next-next token are learnable and MTP drafts on "text the model was trained on" can be accepted.
+     next-next token are learnable and MTP drafts on "text the model was trained on" can be
+     accepted.
   2. Save it as an HF directory; the engine and transformers both load that directory.
   3. Decode tokens/s at each batch size: prompts of --prompt-len tokens prefilled first, then
      --decode-tokens decode steps timed. transformers: generate(n) minus generate(1), same prompts.
@@ -23,6 +24,16 @@ import os
 import tempfile
 import time
 from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from moeray.platform.checkpoint import save_model
+from moeray.platform.config import preset
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.results import device_slug, write_result
 
 SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
 
@@ -58,8 +69,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -67,8 +76,6 @@ def _sync(device) -> None:
 def measure_machine(device) -> dict:
     """Measured copy bandwidth (read + write bytes/s) and matmul FLOP/s, and the datasheet numbers
     when the GPU is known; the roofline uses the datasheet where there is one."""
-    import torch
-
     n = (256 if device.type == "cuda" else 32) * 1024**2
     x = torch.empty(n, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
@@ -106,7 +113,8 @@ def measure_machine(device) -> dict:
 
 
 def decode_roofline(cfg, batch: int, context: int, machine: dict, dtype_bytes: int) -> float:
-    """Upper bound on decode tokens/s for `batch` sequences at `context` tokens (module docstring)."""
+    """Upper bound on decode tokens/s for `batch` sequences at `context` tokens (see the module
+    docstring)."""
     D, V, E, K = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     L = cfg.num_hidden_layers
     n_moe = L - cfg.first_k_dense_replace
@@ -136,9 +144,6 @@ def train_on_cycle(
     mtp_weight: float = 0.3,
 ) -> list[float]:
     """A few AdamW steps of next-token + MTP loss on windows of the cyclic corpus."""
-    import torch
-    import torch.nn.functional as F
-
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
@@ -169,8 +174,6 @@ def train_on_cycle(
 def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
     """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
     Returns (decode tokens/s, outputs)."""
-    from moeray.platform.engine.sampler import SamplingParams
-
     ids = [
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
         for p in prompts
@@ -199,8 +202,6 @@ def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
 
 def hf_decode(hf, prompts, n: int, device) -> float:
     """transformers generate: (time(n+1 tokens) - time(1 token)) gives n decode steps."""
-    import torch
-
     ids = torch.tensor(prompts, device=device)
     kw = dict(do_sample=False, pad_token_id=0)
 
@@ -219,15 +220,6 @@ def hf_decode(hf, prompts, n: int, device) -> float:
 
 
 def main(argv: list[str]) -> int:
-    import torch
-
-    from moeray.platform.checkpoint import save_model
-    from moeray.platform.config import preset
-    from moeray.platform.engine.engine import Engine, EngineConfig
-    from moeray.platform.engine.sampler import SamplingParams
-    from moeray.platform.model.transformer import Transformer
-    from moeray.platform.results import device_slug, write_result
-
     a = _parse(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -276,8 +268,8 @@ def main(argv: list[str]) -> int:
             for _ in range(B)
         ]
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
-        # a prefill of B prompts compiles Triton kernels for its own token counts (a batch-1
-        # warm-up left such work inside the timed loop on the H100 run of 2026-11-23).
+        # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
+        # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
         engine_decode(engine, prompts, 2)
         rate, _ = engine_decode(engine, prompts, n)
         decode[str(B)] = rate
@@ -292,8 +284,8 @@ def main(argv: list[str]) -> int:
     ]
     # Warm up with the whole batch (prefix caching is off): a 1-prompt warm-up leaves the
     # Triton compiles for the full step's token count (fused MoE and prefill configs are chosen by
-    # it) inside the timed run; that is the likely reason the H100 measured 40.6K tok/s on
-    # 2026-11-27 against 76.1K on 2026-11-23, when earlier runs on that machine had filled the cache.
+    # it) inside the timed run: the likely reason one H100 measured 40.6K prefill tok/s against
+    # 76.1K in an earlier run whose Triton cache was already filled (benchmarks/notes-engine.md).
     engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     _sync(device)
     t = time.perf_counter()
@@ -301,12 +293,12 @@ def main(argv: list[str]) -> int:
     _sync(device)
     prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
     if device.type == "cuda":
-        # A/B of the fused Triton router (kernels/router.py) against PyTorch routing, same engine
-        # settings: H200 decode at batch 256 fell to 3,341 tok/s on 2026-11-27 (20,425 on an H100
-        # before the fused router and the uniform-S padding landed); this separates the two.
+        # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
+        # settings, at batch 16 and the largest batch: the gate's row limit FUSED_MAX_TOKENS rests
+        # on this comparison (benchmarks/notes-engine.md).
         del engine
         ab = {}
-        with mock.patch.dict(os.environ, {"MOERAY_FUSED_ROUTER": "0"}):
+        with mock.patch.dict(os.environ, {"MOERAY_FUSED_GATE": "0"}):
             engine = Engine(model, EngineConfig(**ecfg))
             for B in sorted({min(16, max_b), max_b}):
                 prompts = [

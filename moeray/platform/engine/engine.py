@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moeray.platform.checkpoint import load_model
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.kv_cache import (
     CacheShape,
@@ -35,6 +36,9 @@ from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, verify
+
+# The default sampling of add_request and generate (frozen, so one shared instance is safe).
+DEFAULT_PARAMS = SamplingParams()
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,6 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         tokenizer=None,
     ) -> Engine:
-        from moeray.platform.checkpoint import load_model
-
         _cfg, model = load_model(path, device=device, dtype=dtype)
         if tokenizer is None and (Path(path) / "tokenizer.json").exists():
             from tokenizers import Tokenizer
@@ -191,7 +193,7 @@ class Engine:
     def add_request(
         self,
         prompt: Sequence[int] | str,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = DEFAULT_PARAMS,
         request_id: str | None = None,
         *,
         export_kv_from: int | None = None,
@@ -243,7 +245,7 @@ class Engine:
         prompt: Sequence[int],
         first_token: int,
         rows: KVRows,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = DEFAULT_PARAMS,
         request_id: str | None = None,
         *,
         first_logprobs=None,
@@ -311,12 +313,12 @@ class Engine:
             res = self.sampler(
                 rows, [s.request.params for s in seqs], [s.request.generator for s in seqs]
             )
-            for s, tok, lp in zip(seqs, res.token_ids, res.logprobs):
+            for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
-        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy])))
+        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy]), strict=True))
         for i in spec:
             s = out.scheduled[i]
             toks, lps = verify(
@@ -343,13 +345,13 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[Sequence[int] | str],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
     ) -> list[RequestOutput]:
         """Run the prompts to completion (with whatever else is queued); outputs in prompt order."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for o in self.step():

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.scheduler import ScheduledSeq
 
@@ -126,8 +127,6 @@ class KernelPagedView(GatherPagedView):
         """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
         context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
-        from moeray.kernels.mla_decode import mla_decode_multi
-
         self.calls["attend"] += 1
         self._write(layer_idx, kv_BSC, pe_BSR)
         q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
@@ -351,11 +350,11 @@ class ModelRunner:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
         that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
         depth. Captured lazily instead, a batch that shrank or grew into a new size paid for the
-        capture (and Triton's compiles for its shapes) inside a step: the H200 bench of 2026-11-27
-        measured MTP at batch 16 at 0.31x of plain decoding, its graph keys showing captures of
-        the shrinking tail (4x1, 4x2, 1x1). Returns the number of graphs held; 0 without graphs.
-        Outside inference mode every capture failed on H200 ("called a synchronizing CUDA
-        operation": MoE's per-expert training loop reads counts back to the host)."""
+        capture (and Triton's compiles for its shapes) inside a step: MTP at batch 16 ran at 0.31x
+        of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns
+        the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
+        takes its per-expert training loop, which reads counts back to the host, and every capture
+        fails ("called a synchronizing CUDA operation")."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
@@ -440,9 +439,9 @@ class ModelRunner:
 
     def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
         """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
-        both = torch.tensor([r + [s] for r, s in zip(ids, starts)], dtype=torch.long).to(
-            self.device
-        )
+        both = torch.tensor(
+            [[*r, s] for r, s in zip(ids, starts, strict=True)], dtype=torch.long
+        ).to(self.device)
         return both[:, :-1], both[:, -1]
 
     def _pages_to(self, end: int) -> int:
@@ -465,7 +464,7 @@ class ModelRunner:
         # One tensor built from Python lists (one host->device copy): cheaper per step than
         # filling a tensor row by row.
         fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
-        padded = [list(r) + [f] * (M - len(r)) for r, f in zip(rows, fill)]
+        padded = [list(r) + [f] * (M - len(r)) for r, f in zip(rows, fill, strict=True)]
         return torch.tensor(padded, dtype=torch.int32).to(self.device, non_blocking=True)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.rope import apply_rope
@@ -167,8 +168,6 @@ class MLA(nn.Module):
         if q_nope_BSHN.is_cuda:
             # Inference on a GPU: the Triton MLA prefill kernel reads the split heads directly
             # (1.02-1.74x concat+SDPA on an H100, benchmarks/notes-kernels.md); training keeps SDPA.
-            from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
-
             if mla_prefill_supported(q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV):
                 o_BSHV = mla_prefill_bshd(
                     q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV, self.softmax_scale

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.platform import routing
+from moeray.kernels.gate import Routing
+from moeray.kernels.moe import fused_moe_gate_up
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
+from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (x_AD rows sorted by expert, gate [E, I, D], up [E, I, D], down [E, D, I], rows per expert) ->
@@ -57,15 +59,17 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts. `linear` is F.linear by default; FP8 training swaps it from outside."""
+    """E routed SwiGLU experts. `linear` is F.linear by default; FP8 training swaps it from
+    outside."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        E, I, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        E, D = config.n_routed_experts, config.hidden_size
+        width = config.moe_intermediate_size  # I in the legend
         self.num_experts = E
-        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
-        self.up_proj = nn.Parameter(torch.empty(E, I, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.gate_proj = nn.Parameter(torch.empty(E, width, D))
+        self.up_proj = nn.Parameter(torch.empty(E, width, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, width))
         self.linear: LinearFn = F.linear
         # Set from outside (the pipeline's weight-grad split: parallel/pipeline.py) to run all local
         # experts through one autograd node instead of the per-expert loop's ~10 nodes per expert.
@@ -161,9 +165,8 @@ class Experts(nn.Module):
             ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
         if not ok:
             return None
-        from moeray.kernels.moe import fused_moe_gate_up
-
-        kw = dict(zip(("w1_scale", "w3_scale", "w2_scale"), (s.float() for s in scales)))
+        names = ("w1_scale", "w3_scale", "w2_scale")
+        kw = dict(zip(names, (s.float() for s in scales), strict=True)) if scales else {}
         return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, **kw)
 
 
@@ -178,18 +181,18 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.group_mask_value = routing.GROUP_MASK_OFFICIAL
+        self.group_mask_value = GROUP_MASK_OFFICIAL
         # The last forward's routing (counts per expert, affinities): read by the training loop for
         # the bias update and the balance loss, and by serving for expert-load metrics.
-        self.last_routing: routing.Routing | None = None
+        self.last_routing: Routing | None = None
 
     @property
     def e_score_correction_bias(self) -> torch.Tensor:
         return self.gate.e_score_correction_bias
 
-    def route(self, x_TD: torch.Tensor) -> routing.Routing:
+    def route(self, x_TD: torch.Tensor) -> Routing:
         c = self.config
-        return routing.route(
+        return route(  # routing.gate.route, not this method
             self.gate.logits(x_TD),
             self.gate.e_score_correction_bias,
             top_k=c.num_experts_per_tok,

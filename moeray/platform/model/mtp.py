@@ -1,4 +1,4 @@
-"""Multi-token prediction module (DeepSeek-V3 section 2.2).
+"""Multi-token prediction module (docs/deepseek-v3.md, "Multi-token prediction").
 
 Depth k combines the previous depth's hidden state at position s with the embedding of token s+k:
   h' = eh_proj([enorm(Emb(t_{s+k})); hnorm(h_s)])  ->  one decoder block  ->  shared head.
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moeray.platform.config import ModelConfig
+from moeray.platform.model.block import DecoderLayer
 from moeray.platform.model.norm import RMSNorm
 
 
@@ -25,8 +26,6 @@ class SharedHead(nn.Module):
 class MTPModule(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        from moeray.platform.model.transformer import DecoderLayer  # the block type is shared
-
         D = config.hidden_size
         self.layer_idx = layer_idx
         self.enorm = RMSNorm(D, config.rms_norm_eps)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from moeray.platform.config import ModelConfig
-from moeray.platform.model.mla import MLA, DenseKVCache, KVCache
-from moeray.platform.model.moe import MLP, MoE
+from moeray.platform.model.block import DecoderLayer
+from moeray.platform.model.mla import DenseKVCache, KVCache
+from moeray.platform.model.moe import MoE
 from moeray.platform.model.mtp import MTPModule
 from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.rope import RotaryEmbedding
@@ -28,25 +29,6 @@ class ModelOutput:
     hidden: torch.Tensor  # [B, S, D]: final-normed hidden states (what the head and MTP read)
     # One per MTP depth k=1..: [B, S-k, V], position s predicts token s+1+k.
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (
-            MoE(config)
-            if config.is_moe_layer(layer_idx)
-            else MLP(config.hidden_size, config.intermediate_size)
-        )
-
-    def forward(self, x_BSD, cos, sin, cache: KVCache | None = None, absorbed: bool | None = None):
-        x_BSD = x_BSD + self.self_attn(
-            self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed
-        )
-        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
 
 
 class Backbone(nn.Module):
@@ -139,7 +121,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         absorbed: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth: hidden of position s and the token at s+k -> (hidden', logits for s+k+1)."""
+        """One MTP depth: hidden of position s and the token at s+k -> (hidden', logits for
+        s+k+1)."""
         cos, sin = self.model.rotary_emb(positions_BS)
         h_BSD = module(hidden_BSD, self.model.embed_tokens(next_ids_BS), cos, sin, cache, absorbed)
         return h_BSD, self.lm_head(module.shared_head.norm(h_BSD))

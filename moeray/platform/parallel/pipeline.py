@@ -205,7 +205,7 @@ class PipelineStage(nn.Module):
         the scaled objective of `train/step.compute_loss`; aux is this stage's scaled balance loss
         (a scalar; backward runs on it with gradient 1); stats holds detached unscaled parts.
         """
-        from moeray.platform import routing
+        from moeray.platform.routing.balance import sequence_balance_loss
 
         inputs_bS, targets_bS = tokens_bS1[:, :-1], tokens_bS1[:, 1:]
         b, S = inputs_bS.shape
@@ -247,7 +247,7 @@ class PipelineStage(nn.Module):
             loads.append((row, r.counts_E.detach()))
             if loss_cfg.balance_alpha > 0:
                 T = r.scores_TE.shape[0]
-                balance = balance + routing.sequence_balance_loss(
+                balance = balance + sequence_balance_loss(
                     r.scores_TE.view(b, T // b, -1),
                     r.expert_ids_TK.view(b, T // b, -1),
                     loss_cfg.balance_alpha,

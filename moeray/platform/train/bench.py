@@ -220,10 +220,10 @@ def _one_run(
     import torch
     import torch.distributed as dist
 
-    from moeray.platform import routing
     from moeray.platform.config import preset
     from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec, dist_timeout_s
     from moeray.platform.parallel.simulate import Costs, simulate
+    from moeray.platform.routing.balance import bias_update
     from moeray.platform.train import step as tstep
 
     model_cfg = preset(cfg.model)
@@ -271,7 +271,7 @@ def _one_run(
         tstep.apply_update(pm.modules, opt, step, optim, total_norm=norm)
         loads = out.loads_LE.to(device)
         dist.all_reduce(loads)
-        bias_LE = routing.bias_update(bias_LE, loads.cpu(), 0.001)
+        bias_LE = bias_update(bias_LE, loads.cpu(), 0.001)
         pm.set_biases(bias_LE)
         stats = torch.tensor(
             [out.main_sum, out.timings.wall, out.timings.idle], dtype=torch.float64, device=device

@@ -71,7 +71,7 @@ def run(job: TrainJobConfig) -> Path:
 
     from moeray.actors.router import get_or_create_router
     from moeray.platform.parallel.pipeline import dist_timeout_s
-    from moeray.platform.routing import RouterConfig
+    from moeray.platform.routing.state import RouterConfig
     from moeray.platform.train.loop import train_loop_per_worker
 
     model_cfg = job.model_config()

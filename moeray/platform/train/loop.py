@@ -433,7 +433,6 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from moeray.platform import routing
     from moeray.platform.metrics import (
         TRAIN_LOSS,
         TRAIN_LR,
@@ -445,6 +444,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     from moeray.platform.model.transformer import Transformer
     from moeray.platform.parallel.pipeline import Topology
+    from moeray.platform.routing import balance
+    from moeray.platform.routing.state import RouterConfig, RouterState
     from moeray.platform.train import data as tdata
     from moeray.platform.train import step as tstep
 
@@ -492,8 +493,8 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
-            fresh = routing.RouterState(
-                routing.RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+            fresh = RouterState(
+                RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
             )
             router_state = fresh.state_dict()
     if rank == 0:
@@ -551,7 +552,7 @@ def train_loop_per_worker(config: dict) -> None:
         stats /= topology.shards
         global_loads = loads.clone()
         dist.all_reduce(global_loads)
-        maxvio = float(routing.maxvio(global_loads).mean())
+        maxvio = float(balance.maxvio(global_loads).mean())
         norm = parts.norm
         dt = time.perf_counter() - t0
         if rank == 0:

@@ -6,7 +6,7 @@ layers (main layers then MTP blocks, the RouterActor's order).
 Objective (DeepSeek-V3 report, sections 2.2 and 2.1.2):
   L = CE(main) + (lambda / D) * sum_k CE_k  +  sum over MoE layers of the sequence-wise balance loss
 where CE_k is MTP depth k's cross-entropy for token t+1+k, and the balance term is
-alpha * sum_i f_i P_i per sequence (`routing.sequence_balance_loss`, alpha = 0.0001).
+alpha * sum_i f_i P_i per sequence (`routing.balance.sequence_balance_loss`, alpha = 0.0001).
 Optimizer: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices (not on norms, biases or the
 1-D gate bias buffer), gradient clipping at global norm 1.0; learning rate: linear warmup, then
 cosine decay to `min_lr_ratio * lr`.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeray.platform import routing
+from moeray.platform.routing.balance import sequence_balance_loss
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConf
             if r is None:
                 continue
             T = r.scores_TE.shape[0]
-            balance = balance + routing.sequence_balance_loss(
+            balance = balance + sequence_balance_loss(
                 r.scores_TE.view(B, T // B, -1),
                 r.expert_ids_TK.view(B, T // B, -1),
                 cfg.balance_alpha,

@@ -1,4 +1,7 @@
-"""The DeepSeek-V3 gate (moeray.platform.routing.route) as one Triton launch.
+"""The MoE gate: DeepSeek-V3's expert choice (docs/deepseek-v3.md, "Gate") as one Triton launch,
+with its checked wrapper `moe_gate`, its PyTorch reference `moe_gate_ref` (also the differentiable
+training path) and the test `moe_gate_applies` by which `moeray.platform.routing.gate.route`
+chooses between the two.
 
 Legend: T tokens, E routed experts, G expert groups (n_group), PG experts per group, K experts per
 token; GP, PGP, KP are G, PG, K padded to powers of 2.
@@ -18,22 +21,24 @@ agree whenever scores are distinct (continuous logits; tests use random ones). T
 out in descending biased score, as torch.topk returns them.
 
 Numerics: the sigmoid is 1 / (1 + exp(-x)) with libdevice's expf and an IEEE division on the GPU,
-the same operations PyTorch's CUDA sigmoid compiles to, so the scores should match route's bit for
-bit there (Triton's own tl.exp is ex2.approx, a few ulp off); the GPU test reports whether they do. Under the CPU interpreter the exp is
-numpy's, which differs from torch's CPU sigmoid by up to 1 ulp (1.2e-7) on ~17% of values.
+the same operations PyTorch's CUDA sigmoid compiles to, so the scores should match
+`moe_gate_ref`'s bit for bit there (Triton's own tl.exp is ex2.approx, a few ulp off); the GPU
+test reports whether they do. Under the CPU interpreter the exp is numpy's, which differs from
+torch's CPU sigmoid by up to 1 ulp (1.2e-7) on ~17% of values.
 NaN logits give expert id E (out of range, skipped by the MoE as "another rank's") and no count.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
-from moeray.platform.routing import Routing, check_group_sizes
 
 try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
     from triton.language.extra import libdevice
@@ -47,17 +52,83 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
 # prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
 TILE_CELLS = 2048
-# routing.route sends at most this many rows to the kernel. Measured in one `moeray bench engine`
-# run (small(), H200, eager decode, 2026-11-27), only the router switched: batch 16 decoded at 534
-# tok/s fused vs 490 PyTorch, batch 256 at 2,617 vs 6,062. Yet the kernel alone wins at 256 rows
-# (`moeray bench kernels --only router`, H200, later the same day: 8.8 vs 70 us in a graph), so the
-# engine's loss is not the kernel's own time and is not explained (notes-engine.md); until it is,
-# decode batches up to 32 keep the one-launch gate.
+# `route` sends at most this many rows to the kernel. In `moeray bench engine` (small(), eager
+# decode, only the gate switched) the fused gate won at batch 16 (534 vs 490 tok/s) and lost at
+# batch 256 (2,617 vs 6,062 tok/s), although the kernel alone wins at 256 rows (8.8 vs 70 us in a
+# CUDA graph): the engine's loss is not the kernel's own time and is not explained. Until it is,
+# decode batches up to 32 keep the one-launch gate: see benchmarks/notes-engine.md.
 FUSED_MAX_TOKENS = 32
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The gate's choice for T tokens, from the kernel or the reference."""
+
+    expert_ids_TK: torch.Tensor  # int64
+    weights_TK: torch.Tensor  # fp32, already times routed_scaling_factor
+    counts_E: torch.Tensor  # int64 tokens per expert in this batch
+    scores_TE: torch.Tensor  # fp32 sigmoid affinities (before bias), for the balance loss
+
+
+def check_group_sizes(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
+    """ValueError unless top_k experts can be chosen from topk_group of n_group equal groups;
+    returns the experts per group. Shared by `moe_gate_ref` and `moe_gate`."""
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts {num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    per_group = num_experts // n_group
+    if not 1 <= top_k <= topk_group * per_group:
+        raise ValueError(
+            f"top_k={top_k} must be in [1, topk_group*experts_per_group={topk_group * per_group}]"
+        )
+    return per_group
+
+
+def moe_gate_ref(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+    group_mask_value: float = float("-inf"),
+) -> Routing:
+    """The gate in PyTorch ops: the reference for the kernel, and the differentiable path.
+
+    Experts outside the kept groups are masked with `group_mask_value` before the top-K: -inf, the
+    official code's mask (`routing.gate.GROUP_MASK_OFFICIAL`), or 0.0, transformers'.
+    """
+    if logits_TE.dim() != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    per_group = check_group_sizes(E, top_k, n_group, topk_group)
+    scores_TE = logits_TE.float().sigmoid()
+    biased_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if n_group > 1:
+        top2 = min(2, per_group)
+        group_scores_TG = biased_TE.view(T, n_group, per_group).topk(top2, dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_scores_TG.topk(topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, per_group).reshape(T, E)
+        biased_TE = biased_TE.masked_fill(~keep_TE, group_mask_value)
+    expert_ids_TK = biased_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, expert_ids_TK)
+    if norm_topk_prob and top_k > 1:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    weights_TK = weights_TK * routed_scaling_factor
+    # scatter_add, not bincount: bincount syncs with the host on CUDA, which breaks graph capture.
+    flat = expert_ids_TK.flatten()
+    counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+    return Routing(expert_ids_TK, weights_TK, counts_E, scores_TE)
+
+
 @triton.jit
-def _route_kernel(
+def _moe_gate_kernel(
     logits_ptr,
     bias_ptr,
     ids_ptr,
@@ -154,12 +225,12 @@ def _route_kernel(
         tl.store(counts_ptr + col_GJ, cnt_GJ, mask=valid_GJ)
 
 
-def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
-    """Whether route_fused takes these tensors as they are and gets them: at most
-    FUSED_MAX_TOKENS rows (routing.route's dispatch test).
-    MOERAY_FUSED_ROUTER=0 in the environment routes with PyTorch instead: an A/B switch for
+def moe_gate_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
+    """Whether `moe_gate` takes these tensors as they are and gets them: at most
+    FUSED_MAX_TOKENS rows (`route`'s dispatch test).
+    MOERAY_FUSED_GATE=0 in the environment routes with PyTorch instead: an A/B switch for
     `moeray bench engine`, and a way out if a new Triton miscompiles the kernel."""
-    if os.environ.get("MOERAY_FUSED_ROUTER", "1") == "0":
+    if os.environ.get("MOERAY_FUSED_GATE", "1") == "0":
         return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
         return False
@@ -176,7 +247,7 @@ def fused_route_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) ->
     return use_triton(logits_TE)
 
 
-def route_fused(
+def moe_gate(
     logits_TE: torch.Tensor,
     bias_E: torch.Tensor | None,
     *,
@@ -188,13 +259,13 @@ def route_fused(
     block_t: int | None = None,
     num_warps: int | None = None,
 ) -> Routing:
-    """routing.route with the official -inf group mask, in one Triton launch (see module doc).
+    """`moe_gate_ref` with the official -inf group mask, in one Triton launch (see module doc).
 
     logits [T, E] fp32/bf16/fp16 with unit stride over experts, bias [E] or None, E <= 256.
     Returns int64 ids [T, K], fp32 weights [T, K], int64 counts [E], fp32 scores [T, E]. No host
     sync, so it captures in CUDA graphs. block_t (rows per program, a power of 2) and num_warps
-    override the automatic choice (benchmark sweeps). On CPU without the interpreter it is route's
-    PyTorch path.
+    override the automatic choice (benchmark sweeps). On CPU without the interpreter it is
+    `moe_gate_ref`.
     """
     check_tensor(logits_TE, "logits", dtypes=LOGIT_DTYPES, ndim=2)
     if logits_TE.stride(-1) != 1:
@@ -203,7 +274,7 @@ def route_fused(
         )
     T, E = logits_TE.shape
     if not 1 <= E <= MAX_EXPERTS:
-        raise ValueError(f"logits has {E} experts; the fused router supports 1..{MAX_EXPERTS}")
+        raise ValueError(f"logits has {E} experts; the fused MoE gate supports 1..{MAX_EXPERTS}")
     if bias_E is not None:
         check_tensor(
             bias_E, "bias", dtypes=LOGIT_DTYPES, ndim=1, contiguous=True, device=logits_TE.device
@@ -216,9 +287,7 @@ def route_fused(
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps={num_warps} must be 1, 2, 4 or 8")
     if not use_triton(logits_TE):
-        from moeray.platform.routing import route_torch
-
-        return route_torch(
+        return moe_gate_ref(
             logits_TE,
             bias_E,
             top_k=top_k,
@@ -246,7 +315,7 @@ def route_fused(
     )
     if grid == 0:
         return Routing(ids_TK, weights_TK, counts_E, scores_TE)
-    _route_kernel[(grid,)](
+    _moe_gate_kernel[(grid,)](
         logits_TE,
         bias_E if bias_E is not None else logits_TE,
         ids_TK,
@@ -274,20 +343,17 @@ def route_fused(
     return Routing(ids_TK, weights_TK, counts_E, scores_TE)
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark (moeray bench kernels --only router)
-# ----------------------------------------------------------------------------------------------
-
+# `moeray bench kernels --only router` (bench_moe_gate): the PyTorch reference vs the kernel, eager
+# and in a CUDA graph, on these shapes.
 BENCH_SHAPES = (  # (name, E, n_group, topk_group, top_k, routed_scaling_factor)
     ("small", 64, 8, 4, 8, 2.5),
     ("v3", 256, 8, 4, 8, 2.5),
 )
 
 
-def bench_router(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[dict]:
-    """Per shape and token count: PyTorch route vs route_fused, eager and replayed in a CUDA graph
+def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[dict]:
+    """Per shape and token count: `moe_gate_ref` vs `moe_gate`, eager and replayed in a CUDA graph
     (the engine's decode path), plus whether ids, counts and scores agree exactly."""
-    from moeray.platform.routing import route_torch
 
     def timed(fn) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -313,13 +379,15 @@ def bench_router(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[di
         for t in tokens:
             logits = torch.randn(t, e, device="cuda")
             kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=rsf)
+            ref_fn = functools.partial(moe_gate_ref, logits, bias, **kw)
+            fused_fn = functools.partial(moe_gate, logits, bias, **kw)
             with torch.no_grad():
-                ref = route_torch(logits, bias, **kw)
-                out = route_fused(logits, bias, **kw)
-                torch_ms = timed(lambda: route_torch(logits, bias, **kw))
-                fused_ms = timed(lambda: route_fused(logits, bias, **kw))
-                torch_graph_ms = graphed(lambda: route_torch(logits, bias, **kw))
-                fused_graph_ms = graphed(lambda: route_fused(logits, bias, **kw))
+                ref = ref_fn()
+                out = fused_fn()
+                torch_ms = timed(ref_fn)
+                fused_ms = timed(fused_fn)
+                torch_graph_ms = graphed(ref_fn)
+                fused_graph_ms = graphed(fused_fn)
             rows.append(
                 {
                     "shape": name,

@@ -1,5 +1,6 @@
-"""The fused Triton gate (moeray.kernels.router) against routing.route_torch, under the interpreter;
-the compiled kernel, route()'s dispatch and CUDA-graph capture on the GPU (marker gpu).
+"""The fused MoE gate (moeray.kernels.gate.moe_gate) against its PyTorch reference moe_gate_ref,
+under the interpreter; the compiled kernel, route()'s dispatch and CUDA-graph capture on the GPU
+(marker gpu).
 
 Logits are continuous random numbers, so no two scores of a row tie and the top-k order is unique
 (torch.topk's order among ties is unspecified; the kernel's is lowest index first).
@@ -8,8 +9,14 @@ Logits are continuous random numbers, so no two scores of a row tie and the top-
 import pytest
 import torch
 
-from moeray.kernels.router import FUSED_MAX_TOKENS, MAX_EXPERTS, fused_route_applies, route_fused
-from moeray.platform.routing import route, route_torch
+from moeray.kernels.gate import (
+    FUSED_MAX_TOKENS,
+    MAX_EXPERTS,
+    moe_gate,
+    moe_gate_applies,
+    moe_gate_ref,
+)
+from moeray.platform.routing.gate import route
 
 # (E, n_group, topk_group, top_k): tiny(), small(), DeepSeek-V3, groups of 4 that are not a power of
 # 2 in number, one group, one-expert groups (group score = top-1), and one 256-wide group.
@@ -59,8 +66,8 @@ def test_matches_route(combo, t, with_bias, norm):
     e, ng, tg, k = combo
     logits, bias = _case(t, e, seed=e * 1000 + t * 10 + 2 * with_bias + norm, with_bias=with_bias)
     kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=2.5, norm_topk_prob=norm)
-    out = route_fused(logits, bias, **kw)
-    ref = route_torch(logits, bias, **kw)
+    out = moe_gate(logits, bias, **kw)
+    ref = moe_gate_ref(logits, bias, **kw)
     _check(out, ref, t, k, e)
     if norm and k > 1:
         torch.testing.assert_close(out.weights_TK.sum(-1), torch.full((t,), 2.5), atol=2e-6, rtol=0)
@@ -72,8 +79,8 @@ def test_row_blocks_and_atomic_counts(block_t):
     # one program that stores them. Every block size must give the same routing.
     logits, bias = _case(37, 64, seed=7, with_bias=True)
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=1.0)
-    out = route_fused(logits, bias, block_t=block_t, **kw)
-    _check(out, route_torch(logits, bias, **kw), 37, 8, 64)
+    out = moe_gate(logits, bias, block_t=block_t, **kw)
+    _check(out, moe_gate_ref(logits, bias, **kw), 37, 8, 64)
 
 
 def test_group_limit_with_negative_biased_scores():
@@ -81,8 +88,8 @@ def test_group_limit_with_negative_biased_scores():
     # token inside topk_group groups, where a 0.0 mask (transformers) would let masked experts win.
     logits, _ = _case(9, 64, seed=3, with_bias=False)
     bias = torch.full((64,), -2.0) + torch.linspace(0, 0.5, 64)
-    out = route_fused(logits, bias, top_k=8, n_group=8, topk_group=2, routed_scaling_factor=1.0)
-    ref = route_torch(logits, bias, top_k=8, n_group=8, topk_group=2, routed_scaling_factor=1.0)
+    out = moe_gate(logits, bias, top_k=8, n_group=8, topk_group=2, routed_scaling_factor=1.0)
+    ref = moe_gate_ref(logits, bias, top_k=8, n_group=8, topk_group=2, routed_scaling_factor=1.0)
     _check(out, ref, 9, 8, 64)
     groups = out.expert_ids_TK // 8
     assert all(len(set(row.tolist())) <= 2 for row in groups)
@@ -93,15 +100,15 @@ def test_half_logits_and_bias(dtype):
     logits, bias = _case(6, 64, seed=11, with_bias=True, dtype=dtype)
     bias = bias.to(dtype)
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
-    _check(route_fused(logits, bias, **kw), route_torch(logits, bias, **kw), 6, 8, 64)
+    _check(moe_gate(logits, bias, **kw), moe_gate_ref(logits, bias, **kw), 6, 8, 64)
 
 
 def test_strided_rows_and_empty_batch():
     logits, bias = _case(5, 96, seed=5, with_bias=True)
     view = logits[:, :64]  # row stride 96, unit stride over experts: taken as is
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
-    _check(route_fused(view, bias[:64], **kw), route_torch(view, bias[:64], **kw), 5, 8, 64)
-    empty = route_fused(torch.empty(0, 64), bias[:64], **kw)
+    _check(moe_gate(view, bias[:64], **kw), moe_gate_ref(view, bias[:64], **kw), 5, 8, 64)
+    empty = moe_gate(torch.empty(0, 64), bias[:64], **kw)
     assert empty.expert_ids_TK.shape == (0, 8) and torch.equal(
         empty.counts_E, torch.zeros(64, dtype=torch.int64)
     )
@@ -110,22 +117,22 @@ def test_strided_rows_and_empty_batch():
 def test_input_errors():
     logits, bias = _case(3, 16, seed=1, with_bias=True)
     kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
-    with pytest.raises(ValueError, match="logits has dtype torch.int64"):
-        route_fused(logits.long(), bias, **kw)
+    with pytest.raises(ValueError, match=r"logits has dtype torch\.int64"):
+        moe_gate(logits.long(), bias, **kw)
     with pytest.raises(ValueError, match="logits must have 2 dims"):
-        route_fused(logits[None], bias, **kw)
+        moe_gate(logits[None], bias, **kw)
     with pytest.raises(ValueError, match="unit stride over experts"):
-        route_fused(logits.t().contiguous().t(), bias, **kw)
+        moe_gate(logits.t().contiguous().t(), bias, **kw)
     with pytest.raises(
-        ValueError, match=f"512 experts; the fused router supports 1..{MAX_EXPERTS}"
+        ValueError, match=f"512 experts; the fused MoE gate supports 1..{MAX_EXPERTS}"
     ):
-        route_fused(torch.randn(2, 512), None, **{**kw, "n_group": 8})
+        moe_gate(torch.randn(2, 512), None, **{**kw, "n_group": 8})
     with pytest.raises(ValueError, match="bias has 15 entries, logits have 16"):
-        route_fused(logits, bias[:15], **kw)
-    with pytest.raises(ValueError, match="bias has dtype torch.int64"):
-        route_fused(logits, bias.long(), **kw)
+        moe_gate(logits, bias[:15], **kw)
+    with pytest.raises(ValueError, match=r"bias has dtype torch\.int64"):
+        moe_gate(logits, bias.long(), **kw)
     with pytest.raises(ValueError, match="bias is on meta"):
-        route_fused(logits, bias.to("meta"), **kw)
+        moe_gate(logits, bias.to("meta"), **kw)
     # The group rules raise route's own messages.
     for bad, match in (
         (dict(n_group=3), "n_group=3 must divide"),
@@ -133,25 +140,25 @@ def test_input_errors():
         (dict(top_k=9), r"top_k=9 must be in \[1, topk_group\*experts_per_group=8\]"),
     ):
         with pytest.raises(ValueError, match=match):
-            route_fused(logits, bias, **{**kw, **bad})
+            moe_gate(logits, bias, **{**kw, **bad})
         with pytest.raises(ValueError, match=match):
-            route_torch(logits, bias, **{**kw, **bad})
+            moe_gate_ref(logits, bias, **{**kw, **bad})
     with pytest.raises(ValueError, match="block_t=3 must be a power of 2"):
-        route_fused(logits, bias, block_t=3, **kw)
+        moe_gate(logits, bias, block_t=3, **kw)
     with pytest.raises(ValueError, match="num_warps=3"):
-        route_fused(logits, bias, num_warps=3, **kw)
+        moe_gate(logits, bias, num_warps=3, **kw)
 
 
 def test_dispatch_rule_and_cpu_route():
     logits, bias = _case(4, 64, seed=2, with_bias=True)
-    assert fused_route_applies(logits, bias)  # under the interpreter CPU tensors qualify
-    assert not fused_route_applies(logits.t().contiguous().t(), bias)
-    assert not fused_route_applies(torch.randn(2, 512), None)
-    assert not fused_route_applies(logits, bias[:32])
-    # beyond FUSED_MAX_TOKENS rows PyTorch routing measured faster (router.py)
-    assert fused_route_applies(torch.randn(FUSED_MAX_TOKENS, 64), bias)
-    assert not fused_route_applies(torch.randn(FUSED_MAX_TOKENS + 1, 64), bias)
-    # route() sends only CUDA tensors to the kernel: on CPU it is route_torch, gradients included.
+    assert moe_gate_applies(logits, bias)  # under the interpreter CPU tensors qualify
+    assert not moe_gate_applies(logits.t().contiguous().t(), bias)
+    assert not moe_gate_applies(torch.randn(2, 512), None)
+    assert not moe_gate_applies(logits, bias[:32])
+    # beyond FUSED_MAX_TOKENS rows PyTorch routing measured faster (kernels/gate.py)
+    assert moe_gate_applies(torch.randn(FUSED_MAX_TOKENS, 64), bias)
+    assert not moe_gate_applies(torch.randn(FUSED_MAX_TOKENS + 1, 64), bias)
+    # route() sends only CUDA tensors to the kernel: on CPU it is moe_gate_ref, gradients included.
     x = logits.clone().requires_grad_()
     r = route(x, bias, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
     r.weights_TK.sum().backward()
@@ -160,19 +167,23 @@ def test_dispatch_rule_and_cpu_route():
 
 _GPU_CHECK = r"""
 import torch
-import moeray.kernels.router as router
-from moeray.platform.routing import route, route_torch, GROUP_MASK_TRANSFORMERS
+import moeray.platform.routing.gate as routing_gate
+from moeray.kernels.gate import moe_gate, moe_gate_ref
+from moeray.platform.routing.gate import GROUP_MASK_TRANSFORMERS, route
 
 torch.manual_seed(0)
 rows, bad = [], []
-combos = [(16, 4, 2, 4), (64, 8, 4, 8), (256, 8, 4, 8), (12, 3, 2, 5), (20, 1, 1, 6), (6, 6, 3, 2), (256, 1, 1, 8)]
+combos = [
+    (16, 4, 2, 4), (64, 8, 4, 8), (256, 8, 4, 8), (12, 3, 2, 5), (20, 1, 1, 6), (6, 6, 3, 2),
+    (256, 1, 1, 8),
+]
 for e, ng, tg, k in combos:
     for t in (1, 5, 33, 1000, 8192):
         for dtype in (torch.float32, torch.bfloat16):
             logits = (torch.randn(t, e, device="cuda") * 2).to(dtype)
             bias = torch.randn(e, device="cuda") * 0.3
             kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=2.5)
-            out, ref = router.route_fused(logits, bias, **kw), route_torch(logits, bias, **kw)
+            out, ref = moe_gate(logits, bias, **kw), moe_gate_ref(logits, bias, **kw)
             s_err = float((out.scores_TE - ref.scores_TE).abs().max())
             # Bit-equal scores feed the same fp32 comparisons, so the choice must be identical. If
             # the sigmoid were 1 ulp off somewhere, a near-tie (gap < 1e-7) could flip a row: allow
@@ -180,18 +191,24 @@ for e, ng, tg, k in combos:
             diff_T = (out.expert_ids_TK != ref.expert_ids_TK).any(-1)
             n_diff = int(diff_T.sum())
             same = ~diff_T
-            w_err = float((out.weights_TK[same] - ref.weights_TK[same]).abs().max()) if bool(same.any()) else 0.0
+            w_err = (
+                float((out.weights_TK[same] - ref.weights_TK[same]).abs().max())
+                if bool(same.any())
+                else 0.0
+            )
             cnt_gap = int((out.counts_E - ref.counts_E).abs().sum())
             ids_ok = n_diff == 0 if s_err == 0.0 else n_diff <= t // 1000
             ok = ids_ok and cnt_gap <= 2 * k * n_diff and w_err <= 1e-6 and s_err <= 2.5e-7
-            rows.append((f"E{e} G{ng} TG{tg} K{k}", t, str(dtype)[6:], n_diff, cnt_gap, w_err, s_err, ok))
+            rows.append(
+                (f"E{e} G{ng} TG{tg} K{k}", t, str(dtype)[6:], n_diff, cnt_gap, w_err, s_err, ok)
+            )
             if not ok:
                 bad.append(f"E{e}/T{t}/{dtype}")
 
 # route() dispatch: no-grad CUDA goes to the kernel; gradients or the transformers mask do not.
 calls = []
-orig = router.route_fused
-router.route_fused = lambda *a, **k: calls.append(1) or orig(*a, **k)
+orig = routing_gate.moe_gate
+routing_gate.moe_gate = lambda *a, **k: calls.append(1) or orig(*a, **k)
 logits = torch.randn(4, 256, device="cuda")
 bias = torch.randn(256, device="cuda") * 0.1
 kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -205,7 +222,7 @@ n_grad = len(calls) - n_nograd
 with torch.no_grad():
     route(logits, bias, group_mask_value=GROUP_MASK_TRANSFORMERS, **kw)
 n_tf = len(calls) - n_nograd - n_grad
-router.route_fused = orig
+routing_gate.moe_gate = orig
 dispatch_ok = n_nograd == 1 and n_grad == 0 and n_tf == 0 and x.grad is not None
 if not dispatch_ok:
     bad.append(f"dispatch nograd={n_nograd} grad={n_grad} transformers_mask={n_tf}")
@@ -226,8 +243,9 @@ with torch.inference_mode():
     for i in range(3):
         static.copy_(torch.randn(3, 256, device="cuda"))
         g.replay()
-        ref = route_torch(static, bias, **kw)
-        graph_ok &= torch.equal(captured.expert_ids_TK, ref.expert_ids_TK) and torch.equal(captured.counts_E, ref.counts_E)
+        ref = moe_gate_ref(static, bias, **kw)
+        graph_ok &= torch.equal(captured.expert_ids_TK, ref.expert_ids_TK)
+        graph_ok &= torch.equal(captured.counts_E, ref.counts_E)
         graph_ok &= float((captured.weights_TK - ref.weights_TK).abs().max()) <= 1e-6
     torch.cuda.synchronize()
 if not graph_ok:
@@ -238,10 +256,11 @@ print("fused vs PyTorch route, worst over T in (1, 5, 33, 1000, 8192) x fp32/bf1
 print(f"{'shape':18s} {'rows!=':>6s} {'|dcnt|':>6s} {'w maxdiff':>10s} {'s maxdiff':>10s} ok")
 for name in dict.fromkeys(r[0] for r in rows):
     rs = [r for r in rows if r[0] == name]
-    print(f"{name:18s} {max(r[3] for r in rs):6d} {max(r[4] for r in rs):6d} {max(r[5] for r in rs):10.2e} "
-          f"{max(r[6] for r in rs):10.2e} {all(r[7] for r in rs)}")
+    print(f"{name:18s} {max(r[3] for r in rs):6d} {max(r[4] for r in rs):6d} "
+          f"{max(r[5] for r in rs):10.2e} {max(r[6] for r in rs):10.2e} {all(r[7] for r in rs)}")
 print(f"scores bit-exact vs torch sigmoid in every case: {all(r[6] == 0.0 for r in rows)}")
-print(f"dispatch: no_grad -> fused {n_nograd}, with grad -> fused {n_grad}, transformers mask -> fused {n_tf}: {'OK' if dispatch_ok else 'WRONG'}")
+print(f"dispatch: no_grad -> fused {n_nograd}, with grad -> fused {n_grad}, "
+      f"transformers mask -> fused {n_tf}: {'OK' if dispatch_ok else 'WRONG'}")
 print(f"route() captured in a CUDA graph, 3 replays on new logits equal eager: {graph_ok}")
 print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS")
 """
@@ -249,13 +268,11 @@ print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS")
 
 @pytest.mark.gpu
 def test_gpu_compiled_kernel_dispatch_and_graph_capture(compiled_check):
-    compiled_check(_GPU_CHECK, "router_gpu.txt")
+    compiled_check(_GPU_CHECK, "gate_gpu.txt")
 
 
 def test_env_switch_turns_the_fused_path_off(monkeypatch):
-    from moeray.kernels.router import fused_route_applies
-
     logits = torch.randn(3, 16)
-    assert fused_route_applies(logits, None)  # the interpreter runs the kernel on CPU tensors
-    monkeypatch.setenv("MOERAY_FUSED_ROUTER", "0")
-    assert not fused_route_applies(logits, None)
+    assert moe_gate_applies(logits, None)  # the interpreter runs the kernel on CPU tensors
+    monkeypatch.setenv("MOERAY_FUSED_GATE", "0")
+    assert not moe_gate_applies(logits, None)
