@@ -43,6 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeray.platform.checkpoint import save_model
+from moeray.platform.config import DEFAULT_DEMO_MODEL, ServeConfig, tiny
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.results import RESULTS_DIR, device_slug, write_result
+from moeray.platform.serve.app import build_serve_app
+from moeray.platform.serve.kv_transport.base import backend_for
+from moeray.platform.serve.kv_transport.p2p import raw_p2p_seconds
+from moeray.platform.train.data import save_tokenizer, train_tokenizer
+
 DIST_KINDS = ("fixed", "uniform", "normal", "lognormal")
 
 
@@ -340,7 +349,6 @@ def run(
     directory: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Benchmark every target in turn and write the merged result file."""
-    from moeray.platform.results import RESULTS_DIR, device_slug, write_result
 
     name = out_name or f"serve-{device_slug()}"
     path = (Path(directory) if directory is not None else RESULTS_DIR) / f"{name}.json"
@@ -388,11 +396,6 @@ def random_tiny_model(directory: Path) -> Path:
     served model of the Ray-tier tests (tests/ray/conftest.py)."""
     import torch
 
-    from moeray.platform.checkpoint import save_model
-    from moeray.platform.config import tiny
-    from moeray.platform.model.transformer import Transformer
-    from moeray.platform.train.data import save_tokenizer, train_tokenizer
-
     torch.manual_seed(0)
     save_model(Transformer(tiny()), tiny(), directory)
     text = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int\n    y: int\n"] * 50
@@ -419,10 +422,6 @@ def launch(
 
     import ray
     from ray import serve
-
-    from moeray.platform.config import ServeConfig
-    from moeray.platform.serve.app import build_app
-    from moeray.platform.serve.kv_transfer import backend_for, raw_p2p_seconds
 
     for t in transports:
         if t not in LAUNCH_TRANSPORTS:
@@ -454,7 +453,7 @@ def launch(
     device = None
     try:
         for label, scfg in setups:
-            serve.run(build_app(scfg), name=label, route_prefix=f"/{label}")
+            serve.run(build_serve_app(scfg), name=label, route_prefix=f"/{label}")
             url = f"http://127.0.0.1:{port}/{label}"
             # Warm-up (first forward, KV channel/relay setup), excluded from the numbers.
             asyncio.run(
@@ -627,9 +626,6 @@ def main(argv: list[str]) -> int:
 
 def _main_launch(args: argparse.Namespace, cfg: BenchConfig, directory: Path | None) -> int:
     import tempfile
-
-    from moeray.platform.config import DEFAULT_DEMO_MODEL
-    from moeray.platform.results import device_slug, write_result
 
     model_dir = args.model_dir or DEFAULT_DEMO_MODEL
     note = f"model: {model_dir}"

@@ -3,7 +3,7 @@
 Legend: L cached layers, T tokens, C kv_lora_rank, R qk_rope_head_dim (see engine/disagg.py).
 
 Two Ray actors on this node play prefill and decode (one GPU each on CUDA, CPU-only on CPU). Each
-holds the transports' real Sender / Receiver (`kv_transfer.make_sender` / `make_receiver`). Per
+holds the transports' real Sender / Receiver (`kv_transport.factory.make_sender` / `make_receiver`). Per
 (transport, T) the decode actor drives the loop the way a decode replica does in Serve
 (`DecodeWorker.generate`): it calls `receiver.expect(request_id)`, then calls the prefill actor
 with its endpoint; the prefill actor builds the rows (kv [L, T, C] + rope [L, T, R], bf16, on its
@@ -22,7 +22,7 @@ for that iteration (exact equality, outside the timed window), so a transport th
 garbage, stale rows or the wrong shape fails the run.
 
 In the same run the same two processes measure the raw floor: a bare torch.distributed pair (the
-`P2PPeer` of kv_transfer, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
+`P2PPeer` of kv_transport/p2p.py, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
 
 V3 sizes: 61 layers x 4096 tokens x (512 + 64) x 2 bytes = 288 MB per 4K-token prompt; issue #7
 asks the fast path (the channel) to move that in under 2 ms.
@@ -42,13 +42,10 @@ from typing import Any
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transfer import (
-    TRANSPORTS,
-    P2PPeer,
-    backend_for,
-    make_receiver,
-    make_sender,
-)
+from moeray.platform.results import device_slug, write_result
+from moeray.platform.serve.kv_transport.base import backend_for
+from moeray.platform.serve.kv_transport.factory import TRANSPORTS, make_receiver, make_sender
+from moeray.platform.serve.kv_transport.p2p import P2PPeer
 
 V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM = 61, 512, 64
 FAST_PATH_TOKENS = 4096  # the issue's 4K-token prompt: 288 MB at the V3 shape
@@ -615,8 +612,6 @@ def main(argv: list[str]) -> int:
         print(f"moeray bench kv: {e}", file=sys.stderr)
         return 2
     import ray
-
-    from moeray.platform.results import device_slug, write_result
 
     if not ray.is_initialized():
         ray.init(
