@@ -1,5 +1,6 @@
 """Serve deployment shells around `DecodeWorker` (P/D) and `ColocatedWorker`, and the decode
-request router (most free KV pages, with affinity to the replica holding a prompt's prefix)."""
+deployment's Serve request router, `DecodeRequestRouter` (most free KV pages, with affinity to the
+replica holding a prompt's prefix)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 from moeray.actors.engine_metrics import EngineMetrics, replica_id
 from moeray.platform.config import ServeConfig
-from moeray.platform.serve.openai import EngineRequest, GenerationStep
+from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
+from moeray.platform.serve.kv_transport.factory import make_receiver
 from moeray.platform.serve.worker import (
     ColocatedWorker,
     DecodeRoutingPolicy,
@@ -32,13 +34,11 @@ def _node_ip() -> str:
 
 class DecodeServer:
     def __init__(self, config: dict[str, Any], prefill: Any) -> None:
-        from moeray.platform.serve.kv_transfer import make_receiver
-
         cfg = ServeConfig.from_dict(config)
         self.transport = cfg.kv_transport
         self.prefill = prefill  # DeploymentHandle of the prefill deployment
 
-        async def fetch(req: EngineRequest, export_from: int, endpoint: Any):
+        async def fetch(req: GenerationRequest, export_from: int, endpoint: Any):
             return await self.prefill.prefill.remote(req, export_from, endpoint)
 
         engine = make_engine(cfg)
@@ -64,16 +64,16 @@ class DecodeServer:
             rec.bytes, rec.seconds, recomputed=rec.recomputed, transport=rec.transport
         )
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         return _metered(self.worker.generate(request), self.metrics)
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Serve calls this every `request_routing_stats_period_s`; DecodeRouter reads it."""
+        """Serve calls this every `request_routing_stats_period_s`; DecodeRequestRouter reads it."""
         return {"free_pages": self.worker.free_pages(), "seq": next(self._stats_seq)}
 
     def stats(self, replica: str | None = None, last: int = 100) -> dict[str, Any]:
         """This replica's pages and its `last` transfers (at most 1000 are kept). `replica` (a
-        replica id) is read by DecodeRouter, which then sends the call to that replica."""
+        replica id) is read by DecodeRequestRouter, which then sends the call to that replica."""
         return {
             "replica": replica_id(),
             "free_pages": self.worker.free_pages(),
@@ -88,7 +88,7 @@ class ColocatedServer:
         self.worker = ColocatedWorker(make_engine(cfg), max_waiting=cfg.max_waiting)
         self.metrics = EngineMetrics("colocated", self.worker.loop)
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         return _metered(self.worker.generate(request), self.metrics)
 
     def stats(self) -> dict[str, Any]:
@@ -116,19 +116,19 @@ def _prompt(pending_request: Any) -> tuple[int, ...]:
     if pending_request is None:
         return ()
     for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
-        if isinstance(arg, EngineRequest):
+        if isinstance(arg, GenerationRequest):
             return arg.prompt_ids
     return ()
 
 
 @functools.cache
-def decode_router_class():
-    """The Serve RequestRouter for the decode deployment, `moeray.actors.decode:DecodeRouter`
-    (built on first access: it subclasses Ray Serve classes, and importing this module must not
-    import Ray)."""
+def decode_request_router_class():
+    """The Serve RequestRouter for the decode deployment,
+    `moeray.actors.decode:DecodeRequestRouter` (built on first access: it subclasses Ray Serve
+    classes, and importing this module must not import Ray)."""
     from ray.serve.request_router import FIFOMixin, RequestRouter
 
-    class DecodeRouter(FIFOMixin, RequestRouter):
+    class DecodeRequestRouter(FIFOMixin, RequestRouter):
         """Ranks replicas with `DecodeRoutingPolicy`, one replica per rank: Serve tries the ranks
         in order and skips a replica whose queue (max_ongoing_requests) is full."""
 
@@ -139,11 +139,9 @@ def decode_router_class():
             if pending_request is not None:
                 # Sleep (exponential backoff) between rounds when no replica takes the request.
                 # Without it Serve's routing loop calls this again at once, and as nothing here
-                # awaits, the router's event loop never runs anything else: a stats call for a
-                # killed replica spun a core forever, since the replica-set update that would
-                # end it never ran (tests/ray/test_serve_app.py); with every decode replica full
-                # it likely burned a core the same way ("Failed to route request after 17250
-                # attempts" in 50 s, notes-serve.md).
+                # awaits, the router's event loop runs nothing else: a core at 100% and the
+                # replica-set update that would end the loop never applied (a stats call pinned
+                # to a killed replica; benchmarks/notes-serve.md).
                 pending_request.routing_context.should_backoff = True
             by_id = {}
             for r in candidate_replicas:
@@ -165,13 +163,13 @@ def decode_router_class():
             super().on_replica_actor_died(replica_id)
             self.policy.forget(replica_id.unique_id)
 
-    DecodeRouter.__module__ = __name__
-    DecodeRouter.__qualname__ = "DecodeRouter"
-    return DecodeRouter
+    DecodeRequestRouter.__module__ = __name__
+    DecodeRequestRouter.__qualname__ = "DecodeRequestRouter"
+    return DecodeRequestRouter
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: makes the import path "moeray.actors.decode:DecodeRouter" resolve.
-    if name == "DecodeRouter":
-        return decode_router_class()
+    # PEP 562: makes the import path "moeray.actors.decode:DecodeRequestRouter" resolve.
+    if name == "DecodeRequestRouter":
+        return decode_request_router_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

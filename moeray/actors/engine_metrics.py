@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeray.platform.metrics import Metrics
+
 
 def replica_id() -> str:
     try:
@@ -16,8 +18,6 @@ def replica_id() -> str:
 
 class EngineMetrics:
     def __init__(self, deployment: str, loop: Any) -> None:
-        from moeray.platform.metrics import Metrics
-
         self.loop = loop
         self.deployment = deployment
         self.m = Metrics("ray", default_labels={"deployment": deployment, "replica": replica_id()})

@@ -14,14 +14,13 @@ from typing import Any
 
 from moeray.actors.engine_metrics import EngineMetrics
 from moeray.platform.config import ServeConfig
-from moeray.platform.serve.openai import EngineRequest
+from moeray.platform.serve.http.protocol import GenerationRequest
+from moeray.platform.serve.kv_transport.factory import make_sender
 from moeray.platform.serve.worker import PrefillResult, PrefillWorker, make_engine
 
 
 class PrefillServer:
     def __init__(self, config: dict[str, Any]) -> None:
-        from moeray.platform.serve.kv_transfer import make_sender
-
         cfg = ServeConfig.from_dict(config)
         engine = make_engine(cfg, decodes=False)
         self.worker = PrefillWorker(
@@ -34,7 +33,7 @@ class PrefillServer:
         self.metrics = EngineMetrics("prefill", self.worker.loop)
 
     async def prefill(
-        self, request: EngineRequest, export_from: int, dest: Any = None
+        self, request: GenerationRequest, export_from: int, dest: Any = None
     ) -> PrefillResult:
         try:
             return await self.worker.prefill(request, export_from, dest)

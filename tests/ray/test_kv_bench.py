@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_bench import (
-    KVBenchConfig,
-    KVBenchPeer,
-    main,
-    make_rows,
-    table,
-    verify,
-)
+from moeray.platform.serve.kv_bench import main, table
+from moeray.platform.serve.kv_bench_peer import KVBenchConfig, KVBenchPeer, make_rows, verify
 
 
 def test_verify_rejects_rows_a_broken_transport_could_deliver():

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transfer import RDTReceiver, RDTSender, RDTTicket, raw_p2p_seconds
+from moeray.platform.serve.kv_transport.base import RDTTicket
+from moeray.platform.serve.kv_transport.p2p import raw_p2p_seconds
+from moeray.platform.serve.kv_transport.rdt import RDTReceiver, RDTSender
 
 
 def _rows(g, start, L, T, C, R):
@@ -24,7 +26,10 @@ def test_rdt_relay_pair_moves_rows_exactly_then_fails_loudly_without_its_relay(r
         ep = recv.endpoint()
         assert ep.node_id == ray_local.get_runtime_context().get_node_id()
         tickets = [await send.send(f"r{i}", r, ep) for i, r in enumerate(rows)]
-        assert all(isinstance(t, RDTTicket) and t.nbytes == r.nbytes for t, r in zip(tickets, rows))
+        assert all(
+            isinstance(t, RDTTicket) and t.nbytes == r.nbytes
+            for t, r in zip(tickets, rows, strict=True)
+        )
         got = await asyncio.gather(*[recv.receive(t) for t in tickets])
         assert len(send._pairs) == 1  # one relay pair per decode replica, set up once
         ((src, dst, _name),) = send._pairs.values()
@@ -48,7 +53,7 @@ def test_rdt_relay_pair_moves_rows_exactly_then_fails_loudly_without_its_relay(r
         return got
 
     got = asyncio.run(run())
-    for g_, r in zip(got, rows):
+    for g_, r in zip(got, rows, strict=True):
         assert g_.start == r.start
         assert torch.equal(g_.kv_LTC, r.kv_LTC) and torch.equal(g_.pe_LTR, r.pe_LTR)
 

@@ -1,9 +1,10 @@
-"""`moeray bench serve` (serve/bench.py) against the real in-process OpenAI server of
-test_openai_schemas.py (uvicorn + the deterministic EchoEngine)."""
+"""`moeray bench serve` (serve/bench.py, serve/loadgen.py) against the real in-process OpenAI
+server of test_openai_schemas.py (uvicorn + the deterministic EchoEngine)."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import random
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moeray.platform.serve import bench as B
+from moeray.platform.serve import bench
+from moeray.platform.serve import loadgen as B
 
 _spec = importlib.util.spec_from_file_location(
     "moeray_test_openai_server", Path(__file__).with_name("test_openai_schemas.py")
@@ -146,7 +148,7 @@ def test_poisson_arrivals_and_429():
     with srv.serve_app(app) as url:
         records, wall = B.asyncio.run(B.run_load(url, cfg))
     starts = sorted(r.start for r in records)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert 0.010 < statistics.fmean(gaps) < 0.060  # 1 / 40 = 25 ms between arrivals on average
     assert max(gaps) > 2 * min(gaps)  # exponential, not evenly spaced
     res = B.summarize(records, wall, cfg)
@@ -192,7 +194,7 @@ def test_main_writes_both_setups_and_keeps_earlier_ones(tmp_path, monkeypatch, c
             "--out",
             "serve-test",
         ]
-        assert B.main(argv) == 0
+        assert bench.main(argv) == 0
         data = json.loads((tmp_path / "serve-test.json").read_text())
         for key in ("colocated", "pd"):
             for k in (
@@ -207,14 +209,14 @@ def test_main_writes_both_setups_and_keeps_earlier_ones(tmp_path, monkeypatch, c
             assert data[key]["completed"] == 6 and data[key]["output_tokens"] == 30
         assert {"device", "date", "command"} <= set(data)
         pd_before = data["pd"]
-        assert B.main(argv[:2] + argv[4:] + ["--tpot-slo-ms", "0.001"]) == 0
+        assert bench.main(argv[:2] + argv[4:] + ["--tpot-slo-ms", "0.001"]) == 0
         data = json.loads((tmp_path / "serve-test.json").read_text())
         assert data["colocated"]["goodput"] == 0  # re-measured with an impossible target
         assert data["pd"] == pd_before  # not re-run: kept from the earlier run
         monkeypatch.delenv("MOERAY_API_KEY")
-        assert B.main(argv[:2] + argv[4:]) == 1  # no key: every request gets 401
+        assert bench.main(argv[:2] + argv[4:]) == 1  # no key: every request gets 401
         data = json.loads((tmp_path / "serve-test.json").read_text())
         assert data["colocated"]["completed"] == 0 and "401" not in str(data["colocated"]["errors"])
         assert "API key" in str(data["colocated"]["errors"])
     assert "colocated" in capsys.readouterr().out
-    assert B.main(["--target", "nourl", "--model", "m"]) == 2
+    assert bench.main(["--target", "nourl", "--model", "m"]) == 2

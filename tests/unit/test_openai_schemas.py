@@ -26,8 +26,21 @@ try:
 except ImportError:  # the openai client in this environment ships httpx as httpx2
     import httpx2 as httpx
 
-from moeray.platform.serve import ingress
-from moeray.platform.serve import openai as oa
+from moeray.platform.serve.http.admission import AdmissionGate
+from moeray.platform.serve.http.app import build_app
+from moeray.platform.serve.http.auth import API_KEY_ENV, check_bearer, resolve_api_key
+from moeray.platform.serve.http.chat import deepseek_chat_prompt
+from moeray.platform.serve.http.errors import APIError, param_path, validation_error
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationParams,
+    GenerationRequest,
+    GenerationStep,
+    TokenLogprob,
+)
+from moeray.platform.serve.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from moeray.platform.serve.http.server import OpenAIServerConfig
+from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
 
 EOS = 256
 
@@ -70,11 +83,11 @@ class EchoEngine:
     steps: tuple[int, ...] = (1, 2, 3)  # tokens per step, cycled (MTP accepts drafts)
     live: set[str] = field(default_factory=set)
     closed: dict[str, str] = field(default_factory=dict)  # request id -> "finished" | "cancelled"
-    requests: list[oa.EngineRequest] = field(default_factory=list)
+    requests: list[GenerationRequest] = field(default_factory=list)
 
-    async def generate(self, request: oa.EngineRequest):
+    async def generate(self, request: GenerationRequest):
         if self.overloaded:
-            raise oa.EngineOverloaded("test engine queue full", retry_after_s=2.5)
+            raise BackendOverloaded("test engine queue full", retry_after_s=2.5)
         self.requests.append(request)
         self.live.add(request.request_id)
         tokens, reason = echo_tokens(
@@ -97,7 +110,7 @@ class EchoEngine:
                 lps = None
                 if k is not None:
                     lps = tuple(
-                        oa.TokenLogprob(
+                        TokenLogprob(
                             t,
                             fake_logprob(t),
                             tuple(((t + j) % 256, -0.05 * (j + 1)) for j in range(k)),
@@ -107,7 +120,7 @@ class EchoEngine:
                 done = pos == len(tokens)
                 if done:
                     outcome = "finished"
-                yield oa.GenerationStep(chunk, lps, reason if done else None)
+                yield GenerationStep(chunk, lps, reason if done else None)
         finally:
             self.live.discard(request.request_id)
             self.closed[request.request_id] = outcome
@@ -145,8 +158,8 @@ def serve_app(app) -> Iterator[str]:
 
 def make_server(engine=None, *, metrics=None, **cfg):
     engine = engine or EchoEngine()
-    config = ingress.OpenAIServerConfig(**{"model_id": "tiny", "max_context": 512, **cfg})
-    return engine, ingress.build_app(engine, ByteTokenizer(), config, metrics=metrics)
+    config = OpenAIServerConfig(**{"model_id": "tiny", "max_context": 512, **cfg})
+    return engine, build_app(engine, ByteTokenizer(), config, metrics=metrics)
 
 
 def _wait(cond, timeout=5.0):
@@ -164,7 +177,7 @@ def test_incremental_detokenizer_random_utf8_splits():
     for _ in range(50):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
         ids = tok.encode(text)
-        det = ingress.IncrementalDetokenizer(tok)
+        det = IncrementalDetokenizer(tok)
         pieces, pos = [], 0
         while pos < len(ids):
             n = rng.randint(1, 4)
@@ -177,7 +190,7 @@ def test_incremental_detokenizer_random_utf8_splits():
 
 def test_incremental_detokenizer_flushes_a_truncated_character():
     tok = ByteTokenizer()
-    det = ingress.IncrementalDetokenizer(tok)
+    det = IncrementalDetokenizer(tok)
     ids = tok.encode("a€")[:-1]  # the euro sign cut after 2 of 3 bytes
     assert det.push(ids[:1]) == "a"
     assert det.push(ids[1:]) == ""  # held back: the character is incomplete
@@ -194,7 +207,7 @@ def test_stop_matcher_random_against_reference():
         ]
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         want = text[: min(hits)] if hits else text
-        m = ingress.StopMatcher(stops)
+        m = StopMatcher(stops)
         out, pos = [], 0
         while pos < len(text) and not m.stopped:
             n = rng.randint(1, 5)
@@ -210,9 +223,9 @@ def test_stop_matcher_random_against_reference():
 
 
 def test_param_paths_and_validation_errors():
-    assert oa.param_path(("body", "messages", 0, "role")) == "messages.[0].role"
-    assert oa.param_path(("body", "temperature")) == "temperature"
-    assert oa.param_path(("body", 12)) is None
+    assert param_path(("body", "messages", 0, "role")) == "messages.[0].role"
+    assert param_path(("body", "temperature")) == "temperature"
+    assert param_path(("body", 12)) is None
     cases = [
         ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
         ({"model": "m", "prompt": "x", "temperature": "hot"}, "temperature"),
@@ -239,8 +252,8 @@ def test_param_paths_and_validation_errors():
     ]
     for body, param in cases:
         with pytest.raises(Exception) as ei:
-            oa.CompletionRequest.model_validate(body)
-        err = oa.validation_error(ei.value.errors())
+            CompletionRequest.model_validate(body)
+        err = validation_error(ei.value.errors())
         assert err.status == 400 and err.param == param, (body, err.param, err.message)
         assert param in err.message
     chat_cases = [
@@ -273,9 +286,9 @@ def test_param_paths_and_validation_errors():
     ]
     for body, param in chat_cases:
         with pytest.raises(Exception) as ei:
-            oa.ChatCompletionRequest.model_validate(body)
-        assert oa.validation_error(ei.value.errors()).param == param, body
-    ok = oa.ChatCompletionRequest.model_validate(
+            ChatCompletionRequest.model_validate(body)
+        assert validation_error(ei.value.errors()).param == param, body
+    ok = ChatCompletionRequest.model_validate(
         {
             "model": "m",
             "temperature": 0,
@@ -289,12 +302,12 @@ def test_param_paths_and_validation_errors():
         }
     )
     assert ok.messages[0].content == "ab" and ok.stop == ("x",) and ok.temperature == 0.0
-    batch = oa.CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
+    batch = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
     assert batch.prompt == [[1, 2], [3]]
 
 
 def test_admission_gate_bearer_and_params():
-    g = ingress.AdmissionGate(limit=3, retry_after_s=0.2)
+    g = AdmissionGate(limit=3, retry_after_s=0.2)
     assert g.try_acquire(2) and not g.try_acquire(2) and g.try_acquire(1)
     assert g.in_flight == 3
     err = g.rejection()
@@ -302,38 +315,38 @@ def test_admission_gate_bearer_and_params():
     g.release(2)
     assert g.try_acquire(2)
     with pytest.raises(ValueError):
-        ingress.AdmissionGate(limit=0)
-    ingress.check_bearer(None, None)
-    ingress.check_bearer("Bearer s3cret", "s3cret")
-    ingress.check_bearer("bearer s3cret", "s3cret")
+        AdmissionGate(limit=0)
+    check_bearer(None, None)
+    check_bearer("Bearer s3cret", "s3cret")
+    check_bearer("bearer s3cret", "s3cret")
     for bad in (None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret"):
-        with pytest.raises(oa.APIError) as ei:
-            ingress.check_bearer(bad, "s3cret")
+        with pytest.raises(APIError) as ei:
+            check_bearer(bad, "s3cret")
         assert ei.value.status == 401
     with pytest.raises(ValueError, match="max_tokens"):
-        oa.GenerationParams(max_tokens=0)
+        GenerationParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
-        oa.GenerationParams(max_tokens=1, top_p=0.0)
+        GenerationParams(max_tokens=1, top_p=0.0)
     with pytest.raises(ValueError, match="max_context"):
-        ingress.OpenAIServerConfig(model_id="m", max_context=0)
+        OpenAIServerConfig(model_id="m", max_context=0)
 
 
 def test_resolve_api_key(monkeypatch):
-    monkeypatch.delenv(ingress.API_KEY_ENV, raising=False)
-    assert ingress.resolve_api_key(None) is None
-    monkeypatch.setenv(ingress.API_KEY_ENV, "from-env")
-    assert ingress.resolve_api_key(None) == "from-env"
-    assert ingress.resolve_api_key("flag") == "flag"
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(None) is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(None) == "from-env"
+    assert resolve_api_key("flag") == "flag"
 
 
 def test_deepseek_chat_prompt():
     msgs = [
-        oa.ChatMessage(role="system", content="S"),
-        oa.ChatMessage(role="user", content="hi"),
-        oa.ChatMessage(role="assistant", content="yo"),
-        oa.ChatMessage(role="user", content="q"),
+        ChatMessage(role="system", content="S"),
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", content="yo"),
+        ChatMessage(role="user", content="q"),
     ]
-    assert ingress.deepseek_chat_prompt(msgs) == (
+    assert deepseek_chat_prompt(msgs) == (
         "<｜begin▁of▁sentence｜>S<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜>"
         "<｜User｜>q<｜Assistant｜>"
     )
@@ -360,7 +373,7 @@ def _client(url: str, key: str = "unused"):
 
 
 def test_completions_with_openai_client(live):
-    engine, url, reg = live
+    engine, url, _reg = live
     client = _client(url)
     prompt = "héllo wörld ✓ 😀"
     ids = ByteTokenizer().encode(prompt)
@@ -440,12 +453,10 @@ def test_completion_logprobs(live):
 
 
 def test_chat_with_openai_client(live):
-    engine, url, _ = live
+    _engine, url, _ = live
     client = _client(url)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ça va?"}]
-    prompt_ids = ByteTokenizer().encode(
-        ingress.deepseek_chat_prompt([oa.ChatMessage(**m) for m in msgs])
-    )
+    prompt_ids = ByteTokenizer().encode(deepseek_chat_prompt([ChatMessage(**m) for m in msgs]))
     want_ids, _ = echo_tokens(prompt_ids, 11, 30)
     want = ByteTokenizer().decode(want_ids)
     r = client.chat.completions.create(

@@ -1,4 +1,5 @@
-"""`moeray serve --write-config`, the shipped Serve configs, and ServeConfig validation (no Ray cluster)."""
+"""`moeray serve --write-config`, the shipped Serve configs, and ServeConfig validation (no Ray
+cluster)."""
 
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from moeray.platform.config import KV_TRANSPORTS, ServeConfig  # noqa: E402
-from moeray.platform.serve.app import _decode_router, main  # noqa: E402
+from moeray.platform.serve.app import _decode_request_router, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,13 +87,13 @@ def test_serve_config_rejects_bad_values():
         ServeConfig.from_dict({"kv_transprot": "rdt"})
 
 
-def test_decode_router_resolves_to_a_serve_request_router():
+def test_decode_request_router_resolves_to_a_serve_request_router():
     from ray.serve._private.utils import import_attr
     from ray.serve.request_router import RequestRouter
 
-    opts = _decode_router(ServeConfig(page_size=32, routing_stats_period_s=0.5))
+    opts = _decode_request_router(ServeConfig(page_size=32, routing_stats_period_s=0.5))
     cls = import_attr(opts["request_router_class"])
-    assert issubclass(cls, RequestRouter) and cls.__name__ == "DecodeRouter"
+    assert issubclass(cls, RequestRouter) and cls.__name__ == "DecodeRequestRouter"
     assert (
         opts["request_router_kwargs"] == {"page_size": 32}
         and opts["request_routing_stats_period_s"] == 0.5
@@ -121,7 +122,7 @@ def test_engine_deployments_take_resources_and_autoscaling_from_the_config():
     }
 
 
-def test_decode_router_backs_off_when_no_replica_takes_the_request():
+def test_decode_request_router_backs_off_when_no_replica_takes_the_request():
     """Serve's routing loop calls choose_replicas again at once unless the request asks for a
     backoff; as choose_replicas never awaits, that loop starved the router's event loop."""
     import asyncio
@@ -129,7 +130,7 @@ def test_decode_router_backs_off_when_no_replica_takes_the_request():
 
     from ray.serve._private.request_router.common import RequestRoutingContext
 
-    from moeray.actors.decode import decode_router_class
+    from moeray.actors.decode import decode_request_router_class
     from moeray.platform.serve.worker import DecodeRoutingPolicy
 
     router = SimpleNamespace(policy=DecodeRoutingPolicy(16))
@@ -139,7 +140,7 @@ def test_decode_router_backs_off_when_no_replica_takes_the_request():
         )
         for rid, n in (("a", 3), ("b", 9))
     ]
-    choose = decode_router_class().choose_replicas
+    choose = decode_request_router_class().choose_replicas
     for kwargs, want in (({}, ["b", "a"]), ({"replica": "a"}, ["a"]), ({"replica": "gone"}, [])):
         pending = SimpleNamespace(args=[], kwargs=kwargs, routing_context=RequestRoutingContext())
         ranks = asyncio.run(choose(router, replicas, pending))

@@ -13,15 +13,12 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.serve.kv_channel import ChannelReceiver, ChannelSender, ChannelTicket
-from moeray.platform.serve.kv_transfer import (
-    DecodeEndpoint,
-    ObjectStoreReceiver,
-    ObjectStoreSender,
-    make_receiver,
-    make_sender,
-)
-from moeray.platform.serve.openai import EngineRequest, GenerationParams
+from moeray.platform.serve.http.protocol import GenerationParams, GenerationRequest
+from moeray.platform.serve.kv_transport.base import ChannelTicket, DecodeEndpoint
+from moeray.platform.serve.kv_transport.channel.receiver import ChannelReceiver
+from moeray.platform.serve.kv_transport.channel.sender import ChannelSender
+from moeray.platform.serve.kv_transport.factory import make_receiver, make_sender
+from moeray.platform.serve.kv_transport.object_store import ObjectStoreReceiver, ObjectStoreSender
 from moeray.platform.serve.worker import DecodeRoutingPolicy, DecodeWorker, PrefillWorker
 
 
@@ -59,14 +56,14 @@ def test_channel_moves_rows_exactly_with_concurrent_transfers(dtype):
         with _channel() as (recv, send):
             tickets = [await send.send(f"r{i}", r, recv.endpoint()) for i, r in enumerate(rows)]
             assert len({t.tag for t in tickets}) == len(rows)
-            assert all(t.nbytes == r.nbytes for t, r in zip(tickets, rows))
+            assert all(t.nbytes == r.nbytes for t, r in zip(tickets, rows, strict=True))
             # Received in reverse order and concurrently: gloo matches by tag.
             got = await asyncio.gather(*[recv.receive(t) for t in reversed(tickets)])
             return list(reversed(got)), send.failures
 
     got, failures = asyncio.run(run())
     assert failures == 0
-    for g, r in zip(got, rows):
+    for g, r in zip(got, rows, strict=True):
         assert g.start == r.start and g.kv_LTC.dtype == dtype
         assert torch.equal(g.kv_LTC, r.kv_LTC) and torch.equal(g.pe_LTR, r.pe_LTR)
 
@@ -76,7 +73,7 @@ def test_channel_receive_times_out_when_the_sender_never_sends():
         recv = ChannelReceiver("decode-0", timeout_s=1.0)
         try:
             forged = ChannelTicket(0, "nobody", 0, (1, 2, 3), (1, 2, 1), "float32", 32)
-            with pytest.raises(Exception, match="(?i)timeout|timed out|wait"):
+            with pytest.raises(Exception, match=r"(?i)timeout|timed out|wait"):
                 await recv.receive(forged)
             with pytest.raises(TypeError, match="ticket"):
                 await recv.receive(_rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1))
@@ -213,8 +210,8 @@ def test_channel_many_concurrent_transfers_in_scrambled_order():
     order = random.Random(4).sample(range(48), 48)
 
     async def run():
-        # 15 s: a TCP connect on the loaded 2-core CI box can stall 5 s (kv_channel.py, the
-        # _QUEUE note); a deadlock still fails the 30 s bound below
+        # 15 s: a TCP connect on the loaded 2-core CI box can stall 5 s (the TICKET_QUEUE note in
+        # kv_transport/channel/__init__.py); a deadlock still fails the 30 s bound below
         with _channel(15, 15) as (recv, send):
             ep = recv.endpoint()
             for i in range(0, 48, 2):
@@ -223,7 +220,7 @@ def test_channel_many_concurrent_transfers_in_scrambled_order():
             got = await asyncio.wait_for(
                 asyncio.gather(*[recv.receive(tickets[i]) for i in order]), 30
             )
-            return dict(zip(order, got)), send.failures, dict(recv._expected)
+            return dict(zip(order, got, strict=True)), send.failures, dict(recv._expected)
 
     got, failures, pending = asyncio.run(run())
     assert failures == 0 and pending == {}
@@ -287,7 +284,7 @@ def test_pd_over_the_channel_matches_the_engine_and_sends_only_missing_pages(mod
         try:
             out = []
             for i, p in enumerate(prompts):  # in turn: the second finds the first's pages cached
-                req = EngineRequest(
+                req = GenerationRequest(
                     f"q{i}", tuple(p), GenerationParams(max_tokens=6, temperature=0.0)
                 )
                 out.append(await _tokens(decode.generate(req)))
@@ -336,7 +333,7 @@ def test_decode_worker_cancels_the_expectation_of_a_failed_prefill(model):
         try:
             out = []
             for i, p in enumerate(prompts):
-                req = EngineRequest(
+                req = GenerationRequest(
                     f"w{i}", tuple(p), GenerationParams(max_tokens=4, temperature=0.0)
                 )
                 out.append(await _tokens(decode.generate(req)))
@@ -357,7 +354,7 @@ def test_routing_prefers_most_free_pages_then_prefix_owner():
     rng = random.Random(3)
     pol = DecodeRoutingPolicy(page_size=16)
     reps = ["a", "b", "c"]
-    for r, free in zip(reps, (40, 90, 10)):
+    for r, free in zip(reps, (40, 90, 10), strict=True):
         pol.observe(r, free, seq=1)
     p1 = [rng.randrange(2, 1000) for _ in range(70)]  # 4 cacheable full pages
     assert pol.rank(p1, reps) == ["b", "a", "c"]
@@ -372,7 +369,7 @@ def test_routing_prefers_most_free_pages_then_prefix_owner():
     pol.observe("b", 1, seq=2)
     assert pol.rank(p2, reps)[0] == "a"
     # A replica without a report yet counts as empty (fresh cache); a forgotten one loses affinity.
-    assert pol.rank(p2, reps + ["d"])[0] == "d"
+    assert pol.rank(p2, [*reps, "d"])[0] == "d"
     pol.observe("b", 500, seq=3)
     pol.forget("b")
     assert pol.rank(p2, ["a", "c"]) == ["a", "c"]
@@ -391,9 +388,7 @@ def test_prefix_hashes_match_page_boundaries():
     h5 = pol.prefix_hashes(list(range(5)))
     h9 = pol.prefix_hashes(list(range(9)))
     assert len(h5) == 1 and len(h9) == 2 and h9[0] == h5[0]
-    assert (
-        pol.prefix_hashes([9] + list(range(1, 9)))[1] != h9[1]
-    )  # chained: page 2 depends on page 1
+    assert pol.prefix_hashes([9, *range(1, 9)])[1] != h9[1]  # chained: page 2 depends on page 1
 
 
 def test_endpoint_is_plain_data():

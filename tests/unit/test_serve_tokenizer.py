@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moeray.platform.serve.openai import ChatMessage
+from moeray.platform.serve.http.schemas import ChatMessage
 from moeray.platform.serve.tokenizer import ServeTokenizer
 from moeray.platform.train.data import save_tokenizer, train_tokenizer
 
@@ -40,5 +40,5 @@ def test_a_directory_template_wins_and_missing_files_are_errors(tok_dir, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     render = ServeTokenizer(tmp_path).chat_template()
     assert render([ChatMessage(role="user", content="x")]) == "[user]x"
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    with pytest.raises(ValueError, match=r"no tokenizer.json"):
         ServeTokenizer(tmp_path / "nowhere")

@@ -9,7 +9,11 @@ from moeray.platform.config import tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationParams
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationParams,
+    GenerationRequest,
+)
 from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker, PrefillWorker
 
 
@@ -29,7 +33,7 @@ def _engine(model, pages=64):
 
 
 def _req(rid, prompt, max_tokens=8):
-    return EngineRequest(
+    return GenerationRequest(
         rid, tuple(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
     )
 
@@ -119,7 +123,7 @@ def test_overloaded_replica_raises_before_queueing(model):
     async def run():
         w = ColocatedWorker(_engine(model), max_waiting=0)
         try:
-            with pytest.raises(EngineOverloaded):
+            with pytest.raises(BackendOverloaded):
                 await _collect(w.generate(_req("y", [5, 6, 7])))
             assert not w.loop.engine.has_unfinished()
         finally:

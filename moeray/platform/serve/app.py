@@ -21,28 +21,41 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from moeray.actors.decode import ColocatedServer, DecodeServer
+from moeray.actors.prefill import PrefillServer
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
-from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationStep
+from moeray.platform.metrics import Metrics
+from moeray.platform.serve.http.app import build_app
+from moeray.platform.serve.http.auth import resolve_api_key
+from moeray.platform.serve.http.chat import deepseek_chat_prompt
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationRequest,
+    GenerationStep,
+)
+from moeray.platform.serve.http.server import OpenAIServerConfig
+from moeray.platform.serve.kv_transport.rdt import RELAY_GPUS
+from moeray.platform.serve.tokenizer import ServeTokenizer
 
 APP_NAME = "moeray"
 
 
-class HandleEngine:
-    """The app's Engine protocol over a Serve handle to a decode/colocated deployment."""
+class HandleBackend:
+    """The app's GenerationBackend over a Serve handle to a decode/colocated deployment."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle.options(stream=True)
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         gen = self.handle.generate.remote(request)
         try:
             async for step in gen:
                 yield step
-        except EngineOverloaded as e:
+        except BackendOverloaded as e:
             # Ray wraps the replica's exception (its message is a task traceback): re-raise the
             # replica's own, so the 429 body carries its message and Retry-After.
             cause = getattr(e, "cause", e)
-            raise EngineOverloaded(str(cause), retry_after_s=cause.retry_after_s) from None
+            raise BackendOverloaded(str(cause), retry_after_s=cause.retry_after_s) from None
         finally:
             # Client gone, stop string hit, or done: cancelling the replica's generator aborts the
             # request there, which frees its KV pages at once.
@@ -51,25 +64,15 @@ class HandleEngine:
 
 class Ingress:
     def __init__(self, config: dict[str, Any], backend: Any) -> None:
-        from moeray.platform.serve.tokenizer import ServeTokenizer
-
         self.cfg = ServeConfig.from_dict(config)
         self.tokenizer = ServeTokenizer(self.cfg.model)
         model = ModelConfig.from_hf(self.cfg.model)
         self.max_context = min(
             self.cfg.max_model_len or model.max_position_embeddings, model.max_position_embeddings
         )
-        self.engine = HandleEngine(backend)
+        self.backend = HandleBackend(backend)
 
     def __serve_build_asgi_app__(self):
-        from moeray.platform.metrics import Metrics
-        from moeray.platform.serve.ingress import (
-            OpenAIServerConfig,
-            build_app,
-            deepseek_chat_prompt,
-            resolve_api_key,
-        )
-
         server_cfg = OpenAIServerConfig(
             model_id=self.cfg.served_model_id,
             max_context=self.max_context,
@@ -78,7 +81,7 @@ class Ingress:
             created=int(time.time()),
         )
         return build_app(
-            self.engine,
+            self.backend,
             self.tokenizer,
             server_cfg,
             metrics=Metrics("ray", default_labels={"model": self.cfg.served_model_id}),
@@ -86,22 +89,21 @@ class Ingress:
         )
 
 
-RDT_RELAY_GPUS = 0.01  # keep equal to the relays' num_gpus in kv_transfer.RDTSender
-
-
 def _engine_options(
     cfg: ServeConfig, replicas: int, *, reject_overflow: bool = False
 ) -> dict[str, Any]:
     """Serve options of an engine deployment. With `reject_overflow` (the deployments that stream
     to clients) Serve lets one more request through than the engine holds, so a full replica
-    answers EngineOverloaded (429 at the API) instead of Serve queueing the excess at the handle
-    without bound; the prefill keeps the plain cap (its overflow would only turn into recomputes)."""
+    answers BackendOverloaded (429 at the API) instead of Serve queueing the excess at the handle
+    without bound; the prefill keeps the plain cap (its overflow would only turn into
+    recomputes)."""
     cap = cfg.max_num_seqs + cfg.max_waiting + (1 if reject_overflow else 0)
     gpus = cfg.gpus_per_replica
     if cfg.mode == "pd" and cfg.kv_transport == "rdt" and gpus >= 1:
-        # RDT's relay actors (kv_transfer.py) take 0.01 GPU each and must sit on different GPUs;
-        # whole-GPU replicas would leave them unplaceable (transfers then time out and recompute).
-        gpus -= RDT_RELAY_GPUS
+        # RDT's relay actors (kv_transport/rdt.py) take RELAY_GPUS each and must sit on different
+        # GPUs; whole-GPU replicas would leave them unplaceable (transfers then time out and
+        # recompute).
+        gpus -= RELAY_GPUS
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus},
         "max_ongoing_requests": cap,
@@ -113,24 +115,22 @@ def _engine_options(
     return opts
 
 
-def _decode_router(cfg: ServeConfig) -> dict[str, Any]:
+def _decode_request_router(cfg: ServeConfig) -> dict[str, Any]:
     """Decode replicas: most free KV pages first, affinity to the one holding a prompt's prefix
-    (moeray.actors.decode.DecodeRouter); replicas report free pages every routing_stats_period_s.
-    Prefill keeps Serve's default power-of-two router, which sends to the shorter queue."""
+    (moeray.actors.decode.DecodeRequestRouter); replicas report free pages every
+    routing_stats_period_s. Prefill keeps Serve's default power-of-two request router, which sends
+    to the shorter queue."""
     return {
-        "request_router_class": "moeray.actors.decode:DecodeRouter",
+        "request_router_class": "moeray.actors.decode:DecodeRequestRouter",
         "request_router_kwargs": {"page_size": cfg.page_size},
         "request_routing_stats_period_s": cfg.routing_stats_period_s,
         "request_routing_stats_timeout_s": max(5.0, 5 * cfg.routing_stats_period_s),
     }
 
 
-def build_app(cfg: ServeConfig):
+def build_serve_app(cfg: ServeConfig):
     """The Serve application for `cfg` (deployments bound, not yet running)."""
     from ray import serve
-
-    from moeray.actors.decode import ColocatedServer, DecodeServer
-    from moeray.actors.prefill import PrefillServer
 
     if not (Path(cfg.model) / "config.json").exists():
         raise ValueError(
@@ -151,7 +151,7 @@ def build_app(cfg: ServeConfig):
         backend = serve.deployment(
             DecodeServer,
             name="Decode",
-            request_router_config=_decode_router(cfg),
+            request_router_config=_decode_request_router(cfg),
             **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
         ).bind(args, prefill)
     ingress = serve.deployment(
@@ -164,8 +164,9 @@ def build_app(cfg: ServeConfig):
 
 
 def build(args: dict[str, Any]):
-    """Application builder for Serve config files: `import_path: moeray.platform.serve.app:build`."""
-    return build_app(ServeConfig.from_dict(dict(args)))
+    """Application builder for Serve config files:
+    `import_path: moeray.platform.serve.app:build`."""
+    return build_serve_app(ServeConfig.from_dict(dict(args)))
 
 
 def serve_config_file(cfg: ServeConfig) -> dict[str, Any]:
@@ -194,15 +195,13 @@ def start(
     import ray
     from ray import serve
 
-    from moeray.platform.serve.ingress import resolve_api_key
-
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
         )
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     cfg = cfg.replace(api_key=resolve_api_key(cfg.api_key))
-    return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
+    return serve.run(build_serve_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -266,10 +265,13 @@ def main(argv: list[str]) -> int:
         import yaml
 
         header = (
-            "# Written by `moeray serve --write-config`; run with `serve run F` or `serve deploy F`.\n"
+            "# Written by `moeray serve --write-config`; "
+            "run with `serve run F` or `serve deploy F`.\n"
             "# `args` are ServeConfig fields (moeray/platform/config.py); e.g. autoscaling:\n"
-            "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} per engine deployment.\n"
-            "# The API key is never written here: set MOERAY_API_KEY in the cluster's environment.\n"
+            "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} "
+            "per engine deployment.\n"
+            "# The API key is never written here: "
+            "set MOERAY_API_KEY in the cluster's environment.\n"
         )
         Path(a.write_config).write_text(
             header + yaml.safe_dump(serve_config_file(cfg), sort_keys=False)

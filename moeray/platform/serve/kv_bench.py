@@ -3,26 +3,26 @@
 Legend: L cached layers, T tokens, C kv_lora_rank, R qk_rope_head_dim (see engine/disagg.py).
 
 Two Ray actors on this node play prefill and decode (one GPU each on CUDA, CPU-only on CPU). Each
-holds the transports' real Sender / Receiver (`kv_transfer.make_sender` / `make_receiver`). Per
-(transport, T) the decode actor drives the loop the way a decode replica does in Serve
-(`DecodeWorker.generate`): it calls `receiver.expect(request_id)`, then calls the prefill actor
-with its endpoint; the prefill actor builds the rows (kv [L, T, C] + rope [L, T, R], bf16, on its
-device; not timed), reads the clock and turns them into a ticket with `send`; the ticket rides back
-in the call's reply; the decode actor `receive`s it, synchronizes its device and reads the clock
-again. The channel also pushes the ticket to a queue in the decode actor's TCPStore, where the
-receiver posts the receive of an expected request without waiting for the reply; when the rows
-arrived that way, the transfer ends when they landed (the receive thread synchronizes the device
-and reads the clock), else when `receive` returned. The transfer time is that end minus the
-prefill's reading (both
-CLOCK_MONOTONIC, which is system-wide on Linux: valid because both actors are pinned to this node);
-with_reply_p50_ms ends at `receive` for every transport: what a decode replica waits for, since it
-also needs the reply's first token.
-Every transfer's rows are checked on the decode side against the pattern the prefill side wrote
-for that iteration (exact equality, outside the timed window), so a transport that delivers
-garbage, stale rows or the wrong shape fails the run.
+holds the transports' real Sender / Receiver (`kv_transport.factory.make_sender` / `make_receiver`;
+the actor is `KVBenchPeer` in serve/kv_bench_peer.py). Per (transport, T) the decode actor drives
+the loop the way a decode replica does in Serve (`DecodeWorker.generate`): it calls
+`receiver.expect(request_id)`, then calls the prefill actor with its endpoint; the prefill actor
+builds the rows (kv [L, T, C] + rope [L, T, R], bf16, on its device; not timed), reads the clock and
+turns them into a ticket with `send`; the ticket rides back in the call's reply; the decode actor
+`receive`s it, synchronizes its device and reads the clock again. The channel also pushes the ticket
+to a queue in the decode actor's TCPStore, where the receiver posts the receive of an expected
+request without waiting for the reply; when the rows arrived that way, the transfer ends when they
+landed (the receive thread synchronizes the device and reads the clock), else when `receive`
+returned. The transfer time is that end minus the prefill's reading (both CLOCK_MONOTONIC, which is
+system-wide on Linux: valid because both actors are pinned to this node); with_reply_p50_ms ends at
+`receive` for every transport: what a decode replica waits for, since it also needs the reply's
+first token.
+Every transfer's rows are checked on the decode side against the pattern the prefill side wrote for
+that iteration (exact equality, outside the timed window), so a transport that delivers garbage,
+stale rows or the wrong shape fails the run.
 
 In the same run the same two processes measure the raw floor: a bare torch.distributed pair (the
-`P2PPeer` of kv_transfer, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
+`P2PPeer` of kv_transport/p2p.py, gloo on CPU / nccl on CUDA) ping-pongs the same bytes.
 
 V3 sizes: 61 layers x 4096 tokens x (512 + 64) x 2 bytes = 288 MB per 4K-token prompt; issue #7
 asks the fast path (the channel) to move that in under 2 ms.
@@ -31,305 +31,34 @@ asks the fast path (the channel) to move that in under 2 ms.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transfer import (
-    TRANSPORTS,
-    P2PPeer,
-    backend_for,
-    make_receiver,
-    make_sender,
+from moeray.platform.results import device_slug, write_result
+from moeray.platform.serve.kv_bench_peer import (
+    DEFAULT_TRANSPORTS,
+    MIN_TIMED,
+    V3_KV_LORA_RANK,
+    V3_LAYERS,
+    V3_ROPE_DIM,
+    KVBenchConfig,
+    KVBenchPeer,
 )
+from moeray.platform.serve.kv_transport.base import backend_for
+from moeray.platform.serve.kv_transport.factory import TRANSPORTS
 
-V3_LAYERS, V3_KV_LORA_RANK, V3_ROPE_DIM = 61, 512, 64
 FAST_PATH_TOKENS = 4096  # the issue's 4K-token prompt: 288 MB at the V3 shape
 TARGET_MS = 2.0
-MIN_TIMED = 3  # the per-cell time budget never cuts a cell below this many timed transfers
-# Order of the default run: the fast path first, RDT last (it needs Ray's NCCL collective group on
-# CUDA and is the likeliest to fail; a failing transport is recorded and the run goes on).
-DEFAULT_TRANSPORTS = ("channel", "object_store", "rdt")
 # On a GPU each actor takes 0.99 of its card, not 1: RDT's relay pair asks for 0.01 GPU per relay,
 # and with exactly 0.01 left on each card the two relays land on different cards (NCCL refuses two
 # ranks of one communicator on the same GPU; with whole-GPU actors the relays could not be placed).
 ACTOR_GPUS = 0.99
 
 
-@dataclass(frozen=True)
-class KVBenchConfig:
-    device: str = "cpu"  # "cpu" (gloo) or "cuda" (nccl; needs 2 GPUs)
-    tokens: tuple[int, ...] = (16, 128)
-    layers: int = 4
-    kv_lora_rank: int = V3_KV_LORA_RANK
-    rope_dim: int = V3_ROPE_DIM
-    transports: tuple[str, ...] = DEFAULT_TRANSPORTS
-    warmup: int = 3
-    iters: int = 20
-    budget_s: float = 20.0  # per (transport, T): stop timing after this, once MIN_TIMED are in
-    timeout_s: float = 60.0  # per transfer, and the transports' own rendezvous/collective timeout
-    raw_tiny_bytes: int = 4  # the tiny ping subtracted from the raw ping-pong (one float32)
-    dtype: torch.dtype = torch.bfloat16
-
-    def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: accepted cpu, cuda")
-        if (
-            not self.tokens
-            or any(t < 1 for t in self.tokens)
-            or len(set(self.tokens)) != len(self.tokens)
-        ):
-            raise ValueError(
-                f"tokens={self.tokens}: need at least one size, each >= 1, none repeated"
-            )
-        if min(self.layers, self.kv_lora_rank, self.rope_dim) < 1:
-            raise ValueError(
-                f"layers={self.layers}, kv_lora_rank={self.kv_lora_rank}, "
-                f"rope_dim={self.rope_dim} must all be >= 1"
-            )
-        bad = [t for t in self.transports if t not in TRANSPORTS]
-        if bad or not self.transports or len(set(self.transports)) != len(self.transports):
-            raise ValueError(
-                f"transports={self.transports}: give each of {TRANSPORTS} at most once"
-            )
-        if self.warmup < 1 or self.iters < 1:
-            # warm-up >= 1: the first transfer of a transport sets up its channel / relay pair.
-            raise ValueError(f"warmup={self.warmup} and iters={self.iters} must be >= 1")
-        if self.budget_s <= 0 or self.timeout_s <= 0:
-            raise ValueError(f"budget_s={self.budget_s} and timeout_s={self.timeout_s} must be > 0")
-        if self.raw_tiny_bytes < 1:
-            raise ValueError(f"raw_tiny_bytes={self.raw_tiny_bytes} must be >= 1")
-
-    def nbytes(self, tokens: int) -> int:
-        return (
-            self.layers
-            * tokens
-            * (self.kv_lora_rank + self.rope_dim)
-            * torch.finfo(self.dtype).bits
-            // 8
-        )
-
-
-# ---- payload: a per-iteration pattern, exact in bf16 ----------------------------------------------
-def pattern(
-    shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Integers in [0, 255] (exact in bf16's 8 significant bits), period 251 * 241 = 60491
-    elements along the flattened tensor, offset by 17 * seed mod 256 (period 256 in seed; a run's
-    seeds are 2 * iteration and 2 * iteration + 1, so kv vs rope rows and any of the last 127
-    iterations' rows differ from it, as does a shifted or truncated copy)."""
-    n = 1
-    for s in shape:
-        n *= s
-    i = torch.arange(n, dtype=torch.int32, device=device)
-    # Reduced first so int32 never overflows (250 * 131 + 240 * 7 + 17 * 255 < 2^16).
-    v = ((i % 251) * 131 + (i % 241) * 7 + 17 * (seed % 256)) % 256
-    return v.to(dtype).view(shape)
-
-
-def make_rows(
-    layers: int,
-    tokens: int,
-    kv_lora_rank: int,
-    rope_dim: int,
-    seed: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> KVRows:
-    return KVRows(
-        seed,
-        pattern((layers, tokens, kv_lora_rank), 2 * seed, dtype, device),
-        pattern((layers, tokens, rope_dim), 2 * seed + 1, dtype, device),
-    )
-
-
-def verify(
-    rows: KVRows,
-    layers: int,
-    tokens: int,
-    kv_lora_rank: int,
-    rope_dim: int,
-    seed: int,
-    dtype: torch.dtype,
-    label: str,
-) -> None:
-    """Raise RuntimeError unless `rows` are exactly the rows `make_rows(..., seed)` built."""
-    if rows.start != seed:
-        raise RuntimeError(f"{label}: rows start at {rows.start}, sent {seed}")
-    for name, got, width, s in (
-        ("kv", rows.kv_LTC, kv_lora_rank, 2 * seed),
-        ("rope", rows.pe_LTR, rope_dim, 2 * seed + 1),
-    ):
-        shape = (layers, tokens, width)
-        if tuple(got.shape) != shape or got.dtype != dtype:
-            raise RuntimeError(
-                f"{label}: {name} rows {tuple(got.shape)} {got.dtype}, sent {shape} {dtype}"
-            )
-        want = pattern(shape, s, dtype, got.device)
-        if not torch.equal(got, want):
-            bad = int((got != want).sum())
-            raise RuntimeError(
-                f"{label}: {name} rows differ from those sent in {bad} of {want.numel()} values"
-            )
-
-
-def request_id(seed: int) -> str:
-    """The request id of a transfer: both sides derive it from the seed, as the prefill and
-    decode replicas share a request's id in Serve."""
-    return f"kv-bench-{seed}"
-
-
-async def _within(aw: Any, timeout_s: float, what: str) -> Any:
-    try:
-        return await asyncio.wait_for(aw, timeout_s)
-    except TimeoutError:
-        raise TimeoutError(f"{what} after {timeout_s} s") from None
-
-
-# ---- the two actors ---------------------------------------------------------------------------
-class KVBenchPeer(P2PPeer):
-    """Prefill (rank 0 of the raw pair) or decode (rank 1: hosts the raw pair's TCPStore) side."""
-
-    def __init__(self, role: str, cfg: KVBenchConfig) -> None:
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role={role!r}: accepted prefill, decode")
-        # In each actor Ray makes its one GPU cuda:0 (CUDA_VISIBLE_DEVICES).
-        device = "cuda:0" if cfg.device == "cuda" else "cpu"
-        super().__init__(0 if role == "prefill" else 1, backend_for(device), device, cfg.timeout_s)
-        self.role, self.cfg = role, cfg
-        self._senders: dict[str, Any] = {}
-        self._receivers: dict[str, Any] = {}
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def where(self) -> dict[str, Any]:
-        import os
-        import socket
-
-        import ray
-
-        return {
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": str(self.device),
-            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-        }
-
-    # prefill side
-    async def open_sender(self, transport: str) -> None:
-        self._senders[transport] = make_sender(transport, self.device, timeout_s=self.cfg.timeout_s)
-
-    async def send_one(self, transport: str, tokens: int, seed: int, dest: Any) -> tuple[Any, int]:
-        c = self.cfg
-        rows = make_rows(c.layers, tokens, c.kv_lora_rank, c.rope_dim, seed, c.dtype, self.device)
-        self._sync()  # building the rows is not part of the transfer
-        t0 = time.monotonic_ns()
-        ticket = await self._senders[transport].send(request_id(seed), rows, dest)
-        return ticket, t0
-
-    async def close_sender(self, transport: str) -> None:
-        import ray
-
-        sender = self._senders.pop(transport, None)
-        if sender is None:
-            return
-        relays = [a for src, dst, _ in getattr(sender, "_pairs", {}).values() for a in (src, dst)]
-        sender.close()
-        for relay in relays:  # RDTSender.close leaves its relays alive (each holds 0.01 GPU)
-            ray.kill(relay)
-
-    # decode side
-    async def open_receiver(self, transport: str) -> None:
-        self._receivers[transport] = make_receiver(
-            transport, "kv-bench-decode", self.device, timeout_s=self.cfg.timeout_s
-        )
-
-    async def run_cell(
-        self, prefill: Any, transport: str, tokens: int, seed0: int
-    ) -> dict[str, Any]:
-        """Warm-up plus timed transfers of T-token rows from `prefill`, as the decode side sees
-        them; every transfer verified. Returns seconds per timed transfer."""
-        c = self.cfg
-        recv = self._receivers[transport]
-        dest = recv.endpoint()
-        transfer_s, with_reply_s, call_s = [], [], []
-        moved = early_n = before_reply = 0
-        timed_since = None
-        for i in range(c.warmup + c.iters):
-            seed = seed0 + i
-            t_call = time.monotonic_ns()
-            label = f"{transport} at T={tokens}, iteration {i}"
-            # As DecodeWorker.generate: expect (the channel posts its receive once the prefill
-            # publishes the ticket in our store; the others return None) right before the call.
-            early = recv.expect(request_id(seed))
-            ready_ns: list[int] = []
-            if early is not None:
-
-                def stamp(f, ready_ns=ready_ns) -> None:  # on the receive thread, as the rows land
-                    if not f.cancelled() and f.exception() is None:
-                        self._sync()
-                        ready_ns.append(time.monotonic_ns())
-
-                early.add_done_callback(stamp)
-            try:
-                ticket, t0 = await _within(
-                    prefill.send_one.remote(transport, tokens, seed, dest),
-                    c.timeout_s,
-                    f"{label}: no ticket from the prefill side",
-                )
-            except BaseException:
-                recv.cancel(request_id(seed))
-                raise
-            before_reply += int(early is not None and early.done() and i >= c.warmup)
-            rows = await _within(recv.receive(ticket), c.timeout_s, f"{label}: ticket not redeemed")
-            if rows.kv_LTC.device != self.device or rows.pe_LTR.device != self.device:
-                rows = rows.to(self.device)  # timed: the decode side needs them on its device
-                moved += 1
-            self._sync()
-            t1 = time.monotonic_ns()
-            verify(rows, c.layers, tokens, c.kv_lora_rank, c.rope_dim, seed, c.dtype, label)
-            del rows
-            if i < c.warmup:
-                continue
-            # Rows received on the store (queue) notice: when they landed; else once `receive` returned.
-            # ready_ns is complete here: the stamp runs before the future wakes `receive`.
-            transfer_s.append(((ready_ns[0] if ready_ns else t1) - t0) / 1e9)
-            early_n += bool(ready_ns)
-            with_reply_s.append((t1 - t0) / 1e9)
-            call_s.append((t1 - t_call) / 1e9)
-            timed_since = timed_since or t_call
-            if (
-                len(transfer_s) >= MIN_TIMED
-                and (time.monotonic_ns() - timed_since) / 1e9 > c.budget_s
-            ):
-                break
-        return {
-            "transfer_s": transfer_s,
-            "with_reply_s": with_reply_s,
-            "call_s": call_s,
-            "verified": c.warmup + len(transfer_s),
-            "moved_to_device": moved,
-            "early": early_n,
-            "rows_before_reply": int(before_reply),
-        }
-
-    async def close_receiver(self, transport: str) -> None:
-        recv = self._receivers.pop(transport, None)
-        if recv is not None:
-            recv.close()
-
-
-# ---- driver -------------------------------------------------------------------------------------
 def _ms(xs: list[float]) -> dict[str, float]:
     return {
         "p50_ms": 1e3 * statistics.median(xs),
@@ -397,7 +126,7 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
         },
     }
     errors: dict[str, str] = {}
-    # ---- raw floor: a bare pair, same bytes -----------------------------------------------------
+    # The raw floor: a bare pair, same bytes.
     prefill, decode = pair()
     try:
         out["setup"]["actors"] = ray.get(
@@ -406,7 +135,8 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
         port = ray.get(decode.store_port.remote(), timeout=cfg.timeout_s)
         ray.get([prefill.join.remote(port), decode.join.remote(port)], timeout=cfg.timeout_s)
         raw: dict[str, Any] = {
-            "what": f"ping-pong between two actors like the transports' over a bare {backend} pair: "
+            "what": "ping-pong between two actors like the transports' over a bare "
+            f"{backend} pair: "
             "rank 0 sends the payload, rank 1 answers with 1 float32, rank 0 times the round "
             "trip (device synchronized). one_way_ms = p50 round trip with the payload - p50 "
             f"round trip with a {cfg.raw_tiny_bytes}-byte payload / 2 (the tiny round trip is "
@@ -442,7 +172,7 @@ def run_bench(cfg: KVBenchConfig, log=print) -> dict[str, Any]:
     finally:
         ray.kill(prefill)
         ray.kill(decode)
-    # ---- transports -----------------------------------------------------------------------------
+    # The transports.
     seed0 = 0
     for transport in cfg.transports:
         # channel: `expect` before the call, the receive posted when the ticket appears in the
@@ -536,7 +266,8 @@ def table(res: dict[str, Any]) -> str:
             if c:
                 xr = f"{c['x_raw']:.1f}" if c["x_raw"] is not None else "-"
                 lines.append(
-                    f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}{c['mean_ms']:>10.3f}"
+                    f"{name:<14}{t:>6}{c['bytes'] / 1e6:>9.1f}{c['p50_ms']:>10.3f}"
+                    f"{c['mean_ms']:>10.3f}"
                     f"{(c['gbps_p50'] or 0):>9.2f}{xr:>8}{c['iters']:>4}"
                     f"{c['with_reply_p50_ms']:>11.3f}{c['early']:>7}"
                 )
@@ -586,7 +317,8 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-s",
         type=float,
         default=20.0,
-        help=f"per (transport, T): stop timing after this many seconds (at least {MIN_TIMED} transfers)",
+        help="per (transport, T): stop timing after this many seconds "
+        f"(at least {MIN_TIMED} transfers)",
     )
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--out", default=None, help="result name (default kv-<device>)")
@@ -615,8 +347,6 @@ def main(argv: list[str]) -> int:
         print(f"moeray bench kv: {e}", file=sys.stderr)
         return 2
     import ray
-
-    from moeray.platform.results import device_slug, write_result
 
     if not ray.is_initialized():
         ray.init(

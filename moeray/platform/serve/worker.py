@@ -25,20 +25,26 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from moeray.platform.config import ServeConfig
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.engine.engine import Engine
+from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
-from moeray.platform.serve.openai import EngineOverloaded, EngineRequest, GenerationStep
-
-if TYPE_CHECKING:
-    from moeray.platform.config import ServeConfig
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationRequest,
+    GenerationStep,
+)
+from moeray.platform.serve.kv_transport.base import KVReceiver, KVSender
+from moeray.platform.serve.kv_transport.object_store import ObjectStoreReceiver, ObjectStoreSender
 
 log = logging.getLogger(__name__)
 
 
-def sampling_params(req: EngineRequest, *, max_tokens: int | None = None) -> SamplingParams:
+def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) -> SamplingParams:
     """The ingress enforces stop strings on the text itself (and closes the stream), so the
     engine needs no tokenizer for them."""
     p = req.params
@@ -62,7 +68,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=f"moeray-{name}", daemon=True)
         self._thread.start()
 
-    # ---- engine thread --------------------------------------------------------------------------
+    # On the engine thread.
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -94,7 +100,7 @@ class EngineLoop:
         loop, q = target
         loop.call_soon_threadsafe(q.put_nowait, item)
 
-    # ---- any thread -------------------------------------------------------------------------------
+    # On any thread.
     def call(self, fn: Callable[[], Any]) -> Awaitable[Any]:
         """Run fn on the engine thread between steps; await its result."""
         loop = asyncio.get_running_loop()
@@ -104,7 +110,8 @@ class EngineLoop:
             try:
                 result = fn()
             except BaseException as e:
-                # Bound now: Python unbinds `e` when the except block ends, before the loop runs this.
+                # Bound now: Python unbinds `e` when the except block ends, before the loop runs
+                # this.
                 loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
@@ -126,7 +133,7 @@ class EngineLoop:
         yield the request's outputs until it finishes. Closing the generator aborts the request,
         which frees its pages at once."""
         if self.num_waiting() >= self.max_waiting:
-            raise EngineOverloaded(
+            raise BackendOverloaded(
                 f"{self.num_waiting()} requests already wait in this replica", retry_after_s=1.0
             )
         q: asyncio.Queue = asyncio.Queue()
@@ -184,7 +191,7 @@ class ColocatedWorker:
     def __init__(self, engine: Engine, **loop_kwargs: Any) -> None:
         self.loop = EngineLoop(engine, name="colocated", **loop_kwargs)
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
         async with aclosing(self.loop.stream(req.request_id, lambda: add() and None)) as outs:
@@ -196,7 +203,7 @@ class ColocatedWorker:
 @dataclass(frozen=True)
 class PrefillResult:
     """What the prefill side returns: its first sampled token and a KV ticket (the rows from
-    `export_from`, or what the transport needs to fetch them; see serve/kv_transfer.py)."""
+    `export_from`, or what the transport needs to fetch them; see serve/kv_transport/)."""
 
     first: GenerationStep
     kv: Any
@@ -206,17 +213,17 @@ class PrefillResult:
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, *, sender: Any = None, **loop_kwargs: Any) -> None:
-        from moeray.platform.serve.kv_transfer import ObjectStoreSender
-
+    def __init__(
+        self, engine: Engine, *, sender: KVSender | None = None, **loop_kwargs: Any
+    ) -> None:
         self.loop = EngineLoop(engine, name="prefill", **loop_kwargs)
         self.sender = sender if sender is not None else ObjectStoreSender()
 
     async def prefill(
-        self, req: EngineRequest, export_from: int, dest: Any = None
+        self, req: GenerationRequest, export_from: int, dest: Any = None
     ) -> PrefillResult:
         """Prefill `req`, export its KV rows from `export_from`, and hand them to the transport
-        for the decode replica at `dest` (a kv_transfer.DecodeEndpoint)."""
+        for the decode replica at `dest` (a kv_transport.base.DecodeEndpoint)."""
         t0 = time.perf_counter()
         engine = self.loop.engine
         rid = f"{req.request_id}-prefill"
@@ -236,7 +243,8 @@ class PrefillWorker:
                     result = out
         if result is None or result.kv_export is None:
             raise RuntimeError(
-                f"prefill of {req.request_id!r} ended without KV ({result and result.finish_reason})"
+                f"prefill of {req.request_id!r} ended without KV "
+                f"({result and result.finish_reason})"
             )
         seconds = time.perf_counter() - t0
         ticket = await self.sender.send(req.request_id, result.kv_export, dest)
@@ -267,26 +275,24 @@ class TransferRecord:
 class DecodeWorker:
     """Decode with KV from a prefill replica. `fetch(req, export_from, endpoint)` returns a
     PrefillResult (over a Serve handle in production, a direct call in tests); `receiver`
-    (kv_transfer) turns its ticket into rows."""
+    (serve/kv_transport/) turns its ticket into rows."""
 
     def __init__(
         self,
         engine: Engine,
-        fetch: Callable[[EngineRequest, int, Any], Awaitable[PrefillResult]],
+        fetch: Callable[[GenerationRequest, int, Any], Awaitable[PrefillResult]],
         *,
-        receiver: Any = None,
+        receiver: KVReceiver | None = None,
         on_transfer: Callable[[TransferRecord], None] | None = None,
         **loop_kwargs: Any,
     ) -> None:
-        from moeray.platform.serve.kv_transfer import ObjectStoreReceiver
-
         self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
         self.fetch = fetch
         self.receiver = receiver if receiver is not None else ObjectStoreReceiver(engine.device)
         self.on_transfer = on_transfer
         self.transfers: list[TransferRecord] = []
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[GenerationStep, None]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         prompt = list(req.prompt_ids)
         # Only the pages this replica lacks cross the wire: ask the prefill for rows from the end
@@ -305,7 +311,8 @@ class DecodeWorker:
             t_recv = time.perf_counter()
             rows = await self.receiver.receive(pre.kv)
         except asyncio.CancelledError:
-            # The prefill may still send: its rows are received and dropped, so the send does not hang.
+            # The prefill may still send: its rows are received and dropped, so the send does not
+            # wait out its timeout.
             self.receiver.cancel(req.request_id)
             raise
         except Exception as e:
@@ -448,10 +455,6 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
     """Load the model directory into an engine as the serve config says (device, dtype, pages).
     `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
     replays them."""
-    import torch
-
-    from moeray.platform.engine.engine import EngineConfig
-
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )

@@ -1,0 +1,110 @@
+"""What the HTTP server needs from the serving side: two small Protocols and their data.
+
+`GenerationBackend.generate(GenerationRequest)` yields `GenerationStep`s (one or more new token
+ids, their logprobs, and a finish_reason on the last step); it may raise `BackendOverloaded`
+before the first step when its queues are full (the API answers 429 with Retry-After).
+`Tokenizer` encodes prompts and decodes generated ids.
+
+Backends: the Serve ingress's handle to a decode/colocated deployment (`serve/app.py`), the
+replica workers themselves (`serve/worker.py`), and test fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`, the largest logprobs k accepted
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings for one choice; names match engine/sampler.py's SamplingParams.
+
+    logprobs None: no logprobs; k >= 0: the chosen token's logprob and the k most likely tokens'.
+    stop: stop strings; the server enforces them on the text too, so a backend may ignore them.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks); vLLM's extension
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature} must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_TOP_LOGPROBS}]")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One choice to generate: the server makes n x prompts of them per API request."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's logprob and its top alternatives (token id, logprob), best first.
+    (Field names match engine/sampler.py's Logprobs, so a backend can pass those through.)"""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """New tokens of one engine step: several when MTP drafts were accepted.
+
+    logprobs: one entry per token when the request asked for logprobs, else None.
+    finish_reason: "stop" (EOS or a stop token/string), "length" (max_tokens or the context) on
+    the last step; None before it. A backend's generator must end right after a finished step.
+    """
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Any, ...] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class GenerationBackend(Protocol):
+    """Streams the steps of one choice.
+
+    Cancellation contract: when a client disconnects, a stop string matches, or another choice of
+    the same request fails, the server calls `aclose()` on the backend's async generator (on the
+    task that iterates it), so the backend must free the request's KV pages in that generator's
+    `finally` (and a generator that wraps another must `aclose()` the inner one there: `async for`
+    does not).
+    """
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        """Stream the steps of one choice; may raise BackendOverloaded before the first step."""
+        ...
+
+
+class Tokenizer(Protocol):
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class BackendOverloaded(Exception):
+    """Raised by a backend whose queues are full; the API answers 429 with Retry-After."""
+
+    def __init__(self, message: str = "the engine's queues are full", retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

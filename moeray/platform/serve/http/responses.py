@@ -1,0 +1,169 @@
+"""OpenAI response objects from a request's choice events: stream chunks and full responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from moeray.platform.serve.http.protocol import Tokenizer
+from moeray.platform.serve.http.schemas import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprob,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    TopLogprob,
+    Usage,
+)
+
+
+@dataclass
+class ChoiceEvent:
+    """New text of one choice (after detokenizing and stop strings), with its tokens."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Any, ...] | None
+    finish_reason: str | None
+
+
+class ResponseFormatter:
+    """Builds the OpenAI response objects for one request (completions or chat)."""
+
+    def __init__(self, tokenizer: Tokenizer, endpoint: str, rid: str, created: int, model: str):
+        self.tok, self.endpoint, self.rid, self.created, self.model = (
+            tokenizer,
+            endpoint,
+            rid,
+            created,
+            model,
+        )
+        self._started: set[int] = set()
+        self._offsets: dict[int, int] = {}
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def _completion_logprobs(self, ev: ChoiceEvent) -> CompletionLogprobs | None:
+        if ev.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        offset = self._offsets.get(ev.index, 0)
+        for lp in ev.logprobs:
+            s = self._token_str(lp.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(float(lp.logprob))
+            out.top_logprobs.append({self._token_str(t): float(v) for t, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(s)
+        self._offsets[ev.index] = offset
+        return out
+
+    def _chat_logprobs(self, ev: ChoiceEvent) -> ChatChoiceLogprobs | None:
+        if ev.logprobs is None:
+            return None
+
+        def top(t: int, v: float) -> TopLogprob:
+            s = self._token_str(t)
+            return TopLogprob(token=s, logprob=float(v), bytes=list(s.encode()))
+
+        return ChatChoiceLogprobs(
+            content=[
+                ChatLogprob(
+                    **top(lp.token_id, lp.logprob).model_dump(),
+                    top_logprobs=[top(t, v) for t, v in lp.top],
+                )
+                for lp in ev.logprobs
+            ]
+        )
+
+    def chunk(self, ev: ChoiceEvent) -> BaseModel:
+        if self.endpoint == "completions":
+            return CompletionResponse(
+                id=self.rid,
+                created=self.created,
+                model=self.model,
+                choices=[
+                    CompletionChoice(
+                        index=ev.index,
+                        text=ev.text,
+                        finish_reason=ev.finish_reason,
+                        logprobs=self._completion_logprobs(ev),
+                    )
+                ],
+            )
+        role = None
+        if ev.index not in self._started:
+            self._started.add(ev.index)
+            role = "assistant"
+        return ChatCompletionChunk(
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChunkChoice(
+                    index=ev.index,
+                    delta=ChatDelta(role=role, content=ev.text),
+                    finish_reason=ev.finish_reason,
+                    logprobs=self._chat_logprobs(ev),
+                )
+            ],
+        )
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        cls = CompletionResponse if self.endpoint == "completions" else ChatCompletionChunk
+        return cls(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def full(self, events: list[ChoiceEvent], n_choices: int, usage: Usage) -> BaseModel:
+        texts = {i: [] for i in range(n_choices)}
+        finish: dict[int, str] = {}
+        lps: dict[int, list[Any]] = {i: [] for i in range(n_choices)}
+        has_lp = False
+        for ev in events:
+            texts[ev.index].append(ev.text)
+            if ev.finish_reason is not None:
+                finish[ev.index] = ev.finish_reason
+            if ev.logprobs is not None:
+                has_lp = True
+                lps[ev.index].extend(ev.logprobs)
+        assert len(finish) == n_choices, (finish, n_choices)
+        if self.endpoint == "completions":
+            choices = []
+            for i in range(n_choices):
+                lp = None
+                if has_lp:
+                    lp = self._completion_logprobs(ChoiceEvent(i, "", (), tuple(lps[i]), None))
+                choices.append(
+                    CompletionChoice(
+                        index=i, text="".join(texts[i]), finish_reason=finish[i], logprobs=lp
+                    )
+                )
+            return CompletionResponse(
+                id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
+            )
+        return ChatCompletionResponse(
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            usage=usage,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatResponseMessage(content="".join(texts[i])),
+                    finish_reason=finish[i],
+                    logprobs=self._chat_logprobs(ChoiceEvent(i, "", (), tuple(lps[i]), None))
+                    if has_lp
+                    else None,
+                )
+                for i in range(n_choices)
+            ],
+        )

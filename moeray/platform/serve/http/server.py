@@ -1,0 +1,429 @@
+"""The request handling behind the OpenAI routes: one `OpenAIServer` per ingress replica.
+
+Per request it checks the model, tokenizes (chat through the chat template), fits max_tokens to
+the context, admits the request's n x prompts choices through the `AdmissionGate` (429 when
+full), starts one backend generator per choice and merges their events. Each choice's ids are
+detokenized incrementally and cut at stop strings (`text.py`); usage is counted and the metrics
+of `moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from moeray.platform.metrics import Metrics
+from moeray.platform.serve.http.admission import AdmissionGate
+from moeray.platform.serve.http.chat import ChatTemplate, deepseek_chat_prompt
+from moeray.platform.serve.http.errors import APIError, error_body, too_many_requests
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationBackend,
+    GenerationParams,
+    GenerationRequest,
+    Tokenizer,
+)
+from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter
+from moeray.platform.serve.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
+from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+
+
+@dataclass(frozen=True)
+class OpenAIServerConfig:
+    """model_id: the name clients send as `model`; max_context: prompt + completion tokens.
+    max_in_flight: admitted choices at once (a request with n=4 takes 4) before 429."""
+
+    model_id: str
+    max_context: int
+    max_in_flight: int = 256
+    retry_after_s: float = 1.0
+    api_key: str | None = None
+    max_n: int = 16
+    default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat uses the context
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("model_id must be a non-empty string")
+        for name in ("max_context", "max_in_flight", "max_n", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be > 0")
+        if self.api_key == "":
+            raise ValueError("api_key must be None (no auth) or a non-empty string")
+
+
+@dataclass
+class _RequestStats:
+    """Per-request bookkeeping for usage and metrics."""
+
+    arrival: float
+    prompt_tokens: int
+    completion_tokens: int = 0
+    status: int = 499  # until the request finishes another way, assume the client went away
+
+
+class OpenAIServer:
+    """The request handling behind the routes; one per ingress replica."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        tokenizer: Tokenizer,
+        config: OpenAIServerConfig,
+        *,
+        metrics: Metrics | None = None,
+        chat_template: ChatTemplate = deepseek_chat_prompt,
+    ):
+        self.backend, self.tokenizer, self.config = backend, tokenizer, config
+        self.metrics, self.chat_template = metrics, chat_template
+        self.gate = AdmissionGate(config.max_in_flight, config.retry_after_s)
+
+    def _record(self, kind: str, name: str, value: float, **labels: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, kind)(name, value, model=self.config.model_id, **labels)
+
+    def record_status(self, endpoint: str, status: int) -> None:
+        self._record("inc", "moeray_requests", 1, endpoint=endpoint, status=str(status))
+
+    def _check_model(self, model: str) -> None:
+        if model != self.config.model_id:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.config.model_id}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(
+                400,
+                f"token ids {bad[:5]} are outside [0, {vocab})",
+                param=param,
+                code="invalid_value",
+            )
+        if not ids:
+            raise APIError(
+                400, "the prompt is empty after tokenization", param=param, code="invalid_value"
+            )
+
+    def _budget(self, prompt_len: int, max_tokens: int | None, param: str, mt_param: str) -> int:
+        """max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the context."""
+        ctx = self.config.max_context
+        if prompt_len >= ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{prompt_len} tokens (at least one token must be generated)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return ctx - prompt_len
+        if prompt_len + max_tokens > ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{max_tokens} for the completion). Reduce the prompt or {mt_param}.",
+                param=mt_param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def _check_n(self, n: int, prompts: int) -> int:
+        if n > self.config.max_n:
+            raise APIError(
+                400,
+                f"n={n} is above this server's limit {self.config.max_n}",
+                param="n",
+                code="invalid_value",
+            )
+        weight = n * prompts
+        if weight > self.gate.limit:
+            raise APIError(
+                400,
+                f"{weight} choices (n x prompts) exceed the server's {self.gate.limit} slots",
+                param="n",
+                code="invalid_value",
+            )
+        return weight
+
+    async def _run_choice(
+        self, index: int, request: GenerationRequest, stats: _RequestStats
+    ) -> AsyncGenerator[ChoiceEvent, None]:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stopper = StopMatcher(request.params.stop)
+        gen = self.backend.generate(request)
+        first = last = None
+        tokens = 0
+        finished = False
+        try:
+            async for step in gen:
+                now = time.monotonic()
+                if not step.token_ids:
+                    raise RuntimeError(f"engine step for {request.request_id} has no tokens")
+                if step.logprobs is not None and len(step.logprobs) != len(step.token_ids):
+                    raise RuntimeError(
+                        f"engine step has {len(step.logprobs)} logprobs for "
+                        f"{len(step.token_ids)} tokens"
+                    )
+                if first is None:
+                    first = now
+                    self._record("observe", "moeray_ttft_seconds", now - stats.arrival)
+                else:
+                    self._record("observe", "moeray_inter_token_latency_seconds", now - last)
+                last = now
+                tokens += len(step.token_ids)
+                stats.completion_tokens += len(step.token_ids)
+                self._record("inc", "moeray_generation_tokens", len(step.token_ids))
+                done = step.finish_reason is not None
+                delta = detok.push(step.token_ids) + (detok.flush() if done else "")
+                text = stopper.push(delta, final=done)
+                finish = "stop" if stopper.stopped else step.finish_reason
+                yield ChoiceEvent(index, text, step.token_ids, step.logprobs, finish)
+                if finish is not None:
+                    finished = True
+                    return
+            raise RuntimeError(
+                f"engine stream for {request.request_id} ended without a finish_reason"
+            )
+        finally:
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()  # the backend frees the request's pages when we stop early
+            if finished and tokens > 1:
+                self._record("observe", "moeray_tpot_seconds", (last - first) / (tokens - 1))
+
+    async def _merge(
+        self, streams: list[AsyncGenerator[ChoiceEvent, None]]
+    ) -> AsyncGenerator[ChoiceEvent, None]:
+        """Interleave choices as their events arrive; closing this closes every choice."""
+        if len(streams) == 1:
+            (s,) = streams
+            try:
+                async for ev in s:
+                    yield ev
+            finally:
+                await s.aclose()
+            return
+        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+
+        async def pump(s: AsyncGenerator[ChoiceEvent, None]) -> None:
+            try:
+                async for ev in s:
+                    await queue.put(ev)
+                await queue.put(None)
+            except Exception as e:
+                await queue.put(e)
+            finally:
+                await s.aclose()
+
+        tasks = [asyncio.create_task(pump(s)) for s in streams]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _start(
+        self,
+        prompts: list[list[int]],
+        params: GenerationParams,
+        n: int,
+        stats: _RequestStats,
+        rid: str,
+    ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
+        """Start every choice and wait for the first event, so that an overloaded backend still
+        gets a 429 (not a 200 stream with an error inside)."""
+        streams = []
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                seed = None if params.seed is None else (params.seed + j) % 2**63
+                req = GenerationRequest(
+                    f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
+                )
+                streams.append(self._run_choice(p * n + j, req, stats))
+        merged = self._merge(streams)
+        try:
+            first = await merged.__anext__()
+        except BackendOverloaded as e:
+            await merged.aclose()
+            raise too_many_requests(str(e), e.retry_after_s) from e
+        except BaseException:
+            await merged.aclose()
+            raise
+        return merged, first
+
+    async def completions(self, body: CompletionRequest) -> Any:
+        return await self._handle("completions", body)
+
+    async def chat(self, body: ChatCompletionRequest) -> Any:
+        return await self._handle("chat", body)
+
+    async def _handle(self, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Any:
+        arrival = time.monotonic()
+        self._check_model(body.model)
+        if isinstance(body, ChatCompletionRequest):
+            text = self.chat_template(body.messages)
+            prompts = [self.tokenizer.encode(text)]
+            self._check_ids(prompts[0], "messages")
+            if body.max_tokens is not None and body.max_completion_tokens is not None:
+                raise APIError(
+                    400,
+                    "set max_tokens or max_completion_tokens, not both",
+                    param="max_completion_tokens",
+                    code="invalid_value",
+                )
+            mt_param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+            requested = (
+                body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+            )
+            max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            prompts = []
+            for i, p in enumerate(body.prompt):
+                ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
+                self._check_ids(ids, param)
+                prompts.append(ids)
+            requested = (
+                body.max_tokens if body.max_tokens is not None else self.config.default_max_tokens
+            )
+            # A short default must still fit: clip it (never an explicit max_tokens) to the context.
+            if body.max_tokens is None:
+                longest = max(len(p) for p in prompts)
+                requested = max(1, min(requested, self.config.max_context - longest))
+            max_tokens = min(
+                self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts
+            )
+            logprobs = body.logprobs
+        weight = self._check_n(body.n, len(prompts))
+        params = GenerationParams(
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.stop,
+            logprobs,
+            body.ignore_eos,
+        )
+        if not self.gate.try_acquire(weight):
+            self.record_status(endpoint, 429)
+            raise self.gate.rejection()
+        stats = _RequestStats(arrival, sum(len(p) for p in prompts))
+        self._record("inc", "moeray_prompt_tokens", stats.prompt_tokens)
+        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        try:
+            merged, first = await self._start(prompts, params, body.n, stats, rid)
+        except BaseException as e:
+            self.gate.release(weight)
+            stats.status = e.status if isinstance(e, APIError) else 500
+            self._finish(endpoint, stats)
+            raise
+        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
+            return SSEResponse(
+                stream,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            events = [first]
+            async for ev in merged:
+                events.append(ev)
+            stats.status = 200
+        except Exception:
+            stats.status = 500
+            raise
+        finally:
+            await merged.aclose()
+            self.gate.release(weight)
+            self._finish(endpoint, stats)
+        usage = Usage(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        )
+        return JSONResponse(fmt.full(events, len(prompts) * body.n, usage).model_dump())
+
+    async def _stream(
+        self,
+        endpoint: str,
+        fmt: ResponseFormatter,
+        merged: AsyncGenerator[ChoiceEvent, None],
+        first: ChoiceEvent,
+        stats: _RequestStats,
+        weight: int,
+        include_usage: bool,
+    ) -> AsyncGenerator[bytes, None]:
+        try:
+            yield sse_event(fmt.chunk(first))
+            async for ev in merged:
+                yield sse_event(fmt.chunk(ev))
+            if include_usage:
+                yield sse_event(
+                    fmt.usage_chunk(
+                        Usage(
+                            prompt_tokens=stats.prompt_tokens,
+                            completion_tokens=stats.completion_tokens,
+                            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+                        )
+                    )
+                )
+            yield SSE_DONE
+            stats.status = 200
+        except Exception as e:  # the stream is already a 200: report the error inside it
+            stats.status = 500
+            yield sse_event(error_body(f"generation failed: {e}", "server_error"))
+            yield SSE_DONE
+        finally:
+            await merged.aclose()
+            self.gate.release(weight)
+            self._finish(endpoint, stats)
+
+    def _finish(self, endpoint: str, stats: _RequestStats) -> None:
+        self._record("observe", "moeray_e2e_latency_seconds", time.monotonic() - stats.arrival)
+        self.record_status(endpoint, stats.status)
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.config.model_id,
+                    created=self.config.created,
+                    max_model_len=self.config.max_context,
+                )
+            ]
+        )

@@ -1,0 +1,91 @@
+"""The raw send/recv floor of the KV transports, a bare torch.distributed pair of Ray actors
+(`moeray bench serve --launch`, `moeray bench kv`)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+
+from moeray.platform.serve.kv_transport.base import pair_process_group
+
+
+class P2PPeer:
+    """One side of a bare torch.distributed pair (a Ray actor): the floor a KV transport is
+    measured against - the same bytes, plain send/recv, no Serve, no tickets."""
+
+    def __init__(self, rank: int, backend: str, device: str, timeout_s: float = 60.0) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.backend, self.timeout_s = rank, backend, timeout_s
+        self.device = torch.device(device)
+        self.store = (
+            dist.TCPStore(
+                "127.0.0.1",
+                0,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            if rank == 1
+            else None
+        )
+        self.pg = None
+
+    def store_port(self) -> int:
+        return self.store.port
+
+    def join(self, port: int) -> None:
+        import torch.distributed as dist
+
+        store = self.store or dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=self.timeout_s)
+        )
+        self.pg = pair_process_group(
+            self.backend, dist.PrefixStore("raw", store), self.rank, self.timeout_s, self.device
+        )
+
+    def run(self, nbytes: int, iters: int, warmup: int = 3) -> list[float]:
+        """Ping-pong: rank 0 sends `nbytes`, rank 1 answers with one element; rank 0 returns the
+        round-trip seconds of each timed iteration (an upper bound on the one-way time)."""
+        buf = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=self.device)
+        ack = torch.zeros(1, dtype=torch.float32, device=self.device)
+        times = []
+        for i in range(warmup + iters):
+            if self.rank == 0:
+                t0 = time.perf_counter()
+                self.pg.send([buf], 1, 0).wait()
+                self.pg.recv([ack], 1, 1).wait()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            else:
+                self.pg.recv([buf], 0, 0).wait()
+                self.pg.send([ack], 0, 1).wait()
+        return times
+
+
+def raw_p2p_seconds(nbytes: int, *, backend: str = "gloo", iters: int = 20) -> list[float]:
+    """Round-trip seconds of plain send/recv of `nbytes` between two fresh Ray actors on this node
+    (gloo on CPU; nccl needs two GPUs). Ray must be initialized."""
+    import ray
+
+    if nbytes < 1 or iters < 1:
+        raise ValueError(f"nbytes={nbytes} and iters={iters} must be >= 1")
+    device = "cuda" if backend == "nccl" else "cpu"
+    opts = {"num_cpus": 0, "num_gpus": 1 if backend == "nccl" else 0}
+    peer = ray.remote(P2PPeer)
+    a, b = (
+        peer.options(**opts).remote(0, backend, device),
+        peer.options(**opts).remote(1, backend, device),
+    )
+    try:
+        port = ray.get(b.store_port.remote())
+        ray.get([a.join.remote(port), b.join.remote(port)])
+        times, _ = ray.get([a.run.remote(nbytes, iters), b.run.remote(nbytes, iters)])
+        return times
+    finally:
+        ray.kill(a)
+        ray.kill(b)
