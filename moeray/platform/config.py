@@ -459,7 +459,7 @@ class ServeConfig:
         return dataclasses.replace(self, **changes)
 
 
-# How KV rows move from prefill to decode (serve/kv_transfer.py): the reply of the prefill call
+# How KV rows move from prefill to decode (serve/kv_transport/): the reply of the prefill call
 # (object store), Ray Direct Transport through relay actors, or a persistent pairwise
 # torch.distributed channel between the replica processes.
 KV_TRANSPORTS = ("object_store", "rdt", "channel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moeray.platform.config import KV_TRANSPORTS as TRANSPORTS
 from moeray.platform.serve.kv_transport.base import KVReceiver, KVSender, backend_for
 from moeray.platform.serve.kv_transport.channel.receiver import ChannelReceiver
 from moeray.platform.serve.kv_transport.channel.sender import ChannelSender
@@ -12,8 +13,6 @@ from moeray.platform.serve.kv_transport.object_store import (
     ObjectStoreSender,
 )
 from moeray.platform.serve.kv_transport.rdt import RDTReceiver, RDTSender
-
-TRANSPORTS = ("object_store", "rdt", "channel")
 
 
 def make_sender(
