@@ -661,7 +661,7 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
 
         if v.maxnreg is None:
             return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb)
-        from moeray.kernels.fp8 import _gemm_config
+        from moeray.kernels.fp8.gemm import _gemm_config
 
         cfg = {**_gemm_config(m, n, a_MK.device), "maxnreg": v.maxnreg}
         return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb, config=cfg)
@@ -876,9 +876,9 @@ def compiled_report() -> list[dict]:
     kernels = [("sweep_ptr", _gemm_ptr_kernel), ("sweep_tma", _gemm_tma_kernel)]
     try:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from moeray.kernels import fp8 as _fp8
+        from moeray.kernels.fp8.gemm import _fp8_gemm_kernel
 
-        kernels.append(("prod", _fp8._fp8_gemm_kernel))
+        kernels.append(("prod", _fp8_gemm_kernel))
     except ImportError:
         pass
     rows = []

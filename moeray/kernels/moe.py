@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
-from moeray.kernels.fp8 import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
 

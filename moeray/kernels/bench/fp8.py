@@ -9,21 +9,19 @@ import functools
 import torch
 
 from moeray.kernels.bench.common import _bench, _try
-from moeray.kernels.fp8 import (
-    _fp8_gemm_launch,
-    _gemm_config,
+from moeray.kernels.fp8.dispatch import (
+    fp8_gemm,
+    fp8_linear_dgrad,
+    fp8_linear_wgrad,
+    native_blockscaled_layout,
+)
+from moeray.kernels.fp8.gemm import _fp8_gemm_launch, _gemm_config, ctas_per_sm, fp8_gemm_triton
+from moeray.kernels.fp8.grouped import fp8_gemm_grouped
+from moeray.kernels.fp8.quant import (
     act_quant,
     act_quant_ref,
     act_quant_t,
     act_quant_t_ref,
-    ctas_per_sm,
-    fp8_gemm,
-    fp8_gemm_grouped,
-    fp8_gemm_kgrouped,
-    fp8_gemm_triton,
-    fp8_linear_dgrad,
-    fp8_linear_wgrad,
-    native_blockscaled_layout,
     weight_dequant,
     weight_dequant_ref,
     weight_quant,
@@ -166,9 +164,9 @@ def bench_fp8_gemm(ceil: dict) -> list[dict]:
     return rows
 
 
-def _fp8_gemm_grouped_rows(ceil: dict, name: str, e: int, per: int, proj: str, n: int, k: int):
-    """One projection of `e` experts with `per` rows each: the m-grouped GEMM and the k-grouped
-    weight-grad GEMM against one `fp8_gemm` per expert."""
+def _fp8_gemm_grouped_row(ceil: dict, name: str, e: int, per: int, proj: str, n: int, k: int):
+    """One projection of `e` experts with `per` rows each: the grouped GEMM against one `fp8_gemm`
+    per expert."""
     w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16)
     qs = [weight_quant(w[j]) for j in range(e)]
     b, b_s = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
@@ -189,56 +187,20 @@ def _fp8_gemm_grouped_rows(ceil: dict, name: str, e: int, per: int, proj: str, n
     out = fp8_gemm_grouped(a, a_s, b, b_s, blocks).float()
     ref = torch.cat(per_expert()).float()
     flops = 2 * e * per * n * k
-    rows = [
-        {
-            "kernel": "fp8_gemm_grouped",
-            "shape": f"{name} {proj}",
-            "experts": e,
-            "rows_per_expert": per,
-            "N": n,
-            "K": k,
-            "ms": round(grouped, 4),
-            "per_expert_loop_ms": round(loop, 4),
-            "speedup_vs_loop": round(loop / grouped, 2),
-            "TFLOPs": round(flops / grouped / 1e9, 1),
-            "frac_fp8_peak": round(flops / grouped / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
-            "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5),
-        }
-    ]
-    # The weight gradient of the same projection: dW[e] [N, K] = dy[tokens of e]^T x[tokens of e],
-    # every expert in one k-grouped launch against one fp8_gemm per expert.
-    dyt, dyt_s = act_quant_t(torch.randn(e * per, n, device="cuda", dtype=torch.bfloat16))
-    xt, xt_s = act_quant_t(x)
-    ends = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * per
-    cols = [
-        (slice(j * per, (j + 1) * per), slice(j * per // 128, (j + 1) * per // 128))
-        for j in range(e)
-    ]
-
-    def wgrad_loop():
-        return [fp8_gemm(dyt[:, t], dyt_s[:, tb], xt[:, t], xt_s[:, tb]) for t, tb in cols]
-
-    kg = _bench(lambda: fp8_gemm_kgrouped(dyt, dyt_s, xt, xt_s, ends))
-    kloop = _bench(wgrad_loop)
-    out = fp8_gemm_kgrouped(dyt, dyt_s, xt, xt_s, ends).float()
-    ref = torch.stack(wgrad_loop()).float()
-    rows.append(
-        {
-            "kernel": "fp8_gemm_kgrouped",
-            "shape": f"{name} {proj} wgrad",
-            "experts": e,
-            "rows_per_expert": per,
-            "N": n,
-            "K": k,
-            "ms": round(kg, 4),
-            "per_expert_loop_ms": round(kloop, 4),
-            "speedup_vs_loop": round(kloop / kg, 2),
-            "TFLOPs": round(flops / kg / 1e9, 1),
-            "frac_fp8_peak": round(flops / kg / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
-            "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5),
-        }
-    )
-    return rows
+    return {
+        "kernel": "fp8_gemm_grouped",
+        "shape": f"{name} {proj}",
+        "experts": e,
+        "rows_per_expert": per,
+        "N": n,
+        "K": k,
+        "ms": round(grouped, 4),
+        "per_expert_loop_ms": round(loop, 4),
+        "speedup_vs_loop": round(loop / grouped, 2),
+        "TFLOPs": round(flops / grouped / 1e9, 1),
+        "frac_fp8_peak": round(flops / grouped / 1e9 / ceil["fp8_matmul_TFLOPs"], 3),
+        "rel_err_vs_loop": round(((out - ref).norm() / ref.norm()).item(), 5),
+    }
 
 
 def bench_fp8_gemm_grouped(ceil: dict) -> list[dict]:
@@ -248,7 +210,7 @@ def bench_fp8_gemm_grouped(ceil: dict) -> list[dict]:
     rows = []
     for name, e, per, d, i in (("small", 32, 512, 1024, 288), ("v3", 8, 1024, 7168, 2048)):
         for proj, n, k in (("gate_up", i, d), ("down", d, i)):
-            rows += _fp8_gemm_grouped_rows(ceil, name, e, per, proj, n, k)
+            rows.append(_fp8_gemm_grouped_row(ceil, name, e, per, proj, n, k))
     return rows
 
 

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from moeray.kernels.bench.common import _bench, _bench_slow, _try
-from moeray.kernels.fp8 import weight_quant
+from moeray.kernels.fp8.quant import weight_quant
 from moeray.kernels.moe import fused_moe, fused_moe_ref
 
 

@@ -36,7 +36,7 @@ from moeray.platform.results import device_slug, write_result
 
 
 def sweep() -> dict:
-    """Time candidate block configs; the heuristics in fp8.py, moe.py and mla_decode.py come
+    """Time candidate block configs; the heuristics in fp8/gemm.py, moe.py and mla_decode.py come
     from here."""
     return {
         "fp8_gemm_triton": sweep_fp8_gemm(),
