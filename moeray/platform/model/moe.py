@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.common import FP8_DTYPE
 from moeray.platform import routing
 from moeray.platform.config import ModelConfig
-from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
+from moeray.platform.model.quant import dequantize_fp8_blocks
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (x_AD rows sorted by expert, gate [E, I, D], up [E, I, D], down [E, D, I], rows per expert) ->
@@ -57,15 +58,17 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts. `linear` is F.linear by default; FP8 training swaps it from outside."""
+    """E routed SwiGLU experts. `linear` is F.linear by default; FP8 training swaps it from
+    outside."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        E, I, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        E, D = config.n_routed_experts, config.hidden_size
+        inter = config.moe_intermediate_size  # I of the legend
         self.num_experts = E
-        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
-        self.up_proj = nn.Parameter(torch.empty(E, I, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.gate_proj = nn.Parameter(torch.empty(E, inter, D))
+        self.up_proj = nn.Parameter(torch.empty(E, inter, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, inter))
         self.linear: LinearFn = F.linear
         # Set from outside (the pipeline's weight-grad split: parallel/pipeline.py) to run all local
         # experts through one autograd node instead of the per-expert loop's ~10 nodes per expert.
@@ -78,7 +81,7 @@ class Experts(nn.Module):
         out = []
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(self, name)[e]
-            if w.dtype == FP8:
+            if w.dtype == FP8_DTYPE:
                 w = dequantize_fp8_blocks(w, getattr(self, f"{name}_scale_inv")[e], dtype)
             out.append(w)
         return out[0], out[1], out[2]
@@ -145,13 +148,13 @@ class Experts(nn.Module):
         if self.linear is not F.linear or needs_grad:
             return None
         scales: tuple = ()
-        if w1.dtype == FP8:
+        if w1.dtype == FP8_DTYPE:
             scales = tuple(
                 getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj")
             )
             ok = (
-                w3.dtype == FP8
-                and w2.dtype == FP8
+                w3.dtype == FP8_DTYPE
+                and w2.dtype == FP8_DTYPE
                 and x_TD.dtype in half
                 and all(s is not None for s in scales)
                 and w1.shape[1] % 128 == 0
@@ -163,7 +166,10 @@ class Experts(nn.Module):
             return None
         from moeray.kernels.moe import fused_moe_gate_up
 
-        kw = dict(zip(("w1_scale", "w3_scale", "w2_scale"), (s.float() for s in scales)))
+        # scales is empty for bf16 weights: no scale arguments then
+        kw = dict(
+            zip(("w1_scale", "w3_scale", "w2_scale"), (s.float() for s in scales), strict=False)
+        )
         return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, **kw)
 
 
