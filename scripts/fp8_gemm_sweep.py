@@ -1,12 +1,14 @@
-"""Sweep Triton variants of the DeepSeek-V3 block-scaled FP8 GEMM against torch._scaled_mm (issue #4).
+"""Sweep Triton variants of the DeepSeek-V3 block-scaled FP8 GEMM against torch._scaled_mm
+(issue #4).
 
-C [M, N] bf16 = sum over 128-wide K blocks kb of (A[:, kb] @ B[:, kb]^T) * a_scale[:, kb] * b_scale[n // 128, kb]
+C [M, N] bf16 = sum over 128-wide K blocks kb of
+                (A[:, kb] @ B[:, kb]^T) * a_scale[:, kb] * b_scale[n // 128, kb]
 with A [M, K] e4m3 (1x128 scales), B [N, K] e4m3 (128x128 block scales), fp32 accumulation.
 
-Why a sweep: moeray/kernels/fp8.py reaches 0.55-0.59x of cuBLASLt's block-scaled _scaled_mm on H100
-(576-683 vs 1100-1150 TFLOP/s). Its `acc += tl.dot(a, b) * sa * sb` reads the dot's result every
-128 of K, so Triton cannot keep the wgmma in flight (the pipeliner only leaves a dot async when
-its result feeds the next dot's accumulator): each K block waits for its MMA, then scales. The
+Why a sweep: moeray/kernels/fp8.py reached 0.55-0.59x of cuBLASLt's block-scaled _scaled_mm on
+H100 (576-683 vs 1100-1150 TFLOP/s). Its `acc += tl.dot(a, b) * sa * sb` reads the dot's result
+every 128 of K, so Triton cannot keep the wgmma in flight (the pipeliner only leaves a dot async
+when its result feeds the next dot's accumulator): each K block waits for its MMA, then scales. The
 variants below attack the idle tensor-core time from different sides (fewer epilogue ops per K
 block, more co-resident CTAs, TMA loads, persistent tiles, independent dot chains, warp
 specialization); each is a complete kernel checked against an fp32 dequantized reference.
@@ -50,7 +52,9 @@ REL_TOL = 1e-2  # bf16 output rounding alone gives ~2e-3 relative (Frobenius) er
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # "prod" (moeray's kernel as shipped), "ptr" (pointer loads), "tma" (tensor descriptors), "gluon"
+    # "prod" (moeray's kernel as shipped), "ptr" (pointer loads), "tma" (tensor descriptors),
+    # "gluon"
+    kind: str
     why: str
     block_m: int = 64
     block_n: int = 128
@@ -79,12 +83,14 @@ VARIANTS = [
     Variant(
         "prod",
         "prod",
-        "moeray.kernels.fp8.fp8_gemm_triton as shipped (its _gemm_config: 64x128 or split-M 128x128, 4 warps, 3 stages)",
+        "moeray.kernels.fp8.fp8_gemm_triton as shipped (its _gemm_config: 64x128 or split-M "
+        "128x128, 4 warps, 3 stages)",
     ),
     Variant(
         "ptr64x128s4",
         "ptr",
-        "prod + one FMA per element: scale a_s*b_s per row first (b_s is one scalar per 128-col tile)",
+        "prod + one FMA per element: scale a_s*b_s per row first (b_s is one scalar per "
+        "128-col tile)",
     ),
     Variant(
         "ptr64x128s3",
@@ -94,7 +100,8 @@ VARIANTS = [
     ),
     # The port (prod) and ptr64x128s3 share tile, stages, warps and promotion; prod loops with
     # `range` under the launch's num_stages where ptr64x128s3 uses tl.range(num_stages=): this
-    # variant isolates that difference (prod ran 0.61x of _scaled_mm at N2112 K7168, ptr64x128s3 0.78x).
+    # variant isolates that difference (prod ran 0.61x of _scaled_mm at N2112 K7168, ptr64x128s3
+    # 0.78x).
     Variant(
         "ptr64x128s3_range",
         "ptr",
@@ -170,7 +177,8 @@ VARIANTS = [
     Variant(
         "tma_persist_flat",
         "tma",
-        "TMA + persistent (1 CTA/SM, 8 warps) with flatten=True: next tile's loads overlap this epilogue",
+        "TMA + persistent (1 CTA/SM, 8 warps) with flatten=True: next tile's loads overlap this "
+        "epilogue",
         block_m=128,
         warps=8,
         stages=3,
@@ -201,8 +209,9 @@ VARIANTS = [
         warp_spec=True,
     ),
     # Gluon (triton.experimental.gluon, GPU only): explicit async wgmma. K block kb's MMA is issued,
-    # then wgmma.wait(1) retires block kb-1 only, so its scaling FMAs and the TMA refill of its stage
-    # run while block kb's MMA is on the tensor cores -- what tl.dot's pipeliner cannot do here.
+    # then wgmma.wait(1) retires block kb-1 only, so its scaling FMAs and the TMA refill of its
+    # stage run while block kb's MMA is on the tensor cores -- what tl.dot's pipeliner cannot do
+    # here.
     Variant(
         "gluon64x128s4",
         "gluon",
@@ -221,7 +230,8 @@ VARIANTS = [
     ),
 ]
 # Not swept: 128x256 and 64x256 tiles. The fp32 accumulator plus the fresh dot result they need are
-# 2 x 128 registers per thread (> 255 with addresses), so they spill (the earlier sweep: 329 TFLOP/s).
+# 2 x 128 registers per thread (> 255 with addresses), so they spill (the earlier sweep: 329
+# TFLOP/s).
 # max_num_imprecise_acc: Triton's sm_90 default (2**30) already never splits a 128-deep fp8 dot,
 # and smaller values add fp32 promotions, so it cannot make this kernel faster.
 
@@ -497,7 +507,8 @@ def _gemm_tma_kernel(
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     KB = K // BLOCK_K
-    # Non-persistent: this loop runs once (step = all tiles); persistent: tiles pid, pid + NUM_PROGS, ...
+    # Non-persistent: this loop runs once (step = all tiles); persistent: tiles pid,
+    # pid + NUM_PROGS, ...
     step = NUM_PROGS if PERSISTENT else num_m * num_n
     for tile in tl.range(
         tl.program_id(0), num_m * num_n, step, flatten=FLATTEN, warp_specialize=WS_OUTER
@@ -571,7 +582,8 @@ if GLUON_IMPORT_ERROR is None:
         off_n = ((pid % group) // size_m) * BLOCK_N
         KB = K // BLOCK_K
 
-        # One m64nNk32 wgmma per 16 rows x 4 warps; warps stacked along M (BLOCK_M = 16 x num_warps x reps).
+        # One m64nNk32 wgmma per 16 rows x 4 warps; warps stacked along M
+        # (BLOCK_M = 16 x num_warps x reps).
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32]
         )
@@ -606,7 +618,8 @@ if GLUON_IMPORT_ERROR is None:
                 use_acc=False,
                 is_async=True,
             )
-            # Retire block kb-1's MMA only; block kb's stays on the tensor cores during what follows.
+            # Retire block kb-1's MMA only; block kb's stays on the tensor cores during what
+            # follows.
             cur, prev = warpgroup_mma_wait(num_outstanding=1, deps=(cur, prev))
             nxt = kb + STAGES - 1
             if nxt < KB:  # the stage block kb-1 used is free again
@@ -641,8 +654,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
-    """Validate (a, scales, b) for variant v; return a zero-argument function computing C [M, N] bf16.
-    Output and descriptors are allocated once here so the timed call is the launch alone."""
+    """Validate (a, scales, b) for variant v; return a zero-argument function computing C [M, N]
+    bf16. Output and descriptors are allocated once here so the timed call is the launch alone."""
     m, k = a_MK.shape
     n = b_NK.shape[0]
     kb = k // BLOCK_K
@@ -661,7 +674,7 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
 
         if v.maxnreg is None:
             return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb)
-        from moeray.kernels.fp8 import _gemm_config
+        from moeray.kernels.fp8.gemm import _gemm_config
 
         cfg = {**_gemm_config(m, n, a_MK.device), "maxnreg": v.maxnreg}
         return lambda: fp8_gemm_triton(a_MK, as_MKb, b_NK, bs_NbKb, config=cfg)
@@ -755,7 +768,8 @@ def make_launcher(v: Variant, a_MK, as_MKb, b_NK, bs_NbKb):
             raise RuntimeError("gluon kernels run on a GPU only (no interpreter)")
         if v.block_m != 16 * v.warps:
             raise ValueError(
-                f"{v.name}: block_m={v.block_m} must be 16 x warps={v.warps} (warps stacked along M)"
+                f"{v.name}: block_m={v.block_m} must be 16 x warps={v.warps} "
+                "(warps stacked along M)"
             )
 
         def desc(t, block, dtype):
@@ -821,7 +835,6 @@ def make_inputs(m: int, n: int, k: int, device: str, seed: int = 0):
 
 def reference(a, as_MKb, b, bs_NbKb) -> torch.Tensor:
     """fp32 (a * a_scale) @ (b * b_scale)^T, no TF32."""
-    m, k = a.shape
     n = b.shape[0]
     af = a.float() * as_MKb.repeat_interleave(128, 1)
     bf = b.float() * bs_NbKb.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
@@ -842,9 +855,10 @@ def scaled_mm_launcher(a, as_MKb, b, bs_NbKb, ref):
     copy, whichever this torch accepts and gets right (as moeray.kernels.fp8 probes)."""
     errors = []
     for sb in (bs_NbKb.t(), bs_NbKb.t().contiguous()):
-        fn = lambda sb=sb: torch._scaled_mm(
-            a, b.t(), scale_a=as_MKb, scale_b=sb, out_dtype=torch.bfloat16
-        )
+
+        def fn(sb=sb):
+            return torch._scaled_mm(a, b.t(), scale_a=as_MKb, scale_b=sb, out_dtype=torch.bfloat16)
+
         try:
             err = rel_err(fn(), ref)
         except (RuntimeError, NotImplementedError) as e:
@@ -876,9 +890,9 @@ def compiled_report() -> list[dict]:
     kernels = [("sweep_ptr", _gemm_ptr_kernel), ("sweep_tma", _gemm_tma_kernel)]
     try:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from moeray.kernels import fp8 as _fp8
+        from moeray.kernels.fp8.gemm import _fp8_gemm_kernel
 
-        kernels.append(("prod", _fp8._fp8_gemm_kernel))
+        kernels.append(("prod", _fp8_gemm_kernel))
     except ImportError:
         pass
     rows = []
@@ -970,7 +984,8 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
                 "rel_err": sm_err,
             }
             print(
-                f"\n== {key}: _scaled_mm {sm_ms:.4f} ms  {flop / sm_ms / 1e9:7.1f} TFLOP/s  rel_err {sm_err:.1e}"
+                f"\n== {key}: _scaled_mm {sm_ms:.4f} ms  {flop / sm_ms / 1e9:7.1f} TFLOP/s  "
+                f"rel_err {sm_err:.1e}"
             )
         except Exception as e:
             sm_ms = None
@@ -1003,7 +1018,8 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
                 "rel_err": err,
             }
             print(
-                f"  {v.name:24s} {ms:.4f} ms {tf:7.1f} TFLOP/s  x{ratio:.3f}  err {err:.1e}  (first call {compile_s:.1f} s)"
+                f"  {v.name:24s} {ms:.4f} ms {tf:7.1f} TFLOP/s  x{ratio:.3f}  err {err:.1e}  "
+                f"(first call {compile_s:.1f} s)"
             )
         del a, sa, b, sb, ref
         torch.cuda.empty_cache()
@@ -1023,7 +1039,8 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
     rows.sort(key=lambda r: -(r[4] if not math.isnan(r[4]) else -1))
     sm = results["_scaled_mm"]["shapes"]
     print(
-        "\nFINAL: TFLOP/s (ratio to torch._scaled_mm in the same run); issue #4 target: every ratio >= 0.70"
+        "\nFINAL: TFLOP/s (ratio to torch._scaled_mm in the same run); issue #4 target: "
+        "every ratio >= 0.70"
     )
     print(
         f"{'variant':24s} "
@@ -1041,7 +1058,7 @@ def sweep(variants: list[Variant], rep_ms: int, json_path: str | None, budget_s:
             f"{t:7.1f} (x{r:.3f})"
             if not math.isnan(r)
             else (f"{t:7.1f}   (n/a) " if not math.isnan(t) else f"{'-':>16s}")
-            for t, r in zip(tfs, ratios)
+            for t, r in zip(tfs, ratios, strict=True)
         )
         note = dead.get(v.name, "")
         print(f"{v.name:24s} {cells} {mn:6.3f} {gm:6.3f}  {note[:90]}")

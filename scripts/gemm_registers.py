@@ -28,7 +28,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 import fp8_gemm_sweep as sweep  # noqa: E402
 
-from moeray.kernels import fp8  # noqa: E402
+from moeray.kernels.fp8.gemm import _fp8_gemm_kernel, ctas_per_sm  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FP8_PTR = "*fp8e4nv"
@@ -140,10 +140,10 @@ def main() -> int:
         PLAIN_LOOP=False,
     )
     cases = [
-        ("moeray 64x128", fp8._fp8_gemm_kernel, prod_rt, prod_c),
+        ("moeray 64x128", _fp8_gemm_kernel, prod_rt, prod_c),
         (
             "moeray split-M 128x128",
-            fp8._fp8_gemm_kernel,
+            _fp8_gemm_kernel,
             prod_rt,
             {**prod_c, "BLOCK_M": 128, "SPLIT_M": True},
         ),
@@ -157,7 +157,7 @@ def main() -> int:
     ]
     for name, fn, rt, consts in cases:
         r = compile_sm90(fn, rt, consts, opts)
-        occ = fp8.ctas_per_sm(
+        occ = ctas_per_sm(
             SimpleNamespace(
                 n_regs=r["regs"],
                 n_spills=None,

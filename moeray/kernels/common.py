@@ -1,5 +1,7 @@
-"""Shared pieces of the kernels: input checks with clear errors, interpreter detection, and the
-e4m3 rounding helper that keeps Triton's CPU interpreter exact.
+"""Shared pieces of the kernels: the FP8 format's constants (their one definition: the model's
+checkpoint quantization and the FP8 training emulation import them from here), input checks with
+clear errors, interpreter detection, and the e4m3 rounding helper that keeps Triton's CPU
+interpreter exact.
 
 Imports torch and triton only; never touches CUDA at import time.
 """
@@ -15,8 +17,12 @@ import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value; scale = amax / 448 (DeepSeek-V3 recipe)
+FP8_BLOCK = 128  # one scale per 1x128 activation group and per 128x128 weight block
 # A zero group would give scale 0 and 0/0; clamping amax keeps zero groups at q = 0, scale ~2e-15.
 AMAX_FLOOR = 1e-12
+# The same numbers for Triton kernels: a @triton.jit function may read only constexpr globals.
+TL_FP8_MAX = tl.constexpr(FP8_MAX)
+TL_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
 
 def interpreting() -> bool:

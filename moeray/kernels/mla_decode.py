@@ -9,8 +9,9 @@ queries, scores = q_nope . c_kv + q_rope . k_rope and the values are the latent 
 output is [.., R] latent (the caller multiplies by W_UV and W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its pages through the block
-table with an online softmax, writes a partial output and its log-sum-exp. Stage 2 merges the splits.
-Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512 pages).
+table with an online softmax, writes a partial output and its log-sum-exp. Stage 2 merges the
+splits. Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has
+512 pages).
 
 The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
 prefix: query i of a sequence with length L (which already includes the S new tokens in the cache)
@@ -28,11 +29,6 @@ import triton.language as tl
 from moeray.kernels.common import cdiv, check_tensor, interpreting, num_sms, use_triton
 
 LOG2E = 1.4426950408889634
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------
 
 
 def mla_decode_ref(
@@ -59,11 +55,6 @@ def mla_decode_ref(
         lse[b] = torch.logsumexp(scores, dim=-1)
         out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
     return out, lse
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -200,11 +191,6 @@ def _mla_merge_kernel(
     tl.store(lse_out_ptr + b * stride_lob + r, (m_safe + tl.log2(w_sum)) / 1.4426950408889634)
 
 
-# ----------------------------------------------------------------------------------------------
-# Wrappers
-# ----------------------------------------------------------------------------------------------
-
-
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -224,8 +210,8 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     rope = d - kv_lora_rank
     if not (_is_pow2(kv_lora_rank) and _is_pow2(rope)):
         raise ValueError(
-            f"kv_lora_rank={kv_lora_rank} and rope dim {rope} (= {d} - kv_lora_rank) must be powers of 2 "
-            "(DeepSeek-V3: 512 + 64)"
+            f"kv_lora_rank={kv_lora_rank} and rope dim {rope} (= {d} - kv_lora_rank) must be "
+            "powers of 2 (DeepSeek-V3: 512 + 64)"
         )
     page = kv_cache.shape[1]
     if not _is_pow2(page) or page < 16:
@@ -235,7 +221,8 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     b = q.shape[0]
     if block_table.shape[0] != b or seq_lens.shape[0] != b:
         raise ValueError(
-            f"batch mismatch: q has {b} sequences, block_table {block_table.shape[0]}, seq_lens {seq_lens.shape[0]}"
+            f"batch mismatch: q has {b} sequences, block_table {block_table.shape[0]}, "
+            f"seq_lens {seq_lens.shape[0]}"
         )
 
 
@@ -397,8 +384,8 @@ def mla_decode(
 ):
     """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
 
-    kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B] int32
-    (>= 1, including the current token). num_splits / block_h override the automatic choice.
+    kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
+    int32 (>= 1, including the current token). num_splits / block_h override the automatic choice.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(

@@ -27,6 +27,7 @@ kernel on the split views.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,11 +38,6 @@ from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
 
 LOG2E = 1.4426950408889634
 FLOAT_IN = (torch.bfloat16, torch.float16, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------
 
 
 def mla_prefill_ref(
@@ -61,7 +57,7 @@ def mla_prefill_ref(
     lse = torch.empty(t, h, dtype=torch.float32, device=q_nope_THN.device)
     k_pe = k_pe_TR if k_pe_TR.dim() == 3 else k_pe_TR[:, None, :].expand(t, h, k_pe_TR.shape[-1])
     cu = [int(c) for c in cu_seqlens]
-    for s, e in zip(cu[:-1], cu[1:]):
+    for s, e in itertools.pairwise(cu):
         if e == s:
             continue
         q = torch.cat([q_nope_THN[s:e], q_pe_THR[s:e]], -1).float().transpose(0, 1)  # [H, L, N+R]
@@ -74,11 +70,6 @@ def mla_prefill_ref(
         lse[s:e] = torch.logsumexp(scores, -1).transpose(0, 1)
         out[s:e] = (scores.softmax(-1) @ v).transpose(0, 1)
     return out, lse
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernel
-# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -221,11 +212,6 @@ def _mla_prefill_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural log, for merging with cached chunks
     tl.store(lse_ptr + (start + offs_m) * stride_lt + h64 * stride_lh, lse, mask=m_ok)
-
-
-# ----------------------------------------------------------------------------------------------
-# Wrappers
-# ----------------------------------------------------------------------------------------------
 
 
 def _is_pow2(x: int) -> bool:
@@ -390,7 +376,7 @@ def mla_prefill_bshd(
 
     The inputs may be the views that split the projections ([B, S, H, N + V] split into k_nope and
     v, say); nothing is concatenated or expanded."""
-    b, s, h, n = q_nope_BSHN.shape
+    b, s, h, _ = q_nope_BSHN.shape
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q_nope_BSHN.device)
 
     def flat(x):  # [B, S, ...] -> [B*S, ...], a view whenever B and S are adjacent in memory

@@ -1,7 +1,8 @@
 """Fused MoE: all local experts in one launch per GEMM, SiLU-and-multiply fused into the first.
 
 Legend: T tokens, H hidden (7168), I expert width (moe_intermediate_size, 2048), E local experts,
-K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per block.
+K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per
+block.
 
 1. moe_align: sort assignments by expert and pad each expert's run to a multiple of BM, so every
    block of BM sorted rows belongs to one expert. Padding rows hold the sentinel TK. Experts that
@@ -23,14 +24,9 @@ import triton
 import triton.language as tl
 
 from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
-from moeray.kernels.fp8 import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference: the per-expert PyTorch loop (also the benchmark baseline)
-# ----------------------------------------------------------------------------------------------
 
 
 def fused_moe_ref(
@@ -78,11 +74,6 @@ def fused_moe_ref(
     return y.to(x_TH.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Alignment
-# ----------------------------------------------------------------------------------------------
-
-
 def moe_align(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +114,6 @@ def moe_align(
     return sorted_ids[:cap], block_expert
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr,
@@ -142,7 +128,7 @@ def _moe_gate_up_kernel(
     num_valid,
     top_k,
     H,
-    I,
+    INTER,
     stride_xt,
     stride_wge,
     stride_wgn,
@@ -171,7 +157,7 @@ def _moe_gate_up_kernel(
     row_ok = ids < num_valid
     tok = tl.where(row_ok, ids // top_k, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
+    n_ok = offs_n < INTER
     offs_ng = tl.where(n_ok, offs_n, 0)
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
@@ -223,7 +209,7 @@ def _moe_down_kernel(
     rw_ptr,
     num_valid,
     H,
-    I,
+    INTER,
     stride_ht,
     stride_we,
     stride_wn,
@@ -253,8 +239,8 @@ def _moe_down_kernel(
     a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]
     b_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = offs_k < I - k0
+    for k0 in range(0, INTER, BLOCK_K):
+        k_ok = offs_k < INTER - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
@@ -275,18 +261,14 @@ def _moe_down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-# ----------------------------------------------------------------------------------------------
-# Wrapper
-# ----------------------------------------------------------------------------------------------
-
-
 def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
-    """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big tiles."""
+    """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big
+    tiles."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
     # From the H100 sweep (hidden 7168, width 2048, 64 experts, top-8): decode best at 32x64 tiles
-    # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at 64x128x128
-    # / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
+    # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at
+    # 64x128x128 / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
     rows_per_expert = tk / max(num_experts, 1)
     if rows_per_expert <= 32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
@@ -383,13 +365,15 @@ def fused_moe_gate_up(
         raise ValueError(f"w2 has shape {tuple(w2_EHI.shape)}; expected [{e_count}, {h}, {i}]")
     if expert_ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(expert_ids_TK.shape):
         raise ValueError(
-            f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={t}, K]"
+            f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} "
+            f"must both be [T={t}, K]"
         )
     fp8 = w1_EIH.dtype == FP8_DTYPE
     if fp8:
         if w1_scale is None or w3_scale is None or w2_scale is None:
             raise ValueError(
-                "FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]"
+                "FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and "
+                "w2_scale [E, H/128, I/128]"
             )
         if i % 128 or h % 128:
             raise ValueError(

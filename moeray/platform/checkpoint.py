@@ -3,10 +3,10 @@
 Key names follow the official DeepSeek-V3 release:
   model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight   (stacked [E, ...] in our modules)
   model.layers.N.mlp.gate.{weight,e_score_correction_bias}
-  model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm,<decoder block>}   MTP depth k (L = layers)
-  model.layers.{L+k}.{embed_tokens.weight,shared_head.head.weight}   copies of the shared embedding
-                                                                      and head, written for the
-                                                                      official layout, checked on load
+  model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm,<decoder block>}
+      MTP depth k (L = layers)
+  model.layers.{L+k}.{embed_tokens.weight,shared_head.head.weight}
+      copies of the shared embedding and head, written for the official layout, checked on load
 FP8 (`quantization_config.quant_method == "fp8"`): the projections of attention and of the dense,
 shared and routed experts are e4m3 with `<name>.weight_scale_inv` per 128x128 block. They load
 dequantized into the requested dtype, or with `keep_fp8=True` stay e4m3 (FP8Linear / FP8 experts).
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeray.kernels.common import FP8_DTYPE
 from moeray.platform.config import FP8_QUANTIZATION, ModelConfig
 from moeray.platform.model.quant import (
-    FP8,
     FP8Linear,
     dequantize_fp8_blocks,
     quantize_fp8_blocks,
@@ -138,7 +138,7 @@ def save_model(
     tensors: dict[str, torch.Tensor] = {}
     for key, t in hf_state_dict(model):
         t = t.detach().cpu()
-        if t.dtype == FP8 or key.endswith("_scale_inv"):
+        if t.dtype == FP8_DTYPE or key.endswith("_scale_inv"):
             tensors[key] = t.contiguous()
             continue
         if fp8 and _FP8_WEIGHT.search(key):
@@ -188,7 +188,7 @@ def save_model(
 
 
 def _has_fp8(model: nn.Module) -> bool:
-    return any(t.dtype == FP8 for t in model.state_dict().values())
+    return any(t.dtype == FP8_DTYPE for t in model.state_dict().values())
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -266,7 +266,7 @@ def load_model(
         if tuple(t.shape) != tuple(shape):
             mismatched.append(f"{hf_key}: checkpoint {tuple(t.shape)} vs model {tuple(shape)}")
             return None, None
-        if t.dtype == FP8:
+        if t.dtype == FP8_DTYPE:
             s = scales.pop(hf_key, None)
             if s is None:
                 missing.append(hf_key[: -len("weight")] + "weight_scale_inv")

@@ -1,4 +1,4 @@
-"""FP8 training for linear layers, DeepSeek-V3 recipe (REFERENCE.md "FP8 training").
+"""FP8 training for linear layers, DeepSeek-V3 recipe (docs/deepseek-v3.md, "FP8").
 
 Legend: M tokens, K input features, N output features; 1x128 = one scale per token per 128
 features, 128x1 = one scale per feature per 128 tokens, 128x128 = one scale per weight block.
@@ -12,7 +12,9 @@ Master weights and gradients stay fp32 (or the model's dtype); only the GEMM inp
 
 On CPU this module is an exact emulation: quantize, dequantize, fp32 matmul (the GEMM's fp32
 accumulation differs from the GPU's only in summation order). On CUDA it calls
-`moeray.kernels.fp8` (Triton / cuBLASLt block-scaled GEMMs), imported only there.
+`moeray.kernels.fp8` (Triton / cuBLASLt block-scaled GEMMs). The quantizers `qdq_*` are plain
+PyTorch: the CPU path and the test oracle. The three GEMMs (`forward_gemm`, `dgrad_gemm`,
+`wgrad_gemm`) are public: `parallel/pipeline.py` runs the weight-grad one later, as DualPipe's W.
 
 What runs in FP8 (`enable_fp8_training`): the attention projections (q/kv LoRA, kv_b, o) and the
 SwiGLU projections of the dense layers, shared experts and routed experts. The embedding, output
@@ -25,15 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
-# a zero group would divide by zero; with this floor it quantizes to zeros (same as the kernels)
-AMAX_FLOOR = 1e-12
-
-
-# ----------------------------------------------------------------------------------------------
-# quantizers (plain PyTorch; the CPU path and the test oracle)
+from moeray.kernels import fp8 as kernels
+from moeray.kernels.common import AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX
+from moeray.platform.model.mla import MLA
+from moeray.platform.model.moe import MLP, Experts
 
 
 def _qdq_rows(x_RG: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
@@ -47,9 +44,9 @@ def _qdq_rows(x_RG: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
 def qdq_1x128(x_MK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
     """Per-token groups of 128 features (a partial last group when K % 128 != 0)."""
     M, K = x_MK.shape
-    kb = -(-K // BLOCK)
-    x = F.pad(x_MK.float(), (0, kb * BLOCK - K)).view(M, kb, BLOCK)
-    return _qdq_rows(x, fp8_max).view(M, kb * BLOCK)[:, :K]
+    kb = -(-K // FP8_BLOCK)
+    x = F.pad(x_MK.float(), (0, kb * FP8_BLOCK - K)).view(M, kb, FP8_BLOCK)
+    return _qdq_rows(x, fp8_max).view(M, kb * FP8_BLOCK)[:, :K]
 
 
 def qdq_128x1(x_MK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
@@ -60,27 +57,23 @@ def qdq_128x1(x_MK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
 def qdq_128x128(w_NK: torch.Tensor, fp8_max: float = FP8_MAX) -> torch.Tensor:
     """Per 128x128 weight block (partial blocks at the edges)."""
     N, K = w_NK.shape
-    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
-    w = F.pad(w_NK.float(), (0, kb * BLOCK - K, 0, nb * BLOCK - N))
-    blocks = w.view(nb, BLOCK, kb, BLOCK).permute(0, 2, 1, 3).reshape(nb, kb, BLOCK * BLOCK)
-    out = _qdq_rows(blocks, fp8_max).view(nb, kb, BLOCK, BLOCK).permute(0, 2, 1, 3)
-    return out.reshape(nb * BLOCK, kb * BLOCK)[:N, :K]
-
-
-# ----------------------------------------------------------------------------------------------
-# the three GEMMs (public: `parallel/pipeline.py` runs the weight-grad one later, as DualPipe's W)
+    nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
+    w = F.pad(w_NK.float(), (0, kb * FP8_BLOCK - K, 0, nb * FP8_BLOCK - N))
+    blocks = (
+        w.view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+        .permute(0, 2, 1, 3)
+        .reshape(nb, kb, FP8_BLOCK * FP8_BLOCK)
+    )
+    out = _qdq_rows(blocks, fp8_max).view(nb, kb, FP8_BLOCK, FP8_BLOCK).permute(0, 2, 1, 3)
+    return out.reshape(nb * FP8_BLOCK, kb * FP8_BLOCK)[:N, :K]
 
 
 def _kernels_for(t: torch.Tensor):
-    """moeray.kernels.fp8 on CUDA tensors, else None (the CPU emulation must not need it)."""
-    if not t.is_cuda:
-        return None
-    from moeray.kernels import fp8 as kernels
-
-    return kernels
+    """moeray.kernels.fp8 on CUDA tensors, else None (the CPU path runs the emulation)."""
+    return kernels if t.is_cuda else None
 
 
-def pad_rows(t: torch.Tensor, multiple: int = BLOCK) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, multiple: int = FP8_BLOCK) -> torch.Tensor:
     """t with zero rows appended up to a multiple of `multiple` rows (the GPU token padding of
     these GEMMs and of split_linear's higher-precision ones in parallel/pipeline.py)."""
     pad = -t.shape[0] % multiple
@@ -92,7 +85,7 @@ def _bf16_rows(t: torch.Tensor) -> torch.Tensor:
     return pad_rows(t.to(torch.bfloat16).contiguous())
 
 
-def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
+def padded_row_counts(max_rows: int, multiple: int = FP8_BLOCK) -> list[int]:
     """Every padded token count a GEMM of at most `max_rows` rows can run at."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
@@ -105,9 +98,9 @@ def padded_row_counts(max_rows: int, multiple: int = BLOCK) -> list[int]:
 # change every step, and each new count could pick a kernel variant (Triton specializes on
 # divisibility by 16, the tile config depends on M, and the route between cuBLASLt and Triton on
 # M % 4 and M % 128) that is compiled and loaded mid-step. A module load may need the whole GPU
-# idle, which never comes while a pre-posted NCCL receive spins on it: the 4x H200 PP=2 x EP=2 run
-# hung so (2026-11-27, notes-train.md). Padded, the counts take at most max_rows / 128 values,
-# and `prewarm` loads the kernels of every one of them before the first step.
+# idle, which never comes while a pre-posted NCCL receive spins on it, so a multi-GPU step hangs
+# (benchmarks/notes-train.md). Padded, the counts take at most max_rows / 128 values, and
+# `prewarm` loads the kernels of every one of them before the first step.
 # The GEMMs return fp32 on CPU and the kernels' bf16 on CUDA: every caller casts the result to the
 # dtype it needs (an fp32 copy here was one more pass over each output, undone under autocast).
 
@@ -167,8 +160,6 @@ class StackedWeight:
     references off CUDA)."""
 
     def __init__(self, w_ENK: torch.Tensor) -> None:
-        from moeray.kernels import fp8 as kernels
-
         qs = [kernels.weight_quant(w_ENK[e]) for e in range(w_ENK.shape[0])]
         self.q = torch.stack([q for q, _ in qs])
         self.scale = torch.stack([s for _, s in qs])
@@ -210,7 +201,8 @@ def wgrad_gemm(dy_MN, x_MK):
 
 
 def forward_gemm_pair(x_MK, wa: QuantizedWeight, wb: QuantizedWeight):
-    """(x Wa^T, x Wb^T) with x quantized once: a SwiGLU's gate and up projections read the same rows."""
+    """(x Wa^T, x Wb^T) with x quantized once: a SwiGLU's gate and up projections read the same
+    rows."""
     if wa.kernels is None:
         xq = qdq_1x128(x_MK)
         return xq @ wa.qdq_NK.t(), xq @ wb.qdq_NK.t()
@@ -288,7 +280,8 @@ def fp8_linear(
     """F.linear with the three GEMMs in FP8 (see the module docstring); any leading dims."""
     if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
         raise ValueError(
-            f"fp8_linear: x [..., {x.shape[-1]}] does not match weight {tuple(weight_NK.shape)} [N, K]"
+            f"fp8_linear: x [..., {x.shape[-1]}] does not match weight "
+            f"{tuple(weight_NK.shape)} [N, K]"
         )
     lead = x.shape[:-1]
     y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK)
@@ -330,9 +323,6 @@ def enable_fp8_training(model: nn.Module) -> list[str]:
     Returns the qualified names of what now runs in FP8 (for logs and tests). Call before the
     optimizer is built or after: the Parameters are the same objects either way.
     """
-    from moeray.platform.model.mla import MLA
-    from moeray.platform.model.moe import MLP, Experts
-
     converted: list[str] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, MLA):

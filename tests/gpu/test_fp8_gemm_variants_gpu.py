@@ -78,7 +78,8 @@ def test_split_m_per_row_b_and_strided_b():
     for cfg in (_cfg(128, 128, True), _cfg(64, 128, False), None):
         _poison()
         assert _rel(fp8.fp8_gemm_triton(dyt, dyts, xt, xts, config=cfg), ref) < 8e-3
-    # dgrad's triton path: b = W^T as the strided view of W [N, K] (strides (1, K)), scales transposed.
+    # dgrad's triton path: b = W^T as the strided view of W [N, K] (strides (1, K)), scales
+    # transposed.
     wq, ws = fp8.weight_quant(torch.randn(n, k, device="cuda"))
     dyq, dys = fp8.act_quant(dy, scale_col_major=True)
     ref_d = fp8.fp8_gemm_ref(dyq, dys, wq.t().contiguous(), ws.t().contiguous()).float()
@@ -89,17 +90,18 @@ def test_split_m_per_row_b_and_strided_b():
 
 
 def test_config_choice_at_sweep_shapes():
-    from moeray.kernels import fp8
+    from moeray.kernels.fp8 import gemm
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for n in (2112, 24576, 7168, 4096):
-        cfg = fp8._gemm_config(4096, n, dev)
-        assert cfg["SPLIT_M"] is fp8._split_m_wins(4096, n, sms)
+        cfg = gemm._gemm_config(4096, n, dev)
+        assert cfg["SPLIT_M"] is gemm._split_m_wins(4096, n, sms)
         print(
-            f"4096 x {n}: {sms} SMs -> BLOCK_M={cfg['BLOCK_M']} SPLIT_M={cfg['SPLIT_M']} stages={cfg['num_stages']}"
+            f"4096 x {n}: {sms} SMs -> BLOCK_M={cfg['BLOCK_M']} SPLIT_M={cfg['SPLIT_M']} "
+            f"stages={cfg['num_stages']}"
         )
-    assert fp8._gemm_config(64, 7168, dev)["BLOCK_N"] == 32
+    assert gemm._gemm_config(64, 7168, dev)["BLOCK_N"] == 32
 
 
 @pytest.mark.parametrize("n, split", [(2112, False), (7168, True)])
@@ -108,12 +110,13 @@ def test_gemm_tiles_fit_the_ctas_per_sm_the_fill_model_assumes(n, split):
     thread the 64x128 tile fit only 2 (0.61x of _scaled_mm at N2112 instead of 0.78x), a loss no
     correctness test sees: the compiled kernel's registers and shared memory decide it."""
     from moeray.kernels import fp8
+    from moeray.kernels.fp8 import gemm
 
     m, k = 4096, 7168
     xq, xs = fp8.act_quant(torch.randn(m, k, device="cuda"), scale_col_major=True)
     wq, ws = fp8.weight_quant(torch.randn(n, k, device="cuda"))
-    assert fp8._gemm_config(m, n, xq.device)["SPLIT_M"] is split
-    _, compiled = fp8._fp8_gemm_launch(xq, xs, wq, ws)
+    assert gemm._gemm_config(m, n, xq.device)["SPLIT_M"] is split
+    _, compiled = gemm._fp8_gemm_launch(xq, xs, wq, ws)
     occ = fp8.ctas_per_sm(compiled)
-    want = fp8._CTAS_PER_SM_SPLIT if split else fp8._CTAS_PER_SM_64
+    want = gemm._CTAS_PER_SM_SPLIT if split else gemm._CTAS_PER_SM_64
     assert occ["ctas_per_sm"] >= want, occ

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moeray.kernels import fp8
+from moeray.kernels.fp8.gemm import _split_m_wins
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -59,7 +60,8 @@ def test_gemm_variants_block_scaled(mnk, block_m, block_n, split_m):
 
 def test_split_m_strided_b_and_per_row_b_scales():
     # dgrad's triton path passes W^T as a strided view; wgrad's b has one scale per row and 128
-    # K columns (1x128): both through the split-M tile with a ragged reduction length (m=200 tokens).
+    # K columns (1x128): both through the split-M tile with a ragged reduction length (m=200
+    # tokens).
     m, n, k = 200, 96, 160
     g = torch.Generator().manual_seed(3)
     x, dy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g) * 3
@@ -84,7 +86,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="BLOCK_N=96"):
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config=_cfg(16, 96, False))
     no_stages = {k: v for k, v in _cfg(16, 32, False).items() if k != "num_stages"}
-    with pytest.raises(ValueError, match="need .*num_stages"):
+    with pytest.raises(ValueError, match=r"need .*num_stages"):
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config=no_stages)
     with pytest.raises(ValueError, match="BLOCK_SIZE_M"):
         fp8.fp8_gemm_triton(xq, xs, wq, ws, config={**_cfg(16, 32, False), "BLOCK_SIZE_M": 64})
@@ -97,14 +99,14 @@ def test_config_errors():
 def test_split_m_choice_matches_h200_sweep(n, k, split_faster_or_tied):
     # H200 (132 SMs), M=4096, ratio to _scaled_mm, 64x128 / split-M: 0.777/0.675, 0.676/0.717,
     # 0.760/0.825, 0.688/0.688 (scripts/fp8_gemm_sweep.py, one run). k does not enter the rule.
-    assert fp8._split_m_wins(4096, n, 132) is split_faster_or_tied
+    assert _split_m_wins(4096, n, 132) is split_faster_or_tied
 
 
 def test_split_m_not_chosen_for_small_grids():
     # 256 x 2112: 68 tiles of 64 rows already leave most of 132 SMs idle; halving the CTAs is worse.
-    assert not fp8._split_m_wins(256, 2112, 132)
+    assert not _split_m_wins(256, 2112, 132)
     # 100 rows: a 128-row tile computes 28 padded rows (22%) for nothing.
-    assert not fp8._split_m_wins(100, 24576, 132)
+    assert not _split_m_wins(100, 24576, 132)
 
 
 def test_ctas_per_sm_from_registers_and_shared_memory():

@@ -118,6 +118,7 @@ def test_native_route_only_where_cublas_reads_the_scales_right():
 _GPU_CHECK = r"""
 import torch
 from moeray.kernels import fp8
+from moeray.kernels.fp8.dispatch import _scaled_mm_call
 from moeray.platform import fp8 as emu
 
 def rel(o, r):
@@ -137,7 +138,8 @@ cases = [("q_b_proj fwd", 2048, 3072, 384), ("q_a_proj dgrad", 2048, 1024, 384),
          ("q_a_proj fwd", 2048, 384, 1024), ("expert.gate_up fwd", 260, 288, 1024),
          ("kv_b_proj fwd", 2048, 4096, 512), ("expert.down dgrad", 132, 288, 1024)]
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, probed b-scale layout {layout}")
-hdr = f"{'gemm':22s} {'M':>5s} {'N':>5s} {'K':>5s} {'KB%4':>4s} {'route':>6s} {'auto rel':>9s} {'old-native rel':>15s} {'old nonfinite':>13s}"
+hdr = (f"{'gemm':22s} {'M':>5s} {'N':>5s} {'K':>5s} {'KB%4':>4s} {'route':>6s} {'auto rel':>9s} "
+       f"{'old-native rel':>15s} {'old nonfinite':>13s}")
 print(hdr)
 bad = []
 for name, m, n, k in cases:
@@ -152,7 +154,7 @@ for name, m, n, k in cases:
     old_rel, old_nf = "-", "-"
     if layout and k % 128 == 0 and n % 16 == 0 and m % 4 == 0:  # the routing rule before the fix
         try:
-            o = fp8._scaled_mm_call(xq, xs, wq, ws.contiguous(), layout).float()
+            o = _scaled_mm_call(xq, xs, wq, ws.contiguous(), layout).float()
             old_nf = str(int((~torch.isfinite(o)).sum()))
             fin = torch.isfinite(o)
             old_rel = f"{rel(torch.where(fin, o, 0.0), ref):.1e}"
@@ -161,7 +163,8 @@ for name, m, n, k in cases:
     r = rel(out, ref)
     ok = bool(torch.isfinite(out).all()) and r < 8e-3
     bad += [] if ok else [name]
-    print(f"{name:22s} {m:5d} {n:5d} {k:5d} {(k // 128) % 4:4d} {route:>6s} {r:9.1e} {old_rel:>15s} {old_nf:>13s}")
+    print(f"{name:22s} {m:5d} {n:5d} {k:5d} {(k // 128) % 4:4d} {route:>6s} {r:9.1e} "
+          f"{old_rel:>15s} {old_nf:>13s}")
 
 # The training linear end to end (forward, dgrad, wgrad through moeray.platform.fp8) on CUDA
 # against the CPU emulation, at the shapes that broke.
@@ -174,12 +177,15 @@ for name, m, n_out, k_in in [("q_b_proj", 2048, 3072, 384), ("dense.down", 260, 
     xc, wc = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
     yc = emu.fp8_linear(xc, wc)
     yc.backward(dy.cpu())
-    rs = [rel(a.cpu(), b) for a, b in ((y.detach(), yc.detach()), (x.grad, xc.grad), (w.grad, wc.grad))]
+    pairs = ((y.detach(), yc.detach()), (x.grad, xc.grad), (w.grad, wc.grad))
+    rs = [rel(a.cpu(), b) for a, b in pairs]
     fin = all(bool(torch.isfinite(t).all()) for t in (y, x.grad, w.grad))
     ok = fin and max(rs) < 2e-2
     bad += [] if ok else [name + " linear"]
-    print(f"fp8_linear {name:12s} M={m} y/dx/dW rel vs CPU emulation " + " ".join(f"{v:.1e}" for v in rs) + f" finite={fin}")
-print("RESULT", "FAIL " + ", ".join(bad) if bad else "PASS (fixed path finite and close everywhere)")
+    print(f"fp8_linear {name:12s} M={m} y/dx/dW rel vs CPU emulation "
+          + " ".join(f"{v:.1e}" for v in rs) + f" finite={fin}")
+print("RESULT",
+      "FAIL " + ", ".join(bad) if bad else "PASS (fixed path finite and close everywhere)")
 """
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeray.kernels.common import FP8_DTYPE
 from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import tiny
-from moeray.platform.model.quant import FP8, FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks
+from moeray.platform.model.quant import FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks
 from moeray.platform.model.transformer import Transformer
 
 # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 per element (half an ulp); block
@@ -37,7 +38,9 @@ def test_round_trip_is_exact_with_sharding_and_index(tiny_model, tmp_path):
     ):
         assert f"model.layers.3.{name}.weight" in index["weight_map"], name
     _, loaded = load_model(tmp_path)
-    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(
+        tiny_model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b), k
 
 
@@ -46,7 +49,7 @@ def test_block_quantization_error_and_odd_shapes(shape):
     torch.manual_seed(3)
     w = torch.randn(shape)
     q, s = quantize_fp8_blocks(w)
-    assert q.dtype == FP8 and q.shape == w.shape
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape
     assert s.shape[-2:] == (-(-shape[-2] // 128), -(-shape[-1] // 128))
     back = dequantize_fp8_blocks(q, s)
     err = (back - w).abs()
@@ -68,7 +71,7 @@ def test_fp8_save_load_dequantized_and_kept(tiny_model, tmp_path):
     tensors = {}
     for f in tmp_path.glob("model-*.safetensors"):
         tensors.update(load_file(str(f)))
-    assert tensors["model.layers.0.self_attn.q_a_proj.weight"].dtype == FP8
+    assert tensors["model.layers.0.self_attn.q_a_proj.weight"].dtype == FP8_DTYPE
     assert tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].dtype == torch.float32
     assert (
         tensors["model.embed_tokens.weight"].dtype == torch.float32
@@ -82,7 +85,7 @@ def test_fp8_save_load_dequantized_and_kept(tiny_model, tmp_path):
     _, deq = load_model(tmp_path)
     _, kept = load_model(tmp_path, keep_fp8=True)
     assert isinstance(kept.model.layers[0].self_attn.kv_b_proj, FP8Linear)
-    assert kept.model.layers[1].mlp.experts.up_proj.dtype == FP8
+    assert kept.model.layers[1].mlp.experts.up_proj.dtype == FP8_DTYPE
     with torch.no_grad():
         ref, a, b = tiny_model(ids).logits, deq(ids).logits, kept(ids).logits
     assert torch.allclose(a, b, atol=1e-6)  # same dequantized numbers either way

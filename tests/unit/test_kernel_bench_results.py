@@ -1,4 +1,5 @@
-"""`moeray bench kernels`' flat `results` list (issue 4's JSON contract), built from recorded runs."""
+"""`moeray bench kernels`' flat `results` list (issue 4's JSON contract), built from recorded
+runs."""
 
 import json
 from pathlib import Path
@@ -17,7 +18,8 @@ def _recorded_run() -> dict:
 
 
 def _h200_run() -> dict:
-    """An earlier H200 run (default sections then) plus the H100 follow-up's graph and prefill rows."""
+    """An earlier H200 run (default sections then) plus the H100 follow-up's graph and prefill
+    rows."""
     run = json.loads((RESULTS / "kernels-nvidia-h200.json").read_text())
     followup = json.loads((RESULTS / "kernels-nvidia-h100-80gb-hbm3-followup.json").read_text())
     run.update(mla_decode_graph=followup["mla_decode_graph"], mla_prefill=followup["mla_prefill"])
@@ -83,7 +85,8 @@ def test_ratios_come_from_the_row_they_describe():
 def test_targets_are_judged_against_the_issue_thresholds():
     recs = flat_results(_recorded_run())
     targeted = [r for r in recs if "target" in r]
-    # 4 shapes x (fp8_gemm vs _scaled_mm, vs bf16, Triton vs _scaled_mm) + 4 fused MoE + 1 MLA decode.
+    # 4 shapes x (fp8_gemm vs _scaled_mm, vs bf16, Triton vs _scaled_mm) + 4 fused MoE + 1 MLA
+    # decode.
     assert len(targeted) == 17
     assert all(r["meets_target"] for r in targeted)  # this H100 run met every target
     mla = next(r for r in targeted if r["kernel"] == "mla_decode (CUDA graph)")
@@ -122,6 +125,6 @@ def test_a_missing_number_fails_its_target():
 
 
 def test_the_default_run_covers_every_section():
-    from moeray.kernels.bench import _parser
+    from moeray.kernels.bench.runner import _parser
 
     assert _parser().parse_args([]).only.split(",") == list(SECTIONS)

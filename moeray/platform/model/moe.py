@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.common import FP8_DTYPE
 from moeray.kernels.gate import Routing
 from moeray.kernels.moe import fused_moe_gate_up
 from moeray.platform.config import ModelConfig
-from moeray.platform.model.quant import FP8, dequantize_fp8_blocks
+from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,7 +83,7 @@ class Experts(nn.Module):
         out = []
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(self, name)[e]
-            if w.dtype == FP8:
+            if w.dtype == FP8_DTYPE:
                 w = dequantize_fp8_blocks(w, getattr(self, f"{name}_scale_inv")[e], dtype)
             out.append(w)
         return out[0], out[1], out[2]
@@ -149,13 +150,13 @@ class Experts(nn.Module):
         if self.linear is not F.linear or needs_grad:
             return None
         scales: tuple = ()
-        if w1.dtype == FP8:
+        if w1.dtype == FP8_DTYPE:
             scales = tuple(
                 getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj")
             )
             ok = (
-                w3.dtype == FP8
-                and w2.dtype == FP8
+                w3.dtype == FP8_DTYPE
+                and w2.dtype == FP8_DTYPE
                 and x_TD.dtype in half
                 and all(s is not None for s in scales)
                 and w1.shape[1] % 128 == 0

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX
+from moeray.kernels.fp8 import act_quant, fp8_gemm
 
 
 def quantize_fp8_blocks(
-    w_NK: torch.Tensor, block: int = BLOCK
+    w_NK: torch.Tensor, block: int = FP8_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., N, K] float -> (e4m3 [..., N, K], fp32 scale_inv [..., ceil(N/b), ceil(K/b)])."""
     if w_NK.dim() < 2:
@@ -30,7 +29,7 @@ def quantize_fp8_blocks(
     blocks = w.reshape(*lead, nb, block, kb, block)
     amax = blocks.abs().amax(dim=(-3, -1))
     scale_inv = (amax / FP8_MAX).clamp(min=1e-12)
-    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.reshape(*lead, nb * block, kb * block)[..., :N, :K].contiguous(), scale_inv
 
 
@@ -38,7 +37,7 @@ def dequantize_fp8_blocks(
     q_NK: torch.Tensor,
     scale_inv: torch.Tensor,
     dtype: torch.dtype = torch.float32,
-    block: int = BLOCK,
+    block: int = FP8_BLOCK,
 ) -> torch.Tensor:
     *lead, N, K = q_NK.shape
     nb, kb = -(-N // block), -(-K // block)
@@ -54,7 +53,7 @@ def dequantize_fp8_blocks(
 class FP8Linear(nn.Module):
     """A linear layer that keeps its weight in FP8 plus block scales (inference).
 
-    On a GPU with the kernels available it runs the block-scaled FP8 GEMM; elsewhere it
+    On a GPU it runs the block-scaled FP8 GEMM (when K and N are multiples of 128); elsewhere it
     dequantizes and runs a plain matmul in the activation dtype."""
 
     def __init__(self, weight_fp8: torch.Tensor, scale_inv: torch.Tensor) -> None:
@@ -72,16 +71,11 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            try:
-                from moeray.kernels.fp8 import act_quant, fp8_gemm
-            except ImportError:
-                pass
-            else:
-                x2 = x.reshape(-1, x.shape[-1])
-                if x2.shape[-1] % BLOCK == 0 and self.out_features % BLOCK == 0:
-                    xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
-                    y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
-                    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0:
+                xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
+                y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
 
 
@@ -89,7 +83,8 @@ def set_fp8_expert_weight(
     experts: nn.Module, name: str, q: torch.Tensor, scale_inv: torch.Tensor
 ) -> None:
     """Store one stacked expert projection ([E, N, K]) of an `Experts` module as e4m3 plus
-    `<name>_scale_inv` [E, N/128, K/128]; `Experts` dequantizes one expert at a time when it runs."""
+    `<name>_scale_inv` [E, N/128, K/128]; `Experts` dequantizes one expert at a time when it
+    runs."""
     if name in experts._parameters:
         del experts._parameters[name]
     experts.register_buffer(name, q)

@@ -1,0 +1,113 @@
+"""What every kernel benchmark shares: timers, the ceilings measured in the same run, and the
+uniform result record."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+
+
+def _bench(fn, ms: int = 100) -> float:
+    """Median milliseconds of fn over ~ms of repeats, after warm-up."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median"))
+
+
+def _bench_slow(fn, reps: int = 3) -> float:
+    """Median ms of a slow host-driven baseline (per-expert loops, reference loops)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median ms per call of fn replayed from a CUDA graph of `calls` back-to-back calls: the
+    host-side launch cost (allocations, argument packing, 2 launches per call) drops out."""
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def _try(fn) -> float | str:
+    try:
+        return round(_bench(fn), 4)
+    except Exception as e:  # a config that does not compile (shared memory, registers)
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _copy_ms(n: int) -> float:
+    """ms of a device-to-device copy of n fp32 values."""
+    a = torch.randn(n, device="cuda")
+    b = torch.empty_like(a)
+    return _bench(lambda: b.copy_(a))
+
+
+def ceilings() -> dict:
+    dev = "cuda"
+    n = 1 << 28  # 1 GiB of fp32: far past L2
+    copy_ms = _copy_ms(n)
+    copy_tbs = 2 * n * 4 / copy_ms / 1e9
+    m = 8192
+    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    bf16_ms = _bench(lambda: x @ y)
+    bf16_tflops = 2 * m**3 / bf16_ms / 1e9
+    xf = x.to(torch.float8_e4m3fn)
+    yf = y.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device=dev)
+    fp8_ms = _bench(
+        lambda: torch._scaled_mm(xf, yf, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    )
+    fp8_tflops = 2 * m**3 / fp8_ms / 1e9
+    return {
+        "copy_TBps": round(copy_tbs, 3),
+        "bf16_matmul_TFLOPs": round(bf16_tflops, 1),
+        "fp8_matmul_TFLOPs": round(fp8_tflops, 1),
+        "how": "copy: 1 GiB fp32 device-to-device, bytes read + written; matmul: 8192^3 random, "
+        "bf16 torch.matmul and fp8 tensorwise torch._scaled_mm",
+    }
+
+
+def _rec(
+    kernel, shape, ms, ratio_to_ceiling, ceiling, baseline, ratio_to_baseline, target=None
+) -> dict:
+    rec = {
+        "kernel": kernel,
+        "shape": shape,
+        "time_us": round(ms * 1e3, 2) if ms is not None else None,
+        "ratio_to_ceiling": ratio_to_ceiling,
+        "ceiling": ceiling,
+        "baseline": baseline,
+        "ratio_to_baseline": ratio_to_baseline,
+    }
+    if target is not None:  # issue 4's targets (stated for an H100): {field: minimum}
+        rec["target"] = target
+        rec["meets_target"] = all(rec[f] is not None and rec[f] >= v for f, v in target.items())
+    return rec

@@ -1,0 +1,127 @@
+"""Benchmarks of the fused MoE (bf16 and FP8 weights, decode and prefill) against the per-expert
+PyTorch loop and the bandwidth / compute floor, and its block-config sweep."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moeray.kernels.bench.common import _bench, _bench_slow, _try
+from moeray.kernels.fp8.quant import weight_quant
+from moeray.kernels.moe import fused_moe, fused_moe_ref
+
+
+def _quantized_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's weight quantized on its own: (e4m3 [E, N, K], scales [E, N/128, K/128])."""
+    q, s = map(torch.stack, zip(*[weight_quant(w) for w in w_ENK], strict=True))
+    return q, s
+
+
+def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[dict]:
+    """fused_moe with bf16 and with FP8 weights on `t` routed tokens, against the per-expert loop
+    and the bandwidth / compute floor."""
+    experts, hidden, inter = w2.shape
+    x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(t, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+    wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
+    touched = int(torch.unique(ids).numel())
+    flops = 2 * t * top_k * 3 * hidden * inter
+    # Baseline: the per-expert PyTorch loop with bf16 weights (cuBLAS GEMMs per expert); the FP8
+    # kernel is compared with it too, since a loop over FP8 experts would dequantize each time.
+    loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
+
+    def row(wname: str, args: tuple, kw: dict, elt: int) -> dict:
+        def fn():
+            return fused_moe(x, *args, ids, wts, **kw)
+
+        out = fn()
+        ms = _bench(fn, ms=200)
+        weight_bytes = touched * 3 * hidden * inter * elt
+        floor_bw_ms = (weight_bytes + 2 * t * hidden * 2) / (ceil["copy_TBps"] * 1e9)
+        rate = ceil["fp8_matmul_TFLOPs"] if elt == 1 else ceil["bf16_matmul_TFLOPs"]
+        floor_fl_ms = flops / (rate * 1e9)
+        ref = fused_moe_ref(x[:64], *args, ids[:64], wts[:64], **kw).float()
+        err = ((out[:64].float() - ref).norm() / ref.norm()).item()
+        return {
+            "kernel": f"fused_moe_{wname}",
+            "phase": phase,
+            "tokens": t,
+            "experts": experts,
+            "top_k": top_k,
+            "hidden": hidden,
+            "inter": inter,
+            "experts_touched": touched,
+            "ms": round(ms, 4),
+            "loop_ms": round(loop_ms, 3),
+            "speedup_vs_loop": round(loop_ms / ms, 2),
+            "TBps_weights": round(weight_bytes / ms / 1e9, 3),
+            "TFLOPs": round(flops / ms / 1e9, 1),
+            "floor_ms": round(max(floor_bw_ms, floor_fl_ms), 4),
+            "frac_of_floor": round(max(floor_bw_ms, floor_fl_ms) / ms, 3),
+            "floor_is": "bandwidth" if floor_bw_ms > floor_fl_ms else "compute",
+            "rel_err_vs_ref_first64": round(err, 5),
+        }
+
+    return [
+        row("bf16", (w13, w2), {}, 2),
+        row("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2}, 1),
+    ]
+
+
+def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    q13, s13 = _quantized_experts(w13)
+    q2, s2 = _quantized_experts(w2)
+    top_k = 8
+    for phase, t in (("decode", 64), ("prefill", 8192)):
+        rows += _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k)
+    return rows
+
+
+def sweep_fused_moe() -> list[dict]:
+    """Time candidate block configs of the fused MoE (`_moe_config` comes from here)."""
+    out = []
+    e, h, i, top_k = 64, 7168, 2048, 8
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
+    q13, s13 = _quantized_experts(w13)
+    q2, s2 = _quantized_experts(w2)
+    moe_cfgs = {
+        "decode": [
+            (16, 64, 128, 4, 4),
+            (16, 128, 128, 4, 4),
+            (16, 32, 128, 4, 4),
+            (32, 64, 128, 4, 4),
+            (16, 64, 128, 4, 6),
+            (16, 64, 64, 4, 6),
+        ],
+        "prefill": [
+            (128, 128, 64, 8, 3),
+            (128, 64, 128, 8, 3),
+            (64, 128, 128, 4, 3),
+            (64, 64, 128, 4, 4),
+            (128, 128, 128, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 32, 8, 4),
+        ],
+    }
+    for phase, t in (("decode", 64), ("prefill", 8192)):
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(t, e, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+        wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
+        for wname, args, kw in (
+            ("bf16", (w13, w2), {}),
+            ("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2}),
+        ):
+            for bm, bn, bk, nw, ns in moe_cfgs[phase]:
+                if wname == "fp8" and 128 % bk:
+                    continue
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                tms = _try(functools.partial(fused_moe, x, *args, ids, wts, config=cfg, **kw))
+                out.append({"phase": phase, "weights": wname, **cfg, "ms": tms})
+    return out

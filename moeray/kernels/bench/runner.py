@@ -1,0 +1,418 @@
+"""`moeray bench kernels`: time every kernel on the GPU against ceilings measured in the same run.
+
+Writes benchmarks/results/kernels-<device>.json: per kernel and shape the median time (CUDA events,
+triton.testing.do_bench), achieved TB/s or TFLOP/s, the fraction of the measured ceiling
+(device-to-device copy bandwidth, bf16 and fp8 matmul rates) and the ratio to the baseline: each
+section's detailed rows under its name, and all of them as uniform records under `results`
+(`flat_results`: kernel, shape, time_us, ratio_to_ceiling, baseline, ratio_to_baseline, and for
+issue 4's targets `target` / `meets_target`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import triton
+
+from moeray.kernels.bench.common import _rec, ceilings
+from moeray.kernels.bench.fp8 import (
+    bench_fp8_gemm,
+    bench_fp8_gemm_grouped,
+    bench_quant,
+    sweep_fp8_gemm,
+)
+from moeray.kernels.bench.mla import (
+    bench_mla_decode,
+    bench_mla_decode_graph,
+    bench_mla_prefill,
+    sweep_mla_decode,
+)
+from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
+from moeray.kernels.router import bench_router
+from moeray.platform.results import device_slug, write_result
+
+
+def sweep() -> dict:
+    """Time candidate block configs; the heuristics in fp8/gemm.py, moe.py and mla_decode.py come
+    from here."""
+    return {
+        "fp8_gemm_triton": sweep_fp8_gemm(),
+        "fused_moe": sweep_fused_moe(),
+        "mla_decode": sweep_mla_decode(),
+    }
+
+
+def _print_sweep(sw: dict) -> None:
+    def best(rows, keys):
+        groups: dict = {}
+        for r in rows:
+            if isinstance(r["ms"], float):
+                g = tuple(r[k] for k in keys)
+                if g not in groups or r["ms"] < groups[g]["ms"]:
+                    groups[g] = r
+        return groups
+
+    for g, r in best(sw["fp8_gemm_triton"], ("M", "N", "K")).items():
+        print(
+            "sweep best fp8_gemm_triton",
+            g,
+            {k: r[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ms", "TFLOPs")},
+        )
+    for g, r in best(sw["fused_moe"], ("phase", "weights")).items():
+        print(
+            "sweep best fused_moe",
+            g,
+            {k: r[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "ms")},
+        )
+    for g, r in best(sw["mla_decode"], ("heads", "batch", "context")).items():
+        print(
+            "sweep best mla_decode",
+            g,
+            {k: r[k] for k in ("block_h", "num_warps", "num_stages", "num_splits", "ms", "TBps")},
+        )
+
+
+def _print_table(result: dict) -> None:
+    c = result["ceilings"]
+    for r in result.get("router", []):
+        print(
+            f"router {r['shape']:5s} E={r['E']:3d} T={r['tokens']:5d}: in a graph "
+            f"{r['torch_graph_us']:7.1f} us torch -> {r['fused_graph_us']:6.1f} us fused "
+            f"(x{r['graph_speedup']}), eager {r['torch_ms']:.4f} -> "
+            f"{r['fused_ms']:.4f} ms; ids== {r['ids_equal']} counts== {r['counts_equal']} "
+            f"scores bit== {r['scores_bit_equal']} w diff {r['weights_max_abs_diff']:.1e}"
+        )
+    for r in result.get("mla_decode_graph", []):
+        print(
+            f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
+            f"splits={r['num_splits']!s:4s} stages={r['num_stages']}: graph "
+            f"{r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy), "
+            f"eager {r['eager_ms']:.4f} ms ({r['eager_frac_copy_bw']:.2f}), "
+            f"err {r['rel_err_first4']}"
+        )
+    for r in result.get("mla_prefill", {}).get("rows", []):
+        tf = r["TFLOPs"]
+        print(
+            f"mla_prefill H={r['heads']:3d} {r['layout']:7s}: fastest {r['fastest']} | "
+            + ", ".join(f"{k} {v}" for k, v in sorted(tf.items(), key=lambda kv: -kv[1]))
+            + " TFLOP/s"
+            + f" | err {r['rel_err_vs_triton']}"
+        )
+    print(
+        f"\nceilings: copy {c['copy_TBps']} TB/s, bf16 {c['bf16_matmul_TFLOPs']} TFLOP/s, fp8 "
+        f"{c['fp8_matmul_TFLOPs']} TFLOP/s"
+    )
+    for r in result.get("quant", []):
+        print(
+            f"{r['kernel']:28s} {r['shape']:16s} {r['ms']:8.4f} ms {r['TBps']:6.3f} TB/s "
+            f"({r['frac_copy_bw']:.2f} of copy)"
+        )
+    for r in result.get("fp8_gemm", []):
+        if "N" in r and r["kernel"] == "fp8_gemm":
+            print(
+                f"fp8_gemm M={r['M']:5d} N={r['N']:5d} K={r['K']:5d}: {r['TFLOPs']:7.1f} TFLOP/s "
+                f"(x{r.get('ratio_vs_scaled_mm', float('nan'))} scaled_mm, "
+                f"x{r['speedup_vs_bf16']} bf16); triton {r['triton_TFLOPs']:7.1f} "
+                f"(x{r.get('triton_ratio_vs_scaled_mm', float('nan'))} scaled_mm, "
+                f"x{r['triton_speedup_vs_bf16']} bf16)"
+            )
+        else:
+            print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
+    for r in result.get("fp8_gemm_grouped", []):
+        print(
+            f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
+            f"rows, N={r['N']:5d} K={r['K']:5d}: {r['ms']:.4f} ms ({r['TFLOPs']} TFLOP/s), "
+            f"per-expert loop {r['per_expert_loop_ms']:.4f} ms "
+            f"(x{r['speedup_vs_loop']}), err {r['rel_err_vs_loop']}"
+        )
+    for r in result.get("fused_moe", []):
+        print(
+            f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d}: {r['ms']:8.3f} ms, "
+            f"loop {r['loop_ms']:8.3f} ms, "
+            f"x{r['speedup_vs_loop']} loop, {r['frac_of_floor']:.2f} of {r['floor_is']} floor, "
+            f"err {r['rel_err_vs_ref_first64']}"
+        )
+    for r in result.get("mla_decode", []):
+        print(
+            f"mla_decode H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d}: "
+            f"{r['ms']:8.4f} ms "
+            f"{r['TBps']:6.3f} TB/s ({r['frac_copy_bw']:.2f} of copy) {r['TFLOPs']:6.1f} TFLOP/s"
+            + (f", x{r['speedup_vs_ref']} ref" if "speedup_vs_ref" in r else "")
+        )
+
+
+def flat_results(result: dict) -> list[dict]:
+    """Every section's rows as one list of records: kernel, shape, time_us, ratio_to_ceiling (to the
+    ceiling named in `ceiling`, measured in the same run) and ratio_to_baseline (to the method named
+    in `baseline`); higher is better for both ratios. Rows the issue sets a target for carry it."""
+    out: list[dict] = []
+    c = result["ceilings"]
+    for r in result.get("quant", []):
+        out.append(
+            _rec(
+                r["kernel"],
+                r["shape"],
+                r["ms"],
+                r["frac_copy_bw"],
+                "copy bandwidth",
+                "PyTorch reference (eager)",
+                r.get("speedup_vs_ref"),
+            )
+        )
+    for r in result.get("fp8_gemm", []):
+        shape = f"M{r['M']} N{r['N']} K{r['K']}"
+        if r["kernel"] != "fp8_gemm":  # the backward GEMMs
+            out.append(
+                _rec(
+                    r["kernel"],
+                    shape,
+                    r["ms"],
+                    round(r["TFLOPs"] / c["fp8_matmul_TFLOPs"], 3),
+                    "fp8 matmul rate",
+                    "torch.matmul bf16",
+                    r["speedup_vs_bf16"],
+                )
+            )
+            continue
+        big = r["M"] == 4096
+        for kernel, ms, tf, sm_ratio, bf16_ratio, sm_target, bf16_target in (
+            (
+                "fp8_gemm",
+                r["ms"],
+                r["TFLOPs"],
+                r.get("ratio_vs_scaled_mm"),
+                r["speedup_vs_bf16"],
+                0.95,
+                1.3,
+            ),
+            (
+                "fp8_gemm_triton",
+                r["triton_ms"],
+                r["triton_TFLOPs"],
+                r.get("triton_ratio_vs_scaled_mm"),
+                r["triton_speedup_vs_bf16"],
+                0.7,
+                None,
+            ),
+        ):
+            ratio_c = round(tf / c["fp8_matmul_TFLOPs"], 3)
+            if sm_ratio is not None:
+                out.append(
+                    _rec(
+                        kernel,
+                        shape,
+                        ms,
+                        ratio_c,
+                        "fp8 matmul rate",
+                        "torch._scaled_mm block-scaled",
+                        sm_ratio,
+                        {"ratio_to_baseline": sm_target} if big else None,
+                    )
+                )
+            out.append(
+                _rec(
+                    kernel,
+                    shape,
+                    ms,
+                    ratio_c,
+                    "fp8 matmul rate",
+                    "torch.matmul bf16",
+                    bf16_ratio,
+                    {"ratio_to_baseline": bf16_target} if big and bf16_target else None,
+                )
+            )
+    for r in result.get("fp8_gemm_grouped", []):
+        out.append(
+            _rec(
+                r["kernel"],
+                f"{r['shape']}: {r['experts']} x {r['rows_per_expert']} rows, N{r['N']} K{r['K']}",
+                r["ms"],
+                r["frac_fp8_peak"],
+                "fp8 matmul rate",
+                "fp8_gemm per expert",
+                r["speedup_vs_loop"],
+            )
+        )
+    for r in result.get("fused_moe", []):
+        target = {"ratio_to_baseline": 5.0 if r["phase"] == "decode" else 2.0}
+        out.append(
+            _rec(
+                r["kernel"],
+                f"{r['phase']} T{r['tokens']}, top-{r['top_k']} of {r['experts']}, "
+                f"{r['hidden']}/{r['inter']}",
+                r["ms"],
+                r["frac_of_floor"],
+                f"{r['floor_is']} floor",
+                "per-expert PyTorch loop (bf16)",
+                r["speedup_vs_loop"],
+                target,
+            )
+        )
+    for r in result.get("mla_decode", []):
+        out.append(
+            _rec(
+                "mla_decode",
+                f"H{r['heads']} B{r['batch']} ctx{r['context']}",
+                r["ms"],
+                r["frac_copy_bw"],
+                "copy bandwidth",
+                "mla_decode_ref (PyTorch)" if "speedup_vs_ref" in r else None,
+                r.get("speedup_vs_ref"),
+            )
+        )
+    for r in result.get("mla_decode_graph", []):
+        shape = (
+            f"H{r['heads']} B{r['batch']} ctx{r['context']} splits={r['num_splits']} "
+            f"stages={r['num_stages']}"
+        )
+        target = None
+        if (r["heads"], r["batch"], r["context"], r["num_splits"], r["num_stages"]) == (
+            16,
+            64,
+            4096,
+            "auto",
+            2,
+        ):
+            target = {"ratio_to_ceiling": 0.7}  # the engine's decode steps replay CUDA graphs
+        out.append(
+            _rec(
+                "mla_decode (CUDA graph)",
+                shape,
+                r["graph_ms"],
+                r["graph_frac_copy_bw"],
+                "copy bandwidth",
+                "the same calls eager (do_bench)",
+                round(r["eager_ms"] / r["graph_ms"], 3),
+                target,
+            )
+        )
+    for r in result.get("mla_prefill", {}).get("rows", []):
+        ms = {
+            k: v
+            for k, v in r["ms"].items()
+            if isinstance(v, float) and not k.startswith("triton_cfg")
+        }
+        if "triton" not in ms:
+            continue
+        others = {k: v for k, v in ms.items() if k != "triton"}
+        best = min(others, key=others.get) if others else None
+        out.append(
+            _rec(
+                "mla_prefill_triton",
+                f"H{r['heads']} {r['layout']}",
+                ms["triton"],
+                r["frac_bf16_peak"].get("triton"),
+                "bf16 matmul rate",
+                f"fastest torch method ({best})" if best else None,
+                round(others[best] / ms["triton"], 3) if best else None,
+            )
+        )
+    for r in result.get("router", []):
+        out.append(
+            _rec(
+                "route_fused (CUDA graph)",
+                f"{r['shape']} E{r['E']} T{r['tokens']}",
+                r["fused_graph_us"] / 1e3,
+                None,
+                None,
+                "PyTorch route (CUDA graph)",
+                r["graph_speedup"],
+            )
+        )
+    return out
+
+
+SECTIONS = (
+    "quant",
+    "fp8_gemm",
+    "fp8_gemm_grouped",
+    "fused_moe",
+    "mla_decode",
+    "mla_decode_graph",
+    "mla_prefill",
+    "router",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeray bench kernels", description=__doc__)
+    p.add_argument(
+        "--only", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS)
+    )
+    p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
+    p.add_argument("--sweep", action="store_true", help="also time candidate block configs")
+    p.add_argument("--moe-hidden", type=int, default=7168)
+    p.add_argument("--moe-inter", type=int, default=2048)
+    p.add_argument("--moe-experts", type=int, default=64)
+    p.add_argument("--tag", default="", help="results file kernels-<device>[-<tag>].json")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "moeray bench kernels: needs a CUDA GPU (run it on the device machine)", file=sys.stderr
+        )
+        return 2
+    want = set(args.only.split(","))
+    bad = want - set(SECTIONS)
+    if bad:
+        raise ValueError(f"--only got {sorted(bad)}; accepted: {', '.join(SECTIONS)}")
+    result: dict = {"torch": torch.__version__}
+    result["triton"] = triton.__version__
+    result["ceilings"] = ceilings()
+    print("ceilings", result["ceilings"], flush=True)
+    sections = [
+        ("quant", lambda: bench_quant(result["ceilings"])),
+        ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
+        ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
+        (
+            "fused_moe",
+            lambda: bench_moe(
+                result["ceilings"], args.moe_hidden, args.moe_inter, args.moe_experts
+            ),
+        ),
+        ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
+        ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
+        ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
+        ("router", bench_router),
+    ]
+    for name, fn in sections:
+        if name not in want:
+            continue
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as e:  # keep the other sections' numbers; record what broke
+            result[name + "_error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{name} failed: {result[name + '_error']}", flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        torch.cuda.empty_cache()
+    if args.sweep:
+        t0 = time.perf_counter()
+        result["sweep"] = sweep()
+        print(f"[sweep: {time.perf_counter() - t0:.1f} s]", flush=True)
+    result["results"] = flat_results(result)
+    path = write_result(f"kernels-{device_slug()}" + (f"-{args.tag}" if args.tag else ""), result)
+    _print_table(result)
+    print("\nissue 4 targets (stated for an H100):")
+    for rec in result["results"]:
+        if "target" in rec:
+            ((field, minimum),) = rec["target"].items()
+            print(
+                f"  {'met ' if rec['meets_target'] else 'MISS'} {rec['kernel']:24s} "
+                f"{rec['shape']:40s} "
+                f"{field} {rec[field]} >= {minimum} (baseline {rec['baseline']})"
+            )
+    if args.sweep:
+        _print_sweep(result["sweep"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
