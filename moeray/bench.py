@@ -1,7 +1,7 @@
 """`moeray bench <name>`: dispatch to the benchmark that owns each name.
 
 Every benchmark writes `benchmarks/results/<name>[-<device>].json` with device, date, command and
-its numbers (see `moeray.platform.results`).
+its numbers (see `moeray.results`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeray.platform.config import tiny
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel import pipeline as P
-from moeray.platform.results import write_result
 from moeray.platform.train import step as ts
+from moeray.results import write_result
 
 
 def stage_ms(grouped: bool, reps: int = 10) -> float:

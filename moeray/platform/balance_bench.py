@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from moeray.platform.config import tiny
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.results import RESULTS_DIR, write_result
 from moeray.platform.routing.balance import balance_stats, maxvio, sequence_balance_loss
 from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train import data
+from moeray.results import RESULTS_DIR, write_result
 
 RUN_NAMES = ("bias", "none", "aux_loss")
 # V3's MTP loss weight for the first 10T tokens (docs/deepseek-v3.md, "Multi-token prediction"):

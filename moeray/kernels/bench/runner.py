@@ -24,6 +24,7 @@ from moeray.kernels.bench.fp8 import (
     bench_quant,
     sweep_fp8_gemm,
 )
+from moeray.kernels.bench.gate import bench_moe_gate
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
@@ -31,8 +32,7 @@ from moeray.kernels.bench.mla import (
     sweep_mla_decode,
 )
 from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
-from moeray.kernels.router import bench_router
-from moeray.platform.results import device_slug, write_result
+from moeray.results import device_slug, write_result
 
 
 def sweep() -> dict:
@@ -379,7 +379,7 @@ def main(argv: list[str]) -> int:
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
-        ("router", bench_router),
+        ("router", bench_moe_gate),
     ]
     for name, fn in sections:
         if name not in want:

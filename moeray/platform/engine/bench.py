@@ -33,7 +33,7 @@ from moeray.platform.config import preset
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.results import device_slug, write_result
+from moeray.results import device_slug, write_result
 
 SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
 

@@ -37,7 +37,6 @@ from typing import Any
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import DEFAULT_DEMO_MODEL, ServeConfig, tiny
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.results import RESULTS_DIR, device_slug, write_result
 from moeray.platform.serve.app import build_serve_app
 from moeray.platform.serve.kv_transport.base import backend_for
 from moeray.platform.serve.kv_transport.p2p import raw_p2p_seconds
@@ -49,6 +48,7 @@ from moeray.platform.serve.loadgen import (
     summarize,
 )
 from moeray.platform.train.data import save_tokenizer, train_tokenizer
+from moeray.results import RESULTS_DIR, device_slug, write_result
 
 
 def _parse_target(spec: str) -> tuple[str, str]:

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from moeray.platform.results import device_slug, write_result
 from moeray.platform.serve.kv_bench_peer import (
     DEFAULT_TRANSPORTS,
     MIN_TIMED,
@@ -50,6 +49,7 @@ from moeray.platform.serve.kv_bench_peer import (
 )
 from moeray.platform.serve.kv_transport.base import backend_for
 from moeray.platform.serve.kv_transport.factory import TRANSPORTS
+from moeray.results import device_slug, write_result
 
 FAST_PATH_TOKENS = 4096  # the 4K-token prompt: 288 MB at the V3 shape
 TARGET_MS = 2.0

@@ -513,7 +513,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from moeray.platform.parallel.pipeline import dist_timeout_s
-    from moeray.platform.results import device_slug, write_result
+    from moeray.results import device_slug, write_result
 
     args = _parser().parse_args(argv)
     try:
