@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call (4 GPUs, ~9 min; carry .gpu-bundle) after FP8 token padding + prewarm and forced
-# CUDA_MODULE_LOADING=EAGER (platform/fp8.py, parallel/pipeline.py):
+# CUDA_MODULE_LOADING=EAGER (platform/fp8.py, parallel/distributed.py):
 #   phase 1: `moeray bench train` PP=2 x EP=2 on all four GPUs (issue #5's evidence run); the
 #            FP8-prewarm and hostcopy GPU tests on GPU 0 alongside (seconds; warm-up steps only)
 #   phase 2: if phase 1 failed, the same with --no-overlap; else `moeray bench kv` (issue #7)

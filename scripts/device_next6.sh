@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call (4 GPUs, or 2 with EP=1; ~5-7 min, no carry): issue #5's PP=2 x EP=2 run after the allocator
-# reservation (pipeline.reserve_device_memory) and the padded + prewarmed BF16 GEMMs (pipeline.matmul_*);
+# reservation (distributed.reserve_device_memory) and the padded + prewarmed BF16 GEMMs (weight_grad.matmul_*);
 # the GPU tests of both on GPU 0 alongside.
 set -u
 source "$(dirname "$0")/device_env.sh"

@@ -89,14 +89,14 @@ def test_gpu_compiled_grouped_gemm(compiled_check):
 
 
 def test_grouped_fp8_experts_through_the_triton_kernels():
-    """The training path's grouped FP8 experts (parallel/pipeline.py `_GroupedFP8`) with the
+    """The training path's grouped FP8 experts (parallel/experts_mlp.py `_GroupedFP8`) with the
     Triton kernels themselves (interpreted), against the per-expert FP8 emulation. The kernel
     promotes each 128-deep K block into its fp32 accumulator with its scales, the emulation
     multiplies dequantized matrices: the sums round differently, and the bf16 outputs then feed
     e4m3 quantization (a flip is a whole e4m3 step), so the bound is 5%; a wrong
     expert, block or scale gives O(1)."""
     from moeray.platform import fp8 as f8
-    from moeray.platform.parallel import pipeline as P
+    from moeray.platform.parallel.experts_mlp import experts_mlp
 
     g = torch.Generator().manual_seed(3)
     rows, D, I = [3, 0, 9], 128, 160
@@ -107,7 +107,7 @@ def test_grouped_fp8_experts_through_the_triton_kernels():
         xi = x.clone().requires_grad_()
         wi = [w.clone().requires_grad_() for w in ws]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = P.experts_mlp(xi, *wi, rows, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped)
+            y = experts_mlp(xi, *wi, rows, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped)
         (y.float() * torch.linspace(-1, 1, D)).sum().backward()
         outs.append((y.float(), xi.grad, *(w.grad for w in wi)))
     # the weight grads: one fp8_gemm per expert on slices of one 128x1 quantization

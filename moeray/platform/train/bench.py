@@ -222,7 +222,8 @@ def _one_run(
 
     from moeray.platform import routing
     from moeray.platform.config import preset
-    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec, dist_timeout_s
+    from moeray.platform.parallel.distributed import dist_timeout_s
+    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
     from moeray.platform.parallel.simulate import Costs, simulate
     from moeray.platform.train import step as tstep
 
@@ -323,7 +324,7 @@ def _worker(
     import torch
     import torch.distributed as dist
 
-    from moeray.platform.parallel.pipeline import dist_timeout_s, init_distributed
+    from moeray.platform.parallel.distributed import dist_timeout_s, init_distributed
 
     stacks_dir = os.environ.get(STACKS_ENV)
     stacks = (
@@ -376,11 +377,11 @@ def _worker(
 
 
 def _worker_env(device: str):
-    """The environment spawned CUDA workers start with: pipeline.CUDA_ENV (its allocator choice
+    """The environment spawned CUDA workers start with: distributed.CUDA_ENV (its allocator choice
     must precede the workers' `import torch`)."""
     from unittest import mock
 
-    from moeray.platform.parallel.pipeline import CUDA_ENV
+    from moeray.platform.parallel.distributed import CUDA_ENV
 
     return mock.patch.dict(os.environ, CUDA_ENV) if device == "cuda" else contextlib.nullcontext()
 
@@ -512,7 +513,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from moeray.platform.parallel.pipeline import dist_timeout_s
+    from moeray.platform.parallel.distributed import dist_timeout_s
     from moeray.platform.results import device_slug, write_result
 
     args = _parser().parse_args(argv)

@@ -70,7 +70,7 @@ def run(job: TrainJobConfig) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from moeray.actors.router import get_or_create_router
-    from moeray.platform.parallel.pipeline import dist_timeout_s
+    from moeray.platform.parallel.distributed import dist_timeout_s
     from moeray.platform.routing import RouterConfig
     from moeray.platform.train.loop import train_loop_per_worker
 
@@ -86,10 +86,10 @@ def run(job: TrainJobConfig) -> Path:
     tok_dir, tokens = prepare_data(job, run_dir)
 
     if not ray.is_initialized():
-        from moeray.platform.parallel.pipeline import CUDA_ENV
+        from moeray.platform.parallel.distributed import CUDA_ENV
 
         # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray.
-        # The pipeline workers' CUDA settings must precede their CUDA contexts (pipeline.CUDA_ENV).
+        # The pipeline workers' CUDA settings must precede their CUDA contexts (distributed.CUDA_ENV).
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **CUDA_ENV}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world

@@ -1,6 +1,6 @@
 """The training loop of one worker (a Ray Train worker process), and the job's typed config.
 
-World layout: rank = (pp_rank * DP + dp_rank) * EP + ep_rank (`parallel/pipeline.Topology`).
+World layout: rank = (pp_rank * DP + dp_rank) * EP + ep_rank (`parallel/distributed.Topology`).
 With PP = 1 that is dp_rank * EP + ep_rank: ranks [d*EP, (d+1)*EP) form one expert-parallel group
 (they split the routed experts); ranks with the same ep_rank form a data-parallel group (they hold
 the same expert shard). Every (dp, ep) coordinate is one data shard that reads its own slice of
@@ -444,7 +444,7 @@ def train_loop_per_worker(config: dict) -> None:
         Metrics,
     )
     from moeray.platform.model.transformer import Transformer
-    from moeray.platform.parallel.pipeline import Topology
+    from moeray.platform.parallel.distributed import Topology
     from moeray.platform.train import data as tdata
     from moeray.platform.train import step as tstep
 
@@ -466,7 +466,7 @@ def train_loop_per_worker(config: dict) -> None:
         # CUDA all-reduce, and a thread's NCCL calls take the current device): Ray Train's own
         # set_device runs in a context manager this must not depend on. Ray Train's
         # init_process_group binds no device, so communicators are built at each group's first
-        # op, which the group check orders the same on every rank (parallel/pipeline.py).
+        # op, which the group check orders the same on every rank (parallel/distributed.py).
         torch.cuda.set_device(device)
     replica = (_PipelineReplica if p.pp > 1 else _FlatReplica)(job, rank, world, device)
     model_cfg = job.model_config()
