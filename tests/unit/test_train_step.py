@@ -1,6 +1,7 @@
 """Training step: objective pieces, learning-rate schedule, optimizer settings, FP8 vs higher
 precision on the tiny model, and the job config parser."""
 
+import itertools
 import math
 
 import pytest
@@ -29,8 +30,8 @@ def test_learning_rate_warmup_then_cosine():
     cfg = ts.OptimConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, total_steps=50)
     lrs = [ts.learning_rate(s, cfg) for s in range(50)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4)
     mid = 10 + (50 - 10 - 1) / 2  # halfway through the cosine: the mean of peak and floor
     assert ts.learning_rate(int(mid), cfg) == pytest.approx(
@@ -93,7 +94,8 @@ def test_train_step_learns_and_clips():
         # K assignments per token; the MTP block sees S-1 positions
         assert r.loads_LE[0].sum() == 2 * 32 * tiny().num_experts_per_tok
     assert r.loss.main < first - 1.0  # memorizes a fixed batch
-    # clipping: a step with a huge gradient moves the weights by at most lr * (Adam's ~1 per element)
+    # clipping: a step with a huge gradient moves the weights by at most lr * (Adam's ~1 per
+    # element)
     assert r.grad_norm > 0
 
 
@@ -135,7 +137,7 @@ def test_fp8_training_tracks_higher_precision():
 
 def test_job_config_parsing(tmp_path):
     from moeray.platform.train.job import load_config
-    from moeray.platform.train.loop import TrainJobConfig
+    from moeray.platform.train.job_config import TrainJobConfig
 
     job = load_config("configs/train/tiny.yaml")
     assert job.parallel.world == 2 and job.optim.total_steps == job.steps
@@ -160,7 +162,7 @@ def test_job_config_parsing(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown schedule"):
         TrainJobConfig.from_dict({"parallel": {"pp": 2, "schedule": "gpipe"}})
-    with pytest.raises(ValueError, match="use_gpu=true needs parallel.pp >= 2"):
+    with pytest.raises(ValueError, match=r"use_gpu=true needs parallel.pp >= 2"):
         TrainJobConfig.from_dict({"use_gpu": True})
     assert load_config("configs/train/small-pp2-ep2-gpu.yaml").use_gpu
     bad = tmp_path / "bad.yaml"
