@@ -107,8 +107,8 @@ class BenchConfig:
         return self.ep * self.microbatches * self.micro_batch_size
 
 
-# The BF16 run last: it hung on GPUs (notes-train.md), and the other two still give the
-# throughput and bubble numbers when it fails.
+# The BF16 run last, the one most likely to fail (benchmarks/notes-train.md): when it does, the
+# other two still give the throughput and bubble numbers.
 RUNS = (
     ("dualpipe-fp8", "dualpipe", True),
     ("1f1b-fp8", "1f1b", True),
@@ -180,8 +180,9 @@ def _arm_watchdog(seconds: float, file) -> None:
 def _step_profiler(cfg: BenchConfig, rank: int, on: bool, into: list):
     """torch.profiler around one step's forward-backward on rank 0 when `on`; the stopped profiler
     is appended to `into`. Its table (`write_profile`) is made after the run's last collective:
-    made here, between the step and its gradient all-reduce, it kept the peers waiting in that
-    collective (4x H200: 1f1b-fp8 timed out so, notes-train.md)."""
+    made here, between the step and its gradient all-reduce, it keeps the peers waiting in that
+    collective while it is built (rank 0's profiled step with the table: ~55 s on 4x H200,
+    benchmarks/notes-train.md)."""
     if not on or rank != 0:
         yield
         return
@@ -376,9 +377,9 @@ def _worker_env(device: str):
 def run(cfg: BenchConfig) -> dict:
     raw: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # One set of worker processes per run: on NCCL the second run in the same processes hung
-        # in its first step (2x H200, 2026-11-27; notes-train.md), and fresh processes also keep
-        # one run's cached memory, communicators and compiled kernels out of the next's timings.
+        # One set of worker processes per run: on NCCL a second run in the same processes can hang
+        # in its first step (benchmarks/notes-train.md), and fresh processes also keep one run's
+        # cached memory, communicators and compiled kernels out of the next's timings.
         failed: dict[str, str] = {}
         for i, run_ in enumerate(RUNS):
             try:
@@ -489,8 +490,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="profile each run's last step on rank 0 (left out of the timings) and "
         "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
-        "The profiled step ran ~15x slower on 4x H200 (55 s with the table, since "
-        "moved after the run): keep MOERAY_DIST_TIMEOUT_S above it",
+        "The profiled step runs ~15x slower (4x H200): keep MOERAY_DIST_TIMEOUT_S "
+        "above it",
     )
     return p
 
