@@ -9,7 +9,7 @@ from moeray.kernels import fp8
 
 def _experts(e: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    # each expert's weights at its own scale, so a tile that reads another expert's b or scales fails
+    # each expert's weights at its own scale: a tile reading another expert's b or scales fails
     w = torch.randn(e, n, k, generator=g) * torch.logspace(-1, 1, e).reshape(e, 1, 1)
     qs = [fp8.weight_quant_ref(w[i]) for i in range(e)]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
@@ -35,7 +35,8 @@ def test_grouped_gemm_matches_per_expert_gemms(blocks):
 
 
 def test_grouped_gemm_transposed_b_for_the_input_grad():
-    """dx = dy W: b is each expert's W^T, a strided view of [E, N, K] (no copy), scales transposed."""
+    """dx = dy W: b is each expert's W^T, a strided view of [E, N, K] (no copy), scales
+    transposed."""
     E, N, K = 2, 256, 160
     w, w_s = _experts(E, N, K, seed=7)
     dy = torch.randn(256, N)
@@ -64,8 +65,10 @@ from moeray.kernels import fp8
 
 torch.manual_seed(0)
 bad = []
-for e, per, n, k in [(32, 512, 288, 1024), (32, 512, 1024, 288), (8, 256, 2048, 7168), (3, 128, 160, 256)]:
-    w = torch.randn(e, n, k, device="cuda") * torch.logspace(-1, 1, e, device="cuda").reshape(e, 1, 1)
+shapes = [(32, 512, 288, 1024), (32, 512, 1024, 288), (8, 256, 2048, 7168), (3, 128, 160, 256)]
+for e, per, n, k in shapes:
+    scale = torch.logspace(-1, 1, e, device="cuda").reshape(e, 1, 1)
+    w = torch.randn(e, n, k, device="cuda") * scale
     qs = [fp8.weight_quant(w[j]) for j in range(e)]
     b, b_s = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
     a, a_s = fp8.act_quant(torch.randn(e * per, k, device="cuda"), scale_col_major=True)
@@ -99,9 +102,11 @@ def test_grouped_fp8_experts_through_the_triton_kernels():
     from moeray.platform.parallel.experts_mlp import experts_mlp
 
     g = torch.Generator().manual_seed(3)
-    rows, D, I = [3, 0, 9], 128, 160
+    rows, D, inter = [3, 0, 9], 128, 160
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
-    ws = [torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((I, D), (I, D), (D, I))]
+    ws = [
+        torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
+    ]
     outs = []
     for grouped in (False, True):
         xi = x.clone().requires_grad_()
