@@ -3,7 +3,7 @@
 Rank layout (`Topology`): global rank = (pp_rank * DP + dp_rank) * EP + ep_rank. EP is innermost
 (its all-to-all is the heaviest traffic: keep it inside a node), pipeline outermost (one
 activation per micro-batch crosses a stage boundary). With PP = 1 this is the EP x DP layout of
-`train/loop.py`.
+`train/replica.py`.
 
 Streams (`PipelineGroups`). Between two pipeline ranks four kinds of stream can flow: activations
 and gradients of each direction. Every stream has its own two-rank process group, so the messages

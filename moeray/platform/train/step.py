@@ -180,7 +180,7 @@ def train_step(
     loss_cfg: LossConfig,
 ) -> StepResult:
     """Single-process step: forward, backward, clip, AdamW. (Distributed runs put a gradient
-    all-reduce between backward and `apply_update`; see `loop.py`.)"""
+    all-reduce between backward and `apply_update`; see `replica.py`.)"""
     model.train()
     parts = compute_loss(model, tokens_BS1, loss_cfg)
     parts.total.backward()
