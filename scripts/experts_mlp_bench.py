@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.platform.config import tiny
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.parallel import pipeline as P
+from moeray.platform.parallel.stages import PipelineStage, enable_weight_grad_split, split_layers
 from moeray.platform.train import step as ts
 from moeray.results import write_result
 
@@ -25,8 +25,8 @@ from moeray.results import write_result
 def stage_ms(grouped: bool, reps: int = 10) -> float:
     full = Transformer(tiny())
     full.reset_parameters(seed=0)
-    stage = P.PipelineStage(full, P.split_layers(3, 1, 1), 0)
-    P.enable_weight_grad_split(stage, stage.store)
+    stage = PipelineStage(full, split_layers(3, 1, 1), 0)
+    enable_weight_grad_split(stage, stage.store)
     if not grouped:
         for m in stage.modules():
             if hasattr(m, "mlp_fn"):

@@ -72,18 +72,23 @@ def test_prewarm_covers_every_token_count():
 
 @pytest.mark.parametrize("m", [1, 130, 257])
 def test_padded_bf16_matmuls_match_unpadded(m):
-    from moeray.platform.parallel import pipeline as P
+    from moeray.platform.parallel.weight_grad import (
+        matmul_dgrad,
+        matmul_forward,
+        matmul_wgrad,
+        prewarm_matmuls,
+    )
 
     x, dy = torch.randn(m, 288, device="cuda"), torch.randn(m, 1024, device="cuda")
     w = torch.randn(1024, 288, device="cuda")
     bf = torch.bfloat16
-    torch.testing.assert_close(P.matmul_forward(x, w, bf), x.to(bf) @ w.to(bf).t())
-    torch.testing.assert_close(P.matmul_dgrad(dy.to(bf), w, bf), dy.to(bf) @ w.to(bf))
+    torch.testing.assert_close(matmul_forward(x, w, bf), x.to(bf) @ w.to(bf).t())
+    torch.testing.assert_close(matmul_dgrad(dy.to(bf), w, bf), dy.to(bf) @ w.to(bf))
     torch.testing.assert_close(
-        P.matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5
+        matmul_wgrad(dy.to(bf), x, bf).float(), (dy.t() @ x), rtol=2e-2, atol=0.5
     )
     assert (
-        P.prewarm_matmuls(
+        prewarm_matmuls(
             {(1024, 288, torch.float32)}, fp8.padded_row_counts(300), torch.device("cuda"), bf
         )
         == 3 * 3

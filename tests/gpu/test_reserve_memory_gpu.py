@@ -1,7 +1,7 @@
 """A fresh allocation in one thread must not wait for another stream's running kernel: with
-torch's native allocator a cudaMalloc does (the deadlock of pipeline.reserve_device_memory), unless
-the stream's cache was grown beforehand; the stream-ordered allocator the pipeline workers use
-(pipeline.CUDA_ENV) never waits."""
+torch's native allocator a cudaMalloc does (the deadlock of distributed.reserve_device_memory),
+unless the stream's cache was grown beforehand; the stream-ordered allocator the pipeline workers
+use (distributed.CUDA_ENV) never waits."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from moeray.platform.parallel.pipeline import CUDA_ENV, reserve_device_memory
+from moeray.platform.parallel.distributed import CUDA_ENV, reserve_device_memory
 
 pytestmark = pytest.mark.gpu
 
@@ -82,7 +82,8 @@ def test_reserved_allocation_does_not_wait_for_the_gpu():
 def test_stream_ordered_allocator_does_not_wait_for_the_gpu():
     # a fresh interpreter: torch picks its allocator at import
     script = ALLOC_WHILE_BUSY + textwrap.dedent("""
-        assert torch.cuda.get_allocator_backend() == "cudaMallocAsync", torch.cuda.get_allocator_backend()
+        backend = torch.cuda.get_allocator_backend()
+        assert backend == "cudaMallocAsync", backend
         sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
         print(alloc_while_busy(3 << 28, sa, sb), alloc_while_busy(5 << 28, sa, sb))
     """)
@@ -100,5 +101,5 @@ def test_stream_ordered_allocator_does_not_wait_for_the_gpu():
 
 
 def test_reserve_rejects_bad_fractions():
-    with pytest.raises(ValueError, match="large_fraction=0.9, small_fraction=0.2"):
+    with pytest.raises(ValueError, match=r"large_fraction=0.9, small_fraction=0.2"):
         reserve_device_memory(torch.device("cuda"), 0.9, 0.2)

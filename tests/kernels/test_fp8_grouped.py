@@ -9,7 +9,7 @@ from moeray.kernels import fp8
 
 def _experts(e: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    # each expert's weights at its own scale, so a tile that reads another expert's b or scales fails
+    # each expert's weights at its own scale: a tile reading another expert's b or scales fails
     w = torch.randn(e, n, k, generator=g) * torch.logspace(-1, 1, e).reshape(e, 1, 1)
     qs = [fp8.weight_quant_ref(w[i]) for i in range(e)]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
@@ -35,7 +35,8 @@ def test_grouped_gemm_matches_per_expert_gemms(blocks):
 
 
 def test_grouped_gemm_transposed_b_for_the_input_grad():
-    """dx = dy W: b is each expert's W^T, a strided view of [E, N, K] (no copy), scales transposed."""
+    """dx = dy W: b is each expert's W^T, a strided view of [E, N, K] (no copy), scales
+    transposed."""
     E, N, K = 2, 256, 160
     w, w_s = _experts(E, N, K, seed=7)
     dy = torch.randn(256, N)
@@ -64,8 +65,10 @@ from moeray.kernels import fp8
 
 torch.manual_seed(0)
 bad = []
-for e, per, n, k in [(32, 512, 288, 1024), (32, 512, 1024, 288), (8, 256, 2048, 7168), (3, 128, 160, 256)]:
-    w = torch.randn(e, n, k, device="cuda") * torch.logspace(-1, 1, e, device="cuda").reshape(e, 1, 1)
+shapes = [(32, 512, 288, 1024), (32, 512, 1024, 288), (8, 256, 2048, 7168), (3, 128, 160, 256)]
+for e, per, n, k in shapes:
+    scale = torch.logspace(-1, 1, e, device="cuda").reshape(e, 1, 1)
+    w = torch.randn(e, n, k, device="cuda") * scale
     qs = [fp8.weight_quant(w[j]) for j in range(e)]
     b, b_s = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
     a, a_s = fp8.act_quant(torch.randn(e * per, k, device="cuda"), scale_col_major=True)
@@ -89,25 +92,27 @@ def test_gpu_compiled_grouped_gemm(compiled_check):
 
 
 def test_grouped_fp8_experts_through_the_triton_kernels():
-    """The training path's grouped FP8 experts (parallel/pipeline.py `_GroupedFP8`) with the
+    """The training path's grouped FP8 experts (parallel/experts_mlp.py `_GroupedFP8`) with the
     Triton kernels themselves (interpreted), against the per-expert FP8 emulation. The kernel
     promotes each 128-deep K block into its fp32 accumulator with its scales, the emulation
     multiplies dequantized matrices: the sums round differently, and the bf16 outputs then feed
     e4m3 quantization (a flip is a whole e4m3 step), so the bound is 5%; a wrong
     expert, block or scale gives O(1)."""
     from moeray.platform import fp8 as f8
-    from moeray.platform.parallel import pipeline as P
+    from moeray.platform.parallel.experts_mlp import experts_mlp
 
     g = torch.Generator().manual_seed(3)
-    rows, D, I = [3, 0, 9], 128, 160
+    rows, D, inter = [3, 0, 9], 128, 160
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
-    ws = [torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((I, D), (I, D), (D, I))]
+    ws = [
+        torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
+    ]
     outs = []
     for grouped in (False, True):
         xi = x.clone().requires_grad_()
         wi = [w.clone().requires_grad_() for w in ws]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = P.experts_mlp(xi, *wi, rows, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped)
+            y = experts_mlp(xi, *wi, rows, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped)
         (y.float() * torch.linspace(-1, 1, D)).sum().backward()
         outs.append((y.float(), xi.grad, *(w.grad for w in wi)))
     # the weight grads: one fp8_gemm per expert on slices of one 128x1 quantization

@@ -16,7 +16,7 @@ def test_pipeline_job_trains_and_writes_the_model(ray_local, tmp_path):
     from moeray.platform.train import data as tdata
     from moeray.platform.train import step as tstep
     from moeray.platform.train.job import run
-    from moeray.platform.train.loop import TrainJobConfig
+    from moeray.platform.train.job_config import TrainJobConfig
 
     job = TrainJobConfig.from_dict(
         {

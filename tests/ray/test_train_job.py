@@ -13,7 +13,7 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
 
     from moeray.platform.checkpoint import load_model
     from moeray.platform.train.job import run
-    from moeray.platform.train.loop import TrainJobConfig
+    from moeray.platform.train.job_config import TrainJobConfig
 
     job = TrainJobConfig.from_dict(
         {
@@ -44,7 +44,7 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     assert steps == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
     first, second = recs[3:5], recs[5:7]
     assert first[0]["pid"] != second[0]["pid"]  # a new worker group
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         # the same batches (data position) and the same state give the same loss
         assert (a["epoch"], a["position"]) == (b["epoch"], b["position"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)

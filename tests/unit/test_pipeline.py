@@ -10,7 +10,20 @@ import torch
 import torch.multiprocessing as mp
 
 from moeray.platform.config import tiny
-from moeray.platform.parallel import pipeline as P
+from moeray.platform.parallel.distributed import (
+    CUDA_ENV,
+    DEFAULT_TIMEOUT_S,
+    TIMEOUT_ENV,
+    Topology,
+    apply_cuda_env,
+    check_groups,
+    dist_timeout_s,
+    init_distributed,
+)
+from moeray.platform.parallel.experts_mlp import GroupedExperts, experts_mlp
+from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+from moeray.platform.parallel.stages import PipelineStage, enable_weight_grad_split, split_layers
+from moeray.platform.parallel.weight_grad import WeightGradStore
 from moeray.platform.train import step as ts
 
 SEED = 5
@@ -50,7 +63,7 @@ def _worker(rank, world, init_file, out_dir, cases):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, spec, overlap in cases:
-            pm = P.PipelineModel(
+            pm = PipelineModel(
                 tiny(), spec, rank, seed=SEED, seq_len=S, overlap=overlap, full_init=_biases
             )
             shard = spec.topology.shard(rank)
@@ -79,7 +92,7 @@ def _worker(rank, world, init_file, out_dir, cases):
             dist.barrier()
         # a rank that believes in other members than the group has is caught, not left waiting
         with pytest.raises(RuntimeError, match="created their groups differently"):
-            P.check_groups(
+            check_groups(
                 [("world", tuple(range(world + 1)), None)], rank, world, torch.device("cpu")
             )
     finally:
@@ -126,13 +139,13 @@ def _check(results, ref_parts, ref_grads, ep=1):
 
 
 def test_layout_and_arguments():
-    assert P.split_layers(3, 1, 2).layers == ((0, 1), (2,))
-    assert P.split_layers(3, 1, 4).layers == ((0,), (1,), (2,), ())
-    assert P.split_layers(12, 1, 4).layers == ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11))
-    assert P.split_layers(5, 0, 2).layers == ((0, 1, 2), (3, 4))
+    assert split_layers(3, 1, 2).layers == ((0, 1), (2,))
+    assert split_layers(3, 1, 4).layers == ((0,), (1,), (2,), ())
+    assert split_layers(12, 1, 4).layers == ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11))
+    assert split_layers(5, 0, 2).layers == ((0, 1, 2), (3, 4))
     with pytest.raises(ValueError, match="decoder layers"):
-        P.split_layers(3, 1, 5)
-    t = P.Topology(pp=2, dp=3, ep=2)
+        split_layers(3, 1, 5)
+    t = Topology(pp=2, dp=3, ep=2)
     assert [t.coords(r) for r in (0, 1, 2, 7, 11)] == [
         (0, 0, 0),
         (0, 0, 1),
@@ -154,8 +167,8 @@ def test_weight_grad_split_equals_full_backward():
     def stage_and_loss():
         full = Transformer(tiny())
         full.reset_parameters(seed=SEED)
-        stage = P.PipelineStage(full, P.split_layers(3, 1, 1), 0)
-        P.enable_weight_grad_split(stage, stage.store)
+        stage = PipelineStage(full, split_layers(3, 1, 1), 0)
+        enable_weight_grad_split(stage, stage.store)
         loss, _, _ = stage.forward_chunk(None, _tokens(), LOSS, 0.5)
         return stage, loss
 
@@ -166,7 +179,7 @@ def test_weight_grad_split_equals_full_backward():
         loss.backward()
     assert stage.model.layers["1"].mlp.experts.gate_proj.grad is None
     assert (
-        stage.model.layers["1"].mlp.experts.mlp_fn.func is P.experts_mlp
+        stage.model.layers["1"].mlp.experts.mlp_fn.func is experts_mlp
     )  # one node for all experts
     assert (
         stage.lm_head.weight.grad is None
@@ -177,17 +190,17 @@ def test_weight_grad_split_equals_full_backward():
         and stage.model.embed_tokens.weight.grad is not None
     )
     assert stage.store.flush((0, 0, 0)) > 20
-    for (n, p), (_, q) in zip(stage.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(stage.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=n)
 
 
 def test_pp2_schedules_match_single_process(tmp_path):
     ref_parts, ref_grads = _reference()
     cases = [
-        ("1f1b", P.PipelineSpec(2, schedule="1f1b", microbatches=4), False),
-        ("zb1p", P.PipelineSpec(2, schedule="zb1p", microbatches=4), False),
-        ("dualpipe", P.PipelineSpec(2, schedule="dualpipe", microbatches=4), False),
-        ("dualpipe-overlap", P.PipelineSpec(2, schedule="dualpipe", microbatches=8), True),
+        ("1f1b", PipelineSpec(2, schedule="1f1b", microbatches=4), False),
+        ("zb1p", PipelineSpec(2, schedule="zb1p", microbatches=4), False),
+        ("dualpipe", PipelineSpec(2, schedule="dualpipe", microbatches=4), False),
+        ("dualpipe-overlap", PipelineSpec(2, schedule="dualpipe", microbatches=8), True),
     ]
     results = _run(tmp_path, 2, cases)
     _check(results, ref_parts, ref_grads)
@@ -205,13 +218,13 @@ def test_pp2_schedules_match_single_process(tmp_path):
 def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
     ref_parts, ref_grads = _reference()
     results = _run(
-        tmp_path, 4, [("pp4", P.PipelineSpec(4, schedule="dualpipe", microbatches=8), False)]
+        tmp_path, 4, [("pp4", PipelineSpec(4, schedule="dualpipe", microbatches=8), False)]
     )
     _check(results, ref_parts, ref_grads)
     results = _run(
         tmp_path,
         4,
-        [("pp2ep2", P.PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)],
+        [("pp2ep2", PipelineSpec(2, ep=2, schedule="dualpipe", microbatches=4), True)],
     )
     _check(results, ref_parts, ref_grads, ep=2)
     made = [r["groups"] for r in results["pp2ep2"]]
@@ -225,11 +238,11 @@ def test_pp4_dualpipe_and_pp2_ep2_match_single_process(tmp_path):
 def test_timeout_env_and_bench_flags(monkeypatch):
     from moeray.platform.train import bench
 
-    assert P.dist_timeout_s({}) == P.DEFAULT_TIMEOUT_S == 600
-    assert P.dist_timeout_s({P.TIMEOUT_ENV: " 42.5 "}) == 42.5
+    assert dist_timeout_s({}) == DEFAULT_TIMEOUT_S == 600
+    assert dist_timeout_s({TIMEOUT_ENV: " 42.5 "}) == 42.5
     for bad in ("0", "-3", "abc", "nan"):
-        with pytest.raises(ValueError, match=P.TIMEOUT_ENV):
-            P.dist_timeout_s({P.TIMEOUT_ENV: bad})
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            dist_timeout_s({TIMEOUT_ENV: bad})
     parse = bench._parser().parse_args
     assert parse([]).overlap is None
     assert parse(["--no-overlap"]).overlap is False and parse(["--overlap"]).overlap is True
@@ -239,33 +252,33 @@ def test_timeout_env_and_bench_flags(monkeypatch):
         and parse(["--grouped-fp8"]).grouped_fp8 is True
     )
     # a bad timeout stops the CLI before any worker starts
-    monkeypatch.setenv(P.TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
     assert bench.main(["--steps", "5"]) == 2
 
 
 def test_cuda_env_is_set_before_the_context(monkeypatch):
     env = {"CUDA_MODULE_LOADING": "LAZY"}  # what NVIDIA's containers export
-    P.apply_cuda_env(env)
+    apply_cuda_env(env)
     assert env["CUDA_MODULE_LOADING"] == "EAGER" and int(env["CUDA_DEVICE_MAX_CONNECTIONS"]) == 32
     # with a CUDA context already made the settings would be ignored: refuse, naming them
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(ValueError, match="CUDA_DEVICE_MAX_CONNECTIONS"):
-        P.apply_cuda_env({"CUDA_MODULE_LOADING": "LAZY"})
-    P.apply_cuda_env(env)  # already in place: nothing to refuse
+        apply_cuda_env({"CUDA_MODULE_LOADING": "LAZY"})
+    apply_cuda_env(env)  # already in place: nothing to refuse
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
 
 
 def test_cuda_worker_refuses_the_native_allocator(monkeypatch):
     # this process imported torch without the setting, so its allocator is the native one: a
     # worker started so would hang at its first mid-step cudaMalloc; it must say so instead
-    for k in P.CUDA_ENV:
+    for k in CUDA_ENV:
         monkeypatch.setenv(k, "")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     with pytest.raises(
         ValueError,
-        match="PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync'.*before torch is imported",
+        match=r"PYTORCH_CUDA_ALLOC_CONF='backend:cudaMallocAsync'.*before torch is imported",
     ):
-        P.init_distributed(0, 1, "file:///nonexistent", torch.device("cuda", 0))
+        init_distributed(0, 1, "file:///nonexistent", torch.device("cuda", 0))
 
 
 def test_bench_spawns_cuda_workers_with_the_cuda_env(monkeypatch):
@@ -273,7 +286,7 @@ def test_bench_spawns_cuda_workers_with_the_cuda_env(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     with bench._worker_env("cuda"):
-        assert all(os.environ[k] == v for k, v in P.CUDA_ENV.items())
+        assert all(os.environ[k] == v for k, v in CUDA_ENV.items())
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     with bench._worker_env("cpu"):
         assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
@@ -319,9 +332,9 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
         torch.nn.init.normal_(w, std=0.2)
     grouped = copy.deepcopy(loop)
     loop.linear = f8.fp8_linear if fp8 else F.linear
-    store = P.WeightGradStore()
+    store = WeightGradStore()
     grouped.mlp_fn = functools.partial(
-        P.experts_mlp, store=store, fp8=fp8, cache=f8.WeightCache() if fp8 else None
+        experts_mlp, store=store, fp8=fp8, cache=f8.WeightCache() if fp8 else None
     )
     T, K, E = 40, cfg.num_experts_per_tok, cfg.n_routed_experts
     ids = torch.stack(
@@ -349,14 +362,14 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
                 module.down_proj.grad,
             )
         )
-    for name, a, b in zip(("y", "dx", "dweights", "dgate", "dup", "ddown"), *grads):
+    for name, a, b in zip(("y", "dx", "dweights", "dgate", "dup", "ddown"), *grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert grads[1][3][E - 3 :].abs().sum() == 0 and grads[1][3][: E - 3].abs().sum() > 0
     with pytest.raises(ValueError, match="rows"):
-        P.experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
+        experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
 
-def run_experts_mlp(rows, D, I, *, grouped_fp8, defer, seed=0):
+def run_experts_mlp(rows, D, inter, *, grouped_fp8, defer, seed=0):
     """experts_mlp (FP8) forward + backward on random inputs: (y, dx, dW1, dW3, dW2)."""
     from moeray.platform import fp8 as f8
 
@@ -367,13 +380,13 @@ def run_experts_mlp(rows, D, I, *, grouped_fp8, defer, seed=0):
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float().requires_grad_()
     ws = [
         torch.nn.Parameter(torch.randn(E, *shape, generator=g) * 0.2)
-        for shape in ((I, D), (I, D), (D, I))
+        for shape in ((inter, D), (inter, D), (D, inter))
     ]
     dy = torch.randn(sum(rows), D, generator=g).bfloat16().float()
-    store = P.WeightGradStore()
+    store = WeightGradStore()
     # bf16 autocast as in training: both paths round the GEMM outputs and the SwiGLU to bf16
     with store.collect((0, 0, 0), defer=defer), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = P.experts_mlp(
+        y = experts_mlp(
             x, *ws, rows, store=store, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped_fp8
         )
     y.backward(dy.to(y.dtype))
@@ -382,23 +395,24 @@ def run_experts_mlp(rows, D, I, *, grouped_fp8, defer, seed=0):
 
 
 def test_grouped_fp8_experts_match_the_per_expert_path(monkeypatch):
-    """_GroupedFP8 (128-aligned layout, one quantization per tensor, grouped GEMMs; here the kernels'
-    PyTorch references) against the per-expert FP8 emulation: the same output, and gradients equal
-    up to the bf16 rounding of the grouped GEMMs' outputs (measured 0.17%); a wrong block, scale or
-    transpose gives O(1). Experts without rows, deferred weight grads."""
+    """_GroupedFP8 (128-aligned layout, one quantization per tensor, grouped GEMMs; here the
+    kernels' PyTorch references) against the per-expert FP8 emulation: the same output, and
+    gradients equal up to the bf16 rounding of the grouped GEMMs' outputs (measured 0.17%); a wrong
+    block, scale or transpose gives O(1). Experts without rows, deferred weight grads."""
     # the references, also when tests/kernels (collected first) turned the interpreter on for the
-    # process: through the interpreted kernels the match is looser (tests/kernels/test_fp8_grouped.py)
+    # process: through the interpreted kernels the match is looser
+    # (tests/kernels/test_fp8_grouped.py)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     rows = [5, 0, 130, 17]
     want = run_experts_mlp(rows, 128, 160, grouped_fp8=False, defer=False)
     got = run_experts_mlp(rows, 128, 160, grouped_fp8=True, defer=True)
     assert torch.equal(got[0], want[0])
-    for name, a, b in zip(("dx", "dW1", "dW3", "dW2"), got[1:], want[1:]):
+    for name, a, b in zip(("dx", "dW1", "dW3", "dW2"), got[1:], want[1:], strict=True):
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert rel < 5e-3, (name, rel)
     assert got[2][1].abs().sum() == 0 and got[4][1].abs().sum() == 0  # expert 1 has no rows
     with pytest.raises(ValueError, match="grouped_fp8"):
-        P.experts_mlp(
+        experts_mlp(
             torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True
         )
 
@@ -411,9 +425,9 @@ def test_grouped_fp8_is_a_per_stage_switch(monkeypatch):
 
     for grouped in (False, True):
         full = Transformer(tiny())
-        stage = P.PipelineStage(full, P.split_layers(3, 1, 1), 0)
+        stage = PipelineStage(full, split_layers(3, 1, 1), 0)
         enable_fp8_training(stage)
-        P.enable_weight_grad_split(stage, stage.store, grouped_fp8=grouped)
+        enable_weight_grad_split(stage, stage.store, grouped_fp8=grouped)
         kw = stage.model.layers["1"].mlp.experts.mlp_fn.keywords
         assert kw["fp8"] and kw["grouped_fp8"] is grouped and kw["cache"] is not None
         loss, _, _ = stage.forward_chunk(None, _tokens(), LOSS, 0.5)
@@ -422,30 +436,35 @@ def test_grouped_fp8_is_a_per_stage_switch(monkeypatch):
 
 
 def test_grouped_gemms_apply_to_bf16_on_cuda_and_anything_on_cpu():
-    # the rule both the experts' forward and the executor's prewarm (which skips grouped experts) use
+    # the rule both the experts' forward and the executor's prewarm (which skips grouped experts)
+    # use
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert P._Grouped.available(cuda, False, torch.bfloat16)
-    assert not P._Grouped.available(cuda, False, torch.float32)
-    assert not P._Grouped.available(cuda, True, torch.bfloat16)
-    assert P._Grouped.available(cpu, False, torch.float32) and not P._Grouped.available(
+    assert GroupedExperts.available(cuda, False, torch.bfloat16)
+    assert not GroupedExperts.available(cuda, False, torch.float32)
+    assert not GroupedExperts.available(cuda, True, torch.bfloat16)
+    assert GroupedExperts.available(cpu, False, torch.float32) and not GroupedExperts.available(
         cpu, True, None
     )
 
 
 def test_grouped_expert_gemms_with_aligned_rows():
-    """_Grouped's CUDA layout (each expert's rows start at a multiple of 16, zero rows between),
-    run on CPU: the same products and weight gradients as the unpadded layout and as per-expert
-    matmuls; experts without rows get exact zero gradients."""
+    """GroupedExperts' CUDA layout (each expert's rows start at a multiple of 16, zero rows
+    between), run on CPU: the same products and weight gradients as the unpadded layout and as
+    per-expert matmuls; experts without rows get exact zero gradients."""
     torch.manual_seed(0)
     rows = [5, 0, 17, 16, 1]
     E, K, N = len(rows), 24, 40
     x, dy = torch.randn(sum(rows), K), torch.randn(sum(rows), N)
     w = torch.randn(E, N, K)
     starts = [0, 5, 5, 22, 38]
-    want_y = torch.cat([x[s : s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, rows))])
-    want_dw = torch.stack([dy[s : s + n].t() @ x[s : s + n] for s, n in zip(starts, rows)])
+    want_y = torch.cat(
+        [x[s : s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, rows, strict=True))]
+    )
+    want_dw = torch.stack(
+        [dy[s : s + n].t() @ x[s : s + n] for s, n in zip(starts, rows, strict=True)]
+    )
     for align in (1, 16):
-        grp = P._Grouped(x, rows, align=align)
+        grp = GroupedExperts(x, rows, align=align)
         assert grp.P == (sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16)
         x_P, dy_P = grp.pad(x), grp.pad(dy)
         torch.testing.assert_close(grp.unpad(grp.mm(x_P, w.transpose(-2, -1))), want_y)

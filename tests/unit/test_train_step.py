@@ -137,7 +137,7 @@ def test_fp8_training_tracks_higher_precision():
 
 def test_job_config_parsing(tmp_path):
     from moeray.platform.train.job import load_config
-    from moeray.platform.train.loop import TrainJobConfig
+    from moeray.platform.train.job_config import TrainJobConfig
 
     job = load_config("configs/train/tiny.yaml")
     assert job.parallel.world == 2 and job.optim.total_steps == job.steps

@@ -33,7 +33,7 @@ def _host_wait(t: torch.Tensor) -> None:
     is done. The compute that follows an exchange is then never queued behind a kernel that waits
     for the EP peer: a pipeline rank runs two directions in two threads, and a launch queue filled
     behind one direction's waiting all-to-all blocks the other direction's launches too, which
-    can be what the peer waits for (parallel/pipeline.py, `_wait_recv`). The GPU loses only the
+    can be what the peer waits for (parallel/executor.py, `_take_recv`). The GPU loses only the
     tail of the stream: the other direction's thread keeps it busy."""
     if t.is_cuda:
         torch.cuda.current_stream(t.device).synchronize()

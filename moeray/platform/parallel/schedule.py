@@ -1,6 +1,6 @@
 """Pipeline schedules as explicit per-rank op lists: 1F1B, ZB1P (ZB-H1) and DualPipe.
 
-Notation (REFERENCE.md "Pipeline schedules"): PP pipeline ranks, M micro-batches per step.
+Notation (docs/deepseek-v3.md, "Pipeline schedules"): PP pipeline ranks, M micro-batches per step.
   F   forward of one stage for one micro-batch;
   B   full backward (input grad and weight grad together);
   BI  the input-grad half of a backward (what the previous stage waits for);
@@ -18,7 +18,7 @@ spread in opposite orders. Micro-batches 0..M/2-1 go in direction 0, the other M
 DualPipe construction (DeepSeek-V3 report, section 3.2.1, figure 5). Let h = PP/2 and, for rank
 r, q = min(r, PP-1-r) its distance from the nearer end; phase 0 is the direction entering at
 that end (direction 0 for r < h, 1 for r >= h), phase 1 the other. Per rank, in order:
-  1. 2(h-q-1)    F0               warm-up of the near pipeline, until the far one's first input arrives
+  1. 2(h-q-1)    F0               warm-up of the near pipeline until the far one's first input comes
   2. q+1         F0 F1            both directions
   3. h-q-1       BI1 W F1         first backwards: input grad first, weight grad fills the wait
   4. M/2-PP+q+1  (F0&B1) (F1&B0)  steady state: every slot overlaps a forward and a backward
@@ -34,12 +34,12 @@ the neighbour needs. Requires even PP, and M even with M >= 2*PP (step 4 count >
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     F = "F"
     B = "B"
     BI = "BI"

@@ -1,9 +1,9 @@
 """Timeline simulator for the pipeline schedules in `schedule.py`.
 
-Cost model (REFERENCE.md notation): a forward chunk takes F, a full backward B, a weight-grad W,
-an input-grad BI = B - W, and an overlapped forward+backward slot F&B (`fb`). Point-to-point
-transfers are free, as in the report's bubble formulas. A slot starts when its rank has finished
-the previous slot and every input has arrived:
+Cost model (docs/deepseek-v3.md, "Pipeline schedules"): a forward chunk takes F, a full
+backward B, a weight-grad W, an input-grad BI = B - W, and an overlapped forward+backward slot
+F&B (`fb`). Point-to-point transfers are free, as in the report's bubble formulas. A slot starts
+when its rank has finished the previous slot and every input has arrived:
   F  of (d, mb, s) needs F  of (d, mb, s-1)                    (s > 0)
   B/BI of (d, mb, s) needs B/BI of (d, mb, s+1), or, on the last stage, its own F
   W  of (d, mb, s) needs BI of (d, mb, s)
@@ -136,7 +136,7 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
 
 
 def formula_bubble(name: str, pp: int, costs: Costs) -> float:
-    """The report's bubble formulas (REFERENCE.md, "Pipeline schedules")."""
+    """The report's bubble formulas (docs/deepseek-v3.md, "Pipeline schedules")."""
     f, b, w, fb = costs.f, costs.b, costs.w, costs.f_and_b
     if name == "1f1b":
         return (pp - 1) * (f + b)

@@ -3,7 +3,7 @@
     moeray bench train                                   # CPU: tiny, PP=2, gloo, ~2-3 minutes
     moeray bench train --model small --device cuda --pp 2 --ep 2 --seq-len 1024 \\
         --micro-batch-size 2 --microbatches 8 --steps 30        # 4 GPUs, NCCL
-    moeray bench train ... --no-overlap       # DualPipe F&B slots run sequentially (no helper thread)
+    moeray bench train ... --no-overlap   # DualPipe F&B slots run sequentially (no helper thread)
 
 Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
 process) and runs three trainings of the same steps on the same batches, each from the same
@@ -57,6 +57,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeray.platform.config import preset
+from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s, init_distributed
+from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+from moeray.platform.parallel.simulate import Costs, simulate
+from moeray.platform.routing.balance import bias_update
+from moeray.platform.train import step as tstep
+from moeray.results import device_slug, write_result
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -95,8 +107,8 @@ class BenchConfig:
         return self.ep * self.microbatches * self.micro_batch_size
 
 
-# The BF16 run last: it hung on GPUs (notes-train.md), and the other two still give the
-# throughput and bubble numbers when it fails.
+# The BF16 run last, the one most likely to fail (benchmarks/notes-train.md): when it does, the
+# other two still give the throughput and bubble numbers.
 RUNS = (
     ("dualpipe-fp8", "dualpipe", True),
     ("1f1b-fp8", "1f1b", True),
@@ -106,8 +118,6 @@ RUNS = (
 
 def bigram_stream(vocab: int, n: int, seed: int):
     """n tokens of a random sparse bigram chain (4 successors per token)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     succ_V4 = torch.randint(0, vocab, (vocab, 4), generator=g)
     pick = torch.randint(0, 4, (n,), generator=g).tolist()
@@ -134,8 +144,6 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 def measure_matmul_rate(device) -> float:
     """FLOP/s of a square GEMM on this worker: CPU fp32 n=512, CUDA bf16 n=8192."""
-    import torch
-
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -158,8 +166,8 @@ def _say(rank: int, text: str) -> None:
         print(f"[bench train] {text}", flush=True)
 
 
-# When set, each worker writes its watchdog's thread dump to <dir>/stacks-<run>-rank<r>.txt instead of
-# stderr, where the dumps of all ranks and threads interleave character by character.
+# When set, each worker writes its watchdog's thread dump to <dir>/stacks-<run>-rank<r>.txt instead
+# of stderr, where the dumps of all ranks and threads interleave character by character.
 STACKS_ENV = "MOERAY_STACKS_DIR"
 
 
@@ -172,8 +180,9 @@ def _arm_watchdog(seconds: float, file) -> None:
 def _step_profiler(cfg: BenchConfig, rank: int, on: bool, into: list):
     """torch.profiler around one step's forward-backward on rank 0 when `on`; the stopped profiler
     is appended to `into`. Its table (`write_profile`) is made after the run's last collective:
-    made here, between the step and its gradient all-reduce, it kept the peers waiting in that
-    collective (4x H200: 1f1b-fp8 timed out so, notes-train.md)."""
+    made here, between the step and its gradient all-reduce, it keeps the peers waiting in that
+    collective while it is built (rank 0's profiled step with the table: ~55 s on 4x H200,
+    benchmarks/notes-train.md)."""
     if not on or rank != 0:
         yield
         return
@@ -189,8 +198,6 @@ def write_profile(cfg: BenchConfig, name: str, rank: int, prof) -> Path:
     """The profiled step as a table: where the host time goes (a step here is launch- and
     Python-bound: notes-train.md), self CPU time per op and the launch counts (cudaLaunchKernel
     for torch, cuLaunchKernelEx for Triton)."""
-    import torch
-
     table = prof.key_averages()
     path = Path(cfg.profile_dir, f"profile-{name}-rank{rank}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,15 +224,6 @@ def _one_run(
     stacks,
     profiles: list,
 ) -> dict | None:
-    import torch
-    import torch.distributed as dist
-
-    from moeray.platform.config import preset
-    from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec, dist_timeout_s
-    from moeray.platform.parallel.simulate import Costs, simulate
-    from moeray.platform.routing.balance import bias_update
-    from moeray.platform.train import step as tstep
-
     model_cfg = preset(cfg.model)
     spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
     timeout = dist_timeout_s()
@@ -320,11 +318,6 @@ def _worker(
     rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tuple[str, str, bool]
 ) -> None:
     """One rank of one of RUNS (name, schedule, fp8); rank 0 writes bench-<name>.json."""
-    import torch
-    import torch.distributed as dist
-
-    from moeray.platform.parallel.pipeline import dist_timeout_s, init_distributed
-
     stacks_dir = os.environ.get(STACKS_ENV)
     stacks = (
         open(Path(stacks_dir, f"stacks-{run[0]}-rank{rank}.txt"), "w") if stacks_dir else sys.stderr
@@ -341,8 +334,6 @@ def _worker(
         f"timeout {dist_timeout_s():g} s, overlap {cfg.overlap}",
     )
     try:
-        from moeray.platform.config import preset
-
         vocab = preset(cfg.model).vocab_size
         tokens = bigram_stream(vocab, cfg.steps * cfg.global_batch * (cfg.seq_len + 1), cfg.seed)
         rate = measure_matmul_rate(device)
@@ -376,23 +367,19 @@ def _worker(
 
 
 def _worker_env(device: str):
-    """The environment spawned CUDA workers start with: pipeline.CUDA_ENV (its allocator choice
+    """The environment spawned CUDA workers start with: distributed.CUDA_ENV (its allocator choice
     must precede the workers' `import torch`)."""
     from unittest import mock
-
-    from moeray.platform.parallel.pipeline import CUDA_ENV
 
     return mock.patch.dict(os.environ, CUDA_ENV) if device == "cuda" else contextlib.nullcontext()
 
 
 def run(cfg: BenchConfig) -> dict:
-    import torch.multiprocessing as mp
-
     raw: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # One set of worker processes per run: on NCCL the second run in the same processes hung
-        # in its first step (2x H200, 2026-11-27; notes-train.md), and fresh processes also keep
-        # one run's cached memory, communicators and compiled kernels out of the next's timings.
+        # One set of worker processes per run: on NCCL a second run in the same processes can hang
+        # in its first step (benchmarks/notes-train.md), and fresh processes also keep one run's
+        # cached memory, communicators and compiled kernels out of the next's timings.
         failed: dict[str, str] = {}
         for i, run_ in enumerate(RUNS):
             try:
@@ -416,8 +403,6 @@ def run(cfg: BenchConfig) -> dict:
 def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
     """The result from the runs' raw numbers (`raw[name]` per finished run, and the measured
     `matmul_flops_per_s`); numbers of the runs in `failed` are None."""
-    from moeray.platform.config import preset
-
     main, bf16, base = raw["dualpipe-fp8"], raw.get("dualpipe-bf16"), raw.get("1f1b-fp8")
     model_cfg = preset(cfg.model)
     tokens_per_step = cfg.global_batch * cfg.seq_len
@@ -505,16 +490,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="profile each run's last step on rank 0 (left out of the timings) and "
         "write DIR/profile-<run>-rank0.txt: ops by self CPU time and by count. "
-        "The profiled step ran ~15x slower on 4x H200 (55 s with the table, since "
-        "moved after the run): keep MOERAY_DIST_TIMEOUT_S above it",
+        "The profiled step runs ~15x slower (4x H200): keep MOERAY_DIST_TIMEOUT_S "
+        "above it",
     )
     return p
 
 
 def main(argv: list[str]) -> int:
-    from moeray.platform.parallel.pipeline import dist_timeout_s
-    from moeray.results import device_slug, write_result
-
     args = _parser().parse_args(argv)
     try:
         cfg = BenchConfig(
@@ -535,8 +517,6 @@ def main(argv: list[str]) -> int:
         )
         dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
-            import torch
-
             if torch.cuda.device_count() < cfg.world:
                 raise ValueError(
                     f"{cfg.world} workers need {cfg.world} GPUs, found {torch.cuda.device_count()}"

@@ -15,11 +15,11 @@ one token stream, which is cut into non-overlapping windows of S+1 tokens (S inp
 token as the last target; MTP depth k targets token t+1+k and masks the last k positions, so no
 extra tokens are needed). The tail shorter than S+1 is dropped.
 
-Order: epoch e visits the N windows in the permutation `randperm(N, seed + e)`. A global batch is the
-next `global_batch` windows of that order; DP rank r takes the rows [r*B, (r+1)*B) of it. The state
-is (epoch, position): `position` counts windows of the epoch consumed by all ranks together, so a
-job restored from a checkpoint continues with exactly the batches it would have seen. Incomplete
-global batches at the end of an epoch are dropped (every step has the same size).
+Order: epoch e visits the N windows in the permutation `randperm(N, seed + e)`. A global batch is
+the next `global_batch` windows of that order; DP rank r takes the rows [r*B, (r+1)*B) of it. The
+state is (epoch, position): `position` counts windows of the epoch consumed by all ranks together,
+so a job restored from a checkpoint continues with exactly the batches it would have seen.
+Incomplete global batches at the end of an epoch are dropped (every step has the same size).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
 # closed by EOS) written with our tokenizer's specials; served models read it from
 # tokenizer_config.json like any HF chat template.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n{% endif %}"
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n{% endif %}"
     "{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<|Assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}"

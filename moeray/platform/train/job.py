@@ -23,7 +23,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from moeray.platform.train.loop import TrainJobConfig
+from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s
+from moeray.platform.routing.state import RouterConfig
+from moeray.platform.train import data
+from moeray.platform.train.job_config import TrainJobConfig
+from moeray.platform.train.loop import train_loop_per_worker
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainJobConfig:
@@ -43,8 +47,6 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
 
 def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
     """Tokenizer and token stream, built once per (corpus, vocab, size) and reused."""
-    from moeray.platform.train import data
-
     data_dir = run_dir / "data"
     key = {
         "corpus": job.data.corpus,
@@ -69,10 +71,8 @@ def run(job: TrainJobConfig) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # the actor module imports Ray at the top: only where Ray is wanted
     from moeray.actors.router import get_or_create_router
-    from moeray.platform.parallel.pipeline import dist_timeout_s
-    from moeray.platform.routing.state import RouterConfig
-    from moeray.platform.train.loop import train_loop_per_worker
 
     model_cfg = job.model_config()
     if model_cfg.vocab_size != job.data.vocab_size:
@@ -86,10 +86,9 @@ def run(job: TrainJobConfig) -> Path:
     tok_dir, tokens = prepare_data(job, run_dir)
 
     if not ray.is_initialized():
-        from moeray.platform.parallel.pipeline import CUDA_ENV
-
         # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray.
-        # The pipeline workers' CUDA settings must precede their CUDA contexts (pipeline.CUDA_ENV).
+        # The pipeline workers' CUDA settings must precede their CUDA contexts
+        # (distributed.CUDA_ENV).
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **CUDA_ENV}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world

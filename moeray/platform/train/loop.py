@@ -1,6 +1,7 @@
-"""The training loop of one worker (a Ray Train worker process), and the job's typed config.
+"""The training loop of one worker (a Ray Train worker process); its config is
+`job_config.TrainJobConfig`, its share of the model a `replica.py` replica.
 
-World layout: rank = (pp_rank * DP + dp_rank) * EP + ep_rank (`parallel/pipeline.Topology`).
+World layout: rank = (pp_rank * DP + dp_rank) * EP + ep_rank (`parallel/distributed.Topology`).
 With PP = 1 that is dp_rank * EP + ep_rank: ranks [d*EP, (d+1)*EP) form one expert-parallel group
 (they split the routed experts); ranks with the same ep_rank form a data-parallel group (they hold
 the same expert shard). Every (dp, ep) coordinate is one data shard that reads its own slice of
@@ -24,242 +25,34 @@ most the steps since the last checkpoint, which are recomputed on the same batch
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from moeray.platform.train.step import LossConfig, OptimConfig
+import torch
+import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    pp: int = 1
-    ep: int = 1
-    dp: int = 1
-    schedule: str = "dualpipe"  # with pp > 1: 1f1b | zb1p | dualpipe
-    microbatches: int = 8  # per step and data shard (DualPipe: both directions together)
-    overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA
-
-    @property
-    def world(self) -> int:
-        return self.pp * self.ep * self.dp
-
-    @property
-    def shards(self) -> int:
-        return self.ep * self.dp
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    corpus: str = "stdlib"
-    max_bytes: int = 2_000_000
-    vocab_size: int = 1024
-    seq_len: int = 64
-    global_batch: int = 8
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class TrainJobConfig:
-    model: str = "tiny"  # preset name, or a path to an HF config.json / model directory
-    name: str = "tiny"
-    storage: str = "~/moeray_runs"
-    output: str = "out/tiny-model"  # final HF model directory (relative: under the run dir)
-    steps: int = 200
-    log_every: int = 10
-    checkpoint_every: int = 50
-    max_failures: int = 3
-    fp8: bool = False
-    bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
-    seed: int = 0
-    use_gpu: bool = False
-    router_name: str = ""  # default: moeray-router-<name>
-    router_namespace: str = "moeray"
-    gamma: float = 0.001
-    # tests only: SIGKILL rank `kill_rank` once, right before step `kill_at_step`
-    kill_at_step: int = -1
-    kill_rank: int = 0
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-
-    def __post_init__(self):
-        p = self.parallel
-        if min(p.pp, p.ep, p.dp) < 1:
-            raise ValueError(f"parallel sizes must be >= 1, got {p}")
-        if self.data.global_batch % p.shards:
-            raise ValueError(
-                f"data.global_batch={self.data.global_batch} must be a multiple of the "
-                f"{p.shards} data shards (ep*dp)"
-            )
-        if p.pp > 1:
-            from moeray.platform.parallel.schedule import build
-
-            build(p.schedule, p.pp, p.microbatches)  # ValueError names the bad schedule/sizes
-            local = self.data.global_batch // p.shards
-            if local % p.microbatches:
-                raise ValueError(
-                    f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
-                    f"parallel.microbatches={p.microbatches} equal micro-batches"
-                )
-        if self.use_gpu and p.pp == 1:
-            # The PP = 1 replica keeps its model and gradient sync on the CPU; under use_gpu Ray
-            # Train would make an NCCL group that cannot carry its CPU tensors.
-            raise ValueError(
-                f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
-                "path trains on the CPU; set use_gpu: false, or pp >= 2"
-            )
-        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ValueError("steps, log_every and checkpoint_every must be >= 1")
-
-    @property
-    def router(self) -> str:
-        return self.router_name or f"moeray-router-{self.name}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> TrainJobConfig:
-        """From a parsed YAML/dict; unknown keys raise ValueError naming them."""
-        sections = {
-            "parallel": ParallelConfig,
-            "data": DataConfig,
-            "optim": OptimConfig,
-            "loss": LossConfig,
-        }
-        top = {f.name for f in fields(TrainJobConfig)}
-        unknown = set(d) - top
-        if unknown:
-            raise ValueError(
-                f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}"
-            )
-        kw: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in sections:
-                cls = sections[key]
-                names = {f.name for f in fields(cls)}
-                bad = set(value or {}) - names
-                if bad:
-                    raise ValueError(
-                        f"unknown keys {sorted(bad)} in '{key}'; accepted: {sorted(names)}"
-                    )
-                value = dict(value or {})
-                if "betas" in value:
-                    value["betas"] = tuple(value["betas"])
-                kw[key] = value if isinstance(value, cls) else cls(**value)
-            else:
-                kw[key] = value
-        if "optim" not in kw or "total_steps" not in (d.get("optim") or {}):
-            base = kw.get("optim", OptimConfig())
-            kw["optim"] = OptimConfig(
-                **{
-                    **asdict(base),
-                    "total_steps": int(d.get("steps", 200)),
-                    "warmup_steps": min(base.warmup_steps, int(d.get("steps", 200))),
-                }
-            )
-        return TrainJobConfig(**kw)
-
-    def model_config(self):
-        from moeray.platform import config as mc
-
-        if self.model in mc.PRESETS:
-            return mc.preset(self.model)
-        return mc.ModelConfig.from_hf(Path(self.model).expanduser())
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclass
-class Groups:
-    rank: int
-    world: int
-    ep_rank: int
-    ep_size: int
-    dp_rank: int
-    ep_group: Any  # this rank's EP process group (None when EP = 1)
-    dp_group: Any  # ranks holding the same expert shard
-
-
-def make_groups(rank: int, world: int, ep: int) -> Groups:
-    import torch.distributed as dist
-
-    ep_group = dp_group = None
-    # every rank must create every group, in the same order
-    for d in range(world // ep):
-        g = dist.new_group(list(range(d * ep, (d + 1) * ep))) if ep > 1 else None
-        if d == rank // ep:
-            ep_group = g
-    for e in range(ep):
-        g = dist.new_group(list(range(e, world, ep)))
-        if e == rank % ep:
-            dp_group = g
-    return Groups(rank, world, rank % ep, ep, rank // ep, ep_group, dp_group)
-
-
-def _is_expert_param(name: str) -> bool:
-    from moeray.platform.parallel.expert import is_expert_param
-
-    return is_expert_param(name)
-
-
-def sync_gradients(model, groups: Groups) -> float:
-    """Average gradients over the world; returns the global gradient norm (before clipping)."""
-    import torch
-    import torch.distributed as dist
-
-    replicated, experts = [], []
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        (experts if _is_expert_param(name) else replicated).append(p)
-    for params, group in ((replicated, None), (experts, groups.dp_group)):
-        if not params:
-            continue
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        if groups.world > 1:
-            dist.all_reduce(flat, group=group)
-        flat /= groups.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
-    rep_sq = sum(float(p.grad.float().pow(2).sum()) for p in replicated)
-    exp_sq = torch.tensor(
-        [sum(float(p.grad.float().pow(2).sum()) for p in experts)], dtype=torch.float64
-    )
-    if groups.ep_size > 1:
-        dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up
-    return math.sqrt(rep_sq + float(exp_sq))
-
-
-def gather_full_state(model, groups: Groups) -> dict | None:
-    """The full (EP=1) state dict on rank 0; other ranks return None."""
-    import torch
-    import torch.distributed as dist
-
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if groups.ep_size > 1:
-        for k in list(state):
-            if _is_expert_param(k):
-                parts = [torch.empty_like(state[k]) for _ in range(groups.ep_size)]
-                dist.all_gather(parts, state[k].contiguous(), group=groups.ep_group)
-                state[k] = torch.cat(parts)
-    return state if groups.rank == 0 else None
-
-
-# ----------------------------------------------------------------------------------------------
-# the worker
+from moeray.platform.checkpoint import save_model
+from moeray.platform.metrics import (
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_MAXVIO,
+    TRAIN_MTP_LOSS,
+    TRAIN_STEP,
+    TRAIN_TOKENS_PER_S,
+    Metrics,
+)
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel.distributed import Topology
+from moeray.platform.routing import balance
+from moeray.platform.routing.state import RouterConfig, RouterState
+from moeray.platform.train import data as tdata
+from moeray.platform.train import step as tstep
+from moeray.platform.train.job_config import TrainJobConfig
+from moeray.platform.train.replica import FlatReplica, PipelineReplica
 
 
 def _save_checkpoint(
@@ -272,8 +65,6 @@ def _save_checkpoint(
     router_state: dict | None,
     meta: dict,
 ) -> None:
-    import torch
-
     torch.save(
         {
             "model": model.state_dict(),
@@ -319,135 +110,11 @@ def _latest_checkpoint(reported, run_dir: Path, run_id: str, world: int) -> Path
     return max(candidates)[1] if candidates else None
 
 
-@dataclass
-class _StepParts:
-    main: float  # this rank's share: summed over ranks and divided by the shards it is the loss
-    mtp: float
-    balance: float
-    norm: float
-    loads_LE: Any
-
-
-class _FlatReplica:
-    """PP = 1: the whole model (experts sharded over EP) on this rank."""
-
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
-        import torch
-
-        from moeray.platform.model.transformer import Transformer
-        from moeray.platform.parallel.expert import enable_expert_parallel
-
-        self.job, self.device = job, device
-        self.groups = make_groups(rank, world, job.parallel.ep)
-        model = Transformer(job.model_config())
-        model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
-        if job.fp8:
-            from moeray.platform.fp8 import enable_fp8_training
-
-            enable_fp8_training(model)
-        if self.groups.ep_size > 1:
-            enable_expert_parallel(
-                model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size
-            )
-        self.module = model
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
-
-    def step(self, batch) -> _StepParts:
-        from moeray.platform.train import step as tstep
-
-        with self.autocast:
-            parts = tstep.compute_loss(self.module, batch, self.job.loss)
-        parts.total.backward()
-        norm = sync_gradients(self.module, self.groups)
-        return _StepParts(
-            parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module)
-        )
-
-    def set_biases(self, bias_LE) -> None:
-        from moeray.platform.train import step as tstep
-
-        tstep.set_biases(self.module, bias_LE)
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
-
-    def full_state(self) -> dict | None:
-        return gather_full_state(self.module, self.groups)
-
-    def close(self) -> None:
-        pass
-
-
-class _PipelineReplica:
-    """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
-
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
-        import torch
-
-        from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
-
-        p = job.parallel
-        self.job = job
-        self.pm = PipelineModel(
-            job.model_config(),
-            PipelineSpec(p.pp, p.dp, p.ep, p.schedule, p.microbatches),
-            rank,
-            seed=job.seed,
-            fp8=job.fp8,
-            device=device,
-            overlap=p.overlap,
-            autocast_dtype=torch.bfloat16 if job.bf16 else None,
-            seq_len=job.data.seq_len,
-        )
-        self.module = self.pm.modules
-
-    def step(self, batch) -> _StepParts:
-        out = self.pm.forward_backward(batch, self.job.loss)
-        norm = self.pm.sync_gradients()
-        return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
-
-    def set_biases(self, bias_LE) -> None:
-        self.pm.set_biases(bias_LE)
-
-    def state_dict(self) -> dict:
-        return self.pm.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pm.load_state_dict(state)
-
-    def full_state(self) -> dict | None:
-        return self.pm.full_state()
-
-    def close(self) -> None:
-        self.pm.close()
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir", "run_id",
     "tokens", "tokenizer"} from `job.py`."""
     import ray
     import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from moeray.platform.metrics import (
-        TRAIN_LOSS,
-        TRAIN_LR,
-        TRAIN_MAXVIO,
-        TRAIN_MTP_LOSS,
-        TRAIN_STEP,
-        TRAIN_TOKENS_PER_S,
-        Metrics,
-    )
-    from moeray.platform.model.transformer import Transformer
-    from moeray.platform.parallel.pipeline import Topology
-    from moeray.platform.routing import balance
-    from moeray.platform.routing.state import RouterConfig, RouterState
-    from moeray.platform.train import data as tdata
-    from moeray.platform.train import step as tstep
 
     job = TrainJobConfig.from_dict(config["job"])
     run_dir = Path(config["run_dir"])
@@ -467,9 +134,9 @@ def train_loop_per_worker(config: dict) -> None:
         # CUDA all-reduce, and a thread's NCCL calls take the current device): Ray Train's own
         # set_device runs in a context manager this must not depend on. Ray Train's
         # init_process_group binds no device, so communicators are built at each group's first
-        # op, which the group check orders the same on every rank (parallel/pipeline.py).
+        # op, which the group check orders the same on every rank (parallel/distributed.py).
         torch.cuda.set_device(device)
-    replica = (_PipelineReplica if p.pp > 1 else _FlatReplica)(job, rank, world, device)
+    replica = (PipelineReplica if p.pp > 1 else FlatReplica)(job, rank, world, device)
     model_cfg = job.model_config()
     optimizer = tstep.build_optimizer(replica.module, job.optim)
 
@@ -611,8 +278,6 @@ def train_loop_per_worker(config: dict) -> None:
     full = replica.full_state()
     replica.close()
     if rank == 0:
-        from moeray.platform.checkpoint import save_model
-
         ref = Transformer(model_cfg)
         ref.load_state_dict(full)
         out = Path(job.output).expanduser()

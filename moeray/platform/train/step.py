@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeray.platform.model.moe import MoE
 from moeray.platform.routing.balance import sequence_balance_loss
 
 
@@ -83,8 +84,6 @@ class LossParts:
 
 
 def moe_layers(model: torch.nn.Module) -> list:
-    from moeray.platform.model.moe import MoE
-
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
@@ -93,7 +92,7 @@ def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConf
     if tokens_BS1.dim() != 2 or tokens_BS1.shape[1] < 2:
         raise ValueError(f"tokens must be [B, S+1] with S >= 1, got {tuple(tokens_BS1.shape)}")
     inputs_BS, targets_BS = tokens_BS1[:, :-1], tokens_BS1[:, 1:]
-    B, S = inputs_BS.shape
+    B = inputs_BS.shape[0]
     out = model(inputs_BS)
     main = F.cross_entropy(out.logits.flatten(0, 1).float(), targets_BS.flatten())
     total = main
@@ -131,7 +130,7 @@ def set_biases(model: torch.nn.Module, bias_LE: torch.Tensor) -> None:
     layers = moe_layers(model)
     if bias_LE.shape[0] != len(layers):
         raise ValueError(f"bias_LE has {bias_LE.shape[0]} rows for {len(layers)} MoE layers")
-    for moe, b in zip(layers, bias_LE):
+    for moe, b in zip(layers, bias_LE, strict=True):
         moe.gate.e_score_correction_bias.copy_(b.to(moe.gate.e_score_correction_bias))
 
 
@@ -181,7 +180,7 @@ def train_step(
     loss_cfg: LossConfig,
 ) -> StepResult:
     """Single-process step: forward, backward, clip, AdamW. (Distributed runs put a gradient
-    all-reduce between backward and `apply_update`; see `loop.py`.)"""
+    all-reduce between backward and `apply_update`; see `replica.py`.)"""
     model.train()
     parts = compute_loss(model, tokens_BS1, loss_cfg)
     parts.total.backward()

@@ -1,0 +1,397 @@
+"""The routed experts of a pipeline stage as one autograd node with a deferrable weight gradient
+(`experts_mlp`, set as `Experts.mlp_fn` by `stages.enable_weight_grad_split`).
+
+Legend: A rows sorted by expert, P rows of the padded layout (each expert's rows start aligned),
+D model width, I expert width, E local experts, N and K a GEMM's output and input widths.
+
+Three paths, picked per call (`_ExpertsMLPFn.forward`): with FP8 and `grouped_fp8`, the grouped
+FP8 kernel on the 128-aligned layout (`_GroupedFP8`); without FP8, one grouped GEMM per projection
+for all experts (`GroupedExperts`: bf16 on CUDA, any dtype on CPU); otherwise one GEMM per expert
+(the block-scaled FP8 GEMMs of `platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from moeray.kernels import fp8 as k
+from moeray.platform import fp8 as f8
+from moeray.platform.parallel.weight_grad import (
+    WeightGradStore,
+    accumulate_weight_grad,
+    linear_gemms,
+)
+
+
+def _swiglu_backward(
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of h = silu(g) * u."""
+    return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+
+
+class _ExpertsMLPFn(torch.autograd.Function):
+    """Every local expert's SwiGLU, y = (silu(x W1^T) * (x W3^T)) W2^T, on rows sorted by expert
+    (`rows[e]` of them for expert e), as ONE autograd node with a deferrable weight gradient.
+
+    Why: the per-expert loop of `Experts.forward` builds ~10 autograd nodes and ~17 kernel launches
+    per expert, plus as many again backward; with small()'s 32 local experts in 6 MoE layers per
+    stage, one micro-batch's stage forward took 0.2 s on an H200, ~45 us per op for 1.75
+    GFLOP/token: host-bound (benchmarks/notes-train.md). Here the SwiGLU runs once over all rows,
+    and the weight gradients of all experts are one deferred closure and one accumulation per
+    stacked weight. GEMMs (module docstring): without FP8 one grouped GEMM per projection for all
+    experts (`GroupedExperts`); with FP8 the grouped FP8 kernel (`_GroupedFP8`) or the per-expert
+    block-scaled GEMMs of split_linear (padded on CUDA as there). Gradients equal the loop's (unit
+    tests): the same products on the same rows.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_AD,
+        w1_EID,
+        w3_EID,
+        w2_EDI,
+        rows: list[int],
+        store: WeightGradStore | None,
+        fp8: bool,
+        cache,
+        grouped_fp8: bool,
+    ):
+        dev = x_AD.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        act = cast or x_AD.dtype
+        ctx.rows, ctx.store, ctx.fp8, ctx.cast, ctx.x_dtype = rows, store, fp8, cast, x_AD.dtype
+        ctx.cache = cache
+        ctx.grouped = GroupedExperts.applies(x_AD, fp8, act)
+        ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
+        if ctx.grouped_fp8:
+            with torch.autocast(dev, enabled=False):
+                return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act)
+        if ctx.grouped:
+            with torch.autocast(dev, enabled=False):
+                grp = GroupedExperts(x_AD, rows)
+                w1, w3, w2 = (w.to(act) for w in (w1_EID, w3_EID, w2_EDI))
+                x_PD = grp.pad(x_AD.to(act))
+                g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
+                u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
+                h_PI = F.silu(g_PI) * u_PI
+                y_AD = grp.unpad(grp.mm(h_PI, w2.transpose(-2, -1)))
+            ctx.grp = grp
+            ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1_EID, w3_EID, w2_EDI)
+            return y_AD
+        fwd, _, _ = linear_gemms(fp8, cast, cache)
+        with torch.autocast(dev, enabled=False):
+            if fp8:  # gate and up quantize their shared rows once
+                quantized = cache.get if cache is not None else f8.QuantizedWeight
+                pairs = [
+                    f8.forward_gemm_pair(x_AD[sl], quantized(w1_EID[e]), quantized(w3_EID[e]))
+                    for e, sl in _segments(rows)
+                ]
+                g_AI, u_AI = (
+                    torch.cat([p[i].to(act) for p in pairs])
+                    if pairs
+                    else x_AD.new_empty(0, w1_EID.shape[1], dtype=act)
+                    for i in (0, 1)
+                )
+            else:
+                g_AI = _per_expert(fwd, x_AD, w1_EID, rows, act, w1_EID.shape[1])
+                u_AI = _per_expert(fwd, x_AD, w3_EID, rows, act, w3_EID.shape[1])
+            h_AI = F.silu(g_AI) * u_AI
+            y_AD = _per_expert(fwd, h_AI, w2_EDI, rows, act, w2_EDI.shape[1])
+        ctx.save_for_backward(x_AD, g_AI, u_AI, h_AI, w1_EID, w3_EID, w2_EDI)
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, dy_AD):
+        if ctx.grouped_fp8:
+            return _GroupedFP8.backward(ctx, dy_AD)
+        if ctx.grouped:
+            return _ExpertsMLPFn._grouped_backward(ctx, dy_AD)
+        x_AD, g_AI, u_AI, h_AI, w1, w3, w2 = ctx.saved_tensors
+        rows = ctx.rows
+        _, dgrad, wgrad = linear_gemms(ctx.fp8, ctx.cast, ctx.cache)
+        with torch.autocast(dy_AD.device.type, enabled=False):
+            dh_AI = _per_expert(dgrad, dy_AD, w2, rows, h_AI.dtype, w2.shape[2])
+            dg_AI, du_AI = _swiglu_backward(dh_AI, g_AI, u_AI)
+            dx_AD = _per_expert(dgrad, dg_AI, w1, rows, x_AD.dtype, w1.shape[2]) + _per_expert(
+                dgrad, du_AI, w3, rows, x_AD.dtype, w3.shape[2]
+            )
+
+        def weight_grads(dy=dy_AD, dg=dg_AI, du=du_AI, x=x_AD, h=h_AI):
+            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                if ctx.fp8:  # gate and up re-tile their shared rows x once
+                    pairs = {
+                        e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in _segments(rows)
+                    }
+                    dw1, dw3 = (
+                        _stack_experts({e: p[i] for e, p in pairs.items()}, w)
+                        for i, w in ((0, w1), (1, w3))
+                    )
+                else:
+                    dw1, dw3 = (
+                        _per_expert_wgrad(wgrad, dg, x, rows, w1),
+                        _per_expert_wgrad(wgrad, du, x, rows, w3),
+                    )
+                return dw1, dw3, _per_expert_wgrad(wgrad, dy, h, rows, w2)
+
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def _grouped_backward(ctx, dy_AD):
+        x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
+        grp = ctx.grp
+        act = x_PD.dtype
+        with torch.autocast(dy_AD.device.type, enabled=False):
+            w1c, w3c, w2c = (w.to(act) for w in (w1, w3, w2))
+            dy_PD = grp.pad(dy_AD.to(act))
+            dh_PI = grp.mm(dy_PD, w2c)
+            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
+            dx_AD = grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype) + grp.unpad(
+                grp.mm(du_PI, w3c)
+            ).to(ctx.x_dtype)
+
+        def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
+            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                return (
+                    grp.wgrad(dg, x, w1.dtype),
+                    grp.wgrad(du, x, w3.dtype),
+                    grp.wgrad(dy, h, w2.dtype),
+                )
+
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _GroupedFP8:
+    """FP8 experts on the 128-aligned layout (`GroupedExperts` with align 128, DeepGEMM's contiguous
+    layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
+    two experts there), one grouped GEMM per projection forward and input-grad
+    (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
+    quantization. Weights come stacked from the WeightCache. Launches per MoE layer and
+    micro-batch: ~10 forward, ~12 + 3 E backward, where the per-expert path makes ~29 E."""
+
+    @staticmethod
+    def forward(ctx, x_AD, w1, w3, w2, act):
+        cache = ctx.cache
+        grp = GroupedExperts(x_AD, ctx.rows, align=128)
+        blocks = grp.block_expert()
+        x_PD = grp.pad(x_AD.to(torch.bfloat16))
+        xq, xs = k.act_quant(x_PD, scale_col_major=True)
+        s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
+        g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
+        u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
+        h_PI = F.silu(g_PI) * u_PI
+        hq, hs = k.act_quant(h_PI, scale_col_major=True)
+        y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
+        ctx.grp, ctx.blocks = grp, blocks
+        ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, dy_AD):
+        x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
+        grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
+
+        def input_grad(d_PN, s):  # d @ W per expert, with W^T stored K-major
+            dq, ds = k.act_quant(d_PN, scale_col_major=True)
+            return k.fp8_gemm_grouped(dq, ds, *s.transposed, blocks)
+
+        with torch.autocast(dy_AD.device.type, enabled=False):
+            s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
+            dy_PD = grp.pad(dy_AD.to(torch.bfloat16))
+            dh_PI = input_grad(dy_PD, s2)
+            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
+            dx_AD = grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype) + grp.unpad(
+                input_grad(du_PI, s3)
+            ).to(ctx.x_dtype)
+
+        def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
+            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
+
+                def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
+                    got = {}
+                    for e, sl in grp.padded_segments():
+                        sb = slice(sl.start // 128, sl.stop // 128)
+                        got[e] = k.fp8_gemm(at[0][:, sl], at[1][:, sb], bt[0][:, sl], bt[1][:, sb])
+                    return _stack_experts(got, w)
+
+                return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
+
+        return (
+            dx_AD,
+            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
+    """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
+    needs_w = any(ctx.needs_input_grad[1:4])
+    if needs_w and ctx.store is not None and ctx.store.defer:
+
+        def deferred():
+            for w, dw in zip(weights, weight_grads(), strict=True):
+                accumulate_weight_grad(w, dw)
+
+        ctx.store.put(deferred)
+        return None, None, None
+    return weight_grads() if needs_w else (None, None, None)
+
+
+class GroupedExperts:
+    """All experts' rows in one grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90 for bf16, a
+    per-group loop on CPU): one launch per projection instead of one per expert. On CUDA each
+    expert's rows start at a multiple of ALIGN (zero rows between), the grouped kernel's alignment;
+    on CPU the rows stay as they are."""
+
+    ALIGN = 16
+
+    @staticmethod
+    def available(device: torch.device, fp8: bool, act: torch.dtype | None) -> bool:
+        """Whether experts with these settings run their GEMMs grouped. FP8 keeps its own GEMMs
+        (torch's grouped FP8 GEMM scales per row, not in 1x128 / 128x128 blocks); on CUDA the
+        grouped kernel takes bf16 only."""
+        return (
+            not fp8
+            and hasattr(torch, "_grouped_mm")
+            and (act == torch.bfloat16 if device.type == "cuda" else device.type == "cpu")
+        )
+
+    @staticmethod
+    def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
+        return x.shape[0] > 0 and GroupedExperts.available(x.device, fp8, act)
+
+    def __init__(self, x_AD: torch.Tensor, rows: list[int], align: int | None = None) -> None:
+        self.rows, self.device = rows, x_AD.device
+        align = align or (self.ALIGN if x_AD.is_cuda else 1)
+        self.padded = padded = [-(-n // align) * align for n in rows]
+        ends = torch.tensor(padded).cumsum(0)
+        self.P = int(ends[-1]) if len(rows) else 0
+        self._ends = ends
+        if align == 1:
+            self.dst_A = None
+        else:  # padded position of each row: its expert's padded start + its rank within the expert
+            starts = [0, *ends.tolist()[:-1]]
+            self.dst_A = torch.cat(
+                [torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]
+            ).to(x_AD.device, non_blocking=True)
+
+    def block_expert(self, block: int = 128) -> torch.Tensor:
+        """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
+        ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
+        return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def padded_segments(self):
+        """(expert, slice of its padded rows) for every expert with rows."""
+        return _segments(self.padded)
+
+    def pad(self, t_A: torch.Tensor) -> torch.Tensor:
+        if self.dst_A is None:
+            return t_A
+        return t_A.new_zeros(self.P, t_A.shape[1]).index_copy_(0, self.dst_A, t_A)
+
+    def unpad(self, t_P: torch.Tensor) -> torch.Tensor:
+        return t_P if self.dst_A is None else t_P.index_select(0, self.dst_A)
+
+    @functools.cached_property
+    def offs(self) -> torch.Tensor:
+        """int32 end row of each expert on the device: torch._grouped_mm's offsets (made on first
+        use: the grouped FP8 path indexes blocks instead)."""
+        return self._ends.to(torch.int32).to(self.device, non_blocking=True)
+
+    def mm(self, a_P: torch.Tensor, b_E: torch.Tensor) -> torch.Tensor:
+        """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
+        return torch._grouped_mm(a_P, b_E, offs=self.offs)
+
+    def wgrad(self, dy_PN: torch.Tensor, x_PK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e], exact zeros for experts without rows
+        (not left to the kernel's handling of empty groups)."""
+        dw = torch._grouped_mm(dy_PN.t(), x_PK, offs=self.offs).to(dtype)
+        empty = [e for e, n in enumerate(self.rows) if n == 0]
+        if empty:
+            dw[empty] = 0
+        return dw
+
+
+def _segments(rows: list[int]):
+    """(expert, slice of its rows) for every expert with rows, in expert order."""
+    start = 0
+    for e, n in enumerate(rows):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _per_expert(
+    gemm, a_A: torch.Tensor, w_E: torch.Tensor, rows: list[int], dtype: torch.dtype, width: int
+) -> torch.Tensor:
+    """gemm(rows of expert e, w_E[e]) for every expert with rows, concatenated in one copy;
+    [0, width] when no expert has rows."""
+    outs = [gemm(a_A[sl], w_E[e]).to(dtype) for e, sl in _segments(rows)]
+    return torch.cat(outs) if outs else a_A.new_empty(0, width, dtype=dtype)
+
+
+def _per_expert_wgrad(
+    wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int], w_ENK: torch.Tensor
+) -> torch.Tensor:
+    """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e]; zeros for experts without rows."""
+    return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in _segments(rows)}, w_ENK)
+
+
+def _stack_experts(got: dict[int, torch.Tensor], w_ENK: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] in w_ENK's dtype from per-expert results; zeros for experts not in `got`."""
+    zero = torch.zeros_like(w_ENK[0])
+    return torch.stack(
+        [got[e].to(w_ENK.dtype) if e in got else zero for e in range(w_ENK.shape[0])]
+    )
+
+
+def experts_mlp(
+    x_AD: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w3_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    rows: list[int],
+    *,
+    store: WeightGradStore | None = None,
+    fp8: bool = False,
+    cache=None,
+    grouped_fp8: bool = False,
+) -> torch.Tensor:
+    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
+    `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8)."""
+    if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
+        raise ValueError(
+            f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
+            f"and {w1_EID.shape[0]} experts"
+        )
+    if grouped_fp8 and (not fp8 or cache is None):
+        raise ValueError(
+            f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
+            f"cache={cache}"
+        )
+    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)

@@ -1,0 +1,147 @@
+"""The training job's typed config (`TrainJobConfig`: parallel sizes, data, optimizer, loss), read
+from a YAML mapping by `job.py` and handed to every worker of `loop.py` as a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moeray.platform import config as mc
+from moeray.platform.parallel import schedule as sched
+from moeray.platform.train.step import LossConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    schedule: str = "dualpipe"  # with pp > 1: 1f1b | zb1p | dualpipe
+    microbatches: int = 8  # per step and data shard (DualPipe: both directions together)
+    overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.ep * self.dp
+
+    @property
+    def shards(self) -> int:
+        return self.ep * self.dp
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "stdlib"
+    max_bytes: int = 2_000_000
+    vocab_size: int = 1024
+    seq_len: int = 64
+    global_batch: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    model: str = "tiny"  # preset name, or a path to an HF config.json / model directory
+    name: str = "tiny"
+    storage: str = "~/moeray_runs"
+    output: str = "out/tiny-model"  # final HF model directory (relative: under the run dir)
+    steps: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 50
+    max_failures: int = 3
+    fp8: bool = False
+    bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
+    seed: int = 0
+    use_gpu: bool = False
+    router_name: str = ""  # default: moeray-router-<name>
+    router_namespace: str = "moeray"
+    gamma: float = 0.001
+    # tests only: SIGKILL rank `kill_rank` once, right before step `kill_at_step`
+    kill_at_step: int = -1
+    kill_rank: int = 0
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        p = self.parallel
+        if min(p.pp, p.ep, p.dp) < 1:
+            raise ValueError(f"parallel sizes must be >= 1, got {p}")
+        if self.data.global_batch % p.shards:
+            raise ValueError(
+                f"data.global_batch={self.data.global_batch} must be a multiple of the "
+                f"{p.shards} data shards (ep*dp)"
+            )
+        if p.pp > 1:
+            sched.build(p.schedule, p.pp, p.microbatches)  # ValueError names the bad schedule/sizes
+            local = self.data.global_batch // p.shards
+            if local % p.microbatches:
+                raise ValueError(
+                    f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
+                    f"parallel.microbatches={p.microbatches} equal micro-batches"
+                )
+        if self.use_gpu and p.pp == 1:
+            # The PP = 1 replica keeps its model and gradient sync on the CPU; under use_gpu Ray
+            # Train would make an NCCL group that cannot carry its CPU tensors.
+            raise ValueError(
+                f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
+                "path trains on the CPU; set use_gpu: false, or pp >= 2"
+            )
+        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, log_every and checkpoint_every must be >= 1")
+
+    @property
+    def router(self) -> str:
+        return self.router_name or f"moeray-router-{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainJobConfig:
+        """From a parsed YAML/dict; unknown keys raise ValueError naming them."""
+        sections = {
+            "parallel": ParallelConfig,
+            "data": DataConfig,
+            "optim": OptimConfig,
+            "loss": LossConfig,
+        }
+        top = {f.name for f in fields(TrainJobConfig)}
+        unknown = set(d) - top
+        if unknown:
+            raise ValueError(
+                f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}"
+            )
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sections:
+                cls = sections[key]
+                names = {f.name for f in fields(cls)}
+                bad = set(value or {}) - names
+                if bad:
+                    raise ValueError(
+                        f"unknown keys {sorted(bad)} in '{key}'; accepted: {sorted(names)}"
+                    )
+                value = dict(value or {})
+                if "betas" in value:
+                    value["betas"] = tuple(value["betas"])
+                kw[key] = value if isinstance(value, cls) else cls(**value)
+            else:
+                kw[key] = value
+        if "optim" not in kw or "total_steps" not in (d.get("optim") or {}):
+            base = kw.get("optim", OptimConfig())
+            kw["optim"] = OptimConfig(
+                **{
+                    **asdict(base),
+                    "total_steps": int(d.get("steps", 200)),
+                    "warmup_steps": min(base.warmup_steps, int(d.get("steps", 200))),
+                }
+            )
+        return TrainJobConfig(**kw)
+
+    def model_config(self):
+        if self.model in mc.PRESETS:
+            return mc.preset(self.model)
+        return mc.ModelConfig.from_hf(Path(self.model).expanduser())

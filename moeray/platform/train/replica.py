@@ -1,0 +1,181 @@
+"""A training worker's share of the model, behind one interface (`step`, `set_biases`, state
+dicts, `full_state`): the whole model with its routed experts sharded over EP (`FlatReplica`,
+PP = 1), or this rank's pipeline stages (`PipelineReplica`, PP > 1, `parallel/pipeline.py`).
+
+PP = 1 process groups (`make_groups`): ranks [d*EP, (d+1)*EP) form one expert-parallel group (they
+split the routed experts); ranks with the same ep_rank form a data-parallel group (they hold the
+same expert shard). Replicated parameters are averaged over the world, expert shards over their
+DP group (`sync_gradients`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moeray.platform.fp8 import enable_fp8_training
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_param
+from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+from moeray.platform.train import step as tstep
+from moeray.platform.train.job_config import TrainJobConfig
+
+
+@dataclass
+class Groups:
+    rank: int
+    world: int
+    ep_rank: int
+    ep_size: int
+    dp_rank: int
+    ep_group: Any  # this rank's EP process group (None when EP = 1)
+    dp_group: Any  # ranks holding the same expert shard
+
+
+def make_groups(rank: int, world: int, ep: int) -> Groups:
+    ep_group = dp_group = None
+    # every rank must create every group, in the same order
+    for d in range(world // ep):
+        g = dist.new_group(list(range(d * ep, (d + 1) * ep))) if ep > 1 else None
+        if d == rank // ep:
+            ep_group = g
+    for e in range(ep):
+        g = dist.new_group(list(range(e, world, ep)))
+        if e == rank % ep:
+            dp_group = g
+    return Groups(rank, world, rank % ep, ep, rank // ep, ep_group, dp_group)
+
+
+def sync_gradients(model, groups: Groups) -> float:
+    """Average gradients over the world; returns the global gradient norm (before clipping)."""
+    replicated, experts = [], []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (experts if is_expert_param(name) else replicated).append(p)
+    for params, group in ((replicated, None), (experts, groups.dp_group)):
+        if not params:
+            continue
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if groups.world > 1:
+            dist.all_reduce(flat, group=group)
+        flat /= groups.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+    rep_sq = sum(float(p.grad.float().pow(2).sum()) for p in replicated)
+    exp_sq = torch.tensor(
+        [sum(float(p.grad.float().pow(2).sum()) for p in experts)], dtype=torch.float64
+    )
+    if groups.ep_size > 1:
+        dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up
+    return math.sqrt(rep_sq + float(exp_sq))
+
+
+def gather_full_state(model, groups: Groups) -> dict | None:
+    """The full (EP=1) state dict on rank 0; other ranks return None."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if groups.ep_size > 1:
+        for k in list(state):
+            if is_expert_param(k):
+                parts = [torch.empty_like(state[k]) for _ in range(groups.ep_size)]
+                dist.all_gather(parts, state[k].contiguous(), group=groups.ep_group)
+                state[k] = torch.cat(parts)
+    return state if groups.rank == 0 else None
+
+
+@dataclass
+class _StepParts:
+    main: float  # this rank's share: summed over ranks and divided by the shards it is the loss
+    mtp: float
+    balance: float
+    norm: float
+    loads_LE: Any
+
+
+class FlatReplica:
+    """PP = 1: the whole model (experts sharded over EP) on this rank."""
+
+    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+        self.job, self.device = job, device
+        self.groups = make_groups(rank, world, job.parallel.ep)
+        model = Transformer(job.model_config())
+        model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
+        if job.fp8:
+            enable_fp8_training(model)
+        if self.groups.ep_size > 1:
+            enable_expert_parallel(
+                model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size
+            )
+        self.module = model
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
+
+    def step(self, batch) -> _StepParts:
+        with self.autocast:
+            parts = tstep.compute_loss(self.module, batch, self.job.loss)
+        parts.total.backward()
+        norm = sync_gradients(self.module, self.groups)
+        return _StepParts(
+            parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module)
+        )
+
+    def set_biases(self, bias_LE) -> None:
+        tstep.set_biases(self.module, bias_LE)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+    def full_state(self) -> dict | None:
+        return gather_full_state(self.module, self.groups)
+
+    def close(self) -> None:
+        pass
+
+
+class PipelineReplica:
+    """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
+
+    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+        p = job.parallel
+        self.job = job
+        self.pm = PipelineModel(
+            job.model_config(),
+            PipelineSpec(p.pp, p.dp, p.ep, p.schedule, p.microbatches),
+            rank,
+            seed=job.seed,
+            fp8=job.fp8,
+            device=device,
+            overlap=p.overlap,
+            autocast_dtype=torch.bfloat16 if job.bf16 else None,
+            seq_len=job.data.seq_len,
+        )
+        self.module = self.pm.modules
+
+    def step(self, batch) -> _StepParts:
+        out = self.pm.forward_backward(batch, self.job.loss)
+        norm = self.pm.sync_gradients()
+        return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
+
+    def set_biases(self, bias_LE) -> None:
+        self.pm.set_biases(bias_LE)
+
+    def state_dict(self) -> dict:
+        return self.pm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pm.load_state_dict(state)
+
+    def full_state(self) -> dict | None:
+        return self.pm.full_state()
+
+    def close(self) -> None:
+        self.pm.close()
