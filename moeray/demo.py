@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
                 },
             )
             print(
-                f"[1/3] training {job.model} ({job.steps} steps, PP={job.parallel.pp} x EP={job.parallel.ep} "
+                f"[1/3] training {job.model} ({job.steps} steps, "
+                f"PP={job.parallel.pp} x EP={job.parallel.ep} "
                 f"x DP={job.parallel.dp}, corpus: {job.data.corpus}) with Ray Train ...",
                 flush=True,
             )
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
                 lines = [json.loads(x) for x in history.read_text().splitlines() if x.strip()]
                 first, last = lines[0], lines[-1]
                 print(
-                    f"      loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f} "
+                    f"      loss {first.get('loss', float('nan')):.3f} -> "
+                    f"{last.get('loss', float('nan')):.3f} "
                     f"over {len(lines)} steps; model written to {out}",
                     flush=True,
                 )

@@ -41,7 +41,7 @@ def write_result(
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": command
         if command is not None
-        else (" ".join(["moeray"] + sys.argv[1:]) if sys.argv else ""),
+        else (" ".join(["moeray", *sys.argv[1:]]) if sys.argv else ""),
         **numbers,
     }
     path = out_dir / f"{name}.json"

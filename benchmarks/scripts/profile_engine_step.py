@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: cProfile of Engine.step at batch B on `small()` (random weights).
+"""Where a decode step's time goes: cProfile of Engine.step at batch B on `small()` (random
+weights).
 
 python benchmarks/scripts/profile_engine_step.py [--batch 1] [--steps 50]
 """
@@ -24,7 +25,7 @@ with torch.device("cuda"):
     model = Transformer(small()).to(torch.bfloat16).eval()
 engine = Engine(model, EngineConfig(num_pages=2048, max_num_seqs=max(a.batch, 1)))
 params = SamplingParams(temperature=0.0, max_tokens=a.steps + 40, ignore_eos=True)
-for i in range(a.batch):
+for _i in range(a.batch):
     engine.add_request(torch.randint(2, 32000, (128,)).tolist(), params)
 for _ in range(20):  # prefill + warm-up decode steps (graph capture happens here)
     engine.step()

@@ -136,7 +136,8 @@ class ModelConfig:
                 raise ValueError(f"quantization_config={q} is not supported: expected fp8 e4m3")
             if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
                 raise ValueError(
-                    f"weight_block_size={q.get('weight_block_size')} is not supported: expected [128, 128]"
+                    f"weight_block_size={q.get('weight_block_size')} is not supported: "
+                    "expected [128, 128]"
                 )
 
     # ---- derived numbers -------------------------------------------------------------------
@@ -251,7 +252,8 @@ class ModelConfig:
                 continue
             out[f.name] = value
         if self.rope_scaling is not None:
-            # "type" is what the official config and older readers use; "rope_type" what newer ones do.
+            # "type" is what the official config and older readers use; "rope_type" what newer
+            # ones do.
             out["rope_scaling"] = {
                 "type": self.rope_scaling.get("rope_type", "yarn"),
                 **self.rope_scaling,

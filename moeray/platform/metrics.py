@@ -36,7 +36,8 @@ RAY_PREFIX = "ray_"
 _NAME_RE = re.compile(r"^moeray_[a-z][a-z0-9_]*[a-z0-9]$")
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Labels Prometheus attaches itself; a metric that declared one would be overwritten. (Ray's own
-# labels, Component/NodeAddress/SessionName/Version/WorkerId, are capitalized: _LABEL_RE excludes them.)
+# labels, Component/NodeAddress/SessionName/Version/WorkerId, are capitalized: _LABEL_RE excludes
+# them.)
 _RESERVED_LABELS = frozenset({"le", "quantile", "job", "instance"})
 
 # Latency buckets (seconds). TTFT spans a cached short prompt (~5 ms) to a 128K-token prefill
@@ -46,8 +47,9 @@ _RESERVED_LABELS = frozenset({"le", "quantile", "job", "instance"})
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
-# One KV transfer moves a prompt's latent cache: 70,272 B/token for V3 (docs/deepseek-v3.md), so 1K-128K
-# tokens is 70 MB-9 GB; at 25-400 GB/s NVLink/RDMA that is ~0.2 ms-0.4 s, over gloo/TCP seconds.
+# One KV transfer moves a prompt's latent cache: 70,272 B/token for V3 (docs/deepseek-v3.md), so
+# 1K-128K tokens is 70 MB-9 GB; at 25-400 GB/s NVLink/RDMA that is ~0.2 ms-0.4 s, over gloo/TCP
+# seconds.
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -84,8 +86,8 @@ class MetricDef:
         for label in self.labels:
             if not _LABEL_RE.match(label) or label in _RESERVED_LABELS:
                 raise ValueError(
-                    f"metric {self.name}: label {label!r} must match {_LABEL_RE.pattern} and not be "
-                    f"one of {sorted(_RESERVED_LABELS)}"
+                    f"metric {self.name}: label {label!r} must match {_LABEL_RE.pattern} "
+                    f"and not be one of {sorted(_RESERVED_LABELS)}"
                 )
         if self.kind == "histogram":
             b = self.buckets

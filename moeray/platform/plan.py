@@ -42,7 +42,7 @@ def render(t: Timeline, scale: float) -> list[str]:
     rows = []
     for r in range(s.pp):
         line = ["."] * width
-        for slot, (start, end) in zip(s.ranks[r], t.spans[r]):
+        for slot, (start, end) in zip(s.ranks[r], t.spans[r], strict=False):
             a, b = round(start * scale), round(end * scale)
             text, n = _slot_label(s, slot), b - a
             # a label too long for its cell keeps its first characters and ends in '~'

@@ -1,4 +1,4 @@
-"""GPU checks for MTP speculative decoding in the engine (issue 6; marker gpu, skipped without CUDA).
+"""GPU checks for MTP speculative decoding in the engine (marker gpu, skipped without CUDA).
 
 a) fp32: greedy outputs with MTP + CUDA graphs == MTP eager == plain decoding, at batch 1 and in a
    mixed batch, with the MTP forward captured in graphs keyed (bs, S, "mtp") and drafting exactly
@@ -182,7 +182,7 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
     random_mtp = _clone(trained_model)
     with torch.no_grad():
         g = torch.Generator(device="cuda").manual_seed(5)
-        for name, prm in random_mtp.mtp.named_parameters():
+        for prm in random_mtp.mtp.parameters():
             if prm.dim() >= 2:
                 prm.copy_(torch.randn(prm.shape, generator=g, device="cuda") * 0.02)
     prompts = _prompts(cfg, cycle)
@@ -270,7 +270,8 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
     prompts = _prompts(cfg, cycle, lengths_cycle=(100,), lengths_random=(100,))
     eng = _engine(model, spec=0, graphs=True)
     runner = eng.runner
-    stats = []  # (prompt, p, margin_ref, err1_e, err2_e, err1_g, err2_g, err2row1_g, d12_e, d12_g, agree)
+    # (prompt, p, margin_ref, err1_e, err2_e, err1_g, err2_g, err2row1_g, d12_e, d12_g, agree)
+    stats = []
     for pi, prompt in enumerate(prompts):
         rid = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=20))
         eng.step()  # prefill (and the first token)
@@ -293,7 +294,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                     )[0][0].clone()
                     res[mode] = (l1, l2, draft)
                 runner.use_cuda_graphs = True
-            ref = _ref_logits(ref_model, req.token_ids[: p + 1] + [res["eager"][2]])[-2:]
+            ref = _ref_logits(ref_model, [*req.token_ids[: p + 1], res["eager"][2]])[-2:]
             top2 = ref[0].topk(2).values
             l1e, l2e, _ = res["eager"]
             l1g, l2g, dg = res["graph"]
@@ -370,7 +371,12 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
                 assert e.runner.graph_status == "captured", e.runner.graph_status
             for pi, prompt in enumerate(prompts):
                 first = next(
-                    (i for i, (a, b) in enumerate(zip(plain[pi], outs[pi])) if a != b), None
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(plain[pi], outs[pi], strict=False))
+                        if a != b
+                    ),
+                    None,
                 )
                 line = (
                     f"batch {len(batch[0])}, MTP {'graphs' if mtp_graphs else 'eager '}: prompt "

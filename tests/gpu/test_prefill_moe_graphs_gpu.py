@@ -1,6 +1,6 @@
-"""GPU checks for the issue 4/6 follow-ups (marker gpu; skipped without CUDA): MLA prefill at real
-head dims, the fused MoE inside `Experts.forward` (vs the per-expert loop, host-sync free, CUDA-graph
-capturable) and the engine's decode CUDA graphs (captured, same greedy tokens as eager)."""
+"""GPU checks (marker gpu; skipped without CUDA): MLA prefill at real head dims, the fused MoE
+inside `Experts.forward` (vs the per-expert loop, host-sync free, CUDA-graph capturable) and the
+engine's decode CUDA graphs (captured, same greedy tokens as eager)."""
 
 import pytest
 import torch

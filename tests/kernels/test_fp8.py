@@ -1,4 +1,5 @@
-"""FP8 quantization and block-scaled GEMM kernels vs their PyTorch references, under the interpreter."""
+"""FP8 quantization and block-scaled GEMM kernels vs their PyTorch references, under the
+interpreter."""
 
 import pytest
 import torch

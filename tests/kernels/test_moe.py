@@ -60,8 +60,8 @@ def test_fused_moe_foreign_experts_skipped():
 def test_fused_moe_fp8():
     t, h, i, e, k = 11, 256, 128, 4, 2
     x, w13, w2, ids, wts = _case(t, h, i, e, k, seed=9, skip_experts=(1,))
-    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13])
-    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2])
+    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
+    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
     q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
     out = fused_moe(x, q13, q2, ids, wts, w13_scale=s13, w2_scale=s2)
     ref = fused_moe_ref(x, q13, q2, ids, wts, w13_scale=s13, w2_scale=s2)

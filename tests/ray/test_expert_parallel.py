@@ -70,13 +70,15 @@ def test_expert_parallel_matches_single_process(tmp_path):
 
     # EP=1 reference: the same weights on all tokens of both ranks in one process
     moe = _full_moe()
-    xs, dys = zip(*(_inputs(r) for r in range(world)))
+    xs, dys = zip(*(_inputs(r) for r in range(world)), strict=False)
     x = torch.cat(xs, dim=1).requires_grad_()
     y = moe(x)
     y.backward(torch.cat(dys, dim=1))
     splits = list(T_PER_RANK)
 
-    for r, (y_ref, gx_ref) in enumerate(zip(y.detach().split(splits, 1), x.grad.split(splits, 1))):
+    for r, (y_ref, gx_ref) in enumerate(
+        zip(y.detach().split(splits, 1), x.grad.split(splits, 1), strict=False)
+    ):
         torch.testing.assert_close(got[r]["y"], y_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[r]["x_grad"], gx_ref, rtol=1e-5, atol=1e-6)
     # tokens really crossed ranks: each rank routed some assignments to experts it does not own

@@ -175,7 +175,7 @@ def _decode_stats() -> dict[str, dict]:
 
 
 def test_completions_through_prefill_and_decode(server, model_dir):
-    cfg, url = server
+    _cfg, url = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     prompt = "def add(a, b):"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
@@ -203,7 +203,7 @@ def test_completions_through_prefill_and_decode(server, model_dir):
 
 
 def test_kv_moved_over_rdt_and_prefix_affinity_sends_only_missing_pages(server):
-    cfg, url = server
+    _cfg, url = server
     c = tiny()
     per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * c.num_hidden_layers
     prompt = list(range(40, 40 + 53))  # 3 full pages of 16 + 5 tokens
@@ -231,8 +231,9 @@ def test_kv_moved_over_rdt_and_prefix_affinity_sends_only_missing_pages(server):
 
 
 def test_busy_decode_replica_is_avoided(server):
-    """Most free KV pages: while a long request holds pages on one replica, the next goes to the other."""
-    cfg, url = server
+    """Most free KV pages: while a long request holds pages on one replica, the next goes to the
+    other."""
+    _cfg, url = server
     conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
     conn.request(
         "POST",
@@ -271,7 +272,7 @@ def test_busy_decode_replica_is_avoided(server):
 
 
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(server):
-    cfg, url = server
+    _cfg, url = server
     status, body, _ = _post(
         url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}
     )
@@ -327,7 +328,7 @@ def test_full_queues_answer_429_with_retry_after_then_serve_again(server):
     assert all(int(ra) >= 1 for s, ra in results if s == 429)
     deadline = time.monotonic() + 60
     while True:  # slots come back once the disconnects are noticed
-        status, body, _ = _post(
+        status, _body, _ = _post(
             url + "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 3}
         )
         if status == 200 or time.monotonic() > deadline:
@@ -338,7 +339,7 @@ def test_full_queues_answer_429_with_retry_after_then_serve_again(server):
 
 def test_api_key_from_env_is_required(secure):
     body = {"model": "tiny", "prompt": "def", "max_tokens": 3}
-    status, err, headers = _post(secure + "/v1/completions", body)
+    status, err, _headers = _post(secure + "/v1/completions", body)
     assert status == 401 and err["error"]["message"]
     status, _, _ = _post(secure + "/v1/completions", body, {"Authorization": "Bearer sk-wrong"})
     assert status == 401
@@ -347,7 +348,7 @@ def test_api_key_from_env_is_required(secure):
 
 
 def test_disconnect_mid_stream_frees_decode_pages(server):
-    cfg, url = server
+    cfg, _url = server
     time.sleep(0.5)
     idle = {rid: st["free_pages"] for rid, st in _decode_stats().items()}
     conn = http.client.HTTPConnection(cfg.host, cfg.port, timeout=60)
@@ -387,7 +388,7 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
     from the node's metrics export port."""
     import ray
 
-    cfg, url = server
+    _cfg, _url = server
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     target = f"127.0.0.1:{node['MetricsExportPort']}"
     prom_port = _free_port()
@@ -456,7 +457,7 @@ def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, mode
     """Last in the module: it kills a decode replica while a request streams from it."""
     import ray
 
-    cfg, url = server
+    _cfg, url = server
     before = _decode_replica_actors()
     assert len(before) == 2, before
     port = int(url.rsplit(":", 1)[1])

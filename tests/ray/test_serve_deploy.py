@@ -224,7 +224,7 @@ def deployed(cluster, model_dir):
 
 
 def test_serve_deploy_runs_the_written_config(deployed, model_dir):
-    args, url, status = deployed
+    _args, url, status = deployed
     assert status["deployed_app_config"]["import_path"] == "moeray.platform.serve.app:build"
     assert {k: v["status"] for k, v in status["deployments"].items()} == {
         "Prefill": "HEALTHY",

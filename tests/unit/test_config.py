@@ -7,7 +7,8 @@ from moeray.platform.config import ModelConfig, deepseek_v3, preset, small, tiny
 
 def test_v3_numbers_match_reference():
     c = deepseek_v3()
-    # docs/deepseek-v3.md, "Model config": 671B total, ~37B activated, 70,272 bytes of latent cache per token.
+    # docs/deepseek-v3.md, "Model config": 671B total, ~37B activated, 70,272 bytes of latent
+    # cache per token.
     assert round(c.num_parameters() / 1e9) == 671
     assert 36.5e9 < c.num_parameters(activated=True) < 38e9
     assert c.kv_cache_bytes_per_token == 70272
@@ -73,7 +74,7 @@ def test_transformers5_rope_parameters_accepted():
 def test_from_hf_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny().to_hf()))
     assert ModelConfig.from_hf(tmp_path) == tiny()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         ModelConfig.from_hf(tmp_path / "nowhere")
 
 

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -193,9 +194,9 @@ class _GrafanaAPI(BaseHTTPRequestHandler):
     """The two Grafana HTTP API endpoints `push` uses (GET/POST /api/folders,
     POST /api/dashboards/db), recording what it receives. No Grafana server is available here."""
 
-    folders: dict[str, dict] = {}
-    dashboards: list[dict] = []
-    auth: list[str] = []
+    folders: ClassVar[dict[str, dict]] = {}
+    dashboards: ClassVar[list[dict]] = []
+    auth: ClassVar[list[str]] = []
 
     def _reply(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()

@@ -95,7 +95,8 @@ def test_packed_windows_are_consecutive_slices():
         data.PackedDataset(stream[:5], seq_len=9)
 
 
-def _loader(ds, rank, dp, state=data.DataState(), seed=7, gb=6):
+def _loader(ds, rank, dp, state=None, seed=7, gb=6):
+    state = data.DataState() if state is None else state
     return data.BatchLoader(ds, gb, dp_rank=rank, dp_size=dp, seed=seed, state=state)
 
 

@@ -62,7 +62,7 @@ def test_pd_equals_colocated_and_sends_only_missing_rows(model):
     )
     assert o is not None and o.new_token_ids == [first]
     rest, final = _run(decode, "d")
-    assert [first] + rest == colocated.output_token_ids
+    assert [first, *rest] == colocated.output_token_ids
     assert final.logprobs[0].token_id == first and len(final.logprobs) == len(colocated.logprobs)
 
     # A second prompt sharing 32 tokens (two pages) with the first: the decode side holds them,
@@ -74,7 +74,7 @@ def test_pd_equals_colocated_and_sends_only_missing_rows(model):
     assert pout2.kv_export.num_tokens == 9
     decode.add_prefilled_request(prompt2, first2, pout2.kv_export, GREEDY, "d2")
     rest2, _ = _run(decode, "d2")
-    assert [first2] + rest2 == _engine(model).generate([prompt2], GREEDY)[0].output_token_ids
+    assert [first2, *rest2] == _engine(model).generate([prompt2], GREEDY)[0].output_token_ids
 
 
 def test_rows_that_do_not_cover_the_prefix_fall_back_to_recompute(model):

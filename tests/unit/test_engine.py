@@ -47,7 +47,7 @@ def engine(model, **kw):
 
 
 def test_greedy_matches_hf_generate_mixed_batch(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, path, prompts, ref = setup
     eng = engine(model)
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
     assert [o.output_token_ids for o in outs] == ref
@@ -63,7 +63,7 @@ def test_greedy_matches_hf_generate_mixed_batch(setup):
 
 
 def test_preemption_and_staggered_arrivals_match_hf(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, ref = setup
     # 7 pages of 16 tokens cannot hold the five requests (14 pages in all): preemption by recompute
     eng = engine(model, num_pages=7, max_num_batched_tokens=24, enable_prefix_caching=False)
     ids = {}
@@ -82,7 +82,7 @@ def test_preemption_and_staggered_arrivals_match_hf(setup):
 
 
 def test_results_do_not_depend_on_batch(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, ref = setup
     params = [
         SamplingParams(temperature=0.9, top_p=0.95, seed=10 + i, max_tokens=N_NEW, logprobs=2)
         for i in range(len(prompts))
@@ -91,14 +91,14 @@ def test_results_do_not_depend_on_batch(setup):
     for i in (0, 3):
         alone = engine(model).generate([prompts[i]], [params[i]])[0]
         assert alone.output_token_ids == together[i].output_token_ids
-        for a, b in zip(alone.logprobs, together[i].logprobs):
+        for a, b in zip(alone.logprobs, together[i].logprobs, strict=False):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
     # sampling actually happened (a seeded run differs from greedy somewhere)
-    assert any(o.output_token_ids != r for o, r in zip(together, ref))
+    assert any(o.output_token_ids != r for o, r in zip(together, ref, strict=False))
 
 
 def test_mtp_speculation_is_exact_and_drafts_match_the_model(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, ref = setup
     eng = engine(model, num_speculative_tokens=1)
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
     assert [o.output_token_ids for o in outs] == ref
@@ -122,7 +122,7 @@ def test_mtp_speculation_is_exact_and_drafts_match_the_model(setup):
 
 
 def test_mtp_with_sampling_and_verify_rule(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, _ref = setup
     eng = engine(model, num_speculative_tokens=1)
     outs = eng.generate(prompts[:2], SamplingParams(temperature=0.7, seed=3, max_tokens=N_NEW))
     assert all(len(o.output_token_ids) == N_NEW for o in outs)
@@ -146,7 +146,7 @@ def test_mtp_with_sampling_and_verify_rule(setup):
 
 
 def test_abort_and_bad_input(setup):
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, _ref = setup
     eng = engine(model)
     rid = eng.add_request(prompts[3], SamplingParams(temperature=0, max_tokens=50))
     eng.step()
@@ -207,7 +207,7 @@ def test_bench_cpu_path(tmp_path, monkeypatch):
 def test_kernel_view_attend_path_matches_hf(setup):
     """The GPU attention path (MLA's cache.attend hook -> KernelPagedView -> mla_decode_multi, here
     its CPU reference) gives the same greedy generations, with and without MTP."""
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, ref = setup
     for spec in (0, 1):
         eng = engine(model, attention="kernel", num_speculative_tokens=spec)
         outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
@@ -223,13 +223,13 @@ def test_batched_greedy_targets_and_mtp_forward_checks(setup):
     MTP forward refuses hidden rows that do not match its ids; CPU runs no graphs."""
     from moeray.platform.engine.speculative import greedy_targets, verify
 
-    cfg, model, path, prompts, ref = setup
+    cfg, model, _path, prompts, _ref = setup
     g = torch.Generator().manual_seed(2)
     logits = [torch.randn(j, V, generator=g) for j in (2, 1, 2)]
     targets = greedy_targets(logits)
     assert targets == [lg.argmax(-1).tolist() for lg in logits] and greedy_targets([]) == []
     greedy = SamplingParams(temperature=0)
-    for lg, t in zip([logits[0], logits[2]], [targets[0], targets[2]]):
+    for lg, t in zip([logits[0], logits[2]], [targets[0], targets[2]], strict=False):
         for d in (t[0], (t[0] + 1) % V):
             assert verify(lg, [d], greedy, torch.Generator(), t) == verify(
                 lg, [d], greedy, torch.Generator()
@@ -290,10 +290,10 @@ def test_mtp_decode_step_is_one_main_and_one_mtp_forward(setup):
     pure-decode step runs one main forward and one MTP forward, and greedy output stays exactly
     HF's. Drafts are forced right or wrong by (step + request) parity so both paddings occur; the
     natural MTP drafts run too."""
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, ref = setup
     max_tokens = (8, 5, 8, 6)
     params = [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens]
-    expect = [r[:m] for r, m in zip(ref, max_tokens)]
+    expect = [r[:m] for r, m in zip(ref, max_tokens, strict=False)]
     checked: list[str] = []
     for forced in (True, False):
         eng = engine(model, num_speculative_tokens=1)
@@ -343,7 +343,7 @@ def test_padded_row_writes_scratch_not_unowned_pages(setup):
     """A decode without a draft (max_tokens next) padded to S = 2 next to a drafting one: its
     padded position 16 lies on a page it does not own (16-token pages, it holds one), so the
     write lands on the scratch page; no page outside the two sequences' tables changes."""
-    cfg, model, path, prompts, ref = setup
+    _cfg, model, _path, prompts, _ref = setup
     eng = engine(model, num_speculative_tokens=1)
     g = torch.Generator().manual_seed(7)
     a = eng.add_request(
@@ -389,7 +389,8 @@ def test_capture_graphs_covers_every_padded_batch_up_to_max_num_seqs(setup):
     modes = set()
 
     def graph_for(B, S, mtp_module=None, hidden_dtype=None):
-        # what the forwards of a capture would see: with grad on, MoE takes its syncing training path
+        # what the forwards of a capture would see: with grad on, MoE takes its syncing training
+        # path
         modes.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         asked.append((B, S, "main" if mtp_module is None else "mtp", hidden_dtype))
 

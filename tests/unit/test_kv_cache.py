@@ -41,12 +41,12 @@ def test_from_model_config_counts_mtp_layers():
 
 def test_hash_chain_depends_on_whole_prefix():
     a = list(range(8))
-    b = [99] + list(range(1, 8))
+    b = [99, *list(range(1, 8))]
     ha, hb = page_hashes(a, 4), page_hashes(b, 4)
     assert len(ha) == 2 and ha[0] != hb[0]
     assert ha[1] != hb[1]  # same tokens in page 1, different page 0 -> different hash
     assert ha[1] == hash_page(ha[0], a[4:])
-    assert page_hashes(a + [1, 2, 3], 4) == ha  # partial page not hashed
+    assert page_hashes([*a, 1, 2, 3], 4) == ha  # partial page not hashed
     assert hash_page(None, [1, 2]) != hash_page(None, [2, 1])
     assert hash_page(None, [256]) != hash_page(None, [1, 0])
 
@@ -90,14 +90,14 @@ def test_prefix_sharing_reuses_full_pages_and_not_the_last_token():
     # exactly 8 tokens = 2 full pages: only 1 page may be reused so the last token is computed
     assert kv.admit("c", prompt[:8], 100) == 4
     # diverging in page 1 shares page 0 only
-    other = prompt[:5] + [7] + prompt[6:]
+    other = [*prompt[:5], 7, *prompt[6:]]
     assert kv.admit("d", other, 100) == 4
     assert kv.prefix_hit_rate == pytest.approx((0 + 8 + 4 + 4) / (11 + 11 + 8 + 11))
     # freeing everything: the shared pages stay cached, a new request still hits them
     for s in "abcd":
         kv.free(s)
     assert kv.pool.num_available == 16 and kv.pool.num_cached == 2
-    assert kv.admit("e", prompt + [5, 6], 3) == 8
+    assert kv.admit("e", [*prompt, 5, 6], 3) == 8
 
 
 def test_uncomputed_pages_are_not_shared():

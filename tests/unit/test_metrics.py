@@ -102,7 +102,7 @@ def test_bad_counter_and_gauge_definitions_are_rejected():
     with pytest.raises(ValueError, match="only for histograms"):
         replace(M.RUNNING, buckets=(1.0, 2.0))
     with pytest.raises(ValueError, match="more than one metric"):
-        M.check_registry(M.METRICS + (replace(M.TTFT, help="again"),))
+        M.check_registry((*M.METRICS, replace(M.TTFT, help="again")))
     with pytest.raises(ValueError, match="group"):
         M.check_registry((replace(M.TTFT, group="misc"),))
 

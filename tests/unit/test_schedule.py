@@ -1,5 +1,7 @@
-"""Pipeline schedules: legality, simulated bubbles vs the DeepSeek-V3 report's formulas, `moeray plan`."""
+"""Pipeline schedules: legality, simulated bubbles vs the DeepSeek-V3 report's formulas,
+`moeray plan`."""
 
+import itertools
 import random
 
 import pytest
@@ -12,8 +14,8 @@ CASES = [(2, 4), (4, 8), (4, 10), (6, 12), (8, 20), (8, 16), (10, 22)]
 
 def _op_times(t):
     times = {}
-    for r, (slots, spans) in enumerate(zip(t.schedule.ranks, t.spans)):
-        for slot, span in zip(slots, spans):
+    for _r, (slots, spans) in enumerate(zip(t.schedule.ranks, t.spans, strict=False)):
+        for slot, span in zip(slots, spans, strict=False):
             for op in slot:
                 times[(op.kind, op.key)] = span
     return times
@@ -37,7 +39,7 @@ def _check_dependencies(t):
         if kind == S.Kind.W:
             assert start >= times[(S.Kind.BI, (d, mb, st))][1]
     for spans in t.spans:  # one slot at a time per rank
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
 
 
 @pytest.mark.parametrize("name", S.SCHEDULES)
@@ -53,7 +55,7 @@ def test_schedules_are_legal(name, pp, m):
     _check_dependencies(t)
 
 
-@pytest.mark.parametrize("pp,m", CASES + [(6, 2), (3, 3), (5, 7), (1, 4)])
+@pytest.mark.parametrize("pp,m", [*CASES, (6, 2), (3, 3), (5, 7), (1, 4)])
 def test_1f1b_bubble_matches_formula_for_any_costs(pp, m):
     rng = random.Random(pp * 100 + m)
     s = S.one_f_one_b(pp, m)
@@ -66,7 +68,7 @@ def test_1f1b_bubble_matches_formula_for_any_costs(pp, m):
         assert t.makespan == pytest.approx(m * (costs.f + costs.b) + t.bubble())
 
 
-@pytest.mark.parametrize("pp,m", CASES + [(3, 5), (5, 9)])
+@pytest.mark.parametrize("pp,m", [*CASES, (3, 5), (5, 9)])
 def test_zb1p_bubble_matches_formula(pp, m):
     rng = random.Random(pp * 100 + m)
     s = S.zb1p(pp, m)
@@ -159,7 +161,7 @@ def test_bad_arguments_and_broken_schedules():
     with pytest.raises(ValueError, match="missing F"):
         S.validate(edited(0, r0[1:]))
     with pytest.raises(ValueError, match="appears twice"):
-        S.validate(edited(0, r0 + [r0[-1]]))
+        S.validate(edited(0, [*r0, r0[-1]]))
     with pytest.raises(ValueError, match="before its forward"):
         i = next(t for t, slot in enumerate(r0) if slot[0].kind == S.Kind.B)
         swapped = r0[:]
@@ -169,7 +171,7 @@ def test_bad_arguments_and_broken_schedules():
         swapped[i], swapped[j] = swapped[j], swapped[i]
         S.validate(edited(0, swapped))
     with pytest.raises(ValueError, match="lives elsewhere"):
-        S.validate(edited(1, list(good.ranks[1]) + [(S.Op(S.Kind.F, 0, 2),)]))
+        S.validate(edited(1, [*list(good.ranks[1]), (S.Op(S.Kind.F, 0, 2),)]))
     # legal per rank but impossible across ranks: stage 0 without warm-up waits in B0 for stage
     # 1, which (with one warm-up forward) waits for stage 0's F1
     no_warmup = [(S.Op(k, mb, 0),) for mb in range(4) for k in (S.Kind.F, S.Kind.B)]

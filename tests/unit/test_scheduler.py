@@ -48,7 +48,9 @@ class FakeRunner:
             rid = s.request.request_id
             ids = s.input_ids
             assert len(ids) == s.num_tokens
-            for slot, t in zip(self.kv.slots(rid, s.start, s.start + s.num_tokens), ids):
+            for slot, t in zip(
+                self.kv.slots(rid, s.start, s.start + s.num_tokens), ids, strict=False
+            ):
                 self.slots[slot] = t
             ctx = [self.slots[x] for x in self.kv.slots(rid, 0, s.start + s.num_tokens)]
             known = s.num_tokens - len(s.spec_token_ids)
@@ -151,7 +153,8 @@ def test_chunked_prefill_mixes_decodes_and_respects_budget():
 
 
 def test_fifo_head_blocks_later_requests():
-    # 6 pages of 4: "a" holds 4 pages; "b" needs 3 pages and must wait; "c" (1 page) must not overtake
+    # 6 pages of 4: "a" holds 4 pages; "b" needs 3 pages and must wait; "c" (1 page) must not
+    # overtake
     sched = make(num_pages=6, page_size=4, budget=64)
     runner = FakeRunner(sched)
     sched.add_request("a", list(range(15)), SamplingParams(temperature=0, max_tokens=2))
@@ -216,7 +219,9 @@ def test_stop_token_ids_eos_and_ignore_eos():
 
 
 def test_stop_strings_straddling_tokens():
-    detok = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)
+    def detok(ids):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
     p = [10, 20, 30]
     ref = reference(p, 40)
     text = detok(ref)
@@ -268,11 +273,11 @@ def test_prefix_cache_hit_on_repeated_prompt():
     final = runner.run(
         {
             0: [("a", p, SamplingParams(temperature=0, max_tokens=4))],
-            6: [("b", p + [1, 2], SamplingParams(temperature=0, max_tokens=4))],
+            6: [("b", [*p, 1, 2], SamplingParams(temperature=0, max_tokens=4))],
         }
     )
     assert final["a"].num_cached_tokens == 0 and final["b"].num_cached_tokens == 16
-    assert final["b"].output_token_ids == reference(p + [1, 2], 4)
+    assert final["b"].output_token_ids == reference([*p, 1, 2], 4)
 
 
 @pytest.mark.parametrize("accuracy", [1.0, 0.6, 0.0])

@@ -1,8 +1,9 @@
 """Paged latent KV cache: a page pool with reference counts, block tables and prefix sharing.
 
 MLA caches one compressed vector per token per layer instead of per-head keys and values: the
-normalized latent (kv_lora_rank = 512 values for V3) and the rotated rope key (qk_rope_head_dim = 64),
-576 values in all, stored side by side as FlashMLA does. Pages hold 64 tokens (FlashMLA's page size).
+normalized latent (kv_lora_rank = 512 values for V3) and the rotated rope key
+(qk_rope_head_dim = 64), 576 values in all, stored side by side as FlashMLA does. Pages hold 64
+tokens (FlashMLA's page size).
 
 Legend: L cached layers (the main layers plus the MTP layers), P pages, N tokens per page (64),
 K = C + R values per token, C = kv_lora_rank, R = qk_rope_head_dim, B sequences, S new tokens per
@@ -119,7 +120,8 @@ def page_hashes(
     start_page: int = 0,
     num_pages: int | None = None,
 ) -> list[bytes]:
-    """Hashes of the full pages of token_ids, from start_page (with prev = hash of the page before)."""
+    """Hashes of the full pages of token_ids, from start_page (with prev = hash of the page
+    before)."""
     full = len(token_ids) // page_size
     end = full if num_pages is None else min(full, start_page + num_pages)
     out = []
@@ -242,7 +244,8 @@ class KVCacheManager:
         return -(-num_tokens // self.page_size)
 
     def _match(self, token_ids: Sequence[int]) -> tuple[list[int], list[bytes]]:
-        """Registered pages matching the prompt's leading full pages, never covering its last token."""
+        """Registered pages matching the prompt's leading full pages, never covering its last
+        token."""
         if not self.enable_prefix_caching:
             return [], []
         pages, hashes, prev = [], [], None

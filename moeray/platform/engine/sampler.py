@@ -167,7 +167,7 @@ def compute_logprobs(
         if w is None:
             out.append(None)
             continue
-        top = tuple(zip(top_i[b, :w].tolist(), top_v[b, :w].tolist())) if w else ()
+        top = tuple(zip(top_i[b, :w].tolist(), top_v[b, :w].tolist(), strict=False)) if w else ()
         out.append(Logprobs(int(tokens_B[b]), float(chosen[b]), top))
     return out
 

@@ -1,11 +1,12 @@
 """Continuous batching with chunked prefill, FIFO priority and preemption by recompute.
 
-Every request is one list of tokens (prompt, then outputs) and a count of how many of them have their
-KV computed. A step computes tokens [num_computed, num_computed + n) for each scheduled request:
-a prefill chunk when many are missing, a decode (n = 1, plus the speculative draft tokens) when only
-the last sampled token is. A request is sampled when its chunk reaches its last known token. So a
-request that was preempted (its pages freed, num_computed reset to 0) simply prefills its prompt and
-outputs again when resumed; with prefix caching most of those pages are usually still cached.
+Every request is one list of tokens (prompt, then outputs) and a count of how many of them have
+their KV computed. A step computes tokens [num_computed, num_computed + n) for each scheduled
+request: a prefill chunk when many are missing, a decode (n = 1, plus the speculative draft
+tokens) when only the last sampled token is. A request is sampled when its chunk reaches its last
+known token. So a request that was preempted (its pages freed, num_computed reset to 0) simply
+prefills its prompt and outputs again when resumed; with prefix caching most of those pages are
+usually still cached.
 
 Per step (token budget max_num_batched_tokens):
   1. running requests in arrival order: each gets its decode or its next prefill chunk; when pages
@@ -368,7 +369,7 @@ class Scheduler:
             req.num_computed = s.start + known + len(new) - 1
             lps = (logprobs or {}).get(req.request_id) or [None] * len(new)
             added = []
-            for tok, lp in zip(new, lps):
+            for tok, lp in zip(new, lps, strict=False):
                 req.token_ids.append(tok)
                 added.append(tok)
                 if lp is not None:

@@ -160,7 +160,7 @@ class MTPDrafter:
         """After the scheduler's update: run the MTP block over each scheduled request's newly
         valid positions and set request.spec_token_ids for those now waiting to decode."""
         items, reqs = [], []
-        for s, h_SD in zip(scheduled, hidden):
+        for s, h_SD in zip(scheduled, hidden, strict=False):
             req = s.request
             if req.status.value != "running":
                 continue
@@ -175,7 +175,7 @@ class MTPDrafter:
         results = self.runner.execute_mtp(self.model.mtp[0], items)
         # Every request's draft in one device->host copy (one sync per step, not per request).
         drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
-        for req, draft in zip(reqs, drafts):
+        for req, draft in zip(reqs, drafts, strict=False):
             decoding = len(req.token_ids) - req.num_computed == 1
             room = (
                 len(req.output_token_ids) + 1 < req.params.max_tokens
