@@ -149,6 +149,8 @@ def main(argv: list[str]) -> int:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     first_at = first_at or time.perf_counter()
                     pieces.append(json.loads(line[6:])["choices"][0]["text"])
+        if first_at is None:
+            raise RuntimeError("the streamed completion sent no data event")
         print(
             f"      streamed {len(pieces)} chunks, first after {(first_at - t) * 1e3:.0f} ms: "
             f"{''.join(pieces)!r}",

@@ -23,6 +23,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
 from unittest import mock
 
 import torch
@@ -32,6 +33,7 @@ from moeray.platform.checkpoint import save_model
 from moeray.platform.config import preset
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.speculative import SpecStats
 from moeray.platform.model.transformer import Transformer
 from moeray.results import device_slug, write_result
 
@@ -260,7 +262,11 @@ def main(argv: list[str]) -> int:
         max_model_len=max(prefill_len, a.prompt_len + n) + 8,
     )
 
-    decode, roof, frac, hf_rate, notes = {}, {}, {}, {}, {}
+    decode: dict[str, float] = {}
+    roof: dict[str, float] = {}
+    frac: dict[str, float] = {}
+    hf_rate: dict[str, float] = {}
+    notes: dict[str, Any] = {}
     engine = Engine(model, EngineConfig(**ecfg))
     for B in a.batch_sizes:
         prompts = [
@@ -312,7 +318,9 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    # transformers types `to` as @wraps(nn.Module.to) on the class, which mypy does not bind.
+    hf = hf.to(device).eval()  # type: ignore[arg-type]
     for B in a.batch_sizes:
         if B > a.hf_max_batch:
             continue
@@ -337,10 +345,13 @@ def main(argv: list[str]) -> int:
         r0, out0 = engine_decode(base, prompts, n)
         del base
         spec = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1))
+        drafter = spec.drafter
+        if drafter is None:
+            raise RuntimeError("num_speculative_tokens=1 but the engine made no MTP drafter")
         engine_decode(spec, prompts, 8)
-        spec.drafter.stats.__init__()
+        drafter.stats = SpecStats()  # count the timed run only
         r1, out1 = engine_decode(spec, prompts, n)
-        st = spec.drafter.stats
+        st = drafter.stats
         mtp[str(B)] = {
             "tokens_per_s": r1,
             "baseline_tokens_per_s": r0,

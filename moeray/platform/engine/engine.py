@@ -34,11 +34,18 @@ from moeray.platform.engine.kv_cache import (
 )
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
-from moeray.platform.engine.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, verify
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
+
+
+def _generator(req: Request) -> torch.Generator:
+    """The request's sampling generator: the engine gives one to every request it adds."""
+    if req.generator is None:
+        raise RuntimeError(f"request {req.request_id!r} has no generator (not added by the engine)")
+    return req.generator
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,7 @@ class Engine:
             seqs = [out.scheduled[i] for i in plain]
             rows = torch.stack([fwd.logits[i][-1] for i in plain])
             res = self.sampler(
-                rows, [s.request.params for s in seqs], [s.request.generator for s in seqs]
+                rows, [s.request.params for s in seqs], [_generator(s.request) for s in seqs]
             )
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
@@ -325,11 +332,12 @@ class Engine:
                 fwd.logits[i],
                 s.spec_token_ids,
                 s.request.params,
-                s.request.generator,
+                _generator(s.request),
                 targets.get(i),
             )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
+            assert self.drafter is not None  # drafts come only from the drafter
             self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
         outs = self._attach_exports(self.scheduler.update(out, sampled, logprobs))
         if self.drafter is not None:

@@ -21,6 +21,9 @@ from moeray.platform.placement import Placement, to_physical
 
 
 class PlacedMoE(MoE):
+    log2phy_ER: torch.Tensor  # buffers, registered in __init__
+    logcnt_E: torch.Tensor
+
     def __init__(self, moe: MoE, placement: Placement, layer: int) -> None:
         nn.Module.__init__(self)
         self.config = moe.config

@@ -162,14 +162,17 @@ class _DecodeGraph:
         hidden_dtype: torch.dtype | None = None,
     ) -> None:
         dev = runner.device
+        scratch_page = runner.scratch_page
+        if scratch_page is None:
+            raise RuntimeError("a decode graph needs the storage's scratch page for padding rows")
         self.bs, self.S = bs, S
         self.mtp_module = mtp_module
         self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
         self.block_table_BM = torch.full(
-            (bs, runner.max_pages), runner.scratch_page, dtype=torch.int32, device=dev
+            (bs, runner.max_pages), scratch_page, dtype=torch.int32, device=dev
         )
         self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
-        self.hidden_in_BSD = None
+        self.hidden_in_BSD: torch.Tensor | None = None
         if mtp_module is not None:
             D = runner.model.config.hidden_size
             # Padding rows stay zero: RMSNorm of a zero row is zero (no NaN), and those rows only
@@ -196,12 +199,13 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
         runner.graph_pool = self.graph.pool()
-        self.scratch_page = runner.scratch_page
+        self.scratch_page = scratch_page
 
     def _forward(self, runner: ModelRunner):
         view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
         if self.mtp_module is None:
             return view, runner._forward_model(self.ids_BS, view)
+        assert self.hidden_in_BSD is not None  # allocated with mtp_module
         return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
 
     def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None):
@@ -251,7 +255,7 @@ class ModelRunner:
         self.graph_batch_sizes = sorted(graph_batch_sizes)
         # Keyed by (padded batch size, S, "main" or "mtp").
         self.graphs: dict[tuple[int, int, str], _DecodeGraph] = {}
-        self.graph_pool = None
+        self.graph_pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool
         self.use_cuda_graphs = bool(
             use_cuda_graphs and self.on_gpu and kernel and self.scratch_page is not None
         )

@@ -167,7 +167,10 @@ def compute_logprobs(
         if w is None:
             out.append(None)
             continue
-        top = tuple(zip(top_i[b, :w].tolist(), top_v[b, :w].tolist(), strict=False)) if w else ()
+        top: tuple[tuple[int, float], ...] = ()
+        if w:
+            assert top_i is not None and top_v is not None  # w > 0, so n > 0
+            top = tuple(zip(top_i[b, :w].tolist(), top_v[b, :w].tolist(), strict=False))
         out.append(Logprobs(int(tokens_B[b]), float(chosen[b]), top))
     return out
 

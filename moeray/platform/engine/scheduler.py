@@ -25,9 +25,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from moeray.platform.engine.kv_cache import KVCacheManager
 from moeray.platform.engine.sampler import Logprobs, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Status(Enum):
@@ -63,7 +67,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int
-    generator: object = None  # torch.Generator, set by the engine
+    generator: torch.Generator | None = None  # set by the engine
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
@@ -176,7 +180,7 @@ class Scheduler:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        generator=None,
+        generator: torch.Generator | None = None,
     ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -207,7 +211,7 @@ class Scheduler:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
-        generator,
+        generator: torch.Generator | None,
         first_token: int,
         first_logprob: Logprobs | None,
         import_rows: Callable[[int], bool],

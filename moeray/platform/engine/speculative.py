@@ -122,8 +122,8 @@ def verify(
             out.append(int(sample_from_probs((residual / total)[None], u2)[0]))
             break
         else:
-            u = torch.rand((1,), generator=generator).to(logits_JV.device)
-            out.append(int(sample_from_probs(probs_JV[-1:], u)[0]))
+            u_last = torch.rand((1,), generator=generator).to(logits_JV.device)
+            out.append(int(sample_from_probs(probs_JV[-1:], u_last)[0]))
     if params.logprobs is None:  # skip the token upload when no logprobs are asked
         return out, [None] * len(out)
     rows = logits_JV[: len(out)]

@@ -138,28 +138,26 @@ def build_serve_app(cfg: ServeConfig):
             + (" (run `make demo` first to train it)" if cfg.model == DEFAULT_DEMO_MODEL else "")
         )
     args = cfg.to_dict()
+    # serve.deployment(options)(cls), the decorator form: the form Ray's annotations describe.
     if cfg.mode == "colocated":
         backend = serve.deployment(
-            ColocatedServer,
             name="Colocated",
             **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
-        ).bind(args)
+        )(ColocatedServer).bind(args)
     else:
-        prefill = serve.deployment(
-            PrefillServer, name="Prefill", **_engine_options(cfg, cfg.prefill_replicas)
+        prefill = serve.deployment(name="Prefill", **_engine_options(cfg, cfg.prefill_replicas))(
+            PrefillServer
         ).bind(args)
         backend = serve.deployment(
-            DecodeServer,
             name="Decode",
             request_router_config=_decode_request_router(cfg),
             **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
-        ).bind(args, prefill)
+        )(DecodeServer).bind(args, prefill)
     ingress = serve.deployment(
-        serve.ingress()(Ingress),
         name="Ingress",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=cfg.max_in_flight * 2,
-    )
+    )(serve.ingress()(Ingress))
     return ingress.bind(args, backend)
 
 

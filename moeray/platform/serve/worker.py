@@ -62,7 +62,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, *, max_waiting: int = 256, name: str = "engine") -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._commands: queue.Queue[Callable[[], object]] = queue.Queue()  # results unused
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"moeray-{name}", daemon=True)

@@ -17,6 +17,8 @@ from typing import Any, Literal, Protocol
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`, the largest logprobs k accepted
 
+FinishReason = Literal["stop", "length"]
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -75,7 +77,7 @@ class GenerationStep:
 
     token_ids: tuple[int, ...]
     logprobs: tuple[Any, ...] | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class GenerationBackend(Protocol):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from moeray.platform.serve.http.protocol import Tokenizer
+from moeray.platform.serve.http.protocol import FinishReason, Tokenizer
 from moeray.platform.serve.http.schemas import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -33,7 +33,7 @@ class ChoiceEvent:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[Any, ...] | None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
 
 
 class ResponseFormatter:
@@ -101,7 +101,7 @@ class ResponseFormatter:
                     )
                 ],
             )
-        role = None
+        role: Literal["assistant"] | None = None
         if ev.index not in self._started:
             self._started.add(ev.index)
             role = "assistant"
@@ -124,8 +124,8 @@ class ResponseFormatter:
         return cls(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage)
 
     def full(self, events: list[ChoiceEvent], n_choices: int, usage: Usage) -> BaseModel:
-        texts = {i: [] for i in range(n_choices)}
-        finish: dict[int, str] = {}
+        texts: dict[int, list[str]] = {i: [] for i in range(n_choices)}
+        finish: dict[int, FinishReason] = {}
         lps: dict[int, list[Any]] = {i: [] for i in range(n_choices)}
         has_lp = False
         for ev in events:

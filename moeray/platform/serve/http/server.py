@@ -25,6 +25,7 @@ from moeray.platform.serve.http.chat import ChatTemplate, deepseek_chat_prompt
 from moeray.platform.serve.http.errors import APIError, error_body, too_many_requests
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
+    FinishReason,
     GenerationBackend,
     GenerationParams,
     GenerationRequest,
@@ -173,7 +174,8 @@ class OpenAIServer:
         detok = IncrementalDetokenizer(self.tokenizer)
         stopper = StopMatcher(request.params.stop)
         gen = self.backend.generate(request)
-        first = last = None
+        first: float | None = None  # monotonic time of the first step
+        last = 0.0  # of the latest step; read only once `first` is set
         tokens = 0
         finished = False
         try:
@@ -198,7 +200,7 @@ class OpenAIServer:
                 done = step.finish_reason is not None
                 delta = detok.push(step.token_ids) + (detok.flush() if done else "")
                 text = stopper.push(delta, final=done)
-                finish = "stop" if stopper.stopped else step.finish_reason
+                finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
                 yield ChoiceEvent(index, text, step.token_ids, step.logprobs, finish)
                 if finish is not None:
                     finished = True
@@ -210,7 +212,7 @@ class OpenAIServer:
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()  # the backend frees the request's pages when we stop early
-            if finished and tokens > 1:
+            if finished and tokens > 1 and first is not None:  # finished: `first` is set
                 self._record("observe", "moeray_tpot_seconds", (last - first) / (tokens - 1))
 
     async def _merge(

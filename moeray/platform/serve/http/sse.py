@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -23,6 +25,17 @@ class SSEResponse(StreamingResponse):
     (Starlette watches only below 2.4; uvicorn's h11 reports 2.3, httptools 2.4), and always
     closes the body iterator, so a disconnect frees the engine's pages at once rather than at the
     next token or at garbage collection."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[bytes, None],
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        super().__init__(content, status_code, headers, media_type, background)
+        self._body_gen = content  # = body_iterator, typed as the generator we close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         stop = asyncio.Event()
@@ -46,6 +59,6 @@ class SSEResponse(StreamingResponse):
             for t in tasks:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            await self.body_iterator.aclose()
+            await self._body_gen.aclose()
         if isinstance(results[0], Exception):  # a bug while streaming: let the server log it
             raise results[0]

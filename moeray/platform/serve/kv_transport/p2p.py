@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -31,9 +32,13 @@ class P2PPeer:
             if rank == 1
             else None
         )
-        self.pg = None
+        # The pair's gloo/nccl group, made by `join` (Any: torch's stubs give its Backend no
+        # send/recv).
+        self.pg: Any = None
 
     def store_port(self) -> int:
+        if self.store is None:
+            raise RuntimeError(f"P2PPeer rank {self.rank} has no store (rank 1 hosts it)")
         return self.store.port
 
     def join(self, port: int) -> None:
@@ -49,21 +54,24 @@ class P2PPeer:
     def run(self, nbytes: int, iters: int, warmup: int = 3) -> list[float]:
         """Ping-pong: rank 0 sends `nbytes`, rank 1 answers with one element; rank 0 returns the
         round-trip seconds of each timed iteration (an upper bound on the one-way time)."""
+        pg = self.pg
+        if pg is None:
+            raise RuntimeError(f"P2PPeer rank {self.rank}: run before join")
         buf = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=self.device)
         ack = torch.zeros(1, dtype=torch.float32, device=self.device)
         times = []
         for i in range(warmup + iters):
             if self.rank == 0:
                 t0 = time.perf_counter()
-                self.pg.send([buf], 1, 0).wait()
-                self.pg.recv([ack], 1, 1).wait()
+                pg.send([buf], 1, 0).wait()
+                pg.recv([ack], 1, 1).wait()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             else:
-                self.pg.recv([buf], 0, 0).wait()
-                self.pg.send([ack], 0, 1).wait()
+                pg.recv([buf], 0, 0).wait()
+                pg.send([ack], 0, 1).wait()
         return times
 
 
@@ -76,11 +84,10 @@ def raw_p2p_seconds(nbytes: int, *, backend: str = "gloo", iters: int = 20) -> l
         raise ValueError(f"nbytes={nbytes} and iters={iters} must be >= 1")
     device = "cuda" if backend == "nccl" else "cpu"
     opts = {"num_cpus": 0, "num_gpus": 1 if backend == "nccl" else 0}
-    peer = ray.remote(P2PPeer)
-    a, b = (
-        peer.options(**opts).remote(0, backend, device),
-        peer.options(**opts).remote(1, backend, device),
-    )
+    peer = ray.remote(P2PPeer).options(**opts)
+    # Any: Ray types an actor handle's `method.remote` only for methods decorated @ray.method.
+    a: Any = peer.remote(0, backend, device)
+    b: Any = peer.remote(1, backend, device)
     try:
         port = ray.get(b.store_port.remote())
         ray.get([a.join.remote(port), b.join.remote(port)])

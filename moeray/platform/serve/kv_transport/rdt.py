@@ -75,7 +75,8 @@ class RDTSender:
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
                 here = ray.get_runtime_context().get_node_id()
-                relay = ray.remote(enable_tensor_transport=True)(KVRelay)
+                # Ray's `remote` overloads omit enable_tensor_transport, which it accepts (RDT).
+                relay = ray.remote(enable_tensor_transport=True)(KVRelay)  # type: ignore[call-overload]
                 gpu = {"num_gpus": RELAY_GPUS} if self.backend == "nccl" else {}
 
                 def on(node: str | None):

@@ -4,6 +4,7 @@ the nccl tag order (the design is in `channel/__init__.py`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pickle
 import threading
@@ -202,7 +203,7 @@ class ChannelReceiver:
                 if not fut.done():
                     fut.set_exception(err)
                 continue
-            waiting.add_done_callback(lambda w, fut=fut: _copy_outcome(w, fut))
+            waiting.add_done_callback(functools.partial(_copy_outcome, dst=fut))
 
     def _recv_blocking(self, t: ChannelTicket) -> KVRows:
         pg = self._group(t.channel)
@@ -287,14 +288,15 @@ class ChannelReceiver:
         with self._lock:
             expired = self._sweep(time.monotonic())
             e = self._expected.get(ticket.request_id)
+            leave = False
             if e is not None and e.state == "waiting":
                 e.state, e.ticket = "receiving", ticket
             elif self._gone.pop(ticket.request_id, None) is not None:
                 e = None  # cancelled: receive and drop, so the send completes and tags move on
-            else:
-                e = False  # taken by `receive`, expired, or never expected: the reply's copy rules
+            else:  # taken by `receive`, expired, or never expected: the reply's copy rules
+                leave = True
         self._expire(expired)
-        if e is False:
+        if leave:
             return
         try:
             fut = self._start(ticket)

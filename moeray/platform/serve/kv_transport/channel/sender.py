@@ -53,20 +53,28 @@ class ChannelSender:
         with self._lock:
             return self._group_locks.setdefault(dest.replica_id, threading.Lock())
 
+    def _connect_store(self, dest: DecodeEndpoint) -> Any:
+        """A new client of the decode replica's TCPStore."""
+        import torch.distributed as dist
+
+        if dest.store_port is None:
+            raise ValueError(
+                f"decode replica {dest.replica_id} sent no store_port (the channel transport's)"
+            )
+        return dist.TCPStore(
+            dest.host,
+            dest.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=self.timeout_s),
+        )
+
     def _store(self, dest: DecodeEndpoint) -> Any:
         """The client that publishes tickets. Not the process group's: its rendezvous blocks on
         the store while it waits for the decode side, and a publish must not queue behind it."""
-        import torch.distributed as dist
-
         with self._lock:  # not the per-destination lock: `_group` holds that during the rendezvous
             store = self._stores.get(dest.replica_id)
             if store is None:
-                store = dist.TCPStore(
-                    dest.host,
-                    dest.store_port,
-                    is_master=False,
-                    timeout=timedelta(seconds=self.timeout_s),
-                )
+                store = self._connect_store(dest)
                 self._stores[dest.replica_id] = store
             return store
 
@@ -76,12 +84,7 @@ class ChannelSender:
         with self._dest_lock(dest):
             pg = self._groups.get(dest.replica_id)
             if pg is None:
-                store = dist.TCPStore(
-                    dest.host,
-                    dest.store_port,
-                    is_master=False,
-                    timeout=timedelta(seconds=self.timeout_s),
-                )
+                store = self._connect_store(dest)
                 # Blocks until the decode replica joins as rank 1 (on our first ticket, which
                 # `_publish` put in its store before we got here).
                 pg = pair_process_group(
