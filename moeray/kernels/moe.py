@@ -49,6 +49,13 @@ def fused_moe_ref(
     e_count, two_i, _ = w13_E2IH.shape
     i = two_i // 2
     fp8 = w13_E2IH.dtype == FP8_DTYPE
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13_scale, w2_scale) with FP8
+    if fp8:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError(
+                "FP8 weights need w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128]"
+            )
+        scales = (w13_scale, w2_scale)
     x = x_TH
     if fp8:
         xq, xs = act_quant(x_TH.float())
@@ -59,9 +66,9 @@ def fused_moe_ref(
         tok, slot = torch.where(expert_ids_TK == e)
         if tok.numel() == 0:
             continue
-        if fp8:
-            w13 = weight_dequant_ref(w13_E2IH[e], w13_scale[e], out_dtype=compute_dtype)
-            w2 = weight_dequant_ref(w2_EHI[e], w2_scale[e], out_dtype=compute_dtype)
+        if scales is not None:  # FP8
+            w13 = weight_dequant_ref(w13_E2IH[e], scales[0][e], out_dtype=compute_dtype)
+            w2 = weight_dequant_ref(w2_EHI[e], scales[1][e], out_dtype=compute_dtype)
         else:
             w13, w2 = w13_E2IH[e].to(compute_dtype), w2_EHI[e].to(compute_dtype)
         gu = x[tok] @ w13.t()
@@ -369,12 +376,15 @@ def fused_moe_gate_up(
             f"must both be [T={t}, K]"
         )
     fp8 = w1_EIH.dtype == FP8_DTYPE
+    # (w1_scale, w3_scale, w2_scale), checked, with FP8
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     if fp8:
         if w1_scale is None or w3_scale is None or w2_scale is None:
             raise ValueError(
                 "FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and "
                 "w2_scale [E, H/128, I/128]"
             )
+        scales = (w1_scale, w3_scale, w2_scale)
         if i % 128 or h % 128:
             raise ValueError(
                 f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)"
@@ -389,7 +399,7 @@ def fused_moe_gate_up(
                 raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected {shape}")
     if not use_triton(x_TH):
         w13 = torch.cat([w1_EIH, w3_EIH], 1)
-        s13 = torch.cat([w1_scale, w3_scale], 1) if fp8 else None
+        s13 = torch.cat([scales[0], scales[1]], 1) if scales is not None else None
         return fused_moe_ref(
             x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale
         )
@@ -410,13 +420,11 @@ def fused_moe_gate_up(
     act_dtype = torch.bfloat16 if x.dtype == torch.float32 and not interpreting() else x.dtype
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
-    if fp8:
+    if scales is not None:  # FP8
         xq, xs = act_quant(x)
         a_in, a_scale = xq, xs
         # the kernels step over K blocks with stride 1
-        s1, s3, s2 = (
-            sc if sc.stride(-1) == 1 else sc.contiguous() for sc in (w1_scale, w3_scale, w2_scale)
-        )
+        s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
     else:
         a_in, a_scale = x, x  # the scale pointers are unused without FP8
         s1 = s3 = s2 = w1_EIH

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moeray.kernels.gate import Routing
 from moeray.platform.config import tiny
+from moeray.platform.model.moe import MoE
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.routing.balance import balance_stats, maxvio, sequence_balance_loss
 from moeray.platform.routing.state import RouterConfig, RouterState
@@ -85,6 +87,12 @@ def _lm_loss(logits_BSV, targets_BS):
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
 
 
+def _last_routing(moe: MoE) -> Routing:
+    if moe.last_routing is None:
+        raise RuntimeError("a MoE layer has no routing: the forward did not run through it")
+    return moe.last_routing
+
+
 def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
     """One training run; returns per-step MaxVio and losses and the held-out loss."""
     if name not in RUN_NAMES:
@@ -117,10 +125,10 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
         loss = lm
         for k, mtp_logits in enumerate(out.mtp_logits, start=1):
             loss = loss + MTP_LAMBDA / len(out.mtp_logits) * _lm_loss(mtp_logits, targets[:, k:])
-        loads_LE = torch.stack([m.last_routing.counts_E for m in moes])
+        routings = [_last_routing(m) for m in moes]
+        loads_LE = torch.stack([r.counts_E for r in routings])
         if alpha > 0:
-            for m in moes:
-                r = m.last_routing
+            for r in routings:
                 B = inputs.shape[0]
                 loss = loss + sequence_balance_loss(
                     r.scores_TE.view(B, -1, r.scores_TE.shape[-1]),
@@ -136,10 +144,8 @@ def train_run(name: str, cfg: BenchConfig, train_set, eval_BNS) -> dict:
         maxvio_steps.append(round(float(vio_L.mean()), 5))
         maxvio_layers.append([round(float(v), 5) for v in vio_L])
         losses.append(round(float(lm.detach()), 5))
-        for m in moes:
-            stats = balance_stats(
-                m.last_routing.expert_ids_TK, model_cfg.n_routed_experts, group_to_node
-            )
+        for r in routings:
+            stats = balance_stats(r.expert_ids_TK, model_cfg.n_routed_experts, group_to_node)
             nodes_max = max(nodes_max, stats.nodes_per_token_max)
         if use_bias:
             # Exactly what a training worker does with the RouterActor, in-process: report this

@@ -82,8 +82,7 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
         if m:
             for e in range(t.shape[0]):
                 yield _to_hf_key(f"{m.group(1)}.{e}.{m.group(2)}.weight", L), t[e]
-        elif key.endswith("_scale_inv") and _EXPERT.match(key[: -len("_scale_inv")]):
-            m = _EXPERT.match(key[: -len("_scale_inv")])
+        elif key.endswith("_scale_inv") and (m := _EXPERT.match(key[: -len("_scale_inv")])):
             for e in range(t.shape[0]):
                 yield _to_hf_key(f"{m.group(1)}.{e}.{m.group(2)}.weight_scale_inv", L), t[e]
         else:
@@ -225,8 +224,8 @@ def load_model(
         model = Transformer(config)
     L = config.num_hidden_layers
     expected = {k: v for k, v in model.state_dict().items()}
-    loaded: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
+    loaded: dict[str, tuple[str, torch.Tensor]] = {}  # model key -> (HF key, tensor)
+    experts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # ... by expert
     scales: dict[str, torch.Tensor] = {}
     shared_copies: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []

@@ -156,9 +156,10 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times YaRN's mscale^2 when mscale_all_dim is set (official code)."""
         scale = self.qk_head_dim**-0.5
-        if self.is_yarn:
-            mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0)
-            factor = float(self.rope_scaling["factor"])
+        rs = self.rope_scaling
+        if rs is not None and self.is_yarn:
+            mscale_all_dim = rs.get("mscale_all_dim", 0)
+            factor = float(rs["factor"])
             if mscale_all_dim and factor > 1:
                 m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
                 scale *= m * m

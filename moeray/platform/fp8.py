@@ -116,7 +116,7 @@ class QuantizedWeight:
             self.qdq_NK = qdq_128x128(w_NK)
         else:
             self.q_NK, self.scale = self.kernels.weight_quant(w_NK)
-            self._q_KN = None
+            self._q_KN: torch.Tensor | None = None
 
     @property
     def q_KN(self) -> torch.Tensor:
@@ -163,7 +163,7 @@ class StackedWeight:
         qs = [kernels.weight_quant(w_ENK[e]) for e in range(w_ENK.shape[0])]
         self.q = torch.stack([q for q, _ in qs])
         self.scale = torch.stack([s for _, s in qs])
-        self._t = None
+        self._t: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +324,7 @@ def enable_fp8_training(model: nn.Module) -> list[str]:
     optimizer is built or after: the Parameters are the same objects either way.
     """
     converted: list[str] = []
+    children: tuple[str, ...]
     for name, module in list(model.named_modules()):
         if isinstance(module, MLA):
             children = ATTENTION_PROJECTIONS

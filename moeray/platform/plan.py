@@ -110,9 +110,9 @@ def main(argv: list[str]) -> int:
             print(f"\n{name}  (makespan {t.makespan:g}, bubble {t.bubble():g})")
             for row in render(t, args.scale):
                 print(row)
-        t = timelines.get(args.schedule)
-        if t is not None:
-            idle = ", ".join(f"{t.idle(r):g}" for r in range(args.pp))
+        chosen = timelines.get(args.schedule)
+        if chosen is not None:
+            idle = ", ".join(f"{chosen.idle(r):g}" for r in range(args.pp))
             print(f"\n{args.schedule} idle per rank: {idle}")
 
     print()

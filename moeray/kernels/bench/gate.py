@@ -5,6 +5,7 @@ results stay comparable with the runs recorded before the kernel was renamed."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -45,7 +46,7 @@ def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[
         bias = torch.randn(e, device="cuda") * 0.1
         for t in tokens:
             logits = torch.randn(t, e, device="cuda")
-            kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=rsf)
+            kw: dict[str, Any] = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=rsf)
             ref_fn = functools.partial(moe_gate_ref, logits, bias, **kw)
             fused_fn = functools.partial(moe_gate, logits, bias, **kw)
             with torch.no_grad():

@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,30 +153,33 @@ _PREFILL_TRITON_CFGS = [
 class _PrefillBaselines:
     """The torch attention methods this torch has, set up once for every prefill layout."""
 
-    flex: object  # compiled flex_attention, or None
+    flex: Callable[..., Any] | None  # compiled flex_attention, or None
     flex_error: str  # why flex is None
-    create_block_mask: object
-    varlen: object  # torch.nn.attention.varlen.varlen_attn, or None
+    create_block_mask: Callable[..., Any] | None  # set whenever flex is
+    varlen: Callable[..., Any] | None  # torch.nn.attention.varlen.varlen_attn, or None
     varlen_params: dict
     doc_buf: torch.Tensor  # document id of each of the 8192 packed tokens, for flex's mask
-    mask_mod: object
+    mask_mod: Callable[..., Any]
     t_start: float
     budget_s: float
 
 
 def _prefill_baselines() -> _PrefillBaselines:
-    flex, flex_error, create_block_mask = None, "", None
+    flex: Callable[..., Any] | None = None
+    flex_error = ""
+    create_block_mask: Callable[..., Any] | None = None
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
     except Exception as e:
         flex_error = f"{type(e).__name__}: {e}"[:200]
-    varlen = None
+    varlen: Callable[..., Any] | None = None
     try:
-        from torch.nn.attention.varlen import varlen_attn as varlen
+        from torch.nn.attention.varlen import varlen_attn
 
-        varlen_params = dict(inspect.signature(varlen).parameters)
+        varlen = varlen_attn
+        varlen_params = dict(inspect.signature(varlen_attn).parameters)
     except Exception:
         varlen_params = {}
     doc_buf = torch.zeros(8192, dtype=torch.long, device="cuda")
@@ -307,6 +312,8 @@ def _prefill_row(ceil: dict, base: _PrefillBaselines, heads: int, name: str, len
     if base.flex is not None and time.perf_counter() - base.t_start > base.budget_s:
         ms["flex"] = f"skipped: section past its {base.budget_s} s budget (flex compiles per shape)"
     elif base.flex is not None:
+        create_block_mask = base.create_block_mask
+        assert create_block_mask is not None  # imported before flex was compiled
         # One mask_mod and one document-id buffer for every layout (all pack 8192 tokens),
         # so torch.compile does not recompile for each layout's closure.
         base.doc_buf.copy_(
@@ -316,7 +323,7 @@ def _prefill_row(ceil: dict, base: _PrefillBaselines, heads: int, name: str, len
         )
         try:
             t0 = time.perf_counter()
-            bmask = base.create_block_mask(base.mask_mod, None, None, t, t, device="cuda")
+            bmask = create_block_mask(base.mask_mod, None, None, t, t, device="cuda")
             qf, kf, vf = (
                 q.transpose(0, 1)[None],
                 kk.transpose(0, 1)[None],
@@ -338,7 +345,7 @@ def _prefill_row(ceil: dict, base: _PrefillBaselines, heads: int, name: str, len
     timed = {
         k: v_ for k, v_ in ms.items() if isinstance(v_, float) and not k.startswith("triton_cfg")
     }
-    fastest = min(timed, key=timed.get) if timed else None
+    fastest = min(timed, key=timed.__getitem__) if timed else None
     row.update(
         {
             "ms": {k: (round(v_, 4) if isinstance(v_, float) else v_) for k, v_ in ms.items()},

@@ -4,12 +4,20 @@ PyTorch loop and the bandwidth / compute floor, and its block-config sweep."""
 from __future__ import annotations
 
 import functools
+from typing import TypedDict
 
 import torch
 
 from moeray.kernels.bench.common import _bench, _bench_slow, _try
 from moeray.kernels.fp8.quant import weight_quant
 from moeray.kernels.moe import fused_moe, fused_moe_ref
+
+
+class _Scales(TypedDict, total=False):
+    """The FP8 weights' scales, as fused_moe / fused_moe_ref keywords (none for bf16)."""
+
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
 
 
 def _quantized_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +39,7 @@ def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[di
     # kernel is compared with it too, since a loop over FP8 experts would dequantize each time.
     loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
 
-    def row(wname: str, args: tuple, kw: dict, elt: int) -> dict:
+    def row(wname: str, args: tuple[torch.Tensor, torch.Tensor], kw: _Scales, elt: int) -> dict:
         def fn():
             return fused_moe(x, *args, ids, wts, **kw)
 
@@ -114,10 +122,11 @@ def sweep_fused_moe() -> list[dict]:
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(t, e, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
         wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
-        for wname, args, kw in (
+        variants: tuple[tuple[str, tuple[torch.Tensor, torch.Tensor], _Scales], ...] = (
             ("bf16", (w13, w2), {}),
             ("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2}),
-        ):
+        )
+        for wname, args, kw in variants:
             for bm, bn, bk, nw, ns in moe_cfgs[phase]:
                 if wname == "fp8" and 128 % bk:
                     continue

@@ -268,7 +268,7 @@ def flat_results(result: dict) -> list[dict]:
             f"H{r['heads']} B{r['batch']} ctx{r['context']} splits={r['num_splits']} "
             f"stages={r['num_stages']}"
         )
-        target = None
+        graph_target = None
         if (r["heads"], r["batch"], r["context"], r["num_splits"], r["num_stages"]) == (
             16,
             64,
@@ -276,7 +276,7 @@ def flat_results(result: dict) -> list[dict]:
             "auto",
             2,
         ):
-            target = {"ratio_to_ceiling": 0.7}  # the engine's decode steps replay CUDA graphs
+            graph_target = {"ratio_to_ceiling": 0.7}  # the engine's decode steps replay CUDA graphs
         out.append(
             _rec(
                 "mla_decode (CUDA graph)",
@@ -286,7 +286,7 @@ def flat_results(result: dict) -> list[dict]:
                 "copy bandwidth",
                 "the same calls eager (do_bench)",
                 round(r["eager_ms"] / r["graph_ms"], 3),
-                target,
+                graph_target,
             )
         )
     for r in result.get("mla_prefill", {}).get("rows", []):
@@ -298,7 +298,7 @@ def flat_results(result: dict) -> list[dict]:
         if "triton" not in ms:
             continue
         others = {k: v for k, v in ms.items() if k != "triton"}
-        best = min(others, key=others.get) if others else None
+        best = min(others, key=others.__getitem__) if others else None
         out.append(
             _rec(
                 "mla_prefill_triton",

@@ -47,6 +47,8 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Router weight and the aux-loss-free correction bias (used for selection only)."""
 
+    e_score_correction_bias: torch.Tensor  # buffer [E], registered in __init__
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))

@@ -56,6 +56,10 @@ class FP8Linear(nn.Module):
     On a GPU it runs the block-scaled FP8 GEMM (when K and N are multiples of 128); elsewhere it
     dequantizes and runs a plain matmul in the activation dtype."""
 
+    # buffers, registered in __init__
+    weight: torch.Tensor  # e4m3 [N, K]
+    weight_scale_inv: torch.Tensor  # fp32 [ceil(N/128), ceil(K/128)]
+
     def __init__(self, weight_fp8: torch.Tensor, scale_inv: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight_fp8)

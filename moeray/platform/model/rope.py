@@ -27,9 +27,9 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [R2] (fp32) and the cos/sin attention factor."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if not config.is_yarn:
-        return inv_freq, 1.0
     rs = config.rope_scaling
+    if rs is None or not config.is_yarn:
+        return inv_freq, 1.0
     factor = float(rs["factor"])
     original = int(rs["original_max_position_embeddings"])
     beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
@@ -38,7 +38,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -53,6 +53,8 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor  # buffer [R2], registered in __init__
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         inv_freq, self.attention_factor = rope_frequencies(config)

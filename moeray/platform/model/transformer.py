@@ -9,7 +9,9 @@ Module names mirror the HF checkpoint (`model.embed_tokens`, `model.layers.N.sel
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -99,7 +101,7 @@ class Transformer(nn.Module):
             return_mtp = cache is None
         if return_mtp:
             h_BSD = hidden_BSD
-            for k, module in enumerate(self.mtp, start=1):
+            for k, module in enumerate(cast(Iterable[MTPModule], self.mtp), start=1):
                 if S - k < 1:
                     break
                 h_BSD, logits = self.mtp_step(

@@ -131,7 +131,7 @@ class PipelineExecutor:
         self.streams = (
             {d: torch.cuda.Stream(device) for d in range(schedule.directions)} if self.cuda else {}
         )
-        self._pool = None
+        self._pool: ThreadPoolExecutor | None = None
         self._rehearsed = False  # on CPU too: cheap, and the gloo tests then cover it
 
     # -- helpers --------------------------------------------------------------------------------

@@ -193,24 +193,25 @@ class PipelineModel:
         """Sum every parameter's gradient over its copies and average over the data shards, in
         one all-reduce per holder set; returns the global gradient norm (each parameter counted
         once: on its lowest holder, data shard 0, and for experts once per EP rank)."""
-        buckets: dict[tuple[tuple[int, ...], bool], list[nn.Parameter]] = {}
+        # (parameter, its gradient) by (holders, is an expert parameter)
+        buckets: dict[tuple[tuple[int, ...], bool], list[tuple[nn.Parameter, torch.Tensor]]] = {}
         sq = torch.zeros((), dtype=torch.float64)
         # sorted by name: the ranks of a holder set hold their stages in different orders
         for name, p in sorted(self.named_parameters().items()):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            buckets.setdefault((self.holders[name], is_expert_param(name)), []).append(p)
+            buckets.setdefault((self.holders[name], is_expert_param(name)), []).append((p, p.grad))
         for key in sorted(buckets):
             params = buckets[key]
             group = self.groups.sync[key]
-            flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+            flat = torch.cat([g.reshape(-1).float() for _, g in params])
             if group is not None:
                 dist.all_reduce(flat, group=group)
             flat /= self.topology.shards
             offset = 0
-            for p in params:
+            for p, g in params:
                 n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p))
+                g.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
             holders, expert = key
             if self.pp_rank == holders[0] and self.dp_rank == 0 and (expert or self.ep_rank == 0):
@@ -236,9 +237,11 @@ class PipelineModel:
             if self.dp_rank == 0 and self.ep_rank == 0
             else None
         )
-        gathered = [None] * self.topology.world if self.rank == 0 else None
+        gathered: list[dict[str, torch.Tensor] | None] | None = (
+            [None] * self.topology.world if self.rank == 0 else None
+        )
         dist.gather_object(mine, gathered, dst=0)
-        if self.rank != 0:
+        if gathered is None:  # not rank 0
             return None
         full: dict[str, torch.Tensor] = {}
         for part in gathered:

@@ -262,7 +262,10 @@ def validate(s: Schedule) -> None:
                         f"(direction, mb, stage)={key} needs one B or one BI and one W"
                     )
                 back = b or bi
+                assert back is not None  # exactly one of B, BI is set (checked above)
                 if back[1] <= f[1]:
                     raise ValueError(f"backward of {key} before its forward on rank {f[0]}")
-                if w is not None and w[1] <= bi[1]:
-                    raise ValueError(f"W of {key} before its BI on rank {w[0]}")
+                if w is not None:
+                    assert bi is not None  # W is set only together with BI (checked above)
+                    if w[1] <= bi[1]:
+                        raise ValueError(f"W of {key} before its BI on rank {w[0]}")

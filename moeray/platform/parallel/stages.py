@@ -19,7 +19,9 @@ keeps the copies equal).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,10 @@ from torch import nn
 
 from moeray.platform.fp8 import FP8TrainLinear, WeightCache, fp8_linear
 from moeray.platform.model.moe import Experts, MoE
+from moeray.platform.model.mtp import MTPModule
+from moeray.platform.model.norm import RMSNorm
+from moeray.platform.model.rope import RotaryEmbedding
+from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.experts_mlp import experts_mlp
 from moeray.platform.parallel.weight_grad import SplitLinear, WeightGradStore, split_linear
 from moeray.platform.routing.balance import sequence_balance_loss
@@ -73,6 +79,15 @@ def moe_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
+class _StageBackbone(nn.Module):
+    """The part of the model's `Backbone` that one stage holds, under the same names."""
+
+    rotary_emb: RotaryEmbedding
+    embed_tokens: nn.Embedding  # stage 0, and the last stage when the model has MTP modules
+    layers: nn.ModuleDict  # this stage's decoder layers, keyed by their index in the model
+    norm: RMSNorm  # last stage
+
+
 class PipelineStage(nn.Module):
     """Stage `index` of `layout`, holding the full model's modules under the full model's names.
 
@@ -80,14 +95,18 @@ class PipelineStage(nn.Module):
     what they have in common (the embedding of stage 0 and of the last stage).
     """
 
-    def __init__(self, full: nn.Module, layout: StageLayout, index: int) -> None:
+    # last stage only
+    lm_head: nn.Linear
+    mtp: nn.ModuleList  # of MTPModule
+
+    def __init__(self, full: Transformer, layout: StageLayout, index: int) -> None:
         super().__init__()
         if not 0 <= index < layout.pp:
             raise ValueError(f"stage {index} outside pp={layout.pp}")
         self.config = full.config
         self.index = index
         self.first, self.last = index == 0, index == layout.pp - 1
-        self.model = nn.Module()
+        self.model = _StageBackbone()
         self.model.rotary_emb = full.model.rotary_emb
         if self.first or (self.last and layout.num_mtp > 0):
             self.model.embed_tokens = full.model.embed_tokens
@@ -117,7 +136,12 @@ class PipelineStage(nn.Module):
         b, S = inputs_bS.shape
         positions_bS = torch.arange(S, device=inputs_bS.device).expand(b, S)
         cos, sin = self.model.rotary_emb(positions_bS)
-        x = self.model.embed_tokens(inputs_bS) if self.first else x_bSD
+        if self.first:
+            x = self.model.embed_tokens(inputs_bS)
+        elif x_bSD is None:
+            raise ValueError(f"stage {self.index} needs the previous stage's activation x_bSD")
+        else:
+            x = x_bSD
         for layer in self.model.layers.values():
             x = layer(x, cos, sin)
         stats: dict[str, torch.Tensor] = {}
@@ -128,7 +152,7 @@ class PipelineStage(nn.Module):
             objective = main
             mtp_ces = []
             h_bSD = hidden_bSD
-            for k, module in enumerate(self.mtp, start=1):
+            for k, module in enumerate(cast(Iterable[MTPModule], self.mtp), start=1):
                 if S - k < 1:
                     break
                 pos = positions_bS[:, : S - k]
@@ -149,7 +173,9 @@ class PipelineStage(nn.Module):
         balance = x.new_zeros((), dtype=torch.float32)
         loads = []
         for name, row in self.moe_rows.items():
-            r = self.get_submodule(name).last_routing
+            r = cast(MoE, self.get_submodule(name)).last_routing
+            if r is None:
+                raise RuntimeError(f"MoE layer {name} has no routing: it did not run a forward")
             loads.append((row, r.counts_E.detach()))
             if loss_cfg.balance_alpha > 0:
                 T = r.scores_TE.shape[0]

@@ -202,7 +202,7 @@ class SplitLinear(nn.Module):
     """Replaces an nn.Linear (or an FP8TrainLinear), sharing its Parameters (same names)."""
 
     def __init__(
-        self, weight: nn.Parameter, bias: nn.Parameter | None, store: WeightGradStore, fp8: bool
+        self, weight: torch.Tensor, bias: torch.Tensor | None, store: WeightGradStore, fp8: bool
     ) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias

@@ -16,6 +16,8 @@ kept one (< 0) and a token would reach more than `topk_group` groups, breaking t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moeray.kernels.gate import Routing, moe_gate, moe_gate_applies, moe_gate_ref
@@ -41,7 +43,7 @@ def route(
     Triton gate (`moe_gate`, one launch instead of ~15; same results, ties aside); training
     (gradients to the gate) and everything else run the PyTorch reference, `moe_gate_ref`.
     """
-    kw = dict(
+    kw: dict[str, Any] = dict(
         top_k=top_k,
         n_group=n_group,
         topk_group=topk_group,

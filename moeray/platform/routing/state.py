@@ -8,6 +8,7 @@ Legend: L MoE layers, E routed experts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -87,7 +88,7 @@ class RouterConfig:
             getattr(model_config, "num_nextn_predict_layers", 0)
         )
         layers = tuple(range(first, last))
-        kw = dict(
+        kw: dict[str, Any] = dict(
             layer_ids=layers,
             n_experts=int(model_config.n_routed_experts),
             n_group=int(model_config.n_group),

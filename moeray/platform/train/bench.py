@@ -56,6 +56,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -198,6 +199,8 @@ def write_profile(cfg: BenchConfig, name: str, rank: int, prof) -> Path:
     """The profiled step as a table: where the host time goes (a step here is launch- and
     Python-bound: notes-train.md), self CPU time per op and the launch counts (cudaLaunchKernel
     for torch, cuLaunchKernelEx for Triton)."""
+    if cfg.profile_dir is None:
+        raise ValueError("write_profile needs cfg.profile_dir (the directory to write into)")
     table = prof.key_averages()
     path = Path(cfg.profile_dir, f"profile-{name}-rank{rank}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +341,7 @@ def _worker(
         tokens = bigram_stream(vocab, cfg.steps * cfg.global_batch * (cfg.seq_len + 1), cfg.seed)
         rate = measure_matmul_rate(device)
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
-        results = {"matmul_flops_per_s": rate}
+        results: dict[str, Any] = {"matmul_flops_per_s": rate}
         name, schedule, fp8 = run
         profiles: list = []
         results[name] = _one_run(cfg, rank, name, schedule, fp8, tokens, device, stacks, profiles)

@@ -139,7 +139,8 @@ def corpus_texts(
             raise ValueError(
                 f"corpus {str(corpus)!r} is neither 'stdlib' nor an existing file or directory"
             )
-    texts, total = [], 0
+    texts: list[str] = []
+    total = 0
     for text in (t for f in files for t in _file_texts(f)):
         size = len(text.encode("utf-8"))
         if total + size > max_bytes:
@@ -330,16 +331,18 @@ class BatchLoader:
         self.seed = seed
         self.state = state
         self._order_epoch = -1
-        self._order = None
+        self._order: torch.Tensor | None = None
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         import torch
 
-        if epoch != self._order_epoch:
+        order = self._order
+        if epoch != self._order_epoch or order is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(len(self.dataset), generator=g)
+            order = torch.randperm(len(self.dataset), generator=g)
+            self._order = order
             self._order_epoch = epoch
-        return self._order
+        return order
 
     @property
     def steps_per_epoch(self) -> int:

@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -144,7 +145,9 @@ def train_loop_per_worker(config: dict) -> None:
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
     state = tdata.DataState()
     start = 0
-    router = ray.get_actor(job.router, namespace=job.router_namespace)
+    # Any: Ray types ActorHandle.__getattr__ as returning Never, so every method call on the
+    # handle would type as Never and mypy would skip the rest of this function as unreachable.
+    router: Any = ray.get_actor(job.router, namespace=job.router_namespace)
     ckpt_dir = _latest_checkpoint(
         ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world
     )
@@ -238,6 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
             }
             with history.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+            assert metrics is not None  # made on rank 0
             metrics.set(TRAIN_STEP.name, step)
             metrics.set(TRAIN_LOSS.name, rec["loss"])
             metrics.set(TRAIN_MTP_LOSS.name, rec["mtp_loss"])
@@ -278,6 +282,8 @@ def train_loop_per_worker(config: dict) -> None:
     full = replica.full_state()
     replica.close()
     if rank == 0:
+        if full is None:
+            raise RuntimeError("rank 0 got no full state dict from its replica")
         ref = Transformer(model_cfg)
         ref.load_state_dict(full)
         out = Path(job.output).expanduser()

@@ -52,26 +52,28 @@ def make_groups(rank: int, world: int, ep: int) -> Groups:
 
 def sync_gradients(model, groups: Groups) -> float:
     """Average gradients over the world; returns the global gradient norm (before clipping)."""
-    replicated, experts = [], []
+    # (parameter, its gradient)
+    replicated: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    experts: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for name, p in model.named_parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (experts if is_expert_param(name) else replicated).append(p)
+        (experts if is_expert_param(name) else replicated).append((p, p.grad))
     for params, group in ((replicated, None), (experts, groups.dp_group)):
         if not params:
             continue
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = torch.cat([g.reshape(-1) for _, g in params])
         if groups.world > 1:
             dist.all_reduce(flat, group=group)
         flat /= groups.world
         offset = 0
-        for p in params:
+        for p, g in params:
             n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            g.copy_(flat[offset : offset + n].view_as(p))
             offset += n
-    rep_sq = sum(float(p.grad.float().pow(2).sum()) for p in replicated)
+    rep_sq = sum(float(g.float().pow(2).sum()) for _, g in replicated)
     exp_sq = torch.tensor(
-        [sum(float(p.grad.float().pow(2).sum()) for p in experts)], dtype=torch.float64
+        [sum(float(g.float().pow(2).sum()) for _, g in experts)], dtype=torch.float64
     )
     if groups.ep_size > 1:
         dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up

@@ -162,6 +162,7 @@ def apply_update(
         scale = cfg.clip / (norm + 1e-6)
         if scale < 1.0:
             for p in params:
+                assert p.grad is not None  # params holds only parameters with a gradient
                 p.grad.mul_(scale)
     lr = learning_rate(step, cfg)
     for g in optimizer.param_groups:
