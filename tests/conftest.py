@@ -1,9 +1,16 @@
 import os
 
 import pytest
+import torch
 
 # Two cores in CI: one intra-op thread per process keeps several test processes from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Without a GPU every Triton kernel runs in the interpreter. Set before anything imports triton:
+# triton builds its own standard library (tl.max, ...) in one mode when it is first imported, and
+# a test module collected before tests/kernels (tests/gpu imports moeray.platform.fp8, which
+# imports the kernels) would otherwise fix it to compiled mode for the whole process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
