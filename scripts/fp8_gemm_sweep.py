@@ -5,7 +5,7 @@ C [M, N] bf16 = sum over 128-wide K blocks kb of
                 (A[:, kb] @ B[:, kb]^T) * a_scale[:, kb] * b_scale[n // 128, kb]
 with A [M, K] e4m3 (1x128 scales), B [N, K] e4m3 (128x128 block scales), fp32 accumulation.
 
-Why a sweep: moeray/kernels/fp8.py reached 0.55-0.59x of cuBLASLt's block-scaled _scaled_mm on
+Why a sweep: moeray/kernels/fp8/gemm.py reached 0.55-0.59x of cuBLASLt's block-scaled _scaled_mm on
 H100 (576-683 vs 1100-1150 TFLOP/s). Its `acc += tl.dot(a, b) * sa * sb` reads the dot's result
 every 128 of K, so Triton cannot keep the wgmma in flight (the pipeliner only leaves a dot async
 when its result feeds the next dot's accumulator): each K block waits for its MMA, then scales. The

@@ -14,7 +14,7 @@ On CPU this module is an exact emulation: quantize, dequantize, fp32 matmul (the
 accumulation differs from the GPU's only in summation order). On CUDA it calls
 `moeray.kernels.fp8` (Triton / cuBLASLt block-scaled GEMMs). The quantizers `qdq_*` are plain
 PyTorch: the CPU path and the test oracle. The three GEMMs (`forward_gemm`, `dgrad_gemm`,
-`wgrad_gemm`) are public: `parallel/pipeline.py` runs the weight-grad one later, as DualPipe's W.
+`wgrad_gemm`) are public: `parallel/weight_grad.py` runs the weight-grad one later, as DualPipe's W.
 
 What runs in FP8 (`enable_fp8_training`): the attention projections (q/kv LoRA, kv_b, o) and the
 SwiGLU projections of the dense layers, shared experts and routed experts. The embedding, output
@@ -75,7 +75,7 @@ def _kernels_for(t: torch.Tensor):
 
 def pad_rows(t: torch.Tensor, multiple: int = FP8_BLOCK) -> torch.Tensor:
     """t with zero rows appended up to a multiple of `multiple` rows (the GPU token padding of
-    these GEMMs and of split_linear's higher-precision ones in parallel/pipeline.py)."""
+    these GEMMs and of split_linear's higher-precision ones in parallel/weight_grad.py)."""
     pad = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 

@@ -74,7 +74,7 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, width, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, width))
         self.linear: LinearFn = F.linear
-        # Set from outside (the pipeline's weight-grad split: parallel/pipeline.py) to run all local
+        # Set from outside (the pipeline's weight-grad split: parallel/stages.py) to run all local
         # experts through one autograd node instead of the per-expert loop's ~10 nodes per expert.
         self.mlp_fn: ExpertsMLPFn | None = None
 

@@ -8,7 +8,7 @@ the same expert shard). Every (dp, ep) coordinate is one data shard that reads i
 each global batch, so all EP x DP shards are data-parallel for the replicated parameters.
 With PP > 1 each shard is a pipeline of PP ranks that all read the shard's slice (stage 0 needs
 the tokens, the last stage the targets and the MTP's future tokens); the slice is cut into
-`parallel.microbatches` micro-batches run by `parallel.schedule` (`parallel/pipeline.py`).
+`parallel.microbatches` micro-batches run by `parallel.schedule` (`parallel/executor.py`).
 
 Per step: forward and backward on the local batch (PP > 1: all micro-batches through the
 pipeline schedule); all-reduce gradients (replicated parameters over the world, expert shards
