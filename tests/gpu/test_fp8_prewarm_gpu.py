@@ -12,21 +12,26 @@ from moeray.platform import fp8
 # kernels before tests/kernels/conftest.py turns on the CPU interpreter for the kernel tests.
 pytestmark = pytest.mark.gpu
 
-TRITON_KERNELS = (
-    "_act_quant_kernel",
-    "_act_quant_t_kernel",
-    "_fp8_gemm_kernel",
-    "_weight_quant_kernel",
+TRITON_KERNELS = (  # (module under moeray.kernels.fp8, kernel)
+    ("quant", "_act_quant_kernel"),
+    ("quant", "_act_quant_t_kernel"),
+    ("gemm", "_fp8_gemm_kernel"),
+    ("quant", "_weight_quant_kernel"),
 )
 
 
 def _compiled() -> dict[str, int]:
-    from moeray.kernels import fp8 as kernels
+    import importlib
 
     # Triton keeps one compiled kernel per specialization key in device_caches[device][0]
     return {
-        name: sum(len(c[0]) for c in getattr(kernels, name).device_caches.values())
-        for name in TRITON_KERNELS
+        name: sum(
+            len(c[0])
+            for c in getattr(
+                importlib.import_module(f"moeray.kernels.fp8.{module}"), name
+            ).device_caches.values()
+        )
+        for module, name in TRITON_KERNELS
     }
 
 

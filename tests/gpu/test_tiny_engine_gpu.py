@@ -96,7 +96,7 @@ def test_engine_captures_every_decode_graph_at_start():
         ),
     )
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
-    assert set(eng.runner.graphs) == want, sorted(eng.runner.graphs)
+    assert set(eng.runner.graphs) == want, (sorted(eng.runner.graphs), eng.runner.graph_status)
     assert eng.runner.graph_status == "captured"
     before = set(eng.runner.graphs)
     from moeray.platform.engine.sampler import SamplingParams
