@@ -19,6 +19,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +193,17 @@ def _has_fp8(model: nn.Module) -> bool:
 
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX).exists():
-        index = json.loads((path / INDEX).read_text())
-        return [path / f for f in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((path / INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{path / INDEX} is not a safetensors index (JSON with a weight_map): {e!r}"
+            ) from None
+        absent = [n for n in names if not (path / n).is_file()]
+        if absent:
+            raise ValueError(f"{path / INDEX} names weight files that are not in {path}: {absent}")
+        return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(
@@ -202,65 +212,149 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of a .safetensors file from its header alone: 8 bytes of header
+    length (little-endian u64), then that many bytes of JSON. No tensor data is read; a file
+    shorter than the data its header describes is refused as truncated."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(
+                f"{file} is not a safetensors file: {size} bytes, header length field {n}"
+            )
+        try:
+            header = json.loads(f.read(n))
+            out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+            end = 0
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"{file}: {key} has dtype {info['dtype']!r}: expected one of "
+                        f"{sorted(_SAFETENSORS_DTYPES)}"
+                    )
+                out[key] = (
+                    tuple(int(d) for d in info["shape"]),
+                    _SAFETENSORS_DTYPES[info["dtype"]],
+                )
+                end = max(end, int(info["data_offsets"][1]))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{file} has an unreadable safetensors header: {e!r}") from None
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{file} is truncated: its header puts tensor data up to byte {8 + n + end}, "
+            f"the file has {size}"
+        )
+    return out
+
+
+def _tensors(
+    files: dict[Path, dict[str, tuple[tuple[int, ...], torch.dtype]]], header_only: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint; `header_only`: meta tensors of the headers' shapes."""
+    from safetensors import safe_open
+
+    for file, header in files.items():
+        if header_only:
+            for key, (shape, dt) in header.items():
+                yield key, torch.empty(shape, dtype=dt, device="meta")
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def load_model(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    keep_fp8: bool = False,
-) -> tuple[ModelConfig, Transformer]:
-    """Load an HF DeepSeek-V3 directory. Raises ValueError naming missing, unexpected or
-    mis-shaped tensors. FP8 weights are dequantized to `dtype` unless `keep_fp8`."""
-    from safetensors import safe_open
+@dataclass
+class _Matched:
+    """A checkpoint's tensors matched to a (meta) model's state: what load_model materializes."""
 
-    path = Path(path)
+    config: ModelConfig
+    model: Transformer
+    state: dict[str, torch.Tensor]
+    fp8_linear: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    fp8_experts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    shared_copies: dict[str, torch.Tensor]
+
+
+def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool) -> _Matched:
+    """Read config.json and the weights (or only their headers) and match them to the model.
+    Raises ValueError naming missing, unexpected or mis-shaped tensors."""
     config = ModelConfig.from_hf(path)
+    files = {file: read_safetensors_header(file) for file in _weight_files(path)}
+    L = config.num_hidden_layers
+    missing_mtp = 0
+    if config.num_nextn_predict_layers and not any(
+        (m := _HF_LAYER.match(k)) and int(m.group(1)) >= L for h in files.values() for k in h
+    ):
+        # transformers' save_pretrained keeps `num_nextn_predict_layers` in config.json but writes
+        # no model.layers.{L+k}.* (its model has no MTP); vLLM loads such a directory without MTP.
+        missing_mtp = config.num_nextn_predict_layers
+        warnings.warn(
+            f"{path}: config.json sets num_nextn_predict_layers={missing_mtp} but the checkpoint "
+            f"holds no MTP weights (model.layers.{L}.*); loading the model without MTP, so "
+            "speculative decoding is unavailable",
+            stacklevel=3,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(config)
-    L = config.num_hidden_layers
+    model.missing_mtp_layers = missing_mtp
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, tuple[str, torch.Tensor]] = {}  # model key -> (HF key, tensor)
     experts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # ... by expert
     scales: dict[str, torch.Tensor] = {}
     shared_copies: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for file in _weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for hf_key in f.keys():
-                t = f.get_tensor(hf_key)
-                m = _HF_LAYER.match(hf_key)
-                if (
-                    m
-                    and int(m.group(1)) >= L
-                    and m.group(2) in ("embed_tokens.weight", "shared_head.head.weight")
-                ):
-                    shared_copies[hf_key] = t
-                    continue
-                if hf_key.endswith("weight_scale_inv"):
-                    scales[hf_key[: -len("_scale_inv")]] = t
-                    continue
-                key = _from_hf_key(hf_key, L)
-                me = _HF_EXPERT.match(key)
-                if me:
-                    experts.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (
-                        hf_key,
-                        t,
-                    )
-                elif key in expected:
-                    loaded[key] = (hf_key, t)
-                else:
-                    unexpected.append(hf_key)
-    missing, mismatched = [], []
+    for hf_key, t in _tensors(files, header_only):
+        m = _HF_LAYER.match(hf_key)
+        if (
+            m
+            and int(m.group(1)) >= L
+            and m.group(2) in ("embed_tokens.weight", "shared_head.head.weight")
+        ):
+            shared_copies[hf_key] = t
+            continue
+        if hf_key.endswith("weight_scale_inv"):
+            scales[hf_key[: -len("_scale_inv")]] = t
+            continue
+        key = _from_hf_key(hf_key, L)
+        me = _HF_EXPERT.match(key)
+        if me:
+            experts.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (hf_key, t)
+        elif key in expected:
+            loaded[key] = (hf_key, t)
+        else:
+            unexpected.append(hf_key)
+    missing: list[str] = []
+    mismatched: list[str] = []
     state: dict[str, torch.Tensor] = {}
     fp8_linear: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     fp8_experts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def resolve(key: str, hf_key: str, t: torch.Tensor, shape: torch.Size):
+    def resolve(hf_key: str, t: torch.Tensor, shape: torch.Size):
         """-> (tensor to load, fp8 pair or None); records shape errors."""
         if tuple(t.shape) != tuple(shape):
             mismatched.append(f"{hf_key}: checkpoint {tuple(t.shape)} vs model {tuple(shape)}")
@@ -270,7 +364,11 @@ def load_model(
             if s is None:
                 missing.append(hf_key[: -len("weight")] + "weight_scale_inv")
                 return None, None
-            return dequantize_fp8_blocks(t, s, dtype), (t, s)
+            try:
+                return dequantize_fp8_blocks(t, s, dtype), (t, s)
+            except ValueError as e:
+                mismatched.append(f"{hf_key[: -len('weight')]}weight_scale_inv: {e}")
+                return None, None
         return t, None
 
     for key, ref in expected.items():
@@ -285,7 +383,7 @@ def load_model(
             parts, pairs = [], []
             for e in range(E):
                 hf_key, t = per.pop(e)
-                deq, pair = resolve(key, hf_key, t, ref.shape[1:])
+                deq, pair = resolve(hf_key, t, ref.shape[1:])
                 parts.append(deq)
                 pairs.append(pair)
             unexpected += [hk for hk, _ in per.values()]
@@ -302,7 +400,7 @@ def load_model(
             missing.append(_to_hf_key(key, L))
             continue
         hf_key, t = loaded.pop(key)
-        deq, pair = resolve(key, hf_key, t, ref.shape)
+        deq, pair = resolve(hf_key, t, ref.shape)
         if deq is None:
             continue
         state[key] = deq
@@ -326,15 +424,40 @@ def load_model(
         raise ValueError(
             f"checkpoint {path} does not match its config.json: " + " | ".join(problems)
         )
+    return _Matched(config, model, state, fp8_linear, fp8_experts, shared_copies)
 
+
+def check_checkpoint(path: str | Path) -> tuple[ModelConfig, int]:
+    """Check a model directory without reading tensor data: config.json parses into a
+    ModelConfig and every tensor the model needs is in the safetensors files with its shape (FP8
+    block scales included), read from the file headers. Returns the config the model loads with
+    and the number of MTP depths config.json declares whose weights are absent (then loaded
+    without MTP, see load_model); raises ValueError naming what is wrong."""
+    matched = _match(Path(path), dtype=torch.float32, keep_fp8=False, header_only=True)
+    return matched.config, matched.model.missing_mtp_layers
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    keep_fp8: bool = False,
+) -> tuple[ModelConfig, Transformer]:
+    """Load an HF DeepSeek-V3 directory. Raises ValueError naming missing, unexpected or
+    mis-shaped tensors. FP8 weights are dequantized to `dtype` unless `keep_fp8`.
+
+    A config.json with `num_nextn_predict_layers` >= 1 over a checkpoint without any MTP weights
+    (what transformers' save_pretrained writes) loads without MTP, with one warning: the returned
+    config has num_nextn_predict_layers=0 and `model.missing_mtp_layers` the declared depth."""
+    path = Path(path)
+    matched = _match(path, dtype=dtype, keep_fp8=keep_fp8, header_only=False)
+    config, model, L = matched.config, matched.model, matched.config.num_hidden_layers
     model = model.to_empty(device=device)
     model.to(dtype)
-    for key, t in state.items():
-        target = (
-            model.get_parameter(key)
-            if key in dict(model.named_parameters())
-            else model.get_buffer(key)
-        )
+    params = dict(model.named_parameters())
+    for key, t in matched.state.items():
+        target = model.get_parameter(key) if key in params else model.get_buffer(key)
         keep_dtype = key.endswith("e_score_correction_bias")
         target.data = t.to(device=device, dtype=torch.float32 if keep_dtype else dtype)
     # Non-persistent buffers are not in the checkpoint and were left uninitialized by to_empty.
@@ -344,16 +467,16 @@ def load_model(
             ("embed_tokens.weight", model.model.embed_tokens.weight),
             ("shared_head.head.weight", model.lm_head.weight),
         ):
-            copy = shared_copies.get(f"model.layers.{L + k}.{name}")
+            copy = matched.shared_copies.get(f"model.layers.{L + k}.{name}")
             if copy is not None and not torch.equal(copy.to(main.dtype).cpu(), main.detach().cpu()):
                 warnings.warn(
                     f"model.layers.{L + k}.{name} differs from the main model's; "
                     "moeray's MTP shares the main embedding and head",
                     stacklevel=2,
                 )
-    for prefix, (q, s) in fp8_linear.items():
+    for prefix, (q, s) in matched.fp8_linear.items():
         _set_submodule(model, prefix, FP8Linear(q.to(device), s.to(device)))
-    for key, (q, s) in fp8_experts.items():
+    for key, (q, s) in matched.fp8_experts.items():
         mod_name, _, proj = key.rpartition(".")
         set_fp8_expert_weight(model.get_submodule(mod_name), proj, q.to(device), s.to(device))
     model.eval()

@@ -35,7 +35,7 @@ from moeray.platform.engine.kv_cache import (
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
-from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, verify
+from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
@@ -101,6 +101,8 @@ class Engine:
         self.dtype = param.dtype if param.is_floating_point() else torch.float32
         self.tokenizer = tokenizer
         spec = config.num_speculative_tokens
+        if spec:
+            require_mtp(model)  # before the cache is allocated
         shape = CacheShape.from_model_config(
             model.config,
             page_size=config.page_size,

@@ -131,15 +131,31 @@ def verify(
     return out, lps
 
 
+def require_mtp(model) -> None:
+    """Raise a ValueError saying why `model` cannot draft when it has no MTP module."""
+    if len(getattr(model, "mtp", [])) > 0:
+        return
+    missing = getattr(model, "missing_mtp_layers", 0)
+    if missing:
+        L = model.config.num_hidden_layers
+        raise ValueError(
+            "speculative decoding (num_speculative_tokens=1) needs the MTP weights: the "
+            f"checkpoint's config.json sets num_nextn_predict_layers={missing} but it holds no "
+            f"model.layers.{L}.* tensors (transformers' save_pretrained drops them), so the model "
+            "was loaded without MTP; use num_speculative_tokens=0 or a checkpoint with its MTP "
+            "weights"
+        )
+    raise ValueError(
+        "speculative decoding (num_speculative_tokens=1) needs a model with MTP modules: this "
+        "one has num_nextn_predict_layers=0"
+    )
+
+
 class MTPDrafter:
     """Keeps the MTP layer's cache up to date and proposes one draft per decoding request."""
 
     def __init__(self, model, runner, num_speculative_tokens: int = 1) -> None:
-        if len(getattr(model, "mtp", [])) == 0:
-            raise ValueError(
-                "speculative decoding needs a model with MTP modules "
-                "(num_nextn_predict_layers >= 1)"
-            )
+        require_mtp(model)
         if num_speculative_tokens != 1:
             raise ValueError(
                 f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter "

@@ -54,6 +54,9 @@ class Transformer(nn.Module):
             MTPModule(config, config.num_hidden_layers + k)
             for k in range(config.num_nextn_predict_layers)
         )
+        # MTP depths a checkpoint's config.json declared without their weights: load_model then
+        # builds the model without them, and speculative decoding names this as its cause.
+        self.missing_mtp_layers = 0
         self.reset_parameters()
 
     @torch.no_grad()
