@@ -276,7 +276,8 @@ FP8_QUANTIZATION = {
 
 
 def deepseek_v3() -> ModelConfig:
-    """The 671B DeepSeek-V3 numbers (docs/deepseek-v3.md, "Model config")."""
+    """The 671B DeepSeek-V3 numbers (docs/deepseek-v3.md, "Model config"): deepseek-ai/DeepSeek-V3's
+    config.json, which DeepSeek-R1 shares (official FP8, MTP stored as layer 61)."""
     return ModelConfig(
         rope_scaling={
             "rope_type": "yarn",
@@ -359,7 +360,71 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "small": small, "deepseek_v3": deepseek_v3}
+def moonlight_16b_a3b() -> ModelConfig:
+    """moonshotai/Moonlight-16B-A3B's config.json: 27 layers of width 2048, no query LoRA
+    (`q_lora_rank: null`), 64 experts in one group (`n_group: 1`) with top-6 and 2 shared experts,
+    plain RoPE with theta 50000, no MTP. Fields not given here equal V3's in that file too."""
+    return ModelConfig(
+        vocab_size=163840,
+        hidden_size=2048,
+        intermediate_size=11264,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.446,
+        max_position_embeddings=8192,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=163584,
+        eos_token_id=163585,
+        num_nextn_predict_layers=0,
+    )
+
+
+def kimi_k2() -> ModelConfig:
+    """moonshotai/Kimi-K2-Instruct's config.json: V3's shape with 384 experts in one group
+    (`n_group: 1`), 64 heads, a dense first layer only, YaRN 32x over 4096 positions with
+    beta_fast 1, FP8 weights, no MTP. Fields not given here equal V3's in that file too."""
+    return ModelConfig(
+        vocab_size=163840,
+        first_k_dense_replace=1,
+        num_attention_heads=64,
+        n_routed_experts=384,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.827,
+        max_position_embeddings=131072,
+        rope_theta=50000.0,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        bos_token_id=163584,
+        eos_token_id=163585,
+        num_nextn_predict_layers=0,
+        quantization_config=dict(FP8_QUANTIZATION),
+    )
+
+
+PRESETS = {
+    "tiny": tiny,
+    "small": small,
+    "deepseek_v3": deepseek_v3,
+    "moonlight_16b_a3b": moonlight_16b_a3b,
+    "kimi_k2": kimi_k2,
+}
 
 
 def preset(name: str) -> ModelConfig:

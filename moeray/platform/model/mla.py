@@ -83,6 +83,12 @@ class DenseKVCache:
         )
 
 
+# The official inference code (`RMSNorm(self.kv_lora_rank)`) and transformers build MLA's two
+# LoRA norms with RMSNorm's default eps 1e-6, whatever rms_norm_eps says: Moonlight sets 1e-5,
+# which its layer norms use and these do not (relative logit error 7e-5 when they did).
+LORA_NORM_EPS = 1e-6
+
+
 def causal_mask(S: int, T: int, device: torch.device) -> torch.Tensor:
     """[S, T] bool: the S queries are the last S of T positions."""
     q_pos = torch.arange(T - S, T, device=device)[:, None]
@@ -106,10 +112,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
