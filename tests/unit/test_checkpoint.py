@@ -7,6 +7,10 @@ from safetensors.torch import load_file, save_file
 from moeray.kernels.common import FP8_DTYPE
 from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import tiny
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model import quant
+from moeray.platform.model.mla import DenseKVCache
 from moeray.platform.model.quant import FP8Linear, dequantize_fp8_blocks, quantize_fp8_blocks
 from moeray.platform.model.transformer import Transformer
 
@@ -129,3 +133,41 @@ def test_tokenizer_files_are_written(tiny_model, tmp_path):
         save_model(
             tiny_model, tiny(), tmp_path / "x", tokenizer=tmp_path / "empty_dir_that_is_missing"
         )
+
+
+def test_kept_fp8_with_a_kv_cache_matches_dequantized(tiny_model, tmp_path, monkeypatch):
+    # The absorbed MLA path (every forward with a cache) reads kv_b_proj as a matrix; kept in FP8
+    # it must use the block scales (reading the raw e4m3 gave 1.2 relative error).
+    save_model(tiny_model, tiny(), tmp_path, fp8=True)
+    _, deq = load_model(tmp_path)
+    _, kept = load_model(tmp_path, keep_fp8=True)
+    kv_b = kept.model.layers[0].self_attn.kv_b_proj
+    assert isinstance(kv_b, FP8Linear)
+    calls = []
+    real = quant.dequantize_fp8_blocks
+
+    def counting(q, s, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, s, *args, **kwargs)
+
+    monkeypatch.setattr(quant, "dequantize_fp8_blocks", counting)
+    ids = torch.randint(0, 1024, (2, 11), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for name, model in (("deq", deq), ("kept", kept)):
+        cache = DenseKVCache(3, 2, 11, tiny())
+        with torch.no_grad():
+            parts = [model(ids[:, :6], cache=cache).logits]  # prefill, then 5 decode steps
+            parts += [model(ids[:, s : s + 1], cache=cache).logits for s in range(6, 11)]
+        logits[name] = torch.cat(parts, dim=1)
+    rel = float((logits["kept"] - logits["deq"]).norm() / logits["deq"].norm())
+    assert rel < 1e-5, rel  # on a CPU FP8Linear dequantizes too: the same numbers
+    # kv_b_proj dequantized once per layer for the 6 forwards (cached), not once per step.
+    assert calls.count(tuple(kv_b.weight.shape)) == tiny().num_hidden_layers
+    # Through the engine (paged cache, the same absorbed path): the same greedy tokens.
+    params = SamplingParams(temperature=0, max_tokens=6)
+    prompts = [ids[0, :7].tolist(), ids[1, :3].tolist()]
+    outs = {}
+    for name, model in (("deq", deq), ("kept", kept)):
+        engine = Engine(model, EngineConfig(num_pages=8, page_size=16))
+        outs[name] = [o.output_token_ids for o in engine.generate(prompts, params)]
+    assert outs["kept"] == outs["deq"]

@@ -21,6 +21,7 @@ from torch import nn
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.norm import RMSNorm
+from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.rope import apply_rope
 
 
@@ -151,7 +152,7 @@ class MLA(nn.Module):
         kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
         if cache is None and not absorbed:
             return self._expanded(q_nope, q_pe, kv_BSC, pe_BSR)
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC().to(q_nope.dtype))
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/runner.py).
             o_lat_BSHC = cache.attend(
@@ -188,13 +189,17 @@ class MLA(nn.Module):
         )
         return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
-    def _w_HKC(self) -> torch.Tensor:
-        return self.kv_b_proj.weight.view(
-            self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
-        )
+    def _w_HKC(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight as [H, N + V, C] in `dtype`. Kept in FP8 (load_model(keep_fp8=True))
+        it is dequantized once and cached: V3's 32768 x 512 matrix is 32 MiB per layer in bf16,
+        2 GiB over 61 layers (vLLM keeps the same), where dequantizing it at every decode step
+        would read and write it all per layer and step."""
+        proj = self.kv_b_proj
+        w = proj.dequantized_weight(dtype) if isinstance(proj, FP8Linear) else proj.weight.to(dtype)
+        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
 
-    def _w_uk_HNC(self) -> torch.Tensor:
-        return self._w_HKC()[:, : self.nope_dim]
+    def _w_uk_HNC(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._w_HKC(dtype)[:, : self.nope_dim]
 
     def _absorbed_core(self, q_lat_BSHC, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
         """softmax(q_lat.kv + q_pe.pe) @ kv in latent space: [B, S, H, C]."""
@@ -211,6 +216,6 @@ class MLA(nn.Module):
 
     def _absorbed_out(self, o_lat_BSHC):
         B, S, H, _ = o_lat_BSHC.shape
-        w_uv_HVC = self._w_HKC()[:, self.nope_dim :]
-        o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC.to(o_lat_BSHC.dtype))
+        w_uv_HVC = self._w_HKC(o_lat_BSHC.dtype)[:, self.nope_dim :]
+        o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC)
         return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))

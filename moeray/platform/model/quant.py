@@ -9,6 +9,8 @@ These are the PyTorch references; `moeray.kernels` has the Triton versions for t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,9 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight_fp8)
         self.register_buffer("weight_scale_inv", scale_inv.float())
+        # dequantized_weight's copy (a plain attribute: not in the state dict, not moved by .to)
+        self._dequantized: torch.Tensor | None = None
+        self._dequantized_key: tuple[object, ...] = ()
 
     @property
     def in_features(self) -> int:
@@ -72,6 +77,20 @@ class FP8Linear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a `dtype` matrix, for code that reads the matrix itself rather than
+        applying the layer (MLA's absorbed path). Dequantized at the first call and kept until the
+        weight, the scales, their device or `dtype` change."""
+        w, s = cast(torch.Tensor, self.weight), cast(torch.Tensor, self.weight_scale_inv)
+        key = (dtype, w.device, w.data_ptr(), w._version, s.data_ptr(), s._version)
+        if self._dequantized is None or key != self._dequantized_key:
+            # A normal tensor even when first asked under inference_mode (the engine's step): an
+            # inference tensor could not be saved for backward by a later forward with autograd.
+            with torch.inference_mode(False), torch.no_grad():
+                self._dequantized = dequantize_fp8_blocks(w, s, dtype)
+            self._dequantized_key = key
+        return self._dequantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
