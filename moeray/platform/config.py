@@ -89,7 +89,9 @@ class ModelConfig:
                 raise bad(name, "a positive integer")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+        if self.q_lora_rank is not None and (
+            not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1
+        ):
             raise bad("q_lora_rank", "a positive integer or null")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise bad("first_k_dense_replace", f"0..num_hidden_layers={self.num_hidden_layers}")
@@ -210,7 +212,12 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             if not path.exists():
                 raise ValueError(f"no config.json at {path}")
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path} holds a {type(data).__name__}: expected a JSON object")
         else:
             data = dict(source)
         names = {f.name for f in dataclasses.fields(cls)}

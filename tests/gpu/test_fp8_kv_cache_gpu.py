@@ -119,7 +119,7 @@ def test_kept_fp8_gemm_decode_graphs_bf16(tmp_path):
     assert rel < 0.3, rel
     # The engine captures its decode steps (the dequantized kv_b_proj is made in the warm-up
     # before the capture) and replays them to the tokens it decodes eagerly: the same kernels on
-    # the same rows, so tokens differ only when a replay goes wrong (reads a stale kv_b_proj copy, say).
+    # the same rows, so tokens differ only when a replay goes wrong (a stale kv_b_proj copy, say).
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 33)]
     eng, tokens = _engine_tokens(kept, cfg, prompts)
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]

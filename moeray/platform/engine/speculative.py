@@ -131,24 +131,28 @@ def verify(
     return out, lps
 
 
-def require_mtp(model) -> None:
-    """Raise a ValueError saying why `model` cannot draft when it has no MTP module."""
-    if len(getattr(model, "mtp", [])) > 0:
-        return
-    missing = getattr(model, "missing_mtp_layers", 0)
-    if missing:
-        L = model.config.num_hidden_layers
-        raise ValueError(
+def no_mtp_reason(num_hidden_layers: int, missing_mtp_layers: int = 0) -> str:
+    """Why speculative decoding is refused for a model without MTP modules."""
+    if missing_mtp_layers:
+        return (
             "speculative decoding (num_speculative_tokens=1) needs the MTP weights: the "
-            f"checkpoint's config.json sets num_nextn_predict_layers={missing} but it holds no "
-            f"model.layers.{L}.* tensors (transformers' save_pretrained drops them), so the model "
-            "was loaded without MTP; use num_speculative_tokens=0 or a checkpoint with its MTP "
-            "weights"
+            f"checkpoint's config.json sets num_nextn_predict_layers={missing_mtp_layers} but it "
+            f"holds no model.layers.{num_hidden_layers}.* tensors (transformers' save_pretrained "
+            "drops them), so the model was loaded without MTP; use num_speculative_tokens=0 or a "
+            "checkpoint with its MTP weights"
         )
-    raise ValueError(
+    return (
         "speculative decoding (num_speculative_tokens=1) needs a model with MTP modules: this "
         "one has num_nextn_predict_layers=0"
     )
+
+
+def require_mtp(model) -> None:
+    """Raise a ValueError saying why `model` cannot draft when it has no MTP module."""
+    if len(getattr(model, "mtp", [])) == 0:
+        raise ValueError(
+            no_mtp_reason(model.config.num_hidden_layers, getattr(model, "missing_mtp_layers", 0))
+        )
 
 
 class MTPDrafter:

@@ -17,13 +17,16 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from moeray.actors.decode import ColocatedServer, DecodeServer
 from moeray.actors.prefill import PrefillServer
+from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
+from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
@@ -128,15 +131,40 @@ def _decode_request_router(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def check_model_dir(cfg: ServeConfig) -> list[str]:
+    """Check in this process what every replica will load, before anything is deployed: a bad
+    directory then fails with its cause instead of Serve's "Failed to update the deployments"
+    (the cause left in a replica's log). config.json parses into a ModelConfig, every tensor the
+    model needs is in the safetensors files with its shape (read from the headers, no tensor data),
+    speculative decoding finds MTP weights, and the tokenizer and its chat template load. Raises
+    ValueError with the cause; returns the notes to show (a model loaded without MTP)."""
+    path = Path(cfg.model)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"no model at {cfg.model!r} (config.json missing)"
+            + ("; train one with `make demo`" if cfg.model == DEFAULT_DEMO_MODEL else "")
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config, missing_mtp = check_checkpoint(path)
+        except TypeError as e:  # a config.json value of the wrong type
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
+    if cfg.num_speculative_tokens and config.num_nextn_predict_layers == 0:
+        raise ValueError(no_mtp_reason(config.num_hidden_layers, missing_mtp))
+    try:
+        ServeTokenizer(path).chat_template()
+    except Exception as e:  # tokenizers, json and jinja2 raise their own types
+        raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
+    return [str(w.message) for w in caught]
+
+
 def build_serve_app(cfg: ServeConfig):
-    """The Serve application for `cfg` (deployments bound, not yet running)."""
+    """The Serve application for `cfg` (deployments bound, not yet running); raises ValueError
+    when the model directory cannot be served (check_model_dir)."""
     from ray import serve
 
-    if not (Path(cfg.model) / "config.json").exists():
-        raise ValueError(
-            f"model directory {cfg.model!r} has no config.json"
-            + (" (run `make demo` first to train it)" if cfg.model == DEFAULT_DEMO_MODEL else "")
-        )
+    check_model_dir(cfg)
     args = cfg.to_dict()
     # serve.deployment(options)(cls), the decorator form: the form Ray's annotations describe.
     if cfg.mode == "colocated":
@@ -281,13 +309,13 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         return 0
-    if not (Path(cfg.model) / "config.json").exists():
-        print(
-            f"moeray serve: no model at {cfg.model!r} (config.json missing); "
-            "train one with `make demo` or pass --model DIR",
-            file=sys.stderr,
-        )
+    try:
+        notes = check_model_dir(cfg)
+    except ValueError as e:
+        print(f"moeray serve: cannot serve {cfg.model}: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"moeray serve: note: {note}", file=sys.stderr)
     print(
         f"serving {cfg.served_model_id} ({cfg.mode}) on http://{cfg.host}:{cfg.port}/v1 ...",
         flush=True,

@@ -1,0 +1,139 @@
+"""`moeray serve` checks the model directory in the driver before anything is deployed: a broken
+one exits non-zero with its cause (it used to fail as Serve's "Failed to update the deployments
+['Prefill', 'Decode']", the cause in a replica's log). Through the CLI entry; no Ray is started."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeray import cli
+from moeray.platform.checkpoint import check_checkpoint, load_model, save_model
+from moeray.platform.config import ServeConfig, tiny
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.app import check_model_dir
+
+
+@pytest.fixture(autouse=True)
+def _no_ray():
+    ray = pytest.importorskip("ray")
+    yield
+    assert not ray.is_initialized(), "the check started Ray"
+
+
+def _model_dir(path, config=None):
+    from tokenizers import Tokenizer, models
+
+    c = config or tiny()
+    model = Transformer(c)
+    model.reset_parameters(seed=0)
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    return save_model(model, c, path, tokenizer=tok, max_shard_bytes=300_000)
+
+
+def _serve(capsys, path, *extra):
+    rc = cli.main(["serve", "--model", str(path), *extra])
+    return rc, capsys.readouterr().err
+
+
+def _shard_with(path, key):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return path / index["weight_map"][key]
+
+
+def test_a_good_directory_passes_and_the_check_reads_no_tensor_data(tmp_path, monkeypatch):
+    path = _model_dir(tmp_path / "m")
+    assert check_model_dir(ServeConfig(model=str(path), num_speculative_tokens=1)) == []
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the check read tensor data")
+
+    monkeypatch.setattr("safetensors.safe_open", no_data)
+    monkeypatch.setattr("safetensors.torch.load_file", no_data)
+    config, missing_mtp = check_checkpoint(path)
+    assert config == tiny() and missing_mtp == 0
+    with pytest.raises(AssertionError, match="read tensor data"):
+        load_model(path)  # the real load does go through safe_open
+
+
+def test_missing_tensor(tmp_path, capsys):
+    path = _model_dir(tmp_path / "m")
+    key = "model.layers.2.mlp.experts.5.down_proj.weight"
+    shard = _shard_with(path, key)
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc, err = _serve(capsys, path)
+    assert rc == 2
+    assert f"cannot serve {path}" in err and f"1 missing tensors: {key}" in err
+
+
+def test_mis_shaped_tensor_and_truncated_file(tmp_path, capsys):
+    path = _model_dir(tmp_path / "m")
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    shard = _shard_with(path, key)
+    tensors = load_file(str(shard))
+    tensors[key] = torch.zeros(128, 31)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and f"{key}: checkpoint (128, 31) vs model (128, 32)" in err
+    shard.write_bytes(shard.read_bytes()[:-100])
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and "is truncated" in err and shard.name in err
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"n_group": 3}, "n_group=3 is invalid: expected a divisor of n_routed_experts=16"),
+        ({"scoring_func": "softmax"}, "scoring_func='softmax' is invalid"),
+        (
+            {"q_lora_rank": "big"},
+            "q_lora_rank='big' is invalid: expected a positive integer or null",
+        ),
+        (None, "is not valid JSON"),
+    ],
+)
+def test_bad_config(tmp_path, capsys, change, expected):
+    path = _model_dir(tmp_path / "m")
+    config_file = path / "config.json"
+    if change is None:
+        config_file.write_text(config_file.read_text()[:-20])
+    else:
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and expected in err, err
+
+
+def test_missing_or_broken_tokenizer(tmp_path, capsys):
+    path = _model_dir(tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and "tokenizer does not load" in err and "no tokenizer.json" in err
+    (path / "tokenizer.json").write_text("{not json")
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and "tokenizer does not load" in err
+
+
+def test_missing_weights_and_missing_directory(tmp_path, capsys):
+    path = _model_dir(tmp_path / "m")
+    for f in path.glob("model-*.safetensors"):
+        f.unlink()
+    rc, err = _serve(capsys, path)
+    assert rc == 2 and "names weight files that are not in" in err
+    rc, err = _serve(capsys, tmp_path / "nowhere")
+    assert rc == 2 and "config.json missing" in err
+
+
+def test_speculation_without_mtp_weights(tmp_path, capsys):
+    # A directory as transformers writes it: num_nextn_predict_layers 1, no MTP weights.
+    c = tiny().replace(num_nextn_predict_layers=0)
+    path = _model_dir(tmp_path / "m", c)
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, "num_nextn_predict_layers": 1}))
+    rc, err = _serve(capsys, path, "--num-speculative-tokens", "1")
+    assert rc == 2 and "needs the MTP weights" in err and "model.layers.3." in err
+    # Without speculation it is servable: a note, no error.
+    notes = check_model_dir(ServeConfig(model=str(path)))
+    assert len(notes) == 1 and "holds no MTP weights" in notes[0]
