@@ -28,6 +28,7 @@ from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
+from moeray.platform.serve.generation_config import sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
@@ -82,6 +83,7 @@ class Ingress:
             max_in_flight=self.cfg.max_in_flight,
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
+            sampling_defaults=sampling_defaults(self.cfg.model),
         )
         return build_app(
             self.backend,
@@ -136,8 +138,10 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
     directory then fails with its cause instead of Serve's "Failed to update the deployments"
     (the cause left in a replica's log). config.json parses into a ModelConfig, every tensor the
     model needs is in the safetensors files with its shape (read from the headers, no tensor data),
-    speculative decoding finds MTP weights, and the tokenizer and its chat template load. Raises
-    ValueError with the cause; returns the notes to show (a model loaded without MTP)."""
+    speculative decoding finds MTP weights, the tokenizer and its chat template load, and
+    generation_config.json (when there is one) gives valid sampling defaults. Raises
+    ValueError with the cause; returns the notes to show (a model loaded without MTP, a
+    generation_config.json setting not applied)."""
     path = Path(cfg.model)
     if not (path / "config.json").exists():
         raise ValueError(
@@ -150,12 +154,13 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
             config, missing_mtp = check_checkpoint(path)
         except TypeError as e:  # a config.json value of the wrong type
             raise ValueError(f"{path / 'config.json'}: {e}") from None
-    if cfg.num_speculative_tokens and config.num_nextn_predict_layers == 0:
-        raise ValueError(no_mtp_reason(config.num_hidden_layers, missing_mtp))
-    try:
-        ServeTokenizer(path).chat_template()
-    except Exception as e:  # tokenizers, json and jinja2 raise their own types
-        raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
+        if cfg.num_speculative_tokens and config.num_nextn_predict_layers == 0:
+            raise ValueError(no_mtp_reason(config.num_hidden_layers, missing_mtp))
+        try:
+            ServeTokenizer(path).chat_template()
+        except Exception as e:  # tokenizers, json and jinja2 raise their own types
+            raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
+        sampling_defaults(path)
     return [str(w.message) for w in caught]
 
 

@@ -51,6 +51,7 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) ->
     return SamplingParams(
         temperature=p.temperature,
         top_p=p.top_p,
+        top_k=p.top_k,
         seed=p.seed,
         max_tokens=max_tokens or p.max_tokens,
         logprobs=p.logprobs,

@@ -2,7 +2,8 @@
 
 `build_app(backend, tokenizer, config)` serves
     POST /v1/completions, POST /v1/chat/completions  (stream true/false, n, max_tokens,
-         temperature, top_p, stop, seed, logprobs; SSE chunks end with `data: [DONE]`)
+         temperature, top_p, top_k (vLLM's extension), stop, seed, logprobs; SSE chunks end with
+         `data: [DONE]`; unset sampling fields take OpenAIServerConfig.sampling_defaults)
     GET /v1/models, GET /health
 The Serve ingress deployment (serve/app.py) builds it at replica start, in
 `__serve_build_asgi_app__`.

@@ -35,6 +35,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks); vLLM's extension
+    top_k: int = 0  # 0: off; vLLM's extension, or the model's generation_config.json
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,8 +44,33 @@ class GenerationParams:
             raise ValueError(f"temperature={self.temperature} must be in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_TOP_LOGPROBS}]")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field unset gets instead of the API's default, as
+    vLLM takes it from the model directory's generation_config.json (serve/generation_config.py);
+    None keeps the API's default (temperature 1, top_p 1, top_k off, max_tokens 16 for
+    completions and the rest of the context for chat)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature}: accepted a number in [0, 2]")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: accepted a number in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: accepted an integer >= 0 (0: off)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: accepted an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class _SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     user: SStr | None = None
     ignore_eos: SBool = False  # not OpenAI: vLLM's extension, used by `moeray bench serve`
+    top_k: SInt | None = Field(None, ge=-1)  # not OpenAI: vLLM's extension; -1 or 0: off
 
     @field_validator("stop")
     @classmethod

@@ -14,7 +14,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -29,6 +29,7 @@ from moeray.platform.serve.http.protocol import (
     GenerationBackend,
     GenerationParams,
     GenerationRequest,
+    SamplingDefaults,
     Tokenizer,
 )
 from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter
@@ -56,6 +57,8 @@ class OpenAIServerConfig:
     max_n: int = 16
     default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat uses the context
     created: int = 0
+    # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if not self.model_id:
@@ -293,6 +296,7 @@ class OpenAIServer:
     async def _handle(self, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Any:
         arrival = time.monotonic()
         self._check_model(body.model)
+        defaults, ctx = self.config.sampling_defaults, self.config.max_context
         if isinstance(body, ChatCompletionRequest):
             text = self.chat_template(body.messages)
             prompts = [self.tokenizer.encode(text)]
@@ -308,6 +312,9 @@ class OpenAIServer:
             requested = (
                 body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
             )
+            if requested is None and defaults.max_tokens is not None:
+                # A default must still fit: clip it (never an explicit max_tokens) to the context.
+                requested = max(1, min(defaults.max_tokens, ctx - len(prompts[0])))
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
@@ -317,26 +324,34 @@ class OpenAIServer:
                 param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
                 self._check_ids(ids, param)
                 prompts.append(ids)
-            requested = (
-                body.max_tokens if body.max_tokens is not None else self.config.default_max_tokens
-            )
-            # A short default must still fit: clip it (never an explicit max_tokens) to the context.
-            if body.max_tokens is None:
-                longest = max(len(p) for p in prompts)
-                requested = max(1, min(requested, self.config.max_context - longest))
+            requested = body.max_tokens
+            if requested is None:
+                # A default must still fit: clip it (never an explicit max_tokens) to the context.
+                default = defaults.max_tokens or self.config.default_max_tokens
+                requested = max(1, min(default, ctx - max(len(p) for p in prompts)))
             max_tokens = min(
                 self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts
             )
             logprobs = body.logprobs
         weight = self._check_n(body.n, len(prompts))
+        # Fields the request leaves unset take the model's generation_config.json values.
+        given = body.model_fields_set
+        temperature = body.temperature
+        if "temperature" not in given and defaults.temperature is not None:
+            temperature = defaults.temperature
+        top_p = body.top_p
+        if "top_p" not in given and defaults.top_p is not None:
+            top_p = defaults.top_p
+        top_k = body.top_k if body.top_k is not None else (defaults.top_k or 0)
         params = GenerationParams(
             max_tokens,
-            body.temperature,
-            body.top_p,
+            temperature,
+            top_p,
             body.seed,
             body.stop,
             logprobs,
             body.ignore_eos,
+            top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
         )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
