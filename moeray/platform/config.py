@@ -470,6 +470,9 @@ class ServeConfig:
     cpus_per_replica: float = 1.0
     device: str = "auto"  # "auto": cuda when a GPU is assigned, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    # An FP8 checkpoint's weights: "dequantize" into dtype, or "fp8": keep e4m3 + block scales
+    # (load_model(keep_fp8=True); the FP8 GEMMs on a GPU, half the weight memory of bf16).
+    weights: str = "dequantize"
     # engine
     page_size: int = 64
     num_pages: int | None = None
@@ -501,6 +504,8 @@ class ServeConfig:
             raise ValueError(f"port={self.port} must be in 1..65535")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: accepted auto, float32, bfloat16, float16")
+        if self.weights not in ("dequantize", "fp8"):
+            raise ValueError(f"weights={self.weights!r}: accepted 'dequantize' or 'fp8'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
         if self.autoscaling is not None:

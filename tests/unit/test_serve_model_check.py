@@ -137,3 +137,38 @@ def test_speculation_without_mtp_weights(tmp_path, capsys):
     # Without speculation it is servable: a note, no error.
     notes = check_model_dir(ServeConfig(model=str(path)))
     assert len(notes) == 1 and "holds no MTP weights" in notes[0]
+
+
+def test_weights_fp8_serves_an_fp8_checkpoint_as_fp8(tmp_path, capsys):
+    from moeray.kernels.common import FP8_DTYPE
+    from moeray.platform.engine.sampler import SamplingParams
+    from moeray.platform.model.quant import FP8Linear
+    from moeray.platform.serve.worker import make_engine
+
+    plain = _model_dir(tmp_path / "plain")
+    rc, err = _serve(capsys, plain, "--weights", "fp8")
+    assert rc == 2 and "has no quantization_config" in err
+    with pytest.raises(ValueError, match="weights='int4': accepted 'dequantize' or 'fp8'"):
+        ServeConfig(weights="int4")
+    model = Transformer(tiny())
+    model.reset_parameters(seed=1)
+    path = save_model(model, tiny(), tmp_path / "fp8", fp8=True)
+    _model_dir(tmp_path / "tok")  # borrow its tokenizer files
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).write_bytes((tmp_path / "tok" / f).read_bytes())
+    engines = {}
+    for weights in ("dequantize", "fp8"):
+        cfg = ServeConfig(model=str(path), weights=weights, device="cpu", num_pages=8)
+        assert check_model_dir(cfg) == []
+        engines[weights] = make_engine(cfg)
+    kept, deq = engines["fp8"].model, engines["dequantize"].model
+    assert isinstance(kept.model.layers[0].self_attn.kv_b_proj, FP8Linear)
+    assert kept.model.layers[1].mlp.experts.down_proj.dtype == FP8_DTYPE
+    assert not isinstance(deq.model.layers[0].self_attn.kv_b_proj, FP8Linear)
+    # On a CPU the kept weights are dequantized per use: the same numbers, the same tokens.
+    params = SamplingParams(temperature=0, max_tokens=5)
+    outs = {
+        w: [o.output_token_ids for o in e.generate([[3, 1, 4, 1, 5]], params)]
+        for w, e in engines.items()
+    }
+    assert outs["fp8"] == outs["dequantize"]

@@ -172,8 +172,11 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         tokenizer=None,
+        keep_fp8: bool = False,
     ) -> Engine:
-        _cfg, model = load_model(path, device=device, dtype=dtype)
+        """An engine over the HF directory at `path`; `keep_fp8` keeps an FP8 checkpoint's e4m3
+        weights (load_model)."""
+        _cfg, model = load_model(path, device=device, dtype=dtype, keep_fp8=keep_fp8)
         if tokenizer is None and (Path(path) / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 

@@ -138,10 +138,10 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
     directory then fails with its cause instead of Serve's "Failed to update the deployments"
     (the cause left in a replica's log). config.json parses into a ModelConfig, every tensor the
     model needs is in the safetensors files with its shape (read from the headers, no tensor data),
-    speculative decoding finds MTP weights, the tokenizer and its chat template load, and
-    generation_config.json (when there is one) gives valid sampling defaults. Raises
-    ValueError with the cause; returns the notes to show (a model loaded without MTP, a
-    generation_config.json setting not applied)."""
+    speculative decoding finds MTP weights, `weights="fp8"` finds an FP8 checkpoint, the
+    tokenizer and its chat template load, and generation_config.json (when there is one) gives
+    valid sampling defaults. Raises ValueError with the cause; returns the notes to show (a model
+    loaded without MTP, a generation_config.json setting not applied)."""
     path = Path(cfg.model)
     if not (path / "config.json").exists():
         raise ValueError(
@@ -154,6 +154,11 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
             config, missing_mtp = check_checkpoint(path)
         except TypeError as e:  # a config.json value of the wrong type
             raise ValueError(f"{path / 'config.json'}: {e}") from None
+        if cfg.weights == "fp8" and config.quantization_config is None:
+            raise ValueError(
+                "--weights fp8 keeps an FP8 checkpoint's e4m3 weights, but its config.json has "
+                "no quantization_config (fp8): use --weights dequantize"
+            )
         if cfg.num_speculative_tokens and config.num_nextn_predict_layers == 0:
             raise ValueError(no_mtp_reason(config.num_hidden_layers, missing_mtp))
         try:
@@ -264,6 +269,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
+    p.add_argument(
+        "--weights",
+        choices=("dequantize", "fp8"),
+        default=d.weights,
+        help="an FP8 checkpoint: dequantize it into --dtype (default) or serve it as FP8",
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
@@ -288,6 +300,8 @@ def main(argv: list[str]) -> int:
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
             max_model_len=a.max_model_len,
+            weights=a.weights,
+            dtype=a.dtype,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)

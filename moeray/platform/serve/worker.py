@@ -475,4 +475,6 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
     )
-    return Engine.from_pretrained(cfg.model, econf, device=device, dtype=dtype)
+    return Engine.from_pretrained(
+        cfg.model, econf, device=device, dtype=dtype, keep_fp8=cfg.weights == "fp8"
+    )
