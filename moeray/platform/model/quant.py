@@ -9,8 +9,6 @@ These are the PyTorch references; `moeray.kernels` has the Triton versions for t
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,7 +80,7 @@ class FP8Linear(nn.Module):
         """The weight as a `dtype` matrix, for code that reads the matrix itself rather than
         applying the layer (MLA's absorbed path). Dequantized at the first call and kept until the
         weight, the scales, their device or `dtype` change."""
-        w, s = cast(torch.Tensor, self.weight), cast(torch.Tensor, self.weight_scale_inv)
+        w, s = self.weight, self.weight_scale_inv
         key = (dtype, w.device, w.data_ptr(), w._version, s.data_ptr(), s._version)
         if self._dequantized is None or key != self._dequantized_key:
             # A normal tensor even when first asked under inference_mode (the engine's step): an
