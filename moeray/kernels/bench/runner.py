@@ -46,8 +46,8 @@ def sweep() -> dict:
 
 
 def _print_sweep(sw: dict) -> None:
-    def best(rows, keys):
-        groups: dict = {}
+    def best(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, dict]:
+        groups: dict[tuple, dict] = {}
         for r in rows:
             if isinstance(r["ms"], float):
                 g = tuple(r[k] for k in keys)
