@@ -428,7 +428,9 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             got = {k: query(q) for k, q in want.items()}
-            if all(v for v in got.values()):
+            # Each replica's gauges reach Prometheus on their own export tick: wait for both
+            # decode replicas, not only the first series to appear.
+            if all(v for v in got.values()) and got["pages"] == 2:
                 break
             time.sleep(1)
     finally:
