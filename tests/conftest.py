@@ -24,3 +24,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def refuse_ray_init(monkeypatch):
+    """Code that must run before Ray: any ray.init call fails the test, and Ray, unless it was
+    already running (the Ray tier's session instance in the full suite), must not run after."""
+    ray = pytest.importorskip("ray")
+    running = ray.is_initialized()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+    assert running or not ray.is_initialized(), "Ray was started"

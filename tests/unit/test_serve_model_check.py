@@ -14,20 +14,7 @@ from moeray.platform.config import ServeConfig, tiny
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.app import check_model_dir
 
-
-@pytest.fixture(autouse=True)
-def _no_ray(monkeypatch):
-    """The check runs before Ray: calling ray.init fails the test, and Ray, if it was not running
-    (in the full suite the Ray tier's session instance may be), must still not be running."""
-    ray = pytest.importorskip("ray")
-    running = ray.is_initialized()
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the check started Ray")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    yield
-    assert running or not ray.is_initialized(), "the check started Ray"
+pytestmark = pytest.mark.usefixtures("refuse_ray_init")
 
 
 def _model_dir(path, config=None):
