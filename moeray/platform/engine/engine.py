@@ -32,13 +32,29 @@ from moeray.platform.engine.kv_cache import (
     device_budget_bytes,
     num_pages_for_budget,
 )
-from moeray.platform.engine.runner import ModelRunner
-from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
-from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
+from moeray.platform.engine.runner import ForwardResult, ModelRunner
+from moeray.platform.engine.sampler import (
+    History,
+    Sampler,
+    SamplingParams,
+    make_generator,
+    topk_logprobs,
+)
+from moeray.platform.engine.scheduler import (
+    Request,
+    RequestOutput,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerConfig,
+)
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
+
+
+def _history(req: Request, drafts: Sequence[int] = ()) -> History:
+    return History(req.prompt_token_ids, req.output_token_ids + list(drafts))
 
 
 def _generator(req: Request) -> torch.Generator:
@@ -149,7 +165,7 @@ class Engine:
             graph_batch_sizes=config.graph_batch_sizes,
             attention=config.attention,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         if config.capture_graphs_at_start:
             self.runner.capture_graphs(
@@ -194,12 +210,17 @@ class Engine:
         return list(enc.ids if hasattr(enc, "ids") else enc)
 
     # ---- requests ------------------------------------------------------------------------------
-    def _check_ids(self, prompt: Sequence[int] | str) -> list[int]:
+    def _check_ids(self, prompt: Sequence[int] | str, params: SamplingParams) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         V = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= int(t) < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if params.max_token_id() >= V:
+            raise ValueError(
+                f"stop_token_ids {list(params.stop_token_ids)} / logit_bias token ids "
+                f"{[t for t, _ in params.logit_bias][:5]} must be in the vocabulary [0, {V})"
+            )
         return ids
 
     def add_request(
@@ -212,7 +233,7 @@ class Engine:
     ) -> str:
         """Queue a request. With `export_kv_from` (a prefill replica), the finished request's
         output carries `kv_export`: the KV rows of prompt tokens [export_kv_from, P)."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if export_kv_from is not None and not 0 <= export_kv_from < len(ids):
             raise ValueError(
@@ -267,7 +288,7 @@ class Engine:
         Returns the first token's RequestOutput, or None when the rows could not be used (they
         start after this engine's cached prefix, or no pages are free): then the request is queued
         for a normal prefill here, so it completes either way."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         P = len(ids)
         if rows.end != P:
@@ -318,27 +339,32 @@ class Engine:
         fwd = self.runner.execute(out.scheduled)
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
+        self._record_prompt_logprobs(out.scheduled, fwd)
         plain = [i for i, s in enumerate(out.scheduled) if s.samples and not s.spec_token_ids]
         if plain:
             seqs = [out.scheduled[i] for i in plain]
             rows = torch.stack([fwd.logits[i][-1] for i in plain])
-            res = self.sampler(
-                rows, [s.request.params for s in seqs], [_generator(s.request) for s in seqs]
-            )
+            params = [s.request.params for s in seqs]
+            hist = None
+            if any(p.processes_logits for p in params):
+                hist = [_history(s.request) for s in seqs]
+            res = self.sampler(rows, params, [_generator(s.request) for s in seqs], hist)
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
+        target_logits = self._spec_logits(out.scheduled, spec, fwd)
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
-        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy]), strict=True))
+        targets = dict(zip(greedy, greedy_targets([target_logits[i] for i in greedy]), strict=True))
         for i in spec:
             s = out.scheduled[i]
             toks, lps = verify(
-                fwd.logits[i],
+                target_logits[i],
                 s.spec_token_ids,
                 s.request.params,
                 _generator(s.request),
                 targets.get(i),
+                raw_logits_JV=fwd.logits[i],
             )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
@@ -354,6 +380,54 @@ class Engine:
         self.stats.prompt_tokens += sum(s.num_tokens for s in out.scheduled if not s.is_decode)
         self.stats.generated_tokens += sum(len(v) for v in sampled.values())
         return outs
+
+    def _spec_logits(
+        self, scheduled: Sequence[ScheduledSeq], spec: Sequence[int], fwd: ForwardResult
+    ) -> dict[int, torch.Tensor]:
+        """The logits each verifying sequence samples from: its raw [J, V] rows, or, when its
+        params process logits, those rows processed in one batched pass, row j with the drafts
+        before it counted as output (what plain decoding would have seen there)."""
+        out = {i: fwd.logits[i] for i in spec}
+        proc = [i for i in spec if scheduled[i].request.params.processes_logits]
+        if not proc:
+            return out
+        params, hist = [], []
+        for i in proc:
+            s = scheduled[i]
+            for j in range(len(s.spec_token_ids) + 1):
+                params.append(s.request.params)
+                hist.append(_history(s.request, s.spec_token_ids[:j]))
+        rows = torch.cat([fwd.logits[i] for i in proc])
+        processed = self.sampler.process(rows, params, hist)
+        for i, chunk in zip(
+            proc, processed.split([fwd.logits[i].shape[0] for i in proc]), strict=True
+        ):
+            out[i] = chunk
+        return out
+
+    def _record_prompt_logprobs(self, scheduled: Sequence[ScheduledSeq], fwd: ForwardResult):
+        """Prompt logprobs of the prompt positions this step computed, for the requests that ask
+        for them: the logits at position q score prompt token q + 1. A preempted request
+        recomputes from 0 and keeps the entries it has."""
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if not req.needs_prompt_logprobs:
+                continue
+            have = len(req.prompt_logprobs)  # entries for prompt tokens [0, have)
+            lo = have - 1 - s.start  # first row whose target has no entry yet
+            known = s.num_tokens - len(s.spec_token_ids)
+            hi = min(known, req.num_prompt_tokens - 1 - s.start)
+            if lo < 0:
+                raise RuntimeError(
+                    f"{req.request_id!r}: prompt logprobs missing before position {s.start}"
+                )
+            if hi <= lo:
+                continue
+            lg = fwd.logits[i][lo:hi]
+            first = s.start + lo + 1
+            targets = torch.tensor(req.prompt_token_ids[first : first + hi - lo], device=lg.device)
+            k = req.params.prompt_logprobs
+            req.prompt_logprobs.extend(topk_logprobs(lg, targets, [k] * (hi - lo)))
 
     def generate(
         self,

@@ -36,6 +36,35 @@ class ChoiceEvent:
     finish_reason: FinishReason | None
 
 
+def select_best(
+    events: list[ChoiceEvent], num_prompts: int, best_of: int, n: int, keep_logprobs: bool
+) -> tuple[list[ChoiceEvent], int]:
+    """best_of > n: of each prompt's best_of choices (indices p * best_of + j), keep the n with
+    the highest cumulative logprob of their generated tokens, renumbered p * n + rank (best
+    first, as vLLM orders them). Returns the kept events (logprobs dropped unless
+    keep_logprobs) and their generated token count (the usage vLLM reports)."""
+    total: dict[int, float] = {}
+    for ev in events:
+        lps = [] if ev.logprobs is None else ev.logprobs[len(ev.logprobs) - len(ev.token_ids) :]
+        total[ev.index] = total.get(ev.index, 0.0) + sum(float(lp.logprob) for lp in lps)
+    renumber: dict[int, int] = {}
+    for p in range(num_prompts):
+        ranked = sorted(range(p * best_of, (p + 1) * best_of), key=lambda i: -total.get(i, 0.0))
+        renumber.update({old: p * n + rank for rank, old in enumerate(ranked[:n])})
+    kept = [
+        ChoiceEvent(
+            renumber[ev.index],
+            ev.text,
+            ev.token_ids,
+            ev.logprobs if keep_logprobs else None,
+            ev.finish_reason,
+        )
+        for ev in events
+        if ev.index in renumber
+    ]
+    return kept, sum(len(ev.token_ids) for ev in kept)
+
+
 class ResponseFormatter:
     """Builds the OpenAI response objects for one request (completions or chat)."""
 
@@ -61,8 +90,10 @@ class ResponseFormatter:
         for lp in ev.logprobs:
             s = self._token_str(lp.token_id)
             out.tokens.append(s)
-            out.token_logprobs.append(float(lp.logprob))
-            out.top_logprobs.append({self._token_str(t): float(v) for t, v in lp.top})
+            out.token_logprobs.append(None if lp.logprob is None else float(lp.logprob))
+            out.top_logprobs.append(
+                None if lp.top is None else {self._token_str(t): float(v) for t, v in lp.top}
+            )
             out.text_offset.append(offset)
             offset += len(s)
         self._offsets[ev.index] = offset

@@ -29,10 +29,12 @@ from moeray.platform.serve.http.protocol import (
     GenerationBackend,
     GenerationParams,
     GenerationRequest,
+    GenerationStep,
     SamplingDefaults,
     Tokenizer,
+    TokenLogprob,
 )
-from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter
+from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter, select_best
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,6 +84,36 @@ class _RequestStats:
     status: int = 499  # until the request finishes another way, assume the client went away
 
 
+@dataclass(frozen=True)
+class _Echo:
+    """Completions' echo: the prompt's text (and, with logprobs, its scored tokens) goes before
+    each choice's first text. only: max_tokens was 0, so the generated token is dropped."""
+
+    text: str
+    prompt_ids: tuple[int, ...]
+    logprobs: bool
+    only: bool
+
+    def first(self, step: GenerationStep) -> tuple[str, tuple[Any, ...] | None]:
+        """The prompt's text and logprob entries to put before the first step's."""
+        if not self.logprobs:
+            return self.text, None
+        lps = step.prompt_logprobs
+        if lps is None or len(lps) != len(self.prompt_ids):
+            got = None if lps is None else len(lps)
+            raise RuntimeError(
+                f"the backend returned {got} prompt logprobs for {len(self.prompt_ids)} tokens"
+            )
+        head = TokenLogprob(self.prompt_ids[0], None, None)  # no context: no logprob (OpenAI)
+        return self.text, (head, *lps[1:])
+
+
+def _param_of(error: ValueError) -> str | None:
+    """GenerationParams' messages start with `name=value`: the field to name in the 400."""
+    name = str(error).split("=", 1)[0]
+    return name if name in {f.name for f in dataclasses.fields(GenerationParams)} else None
+
+
 class OpenAIServer:
     """The request handling behind the routes; one per ingress replica."""
 
@@ -114,20 +146,28 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+    def _check_vocab(self, ids: Sequence[int], param: str, what: str = "token ids") -> None:
         vocab = self.tokenizer.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise APIError(
                 400,
-                f"token ids {bad[:5]} are outside [0, {vocab})",
+                f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})",
                 param=param,
                 code="invalid_value",
             )
+
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        self._check_vocab(ids, param)
         if not ids:
             raise APIError(
                 400, "the prompt is empty after tokenization", param=param, code="invalid_value"
             )
+
+    def _check_token_params(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """logit_bias and stop_token_ids name token ids: they must be in the vocabulary."""
+        self._check_vocab([t for t, _ in body.logit_bias], "logit_bias", "logit_bias token ids")
+        self._check_vocab(body.stop_token_ids or (), "stop_token_ids", "stop_token_ids")
 
     def _budget(self, prompt_len: int, max_tokens: int | None, param: str, mt_param: str) -> int:
         """max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the context."""
@@ -153,26 +193,34 @@ class OpenAIServer:
             )
         return max_tokens
 
-    def _check_n(self, n: int, prompts: int) -> int:
-        if n > self.config.max_n:
-            raise APIError(
-                400,
-                f"n={n} is above this server's limit {self.config.max_n}",
-                param="n",
-                code="invalid_value",
-            )
-        weight = n * prompts
+    def _check_n(self, n: int, prompts: int, best_of: int) -> int:
+        """The request's admission weight: the choices it generates (best_of x prompts)."""
+        for name, value in (("n", n), ("best_of", best_of)):
+            if value > self.config.max_n:
+                raise APIError(
+                    400,
+                    f"{name}={value} is above this server's limit {self.config.max_n} "
+                    "(OpenAIServerConfig.max_n)",
+                    param=name,
+                    code="invalid_value",
+                )
+        weight = best_of * prompts
         if weight > self.gate.limit:
             raise APIError(
                 400,
-                f"{weight} choices (n x prompts) exceed the server's {self.gate.limit} slots",
-                param="n",
+                f"{weight} choices (best_of or n, x prompts) exceed the server's "
+                f"{self.gate.limit} slots",
+                param="best_of" if best_of > n else "n",
                 code="invalid_value",
             )
         return weight
 
     async def _run_choice(
-        self, index: int, request: GenerationRequest, stats: _RequestStats
+        self,
+        index: int,
+        request: GenerationRequest,
+        stats: _RequestStats,
+        echo: _Echo | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         detok = IncrementalDetokenizer(self.tokenizer)
         stopper = StopMatcher(request.params.stop)
@@ -204,7 +252,15 @@ class OpenAIServer:
                 delta = detok.push(step.token_ids) + (detok.flush() if done else "")
                 text = stopper.push(delta, final=done)
                 finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
-                yield ChoiceEvent(index, text, step.token_ids, step.logprobs, finish)
+                ids, lps = step.token_ids, step.logprobs
+                if echo is not None and echo.only:
+                    text, ids, lps = "", (), None
+                if echo is not None and tokens == len(step.token_ids):  # the first step
+                    head_text, head_lps = echo.first(step)
+                    text = head_text + text
+                    if head_lps is not None:
+                        lps = head_lps + tuple(lps or ())
+                yield ChoiceEvent(index, text, ids, lps, finish)
                 if finish is not None:
                     finished = True
                     return
@@ -265,17 +321,20 @@ class OpenAIServer:
         n: int,
         stats: _RequestStats,
         rid: str,
+        echoes: list[_Echo] | None = None,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
-        """Start every choice and wait for the first event, so that an overloaded backend still
-        gets a 429 (not a 200 stream with an error inside)."""
+        """Start every choice (n per prompt; best_of of them when it is larger) and wait for the
+        first event, so that an overloaded backend still gets a 429 (not a 200 stream with an
+        error inside)."""
         streams = []
         for p, ids in enumerate(prompts):
+            echo = None if echoes is None else echoes[p]
             for j in range(n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 req = GenerationRequest(
                     f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
                 )
-                streams.append(self._run_choice(p * n + j, req, stats))
+                streams.append(self._run_choice(p * n + j, req, stats, echo))
         merged = self._merge(streams)
         try:
             first = await merged.__anext__()
@@ -297,6 +356,7 @@ class OpenAIServer:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
+        echoes: list[_Echo] | None = None
         if isinstance(body, ChatCompletionRequest):
             text = self.chat_template(body.messages)
             prompts = [self.tokenizer.encode(text)]
@@ -318,13 +378,26 @@ class OpenAIServer:
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            prompts = []
+            prompts, texts = [], []
             for i, p in enumerate(body.prompt):
                 ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
                 param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
                 self._check_ids(ids, param)
                 prompts.append(ids)
+                texts.append(p if isinstance(p, str) else self.tokenizer.decode(ids))
             requested = body.max_tokens
+            if requested == 0:
+                # As vLLM: max_tokens 0 with echo returns the scored prompt alone (the engine
+                # generates one token, which is dropped); without echo there is nothing to do.
+                if not body.echo:
+                    raise APIError(
+                        400,
+                        "max_tokens=0 is accepted only with echo=true (the prompt alone, "
+                        "scored with logprobs); otherwise max_tokens must be >= 1",
+                        param="max_tokens",
+                        code="invalid_value",
+                    )
+                requested = 1
             if requested is None:
                 # A default must still fit: clip it (never an explicit max_tokens) to the context.
                 default = defaults.max_tokens or self.config.default_max_tokens
@@ -333,7 +406,16 @@ class OpenAIServer:
                 self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts
             )
             logprobs = body.logprobs
-        weight = self._check_n(body.n, len(prompts))
+            if body.echo:
+                only = body.max_tokens == 0
+                echoes = [
+                    _Echo(t, tuple(ids), logprobs is not None, only)
+                    for t, ids in zip(texts, prompts, strict=True)
+                ]
+        n = body.n
+        best_of = getattr(body, "best_of", None) or n
+        weight = self._check_n(n, len(prompts), best_of)
+        self._check_token_params(body)
         # Fields the request leaves unset take the model's generation_config.json values.
         given = body.model_fields_set
         temperature = body.temperature
@@ -343,16 +425,32 @@ class OpenAIServer:
         if "top_p" not in given and defaults.top_p is not None:
             top_p = defaults.top_p
         top_k = body.top_k if body.top_k is not None else (defaults.top_k or 0)
-        params = GenerationParams(
-            max_tokens,
-            temperature,
-            top_p,
-            body.seed,
-            body.stop,
-            logprobs,
-            body.ignore_eos,
-            top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
-        )
+        min_p = body.min_p if body.min_p is not None else (defaults.min_p or 0.0)
+        rep = body.repetition_penalty
+        if rep is None:
+            rep = defaults.repetition_penalty if defaults.repetition_penalty is not None else 1.0
+        try:
+            params = GenerationParams(
+                max_tokens,
+                temperature,
+                top_p,
+                body.seed,
+                body.stop,
+                # best_of ranks choices by their cumulative logprob: always compute it
+                logprobs if logprobs is not None or best_of == n else 0,
+                body.ignore_eos,
+                top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
+                min_p=min_p,
+                min_tokens=body.min_tokens,
+                stop_token_ids=tuple(body.stop_token_ids or ()),
+                repetition_penalty=rep,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                logit_bias=body.logit_bias,
+                prompt_logprobs=logprobs if echoes is not None and logprobs is not None else None,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(e), code="invalid_value") from None
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
             raise self.gate.rejection()
@@ -361,7 +459,7 @@ class OpenAIServer:
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         try:
-            merged, first = await self._start(prompts, params, body.n, stats, rid)
+            merged, first = await self._start(prompts, params, best_of, stats, rid, echoes)
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
@@ -388,12 +486,17 @@ class OpenAIServer:
             await merged.aclose()
             self.gate.release(weight)
             self._finish(endpoint, stats)
+        completion_tokens = stats.completion_tokens
+        if best_of > n:
+            events, completion_tokens = select_best(
+                events, len(prompts), best_of, n, keep_logprobs=logprobs is not None
+            )
         usage = Usage(
             prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=stats.prompt_tokens + completion_tokens,
         )
-        return JSONResponse(fmt.full(events, len(prompts) * body.n, usage).model_dump())
+        return JSONResponse(fmt.full(events, len(prompts) * n, usage).model_dump())
 
     async def _stream(
         self,
