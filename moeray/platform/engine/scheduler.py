@@ -164,8 +164,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     kv_export: object = None  # KVRows of the prompt, for requests added with export_kv_from
-    # With params.prompt_logprobs, on the request's first output: one entry per prompt token
-    # (None for the first, which has no context).
+    # With params.prompt_logprobs, on the request's first and final outputs: one entry per
+    # prompt token (None for the first, which has no context).
     prompt_logprobs: list[Logprobs | None] | None = None
 
 
@@ -416,7 +416,7 @@ class Scheduler:
     def _output(req: Request, added: list[int]) -> RequestOutput:
         first = len(req.output_token_ids) == len(added)
         prompt_lps = None
-        if req.params.prompt_logprobs is not None and first:
+        if req.params.prompt_logprobs is not None and (first or req.finished):
             prompt_lps = list(req.prompt_logprobs)
         return RequestOutput(
             req.request_id,
