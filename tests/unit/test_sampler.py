@@ -212,6 +212,9 @@ def test_batched_processing_matches_per_row_reference(B, V, seed):
     x = torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
     params, hist = random_case(B, V, seed)
     got = Sampler(EOS_IDS).process(x, params, hist)
+    # the engine hands prompts over as device tensors: the same result
+    as_tensors = [History(torch.tensor(h.prompt), h.output) for h in hist]
+    assert torch.equal(Sampler(EOS_IDS).process(x, params, as_tensors), got)
     want = torch.stack(
         [reference_process(x[b], params[b], hist[b].prompt, hist[b].output) for b in range(B)]
     )

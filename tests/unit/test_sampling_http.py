@@ -19,8 +19,9 @@ from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.http.app import build_app
+from moeray.platform.serve.http.protocol import GenerationParams, GenerationRequest
 from moeray.platform.serve.http.server import OpenAIServerConfig
-from moeray.platform.serve.worker import ColocatedWorker
+from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker
 
 V = 256
 EOS = 255
@@ -322,11 +323,14 @@ def test_prompt_logprobs_with_chunks_cache_hits_and_preemption(model):
             assert [t for t, _ in e.top] == lp[i - 1].topk(2).indices.tolist()
 
 
-def test_worker_passes_prompt_logprobs_once(model):
-    from moeray.platform.serve.http.protocol import GenerationParams, GenerationRequest
+def test_workers_pass_prompt_logprobs_once(model):
+    """Colocated, and decode (which prefills such a request itself: the prefill replica's
+    output carries no prompt logprobs, so fetch must not be called)."""
 
-    async def run():
-        worker = ColocatedWorker(make_engine(model))
+    async def no_fetch(req, start, endpoint):
+        raise AssertionError("a request with prompt logprobs must prefill on the decode replica")
+
+    async def run(worker):
         try:
             req = GenerationRequest(
                 "r", tuple(PROMPT), GenerationParams(max_tokens=4, prompt_logprobs=0)
@@ -335,6 +339,11 @@ def test_worker_passes_prompt_logprobs_once(model):
         finally:
             worker.loop.shutdown()
 
-    steps = asyncio.run(run())
-    assert len(steps[0].prompt_logprobs) == len(PROMPT)
-    assert all(s.prompt_logprobs is None for s in steps[1:])
+    lp = forward_logits(model, PROMPT).log_softmax(-1)
+    for worker in (ColocatedWorker(make_engine(model)), DecodeWorker(make_engine(model), no_fetch)):
+        steps = asyncio.run(run(worker))
+        first = steps[0].prompt_logprobs
+        assert len(first) == len(PROMPT) and first[0] is None
+        assert math.isclose(first[-1].logprob, lp[-2, PROMPT[-1]].item(), abs_tol=1e-4)
+        assert all(s.prompt_logprobs is None for s in steps[1:])
+        assert sum(len(s.token_ids) for s in steps) == 4

@@ -53,10 +53,6 @@ from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, requi
 DEFAULT_PARAMS = SamplingParams()
 
 
-def _history(req: Request, drafts: Sequence[int] = ()) -> History:
-    return History(req.prompt_token_ids, req.output_token_ids + list(drafts))
-
-
 def _generator(req: Request) -> torch.Generator:
     """The request's sampling generator: the engine gives one to every request it adds."""
     if req.generator is None:
@@ -347,7 +343,7 @@ class Engine:
             params = [s.request.params for s in seqs]
             hist = None
             if any(p.processes_logits for p in params):
-                hist = [_history(s.request) for s in seqs]
+                hist = [self._history(s.request) for s in seqs]
             res = self.sampler(rows, params, [_generator(s.request) for s in seqs], hist)
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
@@ -381,6 +377,16 @@ class Engine:
         self.stats.generated_tokens += sum(len(v) for v in sampled.values())
         return outs
 
+    def _history(self, req: Request, drafts: Sequence[int] = ()) -> History:
+        """What the request's logits processing reads: the prompt only for the repetition
+        penalty (uploaded once per request), the output (with drafts) for the rest."""
+        prompt: Sequence[int] | torch.Tensor = ()
+        if req.params.repetition_penalty != 1.0:
+            if req.prompt_ids_tensor is None:
+                req.prompt_ids_tensor = torch.tensor(req.prompt_token_ids, device=self.device)
+            prompt = req.prompt_ids_tensor
+        return History(prompt, req.output_token_ids + list(drafts))
+
     def _spec_logits(
         self, scheduled: Sequence[ScheduledSeq], spec: Sequence[int], fwd: ForwardResult
     ) -> dict[int, torch.Tensor]:
@@ -396,7 +402,7 @@ class Engine:
             s = scheduled[i]
             for j in range(len(s.spec_token_ids) + 1):
                 params.append(s.request.params)
-                hist.append(_history(s.request, s.spec_token_ids[:j]))
+                hist.append(self._history(s.request, s.spec_token_ids[:j]))
         rows = torch.cat([fwd.logits[i] for i in proc])
         processed = self.sampler.process(rows, params, hist)
         for i, chunk in zip(

@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from moeray.platform.engine.sampling_params import SamplingParams
 
@@ -28,10 +29,11 @@ from moeray.platform.engine.sampling_params import SamplingParams
 @dataclass(frozen=True)
 class History:
     """A row's tokens so far: the prompt and the output (for a speculative row, the output
-    includes the drafts before it)."""
+    includes the drafts before it). Either may be a 1-D int64 tensor on the logits' device (the
+    engine keeps the prompt's, so a long prompt is not uploaded every step)."""
 
-    prompt: Sequence[int]
-    output: Sequence[int]
+    prompt: Sequence[int] | torch.Tensor
+    output: Sequence[int] | torch.Tensor
 
 
 def _scatter_value(
@@ -47,18 +49,23 @@ def _scatter_value(
 
 
 def _counts(
-    ids: list[Sequence[int]], V: int, device: torch.device, dtype: torch.dtype
+    rows: Sequence[Sequence[int] | torch.Tensor], V: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[len(ids), V] occurrence counts of each row's token ids."""
-    L = max((len(x) for x in ids), default=0)
-    counts = torch.zeros(len(ids), V + 1, device=device, dtype=dtype)
-    if L == 0:
-        return counts[:, :V]
-    padded = torch.full((len(ids), L), V, dtype=torch.long)
-    for r, x in enumerate(ids):
-        if len(x):
-            padded[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-    padded = padded.to(device)
+    """[len(rows), V] occurrence counts of each row's token ids: the rows are padded with V into
+    one [rows, L] id tensor (the lists in one upload) and scattered into V + 1 columns."""
+    ids = [x if isinstance(x, torch.Tensor) else None for x in rows]
+    lists = [i for i, x in enumerate(ids) if x is None]
+    if lists:
+        flat = torch.tensor([int(t) for i in lists for t in rows[i]], dtype=torch.long)
+        chunks = flat.to(device).split([len(rows[i]) for i in lists])
+        for i, chunk in zip(lists, chunks, strict=True):
+            ids[i] = chunk
+    padded = pad_sequence(
+        [x.to(device=device, dtype=torch.long) for x in ids if x is not None],
+        batch_first=True,
+        padding_value=V,
+    )
+    counts = torch.zeros(len(rows), V + 1, device=device, dtype=dtype)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=dtype))
     return counts[:, :V]
 

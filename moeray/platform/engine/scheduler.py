@@ -82,6 +82,8 @@ class Request:
     # With params.prompt_logprobs: entry t for prompt token t (None for the first), filled as
     # prefill chunks compute them.
     prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
+    # The prompt's ids on the device, kept by the engine for the repetition penalty.
+    prompt_ids_tensor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

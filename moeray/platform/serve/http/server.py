@@ -5,6 +5,11 @@ the context, admits the request's n x prompts choices through the `AdmissionGate
 full), starts one backend generator per choice and merges their events. Each choice's ids are
 detokenized incrementally and cut at stop strings (`text.py`); usage is counted and the metrics
 of `moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
+
+Completions also take `echo` (the prompt's text, and with `logprobs` its tokens scored by the
+engine's prompt logprobs, go before each choice; max_tokens 0 then returns the prompt alone, as
+vLLM does) and `best_of` (best_of choices run per prompt and the n with the highest cumulative
+logprob are returned; not streamable).
 """
 
 from __future__ import annotations
