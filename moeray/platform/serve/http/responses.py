@@ -1,4 +1,5 @@
-"""OpenAI response objects from a request's choice events: stream chunks and full responses."""
+"""OpenAI response objects from a request's choice events: stream chunks and full responses,
+the echoed prompt of completions' `echo`, and best_of's choice selection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from moeray.platform.serve.http.protocol import FinishReason, Tokenizer
+from moeray.platform.serve.http.protocol import (
+    FinishReason,
+    GenerationStep,
+    Tokenizer,
+    TokenLogprob,
+)
 from moeray.platform.serve.http.schemas import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -34,6 +40,30 @@ class ChoiceEvent:
     token_ids: tuple[int, ...]
     logprobs: tuple[Any, ...] | None
     finish_reason: FinishReason | None
+
+
+@dataclass(frozen=True)
+class Echo:
+    """Completions' echo: the prompt's text (and, with logprobs, its scored tokens) goes before
+    each choice's first text. only: max_tokens was 0, so the generated token is dropped."""
+
+    text: str
+    prompt_ids: tuple[int, ...]
+    logprobs: bool
+    only: bool
+
+    def first(self, step: GenerationStep) -> tuple[str, tuple[Any, ...] | None]:
+        """The prompt's text and logprob entries to put before the first step's."""
+        if not self.logprobs:
+            return self.text, None
+        lps = step.prompt_logprobs
+        if lps is None or len(lps) != len(self.prompt_ids):
+            got = None if lps is None else len(lps)
+            raise RuntimeError(
+                f"the backend returned {got} prompt logprobs for {len(self.prompt_ids)} tokens"
+            )
+        head = TokenLogprob(self.prompt_ids[0], None, None)  # no context: no logprob (OpenAI)
+        return self.text, (head, *lps[1:])
 
 
 def select_best(

@@ -34,12 +34,15 @@ from moeray.platform.serve.http.protocol import (
     GenerationBackend,
     GenerationParams,
     GenerationRequest,
-    GenerationStep,
     SamplingDefaults,
     Tokenizer,
-    TokenLogprob,
 )
-from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter, select_best
+from moeray.platform.serve.http.responses import (
+    ChoiceEvent,
+    Echo,
+    ResponseFormatter,
+    select_best,
+)
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -87,30 +90,6 @@ class _RequestStats:
     prompt_tokens: int
     completion_tokens: int = 0
     status: int = 499  # until the request finishes another way, assume the client went away
-
-
-@dataclass(frozen=True)
-class _Echo:
-    """Completions' echo: the prompt's text (and, with logprobs, its scored tokens) goes before
-    each choice's first text. only: max_tokens was 0, so the generated token is dropped."""
-
-    text: str
-    prompt_ids: tuple[int, ...]
-    logprobs: bool
-    only: bool
-
-    def first(self, step: GenerationStep) -> tuple[str, tuple[Any, ...] | None]:
-        """The prompt's text and logprob entries to put before the first step's."""
-        if not self.logprobs:
-            return self.text, None
-        lps = step.prompt_logprobs
-        if lps is None or len(lps) != len(self.prompt_ids):
-            got = None if lps is None else len(lps)
-            raise RuntimeError(
-                f"the backend returned {got} prompt logprobs for {len(self.prompt_ids)} tokens"
-            )
-        head = TokenLogprob(self.prompt_ids[0], None, None)  # no context: no logprob (OpenAI)
-        return self.text, (head, *lps[1:])
 
 
 def _param_of(error: ValueError) -> str | None:
@@ -225,10 +204,11 @@ class OpenAIServer:
         index: int,
         request: GenerationRequest,
         stats: _RequestStats,
-        echo: _Echo | None = None,
+        echo: Echo | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         detok = IncrementalDetokenizer(self.tokenizer)
         stopper = StopMatcher(request.params.stop)
+        stop_ids = frozenset(request.params.stop_token_ids)
         gen = self.backend.generate(request)
         first: float | None = None  # monotonic time of the first step
         last = 0.0  # of the latest step; read only once `first` is set
@@ -254,7 +234,10 @@ class OpenAIServer:
                 stats.completion_tokens += len(step.token_ids)
                 self._record("inc", "moeray_generation_tokens", len(step.token_ids))
                 done = step.finish_reason is not None
-                delta = detok.push(step.token_ids) + (detok.flush() if done else "")
+                shown = step.token_ids
+                if done and step.finish_reason == "stop" and shown[-1] in stop_ids:
+                    shown = shown[:-1]  # a stop token ends the text unshown, as in vLLM
+                delta = detok.push(shown) + (detok.flush() if done else "")
                 text = stopper.push(delta, final=done)
                 finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
                 ids, lps = step.token_ids, step.logprobs
@@ -326,7 +309,7 @@ class OpenAIServer:
         n: int,
         stats: _RequestStats,
         rid: str,
-        echoes: list[_Echo] | None = None,
+        echoes: list[Echo] | None = None,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
         """Start every choice (n per prompt; best_of of them when it is larger) and wait for the
         first event, so that an overloaded backend still gets a 429 (not a 200 stream with an
@@ -361,7 +344,7 @@ class OpenAIServer:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
-        echoes: list[_Echo] | None = None
+        echoes: list[Echo] | None = None
         if isinstance(body, ChatCompletionRequest):
             text = self.chat_template(body.messages)
             prompts = [self.tokenizer.encode(text)]
@@ -414,7 +397,7 @@ class OpenAIServer:
             if body.echo:
                 only = body.max_tokens == 0
                 echoes = [
-                    _Echo(t, tuple(ids), logprobs is not None, only)
+                    Echo(t, tuple(ids), logprobs is not None, only)
                     for t, ids in zip(texts, prompts, strict=True)
                 ]
         n = body.n
