@@ -239,6 +239,25 @@ def test_echo_logprobs_equal_a_direct_forward(api, model):
     )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert ids_of(text)[: len(PROMPT)] == PROMPT and len(ids_of(text)) == len(PROMPT) + 3
+    assert all(ch.choices[0].logprobs is None for ch in chunks if ch.choices)
+    # streamed with logprobs: the first chunk carries the scored prompt, offsets run on
+    chunks = list(
+        api.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=3,
+            echo=True,
+            logprobs=0,
+            temperature=0,
+            stream=True,
+        )
+    )
+    lps = [ch.choices[0].logprobs for ch in chunks if ch.choices]
+    assert lps[0].token_logprobs[0] is None and len(lps[0].tokens) >= len(PROMPT)
+    streamed = [v for lp in lps for v in lp.token_logprobs]
+    assert len(streamed) == len(PROMPT) + 3
+    assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(streamed[1:40], want, strict=True))
+    assert [o for lp in lps for o in lp.text_offset] == list(range(len(PROMPT) + 3))
     # max_tokens=0 needs echo (vLLM's rule)
     with pytest.raises(openai.BadRequestError) as e:
         api.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
@@ -263,30 +282,29 @@ def test_best_of_returns_the_most_likely_choices(api):
 
 
 @pytest.mark.parametrize(
-    "extra,param",
+    "extra,param,named",
     [
-        ({"logit_bias": {"300": 1}}, "logit_bias"),
-        ({"logit_bias": {"3": 150}}, "logit_bias"),
-        ({"stop_token_ids": [999]}, "stop_token_ids"),
-        ({"min_tokens": 9}, "min_tokens"),
-        ({"repetition_penalty": -1.0}, "repetition_penalty"),
-        ({"presence_penalty": 3}, "presence_penalty"),
-        ({"min_p": 2}, "min_p"),
+        ({"logit_bias": {"300": 1}}, "logit_bias", "300"),
+        ({"logit_bias": {"3": 150}}, "logit_bias", "150"),
+        ({"stop_token_ids": [999]}, "stop_token_ids", "999"),
+        ({"min_tokens": 9}, "min_tokens", "min_tokens=9"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty", "-1.0"),
+        ({"presence_penalty": 3}, "presence_penalty", "3"),
+        ({"min_p": 2}, "min_p", "2"),
     ],
 )
-def test_bad_values_are_400_naming_the_param(api, extra, param):
+def test_bad_values_are_400_naming_the_param_and_value(api, extra, param, named):
+    messages = [{"role": "user", "content": "x"}]
     for call in (
         lambda: api.completions.create(model="tiny", prompt="x", max_tokens=8, extra_body=extra),
         lambda: api.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "x"}],
-            max_tokens=8,
-            extra_body=extra,
+            model="tiny", messages=messages, max_tokens=8, extra_body=extra
         ),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             call()
-        assert e.value.body["param"] == param and param in e.value.body["message"]
+        msg = e.value.body["message"]
+        assert e.value.body["param"] == param and param in msg and named in msg, msg
 
 
 # ---- the engine directly: speculative decoding and prompt logprobs under pressure -------------
