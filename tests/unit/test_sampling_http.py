@@ -324,6 +324,19 @@ def test_mtp_verification_uses_the_processed_distribution(model):
     assert [o.output_token_ids for o in eng.generate(prompts, ps)] == [[9] * 10] * 3
 
 
+def test_seeded_penalized_request_does_not_depend_on_its_batch(model):
+    kw = dict(temperature=1.2, max_tokens=10, repetition_penalty=1.4, presence_penalty=0.3)
+    ps = [SamplingParams(seed=70 + i, **kw) for i in range(3)]
+    others = [SamplingParams(temperature=0, max_tokens=6), SamplingParams(min_p=0.1, seed=1)]
+    prompts = [PROMPT, PROMPT[:20], [3, 1, 4, 1, 5]]
+    together = make_engine(model).generate(prompts + prompts[:2], ps + others)
+    for i in range(3):
+        alone = make_engine(model).generate([prompts[i]], [ps[i]])[0]
+        assert alone.output_token_ids == together[i].output_token_ids
+    greedy = make_engine(model).generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    assert [o.output_token_ids for o in together[:3]] != [o.output_token_ids for o in greedy]
+
+
 def test_prompt_logprobs_with_chunks_cache_hits_and_preemption(model):
     prompts = [PROMPT, [*PROMPT[:35], 1, 2, 3, 4, 5], list(range(60, 110))]
     # 6 pages of 16 tokens for three prompts of 40-50 tokens: preemption by recompute

@@ -6,9 +6,11 @@ Use:
 or drive it step by step (what a Serve replica does): add_request / abort / step.
 
 Each step: the scheduler picks the batch (continuous batching, chunked prefill), the runner runs
-the main model over it, each request that reached its last known token gets a token (or, with
-speculative decoding, its accepted drafts plus one), the scheduler applies stops and frees pages,
-and the MTP drafter proposes the next drafts.
+the main model over it, requests that ask for prompt logprobs get those of the prompt positions
+just computed, each request that reached its last known token gets a token sampled from its
+processed logits (min_tokens, logit_bias, penalties: one batched pass; with speculative decoding,
+its drafts are verified against the same processed distribution, then one more token), the
+scheduler applies stops and frees pages, and the MTP drafter proposes the next drafts.
 """
 
 from __future__ import annotations
