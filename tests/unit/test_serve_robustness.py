@@ -172,6 +172,35 @@ def test_lone_surrogate_is_a_400_naming_the_field():
         assert ok.choices[0].text == "ab"
 
 
+def test_a_template_that_refuses_the_messages_is_a_400():
+    """A model's Jinja template calls raise_exception (ValueError) on messages it does not take:
+    the client's mistake, so a 400 on `messages`, not a 500."""
+
+    def strict_template(messages):
+        if messages[0].role != "user":
+            raise ValueError("Conversation must start with a user message")
+        return deepseek_chat_prompt(messages)
+
+    app = build_app(
+        EchoEngine(),
+        ByteTokenizer(),
+        OpenAIServerConfig(model_id="tiny", max_context=512),
+        chat_template=strict_template,
+    )
+    with serve_app(app) as url:
+        client = _client(url)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "assistant", "content": "hi"}], max_tokens=2
+            )
+        assert e.value.body["param"] == "messages"
+        assert "must start with a user message" in e.value.body["message"]
+        ok = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert ok.choices[0].finish_reason == "length"
+
+
 class FailingEngine(EchoEngine):
     """Fails the way a killed Ray replica does: the error text names the actor, pid and node."""
 
