@@ -76,7 +76,10 @@ def test_channel_receive_times_out_when_the_sender_never_sends():
             with pytest.raises(Exception, match=r"(?i)timeout|timed out|wait"):
                 await recv.receive(forged)
             with pytest.raises(TypeError, match="ticket"):
-                await recv.receive(_rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1))
+                await recv.receive("not a ticket")
+            # Rows in the reply are what a prefill replica on the same GPU sends instead.
+            rows = _rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1)
+            assert await recv.receive(rows) is rows
         finally:
             recv.close()
 
