@@ -442,6 +442,11 @@ def preset(name: str) -> ModelConfig:
 
 # ---- serving -----------------------------------------------------------------------------------
 
+# The ingress' request body limit (413 above it). 8 MiB: a full 128K-token context is ~0.5 MB of
+# English text, ~1 MB as a JSON list of token ids, ~3 MB as \uXXXX-escaped CJK; 8 MiB leaves room
+# for a batch of prompts, while a body that would take tens of seconds to tokenize (20 MB: 34 s)
+# is refused before it is read.
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 DEFAULT_DEMO_MODEL = "artifacts/demo-model"  # where `make demo` leaves the trained tiny model
 
 
@@ -461,6 +466,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     max_in_flight: int = 256  # admitted choices at the ingress before 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies: 413, never parsed
     max_waiting: int = 64  # requests queued per engine replica before 429
     kv_transport: str = "object_store"
     kv_transfer_timeout_s: float = 30.0  # rdt/channel setup and each send/recv; then recompute
@@ -490,6 +496,7 @@ class ServeConfig:
             "prefill_replicas",
             "decode_replicas",
             "max_in_flight",
+            "max_body_bytes",
             "max_waiting",
             "page_size",
             "max_num_seqs",

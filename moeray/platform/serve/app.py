@@ -81,6 +81,7 @@ class Ingress:
             model_id=self.cfg.served_model_id,
             max_context=self.max_context,
             max_in_flight=self.cfg.max_in_flight,
+            max_body_bytes=self.cfg.max_body_bytes,
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
             sampling_defaults=sampling_defaults(self.cfg.model),
@@ -278,6 +279,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help=f"refuse larger request bodies with 413 before parsing (default: {d.max_body_bytes})",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -300,6 +307,7 @@ def main(argv: list[str]) -> int:
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
             max_model_len=a.max_model_len,
+            max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
         )

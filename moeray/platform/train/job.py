@@ -11,7 +11,9 @@ reported by the workers (`loop.py`). Rank 0 writes the final model as an HF dire
 tokenizer, which `moeray serve` and transformers load.
 
 Run directory: <storage>/<name>/ holds data/ (tokenizer/, tokens.pt), history.jsonl (one line per
-step, from rank 0), router_state.pt, Ray Train's checkpoints, and the final model (`output`).
+step, from rank 0; a step re-run after a resume is marked "replay", history.py),
+history.rolled_back.jsonl (the records a resume rolled back), router_state.pt, Ray Train's
+checkpoints, and the final model (`output`).
 """
 
 from __future__ import annotations
