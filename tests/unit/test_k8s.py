@@ -382,3 +382,27 @@ def test_rayservice_groups_follow_ep_and_replicas(tmp_path):
         rayservice({**args, "decode_replicas": 12}, tag="t")
     with pytest.raises(ValueError, match="api_key"):
         rayservice({**args, "api_key": "secret"}, tag="t")
+
+
+def test_serve_gpus_count_ep_and_gpu_env_reaches_the_pods():
+    from types import SimpleNamespace
+
+    from moeray.platform.k8s.render import serve_gpus
+
+    cfg = SimpleNamespace(
+        ep=8,
+        mode="pd",
+        prefill_replicas=1,
+        decode_replicas=2,
+        gpus_per_replica=1.0,
+        autoscaling=None,
+    )
+    assert serve_gpus(cfg) == {"decode": 16.0, "prefill": 8.0}
+    cfg.mode = "colocated"
+    assert serve_gpus(cfg) == {"decode": 16.0}
+    from moeray.platform.k8s import render_all
+
+    files = render_all("configs/train/small-pp2-ep2-gpu.yaml", SERVE, gpu="h200")
+    (job, _) = yaml.safe_load_all(files["rayjob-train.yaml"])
+    (head,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert {"name": "MOERAY_GPU", "value": "h200"} in head["env"]

@@ -16,6 +16,8 @@ import yaml
 
 from moeray.platform.k8s.monitoring import monitors, network_policy
 from moeray.platform.k8s.render import grafana_configmaps, raycluster, rayjob, rayservice
+from moeray.platform.plan.gpus import GPUS
+from moeray.platform.train.job import load_config
 
 VERSION_TAG = "0.1.0"
 HEADER = (
@@ -45,21 +47,25 @@ def _dump(docs: list[dict[str, Any]], source: str) -> str:
 
 
 def render_all(
-    train_config: str, serve_config: str, *, tag: str = VERSION_TAG, gpus_per_node: int = 8
+    train_config: str,
+    serve_config: str,
+    *,
+    tag: str = VERSION_TAG,
+    gpus_per_node: int = 8,
+    gpu: str | None = None,
 ) -> dict[str, str]:
     """File name -> text of every manifest."""
-    from moeray.platform.train.job import load_config
-
     job = load_config(train_config)
     serve = yaml.safe_load(Path(serve_config).read_text())
     if not isinstance(serve, dict):
         raise ValueError(f"{serve_config} must hold a mapping (a Serve config file or its args)")
     return {
         "rayjob-train.yaml": _dump(
-            rayjob(job, train_config, tag=tag, gpus_per_node=gpus_per_node), train_config
+            rayjob(job, train_config, tag=tag, gpus_per_node=gpus_per_node, gpu=gpu),
+            train_config,
         ),
         "rayservice.yaml": _dump(
-            rayservice(serve, tag=tag, gpus_per_node=gpus_per_node), serve_config
+            rayservice(serve, tag=tag, gpus_per_node=gpus_per_node, gpu=gpu), serve_config
         ),
         "raycluster.yaml": _dump(raycluster(tag=tag, gpus_per_node=gpus_per_node), "defaults"),
         "monitoring.yaml": _dump(monitors(), "moeray/platform/k8s/monitoring.py"),
@@ -77,6 +83,12 @@ def main(argv: list[str]) -> int:
     r.add_argument("--out", default="k8s", help="output directory (default k8s/)")
     r.add_argument("--tag", default=VERSION_TAG, help="image tag (moeray:TAG-gpu/-cpu)")
     r.add_argument("--gpus-per-node", type=int, default=8)
+    r.add_argument(
+        "--gpu",
+        choices=sorted(GPUS),
+        help="the nodes' GPU: set as MOERAY_GPU in the pods, so that `moeray train`/`serve` on "
+        "a GPU-less head check memory against it",
+    )
     r.add_argument("--check", action="store_true", help="only report files that differ")
     a = p.parse_args(argv)
     try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from moeray.platform.k8s.render import LABELS, METRICS_PORT, SERVE_PORT
 
 RELABEL = [
@@ -68,8 +70,6 @@ def monitors() -> list[dict[str, Any]]:
 
 
 def _prometheus_yml() -> str:
-    import yaml
-
     relabel: list[dict[str, Any]] = [
         {
             "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],

@@ -118,7 +118,13 @@ def _pods(units: int, per_node: int, what: str) -> tuple[int, int]:
     return units // per_pod, per_pod
 
 
-def rayjob(job: Any, config_path: str, *, tag: str, gpus_per_node: int = 8) -> list[dict]:
+def _gpu_env(gpu: str | None) -> list[dict[str, Any]]:
+    return [{"name": "MOERAY_GPU", "value": gpu}] if gpu else []
+
+
+def rayjob(
+    job: Any, config_path: str, *, tag: str, gpus_per_node: int = 8, gpu: str | None = None
+) -> list[dict]:
     """RayJob for `job` (a TrainJobConfig read from `config_path`, repository-relative), and the
     PersistentVolumeClaim of its shared run storage."""
     world = job.parallel.world
@@ -159,6 +165,7 @@ def rayjob(job: Any, config_path: str, *, tag: str, gpus_per_node: int = 8) -> l
                     "headGroupSpec": _head(
                         image,
                         dashboard_private=True,
+                        env=_gpu_env(gpu),
                         mounts=[mount],
                         volumes=[runs],
                         restart_never=True,
@@ -210,7 +217,9 @@ def serve_gpus(cfg: ServeConfig) -> dict[str, float]:
     return out
 
 
-def rayservice(data: dict[str, Any], *, tag: str, gpus_per_node: int = 8) -> list[dict]:
+def rayservice(
+    data: dict[str, Any], *, tag: str, gpus_per_node: int = 8, gpu: str | None = None
+) -> list[dict]:
     cfg, file = read_serve_config(data)
     if cfg.api_key:
         raise ValueError("the serve config holds api_key: keep it in the moeray-api-key Secret")
@@ -256,7 +265,7 @@ def rayservice(data: dict[str, Any], *, tag: str, gpus_per_node: int = 8) -> lis
             {"name": "dashboard", "containerPort": 8265},
             {"name": "serve", "containerPort": SERVE_PORT},
         ],
-        env=[API_KEY_ENV],
+        env=[API_KEY_ENV, *_gpu_env(gpu)],
         mounts=mounts[:1],
         volumes=[models],
         cpus=4,

@@ -16,6 +16,8 @@ import math
 import os
 from typing import Any
 
+import torch
+
 from moeray.platform.config import ModelConfig
 from moeray.platform.plan.gpus import gpu
 from moeray.platform.plan.memory import (
@@ -43,8 +45,6 @@ def device_budget_gb(use_gpu: bool, workers_here: int) -> tuple[float, str] | No
         if name:
             spec = gpu(name)
             return spec.hbm_gb, f"a {spec.name} ($MOERAY_GPU) has {spec.hbm_gb:g} GB"
-        import torch
-
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return props.total_memory / GB, f"{props.name} has {props.total_memory / GB:.1f} GB"
