@@ -22,7 +22,12 @@ from moeray.platform.plan.memory import (
 )
 from moeray.platform.plan.params import Params
 from moeray.platform.plan.search import score, search
-from moeray.platform.plan.serving import kv_capacity_tokens, weight_bytes_per_gpu
+from moeray.platform.plan.serving import (
+    Workload,
+    kv_capacity_tokens,
+    plan_serving,
+    weight_bytes_per_gpu,
+)
 
 
 def within(value: float, published: float, rel: float = 0.02) -> bool:
@@ -189,3 +194,35 @@ def test_recipe_matters():
     paper = worst_rank(train_memory(cfg, TrainLayout(16, 64, 2), DEEPSEEK_V3)).total
     fp32 = worst_rank(train_memory(cfg, TrainLayout(16, 64, 2), MOERAY_FP32)).total
     assert fp32 > 1.5 * paper
+
+
+def test_pd_split_uses_the_gpus_and_follows_the_workload():
+    h800 = gpu("h800")
+    s = plan_serving(deepseek_v3(), h800, gpus=1024)
+    assert s.prefill_gpus + s.decode_gpus <= 1024 and s.prefill_groups >= 1 <= s.decode_groups
+    assert 1024 - (s.prefill_gpus + s.decode_gpus) < max(s.prefill_ep, s.decode_ep)
+    long_in = plan_serving(deepseek_v3(), h800, gpus=1024, workload=Workload(8000, 500))
+    long_out = plan_serving(deepseek_v3(), h800, gpus=1024, workload=Workload(500, 8000))
+    assert long_in.prefill_gpus > s.prefill_gpus > long_out.prefill_gpus
+    # the decode rate is the batch over the step bound
+    assert s.decode_tokens_per_s_per_gpu == pytest.approx(32 / (s.decode_tpot_bound_ms / 1e3))
+    with pytest.raises(ValueError, match="fewer than one prefill group"):
+        plan_serving(deepseek_v3(), h800, gpus=100)
+    out = json.loads(_run(["--serve-gpus", "1024", "--json"]))
+    assert out["serving"]["prefill_gpus"] == s.prefill_gpus
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipe"])
+def test_long_steps_extrapolate_to_the_full_simulation(name):
+    from moeray.platform.parallel.schedule import build
+    from moeray.platform.parallel.simulate import peak_activations, simulate
+    from moeray.platform.plan.memory import schedule_stats
+
+    costs = Costs(1.5, 3.0, 1.0, 3.5)
+    s = build(name, 8, 202)  # past 8 x PP: schedule_stats extrapolates
+    t = simulate(s, costs)
+    frac, live = schedule_stats(name, 8, 202, costs)
+    assert frac == pytest.approx(t.bubble() / t.makespan, rel=1e-9)
+    assert live == tuple(peak_activations(s, r) for r in range(8))
+    with pytest.raises(ValueError):
+        schedule_stats("dualpipe", 8, 203, costs)  # odd: invalid at full length too

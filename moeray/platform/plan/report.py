@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
@@ -77,7 +77,6 @@ def default_layout(
                 pp=PAPER_PP,
                 ep=PAPER_EP,
                 dp=gpus // (PAPER_PP * PAPER_EP),
-                schedule="dualpipe",
             )
             return score(cfg, spec, paper, gpus_per_node, recipe)
         except ValueError:
@@ -126,13 +125,14 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     serving = plan_serving(
         cfg,
         spec,
+        gpus=args.serve_gpus,
         gpus_per_node=args.gpus_per_node,
         workload=Workload(args.input_tokens, args.output_tokens, args.decode_batch),
     )
     mem = worst_rank(train_memory(cfg, layout, recipe))
     report: dict[str, Any] = {
         "model": args.model,
-        "gpu": spec.__dict__,
+        "gpu": asdict(spec),
         "gpus": args.gpus,
         "gpus_per_node": args.gpus_per_node,
         "recipe": recipe.name,
@@ -253,6 +253,11 @@ def parser() -> argparse.ArgumentParser:
         default=Workload.decode_batch_per_gpu,
         help="decode tokens per GPU per step (default 32, the ISCA'25 bound's)",
     )
+    p.add_argument(
+        "--serve-gpus",
+        type=int,
+        help="GPUs to split between prefill and decode (default: one group of each, scaled)",
+    )
     p.add_argument("--search", action="store_true", help="rank every layout that fits")
     p.add_argument("--top", type=int, default=10, help="layouts shown by --search")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -261,8 +266,21 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    for name in ("gpus", "gpus_per_node", "seq_len", "global_batch", "microbatch_seqs", "top"):
-        if getattr(args, name) < 1:
+    for name in (
+        "gpus",
+        "gpus_per_node",
+        "seq_len",
+        "global_batch",
+        "microbatch_seqs",
+        "top",
+        "pp",
+        "ep",
+        "serve_gpus",
+        "input_tokens",
+        "output_tokens",
+        "decode_batch",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"moeray plan: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
