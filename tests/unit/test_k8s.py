@@ -406,3 +406,31 @@ def test_serve_gpus_count_ep_and_gpu_env_reaches_the_pods():
     (job, _) = yaml.safe_load_all(files["rayjob-train.yaml"])
     (head,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     assert {"name": "MOERAY_GPU", "value": "h200"} in head["env"]
+
+
+@pytest.mark.parametrize("flavor", ["gpu", "cpu"], ids=["cuda-image", "cpu-image"])
+def test_dockerfiles_build_what_the_manifests_name(flavor):
+    import re
+    import tomllib
+
+    from moeray.platform.k8s import VERSION_TAG
+    from moeray.platform.k8s.render import images
+
+    text = (K8S / f"Dockerfile.{flavor}").read_text()
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(d for d in deps if d.startswith("torch=="))
+    assert f"pip install {torch_pin} --index-url" in text  # the CUDA or CPU wheel, same version
+    assert "ray[serve,train]==2.58.0" in deps  # what `pip install .` brings
+    for src in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), path
+    assert "WORKDIR /app" in text  # the manifests' workingDir
+    image = images(VERSION_TAG)[flavor]
+    assert f"-t {image} ." in text
+    named = {
+        c["image"]
+        for _, spec in cluster_specs()
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
+    assert named <= set(images(VERSION_TAG).values())
