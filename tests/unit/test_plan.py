@@ -78,6 +78,8 @@ def test_v3_defaults_are_the_papers_setting(v3_report):
     assert r["decode_all_to_all_layers"] == 59
     # the report's serving units: prefill EP32 (4 nodes); decode EP144 (18 nodes, production)
     assert r["serving"]["prefill_ep"] == 32 and r["serving"]["decode_ep"] == 144
+    # at EP144 the all-to-all, not reading weights and KV from HBM, bounds the step
+    assert r["serving"]["decode_memory_ms"] < r["serving"]["decode_all_to_all_ms"]
 
 
 def test_isca_tpot_derivation_reproduced():
@@ -181,6 +183,7 @@ def test_search_ranks_fitting_layouts(capsys):
 def test_table_and_errors(capsys):
     table = _run(["--model", "moonlight_16b_a3b", "--gpu", "h200", "--gpus", "64"])
     assert "fits" in table and "KV cache 31,104 bytes per token" in table
+    assert "all-to-all none (EP1)" in table  # 16B fits one H200: no expert parallelism
     assert plan.main(["--model", "nope"]) == 2
     assert "expected a preset" in capsys.readouterr().err
     assert plan.main(["--gpus", "1000", "--pp", "16", "--ep", "64"]) == 2

@@ -210,9 +210,15 @@ def render_table(r: dict[str, Any]) -> str:
         f"  KV cache {r['kv_bytes_per_token']:,} bytes per token; decode EP{s['decode_ep']} holds "
         f"{_gb(s['decode_weights_gb'])} of weights per GPU, room for "
         f"{s['kv_capacity_tokens_per_decode_gpu']:,} tokens of KV",
-        f"  decode step bound {r['decode_tpot_bound_ms']:.2f} ms "
-        f"({r['decode_all_to_all_layers']} MoE layers of all-to-all at "
-        f"{g['nic_gbs']:g} GB/s), {s['decode_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU",
+        f"  decode step bound {r['decode_tpot_bound_ms']:.2f} ms: all-to-all "
+        + (
+            f"{s['decode_all_to_all_ms']:.2f} ms ({r['decode_all_to_all_layers']} MoE layers at "
+            f"{g['nic_gbs']:g} GB/s)"
+            if s["decode_ep"] > 1
+            else "none (EP1)"
+        )
+        + f", HBM reads {s['decode_memory_ms']:.2f} ms; "
+        f"{s['decode_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU",
         f"  prefill EP{s['prefill_ep']}: {s['prefill_tokens_per_s_per_gpu']:,.0f} tokens/s per "
         f"GPU; suggested split {s['prefill_groups']} x EP{s['prefill_ep']} prefill : "
         f"{s['decode_groups']} x EP{s['decode_ep']} decode",

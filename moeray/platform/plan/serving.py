@@ -1,7 +1,9 @@
 """Serving capacity: KV cache per token and per decode GPU, the decode step bound, and a suggested
 prefill/decode split with expert-parallel degrees.
 
-Both phases run attention data-parallel and experts expert-parallel (DeepSeek-V3 report section
+The decode step bound is the larger of the all-to-all time (comm.py, DeepSeek's ISCA'25 analysis)
+and the time to read the weights and the batch's KV from HBM once. Both phases run attention
+data-parallel and experts expert-parallel (DeepSeek-V3 report section
 3.4): every GPU of an EP group holds the dense weights and the MTP module, and its share of the
 routed experts plus redundant copies of hot ones (EPLB). Weights are served as stored: FP8 e4m3
 for a checkpoint with an FP8 `quantization_config` (embedding and head stay BF16), else BF16.
@@ -108,7 +110,9 @@ class ServingPlan:
     decode_ep: int
     decode_weights_gb: float
     kv_capacity_tokens: int  # per decode GPU
-    decode_tpot_bound_ms: float
+    decode_tpot_bound_ms: float  # the larger of the two below
+    decode_all_to_all_ms: float  # the ISCA'25 bound (0 without expert parallelism)
+    decode_memory_ms: float  # reading the GPU's weights and its batch's KV once per step
     decode_tokens_per_s_per_gpu: float
     prefill_tokens_per_s_per_gpu: float
     prefill_groups: int
@@ -130,6 +134,8 @@ class ServingPlan:
             "decode_weights_gb": self.decode_weights_gb,
             "kv_capacity_tokens_per_decode_gpu": self.kv_capacity_tokens,
             "decode_tpot_bound_ms": self.decode_tpot_bound_ms,
+            "decode_all_to_all_ms": self.decode_all_to_all_ms,
+            "decode_memory_ms": self.decode_memory_ms,
             "decode_tokens_per_s_per_gpu": self.decode_tokens_per_s_per_gpu,
             "prefill_tokens_per_s_per_gpu": self.prefill_tokens_per_s_per_gpu,
             "prefill_groups": self.prefill_groups,
@@ -150,17 +156,21 @@ def plan_serving(
     """Suggested EP degrees and prefill/decode groups for `gpus` GPUs (default: the smallest
     deployment, one group of each phase scaled to the workload's ratio)."""
     p_ep, d_ep = prefill_ep(cfg, gpu, gpus_per_node), decode_ep(cfg, gpu, gpus_per_node)
-    tpot = 0.0
+    a2a = 0.0
     if d_ep > 1:
-        tpot = decode_tpot_bound_s(
+        a2a = decode_tpot_bound_s(
             gpu,
             hidden=cfg.hidden_size,
             experts_per_token=cfg.num_experts_per_tok + cfg.n_shared_experts,
             layers=decode_all_to_all_layers(cfg),
             tokens_per_gpu=workload.decode_batch_per_gpu,
         )
-    # without all-to-all the step is bounded by reading the weights once per step
-    tpot = max(tpot, weight_bytes_per_gpu(cfg, d_ep) / (gpu.hbm_tbs * 1e12))
+    # each step reads this GPU's weights and its sequences' latent KV (mean context: the prompt
+    # plus half the output) from HBM at least once
+    context = workload.input_tokens + workload.output_tokens / 2
+    kv = workload.decode_batch_per_gpu * context * kv_bytes_per_token(cfg)
+    memory = (weight_bytes_per_gpu(cfg, d_ep) + kv) / (gpu.hbm_tbs * 1e12)
+    tpot = max(a2a, memory)
     decode_rate = workload.decode_batch_per_gpu / tpot
     flops = prefill_flops_per_token(cfg, workload.input_tokens)
     prefill_rate = PREFILL_MFU * gpu.fp8_tflops * 1e12 / flops
@@ -187,6 +197,8 @@ def plan_serving(
         decode_weights_gb=weight_bytes_per_gpu(cfg, d_ep) / GB,
         kv_capacity_tokens=kv_capacity_tokens(cfg, gpu, d_ep),
         decode_tpot_bound_ms=tpot * 1e3,
+        decode_all_to_all_ms=a2a * 1e3,
+        decode_memory_ms=memory * 1e3,
         decode_tokens_per_s_per_gpu=decode_rate,
         prefill_tokens_per_s_per_gpu=prefill_rate,
         prefill_groups=groups_p,
