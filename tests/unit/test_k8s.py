@@ -287,10 +287,11 @@ def test_monitoring_scrapes_the_metrics_port(tmp_path):
 
 
 def test_committed_manifests_equal_a_fresh_render(tmp_path):
+    from moeray import cli
     from moeray.platform import k8s
 
     args = ["render", "--train-config", TRAIN, "--serve-config", SERVE, "--out", str(K8S)]
-    assert k8s.main([*args, "--check"]) == 0, "k8s/ is stale: run `make k8s`"
+    assert cli.main(["k8s", *args, "--check"]) == 0, "k8s/ is stale: run `make k8s`"
     stale = tmp_path / "k8s"
     shutil.copytree(K8S, stale)
     (stale / "rayservice.yaml").write_text("# edited by hand\n")
