@@ -176,15 +176,16 @@ class ModelConfig:
         """bf16 latent cache: (kv_lora_rank + qk_rope_head_dim) x 2 bytes per main layer."""
         return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * 2
 
-    def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
-        """Parameter count computed from the shapes (embedding and head counted once each)."""
+    @property
+    def attention_parameters(self) -> int:
+        """One block's MLA projections, their latent norms and the block's two norms."""
         D, H = self.hidden_size, self.num_attention_heads
         q = (
             D * H * self.qk_head_dim
             if self.q_lora_rank is None
             else (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim)
         )
-        attn = (
+        return (
             q
             + D * (self.kv_lora_rank + self.qk_rope_head_dim)
             + self.kv_lora_rank
@@ -192,6 +193,11 @@ class ModelConfig:
             + H * self.v_head_dim * D
             + 2 * D
         )
+
+    def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
+        """Parameter count computed from the shapes (embedding and head counted once each)."""
+        D = self.hidden_size
+        attn = self.attention_parameters
         dense = 3 * D * self.intermediate_size
         expert = 3 * D * self.moe_intermediate_size
         n_exp = self.num_experts_per_tok if activated else self.n_routed_experts

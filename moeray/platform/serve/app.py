@@ -28,6 +28,7 @@ from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
+from moeray.platform.plan.check import check_serve
 from moeray.platform.serve.generation_config import sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
@@ -338,6 +339,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         notes = check_model_dir(cfg)
+        notes += check_serve(cfg, ModelConfig.from_hf(cfg.model))  # fits before Serve starts
     except ValueError as e:
         print(f"moeray serve: cannot serve {cfg.model}: {e}", file=sys.stderr)
         return 2

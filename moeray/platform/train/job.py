@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s
+from moeray.platform.plan.check import check_train
 from moeray.platform.routing.state import RouterConfig
 from moeray.platform.train import data
 from moeray.platform.train.job_config import TrainJobConfig
@@ -158,9 +159,12 @@ def main(argv: list[str]) -> int:
                 "fp8": args.fp8,
             },
         )
+        notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"moeray train: note: {note}", file=sys.stderr)
     out = run(job)
     print(f"moeray train: done; model at {out}")
     return 0
