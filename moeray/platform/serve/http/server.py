@@ -1,10 +1,11 @@
 """The request handling behind the OpenAI routes: one `OpenAIServer` per ingress replica.
 
-Per request it checks the model, tokenizes (chat through the chat template), fits max_tokens to
-the context, admits the request's n x prompts choices through the `AdmissionGate` (429 when
-full), starts one backend generator per choice and merges their events. Each choice's ids are
-detokenized incrementally and cut at stop strings (`text.py`); usage is counted and the metrics
-of `moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
+Per request it checks the model, tokenizes (chat through the chat template) on a thread pool, so
+that a long prompt does not stall the event loop, fits max_tokens to the context, admits the
+request's n x prompts choices through the `AdmissionGate` (429 when full), starts one backend
+generator per choice and merges their events. Each choice's ids are detokenized incrementally and
+cut at stop strings (`text.py`); usage is counted and the metrics of `moeray.platform.metrics`
+recorded. The response is one JSON body or an SSE stream.
 
 Completions also take `echo` (the prompt's text, and with `logprobs` its tokens scored by the
 engine's prompt logprobs, go before each choice; max_tokens 0 then returns the prompt alone, as
@@ -16,18 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from moeray.platform.config import DEFAULT_MAX_BODY_BYTES
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.http.admission import AdmissionGate
 from moeray.platform.serve.http.chat import ChatTemplate, deepseek_chat_prompt
-from moeray.platform.serve.http.errors import APIError, error_body, too_many_requests
+from moeray.platform.serve.http.errors import (
+    APIError,
+    error_body,
+    internal_error_message,
+    too_many_requests,
+)
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     FinishReason,
@@ -43,6 +52,7 @@ from moeray.platform.serve.http.responses import (
     ResponseFormatter,
     select_best,
 )
+from moeray.platform.serve.http.sampling import generation_params
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,11 +63,17 @@ from moeray.platform.serve.http.schemas import (
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
 from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class OpenAIServerConfig:
     """model_id: the name clients send as `model`; max_context: prompt + completion tokens.
-    max_in_flight: admitted choices at once (a request with n=4 takes 4) before 429."""
+    max_in_flight: admitted choices at once (a request with n=4 takes 4) before 429.
+    max_body_bytes: larger request bodies get a 413 before they are parsed.
+    tokenizer_threads: the pool that runs chat templates and tokenization off the event loop
+    (the tokenizers library releases the GIL while it encodes, so /health and streams keep
+    going meanwhile)."""
 
     model_id: str
     max_context: int
@@ -67,13 +83,22 @@ class OpenAIServerConfig:
     max_n: int = 16
     default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat uses the context
     created: int = 0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tokenizer_threads: int = 4
     # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
-        for name in ("max_context", "max_in_flight", "max_n", "default_max_tokens"):
+        for name in (
+            "max_context",
+            "max_in_flight",
+            "max_n",
+            "default_max_tokens",
+            "max_body_bytes",
+            "tokenizer_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.retry_after_s > 0:
@@ -92,12 +117,6 @@ class _RequestStats:
     status: int = 499  # until the request finishes another way, assume the client went away
 
 
-def _param_of(error: ValueError) -> str | None:
-    """GenerationParams' messages start with `name=value`: the field to name in the 400."""
-    name = str(error).split("=", 1)[0]
-    return name if name in {f.name for f in dataclasses.fields(GenerationParams)} else None
-
-
 class OpenAIServer:
     """The request handling behind the routes; one per ingress replica."""
 
@@ -113,6 +132,12 @@ class OpenAIServer:
         self.backend, self.tokenizer, self.config = backend, tokenizer, config
         self.metrics, self.chat_template = metrics, chat_template
         self.gate = AdmissionGate(config.max_in_flight, config.retry_after_s)
+        self._tokenize_pool = ThreadPoolExecutor(
+            config.tokenizer_threads, thread_name_prefix="moeray-tokenize"
+        )
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def _record(self, kind: str, name: str, value: float, **labels: str) -> None:
         if self.metrics is not None:
@@ -334,21 +359,41 @@ class OpenAIServer:
             raise
         return merged, first
 
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await self._handle("completions", body)
+    async def completions(self, body: CompletionRequest, request_id: str = "-") -> Any:
+        return await self._handle("completions", body, request_id)
 
-    async def chat(self, body: ChatCompletionRequest) -> Any:
-        return await self._handle("chat", body)
+    async def chat(self, body: ChatCompletionRequest, request_id: str = "-") -> Any:
+        return await self._handle("chat", body, request_id)
 
-    async def _handle(self, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Any:
+    def _prompts(self, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+        """The request's prompts as token ids (chat through the template); runs on the pool."""
+        if isinstance(body, ChatCompletionRequest):
+            try:
+                text = self.chat_template(body.messages)
+            except ValueError as e:  # a template's raise_exception: it refuses these messages
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            ids = self.tokenizer.encode(text)
+            self._check_ids(ids, "messages")
+            return [ids]
+        prompts = []
+        for i, p in enumerate(body.prompt):
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            self._check_ids(ids, "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]")
+            prompts.append(ids)
+        return prompts
+
+    async def _handle(
+        self, endpoint: str, body: CompletionRequest | ChatCompletionRequest, request_id: str
+    ) -> Any:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
         echoes: list[Echo] | None = None
+        # Off the event loop: a megabyte prompt takes seconds to template and encode.
+        prompts = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self._prompts, body
+        )
         if isinstance(body, ChatCompletionRequest):
-            text = self.chat_template(body.messages)
-            prompts = [self.tokenizer.encode(text)]
-            self._check_ids(prompts[0], "messages")
             if body.max_tokens is not None and body.max_completion_tokens is not None:
                 raise APIError(
                     400,
@@ -366,13 +411,6 @@ class OpenAIServer:
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            prompts, texts = [], []
-            for i, p in enumerate(body.prompt):
-                ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-                param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
-                self._check_ids(ids, param)
-                prompts.append(ids)
-                texts.append(p if isinstance(p, str) else self.tokenizer.decode(ids))
             requested = body.max_tokens
             if requested == 0:
                 # As vLLM: max_tokens 0 with echo returns the scored prompt alone (the engine
@@ -397,48 +435,26 @@ class OpenAIServer:
             if body.echo:
                 only = body.max_tokens == 0
                 echoes = [
-                    Echo(t, tuple(ids), logprobs is not None, only)
-                    for t, ids in zip(texts, prompts, strict=True)
+                    Echo(
+                        p if isinstance(p, str) else self.tokenizer.decode(ids),
+                        tuple(ids),
+                        logprobs is not None,
+                        only,
+                    )
+                    for p, ids in zip(body.prompt, prompts, strict=True)
                 ]
         n = body.n
         best_of = getattr(body, "best_of", None) or n
         weight = self._check_n(n, len(prompts), best_of)
         self._check_token_params(body)
-        # Fields the request leaves unset take the model's generation_config.json values.
-        given = body.model_fields_set
-        temperature = body.temperature
-        if "temperature" not in given and defaults.temperature is not None:
-            temperature = defaults.temperature
-        top_p = body.top_p
-        if "top_p" not in given and defaults.top_p is not None:
-            top_p = defaults.top_p
-        top_k = body.top_k if body.top_k is not None else (defaults.top_k or 0)
-        min_p = body.min_p if body.min_p is not None else (defaults.min_p or 0.0)
-        rep = body.repetition_penalty
-        if rep is None:
-            rep = defaults.repetition_penalty if defaults.repetition_penalty is not None else 1.0
-        try:
-            params = GenerationParams(
-                max_tokens,
-                temperature,
-                top_p,
-                body.seed,
-                body.stop,
-                # best_of ranks choices by their cumulative logprob: always compute it
-                logprobs if logprobs is not None or best_of == n else 0,
-                body.ignore_eos,
-                top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
-                min_p=min_p,
-                min_tokens=body.min_tokens,
-                stop_token_ids=tuple(body.stop_token_ids or ()),
-                repetition_penalty=rep,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                logit_bias=body.logit_bias,
-                prompt_logprobs=logprobs if echoes is not None and logprobs is not None else None,
-            )
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(e), code="invalid_value") from None
+        params = generation_params(
+            body,
+            defaults,
+            max_tokens,
+            # best_of ranks choices by their cumulative logprob: always compute it
+            logprobs if logprobs is not None or best_of == n else 0,
+            prompt_logprobs=logprobs if echoes is not None else None,
+        )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
             raise self.gate.rejection()
@@ -456,7 +472,9 @@ class OpenAIServer:
         fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
+            stream = self._stream(
+                endpoint, fmt, merged, first, stats, weight, include_usage, request_id
+            )
             return SSEResponse(
                 stream,
                 media_type="text/event-stream",
@@ -495,6 +513,7 @@ class OpenAIServer:
         stats: _RequestStats,
         weight: int,
         include_usage: bool,
+        request_id: str,
     ) -> AsyncGenerator[bytes, None]:
         try:
             yield sse_event(fmt.chunk(first))
@@ -512,9 +531,11 @@ class OpenAIServer:
                 )
             yield SSE_DONE
             stats.status = 200
-        except Exception as e:  # the stream is already a 200: report the error inside it
+        except Exception:  # the stream is already a 200: report the error inside it
             stats.status = 500
-            yield sse_event(error_body(f"generation failed: {e}", "server_error"))
+            # The cause (a replica's actor id, pid, node IP) goes to the log, not to the client.
+            log.exception("request %s: generation failed mid-stream", request_id)
+            yield sse_event(error_body(internal_error_message(request_id), "server_error"))
             yield SSE_DONE
         finally:
             await merged.aclose()
