@@ -4,8 +4,9 @@ Legend: B rows, V vocabulary, L longest token history among the penalized rows, 
 (row, token) of a sparse update.
 
 Order (vLLM's): the allowed-token mask (structured output; the one place a [B, V] boolean mask
-enters), min_tokens (eos and stop tokens masked to -inf while a row has fewer output tokens than
-its min_tokens), logit_bias (added), then the repetition, frequency and presence penalties.
+enters), logit_bias (added) and min_tokens (eos and stop tokens set to -inf while a row has fewer
+output tokens than its min_tokens; -inf wins over any bias, so these two commute), then the
+repetition, frequency and presence penalties.
 Everything but the penalties is a sparse scatter of (row, token) pairs built from the requests'
 settings; the penalties scatter each penalized row's token ids (padded to L with an out-of-vocab
 id V that lands in a dropped column) into a [B', V + 1] count matrix, B' the penalized rows only,
@@ -129,7 +130,6 @@ def process_logits(
     if max((t for _, t in bias_pairs), default=-1) >= V:
         raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {V})")
     if bias_pairs:
-        logits = logits.clone() if logits is logits_BV else logits
         idx = torch.tensor(bias_pairs, device=logits.device, dtype=torch.long)
         logits = logits.index_put(
             (idx[:, 0], idx[:, 1]),
