@@ -43,10 +43,10 @@ class Recorder:
 class Chars:
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 256 for c in text]
 
-    def decode(self, token_ids) -> str:
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(t) for t in token_ids)
 
 

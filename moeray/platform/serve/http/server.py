@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.http.admission import AdmissionGate
-from moeray.platform.serve.http.chat import ChatTemplate, deepseek_chat_prompt
+from moeray.platform.serve.http.chat import ChatTemplate, ChatTemplateError, deepseek_chat_prompt
 from moeray.platform.serve.http.errors import APIError, error_body, too_many_requests
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
@@ -41,7 +41,7 @@ from moeray.platform.serve.http.schemas import (
     Usage,
 )
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
-from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+from moeray.platform.serve.http.text import ChoiceText
 
 
 @dataclass(frozen=True)
@@ -172,10 +172,11 @@ class OpenAIServer:
         return weight
 
     async def _run_choice(
-        self, index: int, request: GenerationRequest, stats: _RequestStats
+        self, index: int, request: GenerationRequest, stats: _RequestStats, skip_special: bool
     ) -> AsyncGenerator[ChoiceEvent, None]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stopper = StopMatcher(request.params.stop)
+        choice_text = ChoiceText(
+            self.tokenizer, request.params.stop, skip_special_tokens=skip_special
+        )
         gen = self.backend.generate(request)
         first: float | None = None  # monotonic time of the first step
         last = 0.0  # of the latest step; read only once `first` is set
@@ -201,10 +202,15 @@ class OpenAIServer:
                 stats.completion_tokens += len(step.token_ids)
                 self._record("inc", "moeray_generation_tokens", len(step.token_ids))
                 done = step.finish_reason is not None
-                delta = detok.push(step.token_ids) + (detok.flush() if done else "")
-                text = stopper.push(delta, final=done)
-                finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
-                yield ChoiceEvent(index, text, step.token_ids, step.logprobs, finish)
+                text, tokens_sent = choice_text.push(
+                    step.token_ids,
+                    step.logprobs,
+                    final=done,
+                    stop_token=step.finish_reason == "stop",
+                )
+                finish: FinishReason | None = "stop" if choice_text.stopped else step.finish_reason
+                lps = None if step.logprobs is None else tuple(tokens_sent)
+                yield ChoiceEvent(index, text, step.token_ids, lps, finish)
                 if finish is not None:
                     finished = True
                     return
@@ -265,6 +271,7 @@ class OpenAIServer:
         n: int,
         stats: _RequestStats,
         rid: str,
+        skip_special: bool,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
         """Start every choice and wait for the first event, so that an overloaded backend still
         gets a 429 (not a 200 stream with an error inside)."""
@@ -275,7 +282,7 @@ class OpenAIServer:
                 req = GenerationRequest(
                     f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
                 )
-                streams.append(self._run_choice(p * n + j, req, stats))
+                streams.append(self._run_choice(p * n + j, req, stats, skip_special))
         merged = self._merge(streams)
         try:
             first = await merged.__anext__()
@@ -298,8 +305,18 @@ class OpenAIServer:
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
         if isinstance(body, ChatCompletionRequest):
-            text = self.chat_template(body.messages)
-            prompts = [self.tokenizer.encode(text)]
+            try:
+                text = self.chat_template(body.messages)
+            except ChatTemplateError as e:
+                raise APIError(
+                    400,
+                    f"the model's chat template rejected the messages: {e}",
+                    param="messages",
+                    code="invalid_value",
+                ) from None
+            # The template writes BOS itself where the model wants it (vLLM's default).
+            add_special = bool(body.add_special_tokens)
+            prompts = [self.tokenizer.encode(text, add_special_tokens=add_special)]
             self._check_ids(prompts[0], "messages")
             if body.max_tokens is not None and body.max_completion_tokens is not None:
                 raise APIError(
@@ -320,7 +337,10 @@ class OpenAIServer:
         else:
             prompts = []
             for i, p in enumerate(body.prompt):
-                ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                ids = list(p)
+                if isinstance(p, str):
+                    add_special = body.add_special_tokens is not False  # BOS where the model asks
+                    ids = self.tokenizer.encode(p, add_special_tokens=add_special)
                 param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
                 self._check_ids(ids, param)
                 prompts.append(ids)
@@ -361,13 +381,22 @@ class OpenAIServer:
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         try:
-            merged, first = await self._start(prompts, params, body.n, stats, rid)
+            merged, first = await self._start(
+                prompts, params, body.n, stats, rid, body.skip_special_tokens
+            )
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
             self._finish(endpoint, stats)
             raise
-        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
+        fmt = ResponseFormatter(
+            self.tokenizer,
+            endpoint,
+            rid,
+            created,
+            self.config.model_id,
+            as_token_ids=body.return_tokens_as_token_ids,
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
