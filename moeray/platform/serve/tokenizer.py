@@ -14,8 +14,10 @@ import jinja2.sandbox
 
 from moeray.platform.serve.http.chat import ChatTemplateError
 
-# tokenizer_config.json keys naming special tokens; transformers registers each one it finds in
-# the vocabulary as special, so decoding with skip_special_tokens drops it.
+# tokenizer_config.json keys naming special tokens; transformers (5.x) registers each one it finds
+# in the vocabulary as special, so decoding with skip_special_tokens drops it even where
+# tokenizer.json does not mark it special. (additional_special_tokens it does not re-register:
+# those are skipped only when tokenizer.json marks them, as here.)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
 
 
@@ -42,8 +44,6 @@ class ServeTokenizer:
         config = file.parent / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(config.read_text()) if config.exists() else {}
         named = [self._special(k) for k in _SPECIAL_KEYS]
-        for extra in self.config.get("additional_special_tokens") or ():
-            named.append(extra.get("content", "") if isinstance(extra, dict) else extra)
         known = [t for t in named if t and self._tok.token_to_id(t) is not None]
         self._tok.add_special_tokens([AddedToken(t, special=True) for t in known])
         bos = self._special("bos_token")
