@@ -95,7 +95,7 @@ class ServeTokenizer:
                 return template.render(messages=msgs, add_generation_prompt=True, **specials)
             except ChatTemplateError:
                 raise
-            except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
+            except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
                 raise ChatTemplateError(f"{type(e).__name__}: {e}") from None
 
         return render

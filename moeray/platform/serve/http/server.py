@@ -1,10 +1,13 @@
 """The request handling behind the OpenAI routes: one `OpenAIServer` per ingress replica.
 
-Per request it checks the model, tokenizes (chat through the chat template), fits max_tokens to
-the context, admits the request's n x prompts choices through the `AdmissionGate` (429 when
-full), starts one backend generator per choice and merges their events. Each choice's ids are
-detokenized incrementally and cut at stop strings (`text.py`); usage is counted and the metrics
-of `moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
+Per request it checks the model, tokenizes (chat through the chat template, whose errors are
+400s; BOS added to text prompts where the tokenizer config asks, not to a rendered template),
+fits max_tokens to the context, admits the request's n x prompts choices through the
+`AdmissionGate` (429 when full), starts one backend generator per choice and merges their events.
+Each choice's ids become text in `text.ChoiceText` (incremental detokenization, special tokens
+skipped unless skip_special_tokens is false, the stop token left out, stop strings cut; logprobs
+for exactly the tokens of the text sent); usage is counted and the metrics of
+`moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
 """
 
 from __future__ import annotations
