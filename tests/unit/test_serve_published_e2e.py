@@ -283,7 +283,22 @@ def _check_chat(client, hf_tok, chat_prompt, want, fmt):
     assert r.usage.prompt_tokens == len(chat_prompt)
     assert c.message.content == hf_tok.decode(want, skip_special_tokens=True)
     assert _no_special(c.message.content)
-    stream = client.chat.completions.create(
-        model="m", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            max_completion_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
-    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == c.message.content
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == c.message.content
+    assert chunks[-1].usage.completion_tokens == len(want)
+    # n greedy choices agree; a stop string cuts the text where it first occurs
+    stop = c.message.content[1:3]
+    r = client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, n=2, stop=[stop]
+    )
+    cut = c.message.content[: c.message.content.index(stop)]
+    assert [(ch.message.content, ch.finish_reason) for ch in r.choices] == [(cut, "stop")] * 2
