@@ -244,6 +244,10 @@ def _check_completions(client, hf_tok, prompt, want, fmt):
     assert c.finish_reason == "stop"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(want))
     assert c.text == hf_tok.decode(want, skip_special_tokens=True) and _no_special(c.text)
+    r = client.completions.create(
+        model="m", prompt=PROMPT, max_tokens=1, extra_body={"add_special_tokens": False}
+    )
+    assert r.usage.prompt_tokens == len(prompt) - 1  # no BOS when asked so
     # Without skipping, <|User|> shows; EOS still does not. Streamed, with the token strings.
     chunks = list(
         client.completions.create(

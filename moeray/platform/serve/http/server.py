@@ -340,10 +340,11 @@ class OpenAIServer:
         else:
             prompts = []
             for i, p in enumerate(body.prompt):
-                ids = list(p)
-                if isinstance(p, str):
-                    add_special = body.add_special_tokens is not False  # BOS where the model asks
+                if isinstance(p, str):  # BOS where the model's tokenizer config asks for it
+                    add_special = body.add_special_tokens is not False
                     ids = self.tokenizer.encode(p, add_special_tokens=add_special)
+                else:
+                    ids = list(p)
                 param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
                 self._check_ids(ids, param)
                 prompts.append(ids)
