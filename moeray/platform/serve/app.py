@@ -28,6 +28,7 @@ from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
+from moeray.platform.plan.check import check_serve
 from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
@@ -81,6 +82,7 @@ class Ingress:
             model_id=self.cfg.served_model_id,
             max_context=self.max_context,
             max_in_flight=self.cfg.max_in_flight,
+            max_body_bytes=self.cfg.max_body_bytes,
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
             sampling_defaults=sampling_defaults(self.cfg.model),
@@ -279,6 +281,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help=f"refuse larger request bodies with 413 before parsing (default: {d.max_body_bytes})",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -301,6 +309,7 @@ def main(argv: list[str]) -> int:
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
             max_model_len=a.max_model_len,
+            max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
         )
@@ -331,6 +340,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         notes = check_model_dir(cfg)
+        notes += check_serve(cfg, ModelConfig.from_hf(cfg.model))  # fits before Serve starts
     except ValueError as e:
         print(f"moeray serve: cannot serve {cfg.model}: {e}", file=sys.stderr)
         return 2

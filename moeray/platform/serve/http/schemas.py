@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from moeray.platform.serve.http.protocol import MAX_TOP_LOGPROBS
 
@@ -24,9 +34,69 @@ SFloat = Annotated[float, Strict()]
 SBool = Annotated[bool, Strict()]
 SStr = Annotated[str, Strict()]
 
+# The fields validated by hand below are typed Any; these are their accepted shapes, published in
+# /openapi.json so that clients and API fuzzers see what the validators accept.
+_STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "null"},
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP},
+    ]
+}
+_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        _IDS_SCHEMA,
+        {"type": "array", "items": _IDS_SCHEMA, "minItems": 1},
+    ]
+}
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+                "additionalProperties": False,
+            },
+        },
+    ]
+}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """The param path (`messages.[0].content`) of the first string, key or value, holding a lone
+    UTF-16 surrogate (JSON's "\\ud800" escape decodes to one), else None. Such a string cannot
+    be encoded to UTF-8, so no tokenizer takes it and no response can quote it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and lone_surrogate_path(k) is not None:
+                return path or "body"
+            found = lone_surrogate_path(v, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = lone_surrogate_path(v, f"{path}.[{i}]" if path else f"[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 class StreamOptions(_Strict):
@@ -41,7 +111,7 @@ class _SamplingRequest(_Strict):
     n: SInt = Field(1, ge=1)
     stream: SBool = False
     stream_options: StreamOptions | None = None
-    stop: Any = Field(None, validate_default=True)
+    stop: Annotated[Any, WithJsonSchema(_STOP_SCHEMA)] = Field(None, validate_default=True)
     seed: SInt | None = Field(None, ge=0, lt=2**63)
     # Accepted so that clients that always send them work, but only with their neutral value.
     presence_penalty: SFloat = 0.0
@@ -57,6 +127,19 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: SBool = True
     add_special_tokens: SBool | None = None
     return_tokens_as_token_ids: SBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        bad = lone_surrogate_path(data)
+        if bad is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{param}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                "accepted: valid Unicode text",
+                {"param": bad},
+            )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -93,7 +176,7 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]
     logprobs: SInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: SBool = False
     suffix: SStr | None = None
@@ -144,7 +227,7 @@ class CompletionRequest(_SamplingRequest):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)]
     name: SStr | None = None
 
     @field_validator("content")
@@ -283,3 +366,45 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error status answers this body (errors.py)."""
+
+    error: ErrorDetail
+
+
+def openapi_responses(request: type[BaseModel] | None = None) -> dict[int | str, Any]:
+    """The `responses` of a route for /openapi.json: its 200 body (JSON, or an SSE stream of
+    chunks for the generation routes) and the error body of 4XX (400 invalid, 401 key, 404
+    model, 413 body size, 429 busy) and 500."""
+    out: dict[int | str, Any] = {
+        "4XX": {"model": ErrorResponse, "description": "OpenAI-style error"},
+        500: {"model": ErrorResponse, "description": "Server error (cause in the server log)"},
+    }
+    if request is not None:
+        response = (
+            ChatCompletionResponse if request is ChatCompletionRequest else CompletionResponse
+        )
+        out[200] = {
+            "model": response,
+            "description": "The completion; with stream=true, server-sent events of chunks",
+            # Each event's `data` is a chunk's JSON, the last one `[DONE]`.
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"data": {"type": "string"}},
+                        "required": ["data"],
+                    }
+                }
+            },
+        }
+    return out

@@ -1,31 +1,40 @@
 """The request handling behind the OpenAI routes: one `OpenAIServer` per ingress replica.
 
-Per request it checks the model, tokenizes (chat through the chat template, whose errors are
-400s; BOS added to text prompts where the tokenizer config asks, not to a rendered template),
-fits max_tokens to the context, admits the request's n x prompts choices through the
-`AdmissionGate` (429 when full), starts one backend generator per choice and merges their events.
-Each choice's ids become text in `text.ChoiceText` (incremental detokenization, special tokens
-skipped unless skip_special_tokens is false, the stop token left out, stop strings cut; logprobs
-for exactly the tokens of the text sent); usage is counted and the metrics of
-`moeray.platform.metrics` recorded. The response is one JSON body or an SSE stream.
+Per request it checks the model, tokenizes (chat through the chat template) on a thread pool, so
+that a long prompt does not stall the event loop, fits max_tokens to the context, admits the
+request's n x prompts choices through the `AdmissionGate` (429 when full), starts one backend
+generator per choice and merges their events. Text prompts get BOS where the tokenizer config
+asks, a rendered chat template none (it writes its own). Each choice's ids become text in
+`text.ChoiceText` (incremental detokenization, special tokens skipped unless skip_special_tokens
+is false, the stop token left out, stop strings cut; logprobs for exactly the tokens of the text
+sent); usage is counted and the metrics of `moeray.platform.metrics` recorded. The response is
+one JSON body or an SSE stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from moeray.platform.config import DEFAULT_MAX_BODY_BYTES
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.http.admission import AdmissionGate
-from moeray.platform.serve.http.chat import ChatTemplate, ChatTemplateError, deepseek_chat_prompt
-from moeray.platform.serve.http.errors import APIError, error_body, too_many_requests
+from moeray.platform.serve.http.chat import ChatTemplate, deepseek_chat_prompt
+from moeray.platform.serve.http.errors import (
+    APIError,
+    error_body,
+    internal_error_message,
+    too_many_requests,
+)
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     FinishReason,
@@ -46,11 +55,17 @@ from moeray.platform.serve.http.schemas import (
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
 from moeray.platform.serve.http.text import ChoiceText
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class OpenAIServerConfig:
     """model_id: the name clients send as `model`; max_context: prompt + completion tokens.
-    max_in_flight: admitted choices at once (a request with n=4 takes 4) before 429."""
+    max_in_flight: admitted choices at once (a request with n=4 takes 4) before 429.
+    max_body_bytes: larger request bodies get a 413 before they are parsed.
+    tokenizer_threads: the pool that runs chat templates and tokenization off the event loop
+    (the tokenizers library releases the GIL while it encodes, so /health and streams keep
+    going meanwhile)."""
 
     model_id: str
     max_context: int
@@ -60,13 +75,22 @@ class OpenAIServerConfig:
     max_n: int = 16
     default_max_tokens: int = 16  # /v1/completions default (OpenAI's); chat uses the context
     created: int = 0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tokenizer_threads: int = 4
     # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
-        for name in ("max_context", "max_in_flight", "max_n", "default_max_tokens"):
+        for name in (
+            "max_context",
+            "max_in_flight",
+            "max_n",
+            "default_max_tokens",
+            "max_body_bytes",
+            "tokenizer_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.retry_after_s > 0:
@@ -100,6 +124,12 @@ class OpenAIServer:
         self.backend, self.tokenizer, self.config = backend, tokenizer, config
         self.metrics, self.chat_template = metrics, chat_template
         self.gate = AdmissionGate(config.max_in_flight, config.retry_after_s)
+        self._tokenize_pool = ThreadPoolExecutor(
+            config.tokenizer_threads, thread_name_prefix="moeray-tokenize"
+        )
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def _record(self, kind: str, name: str, value: float, **labels: str) -> None:
         if self.metrics is not None:
@@ -297,20 +327,18 @@ class OpenAIServer:
             raise
         return merged, first
 
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await self._handle("completions", body)
+    async def completions(self, body: CompletionRequest, request_id: str = "-") -> Any:
+        return await self._handle("completions", body, request_id)
 
-    async def chat(self, body: ChatCompletionRequest) -> Any:
-        return await self._handle("chat", body)
+    async def chat(self, body: ChatCompletionRequest, request_id: str = "-") -> Any:
+        return await self._handle("chat", body, request_id)
 
-    async def _handle(self, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Any:
-        arrival = time.monotonic()
-        self._check_model(body.model)
-        defaults, ctx = self.config.sampling_defaults, self.config.max_context
+    def _prompts(self, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+        """The request's prompts as token ids (chat through the template); runs on the pool."""
         if isinstance(body, ChatCompletionRequest):
             try:
                 text = self.chat_template(body.messages)
-            except ChatTemplateError as e:
+            except ValueError as e:  # a template's raise_exception (ChatTemplateError) refuses
                 raise APIError(
                     400,
                     f"the model's chat template rejected the messages: {e}",
@@ -318,9 +346,32 @@ class OpenAIServer:
                     code="invalid_value",
                 ) from None
             # The template writes BOS itself where the model wants it (vLLM's default).
-            add_special = bool(body.add_special_tokens)
-            prompts = [self.tokenizer.encode(text, add_special_tokens=add_special)]
-            self._check_ids(prompts[0], "messages")
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+            self._check_ids(ids, "messages")
+            return [ids]
+        prompts = []
+        for i, p in enumerate(body.prompt):
+            if isinstance(p, str):  # BOS where the model's tokenizer config asks for it
+                ids = self.tokenizer.encode(
+                    p, add_special_tokens=body.add_special_tokens is not False
+                )
+            else:
+                ids = list(p)
+            self._check_ids(ids, "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]")
+            prompts.append(ids)
+        return prompts
+
+    async def _handle(
+        self, endpoint: str, body: CompletionRequest | ChatCompletionRequest, request_id: str
+    ) -> Any:
+        arrival = time.monotonic()
+        self._check_model(body.model)
+        defaults, ctx = self.config.sampling_defaults, self.config.max_context
+        # Off the event loop: a megabyte prompt takes seconds to template and encode.
+        prompts = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self._prompts, body
+        )
+        if isinstance(body, ChatCompletionRequest):
             if body.max_tokens is not None and body.max_completion_tokens is not None:
                 raise APIError(
                     400,
@@ -338,16 +389,6 @@ class OpenAIServer:
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            prompts = []
-            for i, p in enumerate(body.prompt):
-                if isinstance(p, str):  # BOS where the model's tokenizer config asks for it
-                    add_special = body.add_special_tokens is not False
-                    ids = self.tokenizer.encode(p, add_special_tokens=add_special)
-                else:
-                    ids = list(p)
-                param = "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]"
-                self._check_ids(ids, param)
-                prompts.append(ids)
             requested = body.max_tokens
             if requested is None:
                 # A default must still fit: clip it (never an explicit max_tokens) to the context.
@@ -403,7 +444,9 @@ class OpenAIServer:
         )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
+            stream = self._stream(
+                endpoint, fmt, merged, first, stats, weight, include_usage, request_id
+            )
             return SSEResponse(
                 stream,
                 media_type="text/event-stream",
@@ -437,6 +480,7 @@ class OpenAIServer:
         stats: _RequestStats,
         weight: int,
         include_usage: bool,
+        request_id: str,
     ) -> AsyncGenerator[bytes, None]:
         try:
             yield sse_event(fmt.chunk(first))
@@ -454,9 +498,11 @@ class OpenAIServer:
                 )
             yield SSE_DONE
             stats.status = 200
-        except Exception as e:  # the stream is already a 200: report the error inside it
+        except Exception:  # the stream is already a 200: report the error inside it
             stats.status = 500
-            yield sse_event(error_body(f"generation failed: {e}", "server_error"))
+            # The cause (a replica's actor id, pid, node IP) goes to the log, not to the client.
+            log.exception("request %s: generation failed mid-stream", request_id)
+            yield sse_event(error_body(internal_error_message(request_id), "server_error"))
             yield SSE_DONE
         finally:
             await merged.aclose()
