@@ -69,6 +69,8 @@ class EngineConfig:
     capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     seed: int = 0
+    # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -137,7 +139,10 @@ class Engine:
                 num_speculative_tokens=spec,
             ),
             self.kv,
-            eos_token_ids=[] if model.config.eos_token_id is None else [model.config.eos_token_id],
+            eos_token_ids=[
+                *([] if model.config.eos_token_id is None else [model.config.eos_token_id]),
+                *config.eos_token_ids,
+            ],
             detokenize=self._detokenize if tokenizer is not None else None,
         )
         self.runner = ModelRunner(

@@ -29,7 +29,7 @@ from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfi
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
 from moeray.platform.plan.check import check_serve
-from moeray.platform.serve.generation_config import sampling_defaults
+from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
@@ -168,6 +168,7 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
         except Exception as e:  # tokenizers, json and jinja2 raise their own types
             raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
         sampling_defaults(path)
+        eos_token_ids(path)
     return [str(w.message) for w in caught]
 
 

@@ -33,6 +33,7 @@ from moeray.platform.config import ServeConfig
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.serve.generation_config import eos_token_ids
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     GenerationRequest,
@@ -474,6 +475,7 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         num_speculative_tokens=cfg.num_speculative_tokens,
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
+        eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM
     )
     return Engine.from_pretrained(
         cfg.model, econf, device=device, dtype=dtype, keep_fp8=cfg.weights == "fp8"

@@ -13,6 +13,11 @@ from moeray.platform.serve.http.schemas import ChatMessage
 ChatTemplate = Callable[[Sequence[ChatMessage]], str]
 
 
+class ChatTemplateError(ValueError):
+    """A chat template refused the messages (its raise_exception, an error while rendering, or
+    an operation the sandbox forbids): the request's fault, answered with 400."""
+
+
 def deepseek_chat_prompt(messages: Sequence[ChatMessage]) -> str:
     """DeepSeek-V3's chat format (its tokenizer_config chat_template, without tools)."""
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

@@ -97,8 +97,10 @@ class GenerationStep:
     """New tokens of one engine step: several when MTP drafts were accepted.
 
     logprobs: one entry per token when the request asked for logprobs, else None.
-    finish_reason: "stop" (EOS or a stop token/string), "length" (max_tokens or the context) on
-    the last step; None before it. A backend's generator must end right after a finished step.
+    finish_reason: "stop" (the last token is a stop token: EOS or a stop token id; the server
+    leaves it out of the text), "length" (max_tokens or the context) on the last step; None before
+    it. A backend's generator must end right after a finished step. (Stop strings are the
+    server's: it cuts the text itself and closes the generator.)
     """
 
     token_ids: tuple[int, ...]
@@ -125,9 +127,14 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens: what the tokenizer adds around a text (BOS where the model's
+        tokenizer config asks for it)."""
+        ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """skip_special_tokens: leave special tokens (BOS, EOS, role markers) out of the text."""
+        ...
 
 
 class BackendOverloaded(Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -23,23 +23,34 @@ from moeray.platform.serve.http.schemas import (
     TopLogprob,
     Usage,
 )
+from moeray.platform.serve.http.text import TokenText
 
 
 @dataclass
 class ChoiceEvent:
-    """New text of one choice (after detokenizing and stop strings), with its tokens."""
+    """New text of one choice (after detokenizing and stop strings), with its tokens; logprobs:
+    the tokens whose text this event completes, each a TokenText around its TokenLogprob."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
-    logprobs: tuple[Any, ...] | None
+    logprobs: tuple[TokenText, ...] | None
     finish_reason: FinishReason | None
 
 
 class ResponseFormatter:
     """Builds the OpenAI response objects for one request (completions or chat)."""
 
-    def __init__(self, tokenizer: Tokenizer, endpoint: str, rid: str, created: int, model: str):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        endpoint: str,
+        rid: str,
+        created: int,
+        model: str,
+        *,
+        as_token_ids: bool = False,
+    ):
         self.tok, self.endpoint, self.rid, self.created, self.model = (
             tokenizer,
             endpoint,
@@ -47,25 +58,30 @@ class ResponseFormatter:
             created,
             model,
         )
+        self.as_token_ids = as_token_ids  # vLLM's return_tokens_as_token_ids
         self._started: set[int] = set()
-        self._offsets: dict[int, int] = {}
 
     def _token_str(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
+        """An alternative token's name: its own text, special tokens included (several special
+        tokens would otherwise all be "" and collide as keys)."""
+        if self.as_token_ids:
+            return f"token_id:{token_id}"
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def _chosen_str(self, tok: TokenText) -> str:
+        """The chosen token's name: its share of the choice's text (they concatenate to it)."""
+        return f"token_id:{tok.value.token_id}" if self.as_token_ids else tok.text
 
     def _completion_logprobs(self, ev: ChoiceEvent) -> CompletionLogprobs | None:
         if ev.logprobs is None:
             return None
         out = CompletionLogprobs()
-        offset = self._offsets.get(ev.index, 0)
-        for lp in ev.logprobs:
-            s = self._token_str(lp.token_id)
-            out.tokens.append(s)
+        for tok in ev.logprobs:
+            lp = tok.value
+            out.tokens.append(self._chosen_str(tok))
             out.token_logprobs.append(float(lp.logprob))
             out.top_logprobs.append({self._token_str(t): float(v) for t, v in lp.top})
-            out.text_offset.append(offset)
-            offset += len(s)
-        self._offsets[ev.index] = offset
+            out.text_offset.append(tok.offset)
         return out
 
     def _chat_logprobs(self, ev: ChoiceEvent) -> ChatChoiceLogprobs | None:
@@ -74,15 +90,18 @@ class ResponseFormatter:
 
         def top(t: int, v: float) -> TopLogprob:
             s = self._token_str(t)
-            return TopLogprob(token=s, logprob=float(v), bytes=list(s.encode()))
+            text = s if not self.as_token_ids else self.tok.decode([t], skip_special_tokens=False)
+            return TopLogprob(token=s, logprob=float(v), bytes=list(text.encode()))
 
         return ChatChoiceLogprobs(
             content=[
                 ChatLogprob(
-                    **top(lp.token_id, lp.logprob).model_dump(),
-                    top_logprobs=[top(t, v) for t, v in lp.top],
+                    token=self._chosen_str(tok),
+                    logprob=float(tok.value.logprob),
+                    bytes=list(tok.text.encode()),
+                    top_logprobs=[top(t, v) for t, v in tok.value.top],
                 )
-                for lp in ev.logprobs
+                for tok in ev.logprobs
             ]
         )
 
@@ -126,7 +145,7 @@ class ResponseFormatter:
     def full(self, events: list[ChoiceEvent], n_choices: int, usage: Usage) -> BaseModel:
         texts: dict[int, list[str]] = {i: [] for i in range(n_choices)}
         finish: dict[int, FinishReason] = {}
-        lps: dict[int, list[Any]] = {i: [] for i in range(n_choices)}
+        lps: dict[int, list[TokenText]] = {i: [] for i in range(n_choices)}
         has_lp = False
         for ev in events:
             texts[ev.index].append(ev.text)

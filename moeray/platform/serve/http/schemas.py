@@ -120,6 +120,13 @@ class _SamplingRequest(_Strict):
     user: SStr | None = None
     ignore_eos: SBool = False  # not OpenAI: vLLM's extension, used by `moeray bench serve`
     top_k: SInt | None = Field(None, ge=-1)  # not OpenAI: vLLM's extension; -1 or 0: off
+    # Not OpenAI: vLLM's text extensions. skip_special_tokens: leave special tokens (<|eos|>,
+    # <|User|>, ...) out of the text. add_special_tokens: let the tokenizer add BOS to a text
+    # prompt; None is the endpoint's default (completions yes, chat no: the template writes it).
+    # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>" instead of their text.
+    skip_special_tokens: SBool = True
+    add_special_tokens: SBool | None = None
+    return_tokens_as_token_ids: SBool = False
 
     @model_validator(mode="before")
     @classmethod

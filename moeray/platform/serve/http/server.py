@@ -3,9 +3,12 @@
 Per request it checks the model, tokenizes (chat through the chat template) on a thread pool, so
 that a long prompt does not stall the event loop, fits max_tokens to the context, admits the
 request's n x prompts choices through the `AdmissionGate` (429 when full), starts one backend
-generator per choice and merges their events. Each choice's ids are detokenized incrementally and
-cut at stop strings (`text.py`); usage is counted and the metrics of `moeray.platform.metrics`
-recorded. The response is one JSON body or an SSE stream.
+generator per choice and merges their events. Text prompts get BOS where the tokenizer config
+asks, a rendered chat template none (it writes its own). Each choice's ids become text in
+`text.ChoiceText` (incremental detokenization, special tokens skipped unless skip_special_tokens
+is false, the stop token left out, stop strings cut; logprobs for exactly the tokens of the text
+sent); usage is counted and the metrics of `moeray.platform.metrics` recorded. The response is
+one JSON body or an SSE stream.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from moeray.platform.serve.http.schemas import (
     Usage,
 )
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
-from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+from moeray.platform.serve.http.text import ChoiceText
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +205,11 @@ class OpenAIServer:
         return weight
 
     async def _run_choice(
-        self, index: int, request: GenerationRequest, stats: _RequestStats
+        self, index: int, request: GenerationRequest, stats: _RequestStats, skip_special: bool
     ) -> AsyncGenerator[ChoiceEvent, None]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stopper = StopMatcher(request.params.stop)
+        choice_text = ChoiceText(
+            self.tokenizer, request.params.stop, skip_special_tokens=skip_special
+        )
         gen = self.backend.generate(request)
         first: float | None = None  # monotonic time of the first step
         last = 0.0  # of the latest step; read only once `first` is set
@@ -231,10 +235,15 @@ class OpenAIServer:
                 stats.completion_tokens += len(step.token_ids)
                 self._record("inc", "moeray_generation_tokens", len(step.token_ids))
                 done = step.finish_reason is not None
-                delta = detok.push(step.token_ids) + (detok.flush() if done else "")
-                text = stopper.push(delta, final=done)
-                finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
-                yield ChoiceEvent(index, text, step.token_ids, step.logprobs, finish)
+                text, tokens_sent = choice_text.push(
+                    step.token_ids,
+                    step.logprobs,
+                    final=done,
+                    stop_token=step.finish_reason == "stop",
+                )
+                finish: FinishReason | None = "stop" if choice_text.stopped else step.finish_reason
+                lps = None if step.logprobs is None else tuple(tokens_sent)
+                yield ChoiceEvent(index, text, step.token_ids, lps, finish)
                 if finish is not None:
                     finished = True
                     return
@@ -295,6 +304,7 @@ class OpenAIServer:
         n: int,
         stats: _RequestStats,
         rid: str,
+        skip_special: bool,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
         """Start every choice and wait for the first event, so that an overloaded backend still
         gets a 429 (not a 200 stream with an error inside)."""
@@ -305,7 +315,7 @@ class OpenAIServer:
                 req = GenerationRequest(
                     f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
                 )
-                streams.append(self._run_choice(p * n + j, req, stats))
+                streams.append(self._run_choice(p * n + j, req, stats, skip_special))
         merged = self._merge(streams)
         try:
             first = await merged.__anext__()
@@ -328,14 +338,25 @@ class OpenAIServer:
         if isinstance(body, ChatCompletionRequest):
             try:
                 text = self.chat_template(body.messages)
-            except ValueError as e:  # a template's raise_exception: it refuses these messages
-                raise APIError(400, str(e), param="messages", code="invalid_value") from None
-            ids = self.tokenizer.encode(text)
+            except ValueError as e:  # a template's raise_exception (ChatTemplateError) refuses
+                raise APIError(
+                    400,
+                    f"the model's chat template rejected the messages: {e}",
+                    param="messages",
+                    code="invalid_value",
+                ) from None
+            # The template writes BOS itself where the model wants it (vLLM's default).
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
             self._check_ids(ids, "messages")
             return [ids]
         prompts = []
         for i, p in enumerate(body.prompt):
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if isinstance(p, str):  # BOS where the model's tokenizer config asks for it
+                ids = self.tokenizer.encode(
+                    p, add_special_tokens=body.add_special_tokens is not False
+                )
+            else:
+                ids = list(p)
             self._check_ids(ids, "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]")
             prompts.append(ids)
         return prompts
@@ -405,13 +426,22 @@ class OpenAIServer:
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         try:
-            merged, first = await self._start(prompts, params, body.n, stats, rid)
+            merged, first = await self._start(
+                prompts, params, body.n, stats, rid, body.skip_special_tokens
+            )
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
             self._finish(endpoint, stats)
             raise
-        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
+        fmt = ResponseFormatter(
+            self.tokenizer,
+            endpoint,
+            rid,
+            created,
+            self.config.model_id,
+            as_token_ids=body.return_tokens_as_token_ids,
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(
