@@ -25,7 +25,13 @@ from typing import Any
 from moeray.actors.decode import ColocatedServer, DecodeServer
 from moeray.actors.prefill import PrefillServer
 from moeray.platform.checkpoint import check_checkpoint
-from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
+from moeray.platform.config import (
+    DEFAULT_DEMO_MODEL,
+    KV_TRANSPORTS,
+    TOOL_CALL_PARSERS,
+    ModelConfig,
+    ServeConfig,
+)
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.generation_config import sampling_defaults
@@ -84,6 +90,7 @@ class Ingress:
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
             sampling_defaults=sampling_defaults(self.cfg.model),
+            tool_call_parser=self.cfg.tool_call_parser,
         )
         return build_app(
             self.backend,
@@ -278,6 +285,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=d.tool_call_parser,
+        help="the model's tool-call syntax, parsed into tool_calls (default: deepseek_v3)",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -302,6 +315,7 @@ def main(argv: list[str]) -> int:
             max_model_len=a.max_model_len,
             weights=a.weights,
             dtype=a.dtype,
+            tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)

@@ -39,7 +39,7 @@ class ServeTokenizer:
         value = self.config.get(key) or ""
         return value.get("content", "") if isinstance(value, dict) else value
 
-    def chat_template(self) -> Callable[[Sequence[Any]], str] | None:
+    def chat_template(self) -> Callable[..., str] | None:
         """The directory's Jinja chat template (tokenizer_config.json `chat_template` or
         chat_template.jinja), rendered the way transformers does; None when there is none."""
         source = self.config.get("chat_template")
@@ -57,13 +57,28 @@ class ServeTokenizer:
         template = env.from_string(source)
         bos, eos = self._special("bos_token"), self._special("eos_token")
 
-        def render(messages: Sequence[Any]) -> str:
-            msgs = [{"role": m.role, "content": m.content} for m in messages]
+        def render(messages: Sequence[Any], tools: list[dict[str, Any]] | None = None) -> str:
+            msgs = [_message_dict(m) for m in messages]
             return template.render(
-                messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos
+                messages=msgs,
+                tools=tools,
+                add_generation_prompt=True,
+                bos_token=bos,
+                eos_token=eos,
             )
 
         return render
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    """A chat message as templates read it: role and content, plus tool_calls (OpenAI's dicts,
+    arguments as JSON text) and tool_call_id when the message has them."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if getattr(m, "tool_calls", None):
+        d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if getattr(m, "tool_call_id", None) is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
 
 
 def _raise(message: str) -> None:

@@ -23,6 +23,7 @@ from moeray.platform.serve.http.schemas import (
     TopLogprob,
     Usage,
 )
+from moeray.platform.serve.http.tools import ChatPlan, ChoiceOutput
 
 
 @dataclass
@@ -39,7 +40,16 @@ class ChoiceEvent:
 class ResponseFormatter:
     """Builds the OpenAI response objects for one request (completions or chat)."""
 
-    def __init__(self, tokenizer: Tokenizer, endpoint: str, rid: str, created: int, model: str):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        endpoint: str,
+        rid: str,
+        created: int,
+        model: str,
+        plan: ChatPlan | None = None,
+    ):
+        """plan: the chat request's tools plan (serve/http/tools.py); None: content only."""
         self.tok, self.endpoint, self.rid, self.created, self.model = (
             tokenizer,
             endpoint,
@@ -47,8 +57,10 @@ class ResponseFormatter:
             created,
             model,
         )
+        self.plan = plan or ChatPlan()
         self._started: set[int] = set()
         self._offsets: dict[int, int] = {}
+        self._outputs: dict[int, ChoiceOutput] = {}
 
     def _token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id])
@@ -105,6 +117,8 @@ class ResponseFormatter:
         if ev.index not in self._started:
             self._started.add(ev.index)
             role = "assistant"
+        out = self._outputs.setdefault(ev.index, ChoiceOutput(self.plan))
+        content, tool_calls = out.push(ev.text, final=ev.finish_reason is not None)
         return ChatCompletionChunk(
             id=self.rid,
             created=self.created,
@@ -112,8 +126,8 @@ class ResponseFormatter:
             choices=[
                 ChatChunkChoice(
                     index=ev.index,
-                    delta=ChatDelta(role=role, content=ev.text),
-                    finish_reason=ev.finish_reason,
+                    delta=ChatDelta(role=role, content=content, tool_calls=tool_calls),
+                    finish_reason=out.finish_reason(ev.finish_reason),
                     logprobs=self._chat_logprobs(ev),
                 )
             ],
@@ -150,20 +164,20 @@ class ResponseFormatter:
             return CompletionResponse(
                 id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
             )
-        return ChatCompletionResponse(
-            id=self.rid,
-            created=self.created,
-            model=self.model,
-            usage=usage,
-            choices=[
+        chat_choices = []
+        for i in range(n_choices):
+            out = ChoiceOutput(self.plan)
+            content, tool_calls = out.full("".join(texts[i]))
+            chat_choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatResponseMessage(content="".join(texts[i])),
-                    finish_reason=finish[i],
+                    message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                    finish_reason=out.finish_reason(finish[i]),
                     logprobs=self._chat_logprobs(ChoiceEvent(i, "", (), tuple(lps[i]), None))
                     if has_lp
                     else None,
                 )
-                for i in range(n_choices)
-            ],
+            )
+        return ChatCompletionResponse(
+            id=self.rid, created=self.created, model=self.model, usage=usage, choices=chat_choices
         )

@@ -42,6 +42,8 @@ from moeray.platform.serve.http.schemas import (
 )
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
 from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+from moeray.platform.serve.http.tool_parsers import get_tool_parser
+from moeray.platform.serve.http.tools import ChatPlan, plan_chat
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,11 @@ class OpenAIServerConfig:
     created: int = 0
     # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # How chat output becomes tool_calls with tool_choice auto (serve/http/tool_parsers/).
+    tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
+        get_tool_parser(self.tool_call_parser)  # ValueError naming the accepted parsers
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
         for name in ("max_context", "max_in_flight", "max_n", "default_max_tokens"):
@@ -297,8 +302,15 @@ class OpenAIServer:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
+        plan: ChatPlan | None = None
         if isinstance(body, ChatCompletionRequest):
-            text = self.chat_template(body.messages)
+            plan = plan_chat(body, self.config.tool_call_parser)
+            # A template is called with tools only when there are some: one-argument templates
+            # keep working for requests without tools.
+            if plan.tools:
+                text = self.chat_template(body.messages, tools=plan.tools)
+            else:
+                text = self.chat_template(body.messages)
             prompts = [self.tokenizer.encode(text)]
             self._check_ids(prompts[0], "messages")
             if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -352,6 +364,7 @@ class OpenAIServer:
             logprobs,
             body.ignore_eos,
             top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
+            structured=plan.structured if plan is not None else None,
         )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
@@ -367,7 +380,7 @@ class OpenAIServer:
             stats.status = e.status if isinstance(e, APIError) else 500
             self._finish(endpoint, stats)
             raise
-        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
+        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id, plan)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(endpoint, fmt, merged, first, stats, weight, include_usage)
