@@ -1,5 +1,6 @@
 """Grammar-constrained decoding: the sampler's token mask, the engine's matchers, real schemas."""
 
+import asyncio
 import json
 
 import jsonschema
@@ -11,6 +12,8 @@ from moeray.platform.engine.grammar import GrammarSet, check_structured_output
 from moeray.platform.engine.sampler import Sampler, SamplingParams, mask_logits
 from moeray.platform.engine.structured import StructuredOutput
 from moeray.platform.serve.bench import random_tiny_model
+from moeray.platform.serve.http.protocol import GenerationParams, GenerationRequest
+from moeray.platform.serve.worker import DecodeWorker, PrefillWorker
 
 # Every value bounded (lengths, ranges, enums), so a random-weight model closes the object well
 # within max_tokens; the checks still need every token to follow the grammar.
@@ -95,12 +98,27 @@ def test_mask_logits_and_sampler_only_pick_allowed_tokens():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    directory = random_tiny_model(tmp_path_factory.mktemp("tiny"))
+def model_dir(tmp_path_factory):
+    return random_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _engine(directory, **kw):
     return Engine.from_pretrained(
         directory,
-        EngineConfig(num_pages=64, page_size=16, max_num_batched_tokens=64, use_cuda_graphs=False),
+        EngineConfig(
+            num_pages=64, page_size=16, max_num_batched_tokens=64, use_cuda_graphs=False, **kw
+        ),
     )
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return _engine(model_dir)
+
+
+def _valid(engine, out, schema):
+    assert out.finish_reason == "stop", out
+    jsonschema.validate(json.loads(engine.tokenizer.decode(out.output_token_ids[:-1])), schema)
 
 
 def test_random_model_output_validates_against_each_schema(engine):
@@ -112,10 +130,9 @@ def test_random_model_output_validates_against_each_schema(engine):
         for spec in specs
     ]
     outs = engine.generate([prompt] * len(params), params)
-    eos = engine.model_config.eos_token_id
     for o, schema in zip(outs, SCHEMAS * 2, strict=True):
-        assert o.finish_reason == "stop" and o.output_token_ids[-1] == eos, o
-        jsonschema.validate(json.loads(engine.tokenizer.decode(o.output_token_ids[:-1])), schema)
+        assert o.output_token_ids[-1] == engine.model_config.eos_token_id
+        _valid(engine, o, schema)
     # The same model unconstrained writes no JSON: the grammar is what made the outputs valid.
     free = engine.generate([prompt], SamplingParams(temperature=1.0, seed=7, max_tokens=30))[0]
     with pytest.raises(json.JSONDecodeError):
@@ -130,7 +147,7 @@ def test_json_object_and_mixed_batch(engine):
     plain = SamplingParams(temperature=0.0, max_tokens=12)
     expected = engine.generate([prompt], plain)[0].output_token_ids
     obj = SamplingParams(
-        temperature=0.9, seed=3, max_tokens=200, structured=StructuredOutput("json_object")
+        temperature=0.9, seed=3, max_tokens=40, structured=StructuredOutput("json_object")
     )
     outs = engine.generate([prompt, prompt], [plain, obj])
     # A row without a grammar in a batch with one samples exactly as it does alone.
@@ -159,3 +176,39 @@ def test_bad_specs_are_value_errors(engine):
     with pytest.raises(ValueError, match="object or a boolean"):
         StructuredOutput.from_schema("{}")
     assert isinstance(engine.grammars(), GrammarSet)
+
+
+def test_grammar_requests_take_no_mtp_drafts(model_dir):
+    eng = _engine(model_dir, num_speculative_tokens=1)
+    prompt = eng.encode("def add(a, b):")
+    spec = StructuredOutput.from_schema(SCHEMAS[0])
+    out = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=80, structured=spec))
+    _valid(eng, out[0], SCHEMAS[0])
+    assert eng.drafter is not None and eng.drafter.stats.num_draft_tokens == 0
+    eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
+    assert eng.drafter.stats.num_draft_tokens > 0  # drafting itself is on
+
+
+def test_prefill_decode_split_keeps_the_grammar(model_dir):
+    """The prefill replica samples the first token under the grammar; the decode replica's
+    matcher starts from it."""
+    spec = StructuredOutput.from_schema(SCHEMAS[1])
+    params = GenerationParams(max_tokens=100, temperature=1.0, seed=11, structured=spec)
+    eng = _engine(model_dir)
+    prompt = tuple(eng.encode("class Point:"))
+
+    async def run():
+        prefill = PrefillWorker(_engine(model_dir))
+        decode = DecodeWorker(eng, prefill.prefill)
+        try:
+            steps = [s async for s in decode.generate(GenerationRequest("g", prompt, params))]
+            return steps, decode.transfers
+        finally:
+            prefill.loop.shutdown()
+            decode.loop.shutdown()
+
+    steps, transfers = asyncio.run(run())
+    assert [t.recomputed for t in transfers] == [False]  # the first token came from the prefill
+    ids = [t for s in steps for t in s.token_ids]
+    assert steps[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads(eng.tokenizer.decode(ids[:-1])), SCHEMAS[1])
