@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
 from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
+
+if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
+    from moeray.platform.engine.grammar import GrammarSet
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
@@ -156,7 +159,7 @@ class Engine:
             self.runner.capture_graphs(
                 config.max_num_seqs, model.mtp[0] if spec else None, self.dtype
             )
-        self._grammar_set: Any = None  # a GrammarSet, built at the first structured request
+        self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -196,7 +199,7 @@ class Engine:
         return list(enc.ids if hasattr(enc, "ids") else enc)
 
     # ---- grammar-constrained decoding -----------------------------------------------------------
-    def grammars(self) -> Any:
+    def grammars(self) -> GrammarSet:
         """The engine's GrammarSet (engine/grammar.py), built once from its tokenizer."""
         if self._grammar_set is None:
             if self.tokenizer is None:

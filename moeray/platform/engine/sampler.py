@@ -192,8 +192,12 @@ def mask_logits(logits_BV: torch.Tensor, mask_BW: torch.Tensor) -> torch.Tensor:
     B, V = logits_BV.shape
     if mask_BW.shape[0] != B or mask_BW.dtype != torch.int32:
         raise ValueError(f"token mask {tuple(mask_BW.shape)} {mask_BW.dtype} for {B} rows")
-    bits = torch.arange(32, device=mask_BW.device, dtype=torch.int32)
-    allowed_BX = ((mask_BW.to(logits_BV.device)[:, :, None] >> bits) & 1).bool().flatten(1)
+    # Unpacked per byte (little-endian, as on x86 and CUDA: byte k of word w holds tokens
+    # 32w+8k..32w+8k+7): a [B, 4W, 8] uint8 temporary, 4x smaller than per int32 word (33 MB at
+    # B=256 over DeepSeek-V3's 129280 tokens).
+    bytes_BY = mask_BW.to(logits_BV.device).contiguous().view(torch.uint8)
+    bits = torch.arange(8, device=logits_BV.device, dtype=torch.uint8)
+    allowed_BX = ((bytes_BY[:, :, None] >> bits) & 1).bool().flatten(1)
     allowed_BV = torch.zeros(B, V, dtype=torch.bool, device=logits_BV.device)
     n = min(V, allowed_BX.shape[1])
     allowed_BV[:, :n] = allowed_BX[:, :n]

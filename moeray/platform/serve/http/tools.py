@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from moeray.platform.engine.grammar import check_structured_output
 from moeray.platform.engine.structured import StructuredOutput
 from moeray.platform.serve.http.errors import APIError
+from moeray.platform.serve.http.protocol import FinishReason
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
+    ChatFinishReason,
     FunctionCall,
     FunctionCallDelta,
     ToolCall,
@@ -202,7 +204,12 @@ class ChoiceOutput:
     def called(self) -> bool:
         return bool(self.ids)
 
-    def finish_reason(self, reason: str | None) -> Any:
+    @overload
+    def finish_reason(self, reason: FinishReason) -> ChatFinishReason: ...
+    @overload
+    def finish_reason(self, reason: None) -> None: ...
+    def finish_reason(self, reason: FinishReason | None) -> ChatFinishReason | None:
+        """A choice that called tools and stopped finishes with "tool_calls"."""
         return "tool_calls" if reason == "stop" and self.called else reason
 
     def push(self, text: str, final: bool) -> tuple[str | None, list[ToolCallDelta] | None]:
