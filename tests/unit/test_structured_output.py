@@ -169,6 +169,10 @@ def test_bad_specs_are_value_errors(engine):
             ),
         )
     assert not engine.has_unfinished()  # the bad request was never queued
+    rid = engine.add_request([5, 6], SamplingParams(structured=StructuredOutput("json_object")))
+    assert engine.grammars().has(rid)
+    engine.abort(rid)  # what a closed stream does: its matcher goes with it
+    assert not engine.grammars().has(rid) and not engine.has_unfinished()
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, structured=StructuredOutput("json_object"))
     with pytest.raises(ValueError, match="kind"):

@@ -15,7 +15,10 @@ text becomes `message.tool_calls`:
 Bad tool specs, schemas or choices are 400s naming the field.
 
 `ChoiceOutput` turns one choice's text, as it streams or whole, into content and tool-call
-deltas; a choice that called tools and stopped finishes with "tool_calls".
+deltas; a choice that called tools and stopped finishes with "tool_calls". Streamed, a named
+call's arguments and DeepSeek-V3 calls arrive piece by piece; JSON-format calls (the json parser,
+tool_choice required) come whole in the last chunk, since only the complete JSON tells a call
+from content.
 """
 
 from __future__ import annotations
