@@ -75,7 +75,7 @@ class ServeTokenizer:
         value = self.config.get(key) or ""
         return value.get("content", "") if isinstance(value, dict) else value
 
-    def chat_template(self) -> Callable[[Sequence[Any]], str] | None:
+    def chat_template(self) -> Callable[..., str] | None:
         """The directory's Jinja chat template (tokenizer_config.json `chat_template` or
         chat_template.jinja) in a sandbox, with the filters and globals transformers gives it;
         None when there is none. Rendering raises ChatTemplateError (the API's 400) when the
@@ -89,10 +89,12 @@ class ServeTokenizer:
         template = _environment().from_string(source)
         specials = {k: self._special(k) for k in _SPECIAL_KEYS}
 
-        def render(messages: Sequence[Any]) -> str:
-            msgs = [{"role": m.role, "content": m.content} for m in messages]
+        def render(messages: Sequence[Any], tools: list[dict[str, Any]] | None = None) -> str:
+            msgs = [_message_dict(m) for m in messages]
             try:
-                return template.render(messages=msgs, add_generation_prompt=True, **specials)
+                return template.render(
+                    messages=msgs, tools=tools, add_generation_prompt=True, **specials
+                )
             except ChatTemplateError:
                 raise
             except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
@@ -129,6 +131,17 @@ def _tojson(
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    """A chat message as templates read it: role and content, plus tool_calls (OpenAI's dicts,
+    arguments as JSON text) and tool_call_id when the message has them."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if getattr(m, "tool_calls", None):
+        d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if getattr(m, "tool_call_id", None) is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
 
 
 def _raise(message: str) -> None:

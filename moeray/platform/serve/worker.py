@@ -57,7 +57,18 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) ->
         max_tokens=max_tokens or p.max_tokens,
         logprobs=p.logprobs,
         ignore_eos=p.ignore_eos,
+        structured=p.structured,
     )
+
+
+async def compile_grammar(loop: EngineLoop, req: GenerationRequest) -> None:
+    """Compile the request's grammar off the engine thread (hundreds of ms for a large schema
+    over a 129k vocabulary would stall every running request's step); the engine's add_request
+    then finds it cached."""
+    spec = req.params.structured
+    if spec is not None:
+        grammars = await loop.call(loop.engine.grammars)  # built once, on the engine thread
+        await asyncio.to_thread(grammars.compile, spec)
 
 
 class EngineLoop:
@@ -195,6 +206,7 @@ class ColocatedWorker:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
+        await compile_grammar(self.loop, req)
         add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
         async with aclosing(self.loop.stream(req.request_id, lambda: add() and None)) as outs:
             async for out in outs:
@@ -229,6 +241,7 @@ class PrefillWorker:
         t0 = time.perf_counter()
         engine = self.loop.engine
         rid = f"{req.request_id}-prefill"
+        await compile_grammar(self.loop, req)
 
         def add() -> None:
             engine.add_request(
@@ -297,6 +310,7 @@ class DecodeWorker:
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         prompt = list(req.prompt_ids)
+        await compile_grammar(self.loop, req)
         # Only the pages this replica lacks cross the wire: ask the prefill for rows from the end
         # of our cached prefix (whole pages; the last, partial page always travels).
         have = await self.loop.call(lambda: engine.cached_prefix_length(prompt))

@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from moeray.platform.engine.structured import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`, the largest logprobs k accepted
 
 FinishReason = Literal["stop", "length"]
@@ -36,6 +38,9 @@ class GenerationParams:
     logprobs: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks); vLLM's extension
     top_k: int = 0  # 0: off; vLLM's extension, or the model's generation_config.json
+    # response_format json_object/json_schema, or tool_choice required/named: the output must
+    # match this grammar (engine/grammar.py).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -48,6 +53,8 @@ class GenerationParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_TOP_LOGPROBS}]")
+        if self.structured is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from moeray.platform.serve.http.schemas import (
     Usage,
 )
 from moeray.platform.serve.http.text import TokenText
+from moeray.platform.serve.http.tools import ChatPlan, ChoiceOutput
 
 
 @dataclass
@@ -48,9 +49,11 @@ class ResponseFormatter:
         rid: str,
         created: int,
         model: str,
+        plan: ChatPlan | None = None,
         *,
         as_token_ids: bool = False,
     ):
+        """plan: the chat request's tools plan (serve/http/tools.py); None: content only."""
         self.tok, self.endpoint, self.rid, self.created, self.model = (
             tokenizer,
             endpoint,
@@ -59,7 +62,9 @@ class ResponseFormatter:
             model,
         )
         self.as_token_ids = as_token_ids  # vLLM's return_tokens_as_token_ids
+        self.plan = plan or ChatPlan()
         self._started: set[int] = set()
+        self._outputs: dict[int, ChoiceOutput] = {}
 
     def _token_str(self, token_id: int) -> str:
         """An alternative token's name: its own text, special tokens included (several special
@@ -124,6 +129,8 @@ class ResponseFormatter:
         if ev.index not in self._started:
             self._started.add(ev.index)
             role = "assistant"
+        out = self._outputs.setdefault(ev.index, ChoiceOutput(self.plan))
+        content, tool_calls = out.push(ev.text, final=ev.finish_reason is not None)
         return ChatCompletionChunk(
             id=self.rid,
             created=self.created,
@@ -131,8 +138,8 @@ class ResponseFormatter:
             choices=[
                 ChatChunkChoice(
                     index=ev.index,
-                    delta=ChatDelta(role=role, content=ev.text),
-                    finish_reason=ev.finish_reason,
+                    delta=ChatDelta(role=role, content=content, tool_calls=tool_calls),
+                    finish_reason=out.finish_reason(ev.finish_reason),
                     logprobs=self._chat_logprobs(ev),
                 )
             ],
@@ -169,20 +176,20 @@ class ResponseFormatter:
             return CompletionResponse(
                 id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
             )
-        return ChatCompletionResponse(
-            id=self.rid,
-            created=self.created,
-            model=self.model,
-            usage=usage,
-            choices=[
+        chat_choices = []
+        for i in range(n_choices):
+            out = ChoiceOutput(self.plan)
+            content, tool_calls = out.full("".join(texts[i]))
+            chat_choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatResponseMessage(content="".join(texts[i])),
-                    finish_reason=finish[i],
+                    message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                    finish_reason=out.finish_reason(finish[i]),
                     logprobs=self._chat_logprobs(ChoiceEvent(i, "", (), tuple(lps[i]), None))
                     if has_lp
                     else None,
                 )
-                for i in range(n_choices)
-            ],
+            )
+        return ChatCompletionResponse(
+            id=self.rid, created=self.created, model=self.model, usage=usage, choices=chat_choices
         )

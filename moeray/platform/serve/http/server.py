@@ -54,6 +54,8 @@ from moeray.platform.serve.http.schemas import (
 )
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
 from moeray.platform.serve.http.text import ChoiceText
+from moeray.platform.serve.http.tool_parsers import get_tool_parser
+from moeray.platform.serve.http.tools import ChatPlan, plan_chat
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,11 @@ class OpenAIServerConfig:
     tokenizer_threads: int = 4
     # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # How chat output becomes tool_calls with tool_choice auto (serve/http/tool_parsers/).
+    tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
+        get_tool_parser(self.tool_call_parser)  # ValueError naming the accepted parsers
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
         for name in (
@@ -333,11 +338,18 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest, request_id: str = "-") -> Any:
         return await self._handle("chat", body, request_id)
 
-    def _prompts(self, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
-        """The request's prompts as token ids (chat through the template); runs on the pool."""
+    def _prompts(
+        self, body: CompletionRequest | ChatCompletionRequest, plan: ChatPlan | None
+    ) -> list[list[int]]:
+        """The request's prompts as token ids (chat through the template, with the plan's tools
+        when there are some); runs on the pool."""
         if isinstance(body, ChatCompletionRequest):
             try:
-                text = self.chat_template(body.messages)
+                # Called with tools only when there are some: one-argument templates keep working.
+                if plan is not None and plan.tools:
+                    text = self.chat_template(body.messages, tools=plan.tools)
+                else:
+                    text = self.chat_template(body.messages)
             except ValueError as e:  # a template's raise_exception (ChatTemplateError) refuses
                 raise APIError(
                     400,
@@ -367,9 +379,12 @@ class OpenAIServer:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
+        plan: ChatPlan | None = None
+        if isinstance(body, ChatCompletionRequest):
+            plan = plan_chat(body, self.config.tool_call_parser)
         # Off the event loop: a megabyte prompt takes seconds to template and encode.
         prompts = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self._prompts, body
+            self._tokenize_pool, self._prompts, body, plan
         )
         if isinstance(body, ChatCompletionRequest):
             if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -417,6 +432,7 @@ class OpenAIServer:
             logprobs,
             body.ignore_eos,
             top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
+            structured=plan.structured if plan is not None else None,
         )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
@@ -425,10 +441,11 @@ class OpenAIServer:
         self._record("inc", "moeray_prompt_tokens", stats.prompt_tokens)
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        # A tool-call parser reads the model's call markers, which tokenizers may mark special
+        # (vLLM's parsers turn skipping off too); the parser strips them from the content.
+        skip_special = body.skip_special_tokens and not (plan is not None and plan.parser)
         try:
-            merged, first = await self._start(
-                prompts, params, body.n, stats, rid, body.skip_special_tokens
-            )
+            merged, first = await self._start(prompts, params, body.n, stats, rid, skip_special)
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
@@ -440,6 +457,7 @@ class OpenAIServer:
             rid,
             created,
             self.config.model_id,
+            plan,
             as_token_ids=body.return_tokens_as_token_ids,
         )
         if body.stream:
