@@ -492,12 +492,18 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_speculative_tokens: int = 0
+    # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
+    tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "colocated"):
             raise ValueError(f"mode={self.mode!r}: accepted 'pd' or 'colocated'")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser={self.tool_call_parser!r}: accepted {TOOL_CALL_PARSERS}"
+            )
         for name in (
             "prefill_replicas",
             "decode_replicas",
@@ -556,3 +562,5 @@ class ServeConfig:
 # (object store), Ray Direct Transport through relay actors, or a persistent pairwise
 # torch.distributed channel between the replica processes.
 KV_TRANSPORTS = ("object_store", "rdt", "channel")
+# How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
+TOOL_CALL_PARSERS = ("deepseek_v3", "json")

@@ -46,15 +46,23 @@ EOS = 256
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens, plus EOS (256) which decodes to nothing."""
+    """UTF-8 bytes as tokens, plus EOS (256), a special token: "<|eos|>" unless skipped. No BOS."""
 
     vocab_size = 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out, run = [], bytearray()
+        for t in token_ids:
+            if t < 256:
+                run.append(t)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append("" if skip_special_tokens else "<|eos|>")
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
 
 def echo_tokens(

@@ -251,19 +251,32 @@ def test_processing_forces_and_bans_tokens():
         s.process(x, [SamplingParams(logit_bias=((V, 1.0),))] * 3, hist)
 
 
-def test_allowed_mask_applies_first():
+def pack_mask(allowed_BV):
+    """A boolean [B, V] mask as the grammar's packed int32 words (bit j of word w: 32w + j)."""
+    B, Vn = allowed_BV.shape
+    W = -(-Vn // 32)
+    bits = torch.zeros(B, W * 32, dtype=torch.int64)
+    bits[:, :Vn] = allowed_BV.long()
+    words = (bits.view(B, W, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_grammar_mask_applies_before_bias_and_penalties():
     x = logits(2, seed=6)
     allowed = torch.zeros(2, V, dtype=torch.bool)
     allowed[0, [3, 9]] = True
-    allowed[1, 20] = True
-    ps = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1)]
-    r = Sampler()(x, ps, gens([None, 1]), allowed_BV=allowed)
-    assert r.token_ids[0] == (3 if x[0, 3] >= x[0, 9] else 9) and r.token_ids[1] == 20
+    allowed[1, [20, 21]] = True
+    ps = [
+        SamplingParams(temperature=0, logit_bias=((5, 100.0),)),  # 5 is masked: bias can't lift it
+        SamplingParams(temperature=1.0, seed=1, logit_bias=((21, 100.0),), repetition_penalty=1.5),
+    ]
+    hist = [History([1], []), History([21], [21])]
+    r = Sampler()(x, ps, gens([None, 1]), hist, token_mask_BW=pack_mask(allowed))
+    assert r.token_ids == [3 if x[0, 3] >= x[0, 9] else 9, 21]
     # logprobs still report the raw model distribution
-    rl = Sampler()(
-        x, [dataclasses.replace(p, logprobs=0) for p in ps], gens([None, 1]), allowed_BV=allowed
-    )
-    assert math.isclose(rl.logprobs[1].logprob, x[1].log_softmax(-1)[20].item(), rel_tol=1e-5)
+    ps = [dataclasses.replace(p, logprobs=0) for p in ps]
+    rl = Sampler()(x, ps, gens([None, 1]), hist, token_mask_BW=pack_mask(allowed))
+    assert math.isclose(rl.logprobs[1].logprob, x[1].log_softmax(-1)[21].item(), rel_tol=1e-5)
 
 
 def test_min_p_against_reference():

@@ -29,14 +29,15 @@ BASE = 0x100  # token t decodes to chr(BASE + t): text and ids map one to one
 
 
 class CharTokenizer:
-    """One character per token, so a completion's text gives back its exact token ids."""
+    """One character per token (none special), so a completion's text gives back its exact
+    token ids. (The stop token that ends a choice is still left out of the text.)"""
 
     vocab_size = V
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) - BASE if BASE <= ord(c) < BASE + V else ord(c) % V for c in text]
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(BASE + t) for t in token_ids)
 
 
@@ -265,7 +266,15 @@ def test_echo_logprobs_equal_a_direct_forward(api, model):
 
 
 def test_best_of_returns_the_most_likely_choices(api):
-    kw = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.3, seed=21)
+    # ignore_eos: every choice's text shows all its tokens (usage is checked against them)
+    kw = dict(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=1.3,
+        seed=21,
+        extra_body={"ignore_eos": True},
+    )
     every = api.completions.create(n=4, logprobs=0, **kw)
     score = {c.text: sum(c.logprobs.token_logprobs) for c in every.choices}
     best = sorted(score, key=score.get, reverse=True)[:2]

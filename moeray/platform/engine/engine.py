@@ -10,7 +10,9 @@ the main model over it, requests that ask for prompt logprobs get those of the p
 just computed, each request that reached its last known token gets a token sampled from its
 processed logits (min_tokens, logit_bias, penalties: one batched pass; with speculative decoding,
 its drafts are verified against the same processed distribution, then one more token), the
-scheduler applies stops and frees pages, and the MTP drafter proposes the next drafts.
+scheduler applies stops and frees pages, and the MTP drafter proposes the next drafts. Requests
+with a `structured` spec sample under their grammar's token mask (engine/grammar.py, one matcher
+per request, applied before the processing) and take no drafts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +52,9 @@ from moeray.platform.engine.scheduler import (
     SchedulerConfig,
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
+
+if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
+    from moeray.platform.engine.grammar import GrammarSet
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
@@ -83,6 +88,8 @@ class EngineConfig:
     capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     seed: int = 0
+    # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -151,7 +158,10 @@ class Engine:
                 num_speculative_tokens=spec,
             ),
             self.kv,
-            eos_token_ids=[] if model.config.eos_token_id is None else [model.config.eos_token_id],
+            eos_token_ids=[
+                *([] if model.config.eos_token_id is None else [model.config.eos_token_id]),
+                *config.eos_token_ids,
+            ],
             detokenize=self._detokenize if tokenizer is not None else None,
         )
         self.runner = ModelRunner(
@@ -169,6 +179,7 @@ class Engine:
             self.runner.capture_graphs(
                 config.max_num_seqs, model.mtp[0] if spec else None, self.dtype
             )
+        self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -207,6 +218,40 @@ class Engine:
         enc = self.tokenizer.encode(text)
         return list(enc.ids if hasattr(enc, "ids") else enc)
 
+    # ---- grammar-constrained decoding -----------------------------------------------------------
+    def grammars(self) -> GrammarSet:
+        """The engine's GrammarSet (engine/grammar.py), built once from its tokenizer."""
+        if self._grammar_set is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "structured output needs the engine's tokenizer (the model directory's "
+                    "tokenizer.json)"
+                )
+            # Imported here: xgrammar is a native extension only engines that constrain load.
+            from moeray.platform.engine.grammar import GrammarSet
+
+            eos = self.model_config.eos_token_id
+            self._grammar_set = GrammarSet.from_tokenizer(
+                self.tokenizer, self.model_config.vocab_size, [] if eos is None else [eos]
+            )
+        return self._grammar_set
+
+    def _add_grammar(self, rid: str, params: SamplingParams) -> None:
+        if params.structured is not None:
+            self.grammars().add(rid, params.structured)
+
+    def _token_mask(self, seqs: Sequence[Any]) -> torch.Tensor | None:
+        if self._grammar_set is None:
+            return None
+        return self._grammar_set.bitmask([s.request.request_id for s in seqs], self.device)
+
+    def _drop_grammars(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        if self._grammar_set is not None:
+            for o in outs:
+                if o.finished:
+                    self._grammar_set.remove(o.request_id)
+        return outs
+
     # ---- requests ------------------------------------------------------------------------------
     def _check_ids(self, prompt: Sequence[int] | str, params: SamplingParams) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -238,7 +283,12 @@ class Engine:
                 f"export_kv_from={export_kv_from} must be in [0, {len(ids)}) for a "
                 f"{len(ids)}-token prompt"
             )
-        self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
+        self._add_grammar(rid, params)  # compiles (cached): a bad schema fails before queueing
+        try:
+            self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
+        except BaseException:
+            self.abort(rid)
+            raise
         if export_kv_from is not None:
             self._exports[rid] = export_kv_from
         return rid
@@ -309,7 +359,8 @@ class Engine:
                 )
             return True
 
-        return self.scheduler.add_prefilled(
+        self._add_grammar(rid, params)
+        out = self.scheduler.add_prefilled(
             rid,
             ids,
             params,
@@ -318,8 +369,15 @@ class Engine:
             first_logprobs,
             import_rows,
         )
+        if out is not None and self._grammar_set is not None:
+            # The prefill engine sampled first_token under the same grammar.
+            self._grammar_set.accept(rid, [first_token])
+            self._drop_grammars([out])
+        return out
 
     def abort(self, request_id: str) -> bool:
+        if self._grammar_set is not None:
+            self._grammar_set.remove(request_id)
         self._exports.pop(request_id, None)
         self._exported.pop(request_id, None)
         return self.scheduler.abort(request_id)
@@ -332,7 +390,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return self._attach_exports(self.scheduler.update(out, {}))
+            return self._drop_grammars(self._attach_exports(self.scheduler.update(out, {})))
         t0 = time.perf_counter()
         fwd = self.runner.execute(out.scheduled)
         sampled: dict[str, list[int]] = {}
@@ -346,10 +404,18 @@ class Engine:
             hist = None
             if any(p.processes_logits for p in params):
                 hist = [self._history(s.request) for s in seqs]
-            res = self.sampler(rows, params, [_generator(s.request) for s in seqs], hist)
+            res = self.sampler(
+                rows,
+                params,
+                [_generator(s.request) for s in seqs],
+                hist,
+                token_mask_BW=self._token_mask(seqs),
+            )
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
+                if self._grammar_set is not None:
+                    self._grammar_set.accept(s.request.request_id, [tok])
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
         target_logits = self._spec_logits(out.scheduled, spec, fwd)
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
@@ -368,7 +434,9 @@ class Engine:
             logprobs[s.request.request_id] = lps
             assert self.drafter is not None  # drafts come only from the drafter
             self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
-        outs = self._attach_exports(self.scheduler.update(out, sampled, logprobs))
+        outs = self._drop_grammars(
+            self._attach_exports(self.scheduler.update(out, sampled, logprobs))
+        )
         if self.drafter is not None:
             self.drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)
         if self.device.type == "cuda":

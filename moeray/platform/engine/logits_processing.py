@@ -3,8 +3,8 @@
 Legend: B rows, V vocabulary, L longest token history among the penalized rows, P pairs
 (row, token) of a sparse update.
 
-Order (vLLM's): the allowed-token mask (structured output; the one place a [B, V] boolean mask
-enters), logit_bias (added) and min_tokens (eos and stop tokens set to -inf while a row has fewer
+Order (vLLM's; the grammar's token mask, `sampler.mask_logits`, comes before all of it): logit_bias
+(added) and min_tokens (eos and stop tokens set to -inf while a row has fewer
 output tokens than its min_tokens; -inf wins over any bias, so these two commute), then the
 repetition, frequency and presence penalties.
 Everything but the penalties is a sparse scatter of (row, token) pairs built from the requests'
@@ -102,20 +102,14 @@ def process_logits(
     params: Sequence[SamplingParams],
     histories: Sequence[History] | None,
     eos_token_ids: Collection[int] = (),
-    allowed_BV: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The logits sampling sees (fp32, a new tensor unless nothing applies). `histories` may be
-    None when no row has min_tokens or penalties. allowed_BV: optional boolean [B, V] mask of
-    the tokens each row may take (structured output); the rest get -inf first."""
+    """The logits sampling sees (fp32, a new tensor). `histories` may be None when no row has
+    min_tokens or penalties."""
     B, V = logits_BV.shape
     if len(params) != B or (histories is not None and len(histories) != B):
         n_hist = None if histories is None else len(histories)
         raise ValueError(f"{B} rows, {len(params)} params, {n_hist} histories")
     logits = logits_BV.float()
-    if allowed_BV is not None:
-        if allowed_BV.shape != logits.shape or allowed_BV.dtype != torch.bool:
-            raise ValueError(f"allowed mask {tuple(allowed_BV.shape)} must be bool {(B, V)}")
-        logits = logits.masked_fill(~allowed_BV, float("-inf"))
     if not any(p.processes_logits for p in params):
         return logits if logits is not logits_BV else logits.clone()
     if histories is None and any(p.penalizes or p.min_tokens for p in params):

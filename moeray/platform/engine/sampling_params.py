@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from moeray.platform.engine.structured import StructuredOutput
+
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit, vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 MAX_PENALTY = 2.0  # OpenAI's range for presence/frequency penalties: [-2, 2]
@@ -49,6 +51,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Grammar-constrained decoding (engine/grammar.py): the output must match this.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and self.temperature < float("inf")):
@@ -94,6 +98,9 @@ class SamplingParams:
                 f"logit_bias entries {dict(bad[:5])} are invalid: token ids must be >= 0 and "
                 f"biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
             )
+        if self.structured is not None and self.ignore_eos:
+            # The grammar ends with eos; past it the matcher allows nothing.
+            raise ValueError("ignore_eos cannot be combined with structured output")
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError(f"logit_bias={pairs}: a token id appears twice")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -206,4 +206,7 @@ class MTPDrafter:
                 len(req.output_token_ids) + 1 < req.params.max_tokens
                 and len(req.token_ids) + 1 < max_model_len
             )
-            req.spec_token_ids = [draft] if decoding and room else []
+            # No drafts under a grammar: verifying a draft would need the matcher to accept it
+            # and roll back on rejection (not done), and its mask for the bonus token.
+            plain = req.params.structured is None
+            req.spec_token_ids = [draft] if decoding and room and plain else []

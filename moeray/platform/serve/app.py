@@ -25,11 +25,17 @@ from typing import Any
 from moeray.actors.decode import ColocatedServer, DecodeServer
 from moeray.actors.prefill import PrefillServer
 from moeray.platform.checkpoint import check_checkpoint
-from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
+from moeray.platform.config import (
+    DEFAULT_DEMO_MODEL,
+    KV_TRANSPORTS,
+    TOOL_CALL_PARSERS,
+    ModelConfig,
+    ServeConfig,
+)
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
 from moeray.platform.plan.check import check_serve
-from moeray.platform.serve.generation_config import sampling_defaults
+from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
@@ -86,6 +92,7 @@ class Ingress:
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
             sampling_defaults=sampling_defaults(self.cfg.model),
+            tool_call_parser=self.cfg.tool_call_parser,
         )
         return build_app(
             self.backend,
@@ -168,6 +175,7 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
         except Exception as e:  # tokenizers, json and jinja2 raise their own types
             raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
         sampling_defaults(path)
+        eos_token_ids(path)
     return [str(w.message) for w in caught]
 
 
@@ -286,6 +294,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"refuse larger request bodies with 413 before parsing (default: {d.max_body_bytes})",
     )
     p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=d.tool_call_parser,
+        help="the model's tool-call syntax, parsed into tool_calls (default: deepseek_v3)",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -311,6 +325,7 @@ def main(argv: list[str]) -> int:
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
+            tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)

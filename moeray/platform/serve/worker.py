@@ -33,6 +33,7 @@ from moeray.platform.config import ServeConfig
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.serve.generation_config import eos_token_ids
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     GenerationRequest,
@@ -65,7 +66,18 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) ->
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         logit_bias=p.logit_bias,
+        structured=p.structured,
     )
+
+
+async def compile_grammar(loop: EngineLoop, req: GenerationRequest) -> None:
+    """Compile the request's grammar off the engine thread (hundreds of ms for a large schema
+    over a 129k vocabulary would stall every running request's step); the engine's add_request
+    then finds it cached."""
+    spec = req.params.structured
+    if spec is not None:
+        grammars = await loop.call(loop.engine.grammars)  # built once, on the engine thread
+        await asyncio.to_thread(grammars.compile, spec)
 
 
 class EngineLoop:
@@ -208,6 +220,7 @@ class ColocatedWorker:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
+        await compile_grammar(self.loop, req)
         add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
         async with aclosing(self.loop.stream(req.request_id, lambda: add() and None)) as outs:
             async for out in outs:
@@ -242,6 +255,7 @@ class PrefillWorker:
         t0 = time.perf_counter()
         engine = self.loop.engine
         rid = f"{req.request_id}-prefill"
+        await compile_grammar(self.loop, req)
 
         def add() -> None:
             engine.add_request(
@@ -310,6 +324,7 @@ class DecodeWorker:
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         prompt = list(req.prompt_ids)
+        await compile_grammar(self.loop, req)
         if req.params.prompt_logprobs is not None:
             # Prompt logprobs need the logits of every prompt position, which only the engine
             # that prefills has: such a request prefills here (the prefill replica returns KV
@@ -499,6 +514,7 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         num_speculative_tokens=cfg.num_speculative_tokens,
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
+        eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM
     )
     return Engine.from_pretrained(
         cfg.model, econf, device=device, dtype=dtype, keep_fp8=cfg.weights == "fp8"

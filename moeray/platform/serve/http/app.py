@@ -3,13 +3,17 @@
 `build_app(backend, tokenizer, config)` serves
     POST /v1/completions, POST /v1/chat/completions  (stream true/false, n, max_tokens,
          temperature, top_p, top_k (vLLM's extension), stop, seed, logprobs; SSE chunks end with
-         `data: [DONE]`; unset sampling fields take OpenAIServerConfig.sampling_defaults)
+         `data: [DONE]`; unset sampling fields take OpenAIServerConfig.sampling_defaults; chat
+         also tools + tool_choice (tool_calls parsed by config.tool_call_parser, streamed as
+         deltas) and response_format json_object/json_schema (grammar-constrained): tools.py)
     GET /v1/models, GET /health, GET /openapi.json (the OpenAPI 3.1 document of these routes)
 The Serve ingress deployment (serve/app.py) builds it at replica start, in
 `__serve_build_asgi_app__`.
 
 Errors are OpenAI-shaped `{"error": {"message", "type", "param", "code"}}`:
-    400 invalid body (param names the field, e.g. `messages.[0].role`), prompt over the context
+    400 invalid body (param names the field, e.g. `messages.[0].role`,
+        `tools.[0].function.parameters` for a schema xgrammar cannot compile), prompt over the
+        context
     401 missing/wrong bearer token when an API key is configured
     404 unknown model or route
     413 a body over `max_body_bytes`, refused before it is parsed (middleware.py)

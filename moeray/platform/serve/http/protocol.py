@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from moeray.platform.engine.structured import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`, the largest logprobs k accepted
 
 FinishReason = Literal["stop", "length"]
@@ -47,6 +49,9 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
+    # response_format json_object/json_schema, or tool_choice required/named: the output must
+    # match this grammar (engine/grammar.py).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -74,6 +79,8 @@ class GenerationParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_TOP_LOGPROBS}]")
+        if self.structured is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured output")
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,10 @@ class GenerationStep:
     logprobs: one entry per token when the request asked for logprobs, else None.
     prompt_logprobs: on the first step of a request with params.prompt_logprobs, one entry per
     prompt token (None for the first token), else None.
-    finish_reason: "stop" (EOS or a stop token/string), "length" (max_tokens or the context) on
-    the last step; None before it. A backend's generator must end right after a finished step.
+    finish_reason: "stop" (the last token is a stop token: EOS or a stop token id; the server
+    leaves it out of the text), "length" (max_tokens or the context) on the last step; None before
+    it. A backend's generator must end right after a finished step. (Stop strings are the
+    server's: it cuts the text itself and closes the generator.)
     """
 
     token_ids: tuple[int, ...]
@@ -161,9 +170,14 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens: what the tokenizer adds around a text (BOS where the model's
+        tokenizer config asks for it)."""
+        ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """skip_special_tokens: leave special tokens (BOS, EOS, role markers) out of the text."""
+        ...
 
 
 class BackendOverloaded(Exception):

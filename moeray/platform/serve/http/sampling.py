@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moeray.platform.engine.structured import StructuredOutput
 from moeray.platform.serve.http.errors import APIError
 from moeray.platform.serve.http.protocol import GenerationParams, SamplingDefaults
 from moeray.platform.serve.http.schemas import ChatCompletionRequest, CompletionRequest
@@ -20,6 +21,22 @@ def _param_of(error: ValueError) -> str | None:
     return name if name in {f.name for f in dataclasses.fields(GenerationParams)} else None
 
 
+def completion_max_tokens(body: CompletionRequest) -> int | None:
+    """The completion's max_tokens for the engine. As vLLM: 0 with echo returns the scored prompt
+    alone (the engine generates one token, which is dropped); without echo it is a 400."""
+    if body.max_tokens != 0:
+        return body.max_tokens
+    if not body.echo:
+        raise APIError(
+            400,
+            "max_tokens=0 is accepted only with echo=true (the prompt alone, scored with "
+            "logprobs); otherwise max_tokens must be >= 1",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    return 1
+
+
 def generation_params(
     body: CompletionRequest | ChatCompletionRequest,
     defaults: SamplingDefaults,
@@ -27,6 +44,7 @@ def generation_params(
     logprobs: int | None,
     *,
     prompt_logprobs: int | None = None,
+    structured: StructuredOutput | None = None,
 ) -> GenerationParams:
     """The choices' params: max_tokens as fitted to the context, logprobs as the engine should
     compute them (the server may drop them from the response)."""
@@ -60,6 +78,7 @@ def generation_params(
             frequency_penalty=body.frequency_penalty,
             logit_bias=body.logit_bias,
             prompt_logprobs=prompt_logprobs,
+            structured=structured,
         )
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(e), code="invalid_value") from None

@@ -127,6 +127,13 @@ class _SamplingRequest(_Strict):
     repetition_penalty: SFloat | None = Field(None, gt=0.0, allow_inf_nan=False)
     min_tokens: SInt = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None
+    # vLLM's text extensions. skip_special_tokens: leave special tokens (<|eos|>,
+    # <|User|>, ...) out of the text. add_special_tokens: let the tokenizer add BOS to a text
+    # prompt; None is the endpoint's default (completions yes, chat no: the template writes it).
+    # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>" instead of their text.
+    skip_special_tokens: SBool = True
+    add_special_tokens: SBool | None = None
+    return_tokens_as_token_ids: SBool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -234,15 +241,79 @@ class CompletionRequest(_SamplingRequest):
         return v
 
 
+class FunctionCall(_Strict):
+    name: SStr
+    arguments: SStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    """A call in an assistant message (requests) or in a response's message."""
+
+    id: SStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Strict):
+    name: SStr = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: SStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: SBool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: SStr = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: SStr | None = None
+    # `schema` in JSON; renamed here because BaseModel has a `schema` attribute.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)]
+    # Fields validate in this order: content's check reads role and tool_calls.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: SStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: SStr | None = None  # tool messages: the call this is the result of
+    # Null is accepted only with tool_calls (the validator below), so the document says so.
+    content: Annotated[
+        Any, WithJsonSchema({"anyOf": [*_CONTENT_SCHEMA["anyOf"], {"type": "null"}]})
+    ] = Field(None, validate_default=True)
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only allowed in assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need tool_call_id, and only they take one")
+        return self
 
     @field_validator("content")
     @classmethod
-    def _content(cls, v: Any) -> str:
-        """A string, or a list of text parts (joined): image/audio parts are not supported."""
+    def _content(cls, v: Any, info: ValidationInfo) -> str | None:
+        """A string, or a list of text parts (joined): image/audio parts are not supported.
+        Null (or absent) only in an assistant message with tool_calls."""
+        if v is None:
+            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+                return None
+            raise ValueError("is required (null only in an assistant message with tool_calls)")
         if isinstance(v, str):
             return v
         if isinstance(v, list) and v:
@@ -268,6 +339,12 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: SInt | None = Field(None, ge=1)
     logprobs: SBool = False
     top_logprobs: SInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}};
+    # checked against `tools` in serve/http/tools.py
+    tool_choice: Any = None
+    parallel_tool_calls: SBool | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -326,14 +403,18 @@ class ChatChoiceLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -345,16 +426,31 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of tool call `index`: id, type and name come with its first piece."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

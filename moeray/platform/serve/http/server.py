@@ -3,9 +3,12 @@
 Per request it checks the model, tokenizes (chat through the chat template) on a thread pool, so
 that a long prompt does not stall the event loop, fits max_tokens to the context, admits the
 request's n x prompts choices through the `AdmissionGate` (429 when full), starts one backend
-generator per choice and merges their events. Each choice's ids are detokenized incrementally and
-cut at stop strings (`text.py`); usage is counted and the metrics of `moeray.platform.metrics`
-recorded. The response is one JSON body or an SSE stream.
+generator per choice and merges their events. Text prompts get BOS where the tokenizer config
+asks, a rendered chat template none (it writes its own). Each choice's ids become text in
+`text.ChoiceText` (incremental detokenization, special tokens skipped unless skip_special_tokens
+is false, the stop token left out, stop strings cut; logprobs for exactly the tokens of the text
+sent); usage is counted and the metrics of `moeray.platform.metrics` recorded. The response is
+one JSON body or an SSE stream.
 
 Completions also take `echo` (the prompt's text, and with `logprobs` its tokens scored by the
 engine's prompt logprobs, go before each choice; max_tokens 0 then returns the prompt alone, as
@@ -52,7 +55,7 @@ from moeray.platform.serve.http.responses import (
     ResponseFormatter,
     select_best,
 )
-from moeray.platform.serve.http.sampling import generation_params
+from moeray.platform.serve.http.sampling import completion_max_tokens, generation_params
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,7 +64,9 @@ from moeray.platform.serve.http.schemas import (
     Usage,
 )
 from moeray.platform.serve.http.sse import SSE_DONE, SSEResponse, sse_event
-from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+from moeray.platform.serve.http.text import ChoiceText
+from moeray.platform.serve.http.tool_parsers import get_tool_parser
+from moeray.platform.serve.http.tools import ChatPlan, plan_chat
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +92,11 @@ class OpenAIServerConfig:
     tokenizer_threads: int = 4
     # The model's generation_config.json: defaults for the sampling fields a request leaves unset.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # How chat output becomes tool_calls with tool_choice auto (serve/http/tool_parsers/).
+    tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
+        get_tool_parser(self.tool_call_parser)  # ValueError naming the accepted parsers
         if not self.model_id:
             raise ValueError("model_id must be a non-empty string")
         for name in (
@@ -229,11 +237,12 @@ class OpenAIServer:
         index: int,
         request: GenerationRequest,
         stats: _RequestStats,
+        skip_special: bool,
         echo: Echo | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stopper = StopMatcher(request.params.stop)
-        stop_ids = frozenset(request.params.stop_token_ids)
+        choice_text = ChoiceText(
+            self.tokenizer, request.params.stop, skip_special_tokens=skip_special
+        )
         gen = self.backend.generate(request)
         first: float | None = None  # monotonic time of the first step
         last = 0.0  # of the latest step; read only once `first` is set
@@ -259,21 +268,20 @@ class OpenAIServer:
                 stats.completion_tokens += len(step.token_ids)
                 self._record("inc", "moeray_generation_tokens", len(step.token_ids))
                 done = step.finish_reason is not None
-                shown = step.token_ids
-                if done and step.finish_reason == "stop" and shown[-1] in stop_ids:
-                    shown = shown[:-1]  # a stop token ends the text unshown, as in vLLM
-                delta = detok.push(shown) + (detok.flush() if done else "")
-                text = stopper.push(delta, final=done)
-                finish: FinishReason | None = "stop" if stopper.stopped else step.finish_reason
-                ids, lps = step.token_ids, step.logprobs
-                if echo is not None and echo.only:
-                    text, ids, lps = "", (), None
-                if echo is not None and tokens == len(step.token_ids):  # the first step
-                    head_text, head_lps = echo.first(step)
-                    text = head_text + text
-                    if head_lps is not None:
-                        lps = head_lps + tuple(lps or ())
-                yield ChoiceEvent(index, text, ids, lps, finish)
+                text, tokens_sent = choice_text.push(
+                    step.token_ids,
+                    step.logprobs,
+                    final=done,
+                    stop_token=step.finish_reason == "stop",
+                )
+                finish: FinishReason | None = "stop" if choice_text.stopped else step.finish_reason
+                ids, lps = step.token_ids, None if step.logprobs is None else tuple(tokens_sent)
+                if echo is not None:
+                    text, ids, lps = echo.around(
+                        step, text, ids, lps, self.tokenizer, first=tokens == len(step.token_ids)
+                    )
+                score = sum(float(lp.logprob) for lp in step.logprobs or ())
+                yield ChoiceEvent(index, text, ids, lps, finish, score)
                 if finish is not None:
                     finished = True
                     return
@@ -334,6 +342,7 @@ class OpenAIServer:
         n: int,
         stats: _RequestStats,
         rid: str,
+        skip_special: bool,
         echoes: list[Echo] | None = None,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
         """Start every choice (n per prompt; best_of of them when it is larger) and wait for the
@@ -347,7 +356,7 @@ class OpenAIServer:
                 req = GenerationRequest(
                     f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
                 )
-                streams.append(self._run_choice(p * n + j, req, stats, echo))
+                streams.append(self._run_choice(p * n + j, req, stats, skip_special, echo))
         merged = self._merge(streams)
         try:
             first = await merged.__anext__()
@@ -365,19 +374,37 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest, request_id: str = "-") -> Any:
         return await self._handle("chat", body, request_id)
 
-    def _prompts(self, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
-        """The request's prompts as token ids (chat through the template); runs on the pool."""
+    def _prompts(
+        self, body: CompletionRequest | ChatCompletionRequest, plan: ChatPlan | None
+    ) -> list[list[int]]:
+        """The request's prompts as token ids (chat through the template, with the plan's tools
+        when there are some); runs on the pool."""
         if isinstance(body, ChatCompletionRequest):
             try:
-                text = self.chat_template(body.messages)
-            except ValueError as e:  # a template's raise_exception: it refuses these messages
-                raise APIError(400, str(e), param="messages", code="invalid_value") from None
-            ids = self.tokenizer.encode(text)
+                # Called with tools only when there are some: one-argument templates keep working.
+                if plan is not None and plan.tools:
+                    text = self.chat_template(body.messages, tools=plan.tools)
+                else:
+                    text = self.chat_template(body.messages)
+            except ValueError as e:  # a template's raise_exception (ChatTemplateError) refuses
+                raise APIError(
+                    400,
+                    f"the model's chat template rejected the messages: {e}",
+                    param="messages",
+                    code="invalid_value",
+                ) from None
+            # The template writes BOS itself where the model wants it (vLLM's default).
+            ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
             self._check_ids(ids, "messages")
             return [ids]
         prompts = []
         for i, p in enumerate(body.prompt):
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if isinstance(p, str):  # BOS where the model's tokenizer config asks for it
+                ids = self.tokenizer.encode(
+                    p, add_special_tokens=body.add_special_tokens is not False
+                )
+            else:
+                ids = list(p)
             self._check_ids(ids, "prompt" if len(body.prompt) == 1 else f"prompt.[{i}]")
             prompts.append(ids)
         return prompts
@@ -389,9 +416,12 @@ class OpenAIServer:
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
         echoes: list[Echo] | None = None
+        plan: ChatPlan | None = None
+        if isinstance(body, ChatCompletionRequest):
+            plan = plan_chat(body, self.config.tool_call_parser)
         # Off the event loop: a megabyte prompt takes seconds to template and encode.
         prompts = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self._prompts, body
+            self._tokenize_pool, self._prompts, body, plan
         )
         if isinstance(body, ChatCompletionRequest):
             if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -411,19 +441,7 @@ class OpenAIServer:
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            requested = body.max_tokens
-            if requested == 0:
-                # As vLLM: max_tokens 0 with echo returns the scored prompt alone (the engine
-                # generates one token, which is dropped); without echo there is nothing to do.
-                if not body.echo:
-                    raise APIError(
-                        400,
-                        "max_tokens=0 is accepted only with echo=true (the prompt alone, "
-                        "scored with logprobs); otherwise max_tokens must be >= 1",
-                        param="max_tokens",
-                        code="invalid_value",
-                    )
-                requested = 1
+            requested = completion_max_tokens(body)
             if requested is None:
                 # A default must still fit: clip it (never an explicit max_tokens) to the context.
                 default = defaults.max_tokens or self.config.default_max_tokens
@@ -433,16 +451,7 @@ class OpenAIServer:
             )
             logprobs = body.logprobs
             if body.echo:
-                only = body.max_tokens == 0
-                echoes = [
-                    Echo(
-                        p if isinstance(p, str) else self.tokenizer.decode(ids),
-                        tuple(ids),
-                        logprobs is not None,
-                        only,
-                    )
-                    for p, ids in zip(body.prompt, prompts, strict=True)
-                ]
+                echoes = Echo.for_prompts(body, prompts, self.tokenizer)
         n = body.n
         best_of = getattr(body, "best_of", None) or n
         weight = self._check_n(n, len(prompts), best_of)
@@ -454,6 +463,7 @@ class OpenAIServer:
             # best_of ranks choices by their cumulative logprob: always compute it
             logprobs if logprobs is not None or best_of == n else 0,
             prompt_logprobs=logprobs if echoes is not None else None,
+            structured=plan.structured if plan is not None else None,
         )
         if not self.gate.try_acquire(weight):
             self.record_status(endpoint, 429)
@@ -462,14 +472,27 @@ class OpenAIServer:
         self._record("inc", "moeray_prompt_tokens", stats.prompt_tokens)
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        # A tool-call parser reads the model's call markers, which tokenizers may mark special
+        # (vLLM's parsers turn skipping off too); the parser strips them from the content.
+        skip_special = body.skip_special_tokens and not (plan is not None and plan.parser)
         try:
-            merged, first = await self._start(prompts, params, best_of, stats, rid, echoes)
+            merged, first = await self._start(
+                prompts, params, best_of, stats, rid, skip_special, echoes
+            )
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
             self._finish(endpoint, stats)
             raise
-        fmt = ResponseFormatter(self.tokenizer, endpoint, rid, created, self.config.model_id)
+        fmt = ResponseFormatter(
+            self.tokenizer,
+            endpoint,
+            rid,
+            created,
+            self.config.model_id,
+            plan,
+            as_token_ids=body.return_tokens_as_token_ids,
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(
