@@ -4,7 +4,8 @@
 # 128x128 scales, the serve --weights fp8 path), with the roofline and a profile of 8 decode steps
 # per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
-# DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands.
+# DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. A/B of a fast path:
+# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine).
 rc=0
 files=()
 for shape in ${SHAPES:-moonlight v3}; do
@@ -15,7 +16,7 @@ for shape in ${SHAPES:-moonlight v3}; do
     *) echo "unknown shape '$shape': moonlight, v3 or tiny"; exit 2 ;;
   esac
   for w in ${WEIGHTS:-bf16 fp8}; do
-    tag=$shape-$w
+    tag=$shape-$w${TAG_SUFFIX:-}
     CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-170} python3 -m moeray.cli bench engine \
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
       --profile-steps ${PROFILE_STEPS:-8} --skip prefill,router-ab,hf,mtp --tag "$tag" \
