@@ -11,7 +11,7 @@ files=()
 for shape in ${SHAPES:-moonlight v3}; do
   case $shape in
     moonlight) args="--preset moonlight_16b_a3b --batch-sizes 1,8,64" ;;
-    v3) args="--preset deepseek_v3 --layers 4 --batch-sizes 1,64" ;;
+    v3) args="--preset deepseek_v3 --layers 4 --dense-layers 1 --batch-sizes 1,64" ;;
     tiny) args="--preset tiny --batch-sizes 1,8 --prompt-len 16 --decode-tokens 4" ;;
     *) echo "unknown shape '$shape': moonlight, v3 or tiny"; exit 2 ;;
   esac

@@ -110,6 +110,23 @@ def test_decode_roofline_moonlight_batch_one():
     assert 63 < r64["distinct_experts_per_layer"] < 64
 
 
+def test_step_bytes_at_real_shapes_on_meta():
+    """The full Moonlight shape on the meta device (shapes only): the model-based count equals the
+    config's active parameters at batch 1; FP8 experts take 1 byte a weight plus a fp32 scale per
+    128x128 block; the head stays bf16 as in the official checkpoint."""
+    cfg = moonlight_16b_a3b().replace(num_nextn_predict_layers=0)
+    D, V, E = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts
+    bf16 = step_bytes(random_model(cfg, "meta", torch.bfloat16), kv_dtype_bytes=2)
+    n_moe = cfg.num_hidden_layers - 1
+    active = cfg.num_parameters(activated=True) - V * D
+    assert bf16.weight_bytes(1) == pytest.approx(2 * active + n_moe * E * 4)
+    fp8 = step_bytes(random_model(cfg, "meta", torch.bfloat16, fp8=True), kv_dtype_bytes=2)
+    I = cfg.moe_intermediate_size  # noqa: E741 (the legend's expert width)
+    assert fp8.expert[0] == 3 * D * I + 3 * (D // 128) * (I // 128) * 4
+    assert fp8.fixed > 2 * V * D  # the bf16 head
+    assert 0.5 < fp8.weight_bytes(1) / bf16.weight_bytes(1) < 0.6
+
+
 def test_categorize_and_summarize():
     assert categorize("_moe_gate_kernel") == "router"
     assert categorize("_moe_gate_up_kernel") == "moe"
@@ -227,6 +244,20 @@ def test_bench_moonlight_shape_fp8_end_to_end(tmp_path):
     assert step["routed_expert_bytes"] < step["distinct_experts_per_layer"] * 3 * 128 * 64 * 1.1
 
 
+def test_layer_cut_keeps_dense_layers_first():
+    def cut(*args):
+        return bench._model_config(bench._parse(["--mtp-train-steps", "0", *args]))
+
+    v3 = cut("--preset", "deepseek_v3", "--layers", "4")
+    assert (v3.num_hidden_layers, v3.first_k_dense_replace) == (4, 3)  # V3's own 3 dense
+    assert v3.num_nextn_predict_layers == 0  # no MTP for speed runs
+    one = cut("--preset", "deepseek_v3", "--layers", "4", "--dense-layers", "1")
+    assert [one.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    assert cut("--preset", "moonlight_16b_a3b").num_hidden_layers == 27
+    with pytest.raises(ValueError, match="--dense-layers 5 > 4 layers"):
+        cut("--preset", "tiny", "--layers", "4", "--dense-layers", "5")
+
+
 def test_bench_rejects_bad_arguments(capsys):
     for args, words in (
         (["--preset", "nope"], "unknown preset"),
@@ -234,6 +265,7 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--config", tempfile.gettempdir() + "/no-such-dir"], "no config.json"),
         (["--skip", "decode"], "accepted sections"),
         (["--layers", "0"], "--layers 0"),
+        (["--dense-layers", "-1"], "--dense-layers -1"),
         (["--weights", "int4"], "invalid choice"),
     ):
         with pytest.raises(SystemExit):

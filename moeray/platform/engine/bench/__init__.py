@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -55,6 +56,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default small)")
     p.add_argument("--config", default=None, help="an HF config.json (or its directory)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument(
+        "--dense-layers",
+        type=int,
+        default=None,
+        help="override first_k_dense_replace (default: the config's, at most --layers)",
+    )
     p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
     p.add_argument("--batch-sizes", default="1,16,64,256")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -98,7 +105,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
     if a.preset is not None and a.config is not None:
         p.error("--preset and --config both given: pass one")
-    for name in ("layers", "profile_steps", "mtp_train_steps"):
+    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps"):
         v = getattr(a, name)
         low = 1 if name == "layers" else 0
         if v is not None and v < low:
@@ -244,14 +251,15 @@ def hf_decode(hf, prompts, n: int, device) -> float:
 
 
 def _model_config(a: argparse.Namespace) -> ModelConfig:
-    """The shape to run: preset or config.json, cut to --layers (dense layers first, as in the
-    original: min(first_k_dense_replace, layers) of them); no MTP when it is not trained."""
+    """The shape to run: preset or config.json, cut to --layers; dense layers first, as in the
+    original: --dense-layers of them, else min(first_k_dense_replace, layers) (DeepSeek-V3 has 3);
+    no MTP when it is not trained."""
     cfg = a.model_config
-    if a.layers is not None:
-        cfg = cfg.replace(
-            num_hidden_layers=a.layers,
-            first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers),
-        )
+    layers = cfg.num_hidden_layers if a.layers is None else a.layers
+    dense = cfg.first_k_dense_replace if a.dense_layers is None else a.dense_layers
+    if dense > layers:
+        raise ValueError(f"--dense-layers {dense} > {layers} layers: expected at most {layers}")
+    cfg = cfg.replace(num_hidden_layers=layers, first_k_dense_replace=min(dense, layers))
     if a.mtp_train_steps == 0:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     return cfg.replace(eos_token_id=None)  # fixed-length generations on both sides
@@ -280,7 +288,11 @@ def main(argv: list[str]) -> int:
     a = _parse(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = _model_config(a)
+    try:
+        cfg = _model_config(a)
+    except ValueError as e:
+        print(f"moeray bench engine: {e}", file=sys.stderr)
+        return 2
     prefill_len = a.prefill_len or 8 * a.prompt_len
     cycle_len = min(a.cycle_len, cfg.vocab_size)
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def quantize_fp8_(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _fill_(module: nn.Module, std: float, gen: torch.Generator) -> None:
+def _fill_(module: nn.Module, std: float, gen: torch.Generator | None) -> None:
     """Normal(0, std) for matrices, ones for norm weights, zero routing bias (fp32)."""
     for name, p in module.named_parameters():
         if name.endswith("norm.weight"):
@@ -106,7 +106,8 @@ def random_model(
     with torch.device("meta"):
         model = Transformer(config)
     model.to(dtype)  # meta: shapes and dtypes only
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # a meta model (shapes only: the roofline of a shape without its memory) takes no generator
+    gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     std = config.initializer_range
     pieces: list[nn.Module] = [
         model.model.embed_tokens,
