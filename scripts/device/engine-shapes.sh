@@ -17,7 +17,7 @@ for shape in ${SHAPES:-moonlight v3}; do
   esac
   for w in ${WEIGHTS:-bf16 fp8}; do
     tag=$shape-$w${TAG_SUFFIX:-}
-    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-170} python3 -m moeray.cli bench engine \
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-140} python3 -m moeray.cli bench engine \
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
       --profile-steps ${PROFILE_STEPS:-8} --skip prefill,router-ab,hf,mtp --tag "$tag" \
       --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
