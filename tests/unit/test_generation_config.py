@@ -95,10 +95,17 @@ def test_bad_values_name_the_file_and_value(tmp_path, data, match):
     assert "generation_config.json" in str(e.value)
 
 
-def test_unsupported_settings_warn(tmp_path):
-    with pytest.warns(UserWarning, match="repetition_penalty=1.1 is not applied"):
-        got = sampling_defaults(_write(tmp_path, {"repetition_penalty": 1.1, "temperature": 0.3}))
-    assert got.temperature == 0.3
+def test_min_p_and_repetition_penalty_are_defaults_too(tmp_path):
+    got = sampling_defaults(
+        _write(tmp_path, {"repetition_penalty": 1.1, "min_p": 0.05, "temperature": 0.3})
+    )
+    assert (got.temperature, got.min_p, got.repetition_penalty) == (0.3, 0.05, 1.1)
+    p = _params(got, CompletionRequest(model="m", prompt="hello"))
+    assert (p.min_p, p.repetition_penalty) == (0.05, 1.1)
+    p = _params(got, CompletionRequest(model="m", prompt="hi", min_p=0.0, repetition_penalty=1.0))
+    assert (p.min_p, p.repetition_penalty) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="repetition_penalty=0"):
+        sampling_defaults(_write(tmp_path, {"repetition_penalty": 0}))
 
 
 def test_unset_request_fields_take_the_defaults():

@@ -6,10 +6,13 @@ Use:
 or drive it step by step (what a Serve replica does): add_request / abort / step.
 
 Each step: the scheduler picks the batch (continuous batching, chunked prefill), the runner runs
-the main model over it, each request that reached its last known token gets a token (or, with
-speculative decoding, its accepted drafts plus one), the scheduler applies stops and frees pages,
-and the MTP drafter proposes the next drafts. Requests with a `structured` spec sample under their
-grammar's token mask (engine/grammar.py, one matcher per request) and take no drafts.
+the main model over it, requests that ask for prompt logprobs get those of the prompt positions
+just computed, each request that reached its last known token gets a token sampled from its
+processed logits (min_tokens, logit_bias, penalties: one batched pass; with speculative decoding,
+its drafts are verified against the same processed distribution, then one more token), the
+scheduler applies stops and frees pages, and the MTP drafter proposes the next drafts. Requests
+with a `structured` spec sample under their grammar's token mask (engine/grammar.py, one matcher
+per request, applied before the processing) and take no drafts.
 """
 
 from __future__ import annotations
@@ -33,9 +36,21 @@ from moeray.platform.engine.kv_cache import (
     device_budget_bytes,
     num_pages_for_budget,
 )
-from moeray.platform.engine.runner import ModelRunner
-from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
-from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
+from moeray.platform.engine.runner import ForwardResult, ModelRunner
+from moeray.platform.engine.sampler import (
+    History,
+    Sampler,
+    SamplingParams,
+    make_generator,
+    topk_logprobs,
+)
+from moeray.platform.engine.scheduler import (
+    Request,
+    RequestOutput,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerConfig,
+)
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
@@ -158,7 +173,7 @@ class Engine:
             graph_batch_sizes=config.graph_batch_sizes,
             attention=config.attention,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         if config.capture_graphs_at_start:
             self.runner.capture_graphs(
@@ -238,12 +253,17 @@ class Engine:
         return outs
 
     # ---- requests ------------------------------------------------------------------------------
-    def _check_ids(self, prompt: Sequence[int] | str) -> list[int]:
+    def _check_ids(self, prompt: Sequence[int] | str, params: SamplingParams) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         V = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= int(t) < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if params.max_token_id() >= V:
+            raise ValueError(
+                f"stop_token_ids {list(params.stop_token_ids)} / logit_bias token ids "
+                f"{[t for t, _ in params.logit_bias][:5]} must be in the vocabulary [0, {V})"
+            )
         return ids
 
     def add_request(
@@ -256,7 +276,7 @@ class Engine:
     ) -> str:
         """Queue a request. With `export_kv_from` (a prefill replica), the finished request's
         output carries `kv_export`: the KV rows of prompt tokens [export_kv_from, P)."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if export_kv_from is not None and not 0 <= export_kv_from < len(ids):
             raise ValueError(
@@ -316,7 +336,7 @@ class Engine:
         Returns the first token's RequestOutput, or None when the rows could not be used (they
         start after this engine's cached prefix, or no pages are free): then the request is queued
         for a normal prefill here, so it completes either way."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         P = len(ids)
         if rows.end != P:
@@ -375,14 +395,20 @@ class Engine:
         fwd = self.runner.execute(out.scheduled)
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
+        self._record_prompt_logprobs(out.scheduled, fwd)
         plain = [i for i, s in enumerate(out.scheduled) if s.samples and not s.spec_token_ids]
         if plain:
             seqs = [out.scheduled[i] for i in plain]
             rows = torch.stack([fwd.logits[i][-1] for i in plain])
+            params = [s.request.params for s in seqs]
+            hist = None
+            if any(p.processes_logits for p in params):
+                hist = [self._history(s.request) for s in seqs]
             res = self.sampler(
                 rows,
-                [s.request.params for s in seqs],
+                params,
                 [_generator(s.request) for s in seqs],
+                hist,
                 token_mask_BW=self._token_mask(seqs),
             )
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
@@ -391,16 +417,18 @@ class Engine:
                 if self._grammar_set is not None:
                     self._grammar_set.accept(s.request.request_id, [tok])
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
+        target_logits = self._spec_logits(out.scheduled, spec, fwd)
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
-        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy]), strict=True))
+        targets = dict(zip(greedy, greedy_targets([target_logits[i] for i in greedy]), strict=True))
         for i in spec:
             s = out.scheduled[i]
             toks, lps = verify(
-                fwd.logits[i],
+                target_logits[i],
                 s.spec_token_ids,
                 s.request.params,
                 _generator(s.request),
                 targets.get(i),
+                raw_logits_JV=fwd.logits[i],
             )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
@@ -418,6 +446,64 @@ class Engine:
         self.stats.prompt_tokens += sum(s.num_tokens for s in out.scheduled if not s.is_decode)
         self.stats.generated_tokens += sum(len(v) for v in sampled.values())
         return outs
+
+    def _history(self, req: Request, drafts: Sequence[int] = ()) -> History:
+        """What the request's logits processing reads: the prompt only for the repetition
+        penalty (uploaded once per request), the output (with drafts) for the rest."""
+        prompt: Sequence[int] | torch.Tensor = ()
+        if req.params.repetition_penalty != 1.0:
+            if req.prompt_ids_tensor is None:
+                req.prompt_ids_tensor = torch.tensor(req.prompt_token_ids, device=self.device)
+            prompt = req.prompt_ids_tensor
+        return History(prompt, req.output_token_ids + list(drafts))
+
+    def _spec_logits(
+        self, scheduled: Sequence[ScheduledSeq], spec: Sequence[int], fwd: ForwardResult
+    ) -> dict[int, torch.Tensor]:
+        """The logits each verifying sequence samples from: its raw [J, V] rows, or, when its
+        params process logits, those rows processed in one batched pass, row j with the drafts
+        before it counted as output (what plain decoding would have seen there)."""
+        out = {i: fwd.logits[i] for i in spec}
+        proc = [i for i in spec if scheduled[i].request.params.processes_logits]
+        if not proc:
+            return out
+        params, hist = [], []
+        for i in proc:
+            s = scheduled[i]
+            for j in range(len(s.spec_token_ids) + 1):
+                params.append(s.request.params)
+                hist.append(self._history(s.request, s.spec_token_ids[:j]))
+        rows = torch.cat([fwd.logits[i] for i in proc])
+        processed = self.sampler.process(rows, params, hist)
+        for i, chunk in zip(
+            proc, processed.split([fwd.logits[i].shape[0] for i in proc]), strict=True
+        ):
+            out[i] = chunk
+        return out
+
+    def _record_prompt_logprobs(self, scheduled: Sequence[ScheduledSeq], fwd: ForwardResult):
+        """Prompt logprobs of the prompt positions this step computed, for the requests that ask
+        for them: the logits at position q score prompt token q + 1. A preempted request
+        recomputes from 0 and keeps the entries it has."""
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if not req.needs_prompt_logprobs:
+                continue
+            have = len(req.prompt_logprobs)  # entries for prompt tokens [0, have)
+            lo = have - 1 - s.start  # first row whose target has no entry yet
+            known = s.num_tokens - len(s.spec_token_ids)
+            hi = min(known, req.num_prompt_tokens - 1 - s.start)
+            if lo < 0:
+                raise RuntimeError(
+                    f"{req.request_id!r}: prompt logprobs missing before position {s.start}"
+                )
+            if hi <= lo:
+                continue
+            lg = fwd.logits[i][lo:hi]
+            first = s.start + lo + 1
+            targets = torch.tensor(req.prompt_token_ids[first : first + hi - lo], device=lg.device)
+            k = req.params.prompt_logprobs
+            req.prompt_logprobs.extend(topk_logprobs(lg, targets, [k] * (hi - lo)))
 
     def generate(
         self,

@@ -49,14 +49,23 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) ->
     """The ingress enforces stop strings on the text itself (and closes the stream), so the
     engine needs no tokenizer for them."""
     p = req.params
+    max_tokens = max_tokens or p.max_tokens
     return SamplingParams(
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
+        min_p=p.min_p,
         seed=p.seed,
-        max_tokens=max_tokens or p.max_tokens,
+        max_tokens=max_tokens,
+        min_tokens=min(p.min_tokens, max_tokens),
+        stop_token_ids=p.stop_token_ids,
         logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs,
         ignore_eos=p.ignore_eos,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=p.logit_bias,
         structured=p.structured,
     )
 
@@ -193,8 +202,13 @@ def _step(out: Any) -> GenerationStep:
     n = len(out.new_token_ids)
     # RequestOutput.logprobs holds the whole output's so far; a step carries its new tokens' own.
     logprobs = tuple(out.logprobs[len(out.logprobs) - n :]) if out.logprobs and n else None
+    first = len(out.output_token_ids) == n
+    prompt_lps = tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and first else None
     return GenerationStep(
-        token_ids=tuple(out.new_token_ids), logprobs=logprobs, finish_reason=reason
+        token_ids=tuple(out.new_token_ids),
+        logprobs=logprobs,
+        finish_reason=reason,
+        prompt_logprobs=prompt_lps,
     )
 
 
@@ -311,6 +325,17 @@ class DecodeWorker:
         engine = self.loop.engine
         prompt = list(req.prompt_ids)
         await compile_grammar(self.loop, req)
+        if req.params.prompt_logprobs is not None:
+            # Prompt logprobs need the logits of every prompt position, which only the engine
+            # that prefills has: such a request prefills here (the prefill replica returns KV
+            # and the first token only).
+            params = sampling_params(req)
+            add = lambda: engine.add_request(prompt, params, req.request_id) and None  # noqa: E731
+            async with aclosing(self.loop.stream(req.request_id, add)) as outs:
+                async for out in outs:
+                    if out.new_token_ids or out.finished:
+                        yield _step(out)
+            return
         # Only the pages this replica lacks cross the wire: ask the prefill for rows from the end
         # of our cached prefix (whole pages; the last, partial page always travels).
         have = await self.loop.call(lambda: engine.cached_prefix_length(prompt))

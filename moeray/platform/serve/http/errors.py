@@ -61,6 +61,9 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     for e in errors:
         p = param_path(e.get("loc", ()))
         msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        value = e.get("input")
+        if isinstance(value, (int, float)) and e.get("type") != "value_error":
+            msg += f" (got {value!r})"  # pydantic's own checks name the limit, not the value
         msgs.append(f"{p}: {msg}" if p else msg)
     return APIError(400, "; ".join(msgs), param=param, code="invalid_value")
 

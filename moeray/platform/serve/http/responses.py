@@ -1,4 +1,5 @@
-"""OpenAI response objects from a request's choice events: stream chunks and full responses."""
+"""OpenAI response objects from a request's choice events: stream chunks and full responses,
+the echoed prompt of completions' `echo`, and best_of's choice selection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from moeray.platform.serve.http.protocol import FinishReason, Tokenizer
+from moeray.platform.serve.http.protocol import (
+    FinishReason,
+    GenerationStep,
+    Tokenizer,
+    TokenLogprob,
+)
 from moeray.platform.serve.http.schemas import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -19,6 +25,7 @@ from moeray.platform.serve.http.schemas import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionLogprobs,
+    CompletionRequest,
     CompletionResponse,
     TopLogprob,
     Usage,
@@ -37,6 +44,100 @@ class ChoiceEvent:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenText, ...] | None
     finish_reason: FinishReason | None
+    # The summed logprob of the step's generated tokens (stop token included): best_of's rank.
+    logprob_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class Echo:
+    """Completions' echo: the prompt's text (and, with logprobs, its scored tokens) goes before
+    each choice's first text. only: max_tokens was 0, so the generated token is dropped."""
+
+    text: str
+    prompt_ids: tuple[int, ...]
+    logprobs: bool
+    only: bool
+
+    @classmethod
+    def for_prompts(
+        cls, body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer
+    ) -> list[Echo]:
+        """One per prompt of an echo request: a text prompt comes back as sent, token ids as
+        their text."""
+        return [
+            cls(
+                p if isinstance(p, str) else tokenizer.decode(ids),
+                tuple(ids),
+                body.logprobs is not None,
+                body.max_tokens == 0,
+            )
+            for p, ids in zip(body.prompt, prompts, strict=True)
+        ]
+
+    def around(
+        self,
+        step: GenerationStep,
+        text: str,
+        ids: tuple[int, ...],
+        lps: tuple[TokenText, ...] | None,
+        tokenizer: Tokenizer,
+        *,
+        first: bool,
+    ) -> tuple[str, tuple[int, ...], tuple[TokenText, ...] | None]:
+        """A step's text, ids and logprob tokens with the echo: the generated part moved past
+        the prompt's text (or dropped when `only`), and on the first step the prompt in front,
+        its tokens scored by the step's prompt_logprobs."""
+        if self.only:
+            text, ids, lps = "", (), None
+        elif lps is not None:
+            lps = tuple(TokenText(t.value, t.text, t.offset + len(self.text)) for t in lps)
+        if not first:
+            return text, ids, lps
+        if not self.logprobs:
+            return self.text + text, ids, lps
+        scored = step.prompt_logprobs
+        if scored is None or len(scored) != len(self.prompt_ids):
+            got = None if scored is None else len(scored)
+            raise RuntimeError(
+                f"the backend returned {got} prompt logprobs for {len(self.prompt_ids)} tokens"
+            )
+        # The first token has no context, so no logprob (OpenAI, vLLM).
+        entries = [TokenLogprob(self.prompt_ids[0], None, None), *scored[1:]]
+        head, offset = [], 0
+        for token_id, entry in zip(self.prompt_ids, entries, strict=True):
+            piece = tokenizer.decode([token_id])
+            head.append(TokenText(entry, piece, offset))
+            offset += len(piece)
+        return self.text + text, ids, (*head, *(lps or ()))
+
+
+def select_best(
+    events: list[ChoiceEvent], num_prompts: int, best_of: int, n: int, keep_logprobs: bool
+) -> tuple[list[ChoiceEvent], int]:
+    """best_of > n: of each prompt's best_of choices (indices p * best_of + j), keep the n with
+    the highest cumulative logprob of their generated tokens, renumbered p * n + rank (best
+    first, as vLLM orders them). Returns the kept events (logprobs dropped unless
+    keep_logprobs) and their generated token count (the usage vLLM reports)."""
+    total: dict[int, float] = {}
+    for ev in events:
+        total[ev.index] = total.get(ev.index, 0.0) + ev.logprob_sum
+    renumber: dict[int, int] = {}
+    for p in range(num_prompts):
+        ranked = sorted(range(p * best_of, (p + 1) * best_of), key=lambda i: -total.get(i, 0.0))
+        renumber.update({old: p * n + rank for rank, old in enumerate(ranked[:n])})
+    kept = [
+        ChoiceEvent(
+            renumber[ev.index],
+            ev.text,
+            ev.token_ids,
+            ev.logprobs if keep_logprobs else None,
+            ev.finish_reason,
+            ev.logprob_sum,
+        )
+        for ev in events
+        if ev.index in renumber
+    ]
+    return kept, sum(len(ev.token_ids) for ev in kept)
 
 
 class ResponseFormatter:
@@ -84,8 +185,11 @@ class ResponseFormatter:
         for tok in ev.logprobs:
             lp = tok.value
             out.tokens.append(self._chosen_str(tok))
-            out.token_logprobs.append(float(lp.logprob))
-            out.top_logprobs.append({self._token_str(t): float(v) for t, v in lp.top})
+            # None: an echoed prompt's first token, which has no context (OpenAI, vLLM)
+            out.token_logprobs.append(None if lp.logprob is None else float(lp.logprob))
+            out.top_logprobs.append(
+                None if lp.top is None else {self._token_str(t): float(v) for t, v in lp.top}
+            )
             out.text_offset.append(tok.offset)
         return out
 

@@ -26,6 +26,8 @@ from moeray.platform.serve.http.protocol import MAX_TOP_LOGPROBS
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2]
 
 # Strict scalar types: OpenAI rejects `"n": "2"`, `"stream": "yes"` and `"n": 1.5`; pydantic's lax
 # mode would accept them. Floats still accept JSON integers (`"temperature": 1`).
@@ -113,14 +115,19 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     stop: Annotated[Any, WithJsonSchema(_STOP_SCHEMA)] = Field(None, validate_default=True)
     seed: SInt | None = Field(None, ge=0, lt=2**63)
-    # Accepted so that clients that always send them work, but only with their neutral value.
-    presence_penalty: SFloat = 0.0
-    frequency_penalty: SFloat = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: SFloat = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: SFloat = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    # {"token id": bias}; parsed to (token id, bias) pairs, checked against the vocabulary later
+    logit_bias: Any = Field(None, validate_default=True)
     user: SStr | None = None
-    ignore_eos: SBool = False  # not OpenAI: vLLM's extension, used by `moeray bench serve`
-    top_k: SInt | None = Field(None, ge=-1)  # not OpenAI: vLLM's extension; -1 or 0: off
-    # Not OpenAI: vLLM's text extensions. skip_special_tokens: leave special tokens (<|eos|>,
+    # Not OpenAI: vLLM's extensions (`ignore_eos` is used by `moeray bench serve`).
+    ignore_eos: SBool = False
+    top_k: SInt | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: SFloat | None = Field(None, ge=0.0, le=1.0)  # None: generation_config.json's or 0
+    repetition_penalty: SFloat | None = Field(None, gt=0.0, allow_inf_nan=False)
+    min_tokens: SInt = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None
+    # vLLM's text extensions. skip_special_tokens: leave special tokens (<|eos|>,
     # <|User|>, ...) out of the text. add_special_tokens: let the tokenizer add BOS to a text
     # prompt; None is the endpoint's default (completions yes, chat no: the template writes it).
     # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>" instead of their text.
@@ -160,27 +167,37 @@ class _SamplingRequest(_Strict):
             raise ValueError("is only allowed when stream is true")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _zero_penalty(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError(f"{v} is not supported (only 0)")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("is not supported (only empty or null)")
-        return v
+    def _logit_bias(cls, v: Any) -> tuple[tuple[int, float], ...]:
+        if v is None:
+            return ()
+        if not isinstance(v, dict):
+            raise ValueError('must be an object mapping token ids to biases, e.g. {"50256": -100}')
+        pairs = []
+        for key, bias in v.items():
+            if not (isinstance(key, str) and key.isdigit()):
+                raise ValueError(f"key {key!r} is not a token id (a non-negative integer)")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise ValueError(f"bias {bias!r} of token {key} is not a number")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"bias {bias} of token {key} is outside [-{MAX_LOGIT_BIAS:g}, "
+                    f"{MAX_LOGIT_BIAS:g}]"
+                )
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]
+    # 0 only with echo: the prompt comes back scored and nothing is generated (lm-eval's
+    # log-likelihood requests); the server checks that.
+    max_tokens: SInt | None = Field(None, ge=0)
     logprobs: SInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: SBool = False
     suffix: SStr | None = None
-    best_of: SInt | None = None
+    best_of: SInt | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -203,13 +220,6 @@ class CompletionRequest(_SamplingRequest):
             "non-empty lists of token ids"
         )
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo=true is not supported")
-        return v
-
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, v: Any) -> Any:
@@ -220,8 +230,14 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is not None and v != info.data.get("n", 1):
-            raise ValueError("is only supported equal to n")
+        n = info.data.get("n", 1)
+        if v is not None and v < n:
+            raise ValueError(f"best_of={v} must be >= n={n}")
+        if v is not None and v > n and info.data.get("stream", False):
+            raise ValueError(
+                f"best_of={v} > n={n} cannot be streamed (the best choices are known only at "
+                "the end): set stream=false or best_of=n"
+            )
         return v
 
 
@@ -345,9 +361,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """None entries: an echoed prompt's first token, which has no logprob."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -9,6 +9,11 @@ asks, a rendered chat template none (it writes its own). Each choice's ids becom
 is false, the stop token left out, stop strings cut; logprobs for exactly the tokens of the text
 sent); usage is counted and the metrics of `moeray.platform.metrics` recorded. The response is
 one JSON body or an SSE stream.
+
+Completions also take `echo` (the prompt's text, and with `logprobs` its tokens scored by the
+engine's prompt logprobs, go before each choice; max_tokens 0 then returns the prompt alone, as
+vLLM does) and `best_of` (best_of choices run per prompt and the n with the highest cumulative
+logprob are returned; not streamable).
 """
 
 from __future__ import annotations
@@ -44,7 +49,13 @@ from moeray.platform.serve.http.protocol import (
     SamplingDefaults,
     Tokenizer,
 )
-from moeray.platform.serve.http.responses import ChoiceEvent, ResponseFormatter
+from moeray.platform.serve.http.responses import (
+    ChoiceEvent,
+    Echo,
+    ResponseFormatter,
+    select_best,
+)
+from moeray.platform.serve.http.sampling import completion_max_tokens, generation_params
 from moeray.platform.serve.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -152,20 +163,28 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+    def _check_vocab(self, ids: Sequence[int], param: str, what: str = "token ids") -> None:
         vocab = self.tokenizer.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise APIError(
                 400,
-                f"token ids {bad[:5]} are outside [0, {vocab})",
+                f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})",
                 param=param,
                 code="invalid_value",
             )
+
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        self._check_vocab(ids, param)
         if not ids:
             raise APIError(
                 400, "the prompt is empty after tokenization", param=param, code="invalid_value"
             )
+
+    def _check_token_params(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """logit_bias and stop_token_ids name token ids: they must be in the vocabulary."""
+        self._check_vocab([t for t, _ in body.logit_bias], "logit_bias", "logit_bias token ids")
+        self._check_vocab(body.stop_token_ids or (), "stop_token_ids", "stop_token_ids")
 
     def _budget(self, prompt_len: int, max_tokens: int | None, param: str, mt_param: str) -> int:
         """max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the context."""
@@ -191,26 +210,35 @@ class OpenAIServer:
             )
         return max_tokens
 
-    def _check_n(self, n: int, prompts: int) -> int:
-        if n > self.config.max_n:
-            raise APIError(
-                400,
-                f"n={n} is above this server's limit {self.config.max_n}",
-                param="n",
-                code="invalid_value",
-            )
-        weight = n * prompts
+    def _check_n(self, n: int, prompts: int, best_of: int) -> int:
+        """The request's admission weight: the choices it generates (best_of x prompts)."""
+        for name, value in (("n", n), ("best_of", best_of)):
+            if value > self.config.max_n:
+                raise APIError(
+                    400,
+                    f"{name}={value} is above this server's limit {self.config.max_n} "
+                    "(OpenAIServerConfig.max_n)",
+                    param=name,
+                    code="invalid_value",
+                )
+        weight = best_of * prompts
         if weight > self.gate.limit:
             raise APIError(
                 400,
-                f"{weight} choices (n x prompts) exceed the server's {self.gate.limit} slots",
-                param="n",
+                f"{weight} choices (best_of or n, x prompts) exceed the server's "
+                f"{self.gate.limit} slots",
+                param="best_of" if best_of > n else "n",
                 code="invalid_value",
             )
         return weight
 
     async def _run_choice(
-        self, index: int, request: GenerationRequest, stats: _RequestStats, skip_special: bool
+        self,
+        index: int,
+        request: GenerationRequest,
+        stats: _RequestStats,
+        skip_special: bool,
+        echo: Echo | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         choice_text = ChoiceText(
             self.tokenizer, request.params.stop, skip_special_tokens=skip_special
@@ -247,8 +275,13 @@ class OpenAIServer:
                     stop_token=step.finish_reason == "stop",
                 )
                 finish: FinishReason | None = "stop" if choice_text.stopped else step.finish_reason
-                lps = None if step.logprobs is None else tuple(tokens_sent)
-                yield ChoiceEvent(index, text, step.token_ids, lps, finish)
+                ids, lps = step.token_ids, None if step.logprobs is None else tuple(tokens_sent)
+                if echo is not None:
+                    text, ids, lps = echo.around(
+                        step, text, ids, lps, self.tokenizer, first=tokens == len(step.token_ids)
+                    )
+                score = sum(float(lp.logprob) for lp in step.logprobs or ())
+                yield ChoiceEvent(index, text, ids, lps, finish, score)
                 if finish is not None:
                     finished = True
                     return
@@ -310,17 +343,20 @@ class OpenAIServer:
         stats: _RequestStats,
         rid: str,
         skip_special: bool,
+        echoes: list[Echo] | None = None,
     ) -> tuple[AsyncGenerator[ChoiceEvent, None], ChoiceEvent]:
-        """Start every choice and wait for the first event, so that an overloaded backend still
-        gets a 429 (not a 200 stream with an error inside)."""
+        """Start every choice (n per prompt; best_of of them when it is larger) and wait for the
+        first event, so that an overloaded backend still gets a 429 (not a 200 stream with an
+        error inside)."""
         streams = []
         for p, ids in enumerate(prompts):
+            echo = None if echoes is None else echoes[p]
             for j in range(n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 req = GenerationRequest(
                     f"{rid}-{p * n + j}", tuple(ids), dataclasses.replace(params, seed=seed)
                 )
-                streams.append(self._run_choice(p * n + j, req, stats, skip_special))
+                streams.append(self._run_choice(p * n + j, req, stats, skip_special, echo))
         merged = self._merge(streams)
         try:
             first = await merged.__anext__()
@@ -379,6 +415,7 @@ class OpenAIServer:
         arrival = time.monotonic()
         self._check_model(body.model)
         defaults, ctx = self.config.sampling_defaults, self.config.max_context
+        echoes: list[Echo] | None = None
         plan: ChatPlan | None = None
         if isinstance(body, ChatCompletionRequest):
             plan = plan_chat(body, self.config.tool_call_parser)
@@ -404,7 +441,7 @@ class OpenAIServer:
             max_tokens = self._budget(len(prompts[0]), requested, "messages", mt_param)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            requested = body.max_tokens
+            requested = completion_max_tokens(body)
             if requested is None:
                 # A default must still fit: clip it (never an explicit max_tokens) to the context.
                 default = defaults.max_tokens or self.config.default_max_tokens
@@ -413,25 +450,19 @@ class OpenAIServer:
                 self._budget(len(p), requested, "prompt", "max_tokens") for p in prompts
             )
             logprobs = body.logprobs
-        weight = self._check_n(body.n, len(prompts))
-        # Fields the request leaves unset take the model's generation_config.json values.
-        given = body.model_fields_set
-        temperature = body.temperature
-        if "temperature" not in given and defaults.temperature is not None:
-            temperature = defaults.temperature
-        top_p = body.top_p
-        if "top_p" not in given and defaults.top_p is not None:
-            top_p = defaults.top_p
-        top_k = body.top_k if body.top_k is not None else (defaults.top_k or 0)
-        params = GenerationParams(
+            if body.echo:
+                echoes = Echo.for_prompts(body, prompts, self.tokenizer)
+        n = body.n
+        best_of = getattr(body, "best_of", None) or n
+        weight = self._check_n(n, len(prompts), best_of)
+        self._check_token_params(body)
+        params = generation_params(
+            body,
+            defaults,
             max_tokens,
-            temperature,
-            top_p,
-            body.seed,
-            body.stop,
-            logprobs,
-            body.ignore_eos,
-            top_k=max(top_k, 0),  # vLLM's -1 is off, as 0 is
+            # best_of ranks choices by their cumulative logprob: always compute it
+            logprobs if logprobs is not None or best_of == n else 0,
+            prompt_logprobs=logprobs if echoes is not None else None,
             structured=plan.structured if plan is not None else None,
         )
         if not self.gate.try_acquire(weight):
@@ -445,7 +476,9 @@ class OpenAIServer:
         # (vLLM's parsers turn skipping off too); the parser strips them from the content.
         skip_special = body.skip_special_tokens and not (plan is not None and plan.parser)
         try:
-            merged, first = await self._start(prompts, params, body.n, stats, rid, skip_special)
+            merged, first = await self._start(
+                prompts, params, best_of, stats, rid, skip_special, echoes
+            )
         except BaseException as e:
             self.gate.release(weight)
             stats.status = e.status if isinstance(e, APIError) else 500
@@ -482,12 +515,17 @@ class OpenAIServer:
             await merged.aclose()
             self.gate.release(weight)
             self._finish(endpoint, stats)
+        completion_tokens = stats.completion_tokens
+        if best_of > n:
+            events, completion_tokens = select_best(
+                events, len(prompts), best_of, n, keep_logprobs=logprobs is not None
+            )
         usage = Usage(
             prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=stats.prompt_tokens + completion_tokens,
         )
-        return JSONResponse(fmt.full(events, len(prompts) * body.n, usage).model_dump())
+        return JSONResponse(fmt.full(events, len(prompts) * n, usage).model_dump())
 
     async def _stream(
         self,
