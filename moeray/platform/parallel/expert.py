@@ -130,7 +130,8 @@ def combine(
     y_AD = y_sorted_AD[inverse_A]
     T, K = plan.num_tokens, plan.top_k
     w_TK1 = weights_TK.reshape(T, K, 1).to(y_AD.dtype)
-    return (y_AD.view(T, K, -1) * w_TK1).sum(dim=1)
+    # The width spelled out: a rank with zero tokens (a serving rank's empty forward) has 0 rows.
+    return (y_AD.view(T, K, y_RD.shape[-1]) * w_TK1).sum(dim=1)
 
 
 def is_expert_param(name: str) -> bool:
@@ -162,8 +163,9 @@ def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
 class ExpertParallelMoE(MoE):
     """A MoE layer whose routed experts are split over an EP process group.
 
-    Built from an existing (full) MoE: it keeps the same submodules under the same names (so
-    checkpoints and `Transformer.moe_layers()` keep working) and shards the experts in place.
+    Built from an existing MoE: it keeps the same submodules under the same names (so
+    checkpoints and `Transformer.moe_layers()` keep working) and shards the experts in place, or
+    keeps them when the MoE already holds only this rank's slice (a shard-wise load).
     """
 
     def __init__(self, moe: MoE, group, ep_rank: int, ep_size: int) -> None:
@@ -176,8 +178,15 @@ class ExpertParallelMoE(MoE):
         self.last_routing = None
         self.group = group
         self.ep_rank, self.ep_size = ep_rank, ep_size
-        self.num_global_experts = moe.experts.num_experts
-        shard_experts(self, ep_rank, ep_size)
+        self.num_global_experts = moe.config.n_routed_experts
+        held = moe.experts.num_experts
+        if held == self.num_global_experts:
+            shard_experts(self, ep_rank, ep_size)
+        elif held * ep_size != self.num_global_experts:
+            raise ValueError(
+                f"the MoE holds {held} experts: expected all {self.num_global_experts} or this "
+                f"rank's {self.num_global_experts // ep_size} of ep_size={ep_size}"
+            )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
