@@ -139,17 +139,24 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
 
 
-def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
-    """Keep only this rank's slice [ep_rank*L, (ep_rank+1)*L) of the stacked expert weights."""
-    experts = moe.experts
-    E = experts.num_experts
+def expert_range(num_experts: int, ep_rank: int, ep_size: int) -> range:
+    """The global ids of the routed experts EP rank `ep_rank` of `ep_size` holds: [r*L, (r+1)*L)
+    with L = num_experts / ep_size."""
+    E = num_experts
     if ep_size < 1 or E % ep_size or not 0 <= ep_rank < ep_size:
         raise ValueError(
             f"cannot shard {E} experts over ep_size={ep_size} at ep_rank={ep_rank}: ep_size must "
             f"divide the number of experts and 0 <= ep_rank < ep_size"
         )
     L = E // ep_size
-    lo = ep_rank * L
+    return range(ep_rank * L, (ep_rank + 1) * L)
+
+
+def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
+    """Keep only this rank's slice [ep_rank*L, (ep_rank+1)*L) of the stacked expert weights."""
+    experts = moe.experts
+    ids = expert_range(experts.num_experts, ep_rank, ep_size)
+    L, lo = len(ids), ids.start
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(experts, name)
         setattr(
