@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 
 from moeray.platform.checkpoint import ReadStats, keep_experts, load_model
-from moeray.platform.config import ModelConfig
+from moeray.platform.config import LOAD_FORMATS, ModelConfig
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import expert_range
-
-LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from moeray.actors.decode import ColocatedServer, DecodeServer
+from moeray.actors.ep import EPServer
 from moeray.actors.prefill import PrefillServer
 from moeray.platform.checkpoint import check_checkpoint
-from moeray.platform.config import DEFAULT_DEMO_MODEL, KV_TRANSPORTS, ModelConfig, ServeConfig
+from moeray.platform.config import (
+    DEFAULT_DEMO_MODEL,
+    KV_TRANSPORTS,
+    LOAD_FORMATS,
+    ModelConfig,
+    ServeConfig,
+)
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
 from moeray.platform.serve.generation_config import sampling_defaults
@@ -151,9 +158,17 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            config, missing_mtp = check_checkpoint(path)
+            if cfg.load_format == "dummy":  # random weights: config.json alone
+                config, missing_mtp = ModelConfig.from_hf(path), 0
+            else:
+                config, missing_mtp = check_checkpoint(path)
         except TypeError as e:  # a config.json value of the wrong type
             raise ValueError(f"{path / 'config.json'}: {e}") from None
+        if cfg.ep is not None and config.n_routed_experts % cfg.ep:
+            raise ValueError(
+                f"--ep {cfg.ep} does not divide the model's {config.n_routed_experts} routed "
+                "experts: accepted a divisor of it"
+            )
         if cfg.weights == "fp8" and config.quantization_config is None:
             raise ValueError(
                 "--weights fp8 keeps an FP8 checkpoint's e4m3 weights, but its config.json has "
@@ -177,7 +192,13 @@ def build_serve_app(cfg: ServeConfig):
     check_model_dir(cfg)
     args = cfg.to_dict()
     # serve.deployment(options)(cls), the decorator form: the form Ray's annotations describe.
-    if cfg.mode == "colocated":
+    if cfg.ep is not None:
+        # The replica is the gang's front; its N rank actors hold the resources (actors/ep.py).
+        opts = _engine_options(cfg, cfg.decode_replicas, reject_overflow=True)
+        opts["ray_actor_options"] = {"num_cpus": 0}
+        opts["max_ongoing_requests"] = cfg.ep * (cfg.max_num_seqs + cfg.max_waiting) + 1
+        backend = serve.deployment(name="EP", **opts)(EPServer).bind(args)
+    elif cfg.mode == "colocated":
         backend = serve.deployment(
             name="Colocated",
             **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
@@ -278,6 +299,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert parallelism: each engine replica is a gang of N rank actors (one per GPU; "
+        "--gpus/--cpus-per-replica apply per rank); needs --mode colocated",
+    )
+    p.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default=d.load_format,
+        help="dummy: random weights of config.json's shapes (benchmarks; needs --ep)",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -302,6 +336,8 @@ def main(argv: list[str]) -> int:
             max_model_len=a.max_model_len,
             weights=a.weights,
             dtype=a.dtype,
+            ep=a.ep,
+            load_format=a.load_format,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)
