@@ -3,7 +3,10 @@ gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai 
 answers equal the single-process engine's; each rank read only its share of the weights."""
 
 import concurrent.futures
+import os
+import signal
 import socket
+import time
 
 import pytest
 from safetensors import safe_open
@@ -103,3 +106,27 @@ def test_each_rank_read_only_its_share_of_the_weights(server, tiny_model_dir):
         (r * E // EP, (r + 1) * E // EP) for r in range(EP)
     ]
     assert all(ld["bytes_read"] == total - experts + experts // EP for ld in loads)
+
+
+def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny_model_dir):
+    """Kill one rank's process: the replica's health check fails, Serve replaces the replica with
+    a new gang, and requests succeed again with the same answers. Nothing waits unbounded: each
+    attempt has a client timeout, the whole recovery a deadline."""
+    _cfg, url = server
+    before = [r["pid"] for r in _stats()["ranks"]]
+    assert len(before) == EP
+    os.kill(before[1], signal.SIGKILL)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=20, max_retries=0)
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            r = client.completions.create(
+                model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0
+            )
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline, "the gang never came back"
+            time.sleep(1.0)
+    assert r.choices[0].text == _expected(tiny_model_dir, PROMPTS[1], 10)
+    after = [r["pid"] for r in _stats()["ranks"]]
+    assert len(after) == EP and not set(after) & set(before)  # a whole new gang

@@ -197,6 +197,9 @@ def build_serve_app(cfg: ServeConfig):
         opts = _engine_options(cfg, cfg.decode_replicas, reject_overflow=True)
         opts["ray_actor_options"] = {"num_cpus": 0}
         opts["max_ongoing_requests"] = cfg.ep * (cfg.max_num_seqs + cfg.max_waiting) + 1
+        # A dead rank stalls its peers' collectives: notice it (EPServer.check_health) within
+        # seconds, not Serve's default 10 s period.
+        opts["health_check_period_s"] = 2.0
         backend = serve.deployment(name="EP", **opts)(EPServer).bind(args)
     elif cfg.mode == "colocated":
         backend = serve.deployment(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import os
 import socket
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -103,6 +104,7 @@ class EPRank:
         assert isinstance(engine, ExpertParallelEngine)
         return {
             "rank": self.rank,
+            "pid": os.getpid(),
             "free_pages": self.free_pages(),
             "steps": engine.stats.steps,
             "generated_tokens": engine.stats.generated_tokens,
