@@ -22,6 +22,7 @@ from moeray.platform.config import ServeConfig
 from moeray.platform.parallel.distributed import CUDA_ENV, TIMEOUT_ENV
 from moeray.platform.serve.gang import EPRank, GangFront
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
+from moeray.platform.serve.worker import PrefillResult
 
 START_TIMEOUT_S = 600.0  # placement, process group and weight loading of a whole gang
 
@@ -60,8 +61,26 @@ class RayRank:
                 # there, which frees its KV pages.
                 ray.cancel(gen)
 
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        return await self.actor.prefill.remote(req, export_from, dest)
+
     async def free_pages(self) -> int:
         return await self.actor.free_pages.remote()
+
+
+class PrefillFetch:
+    """A decode rank's `fetch`: the prefill gang's Serve deployment (its handle pickles into the
+    rank actor)."""
+
+    def __init__(self, prefill: Any) -> None:
+        self.prefill = prefill
+
+    async def __call__(
+        self, req: GenerationRequest, export_from: int, endpoint: Any
+    ) -> PrefillResult:
+        return await self.prefill.prefill.remote(req, export_from, endpoint)
 
 
 @dataclass
@@ -72,9 +91,15 @@ class Gang:
     strategy: str
 
 
-def start_gang(cfg: ServeConfig, timeout_s: float = START_TIMEOUT_S) -> Gang:
-    """Place and start cfg.ep rank actors; returns when every rank has joined the process group
-    and loaded its weights (a RuntimeError naming what did not happen within timeout_s)."""
+def start_gang(
+    cfg: ServeConfig,
+    role: str = "colocated",
+    fetch: Any = None,
+    timeout_s: float = START_TIMEOUT_S,
+) -> Gang:
+    """Place and start cfg.ep rank actors of `role` (gang.EPRank); returns when every rank has
+    joined the process group and loaded its weights (a RuntimeError naming what did not happen
+    within timeout_s)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -105,7 +130,7 @@ def start_gang(cfg: ServeConfig, timeout_s: float = START_TIMEOUT_S) -> Gang:
                 pg, placement_group_bundle_index=i
             ),
             runtime_env={"env_vars": env},
-        ).remote(cfg.to_dict(), i, n)
+        ).remote(cfg.to_dict(), i, n, role, fetch)
         for i in range(n)
     ]
     try:
@@ -122,11 +147,12 @@ def start_gang(cfg: ServeConfig, timeout_s: float = START_TIMEOUT_S) -> Gang:
 
 
 class EPServer:
-    """Serve deployment shell: one gang and its front."""
+    """Serve deployment shell: one gang and its front. `role` "colocated", "prefill" or
+    "decode" (with `prefill`, the prefill deployment's handle)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
         cfg = ServeConfig.from_dict(config)
-        self.gang = start_gang(cfg)
+        self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
         self.front = GangFront(
             [RayRank(a) for a in self.gang.actors],
             page_size=cfg.page_size,
@@ -139,6 +165,11 @@ class EPServer:
         async with aclosing(self.front.generate(request)) as steps:
             async for step in steps:
                 yield step
+
+    async def prefill(
+        self, request: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        return await self.front.prefill(request, export_from, dest)
 
     async def check_health(self) -> None:
         """Serve's health check: every rank answers (a dead rank fails it, and Serve replaces

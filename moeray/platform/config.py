@@ -496,10 +496,10 @@ class ServeConfig:
         if self.ep is not None:
             if self.ep < 1:
                 raise ValueError(f"ep={self.ep}: accepted None (no gang) or an integer >= 1")
-            if self.mode != "colocated":
+            if self.mode == "pd" and self.kv_transport != "object_store":
                 raise ValueError(
-                    f"ep={self.ep} with mode={self.mode!r}: expert-parallel serving runs "
-                    "colocated for now (mode='colocated')"
+                    f"ep={self.ep} with kv_transport={self.kv_transport!r}: P/D gangs move KV "
+                    "rows through the object store for now (kv_transport='object_store')"
                 )
             if self.num_speculative_tokens:
                 raise ValueError(

@@ -39,7 +39,7 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     port = _free_port()
     f = tmp_path_factory.mktemp("cfg") / "serve.yaml"
     argv = ["--model", str(tiny_model_dir), "--model-id", "tiny", "--mode", "colocated"]
-    argv += ["--ep", str(EP), "--cpus-per-replica", "0.5", "--port", str(port)]
+    argv += ["--ep", str(EP), "--cpus-per-replica", "0.25", "--port", str(port)]
     assert serve_main([*argv, "--write-config", str(f)]) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
     assert app["args"]["ep"] == EP and app["args"]["load_format"] == "safetensors"
@@ -60,10 +60,11 @@ def _expected(model_dir, prompt: str, n: int) -> list[int]:
     return tok.decode(out[0].output_token_ids)
 
 
-def _stats() -> dict:
+def _stats(deployment: str = "EP", app: str = "ep") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("EP", app_name="ep").stats.remote().result(timeout_s=30)
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    return handle.stats.remote().result(timeout_s=30)
 
 
 def test_ep_gang_serves_what_the_single_process_engine_serves(server, tiny_model_dir):
@@ -106,6 +107,31 @@ def test_each_rank_read_only_its_share_of_the_weights(server, tiny_model_dir):
         (r * E // EP, (r + 1) * E // EP) for r in range(EP)
     ]
     assert all(ld["bytes_read"] == total - experts + experts // EP for ld in loads)
+
+
+def test_pd_with_ep_on_both_sides(server, tiny_model_dir):
+    """A prefill gang and a decode gang (2 ranks each): KV rows move from the prefill rank that
+    computed them to the decode rank that took the request; answers equal the plain engine's."""
+    from moeray.platform.serve.app import start
+
+    cfg, url = server
+    start(cfg.replace(mode="pd"), name="ep-pd", route_prefix="/pd")
+    client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=60)
+
+    def complete(prompt: str) -> str:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(complete, PROMPTS))
+    assert got == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
+    decode = _stats("Decode", "ep-pd")
+    transfers = [t for r in decode["ranks"] for t in r["transfers"]]
+    assert len(transfers) == len(PROMPTS)
+    assert not any(t["recomputed"] for t in transfers) and all(t["bytes"] > 0 for t in transfers)
+    prefill = _stats("Prefill", "ep-pd")
+    assert sum(prefill["routed_to"]) == len(PROMPTS)
+    assert all(n > 0 for n in decode["routed_to"]), decode["routed_to"]
 
 
 def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny_model_dir):

@@ -151,7 +151,7 @@ def test_decode_request_router_backs_off_when_no_replica_takes_the_request():
 def test_ep_settings_are_checked():
     for bad, match in (
         ({"ep": 0, "mode": "colocated"}, "ep=0"),
-        ({"ep": 2}, "mode='pd'"),  # P/D with EP: not yet
+        ({"ep": 2, "kv_transport": "rdt"}, "kv_transport='rdt'"),  # P/D gangs: object store
         ({"ep": 2, "mode": "colocated", "num_speculative_tokens": 1}, "num_speculative_tokens=1"),
         ({"load_format": "pt"}, "load_format='pt'"),
         ({"load_format": "dummy"}, "set ep"),

@@ -193,14 +193,23 @@ def build_serve_app(cfg: ServeConfig):
     args = cfg.to_dict()
     # serve.deployment(options)(cls), the decorator form: the form Ray's annotations describe.
     if cfg.ep is not None:
-        # The replica is the gang's front; its N rank actors hold the resources (actors/ep.py).
+        # Each replica is a gang's front; its N rank actors hold the resources (actors/ep.py).
         opts = _engine_options(cfg, cfg.decode_replicas, reject_overflow=True)
         opts["ray_actor_options"] = {"num_cpus": 0}
         opts["max_ongoing_requests"] = cfg.ep * (cfg.max_num_seqs + cfg.max_waiting) + 1
         # A dead rank stalls its peers' collectives: notice it (EPServer.check_health) within
         # seconds, not Serve's default 10 s period.
         opts["health_check_period_s"] = 2.0
-        backend = serve.deployment(name="EP", **opts)(EPServer).bind(args)
+        if cfg.mode == "colocated":
+            backend = serve.deployment(name="EP", **opts)(EPServer).bind(args)
+        else:
+            pre = {**opts, **_engine_options(cfg, cfg.prefill_replicas)}
+            pre["ray_actor_options"] = {"num_cpus": 0}
+            pre["max_ongoing_requests"] = opts["max_ongoing_requests"]
+            prefill = serve.deployment(name="Prefill", **pre)(EPServer).bind(args, "prefill")
+            backend = serve.deployment(name="Decode", **opts)(EPServer).bind(
+                args, "decode", prefill
+            )
     elif cfg.mode == "colocated":
         backend = serve.deployment(
             name="Colocated",
@@ -306,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="expert parallelism: each engine replica is a gang of N rank actors (one per GPU; "
-        "--gpus/--cpus-per-replica apply per rank); needs --mode colocated",
+        "--gpus/--cpus-per-replica apply per rank); with --mode pd, KV over object_store",
     )
     p.add_argument(
         "--load-format",

@@ -3,12 +3,14 @@ requests over them.
 
   * EPRank: one rank (one process, one GPU): joins the gang's process group, loads its shard of
     the weights (rank_weights.py), and serves its own requests with an ExpertParallelEngine on a
-    collective EngineLoop (ColocatedWorker). The Ray actor of a rank is this class itself
-    (moeray.actors.ep wraps it with ray.remote).
+    collective EngineLoop: a ColocatedWorker, or with P/D a PrefillWorker (prefill gang) or a
+    DecodeWorker whose KV rows come from the prefill gang (decode gang). The Ray actor of a
+    rank is this class itself (moeray.actors.ep wraps it with ray.remote).
   * GangFront: a GenerationBackend over the ranks: admission (a request per rank up to its
     max_num_seqs + max_waiting, else BackendOverloaded) and placement (most free KV pages, with
-    affinity to the rank holding the prompt's prefix: DecodeRoutingPolicy). The Serve deployment
-    (moeray.actors.ep.EPServer) is a thin shell around it.
+    affinity to the rank holding the prompt's prefix: DecodeRoutingPolicy), for `generate`
+    (colocated, decode) and `prefill`. The Serve deployment (moeray.actors.ep.EPServer) is a thin
+    shell around it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -37,9 +39,16 @@ from moeray.platform.serve.http.protocol import (
 from moeray.platform.serve.worker import (
     ColocatedWorker,
     DecodeRoutingPolicy,
+    DecodeWorker,
+    PrefillResult,
+    PrefillWorker,
     device_and_dtype,
     engine_config,
 )
+
+ROLES = ("colocated", "prefill", "decode")
+# (request, export_from, decode endpoint) -> the prefill gang's result (a decode rank's source).
+Fetch = Callable[[GenerationRequest, int, Any], Awaitable[PrefillResult]]
 
 
 def free_tcp_address(host: str) -> str:
@@ -50,12 +59,26 @@ def free_tcp_address(host: str) -> str:
 
 
 class EPRank:
-    """Rank `rank` of a gang of `world`; `start` joins the process group and loads the model."""
+    """Rank `rank` of a gang of `world`; `start` joins the process group and loads the model.
+    `role`: "colocated" (prefill and decode), or one side of a P/D split: "prefill" (KV rows
+    exported through the object store), "decode" (rows from `fetch`, the prefill gang)."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world: int) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rank: int,
+        world: int,
+        role: str = "colocated",
+        fetch: Fetch | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}: accepted {ROLES}")
+        if (role == "decode") != (fetch is not None):
+            raise ValueError(f"role={role!r}: a decode rank, and only it, needs fetch")
         self.cfg = ServeConfig.from_dict(config)
         self.rank, self.world = rank, world
-        self.worker: ColocatedWorker | None = None
+        self.role, self.fetch = role, fetch
+        self.worker: ColocatedWorker | PrefillWorker | DecodeWorker | None = None
         self.report: LoadReport | None = None
 
     def address(self, host: str) -> str:
@@ -80,18 +103,36 @@ class EPRank:
             keep_fp8=cfg.weights == "fp8",
         )
         engine = ExpertParallelEngine(model, engine_config(cfg, dev.type))
-        self.worker = ColocatedWorker(engine, max_waiting=cfg.max_waiting, collective=True)
+        loop: dict[str, Any] = {"max_waiting": cfg.max_waiting, "collective": True}
+        if self.role == "prefill":
+            self.worker = PrefillWorker(engine, **loop)
+        elif self.role == "decode":
+            assert self.fetch is not None  # checked in __init__
+            self.worker = DecodeWorker(engine, self.fetch, **loop)
+        else:
+            self.worker = ColocatedWorker(engine, **loop)
         return dataclasses.asdict(self.report)
 
-    def _worker(self) -> ColocatedWorker:
+    def _worker(self) -> ColocatedWorker | PrefillWorker | DecodeWorker:
         if self.worker is None:
             raise RuntimeError(f"EP rank {self.rank} is not started (call start first)")
         return self.worker
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
-        async with aclosing(self._worker().generate(req)) as steps:
+        worker = self._worker()
+        if isinstance(worker, PrefillWorker):
+            raise RuntimeError(f"EP rank {self.rank} is a prefill rank: call prefill")
+        async with aclosing(worker.generate(req)) as steps:
             async for step in steps:
                 yield step
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        worker = self._worker()
+        if not isinstance(worker, PrefillWorker):
+            raise RuntimeError(f"EP rank {self.rank} is a {self.role} rank, not a prefill rank")
+        return await worker.prefill(req, export_from, dest)
 
     def free_pages(self) -> int:
         return self._worker().loop.free_pages()
@@ -111,6 +152,9 @@ class EPRank:
             "lockstep_rounds": engine.lockstep.rounds,
             "padding_forwards": engine.lockstep.padding_forwards,
             "load": None if self.report is None else dataclasses.asdict(self.report),
+            "transfers": [
+                vars(t) for t in getattr(self._worker(), "transfers", [])[-100:]
+            ],  # a decode rank's last KV imports
         }
 
 
@@ -118,6 +162,10 @@ class RankClient(Protocol):
     """What the front needs of a rank (an EPRank, or a Ray actor handle's wrapper)."""
 
     def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]: ...
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult: ...
 
     async def free_pages(self) -> int: ...
 
@@ -183,6 +231,19 @@ class GangFront:
         choice = self.policy.rank(list(prompt), open_ranks)[0]
         self.policy.routed(list(prompt), choice)
         return int(choice)
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        """A prefill gang's front: one rank prefills and exports the request's KV rows."""
+        await self._refresh()
+        i = self.pick(req.prompt_ids)
+        self.in_flight[i] += 1
+        self.routed_to[i] += 1
+        try:
+            return await self.ranks[i].prefill(req, export_from, dest)
+        finally:
+            self.in_flight[i] -= 1
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         await self._refresh()
