@@ -67,17 +67,24 @@ def _stats(deployment: str = "EP", app: str = "ep") -> dict:
     return handle.stats.remote().result(timeout_s=30)
 
 
+def _complete_all(client, max_tokens: int) -> list[str]:
+    """Greedy completions of all PROMPTS, sent at once."""
+
+    def complete(prompt: str) -> str:
+        r = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0
+        )
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(complete, PROMPTS))
+
+
 def test_ep_gang_serves_what_the_single_process_engine_serves(server, tiny_model_dir):
     _cfg, url = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60)
-
-    def complete(prompt: str) -> str:
-        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
-        return r.choices[0].text
-
     # Concurrently: the front spreads them over both ranks, which then step together.
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = list(pool.map(complete, PROMPTS))
+    got = _complete_all(client, 10)
     assert got == [_expected(tiny_model_dir, p, 10) for p in PROMPTS]
 
     chunks = client.completions.create(
@@ -117,13 +124,7 @@ def test_pd_with_ep_on_both_sides(server, tiny_model_dir):
     cfg, url = server
     start(cfg.replace(mode="pd"), name="ep-pd", route_prefix="/pd")
     client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=60)
-
-    def complete(prompt: str) -> str:
-        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
-        return r.choices[0].text
-
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = list(pool.map(complete, PROMPTS))
+    got = _complete_all(client, 8)
     assert got == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
     decode = _stats("Decode", "ep-pd")
     transfers = [t for r in decode["ranks"] for t in r["transfers"]]

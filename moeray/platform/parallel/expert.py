@@ -129,9 +129,12 @@ def combine(
     inverse_A[plan.order_A] = torch.arange(plan.order_A.numel(), device=plan.order_A.device)
     y_AD = y_sorted_AD[inverse_A]
     T, K = plan.num_tokens, plan.top_k
-    w_TK1 = weights_TK.reshape(T, K, 1).to(y_AD.dtype)
+    # Weighted and summed in fp32, as the fused single-device MoE kernel accumulates: in bf16 the
+    # K-term sum alone moved greedy decodes off the single-device ones.
+    w_TK1 = weights_TK.reshape(T, K, 1).float()
     # The width spelled out: a rank with zero tokens (a serving rank's empty forward) has 0 rows.
-    return (y_AD.view(T, K, y_RD.shape[-1]) * w_TK1).sum(dim=1)
+    y_TKD = y_AD.view(T, K, y_RD.shape[-1]).float()
+    return (y_TKD * w_TK1).sum(dim=1).to(y_AD.dtype)
 
 
 def is_expert_param(name: str) -> bool:
