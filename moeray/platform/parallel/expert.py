@@ -218,13 +218,17 @@ class ExpertParallelMoE(MoE):
         return y_TD.view_as(x_BSD)
 
 
-def enable_expert_parallel(model: nn.Module, group, ep_rank: int, ep_size: int) -> int:
-    """Replace every MoE layer of `model` with its expert-parallel version; returns how many."""
+def enable_expert_parallel(
+    model: nn.Module, group, ep_rank: int, ep_size: int, cls: type[ExpertParallelMoE] | None = None
+) -> int:
+    """Replace every MoE layer of `model` with its expert-parallel version (`cls`, default
+    ExpertParallelMoE); returns how many."""
+    cls = cls or ExpertParallelMoE
     n = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, MoE) and not isinstance(module, ExpertParallelMoE):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertParallelMoE(module, group, ep_rank, ep_size))
+            setattr(parent, child, cls(module, group, ep_rank, ep_size))
             n += 1
     return n
