@@ -57,6 +57,11 @@ _FP8_WEIGHT = re.compile(
 )
 
 
+def is_fp8_weight(key: str) -> bool:
+    """Whether the official FP8 release stores this weight (a model key) as e4m3 + block scales."""
+    return _FP8_WEIGHT.search(key) is not None
+
+
 def _to_hf_key(key: str, num_layers: int) -> str:
     m = _MTP.match(key)
     if not m:

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from moeray.platform.checkpoint import ReadStats, keep_experts, load_model
+from moeray.kernels.common import FP8_DTYPE
+from moeray.platform.checkpoint import ReadStats, is_fp8_weight, keep_experts, load_model
 from moeray.platform.config import LOAD_FORMATS, ModelConfig
+from moeray.platform.model.moe import Experts
+from moeray.platform.model.quant import FP8Linear, quantize_fp8_blocks, set_fp8_expert_weight
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import expert_range
@@ -46,19 +50,28 @@ def dummy_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    fp8: bool = False,
 ) -> Transformer:
     """Random weights of the right shapes, made directly on `device` (as vLLM's
     `--load-format dummy`), for benchmarks of models whose weights are not here. The model is laid
     out on the meta device and only this rank's parameters are ever allocated. Replicated
-    parameters get the same values on every rank (seeded by name), expert shards their own."""
+    parameters get the same values on every rank (seeded by name), expert shards their own.
+
+    `fp8`: the projections the official FP8 release stores as e4m3 + 128x128 block scales are
+    made so (FP8Linear, FP8 experts: what `load_model(keep_fp8=True)` builds), filled one matrix
+    at a time, so a rank never holds their bf16 form (DeepSeek-V3 on 8 GPUs fits only so)."""
     with torch.device("meta"):
         model = Transformer(config)
     keep_experts(model, experts)
+    model.to(dtype)  # on meta, before the e4m3 parts (Module.to would upcast them)
+    if fp8:
+        _fp8_on_meta(model)
     model = model.to_empty(device=device)
-    model.to(dtype)
     std = config.initializer_range
     gen = torch.Generator(device=device)
     with torch.no_grad():
+        if fp8:
+            _fill_fp8(model, std, seed, experts[0], gen)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -74,6 +87,54 @@ def dummy_model(
     return model.eval()
 
 
+def _fp8_on_meta(model: Transformer) -> None:
+    """Swap the FP8 projections of a meta model for e4m3 + scale placeholders."""
+
+    def blocks(n: int) -> int:
+        return -(-n // 128)
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and is_fp8_weight(f"{name}.weight"):
+            N, K = m.weight.shape
+            q = torch.empty(N, K, dtype=FP8_DTYPE, device="meta")
+            parent, _, child = name.rpartition(".")
+            fp8 = FP8Linear(q, torch.empty(blocks(N), blocks(K), device="meta"))
+            setattr(model.get_submodule(parent) if parent else model, child, fp8)
+        elif isinstance(m, Experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                E, N, K = getattr(m, proj).shape
+                q = torch.empty(E, N, K, dtype=FP8_DTYPE, device="meta")
+                set_fp8_expert_weight(
+                    m, proj, q, torch.empty(E, blocks(N), blocks(K), device="meta")
+                )
+
+
+def _fill_fp8(model: Transformer, std: float, seed: int, first_expert: int, gen) -> None:
+    """Random e4m3 weights with their block scales, quantized one matrix at a time from
+    Normal(0, std) in bf16 (expert shards seeded by their first expert, the rest by name)."""
+    dev = next(model.buffers()).device
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            targets = [(f"{name}.weight", m.weight, m.weight_scale_inv)]
+        elif isinstance(m, Experts) and m.gate_proj.dtype == FP8_DTYPE:
+            targets = [
+                (f"{name}.{p}@{first_expert}", getattr(m, p), getattr(m, f"{p}_scale_inv"))
+                for p in ("gate_proj", "up_proj", "down_proj")
+            ]
+        else:
+            continue
+        for key, q, scale in targets:
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            for i in range(q.shape[0]) if q.dim() == 3 else [None]:
+                shape = q.shape[-2:]
+                w = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(
+                    0.0, std, generator=gen
+                )
+                wq, ws = quantize_fp8_blocks(w)
+                (q if i is None else q[i]).copy_(wq)
+                (scale if i is None else scale[i]).copy_(ws)
+
+
 def load_rank_model(
     path: str | Path,
     ep_rank: int,
@@ -85,7 +146,8 @@ def load_rank_model(
     keep_fp8: bool = False,
 ) -> tuple[ModelConfig, Transformer, LoadReport]:
     """This rank's model from the HF directory `path` (config.json always; the safetensors files
-    unless `load_format="dummy"`)."""
+    unless `load_format="dummy"`). `keep_fp8`: an FP8 checkpoint's projections stay e4m3 (with
+    dummy: random e4m3 ones)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: accepted {LOAD_FORMATS}")
     t0 = time.perf_counter()
@@ -93,7 +155,7 @@ def load_rank_model(
     config = ModelConfig.from_hf(path)
     experts = rank_experts(config, ep_rank, ep_size)
     if load_format == "dummy":
-        model = dummy_model(config, experts, device=device, dtype=dtype)
+        model = dummy_model(config, experts, device=device, dtype=dtype, fp8=keep_fp8)
     else:
         config, model = load_model(
             path, device=device, dtype=dtype, keep_fp8=keep_fp8, experts=experts, stats=stats

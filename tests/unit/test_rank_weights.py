@@ -83,3 +83,30 @@ def test_bad_shard_requests_are_refused(model_dir):
         load_rank_model(model_dir, 2, 2)
     with pytest.raises(ValueError, match="load_format='pt'"):
         load_rank_model(model_dir, 0, 2, load_format="pt")
+
+
+def test_fp8_checkpoint_stays_fp8_per_rank_and_dummy_fp8_has_its_layout(tmp_path):
+    torch.manual_seed(4)
+    d = save_model(
+        Transformer(tiny()), tiny(), tmp_path / "fp8", fp8=True, max_shard_bytes=64 * 1024
+    )
+    total, expert_bytes = _file_bytes(d)  # e4m3 weights and their scales
+    _cfg, full = load_model(d, keep_fp8=True)
+    _cfg, shard, report = load_rank_model(d, 1, 2, keep_fp8=True)
+    assert report.bytes_read == total - expert_bytes + expert_bytes // 2
+    _cfg, dummy, dreport = load_rank_model(d, 1, 2, load_format="dummy", keep_fp8=True)
+    assert dreport.bytes_read == 0
+    E = tiny().n_routed_experts
+    sf, ss, sd = full.state_dict(), shard.state_dict(), dummy.state_dict()
+    assert set(ss) == set(sf) == set(sd)
+    fp8_keys = [k for k, t in sf.items() if t.dtype == torch.float8_e4m3fn]
+    assert any(".experts." in k for k in fp8_keys) and any("self_attn" in k for k in fp8_keys)
+    for k, ref in sf.items():
+        expert = ".experts." in k and not k.endswith("bias")
+        want = ref[E // 2 :] if expert else ref
+        assert torch.equal(ss[k].float(), want.float()), k  # the real shard: the same bytes
+        assert sd[k].shape == want.shape and sd[k].dtype == want.dtype, k  # dummy: the layout
+    for k in fp8_keys:  # dummy e4m3 blocks dequantize to Normal(0, initializer_range)
+        if k.endswith("q_a_proj.weight"):
+            w = dummy.get_submodule(k.rsplit(".", 1)[0]).dequantized_weight(torch.float32)
+            assert 0.5 * tiny().initializer_range < w.std() < 2 * tiny().initializer_range

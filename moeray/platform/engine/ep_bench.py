@@ -51,6 +51,9 @@ class WideEPConfig:
     a2a_mib: float = 64.0
     zipf_s: float = 1.2  # skew of the synthetic expert load (placement ratios)
     device: str = "auto"
+    # e4m3 projections with 128x128 block scales (DeepSeek-V3's own format; V3 fits 8 GPUs only so)
+    fp8: bool = False
+    layers: int | None = None  # fewer decoder layers than the preset (a V3-shaped run on 1 GPU)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -60,8 +63,20 @@ class WideEPConfig:
         for name in ("batch", "prompt_len", "decode_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"layers={self.layers} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
+
+
+def model_config(cfg: WideEPConfig) -> presets.ModelConfig:
+    mc = getattr(presets, cfg.preset)().replace(eos_token_id=None, num_nextn_predict_layers=0)
+    if cfg.layers is not None:
+        mc = mc.replace(
+            num_hidden_layers=cfg.layers,
+            first_k_dense_replace=min(mc.first_k_dense_replace, cfg.layers - 1),
+        )
+    return mc
 
 
 def _free_port() -> int:
@@ -74,9 +89,9 @@ def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out:
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev)
     try:
-        mc = getattr(presets, cfg.preset)().replace(eos_token_id=None, num_nextn_predict_layers=0)
+        mc = model_config(cfg)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model = dummy_model(mc, rank_experts(mc, rank, world), device=dev, dtype=dtype)
+        model = dummy_model(mc, rank_experts(mc, rank, world), device=dev, dtype=dtype, fp8=cfg.fp8)
         page = 64
         pages = cfg.batch * -(-(cfg.prompt_len + cfg.decode_tokens) // page) + 1
         engine = ExpertParallelEngine(
@@ -166,7 +181,7 @@ def run_bench(cfg: WideEPConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and max(cfg.gpus) > torch.cuda.device_count():
         raise ValueError(f"gpus={cfg.gpus}: this machine has {torch.cuda.device_count()} GPUs")
-    mc = getattr(presets, cfg.preset)()
+    mc = model_config(cfg)
     out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "alltoall_gbps": {}}
     for G in cfg.gpus:
         with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +217,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
     p.add_argument("--a2a-mib", type=float, default=d.a2a_mib)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--fp8", action="store_true", help="e4m3 weights + block scales, as V3 ships")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: preset's)")
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     a = p.parse_args(argv)
     if a.gpus is None:
@@ -215,7 +232,15 @@ def main(argv: list[str]) -> int:
             return 2
     try:
         cfg = WideEPConfig(
-            a.preset, gpus, a.batch, a.prompt_len, a.decode_tokens, a.a2a_mib, device=a.device
+            a.preset,
+            gpus,
+            a.batch,
+            a.prompt_len,
+            a.decode_tokens,
+            a.a2a_mib,
+            device=a.device,
+            fp8=a.fp8,
+            layers=a.layers,
         )
         numbers = run_bench(cfg)
     except ValueError as e:
