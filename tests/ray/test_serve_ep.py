@@ -1,6 +1,8 @@
 """Expert-parallel serving end to end on a local Ray: `moeray serve --ep 2 --mode colocated`, a
-gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai client. Greedy
-answers equal the single-process engine's; each rank read only its share of the weights."""
+gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai client; then ep=4
+and a P/D pair of gangs as further apps of the same Serve instance. Greedy answers equal the
+single-process engine's; each rank read only its share of the weights; a killed rank is replaced
+with its whole gang."""
 
 import concurrent.futures
 import os
@@ -39,7 +41,8 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     port = _free_port()
     f = tmp_path_factory.mktemp("cfg") / "serve.yaml"
     argv = ["--model", str(tiny_model_dir), "--model-id", "tiny", "--mode", "colocated"]
-    argv += ["--ep", str(EP), "--cpus-per-replica", "0.25", "--port", str(port)]
+    # 1/8 CPU per rank: this module runs 10 ranks (ep=2, ep=4, and a P/D pair of ep=2) on 2 CPUs.
+    argv += ["--ep", str(EP), "--cpus-per-replica", "0.125", "--port", str(port)]
     assert serve_main([*argv, "--write-config", str(f)]) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
     assert app["args"]["ep"] == EP and app["args"]["load_format"] == "safetensors"
@@ -133,6 +136,18 @@ def test_pd_with_ep_on_both_sides(server, tiny_model_dir):
     prefill = _stats("Prefill", "ep-pd")
     assert sum(prefill["routed_to"]) == len(PROMPTS)
     assert all(n > 0 for n in decode["routed_to"]), decode["routed_to"]
+
+
+def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir):
+    from moeray.platform.serve.app import start
+
+    cfg, url = server
+    start(cfg.replace(ep=4), name="ep4", route_prefix="/ep4")
+    client = openai.OpenAI(base_url=url + "/ep4/v1", api_key="unused", timeout=60)
+    assert _complete_all(client, 8) == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
+    stats = _stats("EP", "ep4")
+    assert [r["rank"] for r in stats["ranks"]] == [0, 1, 2, 3]
+    assert sum(n > 0 for n in stats["routed_to"]) >= 2, stats["routed_to"]
 
 
 def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny_model_dir):
