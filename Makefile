@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test lint format install test-deps prometheus clean
+.PHONY: demo test lint format install test-deps prometheus clean k8s
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -49,3 +49,7 @@ format: $(LINT_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# KubeRay manifests in k8s/, rendered from the train and serve configs (tests check they are fresh).
+k8s: $(STAMP)
+	$(BIN)/moeray k8s render --train-config configs/train/tiny.yaml --serve-config configs/serve/k8s.yaml --out k8s

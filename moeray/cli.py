@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moeray.bench", "benchmarks: kernels | engine | serve | kv | train | balance"),
     "plan": ("moeray.platform.plan", "pipeline schedules and capacity planning"),
     "dashboards": ("moeray.platform.dashboards", "generate or push the Grafana dashboards"),
+    "k8s": ("moeray.platform.k8s", "render the KubeRay manifests from the train and serve configs"),
 }
 
 

@@ -57,9 +57,9 @@ _FP8_WEIGHT = re.compile(
 )
 
 
-def is_fp8_weight(key: str) -> bool:
-    """Whether the official FP8 release stores this weight (a model key) as e4m3 + block scales."""
-    return _FP8_WEIGHT.search(key) is not None
+def stored_in_fp8(hf_key: str) -> bool:
+    """Whether the official FP8 release stores this HF weight key as e4m3 + 128x128 scales."""
+    return _FP8_WEIGHT.search(hf_key) is not None
 
 
 def _to_hf_key(key: str, num_layers: int) -> str:
@@ -146,7 +146,7 @@ def save_model(
         if t.dtype == FP8_DTYPE or key.endswith("_scale_inv"):
             tensors[key] = t.contiguous()
             continue
-        if fp8 and _FP8_WEIGHT.search(key):
+        if fp8 and stored_in_fp8(key):
             q, s = quantize_fp8_blocks(t)
             tensors[key] = q
             tensors[key[: -len("weight")] + "weight_scale_inv"] = s

@@ -176,15 +176,16 @@ class ModelConfig:
         """bf16 latent cache: (kv_lora_rank + qk_rope_head_dim) x 2 bytes per main layer."""
         return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * 2
 
-    def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
-        """Parameter count computed from the shapes (embedding and head counted once each)."""
+    @property
+    def attention_parameters(self) -> int:
+        """One block's MLA projections, their latent norms and the block's two norms."""
         D, H = self.hidden_size, self.num_attention_heads
         q = (
             D * H * self.qk_head_dim
             if self.q_lora_rank is None
             else (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim)
         )
-        attn = (
+        return (
             q
             + D * (self.kv_lora_rank + self.qk_rope_head_dim)
             + self.kv_lora_rank
@@ -192,6 +193,11 @@ class ModelConfig:
             + H * self.v_head_dim * D
             + 2 * D
         )
+
+    def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
+        """Parameter count computed from the shapes (embedding and head counted once each)."""
+        D = self.hidden_size
+        attn = self.attention_parameters
         dense = 3 * D * self.intermediate_size
         expert = 3 * D * self.moe_intermediate_size
         n_exp = self.num_experts_per_tok if activated else self.n_routed_experts
@@ -442,6 +448,11 @@ def preset(name: str) -> ModelConfig:
 
 # ---- serving -----------------------------------------------------------------------------------
 
+# The ingress' request body limit (413 above it). 8 MiB: a full 128K-token context is ~0.5 MB of
+# English text, ~1 MB as a JSON list of token ids, ~3 MB as \uXXXX-escaped CJK; 8 MiB leaves room
+# for a batch of prompts, while a body that would take tens of seconds to tokenize (20 MB: 34 s)
+# is refused before it is read.
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 DEFAULT_DEMO_MODEL = "artifacts/demo-model"  # where `make demo` leaves the trained tiny model
 
 
@@ -461,6 +472,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     max_in_flight: int = 256  # admitted choices at the ingress before 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies: 413, never parsed
     max_waiting: int = 64  # requests queued per engine replica before 429
     kv_transport: str = "object_store"
     kv_transfer_timeout_s: float = 30.0  # rdt/channel setup and each send/recv; then recompute
@@ -489,6 +501,8 @@ class ServeConfig:
     load_format: str = "safetensors"
     # How long a gang's collective may wait before it fails (a dead rank), in seconds.
     ep_timeout_s: float = 120.0
+    # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
+    tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "colocated"):
@@ -512,10 +526,15 @@ class ServeConfig:
             raise ValueError("load_format='dummy' builds the ranks of a gang: set ep (1 or more)")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser={self.tool_call_parser!r}: accepted {TOOL_CALL_PARSERS}"
+            )
         for name in (
             "prefill_replicas",
             "decode_replicas",
             "max_in_flight",
+            "max_body_bytes",
             "max_waiting",
             "page_size",
             "max_num_seqs",
@@ -571,3 +590,5 @@ class ServeConfig:
 KV_TRANSPORTS = ("object_store", "rdt", "channel")
 # Where a serving rank's weights come from (rank_weights.py).
 LOAD_FORMATS = ("safetensors", "dummy")
+# How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
+TOOL_CALL_PARSERS = ("deepseek_v3", "json")

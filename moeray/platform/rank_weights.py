@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeray.kernels.common import FP8_DTYPE
-from moeray.platform.checkpoint import ReadStats, is_fp8_weight, keep_experts, load_model
+from moeray.platform.checkpoint import ReadStats, keep_experts, load_model, stored_in_fp8
 from moeray.platform.config import LOAD_FORMATS, ModelConfig
 from moeray.platform.model.moe import Experts
 from moeray.platform.model.quant import FP8Linear, quantize_fp8_blocks, set_fp8_expert_weight
@@ -94,7 +94,7 @@ def _fp8_on_meta(model: Transformer) -> None:
         return -(-n // 128)
 
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and is_fp8_weight(f"{name}.weight"):
+        if isinstance(m, nn.Linear) and stored_in_fp8(f"{name}.weight"):
             N, K = m.weight.shape
             q = torch.empty(N, K, dtype=FP8_DTYPE, device="meta")
             parent, _, child = name.rpartition(".")

@@ -84,7 +84,9 @@ def test_engine_captures_every_decode_graph_at_start():
 
     torch.manual_seed(0)
     cfg = tiny()
-    model = Transformer(cfg).cuda().eval()
+    # bf16 as served: an fp32 model's MoE takes the per-expert loop, whose .tolist() host sync
+    # makes every capture fail (see test_tiny_paged_kernel_matches_gather_fp32).
+    model = Transformer(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     eng = Engine(
         model,
         EngineConfig(

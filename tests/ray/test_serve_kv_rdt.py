@@ -2,6 +2,7 @@
 that dies (the decode side must see an error, not hang), and the raw send/recv baseline."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -63,3 +64,9 @@ def test_raw_send_recv_baseline(ray_local):
     assert len(small) == 5 and all(0 < t < 10 for t in small)
     with pytest.raises(ValueError, match="nbytes"):
         raw_p2p_seconds(0)
+    # No two free GPUs here (--gpus-per-replica 0.5 on one GPU is the same): a clear error at
+    # once, not an NCCL pair that hangs or an actor that is never placed.
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="needs 2 free GPUs"):
+        raw_p2p_seconds(4096, backend="nccl", iters=5)
+    assert time.monotonic() - t0 < 5

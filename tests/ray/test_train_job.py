@@ -38,11 +38,17 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     run_dir = tmp_path / "killtest"
     assert (run_dir / "killed-rank1").exists()  # the kill happened
     recs = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in recs]
     # attempt 1 ran steps 0..4 (checkpoint after step 2), was killed before step 5; attempt 2
-    # restored step 2's checkpoint and re-ran 3 and 4 before going on to 7
-    assert steps == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
-    first, second = recs[3:5], recs[5:7]
+    # restored step 2's checkpoint and re-ran 3 and 4 before going on to 7: one record per step,
+    # the re-run ones marked, attempt 1's kept aside
+    assert [r["step"] for r in recs] == list(range(8))
+    assert [r.get("replay", False) for r in recs] == [False] * 3 + [True] * 2 + [False] * 3
+    rolled = [
+        json.loads(line)
+        for line in (run_dir / "history.rolled_back.jsonl").read_text().splitlines()
+    ]
+    assert [(r["step"], r["rolled_back_at"]) for r in rolled] == [(3, 3), (4, 3)]
+    first, second = rolled, recs[3:5]
     assert first[0]["pid"] != second[0]["pid"]  # a new worker group
     for a, b in zip(first, second, strict=True):
         # the same batches (data position) and the same state give the same loss

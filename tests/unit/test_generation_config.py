@@ -9,13 +9,14 @@ import torch
 
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import ServeConfig, tiny
+from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.app import Ingress
-from moeray.platform.serve.generation_config import sampling_defaults
+from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep, SamplingDefaults
 from moeray.platform.serve.http.schemas import ChatCompletionRequest, CompletionRequest
 from moeray.platform.serve.http.server import OpenAIServer, OpenAIServerConfig
-from moeray.platform.serve.worker import sampling_params
+from moeray.platform.serve.worker import make_engine, sampling_params
 
 # deepseek-ai/DeepSeek-V3's generation_config.json as published.
 DEEPSEEK_V3 = {
@@ -43,10 +44,10 @@ class Recorder:
 class Chars:
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 256 for c in text]
 
-    def decode(self, token_ids) -> str:
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(t) for t in token_ids)
 
 
@@ -94,10 +95,17 @@ def test_bad_values_name_the_file_and_value(tmp_path, data, match):
     assert "generation_config.json" in str(e.value)
 
 
-def test_unsupported_settings_warn(tmp_path):
-    with pytest.warns(UserWarning, match="repetition_penalty=1.1 is not applied"):
-        got = sampling_defaults(_write(tmp_path, {"repetition_penalty": 1.1, "temperature": 0.3}))
-    assert got.temperature == 0.3
+def test_min_p_and_repetition_penalty_are_defaults_too(tmp_path):
+    got = sampling_defaults(
+        _write(tmp_path, {"repetition_penalty": 1.1, "min_p": 0.05, "temperature": 0.3})
+    )
+    assert (got.temperature, got.min_p, got.repetition_penalty) == (0.3, 0.05, 1.1)
+    p = _params(got, CompletionRequest(model="m", prompt="hello"))
+    assert (p.min_p, p.repetition_penalty) == (0.05, 1.1)
+    p = _params(got, CompletionRequest(model="m", prompt="hi", min_p=0.0, repetition_penalty=1.0))
+    assert (p.min_p, p.repetition_penalty) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="repetition_penalty=0"):
+        sampling_defaults(_write(tmp_path, {"repetition_penalty": 0}))
 
 
 def test_unset_request_fields_take_the_defaults():
@@ -145,3 +153,29 @@ def test_the_ingress_reads_the_model_directory(tmp_path, refuse_ray_init):
     ingress = Ingress(ServeConfig(model=str(path)).to_dict(), Handle())
     app = ingress.__serve_build_asgi_app__()
     assert app.state.server.config.sampling_defaults == SamplingDefaults(0.6, 0.95)
+
+
+def test_its_eos_token_ids_end_generation(tmp_path):
+    """generation_config.json's eos_token_id list stops the served engine, as vLLM's stop
+    tokens (Kimi-K2's <|im_end|> is not config.json's EOS)."""
+    c = tiny()
+    model = Transformer(c)
+    model.reset_parameters(seed=0)
+    path = save_model(model, c, tmp_path / "m")
+    cfg = ServeConfig(
+        model=str(path), device="cpu", dtype="float32", page_size=16, num_pages=8, max_num_seqs=2
+    )
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    (free,) = make_engine(cfg).generate([prompt], params)
+    g = free.output_token_ids
+    k = next(i for i in range(1, 8) if g[i] not in g[:i] and g[i] != c.eos_token_id)
+    _write(path, {"eos_token_id": [c.eos_token_id, g[k]]})
+    assert eos_token_ids(path) == (c.eos_token_id, g[k])
+    (out,) = make_engine(cfg).generate([prompt], params)
+    assert out.output_token_ids == g[: k + 1] and out.finish_reason == "stop"
+    _write(path, {"eos_token_id": 7})
+    assert eos_token_ids(path) == (7,)
+    _write(path, {"eos_token_id": ["</s>"]})
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id=\['</s>'\]"):
+        eos_token_ids(path)

@@ -46,15 +46,23 @@ EOS = 256
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens, plus EOS (256) which decodes to nothing."""
+    """UTF-8 bytes as tokens, plus EOS (256), a special token: "<|eos|>" unless skipped. No BOS."""
 
     vocab_size = 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out, run = [], bytearray()
+        for t in token_ids:
+            if t < 256:
+                run.append(t)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append("" if skip_special_tokens else "<|eos|>")
+        return "".join(out) + run.decode("utf-8", errors="replace")
 
 
 def echo_tokens(
@@ -232,14 +240,25 @@ def test_param_paths_and_validation_errors():
         ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "m", "prompt": "x", "n": 1.5}, "n"),
         ({"model": "m", "prompt": "x", "n": "2"}, "n"),
-        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
         ({"model": "m", "prompt": "x", "stop": 3}, "stop"),
         ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
         ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
-        ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "x", "frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "min_p": 1.5}, "min_p"),
+        ({"model": "m", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"model": "m", "prompt": "x", "min_tokens": -1}, "min_tokens"),
+        ({"model": "m", "prompt": "x", "stop_token_ids": [3, -1]}, "stop_token_ids.[1]"),
+        ({"model": "m", "prompt": "x", "best_of": 0}, "best_of"),
+        ({"model": "m", "prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+        ({"model": "m", "prompt": "x", "best_of": 2, "stream": True}, "best_of"),
         (
             {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}},
             "stream_options",

@@ -1,9 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from moeray.platform.engine.sampler import (
+    History,
     Sampler,
     SamplingParams,
     filtered_probs,
@@ -140,8 +142,166 @@ def test_inverse_cdf_never_picks_zero_probability():
         (dict(stop="ab"), "sequences"),
         (dict(stop=("",)), "empty"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(min_p=1.5), r"min_p=1.5 must be in \[0, 1\]"),
+        (dict(min_tokens=5, max_tokens=4), r"min_tokens=5 must be in \[0, max_tokens=4\]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty=0.0 must be a finite number > 0"),
+        (dict(presence_penalty=2.5), r"presence_penalty=2.5 must be in \[-2, 2\]"),
+        (dict(frequency_penalty=-3.0), r"frequency_penalty=-3.0 must be in \[-2, 2\]"),
+        (dict(logit_bias=((3, 101.0),)), r"\{3: 101.0\}.*\[-100, 100\]"),
+        (dict(logit_bias=((-1, 1.0),)), "token ids must be >= 0"),
+        (dict(stop_token_ids=(-4,)), "stop_token_ids"),
+        (dict(prompt_logprobs=21), "prompt_logprobs=21"),
     ],
 )
 def test_bad_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+# ---- logits processing: batched pass against a per-row reference -----------------------------
+EOS_IDS = (4, 11)
+
+
+def reference_process(x_V, p, prompt, output):
+    """One row, plain loops: min_tokens, logit_bias, repetition, frequency and presence."""
+    x = x_V.clone().float()
+    for t, b in p.logit_bias:
+        x[t] += b
+    if len(output) < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS_IDS)):
+            x[t] = float("-inf")
+    for t in set(prompt) | set(output):
+        r = p.repetition_penalty
+        x[t] = x[t] / r if x[t] > 0 else x[t] * r
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+def random_case(B, V, seed):
+    rng = torch.Generator().manual_seed(seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=rng))
+
+    params, hist = [], []
+    for b in range(B):
+        kind = b % 4
+        kw = {}
+        if kind in (1, 3):
+            kw.update(
+                repetition_penalty=[0.5, 1.0, 1.3, 2.0][ri(0, 4)],
+                presence_penalty=[-0.7, 0.0, 0.4][ri(0, 3)],
+                frequency_penalty=[-1.1, 0.0, 0.6][ri(0, 3)],
+            )
+        if kind in (2, 3):
+            toks = torch.randperm(V, generator=rng)[: ri(1, 6)].tolist()
+            kw["logit_bias"] = tuple((t, float(ri(-100, 101))) for t in toks)
+            kw["min_tokens"] = ri(0, 6)
+            kw["stop_token_ids"] = (ri(0, V),)
+            kw["ignore_eos"] = bool(ri(0, 2))
+        params.append(SamplingParams(max_tokens=8, **kw))
+        prompt = torch.randint(0, V, (ri(1, 30),), generator=rng).tolist()
+        output = torch.randint(0, V, (ri(0, 12),), generator=rng).tolist()
+        hist.append(History(prompt, output))
+    return params, hist
+
+
+@pytest.mark.parametrize("B,V,seed", [(1, 7, 0), (7, 53, 1), (13, 101, 2), (5, 1000, 3)])
+def test_batched_processing_matches_per_row_reference(B, V, seed):
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+    params, hist = random_case(B, V, seed)
+    got = Sampler(EOS_IDS).process(x, params, hist)
+    # the engine hands prompts over as device tensors: the same result
+    as_tensors = [History(torch.tensor(h.prompt), h.output) for h in hist]
+    assert torch.equal(Sampler(EOS_IDS).process(x, params, as_tensors), got)
+    want = torch.stack(
+        [reference_process(x[b], params[b], hist[b].prompt, hist[b].output) for b in range(B)]
+    )
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert torch.allclose(got[fin], want[fin], atol=1e-5)
+    assert not torch.equal(got, x) or all(not p.processes_logits for p in params)
+    # the caller's logits are untouched (logprobs read them)
+    assert torch.equal(x, torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3)
+    # greedy picks the argmax of the processed logits, row by row
+    gp = [dataclasses.replace(p, temperature=0.0) for p in params]
+    r = Sampler(EOS_IDS)(x, gp, gens([None] * B), hist)
+    assert r.token_ids == want.argmax(-1).tolist()
+
+
+def test_processing_forces_and_bans_tokens():
+    x = logits(3, seed=5)
+    s = Sampler(EOS_IDS)
+    weak = int(x[0].argmin())
+    params = [
+        SamplingParams(temperature=0.9, logit_bias=((weak, 100.0),)),
+        SamplingParams(temperature=0, min_tokens=3, max_tokens=5),
+        SamplingParams(temperature=0, min_tokens=3, max_tokens=5),
+    ]
+    x[1:, EOS_IDS[0]] = 50.0  # eos is the argmax of rows 1 and 2
+    hist = [History([1], []), History([1], [7, 8]), History([1], [7, 8, 9])]
+    r = s(x, params, gens([3, None, None]), hist)
+    assert r.token_ids[0] == weak  # +100 takes all the mass
+    assert r.token_ids[1] != EOS_IDS[0]  # 2 < min_tokens outputs: eos masked
+    assert r.token_ids[2] == EOS_IDS[0]  # 3 outputs: allowed again
+    with pytest.raises(ValueError, match="token history"):
+        s(x, params, gens([3, None, None]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        s.process(x, [SamplingParams(logit_bias=((V, 1.0),))] * 3, hist)
+
+
+def pack_mask(allowed_BV):
+    """A boolean [B, V] mask as the grammar's packed int32 words (bit j of word w: 32w + j)."""
+    B, Vn = allowed_BV.shape
+    W = -(-Vn // 32)
+    bits = torch.zeros(B, W * 32, dtype=torch.int64)
+    bits[:, :Vn] = allowed_BV.long()
+    words = (bits.view(B, W, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_grammar_mask_applies_before_bias_and_penalties():
+    x = logits(2, seed=6)
+    allowed = torch.zeros(2, V, dtype=torch.bool)
+    allowed[0, [3, 9]] = True
+    allowed[1, [20, 21]] = True
+    ps = [
+        SamplingParams(temperature=0, logit_bias=((5, 100.0),)),  # 5 is masked: bias can't lift it
+        SamplingParams(temperature=1.0, seed=1, logit_bias=((21, 100.0),), repetition_penalty=1.5),
+    ]
+    hist = [History([1], []), History([21], [21])]
+    r = Sampler()(x, ps, gens([None, 1]), hist, token_mask_BW=pack_mask(allowed))
+    assert r.token_ids == [3 if x[0, 3] >= x[0, 9] else 9, 21]
+    # logprobs still report the raw model distribution
+    ps = [dataclasses.replace(p, logprobs=0) for p in ps]
+    rl = Sampler()(x, ps, gens([None, 1]), hist, token_mask_BW=pack_mask(allowed))
+    assert math.isclose(rl.logprobs[1].logprob, x[1].log_softmax(-1)[21].item(), rel_tol=1e-5)
+
+
+def test_min_p_against_reference():
+    x = logits(4, seed=7)
+    ps = [
+        SamplingParams(temperature=t, min_p=m)
+        for t, m in ((1.0, 0.1), (0.5, 0.3), (2.0, 0.0), (1.0, 1.0))
+    ]
+    p = filtered_probs(x, ps)
+    for b, sp in enumerate(ps):
+        q = (x[b] / sp.temperature).softmax(-1)
+        keep = q >= sp.min_p * q.max()
+        want = torch.where(keep, q, 0.0)
+        assert torch.allclose(p[b], want / want.sum(), atol=1e-6)
+    assert int((p[3] > 0).sum()) == 1  # min_p 1: only the top token
+
+
+def test_seeded_rows_with_penalties_do_not_depend_on_the_batch():
+    x = logits(4, seed=8)
+    params, hist = random_case(4, V, 9)
+    params = [dataclasses.replace(p, temperature=1.1, seed=40 + i) for i, p in enumerate(params)]
+    s = Sampler(EOS_IDS)
+    together = s(x, params, gens([p.seed for p in params]), hist).token_ids
+    alone = [
+        s(x[b : b + 1], params[b : b + 1], gens([params[b].seed]), hist[b : b + 1]).token_ids[0]
+        for b in range(4)
+    ]
+    assert together == alone

@@ -184,7 +184,9 @@ def test_bad_arguments_and_broken_schedules():
 def test_plan_prints_timelines_and_formulas(capsys):
     from moeray.platform import plan
 
-    assert plan.main(["--schedule", "dualpipe", "--pp", "8", "--microbatches", "20"]) == 0
+    assert (
+        plan.main(["timeline", "--schedule", "dualpipe", "--pp", "8", "--microbatches", "20"]) == 0
+    )
     out = capsys.readouterr().out
     rows = {
         line.split()[0]: line.split()
@@ -196,5 +198,7 @@ def test_plan_prints_timelines_and_formulas(capsys):
     assert rows["dualpipe"][1:4] == ["59", "4.5", "4.5"]
     assert rows["dualpipe"][5:7] == ["2x", "9"]
     assert out.count("rank  7 |") == 3
-    assert plan.main(["--schedule", "dualpipe", "--pp", "8", "--microbatches", "10"]) == 2
+    assert (
+        plan.main(["timeline", "--schedule", "dualpipe", "--pp", "8", "--microbatches", "10"]) == 2
+    )
     assert "2*pp" in capsys.readouterr().err

@@ -34,6 +34,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "0.25",
                 "--api-key",
                 "sk-secret",
+                "--max-body-bytes",
+                "65536",
                 "--write-config",
                 str(f),
             ]
@@ -53,7 +55,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.kv_transport,
         cfg.cpus_per_replica,
         cfg.api_key,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None)
+        cfg.max_body_bytes,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"
@@ -65,6 +68,8 @@ def test_bad_flags_exit_with_a_message(capsys):
         main(["--kv-transport", "carrier-pigeon"])
     assert main(["--decode-replicas", "0", "--write-config", "/dev/null"]) == 2
     assert "decode_replicas=0" in capsys.readouterr().err
+    assert main(["--max-body-bytes", "0", "--write-config", "/dev/null"]) == 2
+    assert "max_body_bytes=0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["pd.yaml", "colocated.yaml"])

@@ -76,7 +76,10 @@ def test_channel_receive_times_out_when_the_sender_never_sends():
             with pytest.raises(Exception, match=r"(?i)timeout|timed out|wait"):
                 await recv.receive(forged)
             with pytest.raises(TypeError, match="ticket"):
-                await recv.receive(_rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1))
+                await recv.receive("not a ticket")
+            # Rows in the reply are what a prefill replica on the same GPU sends instead.
+            rows = _rows(torch.Generator().manual_seed(0), 0, 1, 2, 3, 1)
+            assert await recv.receive(rows) is rows
         finally:
             recv.close()
 
@@ -416,3 +419,39 @@ def test_bench_transfer_summary_skips_recomputed_requests():
     assert s["seconds_mean_ms"] == pytest.approx(1000 * sum(m["seconds"] for m in moved) / 37)
     assert s["seconds_p99_ms"] < 200.0  # the recomputed 5 s entries are not transfers
     assert _transfer_summary(redo)["bytes_per_request_mean"] is None
+
+
+def test_channel_pair_on_one_gpu_sends_kv_in_the_reply_instead_of_hanging(model, caplog):
+    """Prefill and decode replicas on one GPU (--gpus-per-replica 0.5): an NCCL pair there hangs,
+    so the sender, seeing the decode endpoint's device identity equal its own, returns the rows
+    in the reply. (A fake GPU identity on CPU: the same decision as two equal GPU UUIDs.)"""
+    torch.manual_seed(6)
+    prompt = torch.randint(2, 1024, (21,)).tolist()
+    expected = (
+        _engine(model).generate([prompt], SamplingParams(temperature=0.0, max_tokens=5))[0]
+    ).output_token_ids
+
+    async def run():
+        gpu = "GPU-3f1c2a9e-0000-4000-8000-00000000beef"
+        recv = ChannelReceiver("decode-0", timeout_s=20, device_id=gpu)
+        sender = ChannelSender(timeout_s=20, device_id=gpu)
+        prefill = PrefillWorker(_engine(model), sender=sender)
+        decode = DecodeWorker(_engine(model), prefill.prefill, receiver=recv)
+        try:
+            req = GenerationRequest("s0", tuple(prompt), GenerationParams(5, temperature=0.0))
+            t0 = asyncio.get_running_loop().time()
+            out = await _tokens(decode.generate(req))
+            return out, decode.transfers, sender, asyncio.get_running_loop().time() - t0
+        finally:
+            prefill.loop.shutdown()
+            decode.loop.shutdown()
+            sender.close()
+            recv.close()
+
+    caplog.set_level("WARNING", logger="moeray.platform.serve.kv_transport")
+    out, transfers, sender, seconds = asyncio.run(run())
+    assert out == expected
+    assert [t.recomputed for t in transfers] == [False]  # moved, not recomputed after a timeout
+    assert sender.same_device == {"decode-0"} and sender._groups == {}  # no NCCL/gloo pair made
+    assert seconds < 10
+    assert any("on this prefill replica's GPU" in r.getMessage() for r in caplog.records)

@@ -6,9 +6,13 @@ Use:
 or drive it step by step (what a Serve replica does): add_request / abort / step.
 
 Each step: the scheduler picks the batch (continuous batching, chunked prefill), the runner runs
-the main model over it, each request that reached its last known token gets a token (or, with
-speculative decoding, its accepted drafts plus one), the scheduler applies stops and frees pages,
-and the MTP drafter proposes the next drafts.
+the main model over it, requests that ask for prompt logprobs get those of the prompt positions
+just computed, each request that reached its last known token gets a token sampled from its
+processed logits (min_tokens, logit_bias, penalties: one batched pass; with speculative decoding,
+its drafts are verified against the same processed distribution, then one more token), the
+scheduler applies stops and frees pages, and the MTP drafter proposes the next drafts. Requests
+with a `structured` spec sample under their grammar's token mask (engine/grammar.py, one matcher
+per request, applied before the processing) and take no drafts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,10 +36,25 @@ from moeray.platform.engine.kv_cache import (
     device_budget_bytes,
     num_pages_for_budget,
 )
-from moeray.platform.engine.runner import ModelRunner
-from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
-from moeray.platform.engine.scheduler import Request, RequestOutput, Scheduler, SchedulerConfig
+from moeray.platform.engine.runner import ForwardResult, ModelRunner
+from moeray.platform.engine.sampler import (
+    History,
+    Sampler,
+    SamplingParams,
+    make_generator,
+    topk_logprobs,
+)
+from moeray.platform.engine.scheduler import (
+    Request,
+    RequestOutput,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerConfig,
+)
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
+
+if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
+    from moeray.platform.engine.grammar import GrammarSet
 
 # The default sampling of add_request and generate (frozen, so one shared instance is safe).
 DEFAULT_PARAMS = SamplingParams()
@@ -69,6 +88,8 @@ class EngineConfig:
     capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     seed: int = 0
+    # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -137,7 +158,10 @@ class Engine:
                 num_speculative_tokens=spec,
             ),
             self.kv,
-            eos_token_ids=[] if model.config.eos_token_id is None else [model.config.eos_token_id],
+            eos_token_ids=[
+                *([] if model.config.eos_token_id is None else [model.config.eos_token_id]),
+                *config.eos_token_ids,
+            ],
             detokenize=self._detokenize if tokenizer is not None else None,
         )
         self.runner = ModelRunner(
@@ -149,12 +173,13 @@ class Engine:
             graph_batch_sizes=config.graph_batch_sizes,
             attention=config.attention,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         if config.capture_graphs_at_start:
             self.runner.capture_graphs(
                 config.max_num_seqs, model.mtp[0] if spec else None, self.dtype
             )
+        self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -193,13 +218,52 @@ class Engine:
         enc = self.tokenizer.encode(text)
         return list(enc.ids if hasattr(enc, "ids") else enc)
 
+    # ---- grammar-constrained decoding -----------------------------------------------------------
+    def grammars(self) -> GrammarSet:
+        """The engine's GrammarSet (engine/grammar.py), built once from its tokenizer."""
+        if self._grammar_set is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "structured output needs the engine's tokenizer (the model directory's "
+                    "tokenizer.json)"
+                )
+            # Imported here: xgrammar is a native extension only engines that constrain load.
+            from moeray.platform.engine.grammar import GrammarSet
+
+            eos = self.model_config.eos_token_id
+            self._grammar_set = GrammarSet.from_tokenizer(
+                self.tokenizer, self.model_config.vocab_size, [] if eos is None else [eos]
+            )
+        return self._grammar_set
+
+    def _add_grammar(self, rid: str, params: SamplingParams) -> None:
+        if params.structured is not None:
+            self.grammars().add(rid, params.structured)
+
+    def _token_mask(self, seqs: Sequence[Any]) -> torch.Tensor | None:
+        if self._grammar_set is None:
+            return None
+        return self._grammar_set.bitmask([s.request.request_id for s in seqs], self.device)
+
+    def _drop_grammars(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        if self._grammar_set is not None:
+            for o in outs:
+                if o.finished:
+                    self._grammar_set.remove(o.request_id)
+        return outs
+
     # ---- requests ------------------------------------------------------------------------------
-    def _check_ids(self, prompt: Sequence[int] | str) -> list[int]:
+    def _check_ids(self, prompt: Sequence[int] | str, params: SamplingParams) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         V = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= int(t) < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if params.max_token_id() >= V:
+            raise ValueError(
+                f"stop_token_ids {list(params.stop_token_ids)} / logit_bias token ids "
+                f"{[t for t, _ in params.logit_bias][:5]} must be in the vocabulary [0, {V})"
+            )
         return ids
 
     def add_request(
@@ -212,14 +276,19 @@ class Engine:
     ) -> str:
         """Queue a request. With `export_kv_from` (a prefill replica), the finished request's
         output carries `kv_export`: the KV rows of prompt tokens [export_kv_from, P)."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if export_kv_from is not None and not 0 <= export_kv_from < len(ids):
             raise ValueError(
                 f"export_kv_from={export_kv_from} must be in [0, {len(ids)}) for a "
                 f"{len(ids)}-token prompt"
             )
-        self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
+        self._add_grammar(rid, params)  # compiles (cached): a bad schema fails before queueing
+        try:
+            self.scheduler.add_request(rid, ids, params, make_generator(params.seed, self._rng))
+        except BaseException:
+            self.abort(rid)
+            raise
         if export_kv_from is not None:
             self._exports[rid] = export_kv_from
         return rid
@@ -267,7 +336,7 @@ class Engine:
         Returns the first token's RequestOutput, or None when the rows could not be used (they
         start after this engine's cached prefix, or no pages are free): then the request is queued
         for a normal prefill here, so it completes either way."""
-        ids = self._check_ids(prompt)
+        ids = self._check_ids(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         P = len(ids)
         if rows.end != P:
@@ -290,7 +359,8 @@ class Engine:
                 )
             return True
 
-        return self.scheduler.add_prefilled(
+        self._add_grammar(rid, params)
+        out = self.scheduler.add_prefilled(
             rid,
             ids,
             params,
@@ -299,8 +369,15 @@ class Engine:
             first_logprobs,
             import_rows,
         )
+        if out is not None and self._grammar_set is not None:
+            # The prefill engine sampled first_token under the same grammar.
+            self._grammar_set.accept(rid, [first_token])
+            self._drop_grammars([out])
+        return out
 
     def abort(self, request_id: str) -> bool:
+        if self._grammar_set is not None:
+            self._grammar_set.remove(request_id)
         self._exports.pop(request_id, None)
         self._exported.pop(request_id, None)
         return self.scheduler.abort(request_id)
@@ -313,38 +390,53 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return self._attach_exports(self.scheduler.update(out, {}))
+            return self._drop_grammars(self._attach_exports(self.scheduler.update(out, {})))
         t0 = time.perf_counter()
         fwd = self.runner.execute(out.scheduled)
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
+        self._record_prompt_logprobs(out.scheduled, fwd)
         plain = [i for i, s in enumerate(out.scheduled) if s.samples and not s.spec_token_ids]
         if plain:
             seqs = [out.scheduled[i] for i in plain]
             rows = torch.stack([fwd.logits[i][-1] for i in plain])
+            params = [s.request.params for s in seqs]
+            hist = None
+            if any(p.processes_logits for p in params):
+                hist = [self._history(s.request) for s in seqs]
             res = self.sampler(
-                rows, [s.request.params for s in seqs], [_generator(s.request) for s in seqs]
+                rows,
+                params,
+                [_generator(s.request) for s in seqs],
+                hist,
+                token_mask_BW=self._token_mask(seqs),
             )
             for s, tok, lp in zip(seqs, res.token_ids, res.logprobs, strict=True):
                 sampled[s.request.request_id] = [tok]
                 logprobs[s.request.request_id] = [lp]
+                if self._grammar_set is not None:
+                    self._grammar_set.accept(s.request.request_id, [tok])
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
+        target_logits = self._spec_logits(out.scheduled, spec, fwd)
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
-        targets = dict(zip(greedy, greedy_targets([fwd.logits[i] for i in greedy]), strict=True))
+        targets = dict(zip(greedy, greedy_targets([target_logits[i] for i in greedy]), strict=True))
         for i in spec:
             s = out.scheduled[i]
             toks, lps = verify(
-                fwd.logits[i],
+                target_logits[i],
                 s.spec_token_ids,
                 s.request.params,
                 _generator(s.request),
                 targets.get(i),
+                raw_logits_JV=fwd.logits[i],
             )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
             assert self.drafter is not None  # drafts come only from the drafter
             self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
-        outs = self._attach_exports(self.scheduler.update(out, sampled, logprobs))
+        outs = self._drop_grammars(
+            self._attach_exports(self.scheduler.update(out, sampled, logprobs))
+        )
         if self.drafter is not None:
             self.drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)
         if self.device.type == "cuda":
@@ -354,6 +446,64 @@ class Engine:
         self.stats.prompt_tokens += sum(s.num_tokens for s in out.scheduled if not s.is_decode)
         self.stats.generated_tokens += sum(len(v) for v in sampled.values())
         return outs
+
+    def _history(self, req: Request, drafts: Sequence[int] = ()) -> History:
+        """What the request's logits processing reads: the prompt only for the repetition
+        penalty (uploaded once per request), the output (with drafts) for the rest."""
+        prompt: Sequence[int] | torch.Tensor = ()
+        if req.params.repetition_penalty != 1.0:
+            if req.prompt_ids_tensor is None:
+                req.prompt_ids_tensor = torch.tensor(req.prompt_token_ids, device=self.device)
+            prompt = req.prompt_ids_tensor
+        return History(prompt, req.output_token_ids + list(drafts))
+
+    def _spec_logits(
+        self, scheduled: Sequence[ScheduledSeq], spec: Sequence[int], fwd: ForwardResult
+    ) -> dict[int, torch.Tensor]:
+        """The logits each verifying sequence samples from: its raw [J, V] rows, or, when its
+        params process logits, those rows processed in one batched pass, row j with the drafts
+        before it counted as output (what plain decoding would have seen there)."""
+        out = {i: fwd.logits[i] for i in spec}
+        proc = [i for i in spec if scheduled[i].request.params.processes_logits]
+        if not proc:
+            return out
+        params, hist = [], []
+        for i in proc:
+            s = scheduled[i]
+            for j in range(len(s.spec_token_ids) + 1):
+                params.append(s.request.params)
+                hist.append(self._history(s.request, s.spec_token_ids[:j]))
+        rows = torch.cat([fwd.logits[i] for i in proc])
+        processed = self.sampler.process(rows, params, hist)
+        for i, chunk in zip(
+            proc, processed.split([fwd.logits[i].shape[0] for i in proc]), strict=True
+        ):
+            out[i] = chunk
+        return out
+
+    def _record_prompt_logprobs(self, scheduled: Sequence[ScheduledSeq], fwd: ForwardResult):
+        """Prompt logprobs of the prompt positions this step computed, for the requests that ask
+        for them: the logits at position q score prompt token q + 1. A preempted request
+        recomputes from 0 and keeps the entries it has."""
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if not req.needs_prompt_logprobs:
+                continue
+            have = len(req.prompt_logprobs)  # entries for prompt tokens [0, have)
+            lo = have - 1 - s.start  # first row whose target has no entry yet
+            known = s.num_tokens - len(s.spec_token_ids)
+            hi = min(known, req.num_prompt_tokens - 1 - s.start)
+            if lo < 0:
+                raise RuntimeError(
+                    f"{req.request_id!r}: prompt logprobs missing before position {s.start}"
+                )
+            if hi <= lo:
+                continue
+            lg = fwd.logits[i][lo:hi]
+            first = s.start + lo + 1
+            targets = torch.tensor(req.prompt_token_ids[first : first + hi - lo], device=lg.device)
+            k = req.params.prompt_logprobs
+            req.prompt_logprobs.extend(topk_logprobs(lg, targets, [k] * (hi - lo)))
 
     def generate(
         self,

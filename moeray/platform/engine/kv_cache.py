@@ -262,17 +262,25 @@ class KVCacheManager:
         """Leading prompt tokens already cached (whole pages, never the last token)."""
         return len(self._match(token_ids)[0]) * self.page_size
 
-    def admit(self, seq_id: str, token_ids: Sequence[int], max_new_tokens: int) -> int | None:
-        """Create seq_id's block table: take its cached prefix pages, then allocate pages for up to
-        max_new_tokens more tokens (the first prefill chunk). Returns the number of tokens already
-        cached, or None (changing nothing) when the pages do not fit."""
+    def admit(
+        self,
+        seq_id: str,
+        token_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        use_cache: bool = True,
+    ) -> int | None:
+        """Create seq_id's block table: take its cached prefix pages (none when not use_cache),
+        then allocate pages for up to max_new_tokens more tokens (the first prefill chunk).
+        Returns the number of tokens already cached, or None (changing nothing) when the pages
+        do not fit."""
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already has a block table")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        pages, hashes = self._match(token_ids)
+        pages, hashes = self._match(token_ids) if use_cache else ([], [])
         num_cached = len(pages) * self.page_size
         num_tokens = num_cached + min(len(token_ids) - num_cached, max_new_tokens)
         need_new = self.pages_for(num_tokens) - len(pages)

@@ -1,6 +1,13 @@
-"""Sampling: greedy, temperature, top-k, top-p, one random stream per request, logprobs.
+"""Sampling: logits processing, greedy, temperature, min-p, top-k, top-p, one random stream per
+request, logprobs.
 
-Legend: B rows (one per sequence being sampled), V vocabulary, k top-logprob count.
+Legend: B rows (one per sequence being sampled), V vocabulary, k top-logprob count, W = ceil(V/32)
+words of a packed token bitmask.
+
+A row's logits go through its grammar's token mask (`mask_logits`, structured output) and
+`logits_processing.process_logits` first (logit_bias, min_tokens, repetition/presence/frequency
+penalties, all batched on the device), then greedy takes the argmax, and sampling applies
+temperature, min-p, top-k and top-p, in vLLM's order.
 
 Each request owns a torch.Generator seeded from its `seed` (or from the engine's generator when it
 has none) and draws exactly one uniform number per sampled token, on the CPU. So a seeded request
@@ -14,54 +21,13 @@ and filtering), as vLLM reports by default: they measure the model, not the samp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings (OpenAI-style names).
-
-    temperature 0 means greedy (argmax, ties to the lowest token id, like transformers).
-    top_k 0 and top_p 1.0 disable those filters. logprobs None returns none; n >= 0 returns the
-    sampled token's logprob plus the n most likely tokens'. stop strings end generation when they
-    appear in the detokenized output (the stop string itself is not returned); stop_token_ids and
-    the model's eos (unless ignore_eos) end it with that token returned.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0 and self.temperature < float("inf")):
-            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs={self.logprobs} must be None or in [0, 20]")
-        if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
-            raise ValueError("stop and stop_token_ids must be sequences, e.g. ('\\n',) and (2,)")
-        if any(not s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r}: empty stop strings are not accepted")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from moeray.platform.engine.logits_processing import History, process_logits
+from moeray.platform.engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -83,8 +49,9 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
 
 
 def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p, renormalized (fp32). Greedy rows become a
-    one-hot on the argmax, so speculative verification can treat every row alike."""
+    """Probabilities after temperature, min-p, top-k and top-p, renormalized (fp32). Greedy rows
+    become a one-hot on the argmax, so speculative verification can treat every row alike.
+    `logits_BV` are the processed logits (`process_logits`) when the requests have any."""
     B, V = logits_BV.shape
     if len(params) != B:
         raise ValueError(f"{len(params)} sampling params for {B} rows")
@@ -92,6 +59,12 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
     device = logits.device
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temps[:, None]
+    min_ps = [p.min_p for p in params]
+    if any(min_ps):
+        # min-p: drop tokens below min_p x the top token's probability (after temperature)
+        probs = logits.softmax(dim=-1)
+        floor = torch.tensor(min_ps, device=device)[:, None] * probs.amax(-1, keepdim=True)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     # top-k: keep values >= the k-th largest (ties at the boundary are kept, as in transformers)
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
@@ -155,9 +128,17 @@ class SampleResult:
 def compute_logprobs(
     logits_BV: torch.Tensor, tokens_B: torch.Tensor, params: Sequence[SamplingParams]
 ) -> list[Logprobs | None]:
-    want = [p.logprobs for p in params]
+    """Each row's token logprob and top-`logprobs` alternatives (None where not asked), from the
+    raw logits."""
+    return topk_logprobs(logits_BV, tokens_B, [p.logprobs for p in params])
+
+
+def topk_logprobs(
+    logits_BV: torch.Tensor, tokens_B: torch.Tensor, want: Sequence[int | None]
+) -> list[Logprobs | None]:
+    """log_softmax of each row at its token, plus its want[b] most likely tokens (None: skip)."""
     if all(w is None for w in want):
-        return [None] * len(params)
+        return [None] * len(want)
     lp_BV = logits_BV.float().log_softmax(-1)
     n = max(w or 0 for w in want)
     top_v, top_i = lp_BV.topk(n, dim=-1) if n else (None, None)
@@ -175,18 +156,59 @@ def compute_logprobs(
     return out
 
 
+def mask_logits(logits_BV: torch.Tensor, mask_BW: torch.Tensor) -> torch.Tensor:
+    """Logits with the tokens a packed bitmask disallows set to -inf (a new tensor). Bit j of
+    word w (int32) allows token 32 * w + j; columns past the mask's 32 * W are disallowed."""
+    B, V = logits_BV.shape
+    if mask_BW.shape[0] != B or mask_BW.dtype != torch.int32:
+        raise ValueError(f"token mask {tuple(mask_BW.shape)} {mask_BW.dtype} for {B} rows")
+    # Unpacked per byte (little-endian, as on x86 and CUDA: byte k of word w holds tokens
+    # 32w+8k..32w+8k+7): a [B, 4W, 8] uint8 temporary, 4x smaller than per int32 word (33 MB at
+    # B=256 over DeepSeek-V3's 129280 tokens).
+    bytes_BY = mask_BW.to(logits_BV.device).contiguous().view(torch.uint8)
+    bits = torch.arange(8, device=logits_BV.device, dtype=torch.uint8)
+    allowed_BX = ((bytes_BY[:, :, None] >> bits) & 1).bool().flatten(1)
+    allowed_BV = torch.zeros(B, V, dtype=torch.bool, device=logits_BV.device)
+    n = min(V, allowed_BX.shape[1])
+    allowed_BV[:, :n] = allowed_BX[:, :n]
+    return logits_BV.masked_fill(~allowed_BV, float("-inf"))
+
+
 class Sampler:
-    """Samples one token per row. Stateless apart from the per-request generators it is given."""
+    """Samples one token per row. Holds the model's eos ids (min_tokens masks them); otherwise
+    stateless apart from the per-request generators it is given."""
+
+    def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+
+    def process(
+        self,
+        logits_BV: torch.Tensor,
+        params: Sequence[SamplingParams],
+        histories: Sequence[History] | None = None,
+    ) -> torch.Tensor:
+        """The logits the requests sample from (see logits_processing)."""
+        return process_logits(logits_BV, params, histories, self.eos_token_ids)
 
     def __call__(
         self,
         logits_BV: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator],
+        histories: Sequence[History] | None = None,
+        token_mask_BW: torch.Tensor | None = None,
     ) -> SampleResult:
+        """histories: each row's tokens so far, needed when a row has min_tokens or penalties.
+        token_mask_BW: which tokens each row may take (packed bits, `mask_logits`), applied
+        first."""
         B = logits_BV.shape[0]
         if not (len(params) == len(generators) == B):
             raise ValueError(f"{B} rows, {len(params)} params, {len(generators)} generators")
+        raw_BV = logits_BV
+        if token_mask_BW is not None:
+            logits_BV = mask_logits(logits_BV, token_mask_BW)
+        if any(p.processes_logits for p in params):
+            logits_BV = self.process(logits_BV, params, histories)
         tokens = logits_BV.float().argmax(-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
@@ -195,4 +217,4 @@ class Sampler:
             probs = filtered_probs(logits_BV[rows], sub)
             u = draw_uniforms([generators[i] for i in sampled_rows], logits_BV.device)
             tokens[rows] = sample_from_probs(probs, u)
-        return SampleResult(tokens.tolist(), compute_logprobs(logits_BV, tokens, params))
+        return SampleResult(tokens.tolist(), compute_logprobs(raw_BV, tokens, params))

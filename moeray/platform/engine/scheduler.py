@@ -79,10 +79,26 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
     first_scheduled: bool = False
+    # With params.prompt_logprobs: entry t for prompt token t (None for the first), filled as
+    # prefill chunks compute them.
+    prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
+    # The prompt's ids on the device, kept by the engine for the repetition penalty.
+    prompt_ids_tensor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked and not all computed: its prefill must compute every prompt
+        position, so it skips the prefix cache (a cached page's logits are not kept)."""
+        return (
+            self.params.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -150,6 +166,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     kv_export: object = None  # KVRows of the prompt, for requests added with export_kv_from
+    # With params.prompt_logprobs, on the request's first and final outputs: one entry per
+    # prompt token (None for the first, which has no context).
+    prompt_logprobs: list[Logprobs | None] | None = None
 
 
 class Scheduler:
@@ -221,6 +240,11 @@ class Scheduler:
         to fill tokens [num_cached, P), and joins the running batch with its first token. Returns
         that token's output, or None when it could not be placed (no pages, no batch slot, or the
         rows do not cover what is missing): the request then waits for a normal prefill."""
+        if params.prompt_logprobs is not None:
+            raise ValueError(
+                f"request {request_id!r}: prompt_logprobs need the prompt's logits, which a "
+                "prefilled request does not have; add it with add_request"
+            )
         req = self.add_request(request_id, prompt_token_ids, params, generator)
         P = len(req.prompt_token_ids)
         if len(self.running) >= self.config.max_num_seqs:
@@ -326,7 +350,12 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                num_cached = self.kv.admit(req.request_id, req.token_ids, budget)
+                num_cached = self.kv.admit(
+                    req.request_id,
+                    req.token_ids,
+                    budget,
+                    use_cache=not req.needs_prompt_logprobs,
+                )
                 if num_cached is None:
                     break
                 self.waiting.popleft()
@@ -387,6 +416,10 @@ class Scheduler:
 
     @staticmethod
     def _output(req: Request, added: list[int]) -> RequestOutput:
+        first = len(req.output_token_ids) == len(added)
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None and (first or req.finished):
+            prompt_lps = list(req.prompt_logprobs)
         return RequestOutput(
             req.request_id,
             added,
@@ -398,6 +431,7 @@ class Scheduler:
             list(req.logprobs),
             req.num_prompt_tokens,
             req.num_cached_tokens,
+            prompt_logprobs=prompt_lps,
         )
 
     def _check_stop(self, req: Request, tok: int) -> bool:

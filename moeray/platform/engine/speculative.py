@@ -88,9 +88,14 @@ def verify(
     params: SamplingParams,
     generator: torch.Generator,
     target: Sequence[int] | None = None,
+    raw_logits_JV: torch.Tensor | None = None,
 ) -> tuple[list[int], list[Logprobs | None]]:
     """Accepted drafts then one more token, and their logprobs (see the module docstring).
-    Greedy: `target` may carry logits_JV's row argmaxes already read back (`greedy_targets`)."""
+    logits_JV: what the request samples from, i.e. the processed logits when it has min_tokens,
+    logit_bias or penalties (row j processed with the drafts before it as output), so a draft is
+    accepted exactly as plain decoding would sample it. raw_logits_JV: the model's logits, which
+    logprobs report (default logits_JV). Greedy: `target` may carry logits_JV's row argmaxes
+    already read back (`greedy_targets`)."""
     J = logits_JV.shape[0]
     if J != len(drafts) + 1:
         raise ValueError(f"{J} logit rows for {len(drafts)} drafts: expected {len(drafts) + 1}")
@@ -126,7 +131,7 @@ def verify(
             out.append(int(sample_from_probs(probs_JV[-1:], u_last)[0]))
     if params.logprobs is None:  # skip the token upload when no logprobs are asked
         return out, [None] * len(out)
-    rows = logits_JV[: len(out)]
+    rows = (logits_JV if raw_logits_JV is None else raw_logits_JV)[: len(out)]
     lps = compute_logprobs(rows, torch.tensor(out, device=rows.device), [params] * len(out))
     return out, lps
 
@@ -201,4 +206,7 @@ class MTPDrafter:
                 len(req.output_token_ids) + 1 < req.params.max_tokens
                 and len(req.token_ids) + 1 < max_model_len
             )
-            req.spec_token_ids = [draft] if decoding and room else []
+            # No drafts under a grammar: verifying a draft would need the matcher to accept it
+            # and roll back on rejection (not done), and its mask for the bonus token.
+            plain = req.params.structured is None
+            req.spec_token_ids = [draft] if decoding and room and plain else []

@@ -27,7 +27,7 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x_BSD, cos, sin, cache: KVCache | None = None, absorbed: bool | None = None):
-        x_BSD = x_BSD + self.self_attn(
-            self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed
-        )
-        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+        attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed)
+        # x + attn and the norm after it: one kernel on the GPU (model/norm.py chooses)
+        normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)
+        return x_BSD + self.mlp(normed_BSD)

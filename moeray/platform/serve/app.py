@@ -30,12 +30,14 @@ from moeray.platform.config import (
     DEFAULT_DEMO_MODEL,
     KV_TRANSPORTS,
     LOAD_FORMATS,
+    TOOL_CALL_PARSERS,
     ModelConfig,
     ServeConfig,
 )
 from moeray.platform.engine.speculative import no_mtp_reason
 from moeray.platform.metrics import Metrics
-from moeray.platform.serve.generation_config import sampling_defaults
+from moeray.platform.plan.check import check_serve
+from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import resolve_api_key
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
@@ -88,9 +90,11 @@ class Ingress:
             model_id=self.cfg.served_model_id,
             max_context=self.max_context,
             max_in_flight=self.cfg.max_in_flight,
+            max_body_bytes=self.cfg.max_body_bytes,
             api_key=resolve_api_key(self.cfg.api_key),
             created=int(time.time()),
             sampling_defaults=sampling_defaults(self.cfg.model),
+            tool_call_parser=self.cfg.tool_call_parser,
         )
         return build_app(
             self.backend,
@@ -181,6 +185,7 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
         except Exception as e:  # tokenizers, json and jinja2 raise their own types
             raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
         sampling_defaults(path)
+        eos_token_ids(path)
     return [str(w.message) for w in caught]
 
 
@@ -324,6 +329,18 @@ def _parser() -> argparse.ArgumentParser:
         help="dummy: random weights of config.json's shapes (benchmarks; needs --ep)",
     )
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help=f"refuse larger request bodies with 413 before parsing (default: {d.max_body_bytes})",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=d.tool_call_parser,
+        help="the model's tool-call syntax, parsed into tool_calls (default: deepseek_v3)",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -346,10 +363,12 @@ def main(argv: list[str]) -> int:
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
             max_model_len=a.max_model_len,
+            max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
             ep=a.ep,
             load_format=a.load_format,
+            tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)
@@ -378,6 +397,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         notes = check_model_dir(cfg)
+        notes += check_serve(cfg, ModelConfig.from_hf(cfg.model))  # fits before Serve starts
     except ValueError as e:
         print(f"moeray serve: cannot serve {cfg.model}: {e}", file=sys.stderr)
         return 2

@@ -217,15 +217,19 @@ def launch(
         if moved:
             nbytes = int(statistics.mean(moved))
             backend = backend_for(device or "cpu")
-            times = raw_p2p_seconds(nbytes, backend=backend, iters=raw_iters)
-            results["kv_transfer"]["raw_send_recv"] = {
-                "backend": backend,
-                "bytes": nbytes,
-                "iters": raw_iters,
-                "what": "ping-pong round trip "
-                "(payload + 1-element ack) between two bare actors, same bytes as the mean request",
-                **{f"seconds_{k}_ms": v for k, v in percentiles(times).items()},
-            }
+            try:
+                times = raw_p2p_seconds(nbytes, backend=backend, iters=raw_iters)
+            except (ValueError, TimeoutError) as e:  # e.g. one GPU: no nccl pair; never a hang
+                results["kv_transfer"]["raw_send_recv"] = {"backend": backend, "skipped": str(e)}
+            else:
+                results["kv_transfer"]["raw_send_recv"] = {
+                    "backend": backend,
+                    "bytes": nbytes,
+                    "iters": raw_iters,
+                    "what": "ping-pong round trip (payload + 1-element ack) between two bare "
+                    "actors, same bytes as the mean request",
+                    **{f"seconds_{k}_ms": v for k, v in percentiles(times).items()},
+                }
     finally:
         serve.shutdown()
     return results
@@ -384,6 +388,9 @@ def _main_launch(args: argparse.Namespace, cfg: BenchConfig, directory: Path | N
                 f"TPOT p50 {f(r['tpot_p50_ms'], 2)} ms  ({r['completed']}/{r['num_requests']} ok)"
             )
     for name, r in results["kv_transfer"].items():
+        if "skipped" in r:
+            print(f"  kv {name:>14}: skipped: {r['skipped']}")
+            continue
         print(
             f"  kv {name:>14}: p50 {f(r['seconds_p50_ms'], 2)} ms  "
             f"mean {f(r['seconds_mean_ms'], 2)} ms"

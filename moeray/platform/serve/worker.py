@@ -33,6 +33,7 @@ from moeray.platform.config import ServeConfig
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.serve.generation_config import eos_token_ids
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     GenerationRequest,
@@ -48,15 +49,35 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None = None) ->
     """The ingress enforces stop strings on the text itself (and closes the stream), so the
     engine needs no tokenizer for them."""
     p = req.params
+    max_tokens = max_tokens or p.max_tokens
     return SamplingParams(
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
+        min_p=p.min_p,
         seed=p.seed,
-        max_tokens=max_tokens or p.max_tokens,
+        max_tokens=max_tokens,
+        min_tokens=min(p.min_tokens, max_tokens),
+        stop_token_ids=p.stop_token_ids,
         logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs,
         ignore_eos=p.ignore_eos,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=p.logit_bias,
+        structured=p.structured,
     )
+
+
+async def compile_grammar(loop: EngineLoop, req: GenerationRequest) -> None:
+    """Compile the request's grammar off the engine thread (hundreds of ms for a large schema
+    over a 129k vocabulary would stall every running request's step); the engine's add_request
+    then finds it cached."""
+    spec = req.params.structured
+    if spec is not None:
+        grammars = await loop.call(loop.engine.grammars)  # built once, on the engine thread
+        await asyncio.to_thread(grammars.compile, spec)
 
 
 class EngineLoop:
@@ -196,8 +217,13 @@ def _step(out: Any) -> GenerationStep:
     n = len(out.new_token_ids)
     # RequestOutput.logprobs holds the whole output's so far; a step carries its new tokens' own.
     logprobs = tuple(out.logprobs[len(out.logprobs) - n :]) if out.logprobs and n else None
+    first = len(out.output_token_ids) == n
+    prompt_lps = tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and first else None
     return GenerationStep(
-        token_ids=tuple(out.new_token_ids), logprobs=logprobs, finish_reason=reason
+        token_ids=tuple(out.new_token_ids),
+        logprobs=logprobs,
+        finish_reason=reason,
+        prompt_logprobs=prompt_lps,
     )
 
 
@@ -209,6 +235,7 @@ class ColocatedWorker:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
+        await compile_grammar(self.loop, req)
         add = lambda: engine.add_request(list(req.prompt_ids), sampling_params(req), req.request_id)  # noqa: E731
         async with aclosing(self.loop.stream(req.request_id, lambda: add() and None)) as outs:
             async for out in outs:
@@ -243,6 +270,7 @@ class PrefillWorker:
         t0 = time.perf_counter()
         engine = self.loop.engine
         rid = f"{req.request_id}-prefill"
+        await compile_grammar(self.loop, req)
 
         def add() -> None:
             engine.add_request(
@@ -311,6 +339,18 @@ class DecodeWorker:
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         engine = self.loop.engine
         prompt = list(req.prompt_ids)
+        await compile_grammar(self.loop, req)
+        if req.params.prompt_logprobs is not None:
+            # Prompt logprobs need the logits of every prompt position, which only the engine
+            # that prefills has: such a request prefills here (the prefill replica returns KV
+            # and the first token only).
+            params = sampling_params(req)
+            add = lambda: engine.add_request(prompt, params, req.request_id) and None  # noqa: E731
+            async with aclosing(self.loop.stream(req.request_id, add)) as outs:
+                async for out in outs:
+                    if out.new_token_ids or out.finished:
+                        yield _step(out)
+            return
         # Only the pages this replica lacks cross the wire: ask the prefill for rows from the end
         # of our cached prefix (whole pages; the last, partial page always travels).
         have = await self.loop.call(lambda: engine.cached_prefix_length(prompt))
@@ -492,6 +532,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         num_speculative_tokens=cfg.num_speculative_tokens,
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
+        eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM
     )
 
 

@@ -11,7 +11,9 @@ reported by the workers (`loop.py`). Rank 0 writes the final model as an HF dire
 tokenizer, which `moeray serve` and transformers load.
 
 Run directory: <storage>/<name>/ holds data/ (tokenizer/, tokens.pt), history.jsonl (one line per
-step, from rank 0), router_state.pt, Ray Train's checkpoints, and the final model (`output`).
+step, from rank 0; a step re-run after a resume is marked "replay", history.py),
+history.rolled_back.jsonl (the records a resume rolled back), router_state.pt, Ray Train's
+checkpoints, and the final model (`output`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s
+from moeray.platform.plan.check import check_train
 from moeray.platform.routing.state import RouterConfig
 from moeray.platform.train import data
 from moeray.platform.train.job_config import TrainJobConfig
@@ -156,9 +159,12 @@ def main(argv: list[str]) -> int:
                 "fp8": args.fp8,
             },
         )
+        notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"moeray train: note: {note}", file=sys.stderr)
     out = run(job)
     print(f"moeray train: done; model at {out}")
     return 0

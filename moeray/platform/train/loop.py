@@ -52,6 +52,7 @@ from moeray.platform.routing import balance
 from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
+from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import FlatReplica, PipelineReplica
 
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
         start = saved["step"] + 1
         router_state = torch.load(ckpt_dir / "router.pt", weights_only=False) if rank == 0 else None
         if rank == 0:
-            print(f"resuming from {ckpt_dir} at step {start}", flush=True)
+            console(f"resuming from {ckpt_dir} at step {start}")
     else:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
@@ -196,7 +197,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0
         else None
     )
-    history = run_dir / "history.jsonl"
+    history = History(run_dir / "history.jsonl")
+    if rank == 0:
+        # Steps from `start` on ran before a failure and run again: one record each (history.py).
+        history.resume(start, config.get("run_id", ""))
     kill_marker = run_dir / f"killed-rank{job.kill_rank}"
     tokens_per_step = job.data.global_batch * job.data.seq_len
     replica.module.train()
@@ -238,9 +242,9 @@ def train_loop_per_worker(config: dict) -> None:
                 "epoch": position.epoch,
                 "position": position.position,
                 "pid": os.getpid(),
+                "run_id": config.get("run_id", ""),
             }
-            with history.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            rec = history.write(rec)
             assert metrics is not None  # made on rank 0
             metrics.set(TRAIN_STEP.name, step)
             metrics.set(TRAIN_LOSS.name, rec["loss"])
@@ -249,11 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.set(TRAIN_MAXVIO.name, maxvio)
             metrics.set(TRAIN_LR.name, lr)
             if step % job.log_every == 0 or step == job.steps - 1:
-                print(
-                    f"step {step:>5} | loss {rec['loss']:.4f} | mtp {rec['mtp_loss']:.4f} | "
-                    f"{rec['tokens_per_s']:,.0f} tok/s | maxvio {maxvio:.3f} | lr {lr:.2e}",
-                    flush=True,
-                )
+                console(step_line(rec))
         last = step == job.steps - 1
         if (step + 1) % job.checkpoint_every == 0 or last:
             router_state = ray.get(router.state_dict.remote()) if rank == 0 else None
@@ -289,5 +289,5 @@ def train_loop_per_worker(config: dict) -> None:
         out = Path(job.output).expanduser()
         out = out if out.is_absolute() else run_dir / out
         save_model(ref, model_cfg, out, tokenizer=config["tokenizer"])
-        print(f"final model written to {out}", flush=True)
+        console(f"final model written to {out}")
     dist.barrier()

@@ -10,6 +10,7 @@ text.py       incremental detokenization and stop strings
 chat.py       the default chat template
 responses.py  choice events to response objects and stream chunks
 sse.py        server-sent events
+middleware.py the request id on every response, the body-size limit (413)
 server.py     OpenAIServer: the request handling behind the routes
 app.py        build_app: the FastAPI app
 """

@@ -52,6 +52,8 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """The 400 for pydantic/FastAPI validation errors; param is the first bad field."""
     first = errors[0]
     param = param_path(first.get("loc", ()))
+    if first.get("type") == "lone_surrogate":  # raised for the whole body; ctx names the field
+        param = first.get("ctx", {}).get("param", param)
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg", ""))
         return APIError(400, f"Invalid JSON body: {detail}", code="invalid_json")
@@ -59,6 +61,9 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     for e in errors:
         p = param_path(e.get("loc", ()))
         msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        value = e.get("input")
+        if isinstance(value, (int, float)) and e.get("type") != "value_error":
+            msg += f" (got {value!r})"  # pydantic's own checks name the limit, not the value
         msgs.append(f"{p}: {msg}" if p else msg)
     return APIError(400, "; ".join(msgs), param=param, code="invalid_value")
 
@@ -72,3 +77,8 @@ def too_many_requests(message: str, retry_after_s: float) -> APIError:
         code="rate_limit_exceeded",
         headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
     )
+
+
+def internal_error_message(request_id: str) -> str:
+    """What a client sees of a server-side failure: the cause stays in the server log."""
+    return f"The server failed to process the request; quote request id {request_id} to report it"

@@ -1,8 +1,12 @@
-"""Generated ids to text: incremental detokenization and stop strings."""
+"""Generated ids to text: incremental detokenization, stop strings, and each token's share of
+the text (what logprobs report), put together per choice by `ChoiceText`."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from moeray.platform.serve.http.protocol import Tokenizer
 
@@ -15,16 +19,20 @@ class IncrementalDetokenizer:
     the character completes. O(window) per step instead of O(length).
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
 
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        new_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
             return new_text[len(prefix_text) :]
@@ -32,8 +40,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character at the very end)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        new_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return new_text[len(prefix_text) :]
 
@@ -74,4 +82,92 @@ class StopMatcher:
             end = min(hit, pending)
         out = text[self._sent : end]
         self._sent = end
+        return out
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """One generated token's share of a choice's text: `text` starts at character `offset` of
+    it. A token that ends inside a UTF-8 character has "" and the next token carries the
+    character. `value` is what the caller attached to the token (its logprob entry)."""
+
+    value: Any
+    text: str
+    offset: int
+
+
+class ChoiceText:
+    """One choice's generated ids to the text sent to the client, and the tokens that text is
+    made of, so that a response's logprobs agree with its text.
+
+    The stop token that ends a choice (EOS, or a stop token id) is not text, as in vLLM.
+    `push` returns the text that may be sent now and the tokens whose whole share of the text
+    has been sent; the strings of all tokens returned concatenate to the text returned, also when
+    a stop string cuts it (a token straddling the cut keeps its part before it; tokens after it
+    are dropped), and while text that may become a stop string is held back, so are its tokens.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, stops: Sequence[str], *, skip_special_tokens: bool = True
+    ):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._stop = StopMatcher(stops)
+        self._pending: deque[TokenText] = deque()
+        self._length = 0  # characters detokenized so far
+        self._sent = 0  # characters returned so far
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string matched: the choice is over."""
+        return self._stop.stopped
+
+    def push(
+        self,
+        token_ids: Sequence[int],
+        values: Sequence[Any] | None = None,
+        *,
+        final: bool = False,
+        stop_token: bool = False,
+    ) -> tuple[str, list[TokenText]]:
+        """Add the ids of one step (`values`, one per id, ride along to the TokenTexts).
+        final: the choice's last step; stop_token: its last id is the stop token that ended it."""
+        ids = list(token_ids)
+        vals = list(values) if values is not None else [None] * len(ids)
+        if final and stop_token:
+            ids, vals = ids[:-1], vals[:-1]
+        pieces = []
+        for t, v in zip(ids, vals, strict=True):
+            piece = self._detok.push([t])
+            self._pending.append(TokenText(v, piece, self._length))
+            self._length += len(piece)
+            pieces.append(piece)
+        if final:
+            # An incomplete character at the very end belongs to the last token that has text.
+            tail = self._detok.flush()
+            if tail and self._pending:
+                last = self._pending.pop()
+                self._pending.append(TokenText(last.value, last.text + tail, last.offset))
+                self._length += len(tail)
+                pieces.append(tail)
+        text = self._stop.push("".join(pieces), final=final)
+        self._sent += len(text)
+        return text, self._release(final or self.stopped)
+
+    def _release(self, done: bool) -> list[TokenText]:
+        out = []
+        sent = self._sent
+        while self._pending:
+            tok = self._pending[0]
+            end = tok.offset + len(tok.text)
+            # An empty token goes with the character the next token completes.
+            ready = tok.offset < sent and end <= sent
+            if not ready and done:
+                ready = tok.offset < sent or not self.stopped
+                tok = TokenText(tok.value, tok.text[: max(0, sent - tok.offset)], tok.offset)
+            if not ready:
+                break
+            out.append(tok)
+            self._pending.popleft()
+        if done:
+            self._pending.clear()
         return out

@@ -29,6 +29,9 @@ class DecodeEndpoint:
     node_id: str | None = None  # Ray node id (rdt: where the dst relay must live)
     host: str = "127.0.0.1"  # channel: the TCPStore host
     store_port: int | None = None  # channel: the TCPStore port
+    # channel: the decode replica's physical GPU (device_identity); a prefill replica on the same
+    # GPU (fractional --gpus-per-replica) cannot pair with it over NCCL
+    device_id: str | None = None
 
 
 class KVSender(Protocol):
@@ -86,6 +89,15 @@ class ChannelTicket:
     dtype: str
     nbytes: int
     request_id: str = ""  # matches a copy from the ticket queue to its `expect`
+
+
+def device_identity(device: torch.device | str) -> str | None:
+    """The physical GPU behind `device` (its UUID, the same in every process whatever
+    CUDA_VISIBLE_DEVICES numbers it), or None off GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def backend_for(device: torch.device | str) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moeray.platform.serve.kv_transport.base import pair_process_group
+from moeray.platform.serve.kv_transport.base import device_identity, pair_process_group
 
 
 class P2PPeer:
@@ -35,6 +35,10 @@ class P2PPeer:
         # The pair's gloo/nccl group, made by `join` (Any: torch's stubs give its Backend no
         # send/recv).
         self.pg: Any = None
+
+    def device_id(self) -> str | None:
+        """This peer's physical GPU (its UUID), None on CPU."""
+        return device_identity(self.device)
 
     def store_port(self) -> int:
         if self.store is None:
@@ -75,24 +79,52 @@ class P2PPeer:
         return times
 
 
-def raw_p2p_seconds(nbytes: int, *, backend: str = "gloo", iters: int = 20) -> list[float]:
+def raw_p2p_seconds(
+    nbytes: int, *, backend: str = "gloo", iters: int = 20, timeout_s: float = 60.0
+) -> list[float]:
     """Round-trip seconds of plain send/recv of `nbytes` between two fresh Ray actors on this node
-    (gloo on CPU; nccl needs two GPUs). Ray must be initialized."""
+    (gloo on CPU; nccl needs two GPUs). Ray must be initialized.
+
+    Never hangs: nccl with fewer than two free GPUs is a ValueError at once (an NCCL pair on one
+    device hangs in its rendezvous, and a second whole-GPU actor would never be placed), two
+    actors that report the same GPU are a ValueError, and every wait ends after `timeout_s`
+    (TimeoutError; the run itself gets `iters` times that)."""
     import ray
+    from ray.exceptions import GetTimeoutError
 
     if nbytes < 1 or iters < 1:
         raise ValueError(f"nbytes={nbytes} and iters={iters} must be >= 1")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s} must be > 0")
+    if backend == "nccl":
+        free = ray.available_resources().get("GPU", 0.0)
+        if free < 2:
+            raise ValueError(
+                f"the raw nccl baseline needs 2 free GPUs (one per rank: an NCCL pair cannot "
+                f"share a device), this cluster has {free:g} free"
+            )
     device = "cuda" if backend == "nccl" else "cpu"
     opts = {"num_cpus": 0, "num_gpus": 1 if backend == "nccl" else 0}
     peer = ray.remote(P2PPeer).options(**opts)
     # Any: Ray types an actor handle's `method.remote` only for methods decorated @ray.method.
-    a: Any = peer.remote(0, backend, device)
-    b: Any = peer.remote(1, backend, device)
+    a: Any = peer.remote(0, backend, device, timeout_s)
+    b: Any = peer.remote(1, backend, device, timeout_s)
+    step = "placing the two actors"
     try:
-        port = ray.get(b.store_port.remote())
-        ray.get([a.join.remote(port), b.join.remote(port)])
-        times, _ = ray.get([a.run.remote(nbytes, iters), b.run.remote(nbytes, iters)])
+        ids = ray.get([a.device_id.remote(), b.device_id.remote()], timeout=timeout_s)
+        if ids[0] is not None and ids[0] == ids[1]:
+            raise ValueError(f"both raw {backend} peers are on GPU {ids[0]}: no NCCL pair there")
+        step = f"the {backend} rendezvous"
+        port = ray.get(b.store_port.remote(), timeout=timeout_s)
+        ray.get([a.join.remote(port), b.join.remote(port)], timeout=timeout_s)
+        step = f"{iters} ping-pongs of {nbytes} bytes"
+        times, _ = ray.get(
+            [a.run.remote(nbytes, iters), b.run.remote(nbytes, iters)],
+            timeout=timeout_s * (iters + 3),
+        )
         return times
+    except GetTimeoutError:
+        raise TimeoutError(f"raw {backend} send/recv: {step} took over its timeout") from None
     finally:
         ray.kill(a)
         ray.kill(b)

@@ -20,6 +20,7 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.serve.kv_transport.base import (
     ChannelTicket,
     DecodeEndpoint,
+    device_identity,
     pair_process_group,
 )
 from moeray.platform.serve.kv_transport.channel import IDLE_POP_S, QUEUE_STOP, TICKET_QUEUE
@@ -64,7 +65,9 @@ class ChannelReceiver:
         host: str = "127.0.0.1",
         timeout_s: float = 30.0,
         device: torch.device | str = "cpu",
+        device_id: str | None = None,
     ) -> None:
+        """device_id: the physical device's identity (default `device_identity(device)`)."""
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
@@ -80,7 +83,10 @@ class ChannelReceiver:
             host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
         self._endpoint = DecodeEndpoint(
-            replica_id=replica_id, host=host, store_port=self.store.port
+            replica_id=replica_id,
+            host=host,
+            store_port=self.store.port,
+            device_id=device_id if device_id is not None else device_identity(self.device),
         )
         self._groups: dict[str, Any] = {}
         self._group_locks: dict[str, threading.Lock] = {}
@@ -335,6 +341,10 @@ class ChannelReceiver:
         e.rows.cancel()
 
     async def receive(self, ticket: Any) -> KVRows:
+        if isinstance(ticket, KVRows):
+            # The prefill replica shares this replica's GPU, so it sent the rows in its reply
+            # (the object store) instead of over the channel (ChannelSender.send).
+            return ticket
         if not isinstance(ticket, ChannelTicket):
             raise TypeError(f"channel receiver got a {type(ticket).__name__} ticket")
         with self._lock:

@@ -17,6 +17,7 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.serve.kv_transport.base import (
     ChannelTicket,
     DecodeEndpoint,
+    device_identity,
     pair_process_group,
 )
 from moeray.platform.serve.kv_transport.channel import TICKET_QUEUE
@@ -28,13 +29,21 @@ class ChannelSender:
     name = "channel"
 
     def __init__(
-        self, backend: str = "gloo", *, timeout_s: float = 30.0, device: torch.device | str = "cpu"
+        self,
+        backend: str = "gloo",
+        *,
+        timeout_s: float = 30.0,
+        device: torch.device | str = "cpu",
+        device_id: str | None = None,
     ) -> None:
+        """device_id: the physical device's identity (default `device_identity(device)`)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
         self.backend = backend
         self.timeout_s = timeout_s
         self.device = torch.device(device)
+        self.device_id = device_id if device_id is not None else device_identity(self.device)
+        self.same_device: set[str] = set()  # decode replicas on this GPU: rows go in the reply
         self.id = uuid.uuid4().hex[:16]
         self._groups: dict[str, Any] = {}
         # Per decode replica: the client tickets are published with.
@@ -129,11 +138,24 @@ class ChannelSender:
 
     async def send(
         self, request_id: str, rows: KVRows, dest: DecodeEndpoint | None
-    ) -> ChannelTicket:
+    ) -> ChannelTicket | KVRows:
         if dest is None or dest.store_port is None:
             raise ValueError(
                 "channel transport needs the decode replica's endpoint (store host/port)"
             )
+        if self.device_id is not None and dest.device_id == self.device_id:
+            # Two ranks of one NCCL pair on one GPU hang in the rendezvous (minutes, not the
+            # transfer timeout): the rows go in the prefill call's reply (the object store).
+            if dest.replica_id not in self.same_device:
+                self.same_device.add(dest.replica_id)
+                log.warning(
+                    "KV channel: decode replica %s is on this prefill replica's GPU %s "
+                    "(fractional --gpus-per-replica); NCCL cannot pair two ranks on one device, "
+                    "so its KV goes through the object store",
+                    dest.replica_id,
+                    self.device_id,
+                )
+            return rows
         tag = 2 * next(self._tags)
         ticket = ChannelTicket(
             rows.start,

@@ -1,0 +1,529 @@
+"""`moeray bench engine`: decode and prefill throughput of the engine, against transformers'
+`generate` on the same weights and against the memory/compute roofline, plus MTP speedup.
+
+Steps (GPU, bf16, the `small()` preset by default):
+  1. The model: with `--mtp-train-steps N > 0` (default) built and trained briefly (main + MTP
+     loss) on a synthetic text, a cycle through a random permutation of `--cycle-len` distinct
+     tokens, so MTP drafts on "text the model was trained on" can be accepted. With
+     `--mtp-train-steps 0` (speed runs at real shapes: `--preset moonlight_16b_a3b`, `--config
+     config.json`, `--layers 4`) random weights made directly on the device (bench/model.py),
+     without MTP. `--weights fp8` stores the projections as e4m3 + 128x128 scales, as
+     `moeray serve --weights fp8` loads the official checkpoint.
+  2. Decode tokens/s at each batch size: prompts of --prompt-len tokens prefilled first, then
+     --decode-tokens decode steps timed; the roofline of each (bench/roofline.py) at the datasheet
+     and at the measured bandwidth; with `--profile-steps N` the kernels of N decode steps by
+     category (bench/profile.py).
+  3. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token.
+  4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
+     Skipped for FP8 weights and for models above --hf-max-weight-gib.
+  5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
+`--skip prefill,router-ab,hf,mtp` leaves sections out. Known GPUs use their datasheet numbers (H100
+SXM 3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a measured copy bandwidth and matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from moeray.platform.checkpoint import save_model
+from moeray.platform.config import PRESETS, ModelConfig, preset
+from moeray.platform.engine.bench.model import quantize_fp8_, random_model
+from moeray.platform.engine.bench.profile import profile_decode
+from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.speculative import SpecStats
+from moeray.platform.model.transformer import Transformer
+from moeray.results import device_slug, write_result
+
+SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
+
+
+SECTIONS = ("prefill", "router-ab", "hf", "mtp")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeray bench engine", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default small)")
+    p.add_argument("--config", default=None, help="an HF config.json (or its directory)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument(
+        "--dense-layers",
+        type=int,
+        default=None,
+        help="override first_k_dense_replace (default: the config's, at most --layers)",
+    )
+    p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--prefill-len", type=int, default=None, help="default: 8 x --prompt-len")
+    p.add_argument("--hf-max-batch", type=int, default=256, help="skip transformers above this")
+    p.add_argument(
+        "--hf-max-weight-gib",
+        type=float,
+        default=8.0,
+        help="skip transformers for larger models (it needs a saved copy and a second model)",
+    )
+    p.add_argument("--cycle-len", type=int, default=512)
+    p.add_argument(
+        "--mtp-train-steps",
+        type=int,
+        default=150,
+        help="0: random weights made on the device, no MTP (speed runs)",
+    )
+    p.add_argument("--profile-steps", type=int, default=0, help="decode steps profiled per batch")
+    p.add_argument("--skip", default="", help=f"comma-separated sections of {list(SECTIONS)}")
+    p.add_argument("--tag", default=None, help="result file engine-<device>-<tag>.json")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument(
+        "--note",
+        default=None,
+        help="free text stored in the result (what was special about the run)",
+    )
+    a = p.parse_args(argv)
+    try:
+        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
+    except ValueError:
+        p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers")
+    if not a.batch_sizes or min(a.batch_sizes) < 1:
+        p.error(f"--batch-sizes {a.batch_sizes}: expected positive integers")
+    a.skip = {x for x in a.skip.split(",") if x}
+    if a.skip - set(SECTIONS):
+        p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
+    if a.preset is not None and a.config is not None:
+        p.error("--preset and --config both given: pass one")
+    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps"):
+        v = getattr(a, name)
+        low = 1 if name == "layers" else 0
+        if v is not None and v < low:
+            p.error(f"--{name.replace('_', '-')} {v}: expected an integer >= {low}")
+    if a.tag is not None and not a.tag.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--tag {a.tag!r}: expected letters, digits, '-' and '_'")
+    try:
+        a.model_config = ModelConfig.from_hf(a.config) if a.config else preset(a.preset or "small")
+    except ValueError as e:
+        p.error(str(e))
+    return a
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_machine(device) -> dict:
+    """Measured copy bandwidth (read + write bytes/s) and matmul FLOP/s, and the datasheet numbers
+    when the GPU is known; the roofline uses the datasheet where there is one."""
+    n = (256 if device.type == "cuda" else 32) * 1024**2
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    _sync(device)
+    bw = 2 * n * 5 / (time.perf_counter() - t)
+    m = 4096 if device.type == "cuda" else 512
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(m, m, device=device, dtype=dt)
+    a @ a
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    _sync(device)
+    flops = 2 * m**3 * 5 / (time.perf_counter() - t)
+    out = {
+        "measured_bandwidth_Bps": bw,
+        "measured_flops": flops,
+        "bandwidth_Bps": bw,
+        "peak_flops": flops,
+        "source": "measured",
+    }
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (b, f) in SPEC.items():
+            if key in name:
+                out.update(bandwidth_Bps=b, peak_flops=f, source=f"datasheet {key}")
+                break
+    return out
+
+
+def train_on_cycle(
+    model,
+    cycle,
+    steps: int,
+    device,
+    *,
+    seq_len: int = 128,
+    batch: int = 8,
+    lr: float = 1e-3,
+    mtp_weight: float = 0.3,
+) -> list[float]:
+    """A few AdamW steps of next-token + MTP loss on windows of the cyclic corpus."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    for _ in range(steps):
+        starts = torch.randint(0, len(cycle), (batch,), generator=g)
+        ids = cycle[(starts[:, None] + torch.arange(seq_len + 1)) % len(cycle)].to(device)
+        if amp is not None:
+            with amp:
+                out = model(ids[:, :-1], return_mtp=True)
+        else:
+            out = model(ids[:, :-1], return_mtp=True)
+        V = out.logits.shape[-1]
+        loss = F.cross_entropy(out.logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
+        if out.mtp_logits:
+            loss = loss + mtp_weight * F.cross_entropy(
+                out.mtp_logits[0].float().reshape(-1, V), ids[:, 2:].reshape(-1)
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
+    """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
+    Returns (decode tokens/s, outputs)."""
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
+        for p in prompts
+    ]
+    outs: dict[str, list[int]] = {}
+
+    def step():
+        res = engine.step()
+        for o in res:
+            if o.finished:
+                outs[o.request_id] = o.output_token_ids
+        return res
+
+    # A large batch prefills over several steps; early requests may decode (even finish) meanwhile.
+    while any(r not in outs and not engine.scheduler.requests[r].output_token_ids for r in ids):
+        step()
+    produced = 0
+    t = time.perf_counter()
+    while engine.has_unfinished():
+        for o in step():
+            produced += len(o.new_token_ids)
+    _sync(engine.device)
+    dt = time.perf_counter() - t
+    return produced / dt, [outs[r] for r in ids]
+
+
+def hf_decode(hf, prompts, n: int, device) -> float:
+    """transformers generate: (time(n+1 tokens) - time(1 token)) gives n decode steps."""
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(do_sample=False, pad_token_id=0)
+
+    def timed(k):
+        _sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
+        _sync(device)
+        return time.perf_counter() - t
+
+    timed(2)  # warm up
+    t1 = timed(1)
+    tn = timed(n + 1)
+    return len(prompts) * n / max(tn - t1, 1e-9)
+
+
+def _model_config(a: argparse.Namespace) -> ModelConfig:
+    """The shape to run: preset or config.json, cut to --layers; dense layers first, as in the
+    original: --dense-layers of them, else min(first_k_dense_replace, layers) (DeepSeek-V3 has 3);
+    no MTP when it is not trained."""
+    cfg = a.model_config
+    layers = cfg.num_hidden_layers if a.layers is None else a.layers
+    dense = cfg.first_k_dense_replace if a.dense_layers is None else a.dense_layers
+    if dense > layers:
+        raise ValueError(f"--dense-layers {dense} > {layers} layers: expected at most {layers}")
+    cfg = cfg.replace(num_hidden_layers=layers, first_k_dense_replace=min(dense, layers))
+    if a.mtp_train_steps == 0:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return cfg.replace(eos_token_id=None)  # fixed-length generations on both sides
+
+
+def _random_prompts(g: torch.Generator, vocab: int, n: int, length: int) -> list[list[int]]:
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def _hf_skip_reason(a: argparse.Namespace, weight_bytes: int) -> str | None:
+    if "hf" in a.skip:
+        return "--skip hf"
+    if a.weights == "fp8":
+        return "fp8 weights: the transformers baseline runs bf16 weights"
+    if weight_bytes > a.hf_max_weight_gib * 1024**3:
+        return (
+            f"{weight_bytes / 1024**3:.1f} GiB of weights > --hf-max-weight-gib "
+            f"{a.hf_max_weight_gib} (transformers needs a saved copy and a second model)"
+        )
+    if not any(B <= a.hf_max_batch for B in a.batch_sizes):
+        return f"every batch size is above --hf-max-batch {a.hf_max_batch}"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    a = _parse(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        cfg = _model_config(a)
+    except ValueError as e:
+        print(f"moeray bench engine: {e}", file=sys.stderr)
+        return 2
+    prefill_len = a.prefill_len or 8 * a.prompt_len
+    cycle_len = min(a.cycle_len, cfg.vocab_size)
+    torch.manual_seed(0)
+    cycle = torch.randperm(cfg.vocab_size)[:cycle_len]
+
+    t0 = time.perf_counter()
+    if a.mtp_train_steps > 0:
+        model = Transformer(cfg).to(device)
+        losses = train_on_cycle(
+            model, cycle, a.mtp_train_steps, device, seq_len=min(128, a.prompt_len), batch=8
+        )
+        model = model.to(dtype)
+        if a.weights == "fp8":
+            quantize_fp8_(model)
+    else:
+        losses = []
+        model = random_model(cfg, device, dtype, fp8=a.weights == "fp8")
+    build_s = time.perf_counter() - t0
+    machine = measure_machine(device)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    step = step_bytes(model, dtype_bytes)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    hf_skipped = _hf_skip_reason(a, weight_bytes)
+    bandwidths = {"measured": machine["measured_bandwidth_Bps"]}
+    if machine["source"].startswith("datasheet"):
+        bandwidths["datasheet"] = machine["bandwidth_Bps"]
+    g = torch.Generator().manual_seed(1)
+    n = a.decode_tokens
+    max_b = max(a.batch_sizes)
+    need_tokens = max(max_b * (a.prompt_len + n + 66), a.prefill_batch * (prefill_len + 2))
+    ecfg = dict(
+        page_size=64,
+        num_pages=need_tokens // 64 + 2 * max_b + 8,
+        max_num_seqs=max_b,
+        max_num_batched_tokens=max(4096, max_b * 2),
+        enable_prefix_caching=False,
+        use_cuda_graphs=not a.no_cuda_graphs,
+        # room for profile_decode's requests (64 tokens past the profiled steps)
+        max_model_len=max(prefill_len, a.prompt_len + max(n, a.profile_steps + 64)) + 8,
+    )
+
+    decode: dict[str, float] = {}
+    step_ms: dict[str, float] = {}
+    roof: dict[str, float] = {}
+    frac: dict[str, float] = {}
+    frac_measured: dict[str, float] = {}
+    roofline: dict[str, dict] = {}
+    profiles: dict[str, dict] = {}
+    hf_rate: dict[str, float] = {}
+    notes: dict[str, Any] = {}
+    engine = Engine(model, EngineConfig(**ecfg))
+    for B in a.batch_sizes:
+        prompts = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
+        # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
+        # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
+        # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
+        engine_decode(engine, prompts, 2)
+        rate, _ = engine_decode(engine, prompts, n)
+        k = str(B)
+        decode[k] = rate
+        step_ms[k] = 1e3 * B / rate
+        roofline[k] = decode_roofline(
+            step, cfg, B, a.prompt_len + n // 2, bandwidths, machine["peak_flops"]
+        )
+        bound = roofline[k]["tokens_per_s"]
+        roof[k] = bound.get("datasheet", bound["measured"])
+        frac[k] = rate / roof[k]
+        frac_measured[k] = rate / bound["measured"]
+        if a.profile_steps:
+            profiles[k] = profile_decode(engine, prompts, a.profile_steps)
+    notes["cuda_graphs"] = engine.runner.graph_status
+    # the fast-path switches (kernels/gate.py, kernels/norm.py): on unless set to "0"
+    notes["fast_path_env"] = {
+        k: os.environ.get(k, "1") for k in ("MOERAY_FUSED_GATE", "MOERAY_FUSED_NORM")
+    }
+    notes["attention_calls"] = dict(engine.runner.attention_calls)
+
+    prefill = None
+    if "prefill" not in a.skip:
+        prompts = _random_prompts(g, cfg.vocab_size, a.prefill_batch, prefill_len)
+        # Warm up with the whole batch (prefix caching is off): a 1-prompt warm-up leaves the
+        # Triton compiles for the full step's token count (fused MoE and prefill configs are
+        # chosen by it) inside the timed run: the likely reason one H100 measured 40.6K prefill
+        # tok/s against 76.1K in an earlier run whose Triton cache was already filled
+        # (benchmarks/notes-engine.md).
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+        _sync(device)
+        t = time.perf_counter()
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+        _sync(device)
+        prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
+    del engine
+    if device.type == "cuda" and "router-ab" not in a.skip:
+        # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
+        # settings, at batch 16 and the largest batch: the gate's row limit FUSED_MAX_TOKENS rests
+        # on this comparison (benchmarks/notes-engine.md).
+        ab = {}
+        with mock.patch.dict(os.environ, {"MOERAY_FUSED_GATE": "0"}):
+            engine = Engine(model, EngineConfig(**ecfg))
+            for B in sorted({min(16, max_b), max_b}):
+                prompts = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
+                engine_decode(engine, prompts, 2)
+                ab[str(B)] = engine_decode(engine, prompts, n)[0]
+            del engine
+        notes["decode_tokens_per_s_pytorch_router"] = ab
+
+    if hf_skipped is None:
+        hf_rate = _hf_baseline(model, cfg, a, g, device, dtype)
+
+    mtp: dict[str, dict] = {}
+    mtp_skipped = (
+        "--skip mtp"
+        if "mtp" in a.skip
+        else "--mtp-train-steps 0: no MTP module"
+        if a.mtp_train_steps == 0
+        else "the config has no MTP layer"
+        if not cfg.num_nextn_predict_layers
+        else None
+    )
+    if mtp_skipped is None:
+        mtp = _mtp_speedup(model, cycle, ecfg, a, g, max_b)
+
+    result: dict[str, Any] = {
+        "model": {
+            "preset": a.preset if a.config is None else None,
+            "config": a.config,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "first_k_dense_replace": cfg.first_k_dense_replace,
+            "parameters": cfg.num_parameters(),
+            "active_parameters": cfg.num_parameters(activated=True),
+            "weight_bytes": weight_bytes,
+            "weights": a.weights,
+            "dtype": str(dtype).removeprefix("torch."),
+            "build_seconds": build_s,
+        },
+        "settings": {
+            "prompt_len": a.prompt_len,
+            "decode_tokens": n,
+            "prefill_len": prefill_len,
+            "prefill_batch": a.prefill_batch,
+            "page_size": 64,
+            "profile_steps": a.profile_steps,
+            "skipped_sections": sorted(a.skip),
+        },
+        "decode_tokens_per_s": decode,
+        "decode_step_ms": step_ms,
+        "hf_generate_tokens_per_s": hf_rate,
+        "hf_skipped": hf_skipped,
+        "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
+        "prefill_tokens_per_s": prefill,
+        "roofline_tokens_per_s": roof,
+        "roofline_fraction": frac,
+        "roofline_fraction_measured_bandwidth": frac_measured,
+        "roofline": roofline,
+        "roofline_machine": machine,
+        "decode_profile": profiles,
+        "mtp_acceptance": mtp["1"]["acceptance"] if mtp else None,
+        "mtp_speedup": mtp["1"]["speedup"] if mtp else None,
+        "mtp": mtp,
+        "mtp_skipped": mtp_skipped,
+        "mtp_training": {
+            "steps": a.mtp_train_steps,
+            "seconds": build_s if a.mtp_train_steps else 0.0,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "cycle_len": cycle_len,
+        },
+        "engine": notes,
+    }
+    if a.note:
+        result["note"] = a.note
+    name = f"engine-{device_slug()}" + (f"-{a.tag}" if a.tag else "")
+    path = write_result(name, result, directory=None if a.out_dir is None else a.out_dir)
+    print(f"wrote {path}")
+    for k in ("decode_tokens_per_s", "hf_generate_tokens_per_s", "roofline_fraction"):
+        print(k, {b: round(v, 3) for b, v in result[k].items()})
+    print("prefill_tokens_per_s", prefill, "mtp", mtp or mtp_skipped)
+    return 0
+
+
+def _hf_baseline(model, cfg, a, g, device, dtype) -> dict[str, float]:
+    """transformers' generate on the same weights, saved as an HF directory."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tempfile.mkdtemp(prefix="moeray-bench-engine-")
+    save_model(model, cfg, hf_dir)
+    # Any: transformers types `to` as @wraps(nn.Module.to) on the class, which mypy does not bind
+    # (and lint environments without transformers see no type at all).
+    hf: Any = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    hf = hf.to(device).eval()
+    rates = {}
+    for B in a.batch_sizes:
+        if B > a.hf_max_batch:
+            continue
+        prompts = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
+        rates[str(B)] = hf_decode(hf, prompts, min(a.decode_tokens, 16), device)
+    return rates
+
+
+def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
+    """MTP on the training text: greedy with and without the drafter, same prompts."""
+    mtp = {}
+    n, cycle_len = a.decode_tokens, len(cycle)
+    for B in sorted({1, min(16, max_b)}):
+        starts = torch.randint(0, cycle_len, (B,), generator=g)
+        prompts = [cycle[(s + torch.arange(a.prompt_len)) % cycle_len].tolist() for s in starts]
+        # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
+        # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured
+        # outside the timed loop.
+        # max_num_seqs = B: the engine captures its decode graphs up to B at start
+        base = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}))
+        engine_decode(base, prompts, 8)
+        r0, out0 = engine_decode(base, prompts, n)
+        del base
+        spec = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1))
+        drafter = spec.drafter
+        if drafter is None:
+            raise RuntimeError("num_speculative_tokens=1 but the engine made no MTP drafter")
+        engine_decode(spec, prompts, 8)
+        drafter.stats = SpecStats()  # count the timed run only
+        r1, out1 = engine_decode(spec, prompts, n)
+        st = drafter.stats
+        mtp[str(B)] = {
+            "tokens_per_s": r1,
+            "baseline_tokens_per_s": r0,
+            "speedup": r1 / r0,
+            "acceptance": st.acceptance_rate,
+            "mean_accepted_length": st.mean_accepted_length,
+            "outputs_identical": out0 == out1,
+            "cuda_graphs": spec.runner.graph_status,
+            "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs),
+        }
+        del spec
+    return mtp

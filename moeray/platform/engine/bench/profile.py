@@ -1,0 +1,218 @@
+"""Where a decode step's time goes: torch.profiler over a few engine decode steps (CUDA graph
+replays on a GPU), kernels per step and GPU time by category.
+
+On CUDA the unit is a GPU activity (kernel, memcpy, memset), including the kernels a graph replay
+launches; on CPU it is a leaf operator (an aten op with no child op), so the same fields exist
+there. Categories come from the name, first matching rule wins (`CATEGORY_RULES`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from moeray.platform.engine.sampler import SamplingParams
+
+# (category, name fragments), lowercase. The router before the MoE (its Triton kernel is
+# `_moe_gate_kernel`), quantization before GEMMs (`_act_quant_kernel`), the sort that aligns
+# tokens to experts counted as MoE. cuBLAS on Hopper names its GEMMs `nvjet_*` and `sm90_xmma_*`.
+CATEGORY_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("router", ("moe_gate_kernel", "topk", "sigmoid")),
+    ("moe", ("moe", "sort", "bincount", "histogram")),
+    ("attention", ("mla", "attn", "attention", "flash", "softmax")),
+    ("quant", ("quant",)),
+    (
+        "gemm",
+        (
+            "gemm",
+            "gemv",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "cublas",
+            "matmul",
+            "splitk",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+        ),
+    ),
+    (
+        "copy/index",
+        (
+            "copy",
+            "memcpy",
+            "memset",
+            "index",
+            "gather",
+            "scatter",
+            "cat",
+            "fill",
+            "embedding",
+            "arange",
+            "where",
+            "masked",
+        ),
+    ),
+    (
+        "norm/elementwise",
+        (
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "norm",
+            "rsqrt",
+            "pow",
+            "mean",
+            "silu",
+            "mul",
+            "add",
+            "sub",
+            "div",
+            "exp",
+            "neg",
+            "triton_",
+        ),
+    ),
+)
+CATEGORIES = (*(c for c, _ in CATEGORY_RULES), "other")
+# CPU ops that move no data (views, allocations, dtype no-ops): not counted as work, and an op whose
+# children are only these counts as a leaf (aten::mm allocates its output through aten::empty).
+METADATA_OPS = frozenset(
+    "aten::" + n
+    for n in (
+        "view",
+        "as_strided",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "to",
+        "_to_copy_noop",
+        "reshape",
+        "_reshape_alias",
+        "_unsafe_view",
+        "expand",
+        "t",
+        "transpose",
+        "permute",
+        "slice",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "detach",
+        "alias",
+        "resolve_conj",
+        "resolve_neg",
+        "lift_fresh",
+        "contiguous",
+        "narrow",
+        "split",
+        "unbind",
+        "flatten",
+        "result_type",
+        "item",
+        "_local_scalar_dense",
+        "is_nonzero",
+    )
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for category, fragments in CATEGORY_RULES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(events, steps: int, source: str, top: int = 15) -> dict:
+    """Per-step totals of (name, duration_us) pairs: kernels and time per category, top names."""
+    by_cat: dict[str, list[float]] = {c: [0, 0.0] for c in CATEGORIES}
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for name, us in events:
+        cat = by_cat[categorize(name)]
+        cat[0] += 1
+        cat[1] += us
+        entry = by_name[name]
+        entry[0] += 1
+        entry[1] += us
+    n = sum(c[0] for c in by_cat.values())
+    total_us = sum(c[1] for c in by_cat.values())
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "steps": steps,
+        "source": source,
+        "kernels_per_step": n / steps,
+        "device_ms_per_step": total_us / steps / 1e3,
+        "by_category": {
+            c: {"kernels_per_step": k / steps, "ms_per_step": us / steps / 1e3}
+            for c, (k, us) in by_cat.items()
+            if k
+        },
+        "top": [
+            {
+                "name": name[:160],
+                "category": categorize(name),
+                "calls_per_step": k / steps,
+                "us_per_step": us / steps,
+            }
+            for name, (k, us) in ranked
+        ],
+    }
+
+
+def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
+    """Profile `steps` engine steps in which every prompt decodes one token (the prompts are
+    prefilled and decoded twice first, outside the profile), then abort the requests."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: expected >= 1")
+    device = engine.device
+    # Room to spare: a batch whose prefill spans several steps starts decoding some requests early.
+    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    requests = engine.scheduler.requests
+    while any(len(requests[r].output_token_ids) < 3 for r in ids if r in requests):
+        engine.step()
+    _sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(device)
+    wall = time.perf_counter() - t
+    for r in ids:
+        engine.abort(r)
+    while engine.has_unfinished():  # an abort takes effect at the next step
+        engine.step()
+    if cuda:
+        pairs = [
+            (e.name, e.time_range.elapsed_us())
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA
+        ]
+        source = "GPU activities (kernels, memcpy, memset), graph replays included"
+    else:
+        pairs = [
+            (e.name, e.time_range.elapsed_us())
+            for e in prof.events()
+            if e.device_type == DeviceType.CPU
+            and e.name.startswith("aten::")
+            and e.name not in METADATA_OPS
+            and all(c.name in METADATA_OPS for c in e.cpu_children)
+        ]
+        source = "CPU leaf aten ops (views and allocations left out)"
+    out = summarize(pairs, steps, source)
+    out["wall_ms_per_step"] = wall / steps * 1e3
+    return out

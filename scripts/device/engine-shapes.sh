@@ -1,0 +1,31 @@
+# `moeray bench engine` at published shapes, random weights made on the GPU (no training, no MTP,
+# no HF baseline, no prefill): Moonlight-16B-A3B (27 layers) at batch 1, 8, 64 and DeepSeek-V3
+# widths cut to 4 layers (1 dense + 3 MoE) at batch 1 and 64, each in bf16 and FP8 (e4m3 +
+# 128x128 scales, the serve --weights fp8 path), with the roofline and a profile of 8 decode steps
+# per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
+# Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
+# DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. A/B of a fast path:
+# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine).
+rc=0
+files=()
+for shape in ${SHAPES:-moonlight v3}; do
+  case $shape in
+    moonlight) args="--preset moonlight_16b_a3b --batch-sizes 1,8,64" ;;
+    v3) args="--preset deepseek_v3 --layers 4 --dense-layers 1 --batch-sizes 1,64" ;;
+    tiny) args="--preset tiny --batch-sizes 1,8 --prompt-len 16 --decode-tokens 4" ;;
+    *) echo "unknown shape '$shape': moonlight, v3 or tiny"; exit 2 ;;
+  esac
+  for w in ${WEIGHTS:-bf16 fp8}; do
+    tag=$shape-$w${TAG_SUFFIX:-}
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-140} python3 -m moeray.cli bench engine \
+      --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
+      --profile-steps ${PROFILE_STEPS:-8} --skip prefill,router-ab,hf,mtp --tag "$tag" \
+      --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
+    r=$?; [ $r -eq 0 ] || rc=1
+    el "bench engine $tag rc=$r"; grep -v "UNEXPECTED\|USDT" "$OUT/engine-$tag.log" | tail -4 | cut -c1-200
+    files+=($(ls "$OUT"/engine-*-"$tag".json 2>/dev/null))
+  done
+done
+echo
+[ ${#files[@]} -gt 0 ] && python3 -m moeray.platform.engine.bench.table "${files[@]}" || rc=1
+exit $rc

@@ -1,0 +1,273 @@
+"""`moeray bench engine` at real shapes: random models built on the device (bf16 and FP8 as
+`load_model(keep_fp8=True)` holds them), the decode roofline, the step profile, and the bench end
+to end on CPU through the same code path as the GPU runs (shrunk shapes)."""
+
+import json
+import tempfile
+
+import pytest
+import torch
+
+from moeray.platform.checkpoint import load_model, save_model
+from moeray.platform.config import moonlight_16b_a3b, preset
+from moeray.platform.engine import bench
+from moeray.platform.engine.bench import table
+from moeray.platform.engine.bench.model import random_model
+from moeray.platform.engine.bench.profile import CATEGORIES, categorize, summarize
+from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
+from moeray.platform.model.quant import FP8Linear
+from moeray.platform.model.transformer import greedy_generate
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_layout(model):
+    """(FP8Linear module names, e4m3 tensor names): what runs through the FP8 paths."""
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
+    tensors = sorted(k for k, t in model.state_dict().items() if t.dtype == FP8)
+    return linears, tensors
+
+
+def test_random_fp8_model_has_the_layout_of_a_loaded_fp8_checkpoint(tmp_path):
+    cfg = preset("tiny")
+    built = random_model(cfg, "cpu", torch.float32, fp8=True)
+    # The official path: save with fp8=True, load_model(keep_fp8=True), as serve --weights fp8
+    save_model(random_model(cfg, "cpu", torch.float32), cfg, tmp_path, fp8=True)
+    _, loaded = load_model(tmp_path, keep_fp8=True)
+    assert _fp8_layout(built) == _fp8_layout(loaded)
+    linears, tensors = _fp8_layout(built)
+    assert "model.layers.0.self_attn.kv_b_proj" in linears
+    assert "model.layers.1.mlp.experts.gate_proj" in tensors
+    assert "mtp.0.block.mlp.experts.down_proj" in tensors  # MTP's block is FP8 too
+    assert not isinstance(built.lm_head, FP8Linear)
+    sd = built.state_dict()
+    assert sd["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert sd["model.layers.1.mlp.experts.up_proj_scale_inv"].shape == (16, 1, 1)
+    assert all(torch.isfinite(t.float()).all() for t in sd.values())
+
+
+def test_fp8_model_decodes_like_its_dequantized_weights(tmp_path):
+    """The FP8 model (FP8Linear, FP8 experts, the cached kv_b dequantization of the absorbed
+    path) against the same weights dequantized by load_model: same greedy tokens, close logits.
+    Odd widths (not multiples of 128) give partial scale blocks."""
+    cfg = preset("tiny").replace(hidden_size=72, moe_intermediate_size=40, q_lora_rank=None)
+    fp8_model = random_model(cfg, "cpu", torch.float32, fp8=True, seed=3)
+    save_model(fp8_model, cfg, tmp_path)  # stores the e4m3 tensors and scales as they are
+    _, deq_model = load_model(tmp_path, keep_fp8=False)
+    assert not _fp8_layout(deq_model)[1]
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fp8_model(ids).logits, deq_model(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy_generate(fp8_model, ids, 8), greedy_generate(deq_model, ids, 8))
+
+
+def test_step_bytes_counts_what_the_config_counts():
+    cfg = preset("tiny")
+    model = random_model(cfg, "cpu", torch.float32)
+    step = step_bytes(model, kv_dtype_bytes=4)
+    D, V, E = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    routed = n_moe * E * 3 * D * cfg.moe_intermediate_size
+    bias = n_moe * E * 4  # e_score_correction_bias, fp32, not a parameter
+    assert step.fixed == 4 * (cfg.num_parameters() - V * D - routed) + bias
+    assert step.expert == (4 * 3 * D * cfg.moe_intermediate_size,) * n_moe
+    assert step.kv_per_token == cfg.num_hidden_layers * (cfg.kv_lora_rank + 8) * 4
+    # FP8: one byte per expert weight plus fp32 scales; kv_b_proj counted as its dequantized copy
+    fp8 = step_bytes(random_model(cfg, "cpu", torch.float32, fp8=True), kv_dtype_bytes=4)
+    inter = cfg.moe_intermediate_size
+    assert fp8.expert == (3 * D * inter + 3 * 4,) * n_moe  # 64 x 32 matrices: one block each
+    assert fp8.fixed < step.fixed
+
+
+def test_distinct_experts_match_uniform_routing():
+    E, K = 64, 6
+    step = StepBytes(fixed=0, expert=(1,), num_experts=E, top_k=K, kv_per_token=0)
+    assert step.distinct_experts(1) == pytest.approx(K)
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 8, 64):
+        trials = [
+            len({int(e) for _ in range(B) for e in torch.randperm(E, generator=g)[:K]})
+            for _ in range(200)
+        ]
+        assert sum(trials) / len(trials) == pytest.approx(step.distinct_experts(B), rel=0.03)
+
+
+def test_decode_roofline_moonlight_batch_one():
+    """Moonlight at batch 1: 6 of 64 experts per MoE layer, ~2.6e9 active weights less the
+    embedding, ~1.1 ms at 4.8 TB/s in bf16 (issue 19: 7.8 ms measured = 14%)."""
+    cfg = moonlight_16b_a3b()
+    E, inter, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    n_moe = cfg.num_hidden_layers - 1
+    fixed = 2 * (cfg.num_parameters() - cfg.vocab_size * D - n_moe * E * 3 * D * inter)
+    step = StepBytes(fixed, (2 * 3 * D * inter,) * n_moe, E, cfg.num_experts_per_tok, 2 * 27 * 576)
+    r = decode_roofline(step, cfg, 1, 144, {"datasheet": 4.8e12}, 989e12)
+    assert r["distinct_experts_per_layer"] == pytest.approx(6)
+    active = 2 * (cfg.num_parameters(activated=True) - cfg.vocab_size * D)
+    assert r["weight_bytes"] == pytest.approx(active)
+    assert 1.0 < r["step_us"]["datasheet"] / 1e3 < 1.2
+    r64 = decode_roofline(step, cfg, 64, 144, {"datasheet": 4.8e12}, 989e12)
+    assert 63 < r64["distinct_experts_per_layer"] < 64
+
+
+def test_step_bytes_at_real_shapes_on_meta():
+    """The full Moonlight shape on the meta device (shapes only): the model-based count equals the
+    config's active parameters at batch 1; FP8 experts take 1 byte a weight plus a fp32 scale per
+    128x128 block; the head stays bf16 as in the official checkpoint."""
+    cfg = moonlight_16b_a3b().replace(num_nextn_predict_layers=0)
+    D, V, E = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts
+    bf16 = step_bytes(random_model(cfg, "meta", torch.bfloat16), kv_dtype_bytes=2)
+    n_moe = cfg.num_hidden_layers - 1
+    active = cfg.num_parameters(activated=True) - V * D
+    assert bf16.weight_bytes(1) == pytest.approx(2 * active + n_moe * E * 4)
+    fp8 = step_bytes(random_model(cfg, "meta", torch.bfloat16, fp8=True), kv_dtype_bytes=2)
+    I = cfg.moe_intermediate_size  # noqa: E741 (the legend's expert width)
+    assert fp8.expert[0] == 3 * D * I + 3 * (D // 128) * (I // 128) * 4
+    assert fp8.fixed > 2 * V * D  # the bf16 head
+    assert 0.5 < fp8.weight_bytes(1) / bf16.weight_bytes(1) < 0.6
+
+
+def test_categorize_and_summarize():
+    assert categorize("_moe_gate_kernel") == "router"
+    assert categorize("_moe_gate_up_kernel") == "moe"
+    assert categorize("_mla_decode_split_kernel") == "attention"
+    assert categorize("_act_quant_kernel") == "quant"
+    assert categorize("_fp8_gemm_kernel") == "gemm"
+    assert categorize("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
+    assert (
+        categorize("void at::native::vectorized_elementwise_kernel<4, ...>") == "norm/elementwise"
+    )
+    assert categorize("Memcpy DtoD (Device -> Device)") == "copy/index"
+    assert categorize("void at::native::index_elementwise_kernel") == "copy/index"
+    assert categorize("cub::DeviceRadixSortOnesweepKernel") == "moe"
+    assert categorize("something_new") == "other"
+    s = summarize(
+        [("_fp8_gemm_kernel", 10.0), ("_fp8_gemm_kernel", 20.0), ("x", 5.0)], steps=2, source="t"
+    )
+    assert s["kernels_per_step"] == 1.5
+    assert s["device_ms_per_step"] == pytest.approx(0.0175)
+    assert s["by_category"]["gemm"] == {"kernels_per_step": 1.0, "ms_per_step": 0.015}
+    assert s["top"][0]["name"] == "_fp8_gemm_kernel"
+
+
+def _run(tmp_path, *args):
+    assert bench.main([*args, "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("engine-*.json")
+    return path, json.loads(path.read_text())
+
+
+def _check_decode_record(r, batches, profile_steps):
+    for B in map(str, batches):
+        assert r["decode_tokens_per_s"][B] > 0
+        roof = r["roofline"][B]
+        assert 0 < roof["distinct_experts_per_layer"] <= r["model"]["num_hidden_layers"] * 64
+        assert roof["tokens_per_s"]["measured"] > 0
+        assert r["roofline_fraction_measured_bandwidth"][B] == pytest.approx(
+            r["decode_tokens_per_s"][B] / roof["tokens_per_s"]["measured"]
+        )
+        prof = r["decode_profile"][B]
+        assert prof["steps"] == profile_steps and prof["kernels_per_step"] > 10
+        assert set(prof["by_category"]) <= set(CATEGORIES)
+        assert "gemm" in prof["by_category"]
+        assert sum(c["kernels_per_step"] for c in prof["by_category"].values()) == pytest.approx(
+            prof["kernels_per_step"]
+        )
+
+
+def test_bench_tiny_bf16_end_to_end(tmp_path):
+    common = ["--mtp-train-steps", "0", "--prompt-len", "12", "--decode-tokens", "3"]
+    path, r = _run(
+        tmp_path,
+        "--preset",
+        "tiny",
+        *common,
+        "--batch-sizes",
+        "1,3",
+        "--profile-steps",
+        "2",
+        "--skip",
+        "prefill",
+        "--tag",
+        "tiny-bf16",
+    )
+    assert path.name.endswith("-tiny-bf16.json")
+    assert r["model"]["weights"] == "bf16" and r["mtp_skipped"].startswith("--mtp-train-steps 0")
+    assert r["hf_skipped"] is None and set(r["hf_generate_tokens_per_s"]) == {"1", "3"}
+    _check_decode_record(r, (1, 3), 2)
+    lines = table.render([path]).splitlines()
+    assert len(lines) == 3 and lines[1].startswith("tiny-bf16") and lines[2].split()[2] == "3"
+
+
+def test_bench_moonlight_shape_fp8_end_to_end(tmp_path):
+    """Moonlight's config.json (no query LoRA, one expert group, 2 shared experts, top-6 of 64)
+    with the widths shrunk for CPU, cut to 2 layers (1 dense + 1 MoE) by --layers."""
+    cfg = moonlight_16b_a3b().replace(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_attention_heads=2,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+    )
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(cfg.to_hf()))
+    out = tmp_path / "out"
+    _, r = _run(
+        out,
+        "--config",
+        str(cfg_path),
+        "--layers",
+        "2",
+        "--weights",
+        "fp8",
+        "--mtp-train-steps",
+        "0",
+        "--prompt-len",
+        "12",
+        "--decode-tokens",
+        "3",
+        "--batch-sizes",
+        "2",
+        "--profile-steps",
+        "2",
+        "--skip",
+        "prefill",
+    )
+    assert r["model"]["num_hidden_layers"] == 2 and r["model"]["first_k_dense_replace"] == 1
+    assert r["model"]["weights"] == "fp8" and r["hf_skipped"].startswith("fp8 weights")
+    _check_decode_record(r, (2,), 2)
+    # FP8 halves the routed expert bytes against fp32 activations' 4 bytes, roughly
+    step = r["roofline"]["2"]
+    assert step["routed_expert_bytes"] < step["distinct_experts_per_layer"] * 3 * 128 * 64 * 1.1
+
+
+def test_layer_cut_keeps_dense_layers_first():
+    def cut(*args):
+        return bench._model_config(bench._parse(["--mtp-train-steps", "0", *args]))
+
+    v3 = cut("--preset", "deepseek_v3", "--layers", "4")
+    assert (v3.num_hidden_layers, v3.first_k_dense_replace) == (4, 3)  # V3's own 3 dense
+    assert v3.num_nextn_predict_layers == 0  # no MTP for speed runs
+    one = cut("--preset", "deepseek_v3", "--layers", "4", "--dense-layers", "1")
+    assert [one.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    assert cut("--preset", "moonlight_16b_a3b").num_hidden_layers == 27
+    with pytest.raises(ValueError, match="--dense-layers 5 > 4 layers"):
+        cut("--preset", "tiny", "--layers", "4", "--dense-layers", "5")
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    for args, words in (
+        (["--preset", "nope"], "unknown preset"),
+        (["--preset", "tiny", "--config", "x.json"], "both given"),
+        (["--config", tempfile.gettempdir() + "/no-such-dir"], "no config.json"),
+        (["--skip", "decode"], "accepted sections"),
+        (["--layers", "0"], "--layers 0"),
+        (["--dense-layers", "-1"], "--dense-layers -1"),
+        (["--weights", "int4"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.main(args)
+        assert words in capsys.readouterr().err
