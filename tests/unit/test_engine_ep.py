@@ -15,6 +15,7 @@ from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
+from moeray.platform.parallel.serve_ep import expert_loads
 
 PROMPTS = [
     list(range(3, 40)),  # 37 tokens: two prefill chunks of different lengths with the others
@@ -57,6 +58,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "tokens": {i: o.output_token_ids for i, o in zip(mine, outs, strict=True)},
                 "experts_held": moe.experts.gate_proj.shape[0],
                 "padding_forwards": engine.lockstep.padding_forwards,
+                "expert_loads": expert_loads(engine.model),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -80,5 +82,13 @@ def test_ep_engine_greedy_equals_single_process(world, tmp_path, reference):
     assert tokens == reference
     E = tiny().n_routed_experts
     assert [g["experts_held"] for g in got] == [E // world] * world
+    # Per-expert loads: every token of every forward (prompt tokens and all generated but the
+    # last, which is never fed back) routed to K experts in each MoE layer, summed over the gang.
+    c = tiny()
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    tokens = sum(len(p) + MAX_TOKENS - 1 for p in PROMPTS)
+    loads = torch.tensor([g["expert_loads"] for g in got]).sum(0)  # [layer, expert]
+    assert loads.shape == (moe_layers, E)
+    assert loads.sum(1).tolist() == [tokens * c.num_experts_per_tok] * moe_layers
     # The rank with the least work padded with empty forwards while the others ran theirs.
     assert got[-1]["padding_forwards"] > 0

@@ -46,12 +46,24 @@ class ServingEPMoE(ExpertParallelMoE):
     where the single-device one does. Greedy bf16 decodes of small() (32 requests x 64 tokens,
     random weights, H200, ep=1) equal the plain engine's in 31 of 32 requests this way, against 5
     of 32 when weighting after the exchange (the training layer, whose routing-weight gradient
-    flows through combine)."""
+    flows through combine).
+
+    `load_E` sums the tokens this rank routed to each (global) expert since it was built: the
+    per-expert load a placement policy reads (platform/placement.py)."""
+
+    load_E: torch.Tensor
+
+    def __init__(self, moe, group, ep_rank: int, ep_size: int) -> None:
+        super().__init__(moe, group, ep_rank, ep_size)
+        E = self.num_global_experts
+        device = self.gate.weight.device
+        self.register_buffer("load_E", torch.zeros(E, dtype=torch.int64, device=device), False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         r = self.route(x_TD)
         self.last_routing = r
+        self.load_E += r.counts_E
         x_RD, local_R, plan = dispatch(x_TD, r.expert_ids_TK, self.num_global_experts, self.group)
         w_A = r.weights_TK.reshape(-1)[plan.order_A].float().contiguous()
         w_R = all_to_all(w_A, plan.recv_counts, plan.send_counts, self.group)
@@ -66,6 +78,12 @@ class ServingEPMoE(ExpertParallelMoE):
 class Round:
     forwarding: int  # ranks about to run a real forward
     busy: int  # ranks with unfinished requests
+
+
+def expert_loads(model: nn.Module) -> list[list[int]]:
+    """Tokens this rank routed to each expert, per MoE layer (ServingEPMoE.load_E), in layer
+    order."""
+    return [m.load_E.tolist() for m in model.modules() if isinstance(m, ServingEPMoE)]
 
 
 class Lockstep:

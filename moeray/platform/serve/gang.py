@@ -30,6 +30,7 @@ import torch
 from moeray.platform.config import ServeConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.parallel.distributed import init_distributed
+from moeray.platform.parallel.serve_ep import expert_loads
 from moeray.platform.rank_weights import LoadReport, load_rank_model
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
@@ -152,6 +153,7 @@ class EPRank:
             "lockstep_rounds": engine.lockstep.rounds,
             "padding_forwards": engine.lockstep.padding_forwards,
             "load": None if self.report is None else dataclasses.asdict(self.report),
+            "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
             "transfers": [
                 vars(t) for t in getattr(self._worker(), "transfers", [])[-100:]
             ],  # a decode rank's last KV imports
