@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "kv": "moeray.platform.serve.kv_bench",
     "train": "moeray.platform.train.bench",
     "balance": "moeray.platform.balance_bench",
+    "wide-ep": "moeray.platform.engine.ep_bench",
 }
 
 

@@ -271,20 +271,64 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torc
     return out
 
 
+@dataclass
+class ReadStats:
+    """What a load read from the safetensors files: tensor data only (headers not counted)."""
+
+    tensors: int = 0
+    bytes: int = 0
+
+
 def _tensors(
-    files: dict[Path, dict[str, tuple[tuple[int, ...], torch.dtype]]], header_only: bool
+    files: dict[Path, dict[str, tuple[tuple[int, ...], torch.dtype]]],
+    header_only: bool,
+    experts: frozenset[int] | None = None,
+    stats: ReadStats | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint; `header_only`: meta tensors of the headers' shapes."""
+    """Every tensor of the checkpoint; `header_only`: meta tensors of the headers' shapes. With
+    `experts`, routed-expert tensors of other experts are skipped unread: the files are
+    memory-mapped (safe_open), so only the pages of the tensors taken are read."""
     from safetensors import safe_open
 
     for file, header in files.items():
+        keys = [
+            k for k in header if experts is None or (e := _expert_of(k)) is None or e in experts
+        ]
         if header_only:
-            for key, (shape, dt) in header.items():
+            for key in keys:
+                shape, dt = header[key]
                 yield key, torch.empty(shape, dtype=dt, device="meta")
             continue
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+            for key in keys:
+                t = f.get_tensor(key)
+                if stats is not None:
+                    stats.tensors += 1
+                    stats.bytes += t.numel() * t.element_size()
+                yield key, t
+
+
+def _expert_of(hf_key: str) -> int | None:
+    """The routed expert an HF key belongs to (its weight or block scale), else None."""
+    key = hf_key.removesuffix("_scale_inv")
+    m = _HF_EXPERT.match(key)
+    return int(m.group(2)) if m else None
+
+
+def keep_experts(model: Transformer, experts: list[int]) -> None:
+    """Narrow every (meta) Experts module to the given global expert ids, contiguous and in
+    order: the slice an expert-parallel rank holds."""
+    E = model.config.n_routed_experts
+    if not experts or experts != list(range(experts[0], experts[0] + len(experts))):
+        raise ValueError(f"experts={experts}: expected a non-empty contiguous ascending range")
+    if experts[0] < 0 or experts[-1] >= E:
+        raise ValueError(f"experts={experts}: ids must be in [0, {E})")
+    lo, hi = experts[0], experts[-1] + 1
+    for moe in model.moe_layers():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            full = getattr(moe.experts, name)
+            setattr(moe.experts, name, nn.Parameter(full[lo:hi], requires_grad=full.requires_grad))
+        moe.experts.num_experts = hi - lo
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -304,9 +348,18 @@ class _Matched:
     shared_copies: dict[str, torch.Tensor]
 
 
-def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool) -> _Matched:
-    """Read config.json and the weights (or only their headers) and match them to the model.
-    Raises ValueError naming missing, unexpected or mis-shaped tensors."""
+def _match(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    keep_fp8: bool,
+    header_only: bool,
+    experts: list[int] | None = None,
+    stats: ReadStats | None = None,
+) -> _Matched:
+    """Read config.json and the weights (or only their headers) and match them to the model
+    (with `experts`, a model holding only those routed experts). Raises ValueError naming missing,
+    unexpected or mis-shaped tensors."""
     config = ModelConfig.from_hf(path)
     files = {file: read_safetensors_header(file) for file in _weight_files(path)}
     L = config.num_hidden_layers
@@ -327,13 +380,17 @@ def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool)
     with torch.device("meta"):
         model = Transformer(config)
     model.missing_mtp_layers = missing_mtp
+    if experts is not None:
+        keep_experts(model, experts)
+    expert_ids = experts if experts is not None else list(range(config.n_routed_experts))
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, tuple[str, torch.Tensor]] = {}  # model key -> (HF key, tensor)
-    experts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # ... by expert
+    by_expert: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # ... by expert
     scales: dict[str, torch.Tensor] = {}
     shared_copies: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for hf_key, t in _tensors(files, header_only):
+    selected = None if experts is None else frozenset(experts)
+    for hf_key, t in _tensors(files, header_only, selected, stats):
         m = _HF_LAYER.match(hf_key)
         if (
             m
@@ -348,7 +405,10 @@ def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool)
         key = _from_hf_key(hf_key, L)
         me = _HF_EXPERT.match(key)
         if me:
-            experts.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (hf_key, t)
+            by_expert.setdefault(f"{me.group(1)}.{me.group(3)}", {})[int(me.group(2))] = (
+                hf_key,
+                t,
+            )
         elif key in expected:
             loaded[key] = (hf_key, t)
         else:
@@ -379,14 +439,13 @@ def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool)
     for key, ref in expected.items():
         m = _EXPERT.match(key)
         if m:
-            per = experts.pop(key, {})
-            E = ref.shape[0]
-            absent = [e for e in range(E) if e not in per]
+            per = by_expert.pop(key, {})
+            absent = [e for e in expert_ids if e not in per]
             if absent:
                 missing += [_to_hf_key(f"{m.group(1)}.{e}.{m.group(2)}.weight", L) for e in absent]
                 continue
             parts, pairs = [], []
-            for e in range(E):
+            for e in expert_ids:
                 hf_key, t = per.pop(e)
                 deq, pair = resolve(hf_key, t, ref.shape[1:])
                 parts.append(deq)
@@ -412,7 +471,7 @@ def _match(path: Path, *, dtype: torch.dtype, keep_fp8: bool, header_only: bool)
         if keep_fp8 and pair is not None:
             fp8_linear[key[: -len(".weight")]] = pair
     unexpected += [hk for hk, _ in loaded.values()]
-    unexpected += [hk for per in experts.values() for hk, _ in per.values()]
+    unexpected += [hk for per in by_expert.values() for hk, _ in per.values()]
     unexpected += [k + "_scale_inv" for k in scales]
     problems = []
     for what, names, sep in (
@@ -448,15 +507,23 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     keep_fp8: bool = False,
+    experts: list[int] | None = None,
+    stats: ReadStats | None = None,
 ) -> tuple[ModelConfig, Transformer]:
     """Load an HF DeepSeek-V3 directory. Raises ValueError naming missing, unexpected or
     mis-shaped tensors. FP8 weights are dequantized to `dtype` unless `keep_fp8`.
+
+    `experts` (global ids, a contiguous range): every MoE layer holds only those routed experts
+    (an expert-parallel rank's shard, made expert-parallel from outside: parallel/serve_ep.py), and
+    the other experts' tensors are never read. `stats` counts the tensor bytes read.
 
     A config.json with `num_nextn_predict_layers` >= 1 over a checkpoint without any MTP weights
     (what transformers' save_pretrained writes) loads without MTP, with one warning: the returned
     config has num_nextn_predict_layers=0 and `model.missing_mtp_layers` the declared depth."""
     path = Path(path)
-    matched = _match(path, dtype=dtype, keep_fp8=keep_fp8, header_only=False)
+    matched = _match(
+        path, dtype=dtype, keep_fp8=keep_fp8, header_only=False, experts=experts, stats=stats
+    )
     config, model, L = matched.config, matched.model, matched.config.num_hidden_layers
     model = model.to_empty(device=device)
     model.to(dtype)

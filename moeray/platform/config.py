@@ -492,12 +492,38 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_speculative_tokens: int = 0
+    # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
+    # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
+    # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.
+    ep: int | None = None
+    # "safetensors": the model directory's weights (shard-wise under ep); "dummy": random weights
+    # of config.json's shapes, for benchmarks of models whose weights are not here (needs ep).
+    load_format: str = "safetensors"
+    # How long a gang's collective may wait before it fails (a dead rank), in seconds.
+    ep_timeout_s: float = 120.0
     # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
     tool_call_parser: str = "deepseek_v3"
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "colocated"):
             raise ValueError(f"mode={self.mode!r}: accepted 'pd' or 'colocated'")
+        if self.ep is not None:
+            if self.ep < 1:
+                raise ValueError(f"ep={self.ep}: accepted None (no gang) or an integer >= 1")
+            if self.mode == "pd" and self.kv_transport != "object_store":
+                raise ValueError(
+                    f"ep={self.ep} with kv_transport={self.kv_transport!r}: P/D gangs move KV "
+                    "rows through the object store for now (kv_transport='object_store')"
+                )
+            if self.num_speculative_tokens:
+                raise ValueError(
+                    f"ep={self.ep} with num_speculative_tokens={self.num_speculative_tokens}: "
+                    "MTP drafting is not available with expert parallelism yet; accepted 0"
+                )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r}: accepted {LOAD_FORMATS}")
+        if self.load_format == "dummy" and self.ep is None:
+            raise ValueError("load_format='dummy' builds the ranks of a gang: set ep (1 or more)")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -516,7 +542,7 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("kv_transfer_timeout_s", "routing_stats_period_s"):
+        for name in ("kv_transfer_timeout_s", "routing_stats_period_s", "ep_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.port < 65536:
@@ -562,5 +588,7 @@ class ServeConfig:
 # (object store), Ray Direct Transport through relay actors, or a persistent pairwise
 # torch.distributed channel between the replica processes.
 KV_TRANSPORTS = ("object_store", "rdt", "channel")
+# Where a serving rank's weights come from (rank_weights.py).
+LOAD_FORMATS = ("safetensors", "dummy")
 # How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
 TOOL_CALL_PARSERS = ("deepseek_v3", "json")

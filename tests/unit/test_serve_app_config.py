@@ -151,3 +151,18 @@ def test_decode_request_router_backs_off_when_no_replica_takes_the_request():
         ranks = asyncio.run(choose(router, replicas, pending))
         assert [r.replica_id.unique_id for (r,) in ranks] == want
         assert pending.routing_context.should_backoff is True
+
+
+def test_ep_settings_are_checked():
+    for bad, match in (
+        ({"ep": 0, "mode": "colocated"}, "ep=0"),
+        ({"ep": 2, "kv_transport": "rdt"}, "kv_transport='rdt'"),  # P/D gangs: object store
+        ({"ep": 2, "mode": "colocated", "num_speculative_tokens": 1}, "num_speculative_tokens=1"),
+        ({"load_format": "pt"}, "load_format='pt'"),
+        ({"load_format": "dummy"}, "set ep"),
+        ({"ep": 2, "mode": "colocated", "ep_timeout_s": 0}, "ep_timeout_s"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ServeConfig(**bad)
+    cfg = ServeConfig(ep=4, mode="colocated", load_format="dummy")
+    assert ServeConfig.from_dict(cfg.to_dict()) == cfg

@@ -167,3 +167,16 @@ def test_weights_fp8_serves_an_fp8_checkpoint_as_fp8(tmp_path, capsys):
         for w, e in engines.items()
     }
     assert outs["fp8"] == outs["dequantize"]
+
+
+def test_ep_must_divide_the_experts_and_dummy_needs_no_weights(tmp_path, capsys):
+    path = _model_dir(tmp_path / "m")
+    rc, err = _serve(capsys, path, "--mode", "colocated", "--ep", "3")
+    assert rc == 2 and "--ep 3 does not divide the model's 16 routed experts" in err
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    # dummy weights: config.json (and the tokenizer) are all a directory needs
+    cfg = ServeConfig(model=str(path), mode="colocated", ep=2, load_format="dummy")
+    assert check_model_dir(cfg) == []
+    with pytest.raises(ValueError, match="names weight files that are not in"):
+        check_model_dir(cfg.replace(load_format="safetensors"))

@@ -129,8 +129,12 @@ def combine(
     inverse_A[plan.order_A] = torch.arange(plan.order_A.numel(), device=plan.order_A.device)
     y_AD = y_sorted_AD[inverse_A]
     T, K = plan.num_tokens, plan.top_k
-    w_TK1 = weights_TK.reshape(T, K, 1).to(y_AD.dtype)
-    return (y_AD.view(T, K, -1) * w_TK1).sum(dim=1)
+    # Weighted and summed in fp32, as the fused single-device MoE kernel accumulates: in bf16 the
+    # K-term sum alone moved greedy decodes off the single-device ones.
+    w_TK1 = weights_TK.reshape(T, K, 1).float()
+    # The width spelled out: a rank with zero tokens (a serving rank's empty forward) has 0 rows.
+    y_TKD = y_AD.view(T, K, y_RD.shape[-1]).float()
+    return (y_TKD * w_TK1).sum(dim=1).to(y_AD.dtype)
 
 
 def is_expert_param(name: str) -> bool:
@@ -138,17 +142,24 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
 
 
-def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
-    """Keep only this rank's slice [ep_rank*L, (ep_rank+1)*L) of the stacked expert weights."""
-    experts = moe.experts
-    E = experts.num_experts
+def expert_range(num_experts: int, ep_rank: int, ep_size: int) -> range:
+    """The global ids of the routed experts EP rank `ep_rank` of `ep_size` holds: [r*L, (r+1)*L)
+    with L = num_experts / ep_size."""
+    E = num_experts
     if ep_size < 1 or E % ep_size or not 0 <= ep_rank < ep_size:
         raise ValueError(
             f"cannot shard {E} experts over ep_size={ep_size} at ep_rank={ep_rank}: ep_size must "
             f"divide the number of experts and 0 <= ep_rank < ep_size"
         )
     L = E // ep_size
-    lo = ep_rank * L
+    return range(ep_rank * L, (ep_rank + 1) * L)
+
+
+def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
+    """Keep only this rank's slice [ep_rank*L, (ep_rank+1)*L) of the stacked expert weights."""
+    experts = moe.experts
+    ids = expert_range(experts.num_experts, ep_rank, ep_size)
+    L, lo = len(ids), ids.start
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(experts, name)
         setattr(
@@ -162,8 +173,9 @@ def shard_experts(moe: MoE, ep_rank: int, ep_size: int) -> None:
 class ExpertParallelMoE(MoE):
     """A MoE layer whose routed experts are split over an EP process group.
 
-    Built from an existing (full) MoE: it keeps the same submodules under the same names (so
-    checkpoints and `Transformer.moe_layers()` keep working) and shards the experts in place.
+    Built from an existing MoE: it keeps the same submodules under the same names (so
+    checkpoints and `Transformer.moe_layers()` keep working) and shards the experts in place, or
+    keeps them when the MoE already holds only this rank's slice (a shard-wise load).
     """
 
     def __init__(self, moe: MoE, group, ep_rank: int, ep_size: int) -> None:
@@ -176,8 +188,15 @@ class ExpertParallelMoE(MoE):
         self.last_routing = None
         self.group = group
         self.ep_rank, self.ep_size = ep_rank, ep_size
-        self.num_global_experts = moe.experts.num_experts
-        shard_experts(self, ep_rank, ep_size)
+        self.num_global_experts = moe.config.n_routed_experts
+        held = moe.experts.num_experts
+        if held == self.num_global_experts:
+            shard_experts(self, ep_rank, ep_size)
+        elif held * ep_size != self.num_global_experts:
+            raise ValueError(
+                f"the MoE holds {held} experts: expected all {self.num_global_experts} or this "
+                f"rank's {self.num_global_experts // ep_size} of ep_size={ep_size}"
+            )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -199,13 +218,17 @@ class ExpertParallelMoE(MoE):
         return y_TD.view_as(x_BSD)
 
 
-def enable_expert_parallel(model: nn.Module, group, ep_rank: int, ep_size: int) -> int:
-    """Replace every MoE layer of `model` with its expert-parallel version; returns how many."""
+def enable_expert_parallel(
+    model: nn.Module, group, ep_rank: int, ep_size: int, cls: type[ExpertParallelMoE] | None = None
+) -> int:
+    """Replace every MoE layer of `model` with its expert-parallel version (`cls`, default
+    ExpertParallelMoE); returns how many."""
+    cls = cls or ExpertParallelMoE
     n = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, MoE) and not isinstance(module, ExpertParallelMoE):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertParallelMoE(module, group, ep_rank, ep_size))
+            setattr(parent, child, cls(module, group, ep_rank, ep_size))
             n += 1
     return n

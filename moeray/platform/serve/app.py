@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from moeray.actors.decode import ColocatedServer, DecodeServer
+from moeray.actors.ep import EPServer
 from moeray.actors.prefill import PrefillServer
 from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import (
     DEFAULT_DEMO_MODEL,
     KV_TRANSPORTS,
+    LOAD_FORMATS,
     TOOL_CALL_PARSERS,
     ModelConfig,
     ServeConfig,
@@ -160,9 +162,17 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            config, missing_mtp = check_checkpoint(path)
+            if cfg.load_format == "dummy":  # random weights: config.json alone
+                config, missing_mtp = ModelConfig.from_hf(path), 0
+            else:
+                config, missing_mtp = check_checkpoint(path)
         except TypeError as e:  # a config.json value of the wrong type
             raise ValueError(f"{path / 'config.json'}: {e}") from None
+        if cfg.ep is not None and config.n_routed_experts % cfg.ep:
+            raise ValueError(
+                f"--ep {cfg.ep} does not divide the model's {config.n_routed_experts} routed "
+                "experts: accepted a divisor of it"
+            )
         if cfg.weights == "fp8" and config.quantization_config is None:
             raise ValueError(
                 "--weights fp8 keeps an FP8 checkpoint's e4m3 weights, but its config.json has "
@@ -187,7 +197,25 @@ def build_serve_app(cfg: ServeConfig):
     check_model_dir(cfg)
     args = cfg.to_dict()
     # serve.deployment(options)(cls), the decorator form: the form Ray's annotations describe.
-    if cfg.mode == "colocated":
+    if cfg.ep is not None:
+        # Each replica is a gang's front; its N rank actors hold the resources (actors/ep.py).
+        opts = _engine_options(cfg, cfg.decode_replicas, reject_overflow=True)
+        opts["ray_actor_options"] = {"num_cpus": 0}
+        opts["max_ongoing_requests"] = cfg.ep * (cfg.max_num_seqs + cfg.max_waiting) + 1
+        # A dead rank stalls its peers' collectives: notice it (EPServer.check_health) within
+        # seconds, not Serve's default 10 s period.
+        opts["health_check_period_s"] = 2.0
+        if cfg.mode == "colocated":
+            backend = serve.deployment(name="EP", **opts)(EPServer).bind(args)
+        else:
+            pre = {**opts, **_engine_options(cfg, cfg.prefill_replicas)}
+            pre["ray_actor_options"] = {"num_cpus": 0}
+            pre["max_ongoing_requests"] = opts["max_ongoing_requests"]
+            prefill = serve.deployment(name="Prefill", **pre)(EPServer).bind(args, "prefill")
+            backend = serve.deployment(name="Decode", **opts)(EPServer).bind(
+                args, "decode", prefill
+            )
+    elif cfg.mode == "colocated":
         backend = serve.deployment(
             name="Colocated",
             **_engine_options(cfg, cfg.decode_replicas, reject_overflow=True),
@@ -288,6 +316,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert parallelism: each engine replica is a gang of N rank actors (one per GPU; "
+        "--gpus/--cpus-per-replica apply per rank); with --mode pd, KV over object_store",
+    )
+    p.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default=d.load_format,
+        help="dummy: random weights of config.json's shapes (benchmarks; needs --ep)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=int,
         default=d.max_body_bytes,
@@ -325,6 +366,8 @@ def main(argv: list[str]) -> int:
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
+            ep=a.ep,
+            load_format=a.load_format,
             tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:

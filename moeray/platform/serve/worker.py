@@ -81,9 +81,23 @@ async def compile_grammar(loop: EngineLoop, req: GenerationRequest) -> None:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, max_waiting: int = 256, name: str = "engine") -> None:
+    """`collective=True`: the engine is one rank of an expert-parallel gang
+    (engine/ep.py), whose step() every rank must keep calling, so the loop steps even without
+    local work (at most every IDLE_WAIT_S while the whole gang is idle)."""
+
+    IDLE_WAIT_S = 0.05
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_waiting: int = 256,
+        name: str = "engine",
+        collective: bool = False,
+    ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
+        self.collective = collective
         self._commands: queue.Queue[Callable[[], object]] = queue.Queue()  # results unused
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
@@ -94,7 +108,8 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                cmd = self._commands.get(timeout=0.05 if not self.engine.has_unfinished() else 0)
+                busy = self.engine.has_unfinished()
+                cmd = self._commands.get(timeout=0 if busy else self.IDLE_WAIT_S)
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -103,7 +118,7 @@ class EngineLoop:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
-            if self.engine.has_unfinished():
+            if self.collective or self.engine.has_unfinished():
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # a failed step fails its requests, not the replica
@@ -492,10 +507,9 @@ class DecodeRoutingPolicy:
             del self._owner[h]
 
 
-def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
-    """Load the model directory into an engine as the serve config says (device, dtype, pages).
-    `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
-    replays them."""
+def device_and_dtype(cfg: ServeConfig) -> tuple[str, torch.dtype]:
+    """The serve config's device ("auto": cuda when this process sees a GPU) and dtype ("auto":
+    bfloat16 on GPU, float32 on CPU)."""
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -505,7 +519,11 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[cfg.dtype]
-    econf = EngineConfig(
+    return device, dtype
+
+
+def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> EngineConfig:
+    return EngineConfig(
         page_size=cfg.page_size,
         num_pages=cfg.num_pages,
         max_num_seqs=cfg.max_num_seqs,
@@ -516,6 +534,17 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         capture_graphs_at_start=decodes,
         eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM
     )
+
+
+def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
+    """Load the model directory into an engine as the serve config says (device, dtype, pages).
+    `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
+    replays them."""
+    device, dtype = device_and_dtype(cfg)
     return Engine.from_pretrained(
-        cfg.model, econf, device=device, dtype=dtype, keep_fp8=cfg.weights == "fp8"
+        cfg.model,
+        engine_config(cfg, device, decodes=decodes),
+        device=device,
+        dtype=dtype,
+        keep_fp8=cfg.weights == "fp8",
     )

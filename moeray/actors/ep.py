@@ -1,0 +1,187 @@
+"""Expert-parallel serving on Ray: a gang of rank actors in a placement group, and `EPServer`, the
+Serve deployment shell around the gang's front (`platform/serve/gang.py`; wiring in
+`platform/serve/app.py`).
+
+One Serve replica = one gang: the replica (no resources of its own) creates a placement group of N
+bundles (gpus/cpus_per_replica each), STRICT_PACK while one node has room for all N, PACK beyond
+(spanning nodes), and one EPRank actor per bundle. The actors and the placement group belong to
+the replica: when Serve replaces the replica (a failed health check: a rank died), they go with
+it. Ray is imported inside the functions, as in the other shells (importing moeray never imports
+Ray).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from moeray.platform.config import ServeConfig
+from moeray.platform.parallel.distributed import CUDA_ENV, TIMEOUT_ENV
+from moeray.platform.serve.gang import EPRank, GangFront
+from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
+from moeray.platform.serve.worker import PrefillResult
+
+START_TIMEOUT_S = 600.0  # placement, process group and weight loading of a whole gang
+
+
+def placement_strategy(bundle: dict[str, float], n: int, nodes: list[dict[str, Any]]) -> str:
+    """STRICT_PACK when one alive node's resources hold all n bundles, else PACK (the gang
+    spans nodes, still packed as tightly as Ray can)."""
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        if all(have.get(k, 0.0) >= n * v for k, v in bundle.items() if v):
+            return "STRICT_PACK"
+    return "PACK"
+
+
+class RayRank:
+    """A rank actor behind the front's RankClient protocol."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        import ray
+
+        gen = self.actor.generate.options(num_returns="streaming").remote(req)
+        done = False
+        try:
+            async for ref in gen:
+                step = await ref
+                yield step
+                done = step.finish_reason is not None
+        finally:
+            if not done:
+                # Client gone or stop string: cancelling the rank's generator aborts the request
+                # there, which frees its KV pages.
+                ray.cancel(gen)
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        return await self.actor.prefill.remote(req, export_from, dest)
+
+    async def free_pages(self) -> int:
+        return await self.actor.free_pages.remote()
+
+
+class PrefillFetch:
+    """A decode rank's `fetch`: the prefill gang's Serve deployment (its handle pickles into the
+    rank actor)."""
+
+    def __init__(self, prefill: Any) -> None:
+        self.prefill = prefill
+
+    async def __call__(
+        self, req: GenerationRequest, export_from: int, endpoint: Any
+    ) -> PrefillResult:
+        return await self.prefill.prefill.remote(req, export_from, endpoint)
+
+
+@dataclass
+class Gang:
+    placement_group: Any
+    actors: list[Any]
+    reports: list[dict[str, Any]]
+    strategy: str
+
+
+def start_gang(
+    cfg: ServeConfig,
+    role: str = "colocated",
+    fetch: Any = None,
+    timeout_s: float = START_TIMEOUT_S,
+) -> Gang:
+    """Place and start cfg.ep rank actors of `role` (gang.EPRank); returns when every rank has
+    joined the process group and loaded its weights (a RuntimeError naming what did not happen
+    within timeout_s)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = cfg.ep or 1
+    bundle = {"CPU": cfg.cpus_per_replica}
+    if cfg.gpus_per_replica:
+        bundle["GPU"] = cfg.gpus_per_replica
+    strategy = placement_strategy(bundle, n, ray.nodes())
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(
+            f"no room for an EP gang of {n} x {bundle} ({strategy}) within {timeout_s:.0f} s"
+        ) from None
+    env = {TIMEOUT_ENV: str(cfg.ep_timeout_s)}
+    if cfg.gpus_per_replica:
+        env.update(CUDA_ENV)  # before the rank's torch import (init_distributed checks)
+    rank_cls = ray.remote(EPRank)
+    # Any: Ray's stubs type an actor method as the plain function (no .remote).
+    actors: list[Any] = [
+        rank_cls.options(
+            num_cpus=cfg.cpus_per_replica,
+            num_gpus=cfg.gpus_per_replica,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=i
+            ),
+            runtime_env={"env_vars": env},
+        ).remote(cfg.to_dict(), i, n, role, fetch)
+        for i in range(n)
+    ]
+    try:
+        node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
+        host = next(nd["NodeManagerAddress"] for nd in ray.nodes() if nd["NodeID"] == node_id)
+        addr = ray.get(actors[0].address.remote(host), timeout=timeout_s)
+        reports = ray.get([a.start.remote(f"tcp://{addr}") for a in actors], timeout=timeout_s)
+    except Exception:
+        for a in actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(pg)
+        raise
+    return Gang(pg, actors, reports, strategy)
+
+
+class EPServer:
+    """Serve deployment shell: one gang and its front. `role` "colocated", "prefill" or
+    "decode" (with `prefill`, the prefill deployment's handle)."""
+
+    def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
+        cfg = ServeConfig.from_dict(config)
+        self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
+        self.front = GangFront(
+            [RayRank(a) for a in self.gang.actors],
+            page_size=cfg.page_size,
+            max_per_rank=cfg.max_num_seqs + cfg.max_waiting,
+            stats_period_s=cfg.routing_stats_period_s,
+        )
+        self.health_timeout_s = max(10.0, cfg.ep_timeout_s)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        async with aclosing(self.front.generate(request)) as steps:
+            async for step in steps:
+                yield step
+
+    async def prefill(
+        self, request: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        return await self.front.prefill(request, export_from, dest)
+
+    async def check_health(self) -> None:
+        """Serve's health check: every rank answers (a dead rank fails it, and Serve replaces
+        the replica, gang included)."""
+        await asyncio.wait_for(
+            asyncio.gather(*(a.ping.remote() for a in self.gang.actors)), self.health_timeout_s
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        ranks = await asyncio.gather(*(a.stats.remote() for a in self.gang.actors))
+        return {
+            "strategy": self.gang.strategy,
+            "routed_to": list(self.front.routed_to),
+            "ranks": list(ranks),
+        }

@@ -1,0 +1,73 @@
+"""One rank of an expert-parallel serving gang: a full Engine (its own requests, scheduler and paged
+latent KV cache: data-parallel attention) over a model whose MoE layers hold this rank's shard of
+the routed experts (`parallel/serve_ep.py`).
+
+`step()` is collective: every rank of the gang must call it, work or not, so that the MoE
+all-to-alls line up (a rank without work runs empty forwards while its peers run real ones). After
+a step `gang_busy` says whether any rank still has requests; `has_unfinished()` is true while it
+does, so a loop that steps while there is work keeps this rank stepping for its peers. When the
+whole gang is idle, the ranks must still keep calling `step()` now and then (the serving loop does,
+`EngineLoop(collective=True)`): a rank that gets a request steps and waits in the lockstep
+all-reduce for the others, up to the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from moeray.platform.engine.engine import DEFAULT_PARAMS, Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.scheduler import RequestOutput
+from moeray.platform.parallel.serve_ep import parallelize_for_serving
+
+
+class ExpertParallelEngine(Engine):
+    """An Engine over one EP rank of `model` (a plain model, made expert-parallel here)."""
+
+    def __init__(self, model, config: EngineConfig, *, group=None, tokenizer=None):
+        if config.num_speculative_tokens:
+            raise ValueError(
+                f"num_speculative_tokens={config.num_speculative_tokens}: MTP drafting is not "
+                "available with expert parallelism yet (its MoE forwards would need the lockstep "
+                "too); accepted 0"
+            )
+        # Decode CUDA graphs need fixed-size dispatch buffers first (parallel/serve_ep.py).
+        config = dataclasses.replace(config, use_cuda_graphs=False, capture_graphs_at_start=False)
+        self.lockstep = parallelize_for_serving(model, group)
+        super().__init__(model, config, tokenizer=tokenizer)
+        self.gang_busy = False
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outs = super().step()
+        self.gang_busy = self.lockstep.finish_step(self.scheduler.has_unfinished())
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.gang_busy or self.scheduler.has_unfinished()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
+    ) -> list[RequestOutput]:
+        """Run this rank's prompts to completion; collective: every rank calls it (with its own
+        prompts, possibly none) and all return together, once no rank has work left."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while True:
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+            if not self.gang_busy:
+                break
+        missing = [i for i in ids if i not in final]
+        if missing:
+            raise RuntimeError(f"gang idle with unfinished requests {missing}")
+        return [final[i] for i in ids]

@@ -1,0 +1,252 @@
+"""`moeray bench wide-ep`: expert-parallel decoding over 1..N GPUs in one command.
+
+For each GPU count G (--gpus, default every power of two up to the GPUs present), G processes
+(torch.multiprocessing, NCCL on GPU, gloo on CPU) each build one rank of the model with dummy
+weights of the preset's shapes (rank_weights.dummy_model: no checkpoint needed, only the rank's
+experts allocated), run an ExpertParallelEngine over --batch prompts of their own, and time the
+decode; the same processes then time torch.distributed.all_to_all_single on --a2a-mib MiB per
+rank. Then, without devices, the expert placement (platform/placement.py) under a skewed
+(Zipf) expert load: the busiest GPU's load over the mean, with the redundant-expert placement
+and without it (contiguous experts, no replicas).
+
+Writes benchmarks/results/wide-ep-<device>.json: tokens_per_s and alltoall_gbps keyed by G,
+max_gpu_load_ratio_placed / _unplaced keyed by G.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeray.platform import config as presets
+from moeray.platform.engine.engine import EngineConfig
+from moeray.platform.engine.ep import ExpertParallelEngine
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.parallel.distributed import CUDA_ENV, init_distributed
+from moeray.platform.placement import gpu_loads, identity_placement, place_experts
+from moeray.platform.rank_weights import dummy_model, rank_experts
+from moeray.results import device_slug, write_result
+
+PRESETS = ("tiny", "small", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class WideEPConfig:
+    preset: str = "small"
+    gpus: tuple[int, ...] = (1,)
+    batch: int = 32  # requests per rank
+    prompt_len: int = 64
+    decode_tokens: int = 64
+    a2a_mib: float = 64.0
+    zipf_s: float = 1.2  # skew of the synthetic expert load (placement ratios)
+    device: str = "auto"
+    # e4m3 projections with 128x128 block scales (DeepSeek-V3's own format; V3 fits 8 GPUs only so)
+    fp8: bool = False
+    layers: int | None = None  # fewer decoder layers than the preset (a V3-shaped run on 1 GPU)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: accepted {PRESETS}")
+        if not self.gpus or min(self.gpus) < 1:
+            raise ValueError(f"gpus={self.gpus}: accepted positive counts")
+        for name in ("batch", "prompt_len", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"layers={self.layers} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
+
+
+def model_config(cfg: WideEPConfig) -> presets.ModelConfig:
+    mc = getattr(presets, cfg.preset)().replace(eos_token_id=None, num_nextn_predict_layers=0)
+    if cfg.layers is not None:
+        mc = mc.replace(
+            num_hidden_layers=cfg.layers,
+            first_k_dense_replace=min(mc.first_k_dense_replace, cfg.layers - 1),
+        )
+    return mc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out: str) -> None:
+    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev)
+    try:
+        mc = model_config(cfg)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        model = dummy_model(mc, rank_experts(mc, rank, world), device=dev, dtype=dtype, fp8=cfg.fp8)
+        page = 64
+        pages = cfg.batch * -(-(cfg.prompt_len + cfg.decode_tokens) // page) + 1
+        engine = ExpertParallelEngine(
+            model, EngineConfig(page_size=page, num_pages=pages, max_num_seqs=cfg.batch)
+        )
+        g = torch.Generator().manual_seed(rank)
+        prompts = torch.randint(0, mc.vocab_size, (cfg.batch, cfg.prompt_len), generator=g)
+        warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        engine.generate(prompts[:2].tolist(), warm)  # Triton compiles outside the timing
+        params = SamplingParams(temperature=0, max_tokens=cfg.decode_tokens, ignore_eos=True)
+        for p in prompts.tolist():
+            engine.add_request(p, params)
+        start = engine.stats.generated_tokens
+        t0 = before = None
+        # Every rank steps until the whole gang is done (the steps are collective); the decode
+        # window of a rank starts once all its requests have their first token (prefill done).
+        while True:
+            engine.step()
+            if t0 is None and engine.stats.generated_tokens - start >= cfg.batch:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0, before = time.perf_counter(), engine.stats.generated_tokens
+            if not engine.gang_busy:
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        assert t0 is not None and before is not None  # the loop ran until every request finished
+        seconds, decoded = time.perf_counter() - t0, engine.stats.generated_tokens - before
+        n = int(cfg.a2a_mib * 2**20 / 4) // world * world
+        x = torch.ones(n, dtype=torch.float32, device=dev)
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x)  # warm-up: NCCL connects
+        iters = 10
+        dist.barrier()
+        t1 = time.perf_counter()
+        for _ in range(iters):
+            dist.all_to_all_single(y, x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        a2a_s = (time.perf_counter() - t1) / iters
+        Path(out, f"{rank}.json").write_text(
+            json.dumps({"seconds": seconds, "decoded": decoded, "a2a_s": a2a_s, "a2a_bytes": n * 4})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def placement_ratios(
+    num_layers: int, num_experts: int, num_gpus: int, s: float, seed: int = 0
+) -> tuple[float, float]:
+    """(placed, unplaced) busiest-GPU load over the mean under a Zipf(s) expert load with a
+    random expert order per layer; placed: one redundant expert slot per GPU."""
+    g = torch.Generator().manual_seed(seed)
+    zipf_E = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** s
+    load_LE = torch.stack(
+        [zipf_E[torch.randperm(num_experts, generator=g)] for _ in range(num_layers)]
+    )
+    placed = place_experts(load_LE, num_experts + num_gpus, 1, 1, num_gpus)
+    plain = identity_placement(num_layers, num_experts, num_gpus)
+
+    def ratio(loads_LG: torch.Tensor) -> float:
+        return float((loads_LG.max(1).values / loads_LG.mean(1)).max())
+
+    return ratio(gpu_loads(load_LE, placed)), ratio(gpu_loads(load_LE, plain))
+
+
+def _spawn(world: int, cfg: WideEPConfig, device: str, tmp: str) -> None:
+    """Run the `world` rank processes. On CUDA they start with CUDA_ENV (parallel/distributed.py:
+    read when torch loads); this process's environment is put back after the start, since its
+    own torch already read the old values and would refuse changed ones at its first CUDA call."""
+    saved = {k: os.environ.get(k) for k in CUDA_ENV}
+    if device == "cuda":
+        os.environ.update(CUDA_ENV)
+    try:
+        mp.spawn(_rank, args=(world, cfg, device, _free_port(), tmp), nprocs=world, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_bench(cfg: WideEPConfig) -> dict:
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and max(cfg.gpus) > torch.cuda.device_count():
+        raise ValueError(f"gpus={cfg.gpus}: this machine has {torch.cuda.device_count()} GPUs")
+    mc = model_config(cfg)
+    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "alltoall_gbps": {}}
+    for G in cfg.gpus:
+        with tempfile.TemporaryDirectory() as tmp:
+            _spawn(G, cfg, device, tmp)
+            ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(G)]
+        wall = max(r["seconds"] for r in ranks)
+        out["tokens_per_s"][str(G)] = sum(r["decoded"] for r in ranks) / wall
+        # Bytes each rank sends to the others per second (its own slice stays local).
+        sent = ranks[0]["a2a_bytes"] * (G - 1) / G
+        out["alltoall_gbps"][str(G)] = (
+            sent / max(r["a2a_s"] for r in ranks) / 1e9 if G > 1 else None
+        )
+    placed, unplaced = {}, {}
+    for G in cfg.gpus:
+        if mc.n_routed_experts % G == 0:
+            layers = mc.num_hidden_layers - mc.first_k_dense_replace
+            p, u = placement_ratios(layers, mc.n_routed_experts, G, cfg.zipf_s)
+            placed[str(G)], unplaced[str(G)] = p, u
+    out["max_gpu_load_ratio_placed"] = placed
+    out["max_gpu_load_ratio_unplaced"] = unplaced
+    return out
+
+
+def main(argv: list[str]) -> int:
+    d = WideEPConfig()
+    p = argparse.ArgumentParser(prog="moeray bench wide-ep", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default=d.preset)
+    p.add_argument(
+        "--gpus", default=None, help="GPU counts, e.g. 1,2,4,8 (default: powers of 2 present)"
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="requests per rank")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    p.add_argument("--a2a-mib", type=float, default=d.a2a_mib)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--fp8", action="store_true", help="e4m3 weights + block scales, as V3 ships")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: preset's)")
+    p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
+    a = p.parse_args(argv)
+    if a.gpus is None:
+        n = max(torch.cuda.device_count(), 1)
+        gpus = tuple(2**k for k in range(n.bit_length()) if 2**k <= n)
+    else:
+        try:
+            gpus = tuple(int(x) for x in a.gpus.split(","))
+        except ValueError:
+            print(f"moeray bench wide-ep: --gpus {a.gpus!r}: expected e.g. 1,2,4", file=sys.stderr)
+            return 2
+    try:
+        cfg = WideEPConfig(
+            a.preset,
+            gpus,
+            a.batch,
+            a.prompt_len,
+            a.decode_tokens,
+            a.a2a_mib,
+            device=a.device,
+            fp8=a.fp8,
+            layers=a.layers,
+        )
+        numbers = run_bench(cfg)
+    except ValueError as e:
+        print(f"moeray bench wide-ep: {e}", file=sys.stderr)
+        return 2
+    path = write_result(f"wide-ep-{device_slug()}", numbers, directory=a.out_dir)
+    print(json.dumps({k: v for k, v in numbers.items() if k != "config"}))
+    print(f"wrote {path}")
+    return 0

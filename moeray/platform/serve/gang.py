@@ -1,0 +1,260 @@
+"""An expert-parallel serving replica without Ray: the ranks of a gang and the front that spreads
+requests over them.
+
+  * EPRank: one rank (one process, one GPU): joins the gang's process group, loads its shard of
+    the weights (rank_weights.py), and serves its own requests with an ExpertParallelEngine on a
+    collective EngineLoop: a ColocatedWorker, or with P/D a PrefillWorker (prefill gang) or a
+    DecodeWorker whose KV rows come from the prefill gang (decode gang). The Ray actor of a
+    rank is this class itself (moeray.actors.ep wraps it with ray.remote).
+  * GangFront: a GenerationBackend over the ranks: admission (a request per rank up to its
+    max_num_seqs + max_waiting, else BackendOverloaded) and placement (most free KV pages, with
+    affinity to the rank holding the prompt's prefix: DecodeRoutingPolicy), for `generate`
+    (colocated, decode) and `prefill`. The Serve deployment (moeray.actors.ep.EPServer) is a thin
+    shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import socket
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import Any, Protocol
+
+import torch
+
+from moeray.platform.config import ServeConfig
+from moeray.platform.engine.ep import ExpertParallelEngine
+from moeray.platform.parallel.distributed import init_distributed
+from moeray.platform.parallel.serve_ep import expert_loads
+from moeray.platform.rank_weights import LoadReport, load_rank_model
+from moeray.platform.serve.http.protocol import (
+    BackendOverloaded,
+    GenerationRequest,
+    GenerationStep,
+)
+from moeray.platform.serve.worker import (
+    ColocatedWorker,
+    DecodeRoutingPolicy,
+    DecodeWorker,
+    PrefillResult,
+    PrefillWorker,
+    device_and_dtype,
+    engine_config,
+)
+
+ROLES = ("colocated", "prefill", "decode")
+# (request, export_from, decode endpoint) -> the prefill gang's result (a decode rank's source).
+Fetch = Callable[[GenerationRequest, int, Any], Awaitable[PrefillResult]]
+
+
+def free_tcp_address(host: str) -> str:
+    """host:port with a port free now on this machine (the gang's rendezvous, rank 0's)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"{host}:{s.getsockname()[1]}"
+
+
+class EPRank:
+    """Rank `rank` of a gang of `world`; `start` joins the process group and loads the model.
+    `role`: "colocated" (prefill and decode), or one side of a P/D split: "prefill" (KV rows
+    exported through the object store), "decode" (rows from `fetch`, the prefill gang)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rank: int,
+        world: int,
+        role: str = "colocated",
+        fetch: Fetch | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}: accepted {ROLES}")
+        if (role == "decode") != (fetch is not None):
+            raise ValueError(f"role={role!r}: a decode rank, and only it, needs fetch")
+        self.cfg = ServeConfig.from_dict(config)
+        self.rank, self.world = rank, world
+        self.role, self.fetch = role, fetch
+        self.worker: ColocatedWorker | PrefillWorker | DecodeWorker | None = None
+        self.report: LoadReport | None = None
+
+    def address(self, host: str) -> str:
+        return free_tcp_address(host)
+
+    def start(self, init_method: str) -> dict[str, Any]:
+        """Join the gang's process group at `init_method` (every rank at once: it waits for all),
+        load this rank's weights and start its engine loop. Returns the load report."""
+        cfg = self.cfg
+        device, dtype = device_and_dtype(cfg)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        init_distributed(self.rank, self.world, init_method, dev)
+        _config, model, self.report = load_rank_model(
+            cfg.model,
+            self.rank,
+            self.world,
+            load_format=cfg.load_format,
+            device=dev,
+            dtype=dtype,
+            keep_fp8=cfg.weights == "fp8",
+        )
+        engine = ExpertParallelEngine(model, engine_config(cfg, dev.type))
+        loop: dict[str, Any] = {"max_waiting": cfg.max_waiting, "collective": True}
+        if self.role == "prefill":
+            self.worker = PrefillWorker(engine, **loop)
+        elif self.role == "decode":
+            assert self.fetch is not None  # checked in __init__
+            self.worker = DecodeWorker(engine, self.fetch, **loop)
+        else:
+            self.worker = ColocatedWorker(engine, **loop)
+        return dataclasses.asdict(self.report)
+
+    def _worker(self) -> ColocatedWorker | PrefillWorker | DecodeWorker:
+        if self.worker is None:
+            raise RuntimeError(f"EP rank {self.rank} is not started (call start first)")
+        return self.worker
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        worker = self._worker()
+        if isinstance(worker, PrefillWorker):
+            raise RuntimeError(f"EP rank {self.rank} is a prefill rank: call prefill")
+        async with aclosing(worker.generate(req)) as steps:
+            async for step in steps:
+                yield step
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        worker = self._worker()
+        if not isinstance(worker, PrefillWorker):
+            raise RuntimeError(f"EP rank {self.rank} is a {self.role} rank, not a prefill rank")
+        return await worker.prefill(req, export_from, dest)
+
+    def free_pages(self) -> int:
+        return self._worker().loop.free_pages()
+
+    def ping(self) -> int:
+        return self.rank
+
+    def stats(self) -> dict[str, Any]:
+        engine = self._worker().loop.engine
+        assert isinstance(engine, ExpertParallelEngine)
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "free_pages": self.free_pages(),
+            "steps": engine.stats.steps,
+            "generated_tokens": engine.stats.generated_tokens,
+            "lockstep_rounds": engine.lockstep.rounds,
+            "padding_forwards": engine.lockstep.padding_forwards,
+            "load": None if self.report is None else dataclasses.asdict(self.report),
+            "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
+            "transfers": [
+                vars(t) for t in getattr(self._worker(), "transfers", [])[-100:]
+            ],  # a decode rank's last KV imports
+        }
+
+
+class RankClient(Protocol):
+    """What the front needs of a rank (an EPRank, or a Ray actor handle's wrapper)."""
+
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]: ...
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult: ...
+
+    async def free_pages(self) -> int: ...
+
+
+class GangFront:
+    """The gang's GenerationBackend: admission and spreading requests over the ranks."""
+
+    def __init__(
+        self,
+        ranks: Sequence[RankClient],
+        *,
+        page_size: int,
+        max_per_rank: int,
+        stats_period_s: float = 1.0,
+        stats_timeout_s: float = 10.0,
+    ) -> None:
+        if not ranks:
+            raise ValueError("a gang needs at least one rank")
+        self.ranks = list(ranks)
+        self.max_per_rank = max_per_rank
+        self.stats_period_s = stats_period_s
+        self.stats_timeout_s = stats_timeout_s
+        self.policy = DecodeRoutingPolicy(page_size)
+        self.in_flight = [0] * len(self.ranks)
+        self.routed_to = [0] * len(self.ranks)  # requests sent to each rank so far
+        self._last_stats = -float("inf")
+        self._refreshing: asyncio.Future | None = None
+        self._seq = itertools.count()
+
+    async def _refresh(self) -> None:
+        """Ask every rank for its free pages, at most every stats_period_s. Requests that arrive
+        while a refresh runs wait for it: routed before any report, a burst would see every rank
+        equally empty (DecodeRoutingPolicy counts an unreported rank as infinitely free, where
+        debits do not separate them) and all go to rank 0."""
+        if self._refreshing is None:
+            if time.monotonic() - self._last_stats < self.stats_period_s:
+                return
+            self._refreshing = asyncio.ensure_future(self._observe())
+        task = self._refreshing
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._refreshing is task:
+                self._refreshing = None
+
+    async def _observe(self) -> None:
+        pages = await asyncio.wait_for(
+            asyncio.gather(*(r.free_pages() for r in self.ranks)), self.stats_timeout_s
+        )
+        self._last_stats = time.monotonic()
+        seq = next(self._seq)
+        for i, p in enumerate(pages):
+            self.policy.observe(str(i), p, seq)
+
+    def pick(self, prompt: Sequence[int]) -> int:
+        """The rank for a prompt: among ranks below max_per_rank requests, the prefix owner (when
+        it has the pages) or the one with the most free pages."""
+        open_ranks = [str(i) for i, n in enumerate(self.in_flight) if n < self.max_per_rank]
+        if not open_ranks:
+            raise BackendOverloaded(
+                f"all {len(self.ranks)} ranks hold {self.max_per_rank} requests", retry_after_s=1.0
+            )
+        choice = self.policy.rank(list(prompt), open_ranks)[0]
+        self.policy.routed(list(prompt), choice)
+        return int(choice)
+
+    async def prefill(
+        self, req: GenerationRequest, export_from: int, dest: Any = None
+    ) -> PrefillResult:
+        """A prefill gang's front: one rank prefills and exports the request's KV rows."""
+        await self._refresh()
+        i = self.pick(req.prompt_ids)
+        self.in_flight[i] += 1
+        self.routed_to[i] += 1
+        try:
+            return await self.ranks[i].prefill(req, export_from, dest)
+        finally:
+            self.in_flight[i] -= 1
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        await self._refresh()
+        i = self.pick(req.prompt_ids)
+        self.in_flight[i] += 1
+        self.routed_to[i] += 1
+        try:
+            async with aclosing(self.ranks[i].generate(req)) as steps:
+                async for step in steps:
+                    yield step
+        finally:
+            self.in_flight[i] -= 1

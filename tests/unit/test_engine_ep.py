@@ -1,0 +1,94 @@
+"""Expert-parallel engines (gloo processes, no Ray) give the single-process Engine's greedy output:
+each rank serves its own prompts (uneven counts and lengths, one rank with none) while the MoE
+layers exchange tokens with all-to-all."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeray.platform.config import tiny
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.ep import ExpertParallelEngine
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel.distributed import init_distributed
+from moeray.platform.parallel.serve_ep import expert_loads
+
+PROMPTS = [
+    list(range(3, 40)),  # 37 tokens: two prefill chunks of different lengths with the others
+    [5, 9, 2, 77, 31],
+    list(range(500, 521)),
+    [1000, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+    [42],
+]
+MAX_TOKENS = 10
+ECONF = EngineConfig(num_pages=32, page_size=8, max_num_batched_tokens=48, use_cuda_graphs=False)
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny().replace(num_nextn_predict_layers=0))
+
+
+def _assignment(world: int) -> list[list[int]]:
+    """Prompt indices per rank: rank 0 gets most, the last rank none (it only pads)."""
+    if world == 2:
+        return [[0, 1, 2, 4], [3]]
+    return [[0, 1], [2], [3, 4], []]
+
+
+def _params() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
+    init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
+    try:
+        engine = ExpertParallelEngine(_model(), ECONF)
+        mine = _assignment(world)[rank]
+        outs = engine.generate([PROMPTS[i] for i in mine], _params())
+        moe = engine.model.moe_layers()[0]
+        torch.save(
+            {
+                "tokens": {i: o.output_token_ids for i, o in zip(mine, outs, strict=True)},
+                "experts_held": moe.experts.gate_proj.shape[0],
+                "padding_forwards": engine.lockstep.padding_forwards,
+                "expert_loads": expert_loads(engine.model),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[int, list[int]]:
+    engine = Engine(_model(), ECONF)
+    outs = engine.generate(PROMPTS, _params())
+    return {i: o.output_token_ids for i, o in enumerate(outs)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_engine_greedy_equals_single_process(world, tmp_path, reference):
+    mp.spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    tokens = {i: t for g in got for i, t in g["tokens"].items()}
+    assert sorted(tokens) == list(range(len(PROMPTS)))
+    assert tokens == reference
+    E = tiny().n_routed_experts
+    assert [g["experts_held"] for g in got] == [E // world] * world
+    # Per-expert loads: every token of every forward (prompt tokens and all generated but the
+    # last, which is never fed back) routed to K experts in each MoE layer, summed over the gang.
+    c = tiny()
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    tokens = sum(len(p) + MAX_TOKENS - 1 for p in PROMPTS)
+    loads = torch.tensor([g["expert_loads"] for g in got]).sum(0)  # [layer, expert]
+    assert loads.shape == (moe_layers, E)
+    assert loads.sum(1).tolist() == [tokens * c.num_experts_per_tok] * moe_layers
+    # The rank with the least work padded with empty forwards while the others ran theirs.
+    assert got[-1]["padding_forwards"] > 0

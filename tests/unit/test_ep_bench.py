@@ -1,0 +1,35 @@
+"""`moeray bench wide-ep` on CPU (gloo processes, the tiny preset): the result file has decode
+tokens/s and all-to-all bandwidth keyed by rank count, and the placement ratios."""
+
+import json
+
+import pytest
+
+from moeray import cli
+from moeray.platform.engine.ep_bench import WideEPConfig, placement_ratios
+
+
+def test_wide_ep_bench_writes_its_numbers(tmp_path, capsys):
+    argv = ["bench", "wide-ep", "--preset", "tiny", "--gpus", "1,2", "--device", "cpu"]
+    argv += ["--batch", "2", "--prompt-len", "9", "--decode-tokens", "4", "--a2a-mib", "1"]
+    assert cli.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    (f,) = tmp_path.glob("wide-ep-*.json")
+    r = json.loads(f.read_text())
+    assert r["command"] and r["device"]
+    assert set(r["tokens_per_s"]) == {"1", "2"} and min(r["tokens_per_s"].values()) > 0
+    assert r["alltoall_gbps"]["1"] is None and r["alltoall_gbps"]["2"] > 0
+    assert r["max_gpu_load_ratio_placed"]["2"] < r["max_gpu_load_ratio_unplaced"]["2"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_placement_evens_a_skewed_load():
+    placed, unplaced = placement_ratios(4, 16, 4, s=1.2)
+    assert 1.0 <= placed < unplaced
+    assert placement_ratios(4, 16, 1, s=1.2) == (1.0, 1.0)
+
+
+def test_bad_settings_are_refused(capsys):
+    with pytest.raises(ValueError, match="preset='huge'"):
+        WideEPConfig(preset="huge")
+    assert cli.main(["bench", "wide-ep", "--gpus", "two"]) == 2
+    assert "--gpus 'two'" in capsys.readouterr().err
