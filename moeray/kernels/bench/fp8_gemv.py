@@ -112,3 +112,74 @@ def print_fp8_gemv(rows: list[dict]) -> None:
             f"{r['bf16_frac_copy_bw']:7.2f} {r['speedup_vs_bf16']:5.2f} | "
             f"{r['rel_err_vs_bf16_dequant']}"
         )
+
+
+# Candidate tiles for the sweep: (BLOCK_N, num_warps, num_stages) per inner product; BLOCK_M and
+# SPLIT_K follow the heuristic's rule for the shape.
+_SWEEP_TILES = {
+    False: ((8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 8, 4), (32, 8, 6), (16, 2, 6)),
+    True: ((32, 4, 4), (64, 4, 4), (128, 8, 3), (64, 8, 6)),
+}
+_SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")
+
+
+def _time_config(x: torch.Tensor, cfg: dict, copies: list) -> float | str:
+    try:
+        return round(
+            _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s, config=cfg), copies)) * 1e3, 2
+        )
+    except Exception as e:  # a tile that does not compile (registers, shared memory)
+        return f"{type(e).__name__}: {str(e)[:100]}"
+
+
+def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+    """Time candidate tiles of fp8_gemv (CUDA graph, cold weights) at a few V3 layers, with the
+    split-K count the heuristic rule gives for each tile; `_gemv_config` is tuned from here."""
+    out = []
+    for name, n, k in (lay for lay in V3_LINEARS if lay[0] in _SWEEP_LAYERS):
+        q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        copies = [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
+        for m in m_rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = _gemv_config(m, n, k, x.device)
+            for block_n, warps, stages in _SWEEP_TILES[base["DOT"]]:
+                bm = base["BLOCK_M"]
+                if not base["DOT"] and bm * block_n > 64:  # acc registers (see _gemv_config)
+                    continue
+                tiles = cdiv(m, bm) * cdiv(n, block_n)
+                split = max(
+                    1, min(cdiv(k, 128), cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles))
+                )
+                cfg = {
+                    **base,
+                    "BLOCK_N": block_n,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                    "SPLIT_K": split,
+                }
+                us = _time_config(x, cfg, copies)
+                out.append(
+                    {"layer": name, "M": m, "N": n, "K": k, **cfg, "us": us, "chosen": cfg == base}
+                )
+        del copies
+        torch.cuda.empty_cache()
+    return out
+
+
+def print_fp8_gemv_sweep(rows: list[dict]) -> None:
+    best: dict[tuple, dict] = {}
+    chosen: dict[tuple, dict] = {}
+    for r in rows:
+        if isinstance(r["us"], float):
+            g = (r["layer"], r["M"])
+            if g not in best or r["us"] < best[g]["us"]:
+                best[g] = r
+            if r["chosen"]:
+                chosen[g] = r
+    for g, r in best.items():
+        c = chosen.get(g)
+        print(
+            f"sweep fp8_gemv {g[0]:12s} M={g[1]:2d}: best BLOCK_N={r['BLOCK_N']} warps="
+            f"{r['num_warps']} stages={r['num_stages']} split={r['SPLIT_K']} {r['us']} us; "
+            f"chosen {c['us'] if c else 'n/a'} us"
+        )

@@ -24,7 +24,12 @@ from moeray.kernels.bench.fp8 import (
     bench_quant,
     sweep_fp8_gemm,
 )
-from moeray.kernels.bench.fp8_gemv import bench_fp8_gemv, print_fp8_gemv
+from moeray.kernels.bench.fp8_gemv import (
+    bench_fp8_gemv,
+    print_fp8_gemv,
+    print_fp8_gemv_sweep,
+    sweep_fp8_gemv,
+)
 from moeray.kernels.bench.gate import bench_moe_gate
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
@@ -124,6 +129,8 @@ def _print_table(result: dict) -> None:
             print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
     if "fp8_gemv" in result:
         print_fp8_gemv(result["fp8_gemv"])
+    if "fp8_gemv_sweep" in result:
+        print_fp8_gemv_sweep(result["fp8_gemv_sweep"])
     for r in result.get("fp8_gemm_grouped", []):
         print(
             f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
@@ -348,6 +355,7 @@ SECTIONS = (
     "quant",
     "fp8_gemm",
     "fp8_gemv",
+    "fp8_gemv_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
     "mla_decode",
@@ -390,6 +398,7 @@ def main(argv: list[str]) -> int:
         ("quant", lambda: bench_quant(result["ceilings"])),
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
         ("fp8_gemv", lambda: bench_fp8_gemv(result["ceilings"])),
+        ("fp8_gemv_sweep", sweep_fp8_gemv),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         (
             "fused_moe",
