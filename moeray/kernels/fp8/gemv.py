@@ -14,7 +14,8 @@ Two inner products, chosen by M:
   and M FMAs; at 4.8 TB/s and M = 4 that is ~19 T FMA/s, under the H200's fp32 rate (~33 T FMA/s),
   so the loop stays bandwidth-bound. tl.dot would pad M to 16 for the tensor cores.
 - dot (larger M): the tile converted to x's dtype (e4m3 -> bf16/fp16 is exact) and tl.dot with
-  BM = 16..64 rows; fp32 x uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
+  operands swapped (w as the MMA's 64-row side, BM = 16..64 tokens as its narrow side); fp32 x
+  uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
 
 Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
 S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N], and a
@@ -90,7 +91,10 @@ def _fp8_gemv_kernel(
     kb_lo = pid_k * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     if DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Swapped operands, acc^T [BN, BM] = w [BN, BK] @ x^T [BK, BM]: the weight rows fill the
+        # MMA's M side (64 rows, one Hopper warpgroup MMA; w is dequantized in registers, which an
+        # A operand may be) and the few tokens its N side, which may be as narrow as 16.
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
@@ -107,18 +111,23 @@ def _fp8_gemv_kernel(
             if UPCAST:
                 x = x.to(tl.float32)
             if IEEE:
-                part = tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+                part = tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
             else:
-                part = tl.dot(x, tl.trans(w.to(x.dtype)))
-            acc += part * s
+                part = tl.dot(w.to(x.dtype), tl.trans(x))
+            acc_t += part * s
         else:
             wf = w.to(tl.float32) * s
             acc3 += x.to(tl.float32)[:, None, :] * wf[None, :, :]
-    if not DOT:
+    c_base = c_ptr + pid_k * stride_cs
+    if DOT:
+        c_ptrs = c_base + offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(c_ptrs, acc_t.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
         acc = tl.sum(acc3, axis=2)
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        c_ptrs = c_base + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
