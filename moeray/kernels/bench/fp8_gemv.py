@@ -117,7 +117,7 @@ def print_fp8_gemv(rows: list[dict]) -> None:
 # Candidate tiles for the sweep: (BLOCK_N, num_warps, num_stages) per inner product; BLOCK_M and
 # SPLIT_K follow the heuristic's rule for the shape.
 _SWEEP_TILES = {
-    False: ((8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 8, 4), (32, 8, 6), (16, 2, 6)),
+    False: ((8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 8, 4), (64, 4, 4), (32, 8, 6), (16, 2, 6)),
     True: ((32, 4, 4), (64, 4, 4), (128, 8, 3), (64, 8, 6)),
 }
 _SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")

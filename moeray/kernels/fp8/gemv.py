@@ -148,12 +148,17 @@ def _pow2_at_least(v: int) -> int:
 def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
-    Broadcast tiles hold BM x BN x 128 fp32 accumulators: BM x BN = 32 at 4 warps is 32 per
-    thread, with room for the staged e4m3 tiles. Dot tiles: BN = 64 at 4 warps."""
+    Broadcast tiles: BM x BN = 64 (the BM x BN x 128 fp32 accumulator), the weight tile BN rows
+    of 128 e4m3 bytes: 1x64 with 8 warps (8 KB a stage, 32 B a thread), 2x32 and 4x16 with 4.
+    Offline sm_90 compiles: 60 / 96 / 96 registers, no spills. Dot tiles: 64 weight rows (one
+    wgmma M) x BM = 16..64 tokens, 96-142 registers.
+    `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
+    num_warps = 4
     if m <= _BCAST_MAX_ROWS:
         block_m = _pow2_at_least(m)
         # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
-        block_n = 128 // block_m if interpreting() else 32 // block_m
+        block_n = 128 // block_m if interpreting() else 64 // block_m
+        num_warps = 8 if block_m == 1 else 4
         dot = False
     else:
         block_m = min(64, max(16, _pow2_at_least(m)))
@@ -162,7 +167,9 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
     split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, DOT=dot, num_warps=4, num_stages=4)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, DOT=dot, num_warps=num_warps, num_stages=4
+    )
 
 
 def _check_config(cfg: dict) -> None:
