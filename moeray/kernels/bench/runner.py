@@ -24,6 +24,12 @@ from moeray.kernels.bench.fp8 import (
     bench_quant,
     sweep_fp8_gemm,
 )
+from moeray.kernels.bench.fp8_gemv import (
+    bench_fp8_gemv,
+    print_fp8_gemv,
+    print_fp8_gemv_sweep,
+    sweep_fp8_gemv,
+)
 from moeray.kernels.bench.gate import bench_moe_gate
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
@@ -121,6 +127,10 @@ def _print_table(result: dict) -> None:
             )
         else:
             print(f"{r['kernel']}: {r['TFLOPs']} TFLOP/s, x{r['speedup_vs_bf16']} bf16")
+    if "fp8_gemv" in result:
+        print_fp8_gemv(result["fp8_gemv"])
+    if "fp8_gemv_sweep" in result:
+        print_fp8_gemv_sweep(result["fp8_gemv_sweep"])
     for r in result.get("fp8_gemm_grouped", []):
         print(
             f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
@@ -222,6 +232,22 @@ def flat_results(result: dict) -> list[dict]:
                     "torch.matmul bf16",
                     bf16_ratio,
                     {"ratio_to_baseline": bf16_target} if big and bf16_target else None,
+                )
+            )
+    for r in result.get("fp8_gemv", []):
+        for baseline, ratio in (
+            ("act_quant + fp8_gemm (CUDA graph)", r["speedup_vs_quant_gemm"]),
+            ("F.linear bf16 (CUDA graph)", r["speedup_vs_bf16"]),
+        ):
+            out.append(
+                _rec(
+                    "fp8_gemv (CUDA graph)",
+                    f"{r['layer']} M{r['M']} N{r['N']} K{r['K']}",
+                    r["gemv_us"] / 1e3,
+                    r["gemv_frac_copy_bw"],
+                    "copy bandwidth",
+                    baseline,
+                    ratio,
                 )
             )
     for r in result.get("fp8_gemm_grouped", []):
@@ -328,6 +354,8 @@ def flat_results(result: dict) -> list[dict]:
 SECTIONS = (
     "quant",
     "fp8_gemm",
+    "fp8_gemv",
+    "fp8_gemv_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
     "mla_decode",
@@ -369,6 +397,8 @@ def main(argv: list[str]) -> int:
     sections = [
         ("quant", lambda: bench_quant(result["ceilings"])),
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
+        ("fp8_gemv", lambda: bench_fp8_gemv(result["ceilings"])),
+        ("fp8_gemv_sweep", sweep_fp8_gemv),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         (
             "fused_moe",

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX
-from moeray.kernels.fp8 import act_quant, fp8_gemm
+from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv
+
+# Rows up to which FP8Linear runs the weight-only fp8_gemv instead of act_quant + fp8_gemm. At
+# decode batch sizes the layer is a weight read: fp8_gemv reads the e4m3 bytes once with x in
+# bf16 and needs no act_quant launch, where act_quant + the 64-row-tile GEMM took 24 x 68 us per
+# V3-width step at batch 1 on an H200 (benchmarks/results/engine-nvidia-h200-v3-fp8.json). Above
+# this the tensor-core GEMM on quantized activations wins as the work turns compute-bound;
+# `moeray bench kernels --only fp8_gemv` times both at M = 1, 8, 64 for tuning this bound.
+FP8_GEMV_MAX_ROWS = 16
 
 
 def quantize_fp8_blocks(
@@ -53,8 +61,10 @@ def dequantize_fp8_blocks(
 class FP8Linear(nn.Module):
     """A linear layer that keeps its weight in FP8 plus block scales (inference).
 
-    On a GPU it runs the block-scaled FP8 GEMM (when K and N are multiples of 128); elsewhere it
-    dequantizes and runs a plain matmul in the activation dtype."""
+    On a GPU, `forward` picks the kernel: fp8_gemv (weight-only, x unquantized) for up to
+    FP8_GEMV_MAX_ROWS rows and for any N or K that is not a multiple of 128; act_quant + the
+    block-scaled fp8_gemm otherwise. Elsewhere it dequantizes and runs a plain matmul in the
+    activation dtype."""
 
     # buffers, registered in __init__
     weight: torch.Tensor  # e4m3 [N, K]
@@ -93,10 +103,16 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0:
+            aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
+            if x2.shape[0] <= FP8_GEMV_MAX_ROWS or not aligned:
+                # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
+                # N = 576) keep the dequantized model's numbers at any M, with no per-call
+                # dequantization of the whole weight.
+                y = fp8_gemv(x2, self.weight, self.weight_scale_inv)
+            else:
                 xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
                 y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
 
 

@@ -1,0 +1,145 @@
+"""fp8_gemv compiled on the GPU (marker gpu; skipped without CUDA): DeepSeek-V3 linear shapes and
+ragged ones at decode rows, under a CUDA graph, and FP8Linear's kernel choice by rows and shape."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+# (N, K): q_a, q_b, kv_a (ragged N), o_proj, dense gate/up, down, shared expert in/out, and ragged
+# test shapes (N = 200, K = 1000).
+V3_SHAPES = [
+    (1536, 7168),
+    (24576, 1536),
+    (576, 7168),
+    (7168, 16384),
+    (18432, 7168),
+    (7168, 18432),
+    (2048, 7168),
+    (7168, 2048),
+    (200, 1000),
+    (576, 512),
+]
+
+
+def _poison(nbytes: int = 1 << 30) -> None:
+    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+
+
+def _weight(n, k, seed):
+    from moeray.kernels import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blk = torch.logspace(-1, 2, -(-n // 128), device="cuda")
+    blk = blk[torch.randperm(blk.numel(), device="cuda", generator=g)]
+    w = torch.randn(n, k, device="cuda", generator=g) * blk.repeat_interleave(128)[:n, None]
+    return fp8.weight_quant(w)
+
+
+def _check(y, x, wq, ws):
+    from moeray.kernels import fp8
+
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], wq.shape[0])
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
+    ref32 = x.float() @ fp8.weight_dequant_ref(wq, ws, out_dtype=torch.float32).t()
+    # fp32 sums in another order, one rounding to bf16 (half an ulp, 2^-9 relative) per element.
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * 2.0**-8 + 1e-4 * ref32.abs().max()
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.parametrize("nk", V3_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 7, 16])
+def test_fp8_gemv_matches_reference(nk, m):
+    from moeray.kernels import fp8
+
+    n, k = nk
+    wq, ws = _weight(n, k, seed=n + k)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = (
+        torch.randn(m, k, device="cuda", generator=g)
+        * torch.logspace(-1, 2, m, device="cuda")[:, None]
+    )
+    x = x.bfloat16()
+    _poison()
+    _check(fp8.fp8_gemv(x, wq, ws), x, wq, ws)
+
+
+@pytest.mark.parametrize("m", [1, 64, 333])
+def test_fp8_gemv_fp32_and_larger_m(m):
+    from moeray.kernels import fp8
+
+    wq, ws = _weight(576, 7168, seed=m)
+    x = torch.randn(m, 7168, device="cuda")
+    y = fp8.fp8_gemv(x, wq, ws)
+    ref = fp8.fp8_gemv_ref(x, wq, ws)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5  # IEEE fp32 dots, not TF32
+    xb = x.bfloat16()
+    _check(fp8.fp8_gemv(xb, wq, ws), xb, wq, ws)
+
+
+@pytest.mark.parametrize("nk", [(576, 7168), (7168, 2048)])  # split-K (two launches) and not
+def test_fp8_gemv_cuda_graph(nk):
+    from moeray.kernels import fp8
+
+    n, k = nk
+    wq, ws = _weight(n, k, seed=5)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    eager = fp8.fp8_gemv(x, wq, ws)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fp8.fp8_gemv(x, wq, ws)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8.fp8_gemv(x, wq, ws)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(y, x, wq, ws)
+    assert not torch.equal(y, eager)  # the replay read the new x
+
+
+@pytest.mark.parametrize(
+    "nk,m,kernel",
+    [
+        ((1536, 7168), 1, "gemv"),
+        ((1536, 7168), "bound", "gemv"),
+        ((1536, 7168), "bound + 1", "gemm"),
+        ((576, 7168), 1, "gemv"),
+        ((576, 7168), 300, "gemv"),  # ragged N: weight-only at any M, no dequantized weight
+    ],
+)
+def test_fp8_linear_picks_fp8_gemv(monkeypatch, nk, m, kernel):
+    from moeray.kernels import fp8
+    from moeray.platform.model import quant
+    from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS, FP8Linear
+
+    m = {"bound": FP8_GEMV_MAX_ROWS, "bound + 1": FP8_GEMV_MAX_ROWS + 1}.get(m, m)
+    calls = {"gemv": 0, "gemm": 0, "dequant": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(quant, "fp8_gemv", counting("gemv", quant.fp8_gemv))
+    monkeypatch.setattr(quant, "fp8_gemm", counting("gemm", quant.fp8_gemm))
+    monkeypatch.setattr(
+        quant, "dequantize_fp8_blocks", counting("dequant", quant.dequantize_fp8_blocks)
+    )
+    n, k = nk
+    wq, ws = _weight(n, k, seed=int(m))
+    layer = FP8Linear(wq, ws)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    assert calls == {"gemv": kernel == "gemv", "gemm": kernel == "gemm", "dequant": 0}, calls
+    assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
+    ref = fp8.fp8_gemv_ref(x[0], wq, ws).float()
+    # gemv: weight-only (bf16 rounding); gemm: 1x128 e4m3 activations too (~3% relative).
+    tol = 1e-2 if kernel == "gemv" else 6e-2
+    assert ((y[0].float() - ref).norm() / ref.norm()).item() < tol
