@@ -216,7 +216,7 @@ def test_rayservice_serve_config_parses_into_serve_config():
         for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         for c in g["template"]["spec"]["containers"]
     )
-    ep = getattr(cfg, "ep", 1)
+    ep = cfg.ep or 1  # None: one process per replica
     need = (
         ep
         * cfg.gpus_per_replica

@@ -206,7 +206,7 @@ def read_serve_config(data: dict[str, Any]) -> tuple[ServeConfig, dict[str, Any]
 
 def serve_gpus(cfg: ServeConfig) -> dict[str, float]:
     """GPUs each engine deployment requests: replicas x ep x gpus_per_replica."""
-    ep = int(getattr(cfg, "ep", 1) or 1)
+    ep = cfg.ep or 1  # None: one process per replica (no gang)
     replicas_d = cfg.decode_replicas
     replicas_p = cfg.prefill_replicas
     if cfg.autoscaling is not None:
