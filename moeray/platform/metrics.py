@@ -255,8 +255,8 @@ ROUTER_MAXVIO = MetricDef(
 )
 GPU_LOAD = MetricDef(
     "moeray_expert_gpu_load",
-    "Tokens per expert-parallel rank (GPU) per MoE layer under the serving placement: the load "
-    "moving average, each expert's tokens split evenly over its replicas.",
+    "Rows (token, expert pairs) each expert-parallel serving rank (GPU) computed per MoE layer in "
+    "the last reporting window.",
     "gauge",
     ("layer", "gpu"),
     unit="short",
@@ -264,7 +264,7 @@ GPU_LOAD = MetricDef(
 )
 PLACEMENT_MAXVIO = MetricDef(
     "moeray_placement_maxvio",
-    "MaxVio over GPUs = max_g(load_g) / mean(load) - 1 per MoE layer under the serving placement.",
+    "MaxVio over GPUs = max_g(load_g) / mean(load) - 1 per MoE layer of an EP serving gang.",
     "gauge",
     ("layer",),
     unit="percentunit",

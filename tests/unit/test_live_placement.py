@@ -26,7 +26,7 @@ from moeray.platform.metrics import (
 )
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
-from moeray.platform.parallel.serve_ep import ServingEPMoE
+from moeray.platform.parallel.serve_ep import ServingEPMoE, rows_computed
 from moeray.platform.placement import identity_placement, place_experts
 from moeray.platform.rank_weights import CheckpointExperts, load_rank_model
 from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
@@ -93,6 +93,8 @@ def _worker(rank: int, world: int, model_dir: str, init_file: str, out_dir: str)
                 "held": [m.held_experts() for m in moe],
                 "slots": [m.experts.gate_proj.shape[0] for m in moe],
                 "bytes_read": source.stats.bytes,
+                "routed": [int(m.load_E.sum()) for m in moe],
+                "rows": rows_computed(engine.model),
                 "steps": step,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -129,6 +131,9 @@ def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path):
             final.phy2log_LP[i, r * 8 : (r + 1) * 8].tolist() for i in range(L_MOE)
         ]
         assert g["bytes_read"] > 0  # experts taken over were read from the checkpoint files
+    # Every (token, expert) row some rank routed was computed exactly once, replicas or not.
+    routed = [sum(g["routed"][i] for g in got) for i in range(L_MOE)]
+    assert [sum(g["rows"][i] for g in got) for i in range(L_MOE)] == routed
     # v1 held a hot expert's replicas on both ranks (the placement the stream crossed).
     v1p = _placements()[1]
     assert int(v1p.logcnt_LE[:, 1].min()) >= 2
@@ -151,20 +156,23 @@ def test_controller_replicates_hot_expert_and_maxvio_drops():
     while new is None and step < 100:
         step += 10
         seen = [seen[0] + hot, seen[1] + balanced]
-        new = c.report(step, seen)
+        new = c.report(step, seen, [torch.full((L_MOE,), step), torch.full((L_MOE,), 2 * step)])
     assert new is not None and c.version == 1 and c.placement is new
     assert bool((new.logcnt_LE[:, 3] >= 2).all())  # the hot expert got a replica
     unplaced = identity_placement(L_MOE, E, 2)
     assert float(c.gpu_maxvio_L().max()) < 0.2 < float(c.gpu_maxvio_L(unplaced).max())
     # Within min_interval_steps no new placement, whatever the load.
     seen = [seen[0] + hot * 5, seen[1]]
-    assert c.report(step + 10, seen) is None and c.version == 1
+    rows = [torch.full((L_MOE,), step + 30), torch.full((L_MOE,), 2 * step + 10)]
+    assert c.report(step + 10, seen, rows) is None and c.version == 1
     m = Metrics("prometheus", registry=CollectorRegistry())
     c.export(m)
     r = m.registry
     assert r.get_sample_value(PLACEMENT_CHANGES.name + "_total") == 1.0
-    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {"layer": "1"}) < 0.2
-    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "0"}) > 0
+    # GPU load: the rows each rank reported computing in the last window (30 and 10).
+    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "0"}) == 30
+    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "1"}) == 10
+    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {"layer": "1"}) == pytest.approx(0.5)
     assert (
         r.get_sample_value(EXPERT_LOAD.name, {"layer": "1", "expert": "3"}) == 400 * 5
     )  # the last window
@@ -174,5 +182,5 @@ def test_bad_placements_are_refused():
     with pytest.raises(ValueError, match="maxvio_threshold"):
         PlacementPolicy(num_physical=16, maxvio_threshold=-1)
     c = PlacementController(CONFIG, 2, PlacementPolicy(num_physical=16))
-    with pytest.raises(ValueError, match="expected \\[layers, experts\\]"):
+    with pytest.raises(ValueError, match="counts have shape \\(3, 3\\)"):
         c.report(0, [torch.zeros(3, 3)])

@@ -74,6 +74,7 @@ class ServingEPMoE(ExpertParallelMoE):
         # None while the map is the identity: routing ids are slot ids, to_physical is skipped.
         self.log2phy_ER: torch.Tensor | None = None
         self.logcnt_E: torch.Tensor | None = None
+        self.rows_computed = 0  # (token, expert) rows this rank's experts ran: its measured load
 
     def held_experts(self) -> list[int]:
         """The logical expert of each slot this rank holds, in slot order."""
@@ -113,6 +114,7 @@ class ServingEPMoE(ExpertParallelMoE):
         if self.log2phy_ER is not None and self.logcnt_E is not None:
             slots_TK = to_physical(slots_TK, self.log2phy_ER, self.logcnt_E)
         x_RD, local_R, plan = dispatch(x_TD, slots_TK, self.num_slots, self.group)
+        self.rows_computed += sum(plan.recv_counts)
         w_A = r.weights_TK.reshape(-1)[plan.order_A].float().contiguous()
         w_R = all_to_all(w_A, plan.recv_counts, plan.send_counts, self.group)
         y_RD = self.experts(x_RD, local_R[:, None], w_R[:, None]) if local_R.numel() else x_RD
@@ -133,6 +135,11 @@ def expert_loads(model: nn.Module) -> list[list[int]]:
     """Tokens this rank routed to each expert, per MoE layer (ServingEPMoE.load_E), in layer
     order."""
     return [m.load_E.tolist() for m in model.modules() if isinstance(m, ServingEPMoE)]
+
+
+def rows_computed(model: nn.Module) -> list[int]:
+    """(token, expert) rows this rank's experts computed since it was built, per MoE layer."""
+    return [m.rows_computed for m in model.modules() if isinstance(m, ServingEPMoE)]
 
 
 class Lockstep:

@@ -18,6 +18,7 @@ request is paused or dropped (the swap is a few attribute assignments between st
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from moeray.platform.placement import Placement
 
 # (MoE layer index in model order, logical expert ids) -> stacked (gate_proj [n, I, D],
 # up_proj [n, I, D], down_proj [n, D, I]) of those experts.
+log = logging.getLogger(__name__)
 ExpertSource = Callable[[int, list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -159,4 +161,7 @@ class PlacementSwitch:
             self._staged = {v: s for v, s in self._staged.items() if v > agreed}
             self.version = agreed
             self.switches.append((agreed, step))
+        log.info(
+            "EP rank %d switched to expert placement v%d after step %d", self.ep_rank, agreed, step
+        )
         return True

@@ -83,25 +83,19 @@ class PlacementController:
         self._seen: dict[int, torch.Tensor] = {}  # rank -> cumulative loads at its last report
         self._window_LE = torch.zeros(len(c.layer_ids), c.n_experts, dtype=torch.int64)
         self._exported_changes = 0
+        self._rows_seen: dict[int, torch.Tensor] = {}
+        self.gpu_rows_LG: torch.Tensor | None = None  # measured rows per GPU, last window
 
-    def _window(self, loads_by_rank: Sequence) -> torch.Tensor:
-        """Tokens per expert since the last report, summed over the ranks. A counter that went
+    @staticmethod
+    def _since(seen: dict[int, torch.Tensor], rank: int, counter, shape: tuple) -> torch.Tensor:
+        """A rank's cumulative counter minus its value at the last report. A counter that went
         down (a restarted rank) counts from zero."""
-        total = torch.zeros_like(self._window_LE)
-        for rank, loads in enumerate(loads_by_rank):
-            now = torch.as_tensor(loads, dtype=torch.int64)
-            if now.shape != total.shape:
-                raise ValueError(
-                    f"rank {rank} loads have shape {tuple(now.shape)}, expected [layers, "
-                    f"experts] {tuple(total.shape)}"
-                )
-            before = self._seen.get(rank)
-            if before is None or bool((now < before).any()):
-                total += now
-            else:
-                total += now - before
-            self._seen[rank] = now.clone()
-        return total
+        now = torch.as_tensor(counter, dtype=torch.int64)
+        if tuple(now.shape) != shape:
+            raise ValueError(f"rank {rank} counts have shape {tuple(now.shape)}, expected {shape}")
+        before = seen.get(rank)
+        seen[rank] = now.clone()
+        return now if before is None or bool((now < before).any()) else now - before
 
     def gpu_maxvio_L(self, placement: Placement | None = None) -> torch.Tensor:
         """[L] MaxVio over the GPUs of the load average under `placement` (default: current)."""
@@ -110,10 +104,23 @@ class PlacementController:
             return torch.zeros(len(self.layer_ids), dtype=torch.float64)
         return maxvio(gpu_loads(ema, placement or self.placement))
 
-    def report(self, step: int, loads_by_rank: Sequence) -> Placement | None:
-        """Feed the ranks' cumulative loads (one [L, E] per rank) seen after engine step `step`;
-        returns a new placement (then `version` is its number) or None."""
-        self._window_LE = self._window(loads_by_rank)
+    def report(
+        self, step: int, loads_by_rank: Sequence, rows_by_rank: Sequence | None = None
+    ) -> Placement | None:
+        """Feed the ranks' cumulative counters seen after engine step `step`: tokens each routed
+        per expert ([L, E] per rank) and, optionally, rows each one's experts computed ([L] per
+        rank: the measured GPU load). Returns a new placement (then `version` is its number) or
+        None."""
+        shape = tuple(self._window_LE.shape)
+        self._window_LE = sum(
+            (self._since(self._seen, r, x, shape) for r, x in enumerate(loads_by_rank)),
+            torch.zeros(shape, dtype=torch.int64),
+        )
+        if rows_by_rank is not None:
+            rows = [
+                self._since(self._rows_seen, r, x, shape[:1]) for r, x in enumerate(rows_by_rank)
+            ]
+            self.gpu_rows_LG = torch.stack(rows, dim=1)
         if int(self._window_LE.sum()) > 0:
             self.router.observe(self._window_LE)
         p = self.policy
@@ -147,11 +154,14 @@ class PlacementController:
         return candidate
 
     def export(self, metrics: Metrics) -> None:
-        """Per-expert load (last window), per-GPU load and GPU MaxVio (moving average) gauges,
-        and the count of placement changes."""
+        """Gauges of the last window: tokens per expert; per GPU, the rows its experts computed
+        when the ranks report them (else the moving average split by the placement); their GPU
+        MaxVio. And the count of placement changes."""
         ema = self.router.load_ema_LE
-        gpu_LG = None if ema is None else gpu_loads(ema, self.placement)
-        vio_L = self.gpu_maxvio_L()
+        gpu_LG = self.gpu_rows_LG
+        if gpu_LG is None and ema is not None:
+            gpu_LG = gpu_loads(ema, self.placement)
+        vio_L = self.gpu_maxvio_L() if gpu_LG is None else maxvio(gpu_LG)
         for i, layer in enumerate(self.layer_ids):
             lab = str(layer)
             metrics.set(PLACEMENT_MAXVIO.name, float(vio_L[i]), layer=lab)

@@ -32,7 +32,7 @@ import torch
 from moeray.platform.config import ServeConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.parallel.distributed import init_distributed
-from moeray.platform.parallel.serve_ep import expert_loads
+from moeray.platform.parallel.serve_ep import expert_loads, rows_computed
 from moeray.platform.placement import Placement
 from moeray.platform.rank_weights import CheckpointExperts, LoadReport, load_rank_model
 from moeray.platform.routing.live_placement import PlacementController
@@ -154,9 +154,11 @@ class EPRank:
         return engine
 
     def expert_loads(self) -> dict[str, Any]:
-        """{"steps": engine steps so far, "loads": [MoE layer][expert] tokens routed so far}."""
+        """{"steps": engine steps so far, "loads": [MoE layer][expert] tokens this rank routed,
+        "rows": [MoE layer] rows this rank's experts computed}, all counted since the start."""
         engine = self._engine()
-        return {"steps": engine.stats.steps, "loads": expert_loads(engine.model)}
+        m = engine.model
+        return {"steps": engine.stats.steps, "loads": expert_loads(m), "rows": rows_computed(m)}
 
     async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]:
         """Build this rank's weights for a placement (Placement.state_dict()) off the event loop;
@@ -240,7 +242,7 @@ class GangFront:
             asyncio.gather(*(r.expert_loads() for r in self.ranks)), self.stats_timeout_s
         )
         step = max(s["steps"] for s in seen)
-        new = self.controller.report(step, [s["loads"] for s in seen])
+        new = self.controller.report(step, [s["loads"] for s in seen], [s["rows"] for s in seen])
         if new is None:
             return None
         version, state = self.controller.version, new.state_dict()
