@@ -26,7 +26,9 @@ from moeray.platform.metrics import (
 )
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
+from moeray.platform.parallel.expert import enable_expert_parallel
 from moeray.platform.parallel.serve_ep import ServingEPMoE, rows_computed
+from moeray.platform.parallel.serve_placement import PlacementSwitch
 from moeray.platform.placement import identity_placement, place_experts
 from moeray.platform.rank_weights import CheckpointExperts, load_rank_model
 from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
@@ -184,3 +186,23 @@ def test_bad_placements_are_refused():
     c = PlacementController(CONFIG, 2, PlacementPolicy(num_physical=16))
     with pytest.raises(ValueError, match="counts have shape \\(3, 3\\)"):
         c.report(0, [torch.zeros(3, 3)])
+
+
+def test_staging_refuses_what_the_rank_cannot_apply():
+    """Single process (no collective runs): the checks of PlacementSwitch.stage and .switch."""
+    model = Transformer(CONFIG)
+    enable_expert_parallel(model, None, 0, 2, ServingEPMoE)
+    switch = PlacementSwitch(model, 0, 2, source=None)
+    with pytest.raises(ValueError, match="over 1 GPUs; this gang has 2 MoE layers over ep=2"):
+        switch.stage(1, identity_placement(L_MOE, E, 1))
+    with pytest.raises(ValueError, match="no weight source"):
+        switch.stage(1, place_experts(_skewed(12), 18, CONFIG.n_group, 1, 2))
+    report = switch.stage(1, identity_placement(L_MOE, E, 2))  # copies only
+    assert (report.loaded_experts, report.copied_experts) == (0, L_MOE * E // 2)
+    with pytest.raises(ValueError, match="must be newer"):
+        switch.stage(1, identity_placement(L_MOE, E, 2))
+    assert switch.ready_version() == 1 and switch.version == 0
+    with pytest.raises(RuntimeError, match="never staged"):
+        switch.switch(2, step=7)
+    assert switch.switch(1, step=7) and switch.switches == [(1, 7)]
+    assert not switch.switch(1, step=8)

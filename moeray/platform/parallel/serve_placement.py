@@ -78,10 +78,10 @@ class PlacementSwitch:
     def stage(self, version: int, placement: Placement) -> SwitchReport:
         """Build this rank's weights for `placement` and keep them until the gang agrees."""
         L = len(self.layers)
-        P = placement.phy2log_LP.shape[1] if placement.phy2log_LP.dim() == 2 else -1
-        if placement.phy2log_LP.shape[0] != L or placement.num_gpus != self.ep_size:
+        layers, P = placement.phy2log_LP.shape
+        if layers != L or placement.num_gpus != self.ep_size:
             raise ValueError(
-                f"placement for {placement.phy2log_LP.shape[0]} layers over "
+                f"placement for {layers} layers over "
                 f"{placement.num_gpus} GPUs; this gang has {L} MoE layers over ep={self.ep_size}"
             )
         if P % self.ep_size:
