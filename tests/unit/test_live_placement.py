@@ -4,6 +4,7 @@ same step in the middle of a stream (new experts read from the checkpoint files)
 output stays the single-process engine's, token for token. The controller replicates a hot
 expert and the GPU MaxVio drops."""
 
+import asyncio
 import os
 
 import pytest
@@ -32,6 +33,7 @@ from moeray.platform.parallel.serve_placement import PlacementSwitch
 from moeray.platform.placement import identity_placement, place_experts
 from moeray.platform.rank_weights import CheckpointExperts, load_rank_model
 from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
+from moeray.platform.serve.gang import GangFront
 
 CONFIG = tiny().replace(num_nextn_predict_layers=0)
 PROMPTS = [list(range(3, 40)), [5, 9, 2, 77, 31], list(range(500, 521)), [42]]
@@ -206,3 +208,43 @@ def test_staging_refuses_what_the_rank_cannot_apply():
         switch.switch(2, step=7)
     assert switch.switch(1, step=7) and switch.switches == [(1, 7)]
     assert not switch.switch(1, step=8)
+
+
+class _FakeRank:
+    """A gang rank's placement side: cumulative counters, and staging that may fail."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.loads = torch.zeros(L_MOE, E, dtype=torch.int64)
+        self.staged: list[int] = []
+        self.fail = False
+
+    async def expert_loads(self) -> dict:
+        return {"steps": self.steps, "loads": self.loads.tolist(), "rows": [0] * L_MOE}
+
+    async def stage_placement(self, version: int, placement: dict) -> dict:
+        if self.fail:
+            raise RuntimeError("rank gone")
+        self.staged.append(version)
+        return {"version": version}
+
+
+def test_front_stages_new_placements_and_keeps_the_applied_one_when_staging_fails():
+    policy = PlacementPolicy(num_physical=18, maxvio_threshold=0.2, min_interval_steps=10)
+    ranks = [_FakeRank(), _FakeRank()]
+    front = GangFront(
+        ranks, page_size=16, max_per_rank=4, controller=PlacementController(CONFIG, 2, policy)
+    )
+    applied = front.controller.placement
+    for r in ranks:
+        r.steps, r.loads = 5, _skewed(1)
+    ranks[1].fail = True
+    with pytest.raises(RuntimeError, match="rank gone"):
+        asyncio.run(front.update_placement())
+    assert front.controller.placement is applied and ranks[0].staged == [1]
+    ranks[1].fail = False
+    for r in ranks:
+        r.steps, r.loads = 20, r.loads + _skewed(1)
+    assert asyncio.run(front.update_placement()) == 2
+    assert ranks[0].staged == [1, 2] and ranks[1].staged == [2]
+    assert int(front.controller.placement.logcnt_LE[:, 1].min()) >= 2

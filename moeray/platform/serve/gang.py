@@ -242,14 +242,21 @@ class GangFront:
             asyncio.gather(*(r.expert_loads() for r in self.ranks)), self.stats_timeout_s
         )
         step = max(s["steps"] for s in seen)
+        applied = self.controller.placement
         new = self.controller.report(step, [s["loads"] for s in seen], [s["rows"] for s in seen])
         if new is None:
             return None
         version, state = self.controller.version, new.state_dict()
-        await asyncio.wait_for(
-            asyncio.gather(*(r.stage_placement(version, state) for r in self.ranks)),
-            self.stage_timeout_s,
-        )
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(r.stage_placement(version, state) for r in self.ranks)),
+                self.stage_timeout_s,
+            )
+        except BaseException:
+            # A rank without it never votes for it, so the gang keeps the applied placement
+            # (the ranks that staged it drop it at the next switch; versions only grow).
+            self.controller.placement = applied
+            raise
         return version
 
     async def _refresh(self) -> None:
