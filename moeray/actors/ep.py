@@ -13,18 +13,28 @@ Ray).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from moeray.platform.config import ServeConfig
+from moeray.platform.config import ModelConfig, ServeConfig
+from moeray.platform.metrics import (
+    EXPERT_LOAD,
+    GPU_LOAD,
+    PLACEMENT_CHANGES,
+    PLACEMENT_MAXVIO,
+    Metrics,
+)
 from moeray.platform.parallel.distributed import CUDA_ENV, TIMEOUT_ENV
+from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
 from moeray.platform.serve.gang import EPRank, GangFront
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
 from moeray.platform.serve.worker import PrefillResult
 
 START_TIMEOUT_S = 600.0  # placement, process group and weight loading of a whole gang
+log = logging.getLogger(__name__)
 
 
 def placement_strategy(bundle: dict[str, float], n: int, nodes: list[dict[str, Any]]) -> str:
@@ -68,6 +78,12 @@ class RayRank:
 
     async def free_pages(self) -> int:
         return await self.actor.free_pages.remote()
+
+    async def expert_loads(self) -> dict[str, Any]:
+        return await self.actor.expert_loads.remote()
+
+    async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]:
+        return await self.actor.stage_placement.remote(version, placement)
 
 
 class PrefillFetch:
@@ -153,15 +169,46 @@ class EPServer:
     def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
         cfg = ServeConfig.from_dict(config)
         self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
+        controller = None
+        self.placement_period_s = cfg.ep_placement_period_s
+        if self.placement_period_s > 0:
+            model_config = ModelConfig.from_hf(cfg.model)
+            policy = PlacementPolicy(
+                num_physical=model_config.n_routed_experts + cfg.ep_redundant_experts,
+                maxvio_threshold=cfg.ep_placement_maxvio,
+            )
+            controller = PlacementController(model_config, cfg.ep or 1, policy)
         self.front = GangFront(
             [RayRank(a) for a in self.gang.actors],
             page_size=cfg.page_size,
             max_per_rank=cfg.max_num_seqs + cfg.max_waiting,
             stats_period_s=cfg.routing_stats_period_s,
+            controller=controller,
         )
         self.health_timeout_s = max(10.0, cfg.ep_timeout_s)
+        defs = (EXPERT_LOAD, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES)
+        self.metrics = Metrics("ray", defs=defs)
+        self._placement_task: asyncio.Task | None = None
+
+    def _start_placement_loop(self) -> None:
+        """The placement loop runs on the replica's event loop, started by the first call that
+        runs there (a request or Serve's health check)."""
+        if self.front.controller is not None and self._placement_task is None:
+            self._placement_task = asyncio.get_running_loop().create_task(self._placement_loop())
+
+    async def _placement_loop(self) -> None:
+        controller = self.front.controller
+        assert controller is not None
+        while True:
+            await asyncio.sleep(self.placement_period_s)
+            try:
+                await self.front.update_placement()
+            except Exception:  # a rank that does not answer: the health check replaces the gang
+                log.exception("expert placement update failed")
+            controller.export(self.metrics)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        self._start_placement_loop()
         async with aclosing(self.front.generate(request)) as steps:
             async for step in steps:
                 yield step
@@ -174,14 +221,17 @@ class EPServer:
     async def check_health(self) -> None:
         """Serve's health check: every rank answers (a dead rank fails it, and Serve replaces
         the replica, gang included)."""
+        self._start_placement_loop()
         await asyncio.wait_for(
             asyncio.gather(*(a.ping.remote() for a in self.gang.actors)), self.health_timeout_s
         )
 
     async def stats(self) -> dict[str, Any]:
         ranks = await asyncio.gather(*(a.stats.remote() for a in self.gang.actors))
+        c = self.front.controller
         return {
             "strategy": self.gang.strategy,
             "routed_to": list(self.front.routed_to),
+            "placement_version": None if c is None else c.version,
             "ranks": list(ranks),
         }

@@ -501,6 +501,9 @@ class ServeConfig:
     load_format: str = "safetensors"
     # How long a gang's collective may wait before it fails (a dead rank), in seconds.
     ep_timeout_s: float = 120.0
+    ep_placement_period_s: float = 0.0  # live expert placement (serve/gang.py) period; 0: off
+    ep_redundant_experts: int = 0  # its extra expert slots (experts + these: a multiple of ep)
+    ep_placement_maxvio: float = 0.25  # it replans above this GPU MaxVio (worst MoE layer)
     # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
     tool_call_parser: str = "deepseek_v3"
 
@@ -520,6 +523,9 @@ class ServeConfig:
                     f"ep={self.ep} with num_speculative_tokens={self.num_speculative_tokens}: "
                     "MTP drafting is not available with expert parallelism yet; accepted 0"
                 )
+        for name in ("ep_placement_period_s", "ep_redundant_experts", "ep_placement_maxvio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}: accepted {LOAD_FORMATS}")
         if self.load_format == "dummy" and self.ep is None:

@@ -86,6 +86,7 @@ _ACRONYMS = {
     "e2e": "E2E",
     "maxvio": "MaxVio",
     "lr": "LR",
+    "gpu": "GPU",
 }
 
 

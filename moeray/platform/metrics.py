@@ -253,6 +253,30 @@ ROUTER_MAXVIO = MetricDef(
     unit="percentunit",
     group="router",
 )
+GPU_LOAD = MetricDef(
+    "moeray_expert_gpu_load",
+    "Rows (token, expert pairs) each expert-parallel serving rank (GPU) computed per MoE layer in "
+    "the last reporting window.",
+    "gauge",
+    ("layer", "gpu"),
+    unit="short",
+    group="router",
+)
+PLACEMENT_MAXVIO = MetricDef(
+    "moeray_placement_maxvio",
+    "MaxVio over GPUs = max_g(load_g) / mean(load) - 1 per MoE layer of an EP serving gang.",
+    "gauge",
+    ("layer",),
+    unit="percentunit",
+    group="router",
+)
+PLACEMENT_CHANGES = MetricDef(
+    "moeray_placement_changes",
+    "Serving expert placements recomputed and sent to the ranks.",
+    "counter",
+    unit="short",
+    group="router",
+)
 
 # ---- training ------------------------------------------------------------------------------
 TRAIN_STEP = MetricDef(
@@ -291,7 +315,7 @@ TRAIN_LR = MetricDef(
 METRICS: tuple[MetricDef, ...] = (
     TTFT, TPOT, ITL, E2E, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS,
     RUNNING, WAITING, KV_USED, KV_FREE, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, MTP_DRAFT,
-    MTP_ACCEPTED, EXPERT_LOAD, ROUTER_MAXVIO,
+    MTP_ACCEPTED, EXPERT_LOAD, ROUTER_MAXVIO, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES,
     TRAIN_STEP, TRAIN_LOSS, TRAIN_MTP_LOSS, TRAIN_TOKENS_PER_S, TRAIN_MAXVIO, TRAIN_LR,
 )  # fmt: skip
 GROUPS: tuple[str, ...] = ("serving", "kv", "router", "training")

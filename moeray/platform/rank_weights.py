@@ -18,10 +18,23 @@ import torch
 from torch import nn
 
 from moeray.kernels.common import FP8_DTYPE
-from moeray.platform.checkpoint import ReadStats, keep_experts, load_model, stored_in_fp8
+from moeray.platform.checkpoint import (
+    ReadStats,
+    _to_hf_key,
+    _weight_files,
+    keep_experts,
+    load_model,
+    read_safetensors_header,
+    stored_in_fp8,
+)
 from moeray.platform.config import LOAD_FORMATS, ModelConfig
-from moeray.platform.model.moe import Experts
-from moeray.platform.model.quant import FP8Linear, quantize_fp8_blocks, set_fp8_expert_weight
+from moeray.platform.model.moe import Experts, MoE
+from moeray.platform.model.quant import (
+    FP8Linear,
+    dequantize_fp8_blocks,
+    quantize_fp8_blocks,
+    set_fp8_expert_weight,
+)
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import expert_range
@@ -171,3 +184,55 @@ def load_rank_model(
         time.perf_counter() - t0,
     )
     return config, model, report
+
+
+class CheckpointExperts:
+    """Reads single routed experts from the HF safetensors files (memory-mapped, only the tensors
+    asked for): the weight source of a serving rank that takes over experts it did not load when
+    the expert placement changes (`parallel/serve_placement.py`). Built from the rank's model
+    before it is made expert-parallel or after (the MoE layers keep their names); FP8-stored
+    experts are dequantized to `dtype`. `stats` counts the bytes read."""
+
+    def __init__(self, path: str | Path, model: nn.Module, dtype: torch.dtype = torch.float32):
+        path = Path(path)
+        config = ModelConfig.from_hf(path)
+        self.dtype = dtype
+        self.stats = ReadStats()
+        self._layers = [n for n, m in model.named_modules() if isinstance(m, MoE)]
+        self._num_layers = config.num_hidden_layers
+        self._file_of: dict[str, Path] = {}
+        for f in _weight_files(path):
+            for key in read_safetensors_header(f):
+                self._file_of[key] = f
+
+    def _key(self, layer: int, expert: int, proj: str) -> str:
+        name = f"{self._layers[layer]}.experts.{expert}.{proj}.weight"
+        return _to_hf_key(name, self._num_layers)
+
+    def _read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._file_of:
+            raise ValueError(f"{key} is not in the checkpoint")
+        with safe_open(str(self._file_of[key]), framework="pt") as f:
+            t = f.get_tensor(key)
+        self.stats.tensors += 1
+        self.stats.bytes += t.numel() * t.element_size()
+        return t
+
+    def __call__(
+        self, layer: int, experts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= layer < len(self._layers):
+            raise ValueError(f"MoE layer {layer}: the model has {len(self._layers)} MoE layers")
+        out = []
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            rows = []
+            for e in experts:
+                key = self._key(layer, e, proj)
+                w = self._read(key)
+                if w.dtype == FP8_DTYPE:
+                    w = dequantize_fp8_blocks(w, self._read(key + "_scale_inv"), self.dtype)
+                rows.append(w.to(self.dtype))
+            out.append(torch.stack(rows))
+        return out[0], out[1], out[2]

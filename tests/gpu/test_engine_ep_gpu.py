@@ -17,6 +17,7 @@ from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import CUDA_ENV, init_distributed
+from moeray.platform.placement import place_experts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,6 +81,54 @@ def test_ep_engine_on_nccl_equals_the_plain_engine(world, tmp_path):
         pytest.skip(f"needs {world} GPUs")
     expected = _plain()
     mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    got: dict[int, list[int]] = {}
+    for r in range(world):
+        got.update(torch.load(tmp_path / f"{r}.pt"))
+    assert [got[i] for i in range(len(expected))] == expected
+
+
+def _rank_placed(rank: int, world: int, port: int, out_dir: str) -> None:
+    """As _rank, with a switch to a placement with redundant slots after the gang's third step
+    (experts this rank did not hold come from a full CPU copy of the model)."""
+    dev = torch.device("cuda", rank)
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev)
+    try:
+        full = _model("cpu").moe_layers()
+
+        def source(layer: int, ids: list[int]):
+            e = full[layer].experts
+            return e.gate_proj[ids], e.up_proj[ids], e.down_proj[ids]
+
+        engine = ExpertParallelEngine(_model(str(dev)), ECONF, expert_source=source)
+        mine = list(range(rank, len(_prompts()), world))
+        ids = {engine.add_request(_prompts()[i], _params()): i for i in mine}
+        load = torch.ones(len(full), tiny().n_routed_experts)
+        load[:, 0] = 20.0  # expert 0 hot: it gets the redundant slots
+        c = tiny()
+        placement = place_experts(load, c.n_routed_experts + 2 * world, c.n_group, 1, world)
+        tokens: dict[int, list[int]] = {}
+        steps = 0
+        while True:
+            for o in engine.step():
+                if o.finished:
+                    tokens[ids[o.request_id]] = o.output_token_ids
+            steps += 1
+            if steps == 3:
+                engine.placements.stage(1, placement)
+            if not engine.gang_busy:
+                break
+        assert [v for v, _ in engine.placements.switches] == [1]
+        torch.save(tokens, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ep_engine_switching_placement_on_nccl_equals_the_plain_engine(world, tmp_path):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    expected = _plain()
+    mp.spawn(_rank_placed, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     got: dict[int, list[int]] = {}
     for r in range(world):
         got.update(torch.load(tmp_path / f"{r}.pt"))

@@ -17,17 +17,29 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from moeray.platform.engine.engine import DEFAULT_PARAMS, Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.scheduler import RequestOutput
 from moeray.platform.parallel.serve_ep import parallelize_for_serving
+from moeray.platform.parallel.serve_placement import ExpertSource, PlacementSwitch
 
 
 class ExpertParallelEngine(Engine):
-    """An Engine over one EP rank of `model` (a plain model, made expert-parallel here)."""
+    """An Engine over one EP rank of `model` (a plain model, made expert-parallel here).
+    `expert_source` reads experts this rank does not hold when a new placement needs them
+    (`self.placements.stage`); the gang switches placement between steps."""
 
-    def __init__(self, model, config: EngineConfig, *, group=None, tokenizer=None):
+    def __init__(
+        self,
+        model,
+        config: EngineConfig,
+        *,
+        group=None,
+        tokenizer=None,
+        expert_source: ExpertSource | None = None,
+    ):
         if config.num_speculative_tokens:
             raise ValueError(
                 f"num_speculative_tokens={config.num_speculative_tokens}: MTP drafting is not "
@@ -39,11 +51,15 @@ class ExpertParallelEngine(Engine):
         self.lockstep = parallelize_for_serving(model, group)
         super().__init__(model, config, tokenizer=tokenizer)
         self.gang_busy = False
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.placements = PlacementSwitch(model, rank, size, expert_source)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outs = super().step()
+        self.lockstep.ready_version = self.placements.ready_version()
         self.gang_busy = self.lockstep.finish_step(self.scheduler.has_unfinished())
+        self.placements.switch(self.lockstep.last_round.ready, self.stats.steps)
         return outs
 
     def has_unfinished(self) -> bool:

@@ -173,6 +173,19 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
                 f"--ep {cfg.ep} does not divide the model's {config.n_routed_experts} routed "
                 "experts: accepted a divisor of it"
             )
+        slots = config.n_routed_experts + cfg.ep_redundant_experts
+        if cfg.ep_placement_period_s > 0:
+            if cfg.ep is None or slots % cfg.ep:
+                raise ValueError(
+                    f"live expert placement needs --ep dividing the {slots} expert slots "
+                    f"({config.n_routed_experts} experts + --ep-redundant-experts "
+                    f"{cfg.ep_redundant_experts}); got --ep {cfg.ep}"
+                )
+            if cfg.load_format == "dummy":
+                raise ValueError(
+                    "live expert placement reads experts from the checkpoint files: not with "
+                    "--load-format dummy"
+                )
         if cfg.weights == "fp8" and config.quantization_config is None:
             raise ValueError(
                 "--weights fp8 keeps an FP8 checkpoint's e4m3 weights, but its config.json has "
@@ -329,6 +342,21 @@ def _parser() -> argparse.ArgumentParser:
         help="dummy: random weights of config.json's shapes (benchmarks; needs --ep)",
     )
     p.add_argument(
+        "--ep-placement-period",
+        type=float,
+        default=d.ep_placement_period_s,
+        metavar="S",
+        help="live expert placement: replan from the gang's per-expert loads every S seconds "
+        "when the GPU MaxVio passes --ep-placement-maxvio (0: off)",
+    )
+    p.add_argument(
+        "--ep-redundant-experts",
+        type=int,
+        default=d.ep_redundant_experts,
+        help="redundant expert replicas of live placement (experts + these, a multiple of --ep)",
+    )
+    p.add_argument("--ep-placement-maxvio", type=float, default=d.ep_placement_maxvio)
+    p.add_argument(
         "--max-body-bytes",
         type=int,
         default=d.max_body_bytes,
@@ -368,6 +396,9 @@ def main(argv: list[str]) -> int:
             dtype=a.dtype,
             ep=a.ep,
             load_format=a.load_format,
+            ep_placement_period_s=a.ep_placement_period,
+            ep_redundant_experts=a.ep_redundant_experts,
+            ep_placement_maxvio=a.ep_placement_maxvio,
             tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:

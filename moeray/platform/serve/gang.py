@@ -9,8 +9,10 @@ requests over them.
   * GangFront: a GenerationBackend over the ranks: admission (a request per rank up to its
     max_num_seqs + max_waiting, else BackendOverloaded) and placement (most free KV pages, with
     affinity to the rank holding the prompt's prefix: DecodeRoutingPolicy), for `generate`
-    (colocated, decode) and `prefill`. The Serve deployment (moeray.actors.ep.EPServer) is a thin
-    shell around it.
+    (colocated, decode) and `prefill`; with a PlacementController, `update_placement` feeds it
+    the ranks' tokens per expert and stages a new expert placement on every rank (the ranks
+    switch to it together between two steps: parallel/serve_placement.py). The Serve deployment
+    (moeray.actors.ep.EPServer) is a thin shell around it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import torch
 from moeray.platform.config import ServeConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.parallel.distributed import init_distributed
-from moeray.platform.parallel.serve_ep import expert_loads
-from moeray.platform.rank_weights import LoadReport, load_rank_model
+from moeray.platform.parallel.serve_ep import expert_loads, rows_computed
+from moeray.platform.placement import Placement
+from moeray.platform.rank_weights import CheckpointExperts, LoadReport, load_rank_model
+from moeray.platform.routing.live_placement import PlacementController
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
     GenerationRequest,
@@ -103,7 +107,10 @@ class EPRank:
             dtype=dtype,
             keep_fp8=cfg.weights == "fp8",
         )
-        engine = ExpertParallelEngine(model, engine_config(cfg, dev.type))
+        # Experts a new placement brings to this rank are read from the checkpoint files (dummy
+        # weights have no file to read: their placement stays the loaded one).
+        source = CheckpointExperts(cfg.model, model, dtype) if cfg.load_format != "dummy" else None
+        engine = ExpertParallelEngine(model, engine_config(cfg, dev.type), expert_source=source)
         loop: dict[str, Any] = {"max_waiting": cfg.max_waiting, "collective": True}
         if self.role == "prefill":
             self.worker = PrefillWorker(engine, **loop)
@@ -141,9 +148,27 @@ class EPRank:
     def ping(self) -> int:
         return self.rank
 
-    def stats(self) -> dict[str, Any]:
+    def _engine(self) -> ExpertParallelEngine:
         engine = self._worker().loop.engine
         assert isinstance(engine, ExpertParallelEngine)
+        return engine
+
+    def expert_loads(self) -> dict[str, Any]:
+        """{"steps": engine steps so far, "loads": [MoE layer][expert] tokens this rank routed,
+        "rows": [MoE layer] rows this rank's experts computed}, all counted since the start."""
+        engine = self._engine()
+        m = engine.model
+        return {"steps": engine.stats.steps, "loads": expert_loads(m), "rows": rows_computed(m)}
+
+    async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]:
+        """Build this rank's weights for a placement (Placement.state_dict()) off the event loop;
+        the engine switches once every rank has staged it. Returns the SwitchReport."""
+        p = Placement.from_state_dict(placement)
+        report = await asyncio.to_thread(self._engine().placements.stage, version, p)
+        return dataclasses.asdict(report)
+
+    def stats(self) -> dict[str, Any]:
+        engine = self._engine()
         return {
             "rank": self.rank,
             "pid": os.getpid(),
@@ -154,6 +179,8 @@ class EPRank:
             "padding_forwards": engine.lockstep.padding_forwards,
             "load": None if self.report is None else dataclasses.asdict(self.report),
             "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
+            "placement_version": engine.placements.version,
+            "placement_switches": list(engine.placements.switches),  # (version, step)
             "transfers": [
                 vars(t) for t in getattr(self._worker(), "transfers", [])[-100:]
             ],  # a decode rank's last KV imports
@@ -171,6 +198,10 @@ class RankClient(Protocol):
 
     async def free_pages(self) -> int: ...
 
+    async def expert_loads(self) -> dict[str, Any]: ...
+
+    async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]: ...
+
 
 class GangFront:
     """The gang's GenerationBackend: admission and spreading requests over the ranks."""
@@ -183,6 +214,8 @@ class GangFront:
         max_per_rank: int,
         stats_period_s: float = 1.0,
         stats_timeout_s: float = 10.0,
+        controller: PlacementController | None = None,
+        stage_timeout_s: float = 600.0,
     ) -> None:
         if not ranks:
             raise ValueError("a gang needs at least one rank")
@@ -196,6 +229,35 @@ class GangFront:
         self._last_stats = -float("inf")
         self._refreshing: asyncio.Future | None = None
         self._seq = itertools.count()
+        self.controller = controller
+        self.stage_timeout_s = stage_timeout_s
+
+    async def update_placement(self) -> int | None:
+        """Feed the ranks' tokens per expert to the controller; when it returns a new placement,
+        stage it on every rank (weights first: the ranks switch together once all have it).
+        Returns the new placement's version, or None."""
+        if self.controller is None:
+            raise RuntimeError("this gang has no placement controller")
+        seen = await asyncio.wait_for(
+            asyncio.gather(*(r.expert_loads() for r in self.ranks)), self.stats_timeout_s
+        )
+        step = max(s["steps"] for s in seen)
+        applied = self.controller.placement
+        new = self.controller.report(step, [s["loads"] for s in seen], [s["rows"] for s in seen])
+        if new is None:
+            return None
+        version, state = self.controller.version, new.state_dict()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(r.stage_placement(version, state) for r in self.ranks)),
+                self.stage_timeout_s,
+            )
+        except BaseException:
+            # A rank without it never votes for it, so the gang keeps the applied placement
+            # (the ranks that staged it drop it at the next switch; versions only grow).
+            self.controller.placement = applied
+            raise
+        return version
 
     async def _refresh(self) -> None:
         """Ask every rank for its free pages, at most every stats_period_s. Requests that arrive
