@@ -78,11 +78,7 @@ def run(job: TrainJobConfig) -> Path:
     from moeray.actors.router import get_or_create_router
 
     model_cfg = job.model_config()
-    if model_cfg.vocab_size != job.data.vocab_size:
-        raise ValueError(
-            f"data.vocab_size={job.data.vocab_size} must equal the model's "
-            f"vocab_size={model_cfg.vocab_size}"
-        )
+    job.check_model(model_cfg)  # a layout the model cannot split stops here, before Ray starts
     storage = Path(job.storage).expanduser().resolve()
     run_dir = storage / job.name
     run_dir.mkdir(parents=True, exist_ok=True)

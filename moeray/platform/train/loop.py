@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     p = job.parallel
     topology = Topology(p.pp, p.dp, p.ep)
     device = torch.device("cpu")
-    if job.use_gpu:  # pp >= 2 (TrainJobConfig): the PP = 1 path runs on the CPU
+    if job.use_gpu:  # every layout: each worker trains on its own GPU
         import ray.train.torch
 
         device = ray.train.torch.get_device()
@@ -221,11 +221,15 @@ def train_loop_per_worker(config: dict) -> None:
         # PP = 1: every rank holds its shard's whole loss; PP > 1: the ranks of a pipeline hold
         # parts of it (the loss on the last stage, balance terms on every stage); either way the
         # sum over the world divided by the shards is the mean over shards
-        stats = torch.tensor([parts.main, parts.mtp, parts.balance], dtype=torch.float64)
+        # on the worker's device: under use_gpu the default group is NCCL, which has no CPU path
+        stats = torch.tensor(
+            [parts.main, parts.mtp, parts.balance], dtype=torch.float64, device=device
+        )
         dist.all_reduce(stats)
-        stats /= topology.shards
-        global_loads = loads.clone()
+        stats = stats.cpu() / topology.shards
+        global_loads = loads.to(device)
         dist.all_reduce(global_loads)
+        global_loads = global_loads.cpu()
         maxvio = float(balance.maxvio(global_loads).mean())
         norm = parts.norm
         dt = time.perf_counter() - t0
