@@ -1,7 +1,7 @@
 """The Ray Train job (`moeray train`'s entry point) on the layouts without a pipeline: one device
 (one gloo worker) and data parallel only (two); expert parallel only runs in test_train_job.py.
 The first step's loss equals one process on the same global batch, the loss falls, and the final
-HF directory loads."""
+HF directory loads and holds the last checkpoint's weights."""
 
 import json
 
@@ -11,30 +11,15 @@ import pytest
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [{}, {"dp": 2}], ids=["one-device", "dp2"])
-def test_job_trains_without_a_pipeline(ray_local, tmp_path, layout, check_first_step):
+def test_job_trains_without_a_pipeline(
+    ray_local, tmp_path, layout, tiny_train_job, check_first_step
+):
     import torch
 
     from moeray.platform.checkpoint import load_model
     from moeray.platform.train.job import run
-    from moeray.platform.train.job_config import TrainJobConfig
 
-    job = TrainJobConfig.from_dict(
-        {
-            "model": "tiny",
-            "name": "flat",
-            "storage": str(tmp_path),
-            "output": "model",
-            "steps": 3,
-            "log_every": 1,
-            "checkpoint_every": 3,
-            "max_failures": 0,
-            "seed": 4,
-            "router_name": f"router-{tmp_path.name}",
-            "parallel": layout,
-            "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
-            "optim": {"warmup_steps": 1},
-        }
-    )
+    job = tiny_train_job("flat", seed=4, parallel=layout)
     out = run(job)
 
     run_dir = tmp_path / "flat"
