@@ -49,8 +49,7 @@ def tiny_train_job(tmp_path):
 
     def make(name: str, **keys):
         return TrainJobConfig.from_dict(
-            {
-                "model": "tiny",
+            {  # `model` left out: tiny, or the `init_from` directory's
                 "name": name,
                 "storage": str(tmp_path),
                 "output": "model",

@@ -180,3 +180,18 @@ def test_bench_train_pp1_runs_on_cpu_and_writes_its_result(tmp_path, capsys):
 def test_bench_train_refuses_bad_layouts(flags, match, capsys):
     assert bench.main(flags) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_init_from_must_be_the_models_hf_directory(tmp_path):
+    from moeray.platform.checkpoint import save_model
+
+    save_model(Transformer(tiny()), tiny(), tmp_path / "tiny")
+    job = TrainJobConfig.from_dict({"init_from": str(tmp_path / "tiny")})
+    assert job.model == str(tmp_path / "tiny")  # the model defaults to the checkpoint's
+    job.check_model(job.model_config())
+    with pytest.raises(ValueError, match=r"holds another model than model='small'.*hidden_size"):
+        job = TrainJobConfig.from_dict({"init_from": str(tmp_path / "tiny"), "model": "small"})
+        job.check_model(job.model_config())
+    with pytest.raises(ValueError, match=r"init_from='.*nowhere' is not an HF model directory"):
+        job = TrainJobConfig.from_dict({"init_from": str(tmp_path / "nowhere"), "model": "tiny"})
+        job.check_model(job.model_config())

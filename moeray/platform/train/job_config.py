@@ -45,6 +45,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainJobConfig:
     model: str = "tiny"  # preset name, or a path to an HF config.json / model directory
+    # fine-tuning: an HF model directory whose weights, router biases and tokenizer training
+    # starts from (its config.json must be the model's; `model` defaults to it); "": from scratch
+    init_from: str = ""
     name: str = "tiny"
     storage: str = "~/moeray_runs"
     output: str = "out/tiny-model"  # final HF model directory (relative: under the run dir)
@@ -120,6 +123,8 @@ class TrainJobConfig:
                 f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}"
             )
         kw: dict[str, Any] = {}
+        if d.get("init_from") and "model" not in d:
+            kw["model"] = d["init_from"]
         for key, value in d.items():
             if key in sections:
                 cls = sections[key]
@@ -163,6 +168,19 @@ class TrainJobConfig:
                 f"accepted: {divisors}"
             )
         split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, p.pp)
+        if self.init_from:
+            start = Path(self.init_from).expanduser()
+            if not (start / "config.json").is_file():
+                raise ValueError(
+                    f"init_from={self.init_from!r} is not an HF model directory (no config.json)"
+                )
+            theirs = asdict(mc.ModelConfig.from_hf(start))
+            differ = sorted(k for k, v in asdict(model_cfg).items() if theirs.get(k) != v)
+            if differ:
+                raise ValueError(
+                    f"init_from={self.init_from!r} holds another model than model="
+                    f"{self.model!r}: {differ} differ; leave `model` out to train that one"
+                )
         if model_cfg.vocab_size != self.data.vocab_size:
             raise ValueError(
                 f"data.vocab_size={self.data.vocab_size} must equal the model's "

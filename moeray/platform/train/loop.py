@@ -54,7 +54,12 @@ from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
 from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
-from moeray.platform.train.replica import FlatReplica, PipelineReplica
+from moeray.platform.train.replica import (
+    FlatReplica,
+    PipelineReplica,
+    load_start,
+    start_biases,
+)
 
 
 def _save_checkpoint(
@@ -138,7 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
         # init_process_group binds no device, so communicators are built at each group's first
         # op, which the group check orders the same on every rank (parallel/distributed.py).
         torch.cuda.set_device(device)
-    replica = (PipelineReplica if p.pp > 1 else FlatReplica)(job, rank, world, device)
+    start_model = load_start(job)  # fine-tuning: the checkpoint's weights, else None
+    replica = (PipelineReplica if p.pp > 1 else FlatReplica)(job, rank, world, device, start_model)
+    start_bias_LE = None if start_model is None else start_biases(start_model)
+    del start_model  # the replica holds its share
     model_cfg = job.model_config()
     optimizer = tstep.build_optimizer(replica.module, job.optim)
 
@@ -168,6 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
                 RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
             )
             router_state = fresh.state_dict()
+            if start_bias_LE is not None:  # fine-tuning routes with the checkpoint's biases
+                router_state["bias_LE"] = start_bias_LE
     if rank == 0:
         ray.get(router.load_state_dict.remote(router_state))
     dist.barrier()

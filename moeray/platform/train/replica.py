@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from moeray.platform.checkpoint import load_model
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_param
@@ -96,6 +98,21 @@ def gather_full_state(model, groups: Groups) -> dict | None:
     return {k: v.cpu() for k, v in state.items()} if groups.rank == 0 else None
 
 
+def load_start(job: TrainJobConfig) -> Transformer | None:
+    """The model that fine-tuning starts from (`job.init_from`, on the CPU), else None. Every
+    worker reads the whole directory and keeps its share."""
+    if not job.init_from:
+        return None
+    return load_model(Path(job.init_from).expanduser())[1]
+
+
+def start_biases(start: Transformer) -> torch.Tensor:
+    """[L, E] fp32 selection biases of `start`'s MoE layers, the RouterActor's row order."""
+    return torch.stack(
+        [m.gate.e_score_correction_bias.detach().float() for m in tstep.moe_layers(start)]
+    )
+
+
 def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
     """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
     FP8 projections, expert parallelism (this rank keeps E/EP routed experts), the device.
@@ -119,11 +136,15 @@ class _StepParts:
 class FlatReplica:
     """PP = 1: the whole model (experts sharded over EP) on this rank's device."""
 
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+    def __init__(
+        self, job: TrainJobConfig, rank: int, world: int, device, start: Transformer | None = None
+    ) -> None:
         self.job, self.device = job, device
         self.groups = make_groups(rank, world, job.parallel.ep)
         model = Transformer(job.model_config())
         model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
+        if start is not None:  # fine-tuning (`load_start`)
+            model.load_state_dict(start.state_dict())
         self.module = parallelize(model, job, self.groups, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
 
@@ -155,7 +176,9 @@ class FlatReplica:
 class PipelineReplica:
     """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
 
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+    def __init__(
+        self, job: TrainJobConfig, rank: int, world: int, device, start: Transformer | None = None
+    ) -> None:
         p = job.parallel
         self.job = job
         self.pm = PipelineModel(
@@ -168,6 +191,7 @@ class PipelineReplica:
             overlap=p.overlap,
             autocast_dtype=torch.bfloat16 if job.bf16 else None,
             seq_len=job.data.seq_len,
+            full_init=None if start is None else lambda m: m.load_state_dict(start.state_dict()),
         )
         self.module = self.pm.modules
 
