@@ -195,3 +195,21 @@ def test_init_from_must_be_the_models_hf_directory(tmp_path):
     with pytest.raises(ValueError, match=r"init_from='.*nowhere' is not an HF model directory"):
         job = TrainJobConfig.from_dict({"init_from": str(tmp_path / "nowhere"), "model": "tiny"})
         job.check_model(job.model_config())
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("parallel: {ep: 3}\ndata: {global_batch: 9}\n", r"parallel\.ep=3 must divide"),
+        ("parallel: {pp: 3, microbatches: 2}\n", r"dualpipe needs an even parallel\.pp, got pp=3"),
+        ("init_from: /nowhere\nmodel: tiny\n", r"init_from='/nowhere' is not an HF model"),
+    ],
+)
+def test_moeray_train_refuses_bad_layouts_before_ray(
+    tmp_path, capsys, refuse_ray_init, text, match
+):
+    from moeray.platform.train import job
+
+    (tmp_path / "train.yaml").write_text(text)
+    assert job.main(["--config", str(tmp_path / "train.yaml")]) == 2
+    assert re.search(match, capsys.readouterr().err)

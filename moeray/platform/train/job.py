@@ -163,6 +163,7 @@ def main(argv: list[str]) -> int:
                 "fp8": args.fp8,
             },
         )
+        job.check_model(job.model_config())  # a layout the model cannot split stops here
         notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)
