@@ -39,3 +39,51 @@ def refuse_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     yield
     assert running or not ray.is_initialized(), "Ray was started"
+
+
+@pytest.fixture
+def tiny_train_job(tmp_path):
+    """`make(name, **keys)`: a short TrainJobConfig of `tiny()` (3 steps on 4 x 32 tokens, one
+    checkpoint at the end) storing under tmp_path; `keys` override or add top-level keys."""
+    from moeray.platform.train.job_config import TrainJobConfig
+
+    def make(name: str, **keys):
+        return TrainJobConfig.from_dict(
+            {  # `model` left out: tiny, or the `init_from` directory's
+                "name": name,
+                "storage": str(tmp_path),
+                "output": "model",
+                "steps": 3,
+                "log_every": 1,
+                "checkpoint_every": 3,
+                "max_failures": 0,
+                "router_name": f"router-{tmp_path.name}",
+                "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
+                "optim": {"warmup_steps": 1},
+                **keys,
+            }
+        )
+
+    return make
+
+
+@pytest.fixture
+def check_first_step():
+    """`check(job, run_dir, first_record, rel=1e-5)`: a training job's step 0 (the initial
+    weights of `job.seed`, zero biases, global batch 0) has the loss of one CPU process on the
+    whole batch."""
+    from moeray.platform.model.transformer import Transformer
+    from moeray.platform.train import data as tdata
+    from moeray.platform.train import step as tstep
+
+    def check(job, run_dir, rec: dict, rel: float = 1e-5) -> None:
+        ds = tdata.PackedDataset(torch.load(run_dir / "data" / "tokens.pt"), job.data.seq_len)
+        batch = tdata.BatchLoader(ds, job.data.global_batch, seed=job.data.seed).next_batch()
+        ref = Transformer(job.model_config())
+        ref.reset_parameters(seed=job.seed)
+        parts = tstep.compute_loss(ref, batch, job.loss)
+        assert rec["loss"] == pytest.approx(parts.main, rel=rel)
+        assert rec["mtp_loss"] == pytest.approx(parts.mtp, rel=rel)
+        assert rec["balance"] == pytest.approx(parts.balance, rel=max(rel, 1e-4))
+
+    return check

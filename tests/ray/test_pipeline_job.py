@@ -8,13 +8,10 @@ import pytest
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pipeline_job_trains_and_writes_the_model(ray_local, tmp_path):
+def test_pipeline_job_trains_and_writes_the_model(ray_local, tmp_path, check_first_step):
     import torch
 
     from moeray.platform.checkpoint import load_model
-    from moeray.platform.model.transformer import Transformer
-    from moeray.platform.train import data as tdata
-    from moeray.platform.train import step as tstep
     from moeray.platform.train.job import run
     from moeray.platform.train.job_config import TrainJobConfig
 
@@ -43,14 +40,7 @@ def test_pipeline_job_trains_and_writes_the_model(ray_local, tmp_path):
     assert [r["position"] for r in recs] == [0, 4, 8, 12]
     # step 0 runs the initial weights (seed 3, zero biases) on global batch 0: the pipeline's
     # loss equals one process computing the whole batch
-    ds = tdata.PackedDataset(torch.load(run_dir / "data" / "tokens.pt"), 32)
-    batch = tdata.BatchLoader(ds, 4, seed=0).next_batch()
-    ref = Transformer(job.model_config())
-    ref.reset_parameters(seed=3)
-    parts = tstep.compute_loss(ref, batch, job.loss)
-    assert recs[0]["loss"] == pytest.approx(parts.main, rel=1e-5)
-    assert recs[0]["mtp_loss"] == pytest.approx(parts.mtp, rel=1e-5)
-    assert recs[0]["balance"] == pytest.approx(parts.balance, rel=1e-4)
+    check_first_step(job, run_dir, recs[0])
     assert all(r["grad_norm"] > 0 and r["maxvio"] >= 0 for r in recs)
     assert recs[-1]["loss"] < recs[0]["loss"]
     ckpts = sorted(run_dir.glob("step_*"))

@@ -160,10 +160,9 @@ def test_job_config_parsing(tmp_path):
         TrainJobConfig.from_dict(
             {"parallel": {"pp": 2, "microbatches": 6}, "data": {"global_batch": 8}}
         )
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule='gpipe' is not a schedule"):
         TrainJobConfig.from_dict({"parallel": {"pp": 2, "schedule": "gpipe"}})
-    with pytest.raises(ValueError, match=r"use_gpu=true needs parallel\.pp >= 2"):
-        TrainJobConfig.from_dict({"use_gpu": True})
+    assert TrainJobConfig.from_dict({"use_gpu": True}).parallel.world == 1  # one GPU trains
     assert load_config("configs/train/small-pp2-ep2-gpu.yaml").use_gpu
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: 1.0, momentum: 0.9}\n")

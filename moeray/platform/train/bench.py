@@ -7,12 +7,14 @@
 
 Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
 process) and runs three trainings of the same steps on the same batches, each from the same
-initial weights:
+initial weights (`runs`):
   dualpipe-fp8   DualPipe, FP8 projections (`fp8.py`), other GEMMs under bf16 autocast;
   1f1b-fp8       1F1B, FP8: the baseline schedule's bubble and step time;
   dualpipe-bf16  DualPipe, every GEMM under bf16 autocast.
-A failed run other than dualpipe-fp8 leaves its numbers null (listed in `failed_runs`); the result
-is still written and the command exits 1.
+DualPipe needs an even PP; with PP = 1 or an odd PP the main schedule is 1F1B (at PP = 1: the
+micro-batches one after the other, gradients accumulated), so the runs are 1f1b-fp8 and 1f1b-bf16.
+A failed run other than the main FP8 run leaves its numbers null (listed in `failed_runs`); the
+result is still written and the command exits 1.
 Each step is a full training step: the pipeline schedule, the gradient sync, clipping, AdamW and
 the aux-loss-free bias update (gamma 0.001, done locally from the all-reduced expert loads).
 
@@ -33,7 +35,7 @@ Numbers (the first `--warmup` steps excluded from timings):
                     `simulated_bubble_fraction_*` feeds the measured mean F, B, W, F&B times to
                     `parallel/simulate.py` for comparison;
   fp8_bf16_loss_rel_diff    |loss_fp8 - loss_bf16| / loss_bf16 at the final step (same batch);
-  fp8_bf16_step_time_ratio  step_time(dualpipe-fp8) / step_time(dualpipe-bf16).
+  fp8_bf16_step_time_ratio  step_time(<main>-fp8) / step_time(<main>-bf16).
 
 Hangs. Rank 0 prints one flushed line when the process group is up, when each run's groups are
 checked, and after every step, so a stuck run shows where it stopped. Every collective and p2p op
@@ -63,9 +65,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeray.platform.config import preset
+from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s, init_distributed
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.simulate import Costs, simulate
+from moeray.platform.parallel.stages import split_layers
 from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
 from moeray.results import device_slug, write_result
@@ -98,6 +102,20 @@ class BenchConfig:
             raise ValueError(f"steps={self.steps} must exceed warmup={self.warmup} + 1")
         if min(self.pp, self.ep, self.microbatches, self.micro_batch_size, self.seq_len) < 1:
             raise ValueError("pp, ep, microbatches, micro_batch_size and seq_len must be >= 1")
+        for _, schedule, _ in runs(self):
+            sched.build(schedule, self.pp, self.microbatches)  # ValueError names the bad sizes
+        model_cfg = preset(self.model)
+        if model_cfg.n_routed_experts % self.ep:
+            raise ValueError(
+                f"ep={self.ep} must divide the {model_cfg.n_routed_experts} routed experts of "
+                f"{self.model}"
+            )
+        split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, self.pp)
+
+    @property
+    def schedule(self) -> str:
+        """The main schedule: DualPipe where it applies (even PP), else 1F1B."""
+        return "dualpipe" if self.pp % 2 == 0 else "1f1b"
 
     @property
     def world(self) -> int:
@@ -108,13 +126,14 @@ class BenchConfig:
         return self.ep * self.microbatches * self.micro_batch_size
 
 
-# The BF16 run last, the one most likely to fail (benchmarks/notes-train.md): when it does, the
-# other two still give the throughput and bubble numbers.
-RUNS = (
-    ("dualpipe-fp8", "dualpipe", True),
-    ("1f1b-fp8", "1f1b", True),
-    ("dualpipe-bf16", "dualpipe", False),
-)
+def runs(cfg: BenchConfig) -> tuple[tuple[str, str, bool], ...]:
+    """(name, schedule, fp8) of each run, in order: the main schedule in FP8, the 1F1B baseline
+    in FP8 (when the main one is not 1F1B already), the main schedule in BF16. The BF16 run last,
+    the one most likely to fail (benchmarks/notes-train.md): when it does, the others still give
+    the throughput and bubble numbers."""
+    main = cfg.schedule
+    base = (("1f1b-fp8", "1f1b", True),) if main != "1f1b" else ()
+    return ((f"{main}-fp8", main, True), *base, (f"{main}-bf16", main, False))
 
 
 def bigram_stream(vocab: int, n: int, seed: int):
@@ -320,7 +339,7 @@ def _one_run(
 def _worker(
     rank: int, cfg: BenchConfig, init_file: str, out_dir: str, run: tuple[str, str, bool]
 ) -> None:
-    """One rank of one of RUNS (name, schedule, fp8); rank 0 writes bench-<name>.json."""
+    """One rank of one of `runs` (name, schedule, fp8); rank 0 writes bench-<name>.json."""
     stacks_dir = os.environ.get(STACKS_ENV)
     stacks = (
         open(Path(stacks_dir, f"stacks-{run[0]}-rank{rank}.txt"), "w") if stacks_dir else sys.stderr
@@ -384,7 +403,7 @@ def run(cfg: BenchConfig) -> dict:
         # in its first step (benchmarks/notes-train.md), and fresh processes also keep one run's
         # cached memory, communicators and compiled kernels out of the next's timings.
         failed: dict[str, str] = {}
-        for i, run_ in enumerate(RUNS):
+        for i, run_ in enumerate(runs(cfg)):
             try:
                 with _worker_env(cfg.device):
                     mp.spawn(
@@ -394,7 +413,7 @@ def run(cfg: BenchConfig) -> dict:
                         join=True,
                     )
             except Exception as err:
-                if run_[0] == "dualpipe-fp8":
+                if run_[0] == f"{cfg.schedule}-fp8":
                     raise  # the main run: nothing to report without it
                 failed[run_[0]] = f"{type(err).__name__}: {err}"
                 print(f"[bench train] {run_[0]} failed: {failed[run_[0]]}", flush=True)
@@ -406,7 +425,9 @@ def run(cfg: BenchConfig) -> dict:
 def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
     """The result from the runs' raw numbers (`raw[name]` per finished run, and the measured
     `matmul_flops_per_s`); numbers of the runs in `failed` are None."""
-    main, bf16, base = raw["dualpipe-fp8"], raw.get("dualpipe-bf16"), raw.get("1f1b-fp8")
+    s = cfg.schedule
+    main, bf16, base = raw[f"{s}-fp8"], raw.get(f"{s}-bf16"), raw.get("1f1b-fp8")
+    dual = main if s == "dualpipe" else None  # the DualPipe numbers, where it ran
     model_cfg = preset(cfg.model)
     tokens_per_step = cfg.global_batch * cfg.seq_len
     tokens_per_s = tokens_per_step / main["step_time_s"]
@@ -425,6 +446,7 @@ def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
         "failed_runs": failed,  # run -> error; its numbers below are null
         "config": asdict(cfg),
         "workers": cfg.world,
+        "schedule": s,
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_s,
         "mfu": flops * tokens_per_s / (cfg.world * rate),
@@ -433,11 +455,11 @@ def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
         "step_time_s": main["step_time_s"],
         "step_time_s_1f1b": of(base, "step_time_s"),
         "step_time_s_bf16": of(bf16, "step_time_s"),
-        "bubble_fraction_dualpipe": main["bubble_fraction"],
+        "bubble_fraction_dualpipe": of(dual, "bubble_fraction"),
         "bubble_fraction_1f1b": of(base, "bubble_fraction"),
-        "simulated_bubble_fraction_dualpipe": main["simulated_bubble_fraction"],
+        "simulated_bubble_fraction_dualpipe": of(dual, "simulated_bubble_fraction"),
         "simulated_bubble_fraction_1f1b": of(base, "simulated_bubble_fraction"),
-        "op_costs_s_dualpipe": main["op_costs_s"],
+        "op_costs_s_dualpipe": of(dual, "op_costs_s"),
         "op_costs_s_1f1b": of(base, "op_costs_s"),
         "fp8_bf16_step_time_ratio": main["step_time_s"] / bf16["step_time_s"] if bf16 else None,
         "fp8_final_loss": fp8_final,

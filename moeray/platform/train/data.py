@@ -245,17 +245,24 @@ def prepare_corpus(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
     model_max_length: int = 4096,
+    tokenizer: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
     """Train the tokenizer and tokenize the corpus once (the driver does it, workers load files).
 
-    Writes `directory/tokenizer/` (HF tokenizer files) and `directory/tokens.pt` (int32 stream).
+    Writes `directory/tokenizer/` (HF tokenizer files) and `directory/tokens.pt` (int32 stream);
+    returns (tokenizer directory, tokens.pt). `tokenizer`: an HF directory whose tokenizer encodes
+    the corpus instead (fine-tuning keeps the checkpoint's vocabulary); it is returned as is.
     """
     import torch
 
     texts = corpus_texts(corpus, max_bytes)
-    tok = train_tokenizer(texts, vocab_size)
-    tok_dir = Path(directory) / "tokenizer"
-    save_tokenizer(tok, tok_dir, model_max_length)
+    if tokenizer is not None:
+        tok, tok_dir = load_tokenizer(tokenizer), Path(tokenizer)
+    else:
+        tok = train_tokenizer(texts, vocab_size)
+        tok_dir = Path(directory) / "tokenizer"
+        save_tokenizer(tok, tok_dir, model_max_length)
+    Path(directory).mkdir(parents=True, exist_ok=True)
     tokens_path = Path(directory) / "tokens.pt"
     torch.save(tokenize_corpus(texts, tok), tokens_path)
     return tok_dir, tokens_path

@@ -51,18 +51,26 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
 def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
     """Tokenizer and token stream, built once per (corpus, vocab, size) and reused."""
     data_dir = run_dir / "data"
+    start = str(Path(job.init_from).expanduser().resolve()) if job.init_from else None
     key = {
         "corpus": job.data.corpus,
         "vocab_size": job.data.vocab_size,
         "max_bytes": job.data.max_bytes,
+        "tokenizer": start,  # fine-tuning: the checkpoint's tokenizer, else one trained here
     }
     stamp = data_dir / "data.json"
     tok_dir, tokens = data_dir / "tokenizer", data_dir / "tokens.pt"
+    if start is not None:
+        tok_dir = Path(start)
     if stamp.exists() and json.loads(stamp.read_text()) == key and tokens.exists():
         return tok_dir, tokens
     corpus = None if job.data.corpus in ("", "stdlib") else job.data.corpus
     tok_dir, tokens = data.prepare_corpus(
-        data_dir, corpus, vocab_size=job.data.vocab_size, max_bytes=job.data.max_bytes
+        data_dir,
+        corpus,
+        vocab_size=job.data.vocab_size,
+        max_bytes=job.data.max_bytes,
+        tokenizer=start,
     )
     stamp.write_text(json.dumps(key) + "\n")
     return tok_dir, tokens
@@ -78,11 +86,7 @@ def run(job: TrainJobConfig) -> Path:
     from moeray.actors.router import get_or_create_router
 
     model_cfg = job.model_config()
-    if model_cfg.vocab_size != job.data.vocab_size:
-        raise ValueError(
-            f"data.vocab_size={job.data.vocab_size} must equal the model's "
-            f"vocab_size={model_cfg.vocab_size}"
-        )
+    job.check_model(model_cfg)  # a layout the model cannot split stops here, before Ray starts
     storage = Path(job.storage).expanduser().resolve()
     run_dir = storage / job.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,7 @@ def main(argv: list[str]) -> int:
                 "fp8": args.fp8,
             },
         )
+        job.check_model(job.model_config())  # a layout the model cannot split stops here
         notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)

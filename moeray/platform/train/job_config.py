@@ -9,6 +9,7 @@ from typing import Any
 
 from moeray.platform import config as mc
 from moeray.platform.parallel import schedule as sched
+from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import LossConfig, OptimConfig
 
 
@@ -17,7 +18,8 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     dp: int = 1
-    schedule: str = "dualpipe"  # with pp > 1: 1f1b | zb1p | dualpipe
+    # with pp > 1: 1f1b | zb1p | dualpipe (even pp); with pp = 1 (no pipeline) it is not used
+    schedule: str = "dualpipe"
     microbatches: int = 8  # per step and data shard (DualPipe: both directions together)
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA
 
@@ -43,6 +45,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainJobConfig:
     model: str = "tiny"  # preset name, or a path to an HF config.json / model directory
+    # fine-tuning: an HF model directory whose weights, router biases and tokenizer training
+    # starts from (its config.json must be the model's; `model` defaults to it); "": from scratch
+    init_from: str = ""
     name: str = "tiny"
     storage: str = "~/moeray_runs"
     output: str = "out/tiny-model"  # final HF model directory (relative: under the run dir)
@@ -74,21 +79,24 @@ class TrainJobConfig:
                 f"data.global_batch={self.data.global_batch} must be a multiple of the "
                 f"{p.shards} data shards (ep*dp)"
             )
+        if p.schedule not in sched.SCHEDULES:
+            raise ValueError(
+                f"parallel.schedule={p.schedule!r} is not a schedule; accepted: "
+                f"{', '.join(sched.SCHEDULES)}"
+            )
         if p.pp > 1:
-            sched.build(p.schedule, p.pp, p.microbatches)  # ValueError names the bad schedule/sizes
+            if p.schedule == "dualpipe" and p.pp % 2:
+                raise ValueError(
+                    f"parallel.schedule=dualpipe needs an even parallel.pp, got pp={p.pp}: "
+                    "use an even pp, or schedule 1f1b or zb1p (any pp >= 2)"
+                )
+            sched.build(p.schedule, p.pp, p.microbatches)  # ValueError names the bad sizes
             local = self.data.global_batch // p.shards
             if local % p.microbatches:
                 raise ValueError(
                     f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
                     f"parallel.microbatches={p.microbatches} equal micro-batches"
                 )
-        if self.use_gpu and p.pp == 1:
-            # The PP = 1 replica keeps its model and gradient sync on the CPU; under use_gpu Ray
-            # Train would make an NCCL group that cannot carry its CPU tensors.
-            raise ValueError(
-                f"use_gpu=true needs parallel.pp >= 2 (got pp={p.pp}): the PP = 1 "
-                "path trains on the CPU; set use_gpu: false, or pp >= 2"
-            )
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, log_every and checkpoint_every must be >= 1")
 
@@ -115,6 +123,8 @@ class TrainJobConfig:
                 f"unknown train config keys {sorted(unknown)}; accepted: {sorted(top)}"
             )
         kw: dict[str, Any] = {}
+        if d.get("init_from") and "model" not in d:
+            kw["model"] = d["init_from"]
         for key, value in d.items():
             if key in sections:
                 cls = sections[key]
@@ -145,3 +155,34 @@ class TrainJobConfig:
         if self.model in mc.PRESETS:
             return mc.preset(self.model)
         return mc.ModelConfig.from_hf(Path(self.model).expanduser())
+
+    def check_model(self, model_cfg: mc.ModelConfig) -> None:
+        """ValueError naming the value when the layout cannot split `model_cfg` (before any
+        worker starts): EP must divide the routed experts, PP fit the decoder layers."""
+        p = self.parallel
+        E = model_cfg.n_routed_experts
+        if E % p.ep:
+            divisors = [d for d in range(1, E + 1) if E % d == 0]
+            raise ValueError(
+                f"parallel.ep={p.ep} must divide the model's {E} routed experts; "
+                f"accepted: {divisors}"
+            )
+        split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, p.pp)
+        if self.init_from:
+            start = Path(self.init_from).expanduser()
+            if not (start / "config.json").is_file():
+                raise ValueError(
+                    f"init_from={self.init_from!r} is not an HF model directory (no config.json)"
+                )
+            theirs = asdict(mc.ModelConfig.from_hf(start))
+            differ = sorted(k for k, v in asdict(model_cfg).items() if theirs.get(k) != v)
+            if differ:
+                raise ValueError(
+                    f"init_from={self.init_from!r} holds another model than model="
+                    f"{self.model!r}: {differ} differ; leave `model` out to train that one"
+                )
+        if model_cfg.vocab_size != self.data.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={self.data.vocab_size} must equal the model's "
+                f"vocab_size={model_cfg.vocab_size}"
+            )

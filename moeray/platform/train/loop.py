@@ -54,7 +54,12 @@ from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
 from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
-from moeray.platform.train.replica import FlatReplica, PipelineReplica
+from moeray.platform.train.replica import (
+    FlatReplica,
+    PipelineReplica,
+    load_start,
+    start_biases,
+)
 
 
 def _save_checkpoint(
@@ -128,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
     p = job.parallel
     topology = Topology(p.pp, p.dp, p.ep)
     device = torch.device("cpu")
-    if job.use_gpu:  # pp >= 2 (TrainJobConfig): the PP = 1 path runs on the CPU
+    if job.use_gpu:  # every layout: each worker trains on its own GPU
         import ray.train.torch
 
         device = ray.train.torch.get_device()
@@ -138,7 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
         # init_process_group binds no device, so communicators are built at each group's first
         # op, which the group check orders the same on every rank (parallel/distributed.py).
         torch.cuda.set_device(device)
-    replica = (PipelineReplica if p.pp > 1 else FlatReplica)(job, rank, world, device)
+    start_model = load_start(job)  # fine-tuning: the checkpoint's weights, else None
+    replica = (PipelineReplica if p.pp > 1 else FlatReplica)(job, rank, world, device, start_model)
+    start_bias_LE = None if start_model is None else start_biases(start_model)
+    del start_model  # the replica holds its share
     model_cfg = job.model_config()
     optimizer = tstep.build_optimizer(replica.module, job.optim)
 
@@ -168,6 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
                 RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
             )
             router_state = fresh.state_dict()
+            if start_bias_LE is not None:  # fine-tuning routes with the checkpoint's biases
+                router_state["bias_LE"] = start_bias_LE
     if rank == 0:
         ray.get(router.load_state_dict.remote(router_state))
     dist.barrier()
@@ -221,11 +231,15 @@ def train_loop_per_worker(config: dict) -> None:
         # PP = 1: every rank holds its shard's whole loss; PP > 1: the ranks of a pipeline hold
         # parts of it (the loss on the last stage, balance terms on every stage); either way the
         # sum over the world divided by the shards is the mean over shards
-        stats = torch.tensor([parts.main, parts.mtp, parts.balance], dtype=torch.float64)
+        # on the worker's device: under use_gpu the default group is NCCL, which has no CPU path
+        stats = torch.tensor(
+            [parts.main, parts.mtp, parts.balance], dtype=torch.float64, device=device
+        )
         dist.all_reduce(stats)
-        stats /= topology.shards
-        global_loads = loads.clone()
+        stats = stats.cpu() / topology.shards
+        global_loads = loads.to(device)
         dist.all_reduce(global_loads)
+        global_loads = global_loads.cpu()
         maxvio = float(balance.maxvio(global_loads).mean())
         norm = parts.norm
         dt = time.perf_counter() - t0

@@ -1,6 +1,8 @@
 """A training worker's share of the model, behind one interface (`step`, `set_biases`, state
 dicts, `full_state`): the whole model with its routed experts sharded over EP (`FlatReplica`,
-PP = 1), or this rank's pipeline stages (`PipelineReplica`, PP > 1, `parallel/pipeline.py`).
+PP = 1: one device, data parallel, expert parallel, or both), or this rank's pipeline stages
+(`PipelineReplica`, PP > 1, `parallel/pipeline.py`). Either lives on the worker's device (CPU
+under gloo, its GPU under NCCL); batches come from the loader on the CPU and move there.
 
 PP = 1 process groups (`make_groups`): ranks [d*EP, (d+1)*EP) form one expert-parallel group (they
 split the routed experts); ranks with the same ep_rank form a data-parallel group (they hold the
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from moeray.platform.checkpoint import load_model
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_param
@@ -72,8 +76,10 @@ def sync_gradients(model, groups: Groups) -> float:
             g.copy_(flat[offset : offset + n].view_as(p))
             offset += n
     rep_sq = sum(float(g.float().pow(2).sum()) for _, g in replicated)
-    exp_sq = torch.tensor(
-        [sum(float(g.float().pow(2).sum()) for _, g in experts)], dtype=torch.float64
+    exp_sq = torch.tensor(  # on the gradients' device: NCCL carries no CPU tensor
+        [sum(float(g.float().pow(2).sum()) for _, g in experts)],
+        dtype=torch.float64,
+        device=replicated[0][1].device,
     )
     if groups.ep_size > 1:
         dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up
@@ -81,7 +87,7 @@ def sync_gradients(model, groups: Groups) -> float:
 
 
 def gather_full_state(model, groups: Groups) -> dict | None:
-    """The full (EP=1) state dict on rank 0; other ranks return None."""
+    """The full (EP=1) state dict on rank 0, CPU tensors; other ranks return None."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if groups.ep_size > 1:
         for k in list(state):
@@ -89,7 +95,33 @@ def gather_full_state(model, groups: Groups) -> dict | None:
                 parts = [torch.empty_like(state[k]) for _ in range(groups.ep_size)]
                 dist.all_gather(parts, state[k].contiguous(), group=groups.ep_group)
                 state[k] = torch.cat(parts)
-    return state if groups.rank == 0 else None
+    return {k: v.cpu() for k, v in state.items()} if groups.rank == 0 else None
+
+
+def load_start(job: TrainJobConfig) -> Transformer | None:
+    """The model that fine-tuning starts from (`job.init_from`, on the CPU), else None. Every
+    worker reads the whole directory and keeps its share."""
+    if not job.init_from:
+        return None
+    return load_model(Path(job.init_from).expanduser())[1]
+
+
+def start_biases(start: Transformer) -> torch.Tensor:
+    """[L, E] fp32 selection biases of `start`'s MoE layers, the RouterActor's row order."""
+    return torch.stack(
+        [m.gate.e_score_correction_bias.detach().float() for m in tstep.moe_layers(start)]
+    )
+
+
+def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
+    """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
+    FP8 projections, expert parallelism (this rank keeps E/EP routed experts), the device.
+    Returns the same module, changed in place."""
+    if job.fp8:
+        enable_fp8_training(model)
+    if groups.ep_size > 1:
+        enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
+    return model.to(device)
 
 
 @dataclass
@@ -102,25 +134,23 @@ class _StepParts:
 
 
 class FlatReplica:
-    """PP = 1: the whole model (experts sharded over EP) on this rank."""
+    """PP = 1: the whole model (experts sharded over EP) on this rank's device."""
 
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+    def __init__(
+        self, job: TrainJobConfig, rank: int, world: int, device, start: Transformer | None = None
+    ) -> None:
         self.job, self.device = job, device
         self.groups = make_groups(rank, world, job.parallel.ep)
         model = Transformer(job.model_config())
         model.reset_parameters(seed=job.seed)  # identical initial weights on every rank
-        if job.fp8:
-            enable_fp8_training(model)
-        if self.groups.ep_size > 1:
-            enable_expert_parallel(
-                model, self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size
-            )
-        self.module = model
+        if start is not None:  # fine-tuning (`load_start`)
+            model.load_state_dict(start.state_dict())
+        self.module = parallelize(model, job, self.groups, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
 
     def step(self, batch) -> _StepParts:
         with self.autocast:
-            parts = tstep.compute_loss(self.module, batch, self.job.loss)
+            parts = tstep.compute_loss(self.module, batch.to(self.device), self.job.loss)
         parts.total.backward()
         norm = sync_gradients(self.module, self.groups)
         return _StepParts(
@@ -146,7 +176,9 @@ class FlatReplica:
 class PipelineReplica:
     """PP > 1: this rank's pipeline stages (`parallel/pipeline.PipelineModel`)."""
 
-    def __init__(self, job: TrainJobConfig, rank: int, world: int, device) -> None:
+    def __init__(
+        self, job: TrainJobConfig, rank: int, world: int, device, start: Transformer | None = None
+    ) -> None:
         p = job.parallel
         self.job = job
         self.pm = PipelineModel(
@@ -159,6 +191,7 @@ class PipelineReplica:
             overlap=p.overlap,
             autocast_dtype=torch.bfloat16 if job.bf16 else None,
             seq_len=job.data.seq_len,
+            full_init=None if start is None else lambda m: m.load_state_dict(start.state_dict()),
         )
         self.module = self.pm.modules
 

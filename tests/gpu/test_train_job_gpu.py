@@ -1,0 +1,34 @@
+"""The Ray Train job (`moeray train`'s entry point) with `use_gpu: true` on one GPU: PP = EP = DP
+= 1, NCCL. The step's loss and gradient all-reduces and the loop's statistics run on the GPU (NCCL
+has no CPU path); the first step's loss is one CPU process's on the same batch, and the final HF
+directory loads. Marker gpu; skipped without CUDA."""
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_one_gpu_job_trains_and_writes_the_model(tmp_path, tiny_train_job, check_first_step):
+    import ray
+
+    from moeray.platform.checkpoint import load_model
+    from moeray.platform.train.job import run
+
+    job = tiny_train_job("onegpu", use_gpu=True)
+    try:
+        out = run(job)
+    finally:
+        ray.shutdown()
+    run_dir = tmp_path / "onegpu"
+    recs = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    check_first_step(job, run_dir, recs[0], rel=1e-3)  # TF32 matmuls on the GPU
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    cfg, model = load_model(out)
+    assert torch.isfinite(model(torch.randint(0, cfg.vocab_size, (1, 9))).logits).all()
