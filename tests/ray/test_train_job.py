@@ -1,5 +1,6 @@
 """The Ray Train job end to end on gloo: EP=2 workers, a worker SIGKILLed mid-run, resume from the
-last checkpoint with the same data order and no lost step, final HF directory that loads."""
+last checkpoint with the same data order and no lost step, final HF directory that loads; run
+with ZeRO-1 and bf16 AdamW moments."""
 
 import json
 
@@ -12,6 +13,9 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     import torch
 
     from moeray.platform.checkpoint import load_model
+    from moeray.platform.config import tiny
+    from moeray.platform.model.transformer import Transformer
+    from moeray.platform.parallel.expert import is_expert_param
     from moeray.platform.train.job import run
     from moeray.platform.train.job_config import TrainJobConfig
 
@@ -30,7 +34,8 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
             "router_name": f"router-{tmp_path.name}",
             "parallel": {"pp": 1, "ep": 2, "dp": 1},
             "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
-            "optim": {"warmup_steps": 2},
+            # ZeRO-1 with bf16 moments: the sharded state survives the restart too
+            "optim": {"warmup_steps": 2, "zero_stage": 1, "moments_dtype": "bfloat16"},
         }
     )
     out = run(job)
@@ -56,6 +61,16 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["maxvio"] == pytest.approx(b["maxvio"], rel=1e-6)
     assert [r["position"] for r in recs[:5]] == [0, 4, 8, 12, 16]
+    # each rank reports its share of the optimizer state (replicated parameters dealt over the
+    # 2 ranks, each rank's experts its own); no peak device memory on the CPU
+    state = recs[-1]["optim_state_bytes"]
+    named = list(Transformer(tiny()).named_parameters())
+    per_rank = sum(p.numel() / (2 if is_expert_param(n) else 1) for n, p in named)
+    # unsharded fp32 moments would be 8 bytes per element of the rank's parameters; dealt
+    # replicated parameters and bf16 moments: about 2.7 (the experts are half the elements)
+    assert len(state) == 2 and all(b < 0.45 * 8 * per_rank for b in state), (state, per_rank)
+    assert min(state) > 0.8 * max(state)
+    assert recs[-1]["peak_mem_bytes"] == [None, None]
     assert recs[-1]["loss"] < recs[0]["loss"]
 
     # the final HF directory loads here (and in transformers, checked in the model tests)

@@ -97,6 +97,11 @@ class TrainJobConfig:
                     f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
                     f"parallel.microbatches={p.microbatches} equal micro-batches"
                 )
+        if self.optim.zero_stage and p.pp > 1:
+            raise ValueError(
+                f"optim.zero_stage={self.optim.zero_stage} needs parallel.pp=1 (ZeRO-1 shards "
+                f"the flat replica's optimizer state), got pp={p.pp}"
+            )
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, log_every and checkpoint_every must be >= 1")
 

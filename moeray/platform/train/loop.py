@@ -52,6 +52,7 @@ from moeray.platform.routing import balance
 from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
+from moeray.platform.train import zero
 from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import (
@@ -148,7 +149,9 @@ def train_loop_per_worker(config: dict) -> None:
     start_bias_LE = None if start_model is None else start_biases(start_model)
     del start_model  # the replica holds its share
     model_cfg = job.model_config()
-    optimizer = tstep.build_optimizer(replica.module, job.optim)
+    optimizer = zero.build_optimizer(
+        replica.module, job.optim, replica.groups if isinstance(replica, FlatReplica) else None
+    )
 
     tokens = torch.load(config["tokens"])
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
@@ -219,6 +222,8 @@ def train_loop_per_worker(config: dict) -> None:
             kill_marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (tests)
         t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         position = loader.state
         batch = loader.next_batch()
         parts = replica.step(batch)
@@ -242,6 +247,11 @@ def train_loop_per_worker(config: dict) -> None:
         global_loads = global_loads.cpu()
         maxvio = float(balance.maxvio(global_loads).mean())
         norm = parts.norm
+        # per rank: optimizer-state bytes and peak device memory of this step (-1: on the CPU)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
+        memory = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+        mine = torch.tensor([zero.state_bytes(optimizer), peak], dtype=torch.int64, device=device)
+        dist.all_gather(memory, mine)
         dt = time.perf_counter() - t0
         if rank == 0:
             rec = {
@@ -251,6 +261,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "balance": float(stats[2]),
                 "lr": lr,
                 "grad_norm": norm,
+                "optim_state_bytes": [int(m[0]) for m in memory],
+                "peak_mem_bytes": [int(m[1]) if m[1] >= 0 else None for m in memory],
                 "maxvio": maxvio,
                 "tokens_per_s": tokens_per_step / dt,
                 "epoch": position.epoch,

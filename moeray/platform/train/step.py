@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from moeray.platform.model.moe import MoE
 from moeray.platform.routing.balance import sequence_balance_loss
 
+ZERO_STAGES = (0, 1)
+MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -33,8 +36,22 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     clip: float = 1.0
+    # 1: ZeRO-1, each data-parallel rank keeps AdamW state for its share of the parameters only
+    # (train/zero.py); 0: every rank keeps all of it
+    zero_stage: int = 0
+    moments_dtype: str = "float32"  # AdamW's exp_avg / exp_avg_sq: float32 | bfloat16
 
     def __post_init__(self):
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(
+                f"optim.zero_stage={self.zero_stage!r} is not supported; accepted: "
+                f"{', '.join(map(str, ZERO_STAGES))}"
+            )
+        if self.moments_dtype not in MOMENTS_DTYPES:
+            raise ValueError(
+                f"optim.moments_dtype={self.moments_dtype!r} is not supported; accepted: "
+                f"{', '.join(MOMENTS_DTYPES)}"
+            )
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(
                 f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
