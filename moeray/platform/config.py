@@ -8,11 +8,12 @@ top-level `rope_theta`) as well as what transformers 5 writes (`rope_parameters`
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moeray.platform.json_file import read_json_object
 
 _ROPE_KEYS = (
     "factor",
@@ -218,12 +219,7 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             if not path.exists():
                 raise ValueError(f"no config.json at {path}")
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{path} holds a {type(data).__name__}: expected a JSON object")
+            data = read_json_object(path)
         else:
             data = dict(source)
         names = {f.name for f in dataclasses.fields(cls)}

@@ -75,16 +75,21 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _gang_outputs(fn, world: int, tmp_path, n: int) -> list[list[int]]:
+    """Run fn on `world` spawned ranks; every prompt's tokens, gathered from the ranks' files."""
+    mp.spawn(fn, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    got: dict[int, list[int]] = {}
+    for r in range(world):
+        got.update(torch.load(tmp_path / f"{r}.pt"))
+    return [got[i] for i in range(n)]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_ep_engine_on_nccl_equals_the_plain_engine(world, tmp_path):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     expected = _plain()
-    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    got: dict[int, list[int]] = {}
-    for r in range(world):
-        got.update(torch.load(tmp_path / f"{r}.pt"))
-    assert [got[i] for i in range(len(expected))] == expected
+    assert _gang_outputs(_rank, world, tmp_path, len(expected)) == expected
 
 
 def _rank_placed(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -128,8 +133,4 @@ def test_ep_engine_switching_placement_on_nccl_equals_the_plain_engine(world, tm
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     expected = _plain()
-    mp.spawn(_rank_placed, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    got: dict[int, list[int]] = {}
-    for r in range(world):
-        got.update(torch.load(tmp_path / f"{r}.pt"))
-    assert [got[i] for i in range(len(expected))] == expected
+    assert _gang_outputs(_rank_placed, world, tmp_path, len(expected)) == expected

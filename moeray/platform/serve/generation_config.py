@@ -11,11 +11,11 @@ example, sets temperature 0.6 and top_p 0.95.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from moeray.platform.json_file import read_json_object
 from moeray.platform.serve.http.protocol import SamplingDefaults
 
 FILE = "generation_config.json"
@@ -33,15 +33,7 @@ def _number(data: dict[str, Any], key: str, path: Path, *, integer: bool) -> Any
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.exists() else None
 
 
 def eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
