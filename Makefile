@@ -35,7 +35,7 @@ prometheus:
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install prometheus"
 
 test: $(TEST_STAMP) prometheus
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml.
 lint: $(LINT_STAMP)

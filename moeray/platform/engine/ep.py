@@ -51,6 +51,11 @@ class ExpertParallelEngine(Engine):
         self.lockstep = parallelize_for_serving(model, group)
         super().__init__(model, config, tokenizer=tokenizer)
         self.gang_busy = False
+        # Every rank leaves step() at the same lockstep round (the one where no rank forwards), so
+        # counting step() calls gives one step index for the whole gang; `stats.steps` counts
+        # only this rank's non-empty steps and differs between ranks.
+        self.gang_steps = 0
+        self.last_busy_gang_step = 0  # the last gang step after which some rank had work left
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.placements = PlacementSwitch(model, rank, size, expert_source)
 
@@ -59,7 +64,10 @@ class ExpertParallelEngine(Engine):
         outs = super().step()
         self.lockstep.ready_version = self.placements.ready_version()
         self.gang_busy = self.lockstep.finish_step(self.scheduler.has_unfinished())
-        self.placements.switch(self.lockstep.last_round.ready, self.stats.steps)
+        self.gang_steps += 1
+        if self.gang_busy:
+            self.last_busy_gang_step = self.gang_steps
+        self.placements.switch(self.lockstep.last_round.ready, self.gang_steps)
         return outs
 
     def has_unfinished(self) -> bool:

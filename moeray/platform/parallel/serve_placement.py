@@ -66,7 +66,7 @@ class PlacementSwitch:
         self.ep_rank, self.ep_size = ep_rank, ep_size
         self.source = source
         self.version = 0  # applied
-        self.switches: list[tuple[int, int]] = []  # (version, engine step) of each switch
+        self.switches: list[tuple[int, int]] = []  # (version, gang step) of each switch
         self._staged: dict[int, list[StagedLayer]] = {}
         self._lock = threading.Lock()  # staging reads the held weights the switch replaces
 

@@ -175,12 +175,14 @@ class EPRank:
             "free_pages": self.free_pages(),
             "steps": engine.stats.steps,
             "generated_tokens": engine.stats.generated_tokens,
+            "gang_steps": engine.gang_steps,
+            "last_busy_gang_step": engine.last_busy_gang_step,
             "lockstep_rounds": engine.lockstep.rounds,
             "padding_forwards": engine.lockstep.padding_forwards,
             "load": None if self.report is None else dataclasses.asdict(self.report),
             "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
             "placement_version": engine.placements.version,
-            "placement_switches": list(engine.placements.switches),  # (version, step)
+            "placement_switches": list(engine.placements.switches),  # (version, gang step)
             "transfers": [
                 vars(t) for t in getattr(self._worker(), "transfers", [])[-100:]
             ],  # a decode rank's last KV imports
