@@ -62,6 +62,31 @@ def test_greedy_matches_hf_generate_mixed_batch(setup):
     ] == ref[:2]
 
 
+@pytest.mark.parametrize("path", ["expanded", "absorbed"])
+def test_prefill_attention_paths_match_hf(setup, path):
+    """Prefill chunks through MLA's expanded path (up-projected keys and values) or the absorbed
+    one give transformers' greedy tokens, with chunks that start mid-prompt (the 32-token budget
+    splits the 40- and 70-token prompts) and a prefix-cache hit; and the first token's logits of a
+    chunked 70-token prefill equal transformers' last-position logits."""
+    _cfg, model, path_, prompts, ref = setup
+    eng = engine(model, prefill_attention=path)
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert [o.output_token_ids for o in outs] == ref
+    calls = eng.metrics()["attention_calls"]
+    assert (calls["expanded"] > 0) == (path == "expanded")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path_, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([prompts[3]])).logits[0, -1]
+    got = eng.generate([prompts[3]], SamplingParams(temperature=0, max_tokens=1, logprobs=20))[0]
+    (lp,) = got.logprobs
+    ids, vals = zip(*lp.top, strict=True)
+    assert torch.allclose(torch.tensor(vals), want.log_softmax(-1)[list(ids)], atol=1e-4)
+    with pytest.raises(ValueError, match="prefill_attention='flash'"):
+        engine(model, prefill_attention="flash")
+
+
 def test_preemption_and_staggered_arrivals_match_hf(setup):
     _cfg, model, _path, prompts, ref = setup
     # 7 pages of 16 tokens cannot hold the five requests (14 pages in all): preemption by recompute
@@ -202,6 +227,9 @@ def test_bench_cpu_path(tmp_path, monkeypatch):
         v > 0 for v in r["decode_tokens_per_s"].values()
     )
     assert 0 <= r["mtp_acceptance"] <= 1
+    by_path = r["prefill_tokens_per_s_by_attention"]
+    assert set(by_path) == {"expanded", "absorbed"} and all(v > 0 for v in by_path.values())
+    assert r["prefill_tokens_per_s"] == by_path["expanded"]
 
 
 def test_kernel_view_attend_path_matches_hf(setup):
@@ -213,7 +241,8 @@ def test_kernel_view_attend_path_matches_hf(setup):
         outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
         assert [o.output_token_ids for o in outs] == ref
         calls = eng.metrics()["attention_calls"]
-        assert calls["attend"] > 0 and calls["update"] == 0
+        # decode attends over the pages; only prefill chunks (expanded path) gather
+        assert calls["attend"] > 0 and calls["update"] == calls["expanded"] > 0
     with pytest.raises(ValueError, match="attention"):
         engine(model, attention="flash")
 

@@ -87,6 +87,9 @@ class EngineConfig:
     # not at a batch size's first step.
     capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
+    # MLA path of prefill chunks: "auto"/"expanded" (up-projected keys and values), "absorbed"
+    # (latent space, as decode); see ModelRunner.
+    prefill_attention: str = "auto"
     seed: int = 0
     # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
     eos_token_ids: tuple[int, ...] = ()
@@ -172,6 +175,7 @@ class Engine:
             use_cuda_graphs=config.use_cuda_graphs,
             graph_batch_sizes=config.graph_batch_sizes,
             attention=config.attention,
+            prefill_attention=config.prefill_attention,
         )
         self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None

@@ -71,12 +71,23 @@ def _slots(
 
 
 class GatherPagedView:
-    """KVCache over the pages for one forward of B sequences with S new tokens each."""
+    """KVCache over the pages for one forward of B sequences with S new tokens each. `expanded`
+    asks the model's MLA for its expanded path (see ModelRunner); `fresh` says every row starts at
+    position 0, so that path attends over the new latents as they are, without a gather."""
 
     def __init__(
-        self, storage: PagedKVStorage, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
+        self,
+        storage: PagedKVStorage,
+        block_table_BM: torch.Tensor,
+        starts_B: torch.Tensor,
+        S: int,
+        *,
+        expanded: bool = False,
+        fresh: bool = False,
     ) -> None:
         self.storage = storage
+        self.expanded = expanded
+        self.fresh = fresh
         self.N = storage.shape.page_size
         self.block_table_BM = block_table_BM
         self.starts_B = starts_B
@@ -86,7 +97,7 @@ class GatherPagedView:
         self.seq_lens_B = starts_B + S
         self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
         self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
-        self.calls = {"update": 0, "attend": 0}
+        self.calls = {"update": 0, "attend": 0, "expanded": 0}
 
     def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
         C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
@@ -106,7 +117,12 @@ class GatherPagedView:
 
     def update(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor):
         self.calls["update"] += 1
+        self.calls["expanded"] += self.expanded  # the MLA runs its expanded path over the result
         self._write(layer_idx, kv_BSC, pe_BSR)
+        if self.fresh and self.expanded:
+            # The S new tokens are each row's whole context. (Kept to the expanded path: the
+            # absorbed one reads back the stored, possibly FP8-rounded, latents as before.)
+            return kv_BSC, pe_BSR, None
         slots_BT, mask_BST = self._context()
         kv_BTC, pe_BTR = self.storage.read(layer_idx, slots_BT)
         return kv_BTC.to(kv_BSC.dtype), pe_BTR.to(pe_BSR.dtype), mask_BST
@@ -145,7 +161,9 @@ class KernelPagedView(GatherPagedView):
 class ForwardResult:
     """Per scheduled sequence (same order as given): its logits and hidden rows for its tokens."""
 
-    logits: list[torch.Tensor]  # [num_tokens, V] each (fp32)
+    # [num_tokens, V] each (fp32); [1, V], the last token's, for a prefill chunk whose prompt
+    # logprobs no one asked for.
+    logits: list[torch.Tensor]
     hidden: list[torch.Tensor]  # [num_tokens, D] each
 
 
@@ -204,7 +222,7 @@ class _DecodeGraph:
     def _forward(self, runner: ModelRunner):
         view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
         if self.mtp_module is None:
-            return view, runner._forward_model(self.ids_BS, view)
+            return view, runner._forward_model(self.ids_BS, view, 0)
         assert self.hidden_in_BSD is not None  # allocated with mtp_module
         return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
 
@@ -236,6 +254,7 @@ class ModelRunner:
         use_cuda_graphs: bool = True,
         graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
         attention: str = "auto",
+        prefill_attention: str = "auto",
     ) -> None:
         self.model = model
         self.kv = kv
@@ -250,6 +269,17 @@ class ModelRunner:
             raise ValueError(f"attention={attention!r}: accepted 'auto', 'kernel' or 'gather'")
         kernel = attention == "kernel" or (attention == "auto" and self.on_gpu)
         self.view_cls = KernelPagedView if kernel else GatherPagedView
+        # Forwards of more than PAD_MAX_S tokens per row (prefill chunks) run MLA's expanded path
+        # ("expanded", and "auto"), as vLLM and SGLang prefill: per cached token it up-projects
+        # C = 512 latents once for all H heads, where the absorbed path attends in the 576-wide
+        # latent space per head (V3: 128 x 576 x 2 FLOPs per query-key pair against 128 x 320 x 2
+        # expanded). "absorbed" keeps every forward absorbed. Decode is always absorbed.
+        if prefill_attention not in ("auto", "expanded", "absorbed"):
+            raise ValueError(
+                f"prefill_attention={prefill_attention!r}: accepted 'auto', 'expanded' or "
+                "'absorbed'"
+            )
+        self.prefill_expanded = prefill_attention != "absorbed"
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
         self.graph_batch_sizes = sorted(graph_batch_sizes)
@@ -262,14 +292,23 @@ class ModelRunner:
         # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
         self.use_mtp_graphs = self.use_cuda_graphs
         self._status = {"main": "off", "mtp": "off"}
-        self.attention_calls = {"update": 0, "attend": 0}
+        self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
 
     # ---- building blocks -----------------------------------------------------------------------
-    def _view(self, block_table_BM, starts_B, S):
-        return self.view_cls(self.storage, block_table_BM, starts_B, S)
+    def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
+        expanded = self.prefill_expanded and S > PAD_MAX_S
+        return self.view_cls(
+            self.storage, block_table_BM, starts_B, S, expanded=expanded, fresh=fresh
+        )
 
-    def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView):
-        out = self.model(ids_BS, positions_BS=view.positions_BS, cache=view, return_mtp=False)
+    def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int):
+        out = self.model(
+            ids_BS,
+            positions_BS=view.positions_BS,
+            cache=view,
+            return_mtp=False,
+            logits_to_keep=logits_to_keep,
+        )
         return out.logits.float(), out.hidden
 
     def _forward_mtp(
@@ -298,9 +337,13 @@ class ModelRunner:
         *,
         mtp_module=None,
         hidden_BSD=None,
+        fresh: bool = False,
+        logits_to_keep: int = 0,
     ):
         """One forward of B sequences with S new tokens each. With mtp_module, runs that MTP depth
-        on (hidden_BSD, ids_BS = the next tokens) instead of the main model. -> (logits, hidden)."""
+        on (hidden_BSD, ids_BS = the next tokens) instead of the main model. `fresh`: every row
+        starts at position 0. `logits_to_keep` > 0: logits of each row's last that many positions
+        only (main model). -> (logits, hidden)."""
         B, S = ids_BS.shape
         if mtp_module is not None and (hidden_BSD is None or hidden_BSD.shape[:2] != (B, S)):
             raise ValueError(
@@ -314,9 +357,9 @@ class ModelRunner:
             )
             if graph is not None:
                 return graph.run(ids_BS, block_table_BM, starts_B, hidden_BSD)
-        view = self._view(block_table_BM, starts_B, S)
+        view = self._view(block_table_BM, starts_B, S, fresh)
         if mtp_module is None:
-            logits, hidden = self._forward_model(ids_BS, view)
+            logits, hidden = self._forward_model(ids_BS, view, logits_to_keep)
         else:
             logits, hidden = self._forward_mtp(mtp_module, hidden_BSD, ids_BS, view)
         for k, v in view.calls.items():
@@ -390,7 +433,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: Sequence[ScheduledSeq]) -> ForwardResult:
         """Main-model forward over the scheduled sequences: one forward per group of `_groups`
-        (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens."""
+        (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens.
+        A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
+        logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
+        V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row."""
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
         for S, idx in self._groups([s.num_tokens for s in seqs]).items():
@@ -402,10 +448,15 @@ class ModelRunner:
                 [s.request.request_id for s in group],
                 self._pages_to(max(s.start for s in group) + S),
             )
-            lg, hd = self.forward_group(ids, bt, starts)
+            keep = 0
+            if S > PAD_MAX_S and not any(s.request.needs_prompt_logprobs for s in group):
+                keep = 1  # rows of a group have S real tokens: the last row is each one's last
+            fresh = all(s.start == 0 for s in group)
+            lg, hd = self.forward_group(ids, bt, starts, fresh=fresh, logits_to_keep=keep)
             for j, i in enumerate(idx):
                 n = seqs[i].num_tokens
-                logits[i], hidden[i] = lg[j, :n], hd[j, :n]
+                logits[i] = lg[j, -1:] if keep else lg[j, :n]
+                hidden[i] = hd[j, :n]
         return ForwardResult(logits, hidden)
 
     @torch.inference_mode()

@@ -39,6 +39,10 @@ class KVCache(Protocol):
     # Optional: a cache with a fused kernel may also define
     #   attend(layer_idx, q_lat_BSHC, q_pe_BSHR, kv_BSC, pe_BSR, softmax_scale) -> o_lat_BSHC
     # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context.
+    # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
+    # chunks, where up-projecting the context costs less than attending in the 512-wide latent
+    # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
+    # are the whole context.
 
 
 class DenseKVCache:
@@ -146,12 +150,18 @@ class MLA(nn.Module):
         *,
         absorbed: bool | None = None,
     ) -> torch.Tensor:
-        """Attention over x (causal). With a cache the absorbed path runs over the cached latents;
-        `absorbed=True` without a cache runs the absorbed math over x alone (for tests)."""
+        """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
+        or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
+        the absorbed math over x alone (for tests)."""
         q_nope, q_pe = self._queries(x_BSD, cos, sin)
         kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
         if cache is None and not absorbed:
             return self._expanded(q_nope, q_pe, kv_BSC, pe_BSR)
+        if cache is not None and getattr(cache, "expanded", False):
+            kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
+            return self._expanded(
+                q_nope, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
+            )
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/runner.py).
@@ -168,25 +178,36 @@ class MLA(nn.Module):
             )
         return self._absorbed_out(o_lat_BSHC)
 
-    def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BSC, pe_BSR):
+    def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST=None):
+        """Up-project the T context latents to per-head keys and values and attend: the S queries
+        are the last S of T positions (causal), or `mask_BST` says what each query sees."""
         B, S, H, _ = q_nope_BSHN.shape
-        kv = self.kv_b_proj(kv_BSC).view(B, S, H, self.nope_dim + self.v_dim)
-        k_nope_BSHN, v_BSHV = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        if q_nope_BSHN.is_cuda:
+        T = kv_BTC.shape[1]
+        kv = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope_BTHN, v_BTHV = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        if mask_BST is None and S == T and q_nope_BSHN.is_cuda:
             # Inference on a GPU: the Triton MLA prefill kernel reads the split heads directly
             # (1.02-1.74x concat+SDPA on an H100, benchmarks/notes-kernels.md); training keeps SDPA.
-            if mla_prefill_supported(q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV):
+            if mla_prefill_supported(q_nope_BSHN, q_pe_BSHR, k_nope_BTHN, pe_BTR, v_BTHV):
                 o_BSHV = mla_prefill_bshd(
-                    q_nope_BSHN, q_pe_BSHR, k_nope_BSHN, pe_BSR, v_BSHV, self.softmax_scale
+                    q_nope_BSHN, q_pe_BSHR, k_nope_BTHN, pe_BTR, v_BTHV, self.softmax_scale
                 )
                 return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
         q_BHSK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1).transpose(1, 2)
-        k_BHSK = torch.cat(
-            [k_nope_BSHN, pe_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)], -1
+        k_BHTK = torch.cat(
+            [k_nope_BTHN, pe_BTR[:, :, None, :].expand(B, T, H, self.rope_dim)], -1
         ).transpose(1, 2)
-        o_BHSV = F.scaled_dot_product_attention(
-            q_BHSK, k_BHSK, v_BSHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )
+        v_BHTV = v_BTHV.transpose(1, 2)
+        if mask_BST is None and S == T:
+            o_BHSV = F.scaled_dot_product_attention(
+                q_BHSK, k_BHTK, v_BHTV, is_causal=True, scale=self.softmax_scale
+            )
+        else:
+            if mask_BST is None:
+                mask_BST = causal_mask(S, T, kv_BTC.device)[None]
+            o_BHSV = F.scaled_dot_product_attention(
+                q_BHSK, k_BHTK, v_BHTV, attn_mask=mask_BST[:, None], scale=self.softmax_scale
+            )
         return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def _w_HKC(self, dtype: torch.dtype) -> torch.Tensor:

@@ -86,10 +86,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_mtp: bool | None = None,
         absorbed: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
-        """Logits for every position. With `cache` the attention runs the absorbed path over the
-        cached latents; positions then default to continuing the cache. MTP logits are computed
-        without a cache unless `return_mtp=False`."""
+        """Logits for every position, or for the last `logits_to_keep` ones when it is > 0 (as in
+        transformers). With `cache` the attention runs the absorbed path over the cached latents;
+        positions then default to continuing the cache. MTP logits are computed without a cache
+        unless `return_mtp=False`."""
         B, S = input_ids_BS.shape
         if positions_BS is None:
             start = getattr(cache, "seq_len", 0) if cache is not None else 0
@@ -99,7 +101,8 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x_BSD = layer(x_BSD, cos, sin, cache, absorbed)
         hidden_BSD = self.model.norm(x_BSD)
-        out = ModelOutput(logits=self.lm_head(hidden_BSD), hidden=hidden_BSD)
+        kept_BSD = hidden_BSD[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_BSD
+        out = ModelOutput(logits=self.lm_head(kept_BSD), hidden=hidden_BSD)
         if return_mtp is None:
             return_mtp = cache is None
         if return_mtp:

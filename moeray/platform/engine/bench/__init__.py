@@ -13,7 +13,8 @@ Steps (GPU, bf16, the `small()` preset by default):
      --decode-tokens decode steps timed; the roofline of each (bench/roofline.py) at the datasheet
      and at the measured bandwidth; with `--profile-steps N` the kernels of N decode steps by
      category (bench/profile.py).
-  3. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token.
+  3. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token,
+     through MLA's expanded path (the engine's default for prefill) and through the absorbed one.
   4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
      Skipped for FP8 weights and for models above --hf-max-weight-gib.
   5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
@@ -371,19 +372,17 @@ def main(argv: list[str]) -> int:
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 
     prefill = None
+    prefill_by_path: dict[str, float] = {}
     if "prefill" not in a.skip:
         prompts = _random_prompts(g, cfg.vocab_size, a.prefill_batch, prefill_len)
-        # Warm up with the whole batch (prefix caching is off): a 1-prompt warm-up leaves the
-        # Triton compiles for the full step's token count (fused MoE and prefill configs are
-        # chosen by it) inside the timed run: the likely reason one H100 measured 40.6K prefill
-        # tok/s against 76.1K in an earlier run whose Triton cache was already filled
-        # (benchmarks/notes-engine.md).
-        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
-        _sync(device)
-        t = time.perf_counter()
-        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
-        _sync(device)
-        prefill = a.prefill_batch * prefill_len / (time.perf_counter() - t)
+        prefill_by_path["expanded"] = prefill = _prefill_rate(engine, prompts, device)
+        del engine
+        # Same settings, prefill chunks in MLA's latent space; no decode graphs (none replay).
+        engine = Engine(
+            model,
+            EngineConfig(**{**ecfg, "use_cuda_graphs": False}, prefill_attention="absorbed"),
+        )
+        prefill_by_path["absorbed"] = _prefill_rate(engine, prompts, device)
     del engine
     if device.type == "cuda" and "router-ab" not in a.skip:
         # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
@@ -443,6 +442,7 @@ def main(argv: list[str]) -> int:
         "hf_skipped": hf_skipped,
         "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
         "prefill_tokens_per_s": prefill,
+        "prefill_tokens_per_s_by_attention": prefill_by_path,
         "roofline_tokens_per_s": roof,
         "roofline_fraction": frac,
         "roofline_fraction_measured_bandwidth": frac_measured,
@@ -469,8 +469,23 @@ def main(argv: list[str]) -> int:
     print(f"wrote {path}")
     for k in ("decode_tokens_per_s", "hf_generate_tokens_per_s", "roofline_fraction"):
         print(k, {b: round(v, 3) for b, v in result[k].items()})
-    print("prefill_tokens_per_s", prefill, "mtp", mtp or mtp_skipped)
+    print("prefill_tokens_per_s", prefill_by_path, "mtp", mtp or mtp_skipped)
     return 0
+
+
+def _prefill_rate(engine: Engine, prompts: list[list[int]], device: torch.device) -> float:
+    """Prompt tokens/s of prefilling `prompts` (one output token each), after one warm-up run of
+    the whole batch (prefix caching is off): a 1-prompt warm-up leaves the Triton compiles for the
+    full step's token count (fused MoE and prefill configs are chosen by it) inside the timed run,
+    the likely reason one H100 measured 40.6K prefill tok/s against 76.1K in an earlier run whose
+    Triton cache was already filled (benchmarks/notes-engine.md)."""
+    params = SamplingParams(temperature=0, max_tokens=1)
+    engine.generate(prompts, params)
+    _sync(device)
+    t = time.perf_counter()
+    engine.generate(prompts, params)
+    _sync(device)
+    return sum(len(p) for p in prompts) / (time.perf_counter() - t)
 
 
 def _hf_baseline(model, cfg, a, g, device, dtype) -> dict[str, float]:
