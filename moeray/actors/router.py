@@ -14,8 +14,9 @@ and pushes the returned placement to the MoE layers (`placement.to_physical`).
 Fault tolerance: the actor restarts forever (max_restarts=-1) and Ray retries calls that were in
 flight (max_task_retries=-1). Its state is written to `state_path` after every counted report,
 and a restarted actor (same constructor arguments) reads it back, so a report is never lost nor,
-being keyed by (step, rank), counted twice. Training checkpoints also save `state_dict()` and
-restore it with `load_state_dict()`.
+being keyed by (step, rank), counted twice. `state_path` is a `train.storage.Storage` (or a path
+or URI): a shared location, as the actor may restart on another node. Training checkpoints also
+save `state_dict()` and restore it with `load_state_dict()`.
 
 This module imports Ray at the top; import it only where Ray is wanted.
 """
@@ -23,15 +24,16 @@ This module imports Ray at the top; import it only where Ray is wanted.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
-from pathlib import Path
 
 import ray
 import torch
 
 from moeray.platform.metrics import EXPERT_LOAD, ROUTER_MAXVIO, Metrics
 from moeray.platform.routing.state import RouterConfig, RouterState
+from moeray.platform.train.storage import Storage
 
 # A worker waiting for the other ranks' reports gives up after this long (a rank that died
 # mid-step is Ray Train's to restart; the waiters should fail, not hang forever).
@@ -39,12 +41,13 @@ DEFAULT_WAIT_S = 300.0
 
 
 class RouterActor:
-    def __init__(self, config: RouterConfig, state_path: str | None = None):
+    def __init__(self, config: RouterConfig, state_path: Storage | str | None = None):
         self._state = RouterState(config)
-        self._path = Path(state_path) if state_path else None
+        self._path = Storage.at(state_path) if isinstance(state_path, str) else state_path
         self._restored = False
         if self._path is not None and self._path.exists():
-            self._state.load_state_dict(torch.load(self._path, weights_only=False))
+            saved = io.BytesIO(self._path.read_bytes())
+            self._state.load_state_dict(torch.load(saved, weights_only=False))
             self._restored = True
         self._applied: asyncio.Condition | None = None
         self._metrics = Metrics("ray", defs=(EXPERT_LOAD, ROUTER_MAXVIO))
@@ -134,10 +137,9 @@ class RouterActor:
     def _persist(self) -> None:
         if self._path is None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + f".tmp{os.getpid()}")
-        torch.save(self._state.state_dict(), tmp)
-        os.replace(tmp, self._path)  # atomic: a kill mid-write leaves the previous state
+        buf = io.BytesIO()
+        torch.save(self._state.state_dict(), buf)
+        self._path.write_bytes(buf.getvalue())  # whole: a kill mid-write leaves the previous state
 
     def _export_metrics(self) -> None:
         loads = self._state.last_loads_LE
@@ -151,7 +153,7 @@ def get_or_create_router(
     name: str,
     namespace: str,
     config: RouterConfig,
-    state_path: str | None = None,
+    state_path: Storage | str | None = None,
 ):
     """The named detached RouterActor, created if it does not exist yet.
 
