@@ -32,6 +32,18 @@ import pyarrow.fs as pafs
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
+def uri_scheme(location: str) -> str:
+    """The URI scheme of `location` ("" for a plain path); ValueError naming an unsupported one
+    and the accepted ones. Checks the text only (resolving an s3:// URI reaches the network)."""
+    scheme = urlparse(location).scheme
+    if scheme and scheme not in SCHEMES:
+        raise ValueError(
+            f"storage {location!r}: unsupported URI scheme {scheme!r}; accepted: a path (a shared "
+            f"volume on a cluster) or a URI with scheme {', '.join(SCHEMES)}"
+        )
+    return scheme
+
+
 class Storage:
     """A file or directory `path` on `filesystem` (pyarrow.fs)."""
 
@@ -47,15 +59,10 @@ class Storage:
         text = os.fspath(location)
         if filesystem is not None:
             return Storage(filesystem, text)
-        scheme = urlparse(text).scheme
+        scheme = uri_scheme(text)
         if not scheme:
             path = Path(text).expanduser().resolve()
             return Storage(pafs.LocalFileSystem(), path.as_posix())
-        if scheme not in SCHEMES:
-            raise ValueError(
-                f"storage {text!r}: unsupported URI scheme {scheme!r}; accepted: a path (a shared "
-                f"volume on a cluster) or a URI with scheme {', '.join(SCHEMES)}"
-            )
         filesystem, path = pafs.FileSystem.from_uri(text)
         return Storage(filesystem, path, "" if scheme == "file" else scheme)
 
