@@ -40,6 +40,15 @@ def test_unsupported_scheme_names_it_and_the_accepted_ones(uri):
     assert all(s in str(e.value) for s in SCHEMES)
 
 
+def test_moeray_train_refuses_an_unsupported_storage_before_ray(capsys, refuse_ray_init):
+    from moeray.platform.train import job
+
+    args = ["--config", "configs/train/tiny.yaml", "--storage", "ftp://host/runs"]
+    assert job.main(args) == 2
+    err = capsys.readouterr().err
+    assert "storage 'ftp://host/runs': unsupported URI scheme 'ftp'" in err and "s3" in err
+
+
 @pytest.mark.parametrize("kind", ["local", "remote"])
 def test_files_appends_listings_and_transfers(tmp_path, kind):
     store = Storage.at(tmp_path / "store") if kind == "local" else _remote(tmp_path)

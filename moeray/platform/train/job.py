@@ -41,7 +41,7 @@ from moeray.platform.routing.state import RouterConfig
 from moeray.platform.train import data
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.loop import train_loop_per_worker
-from moeray.platform.train.storage import Storage
+from moeray.platform.train.storage import Storage, uri_scheme
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainJobConfig:
@@ -198,6 +198,7 @@ def main(argv: list[str]) -> int:
             },
         )
         job.check_model(job.model_config())  # a layout the model cannot split stops here
+        uri_scheme(job.storage)  # so does a storage URI that pyarrow cannot reach
         notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)
