@@ -49,6 +49,26 @@ def test_moeray_train_refuses_an_unsupported_storage_before_ray(capsys, refuse_r
     assert "storage 'ftp://host/runs': unsupported URI scheme 'ftp'" in err and "s3" in err
 
 
+def test_a_worker_that_cannot_see_the_run_storage_says_so(tmp_path, monkeypatch):
+    """A local path that only the driver's node has: the worker's node finds no data there."""
+    import ray.train
+
+    from moeray.platform.train.job_config import TrainJobConfig
+    from moeray.platform.train.loop import train_loop_per_worker
+
+    class Context:  # Ray Train's, for world rank 0 of 1
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    monkeypatch.setattr(ray.train, "get_context", Context)
+    config = {"job": TrainJobConfig().to_dict(), "run_dir": Storage.at(tmp_path), "run_id": "r"}
+    with pytest.raises(RuntimeError, match=r"run storage .* is not visible on node .*s3://"):
+        train_loop_per_worker(config)
+
+
 @pytest.mark.parametrize("kind", ["local", "remote"])
 def test_files_appends_listings_and_transfers(tmp_path, kind):
     store = Storage.at(tmp_path / "store") if kind == "local" else _remote(tmp_path)

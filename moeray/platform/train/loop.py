@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import asdict
@@ -144,6 +145,12 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir: Storage = config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not run_dir.join("data", "data.json").exists():  # the driver wrote it before the trainer
+        raise RuntimeError(
+            f"the run storage {run_dir} is not visible on node {socket.gethostname()} (no "
+            "data/data.json, which the driver wrote): on a cluster, use a path mounted on every "
+            "node or an object-store URI (s3://bucket/prefix)"
+        )
     # downloads of this rank (the same directory on a restart: replaced, not accumulated)
     scratch = scratch_dir(f"{config.get('run_id', '')}-rank{rank}")
     job = _local_model(TrainJobConfig.from_dict(config["job"]), run_dir, scratch)
