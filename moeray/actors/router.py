@@ -50,6 +50,9 @@ class RouterActor:
             self._state.load_state_dict(torch.load(saved, weights_only=False))
             self._restored = True
         self._applied: asyncio.Condition | None = None
+        self._writing: asyncio.Lock | None = None
+        self._changes = 0  # state changes so far, and how many of them the file holds
+        self._durable = 0
         self._metrics = Metrics("ray", defs=(EXPERT_LOAD, ROUTER_MAXVIO))
         self._metrics.create_all()
         if self._state.step >= 0:
@@ -60,7 +63,7 @@ class RouterActor:
         """One rank's tokens per expert ([layers, experts]) for `step`; see RouterState.report."""
         result = self._state.report(step, rank, loads_LE)
         if result["counted"]:
-            self._persist()
+            await self._persist()
         if result["applied"]:
             self._export_metrics()
             cond = self._condition()
@@ -86,19 +89,19 @@ class RouterActor:
                     pass
         return self._state.biases()
 
-    def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
+    async def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
         self._state.set_gamma(gamma, zero_at_step)
-        self._persist()
+        await self._persist()
 
     # -- serving -------------------------------------------------------------------------------
     def observe(self, loads_LE) -> None:
         self._state.observe(loads_LE)
         self._export_metrics()
 
-    def rebalance(self) -> dict:
+    async def rebalance(self) -> dict:
         """Recompute placement from the load moving average; returns Placement.state_dict()."""
         placement = self._state.rebalance()
-        self._persist()
+        await self._persist()
         return placement.state_dict()
 
     def placement(self) -> dict:
@@ -121,10 +124,10 @@ class RouterActor:
     def state_dict(self) -> dict:
         return self._state.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    async def load_state_dict(self, state: dict) -> None:
         """Restore from a training checkpoint (the file is rewritten to match)."""
         self._state.load_state_dict(state)
-        self._persist()
+        await self._persist()
         self._export_metrics()
 
     # -- internals -----------------------------------------------------------------------------
@@ -134,12 +137,26 @@ class RouterActor:
             self._applied = asyncio.Condition()
         return self._applied
 
-    def _persist(self) -> None:
+    async def _persist(self) -> None:
+        """Return once the state file holds the state as of this call. The write runs in a
+        thread, off the event loop (on an object store it is a PUT of tens of ms), one at a time,
+        in order; callers that arrive during a write share the next one, so a step's reports
+        from N ranks take about two writes, not N."""
         if self._path is None:
             return
-        buf = io.BytesIO()
-        torch.save(self._state.state_dict(), buf)
-        self._path.write_bytes(buf.getvalue())  # whole: a kill mid-write leaves the previous state
+        self._changes += 1
+        mine = self._changes
+        if self._writing is None:  # created on first use, inside the actor's event loop
+            self._writing = asyncio.Lock()
+        async with self._writing:
+            if self._durable >= mine:  # a write that began after this change holds it
+                return
+            upto = self._changes
+            buf = io.BytesIO()
+            torch.save(self._state.state_dict(), buf)  # here, on the loop: a consistent state
+            # whole: a kill mid-write leaves the previous state
+            await asyncio.to_thread(self._path.write_bytes, buf.getvalue())
+            self._durable = upto
 
     def _export_metrics(self) -> None:
         loads = self._state.last_loads_LE
