@@ -14,8 +14,9 @@ and pushes the returned placement to the MoE layers (`placement.to_physical`).
 Fault tolerance: the actor restarts forever (max_restarts=-1) and Ray retries calls that were in
 flight (max_task_retries=-1). Its state is written to `state_path` after every counted report,
 and a restarted actor (same constructor arguments) reads it back, so a report is never lost nor,
-being keyed by (step, rank), counted twice. Training checkpoints also save `state_dict()` and
-restore it with `load_state_dict()`.
+being keyed by (step, rank), counted twice. `state_path` is a `train.storage.Storage` (or a path
+or URI): a shared location, as the actor may restart on another node. Training checkpoints also
+save `state_dict()` and restore it with `load_state_dict()`.
 
 This module imports Ray at the top; import it only where Ray is wanted.
 """
@@ -23,15 +24,16 @@ This module imports Ray at the top; import it only where Ray is wanted.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
-from pathlib import Path
 
 import ray
 import torch
 
 from moeray.platform.metrics import EXPERT_LOAD, ROUTER_MAXVIO, Metrics
 from moeray.platform.routing.state import RouterConfig, RouterState
+from moeray.platform.train.storage import Storage
 
 # A worker waiting for the other ranks' reports gives up after this long (a rank that died
 # mid-step is Ray Train's to restart; the waiters should fail, not hang forever).
@@ -39,14 +41,18 @@ DEFAULT_WAIT_S = 300.0
 
 
 class RouterActor:
-    def __init__(self, config: RouterConfig, state_path: str | None = None):
+    def __init__(self, config: RouterConfig, state_path: Storage | str | None = None):
         self._state = RouterState(config)
-        self._path = Path(state_path) if state_path else None
+        self._path = Storage.at(state_path) if isinstance(state_path, str) else state_path
         self._restored = False
         if self._path is not None and self._path.exists():
-            self._state.load_state_dict(torch.load(self._path, weights_only=False))
+            saved = io.BytesIO(self._path.read_bytes())
+            self._state.load_state_dict(torch.load(saved, weights_only=False))
             self._restored = True
         self._applied: asyncio.Condition | None = None
+        self._writing: asyncio.Lock | None = None
+        self._changes = 0  # state changes so far, and how many of them the file holds
+        self._durable = 0
         self._metrics = Metrics("ray", defs=(EXPERT_LOAD, ROUTER_MAXVIO))
         self._metrics.create_all()
         if self._state.step >= 0:
@@ -57,7 +63,7 @@ class RouterActor:
         """One rank's tokens per expert ([layers, experts]) for `step`; see RouterState.report."""
         result = self._state.report(step, rank, loads_LE)
         if result["counted"]:
-            self._persist()
+            await self._persist()
         if result["applied"]:
             self._export_metrics()
             cond = self._condition()
@@ -83,19 +89,19 @@ class RouterActor:
                     pass
         return self._state.biases()
 
-    def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
+    async def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
         self._state.set_gamma(gamma, zero_at_step)
-        self._persist()
+        await self._persist()
 
     # -- serving -------------------------------------------------------------------------------
     def observe(self, loads_LE) -> None:
         self._state.observe(loads_LE)
         self._export_metrics()
 
-    def rebalance(self) -> dict:
+    async def rebalance(self) -> dict:
         """Recompute placement from the load moving average; returns Placement.state_dict()."""
         placement = self._state.rebalance()
-        self._persist()
+        await self._persist()
         return placement.state_dict()
 
     def placement(self) -> dict:
@@ -118,10 +124,10 @@ class RouterActor:
     def state_dict(self) -> dict:
         return self._state.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    async def load_state_dict(self, state: dict) -> None:
         """Restore from a training checkpoint (the file is rewritten to match)."""
         self._state.load_state_dict(state)
-        self._persist()
+        await self._persist()
         self._export_metrics()
 
     # -- internals -----------------------------------------------------------------------------
@@ -131,13 +137,26 @@ class RouterActor:
             self._applied = asyncio.Condition()
         return self._applied
 
-    def _persist(self) -> None:
+    async def _persist(self) -> None:
+        """Return once the state file holds the state as of this call. The write runs in a
+        thread, off the event loop (on an object store it is a PUT of tens of ms), one at a time,
+        in order; callers that arrive during a write share the next one, so a step's reports
+        from N ranks take about two writes, not N."""
         if self._path is None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + f".tmp{os.getpid()}")
-        torch.save(self._state.state_dict(), tmp)
-        os.replace(tmp, self._path)  # atomic: a kill mid-write leaves the previous state
+        self._changes += 1
+        mine = self._changes
+        if self._writing is None:  # created on first use, inside the actor's event loop
+            self._writing = asyncio.Lock()
+        async with self._writing:
+            if self._durable >= mine:  # a write that began after this change holds it
+                return
+            upto = self._changes
+            buf = io.BytesIO()
+            torch.save(self._state.state_dict(), buf)  # here, on the loop: a consistent state
+            # whole: a kill mid-write leaves the previous state
+            await asyncio.to_thread(self._path.write_bytes, buf.getvalue())
+            self._durable = upto
 
     def _export_metrics(self) -> None:
         loads = self._state.last_loads_LE
@@ -151,7 +170,7 @@ def get_or_create_router(
     name: str,
     namespace: str,
     config: RouterConfig,
-    state_path: str | None = None,
+    state_path: Storage | str | None = None,
 ):
     """The named detached RouterActor, created if it does not exist yet.
 

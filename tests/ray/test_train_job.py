@@ -1,6 +1,7 @@
 """The Ray Train job end to end on gloo: EP=2 workers, a worker SIGKILLed mid-run, resume from the
 last checkpoint with the same data order and no lost step, final HF directory that loads; run
-with ZeRO-1 and bf16 AdamW moments."""
+with ZeRO-1 and bf16 AdamW moments, on a storage that is not the local filesystem (as on a
+cluster with an object store: every file of the run goes through it)."""
 
 import json
 
@@ -9,7 +10,8 @@ import pytest
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
+def test_train_job_survives_a_killed_worker(ray_local, tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
     import torch
 
     from moeray.platform.checkpoint import load_model
@@ -19,11 +21,18 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     from moeray.platform.train.job import run
     from moeray.platform.train.job_config import TrainJobConfig
 
+    # The run's storage: a filesystem whose paths ("runs/killtest/...") are no paths of this
+    # machine, so a read or write that bypassed it (a driver path handed to a worker, a file
+    # opened by path) would miss; the driver runs in a directory of its own.
+    (tmp_path / "bucket").mkdir()
+    (tmp_path / "driver").mkdir()
+    monkeypatch.chdir(tmp_path / "driver")
+    bucket = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     job = TrainJobConfig.from_dict(
         {
             "model": "tiny",
             "name": "killtest",
-            "storage": str(tmp_path),
+            "storage": "runs",
             "output": "model",
             "steps": 8,
             "log_every": 1,
@@ -38,9 +47,14 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
             "optim": {"warmup_steps": 2, "zero_stage": 1, "moments_dtype": "bfloat16"},
         }
     )
-    out = run(job)
+    out = run(job, filesystem=bucket)
 
-    run_dir = tmp_path / "killtest"
+    # everything is in the storage: the driver's directory and the test's stay empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bucket", "driver"]
+    assert list((tmp_path / "driver").iterdir()) == []
+    run_dir = tmp_path / "bucket" / "runs" / "killtest"
+    assert out.path == "runs/killtest/model" and not out.is_local
+    assert (run_dir / "router_state.pt").exists() and (run_dir / "data" / "tokens.pt").exists()
     assert (run_dir / "killed-rank1").exists()  # the kill happened
     recs = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     # attempt 1 ran steps 0..4 (checkpoint after step 2), was killed before step 5; attempt 2
@@ -74,7 +88,7 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"]
 
     # the final HF directory loads here (and in transformers, checked in the model tests)
-    cfg, model = load_model(out)
-    assert cfg.vocab_size == 1024 and (out / "tokenizer.json").exists()
+    cfg, model = load_model(run_dir / "model")
+    assert cfg.vocab_size == 1024 and (run_dir / "model" / "tokenizer.json").exists()
     ids = torch.randint(0, cfg.vocab_size, (1, 9))
     assert torch.isfinite(model(ids).logits).all()

@@ -202,6 +202,40 @@ def test_training_job_matches_the_train_config():
     assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def test_training_job_storage_is_a_volume_or_an_object_store():
+    from moeray.platform.k8s.render import rayjob
+    from moeray.platform.train.job import load_config
+
+    job = load_config(TRAIN)
+
+    def parts(docs):
+        (rj,) = [d for d in docs if d["kind"] == "RayJob"]
+        spec = rj["spec"]["rayClusterSpec"]
+        pods = [g["template"]["spec"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+        return rj, pods
+
+    # an object store: the URI reaches `moeray train`, no volume, credentials from a Secret
+    docs = rayjob(job, TRAIN, tag="t", storage="s3://bucket/runs?region=us-east-1")
+    rj, pods = parts(docs)
+    validate(rj)
+    assert rj["spec"]["entrypoint"].endswith("--storage s3://bucket/runs?region=us-east-1")
+    assert [d["kind"] for d in docs] == ["RayJob"]
+    for pod in pods:
+        (c,) = pod["containers"]
+        assert "volumes" not in pod and "volumeMounts" not in c
+        assert c["envFrom"] == [{"secretRef": {"name": "moeray-storage", "optional": True}}]
+    # another mount path (also as a file:// URI): the shared volume is mounted there
+    for storage in ("/mnt/nfs", "file:///mnt/nfs"):
+        rj, pods = parts(rayjob(job, TRAIN, tag="t", storage=storage))
+        assert rj["spec"]["entrypoint"].endswith(f"--storage {storage}")
+        for pod in pods:
+            assert {"name": "runs", "mountPath": "/mnt/nfs"} in pod["containers"][0]["volumeMounts"]
+    with pytest.raises(ValueError, match=r"unsupported URI scheme 'ftp'.*s3"):
+        rayjob(job, TRAIN, tag="t", storage="ftp://host/runs")
+    with pytest.raises(ValueError, match="'runs' must be an absolute path"):
+        rayjob(job, TRAIN, tag="t", storage="runs")
+
+
 def test_rayservice_serve_config_parses_into_serve_config():
     from moeray.platform.config import ServeConfig
 

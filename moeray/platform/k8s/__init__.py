@@ -3,6 +3,7 @@
     moeray k8s render --train-config configs/train/tiny.yaml \
         --serve-config configs/serve/k8s.yaml --out k8s/
     moeray k8s render ... --check      # exit 1 when k8s/ differs from a fresh render
+    moeray k8s render ... --train-storage s3://bucket/runs   # an object store, not a volume
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import yaml
 
 from moeray.platform.k8s.monitoring import monitors, network_policy
-from moeray.platform.k8s.render import grafana_configmaps, raycluster, rayjob, rayservice
+from moeray.platform.k8s.render import (
+    RUNS_MOUNT,
+    grafana_configmaps,
+    raycluster,
+    rayjob,
+    rayservice,
+)
 from moeray.platform.plan.gpus import GPUS
 from moeray.platform.train.job import load_config
 
@@ -53,6 +60,7 @@ def render_all(
     tag: str = VERSION_TAG,
     gpus_per_node: int = 8,
     gpu: str | None = None,
+    train_storage: str = RUNS_MOUNT,
 ) -> dict[str, str]:
     """File name -> text of every manifest."""
     job = load_config(train_config)
@@ -61,7 +69,14 @@ def render_all(
         raise ValueError(f"{serve_config} must hold a mapping (a Serve config file or its args)")
     return {
         "rayjob-train.yaml": _dump(
-            rayjob(job, train_config, tag=tag, gpus_per_node=gpus_per_node, gpu=gpu),
+            rayjob(
+                job,
+                train_config,
+                tag=tag,
+                gpus_per_node=gpus_per_node,
+                gpu=gpu,
+                storage=train_storage,
+            ),
             train_config,
         ),
         "rayservice.yaml": _dump(
@@ -89,10 +104,23 @@ def main(argv: list[str]) -> int:
         help="the nodes' GPU: set as MOERAY_GPU in the pods, so that `moeray train`/`serve` on "
         "a GPU-less head check memory against it",
     )
+    r.add_argument(
+        "--train-storage",
+        default=RUNS_MOUNT,
+        help="the training run's storage: the mount path of the shared volume on every pod "
+        f"(default {RUNS_MOUNT}) or an object-store URI (s3://bucket/prefix, no volume)",
+    )
     r.add_argument("--check", action="store_true", help="only report files that differ")
     a = p.parse_args(argv)
     try:
-        files = render_all(a.train_config, a.serve_config, tag=a.tag, gpus_per_node=a.gpus_per_node)
+        files = render_all(
+            a.train_config,
+            a.serve_config,
+            tag=a.tag,
+            gpus_per_node=a.gpus_per_node,
+            gpu=a.gpu,
+            train_storage=a.train_storage,
+        )
     except (ValueError, OSError) as e:
         print(f"moeray k8s: {e}", file=sys.stderr)
         return 2

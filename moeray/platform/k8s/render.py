@@ -2,8 +2,10 @@
 
 A train config (TrainJobConfig YAML) gives the RayJob: PP x EP x DP Ray Train workers, one CPU
 each (and one GPU each under `use_gpu`, train/job.py's ScalingConfig), packed into worker pods of
-at most `gpus_per_node` GPUs, with a shared ReadWriteMany volume mounted as the run storage on
-every pod (Ray Train checkpoints and the final model must be visible to all of them).
+at most `gpus_per_node` GPUs, with the run storage every pod reaches (train/storage.py): a shared
+ReadWriteMany volume mounted on every pod at the storage path (default /runs), or an object-store
+URI (s3://bucket/prefix, ...) with the credentials from the optional Secret `moeray-storage`.
+Tokenized data, checkpoints, router state, history and the final model all live there.
 A serve config (a Serve config file from `moeray serve --write-config`, or its `args`) gives the
 RayService: a prefill and a decode worker group, each with the GPUs its replicas request
 (replicas x `ep` x `gpus_per_replica`), serveConfigV2 equal to the file with the cluster's host.
@@ -16,11 +18,13 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
 from moeray.platform import dashboards
 from moeray.platform.config import ServeConfig
+from moeray.platform.train.storage import uri_scheme
 
 RAY_VERSION = "2.58.0"
 LABELS = {"app.kubernetes.io/name": "moeray"}
@@ -123,14 +127,32 @@ def _gpu_env(gpu: str | None) -> list[dict[str, Any]]:
 
 
 def rayjob(
-    job: Any, config_path: str, *, tag: str, gpus_per_node: int = 8, gpu: str | None = None
+    job: Any,
+    config_path: str,
+    *,
+    tag: str,
+    gpus_per_node: int = 8,
+    gpu: str | None = None,
+    storage: str = RUNS_MOUNT,
 ) -> list[dict]:
-    """RayJob for `job` (a TrainJobConfig read from `config_path`, repository-relative), and the
-    PersistentVolumeClaim of its shared run storage."""
+    """RayJob for `job` (a TrainJobConfig read from `config_path`, repository-relative) with its
+    run storage: an absolute path, where the PersistentVolumeClaim (also returned) is mounted on
+    every pod, or an object-store URI (no volume)."""
     world = job.parallel.world
     image = images(tag)["gpu" if job.use_gpu else "cpu"]
+    scheme = uri_scheme(storage)  # ValueError for an unsupported scheme
+    shared = scheme in ("", "file")  # a path: the volume is mounted there
+    path = urlparse(storage).path if scheme == "file" else storage
+    if shared and not path.startswith("/"):
+        raise ValueError(
+            f"train storage {storage!r} must be an absolute path (the shared volume's mount on "
+            "every pod) or a URI (s3://bucket/prefix)"
+        )
     runs = {"name": "runs", "persistentVolumeClaim": {"claimName": "moeray-runs"}}
-    mount = {"name": "runs", "mountPath": RUNS_MOUNT}
+    mount = {"name": "runs", "mountPath": path}
+    mounts, volumes = ([mount], [runs]) if shared else ([], [])
+    # an object store's credentials (AWS_ACCESS_KEY_ID, ...) where the pods have no role
+    env_from = [] if shared else [{"secretRef": {"name": "moeray-storage", "optional": True}}]
     if job.use_gpu:
         pods, per_pod = _pods(world, gpus_per_node, f"{world} GPU workers (pp*ep*dp)")
         worker = _container(
@@ -139,16 +161,27 @@ def rayjob(
             2 * per_pod,
             32 * per_pod,
             gpus=per_pod,
-            mounts=[mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+            mounts=[*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
         )
-        group = _group("gpu", pods, worker, [runs, DSHM], {"num-cpus": str(per_pod)})
+        group = _group("gpu", pods, worker, [*volumes, DSHM], {"num-cpus": str(per_pod)})
     else:
         pods, per_pod = world, 1
-        worker = _container("ray-worker", image, 1, 4, mounts=[mount])
-        group = _group("cpu", pods, worker, [runs], {"num-cpus": "1"})
+        worker = _container("ray-worker", image, 1, 4, mounts=mounts)
+        group = _group("cpu", pods, worker, volumes, {"num-cpus": "1"})
     name = f"moeray-train-{job.name}".replace("_", "-").lower()
-    entry = f"moeray train --config {config_path} --storage {RUNS_MOUNT}"
-    return [
+    entry = f"moeray train --config {config_path} --storage {storage}"
+    head = _head(
+        image,
+        dashboard_private=True,
+        env=_gpu_env(gpu),
+        mounts=mounts,
+        volumes=volumes,
+        restart_never=True,
+    )
+    for g in (head, group):
+        if env_from:
+            g["template"]["spec"]["containers"][0]["envFrom"] = env_from
+    docs = [
         {
             "apiVersion": "ray.io/v1",
             "kind": "RayJob",
@@ -162,20 +195,13 @@ def rayjob(
                 "ttlSecondsAfterFinished": 600,
                 "rayClusterSpec": {
                     "rayVersion": RAY_VERSION,
-                    "headGroupSpec": _head(
-                        image,
-                        dashboard_private=True,
-                        env=_gpu_env(gpu),
-                        mounts=[mount],
-                        volumes=[runs],
-                        restart_never=True,
-                    ),
+                    "headGroupSpec": head,
                     "workerGroupSpecs": [group],
                 },
             },
         },
-        pvc("moeray-runs", "100Gi"),
     ]
+    return [*docs, pvc("moeray-runs", "100Gi")] if shared else docs
 
 
 def pvc(name: str, size: str) -> dict[str, Any]:

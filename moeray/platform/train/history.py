@@ -9,6 +9,8 @@ attempt whose state the final model continues; the dropped records are kept, unc
 `history.rolled_back.jsonl` (each with `rolled_back_at`, the resume step) for comparing attempts.
 Records carry the job's `run_id`: a new job reusing the run directory starts a new history (the
 old records go to the rolled-back file too), without marking its steps as replays.
+Both files are written through the run's `storage.Storage` (a local or shared path, or an object
+store), rank 0 being on any node.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
+
+from moeray.platform.train.storage import Storage
 
 
 class History:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.rolled_back_path = self.path.with_name(self.path.stem + ".rolled_back.jsonl")
+    def __init__(self, path: Storage | str | os.PathLike) -> None:
+        """`path`: the history.jsonl file, a Storage or a local path."""
+        self.path = path if isinstance(path, Storage) else Storage.at(path)
+        stem = self.path.name.removesuffix(".jsonl")
+        self.rolled_back_path = self.path.sibling(f"{stem}.rolled_back.jsonl")
         self._replayed: set[int] = set()
 
     def records(self) -> list[dict[str, Any]]:
@@ -42,12 +47,11 @@ class History:
             (keep if ours and rec["step"] < start else dropped).append(rec)
         if not dropped:
             return 0
-        with self.rolled_back_path.open("a") as f:
-            for rec in dropped:
-                f.write(json.dumps({**rec, "rolled_back_at": start}) + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half
+        self.rolled_back_path.append_text(
+            "".join(json.dumps({**rec, "rolled_back_at": start}) + "\n" for rec in dropped)
+        )
+        # whole-file replace: a crash here leaves the old file or the new one, never half
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._replayed.update(r["step"] for r in dropped if r.get("run_id") == run_id)
         return len(dropped)
 
@@ -55,8 +59,7 @@ class History:
         """Append the record of a finished step (marked as a replay when it ran before)."""
         if rec["step"] in self._replayed:
             rec = {**rec, "replay": True}
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.path.append_text(json.dumps(rec) + "\n")
         return rec
 
 

@@ -10,10 +10,14 @@ with PP x EP x DP workers, gloo on CPU and NCCL on GPU, `FailureConfig` retries 
 reported by the workers (`loop.py`). Rank 0 writes the final model as an HF directory with the
 tokenizer, which `moeray serve` and transformers load.
 
-Run directory: <storage>/<name>/ holds data/ (tokenizer/, tokens.pt), history.jsonl (one line per
-step, from rank 0; a step re-run after a resume is marked "replay", history.py),
-history.rolled_back.jsonl (the records a resume rolled back), router_state.pt, Ray Train's
-checkpoints, and the final model (`output`).
+Run directory: <storage>/<name>/, where `storage` is a path or a URI (s3://bucket/prefix, ...;
+storage.py) that Ray Train's RunConfig persists checkpoints to as well. On a cluster it must be
+shared by every node (a volume mounted on all of them, or an object store): nothing of the run is
+read from or written to a path that only the driver's node has. It holds data/ (tokenizer/,
+tokens.pt, model/config.json when `model` is a file), history.jsonl (one line per step, from rank
+0; a step re-run after a resume is marked "replay", history.py), history.rolled_back.jsonl (the
+records a resume rolled back), router_state.pt, Ray Train's checkpoints, and the final model
+(`output`).
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from moeray.platform.checkpoint import TOKENIZER_FILES
+from moeray.platform.config import PRESETS
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s
 from moeray.platform.plan.check import check_train
 from moeray.platform.routing.state import RouterConfig
 from moeray.platform.train import data
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.loop import train_loop_per_worker
+from moeray.platform.train.storage import Storage, uri_scheme
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainJobConfig:
@@ -48,9 +59,12 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     return TrainJobConfig.from_dict(raw)
 
 
-def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
-    """Tokenizer and token stream, built once per (corpus, vocab, size) and reused."""
-    data_dir = run_dir / "data"
+def prepare_data(job: TrainJobConfig, run: Storage) -> None:
+    """Tokenizer and token stream in `run`/data/ (tokenizer/, tokens.pt), built once per (corpus,
+    vocab, size, start tokenizer) and reused; with a `model` config file, its copy in
+    data/model/config.json. Built in a local scratch directory, then uploaded (unless the storage
+    is the local filesystem, where it is built in place)."""
+    data_dir = run.join("data")
     start = str(Path(job.init_from).expanduser().resolve()) if job.init_from else None
     key = {
         "corpus": job.data.corpus,
@@ -58,26 +72,47 @@ def prepare_data(job: TrainJobConfig, run_dir: Path) -> tuple[Path, Path]:
         "max_bytes": job.data.max_bytes,
         "tokenizer": start,  # fine-tuning: the checkpoint's tokenizer, else one trained here
     }
-    stamp = data_dir / "data.json"
-    tok_dir, tokens = data_dir / "tokenizer", data_dir / "tokens.pt"
-    if start is not None:
-        tok_dir = Path(start)
-    if stamp.exists() and json.loads(stamp.read_text()) == key and tokens.exists():
-        return tok_dir, tokens
-    corpus = None if job.data.corpus in ("", "stdlib") else job.data.corpus
-    tok_dir, tokens = data.prepare_corpus(
-        data_dir,
-        corpus,
-        vocab_size=job.data.vocab_size,
-        max_bytes=job.data.max_bytes,
-        tokenizer=start,
-    )
-    stamp.write_text(json.dumps(key) + "\n")
-    return tok_dir, tokens
+    stamp = data_dir.join("data.json")
+    with tempfile.TemporaryDirectory(prefix="moeray-data-") as tmp:
+        local = data_dir.local_path or Path(tmp)
+        if job.model not in PRESETS:  # workers read the model's shape from the run, not `model`
+            (local / "model").mkdir(parents=True, exist_ok=True)
+            shutil.copy(model_config_file(job.model), local / "model" / "config.json")
+        fresh = (
+            stamp.exists()
+            and json.loads(stamp.read_text()) == key
+            and data_dir.join("tokens.pt").exists()
+            and data_dir.join("tokenizer", "tokenizer.json").exists()
+        )
+        if not fresh:
+            corpus = None if job.data.corpus in ("", "stdlib") else job.data.corpus
+            data.prepare_corpus(
+                local,
+                corpus,
+                vocab_size=job.data.vocab_size,
+                max_bytes=job.data.max_bytes,
+                tokenizer=start,
+            )
+            if start is not None:  # the run keeps a copy: workers never read init_from's
+                (local / "tokenizer").mkdir(parents=True, exist_ok=True)
+                for name in TOKENIZER_FILES:
+                    if (Path(start) / name).exists():
+                        shutil.copy(Path(start) / name, local / "tokenizer" / name)
+        data_dir.upload(local)
+    if not fresh:
+        stamp.write_text(json.dumps(key) + "\n")
 
 
-def run(job: TrainJobConfig) -> Path:
-    """Run the job to completion; returns the final HF model directory."""
+def model_config_file(model: str) -> Path:
+    """The config.json of `model` (a config file or an HF directory)."""
+    p = Path(model).expanduser()
+    return p / "config.json" if p.is_dir() else p
+
+
+def run(job: TrainJobConfig, filesystem: pafs.FileSystem | None = None) -> Storage:
+    """Run the job to completion; returns where the final HF model directory is (a local path,
+    `os.fspath`-able, when the storage is the local filesystem). With `filesystem`, `job.storage`
+    is a path on it (Ray's `storage_filesystem`), else a path or a URI."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -87,10 +122,9 @@ def run(job: TrainJobConfig) -> Path:
 
     model_cfg = job.model_config()
     job.check_model(model_cfg)  # a layout the model cannot split stops here, before Ray starts
-    storage = Path(job.storage).expanduser().resolve()
-    run_dir = storage / job.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok_dir, tokens = prepare_data(job, run_dir)
+    storage = Storage.at(job.storage, filesystem)
+    run_dir = storage.join(job.name)
+    prepare_data(job, run_dir)
 
     if not ray.is_initialized():
         # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray.
@@ -101,16 +135,14 @@ def run(job: TrainJobConfig) -> Path:
     world = job.parallel.world
     router_cfg = RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
     get_or_create_router(
-        job.router, job.router_namespace, router_cfg, state_path=str(run_dir / "router_state.pt")
+        job.router, job.router_namespace, router_cfg, state_path=run_dir.join("router_state.pt")
     )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.to_dict(),
-            "run_dir": str(run_dir),
-            "tokens": str(tokens),
-            "tokenizer": str(tok_dir),
+            "run_dir": run_dir,  # a Storage: workers read and write the run through it
             "run_id": uuid.uuid4().hex,
         },
         # A hung collective fails after MOERAY_DIST_TIMEOUT_S (default 600 s), not Ray's 1800 s.
@@ -122,7 +154,8 @@ def run(job: TrainJobConfig) -> Path:
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -130,8 +163,7 @@ def run(job: TrainJobConfig) -> Path:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    out = Path(job.output).expanduser()
-    return out if out.is_absolute() else run_dir / out
+    return run_dir.resolve(job.output)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,7 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML train config (configs/train/*.yaml)")
     p.add_argument("--steps", type=int, help="override `steps`")
     p.add_argument("--name", help="override the run name")
-    p.add_argument("--storage", help="override the storage directory")
+    p.add_argument(
+        "--storage", help="override the storage: a path (shared by all nodes) or a URI (s3://...)"
+    )
     p.add_argument("--output", help="override the final model directory")
     p.add_argument(
         "--fp8",
@@ -164,6 +198,7 @@ def main(argv: list[str]) -> int:
             },
         )
         job.check_model(job.model_config())  # a layout the model cannot split stops here
+        uri_scheme(job.storage)  # so does a storage URI that pyarrow cannot reach
         notes = check_train(job)  # a layout that cannot fit stops here, before Ray starts
     except ValueError as e:
         print(f"moeray train: {e}", file=sys.stderr)

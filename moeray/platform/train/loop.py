@@ -16,17 +16,26 @@ over their DP group, pipeline copies over their holders; divided by the EP x DP 
 clip by the global norm; AdamW; report this rank's expert loads to the RouterActor and load the
 new biases it returns (so every rank routes the next step with the same biases).
 
-Checkpoint (every `checkpoint_every` steps, through `ray.train.report`): rank{r}.pt per rank
-(model shard, optimizer, data position, step) plus router.pt (RouterActor state) and meta.json.
-On (re)start a worker restores from `ray.train.get_checkpoint()`, so a killed worker costs at
-most the steps since the last checkpoint, which are recomputed on the same batches.
+Checkpoint (every `checkpoint_every` steps, through `ray.train.report`, which copies it to the
+run's storage): rank{r}.pt per rank (model shard, optimizer, data position, step) plus router.pt
+(RouterActor state) and meta.json. On (re)start a worker restores from the latest checkpoint, so
+a killed worker costs at most the steps since the last checkpoint, which are recomputed on the
+same batches.
+
+Files: the run directory is a `storage.Storage` (a shared path or an object-store URI). A worker
+reads the tokens, its checkpoint file and the tokenizer from it (downloaded into a worker-local
+scratch directory unless the storage is the local filesystem) and writes the history, the kill
+markers and the final HF directory through it; no path of the driver's node is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import asdict
@@ -36,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moeray.platform import config as mc
 from moeray.platform.checkpoint import save_model
 from moeray.platform.metrics import (
     TRAIN_LOSS,
@@ -61,6 +71,7 @@ from moeray.platform.train.replica import (
     load_start,
     start_biases,
 )
+from moeray.platform.train.storage import Storage, scratch_dir
 
 
 def _save_checkpoint(
@@ -87,47 +98,62 @@ def _save_checkpoint(
         (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _checkpoint_step(d: Path, run_id: str, world: int) -> int:
+def _checkpoint_step(d: Storage, run_id: str, world: int) -> int:
     """The step of a complete checkpoint directory of this run, else -1."""
     try:
-        meta = json.loads((d / "meta.json").read_text())
+        meta = json.loads(d.join("meta.json").read_text())
     except (OSError, ValueError):
         return -1
     complete = (
-        all((d / f"rank{r}.pt").exists() for r in range(world)) and (d / "router.pt").exists()
+        all(d.join(f"rank{r}.pt").exists() for r in range(world)) and d.join("router.pt").exists()
     )
     return int(meta["step"]) if complete and meta.get("run_id") == run_id else -1
 
 
-def _latest_checkpoint(reported, run_dir: Path, run_id: str, world: int) -> Path | None:
+def _latest_checkpoint(reported, run_dir: Storage, run_id: str, world: int) -> Storage | None:
     """The newer of Ray Train's latest checkpoint and the newest complete one in the run dir.
 
     Ray Train registers a reported checkpoint asynchronously; a worker killed right after
     reporting can restart without it (seen with Ray 2.58: the restarted group got no checkpoint
     although the files were persisted). Checkpoints are persisted before `report` returns, so
     scanning the run directory (only this run's, by run id) loses nothing that was written.
+    Ray Train persists checkpoints to <storage>/<name>/<checkpoint_dir_name>, the run directory.
     """
-    candidates: list[tuple[int, Path]] = []
+    dirs = run_dir.children("step_*")
     if reported is not None:
-        local = Path(reported.path)
-        if local.is_dir():
-            candidates.append((_checkpoint_step(local, run_id, world), local))
-    for d in run_dir.glob("step_*"):
-        candidates.append((_checkpoint_step(d, run_id, world), d))
-    candidates = [c for c in candidates if c[0] >= 0]
-    return max(candidates)[1] if candidates else None
+        dirs.append(run_dir.join(Path(reported.path).name))
+    candidates = [(_checkpoint_step(d, run_id, world), d.path, d) for d in dirs]
+    best = max((c for c in candidates if c[0] >= 0), default=None, key=lambda c: c[:2])
+    return None if best is None else best[2]
+
+
+def _local_model(job: TrainJobConfig, run_dir: Storage, scratch: Path) -> TrainJobConfig:
+    """`job` with `model` (unless a preset) read from the run's copy of its config.json
+    (job.prepare_data), not from the driver's path."""
+    if job.model in mc.PRESETS:
+        return job
+    cfg = run_dir.join("data", "model", "config.json").local_copy(scratch / "model-config")
+    return dataclasses.replace(job, model=str(cfg))
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir", "run_id",
-    "tokens", "tokenizer"} from `job.py`."""
+    """Ray Train entry point: `config` = {"job": TrainJobConfig.to_dict(), "run_dir" (a
+    Storage), "run_id"} from `job.py`."""
     import ray
     import ray.train
 
-    job = TrainJobConfig.from_dict(config["job"])
-    run_dir = Path(config["run_dir"])
+    run_dir: Storage = config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not run_dir.join("data", "data.json").exists():  # the driver wrote it before the trainer
+        raise RuntimeError(
+            f"the run storage {run_dir} is not visible on node {socket.gethostname()} (no "
+            "data/data.json, which the driver wrote): on a cluster, use a path mounted on every "
+            "node or an object-store URI (s3://bucket/prefix)"
+        )
+    # downloads of this rank (the same directory on a restart: replaced, not accumulated)
+    scratch = scratch_dir(f"{config.get('run_id', '')}-rank{rank}")
+    job = _local_model(TrainJobConfig.from_dict(config["job"]), run_dir, scratch)
     if world != job.parallel.world:
         raise ValueError(f"{world} workers, but the config asks for pp*ep*dp={job.parallel.world}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -153,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
         replica.module, job.optim, replica.groups if isinstance(replica, FlatReplica) else None
     )
 
-    tokens = torch.load(config["tokens"])
+    tokens = torch.load(run_dir.join("data", "tokens.pt").local_copy(scratch))
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
     state = tdata.DataState()
     start = 0
@@ -164,12 +190,18 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.get_checkpoint(), run_dir, config.get("run_id", ""), world
     )
     if ckpt_dir is not None:
-        saved = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=False)
+        saved = torch.load(
+            ckpt_dir.join(f"rank{rank}.pt").local_copy(scratch / "ckpt"), weights_only=False
+        )
         replica.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = tdata.DataState.from_dict(saved["data"])
         start = saved["step"] + 1
-        router_state = torch.load(ckpt_dir / "router.pt", weights_only=False) if rank == 0 else None
+        router_state = (
+            torch.load(ckpt_dir.join("router.pt").local_copy(scratch / "ckpt"), weights_only=False)
+            if rank == 0
+            else None
+        )
         if rank == 0:
             console(f"resuming from {ckpt_dir} at step {start}")
     else:
@@ -210,16 +242,16 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0
         else None
     )
-    history = History(run_dir / "history.jsonl")
+    history = History(run_dir.join("history.jsonl"))
     if rank == 0:
         # Steps from `start` on ran before a failure and run again: one record each (history.py).
         history.resume(start, config.get("run_id", ""))
-    kill_marker = run_dir / f"killed-rank{job.kill_rank}"
+    kill_marker = run_dir.join(f"killed-rank{job.kill_rank}")
     tokens_per_step = job.data.global_batch * job.data.seq_len
     replica.module.train()
     for step in range(start, job.steps):
         if step == job.kill_at_step and rank == job.kill_rank and not kill_marker.exists():
-            kill_marker.write_text(str(os.getpid()))
+            kill_marker.write_text(str(os.getpid()))  # through the storage: any node sees it
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (tests)
         t0 = time.perf_counter()
         if device.type == "cuda":
@@ -312,8 +344,11 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError("rank 0 got no full state dict from its replica")
         ref = Transformer(model_cfg)
         ref.load_state_dict(full)
-        out = Path(job.output).expanduser()
-        out = out if out.is_absolute() else run_dir / out
-        save_model(ref, model_cfg, out, tokenizer=config["tokenizer"])
+        out = run_dir.resolve(job.output)
+        tokenizer = run_dir.join("data", "tokenizer").local_copy(scratch)
+        # written in place on a shared path; else in scratch, then uploaded
+        save_model(ref, model_cfg, out.local_path or scratch / "model", tokenizer=tokenizer)
+        out.upload(out.local_path or scratch / "model")
         console(f"final model written to {out}")
     dist.barrier()
+    shutil.rmtree(scratch, ignore_errors=True)
