@@ -70,3 +70,7 @@ def test_finetune_from_an_hf_directory(ray_local, tmp_path, layout, start_dir, t
         torch.testing.assert_close(hf(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(start(ids).logits, tuned(ids).logits)  # it trained
     check_model_dir(ServeConfig(model=str(out)))
+    if not layout:  # one device: the HF directory holds the last checkpoint's weights
+        saved = torch.load(run_dir / "step_0000002" / "rank0.pt", weights_only=False)["model"]
+        for k, v in tuned.state_dict().items():
+            assert torch.equal(v.float(), saved[k].float()), k

@@ -1,5 +1,5 @@
-"""The Ray Train job (`moeray train`'s entry point) on the layouts without a pipeline: one device
-(one gloo worker) and data parallel only (two); expert parallel only runs in test_train_job.py.
+"""The Ray Train job (`moeray train`'s entry point) on data parallel only (two gloo workers); one
+device runs in test_finetune_job.py, expert parallel only in test_train_job.py.
 The first step's loss equals one process on the same global batch, the loss falls, and the final
 HF directory loads and holds the last checkpoint's weights."""
 
@@ -10,16 +10,13 @@ import pytest
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{}, {"dp": 2}], ids=["one-device", "dp2"])
-def test_job_trains_without_a_pipeline(
-    ray_local, tmp_path, layout, tiny_train_job, check_first_step
-):
+def test_job_trains_data_parallel(ray_local, tmp_path, tiny_train_job, check_first_step):
     import torch
 
     from moeray.platform.checkpoint import load_model
     from moeray.platform.train.job import run
 
-    job = tiny_train_job("flat", seed=4, parallel=layout)
+    job = tiny_train_job("flat", seed=4, parallel={"dp": 2})
     out = run(job)
 
     run_dir = tmp_path / "flat"
