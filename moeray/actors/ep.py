@@ -218,6 +218,8 @@ class EPServer:
     "decode" (with `prefill`, the prefill deployment's handle)."""
 
     def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
+        import ray
+
         cfg = ServeConfig.from_dict(config)
         self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
         placements = None
@@ -234,6 +236,9 @@ class EPServer:
             self.router_name = f"moeray-ep-router-{role}-{uuid.uuid4().hex[:12]}"
             router_cfg = serving_router_config(model_config, cfg.ep or 1, policy)
             self.router = get_or_create_router(self.router_name, None, router_cfg, detached=False)
+            # Attached before the replica serves: the router's process start (seconds) must not
+            # delay the first placement decision past the first requests.
+            ray.get(self.router.serve_attach.remote(policy), timeout=START_TIMEOUT_S)
             placements = RouterPlacement(self.router, policy)
         self.front = GangFront(
             [RayRank(a, i) for i, a in enumerate(self.gang.actors)],
