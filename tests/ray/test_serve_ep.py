@@ -17,13 +17,13 @@ import pytest
 from safetensors import safe_open
 
 openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 yaml = pytest.importorskip("yaml")
 
 from moeray.platform.config import ServeConfig, tiny  # noqa: E402
 from moeray.platform.engine.engine import Engine, EngineConfig  # noqa: E402
 from moeray.platform.engine.sampler import SamplingParams  # noqa: E402
 from moeray.platform.serve.tokenizer import ServeTokenizer  # noqa: E402
+from tests.unit.test_openai_schemas import httpx  # noqa: E402  (httpx or httpx2)
 
 PROMPTS = ["def add(a, b):", "class Point:", "    return a", "x: int\n    y"]
 EP = 2
@@ -182,26 +182,29 @@ def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir
 
 
 def _in_flight(url: str, prompt: str, stream: bool, started: threading.Event) -> dict:
-    """One long greedy request over raw HTTP; returns its status, the text streamed before the
-    end, and the error body (or {})."""
+    """One long greedy request over raw HTTP; returns its status, the chunks streamed before the
+    error, the error body (or {}) and whether [DONE] came last."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 400, "temperature": 0}
     body |= {"ignore_eos": True, "stream": stream}
-    text, error = "", {}
+    chunks, error, done = 0, {}, False
     with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
         if not stream:
             started.set()
-            return {"status": r.status_code, "text": "", "error": json.loads(r.read())["error"]}
+            return {"status": r.status_code, "error": json.loads(r.read())["error"]}
         for line in r.iter_lines():
-            data = line.removeprefix("data: ")
-            if not line or data == "[DONE]":
+            if not line:
                 continue
-            event = json.loads(data)
-            if "error" in event:
+            assert not done, f"an event after [DONE]: {line}"
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+            elif "error" in (event := json.loads(data)):
                 error = event["error"]
             else:
-                text += event["choices"][0]["text"]
+                assert not error, f"a chunk after the error: {line}"
+                chunks += 1
                 started.set()
-        return {"status": r.status_code, "text": text, "error": error, "done": data == "[DONE]"}
+        return {"status": r.status_code, "chunks": chunks, "error": error, "done": done}
 
 
 def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny_model_dir):
@@ -233,7 +236,7 @@ def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny
         assert r["error"]["code"] == "service_unavailable", r
         assert r["error"]["type"] == "server_error" and "retry" in r["error"]["message"]
         if stream:
-            assert r["status"] == 200 and r["text"] and r["done"], r  # error event, then [DONE]
+            assert r["status"] == 200 and r["chunks"] and r["done"], r  # error event, [DONE]
         else:
             assert r["status"] == 503, r
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=20, max_retries=0)
