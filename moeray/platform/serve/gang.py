@@ -363,17 +363,14 @@ class GangFront:
         self.policy.routed(list(prompt), choice)
         return int(choice)
 
-    async def _until_failed(self, work: Awaitable[Any]) -> Any:
-        """`work`, unless the gang fails first (then BackendUnavailable, `work` cancelled). A
-        rank that is gone (RankFailed) fails the gang."""
-        if self.failure is not None:
-            raise self._unavailable()
+    async def _until_failed(self, work: Awaitable[Any], failed: asyncio.Future) -> Any:
+        """`work`, unless the gang fails first (`failed`, a request's wait on the gang's failure,
+        completes: then BackendUnavailable, `work` cancelled). A rank that is gone (RankFailed)
+        fails the gang."""
         task = asyncio.ensure_future(work)
-        failed = asyncio.ensure_future(self._failed.wait())
         try:
             await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            failed.cancel()
             if not task.done():
                 task.cancel()
                 # Let it unwind (a rank's stream is cancelled there) before the caller closes it.
@@ -396,9 +393,11 @@ class GangFront:
         i = self.pick(req.prompt_ids)
         self.in_flight[i] += 1
         self.routed_to[i] += 1
+        failed = asyncio.ensure_future(self._failed.wait())
         try:
-            return await self._until_failed(self.ranks[i].prefill(req, export_from, dest))
+            return await self._until_failed(self.ranks[i].prefill(req, export_from, dest), failed)
         finally:
+            failed.cancel()
             self.in_flight[i] -= 1
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
@@ -408,9 +407,12 @@ class GangFront:
         i = self.pick(req.prompt_ids)
         self.in_flight[i] += 1
         self.routed_to[i] += 1
+        # One wait on the gang's failure per request, raced against each step.
+        failed = asyncio.ensure_future(self._failed.wait())
         try:
             async with aclosing(self.ranks[i].generate(req)) as steps:
-                while (step := await self._until_failed(anext(steps, None))) is not None:
+                while (step := await self._until_failed(anext(steps, None), failed)) is not None:
                     yield step
         finally:
+            failed.cancel()
             self.in_flight[i] -= 1
