@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from moeray.actors.logs import log_to_stderr
 from moeray.actors.router import get_or_create_router
 from moeray.platform.config import ModelConfig, ServeConfig
 from moeray.platform.parallel.distributed import CUDA_ENV, TIMEOUT_ENV
@@ -220,6 +221,7 @@ class EPServer:
     def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
         import ray
 
+        log_to_stderr()  # the gang's placement stagings and failures
         cfg = ServeConfig.from_dict(config)
         self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
         placements = None

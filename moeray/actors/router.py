@@ -35,6 +35,7 @@ from pathlib import Path
 import ray
 import torch
 
+from moeray.actors.logs import log_to_stderr
 from moeray.platform.metrics import (
     EXPERT_LOAD,
     GPU_LOAD,
@@ -54,6 +55,7 @@ DEFAULT_WAIT_S = 300.0
 
 class RouterActor:
     def __init__(self, config: RouterConfig, state_path: str | None = None):
+        log_to_stderr()  # placement changes are INFO records
         self._state = RouterState(config)
         self._path = Path(state_path) if state_path else None
         self._restored = False
@@ -149,6 +151,7 @@ class RouterActor:
             return {"attached": False}
         return {
             "attached": True,
+            "pid": os.getpid(),  # its log: the Ray worker log file named with this pid
             "version": c.version,
             "changes": c.changes,
             "reports": c.reports,

@@ -6,6 +6,7 @@ checkpoint. The decision is the gang's RouterActor's: it saw every token the ran
 
 import concurrent.futures
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,10 @@ def test_streams_across_a_placement_change_equal_the_single_process_engine(serve
         assert time.monotonic() < deadline, (stats["router"], routed)
         time.sleep(0.2)
     assert routed > 0 and stats["router"]["reports"] > 1
+    # The change is in the router's log (its Ray worker's stderr file).
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    pid = stats["router"]["pid"]
+    text = "".join(f.read_text(errors="replace") for f in logs.glob(f"worker-*-{pid}.err"))
+    assert "expert placement v1 at step" in text and "GPU MaxVio" in text, text[-2000:]

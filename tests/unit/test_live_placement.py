@@ -284,7 +284,17 @@ class _Handle:
         return _Method
 
 
-def test_the_router_actor_decides_and_a_restarted_one_is_reattached():
+@pytest.fixture
+def moeray_logger():
+    """RouterActor sends the moeray loggers to stderr (its process is an actor's); undo it."""
+    logger = logging.getLogger("moeray")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+def test_the_router_actor_decides_and_a_restarted_one_is_reattached(moeray_logger, capsys):
     policy = PlacementPolicy(num_physical=18, maxvio_threshold=0.2, min_interval_steps=10)
     config = serving_router_config(CONFIG, 2, policy)
     router = _Handle(RouterActor(config))
@@ -302,6 +312,9 @@ def test_the_router_actor_decides_and_a_restarted_one_is_reattached():
     assert info["tokens_seen"] == 2 * int(_skewed(1).sum())  # both ranks' counts reached it
     v1 = Placement.from_state_dict(router.actor.placement())
     assert int(v1.logcnt_LE[:, 1].min()) >= 2 and ranks[0].staged == ranks[1].staged == [1]
+    assert "INFO moeray.platform.routing.live_placement: expert placement v1 at step 5" in (
+        capsys.readouterr().err
+    )
     # A restarted router has no gang attached: the front re-attaches it at v1, as the ranks
     # hold it, so it measures MaxVio against v1 and numbers the next placement 2.
     router.actor = RouterActor(config)
