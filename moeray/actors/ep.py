@@ -6,34 +6,37 @@ One Serve replica = one gang: the replica (no resources of its own) creates a pl
 bundles (gpus/cpus_per_replica each), STRICT_PACK while one node has room for all N, PACK beyond
 (spanning nodes), and one EPRank actor per bundle. The actors and the placement group belong to
 the replica: when Serve replaces the replica (a failed health check: a rank died), they go with
-it. Ray is imported inside the functions, as in the other shells (importing moeray never imports
-Ray).
+it. The gang's expert placement is decided by its own RouterActor (actors/router.py), also owned
+by the replica: the front sends it the ranks' tokens per expert every placement period and stages
+what it decides (RouterPlacement). Ray is imported inside the functions, as in the other shells
+(importing moeray never imports Ray).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from moeray.actors.logs import log_to_stderr
+from moeray.actors.router import get_or_create_router
 from moeray.platform.config import ModelConfig, ServeConfig
-from moeray.platform.metrics import (
-    EXPERT_LOAD,
-    GPU_LOAD,
-    PLACEMENT_CHANGES,
-    PLACEMENT_MAXVIO,
-    Metrics,
-)
 from moeray.platform.parallel.distributed import CUDA_ENV, TIMEOUT_ENV
-from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
-from moeray.platform.serve.gang import EPRank, GangFront
+from moeray.platform.routing.live_placement import PlacementPolicy, serving_router_config
+from moeray.platform.serve.gang import EPRank, GangFront, RankFailed
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
 from moeray.platform.serve.worker import PrefillResult
 
 START_TIMEOUT_S = 600.0  # placement, process group and weight loading of a whole gang
+# A router call carries [G, L, E] int64 counters (8 x 58 x 256 for V3 on 8 GPUs: 950 KB) and one
+# EPLB solve (tens of ms): seconds mean the router is gone or stuck.
+ROUTER_TIMEOUT_S = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -50,10 +53,14 @@ def placement_strategy(bundle: dict[str, float], n: int, nodes: list[dict[str, A
 
 
 class RayRank:
-    """A rank actor behind the front's RankClient protocol."""
+    """A rank actor behind the front's RankClient protocol; a dead actor raises RankFailed."""
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, rank: int) -> None:
         self.actor = actor
+        self.rank = rank
+
+    def _failed(self, e: Exception) -> RankFailed:
+        return RankFailed(f"rank {self.rank} died: {type(e).__name__}")
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         import ray
@@ -62,9 +69,14 @@ class RayRank:
         done = False
         try:
             async for ref in gen:
-                step = await ref
+                try:
+                    step = await ref
+                except ray.exceptions.RayActorError as e:
+                    raise self._failed(e) from e
                 yield step
                 done = step.finish_reason is not None
+        except ray.exceptions.RayActorError as e:
+            raise self._failed(e) from e
         finally:
             if not done:
                 # Client gone or stop string: cancelling the rank's generator aborts the request
@@ -74,7 +86,12 @@ class RayRank:
     async def prefill(
         self, req: GenerationRequest, export_from: int, dest: Any = None
     ) -> PrefillResult:
-        return await self.actor.prefill.remote(req, export_from, dest)
+        import ray
+
+        try:
+            return await self.actor.prefill.remote(req, export_from, dest)
+        except ray.exceptions.RayActorError as e:
+            raise self._failed(e) from e
 
     async def free_pages(self) -> int:
         return await self.actor.free_pages.remote()
@@ -84,6 +101,41 @@ class RayRank:
 
     async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]:
         return await self.actor.stage_placement.remote(version, placement)
+
+
+class RouterPlacement:
+    """The front's PlacementService over the gang's RouterActor: every call has a timeout; a
+    router that restarted (it answers {"attached": False}) is re-attached at the placement the
+    ranks hold, above every version they may have staged."""
+
+    def __init__(self, actor: Any, policy: PlacementPolicy, timeout_s: float = ROUTER_TIMEOUT_S):
+        self.actor = actor
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self._applied: tuple[int, dict[str, Any] | None] = (0, None)  # None: the identity
+        self._decided: tuple[int, dict[str, Any]] | None = None  # the newest decision
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await asyncio.wait_for(method.remote(*args), self.timeout_s)
+
+    async def report(
+        self, step: int, loads_GLE: torch.Tensor, rows_GL: torch.Tensor
+    ) -> tuple[int, dict[str, Any]] | None:
+        out = await self._call(self.actor.serve_report, step, loads_GLE, rows_GL)
+        if not out["attached"]:
+            version, state = self._applied
+            newest = self._decided[0] if self._decided is not None else version
+            await self._call(self.actor.serve_attach, self.policy, max(version, newest), state)
+            out = await self._call(self.actor.serve_report, step, loads_GLE, rows_GL)
+        if out["placement"] is None:
+            return None
+        self._decided = (out["version"], out["placement"])
+        return self._decided
+
+    async def staged(self, version: int, ok: bool) -> None:
+        if ok and self._decided is not None and version == self._decided[0]:
+            self._applied = self._decided
+        await self._call(self.actor.serve_staged, version, ok)
 
 
 class PrefillFetch:
@@ -167,9 +219,14 @@ class EPServer:
     "decode" (with `prefill`, the prefill deployment's handle)."""
 
     def __init__(self, config: dict[str, Any], role: str = "colocated", prefill: Any = None):
+        import ray
+
+        log_to_stderr()  # the gang's placement stagings and failures
         cfg = ServeConfig.from_dict(config)
         self.gang = start_gang(cfg, role, PrefillFetch(prefill) if prefill is not None else None)
-        controller = None
+        placements = None
+        self.router: Any = None
+        self.router_name: str | None = None
         self.placement_period_s = cfg.ep_placement_period_s
         if self.placement_period_s > 0:
             model_config = ModelConfig.from_hf(cfg.model)
@@ -177,35 +234,37 @@ class EPServer:
                 num_physical=model_config.n_routed_experts + cfg.ep_redundant_experts,
                 maxvio_threshold=cfg.ep_placement_maxvio,
             )
-            controller = PlacementController(model_config, cfg.ep or 1, policy)
+            # One router per gang, named so that tools can find it, and owned by this replica.
+            self.router_name = f"moeray-ep-router-{role}-{uuid.uuid4().hex[:12]}"
+            router_cfg = serving_router_config(model_config, cfg.ep or 1, policy)
+            self.router = get_or_create_router(self.router_name, None, router_cfg, detached=False)
+            # Attached before the replica serves: the router's process start (seconds) must not
+            # delay the first placement decision past the first requests.
+            ray.get(self.router.serve_attach.remote(policy), timeout=START_TIMEOUT_S)
+            placements = RouterPlacement(self.router, policy)
         self.front = GangFront(
-            [RayRank(a) for a in self.gang.actors],
+            [RayRank(a, i) for i, a in enumerate(self.gang.actors)],
             page_size=cfg.page_size,
             max_per_rank=cfg.max_num_seqs + cfg.max_waiting,
             stats_period_s=cfg.routing_stats_period_s,
-            controller=controller,
+            placements=placements,
         )
         self.health_timeout_s = max(10.0, cfg.ep_timeout_s)
-        defs = (EXPERT_LOAD, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES)
-        self.metrics = Metrics("ray", defs=defs)
         self._placement_task: asyncio.Task | None = None
 
     def _start_placement_loop(self) -> None:
         """The placement loop runs on the replica's event loop, started by the first call that
         runs there (a request or Serve's health check)."""
-        if self.front.controller is not None and self._placement_task is None:
+        if self.front.placements is not None and self._placement_task is None:
             self._placement_task = asyncio.get_running_loop().create_task(self._placement_loop())
 
     async def _placement_loop(self) -> None:
-        controller = self.front.controller
-        assert controller is not None
-        while True:
+        while self.front.failure is None:
             await asyncio.sleep(self.placement_period_s)
             try:
                 await self.front.update_placement()
-            except Exception:  # a rank that does not answer: the health check replaces the gang
+            except Exception:  # a rank or the router does not answer: logged, tried next period
                 log.exception("expert placement update failed")
-            controller.export(self.metrics)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         self._start_placement_loop()
@@ -222,16 +281,29 @@ class EPServer:
         """Serve's health check: every rank answers (a dead rank fails it, and Serve replaces
         the replica, gang included)."""
         self._start_placement_loop()
-        await asyncio.wait_for(
-            asyncio.gather(*(a.ping.remote() for a in self.gang.actors)), self.health_timeout_s
-        )
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(a.ping.remote() for a in self.gang.actors)),
+                self.health_timeout_s,
+            )
+        except Exception as e:
+            # Requests in flight on the surviving ranks end now (503), not when their
+            # collectives time out.
+            self.front.fail(f"health check: {type(e).__name__}")
+            raise
 
     async def stats(self) -> dict[str, Any]:
-        ranks = await asyncio.gather(*(a.stats.remote() for a in self.gang.actors))
-        c = self.front.controller
+        calls = [a.stats.remote() for a in self.gang.actors]
+        if self.router is not None:
+            calls.append(self.router.serve_info.remote())
+        got = await asyncio.wait_for(asyncio.gather(*calls), self.health_timeout_s)
+        ranks, router = got[: len(self.gang.actors)], None
+        if self.router is not None:
+            router = {"name": self.router_name, **got[-1]}
         return {
             "strategy": self.gang.strategy,
             "routed_to": list(self.front.routed_to),
-            "placement_version": None if c is None else c.version,
-            "ranks": list(ranks),
+            "placement_version": None if self.router is None else self.front.placement_version,
+            "router": router,  # the gang's RouterActor: its placement state (serve_info)
+            "ranks": ranks,
         }

@@ -8,8 +8,13 @@ V3) and read back the biases.
 Training protocol, per step s, on every data-/expert-parallel rank r:
     ray.get(router.report.remote(s, r, loads_LE))            # idempotent: safe to retry
     biases = ray.get(router.biases.remote(min_step=s))       # waits until every rank reported s
-Serving: replicas call `observe(loads_LE)`; a controller calls `rebalance()` every ~10 minutes
-and pushes the returned placement to the MoE layers (`placement.to_physical`).
+Serving (one router per expert-parallel gang, owned by the gang's Serve replica: actors/ep.py):
+the gang's front sends the ranks' cumulative tokens-per-expert counters every placement period,
+`serve_report(step, loads_GLE, rows_GL)`; the router's PlacementController
+(routing/live_placement.py) keeps the moving average, decides when the placement changes, logs
+the change and exports per-expert load, per-GPU load and MaxVio; the front stages the returned
+placement on the ranks and answers `serve_staged(version, ok)`. A router that restarted (fresh
+state) answers {"attached": False}, and the front re-attaches it at the applied placement.
 
 Fault tolerance: the actor restarts forever (max_restarts=-1) and Ray retries calls that were in
 flight (max_task_retries=-1). Its state is written to `state_path` after every counted report,
@@ -31,7 +36,17 @@ import time
 import ray
 import torch
 
-from moeray.platform.metrics import EXPERT_LOAD, ROUTER_MAXVIO, Metrics
+from moeray.actors.logs import log_to_stderr
+from moeray.platform.metrics import (
+    EXPERT_LOAD,
+    GPU_LOAD,
+    PLACEMENT_CHANGES,
+    PLACEMENT_MAXVIO,
+    ROUTER_MAXVIO,
+    Metrics,
+)
+from moeray.platform.placement import Placement
+from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
 from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train.storage import Storage
 
@@ -42,6 +57,7 @@ DEFAULT_WAIT_S = 300.0
 
 class RouterActor:
     def __init__(self, config: RouterConfig, state_path: Storage | str | None = None):
+        log_to_stderr()  # placement changes are INFO records
         self._state = RouterState(config)
         self._path = Storage.at(state_path) if isinstance(state_path, str) else state_path
         self._restored = False
@@ -53,7 +69,9 @@ class RouterActor:
         self._writing: asyncio.Lock | None = None
         self._changes = 0  # state changes so far, and how many of them the file holds
         self._durable = 0
-        self._metrics = Metrics("ray", defs=(EXPERT_LOAD, ROUTER_MAXVIO))
+        self._serving: PlacementController | None = None
+        defs = (EXPERT_LOAD, ROUTER_MAXVIO, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES)
+        self._metrics = Metrics("ray", defs=defs)
         self._metrics.create_all()
         if self._state.step >= 0:
             self._export_metrics()
@@ -106,6 +124,46 @@ class RouterActor:
 
     def placement(self) -> dict:
         return self._state.placement.state_dict()
+
+    def serve_attach(
+        self, policy: PlacementPolicy, version: int = 0, placement: dict | None = None
+    ) -> None:
+        """Own the placement decisions of one EP gang, whose ranks hold `placement` (default:
+        the identity they load) as version `version`."""
+        p = None if placement is None else Placement.from_state_dict(placement)
+        self._serving = PlacementController(self._state, policy, version, p)
+
+    def serve_report(self, step: int, loads_GLE, rows_GL) -> dict:
+        """The gang's cumulative counters after gang step `step`: {"attached": False} when no
+        gang is attached (a restarted router), else {"attached": True, "version": the newest
+        decided, "placement": a new Placement.state_dict() to stage, or None}."""
+        c = self._serving
+        if c is None:
+            return {"attached": False}
+        new = c.report(step, list(loads_GLE), list(rows_GL))
+        c.export(self._metrics)
+        state = None if new is None else new.state_dict()
+        return {"attached": True, "version": c.version, "placement": state}
+
+    def serve_staged(self, version: int, ok: bool) -> None:
+        if self._serving is not None:
+            self._serving.staged(version, ok)
+
+    def serve_info(self) -> dict:
+        """The attached gang's placement state: version, changes, reports and the tokens per
+        expert summed over every report's window."""
+        c = self._serving
+        if c is None:
+            return {"attached": False}
+        return {
+            "attached": True,
+            "pid": os.getpid(),  # its log: the Ray worker log file named with this pid
+            "version": c.version,
+            "changes": c.changes,
+            "reports": c.reports,
+            "tokens_seen": c.tokens_seen,
+            "gpu_maxvio": float(c.gpu_maxvio_L().max()),
+        }
 
     # -- inspection and checkpoints ------------------------------------------------------------
     def maxvio(self) -> dict[int, float]:
@@ -168,14 +226,16 @@ class RouterActor:
 
 def get_or_create_router(
     name: str,
-    namespace: str,
+    namespace: str | None,
     config: RouterConfig,
     state_path: Storage | str | None = None,
+    detached: bool = True,
 ):
-    """The named detached RouterActor, created if it does not exist yet.
+    """The named RouterActor, created if it does not exist yet.
 
     Detached so it outlives the driver that created it (a training job and a Serve app share
-    it); `num_cpus=0` so it never takes a CPU slot a training worker needs.
+    it); a serving gang's router is not (`detached=False`: it goes with the replica that owns
+    the gang). `num_cpus=0` so it never takes a CPU slot a training worker needs.
     """
     if not name:
         raise ValueError("router name must be a non-empty string")
@@ -183,7 +243,7 @@ def get_or_create_router(
     return remote_cls.options(
         name=name,
         namespace=namespace,
-        lifetime="detached",
+        lifetime="detached" if detached else None,
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=-1,

@@ -1,13 +1,16 @@
 """Expert-parallel serving end to end on a local Ray: `moeray serve --ep 2 --mode colocated`, a
 gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai client; then ep=4
-and a P/D pair of gangs as further apps of the same Serve instance. Greedy answers equal the
-single-process engine's; each rank read only its share of the weights; a killed rank is replaced
-with its whole gang."""
+and a P/D pair of gangs (live expert placement on in both) as further apps of the same Serve
+instance. Greedy answers equal the single-process engine's, the P/D streams across a placement
+change too; each rank read only its share of the weights; a killed rank ends the requests in flight
+with a 503 error body (an error event in a stream) and is replaced with its whole gang."""
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -20,9 +23,11 @@ from moeray.platform.config import ServeConfig, tiny  # noqa: E402
 from moeray.platform.engine.engine import Engine, EngineConfig  # noqa: E402
 from moeray.platform.engine.sampler import SamplingParams  # noqa: E402
 from moeray.platform.serve.tokenizer import ServeTokenizer  # noqa: E402
+from tests.unit.test_openai_schemas import httpx  # noqa: E402  (httpx or httpx2)
 
 PROMPTS = ["def add(a, b):", "class Point:", "    return a", "x: int\n    y"]
 EP = 2
+PD_TOKENS = 40  # long enough that the decode gang's first placement change lands mid-stream
 
 
 def _free_port() -> int:
@@ -119,16 +124,33 @@ def test_each_rank_read_only_its_share_of_the_weights(server, tiny_model_dir):
     assert all(ld["bytes_read"] == total - experts + experts // EP for ld in loads)
 
 
-def test_pd_with_ep_on_both_sides(server, tiny_model_dir):
-    """A prefill gang and a decode gang (2 ranks each): KV rows move from the prefill rank that
-    computed them to the decode rank that took the request; answers equal the plain engine's."""
+def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_dir):
+    """A prefill gang and a decode gang (2 ranks each), each with live expert placement (two
+    redundant slots, any imbalance replans): KV rows move from the prefill rank that computed
+    them to the decode rank that took the request; streams that cross the decode gang's
+    placement switch answer what the plain engine does."""
     from moeray.platform.serve.app import start
 
     cfg, url = server
-    start(cfg.replace(mode="pd"), name="ep-pd", route_prefix="/pd")
-    client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=60)
-    got = _complete_all(client, 8)
-    assert got == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
+    placed = dict(ep_placement_period_s=0.1, ep_redundant_experts=2, ep_placement_maxvio=0.0)
+    start(cfg.replace(mode="pd", **placed), name="ep-pd", route_prefix="/pd")
+    client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=120)
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=PD_TOKENS, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(stream, PROMPTS))
+    tok = ServeTokenizer(tiny_model_dir)
+    engine = Engine.from_pretrained(
+        tiny_model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False)
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=PD_TOKENS)
+    outs = engine.generate([tok.encode(p) for p in PROMPTS], params)
+    assert got == [tok.decode(o.output_token_ids) for o in outs]
     decode = _stats("Decode", "ep-pd")
     transfers = [t for r in decode["ranks"] for t in r["transfers"]]
     assert len(transfers) == len(PROMPTS)
@@ -136,6 +158,15 @@ def test_pd_with_ep_on_both_sides(server, tiny_model_dir):
     prefill = _stats("Prefill", "ep-pd")
     assert sum(prefill["routed_to"]) == len(PROMPTS)
     assert all(n > 0 for n in decode["routed_to"]), decode["routed_to"]
+    # The decode gang switched placement while the streams ran, both ranks after the same step;
+    # each gang's own router saw its ranks' loads.
+    r0, r1 = decode["ranks"]
+    assert decode["placement_version"] >= 1 and r0["placement_switches"] == r1["placement_switches"]
+    (version, step), *_ = r0["placement_switches"]
+    assert version == 1 and 0 < step < r0["last_busy_gang_step"]
+    assert decode["router"]["version"] == decode["placement_version"]
+    assert prefill["router"]["name"].startswith("moeray-ep-router-prefill-")
+    assert prefill["router"]["tokens_seen"] > 0 and decode["router"]["tokens_seen"] > 0
 
 
 def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir):
@@ -150,14 +181,64 @@ def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir
     assert sum(n > 0 for n in stats["routed_to"]) >= 2, stats["routed_to"]
 
 
+def _in_flight(url: str, prompt: str, stream: bool, started: threading.Event) -> dict:
+    """One long greedy request over raw HTTP; returns its status, the chunks streamed before the
+    error, the error body (or {}) and whether [DONE] came last."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 400, "temperature": 0}
+    body |= {"ignore_eos": True, "stream": stream}
+    chunks, error, done = 0, {}, False
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
+        if not stream:
+            started.set()
+            return {"status": r.status_code, "error": json.loads(r.read())["error"]}
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert not done, f"an event after [DONE]: {line}"
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+            elif "error" in (event := json.loads(data)):
+                error = event["error"]
+            else:
+                assert not error, f"a chunk after the error: {line}"
+                chunks += 1
+                started.set()
+        return {"status": r.status_code, "chunks": chunks, "error": error, "done": done}
+
+
 def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny_model_dir):
-    """Kill one rank's process: the replica's health check fails, Serve replaces the replica with
-    a new gang, and requests succeed again with the same answers. Nothing waits unbounded: each
-    attempt has a client timeout, the whole recovery a deadline."""
+    """Kill one rank's process while requests run on both ranks: each ends within seconds (not
+    the gloo timeout) with an OpenAI-style 503 body, inside the stream (an error event, then
+    [DONE]) or as the response; the replica's health check fails, Serve replaces the replica
+    with a new gang, and requests succeed again with the same answers. Nothing waits unbounded:
+    each attempt has a client timeout, the whole recovery a deadline."""
     _cfg, url = server
     before = [r["pid"] for r in _stats()["ranks"]]
     assert len(before) == EP
-    os.kill(before[1], signal.SIGKILL)
+    kinds = [True, True, False]  # two streams and a plain request, spread over both ranks
+    started = [threading.Event() for _ in kinds]
+    routed_before = _stats()["routed_to"]
+    with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:
+        futures = [
+            pool.submit(_in_flight, url, PROMPTS[i], stream, started[i])
+            for i, stream in enumerate(kinds)
+        ]
+        for ev in started[:2]:
+            assert ev.wait(60), "the streams did not start"
+        routed = [b - a for a, b in zip(routed_before, _stats()["routed_to"], strict=True)]
+        killed = time.monotonic()
+        os.kill(before[1], signal.SIGKILL)
+        results = [f.result(timeout=90) for f in futures]
+    assert time.monotonic() - killed < 30  # the front fails them, not the collectives' timeout
+    assert all(n > 0 for n in routed), routed
+    for stream, r in zip(kinds, results, strict=True):
+        assert r["error"]["code"] == "service_unavailable", r
+        assert r["error"]["type"] == "server_error" and "retry" in r["error"]["message"]
+        if stream:
+            assert r["status"] == 200 and r["chunks"] and r["done"], r  # error event, [DONE]
+        else:
+            assert r["status"] == 503, r
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=20, max_retries=0)
     deadline = time.monotonic() + 240
     while True:

@@ -2,9 +2,11 @@
 redundant expert slots, any imbalance replans), real HTTP and the openai client. Streams that are
 in flight while the gang switches placement answer exactly what the single-process engine does,
 and both ranks switched after the same gang step, with the newly held experts read from the
-checkpoint."""
+checkpoint. The decision is the gang's RouterActor's: it saw every token the ranks routed."""
 
 import concurrent.futures
+import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,24 @@ def test_streams_across_a_placement_change_equal_the_single_process_engine(serve
     (version, step), *_ = r0["placement_switches"]
     # The first switch came while the streams ran: the gang still had work after that step.
     assert version == 1 and 0 < step < r0["last_busy_gang_step"] == r1["last_busy_gang_step"]
+    # The router decided it from the ranks' counts: once the gang is idle (the loop reports
+    # every 0.1 s), it has seen every (token, expert) pair the ranks routed.
+    router = stats["router"]
+    assert router["name"].startswith("moeray-ep-router-colocated-")
+    assert router["version"] == stats["placement_version"] and router["changes"] >= 1
+    deadline = time.monotonic() + 30
+    while True:
+        stats = handle.stats.remote().result(timeout_s=30)
+        routed = sum(sum(map(sum, r["expert_loads"])) for r in stats["ranks"])
+        if stats["router"]["tokens_seen"] == routed:
+            break
+        assert time.monotonic() < deadline, (stats["router"], routed)
+        time.sleep(0.2)
+    assert routed > 0 and stats["router"]["reports"] > 1
+    # The change is in the router's log (its Ray worker's stderr file).
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    pid = stats["router"]["pid"]
+    text = "".join(f.read_text(errors="replace") for f in logs.glob(f"worker-*-{pid}.err"))
+    assert "expert placement v1 at step" in text and "GPU MaxVio" in text, text[-2000:]

@@ -1,14 +1,16 @@
 """The expert-parallel gang's front without Ray: admission, spreading a burst over the ranks by
-free pages, prefix affinity, and closing a stream closes the rank's."""
+free pages, prefix affinity, closing a stream closes the rank's, and a dead rank ends every
+request in flight with BackendUnavailable at once."""
 
 import asyncio
 from contextlib import aclosing
 
 import pytest
 
-from moeray.platform.serve.gang import GangFront
+from moeray.platform.serve.gang import GangFront, RankFailed
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
+    BackendUnavailable,
     GenerationParams,
     GenerationRequest,
     GenerationStep,
@@ -98,5 +100,51 @@ def test_closing_the_stream_closes_the_ranks():
         assert first.token_ids == (0,)
         await gen.aclose()
         assert rank.closed == ["x"] and front.in_flight == [0]
+
+    asyncio.run(main())
+
+
+class DyingRank(FakeRank):
+    """Streams one step, then fails as RayRank does when the rank's actor died."""
+
+    async def generate(self, req: GenerationRequest):
+        self.got.append(req.request_id)
+        try:
+            yield GenerationStep((0,))
+            await self.release.wait()
+            raise RankFailed("rank 1 died: ActorDiedError")
+        finally:
+            self.closed.append(req.request_id)
+
+
+def test_a_dead_rank_ends_every_request_in_flight_and_refuses_new_ones():
+    async def main():
+        # The survivor's stream never yields (its collectives wait for the dead peer).
+        survivor, dying = FakeRank(100), DyingRank(100)
+        front = GangFront([survivor, dying], page_size=PAGE, max_per_rank=1, stats_period_s=60)
+        outcomes: dict[str, list] = {"a": [], "b": []}
+
+        async def run(rid: str, prompt) -> None:
+            async with aclosing(front.generate(_req(rid, prompt, n=5))) as steps:
+                async for s in steps:
+                    outcomes[rid].append(s.token_ids)
+
+        tasks = [
+            asyncio.create_task(run("a", (1, 2, 3))),
+            asyncio.create_task(run("b", (7, 8, 9))),  # max_per_rank=1: the other rank
+        ]
+        await asyncio.sleep(0.1)
+        assert sorted(survivor.got + dying.got) == ["a", "b"] and front.failure is None
+        dying.release.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+        assert "lost a rank (rank 1 died: ActorDiedError)" in str(results[0])
+        assert outcomes[dying.got[0]] == [(0,)] and outcomes[survivor.got[0]] == []
+        # Both ranks' streams were closed, and nothing is left in flight.
+        assert survivor.closed == survivor.got and dying.closed == dying.got
+        assert front.in_flight == [0, 0]
+        with pytest.raises(BackendUnavailable, match="retry the request"):
+            await _collect(front, _req("c"))
+        assert len(survivor.got + dying.got) == 2
 
     asyncio.run(main())

@@ -2,9 +2,12 @@
 with redundant experts, staged on the ranks at different steps, is switched in by all ranks at the
 same step in the middle of a stream (new experts read from the checkpoint files), and the greedy
 output stays the single-process engine's, token for token. The controller replicates a hot
-expert and the GPU MaxVio drops."""
+expert and the GPU MaxVio drops; the gang's RouterActor owns it (the front sends the ranks'
+counts there and stages what it decides), and a restarted router is re-attached where the gang
+is."""
 
 import asyncio
+import logging
 import os
 
 import pytest
@@ -13,6 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 
+from moeray.actors.ep import RouterPlacement
+from moeray.actors.router import RouterActor
 from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
@@ -30,10 +35,14 @@ from moeray.platform.parallel.distributed import init_distributed
 from moeray.platform.parallel.expert import enable_expert_parallel
 from moeray.platform.parallel.serve_ep import ServingEPMoE, rows_computed
 from moeray.platform.parallel.serve_placement import PlacementSwitch
-from moeray.platform.placement import identity_placement, place_experts
+from moeray.platform.placement import Placement, identity_placement, place_experts
 from moeray.platform.rank_weights import CheckpointExperts, load_rank_model
-from moeray.platform.routing.live_placement import PlacementController, PlacementPolicy
-from moeray.platform.serve.gang import GangFront
+from moeray.platform.routing.live_placement import (
+    PlacementController,
+    PlacementPolicy,
+    serving_router_config,
+)
+from moeray.platform.serve.gang import GangFront, LocalPlacement
 
 CONFIG = tiny().replace(num_nextn_predict_layers=0)
 PROMPTS = [list(range(3, 40)), [5, 9, 2, 77, 31], list(range(500, 521)), [42]]
@@ -146,9 +155,10 @@ def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path):
         assert set(slot_rank[v1p.phy2log_LP[i] == 1].tolist()) == {0, 1}
 
 
-def test_controller_replicates_hot_expert_and_maxvio_drops():
+def test_controller_replicates_hot_expert_and_maxvio_drops(caplog):
+    caplog.set_level(logging.INFO, logger="moeray.platform.routing.live_placement")
     policy = PlacementPolicy(num_physical=18, maxvio_threshold=0.2, min_interval_steps=50)
-    c = PlacementController(CONFIG, 2, policy)
+    c = PlacementController.for_model(CONFIG, 2, policy)
     # The ranks report cumulative counters; the controller takes the difference per window.
     balanced = torch.full((L_MOE, E), 10, dtype=torch.int64)
     hot = balanced.clone()
@@ -162,6 +172,8 @@ def test_controller_replicates_hot_expert_and_maxvio_drops():
         seen = [seen[0] + hot, seen[1] + balanced]
         new = c.report(step, seen, [torch.full((L_MOE,), step), torch.full((L_MOE,), 2 * step)])
     assert new is not None and c.version == 1 and c.placement is new
+    (change,) = [r.getMessage() for r in caplog.records if "expert placement v1" in r.getMessage()]
+    assert f"at step {step}: GPU MaxVio" in change and "18 slots" in change
     assert bool((new.logcnt_LE[:, 3] >= 2).all())  # the hot expert got a replica
     unplaced = identity_placement(L_MOE, E, 2)
     assert float(c.gpu_maxvio_L().max()) < 0.2 < float(c.gpu_maxvio_L(unplaced).max())
@@ -185,9 +197,11 @@ def test_controller_replicates_hot_expert_and_maxvio_drops():
 def test_bad_placements_are_refused():
     with pytest.raises(ValueError, match="maxvio_threshold"):
         PlacementPolicy(num_physical=16, maxvio_threshold=-1)
-    c = PlacementController(CONFIG, 2, PlacementPolicy(num_physical=16))
+    c = PlacementController.for_model(CONFIG, 2, PlacementPolicy(num_physical=16))
     with pytest.raises(ValueError, match="counts have shape \\(3, 3\\)"):
         c.report(0, [torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match=r"policy num_physical=18, load_ema=0\.9 differ"):
+        PlacementController(c.router, PlacementPolicy(num_physical=18))
 
 
 def test_staging_refuses_what_the_rank_cannot_apply():
@@ -232,19 +246,91 @@ class _FakeRank:
 def test_front_stages_new_placements_and_keeps_the_applied_one_when_staging_fails():
     policy = PlacementPolicy(num_physical=18, maxvio_threshold=0.2, min_interval_steps=10)
     ranks = [_FakeRank(), _FakeRank()]
-    front = GangFront(
-        ranks, page_size=16, max_per_rank=4, controller=PlacementController(CONFIG, 2, policy)
-    )
-    applied = front.controller.placement
+    controller = PlacementController.for_model(CONFIG, 2, policy)
+    front = GangFront(ranks, page_size=16, max_per_rank=4, placements=LocalPlacement(controller))
+    applied = controller.placement
     for r in ranks:
         r.steps, r.loads = 5, _skewed(1)
     ranks[1].fail = True
     with pytest.raises(RuntimeError, match="rank gone"):
         asyncio.run(front.update_placement())
-    assert front.controller.placement is applied and ranks[0].staged == [1]
+    assert controller.placement is applied and ranks[0].staged == [1]
     ranks[1].fail = False
     for r in ranks:
         r.steps, r.loads = 20, r.loads + _skewed(1)
     assert asyncio.run(front.update_placement()) == 2
     assert ranks[0].staged == [1, 2] and ranks[1].staged == [2]
-    assert int(front.controller.placement.logcnt_LE[:, 1].min()) >= 2
+    assert int(controller.placement.logcnt_LE[:, 1].min()) >= 2
+    assert controller.applied is controller.placement and front.placement_version == 2
+
+
+class _Handle:
+    """A RouterActor in this process behind a Ray handle's call shape (`h.method.remote(...)`);
+    `actor` can be swapped for a fresh one, as a restarted actor is."""
+
+    def __init__(self, actor: RouterActor) -> None:
+        self.actor = actor
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        handle = self
+
+        class _Method:
+            @staticmethod
+            async def remote(*args):
+                handle.calls.append(name)
+                return getattr(handle.actor, name)(*args)
+
+        return _Method
+
+
+@pytest.fixture
+def moeray_logger():
+    """RouterActor sends the moeray loggers to stderr (its process is an actor's); undo it."""
+    logger = logging.getLogger("moeray")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+def test_the_router_actor_decides_and_a_restarted_one_is_reattached(moeray_logger, capsys):
+    policy = PlacementPolicy(num_physical=18, maxvio_threshold=0.2, min_interval_steps=10)
+    config = serving_router_config(CONFIG, 2, policy)
+    router = _Handle(RouterActor(config))
+    ranks = [_FakeRank(), _FakeRank()]
+    front = GangFront(
+        ranks, page_size=16, max_per_rank=4, placements=RouterPlacement(router, policy, 5.0)
+    )
+    for r in ranks:
+        r.steps, r.loads = 5, _skewed(1)
+    assert asyncio.run(front.update_placement()) == 1
+    # Not attached yet: the front attached the router at the identity, version 0, then reported.
+    assert router.calls == ["serve_report", "serve_attach", "serve_report", "serve_staged"]
+    info = router.actor.serve_info()
+    assert info["version"] == 1 and info["reports"] == 1
+    assert info["tokens_seen"] == 2 * int(_skewed(1).sum())  # both ranks' counts reached it
+    v1 = Placement.from_state_dict(router.actor.placement())
+    assert int(v1.logcnt_LE[:, 1].min()) >= 2 and ranks[0].staged == ranks[1].staged == [1]
+    assert "INFO moeray.platform.routing.live_placement: expert placement v1 at step 5" in (
+        capsys.readouterr().err
+    )
+    # A restarted router has no gang attached: the front re-attaches it at v1, as the ranks
+    # hold it, so it measures MaxVio against v1 and numbers the next placement 2.
+    router.actor = RouterActor(config)
+    for r in ranks:
+        r.steps, r.loads = 30, r.loads + 20 * _skewed(12)
+    router.calls.clear()
+    assert asyncio.run(front.update_placement()) == 2
+    assert router.calls[:3] == ["serve_report", "serve_attach", "serve_report"]
+    assert ranks[0].staged == [1, 2] and router.actor.serve_info()["version"] == 2
+    # Staging fails on a rank: the router drops v3 and its placement is v2 again.
+    v2 = router.actor.placement()
+    ranks[1].fail = True
+    for r in ranks:
+        r.steps, r.loads = 60, r.loads + 200 * _skewed(5)
+    with pytest.raises(RuntimeError, match="rank gone"):
+        asyncio.run(front.update_placement())
+    assert router.calls[-1] == "serve_staged" and router.actor.serve_info()["version"] == 3
+    assert torch.equal(router.actor.placement()["phy2log_LP"], v2["phy2log_LP"])
+    assert front.placement_version == 2

@@ -1,6 +1,7 @@
 """The API under hostile input, over real HTTP (uvicorn + the openai client + raw httpx): body-size
 limit, tokenization off the event loop, lone surrogates, no internals in error bodies, and a
-bounded schemathesis fuzz of /openapi.json that must find no 5xx."""
+bounded schemathesis fuzz of /openapi.json that must find no 5xx; a backend lost mid-request is
+a 503 (or that error inside the stream)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from schemathesis import GenerationMode, checks
 
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
-from moeray.platform.serve.http.protocol import GenerationStep
+from moeray.platform.serve.http.protocol import BackendUnavailable, GenerationStep
 from moeray.platform.serve.http.schemas import ChatMessage
 from moeray.platform.serve.http.server import OpenAIServerConfig
 from tests.unit.test_openai_schemas import (
@@ -206,14 +207,15 @@ class FailingEngine(EchoEngine):
 
     INTERNALS = "ActorDiedError: actor 9f3c0ffee pid=4242 ip=10.1.2.3 killed by ray.kill"
 
-    def __init__(self, after_steps: int) -> None:
+    def __init__(self, after_steps: int, error: Exception | None = None) -> None:
         super().__init__()
         self.after_steps = after_steps
+        self.error = error or RuntimeError(self.INTERNALS)
 
     async def generate(self, request):
         for i in range(self.after_steps):
             yield GenerationStep((97 + i,))
-        raise RuntimeError(self.INTERNALS)
+        raise self.error
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -243,6 +245,42 @@ def test_errors_carry_a_request_id_not_internals(stream, caplog):
     assert rid in message
     logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
     assert rid in logged and "killed by ray.kill" in logged
+
+
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_a_lost_backend_is_a_503_or_an_error_event_in_the_stream(after_steps):
+    # As an EP replica that lost a rank fails (serve/gang.py).
+    lost = BackendUnavailable("this replica lost a rank; retry the request", retry_after_s=4)
+    _, app = make_server(FailingEngine(after_steps, lost))
+    with serve_app(app) as url:
+        client = _client(url)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="tiny", prompt="abc", max_tokens=4)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "4"
+        assert e.value.body == {
+            "message": "this replica lost a rank; retry the request",
+            "type": "server_error",
+            "param": None,
+            "code": "service_unavailable",
+        }
+        if after_steps == 0:  # nothing streamed yet: the stream request is a 503 too
+            with pytest.raises(openai.InternalServerError, match="lost a rank"):
+                client.completions.create(model="tiny", prompt="abc", max_tokens=4, stream=True)
+            return
+        texts = []
+        with pytest.raises(openai.APIError) as err:
+            for chunk in client.completions.create(
+                model="tiny", prompt="abc", max_tokens=4, stream=True
+            ):
+                texts.append(chunk.choices[0].text)
+        assert texts == ["a", "b"] and err.value.body["code"] == "service_unavailable"
+        # Raw: the error event, then [DONE], then the stream ends.
+        with httpx.Client(timeout=10) as h:
+            body = {"model": "tiny", "prompt": "abc", "max_tokens": 4, "stream": True}
+            r = h.post(url + "/v1/completions", json=body)
+        events = [ln.removeprefix("data: ") for ln in r.text.split("\n\n") if ln]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "service_unavailable"
 
 
 def test_a_client_request_id_is_kept_and_a_bad_one_replaced():

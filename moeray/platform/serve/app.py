@@ -43,6 +43,7 @@ from moeray.platform.serve.http.auth import resolve_api_key
 from moeray.platform.serve.http.chat import deepseek_chat_prompt
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
+    BackendUnavailable,
     GenerationRequest,
     GenerationStep,
 )
@@ -69,6 +70,18 @@ class HandleBackend:
             # replica's own, so the 429 body carries its message and Retry-After.
             cause = getattr(e, "cause", e)
             raise BackendOverloaded(str(cause), retry_after_s=cause.retry_after_s) from None
+        except BackendUnavailable as e:
+            cause = getattr(e, "cause", e)
+            raise BackendUnavailable(str(cause), retry_after_s=cause.retry_after_s) from None
+        except Exception as e:
+            import ray.exceptions
+
+            if isinstance(e, ray.exceptions.RayActorError):  # the replica itself died
+                raise BackendUnavailable(
+                    "the serving replica failed during the request and is being replaced; "
+                    "retry the request"
+                ) from e
+            raise
         finally:
             # Client gone, stop string hit, or done: cancelling the replica's generator aborts the
             # request there, which frees its KV pages at once.

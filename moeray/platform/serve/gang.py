@@ -9,9 +9,12 @@ requests over them.
   * GangFront: a GenerationBackend over the ranks: admission (a request per rank up to its
     max_num_seqs + max_waiting, else BackendOverloaded) and placement (most free KV pages, with
     affinity to the rank holding the prompt's prefix: DecodeRoutingPolicy), for `generate`
-    (colocated, decode) and `prefill`; with a PlacementController, `update_placement` feeds it
-    the ranks' tokens per expert and stages a new expert placement on every rank (the ranks
-    switch to it together between two steps: parallel/serve_placement.py). The Serve deployment
+    (colocated, decode) and `prefill`; with a PlacementService (the gang's RouterActor, or a
+    LocalPlacement), `update_placement` sends it the ranks' tokens per expert and stages the
+    new expert placement it decides on every rank (the ranks switch to it together between two
+    steps: parallel/serve_placement.py). A rank that fails (its actor died, or its engine raised)
+    fails the gang: every request in flight ends with BackendUnavailable (503 at the API), and
+    so does every new one, until Serve replaces the replica. The Serve deployment
     (moeray.actors.ep.EPServer) is a thin shell around it.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import os
 import socket
 import time
@@ -38,6 +42,7 @@ from moeray.platform.rank_weights import CheckpointExperts, LoadReport, load_ran
 from moeray.platform.routing.live_placement import PlacementController
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
+    BackendUnavailable,
     GenerationRequest,
     GenerationStep,
 )
@@ -51,6 +56,7 @@ from moeray.platform.serve.worker import (
     engine_config,
 )
 
+log = logging.getLogger(__name__)
 ROLES = ("colocated", "prefill", "decode")
 # (request, export_from, decode endpoint) -> the prefill gang's result (a decode rank's source).
 Fetch = Callable[[GenerationRequest, int, Any], Awaitable[PrefillResult]]
@@ -205,6 +211,40 @@ class RankClient(Protocol):
     async def stage_placement(self, version: int, placement: dict[str, Any]) -> dict[str, Any]: ...
 
 
+class RankFailed(Exception):
+    """A rank of the gang is gone (its actor died): raised by a RankClient."""
+
+
+class PlacementService(Protocol):
+    """Where a gang's placement decisions are made: `report` takes the ranks' cumulative
+    counters ([G, L, E] tokens routed per expert, [G, L] rows computed) after gang step `step`
+    and returns a new placement to stage, (version, Placement.state_dict()), or None; `staged`
+    tells it whether every rank staged that version."""
+
+    async def report(
+        self, step: int, loads_GLE: torch.Tensor, rows_GL: torch.Tensor
+    ) -> tuple[int, dict[str, Any]] | None: ...
+
+    async def staged(self, version: int, ok: bool) -> None: ...
+
+
+class LocalPlacement:
+    """A PlacementService over a PlacementController in this process (tests, one-process
+    setups)."""
+
+    def __init__(self, controller: PlacementController) -> None:
+        self.controller = controller
+
+    async def report(
+        self, step: int, loads_GLE: torch.Tensor, rows_GL: torch.Tensor
+    ) -> tuple[int, dict[str, Any]] | None:
+        new = self.controller.report(step, list(loads_GLE), list(rows_GL))
+        return None if new is None else (self.controller.version, new.state_dict())
+
+    async def staged(self, version: int, ok: bool) -> None:
+        self.controller.staged(version, ok)
+
+
 class GangFront:
     """The gang's GenerationBackend: admission and spreading requests over the ranks."""
 
@@ -216,7 +256,7 @@ class GangFront:
         max_per_rank: int,
         stats_period_s: float = 1.0,
         stats_timeout_s: float = 10.0,
-        controller: PlacementController | None = None,
+        placements: PlacementService | None = None,
         stage_timeout_s: float = 600.0,
     ) -> None:
         if not ranks:
@@ -231,24 +271,43 @@ class GangFront:
         self._last_stats = -float("inf")
         self._refreshing: asyncio.Future | None = None
         self._seq = itertools.count()
-        self.controller = controller
+        self.placements = placements
+        self.placement_version = 0  # the newest placement every rank staged
         self.stage_timeout_s = stage_timeout_s
+        self.failure: str | None = None  # why the gang failed; None while it serves
+        self._failed = asyncio.Event()
+
+    def fail(self, reason: str) -> None:
+        """Mark the gang failed: requests in flight end with BackendUnavailable now (not when
+        the surviving ranks' collectives time out), new ones are refused."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("EP gang failed: %s", reason)
+        self._failed.set()
+
+    def _unavailable(self) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"this expert-parallel replica lost a rank ({self.failure}) and is being replaced; "
+            "retry the request",
+            retry_after_s=5.0,
+        )
 
     async def update_placement(self) -> int | None:
-        """Feed the ranks' tokens per expert to the controller; when it returns a new placement,
-        stage it on every rank (weights first: the ranks switch together once all have it).
-        Returns the new placement's version, or None."""
-        if self.controller is None:
-            raise RuntimeError("this gang has no placement controller")
+        """Send the ranks' tokens per expert to the placement service; when it decides a new
+        placement, stage it on every rank (weights first: the ranks switch together once all
+        have it) and report the outcome. Returns the new placement's version, or None."""
+        if self.placements is None:
+            raise RuntimeError("this gang has no placement service")
         seen = await asyncio.wait_for(
             asyncio.gather(*(r.expert_loads() for r in self.ranks)), self.stats_timeout_s
         )
         step = max(s["steps"] for s in seen)
-        applied = self.controller.placement
-        new = self.controller.report(step, [s["loads"] for s in seen], [s["rows"] for s in seen])
-        if new is None:
+        loads_GLE = torch.tensor([s["loads"] for s in seen], dtype=torch.int64)
+        rows_GL = torch.tensor([s["rows"] for s in seen], dtype=torch.int64)
+        decided = await self.placements.report(step, loads_GLE, rows_GL)
+        if decided is None:
             return None
-        version, state = self.controller.version, new.state_dict()
+        version, state = decided
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(r.stage_placement(version, state) for r in self.ranks)),
@@ -257,8 +316,14 @@ class GangFront:
         except BaseException:
             # A rank without it never votes for it, so the gang keeps the applied placement
             # (the ranks that staged it drop it at the next switch; versions only grow).
-            self.controller.placement = applied
+            try:
+                await self.placements.staged(version, False)
+            except Exception:
+                log.exception("could not report placement v%d as not staged", version)
             raise
+        self.placement_version = version
+        log.info("expert placement v%d staged on all %d ranks", version, len(self.ranks))
+        await self.placements.staged(version, True)
         return version
 
     async def _refresh(self) -> None:
@@ -298,27 +363,56 @@ class GangFront:
         self.policy.routed(list(prompt), choice)
         return int(choice)
 
+    async def _until_failed(self, work: Awaitable[Any], failed: asyncio.Future) -> Any:
+        """`work`, unless the gang fails first (`failed`, a request's wait on the gang's failure,
+        completes: then BackendUnavailable, `work` cancelled). A rank that is gone (RankFailed)
+        fails the gang."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                # Let it unwind (a rank's stream is cancelled there) before the caller closes it.
+                await asyncio.wait({task})
+        if task.cancelled():
+            raise self._unavailable()
+        error = task.exception()
+        if isinstance(error, RankFailed):
+            self.fail(str(error))
+            raise self._unavailable() from error
+        return task.result()
+
     async def prefill(
         self, req: GenerationRequest, export_from: int, dest: Any = None
     ) -> PrefillResult:
         """A prefill gang's front: one rank prefills and exports the request's KV rows."""
+        if self.failure is not None:
+            raise self._unavailable()
         await self._refresh()
         i = self.pick(req.prompt_ids)
         self.in_flight[i] += 1
         self.routed_to[i] += 1
+        failed = asyncio.ensure_future(self._failed.wait())
         try:
-            return await self.ranks[i].prefill(req, export_from, dest)
+            return await self._until_failed(self.ranks[i].prefill(req, export_from, dest), failed)
         finally:
+            failed.cancel()
             self.in_flight[i] -= 1
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
+        if self.failure is not None:
+            raise self._unavailable()
         await self._refresh()
         i = self.pick(req.prompt_ids)
         self.in_flight[i] += 1
         self.routed_to[i] += 1
+        # One wait on the gang's failure per request, raced against each step.
+        failed = asyncio.ensure_future(self._failed.wait())
         try:
             async with aclosing(self.ranks[i].generate(req)) as steps:
-                async for step in steps:
+                while (step := await self._until_failed(anext(steps, None), failed)) is not None:
                     yield step
         finally:
+            failed.cancel()
             self.in_flight[i] -= 1

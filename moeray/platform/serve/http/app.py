@@ -19,6 +19,8 @@ Errors are OpenAI-shaped `{"error": {"message", "type", "param", "code"}}`:
     413 a body over `max_body_bytes`, refused before it is parsed (middleware.py)
     429 + Retry-After when `max_in_flight` choices are already running, or the backend raises
         `BackendOverloaded` (its queues are full) before the first token
+    503 + Retry-After when the backend raises `BackendUnavailable` (an expert-parallel replica
+        lost a rank); in a stream already started, that body as the last event before [DONE]
     500 anything else: a plain message with the request id; the cause goes to the server log
 Every response carries `X-Request-Id` (the client's, when it sent a plain token).
 """

@@ -2,7 +2,7 @@
 
 `APIError` carries the HTTP status, body and headers; `validation_error` turns pydantic's errors
 into the 400, with `param` naming the first bad field (e.g. `messages.[0].role`);
-`too_many_requests` is the 429 with Retry-After.
+`too_many_requests` is the 429 with Retry-After, `service_unavailable` the 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -68,15 +68,23 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     return APIError(400, "; ".join(msgs), param=param, code="invalid_value")
 
 
-def too_many_requests(message: str, retry_after_s: float) -> APIError:
+def _retry_later(status: int, message: str, type: str, code: str, retry_after_s: float) -> APIError:
     # Retry-After takes whole seconds (RFC 9110); round up so clients never retry too early.
     return APIError(
-        429,
+        status,
         message,
-        type="rate_limit_error",
-        code="rate_limit_exceeded",
+        type=type,
+        code=code,
         headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
     )
+
+
+def too_many_requests(message: str, retry_after_s: float) -> APIError:
+    return _retry_later(429, message, "rate_limit_error", "rate_limit_exceeded", retry_after_s)
+
+
+def service_unavailable(message: str, retry_after_s: float) -> APIError:
+    return _retry_later(503, message, "server_error", "service_unavailable", retry_after_s)
 
 
 def internal_error_message(request_id: str) -> str:

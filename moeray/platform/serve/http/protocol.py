@@ -2,7 +2,9 @@
 
 `GenerationBackend.generate(GenerationRequest)` yields `GenerationStep`s (one or more new token
 ids, their logprobs, and a finish_reason on the last step); it may raise `BackendOverloaded`
-before the first step when its queues are full (the API answers 429 with Retry-After).
+before the first step when its queues are full (the API answers 429 with Retry-After), and
+`BackendUnavailable` at any step when it lost what it runs on (503, or an error event in a
+stream).
 `Tokenizer` encodes prompts and decodes generated ids.
 
 Backends: the Serve ingress's handle to a decode/colocated deployment (`serve/app.py`), the
@@ -184,5 +186,17 @@ class BackendOverloaded(Exception):
     """Raised by a backend whose queues are full; the API answers 429 with Retry-After."""
 
     def __init__(self, message: str = "the engine's queues are full", retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendUnavailable(Exception):
+    """Raised by a backend that cannot finish or take requests now (an expert-parallel replica
+    that lost a rank, while Serve replaces it); the API answers 503 with Retry-After, or ends a
+    stream with that error."""
+
+    def __init__(
+        self, message: str = "the serving replica is unavailable", retry_after_s: float = 5.0
+    ):
         super().__init__(message)
         self.retry_after_s = retry_after_s

@@ -38,10 +38,12 @@ from moeray.platform.serve.http.errors import (
     APIError,
     error_body,
     internal_error_message,
+    service_unavailable,
     too_many_requests,
 )
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
+    BackendUnavailable,
     FinishReason,
     GenerationBackend,
     GenerationParams,
@@ -363,6 +365,9 @@ class OpenAIServer:
         except BackendOverloaded as e:
             await merged.aclose()
             raise too_many_requests(str(e), e.retry_after_s) from e
+        except BackendUnavailable as e:
+            await merged.aclose()
+            raise service_unavailable(str(e), e.retry_after_s) from e
         except BaseException:
             await merged.aclose()
             raise
@@ -508,6 +513,9 @@ class OpenAIServer:
             async for ev in merged:
                 events.append(ev)
             stats.status = 200
+        except BackendUnavailable as e:  # lost mid-generation (a replica's rank died)
+            stats.status = 503
+            raise service_unavailable(str(e), e.retry_after_s) from e
         except Exception:
             stats.status = 500
             raise
@@ -554,6 +562,11 @@ class OpenAIServer:
                 )
             yield SSE_DONE
             stats.status = 200
+        except BackendUnavailable as e:  # the stream is already a 200: the 503's body inside it
+            stats.status = 503
+            log.warning("request %s: backend lost mid-stream: %s", request_id, e)
+            yield sse_event(service_unavailable(str(e), e.retry_after_s).body())
+            yield SSE_DONE
         except Exception:  # the stream is already a 200: report the error inside it
             stats.status = 500
             # The cause (a replica's actor id, pid, node IP) goes to the log, not to the client.
