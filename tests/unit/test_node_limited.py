@@ -4,6 +4,7 @@ token costs fall; the training replica selects it from the job config; bad layou
 with a ValueError naming the values."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -218,3 +219,29 @@ def test_node_limited_replica_matches_single_process(tmp_path):
     ref_parts, ref_grads = _reference()
     _check(results, ref_parts, ref_grads, ep=4)
     assert all(r["moe_classes"] == ["NodeLimitedMoE"] for r in results["ep4-nodes"])
+
+
+def test_bench_node_ep_measures_both_dispatches_and_refuses_bad_layouts(tmp_path, capsys):
+    from moeray.platform.parallel import node_bench
+
+    args = ["--model", "tiny", "--ep", "4", "--out-dir", str(tmp_path)]
+    assert node_bench.main([*args, "--ranks-per-node", "2"]) == 2
+    assert "n_group=4 but the 4 EP ranks span 2 nodes" in capsys.readouterr().err
+    assert node_bench.main([*args, "--dtype", "fp8"]) == 2
+    assert "dtype='fp8'; accepted: ['bf16', 'fp32']" in capsys.readouterr().err
+
+    # 2 nodes x 2 ranks, one node per token: a token's rows cross at most once each way
+    args += ["--ranks-per-node", "2", "--n-group", "2", "--topk-group", "1", "--tokens", "16"]
+    assert node_bench.main(args) == 0
+    (path,) = tmp_path.glob("node-ep-tiny-2x2-*.json")
+    res = json.loads(path.read_text())
+    row = 64 * 2  # bf16 rows of width 64
+    remote_nodes, remote_experts = res["remote_nodes_per_token"], res["remote_experts_per_token"]
+    assert 0 < remote_nodes <= 1 and remote_experts == pytest.approx(4 * remote_nodes)
+    flat, limited = res["flat"], res["node_limited"]
+    assert flat["inter_node_bytes_per_token"] == pytest.approx(remote_experts * (2 * row + 8))
+    assert limited["inter_node_bytes_per_token"] == pytest.approx(
+        remote_nodes * (2 * row + 4 * 2 * 4)
+    )
+    assert res["inter_node_ratio_flat_over_limited"] > 3
+    assert limited["intra_node_bytes_per_token"] > 0
