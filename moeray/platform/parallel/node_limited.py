@@ -20,6 +20,8 @@ Combine reverses it: each expert rank returns one weighted partial sum per row, 
 adds up its node's partial sums (fp32) and returns one row per node, and the source adds the
 nodes' rows (fp32). A token's inter-node rows fall from its K experts' remote count to its remote
 node count (at most M), in both directions.
+Under bf16 the partial sums are rounded to bf16 before they travel (DeepEP's combine also sends
+bf16), where the flat combine sums a token's K outputs in fp32 at the source.
 
 All exchanges run over the whole EP group with all_to_all_single; rows a stage does not send to
 a rank have split 0 (on NCCL a zero split moves nothing). The hidden rows and the (id, weight)
