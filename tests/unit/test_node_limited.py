@@ -63,6 +63,9 @@ def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        # no ranks_per_node: the ranks' host names decide (all on this machine: one node)
+        hosts = node_topology(None)
+        torch.save(dataclasses.asdict(hosts), os.path.join(out_dir, f"hosts-rank{rank}.pt"))
         for name, (rpn, n_group, topk_group, skew, limited) in CASES.items():
             topology = node_topology(None, rpn)
             moe = _full_moe(n_group, topk_group, skew)
@@ -128,6 +131,9 @@ def test_node_limited_dispatch_matches_flat_and_one_process_with_fewer_bytes(tmp
         name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in CASES
     }
     from moeray.platform.parallel.node_limited import Traffic
+
+    for r in range(WORLD):
+        assert torch.load(tmp_path / f"hosts-rank{r}.pt") == {"num_ranks": 4, "ranks_per_node": 4}
 
     for name, (_, n_group, topk_group, skew, _) in CASES.items():
         _check_equal(got[name], _reference(n_group, topk_group, skew))
