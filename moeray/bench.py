@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "train": "moeray.platform.train.bench",
     "balance": "moeray.platform.balance_bench",
     "wide-ep": "moeray.platform.engine.ep_bench",
+    "node-ep": "moeray.platform.parallel.node_bench",
 }
 
 

@@ -58,6 +58,7 @@ def _flat_worker(rank, world, init_file, out_dir, cases):
             stats = torch.tensor([parts.main, parts.mtp, parts.balance], dtype=torch.float64)
             dist.all_reduce(stats)
             full = replica.full_state()
+            moe_classes = sorted({type(m).__name__ for m in ts.moe_layers(replica.module)})
             torch.save(
                 {
                     "grads": {n: p.grad for n, p in replica.module.named_parameters()},
@@ -67,6 +68,7 @@ def _flat_worker(rank, world, init_file, out_dir, cases):
                     "ep_rank": replica.groups.ep_rank,
                     "grouped_fp8": False,  # the flat replica runs the per-expert path
                     "full": full,
+                    "moe_classes": moe_classes,
                 },
                 os.path.join(out_dir, f"{name}-rank{rank}.pt"),
             )

@@ -20,7 +20,9 @@ Replicated parameters (gate, shared experts, attention) get different gradients 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +89,8 @@ class DispatchPlan:
     recv_counts: list[int]  # rows received from each rank
     num_tokens: int
     top_k: int
+    row_bytes: int  # one token row as sent (D x its element size)
+    id_bytes: int  # the local expert id sent with each row
 
 
 def dispatch(
@@ -117,7 +121,9 @@ def dispatch(
     dist.all_to_all_single(local_R, local_A, recv_counts, send_counts, group=group)
     x_AD = x_TD.repeat_interleave(K, dim=0)[order_A]  # row a = token a // K
     x_RD = all_to_all(x_AD, recv_counts, send_counts, group)
-    return x_RD, local_R, DispatchPlan(order_A, send_counts, recv_counts, T, K)
+    row_bytes = x_TD.shape[-1] * x_TD.element_size()
+    plan = DispatchPlan(order_A, send_counts, recv_counts, T, K, row_bytes, local_A.element_size())
+    return x_RD, local_R, plan
 
 
 def combine(
@@ -186,6 +192,7 @@ class ExpertParallelMoE(MoE):
         self.shared_experts = moe.shared_experts
         self.group_mask_value = moe.group_mask_value
         self.last_routing = None
+        self.last_plan: DispatchPlan | None = None  # the last forward's, what it sent where
         self.group = group
         self.ep_rank, self.ep_size = ep_rank, ep_size
         self.num_global_experts = moe.config.n_routed_experts
@@ -203,6 +210,7 @@ class ExpertParallelMoE(MoE):
         r = self.route(x_TD)
         self.last_routing = r
         x_RD, local_R, plan = dispatch(x_TD, r.expert_ids_TK, self.num_global_experts, self.group)
+        self.last_plan = plan
         if local_R.numel():
             ones_R1 = torch.ones(local_R.shape[0], 1, dtype=torch.float32, device=x_RD.device)
             y_RD = self.experts(x_RD, local_R[:, None], ones_R1)
@@ -219,10 +227,14 @@ class ExpertParallelMoE(MoE):
 
 
 def enable_expert_parallel(
-    model: nn.Module, group, ep_rank: int, ep_size: int, cls: type[ExpertParallelMoE] | None = None
+    model: nn.Module,
+    group,
+    ep_rank: int,
+    ep_size: int,
+    cls: Callable[[MoE, Any, int, int], ExpertParallelMoE] | None = None,
 ) -> int:
-    """Replace every MoE layer of `model` with its expert-parallel version (`cls`, default
-    ExpertParallelMoE); returns how many."""
+    """Replace every MoE layer of `model` with its expert-parallel version (`cls(moe, group,
+    ep_rank, ep_size)`, default ExpertParallelMoE); returns how many."""
     cls = cls or ExpertParallelMoE
     n = 0
     for name, module in list(model.named_modules()):

@@ -9,6 +9,7 @@ from typing import Any
 
 from moeray.platform import config as mc
 from moeray.platform.parallel import schedule as sched
+from moeray.platform.parallel.node_limited import NodeTopology, check_node_limited
 from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import LossConfig, OptimConfig
 
@@ -22,6 +23,11 @@ class ParallelConfig:
     schedule: str = "dualpipe"
     microbatches: int = 8  # per step and data shard (DualPipe: both directions together)
     overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA
+    # pp = 1 with ep > 1: node-limited routing, the gate's n_group expert groups being the nodes
+    # of the EP group, and two-stage dispatch (parallel/node_limited.py)
+    node_limited: bool = False
+    # EP ranks per node with node_limited (consecutive ranks); 0: read from the ranks' host names
+    ranks_per_node: int = 0
 
     @property
     def world(self) -> int:
@@ -97,6 +103,18 @@ class TrainJobConfig:
                     f"each data shard's {local} sequences (global_batch/(ep*dp)) must split into "
                     f"parallel.microbatches={p.microbatches} equal micro-batches"
                 )
+        if p.node_limited and (p.pp > 1 or p.ep < 2):
+            raise ValueError(
+                f"parallel.node_limited needs pp=1 and ep >= 2 (the flat replica's expert "
+                f"parallelism), got pp={p.pp}, ep={p.ep}"
+            )
+        if p.ranks_per_node and (not p.node_limited or p.ep % p.ranks_per_node):
+            raise ValueError(
+                f"parallel.ranks_per_node={p.ranks_per_node} needs node_limited: true and must "
+                f"divide parallel.ep={p.ep}"
+            )
+        if p.ranks_per_node < 0:
+            raise ValueError(f"parallel.ranks_per_node={p.ranks_per_node} must be >= 0")
         if self.optim.zero_stage and p.pp > 1:
             raise ValueError(
                 f"optim.zero_stage={self.optim.zero_stage} needs parallel.pp=1 (ZeRO-1 shards "
@@ -173,6 +191,8 @@ class TrainJobConfig:
                 f"accepted: {divisors}"
             )
         split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, p.pp)
+        if p.node_limited and p.ranks_per_node:
+            check_node_limited(model_cfg, NodeTopology(p.ep, p.ranks_per_node))
         if self.init_from:
             start = Path(self.init_from).expanduser()
             if not (start / "config.json").is_file():

@@ -24,6 +24,7 @@ from moeray.platform.checkpoint import load_model
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_param
+from moeray.platform.parallel.node_limited import enable_node_limited, node_topology
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.train import step as tstep
 from moeray.platform.train.job_config import TrainJobConfig
@@ -115,11 +116,15 @@ def start_biases(start: Transformer) -> torch.Tensor:
 
 def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
     """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
-    FP8 projections, expert parallelism (this rank keeps E/EP routed experts), the device.
-    Returns the same module, changed in place."""
+    FP8 projections, expert parallelism (this rank keeps E/EP routed experts; node-limited with
+    `parallel.node_limited`), the device. Returns the same module, changed in place."""
     if job.fp8:
         enable_fp8_training(model)
-    if groups.ep_size > 1:
+    p = job.parallel
+    if groups.ep_size > 1 and p.node_limited:
+        topology = node_topology(groups.ep_group, p.ranks_per_node)
+        enable_node_limited(model, groups.ep_group, groups.ep_rank, groups.ep_size, topology)
+    elif groups.ep_size > 1:
         enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
     return model.to(device)
 
