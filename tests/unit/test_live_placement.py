@@ -289,6 +289,8 @@ def moeray_logger():
     """RouterActor sends the moeray loggers to stderr (its process is an actor's); undo it."""
     logger = logging.getLogger("moeray")
     level, handlers = logger.level, list(logger.handlers)
+    # An earlier test's RouterActor left a handler bound to that test's stderr: start without it.
+    logger.handlers[:] = [h for h in handlers if not getattr(h, "moeray_stderr", False)]
     yield logger
     logger.setLevel(level)
     logger.handlers[:] = handlers
