@@ -38,6 +38,7 @@ from moeray.platform.model.quant import (
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import expert_range
+from moeray.platform.parallel.serve_ep import ExpertStack, ExpertStacks
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,9 @@ class CheckpointExperts:
     """Reads single routed experts from the HF safetensors files (memory-mapped, only the tensors
     asked for): the weight source of a serving rank that takes over experts it did not load when
     the expert placement changes (`parallel/serve_placement.py`). Built from the rank's model
-    before it is made expert-parallel or after (the MoE layers keep their names); FP8-stored
-    experts are dequantized to `dtype`. `stats` counts the bytes read."""
+    before it is made expert-parallel or after (the MoE layers keep their names). FP8-stored
+    experts come as e4m3 with their block scales when `fp8` is asked (a rank that keeps FP8
+    experts), else dequantized to `dtype`. `stats` counts the bytes read."""
 
     def __init__(self, path: str | Path, model: nn.Module, dtype: torch.dtype = torch.float32):
         path = Path(path)
@@ -220,19 +222,22 @@ class CheckpointExperts:
         self.stats.bytes += t.numel() * t.element_size()
         return t
 
-    def __call__(
-        self, layer: int, experts: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, layer: int, experts: list[int], fp8: bool = False) -> ExpertStacks:
         if not 0 <= layer < len(self._layers):
             raise ValueError(f"MoE layer {layer}: the model has {len(self._layers)} MoE layers")
         out = []
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            rows = []
+            rows, scales = [], []
             for e in experts:
                 key = self._key(layer, e, proj)
                 w = self._read(key)
-                if w.dtype == FP8_DTYPE:
+                stored_fp8 = w.dtype == FP8_DTYPE
+                if fp8 and not stored_fp8:
+                    raise ValueError(f"{key} is stored as {w.dtype}, not FP8 (e4m3)")
+                if fp8:
+                    scales.append(self._read(key + "_scale_inv").float())
+                elif stored_fp8:
                     w = dequantize_fp8_blocks(w, self._read(key + "_scale_inv"), self.dtype)
-                rows.append(w.to(self.dtype))
-            out.append(torch.stack(rows))
+                rows.append(w if fp8 else w.to(self.dtype))
+            out.append(ExpertStack(torch.stack(rows), torch.stack(scales) if fp8 else None))
         return out[0], out[1], out[2]

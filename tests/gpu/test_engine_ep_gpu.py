@@ -17,6 +17,8 @@ from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import CUDA_ENV, init_distributed
+from moeray.platform.parallel.serve_ep import ExpertStack
+from moeray.platform.parallel.serve_placement import PROJS
 from moeray.platform.placement import place_experts
 
 pytestmark = [
@@ -100,9 +102,10 @@ def _rank_placed(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         full = _model("cpu").moe_layers()
 
-        def source(layer: int, ids: list[int]):
+        def source(layer: int, ids: list[int], fp8: bool):
+            assert not fp8  # the model is bf16
             e = full[layer].experts
-            return e.gate_proj[ids], e.up_proj[ids], e.down_proj[ids]
+            return tuple(ExpertStack(getattr(e, n)[ids]) for n in PROJS)
 
         engine = ExpertParallelEngine(_model(str(dev)), ECONF, expert_source=source)
         mine = list(range(rank, len(_prompts()), world))

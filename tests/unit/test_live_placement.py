@@ -76,12 +76,14 @@ def _placements():
     }
 
 
-def _worker(rank: int, world: int, model_dir: str, init_file: str, out_dir: str) -> None:
+def _worker(
+    rank: int, world: int, model_dir: str, init_file: str, out_dir: str, fp8: bool
+) -> None:
     torch.set_num_threads(1)
     os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
     try:
-        _cfg, model, _report = load_rank_model(model_dir, rank, world)
+        _cfg, model, _report = load_rank_model(model_dir, rank, world, keep_fp8=fp8)
         source = CheckpointExperts(model_dir, model)
         engine = ExpertParallelEngine(model, ECONF, expert_source=source)
         placements = _placements()
@@ -124,10 +126,17 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path):
-    _cfg, full = load_model(model_dir)
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8-experts"])
+def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path, fp8):
+    """fp8-experts: the checkpoint is written in the official FP8 format and the ranks keep it
+    e4m3 (moved experts carry their block scales); the reference keeps it too."""
+    if fp8:
+        _cfg, plain = load_model(model_dir)
+        model_dir = tmp_path / "fp8"
+        save_model(plain, CONFIG, model_dir, fp8=True)
+    _cfg, full = load_model(model_dir, keep_fp8=fp8)
     reference = Engine(full, ECONF).generate(PROMPTS, _params())
-    args = (2, str(model_dir), str(tmp_path / "pg"), str(tmp_path))
+    args = (2, str(model_dir), str(tmp_path / "pg"), str(tmp_path), fp8)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
@@ -222,6 +231,36 @@ def test_staging_refuses_what_the_rank_cannot_apply():
         switch.switch(2, step=7)
     assert switch.switch(1, step=7) and switch.switches == [(1, 7)]
     assert not switch.switch(1, step=8)
+
+
+def test_fp8_experts_move_with_their_block_scales(tmp_path):
+    """A rank that keeps an FP8 checkpoint's experts in e4m3 stages a placement whose new experts
+    are read from the checkpoint as e4m3 with their 128x128 block scales: after the switch every
+    slot holds exactly its logical expert's stored bytes and scales (copied or read)."""
+    torch.manual_seed(0)
+    save_model(Transformer(CONFIG), CONFIG, tmp_path, fp8=True)
+    _cfg, full = load_model(tmp_path, keep_fp8=True)
+    _cfg, model, _report = load_rank_model(tmp_path, 0, 2, keep_fp8=True)
+    source = CheckpointExperts(tmp_path, model)
+    enable_expert_parallel(model, None, 0, 2, ServingEPMoE)
+    switch = PlacementSwitch(model, 0, 2, source)
+    placement = _placements()[2]  # hot expert 12 (rank 1's): rank 0 takes experts it lacks
+    report = switch.stage(1, placement)
+    assert report.loaded_experts > 0 and source.stats.bytes > 0
+    assert switch.switch(1, step=1)
+    for i, (moe, ref) in enumerate(zip(switch.layers, full.moe_layers(), strict=True)):
+        held = moe.held_experts()
+        assert held == placement.phy2log_LP[i, : len(held)].tolist()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            got, want = getattr(moe.experts, name), getattr(ref.experts, name)[held]
+            assert got.dtype == torch.float8_e4m3fn
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (i, name)
+            scales = getattr(ref.experts, f"{name}_scale_inv")[held]
+            assert torch.equal(getattr(moe.experts, f"{name}_scale_inv"), scales), (i, name)
+    bf16 = tmp_path.parent / f"{tmp_path.name}-bf16"
+    save_model(Transformer(CONFIG), CONFIG, bf16)
+    with pytest.raises(ValueError, match=r"stored as torch\.float32, not FP8"):
+        CheckpointExperts(bf16, model)(0, [0], fp8=True)
 
 
 class _FakeRank:

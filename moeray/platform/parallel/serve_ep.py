@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeray.platform.model.quant import set_fp8_expert_weight
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import (
     ExpertParallelMoE,
@@ -40,6 +41,19 @@ from moeray.platform.parallel.expert import (
     enable_expert_parallel,
 )
 from moeray.platform.placement import to_physical
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """One projection of n experts stacked: weight [n, N, K] in the activation dtype, or e4m3 with
+    its 128x128 block scales scale_inv [n, ceil(N/128), ceil(K/128)] (FP8-stored experts, as the
+    official checkpoint keeps them: the scales move with the weights)."""
+
+    weight: torch.Tensor
+    scale_inv: torch.Tensor | None = None
+
+
+ExpertStacks = tuple[ExpertStack, ExpertStack, ExpertStack]  # gate_proj, up_proj, down_proj
 
 
 class ServingEPMoE(ExpertParallelMoE):
@@ -86,18 +100,21 @@ class ServingEPMoE(ExpertParallelMoE):
         phy2log_P: torch.Tensor,
         log2phy_ER: torch.Tensor,
         logcnt_E: torch.Tensor,
-        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        weights: ExpertStacks,
     ) -> None:
-        """Swap in a new slot map and this rank's stacked (gate, up, down) slot weights. Only
-        between forwards: every rank of the gang must switch before the same forward."""
+        """Swap in a new slot map and this rank's stacked (gate, up, down) slot weights (e4m3
+        ones with their block scales). Only between forwards: every rank of the gang must switch
+        before the same forward."""
         P = phy2log_P.numel()
-        if P % self.ep_size or weights[0].shape[0] != P // self.ep_size:
-            raise ValueError(
-                f"{P} slots over ep={self.ep_size} ranks, but {weights[0].shape[0]} slot weights"
-            )
+        n = weights[0].weight.shape[0]
+        if P % self.ep_size or n != P // self.ep_size:
+            raise ValueError(f"{P} slots over ep={self.ep_size} ranks, but {n} slot weights")
         device = self.gate.weight.device
-        for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
-            setattr(self.experts, name, nn.Parameter(w, requires_grad=False))
+        for name, stack in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
+            if stack.scale_inv is not None:
+                set_fp8_expert_weight(self.experts, name, stack.weight, stack.scale_inv)
+            else:
+                setattr(self.experts, name, nn.Parameter(stack.weight, requires_grad=False))
         self.experts.num_experts = P // self.ep_size
         self.num_slots = P
         self.phy2log_P = phy2log_P.cpu()

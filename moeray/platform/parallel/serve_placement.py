@@ -27,14 +27,16 @@ import torch
 from torch import nn
 
 from moeray.kernels.common import FP8_DTYPE
-from moeray.platform.parallel.serve_ep import ServingEPMoE
+from moeray.platform.parallel.serve_ep import ExpertStack, ExpertStacks, ServingEPMoE
 from moeray.platform.placement import Placement
 
-# (MoE layer index in model order, logical expert ids) -> stacked (gate_proj [n, I, D],
-# up_proj [n, I, D], down_proj [n, D, I]) of those experts.
 log = logging.getLogger(__name__)
-ExpertSource = Callable[[int, list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+# (MoE layer index in model order, logical expert ids) -> those experts' stacked projections:
+# gate_proj and up_proj [n, I, D], down_proj [n, D, I]; e4m3 + scales when `fp8` is asked.
+ExpertSource = Callable[[int, list[int], bool], ExpertStacks]
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class StagedLayer:
     phy2log_P: torch.Tensor
     log2phy_ER: torch.Tensor
     logcnt_E: torch.Tensor
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # this rank's S slots
+    weights: ExpertStacks  # this rank's S slots
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,8 @@ class PlacementSwitch:
             with self._lock:
                 held = moe.held_experts()
                 held_w = [getattr(moe.experts, n) for n in PROJS]
-            if held_w[0].dtype == FP8_DTYPE:
-                raise ValueError(
-                    "placement changes of FP8-stored experts are not supported yet (their block "
-                    "scales would have to move with them); serve with bf16/fp32 experts"
-                )
+                fp8 = held_w[0].dtype == FP8_DTYPE
+                held_s = [getattr(moe.experts, f"{n}_scale_inv") if fp8 else None for n in PROJS]
             slot_of = {e: s for s, e in enumerate(held)}
             missing = sorted({e for e in want if e not in slot_of})
             if missing and self.source is None:
@@ -118,19 +117,27 @@ class PlacementSwitch:
                     f"rank {self.ep_rank} layer {i} would need experts {missing} it does not "
                     "hold, and there is no weight source to read them from"
                 )
-            read: dict[int, tuple[torch.Tensor, ...]] = {}
+            read: ExpertStacks | None = None
             if missing:
                 assert self.source is not None  # checked just above
-                gate, up, down = self.source(i, missing)
-                read = {e: (gate[n], up[n], down[n]) for n, e in enumerate(missing)}
+                read = self.source(i, missing, fp8)
+                for name, stack in zip(PROJS, read, strict=True):
+                    if (stack.scale_inv is not None) != fp8:
+                        raise ValueError(
+                            f"layer {i} {name}: the source gave {stack.weight.dtype} experts "
+                            f"{'with' if stack.scale_inv is not None else 'without'} scales; "
+                            f"this rank holds {held_w[0].dtype} ones"
+                        )
+            rows = [slot_of[e] if e in slot_of else -1 - missing.index(e) for e in want]
             weights = []
             for j in range(len(PROJS)):
-                dev, dt = held_w[j].device, held_w[j].dtype
-                rows = [
-                    held_w[j].detach()[slot_of[e]] if e in slot_of else read[e][j].to(dev, dt)
-                    for e in want
-                ]
-                weights.append(torch.stack(rows).contiguous())
+                got = None if read is None else read[j]
+                w = _slots(rows, held_w[j], None if got is None else got.weight)
+                hs = held_s[j]
+                scale = None
+                if hs is not None:
+                    scale = _slots(rows, hs, None if got is None else got.scale_inv)
+                weights.append(ExpertStack(w, scale))
             loaded += sum(e not in slot_of for e in want)
             copied += sum(e in slot_of for e in want)
             staged.append(
@@ -165,3 +172,16 @@ class PlacementSwitch:
             "EP rank %d switched to expert placement v%d after step %d", self.ep_rank, agreed, step
         )
         return True
+
+
+def _slots(rows: list[int], held: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
+    """Stack slot weights: row r >= 0 is this rank's held slot r, r < 0 is row -1 - r of `read`
+    (moved to the held tensor's device and dtype)."""
+    out = []
+    for r in rows:
+        if r >= 0:
+            out.append(held.detach()[r])
+        else:
+            assert read is not None  # negative rows exist only when experts were read
+            out.append(read[-1 - r].to(held.device, held.dtype))
+    return torch.stack(out).contiguous()
