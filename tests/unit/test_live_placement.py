@@ -76,9 +76,7 @@ def _placements():
     }
 
 
-def _worker(
-    rank: int, world: int, model_dir: str, init_file: str, out_dir: str, fp8: bool
-) -> None:
+def _worker(rank: int, world: int, model_dir: str, init_file: str, out_dir: str, fp8: bool) -> None:
     torch.set_num_threads(1)
     os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
