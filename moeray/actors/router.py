@@ -83,8 +83,8 @@ class RouterActor:
                     pass
         return self._state.biases()
 
-    def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
-        self._state.set_gamma(gamma, zero_at_step)
+    def set_gamma(self, gamma: float, zero_at_step: int | None = None, changes: tuple = ()) -> None:
+        self._state.set_gamma(gamma, zero_at_step, changes)
         self._persist()
 
     # -- serving -------------------------------------------------------------------------------

@@ -176,7 +176,12 @@ def train_loop_per_worker(config: dict) -> None:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
             fresh = RouterState(
-                RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+                RouterConfig.from_model(
+                    model_cfg,
+                    num_reporters=world,
+                    gamma=job.gamma,
+                    gamma_changes=job.gamma_changes(),
+                )
             )
             router_state = fresh.state_dict()
             if start_bias_LE is not None:  # fine-tuning routes with the checkpoint's biases
@@ -226,13 +231,15 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         position = loader.state
         batch = loader.next_batch()
-        parts = replica.step(batch)
+        loss_cfg = job.loss_at(step)  # this step's MTP weight (schedule.mtp_lambda)
+        parts = replica.step(batch, loss_cfg)
         _, lr = tstep.apply_update(
             replica.module, optimizer, step, job.optim, total_norm=parts.norm
         )
         loads = parts.loads_LE
         ray.get(router.report.remote(step, rank, loads))
-        replica.set_biases(ray.get(router.biases.remote(min_step=step))["bias_LE"])
+        routed = ray.get(router.biases.remote(min_step=step))
+        replica.set_biases(routed["bias_LE"])
         # PP = 1: every rank holds its shard's whole loss; PP > 1: the ranks of a pipeline hold
         # parts of it (the loss on the last stage, balance terms on every stage); either way the
         # sum over the world divided by the shards is the mean over shards
@@ -260,6 +267,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "mtp_loss": float(stats[1]),
                 "balance": float(stats[2]),
                 "lr": lr,
+                "mtp_lambda": loss_cfg.mtp_lambda,
+                "gamma": routed["applied_gamma"],  # the router's, for this step's bias update
                 "grad_norm": norm,
                 "optim_state_bytes": [int(m[0]) for m in memory],
                 "peak_mem_bytes": [int(m[1]) if m[1] >= 0 else None for m in memory],

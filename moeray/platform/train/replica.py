@@ -148,9 +148,10 @@ class FlatReplica:
         self.module = parallelize(model, job, self.groups, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
 
-    def step(self, batch) -> _StepParts:
+    def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
+        """Forward and backward on `batch` with `loss` (default: the job's), gradients synced."""
         with self.autocast:
-            parts = tstep.compute_loss(self.module, batch.to(self.device), self.job.loss)
+            parts = tstep.compute_loss(self.module, batch.to(self.device), loss or self.job.loss)
         parts.total.backward()
         norm = sync_gradients(self.module, self.groups)
         return _StepParts(
@@ -195,8 +196,8 @@ class PipelineReplica:
         )
         self.module = self.pm.modules
 
-    def step(self, batch) -> _StepParts:
-        out = self.pm.forward_backward(batch, self.job.loss)
+    def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
+        out = self.pm.forward_backward(batch, loss or self.job.loss)
         norm = self.pm.sync_gradients()
         return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
 
