@@ -27,6 +27,7 @@ from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_pa
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.train import step as tstep
 from moeray.platform.train.job_config import TrainJobConfig
+from moeray.platform.train.recompute import apply_recompute
 
 
 @dataclass
@@ -115,12 +116,15 @@ def start_biases(start: Transformer) -> torch.Tensor:
 
 def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
     """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
-    FP8 projections, expert parallelism (this rank keeps E/EP routed experts), the device.
-    Returns the same module, changed in place."""
+    FP8 projections, expert parallelism (this rank keeps E/EP routed experts), recompute in the
+    backward (`job.recompute`, train/recompute.py), the device. Returns the same module, changed
+    in place."""
     if job.fp8:
         enable_fp8_training(model)
     if groups.ep_size > 1:
         enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
+    if job.recompute:
+        apply_recompute(model, job.recompute)
     return model.to(device)
 
 
