@@ -13,13 +13,15 @@ the tokens, the last stage the targets and the MTP's future tokens); the slice i
 Per step: forward and backward on the local batch (PP > 1: all micro-batches through the
 pipeline schedule); all-reduce gradients (replicated parameters over the world, expert shards
 over their DP group, pipeline copies over their holders; divided by the EP x DP shards);
-clip by the global norm; AdamW; report this rank's expert loads to the RouterActor and load the
-new biases it returns (so every rank routes the next step with the same biases).
+clip by the global norm; AdamW; fold the parameters into the CPU EMA (`ema_decay`, on a thread);
+report this rank's expert loads to the RouterActor and load the new biases it returns (so every
+rank routes the next step with the same biases). The step's MTP weight and the router's gamma
+follow `schedule` (train/schedules.py); history.jsonl records both.
 
 Checkpoint (every `checkpoint_every` steps, through `ray.train.report`): rank{r}.pt per rank
-(model shard, optimizer, data position, step) plus router.pt (RouterActor state) and meta.json.
-On (re)start a worker restores from `ray.train.get_checkpoint()`, so a killed worker costs at
-most the steps since the last checkpoint, which are recomputed on the same batches.
+(model shard, optimizer, data position, step, EMA shard) plus router.pt (RouterActor state) and
+meta.json. On (re)start a worker restores from `ray.train.get_checkpoint()`, so a killed worker
+costs at most the steps since the last checkpoint, which are recomputed on the same batches.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
+from moeray.platform.train.ema import EMA_DIR, ParamEMA
 from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import (
@@ -72,6 +75,7 @@ def _save_checkpoint(
     step: int,
     router_state: dict | None,
     meta: dict,
+    ema: ParamEMA | None = None,
 ) -> None:
     torch.save(
         {
@@ -79,6 +83,7 @@ def _save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "data": loader.state.to_dict(),
             "step": step,
+            "ema": None if ema is None else ema.state_dict(),
         },
         directory / f"rank{rank}.pt",
     )
@@ -153,6 +158,9 @@ def train_loop_per_worker(config: dict) -> None:
         replica.module, job.optim, replica.groups if isinstance(replica, FlatReplica) else None
     )
 
+    # the parameter EMA in CPU memory (pp = 1, job_config checks), folded in on a thread
+    ema = ParamEMA(replica.module, job.ema_decay) if job.ema_decay else None
+
     tokens = torch.load(config["tokens"])
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
     state = tdata.DataState()
@@ -168,6 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
         replica.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = tdata.DataState.from_dict(saved["data"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])
         start = saved["step"] + 1
         router_state = torch.load(ckpt_dir / "router.pt", weights_only=False) if rank == 0 else None
         if rank == 0:
@@ -236,6 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
         _, lr = tstep.apply_update(
             replica.module, optimizer, step, job.optim, total_norm=parts.norm
         )
+        if ema is not None:
+            ema.update()  # copies the new parameters to the CPU, folds them in on a thread
         loads = parts.loads_LE
         ray.get(router.report.remote(step, rank, loads))
         routed = ray.get(router.biases.remote(min_step=step))
@@ -307,6 +319,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "parallel": asdict(job.parallel),
                         "run_id": config.get("run_id", ""),
                     },
+                    ema,
                 )
                 ray.train.report(
                     {"step": step, "loss": float(stats[0])},
@@ -315,6 +328,11 @@ def train_loop_per_worker(config: dict) -> None:
                 )
 
     full = replica.full_state()
+    ema_full = None
+    if ema is not None:
+        assert isinstance(replica, FlatReplica)  # job_config: the EMA needs pp = 1
+        ema_full = replica.full_state(ema.averaged_state(replica.module))
+        ema.close()
     replica.close()
     if rank == 0:
         if full is None:
@@ -325,4 +343,8 @@ def train_loop_per_worker(config: dict) -> None:
         out = out if out.is_absolute() else run_dir / out
         save_model(ref, model_cfg, out, tokenizer=config["tokenizer"])
         console(f"final model written to {out}")
+        if ema_full is not None:  # an HF directory of its own, beside the weights
+            ref.load_state_dict(ema_full)
+            save_model(ref, model_cfg, out / EMA_DIR, tokenizer=config["tokenizer"])
+            console(f"parameter EMA written to {out / EMA_DIR}")
     dist.barrier()

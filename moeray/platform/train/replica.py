@@ -87,14 +87,17 @@ def sync_gradients(model, groups: Groups) -> float:
     return math.sqrt(rep_sq + float(exp_sq))
 
 
-def gather_full_state(model, groups: Groups) -> dict | None:
-    """The full (EP=1) state dict on rank 0, CPU tensors; other ranks return None."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def gather_full_state(model, groups: Groups, state: dict | None = None) -> dict | None:
+    """The full (EP=1) state dict on rank 0, CPU tensors; other ranks return None. `state`: this
+    rank's state dict to gather in place of the model's (same names and shapes: the EMA's)."""
+    state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
     if groups.ep_size > 1:
         for k in list(state):
             if is_expert_param(k):
-                parts = [torch.empty_like(state[k]) for _ in range(groups.ep_size)]
-                dist.all_gather(parts, state[k].contiguous(), group=groups.ep_group)
+                # on the model's device: NCCL carries no CPU tensor
+                mine = state[k].to(next(model.parameters()).device).contiguous()
+                parts = [torch.empty_like(mine) for _ in range(groups.ep_size)]
+                dist.all_gather(parts, mine, group=groups.ep_group)
                 state[k] = torch.cat(parts)
     return {k: v.cpu() for k, v in state.items()} if groups.rank == 0 else None
 
@@ -171,8 +174,8 @@ class FlatReplica:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
 
-    def full_state(self) -> dict | None:
-        return gather_full_state(self.module, self.groups)
+    def full_state(self, state: dict | None = None) -> dict | None:
+        return gather_full_state(self.module, self.groups, state)
 
     def close(self) -> None:
         pass
