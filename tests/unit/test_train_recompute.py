@@ -74,7 +74,12 @@ def _run(recompute: tuple[str, ...], tokens):
 def runs():
     tokens = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(0))
     cases = {"none": (), "norm": ("norm",), "mla_up": ("mla_up",), "both": ("norm", "mla_up")}
-    return {name: _run(pieces, tokens) for name, pieces in cases.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only spins on a shared 2-core machine
+    try:
+        return {name: _run(pieces, tokens) for name, pieces in cases.items()}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_gradients_equal_no_recompute(runs):
