@@ -47,13 +47,15 @@ def _grads(pieces):
 
 
 def test_recompute_on_gpu_keeps_the_attention_kernel_and_the_gradients():
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs: the two runs comparable
     try:
         base, calls = _grads(())
         again, calls_r = _grads(("norm", "mla_up"))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     blocks = tiny().num_hidden_layers + tiny().num_nextn_predict_layers
     assert calls == calls_r == blocks  # one fused forward per MLA, none again in the backward
     for k, g in base.items():
-        torch.testing.assert_close(again[k], g, rtol=1e-5, atol=1e-7, msg=k)
+        # the fused attention backward adds with atomics: equal up to fp32 summation order
+        torch.testing.assert_close(again[k], g, rtol=1e-4, atol=1e-6, msg=k)
