@@ -107,8 +107,10 @@ class RouterActor:
                     pass
         return self._state.biases()
 
-    async def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
-        self._state.set_gamma(gamma, zero_at_step)
+    async def set_gamma(
+        self, gamma: float, zero_at_step: int | None = None, changes: tuple = ()
+    ) -> None:
+        self._state.set_gamma(gamma, zero_at_step, changes)
         await self._persist()
 
     # -- serving -------------------------------------------------------------------------------

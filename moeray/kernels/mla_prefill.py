@@ -21,8 +21,8 @@ Measured on an H100 (benchmarks/notes-kernels.md, `moeray bench kernels --only m
 packed variable lengths (6 sequences, 8192 tokens) 366-370 TFLOP/s, 1.55-1.7x flex-attention and
 1.6-1.9x torch's FlashAttention varlen (v padded to 192); equal lengths 190-478 TFLOP/s (16 x 512
 to 1 x 8192), where cuDNN through SDPA is 1.14-1.42x faster on inputs already concatenated to
-192-wide keys, but the cat + SDPA that `MLA._expanded` runs today is 1.02-1.74x slower than this
-kernel on the split views.
+192-wide keys, but the cat + SDPA that `MLA.expanded_attention` runs today is 1.02-1.74x slower
+than this kernel on the split views.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ def mla_prefill_bshd(
     v_BSHV: torch.Tensor,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """B equal-length sequences of S tokens (what `MLA._expanded` holds) -> o [B, S, H, V].
+    """B equal-length sequences of S tokens (what `MLA.expanded_attention` holds) -> o [B, S, H, V].
 
     The inputs may be the views that split the projections ([B, S, H, N + V] split into k_nope and
     v, say); nothing is concatenated or expanded."""

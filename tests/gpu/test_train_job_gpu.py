@@ -20,7 +20,8 @@ def test_one_gpu_job_trains_and_writes_the_model(tmp_path, tiny_train_job, check
     from moeray.platform.checkpoint import load_model
     from moeray.platform.train.job import run
 
-    job = tiny_train_job("onegpu", use_gpu=True)
+    # with recompute and the CPU EMA (pinned buffers, non-blocking copies) on the GPU path
+    job = tiny_train_job("onegpu", use_gpu=True, recompute=["norm", "mla_up"], ema_decay=0.9)
     try:
         out = run(job)
     finally:
@@ -32,3 +33,5 @@ def test_one_gpu_job_trains_and_writes_the_model(tmp_path, tiny_train_job, check
     assert recs[-1]["loss"] < recs[0]["loss"]
     cfg, model = load_model(out)
     assert torch.isfinite(model(torch.randint(0, cfg.vocab_size, (1, 9))).logits).all()
+    _, ema = load_model(out / "ema")
+    assert torch.isfinite(ema(torch.randint(0, cfg.vocab_size, (1, 9))).logits).all()

@@ -1,7 +1,8 @@
 """The Ray Train job end to end on gloo: EP=2 workers, a worker SIGKILLed mid-run, resume from the
 last checkpoint with the same data order and no lost step, final HF directory that loads; run
-with ZeRO-1 and bf16 AdamW moments, on a storage that is not the local filesystem (as on a
-cluster with an object store: every file of the run goes through it)."""
+with ZeRO-1, bf16 AdamW moments, the gamma and lambda schedules, recompute and the parameter EMA,
+on a storage that is not the local filesystem (as on a cluster with an object store: every file
+of the run goes through it)."""
 
 import json
 
@@ -45,6 +46,11 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path, monkeypatch):
             "data": {"max_bytes": 300_000, "seq_len": 32, "global_batch": 4},
             # ZeRO-1 with bf16 moments: the sharded state survives the restart too
             "optim": {"warmup_steps": 2, "zero_stage": 1, "moments_dtype": "bfloat16"},
+            # the paper's schedules at 8 steps: gamma 0 from step 6, lambda 0.1 from step 4;
+            # recompute in the backward; the parameter EMA, restored over the kill
+            "schedule": {"gamma": [[0.75, 0.0]], "mtp_lambda": [[0.5, 0.1]]},
+            "recompute": ["norm", "mla_up"],
+            "ema_decay": 0.9,
         }
     )
     out = run(job, filesystem=bucket)
@@ -86,9 +92,26 @@ def test_train_job_survives_a_killed_worker(ray_local, tmp_path, monkeypatch):
     assert min(state) > 0.8 * max(state)
     assert recs[-1]["peak_mem_bytes"] == [None, None]
     assert recs[-1]["loss"] < recs[0]["loss"]
+    assert [r["gamma"] for r in recs] == [0.001] * 6 + [0.0] * 2  # as the router applied it
+    assert [r["mtp_lambda"] for r in recs] == [0.3] * 4 + [0.1] * 4
+    # gamma 0: the biases of step 5's checkpoint are those of step 7's (Ray Train keeps 2)
+    bias = {
+        s: torch.load(run_dir / f"step_{s:07d}" / "router.pt", weights_only=False)["bias_LE"]
+        for s in (5, 7)
+    }
+    assert bias[5].abs().max() > 0 and torch.equal(bias[5], bias[7])
+    # the EMA went on from step 2's checkpoint after the kill: 8 updates, not 5
+    assert (
+        torch.load(run_dir / "step_0000007" / "rank1.pt", weights_only=False)["ema"]["updates"] == 8
+    )
 
     # the final HF directory loads here (and in transformers, checked in the model tests)
     cfg, model = load_model(run_dir / "model")
     assert cfg.vocab_size == 1024 and (run_dir / "model" / "tokenizer.json").exists()
     ids = torch.randint(0, cfg.vocab_size, (1, 9))
     assert torch.isfinite(model(ids).logits).all()
+    _, ema = load_model(run_dir / "model" / "ema")  # the parameter EMA, an HF directory of its own
+    assert torch.isfinite(ema(ids).logits).all()
+    weights, averaged = model.state_dict(), ema.state_dict()
+    experts = [k for k in weights if is_expert_param(k)]  # [E, ...]: rank 1's half gathered too
+    assert experts and all(not torch.equal(weights[k][8:], averaged[k][8:]) for k in experts)

@@ -124,13 +124,14 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
-    def _queries(self, x_BSD, cos, sin):
-        B, S, _ = x_BSD.shape
-        q = (
-            self.q_proj(x_BSD)
-            if self.q_lora_rank is None
-            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
-        )
+    def _q_latent(self, x_BSD):
+        """The query latent (q_a_proj then its norm, [B, S, Q]); x itself without a q LoRA."""
+        return x_BSD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BSD))
+
+    def _queries(self, q_lat, cos, sin):
+        """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], rotated q_pe)."""
+        B, S, _ = q_lat.shape
+        q = self.q_proj(q_lat) if self.q_lora_rank is None else self.q_b_proj(q_lat)
         q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
@@ -153,15 +154,18 @@ class MLA(nn.Module):
         """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
         or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
         the absorbed math over x alone (for tests)."""
-        q_nope, q_pe = self._queries(x_BSD, cos, sin)
+        B, S, _ = x_BSD.shape
+        q_lat = self._q_latent(x_BSD)
         kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
         if cache is None and not absorbed:
-            return self._expanded(q_nope, q_pe, kv_BSC, pe_BSR)
+            o_BSHV = self.expanded_attention(q_lat, kv_BSC, pe_BSR, cos, sin)
+            return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
         if cache is not None and getattr(cache, "expanded", False):
             kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
-            return self._expanded(
-                q_nope, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
-            )
+            dt = kv_BSC.dtype
+            o_BSHV = self.expanded_attention(q_lat, kv_BTC.to(dt), pe_BTR.to(dt), cos, sin, mask)
+            return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+        q_nope, q_pe = self._queries(q_lat, cos, sin)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/runner.py).
@@ -178,9 +182,13 @@ class MLA(nn.Module):
             )
         return self._absorbed_out(o_lat_BSHC)
 
-    def _expanded(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST=None):
-        """Up-project the T context latents to per-head keys and values and attend: the S queries
-        are the last S of T positions (causal), or `mask_BST` says what each query sees."""
+    def expanded_attention(self, q_lat, kv_BTC, pe_BTR, cos, sin, mask_BST=None):
+        """From the latents to the attention output o [B, S, H, V]: the q and kv up-projections
+        (q_b_proj, kv_b_proj) and attention over the per-head keys and values they make, for S
+        queries that are the last S of the T context positions (causal), or that see what
+        `mask_BST` says. One method so that training can recompute it in the backward from the
+        latents alone (train/replica.parallelize, `recompute: [mla_up]`)."""
+        q_nope_BSHN, q_pe_BSHR = self._queries(q_lat, cos, sin)
         B, S, H, _ = q_nope_BSHN.shape
         T = kv_BTC.shape[1]
         kv = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope_dim + self.v_dim)
@@ -189,10 +197,9 @@ class MLA(nn.Module):
             # Inference on a GPU: the Triton MLA prefill kernel reads the split heads directly
             # (1.02-1.74x concat+SDPA on an H100, benchmarks/notes-kernels.md); training keeps SDPA.
             if mla_prefill_supported(q_nope_BSHN, q_pe_BSHR, k_nope_BTHN, pe_BTR, v_BTHV):
-                o_BSHV = mla_prefill_bshd(
+                return mla_prefill_bshd(
                     q_nope_BSHN, q_pe_BSHR, k_nope_BTHN, pe_BTR, v_BTHV, self.softmax_scale
                 )
-                return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
         q_BHSK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1).transpose(1, 2)
         k_BHTK = torch.cat(
             [k_nope_BTHN, pe_BTR[:, :, None, :].expand(B, T, H, self.rope_dim)], -1
@@ -208,7 +215,7 @@ class MLA(nn.Module):
             o_BHSV = F.scaled_dot_product_attention(
                 q_BHSK, k_BHTK, v_BHTV, attn_mask=mask_BST[:, None], scale=self.softmax_scale
             )
-        return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+        return o_BHSV.transpose(1, 2)
 
     def _w_HKC(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight as [H, N + V, C] in `dtype`. Kept in FP8 (load_model(keep_fp8=True))

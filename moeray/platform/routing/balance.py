@@ -103,22 +103,36 @@ def bias_update(bias_LE: torch.Tensor, counts_LE: torch.Tensor, gamma: float) ->
 
 @dataclass(frozen=True)
 class GammaSchedule:
-    """Bias update speed: `gamma` until step `zero_at_step`, then 0 (V3: 0.001, then 0 for the
-    last 500B of 14.8T tokens). `zero_at_step=None` never stops."""
+    """Bias update speed: `gamma`, then from each `changes` step on its value; from step
+    `zero_at_step` on, 0 (V3: 0.001, then 0 for the last 500B of 14.8T tokens, i.e.
+    changes=((step of 14.3T, 0.0),)). `zero_at_step=None` and no changes: never stops."""
 
     gamma: float = 0.001
     zero_at_step: int | None = None
+    changes: tuple[tuple[int, float], ...] = ()  # (first step, gamma), steps increasing
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
             raise ValueError(f"gamma={self.gamma} must be >= 0")
         if self.zero_at_step is not None and self.zero_at_step < 0:
             raise ValueError(f"zero_at_step={self.zero_at_step} must be >= 0 or None")
+        changes = tuple((int(s), float(g)) for s, g in self.changes)
+        object.__setattr__(self, "changes", changes)
+        starts = [s for s, _ in changes]
+        if starts != sorted(set(starts)) or any(s < 0 or g < 0 for s, g in changes):
+            raise ValueError(
+                f"gamma changes {changes} must be (step >= 0, gamma >= 0) pairs with "
+                "increasing steps"
+            )
 
     def __call__(self, step: int) -> float:
         if self.zero_at_step is not None and step >= self.zero_at_step:
             return 0.0
-        return self.gamma
+        gamma = self.gamma
+        for start, g in self.changes:
+            if step >= start:
+                gamma = g
+        return gamma
 
 
 def sequence_balance_loss(

@@ -36,6 +36,7 @@ class RouterConfig:
     num_reporters: int = 1
     gamma: float = 0.001
     gamma_zero_at_step: int | None = None
+    gamma_changes: tuple[tuple[int, float], ...] = ()  # (first step, gamma): GammaSchedule
     group_to_node: tuple[int, ...] | None = None
     num_physical: int | None = None
     serve_gpus: int = 1
@@ -53,7 +54,7 @@ class RouterConfig:
             raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.num_reporters < 1:
             raise ValueError(f"num_reporters={self.num_reporters} must be >= 1")
-        GammaSchedule(self.gamma, self.gamma_zero_at_step)  # validates
+        GammaSchedule(self.gamma, self.gamma_zero_at_step, self.gamma_changes)  # validates
         if self.group_to_node is not None:
             check_group_to_node(self.group_to_node, self.n_group)
         if not 0.0 <= self.load_ema < 1.0:
@@ -111,7 +112,7 @@ class RouterState:
     def __init__(self, config: RouterConfig):
         self.config = config
         L, E = len(config.layer_ids), config.n_experts
-        self.schedule = GammaSchedule(config.gamma, config.gamma_zero_at_step)
+        self.schedule = GammaSchedule(config.gamma, config.gamma_zero_at_step, config.gamma_changes)
         self.bias_LE = torch.zeros(L, E, dtype=torch.float32)
         self.step = -1  # last applied step
         self.pending: dict[int, dict] = {}  # step -> {"sum_LE": int64 tensor, "ranks": set[int]}
@@ -181,16 +182,18 @@ class RouterState:
         """Serving replicas' loads: update the moving average only (no bias step)."""
         self._observe(self._check_loads(loads_LE))
 
-    def set_gamma(self, gamma: float, zero_at_step: int | None = None) -> None:
-        self.schedule = GammaSchedule(gamma, zero_at_step)
+    def set_gamma(self, gamma: float, zero_at_step: int | None = None, changes: tuple = ()) -> None:
+        self.schedule = GammaSchedule(gamma, zero_at_step, changes)
 
     def biases(self) -> dict:
-        """{"step": last applied step, "bias_LE": fp32 [L, E], "layer_ids": ..., "gamma": next}."""
+        """{"step": last applied step, "bias_LE": fp32 [L, E], "layer_ids": ..., "gamma": next,
+        "applied_gamma": the gamma of the last applied step (None before any)}."""
         return {
             "step": self.step,
             "bias_LE": self.bias_LE.clone(),
             "layer_ids": self.config.layer_ids,
             "gamma": self.schedule(self.step + 1),
+            "applied_gamma": self.schedule(self.step) if self.step >= 0 else None,
         }
 
     def maxvio(self) -> dict[int, float]:
@@ -218,6 +221,7 @@ class RouterState:
             "bias_LE": self.bias_LE.clone(),
             "gamma": self.schedule.gamma,
             "gamma_zero_at_step": self.schedule.zero_at_step,
+            "gamma_changes": list(self.schedule.changes),
             "pending": {
                 s: {"sum_LE": e["sum_LE"].clone(), "ranks": sorted(e["ranks"])}
                 for s, e in self.pending.items()
@@ -240,7 +244,9 @@ class RouterState:
                 )
         self.step = int(state["step"])
         self.bias_LE = state["bias_LE"].to(torch.float32).clone()
-        self.schedule = GammaSchedule(float(state["gamma"]), state["gamma_zero_at_step"])
+        self.schedule = GammaSchedule(
+            float(state["gamma"]), state["gamma_zero_at_step"], state.get("gamma_changes", ())
+        )
         self.pending = {
             int(s): {"sum_LE": e["sum_LE"].clone(), "ranks": set(e["ranks"])}
             for s, e in state["pending"].items()
@@ -254,5 +260,6 @@ class RouterState:
 def _config_dict(config: RouterConfig) -> dict:
     d = asdict(config)
     d["layer_ids"] = list(config.layer_ids)
+    d["gamma_changes"] = [list(c) for c in config.gamma_changes]
     d["group_to_node"] = None if config.group_to_node is None else list(config.group_to_node)
     return d

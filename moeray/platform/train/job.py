@@ -133,7 +133,9 @@ def run(job: TrainJobConfig, filesystem: pafs.FileSystem | None = None) -> Stora
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **CUDA_ENV}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world
-    router_cfg = RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+    router_cfg = RouterConfig.from_model(
+        model_cfg, num_reporters=world, gamma=job.gamma, gamma_changes=job.gamma_changes()
+    )
     get_or_create_router(
         job.router, job.router_namespace, router_cfg, state_path=run_dir.join("router_state.pt")
     )

@@ -3,7 +3,7 @@ from a YAML mapping by `job.py` and handed to every worker of `loop.py` as a dic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,12 @@ from moeray.platform import config as mc
 from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.node_limited import NodeTopology, check_node_limited
 from moeray.platform.parallel.stages import split_layers
+from moeray.platform.train.schedules import ScheduleConfig
 from moeray.platform.train.step import LossConfig, OptimConfig
+
+# what `recompute` may name (replica.parallelize applies it): every RMSNorm, and MLA's q/kv
+# up-projections (with the attention inputs they make)
+RECOMPUTE = ("norm", "mla_up")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,11 @@ class TrainJobConfig:
     use_gpu: bool = False
     router_name: str = ""  # default: moeray-router-<name>
     router_namespace: str = "moeray"
-    gamma: float = 0.001
+    gamma: float = 0.001  # bias update speed; `schedule.gamma` changes it later in the run
+    # run these again in the backward instead of keeping their activations (RECOMPUTE)
+    recompute: tuple[str, ...] = ()
+    # decay of an EMA of the parameters kept in CPU memory (train/ema.py); 0: none
+    ema_decay: float = 0.0
     # tests only: SIGKILL rank `kill_rank` once, right before step `kill_at_step`
     kill_at_step: int = -1
     kill_rank: int = 0
@@ -75,9 +84,23 @@ class TrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
         p = self.parallel
+        object.__setattr__(self, "recompute", tuple(self.recompute))
+        bad = [r for r in self.recompute if r not in RECOMPUTE]
+        if bad:
+            raise ValueError(
+                f"recompute={list(self.recompute)}: {bad} unknown; accepted: {RECOMPUTE}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: no EMA)")
+        if (self.recompute or self.ema_decay) and p.pp > 1:
+            raise ValueError(
+                f"recompute={list(self.recompute)} and ema_decay={self.ema_decay} need "
+                f"parallel.pp=1 (they apply to the flat replica), got pp={p.pp}"
+            )
         if min(p.pp, p.ep, p.dp) < 1:
             raise ValueError(f"parallel sizes must be >= 1, got {p}")
         if self.data.global_batch % p.shards:
@@ -127,6 +150,18 @@ class TrainJobConfig:
     def router(self) -> str:
         return self.router_name or f"moeray-router-{self.name}"
 
+    def gamma_changes(self) -> tuple[tuple[int, float], ...]:
+        """`schedule.gamma` as the RouterConfig's (first step, gamma) pairs."""
+        return self.schedule.in_steps("gamma", self.steps)
+
+    def gamma_at(self, step: int) -> float:
+        return self.schedule.value("gamma", self.gamma, step, self.steps)
+
+    def loss_at(self, step: int) -> LossConfig:
+        """The loss config of `step`: `loss` with this step's MTP weight."""
+        lam = self.schedule.value("mtp_lambda", self.loss.mtp_lambda, step, self.steps)
+        return replace(self.loss, mtp_lambda=lam)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -138,6 +173,7 @@ class TrainJobConfig:
             "data": DataConfig,
             "optim": OptimConfig,
             "loss": LossConfig,
+            "schedule": ScheduleConfig,
         }
         top = {f.name for f in fields(TrainJobConfig)}
         unknown = set(d) - top

@@ -13,19 +13,22 @@ the tokens, the last stage the targets and the MTP's future tokens); the slice i
 Per step: forward and backward on the local batch (PP > 1: all micro-batches through the
 pipeline schedule); all-reduce gradients (replicated parameters over the world, expert shards
 over their DP group, pipeline copies over their holders; divided by the EP x DP shards);
-clip by the global norm; AdamW; report this rank's expert loads to the RouterActor and load the
-new biases it returns (so every rank routes the next step with the same biases).
+clip by the global norm; AdamW; fold the parameters into the CPU EMA (`ema_decay`, on a thread);
+report this rank's expert loads to the RouterActor and load the new biases it returns (so every
+rank routes the next step with the same biases). The step's MTP weight and the router's gamma
+follow `schedule` (train/schedules.py); history.jsonl records both.
 
 Checkpoint (every `checkpoint_every` steps, through `ray.train.report`, which copies it to the
-run's storage): rank{r}.pt per rank (model shard, optimizer, data position, step) plus router.pt
-(RouterActor state) and meta.json. On (re)start a worker restores from the latest checkpoint, so
-a killed worker costs at most the steps since the last checkpoint, which are recomputed on the
-same batches.
+run's storage): rank{r}.pt per rank (model shard, optimizer, data position, step, EMA shard) plus
+router.pt (RouterActor state) and meta.json. On (re)start a worker restores from the latest
+checkpoint, so a killed worker costs at most the steps since the last checkpoint, which are
+recomputed on the same batches.
 
 Files: the run directory is a `storage.Storage` (a shared path or an object-store URI). A worker
 reads the tokens, its checkpoint file and the tokenizer from it (downloaded into a worker-local
 scratch directory unless the storage is the local filesystem) and writes the history, the kill
-markers and the final HF directory through it; no path of the driver's node is used.
+markers and the final HF directory (and its `ema/`) through it; no path of the driver's node is
+used.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from moeray.platform.routing.state import RouterConfig, RouterState
 from moeray.platform.train import data as tdata
 from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
+from moeray.platform.train.ema import EMA_DIR, ParamEMA
 from moeray.platform.train.history import History, console, step_line
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import (
@@ -83,6 +87,7 @@ def _save_checkpoint(
     step: int,
     router_state: dict | None,
     meta: dict,
+    ema: ParamEMA | None = None,
 ) -> None:
     torch.save(
         {
@@ -90,6 +95,7 @@ def _save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "data": loader.state.to_dict(),
             "step": step,
+            "ema": None if ema is None else ema.state_dict(),
         },
         directory / f"rank{rank}.pt",
     )
@@ -179,6 +185,9 @@ def train_loop_per_worker(config: dict) -> None:
         replica.module, job.optim, replica.groups if isinstance(replica, FlatReplica) else None
     )
 
+    # the parameter EMA in CPU memory (pp = 1, job_config checks), folded in on a thread
+    ema = ParamEMA(replica.module, job.ema_decay) if job.ema_decay else None
+
     tokens = torch.load(run_dir.join("data", "tokens.pt").local_copy(scratch))
     dataset = tdata.PackedDataset(tokens, job.data.seq_len)
     state = tdata.DataState()
@@ -196,6 +205,8 @@ def train_loop_per_worker(config: dict) -> None:
         replica.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = tdata.DataState.from_dict(saved["data"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])
         start = saved["step"] + 1
         router_state = (
             torch.load(ckpt_dir.join("router.pt").local_copy(scratch / "ckpt"), weights_only=False)
@@ -208,7 +219,12 @@ def train_loop_per_worker(config: dict) -> None:
         router_state = None
         if rank == 0:  # a fresh run: forget whatever a previous run with this name left behind
             fresh = RouterState(
-                RouterConfig.from_model(model_cfg, num_reporters=world, gamma=job.gamma)
+                RouterConfig.from_model(
+                    model_cfg,
+                    num_reporters=world,
+                    gamma=job.gamma,
+                    gamma_changes=job.gamma_changes(),
+                )
             )
             router_state = fresh.state_dict()
             if start_bias_LE is not None:  # fine-tuning routes with the checkpoint's biases
@@ -258,13 +274,17 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         position = loader.state
         batch = loader.next_batch()
-        parts = replica.step(batch)
+        loss_cfg = job.loss_at(step)  # this step's MTP weight (schedule.mtp_lambda)
+        parts = replica.step(batch, loss_cfg)
         _, lr = tstep.apply_update(
             replica.module, optimizer, step, job.optim, total_norm=parts.norm
         )
+        if ema is not None:
+            ema.update()  # copies the new parameters to the CPU, folds them in on a thread
         loads = parts.loads_LE
         ray.get(router.report.remote(step, rank, loads))
-        replica.set_biases(ray.get(router.biases.remote(min_step=step))["bias_LE"])
+        routed = ray.get(router.biases.remote(min_step=step))
+        replica.set_biases(routed["bias_LE"])
         # PP = 1: every rank holds its shard's whole loss; PP > 1: the ranks of a pipeline hold
         # parts of it (the loss on the last stage, balance terms on every stage); either way the
         # sum over the world divided by the shards is the mean over shards
@@ -292,6 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "mtp_loss": float(stats[1]),
                 "balance": float(stats[2]),
                 "lr": lr,
+                "mtp_lambda": loss_cfg.mtp_lambda,
+                "gamma": routed["applied_gamma"],  # the router's, for this step's bias update
                 "grad_norm": norm,
                 "optim_state_bytes": [int(m[0]) for m in memory],
                 "peak_mem_bytes": [int(m[1]) if m[1] >= 0 else None for m in memory],
@@ -330,6 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "parallel": asdict(job.parallel),
                         "run_id": config.get("run_id", ""),
                     },
+                    ema,
                 )
                 ray.train.report(
                     {"step": step, "loss": float(stats[0])},
@@ -338,6 +361,11 @@ def train_loop_per_worker(config: dict) -> None:
                 )
 
     full = replica.full_state()
+    ema_full = None
+    if ema is not None:
+        assert isinstance(replica, FlatReplica)  # job_config: the EMA needs pp = 1
+        ema_full = replica.full_state(ema.averaged_state(replica.module))
+        ema.close()
     replica.close()
     if rank == 0:
         if full is None:
@@ -350,5 +378,12 @@ def train_loop_per_worker(config: dict) -> None:
         save_model(ref, model_cfg, out.local_path or scratch / "model", tokenizer=tokenizer)
         out.upload(out.local_path or scratch / "model")
         console(f"final model written to {out}")
+        if ema_full is not None:  # an HF directory of its own, beside the weights
+            ref.load_state_dict(ema_full)
+            ema_out = out.join(EMA_DIR)
+            local = ema_out.local_path or scratch / EMA_DIR
+            save_model(ref, model_cfg, local, tokenizer=tokenizer)
+            ema_out.upload(local)
+            console(f"parameter EMA written to {ema_out}")
     dist.barrier()
     shutil.rmtree(scratch, ignore_errors=True)

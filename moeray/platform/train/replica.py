@@ -28,6 +28,7 @@ from moeray.platform.parallel.node_limited import enable_node_limited, node_topo
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.train import step as tstep
 from moeray.platform.train.job_config import TrainJobConfig
+from moeray.platform.train.recompute import apply_recompute
 
 
 @dataclass
@@ -87,14 +88,17 @@ def sync_gradients(model, groups: Groups) -> float:
     return math.sqrt(rep_sq + float(exp_sq))
 
 
-def gather_full_state(model, groups: Groups) -> dict | None:
-    """The full (EP=1) state dict on rank 0, CPU tensors; other ranks return None."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def gather_full_state(model, groups: Groups, state: dict | None = None) -> dict | None:
+    """The full (EP=1) state dict on rank 0, CPU tensors; other ranks return None. `state`: this
+    rank's state dict to gather in place of the model's (same names and shapes: the EMA's)."""
+    state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
     if groups.ep_size > 1:
         for k in list(state):
             if is_expert_param(k):
-                parts = [torch.empty_like(state[k]) for _ in range(groups.ep_size)]
-                dist.all_gather(parts, state[k].contiguous(), group=groups.ep_group)
+                # on the model's device: NCCL carries no CPU tensor
+                mine = state[k].to(next(model.parameters()).device).contiguous()
+                parts = [torch.empty_like(mine) for _ in range(groups.ep_size)]
+                dist.all_gather(parts, mine, group=groups.ep_group)
                 state[k] = torch.cat(parts)
     return {k: v.cpu() for k, v in state.items()} if groups.rank == 0 else None
 
@@ -117,7 +121,8 @@ def start_biases(start: Transformer) -> torch.Tensor:
 def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
     """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
     FP8 projections, expert parallelism (this rank keeps E/EP routed experts; node-limited with
-    `parallel.node_limited`), the device. Returns the same module, changed in place."""
+    `parallel.node_limited`), recompute in the backward (`job.recompute`, train/recompute.py),
+    the device. Returns the same module, changed in place."""
     if job.fp8:
         enable_fp8_training(model)
     p = job.parallel
@@ -126,6 +131,8 @@ def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device)
         enable_node_limited(model, groups.ep_group, groups.ep_rank, groups.ep_size, topology)
     elif groups.ep_size > 1:
         enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
+    if job.recompute:
+        apply_recompute(model, job.recompute)
     return model.to(device)
 
 
@@ -153,9 +160,10 @@ class FlatReplica:
         self.module = parallelize(model, job, self.groups, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
 
-    def step(self, batch) -> _StepParts:
+    def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
+        """Forward and backward on `batch` with `loss` (default: the job's), gradients synced."""
         with self.autocast:
-            parts = tstep.compute_loss(self.module, batch.to(self.device), self.job.loss)
+            parts = tstep.compute_loss(self.module, batch.to(self.device), loss or self.job.loss)
         parts.total.backward()
         norm = sync_gradients(self.module, self.groups)
         return _StepParts(
@@ -171,8 +179,8 @@ class FlatReplica:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
 
-    def full_state(self) -> dict | None:
-        return gather_full_state(self.module, self.groups)
+    def full_state(self, state: dict | None = None) -> dict | None:
+        return gather_full_state(self.module, self.groups, state)
 
     def close(self) -> None:
         pass
@@ -200,8 +208,8 @@ class PipelineReplica:
         )
         self.module = self.pm.modules
 
-    def step(self, batch) -> _StepParts:
-        out = self.pm.forward_backward(batch, self.job.loss)
+    def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
+        out = self.pm.forward_backward(batch, loss or self.job.loss)
         norm = self.pm.sync_gradients()
         return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
 
