@@ -44,8 +44,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor)
         (16, 200, 1000),
         (1, 7168, 512),
         (16, 576, 512),
-        (3, 200, 7168),
-        (7, 1536, 7168),
+        (3, 200, 7168),  # (M 7, N 1536, K 7168) runs on the GPU only: 17 s per dtype here
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -2,7 +2,7 @@
 step 2 on 2x H200, the CPU emulation never did).
 
 - The Triton path under the interpreter against moeray.platform.fp8's exact emulation, at per-expert
-  token counts M in {0, 1, 5, 127, 129, 300} and small()'s 288-wide expert dims (288 = 2 * 128 + 32:
+  token counts M in {0, 1, 5, 127, 129} and small()'s 288-wide expert dims (288 = 2 * 128 + 32:
   a partial 128 block in N or K).
 - Which GEMMs go to torch._scaled_mm (cuBLASLt): its 128x128 weight scales are read with a leading
   dimension of round_up(K/128, 4); small()'s q_lora_rank 384 (K/128 = 3) and dense intermediate
@@ -22,7 +22,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("m", [0, 1, 5, 127, 129, 300])
+# 127 and 129 straddle the 128-row tile; larger counts add only interpreter time (21 s at 300).
+@pytest.mark.parametrize("m", [0, 1, 5, 127, 129])
 @pytest.mark.parametrize("nk", [(288, 256), (160, 288)], ids=["gate_up_like", "down_like"])
 def test_training_gemms_match_emulation_at_ragged_token_counts(m, nk):
     n, k = nk

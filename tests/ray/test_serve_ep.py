@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -166,7 +167,25 @@ def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_d
     assert version == 1 and 0 < step < r0["last_busy_gang_step"]
     assert decode["router"]["version"] == decode["placement_version"]
     assert prefill["router"]["name"].startswith("moeray-ep-router-prefill-")
-    assert prefill["router"]["tokens_seen"] > 0 and decode["router"]["tokens_seen"] > 0
+    assert prefill["router"]["tokens_seen"] > 0
+    # Once the gang is idle (the loop reports every 0.1 s) the decode router has seen every
+    # (token, expert) pair its ranks routed, and the change is in its log (its Ray worker's
+    # stderr file).
+    deadline = time.monotonic() + 30
+    while True:
+        decode = _stats("Decode", "ep-pd")
+        routed = sum(sum(map(sum, r["expert_loads"])) for r in decode["ranks"])
+        if decode["router"]["tokens_seen"] == routed:
+            break
+        assert time.monotonic() < deadline, (decode["router"], routed)
+        time.sleep(0.2)
+    assert routed > 0 and decode["router"]["changes"] >= 1
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    pid = decode["router"]["pid"]
+    text = "".join(f.read_text(errors="replace") for f in logs.glob(f"worker-*-{pid}.err"))
+    assert "expert placement v1 at step" in text and "GPU MaxVio" in text, text[-2000:]
 
 
 def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir):

@@ -76,6 +76,7 @@ def test_files_appends_listings_and_transfers(tmp_path, kind):
     assert not run.exists() and run.children() == []
     run.join("a", "b.txt").write_text("hello")
     assert run.join("a", "b.txt").read_text() == "hello"
+    assert (run / "a" / "b.txt").read_text() == "hello"  # `/` joins as on a Path
     run.join("h.jsonl").append_text("1\n")
     run.join("h.jsonl").append_text("2\n")
     assert run.join("h.jsonl").read_text() == "1\n2\n"

@@ -70,6 +70,10 @@ class Storage:
     def join(self, *parts: str) -> Storage:
         return Storage(self.filesystem, PurePosixPath(self.path, *parts).as_posix(), self.scheme)
 
+    def __truediv__(self, part: str) -> Storage:
+        """`storage / "name"`, as with a Path: `run(job) / "tokenizer.json"`."""
+        return self.join(part)
+
     def sibling(self, name: str) -> Storage:
         """`name` in this location's parent directory."""
         parent = PurePosixPath(self.path).parent
