@@ -128,15 +128,16 @@ class PlacementSwitch:
                             f"{'with' if stack.scale_inv is not None else 'without'} scales; "
                             f"this rank holds {held_w[0].dtype} ones"
                         )
-            rows = [slot_of[e] if e in slot_of else -1 - missing.index(e) for e in want]
+            read_row = {e: n for n, e in enumerate(missing)}
+            rows = [slot_of[e] if e in slot_of else -1 - read_row[e] for e in want]
             weights = []
             for j in range(len(PROJS)):
                 got = None if read is None else read[j]
-                w = _slots(rows, held_w[j], None if got is None else got.weight)
+                w = _stack_slots(rows, held_w[j], None if got is None else got.weight)
                 hs = held_s[j]
                 scale = None
                 if hs is not None:
-                    scale = _slots(rows, hs, None if got is None else got.scale_inv)
+                    scale = _stack_slots(rows, hs, None if got is None else got.scale_inv)
                 weights.append(ExpertStack(w, scale))
             loaded += sum(e not in slot_of for e in want)
             copied += sum(e in slot_of for e in want)
@@ -174,7 +175,7 @@ class PlacementSwitch:
         return True
 
 
-def _slots(rows: list[int], held: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
+def _stack_slots(rows: list[int], held: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
     """Stack slot weights: row r >= 0 is this rank's held slot r, r < 0 is row -1 - r of `read`
     (moved to the held tensor's device and dtype)."""
     out = []
