@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
 from moeray.platform import fp8 as f8
+from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.weight_grad import (
     WeightGradStore,
     accumulate_weight_grad,
@@ -395,3 +396,24 @@ def experts_mlp(
             f"cache={cache}"
         )
     return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)
+
+
+def enable_grouped_experts(model: torch.nn.Module, *, grouped_fp8: bool) -> int:
+    """Run every routed-experts module of a whole (PP = 1) model through `experts_mlp`, weight
+    gradients computed at once (no W-op store: pipeline stages get theirs from
+    `stages.enable_weight_grad_split`). FP8 experts (`linear` set to `fp8.fp8_linear` by
+    `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
+    GEMM when `grouped_fp8`; BF16 ones take `GroupedExperts` where it applies. Returns the number
+    of modules switched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Experts):
+            fp8 = module.linear is f8.fp8_linear
+            module.mlp_fn = functools.partial(
+                experts_mlp,
+                fp8=fp8,
+                cache=f8.WeightCache() if fp8 else None,
+                grouped_fp8=fp8 and grouped_fp8,
+            )
+            n += 1
+    return n
