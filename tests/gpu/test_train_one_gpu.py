@@ -117,6 +117,5 @@ def test_one_gpu_bench_numbers_on_tiny(tmp_path):
         )
         # fused AdamW and foreach clipping: far fewer kernels than parameters
         assert 0 < r["gpu_kernels_optimizer"] < n_params, (name, r["gpu_kernels_optimizer"])
-        assert r["launch_calls_per_step"] > 0, name
         assert r["optimizer"] == "AdamW(fused=True, moments=float32)"
     assert res["fp8_bf16_loss_rel_diff"] < 2.5e-3
