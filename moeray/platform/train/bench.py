@@ -1,7 +1,7 @@
 """`moeray bench train`: training throughput and MFU, pipeline bubbles, FP8 vs BF16.
 
     moeray bench train                                   # CPU: tiny, PP=2, gloo, ~2-3 minutes
-    moeray bench train --device cuda --pp 1 --model moonlight_16b_a3b --layers auto \
+    moeray bench train --device cuda --pp 1 --model moonlight_16b_a3b --layers auto \\
         --seq-len 4096 --micro-batch-size 1 --microbatches 4 --steps 12   # one GPU (bench_one.py)
     moeray bench train --model small --device cuda --pp 2 --ep 2 --seq-len 1024 \\
         --micro-batch-size 2 --microbatches 8 --steps 30        # 4 GPUs, NCCL
@@ -10,7 +10,7 @@
 With --pp 1 --ep 1 the bench is `bench_one.py`: one process trains the whole model (a preset or
 an HF config.json, `--layers N|auto` decoder layers) in BF16 then FP8 and reports tokens/s, MFU
 against the datasheet and a measured GEMM rate, GPU kernels per step, peak memory and the FP8 vs
-BF16 loss gap (`train-1gpu-<device>.json`). Otherwise:
+BF16 loss gap (`train-1gpu-<device>.json`). Otherwise the pipeline bench runs:
 
 Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
 process) and runs three trainings of the same steps on the same batches, each from the same
