@@ -287,7 +287,7 @@ def one_run(
     optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
 
     def total(key: str) -> int | None:
-        return None if fb[key] is None else fb[key] + op[key]
+        return None if fb[key] is None else fb[key] + (op[key] or 0)
 
     return {
         "losses": losses,
