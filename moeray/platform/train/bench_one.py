@@ -28,7 +28,9 @@ Numbers per run (the first `--warmup` steps and the profiled last step left out 
                               null);
   gpu_kernels_per_step        GPU kernels of the last step (torch.profiler), split into
                               forward-backward and optimizer, and the host's launch calls
-                              (CUDA runtime and driver); CPU: null (not profiled).
+                              (CUDA runtime and driver); CPU: null (not profiled);
+  gpu_time_s_per_step         the profiled step's summed kernel time (against step_time_s: how
+                              much the GPU waits for the host), and its longest kernels.
 Model FLOPs per token: `bench_common.train_flops_per_token` (6 x active matmul parameters +
 causal attention). Per FP8 run `step_time_vs_bf16` (< 1: faster than BF16) and
 `loss_rel_diff_vs_bf16`, |loss - loss_bf16| / loss_bf16 at the final step; the `fp8` run's are
@@ -75,6 +77,7 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 WORKSPACE_BYTES = 3 << 30  # cuBLAS / cuDNN workspaces, the CUDA context's share, kernel scratch
 USABLE_FRACTION = 0.9  # of the device's memory: allocator rounding and fragmentation
+TOP_KERNELS = 15  # kernel names kept per profiled span, longest summed duration first
 SUMMARY = (
     "tokens_per_s",
     "step_time_s",
@@ -82,6 +85,7 @@ SUMMARY = (
     "mfu_measured",
     "peak_memory_bytes",
     "gpu_kernels_per_step",
+    "gpu_time_s_per_step",
     "final_loss",
 )
 
@@ -166,21 +170,33 @@ def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> Memor
     return MemoryPlan(dense + int(moe_layers), budget, fixed, per_layer, state, dense)
 
 
-def _count_profile(prof) -> dict[str, int | None]:
-    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span; None
-    for each when the span ran nothing on a GPU."""
+def _count_profile(prof) -> dict:
+    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span, the
+    kernels' summed duration (`gpu_time_s`) and the `TOP_KERNELS` longest kernel names by summed
+    duration ([name, count, seconds]); None for each when the span ran nothing on a GPU."""
     kernels = copies = launches = 0
+    by_name: dict[str, list] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             if e.name.startswith(("Memcpy", "Memset")):
                 copies += 1
-            else:
-                kernels += 1
+                continue
+            kernels += 1
+            row = by_name.setdefault(e.name[:120], [e.name[:120], 0, 0.0])
+            row[1] += 1
+            row[2] += e.time_range.elapsed_us() * 1e-6
         elif e.name in LAUNCH_CALLS:
             launches += 1
     if kernels + copies + launches == 0:
-        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
-    return {"gpu_kernels": kernels, "copies": copies, "launch_calls": launches}
+        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
+    top = sorted(by_name.values(), key=lambda r: -r[2])[:TOP_KERNELS]
+    return {
+        "gpu_kernels": kernels,
+        "copies": copies,
+        "launch_calls": launches,
+        "gpu_time_s": sum(r[2] for r in by_name.values()),
+        "top": top,
+    }
 
 
 @contextlib.contextmanager
@@ -281,12 +297,12 @@ def one_run(
             raise FloatingPointError(f"loss {loss} at step {step + 1} (losses so far {losses})")
         if step >= cfg.warmup and not profiled:
             walls.append(wall)
-    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
+    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
     fb, op = counts.get("forward_backward", none), counts.get("optimizer", none)
     fused = bool(opt.defaults.get("fused")) and cfg.moments_dtype == "float32"
     optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
 
-    def total(key: str) -> int | None:
+    def total(key: str):
         return None if fb[key] is None else fb[key] + (op[key] or 0)
 
     return {
@@ -298,6 +314,11 @@ def one_run(
         "gpu_kernels_optimizer": op["gpu_kernels"],
         "launch_calls_per_step": total("launch_calls"),
         "copies_per_step": total("copies"),
+        # the kernels' summed time in the profiled step over the unprofiled step time: well
+        # under 1 means the GPU waits for the host (launches, syncs)
+        "gpu_time_s_per_step": None if fb["gpu_time_s"] is None else total("gpu_time_s"),
+        "top_kernels_forward_backward": fb["top"],
+        "top_kernels_optimizer": op["top"],
         "optimizer": optimizer,
     }
 
