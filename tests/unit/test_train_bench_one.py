@@ -50,6 +50,8 @@ def test_one_device_bench_runs_bf16_then_fp8_and_writes_its_result(tmp_path, cap
     ratio = fp8["step_time_s"] / bf16["step_time_s"]
     assert res["fp8_bf16_step_time_ratio"] == pytest.approx(ratio) == fp8["step_time_vs_bf16"]
     assert res["fp8_faster"] == (res["fp8_bf16_step_time_ratio"] < 1)
+    assert res["fastest_fp8_run"] == "fp8" and res["fastest_fp8_step_time_ratio"] == ratio
+    assert len(bf16["peak_memory_bytes_per_step"] or []) == 0  # CPU: no device memory
     gap = abs(fp8["final_loss"] - bf16["final_loss"]) / bf16["final_loss"]
     assert res["fp8_bf16_loss_rel_diff"] == pytest.approx(gap) and gap < 2.5e-3
     out = capsys.readouterr().out
