@@ -111,7 +111,7 @@ def test_train_check_counts_zero1_bf16_moments_recompute_and_cpu_ema(monkeypatch
         data={"vocab_size": 163840, "seq_len": 4096, "global_batch": 8},
     )
     plain = load_config(_train_yaml(tmp_path, **common))
-    with pytest.raises(ValueError, match="does not fit.*PP1 x EP2 x DP4"):
+    with pytest.raises(ValueError, match=r"does not fit.*PP1 x EP2 x DP4"):
         check.check_train(plain)
     saving = load_config(
         _train_yaml(
