@@ -1,6 +1,8 @@
 """Expert-parallel engines (gloo processes, no Ray) give the single-process Engine's greedy output:
 each rank serves its own prompts (uneven counts and lengths, one rank with none) while the MoE
-layers exchange tokens with all-to-all."""
+layers exchange tokens with all-to-all, or, with decode_exchange="gather", decode forwards take the
+fixed-size all-gather + reduce-scatter that decode CUDA graphs replay (prefill chunks stay
+all-to-all)."""
 
 import os
 
@@ -35,6 +37,8 @@ def _model() -> Transformer:
 
 def _assignment(world: int) -> list[list[int]]:
     """Prompt indices per rank: rank 0 gets most, the last rank none (it only pads)."""
+    if world == 1:
+        return [list(range(len(PROMPTS)))]
     if world == 2:
         return [[0, 1, 2, 4], [3]]
     return [[0, 1], [2], [3, 4], []]
@@ -44,12 +48,12 @@ def _params() -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, exchange: str) -> None:
     torch.set_num_threads(1)
     os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
     try:
-        engine = ExpertParallelEngine(_model(), ECONF)
+        engine = ExpertParallelEngine(_model(), ECONF, decode_exchange=exchange)
         mine = _assignment(world)[rank]
         outs = engine.generate([PROMPTS[i] for i in mine], _params())
         moe = engine.model.moe_layers()[0]
@@ -58,6 +62,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "tokens": {i: o.output_token_ids for i, o in zip(mine, outs, strict=True)},
                 "experts_held": moe.experts.gate_proj.shape[0],
                 "padding_forwards": engine.lockstep.padding_forwards,
+                "gathered_forwards": engine.lockstep.gathered_forwards,
+                "rounds": engine.lockstep.rounds,
                 "expert_loads": expert_loads(engine.model),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -73,9 +79,14 @@ def reference() -> dict[int, list[int]]:
     return {i: o.output_token_ids for i, o in enumerate(outs)}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ep_engine_greedy_equals_single_process(world, tmp_path, reference):
-    mp.spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world, join=True)
+# ep=4 all-to-all is served over HTTP in tests/ray/test_serve_ep.py; ep=1 gathered is `--ep 1`'s
+# decode path on GPU (collectives skipped).
+@pytest.mark.parametrize(
+    ("world", "exchange"), [(1, "gather"), (2, "auto"), (2, "gather"), (4, "gather")]
+)
+def test_ep_engine_greedy_equals_single_process(world, exchange, tmp_path, reference):
+    args = (world, str(tmp_path / "pg"), str(tmp_path), exchange)
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
     assert sorted(tokens) == list(range(len(PROMPTS)))
@@ -91,4 +102,11 @@ def test_ep_engine_greedy_equals_single_process(world, tmp_path, reference):
     assert loads.shape == (moe_layers, E)
     assert loads.sum(1).tolist() == [tokens * c.num_experts_per_tok] * moe_layers
     # The rank with the least work padded with empty forwards while the others ran theirs.
-    assert got[-1]["padding_forwards"] > 0
+    assert (got[-1]["padding_forwards"] > 0) == (world > 1)
+    # "auto" on CPU (no graphs) keeps all-to-all; "gather" gathers the decode forwards only (the
+    # rounds of a step's end and the prefill chunks' forwards are not).
+    gathered = [g["gathered_forwards"] for g in got]
+    if exchange == "auto":
+        assert gathered == [0] * world
+    else:
+        assert len(set(gathered)) == 1 and MAX_TOKENS - 1 <= gathered[0] < got[0]["rounds"]
