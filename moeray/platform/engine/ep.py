@@ -37,7 +37,8 @@ class ExpertParallelEngine(Engine):
     `expert_source` reads experts this rank does not hold when a new placement needs them
     (`self.placements.stage`); the gang switches placement between steps. `decode_exchange`
     (serve_ep.DECODE_EXCHANGES, the same on every rank): "auto" gathers decode forwards when the
-    gang replays graphs, "gather" always (CPU tests), "all_to_all" never (no graphs)."""
+    gang replays graphs (every forward at ep=1), "gather" always (CPU tests), "all_to_all" never
+    (no graphs)."""
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ Two exchanges, chosen per forward by `choose_exchange` (the same answer on every
 round that precedes the forward):
   * all-to-all (`parallel/expert.py`): each (token, expert) row goes to the rank of its slot only.
     Receive sizes depend on the routing (read back to the host), so it cannot be captured in a
-    CUDA graph. Prefill chunks always take it.
+    CUDA graph. Prefill chunks take it (at ep > 1).
   * gather (`ServingEPMoE._gathered`): every rank pads its rows to a size the gang agreed on,
     all-gathers rows plus routing (top-k expert ids and weights; the router is replicated, so each
     rank routes its own rows), computes the pairs of all gathered rows that fall on its own slots
@@ -29,7 +29,8 @@ round that precedes the forward):
     decode forward runs as a captured graph (`ModelRunner`, keyed by that size). Each rank receives
     ep x rows x D where all-to-all moves K x rows x D in all, so it is for decode sizes: decode
     forwards take it when every rank replays a graph ("auto"), always ("gather", for tests on CPU)
-    or never ("all_to_all").
+    or never ("all_to_all"). At ep=1 ("auto", "gather") every forward takes it, its collectives
+    skipped: the plain MoE, so `--ep 1` computes what the plain engine does.
 A round carries [forwarding, has work, -ready, prefill, rows, graph batch, S, -S, no graph] and is
 reduced with MAX: "any rank" for the flags, the largest rows and graph batch, S's spread, and
 max(-v) = -min(v) for the versions.
@@ -281,17 +282,20 @@ class Exchange:
     tokens: int = 0
 
 
-def choose_exchange(r: Round, mode: str) -> Exchange:
+def choose_exchange(r: Round, mode: str, world: int) -> Exchange:
     """The one place that picks a forward's exchange, from the round before it (so every rank picks
-    the same). A prefill chunk on any rank: all-to-all. Decode forwards: a graph replay when every
-    forwarding rank holds the graph for its batch and all run the same S (graphs are keyed by S),
-    gathered at the largest padded batch; otherwise eager, gathered at the most rows ("gather"
-    mode) or all-to-all."""
-    if r.prefill or mode == "all_to_all":
+    the same). Decode forwards: a graph replay when every forwarding rank holds the graph for its
+    batch and all run the same S (graphs are keyed by S), gathered at the largest padded batch;
+    otherwise eager, gathered at the most rows ("gather" mode) or all-to-all. A prefill chunk on
+    any rank: all-to-all, except at ep=1 (nothing to exchange: the gathered path skips its
+    collectives and is the plain MoE, where all-to-all would still sort, count and copy rows)."""
+    if mode == "all_to_all":
         return Exchange()
+    if r.prefill:
+        return Exchange(True, r.rows) if world == 1 else Exchange()
     if not r.no_graph and r.graph_batch > 0 and r.s_max == r.s_min:
         return Exchange(True, r.graph_batch * r.s_max, r.graph_batch, r.s_max)
-    if mode == "gather":
+    if mode == "gather" or world == 1:
         return Exchange(True, r.rows)
     return Exchange()
 
@@ -321,6 +325,7 @@ class Lockstep:
         self.model = model
         self.group = group
         self.mode = decode_exchange
+        self.world = dist.get_world_size(group)
         self.device = next(model.parameters()).device
         self.rounds = 0
         self.padding_forwards = 0
@@ -373,7 +378,8 @@ class Lockstep:
         decode's), `graph_batch` (the padded batch of the captured graph that would run it, 0 if
         none). Returns the padded batch whose graph every rank replays, or 0 (run eagerly); the
         MoE layers then exchange as agreed."""
-        ex = choose_exchange(self._round(True, True, B, S, decode, graph_batch), self.mode)
+        r = self._round(True, True, B, S, decode, graph_batch)
+        ex = choose_exchange(r, self.mode, self.world)
         self._use(ex, B * S)
         return ex.graph_batch
 
@@ -396,7 +402,7 @@ class Lockstep:
                 self.last_round = r
                 self.gather.set(False, 0, 0)
                 return r.busy > 0
-            self.empty_forward(choose_exchange(r, self.mode))
+            self.empty_forward(choose_exchange(r, self.mode, self.world))
 
     @contextmanager
     def graph_capture(self) -> Iterator[None]:
