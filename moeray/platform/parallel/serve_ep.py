@@ -75,6 +75,11 @@ class ExpertStack:
 
 ExpertStacks = tuple[ExpertStack, ExpertStack, ExpertStack]  # gate_proj, up_proj, down_proj
 
+# The flat-tensor all-gather and reduce-scatter of the gathered exchange, on gloo as on NCCL (gloo
+# runs both on torch 2.13). torch 2.13 renamed them (the old names warn); the GPU machines run 2.11.
+_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 # Which exchange decode forwards take (module docstring): "auto" the gather when every rank replays
 # a decode graph, "gather" always (without graphs too: tests on CPU), "all_to_all" never (and no
 # decode graphs under EP).
@@ -230,22 +235,20 @@ class ServingEPMoE(ExpertParallelMoE):
         # Partials summed in fp32, as the fused single-device MoE sums a token's K rows (a bf16
         # sum would round once per rank).
         y_rows_D = torch.empty(rows, y_GD.shape[1], dtype=torch.float32, device=y_GD.device)
-        dist.reduce_scatter_single(y_rows_D, y_GD.float().contiguous(), group=self.group)
+        _reduce_scatter_flat(y_rows_D, y_GD.float().contiguous(), group=self.group)
         return y_rows_D[:T].to(y_GD.dtype)
 
 
 def all_gather_rows(parts: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """All-gather 2-d tensors of one row count and any dtypes in ONE collective (sent as bytes, one
-    launch per MoE layer instead of three): each part [rows, n] -> [ep x rows, n], rank-major.
-    gloo (torch 2.13) and NCCL both run all_gather_single and reduce_scatter_single, so the
-    gathered exchange uses them on either backend."""
+    launch per MoE layer instead of three): each part [rows, n] -> [ep x rows, n], rank-major."""
     world = dist.get_world_size(group)
     rows = parts[0].shape[0]
     bytes_ = [p.contiguous().view(torch.uint8).reshape(rows, -1) for p in parts]
     widths = [b.shape[1] for b in bytes_]
     send = torch.cat(bytes_, dim=1)
     recv = send.new_empty(world * rows, send.shape[1])
-    dist.all_gather_single(recv, send, group=group)
+    _all_gather_flat(recv, send, group=group)
     out = []
     for p, chunk in zip(parts, recv.split(widths, dim=1), strict=True):
         out.append(chunk.contiguous().view(p.dtype).reshape(world * rows, *p.shape[1:]))
