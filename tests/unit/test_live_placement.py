@@ -198,16 +198,18 @@ def test_controller_replicates_hot_expert_and_maxvio_drops(caplog):
     seen = [seen[0] + hot * 5, seen[1]]
     rows = [torch.full((L_MOE,), step + 30), torch.full((L_MOE,), 2 * step + 10)]
     assert c.report(step + 10, seen, rows) is None and c.version == 1
-    m = Metrics("prometheus", registry=CollectorRegistry())
+    # Every series carries the gang that exported it (a gang's router sets it: actors/ep.py).
+    gang = {"gang": "decode-0a1b"}
+    m = Metrics("prometheus", registry=CollectorRegistry(), default_labels=gang)
     c.export(m)
     r = m.registry
-    assert r.get_sample_value(PLACEMENT_CHANGES.name + "_total") == 1.0
+    assert r.get_sample_value(PLACEMENT_CHANGES.name + "_total", gang) == 1.0
     # GPU load: the rows each rank reported computing in the last window (30 and 10).
-    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "0"}) == 30
-    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "1"}) == 10
-    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {"layer": "1"}) == pytest.approx(0.5)
+    assert r.get_sample_value(GPU_LOAD.name, {**gang, "layer": "1", "gpu": "0"}) == 30
+    assert r.get_sample_value(GPU_LOAD.name, {**gang, "layer": "1", "gpu": "1"}) == 10
+    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {**gang, "layer": "1"}) == pytest.approx(0.5)
     assert (
-        r.get_sample_value(EXPERT_LOAD.name, {"layer": "1", "expert": "3"}) == 400 * 5
+        r.get_sample_value(EXPERT_LOAD.name, {**gang, "layer": "1", "expert": "3"}) == 400 * 5
     )  # the last window
 
 
