@@ -4,6 +4,7 @@ layers exchange tokens with all-to-all, or, with decode_exchange="gather", decod
 fixed-size all-gather + reduce-scatter that decode CUDA graphs replay (prefill chunks stay
 all-to-all)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -17,7 +18,13 @@ from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
-from moeray.platform.parallel.serve_ep import expert_loads
+from moeray.platform.parallel.serve_ep import (
+    Exchange,
+    Lockstep,
+    Round,
+    choose_exchange,
+    expert_loads,
+)
 
 PROMPTS = [
     list(range(3, 40)),  # 37 tokens: two prefill chunks of different lengths with the others
@@ -110,3 +117,31 @@ def test_ep_engine_greedy_equals_single_process(world, exchange, tmp_path, refer
         assert gathered == [0] * world
     else:
         assert len(set(gathered)) == 1 and MAX_TOKENS - 1 <= gathered[0] < got[0]["rounds"]
+
+
+def test_choose_exchange_replays_graphs_only_when_every_rank_can():
+    """The decision table every rank evaluates on the same round (serve_ep.choose_exchange)."""
+    # Two ranks decoding 3 and 5 sequences (graphs of 4 and 8), one token each: all replay the
+    # graph of 8 (the largest), gathered at 8 rows per rank.
+    decode = Round(1, 1, 0, prefill=0, rows=5, graph_batch=8, s_max=1, s_min=1, no_graph=0)
+    for mode in ("auto", "gather"):
+        assert choose_exchange(decode, mode, 2) == Exchange(True, 8, 8, 1)
+    assert choose_exchange(decode, "all_to_all", 2) == Exchange()
+    # S = 1 on one rank, 2 on another (graphs are keyed by S), or a rank without the graph for
+    # its batch: eager, gathered at the most rows only when asked.
+    for r in (
+        dataclasses.replace(decode, s_max=2, rows=6),
+        dataclasses.replace(decode, no_graph=1),
+    ):
+        assert choose_exchange(r, "auto", 2) == Exchange()
+        assert choose_exchange(r, "gather", 2) == Exchange(True, r.rows)
+    # A prefill chunk on any rank: all-to-all, except at ep=1 (the plain MoE, nothing to send).
+    prefill = dataclasses.replace(decode, prefill=1, rows=37)
+    assert choose_exchange(prefill, "gather", 2) == Exchange()
+    assert choose_exchange(prefill, "auto", 1) == Exchange(True, 37)
+    assert choose_exchange(prefill, "all_to_all", 1) == Exchange()
+
+
+def test_bad_decode_exchange_is_refused():
+    with pytest.raises(ValueError, match="decode_exchange='graphs': accepted auto, gather"):
+        Lockstep(_model(), decode_exchange="graphs")

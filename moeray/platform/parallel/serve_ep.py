@@ -86,6 +86,11 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatte
 DECODE_EXCHANGES = ("auto", "gather", "all_to_all")
 
 
+def check_decode_exchange(mode: str) -> None:
+    if mode not in DECODE_EXCHANGES:
+        raise ValueError(f"decode_exchange={mode!r}: accepted {', '.join(DECODE_EXCHANGES)}")
+
+
 class GatherState:
     """What a rank's MoE layers read in a gathered forward, set before each forward by its
     Lockstep (one object shared by all layers): `on` (this forward gathers), `rows` (each rank's
@@ -321,10 +326,7 @@ class Lockstep:
     rows only, False if there is none) so that an empty forward replays when its peers do."""
 
     def __init__(self, model: nn.Module, group=None, decode_exchange: str = "auto") -> None:
-        if decode_exchange not in DECODE_EXCHANGES:
-            raise ValueError(
-                f"decode_exchange={decode_exchange!r}: accepted {', '.join(DECODE_EXCHANGES)}"
-            )
+        check_decode_exchange(decode_exchange)
         self.model = model
         self.group = group
         self.mode = decode_exchange
@@ -429,6 +431,7 @@ def parallelize_for_serving(
     kept) and exchanges tokens with the other ranks; (2) the lockstep (for the runner to call),
     with the decode exchange `decode_exchange` (DECODE_EXCHANGES). Everything else
     (embedding, attention, dense layers, shared experts, head) stays replicated."""
+    check_decode_exchange(decode_exchange)  # before the model changes
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     E = model.config.n_routed_experts
     if E % size:
