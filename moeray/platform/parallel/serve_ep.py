@@ -35,8 +35,9 @@ A round carries [forwarding, has work, -ready, prefill, rows, graph batch, S, -S
 reduced with MAX: "any rank" for the flags, the largest rows and graph batch, S's spread, and
 max(-v) = -min(v) for the versions.
 
-Costs: one 9-element all-reduce per forward plus one per step (decode: two per step); a gathered
-forward: one all-gather and one reduce-scatter per MoE layer.
+Costs: one 9-element all-reduce per forward plus one per step (decode: two per step; none at
+ep=1, where a rank's vote is the round); a gathered forward: one all-gather and one
+reduce-scatter per MoE layer (none at ep=1).
 """
 
 from __future__ import annotations
@@ -353,24 +354,23 @@ class Lockstep:
         decode: bool = True,
         graph_batch: int = 0,
     ) -> Round:
-        vote_9 = torch.tensor(
-            [
-                int(forwarding),
-                int(busy),
-                -self.ready_version,
-                int(forwarding and not decode),
-                B * S,
-                graph_batch,
-                S,
-                -S if forwarding else -_NO_S,
-                int(forwarding and graph_batch == 0),
-            ],
-            dtype=torch.int64,
-            device=self.device,
-        )
-        dist.all_reduce(vote_9, op=dist.ReduceOp.MAX, group=self.group)
+        vote = [
+            int(forwarding),
+            int(busy),
+            -self.ready_version,
+            int(forwarding and not decode),
+            B * S,
+            graph_batch,
+            S,
+            -S if forwarding else -_NO_S,
+            int(forwarding and graph_batch == 0),
+        ]
+        if self.world > 1:  # alone, a rank's vote is the round: no collective, no host sync
+            vote_9 = torch.tensor(vote, dtype=torch.int64, device=self.device)
+            dist.all_reduce(vote_9, op=dist.ReduceOp.MAX, group=self.group)
+            vote = vote_9.tolist()
         self.rounds += 1
-        f, b, v, p, rows, gb, s_max, neg_s_min, no_graph = vote_9.tolist()
+        f, b, v, p, rows, gb, s_max, neg_s_min, no_graph = vote
         return Round(f, b, -v, p, rows, gb, s_max, -neg_s_min, no_graph)
 
     def _use(self, ex: Exchange, valid: int) -> None:
