@@ -35,5 +35,7 @@ def test_placement_evens_a_skewed_load():
 def test_bad_settings_are_refused(capsys):
     with pytest.raises(ValueError, match="preset='huge'"):
         WideEPConfig(preset="huge")
+    with pytest.raises(ValueError, match="decode_exchange='graphs'"):
+        WideEPConfig(decode_exchange="graphs")
     assert cli.main(["bench", "wide-ep", "--gpus", "two"]) == 2
     assert "--gpus 'two'" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.parallel.distributed import CUDA_ENV, init_distributed
+from moeray.platform.parallel.serve_ep import DECODE_EXCHANGES, check_decode_exchange
 from moeray.platform.placement import gpu_loads, identity_placement, place_experts
 from moeray.platform.rank_weights import dummy_model, rank_experts
 from moeray.results import device_slug, write_result
@@ -59,6 +60,9 @@ class WideEPConfig:
     # e4m3 projections with 128x128 block scales (DeepSeek-V3's own format; V3 fits 8 GPUs only so)
     fp8: bool = False
     layers: int | None = None  # fewer decoder layers than the preset (a V3-shaped run on 1 GPU)
+    # The gang's decode exchange (serve_ep.DECODE_EXCHANGES): "all_to_all" times decode without
+    # graphs, against "auto"'s gathered graph replays.
+    decode_exchange: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -70,6 +74,7 @@ class WideEPConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"layers={self.layers} must be >= 1")
+        check_decode_exchange(self.decode_exchange)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
 
@@ -150,7 +155,11 @@ def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out:
     dev = _device(device, rank)
     init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev)
     try:
-        engine = ExpertParallelEngine(_model(cfg, dev, rank, world), _engine_config(cfg))
+        engine = ExpertParallelEngine(
+            _model(cfg, dev, rank, world),
+            _engine_config(cfg),
+            decode_exchange=cfg.decode_exchange,
+        )
         timed = _time_decode(engine, cfg, rank)
         n = int(cfg.a2a_mib * 2**20 / 4) // world * world
         x = torch.ones(n, dtype=torch.float32, device=dev)
@@ -260,6 +269,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     p.add_argument("--fp8", action="store_true", help="e4m3 weights + block scales, as V3 ships")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: preset's)")
+    p.add_argument(
+        "--decode-exchange",
+        choices=DECODE_EXCHANGES,
+        default=d.decode_exchange,
+        help="EP decode MoE exchange: auto (gathered, graphs), gather, all_to_all (no graphs)",
+    )
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     a = p.parse_args(argv)
     if a.gpus is None:
@@ -282,6 +297,7 @@ def main(argv: list[str]) -> int:
             device=a.device,
             fp8=a.fp8,
             layers=a.layers,
+            decode_exchange=a.decode_exchange,
         )
         numbers = run_bench(cfg)
     except ValueError as e:
