@@ -4,9 +4,10 @@ Legend: T tokens, H hidden (7168), I expert width (moe_intermediate_size, 2048),
 K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per
 block.
 
-1. moe_align: sort assignments by expert and pad each expert's run to a multiple of BM, so every
-   block of BM sorted rows belongs to one expert. Padding rows hold the sentinel TK. Experts that
-   get no tokens get no blocks. Sizes are upper bounds (no host sync), so it can be graph-captured.
+1. moe_align (`moeray.kernels.moe_align`): sort assignments by expert and pad each expert's run
+   to a multiple of BM, so every block of BM sorted rows belongs to one expert. Padding rows hold
+   the sentinel TK. Experts that get no tokens get no blocks. Sizes are upper bounds (no host
+   sync), so it can be graph-captured.
 2. gate/up kernel: block (m, n) gathers its BM token rows of x, multiplies by w13[e] gate rows n and
    up rows I + n, and writes silu(gate) * up -> h [TK, I] (bf16), row = assignment id.
 3. down kernel: block (m, n) multiplies h rows by w2[e] [H, I] columns n, scales by the routing
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
 from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.moe_align import moe_align
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -79,46 +81,6 @@ def fused_moe_ref(
         out = act @ w2.t()
         y.index_add_(0, tok, out.float() * weights_TK[tok, slot].float()[:, None])
     return y.to(x_TH.dtype)
-
-
-def moe_align(
-    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort assignments by expert, padded per expert to block_m.
-
-    Returns sorted_ids [max_blocks * block_m] (assignment ids, sentinel TK for padding) and
-    block_expert [max_blocks] (expert of each block, -1 past the end). max_blocks =
-    ceil(TK / block_m) + E bounds the padded total without reading it back to the host.
-    No host syncs: it can run inside a CUDA graph capture.
-    """
-    flat = expert_ids_TK.reshape(-1).long()
-    tk = flat.numel()
-    dev = flat.device
-    valid = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(valid, flat, num_experts)  # invalid ids go to a bucket that gets no blocks
-    # scatter_add, not torch.bincount: CUDA bincount reads min and max back to the host (a sync),
-    # which would stop the decode step from being captured in a CUDA graph.
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
-    counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    pad_start = pad_end - padded
-    cnt_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(bucket, stable=True)
-    sorted_bucket = bucket[order]
-    ok = sorted_bucket < num_experts
-    e_safe = torch.where(ok, sorted_bucket, 0)
-    rank = torch.arange(tk, device=dev) - cnt_start[e_safe]
-    max_blocks = cdiv(tk, block_m) + num_experts
-    cap = max_blocks * block_m
-    dest = torch.where(ok, pad_start[e_safe] + rank, cap)  # invalid -> a dropped extra slot
-    sorted_ids = torch.full((cap + 1,), tk, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_start = torch.arange(max_blocks, device=dev) * block_m
-    block_expert = torch.searchsorted(pad_end, block_start, right=True)
-    total = pad_end[-1] if num_experts > 0 else torch.zeros((), dtype=torch.long, device=dev)
-    block_expert = torch.where(block_start < total, block_expert, -1).to(torch.int32)
-    return sorted_ids[:cap], block_expert
 
 
 @triton.jit

@@ -105,3 +105,39 @@ def test_engine_captures_every_decode_graph_at_start():
 
     eng.generate([[1, 2, 3]] * 5, SamplingParams(temperature=0, max_tokens=6))
     assert set(eng.runner.graphs) == before, "a step captured a graph after start"
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel object: counts launches, then launches the real kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
+    """The RoPE and MoE-alignment kernels (issue 19) run inside the captured bf16 decode graphs,
+    and greedy tokens equal those of their PyTorch references (MOERAY_FUSED_ROPE=0,
+    MOERAY_FUSED_ALIGN=0): both kernels are bit-exact, so the tokens must match exactly."""
+    from moeray.kernels import moe_align as align_mod
+    from moeray.kernels import rope as rope_mod
+
+    rope_spy = _LaunchSpy(rope_mod._rope_kernel)
+    align_spy = _LaunchSpy(align_mod._moe_align_kernel)
+    monkeypatch.setattr(rope_mod, "_rope_kernel", rope_spy)
+    monkeypatch.setattr(align_mod, "_moe_align_kernel", align_spy)
+    cfg, model = _model(torch.bfloat16)
+    eng, fused = _generate(model, cfg, "kernel")
+    assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
+    assert rope_spy.launches > 0 and align_spy.launches > 0
+    monkeypatch.setenv("MOERAY_FUSED_ROPE", "0")
+    monkeypatch.setenv("MOERAY_FUSED_ALIGN", "0")
+    before = (rope_spy.launches, align_spy.launches)
+    eng_ref, ref = _generate(model, cfg, "kernel")
+    assert (rope_spy.launches, align_spy.launches) == before
+    assert eng_ref.metrics()["cuda_graphs"] == "captured"
+    assert all(len(o) == 10 for o in fused)
+    assert fused == ref

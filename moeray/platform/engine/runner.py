@@ -131,6 +131,11 @@ class GatherPagedView:
 class KernelPagedView(GatherPagedView):
     """GPU view: `attend` runs the paged MLA kernel over the pages."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The kernel's int32 lengths, converted once per forward rather than in every layer.
+        self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
+
     def attend(
         self,
         layer_idx: int,
@@ -150,7 +155,7 @@ class KernelPagedView(GatherPagedView):
             q_BSHK,
             self.storage.kv_LPNK[layer_idx],
             self.block_table_BM,
-            self.seq_lens_B.to(torch.int32),
+            self.seq_lens_i32_B,
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
         )

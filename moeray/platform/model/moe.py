@@ -100,7 +100,9 @@ class Experts(nn.Module):
         """Sum over each token's experts of weight * expert(x). Ids outside
         [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
         if x_TD.is_cuda and x_TD.shape[0] > 0:
-            y_TD = self._fused(x_TD, expert_ids_TK - expert_offset, weights_TK)
+            # Without expert parallelism the offset is 0: no subtraction kernel per layer.
+            local_TK = expert_ids_TK - expert_offset if expert_offset else expert_ids_TK
+            y_TD = self._fused(x_TD, local_TK, weights_TK)
             if y_TD is not None:
                 return y_TD
         K = expert_ids_TK.shape[1]
