@@ -119,9 +119,11 @@ class _LaunchSpy:
 
 
 def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
-    """The RoPE and MoE-alignment kernels (issue 19) run inside the captured bf16 decode graphs,
-    and greedy tokens equal those of their PyTorch references (MOERAY_FUSED_ROPE=0,
-    MOERAY_FUSED_ALIGN=0): both kernels are bit-exact, so the tokens must match exactly."""
+    """The RoPE, MoE-alignment and cache-write kernels (issue 19) run inside the captured bf16
+    decode graphs, and greedy tokens equal those of the PyTorch references of the first two
+    (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0): the kernels are bit-exact, so the tokens must
+    match exactly."""
+    from moeray.kernels import mla_write as write_mod
     from moeray.kernels import moe_align as align_mod
     from moeray.kernels import rope as rope_mod
 
@@ -129,10 +131,12 @@ def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
     align_spy = _LaunchSpy(align_mod._moe_align_kernel)
     monkeypatch.setattr(rope_mod, "_rope_kernel", rope_spy)
     monkeypatch.setattr(align_mod, "_moe_align_kernel", align_spy)
+    write_spy = _LaunchSpy(write_mod._mla_write_pack_kernel)
+    monkeypatch.setattr(write_mod, "_mla_write_pack_kernel", write_spy)
     cfg, model = _model(torch.bfloat16)
     eng, fused = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
-    assert rope_spy.launches > 0 and align_spy.launches > 0
+    assert rope_spy.launches > 0 and align_spy.launches > 0 and write_spy.launches > 0
     monkeypatch.setenv("MOERAY_FUSED_ROPE", "0")
     monkeypatch.setenv("MOERAY_FUSED_ALIGN", "0")
     before = (rope_spy.launches, align_spy.launches)

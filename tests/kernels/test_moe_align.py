@@ -40,17 +40,9 @@ def test_moe_align_kernel_equals_reference(t, k, e, bm, dtype, foreign):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
-def test_moe_align_kernel_runs_and_reference_past_limit(monkeypatch):
-    # Make the kernel path observable: past the limit the reference runs, below it the kernel.
-    calls = []
-    real = align_mod._moe_align_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(align_mod, "_moe_align_kernel", Spy())
+def test_moe_align_kernel_runs_and_reference_past_limit(launch_spy):
+    # Below the limit the kernel runs, past it the reference.
+    calls = launch_spy(align_mod, "_moe_align_kernel")
     moe_align(_ids(4, 2, 8, seed=1), 8, 16)
     assert len(calls) == 1
     big = _ids(ALIGN_KERNEL_MAX_TK // 2 + 1, 2, 8, seed=2)
