@@ -19,6 +19,7 @@ from torch import nn
 from moeray.kernels.common import FP8_DTYPE
 from moeray.kernels.gate import Routing
 from moeray.kernels.moe import fused_moe_gate_up
+from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
@@ -41,7 +42,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act = swiglu(gate, up) if use_fused_swiglu(gate, up) else swiglu_ref(gate, up)
+        return self.down_proj(act)
+
+
+def use_fused_swiglu(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """The one place that picks the Triton silu(gate) * up over PyTorch's two kernels: CUDA
+    inference (no gradient) with tensors the kernel takes; training and CPU run the reference.
+    On the GPU both give the same bits (moeray.kernels.swiglu)."""
+    needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    return gate.is_cuda and not needs_grad and swiglu_applies(gate, up)
 
 
 class Gate(nn.Module):
