@@ -119,29 +119,36 @@ class _LaunchSpy:
 
 
 def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
-    """The RoPE, MoE-alignment and cache-write kernels (issue 19) run inside the captured bf16
-    decode graphs, and greedy tokens equal those of the PyTorch references of the first two
-    (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0): the kernels are bit-exact, so the tokens must
-    match exactly."""
+    """The RoPE, MoE-alignment, SwiGLU and cache-write kernels (issue 19) run inside the captured
+    bf16 decode graphs, and greedy tokens equal those of the PyTorch references of the first three
+    (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0, MOERAY_FUSED_SWIGLU=0): the kernels are bit-exact
+    on the GPU, so the tokens must match exactly."""
     from moeray.kernels import mla_write as write_mod
     from moeray.kernels import moe_align as align_mod
     from moeray.kernels import rope as rope_mod
+    from moeray.kernels import swiglu as swiglu_mod
 
-    rope_spy = _LaunchSpy(rope_mod._rope_kernel)
-    align_spy = _LaunchSpy(align_mod._moe_align_kernel)
-    monkeypatch.setattr(rope_mod, "_rope_kernel", rope_spy)
-    monkeypatch.setattr(align_mod, "_moe_align_kernel", align_spy)
-    write_spy = _LaunchSpy(write_mod._mla_write_pack_kernel)
-    monkeypatch.setattr(write_mod, "_mla_write_pack_kernel", write_spy)
+    def spy(module, name: str) -> _LaunchSpy:
+        launcher = _LaunchSpy(getattr(module, name))
+        monkeypatch.setattr(module, name, launcher)
+        return launcher
+
+    spies = (
+        spy(rope_mod, "_rope_kernel"),
+        spy(align_mod, "_moe_align_kernel"),
+        spy(swiglu_mod, "_swiglu_kernel"),
+    )
+    write_spy = spy(write_mod, "_mla_write_pack_kernel")
     cfg, model = _model(torch.bfloat16)
     eng, fused = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
-    assert rope_spy.launches > 0 and align_spy.launches > 0 and write_spy.launches > 0
+    assert all(s.launches > 0 for s in spies) and write_spy.launches > 0
     monkeypatch.setenv("MOERAY_FUSED_ROPE", "0")
     monkeypatch.setenv("MOERAY_FUSED_ALIGN", "0")
-    before = (rope_spy.launches, align_spy.launches)
+    monkeypatch.setenv("MOERAY_FUSED_SWIGLU", "0")
+    before = [s.launches for s in spies]
     eng_ref, ref = _generate(model, cfg, "kernel")
-    assert (rope_spy.launches, align_spy.launches) == before
+    assert [s.launches for s in spies] == before
     assert eng_ref.metrics()["cuda_graphs"] == "captured"
     assert all(len(o) == 10 for o in fused)
     assert fused == ref
