@@ -61,6 +61,7 @@ from typing import Protocol
 import torch
 
 from moeray.kernels.mla_decode import mla_decode_multi
+from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.scheduler import ScheduledSeq
 
@@ -137,6 +138,11 @@ class GatherPagedView:
 class KernelPagedView(GatherPagedView):
     """GPU view: `attend` runs the paged MLA kernel over the pages."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The kernel's int32 lengths, converted once per forward rather than in every layer.
+        self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
+
     def attend(
         self,
         layer_idx: int,
@@ -150,13 +156,20 @@ class KernelPagedView(GatherPagedView):
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
         context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
         self.calls["attend"] += 1
-        self._write(layer_idx, kv_BSC, pe_BSR)
-        q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
+        cache_PNK = self.storage.kv_LPNK[layer_idx]
+        if mla_write_pack_applies(cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR):
+            # the slot writes and the query concatenation in one launch instead of three
+            q_BSHK = mla_write_pack(
+                cache_PNK, self.new_slots, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR
+            )
+        else:
+            self._write(layer_idx, kv_BSC, pe_BSR)
+            q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
         out = mla_decode_multi(
             q_BSHK,
-            self.storage.kv_LPNK[layer_idx],
+            cache_PNK,
             self.block_table_BM,
-            self.seq_lens_B.to(torch.int32),
+            self.seq_lens_i32_B,
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
         )
