@@ -24,6 +24,7 @@ from moeray.platform.parallel.serve_ep import (
     Round,
     choose_exchange,
     expert_loads,
+    parallelize_for_serving,
 )
 
 PROMPTS = [
@@ -145,3 +146,47 @@ def test_choose_exchange_replays_graphs_only_when_every_rank_can():
 def test_bad_decode_exchange_is_refused():
     with pytest.raises(ValueError, match="decode_exchange='graphs': accepted auto, gather"):
         Lockstep(_model(), decode_exchange="graphs")
+
+
+def _graph_round_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """As in a decode graph replay: rank r forwards B_r real rows padded with garbage rows up to
+    the batch the gang agreed on (the runner's graph of 8), through one MoE layer."""
+    torch.set_num_threads(1)
+    os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
+    init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
+    try:
+        model = _model()
+        plain = _model().moe_layers()[0]
+        lockstep = parallelize_for_serving(model)
+        moe = model.moe_layers()[0]
+        B = [3, 5][rank]
+        x_BSD = torch.randn(
+            8, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(rank)
+        )
+        # Votes: graphs of 4 and 8 rows; the gang replays the one of 8.
+        assert lockstep.before_forward(B, 1, True, [4, 8][rank]) == 8
+        with torch.inference_mode():
+            y_BSD = moe(x_BSD)  # the padding rows' inputs are garbage, as in a replay
+            want_BSD = plain(x_BSD[:B])
+        torch.save(
+            {
+                "close": torch.allclose(y_BSD[:B], want_BSD, atol=1e-5, rtol=1e-5),
+                "routed": int(moe.load_E.sum()),
+                "computed": int(moe.rows_computed),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_graph_round_masks_the_padding_rows(tmp_path):
+    """The gathered exchange at a graph round's shapes (every rank 8 rows, ranks with 3 and 5
+    real ones): the real rows equal the single-device MoE's, and padding rows neither count as
+    load nor reach an expert."""
+    mp.spawn(_graph_round_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    K = tiny().num_experts_per_tok
+    assert [g["close"] for g in got] == [True, True]
+    assert [g["routed"] for g in got] == [3 * K, 5 * K]
+    assert sum(g["computed"] for g in got) == 8 * K
