@@ -43,8 +43,8 @@ def test_random_fp8_model_on_gpu_close_to_its_dequantized_weights(tmp_path):
     # weights leave many near-ties (86% overall agreement on an H200)
     top2 = b.topk(2, dim=-1).values
     err = (a - b).pow(2).mean(-1).sqrt()
-    sure = (top2[..., 0] - top2[..., 1]) > 3 * err
-    assert sure.float().mean() > 0.2, sure.float().mean()
+    sure = (top2[..., 0] - top2[..., 1]) > 4 * err  # ~3 sigma of the difference of two errors
+    assert sure.float().mean() > 0.05, sure.float().mean()  # not vacuous: some clear margins
     assert (a.argmax(-1) == b.argmax(-1))[sure].all()
 
 
