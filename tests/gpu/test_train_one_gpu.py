@@ -46,7 +46,7 @@ def _run(fp8: bool, grouped: bool, tokens, counts: dict | None = None):
     if grouped:
         enable_grouped_experts(model, grouped_fp8=True)
     model.to(DEV).train()
-    with bench_one._profiled(counts is not None, DEV, counts or {}, "fb"):
+    with bench_one._profiled(counts is not None, DEV, counts if counts is not None else {}, "fb"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             parts = tstep.compute_loss(model, tokens, tstep.LossConfig())
         parts.total.backward()
