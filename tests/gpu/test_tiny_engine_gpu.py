@@ -121,8 +121,9 @@ class _LaunchSpy:
 def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
     """The RoPE, MoE-alignment, SwiGLU and cache-write kernels (issue 19) run inside the captured
     bf16 decode graphs, and greedy tokens equal those of the PyTorch references of the first three
-    (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0, MOERAY_FUSED_SWIGLU=0): the kernels are bit-exact
-    on the GPU, so the tokens must match exactly."""
+    (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0, MOERAY_FUSED_SWIGLU=0, which also sends the decode
+    prologue back to separate norm and rope launches): the kernels are bit-exact on the GPU but
+    for the latent norm's order of summation, and the tiny model's logit margins are wide."""
     from moeray.kernels import mla_write as write_mod
     from moeray.kernels import moe_align as align_mod
     from moeray.kernels import rope as rope_mod

@@ -58,6 +58,8 @@ from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.scheduler import ScheduledSeq
+from moeray.platform.model.norm import RMSNorm, use_fused_norm
+from moeray.platform.model.rope import apply_rope, use_fused_rope
 
 # Rows of up to this many tokens share one padded forward: 1 + the MTP drafter's one draft.
 PAD_MAX_S = 2
@@ -137,6 +139,9 @@ class KernelPagedView(GatherPagedView):
         # The kernel's int32 lengths, converted once per forward rather than in every layer.
         self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
 
+    # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
+    takes_raw_latent = True
+
     def attend(
         self,
         layer_idx: int,
@@ -145,17 +150,32 @@ class KernelPagedView(GatherPagedView):
         kv_BSC: torch.Tensor,
         pe_BSR: torch.Tensor,
         softmax_scale: float,
+        *,
+        kv_norm: RMSNorm | None = None,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
-        context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
+        context (query s sees positions <= start + s). The caller applies W_UV and o_proj.
+        With kv_norm, cos and sin (the MLA's kv_a_layernorm and rope angles), kv_BSC is not yet
+        normed and pe_BSR, q_pe_BSHR not yet rotated: where the model would run its fused norm and
+        RoPE kernels anyway (model/norm.py, model/rope.py choose), the norm, both rotations, the
+        slot writes and the query pack are one launch (6 before); else they run one by one."""
         self.calls["attend"] += 1
         cache_PNK = self.storage.kv_LPNK[layer_idx]
-        if mla_write_pack_applies(cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR):
-            # the slot writes and the query concatenation in one launch instead of three
-            q_BSHK = mla_write_pack(
-                cache_PNK, self.new_slots, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR
-            )
+        tensors = (cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR)
+        norm, rope = None, None
+        if kv_norm is not None and cos is not None and sin is not None:
+            norm, rope = (kv_norm.weight, kv_norm.eps), (cos, sin)
+            fused = use_fused_norm(kv_BSC, kv_norm.weight) and use_fused_rope(q_pe_BSHR, cos, sin)
+            if not (fused and mla_write_pack_applies(*tensors, norm=norm, rope=rope)):
+                kv_BSC, norm = kv_norm(kv_BSC), None
+                pe_BSR, rope = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2), None
+                q_pe_BSHR = apply_rope(q_pe_BSHR, cos, sin)
+                tensors = (cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR)
+        if mla_write_pack_applies(*tensors, norm=norm, rope=rope):
+            q_BSHK = mla_write_pack(cache_PNK, self.new_slots, *tensors[1:], norm=norm, rope=rope)
         else:
             self._write(layer_idx, kv_BSC, pe_BSR)
             q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
