@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, use_triton
-from moeray.kernels.norm import _to_dtype, rms_norm_ref
+from moeray.kernels.common import check_tensor, to_dtype_rn, use_triton
+from moeray.kernels.norm import rms_norm_ref
 from moeray.kernels.rope import rope_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,8 +74,8 @@ def _rotate_heads(
     if ROPE:
         f0 = x0.to(tl.float32)
         f1 = x1.to(tl.float32)
-        x0 = _to_dtype(f0 * c[None, :] - f1 * sn[None, :], x0.dtype)
-        x1 = _to_dtype(f0 * sn[None, :] + f1 * c[None, :], x1.dtype)
+        x0 = to_dtype_rn(f0 * c[None, :] - f1 * sn[None, :], x0.dtype)
+        x1 = to_dtype_rn(f0 * sn[None, :] + f1 * c[None, :], x1.dtype)
     tl.store(dst + offs_h[:, None] * stride_dst + 2 * offs_j[None, :], x0, mask=mask)
     tl.store(dst + offs_h[:, None] * stride_dst + 2 * offs_j[None, :] + 1, x1, mask=mask)
 
@@ -130,9 +130,9 @@ def _mla_write_pack_kernel(
     if NORM:  # as moeray.kernels.norm's _rms_norm_kernel without a residual
         hf = kv.to(tl.float32)
         mean_sq = tl.sum(hf * hf, axis=0) / C
-        normed = _to_dtype(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
+        normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
         w = tl.load(w_ptr + offs_c, mask=ok_c, other=0.0)
-        kv = _to_dtype(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
+        kv = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
     tl.store(row + offs_c, kv, mask=ok_c)
     c = tl.zeros([R2P], dtype=tl.float32)
     sn = tl.zeros([R2P], dtype=tl.float32)
