@@ -126,25 +126,31 @@ class QuantizedWeight:
 
 
 class WeightCache:
-    """Quantized weights kept until the weight changes. Without it every micro-batch quantizes
-    each weight twice (forward and input grad) and transposes it once, ~4 of the ~15 launches of
-    an FP8 expert GEMM; weights change only at the optimizer step. An entry is keyed by where the
-    weight lives and checked against its version counter, which every in-place update moves
-    (AdamW's included), so a stale entry is never used. One cache per module: entries of one
-    weight (or one expert's slice of a stacked weight) replace each other."""
+    """Quantized (or cast: `cast`) weights kept until the weight changes. Without it every
+    micro-batch quantizes each weight twice (forward and input grad) and transposes it once, ~4 of
+    the ~15 launches of an FP8 expert GEMM; weights change only at the optimizer step. An entry
+    is keyed by where the weight lives and checked against its version counter, which every
+    in-place update moves (AdamW's included), so a stale entry is never used. One cache per
+    module: entries of one weight (or one expert's slice of a stacked weight) replace each other."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[int, object]] = {}
 
     def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
-        return self._get(w_NK, QuantizedWeight)
+        return self._get(w_NK, QuantizedWeight, "fp8")
 
     def stacked(self, w_ENK: torch.Tensor) -> StackedWeight:
         """All experts of a stacked [E, N, K] weight at once (the grouped GEMM's form)."""
-        return self._get(w_ENK, StackedWeight)
+        return self._get(w_ENK, StackedWeight, "stacked")
 
-    def _get(self, w: torch.Tensor, make):
-        key = (make.__name__, w.device, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
+    def cast(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """w in `dtype`: the BF16 grouped experts' operands (`experts_mlp`), which would otherwise
+        be cast from the fp32 master weights in every micro-batch's forward and again in its
+        backward (6 bytes of traffic per expert parameter each time)."""
+        return self._get(w, lambda d: d.to(dtype), f"cast-{dtype}")
+
+    def _get(self, w: torch.Tensor, make, kind: str):
+        key = (kind, w.device, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
         hit = self._entries.get(key)
         if hit is not None and hit[0] == w._version:
             return hit[1]

@@ -151,6 +151,24 @@ def test_mla_decode_real_shapes(heads):
     assert _rel(out3, ref3) < 1e-2
 
 
+def test_mla_decode_multi_rows_past_grid_y():
+    """A 4,097-token chunk at 16 heads is 65,552 query rows: more than a grid's y limit (65,535),
+    which the absorbed prefill of a 4K prompt launches."""
+    from moeray.kernels.mla_decode import mla_decode_multi, mla_decode_ref
+
+    s, heads, page = 4097, 16, 64
+    pages = -(-s // page)
+    kv = torch.randn(pages, page, 576, device="cuda", dtype=torch.bfloat16)
+    table = torch.arange(pages, device="cuda", dtype=torch.int32).view(1, pages)
+    seq = torch.tensor([s], device="cuda", dtype=torch.int32)
+    q = torch.randn(1, s, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
+    rows = slice(s - 64, s)  # the reference on the last rows only: it is O(S^2) memory
+    ref, _ = mla_decode_ref(q[:, rows], kv, table, seq, 192**-0.5)
+    _poison()
+    out = mla_decode_multi(q, kv, table, seq, 192**-0.5)
+    assert _rel(out[:, rows], ref) < 1e-2
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_moonlight_moe_layer_fused_paths_equal_reference(tokens):
     """One Moonlight-shaped MoE layer (2048 wide, 64 experts top-6, 2 shared experts) in bf16: the

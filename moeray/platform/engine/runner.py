@@ -45,12 +45,18 @@ after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is 
 way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
 zero). Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
+
+In an expert-parallel gang (`gang` set: `parallel/serve_ep.Lockstep`) every main-model forward is
+agreed with the other ranks first (`gang.before_forward`, a collective): they replay their decode
+graphs only together, at one padded batch (the largest any rank needs), so the MoE exchanges inside
+have the same shapes on every rank; graphs are then captured up front, never inside a step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -190,6 +196,16 @@ class KernelPagedView(GatherPagedView):
         return out.to(q_lat_BSHC.dtype)
 
 
+class Gang(Protocol):
+    """The ranks of an expert-parallel gang agreeing on each forward (module docstring)."""
+
+    def before_forward(self, B: int, S: int, decode: bool, graph_batch: int) -> int:
+        """Collective: B sequences x S tokens here, `decode` if S <= PAD_MAX_S, graph_batch the
+        padded batch of this rank's captured graph for it (0: none). Returns the padded batch
+        every rank replays, or 0 (eager)."""
+        ...
+
+
 @dataclass
 class ForwardResult:
     """Per scheduled sequence (same order as given): its logits and hidden rows for its tokens."""
@@ -326,6 +342,7 @@ class ModelRunner:
         self.use_mtp_graphs = self.use_cuda_graphs
         self._status = {"main": "off", "mtp": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
+        self.gang: Gang | None = None  # set by an expert-parallel engine
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
@@ -383,8 +400,13 @@ class ModelRunner:
                 f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
                 f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}"
             )
+        if self.gang is not None and mtp_module is None:
+            agreed = self.gang.before_forward(B, S, S <= PAD_MAX_S, self._captured_batch(B, S))
+            graph = self.graphs.get((agreed, S, "main"))
+            if graph is not None:
+                return graph.run(ids_BS, block_table_BM, starts_B)
         # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
-        if S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
+        elif S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
             graph = self._graph_for(
                 B, S, mtp_module, None if hidden_BSD is None else hidden_BSD.dtype
             )
@@ -398,6 +420,38 @@ class ModelRunner:
         for k, v in view.calls.items():
             self.attention_calls[k] += v
         return logits, hidden
+
+    def _captured_batch(self, B: int, S: int) -> int:
+        """The padded batch of the captured main graph that runs B x S, 0 if there is none."""
+        if not self.use_cuda_graphs or S > PAD_MAX_S or B > self.graph_batch_sizes[-1]:
+            return 0
+        bs = next(b for b in self.graph_batch_sizes if b >= B)
+        return bs if (bs, S, "main") in self.graphs else 0
+
+    def run_padding(self, bs: int, S: int) -> bool:
+        """Replay the main graph (bs, S) with padding rows only (a gang rank without work, keeping
+        its peers' collectives company); False if it was not captured."""
+        graph = self.graphs.get((bs, S, "main"))
+        if graph is None:
+            return False
+        dev = self.device
+        graph.run(
+            torch.zeros(0, S, dtype=torch.long, device=dev),
+            torch.zeros(0, 1, dtype=torch.int32, device=dev),
+            torch.zeros(0, dtype=torch.long, device=dev),
+        )
+        return True
+
+    @torch.inference_mode()
+    def recapture(self) -> int:
+        """Drop the main-model graphs and capture the same ones again: after the model's weights
+        were replaced (an expert placement switch: the graphs read the old tensors' memory).
+        Returns the number of graphs held."""
+        keys = sorted(k for k in self.graphs if k[2] == "main")
+        self.graphs = {k: g for k, g in self.graphs.items() if k[2] != "main"}
+        for bs, S, _ in keys:
+            self._graph_for(bs, S)
+        return len(self.graphs)
 
     def _graph_for(self, B: int, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None):
         if B > self.graph_batch_sizes[-1]:

@@ -19,11 +19,17 @@ import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
 from moeray.platform import fp8 as f8
+from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.weight_grad import (
     WeightGradStore,
     accumulate_weight_grad,
     linear_gemms,
 )
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype, cache) -> torch.Tensor:
+    """w in the GEMMs' dtype, from `cache` (an fp8.WeightCache) when there is one."""
+    return w.to(dtype) if cache is None else cache.cast(w, dtype)
 
 
 def _swiglu_backward(
@@ -74,7 +80,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
                 grp = GroupedExperts(x_AD, rows)
-                w1, w3, w2 = (w.to(act) for w in (w1_EID, w3_EID, w2_EDI))
+                w1, w3, w2 = (_cast(w, act, cache) for w in (w1_EID, w3_EID, w2_EDI))
                 x_PD = grp.pad(x_AD.to(act))
                 g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
                 u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
@@ -154,7 +160,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         grp = ctx.grp
         act = x_PD.dtype
         with torch.autocast(dy_AD.device.type, enabled=False):
-            w1c, w3c, w2c = (w.to(act) for w in (w1, w3, w2))
+            w1c, w3c, w2c = (_cast(w, act, ctx.cache) for w in (w1, w3, w2))
             dy_PD = grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
             dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
@@ -395,3 +401,26 @@ def experts_mlp(
             f"cache={cache}"
         )
     return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)
+
+
+def enable_grouped_experts(model: torch.nn.Module, *, grouped_fp8: bool) -> int:
+    """Run every routed-experts module of a whole (PP = 1) model through `experts_mlp`, weight
+    gradients computed at once (no W-op store: pipeline stages get theirs from
+    `stages.enable_weight_grad_split`). FP8 experts (`linear` set to `fp8.fp8_linear` by
+    `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
+    GEMM when `grouped_fp8`; BF16 ones take `GroupedExperts` where it applies. Returns the number
+    of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
+    BF16 its bf16 casts of the fp32 weights (one per optimizer step instead of two per
+    micro-batch)."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Experts):
+            fp8 = module.linear is f8.fp8_linear
+            module.mlp_fn = functools.partial(
+                experts_mlp,
+                fp8=fp8,
+                cache=f8.WeightCache(),
+                grouped_fp8=fp8 and grouped_fp8,
+            )
+            n += 1
+    return n

@@ -1,9 +1,16 @@
-"""`moeray bench train`: pipeline-parallel training throughput, bubbles and FP8 vs BF16.
+"""`moeray bench train`: training throughput and MFU, pipeline bubbles, FP8 vs BF16.
 
     moeray bench train                                   # CPU: tiny, PP=2, gloo, ~2-3 minutes
+    moeray bench train --device cuda --pp 1 --model moonlight_16b_a3b --layers auto \\
+        --seq-len 4096 --micro-batch-size 1 --microbatches 4 --steps 12   # one GPU (bench_one.py)
     moeray bench train --model small --device cuda --pp 2 --ep 2 --seq-len 1024 \\
         --micro-batch-size 2 --microbatches 8 --steps 30        # 4 GPUs, NCCL
     moeray bench train ... --no-overlap   # DualPipe F&B slots run sequentially (no helper thread)
+
+With --pp 1 --ep 1 the bench is `bench_one.py`: one process trains the whole model (a preset or
+an HF config.json, `--layers N|auto` decoder layers) in BF16 then FP8 and reports tokens/s, MFU
+against the datasheet and a measured GEMM rate, GPU kernels per step, peak memory and the FP8 vs
+BF16 loss gap (`train-1gpu-<device>.json`). Otherwise the pipeline bench runs:
 
 Spawns PP x EP worker processes (torch.multiprocessing; gloo on CPU, NCCL on CUDA, one GPU per
 process) and runs three trainings of the same steps on the same batches, each from the same
@@ -11,8 +18,8 @@ initial weights (`runs`):
   dualpipe-fp8   DualPipe, FP8 projections (`fp8.py`), other GEMMs under bf16 autocast;
   1f1b-fp8       1F1B, FP8: the baseline schedule's bubble and step time;
   dualpipe-bf16  DualPipe, every GEMM under bf16 autocast.
-DualPipe needs an even PP; with PP = 1 or an odd PP the main schedule is 1F1B (at PP = 1: the
-micro-batches one after the other, gradients accumulated), so the runs are 1f1b-fp8 and 1f1b-bf16.
+DualPipe needs an even PP; with an odd PP the main schedule is 1F1B, so the runs are 1f1b-fp8
+and 1f1b-bf16.
 A failed run other than the main FP8 run leaves its numbers null (listed in `failed_runs`); the
 result is still written and the command exits 1.
 Each step is a full training step: the pipeline schedule, the gradient sync, clipping, AdamW and
@@ -56,7 +63,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -64,120 +71,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeray.platform.config import preset
-from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s, init_distributed
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.simulate import Costs, simulate
-from moeray.platform.parallel.stages import split_layers
 from moeray.platform.routing.balance import bias_update
+from moeray.platform.train import bench_one
 from moeray.platform.train import step as tstep
+from moeray.platform.train.bench_common import (
+    BenchConfig,
+    bigram_stream,
+    measure_matmul_rate,
+    runs,
+    train_flops_per_token,
+)
 from moeray.results import device_slug, write_result
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str = "tiny"
-    device: str = "cpu"
-    pp: int = 2
-    ep: int = 1
-    microbatches: int = 8
-    micro_batch_size: int = 2
-    seq_len: int = 64
-    steps: int = 40
-    warmup: int = 3
-    lr: float = 3e-3
-    seed: int = 0
-    threads: int = 1  # CPU: torch threads per worker
-    overlap: bool | None = None  # DualPipe F&B slots in two threads/streams; None: on CUDA only
-    profile_dir: str | None = None  # rank 0 profiles each run's last step into this directory
-    grouped_fp8: bool | None = (
-        None  # FP8 runs: routed experts through the grouped FP8 GEMM; None: on CUDA only
-    )
-
-    def __post_init__(self):
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: expected cpu or cuda")
-        if self.steps <= self.warmup + 1 or self.warmup < 0:
-            raise ValueError(f"steps={self.steps} must exceed warmup={self.warmup} + 1")
-        if min(self.pp, self.ep, self.microbatches, self.micro_batch_size, self.seq_len) < 1:
-            raise ValueError("pp, ep, microbatches, micro_batch_size and seq_len must be >= 1")
-        for _, schedule, _ in runs(self):
-            sched.build(schedule, self.pp, self.microbatches)  # ValueError names the bad sizes
-        model_cfg = preset(self.model)
-        if model_cfg.n_routed_experts % self.ep:
-            raise ValueError(
-                f"ep={self.ep} must divide the {model_cfg.n_routed_experts} routed experts of "
-                f"{self.model}"
-            )
-        split_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, self.pp)
-
-    @property
-    def schedule(self) -> str:
-        """The main schedule: DualPipe where it applies (even PP), else 1F1B."""
-        return "dualpipe" if self.pp % 2 == 0 else "1f1b"
-
-    @property
-    def world(self) -> int:
-        return self.pp * self.ep
-
-    @property
-    def global_batch(self) -> int:
-        return self.ep * self.microbatches * self.micro_batch_size
-
-
-def runs(cfg: BenchConfig) -> tuple[tuple[str, str, bool], ...]:
-    """(name, schedule, fp8) of each run, in order: the main schedule in FP8, the 1F1B baseline
-    in FP8 (when the main one is not 1F1B already), the main schedule in BF16. The BF16 run last,
-    the one most likely to fail (benchmarks/notes-train.md): when it does, the others still give
-    the throughput and bubble numbers."""
-    main = cfg.schedule
-    base = (("1f1b-fp8", "1f1b", True),) if main != "1f1b" else ()
-    return ((f"{main}-fp8", main, True), *base, (f"{main}-bf16", main, False))
-
-
-def bigram_stream(vocab: int, n: int, seed: int):
-    """n tokens of a random sparse bigram chain (4 successors per token)."""
-    g = torch.Generator().manual_seed(seed)
-    succ_V4 = torch.randint(0, vocab, (vocab, 4), generator=g)
-    pick = torch.randint(0, 4, (n,), generator=g).tolist()
-    out = [int(torch.randint(0, vocab, (1,), generator=g))]
-    table = succ_V4.tolist()
-    for i in range(n - 1):
-        out.append(table[out[-1]][pick[i]])
-    return torch.tensor(out, dtype=torch.int64)
-
-
-def train_flops_per_token(cfg, seq_len: int) -> float:
-    """3 x forward FLOPs per token (see the module docstring)."""
-    V, D = cfg.vocab_size, cfg.hidden_size
-    n_mtp = cfg.num_nextn_predict_layers
-    matmul_params = cfg.num_parameters(activated=True, include_mtp=True) - V * D + n_mtp * V * D
-    attn = (
-        (cfg.num_hidden_layers + n_mtp)
-        * cfg.num_attention_heads
-        * (cfg.qk_head_dim + cfg.v_head_dim)
-        * (seq_len + 1)
-    )
-    return 3.0 * (2.0 * matmul_params + attn)
-
-
-def measure_matmul_rate(device) -> float:
-    """FLOP/s of a square GEMM on this worker: CPU fp32 n=512, CUDA bf16 n=8192."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps = 20 if device.type == "cuda" else 5
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def _say(rank: int, text: str) -> None:
@@ -246,7 +153,7 @@ def _one_run(
     stacks,
     profiles: list,
 ) -> dict | None:
-    model_cfg = preset(cfg.model)
+    model_cfg = cfg.model_config()
     spec = PipelineSpec(cfg.pp, 1, cfg.ep, schedule, cfg.microbatches)
     timeout = dist_timeout_s()
     _arm_watchdog(timeout, stacks)
@@ -356,7 +263,7 @@ def _worker(
         f"timeout {dist_timeout_s():g} s, overlap {cfg.overlap}",
     )
     try:
-        vocab = preset(cfg.model).vocab_size
+        vocab = cfg.model_config().vocab_size
         tokens = bigram_stream(vocab, cfg.steps * cfg.global_batch * (cfg.seq_len + 1), cfg.seed)
         rate = measure_matmul_rate(device)
         _say(rank, f"matmul rate {rate / 1e12:.3g} TFLOP/s per worker")
@@ -428,7 +335,7 @@ def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
     s = cfg.schedule
     main, bf16, base = raw[f"{s}-fp8"], raw.get(f"{s}-bf16"), raw.get("1f1b-fp8")
     dual = main if s == "dualpipe" else None  # the DualPipe numbers, where it ran
-    model_cfg = preset(cfg.model)
+    model_cfg = cfg.model_config()
     tokens_per_step = cfg.global_batch * cfg.seq_len
     tokens_per_s = tokens_per_step / main["step_time_s"]
     flops = train_flops_per_token(model_cfg, cfg.seq_len)
@@ -475,9 +382,26 @@ def summarize(cfg: BenchConfig, raw: dict, failed: dict[str, str]) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeray bench train", description=__doc__.split("\n\n")[0])
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        prog="moeray bench train",
+        description="\n\n".join(doc[:3]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d = BenchConfig()
-    p.add_argument("--model", default=d.model, help="preset (tiny, small)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="a preset (tiny, small, moonlight_16b_a3b, ...) or an HF config.json",
+    )
+    p.add_argument(
+        "--layers",
+        default=d.layers,
+        help="decoder layers: N, or auto (--pp 1 on CUDA: the most that fit, printed with why)",
+    )
+    p.add_argument(
+        "--moments-dtype", default=d.moments_dtype, help="--pp 1: AdamW moments, float32|bfloat16"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--pp", type=int, default=d.pp)
     p.add_argument("--ep", type=int, default=d.ep)
@@ -539,7 +463,11 @@ def main(argv: list[str]) -> int:
             overlap=args.overlap,
             profile_dir=args.profile,
             grouped_fp8=args.grouped_fp8,
+            layers=args.layers,
+            moments_dtype=args.moments_dtype,
         )
+        if cfg.one_device and cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible")
         dist_timeout_s()  # a bad MOERAY_DIST_TIMEOUT_S fails here, not in every worker
         if cfg.device == "cuda":
             if torch.cuda.device_count() < cfg.world:
@@ -549,6 +477,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"moeray bench train: {e}", file=sys.stderr)
         return 2
+    if cfg.one_device:
+        return bench_one.main(cfg, Path(args.out) if args.out else None)
     numbers = run(cfg)
     slug = device_slug() if cfg.device == "cuda" else "cpu"
     path = write_result(f"train-{slug}", numbers, directory=Path(args.out) if args.out else None)

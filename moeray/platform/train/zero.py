@@ -98,6 +98,7 @@ class ShardedAdamW(torch.optim.AdamW):
             lr=cfg.lr,
             betas=cfg.betas,
             eps=1e-8,
+            **tstep.adamw_impl(owned),
         )
         self.moments_dtype = tstep.MOMENTS_DTYPES[cfg.moments_dtype]
 

@@ -1,0 +1,388 @@
+"""`moeray bench train --pp 1`: training speed on one device at real widths, BF16 then FP8.
+
+    moeray bench train --pp 1 --steps 6 --warmup 2          # CPU: tiny, a few seconds
+    moeray bench train --device cuda --pp 1 --model moonlight_16b_a3b --layers auto \\
+        --seq-len 4096 --micro-batch-size 1 --microbatches 4 --steps 12 --warmup 3
+
+One process, no process group, no pipeline: the plain model (`model/transformer.py`, random
+weights made on the device, `rank_weights.dummy_model`) trained by the training step's own parts
+(`step.compute_loss` under bf16 autocast, backward, `step.apply_update`: clipping and AdamW, then
+the aux-loss-free bias update). Per step `--microbatches` micro-batches of `--micro-batch-size` x
+`--seq-len` tokens, gradients accumulated. Two runs of the same steps on the same batches from the
+same weights (seed): `bf16` (every GEMM under bf16 autocast) and `fp8` (the DeepSeek-V3 recipe of
+`platform/fp8.py`: the projections' three GEMMs in e4m3). Fast paths: the routed experts as one
+autograd node with grouped GEMMs (`experts_mlp.enable_grouped_experts`: `torch._grouped_mm` for
+BF16, the grouped FP8 kernel for FP8's forward and input-grad GEMMs on CUDA), AdamW fused on CUDA
+(`step.adamw_impl`).
+
+Numbers per run (the first `--warmup` steps and the profiled last step left out of timings):
+  step_time_s, tokens_per_s   wall time of a whole step (synchronized), mean; tokens / that;
+  mfu_datasheet               model FLOPs/s over the datasheet dense BF16 peak (`PEAK_BF16`;
+                              null for a device not in it, the CPU);
+  mfu_measured                over the rate of a large bf16 GEMM timed in this process
+                              (`bench_common.measure_matmul_rate`; CPU: fp32 512^3);
+  peak_memory_bytes           torch.cuda.max_memory_allocated in a step, max over steps (CPU:
+                              null);
+  gpu_kernels_per_step        GPU kernels of the last step (torch.profiler), split into
+                              forward-backward and optimizer, and the host's launch calls
+                              (CUDA runtime and driver); CPU: null (not profiled).
+Model FLOPs per token: `bench_common.train_flops_per_token` (6 x active matmul parameters +
+causal attention). `fp8_bf16_step_time_ratio` < 1 means FP8 is faster; `fp8_bf16_loss_rel_diff`
+is |loss_fp8 - loss_bf16| / loss_bf16 at the final step.
+
+`--layers auto` (CUDA): the most decoder layers that fit the device (`fit_layers`: weights,
+gradients and AdamW moments in fp32, or bf16 moments with `--moments-dtype bfloat16`, FP8's
+cached expert weights, activations and logits of one micro-batch, a workspace). If a run still
+runs out of memory, both runs restart with fewer layers (`layer_retries` in the result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+from moeray.platform.config import ModelConfig
+from moeray.platform.fp8 import enable_fp8_training
+from moeray.platform.parallel.experts_mlp import enable_grouped_experts
+from moeray.platform.rank_weights import dummy_model
+from moeray.platform.routing.balance import bias_update
+from moeray.platform.train import step as tstep
+from moeray.platform.train import zero
+from moeray.platform.train.bench_common import (
+    BenchConfig,
+    bigram_stream,
+    measure_matmul_rate,
+    train_flops_per_token,
+)
+from moeray.results import device_name, device_slug, write_result
+
+# Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
+RUNS = ("bf16", "fp8")
+# Host calls that launch a GPU kernel: torch's (CUDA runtime) and Triton's (driver).
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+WORKSPACE_BYTES = 3 << 30  # cuBLAS / cuDNN workspaces, the CUDA context's share, kernel scratch
+USABLE_FRACTION = 0.9  # of the device's memory: allocator rounding and fragmentation
+SUMMARY = (
+    "tokens_per_s",
+    "step_time_s",
+    "mfu_datasheet",
+    "mfu_measured",
+    "peak_memory_bytes",
+    "gpu_kernels_per_step",
+    "final_loss",
+)
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `--layers auto` picked and the estimate behind it (bytes)."""
+
+    layers: int
+    budget: int  # USABLE_FRACTION of the device's memory
+    fixed: int  # embedding, head, final norm, the dense first layers, logits, workspace
+    per_moe_layer: int
+    state_bytes_per_param: int  # weight + gradient + AdamW moments
+    dense: int  # the model's dense first layers (in `layers`)
+
+    def reason(self) -> str:
+        gib = 1 << 30
+        return (
+            f"{self.layers} layers: {self.fixed / gib:.1f} GiB fixed (embedding, head, dense "
+            f"layers, logits, workspace) + {self.layers - self.dense} MoE layers x "
+            f"{self.per_moe_layer / gib:.2f} GiB ({self.state_bytes_per_param} B/param of weight, "
+            f"gradient and moments, FP8 expert cache, activations) <= {self.budget / gib:.1f} GiB "
+            f"({USABLE_FRACTION:.0%} of the device)"
+        )
+
+
+def activation_bytes_per_token(cfg: ModelConfig, tokens: int) -> int:
+    """Bytes one decoder layer keeps for the backward per token of a micro-batch of `tokens`
+    (an upper estimate): the fp32 residual stream and norms, MLA's bf16 queries, keys, values and
+    outputs, the routed experts' rows (K per token plus up to 128 padding rows per expert: the
+    grouped layout) with their gate/up/SwiGLU outputs and FP8 copies, the shared experts, the
+    router's fp32 scores."""
+    D, H, E, K = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.n_routed_experts,
+        cfg.num_experts_per_tok,
+    )
+    inner = max(cfg.moe_intermediate_size, cfg.intermediate_size // max(K, 1))
+    attn = 2 * (
+        4 * D
+        + H * (3 * cfg.qk_head_dim + 3 * cfg.v_head_dim)
+        + 3 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + 2 * (cfg.q_lora_rank or 0)
+    )
+    rows = K + E * 128 / max(tokens, 1)
+    experts = 2 * rows * (3 * D + 4 * inner)
+    shared = 2 * (3 * cfg.n_shared_experts * cfg.moe_intermediate_size + 2 * D)
+    return int(attn + experts + shared + 4 * 6 * D + 4 * 3 * E)
+
+
+def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> MemoryPlan:
+    """The most decoder layers (at most the model's) whose training state and one micro-batch's
+    activations fit `device_bytes`, for both runs (the estimate in the module docstring)."""
+    state = 8 + 2 * tstep.MOMENTS_DTYPES[cfg.moments_dtype].itemsize  # fp32 weight + grad
+    dense = model.first_k_dense_replace
+    one = model.replace(num_hidden_layers=dense + 1).num_parameters(include_mtp=True)
+    per_params = model.replace(num_hidden_layers=dense + 2).num_parameters(include_mtp=True) - one
+    fixed_params = one - per_params
+    D, V = model.hidden_size, model.vocab_size
+    tokens = cfg.micro_batch_size * cfg.seq_len
+    act = activation_bytes_per_token(model, tokens) * tokens
+    expert_params = 3 * model.n_routed_experts * D * model.moe_intermediate_size
+    # FP8: the WeightCache's e4m3 experts and their transposes; BF16: autocast's bf16 copies
+    extra = max(2 * expert_params, 2 * (per_params - expert_params))
+    # logits of the main head and each MTP depth: bf16, fp32 copy, softmax, fp32 and bf16 grads
+    logits = tokens * V * 16 * (1 + model.num_nextn_predict_layers)
+    fixed = fixed_params * state + 2 * V * D + logits + dense * act + WORKSPACE_BYTES
+    per_layer = per_params * state + extra + act
+    budget = int(device_bytes * USABLE_FRACTION)
+    moe_layers = min((budget - fixed) // per_layer, model.num_hidden_layers - dense)
+    if moe_layers < 1:
+        raise ValueError(
+            f"{cfg.model} does not fit {device_bytes / (1 << 30):.1f} GiB with one MoE layer: "
+            f"{(fixed + per_layer) / (1 << 30):.1f} GiB estimated; lower --seq-len or "
+            "--micro-batch-size, or --moments-dtype bfloat16"
+        )
+    return MemoryPlan(dense + int(moe_layers), budget, fixed, per_layer, state, dense)
+
+
+def _count_profile(prof) -> dict[str, int | None]:
+    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span; None
+    for each when the span ran nothing on a GPU."""
+    kernels = copies = launches = 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            if e.name.startswith(("Memcpy", "Memset")):
+                copies += 1
+            else:
+                kernels += 1
+        elif e.name in LAUNCH_CALLS:
+            launches += 1
+    if kernels + copies + launches == 0:
+        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
+    return {"gpu_kernels": kernels, "copies": copies, "launch_calls": launches}
+
+
+@contextlib.contextmanager
+def _profiled(on: bool, device: torch.device, into: dict, key: str):
+    """torch.profiler around the span when `on`, its counts into `into[key]`. GPU activity only:
+    the CPU op events of a step (tens of thousands of aten calls at real widths) would cost
+    seconds of Python each time to build, and are not counted."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize(device)
+    into[key] = _count_profile(prof)
+
+
+def build_model(cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, device: torch.device):
+    """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
+    projections for `fp8`, routed experts grouped."""
+    model = dummy_model(
+        model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
+    )
+    if fp8:
+        enable_fp8_training(model)
+    grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
+    enable_grouped_experts(model, grouped_fp8=grouped_fp8)
+    return model.train()
+
+
+def one_run(
+    cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, tokens: torch.Tensor, device
+) -> dict:
+    """Train `cfg.steps` steps; the run's numbers (module docstring)."""
+    model = build_model(cfg, model_cfg, fp8, device)
+    optim = tstep.OptimConfig(
+        lr=cfg.lr,
+        warmup_steps=max(cfg.steps // 10, 1),
+        total_steps=cfg.steps,
+        moments_dtype=cfg.moments_dtype,
+    )
+    opt = zero.build_optimizer(model, optim)
+    loss_cfg = tstep.LossConfig()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    n_moe = len(tstep.moe_layers(model))
+    bias_LE = torch.zeros(n_moe, model_cfg.n_routed_experts)
+    S1, mbs = cfg.seq_len + 1, cfg.micro_batch_size
+    cuda = device.type == "cuda"
+    losses: list[float] = []
+    walls: list[float] = []
+    peaks: list[int] = []
+    counts: dict = {}
+    for step in range(cfg.steps):
+        # CUDA: the last step under torch.profiler (its event tables cost seconds to build; on the
+        # CPU, with no kernels to count, the step is not profiled)
+        profiled = cuda and step == cfg.steps - 1
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64)
+        loss = 0.0
+        with _profiled(profiled, device, counts, "forward_backward"):
+            for mb in range(cfg.microbatches):
+                first = ((step * cfg.microbatches + mb) * mbs) * S1
+                batch = tokens[first : first + mbs * S1].view(mbs, S1).to(device)
+                with autocast:
+                    parts = tstep.compute_loss(model, batch, loss_cfg)
+                (parts.total / cfg.microbatches).backward()
+                loss += parts.main / cfg.microbatches
+                loads_LE += tstep.expert_loads(model)
+        with _profiled(profiled, device, counts, "optimizer"):
+            tstep.apply_update(model, opt, step, optim)
+        bias_LE = bias_update(bias_LE, loads_LE, 0.001)
+        tstep.set_biases(model, bias_LE)
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        losses.append(loss)
+        if cuda:
+            peaks.append(torch.cuda.max_memory_allocated(device))
+        note = " (warm-up)" if step < cfg.warmup else " (profiled)" if profiled else ""
+        print(
+            f"[bench train] {'fp8' if fp8 else 'bf16'}: step {step + 1}/{cfg.steps} loss "
+            f"{loss:.4f} step {wall:.3f} s{note}",
+            flush=True,
+        )
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} at step {step + 1} (losses so far {losses})")
+        if step >= cfg.warmup and not profiled:
+            walls.append(wall)
+    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
+    fb, op = counts.get("forward_backward", none), counts.get("optimizer", none)
+    fused = bool(opt.defaults.get("fused")) and cfg.moments_dtype == "float32"
+    optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
+
+    def total(key: str) -> int | None:
+        return None if fb[key] is None else fb[key] + op[key]
+
+    return {
+        "losses": losses,
+        "step_time_s": sum(walls) / len(walls),
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "gpu_kernels_per_step": total("gpu_kernels"),
+        "gpu_kernels_forward_backward": fb["gpu_kernels"],
+        "gpu_kernels_optimizer": op["gpu_kernels"],
+        "launch_calls_per_step": total("launch_calls"),
+        "copies_per_step": total("copies"),
+        "optimizer": optimizer,
+    }
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Both runs at the same layer count; the result (module docstring)."""
+    device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    base = cfg.model_config()
+    plan = None
+    if cfg.layers == "auto" and device.type == "cuda":
+        plan = fit_layers(cfg, base, torch.cuda.mem_get_info(device)[1])
+        layers = plan.layers
+        print(f"[bench train] --layers auto: {plan.reason()}", flush=True)
+    else:
+        layers = base.num_hidden_layers
+        if cfg.layers == "auto":
+            print(f"[bench train] --layers auto on CPU: the model's {layers} layers", flush=True)
+    rate = measure_matmul_rate(device)
+    print(f"[bench train] matmul rate {rate / 1e12:.3g} TFLOP/s", flush=True)
+    tokens_per_step = cfg.microbatches * cfg.micro_batch_size * cfg.seq_len
+    data = bigram_stream(
+        base.vocab_size,
+        cfg.steps * cfg.microbatches * cfg.micro_batch_size * (cfg.seq_len + 1),
+        cfg.seed,
+    )
+    retries: list[dict] = []
+    while True:
+        model_cfg = cfg.model_config(layers)
+        oom = None
+        try:
+            got = {}
+            for name in RUNS:
+                got[name] = one_run(cfg, model_cfg, name == "fp8", data, device)
+                gc.collect()  # the run's model and optimizer state, before the next one's
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        except torch.OutOfMemoryError as err:
+            if plan is None or layers <= model_cfg.first_k_dense_replace + 1:
+                raise
+            oom = str(err).splitlines()[0][:300]
+        if oom is None:
+            break
+        # out of the except block: the traceback's frames (the run's model) are released now
+        gc.collect()
+        torch.cuda.empty_cache()
+        fewer = max(model_cfg.first_k_dense_replace + 1, layers - max(1, layers // 8))
+        retries.append({"layers": layers, "error": oom})
+        print(f"[bench train] out of memory at {layers} layers: retrying at {fewer}", flush=True)
+        layers = fewer
+    flops = train_flops_per_token(model_cfg, cfg.seq_len)
+    peak = datasheet_peak(device_name()) if device.type == "cuda" else None
+    runs_out = {}
+    for name, r in got.items():
+        tps = tokens_per_step / r["step_time_s"]
+        runs_out[name] = {
+            **{k: v for k, v in r.items() if k != "losses"},
+            "tokens_per_s": tps,
+            "mfu_datasheet": None if peak is None else flops * tps / peak,
+            "mfu_measured": flops * tps / rate,
+            "final_loss": r["losses"][-1],
+            "losses": r["losses"],
+        }
+    bf16, fp8 = runs_out["bf16"], runs_out["fp8"]
+    ratio = fp8["step_time_s"] / bf16["step_time_s"]
+    last = min(5, cfg.steps)
+    tail = [sum(r["losses"][-last:]) / last for r in (fp8, bf16)]
+    return {
+        "config": asdict(cfg),
+        "model": cfg.model,
+        "layers": layers,
+        "layers_plan": None if plan is None else {**asdict(plan), "reason": plan.reason()},
+        "layer_retries": retries,
+        "parameters": model_cfg.num_parameters(include_mtp=True),
+        "active_parameters": model_cfg.num_parameters(activated=True, include_mtp=True),
+        "tokens_per_step": tokens_per_step,
+        "train_flops_per_token": flops,
+        "flops_formula": "6 * active matmul params + 3 * (L + mtp) * H * (d_qk + d_v) * (S + 1)",
+        "peak_bf16_flops_per_s_datasheet": peak,
+        "matmul_flops_per_s_measured": rate,
+        "runs": runs_out,
+        "fp8_bf16_step_time_ratio": ratio,
+        "fp8_faster": ratio < 1,
+        "fp8_bf16_loss_rel_diff": abs(fp8["final_loss"] - bf16["final_loss"]) / bf16["final_loss"],
+        f"fp8_bf16_loss_rel_diff_mean_last{last}": abs(tail[0] - tail[1]) / tail[1],
+    }
+
+
+def main(cfg: BenchConfig, out: Path | None = None) -> int:
+    """Run, write `train-1gpu-<device>.json` (CPU: `train-1gpu-cpu.json`), print the numbers."""
+    numbers = run(cfg)
+    slug = device_slug() if cfg.device == "cuda" else "cpu"
+    path = write_result(f"train-1gpu-{slug}", numbers, directory=out)
+    for name, r in numbers["runs"].items():
+        for k in SUMMARY:
+            v = r[k]
+            print(f"{name + ' ' + k:<36} {'-' if v is None else format(v, '.6g')}")
+    for k in ("layers", "fp8_bf16_step_time_ratio", "fp8_faster", "fp8_bf16_loss_rel_diff"):
+        print(f"{k:<36} {numbers[k]}")
+    print(f"written to {path}")
+    return 0

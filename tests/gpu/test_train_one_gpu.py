@@ -1,0 +1,121 @@
+"""The one-GPU training bench's fast paths on a GPU (train/bench_one.py): the whole model with
+grouped routed experts (`torch._grouped_mm` for BF16, the grouped FP8 kernel for FP8) against the
+per-expert loop at odd shapes, with fewer GPU kernels; fused AdamW against torch's foreach one;
+the bench's own numbers on tiny. Marker gpu."""
+
+import json
+
+import pytest
+import torch
+
+from moeray.platform.config import tiny
+from moeray.platform.fp8 import enable_fp8_training
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel.experts_mlp import enable_grouped_experts
+from moeray.platform.train import bench_one
+from moeray.platform.train import step as tstep
+from moeray.platform.train.bench_common import BenchConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+DEV = torch.device("cuda", 0)
+# tiny with every FP8 GEMM's K a multiple of 128 (the block-scaled kernels' group size)
+CFG = tiny().replace(
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _run(fp8: bool, grouped: bool, tokens, counts: dict | None = None):
+    model = Transformer(CFG)
+    model.reset_parameters(seed=0)
+    if fp8:
+        enable_fp8_training(model)
+    if grouped:
+        enable_grouped_experts(model, grouped_fp8=True)
+    model.to(DEV).train()
+    with bench_one._profiled(counts is not None, DEV, counts or {}, "fb"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            parts = tstep.compute_loss(model, tokens, tstep.LossConfig())
+        parts.total.backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return parts.main, grads
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_grouped_experts_equal_the_loop_with_fewer_kernels(fp8):
+    # 3 x 37 tokens, top-4 of 16 experts: row counts not multiples of 16 or 128, some experts empty
+    tokens = torch.randint(0, 1024, (3, 38), generator=torch.Generator().manual_seed(2)).to(DEV)
+    loop_counts: dict = {}
+    grouped_counts: dict = {}
+    want = _run(fp8, False, tokens, loop_counts)
+    got = _run(fp8, True, tokens, grouped_counts)
+    assert got[0] == pytest.approx(want[0], rel=2e-3)
+    assert got[1].keys() == want[1].keys()
+    # bf16 GEMM outputs in both paths, summed in other orders (FP8: re-quantized from them)
+    bound = 5e-2 if fp8 else 2e-2
+    for name, w in want[1].items():
+        assert _rel(got[1][name], w) < bound, name
+    k_loop, k_grouped = loop_counts["fb"]["gpu_kernels"], grouped_counts["fb"]["gpu_kernels"]
+    assert 0 < k_grouped < k_loop, (k_grouped, k_loop)
+
+
+def test_fused_adamw_matches_foreach():
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(n, 33, device=DEV)) for n in (7, 130)]
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opts = [
+        torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), foreach=True),
+        torch.optim.AdamW(fused, lr=1e-2, betas=(0.9, 0.95), **tstep.adamw_impl(fused)),
+    ]
+    assert opts[1].defaults["fused"]
+    version = fused[0]._version
+    for _ in range(3):
+        g = [torch.randn_like(p) for p in ref]
+        for params, opt in zip((ref, fused), opts, strict=True):
+            for p, gi in zip(params, g, strict=True):
+                p.grad = gi.clone()
+            opt.step()
+    for a, b in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # the fused update moves the version counter that fp8.WeightCache checks for a stale entry
+    assert fused[0]._version > version
+
+
+def test_one_gpu_bench_numbers_on_tiny(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_hf()))
+    cfg = BenchConfig(
+        model=str(tmp_path / "config.json"),
+        device="cuda",
+        pp=1,
+        steps=4,
+        warmup=1,
+        seq_len=64,
+        microbatches=2,
+        micro_batch_size=2,
+    )
+    res = bench_one.run(cfg)
+    n_params = sum(1 for _ in Transformer(CFG).parameters())
+    for name, r in res["runs"].items():
+        assert r["peak_memory_bytes"] > 0 and r["tokens_per_s"] > 0, name
+        assert 0 < r["mfu_measured"] < 1, name
+        assert (
+            r["gpu_kernels_per_step"]
+            == r["gpu_kernels_forward_backward"] + r["gpu_kernels_optimizer"]
+        )
+        # fused AdamW and foreach clipping: far fewer kernels than parameters
+        assert 0 < r["gpu_kernels_optimizer"] < n_params, (name, r["gpu_kernels_optimizer"])
+        assert r["optimizer"] == "AdamW(fused=True, moments=float32)"
+    assert res["fp8_bf16_loss_rel_diff"] < 2.5e-3

@@ -1,0 +1,205 @@
+"""`moeray bench train --pp 1` (train/bench_one.py): the one-device run end to end on CPU and the
+result's fields, the model FLOPs per token against a count of the model's own weights, the
+`--layers auto` memory plan, the launch counter, the whole model with grouped experts against the
+per-expert loop, and where AdamW's implementation is chosen."""
+
+import json
+import math
+import re
+import types
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+
+from moeray.platform.config import moonlight_16b_a3b, tiny
+from moeray.platform.fp8 import enable_fp8_training
+from moeray.platform.model.moe import Experts
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.parallel.experts_mlp import enable_grouped_experts
+from moeray.platform.train import bench, bench_one
+from moeray.platform.train import step as tstep
+from moeray.platform.train.bench_common import BenchConfig, train_flops_per_token
+
+GIB = 1 << 30
+
+
+def test_one_device_bench_runs_bf16_then_fp8_and_writes_its_result(tmp_path, capsys):
+    args = ["--pp", "1", "--steps", "4", "--warmup", "1", "--seq-len", "16", "--layers", "auto"]
+    args += ["--microbatches", "2", "--micro-batch-size", "1", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "train-1gpu-cpu.json").read_text())
+    assert res["device"].startswith("cpu") and res["date"] and "command" in res
+    assert res["layers"] == tiny().num_hidden_layers and res["layers_plan"] is None  # CPU: no plan
+    assert res["tokens_per_step"] == 2 * 16
+    assert res["train_flops_per_token"] == train_flops_per_token(tiny(), 16)
+    assert res["matmul_flops_per_s_measured"] > 0 and res["peak_bf16_flops_per_s_datasheet"] is None
+    assert set(res["runs"]) == {"bf16", "fp8"}
+    for name, r in res["runs"].items():
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0, name
+        assert 0 < r["mfu_measured"] < 1 and r["mfu_datasheet"] is None, name
+        assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"]), name
+        # the same weights and batches: both start near log V
+        assert r["losses"][0] == pytest.approx(math.log(tiny().vocab_size), rel=0.05), name
+        # nothing to count on the CPU: the step is not profiled
+        assert r["gpu_kernels_per_step"] is None and r["peak_memory_bytes"] is None, name
+        assert r["optimizer"] == "AdamW(fused=False, moments=float32)", name
+    bf16, fp8 = res["runs"]["bf16"], res["runs"]["fp8"]
+    assert res["fp8_bf16_step_time_ratio"] == pytest.approx(
+        fp8["step_time_s"] / bf16["step_time_s"]
+    )
+    assert res["fp8_faster"] == (res["fp8_bf16_step_time_ratio"] < 1)
+    gap = abs(fp8["final_loss"] - bf16["final_loss"]) / bf16["final_loss"]
+    assert res["fp8_bf16_loss_rel_diff"] == pytest.approx(gap) and gap < 2.5e-3
+    out = capsys.readouterr().out
+    assert "bf16: step 4/4" in out and "fp8_bf16_step_time_ratio" in out
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--pp", "2", "--layers", "auto"], r"layers='auto' needs one device"),
+        (["--pp", "1", "--layers", "two"], r"layers='two': expected a number"),
+        (["--pp", "1", "--layers", "1"], r"layers=1: tiny has 1 dense first layer"),
+        (["--pp", "1", "--model", "nowhere.json"], r"model='nowhere.json' is neither a preset"),
+        (["--pp", "1", "--moments-dtype", "fp8"], r"moments_dtype='fp8': expected one of"),
+    ],
+)
+def test_one_device_bench_refuses_bad_flags(flags, match, capsys):
+    assert bench.main(flags) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_layers_and_hf_config_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(moonlight_16b_a3b().to_hf()))
+    cfg = BenchConfig(model=str(path), pp=1, layers="5")
+    assert cfg.model_config().num_hidden_layers == 5
+    assert cfg.model_config().hidden_size == 2048 and cfg.model_config(3).num_hidden_layers == 3
+
+
+def test_flops_per_token_equals_a_count_of_the_models_own_weights():
+    """6 x (every matmul weight a token passes through: routed experts at K of E, the head once
+    for the main model and once per MTP depth, no embedding; norm weights are in the formula's
+    parameter count too) + 3 x causal attention, counted here from tiny's modules."""
+    cfg = tiny()
+    K, E, S = cfg.num_experts_per_tok, cfg.n_routed_experts, 37
+    model = Transformer(cfg)
+    n = 0.0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight":
+            continue
+        routed = name.rsplit(".", 1)[0].endswith("experts") and p.dim() == 3
+        n += p.numel() * (K / E if routed else 1)
+    n += cfg.num_nextn_predict_layers * model.lm_head.weight.numel()  # MTP reuses the head
+    # by hand for tiny: 3 layers + 1 MTP block, 4 heads, d_qk = 16 + 8, d_v = 16, keys (S + 1) / 2
+    # on average, 2 FLOPs a product, QK^T and PV: 4 * 4 * (24 + 16) * (S + 1) forward
+    attn = 4 * 4 * (24 + 16) * (S + 1)
+    assert n == 274_496 + 64 * 1024  # the count itself, written out: a change of tiny shows here
+    assert train_flops_per_token(cfg, S) == 6 * n + 3 * attn
+
+
+def test_fit_layers_picks_the_most_that_fit_for_moonlight():
+    cfg = BenchConfig(model="moonlight_16b_a3b", pp=1, seq_len=4096, micro_batch_size=1)
+    m = moonlight_16b_a3b()
+    plan = bench_one.fit_layers(cfg, m, 140 * GIB)  # an H200's memory
+    assert 2 <= plan.layers < m.num_hidden_layers and plan.dense == 1
+    assert plan.fixed + (plan.layers - 1) * plan.per_moe_layer <= plan.budget
+    assert plan.fixed + plan.layers * plan.per_moe_layer > plan.budget  # one more would not fit
+    # a MoE layer holds ~585M parameters: 16 B each in fp32 state, at least that in the plan
+    assert plan.per_moe_layer > 585e6 * 16 and plan.state_bytes_per_param == 16
+    assert f"{plan.layers} layers" in plan.reason() and "GiB" in plan.reason()
+    bf16 = bench_one.fit_layers(replace(cfg, moments_dtype="bfloat16"), m, 140 * GIB)
+    assert bf16.layers > plan.layers and bf16.state_bytes_per_param == 12
+    assert bench_one.fit_layers(cfg, m, 4000 * GIB).layers == m.num_hidden_layers  # capped
+    with pytest.raises(ValueError, match=r"does not fit 10.0 GiB.*--moments-dtype bfloat16"):
+        bench_one.fit_layers(cfg, m, 10 * GIB)
+
+
+def test_profile_counter():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(8, 8) @ torch.randn(8, 8)
+    got = bench_one._count_profile(prof)
+    assert got == {"gpu_kernels": None, "copies": None, "launch_calls": None}  # nothing on a GPU
+
+    def ev(name, cuda):
+        return types.SimpleNamespace(name=name, device_type=DeviceType.CUDA if cuda else None)
+
+    events = [ev("sm90_xmma_gemm", True), ev("Memcpy HtoD", True), ev("triton_quant", True)]
+    events += [ev("cudaLaunchKernel", False), ev("cuLaunchKernelEx", False), ev("aten::mm", False)]
+    fake = types.SimpleNamespace(events=lambda: events)
+    assert bench_one._count_profile(fake) == {"gpu_kernels": 2, "copies": 1, "launch_calls": 2}
+
+
+def _loss_and_grads(model, tokens, fp8_autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fp8_autocast):
+        parts = tstep.compute_loss(model, tokens, tstep.LossConfig())
+    parts.total.backward()
+    return parts.main, {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_whole_model_with_grouped_experts_equals_the_per_expert_loop(fp8):
+    """The one-device bench's model (experts through `experts_mlp`, CPU: grouped GEMMs for BF16,
+    the per-expert FP8 emulation for FP8) against the model's own per-expert loop: the same loss
+    and gradients at odd shapes (3 sequences of 11 tokens: expert row counts of every parity,
+    some experts empty)."""
+    cfg = tiny()
+    tokens = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    got = []
+    for grouped in (False, True):
+        model = Transformer(cfg)
+        model.reset_parameters(seed=0)
+        if fp8:
+            enable_fp8_training(model)
+        if grouped:
+            assert enable_grouped_experts(model, grouped_fp8=False) == 3  # 2 MoE layers + MTP
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert all((m.mlp_fn is not None) == grouped for m in experts)
+        got.append(_loss_and_grads(model, tokens, fp8_autocast=fp8))
+    assert got[1][0] == pytest.approx(got[0][0], rel=1e-6)
+    assert got[1][1].keys() == got[0][1].keys()
+    for name, want in got[0][1].items():
+        torch.testing.assert_close(got[1][1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grouped_experts_switch_keeps_fp8_and_its_cache():
+    model = Transformer(tiny())
+    enable_fp8_training(model)
+    enable_grouped_experts(model, grouped_fp8=True)
+    kw = next(m for m in model.modules() if isinstance(m, Experts)).mlp_fn.keywords
+    assert kw["fp8"] and kw["grouped_fp8"] and kw["cache"] is not None
+    plain = Transformer(tiny())
+    enable_grouped_experts(plain, grouped_fp8=True)  # BF16 experts: no FP8 kernel
+    kw = next(m for m in plain.modules() if isinstance(m, Experts)).mlp_fn.keywords
+    assert not kw["fp8"] and not kw["grouped_fp8"] and kw["cache"] is not None  # bf16 casts
+    assert next(m for m in plain.modules() if isinstance(m, Experts)).linear is F.linear
+
+
+def test_weight_cache_keeps_a_cast_until_the_weight_changes():
+    from moeray.platform.fp8 import WeightCache
+
+    cache, w = WeightCache(), torch.nn.Parameter(torch.randn(3, 4, 5))
+    a = cache.cast(w, torch.bfloat16)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, w.detach().bfloat16())
+    assert cache.cast(w, torch.bfloat16) is a  # no new cast while w is unchanged
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.ones_like(w)
+    opt.step()  # an in-place update moves w's version counter
+    b = cache.cast(w, torch.bfloat16)
+    assert b is not a and torch.equal(b, w.detach().bfloat16()) and not torch.equal(a, b)
+
+
+def test_adamw_is_fused_on_cuda_only():
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    assert tstep.adamw_impl(cpu) == {} and tstep.adamw_impl([]) == {}
+    assert tstep.adamw_impl([types.SimpleNamespace(is_cuda=True)] * 2) == {"fused": True}
+    assert tstep.adamw_impl([types.SimpleNamespace(is_cuda=True), cpu[0]]) == {}
+    opt = tstep.build_optimizer(torch.nn.Linear(2, 2), tstep.OptimConfig())
+    assert not opt.defaults.get("fused")
