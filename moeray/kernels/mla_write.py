@@ -2,7 +2,7 @@
 rope key (optionally rotated) stored into their cache slots, and the absorbed query packed as the
 decode kernel reads it (its rope part optionally rotated). `mla_write_pack` is the checked
 wrapper, `mla_write_pack_ref` the PyTorch reference, `mla_write_pack_applies` the test by which
-the engine's paged view (`moeray.platform.engine.runner.KernelPagedView`) chooses between them.
+the engine's paged view (`moeray.platform.engine.paged_view.KernelPagedView`) chooses between them.
 
 Legend: B sequences, S new tokens each, H heads, C kv_lora_rank (latent), R rope dims, R2 = R/2,
 K = C + R values per cached token, HB heads per loop step; CP, R2P padded to powers of 2.

@@ -8,7 +8,7 @@ import torch
 
 from moeray.kernels import mla_write as write_mod
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies, mla_write_pack_ref
-from moeray.platform.engine import runner as runner_mod
+from moeray.platform.engine import paged_view as view_mod
 from moeray.platform.engine.kv_cache import CacheShape, PagedKVStorage
 
 
@@ -95,10 +95,10 @@ def test_kernel_view_attend_same_with_and_without_fused_write(monkeypatch, launc
         g = torch.Generator().manual_seed(3)
         storage.kv_LPNK.copy_(torch.randn(storage.kv_LPNK.shape, generator=g))
         table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
-        view = runner_mod.KernelPagedView(storage, table, torch.tensor([3, 5]), S)
+        view = view_mod.KernelPagedView(storage, table, torch.tensor([3, 5]), S)
         _, _, kv, pe, q_lat, q_pe = _case(B, S, H, C, R, torch.float32, seed=7)
         if not fused:
-            monkeypatch.setattr(runner_mod, "mla_write_pack_applies", lambda *a, **k: False)
+            monkeypatch.setattr(view_mod, "mla_write_pack_applies", lambda *a, **k: False)
         out = view.attend(1, q_lat, q_pe, kv, pe, 0.3)
         outs.append((out, storage.kv_LPNK.clone()))
     assert len(launches) == 1
@@ -179,17 +179,17 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
     cos, sin = RotaryEmbedding(cfg)(starts[:, None] + torch.arange(S))
     launches = launch_spy(write_mod, "_mla_write_pack_kernel")
     view_ropes = []  # the view's own rotations: none when the kernel rotates
-    real_rope = runner_mod.apply_rope
-    monkeypatch.setattr(runner_mod, "apply_rope", lambda *a: view_ropes.append(1) or real_rope(*a))
+    real_rope = view_mod.apply_rope
+    monkeypatch.setattr(view_mod, "apply_rope", lambda *a: view_ropes.append(1) or real_rope(*a))
     if fused:
-        monkeypatch.setattr(runner_mod, "use_fused_norm", lambda x, w: rms_norm_applies(x, w))
-        monkeypatch.setattr(runner_mod, "use_fused_rope", rope_applies)
+        monkeypatch.setattr(view_mod, "use_fused_norm", lambda x, w: rms_norm_applies(x, w))
+        monkeypatch.setattr(view_mod, "use_fused_rope", rope_applies)
     results = []
     for raw in (True, False):
         storage = PagedKVStorage(shape, num_pages=6, dtype=torch.float32)
         storage.kv_LPNK.normal_(generator=torch.Generator().manual_seed(3))
         table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
-        view = runner_mod.KernelPagedView(storage, table, starts, S)
+        view = view_mod.KernelPagedView(storage, table, starts, S)
         if not raw:  # a view without takes_raw_latent: MLA norms and rotates, then calls attend
             view = _AttendOnly(view)
         with torch.no_grad():

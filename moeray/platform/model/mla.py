@@ -179,7 +179,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self._queries(q_lat, cos, sin)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
-            # A paged cache with a kernel attends over its pages itself (engine/runner.py).
+            # A paged cache with a kernel attends over its pages itself (engine/paged_view.py).
             o_lat_BSHC = cache.attend(
                 self.layer_idx, q_lat_BSHC, q_pe, kv_BSC, pe_BSR, self.softmax_scale
             )
