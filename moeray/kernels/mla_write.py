@@ -139,7 +139,7 @@ def _mla_write_pack_kernel(
     if ROPE:
         c = tl.load(cos_ptr + b * stride_cb + s * stride_cs + offs_j, mask=ok_j, other=0.0)
         sn = tl.load(sin_ptr + b * stride_sb + s * stride_ss + offs_j, mask=ok_j, other=0.0)
-    one = tl.arange(0, 1)
+    one = tl.zeros([1], dtype=tl.int32)  # the rope key as a single "head"
     pe_row = pe_ptr + b * stride_peb + s * stride_pes
     _rotate_heads(pe_row, 0, row + C, 0, one, offs_j, ok_j[None, :], c, sn, ROPE)
     q_row = q_ptr + t.to(tl.int64) * H * K
