@@ -24,10 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.common import (
+    FP8_DTYPE,
+    cdiv,
+    check_tensor,
+    interpreting,
+    to_dtype_rn,
+    use_triton,
+)
 from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.moe_align import moe_align
-from moeray.kernels.norm import _to_dtype
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -512,5 +518,5 @@ def _moe_sum_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     if HAS_ADD:
         a = tl.load(add_ptr + t * stride_add + offs, mask=ok, other=0.0)
-        y = _to_dtype(y.to(tl.float32) + a.to(tl.float32), y_ptr.dtype.element_ty)
+        y = to_dtype_rn(y.to(tl.float32) + a.to(tl.float32), y_ptr.dtype.element_ty)
     tl.store(y_ptr + t * H + offs, y, mask=ok)

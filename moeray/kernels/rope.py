@@ -12,7 +12,7 @@ heads here, reading the strided rope slice in place.
 
 Numerics equal the reference bit for bit: the same fp32 products, a separate subtract/add (the
 launch turns off FMA contraction, which would round once instead of twice), one rounding to the
-input dtype (nearest even, also under the interpreter through `_to_dtype`).
+input dtype (nearest even, also under the interpreter through `to_dtype_rn`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, use_triton
-from moeray.kernels.norm import _to_dtype
+from moeray.kernels.common import check_tensor, to_dtype_rn, use_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One (b, s) row of H x R values lives in registers: 128 heads x 64 dims (V3) is 8192 values.
@@ -77,8 +76,8 @@ def _rope_kernel(
     y0 = x0 * c[None, :] - x1 * sn[None, :]
     y1 = x0 * sn[None, :] + x1 * c[None, :]
     y_row = y_ptr + row.to(tl.int64) * H * 2 * R2 + offs_h[:, None] * 2 * R2 + 2 * offs_j[None, :]
-    tl.store(y_row, _to_dtype(y0, y_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_row + 1, _to_dtype(y1, y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_row, to_dtype_rn(y0, y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_row + 1, to_dtype_rn(y1, y_ptr.dtype.element_ty), mask=ok)
 
 
 def rope_applies(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor) -> bool:

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, interpreting, use_triton
-from moeray.kernels.norm import _to_dtype
+from moeray.kernels.common import check_tensor, interpreting, to_dtype_rn, use_triton
 
 try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
     from triton.language.extra import libdevice
@@ -53,8 +52,8 @@ def _swiglu_kernel(
         e = libdevice.exp(-gf)
     else:
         e = tl.exp(-gf)
-    act = _to_dtype(tl.math.div_rn(gf, 1.0 + e), g.dtype)
-    y = _to_dtype(act.to(tl.float32) * u.to(tl.float32), g.dtype)
+    act = to_dtype_rn(tl.math.div_rn(gf, 1.0 + e), g.dtype)
+    y = to_dtype_rn(act.to(tl.float32) * u.to(tl.float32), g.dtype)
     tl.store(y_ptr + row * width + offs, y, mask=ok)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from moeray.kernels.common import FP8_DTYPE
 from moeray.kernels.gate import Routing
 from moeray.kernels.moe import fused_moe_gate_up
+from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.quant import dequantize_fp8_blocks
@@ -69,7 +70,14 @@ class Gate(nn.Module):
         )
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
+        """fp32 logits [T, E] = x . W^T. The one place that picks the Triton kernel (one launch,
+        no fp32 copy of W; moeray.kernels.router_logits) over PyTorch's three: CUDA inference
+        with at most its MAX_TOKENS rows; training and CPU run the reference."""
+        w = self.weight
+        needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or w.requires_grad)
+        if x_TD.is_cuda and not needs_grad and router_logits_applies(x_TD, w):
+            return router_logits(x_TD, w)
+        return router_logits_ref(x_TD, w)
 
 
 class Experts(nn.Module):
