@@ -1,22 +1,25 @@
 # `moeray bench train --pp 1`: one GPU, the Moonlight-16B-A3B shape with as many decoder layers as
-# fit (--layers auto prints what it picked and why), BF16 then FP8 from the same weights on the
-# same batches, 4 x 4096 tokens a step: tokens/s, MFU (datasheet peak and a measured bf16 GEMM),
-# GPU kernels per step, peak memory, the FP8 vs BF16 loss gap -> $OUT/train-1gpu-<gpu>.json. Then
-# tests/gpu/test_train_one_gpu.py (grouped experts vs the per-expert loop, fused AdamW).
-# 1 GPU, ~5 minutes. Overrides: LAYERS, SEQ, MBS, MICRO, STEPS, MOMENTS (bfloat16: more layers),
-# SKIP_TESTS=1.
+# fit (--layers auto prints what it picked and why), BF16, FP8, and FP8 with the experts' weight
+# gradients k-grouped, from the same weights on the same batches, 4 x 4096 tokens a step: tokens/s,
+# MFU (datasheet peak and a measured bf16 GEMM), GPU kernels per step, peak memory, the FP8 vs BF16
+# loss gap -> $OUT/train-1gpu-<gpu>.json (rewritten after each run). Then
+# tests/gpu/test_train_one_gpu.py (grouped experts vs the per-expert loop, fused AdamW) and the
+# k-grouped GEMM's compiled check. 1 GPU, ~6 minutes. Overrides: LAYERS, SEQ, MBS, MICRO, STEPS,
+# MOMENTS (bfloat16: more layers), NO_KGROUPED=1, SKIP_TESTS=1.
 mkdir -p /tmp/results
 # expandable segments: one process, no NCCL; the step's large, changing allocations fragment less
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 \
-  timeout -k 5 ${TRAIN_LIMIT:-300} python3 -m moeray.cli bench train --device cuda --pp 1 --ep 1 \
+  timeout -k 5 ${TRAIN_LIMIT:-420} python3 -m moeray.cli bench train --device cuda --pp 1 --ep 1 \
   --model moonlight_16b_a3b --layers ${LAYERS:-auto} --seq-len ${SEQ:-4096} \
   --micro-batch-size ${MBS:-1} --microbatches ${MICRO:-4} --steps ${STEPS:-10} --warmup 3 \
-  --lr 1e-3 --moments-dtype ${MOMENTS:-float32} --out /tmp/results > "$OUT/train-1gpu.log" 2>&1
+  --lr 1e-3 --moments-dtype ${MOMENTS:-float32} ${NO_KGROUPED:+--no-kgrouped-wgrad} \
+  --out /tmp/results > "$OUT/train-1gpu.log" 2>&1
 rc=$?; el "bench train --pp 1 rc=$rc"
 cp /tmp/results/train-1gpu-*.json "$OUT/" 2>/dev/null
-grep "layers auto\|out of memory\|matmul rate" "$OUT/train-1gpu.log" | cut -c1-400
-grep -v "^\s*$" "$OUT/train-1gpu.log" | grep -v "UserWarning\|warnings.warn\|step [0-9]*/" | tail -24
+grep "layers auto\|out of memory\|matmul rate\|failed" "$OUT/train-1gpu.log" | cut -c1-400
+grep -v "^\s*$" "$OUT/train-1gpu.log" | grep -v "UserWarning\|warnings.warn\|step [0-9]*/" | tail -30
 if [ -z "${SKIP_TESTS:-}" ]; then
-  gpu_pytest train-1gpu-tests.log 120 tests/gpu/test_train_one_gpu.py || rc=1
+  gpu_pytest train-1gpu-tests.log 150 tests/gpu/test_train_one_gpu.py || rc=1
+  gpu_pytest train-1gpu-kgrouped.log 150 tests/kernels/test_fp8_kgrouped.py -k gpu || rc=1
 fi
 exit $rc

@@ -1,7 +1,8 @@
 """The one-GPU training bench's fast paths on a GPU (train/bench_one.py): the whole model with
 grouped routed experts (`torch._grouped_mm` for BF16, the grouped FP8 kernel for FP8) against the
 per-expert loop at odd shapes, with fewer GPU kernels; fused AdamW against torch's foreach one;
-the bench's own numbers on tiny. Marker gpu."""
+the k-grouped FP8 weight gradients against one GEMM per expert; the bench's own numbers on a
+tiny-shaped model. Marker gpu."""
 
 import json
 
@@ -38,15 +39,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def _run(fp8: bool, grouped: bool, tokens, counts: dict | None = None):
+def _run(fp8: bool, grouped: bool, tokens, counts: dict | None = None, kgrouped: bool = False):
     model = Transformer(CFG)
     model.reset_parameters(seed=0)
     if fp8:
         enable_fp8_training(model)
     if grouped:
-        enable_grouped_experts(model, grouped_fp8=True)
+        enable_grouped_experts(model, grouped_fp8=True, kgrouped_wgrad=kgrouped)
     model.to(DEV).train()
-    with bench_one._profiled(counts is not None, DEV, counts if counts is not None else {}, "fb"):
+    with bench_one._profiled(counts is not None, DEV, {} if counts is None else counts, "fb"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             parts = tstep.compute_loss(model, tokens, tstep.LossConfig())
         parts.total.backward()
@@ -70,6 +71,21 @@ def test_grouped_experts_equal_the_loop_with_fewer_kernels(fp8):
         assert _rel(got[1][name], w) < bound, name
     k_loop, k_grouped = loop_counts["fb"]["gpu_kernels"], grouped_counts["fb"]["gpu_kernels"]
     assert 0 < k_grouped < k_loop, (k_grouped, k_loop)
+
+
+def test_kgrouped_weight_grads_equal_the_per_expert_gemms_with_fewer_kernels():
+    tokens = torch.randint(0, 1024, (3, 38), generator=torch.Generator().manual_seed(3)).to(DEV)
+    per_expert: dict = {}
+    kgrouped: dict = {}
+    want = _run(True, True, tokens, per_expert)
+    got = _run(True, True, tokens, kgrouped, kgrouped=True)
+    # the forward does not depend on it (up to index_add's atomic summation order)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    for name, w in want[1].items():
+        # the same e4m3 products, summed per 128-token block in another order
+        assert _rel(got[1][name], w) < 1e-2, name
+    k_per, k_grouped = per_expert["fb"]["gpu_kernels"], kgrouped["fb"]["gpu_kernels"]
+    assert k_grouped < k_per, (k_grouped, k_per)
 
 
 def test_fused_adamw_matches_foreach():
@@ -118,4 +134,6 @@ def test_one_gpu_bench_numbers_on_tiny(tmp_path):
         # fused AdamW and foreach clipping: far fewer kernels than parameters
         assert 0 < r["gpu_kernels_optimizer"] < n_params, (name, r["gpu_kernels_optimizer"])
         assert r["optimizer"] == "AdamW(fused=True, moments=float32)"
-    assert res["fp8_bf16_loss_rel_diff"] < 2.5e-3
+    assert res["fp8_bf16_loss_rel_diff"] < 2.5e-3 and res["failed_runs"] == {}
+    assert set(res["runs"]) == {"bf16", "fp8", "fp8-kgrouped"}  # CUDA: the k-grouped run too
+    assert res["runs"]["fp8-kgrouped"]["loss_rel_diff_vs_bf16"] < 2.5e-3

@@ -36,7 +36,7 @@ def test_one_device_bench_runs_bf16_then_fp8_and_writes_its_result(tmp_path, cap
     assert res["tokens_per_step"] == 2 * 16
     assert res["train_flops_per_token"] == train_flops_per_token(tiny(), 16)
     assert res["matmul_flops_per_s_measured"] > 0 and res["peak_bf16_flops_per_s_datasheet"] is None
-    assert set(res["runs"]) == {"bf16", "fp8"}
+    assert set(res["runs"]) == {"bf16", "fp8"} and res["failed_runs"] == {}  # CPU: no k-grouped
     for name, r in res["runs"].items():
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0, name
         assert 0 < r["mfu_measured"] < 1 and r["mfu_datasheet"] is None, name
@@ -47,14 +47,42 @@ def test_one_device_bench_runs_bf16_then_fp8_and_writes_its_result(tmp_path, cap
         assert r["gpu_kernels_per_step"] is None and r["peak_memory_bytes"] is None, name
         assert r["optimizer"] == "AdamW(fused=False, moments=float32)", name
     bf16, fp8 = res["runs"]["bf16"], res["runs"]["fp8"]
-    assert res["fp8_bf16_step_time_ratio"] == pytest.approx(
-        fp8["step_time_s"] / bf16["step_time_s"]
-    )
+    ratio = fp8["step_time_s"] / bf16["step_time_s"]
+    assert res["fp8_bf16_step_time_ratio"] == pytest.approx(ratio) == fp8["step_time_vs_bf16"]
     assert res["fp8_faster"] == (res["fp8_bf16_step_time_ratio"] < 1)
     gap = abs(fp8["final_loss"] - bf16["final_loss"]) / bf16["final_loss"]
     assert res["fp8_bf16_loss_rel_diff"] == pytest.approx(gap) and gap < 2.5e-3
     out = capsys.readouterr().out
     assert "bf16: step 4/4" in out and "fp8_bf16_step_time_ratio" in out
+
+
+def test_a_failed_kgrouped_run_keeps_the_others_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # grouped FP8 on CPU: the kernels' references
+    real = bench_one.one_run
+    saved = []
+
+    def one_run(cfg, model_cfg, fp8, kgrouped, tokens, device):
+        if kgrouped:
+            raise RuntimeError("kernel exploded")
+        return real(cfg, model_cfg, fp8, kgrouped, tokens, device)
+
+    monkeypatch.setattr(bench_one, "one_run", one_run)
+    real_write = bench_one.write_result
+
+    def write_result(name, numbers, directory=None):
+        saved.append(sorted(numbers["runs"]))
+        return real_write(name, numbers, directory=directory)
+
+    monkeypatch.setattr(bench_one, "write_result", write_result)
+    args = ["--pp", "1", "--steps", "3", "--warmup", "1", "--seq-len", "8", "--microbatches", "1"]
+    args += ["--kgrouped-wgrad", "--grouped-fp8", "--out", str(tmp_path)]
+    assert bench.main(args) == 1
+    res = json.loads((tmp_path / "train-1gpu-cpu.json").read_text())
+    assert res["failed_runs"] == {"fp8-kgrouped": "RuntimeError: kernel exploded"}
+    assert set(res["runs"]) == {"bf16", "fp8"} and res["fp8_bf16_loss_rel_diff"] is not None
+    # written after each finished run, then once more at the end
+    assert saved == [["bf16"], ["bf16", "fp8"], ["bf16", "fp8"]]
+    assert "fp8-kgrouped" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -124,15 +152,20 @@ def test_profile_counter():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.randn(8, 8) @ torch.randn(8, 8)
     got = bench_one._count_profile(prof)
-    assert got == {"gpu_kernels": None, "copies": None, "launch_calls": None}  # nothing on a GPU
+    assert set(got.values()) == {None}  # nothing ran on a GPU
 
-    def ev(name, cuda):
-        return types.SimpleNamespace(name=name, device_type=DeviceType.CUDA if cuda else None)
+    def ev(name, cuda, us=0.0):
+        span = types.SimpleNamespace(elapsed_us=lambda: us)
+        kind = DeviceType.CUDA if cuda else DeviceType.CPU
+        return types.SimpleNamespace(name=name, device_type=kind, time_range=span)
 
-    events = [ev("sm90_xmma_gemm", True), ev("Memcpy HtoD", True), ev("triton_quant", True)]
-    events += [ev("cudaLaunchKernel", False), ev("cuLaunchKernelEx", False), ev("aten::mm", False)]
-    fake = types.SimpleNamespace(events=lambda: events)
-    assert bench_one._count_profile(fake) == {"gpu_kernels": 2, "copies": 1, "launch_calls": 2}
+    events = [ev("sm90_gemm", True, 30.0), ev("Memcpy HtoD", True, 5.0), ev("quant", True, 2.0)]
+    events += [ev("sm90_gemm", True, 10.0), ev("cudaLaunchKernel", False), ev("aten::mm", False)]
+    events += [ev("cuLaunchKernelEx", False)]
+    got = bench_one._count_profile(types.SimpleNamespace(events=lambda: events))
+    assert got["gpu_kernels"] == 3 and got["copies"] == 1 and got["launch_calls"] == 2
+    assert got["gpu_time_s"] == pytest.approx(42e-6)  # kernels only, not the copy
+    assert got["top"] == [["sm90_gemm", 2, pytest.approx(40e-6)], ["quant", 1, pytest.approx(2e-6)]]
 
 
 def _loss_and_grads(model, tokens, fp8_autocast: bool):
@@ -203,3 +236,42 @@ def test_adamw_is_fused_on_cuda_only():
     assert tstep.adamw_impl([types.SimpleNamespace(is_cuda=True), cpu[0]]) == {}
     opt = tstep.build_optimizer(torch.nn.Linear(2, 2), tstep.OptimConfig())
     assert not opt.defaults.get("fused")
+
+
+def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
+    """The grouped FP8 experts' weight gradients from one k-grouped GEMM per projection against one
+    GEMM per expert (here the kernels' PyTorch references: the same products per expert), with
+    ragged and empty experts; outputs and input gradients do not depend on it."""
+    from moeray.platform import fp8 as f8
+    from moeray.platform.parallel.experts_mlp import experts_mlp
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references (test_pipeline.py says why)
+    g = torch.Generator().manual_seed(4)
+    rows, D, inter = [5, 0, 130, 17], 128, 160
+    x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
+    ws = [
+        torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
+    ]
+    dy = torch.randn(sum(rows), D, generator=g).bfloat16()
+    got = []
+    for kgrouped in (False, True):
+        xi = x.clone().requires_grad_()
+        wi = [torch.nn.Parameter(w.clone()) for w in ws]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts_mlp(
+                xi,
+                *wi,
+                rows,
+                fp8=True,
+                cache=f8.WeightCache(),
+                grouped_fp8=True,
+                kgrouped_wgrad=kgrouped,
+            )
+        y.backward(dy.to(y.dtype))
+        got.append((y.detach(), xi.grad, *(w.grad for w in wi)))
+    for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), *got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(got[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
+    assert got[1][2].abs().sum() > 0
+    with pytest.raises(ValueError, match="kgrouped_wgrad needs grouped_fp8"):
+        experts_mlp(x, *ws, rows, fp8=True, cache=f8.WeightCache(), kgrouped_wgrad=True)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
+from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.weight_grad import (
@@ -66,6 +67,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         fp8: bool,
         cache,
         grouped_fp8: bool,
+        kgrouped_wgrad: bool,
     ):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
@@ -74,6 +76,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.cache = cache
         ctx.grouped = GroupedExperts.applies(x_AD, fp8, act)
         ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
+        ctx.kgrouped_wgrad = kgrouped_wgrad
         if ctx.grouped_fp8:
             with torch.autocast(dev, enabled=False):
                 return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act)
@@ -147,11 +150,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         return (
             dx_AD,
             *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            None,
-            None,
-            None,
-            None,
-            None,
+            *_NO_GRAD_ARGS,
         )
 
     @staticmethod
@@ -179,11 +178,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         return (
             dx_AD,
             *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            None,
-            None,
-            None,
-            None,
-            None,
+            *_NO_GRAD_ARGS,
         )
 
 
@@ -192,8 +187,10 @@ class _GroupedFP8:
     layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
     two experts there), one grouped GEMM per projection forward and input-grad
     (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
-    quantization. Weights come stacked from the WeightCache. Launches per MoE layer and
-    micro-batch: ~10 forward, ~12 + 3 E backward, where the per-expert path makes ~29 E."""
+    quantization (or, with `kgrouped_wgrad`, one k-grouped launch per projection over the same
+    quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
+    micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped), where the per-expert path makes
+    ~29 E."""
 
     @staticmethod
     def forward(ctx, x_AD, w1, w3, w2, act):
@@ -233,6 +230,12 @@ class _GroupedFP8:
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
+                if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
+
+                    def kgrouped(at, bt, w):
+                        return fp8_gemm_kgrouped(at[0], at[1], bt[0], bt[1], grp.offs).to(w.dtype)
+
+                    return kgrouped(dgt, xt, w1), kgrouped(dut, xt, w3), kgrouped(dyt, ht, w2)
 
                 def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
                     got = {}
@@ -246,12 +249,13 @@ class _GroupedFP8:
         return (
             dx_AD,
             *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            None,
-            None,
-            None,
-            None,
-            None,
+            *_NO_GRAD_ARGS,
         )
+
+
+# backward's gradients for forward's non-tensor arguments (rows, store, fp8, cache, grouped_fp8,
+# kgrouped_wgrad)
+_NO_GRAD_ARGS = (None,) * 6
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
@@ -387,9 +391,13 @@ def experts_mlp(
     fp8: bool = False,
     cache=None,
     grouped_fp8: bool = False,
+    kgrouped_wgrad: bool = False,
 ) -> torch.Tensor:
     """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
-    `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8)."""
+    `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8).
+    `kgrouped_wgrad` (with `grouped_fp8`): its weight gradients in one k-grouped launch per
+    projection (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert; one-process training
+    only (the kernel's module docstring says why)."""
     if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
         raise ValueError(
             f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
@@ -400,15 +408,22 @@ def experts_mlp(
             f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
             f"cache={cache}"
         )
-    return _ExpertsMLPFn.apply(x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8)
+    if kgrouped_wgrad and not grouped_fp8:
+        raise ValueError("experts_mlp: kgrouped_wgrad needs grouped_fp8=True")
+    return _ExpertsMLPFn.apply(
+        x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8, kgrouped_wgrad
+    )
 
 
-def enable_grouped_experts(model: torch.nn.Module, *, grouped_fp8: bool) -> int:
+def enable_grouped_experts(
+    model: torch.nn.Module, *, grouped_fp8: bool, kgrouped_wgrad: bool = False
+) -> int:
     """Run every routed-experts module of a whole (PP = 1) model through `experts_mlp`, weight
     gradients computed at once (no W-op store: pipeline stages get theirs from
     `stages.enable_weight_grad_split`). FP8 experts (`linear` set to `fp8.fp8_linear` by
     `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
-    GEMM when `grouped_fp8`; BF16 ones take `GroupedExperts` where it applies. Returns the number
+    GEMM when `grouped_fp8` (its weight gradients k-grouped with `kgrouped_wgrad`, see
+    `experts_mlp`); BF16 ones take `GroupedExperts` where it applies. Returns the number
     of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
     BF16 its bf16 casts of the fp32 weights (one per optimizer step instead of two per
     micro-batch)."""
@@ -421,6 +436,7 @@ def enable_grouped_experts(model: torch.nn.Module, *, grouped_fp8: bool) -> int:
                 fp8=fp8,
                 cache=f8.WeightCache(),
                 grouped_fp8=fp8 and grouped_fp8,
+                kgrouped_wgrad=fp8 and grouped_fp8 and kgrouped_wgrad,
             )
             n += 1
     return n

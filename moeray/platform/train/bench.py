@@ -434,6 +434,13 @@ def _parser() -> argparse.ArgumentParser:
         "runs one GEMM per expert",
     )
     p.add_argument(
+        "--kgrouped-wgrad",
+        action=argparse.BooleanOptionalAction,
+        default=d.kgrouped_wgrad,
+        help="--pp 1: a third run, FP8 with the experts' weight gradients in one k-grouped GEMM "
+        "per projection (default: on CUDA only)",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -465,6 +472,7 @@ def main(argv: list[str]) -> int:
             grouped_fp8=args.grouped_fp8,
             layers=args.layers,
             moments_dtype=args.moments_dtype,
+            kgrouped_wgrad=args.kgrouped_wgrad,
         )
         if cfg.one_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")

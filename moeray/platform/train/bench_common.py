@@ -39,6 +39,8 @@ class BenchConfig:
     # bench_one.fit_layers)
     layers: str | None = None
     moments_dtype: str = "float32"  # one device: AdamW's moments (step.MOMENTS_DTYPES)
+    # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
+    kgrouped_wgrad: bool | None = None
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):

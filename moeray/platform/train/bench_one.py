@@ -8,12 +8,15 @@ One process, no process group, no pipeline: the plain model (`model/transformer.
 weights made on the device, `rank_weights.dummy_model`) trained by the training step's own parts
 (`step.compute_loss` under bf16 autocast, backward, `step.apply_update`: clipping and AdamW, then
 the aux-loss-free bias update). Per step `--microbatches` micro-batches of `--micro-batch-size` x
-`--seq-len` tokens, gradients accumulated. Two runs of the same steps on the same batches from the
-same weights (seed): `bf16` (every GEMM under bf16 autocast) and `fp8` (the DeepSeek-V3 recipe of
-`platform/fp8.py`: the projections' three GEMMs in e4m3). Fast paths: the routed experts as one
+`--seq-len` tokens, gradients accumulated. Runs of the same steps on the same batches from the
+same weights (seed): `bf16` (every GEMM under bf16 autocast), `fp8` (the DeepSeek-V3 recipe of
+`platform/fp8.py`: the projections' three GEMMs in e4m3) and, on CUDA (`--kgrouped-wgrad`),
+`fp8-kgrouped`: FP8 with the routed experts' weight gradients in one k-grouped GEMM per projection
+(`kernels/fp8/kgrouped.py`) instead of one GEMM per expert. Fast paths: the routed experts as one
 autograd node with grouped GEMMs (`experts_mlp.enable_grouped_experts`: `torch._grouped_mm` for
 BF16, the grouped FP8 kernel for FP8's forward and input-grad GEMMs on CUDA), AdamW fused on CUDA
-(`step.adamw_impl`).
+(`step.adamw_impl`). A failed `fp8-kgrouped` run leaves its error in `failed_runs` (exit 1); the
+result file is rewritten after every finished run.
 
 Numbers per run (the first `--warmup` steps and the profiled last step left out of timings):
   step_time_s, tokens_per_s   wall time of a whole step (synchronized), mean; tokens / that;
@@ -25,10 +28,13 @@ Numbers per run (the first `--warmup` steps and the profiled last step left out 
                               null);
   gpu_kernels_per_step        GPU kernels of the last step (torch.profiler), split into
                               forward-backward and optimizer, and the host's launch calls
-                              (CUDA runtime and driver); CPU: null (not profiled).
+                              (CUDA runtime and driver); CPU: null (not profiled);
+  gpu_time_s_per_step         the profiled step's summed kernel time (against step_time_s: how
+                              much the GPU waits for the host), and its longest kernels.
 Model FLOPs per token: `bench_common.train_flops_per_token` (6 x active matmul parameters +
-causal attention). `fp8_bf16_step_time_ratio` < 1 means FP8 is faster; `fp8_bf16_loss_rel_diff`
-is |loss_fp8 - loss_bf16| / loss_bf16 at the final step.
+causal attention). Per FP8 run `step_time_vs_bf16` (< 1: faster than BF16) and
+`loss_rel_diff_vs_bf16`, |loss - loss_bf16| / loss_bf16 at the final step; the `fp8` run's are
+also `fp8_bf16_step_time_ratio` and `fp8_bf16_loss_rel_diff`.
 
 `--layers auto` (CUDA): the most decoder layers that fit the device (`fit_layers`: weights,
 gradients and AdamW moments in fp32, or bf16 moments with `--moments-dtype bfloat16`, FP8's
@@ -41,7 +47,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,11 +73,11 @@ from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
-RUNS = ("bf16", "fp8")
 # Host calls that launch a GPU kernel: torch's (CUDA runtime) and Triton's (driver).
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 WORKSPACE_BYTES = 3 << 30  # cuBLAS / cuDNN workspaces, the CUDA context's share, kernel scratch
 USABLE_FRACTION = 0.9  # of the device's memory: allocator rounding and fragmentation
+TOP_KERNELS = 15  # kernel names kept per profiled span, longest summed duration first
 SUMMARY = (
     "tokens_per_s",
     "step_time_s",
@@ -77,6 +85,7 @@ SUMMARY = (
     "mfu_measured",
     "peak_memory_bytes",
     "gpu_kernels_per_step",
+    "gpu_time_s_per_step",
     "final_loss",
 )
 
@@ -161,21 +170,33 @@ def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> Memor
     return MemoryPlan(dense + int(moe_layers), budget, fixed, per_layer, state, dense)
 
 
-def _count_profile(prof) -> dict[str, int | None]:
-    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span; None
-    for each when the span ran nothing on a GPU."""
+def _count_profile(prof) -> dict:
+    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span, the
+    kernels' summed duration (`gpu_time_s`) and the `TOP_KERNELS` longest kernel names by summed
+    duration ([name, count, seconds]); None for each when the span ran nothing on a GPU."""
     kernels = copies = launches = 0
+    by_name: dict[str, list] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             if e.name.startswith(("Memcpy", "Memset")):
                 copies += 1
-            else:
-                kernels += 1
+                continue
+            kernels += 1
+            row = by_name.setdefault(e.name[:120], [e.name[:120], 0, 0.0])
+            row[1] += 1
+            row[2] += e.time_range.elapsed_us() * 1e-6
         elif e.name in LAUNCH_CALLS:
             launches += 1
     if kernels + copies + launches == 0:
-        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
-    return {"gpu_kernels": kernels, "copies": copies, "launch_calls": launches}
+        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
+    top = sorted(by_name.values(), key=lambda r: -r[2])[:TOP_KERNELS]
+    return {
+        "gpu_kernels": kernels,
+        "copies": copies,
+        "launch_calls": launches,
+        "gpu_time_s": sum(r[2] for r in by_name.values()),
+        "top": top,
+    }
 
 
 @contextlib.contextmanager
@@ -194,24 +215,33 @@ def _profiled(on: bool, device: torch.device, into: dict, key: str):
     into[key] = _count_profile(prof)
 
 
-def build_model(cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, device: torch.device):
+def build_model(
+    cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, kgrouped: bool, device: torch.device
+):
     """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
-    projections for `fp8`, routed experts grouped."""
+    projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
+    `kgrouped`)."""
     model = dummy_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
     if fp8:
         enable_fp8_training(model)
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
-    enable_grouped_experts(model, grouped_fp8=grouped_fp8)
+    enable_grouped_experts(model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped)
     return model.train()
 
 
 def one_run(
-    cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, tokens: torch.Tensor, device
+    cfg: BenchConfig,
+    model_cfg: ModelConfig,
+    fp8: bool,
+    kgrouped: bool,
+    tokens: torch.Tensor,
+    device,
 ) -> dict:
     """Train `cfg.steps` steps; the run's numbers (module docstring)."""
-    model = build_model(cfg, model_cfg, fp8, device)
+    model = build_model(cfg, model_cfg, fp8, kgrouped, device)
+    label = "fp8-kgrouped" if kgrouped else "fp8" if fp8 else "bf16"
     optim = tstep.OptimConfig(
         lr=cfg.lr,
         warmup_steps=max(cfg.steps // 10, 1),
@@ -259,7 +289,7 @@ def one_run(
             peaks.append(torch.cuda.max_memory_allocated(device))
         note = " (warm-up)" if step < cfg.warmup else " (profiled)" if profiled else ""
         print(
-            f"[bench train] {'fp8' if fp8 else 'bf16'}: step {step + 1}/{cfg.steps} loss "
+            f"[bench train] {label}: step {step + 1}/{cfg.steps} loss "
             f"{loss:.4f} step {wall:.3f} s{note}",
             flush=True,
         )
@@ -267,13 +297,13 @@ def one_run(
             raise FloatingPointError(f"loss {loss} at step {step + 1} (losses so far {losses})")
         if step >= cfg.warmup and not profiled:
             walls.append(wall)
-    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls"))
+    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
     fb, op = counts.get("forward_backward", none), counts.get("optimizer", none)
     fused = bool(opt.defaults.get("fused")) and cfg.moments_dtype == "float32"
     optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
 
-    def total(key: str) -> int | None:
-        return None if fb[key] is None else fb[key] + op[key]
+    def total(key: str):
+        return None if fb[key] is None else fb[key] + (op[key] or 0)
 
     return {
         "losses": losses,
@@ -284,12 +314,29 @@ def one_run(
         "gpu_kernels_optimizer": op["gpu_kernels"],
         "launch_calls_per_step": total("launch_calls"),
         "copies_per_step": total("copies"),
+        # the kernels' summed time in the profiled step over the unprofiled step time: well
+        # under 1 means the GPU waits for the host (launches, syncs)
+        "gpu_time_s_per_step": None if fb["gpu_time_s"] is None else total("gpu_time_s"),
+        "top_kernels_forward_backward": fb["top"],
+        "top_kernels_optimizer": op["top"],
         "optimizer": optimizer,
     }
 
 
-def run(cfg: BenchConfig) -> dict:
-    """Both runs at the same layer count; the result (module docstring)."""
+def run_specs(cfg: BenchConfig, device: torch.device) -> list[tuple[str, bool, bool]]:
+    """(name, fp8, kgrouped_wgrad) of each run, in order: BF16, FP8, and where it applies FP8 with
+    the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`, default on CUDA with grouped FP8)."""
+    grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
+    kgrouped = device.type == "cuda" if cfg.kgrouped_wgrad is None else cfg.kgrouped_wgrad
+    specs = [("bf16", False, False), ("fp8", True, False)]
+    if kgrouped and grouped_fp8:
+        specs.append(("fp8-kgrouped", True, True))
+    return specs
+
+
+def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
+    """All runs at the same layer count; the result (module docstring). `save` gets the result so
+    far after each finished run (a later run that hangs or dies leaves the earlier numbers)."""
     device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -305,42 +352,69 @@ def run(cfg: BenchConfig) -> dict:
             print(f"[bench train] --layers auto on CPU: the model's {layers} layers", flush=True)
     rate = measure_matmul_rate(device)
     print(f"[bench train] matmul rate {rate / 1e12:.3g} TFLOP/s", flush=True)
-    tokens_per_step = cfg.microbatches * cfg.micro_batch_size * cfg.seq_len
     data = bigram_stream(
         base.vocab_size,
         cfg.steps * cfg.microbatches * cfg.micro_batch_size * (cfg.seq_len + 1),
         cfg.seed,
     )
+    specs = run_specs(cfg, device)
     retries: list[dict] = []
     while True:
         model_cfg = cfg.model_config(layers)
+        got: dict[str, dict] = {}
+        failed: dict[str, str] = {}
         oom = None
-        try:
-            got = {}
-            for name in RUNS:
-                got[name] = one_run(cfg, model_cfg, name == "fp8", data, device)
-                gc.collect()  # the run's model and optimizer state, before the next one's
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        except torch.OutOfMemoryError as err:
-            if plan is None or layers <= model_cfg.first_k_dense_replace + 1:
-                raise
-            oom = str(err).splitlines()[0][:300]
+        for name, fp8, kgrouped in specs:
+            try:
+                got[name] = one_run(cfg, model_cfg, fp8, kgrouped, data, device)
+            except torch.OutOfMemoryError as err:
+                if plan is None or layers <= model_cfg.first_k_dense_replace + 1:
+                    raise
+                oom = str(err).splitlines()[0][:300]
+                break
+            except Exception as err:
+                if name in ("bf16", "fp8"):
+                    raise  # nothing to compare without them
+                failed[name] = f"{type(err).__name__}: {err}"[:500]
+                print(f"[bench train] {name} failed: {failed[name]}", flush=True)
+            # the run's model and optimizer state go before the next one's (after an error: out
+            # of the except block, so the traceback's frames are released too)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if save is not None and name in got:
+                save(summarize(cfg, model_cfg, got, failed, rate, plan, retries))
         if oom is None:
             break
-        # out of the except block: the traceback's frames (the run's model) are released now
         gc.collect()
         torch.cuda.empty_cache()
         fewer = max(model_cfg.first_k_dense_replace + 1, layers - max(1, layers // 8))
         retries.append({"layers": layers, "error": oom})
         print(f"[bench train] out of memory at {layers} layers: retrying at {fewer}", flush=True)
         layers = fewer
+    return summarize(cfg, model_cfg, got, failed, rate, plan, retries)
+
+
+def summarize(
+    cfg: BenchConfig,
+    model_cfg: ModelConfig,
+    got: dict[str, dict],
+    failed: dict[str, str],
+    rate: float,
+    plan: MemoryPlan | None,
+    retries: list[dict],
+) -> dict:
+    """The result from the finished runs `got` (name -> one_run's numbers); comparisons with a
+    run not (yet) finished are None."""
+    tokens_per_step = cfg.microbatches * cfg.micro_batch_size * cfg.seq_len
     flops = train_flops_per_token(model_cfg, cfg.seq_len)
-    peak = datasheet_peak(device_name()) if device.type == "cuda" else None
+    peak = datasheet_peak(device_name()) if cfg.device == "cuda" else None
+    last = min(5, cfg.steps)
+    bf16 = got.get("bf16")
     runs_out = {}
     for name, r in got.items():
         tps = tokens_per_step / r["step_time_s"]
-        runs_out[name] = {
+        out = {
             **{k: v for k, v in r.items() if k != "losses"},
             "tokens_per_s": tps,
             "mfu_datasheet": None if peak is None else flops * tps / peak,
@@ -348,14 +422,21 @@ def run(cfg: BenchConfig) -> dict:
             "final_loss": r["losses"][-1],
             "losses": r["losses"],
         }
-    bf16, fp8 = runs_out["bf16"], runs_out["fp8"]
-    ratio = fp8["step_time_s"] / bf16["step_time_s"]
-    last = min(5, cfg.steps)
-    tail = [sum(r["losses"][-last:]) / last for r in (fp8, bf16)]
+        if bf16 is not None and name != "bf16":
+            tail, tail_bf16 = (sum(x["losses"][-last:]) / last for x in (r, bf16))
+            out["step_time_vs_bf16"] = r["step_time_s"] / bf16["step_time_s"]
+            out["loss_rel_diff_vs_bf16"] = (
+                abs(r["losses"][-1] - bf16["losses"][-1]) / bf16["losses"][-1]
+            )
+            out[f"loss_rel_diff_vs_bf16_mean_last{last}"] = abs(tail - tail_bf16) / tail_bf16
+        runs_out[name] = out
+    fp8 = runs_out.get("fp8", {})
+    ratio = fp8.get("step_time_vs_bf16")
     return {
+        "failed_runs": failed,
         "config": asdict(cfg),
         "model": cfg.model,
-        "layers": layers,
+        "layers": model_cfg.num_hidden_layers,
         "layers_plan": None if plan is None else {**asdict(plan), "reason": plan.reason()},
         "layer_retries": retries,
         "parameters": model_cfg.num_parameters(include_mtp=True),
@@ -367,22 +448,32 @@ def run(cfg: BenchConfig) -> dict:
         "matmul_flops_per_s_measured": rate,
         "runs": runs_out,
         "fp8_bf16_step_time_ratio": ratio,
-        "fp8_faster": ratio < 1,
-        "fp8_bf16_loss_rel_diff": abs(fp8["final_loss"] - bf16["final_loss"]) / bf16["final_loss"],
-        f"fp8_bf16_loss_rel_diff_mean_last{last}": abs(tail[0] - tail[1]) / tail[1],
+        "fp8_faster": None if ratio is None else ratio < 1,
+        "fp8_bf16_loss_rel_diff": fp8.get("loss_rel_diff_vs_bf16"),
+        f"fp8_bf16_loss_rel_diff_mean_last{last}": fp8.get(
+            f"loss_rel_diff_vs_bf16_mean_last{last}"
+        ),
     }
 
 
 def main(cfg: BenchConfig, out: Path | None = None) -> int:
-    """Run, write `train-1gpu-<device>.json` (CPU: `train-1gpu-cpu.json`), print the numbers."""
-    numbers = run(cfg)
+    """Run, write `train-1gpu-<device>.json` (CPU: `train-1gpu-cpu.json`) after every finished
+    run, print the numbers. 1 when an optional run failed (its error in `failed_runs`)."""
     slug = device_slug() if cfg.device == "cuda" else "cpu"
-    path = write_result(f"train-1gpu-{slug}", numbers, directory=out)
+
+    def save(numbers: dict) -> Path:
+        return write_result(f"train-1gpu-{slug}", numbers, directory=out)
+
+    numbers = run(cfg, save)
+    path = save(numbers)
     for name, r in numbers["runs"].items():
         for k in SUMMARY:
-            v = r[k]
+            v = r.get(k)
             print(f"{name + ' ' + k:<36} {'-' if v is None else format(v, '.6g')}")
     for k in ("layers", "fp8_bf16_step_time_ratio", "fp8_faster", "fp8_bf16_loss_rel_diff"):
         print(f"{k:<36} {numbers[k]}")
     print(f"written to {path}")
+    if numbers["failed_runs"]:
+        print(f"moeray bench train: failed: {numbers['failed_runs']}", file=sys.stderr)
+        return 1
     return 0
