@@ -29,6 +29,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernel_sources(prof, steps: int, rows: int = 60) -> str:
+    """Kernels per step by the innermost moeray source line (outside this script) that launched
+    them, with the launching op's name. Needs a profile taken with `with_stack=True`."""
+    by: dict[tuple[str, str], list[float]] = {}
+    for evt in prof.events():
+        kernels = getattr(evt, "kernels", None) or []
+        if not kernels:
+            continue
+        frames = [f for f in (evt.stack or []) if "moeray/" in f and "engine_step_profile" not in f]
+        key = (frames[0] if frames else "(no moeray frame)", evt.name)
+        n_us = by.setdefault(key, [0.0, 0.0])
+        n_us[0] += len(kernels)
+        n_us[1] += sum(k.duration for k in kernels)
+    top = sorted(by.items(), key=lambda kv: -kv[1][0])[:rows]
+    lines = [f"## kernels per step by launching source line ({steps} eager steps)"]
+    lines += [
+        f"{n / steps:7.1f} {us / steps:9.1f}us  {op:32.32s} {src}" for (src, op), (n, us) in top
+    ]
+    lines.append(f"total kernels per step: {sum(v[0] for v in by.values()) / steps:.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
@@ -38,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="directory for the profile tables")
+    p.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="no CUDA graphs, and attribute each kernel to the moeray source line that launched it",
+    )
     a = p.parse_args(argv)
     if a.batch < 1 or a.steps < 1 or a.profile_steps < 1:
         p.error(
@@ -47,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = preset(a.preset).replace(eos_token_id=None)
+    if a.layers is not None:
+        cfg = cfg.replace(num_hidden_layers=a.layers)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=device, dtype=dtype)
     total = 2 * a.steps + a.profile_steps + 8  # decode steps the request must last
@@ -58,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=a.batch,
             max_num_batched_tokens=max(4096, a.batch * a.prompt_len),
             enable_prefix_caching=False,
-            use_cuda_graphs=device.type == "cuda",
+            use_cuda_graphs=device.type == "cuda" and not a.eager,
             max_model_len=a.prompt_len + total + 8,
         ),
     )
@@ -105,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=a.eager) as prof:
         for _ in range(a.profile_steps):
             engine.step()
         _sync(device)
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
+    if a.eager:
+        text = kernel_sources(prof, a.profile_steps) + "\n\n" + text
     if a.out:
         path = Path(a.out, f"engine-step-profile-{a.preset}-b{a.batch}.txt")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,7 @@ class EPServer:
         placements = None
         self.router: Any = None
         self.router_name: str | None = None
+        self.gang_name: str | None = None
         self.placement_period_s = cfg.ep_placement_period_s
         if self.placement_period_s > 0:
             model_config = ModelConfig.from_hf(cfg.model)
@@ -235,9 +236,13 @@ class EPServer:
                 maxvio_threshold=cfg.ep_placement_maxvio,
             )
             # One router per gang, named so that tools can find it, and owned by this replica.
-            self.router_name = f"moeray-ep-router-{role}-{uuid.uuid4().hex[:12]}"
+            # Its metrics carry the gang's name (role and replica id), as several gangs export.
+            self.gang_name = f"{role}-{uuid.uuid4().hex[:12]}"
+            self.router_name = f"moeray-ep-router-{self.gang_name}"
             router_cfg = serving_router_config(model_config, cfg.ep or 1, policy)
-            self.router = get_or_create_router(self.router_name, None, router_cfg, detached=False)
+            self.router = get_or_create_router(
+                self.router_name, None, router_cfg, detached=False, gang=self.gang_name
+            )
             # Attached before the replica serves: the router's process start (seconds) must not
             # delay the first placement decision past the first requests.
             ray.get(self.router.serve_attach.remote(policy), timeout=START_TIMEOUT_S)
@@ -299,7 +304,7 @@ class EPServer:
         got = await asyncio.wait_for(asyncio.gather(*calls), self.health_timeout_s)
         ranks, router = got[: len(self.gang.actors)], None
         if self.router is not None:
-            router = {"name": self.router_name, **got[-1]}
+            router = {"name": self.router_name, "gang": self.gang_name, **got[-1]}
         return {
             "strategy": self.gang.strategy,
             "routed_to": list(self.front.routed_to),

@@ -56,7 +56,12 @@ DEFAULT_WAIT_S = 300.0
 
 
 class RouterActor:
-    def __init__(self, config: RouterConfig, state_path: Storage | str | None = None):
+    """`gang` labels every metric it exports (metrics.py: "train", or an EP serving gang's
+    "<role>-<replica id>")."""
+
+    def __init__(
+        self, config: RouterConfig, state_path: Storage | str | None = None, gang: str = "train"
+    ):
         log_to_stderr()  # placement changes are INFO records
         self._state = RouterState(config)
         self._path = Storage.at(state_path) if isinstance(state_path, str) else state_path
@@ -71,7 +76,7 @@ class RouterActor:
         self._durable = 0
         self._serving: PlacementController | None = None
         defs = (EXPERT_LOAD, ROUTER_MAXVIO, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES)
-        self._metrics = Metrics("ray", defs=defs)
+        self._metrics = Metrics("ray", defs=defs, default_labels={"gang": gang})
         self._metrics.create_all()
         if self._state.step >= 0:
             self._export_metrics()
@@ -232,8 +237,9 @@ def get_or_create_router(
     config: RouterConfig,
     state_path: Storage | str | None = None,
     detached: bool = True,
+    gang: str = "train",
 ):
-    """The named RouterActor, created if it does not exist yet.
+    """The named RouterActor, created if it does not exist yet; `gang` labels its metrics.
 
     Detached so it outlives the driver that created it (a training job and a Serve app share
     it); a serving gang's router is not (`detached=False`: it goes with the replica that owns
@@ -250,4 +256,4 @@ def get_or_create_router(
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
-    ).remote(config, state_path)
+    ).remote(config, state_path, gang)

@@ -1,6 +1,6 @@
 """Shared pieces of the kernels: the FP8 format's constants (their one definition: the model's
 checkpoint quantization and the FP8 training emulation import them from here), input checks with
-clear errors, interpreter detection, and the e4m3 rounding helper that keeps Triton's CPU
+clear errors, interpreter detection, and the e4m3 and bf16 rounding helpers that keep Triton's CPU
 interpreter exact.
 
 Imports torch and triton only; never touches CUDA at import time.
@@ -107,6 +107,18 @@ def to_e4m3(x, EXACT: tl.constexpr):
     if EXACT:
         x = round_to_e4m3(x)
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def to_dtype_rn(x, dtype: tl.constexpr):
+    """fp32 -> `dtype`, round to nearest even. For bf16 the rounding is done on the bits first:
+    Triton's interpreter (3.9) truncates fp32 -> bf16 (the GPU's cvt rounds to nearest), so the
+    final cast is exact and CPU tests check what the GPU computes (3 integer ops a value)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def cdiv(a: int, b: int) -> int:

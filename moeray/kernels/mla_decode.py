@@ -170,8 +170,8 @@ def _mla_merge_kernel(
     NS: tl.constexpr,
     R: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    r = tl.program_id(1)
+    r = tl.program_id(0)  # rows (S x H: 524,288 for a 4K chunk at 128 heads) exceed grid y's 65,535
+    b = tl.program_id(1)
     offs_s = tl.arange(0, NS)
     s_ok = offs_s < num_splits
     lse = tl.load(lse_ptr + b * stride_lb + r * stride_lr + offs_s, mask=s_ok, other=float("-inf"))
@@ -295,7 +295,7 @@ def _mla_decode_rows(
     )
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
-    _mla_merge_kernel[(b, rows)](
+    _mla_merge_kernel[(rows, b)](
         o,
         lse,
         out,

@@ -218,12 +218,16 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def default_config(total_tokens: int, num_heads: int) -> dict:
-    """Block shapes. Interpreter: small blocks. GPU: 128 query rows x 64 keys, 8 warps, 3 stages
-    (q 48 KB + 3 x (k 24 KB + v 16 KB) = 168 KB of the H100's 227 KB shared memory): the fastest
-    of 5 candidates at all 8 benchmarked shapes (128x128/8w/2s 2-14% slower, 64x64/4w 18-31%)."""
+def default_config(total_tokens: int, num_heads: int, elem_bytes: int = 2) -> dict:
+    """Block shapes. Interpreter: small blocks. GPU, 2-byte inputs: 128 query rows x 64 keys, 8
+    warps, 3 stages (q 48 KB + 3 x (k 24 KB + v 16 KB) = 168 KB of the H100's 227 KB shared
+    memory): the fastest of 5 candidates at all 8 benchmarked shapes (128x128/8w/2s 2-14% slower,
+    64x64/4w 18-31%). fp32 inputs would need 336 KB at those tiles: 64 x 32, 2 stages (q 48 KB +
+    2 x (k 24 KB + v 16 KB) = 128 KB)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if elem_bytes > 2:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
@@ -301,7 +305,7 @@ def mla_prefill(
         return (out, lse) if return_lse else out
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    cfg = dict(config or default_config(t, h))
+    cfg = dict(config or default_config(t, h, q_nope_THN.element_size()))
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if bm % bn:
         raise ValueError(f"BLOCK_M={bm} must be a multiple of BLOCK_N={bn}")

@@ -4,9 +4,10 @@ Legend: T tokens, H hidden (7168), I expert width (moe_intermediate_size, 2048),
 K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per
 block.
 
-1. moe_align: sort assignments by expert and pad each expert's run to a multiple of BM, so every
-   block of BM sorted rows belongs to one expert. Padding rows hold the sentinel TK. Experts that
-   get no tokens get no blocks. Sizes are upper bounds (no host sync), so it can be graph-captured.
+1. moe_align (`moeray.kernels.moe_align`): sort assignments by expert and pad each expert's run
+   to a multiple of BM, so every block of BM sorted rows belongs to one expert. Padding rows hold
+   the sentinel TK. Experts that get no tokens get no blocks. Sizes are upper bounds (no host
+   sync), so it can be graph-captured.
 2. gate/up kernel: block (m, n) gathers its BM token rows of x, multiplies by w13[e] gate rows n and
    up rows I + n, and writes silu(gate) * up -> h [TK, I] (bf16), row = assignment id.
 3. down kernel: block (m, n) multiplies h rows by w2[e] [H, I] columns n, scales by the routing
@@ -23,8 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import FP8_DTYPE, cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.common import (
+    FP8_DTYPE,
+    cdiv,
+    check_tensor,
+    interpreting,
+    to_dtype_rn,
+    use_triton,
+)
 from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.moe_align import moe_align
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -79,46 +88,6 @@ def fused_moe_ref(
         out = act @ w2.t()
         y.index_add_(0, tok, out.float() * weights_TK[tok, slot].float()[:, None])
     return y.to(x_TH.dtype)
-
-
-def moe_align(
-    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort assignments by expert, padded per expert to block_m.
-
-    Returns sorted_ids [max_blocks * block_m] (assignment ids, sentinel TK for padding) and
-    block_expert [max_blocks] (expert of each block, -1 past the end). max_blocks =
-    ceil(TK / block_m) + E bounds the padded total without reading it back to the host.
-    No host syncs: it can run inside a CUDA graph capture.
-    """
-    flat = expert_ids_TK.reshape(-1).long()
-    tk = flat.numel()
-    dev = flat.device
-    valid = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(valid, flat, num_experts)  # invalid ids go to a bucket that gets no blocks
-    # scatter_add, not torch.bincount: CUDA bincount reads min and max back to the host (a sync),
-    # which would stop the decode step from being captured in a CUDA graph.
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
-    counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    pad_start = pad_end - padded
-    cnt_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(bucket, stable=True)
-    sorted_bucket = bucket[order]
-    ok = sorted_bucket < num_experts
-    e_safe = torch.where(ok, sorted_bucket, 0)
-    rank = torch.arange(tk, device=dev) - cnt_start[e_safe]
-    max_blocks = cdiv(tk, block_m) + num_experts
-    cap = max_blocks * block_m
-    dest = torch.where(ok, pad_start[e_safe] + rank, cap)  # invalid -> a dropped extra slot
-    sorted_ids = torch.full((cap + 1,), tk, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_start = torch.arange(max_blocks, device=dev) * block_m
-    block_expert = torch.searchsorted(pad_end, block_start, right=True)
-    total = pad_end[-1] if num_experts > 0 else torch.zeros((), dtype=torch.long, device=dev)
-    block_expert = torch.where(block_start < total, block_expert, -1).to(torch.int32)
-    return sorted_ids[:cap], block_expert
 
 
 @triton.jit
@@ -348,10 +317,13 @@ def fused_moe_gate_up(
     w3_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     config: dict | None = None,
+    add_TH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`fused_moe` with the gate (w1 [E, I, H]) and up (w3 [E, I, H]) weights as two tensors, as the
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
-    [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous)."""
+    [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
+    `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
+    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer)."""
     check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
     check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
     check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
@@ -375,6 +347,10 @@ def fused_moe_gate_up(
             f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} "
             f"must both be [T={t}, K]"
         )
+    if add_TH is not None:
+        check_tensor(add_TH, "add", dtypes=(x_TH.dtype,), ndim=2, device=x_TH.device)
+        if tuple(add_TH.shape) != (t, h):
+            raise ValueError(f"add has shape {tuple(add_TH.shape)}; expected [T, H] = {(t, h)}")
     fp8 = w1_EIH.dtype == FP8_DTYPE
     # (w1_scale, w3_scale, w2_scale), checked, with FP8
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -400,9 +376,10 @@ def fused_moe_gate_up(
     if not use_triton(x_TH):
         w13 = torch.cat([w1_EIH, w3_EIH], 1)
         s13 = torch.cat([scales[0], scales[1]], 1) if scales is not None else None
-        return fused_moe_ref(
+        y_ref = fused_moe_ref(
             x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale
         )
+        return y_ref if add_TH is None else y_ref + add_TH
     for name, w in (("w1", w1_EIH), ("w3", w3_EIH), ("w2", w2_EHI)):
         if w.stride(-1) != 1:
             raise ValueError(
@@ -496,23 +473,39 @@ def fused_moe_gate_up(
     y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)
     ids = expert_ids_TK if expert_ids_TK.is_contiguous() else expert_ids_TK.contiguous()
     block_h = 128 if interpreting() else 1024
+    add = y if add_TH is None else add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
     _moe_sum_kernel[(t, cdiv(h, block_h))](
         y_tk,
         ids,
         y,
+        add,
         h,
         e_count,
+        add.stride(0),
         K=k,
         BLOCK=block_h,
+        HAS_ADD=add_TH is not None,
         num_warps=4,
     )
     return y
 
 
 @triton.jit
-def _moe_sum_kernel(y_tk_ptr, ids_ptr, y_ptr, H, num_experts, K: tl.constexpr, BLOCK: tl.constexpr):
+def _moe_sum_kernel(
+    y_tk_ptr,
+    ids_ptr,
+    y_ptr,
+    add_ptr,
+    H,
+    num_experts,
+    stride_add,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
     # y[t] = sum over the token's K assignments that went to a local expert (others were never
-    # written, so they must be skipped, not read).
+    # written, so they must be skipped, not read); plus add[t], rounded after the sum is (as
+    # PyTorch's add of the two rounded tensors).
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
@@ -522,4 +515,8 @@ def _moe_sum_kernel(y_tk_ptr, ids_ptr, y_ptr, H, num_experts, K: tl.constexpr, B
         local = ((e >= 0) & (e < num_experts)).to(tl.int32)
         v = tl.load(y_tk_ptr + (t * K + kk) * H + offs, mask=ok & (offs * 0 + local > 0), other=0.0)
         acc += v.to(tl.float32)
-    tl.store(y_ptr + t * H + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if HAS_ADD:
+        a = tl.load(add_ptr + t * stride_add + offs, mask=ok, other=0.0)
+        y = to_dtype_rn(y.to(tl.float32) + a.to(tl.float32), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * H + offs, y, mask=ok)

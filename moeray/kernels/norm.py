@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_shape, check_tensor, use_triton
+from moeray.kernels.common import check_shape, check_tensor, to_dtype_rn, use_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One row lives in registers: 16384 fp32 values at 8 warps is 64 per thread; V3's 7168 is the
@@ -43,18 +43,6 @@ def rms_norm_ref(
     hf = h.float()
     y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return weight_D * y.to(h.dtype), h
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr):
-    """fp32 -> `dtype`, round to nearest even. For bf16 the rounding is done on the bits first:
-    Triton's interpreter (3.9) truncates fp32 -> bf16 (the GPU's cvt rounds to nearest), so the
-    final cast is exact and CPU tests check what the GPU computes (3 integer ops a value)."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -79,15 +67,15 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        h = _to_dtype(x.to(tl.float32) + r.to(tl.float32), x.dtype)
+        h = to_dtype_rn(x.to(tl.float32) + r.to(tl.float32), x.dtype)
         tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     else:
         h = x
     hf = h.to(tl.float32)
     mean_sq = tl.sum(hf * hf, axis=0) / D
-    normed = _to_dtype(hf * (1.0 / tl.sqrt(mean_sq + eps)), x.dtype)
+    normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), x.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    y = _to_dtype(normed.to(tl.float32) * w.to(tl.float32), x.dtype)
+    y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), x.dtype)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
 

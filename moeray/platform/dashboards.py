@@ -35,7 +35,7 @@ DASHBOARDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "moeray-training": ("moeray: training", ("training",)),
 }
 # Labels that become dashboard variables (filtered with =~, not split into series).
-VARIABLE_LABELS = ("model", "layer")
+VARIABLE_LABELS = ("model", "gang", "layer")
 PANEL_W, PANEL_H = 12, 8
 
 

@@ -237,11 +237,13 @@ MTP_ACCEPTED = MetricDef(
 )
 
 # ---- router (RouterActor: training and serving) --------------------------------------------
+# `gang` names the router's owner, so that routers of several gangs export apart: "train" (the
+# training job's router) or "<role>-<replica id>" (an expert-parallel serving gang's: actors/ep.py).
 EXPERT_LOAD = MetricDef(
     "moeray_expert_load",
     "Tokens routed to each routed expert in the last reporting window.",
     "gauge",
-    ("layer", "expert"),
+    ("gang", "layer", "expert"),
     unit="short",
     group="router",
 )
@@ -249,7 +251,7 @@ ROUTER_MAXVIO = MetricDef(
     "moeray_router_maxvio",
     "MaxVio = max_i(load_i) / mean(load) - 1 per MoE layer over the last reporting window.",
     "gauge",
-    ("layer",),
+    ("gang", "layer"),
     unit="percentunit",
     group="router",
 )
@@ -258,7 +260,7 @@ GPU_LOAD = MetricDef(
     "Rows (token, expert pairs) each expert-parallel serving rank (GPU) computed per MoE layer in "
     "the last reporting window.",
     "gauge",
-    ("layer", "gpu"),
+    ("gang", "layer", "gpu"),
     unit="short",
     group="router",
 )
@@ -266,7 +268,7 @@ PLACEMENT_MAXVIO = MetricDef(
     "moeray_placement_maxvio",
     "MaxVio over GPUs = max_g(load_g) / mean(load) - 1 per MoE layer of an EP serving gang.",
     "gauge",
-    ("layer",),
+    ("gang", "layer"),
     unit="percentunit",
     group="router",
 )
@@ -274,6 +276,7 @@ PLACEMENT_CHANGES = MetricDef(
     "moeray_placement_changes",
     "Serving expert placements recomputed and sent to the ranks.",
     "counter",
+    ("gang",),
     unit="short",
     group="router",
 )

@@ -16,7 +16,7 @@ use_bundle() {
 # tests/gpu/conftest.py refuses.
 gpu_pytest() {
   local log=$1 limit=$2; shift 2
-  CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$limit" python3 -m pytest -q -s -p no:cacheprovider "$@" > "$OUT/$log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$limit" python3 -m pytest -v -s --durations=15 -p no:cacheprovider "$@" > "$OUT/$log" 2>&1
   local rc=$?
   el "pytest $* rc=$rc"; grep "passed\|failed\|skipped\|error" "$OUT/$log" | tail -6 | cut -c1-200
   return $rc

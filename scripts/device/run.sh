@@ -14,13 +14,15 @@
 #   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
 #   engine-shapes      `moeray bench engine` at Moonlight and V3-width shapes, bf16 and FP8 (1 GPU)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
+#   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
+#   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
 #   kv-serve           KV transports between two actors, P/D vs colocated Serve (2 GPUs, carry .gpu-bundle)
 #   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
 #   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8 (1 GPU, ~6 min)
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

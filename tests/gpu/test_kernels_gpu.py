@@ -149,3 +149,51 @@ def test_mla_decode_real_shapes(heads):
     _poison()
     out3 = mla_decode_multi(q, kv, table, seq3, scale)
     assert _rel(out3, ref3) < 1e-2
+
+
+def test_mla_decode_multi_rows_past_grid_y():
+    """A 4,097-token chunk at 16 heads is 65,552 query rows: more than a grid's y limit (65,535),
+    which the absorbed prefill of a 4K prompt launches."""
+    from moeray.kernels.mla_decode import mla_decode_multi, mla_decode_ref
+
+    s, heads, page = 4097, 16, 64
+    pages = -(-s // page)
+    kv = torch.randn(pages, page, 576, device="cuda", dtype=torch.bfloat16)
+    table = torch.arange(pages, device="cuda", dtype=torch.int32).view(1, pages)
+    seq = torch.tensor([s], device="cuda", dtype=torch.int32)
+    q = torch.randn(1, s, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
+    rows = slice(s - 64, s)  # the reference on the last rows only: it is O(S^2) memory
+    ref, _ = mla_decode_ref(q[:, rows], kv, table, seq, 192**-0.5)
+    _poison()
+    out = mla_decode_multi(q, kv, table, seq, 192**-0.5)
+    assert _rel(out[:, rows], ref) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_moonlight_moe_layer_fused_paths_equal_reference(tokens):
+    """One Moonlight-shaped MoE layer (2048 wide, 64 experts top-6, 2 shared experts) in bf16: the
+    shared experts' SwiGLU kernel and their add inside the fused MoE's last launch give the same
+    bits as PyTorch's silu * up and a separate add (issue 19's decode fusions)."""
+    import os
+    from unittest import mock
+
+    from moeray.platform.config import moonlight_16b_a3b
+    from moeray.platform.model.moe import MoE
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        moe = MoE(moonlight_16b_a3b())
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.02)
+    moe = moe.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(1, tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fused = moe(x)
+        r = moe.last_routing
+        assert r is not None
+        x_TD = x.view(-1, 2048)
+        with mock.patch.dict(os.environ, {"MOERAY_FUSED_SWIGLU": "0"}):
+            shared = moe.shared_experts(x_TD)
+        ref = moe.experts(x_TD, r.expert_ids_TK, r.weights_TK) + shared
+    assert torch.equal(fused.view(-1, 2048), ref)

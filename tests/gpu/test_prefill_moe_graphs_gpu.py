@@ -18,6 +18,25 @@ def _poison(nbytes: int = 1 << 30) -> None:
     torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
 
 
+def test_mla_prefill_fp32_fits_shared_memory():
+    """fp32 inputs at V3's head dims take smaller tiles: the bf16 tiles would need 336 KB of
+    shared memory (an fp32 engine's expanded prefill launched them and failed)."""
+    from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref
+
+    lens = [3, 200, 77]
+    t = sum(lens)
+    q = torch.randn(t, 16, 192, device="cuda")
+    kv = torch.randn(t, 16, 256, device="cuda")
+    pe = torch.randn(t, 64, device="cuda")
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q_nope, q_pe = q.split([128, 64], -1)
+    k_nope, v = kv.split([128, 128], -1)
+    ref, _ = mla_prefill_ref(q_nope, q_pe, k_nope, pe, v, cu, 192**-0.5)
+    _poison()
+    out = mla_prefill(q_nope, q_pe, k_nope, pe, v, cu, 192**-0.5)
+    assert _rel(out, ref) < 5e-3  # TF32 dots unless TRITON_F32_DEFAULT=ieee
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 def test_mla_prefill_real_dims(heads):
     from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref

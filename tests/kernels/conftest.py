@@ -49,3 +49,22 @@ def compiled_check():
         assert "RESULT PASS" in proc.stdout, proc.stdout
 
     return run
+
+
+@pytest.fixture
+def launch_spy(monkeypatch):
+    """launch_spy(module, "_kernel") replaces a module's Triton kernel by a stand-in that records
+    each launch's grid and launches the real kernel; returns the list of grids."""
+
+    def spy(module, name: str) -> list:
+        real, grids = getattr(module, name), []
+
+        class Spy:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(module, name, Spy())
+        return grids
+
+    return spy

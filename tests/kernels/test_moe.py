@@ -80,3 +80,19 @@ def test_input_errors():
         fused_moe(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), ids, wts)
     with pytest.raises(ValueError, match="expert_ids has dtype"):
         fused_moe(x, w13, w2, ids.float(), wts)
+
+
+def test_fused_moe_adds_the_shared_output_in_its_last_launch():
+    """add_TH (the shared experts' output) summed in the final kernel: the same bits as adding it
+    to the result afterwards, foreign ids included; a wrong shape or dtype is refused."""
+    from moeray.kernels.moe import fused_moe_gate_up
+
+    x, w13, w2, ids, wts = _case(7, h=64, i=48, e=4, k=2, seed=9, foreign=True)
+    i = w13.shape[1] // 2
+    args = (x, w13[:, :i], w13[:, i:], w2, ids, wts)
+    shared = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(fused_moe_gate_up(*args, add_TH=shared), fused_moe_gate_up(*args) + shared)
+    with pytest.raises(ValueError, match="add has shape"):
+        fused_moe_gate_up(*args, add_TH=shared[:3])
+    with pytest.raises(ValueError, match="add has dtype"):
+        fused_moe_gate_up(*args, add_TH=shared.float())

@@ -124,3 +124,35 @@ print("RESULT PASS" if bad == 0 else f"RESULT FAIL {bad}")
 """,
         "norm-gpu.log",
     )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_transformer_defers_each_layers_last_add_into_the_next_norm(monkeypatch, fused):
+    """Transformer.forward leaves each layer's `x + mlp` to the next RMSNorm's residual add (the
+    final norm's after the last layer): the same bits as the plain layer-by-layer sum, with the
+    PyTorch norms and with the kernel chosen (the interpreter stands in for CUDA)."""
+    from moeray.platform.model.transformer import Transformer
+
+    cfg = tiny()
+    model = Transformer(cfg)
+    model.reset_parameters(seed=3)
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    residual_adds = []
+
+    def choice(x, weight, residual=None):
+        residual_adds.append(residual is not None)
+        return fused and rms_norm_applies(x, weight, residual)
+
+    monkeypatch.setattr(model_norm, "use_fused_norm", choice)
+    with torch.no_grad():
+        hidden = model(ids, return_mtp=False).hidden
+        n_layers = len(model.model.layers)
+        # one add per layer fused already (after attention), plus the deferred ones
+        assert sum(residual_adds) == 2 * n_layers
+        cos, sin = model.model.rotary_emb(torch.arange(5).expand(2, 5))
+        x = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            x = layer(x, cos, sin)
+        plain = model.model.norm(x)
+    assert torch.equal(hidden, plain)

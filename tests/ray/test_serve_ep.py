@@ -166,7 +166,10 @@ def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_d
     (version, step), *_ = r0["placement_switches"]
     assert version == 1 and 0 < step < r0["last_busy_gang_step"]
     assert decode["router"]["version"] == decode["placement_version"]
-    assert prefill["router"]["name"].startswith("moeray-ep-router-prefill-")
+    # Each gang's router labels its metrics with the gang (role and replica id).
+    assert prefill["router"]["gang"].startswith("prefill-")
+    assert decode["router"]["gang"].startswith("decode-")
+    assert prefill["router"]["name"] == "moeray-ep-router-" + prefill["router"]["gang"]
     assert prefill["router"]["tokens_seen"] > 0
     # Once the gang is idle (the loop reports every 0.1 s) the decode router has seen every
     # (token, expert) pair its ranks routed, and the change is in its log (its Ray worker's

@@ -1,5 +1,6 @@
 """`moeray bench wide-ep` on CPU (gloo processes, the tiny preset): the result file has decode
-tokens/s and all-to-all bandwidth keyed by rank count, and the placement ratios."""
+tokens/s and all-to-all bandwidth keyed by rank count, the plain engine's tokens/s and the ep=1
+ratio to it, and the placement ratios."""
 
 import json
 
@@ -18,6 +19,9 @@ def test_wide_ep_bench_writes_its_numbers(tmp_path, capsys):
     assert r["command"] and r["device"]
     assert set(r["tokens_per_s"]) == {"1", "2"} and min(r["tokens_per_s"].values()) > 0
     assert r["alltoall_gbps"]["1"] is None and r["alltoall_gbps"]["2"] > 0
+    assert r["cuda_graphs"] == {"1": "off", "2": "off"} and r["plain_cuda_graphs"] == "off"
+    assert r["plain_tokens_per_s"] > 0
+    assert r["ep1_over_plain"] == pytest.approx(r["tokens_per_s"]["1"] / r["plain_tokens_per_s"])
     assert r["max_gpu_load_ratio_placed"]["2"] < r["max_gpu_load_ratio_unplaced"]["2"]
     assert "wrote" in capsys.readouterr().out
 
@@ -31,5 +35,7 @@ def test_placement_evens_a_skewed_load():
 def test_bad_settings_are_refused(capsys):
     with pytest.raises(ValueError, match="preset='huge'"):
         WideEPConfig(preset="huge")
+    with pytest.raises(ValueError, match="decode_exchange='graphs'"):
+        WideEPConfig(decode_exchange="graphs")
     assert cli.main(["bench", "wide-ep", "--gpus", "two"]) == 2
     assert "--gpus 'two'" in capsys.readouterr().err

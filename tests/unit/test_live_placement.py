@@ -76,14 +76,16 @@ def _placements():
     }
 
 
-def _worker(rank: int, world: int, model_dir: str, init_file: str, out_dir: str, fp8: bool) -> None:
+def _worker(
+    rank: int, world: int, model_dir: str, init_file: str, out_dir: str, fp8: bool, exchange: str
+) -> None:
     torch.set_num_threads(1)
     os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
     try:
         _cfg, model, _report = load_rank_model(model_dir, rank, world, keep_fp8=fp8)
         source = CheckpointExperts(model_dir, model)
-        engine = ExpertParallelEngine(model, ECONF, expert_source=source)
+        engine = ExpertParallelEngine(model, ECONF, expert_source=source, decode_exchange=exchange)
         placements = _placements()
         ids = {engine.add_request(PROMPTS[i], _params()): i for i in MINE[rank]}
         tokens: dict[int, list[int]] = {}
@@ -109,6 +111,7 @@ def _worker(rank: int, world: int, model_dir: str, init_file: str, out_dir: str,
                 "routed": [int(m.load_E.sum()) for m in moe],
                 "rows": rows_computed(engine.model),
                 "steps": step,
+                "gathered": engine.lockstep.gathered_forwards,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -124,21 +127,28 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8-experts"])
-def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path, fp8):
+@pytest.mark.parametrize(
+    ("fp8", "exchange"),
+    [(False, "auto"), (True, "auto"), (False, "gather")],
+    ids=["fp32", "fp8-experts", "fp32-gather"],
+)
+def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path, fp8, exchange):
     """fp8-experts: the checkpoint is written in the official FP8 format and the ranks keep it
-    e4m3 (moved experts carry their block scales); the reference keeps it too."""
+    e4m3 (moved experts carry their block scales); the reference keeps it too. fp32-gather: decode
+    forwards take the fixed-size gathered exchange (what decode graphs replay), across both
+    switches and the redundant slots of v1."""
     if fp8:
         _cfg, plain = load_model(model_dir)
         model_dir = tmp_path / "fp8"
         save_model(plain, CONFIG, model_dir, fp8=True)
     _cfg, full = load_model(model_dir, keep_fp8=fp8)
     reference = Engine(full, ECONF).generate(PROMPTS, _params())
-    args = (2, str(model_dir), str(tmp_path / "pg"), str(tmp_path), fp8)
+    args = (2, str(model_dir), str(tmp_path / "pg"), str(tmp_path), fp8, exchange)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
     assert tokens == {i: o.output_token_ids for i, o in enumerate(reference)}
+    assert (got[0]["gathered"] > 0) == (exchange == "gather")
     # Both ranks switched to v1 and v2 after the same steps, v1 only once rank 1 had staged it
     # (after its step 4), both before the streams ended.
     assert got[0]["switches"] == got[1]["switches"]
@@ -188,16 +198,18 @@ def test_controller_replicates_hot_expert_and_maxvio_drops(caplog):
     seen = [seen[0] + hot * 5, seen[1]]
     rows = [torch.full((L_MOE,), step + 30), torch.full((L_MOE,), 2 * step + 10)]
     assert c.report(step + 10, seen, rows) is None and c.version == 1
-    m = Metrics("prometheus", registry=CollectorRegistry())
+    # Every series carries the gang that exported it (a gang's router sets it: actors/ep.py).
+    gang = {"gang": "decode-0a1b"}
+    m = Metrics("prometheus", registry=CollectorRegistry(), default_labels=gang)
     c.export(m)
     r = m.registry
-    assert r.get_sample_value(PLACEMENT_CHANGES.name + "_total") == 1.0
+    assert r.get_sample_value(PLACEMENT_CHANGES.name + "_total", gang) == 1.0
     # GPU load: the rows each rank reported computing in the last window (30 and 10).
-    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "0"}) == 30
-    assert r.get_sample_value(GPU_LOAD.name, {"layer": "1", "gpu": "1"}) == 10
-    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {"layer": "1"}) == pytest.approx(0.5)
+    assert r.get_sample_value(GPU_LOAD.name, {**gang, "layer": "1", "gpu": "0"}) == 30
+    assert r.get_sample_value(GPU_LOAD.name, {**gang, "layer": "1", "gpu": "1"}) == 10
+    assert r.get_sample_value(PLACEMENT_MAXVIO.name, {**gang, "layer": "1"}) == pytest.approx(0.5)
     assert (
-        r.get_sample_value(EXPERT_LOAD.name, {"layer": "1", "expert": "3"}) == 400 * 5
+        r.get_sample_value(EXPERT_LOAD.name, {**gang, "layer": "1", "expert": "3"}) == 400 * 5
     )  # the last window
 
 

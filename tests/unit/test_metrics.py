@@ -51,8 +51,8 @@ def test_registry_has_every_metric_the_issue_names():
     }
     for name, kind in required.items():
         assert names[name].kind == kind, name
-    assert names["moeray_expert_load"].labels == ("layer", "expert")
-    assert names["moeray_router_maxvio"].labels == ("layer",)
+    assert names["moeray_expert_load"].labels == ("gang", "layer", "expert")
+    assert names["moeray_router_maxvio"].labels == ("gang", "layer")
     assert names["moeray_running_requests"].labels[0] == "deployment"
     assert len(names) == len(M.METRICS)
     assert M.metric("moeray_ttft_seconds") is M.TTFT
@@ -112,7 +112,7 @@ def test_prometheus_runtime_records_exact_values():
 
     rng = random.Random(7)
     reg = pc.CollectorRegistry()
-    m = M.Metrics("prometheus", registry=reg, default_labels={"model": "tiny"})
+    m = M.Metrics("prometheus", registry=reg, default_labels={"model": "tiny", "gang": "train"})
     ttfts = [rng.uniform(0.001, 70.0) for _ in range(200)]
     for t in ttfts:
         m.observe("moeray_ttft_seconds", t)
@@ -133,7 +133,8 @@ def test_prometheus_runtime_records_exact_values():
         assert g("moeray_ttft_seconds_bucket", {"model": "tiny", "le": str(le)}) == want
     assert g("moeray_prompt_tokens_total", {"model": "tiny"}) == sum(counts)
     for (layer, e), v in loads.items():
-        assert g("moeray_expert_load", {"layer": str(layer), "expert": str(e)}) == v
+        want = {"gang": "train", "layer": str(layer), "expert": str(e)}
+        assert g("moeray_expert_load", want) == v
 
 
 def test_metrics_rejects_wrong_labels_kinds_and_values():
@@ -143,7 +144,7 @@ def test_metrics_rejects_wrong_labels_kinds_and_values():
     with pytest.raises(ValueError, match="takes labels"):
         m.observe("moeray_ttft_seconds", 0.1)  # model missing
     with pytest.raises(ValueError, match="takes labels"):
-        m.set("moeray_router_maxvio", 0.1, layer="3", expert="1")
+        m.set("moeray_router_maxvio", 0.1, gang="train", layer="3", expert="1")
     with pytest.raises(ValueError, match="is a histogram, not a counter"):
         m.inc("moeray_ttft_seconds", 1, model="x")
     with pytest.raises(ValueError, match="not in this"):
@@ -178,7 +179,7 @@ def test_real_prometheus_scrapes_our_metrics(tmp_path):
     import prometheus_client as pc
 
     reg = pc.CollectorRegistry()
-    m = M.Metrics("prometheus", registry=reg, default_labels={"model": "tiny"})
+    m = M.Metrics("prometheus", registry=reg, default_labels={"model": "tiny", "gang": "train"})
     m.create_all()
     n_tokens = random.Random(3).randint(10, 10_000)
     m.inc("moeray_generation_tokens", n_tokens)

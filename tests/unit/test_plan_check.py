@@ -94,3 +94,45 @@ def test_serve_check_bytes_and_passes_small_models(monkeypatch):
     assert (
         check.serve_bytes_per_rank(paged, tiny())[1] == 1000 * 64 * tiny().kv_cache_bytes_per_token
     )
+
+
+def test_train_check_counts_zero1_bf16_moments_recompute_and_cpu_ema(monkeypatch, tmp_path):
+    """Moonlight-16B-A3B at EP2 x DP4 on H200s: ~160 GB a worker with the default recipe, ~95 GB
+    with ZeRO-1, bf16 moments and recompute, so the check refuses the first and passes the
+    second. The EMA counts on a CPU worker only (a GPU job keeps it in host memory)."""
+    from moeray.platform.plan.memory import GB, train_memory
+
+    monkeypatch.setenv("MOERAY_GPU", "h200")
+    common = dict(
+        model="moonlight_16b_a3b",
+        use_gpu=True,
+        bf16=True,
+        parallel={"pp": 1, "ep": 2, "dp": 4},
+        data={"vocab_size": 163840, "seq_len": 4096, "global_batch": 8},
+    )
+    plain = load_config(_train_yaml(tmp_path, **common))
+    with pytest.raises(ValueError, match=r"does not fit.*PP1 x EP2 x DP4"):
+        check.check_train(plain)
+    saving = load_config(
+        _train_yaml(
+            tmp_path,
+            **common,
+            optim={"zero_stage": 1, "moments_dtype": "bfloat16"},
+            recompute=["norm", "mla_up"],
+            ema_decay=0.999,
+        )
+    )
+    assert check.check_train(saving) == []
+    recipe = check.job_recipe(saving)
+    assert (recipe.zero1, recipe.moment_bytes, recipe.recompute) == (True, 4, ("norm", "mla_up"))
+
+    layout = check.TrainLayout(1, 2, 4, "1f1b", seq_len=4096, global_batch=8)
+    cfg = saving.model_config()
+    base = train_memory(cfg, layout, check.job_recipe(plain))[0]
+    less = train_memory(cfg, layout, recipe)[0]
+    # optimizer state: dense parameters over EP x DP = 8 ranks, experts over DP = 4, moments halved
+    assert less.optimizer < base.optimizer / 8
+    assert less.activations < base.activations
+    on_cpu = train_memory(cfg, layout, recipe, ema_bytes=4.0)[0]
+    assert on_cpu.total - less.total == pytest.approx(4.0 * less.params)
+    assert base.total / GB > 141 > less.total / GB

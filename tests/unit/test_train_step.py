@@ -168,3 +168,21 @@ def test_job_config_parsing(tmp_path):
     bad.write_text("optim: {lr: 1.0, momentum: 0.9}\n")
     with pytest.raises(ValueError, match="momentum"):
         load_config(bad)
+
+
+def test_fused_adamw_step_refreshes_cached_weights():
+    """A fused AdamW (the CUDA default, `adamw_impl`) leaves the parameters' version counters
+    alone; `track_fused_updates` moves them, so fp8.WeightCache (FP8 quantizations and the bf16
+    casts of grouped experts) makes a new entry from the updated weight instead of a stale hit."""
+    from moeray.platform.fp8 import WeightCache
+
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    cache = WeightCache()
+    before = cache.cast(w, torch.bfloat16)
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    ts.track_fused_updates(opt)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    after = cache.cast(w, torch.bfloat16)
+    assert torch.equal(after, w.detach().to(torch.bfloat16))
+    assert not torch.equal(after, before)

@@ -18,6 +18,7 @@ import torch
 import triton
 
 from moeray.kernels.bench.common import _rec, ceilings
+from moeray.kernels.bench.decode import bench_decode_glue
 from moeray.kernels.bench.fp8 import (
     bench_fp8_gemm,
     bench_fp8_gemm_grouped,
@@ -90,6 +91,13 @@ def _print_table(result: dict) -> None:
             f"(x{r['graph_speedup']}), eager {r['torch_ms']:.4f} -> "
             f"{r['fused_ms']:.4f} ms; ids== {r['ids_equal']} counts== {r['counts_equal']} "
             f"scores bit== {r['scores_bit_equal']} w diff {r['weights_max_abs_diff']:.1e}"
+        )
+    for r in result.get("decode_glue", []):
+        print(
+            f"decode glue {r['kernel']:12s} T={r['tokens']:4d}: in a graph "
+            f"{r['torch_graph_us']:7.1f} us torch -> {r['fused_graph_us']:6.1f} us fused "
+            f"(x{r['graph_speedup']}), "
+            f"bit== {r['bit_equal']}"
         )
     for r in result.get("mla_decode_graph", []):
         print(
@@ -362,6 +370,7 @@ SECTIONS = (
     "mla_decode_graph",
     "mla_prefill",
     "router",
+    "decode_glue",
 )
 
 
@@ -410,6 +419,7 @@ def main(argv: list[str]) -> int:
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
         ("router", bench_moe_gate),
+        ("decode_glue", bench_decode_glue),
     ]
     for name, fn in sections:
         if name not in want:

@@ -9,6 +9,12 @@ does, so a loop that steps while there is work keeps this rank stepping for its 
 whole gang is idle, the ranks must still keep calling `step()` now and then (the serving loop does,
 `EngineLoop(collective=True)`): a rank that gets a request steps and waits in the lockstep
 all-reduce for the others, up to the process group's timeout.
+
+Decode CUDA graphs (GPU): decode forwards exchange tokens by a fixed-size all-gather and
+reduce-scatter (`decode_exchange`, see `parallel/serve_ep.py`), so the runner captures them: all
+ranks capture the same graphs when the engine starts, replay them together (a rank without work
+replays one with padding rows only), and capture them again after a placement switch, which
+replaces the expert weights the graphs read.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from moeray.platform.parallel.serve_placement import ExpertSource, PlacementSwit
 class ExpertParallelEngine(Engine):
     """An Engine over one EP rank of `model` (a plain model, made expert-parallel here).
     `expert_source` reads experts this rank does not hold when a new placement needs them
-    (`self.placements.stage`); the gang switches placement between steps."""
+    (`self.placements.stage`); the gang switches placement between steps. `decode_exchange`
+    (serve_ep.DECODE_EXCHANGES, the same on every rank): "auto" gathers decode forwards when the
+    gang replays graphs (every forward at ep=1), "gather" always (CPU tests), "all_to_all" never
+    (no graphs)."""
 
     def __init__(
         self,
@@ -39,6 +48,7 @@ class ExpertParallelEngine(Engine):
         group=None,
         tokenizer=None,
         expert_source: ExpertSource | None = None,
+        decode_exchange: str = "auto",
     ):
         if config.num_speculative_tokens:
             raise ValueError(
@@ -46,10 +56,20 @@ class ExpertParallelEngine(Engine):
                 "available with expert parallelism yet (its MoE forwards would need the lockstep "
                 "too); accepted 0"
             )
-        # Decode CUDA graphs need fixed-size dispatch buffers first (parallel/serve_ep.py).
-        config = dataclasses.replace(config, use_cuda_graphs=False, capture_graphs_at_start=False)
-        self.lockstep = parallelize_for_serving(model, group)
-        super().__init__(model, config, tokenizer=tokenizer)
+        self.lockstep = parallelize_for_serving(model, group, decode_exchange)
+        # Graphs are captured below, once the runner agrees forwards with the gang; always at
+        # start: a capture inside a step would need every rank to capture it in the same round.
+        graphs = config.use_cuda_graphs and decode_exchange != "all_to_all"
+        super().__init__(
+            model,
+            dataclasses.replace(config, use_cuda_graphs=graphs, capture_graphs_at_start=False),
+            tokenizer=tokenizer,
+        )
+        self.runner.gang = self.lockstep
+        self.lockstep.replay_padding = self.runner.run_padding
+        if self.runner.use_cuda_graphs:
+            with self.lockstep.graph_capture():
+                self.runner.capture_graphs(config.max_num_seqs)
         self.gang_busy = False
         # Every rank leaves step() at the same lockstep round (the one where no rank forwards), so
         # counting step() calls gives one step index for the whole gang; `stats.steps` counts
@@ -67,7 +87,10 @@ class ExpertParallelEngine(Engine):
         self.gang_steps += 1
         if self.gang_busy:
             self.last_busy_gang_step = self.gang_steps
-        self.placements.switch(self.lockstep.last_round.ready, self.gang_steps)
+        switched = self.placements.switch(self.lockstep.last_round.ready, self.gang_steps)
+        if switched and self.runner.graphs:
+            with self.lockstep.graph_capture():  # every rank switched after this same step
+                self.runner.recapture()
         return outs
 
     def has_unfinished(self) -> bool:

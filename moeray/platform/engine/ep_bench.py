@@ -9,7 +9,12 @@ rank. Then, without devices, the expert placement (platform/placement.py) under 
 (Zipf) expert load: the busiest GPU's load over the mean, with the redundant-expert placement
 and without it (contiguous experts, no replicas).
 
-Writes benchmarks/results/wide-ep-<device>.json: tokens_per_s and alltoall_gbps keyed by G,
+When G = 1 is among the counts, the plain Engine (no gang, no lockstep) decodes the same model and
+prompts in one more process of the same environment, and `ep1_over_plain` is the ep=1 gang's
+tokens/s over its: `--ep 1` goes through the gang's code and is held to within 5% (0.95).
+
+Writes benchmarks/results/wide-ep-<device>.json: tokens_per_s, alltoall_gbps and cuda_graphs (the
+runner's graph status) keyed by G, plain_tokens_per_s and ep1_over_plain,
 max_gpu_load_ratio_placed / _unplaced keyed by G.
 """
 
@@ -30,10 +35,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeray.platform import config as presets
-from moeray.platform.engine.engine import EngineConfig
+from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.parallel.distributed import CUDA_ENV, init_distributed
+from moeray.platform.parallel.serve_ep import DECODE_EXCHANGES, check_decode_exchange
 from moeray.platform.placement import gpu_loads, identity_placement, place_experts
 from moeray.platform.rank_weights import dummy_model, rank_experts
 from moeray.results import device_slug, write_result
@@ -54,6 +60,9 @@ class WideEPConfig:
     # e4m3 projections with 128x128 block scales (DeepSeek-V3's own format; V3 fits 8 GPUs only so)
     fp8: bool = False
     layers: int | None = None  # fewer decoder layers than the preset (a V3-shaped run on 1 GPU)
+    # The gang's decode exchange (serve_ep.DECODE_EXCHANGES): "all_to_all" times decode without
+    # graphs, against "auto"'s gathered graph replays.
+    decode_exchange: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -65,6 +74,7 @@ class WideEPConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"layers={self.layers} must be >= 1")
+        check_decode_exchange(self.decode_exchange)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: accepted auto, cpu, cuda")
 
@@ -85,41 +95,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _engine_config(cfg: WideEPConfig) -> EngineConfig:
+    page = 64
+    pages = cfg.batch * -(-(cfg.prompt_len + cfg.decode_tokens) // page) + 1
+    return EngineConfig(page_size=page, num_pages=pages, max_num_seqs=cfg.batch)
+
+
+def _time_decode(engine: Engine, cfg: WideEPConfig, rank: int) -> dict:
+    """Decode --batch prompts of this rank to --decode-tokens tokens each; -> seconds and tokens of
+    the decode window (from the step where every request has its first token) and the runner's
+    graph status. An EP rank keeps stepping until its whole gang is done (steps are collective)."""
+    dev = engine.device
+    mc = engine.model_config
+    g = torch.Generator().manual_seed(rank)
+    prompts = torch.randint(0, mc.vocab_size, (cfg.batch, cfg.prompt_len), generator=g)
+    warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.generate(prompts[:2].tolist(), warm)  # Triton compiles outside the timing
+    params = SamplingParams(temperature=0, max_tokens=cfg.decode_tokens, ignore_eos=True)
+    for p in prompts.tolist():
+        engine.add_request(p, params)
+    start = engine.stats.generated_tokens
+    t0 = before = None
+    while True:
+        engine.step()
+        if t0 is None and engine.stats.generated_tokens - start >= cfg.batch:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0, before = time.perf_counter(), engine.stats.generated_tokens
+        if not engine.has_unfinished():  # an EP rank: until no rank of the gang has work
+            break
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    assert t0 is not None and before is not None  # the loop ran until every request finished
+    return {
+        "seconds": time.perf_counter() - t0,
+        "decoded": engine.stats.generated_tokens - before,
+        "cuda_graphs": engine.runner.graph_status,
+    }
+
+
+def _model(cfg: WideEPConfig, dev: torch.device, rank: int, world: int):
+    mc = model_config(cfg)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dummy_model(mc, rank_experts(mc, rank, world), device=dev, dtype=dtype, fp8=cfg.fp8)
+
+
+def _device(device: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+
+
+def _plain(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out: str) -> None:
+    """The plain engine on one device over the same dummy model (`world` is 1; `port` unused)."""
+    dev = _device(device, rank)
+    engine = Engine(_model(cfg, dev, 0, 1), _engine_config(cfg))
+    Path(out, "plain.json").write_text(json.dumps(_time_decode(engine, cfg, rank)))
+
+
 def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out: str) -> None:
-    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    dev = _device(device, rank)
     init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev)
     try:
-        mc = model_config(cfg)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model = dummy_model(mc, rank_experts(mc, rank, world), device=dev, dtype=dtype, fp8=cfg.fp8)
-        page = 64
-        pages = cfg.batch * -(-(cfg.prompt_len + cfg.decode_tokens) // page) + 1
         engine = ExpertParallelEngine(
-            model, EngineConfig(page_size=page, num_pages=pages, max_num_seqs=cfg.batch)
+            _model(cfg, dev, rank, world),
+            _engine_config(cfg),
+            decode_exchange=cfg.decode_exchange,
         )
-        g = torch.Generator().manual_seed(rank)
-        prompts = torch.randint(0, mc.vocab_size, (cfg.batch, cfg.prompt_len), generator=g)
-        warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        engine.generate(prompts[:2].tolist(), warm)  # Triton compiles outside the timing
-        params = SamplingParams(temperature=0, max_tokens=cfg.decode_tokens, ignore_eos=True)
-        for p in prompts.tolist():
-            engine.add_request(p, params)
-        start = engine.stats.generated_tokens
-        t0 = before = None
-        # Every rank steps until the whole gang is done (the steps are collective); the decode
-        # window of a rank starts once all its requests have their first token (prefill done).
-        while True:
-            engine.step()
-            if t0 is None and engine.stats.generated_tokens - start >= cfg.batch:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0, before = time.perf_counter(), engine.stats.generated_tokens
-            if not engine.gang_busy:
-                break
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        assert t0 is not None and before is not None  # the loop ran until every request finished
-        seconds, decoded = time.perf_counter() - t0, engine.stats.generated_tokens - before
+        timed = _time_decode(engine, cfg, rank)
         n = int(cfg.a2a_mib * 2**20 / 4) // world * world
         x = torch.ones(n, dtype=torch.float32, device=dev)
         y = torch.empty_like(x)
@@ -133,7 +174,7 @@ def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out:
             torch.cuda.synchronize(dev)
         a2a_s = (time.perf_counter() - t1) / iters
         Path(out, f"{rank}.json").write_text(
-            json.dumps({"seconds": seconds, "decoded": decoded, "a2a_s": a2a_s, "a2a_bytes": n * 4})
+            json.dumps({**timed, "a2a_s": a2a_s, "a2a_bytes": n * 4})
         )
     finally:
         dist.destroy_process_group()
@@ -158,15 +199,16 @@ def placement_ratios(
     return ratio(gpu_loads(load_LE, placed)), ratio(gpu_loads(load_LE, plain))
 
 
-def _spawn(world: int, cfg: WideEPConfig, device: str, tmp: str) -> None:
-    """Run the `world` rank processes. On CUDA they start with CUDA_ENV (parallel/distributed.py:
-    read when torch loads); this process's environment is put back after the start, since its
-    own torch already read the old values and would refuse changed ones at its first CUDA call."""
+def _spawn(world: int, cfg: WideEPConfig, device: str, tmp: str, fn=_rank) -> None:
+    """Run the `world` rank processes (fn: _rank, or _plain with world 1). On CUDA they start
+    with CUDA_ENV (parallel/distributed.py: read when torch loads); this process's environment
+    is put back after the start, since its own torch already read the old values and would refuse
+    changed ones at its first CUDA call."""
     saved = {k: os.environ.get(k) for k in CUDA_ENV}
     if device == "cuda":
         os.environ.update(CUDA_ENV)
     try:
-        mp.spawn(_rank, args=(world, cfg, device, _free_port(), tmp), nprocs=world, join=True)
+        mp.spawn(fn, args=(world, cfg, device, _free_port(), tmp), nprocs=world, join=True)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -182,18 +224,26 @@ def run_bench(cfg: WideEPConfig) -> dict:
     if device == "cuda" and max(cfg.gpus) > torch.cuda.device_count():
         raise ValueError(f"gpus={cfg.gpus}: this machine has {torch.cuda.device_count()} GPUs")
     mc = model_config(cfg)
-    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "alltoall_gbps": {}}
+    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "alltoall_gbps": {}, "cuda_graphs": {}}
     for G in cfg.gpus:
         with tempfile.TemporaryDirectory() as tmp:
             _spawn(G, cfg, device, tmp)
             ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(G)]
         wall = max(r["seconds"] for r in ranks)
         out["tokens_per_s"][str(G)] = sum(r["decoded"] for r in ranks) / wall
+        out["cuda_graphs"][str(G)] = ranks[0]["cuda_graphs"]
         # Bytes each rank sends to the others per second (its own slice stays local).
         sent = ranks[0]["a2a_bytes"] * (G - 1) / G
         out["alltoall_gbps"][str(G)] = (
             sent / max(r["a2a_s"] for r in ranks) / 1e9 if G > 1 else None
         )
+    if 1 in cfg.gpus:
+        with tempfile.TemporaryDirectory() as tmp:
+            _spawn(1, cfg, device, tmp, _plain)
+            plain = json.loads(Path(tmp, "plain.json").read_text())
+        out["plain_tokens_per_s"] = plain["decoded"] / plain["seconds"]
+        out["plain_cuda_graphs"] = plain["cuda_graphs"]
+        out["ep1_over_plain"] = out["tokens_per_s"]["1"] / out["plain_tokens_per_s"]
     placed, unplaced = {}, {}
     for G in cfg.gpus:
         if mc.n_routed_experts % G == 0:
@@ -219,6 +269,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     p.add_argument("--fp8", action="store_true", help="e4m3 weights + block scales, as V3 ships")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: preset's)")
+    p.add_argument(
+        "--decode-exchange",
+        choices=DECODE_EXCHANGES,
+        default=d.decode_exchange,
+        help="EP decode MoE exchange: auto (gathered, graphs), gather, all_to_all (no graphs)",
+    )
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     a = p.parse_args(argv)
     if a.gpus is None:
@@ -241,6 +297,7 @@ def main(argv: list[str]) -> int:
             device=a.device,
             fp8=a.fp8,
             layers=a.layers,
+            decode_exchange=a.decode_exchange,
         )
         numbers = run_bench(cfg)
     except ValueError as e:

@@ -32,7 +32,8 @@ decoding (tests/unit/test_engine.py). Positions stay below max_model_len: a row'
 position is at most max_model_len - 2 (a sequence of max_model_len tokens has finished), so a
 1-token pad stays inside the max_pages block-table columns.
 
-Attention over the pages, through the model's KVCache protocol (`moeray.platform.model.mla`):
+Attention over the pages, through the model's KVCache protocol (`moeray.platform.model.mla`;
+the views live in `paged_view.py`):
   * GatherPagedView (CPU, and GPU fallback): `update` writes the new latents into their slots and
     gathers each sequence's context into padded [B, T, C] / [B, T, R] with a mask_BST.
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
@@ -45,116 +46,37 @@ after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is 
 way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
 zero). Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
+
+In an expert-parallel gang (`gang` set: `parallel/serve_ep.Lockstep`) every main-model forward is
+agreed with the other ranks first (`gang.before_forward`, a collective): they replay their decode
+graphs only together, at one padded batch (the largest any rank needs), so the MoE exchanges inside
+have the same shapes on every rank; graphs are then captured up front, never inside a step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
+from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import ScheduledSeq
 
 # Rows of up to this many tokens share one padded forward: 1 + the MTP drafter's one draft.
 PAD_MAX_S = 2
 
 
-def _slots(
-    block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int
-) -> torch.Tensor:
-    """Flat slot (page * N + offset) of each position through each row's block table."""
-    page_BS = block_table_BM.gather(1, positions_BS // page_size).long()
-    return page_BS * page_size + positions_BS % page_size
+class Gang(Protocol):
+    """The ranks of an expert-parallel gang agreeing on each forward (module docstring)."""
 
-
-class GatherPagedView:
-    """KVCache over the pages for one forward of B sequences with S new tokens each. `expanded`
-    asks the model's MLA for its expanded path (see ModelRunner); `fresh` says every row starts at
-    position 0, so that path attends over the new latents as they are, without a gather."""
-
-    def __init__(
-        self,
-        storage: PagedKVStorage,
-        block_table_BM: torch.Tensor,
-        starts_B: torch.Tensor,
-        S: int,
-        *,
-        expanded: bool = False,
-        fresh: bool = False,
-    ) -> None:
-        self.storage = storage
-        self.expanded = expanded
-        self.fresh = fresh
-        self.N = storage.shape.page_size
-        self.block_table_BM = block_table_BM
-        self.starts_B = starts_B
-        self.S = S
-        dev = block_table_BM.device
-        self.positions_BS = starts_B[:, None] + torch.arange(S, device=dev)[None, :]
-        self.seq_lens_B = starts_B + S
-        self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
-        self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
-        self.calls = {"update": 0, "attend": 0, "expanded": 0}
-
-    def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
-        C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
-        self.storage.write(layer_idx, self.new_slots, kv_BSC.reshape(-1, C), pe_BSR.reshape(-1, R))
-
-    def _context(self):
-        if self._ctx is None:
-            T = int(self.seq_lens_B.max())
-            dev = self.block_table_BM.device
-            t_T = torch.arange(T, device=dev)
-            # Positions past a row's end read its last position again; the mask hides them.
-            t_BT = torch.minimum(t_T[None, :], (self.seq_lens_B - 1)[:, None])
-            slots_BT = _slots(self.block_table_BM, t_BT, self.N)
-            mask_BST = t_T[None, None, :] <= self.positions_BS[:, :, None]
-            self._ctx = (slots_BT, mask_BST)
-        return self._ctx
-
-    def update(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor):
-        self.calls["update"] += 1
-        self.calls["expanded"] += self.expanded  # the MLA runs its expanded path over the result
-        self._write(layer_idx, kv_BSC, pe_BSR)
-        if self.fresh and self.expanded:
-            # The S new tokens are each row's whole context. (Kept to the expanded path: the
-            # absorbed one reads back the stored, possibly FP8-rounded, latents as before.)
-            return kv_BSC, pe_BSR, None
-        slots_BT, mask_BST = self._context()
-        kv_BTC, pe_BTR = self.storage.read(layer_idx, slots_BT)
-        return kv_BTC.to(kv_BSC.dtype), pe_BTR.to(pe_BSR.dtype), mask_BST
-
-
-class KernelPagedView(GatherPagedView):
-    """GPU view: `attend` runs the paged MLA kernel over the pages."""
-
-    def attend(
-        self,
-        layer_idx: int,
-        q_lat_BSHC: torch.Tensor,
-        q_pe_BSHR: torch.Tensor,
-        kv_BSC: torch.Tensor,
-        pe_BSR: torch.Tensor,
-        softmax_scale: float,
-    ) -> torch.Tensor:
-        """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
-        attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
-        context (query s sees positions <= start + s). The caller applies W_UV and o_proj."""
-        self.calls["attend"] += 1
-        self._write(layer_idx, kv_BSC, pe_BSR)
-        q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
-        out = mla_decode_multi(
-            q_BSHK,
-            self.storage.kv_LPNK[layer_idx],
-            self.block_table_BM,
-            self.seq_lens_B.to(torch.int32),
-            softmax_scale,
-            kv_lora_rank=self.storage.shape.kv_lora_rank,
-        )
-        return out.to(q_lat_BSHC.dtype)
+    def before_forward(self, B: int, S: int, decode: bool, graph_batch: int) -> int:
+        """Collective: B sequences x S tokens here, `decode` if S <= PAD_MAX_S, graph_batch the
+        padded batch of this rank's captured graph for it (0: none). Returns the padded batch
+        every rank replays, or 0 (eager)."""
+        ...
 
 
 @dataclass
@@ -293,6 +215,7 @@ class ModelRunner:
         self.use_mtp_graphs = self.use_cuda_graphs
         self._status = {"main": "off", "mtp": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
+        self.gang: Gang | None = None  # set by an expert-parallel engine
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
@@ -350,8 +273,13 @@ class ModelRunner:
                 f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
                 f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}"
             )
+        if self.gang is not None and mtp_module is None:
+            agreed = self.gang.before_forward(B, S, S <= PAD_MAX_S, self._captured_batch(B, S))
+            graph = self.graphs.get((agreed, S, "main"))
+            if graph is not None:
+                return graph.run(ids_BS, block_table_BM, starts_B)
         # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
-        if S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
+        elif S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
             graph = self._graph_for(
                 B, S, mtp_module, None if hidden_BSD is None else hidden_BSD.dtype
             )
@@ -365,6 +293,38 @@ class ModelRunner:
         for k, v in view.calls.items():
             self.attention_calls[k] += v
         return logits, hidden
+
+    def _captured_batch(self, B: int, S: int) -> int:
+        """The padded batch of the captured main graph that runs B x S, 0 if there is none."""
+        if not self.use_cuda_graphs or S > PAD_MAX_S or B > self.graph_batch_sizes[-1]:
+            return 0
+        bs = next(b for b in self.graph_batch_sizes if b >= B)
+        return bs if (bs, S, "main") in self.graphs else 0
+
+    def run_padding(self, bs: int, S: int) -> bool:
+        """Replay the main graph (bs, S) with padding rows only (a gang rank without work, keeping
+        its peers' collectives company); False if it was not captured."""
+        graph = self.graphs.get((bs, S, "main"))
+        if graph is None:
+            return False
+        dev = self.device
+        graph.run(
+            torch.zeros(0, S, dtype=torch.long, device=dev),
+            torch.zeros(0, 1, dtype=torch.int32, device=dev),
+            torch.zeros(0, dtype=torch.long, device=dev),
+        )
+        return True
+
+    @torch.inference_mode()
+    def recapture(self) -> int:
+        """Drop the main-model graphs and capture the same ones again: after the model's weights
+        were replaced (an expert placement switch: the graphs read the old tensors' memory).
+        Returns the number of graphs held."""
+        keys = sorted(k for k in self.graphs if k[2] == "main")
+        self.graphs = {k: g for k, g in self.graphs.items() if k[2] != "main"}
+        for bs, S, _ in keys:
+            self._graph_for(bs, S)
+        return len(self.graphs)
 
     def _graph_for(self, B: int, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None):
         if B > self.graph_batch_sizes[-1]:

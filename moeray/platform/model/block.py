@@ -26,8 +26,26 @@ class DecoderLayer(nn.Module):
             else MLP(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x_BSD, cos, sin, cache: KVCache | None = None, absorbed: bool | None = None):
-        attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos, sin, cache, absorbed=absorbed)
-        # x + attn and the norm after it: one kernel on the GPU (model/norm.py chooses)
+    def forward(
+        self,
+        x_BSD,
+        cos,
+        sin,
+        cache: KVCache | None = None,
+        absorbed: bool | None = None,
+        delta_BSD=None,
+        *,
+        defer: bool = False,
+    ):
+        """x + attn + mlp, the layer's output. `delta_BSD`: the input is x + delta, an add the
+        previous layer left undone; `defer=True` returns (x + attn, mlp) and leaves this layer's
+        last add to the next norm. Each such add then runs inside that norm's kernel on the GPU
+        (model/norm.py), one launch fewer per layer; the sums are the same either way."""
+        if delta_BSD is None:
+            normed_BSD = self.input_layernorm(x_BSD)
+        else:
+            normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
+        attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
         normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)
-        return x_BSD + self.mlp(normed_BSD)
+        mlp_BSD = self.mlp(normed_BSD)
+        return (x_BSD, mlp_BSD) if defer else x_BSD + mlp_BSD

@@ -38,7 +38,10 @@ class KVCache(Protocol):
 
     # Optional: a cache with a fused kernel may also define
     #   attend(layer_idx, q_lat_BSHC, q_pe_BSHR, kv_BSC, pe_BSR, softmax_scale) -> o_lat_BSHC
-    # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context.
+    # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context,
+    # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
+    # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
+    # norm, the rotations and the store can run as one kernel).
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
@@ -128,12 +131,17 @@ class MLA(nn.Module):
         """The query latent (q_a_proj then its norm, [B, S, Q]); x itself without a q LoRA."""
         return x_BSD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BSD))
 
-    def _queries(self, q_lat, cos, sin):
-        """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], rotated q_pe)."""
+    def _split_queries(self, q_lat):
+        """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], q_pe unrotated)."""
         B, S, _ = q_lat.shape
         q = self.q_proj(q_lat) if self.q_lora_rank is None else self.q_b_proj(q_lat)
         q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope_BSHN, q_pe_BSHR
+
+    def _queries(self, q_lat, cos, sin):
+        """(q_nope [B,S,H,N], rotated q_pe [B,S,H,R])."""
+        q_nope_BSHN, q_pe_BSHR = self._split_queries(q_lat)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
 
     def _latent(self, x_BSD, cos, sin):
@@ -156,6 +164,9 @@ class MLA(nn.Module):
         the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
         q_lat = self._q_latent(x_BSD)
+        if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
+            # The engine's paged view norms, rotates and stores the new latent itself.
+            return self._absorbed_out(self._attend_raw(cache, x_BSD, q_lat, cos, sin))
         kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
         if cache is None and not absorbed:
             o_BSHV = self.expanded_attention(q_lat, kv_BSC, pe_BSR, cos, sin)
@@ -168,7 +179,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self._queries(q_lat, cos, sin)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
-            # A paged cache with a kernel attends over its pages itself (engine/runner.py).
+            # A paged cache with a kernel attends over its pages itself (engine/paged_view.py).
             o_lat_BSHC = cache.attend(
                 self.layer_idx, q_lat_BSHC, q_pe, kv_BSC, pe_BSR, self.softmax_scale
             )
@@ -181,6 +192,25 @@ class MLA(nn.Module):
                 q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
             )
         return self._absorbed_out(o_lat_BSHC)
+
+    def _attend_raw(self, cache, x_BSD, q_lat, cos, sin):
+        """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
+        projection and the query as their GEMMs leave them, the norm and rotations to the cache."""
+        kv = self.kv_a_proj_with_mqa(x_BSD)
+        kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_nope, q_pe = self._split_queries(q_lat)
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
+        return cache.attend(
+            self.layer_idx,
+            q_lat_BSHC,
+            q_pe,
+            kv_BSC,
+            pe_BSR,
+            self.softmax_scale,
+            kv_norm=self.kv_a_layernorm,
+            cos=cos,
+            sin=sin,
+        )
 
     def expanded_attention(self, q_lat, kv_BTC, pe_BTR, cos, sin, mask_BST=None):
         """From the latents to the attention output o [B, S, H, V]: the q and kv up-projections

@@ -19,6 +19,8 @@ from torch import nn
 from moeray.kernels.common import FP8_DTYPE
 from moeray.kernels.gate import Routing
 from moeray.kernels.moe import fused_moe_gate_up
+from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
+from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
@@ -41,7 +43,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act = swiglu(gate, up) if use_fused_swiglu(gate, up) else swiglu_ref(gate, up)
+        return self.down_proj(act)
+
+
+def use_fused_swiglu(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """The one place that picks the Triton silu(gate) * up over PyTorch's two kernels: CUDA
+    inference (no gradient) with tensors the kernel takes; training and CPU run the reference.
+    On the GPU both give the same bits (moeray.kernels.swiglu)."""
+    needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    return gate.is_cuda and not needs_grad and swiglu_applies(gate, up)
 
 
 class Gate(nn.Module):
@@ -58,7 +70,14 @@ class Gate(nn.Module):
         )
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
+        """fp32 logits [T, E] = x . W^T. The one place that picks the Triton kernel (one launch,
+        no fp32 copy of W; moeray.kernels.router_logits) over PyTorch's three: CUDA inference
+        with at most its MAX_TOKENS rows; training and CPU run the reference."""
+        w = self.weight
+        needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or w.requires_grad)
+        if x_TD.is_cuda and not needs_grad and router_logits_applies(x_TD, w):
+            return router_logits(x_TD, w)
+        return router_logits_ref(x_TD, w)
 
 
 class Experts(nn.Module):
@@ -96,13 +115,28 @@ class Experts(nn.Module):
         expert_ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         expert_offset: int = 0,
+        add_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum over each token's experts of weight * expert(x). Ids outside
+        """Sum over each token's experts of weight * expert(x), plus add_TD if given (the shared
+        experts' output: the fused kernel adds it in its last launch). Ids outside
         [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
         if x_TD.is_cuda and x_TD.shape[0] > 0:
-            y_TD = self._fused(x_TD, expert_ids_TK - expert_offset, weights_TK)
+            # Without expert parallelism the offset is 0: no subtraction kernel per layer.
+            local_TK = expert_ids_TK - expert_offset if expert_offset else expert_ids_TK
+            y_TD = self._fused(x_TD, local_TK, weights_TK, add_TD)
             if y_TD is not None:
                 return y_TD
+        y_TD = self._routed(x_TD, expert_ids_TK, weights_TK, expert_offset)
+        return y_TD if add_TD is None else y_TD + add_TD
+
+    def _routed(
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        expert_offset: int,
+    ) -> torch.Tensor:
+        """`forward` without the fused kernel (training; CPU): sorted per-expert GEMMs."""
         K = expert_ids_TK.shape[1]
         local_ids = expert_ids_TK.flatten() - expert_offset
         # Ids of other ranks get key E so that they sort last and are never computed here.
@@ -137,7 +171,11 @@ class Experts(nn.Module):
         return out_TD
 
     def _fused(
-        self, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        local_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        add_TD: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """GPU inference: the fused Triton MoE (moeray.kernels.moe), one launch per GEMM over all
         local experts and no host sync, so the engine can capture decode steps in CUDA graphs (the
@@ -166,11 +204,13 @@ class Experts(nn.Module):
             )
         else:
             ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
+        if add_TD is not None and (add_TD.dtype != x_TD.dtype or add_TD.shape != x_TD.shape):
+            ok = False
         if not ok:
             return None
         names = ("w1_scale", "w3_scale", "w2_scale")
         kw = dict(zip(names, (s.float() for s in scales), strict=True)) if scales else {}
-        return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, **kw)
+        return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, add_TH=add_TD, **kw)
 
 
 class MoE(nn.Module):
@@ -210,7 +250,6 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         r = self.route(x_TD)
         self.last_routing = r
-        y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
+        y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD)
         return y_TD.view_as(x_BSD)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from moeray.kernels.rope import rope, rope_applies, rope_ref
 from moeray.platform.config import ModelConfig
 
 
@@ -66,12 +67,18 @@ class RotaryEmbedding(nn.Module):
         return angles_BSR2.cos() * self.attention_factor, angles_BSR2.sin() * self.attention_factor
 
 
+def use_fused_rope(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor) -> bool:
+    """The one place that picks the Triton rotation over PyTorch: CUDA inference (no gradient)
+    with tensors the kernel takes (`moeray.kernels.rope.rope_applies`); training and CPU run the
+    reference. Both give the same bits."""
+    needs_grad = torch.is_grad_enabled() and x_BSHR.requires_grad
+    return x_BSHR.is_cuda and not needs_grad and rope_applies(x_BSHR, cos_BSR2, sin_BSR2)
+
+
 def apply_rope(
     x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor
 ) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1), (x2, x3), ... of the last dim (the official layout)."""
-    xf = x_BSHR.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_BSR2[:, :, None, :], sin_BSR2[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.to(x_BSHR.dtype)
+    if use_fused_rope(x_BSHR, cos_BSR2, sin_BSR2):
+        return rope(x_BSHR, cos_BSR2, sin_BSR2)
+    return rope_ref(x_BSHR, cos_BSR2, sin_BSR2)

@@ -98,9 +98,13 @@ class Transformer(nn.Module):
             positions_BS = torch.arange(start, start + S, device=input_ids_BS.device).expand(B, S)
         cos, sin = self.model.rotary_emb(positions_BS)
         x_BSD = self.model.embed_tokens(input_ids_BS)
+        delta_BSD = None  # each layer's last residual add, done inside the next norm
         for layer in self.model.layers:
-            x_BSD = layer(x_BSD, cos, sin, cache, absorbed)
-        hidden_BSD = self.model.norm(x_BSD)
+            x_BSD, delta_BSD = layer(x_BSD, cos, sin, cache, absorbed, delta_BSD, defer=True)
+        if delta_BSD is None:
+            hidden_BSD = self.model.norm(x_BSD)
+        else:
+            hidden_BSD = self.model.norm.add_forward(delta_BSD, x_BSD)[0]
         kept_BSD = hidden_BSD[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_BSD
         out = ModelOutput(logits=self.lm_head(kept_BSD), hidden=hidden_BSD)
         if return_mtp is None:

@@ -1,17 +1,19 @@
 """Refuse a training or serving layout that cannot fit, before any worker starts.
 
 `moeray train` and `moeray serve` call these with their configs. The memory is the planner's
-(memory.py, serving.py) for the precision moeray actually runs: fp32 master weights, gradients and
-AdamW moments in training (bf16 activations under `bf16: true`); the checkpoint's own dtype or FP8
-in serving. The budget is one device: the GPU named by $MOERAY_GPU (h800, h100, h200, b200) or the
-local CUDA device 0 for GPU work; for CPU work this host's RAM shared by the workers a local Ray
-starts here (with $RAY_ADDRESS set, the workers land on other hosts: one worker per host's RAM).
-A budget that cannot be known (a GPU job driven from a host without CUDA and no $MOERAY_GPU)
-skips the check and says so.
+(memory.py, serving.py) for what moeray actually runs: fp32 master weights and gradients in training
+(bf16 activations under `bf16: true`), AdamW moments in `optim.moments_dtype`, sharded under
+`optim.zero_stage: 1`, activations less the `recompute` parts, and the CPU EMA where it shares the
+device's memory; the checkpoint's own dtype or FP8 in serving. The budget is one device: the GPU
+named by $MOERAY_GPU (h800, h100, h200, b200) or the local CUDA device 0 for GPU work; for CPU work
+this host's RAM shared by the workers a local Ray starts here (with $RAY_ADDRESS set, the workers
+land on other hosts: one worker per host's RAM). A budget that cannot be known (a GPU job driven
+from a host without CUDA and no $MOERAY_GPU) skips the check and says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -24,6 +26,7 @@ from moeray.platform.plan.memory import (
     GB,
     MOERAY_BF16,
     MOERAY_FP32,
+    Recipe,
     TrainLayout,
     train_memory,
     worst_rank,
@@ -55,6 +58,20 @@ def device_budget_gb(use_gpu: bool, workers_here: int) -> tuple[float, str] | No
     return ram / workers_here, f"this host's {ram:.1f} GB of RAM over {workers_here} workers"
 
 
+def job_recipe(job: Any) -> Recipe:
+    """The bytes a TrainJobConfig's workers keep: moeray's recipe for its precision, with the
+    job's ZeRO-1 (optimizer state over the data-parallel ranks), AdamW moment dtype and
+    recomputed parts."""
+    base = MOERAY_BF16 if job.bf16 else MOERAY_FP32
+    moment = 2 if job.optim.moments_dtype == "bfloat16" else 4
+    return dataclasses.replace(
+        base,
+        zero1=job.optim.zero_stage == 1,
+        moment_bytes=2 * moment,
+        recompute=tuple(job.recompute),
+    )
+
+
 def check_train(job: Any) -> list[str]:
     """ValueError naming what to change when a worker of `job` (a TrainJobConfig) cannot fit;
     returns notes (a check skipped)."""
@@ -75,9 +92,10 @@ def check_train(job: Any) -> list[str]:
     if budget is None:
         return ["memory not checked: no CUDA device here; set MOERAY_GPU=h800|h100|h200|b200"]
     limit, source = budget
-    recipe = MOERAY_BF16 if job.bf16 else MOERAY_FP32
     reserve = GPU_RESERVE_GB if job.use_gpu else CPU_RESERVE_GB
-    mem = worst_rank(train_memory(cfg, layout, recipe, reserve_gb=reserve))
+    # the EMA's fp32 copy is in host memory: a CPU worker's budget, not a GPU's
+    ema = 4.0 if job.ema_decay and not job.use_gpu else 0.0
+    mem = worst_rank(train_memory(cfg, layout, job_recipe(job), reserve_gb=reserve, ema_bytes=ema))
     if mem.total <= limit * GB:
         return []
     static = (mem.weights + mem.grads + mem.optimizer) / GB

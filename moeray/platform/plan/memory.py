@@ -19,9 +19,12 @@ section 3.3: RMSNorm and MLA up-projections recomputed, expert inputs cached in 
   router scores (fp32)                     4 x n_routed
   per expert a token visits (top-k+shared) (D + 2 x I_moe) x act_bytes: the GEMM input and the
                                            SwiGLU input, whose output is recomputed
-Without recomputation (moeray's trainer today) the per-head q, k, v, the normed inputs and the
-SwiGLU outputs are stored too. The last stage adds its logits (V per token per head) once, as a
-transient: the loss and its gradient are computed before the next micro-batch's forward.
+What a recipe does not recompute it stores too (Recipe.recompute names the parts, as the job
+config's `recompute` does): "norm" the normed block inputs and latents ((2 D + latents) x
+hidden_bytes), "mla_up" the per-head q, k, v (H (2 qk_head + v_head) x hidden_bytes), "swiglu" the
+SwiGLU outputs (width x act_bytes per expert copy). The last stage adds its logits (V per token per
+head) once, as a transient: the loss and its gradient are computed before the next micro-batch's
+forward.
 """
 
 from __future__ import annotations
@@ -51,16 +54,26 @@ class Recipe:
     act_bytes: float  # cached expert / FFN activations
     hidden_bytes: float  # residual stream, latents, logits
     attn_out_bytes: float  # attention output (o_proj input)
-    recompute: bool  # norms, MLA up-projections and SwiGLU outputs recomputed in backward
+    recompute: tuple[str, ...]  # parts recomputed in the backward: of RECOMPUTE_PARTS
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.recompute if r not in RECOMPUTE_PARTS]
+        if bad:
+            raise ValueError(
+                f"recompute={list(self.recompute)}: {bad} unknown; accepted: {RECOMPUTE_PARTS}"
+            )
 
 
+RECOMPUTE_PARTS = ("norm", "mla_up", "swiglu")
 # DeepSeek-V3 report section 3.3: FP8 GEMM weights and cached activations, BF16 embedding, head
 # and activations elsewhere, FP32 master weights and gradients, BF16 AdamW moments, ZeRO-1.
-DEEPSEEK_V3 = Recipe("deepseek-v3", 1, 2, 4, 4, 2 + 2, True, 1, 2, 1, True)
-# moeray's trainer today (train/step.py, replica.py): fp32 parameters and gradients, torch AdamW's
-# fp32 moments, no optimizer sharding, no recomputation; FP8 GEMMs quantize on the fly (no copy).
-MOERAY_FP32 = Recipe("moeray-fp32", 4, 4, 4, 0, 4 + 4, False, 4, 4, 4, False)
-MOERAY_BF16 = Recipe("moeray-bf16", 4, 4, 4, 0, 4 + 4, False, 2, 2, 2, False)
+DEEPSEEK_V3 = Recipe("deepseek-v3", 1, 2, 4, 4, 2 + 2, True, 1, 2, 1, RECOMPUTE_PARTS)
+# moeray's trainer by default (train/step.py, replica.py): fp32 parameters and gradients, torch
+# AdamW's fp32 moments, no optimizer sharding, no recomputation; FP8 GEMMs quantize on the fly (no
+# copy). A job's optim.zero_stage, optim.moments_dtype and recompute change these
+# (plan/check.py, job_recipe).
+MOERAY_FP32 = Recipe("moeray-fp32", 4, 4, 4, 0, 4 + 4, False, 4, 4, 4, ())
+MOERAY_BF16 = Recipe("moeray-bf16", 4, 4, 4, 0, 4 + 4, False, 2, 2, 2, ())
 RECIPES = {r.name: r for r in (DEEPSEEK_V3, MOERAY_FP32, MOERAY_BF16)}
 
 # CUDA context, NCCL/DeepEP communication buffers and allocator slack, per GPU (DeepEP's default
@@ -174,8 +187,11 @@ def activation_bytes_per_token(cfg: ModelConfig, recipe: Recipe, moe: bool) -> f
     else:
         copies, width = 1, cfg.intermediate_size
     out += copies * (D + 2 * width) * ab
-    if not recipe.recompute:
-        out += (2 * D + latents + H * (2 * cfg.qk_head_dim + cfg.v_head_dim)) * hb
+    if "norm" not in recipe.recompute:
+        out += (2 * D + latents) * hb
+    if "mla_up" not in recipe.recompute:
+        out += H * (2 * cfg.qk_head_dim + cfg.v_head_dim) * hb
+    if "swiglu" not in recipe.recompute:
         out += copies * width * ab
     return out
 
@@ -191,10 +207,13 @@ class RankMemory:
     activations: float
     reserve: float
     live_microbatches: int
+    ema: float = 0.0  # the parameter EMA, when it lives in this memory (a CPU worker's)
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.reserve
+        return (
+            self.weights + self.grads + self.optimizer + self.activations + self.reserve + self.ema
+        )
 
     def as_dict(self) -> dict[str, float | int | list[int]]:
         return {
@@ -206,6 +225,7 @@ class RankMemory:
             "optimizer_gb": self.optimizer / GB,
             "activations_gb": self.activations / GB,
             "reserve_gb": self.reserve / GB,
+            "ema_gb": self.ema / GB,
             "live_microbatches": self.live_microbatches,
             "total_gb": self.total / GB,
         }
@@ -216,8 +236,11 @@ def train_memory(
     layout: TrainLayout,
     recipe: Recipe = DEEPSEEK_V3,
     reserve_gb: float = RESERVE_GB,
+    ema_bytes: float = 0.0,
 ) -> list[RankMemory]:
-    """Memory of every pipeline rank (all EP x DP ranks of a pipeline rank hold the same)."""
+    """Memory of every pipeline rank (all EP x DP ranks of a pipeline rank hold the same).
+    `ema_bytes` per parameter held: the parameter EMA when it shares this memory (0 on a GPU,
+    whose EMA is in host memory)."""
     p = Params.of(cfg)
     if p.n_routed % layout.ep:
         raise ValueError(
@@ -268,6 +291,7 @@ def train_memory(
                 activations=live * act_per_mb + transient,
                 reserve=reserve_gb * GB,
                 live_microbatches=live,
+                ema=ema_bytes * (routed_here + dense),
             )
         )
     return out

@@ -185,6 +185,9 @@ class EPRank:
             "last_busy_gang_step": engine.last_busy_gang_step,
             "lockstep_rounds": engine.lockstep.rounds,
             "padding_forwards": engine.lockstep.padding_forwards,
+            "gathered_forwards": engine.lockstep.gathered_forwards,  # fixed-size MoE exchange
+            "graph_forwards": engine.lockstep.graph_forwards,  # of those, decode graph replays
+            "cuda_graphs": engine.runner.graph_status,
             "load": None if self.report is None else dataclasses.asdict(self.report),
             "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
             "placement_version": engine.placements.version,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import increment_version
 
 from moeray.platform.model.moe import MoE
 from moeray.platform.routing.balance import sequence_balance_loss
@@ -92,6 +93,16 @@ def adamw_impl(params: Sequence[torch.Tensor]) -> dict[str, bool]:
     return {"fused": True} if params and all(p.is_cuda for p in params) else {}
 
 
+def track_fused_updates(opt: torch.optim.Optimizer) -> None:
+    """torch's fused AdamW writes the parameters without moving their version counters (torch
+    2.11 on CUDA and 2.13 on CPU alike), and fp8.WeightCache reads those counters to drop a
+    quantized weight that went stale: move them after each step of a fused optimizer (no kernel,
+    a counter per parameter)."""
+    if opt.defaults.get("fused"):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.register_step_post_hook(lambda *_: increment_version(params))
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -99,9 +110,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
+    opt = torch.optim.AdamW(
         groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, **adamw_impl(decay + no_decay)
     )
+    track_fused_updates(opt)
+    return opt
 
 
 @dataclass(frozen=True)

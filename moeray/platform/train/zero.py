@@ -100,6 +100,7 @@ class ShardedAdamW(torch.optim.AdamW):
             eps=1e-8,
             **tstep.adamw_impl(owned),
         )
+        tstep.track_fused_updates(self)
         self.moments_dtype = tstep.MOMENTS_DTYPES[cfg.moments_dtype]
 
     @torch.no_grad()

@@ -365,9 +365,11 @@ def main(argv: list[str]) -> int:
         if a.profile_steps:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
-    # the fast-path switches (kernels/gate.py, kernels/norm.py): on unless set to "0"
+    # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
+    # router_logits.py): on unless set to "0"
+    switches = ("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS")
     notes["fast_path_env"] = {
-        k: os.environ.get(k, "1") for k in ("MOERAY_FUSED_GATE", "MOERAY_FUSED_NORM")
+        f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "1") for k in switches
     }
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 

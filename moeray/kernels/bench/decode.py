@@ -1,0 +1,77 @@
+"""`moeray bench kernels --only decode_glue`: the kernels that replace a decode layer's small
+PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits) against
+their PyTorch references at Moonlight-16B-A3B's widths, each replayed in a CUDA graph as a decode
+step runs them, with whether the outputs agree bit for bit."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moeray.kernels.bench.common import _graph_ms
+from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_ref
+from moeray.kernels.moe_align import moe_align, moe_align_ref
+from moeray.kernels.rope import rope, rope_ref
+from moeray.kernels.router_logits import router_logits, router_logits_ref
+from moeray.kernels.swiglu import swiglu, swiglu_ref
+
+# Moonlight-16B-A3B: width 2048, 16 heads, latent 512 + rope 64, 64 experts top-6, shared width
+# 2 x 1408.
+D, HEADS, C, R, EXPERTS, TOP_K, SHARED = 2048, 16, 512, 64, 64, 6, 2816
+
+
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def _cases(t: int):
+    """(name, PyTorch fn, kernel fn, whether the outputs must be bit-equal) at t tokens."""
+    ids = torch.rand(t, EXPERTS, device="cuda").topk(TOP_K, dim=1).indices
+    q = _bf16(t, 1, HEADS, 128 + R)[..., 128:]
+    ang = torch.rand(t, 1, R // 2, device="cuda") * 1000
+    cache = _bf16(t // 64 + 2, 64, C + R)
+    slots = torch.randperm(cache.shape[0] * 64, device="cuda")[:t]
+    kv = _bf16(t, 1, C + R)
+    q_lat = _bf16(HEADS, t, 1, C).permute(1, 2, 0, 3)
+    prologue = (slots, kv[..., :C], kv[..., C:], q_lat, q)
+    norm, rot = (_bf16(C) * 0.1 + 1, 1e-6), (ang.cos(), ang.sin())
+    gate, up = _bf16(t, SHARED), _bf16(t, SHARED)
+    x, w_gate = _bf16(t, D), _bf16(EXPERTS, D)
+    p = functools.partial
+    return [
+        ("moe_align", p(moe_align_ref, ids, EXPERTS, 16), p(moe_align, ids, EXPERTS, 16), True),
+        ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
+        (
+            "mla_prologue",  # the norm's fp32 sum runs in another order: not bit-compared
+            p(mla_write_pack_ref, cache, *prologue, norm=norm, rope=rot),
+            p(mla_write_pack, cache, *prologue, norm=norm, rope=rot),
+            False,
+        ),
+        ("swiglu", p(swiglu_ref, gate, up), p(swiglu, gate, up), True),
+        # the fp32 sum runs in another order: not bit-compared
+        ("router_logits", p(router_logits_ref, x, w_gate), p(router_logits, x, w_gate), False),
+    ]
+
+
+def bench_decode_glue(tokens: tuple[int, ...] = (1, 32, 170)) -> list[dict]:
+    rows = []
+    for t in tokens:
+        for name, ref_fn, fused_fn, exact in _cases(t):
+            if name == "router_logits" and t > 32:  # past its MAX_TOKENS the model keeps cuBLAS
+                continue
+            with torch.inference_mode():
+                ref, out = ref_fn(), fused_fn()
+                torch_ms, fused_ms = _graph_ms(ref_fn), _graph_ms(fused_fn)
+            pairs = zip(ref, out, strict=True) if isinstance(ref, tuple) else [(ref, out)]
+            rows.append(
+                {
+                    "kernel": name,
+                    "tokens": t,
+                    "torch_graph_us": round(torch_ms * 1e3, 2),
+                    "fused_graph_us": round(fused_ms * 1e3, 2),
+                    "graph_speedup": round(torch_ms / fused_ms, 2),
+                    "bit_equal": all(torch.equal(a, b) for a, b in pairs) if exact else None,
+                }
+            )
+    return rows

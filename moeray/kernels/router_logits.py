@@ -1,0 +1,103 @@
+"""The MoE router's logits x . W^T in fp32 from bf16/fp16 x and W as one Triton launch:
+`router_logits`, its PyTorch reference `router_logits_ref` (DeepSeek-V3's and transformers'
+`F.linear(x.float(), W.float())`), and the test `router_logits_applies` by which the model's Gate
+(`moeray.platform.model.moe.Gate.logits`) chooses between them.
+
+Legend: T tokens, D model width, E routed experts, BE experts per program, BD features per step.
+
+Why: the reference is three launches per MoE layer at decode: x to fp32, the whole [E, D] router
+weight to fp32 (Moonlight: 64 x 2048, a 512 KB write per layer and step), and an fp32 GEMM that
+reads that copy back. Here each program reads its BE weight rows in their own dtype once and
+accumulates in fp32.
+
+Numerics: every product of two bf16 (or fp16) values is exact in fp32, so the logits differ from
+the reference only by the order of the fp32 sum over D (cuBLAS picks its own): a few fp32 ulps,
+which can change the gate's choice only between experts whose scores tie to ~1e-7.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import check_tensor, use_triton
+
+DTYPES = (torch.bfloat16, torch.float16)
+# Each program re-reads its token's row and BE weight rows: fine for decode batches, where the
+# reference's GEMM would be a GEMV too; past this many tokens the reference's GEMM is the better
+# kernel (it reads W once for all rows).
+MAX_TOKENS = 32
+
+
+def router_logits_ref(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, E] (any leading shape of x)."""
+    return F.linear(x_TD.float(), weight_ED.float())
+
+
+@triton.jit
+def _router_logits_kernel(
+    x_ptr, w_ptr, y_ptr, D, E, stride_x, stride_w, BE: tl.constexpr, BD: tl.constexpr
+):
+    t = tl.program_id(1).to(tl.int64)
+    offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
+    ok_e = offs_e < E
+    offs_d = tl.arange(0, BD)
+    acc = tl.zeros([BE], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        ok_d = d0 + offs_d < D
+        x = tl.load(x_ptr + t * stride_x + d0 + offs_d, mask=ok_d, other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + offs_e[:, None].to(tl.int64) * stride_w + d0 + offs_d[None, :],
+            mask=ok_e[:, None] & ok_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(y_ptr + t * E + offs_e, acc, mask=ok_e)
+
+
+def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
+    """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS and W [E, D]
+    in one of bf16/fp16, unit stride over D, on CUDA (or the interpreter).
+    MOERAY_FUSED_GATE_LOGITS=0 keeps the reference: an A/B switch for the engine bench."""
+    if os.environ.get("MOERAY_FUSED_GATE_LOGITS", "1") == "0":
+        return False
+    if x_TD.dim() != 2 or weight_ED.dim() != 2 or x_TD.shape[1] != weight_ED.shape[1]:
+        return False
+    if x_TD.dtype not in DTYPES or weight_ED.dtype != x_TD.dtype or x_TD.shape[0] > MAX_TOKENS:
+        return False
+    return x_TD.stride(-1) == 1 and weight_ED.stride(-1) == 1 and use_triton(x_TD, weight_ED)
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """`router_logits_ref` in one launch for x [T, D] and W [E, D] (bf16 or fp16, one dtype):
+    fp32 [T, E]. No gradient (inference); no host sync (CUDA graphs)."""
+    check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
+    check_tensor(weight_ED, "weight", dtypes=(x_TD.dtype,), ndim=2, device=x_TD.device)
+    T, D = x_TD.shape
+    E = weight_ED.shape[0]
+    if weight_ED.shape[1] != D:
+        raise ValueError(f"weight has shape {tuple(weight_ED.shape)}; expected [E, {D}]")
+    if not use_triton(x_TD):
+        return router_logits_ref(x_TD, weight_ED)
+    x = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    w = weight_ED if weight_ED.stride(-1) == 1 else weight_ED.contiguous()
+    y = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    if T and E:
+        be = 4 if E <= 64 else 8  # 16 programs per token at 64 experts, 32 at V3's 256
+        _router_logits_kernel[(triton.cdiv(E, be), T)](
+            x,
+            w,
+            y,
+            D,
+            E,
+            x.stride(0),
+            w.stride(0),
+            BE=be,
+            BD=min(512, triton.next_power_of_2(max(D, 16))),
+            num_warps=4,
+        )
+    return y

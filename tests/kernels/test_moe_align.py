@@ -1,0 +1,106 @@
+"""The one-launch MoE alignment kernel (moeray.kernels.moe_align) against its PyTorch reference
+under the interpreter: equal tensors at odd sizes, foreign (other ranks') and out-of-range ids,
+empty experts, several chunks of assignments, and the dispatch past ALIGN_KERNEL_MAX_TK."""
+
+import pytest
+import torch
+
+from moeray.kernels import moe_align as align_mod
+from moeray.kernels.moe_align import ALIGN_KERNEL_MAX_TK, moe_align, moe_align_ref
+
+
+def _ids(t, k, e, seed, foreign=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(t, e, generator=g).topk(k, dim=1).indices
+    if foreign:  # other ranks' experts: below 0 and at or past E
+        ids[::3, 0] = -2
+        ids[1::4, -1] = e + 5
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("t", "k", "e", "bm"),
+    [
+        (1, 6, 64, 32),
+        (3, 2, 5, 16),
+        (19, 3, 6, 16),
+        (37, 6, 64, 32),
+        (70, 8, 256, 16),
+        (0, 2, 4, 16),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("foreign", [False, True])
+def test_moe_align_kernel_equals_reference(t, k, e, bm, dtype, foreign):
+    ids = _ids(t, k, e, seed=t * 31 + e, foreign=foreign).to(dtype)
+    got = moe_align(ids, e, bm)
+    ref = moe_align_ref(ids, e, bm)
+    assert got[0].dtype == ref[0].dtype == torch.int32
+    assert got[1].dtype == ref[1].dtype == torch.int32
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_moe_align_kernel_runs_and_reference_past_limit(launch_spy):
+    # Below the limit the kernel runs, past it the reference.
+    calls = launch_spy(align_mod, "_moe_align_kernel")
+    moe_align(_ids(4, 2, 8, seed=1), 8, 16)
+    assert len(calls) == 1
+    big = _ids(ALIGN_KERNEL_MAX_TK // 2 + 1, 2, 8, seed=2)
+    got = moe_align(big, 8, 16)
+    assert len(calls) == 1  # the reference, not the kernel
+    assert torch.equal(got[0], moe_align_ref(big, 8, 16)[0])
+
+
+@pytest.mark.parametrize(("experts", "block_m"), [(0, 16), (4, 0)])
+def test_moe_align_rejects_bad_sizes(experts, block_m):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        moe_align(torch.zeros(2, 2, dtype=torch.long), experts, block_m)
+
+
+def test_moe_align_env_switch_keeps_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(align_mod, "moe_align_ref", lambda *a: calls.append(a) or "ref")
+    monkeypatch.setenv("MOERAY_FUSED_ALIGN", "0")
+    assert moe_align(_ids(3, 2, 4, seed=0), 4, 16) == "ref" and len(calls) == 1
+
+
+@pytest.mark.gpu
+def test_moe_align_compiled_on_gpu(compiled_check):
+    # Equal tensors compiled on CUDA at decode and small-prefill sizes (Moonlight: 64 experts
+    # top-6, V3: 256 top-8, block rows 16/32/64), and the time of each path for the record.
+    compiled_check(
+        """
+import torch
+from moeray.kernels.moe_align import ALIGN_KERNEL_MAX_TK, moe_align, moe_align_ref
+bad = 0
+for e, k in ((64, 6), (256, 8), (7, 2)):
+    for t in (1, 3, 32, 64, 127):
+        if t * k > ALIGN_KERNEL_MAX_TK:
+            continue
+        for bm in (16, 32, 64):
+            ids = torch.rand(t, e, device="cuda").topk(k, dim=1).indices
+            ids[::5, 0] = -1  # another rank's expert
+            got, ref = moe_align(ids, e, bm), moe_align_ref(ids, e, bm)
+            ok = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+            bad += not ok
+            if not ok:
+                print("MISMATCH", e, k, t, bm)
+for t in (1, 64, 170):
+    ids = torch.rand(t, 64, device="cuda").topk(6, dim=1).indices
+    for name, fn in (("kernel", moe_align), ("ref", moe_align_ref)):
+        fn(ids, 64, 32)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(20):
+                fn(ids, 64, 32)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        print(f"moe_align {name} tokens={t} top6 E=64: {a.elapsed_time(b) / 200 * 1000:.1f} us")
+print("RESULT PASS" if bad == 0 else f"RESULT FAIL {bad}")
+""",
+        "moe-align-gpu.log",
+    )
