@@ -43,6 +43,12 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def switched_off(name: str) -> bool:
+    """Whether MOERAY_FUSED_<name>=0 is set: the A/B switch that keeps a fused kernel's PyTorch
+    reference (the engine bench records each switch)."""
+    return os.environ.get(f"MOERAY_FUSED_{name}", "1") == "0"
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
     return all(t.is_cuda for t in tensors) or interpreting()

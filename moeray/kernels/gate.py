@@ -30,14 +30,13 @@ NaN logits give expert id E (out of range, skipped by the MoE as "another rank's
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.common import cdiv, check_tensor, interpreting, switched_off, use_triton
 
 try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
     from triton.language.extra import libdevice
@@ -229,7 +228,7 @@ def moe_gate_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bo
     FUSED_MAX_TOKENS rows (`route`'s dispatch test).
     MOERAY_FUSED_GATE=0 in the environment routes with PyTorch instead: an A/B switch for
     `moeray bench engine`, and a way out if a new Triton miscompiles the kernel."""
-    if os.environ.get("MOERAY_FUSED_GATE", "1") == "0":
+    if switched_off("GATE"):
         return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
         return False

@@ -18,13 +18,11 @@ number of earlier assignments to the same expert (a stable sort, like the refere
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, use_triton
+from moeray.kernels.common import cdiv, check_tensor, switched_off, use_triton
 
 # The kernel is one program and counts each assignment's rank against all earlier ones
 # (TK^2 / 2 comparisons): ~130 [64 x 64] compare tiles at 1,024 assignments (decode batch 170 at
@@ -141,7 +139,7 @@ def moe_align(
         raise ValueError(f"num_experts={num_experts} and block_m={block_m} must be >= 1")
     tk = expert_ids_TK.numel()
     # MOERAY_FUSED_ALIGN=0 keeps the reference: an A/B switch for the engine bench.
-    off = os.environ.get("MOERAY_FUSED_ALIGN", "1") == "0"
+    off = switched_off("ALIGN")
     if off or tk > ALIGN_KERNEL_MAX_TK or not use_triton(expert_ids_TK):
         return moe_align_ref(expert_ids_TK, num_experts, block_m)
     ids = expert_ids_TK.reshape(-1)

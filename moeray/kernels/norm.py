@@ -18,13 +18,11 @@ than PyTorch's, so a result can differ by one rounding step of the output dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_shape, check_tensor, to_dtype_rn, use_triton
+from moeray.kernels.common import check_shape, check_tensor, switched_off, to_dtype_rn, use_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One row lives in registers: 16384 fp32 values at 8 warps is 64 per thread; V3's 7168 is the
@@ -86,7 +84,7 @@ def rms_norm_applies(
     unit stride over features, D <= MAX_D, on CUDA (or under the interpreter).
     MOERAY_FUSED_NORM=0 in the environment keeps PyTorch instead: an A/B switch for the engine
     bench, and a way out if a new Triton miscompiles the kernel."""
-    if os.environ.get("MOERAY_FUSED_NORM", "1") == "0":
+    if switched_off("NORM"):
         return False
     D = x_TD.shape[-1]
     tensors = [x_TD, weight_D] + ([] if residual_TD is None else [residual_TD])

@@ -17,13 +17,11 @@ input dtype (nearest even, also under the interpreter through `to_dtype_rn`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, to_dtype_rn, use_triton
+from moeray.kernels.common import check_tensor, switched_off, to_dtype_rn, use_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One (b, s) row of H x R values lives in registers: 128 heads x 64 dims (V3) is 8192 values.
@@ -85,7 +83,7 @@ def rope_applies(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.T
     fp32/bf16/fp16 with unit stride over R, cos/sin fp32 [B, S, R/2] with unit stride, H x R <=
     MAX_HR, on CUDA (or under the interpreter). MOERAY_FUSED_ROPE=0 in the environment keeps
     PyTorch instead: an A/B switch for the engine bench."""
-    if os.environ.get("MOERAY_FUSED_ROPE", "1") == "0":
+    if switched_off("ROPE"):
         return False
     if x_BSHR.dim() != 4 or x_BSHR.dtype not in DTYPES or x_BSHR.stride(-1) != 1:
         return False

@@ -17,14 +17,12 @@ which can change the gate's choice only between experts whose scores tie to ~1e-
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, use_triton
+from moeray.kernels.common import check_tensor, switched_off, use_triton
 
 DTYPES = (torch.bfloat16, torch.float16)
 # Each program re-reads its token's row and BE weight rows: fine for decode batches, where the
@@ -63,7 +61,7 @@ def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
     """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS and W [E, D]
     in one of bf16/fp16, unit stride over D, on CUDA (or the interpreter).
     MOERAY_FUSED_GATE_LOGITS=0 keeps the reference: an A/B switch for the engine bench."""
-    if os.environ.get("MOERAY_FUSED_GATE_LOGITS", "1") == "0":
+    if switched_off("GATE_LOGITS"):
         return False
     if x_TD.dim() != 2 or weight_ED.dim() != 2 or x_TD.shape[1] != weight_ED.shape[1]:
         return False

@@ -15,14 +15,12 @@ exp is numpy's, which can differ from torch's CPU exp by an ulp.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, interpreting, to_dtype_rn, use_triton
+from moeray.kernels.common import check_tensor, interpreting, switched_off, to_dtype_rn, use_triton
 
 try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
     from triton.language.extra import libdevice
@@ -61,7 +59,7 @@ def swiglu_applies(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> bool:
     """Whether `swiglu` takes these as they are: one dtype and shape, unit stride over features,
     rows that flatten without a copy, on CUDA (or the interpreter). MOERAY_FUSED_SWIGLU=0 keeps
     PyTorch: an A/B switch for the engine bench."""
-    if os.environ.get("MOERAY_FUSED_SWIGLU", "1") == "0":
+    if switched_off("SWIGLU"):
         return False
     if gate_TI.dtype not in DTYPES or up_TI.dtype != gate_TI.dtype or gate_TI.dim() < 1:
         return False
