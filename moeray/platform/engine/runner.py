@@ -139,6 +139,12 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
         runner.graph_pool = self.graph.pool()
+        # Under the stream-ordered allocator (CUDA_ENV: EP gangs) a graph's allocations exist only
+        # once it has launched, and freeing one before is an invalid argument that aborts the
+        # process. The capture leaves such tensors in module state (MoE.last_routing), which the
+        # next eager forward drops: one replay of the padding inputs (they write the scratch page
+        # only) makes them real first.
+        self.graph.replay()
         self.scratch_page = scratch_page
 
     def _forward(self, runner: ModelRunner):

@@ -184,7 +184,6 @@ class ServingEPMoE(ExpertParallelMoE):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         r = self.route(x_TD)
-        self.last_routing = r
         if self.gather is not None and self.gather.on:
             y_TD = self._gathered(x_TD, r, self.gather)
         else:
