@@ -1,9 +1,8 @@
-# `--ep 1` against the plain engine on one GPU: the EP GPU tests (decode CUDA graphs under EP;
-# they need the stream-ordered allocator from process start, so they skip in gpu-tests) and
+# `--ep 1` against the plain engine on one GPU: the EP GPU tests (decode CUDA graphs under EP) and
 # `moeray bench wide-ep --gpus 1`, whose result has ep1_over_plain (held to >= 0.95) and the
 # graph status of both engines. 1 GPU, ~5 minutes. EP_TESTS picks tests (default the file),
 # EP_TESTS_LIMIT their seconds.
-PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync gpu_pytest pytest_ep_gpu.log ${EP_TESTS_LIMIT:-300} \
+gpu_pytest pytest_ep_gpu.log ${EP_TESTS_LIMIT:-300} \
   ${EP_TESTS:-tests/gpu/test_engine_ep_gpu.py} || rc=1
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${WIDE_EP_LIMIT:-300} python3 -m moeray.cli bench wide-ep \
   --preset small --gpus 1 --device cuda --out-dir "$OUT" > "$OUT/wide-ep.log" 2>&1

@@ -13,6 +13,7 @@ from moeray.platform.config import tiny
 from moeray.platform.parallel.distributed import (
     CUDA_ENV,
     DEFAULT_TIMEOUT_S,
+    SERVE_CUDA_ENV,
     TIMEOUT_ENV,
     Topology,
     apply_cuda_env,
@@ -268,6 +269,14 @@ def test_cuda_env_is_set_before_the_context(monkeypatch):
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
 
 
+def test_serving_ranks_keep_the_caching_allocator():
+    # serving ranks capture Triton kernels in decode graphs, which cudaMallocAsync breaks
+    env = {"CUDA_MODULE_LOADING": "LAZY"}
+    apply_cuda_env(env, SERVE_CUDA_ENV)
+    assert env["CUDA_MODULE_LOADING"] == "EAGER" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    assert SERVE_CUDA_ENV.items() < CUDA_ENV.items()
+
+
 def test_cuda_worker_refuses_the_native_allocator(monkeypatch):
     # this process imported torch without the setting, so its allocator is the native one: a
     # worker started so would hang at its first mid-step cudaMalloc; it must say so instead
@@ -406,7 +415,12 @@ def test_grouped_fp8_experts_match_the_per_expert_path(monkeypatch):
     rows = [5, 0, 130, 17]
     want = run_experts_mlp(rows, 128, 160, grouped_fp8=False, defer=False)
     got = run_experts_mlp(rows, 128, 160, grouped_fp8=True, defer=True)
-    assert torch.equal(got[0], want[0])
+    # The same bf16 outputs but where the two paths' fp32 sums, ordered differently by the CPU's
+    # GEMM kernels, round to neighbouring bf16 values: 1 of 19,456 differed, by one ulp, on a
+    # Xeon without AVX-512; none on others. A wrong block, scale or transpose moves most by O(1).
+    ulp = torch.finfo(torch.bfloat16).eps * want[0].abs().clamp(min=1e-3)
+    off = (got[0] - want[0]).abs()
+    assert bool((off <= ulp).all()) and int((off > 0).sum()) <= 0.001 * off.numel()
     for name, a, b in zip(("dx", "dW1", "dW3", "dW2"), got[1:], want[1:], strict=True):
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert rel < 5e-3, (name, rel)

@@ -55,6 +55,8 @@ have the same shapes on every rank; graphs are then captured up front, never ins
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +66,8 @@ import torch
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
 
 # Rows of up to this many tokens share one padded forward: 1 + the MTP drafter's one draft.
 PAD_MAX_S = 2
@@ -139,12 +143,6 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
         runner.graph_pool = self.graph.pool()
-        # Under the stream-ordered allocator (CUDA_ENV: EP gangs) a graph's allocations exist only
-        # once it has launched, and freeing one before is an invalid argument that aborts the
-        # process. The capture leaves such tensors in module state (MoE.last_routing), which the
-        # next eager forward drops: one replay of the padding inputs (they write the scratch page
-        # only) makes them real first.
-        self.graph.replay()
         self.scratch_page = scratch_page
 
     def _forward(self, runner: ModelRunner):
@@ -347,6 +345,7 @@ class ModelRunner:
             try:
                 graph = _DecodeGraph(self, bs, S, mtp_module, hidden_dtype)
             except Exception as e:  # capture is an optimization: say why and run eagerly
+                logger.warning("decode graph %s not captured:\n%s", key, traceback.format_exc())
                 if kind == "main":
                     self.use_cuda_graphs = False
                 self.use_mtp_graphs = False

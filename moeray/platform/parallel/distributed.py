@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,25 +115,43 @@ CUDA_ENV = {
     "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
 }
 
+# The CUDA environment of a serving EP rank: CUDA_ENV without the allocator choice. A serving rank
+# captures its decode steps, Triton kernels included, as CUDA graphs; under cudaMallocAsync the
+# tensors allocated inside a capture have no address until the graph first launches, and Triton's
+# launcher refuses them ("Pointer argument cannot be accessed from Triton"), so no decode graph
+# could be captured (H200, torch 2.11, Triton 3.6). torch's caching allocator gives captured
+# tensors real addresses from the graph's private pool. Its cudaMalloc runs only at a new peak,
+# which a rank reaches while capturing and in its first prefills, before the gang serves traffic.
+SERVE_CUDA_ENV = {k: v for k, v in CUDA_ENV.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
 
-def apply_cuda_env(environ) -> None:
-    """Put CUDA_ENV into `environ` (os.environ); a ValueError if this process's CUDA context
-    already exists, since the settings would then be silently ignored."""
-    if torch.cuda.is_initialized() and any(environ.get(k) != v for k, v in CUDA_ENV.items()):
-        current = {k: environ.get(k) for k in CUDA_ENV}
+
+def apply_cuda_env(environ, cuda_env: Mapping[str, str] = CUDA_ENV) -> None:
+    """Put `cuda_env` (CUDA_ENV or SERVE_CUDA_ENV) into `environ` (os.environ); a ValueError if
+    this process's CUDA context already exists, since the settings would then be silently
+    ignored."""
+    if torch.cuda.is_initialized() and any(environ.get(k) != v for k, v in cuda_env.items()):
+        current = {k: environ.get(k) for k in cuda_env}
         raise ValueError(
-            f"CUDA is already initialized with {current}; a pipeline worker needs "
-            f"{CUDA_ENV} before its first CUDA call"
+            f"CUDA is already initialized with {current}; a distributed worker needs "
+            f"{dict(cuda_env)} before its first CUDA call"
         )
-    environ.update(CUDA_ENV)
+    environ.update(cuda_env)
 
 
-def init_distributed(rank: int, world: int, init_method: str, device: torch.device) -> None:
+def init_distributed(
+    rank: int,
+    world: int,
+    init_method: str,
+    device: torch.device,
+    cuda_env: Mapping[str, str] = CUDA_ENV,
+) -> None:
     """init_process_group for one worker of `world`: gloo on CPU, NCCL on CUDA, timeout from
     `dist_timeout_s`. On CUDA the device is made current *before* the group exists and bound to it
     (`device_id`): NCCL then builds the world communicator at once, and every later `new_group`
     splits its communicator from it eagerly (all ranks of the world take part in each split,
     members or not, so every rank must make every group in one order: `PipelineGroups.create`).
+    `cuda_env`: CUDA_ENV for training workers (the stream-ordered allocator is then required),
+    SERVE_CUDA_ENV for serving ranks.
     Without the binding NCCL guesses the device from the global rank and builds communicators
     lazily at each group's first op."""
     timeout = datetime.timedelta(seconds=dist_timeout_s())
@@ -141,13 +160,13 @@ def init_distributed(rank: int, world: int, init_method: str, device: torch.devi
             raise ValueError(
                 f"device={device}: a CUDA worker needs an explicit index (cuda:<local rank>)"
             )
-        apply_cuda_env(os.environ)
+        apply_cuda_env(os.environ, cuda_env)
         backend = (
             torch.cuda.get_allocator_backend()
             if hasattr(torch._C, "_cuda_getAllocatorBackend")
             else "none (torch built without CUDA)"
         )
-        if backend != "cudaMallocAsync":
+        if "PYTORCH_CUDA_ALLOC_CONF" in cuda_env and backend != "cudaMallocAsync":
             raise ValueError(
                 f"the CUDA allocator is {backend!r}; a pipeline worker needs "
                 f"PYTORCH_CUDA_ALLOC_CONF={CUDA_ENV['PYTORCH_CUDA_ALLOC_CONF']!r} in its "
