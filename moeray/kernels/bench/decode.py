@@ -1,7 +1,7 @@
 """`moeray bench kernels --only decode_glue`: the kernels that replace a decode layer's small
-PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits) against
-their PyTorch references at Moonlight-16B-A3B's widths, each replayed in a CUDA graph as a decode
-step runs them, with whether the outputs agree bit for bit."""
+PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits; the EP
+layer's load count) against their PyTorch references at Moonlight-16B-A3B's widths, each replayed
+in a CUDA graph as a decode step runs them, with whether the outputs agree bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import functools
 import torch
 
 from moeray.kernels.bench.common import _graph_ms
+from moeray.kernels.expert_load import count_expert_load, count_expert_load_ref
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_ref
 from moeray.kernels.moe_align import moe_align, moe_align_ref
 from moeray.kernels.rope import rope, rope_ref
@@ -39,6 +40,16 @@ def _cases(t: int):
     gate, up = _bf16(t, SHARED), _bf16(t, SHARED)
     x, w_gate = _bf16(t, D), _bf16(EXPERTS, D)
     p = functools.partial
+    valid_1 = torch.tensor([max(1, t - 1)], device="cuda")  # one padding row
+    load_E, rows_1 = torch.zeros(EXPERTS, dtype=torch.int64, device="cuda"), valid_1.new_zeros(())
+
+    def counted(fn):  # counts from zero each call: in-place accumulation, compared as outputs
+        def run():
+            fn(ids, valid_1, load_E.zero_(), rows_1.zero_())
+            return load_E.clone(), rows_1.clone()
+
+        return run
+
     return [
         ("moe_align", p(moe_align_ref, ids, EXPERTS, 16), p(moe_align, ids, EXPERTS, 16), True),
         ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
@@ -51,6 +62,7 @@ def _cases(t: int):
         ("swiglu", p(swiglu_ref, gate, up), p(swiglu, gate, up), True),
         # the fp32 sum runs in another order: not bit-compared
         ("router_logits", p(router_logits_ref, x, w_gate), p(router_logits, x, w_gate), False),
+        ("count_expert_load", counted(count_expert_load_ref), counted(count_expert_load), True),
     ]
 
 

@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.expert_load import count_expert_load
 from moeray.kernels.gate import Routing
 from moeray.platform.model.quant import set_fp8_expert_weight
 from moeray.platform.model.transformer import Transformer
@@ -184,8 +185,19 @@ class ServingEPMoE(ExpertParallelMoE):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         r = self.route(x_TD)
-        if self.gather is not None and self.gather.on:
-            y_TD = self._gathered(x_TD, r, self.gather)
+        g = self.gather
+        if g is not None and g.on and self.ep_size == 1 and self.log2phy_ER is None:
+            # Alone with every expert in its own slot: the plain MoE (padding rows computed and
+            # dropped, as the plain engine's graphs do; the shared experts' add fused into the
+            # MoE's last launch) plus one launch that counts the valid rows' loads. `--ep 1` is
+            # held to the plain engine's decode tokens/s (issue 17: within 5%).
+            count_expert_load(r.expert_ids_TK, g.valid_1, self.load_E, self.rows_computed)
+            shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
+            return self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD).view_as(
+                x_BSD
+            )
+        if g is not None and g.on:
+            y_TD = self._gathered(x_TD, r, g)
         else:
             y_TD = self._all_to_all(x_TD, r)
         if self.shared_experts is not None:
