@@ -25,10 +25,12 @@ import triton.language as tl
 from moeray.kernels.common import cdiv, check_tensor, switched_off, use_triton
 
 # The kernel is one program and counts each assignment's rank against all earlier ones
-# (TK^2 / 2 comparisons): ~130 [64 x 64] compare tiles at 1,024 assignments (decode batch 170 at
-# top-6), a few microseconds, where the reference's ~35 launches cost ~50 us. Past it, the
-# reference's sort scales better.
-ALIGN_KERNEL_MAX_TK = 1024
+# (TK^2 / 2 comparisons). In a CUDA graph on an H200 at Moonlight's 64 experts top-6 it takes
+# 5.4 us at 6 assignments and 10.8 us at 192 (the reference's ~35 launches: 58 and 82 us), but
+# 107 us at 1,020 against the reference's 93 (`moeray bench kernels --only decode_glue`,
+# benchmarks/results/kernels-nvidia-h200-partial.json). Past 768 (decode batch 128 at top-6, 96
+# at V3's top-8) the reference's sort takes over.
+ALIGN_KERNEL_MAX_TK = 768
 # Registers per compare tile: CH x EP cells (64 x 64 at Moonlight's 64 experts, 16 x 256 at V3's).
 _TILE_CELLS = 4096
 
