@@ -16,13 +16,14 @@
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
+#   wide-ep-v3         DeepSeek-V3 (61 layers, FP8) at ep=8, then 8 layers over 1-8 GPUs (8 GPUs)
 #   kv-serve           KV transports between two actors, P/D vs colocated Serve (2 GPUs, carry .gpu-bundle)
 #   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
 #   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8 (1 GPU, ~6 min)
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,22p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

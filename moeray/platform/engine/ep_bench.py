@@ -13,8 +13,8 @@ When G = 1 is among the counts, the plain Engine (no gang, no lockstep) decodes 
 prompts in one more process of the same environment, and `ep1_over_plain` is the ep=1 gang's
 tokens/s over its: `--ep 1` goes through the gang's code and is held to within 5% (0.95).
 
-Writes benchmarks/results/wide-ep-<device>.json: tokens_per_s, alltoall_gbps and cuda_graphs (the
-runner's graph status) keyed by G, plain_tokens_per_s and ep1_over_plain,
+Writes benchmarks/results/wide-ep-<device>[-<tag>].json: tokens_per_s, alltoall_gbps and
+cuda_graphs (the runner's graph status) keyed by G, plain_tokens_per_s and ep1_over_plain,
 max_gpu_load_ratio_placed / _unplaced keyed by G.
 """
 
@@ -281,6 +281,7 @@ def main(argv: list[str]) -> int:
         help="EP decode MoE exchange: auto (gathered, graphs), gather, all_to_all (no graphs)",
     )
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
+    p.add_argument("--tag", default="", help="result name suffix: wide-ep-<device>-<tag>.json")
     a = p.parse_args(argv)
     if a.gpus is None:
         n = max(torch.cuda.device_count(), 1)
@@ -308,7 +309,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"moeray bench wide-ep: {e}", file=sys.stderr)
         return 2
-    path = write_result(f"wide-ep-{device_slug()}", numbers, directory=a.out_dir)
+    name = f"wide-ep-{device_slug()}" + (f"-{a.tag}" if a.tag else "")
+    path = write_result(name, numbers, directory=a.out_dir)
     print(json.dumps({k: v for k, v in numbers.items() if k != "config"}))
     print(f"wrote {path}")
     return 0
