@@ -72,6 +72,8 @@ def test_kgrouped_gemm_bf16_output_and_input_errors():
     )
     assert empty.shape == (2, 64, 32) and empty.abs().max() == 0
     with pytest.raises(ValueError, match="P must match"):
+        fp8_gemm_kgrouped(a, a_s, b[:, :128].contiguous(), b_s[:, :1], ends)
+    with pytest.raises(ValueError, match="b_fp8 must be contiguous"):
         fp8_gemm_kgrouped(a, a_s, b[:, :128], b_s[:, :1], ends)
 
 
@@ -102,7 +104,16 @@ for tokens, m, n in [([512, 0, 384, 640] * 8, 288, 1024), ([512, 0, 384, 640] * 
                      b[:, s:s + t], b_s[:, s // 128:(s + t) // 128])
         for s, t in zip([0] + ends.tolist()[:-1], tokens) if t
     ]
-    print(f"E{len(tokens)} M{m} N{n} P{p}: rel {rel:.2e} vs ref, empty experts zero: {zero}")
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(10):
+        kgrouped.fp8_gemm_kgrouped(a, a_s, b, b_s, ends)
+    t1.record()
+    torch.cuda.synchronize()
+    ms = t0.elapsed_time(t1) / 10
+    tflops = 2 * m * n * p / ms / 1e9
+    print(f"E{len(tokens)} M{m} N{n} P{p}: rel {rel:.2e} vs ref, empty experts zero: {zero}, "
+          f"{ms * 1e3:.0f} us, {tflops:.0f} TFLOP/s")
     ok = rel < 1e-2 and zero and torch.isfinite(out).all()
     if not (ok and len(per) == sum(t > 0 for t in tokens)):
         bad.append(f"M{m} N{n}")
