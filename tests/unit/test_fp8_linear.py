@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moeray.platform import fp8
+from moeray.platform.model.linear import Linear
 
 # e4m3: 3 mantissa bits -> round-to-nearest error <= 2^-4 relative for normals; subnormal spacing
 # 2^-9 (in units of the scale) -> absolute error <= 2^-10 * scale below the normal range.
@@ -128,9 +129,7 @@ def test_enable_fp8_training_on_the_tiny_model():
     assert "mtp.0.block.self_attn.o_proj" in converted
     for kept in ("lm_head", "model.embed_tokens", "model.layers.1.mlp.gate", "mtp.0.eh_proj"):
         assert not any(c == kept or c.startswith(kept + ".") for c in converted)
-    assert (
-        isinstance(model.lm_head, torch.nn.Linear) and type(model.mtp[0].eh_proj) is torch.nn.Linear
-    )
+    assert type(model.lm_head) is Linear and type(model.mtp[0].eh_proj) is Linear
 
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
 

@@ -32,6 +32,7 @@ from moeray.kernels.bench.fp8_gemv import (
     sweep_fp8_gemv,
 )
 from moeray.kernels.bench.gate import bench_moe_gate
+from moeray.kernels.bench.gemv import bench_gemv, print_gemv, print_sweep, sweep_gemv
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
@@ -139,6 +140,10 @@ def _print_table(result: dict) -> None:
         print_fp8_gemv(result["fp8_gemv"])
     if "fp8_gemv_sweep" in result:
         print_fp8_gemv_sweep(result["fp8_gemv_sweep"])
+    if "gemv" in result:
+        print_gemv(result["gemv"])
+    if "gemv_sweep" in result:
+        print_sweep(result["gemv_sweep"])
     for r in result.get("fp8_gemm_grouped", []):
         print(
             f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
@@ -243,10 +248,15 @@ def flat_results(result: dict) -> list[dict]:
                 )
             )
     for r in result.get("fp8_gemv", []):
-        for baseline, ratio in (
+        baselines = [
             ("act_quant + fp8_gemm (CUDA graph)", r["speedup_vs_quant_gemm"]),
             ("F.linear bf16 (CUDA graph)", r["speedup_vs_bf16"]),
-        ):
+        ]
+        if r.get("speedup_vs_splitk") is not None:
+            baselines.append(
+                ("fp8_gemv split-K tiles before full K (CUDA graph)", r["speedup_vs_splitk"])
+            )
+        for baseline, ratio in baselines:
             out.append(
                 _rec(
                     "fp8_gemv (CUDA graph)",
@@ -258,6 +268,18 @@ def flat_results(result: dict) -> list[dict]:
                     ratio,
                 )
             )
+    for r in result.get("gemv", []):
+        out.append(
+            _rec(
+                "gemv (CUDA graph)",
+                f"{r['layer']} M{r['M']} N{r['N']} K{r['K']}",
+                r["gemv_us"] / 1e3,
+                r["gemv_frac_copy"],
+                "copy bandwidth",
+                "F.linear bf16 (CUDA graph)",
+                r["speedup_vs_cublas"],
+            )
+        )
     for r in result.get("fp8_gemm_grouped", []):
         out.append(
             _rec(
@@ -364,6 +386,8 @@ SECTIONS = (
     "fp8_gemm",
     "fp8_gemv",
     "fp8_gemv_sweep",
+    "gemv",
+    "gemv_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
     "mla_decode",
@@ -381,6 +405,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="fewer MLA shapes")
     p.add_argument("--sweep", action="store_true", help="also time candidate block configs")
+    p.add_argument(
+        "--gemv-sweep-s",
+        type=float,
+        default=50.0,
+        help="seconds each of gemv_sweep and fp8_gemv_sweep may take (the heuristic's tile first)",
+    )
     p.add_argument("--moe-hidden", type=int, default=7168)
     p.add_argument("--moe-inter", type=int, default=2048)
     p.add_argument("--moe-experts", type=int, default=64)
@@ -407,7 +437,9 @@ def main(argv: list[str]) -> int:
         ("quant", lambda: bench_quant(result["ceilings"])),
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
         ("fp8_gemv", lambda: bench_fp8_gemv(result["ceilings"])),
-        ("fp8_gemv_sweep", sweep_fp8_gemv),
+        ("fp8_gemv_sweep", lambda: sweep_fp8_gemv(args.gemv_sweep_s)),
+        ("gemv", lambda: bench_gemv(result["ceilings"])),
+        ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         (
             "fused_moe",

@@ -20,6 +20,7 @@ from torch import nn
 
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
+from moeray.platform.model.linear import Linear
 from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.rope import apply_rope
@@ -117,15 +118,15 @@ class MLA(nn.Module):
         D, H, bias = config.hidden_size, self.n_heads, config.attention_bias
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+            self.q_proj = Linear(D, H * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LORA_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=bias)
 
     def _q_latent(self, x_BSD):
         """The query latent (q_a_proj then its norm, [B, S, Q]); x itself without a q LoRA."""

@@ -22,6 +22,7 @@ from moeray.kernels.moe import fused_moe_gate_up
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
+from moeray.platform.model.linear import Linear
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
@@ -38,9 +39,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)

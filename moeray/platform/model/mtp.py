@@ -14,6 +14,7 @@ from torch import nn
 
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.block import DecoderLayer
+from moeray.platform.model.linear import Linear
 from moeray.platform.model.norm import RMSNorm
 
 
@@ -30,7 +31,7 @@ class MTPModule(nn.Module):
         self.layer_idx = layer_idx
         self.enorm = RMSNorm(D, config.rms_norm_eps)
         self.hnorm = RMSNorm(D, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.block = DecoderLayer(config, layer_idx)
         self.shared_head = SharedHead(config)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.block import DecoderLayer
+from moeray.platform.model.linear import Linear
 from moeray.platform.model.mla import DenseKVCache, KVCache
 from moeray.platform.model.moe import MoE
 from moeray.platform.model.mtp import MTPModule
@@ -49,7 +50,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k)
             for k in range(config.num_nextn_predict_layers)

@@ -215,7 +215,7 @@ def enable_weight_grad_split(
             n += 1
             continue
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear or isinstance(child, FP8TrainLinear):
+            if isinstance(child, (nn.Linear, FP8TrainLinear)):
                 setattr(
                     module,
                     child_name,

@@ -1,0 +1,167 @@
+"""gemv and fp8_gemv compiled on the GPU (marker gpu; skipped without CUDA): the Moonlight-16B-A3B
+and DeepSeek-V3 decode linear shapes against their references, one launch per call at M = 1
+(torch.profiler), a CUDA-graph replay, and the tiny model's greedy tokens through the engine with
+the model's projections on gemv (default) and on F.linear (MOERAY_FUSED_GEMV=0)."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# fp32 Triton dots default to TF32 (the engine's other kernels): IEEE keeps fp32 paths comparable.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+# (N, K) of the dense decode projections (moeray/kernels/bench/gemv.py DECODE_LINEARS).
+MOONLIGHT = [(3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2816)]
+V3 = [(1536, 7168), (576, 7168), (7168, 16384), (2048, 7168), (7168, 2048)]
+
+
+def _poison(nbytes: int = 1 << 30) -> None:
+    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+
+
+def _within_rounding(y: torch.Tensor, ref32: torch.Tensor) -> None:
+    """fp32 sums in another order, one rounding to y's dtype (half an ulp, 2^-9 relative for
+    bf16) per element; fp32 output within 1e-5 relative."""
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
+    if y.dtype == torch.float32:
+        assert ((y - ref32).norm() / ref32.norm()).item() < 1e-5
+        return
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * 2.0**-8 + 1e-4 * ref32.abs().max()
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+def _x(m: int, k: int, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    return (x * torch.logspace(-1, 1, m, device="cuda")[:, None]).to(dtype)
+
+
+@pytest.mark.parametrize("nk", MOONLIGHT + V3 + [(163840, 2048), (7, 2048), (1, 200)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+def test_gemv_decode_shapes(nk, m):
+    from moeray.kernels.gemv import gemv
+
+    n, k = nk
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    x = _x(m, k)
+    _poison()
+    _within_rounding(gemv(x, w), x.float() @ w.float().t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_other_dtypes_and_strides(dtype):
+    from moeray.kernels.gemv import gemv, gemv_ref
+
+    w = torch.randn(576, 2048 + 64, device="cuda", dtype=dtype)
+    x = _x(2, 2048 + 64, dtype).t().contiguous().t()  # strides (1, 2)
+    y = gemv(x, w)
+    ref32 = gemv_ref(x.float(), w.float())
+    _within_rounding(y, ref32)
+
+
+@pytest.mark.parametrize("nk", MOONLIGHT + V3 + [(7, 2048)])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_fp8_gemv_decode_shapes(nk, m):
+    from moeray.kernels import fp8
+
+    n, k = nk
+    wq, ws = fp8.weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    x = _x(m, k)
+    _poison()
+    y = fp8.fp8_gemv(x, wq, ws)
+    _within_rounding(y, fp8.fp8_gemv_ref(x.float(), wq, ws))
+
+
+def _cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compile outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("nk", MOONLIGHT + V3)
+def test_one_launch_at_batch_1(nk):
+    from moeray.kernels import fp8
+    from moeray.kernels.gemv import gemv
+
+    n, k = nk
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    wq, ws = fp8.weight_quant(w)
+    x = _x(1, k)
+    names = _cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws))
+    assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
+    names = _cuda_kernels(lambda: gemv(x, w))
+    assert len(names) == 1 and "_gemv_kernel" in names[0], names
+
+
+@pytest.mark.parametrize("n", [3072, 7])  # one launch; split-K and the reduce
+def test_gemv_cuda_graph(n):
+    from moeray.kernels.gemv import gemv
+
+    w = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
+    x = _x(1, 2048)
+    eager = gemv(x, w)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gemv(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    _within_rounding(y, x.float() @ w.float().t())
+    assert not torch.equal(y, eager)  # the replay read the new x
+
+
+def _tiny_greedy(dtype, monkeypatch, fused: bool) -> tuple[list, int]:
+    from moeray.kernels import gemv as gemv_module
+    from moeray.platform.config import tiny
+    from moeray.platform.engine.engine import Engine, EngineConfig
+    from moeray.platform.engine.sampler import SamplingParams
+    from moeray.platform.model.transformer import Transformer
+
+    calls = [0]
+    real = gemv_module.gemv
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemv_module, "gemv", counting)
+    monkeypatch.setenv("MOERAY_FUSED_GEMV", "1" if fused else "0")
+    cfg = tiny().replace(eos_token_id=None)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=5)
+    with torch.no_grad():  # wide logit margins: greedy choices robust to rounding
+        model.lm_head.weight.mul_(30.0)
+    model = model.to("cuda", dtype)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 16)]
+    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256))
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    monkeypatch.undo()
+    return [o.output_token_ids for o in outs], calls[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_greedy_unchanged_by_gemv(dtype, monkeypatch):
+    fused, n_fused = _tiny_greedy(dtype, monkeypatch, fused=True)
+    plain, n_plain = _tiny_greedy(dtype, monkeypatch, fused=False)
+    assert n_fused > 0 and n_plain == 0, (n_fused, n_plain)  # decode rows (3) took gemv
+    assert all(len(o) == 10 for o in fused)
+    assert fused == plain
