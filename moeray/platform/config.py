@@ -500,6 +500,7 @@ class ServeConfig:
     ep_placement_period_s: float = 0.0  # live expert placement (serve/gang.py) period; 0: off
     ep_redundant_experts: int = 0  # its extra expert slots (experts + these: a multiple of ep)
     ep_placement_maxvio: float = 0.25  # it replans above this GPU MaxVio (worst MoE layer)
+    ep_decode_exchange: str = "auto"  # the gang's decode exchange (DECODE_EXCHANGES)
     # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
     tool_call_parser: str = "deepseek_v3"
 
@@ -524,6 +525,10 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}: accepted {LOAD_FORMATS}")
+        if self.ep_decode_exchange not in DECODE_EXCHANGES:
+            raise ValueError(
+                f"ep_decode_exchange={self.ep_decode_exchange!r}: accepted {DECODE_EXCHANGES}"
+            )
         if self.load_format == "dummy" and self.ep is None:
             raise ValueError("load_format='dummy' builds the ranks of a gang: set ep (1 or more)")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -592,5 +597,9 @@ class ServeConfig:
 KV_TRANSPORTS = ("object_store", "rdt", "channel")
 # Where a serving rank's weights come from (rank_weights.py).
 LOAD_FORMATS = ("safetensors", "dummy")
+# Which exchange an EP gang's decode forwards take (parallel/serve_ep.py): "auto" the fixed-size
+# gather when every rank replays a decode graph, "gather" always (without graphs too: tests on
+# CPU), "all_to_all" never (and no decode graphs under EP).
+DECODE_EXCHANGES = ("auto", "gather", "all_to_all")
 # How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
 TOOL_CALL_PARSERS = ("deepseek_v3", "json")

@@ -129,12 +129,17 @@ def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_d
     """A prefill gang and a decode gang (2 ranks each), each with live expert placement (two
     redundant slots, any imbalance replans): KV rows move from the prefill rank that computed
     them to the decode rank that took the request; streams that cross the decode gang's
-    placement switch answer what the plain engine does."""
+    placement switch answer what the plain engine does. Decode forwards take the fixed-size
+    gathered exchange (`ep_decode_exchange="gather"`; on a GPU "auto" picks it for graphs)."""
     from moeray.platform.serve.app import start
 
     cfg, url = server
     placed = dict(ep_placement_period_s=0.1, ep_redundant_experts=2, ep_placement_maxvio=0.0)
-    start(cfg.replace(mode="pd", **placed), name="ep-pd", route_prefix="/pd")
+    start(
+        cfg.replace(mode="pd", ep_decode_exchange="gather", **placed),
+        name="ep-pd",
+        route_prefix="/pd",
+    )
     client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=120)
 
     def stream(prompt: str) -> str:

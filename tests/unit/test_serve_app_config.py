@@ -84,6 +84,7 @@ def test_serve_config_rejects_bad_values():
         ({"kv_transport": "tcp"}, "kv_transport='tcp'"),
         ({"kv_transfer_timeout_s": 0}, "kv_transfer_timeout_s"),
         ({"routing_stats_period_s": -1.0}, "routing_stats_period_s"),
+        ({"ep_decode_exchange": "nccl"}, "ep_decode_exchange='nccl'"),
         ({"autoscaling": {"max_replica": 3}}, "max_replica"),
     ):
         with pytest.raises(ValueError, match=match):

@@ -53,6 +53,7 @@ from torch import nn
 
 from moeray.kernels.expert_load import count_expert_load
 from moeray.kernels.gate import Routing
+from moeray.platform.config import DECODE_EXCHANGES
 from moeray.platform.model.quant import set_fp8_expert_weight
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import (
@@ -81,11 +82,6 @@ ExpertStacks = tuple[ExpertStack, ExpertStack, ExpertStack]  # gate_proj, up_pro
 # runs both on torch 2.13). torch 2.13 renamed them (the old names warn); the GPU machines run 2.11.
 _all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-# Which exchange decode forwards take (module docstring): "auto" the gather when every rank replays
-# a decode graph, "gather" always (without graphs too: tests on CPU), "all_to_all" never (and no
-# decode graphs under EP).
-DECODE_EXCHANGES = ("auto", "gather", "all_to_all")
 
 
 def check_decode_exchange(mode: str) -> None:

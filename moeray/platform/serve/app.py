@@ -27,6 +27,7 @@ from moeray.actors.ep import EPServer
 from moeray.actors.prefill import PrefillServer
 from moeray.platform.checkpoint import check_checkpoint
 from moeray.platform.config import (
+    DECODE_EXCHANGES,
     DEFAULT_DEMO_MODEL,
     KV_TRANSPORTS,
     LOAD_FORMATS,
@@ -370,6 +371,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ep-placement-maxvio", type=float, default=d.ep_placement_maxvio)
     p.add_argument(
+        "--ep-decode-exchange",
+        choices=DECODE_EXCHANGES,
+        default=d.ep_decode_exchange,
+        help="the gang's decode MoE exchange: auto (fixed-size gather, decode CUDA graphs), "
+        "gather (always), all_to_all (no decode graphs)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=int,
         default=d.max_body_bytes,
@@ -412,6 +420,7 @@ def main(argv: list[str]) -> int:
             ep_placement_period_s=a.ep_placement_period,
             ep_redundant_experts=a.ep_redundant_experts,
             ep_placement_maxvio=a.ep_placement_maxvio,
+            ep_decode_exchange=a.ep_decode_exchange,
             tool_call_parser=a.tool_call_parser,
         )
     except ValueError as e:

@@ -116,7 +116,12 @@ class EPRank:
         # Experts a new placement brings to this rank are read from the checkpoint files (dummy
         # weights have no file to read: their placement stays the loaded one).
         source = CheckpointExperts(cfg.model, model, dtype) if cfg.load_format != "dummy" else None
-        engine = ExpertParallelEngine(model, engine_config(cfg, dev.type), expert_source=source)
+        engine = ExpertParallelEngine(
+            model,
+            engine_config(cfg, dev.type),
+            expert_source=source,
+            decode_exchange=cfg.ep_decode_exchange,
+        )
         loop: dict[str, Any] = {"max_waiting": cfg.max_waiting, "collective": True}
         if self.role == "prefill":
             self.worker = PrefillWorker(engine, **loop)
