@@ -17,7 +17,7 @@ no atomics). Allocations depend on the shape only and nothing syncs with the hos
 
 `linear` is the one dispatch of the model's plain (non-FP8) projections: gemv for up to
 GEMV_MAX_ROWS rows of CUDA inference, F.linear otherwise (training, CPU, bias, more rows, or
-MOERAY_FUSED_GEMV=0). fp8/gemv.py shares the broadcast tile heuristic and the split-K reduce.
+MOERAY_FUSED_GEMV=0).
 """
 
 from __future__ import annotations
@@ -119,14 +119,13 @@ def pow2_at_least(v: int) -> int:
 
 
 def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """Broadcast tiles by shape (not autotuned: one launch per shape, graph-safe), shared by gemv
-    and fp8_gemv's decode path.
+    """gemv's broadcast tiles by shape (not autotuned: one launch per shape, graph-safe).
 
     BLOCK_M = all rows up to 4 (one read of the weight for them); BLOCK_N the widest power of two
     <= 64 that still gives PROGRAMS_PER_SM programs per SM (Moonlight q_proj N = 3072 on 132 SMs:
     4 rows, 768 programs; kv_a N = 576: 1 row); BLOCK_K = ACC_ELEMS / (BM * BN), at most
     MAX_BLOCK_K and not past K. SPLIT_K > 1 only when the tiles are fewer than the SMs (N < 132
-    at M <= 4). `moeray bench kernels --only gemv,fp8_gemv` sweeps the alternatives."""
+    at M <= 4). `moeray bench kernels --only gemv_sweep` sweeps the alternatives."""
     block_m = min(BCAST_MAX_ROWS, pow2_at_least(max(m, 1)))
     m_tiles = cdiv(m, block_m)
     sms = num_sms(device)

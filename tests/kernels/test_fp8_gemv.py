@@ -1,13 +1,10 @@
 """fp8_gemv (weight-only FP8 GEMM for decode) against fp8_gemv_ref under the interpreter: odd
-shapes (ragged N and K), both kernels (broadcast with wide K steps, dot), split-K, strided x, the
-tile heuristic at H200 decode shapes, bad input and bad configs."""
+shapes (ragged N and K), both inner products (broadcast, dot), split-K, strided x, bad input."""
 
 import pytest
 import torch
 
 from moeray.kernels import fp8
-from moeray.kernels import gemv as gemv_module
-from moeray.kernels.common import cdiv
 from moeray.kernels.fp8.gemv import _gemv_config
 
 
@@ -41,7 +38,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor)
 @pytest.mark.parametrize(
     "m,n,k",
     [
-        (1, 576, 7168),  # kv_a_proj_with_mqa at batch 1: N not a multiple of 128
+        (1, 576, 7168),  # kv_a_proj_with_mqa at batch 1: N not a multiple of 128, split-K
         (3, 1536, 1000),
         (7, 200, 512),
         (16, 200, 1000),
@@ -59,17 +56,6 @@ def test_fp8_gemv_matches_reference(m, n, k, dtype):
     _check(fp8.fp8_gemv(x, wq, ws), x, wq, ws)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
-@pytest.mark.parametrize("n", [1, 7, 576, 1000])
-@pytest.mark.parametrize("k", [64, 200, 2048 + 64])
-def test_fp8_gemv_odd_shapes(m, n, k):
-    # fp32 x: the heuristic's tiles (split-K for N = 1 and 7, the dot kernel from M = 5), within
-    # 1e-5 relative of the fp32 reference.
-    wq, ws = _weight(n, k, seed=n + k)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    _check(fp8.fp8_gemv(x, wq, ws), x, wq, ws)
-
-
 def test_fp8_gemv_fp16_and_strided_x():
     wq, ws = _weight(576, 1000, seed=1)
     x = torch.randn(1000, 5, dtype=torch.float16).t()  # [5, 1000] with strides (1, 5)
@@ -79,39 +65,26 @@ def test_fp8_gemv_fp16_and_strided_x():
 @pytest.mark.parametrize(
     "cfg",
     [
-        # The GPU's broadcast tiles: narrow BLOCK_N over wide K steps (several 128-blocks, their
-        # scales gathered per column), split-K, a K step narrower than a scale block.
-        dict(BLOCK_M=1, BLOCK_N=1, BLOCK_K=2048, SPLIT_K=1, DOT=False, num_warps=4, num_stages=3),
-        dict(BLOCK_M=4, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1, DOT=False, num_warps=4, num_stages=3),
-        dict(BLOCK_M=4, BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, DOT=False, num_warps=4, num_stages=2),
-        dict(BLOCK_M=2, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, DOT=False, num_warps=4, num_stages=4),
-        dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, DOT=False, num_warps=8, num_stages=1),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, DOT=True, num_warps=4, num_stages=4),
-        dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, DOT=True, num_warps=8, num_stages=3),
+        dict(BLOCK_M=1, BLOCK_N=32, SPLIT_K=3, DOT=False, num_warps=4, num_stages=4),
+        dict(BLOCK_M=4, BLOCK_N=8, SPLIT_K=1, DOT=False, num_warps=4, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=8, DOT=True, num_warps=4, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_N=128, SPLIT_K=2, DOT=True, num_warps=8, num_stages=3),
     ],
 )
 def test_fp8_gemv_configs(cfg):
-    # M not a multiple of BLOCK_M, ragged N and K (K = 1000: the last step and 128-block partial).
+    # The GPU's tiles (narrower than the interpreter's defaults) and split counts, with M not a
+    # multiple of BLOCK_M, ragged N and K.
     m = 3 if cfg["BLOCK_M"] <= 4 else 21
     wq, ws = _weight(200, 1000, seed=cfg["BLOCK_N"])
     x = torch.randn(m, 1000, dtype=torch.bfloat16)
     _check(fp8.fp8_gemv(x, wq, ws, config=cfg), x, wq, ws)
 
 
-def test_fp8_gemv_config_heuristic(monkeypatch):
-    monkeypatch.setattr(gemv_module, "num_sms", lambda device: 132)  # an H200
+def test_fp8_gemv_config_heuristic():
     cuda_like = torch.device("cpu")
-    # Moonlight decode shapes (hidden 2048): one launch, BLOCK_N narrowing to fill 132 SMs.
-    for n, k in ((3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2816)):
-        for m in (1, 2, 4):
-            cfg = _gemv_config(m, n, k, cuda_like)
-            assert not cfg["DOT"] and cfg["SPLIT_K"] == 1, (m, n, k, cfg)
-            assert cdiv(n, cfg["BLOCK_N"]) >= 2 * 132 or cfg["BLOCK_N"] == 1, cfg
-            assert cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 8192, cfg
-    assert _gemv_config(1, 576, 7168, cuda_like)["BLOCK_N"] == 1
-    assert _gemv_config(1, 163840, 2048, cuda_like)["BLOCK_N"] == 64
-    # Tiny N: even one row a program leaves SMs idle, so K splits.
-    assert _gemv_config(1, 7, 7168, cuda_like)["SPLIT_K"] > 1
+    # Few output tiles (kv_a at batch 1) split K; many (q_b, 24576 rows) do not.
+    assert _gemv_config(1, 576, 7168, cuda_like)["SPLIT_K"] > 1
+    assert _gemv_config(1, 24576, 1536, cuda_like)["SPLIT_K"] == 1
     assert not _gemv_config(4, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(5, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(200, 576, 7168, cuda_like)["BLOCK_M"] == 64
@@ -135,21 +108,8 @@ def test_fp8_gemv_bad_input():
         fp8.fp8_gemv(x, wq.bfloat16(), ws)
     with pytest.raises(ValueError, match="x must have 2 dims"):
         fp8.fp8_gemv(x[None], wq, ws)
-    bad = dict(BLOCK_M=1, BLOCK_N=48, BLOCK_K=512, SPLIT_K=1, DOT=False, num_warps=4, num_stages=1)
+    bad = dict(BLOCK_M=1, BLOCK_N=48, SPLIT_K=1, DOT=False, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="BLOCK_N=48"):
         fp8.fp8_gemv(x, wq, ws, config=bad)
-    with pytest.raises(ValueError, match="BLOCK_N=256: must be a power of two <= 128"):
-        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 256})
-    with pytest.raises(ValueError, match="BLOCK_K=100"):
-        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 1, "BLOCK_K": 100})
-    with pytest.raises(ValueError, match=r"4\*64\*128 = 32768: the fp32 accumulator"):
-        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 128})
-    with pytest.raises(ValueError, match="num_warps=3"):
-        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 1, "num_warps": 3})
-    with pytest.raises(ValueError, match=r"config keys .*need exactly"):
-        fp8.fp8_gemv(x, wq, ws, config={k: v for k, v in bad.items() if k != "BLOCK_K"})
-    dot = {**bad, "BLOCK_N": 32, "BLOCK_K": 128, "DOT": True}
-    with pytest.raises(ValueError, match=r"BLOCK_M=1: .* >= 16 when DOT"):
-        fp8.fp8_gemv(x, wq, ws, config=dot)
-    with pytest.raises(ValueError, match="BLOCK_K=256: must be 128 when DOT"):
-        fp8.fp8_gemv(x, wq, ws, config={**dot, "BLOCK_M": 16, "BLOCK_K": 256})
+    with pytest.raises(ValueError, match=r"BLOCK_M=4: .* >= 16 when DOT"):
+        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 32, "BLOCK_M": 4, "DOT": True})

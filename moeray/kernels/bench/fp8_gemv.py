@@ -1,13 +1,10 @@
-"""Benchmark of fp8_gemv (weight-only FP8 GEMM for decode) at the Moonlight-16B-A3B and
-DeepSeek-V3 decode linear shapes (bench/gemv.py DECODE_LINEARS), M = 1, 2, 4, 8, against the
-split-K broadcast tiles fp8_gemv took before its full-K kernel (M <= 4; two launches), the
-act_quant + fp8_gemm path FP8Linear takes for larger M, and bf16 F.linear (cuBLAS); and a tile
-sweep of the broadcast kernel.
+"""Benchmark of fp8_gemv (weight-only FP8 GEMM for decode) at DeepSeek-V3 linear shapes, against
+the act_quant + fp8_gemm path FP8Linear takes for larger M and bf16 F.linear (cuBLAS).
 
 Each variant runs from a CUDA graph of back-to-back calls (the engine replays decode steps from
 graphs, so host launch cost is not what a step pays), cycling over enough weight copies that
-their bytes pass 256 MB: a decode step reads every layer's weights between two calls of one
-layer, so the weight is never in the 50 MB L2 when its layer runs."""
+their bytes pass 256 MB: a decode step reads 61 layers' weights between two calls of one layer,
+so the weight is never in the 50 MB L2 when its layer runs."""
 
 from __future__ import annotations
 
@@ -15,44 +12,29 @@ import torch
 import torch.nn.functional as F
 
 from moeray.kernels.bench.common import _copies, _cycling, _graph_ms
-from moeray.kernels.bench.gemv import (
-    DECODE_LINEARS,
-    DECODE_ROWS,
-    HBM_TBPS,
-    print_sweep,
-    run_sweep,
-)
-from moeray.kernels.common import cdiv, num_sms
+from moeray.kernels.common import cdiv
 from moeray.kernels.fp8.dispatch import fp8_gemm
 from moeray.kernels.fp8.gemv import _gemv_config, fp8_gemv
 from moeray.kernels.fp8.quant import act_quant, weight_dequant, weight_quant
-from moeray.kernels.gemv import BCAST_MAX_ROWS, pow2_at_least
 
-
-def previous_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """The broadcast tiles fp8_gemv used before its full-K kernel (M <= 4): 128-deep K steps,
-    BLOCK_M x BLOCK_N = 64, K split until 4 programs per SM, then the reduce kernel."""
-    bm = pow2_at_least(m)
-    bn = 64 // bm
-    split = max(1, min(cdiv(k, 128), cdiv(4 * num_sms(device), cdiv(n, bn))))
-    return dict(
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=128,
-        SPLIT_K=split,
-        DOT=False,
-        num_warps=8 if bm == 1 else 4,
-        num_stages=4,
-    )
+# (name, N, K) of DeepSeek-V3's linear layers (hidden 7168, q_lora 1536, kv_lora 512 + rope 64,
+# 128 heads x 192 / 128 dims, dense intermediate 18432, expert intermediate 2048).
+V3_LINEARS = (
+    ("q_a", 1536, 7168),
+    ("q_b", 24576, 1536),
+    ("kv_a", 576, 7168),
+    ("o_proj", 7168, 16384),
+    ("dense_gate_up", 18432, 7168),
+    ("dense_down", 7168, 18432),
+    ("shared_gate_up", 2048, 7168),
+    ("shared_down", 7168, 2048),
+)
+GEMV_BENCH_ROWS = (1, 8, 64)
 
 
 def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     t_gemv = _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s), copies_fp8))
-    t_split = None
-    if m <= BCAST_MAX_ROWS:
-        old = previous_config(m, n, k, x.device)
-        t_split = _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s, config=old), copies_fp8))
 
     def quant_gemm(w, s):
         xq, xs = act_quant(x, scale_col_major=True)
@@ -76,9 +58,6 @@ def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16)
         "gemv_us": round(t_gemv * 1e3, 2),
         "gemv_GBps": round(gbs, 1),
         "gemv_frac_copy_bw": round(gbs / copy_bw, 3),
-        "gemv_frac_hbm": round(gbs / 1e3 / HBM_TBPS, 3),
-        "splitk_us": round(t_split * 1e3, 2) if t_split else None,
-        "speedup_vs_splitk": round(t_split / t_gemv, 3) if t_split else None,
         "quant_gemm_us": round(t_gemm * 1e3, 2),
         "quant_gemm_GBps": round(fp8_bytes / t_gemm / 1e6, 1),
         "bf16_linear_us": round(t_bf16 * 1e3, 2),
@@ -91,55 +70,102 @@ def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16)
     }
 
 
-def _fp8_copies(n: int, k: int) -> list:
-    q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-    return [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
-
-
 def bench_fp8_gemv(ceil: dict) -> list[dict]:
     rows = []
-    for name, n, k in DECODE_LINEARS:
-        fp8 = _fp8_copies(n, k)
-        w = weight_dequant(*fp8[0])
+    for name, n, k in V3_LINEARS:
+        q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        w = weight_dequant(q, s)
+        fp8 = [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
         bf16 = [(w,)] + [(w.clone(),) for _ in range(_copies(2 * n * k) - 1)]
-        for m in DECODE_ROWS:
+        for m in GEMV_BENCH_ROWS:
             rows.append(_row(ceil, name, m, n, k, fp8, bf16))
-        del fp8, bf16, w
+        del fp8, bf16
         torch.cuda.empty_cache()
     return rows
 
 
 def print_fp8_gemv(rows: list[dict]) -> None:
     print(
-        f"\n{'fp8_gemv layer':22s} {'M':>2s} {'N':>6s} {'K':>5s} | {'gemv us':>7s} {'TB/s':>5s} "
-        f"{'of 4.8':>6s} | {'split-K us':>10s} {'x':>5s} | {'quant+gemm':>10s} {'x':>5s} | "
-        f"{'bf16 us':>7s} {'x':>5s} | err"
+        f"\n{'fp8_gemv layer':16s} {'M':>3s} {'N':>6s} {'K':>6s} | {'gemv us':>8s} {'GB/s':>6s} "
+        f"{'of copy':>7s} | {'quant+gemm us':>13s} {'x':>5s} | {'bf16 us':>8s} {'of copy':>7s} "
+        f"{'x':>5s} | err"
     )
     for r in rows:
-        split = ""
-        if r.get("splitk_us"):
-            split = f"{r['splitk_us']:10.2f} {r['speedup_vs_splitk']:5.2f}"
         print(
-            f"{r['layer']:22s} {r['M']:2d} {r['N']:6d} {r['K']:5d} | {r['gemv_us']:7.2f} "
-            f"{r['gemv_GBps'] / 1e3:5.2f} {r.get('gemv_frac_hbm', 0):6.2f} | {split:16s} | "
-            f"{r['quant_gemm_us']:10.2f} {r['speedup_vs_quant_gemm']:5.2f} | "
-            f"{r['bf16_linear_us']:7.2f} {r['speedup_vs_bf16']:5.2f} | "
+            f"{r['layer']:16s} {r['M']:3d} {r['N']:6d} {r['K']:6d} | {r['gemv_us']:8.2f} "
+            f"{r['gemv_GBps']:6.0f} {r['gemv_frac_copy_bw']:7.2f} | {r['quant_gemm_us']:13.2f} "
+            f"{r['speedup_vs_quant_gemm']:5.2f} | {r['bf16_linear_us']:8.2f} "
+            f"{r['bf16_frac_copy_bw']:7.2f} {r['speedup_vs_bf16']:5.2f} | "
             f"{r['rel_err_vs_bf16_dequant']}"
         )
 
 
-def sweep_fp8_gemv(budget_s: float = 50.0) -> list[dict]:
-    """fp8_gemv's broadcast-tile sweep at bench/gemv.py's sweep layers, M = 1 and 4 (its DOT
-    tiles for M > 4 are unchanged); `gemv.bcast_config` is tuned from here."""
-    return run_sweep(
-        "fp8_gemv",
-        _fp8_copies,
-        lambda x, w, s, cfg: fp8_gemv(x, w, s, config=cfg),
-        _gemv_config,
-        {"DOT": False},
-        budget_s,
-    )
+# Candidate tiles for the sweep: (BLOCK_N, num_warps, num_stages) per inner product; BLOCK_M and
+# SPLIT_K follow the heuristic's rule for the shape.
+_SWEEP_TILES = {
+    False: ((8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 8, 4), (64, 4, 4), (32, 8, 6), (16, 2, 6)),
+    True: ((32, 4, 4), (64, 4, 4), (128, 8, 3), (64, 8, 6)),
+}
+_SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")
+
+
+def _time_config(x: torch.Tensor, cfg: dict, copies: list) -> float | str:
+    try:
+        return round(
+            _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s, config=cfg), copies)) * 1e3, 2
+        )
+    except Exception as e:  # a tile that does not compile (registers, shared memory)
+        return f"{type(e).__name__}: {str(e)[:100]}"
+
+
+def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+    """Time candidate tiles of fp8_gemv (CUDA graph, cold weights) at a few V3 layers, with the
+    split-K count the heuristic rule gives for each tile; `_gemv_config` is tuned from here."""
+    out = []
+    for name, n, k in (lay for lay in V3_LINEARS if lay[0] in _SWEEP_LAYERS):
+        q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        copies = [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
+        for m in m_rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = _gemv_config(m, n, k, x.device)
+            for block_n, warps, stages in _SWEEP_TILES[base["DOT"]]:
+                bm = base["BLOCK_M"]
+                if not base["DOT"] and bm * block_n > 64:  # acc registers (see _gemv_config)
+                    continue
+                tiles = cdiv(m, bm) * cdiv(n, block_n)
+                split = max(
+                    1, min(cdiv(k, 128), cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles))
+                )
+                cfg = {
+                    **base,
+                    "BLOCK_N": block_n,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                    "SPLIT_K": split,
+                }
+                us = _time_config(x, cfg, copies)
+                out.append(
+                    {"layer": name, "M": m, "N": n, "K": k, **cfg, "us": us, "chosen": cfg == base}
+                )
+        del copies
+        torch.cuda.empty_cache()
+    return out
 
 
 def print_fp8_gemv_sweep(rows: list[dict]) -> None:
-    print_sweep(rows)
+    best: dict[tuple, dict] = {}
+    chosen: dict[tuple, dict] = {}
+    for r in rows:
+        if isinstance(r["us"], float):
+            g = (r["layer"], r["M"])
+            if g not in best or r["us"] < best[g]["us"]:
+                best[g] = r
+            if r["chosen"]:
+                chosen[g] = r
+    for g, r in best.items():
+        c = chosen.get(g)
+        print(
+            f"sweep fp8_gemv {g[0]:12s} M={g[1]:2d}: best BLOCK_N={r['BLOCK_N']} warps="
+            f"{r['num_warps']} stages={r['num_stages']} split={r['SPLIT_K']} {r['us']} us; "
+            f"chosen {c['us'] if c else 'n/a'} us"
+        )

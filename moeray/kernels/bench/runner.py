@@ -437,7 +437,7 @@ def main(argv: list[str]) -> int:
         ("quant", lambda: bench_quant(result["ceilings"])),
         ("fp8_gemm", lambda: bench_fp8_gemm(result["ceilings"])),
         ("fp8_gemv", lambda: bench_fp8_gemv(result["ceilings"])),
-        ("fp8_gemv_sweep", lambda: sweep_fp8_gemv(args.gemv_sweep_s)),
+        ("fp8_gemv_sweep", sweep_fp8_gemv),
         ("gemv", lambda: bench_gemv(result["ceilings"])),
         ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),

@@ -3,33 +3,24 @@
 y [M, N] = x [M, K] @ dequant(W [N, K] e4m3, scale_inv [NB, KB] fp32 per 128x128 block)^T, in x's
 dtype with fp32 accumulation. No activation quantization: each program dequantizes its weight tile
 in registers, so the kernel reads the e4m3 bytes and the scales once and x (small) per program.
-Its bandwidth floor is N*K bytes, half the bf16 GEMV's (moeray/kernels/gemv.py), and it needs no
-act_quant launch.
+Its bandwidth floor is N*K bytes, half the bf16 GEMV's, and it needs no act_quant launch.
 
 Legend: M rows of x (tokens), N output features, K reduction, KB = ceil(K/128), NB = ceil(N/128),
 S the split-K count.
 
-Two kernels, chosen by M:
-- broadcast (`_fp8_gemv_kernel`, M <= BCAST_MAX_ROWS = 4): gemv.py's design with scales. Each
-  program owns BLOCK_N (1..64, dividing 128: one scale row) weight rows over the full K, walking
-  K in steps of BLOCK_K (up to 2048 e4m3 bytes a row, several 128-blocks; their scales are one
-  [BLOCK_K] vector gathered from the tile's scale row, applied to x), and
-  acc [BM, BN, BK] += (x * s)[:, None, :] * w[None, :, :] on the CUDA cores, reduced over K once
-  after the loop. Cost per weight byte: one convert and M FMAs; at 4.8 TB/s and M = 4 ~19 T
-  FMA/s, under the H200's fp32 rate (~33 T FMA/s), so the loop stays bandwidth-bound. BLOCK_N
-  narrows until there are ~4 programs per SM (`bcast_config`), so at Moonlight / V3 decode shapes
-  it is one launch; only when even BLOCK_N = 1 leaves fewer programs than SMs (N < 132) does K
-  split (below).
-- dot (`_fp8_gemv_dot_kernel`, larger M): the tile converted to x's dtype (e4m3 -> bf16/fp16 is
-  exact) and tl.dot with operands swapped (w as the MMA's 64-row side, BM = 16..64 tokens as its
-  narrow side), one 128-block per K step; fp32 x uses IEEE fp32 dots (no TF32), so fp32 models
-  keep fp32 numbers.
+Two inner products, chosen by M:
+- broadcast (M <= _BCAST_MAX_ROWS): acc [BM, BN, BK] += x[:, None, :] * w[None, :, :] on the CUDA
+  cores, reduced over K once after the loop. Cost per weight byte: one convert, one scale multiply
+  and M FMAs; at 4.8 TB/s and M = 4 that is ~19 T FMA/s, under the H200's fp32 rate (~33 T FMA/s),
+  so the loop stays bandwidth-bound. tl.dot would pad M to 16 for the tensor cores.
+- dot (larger M): the tile converted to x's dtype (e4m3 -> bf16/fp16 is exact) and tl.dot with
+  operands swapped (w as the MMA's 64-row side, BM = 16..64 tokens as its narrow side); fp32 x
+  uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
 
-Split-K: each of S programs per tile reduces a K range (whole steps) into an fp32 partial
-[S, M, N], and a second small kernel (gemv.py's `_gemv_reduce_kernel`) sums the partials in a
-fixed order (deterministic, no atomics, no zeroing). The dot kernel splits when its 64-row tiles
-cannot fill the GPU. All allocations depend on the shape only and there is no host sync, so it is
-CUDA-graph safe.
+Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
+S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N], and a
+second small kernel sums the partials in a fixed order (deterministic, no atomics, no zeroing).
+All allocations depend on the shape only and there is no host sync, so it is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -40,18 +31,15 @@ import triton.language as tl
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, cdiv, check_tensor, interpreting, num_sms
 from moeray.kernels.fp8.quant import weight_dequant_ref
-from moeray.kernels.gemv import (
-    BCAST_MAX_ROWS,
-    PROGRAMS_PER_SM,
-    bcast_config,
-    check_bcast_config,
-    k_splits,
-    pow2_at_least,
-    reduce_splits,
-)
 
 GEMV_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "DOT", "num_warps", "num_stages"}
+# Up to 4 rows the broadcast inner product keeps up with HBM (module docstring, the FMA count).
+_BCAST_MAX_ROWS = 4
+# Programs to aim for before splitting K: 4 per SM. Little's law on an H200: 4.8 TB/s x ~0.6 us
+# latency is ~2.9 MB in flight, ~22 KB per SM, i.e. 2-3 CTAs each streaming 4-8 KB tiles with a
+# few stages; 4 leave room for the CTAs that finish early.
+_PROGRAMS_PER_SM = 4
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "SPLIT_K", "DOT", "num_warps", "num_stages"}
 
 
 def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -62,67 +50,6 @@ def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) ->
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    c_ptr,
-    M,
-    N,
-    K,
-    K_PER_SPLIT,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_sn,
-    stride_sk,
-    stride_cs,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # divides 128: the tile lies in one 128-row scale block
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the loop
-    NUM_STAGES: tl.constexpr,
-):
-    # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows and columns wrap onto valid ones, so loads need no row mask; the store is
-    # masked. int64 row offsets: a 129280 x 7168 weight is 0.93e9 bytes.
-    x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    # The tile's scale row; one scale per column, k // 128 (constant over 128 columns, L1 hits).
-    s_row = s_ptr + ((pid_n * BLOCK_N) // 128) * stride_sn
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-        s_ptrs = s_row + ((k0 + offs_k) // 128) * stride_sk
-        if EVEN_K:
-            x = tl.load(x_ptrs + k0 * stride_xk)
-            w = tl.load(w_ptrs + k0 * stride_wk)
-            s = tl.load(s_ptrs)
-        else:  # the ragged last step reads zeros past K in both operands
-            k_ok = offs_k < K - k0
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok[None, :], other=0.0)
-            s = tl.load(s_ptrs, mask=k_ok, other=0.0)
-        # The scale on x ([BM, BK] multiplies) rather than on w ([BN, BK]).
-        xs = x.to(tl.float32) * s[None, :]
-        acc += xs[:, None, :] * w.to(tl.float32)[None, :, :]
-    y = tl.sum(acc, axis=2)
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fp8_gemv_dot_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
@@ -142,27 +69,34 @@ def _fp8_gemv_dot_kernel(
     stride_cn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # divides 128: the tile lies in one 128-row scale block
+    DOT: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 dots in IEEE precision, not TF32 (fp32 x, or UPCAST)
     UPCAST: tl.constexpr,  # the CPU interpreter's bf16 tl.dot is wrong: the same math in fp32
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
+    # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows and columns wrap onto valid ones, so loads need no row mask; the store is
+    # masked.
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :] * stride_wk
     s_ptrs = s_ptr + (pid_n * BLOCK_N // 128) * stride_sn
     kb_lo = pid_k * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
-    # Swapped operands, acc^T [BN, BM] = w [BN, BK] @ x^T [BK, BM]: the weight rows fill the MMA's
-    # M side (64 rows, one Hopper warpgroup MMA; w is dequantized in registers, which an A operand
-    # may be) and the few tokens its N side, which may be as narrow as 16.
-    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if DOT:
+        # Swapped operands, acc^T [BN, BM] = w [BN, BK] @ x^T [BK, BM]: the weight rows fill the
+        # MMA's M side (64 rows, one Hopper warpgroup MMA; w is dequantized in registers, which an
+        # A operand may be) and the few tokens its N side, which may be as narrow as 16.
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
         k0 = kb * BLOCK_K
         if EVEN_K:
@@ -173,59 +107,83 @@ def _fp8_gemv_dot_kernel(
             x = tl.load(x_ptrs + k0 * stride_xk, mask=k_ok, other=0.0)
             w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok, other=0.0)
         s = tl.load(s_ptrs + kb * stride_sk)
-        if UPCAST:
-            x = x.to(tl.float32)
-        if IEEE:
-            part = tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
+        if DOT:
+            if UPCAST:
+                x = x.to(tl.float32)
+            if IEEE:
+                part = tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
+            else:
+                part = tl.dot(w.to(x.dtype), tl.trans(x))
+            acc_t += part * s
         else:
-            part = tl.dot(w.to(x.dtype), tl.trans(x))
-        acc_t += part * s
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
-    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(c_ptrs, acc_t.to(c_ptr.dtype.element_ty), mask=mask)
+            wf = w.to(tl.float32) * s
+            acc3 += x.to(tl.float32)[:, None, :] * wf[None, :, :]
+    c_base = c_ptr + pid_k * stride_cs
+    if DOT:
+        c_ptrs = c_base + offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(c_ptrs, acc_t.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.sum(acc3, axis=2)
+        c_ptrs = c_base + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_gemv_reduce_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # y (contiguous [M, N]) = sum of the S contiguous fp32 partials [S, M, N], in split order.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + i * MN + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
 
 
 def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """Tiles and split-K count by shape (not autotuned: one launch per shape, graph-safe).
+    """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
-    M <= 4: gemv.bcast_config's broadcast tiles, BLOCK_N at most 64 (it must divide 128, one scale
-    row). Dot tiles: 64 weight rows (one wgmma M) x BM = 16..64 tokens, 96-142 registers in
-    offline sm_90 compiles, K split until ~4 programs per SM.
+    Broadcast tiles: BM x BN = 64 (the BM x BN x 128 fp32 accumulator), the weight tile BN rows
+    of 128 e4m3 bytes: 1x64 with 8 warps (8 KB a stage, 32 B a thread), 2x32 and 4x16 with 4.
+    Offline sm_90 compiles: 60 / 96 / 96 registers, no spills. Dot tiles: 64 weight rows (one
+    wgmma M) x BM = 16..64 tokens, 96-142 registers.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
-    if m <= BCAST_MAX_ROWS:
-        return dict(DOT=False, **bcast_config(m, n, k, device))
-    block_m = min(64, max(16, pow2_at_least(m)))
-    block_n = 64
+    num_warps = 4
+    if m <= _BCAST_MAX_ROWS:
+        block_m = _pow2_at_least(m)
+        # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
+        block_n = 128 // block_m if interpreting() else 64 // block_m
+        num_warps = 8 if block_m == 1 else 4
+        dot = False
+    else:
+        block_m = min(64, max(16, _pow2_at_least(m)))
+        block_n = 64
+        dot = True
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
-    split = max(1, min(kb, cdiv(PROGRAMS_PER_SM * num_sms(device), tiles)))
+    split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
     return dict(
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=FP8_BLOCK,
-        SPLIT_K=split,
-        DOT=True,
-        num_warps=4,
-        num_stages=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, DOT=dot, num_warps=num_warps, num_stages=4
     )
 
 
 def _check_config(cfg: dict) -> None:
     if cfg.keys() != _CONFIG_KEYS:
         raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(_CONFIG_KEYS)}")
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if not cfg["DOT"]:
-        # BLOCK_N divides 128 so a tile reads one scale row.
-        check_bcast_config({k: v for k, v in cfg.items() if k != "DOT"}, _CONFIG_KEYS - {"DOT"})
-        return
-    if bn < 16 or bn > 128 or bn & (bn - 1):
-        raise ValueError(f"BLOCK_N={bn}: must be a power of two in 16..128 when DOT=True")
-    if bm < 16 or bm & (bm - 1):
+    bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
+    if bn < 1 or bn > 128 or 128 % bn:
+        raise ValueError(f"BLOCK_N={bn}: must be a power of two <= 128 (a divisor of 128)")
+    if bm < 1 or bm & (bm - 1) or (cfg["DOT"] and bm < 16):
         raise ValueError(f"BLOCK_M={bm}: must be a power of two, >= 16 when DOT=True")
-    if cfg["BLOCK_K"] != FP8_BLOCK:
-        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']}: must be {FP8_BLOCK} when DOT=True")
-    if cfg["SPLIT_K"] < 1:
-        raise ValueError(f"SPLIT_K={cfg['SPLIT_K']}: must be >= 1")
+    if cfg["DOT"] and bn < 16:
+        raise ValueError(f"BLOCK_N={bn}: must be >= 16 when DOT=True")
+    if split < 1:
+        raise ValueError(f"SPLIT_K={split}: must be >= 1")
 
 
 def _check_gemv_inputs(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
@@ -250,9 +208,8 @@ def fp8_gemv(
 
     x: bf16, fp16 or fp32 (any strides); w_fp8: e4m3; w_scale: fp32, one per 128x128 block (the
     checkpoint's weight_scale_inv). Any N and K (ragged last blocks are masked). Made for few rows
-    (decode): one launch at M <= 4 unless N < the SM count; correct at any M. `config` (keys of
-    `_CONFIG_KEYS`) overrides the heuristic tiles. On CPU tensors outside the interpreter it runs
-    fp8_gemv_ref.
+    (decode); correct at any M. `config` (keys of `_CONFIG_KEYS`) overrides the heuristic tiles.
+    On CPU tensors outside the interpreter it runs fp8_gemv_ref.
     """
     _check_gemv_inputs(x, w_fp8, w_scale)
     if not (x.is_cuda or interpreting()):
@@ -266,10 +223,12 @@ def fp8_gemv(
         return y.zero_()
     cfg = config if config is not None else _gemv_config(m, n, k, x.device)
     _check_config(cfg)
-    k_per_split, split = k_splits(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
+    kb = cdiv(k, FP8_BLOCK)
+    kb_per_split = cdiv(kb, cfg["SPLIT_K"])
+    split = cdiv(kb, kb_per_split)  # no empty splits
     c = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
-    args = (
+    _fp8_gemv_kernel[grid](
         x,
         w_fp8,
         w_scale,
@@ -277,7 +236,7 @@ def fp8_gemv(
         m,
         n,
         k,
-        k_per_split if not cfg["DOT"] else k_per_split // FP8_BLOCK,
+        kb_per_split,
         x.stride(0),
         x.stride(1),
         w_fp8.stride(0),
@@ -287,29 +246,19 @@ def fp8_gemv(
         c.stride(0) if split > 1 else 0,
         c.stride(-2),
         c.stride(-1),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        DOT=cfg["DOT"],
+        IEEE=x.dtype == torch.float32 or interpreting(),
+        UPCAST=interpreting(),
+        EVEN_K=k % FP8_BLOCK == 0,
+        NUM_STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg["DOT"]:
-        _fp8_gemv_dot_kernel[grid](
-            *args,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            IEEE=x.dtype == torch.float32 or interpreting(),
-            UPCAST=interpreting(),
-            EVEN_K=k % FP8_BLOCK == 0,
-            NUM_STAGES=cfg["num_stages"],
-            **launch,
-        )
-    else:
-        _fp8_gemv_kernel[grid](
-            *args,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            EVEN_K=k % cfg["BLOCK_K"] == 0,
-            NUM_STAGES=cfg["num_stages"],
-            **launch,
-        )
     if split > 1:
-        reduce_splits(c, y)
+        block = 1024
+        _fp8_gemv_reduce_kernel[(cdiv(m * n, block),)](
+            c, y, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
+        )
     return y
