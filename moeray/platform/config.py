@@ -523,20 +523,16 @@ class ServeConfig:
         for name in ("ep_placement_period_s", "ep_redundant_experts", "ep_placement_maxvio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format={self.load_format!r}: accepted {LOAD_FORMATS}")
-        if self.ep_decode_exchange not in DECODE_EXCHANGES:
-            raise ValueError(
-                f"ep_decode_exchange={self.ep_decode_exchange!r}: accepted {DECODE_EXCHANGES}"
-            )
+        for name, accepted in (
+            ("load_format", LOAD_FORMATS),
+            ("kv_transport", KV_TRANSPORTS),
+            ("tool_call_parser", TOOL_CALL_PARSERS),
+            ("ep_decode_exchange", DECODE_EXCHANGES),
+        ):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name}={getattr(self, name)!r}: accepted {accepted}")
         if self.load_format == "dummy" and self.ep is None:
             raise ValueError("load_format='dummy' builds the ranks of a gang: set ep (1 or more)")
-        if self.kv_transport not in KV_TRANSPORTS:
-            raise ValueError(f"kv_transport={self.kv_transport!r}: accepted {KV_TRANSPORTS}")
-        if self.tool_call_parser not in TOOL_CALL_PARSERS:
-            raise ValueError(
-                f"tool_call_parser={self.tool_call_parser!r}: accepted {TOOL_CALL_PARSERS}"
-            )
         for name in (
             "prefill_replicas",
             "decode_replicas",
@@ -597,9 +593,7 @@ class ServeConfig:
 KV_TRANSPORTS = ("object_store", "rdt", "channel")
 # Where a serving rank's weights come from (rank_weights.py).
 LOAD_FORMATS = ("safetensors", "dummy")
-# Which exchange an EP gang's decode forwards take (parallel/serve_ep.py): "auto" the fixed-size
-# gather when every rank replays a decode graph, "gather" always (without graphs too: tests on
-# CPU), "all_to_all" never (and no decode graphs under EP).
+# An EP gang's decode exchange (parallel/serve_ep.py: "auto" gathers when graphs replay).
 DECODE_EXCHANGES = ("auto", "gather", "all_to_all")
 # How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
 TOOL_CALL_PARSERS = ("deepseek_v3", "json")
