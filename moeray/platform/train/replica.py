@@ -24,6 +24,7 @@ from moeray.platform.checkpoint import load_model
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_param
+from moeray.platform.parallel.experts_mlp import enable_grouped_experts
 from moeray.platform.parallel.node_limited import enable_node_limited, node_topology
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.train import step as tstep
@@ -121,8 +122,11 @@ def start_biases(start: Transformer) -> torch.Tensor:
 def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device) -> Transformer:
     """Apply, in this order, what a PP = 1 rank runs on top of the plain single-device model:
     FP8 projections, expert parallelism (this rank keeps E/EP routed experts; node-limited with
-    `parallel.node_limited`), recompute in the backward (`job.recompute`, train/recompute.py),
-    the device. Returns the same module, changed in place."""
+    `parallel.node_limited`), the routed experts as one autograd node with grouped GEMMs
+    (`experts_mlp.enable_grouped_experts`: the grouped FP8 kernel on CUDA, and with one rank the
+    experts' weight gradients k-grouped, as `moeray bench train --pp 1` measures), recompute in
+    the backward (`job.recompute`, train/recompute.py), the device. Returns the same module,
+    changed in place."""
     if job.fp8:
         enable_fp8_training(model)
     p = job.parallel
@@ -131,6 +135,11 @@ def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device)
         enable_node_limited(model, groups.ep_group, groups.ep_rank, groups.ep_size, topology)
     elif groups.ep_size > 1:
         enable_expert_parallel(model, groups.ep_group, groups.ep_rank, groups.ep_size)
+    cuda = torch.device(device).type == "cuda"
+    # The k-grouped weight-gradient kernel hung the 4-GPU pipeline's first step (cause not found,
+    # benchmarks/notes-train.md): with several ranks the weight gradients stay per expert.
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
+    enable_grouped_experts(model, grouped_fp8=cuda, kgrouped_wgrad=cuda and alone)
     if job.recompute:
         apply_recompute(model, job.recompute)
     return model.to(device)
