@@ -38,7 +38,7 @@ def _operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int):
     return x.to(dtype), w.to(dtype)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("m", [1, 3, 5])  # one row; a partial 4-row tile; two M tiles
 @pytest.mark.parametrize("n", [1, 7, 576, 1000])
 @pytest.mark.parametrize("k", [64, 200, 2048 + 64])
 def test_gemv_odd_shapes_fp32(m, n, k):
