@@ -13,11 +13,14 @@ from moeray.platform.engine.ep_bench import WideEPConfig, placement_ratios
 def test_wide_ep_bench_writes_its_numbers(tmp_path, capsys):
     argv = ["bench", "wide-ep", "--preset", "tiny", "--gpus", "1,2", "--device", "cpu"]
     argv += ["--batch", "2", "--prompt-len", "9", "--decode-tokens", "4", "--a2a-mib", "1"]
+    argv += ["--repeats", "2"]
     assert cli.main([*argv, "--out-dir", str(tmp_path), "--tag", "tiny"]) == 0
     (f,) = tmp_path.glob("wide-ep-*-tiny.json")
     r = json.loads(f.read_text())
     assert r["command"] and r["device"]
     assert set(r["tokens_per_s"]) == {"1", "2"} and min(r["tokens_per_s"].values()) > 0
+    assert all(len(v) == 2 for v in r["tokens_per_s_repeats"].values())
+    assert len(r["plain_tokens_per_s_repeats"]) == 2
     assert r["alltoall_gbps"]["1"] is None and r["alltoall_gbps"]["2"] > 0
     assert r["cuda_graphs"] == {"1": "off", "2": "off"} and r["plain_cuda_graphs"] == "off"
     assert r["plain_tokens_per_s"] > 0

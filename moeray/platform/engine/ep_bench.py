@@ -13,8 +13,9 @@ When G = 1 is among the counts, the plain Engine (no gang, no lockstep) decodes 
 prompts in one more process of the same environment, and `ep1_over_plain` is the ep=1 gang's
 tokens/s over its: `--ep 1` goes through the gang's code and is held to within 5% (0.95).
 
-Writes benchmarks/results/wide-ep-<device>[-<tag>].json: tokens_per_s, alltoall_gbps and
-cuda_graphs (the runner's graph status) keyed by G, plain_tokens_per_s and ep1_over_plain,
+Writes benchmarks/results/wide-ep-<device>[-<tag>].json: tokens_per_s (the median of --repeats
+timed decode windows, each in tokens_per_s_repeats), alltoall_gbps and cuda_graphs (the runner's
+graph status) keyed by G, plain_tokens_per_s(_repeats) and ep1_over_plain (of the medians),
 max_gpu_load_ratio_placed / _unplaced keyed by G.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +56,9 @@ class WideEPConfig:
     batch: int = 32  # requests per rank
     prompt_len: int = 64
     decode_tokens: int = 64
+    # Timed decode windows per engine: tokens/s is their median (one window of the plain engine
+    # read 12,223 and 14,640 tok/s in two runs of the same code on an H200).
+    repeats: int = 3
     a2a_mib: float = 64.0
     zipf_s: float = 1.2  # skew of the synthetic expert load (placement ratios)
     device: str = "auto"
@@ -69,7 +74,7 @@ class WideEPConfig:
             raise ValueError(f"preset={self.preset!r}: accepted {PRESETS}")
         if not self.gpus or min(self.gpus) < 1:
             raise ValueError(f"gpus={self.gpus}: accepted positive counts")
-        for name in ("batch", "prompt_len", "decode_tokens"):
+        for name in ("batch", "prompt_len", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.layers is not None and self.layers < 1:
@@ -102,36 +107,48 @@ def _engine_config(cfg: WideEPConfig) -> EngineConfig:
 
 
 def _time_decode(engine: Engine, cfg: WideEPConfig, rank: int) -> dict:
-    """Decode --batch prompts of this rank to --decode-tokens tokens each; -> seconds and tokens of
-    the decode window (from the step where every request has its first token) and the runner's
-    graph status. An EP rank keeps stepping until its whole gang is done (steps are collective)."""
+    """Decode --batch prompts of this rank to --decode-tokens tokens each, --repeats times (fresh
+    prompts each time); -> per repeat the seconds and tokens of its decode window (from the step
+    where every request has its first token), and the runner's graph status. An EP rank keeps
+    stepping until its whole gang is done (steps are collective)."""
     dev = engine.device
     mc = engine.model_config
     g = torch.Generator().manual_seed(rank)
-    prompts = torch.randint(0, mc.vocab_size, (cfg.batch, cfg.prompt_len), generator=g)
     warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    engine.generate(prompts[:2].tolist(), warm)  # Triton compiles outside the timing
     params = SamplingParams(temperature=0, max_tokens=cfg.decode_tokens, ignore_eos=True)
-    for p in prompts.tolist():
-        engine.add_request(p, params)
-    start = engine.stats.generated_tokens
-    t0 = before = None
-    while True:
-        engine.step()
-        if t0 is None and engine.stats.generated_tokens - start >= cfg.batch:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0, before = time.perf_counter(), engine.stats.generated_tokens
-        if not engine.has_unfinished():  # an EP rank: until no rank of the gang has work
-            break
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    assert t0 is not None and before is not None  # the loop ran until every request finished
-    return {
-        "seconds": time.perf_counter() - t0,
-        "decoded": engine.stats.generated_tokens - before,
-        "cuda_graphs": engine.runner.graph_status,
-    }
+    seconds, decoded = [], []
+    for r in range(cfg.repeats):
+        prompts = torch.randint(0, mc.vocab_size, (cfg.batch, cfg.prompt_len), generator=g)
+        if r == 0:
+            engine.generate(prompts[:2].tolist(), warm)  # Triton compiles outside the timing
+        for p in prompts.tolist():
+            engine.add_request(p, params)
+        start = engine.stats.generated_tokens
+        t0 = before = None
+        while True:
+            engine.step()
+            if t0 is None and engine.stats.generated_tokens - start >= cfg.batch:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0, before = time.perf_counter(), engine.stats.generated_tokens
+            if not engine.has_unfinished():  # an EP rank: until no rank of the gang has work
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        assert t0 is not None and before is not None  # the loop ran until every request finished
+        seconds.append(time.perf_counter() - t0)
+        decoded.append(engine.stats.generated_tokens - before)
+    return {"seconds": seconds, "decoded": decoded, "cuda_graphs": engine.runner.graph_status}
+
+
+def _median_rate(ranks: list[dict]) -> tuple[float, list[float]]:
+    """(median, each) over the repeats of the gang's tokens/s: every rank's tokens over the
+    slowest rank's window."""
+    rates = [
+        sum(r["decoded"][i] for r in ranks) / max(r["seconds"][i] for r in ranks)
+        for i in range(len(ranks[0]["seconds"]))
+    ]
+    return statistics.median(rates), rates
 
 
 def _model(cfg: WideEPConfig, dev: torch.device, rank: int, world: int):
@@ -229,13 +246,13 @@ def run_bench(cfg: WideEPConfig) -> dict:
     if device == "cuda" and max(cfg.gpus) > torch.cuda.device_count():
         raise ValueError(f"gpus={cfg.gpus}: this machine has {torch.cuda.device_count()} GPUs")
     mc = model_config(cfg)
-    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "alltoall_gbps": {}, "cuda_graphs": {}}
+    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "tokens_per_s_repeats": {}}
+    out.update(alltoall_gbps={}, cuda_graphs={})
     for G in cfg.gpus:
         with tempfile.TemporaryDirectory() as tmp:
             _spawn(G, cfg, device, tmp)
             ranks = [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(G)]
-        wall = max(r["seconds"] for r in ranks)
-        out["tokens_per_s"][str(G)] = sum(r["decoded"] for r in ranks) / wall
+        out["tokens_per_s"][str(G)], out["tokens_per_s_repeats"][str(G)] = _median_rate(ranks)
         out["cuda_graphs"][str(G)] = ranks[0]["cuda_graphs"]
         # Bytes each rank sends to the others per second (its own slice stays local).
         sent = ranks[0]["a2a_bytes"] * (G - 1) / G
@@ -246,7 +263,7 @@ def run_bench(cfg: WideEPConfig) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _spawn(1, cfg, device, tmp, _plain)
             plain = json.loads(Path(tmp, "plain.json").read_text())
-        out["plain_tokens_per_s"] = plain["decoded"] / plain["seconds"]
+        out["plain_tokens_per_s"], out["plain_tokens_per_s_repeats"] = _median_rate([plain])
         out["plain_cuda_graphs"] = plain["cuda_graphs"]
         out["ep1_over_plain"] = out["tokens_per_s"]["1"] / out["plain_tokens_per_s"]
     placed, unplaced = {}, {}
@@ -270,6 +287,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=d.batch, help="requests per rank")
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed windows (median)")
     p.add_argument("--a2a-mib", type=float, default=d.a2a_mib)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     p.add_argument("--fp8", action="store_true", help="e4m3 weights + block scales, as V3 ships")
@@ -299,7 +317,8 @@ def main(argv: list[str]) -> int:
             a.batch,
             a.prompt_len,
             a.decode_tokens,
-            a.a2a_mib,
+            a2a_mib=a.a2a_mib,
+            repeats=a.repeats,
             device=a.device,
             fp8=a.fp8,
             layers=a.layers,
