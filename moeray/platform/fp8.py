@@ -166,9 +166,18 @@ class StackedWeight:
     references off CUDA)."""
 
     def __init__(self, w_ENK: torch.Tensor) -> None:
-        qs = [kernels.weight_quant(w_ENK[e]) for e in range(w_ENK.shape[0])]
-        self.q = torch.stack([q for q, _ in qs])
-        self.scale = torch.stack([s for _, s in qs])
+        E, N, K = w_ENK.shape
+        if N % 128 == 0:
+            # Whole 128-row blocks never straddle two experts: [E * N, K] quantized as one matrix
+            # has each expert's blocks, in one launch. Per expert it was E launches and two
+            # stacking copies: 1,728 quantizations a step at 9 Moonlight MoE layers x 64 experts
+            # x 3 projections (results/train-1gpu-nvidia-h200.json, `_weight_quant_kernel`).
+            q, s = kernels.weight_quant(w_ENK.reshape(E * N, K))
+            self.q, self.scale = q.view(E, N, K), s.view(E, N // 128, s.shape[1])
+        else:
+            qs = [kernels.weight_quant(w_ENK[e]) for e in range(E)]
+            self.q = torch.stack([q for q, _ in qs])
+            self.scale = torch.stack([s for _, s in qs])
         self._t: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property

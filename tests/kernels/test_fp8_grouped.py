@@ -120,3 +120,17 @@ def test_grouped_fp8_experts_through_the_triton_kernels():
         rel = ((outs[1][i] - outs[0][i]).norm() / outs[0][i].norm()).item()
         assert rel < 5e-2, (name, rel)  # measured 0.019 (y), 0.021 (dx)
     assert all(outs[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
+
+
+@pytest.mark.parametrize("n", [256, 160])  # whole 128-row blocks (one launch); a ragged last block
+def test_stacked_weight_equals_each_expert_quantized_alone(n):
+    """StackedWeight (all experts' weights for the grouped GEMM) holds exactly what quantizing
+    each expert on its own gives: blocks never straddle two experts, in one launch or per expert."""
+    from moeray.platform.fp8 import StackedWeight
+
+    w = torch.randn(3, n, 200, generator=torch.Generator().manual_seed(n)) * 4
+    stacked = StackedWeight(w)
+    for e in range(3):
+        q, s = fp8.weight_quant(w[e])
+        assert torch.equal(stacked.q[e].float(), q.float()) and torch.equal(stacked.scale[e], s)
+    assert stacked.q.shape == (3, n, 200) and stacked.scale.shape == (3, -(-n // 128), 2)
