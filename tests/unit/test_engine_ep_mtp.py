@@ -41,9 +41,17 @@ ASSIGNMENT = {2: [[0, 1, 2, 4], [3]], 4: [[0, 1], [2], [3, 4], []]}
 
 
 def _model() -> Transformer:
+    """tiny() with one MTP depth whose input projection passes the next token's embedding only:
+    its drafts then track the main model's next prediction often enough that some are accepted
+    and some rejected (random weights accept none), so MTP forwards run over 1 and 2 newly valid
+    positions per row."""
     torch.manual_seed(0)
     model = Transformer(tiny().replace(num_nextn_predict_layers=1))
-    assert len(model.mtp) == 1
+    D = model.config.hidden_size
+    with torch.no_grad():
+        w = model.mtp[0].eh_proj.weight  # [D, 2D] over [enorm(embedding), hnorm(hidden)]
+        w.zero_()
+        w[:, :D] = torch.eye(D)
     return model
 
 
@@ -108,6 +116,8 @@ def test_ep_mtp_greedy_equals_single_process(world, exchange, tmp_path, referenc
     # empty ones, at ep=4 only empty ones), as many as each of its peers: one per MTP round.
     for g, mine in zip(got, ASSIGNMENT[world], strict=True):
         assert (g["drafts"] > 0) == bool(mine)
+    accepted, drafts = sum(g["accepted"] for g in got), sum(g["drafts"] for g in got)
+    assert 0 < accepted < drafts  # both verify outcomes, so MTP rows of 1 and 2 positions
     assert len({g["mtp_forwards"] for g in got}) == 1 and got[0]["mtp_forwards"] > 0
     assert got[-1]["padding_forwards"] > 0
     gathered = [g["gathered_forwards"] for g in got]
