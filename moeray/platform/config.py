@@ -515,11 +515,6 @@ class ServeConfig:
                     f"ep={self.ep} with kv_transport={self.kv_transport!r}: P/D gangs move KV "
                     "rows through the object store for now (kv_transport='object_store')"
                 )
-            if self.num_speculative_tokens:
-                raise ValueError(
-                    f"ep={self.ep} with num_speculative_tokens={self.num_speculative_tokens}: "
-                    "MTP drafting is not available with expert parallelism yet; accepted 0"
-                )
         for name in ("ep_placement_period_s", "ep_redundant_experts", "ep_placement_maxvio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")

@@ -1,9 +1,10 @@
 """Expert-parallel serving end to end on a local Ray: `moeray serve --ep 2 --mode colocated`, a
-gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai client; then ep=4
-and a P/D pair of gangs (live expert placement on in both) as further apps of the same Serve
-instance. Greedy answers equal the single-process engine's, the P/D streams across a placement
-change too; each rank read only its share of the weights; a killed rank ends the requests in flight
-with a 503 error body (an error event in a stream) and is replaced with its whole gang."""
+gang of 2 rank actors (gloo) behind one Serve replica, real HTTP and the openai client; then ep=4,
+a P/D pair of gangs (live expert placement on in both) and an ep=2 gang drafting with MTP as
+further apps of the same Serve instance. Greedy answers equal the single-process engine's, the P/D
+streams across a placement change too; each rank read only its share of the weights; a killed rank
+ends the requests in flight with a 503 error body (an error event in a stream) and is replaced with
+its whole gang."""
 
 import concurrent.futures
 import json
@@ -206,6 +207,30 @@ def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir
     stats = _stats("EP", "ep4")
     assert [r["rank"] for r in stats["ranks"]] == [0, 1, 2, 3]
     assert sum(n > 0 for n in stats["routed_to"]) >= 2, stats["routed_to"]
+
+
+def test_ep_gang_with_mtp_serves_what_the_single_process_engine_serves(
+    server, tiny_model_dir, tmp_path
+):
+    """`moeray serve --ep 2 --num-speculative-tokens 1`: the flag reaches the gang's engines, which
+    draft with the MTP depth (its MoE layer expert-parallel too) and serve the greedy answers."""
+    from moeray.platform.serve.app import main as serve_main
+    from moeray.platform.serve.app import start
+
+    cfg, url = server
+    f = tmp_path / "serve.yaml"
+    argv = ["--model", str(tiny_model_dir), "--model-id", "tiny", "--mode", "colocated"]
+    argv += ["--ep", "2", "--num-speculative-tokens", "1", "--write-config", str(f)]
+    assert serve_main(argv) == 0
+    (app,) = yaml.safe_load(f.read_text())["applications"]
+    assert app["args"]["ep"] == 2 and app["args"]["num_speculative_tokens"] == 1
+    start(cfg.replace(num_speculative_tokens=1), name="epmtp", route_prefix="/epmtp")
+    client = openai.OpenAI(base_url=url + "/epmtp/v1", api_key="unused", timeout=60)
+    assert _complete_all(client, 8) == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
+    ranks = _stats("EP", "epmtp")["ranks"]
+    assert sum(r["mtp"]["draft_tokens"] for r in ranks) > 0, ranks
+    # One MTP forward per rank in every MTP round, real or empty.
+    assert len({r["mtp_forwards"] for r in ranks}) == 1 and ranks[0]["mtp_forwards"] > 0
 
 
 def _in_flight(url: str, prompt: str, stream: bool, started: threading.Event) -> dict:

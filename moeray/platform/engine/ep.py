@@ -15,6 +15,12 @@ reduce-scatter (`decode_exchange`, see `parallel/serve_ep.py`), so the runner ca
 ranks capture the same graphs when the engine starts, replay them together (a rank without work
 replays one with padding rows only), and capture them again after a placement switch, which
 replaces the expert weights the graphs read.
+
+MTP speculative decoding (`num_speculative_tokens=1`): the MTP module's MoE layer is expert-parallel
+too, so its forwards go through the lockstep like the main model's (each round says which module
+every rank forwards; a rank without an MTP forward of its own runs an empty one). MTP forwards run
+eagerly here, never as CUDA graphs; the main model's decode graphs are captured and replayed as
+without MTP.
 """
 
 from __future__ import annotations
@@ -50,12 +56,6 @@ class ExpertParallelEngine(Engine):
         expert_source: ExpertSource | None = None,
         decode_exchange: str = "auto",
     ):
-        if config.num_speculative_tokens:
-            raise ValueError(
-                f"num_speculative_tokens={config.num_speculative_tokens}: MTP drafting is not "
-                "available with expert parallelism yet (its MoE forwards would need the lockstep "
-                "too); accepted 0"
-            )
         self.lockstep = parallelize_for_serving(model, group, decode_exchange)
         # Graphs are captured below, once the runner agrees forwards with the gang; always at
         # start: a capture inside a step would need every rank to capture it in the same round.
@@ -66,6 +66,8 @@ class ExpertParallelEngine(Engine):
             tokenizer=tokenizer,
         )
         self.runner.gang = self.lockstep
+        # MTP forwards run eagerly in a gang (runner module docstring): never capture "mtp" graphs.
+        self.runner.use_mtp_graphs = False
         self.lockstep.replay_padding = self.runner.run_padding
         if self.runner.use_cuda_graphs:
             with self.lockstep.graph_capture():

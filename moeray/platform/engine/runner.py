@@ -47,10 +47,12 @@ way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static 
 zero). Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
 
-In an expert-parallel gang (`gang` set: `parallel/serve_ep.Lockstep`) every main-model forward is
-agreed with the other ranks first (`gang.before_forward`, a collective): they replay their decode
-graphs only together, at one padded batch (the largest any rank needs), so the MoE exchanges inside
-have the same shapes on every rank; graphs are then captured up front, never inside a step.
+In an expert-parallel gang (`gang` set: `parallel/serve_ep.Lockstep`) every forward, main model
+or MTP depth, is agreed with the other ranks first (`gang.before_forward`, a collective: the MTP
+module's MoE layer exchanges tokens too): they replay their main decode graphs only together, at
+one padded batch (the largest any rank needs), so the MoE exchanges inside have the same shapes on
+every rank; graphs are then captured up front, never inside a step. MTP forwards in a gang run
+eagerly (no "mtp" graphs: a rank without MTP work would have to replay one in the same round).
 """
 
 from __future__ import annotations
@@ -76,10 +78,13 @@ PAD_MAX_S = 2
 class Gang(Protocol):
     """The ranks of an expert-parallel gang agreeing on each forward (module docstring)."""
 
-    def before_forward(self, B: int, S: int, decode: bool, graph_batch: int) -> int:
-        """Collective: B sequences x S tokens here, `decode` if S <= PAD_MAX_S, graph_batch the
-        padded batch of this rank's captured graph for it (0: none). Returns the padded batch
-        every rank replays, or 0 (eager)."""
+    def before_forward(
+        self, B: int, S: int, decode: bool, graph_batch: int, module: int = 0
+    ) -> int:
+        """Collective: B sequences x S tokens here through `module` (0 the main model, d + 1 MTP
+        depth d), `decode` if S <= PAD_MAX_S, graph_batch the padded batch of this rank's
+        captured graph for it (0: none). Returns the padded batch every rank replays, or 0
+        (eager)."""
         ...
 
 
@@ -277,9 +282,15 @@ class ModelRunner:
                 f"MTP forward of ids {tuple(ids_BS.shape)} needs hidden_BSD [B={B}, "
                 f"S={S}, D], got {None if hidden_BSD is None else tuple(hidden_BSD.shape)}"
             )
-        if self.gang is not None and mtp_module is None:
-            agreed = self.gang.before_forward(B, S, S <= PAD_MAX_S, self._captured_batch(B, S))
-            graph = self.graphs.get((agreed, S, "main"))
+        if self.gang is not None:
+            # Main forwards and MTP forwards alike: the MTP depth's MoE layer exchanges tokens
+            # with the gang too. MTP forwards run eagerly under a gang (no graph batch voted).
+            if mtp_module is None:
+                module, captured = 0, self._captured_batch(B, S)
+            else:
+                module, captured = self._mtp_depth(mtp_module) + 1, 0
+            agreed = self.gang.before_forward(B, S, S <= PAD_MAX_S, captured, module)
+            graph = self.graphs.get((agreed, S, "main")) if mtp_module is None else None
             if graph is not None:
                 return graph.run(ids_BS, block_table_BM, starts_B)
         # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
@@ -297,6 +308,13 @@ class ModelRunner:
         for k, v in view.calls.items():
             self.attention_calls[k] += v
         return logits, hidden
+
+    def _mtp_depth(self, mtp_module) -> int:
+        """The index of `mtp_module` among the model's MTP modules."""
+        for d, m in enumerate(getattr(self.model, "mtp", [])):
+            if m is mtp_module:
+                return d
+        raise ValueError("the MTP module is not one of the model's MTP modules")
 
     def _captured_batch(self, B: int, S: int) -> int:
         """The padded batch of the captured main graph that runs B x S, 0 if there is none."""

@@ -5,15 +5,21 @@ Each rank of an EP gang runs its own engine (its own requests, scheduler and pag
 data-parallel attention); only the MoE layers talk to the other ranks, dispatching tokens to the
 ranks that hold their experts and combining them back with all-to-all (`parallel/expert.py`).
 Every MoE all-to-all is a collective, so every rank must run the same number of model forwards in
-the same order, whatever its own batch holds. `Lockstep` does that in rounds: before each real
-forward the runner calls `Lockstep.before_forward`, which joins a small max-all-reduce starting
-[forwarding, has work, -ready] = [1, 1, -ready]; a rank that has run all forwards of its step
-joins the same all-reduce with [0, has work, -ready] and, while the first entry is non-zero (a
-peer is about to forward), runs an empty forward (no tokens of its own, which still takes part in
-every MoE exchange: a padded graph replay when the peers replay theirs). A round whose first entry
-is zero ends the step on every rank at once; the second entry then says whether any rank still
-has requests, and the third (negated back) is the lowest placement version staged on every rank,
-which the ranks switch to together before the next step (`parallel/serve_placement.py`).
+the same order, whatever its own batch holds; the MTP modules hold MoE layers too (speculative
+decoding), so their forwards count as well. `Lockstep` does that in rounds: before each real
+forward the runner calls `Lockstep.before_forward`, which joins a small max-all-reduce voting
+[has work, -ready] and, for the module it forwards (the main model, or MTP depth d), [forwarding,
+its exchange's sizes]; a rank that has run all forwards of its step joins the same all-reduce
+voting for no module and, while some rank forwards, runs an empty forward (no tokens of its own,
+which still takes part in every MoE exchange: a padded graph replay when the peers replay theirs;
+an MTP depth over zero rows, eagerly). Each round forwards ONE module, the first that some rank
+votes for (main before MTP); a rank that voted for another (its MTP forward while a peer still runs
+a main one) runs an empty forward of the round's module and votes again. A rank runs its main
+forwards of a step before its MTP forwards, so every round runs a real forward until none is
+left. A round where no rank forwards ends the step on every rank at once; "has work" then says
+whether any rank still has requests, and -ready (negated back) is the lowest placement version
+staged on every rank, which the ranks switch to together before the next step
+(`parallel/serve_placement.py`).
 
 Two exchanges, chosen per forward by `choose_exchange` (the same answer on every rank, from the
 round that precedes the forward):
@@ -31,12 +37,14 @@ round that precedes the forward):
     forwards take it when every rank replays a graph ("auto"), always ("gather", for tests on CPU)
     or never ("all_to_all"). At ep=1 ("auto", "gather") every forward takes it, its collectives
     skipped: the plain MoE, so `--ep 1` computes what the plain engine does.
-A round carries [forwarding, has work, -ready, prefill, rows, graph batch, S, -S, no graph] and is
-reduced with MAX: "any rank" for the flags, the largest rows and graph batch, S's spread, and
-max(-v) = -min(v) for the versions.
+A round carries [has work, -ready] then, per module, [forwarding, prefill, rows, graph batch, S,
+-S, no graph] (a rank fills only the module it forwards) and is reduced with MAX: "any rank" for
+the flags, the largest rows and graph batch, S's spread, and max(-v) = -min(v) for the versions.
+MTP forwards under EP are never graph replays (no graph batch): they run eagerly, gathered in
+"gather" mode, else all-to-all.
 
-Costs: one 9-element all-reduce per forward plus one per step (decode: two per step; none at
-ep=1, where a rank's vote is the round); a gathered forward: one all-gather and one
+Costs: one small all-reduce per forward plus one per step (decode: two per step, three with MTP;
+none at ep=1, where a rank's vote is the round); a gathered forward: one all-gather and one
 reduce-scatter per MoE layer (none at ep=1).
 """
 
@@ -54,6 +62,7 @@ from torch import nn
 from moeray.kernels.expert_load import count_expert_load
 from moeray.kernels.gate import Routing
 from moeray.platform.config import DECODE_EXCHANGES
+from moeray.platform.model.mtp import MTPModule
 from moeray.platform.model.quant import set_fp8_expert_weight
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.expert import (
@@ -270,7 +279,8 @@ def all_gather_rows(parts: list[torch.Tensor], group=None) -> list[torch.Tensor]
 
 @dataclass(frozen=True)
 class Round:
-    """One lockstep round, reduced over the gang (module docstring); the same on every rank."""
+    """One lockstep round, reduced over the gang (module docstring); the same on every rank. The
+    forward fields describe the forwards of `module` only (the first module some rank forwards)."""
 
     forwarding: int  # 1 if any rank is about to run a real forward
     busy: int  # 1 if any rank has unfinished requests
@@ -281,6 +291,7 @@ class Round:
     s_max: int = 0  # the largest S of the forwarding ranks
     s_min: int = 0  # the smallest S of the forwarding ranks
     no_graph: int = 0  # 1 if some forwarding rank has no captured graph for its forward
+    module: int = 0  # what this round forwards: 0 the main model, d + 1 the MTP depth d
 
 
 _NO_S = 1 << 30  # the -S entry of a rank that does not forward: never the maximum
@@ -329,21 +340,28 @@ def rows_computed(model: nn.Module) -> list[int]:
 
 class Lockstep:
     """Keeps the model forwards of a gang's ranks in step and picks their exchange (module
-    docstring). The runner calls `before_forward` before each main-model forward
-    (`ModelRunner.gang`); the engine sets `replay_padding` (replays a decode graph with padding
-    rows only, False if there is none) so that an empty forward replays when its peers do."""
+    docstring). The runner calls `before_forward` before each forward, of the main model
+    (module 0) or of MTP depth d (module d + 1) (`ModelRunner.gang`); the engine sets
+    `replay_padding` (replays a main-model decode graph with padding rows only, False if there is
+    none) so that an empty forward replays when its peers do. Empty MTP forwards always run
+    eagerly: MTP forwards under EP are not captured (the runner runs them eagerly)."""
 
-    def __init__(self, model: nn.Module, group=None, decode_exchange: str = "auto") -> None:
+    def __init__(self, model: Transformer, group=None, decode_exchange: str = "auto") -> None:
         check_decode_exchange(decode_exchange)
         self.model = model
         self.group = group
         self.mode = decode_exchange
         self.world = dist.get_world_size(group)
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if param.is_floating_point() else torch.float32
+        # The modules a round may forward: the main model, then each MTP depth.
+        self.num_modules = 1 + len(model.mtp)
         self.rounds = 0
         self.padding_forwards = 0
         self.gathered_forwards = 0  # forwards (real or empty) that took the gathered exchange
         self.graph_forwards = 0  # of those, the ones every rank replayed as a graph
+        self.mtp_forwards = 0  # MTP forwards (real or empty) this rank ran in rounds
         self.ready_version = 0  # this rank's newest staged placement (set by the engine)
         self.last_round = Round(0, 0, 0)  # the round that ended the last step
         self.gather = GatherState(self.device)
@@ -360,49 +378,78 @@ class Lockstep:
         S: int = 0,
         decode: bool = True,
         graph_batch: int = 0,
+        module: int = 0,
     ) -> Round:
-        vote = [
-            int(forwarding),
-            int(busy),
-            -self.ready_version,
-            int(forwarding and not decode),
-            B * S,
-            graph_batch,
-            S,
-            -S if forwarding else -_NO_S,
-            int(forwarding and graph_batch == 0),
-        ]
+        if not 0 <= module < self.num_modules:
+            raise ValueError(f"module {module}: accepted 0 to {self.num_modules - 1}")
+        vote = [int(busy), -self.ready_version]
+        for m in range(self.num_modules):
+            mine = forwarding and m == module
+            vote += [
+                int(mine),
+                int(mine and not decode),
+                B * S if mine else 0,
+                graph_batch if mine else 0,
+                S if mine else 0,
+                -S if mine else -_NO_S,
+                int(mine and graph_batch == 0),
+            ]
         if self.world > 1:  # alone, a rank's vote is the round: no collective, no host sync
-            vote_9 = torch.tensor(vote, dtype=torch.int64, device=self.device)
-            dist.all_reduce(vote_9, op=dist.ReduceOp.MAX, group=self.group)
-            vote = vote_9.tolist()
+            vote_n = torch.tensor(vote, dtype=torch.int64, device=self.device)
+            dist.all_reduce(vote_n, op=dist.ReduceOp.MAX, group=self.group)
+            vote = vote_n.tolist()
         self.rounds += 1
-        f, b, v, p, rows, gb, s_max, neg_s_min, no_graph = vote
-        return Round(f, b, -v, p, rows, gb, s_max, -neg_s_min, no_graph)
+        b, v = vote[:2]
+        # The first module some rank forwards goes first: a rank's main forwards of a step come
+        # before its MTP forwards, so a rank waiting with an MTP forward never blocks a peer's
+        # main forward, and every round makes progress.
+        for m in range(self.num_modules):
+            f, p, rows, gb, s_max, neg_s_min, no_graph = vote[2 + 7 * m : 9 + 7 * m]
+            if f:
+                return Round(f, b, -v, p, rows, gb, s_max, -neg_s_min, no_graph, m)
+        return Round(0, b, -v)
 
     def _use(self, ex: Exchange, valid: int) -> None:
         self.gather.set(ex.gather, ex.rows, valid)
         self.gathered_forwards += ex.gather
         self.graph_forwards += ex.graph_batch > 0
 
-    def before_forward(self, B: int, S: int, decode: bool, graph_batch: int) -> int:
-        """Collective, before this rank's forward of B sequences x S tokens: `decode` (S is a
-        decode's), `graph_batch` (the padded batch of the captured graph that would run it, 0 if
-        none). Returns the padded batch whose graph every rank replays, or 0 (run eagerly); the
-        MoE layers then exchange as agreed."""
-        r = self._round(True, True, B, S, decode, graph_batch)
-        ex = choose_exchange(r, self.mode, self.world)
-        self._use(ex, B * S)
-        return ex.graph_batch
+    def before_forward(
+        self, B: int, S: int, decode: bool, graph_batch: int, module: int = 0
+    ) -> int:
+        """Collective, before this rank's forward of B sequences x S tokens through `module` (0
+        the main model, d + 1 MTP depth d): `decode` (S is a decode's), `graph_batch` (the padded
+        batch of the captured graph that would run it, 0 if none). While a round forwards another
+        module (peers' main forwards before this rank's MTP forward), runs empty forwards of it.
+        Returns the padded batch whose graph every rank replays, or 0 (run eagerly); the MoE
+        layers then exchange as agreed."""
+        while True:
+            r = self._round(True, True, B, S, decode, graph_batch, module)
+            ex = choose_exchange(r, self.mode, self.world)
+            if r.module == module:
+                self._use(ex, B * S)
+                self.mtp_forwards += module > 0
+                return ex.graph_batch
+            self.empty_forward(ex, r.module)
 
-    def empty_forward(self, ex: Exchange) -> None:
-        """A forward without tokens of this rank: it runs every MoE layer's exchange (padding rows
-        only, in the peers' graph when they replay one)."""
+    def empty_forward(self, ex: Exchange, module: int = 0) -> None:
+        """A forward of `module` (0 the main model, d + 1 MTP depth d) without tokens of this
+        rank: it runs every MoE layer's exchange (padding rows only, in the peers' graph when they
+        replay one; an MTP depth over zero rows with hidden input [0, 1, D], eagerly)."""
         self._use(ex, 0)
-        replay = self.replay_padding
-        if not (ex.graph_batch and replay is not None and replay(ex.graph_batch, ex.tokens)):
-            ids_BS = torch.empty(0, 1, dtype=torch.long, device=self.device)
-            self.model(ids_BS, return_mtp=False)
+        ids_BS = torch.empty(0, 1, dtype=torch.long, device=self.device)
+        if module > 0:
+            D = self.model.config.hidden_size
+            hidden_BSD = torch.empty(0, 1, D, dtype=self.dtype, device=self.device)
+            positions_BS = torch.empty(0, 1, dtype=torch.long, device=self.device)
+            mtp = self.model.mtp[module - 1]
+            assert isinstance(mtp, MTPModule)  # the model's MTP depths are MTPModules
+            self.model.mtp_step(mtp, hidden_BSD, ids_BS, positions_BS)
+            self.mtp_forwards += 1
+        else:
+            replay = self.replay_padding
+            if not (ex.graph_batch and replay is not None and replay(ex.graph_batch, ex.tokens)):
+                self.model(ids_BS, return_mtp=False)
         self.padding_forwards += 1
 
     def finish_step(self, busy: bool) -> bool:
@@ -414,7 +461,7 @@ class Lockstep:
                 self.last_round = r
                 self.gather.set(False, 0, 0)
                 return r.busy > 0
-            self.empty_forward(choose_exchange(r, self.mode, self.world))
+            self.empty_forward(choose_exchange(r, self.mode, self.world), r.module)
 
     @contextmanager
     def graph_capture(self) -> Iterator[None]:

@@ -192,6 +192,8 @@ class EPRank:
             "padding_forwards": engine.lockstep.padding_forwards,
             "gathered_forwards": engine.lockstep.gathered_forwards,  # fixed-size MoE exchange
             "graph_forwards": engine.lockstep.graph_forwards,  # of those, decode graph replays
+            "mtp_forwards": engine.lockstep.mtp_forwards,  # MTP depth forwards, real or empty
+            "mtp": None if engine.drafter is None else engine.drafter.stats.as_dict(),
             "cuda_graphs": engine.runner.graph_status,
             "load": None if self.report is None else dataclasses.asdict(self.report),
             "expert_loads": expert_loads(engine.model),  # [MoE layer][expert] tokens routed
