@@ -167,7 +167,8 @@ class StackedWeight:
 
     def __init__(self, w_ENK: torch.Tensor) -> None:
         E, N, K = w_ENK.shape
-        if N % 128 == 0:
+        # (int32 element offsets in the quantization kernel: one launch below 2^31 elements)
+        if N % 128 == 0 and w_ENK.numel() < 2**31:
             # Whole 128-row blocks never straddle two experts: [E * N, K] quantized as one matrix
             # has each expert's blocks, in one launch. Per expert it was E launches and two
             # stacking copies: 1,728 quantizations a step at 9 Moonlight MoE layers x 64 experts
