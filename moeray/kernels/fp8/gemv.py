@@ -19,8 +19,9 @@ Two inner products, chosen by M:
 
 Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
 S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N], and a
-second small kernel sums the partials in a fixed order (deterministic, no atomics, no zeroing).
-All allocations depend on the shape only and there is no host sync, so it is CUDA-graph safe.
+second small kernel (`gemv.reduce_splits`) sums the partials in a fixed order (deterministic, no
+atomics, no zeroing). All allocations depend on the shape only and there is no host sync, so it
+is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import triton.language as tl
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, cdiv, check_tensor, interpreting, num_sms
 from moeray.kernels.fp8.quant import weight_dequant_ref
+from moeray.kernels.gemv import pow2_at_least, reduce_splits
 
 GEMV_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Up to 4 rows the broadcast inner product keeps up with HBM (module docstring, the FMA count).
@@ -130,21 +132,6 @@ def _fp8_gemv_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _fp8_gemv_reduce_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    # y (contiguous [M, N]) = sum of the S contiguous fp32 partials [S, M, N], in split order.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + i * MN + offs, mask=ok, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-def _pow2_at_least(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
@@ -155,13 +142,13 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
     num_warps = 4
     if m <= _BCAST_MAX_ROWS:
-        block_m = _pow2_at_least(m)
+        block_m = pow2_at_least(m)
         # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
         block_n = 128 // block_m if interpreting() else 64 // block_m
         num_warps = 8 if block_m == 1 else 4
         dot = False
     else:
-        block_m = min(64, max(16, _pow2_at_least(m)))
+        block_m = min(64, max(16, pow2_at_least(m)))
         block_n = 64
         dot = True
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
@@ -257,8 +244,5 @@ def fp8_gemv(
         num_stages=cfg["num_stages"],
     )
     if split > 1:
-        block = 1024
-        _fp8_gemv_reduce_kernel[(cdiv(m * n, block),)](
-            c, y, m * n, SPLIT_K=split, BLOCK=block, num_warps=4
-        )
+        reduce_splits(c, y)
     return y
