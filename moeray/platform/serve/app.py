@@ -432,7 +432,7 @@ def main(argv: list[str]) -> int:
         header = (
             "# Written by `moeray serve --write-config`; "
             "run with `serve run F` or `serve deploy F`.\n"
-            "# `args` are ServeConfig fields (moeray/platform/config.py); e.g. autoscaling:\n"
+            "# `args` are ServeConfig fields (moeray/platform/config/serve.py); e.g. autoscaling:\n"
             "#   {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16} "
             "per engine deployment.\n"
             "# The API key is never written here: "
