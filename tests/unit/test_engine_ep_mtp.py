@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_engine_ep import PROMPTS, _assignment  # prompts of uneven lengths, one idle rank
 
 from moeray.platform.config import tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
@@ -19,13 +20,6 @@ from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
 from moeray.platform.parallel.serve_ep import ServingEPMoE
 
-PROMPTS = [
-    list(range(3, 40)),  # 37 tokens: two prefill chunks, so MTP forwards of prefill length too
-    [5, 9, 2, 77, 31],
-    list(range(500, 521)),
-    [1000, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
-    [42],
-]
 MAX_TOKENS = 12
 ECONF = EngineConfig(num_pages=48, page_size=8, max_num_batched_tokens=48, use_cuda_graphs=False)
 MTP_CONF = EngineConfig(
@@ -35,9 +29,6 @@ MTP_CONF = EngineConfig(
     use_cuda_graphs=False,
     num_speculative_tokens=1,
 )
-# Prompt indices per rank: uneven counts; at ep=2 one rank's only request ends early (its later
-# MTP forwards are empty), at ep=4 the last rank has none at all.
-ASSIGNMENT = {2: [[0, 1, 2, 4], [3]], 4: [[0, 1], [2], [3, 4], []]}
 
 
 def _model() -> Transformer:
@@ -65,7 +56,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, exchange: str) 
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
     try:
         engine = ExpertParallelEngine(_model(), MTP_CONF, decode_exchange=exchange)
-        mine = ASSIGNMENT[world][rank]
+        mine = _assignment(world)[rank]
         outs = engine.generate([PROMPTS[i] for i in mine], _params())
         assert engine.drafter is not None
         stats = engine.drafter.stats
@@ -114,7 +105,7 @@ def test_ep_mtp_greedy_equals_single_process(world, exchange, tmp_path, referenc
     assert [g["mtp_experts_held"] for g in got] == [E // world] * world  # the MTP MoE is sharded
     # Every rank with requests drafted; every rank ran MTP forwards (the last rank's include
     # empty ones, at ep=4 only empty ones), as many as each of its peers: one per MTP round.
-    for g, mine in zip(got, ASSIGNMENT[world], strict=True):
+    for g, mine in zip(got, _assignment(world), strict=True):
         assert (g["drafts"] > 0) == bool(mine)
     accepted, drafts = sum(g["accepted"] for g in got), sum(g["drafts"] for g in got)
     assert 0 < accepted < drafts  # both verify outcomes, so MTP rows of 1 and 2 positions

@@ -35,8 +35,9 @@ round that precedes the forward):
     decode forward runs as a captured graph (`ModelRunner`, keyed by that size). Each rank receives
     ep x rows x D where all-to-all moves K x rows x D in all, so it is for decode sizes: decode
     forwards take it when every rank replays a graph ("auto"), always ("gather", for tests on CPU)
-    or never ("all_to_all"). At ep=1 ("auto", "gather") every forward takes it, its collectives
-    skipped: the plain MoE, so `--ep 1` computes what the plain engine does.
+    or never ("all_to_all"). At ep=1 ("auto", "gather") with every expert in its own slot such a
+    forward is the plain MoE layer's plus a load count (`ServingEPMoE.forward`), so `--ep 1`
+    computes what the plain engine does.
 A round carries [has work, -ready] then, per module, [forwarding, prefill, rows, graph batch, S,
 -S, no graph] (a rank fills only the module it forwards) and is reduced with MAX: "any rank" for
 the flags, the largest rows and graph batch, S's spread, and max(-v) = -min(v) for the versions.
@@ -62,6 +63,7 @@ from torch import nn
 from moeray.kernels.expert_load import count_expert_load
 from moeray.kernels.gate import Routing
 from moeray.platform.config import DECODE_EXCHANGES
+from moeray.platform.model.moe import MoE
 from moeray.platform.model.mtp import MTPModule
 from moeray.platform.model.quant import set_fp8_expert_weight
 from moeray.platform.model.transformer import Transformer
@@ -188,19 +190,19 @@ class ServingEPMoE(ExpertParallelMoE):
         self.logcnt_E = None if identity else logcnt_E.to(device)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.route(x_TD)
         g = self.gather
         if g is not None and g.on and self.ep_size == 1 and self.log2phy_ER is None:
-            # Alone with every expert in its own slot: the plain MoE (padding rows computed and
-            # dropped, as the plain engine's graphs do; the shared experts' add fused into the
-            # MoE's last launch) plus one launch that counts the valid rows' loads. `--ep 1` is
-            # held to the plain engine's decode tokens/s (issue 17: within 5%).
-            count_expert_load(r.expert_ids_TK, g.valid_1, self.load_E, self.rows_computed)
-            shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
-            return self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD).view_as(
-                x_BSD
-            )
+            # Alone with every expert in its own slot: the plain MoE layer's forward (padding
+            # rows computed and dropped, as the plain engine's graphs do) plus one launch that
+            # counts the valid rows' loads. `--ep 1` is held to the plain engine's decode tokens/s
+            # (issue 17: within 5%).
+            y_BSD = MoE.forward(self, x_BSD)
+            assert self.last_routing is not None  # set by MoE.forward
+            ids_TK = self.last_routing.expert_ids_TK
+            count_expert_load(ids_TK, g.valid_1, self.load_E, self.rows_computed)
+            return y_BSD
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        r = self.route(x_TD)
         if g is not None and g.on:
             y_TD = self._gathered(x_TD, r, g)
         else:
