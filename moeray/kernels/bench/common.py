@@ -130,3 +130,18 @@ def _cycling(fn, args_list):
     """fn over the copies in turn: each graph-captured call reads a different weight copy."""
     it = itertools.cycle(args_list)
     return lambda: fn(*next(it))
+
+
+def best_and_chosen(rows: list[dict], group) -> tuple[dict, dict]:
+    """Of tile-sweep rows ({"us": float, or the reason it did not run; "chosen": the heuristic's
+    tile}), per group(row): the fastest row, and the heuristic's row."""
+    best: dict = {}
+    chosen: dict = {}
+    for r in rows:
+        if isinstance(r["us"], float):
+            g = group(r)
+            if g not in best or r["us"] < best[g]["us"]:
+                best[g] = r
+            if r["chosen"]:
+                chosen[g] = r
+    return best, chosen

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeray.kernels.bench.common import _copies, _cycling, _graph_ms
+from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, best_and_chosen
 from moeray.kernels.common import cdiv
 from moeray.kernels.fp8.dispatch import fp8_gemm
 from moeray.kernels.fp8.gemv import _gemv_config, fp8_gemv
@@ -153,15 +153,7 @@ def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
 
 
 def print_fp8_gemv_sweep(rows: list[dict]) -> None:
-    best: dict[tuple, dict] = {}
-    chosen: dict[tuple, dict] = {}
-    for r in rows:
-        if isinstance(r["us"], float):
-            g = (r["layer"], r["M"])
-            if g not in best or r["us"] < best[g]["us"]:
-                best[g] = r
-            if r["chosen"]:
-                chosen[g] = r
+    best, chosen = best_and_chosen(rows, lambda r: (r["layer"], r["M"]))
     for g, r in best.items():
         c = chosen.get(g)
         print(

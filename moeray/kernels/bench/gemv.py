@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moeray.kernels.bench.common import _copies, _cycling, _graph_ms
+from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, best_and_chosen
 from moeray.kernels.gemv import MAX_BLOCK_K, bcast_config, gemv
 
 HBM_TBPS = 4.8  # H200 datasheet
@@ -103,7 +103,7 @@ def print_gemv(rows: list[dict]) -> None:
         )
 
 
-def sweep_candidates(base: dict, m: int, n: int, sms: int, extra: dict) -> list[dict]:
+def sweep_candidates(base: dict, m: int, n: int, sms: int) -> list[dict]:
     """Tiles around the heuristic's `base`, most telling first: the base; BLOCK_N halved and
     doubled (BLOCK_K at the accumulator budget); (num_warps, num_stages) of (4, 2), (8, 3), (4, 4);
     BLOCK_K halved and doubled; split-K by the heuristic's rule for each BLOCK_N."""
@@ -119,14 +119,14 @@ def sweep_candidates(base: dict, m: int, n: int, sms: int, extra: dict) -> list[
             continue
         tiles = -(-m // bm) * -(-n // bn)
         split = 1 if tiles >= sms else max(1, -(-4 * sms // tiles))
-        cfg = {**base, **extra, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+        cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
         cfg.update(num_warps=warps, num_stages=stages)
         if cfg not in out:
             out.append(cfg)
     return out
 
 
-def run_sweep(kernel: str, make_weight, call, config_fn, extra: dict, budget_s: float) -> list:
+def run_sweep(kernel: str, make_weight, call, config_fn, budget_s: float) -> list:
     """Time `sweep_candidates` per sweep layer and row count (CUDA graph, cold weights); each
     (layer, M) gets an equal share of budget_s and times the heuristic's config first."""
     out: list[dict] = []
@@ -137,9 +137,9 @@ def run_sweep(kernel: str, make_weight, call, config_fn, extra: dict, budget_s: 
         weights = make_weight(n, k)
         for m in SWEEP_ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base = {**config_fn(m, n, k, x.device), **extra}
+            base = config_fn(m, n, k, x.device)
             t0 = time.perf_counter()
-            for cfg in sweep_candidates(base, m, n, sms, extra):
+            for cfg in sweep_candidates(base, m, n, sms):
                 if time.perf_counter() - t0 > share and cfg != base:
                     print(f"sweep {kernel} {name} M={m}: {share:.1f} s share used", flush=True)
                     break
@@ -159,21 +159,13 @@ def sweep_gemv(budget_s: float = 50.0) -> list[dict]:
         return [(w,)] + [(w.clone(),) for _ in range(_copies(2 * n * k) - 1)]
 
     return run_sweep(
-        "gemv", weights, lambda x, w, cfg: gemv(x, w, config=cfg), bcast_config, {}, budget_s
+        "gemv", weights, lambda x, w, cfg: gemv(x, w, config=cfg), bcast_config, budget_s
     )
 
 
 def print_sweep(rows: list[dict]) -> None:
     """Per (kernel, layer, M): the fastest tile and what the heuristic's took."""
-    best: dict[tuple, dict] = {}
-    chosen: dict[tuple, dict] = {}
-    for r in rows:
-        if isinstance(r["us"], float):
-            g = (r["kernel"], r["layer"], r["M"])
-            if g not in best or r["us"] < best[g]["us"]:
-                best[g] = r
-            if r["chosen"]:
-                chosen[g] = r
+    best, chosen = best_and_chosen(rows, lambda r: (r["kernel"], r["layer"], r["M"]))
     for g, r in best.items():
         c = chosen.get(g)
         print(

@@ -246,8 +246,13 @@ def run_bench(cfg: WideEPConfig) -> dict:
     if device == "cuda" and max(cfg.gpus) > torch.cuda.device_count():
         raise ValueError(f"gpus={cfg.gpus}: this machine has {torch.cuda.device_count()} GPUs")
     mc = model_config(cfg)
-    out: dict = {"config": asdict(cfg), "tokens_per_s": {}, "tokens_per_s_repeats": {}}
-    out.update(alltoall_gbps={}, cuda_graphs={})
+    out: dict = {
+        "config": asdict(cfg),
+        "tokens_per_s": {},
+        "tokens_per_s_repeats": {},
+        "alltoall_gbps": {},
+        "cuda_graphs": {},
+    }
     for G in cfg.gpus:
         with tempfile.TemporaryDirectory() as tmp:
             _spawn(G, cfg, device, tmp)
