@@ -141,18 +141,15 @@ def test_the_default_run_covers_every_section():
     assert _parser().parse_args([]).only.split(",") == list(SECTIONS)
 
 
-def test_gemv_rows_and_the_split_k_baseline_become_records():
+def test_gemv_rows_become_records():
     cfg = {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1}
     gemv_row = {"layer": "moonlight q_proj", "M": 1, "N": 3072, "K": 2048, "gemv_us": 3.0}
     gemv_row.update(gemv_frac_copy=0.8, speedup_vs_cublas=2.1, config=cfg)
     fp8_row = {"layer": "v3 kv_a", "M": 1, "N": 576, "K": 7168, "gemv_us": 2.5}
-    fp8_row.update(
-        gemv_frac_copy_bw=0.4, speedup_vs_quant_gemm=9.0, speedup_vs_bf16=2.0, speedup_vs_splitk=1.7
-    )
+    fp8_row.update(gemv_frac_copy_bw=0.4, speedup_vs_quant_gemm=9.0, speedup_vs_bf16=2.0)
     recs = flat_results({"ceilings": {}, "gemv": [gemv_row], "fp8_gemv": [fp8_row]})
     assert all(KEYS <= r.keys() for r in recs)
     by_baseline = {(r["kernel"], r["baseline"]): r["ratio_to_baseline"] for r in recs}
     assert by_baseline[("gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.1
-    split = "fp8_gemv split-K tiles before full K (CUDA graph)"
-    assert by_baseline[("fp8_gemv (CUDA graph)", split)] == 1.7
-    assert len(recs) == 4
+    assert by_baseline[("fp8_gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.0
+    assert len(recs) == 3

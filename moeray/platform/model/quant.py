@@ -21,8 +21,7 @@ from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv
 # bf16 and needs no act_quant launch, where act_quant + the 64-row-tile GEMM took 24 x 68 us per
 # V3-width step at batch 1 on an H200 (benchmarks/results/engine-nvidia-h200-v3-fp8.json). Above
 # this the tensor-core GEMM on quantized activations wins as the work turns compute-bound;
-# `moeray bench kernels --only fp8_gemv` times both at M = 1, 2, 4, 8 (Moonlight and V3 decode
-# shapes) for tuning this bound.
+# `moeray bench kernels --only fp8_gemv` times both at M = 1, 8, 64 for tuning this bound.
 FP8_GEMV_MAX_ROWS = 16
 
 
