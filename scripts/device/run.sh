@@ -21,6 +21,7 @@
 #   kv-serve           KV transports between two actors, P/D vs colocated Serve (2 GPUs, carry .gpu-bundle)
 #   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
 #   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8 (1 GPU, ~6 min)
+#   train-profile      a one-GPU training step's kernels by launching source line (1 GPU, ~3 min)
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh

@@ -173,6 +173,41 @@ def test_weight_cache_reuses_until_the_weight_changes():
     )
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fp8_train_linear", "split_linear"])
+def test_fp8_layers_quantize_once_per_optimizer_step(monkeypatch, split):
+    """FP8TrainLinear and the pipeline's SplitLinear quantize their weight once per optimizer step
+    (not twice per micro-batch), and their gradients equal fp8_linear's without a cache."""
+    from moeray.platform.parallel.weight_grad import SplitLinear, WeightGradStore
+
+    made = []
+
+    class Counting(fp8.QuantizedWeight):
+        def __init__(self, w):
+            made.append(w.shape)
+            super().__init__(w)
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(200, 130, bias=False)
+    layer = SplitLinear(lin.weight, None, WeightGradStore(), fp8=True) if split else (
+        fp8.FP8TrainLinear(lin)
+    )
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    monkeypatch.setattr(fp8, "QuantizedWeight", Counting)
+    for step in range(2):
+        ref_sum = torch.zeros_like(lin.weight)
+        for _ in range(3):  # micro-batches, gradients accumulated
+            x = torch.randn(7, 200)
+            layer(x).square().sum().backward()
+            w_ref = lin.weight.detach().clone().requires_grad_()
+            fp8.fp8_linear(x, w_ref).square().sum().backward()  # no cache: quantizes itself
+            ref_sum += w_ref.grad
+            assert torch.equal(lin.weight.grad, ref_sum)
+        # one quantization by the layer per step, one per micro-batch by the cacheless reference
+        assert len(made) == (step + 1) * (1 + 3), made
+        opt.step()
+        opt.zero_grad()
+
+
 def test_gemm_pairs_equal_the_single_gemms():
     """forward_gemm_pair / wgrad_gemm_pair quantize the shared operand once: same products."""
     torch.manual_seed(0)

@@ -243,7 +243,8 @@ def test_adamw_is_fused_on_cuda_only():
 def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
     """The grouped FP8 experts' weight gradients from one k-grouped GEMM per projection against one
     GEMM per expert (here the kernels' PyTorch references: the same products per expert), with
-    ragged and empty experts; outputs and input gradients do not depend on it."""
+    ragged and empty experts, over two micro-batches (the second k-grouped GEMM adds into the
+    gradient itself); outputs and input gradients do not depend on it."""
     from moeray.platform import fp8 as f8
     from moeray.platform.parallel.experts_mlp import experts_mlp
 
@@ -254,25 +255,26 @@ def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
     ws = [
         torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
     ]
-    dy = torch.randn(sum(rows), D, generator=g).bfloat16()
+    dys = [torch.randn(sum(rows), D, generator=g).bfloat16() for _ in range(2)]
     got = []
     for kgrouped in (False, True):
         xi = x.clone().requires_grad_()
         wi = [torch.nn.Parameter(w.clone()) for w in ws]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = experts_mlp(
-                xi,
-                *wi,
-                rows,
-                fp8=True,
-                cache=f8.WeightCache(),
-                grouped_fp8=True,
-                kgrouped_wgrad=kgrouped,
-            )
-        y.backward(dy.to(y.dtype))
+        cache = f8.WeightCache()
+        for dy in dys:  # two micro-batches: the second adds into the first's gradients
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = experts_mlp(
+                    xi, *wi, rows, fp8=True, cache=cache, grouped_fp8=True, kgrouped_wgrad=kgrouped
+                )
+            y.backward(dy.to(y.dtype))
         got.append((y.detach(), xi.grad, *(w.grad for w in wi)))
     for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), *got, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+        if name.startswith("dW"):
+            # the per-expert GEMMs round each micro-batch's dW to bf16 (2^-9 relative), the
+            # k-grouped one writes and accumulates fp32; a wrong expert or token block: O(1)
+            assert (b - a).abs().max() <= 2**-8 * a.abs().max(), name
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
     assert all(got[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
     assert got[1][2].abs().sum() > 0
     with pytest.raises(ValueError, match="kgrouped_wgrad needs grouped_fp8"):

@@ -55,6 +55,7 @@ def _fp8_gemm_kgrouped_kernel(
     GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # c[e] += the product (c fp32): a gradient summed over micro-batches
 ):
     # c[e] = a[:, tokens of e] @ b[:, tokens of e]^T: each expert reduces over its own 128-aligned
     # token range [ends[e - 1], ends[e]) of the shared K axis.
@@ -83,7 +84,11 @@ def _fp8_gemm_kgrouped_kernel(
         a_s = tl.load(as_ptrs + kb * stride_ask)
         b_s = tl.load(bs_ptrs + kb * stride_bsk)
         acc = _scaled_block_dot(acc, a, b, a_s, b_s, False, UPCAST)
-    _store_tile(c_ptr + e.to(tl.int64) * stride_ce, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
+    c_e = c_ptr + e.to(tl.int64) * stride_ce
+    if ACCUMULATE:
+        c_ptrs = c_e + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        acc += tl.load(c_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+    _store_tile(c_e, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
 
 
 _KGROUPED_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
@@ -96,6 +101,8 @@ def fp8_gemm_kgrouped(
     b_scale: torch.Tensor,
     ends: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k-grouped block-scaled GEMM: a [M, P] and b [N, P] are two contiguous 128x1-quantized
     (act_quant_t) tensors over the tokens of all experts, expert e's tokens the columns
@@ -103,7 +110,12 @@ def fp8_gemm_kgrouped(
         c[e] = a[:, tokens of e] @ b[:, tokens of e]^T        -> c [E, M, N]
     a_scale [M, P/128], b_scale [N, P/128]; ends int32 [E], nondecreasing multiples of 128, at
     most P (the device reads them, so they are checked here only when they are on the CPU). An
-    expert without tokens gets exact zeros."""
+    expert without tokens gets exact zeros.
+
+    `accumulate_into`: an fp32 [E, M, N] tensor (a weight's gradient) that gets `+= c` in the
+    kernel's epilogue and is returned (`out_dtype` is then ignored): one pass over it instead of
+    writing c and adding it in a second kernel (~2.2 GB of traffic less per call at Moonlight's
+    64 experts x 2048 x 1408)."""
     check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
     check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=2, contiguous=True, device=a_fp8.device)
     check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
@@ -119,6 +131,16 @@ def fp8_gemm_kgrouped(
         )
     check_shape(a_scale, "a_scale", (m, p // 128))
     check_shape(b_scale, "b_scale", (n, p // 128))
+    if accumulate_into is not None:
+        check_tensor(
+            accumulate_into,
+            "accumulate_into",
+            dtypes=(torch.float32,),
+            ndim=3,
+            contiguous=True,
+            device=a_fp8.device,
+        )
+        check_shape(accumulate_into, "accumulate_into", (ends.shape[0], m, n))
     if not ends.is_cuda:
         e_list = ends.tolist()
         if any(x % 128 or x > p for x in e_list) or any(
@@ -126,10 +148,17 @@ def fp8_gemm_kgrouped(
         ):
             raise ValueError(f"ends={e_list}: expected nondecreasing multiples of 128 up to P={p}")
     if not use_triton(a_fp8):
-        return fp8_gemm_kgrouped_ref(a_fp8, a_scale, b_fp8, b_scale, ends, out_dtype)
+        c = fp8_gemm_kgrouped_ref(a_fp8, a_scale, b_fp8, b_scale, ends, out_dtype)
+        return c if accumulate_into is None else accumulate_into.add_(c)
     if p == 0:  # no tokens at all: every expert's gradient is zero (and no stride-0 variant)
+        if accumulate_into is not None:
+            return accumulate_into
         return torch.zeros((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
-    c = torch.empty((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
+    c = (
+        torch.empty((ends.shape[0], m, n), dtype=out_dtype, device=a_fp8.device)
+        if accumulate_into is None
+        else accumulate_into
+    )
     if c.numel() == 0:
         return c
     small = dict(BLOCK_M=16, BLOCK_N=32, num_stages=1) if interpreting() else {}
@@ -154,6 +183,7 @@ def fp8_gemm_kgrouped(
         b_scale.stride(1),
         UPCAST=interpreting(),
         NUM_STAGES=cfg["num_stages"],
+        ACCUMULATE=accumulate_into is not None,
         **cfg,
     )
     return c

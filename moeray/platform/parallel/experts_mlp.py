@@ -233,7 +233,14 @@ class _GroupedFP8:
                 if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
 
                     def kgrouped(at, bt, w):
-                        return fp8_gemm_kgrouped(at[0], at[1], bt[0], bt[1], grp.offs).to(w.dtype)
+                        g = w.grad
+                        if w.is_leaf and g is not None and g.dtype == torch.float32 and (
+                            g.is_contiguous()
+                        ):  # a later micro-batch: += in the GEMM's epilogue, nothing to return
+                            fp8_gemm_kgrouped(*at, *bt, grp.offs, accumulate_into=g)
+                            return None
+                        out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
+                        return fp8_gemm_kgrouped(*at, *bt, grp.offs, out_dtype=out).to(w.dtype)
 
                     return kgrouped(dgt, xt, w1), kgrouped(dut, xt, w3), kgrouped(dyt, ht, w2)
 
@@ -265,7 +272,8 @@ def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
 
         def deferred():
             for w, dw in zip(weights, weight_grads(), strict=True):
-                accumulate_weight_grad(w, dw)
+                if dw is not None:  # None: already added into w.grad
+                    accumulate_weight_grad(w, dw)
 
         ctx.store.put(deferred)
         return None, None, None

@@ -130,6 +130,12 @@ def linear_gemms(fp8: bool, cast: torch.dtype | None, cache=None):
             lambda dy, w: f8.dgrad_gemm(dy, w, cache.get(w)),
             f8.wgrad_gemm,
         )
+    if cache is not None and cast is not None:
+        return (
+            lambda x, w: matmul_forward(x.to(cast), cache.cast(w, cast), None),
+            lambda dy, w: matmul_dgrad(dy, cache.cast(w, cast), None),
+            functools.partial(matmul_wgrad, cast=cast),
+        )
     return (
         functools.partial(matmul_forward, cast=cast),
         functools.partial(matmul_dgrad, cast=cast),
@@ -146,12 +152,12 @@ class _SplitLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_MK, w_NK, store: WeightGradStore | None, fp8: bool):
+    def forward(ctx, x_MK, w_NK, store: WeightGradStore | None, fp8: bool, cache):
         dev = x_MK.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         ctx.save_for_backward(x_MK, w_NK)
-        ctx.store, ctx.fp8, ctx.cast = store, fp8, cast
-        fwd, _, _ = linear_gemms(fp8, cast)
+        ctx.store, ctx.fp8, ctx.cast, ctx.cache = store, fp8, cast, cache
+        fwd, _, _ = linear_gemms(fp8, cast, cache)
         with torch.autocast(dev, enabled=False):
             return fwd(x_MK, w_NK).to(cast or x_MK.dtype)
 
@@ -159,7 +165,7 @@ class _SplitLinearFn(torch.autograd.Function):
     def backward(ctx, dy_MN):
         x_MK, w_NK = ctx.saved_tensors
         store = ctx.store
-        _, dgrad, wgrad = linear_gemms(ctx.fp8, ctx.cast)
+        _, dgrad, wgrad = linear_gemms(ctx.fp8, ctx.cast, ctx.cache)
         with torch.autocast(dy_MN.device.type, enabled=False):
             dx = dgrad(dy_MN, w_NK).to(x_MK.dtype) if ctx.needs_input_grad[0] else None
             dw = None
@@ -175,7 +181,7 @@ class _SplitLinearFn(torch.autograd.Function):
                     store.put(deferred)
                 else:
                     dw = wgrad(dy_MN, x_MK).to(w_NK.dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def split_linear(
@@ -185,21 +191,25 @@ def split_linear(
     *,
     store: WeightGradStore | None = None,
     fp8: bool = False,
+    cache=None,
 ) -> torch.Tensor:
-    """F.linear (any leading dims) with a deferrable weight gradient."""
+    """F.linear (any leading dims) with a deferrable weight gradient. `cache`: an fp8.WeightCache
+    keeping the FP8 weight (or its autocast-dtype cast) from one micro-batch to the next."""
     if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
         raise ValueError(
             f"split_linear: x [..., {x.shape[-1]}] does not match weight "
             f"{tuple(weight_NK.shape)} [N, K]"
         )
     lead = x.shape[:-1]
-    y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8)
+    y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8, cache)
     y = y.reshape(*lead, weight_NK.shape[0])
     return y if bias is None else y + bias
 
 
 class SplitLinear(nn.Module):
-    """Replaces an nn.Linear (or an FP8TrainLinear), sharing its Parameters (same names)."""
+    """Replaces an nn.Linear (or an FP8TrainLinear), sharing its Parameters (same names). Its
+    WeightCache keeps the weight's GEMM form (FP8, or the autocast cast) for one optimizer step
+    instead of making it twice per micro-batch (forward and input grad)."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, store: WeightGradStore, fp8: bool
@@ -207,9 +217,12 @@ class SplitLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.store, self.fp8 = store, fp8
+        self.cache = f8.WeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return split_linear(x, self.weight, self.bias, store=self.store, fp8=self.fp8)
+        return split_linear(
+            x, self.weight, self.bias, store=self.store, fp8=self.fp8, cache=self.cache
+        )
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}, deferred dW"

@@ -1,0 +1,179 @@
+"""Where a training step's GPU time goes, by the source that launched it: `moeray bench train --pp 1`'s
+model and step (`train/bench_one.py`: random weights, bf16 autocast, grouped experts, fused AdamW)
+at a given width and layer count, one step under torch.profiler with Python stacks.
+
+Each GPU kernel is attributed to the op that launched it and to its source: the innermost moeray
+frame of the op's Python stack, or, for ops the autograd engine runs without Python (the backward
+of built-in ops), the backward node (`bwd:MmBackward0`). The table lists (source, op) rows by GPU
+time with calls, the most common input shapes and the kernel names; the totals line gives the step's
+summed kernel time against its wall time.
+
+    python scripts/train_step_profile.py --model moonlight_16b_a3b --layers 4 --device cuda \
+        --seq-len 4096 --microbatches 2 --out $OUT                    # one H200, ~1 minute
+    .venv/bin/python scripts/train_step_profile.py --model tiny --device cpu   # CPU smoke run
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeray.platform.routing.balance import bias_update
+from moeray.platform.train import step as tstep
+from moeray.platform.train import zero
+from moeray.platform.train.bench_common import BenchConfig, bigram_stream
+from moeray.platform.train.bench_one import build_model
+
+
+def _source(evt) -> str:
+    """The innermost moeray frame above the op: from its recorded stack (older torch) or its
+    ancestors, which with_stack makes Python-function events ("path.py(line): name"); else the
+    backward node that ran it; else the innermost Python frame (torch's optimizer, clipping)."""
+    frames = [f for f in (evt.stack or []) if "moeray/" in f]
+    if frames:
+        return frames[0].split("moeray/", 1)[1]
+    parent, python = evt.cpu_parent, None
+    while parent is not None:
+        name = parent.name
+        if name.startswith("autograd::engine::evaluate_function: "):
+            return "bwd:" + name.split(": ", 1)[1]
+        if "moeray/" in name and "train_step_profile" not in name:
+            return name.split("moeray/", 1)[1]
+        if python is None and ".py(" in name:
+            python = name.rsplit("site-packages/", 1)[-1]
+        parent = parent.cpu_parent
+    return python or "(no Python frame)"
+
+
+def _work(evt, cuda: bool) -> list[tuple[str, float]]:
+    """(name, us) of what the op ran: its GPU kernels, or on the CPU the op itself when it is a
+    leaf aten op (its self time)."""
+    if cuda:
+        return [(k.name, k.duration) for k in getattr(evt, "kernels", None) or []]
+    if evt.name.startswith("aten::") and not any(
+        c.name.startswith("aten::") for c in evt.cpu_children
+    ):
+        return [(evt.name, evt.self_cpu_time_total)]
+    return []
+
+
+def kernel_table(prof, rows: int, cuda: bool) -> tuple[list[dict], float, int]:
+    """(rows by GPU time, summed kernel seconds, kernel count) of a profile with stacks; on the
+    CPU leaf aten ops stand for kernels."""
+    by: dict[tuple[str, str], dict] = {}
+    total_us, count = 0.0, 0
+    for evt in prof.events():
+        work = _work(evt, cuda)
+        if not work:
+            continue
+        row = by.setdefault(
+            (_source(evt), evt.name),
+            {"kernels": 0, "us": 0.0, "shapes": Counter(), "names": Counter()},
+        )
+        us = sum(d for _, d in work)
+        row["kernels"] += len(work)
+        row["us"] += us
+        row["shapes"][str(evt.input_shapes)[:160]] += 1
+        for name, _ in work:
+            row["names"][name[:70]] += 1
+        total_us += us
+        count += len(work)
+    ranked = sorted(by.items(), key=lambda kv: -kv[1]["us"])[:rows]
+    out = [
+        {
+            "source": src,
+            "op": op,
+            "kernels": r["kernels"],
+            "ms": r["us"] / 1e3,
+            "shapes": r["shapes"].most_common(2),
+            "kernel_names": r["names"].most_common(2),
+        }
+        for (src, op), r in ranked
+    ]
+    return out, total_us * 1e-6, count
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--layers", default=None, help="decoder layers (default: the model's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--kgrouped", action="store_true", help="FP8 k-grouped weight gradients")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--out", type=Path, default=None, help="directory for the JSON table")
+    a = p.parse_args(argv)
+    cfg = BenchConfig(
+        model=a.model,
+        device=a.device,
+        pp=1,
+        seq_len=a.seq_len,
+        micro_batch_size=a.micro_batch_size,
+        microbatches=a.microbatches,
+        steps=a.warmup + 2,
+        warmup=a.warmup,
+        layers=a.layers,
+    )
+    device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
+    model_cfg = cfg.model_config(None if a.layers is None else int(a.layers))
+    model = build_model(cfg, model_cfg, a.fp8, a.kgrouped, device)
+    optim = tstep.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=cfg.steps)
+    opt = zero.build_optimizer(model, optim)
+    S1, mbs = a.seq_len + 1, a.micro_batch_size
+    data = bigram_stream(model_cfg.vocab_size, cfg.steps * a.microbatches * mbs * S1, 0)
+    bias_LE = torch.zeros(len(tstep.moe_layers(model)), model_cfg.n_routed_experts)
+
+    def one_step(step: int) -> None:
+        nonlocal bias_LE
+        loads = torch.zeros_like(bias_LE, dtype=torch.int64)
+        for mb in range(a.microbatches):
+            first = (step * a.microbatches + mb) * mbs * S1
+            batch = data[first : first + mbs * S1].view(mbs, S1).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                parts = tstep.compute_loss(model, batch, tstep.LossConfig())
+            (parts.total / a.microbatches).backward()
+            loads += tstep.expert_loads(model)
+        tstep.apply_update(model, opt, step, optim)
+        bias_LE = bias_update(bias_LE, loads, 0.001)
+        tstep.set_biases(model, bias_LE)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for s in range(a.warmup):
+        one_step(s)
+    t = time.perf_counter()
+    one_step(a.warmup)
+    wall = time.perf_counter() - t
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, with_stack=True, record_shapes=True) as prof:
+        one_step(a.warmup + 1)
+    table, gpu_s, n = kernel_table(prof, a.rows, device.type == "cuda")
+    label = "fp8-kgrouped" if a.kgrouped else "fp8" if a.fp8 else "bf16"
+    print(f"## {label} {a.model} layers={model_cfg.num_hidden_layers} seq={a.seq_len} x "
+          f"{mbs} x {a.microbatches}: step wall {wall * 1e3:.0f} ms (unprofiled), "
+          f"{n} kernels {gpu_s * 1e3:.0f} ms")
+    print(f"{'ms':>8} {'kern':>6}  {'op':28.28s} source / shapes / kernels")
+    for r in table:
+        print(f"{r['ms']:8.2f} {r['kernels']:6d}  {r['op']:28.28s} {r['source']}")
+        print(f"{'':16}{r['shapes'][0][0][:150]}  |  {r['kernel_names'][0][0]}")
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        path = a.out / f"train-step-sources-{label}.json"
+        numbers = {"wall_s": wall, "gpu_s": gpu_s, "kernels": n, "rows": table}
+        path.write_text(json.dumps(numbers, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
