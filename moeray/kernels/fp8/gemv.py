@@ -182,7 +182,7 @@ def fp8_gemv_workspace(
 ) -> torch.Tensor:
     """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
     `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
-    wider ones). ceil(N/16) counters once max_rows >= 3: 6 KB for N = 24576."""
+    wider ones). ceil(N/16) counters at FP8Linear's 16 rows: 6 KB for N = 24576."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
     tiles = 0
