@@ -1,5 +1,7 @@
 """fp8_gemv compiled on the GPU (marker gpu; skipped without CUDA): DeepSeek-V3 linear shapes and
-ragged ones at decode rows, under a CUDA graph, and FP8Linear's kernel choice by rows and shape."""
+ragged ones at decode rows, under a CUDA graph, serial split-K with a workspace (one launch,
+bit-equal to the two-launch path, graph replays), and FP8Linear's kernel choice by rows and
+shape."""
 
 import pytest
 import torch
@@ -100,6 +102,74 @@ def test_fp8_gemv_cuda_graph(nk):
     torch.cuda.synchronize()
     _check(y, x, wq, ws)
     assert not torch.equal(y, eager)  # the replay read the new x
+
+
+def _cuda_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels one call of fn launches (torch.profiler), compiled beforehand."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# kv_a and q_a at Moonlight's hidden 2048 (+ a ragged K) and V3's 7168: few tiles, K split.
+@pytest.mark.parametrize("nk", [(576, 2048 + 77), (1536, 2048), (576, 7168)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_fp8_gemv_serial_split_k(nk, m):
+    from moeray.kernels import fp8
+    from moeray.kernels.fp8.gemv import _gemv_config
+    from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS
+
+    n, k = nk
+    wq, ws = _weight(n, k, seed=n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    assert _gemv_config(m, n, k, x.device)["SPLIT_K"] > 1
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS, device="cuda")
+    names = _cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws, workspace=workspace))
+    assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
+    assert len(_cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws))) == 2  # the two-launch path
+    _poison()
+    y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
+    assert torch.equal(y, fp8.fp8_gemv(x, wq, ws))  # the same fp32 sums in the same order
+    _check(y, x, wq, ws)
+    assert not workspace.any()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fp8.fp8_gemv(x, wq, ws, workspace=workspace)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
+    # Each replay needs the counters the previous one left at zero; the two-launch result on the
+    # same x is the oracle, to the bit.
+    for i in range(5):
+        x.copy_(torch.randn_like(x) * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, fp8.fp8_gemv(x, wq, ws)), i
+        _check(y, x, wq, ws)
+        assert not workspace.any(), i
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_fp8_linear_one_launch_at_decode(m):
+    # FP8Linear hands fp8_gemv its own workspace: kv_a (N = 576) at decode rows is one kernel.
+    from moeray.kernels import fp8
+    from moeray.platform.model.quant import FP8Linear
+
+    wq, ws = _weight(576, 7168, seed=m)
+    layer = FP8Linear(wq.cpu(), ws.cpu()).cuda()  # the counters move with the module
+    x = torch.randn(1, m, 7168, device="cuda", dtype=torch.bfloat16)
+    names = _cuda_kernels(lambda: layer(x))
+    assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
+    assert torch.equal(layer(x)[0], fp8.fp8_gemv(x[0], wq, ws))
+    assert layer.gemv_workspace.is_cuda and not layer.gemv_workspace.any()
 
 
 @pytest.mark.parametrize(

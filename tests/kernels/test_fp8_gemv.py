@@ -1,11 +1,16 @@
 """fp8_gemv (weight-only FP8 GEMM for decode) against fp8_gemv_ref under the interpreter: odd
-shapes (ragged N and K), both inner products (broadcast, dot), split-K, strided x, bad input."""
+shapes (ragged N and K), both inner products (broadcast, dot), split-K, strided x, bad input;
+serial split-K with a workspace (one launch, bit-equal to the two-launch sum, counters back at
+zero) and FP8Linear's workspace buffer."""
 
 import pytest
 import torch
 
 from moeray.kernels import fp8
+from moeray.kernels import gemv as gemv_module
+from moeray.kernels.fp8 import gemv as fp8_gemv_module
 from moeray.kernels.fp8.gemv import _gemv_config
+from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS, FP8Linear
 
 
 def _weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,3 +118,100 @@ def test_fp8_gemv_bad_input():
         fp8.fp8_gemv(x, wq, ws, config=bad)
     with pytest.raises(ValueError, match=r"BLOCK_M=4: .* >= 16 when DOT"):
         fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 32, "BLOCK_M": 4, "DOT": True})
+
+
+# Tiles and splits that force split-K whatever num_sms says: the broadcast tiles of 1-4 rows (the
+# GPU's widths) and a dot tile; K = 2048 + 77 is 17 blocks, the last ragged, so S = 3 leaves a
+# short last split (6, 6, 5 blocks).
+_SERIAL_CONFIGS = [
+    (1, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=3, DOT=False, num_warps=8, num_stages=4)),
+    (2, dict(BLOCK_M=2, BLOCK_N=32, SPLIT_K=5, DOT=False, num_warps=4, num_stages=4)),
+    (3, dict(BLOCK_M=4, BLOCK_N=16, SPLIT_K=3, DOT=False, num_warps=4, num_stages=4)),
+    (4, dict(BLOCK_M=4, BLOCK_N=16, SPLIT_K=17, DOT=False, num_warps=4, num_stages=4)),
+    (7, dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=4, DOT=True, num_warps=4, num_stages=4)),
+]
+
+
+def _poisoned_empty(monkeypatch) -> None:
+    """fp8_gemv's outputs and partials start as NaN: an element the kernel leaves unwritten
+    shows, where plain torch.empty could hand back an earlier call's equal bytes."""
+    real = torch.empty
+
+    def empty(*shape, **kw):
+        return real(*shape, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(fp8_gemv_module.torch, "empty", empty)
+
+
+@pytest.mark.parametrize("m,cfg", _SERIAL_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemv_serial_split_k(m, cfg, dtype, monkeypatch, launch_spy):
+    n, k = 576, 2048 + 77
+    wq, ws = _weight(n, k, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 2, m)[:, None]).to(dtype)
+    x2 = torch.randn(m, k, generator=g).to(dtype)
+    two_launch = fp8.fp8_gemv(x, wq, ws, config=cfg)
+    two_launch2 = fp8.fp8_gemv(x2, wq, ws, config=cfg)
+    _poisoned_empty(monkeypatch)
+    gemv_grids = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    reduce_grids = launch_spy(gemv_module, "_gemv_reduce_kernel")
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
+    y = fp8.fp8_gemv(x, wq, ws, config=cfg, workspace=workspace)
+    # One launch, K split, no reduce kernel: the sum happened inside it.
+    assert len(gemv_grids) == 1 and gemv_grids[0][2] > 1 and reduce_grids == [], gemv_grids
+    assert torch.equal(y, two_launch)  # the same fp32 sums in the same order
+    assert not workspace.any(), workspace  # the counters are back at zero
+    # A second call on the same counters (its output is a fresh NaN buffer): only right if the
+    # first left them at zero.
+    y2 = fp8.fp8_gemv(x2, wq, ws, config=cfg, workspace=workspace)
+    assert torch.equal(y2, two_launch2) and not workspace.any()
+    assert torch.equal(y, two_launch)  # the first output untouched by the second call
+    _check(y2, x2, wq, ws)
+
+
+def test_fp8_gemv_serial_split_k_heuristic_rows(monkeypatch, launch_spy):
+    # FP8Linear's use: one workspace for every row count up to FP8_GEMV_MAX_ROWS, heuristic tiles
+    # (tile and split counts change from call to call).
+    n, k = 576, 2048 + 77
+    wq, ws = _weight(n, k, seed=9)
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
+    monkeypatch.setattr(fp8_gemv_module, "num_sms", lambda device: 8)  # few SMs: K splits
+    for m in (1, 4, 2, 16, 1):
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        assert _gemv_config(m, n, k, x.device)["SPLIT_K"] > 1
+        expected = fp8.fp8_gemv(x, wq, ws)
+        assert torch.equal(fp8.fp8_gemv(x, wq, ws, workspace=workspace), expected), m
+        assert not workspace.any()
+
+
+def test_fp8_gemv_workspace_size_and_checks():
+    # The GPU's tiles: 64 // BLOCK_M columns up to 4 rows (16 at 3-4 rows), 64 above.
+    assert fp8.fp8_gemv_workspace(576, 1).numel() == 9
+    assert fp8.fp8_gemv_workspace(576, 2).numel() == 18
+    assert fp8.fp8_gemv_workspace(576, 16).numel() == 36
+    assert fp8.fp8_gemv_workspace(24576, 16).numel() == 1536
+    wq, ws = _weight(576, 2048, seed=4)
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    cfg = dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2, DOT=False, num_warps=8, num_stages=4)
+    with pytest.raises(ValueError, match="workspace has 8 counters; this call has 9 tiles"):
+        fp8.fp8_gemv(x, wq, ws, config=cfg, workspace=torch.zeros(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"workspace has dtype torch\.int64"):
+        fp8.fp8_gemv(x, wq, ws, workspace=torch.zeros(36, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_rows=0"):
+        fp8.fp8_gemv_workspace(576, 0)
+
+
+def test_fp8_linear_workspace_buffer():
+    q, s = fp8.weight_quant(torch.randn(576, 300))
+    layer = FP8Linear(q, s)
+    assert layer.gemv_workspace.dtype == torch.int32 and layer.gemv_workspace.numel() == 36
+    assert set(layer.state_dict()) == {"weight", "weight_scale_inv"}  # checkpoints unchanged
+    # Laid out on meta and materialized as the dummy-weight loader does: to_empty's buffers are
+    # uninitialized memory, and the counters must still start at zero.
+    with torch.device("meta"):
+        meta = FP8Linear(torch.empty(576, 300, dtype=q.dtype), torch.empty(5, 3))
+    for _ in range(3):
+        torch.full((36,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
+        built = meta.to_empty(device="cpu")
+        assert built.gemv_workspace.shape == (36,) and not built.gemv_workspace.any()

@@ -1,5 +1,7 @@
 """Benchmark of fp8_gemv (weight-only FP8 GEMM for decode) at DeepSeek-V3 linear shapes, against
-the act_quant + fp8_gemm path FP8Linear takes for larger M and bf16 F.linear (cuBLAS).
+the act_quant + fp8_gemm path FP8Linear takes for larger M and bf16 F.linear (cuBLAS). fp8_gemv
+runs with a workspace, as FP8Linear calls it (split-K in one launch); `gemv_two_launch_us` times
+it without one (split-K partials summed by a second launch).
 
 Each variant runs from a CUDA graph of back-to-back calls (the engine replays decode steps from
 graphs, so host launch cost is not what a step pays), cycling over enough weight copies that
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, best_and_chosen
 from moeray.kernels.common import cdiv
 from moeray.kernels.fp8.dispatch import fp8_gemm
-from moeray.kernels.fp8.gemv import _gemv_config, fp8_gemv
+from moeray.kernels.fp8.gemv import _gemv_config, fp8_gemv, fp8_gemv_workspace
 from moeray.kernels.fp8.quant import act_quant, weight_dequant, weight_quant
 
 # (name, N, K) of DeepSeek-V3's linear layers (hidden 7168, q_lora 1536, kv_lora 512 + rope 64,
@@ -34,7 +36,9 @@ GEMV_BENCH_ROWS = (1, 8, 64)
 
 def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    t_gemv = _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s), copies_fp8))
+    ws = fp8_gemv_workspace(n, m, x.device)
+    t_gemv = _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s, workspace=ws), copies_fp8))
+    t_two = _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s), copies_fp8))
 
     def quant_gemm(w, s):
         xq, xs = act_quant(x, scale_col_major=True)
@@ -58,6 +62,7 @@ def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16)
         "gemv_us": round(t_gemv * 1e3, 2),
         "gemv_GBps": round(gbs, 1),
         "gemv_frac_copy_bw": round(gbs / copy_bw, 3),
+        "gemv_two_launch_us": round(t_two * 1e3, 2),
         "quant_gemm_us": round(t_gemm * 1e3, 2),
         "quant_gemm_GBps": round(fp8_bytes / t_gemm / 1e6, 1),
         "bf16_linear_us": round(t_bf16 * 1e3, 2),
@@ -109,11 +114,14 @@ _SWEEP_TILES = {
 _SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")
 
 
-def _time_config(x: torch.Tensor, cfg: dict, copies: list) -> float | str:
+def _time_config(x: torch.Tensor, cfg: dict, copies: list, tiles: int) -> float | str:
+    ws = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+
+    def call(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return fp8_gemv(x, w, s, config=cfg, workspace=ws)
+
     try:
-        return round(
-            _graph_ms(_cycling(lambda w, s: fp8_gemv(x, w, s, config=cfg), copies)) * 1e3, 2
-        )
+        return round(_graph_ms(_cycling(call, copies)) * 1e3, 2)
     except Exception as e:  # a tile that does not compile (registers, shared memory)
         return f"{type(e).__name__}: {str(e)[:100]}"
 
@@ -143,7 +151,7 @@ def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
                     "num_stages": stages,
                     "SPLIT_K": split,
                 }
-                us = _time_config(x, cfg, copies)
+                us = _time_config(x, cfg, copies, tiles)
                 out.append(
                     {"layer": name, "M": m, "N": n, "K": k, **cfg, "us": us, "chosen": cfg == base}
                 )

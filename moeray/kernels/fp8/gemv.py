@@ -18,10 +18,15 @@ Two inner products, chosen by M:
   uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
 
 Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
-S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N], and a
-second small kernel (`gemv.reduce_splits`) sums the partials in a fixed order (deterministic, no
-atomics, no zeroing). All allocations depend on the shape only and there is no host sync, so it
-is CUDA-graph safe.
+S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N]. The
+partials are summed in split order 0..S-1 (deterministic, the same bits either way) by one of:
+- serial split-K, with a caller-owned `workspace` of int32 tile counters (`fp8_gemv_workspace`):
+  each program stores its partial and increments its tile's counter (acq_rel); the program that
+  sees S-1 is the tile's last, sums the S partials into y and sets the counter back to 0. One
+  launch; the counters are zero again after every call, so no memset is needed between calls.
+- without a workspace, a second small kernel (`gemv.reduce_splits`); each launch costs ~2.7 us
+  in a CUDA graph on an H200.
+All allocations depend on the shape only and there is no host sync, so both are CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def _fp8_gemv_kernel(
     w_ptr,
     s_ptr,
     c_ptr,
+    y_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -76,6 +83,10 @@ def _fp8_gemv_kernel(
     UPCAST: tl.constexpr,  # the CPU interpreter's bf16 tl.dot is wrong: the same math in fp32
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    # S > 1: serial split-K, c holds the S fp32 partials and the tile's last program sums them
+    # into y (contiguous [M, N], as each partial); 0: c is the output (or the partials of the
+    # two-launch path), y and lock_ptr are not read.
+    REDUCE_SPLITS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
@@ -120,16 +131,65 @@ def _fp8_gemv_kernel(
         else:
             wf = w.to(tl.float32) * s
             acc3 += x.to(tl.float32)[:, None, :] * wf[None, :, :]
-    c_base = c_ptr + pid_k * stride_cs
     if DOT:
-        c_ptrs = c_base + offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
+        acc = acc_t
+        c_offs = offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
         mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-        tl.store(c_ptrs, acc_t.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.sum(acc3, axis=2)
-        c_ptrs = c_base + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + pid_k * stride_cs + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if REDUCE_SPLITS > 0:
+        # Every thread's partial store must happen before the increment: a scalar atomic runs on
+        # one thread, and its release orders only what that thread has seen, so the CTA barrier
+        # comes first. acq_rel at GPU scope: the release publishes this partial to the other
+        # SMs; the acquire (then the barrier that hands the result to the whole CTA) makes the
+        # last program see the S-1 partials released before its increment.
+        tl.debug_barrier()
+        lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == REDUCE_SPLITS - 1:
+            # The last of the tile's programs. ".cg" loads read L2, not this SM's L1, which is not
+            # coherent with the other SMs' stores. Split order 0..S-1 from zero, as
+            # reduce_splits sums: bit-identical outputs with or without a workspace.
+            # Unrolled, the independent loads are in flight together (one L2 round trip, not S).
+            # Broadcast tiles hold <= 1 element a thread: all S at once, sm_90 registers stay
+            # 60 / 96 at S = 56. Dot tiles hold 8 (16 x 64 at 4 warps): 4 at a time keeps them
+            # at 80-102; all 56 took 150 under Triton 3.6 (3 CTAs an SM, not 5).
+            total = tl.zeros_like(acc)
+            for i in tl.range(0, REDUCE_SPLITS, loop_unroll_factor=4 if DOT else REDUCE_SPLITS):
+                total += tl.load(
+                    c_ptr + i * stride_cs + c_offs, mask=mask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(y_ptr + c_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            # No program of this launch touches the counter again: back to 0 for the next call.
+            tl.store(lock, 0)
+
+
+def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, DOT, num_warps) of `_gemv_config` for m rows."""
+    if m <= _BCAST_MAX_ROWS:
+        block_m = pow2_at_least(m)
+        # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
+        block_n = 128 // block_m if interpret else 64 // block_m
+        return block_m, block_n, False, 8 if block_m == 1 else 4
+    return min(64, max(16, pow2_at_least(m))), 64, True, 4
+
+
+def fp8_gemv_workspace(
+    n: int, max_rows: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
+    `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
+    wider ones). ceil(N/16) counters at FP8Linear's 16 rows: 6 KB for N = 24576."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows}: must be >= 1")
+    tiles = 0
+    for m in range(1, max_rows + 1):
+        block_m, block_n, _, _ = _tile_shape(m, interpret=False)
+        tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
@@ -140,17 +200,7 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     Offline sm_90 compiles: 60 / 96 / 96 registers, no spills. Dot tiles: 64 weight rows (one
     wgmma M) x BM = 16..64 tokens, 96-142 registers.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
-    num_warps = 4
-    if m <= _BCAST_MAX_ROWS:
-        block_m = pow2_at_least(m)
-        # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
-        block_n = 128 // block_m if interpreting() else 64 // block_m
-        num_warps = 8 if block_m == 1 else 4
-        dot = False
-    else:
-        block_m = min(64, max(16, pow2_at_least(m)))
-        block_n = 64
-        dot = True
+    block_m, block_n, dot, num_warps = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
     split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
@@ -189,7 +239,12 @@ def _check_gemv_inputs(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tens
 
 
 def fp8_gemv(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, *, config: dict | None = None
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    config: dict | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant(w_fp8 [N, K], w_scale [NB, KB])^T in x's dtype.
 
@@ -197,8 +252,18 @@ def fp8_gemv(
     checkpoint's weight_scale_inv). Any N and K (ragged last blocks are masked). Made for few rows
     (decode); correct at any M. `config` (keys of `_CONFIG_KEYS`) overrides the heuristic tiles.
     On CPU tensors outside the interpreter it runs fp8_gemv_ref.
+
+    `workspace`: int32 counters on x's device, all zero, at least one per output tile
+    (`fp8_gemv_workspace`); with it a split-K call is one launch, and the counters are zero again
+    when it ends. One call at a time per workspace: two launches in flight on different streams
+    would share counters. Without it a split-K call launches `reduce_splits` after the GEMV. The
+    output is the same to the bit either way.
     """
     _check_gemv_inputs(x, w_fp8, w_scale)
+    if workspace is not None:
+        check_tensor(
+            workspace, "workspace", dtypes=(torch.int32,), ndim=1, contiguous=True, device=x.device
+        )
     if not (x.is_cuda or interpreting()):
         return fp8_gemv_ref(x, w_fp8, w_scale)
     m, k = x.shape
@@ -215,11 +280,20 @@ def fp8_gemv(
     split = cdiv(kb, kb_per_split)  # no empty splits
     c = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
+    locks = workspace if split > 1 else None  # serial split-K: the tile counters
+    if locks is not None and locks.numel() < grid[0] * grid[1]:
+        raise ValueError(
+            f"workspace has {locks.numel()} counters; this call has {grid[0] * grid[1]} tiles "
+            f"(M={m}, N={n}, BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']}): size it with "
+            f"fp8_gemv_workspace(N, max rows)"
+        )
     _fp8_gemv_kernel[grid](
         x,
         w_fp8,
         w_scale,
         c,
+        y,
+        y if locks is None else locks,  # not read without REDUCE_SPLITS
         m,
         n,
         k,
@@ -240,9 +314,10 @@ def fp8_gemv(
         UPCAST=interpreting(),
         EVEN_K=k % FP8_BLOCK == 0,
         NUM_STAGES=cfg["num_stages"],
+        REDUCE_SPLITS=0 if locks is None else split,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if split > 1:
+    if split > 1 and locks is None:
         reduce_splits(c, y)
     return y

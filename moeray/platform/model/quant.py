@@ -9,12 +9,14 @@ These are the PyTorch references; `moeray.kernels` has the Triton versions for t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX
-from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv
+from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
 
 # Rows up to which FP8Linear runs the weight-only fp8_gemv instead of act_quant + fp8_gemm. At
 # decode batch sizes the layer is a weight read: fp8_gemv reads the e4m3 bytes once with x in
@@ -64,19 +66,35 @@ class FP8Linear(nn.Module):
     On a GPU, `forward` picks the kernel: fp8_gemv (weight-only, x unquantized) for up to
     FP8_GEMV_MAX_ROWS rows and for any N or K that is not a multiple of 128; act_quant + the
     block-scaled fp8_gemm otherwise. Elsewhere it dequantizes and runs a plain matmul in the
-    activation dtype."""
+    activation dtype.
+
+    `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_MAX_ROWS rows, so
+    a split-K call is one launch. It is a non-persistent buffer: moved with the module, not in
+    the state dict; zero between calls (each call leaves it so), and zeroed again whenever the
+    module's tensors are replaced (`to_empty` leaves new buffers uninitialized). A layer runs on
+    one stream at a time: two of its calls in flight at once would share the counters."""
 
     # buffers, registered in __init__
     weight: torch.Tensor  # e4m3 [N, K]
     weight_scale_inv: torch.Tensor  # fp32 [ceil(N/128), ceil(K/128)]
+    gemv_workspace: torch.Tensor  # int32 [tiles], non-persistent
 
     def __init__(self, weight_fp8: torch.Tensor, scale_inv: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight_fp8)
         self.register_buffer("weight_scale_inv", scale_inv.float())
+        workspace = fp8_gemv_workspace(weight_fp8.shape[0], FP8_GEMV_MAX_ROWS, weight_fp8.device)
+        self.register_buffer("gemv_workspace", workspace, persistent=False)
         # dequantized_weight's copy (a plain attribute: not in the state dict, not moved by .to)
         self._dequantized: torch.Tensor | None = None
         self._dequantized_key: tuple[object, ...] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FP8Linear:
+        # Every move and conversion of the module's tensors comes through here, to_empty's too,
+        # and fp8_gemv needs the counters at zero: one small memset per move, never in a step.
+        super()._apply(fn, recurse)
+        self.gemv_workspace.zero_()
+        return self
 
     @property
     def in_features(self) -> int:
@@ -108,7 +126,11 @@ class FP8Linear(nn.Module):
                 # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
                 # N = 576) keep the dequantized model's numbers at any M, with no per-call
                 # dequantization of the whole weight.
-                y = fp8_gemv(x2, self.weight, self.weight_scale_inv)
+                # Above FP8_GEMV_MAX_ROWS (ragged layers only) the workspace may have too few
+                # counters: the two-launch split-K, whose extra launch is small next to prefill.
+                rows_ok = x2.shape[0] <= FP8_GEMV_MAX_ROWS
+                ws = self.gemv_workspace if rows_ok else None
+                y = fp8_gemv(x2, self.weight, self.weight_scale_inv, workspace=ws)
             else:
                 xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
                 y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
