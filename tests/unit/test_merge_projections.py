@@ -16,15 +16,18 @@ import copy
 import pytest
 import torch
 
+from moeray.platform import config as config_presets
 from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import tiny
 from moeray.platform.engine.bench.model import quantize_fp8_
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model.block import DecoderLayer
 from moeray.platform.model.linear import MergedLinear
 from moeray.platform.model.merge import merge_projections
 from moeray.platform.model.mla import DenseKVCache
 from moeray.platform.model.moe import MLP
+from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.transformer import Transformer
 
 
@@ -251,3 +254,35 @@ def test_engine_greedy_tokens_unchanged(fp8, spec, monkeypatch):
     plain, report, calls = _engine_tokens(model, monkeypatch, False, num_speculative_tokens=spec)
     assert all(v is not None for v in report.values()) and calls == 0
     assert all(len(t) == 8 for t in merged) and merged == plain
+
+
+def _fp8_on_meta(module):
+    """Every Linear of `module` as an FP8Linear of meta tensors (shapes only)."""
+    for name, m in list(module.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            N, K = m.weight.shape
+            q = torch.empty(N, K, dtype=torch.float8_e4m3fn, device="meta")
+            fp8 = FP8Linear(q, torch.empty(-(-N // 128), -(-K // 128), device="meta"))
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, fp8)
+
+
+@pytest.mark.parametrize("preset", ["moonlight_16b_a3b", "deepseek_v3"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_published_shapes_merge_every_pair(preset, fp8):
+    """Moonlight: q_proj 3072 (16 x 192) + kv_a 576, dense MLP 11264, shared experts 2 x 1408;
+    V3: q_a 1536 + kv_a 576, dense 18432, shared 2048. Every first part is whole 128-row blocks,
+    so FP8 merges them all; the query stacks (3648, 2112 rows) are off the grid: merged up to
+    fp8_gemv's 16 rows."""
+    cfg = getattr(config_presets, preset)()
+    with torch.device("meta"):
+        layers = torch.nn.ModuleList(DecoderLayer(cfg, i) for i in (0, cfg.first_k_dense_replace))
+    if fp8:
+        _fp8_on_meta(layers)
+    report = merge_projections(layers)
+    assert list(report.values()) == [None] * 4, report
+    attn = layers[0].self_attn.fused_qkv_a_proj
+    q_rows = cfg.q_lora_rank or cfg.num_attention_heads * 192
+    assert attn.sizes == (q_rows, 576) and attn.max_rows == (16 if fp8 else None)
+    assert layers[0].mlp.gate_up_proj.max_rows is None
+    assert layers[1].mlp.shared_experts.gate_up_proj.max_rows is None
