@@ -37,6 +37,7 @@ def _tensor_names(part: Linear | FP8Linear) -> tuple[str, ...]:
 
 
 def _layout(t: torch.Tensor) -> tuple:
+    """What a part's tensor and its rows of the stack share while it is still a view of them."""
     return t.dtype, t.shape, t.stride(), t.device
 
 
