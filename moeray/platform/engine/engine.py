@@ -52,6 +52,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerConfig,
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
+from moeray.platform.model.merge import merge_projections
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
     from moeray.platform.engine.grammar import GrammarSet
@@ -118,6 +119,10 @@ class EngineStats:
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), *, tokenizer=None) -> None:
         self.model = model.eval()
+        # Each pair of projections that read one input as one GEMM (model/merge.py: 2 decode
+        # launches fewer per layer in bf16, 4 in FP8), before any graph captures the weights.
+        # {owner module: None, or why its pair stays apart}.
+        self.merged_projections = merge_projections(model)
         self.config = config
         self.model_config = model.config
         param = next(model.parameters())

@@ -20,7 +20,7 @@ from torch import nn
 
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
-from moeray.platform.model.linear import Linear
+from moeray.platform.model.linear import Linear, MergedLinear
 from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.rope import apply_rope
@@ -127,26 +127,41 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(H * self.v_dim, D, bias=bias)
+        # Set for inference by model/merge.py: the first query projection (q_proj, or q_a_proj)
+        # and kv_a_proj_with_mqa as one GEMM over their stacked rows (both read x).
+        self.fused_qkv_a_proj: MergedLinear | None = None
 
-    def _q_latent(self, x_BSD):
-        """The query latent (q_a_proj then its norm, [B, S, Q]); x itself without a q LoRA."""
-        return x_BSD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BSD))
+    def _project_input(self, x_BSD):
+        """The projections that read x: (query latent, the queries q_proj made or None, the kv
+        projection [B, S, C + R]). The query latent is q_a_proj's output normed ([B, S, Q]), or x
+        itself without a q LoRA; where the merged layer applies, one GEMM gives both halves and,
+        without a q LoRA, the queries themselves."""
+        fused = self.fused_qkv_a_proj
+        if fused is not None and fused.applies(x_BSD):
+            q_a, kv = fused(x_BSD)
+            if self.q_lora_rank is None:
+                return x_BSD, q_a, kv
+            return self.q_a_layernorm(q_a), None, kv
+        q_lat = x_BSD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BSD))
+        return q_lat, None, self.kv_a_proj_with_mqa(x_BSD)
 
-    def _split_queries(self, q_lat):
-        """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], q_pe unrotated)."""
+    def _split_queries(self, q_lat, q=None):
+        """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], q_pe unrotated).
+        `q`: q_proj's output [B, S, H * (N + R)] when the merged projection already made it."""
         B, S, _ = q_lat.shape
-        q = self.q_proj(q_lat) if self.q_lora_rank is None else self.q_b_proj(q_lat)
+        if q is None:
+            q = self.q_proj(q_lat) if self.q_lora_rank is None else self.q_b_proj(q_lat)
         q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope_BSHN, q_pe_BSHR
 
-    def _queries(self, q_lat, cos, sin):
+    def _queries(self, q_lat, cos, sin, q=None):
         """(q_nope [B,S,H,N], rotated q_pe [B,S,H,R])."""
-        q_nope_BSHN, q_pe_BSHR = self._split_queries(q_lat)
+        q_nope_BSHN, q_pe_BSHR = self._split_queries(q_lat, q)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
 
-    def _latent(self, x_BSD, cos, sin):
-        kv = self.kv_a_proj_with_mqa(x_BSD)
+    def _latent(self, kv, cos, sin):
+        """The kv projection [B, S, C + R] -> (normed latent kv_BSC, rotated rope key pe_BSR)."""
         kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         pe_BSR = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_a_layernorm(kv_BSC), pe_BSR
@@ -164,20 +179,22 @@ class MLA(nn.Module):
         or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
         the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
-        q_lat = self._q_latent(x_BSD)
+        q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
             # The engine's paged view norms, rotates and stores the new latent itself.
-            return self._absorbed_out(self._attend_raw(cache, x_BSD, q_lat, cos, sin))
-        kv_BSC, pe_BSR = self._latent(x_BSD, cos, sin)
+            return self._absorbed_out(self._attend_raw(cache, q_lat, q, kv, cos, sin))
+        kv_BSC, pe_BSR = self._latent(kv, cos, sin)
         if cache is None and not absorbed:
-            o_BSHV = self.expanded_attention(q_lat, kv_BSC, pe_BSR, cos, sin)
+            o_BSHV = self.expanded_attention(q_lat, kv_BSC, pe_BSR, cos, sin, q=q)
             return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
         if cache is not None and getattr(cache, "expanded", False):
             kv_BTC, pe_BTR, mask = cache.update(self.layer_idx, kv_BSC, pe_BSR)
             dt = kv_BSC.dtype
-            o_BSHV = self.expanded_attention(q_lat, kv_BTC.to(dt), pe_BTR.to(dt), cos, sin, mask)
+            o_BSHV = self.expanded_attention(
+                q_lat, kv_BTC.to(dt), pe_BTR.to(dt), cos, sin, mask, q=q
+            )
             return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
-        q_nope, q_pe = self._queries(q_lat, cos, sin)
+        q_nope, q_pe = self._queries(q_lat, cos, sin, q)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/paged_view.py).
@@ -194,12 +211,11 @@ class MLA(nn.Module):
             )
         return self._absorbed_out(o_lat_BSHC)
 
-    def _attend_raw(self, cache, x_BSD, q_lat, cos, sin):
+    def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
         projection and the query as their GEMMs leave them, the norm and rotations to the cache."""
-        kv = self.kv_a_proj_with_mqa(x_BSD)
         kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_nope, q_pe = self._split_queries(q_lat)
+        q_nope, q_pe = self._split_queries(q_lat, q)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
         return cache.attend(
             self.layer_idx,
@@ -213,13 +229,14 @@ class MLA(nn.Module):
             sin=sin,
         )
 
-    def expanded_attention(self, q_lat, kv_BTC, pe_BTR, cos, sin, mask_BST=None):
+    def expanded_attention(self, q_lat, kv_BTC, pe_BTR, cos, sin, mask_BST=None, *, q=None):
         """From the latents to the attention output o [B, S, H, V]: the q and kv up-projections
         (q_b_proj, kv_b_proj) and attention over the per-head keys and values they make, for S
         queries that are the last S of the T context positions (causal), or that see what
-        `mask_BST` says. One method so that training can recompute it in the backward from the
-        latents alone (train/replica.parallelize, `recompute: [mla_up]`)."""
-        q_nope_BSHN, q_pe_BSHR = self._queries(q_lat, cos, sin)
+        `mask_BST` says; `q` as in `_split_queries`. One method so that training can recompute
+        it in the backward from the latents alone (train/replica.parallelize, `recompute:
+        [mla_up]`)."""
+        q_nope_BSHN, q_pe_BSHR = self._queries(q_lat, cos, sin, q)
         B, S, H, _ = q_nope_BSHN.shape
         T = kv_BTC.shape[1]
         kv = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope_dim + self.v_dim)

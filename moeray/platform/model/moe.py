@@ -22,7 +22,7 @@ from moeray.kernels.moe import fused_moe_gate_up
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
-from moeray.platform.model.linear import Linear
+from moeray.platform.model.linear import Linear, MergedLinear
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
@@ -42,9 +42,16 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
+        # Set for inference by model/merge.py: gate_proj and up_proj as one GEMM over their
+        # stacked rows (both read x).
+        self.gate_up_proj: MergedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        fused = self.gate_up_proj
+        if fused is not None and fused.applies(x):
+            gate, up = fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = swiglu(gate, up) if use_fused_swiglu(gate, up) else swiglu_ref(gate, up)
         return self.down_proj(act)
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moeray.platform.config import ModelConfig
+from moeray.platform.model.linear import MergedLinear
 from moeray.platform.model.moe import Experts
 from moeray.platform.model.quant import FP8Linear
 
@@ -67,6 +68,8 @@ def step_bytes(model: nn.Module, kv_dtype_bytes: int) -> StepBytes:
     for name, m in model.named_modules():
         if name.startswith("mtp.") or name in ("model.embed_tokens", "model.rotary_emb"):
             continue
+        if isinstance(m, MergedLinear):
+            continue  # its stacked tensors are the parts' (model/merge.py), counted with them
         if name in expert_modules or any(name.startswith(e + ".") for e in expert_modules):
             continue
         if isinstance(m, FP8Linear) and name.endswith("kv_b_proj"):
