@@ -33,7 +33,7 @@ from moeray.kernels.fp8.gemm import _tile_coords
 DTYPES = (torch.bfloat16, torch.float16)
 CONFIG_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "BLOCK_P", "GROUP_N", "num_warps", "num_stages"})
 # Default tile: 128x128 fp32 accumulator (64 registers a thread at 8 warps), 64 token rows a step,
-# 3 stages of (128 + 128) x 64 bf16 = 96 KB shared memory (two CTAs fit an H100/H200 SM). Each
+# 3 stages of (128 + 128) x 64 bf16 = 96 KB of shared memory (an H100/H200 SM has 228). Each
 # expert reduces only ~288 rows at Moonlight's 18,432 rows / 64 experts (4-5 steps), so deeper
 # pipelines buy little; the epilogue's fp32 read-modify-write (738 MB each way at 64 x 1408 x 2048)
 # is most of the time. `moeray bench kernels --only grouped_wgrad_sweep` times the alternatives.
