@@ -1,6 +1,6 @@
-"""Where a training step's GPU time goes, by the source that launched it: `moeray bench train --pp 1`'s
-model and step (`train/bench_one.py`: random weights, bf16 autocast, grouped experts, fused AdamW)
-at a given width and layer count, one step under torch.profiler with Python stacks.
+"""Where a training step's GPU time goes, by the source that launched it: `moeray bench train
+--pp 1`'s model and step (`train/bench_one.py`: random weights, bf16 autocast, grouped experts,
+fused AdamW) at a given width and layer count, one step under torch.profiler with Python stacks.
 
 Each GPU kernel is attributed to the op that launched it and to its source: the innermost moeray
 frame of the op's Python stack, or, for ops the autograd engine runs without Python (the backward
@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         one_step(a.warmup + 1)
     table, gpu_s, n = kernel_table(prof, a.rows, device.type == "cuda")
     label = "fp8-kgrouped" if a.kgrouped else "fp8" if a.fp8 else "bf16"
-    print(f"## {label} {a.model} layers={model_cfg.num_hidden_layers} seq={a.seq_len} x "
-          f"{mbs} x {a.microbatches}: step wall {wall * 1e3:.0f} ms (unprofiled), "
-          f"{n} kernels {gpu_s * 1e3:.0f} ms")
+    print(
+        f"## {label} {a.model} layers={model_cfg.num_hidden_layers} seq={a.seq_len} x "
+        f"{mbs} x {a.microbatches}: step wall {wall * 1e3:.0f} ms (unprofiled), "
+        f"{n} kernels {gpu_s * 1e3:.0f} ms"
+    )
     print(f"{'ms':>8} {'kern':>6}  {'op':28.28s} source / shapes / kernels")
     for r in table:
         print(f"{r['ms']:8.2f} {r['kernels']:6d}  {r['op']:28.28s} {r['source']}")

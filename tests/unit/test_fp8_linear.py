@@ -188,8 +188,10 @@ def test_fp8_layers_quantize_once_per_optimizer_step(monkeypatch, split):
 
     torch.manual_seed(3)
     lin = torch.nn.Linear(200, 130, bias=False)
-    layer = SplitLinear(lin.weight, None, WeightGradStore(), fp8=True) if split else (
-        fp8.FP8TrainLinear(lin)
+    layer = (
+        SplitLinear(lin.weight, None, WeightGradStore(), fp8=True)
+        if split
+        else (fp8.FP8TrainLinear(lin))
     )
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     monkeypatch.setattr(fp8, "QuantizedWeight", Counting)

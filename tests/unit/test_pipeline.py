@@ -492,6 +492,70 @@ def test_grouped_expert_gemms_with_aligned_rows():
             )
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_grouped_wgrad_path_equals_torch_over_two_micro_batches(monkeypatch, defer):
+    """The BF16 grouped experts' weight gradients through `grouped_wgrad` (the chooser forced on;
+    on CPU the kernel's PyTorch reference) against torch._grouped_mm + cast + autograd's add, over
+    two micro-batches: the first returns fp32 dW, the second adds into w.grad itself (and returns
+    None), deferred to the W op or not; outputs and input gradients do not depend on it."""
+    from moeray.platform.parallel import experts_mlp as em
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference (test above says why)
+    calls: list[bool] = []
+
+    def spy(dy_PN, x_PK, ends, *, accumulate_into=None):
+        calls.append(accumulate_into is not None)
+        return grouped_wgrad(dy_PN, x_PK, ends, accumulate_into=accumulate_into)
+
+    grouped_wgrad = em.grouped_wgrad
+    monkeypatch.setattr(em, "grouped_wgrad", spy)
+    g = torch.Generator().manual_seed(5)
+    rows, D, inter = [5, 0, 37, 17], 48, 40
+    x = torch.randn(sum(rows), D, generator=g)
+    ws = [
+        torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
+    ]
+    dys = [torch.randn(sum(rows), D, generator=g) for _ in range(2)]
+    got = []
+    for kernel in (False, True):
+        monkeypatch.setattr(em, "use_grouped_wgrad", lambda device, on=kernel: on)
+        xi = x.clone().requires_grad_()
+        wi = [torch.nn.Parameter(w.clone()) for w in ws]
+        store = WeightGradStore()
+        for mb, dy in enumerate(dys):
+            with (
+                store.collect((0, mb, 0), defer=defer),
+                torch.autocast("cpu", dtype=torch.bfloat16),
+            ):
+                y = experts_mlp(xi, *wi, rows, store=store)
+            y.backward(dy.to(y.dtype))
+            store.flush((0, mb, 0))
+        got.append((y.detach(), xi.grad, *(w.grad for w in wi)))
+    assert calls == [False] * 3 + [True] * 3  # micro-batch 2 added in the GEMM's epilogue
+    for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), *got, strict=True):
+        if name.startswith("dW"):
+            # the torch path rounds each micro-batch's dW to bf16 (2^-9 relative), the kernel
+            # writes and adds fp32; a wrong expert or row range: O(1)
+            assert b.dtype == torch.float32
+            assert (b - a).abs().max() <= 2**-8 * a.abs().max(), name
+            assert (b - a).abs().max() > 0, "the kernel path must not round dW to bf16"
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert all(got[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
+
+
+def test_grouped_wgrad_chooser(monkeypatch):
+    """One place decides: CUDA only (CPU keeps torch._grouped_mm), one process, and
+    MOERAY_FUSED_GROUPED_WGRAD=0 switches it off."""
+    from moeray.platform.parallel.experts_mlp import use_grouped_wgrad
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("MOERAY_FUSED_GROUPED_WGRAD", raising=False)
+    assert use_grouped_wgrad(cuda) and not use_grouped_wgrad(cpu)
+    monkeypatch.setenv("MOERAY_FUSED_GROUPED_WGRAD", "0")
+    assert not use_grouped_wgrad(cuda)
+
+
 def test_padded_rows_change_no_gemm():
     # the CUDA path pads the token dim of every split-linear GEMM to 128 rows (fp8.pad_rows)
     from moeray.platform.fp8 import pad_rows, padded_row_counts

@@ -33,6 +33,12 @@ from moeray.kernels.bench.fp8_gemv import (
 )
 from moeray.kernels.bench.gate import bench_moe_gate
 from moeray.kernels.bench.gemv import bench_gemv, print_gemv, print_sweep, sweep_gemv
+from moeray.kernels.bench.grouped_wgrad import (
+    bench_grouped_wgrad,
+    print_grouped_wgrad,
+    print_grouped_wgrad_sweep,
+    sweep_grouped_wgrad,
+)
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
@@ -144,6 +150,10 @@ def _print_table(result: dict) -> None:
         print_gemv(result["gemv"])
     if "gemv_sweep" in result:
         print_sweep(result["gemv_sweep"])
+    if "grouped_wgrad" in result:
+        print_grouped_wgrad(result["grouped_wgrad"])
+    if "grouped_wgrad_sweep" in result:
+        print_grouped_wgrad_sweep(result["grouped_wgrad_sweep"])
     for r in result.get("fp8_gemm_grouped", []):
         print(
             f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
@@ -275,6 +285,23 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_vs_cublas"],
             )
         )
+    for r in result.get("grouped_wgrad", []):
+        shape = f"{r['shape']}: E{r['experts']} N{r['N']} K{r['K']} P{r['rows']}"
+        for mode, baseline in (
+            ("accumulate", "torch._grouped_mm + .to(fp32) + grad.add_"),
+            ("fresh", "torch._grouped_mm + .to(fp32)"),
+        ):
+            out.append(
+                _rec(
+                    f"grouped_wgrad ({mode})",
+                    shape,
+                    r[f"{mode}_ms"],
+                    r[f"{mode}_frac_of_floor"],
+                    "max(bf16 matmul rate, copy bandwidth) floor",
+                    baseline,
+                    r[f"speedup_{mode}"],
+                )
+            )
     for r in result.get("fp8_gemm_grouped", []):
         out.append(
             _rec(
@@ -383,6 +410,8 @@ SECTIONS = (
     "fp8_gemv_sweep",
     "gemv",
     "gemv_sweep",
+    "grouped_wgrad",
+    "grouped_wgrad_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
     "mla_decode",
@@ -435,6 +464,8 @@ def main(argv: list[str]) -> int:
         ("fp8_gemv_sweep", sweep_fp8_gemv),
         ("gemv", lambda: bench_gemv(result["ceilings"])),
         ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
+        ("grouped_wgrad", lambda: bench_grouped_wgrad(result["ceilings"])),
+        ("grouped_wgrad_sweep", sweep_grouped_wgrad),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         (
             "fused_moe",

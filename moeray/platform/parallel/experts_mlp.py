@@ -6,8 +6,9 @@ D model width, I expert width, E local experts, N and K a GEMM's output and inpu
 
 Three paths, picked per call (`_ExpertsMLPFn.forward`): with FP8 and `grouped_fp8`, the grouped
 FP8 kernel on the 128-aligned layout (`_GroupedFP8`); without FP8, one grouped GEMM per projection
-for all experts (`GroupedExperts`: bf16 on CUDA, any dtype on CPU); otherwise one GEMM per expert
-(the block-scaled FP8 GEMMs of `platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
+for all experts (`GroupedExperts`: bf16 on CUDA, any dtype on CPU; its weight gradients one Triton
+k-grouped launch per projection where `use_grouped_wgrad`); otherwise one GEMM per expert (the
+block-scaled FP8 GEMMs of `platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
+from moeray.kernels.common import switched_off
 from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
+from moeray.kernels.grouped_wgrad import grouped_wgrad
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.weight_grad import (
@@ -168,12 +172,18 @@ class _ExpertsMLPFn(torch.autograd.Function):
             ).to(ctx.x_dtype)
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
+            kernel = use_grouped_wgrad(dy.device)
+
+            def wgrad(d_PN, a_PK, w):
+                g = _epilogue_grad(w) if kernel else None
+                # a later micro-batch: += in the GEMM's epilogue, nothing to return
+                if g is not None:
+                    grp.wgrad(d_PN, a_PK, torch.float32, accumulate_into=g)
+                    return None
+                return grp.wgrad(d_PN, a_PK, w.dtype)
+
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                return (
-                    grp.wgrad(dg, x, w1.dtype),
-                    grp.wgrad(du, x, w3.dtype),
-                    grp.wgrad(dy, h, w2.dtype),
-                )
+                return wgrad(dg, x, w1), wgrad(du, x, w3), wgrad(dy, h, w2)
 
         return (
             dx_AD,
@@ -233,10 +243,8 @@ class _GroupedFP8:
                 if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
 
                     def kgrouped(at, bt, w):
-                        g = w.grad
-                        if w.is_leaf and g is not None and g.dtype == torch.float32 and (
-                            g.is_contiguous()
-                        ):  # a later micro-batch: += in the GEMM's epilogue, nothing to return
+                        g = _epilogue_grad(w)
+                        if g is not None:  # a later micro-batch: += in the GEMM's epilogue
                             fp8_gemm_kgrouped(*at, *bt, grp.offs, accumulate_into=g)
                             return None
                         out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
@@ -265,6 +273,15 @@ class _GroupedFP8:
 _NO_GRAD_ARGS = (None,) * 6
 
 
+def _epilogue_grad(w: torch.Tensor) -> torch.Tensor | None:
+    """w's gradient when a k-grouped GEMM may add into it in its epilogue (and the backward then
+    returns None for w): an fp32 contiguous `.grad` of a leaf, i.e. a later micro-batch of a step
+    (autograd's AccumulateGrad would add into that same tensor)."""
+    g = w.grad
+    ok = w.is_leaf and g is not None and g.dtype == torch.float32 and g.is_contiguous()
+    return g if ok else None
+
+
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
     """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
     needs_w = any(ctx.needs_input_grad[1:4])
@@ -280,11 +297,24 @@ def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
     return weight_grads() if needs_w else (None, None, None)
 
 
+def use_grouped_wgrad(device: torch.device) -> bool:
+    """Whether `GroupedExperts.wgrad` runs the Triton k-grouped GEMM (`kernels/grouped_wgrad.py`:
+    fp32 sums written as fp32, or added into the fp32 gradient in its epilogue) instead of
+    `torch._grouped_mm` (bf16 out), a cast to fp32 and autograd's add (profiled: ~160 ms of casts
+    and adds in a 0.7 s one-H200 Moonlight step). On CUDA, in a process alone (the FP8 k-grouped
+    GEMM hung the 4-GPU pipeline's first step, cause not found: benchmarks/notes-train.md;
+    `train/replica.py` keeps that one to one rank too), unless MOERAY_FUSED_GROUPED_WGRAD=0. CPU
+    keeps torch's GEMM."""
+    alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+    return device.type == "cuda" and alone and not switched_off("GROUPED_WGRAD")
+
+
 class GroupedExperts:
     """All experts' rows in one grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90 for bf16, a
-    per-group loop on CPU): one launch per projection instead of one per expert. On CUDA each
-    expert's rows start at a multiple of ALIGN (zero rows between), the grouped kernel's alignment;
-    on CPU the rows stay as they are."""
+    per-group loop on CPU): one launch per projection instead of one per expert; the weight
+    gradients one k-grouped launch per projection too (`wgrad`). On CUDA each expert's rows start
+    at a multiple of ALIGN (zero rows between), the grouped kernel's alignment; on CPU the rows
+    stay as they are."""
 
     ALIGN = 16
 
@@ -345,14 +375,28 @@ class GroupedExperts:
         """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
         return torch._grouped_mm(a_P, b_E, offs=self.offs)
 
-    def wgrad(self, dy_PN: torch.Tensor, x_PK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e], exact zeros for experts without rows
-        (not left to the kernel's handling of empty groups)."""
+    def wgrad(
+        self,
+        dy_PN: torch.Tensor,
+        x_PK: torch.Tensor,
+        dtype: torch.dtype,
+        *,
+        accumulate_into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """dW [E, N, K] in `dtype`: dW[e] = dy[rows of e]^T x[rows of e], exact zeros for experts
+        without rows. `accumulate_into` (fp32 contiguous [E, N, K], a gradient): += dW, returned.
+
+        Where `use_grouped_wgrad`: `grouped_wgrad`, summed and written in fp32, added in its
+        epilogue. Else `torch._grouped_mm` (bf16 out on CUDA), cast to `dtype`, empty experts
+        zeroed here (not left to the kernel's handling of empty groups)."""
+        if use_grouped_wgrad(self.device):
+            dw = grouped_wgrad(dy_PN, x_PK, self.offs, accumulate_into=accumulate_into)
+            return dw if accumulate_into is not None else dw.to(dtype)
         dw = torch._grouped_mm(dy_PN.t(), x_PK, offs=self.offs).to(dtype)
         empty = [e for e, n in enumerate(self.rows) if n == 0]
         if empty:
             dw[empty] = 0
-        return dw
+        return dw if accumulate_into is None else accumulate_into.add_(dw)
 
 
 def _segments(rows: list[int]):
