@@ -1,33 +1,62 @@
-"""RMSNorm, optionally with the residual add before it, as one Triton launch: `rms_norm`, its
-PyTorch reference `rms_norm_ref`, and the test `rms_norm_applies` by which the model's RMSNorm
-(`moeray.platform.model.norm`) chooses between them.
+"""RMSNorm, optionally with the residual add before it, as one Triton launch forward and one (plus
+a small sum) backward: `rms_norm`, its PyTorch reference `rms_norm_ref`, and the test
+`rms_norm_applies` by which the model's RMSNorm (`moeray.platform.model.norm`) chooses between
+them.
 
-Legend: T rows (tokens), D features.
+Legend: T rows (tokens), D features, P backward programs.
 
-Why: in PyTorch a decoder layer's "h = x + attn(x); norm(h)" is ~8 kernels (add, float, pow, mean,
-add eps, rsqrt, mul, cast, mul by the weight), each a few microseconds at decode batch sizes for a
-few KB of data; the step profile of issue 19 counted ~1,300 elementwise, copy and index kernels per
-Moonlight decode step. Here one program per row reads x (and the residual) once, writes the sum and
-the normed row: 1 launch instead of ~8, 2 with a separate add.
+Why, inference: in PyTorch a decoder layer's "h = x + attn(x); norm(h)" is ~8 kernels (add,
+float, pow, mean, add eps, rsqrt, mul, cast, mul by the weight), each a few microseconds at decode
+batch sizes for a few KB of data; the step profile of issue 19 counted ~1,300 elementwise, copy
+and index kernels per Moonlight decode step. Here one program per row reads x (and the residual)
+once, writes the sum and the normed row: 1 launch instead of ~8, 2 with a separate add.
 
-Numerics follow DeepSeek-V3's RMSNorm (model/norm.py): the sum in the input dtype (computed in
-fp32, rounded once), the mean of squares in fp32, the normed row rounded to the input dtype and
-then multiplied by the weight (rounded again). The fp32 sum of squares runs in a different order
-than PyTorch's, so a result can differ by one rounding step of the output dtype.
+Why, training: autograd through the reference is 7 kernels forward and ~10 backward per norm at
+fp32 (3-4 norms a layer), and keeps fp32 [T, D] intermediates (the squares, the normalized row)
+for the backward. When autograd records, `rms_norm` runs `_RMSNormFunction`: the forward kernel
+also writes 1/rms per row (fp32 [T]) and keeps only h, 1/rms and the weight; the backward is one
+launch that writes dh (both the x and the residual gradient) and per-program weight-gradient
+partial sums [P, D] in fp32, which one `sum` reduces. Backward math, in fp32:
+  n = h * rstd; y = weight * n.to(h.dtype)
+  dweight = sum over rows of dy * n.to(h.dtype)
+  dn = dy * weight; dh = rstd * (dn - n * mean(dn * n)) + the incoming gradient of h
+and dx = dresidual = dh (each rounded to its input's dtype).
+
+Numerics follow DeepSeek-V3's RMSNorm (model/norm.py): the sum in the promoted dtype of x and the
+residual (computed in fp32, rounded once), the mean of squares in fp32, the normed row rounded to
+h's dtype and then multiplied by the weight, rounded to the promoted dtype of weight and h (fp32
+for a bf16 row and an fp32 weight, as the reference's type promotion gives). The fp32 sum of
+squares runs in a different order than PyTorch's, so a result can differ by one rounding step of
+the output dtype; gradients are computed in fp32 where the reference rounds its bf16
+intermediates, so they differ from it by about one rounding step of the gradient's dtype.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_shape, check_tensor, switched_off, to_dtype_rn, use_triton
+from moeray.kernels.common import (
+    cdiv,
+    check_shape,
+    check_tensor,
+    num_sms,
+    switched_off,
+    to_dtype_rn,
+    use_triton,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One row lives in registers: 16384 fp32 values at 8 warps is 64 per thread; V3's 7168 is the
 # widest model row.
 MAX_D = 16384
+# Backward programs per SM: each program loops over a contiguous block of rows and keeps its own
+# fp32 weight-gradient row, so P = 2 x 132 on an H200 gives a [264, D] partial (2.1 MB at D=2048,
+# 7.6 MB at 7168) against ~134 MB (D=2048, T=4096, fp32) the backward itself reads and writes.
+BWD_PROGRAMS_PER_SM = 2
 
 
 def rms_norm_ref(
@@ -50,6 +79,7 @@ def _rms_norm_kernel(
     w_ptr,
     y_ptr,
     h_ptr,
+    rstd_ptr,
     D,
     stride_x,
     stride_r,
@@ -57,6 +87,7 @@ def _rms_norm_kernel(
     stride_h,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -65,32 +96,94 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        h = to_dtype_rn(x.to(tl.float32) + r.to(tl.float32), x.dtype)
+        h = to_dtype_rn(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     else:
         h = x
     hf = h.to(tl.float32)
     mean_sq = tl.sum(hf * hf, axis=0) / D
-    normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), x.dtype)
+    rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    if STORE_RSTD:
+        tl.store(rstd_ptr + row, rstd)
+    normed = to_dtype_rn(hf * rstd, h.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), x.dtype)
+    y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    h_ptr,
+    rstd_ptr,
+    w_ptr,
+    dy_ptr,
+    dh_in_ptr,
+    dx_ptr,
+    dr_ptr,
+    dw_part_ptr,
+    T,
+    D,
+    rows_per_program,
+    stride_h,
+    stride_dy,
+    stride_dh_in,
+    stride_dx,
+    stride_dr,
+    HAS_DH_IN: tl.constexpr,
+    HAS_DR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows [pid * rows_per_program, +rows_per_program) of dh = rstd * (dn - n * mean(dn * n))
+    (+ the incoming gradient of h), stored as dx (and as dr in the residual's dtype when HAS_DR);
+    this program's sum of dy * n.to(h.dtype) over its rows to dw_part[pid]."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, T)
+    for row in range(start, end):
+        h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
+        rstd = tl.load(rstd_ptr + row)
+        n = h.to(tl.float32) * rstd
+        # the forward's rounding of the normed row, recomputed bit for bit from the same h, rstd
+        normed = to_dtype_rn(n, h.dtype).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + offs, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * normed
+        dn = dy * w
+        dh = rstd * (dn - n * (tl.sum(dn * n, axis=0) / D))
+        if HAS_DH_IN:
+            dh_in = tl.load(dh_in_ptr + row * stride_dh_in + offs, mask=mask, other=0.0)
+            dh += dh_in.to(tl.float32)
+        tl.store(
+            dx_ptr + row * stride_dx + offs, to_dtype_rn(dh, dx_ptr.dtype.element_ty), mask=mask
+        )
+        if HAS_DR:
+            tl.store(
+                dr_ptr + row * stride_dr + offs,
+                to_dtype_rn(dh, dr_ptr.dtype.element_ty),
+                mask=mask,
+            )
+    tl.store(dw_part_ptr + pid.to(tl.int64) * D + offs, dw, mask=mask)
 
 
 def rms_norm_applies(
     x_TD: torch.Tensor, weight_D: torch.Tensor, residual_TD: torch.Tensor | None = None
 ) -> bool:
-    """Whether `rms_norm` takes these tensors as they are (the model's dispatch test): one dtype,
-    unit stride over features, D <= MAX_D, on CUDA (or under the interpreter).
+    """Whether `rms_norm` takes these tensors as they are (the model's dispatch test): x, weight
+    and residual each fp32/bf16/fp16 (dtypes may differ: under bf16 autocast a bf16 row meets an
+    fp32 weight or residual), unit stride over features, D <= MAX_D, on CUDA (or under the
+    interpreter); with or without autograd recording.
     MOERAY_FUSED_NORM=0 in the environment keeps PyTorch instead: an A/B switch for the engine
-    bench, and a way out if a new Triton miscompiles the kernel."""
+    bench, and a way out if a new Triton miscompiles the kernels."""
     if switched_off("NORM"):
         return False
     D = x_TD.shape[-1]
     tensors = [x_TD, weight_D] + ([] if residual_TD is None else [residual_TD])
-    if any(t.dtype != x_TD.dtype or t.stride(-1) != 1 for t in tensors):
+    if any(t.dtype not in DTYPES or t.stride(-1) != 1 for t in tensors):
         return False
-    if x_TD.dtype not in DTYPES or not 1 <= D <= MAX_D or weight_D.shape != (D,):
+    if not 1 <= D <= MAX_D or weight_D.shape != (D,):
         return False
     if residual_TD is not None and residual_TD.shape != x_TD.shape:
         return False
@@ -99,11 +192,140 @@ def rms_norm_applies(
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] as [T, D] without a copy when the leading dims merge (a slice of a wider row
-    keeps its row stride), else a contiguous copy."""
+    keeps its row stride) and features have unit stride, else a contiguous copy."""
     try:
-        return t.view(-1, t.shape[-1])
+        rows = t.view(-1, t.shape[-1])
     except RuntimeError:
         return t.reshape(-1, t.shape[-1]).contiguous()
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward(
+    x_TD: torch.Tensor,
+    weight_D: torch.Tensor,
+    eps: float,
+    residual_TD: torch.Tensor | None,
+    store_rstd: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch: (y, h (x itself without a residual), both x's shape; rstd [T] fp32 or None)."""
+    x2 = _rows(x_TD)
+    r2 = x2 if residual_TD is None else _rows(residual_TD)
+    h_dtype = x_TD.dtype if residual_TD is None else torch.promote_types(x_TD.dtype, r2.dtype)
+    T, D = x2.shape
+    out_dtype = torch.promote_types(weight_D.dtype, h_dtype)
+    y = torch.empty(x_TD.shape, dtype=out_dtype, device=x2.device)
+    h = x_TD if residual_TD is None else torch.empty(x_TD.shape, dtype=h_dtype, device=x2.device)
+    y2 = y.view(T, D)
+    h2 = y2 if residual_TD is None else h.view(T, D)
+    rstd = torch.empty(T, dtype=torch.float32, device=x2.device) if store_rstd else None
+    if T:
+        block = triton.next_power_of_2(D)
+        _rms_norm_kernel[(T,)](
+            x2,
+            r2,
+            weight_D.contiguous(),
+            y2,
+            h2,
+            y2 if rstd is None else rstd,
+            D,
+            x2.stride(0),
+            r2.stride(0),
+            y2.stride(0),
+            h2.stride(0),
+            eps,
+            HAS_RESIDUAL=residual_TD is not None,
+            STORE_RSTD=store_rstd,
+            BLOCK_D=block,
+            num_warps=8 if block >= 4096 else 4 if block >= 512 else 1,
+        )
+    return y, h, rstd
+
+
+def _backward(
+    h_TD: torch.Tensor,
+    rstd_T: torch.Tensor,
+    weight_D: torch.Tensor,
+    dy_TD: torch.Tensor,
+    dh_in_TD: torch.Tensor | None,
+    dx_dtype: torch.dtype,
+    dr_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One launch and one sum: (dx [T, D], dr [T, D] in dr_dtype or None, dweight [D])."""
+    T, D = h_TD.shape
+    dev = h_TD.device
+    dx = torch.empty((T, D), dtype=dx_dtype, device=dev)
+    dr = torch.empty((T, D), dtype=dr_dtype, device=dev) if dr_dtype is not None else None
+    rows_per_program = max(1, cdiv(T, BWD_PROGRAMS_PER_SM * num_sms(dev)))
+    programs = cdiv(T, rows_per_program)
+    dw_part = torch.empty((programs, D), dtype=torch.float32, device=dev)
+    if T:
+        block = triton.next_power_of_2(D)
+        dh_in = dy_TD if dh_in_TD is None else dh_in_TD
+        _rms_norm_bwd_kernel[(programs,)](
+            h_TD,
+            rstd_T,
+            weight_D.contiguous(),
+            dy_TD,
+            dh_in,
+            dx,
+            dx if dr is None else dr,
+            dw_part,
+            T,
+            D,
+            rows_per_program,
+            h_TD.stride(0),
+            dy_TD.stride(0),
+            dh_in.stride(0),
+            dx.stride(0),
+            dx.stride(0) if dr is None else dr.stride(0),
+            HAS_DH_IN=dh_in_TD is not None,
+            HAS_DR=dr is not None,
+            BLOCK_D=block,
+            # 16 warps at V3's 7168 (block 8192): 16 fp32 values a thread for each of h, dy, n,
+            # dn, dw instead of 32
+            num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 1,
+        )
+    return dx, dr, dw_part.sum(0).to(weight_D.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """`rms_norm` under autograd: forward(x, weight, residual or None, eps) -> y, or (y, h) with a
+    residual (both receive gradients); saves h, rstd and the weight."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_TD: torch.Tensor,
+        weight_D: torch.Tensor,
+        residual_TD: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y, h, rstd = _forward(x_TD, weight_D, eps, residual_TD, store_rstd=True)
+        ctx.save_for_backward(h, rstd, weight_D)
+        ctx.x_dtype, ctx.y_dtype = x_TD.dtype, y.dtype
+        ctx.r_dtype = None if residual_TD is None else residual_TD.dtype
+        # an unused output's gradient arrives as None, not as a tensor of zeros (one memset less:
+        # the final norm's h has no consumer)
+        ctx.set_materialize_grads(False)
+        return y if residual_TD is None else (y, h)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: torch.Tensor | None, dh_in: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        h, rstd, weight_D = ctx.saved_tensors
+        h_TD = _rows(h)
+        dy_TD = torch.zeros_like(h_TD, dtype=ctx.y_dtype) if dy is None else _rows(dy)
+        dh_in_TD = None if dh_in is None else _rows(dh_in)
+        separate_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
+        dx, dr, dw = _backward(
+            h_TD, rstd, weight_D, dy_TD, dh_in_TD, ctx.x_dtype, ctx.r_dtype if separate_dr else None
+        )
+        dx = dx.view(h.shape)
+        if ctx.r_dtype is None:
+            return dx, dw, None, None
+        # one tensor for both inputs when their dtypes agree, as autograd's own add backward does
+        return dx, dw, dx if dr is None else dr.view(h.shape), None
 
 
 def rms_norm(
@@ -113,44 +335,27 @@ def rms_norm(
     residual_TD: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rms_norm_ref` in one launch: (normed, h) with h = x + residual, or h = x (the input itself,
-    no copy) without a residual. x [..., D] fp32/bf16/fp16 with unit stride over D, weight [D] and
-    residual like x in the same dtype. No gradient (inference); no host sync (CUDA graphs). On
-    CPU without the interpreter it is `rms_norm_ref`."""
+    no copy) without a residual. x [..., D] with unit stride over D, weight [D] and residual like
+    x, each fp32/bf16/fp16 (h takes the promoted dtype of x and residual, normed that of weight
+    and h, as in the reference). When autograd records (grad mode on and an input requiring grad)
+    it runs `_RMSNormFunction`: the same forward plus 1/rms per row saved, and a fused backward
+    giving x, residual and weight their gradients (both outputs may receive gradients). Without
+    autograd no host sync (CUDA graphs). On CPU without the interpreter it is `rms_norm_ref`."""
     check_tensor(x_TD, "x", dtypes=DTYPES)
-    check_tensor(weight_D, "weight", dtypes=(x_TD.dtype,), ndim=1, device=x_TD.device)
+    check_tensor(weight_D, "weight", dtypes=DTYPES, ndim=1, device=x_TD.device)
     D = x_TD.shape[-1]
     check_shape(weight_D, "weight", (D,))
+    tensors = [x_TD, weight_D]
     if residual_TD is not None:
-        check_tensor(residual_TD, "residual", dtypes=(x_TD.dtype,), device=x_TD.device)
+        check_tensor(residual_TD, "residual", dtypes=DTYPES, device=x_TD.device)
         check_shape(residual_TD, "residual", tuple(x_TD.shape))
+        tensors.append(residual_TD)
     if not 1 <= D <= MAX_D:
         raise ValueError(f"x has {D} features; the fused RMSNorm supports 1..{MAX_D}")
     if not use_triton(x_TD):
         return rms_norm_ref(x_TD, weight_D, eps, residual_TD)
-    x2 = _rows(x_TD)
-    r2 = x2 if residual_TD is None else _rows(residual_TD)
-    if x2.stride(-1) != 1 or r2.stride(-1) != 1:
-        x2, r2 = x2.contiguous(), r2.contiguous()
-    T = x2.shape[0]
-    y = torch.empty((T, D), dtype=x_TD.dtype, device=x_TD.device)
-    h = y if residual_TD is None else torch.empty_like(y)
-    if T:
-        block = triton.next_power_of_2(D)
-        _rms_norm_kernel[(T,)](
-            x2,
-            r2,
-            weight_D.contiguous(),
-            y,
-            h,
-            D,
-            x2.stride(0),
-            r2.stride(0),
-            y.stride(0),
-            h.stride(0),
-            eps,
-            HAS_RESIDUAL=residual_TD is not None,
-            BLOCK_D=block,
-            num_warps=8 if block >= 4096 else 4 if block >= 512 else 1,
-        )
-    shape = x_TD.shape
-    return y.view(shape), (x_TD if residual_TD is None else h.view(shape))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out = _RMSNormFunction.apply(x_TD, weight_D, residual_TD, eps)
+        return (out, x_TD) if residual_TD is None else out
+    y, h, _ = _forward(x_TD, weight_D, eps, residual_TD, store_rstd=False)
+    return y, h

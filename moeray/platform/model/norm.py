@@ -1,10 +1,12 @@
 """RMSNorm as DeepSeek-V3 uses it: normalize in fp32, scale in the input dtype.
 
-The fast path is chosen here, in `use_fused_norm`: CUDA inference (no gradient) with one dtype
-runs the fused Triton kernel `moeray.kernels.norm.rms_norm` (the residual add and the norm in one
-launch instead of ~8); everything else, training included, runs the PyTorch reference
+The fast path is chosen here, in `use_fused_norm`: on CUDA, inference and training alike run the
+fused Triton kernels `moeray.kernels.norm.rms_norm` (the residual add and the norm in one launch
+instead of ~8; when autograd records, a forward that also saves 1/rms per row and a backward of
+one launch plus a small sum instead of ~10 kernels); CPU runs the PyTorch reference
 `rms_norm_ref`. Both give the same result up to one rounding step of the dtype (the kernel's sum
-of squares runs in another order). MOERAY_FUSED_NORM=0 turns the kernel off.
+of squares runs in another order), the gradients up to one rounding step of theirs.
+MOERAY_FUSED_NORM=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from moeray.kernels.norm import rms_norm, rms_norm_applies, rms_norm_ref
 def use_fused_norm(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None
 ) -> bool:
-    """The one place that picks the fused kernel over PyTorch (see the module docstring)."""
-    tensors = (x, weight) if residual is None else (x, weight, residual)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return x.is_cuda and not needs_grad and rms_norm_applies(x, weight, residual)
+    """The one place that picks the fused kernels over PyTorch (see the module docstring); with or
+    without gradients: `rms_norm` itself runs its autograd Function when autograd records."""
+    return x.is_cuda and rms_norm_applies(x, weight, residual)
 
 
 class RMSNorm(nn.Module):
