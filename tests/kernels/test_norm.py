@@ -55,12 +55,13 @@ def test_rms_norm_rejects_bad_input(monkeypatch):
     with pytest.raises(ValueError, match="weight has shape"):
         rms_norm(x, torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="weight has dtype"):
-        rms_norm(x, torch.ones(8, dtype=torch.float16), 1e-6)
+        rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6)
     with pytest.raises(ValueError, match="residual has shape"):
         rms_norm(x, torch.ones(8), 1e-6, torch.randn(3, 8))
     with pytest.raises(ValueError, match=r"supports 1\.\."):
         rms_norm(torch.randn(1, MAX_D + 1), torch.ones(MAX_D + 1), 1e-6)
-    assert not rms_norm_applies(x, torch.ones(8, dtype=torch.float16))
+    assert not rms_norm_applies(x, torch.ones(8, dtype=torch.float64))
+    assert rms_norm_applies(x.bfloat16(), torch.ones(8), x)  # mixed dtypes, as autocast mixes them
     monkeypatch.setenv("MOERAY_FUSED_NORM", "0")
     assert not rms_norm_applies(x, torch.ones(8))
 
