@@ -293,7 +293,7 @@ class _RMSNormFunction(torch.autograd.Function):
     residual (both receive gradients); saves h, rstd and the weight."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x_TD: torch.Tensor,
         weight_D: torch.Tensor,
@@ -310,7 +310,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y if residual_TD is None else (y, h)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, dy: torch.Tensor | None, dh_in: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, ...]:
         h, rstd, weight_D = ctx.saved_tensors

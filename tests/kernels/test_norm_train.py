@@ -134,9 +134,9 @@ def test_no_autograd_keeps_the_inference_launch(launch_spy):
 
 def test_rejects_bad_input():
     x = torch.randn(2, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="weight has dtype torch.int32"):
+    with pytest.raises(ValueError, match=r"weight has dtype torch\.int32"):
         rms_norm(x, torch.ones(8, dtype=torch.int32), 1e-6)
-    with pytest.raises(ValueError, match="residual has dtype torch.float64"):
+    with pytest.raises(ValueError, match=r"residual has dtype torch\.float64"):
         rms_norm(x, torch.ones(8), 1e-6, torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"residual has shape \(2, 7\)"):
         rms_norm(x, torch.ones(8), 1e-6, torch.randn(2, 7))

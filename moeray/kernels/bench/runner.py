@@ -46,6 +46,7 @@ from moeray.kernels.bench.mla import (
     sweep_mla_decode,
 )
 from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
+from moeray.kernels.bench.norm import bench_norm_train, print_norm_train
 from moeray.results import device_slug, write_result
 
 
@@ -106,6 +107,7 @@ def _print_table(result: dict) -> None:
             f"(x{r['graph_speedup']}), "
             f"bit== {r['bit_equal']}"
         )
+    print_norm_train(result.get("norm_train", []))
     for r in result.get("mla_decode_graph", []):
         print(
             f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
@@ -388,6 +390,18 @@ def flat_results(result: dict) -> list[dict]:
                 round(others[best] / ms["triton"], 3) if best else None,
             )
         )
+    for r in result.get("norm_train", []):
+        out.append(
+            _rec(
+                "rms_norm fwd+bwd (autograd)",
+                f"{r['kernel']} T{r['tokens']} D{r['D']}",
+                r["fused_fwd_bwd_ms"],
+                r["frac_copy_bw"],
+                "copy bandwidth",
+                "autograd through rms_norm_ref",
+                r["speedup_fwd_bwd"],
+            )
+        )
     for r in result.get("router", []):
         out.append(
             _rec(
@@ -419,6 +433,7 @@ SECTIONS = (
     "mla_prefill",
     "router",
     "decode_glue",
+    "norm_train",
 )
 
 
@@ -478,6 +493,7 @@ def main(argv: list[str]) -> int:
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),
+        ("norm_train", lambda: bench_norm_train(result["ceilings"])),
     ]
     for name, fn in sections:
         if name not in want:
