@@ -14,10 +14,11 @@ once, writes the sum and the normed row: 1 launch instead of ~8, 2 with a separa
 Why, training: autograd through the reference is 7 aten ops forward and ~15 backward per norm
 with the residual add at fp32 (6 and ~14 without; 8 and ~16 for a bf16 latent with an fp32
 weight; counted with a dispatch mode on CPU), 3-4 norms a layer, and keeps fp32 [T, D]
-intermediates (the squares, the normalized row) for the backward. When autograd records, `rms_norm` runs `_RMSNormFunction`: the forward kernel
-also writes 1/rms per row (fp32 [T]) and keeps only h, 1/rms and the weight; the backward is one
-launch that writes dh (both the x and the residual gradient) and per-program weight-gradient
-partial sums [P, D] in fp32, which one `sum` reduces. Backward math, in fp32:
+intermediates (the squares, the normalized row) for the backward. When autograd records,
+`rms_norm` runs `_RMSNormFunction`: the forward kernel also writes 1/rms per row (fp32 [T]) and
+keeps only h, 1/rms and the weight; the backward is one launch that writes dh (both the x and the
+residual gradient) and per-program weight-gradient partial sums [P, D] in fp32, which one `sum`
+reduces. Backward math, in fp32:
   n = h * rstd; y = weight * n.to(h.dtype)
   dweight = sum over rows of dy * n.to(h.dtype)
   dn = dy * weight; dh = rstd * (dn - n * mean(dn * n)) + the incoming gradient of h
