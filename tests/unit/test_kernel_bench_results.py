@@ -30,9 +30,10 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     recorded = json.loads((RESULTS / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
     assert recorded["results"] == flat_results(_recorded_run())
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
-    # (issue 19's decode kernels) after both, the bf16 gemv sections after those, norm_train
-    # (the training RMSNorm) last.
-    later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep", "norm_train"}
+    # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
+    # grouped weight-gradient GEMM and the training RMSNorm.
+    later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
+    later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
