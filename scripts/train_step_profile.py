@@ -30,6 +30,7 @@ from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
 from moeray.platform.train.bench_common import BenchConfig, bigram_stream
 from moeray.platform.train.bench_one import build_model
+from moeray.results import device_slug, write_result
 
 
 def _source(evt) -> str:
@@ -170,10 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['ms']:8.2f} {r['kernels']:6d}  {r['op']:28.28s} {r['source']}")
         print(f"{'':16}{r['shapes'][0][0][:150]}  |  {r['kernel_names'][0][0]}")
     if a.out is not None:
-        a.out.mkdir(parents=True, exist_ok=True)
-        path = a.out / f"train-step-sources-{label}.json"
-        numbers = {"wall_s": wall, "gpu_s": gpu_s, "kernels": n, "rows": table}
-        path.write_text(json.dumps(numbers, indent=1, default=str))
+        slug = device_slug() if device.type == "cuda" else "cpu"
+        numbers = {
+            "model": a.model,
+            "layers": model_cfg.num_hidden_layers,
+            "tokens_per_step": a.seq_len * mbs * a.microbatches,
+            "run": label,
+            "step_wall_s_unprofiled": wall,
+            "gpu_kernel_s": gpu_s,
+            "gpu_kernels": n,
+            "rows": json.loads(json.dumps(table, default=str)),
+        }
+        command = "python scripts/train_step_profile.py " + " ".join(sys.argv[1:])
+        name = f"train-step-sources-{slug}-{label}"
+        write_result(name, numbers, directory=a.out, command=command)
     return 0
 
 

@@ -4,7 +4,7 @@
 # torch._grouped_mm + cast + add), the wired path in a tiny model against the per-expert loop
 # (tests/gpu/test_train_one_gpu.py), then `moeray bench kernels --only grouped_wgrad,
 # grouped_wgrad_sweep` (10 tiles, accumulate and fresh) and their tables. 1 GPU, ~3 minutes.
-gpu_pytest grouped_wgrad_tests.log ${GWGRAD_TEST_LIMIT:-120} tests/kernels/test_grouped_wgrad.py || rc=1
+gpu_pytest grouped_wgrad_tests.log ${GWGRAD_TEST_LIMIT:-120} tests/kernels/test_grouped_wgrad.py -m gpu || rc=1
 grep -A8 "^moonlight gate" "$OUT/grouped_wgrad_tests.log" | grep -v "^$" | cut -c1-230
 gpu_pytest grouped_wgrad_train.log ${GWGRAD_TRAIN_LIMIT:-90} tests/gpu/test_train_one_gpu.py -k grouped_experts_equal_the_loop || rc=1
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${GWGRAD_BENCH_LIMIT:-150} python3 -m moeray.cli bench kernels --only grouped_wgrad,grouped_wgrad_sweep --tag grouped-wgrad > "$OUT/grouped_wgrad_bench.log" 2>&1 || rc=1

@@ -1,7 +1,7 @@
 # Where a one-GPU training step's time goes, by launching source line: scripts/train_step_profile.py
 # at Moonlight-16B-A3B widths cut to LAYERS (default 4: 1 dense + 3 MoE), 4096-token micro-batches
 # x MICRO (default 2), for each of RUNS (default "bf16 fp8-kgrouped"). Tables in $OUT/*.log and
-# train-step-sources-<run>.json. 1 GPU, ~1.5 minutes a run; Ray is not needed.
+# train-step-sources-<gpu>-<run>.json. 1 GPU, ~1.5 minutes a run; Ray is not needed.
 for r in ${RUNS:-bf16 fp8-kgrouped}; do
   case $r in bf16) flags="" ;; fp8) flags="--fp8" ;; fp8-kgrouped) flags="--fp8 --kgrouped" ;;
     *) echo "unknown run '$r': bf16, fp8 or fp8-kgrouped"; exit 2 ;; esac

@@ -80,7 +80,8 @@ def test_engine_greedy_unchanged_by_merge(dtype, fp8, spec, monkeypatch):
         eng = _engine(model, monkeypatch, merge, num_speculative_tokens=spec)
         merged = [k for k, why in eng.merged_projections.items() if why is None]
         assert len(merged) == (2 * 4 if merge else 0), eng.merged_projections  # 3 layers + MTP
-        assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
+        if dtype != torch.float32:  # fp32 decodes eagerly: the fused MoE takes bf16/fp16 only
+            assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
         tokens[merge] = [o.output_token_ids for o in eng.generate(_prompts(), params)]
         del eng
     assert all(len(t) == 10 for t in tokens[True])

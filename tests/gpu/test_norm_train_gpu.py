@@ -76,7 +76,13 @@ def test_training_norm_matches_autograd_reference(T, D, dtypes):
 
 def _step_grads(monkeypatch, fused: bool):
     monkeypatch.setenv("MOERAY_FUSED_NORM", "1" if fused else "0")
-    model = Transformer(tiny())
+    # Dense layers only, no MTP: a routed top-k flips an expert on a last-bit difference (a
+    # different expert's whole gradient), which no tolerance on the norms' numerics can cover;
+    # with the MoE layers in, one post-attention norm weight's gradient moved past 5% here.
+    cfg = tiny()
+    model = Transformer(
+        cfg.replace(first_k_dense_replace=cfg.num_hidden_layers, num_nextn_predict_layers=0)
+    )
     model.reset_parameters(seed=2)
     model = model.cuda()
     tokens = torch.randint(0, 1024, (2, 65), generator=torch.Generator().manual_seed(0)).cuda()

@@ -79,11 +79,14 @@ def native_shape_ok(m: int, n: int, k: int, b_scale_div: int) -> bool:
     at 4 * nb, the wrong scales, and the last rows past the end of the 3 * NB scales (stale
     allocator memory: any value, inf/NaN included). Those shapes go to Triton. 1x128 b-scales
     (the weight-grad GEMM) have no padding rule. The probe (K = 512, KB = 4) cannot see this.
+    K = 128 with 128x128 b-scales (one K block, N = 128) is refused by cuBLASLt on an H200
+    (CUBLAS_STATUS_NOT_SUPPORTED, torch 2.11; tests/gpu/test_merge_projections_gpu.py's
+    128-wide model): Triton too.
     """
     if m <= 0 or m % 4 or n % 16 or k % 128:
         return False
     kb = k // 128
-    return b_scale_div == 1 or kb % 4 == 0 or cdiv(n, 128) == 1
+    return b_scale_div == 1 or kb % 4 == 0 or (cdiv(n, 128) == 1 and kb > 1)
 
 
 def fp8_gemm(
