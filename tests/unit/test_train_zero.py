@@ -183,3 +183,48 @@ def test_low_precision_path_is_adamw():
     )
     for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["fused", "low_precision"])
+def test_clipping_through_grad_scale_equals_clip_grad_norm(kind):
+    """apply_update with a fused AdamW (and ShardedAdamW's own update, which reads grad_scale the
+    same way) clips by dividing the gradients inside the optimizer step: the parameters equal
+    clip_grad_norm_ then a step, with gradients large enough to be clipped every step."""
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+
+    cfg = ts.OptimConfig(lr=1e-2, warmup_steps=0, clip=0.5)
+    ref, mine = model(), model()
+    groups = [{"params": list(m.parameters()), "weight_decay": cfg.weight_decay} for m in (ref,)]
+    if kind == "fused":
+        ref_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=True)
+        opt = torch.optim.AdamW(
+            [{"params": list(mine.parameters()), "weight_decay": cfg.weight_decay}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=1e-8,
+            fused=True,
+        )
+    else:
+        ref_opt, opt = zero.ShardedAdamW(ref, cfg), zero.ShardedAdamW(mine, cfg)
+        for o in (ref_opt, opt):
+            o.moments_dtype = torch.float64  # the hand-written update
+            o.defaults["fused"] = True  # as on CUDA: apply_update hands clipping to the step
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    norms = []
+    for i in range(3):
+        for m in (ref, mine):
+            m(x * (i + 5)).pow(2).mean().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), cfg.clip)))
+        for g in ref_opt.param_groups:
+            g["lr"] = ts.learning_rate(i, cfg)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        norm, _ = ts.apply_update(mine, opt, i, cfg)
+        assert norm == pytest.approx(norms[-1], rel=1e-5)
+        assert getattr(opt, "grad_scale", None) is None  # not left set for the next step
+    assert min(norms) > cfg.clip  # every step clipped
+    for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)

@@ -125,7 +125,9 @@ class ShardedAdamW(torch.optim.AdamW):
 
     def _low_precision_step(self) -> None:
         """AdamW (decoupled weight decay, bias-corrected moments) with the moments stored in
-        `moments_dtype`; the arithmetic runs in fp32."""
+        `moments_dtype`; the arithmetic runs in fp32. Gradients are divided by `grad_scale` when
+        set (gradient clipping, as torch's fused AdamW reads it: `step.apply_update`)."""
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             b1, b2 = group["betas"]
@@ -139,7 +141,7 @@ class ShardedAdamW(torch.optim.AdamW):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
                 st["step"] += 1
                 t = float(st["step"])
-                g = p.grad.float()
+                g = p.grad.float() if grad_scale is None else p.grad.float() / grad_scale
                 m = st["exp_avg"].float().lerp_(g, 1 - b1)
                 v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
                 st["exp_avg"].copy_(m)
