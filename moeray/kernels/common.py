@@ -127,5 +127,19 @@ def to_dtype_rn(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+def check_tile_config(cfg: dict, keys: frozenset[str], tiles: tuple[str, ...]) -> None:
+    """ValueError naming a bad tile config: exactly the keys `keys`, each key of `tiles` a power
+    of two >= 16 (a side of a tl.dot operand), every other value >= 1."""
+    if cfg.keys() != keys:
+        raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(keys)}")
+    for key in tiles:
+        v = cfg[key]
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{key}={v}: must be a power of two >= 16 (tl.dot)")
+    low = {k: v for k, v in cfg.items() if k not in tiles and v < 1}
+    if low:
+        raise ValueError(f"config {cfg}: {', '.join(sorted(low))} must be >= 1")
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b

@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_shape, check_tensor, interpreting, use_triton
+from moeray.kernels.common import (
+    cdiv,
+    check_shape,
+    check_tensor,
+    check_tile_config,
+    interpreting,
+    use_triton,
+)
 from moeray.kernels.fp8.gemm import _tile_coords
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -113,14 +120,7 @@ def _grouped_wgrad_kernel(
 
 def check_config(cfg: dict) -> None:
     """Raise ValueError naming a bad tile config (keys CONFIG_KEYS; tiles powers of two >= 16)."""
-    if cfg.keys() != CONFIG_KEYS:
-        raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(CONFIG_KEYS)}")
-    for key in ("BLOCK_N", "BLOCK_K", "BLOCK_P"):
-        v = cfg[key]
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{key}={v}: must be a power of two >= 16 (tl.dot)")
-    if cfg["GROUP_N"] < 1 or cfg["num_stages"] < 1 or cfg["num_warps"] < 1:
-        raise ValueError(f"config {cfg}: GROUP_N, num_stages and num_warps must be >= 1")
+    check_tile_config(cfg, CONFIG_KEYS, ("BLOCK_N", "BLOCK_K", "BLOCK_P"))
 
 
 def _check_ends(ends: torch.Tensor, p: int) -> None:

@@ -157,3 +157,21 @@ print("RESULT", "PASS" if not bad else f"FAIL {bad}")
 
 def test_gpu_compiled_kgrouped_gemm(compiled_check):
     compiled_check(_GPU_CHECK, "fp8_kgrouped_gpu.txt")
+
+
+def test_kgrouped_gemm_config_override_and_errors():
+    """A swept tile (`config`) gives the default tile's result; a bad one is refused by name."""
+    tokens = [128, 256]
+    a, a_s = _quantized_t(sum(tokens), 48, seed=7)
+    b, b_s = _quantized_t(sum(tokens), 40, seed=8)
+    ends = torch.tensor(tokens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    want = fp8_gemm_kgrouped(a, a_s, b, b_s, ends, torch.float32)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=1)
+    got = fp8_gemm_kgrouped(a, a_s, b, b_s, ends, torch.float32, config=cfg)
+    assert _rel(got, want) < 1e-6
+    with pytest.raises(ValueError, match="BLOCK_N=24"):
+        fp8_gemm_kgrouped(a, a_s, b, b_s, ends, config=dict(cfg, BLOCK_N=24))
+    with pytest.raises(ValueError, match="config keys"):
+        fp8_gemm_kgrouped(a, a_s, b, b_s, ends, config=dict(cfg, BLOCK_K=64))
+    with pytest.raises(ValueError, match="num_stages must be >= 1"):
+        fp8_gemm_kgrouped(a, a_s, b, b_s, ends, config=dict(cfg, num_stages=0))

@@ -31,6 +31,7 @@ from moeray.kernels.bench.fp8_gemv import (
     print_fp8_gemv_sweep,
     sweep_fp8_gemv,
 )
+from moeray.kernels.bench.fp8_kgrouped import print_fp8_kgrouped_sweep, sweep_fp8_kgrouped
 from moeray.kernels.bench.gate import bench_moe_gate
 from moeray.kernels.bench.gemv import bench_gemv, print_gemv, print_sweep, sweep_gemv
 from moeray.kernels.bench.grouped_wgrad import (
@@ -156,6 +157,8 @@ def _print_table(result: dict) -> None:
         print_grouped_wgrad(result["grouped_wgrad"])
     if "grouped_wgrad_sweep" in result:
         print_grouped_wgrad_sweep(result["grouped_wgrad_sweep"])
+    if "fp8_kgrouped_sweep" in result:
+        print_fp8_kgrouped_sweep(result["fp8_kgrouped_sweep"])
     for r in result.get("fp8_gemm_grouped", []):
         print(
             f"{r['kernel']:17s} {r['shape']:19s} {r['experts']:2d} x {r['rows_per_expert']:4d} "
@@ -426,6 +429,7 @@ SECTIONS = (
     "gemv_sweep",
     "grouped_wgrad",
     "grouped_wgrad_sweep",
+    "fp8_kgrouped_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
     "mla_decode",
@@ -481,6 +485,7 @@ def main(argv: list[str]) -> int:
         ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
         ("grouped_wgrad", lambda: bench_grouped_wgrad(result["ceilings"])),
         ("grouped_wgrad_sweep", sweep_grouped_wgrad),
+        ("fp8_kgrouped_sweep", sweep_fp8_kgrouped),
         ("fp8_gemm_grouped", lambda: bench_fp8_gemm_grouped(result["ceilings"])),
         (
             "fused_moe",

@@ -18,6 +18,7 @@ from moeray.kernels.common import (
     cdiv,
     check_shape,
     check_tensor,
+    check_tile_config,
     interpreting,
     use_triton,
 )
@@ -92,6 +93,13 @@ def _fp8_gemm_kgrouped_kernel(
 
 
 _KGROUPED_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+# What a `config` may set (BLOCK_K stays 128: one token block of the 128x1 scales per step).
+CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"})
+
+
+def check_config(cfg: dict) -> None:
+    """Raise ValueError naming a bad tile config (keys CONFIG_KEYS; tiles powers of two >= 16)."""
+    check_tile_config(cfg, CONFIG_KEYS, ("BLOCK_M", "BLOCK_N"))
 
 
 def fp8_gemm_kgrouped(
@@ -103,6 +111,7 @@ def fp8_gemm_kgrouped(
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     accumulate_into: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """k-grouped block-scaled GEMM: a [M, P] and b [N, P] are two contiguous 128x1-quantized
     (act_quant_t) tensors over the tokens of all experts, expert e's tokens the columns
@@ -115,7 +124,8 @@ def fp8_gemm_kgrouped(
     `accumulate_into`: an fp32 [E, M, N] tensor (a weight's gradient) that gets `+= c` in the
     kernel's epilogue and is returned (`out_dtype` is then ignored): one pass over it instead of
     writing c and adding it in a second kernel (~2.2 GB of traffic less per call at Moonlight's
-    64 experts x 2048 x 1408)."""
+    64 experts x 2048 x 1408). `config` (keys CONFIG_KEYS) overrides the default tile (the
+    bench's sweep)."""
     check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
     check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=2, contiguous=True, device=a_fp8.device)
     check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
@@ -161,8 +171,12 @@ def fp8_gemm_kgrouped(
     )
     if c.numel() == 0:
         return c
-    small = dict(BLOCK_M=16, BLOCK_N=32, num_stages=1) if interpreting() else {}
-    cfg = dict(_KGROUPED_CONFIG, **small)
+    if config is not None:
+        check_config(config)
+        cfg = dict(config, BLOCK_K=128)
+    else:
+        small = dict(BLOCK_M=16, BLOCK_N=32, num_stages=1) if interpreting() else {}
+        cfg = dict(_KGROUPED_CONFIG, **small)
     grid = (ends.shape[0] * cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kgrouped_kernel[grid](
         a_fp8,
