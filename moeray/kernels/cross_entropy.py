@@ -199,7 +199,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if T:
             scale = grad_out.detach().to(torch.float32).reshape(1)
             _scale_kernel[(T, triton.cdiv(V, SCALE_BLOCK))](
-                grad_TV, scale, V, grad_TV.stride(0), BLOCK=min(SCALE_BLOCK, triton.next_power_of_2(V)),
+                grad_TV,
+                scale,
+                V,
+                grad_TV.stride(0),
+                BLOCK=min(SCALE_BLOCK, triton.next_power_of_2(V)),
                 num_warps=4,
             )
         return grad_TV, None, None, None, None

@@ -38,8 +38,10 @@ also `fp8_bf16_step_time_ratio` and `fp8_bf16_loss_rel_diff`.
 
 `--layers auto` (CUDA): the most decoder layers that fit the device (`fit_layers`: weights,
 gradients and AdamW moments in fp32, or bf16 moments with `--moments-dtype bfloat16`, FP8's
-cached expert weights, activations and logits of one micro-batch, a workspace). If a run still
-runs out of memory, both runs restart with fewer layers (`layer_retries` in the result).
+cached expert weights, activations and logits of one micro-batch (2 B a token and vocab entry
+a head with the fused cross-entropy of CUDA runs, `train/loss.py`; 16 with PyTorch's), a
+workspace). If a run still runs out of memory, both runs restart with fewer layers
+(`layer_retries` in the result).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from moeray.platform.train.bench_common import (
     measure_matmul_rate,
     train_flops_per_token,
 )
+from moeray.platform.train.loss import fused_cross_entropy_planned
 from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
@@ -155,8 +158,13 @@ def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> Memor
     expert_params = 3 * model.n_routed_experts * D * model.moe_intermediate_size
     # FP8: the WeightCache's e4m3 experts and their transposes; BF16: autocast's bf16 copies
     extra = max(2 * expert_params, 2 * (per_params - expert_params))
-    # logits of the main head and each MTP depth: bf16, fp32 copy, softmax, fp32 and bf16 grads
-    logits = tokens * V * 16 * (1 + model.num_nextn_predict_layers)
+    # logits of the main head and each MTP depth (all alive from their forward to their
+    # backward), bytes a token and vocab entry: PyTorch's loss keeps the bf16 logits, their fp32
+    # copy and softmax, fp32 and bf16 grads (16); the fused kernel (CUDA, train/loss.py) writes
+    # the bf16 grad over the bf16 logits and makes no other [T, V] tensor (2; the head stays
+    # bf16 under FP8 too, and its backward's dW is [V, D], counted below)
+    per_entry = 2 if fused_cross_entropy_planned(cfg.device) else 16
+    logits = tokens * V * per_entry * (1 + model.num_nextn_predict_layers)
     fixed = fixed_params * state + 2 * V * D + logits + dense * act + WORKSPACE_BYTES
     per_layer = per_params * state + extra + act
     budget = int(device_bytes * USABLE_FRACTION)

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.graph import increment_version
 
 from moeray.platform.model.moe import MoE
 from moeray.platform.routing.balance import sequence_balance_loss
+from moeray.platform.train.loss import token_cross_entropy
 
 ZERO_STAGES = (0, 1)
 MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -136,12 +136,13 @@ def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConf
     inputs_BS, targets_BS = tokens_BS1[:, :-1], tokens_BS1[:, 1:]
     B = inputs_BS.shape[0]
     out = model(inputs_BS)
-    main = F.cross_entropy(out.logits.flatten(0, 1).float(), targets_BS.flatten())
+    # the fused path (CUDA) writes the gradient over out.logits: nothing below reads the logits
+    main = token_cross_entropy(out.logits, targets_BS)
     total = main
     mtp_ces = []
     for k, logits in enumerate(out.mtp_logits, start=1):
         # position s of depth k predicts token s+1+k: targets[:, k:], S-k of them
-        mtp_ces.append(F.cross_entropy(logits.flatten(0, 1).float(), targets_BS[:, k:].flatten()))
+        mtp_ces.append(token_cross_entropy(logits, targets_BS[:, k:]))
     if mtp_ces:
         total = total + cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()
     balance = main.new_zeros(())
