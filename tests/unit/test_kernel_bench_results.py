@@ -31,9 +31,10 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     assert recorded["results"] == flat_results(_recorded_run())
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
-    # grouped weight-gradient GEMM and the training RMSNorm.
+    # grouped weight-gradient GEMM, the training RMSNorm and the fused cross-entropy.
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
+    later |= {"cross_entropy"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
@@ -155,3 +156,19 @@ def test_gemv_rows_become_records():
     assert by_baseline[("gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.1
     assert by_baseline[("fp8_gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.0
     assert len(recs) == 3
+
+
+def test_cross_entropy_rows_become_records():
+    row = {
+        "kernel": "moonlight",
+        "tokens": 4096,
+        "V": 163840,
+        "fused_inplace_fwd_bwd_ms": 1.25,
+        "fused_inplace_frac_of_floor": 0.5,
+        "speedup_fused_inplace": 8.0,
+    }
+    (rec,) = flat_results({"ceilings": {}, "cross_entropy": [row]})
+    assert KEYS <= rec.keys()
+    assert rec["kernel"] == "cross_entropy fwd+bwd (autograd, in place)"
+    assert rec["shape"] == "moonlight T4096 V163840 bf16"
+    assert rec["time_us"] == 1250.0 and rec["ratio_to_baseline"] == 8.0

@@ -18,6 +18,7 @@ import torch
 import triton
 
 from moeray.kernels.bench.common import _rec, ceilings
+from moeray.kernels.bench.cross_entropy import bench_cross_entropy, print_cross_entropy
 from moeray.kernels.bench.decode import bench_decode_glue
 from moeray.kernels.bench.fp8 import (
     bench_fp8_gemm,
@@ -109,6 +110,7 @@ def _print_table(result: dict) -> None:
             f"bit== {r['bit_equal']}"
         )
     print_norm_train(result.get("norm_train", []))
+    print_cross_entropy(result.get("cross_entropy", []))
     for r in result.get("mla_decode_graph", []):
         print(
             f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
@@ -405,6 +407,18 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_fwd_bwd"],
             )
         )
+    for r in result.get("cross_entropy", []):
+        out.append(
+            _rec(
+                "cross_entropy fwd+bwd (autograd, in place)",
+                f"{r['kernel']} T{r['tokens']} V{r['V']} bf16",
+                r["fused_inplace_fwd_bwd_ms"],
+                r["fused_inplace_frac_of_floor"],
+                "bf16 logits read once + grad written once at copy bandwidth",
+                "autograd through F.cross_entropy on fp32 logits",
+                r["speedup_fused_inplace"],
+            )
+        )
     for r in result.get("router", []):
         out.append(
             _rec(
@@ -438,6 +452,7 @@ SECTIONS = (
     "router",
     "decode_glue",
     "norm_train",
+    "cross_entropy",
 )
 
 
@@ -499,6 +514,7 @@ def main(argv: list[str]) -> int:
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),
         ("norm_train", lambda: bench_norm_train(result["ceilings"])),
+        ("cross_entropy", lambda: bench_cross_entropy(result["ceilings"])),
     ]
     for name, fn in sections:
         if name not in want:
