@@ -151,7 +151,7 @@ def test_fit_layers_picks_the_most_that_fit_for_moonlight():
 def test_fit_layers_counts_the_fused_cross_entropy_logits_on_cuda(monkeypatch):
     """CUDA runs take the fused cross-entropy (2 B a token and vocab entry a head, the grad over
     the bf16 logits) instead of PyTorch's 16: 14 x 4096 x 163,840 x (1 + MTP depths) bytes less
-    fixed, ~9.4 GB with one MTP depth, and more layers; MOERAY_FUSED_CROSS_ENTROPY=0 restores it."""
+    fixed, ~9.4 GB a head (Moonlight has no MTP depth); MOERAY_FUSED_CROSS_ENTROPY=0 restores it."""
     m = moonlight_16b_a3b()
     cpu = BenchConfig(model="moonlight_16b_a3b", pp=1, seq_len=4096, micro_batch_size=1)
     cuda = replace(cpu, device="cuda")
