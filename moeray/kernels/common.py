@@ -127,6 +127,15 @@ def to_dtype_rn(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+def check_gradient_out(
+    t: torch.Tensor, name: str, shape: tuple[int, ...], device: torch.device
+) -> None:
+    """ValueError unless `t` can take `+=` in a GEMM's epilogue: fp32, contiguous, `shape`, on
+    `device` (a weight's gradient summed over micro-batches)."""
+    check_tensor(t, name, dtypes=(torch.float32,), ndim=len(shape), contiguous=True, device=device)
+    check_shape(t, name, shape)
+
+
 def check_tile_config(cfg: dict, keys: frozenset[str], tiles: tuple[str, ...]) -> None:
     """ValueError naming a bad tile config: exactly the keys `keys`, each key of `tiles` a power
     of two >= 16 (a side of a tl.dot operand), every other value >= 1."""

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from moeray.kernels.common import (
     cdiv,
-    check_shape,
+    check_gradient_out,
     check_tensor,
     check_tile_config,
     interpreting,
@@ -167,15 +167,7 @@ def grouped_wgrad(
             "P (rows) must match"
         )
     if accumulate_into is not None:
-        check_tensor(
-            accumulate_into,
-            "accumulate_into",
-            dtypes=(torch.float32,),
-            ndim=3,
-            contiguous=True,
-            device=dy_PN.device,
-        )
-        check_shape(accumulate_into, "accumulate_into", (e, n, k))
+        check_gradient_out(accumulate_into, "accumulate_into", (e, n, k), dy_PN.device)
     _check_ends(ends, p)
     cfg = config if config is not None else INTERPRETER_CONFIG if interpreting() else DEFAULT_CONFIG
     check_config(cfg)

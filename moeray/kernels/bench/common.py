@@ -15,6 +15,15 @@ def _bench(fn, ms: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median"))
 
 
+def time_us_or_reason(fn) -> float | str:
+    """Median microseconds of fn (`_bench`), or why it did not run: a swept tile that does not
+    compile (shared memory, registers) is a row of the sweep, not its end."""
+    try:
+        return round(_bench(fn) * 1e3, 1)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:100]}"
+
+
 def _bench_slow(fn, reps: int = 3) -> float:
     """Median ms of a slow host-driven baseline (per-expert loops, reference loops)."""
     fn()
@@ -145,3 +154,30 @@ def best_and_chosen(rows: list[dict], group) -> tuple[dict, dict]:
             if r["chosen"]:
                 chosen[g] = r
     return best, chosen
+
+
+def print_mode_sweep(name: str, rows: list[dict], keys: tuple[str, ...]) -> None:
+    """A tile sweep's table, one row per (shape, mode, tile), then the best tile of each (shape,
+    mode) against the default. Rows: "us" (float, or why the tile did not run), "TFLOPs",
+    "chosen" (the default tile), the `keys` values, and "speedup" where a torch path was timed."""
+    print(f"\n{name + ' sweep':18s} {'mode':10s} " + " ".join(f"{k:>10s}" for k in keys))
+    for r in rows:
+        if isinstance(r["us"], float):
+            us = f"{r['us']:8.1f} us {r['TFLOPs']:5.0f} TFLOP/s"
+            us += f" x{r['speedup']}" if r.get("speedup") is not None else ""
+        else:
+            us = str(r["us"])[:60]
+        print(
+            f"{r['shape']:18s} {r['mode']:10s} "
+            + " ".join(f"{r[k]:10d}" for k in keys)
+            + f"  {us}{'  (default)' if r['chosen'] else ''}"
+        )
+    best, chosen = best_and_chosen(rows, lambda r: (r["shape"], r["mode"]))
+    for g, r in best.items():
+        c = chosen.get(g)
+        vs = f", x{r['speedup']} torch" if r.get("speedup") is not None else ""
+        print(
+            f"sweep best {name} {g[0]:18s} {g[1]:10s}: "
+            + " ".join(f"{k}={r[k]}" for k in keys)
+            + f" {r['us']} us ({r['TFLOPs']} TFLOP/s{vs}); default {c['us'] if c else 'n/a'} us"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moeray.kernels.bench.common import _bench, best_and_chosen
+from moeray.kernels.bench.common import print_mode_sweep, time_us_or_reason
 from moeray.kernels.fp8.kgrouped import _KGROUPED_CONFIG, fp8_gemm_kgrouped
 from moeray.kernels.fp8.quant import act_quant_t
 
@@ -51,13 +51,6 @@ def _inputs(experts: int, total: int, m: int, n: int, empty: tuple[int, ...], se
     return p, a, b, ends, grad
 
 
-def _time(fn) -> float | str:
-    try:
-        return round(_bench(fn) * 1e3, 1)
-    except Exception as e:  # a tile that does not compile (shared memory, registers)
-        return f"{type(e).__name__}: {str(e)[:100]}"
-
-
 def sweep_fp8_kgrouped() -> list[dict]:
     """Time SWEEP_TILES at SHAPES, accumulating and fresh; each row says whether it is the
     default tile (`kgrouped._KGROUPED_CONFIG`, chosen from here)."""
@@ -69,7 +62,7 @@ def sweep_fp8_kgrouped() -> list[dict]:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
             for mode, acc in (("accumulate", grad), ("fresh", None)):
                 call = (*a, *b, ends, torch.float32)
-                us = _time(
+                us = time_us_or_reason(
                     lambda cfg=cfg, acc=acc, call=call: fp8_gemm_kgrouped(
                         *call, accumulate_into=acc, config=cfg
                     )
@@ -90,24 +83,4 @@ def sweep_fp8_kgrouped() -> list[dict]:
 
 
 def print_fp8_kgrouped_sweep(rows: list[dict]) -> None:
-    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-    print(f"\n{'fp8_kgrouped sweep':18s} {'mode':10s} " + " ".join(f"{k:>10s}" for k in keys))
-    for r in rows:
-        us = (
-            f"{r['us']:8.1f} us {r['TFLOPs']:5.0f} TFLOP/s"
-            if isinstance(r["us"], float)
-            else (str(r["us"])[:60])
-        )
-        print(
-            f"{r['shape']:18s} {r['mode']:10s} "
-            + " ".join(f"{r[k]:10d}" for k in keys)
-            + f"  {us}{'  (default)' if r['chosen'] else ''}"
-        )
-    best, chosen = best_and_chosen(rows, lambda r: (r["shape"], r["mode"]))
-    for g, r in best.items():
-        c = chosen.get(g)
-        print(
-            f"sweep best fp8_kgrouped {g[0]:18s} {g[1]:10s}: "
-            + " ".join(f"{k}={r[k]}" for k in keys)
-            + f" {r['us']} us ({r['TFLOPs']} TFLOP/s); default {c['us'] if c else 'n/a'} us"
-        )
+    print_mode_sweep("fp8_kgrouped", rows, ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))

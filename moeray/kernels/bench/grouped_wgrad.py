@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moeray.kernels.bench.common import _bench, best_and_chosen
+from moeray.kernels.bench.common import _bench, print_mode_sweep, time_us_or_reason
 from moeray.kernels.grouped_wgrad import DEFAULT_CONFIG, grouped_wgrad, grouped_wgrad_ref
 
 # (name, experts, rows before padding, N, K, empty experts)
@@ -137,19 +137,12 @@ def print_grouped_wgrad(rows: list[dict]) -> None:
         )
 
 
-def _time(fn) -> float | str:
-    try:
-        return round(_bench(fn) * 1e3, 1)
-    except Exception as e:  # a tile that does not compile (shared memory, registers)
-        return f"{type(e).__name__}: {str(e)[:100]}"
-
-
 def _sweep_shape(name: str, e: int, total: int, n: int, k: int, empty) -> list[dict]:
     rows, dy, x, ends, grad = _inputs(e, total, n, k, empty)
     flop = 2 * sum(rows) * n * k
     torch_us = {
-        "accumulate": _time(lambda: grad.add_(_cutlass_fp32(dy, x, ends))),
-        "fresh": _time(lambda: _cutlass_fp32(dy, x, ends)),
+        "accumulate": time_us_or_reason(lambda: grad.add_(_cutlass_fp32(dy, x, ends))),
+        "fresh": time_us_or_reason(lambda: _cutlass_fp32(dy, x, ends)),
     }
     out = []
     for bn, bk, bp, warps, stages in SWEEP_TILES:
@@ -157,7 +150,7 @@ def _sweep_shape(name: str, e: int, total: int, n: int, k: int, empty) -> list[d
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=bp, GROUP_N=8, num_warps=warps, num_stages=stages
         )
         for mode, acc in (("accumulate", grad), ("fresh", None)):
-            us = _time(
+            us = time_us_or_reason(
                 lambda cfg=cfg, acc=acc: grouped_wgrad(dy, x, ends, accumulate_into=acc, config=cfg)
             )
             base = torch_us[mode]
@@ -188,23 +181,6 @@ def sweep_grouped_wgrad() -> list[dict]:
 
 
 def print_grouped_wgrad_sweep(rows: list[dict]) -> None:
-    keys = ("BLOCK_N", "BLOCK_K", "BLOCK_P", "num_warps", "num_stages")
-    print(f"\n{'grouped_wgrad sweep':18s} {'mode':10s} " + " ".join(f"{k:>9s}" for k in keys))
-    for r in rows:
-        us = f"{r['us']:8.1f} us {r['TFLOPs']:5.0f} TFLOP/s x{r['speedup']}"
-        if not isinstance(r["us"], float):
-            us = str(r["us"])[:60]
-        print(
-            f"{r['shape']:18s} {r['mode']:10s} "
-            + " ".join(f"{r[k]:9d}" for k in keys)
-            + f"  {us}{'  (default)' if r['chosen'] else ''}"
-        )
-    best, chosen = best_and_chosen(rows, lambda r: (r["shape"], r["mode"]))
-    for g, r in best.items():
-        c = chosen.get(g)
-        print(
-            f"sweep best grouped_wgrad {g[0]:18s} {g[1]:10s}: "
-            + " ".join(f"{k}={r[k]}" for k in keys)
-            + f" {r['us']} us ({r['TFLOPs']} TFLOP/s, x{r['speedup']} torch); default "
-            f"{c['us'] if c else 'n/a'} us"
-        )
+    print_mode_sweep(
+        "grouped_wgrad", rows, ("BLOCK_N", "BLOCK_K", "BLOCK_P", "num_warps", "num_stages")
+    )

@@ -16,6 +16,7 @@ import triton.language as tl
 from moeray.kernels.common import (
     FP8_DTYPE,
     cdiv,
+    check_gradient_out,
     check_shape,
     check_tensor,
     check_tile_config,
@@ -142,15 +143,7 @@ def fp8_gemm_kgrouped(
     check_shape(a_scale, "a_scale", (m, p // 128))
     check_shape(b_scale, "b_scale", (n, p // 128))
     if accumulate_into is not None:
-        check_tensor(
-            accumulate_into,
-            "accumulate_into",
-            dtypes=(torch.float32,),
-            ndim=3,
-            contiguous=True,
-            device=a_fp8.device,
-        )
-        check_shape(accumulate_into, "accumulate_into", (ends.shape[0], m, n))
+        check_gradient_out(accumulate_into, "accumulate_into", (ends.shape[0], m, n), a_fp8.device)
     if not ends.is_cuda:
         e_list = ends.tolist()
         if any(x % 128 or x > p for x in e_list) or any(
