@@ -1,6 +1,6 @@
 """Cross-entropy over a vocabulary with its gradient computed in the forward, Liger-Kernel style:
 `cross_entropy`, its PyTorch reference `cross_entropy_ref`, and the test `cross_entropy_applies`
-by which the training loss (`moeray.platform.train.loss`) chooses between them.
+by which the training loss (`moeray.platform.loss`) chooses between them.
 
 Legend: T rows (tokens), V vocabulary entries, BLOCK_V entries a loop iteration reads.
 

@@ -10,9 +10,9 @@ import torch
 
 from moeray.kernels.cross_entropy import cross_entropy, cross_entropy_ref
 from moeray.platform.config import tiny
+from moeray.platform.loss import use_fused_cross_entropy
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.train import step as ts
-from moeray.platform.train.loss import use_fused_cross_entropy
 
 pytestmark = [
     pytest.mark.gpu,

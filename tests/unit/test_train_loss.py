@@ -1,10 +1,10 @@
-"""The training loss's chooser (moeray.platform.train.loss): CPU keeps exactly PyTorch's
+"""The training loss's chooser (moeray.platform.loss): CPU keeps exactly PyTorch's
 cross-entropy on an fp32 copy; the fused kernel is for CUDA with autograd recording."""
 
 import torch
 import torch.nn.functional as F
 
-from moeray.platform.train.loss import (
+from moeray.platform.loss import (
     fused_cross_entropy_planned,
     token_cross_entropy,
     use_fused_cross_entropy,

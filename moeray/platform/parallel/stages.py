@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeray.platform.fp8 import FP8TrainLinear, WeightCache, fp8_linear
+from moeray.platform.loss import token_cross_entropy
 from moeray.platform.model.moe import Experts, MoE
 from moeray.platform.model.mtp import MTPModule
 from moeray.platform.model.norm import RMSNorm
@@ -148,7 +148,9 @@ class PipelineStage(nn.Module):
         if self.last:
             hidden_bSD = self.model.norm(x)
             logits = self.lm_head(hidden_bSD)
-            main = F.cross_entropy(logits.flatten(0, 1).float(), targets_bS.flatten())
+            # the logits are read by nothing after the loss (lm_head's backward saves its input
+            # and weight): the fused loss may write their gradient over them (platform/loss.py)
+            main = token_cross_entropy(logits, targets_bS)
             objective = main
             mtp_ces = []
             h_bSD = hidden_bSD
@@ -161,9 +163,7 @@ class PipelineStage(nn.Module):
                     h_bSD[:, :-1], self.model.embed_tokens(inputs_bS[:, k:]), cos_k, sin_k
                 )
                 logits_k = self.lm_head(module.shared_head.norm(h_bSD))
-                mtp_ces.append(
-                    F.cross_entropy(logits_k.flatten(0, 1).float(), targets_bS[:, k:].flatten())
-                )
+                mtp_ces.append(token_cross_entropy(logits_k, targets_bS[:, k:]))
             if mtp_ces:
                 objective = (
                     objective + loss_cfg.mtp_lambda / len(mtp_ces) * torch.stack(mtp_ces).sum()

@@ -39,7 +39,7 @@ also `fp8_bf16_step_time_ratio` and `fp8_bf16_loss_rel_diff`.
 `--layers auto` (CUDA): the most decoder layers that fit the device (`fit_layers`: weights,
 gradients and AdamW moments in fp32, or bf16 moments with `--moments-dtype bfloat16`, FP8's
 cached expert weights, activations and logits of one micro-batch (2 B a token and vocab entry
-a head with the fused cross-entropy of CUDA runs, `train/loss.py`; 16 with PyTorch's), a
+a head with the fused cross-entropy of CUDA runs, `platform/loss.py`; 16 with PyTorch's), a
 workspace). If a run still runs out of memory, both runs restart with fewer layers
 (`layer_retries` in the result).
 """
@@ -60,6 +60,7 @@ from torch.autograd import DeviceType
 
 from moeray.platform.config import ModelConfig
 from moeray.platform.fp8 import enable_fp8_training
+from moeray.platform.loss import fused_cross_entropy_planned
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
 from moeray.platform.rank_weights import dummy_model
 from moeray.platform.routing.balance import bias_update
@@ -71,7 +72,6 @@ from moeray.platform.train.bench_common import (
     measure_matmul_rate,
     train_flops_per_token,
 )
-from moeray.platform.train.loss import fused_cross_entropy_planned
 from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
@@ -160,7 +160,7 @@ def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> Memor
     extra = max(2 * expert_params, 2 * (per_params - expert_params))
     # logits of the main head and each MTP depth (all alive from their forward to their
     # backward), bytes a token and vocab entry: PyTorch's loss keeps the bf16 logits, their fp32
-    # copy and softmax, fp32 and bf16 grads (16); the fused kernel (CUDA, train/loss.py) writes
+    # copy and softmax, fp32 and bf16 grads (16); the fused kernel (CUDA, platform/loss.py) writes
     # the bf16 grad over the bf16 logits and makes no other [T, V] tensor (2; the head stays
     # bf16 under FP8 too, and its backward's dW is [V, D], counted below)
     per_entry = 2 if fused_cross_entropy_planned(cfg.device) else 16

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import increment_version
 
+from moeray.platform.loss import token_cross_entropy
 from moeray.platform.model.moe import MoE
 from moeray.platform.routing.balance import sequence_balance_loss
-from moeray.platform.train.loss import token_cross_entropy
 
 ZERO_STAGES = (0, 1)
 MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,4 +1,6 @@
-"""The training step's next-token cross-entropy, and the one place that picks the fused kernel.
+"""The training loss's next-token cross-entropy, and the one place that picks the fused kernel:
+used by the one-process step (`train/step.compute_loss`) and the pipeline's last stage
+(`parallel/stages.py`), so it lives below both.
 
 Legend: B sequences, S positions, V vocabulary, T = B * S tokens.
 
@@ -41,9 +43,10 @@ def token_cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> t
     """Mean next-token cross-entropy (fp32 scalar) of logits [B, S, V] against targets [B, S].
 
     The fused path overwrites the logits with their gradient (in place): only for logits that
-    nothing reads after the loss, as `step.compute_loss`'s (the model's output, dropped when the
-    loss is built; the head GEMM's backward saves its input and weight, not the logits, and the
-    kernel moves the logits' version counter so a backward that did save them would fail)."""
+    nothing reads after the loss, as `step.compute_loss`'s and the last pipeline stage's (the
+    model's output, dropped when the loss is built; the head GEMM's backward saves its input and
+    weight, not the logits, and the kernel moves the logits' version counter so a backward that
+    did save them would fail)."""
     logits_TV, target_T = logits_BSV.flatten(0, 1), targets_BS.flatten()
     if use_fused_cross_entropy(logits_TV, target_T):
         return cross_entropy(logits_TV, target_T, inplace=True)
