@@ -172,15 +172,13 @@ class _ExpertsMLPFn(torch.autograd.Function):
             ).to(ctx.x_dtype)
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
-            kernel = use_grouped_wgrad(dy.device)
-
             def wgrad(d_PN, a_PK, w):
-                g = _epilogue_grad(w) if kernel else None
-                # a later micro-batch: += in the GEMM's epilogue, nothing to return
-                if g is not None:
-                    grp.wgrad(d_PN, a_PK, torch.float32, accumulate_into=g)
-                    return None
-                return grp.wgrad(d_PN, a_PK, w.dtype)
+                # a later micro-batch adds into w.grad (in grouped_wgrad's epilogue where
+                # `GroupedExperts.wgrad` runs it, else the add autograd would make) and returns
+                # nothing for autograd to add
+                g = _epilogue_grad(w)
+                dw = grp.wgrad(d_PN, a_PK, w.dtype, accumulate_into=g)
+                return None if g is not None else dw
 
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 return wgrad(dg, x, w1), wgrad(du, x, w3), wgrad(dy, h, w2)
@@ -274,8 +272,8 @@ _NO_GRAD_ARGS = (None,) * 6
 
 
 def _epilogue_grad(w: torch.Tensor) -> torch.Tensor | None:
-    """w's gradient when a k-grouped GEMM may add into it in its epilogue (and the backward then
-    returns None for w): an fp32 contiguous `.grad` of a leaf, i.e. a later micro-batch of a step
+    """w's gradient when the backward adds into it itself (a k-grouped GEMM in its epilogue) and
+    returns None for w: an fp32 contiguous `.grad` of a leaf, i.e. a later micro-batch of a step
     (autograd's AccumulateGrad would add into that same tensor)."""
     g = w.grad
     ok = w.is_leaf and g is not None and g.dtype == torch.float32 and g.is_contiguous()
