@@ -14,9 +14,13 @@ summed kernel time against its wall time.
 """
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -101,6 +105,38 @@ def kernel_table(prof, rows: int, cuda: bool) -> tuple[list[dict], float, int]:
     return out, total_us * 1e-6, count
 
 
+def host_report(step, device: torch.device, rows: int) -> None:
+    """Run `step` under cProfile, with torch's sync debug mode warning at each op that makes the
+    host wait for the GPU (.item(), nonzero, a D2H copy): the step is host-bound when its wall
+    time exceeds its kernel time, and these say where the host spends it."""
+    prof = cProfile.Profile()
+    cuda = device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        t = time.perf_counter()
+        prof.enable()
+        try:
+            step()
+        finally:
+            prof.disable()
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+        wall = time.perf_counter() - t
+    syncs = Counter(
+        f"{w.filename.split('moeray/', 1)[-1]}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+    print(f"## host: step wall {wall * 1e3:.0f} ms under cProfile, {sum(syncs.values())} syncs")
+    for where, n in syncs.most_common(rows):
+        print(f"{n:8d}  sync at {where}")
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    print("\n".join(line[:200] for line in buf.getvalue().splitlines() if line.strip()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny")
@@ -114,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--out", type=Path, default=None, help="directory for the JSON table")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="one more step under cProfile with CUDA sync warnings: the host's top functions "
+        "and every line that made the host wait for the GPU",
+    )
     a = p.parse_args(argv)
     cfg = BenchConfig(
         model=a.model,
@@ -122,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=a.seq_len,
         micro_batch_size=a.micro_batch_size,
         microbatches=a.microbatches,
-        steps=a.warmup + 2,
+        steps=a.warmup + 3,
         warmup=a.warmup,
         layers=a.layers,
     )
@@ -132,21 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     optim = tstep.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=cfg.steps)
     opt = zero.build_optimizer(model, optim)
     S1, mbs = a.seq_len + 1, a.micro_batch_size
-    data = bigram_stream(model_cfg.vocab_size, cfg.steps * a.microbatches * mbs * S1, 0)
+    data = bigram_stream(model_cfg.vocab_size, cfg.steps * a.microbatches * mbs * S1, 0).to(device)
     bias_LE = torch.zeros(len(tstep.moe_layers(model)), model_cfg.n_routed_experts)
 
     def one_step(step: int) -> None:
         nonlocal bias_LE
-        loads = torch.zeros_like(bias_LE, dtype=torch.int64)
+        loads = torch.zeros_like(bias_LE, dtype=torch.int64, device=device)
         for mb in range(a.microbatches):
             first = (step * a.microbatches + mb) * mbs * S1
             batch = data[first : first + mbs * S1].view(mbs, S1).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 parts = tstep.compute_loss(model, batch, tstep.LossConfig())
             (parts.total / a.microbatches).backward()
-            loads += tstep.expert_loads(model)
+            loads += tstep.expert_loads_on_device(model)
         tstep.apply_update(model, opt, step, optim)
-        bias_LE = bias_update(bias_LE, loads, 0.001)
+        bias_LE = bias_update(bias_LE, loads.cpu(), 0.001)
         tstep.set_biases(model, bias_LE)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -170,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in table:
         print(f"{r['ms']:8.2f} {r['kernels']:6d}  {r['op']:28.28s} {r['source']}")
         print(f"{'':16}{r['shapes'][0][0][:150]}  |  {r['kernel_names'][0][0]}")
+    if a.host:
+        host_report(lambda: one_step(a.warmup + 2), device, a.rows)
     if a.out is not None:
         slug = device_slug() if device.type == "cuda" else "cpu"
         numbers = {

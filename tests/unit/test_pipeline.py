@@ -477,19 +477,86 @@ def test_grouped_expert_gemms_with_aligned_rows():
     want_dw = torch.stack(
         [dy[s : s + n].t() @ x[s : s + n] for s, n in zip(starts, rows, strict=True)]
     )
-    for align in (1, 16):
-        grp = GroupedExperts(x, rows, align=align)
-        assert grp.P == (sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16)
+    for align, planned in ((1, "host"), (16, "host"), (1, "device"), (16, "device")):
+        # "device": the counts as a tensor, the layout planned without reading them (P a bound)
+        counts = rows if planned == "host" else torch.tensor(rows)
+        grp = GroupedExperts(x, counts, align=align)
+        exact = sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16
+        assert grp.P == (exact if planned == "host" else sum(rows) + E * (align - 1))
         x_P, dy_P = grp.pad(x), grp.pad(dy)
         torch.testing.assert_close(grp.unpad(grp.mm(x_P, w.transpose(-2, -1))), want_y)
         dw = grp.wgrad(dy_P, x_P, torch.float32)
         torch.testing.assert_close(dw, want_dw)
         assert dw[1].abs().sum() == 0
-        assert [e for e, _ in grp.padded_segments()] == [0, 2, 3, 4]
+        assert grp.offs.tolist() == ([5, 5, 22, 38, 39] if align == 1 else [16, 16, 48, 64, 80])
+        if planned == "host":
+            assert [e for e, _ in grp.padded_segments()] == [0, 2, 3, 4]
+        else:
+            with pytest.raises(ValueError, match="planned on the device"):
+                grp.block_expert()
         if align > 1:  # the padding rows are zero and every expert starts aligned
             assert x_P.abs().sum(1).nonzero().flatten().tolist() == (
                 list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64]
             )
+
+
+@pytest.mark.parametrize("device_layout", [False, True])
+def test_experts_mlp_takes_counts_as_a_tensor(monkeypatch, device_layout):
+    """Rows per expert as a tensor (what `Experts._routed` passes when every expert is local)
+    give the outputs and gradients of the list: planned on the device where
+    `GroupedExperts.device_layout` (forced here; CUDA with grouped_wgrad in production), read
+    back to a list elsewhere. A wrong shape is refused with the expected one named."""
+    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x: device_layout))
+    g = torch.Generator().manual_seed(3)
+    rows, D, inter = [7, 0, 19, 6], 32, 24
+    x = torch.randn(sum(rows), D, generator=g)
+    ws = [torch.randn(4, *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))]
+    dy = torch.randn(sum(rows), D, generator=g)
+    got = []
+    for counts in (rows, torch.tensor(rows)):
+        xi = x.clone().requires_grad_()
+        wi = [torch.nn.Parameter(w.clone()) for w in ws]
+        y = experts_mlp(xi, *wi, counts)
+        y.backward(dy)
+        got.append((y.detach(), xi.grad, *(w.grad for w in wi)))
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(b, a)
+    with pytest.raises(ValueError, match=r"expected \[4\]"):
+        experts_mlp(x, *ws, torch.tensor(rows[:3]))
+
+
+def test_routed_experts_pass_device_counts_only_when_all_are_local():
+    """`Experts._routed` hands mlp_fn the counts as a device tensor when every routed expert is
+    held here (no host sync), a list under expert parallelism (ids of other ranks sort last)."""
+    from moeray.platform.model.moe import Experts
+
+    cfg = tiny()
+    experts = Experts(cfg)
+    torch.nn.init.normal_(experts.gate_proj, std=0.02)
+    torch.nn.init.normal_(experts.up_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    seen = []
+
+    def spy(x, w1, w3, w2, rows):
+        seen.append(rows)
+        n = experts.num_experts  # the weights this rank would hold
+        return experts_mlp(x, w1[:n], w3[:n], w2[:n], rows)
+
+    experts.mlp_fn = spy
+    E, K, T = cfg.n_routed_experts, 2, 9
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, E, (T, K), generator=g)
+    weights = torch.rand(T, K, generator=g)
+    y_all = experts(x, ids, weights)
+    assert (
+        isinstance(seen[-1], torch.Tensor)
+        and seen[-1].tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
+    )
+    experts.num_experts = E // 2  # this rank holds the first half (expert parallelism)
+    y_half = experts(x, ids, weights, expert_offset=0)
+    assert isinstance(seen[-1], list) and sum(seen[-1]) == int((ids < E // 2).sum())
+    assert not torch.allclose(y_half, y_all)
 
 
 @pytest.mark.parametrize("defer", [False, True])

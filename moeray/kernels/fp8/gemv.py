@@ -167,14 +167,22 @@ def _fp8_gemv_kernel(
             tl.store(lock, 0)
 
 
-def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, DOT, num_warps) of `_gemv_config` for m rows."""
+def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int, int]:
+    """(BLOCK_M, BLOCK_N, DOT, num_warps, num_stages) of `_gemv_config` for m rows."""
     if m <= _BCAST_MAX_ROWS:
         block_m = pow2_at_least(m)
-        # The interpreter runs numpy per program: wider tiles keep CPU tests fast, same code path.
-        block_n = 128 // block_m if interpret else 64 // block_m
-        return block_m, block_n, False, 8 if block_m == 1 else 4
-    return min(64, max(16, pow2_at_least(m))), 64, True, 4
+        if interpret:  # numpy per program: wider tiles keep CPU tests fast, same code path
+            return block_m, 128 // block_m, False, 4, 4
+        if block_m == 1:
+            # 16 rows x 128 bytes a stage, 6 stages, 2 warps: the fastest of the sweep at M = 1
+            # on every V3 decode shape (H200: q_a 8.5 us vs 12.4 for 64 rows x 8 warps x 4
+            # stages, kv_a 6.0 vs 9.9, q_b 16.1 vs 22.1, dense_down 44.8 vs 63.2;
+            # fp8_gemv_sweep in results/kernels-nvidia-h200-gemv.json): smaller tiles, more
+            # programs and deeper pipelines keep more bytes in flight per SM. At M = 4 the 4 x 16
+            # tile below was within 7% of the best.
+            return 1, 16, False, 2, 6
+        return block_m, 64 // block_m, False, 4, 4
+    return min(64, max(16, pow2_at_least(m))), 64, True, 4, 4
 
 
 def fp8_gemv_workspace(
@@ -187,7 +195,7 @@ def fp8_gemv_workspace(
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
     tiles = 0
     for m in range(1, max_rows + 1):
-        block_m, block_n, _, _ = _tile_shape(m, interpret=False)
+        block_m, block_n, *_ = _tile_shape(m, interpret=False)
         tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
@@ -195,17 +203,22 @@ def fp8_gemv_workspace(
 def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
-    Broadcast tiles: BM x BN = 64 (the BM x BN x 128 fp32 accumulator), the weight tile BN rows
-    of 128 e4m3 bytes: 1x64 with 8 warps (8 KB a stage, 32 B a thread), 2x32 and 4x16 with 4.
-    Offline sm_90 compiles: 60 / 96 / 96 registers, no spills. Dot tiles: 64 weight rows (one
+    Broadcast tiles: 1 x 16 with 2 warps and 6 stages at M = 1 (`_tile_shape` says why), else
+    BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32 and 4x16 with 4 warps (96
+    registers in offline sm_90 compiles, no spills). Dot tiles: 64 weight rows (one
     wgmma M) x BM = 16..64 tokens, 96-142 registers.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
-    block_m, block_n, dot, num_warps = _tile_shape(m, interpreting())
+    block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
     split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
     return dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, DOT=dot, num_warps=num_warps, num_stages=4
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SPLIT_K=split,
+        DOT=dot,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

@@ -28,9 +28,12 @@ from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (x_AD rows sorted by expert, gate [E, I, D], up [E, I, D], down [E, D, I], rows per expert) ->
-# y_AD: every local expert's SwiGLU over its rows, as one call (see Experts.mlp_fn)
+# y_AD: every local expert's SwiGLU over its rows, as one call (see Experts.mlp_fn). The rows per
+# expert come as a list of ints, or as an int64 [E] tensor on x's device when every routed expert
+# is local (reading them would make the host wait for the GPU; see Experts._routed).
 ExpertsMLPFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | torch.Tensor"],
+    torch.Tensor,
 ]
 
 
@@ -96,7 +99,8 @@ class Experts(nn.Module):
         super().__init__()
         E, D = config.n_routed_experts, config.hidden_size
         width = config.moe_intermediate_size  # I in the legend
-        self.num_experts = E
+        self.num_experts = E  # held here: expert parallelism lowers it to this rank's share
+        self.routed_experts = E  # the model's, whatever this module holds
         self.gate_proj = nn.Parameter(torch.empty(E, width, D))
         self.up_proj = nn.Parameter(torch.empty(E, width, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, width))
@@ -152,12 +156,21 @@ class Experts(nn.Module):
             (local_ids >= 0) & (local_ids < self.num_experts), local_ids, self.num_experts
         )
         order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=self.num_experts + 1)
+        # scatter_add, not bincount: bincount reads the largest id back to the host on CUDA
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=key.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
         token_of = order // K
         out_TD = torch.zeros_like(x_TD)
         if self.mlp_fn is not None:
-            rows = counts[: self.num_experts].tolist()
-            n = sum(rows)
+            rows: list[int] | torch.Tensor
+            if expert_offset == 0 and self.num_experts == self.routed_experts:
+                # Every id is local: all T*K assignments are computed here, and the counts stay
+                # on the device. Read back (.tolist()), they made the host wait for the GPU
+                # twice per MoE layer and micro-batch (one-H200 profile: benchmarks/notes-train.md)
+                rows, n = counts[: self.num_experts], key.numel()
+            else:
+                rows = counts[: self.num_experts].tolist()
+                n = sum(rows)
             idx, tokens = order[:n], token_of[:n]
             y_AD = self.mlp_fn(x_TD[tokens], self.gate_proj, self.up_proj, self.down_proj, rows)
             return out_TD.index_add_(

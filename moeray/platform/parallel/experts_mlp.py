@@ -80,6 +80,11 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.cache = cache
         ctx.grouped = GroupedExperts.applies(x_AD, fp8, act)
         ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
+        if isinstance(rows, torch.Tensor) and not (
+            ctx.grouped and not ctx.grouped_fp8 and GroupedExperts.device_layout(x_AD)
+        ):
+            # every path but the BF16 grouped one on the device layout plans on the host
+            rows = ctx.rows = rows.tolist()
         ctx.kgrouped_wgrad = kgrouped_wgrad
         if ctx.grouped_fp8:
             with torch.autocast(dev, enabled=False):
@@ -331,9 +336,22 @@ class GroupedExperts:
     def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
         return x.shape[0] > 0 and GroupedExperts.available(x.device, fp8, act)
 
-    def __init__(self, x_AD: torch.Tensor, rows: list[int], align: int | None = None) -> None:
+    @staticmethod
+    def device_layout(x_AD: torch.Tensor) -> bool:
+        """Whether rows given as a device tensor stay there (`__init__`): on CUDA where the
+        weight gradients come from `grouped_wgrad`, which reads only each expert's rows (the
+        layout's tail past the last expert is never written, see `__init__`)."""
+        return x_AD.is_cuda and use_grouped_wgrad(x_AD.device)
+
+    def __init__(
+        self, x_AD: torch.Tensor, rows: list[int] | torch.Tensor, align: int | None = None
+    ) -> None:
         self.rows, self.device = rows, x_AD.device
+        self.padded: list[int] | None
         align = align or (self.ALIGN if x_AD.is_cuda else 1)
+        if isinstance(rows, torch.Tensor):
+            self._device_plan(x_AD, rows, align)
+            return
         self.padded = padded = [-(-n // align) * align for n in rows]
         ends = torch.tensor(padded).cumsum(0)
         self.P = int(ends[-1]) if len(rows) else 0
@@ -342,18 +360,49 @@ class GroupedExperts:
             self.dst_A = None
         else:  # padded position of each row: its expert's padded start + its rank within the expert
             starts = [0, *ends.tolist()[:-1]]
-            self.dst_A = torch.cat(
-                [torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]
-            ).to(x_AD.device, non_blocking=True)
+            self.dst_A = _to_device(
+                torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]),
+                x_AD.device,
+            )
+
+    def _device_plan(self, x_AD: torch.Tensor, counts_E: torch.Tensor, align: int) -> None:
+        """The padded layout from per-expert counts on the device, with no host sync: P is the
+        bound A + E (align - 1) instead of the exact size, and rows past the last expert's end
+        stay unwritten (zeros in `pad`, whatever the grouped GEMMs leave there elsewhere): the
+        grouped GEMMs and `grouped_wgrad` read each expert's rows only, and `unpad` never
+        selects them. One host sync per MoE layer and micro-batch less, each of which let the
+        GPU run dry while the host caught up."""
+        A, E = x_AD.shape[0], counts_E.shape[0]
+        counts = counts_E.to(torch.int64)
+        padded = (counts + (align - 1)) // align * align
+        self._ends = ends = padded.cumsum(0)
+        self.padded = None  # on the device; the host-planned paths (FP8) pass lists
+        self.P = A + E * (align - 1)
+        if align == 1:
+            self.dst_A = None
+            return
+        expert_A = torch.repeat_interleave(
+            torch.arange(E, device=counts.device), counts, output_size=A
+        )
+        shift_E = (ends - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
+        self.dst_A = torch.arange(A, device=counts.device) + shift_E[expert_A]
 
     def block_expert(self, block: int = 128) -> torch.Tensor:
         """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
-        ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
-        return torch.tensor(ids, dtype=torch.int32).to(self.device, non_blocking=True)
+        ids = [e for e, p in enumerate(self._host_padded()) for _ in range(p // block)]
+        return _to_device(torch.tensor(ids, dtype=torch.int32), self.device)
 
     def padded_segments(self):
         """(expert, slice of its padded rows) for every expert with rows."""
-        return _segments(self.padded)
+        return _segments(self._host_padded())
+
+    def _host_padded(self) -> list[int]:
+        if self.padded is None:
+            raise ValueError(
+                "GroupedExperts: this layout was planned on the device (rows as a "
+                "tensor); per-block and per-expert plans need rows as a list"
+            )
+        return self.padded
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:
@@ -367,7 +416,7 @@ class GroupedExperts:
     def offs(self) -> torch.Tensor:
         """int32 end row of each expert on the device: torch._grouped_mm's offsets (made on first
         use: the grouped FP8 path indexes blocks instead)."""
-        return self._ends.to(torch.int32).to(self.device, non_blocking=True)
+        return _to_device(self._ends.to(torch.int32), self.device)
 
     def mm(self, a_P: torch.Tensor, b_E: torch.Tensor) -> torch.Tensor:
         """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
@@ -391,10 +440,25 @@ class GroupedExperts:
             dw = grouped_wgrad(dy_PN, x_PK, self.offs, accumulate_into=accumulate_into)
             return dw if accumulate_into is not None else dw.to(dtype)
         dw = torch._grouped_mm(dy_PN.t(), x_PK, offs=self.offs).to(dtype)
-        empty = [e for e, n in enumerate(self.rows) if n == 0]
-        if empty:
-            dw[empty] = 0
+        if isinstance(self.rows, torch.Tensor):
+            dw.masked_fill_((self.rows == 0)[:, None, None], 0)  # no host sync
+        else:
+            empty = [e for e, n in enumerate(self.rows) if n == 0]
+            if empty:
+                dw[empty] = 0
         return dw if accumulate_into is None else accumulate_into.add_(dw)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t (built on the host, or already on `device`) on `device` without making the host wait:
+    from pageable memory a non_blocking copy may still wait for the stream (the driver stages
+    it), so CUDA copies go through pinned memory (PyTorch's caching host allocator: no
+    cudaHostAlloc once warm)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _segments(rows: list[int]):
@@ -435,7 +499,7 @@ def experts_mlp(
     w1_EID: torch.Tensor,
     w3_EID: torch.Tensor,
     w2_EDI: torch.Tensor,
-    rows: list[int],
+    rows: list[int] | torch.Tensor,
     *,
     store: WeightGradStore | None = None,
     fp8: bool = False,
@@ -447,8 +511,15 @@ def experts_mlp(
     `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8).
     `kgrouped_wgrad` (with `grouped_fp8`): its weight gradients in one k-grouped launch per
     projection (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert; one-process training
-    only (the kernel's module docstring says why)."""
-    if sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
+    only (the kernel's module docstring says why). `rows`: per expert, a list or an int64 [E]
+    tensor on x's device (its sum is not checked: reading it would sync)."""
+    if isinstance(rows, torch.Tensor):
+        if rows.shape != (w1_EID.shape[0],) or rows.device != x_AD.device:
+            raise ValueError(
+                f"experts_mlp: rows tensor of shape {tuple(rows.shape)} on {rows.device}; "
+                f"expected [{w1_EID.shape[0]}] (one count per expert) on {x_AD.device}"
+            )
+    elif sum(rows) != x_AD.shape[0] or len(rows) != w1_EID.shape[0]:
         raise ValueError(
             f"experts_mlp: rows {rows} (sum {sum(rows)}) for {x_AD.shape[0]} rows "
             f"and {w1_EID.shape[0]} experts"

@@ -249,6 +249,8 @@ def one_run(
 ) -> dict:
     """Train `cfg.steps` steps; the run's numbers (module docstring)."""
     model = build_model(cfg, model_cfg, fp8, kgrouped, device)
+    # on the device once: a copy from pageable memory per micro-batch waits for the GPU
+    tokens = tokens.to(device)
     label = "fp8-kgrouped" if kgrouped else "fp8" if fp8 else "bf16"
     optim = tstep.OptimConfig(
         lr=cfg.lr,
@@ -274,8 +276,10 @@ def one_run(
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64)
-        loss = 0.0
+        # summed on the device and read once a step: a read per micro-batch made the host wait
+        # for the GPU after every forward
+        loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64, device=device)
+        loss_t = torch.zeros((), device=device)
         with _profiled(profiled, device, counts, "forward_backward"):
             for mb in range(cfg.microbatches):
                 first = ((step * cfg.microbatches + mb) * mbs) * S1
@@ -283,8 +287,9 @@ def one_run(
                 with autocast:
                     parts = tstep.compute_loss(model, batch, loss_cfg)
                 (parts.total / cfg.microbatches).backward()
-                loss += parts.main / cfg.microbatches
-                loads_LE += tstep.expert_loads(model)
+                loss_t += parts.values_3[0] / cfg.microbatches
+                loads_LE += tstep.expert_loads_on_device(model)
+        loss, loads_LE = float(loss_t), loads_LE.cpu()
         with _profiled(profiled, device, counts, "optimizer"):
             tstep.apply_update(model, opt, step, optim)
         bias_LE = bias_update(bias_LE, loads_LE, 0.001)

@@ -119,10 +119,28 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 @dataclass(frozen=True)
 class LossParts:
-    total: torch.Tensor  # what backward runs on
-    main: float  # next-token cross-entropy
-    mtp: float  # mean MTP cross-entropy over depths (before lambda); nan without MTP
-    balance: float  # sum of the sequence-wise balance losses
+    """The objective (`total`, what backward runs on) and its parts for logging, kept on the
+    loss's device as `values_3` [main, mtp, balance] (fp32, detached): reading them as floats
+    makes the host wait for the GPU, which a step of several micro-batches should do once (sum
+    `values_3` over them), not after every forward."""
+
+    total: torch.Tensor
+    values_3: torch.Tensor
+
+    @property
+    def main(self) -> float:
+        """Next-token cross-entropy."""
+        return float(self.values_3[0])
+
+    @property
+    def mtp(self) -> float:
+        """Mean MTP cross-entropy over depths (before lambda); nan without MTP."""
+        return float(self.values_3[1])
+
+    @property
+    def balance(self) -> float:
+        """Sum of the sequence-wise balance losses."""
+        return float(self.values_3[2])
 
 
 def moe_layers(model: torch.nn.Module) -> list:
@@ -158,13 +176,20 @@ def compute_loss(model: torch.nn.Module, tokens_BS1: torch.Tensor, cfg: LossConf
                 cfg.balance_alpha,
             )
         total = total + balance
-    mtp = torch.stack(mtp_ces).mean().item() if mtp_ces else float("nan")
-    return LossParts(total, main.item(), mtp, balance.item())
+    mtp = torch.stack(mtp_ces).mean() if mtp_ces else main.new_full((), float("nan"))
+    values = torch.stack([t.detach().float() for t in (main, mtp, balance)])
+    return LossParts(total, values)
 
 
 def expert_loads(model: torch.nn.Module) -> torch.Tensor:
-    """[L, E] int64 tokens per expert of the last forward (this rank's tokens only)."""
-    rows = [m.last_routing.counts_E.detach().cpu() for m in moe_layers(model)]
+    """[L, E] int64 tokens per expert of the last forward (this rank's tokens only), on the CPU."""
+    return expert_loads_on_device(model).cpu()
+
+
+def expert_loads_on_device(model: torch.nn.Module) -> torch.Tensor:
+    """`expert_loads` where the counts are (the model's device): a step of several micro-batches
+    sums these and reads them back once."""
+    rows = [m.last_routing.counts_E.detach() for m in moe_layers(model)]
     return torch.stack(rows).to(torch.int64) if rows else torch.zeros(0, 0, dtype=torch.int64)
 
 
