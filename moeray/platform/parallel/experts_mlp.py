@@ -28,6 +28,7 @@ from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.weight_grad import (
     WeightGradStore,
     accumulate_weight_grad,
+    grad_to_add_into,
     linear_gemms,
 )
 
@@ -181,7 +182,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
                 # a later micro-batch adds into w.grad (in grouped_wgrad's epilogue where
                 # `GroupedExperts.wgrad` runs it, else the add autograd would make) and returns
                 # nothing for autograd to add
-                g = _epilogue_grad(w)
+                g = grad_to_add_into(w)
                 dw = grp.wgrad(d_PN, a_PK, w.dtype, accumulate_into=g)
                 return None if g is not None else dw
 
@@ -246,7 +247,7 @@ class _GroupedFP8:
                 if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
 
                     def kgrouped(at, bt, w):
-                        g = _epilogue_grad(w)
+                        g = grad_to_add_into(w)
                         if g is not None:  # a later micro-batch: += in the GEMM's epilogue
                             fp8_gemm_kgrouped(*at, *bt, grp.offs, accumulate_into=g)
                             return None
@@ -274,15 +275,6 @@ class _GroupedFP8:
 # backward's gradients for forward's non-tensor arguments (rows, store, fp8, cache, grouped_fp8,
 # kgrouped_wgrad)
 _NO_GRAD_ARGS = (None,) * 6
-
-
-def _epilogue_grad(w: torch.Tensor) -> torch.Tensor | None:
-    """w's gradient when the backward adds into it itself (a k-grouped GEMM in its epilogue) and
-    returns None for w: an fp32 contiguous `.grad` of a leaf, i.e. a later micro-batch of a step
-    (autograd's AccumulateGrad would add into that same tensor)."""
-    g = w.grad
-    ok = w.is_leaf and g is not None and g.dtype == torch.float32 and g.is_contiguous()
-    return g if ok else None
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:

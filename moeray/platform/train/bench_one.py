@@ -14,9 +14,11 @@ same weights (seed): `bf16` (every GEMM under bf16 autocast), `fp8` (the DeepSee
 `fp8-kgrouped`: FP8 with the routed experts' weight gradients in one k-grouped GEMM per projection
 (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert. Fast paths: the routed experts as one
 autograd node with grouped GEMMs (`experts_mlp.enable_grouped_experts`: `torch._grouped_mm` for
-BF16, the grouped FP8 kernel for FP8's forward and input-grad GEMMs on CUDA), AdamW fused on CUDA
-(`step.adamw_impl`). A failed `fp8-kgrouped` run leaves its error in `failed_runs` (exit 1); the
-result file is rewritten after every finished run.
+BF16, the grouped FP8 kernel for FP8's forward and input-grad GEMMs on CUDA), the other linear
+layers as split linears (`weight_grad.enable_split_linears`: the bf16 weight cast once per step,
+the weight gradient written in fp32 by the GEMM on CUDA; MOERAY_FUSED_LINEAR_WGRAD=0 keeps
+nn.Linear), AdamW fused on CUDA (`step.adamw_impl`). A failed `fp8-kgrouped` run leaves its error
+in `failed_runs` (exit 1); the result file is rewritten after every finished run.
 
 Numbers per run (the first `--warmup` steps and the profiled last step left out of timings):
   step_time_s, tokens_per_s   wall time of a whole step (synchronized), mean; tokens / that;
@@ -62,6 +64,7 @@ from moeray.platform.config import ModelConfig
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.loss import fused_cross_entropy_planned
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
+from moeray.platform.parallel.weight_grad import enable_split_linears
 from moeray.platform.rank_weights import dummy_model
 from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
@@ -228,7 +231,7 @@ def build_model(
 ):
     """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
     projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
-    `kgrouped`)."""
+    `kgrouped`), the other linear layers split linears (FP8 ones stay FP8)."""
     model = dummy_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
@@ -236,6 +239,7 @@ def build_model(
         enable_fp8_training(model)
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     enable_grouped_experts(model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped)
+    enable_split_linears(model)
     return model.train()
 
 

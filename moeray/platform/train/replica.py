@@ -27,6 +27,7 @@ from moeray.platform.parallel.expert import enable_expert_parallel, is_expert_pa
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
 from moeray.platform.parallel.node_limited import enable_node_limited, node_topology
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
+from moeray.platform.parallel.weight_grad import enable_split_linears
 from moeray.platform.train import step as tstep
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.recompute import apply_recompute
@@ -124,9 +125,10 @@ def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device)
     FP8 projections, expert parallelism (this rank keeps E/EP routed experts; node-limited with
     `parallel.node_limited`), the routed experts as one autograd node with grouped GEMMs
     (`experts_mlp.enable_grouped_experts`: the grouped FP8 kernel on CUDA, and with one rank the
-    experts' weight gradients k-grouped, as `moeray bench train --pp 1` measures), recompute in
-    the backward (`job.recompute`, train/recompute.py), the device. Returns the same module,
-    changed in place."""
+    experts' weight gradients k-grouped, as `moeray bench train --pp 1` measures), with one rank
+    the other linear layers as split linears (`weight_grad.enable_split_linears`, as the bench
+    too), recompute in the backward (`job.recompute`, train/recompute.py), the device. Returns
+    the same module, changed in place."""
     if job.fp8:
         enable_fp8_training(model)
     p = job.parallel
@@ -140,6 +142,10 @@ def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device)
     # benchmarks/notes-train.md): with several ranks the weight gradients stay per expert.
     alone = not dist.is_initialized() or dist.get_world_size() == 1
     enable_grouped_experts(model, grouped_fp8=cuda, kgrouped_wgrad=cuda and alone)
+    if alone:
+        # With several ranks nn.Linear stays: the fp32-out weight gradient is for a process
+        # alone (`weight_grad.use_fused_linear_wgrad`), and the swap without it was not measured.
+        enable_split_linears(model)
     if job.recompute:
         apply_recompute(model, job.recompute)
     return model.to(device)
