@@ -155,5 +155,12 @@ def test_whole_model_with_split_linears_trains_like_nn_linear(monkeypatch):
     # step 2: AdamW moved every weight by ~1e-2; a layer still on its old bf16 cast would be off
     # by O(1) in its gradients (measured on the CPU: ~2 relative) and ~3e-3 in the loss
     assert l1_got == pytest.approx(l1_want, rel=1e-3)
-    for name, g in g1_want.items():
-        assert _rel(g1_got[name], g) < 0.2, name
+    rel = {name: _rel(g1_got[name], g) for name, g in g1_want.items()}
+    # The swapped layers' own weights carry the stale-cast signal. Other gradients take the
+    # step-1 difference through AdamW's first update (about lr * sign(g): tiny components of g
+    # flip between the two paths): on the H200 the embedding's step-2 gradient differed by more
+    # than 0.2 relative with every linear layer within bound, so they get a looser bound that
+    # still catches a model gone wrong.
+    swapped = {n for n in rel if n.endswith("proj.weight") or n == "lm_head.weight"}
+    assert swapped and all(rel[n] < 0.2 for n in swapped), {n: rel[n] for n in swapped}
+    assert all(r < 1.0 for r in rel.values()), rel

@@ -213,10 +213,21 @@ def test_whole_model_with_grouped_experts_equals_the_per_expert_loop(fp8):
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert all((m.mlp_fn is not None) == grouped for m in experts)
         got.append(_loss_and_grads(model, tokens, fp8_autocast=fp8))
-    assert got[1][0] == pytest.approx(got[0][0], rel=1e-6)
     assert got[1][1].keys() == got[0][1].keys()
+    if not fp8:  # fp32: the same products in the same order
+        assert got[1][0] == pytest.approx(got[0][0], rel=1e-6)
+        for name, want in got[0][1].items():
+            torch.testing.assert_close(got[1][1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+        return
+    # FP8 under bf16 autocast: the activations are bf16 (model/autocast.py) and the two paths
+    # round them at different points (the loop casts each expert's output, experts_mlp all rows
+    # at once), so an e4m3 quantization (3 mantissa bits, steps of 6-12%) can land on the other
+    # side of a step: up to 7% of a gradient's largest entry measured on CPU. A wrong expert,
+    # row or scale: O(1).
+    assert got[1][0] == pytest.approx(got[0][0], rel=1e-3)
     for name, want in got[0][1].items():
-        torch.testing.assert_close(got[1][1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+        err = (got[1][1][name] - want).abs().max() / want.abs().max()
+        assert err < 0.15, (name, float(err))
 
 
 def test_grouped_experts_switch_keeps_fp8_and_its_cache():

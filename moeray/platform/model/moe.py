@@ -160,7 +160,9 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=key.device)
         counts.scatter_add_(0, key, torch.ones_like(key))
         token_of = order // K
-        out_TD = torch.zeros_like(x_TD)
+        # Summed in fp32 whatever x's dtype (the K contributions of a token arrive by atomic
+        # adds in no fixed order: in bf16 the result would depend on it), cast back at the end.
+        out_TD = torch.zeros_like(x_TD, dtype=torch.promote_types(x_TD.dtype, torch.float32))
         if self.mlp_fn is not None:
             rows: list[int] | torch.Tensor
             if expert_offset == 0 and self.num_experts == self.routed_experts:
@@ -173,9 +175,10 @@ class Experts(nn.Module):
                 n = sum(rows)
             idx, tokens = order[:n], token_of[:n]
             y_AD = self.mlp_fn(x_TD[tokens], self.gate_proj, self.up_proj, self.down_proj, rows)
-            return out_TD.index_add_(
+            out_TD.index_add_(
                 0, tokens, y_AD.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
             )
+            return out_TD.to(x_TD.dtype)
         start = 0
         for e, n in enumerate(counts[: self.num_experts].tolist()):
             if n == 0:
@@ -189,7 +192,7 @@ class Experts(nn.Module):
             out_TD.index_add_(
                 0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
             )
-        return out_TD
+        return out_TD.to(x_TD.dtype)
 
     def _fused(
         self,

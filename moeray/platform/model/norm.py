@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moeray.kernels.norm import rms_norm, rms_norm_applies, rms_norm_ref
+from moeray.platform.model.autocast import to_autocast
 
 
 def use_fused_norm(
@@ -32,15 +33,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused_norm(x, self.weight):
-            return rms_norm(x, self.weight, self.eps)[0]
-        return rms_norm_ref(x, self.weight, self.eps)[0]
+        weight = to_autocast(self.weight)  # under autocast: scale in its dtype (model/autocast.py)
+        if use_fused_norm(x, weight):
+            return rms_norm(x, weight, self.eps)[0]
+        return rms_norm_ref(x, weight, self.eps)[0]
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(x + residual), x + residual): the decoder layer's residual add fused with the
         norm that follows it (one kernel on the GPU)."""
-        if use_fused_norm(x, self.weight, residual):
-            return rms_norm(x, self.weight, self.eps, residual)
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        weight = to_autocast(self.weight)
+        if use_fused_norm(x, weight, residual):
+            return rms_norm(x, weight, self.eps, residual)
+        return rms_norm_ref(x, weight, self.eps, residual)

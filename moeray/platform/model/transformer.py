@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moeray.platform.config import ModelConfig
+from moeray.platform.model.autocast import Embedding
 from moeray.platform.model.block import DecoderLayer
 from moeray.platform.model.linear import Linear
 from moeray.platform.model.mla import DenseKVCache, KVCache
@@ -37,7 +38,7 @@ class ModelOutput:
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
