@@ -1,6 +1,8 @@
 """The m-grouped FP8 GEMM (`fp8_gemm_grouped`: all experts' rows in one launch) against its
 PyTorch reference and against per-expert `fp8_gemm`, under the interpreter."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -47,6 +49,60 @@ def test_grouped_gemm_transposed_b_for_the_input_grad():
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
+def _poisoned_empty(monkeypatch) -> None:
+    """Float outputs of torch.empty start as NaN: rows a kernel leaves unwritten show (plain
+    torch.empty could hand back an earlier call's bytes)."""
+    real = torch.empty
+
+    def empty(*shape, **kw):
+        t = real(*shape, **kw)
+        return t.fill_(float("nan")) if t.dtype in (torch.float32, torch.bfloat16) else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("blocks", [[1, -1, -1], [-1, 0, 2, -1], [-1, -1]])
+def test_grouped_gemm_skips_blocks_without_an_expert(blocks, monkeypatch):
+    """Blocks of expert -1 (a device-planned layout's tail, `GroupedExperts.block_expert`) are
+    skipped by the kernel and the reference: no arithmetic on their rows of a (NaN codes and inf
+    scales here), exact zeros in their rows of c (over the NaN torch.empty gives here), and every
+    other block equal, bit for bit, to the same call with the -1 blocks given an expert. Odd
+    shapes: N = K = 200 (a ragged last column tile and K block), a -1 block between experts,
+    only -1 blocks."""
+    E, N, K = 3, 200, 200
+    b, b_s = _experts(E, N, K, seed=11)
+    x = torch.randn(128 * len(blocks), K, generator=torch.Generator().manual_seed(12))
+    a, a_s = fp8.act_quant(x, scale_col_major=True)
+    skipped = [i for i, e in enumerate(blocks) if e < 0]
+    for i in skipped:
+        r = slice(128 * i, 128 * (i + 1))
+        a.view(torch.uint8)[r] = 0x7F  # e4m3fn NaN
+        a_s[r] = float("inf")
+    ids = torch.tensor(blocks, dtype=torch.int32)
+    filled = torch.tensor([i % E if e < 0 else e for i, e in enumerate(blocks)], dtype=torch.int32)
+    with warnings.catch_warnings():  # NaN * scale in the blocks given an expert: expected here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = {
+            f: f(a, a_s, b, b_s, filled) for f in (fp8.fp8_gemm_grouped, fp8.fp8_gemm_grouped_ref)
+        }
+    _poisoned_empty(monkeypatch)
+    for f, w in want.items():
+        with warnings.catch_warnings():  # ...but none in the skipped ones: numpy would warn
+            warnings.simplefilter("error", RuntimeWarning)
+            out = f(a, a_s, b, b_s, ids)
+        for i in range(len(blocks)):
+            r = slice(128 * i, 128 * (i + 1))
+            if i in skipped:
+                assert out[r].eq(0).all() and not out[r].signbit().any(), (f.__name__, i)
+            else:
+                assert torch.equal(out[r], w[r]) and torch.isfinite(out[r].float()).all()
+    kept = [
+        r for i in range(len(blocks)) if i not in skipped for r in range(128 * i, 128 * i + 128)
+    ]
+    kernel, ref = want[fp8.fp8_gemm_grouped][kept], want[fp8.fp8_gemm_grouped_ref][kept]
+    torch.testing.assert_close(kernel.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_grouped_gemm_input_errors():
     b, b_s = _experts(2, 128, 128, seed=1)
     a, a_s = fp8.act_quant(torch.randn(200, 128), scale_col_major=True)
@@ -57,6 +113,9 @@ def test_grouped_gemm_input_errors():
         fp8.fp8_gemm_grouped(a, a_s, b, b_s, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="b_scale"):
         fp8.fp8_gemm_grouped(a, a_s, b, b_s[:, :, :0], torch.zeros(2, dtype=torch.int32))
+    for ids, named in (([0, 2], 2), ([-2, 1], -2)):  # 2 experts: ids in [0, 2) or -1
+        with pytest.raises(ValueError, match=rf"block_expert holds \[{named}\]"):
+            fp8.fp8_gemm_grouped(a, a_s, b, b_s, torch.tensor(ids, dtype=torch.int32))
 
 
 _GPU_CHECK = r"""
@@ -119,6 +178,43 @@ def test_grouped_fp8_experts_through_the_triton_kernels():
     for name, i in (("y", 0), ("dx", 1), ("dW1", 2), ("dW3", 3), ("dW2", 4)):
         rel = ((outs[1][i] - outs[0][i]).norm() / outs[0][i].norm()).item()
         assert rel < 5e-2, (name, rel)  # measured 0.019 (y), 0.021 (dx)
+    assert all(outs[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
+
+
+def test_grouped_fp8_kgrouped_experts_from_device_counts_through_the_triton_kernels(monkeypatch):
+    """The same experts with k-grouped weight gradients, counts as a list and as a tensor with
+    the chooser forced (`GroupedExperts.device_layout`, CUDA in production): the device plan
+    (P 384 where the exact size is 256: a block of expert -1 at the end) through the
+    interpreted kernels gives the list's outputs and gradients bit for bit. An expert without
+    rows, one of exactly 128."""
+    from moeray.platform import fp8 as f8
+    from moeray.platform.parallel.experts_mlp import GroupedExperts, experts_mlp
+
+    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x, **kw: True))
+    g = torch.Generator().manual_seed(4)
+    rows, D, inter = [2, 0, 128], 128, 160
+    x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
+    ws = [
+        torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
+    ]
+    outs = []
+    for counts in (rows, torch.tensor(rows)):
+        xi = x.clone().requires_grad_()
+        wi = [w.clone().requires_grad_() for w in ws]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts_mlp(
+                xi,
+                *wi,
+                counts,
+                fp8=True,
+                cache=f8.WeightCache(),
+                grouped_fp8=True,
+                kgrouped_wgrad=True,
+            )
+        (y.float() * torch.linspace(-1, 1, D)).sum().backward()
+        outs.append((y.float(), xi.grad, *(w.grad for w in wi)))
+    for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), *outs, strict=True):
+        assert torch.equal(b, a) and bool(torch.isfinite(b).all()), name
     assert all(outs[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
 
 

@@ -71,6 +71,26 @@ def test_kgrouped_gemm_accumulates_into_a_gradient():
         fp8_gemm_kgrouped(a, a_s, b, b_s, ends, accumulate_into=grad[:, :, :-1].contiguous())
 
 
+@pytest.mark.parametrize("tokens", [[128, 0, 256], [0, 384, 0]])
+def test_kgrouped_gemm_reads_no_token_past_the_last_end(tokens):
+    """A device-planned layout (`GroupedExperts` given counts as a tensor) has P past the last
+    expert's end, 3 blocks here: the kernel reduces expert e over [ends[e - 1], ends[e]) only,
+    so NaN codes and inf scales in the tail change nothing, and the result equals the same call
+    on the tokens up to ends[-1], bit for bit. A last expert without tokens included."""
+    M, N = 70, 131
+    p, tail = sum(tokens), 3 * 128
+    a, a_s = _quantized_t(p + tail, M, seed=12)
+    b, b_s = _quantized_t(p + tail, N, seed=13)
+    ends = torch.tensor(tokens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    cut = [t[:, : p // d].contiguous() for t, d in ((a, 1), (a_s, 128), (b, 1), (b_s, 128))]
+    want = fp8_gemm_kgrouped(*cut, ends, out_dtype=torch.float32)
+    for q, scale in ((a, a_s), (b, b_s)):
+        q.view(torch.uint8)[:, p:] = 0x7F  # e4m3fn NaN
+        scale[:, p // 128 :] = float("inf")
+    got = fp8_gemm_kgrouped(a, a_s, b, b_s, ends, out_dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
 def test_kgrouped_gemm_bf16_output_and_input_errors():
     a, a_s = _quantized_t(256, 64, seed=1)
     b, b_s = _quantized_t(256, 32, seed=2)

@@ -4,6 +4,7 @@ PP=2, PP=4 and PP=2 x EP=2; stage layout; the deferred weight-grad split on its 
 process group made on every rank and checked before the first step; the timeout and bench flags."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -378,8 +379,11 @@ def test_experts_mlp_equals_the_per_expert_loop(fp8):
         experts_mlp(x, grouped.gate_proj, grouped.up_proj, grouped.down_proj, [1] * E)
 
 
-def run_experts_mlp(rows, D, inter, *, grouped_fp8, defer, seed=0):
-    """experts_mlp (FP8) forward + backward on random inputs: (y, dx, dW1, dW3, dW2)."""
+def run_experts_mlp(
+    rows, D, inter, *, grouped_fp8, defer, seed=0, kgrouped_wgrad=False, counts_tensor=False
+):
+    """experts_mlp (FP8) forward + backward on random inputs: (y, dx, dW1, dW3, dW2). The
+    counts go as a list, or as a tensor with `counts_tensor`."""
     from moeray.platform import fp8 as f8
 
     g = torch.Generator().manual_seed(seed)
@@ -396,7 +400,14 @@ def run_experts_mlp(rows, D, inter, *, grouped_fp8, defer, seed=0):
     # bf16 autocast as in training: both paths round the GEMM outputs and the SwiGLU to bf16
     with store.collect((0, 0, 0), defer=defer), torch.autocast("cpu", dtype=torch.bfloat16):
         y = experts_mlp(
-            x, *ws, rows, store=store, fp8=True, cache=f8.WeightCache(), grouped_fp8=grouped_fp8
+            x,
+            *ws,
+            torch.tensor(rows) if counts_tensor else rows,
+            store=store,
+            fp8=True,
+            cache=f8.WeightCache(),
+            grouped_fp8=grouped_fp8,
+            kgrouped_wgrad=kgrouped_wgrad,
         )
     y.backward(dy.to(y.dtype))
     store.flush((0, 0, 0))
@@ -429,6 +440,60 @@ def test_grouped_fp8_experts_match_the_per_expert_path(monkeypatch):
         experts_mlp(
             torch.randn(2, 8), *(torch.randn(1, 8, 8),) * 3, [2], fp8=False, grouped_fp8=True
         )
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_grouped_fp8_kgrouped_experts_take_counts_as_a_tensor(monkeypatch, defer):
+    """FP8 grouped experts with k-grouped weight gradients, given the counts as a tensor with
+    the chooser forced (`GroupedExperts.device_layout`; on CUDA in production): the layout
+    planned on the device (P 896 where the exact size is 512: 3 blocks of expert -1) gives the
+    outputs and gradients of the list, bit for bit (the same GEMMs on the same rows; here the
+    kernels' references). Experts without rows (between, last), one of exactly 256 rows; every
+    float torch.empty full of NaN, so a tail row left unwritten and then read would show.
+    Without kgrouped_wgrad the chooser says no and the counts are read back: the per-expert
+    weight gradients slice on the host."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' references (see the test above)
+    asked, planned = [], []
+
+    def device_layout(x, *, fp8, kgrouped_wgrad):
+        asked.append((fp8, kgrouped_wgrad))
+        return fp8 and kgrouped_wgrad  # what it says on CUDA
+
+    plan = GroupedExperts._device_plan
+
+    def spy(self, x, counts, align):
+        planned.append(align)
+        return plan(self, x, counts, align)
+
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.dtype in (torch.float32, torch.bfloat16) else t
+
+    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(device_layout))
+    monkeypatch.setattr(GroupedExperts, "_device_plan", spy)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    rows = [5, 0, 256, 17, 0]
+    for kgrouped in (True, False):
+        planned.clear()
+        want = run_experts_mlp(
+            rows, 128, 160, grouped_fp8=True, defer=defer, kgrouped_wgrad=kgrouped
+        )
+        assert planned == []
+        got = run_experts_mlp(
+            rows,
+            128,
+            160,
+            grouped_fp8=True,
+            defer=defer,
+            kgrouped_wgrad=kgrouped,
+            counts_tensor=True,
+        )
+        assert planned == ([128] if kgrouped else []) and asked[-1] == (True, kgrouped)
+        for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), got, want, strict=True):
+            assert torch.equal(a, b) and bool(torch.isfinite(a).all()), (kgrouped, name)
+        assert all(got[i][e].abs().max() == 0 for i in (2, 3, 4) for e in (1, 4))  # no rows
 
 
 def test_grouped_fp8_is_a_per_stage_switch(monkeypatch):
@@ -478,11 +543,12 @@ def test_grouped_expert_gemms_with_aligned_rows():
         [dy[s : s + n].t() @ x[s : s + n] for s, n in zip(starts, rows, strict=True)]
     )
     for align, planned in ((1, "host"), (16, "host"), (1, "device"), (16, "device")):
-        # "device": the counts as a tensor, the layout planned without reading them (P a bound)
+        # "device": the counts as a tensor, the layout planned without reading them (P a bound:
+        # 39 + 5 x 15 = 114 rows rounded down to 112, a multiple of 16)
         counts = rows if planned == "host" else torch.tensor(rows)
         grp = GroupedExperts(x, counts, align=align)
         exact = sum(rows) if align == 1 else 16 + 0 + 32 + 16 + 16
-        assert grp.P == (exact if planned == "host" else sum(rows) + E * (align - 1))
+        assert grp.P == (exact if planned == "host" or align == 1 else 112)
         x_P, dy_P = grp.pad(x), grp.pad(dy)
         torch.testing.assert_close(grp.unpad(grp.mm(x_P, w.transpose(-2, -1))), want_y)
         dw = grp.wgrad(dy_P, x_P, torch.float32)
@@ -493,11 +559,45 @@ def test_grouped_expert_gemms_with_aligned_rows():
             assert [e for e, _ in grp.padded_segments()] == [0, 2, 3, 4]
         else:
             with pytest.raises(ValueError, match="planned on the device"):
-                grp.block_expert()
+                grp.padded_segments()
+        with pytest.raises(ValueError, match="straddle"):  # 128-row blocks, 16-row alignment
+            grp.block_expert()
+        if align == 16:  # the blocks past the last expert's end (the device plan's tail): -1
+            tail = [] if planned == "host" else [-1, -1]
+            assert grp.block_expert(16).tolist() == [0, 2, 2, 3, 4, *tail]
         if align > 1:  # the padding rows are zero and every expert starts aligned
             assert x_P.abs().sum(1).nonzero().flatten().tolist() == (
                 list(range(0, 5)) + list(range(16, 33)) + list(range(48, 64)) + [64]
             )
+
+
+def test_device_planned_block_experts_at_128_rows():
+    """The FP8 grouped layout (align 128) planned on the device: P is the bound A + 127 E
+    rounded down to a multiple of 128, never below the exact size (equal to it when every
+    expert has one row past a multiple of 128), and `block_expert` is the host plan's followed
+    by -1 for each block past the last expert's end: experts without rows (first, between,
+    last) get no block, one of exactly 256 rows two."""
+    g = torch.Generator().manual_seed(2)
+    cases = [[0, 5, 128, 0, 256, 129, 0], [1, 1, 1, 129], [300], [0, 0, 1]]
+    cases += [torch.randint(0, 300, (6,), generator=g).tolist() for _ in range(4)]
+    for rows in cases:
+        x = torch.randn(sum(rows), 8)
+        host = GroupedExperts(x, rows, align=128)
+        dev = GroupedExperts(x, torch.tensor(rows), align=128)
+        E = len(rows)
+        assert dev.P == (sum(rows) + 127 * E) // 128 * 128 >= host.P and dev.P % 128 == 0
+        ids = dev.block_expert()
+        assert ids.dtype == torch.int32 and ids.shape == (dev.P // 128,)
+        want = host.block_expert().tolist() + [-1] * ((dev.P - host.P) // 128)
+        assert ids.tolist() == want, rows
+        assert dev.offs.tolist() == host.offs.tolist()
+        x_P = dev.pad(x)  # the tail is zeros, every row back in place
+        assert torch.equal(x_P[: host.P], host.pad(x)) and x_P[host.P :].abs().sum() == 0
+        assert torch.equal(dev.unpad(x_P), x)
+    assert GroupedExperts(torch.randn(4, 8), torch.tensor([1, 1, 1, 1]), align=128).P == 512
+    rows = cases[0]  # 518 rows + 7 x 127 = 1407 -> P 1280, 4 blocks past the exact 768
+    blocks = GroupedExperts(torch.randn(518, 8), torch.tensor(rows), align=128).block_expert()
+    assert blocks.tolist() == [1, 2, 4, 4, 5, 5, -1, -1, -1, -1]
 
 
 @pytest.mark.parametrize("device_layout", [False, True])
@@ -506,7 +606,9 @@ def test_experts_mlp_takes_counts_as_a_tensor(monkeypatch, device_layout):
     give the outputs and gradients of the list: planned on the device where
     `GroupedExperts.device_layout` (forced here; CUDA with grouped_wgrad in production), read
     back to a list elsewhere. A wrong shape is refused with the expected one named."""
-    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x: device_layout))
+    monkeypatch.setattr(
+        GroupedExperts, "device_layout", staticmethod(lambda x, **kw: device_layout)
+    )
     g = torch.Generator().manual_seed(3)
     rows, D, inter = [7, 0, 19, 6], 32, 24
     x = torch.randn(sum(rows), D, generator=g)
@@ -613,13 +715,26 @@ def test_grouped_wgrad_path_equals_torch_over_two_micro_batches(monkeypatch, def
 
 def test_grouped_wgrad_chooser(monkeypatch):
     """One place decides: CUDA only (CPU keeps torch._grouped_mm), one process, and
-    MOERAY_FUSED_GROUPED_WGRAD=0 switches it off."""
+    MOERAY_FUSED_GROUPED_WGRAD=0 switches it off. `GroupedExperts.device_layout` (counts kept
+    on the device) follows it for BF16, and says yes for FP8 with kgrouped_wgrad whatever that
+    switch says; never on the CPU, never for FP8's per-expert weight gradients."""
     from moeray.platform.parallel.experts_mlp import use_grouped_wgrad
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    x_cuda = SimpleNamespace(is_cuda=True, device=cuda)  # all the rule reads of a CUDA x
+    layout = GroupedExperts.device_layout
     monkeypatch.delenv("MOERAY_FUSED_GROUPED_WGRAD", raising=False)
     assert use_grouped_wgrad(cuda) and not use_grouped_wgrad(cpu)
-    monkeypatch.setenv("MOERAY_FUSED_GROUPED_WGRAD", "0")
+    for switch in ("1", "0"):
+        monkeypatch.setenv("MOERAY_FUSED_GROUPED_WGRAD", switch)
+        assert layout(x_cuda, fp8=False, kgrouped_wgrad=False) is (switch == "1")
+        assert layout(x_cuda, fp8=True, kgrouped_wgrad=True)
+        assert not layout(x_cuda, fp8=True, kgrouped_wgrad=False)
+        assert not any(
+            layout(torch.zeros(1, 1), fp8=f, kgrouped_wgrad=kg)
+            for f in (False, True)
+            for kg in (False, True)
+        )
     assert not use_grouped_wgrad(cuda)
 
 

@@ -107,7 +107,7 @@ def _fp8_gemm_kernel(
     stride_bsk,
     expert_ptr,
     stride_be,
-    stride_bse,  # GROUPED only: the expert of each 128-row block of a
+    stride_bse,  # GROUPED only: the expert of each 128-row block of a, -1 for none (zeros)
     B_SCALE_DIV: tl.constexpr,  # 128: b scale per 128x128 block; 1: per 1x128 row group
     ROW_SCALE: tl.constexpr,  # B_SCALE_DIV == 128, BLOCK_N <= 128: one b scale per tile and K block
     BLOCK_M: tl.constexpr,
@@ -123,6 +123,13 @@ def _fp8_gemm_kernel(
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if GROUPED:  # BLOCK_M divides 128, so the whole tile is one expert's
         e = tl.load(expert_ptr + (pid_m * BLOCK_M) // 128).to(tl.int64)
+        # Expert -1 (no expert: a device-planned layout's tail): no K block (below), so nothing
+        # read, and zeros stored. Not an early return: that took 172 registers a thread instead
+        # of 167 for the grouped 64x128 tile (Triton 3.6 compiling for sm_90a at Moonlight's
+        # gate shape, ptxas -v), past the 168 that let 3 CTAs share an SM (_CTAS_PER_SM_64); a
+        # zero trip count keeps 167.
+        has_expert = e >= 0
+        e = tl.maximum(e, 0)
         b_ptr += e * stride_be
         bs_ptr += e * stride_bse
 
@@ -135,6 +142,8 @@ def _fp8_gemm_kernel(
     else:
         bs_ptrs = bs_ptr + ((offs_n % N) // B_SCALE_DIV) * stride_bsn
     num_kb = tl.cdiv(K, BLOCK_K)
+    if GROUPED:
+        num_kb = tl.where(has_expert, num_kb, 0)
     if SPLIT_M:
         # One warpgroup, two 64-row dots sharing each b tile: b is read once per 128 rows and the
         # grid has half the CTAs of 64-row tiles (wins at large K / large N; see _split_m_wins).

@@ -37,7 +37,16 @@ def fp8_gemm_grouped(
     [128 i, 128 (i + 1)) are multiplied by expert block_expert[i]'s b:
         c[rows of block i] = a[rows] @ b[block_expert[i]]^T        b [E, N, K], any strides
     a_scale [P, K/128] (1x128 groups), b_scale [E, N/128, K/128] (128x128 blocks), block_expert
-    int32 [P / 128]. One launch for all experts, where per-expert GEMMs launch E."""
+    int32 [P / 128], each in [0, E) or -1. One launch for all experts, where per-expert GEMMs
+    launch E.
+
+    A block of expert -1 (no expert: the tail of a layout planned on the device, past the last
+    expert's rows, `GroupedExperts.block_expert`) is skipped: its programs run no K step, so
+    neither its rows of a and a_scale (whatever they hold, NaN and inf included) nor any b are
+    read, and they store zeros in its rows of c (a zero trip count rather than an early return:
+    the kernel's comment says why), so every row of c (from torch.empty) is written. The ids
+    are checked against [-1, E) where that is cheap, when block_expert is on the CPU (on CUDA
+    the check would make the host wait for the GPU)."""
     check_tensor(a_fp8, "a_fp8", dtypes=(FP8_DTYPE,), ndim=2)
     check_tensor(b_fp8, "b_fp8", dtypes=(FP8_DTYPE,), ndim=3, device=a_fp8.device)
     check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), ndim=2, device=a_fp8.device)
@@ -57,6 +66,12 @@ def fp8_gemm_grouped(
     kb = cdiv(k, 128)
     check_shape(a_scale, "a_scale", (p, kb))
     check_shape(b_scale, "b_scale", (e, cdiv(n, 128), kb))
+    if not block_expert.is_cuda:
+        bad = sorted({i for i in block_expert.tolist() if not -1 <= i < e})
+        if bad:
+            raise ValueError(
+                f"block_expert holds {bad}: expected expert ids in [0, {e}) or -1 (no expert)"
+            )
     if not use_triton(a_fp8):
         return fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype)
     c = torch.empty((p, n), dtype=out_dtype, device=a_fp8.device)
@@ -98,9 +113,13 @@ def fp8_gemm_grouped(
 
 
 def fp8_gemm_grouped_ref(a_fp8, a_scale, b_fp8, b_scale, block_expert, out_dtype=torch.bfloat16):
-    """fp8_gemm_grouped in PyTorch: fp8_gemm_ref per 128-row block."""
+    """fp8_gemm_grouped in PyTorch: fp8_gemm_ref per 128-row block; zeros for blocks of expert
+    -1, whose rows of a are not read."""
     c = torch.empty((a_fp8.shape[0], b_fp8.shape[1]), dtype=out_dtype, device=a_fp8.device)
     for i, e in enumerate(block_expert.tolist()):
         rows = slice(128 * i, 128 * (i + 1))
+        if e < 0:
+            c[rows] = 0
+            continue
         c[rows] = fp8_gemm_ref(a_fp8[rows], a_scale[rows], b_fp8[e], b_scale[e], out_dtype)
     return c

@@ -120,7 +120,8 @@ def fp8_gemm_kgrouped(
         c[e] = a[:, tokens of e] @ b[:, tokens of e]^T        -> c [E, M, N]
     a_scale [M, P/128], b_scale [N, P/128]; ends int32 [E], nondecreasing multiples of 128, at
     most P (the device reads them, so they are checked here only when they are on the CPU). An
-    expert without tokens gets exact zeros.
+    expert without tokens gets exact zeros. Tokens past ends[-1] are never read (the tail of a
+    layout planned on the device, `GroupedExperts`), whatever they hold.
 
     `accumulate_into`: an fp32 [E, M, N] tensor (a weight's gradient) that gets `+= c` in the
     kernel's epilogue and is returned (`out_dtype` is then ignored): one pass over it instead of

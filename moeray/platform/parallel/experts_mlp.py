@@ -67,7 +67,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         w1_EID,
         w3_EID,
         w2_EDI,
-        rows: list[int],
+        rows: list[int] | torch.Tensor,
         store: WeightGradStore | None,
         fp8: bool,
         cache,
@@ -82,9 +82,11 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.grouped = GroupedExperts.applies(x_AD, fp8, act)
         ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
         if isinstance(rows, torch.Tensor) and not (
-            ctx.grouped and not ctx.grouped_fp8 and GroupedExperts.device_layout(x_AD)
+            (ctx.grouped or ctx.grouped_fp8)
+            and GroupedExperts.device_layout(x_AD, fp8=fp8, kgrouped_wgrad=kgrouped_wgrad)
         ):
-            # every path but the BF16 grouped one on the device layout plans on the host
+            # the per-expert paths, and grouped ones whose weight gradients slice experts on the
+            # host, plan on the host
             rows = ctx.rows = rows.tolist()
         ctx.kgrouped_wgrad = kgrouped_wgrad
         if ctx.grouped_fp8:
@@ -102,6 +104,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             ctx.grp = grp
             ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1_EID, w3_EID, w2_EDI)
             return y_AD
+        assert isinstance(rows, list)  # read back above: only grouped paths keep a tensor
         fwd, _, _ = linear_gemms(fp8, cast, cache)
         with torch.autocast(dev, enabled=False):
             if fp8:  # gate and up quantize their shared rows once
@@ -204,7 +207,11 @@ class _GroupedFP8:
     quantization (or, with `kgrouped_wgrad`, one k-grouped launch per projection over the same
     quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
     micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped), where the per-expert path makes
-    ~29 E."""
+    ~29 E.
+
+    Rows as a device tensor (`GroupedExperts.device_layout`: k-grouped weight gradients only)
+    give the layout planned on the device: P a bound, the blocks past the last expert's end of
+    expert -1, whose rows nothing reads (see `forward`)."""
 
     @staticmethod
     def forward(ctx, x_AD, w1, w3, w2, act):
@@ -216,6 +223,11 @@ class _GroupedFP8:
         s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
         g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
         u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
+        # A device-planned layout's tail (the -1 blocks) is zeros in x (pad), g and u (the
+        # grouped GEMM), so in h and, backward, in dy, dh, dg, du; nor could it reach real
+        # rows: every op is row-wise (1x128 groups) or per block (act_quant_t's 128x1 groups:
+        # experts start 128-aligned, the tail at the last padded end, and P % 128 == 0), and
+        # no sum spans more than an expert's rows (fp8_gemm_kgrouped: [offs[e - 1], offs[e])).
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
         y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
@@ -329,18 +341,22 @@ class GroupedExperts:
         return x.shape[0] > 0 and GroupedExperts.available(x.device, fp8, act)
 
     @staticmethod
-    def device_layout(x_AD: torch.Tensor) -> bool:
-        """Whether rows given as a device tensor stay there (`__init__`): on CUDA where the
-        weight gradients come from `grouped_wgrad`, which reads only each expert's rows (the
-        layout's tail past the last expert is never written, see `__init__`)."""
-        return x_AD.is_cuda and use_grouped_wgrad(x_AD.device)
+    def device_layout(x_AD: torch.Tensor, *, fp8: bool, kgrouped_wgrad: bool) -> bool:
+        """Whether a grouped path (BF16 `GroupedExperts`, or `_GroupedFP8` with `fp8`) keeps
+        rows given as a device tensor there (`__init__` plans on the device). On CUDA only (on
+        the CPU reading them makes nothing wait), where every weight gradient takes its row
+        ranges from the device ends `offs`: BF16 where `use_grouped_wgrad`, FP8 with
+        `kgrouped_wgrad` (`fp8_gemm_kgrouped`); FP8's per-expert ones slice on the host."""
+        if not x_AD.is_cuda:
+            return False
+        return kgrouped_wgrad if fp8 else use_grouped_wgrad(x_AD.device)
 
     def __init__(
         self, x_AD: torch.Tensor, rows: list[int] | torch.Tensor, align: int | None = None
     ) -> None:
         self.rows, self.device = rows, x_AD.device
         self.padded: list[int] | None
-        align = align or (self.ALIGN if x_AD.is_cuda else 1)
+        self.align = align = align or (self.ALIGN if x_AD.is_cuda else 1)
         if isinstance(rows, torch.Tensor):
             self._device_plan(x_AD, rows, align)
             return
@@ -358,18 +374,23 @@ class GroupedExperts:
             )
 
     def _device_plan(self, x_AD: torch.Tensor, counts_E: torch.Tensor, align: int) -> None:
-        """The padded layout from per-expert counts on the device, with no host sync: P is the
-        bound A + E (align - 1) instead of the exact size, and rows past the last expert's end
-        stay unwritten (zeros in `pad`, whatever the grouped GEMMs leave there elsewhere): the
-        grouped GEMMs and `grouped_wgrad` read each expert's rows only, and `unpad` never
-        selects them. One host sync per MoE layer and micro-batch less, each of which let the
-        GPU run dry while the host caught up."""
+        """The padded layout from per-expert counts on the device, with no host sync: P is a
+        bound instead of the exact size, and rows past the last expert's end belong to no
+        expert (zeros in `pad`; whatever torch._grouped_mm leaves there, zeros from the FP8
+        grouped GEMM, whose `block_expert` is -1 there): the grouped GEMMs, `grouped_wgrad` and
+        `fp8_gemm_kgrouped` read each expert's rows only, and `unpad` never selects them. One
+        host sync per MoE layer and micro-batch less, each of which let the GPU run dry while
+        the host caught up."""
         A, E = x_AD.shape[0], counts_E.shape[0]
         counts = counts_E.to(torch.int64)
         padded = (counts + (align - 1)) // align * align
         self._ends = ends = padded.cumsum(0)
-        self.padded = None  # on the device; the host-planned paths (FP8) pass lists
-        self.P = A + E * (align - 1)
+        self.padded = None  # on the device; the per-expert FP8 weight gradients need a list
+        # Each expert pads by at most align - 1, so the exact size, a multiple of align, is at
+        # most A + E (align - 1) rounded down to one (P % 128 == 0 for the FP8 grouped GEMM).
+        # A = 4096, E = 64, align 128: P = 12,160, the exact size of 63 experts of 1 row and
+        # one of 4033 (at least 4096).
+        self.P = (A + E * (align - 1)) // align * align
         if align == 1:
             self.dst_A = None
             return
@@ -380,21 +401,33 @@ class GroupedExperts:
         self.dst_A = torch.arange(A, device=counts.device) + shift_E[expert_A]
 
     def block_expert(self, block: int = 128) -> torch.Tensor:
-        """int32 [P / block]: the expert of each `block`-row block of the padded layout."""
-        ids = [e for e, p in enumerate(self._host_padded()) for _ in range(p // block)]
-        return _to_device(torch.tensor(ids, dtype=torch.int32), self.device)
+        """int32 [P / block] on the device: the expert of each `block`-row block of the padded
+        layout, -1 for the blocks past the last expert's end (a device-planned layout's tail).
+        Needs `block` to divide the alignment (no block straddles two experts)."""
+        if self.align % block:
+            raise ValueError(
+                f"GroupedExperts: {block}-row blocks of a layout aligned to {self.align} rows "
+                "would straddle experts"
+            )
+        if self.padded is not None:
+            ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
+            return _to_device(torch.tensor(ids, dtype=torch.int32), self.device)
+        # Device ops only (no .tolist(), nonzero or masked indexing: each waits for the GPU):
+        # the block at row r is the first expert whose padded end is past r (experts without
+        # rows are passed over), none past the last end.
+        ends, E = self._ends, self._ends.shape[0]
+        starts = torch.arange(0, self.P, block, device=ends.device)
+        first_past = torch.searchsorted(ends, starts, right=True)
+        return torch.where(first_past < E, first_past, -1).to(torch.int32)
 
     def padded_segments(self):
         """(expert, slice of its padded rows) for every expert with rows."""
-        return _segments(self._host_padded())
-
-    def _host_padded(self) -> list[int]:
         if self.padded is None:
             raise ValueError(
                 "GroupedExperts: this layout was planned on the device (rows as a "
-                "tensor); per-block and per-expert plans need rows as a list"
+                "tensor); per-expert slices need rows as a list"
             )
-        return self.padded
+        return _segments(self.padded)
 
     def pad(self, t_A: torch.Tensor) -> torch.Tensor:
         if self.dst_A is None:
