@@ -3,6 +3,7 @@ parameters and the optimizer state gathered from the ranks equal the unsharded r
 holds about half the state (DP = 2; with EP = 2 the expert shards are not dealt again), bf16
 moments halve the bytes and still train; bad config values are refused naming them."""
 
+import copy
 import os
 
 import pytest
@@ -228,3 +229,112 @@ def test_clipping_through_grad_scale_equals_clip_grad_norm(kind):
     assert min(norms) > cfg.clip  # every step clipped
     for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+class _Experts(torch.nn.Module):
+    """Two linears, a norm and a 3-D stacked weight (the routed experts' layout); `skip` leaves
+    the stack out of the loss (its gradient stays None and its step counter lags)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(8, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.stack = torch.nn.Parameter(torch.randn(3, 16, 5) * 0.2)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, skip: bool = False) -> torch.Tensor:
+        h = self.norm(self.inp(x))
+        if not skip:
+            h = h + torch.einsum("bd,edf->bf", h, self.stack).sum(-1, keepdim=True)
+        return self.out(h)
+
+
+def _bf16_steps(model, opt, cfg, steps, start: int = 0) -> None:
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    for i in range(start, start + steps):
+        model(x * (i + 1), skip=i == 0).pow(2).mean().backward()
+        ts.apply_update(model, opt, i, cfg)
+
+
+def _bf16_optimizer(model, cfg):
+    opt = zero.ShardedAdamW(model, cfg)
+    opt.defaults["fused"] = True  # as on CUDA: clipping through grad_scale, read by the update
+    return opt
+
+
+def test_fused_adamw_path_equals_the_loop(monkeypatch):
+    """ShardedAdamW with bf16 moments through the kernel (the chooser forced on; the interpreter
+    runs it on CPU) against its PyTorch loop over 3 clipped steps, one of them without a gradient
+    for the 3-D stack (its step counter lags: two calls for that group): the same state layout,
+    moments bit for bit, parameters within the reference's CPU sqrt rounding."""
+    from moeray.kernels.common import interpreting
+
+    if not interpreting():
+        pytest.skip("CPU tensors run the kernel only under the interpreter (TRITON_INTERPRET=1)")
+    calls: list[tuple[int, float]] = []
+
+    def spy(params, *args, step, **kwargs):
+        calls.append((len(params), step))
+        return adamw_step(params, *args, step=step, **kwargs)
+
+    adamw_step = zero.adamw_step
+    monkeypatch.setattr(zero, "adamw_step", spy)
+    cfg = ts.OptimConfig(moments_dtype="bfloat16", clip=0.05, warmup_steps=0)
+    got = []
+    for fused in (False, True):
+        monkeypatch.setattr(zero, "use_fused_adamw", lambda device, on=fused: on)
+        model = _Experts()
+        opt = _bf16_optimizer(model, cfg)
+        _bf16_steps(model, opt, cfg, 3)
+        got.append((model, opt))
+    # step 1 without the stack; steps 2-3: the stack (step 1, then 2) apart from the other
+    # matrices (steps 2, 3); the 1-D group (biases, norm) in one call each step
+    assert sorted(calls) == sorted(
+        [(2, 1.0), (4, 1.0), (2, 2.0), (1, 1.0), (4, 2.0), (2, 3.0), (1, 2.0), (4, 3.0)]
+    )
+    (m0, o0), (m1, o1) = got
+    for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters(), strict=True):
+        s0, s1 = o0.state[p0], o1.state[p1]
+        assert s0.keys() == s1.keys() == {"step", "exp_avg", "exp_avg_sq"}, name
+        assert s1["step"].device.type == "cpu" and torch.equal(s0["step"], s1["step"]), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert s1[k].dtype == torch.bfloat16 and torch.equal(s0[k], s1[k]), (name, k)
+        torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-9, msg=name)
+    assert float(o1.state[m1.stack]["step"]) == 2.0
+
+
+def test_fused_adamw_chooser(monkeypatch):
+    """One place decides: CUDA only (CPU keeps the loop), and MOERAY_FUSED_ADAMW=0 switches it
+    off; the tensors are checked by adamw_step_applies."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("MOERAY_FUSED_ADAMW", raising=False)
+    assert zero.use_fused_adamw(cuda) and not zero.use_fused_adamw(cpu)
+    monkeypatch.setenv("MOERAY_FUSED_ADAMW", "0")
+    assert not zero.use_fused_adamw(cuda)
+
+
+def test_bf16_state_dict_round_trip_continues_the_run(monkeypatch):
+    """A checkpointed bf16-moment state (per-parameter exp_avg, exp_avg_sq, step) loads into a
+    new ShardedAdamW with the same layout (moments bf16, step counters CPU fp32) and the next
+    step equals the uninterrupted run's, through the kernel path where it runs."""
+    monkeypatch.setattr(zero, "use_fused_adamw", lambda device: True)
+    cfg = ts.OptimConfig(moments_dtype="bfloat16", warmup_steps=0)
+    model = _Experts()
+    opt = _bf16_optimizer(model, cfg)
+    _bf16_steps(model, opt, cfg, 2)
+    # as a checkpoint holds them: copies (a live state_dict shares the step tensors)
+    saved, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    again = _Experts()
+    again.load_state_dict(saved)
+    opt2 = _bf16_optimizer(again, cfg)
+    opt2.load_state_dict(state)
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        a, b = opt.state[p], opt2.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert b["exp_avg"].dtype == torch.bfloat16 and b["step"].dtype == torch.float32
+        assert b["step"].device.type == "cpu"
+    _bf16_steps(model, opt, cfg, 1, start=2)
+    _bf16_steps(again, opt2, cfg, 1, start=2)
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -17,6 +17,7 @@ import time
 import torch
 import triton
 
+from moeray.kernels.bench.adamw import adamw_records, bench_adamw, print_adamw
 from moeray.kernels.bench.common import _rec, ceilings
 from moeray.kernels.bench.cross_entropy import bench_cross_entropy, print_cross_entropy
 from moeray.kernels.bench.decode import bench_decode_glue
@@ -111,6 +112,7 @@ def _print_table(result: dict) -> None:
         )
     print_norm_train(result.get("norm_train", []))
     print_cross_entropy(result.get("cross_entropy", []))
+    print_adamw(result.get("adamw", []))
     for r in result.get("mla_decode_graph", []):
         print(
             f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
@@ -419,6 +421,7 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_fused_inplace"],
             )
         )
+    out.extend(adamw_records(result.get("adamw", [])))
     for r in result.get("router", []):
         out.append(
             _rec(
@@ -453,6 +456,7 @@ SECTIONS = (
     "decode_glue",
     "norm_train",
     "cross_entropy",
+    "adamw",
 )
 
 
@@ -515,6 +519,7 @@ def main(argv: list[str]) -> int:
         ("decode_glue", bench_decode_glue),
         ("norm_train", lambda: bench_norm_train(result["ceilings"])),
         ("cross_entropy", lambda: bench_cross_entropy(result["ceilings"])),
+        ("adamw", lambda: bench_adamw(result["ceilings"])),
     ]
     for name, fn in sections:
         if name not in want:

@@ -316,7 +316,10 @@ def one_run(
             walls.append(wall)
     none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
     fb, op = counts.get("forward_backward", none), counts.get("optimizer", none)
-    fused = bool(opt.defaults.get("fused")) and cfg.moments_dtype == "float32"
+    # fp32 moments: torch's fused AdamW; bf16: the fused kernel where `zero.use_fused_adamw` says
+    fused = bool(opt.defaults.get("fused")) and (
+        cfg.moments_dtype == "float32" or zero.use_fused_adamw(device)
+    )
     optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
 
     def total(key: str):

@@ -15,18 +15,22 @@ group, `Groups.dp_group`, ranks ep_rank, ep_rank + EP, ...), so it is dealt over
 never across ranks that hold different experts (DP = 1: each rank owns its experts' state).
 
 bf16 moments (`OptimConfig.moments_dtype`): exp_avg and exp_avg_sq are stored in bf16 (half the
-state bytes), upcast to fp32 for each update and rounded back; weights stay fp32.
+state bytes), upcast to fp32 for each update and rounded back; weights stay fp32. On CUDA the
+update is one Triton launch for all the parameters of a group (`kernels/adamw.py`, chooser
+`use_fused_adamw`); elsewhere, or with MOERAY_FUSED_ADAMW=0, its PyTorch reference, ~10 ops a
+parameter.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from moeray.kernels.adamw import adamw_step, adamw_step_applies, adamw_step_ref
+from moeray.kernels.common import switched_off
 from moeray.platform.parallel.expert import is_expert_param
 from moeray.platform.train import step as tstep
 from moeray.platform.train.replica import Groups
@@ -59,6 +63,14 @@ def _holders(params: list[torch.nn.Parameter], ranks: list[int], group: Any) -> 
     for p, k in zip(params, owner, strict=True):
         owned[k].append(p)
     return _Holders(ranks, group, owned)
+
+
+def use_fused_adamw(device: torch.device) -> bool:
+    """Whether `ShardedAdamW`'s low-precision update runs the fused kernel (`adamw_step`: one pass
+    of 20 B a parameter with bf16 moments, one launch per parameter group) instead of
+    `adamw_step_ref` (~10 PyTorch ops a parameter with fp32 temporaries): on CUDA unless
+    MOERAY_FUSED_ADAMW=0. CPU keeps the loop. `adamw_step_applies` then checks the tensors."""
+    return device.type == "cuda" and not switched_off("ADAMW")
 
 
 class ShardedAdamW(torch.optim.AdamW):
@@ -125,12 +137,14 @@ class ShardedAdamW(torch.optim.AdamW):
 
     def _low_precision_step(self) -> None:
         """AdamW (decoupled weight decay, bias-corrected moments) with the moments stored in
-        `moments_dtype`; the arithmetic runs in fp32. Gradients are divided by `grad_scale` when
-        set (gradient clipping, as torch's fused AdamW reads it: `step.apply_update`)."""
+        `moments_dtype`; the arithmetic runs in fp32 (`kernels/adamw.py` states it). Gradients are
+        divided by `grad_scale` when set (gradient clipping, as torch's fused AdamW reads it:
+        `step.apply_update`). Each parameter keeps its own step counter (a CPU tensor, as torch
+        keeps it for a non-fused AdamW); the parameters of a group that share a step are updated
+        by one call, the fused kernel's where `use_fused_adamw` and `adamw_step_applies` say so."""
         grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            b1, b2 = group["betas"]
+            by_step: dict[float, list[tuple[torch.Tensor, ...]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -140,23 +154,41 @@ class ShardedAdamW(torch.optim.AdamW):
                     st["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
                 st["step"] += 1
-                t = float(st["step"])
-                g = p.grad.float() if grad_scale is None else p.grad.float() / grad_scale
-                m = st["exp_avg"].float().lerp_(g, 1 - b1)
-                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
-                p.mul_(1 - lr * wd)
-                denom = (v.sqrt_() / math.sqrt(1 - b2**t)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                quad = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+                by_step.setdefault(float(st["step"]), []).append(quad)
+            for t, quads in by_step.items():
+                params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in zip(*quads, strict=True))
+                fused = use_fused_adamw(params[0].device) and adamw_step_applies(
+                    params, grads, exp_avgs, exp_avg_sqs
+                )
+                (adamw_step if fused else adamw_step_ref)(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    lr=group["lr"],
+                    beta1=group["betas"][0],
+                    beta2=group["betas"][1],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=t,
+                    grad_scale=grad_scale,
+                )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded moments to the parameter's dtype; keep them in `moments_dtype`."""
+        """torch casts loaded moments to the parameter's dtype; keep them in `moments_dtype`. With
+        low-precision moments each step counter also stays a CPU fp32 tensor, as a fresh state
+        has it: torch moves it to the parameter's device for its fused step (`fused` is set on
+        CUDA), which this update does not run, and reading it there would make the host wait on
+        the GPU once a parameter every step."""
         super().load_state_dict(state_dict)
+        low_precision = self.moments_dtype != torch.float32
         for st in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
                     st[key] = st[key].to(self.moments_dtype)
+            if low_precision and isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to("cpu", torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.all_params:
