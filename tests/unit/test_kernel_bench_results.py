@@ -31,10 +31,11 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     assert recorded["results"] == flat_results(_recorded_run())
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
-    # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy and AdamW.
+    # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW and the
+    # training RoPE.
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
-    later |= {"cross_entropy", "adamw"}
+    later |= {"cross_entropy", "adamw", "rope_train"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
@@ -172,3 +173,13 @@ def test_cross_entropy_rows_become_records():
     assert rec["kernel"] == "cross_entropy fwd+bwd (autograd, in place)"
     assert rec["shape"] == "moonlight T4096 V163840 bf16"
     assert rec["time_us"] == 1250.0 and rec["ratio_to_baseline"] == 8.0
+
+
+def test_rope_train_rows_become_records():
+    row = {"kernel": "q_pe", "B": 1, "S": 4096, "H": 16, "R": 64, "dtype": "bfloat16"}
+    row.update(fused_fwd_bwd_ms=0.025, frac_copy_bw=0.4, speedup_fwd_bwd=6.0)
+    (rec,) = flat_results({"ceilings": {}, "rope_train": [row]})
+    assert KEYS <= rec.keys()
+    assert rec["kernel"] == "rope fwd+bwd (autograd)"
+    assert rec["shape"] == "q_pe B1 S4096 H16 R64 bfloat16"
+    assert rec["time_us"] == 25.0 and rec["ratio_to_baseline"] == 6.0

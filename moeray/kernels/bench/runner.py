@@ -50,6 +50,7 @@ from moeray.kernels.bench.mla import (
 )
 from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
 from moeray.kernels.bench.norm import bench_norm_train, print_norm_train
+from moeray.kernels.bench.rope import bench_rope_train, print_rope_train
 from moeray.results import device_slug, write_result
 
 
@@ -111,6 +112,7 @@ def _print_table(result: dict) -> None:
             f"bit== {r['bit_equal']}"
         )
     print_norm_train(result.get("norm_train", []))
+    print_rope_train(result.get("rope_train", []))
     print_cross_entropy(result.get("cross_entropy", []))
     print_adamw(result.get("adamw", []))
     for r in result.get("mla_decode_graph", []):
@@ -409,6 +411,18 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_fwd_bwd"],
             )
         )
+    for r in result.get("rope_train", []):
+        out.append(
+            _rec(
+                "rope fwd+bwd (autograd)",
+                f"{r['kernel']} B{r['B']} S{r['S']} H{r['H']} R{r['R']} {r['dtype']}",
+                r["fused_fwd_bwd_ms"],
+                r["frac_copy_bw"],
+                "copy bandwidth",
+                "autograd through rope_ref",
+                r["speedup_fwd_bwd"],
+            )
+        )
     for r in result.get("cross_entropy", []):
         out.append(
             _rec(
@@ -455,6 +469,7 @@ SECTIONS = (
     "router",
     "decode_glue",
     "norm_train",
+    "rope_train",
     "cross_entropy",
     "adamw",
 )
@@ -518,6 +533,7 @@ def main(argv: list[str]) -> int:
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),
         ("norm_train", lambda: bench_norm_train(result["ceilings"])),
+        ("rope_train", lambda: bench_rope_train(result["ceilings"])),
         ("cross_entropy", lambda: bench_cross_entropy(result["ceilings"])),
         ("adamw", lambda: bench_adamw(result["ceilings"])),
     ]

@@ -68,11 +68,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def use_fused_rope(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor) -> bool:
-    """The one place that picks the Triton rotation over PyTorch: CUDA inference (no gradient)
-    with tensors the kernel takes (`moeray.kernels.rope.rope_applies`); training and CPU run the
-    reference. Both give the same bits."""
-    needs_grad = torch.is_grad_enabled() and x_BSHR.requires_grad
-    return x_BSHR.is_cuda and not needs_grad and rope_applies(x_BSHR, cos_BSR2, sin_BSR2)
+    """The one place that picks the Triton rotation over PyTorch: on CUDA, inference and training
+    alike, with tensors the kernel takes (`moeray.kernels.rope.rope_applies`; `rope` itself runs
+    its autograd Function when x records a gradient); CPU runs the reference. Both give the same
+    bits, forward and backward. MOERAY_FUSED_ROPE=0 keeps the reference."""
+    return x_BSHR.is_cuda and rope_applies(x_BSHR, cos_BSR2, sin_BSR2)
 
 
 def apply_rope(
