@@ -272,6 +272,9 @@ for m_dtype in (torch.bfloat16, torch.float32):
         n = sum(p.numel() for p in ps) * 3
         worst = {"m": 0.0, "v": 0.0, "p": 0.0}
         for t in (1, 2, 3):
+            # each step from the same state: the two paths' ulp-level differences would otherwise
+            # compound over the steps (the H200 run of 2026-12-03 did, and failed the bound)
+            rp, rm, rv = [[x.clone() for x in ts_] for ts_ in (ps, ms, vs)]
             gs = [(torch.randn(s, device=dev) * 0.1).to(g_dtype) for s in shapes]
             scale = torch.tensor(1.3 * t, device=dev) if scaled else None
             kw = dict(HYPER, weight_decay=0.1, step=t, grad_scale=scale)
@@ -286,10 +289,16 @@ for m_dtype in (torch.bfloat16, torch.float32):
                     worst[key] = max(worst[key], ulps_off(a, b))
             for a, b, p0 in zip(ps, rp, before):
                 kept = p0 * (1 - 3e-4)
-                bound = 4 * 1.1920929e-07 * (kept.abs() + (b - kept).abs()) + 1e-30
+                # 4 fp32 ulps of the two terms, plus the update moved by an ulp of a moment in its
+                # dtype (m by 1 ulp, sqrt(v) by half of one): 2^-7 of the update in bf16
+                u = (b - kept).abs()
+                bound = (
+                    4 * 1.1920929e-07 * (kept.abs() + u) + 2 * torch.finfo(m_dtype).eps * u + 1e-30
+                )
                 worst["p"] = max(worst["p"], ((a - b).abs() / bound).max().item())
                 eq["p"] += int((a == b).sum())
-        ok = worst["m"] <= 1.01 and worst["v"] <= 1.01 and worst["p"] <= 1.0
+        # v: torch's addcmul and the kernel's fma round once each, then the store rounds again
+        ok = worst["m"] <= 1.01 and worst["v"] <= 2.01 and worst["p"] <= 1.0
         print(f"moments {m_dtype} grads {g_dtype} scaled {scaled}: bit== m {eq['m'] / n:.6f} "
               f"v {eq['v'] / n:.6f} p {eq['p'] / n:.6f}; worst m {worst['m']:.2f} v "
               f"{worst['v']:.2f} ulp, p {worst['p']:.3f} of bound {'ok' if ok else 'MISMATCH'}")

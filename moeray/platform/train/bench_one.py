@@ -27,7 +27,8 @@ Numbers per run (the first `--warmup` steps and the profiled last step left out 
   mfu_measured                over the rate of a large bf16 GEMM timed in this process
                               (`bench_common.measure_matmul_rate`; CPU: fp32 512^3);
   peak_memory_bytes           torch.cuda.max_memory_allocated in a step, max over steps (CPU:
-                              null);
+                              null); alloc_retries_per_step the allocator's cumulative retries
+                              (each frees the cache and synchronizes) after each step;
   gpu_kernels_per_step        GPU kernels of the last step (torch.profiler), split into
                               forward-backward and optimizer, and the host's launch calls
                               (CUDA runtime and driver); CPU: null (not profiled);
@@ -272,6 +273,7 @@ def one_run(
     losses: list[float] = []
     walls: list[float] = []
     peaks: list[int] = []
+    retries: list[int] = []  # the caching allocator's cumulative count, after each step
     counts: dict = {}
     for step in range(cfg.steps):
         # CUDA: the last step under torch.profiler (its event tables cost seconds to build; on the
@@ -304,6 +306,8 @@ def one_run(
         losses.append(loss)
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated(device))
+            stats = torch.cuda.memory_stats(device)
+            retries.append(stats.get("num_alloc_retries", 0))
         note = " (warm-up)" if step < cfg.warmup else " (profiled)" if profiled else ""
         print(
             f"[bench train] {label}: step {step + 1}/{cfg.steps} loss "
@@ -330,6 +334,9 @@ def one_run(
         "step_time_s": sum(walls) / len(walls),
         "peak_memory_bytes": max(peaks) if peaks else None,
         "peak_memory_bytes_per_step": peaks or None,
+        # Allocations that found no cached block and retried after freeing the cache: each
+        # synchronizes the device, so a step near the memory limit turns host-bound
+        "alloc_retries_per_step": retries or None,
         "gpu_kernels_per_step": total("gpu_kernels"),
         "gpu_kernels_forward_backward": fb["gpu_kernels"],
         "gpu_kernels_optimizer": op["gpu_kernels"],
