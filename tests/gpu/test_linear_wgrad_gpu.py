@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.platform.config import tiny
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
 from moeray.platform.parallel.weight_grad import (
@@ -19,27 +18,12 @@ from moeray.platform.parallel.weight_grad import (
     use_fused_linear_wgrad,
 )
 from moeray.platform.train import step as tstep
+from tests.gpu.test_train_one_gpu import CFG, DEV, _rel  # the same tiny widths
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-DEV = torch.device("cuda", 0)
-# tiny at the widths of tests/gpu/test_train_one_gpu.py
-CFG = tiny().replace(
-    hidden_size=256,
-    intermediate_size=512,
-    moe_intermediate_size=128,
-    q_lora_rank=128,
-    kv_lora_rank=128,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=32,
-    v_head_dim=32,
-)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 def _fused_adamw(params: list[nn.Parameter]) -> torch.optim.AdamW:
