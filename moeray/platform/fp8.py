@@ -346,15 +346,30 @@ ATTENTION_PROJECTIONS = (
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def enable_fp8_training(model: nn.Module) -> list[str]:
-    """Switch the attention projections and the expert/MLP projections of `model` to FP8.
+# What `enable_fp8_training` switches: "all" as DeepSeek-V3 trains (every projection but the
+# embedding, the head and the router), "experts" the routed experts only. At Moonlight's width
+# (2048) the attention and shared-expert projections are small GEMMs whose quantization launches
+# cost more than FP8 saves (one H200, 10 layers: their FP8 GEMMs ~52 ms and act_quant ~36 ms a
+# step against ~40 ms of BF16 GEMMs; benchmarks/notes-train.md), as torchao's recipes also leave
+# per-layer choices to the user.
+FP8_SCOPES = ("all", "experts")
+
+
+def enable_fp8_training(model: nn.Module, scope: str = "all") -> list[str]:
+    """Switch `model`'s projections in `scope` (FP8_SCOPES) to FP8: "all" the attention
+    projections, the dense and shared-expert MLPs and the routed experts; "experts" the routed
+    experts only.
 
     Returns the qualified names of what now runs in FP8 (for logs and tests). Call before the
     optimizer is built or after: the Parameters are the same objects either way.
     """
+    if scope not in FP8_SCOPES:
+        raise ValueError(f"fp8 scope {scope!r}: expected one of {', '.join(FP8_SCOPES)}")
     converted: list[str] = []
     children: tuple[str, ...]
     for name, module in list(model.named_modules()):
+        if isinstance(module, (MLA, MLP)) and scope == "experts":
+            continue
         if isinstance(module, MLA):
             children = ATTENTION_PROJECTIONS
         elif isinstance(module, MLP):

@@ -305,3 +305,27 @@ def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
     assert got[1][2].abs().sum() > 0
     with pytest.raises(ValueError, match="kgrouped_wgrad needs grouped_fp8"):
         experts_mlp(x, *ws, rows, fp8=True, cache=f8.WeightCache(), kgrouped_wgrad=True)
+
+
+def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
+    """`enable_fp8_training(scope="experts")`: only the routed experts run FP8 (the attention and
+    MLP projections stay nn.Linear); "all" converts those too; an unknown scope is refused with
+    the accepted ones named, in the library, the bench's config and the job's."""
+    from moeray.platform.fp8 import FP8TrainLinear
+    from moeray.platform.train.job_config import TrainJobConfig
+
+    experts_only, everything = Transformer(tiny()), Transformer(tiny())
+    got = enable_fp8_training(experts_only, "experts")
+    assert got and all(name.endswith(".experts") for name in got)
+    assert not any(isinstance(m, FP8TrainLinear) for m in experts_only.modules())
+    assert all(m.linear is not F.linear for m in experts_only.modules() if isinstance(m, Experts))
+    got_all = enable_fp8_training(everything, "all")
+    assert set(got) < set(got_all)
+    assert any(isinstance(m, FP8TrainLinear) for m in everything.modules())
+    with pytest.raises(ValueError, match="'attention': expected one of all, experts"):
+        enable_fp8_training(Transformer(tiny()), "attention")
+    with pytest.raises(ValueError, match="fp8_scope='x'"):
+        BenchConfig(fp8_scope="x")
+    with pytest.raises(ValueError, match="fp8_scope='x'"):
+        TrainJobConfig.from_dict({"fp8_scope": "x"})
+    assert TrainJobConfig.from_dict({"fp8": True, "fp8_scope": "experts"}).fp8_scope == "experts"

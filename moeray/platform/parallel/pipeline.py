@@ -69,6 +69,7 @@ class PipelineModel:
         *,
         seed: int = 0,
         fp8: bool = False,
+        fp8_scope: str = "all",
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         overlap: bool | None = None,
@@ -119,7 +120,7 @@ class PipelineModel:
                     self.stages[(direction, st)] = PipelineStage(full, self.layout, st)
         for (direction, _), stage in self.stages.items():
             if fp8:
-                enable_fp8_training(stage)
+                enable_fp8_training(stage, fp8_scope)
             if spec.ep > 1:
                 enable_expert_parallel(stage, self.groups.ep[direction], self.ep_rank, spec.ep)
             enable_weight_grad_split(stage, stage.store, grouped_fp8=self.grouped_fp8)

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moeray.platform.fp8 import FP8_SCOPES
 from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s, init_distributed
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.simulate import Costs, simulate
@@ -402,6 +403,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--moments-dtype", default=d.moments_dtype, help="--pp 1: AdamW moments, float32|bfloat16"
     )
+    p.add_argument(
+        "--fp8-scope",
+        choices=FP8_SCOPES,
+        default=d.fp8_scope,
+        help="--pp 1 FP8 runs: every projection (all, DeepSeek-V3's recipe) or the routed "
+        "experts only (experts; the other linears stay BF16)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--pp", type=int, default=d.pp)
     p.add_argument("--ep", type=int, default=d.ep)
@@ -473,6 +481,7 @@ def main(argv: list[str]) -> int:
             layers=args.layers,
             moments_dtype=args.moments_dtype,
             kgrouped_wgrad=args.kgrouped_wgrad,
+            fp8_scope=args.fp8_scope,
         )
         if cfg.one_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")

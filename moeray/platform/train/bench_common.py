@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
+from moeray.platform.fp8 import FP8_SCOPES
 from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import MOMENTS_DTYPES
@@ -39,6 +40,7 @@ class BenchConfig:
     # bench_one.fit_layers)
     layers: str | None = None
     moments_dtype: str = "float32"  # one device: AdamW's moments (step.MOMENTS_DTYPES)
+    fp8_scope: str = "all"  # FP8 runs: what runs in FP8 (fp8.FP8_SCOPES)
     # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
     kgrouped_wgrad: bool | None = None
 
@@ -54,6 +56,10 @@ class BenchConfig:
                 raise ValueError(f"layers={self.layers!r}: expected a number >= 1 or 'auto'")
         if self.layers == "auto" and not self.one_device:
             raise ValueError("layers='auto' needs one device (--pp 1 --ep 1)")
+        if self.fp8_scope not in FP8_SCOPES:
+            raise ValueError(
+                f"fp8_scope={self.fp8_scope!r}: expected one of {', '.join(FP8_SCOPES)}"
+            )
         if self.moments_dtype not in MOMENTS_DTYPES:
             raise ValueError(
                 f"moments_dtype={self.moments_dtype!r}: expected one of {', '.join(MOMENTS_DTYPES)}"

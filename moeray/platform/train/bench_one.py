@@ -237,7 +237,7 @@ def build_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
     if fp8:
-        enable_fp8_training(model)
+        enable_fp8_training(model, cfg.fp8_scope)
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     enable_grouped_experts(model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped)
     enable_split_linears(model)

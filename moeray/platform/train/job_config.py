@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moeray.platform import config as mc
+from moeray.platform.fp8 import FP8_SCOPES
 from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.node_limited import NodeTopology, check_node_limited
 from moeray.platform.parallel.stages import split_layers
@@ -67,6 +68,7 @@ class TrainJobConfig:
     checkpoint_every: int = 50
     max_failures: int = 3
     fp8: bool = False
+    fp8_scope: str = "all"  # with fp8: every projection (all) or the routed experts only (experts)
     bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
     seed: int = 0
     use_gpu: bool = False
@@ -88,6 +90,10 @@ class TrainJobConfig:
 
     def __post_init__(self):
         p = self.parallel
+        if self.fp8_scope not in FP8_SCOPES:
+            raise ValueError(
+                f"fp8_scope={self.fp8_scope!r}: expected one of {', '.join(FP8_SCOPES)}"
+            )
         object.__setattr__(self, "recompute", tuple(self.recompute))
         bad = [r for r in self.recompute if r not in RECOMPUTE]
         if bad:

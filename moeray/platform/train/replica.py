@@ -130,7 +130,7 @@ def parallelize(model: Transformer, job: TrainJobConfig, groups: Groups, device)
     too), recompute in the backward (`job.recompute`, train/recompute.py), the device. Returns
     the same module, changed in place."""
     if job.fp8:
-        enable_fp8_training(model)
+        enable_fp8_training(model, job.fp8_scope)
     p = job.parallel
     if groups.ep_size > 1 and p.node_limited:
         topology = node_topology(groups.ep_group, p.ranks_per_node)
@@ -215,6 +215,7 @@ class PipelineReplica:
             rank,
             seed=job.seed,
             fp8=job.fp8,
+            fp8_scope=job.fp8_scope,
             device=device,
             overlap=p.overlap,
             autocast_dtype=torch.bfloat16 if job.bf16 else None,
