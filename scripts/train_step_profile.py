@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--kgrouped", action="store_true", help="FP8 k-grouped weight gradients")
+    p.add_argument(
+        "--bf16-wgrad", action="store_true", help="FP8 experts' weight gradients from bf16"
+    )
+    p.add_argument("--fp8-scope", default="all", help="FP8 runs: all or experts")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--out", type=Path, default=None, help="directory for the JSON table")
@@ -167,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         steps=a.warmup + 3,
         warmup=a.warmup,
         layers=a.layers,
+        fp8_scope=a.fp8_scope,
     )
     device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
     model_cfg = cfg.model_config(None if a.layers is None else int(a.layers))
-    model = build_model(cfg, model_cfg, a.fp8, a.kgrouped, device)
+    model = build_model(cfg, model_cfg, a.fp8, a.kgrouped, device, a.bf16_wgrad)
     optim = tstep.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=cfg.steps)
     opt = zero.build_optimizer(model, optim)
     S1, mbs = a.seq_len + 1, a.micro_batch_size
@@ -202,7 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     with profile(activities=acts, with_stack=True, record_shapes=True) as prof:
         one_step(a.warmup + 1)
     table, gpu_s, n = kernel_table(prof, a.rows, device.type == "cuda")
-    label = "fp8-kgrouped" if a.kgrouped else "fp8" if a.fp8 else "bf16"
+    label = (
+        "fp8-kgrouped"
+        if a.kgrouped
+        else "fp8-bf16wgrad"
+        if a.bf16_wgrad
+        else "fp8"
+        if a.fp8
+        else "bf16"
+    )
     print(
         f"## {label} {a.model} layers={model_cfg.num_hidden_layers} seq={a.seq_len} x "
         f"{mbs} x {a.microbatches}: step wall {wall * 1e3:.0f} ms (unprofiled), "

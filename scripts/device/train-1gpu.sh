@@ -6,7 +6,7 @@
 # tests/gpu/test_train_one_gpu.py (grouped experts vs the per-expert loop, fused AdamW) and the
 # k-grouped GEMM's compiled check. 1 GPU, ~6 minutes. Overrides: LAYERS, SEQ, MBS, MICRO, STEPS,
 # MOMENTS (bfloat16: more layers), FP8_SCOPE (experts: FP8 for the routed experts only),
-# NO_KGROUPED=1, SKIP_TESTS=1.
+# NO_KGROUPED=1, RUNS (e.g. bf16,fp8-kgrouped,fp8-bf16wgrad: a subset of the runs), SKIP_TESTS=1.
 mkdir -p /tmp/results
 # expandable segments: one process, no NCCL; the step's large, changing allocations fragment less
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 \
@@ -14,7 +14,7 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 \
   --model moonlight_16b_a3b --layers ${LAYERS:-auto} --seq-len ${SEQ:-4096} \
   --micro-batch-size ${MBS:-1} --microbatches ${MICRO:-4} --steps ${STEPS:-10} --warmup 3 \
   --lr 1e-3 --moments-dtype ${MOMENTS:-float32} ${NO_KGROUPED:+--no-kgrouped-wgrad} \
-  --fp8-scope ${FP8_SCOPE:-all} \
+  --fp8-scope ${FP8_SCOPE:-all} ${RUNS:+--runs $RUNS} \
   --out /tmp/results > "$OUT/train-1gpu.log" 2>&1
 rc=$?; el "bench train --pp 1 rc=$rc"
 cp /tmp/results/train-1gpu-*.json "$OUT/" 2>/dev/null

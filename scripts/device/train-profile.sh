@@ -5,7 +5,8 @@
 # 1 GPU, ~1.5 minutes a run; Ray is not needed.
 for r in ${RUNS:-bf16 fp8-kgrouped}; do
   case $r in bf16) flags="" ;; fp8) flags="--fp8" ;; fp8-kgrouped) flags="--fp8 --kgrouped" ;;
-    *) echo "unknown run '$r': bf16, fp8 or fp8-kgrouped"; exit 2 ;; esac
+    fp8-bf16wgrad) flags="--fp8 --bf16-wgrad" ;;
+    *) echo "unknown run '$r': bf16, fp8, fp8-kgrouped or fp8-bf16wgrad"; exit 2 ;; esac
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${PROFILE_LIMIT:-200} \
     python3 scripts/train_step_profile.py --model moonlight_16b_a3b --layers ${LAYERS:-4} --device cuda \
     --seq-len ${SEQ:-4096} --microbatches ${MICRO:-2} $flags ${HOST:+--host} --rows ${ROWS:-45} --out "$OUT" \

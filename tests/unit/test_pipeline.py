@@ -455,7 +455,7 @@ def test_grouped_fp8_kgrouped_experts_take_counts_as_a_tensor(monkeypatch, defer
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' references (see the test above)
     asked, planned = [], []
 
-    def device_layout(x, *, fp8, kgrouped_wgrad):
+    def device_layout(x, *, fp8, kgrouped_wgrad, bf16_wgrad=False):
         asked.append((fp8, kgrouped_wgrad))
         return fp8 and kgrouped_wgrad  # what it says on CUDA
 

@@ -73,6 +73,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         cache,
         grouped_fp8: bool,
         kgrouped_wgrad: bool,
+        bf16_wgrad: bool = False,
     ):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
@@ -83,12 +84,14 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
         if isinstance(rows, torch.Tensor) and not (
             (ctx.grouped or ctx.grouped_fp8)
-            and GroupedExperts.device_layout(x_AD, fp8=fp8, kgrouped_wgrad=kgrouped_wgrad)
+            and GroupedExperts.device_layout(
+                x_AD, fp8=fp8, kgrouped_wgrad=kgrouped_wgrad, bf16_wgrad=bf16_wgrad
+            )
         ):
             # the per-expert paths, and grouped ones whose weight gradients slice experts on the
             # host, plan on the host
             rows = ctx.rows = rows.tolist()
-        ctx.kgrouped_wgrad = kgrouped_wgrad
+        ctx.kgrouped_wgrad, ctx.bf16_wgrad = kgrouped_wgrad, bf16_wgrad
         if ctx.grouped_fp8:
             with torch.autocast(dev, enabled=False):
                 return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act)
@@ -181,16 +184,11 @@ class _ExpertsMLPFn(torch.autograd.Function):
             ).to(ctx.x_dtype)
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
-            def wgrad(d_PN, a_PK, w):
-                # a later micro-batch adds into w.grad (in grouped_wgrad's epilogue where
-                # `GroupedExperts.wgrad` runs it, else the add autograd would make) and returns
-                # nothing for autograd to add
-                g = grad_to_add_into(w)
-                dw = grp.wgrad(d_PN, a_PK, w.dtype, accumulate_into=g)
-                return None if g is not None else dw
-
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                return wgrad(dg, x, w1), wgrad(du, x, w3), wgrad(dy, h, w2)
+                return tuple(
+                    _grouped_wgrad(grp, d, a, w)
+                    for d, a, w in ((dg, x, w1), (du, x, w3), (dy, h, w2))
+                )
 
         return (
             dx_AD,
@@ -255,6 +253,11 @@ class _GroupedFP8:
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+                if ctx.bf16_wgrad:  # from the bf16 operands, as the BF16 experts do
+                    return tuple(
+                        _grouped_wgrad(grp, d, a, w)
+                        for d, a, w in ((dg, x, w1), (du, x, w3), (dy, h, w2))
+                    )
                 xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
                 if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
 
@@ -285,8 +288,17 @@ class _GroupedFP8:
 
 
 # backward's gradients for forward's non-tensor arguments (rows, store, fp8, cache, grouped_fp8,
-# kgrouped_wgrad)
-_NO_GRAD_ARGS = (None,) * 6
+# kgrouped_wgrad, bf16_wgrad)
+_NO_GRAD_ARGS = (None,) * 7
+
+
+def _grouped_wgrad(grp: GroupedExperts, d_PN, a_PK, w) -> torch.Tensor | None:
+    """w's gradient from bf16 operands on grp's layout (`GroupedExperts.wgrad`). A later
+    micro-batch adds into w.grad (in grouped_wgrad's epilogue where `GroupedExperts.wgrad` runs
+    it, else the add autograd would make) and returns nothing for autograd to add."""
+    g = grad_to_add_into(w)
+    dw = grp.wgrad(d_PN, a_PK, w.dtype, accumulate_into=g)
+    return None if g is not None else dw
 
 
 def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
@@ -341,15 +353,20 @@ class GroupedExperts:
         return x.shape[0] > 0 and GroupedExperts.available(x.device, fp8, act)
 
     @staticmethod
-    def device_layout(x_AD: torch.Tensor, *, fp8: bool, kgrouped_wgrad: bool) -> bool:
+    def device_layout(
+        x_AD: torch.Tensor, *, fp8: bool, kgrouped_wgrad: bool, bf16_wgrad: bool = False
+    ) -> bool:
         """Whether a grouped path (BF16 `GroupedExperts`, or `_GroupedFP8` with `fp8`) keeps
         rows given as a device tensor there (`__init__` plans on the device). On CUDA only (on
         the CPU reading them makes nothing wait), where every weight gradient takes its row
         ranges from the device ends `offs`: BF16 where `use_grouped_wgrad`, FP8 with
-        `kgrouped_wgrad` (`fp8_gemm_kgrouped`); FP8's per-expert ones slice on the host."""
+        `kgrouped_wgrad` (`fp8_gemm_kgrouped`), FP8 with `bf16_wgrad` as BF16; FP8's per-expert
+        ones slice on the host."""
         if not x_AD.is_cuda:
             return False
-        return kgrouped_wgrad if fp8 else use_grouped_wgrad(x_AD.device)
+        if fp8 and not bf16_wgrad:
+            return kgrouped_wgrad
+        return use_grouped_wgrad(x_AD.device)
 
     def __init__(
         self, x_AD: torch.Tensor, rows: list[int] | torch.Tensor, align: int | None = None
@@ -531,12 +548,17 @@ def experts_mlp(
     cache=None,
     grouped_fp8: bool = False,
     kgrouped_wgrad: bool = False,
+    bf16_wgrad: bool = False,
 ) -> torch.Tensor:
     """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
     `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8).
     `kgrouped_wgrad` (with `grouped_fp8`): its weight gradients in one k-grouped launch per
     projection (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert; one-process training
-    only (the kernel's module docstring says why). `rows`: per expert, a list or an int64 [E]
+    only (the kernel's module docstring says why). `bf16_wgrad` (with `grouped_fp8`): the
+    weight gradients from the bf16 operands instead (`GroupedExperts.wgrad`), forward and input
+    gradients staying FP8: at 4,096-token micro-batches each expert's weight gradient is
+    memory-bound on the fp32 accumulation (K ~ 384 rows per expert), which FP8 does not shorten,
+    while its 128x1 quantizations cost a pass over five operands. `rows`: per expert, a list or an int64 [E]
     tensor on x's device (its sum is not checked: reading it would sync)."""
     if isinstance(rows, torch.Tensor):
         if rows.shape != (w1_EID.shape[0],) or rows.device != x_AD.device:
@@ -554,22 +576,41 @@ def experts_mlp(
             f"experts_mlp: grouped_fp8 needs fp8=True and a WeightCache, got fp8={fp8}, "
             f"cache={cache}"
         )
-    if kgrouped_wgrad and not grouped_fp8:
-        raise ValueError("experts_mlp: kgrouped_wgrad needs grouped_fp8=True")
+    if (kgrouped_wgrad or bf16_wgrad) and not grouped_fp8:
+        raise ValueError(
+            f"experts_mlp: kgrouped_wgrad={kgrouped_wgrad}, bf16_wgrad={bf16_wgrad} need "
+            "grouped_fp8=True"
+        )
+    if kgrouped_wgrad and bf16_wgrad:
+        raise ValueError("experts_mlp: kgrouped_wgrad and bf16_wgrad exclude each other")
     return _ExpertsMLPFn.apply(
-        x_AD, w1_EID, w3_EID, w2_EDI, rows, store, fp8, cache, grouped_fp8, kgrouped_wgrad
+        x_AD,
+        w1_EID,
+        w3_EID,
+        w2_EDI,
+        rows,
+        store,
+        fp8,
+        cache,
+        grouped_fp8,
+        kgrouped_wgrad,
+        bf16_wgrad,
     )
 
 
 def enable_grouped_experts(
-    model: torch.nn.Module, *, grouped_fp8: bool, kgrouped_wgrad: bool = False
+    model: torch.nn.Module,
+    *,
+    grouped_fp8: bool,
+    kgrouped_wgrad: bool = False,
+    bf16_wgrad: bool = False,
 ) -> int:
     """Run every routed-experts module of a whole (PP = 1) model through `experts_mlp`, weight
     gradients computed at once (no W-op store: pipeline stages get theirs from
     `stages.enable_weight_grad_split`). FP8 experts (`linear` set to `fp8.fp8_linear` by
     `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
     GEMM when `grouped_fp8` (its weight gradients k-grouped with `kgrouped_wgrad`, see
-    `experts_mlp`); BF16 ones take `GroupedExperts` where it applies. Returns the number
+    `experts_mlp`; from bf16 operands with `bf16_wgrad`); BF16 ones take `GroupedExperts` where it applies. Returns the number
     of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
     BF16 its bf16 casts of the fp32 weights (one per optimizer step instead of two per
     micro-batch)."""
@@ -583,6 +624,7 @@ def enable_grouped_experts(
                 cache=f8.WeightCache(),
                 grouped_fp8=fp8 and grouped_fp8,
                 kgrouped_wgrad=fp8 and grouped_fp8 and kgrouped_wgrad,
+                bf16_wgrad=fp8 and grouped_fp8 and bf16_wgrad,
             )
             n += 1
     return n

@@ -79,6 +79,7 @@ from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import bench_one
 from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import (
+    RUN_NAMES,
     BenchConfig,
     bigram_stream,
     measure_matmul_rate,
@@ -449,6 +450,12 @@ def _parser() -> argparse.ArgumentParser:
         "per projection (default: on CUDA only)",
     )
     p.add_argument(
+        "--runs",
+        default=d.runs,
+        help="--pp 1: the runs to make, comma-separated, bf16 first among "
+        f"{', '.join(RUN_NAMES)} (default: every one that applies)",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -482,6 +489,7 @@ def main(argv: list[str]) -> int:
             moments_dtype=args.moments_dtype,
             kgrouped_wgrad=args.kgrouped_wgrad,
             fp8_scope=args.fp8_scope,
+            runs=args.runs,
         )
         if cfg.one_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")

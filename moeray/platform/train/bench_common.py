@@ -16,6 +16,9 @@ from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import MOMENTS_DTYPES
 
+# the one-device bench's runs (bench_one.run_specs)
+RUN_NAMES = ("bf16", "fp8", "fp8-kgrouped", "fp8-bf16wgrad")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -43,6 +46,9 @@ class BenchConfig:
     fp8_scope: str = "all"  # FP8 runs: what runs in FP8 (fp8.FP8_SCOPES)
     # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
     kgrouped_wgrad: bool | None = None
+    # one device: the runs to make, comma-separated names (bench_one.run_specs); None: all that
+    # apply. "bf16" is required: every FP8 run is compared with it.
+    runs: str | None = None
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -60,6 +66,14 @@ class BenchConfig:
             raise ValueError(
                 f"fp8_scope={self.fp8_scope!r}: expected one of {', '.join(FP8_SCOPES)}"
             )
+        if self.runs is not None:
+            names = self.runs.split(",")
+            bad = [n for n in names if n not in RUN_NAMES]
+            if bad or "bf16" not in names or not self.one_device:
+                raise ValueError(
+                    f"runs={self.runs!r}: expected comma-separated names from "
+                    f"{', '.join(RUN_NAMES)} including bf16, on one device (--pp 1 --ep 1)"
+                )
         if self.moments_dtype not in MOMENTS_DTYPES:
             raise ValueError(
                 f"moments_dtype={self.moments_dtype!r}: expected one of {', '.join(MOMENTS_DTYPES)}"

@@ -228,18 +228,26 @@ def _profiled(on: bool, device: torch.device, into: dict, key: str):
 
 
 def build_model(
-    cfg: BenchConfig, model_cfg: ModelConfig, fp8: bool, kgrouped: bool, device: torch.device
+    cfg: BenchConfig,
+    model_cfg: ModelConfig,
+    fp8: bool,
+    kgrouped: bool,
+    device: torch.device,
+    bf16_wgrad: bool = False,
 ):
     """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
     projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
-    `kgrouped`), the other linear layers split linears (FP8 ones stay FP8)."""
+    `kgrouped`, from bf16 operands for `bf16_wgrad`), the other linear layers split linears (FP8
+    ones stay FP8)."""
     model = dummy_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
     if fp8:
         enable_fp8_training(model, cfg.fp8_scope)
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
-    enable_grouped_experts(model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped)
+    enable_grouped_experts(
+        model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped, bf16_wgrad=bf16_wgrad
+    )
     enable_split_linears(model)
     return model.train()
 
@@ -247,16 +255,15 @@ def build_model(
 def one_run(
     cfg: BenchConfig,
     model_cfg: ModelConfig,
-    fp8: bool,
-    kgrouped: bool,
+    spec: RunSpec,
     tokens: torch.Tensor,
     device,
 ) -> dict:
     """Train `cfg.steps` steps; the run's numbers (module docstring)."""
-    model = build_model(cfg, model_cfg, fp8, kgrouped, device)
+    model = build_model(cfg, model_cfg, spec.fp8, spec.kgrouped, device, spec.bf16_wgrad)
     # on the device once: a copy from pageable memory per micro-batch waits for the GPU
     tokens = tokens.to(device)
-    label = "fp8-kgrouped" if kgrouped else "fp8" if fp8 else "bf16"
+    label = spec.name
     optim = tstep.OptimConfig(
         lr=cfg.lr,
         warmup_steps=max(cfg.steps // 10, 1),
@@ -351,14 +358,40 @@ def one_run(
     }
 
 
-def run_specs(cfg: BenchConfig, device: torch.device) -> list[tuple[str, bool, bool]]:
-    """(name, fp8, kgrouped_wgrad) of each run, in order: BF16, FP8, and where it applies FP8 with
-    the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`, default on CUDA with grouped FP8)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its name, FP8 or not, and how FP8's grouped experts make their weight
+    gradients (`kgrouped`: one FP8 k-grouped GEMM per projection; `bf16_wgrad`: the BF16
+    experts' grouped_wgrad on bf16 operands; neither: one FP8 GEMM per expert)."""
+
+    name: str
+    fp8: bool
+    kgrouped: bool = False
+    bf16_wgrad: bool = False
+
+
+def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
+    """Each run, in order: BF16, FP8, and where grouped FP8 applies (CUDA by default) FP8 with
+    the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`) and FP8 with BF16 expert weight
+    gradients; `cfg.runs` picks a subset by name (RUN_NAMES; BenchConfig checks it)."""
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     kgrouped = device.type == "cuda" if cfg.kgrouped_wgrad is None else cfg.kgrouped_wgrad
-    specs = [("bf16", False, False), ("fp8", True, False)]
-    if kgrouped and grouped_fp8:
-        specs.append(("fp8-kgrouped", True, True))
+    specs = [RunSpec("bf16", False), RunSpec("fp8", True)]
+    if grouped_fp8:
+        if kgrouped:
+            specs.append(RunSpec("fp8-kgrouped", True, kgrouped=True))
+        if device.type == "cuda" or cfg.runs is not None:
+            specs.append(RunSpec("fp8-bf16wgrad", True, bf16_wgrad=True))
+    if cfg.runs is not None:
+        wanted = cfg.runs.split(",")
+        missing = [n for n in wanted if n not in {s.name for s in specs}]
+        if missing:
+            raise ValueError(
+                f"runs={cfg.runs!r}: {', '.join(missing)} not available here (grouped FP8 "
+                f"{grouped_fp8}, k-grouped {kgrouped}); available: "
+                f"{', '.join(s.name for s in specs)}"
+            )
+        specs = [s for s in specs if s.name in wanted]
     return specs
 
 
@@ -392,17 +425,18 @@ def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
         got: dict[str, dict] = {}
         failed: dict[str, str] = {}
         oom = None
-        for name, fp8, kgrouped in specs:
+        for spec in specs:
+            name = spec.name
             try:
-                got[name] = one_run(cfg, model_cfg, fp8, kgrouped, data, device)
+                got[name] = one_run(cfg, model_cfg, spec, data, device)
             except torch.OutOfMemoryError as err:
                 if plan is None or layers <= model_cfg.first_k_dense_replace + 1:
                     raise
                 oom = str(err).splitlines()[0][:300]
                 break
             except Exception as err:
-                if name in ("bf16", "fp8"):
-                    raise  # nothing to compare without them
+                if name == "bf16":
+                    raise  # nothing to compare without it
                 failed[name] = f"{type(err).__name__}: {err}"[:500]
                 print(f"[bench train] {name} failed: {failed[name]}", flush=True)
             # the run's model and optimizer state go before the next one's (after an error: out
