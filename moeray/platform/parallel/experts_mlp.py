@@ -558,8 +558,8 @@ def experts_mlp(
     weight gradients from the bf16 operands instead (`GroupedExperts.wgrad`), forward and input
     gradients staying FP8: at 4,096-token micro-batches each expert's weight gradient is
     memory-bound on the fp32 accumulation (K ~ 384 rows per expert), which FP8 does not shorten,
-    while its 128x1 quantizations cost a pass over five operands. `rows`: per expert, a list or an int64 [E]
-    tensor on x's device (its sum is not checked: reading it would sync)."""
+    while its 128x1 quantizations cost a pass over five operands. `rows`: per expert, a list or
+    an int64 [E] tensor on x's device (its sum is not checked: reading it would sync)."""
     if isinstance(rows, torch.Tensor):
         if rows.shape != (w1_EID.shape[0],) or rows.device != x_AD.device:
             raise ValueError(
@@ -610,8 +610,8 @@ def enable_grouped_experts(
     `stages.enable_weight_grad_split`). FP8 experts (`linear` set to `fp8.fp8_linear` by
     `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
     GEMM when `grouped_fp8` (its weight gradients k-grouped with `kgrouped_wgrad`, see
-    `experts_mlp`; from bf16 operands with `bf16_wgrad`); BF16 ones take `GroupedExperts` where it applies. Returns the number
-    of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
+    `experts_mlp`; from bf16 operands with `bf16_wgrad`); BF16 ones take `GroupedExperts` where
+    it applies. Returns the number of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
     BF16 its bf16 casts of the fp32 weights (one per optimizer step instead of two per
     micro-batch)."""
     n = 0
