@@ -611,9 +611,9 @@ def enable_grouped_experts(
     `fp8.enable_fp8_training`, called first) keep FP8 with a WeightCache, through the grouped FP8
     GEMM when `grouped_fp8` (its weight gradients k-grouped with `kgrouped_wgrad`, see
     `experts_mlp`; from bf16 operands with `bf16_wgrad`); BF16 ones take `GroupedExperts` where
-    it applies. Returns the number of modules switched. Every module gets a WeightCache: FP8 keeps its quantized weights there,
-    BF16 its bf16 casts of the fp32 weights (one per optimizer step instead of two per
-    micro-batch)."""
+    it applies. Returns the number of modules switched. Every module gets a WeightCache: FP8
+    keeps its quantized weights there, BF16 its bf16 casts of the fp32 weights (one per
+    optimizer step instead of two per micro-batch)."""
     n = 0
     for module in model.modules():
         if isinstance(module, Experts):
