@@ -106,29 +106,30 @@ def padded_row_counts(max_rows: int, multiple: int = FP8_BLOCK) -> list[int]:
 
 
 class QuantizedWeight:
-    """A weight's FP8 form for the forward and input-grad GEMMs: on CUDA the e4m3 values and
-    128x128 scales (and, made on first use, the transposed values the input-grad GEMM reads); on
-    CPU the emulation's quantized-dequantized fp32 weight."""
+    """A weight's FP8 form for the forward and input-grad GEMMs: on CUDA the e4m3 values, their
+    128x128 scales and the transposed values the input-grad GEMM reads, all from one launch
+    (`kernels.weight_quant_t`); on CPU the emulation's quantized-dequantized fp32 weight."""
 
     def __init__(self, w_NK: torch.Tensor) -> None:
         self.kernels = _kernels_for(w_NK)
         if self.kernels is None:
             self.qdq_NK = qdq_128x128(w_NK)
         else:
-            self.q_NK, self.scale = self.kernels.weight_quant(w_NK)
-            self._q_KN: torch.Tensor | None = None
+            # Training runs both GEMMs on every weight, so W^T is made with W: the quantization
+            # kernel holds each 128x128 tile already, one more 1-byte store per element, where a
+            # separate `.t().contiguous()` re-reads and re-writes every byte in a strided copy.
+            self.q_NK, self.scale, self._q_KN = self.kernels.weight_quant_t(w_NK)
 
     @property
     def q_KN(self) -> torch.Tensor:
-        if self._q_KN is None:
-            self._q_KN = self.q_NK.t().contiguous()
+        """W^T [K, N] e4m3, contiguous: q_NK.t().contiguous() bit for bit (CUDA only)."""
         return self._q_KN
 
 
 class WeightCache:
     """Quantized (or cast: `cast`) weights kept until the weight changes. Without it every
-    micro-batch quantizes each weight twice (forward and input grad) and transposes it once, ~4 of
-    the ~15 launches of an FP8 expert GEMM; weights change only at the optimizer step. An entry
+    micro-batch quantizes each weight (with W^T, in one launch on CUDA) for the forward and again
+    for the input grad of an FP8 expert GEMM; weights change only at the optimizer step. An entry
     is keyed by where the weight lives and checked against its version counter, which every
     in-place update moves (AdamW's included), so a stale entry is never used. One cache per
     module: entries of one weight (or one expert's slice of a stacked weight) replace each other."""
@@ -161,33 +162,24 @@ class WeightCache:
 
 class StackedWeight:
     """All experts' weights [E, N, K] in FP8 for the grouped GEMM (`kernels.fp8.fp8_gemm_grouped`):
-    q [E, N, K] e4m3 and scales [E, N/128, K/128], each expert quantized on its own (its 128x128
-    blocks never straddle two experts). Uses the kernels module on any device (its PyTorch
+    q [E, N, K] e4m3 and scales [E, NB, KB], each expert quantized on its own (its 128x128 blocks
+    never straddle two experts), and W^T per expert for the input-grad GEMM (`transposed`), all
+    from one `kernels.weight_quant_t` launch. Uses the kernels module on any device (its PyTorch
     references off CUDA)."""
 
     def __init__(self, w_ENK: torch.Tensor) -> None:
-        E, N, K = w_ENK.shape
-        # (int32 element offsets in the quantization kernel: one launch below 2^31 elements)
-        if N % 128 == 0 and w_ENK.numel() < 2**31:
-            # Whole 128-row blocks never straddle two experts: [E * N, K] quantized as one matrix
-            # has each expert's blocks, in one launch. Per expert it was E launches and two
-            # stacking copies: 1,728 quantizations a step at 9 Moonlight MoE layers x 64 experts
-            # x 3 projections (results/train-1gpu-nvidia-h200.json, `_weight_quant_kernel`).
-            q, s = kernels.weight_quant(w_ENK.reshape(E * N, K))
-            self.q, self.scale = q.view(E, N, K), s.view(E, N // 128, s.shape[1])
-        else:
-            qs = [kernels.weight_quant(w_ENK[e]) for e in range(E)]
-            self.q = torch.stack([q for q, _ in qs])
-            self.scale = torch.stack([s for _, s in qs])
-        self._t: tuple[torch.Tensor, torch.Tensor] | None = None
+        # One launch for all experts, any N (the kernel's third grid axis is the expert): per
+        # expert would be E launches and two stacking copies, 1,728 quantizations a step at 9
+        # Moonlight MoE layers x 64 experts x 3 projections; W^T as a separate copy would re-read
+        # and re-write every e4m3 byte in a strided pass (`float8_copy_kernel`).
+        self.q, self.scale, q_EKN = kernels.weight_quant_t(w_ENK)
+        self._t = (q_EKN, self.scale.transpose(1, 2).contiguous())
 
     @property
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W^T [E, K, N] e4m3, its scales [E, K/128, N/128]), contiguous, made on first use: the
-        input-grad GEMM's b, K-major like every b of the block-scaled GEMMs (FP8 tensor-core MMAs
-        read K-major operands; a transposed view would make the kernel transpose every tile)."""
-        if self._t is None:
-            self._t = (self.q.transpose(1, 2).contiguous(), self.scale.transpose(1, 2).contiguous())
+        """(W^T [E, K, N] e4m3, its scales [E, KB, NB]), contiguous: the input-grad GEMM's b,
+        K-major like every b of the block-scaled GEMMs (FP8 tensor-core MMAs read K-major operands;
+        a transposed view would make the kernel transpose every tile)."""
         return self._t
 
 

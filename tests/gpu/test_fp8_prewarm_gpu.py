@@ -16,7 +16,7 @@ TRITON_KERNELS = (  # (module under moeray.kernels.fp8, kernel)
     ("quant", "_act_quant_kernel"),
     ("quant", "_act_quant_t_kernel"),
     ("gemm", "_fp8_gemm_kernel"),
-    ("quant", "_weight_quant_kernel"),
+    ("quant", "_weight_quant_t_kernel"),  # QuantizedWeight: W and W^T in one launch
 )
 
 

@@ -152,3 +152,109 @@ def test_input_errors():
         fp8.act_quant(torch.randint(0, 4, (4, 128)))
     with pytest.raises(ValueError, match="backend"):
         fp8.fp8_gemm(xq, xs, wq, ws, backend="cutlass")
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(200, 136), (128, 128), (3, 256, 384), (2, 200, 136)],
+    ids=["ragged", "one-block", "stacked", "stacked-ragged"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_quant_t_matches_reference(shape, dtype, launch_spy):
+    from moeray.kernels.fp8 import quant
+
+    g = torch.Generator().manual_seed(sum(shape))
+    # Magnitudes over 4 decades down the rows, so a scale from the wrong block (or expert) shows.
+    rows = torch.logspace(-2, 2, shape[-2]).reshape(-1, 1)
+    w = (torch.randn(shape, generator=g) * rows).to(dtype)
+    grids = launch_spy(quant, "_weight_quant_t_kernel")
+    q, s, q_t = fp8.weight_quant_t(w)
+    qr, sr, q_tr = fp8.weight_quant_t_ref(w)
+    *e, n, k = shape
+    nb, kb = -(-n // 128), -(-k // 128)
+    assert grids == [(nb, kb, e[0] if e else 1)]  # one launch, every expert
+    assert q.dtype == q_t.dtype == FP8_DTYPE and s.dtype == torch.float32
+    assert q.shape == w.shape and s.shape == (*e, nb, kb) and q_t.shape == (*e, k, n)
+    assert q.is_contiguous() and q_t.is_contiguous()
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    # .float(): the interpreter's exact rounding writes +0 where torch's cast keeps -0
+    assert torch.equal(q.float(), qr.float()) and torch.equal(q_t.float(), q_tr.float())
+    # W^T is the kernel's own q transposed, bit for bit, per expert
+    assert torch.equal(_bits(q_t), _bits(q.transpose(-2, -1).contiguous()))
+    # and q, s are what weight_quant gives each matrix alone (blocks never straddle experts)
+    for i, w_NK in enumerate(w.reshape(-1, n, k)):
+        q1, s1 = fp8.weight_quant(w_NK)
+        assert torch.equal(_bits(q.reshape(-1, n, k)[i]), _bits(q1))
+        assert torch.equal(s.reshape(-1, nb, kb)[i], s1)
+
+
+def test_weight_quant_t_strided_inputs():
+    """A row-strided slice is read in place; a transposed view (K not unit-stride) is copied."""
+    base = torch.randn(2, 200, 300) * 3
+    for w in (base[:, :, :136], base[0].t()[:136], base[1, 7:]):
+        q, s, q_t = fp8.weight_quant_t(w)
+        qr, sr, _ = fp8.weight_quant_t_ref(w.contiguous())
+        assert torch.equal(q.float(), qr.float()) and torch.equal(s, sr)
+        assert torch.equal(_bits(q_t), _bits(q.transpose(-2, -1).contiguous()))
+
+
+def test_weight_quant_t_input_errors():
+    with pytest.raises(ValueError, match=r"got shape \(256,\)"):
+        fp8.weight_quant_t(torch.randn(256))
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 128, 128\)"):
+        fp8.weight_quant_t(torch.randn(1, 2, 128, 128))
+    with pytest.raises(ValueError, match=r"got shape \(0, 128\)"):
+        fp8.weight_quant_t(torch.randn(0, 128))
+    with pytest.raises(ValueError, match=r"w has dtype torch\.int64"):
+        fp8.weight_quant_t(torch.randint(0, 4, (128, 128)))
+    with pytest.raises(ValueError, match="block=64"):
+        fp8.weight_quant_t(torch.randn(128, 128), block=64)
+
+
+@pytest.mark.gpu
+def test_weight_quant_t_compiled_on_gpu(compiled_check):
+    # Compiled: q, scales and q_t equal to the reference's, q_t bit-equal to the kernel's own q
+    # transposed, on outputs over freed NaN memory (an unwritten element shows), at Moonlight's
+    # stacked expert shapes (64 x 1408 x 2048 gate/up, 64 x 2048 x 1408 down), V3's kv_a
+    # (2112 x 7168) and ragged shapes; then StackedWeight and QuantizedWeight give the transposes
+    # a separate copy would.
+    compiled_check(
+        """
+import torch
+from moeray.kernels import fp8
+from moeray.platform.fp8 import QuantizedWeight, StackedWeight
+bits = lambda t: t.view(torch.uint8)
+bad = []
+cases = [((64, 1408, 2048), torch.float32), ((64, 2048, 1408), torch.float32),
+         ((2112, 7168), torch.bfloat16), ((200, 136), torch.float32),
+         ((3, 200, 136), torch.bfloat16), ((3, 256, 384), torch.float32)]
+for shape, dtype in cases:
+    w = (torch.randn(shape, device="cuda") * torch.rand(shape[-2], 1, device="cuda") * 8).to(dtype)
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+    q, s, q_t = fp8.weight_quant_t(w)
+    qr, sr, q_tr = fp8.weight_quant_t_ref(w)
+    ok = (torch.equal(q.float(), qr.float()) and torch.equal(s, sr)
+          and torch.equal(q_t.float(), q_tr.float())
+          and torch.equal(bits(q_t), bits(q.transpose(-2, -1).contiguous())))
+    print(shape, dtype, "ok" if ok else "MISMATCH")
+    if not ok:
+        bad.append(shape)
+w = torch.randn(4, 384, 200, device="cuda")
+sw = StackedWeight(w)
+qt, st = sw.transposed
+if not (torch.equal(bits(qt), bits(sw.q.transpose(1, 2).contiguous()))
+        and torch.equal(st, sw.scale.transpose(1, 2).contiguous())):
+    bad.append("StackedWeight")
+qw = QuantizedWeight(w[1])
+q1, s1 = fp8.weight_quant(w[1])
+if not (torch.equal(bits(qw.q_NK), bits(q1)) and torch.equal(qw.scale, s1)
+        and torch.equal(bits(qw.q_KN), bits(q1.t().contiguous()))):
+    bad.append("QuantizedWeight")
+print("RESULT", "PASS" if not bad else f"FAIL {bad}")
+""",
+        "fp8_weight_quant_t_gpu.txt",
+    )

@@ -218,15 +218,43 @@ def test_grouped_fp8_kgrouped_experts_from_device_counts_through_the_triton_kern
     assert all(outs[1][i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
 
 
-@pytest.mark.parametrize("n", [256, 160])  # whole 128-row blocks (one launch); a ragged last block
-def test_stacked_weight_equals_each_expert_quantized_alone(n):
+@pytest.mark.parametrize("n", [256, 160])  # whole 128-row blocks; a ragged last block
+def test_stacked_weight_equals_each_expert_quantized_alone(n, launch_spy):
     """StackedWeight (all experts' weights for the grouped GEMM) holds exactly what quantizing
-    each expert on its own gives: blocks never straddle two experts, in one launch or per expert."""
+    each expert on its own gives (blocks never straddle two experts), and W^T per expert, bit for
+    bit what a transposing copy gives, all from one launch."""
+    from moeray.kernels.fp8 import quant
     from moeray.platform.fp8 import StackedWeight
 
     w = torch.randn(3, n, 200, generator=torch.Generator().manual_seed(n)) * 4
+    grids = launch_spy(quant, "_weight_quant_t_kernel")
     stacked = StackedWeight(w)
+    assert grids == [(-(-n // 128), 2, 3)]
     for e in range(3):
         q, s = fp8.weight_quant(w[e])
         assert torch.equal(stacked.q[e].float(), q.float()) and torch.equal(stacked.scale[e], s)
     assert stacked.q.shape == (3, n, 200) and stacked.scale.shape == (3, -(-n // 128), 2)
+    q_EKN, s_EKN = stacked.transposed
+    assert q_EKN.is_contiguous() and s_EKN.is_contiguous()
+    assert torch.equal(
+        q_EKN.view(torch.uint8), stacked.q.transpose(1, 2).contiguous().view(torch.uint8)
+    )
+    assert torch.equal(s_EKN, stacked.scale.transpose(1, 2).contiguous())
+    assert len(grids) == 1  # `transposed` launches nothing
+
+
+def test_quantized_weight_makes_its_transpose_in_the_same_launch(monkeypatch, launch_spy):
+    """QuantizedWeight's kernel path (CUDA in training; here the interpreter on CPU tensors):
+    q_KN is q_NK.t().contiguous() bit for bit, made by the quantization's launch."""
+    from moeray.kernels.fp8 import quant
+    from moeray.platform import fp8 as f8
+
+    monkeypatch.setattr(f8, "_kernels_for", lambda t: fp8)
+    w = torch.randn(200, 136, generator=torch.Generator().manual_seed(5)) * 3
+    grids = launch_spy(quant, "_weight_quant_t_kernel")
+    wq = f8.QuantizedWeight(w)
+    q, s = fp8.weight_quant(w)
+    assert torch.equal(wq.q_NK.view(torch.uint8), q.view(torch.uint8)) and torch.equal(wq.scale, s)
+    assert wq.q_KN.shape == (136, 200) and wq.q_KN.is_contiguous()
+    assert torch.equal(wq.q_KN.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+    assert grids == [(2, 2, 1)]

@@ -1,6 +1,7 @@
-"""Benchmarks of the FP8 kernels: block quantization, the block-scaled GEMM (auto backend and
-Triton against torch._scaled_mm and bf16 matmul), its backward GEMMs, the m-grouped GEMM, and the
-Triton GEMM's tile-config sweep."""
+"""Benchmarks of the FP8 kernels: block quantization (and the training weights' quantization with
+W^T in one launch against quantization plus a transposing copy), the block-scaled GEMM (auto
+backend and Triton against torch._scaled_mm and bf16 matmul), its backward GEMMs, the m-grouped
+GEMM, and the Triton GEMM's tile-config sweep."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from moeray.kernels.fp8.quant import (
     weight_dequant_ref,
     weight_quant,
     weight_quant_ref,
+    weight_quant_t,
 )
 
 
@@ -87,7 +89,42 @@ def bench_quant(ceil: dict) -> list[dict]:
                 "speedup_vs_ref": round(ref_ms / ms, 2),
             }
         )
+    rows += [_weight_quant_t_row(ceil, *shape) for shape in MOONLIGHT_EXPERT_WEIGHTS]
     return rows
+
+
+# Moonlight's routed experts stacked as StackedWeight quantizes them, fp32 master weights:
+# gate/up [64, 1408, 2048] and down [64, 2048, 1408] (64 experts, hidden 2048, expert width 1408).
+MOONLIGHT_EXPERT_WEIGHTS = ((64, 1408, 2048), (64, 2048, 1408))
+
+
+def _weight_quant_t_row(ceil: dict, e: int, n: int, k: int) -> dict:
+    """weight_quant_t (q, scales and W^T per expert from one launch) against what it replaces:
+    weight_quant of [E * N, K] then W^T by a transposing copy. TB/s counts the bytes each moves
+    per element: fused 4 (fp32 read) + 1 (q) + 1 (q_t); separate 4 + 1, then 1 + 1 (the copy
+    reads q back). frac_copy_bw is against the device-to-device copy of the same run (HBM)."""
+    w = torch.randn(e, n, k, device="cuda")
+
+    def separate():
+        q, _ = weight_quant(w.view(e * n, k))
+        return q.view(e, n, k).transpose(1, 2).contiguous()
+
+    ms, ref_ms = _bench(lambda: weight_quant_t(w)), _bench(separate)
+    scale_bytes = e * -(-n // 128) * -(-k // 128) * 4
+    tbs = (w.numel() * 6 + scale_bytes) / ms / 1e9
+    ref_tbs = (w.numel() * 7 + scale_bytes) / ref_ms / 1e9
+    return {
+        "kernel": "weight_quant_t",
+        "shape": f"{e}x{n}x{k} fp32",
+        "ms": round(ms, 4),
+        "TBps": round(tbs, 3),
+        "frac_copy_bw": round(tbs / ceil["copy_TBps"], 3),
+        "baseline": "weight_quant + transposing copy",
+        "ref_ms": round(ref_ms, 4),
+        "ref_TBps": round(ref_tbs, 3),
+        "ref_frac_copy_bw": round(ref_tbs / ceil["copy_TBps"], 3),
+        "speedup_vs_ref": round(ref_ms / ms, 2),
+    }
 
 
 def _fp8_gemm_row(ceil: dict, layout: str | None, m: int, w, wq, ws) -> dict:

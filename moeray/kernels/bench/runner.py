@@ -139,6 +139,12 @@ def _print_table(result: dict) -> None:
         print(
             f"{r['kernel']:28s} {r['shape']:16s} {r['ms']:8.4f} ms {r['TBps']:6.3f} TB/s "
             f"({r['frac_copy_bw']:.2f} of copy)"
+            + (
+                f" | {r['baseline']} {r['ref_ms']:.4f} ms {r['ref_TBps']:.3f} TB/s, "
+                f"x{r['speedup_vs_ref']}"
+                if "baseline" in r
+                else ""
+            )
         )
     for r in result.get("fp8_gemm", []):
         if "N" in r and r["kernel"] == "fp8_gemm":
@@ -202,7 +208,7 @@ def flat_results(result: dict) -> list[dict]:
                 r["ms"],
                 r["frac_copy_bw"],
                 "copy bandwidth",
-                "PyTorch reference (eager)",
+                r.get("baseline", "PyTorch reference (eager)"),
                 r.get("speedup_vs_ref"),
             )
         )

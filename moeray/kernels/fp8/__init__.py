@@ -1,7 +1,8 @@
 """FP8 (e4m3) block quantization and block-scaled GEMMs, DeepSeek-V3 recipe.
 
 - quant:    act_quant (1x128 groups), act_quant_t (128x1, transposed), weight_quant (128x128
-            blocks), weight_dequant, and their PyTorch references
+            blocks), weight_quant_t (weight_quant and W^T in one launch, [N, K] or stacked
+            [E, N, K]), weight_dequant, and their PyTorch references
 - gemm:     the Triton block-scaled GEMM (fp8_gemm_triton), its tile configs and occupancy
             (ctas_per_sm), and fp8_gemm_ref
 - gemv:     fp8_gemv, the weight-only FP8 GEMM for decode (x stays bf16/fp16/fp32, no act_quant),
@@ -35,6 +36,8 @@ from moeray.kernels.fp8.quant import (
     weight_dequant_ref,
     weight_quant,
     weight_quant_ref,
+    weight_quant_t,
+    weight_quant_t_ref,
 )
 
 __all__ = [
@@ -61,4 +64,6 @@ __all__ = [
     "weight_dequant_ref",
     "weight_quant",
     "weight_quant_ref",
+    "weight_quant_t",
+    "weight_quant_t_ref",
 ]

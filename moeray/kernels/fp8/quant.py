@@ -7,6 +7,8 @@ NB = ceil(N/128), MB = ceil(M/128).
 - act_quant_t:    x [M, K]   -> e4m3 [K, M] and fp32 scale [K, MB]       (128x1 groups, transposed:
                                 the weight-grad GEMM reduces over tokens)
 - weight_quant:   w [N, K]   -> e4m3 [N, K] and fp32 scale_inv [NB, KB]  (128x128 blocks)
+- weight_quant_t: weight_quant plus W^T: w [N, K] or [E, N, K] -> (q, scale_inv, q_t [K, N] or
+                                [E, K, N] e4m3), one launch (the input-grad GEMM reads W^T K-major)
 - weight_dequant: inverse of weight_quant, dequant = w_fp8 * scale_inv per block (checkpoint rule)
 
 scale = amax / 448 per group, q = x / scale rounded to nearest-even e4m3; dequant = q * scale.
@@ -68,6 +70,19 @@ def weight_quant_ref(w_NK: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     q, s = _quant_groups_ref(tiles)
     q = q.reshape(nb, kb, block, block).permute(0, 2, 1, 3).reshape(nb * block, kb * block)
     return q[:n, :k].contiguous(), s
+
+
+def weight_quant_t_ref(
+    w: torch.Tensor, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight_quant_ref of w [N, K], or of each expert of w [E, N, K], with q's (per-expert)
+    transpose: (q [..., N, K], scale_inv [..., NB, KB], q_t [..., K, N] contiguous)."""
+    if w.dim() == 2:
+        q, s = weight_quant_ref(w, block)
+        return q, s, q.t().contiguous()
+    qs = [weight_quant_ref(w_NK, block) for w_NK in w]
+    q_ENK = torch.stack([q for q, _ in qs])
+    return q_ENK, torch.stack([s for _, s in qs]), q_ENK.transpose(1, 2).contiguous()
 
 
 def weight_dequant_ref(
@@ -146,6 +161,16 @@ def _act_quant_t_kernel(
 
 
 @triton.jit
+def _quant_block(w, EXACT: tl.constexpr):
+    """One 128x128 block (fp32, zeros outside the matrix) -> (e4m3 values, its scale)."""
+    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), TL_AMAX_FLOOR)
+    s = amax / TL_FP8_MAX
+    y = tl.math.div_rn(w, s)
+    y = tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX)
+    return to_e4m3(y, EXACT), s
+
+
+@triton.jit
 def _weight_quant_kernel(
     w_ptr,
     q_ptr,
@@ -164,13 +189,51 @@ def _weight_quant_kernel(
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
-    w = w.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), TL_AMAX_FLOOR)
-    s = amax / TL_FP8_MAX
-    y = tl.math.div_rn(w, s)
-    y = tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX)
-    tl.store(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], to_e4m3(y, EXACT), mask=mask)
+    q, s = _quant_block(w.to(tl.float32), EXACT)
+    tl.store(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
+
+
+@triton.jit
+def _weight_quant_t_kernel(
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    qt_ptr,
+    N,
+    K,
+    stride_we,
+    stride_wn,
+    stride_qe,
+    stride_se,
+    stride_sn,
+    stride_qte,
+    BLOCK: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    # One program: block (pid_n, pid_k) of expert e. q is [E, N, K] and q_t [E, K, N], both
+    # contiguous (row strides K and N). The tile is in registers already, so W^T costs one more
+    # 1-byte store per element here instead of a separate copy that reads and writes every byte.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)  # e * E-stride passes 2^31 at V3 scale (256 x 2048 x 7168)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask_nk = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(
+        w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+        mask=mask_nk,
+        other=0.0,
+    )
+    q_nk, s = _quant_block(w.to(tl.float32), EXACT)
+    tl.store(q_ptr + e * stride_qe + offs_n[:, None] * K + offs_k[None, :], q_nk, mask=mask_nk)
+    mask_kn = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    tl.store(
+        qt_ptr + e * stride_qte + offs_k[:, None] * N + offs_n[None, :],
+        tl.trans(q_nk),
+        mask=mask_kn,
+    )
+    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k, s)
 
 
 @triton.jit
@@ -313,6 +376,63 @@ def weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
         num_warps=8,
     )
     return q, s
+
+
+# Grid axis 2 (the experts) takes at most 65,535 programs on CUDA.
+MAX_GRID_Z = 65535
+
+
+def weight_quant_t(
+    w: torch.Tensor, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight_quant and W^T from one launch, for the forward and input-grad GEMMs of training.
+
+    w [N, K] -> (q [N, K] e4m3, scale_inv [NB, KB] fp32, q_t [K, N] e4m3 contiguous); a stacked
+    w [E, N, K] (one weight per expert) -> (q [E, N, K], scale_inv [E, NB, KB], q_t [E, K, N]),
+    each expert quantized on its own (blocks never straddle two experts, any N). q_t equals
+    q.t().contiguous() (per expert) bit for bit; W^T's scales are scale_inv transposed (a 128x128
+    block transposes into one block), left to the caller.
+    """
+    _check_block(block)
+    check_tensor(w, "w", dtypes=FLOAT_IN)
+    if w.dim() not in (2, 3) or 0 in w.shape:
+        raise ValueError(f"w must be a non-empty [N, K] or [E, N, K], got shape {tuple(w.shape)}")
+    if not use_triton(w):
+        return weight_quant_t_ref(w, block)
+    w_ENK = w if w.dim() == 3 else w.unsqueeze(0)
+    if w_ENK.stride(-1) != 1:
+        w_ENK = w_ENK.contiguous()
+    e, n, k = w_ENK.shape
+    if e > MAX_GRID_Z:
+        raise ValueError(f"w has E={e} experts: one launch takes at most {MAX_GRID_Z}")
+    if n * max(k, w_ENK.stride(1)) >= 2**31:
+        raise ValueError(
+            f"w has N={n}, K={k}, row stride {w_ENK.stride(1)}: offsets within one matrix are "
+            "int32, so N * max(K, row stride) must be < 2^31"
+        )
+    q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=w.device)
+    q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((e, cdiv(n, block), cdiv(k, block)), dtype=torch.float32, device=w.device)
+    _weight_quant_t_kernel[(s.shape[1], s.shape[2], e)](
+        w_ENK,
+        q,
+        s,
+        q_t,
+        n,
+        k,
+        w_ENK.stride(0),
+        w_ENK.stride(1),
+        q.stride(0),
+        s.stride(0),
+        s.stride(1),
+        q_t.stride(0),
+        BLOCK=block,
+        EXACT=interpreting(),
+        num_warps=8,
+    )
+    if w.dim() == 2:
+        return q[0], s[0], q_t[0]
+    return q, s, q_t
 
 
 def weight_dequant(
