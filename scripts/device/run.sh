@@ -15,6 +15,7 @@
 #   cross-entropy      fused cross-entropy GPU tests (loss, grads, memory at V 163,840) + bench vs torch (1 GPU, ~2 min)
 #   adamw              fused AdamW (bf16/fp32 moments) GPU check + bench vs torch fused AdamW and the loop (1 GPU, ~3 min)
 #   rope-train         training RoPE (autograd) compiled checks + bench vs autograd through rope_ref (1 GPU, ~2 min)
+#   moe-permute        training MoE permute/combine (autograd) compiled check + bench vs Experts._routed's torch ops (1 GPU, ~2 min)
 #   engine             `moeray bench engine` (graphs, MTP, HF baseline) (1 GPU)
 #   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
 #   engine-shapes      `moeray bench engine` at Moonlight and V3-width shapes, bf16 and FP8 (1 GPU)
@@ -29,7 +30,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

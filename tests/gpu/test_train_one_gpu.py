@@ -84,6 +84,29 @@ def test_grouped_experts_equal_the_loop_with_fewer_kernels(fp8):
     assert 0 < k_grouped < k_loop, (k_grouped, k_loop)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_moe_combine_equals_torch_with_fewer_kernels(monkeypatch, fp8):
+    # The grouped model with the routed experts' permute and combine as kernels
+    # (kernels/moe_permute.py) against PyTorch's gather and index_add_
+    # (MOERAY_FUSED_MOE_COMBINE=0): the combine adds the K products in k order and the shared
+    # experts' output before its one rounding to bf16, PyTorch in row order (by atomic adds) and
+    # after, so bf16 activations differ by a rounding step here and there (FP8: an e4m3 step can
+    # flip, as in the test above).
+    tokens = torch.randint(0, 1024, (3, 38), generator=torch.Generator().manual_seed(4)).to(DEV)
+    torch_counts: dict = {}
+    fused_counts: dict = {}
+    monkeypatch.setenv("MOERAY_FUSED_MOE_COMBINE", "0")
+    want = _run(fp8, True, tokens, torch_counts)
+    monkeypatch.delenv("MOERAY_FUSED_MOE_COMBINE")
+    got = _run(fp8, True, tokens, fused_counts)
+    assert got[0] == pytest.approx(want[0], rel=2e-3)
+    bound = 0.15 if fp8 else 2e-2
+    for name, w in want[1].items():
+        assert _rel(got[1][name], w) < bound, name
+    k_torch, k_fused = torch_counts["fb"]["gpu_kernels"], fused_counts["fb"]["gpu_kernels"]
+    assert 0 < k_fused < k_torch, (k_fused, k_torch)
+
+
 def test_kgrouped_weight_grads_equal_the_per_expert_gemms_with_fewer_kernels():
     tokens = torch.randint(0, 1024, (3, 38), generator=torch.Generator().manual_seed(3)).to(DEV)
     per_expert: dict = {}

@@ -31,11 +31,11 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     assert recorded["results"] == flat_results(_recorded_run())
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
-    # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW and the
-    # training RoPE.
+    # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW, the
+    # training RoPE and the MoE permute/combine.
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
-    later |= {"cross_entropy", "adamw", "rope_train"}
+    later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
@@ -183,3 +183,13 @@ def test_rope_train_rows_become_records():
     assert rec["kernel"] == "rope fwd+bwd (autograd)"
     assert rec["shape"] == "q_pe B1 S4096 H16 R64 bfloat16"
     assert rec["time_us"] == 25.0 and rec["ratio_to_baseline"] == 6.0
+
+
+def test_moe_permute_train_rows_become_records():
+    row = {"kernel": "combine", "T": 4096, "K": 6, "D": 2048, "E": 64, "dtype": "bfloat16"}
+    row.update(fused_fwd_bwd_ms=0.1, frac_copy_bw=0.7, speedup_fwd_bwd=9.0)
+    (rec,) = flat_results({"ceilings": {}, "moe_permute_train": [row]})
+    assert KEYS <= rec.keys()
+    assert rec["kernel"] == "moe_combine fwd+bwd (autograd)"
+    assert rec["shape"] == "T4096 K6 D2048 E64 bfloat16"
+    assert rec["time_us"] == 100.0 and rec["ratio_to_baseline"] == 9.0

@@ -19,6 +19,12 @@ from torch import nn
 from moeray.kernels.common import FP8_DTYPE
 from moeray.kernels.gate import Routing
 from moeray.kernels.moe import fused_moe_gate_up
+from moeray.kernels.moe_permute import (
+    moe_combine,
+    moe_combine_applies,
+    moe_permute,
+    moe_positions,
+)
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
@@ -65,6 +71,22 @@ def use_fused_swiglu(gate: torch.Tensor, up: torch.Tensor) -> bool:
     On the GPU both give the same bits (moeray.kernels.swiglu)."""
     needs_grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
     return gate.is_cuda and not needs_grad and swiglu_applies(gate, up)
+
+
+def use_fused_moe_combine(
+    x_TD: torch.Tensor, weights_TK: torch.Tensor, add_TD: torch.Tensor | None = None
+) -> bool:
+    """The one place that picks the Triton token permute and weighted combine around the routed
+    experts' `mlp_fn` (moeray.kernels.moe_permute: one launch each way and each direction, fp32
+    sums in registers, no atomics) over PyTorch's gather, fp32 multiply, index_add_ and casts
+    (and their autograd reverses): on CUDA, training and inference alike, for tokens the kernels
+    take. `Experts._routed` asks only when every routed expert is local (pos is then a
+    permutation of all T * K rows); CPU keeps PyTorch. MOERAY_FUSED_MOE_COMBINE=0 keeps PyTorch."""
+    return x_TD.is_cuda and moe_combine_applies(x_TD, weights_TK, add_TD)
+
+
+def _plus(y_TD: torch.Tensor, add_TD: torch.Tensor | None) -> torch.Tensor:
+    return y_TD if add_TD is None else y_TD + add_TD
 
 
 class Gate(nn.Module):
@@ -130,7 +152,8 @@ class Experts(nn.Module):
         add_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(x), plus add_TD if given (the shared
-        experts' output: the fused kernel adds it in its last launch). Ids outside
+        experts' output: the fused MoE kernel adds it in its last launch, the fused combine of
+        `_routed` in its one pass). Ids outside
         [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
         if x_TD.is_cuda and x_TD.shape[0] > 0:
             # Without expert parallelism the offset is 0: no subtraction kernel per layer.
@@ -138,8 +161,7 @@ class Experts(nn.Module):
             y_TD = self._fused(x_TD, local_TK, weights_TK, add_TD)
             if y_TD is not None:
                 return y_TD
-        y_TD = self._routed(x_TD, expert_ids_TK, weights_TK, expert_offset)
-        return y_TD if add_TD is None else y_TD + add_TD
+        return self._routed(x_TD, expert_ids_TK, weights_TK, expert_offset, add_TD)
 
     def _routed(
         self,
@@ -147,8 +169,12 @@ class Experts(nn.Module):
         expert_ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         expert_offset: int,
+        add_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`forward` without the fused kernel (training; CPU): sorted per-expert GEMMs."""
+        """`forward` without the fused MoE kernel (training; CPU): sorted per-expert GEMMs, plus
+        add_TD if given. With `mlp_fn`, every expert local and `use_fused_moe_combine`, the rows
+        go out and come back through `moe_permute` / `moe_combine` (one launch each way, add_TD
+        added in the combine's pass); otherwise through PyTorch's gather and index_add_."""
         K = expert_ids_TK.shape[1]
         local_ids = expert_ids_TK.flatten() - expert_offset
         # Ids of other ranks get key E so that they sort last and are never computed here.
@@ -159,13 +185,27 @@ class Experts(nn.Module):
         # scatter_add, not bincount: bincount reads the largest id back to the host on CUDA
         counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=key.device)
         counts.scatter_add_(0, key, torch.ones_like(key))
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        all_local = self.mlp_fn is not None and self._all_local(expert_offset)
+        if (
+            self.mlp_fn is not None
+            and all_local
+            and use_fused_moe_combine(x_TD, weights_TK, add_TD)
+        ):
+            # pos: each assignment's row among the sorted ones, the one index both kernels need
+            pos_TK = moe_positions(order, K)
+            y_AD = self.mlp_fn(moe_permute(x_TD, pos_TK), *weights, counts[: self.num_experts])
+            out_dtype = (
+                x_TD.dtype if add_TD is None else torch.promote_types(x_TD.dtype, add_TD.dtype)
+            )
+            return moe_combine(y_AD, weights_TK, pos_TK, add_TD, out_dtype=out_dtype)
         token_of = order // K
         # Summed in fp32 whatever x's dtype (the K contributions of a token arrive by atomic
         # adds in no fixed order: in bf16 the result would depend on it), cast back at the end.
         out_TD = torch.zeros_like(x_TD, dtype=torch.promote_types(x_TD.dtype, torch.float32))
         if self.mlp_fn is not None:
             rows: list[int] | torch.Tensor
-            if expert_offset == 0 and self.num_experts == self.routed_experts:
+            if all_local:
                 # Every id is local: all T*K assignments are computed here, and the counts stay
                 # on the device. Read back (.tolist()), they made the host wait for the GPU
                 # twice per MoE layer and micro-batch (one-H200 profile: benchmarks/notes-train.md)
@@ -174,11 +214,11 @@ class Experts(nn.Module):
                 rows = counts[: self.num_experts].tolist()
                 n = sum(rows)
             idx, tokens = order[:n], token_of[:n]
-            y_AD = self.mlp_fn(x_TD[tokens], self.gate_proj, self.up_proj, self.down_proj, rows)
+            y_AD = self.mlp_fn(x_TD[tokens], *weights, rows)
             out_TD.index_add_(
                 0, tokens, y_AD.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
             )
-            return out_TD.to(x_TD.dtype)
+            return _plus(out_TD.to(x_TD.dtype), add_TD)
         start = 0
         for e, n in enumerate(counts[: self.num_experts].tolist()):
             if n == 0:
@@ -192,7 +232,11 @@ class Experts(nn.Module):
             out_TD.index_add_(
                 0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
             )
-        return out_TD.to(x_TD.dtype)
+        return _plus(out_TD.to(x_TD.dtype), add_TD)
+
+    def _all_local(self, expert_offset: int) -> bool:
+        """Whether every routed expert of the model is held here (no expert parallelism)."""
+        return expert_offset == 0 and self.num_experts == self.routed_experts
 
     def _fused(
         self,
