@@ -188,7 +188,7 @@ class Experts(nn.Module):
         weights = (self.gate_proj, self.up_proj, self.down_proj)
         all_local = self.mlp_fn is not None and self._all_local(expert_offset)
         if (
-            self.mlp_fn is not None
+            self.mlp_fn is not None  # (all_local says so too; mypy needs it here)
             and all_local
             and use_fused_moe_combine(x_TD, weights_TK, add_TD)
         ):
