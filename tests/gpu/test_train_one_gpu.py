@@ -76,8 +76,10 @@ def test_grouped_experts_equal_the_loop_with_fewer_kernels(fp8):
     assert got[1].keys() == want[1].keys()
     # bf16 GEMM outputs in both paths, summed in other orders (FP8: re-quantized from them; the
     # activations are bf16 under autocast, model/autocast.py, so an e4m3 step can flip: 6% of the
-    # embedding's gradient on the H200, 7% on CPU in test_train_bench_one)
-    bound = 0.15 if fp8 else 2e-2
+    # embedding's gradient on the H200, 7% on CPU in test_train_bench_one). With the fused
+    # combine (one bf16 rounding after the shared experts' add, not two) the H200 measured 2.2%
+    # (BF16, q_a_proj) and 16% (FP8, a norm weight); a wrong row, expert or weight is O(1).
+    bound = 0.25 if fp8 else 4e-2
     for name, w in want[1].items():
         assert _rel(got[1][name], w) < bound, name
     k_loop, k_grouped = loop_counts["fb"]["gpu_kernels"], grouped_counts["fb"]["gpu_kernels"]
@@ -86,8 +88,8 @@ def test_grouped_experts_equal_the_loop_with_fewer_kernels(fp8):
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fused_moe_combine_equals_torch_with_fewer_kernels(monkeypatch, fp8):
-    # The grouped model with the routed experts' permute and combine as kernels
-    # (kernels/moe_permute.py) against PyTorch's gather and index_add_
+    # The grouped model with the routed experts' combine as kernels (kernels/moe_permute.py)
+    # against PyTorch's index_add_
     # (MOERAY_FUSED_MOE_COMBINE=0): the combine adds the K products in k order and the shared
     # experts' output before its one rounding to bf16, PyTorch in row order (by atomic adds) and
     # after, so bf16 activations differ by a rounding step here and there (FP8: an e4m3 step can
@@ -100,7 +102,8 @@ def test_fused_moe_combine_equals_torch_with_fewer_kernels(monkeypatch, fp8):
     monkeypatch.delenv("MOERAY_FUSED_MOE_COMBINE")
     got = _run(fp8, True, tokens, fused_counts)
     assert got[0] == pytest.approx(want[0], rel=2e-3)
-    bound = 0.15 if fp8 else 2e-2
+    # measured on the H200: 2.8% (BF16, the embedding) and 16% (FP8, the router weight)
+    bound = 0.25 if fp8 else 4e-2
     for name, w in want[1].items():
         assert _rel(got[1][name], w) < bound, name
     k_torch, k_fused = torch_counts["fb"]["gpu_kernels"], fused_counts["fb"]["gpu_kernels"]

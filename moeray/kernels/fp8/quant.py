@@ -212,8 +212,9 @@ def _weight_quant_t_kernel(
     EXACT: tl.constexpr,
 ):
     # One program: block (pid_n, pid_k) of expert e. q is [E, N, K] and q_t [E, K, N], both
-    # contiguous (row strides K and N). The tile is in registers already, so W^T costs one more
-    # 1-byte store per element here instead of a separate copy that reads and writes every byte.
+    # contiguous (row strides K and N). W^T costs a re-read of the block (from L2) and one more
+    # 1-byte store per element, where a separate strided copy re-read and re-wrote every byte:
+    # 42.6 ms a step for `float8_copy_kernel` at Moonlight widths.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)  # e * E-stride passes 2^31 at V3 scale (256 x 2048 x 7168)
@@ -227,10 +228,20 @@ def _weight_quant_t_kernel(
     )
     q_nk, s = _quant_block(w.to(tl.float32), EXACT)
     tl.store(q_ptr + e * stride_qe + offs_n[:, None] * K + offs_k[None, :], q_nk, mask=mask_nk)
+    # W^T's tile: the same block read again transposed (from L2: this program just read it) and
+    # quantized with the same scale, elementwise, so its bits equal q's. Not tl.trans of the
+    # e4m3 tile: compiled for an fp32 input on the H200 (Triton 3.6) that wrote wrong values
+    # (bf16 inputs were right); the reload needs no register transpose at all.
     mask_kn = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    w_kn = tl.load(
+        w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None],
+        mask=mask_kn,
+        other=0.0,
+    ).to(tl.float32)
+    y_kn = tl.minimum(tl.maximum(tl.math.div_rn(w_kn, s), -TL_FP8_MAX), TL_FP8_MAX)
     tl.store(
         qt_ptr + e * stride_qte + offs_k[:, None] * N + offs_n[None, :],
-        tl.trans(q_nk),
+        to_e4m3(y_kn, EXACT),
         mask=mask_kn,
     )
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k, s)
