@@ -1,20 +1,21 @@
 # `moeray bench train --pp 1`: one GPU, the Moonlight-16B-A3B shape with as many decoder layers as
-# fit (--layers auto prints what it picked and why), BF16, FP8, and FP8 with the experts' weight
-# gradients k-grouped, from the same weights on the same batches, 4 x 4096 tokens a step: tokens/s,
-# MFU (datasheet peak and a measured bf16 GEMM), GPU kernels per step, peak memory, the FP8 vs BF16
-# loss gap -> $OUT/train-1gpu-<gpu>.json (rewritten after each run). Then
-# tests/gpu/test_train_one_gpu.py (grouped experts vs the per-expert loop, fused AdamW) and the
-# k-grouped GEMM's compiled check. 1 GPU, ~6 minutes. Overrides: LAYERS, SEQ, MBS, MICRO, STEPS,
-# MOMENTS (bfloat16: more layers), FP8_SCOPE (experts: FP8 for the routed experts only),
-# NO_KGROUPED=1, RUNS (e.g. bf16,fp8-kgrouped,fp8-bf16wgrad: a subset of the runs), SKIP_TESTS=1.
+# fit (--layers auto prints what it picked and why), from the same weights on the same batches:
+# by default 2 x 4096 tokens per micro-batch x 4 (32,768 tokens a step, DeepSeek-V3's per-GPU
+# share), bf16 AdamW moments, and the runs BF16, FP8 for the routed experts with BF16 weight
+# gradients and with k-grouped FP8 ones: tokens/s, MFU (datasheet peak and a measured bf16 GEMM),
+# GPU kernels per step, peak memory, the FP8 vs BF16 loss gap -> $OUT/train-1gpu-<gpu>.json
+# (rewritten after each run). Then tests/gpu/test_train_one_gpu.py and the k-grouped GEMM's
+# compiled check. 1 GPU, ~3 minutes. Overrides: LAYERS, SEQ, MBS (default 2), MICRO (4), STEPS,
+# MOMENTS (bfloat16; float32), FP8_SCOPE (experts; all: every projection, DeepSeek-V3's recipe),
+# RUNS (default bf16,fp8-bf16wgrad,fp8-kgrouped; names in bench_common.RUN_NAMES), SKIP_TESTS=1.
 mkdir -p /tmp/results
 # expandable segments: one process, no NCCL; the step's large, changing allocations fragment less
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 \
   timeout -k 5 ${TRAIN_LIMIT:-420} python3 -m moeray.cli bench train --device cuda --pp 1 --ep 1 \
   --model moonlight_16b_a3b --layers ${LAYERS:-auto} --seq-len ${SEQ:-4096} \
-  --micro-batch-size ${MBS:-1} --microbatches ${MICRO:-4} --steps ${STEPS:-10} --warmup 3 \
-  --lr 1e-3 --moments-dtype ${MOMENTS:-float32} ${NO_KGROUPED:+--no-kgrouped-wgrad} \
-  --fp8-scope ${FP8_SCOPE:-all} ${RUNS:+--runs $RUNS} \
+  --micro-batch-size ${MBS:-2} --microbatches ${MICRO:-4} --steps ${STEPS:-10} --warmup 3 \
+  --lr 1e-3 --moments-dtype ${MOMENTS:-bfloat16} \
+  --fp8-scope ${FP8_SCOPE:-experts} --runs ${RUNS:-bf16,fp8-bf16wgrad,fp8-kgrouped} \
   --out /tmp/results > "$OUT/train-1gpu.log" 2>&1
 rc=$?; el "bench train --pp 1 rc=$rc"
 cp /tmp/results/train-1gpu-*.json "$OUT/" 2>/dev/null
