@@ -16,7 +16,7 @@ gradient once (`accumulate_into`), and each product is summed in fp32 instead of
 Rows of expert e are [ends[e - 1], ends[e]) (from 0 for e = 0), any counts: `GroupedExperts`
 starts each expert at a multiple of 16 on CUDA, and reduction tiles (64 rows) straddle experts, so
 the kernel masks rows outside the range. Kernels know no model: the choice to use it lives in
-`platform/parallel/experts_mlp.py` (`use_grouped_wgrad`).
+`platform/parallel/grouped_experts.py` (`use_grouped_wgrad`).
 """
 
 from __future__ import annotations

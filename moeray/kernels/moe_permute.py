@@ -5,20 +5,26 @@ experts' rows back to tokens, weighted and summed), their PyTorch references `mo
 `moe_combine_applies` by which the model (`moeray.platform.model.moe.use_fused_moe_combine`)
 chooses between them.
 
-Legend: T tokens, K experts per token, A = T * K assignment rows sorted by expert, D width.
+Legend: T tokens, K experts per token, A = T * K assignment rows sorted by expert, D width, P
+rows of a padded layout (P >= A: each expert's rows start aligned, zero rows between and after).
 pos_TK[t, k] is the row of assignment (t, k) among the sorted rows: the inverse of the sort
-`order_A` (pos[order[a] // K, order[a] % K] = a), a permutation of range(A).
+`order_A` (pos[order[a] // K, order[a] % K] = a), a permutation of range(A). On a padded layout
+(`moe_positions(order, K, dst_A)`, dst_A the padded row of each sorted row) posP_TK names A
+distinct rows of range(P) instead; the other P - A rows are zeros where the kernels write the P
+side (the permute's output, the combine's dy) and are not read where they read it.
 
 Math (sums in fp32 in registers, k = 0, 1, ..., K - 1 in that order, one rounding at the end):
-  moe_permute  forward  x_AD[pos[t, k]] = x_TD[t]
+  moe_permute  forward  x_AD[pos[t, k]] = x_TD[t]         (x_PD: the other rows 0)
                backward dx_TD[t] = sum_k dx_AD[pos[t, k]]                       (x's dtype)
   moe_combine  forward  out_TD[t] = sum_k w_TK[t, k] * y_AD[pos[t, k]] (+ add_TD[t])
-               backward dy_AD[pos[t, k]] = w_TK[t, k] * g_TD[t]                  (y's dtype)
+               backward dy_AD[pos[t, k]] = w_TK[t, k] * g_TD[t]      (y's dtype; dy_PD: others 0)
                         dw_TK[t, k] = <g_TD[t], y_AD[pos[t, k]]>                 (w's dtype)
                         dadd_TD = g_TD
 Every launch runs one program per token, which reads or writes its K rows whole: each row of the
 A side is touched by exactly one program (pos is a permutation), so there are no atomics and the
-results do not depend on scheduling.
+results do not depend on scheduling. On a padded layout the P - A rows no program writes are
+zeroed before the launch (one memset of the P side: the grouped GEMMs read every row of an
+expert's padded range, and an unwritten NaN there would poison its sums).
 
 Why: PyTorch does this as a gather (x_TD[token_of]), a gather of the weights, a cast of y to fp32,
 an fp32 multiply, an fp32 index_add_ into zeros and a cast back, and autograd runs the reverse of
@@ -57,26 +63,36 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 MAX_BLOCK_D = 2048
 
 
-def moe_positions(order_A: torch.Tensor, K: int) -> torch.Tensor:
+def moe_positions(order_A: torch.Tensor, K: int, dst_A: torch.Tensor | None = None) -> torch.Tensor:
     """pos_TK (int64, on order's device): the row of each assignment (t, k) among the rows sorted
     by `order_A` (a permutation of range(T * K) over the flattened [T, K] assignments, e.g.
-    argsort of their expert ids). One scatter on the device, no host sync."""
+    argsort of their expert ids). With `dst_A` (int64 [T * K], distinct: the row of a padded
+    layout where the a-th sorted row goes) posP_TK = dst_A[pos_TK], from the same one scatter.
+    One scatter on the device, no host sync."""
     check_tensor(order_A, "order", dtypes=INDEX_DTYPES, ndim=1)
     if K < 1 or order_A.numel() % K:
         raise ValueError(f"order has {order_A.numel()} assignments, not a multiple of K={K}")
-    rows_A = torch.arange(order_A.numel(), device=order_A.device)
+    if dst_A is None:
+        rows_A = torch.arange(order_A.numel(), device=order_A.device)
+    else:
+        check_tensor(dst_A, "dst", dtypes=(torch.int64,), ndim=1, device=order_A.device)
+        check_shape(dst_A, "dst", (order_A.numel(),))
+        rows_A = dst_A
     pos_A = torch.empty_like(rows_A).scatter_(0, order_A.to(torch.int64), rows_A)
     return pos_A.view(-1, K)
 
 
-def moe_permute_ref(x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
-    """x_AD [T * K, D] with x_AD[pos[t, k]] = x_TD[t], in x's dtype. Under autograd the gradient
-    of x is the fp32 sum over k of the rows' gradients (in torch's order), rounded once to x's
-    dtype."""
+def moe_permute_ref(
+    x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int | None = None
+) -> torch.Tensor:
+    """x_AD [T * K, D] (x_PD [rows, D] with `rows`) with x_AD[pos[t, k]] = x_TD[t], in x's
+    dtype, the rows pos does not name zeros. Under autograd the gradient of x is the fp32 sum
+    over k of the rows' gradients (in torch's order), rounded once to x's dtype."""
     T, K = pos_TK.shape
     D = x_TD.shape[1]
     rows_TKD = x_TD.float()[:, None, :].expand(T, K, D).reshape(T * K, D)
-    x_AD = rows_TKD.new_empty(T * K, D).index_copy(0, pos_TK.flatten().to(torch.int64), rows_TKD)
+    out = rows_TKD.new_zeros(T * K if rows is None else rows, D)
+    x_AD = out.index_copy(0, pos_TK.flatten().to(torch.int64), rows_TKD)
     return x_AD.to(x_TD.dtype)
 
 
@@ -199,17 +215,24 @@ def _block_d(D: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def _permute_launch(x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+def _side(rows: int, A: int, D: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [rows, D] side the kernels write A rows of: uninitialised when they write every row,
+    zeros when rows > A (a padded layout's rows that no token owns)."""
+    new = torch.empty if rows == A else torch.zeros
+    return new((rows, D), dtype=dtype, device=like.device)
+
+
+def _permute_launch(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:
     T, K = pos_TK.shape
     D = x_TD.shape[1]
-    x_AD = torch.empty((T * K, D), dtype=x_TD.dtype, device=x_TD.device)
+    x_PD = _side(rows, T * K, D, x_TD, x_TD.dtype)  # P = rows: A unless a padded layout
     if T and D:
         block, warps = _block_d(D)
         _permute_kernel[(T,)](
-            x_TD, pos_TK, x_AD, D, x_TD.stride(0), x_AD.stride(0), K=K, BLOCK_D=block,
+            x_TD, pos_TK, x_PD, D, x_TD.stride(0), x_PD.stride(0), K=K, BLOCK_D=block,
             num_warps=warps,
         )  # fmt: skip
-    return x_AD
+    return x_PD
 
 
 def _gather_sum_launch(
@@ -250,7 +273,7 @@ def _combine_bwd_launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     T, K = pos_TK.shape
     D = y_AD.shape[1]
-    dy_AD = torch.empty_like(y_AD)
+    dy_AD = _side(y_AD.shape[0], T * K, D, y_AD, y_AD.dtype)
     dw_TK = torch.empty((T, K), dtype=w_TK.dtype, device=w_TK.device)
     if T:
         block, warps = _block_d(D)
@@ -279,28 +302,30 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _MoePermuteFunction(torch.autograd.Function):
-    """`moe_permute` under autograd: saves pos only; the backward is one gather-sum launch."""
+    """`moe_permute` under autograd: saves pos only; the backward is one gather-sum launch (of
+    the rows pos names: a padded layout's other rows are not read)."""
 
     @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:
         ctx.save_for_backward(pos_TK)
         ctx.x_dtype = x_TD.dtype
         ctx.set_materialize_grads(False)
-        return _permute_launch(x_TD, pos_TK)
+        return _permute_launch(x_TD, pos_TK, rows)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dx_AD: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, dx_AD: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
         if dx_AD is None:
-            return None, None
+            return None, None, None
         (pos_TK,) = ctx.saved_tensors
-        return _gather_sum_launch(_rows(dx_AD), None, pos_TK, None, ctx.x_dtype), None
+        return _gather_sum_launch(_rows(dx_AD), None, pos_TK, None, ctx.x_dtype), None, None
 
 
 class _MoeCombineFunction(torch.autograd.Function):
     """`moe_combine` under autograd: saves y, w and pos (y in its own dtype: 96 MiB bf16 at
     Moonlight's training shape, where PyTorch's multiply keeps an fp32 copy of twice that); the
-    backward is one launch writing dy and dw, and add's gradient is the incoming one."""
+    backward is one launch writing dy (into zeros where y has rows pos does not name) and dw,
+    and add's gradient is the incoming one."""
 
     @staticmethod
     def forward(
@@ -339,20 +364,28 @@ def _check_pos(pos_TK: torch.Tensor, T: int, device: torch.device) -> int:
     return pos_TK.shape[1]
 
 
-def moe_permute(x_TD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+def moe_permute(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """`moe_permute_ref` in one launch: x_AD [T * K, D] in x's dtype, x_AD[pos[t, k]] = x[t]. pos
     must be a permutation of range(T * K) (`moe_positions`; not checked: reading it would make the
-    host wait). When autograd records for x, its backward is one launch summing each token's K
-    rows in fp32 (no atomics). On CPU without the interpreter it is `moe_permute_ref`."""
+    host wait). `rows` (>= T * K): the output's row count, a padded layout's P, pos then naming
+    T * K distinct rows of range(P) (`moe_positions` with dst_A) and the other rows zeros (one
+    memset before the launch). When autograd records for x, its backward is one launch summing
+    each token's K rows in fp32 (no atomics). On CPU without the interpreter it is
+    `moe_permute_ref`."""
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
-    _check_pos(pos_TK, x_TD.shape[0], x_TD.device)
+    K = _check_pos(pos_TK, x_TD.shape[0], x_TD.device)
+    A = x_TD.shape[0] * K
+    if rows is None:
+        rows = A
+    elif rows < A:
+        raise ValueError(f"rows={rows} for pos {tuple(pos_TK.shape)}: at least {A}")
     if not use_triton(x_TD):
-        return moe_permute_ref(x_TD, pos_TK)
+        return moe_permute_ref(x_TD, pos_TK, rows)
     x_TD, pos_TK = _rows(x_TD), pos_TK.contiguous()
     if torch.is_grad_enabled() and x_TD.requires_grad:
-        out: torch.Tensor = _MoePermuteFunction.apply(x_TD, pos_TK)
+        out: torch.Tensor = _MoePermuteFunction.apply(x_TD, pos_TK, rows)
         return out
-    return _permute_launch(x_TD, pos_TK)
+    return _permute_launch(x_TD, pos_TK, rows)
 
 
 def moe_combine(
@@ -365,17 +398,21 @@ def moe_combine(
     """`moe_combine_ref` in one launch: out_TD [T, D] in out_dtype (y's dtype by default) =
     sum_k w[t, k] * y[pos[t, k]] + add[t], summed in fp32, rounded once. y [T * K, D], w [T, K]
     and add [T, D] each fp32/bf16/fp16; pos a permutation of range(T * K) (`moe_positions`; not
-    checked: reading it would make the host wait). When autograd records, the backward is one
-    launch giving y and w their gradients (no atomics); add's is the incoming gradient. On CPU
-    without the interpreter it is `moe_combine_ref`."""
+    checked: reading it would make the host wait). y may have more rows (y_PD, a padded layout):
+    pos then names T * K distinct rows of them, the others are not read and get zero gradient.
+    When autograd records, the backward is one launch giving y and w their gradients (no
+    atomics); add's is the incoming gradient. On CPU without the interpreter it is
+    `moe_combine_ref`."""
     check_tensor(y_AD, "y", dtypes=DTYPES, ndim=2)
     dev = y_AD.device
     check_tensor(w_TK, "w", dtypes=DTYPES, ndim=2, device=dev)
     T, D = w_TK.shape[0], y_AD.shape[1]
     K = _check_pos(pos_TK, T, dev)
     check_shape(w_TK, "w", (T, K))
-    if y_AD.shape[0] != T * K:
-        raise ValueError(f"y has {y_AD.shape[0]} rows; pos {tuple(pos_TK.shape)} needs {T * K}")
+    if y_AD.shape[0] < T * K:
+        raise ValueError(
+            f"y has {y_AD.shape[0]} rows; pos {tuple(pos_TK.shape)} needs at least {T * K}"
+        )
     if add_TD is not None:
         check_tensor(add_TD, "add", dtypes=DTYPES, ndim=2, device=dev)
         check_shape(add_TD, "add", (T, D))

@@ -178,6 +178,99 @@ def test_without_autograd_one_launch_and_no_graph(launch_spy):
     assert grids == [(9,)] and sums == [(9,)]
 
 
+def _padded(order, K, extra, seed=0):
+    """(dst_A, posP_TK, P) of a padded layout of the T * K sorted rows: A + extra rows, the sorted
+    rows at increasing distinct rows (as `GroupedExperts` places them), gaps between and a tail."""
+    A = order.numel()
+    P = A + extra
+    g = torch.Generator().manual_seed(seed)
+    dst_A = torch.randperm(P, generator=g)[:A].sort().values
+    return dst_A, moe_positions(order, K, dst_A), P
+
+
+def _nan_empty(monkeypatch):
+    """torch.empty full of NaN (floats): a row a kernel leaves unwritten shows."""
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def test_positions_into_a_padded_layout():
+    order, pos = _routing(37, 6)
+    dst_A, posP, P = _padded(order, 6, 29)
+    assert torch.equal(posP, dst_A[pos]) and posP.dtype == torch.int64 and int(posP.max()) < P
+    with pytest.raises(ValueError, match=r"dst has shape \(221,\)"):
+        moe_positions(order, 6, dst_A[:-1])
+    with pytest.raises(ValueError, match="dst has dtype"):
+        moe_positions(order, 6, dst_A.int())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("T", "K", "D"), SHAPES)
+def test_permute_into_padded_rows(monkeypatch, launch_spy, dtype, T, K, D):
+    # x_PD [P, D], P = A + 3 K + 1 (odd): the tokens' rows at posP, every other row exact zeros
+    # (torch.empty is NaN here: a row left unwritten would show), equal to the reference; the
+    # backward reads the posP rows only (the others of the incoming gradient are NaN) and sums
+    # them as the unpadded permute does, bit for bit.
+    _nan_empty(monkeypatch)
+    order, pos = _routing(T, K, seed=T + K)
+    dst_A, posP, P = _padded(order, K, 3 * K + 1, seed=D)
+    x = _randn(T, D, dtype=dtype, seed=D).requires_grad_()
+    grids = launch_spy(kmod, "_permute_kernel")
+    sums = launch_spy(kmod, "_gather_sum_kernel")
+    x_PD = moe_permute(x, posP, rows=P)
+    assert x_PD.shape == (P, D) and x_PD.dtype == dtype
+    others = torch.ones(P, dtype=torch.bool)
+    others[dst_A] = False
+    assert torch.equal(x_PD[dst_A], x.detach()[order // K])
+    assert x_PD[others].abs().sum() == 0 and not x_PD.isnan().any()
+    assert torch.equal(x_PD, moe_permute_ref(x.detach(), posP, P))
+    dx_AD = _randn(T * K, D, dtype=dtype, seed=2)
+    dx_PD = torch.full((P, D), float("nan"), dtype=dtype).index_copy_(0, dst_A, dx_AD)
+    (dx,) = torch.autograd.grad(x_PD, x, dx_PD)
+    (dx_unpadded,) = torch.autograd.grad(moe_permute(x, pos), x, dx_AD)
+    assert grids == [(T,), (T,)] and sums == [(T,), (T,)]  # one launch each way, each layout
+    assert torch.equal(dx, dx_unpadded)
+    with torch.no_grad():
+        assert torch.equal(moe_permute(x, posP, rows=P), x_PD)  # no autograd: the same launch
+    with pytest.raises(ValueError, match=f"rows={T * K - 1} for pos"):
+        moe_permute(x, pos, rows=T * K - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("T", "K", "D"), SHAPES)
+def test_combine_from_padded_rows(monkeypatch, dtype, T, K, D):
+    # y_PD: the rows at posP, NaN in the others (not read). The output, dy at the posP rows, dw
+    # and add's gradient are the unpadded combine's bit for bit (the same values in the same
+    # order); dy's other rows are exact zeros (torch.empty is NaN here).
+    _nan_empty(monkeypatch)
+    order, pos = _routing(T, K, seed=D)
+    dst_A, posP, P = _padded(order, K, 2 * K + 5, seed=T)
+    y_AD = _randn(T * K, D, dtype=dtype, seed=3)
+    y_PD = torch.full((P, D), float("nan"), dtype=dtype).index_copy_(0, dst_A, y_AD)
+    y_AD.requires_grad_(), y_PD.requires_grad_()
+    w = torch.rand(T, K, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    a = _randn(T, D, dtype=dtype, seed=5).requires_grad_()
+    g = _randn(T, D, dtype=dtype, seed=6)
+    out = moe_combine(y_PD, w, posP, a)
+    want = moe_combine(y_AD, w, pos, a)
+    assert torch.equal(out, want) and torch.equal(out, moe_combine_ref(y_PD, w, posP, a))
+    dy_PD, dw, da = torch.autograd.grad(out, (y_PD, w, a), g)
+    dy_AD, dw_want, da_want = torch.autograd.grad(want, (y_AD, w, a), g)
+    assert (
+        torch.equal(dy_PD[dst_A], dy_AD) and torch.equal(dw, dw_want) and torch.equal(da, da_want)
+    )
+    others = torch.ones(P, dtype=torch.bool)
+    others[dst_A] = False
+    assert dy_PD[others].abs().sum() == 0 and not dy_PD.isnan().any()  # zeros elsewhere
+    (dy_ref,) = torch.autograd.grad(moe_combine_ref(y_PD, w, posP, a), y_PD, g)
+    assert torch.equal(dy_PD, dy_ref)
+
+
 def test_empty_tokens():
     pos = torch.empty(0, 6, dtype=torch.int64)
     x = torch.randn(0, 20, requires_grad=True)
@@ -302,6 +395,132 @@ def test_moe_layer_with_fused_combine_equals_pytorch(monkeypatch, launch_spy, au
         assert (a - b).abs().max() <= rel * b.abs().max(), name
 
 
+def _ids(T, K, E, exact, seed):
+    """ids_TK: K distinct experts per token, expert 0 on exactly the first `exact` tokens,
+    experts 1 and E - 1 on none (between, last)."""
+    g = torch.Generator().manual_seed(seed)
+    others = torch.tensor([e for e in range(2, E - 1)])
+    rows = []
+    for t in range(T):
+        pick = others[torch.randperm(len(others), generator=g)]
+        rows.append(torch.cat([torch.tensor([0]), pick[: K - 1]]) if t < exact else pick[:K])
+    return torch.stack(rows)
+
+
+PADDED_PATHS = {  # experts_mlp's settings; the row count of expert 0 (a whole aligned block)
+    "bf16": (dict(), 16),
+    "fp8-kgrouped": (dict(fp8=True, grouped_fp8=True, kgrouped_wgrad=True), 128),
+    "fp8-bf16-wgrad": (dict(fp8=True, grouped_fp8=True, bf16_wgrad=True), 128),
+}
+
+
+@pytest.mark.parametrize("path", PADDED_PATHS)
+def test_moe_layer_on_the_padded_layout_equals_the_padding_path(monkeypatch, launch_spy, path):
+    """The routed experts of an MoE layer as one-GPU training runs them (bf16 autocast, bf16
+    tokens, the router's fp32 weights, the shared output added in the combine), the permute
+    writing the grouped GEMMs' padded layout and the combine reading it (`ExpertsMLP.layout`),
+    against the same experts taking the sorted rows and padding them (a plain partial: no
+    layout), both with the layout planned on the device (the CUDA choosers forced: fused
+    combine, device layout, BF16's 16-row alignment and grouped weight gradient; the permute
+    and combine interpreted, the GEMMs' and quantizations' PyTorch references, the same on both
+    sides: interpreted they took ~100 s a case). Two micro-batches accumulate into .grad. The
+    same ops on the same rows: the output and every gradient bit for bit; no pad or unpad runs;
+    torch.empty is NaN, so a padding row of x or dy left unwritten would poison the GEMMs'
+    sums. Experts without rows
+    (between, last) and one of exactly one aligned block (16 BF16, 128 FP8)."""
+    import functools
+
+    from moeray.kernels import grouped_wgrad
+    from moeray.kernels.fp8 import dispatch as fp8_dispatch
+    from moeray.kernels.fp8 import grouped as fp8_grouped
+    from moeray.kernels.fp8 import kgrouped as fp8_kgrouped
+    from moeray.kernels.fp8 import quant as fp8_quant
+    from moeray.platform import fp8 as f8
+    from moeray.platform.config import tiny
+    from moeray.platform.model import moe
+    from moeray.platform.model.moe import Experts
+    from moeray.platform.parallel import experts_mlp as em
+    from moeray.platform.parallel import grouped_experts as ge
+
+    settings, exact = PADDED_PATHS[path]
+    monkeypatch.setattr(moe, "use_fused_moe_combine", moe_combine_applies)
+    monkeypatch.setattr(em.GroupedExperts, "device_layout", staticmethod(lambda x, **kw: True))
+    monkeypatch.setattr(em.GroupedExperts, "default_align", staticmethod(lambda device: 16))
+    monkeypatch.setattr(ge, "use_grouped_wgrad", lambda device: True)
+    for module in (fp8_dispatch, fp8_grouped, fp8_kgrouped, fp8_quant, grouped_wgrad):
+        monkeypatch.setattr(module, "use_triton", lambda *tensors: False)
+    copies = []
+    for name in ("pad", "unpad"):
+        real = getattr(em.GroupedExperts, name)
+        monkeypatch.setattr(
+            em.GroupedExperts,
+            name,
+            lambda self, t, real=real, name=name: copies.append(name) or real(self, t),
+        )
+    _nan_empty(monkeypatch)
+    E, K, T, D = 6, 3, exact + 5, 128  # D: whole 128-column groups for FP8
+    cfg = dataclasses.replace(
+        tiny(),
+        hidden_size=D,
+        moe_intermediate_size=160,
+        n_routed_experts=E,
+        n_group=2,
+        topk_group=2,
+    )
+    torch.manual_seed(0)
+    experts = Experts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    params = dict(experts.named_parameters())
+    ids = [_ids(T, K, E, exact, seed=mb) for mb in range(2)]
+    assert all(int((i == 0).sum()) == exact and not ((i == 1) | (i == E - 1)).any() for i in ids)
+    inputs = [
+        (
+            _randn(T, D, dtype=torch.bfloat16, seed=30 + mb),  # x
+            torch.rand(T, K, generator=torch.Generator().manual_seed(mb)),  # the router's weights
+            _randn(T, D, dtype=torch.bfloat16, seed=40 + mb),  # the shared experts' output
+            _randn(T, D, dtype=torch.float32, seed=50 + mb),  # the output's gradient
+        )
+        for mb in range(2)
+    ]
+    results = []
+    for fn in (functools.partial, em.ExpertsMLP):
+        experts.mlp_fn = fn(em.experts_mlp, cache=f8.WeightCache(), **settings)
+        experts.zero_grad(set_to_none=True)
+        copies.clear()
+        permutes = launch_spy(kmod, "_permute_kernel")
+        got = []
+        for mb, (x, w, a, dout) in enumerate(inputs):
+            xi, wi, ai = (t.clone().requires_grad_() for t in (x, w, a))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = experts(xi, ids[mb], wi, add_TD=ai)
+            out.backward(dout.to(out.dtype))
+            got += [out.detach(), xi.grad, wi.grad, ai.grad]
+        # the permute kernel writes the padded layout in both micro-batches; without a layout
+        # the rows go out through PyTorch's gather (Experts._routed says why)
+        assert permutes == ([(T,), (T,)] if fn is em.ExpertsMLP else []), fn
+        # x padded and y unpadded forward, dy padded and the two input-gradient products
+        # unpadded backward: five row copies of the layer's [A, D] a micro-batch, or none
+        padding = ["pad", "unpad", "pad", "unpad", "unpad"] * 2
+        assert copies == ([] if fn is em.ExpertsMLP else padding)
+        results.append(
+            got + [params[n].grad.clone() for n in ("gate_proj", "up_proj", "down_proj")]
+        )
+    names = [f"{v}{mb}" for mb in range(2) for v in ("out", "dx", "dweights", "dadd")]
+    for name, a, b in zip([*names, "dW1", "dW3", "dW2"], *results, strict=True):
+        assert a.dtype == b.dtype, name
+        if name.startswith("dx"):
+            # x's gradient: the permute's backward sums a token's K rows in fp32 and rounds once,
+            # the gather's (index_put) adds them into bf16 one by one: K - 1 = 5 bf16 roundings
+            # of partial sums (2^-9 relative each) apart; a wrong row or token is O(1)
+            assert (a.float() - b.float()).abs().max() <= 2**-6 * b.float().abs().max(), name
+        else:
+            assert torch.equal(a, b), name
+        assert torch.isfinite(a).all() and a.abs().max() > 0, name
+    for dW in results[1][-3:]:
+        assert dW[1].abs().max() == 0 and dW[E - 1].abs().max() == 0  # experts without rows
+
+
 def test_expert_parallel_keeps_pytorch(monkeypatch, launch_spy):
     # Under expert parallelism some ids are not this rank's: pos would not be a permutation of
     # all T * K rows, so the kernels are not asked for, whatever the chooser says.
@@ -325,7 +544,11 @@ def test_moe_permute_and_combine_compiled_on_gpu(compiled_check):
     # Compiled on CUDA (FMA contraction off in the sums): forward bits equal to the references,
     # dy and add's gradient too, dx the k-ordered fp32 sum, dw within its dot product's bound,
     # at Moonlight's training shape (T 4096, K 6, D 2048, 64 experts, bf16), V3's width and odd
-    # shapes; the model's chooser takes the kernels for CUDA tokens.
+    # shapes; the model's chooser takes the kernels for CUDA tokens. On the grouped GEMMs'
+    # padded layouts (16- and 128-row alignment, planned on the device by `experts_layout`, which
+    # gives one for bf16 tokens and FP8 grouped experts on CUDA): the permute's x_PD is the
+    # unpadded rows at dst_A and zeros elsewhere, the combine reads y_PD (NaN in the other rows)
+    # and writes dy_PD zeros there; every output and gradient the unpadded launches' bits.
     compiled_check(
         """
 import torch
@@ -333,6 +556,7 @@ from moeray.kernels.moe_permute import (
     moe_combine, moe_combine_ref, moe_permute, moe_permute_ref, moe_positions
 )
 from moeray.platform.model.moe import use_fused_moe_combine
+from moeray.platform.parallel.experts_mlp import experts_layout
 bad = 0
 for T, K, D, E in ((4096, 6, 2048, 64), (1024, 8, 7168, 256), (37, 3, 200, 8), (5, 1, 1, 2)):
     for dtype in (torch.bfloat16, torch.float32):
@@ -358,6 +582,29 @@ for T, K, D, E in ((4096, 6, 2048, 64), (1024, 8, 7168, 256), (37, 3, 200, 8), (
         ok = ok and torch.equal(dy, dy_r) and torch.equal(da, da_r)
         gy = torch.stack([(g.float() * y[pos[:, k]].float()).abs().sum(-1) for k in range(K)], 1)
         ok = ok and bool(((dw - dw_r).abs() <= 2 * D * 2.0**-24 * gy).all())
+        counts = torch.bincount(ids.flatten(), minlength=E)
+        for kw, align in (({}, 16), (dict(fp8=True, grouped_fp8=True, kgrouped_wgrad=True), 128)):
+            lay = experts_layout(x, counts, T * K, **kw)
+            if dtype == torch.float32 and not kw:  # CUDA's BF16 grouped GEMM: bf16 only
+                ok = ok and lay is None
+                continue
+            ok = ok and lay is not None and lay.align == align
+            dst, P = lay.dst_A, lay.P
+            posP = moe_positions(order, K, dst)
+            ok = ok and torch.equal(posP, dst[pos])
+            x_PD = moe_permute(x, posP, rows=P)
+            ok = ok and torch.equal(x_PD, torch.zeros_like(x_PD).index_copy_(0, dst, x_AD))
+            gxP = torch.full((P, D), float("nan"), device="cuda", dtype=dtype).index_copy_(
+                0, dst, gx
+            )
+            ok = ok and torch.equal(torch.autograd.grad(x_PD, x, gxP)[0], dx)
+            yP = torch.full((P, D), float("nan"), device="cuda", dtype=dtype)
+            yP = yP.index_copy_(0, dst, y.detach()).requires_grad_()
+            outP = moe_combine(yP, w, posP, a)
+            ok = ok and torch.equal(outP, out)
+            dyP, dwP, daP = torch.autograd.grad(outP, (yP, w, a), g)
+            ok = ok and torch.equal(dyP, torch.zeros_like(dyP).index_copy_(0, dst, dy))
+            ok = ok and torch.equal(dwP, dw) and torch.equal(daP, da)
         bad += not ok
         if not ok:
             print("MISMATCH", T, K, D, dtype, float((out.float() - ref.float()).abs().max()),

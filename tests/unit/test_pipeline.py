@@ -22,7 +22,12 @@ from moeray.platform.parallel.distributed import (
     dist_timeout_s,
     init_distributed,
 )
-from moeray.platform.parallel.experts_mlp import GroupedExperts, experts_mlp
+from moeray.platform.parallel.experts_mlp import (
+    ExpertsMLP,
+    GroupedExperts,
+    experts_layout,
+    experts_mlp,
+)
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.stages import PipelineStage, enable_weight_grad_split, split_layers
 from moeray.platform.parallel.weight_grad import WeightGradStore
@@ -180,9 +185,8 @@ def test_weight_grad_split_equals_full_backward():
     with stage.store.collect((0, 0, 0), defer=True):
         loss.backward()
     assert stage.model.layers["1"].mlp.experts.gate_proj.grad is None
-    assert (
-        stage.model.layers["1"].mlp.experts.mlp_fn.func is experts_mlp
-    )  # one node for all experts
+    mlp_fn = stage.model.layers["1"].mlp.experts.mlp_fn
+    assert isinstance(mlp_fn, ExpertsMLP) and mlp_fn.func is experts_mlp  # one node for all experts
     assert (
         stage.lm_head.weight.grad is None
         and stage.model.layers["0"].self_attn.o_proj.weight.grad is None
@@ -461,9 +465,9 @@ def test_grouped_fp8_kgrouped_experts_take_counts_as_a_tensor(monkeypatch, defer
 
     plan = GroupedExperts._device_plan
 
-    def spy(self, x, counts, align):
+    def spy(self, A, counts, align):
         planned.append(align)
-        return plan(self, x, counts, align)
+        return plan(self, A, counts, align)
 
     empty = torch.empty
 
@@ -627,6 +631,110 @@ def test_experts_mlp_takes_counts_as_a_tensor(monkeypatch, device_layout):
         experts_mlp(x, *ws, torch.tensor(rows[:3]))
 
 
+def test_experts_layout_is_the_one_experts_mlp_plans(monkeypatch):
+    """`ExpertsMLP.layout` (where the model's permute writes the rows) is the device plan the
+    grouped path with the same settings makes (the chooser forced: CUDA in production): 16-row
+    alignment for BF16 (`GroupedExperts.default_align` forced to CUDA's), 128 for FP8 grouped;
+    none for the per-expert paths, an unaligned layout (the CPU's BF16), no rows, or where
+    `device_layout` says no (the real rule on the CPU). experts_mlp refuses x of the wrong row
+    count for a layout, and a layout of another alignment than its path's."""
+    rows, K = [5, 0, 128, 17, 0], 3
+    counts, A = torch.tensor(rows), sum(rows)
+    x_TD = torch.randn(A // K, 128)
+    bf16, fp8 = {}, dict(fp8=True, grouped_fp8=True, kgrouped_wgrad=True)
+    per_expert = dict(fp8=True, cache=f8_cache())
+    for kw in (bf16, fp8, per_expert):  # the real device_layout: never on the CPU
+        assert ExpertsMLP(experts_mlp, **kw).layout(x_TD, counts, A) is None
+    asked = []
+
+    def device_layout(x, **kw):
+        asked.append(kw)
+        return True
+
+    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(device_layout))
+    assert ExpertsMLP(experts_mlp, **bf16).layout(x_TD, counts, A) is None  # CPU: align 1
+    monkeypatch.setattr(GroupedExperts, "default_align", staticmethod(lambda device: 16))
+    for kw, align in ((bf16, 16), (fp8, 128)):
+        got = ExpertsMLP(experts_mlp, store=None, **kw).layout(x_TD, counts, A)
+        want = GroupedExperts(torch.empty(A, 1), counts, align=align)
+        assert isinstance(got, GroupedExperts) and got.align == align and got.P == want.P
+        assert torch.equal(got.dst_A, want.dst_A) and torch.equal(got.offs, want.offs)
+        assert got.P == (A + 5 * (align - 1)) // align * align
+    assert asked[-1] == dict(fp8=True, kgrouped_wgrad=True, bf16_wgrad=False)
+    assert ExpertsMLP(experts_mlp, **per_expert).layout(x_TD, counts, A) is None
+    assert experts_layout(x_TD[:0], counts * 0, 0, **fp8) is None
+    layout = experts_layout(x_TD, counts, A, **bf16)
+    ws = [torch.randn(5, *s) for s in ((24, 128), (24, 128), (128, 24))]
+    with pytest.raises(ValueError, match=r"x has 150 rows; its layout has P=224"):
+        experts_mlp(torch.randn(A, 128), *ws, layout)
+    with pytest.raises(ValueError, match="aligned to 16 rows; these experts run 128-aligned"):
+        experts_mlp(torch.randn(layout.P, 128), *ws, layout, cache=f8_cache(), **fp8)
+
+
+def f8_cache():
+    from moeray.platform import fp8 as f8
+
+    return f8.WeightCache()
+
+
+def test_routed_experts_write_the_padded_layout_through_the_references(monkeypatch):
+    """`Experts._routed` with an `ExpertsMLP` that asks for a padded layout (BF16 grouped, the
+    CUDA choosers forced; the permute and combine as their PyTorch references, outside the
+    interpreter) gives the output and gradients of the same experts as a plain partial (sorted
+    rows, padded inside), bit for bit: the same ops on the same rows. The interpreted kernels:
+    tests/kernels/test_moe_permute.py."""
+    import functools
+
+    from moeray.platform.model import moe
+    from moeray.platform.model.moe import Experts
+    from moeray.platform.parallel import grouped_experts as ge
+
+    monkeypatch.setattr(moe, "use_fused_moe_combine", lambda *tensors: True)
+    monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x, **kw: True))
+    monkeypatch.setattr(GroupedExperts, "default_align", staticmethod(lambda device: 16))
+    monkeypatch.setattr(ge, "use_grouped_wgrad", lambda device: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # grouped_wgrad's reference too
+    permuted = []
+    permute = moe.moe_permute
+
+    def spy(x_TD, pos_TK, rows=None):
+        permuted.append(rows)
+        return permute(x_TD, pos_TK, rows)
+
+    monkeypatch.setattr(moe, "moe_permute", spy)
+    cfg = tiny()
+    torch.manual_seed(0)
+    experts = Experts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    E, K, T = cfg.n_routed_experts, 4, 21
+    g = torch.Generator().manual_seed(7)
+    ids = torch.stack([torch.randperm(E - 2, generator=g)[:K] for _ in range(T)])
+    x = torch.randn(T, cfg.hidden_size, generator=g).bfloat16()  # bf16 autocast, as trained
+    w = torch.rand(T, K, generator=g)
+    a = torch.randn(T, cfg.hidden_size, generator=g).bfloat16()
+    dout = torch.randn(T, cfg.hidden_size, generator=g).bfloat16()
+    got = []
+    for fn in (functools.partial, ExpertsMLP):
+        experts.mlp_fn = fn(experts_mlp)
+        experts.zero_grad(set_to_none=True)
+        xi, wi, ai = (t.clone().requires_grad_() for t in (x, w, a))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = experts(xi, ids, wi, add_TD=ai)
+        out.backward(dout)
+        got.append((out, xi.grad, wi.grad, ai.grad, experts.gate_proj.grad, experts.down_proj.grad))
+    # the sorted rows through PyTorch's gather (no permute), then the padded layout's P: the
+    # bound A + E x 15 = 84 + 16 x 15 = 324 rows rounded down to a multiple of 16
+    assert permuted == [320]
+    for name, p, q in zip(("out", "dx", "dw", "dadd", "dW1", "dW2"), *got, strict=True):
+        if name == "dx":  # the gather's backward adds a token's K rows in bf16, the permute's
+            # in fp32 with one rounding (tests/kernels/test_moe_permute.py says more)
+            assert (p.float() - q.float()).abs().max() <= 2**-6 * q.float().abs().max()
+        else:
+            assert torch.equal(p, q) and p.abs().max() > 0, name
+    assert got[1][4][E - 2 :].abs().max() == 0  # experts without rows
+
+
 def test_routed_experts_pass_device_counts_only_when_all_are_local():
     """`Experts._routed` hands mlp_fn the counts as a device tensor when every routed expert is
     held here (no host sync), a list under expert parallelism (ids of other ranks sort last)."""
@@ -667,7 +775,7 @@ def test_grouped_wgrad_path_equals_torch_over_two_micro_batches(monkeypatch, def
     on CPU the kernel's PyTorch reference) against torch._grouped_mm + cast + autograd's add, over
     two micro-batches: the first returns fp32 dW, the second adds into w.grad itself (and returns
     None), deferred to the W op or not; outputs and input gradients do not depend on it."""
-    from moeray.platform.parallel import experts_mlp as em
+    from moeray.platform.parallel import grouped_experts as ge
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference (test above says why)
     calls: list[bool] = []
@@ -676,8 +784,8 @@ def test_grouped_wgrad_path_equals_torch_over_two_micro_batches(monkeypatch, def
         calls.append(accumulate_into is not None)
         return grouped_wgrad(dy_PN, x_PK, ends, accumulate_into=accumulate_into)
 
-    grouped_wgrad = em.grouped_wgrad
-    monkeypatch.setattr(em, "grouped_wgrad", spy)
+    grouped_wgrad = ge.grouped_wgrad
+    monkeypatch.setattr(ge, "grouped_wgrad", spy)
     g = torch.Generator().manual_seed(5)
     rows, D, inter = [5, 0, 37, 17], 48, 40
     x = torch.randn(sum(rows), D, generator=g)
@@ -687,7 +795,7 @@ def test_grouped_wgrad_path_equals_torch_over_two_micro_batches(monkeypatch, def
     dys = [torch.randn(sum(rows), D, generator=g) for _ in range(2)]
     got = []
     for kernel in (False, True):
-        monkeypatch.setattr(em, "use_grouped_wgrad", lambda device, on=kernel: on)
+        monkeypatch.setattr(ge, "use_grouped_wgrad", lambda device, on=kernel: on)
         xi = x.clone().requires_grad_()
         wi = [torch.nn.Parameter(w.clone()) for w in ws]
         store = WeightGradStore()
@@ -718,7 +826,7 @@ def test_grouped_wgrad_chooser(monkeypatch):
     MOERAY_FUSED_GROUPED_WGRAD=0 switches it off. `GroupedExperts.device_layout` (counts kept
     on the device) follows it for BF16, and says yes for FP8 with kgrouped_wgrad whatever that
     switch says; never on the CPU, never for FP8's per-expert weight gradients."""
-    from moeray.platform.parallel.experts_mlp import use_grouped_wgrad
+    from moeray.platform.parallel.grouped_experts import use_grouped_wgrad
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     x_cuda = SimpleNamespace(is_cuda=True, device=cuda)  # all the rule reads of a CUDA x

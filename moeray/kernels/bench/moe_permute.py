@@ -7,7 +7,15 @@ experts' add; and autograd's reverse of each), at Moonlight-16B-A3B's training s
 tokens a micro-batch, top-6 of 64 experts, D 2048, bf16). Per case: forward and forward+backward
 times, the CUDA kernels each direction launches (torch.profiler), the achieved bandwidth of the
 bytes an ideal pass moves against the copy ceiling, whether the forward equals the reference's
-bits, and the saving per training step (12 MoE layers x 4 micro-batches)."""
+bits, and the saving per training step (12 MoE layers x 4 micro-batches).
+
+Rows `*_pad16` / `*_pad128`: the grouped experts' padded layouts planned on the device (16-row
+alignment for BF16's torch._grouped_mm, 128 for the FP8 grouped GEMM; P the plan's bound), the
+kernels writing x_PD and reading y_PD directly (`rows=`, positions through dst_A) against the
+unpadded kernels followed by the experts' copies into and out of the layout (zeros + index_copy_
+for x, index_select for y; autograd's reverses of them backward: index_select of dx, zeros +
+index_add_ of dy, as `GroupedExperts.pad` / `unpad` do inside the experts' backward, where dx
+takes one index_select more: two input-gradient products are unpadded and added)."""
 
 from __future__ import annotations
 
@@ -24,11 +32,13 @@ T, K, D, E = 4096, 6, 2048, 64
 CALLS_PER_STEP = 12 * 4  # Moonlight's MoE layers in the one-H200 bench x micro-batches a step
 
 
-def _routing() -> torch.Tensor:
-    """order: the stable argsort of top-K ids as the router gives them (K distinct per token)."""
+def _routing() -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, counts_E): the stable argsort of top-K ids as the router gives them (K distinct
+    per token), and the rows of each expert."""
     g = torch.Generator(device="cuda").manual_seed(0)
     ids_TK = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=1).indices
-    return torch.argsort(ids_TK.flatten(), stable=True)
+    order = torch.argsort(ids_TK.flatten(), stable=True)
+    return order, torch.bincount(ids_TK.flatten(), minlength=E)
 
 
 def _time(
@@ -50,8 +60,27 @@ def _time(
     }
 
 
-def _row(name: str, impls: dict[str, dict], ideal_bytes: int, copy_tbps: float) -> dict:
+def _padded_rows(counts_E: torch.Tensor, align: int) -> tuple[torch.Tensor, int]:
+    """(dst_A, P): the padded row of each sorted row and the layout's row bound, planned on the
+    device as the experts plan it (platform/parallel/grouped_experts.py GroupedExperts._device_plan,
+    not imported: kernels do not depend on the platform)."""
+    A = T * K
+    padded_E = (counts_E + (align - 1)) // align * align
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+    expert_A = torch.repeat_interleave(torch.arange(E, device="cuda"), counts_E, output_size=A)
+    P = (A + E * (align - 1)) // align * align  # the plan's bound: each expert pads < align
+    return torch.arange(A, device="cuda") + shift_E[expert_A], P
+
+
+def _row(
+    name: str,
+    impls: dict[str, dict],
+    ideal_bytes: int,
+    copy_tbps: float,
+    baseline: str = "autograd through Experts._routed's PyTorch ops",
+) -> dict:
     row: dict[str, Any] = {"kernel": name, "T": T, "K": K, "D": D, "E": E, "dtype": "bfloat16"}
+    row["baseline"] = baseline
     for impl, r in impls.items():
         row.update({f"{impl}_{k}": v for k, v in r.items()})
     row["speedup_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["fused_fwd_bwd_ms"], 2)
@@ -66,7 +95,7 @@ def _row(name: str, impls: dict[str, dict], ideal_bytes: int, copy_tbps: float) 
 
 
 def bench_moe_permute_train(ceil: dict) -> list[dict]:
-    order = _routing()
+    order, counts_E = _routing()
     g = torch.Generator(device="cuda").manual_seed(1)
     bf16 = torch.bfloat16
     x = torch.randn(T, D, device="cuda", generator=g).to(bf16).requires_grad_()
@@ -113,13 +142,81 @@ def bench_moe_permute_train(ceil: dict) -> list[dict]:
         diff = (combine_torch().float() - combine_fused().float()).abs().max()
     row["fwd_max_abs_diff_vs_torch"] = float(diff)
     rows.append(row)
+    for align in (16, 128):
+        rows += _padded_cases(order, counts_E, align, (x, y, w, add, dx_AD, dout), ceil)
+    return rows
+
+
+def _padded_cases(
+    order: torch.Tensor,
+    counts_E: torch.Tensor,
+    align: int,
+    tensors: tuple[torch.Tensor, ...],
+    ceil: dict,
+) -> list[dict]:
+    """The permute into and the combine out of a padded layout: the kernels on it ("fused")
+    against the unpadded kernels plus the experts' copies ("torch": what runs without it)."""
+    x, y, w, add, dx_AD, dout = tensors
+    dst_A, P = _padded_rows(counts_E, align)
+    row_bytes, tok_bytes, pad_bytes = T * K * D * 2, T * D * 2, P * D * 2
+    # y on the layout, for the combine reading it directly: NaN in the rows no token owns
+    y_PD = torch.full((P, D), float("nan"), device="cuda", dtype=y.dtype)
+    y_PD = y_PD.index_copy_(0, dst_A, y.detach()).requires_grad_()
+    dx_PD = torch.zeros(P, D, device="cuda", dtype=dx_AD.dtype).index_copy_(0, dst_A, dx_AD)
+
+    def permute_copy() -> torch.Tensor:
+        x_AD = moe_permute(x, moe_positions(order, K))
+        return x_AD.new_zeros(P, D).index_copy(0, dst_A, x_AD)
+
+    def permute_padded() -> torch.Tensor:
+        return moe_permute(x, moe_positions(order, K, dst_A), rows=P)
+
+    def combine_copy() -> torch.Tensor:
+        return moe_combine(y_PD.index_select(0, dst_A), w, moe_positions(order, K), add)
+
+    def combine_padded() -> torch.Tensor:
+        return moe_combine(y_PD, w, moe_positions(order, K, dst_A), add)
+
+    baseline = f"the unpadded kernels + the experts' copies into and out of the {align}-row layout"
+    rows = []
+    permute = {
+        "torch": _time(permute_copy, (x,), dx_PD),
+        "fused": _time(permute_padded, (x,), dx_PD),
+    }
+    # forward x read, x_PD written whole (the zero rows too); backward A rows read, dx written
+    row = _row(
+        f"permute_pad{align}",
+        permute,
+        2 * tok_bytes + pad_bytes + row_bytes,
+        ceil["copy_TBps"],
+        baseline,
+    )
+    row["P"] = P
+    row["bit_equal_fwd"] = torch.equal(permute_copy(), permute_padded())
+    rows.append(row)
+    combine = {
+        "torch": _time(combine_copy, (y_PD, w, add), dout),
+        "fused": _time(combine_padded, (y_PD, w, add), dout),
+    }
+    # forward A rows, add read and out written; backward g, A rows read, dy_PD written whole
+    row = _row(
+        f"combine_pad{align}",
+        combine,
+        3 * tok_bytes + 2 * row_bytes + pad_bytes,
+        ceil["copy_TBps"],
+        baseline,
+    )
+    row["P"] = P
+    row["bit_equal_fwd"] = torch.equal(combine_copy(), combine_padded())
+    rows.append(row)
     return rows
 
 
 def print_moe_permute_train(rows: list[dict]) -> None:
     for r in rows:
         print(
-            f"moe_permute_train {r['kernel']:7s} T={r['T']} K={r['K']} D={r['D']}: fwd+bwd "
+            f"moe_permute_train {r['kernel']:14s} T={r['T']} K={r['K']} D={r['D']}"
+            f"{' P=' + str(r['P']) if 'P' in r else ''}: fwd+bwd "
             f"{r['torch_fwd_bwd_ms']:.4f} ms torch -> {r['fused_fwd_bwd_ms']:.4f} ms fused "
             f"(x{r['speedup_fwd_bwd']}, {r['fused_fwd_bwd_TBps']} TB/s, {r['frac_copy_bw']:.2f} "
             f"of copy), fwd x{r['speedup_fwd']}; kernels fwd {r['torch_kernels_fwd']} -> "

@@ -439,7 +439,7 @@ def flat_results(result: dict) -> list[dict]:
                 r["fused_fwd_bwd_ms"],
                 r["frac_copy_bw"],
                 "copy bandwidth",
-                "autograd through Experts._routed's PyTorch ops",
+                r.get("baseline", "autograd through Experts._routed's PyTorch ops"),
                 r["speedup_fwd_bwd"],
             )
         )

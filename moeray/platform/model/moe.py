@@ -11,6 +11,7 @@ maps them to the official per-expert keys `experts.{e}.{gate,up,down}_proj.weigh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from moeray.kernels.moe import fused_moe_gate_up
 from moeray.kernels.moe_permute import (
     moe_combine,
     moe_combine_applies,
+    moe_permute,
     moe_positions,
 )
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
@@ -32,12 +34,33 @@ from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RowLayout(Protocol):
+    """Where an `mlp_fn` with a `layout` method wants the rows sorted by expert: the a-th at row
+    dst_A[a] (int64 [A] on the device, distinct) of P, the other P - A rows zeros. Opaque to the
+    model otherwise: it hands the layout back to mlp_fn in place of the rows per expert."""
+
+    @property
+    def P(self) -> int: ...
+
+    @property
+    def dst_A(self) -> torch.Tensor | None: ...
+
+
 # (x_AD rows sorted by expert, gate [E, I, D], up [E, I, D], down [E, D, I], rows per expert) ->
 # y_AD: every local expert's SwiGLU over its rows, as one call (see Experts.mlp_fn). The rows per
 # expert come as a list of ints, or as an int64 [E] tensor on x's device when every routed expert
-# is local (reading them would make the host wait for the GPU; see Experts._routed).
+# is local (reading them would make the host wait for the GPU; see Experts._routed), or as the
+# RowLayout the function's own `layout` gave (x_PD in, y_PD out; see Experts._padded_layout).
 ExpertsMLPFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "list[int] | torch.Tensor"],
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        "list[int] | torch.Tensor | RowLayout",
+    ],
     torch.Tensor,
 ]
 
@@ -128,6 +151,8 @@ class Experts(nn.Module):
         self.linear: LinearFn = F.linear
         # Set from outside (the pipeline's weight-grad split: parallel/stages.py) to run all local
         # experts through one autograd node instead of the per-expert loop's ~10 nodes per expert.
+        # One with a `layout` method (parallel/experts_mlp.py ExpertsMLP) may ask for its rows
+        # padded: see `_padded_layout`.
         self.mlp_fn: ExpertsMLPFn | None = None
 
     def expert_weights(
@@ -172,8 +197,10 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """`forward` without the fused MoE kernel (training; CPU): sorted per-expert GEMMs, plus
         add_TD if given. With `mlp_fn`, every expert local and `use_fused_moe_combine`, the rows
-        go out and come back through `moe_permute` / `moe_combine` (one launch each way, add_TD
-        added in the combine's pass); otherwise through PyTorch's gather and index_add_."""
+        come back through `moe_combine` (one launch each way, add_TD added in its pass); they go
+        out through `moe_permute` straight into the padded layout mlp_fn asks for
+        (`_padded_layout`) if it asks for one, else through PyTorch's gather. Otherwise PyTorch's
+        gather and index_add_ both ways."""
         K = expert_ids_TK.shape[1]
         local_ids = expert_ids_TK.flatten() - expert_offset
         # Ids of other ranks get key E so that they sort last and are never computed here.
@@ -191,17 +218,28 @@ class Experts(nn.Module):
             and all_local
             and use_fused_moe_combine(x_TD, weights_TK, add_TD)
         ):
-            # pos: each assignment's row among the sorted ones, the combine's index. The rows go
-            # out through PyTorch's gather, not `moe_permute`: on the H200 at T 4096 x top-6 x D
-            # 2048 its forward and backward took 0.22 ms against the kernel pair's 0.59 ms
-            # (kernels-nvidia-h200-moe-permute.json), where the combine's pair wins 2.96x.
-            pos_TK = moe_positions(order, K)
-            x_AD = x_TD[order // K]
-            y_AD = self.mlp_fn(x_AD, *weights, counts[: self.num_experts])
             out_dtype = (
                 x_TD.dtype if add_TD is None else torch.promote_types(x_TD.dtype, add_TD.dtype)
             )
-            return moe_combine(y_AD, weights_TK, pos_TK, add_TD, out_dtype=out_dtype)
+            counts_E = counts[: self.num_experts]
+            layout = self._padded_layout(x_TD, counts_E, key.numel())
+            if layout is None:
+                # pos: each assignment's row among the sorted ones, the combine's index. The rows
+                # go out through PyTorch's gather, not `moe_permute`: on the H200 at T 4096 x
+                # top-6 x D 2048 gather + index_put took 0.22 ms forward and backward against
+                # the kernel pair's 0.59 ms (kernels-nvidia-h200-moe-permute.json), where the
+                # combine's pair wins 2.96x.
+                pos_TK = moe_positions(order, K)
+                y_AD = self.mlp_fn(x_TD[order // K], *weights, counts_E)
+                return moe_combine(y_AD, weights_TK, pos_TK, add_TD, out_dtype=out_dtype)
+            # posP: each assignment's row of the padded layout (P rows). The permute writes x_PD
+            # whole (zero rows where no token goes) and the combine reads y_PD: mlp_fn copies no
+            # rows into or out of its layout, forward or backward.
+            assert layout.dst_A is not None  # (_padded_layout says so; mypy needs it here)
+            posP_TK = moe_positions(order, K, layout.dst_A)
+            x_PD = moe_permute(x_TD, posP_TK, rows=layout.P)
+            y_PD = self.mlp_fn(x_PD, *weights, layout)
+            return moe_combine(y_PD, weights_TK, posP_TK, add_TD, out_dtype=out_dtype)
         token_of = order // K
         # Summed in fp32 whatever x's dtype (the K contributions of a token arrive by atomic
         # adds in no fixed order: in bf16 the result would depend on it), cast back at the end.
@@ -236,6 +274,17 @@ class Experts(nn.Module):
                 0, tokens, y.to(out_TD.dtype) * weights_TK.flatten()[idx, None].to(out_TD.dtype)
             )
         return _plus(out_TD.to(x_TD.dtype), add_TD)
+
+    def _padded_layout(
+        self, x_TD: torch.Tensor, counts_E: torch.Tensor, A: int
+    ) -> RowLayout | None:
+        """The padded layout `mlp_fn` runs its grouped GEMMs on for these A rows (counts_E per
+        expert, on the device), where it has a `layout` method and one applies; None: it takes
+        the rows as they are sorted. Which layout (its alignment, whether any) is mlp_fn's
+        business alone."""
+        ask = getattr(self.mlp_fn, "layout", None)
+        layout: RowLayout | None = None if ask is None else ask(x_TD, counts_E, A)
+        return layout if layout is not None and layout.dst_A is not None else None
 
     def _all_local(self, expert_offset: int) -> bool:
         """Whether every routed expert of the model is held here (no expert parallelism)."""

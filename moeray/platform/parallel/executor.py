@@ -37,7 +37,7 @@ import torch.distributed as dist
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
 from moeray.platform.parallel.distributed import PipelineGroups, reserve_device_memory
-from moeray.platform.parallel.experts_mlp import GroupedExperts
+from moeray.platform.parallel.grouped_experts import GroupedExperts
 from moeray.platform.parallel.schedule import Kind, Op, Schedule, Slot, validate
 from moeray.platform.parallel.stages import PipelineStage
 from moeray.platform.parallel.weight_grad import SplitLinear, prewarm_matmuls

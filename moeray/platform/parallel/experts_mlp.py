@@ -4,11 +4,18 @@
 Legend: A rows sorted by expert, P rows of the padded layout (each expert's rows start aligned),
 D model width, I expert width, E local experts, N and K a GEMM's output and input widths.
 
-Three paths, picked per call (`_ExpertsMLPFn.forward`): with FP8 and `grouped_fp8`, the grouped
-FP8 kernel on the 128-aligned layout (`_GroupedFP8`); without FP8, one grouped GEMM per projection
-for all experts (`GroupedExperts`: bf16 on CUDA, any dtype on CPU; its weight gradients one Triton
-k-grouped launch per projection where `use_grouped_wgrad`); otherwise one GEMM per expert (the
-block-scaled FP8 GEMMs of `platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
+Three paths, picked per call (`_ExpertsMLPFn.forward`, by `_grouped_align`): with FP8 and
+`grouped_fp8`, the grouped FP8 kernel on the 128-aligned layout (`_GroupedFP8`); without FP8, one
+grouped GEMM per projection for all experts (`GroupedExperts`, grouped_experts.py: bf16 on CUDA,
+any dtype on CPU; its weight gradients one Triton k-grouped launch per projection where
+`use_grouped_wgrad`); otherwise one GEMM per expert (the block-scaled FP8 GEMMs of
+`platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
+
+The grouped paths take x and return y either as rows sorted by expert (padding them into their
+layout and back: `GroupedExperts.pad` / `unpad`, forward and backward) or, where the layout is
+planned on the device, already on it: `ExpertsMLP.layout` (`experts_layout`) gives the layout to
+the model, whose permute writes x_PD and whose combine reads y_PD (model/moe.py
+`Experts._routed`), and `experts_mlp` takes that layout in place of the rows per expert.
 """
 
 from __future__ import annotations
@@ -16,15 +23,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
-from moeray.kernels.common import switched_off
 from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
-from moeray.kernels.grouped_wgrad import grouped_wgrad
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
+from moeray.platform.parallel.grouped_experts import GroupedExperts, row_segments
 from moeray.platform.parallel.weight_grad import (
     WeightGradStore,
     accumulate_weight_grad,
@@ -78,10 +83,22 @@ class _ExpertsMLPFn(torch.autograd.Function):
         dev = x_AD.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         act = cast or x_AD.dtype
+        # rows as a GroupedExperts: x is x_PD, already on that (device-planned) layout, and y
+        # is returned on it (y_PD), as is dy taken and dx returned backward
+        layout = rows if isinstance(rows, GroupedExperts) else None
+        ctx.padded = layout is not None
+        if layout is not None:
+            rows = layout.rows
         ctx.rows, ctx.store, ctx.fp8, ctx.cast, ctx.x_dtype = rows, store, fp8, cast, x_AD.dtype
         ctx.cache = cache
-        ctx.grouped = GroupedExperts.applies(x_AD, fp8, act)
-        ctx.grouped_fp8 = fp8 and grouped_fp8 and x_AD.shape[0] > 0
+        align = _grouped_align(x_AD.device, x_AD.shape[0], fp8, grouped_fp8, act)
+        ctx.grouped = align is not None and not fp8
+        ctx.grouped_fp8 = align is not None and fp8
+        if layout is not None and layout.align != align:
+            raise ValueError(
+                f"experts_mlp: x given on a layout aligned to {layout.align} rows; these "
+                f"experts run {'a per-expert path' if align is None else f'{align}-aligned'}"
+            )
         if isinstance(rows, torch.Tensor) and not (
             (ctx.grouped or ctx.grouped_fp8)
             and GroupedExperts.device_layout(
@@ -94,27 +111,29 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.kgrouped_wgrad, ctx.bf16_wgrad = kgrouped_wgrad, bf16_wgrad
         if ctx.grouped_fp8:
             with torch.autocast(dev, enabled=False):
-                return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act)
+                return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act, layout)
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
-                grp = GroupedExperts(x_AD, rows)
+                grp = GroupedExperts(x_AD, rows) if layout is None else layout
                 w1, w3, w2 = (_cast(w, act, cache) for w in (w1_EID, w3_EID, w2_EDI))
-                x_PD = grp.pad(x_AD.to(act))
+                x_PD = x_AD.to(act) if ctx.padded else grp.pad(x_AD.to(act))
                 g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
                 u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
                 h_PI = F.silu(g_PI) * u_PI
-                y_AD = grp.unpad(grp.mm(h_PI, w2.transpose(-2, -1)))
+                y_PD = grp.mm(h_PI, w2.transpose(-2, -1))
+                y_AD = y_PD if ctx.padded else grp.unpad(y_PD)
             ctx.grp = grp
             ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1_EID, w3_EID, w2_EDI)
             return y_AD
         assert isinstance(rows, list)  # read back above: only grouped paths keep a tensor
+        assert layout is None  # refused above: a layout's align is a grouped path's
         fwd, _, _ = linear_gemms(fp8, cast, cache)
         with torch.autocast(dev, enabled=False):
             if fp8:  # gate and up quantize their shared rows once
                 quantized = cache.get if cache is not None else f8.QuantizedWeight
                 pairs = [
                     f8.forward_gemm_pair(x_AD[sl], quantized(w1_EID[e]), quantized(w3_EID[e]))
-                    for e, sl in _segments(rows)
+                    for e, sl in row_segments(rows)
                 ]
                 g_AI, u_AI = (
                     torch.cat([p[i].to(act) for p in pairs])
@@ -150,7 +169,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 if ctx.fp8:  # gate and up re-tile their shared rows x once
                     pairs = {
-                        e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in _segments(rows)
+                        e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in row_segments(rows)
                     }
                     dw1, dw3 = (
                         _stack_experts({e: p[i] for e, p in pairs.items()}, w)
@@ -176,12 +195,11 @@ class _ExpertsMLPFn(torch.autograd.Function):
         act = x_PD.dtype
         with torch.autocast(dy_AD.device.type, enabled=False):
             w1c, w3c, w2c = (_cast(w, act, ctx.cache) for w in (w1, w3, w2))
-            dy_PD = grp.pad(dy_AD.to(act))
+            # padded: dy_PD as the combine's backward wrote it, zeros outside the tokens' rows
+            dy_PD = dy_AD.to(act) if ctx.padded else grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
             dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
-            dx_AD = grp.unpad(grp.mm(dg_PI, w1c)).to(ctx.x_dtype) + grp.unpad(
-                grp.mm(du_PI, w3c)
-            ).to(ctx.x_dtype)
+            dx_AD = _sum_unpadded(ctx, grp, grp.mm(dg_PI, w1c), grp.mm(du_PI, w3c))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
@@ -207,28 +225,33 @@ class _GroupedFP8:
     micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped), where the per-expert path makes
     ~29 E.
 
-    Rows as a device tensor (`GroupedExperts.device_layout`: k-grouped weight gradients only)
+    Rows as a device tensor (`GroupedExperts.device_layout`: k-grouped or bf16 weight gradients)
     give the layout planned on the device: P a bound, the blocks past the last expert's end of
-    expert -1, whose rows nothing reads (see `forward`)."""
+    expert -1, whose rows nothing reads (see `forward`). `layout` (that layout, planned by
+    `experts_layout`): x comes as x_PD and y goes as y_PD (dy and dx backward), no pad or
+    unpad."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1, w3, w2, act):
+    def forward(ctx, x_AD, w1, w3, w2, act, layout=None):
         cache = ctx.cache
-        grp = GroupedExperts(x_AD, ctx.rows, align=128)
+        grp = GroupedExperts(x_AD, ctx.rows, align=128) if layout is None else layout
         blocks = grp.block_expert()
-        x_PD = grp.pad(x_AD.to(torch.bfloat16))
+        x_bf16 = x_AD.to(torch.bfloat16)
+        x_PD = x_bf16 if ctx.padded else grp.pad(x_bf16)
         xq, xs = k.act_quant(x_PD, scale_col_major=True)
         s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
         g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
         u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
-        # A device-planned layout's tail (the -1 blocks) is zeros in x (pad), g and u (the
-        # grouped GEMM), so in h and, backward, in dy, dh, dg, du; nor could it reach real
+        # A device-planned layout's tail (the -1 blocks) is zeros in x (pad, or the permute's
+        # zeroed output), g and u (the grouped GEMM), so in h and, backward, in dy (pad, or
+        # the combine's zeroed dy), dh, dg, du; nor could it reach real
         # rows: every op is row-wise (1x128 groups) or per block (act_quant_t's 128x1 groups:
         # experts start 128-aligned, the tail at the last padded end, and P % 128 == 0), and
         # no sum spans more than an expert's rows (fp8_gemm_kgrouped: [offs[e - 1], offs[e])).
         h_PI = F.silu(g_PI) * u_PI
         hq, hs = k.act_quant(h_PI, scale_col_major=True)
-        y_AD = grp.unpad(k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)).to(act)
+        y_PD = k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)
+        y_AD = (y_PD if ctx.padded else grp.unpad(y_PD)).to(act)
         ctx.grp, ctx.blocks = grp, blocks
         ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
         return y_AD
@@ -244,12 +267,11 @@ class _GroupedFP8:
 
         with torch.autocast(dy_AD.device.type, enabled=False):
             s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
-            dy_PD = grp.pad(dy_AD.to(torch.bfloat16))
+            dy_bf16 = dy_AD.to(torch.bfloat16)
+            dy_PD = dy_bf16 if ctx.padded else grp.pad(dy_bf16)
             dh_PI = input_grad(dy_PD, s2)
             dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
-            dx_AD = grp.unpad(input_grad(dg_PI, s1)).to(ctx.x_dtype) + grp.unpad(
-                input_grad(du_PI, s3)
-            ).to(ctx.x_dtype)
+            dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_PI, s1), input_grad(du_PI, s3))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
@@ -292,6 +314,31 @@ class _GroupedFP8:
 _NO_GRAD_ARGS = (None,) * 7
 
 
+def _sum_unpadded(ctx, grp: GroupedExperts, a_PD: torch.Tensor, b_PD: torch.Tensor):
+    """dx = a + b in x's dtype, the two input-gradient GEMMs' outputs on grp's layout: on it
+    (dx_PD) where x came padded (the permute's backward reads its rows), else each unpadded
+    (dx_AD). The same values row for row: the add is elementwise."""
+    if ctx.padded:
+        return a_PD.to(ctx.x_dtype) + b_PD.to(ctx.x_dtype)
+    return grp.unpad(a_PD).to(ctx.x_dtype) + grp.unpad(b_PD).to(ctx.x_dtype)
+
+
+def _grouped_align(
+    device: torch.device, n_rows: int, fp8: bool, grouped_fp8: bool, act: torch.dtype
+) -> int | None:
+    """The row alignment of the grouped path that experts with these settings run n_rows rows
+    of act (the GEMMs' dtype) on: 128 for FP8 with `grouped_fp8` (`_GroupedFP8`), ALIGN or 1 for
+    `GroupedExperts` (`GroupedExperts.default_align`); None for the per-expert paths (and for
+    no rows). The one rule `_ExpertsMLPFn.forward` and `experts_layout` both follow."""
+    if n_rows == 0:
+        return None
+    if fp8 and grouped_fp8:
+        return 128
+    if GroupedExperts.available(device, fp8, act):
+        return GroupedExperts.default_align(device)
+    return None
+
+
 def _grouped_wgrad(grp: GroupedExperts, d_PN, a_PK, w) -> torch.Tensor | None:
     """w's gradient from bf16 operands on grp's layout (`GroupedExperts.wgrad`). A later
     micro-batch adds into w.grad (in grouped_wgrad's epilogue where `GroupedExperts.wgrad` runs
@@ -316,208 +363,12 @@ def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
     return weight_grads() if needs_w else (None, None, None)
 
 
-def use_grouped_wgrad(device: torch.device) -> bool:
-    """Whether `GroupedExperts.wgrad` runs the Triton k-grouped GEMM (`kernels/grouped_wgrad.py`:
-    fp32 sums written as fp32, or added into the fp32 gradient in its epilogue) instead of
-    `torch._grouped_mm` (bf16 out), a cast to fp32 and autograd's add (profiled: ~160 ms of casts
-    and adds in a 0.7 s one-H200 Moonlight step). On CUDA, in a process alone (the FP8 k-grouped
-    GEMM hung the 4-GPU pipeline's first step, cause not found: benchmarks/notes-train.md;
-    `train/replica.py` keeps that one to one rank too), unless MOERAY_FUSED_GROUPED_WGRAD=0. CPU
-    keeps torch's GEMM."""
-    alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
-    return device.type == "cuda" and alone and not switched_off("GROUPED_WGRAD")
-
-
-class GroupedExperts:
-    """All experts' rows in one grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90 for bf16, a
-    per-group loop on CPU): one launch per projection instead of one per expert; the weight
-    gradients one k-grouped launch per projection too (`wgrad`). On CUDA each expert's rows start
-    at a multiple of ALIGN (zero rows between), the grouped kernel's alignment; on CPU the rows
-    stay as they are."""
-
-    ALIGN = 16
-
-    @staticmethod
-    def available(device: torch.device, fp8: bool, act: torch.dtype | None) -> bool:
-        """Whether experts with these settings run their GEMMs grouped. FP8 keeps its own GEMMs
-        (torch's grouped FP8 GEMM scales per row, not in 1x128 / 128x128 blocks); on CUDA the
-        grouped kernel takes bf16 only."""
-        return (
-            not fp8
-            and hasattr(torch, "_grouped_mm")
-            and (act == torch.bfloat16 if device.type == "cuda" else device.type == "cpu")
-        )
-
-    @staticmethod
-    def applies(x: torch.Tensor, fp8: bool, act: torch.dtype) -> bool:
-        return x.shape[0] > 0 and GroupedExperts.available(x.device, fp8, act)
-
-    @staticmethod
-    def device_layout(
-        x_AD: torch.Tensor, *, fp8: bool, kgrouped_wgrad: bool, bf16_wgrad: bool = False
-    ) -> bool:
-        """Whether a grouped path (BF16 `GroupedExperts`, or `_GroupedFP8` with `fp8`) keeps
-        rows given as a device tensor there (`__init__` plans on the device). On CUDA only (on
-        the CPU reading them makes nothing wait), where every weight gradient takes its row
-        ranges from the device ends `offs`: BF16 where `use_grouped_wgrad`, FP8 with
-        `kgrouped_wgrad` (`fp8_gemm_kgrouped`), FP8 with `bf16_wgrad` as BF16; FP8's per-expert
-        ones slice on the host."""
-        if not x_AD.is_cuda:
-            return False
-        if fp8 and not bf16_wgrad:
-            return kgrouped_wgrad
-        return use_grouped_wgrad(x_AD.device)
-
-    def __init__(
-        self, x_AD: torch.Tensor, rows: list[int] | torch.Tensor, align: int | None = None
-    ) -> None:
-        self.rows, self.device = rows, x_AD.device
-        self.padded: list[int] | None
-        self.align = align = align or (self.ALIGN if x_AD.is_cuda else 1)
-        if isinstance(rows, torch.Tensor):
-            self._device_plan(x_AD, rows, align)
-            return
-        self.padded = padded = [-(-n // align) * align for n in rows]
-        ends = torch.tensor(padded).cumsum(0)
-        self.P = int(ends[-1]) if len(rows) else 0
-        self._ends = ends
-        if align == 1:
-            self.dst_A = None
-        else:  # padded position of each row: its expert's padded start + its rank within the expert
-            starts = [0, *ends.tolist()[:-1]]
-            self.dst_A = _to_device(
-                torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows, strict=True)]),
-                x_AD.device,
-            )
-
-    def _device_plan(self, x_AD: torch.Tensor, counts_E: torch.Tensor, align: int) -> None:
-        """The padded layout from per-expert counts on the device, with no host sync: P is a
-        bound instead of the exact size, and rows past the last expert's end belong to no
-        expert (zeros in `pad`; whatever torch._grouped_mm leaves there, zeros from the FP8
-        grouped GEMM, whose `block_expert` is -1 there): the grouped GEMMs, `grouped_wgrad` and
-        `fp8_gemm_kgrouped` read each expert's rows only, and `unpad` never selects them. One
-        host sync per MoE layer and micro-batch less, each of which let the GPU run dry while
-        the host caught up."""
-        A, E = x_AD.shape[0], counts_E.shape[0]
-        counts = counts_E.to(torch.int64)
-        padded = (counts + (align - 1)) // align * align
-        self._ends = ends = padded.cumsum(0)
-        self.padded = None  # on the device; the per-expert FP8 weight gradients need a list
-        # Each expert pads by at most align - 1, so the exact size, a multiple of align, is at
-        # most A + E (align - 1) rounded down to one (P % 128 == 0 for the FP8 grouped GEMM).
-        # A = 4096, E = 64, align 128: P = 12,160, the exact size of 63 experts of 1 row and
-        # one of 4033 (at least 4096).
-        self.P = (A + E * (align - 1)) // align * align
-        if align == 1:
-            self.dst_A = None
-            return
-        expert_A = torch.repeat_interleave(
-            torch.arange(E, device=counts.device), counts, output_size=A
-        )
-        shift_E = (ends - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
-        self.dst_A = torch.arange(A, device=counts.device) + shift_E[expert_A]
-
-    def block_expert(self, block: int = 128) -> torch.Tensor:
-        """int32 [P / block] on the device: the expert of each `block`-row block of the padded
-        layout, -1 for the blocks past the last expert's end (a device-planned layout's tail).
-        Needs `block` to divide the alignment (no block straddles two experts)."""
-        if self.align % block:
-            raise ValueError(
-                f"GroupedExperts: {block}-row blocks of a layout aligned to {self.align} rows "
-                "would straddle experts"
-            )
-        if self.padded is not None:
-            ids = [e for e, p in enumerate(self.padded) for _ in range(p // block)]
-            return _to_device(torch.tensor(ids, dtype=torch.int32), self.device)
-        # Device ops only (no .tolist(), nonzero or masked indexing: each waits for the GPU):
-        # the block at row r is the first expert whose padded end is past r (experts without
-        # rows are passed over), none past the last end.
-        ends, E = self._ends, self._ends.shape[0]
-        starts = torch.arange(0, self.P, block, device=ends.device)
-        first_past = torch.searchsorted(ends, starts, right=True)
-        return torch.where(first_past < E, first_past, -1).to(torch.int32)
-
-    def padded_segments(self):
-        """(expert, slice of its padded rows) for every expert with rows."""
-        if self.padded is None:
-            raise ValueError(
-                "GroupedExperts: this layout was planned on the device (rows as a "
-                "tensor); per-expert slices need rows as a list"
-            )
-        return _segments(self.padded)
-
-    def pad(self, t_A: torch.Tensor) -> torch.Tensor:
-        if self.dst_A is None:
-            return t_A
-        return t_A.new_zeros(self.P, t_A.shape[1]).index_copy_(0, self.dst_A, t_A)
-
-    def unpad(self, t_P: torch.Tensor) -> torch.Tensor:
-        return t_P if self.dst_A is None else t_P.index_select(0, self.dst_A)
-
-    @functools.cached_property
-    def offs(self) -> torch.Tensor:
-        """int32 end row of each expert on the device: torch._grouped_mm's offsets (made on first
-        use: the grouped FP8 path indexes blocks instead)."""
-        return _to_device(self._ends.to(torch.int32), self.device)
-
-    def mm(self, a_P: torch.Tensor, b_E: torch.Tensor) -> torch.Tensor:
-        """Rows of expert e times b_E[e] ([E, K, N]) -> [P, N]."""
-        return torch._grouped_mm(a_P, b_E, offs=self.offs)
-
-    def wgrad(
-        self,
-        dy_PN: torch.Tensor,
-        x_PK: torch.Tensor,
-        dtype: torch.dtype,
-        *,
-        accumulate_into: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """dW [E, N, K] in `dtype`: dW[e] = dy[rows of e]^T x[rows of e], exact zeros for experts
-        without rows. `accumulate_into` (fp32 contiguous [E, N, K], a gradient): += dW, returned.
-
-        Where `use_grouped_wgrad`: `grouped_wgrad`, summed and written in fp32, added in its
-        epilogue. Else `torch._grouped_mm` (bf16 out on CUDA), cast to `dtype`, empty experts
-        zeroed here (not left to the kernel's handling of empty groups)."""
-        if use_grouped_wgrad(self.device):
-            dw = grouped_wgrad(dy_PN, x_PK, self.offs, accumulate_into=accumulate_into)
-            return dw if accumulate_into is not None else dw.to(dtype)
-        dw = torch._grouped_mm(dy_PN.t(), x_PK, offs=self.offs).to(dtype)
-        if isinstance(self.rows, torch.Tensor):
-            dw.masked_fill_((self.rows == 0)[:, None, None], 0)  # no host sync
-        else:
-            empty = [e for e, n in enumerate(self.rows) if n == 0]
-            if empty:
-                dw[empty] = 0
-        return dw if accumulate_into is None else accumulate_into.add_(dw)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t (built on the host, or already on `device`) on `device` without making the host wait:
-    from pageable memory a non_blocking copy may still wait for the stream (the driver stages
-    it), so CUDA copies go through pinned memory (PyTorch's caching host allocator: no
-    cudaHostAlloc once warm)."""
-    if t.device == device:
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def _segments(rows: list[int]):
-    """(expert, slice of its rows) for every expert with rows, in expert order."""
-    start = 0
-    for e, n in enumerate(rows):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
-
-
 def _per_expert(
     gemm, a_A: torch.Tensor, w_E: torch.Tensor, rows: list[int], dtype: torch.dtype, width: int
 ) -> torch.Tensor:
     """gemm(rows of expert e, w_E[e]) for every expert with rows, concatenated in one copy;
     [0, width] when no expert has rows."""
-    outs = [gemm(a_A[sl], w_E[e]).to(dtype) for e, sl in _segments(rows)]
+    outs = [gemm(a_A[sl], w_E[e]).to(dtype) for e, sl in row_segments(rows)]
     return torch.cat(outs) if outs else a_A.new_empty(0, width, dtype=dtype)
 
 
@@ -525,7 +376,7 @@ def _per_expert_wgrad(
     wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int], w_ENK: torch.Tensor
 ) -> torch.Tensor:
     """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e]; zeros for experts without rows."""
-    return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in _segments(rows)}, w_ENK)
+    return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in row_segments(rows)}, w_ENK)
 
 
 def _stack_experts(got: dict[int, torch.Tensor], w_ENK: torch.Tensor) -> torch.Tensor:
@@ -550,8 +401,9 @@ def experts_mlp(
     kgrouped_wgrad: bool = False,
     bf16_wgrad: bool = False,
 ) -> torch.Tensor:
-    """`Experts.mlp_fn` for pipeline stages: see _ExpertsMLPFn. `cache`: an fp8.WeightCache.
-    `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped kernel (_GroupedFP8).
+    """`Experts.mlp_fn` for pipeline stages (bound as `ExpertsMLP`): see _ExpertsMLPFn. `cache`:
+    an fp8.WeightCache. `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped
+    kernel (_GroupedFP8).
     `kgrouped_wgrad` (with `grouped_fp8`): its weight gradients in one k-grouped launch per
     projection (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert; one-process training
     only (the kernel's module docstring says why). `bf16_wgrad` (with `grouped_fp8`): the
@@ -559,8 +411,23 @@ def experts_mlp(
     gradients staying FP8: at 4,096-token micro-batches each expert's weight gradient is
     memory-bound on the fp32 accumulation (K ~ 384 rows per expert), which FP8 does not shorten,
     while its 128x1 quantizations cost a pass over five operands. `rows`: per expert, a list or
-    an int64 [E] tensor on x's device (its sum is not checked: reading it would sync)."""
-    if isinstance(rows, torch.Tensor):
+    an int64 [E] tensor on x's device (its sum is not checked: reading it would sync); or the
+    GroupedExperts layout `experts_layout` gave for these settings, x then on it (x_PD [P, D],
+    zeros in the rows no token owns) and y returned on it (y_PD, its rows past the last
+    expert's end unspecified)."""
+    if isinstance(rows, GroupedExperts):
+        counts = rows.rows
+        if x_AD.shape[0] != rows.P or not isinstance(counts, torch.Tensor):
+            raise ValueError(
+                f"experts_mlp: x has {x_AD.shape[0]} rows; its layout has P={rows.P} and must "
+                "be planned on the device (experts_layout)"
+            )
+        if counts.shape != (w1_EID.shape[0],) or counts.device != x_AD.device:
+            raise ValueError(
+                f"experts_mlp: layout for {counts.shape[0]} experts on {counts.device}; "
+                f"expected {w1_EID.shape[0]} on {x_AD.device}"
+            )
+    elif isinstance(rows, torch.Tensor):
         if rows.shape != (w1_EID.shape[0],) or rows.device != x_AD.device:
             raise ValueError(
                 f"experts_mlp: rows tensor of shape {tuple(rows.shape)} on {rows.device}; "
@@ -598,6 +465,51 @@ def experts_mlp(
     )
 
 
+def experts_layout(
+    x_TD: torch.Tensor,
+    counts_E: torch.Tensor,
+    A: int,
+    *,
+    fp8: bool = False,
+    grouped_fp8: bool = False,
+    kgrouped_wgrad: bool = False,
+    bf16_wgrad: bool = False,
+    **_: object,
+) -> GroupedExperts | None:
+    """The padded layout that `experts_mlp` with these settings would plan for A rows of x's
+    tokens (x_TD gives the device and dtype; counts_E int64 [E] per expert on the device), so
+    that the rows can be written there directly; None where it would not pad on the device:
+    the per-expert paths, the CPU's unaligned BF16 layout, or weight gradients that slice
+    experts on the host (`GroupedExperts.device_layout`). Call it under the autocast that the
+    experts then run under (the GEMMs' dtype decides the BF16 path). Other keywords (store,
+    cache) are experts_mlp's and ignored."""
+    dev = x_TD.device.type
+    act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
+    align = _grouped_align(x_TD.device, A, fp8, grouped_fp8, act)
+    if align is None or align == 1:
+        return None
+    if not GroupedExperts.device_layout(
+        x_TD, fp8=fp8, kgrouped_wgrad=kgrouped_wgrad, bf16_wgrad=bf16_wgrad
+    ):
+        return None
+    return GroupedExperts.from_counts(counts_E, A, align)
+
+
+class ExpertsMLP(functools.partial):
+    """`Experts.mlp_fn`: `experts_mlp` with its settings bound (a functools.partial: `func`,
+    `keywords`), and `layout`, the padded layout it wants its rows on (`experts_layout` with the
+    same settings): the model's permute then writes x_PD and its combine reads y_PD, so the
+    grouped paths copy no rows into or out of their layout. At Moonlight's training shape (A =
+    24,576 rows of D = 2048 bf16, 96 MiB) that is five passes of 192 MiB (read and write) and
+    five launches less per MoE layer and micro-batch: the pad of x and of dy (index_copy_), the
+    unpad of y and of the two input-gradient products (index_select). The sum of those two
+    products then runs over the layout's P rows instead of A: P - A = 960 more rows at BF16's
+    16-row bound (25,536), 8,064 at FP8's 128-row one (32,640), 11 and 95 MiB of traffic."""
+
+    def layout(self, x_TD: torch.Tensor, counts_E: torch.Tensor, A: int) -> GroupedExperts | None:
+        return experts_layout(x_TD, counts_E, A, **self.keywords)
+
+
 def enable_grouped_experts(
     model: torch.nn.Module,
     *,
@@ -618,7 +530,7 @@ def enable_grouped_experts(
     for module in model.modules():
         if isinstance(module, Experts):
             fp8 = module.linear is f8.fp8_linear
-            module.mlp_fn = functools.partial(
+            module.mlp_fn = ExpertsMLP(
                 experts_mlp,
                 fp8=fp8,
                 cache=f8.WeightCache(),

@@ -4,6 +4,7 @@ modules of this package:
   stages.py       the layer split and one stage as a module (`PipelineStage`);
   weight_grad.py  the weight-gradient GEMMs deferred to the schedule's W op (`split_linear`);
   experts_mlp.py  the routed experts as one autograd node with a deferrable weight gradient;
+  grouped_experts.py  their grouped GEMMs' layout (each expert's rows aligned, one GEMM for all);
   distributed.py  rank layout (`Topology`), process groups, a worker's CUDA environment;
   executor.py     one rank's ops of a schedule (`schedule.py`) for one step, with p2p messages;
   expert.py       expert parallelism (all-to-all dispatch and combine).

@@ -33,7 +33,7 @@ from moeray.platform.model.mtp import MTPModule
 from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.rope import RotaryEmbedding
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.parallel.experts_mlp import experts_mlp
+from moeray.platform.parallel.experts_mlp import ExpertsMLP, experts_mlp
 from moeray.platform.parallel.weight_grad import SplitLinear, WeightGradStore, split_linear
 from moeray.platform.routing.balance import sequence_balance_loss
 
@@ -205,7 +205,7 @@ def enable_weight_grad_split(
                 raise ValueError("enable_weight_grad_split: experts already switched")
             fp8 = module.linear is fp8_linear
             module.linear = functools.partial(split_linear, store=store, fp8=fp8)
-            module.mlp_fn = functools.partial(
+            module.mlp_fn = ExpertsMLP(
                 experts_mlp,
                 store=store,
                 fp8=fp8,

@@ -88,7 +88,7 @@ def grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
 # to a multiple of 128, as the FP8 ones are (platform/fp8.py says why): cuBLAS picks its kernel by
 # shape, and a kernel first loaded mid-step may need the GPU idle while a posted NCCL receive spins
 # on it, a wait that never ends when the peer is stuck the same way (benchmarks/notes-train.md).
-# Routed experts use these GEMMs only where `experts_mlp.GroupedExperts` does not apply. Padded,
+# Routed experts use these GEMMs only where `grouped_experts.GroupedExperts` does not apply. Padded,
 # the counts take max_rows / 128 values and `PipelineExecutor.rehearse` runs each of them first
 # (`fp8.pad_rows`, `fp8.padded_row_counts`). Zero rows change nothing: extra rows of y and dx are
 # cut off, and they add zero terms to dW. `pad=False` (split linears without a store: a whole
