@@ -726,6 +726,8 @@ def test_routed_experts_write_the_padded_layout_through_the_references(monkeypat
     # the sorted rows through PyTorch's gather (no permute), then the padded layout's P: the
     # bound A + E x 15 = 84 + 16 x 15 = 324 rows rounded down to a multiple of 16
     assert permuted == [320]
+    monkeypatch.setenv("MOERAY_FUSED_MOE_PADFREE", "0")  # the A/B switch: no layout asked for
+    assert ExpertsMLP(experts_mlp).layout(x, torch.tensor([T * K] + [0] * (E - 1)), T * K) is None
     for name, p, q in zip(("out", "dx", "dw", "dadd", "dW1", "dW2"), *got, strict=True):
         if name == "dx":  # the gather's backward adds a token's K rows in bf16, the permute's
             # in fp32 with one rounding (tests/kernels/test_moe_permute.py says more)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
+from moeray.kernels.common import switched_off
 from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
@@ -504,9 +505,13 @@ class ExpertsMLP(functools.partial):
     five launches less per MoE layer and micro-batch: the pad of x and of dy (index_copy_), the
     unpad of y and of the two input-gradient products (index_select). The sum of those two
     products then runs over the layout's P rows instead of A: P - A = 960 more rows at BF16's
-    16-row bound (25,536), 8,064 at FP8's 128-row one (32,640), 11 and 95 MiB of traffic."""
+    16-row bound (25,536), 8,064 at FP8's 128-row one (32,640), 11 and 95 MiB of traffic.
+    MOERAY_FUSED_MOE_PADFREE=0 asks for no layout (the rows then go through PyTorch's gather and
+    the experts pad and unpad them themselves), for an A/B of the two on one machine."""
 
     def layout(self, x_TD: torch.Tensor, counts_E: torch.Tensor, A: int) -> GroupedExperts | None:
+        if switched_off("MOE_PADFREE"):
+            return None
         return experts_layout(x_TD, counts_E, A, **self.keywords)
 
 
