@@ -102,8 +102,10 @@ def test_fused_moe_combine_equals_torch_with_fewer_kernels(monkeypatch, fp8):
     monkeypatch.delenv("MOERAY_FUSED_MOE_COMBINE")
     got = _run(fp8, True, tokens, fused_counts)
     assert got[0] == pytest.approx(want[0], rel=2e-3)
-    # measured on the H200: 2.8% (BF16, the embedding) and 16% (FP8, the router weight)
-    bound = 0.25 if fp8 else 4e-2
+    # measured on the H200: 2.8-4.1% (BF16: the embedding, a LoRA norm weight; rounding placed
+    # differently in a random tiny model, summed over 111 tokens) and 16% (FP8, the router
+    # weight); a wrong row, token or weight is O(1)
+    bound = 0.25 if fp8 else 8e-2
     for name, w in want[1].items():
         assert _rel(got[1][name], w) < bound, name
     k_torch, k_fused = torch_counts["fb"]["gpu_kernels"], fused_counts["fb"]["gpu_kernels"]

@@ -428,7 +428,6 @@ def test_moe_layer_on_the_padded_layout_equals_the_padding_path(monkeypatch, lau
     torch.empty is NaN, so a padding row of x or dy left unwritten would poison the GEMMs'
     sums. Experts without rows
     (between, last) and one of exactly one aligned block (16 BF16, 128 FP8)."""
-    monkeypatch.setenv("MOERAY_MOE_PADFREE", "1")  # asked for only with it (ExpertsMLP)
     import functools
 
     from moeray.kernels import grouped_wgrad

@@ -638,7 +638,6 @@ def test_experts_layout_is_the_one_experts_mlp_plans(monkeypatch):
     none for the per-expert paths, an unaligned layout (the CPU's BF16), no rows, or where
     `device_layout` says no (the real rule on the CPU). experts_mlp refuses x of the wrong row
     count for a layout, and a layout of another alignment than its path's."""
-    monkeypatch.setenv("MOERAY_MOE_PADFREE", "1")  # asked for only with it (ExpertsMLP)
     rows, K = [5, 0, 128, 17, 0], 3
     counts, A = torch.tensor(rows), sum(rows)
     x_TD = torch.randn(A // K, 128)
@@ -684,7 +683,6 @@ def test_routed_experts_write_the_padded_layout_through_the_references(monkeypat
     interpreter) gives the output and gradients of the same experts as a plain partial (sorted
     rows, padded inside), bit for bit: the same ops on the same rows. The interpreted kernels:
     tests/kernels/test_moe_permute.py."""
-    monkeypatch.setenv("MOERAY_MOE_PADFREE", "1")  # asked for only with it (ExpertsMLP)
     import functools
 
     from moeray.platform.model import moe
@@ -728,7 +726,7 @@ def test_routed_experts_write_the_padded_layout_through_the_references(monkeypat
     # the sorted rows through PyTorch's gather (no permute), then the padded layout's P: the
     # bound A + E x 15 = 84 + 16 x 15 = 324 rows rounded down to a multiple of 16
     assert permuted == [320]
-    monkeypatch.setenv("MOERAY_MOE_PADFREE", "0")  # the default: no layout asked for
+    monkeypatch.setenv("MOERAY_FUSED_MOE_PADFREE", "0")  # the A/B switch: no layout
     assert ExpertsMLP(experts_mlp).layout(x, torch.tensor([T * K] + [0] * (E - 1)), T * K) is None
     for name, p, q in zip(("out", "dx", "dw", "dadd", "dW1", "dW2"), *got, strict=True):
         if name == "dx":  # the gather's backward adds a token's K rows in bf16, the permute's
