@@ -161,13 +161,18 @@ def _act_quant_t_kernel(
 
 
 @triton.jit
+def _quant_with_scale(w, s, EXACT: tl.constexpr):
+    """fp32 values -> e4m3 at scale s: w / s rounded to nearest even, clamped to +-448."""
+    y = tl.math.div_rn(w, s)
+    return to_e4m3(tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX), EXACT)
+
+
+@triton.jit
 def _quant_block(w, EXACT: tl.constexpr):
     """One 128x128 block (fp32, zeros outside the matrix) -> (e4m3 values, its scale)."""
     amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), TL_AMAX_FLOOR)
     s = amax / TL_FP8_MAX
-    y = tl.math.div_rn(w, s)
-    y = tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX)
-    return to_e4m3(y, EXACT), s
+    return _quant_with_scale(w, s, EXACT), s
 
 
 @triton.jit
@@ -238,10 +243,9 @@ def _weight_quant_t_kernel(
         mask=mask_kn,
         other=0.0,
     ).to(tl.float32)
-    y_kn = tl.minimum(tl.maximum(tl.math.div_rn(w_kn, s), -TL_FP8_MAX), TL_FP8_MAX)
     tl.store(
         qt_ptr + e * stride_qte + offs_k[:, None] * N + offs_n[None, :],
-        to_e4m3(y_kn, EXACT),
+        _quant_with_scale(w_kn, s, EXACT),
         mask=mask_kn,
     )
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k, s)
