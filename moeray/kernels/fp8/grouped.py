@@ -17,10 +17,13 @@ from moeray.kernels.fp8.gemm import _fp8_gemm_kernel, _gemm_config, fp8_gemm_ref
 
 # One tile config for every grouped GEMM, whatever its row count: `_gemm_config` picks by M, and
 # in training the total rows change every step, so a by-M choice would compile a new variant
-# mid-step, which can stall a multi-GPU step (benchmarks/notes-train.md). 64x128, 3 stages,
-# 4 warps is the sweep's best 64-row tile (benchmarks/notes-kernels.md).
+# mid-step, which can stall a multi-GPU step (benchmarks/notes-train.md). Split-M 128x128 (two
+# 64-row dots of one warpgroup, b read once per 128 rows, 2 CTAs/SM): at Moonlight's MoE layer
+# (49,152 rows over 64 experts, the six forward and input-grad GEMMs) 2.353 ms against 2.461 for
+# the 64x128 tile and 2.741 for 128x128 on 8 warps, 700-750 TFLOP/s (H200,
+# scripts/grouped_gemm_probe.py, benchmarks/results/grouped-gemm-probe-nvidia-h200.json).
 _GROUPED_CONFIG = dict(
-    BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=False, num_warps=4, num_stages=3
+    BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_M=True, num_warps=4, num_stages=3
 )
 
 
