@@ -51,8 +51,8 @@ DEFAULT_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_P=32, GROUP_N=8, num_warps
 INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_P=16, GROUP_N=2, num_warps=4, num_stages=1)
 
 
-# No argument depends on the token count P (the rows live behind ends_ptr, the row strides are the
-# widths N and K): Triton specializes integer arguments on divisibility by 16, and a P-dependent
+# No argument depends on the token count P (the rows live behind ends_ptr, the row strides are
+# widths): Triton specializes integer arguments on divisibility by 16, and a P-dependent
 # one would compile a new variant mid-step whenever the count's divisibility changed
 # (kernels/fp8/kgrouped.py: such a compile is a suspect in a multi-GPU hang). Variants: one per
 # dtype, ACCUMULATE, tile config and divisibility of N and K (fixed per projection).
@@ -64,8 +64,8 @@ def _grouped_wgrad_kernel(
     ends_ptr,
     N,
     K,
-    stride_dyp,  # dy [P, N] row-major: N
-    stride_xp,  # x [P, K] row-major: K
+    stride_dyp,  # dy [P, N] rows: N, or 2N for a half of a [P, 2N] tensor
+    stride_xp,  # x [P, K] rows: K
     stride_ce,
     stride_cn,
     BLOCK_N: tl.constexpr,
@@ -146,7 +146,8 @@ def grouped_wgrad(
     """c [E, N, K] fp32, c[e] = dy[rows of e]^T @ x[rows of e], the rows of expert e being
     [ends[e - 1], ends[e]) (from 0 for e = 0); an expert without rows gets exact zeros.
 
-    dy_PN [P, N] and x_PK [P, K]: bf16 or fp16 (one dtype), contiguous, on one device. ends: int32
+    dy_PN [P, N] and x_PK [P, K]: bf16 or fp16 (one dtype), unit stride along the row (any row
+    stride: e.g. the gate and up halves of one [P, 2I] gradient), on one device. ends: int32
     [E] on that device, nondecreasing, at most P (checked only when on the CPU); any counts, rows
     past ends[-1] are not read. Sums in fp32.
 
@@ -157,8 +158,14 @@ def grouped_wgrad(
 
     `config` (keys CONFIG_KEYS) overrides DEFAULT_CONFIG (the bench's sweep). On CPU tensors
     outside the interpreter it runs `grouped_wgrad_ref`."""
-    check_tensor(dy_PN, "dy_PN", dtypes=DTYPES, ndim=2, contiguous=True)
-    check_tensor(x_PK, "x_PK", dtypes=(dy_PN.dtype,), ndim=2, contiguous=True, device=dy_PN.device)
+    check_tensor(dy_PN, "dy_PN", dtypes=DTYPES, ndim=2)
+    check_tensor(x_PK, "x_PK", dtypes=(dy_PN.dtype,), ndim=2, device=dy_PN.device)
+    for name, t in (("dy_PN", dy_PN), ("x_PK", x_PK)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(
+                f"{name} has strides {t.stride()}: its rows must be contiguous (stride 1 along "
+                "the last dim; any row stride)"
+            )
     check_tensor(ends, "ends", dtypes=(torch.int32,), ndim=1, device=dy_PN.device)
     (p, n), k, e = dy_PN.shape, x_PK.shape[1], ends.shape[0]
     if x_PK.shape[0] != p:
