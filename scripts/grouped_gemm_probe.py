@@ -12,7 +12,7 @@ over 64 experts, D 2048, I 1408), every GEMM of an MoE layer (gate and up apart 
 plus the quantizations each needs, and checks every output against the bf16 one; and
 `weight_quant_t` (the experts' per-step FP8 weights, 30 launches a step) by warps per program
 against a device copy of the same fp32 weight. GPU only:
-    PYTHONPATH=. python3 scripts/grouped_gemm_probe.py [--json PATH] [--only gemm|wquant]
+    PYTHONPATH=. python3 scripts/grouped_gemm_probe.py [--json PATH] [--only gemm|wquant|host]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 import triton
@@ -166,16 +167,54 @@ def probe_weight_quant_t() -> dict:
     return out
 
 
+def probe_host_cost() -> dict:
+    """Host microseconds per call (launch and Python, the GPU kept ahead by tiny shapes) of the
+    FP8 experts' Triton calls against torch's grouped GEMM and an elementwise op."""
+    dev = "cuda"
+    x = torch.randn(256, 256, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(2, 256, 256, device=dev, dtype=torch.bfloat16)
+    offs = torch.tensor([128, 256], device=dev, dtype=torch.int32)
+    xq, xs = k.act_quant(x, scale_col_major=True)
+    wq, ws, _ = k.weight_quant_t(w.float())
+    blocks = torch.tensor([0, 1], device=dev, dtype=torch.int32)
+    calls = {
+        "torch_grouped_mm": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+        "torch_mul": lambda: x * x,
+        "act_quant": lambda: k.act_quant(x, scale_col_major=True),
+        "fp8_gemm_grouped": lambda: k.fp8_gemm_grouped(xq, xs, wq, ws, blocks),
+    }
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        out[name] = (time.perf_counter() - t0) / 500 * 1e6
+        torch.cuda.synchronize()
+    print("host us per call:", json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"))
-    ap.add_argument("--only", choices=("gemm", "wquant"))
+    ap.add_argument("--only", choices=("gemm", "wquant", "host"))
     args = ap.parse_args()
     torch.manual_seed(0)
     wquant = probe_weight_quant_t() if args.only in (None, "wquant") else None
-    if args.only == "wquant":
+    host = probe_host_cost() if args.only in (None, "host") else None
+    if args.only in ("wquant", "host"):
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "weight_quant_t": wquant}, f)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "weight_quant_t": wquant,
+                    "host_us_per_call": host,
+                },
+                f,
+            )
         return
     c = counts()
     shapes = {  # name: (N, K)
@@ -208,6 +247,7 @@ def main() -> None:
                 "rows": rows,
                 "summary": summary,
                 "weight_quant_t": wquant,
+                "host_us_per_call": host,
             },
             f,
         )
