@@ -135,29 +135,47 @@ class WeightCache:
     module: entries of one weight (or one expert's slice of a stacked weight) replace each other."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[int, object]] = {}
+        self._entries: dict[tuple, tuple[tuple[int, ...], object]] = {}
 
     def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
         return self._get(w_NK, QuantizedWeight, "fp8")
 
-    def stacked(self, w_ENK: torch.Tensor) -> StackedWeight:
-        """All experts of a stacked [E, N, K] weight at once (the grouped GEMM's form)."""
+    def stacked(self, w_ENK: torch.Tensor | tuple[torch.Tensor, ...]) -> StackedWeight:
+        """All experts of a stacked [E, N, K] weight at once (the grouped GEMM's form), or of
+        several concatenated along N (a tuple: gate and up as one [E, 2I, K] weight)."""
         return self._get(w_ENK, StackedWeight, "stacked")
 
-    def cast(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def cast(self, w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
         """w in `dtype`: the BF16 grouped experts' operands (`experts_mlp`), which would otherwise
         be cast from the fp32 master weights in every micro-batch's forward and again in its
-        backward (6 bytes of traffic per expert parameter each time)."""
-        return self._get(w, lambda d: d.to(dtype), f"cast-{dtype}")
+        backward (6 bytes of traffic per expert parameter each time). A tuple of [E, N_i, K]
+        weights: their concatenation along N, cast straight into one tensor."""
+        return self._get(w, lambda d: _cast_cat(d, dtype), f"cast-{dtype}")
 
-    def _get(self, w: torch.Tensor, make, kind: str):
-        key = (kind, w.device, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
+    def _get(self, w: torch.Tensor | tuple[torch.Tensor, ...], make, kind: str):
+        ws = w if isinstance(w, tuple) else (w,)
+        key = (kind, *((t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in ws))
+        versions = tuple(t._version for t in ws)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == w._version:
+        if hit is not None and hit[0] == versions:
             return hit[1]
-        q = make(w.detach())
-        self._entries[key] = (w._version, q)
+        q = make(tuple(t.detach() for t in ws) if isinstance(w, tuple) else w.detach())
+        self._entries[key] = (versions, q)
         return q
+
+
+def _cast_cat(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """w in dtype; a tuple of [..., N_i, K] weights concatenated along N in dtype (each cast
+    once, into its slice: no fp32 concatenation)."""
+    if isinstance(w, torch.Tensor):
+        return w.to(dtype)
+    *lead, _, k = w[0].shape
+    out = w[0].new_empty((*lead, sum(t.shape[-2] for t in w), k), dtype=dtype)
+    start = 0
+    for t in w:
+        out[..., start : start + t.shape[-2], :].copy_(t)
+        start += t.shape[-2]
+    return out
 
 
 class StackedWeight:
@@ -167,12 +185,15 @@ class StackedWeight:
     from one `kernels.weight_quant_t` launch. Uses the kernels module on any device (its PyTorch
     references off CUDA)."""
 
-    def __init__(self, w_ENK: torch.Tensor) -> None:
+    def __init__(self, w_ENK: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
         # One launch for all experts, any N (the kernel's third grid axis is the expert): per
         # expert would be E launches and two stacking copies, 1,728 quantizations a step at 9
         # Moonlight MoE layers x 64 experts x 3 projections; W^T as a separate copy would re-read
         # and re-write every e4m3 byte in a strided pass (`float8_copy_kernel`).
-        self.q, self.scale, q_EKN = kernels.weight_quant_t(w_ENK)
+        if isinstance(w_ENK, torch.Tensor):
+            self.q, self.scale, q_EKN = kernels.weight_quant_t(w_ENK)
+        else:
+            self.q, self.scale, q_EKN = _quant_t_cat(w_ENK)
         self._t = (q_EKN, self.scale.transpose(1, 2).contiguous())
 
     @property
@@ -181,6 +202,32 @@ class StackedWeight:
         K-major like every b of the block-scaled GEMMs (FP8 tensor-core MMAs read K-major operands;
         a transposed view would make the kernel transpose every tile)."""
         return self._t
+
+
+def _quant_t_cat(ws: tuple[torch.Tensor, ...]):
+    """weight_quant_t of [E, N_i, K] weights concatenated along N, each written by its own launch
+    into its slice of the outputs (no fp32 concatenation, no copies of the e4m3 bytes). Equal to
+    quantizing the concatenation where every N_i but the last is a multiple of 128 (no 128-row
+    block straddles two): refused otherwise."""
+    e, _, k = ws[0].shape
+    bad = [tuple(w.shape) for w in ws[:-1] if w.shape[1] % FP8_BLOCK]
+    if bad or any(w.dim() != 3 or w.shape[0] != e or w.shape[2] != k for w in ws):
+        raise ValueError(
+            f"weights {[tuple(w.shape) for w in ws]}: expected [E, N_i, K] with one E and K, "
+            f"every N_i but the last a multiple of {FP8_BLOCK}"
+        )
+    n = sum(w.shape[1] for w in ws)
+    dev = ws[0].device
+    q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=dev)
+    s = torch.empty((e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), dtype=torch.float32, device=dev)
+    q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=dev)
+    start = 0
+    for w in ws:
+        rows, b0 = slice(start, start + w.shape[1]), start // FP8_BLOCK
+        blocks = slice(b0, b0 + -(-w.shape[1] // FP8_BLOCK))
+        kernels.weight_quant_t(w, out=(q[:, rows], s[:, blocks], q_t[:, :, rows]))
+        start = rows.stop
+    return q, s, q_t
 
 
 def forward_gemm(x_MK, w_NK, wq: QuantizedWeight | None = None):

@@ -202,6 +202,43 @@ def test_weight_quant_t_strided_inputs():
         assert torch.equal(_bits(q_t), _bits(q.transpose(-2, -1).contiguous()))
 
 
+def _cat_out(e: int, n: int, k: int):
+    return (
+        torch.full((e, n, k), 7.0).to(FP8_DTYPE),
+        torch.full((e, -(-n // 128), -(-k // 128)), -1.0),
+        torch.full((e, k, n), 7.0).to(FP8_DTYPE),
+    )
+
+
+def test_weight_quant_t_into_slices_of_a_concatenation():
+    """Gate and up quantized into the halves of one [E, 2I, K] output (`out`) equal the
+    quantization of their concatenation bit for bit, W^T [E, K, 2I] included: 128-row blocks
+    never straddle the two (I a multiple of 128); K ragged."""
+    g = torch.Generator().manual_seed(11)
+    w1, w3 = (torch.randn(2, 256, 200, generator=g) * c for c in (0.1, 30.0))
+    q, s, q_t = _cat_out(2, 512, 200)
+    for half, w in ((slice(0, 256), w1), (slice(256, 512), w3)):
+        blocks = slice(half.start // 128, half.stop // 128)
+        got = fp8.weight_quant_t(w, out=(q[:, half], s[:, blocks], q_t[:, :, half]))
+        assert got[0].data_ptr() == q[:, half].data_ptr()
+    qr, sr, q_tr = fp8.weight_quant_t(torch.cat([w1, w3], 1))
+    assert torch.equal(q.float(), qr.float()) and torch.equal(s, sr)
+    assert torch.equal(q_t.float(), q_tr.float())
+
+
+def test_weight_quant_t_out_errors():
+    w = torch.randn(2, 256, 128)
+    q, s, q_t = _cat_out(2, 256, 128)
+    with pytest.raises(ValueError, match=r"out q_t has shape \(2, 256, 128\), expected"):
+        fp8.weight_quant_t(w, out=(q, s, q))
+    with pytest.raises(ValueError, match=r"out scale_inv has dtype torch\.float8"):
+        fp8.weight_quant_t(w, out=(q, q, q_t))
+    with pytest.raises(ValueError, match=r"out q has strides .*: its rows must be unit-stride"):
+        fp8.weight_quant_t(w, out=(q.transpose(1, 2).contiguous().transpose(1, 2), s, q_t))
+    with pytest.raises(ValueError, match=r"out needs a stacked w \[E, N, K\]"):
+        fp8.weight_quant_t(w[0], out=(q, s, q_t))
+
+
 def test_weight_quant_t_input_errors():
     with pytest.raises(ValueError, match=r"got shape \(256,\)"):
         fp8.weight_quant_t(torch.randn(256))
@@ -221,7 +258,8 @@ def test_weight_quant_t_compiled_on_gpu(compiled_check):
     # transposed, on outputs over freed NaN memory (an unwritten element shows), at Moonlight's
     # stacked expert shapes (64 x 1408 x 2048 gate/up, 64 x 2048 x 1408 down), V3's kv_a
     # (2112 x 7168) and ragged shapes; then StackedWeight and QuantizedWeight give the transposes
-    # a separate copy would.
+    # a separate copy would, and gate and up quantized into the halves of one weight what their
+    # concatenation gives.
     compiled_check(
         """
 import torch
@@ -249,6 +287,11 @@ qt, st = sw.transposed
 if not (torch.equal(bits(qt), bits(sw.q.transpose(1, 2).contiguous()))
         and torch.equal(st, sw.scale.transpose(1, 2).contiguous())):
     bad.append("StackedWeight")
+w1, w3 = torch.randn(64, 1408, 2048, device="cuda"), torch.randn(64, 1408, 2048, device="cuda") * 9
+pair, whole = StackedWeight((w1, w3)), StackedWeight(torch.cat([w1, w3], 1))
+if not (torch.equal(bits(pair.q), bits(whole.q)) and torch.equal(pair.scale, whole.scale)
+        and torch.equal(bits(pair.transposed[0]), bits(whole.transposed[0]))):
+    bad.append("StackedWeight of gate and up")
 qw = QuantizedWeight(w[1])
 q1, s1 = fp8.weight_quant(w[1])
 if not (torch.equal(bits(qw.q_NK), bits(q1)) and torch.equal(qw.scale, s1)

@@ -173,6 +173,28 @@ def test_weight_cache_reuses_until_the_weight_changes():
     )
 
 
+def test_weight_cache_concatenations_follow_every_part():
+    """Gate and up as one weight: the FP8 stacking (and the bf16 cast) of a tuple equals that of
+    the concatenation, is reused while neither part changes and remade when either does; parts
+    whose N would make a 128-row block straddle two are refused."""
+    cache = fp8.WeightCache()
+    w1, w3 = (torch.nn.Parameter(torch.randn(2, 256, 200) * c) for c in (0.1, 20.0))
+    pair = cache.stacked((w1, w3))
+    whole = fp8.StackedWeight(torch.cat([w1, w3], 1).detach())
+    for got, want in ((pair.q, whole.q), *zip(pair.transposed, whole.transposed, strict=True)):
+        assert torch.equal(got.float(), want.float())
+    assert torch.equal(pair.scale, whole.scale)
+    cast = cache.cast((w1, w3), torch.bfloat16)
+    assert torch.equal(cast, torch.cat([w1, w3], 1).detach().to(torch.bfloat16))
+    assert cache.stacked((w1, w3)) is pair and cache.cast((w1, w3), torch.bfloat16) is cast
+    with torch.no_grad():
+        w3.mul_(2)
+    assert cache.stacked((w1, w3)) is not pair
+    assert not torch.equal(cache.cast((w1, w3), torch.bfloat16), cast)
+    with pytest.raises(ValueError, match=r"every N_i but the last a multiple of 128"):
+        fp8.StackedWeight((torch.randn(2, 200, 128), torch.randn(2, 256, 128)))
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["fp8_train_linear", "split_linear"])
 def test_fp8_layers_quantize_once_per_optimizer_step(monkeypatch, split):
     """FP8TrainLinear and the pipeline's SplitLinear quantize their weight once per optimizer step

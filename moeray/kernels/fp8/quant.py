@@ -210,16 +210,20 @@ def _weight_quant_t_kernel(
     stride_we,
     stride_wn,
     stride_qe,
+    stride_qn,
     stride_se,
     stride_sn,
     stride_qte,
+    stride_qtk,
     BLOCK: tl.constexpr,
     EXACT: tl.constexpr,
 ):
-    # One program: block (pid_n, pid_k) of expert e. q is [E, N, K] and q_t [E, K, N], both
-    # contiguous (row strides K and N). W^T costs a re-read of the block (from L2) and one more
-    # 1-byte store per element, where a separate strided copy re-read and re-wrote every byte:
-    # 42.6 ms a step for `float8_copy_kernel` at Moonlight widths.
+    # One program: block (pid_n, pid_k) of expert e. q is [E, N, K] and q_t [E, K, N], unit
+    # stride along their rows (row strides K and N, or wider where they are slices of the
+    # outputs of a concatenated weight: StackedWeight of gate and up). W^T costs a re-read of the
+    # block (from L2) and one more 1-byte store per element, where a separate strided copy
+    # re-read and re-wrote every byte: 42.6 ms a step for `float8_copy_kernel` at Moonlight
+    # widths.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)  # e * E-stride passes 2^31 at V3 scale (256 x 2048 x 7168)
@@ -232,7 +236,9 @@ def _weight_quant_t_kernel(
         other=0.0,
     )
     q_nk, s = _quant_block(w.to(tl.float32), EXACT)
-    tl.store(q_ptr + e * stride_qe + offs_n[:, None] * K + offs_k[None, :], q_nk, mask=mask_nk)
+    tl.store(
+        q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :], q_nk, mask=mask_nk
+    )
     # W^T's tile: the same block read again transposed (from L2: this program just read it) and
     # quantized with the same scale, elementwise, so its bits equal q's. Not tl.trans of the
     # e4m3 tile: compiled for an fp32 input on the H200 (Triton 3.6) that wrote wrong values
@@ -244,7 +250,7 @@ def _weight_quant_t_kernel(
         other=0.0,
     ).to(tl.float32)
     tl.store(
-        qt_ptr + e * stride_qte + offs_k[:, None] * N + offs_n[None, :],
+        qt_ptr + e * stride_qte + offs_k[:, None] * stride_qtk + offs_n[None, :],
         _quant_with_scale(w_kn, s, EXACT),
         mask=mask_kn,
     )
@@ -398,7 +404,10 @@ MAX_GRID_Z = 65535
 
 
 def weight_quant_t(
-    w: torch.Tensor, block: int = 128
+    w: torch.Tensor,
+    block: int = 128,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight_quant and W^T from one launch, for the forward and input-grad GEMMs of training.
 
@@ -407,13 +416,26 @@ def weight_quant_t(
     each expert quantized on its own (blocks never straddle two experts, any N). q_t equals
     q.t().contiguous() (per expert) bit for bit; W^T's scales are scale_inv transposed (a 128x128
     block transposes into one block), left to the caller.
+
+    `out` (stacked w only): (q, scale_inv, q_t) to write into and return, of those shapes and
+    dtypes with unit stride along their rows, e.g. slices of the outputs of a weight concatenated
+    from several along N (the Triton path; the reference path copies into them).
     """
     _check_block(block)
     check_tensor(w, "w", dtypes=FLOAT_IN)
     if w.dim() not in (2, 3) or 0 in w.shape:
         raise ValueError(f"w must be a non-empty [N, K] or [E, N, K], got shape {tuple(w.shape)}")
+    if out is not None and w.dim() != 3:
+        raise ValueError(f"out needs a stacked w [E, N, K], got shape {tuple(w.shape)}")
     if not use_triton(w):
-        return weight_quant_t_ref(w, block)
+        got = weight_quant_t_ref(w, block)
+        if out is None:
+            return got
+        e, n, k = w.shape
+        dst = _check_quant_t_out(out, e, n, k, block, w.device)
+        for d, g in zip(dst, got, strict=True):
+            d.copy_(g)
+        return dst
     w_ENK = w if w.dim() == 3 else w.unsqueeze(0)
     if w_ENK.stride(-1) != 1:
         w_ENK = w_ENK.contiguous()
@@ -425,9 +447,12 @@ def weight_quant_t(
             f"w has N={n}, K={k}, row stride {w_ENK.stride(1)}: offsets within one matrix are "
             "int32, so N * max(K, row stride) must be < 2^31"
         )
-    q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=w.device)
-    q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty((e, cdiv(n, block), cdiv(k, block)), dtype=torch.float32, device=w.device)
+    if out is not None:
+        q, s, q_t = _check_quant_t_out(out, e, n, k, block, w.device)
+    else:
+        q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=w.device)
+        q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=w.device)
+        s = torch.empty((e, cdiv(n, block), cdiv(k, block)), dtype=torch.float32, device=w.device)
     _weight_quant_t_kernel[(s.shape[1], s.shape[2], e)](
         w_ENK,
         q,
@@ -438,16 +463,36 @@ def weight_quant_t(
         w_ENK.stride(0),
         w_ENK.stride(1),
         q.stride(0),
+        q.stride(1),
         s.stride(0),
         s.stride(1),
         q_t.stride(0),
+        q_t.stride(1),
         BLOCK=block,
         EXACT=interpreting(),
-        num_warps=8,
+        # 16 warps (32 fp32 values a thread per load): 0.362 ms for Moonlight's stacked gate
+        # weight [64, 1408, 2048] against 0.418 with 8 and 0.555 with 4, a device copy of the
+        # fp32 weight 0.352 (H200, scripts/grouped_gemm_probe.py --only wquant; bits equal).
+        num_warps=16,
     )
     if w.dim() == 2:
         return q[0], s[0], q_t[0]
     return q, s, q_t
+
+
+def _check_quant_t_out(out, e: int, n: int, k: int, block: int, device: torch.device):
+    """weight_quant_t's `out` checked: (q [E, N, K] e4m3, scale_inv [E, NB, KB] fp32,
+    q_t [E, K, N] e4m3) on w's device, each with unit stride along its rows."""
+    shapes = ((e, n, k), (e, cdiv(n, block), cdiv(k, block)), (e, k, n))
+    names, dtypes = ("q", "scale_inv", "q_t"), (FP8_DTYPE, torch.float32, FP8_DTYPE)
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise ValueError(f"out must be (q, scale_inv, q_t), got {type(out).__name__}")
+    for t, name, shape, dtype in zip(out, names, shapes, dtypes, strict=True):
+        check_tensor(t, f"out {name}", dtypes=(dtype,), ndim=3, device=device)
+        check_shape(t, f"out {name}", shape)
+        if t.stride(2) != 1 and t.shape[2] > 1:
+            raise ValueError(f"out {name} has strides {t.stride()}: its rows must be unit-stride")
+    return tuple(out)
 
 
 def weight_dequant(
