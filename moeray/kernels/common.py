@@ -1,7 +1,8 @@
 """Shared pieces of the kernels: the FP8 format's constants (their one definition: the model's
 checkpoint quantization and the FP8 training emulation import them from here), input checks with
-clear errors, interpreter detection, and the e4m3 and bf16 rounding helpers that keep Triton's CPU
-interpreter exact.
+clear errors, interpreter detection, the e4m3 and bf16 rounding helpers that keep Triton's CPU
+interpreter exact, and the exp and silu that PyTorch's CUDA kernels compute (`neg_exp`, `silu_rn`,
+`swiglu_rn`: the inference and the training SwiGLU kernels share them).
 
 Imports torch and triton only; never touches CUDA at import time.
 """
@@ -14,6 +15,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - every supported Triton (3.x) has it
+    libdevice = None
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value; scale = amax / 448 (DeepSeek-V3 recipe)
@@ -47,6 +53,12 @@ def switched_off(name: str) -> bool:
     """Whether MOERAY_FUSED_<name>=0 is set: the A/B switch that keeps a fused kernel's PyTorch
     reference (the engine bench records each switch)."""
     return os.environ.get(f"MOERAY_FUSED_{name}", "1") == "0"
+
+
+def precise_exp() -> bool:
+    """The PRECISE argument of kernels calling `neg_exp`: libdevice's expf, compiled on the GPU;
+    the interpreter's numpy exp under TRITON_INTERPRET=1."""
+    return not interpreting() and libdevice is not None
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -125,6 +137,34 @@ def to_dtype_rn(x, dtype: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def neg_exp(x, PRECISE: tl.constexpr):
+    """exp(-x) of fp32 x. PRECISE: libdevice's expf, what PyTorch's CUDA kernels call (Triton's
+    own tl.exp is ex2.approx, a few ulp off); else tl.exp, numpy's exp under the interpreter (up
+    to an ulp from torch's CPU exp)."""
+    if PRECISE:
+        e = libdevice.exp(-x)
+    else:
+        e = tl.exp(-x)
+    return e
+
+
+@triton.jit
+def silu_rn(x, e, dtype: tl.constexpr):
+    """silu(x) = x / (1 + e) with e = neg_exp(x) (fp32, IEEE division), rounded to `dtype`:
+    PyTorch's CUDA silu."""
+    return to_dtype_rn(tl.math.div_rn(x, 1.0 + e), dtype)
+
+
+@triton.jit
+def swiglu_rn(g, u, PRECISE: tl.constexpr):
+    """silu(g) * u as PyTorch's CUDA kernels compute it: silu in fp32 rounded to g's dtype, then
+    that times u in fp32, rounded again."""
+    gf = g.to(tl.float32)
+    act = silu_rn(gf, neg_exp(gf, PRECISE), g.dtype)
+    return to_dtype_rn(act.to(tl.float32) * u.to(tl.float32), g.dtype)
 
 
 def check_gradient_out(

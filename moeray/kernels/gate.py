@@ -36,12 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, switched_off, use_triton
-
-try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - every supported Triton (3.x) has it
-    libdevice = None
+from moeray.kernels.common import (
+    cdiv,
+    check_tensor,
+    neg_exp,
+    precise_exp,
+    switched_off,
+    use_triton,
+)
 
 # One row's padded tile GP * PGP is held in registers; V3's 256 experts in 8 groups of 32 is 256
 # cells, and a 256-wide group tile (n_group=1) is the widest case tested.
@@ -165,10 +167,7 @@ def _moe_gate_kernel(
     x = tl.load(logits_ptr + r64[:, None, None] * stride_lt + col, mask=mask, other=0.0).to(
         tl.float32
     )
-    if PRECISE:
-        e = libdevice.exp(-x)
-    else:
-        e = tl.exp(-x)
+    e = neg_exp(x, PRECISE)
     s = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e)
     tl.store(scores_ptr + r64[:, None, None] * E + col, s, mask=mask)
     b = s
@@ -335,7 +334,7 @@ def moe_gate(
         HAS_BIAS=bias_E is not None,
         NORM=bool(norm_topk_prob) and top_k > 1,
         ATOMIC_COUNTS=atomic,
-        PRECISE=not interpreting() and libdevice is not None,
+        PRECISE=precise_exp(),
         num_warps=num_warps,
     )
     return Routing(ids_TK, weights_TK, counts_E, scores_TE)

@@ -7,10 +7,11 @@ Legend: T rows (tokens), I features (the MLP's width).
 Why: PyTorch runs silu and the multiply as two kernels, each ~2 us at decode batch sizes for a few
 KB; one per dense layer and shared expert, 27 launches per Moonlight decode step.
 
-Numerics follow PyTorch's CUDA kernels step for step: silu = x / (1 + exp(-x)) in fp32 with
-libdevice's expf and an IEEE division, rounded to the input dtype, then that times `up` in fp32,
-rounded again; so on the GPU the result equals `swiglu_ref` bit for bit. Under the interpreter the
-exp is numpy's, which can differ from torch's CPU exp by an ulp.
+Numerics follow PyTorch's CUDA kernels step for step (`swiglu_rn` in kernels/common.py, shared with
+the training kernels of kernels/swiglu_train.py): silu = x / (1 + exp(-x)) in fp32 with libdevice's
+expf and an IEEE division, rounded to the input dtype, then that times `up` in fp32, rounded again;
+so on the GPU the result equals `swiglu_ref` bit for bit. Under the interpreter the exp is numpy's,
+which can differ from torch's CPU exp by an ulp.
 """
 
 from __future__ import annotations
@@ -20,12 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, interpreting, switched_off, to_dtype_rn, use_triton
-
-try:  # the GPU path's precise expf; the interpreter cannot call libdevice and never reaches it
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - every supported Triton (3.x) has it
-    libdevice = None
+from moeray.kernels.common import check_tensor, precise_exp, swiglu_rn, switched_off, use_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
@@ -45,14 +41,7 @@ def _swiglu_kernel(
     ok = offs < width
     g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    if PRECISE:
-        e = libdevice.exp(-gf)
-    else:
-        e = tl.exp(-gf)
-    act = to_dtype_rn(tl.math.div_rn(gf, 1.0 + e), g.dtype)
-    y = to_dtype_rn(act.to(tl.float32) * u.to(tl.float32), g.dtype)
-    tl.store(y_ptr + row * width + offs, y, mask=ok)
+    tl.store(y_ptr + row * width + offs, swiglu_rn(g, u, PRECISE), mask=ok)
 
 
 def swiglu_applies(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> bool:
@@ -95,7 +84,7 @@ def swiglu(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
             g.stride(0),
             u.stride(0),
             BLOCK=block,
-            PRECISE=not interpreting() and libdevice is not None,
+            PRECISE=precise_exp(),
             num_warps=4,
         )
     return y

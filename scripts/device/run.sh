@@ -16,6 +16,7 @@
 #   adamw              fused AdamW (bf16/fp32 moments) GPU check + bench vs torch fused AdamW and the loop (1 GPU, ~3 min)
 #   rope-train         training RoPE (autograd) compiled checks + bench vs autograd through rope_ref (1 GPU, ~2 min)
 #   moe-permute        training MoE permute/combine (autograd) compiled check + bench vs Experts._routed's torch ops (1 GPU, ~2 min)
+#   swiglu-train       training SwiGLU fwd/bwd (+ FP8 quant) compiled check + bench vs torch ops + act_quant (1 GPU, ~5 min)
 #   engine             `moeray bench engine` (graphs, MTP, HF baseline) (1 GPU)
 #   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
 #   engine-shapes      `moeray bench engine` at Moonlight and V3-width shapes, bf16 and FP8 (1 GPU)
@@ -30,7 +31,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

@@ -32,10 +32,10 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
     # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW, the
-    # training RoPE and the MoE permute/combine.
+    # training RoPE, the MoE permute/combine and the training SwiGLU.
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
-    later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train"}
+    later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train", "swiglu_train"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
@@ -193,3 +193,14 @@ def test_moe_permute_train_rows_become_records():
     assert rec["kernel"] == "moe_combine fwd+bwd (autograd)"
     assert rec["shape"] == "T4096 K6 D2048 E64 bfloat16"
     assert rec["time_us"] == 100.0 and rec["ratio_to_baseline"] == 9.0
+
+
+def test_swiglu_train_rows_become_records():
+    row = {"kernel": "bwd_quant", "P": 52864, "I": 1408, "dtype": "bfloat16"}
+    row.update(fused_ms=0.2, frac_copy_bw=0.8, speedup=3.5, baseline="PyTorch's ops + act_quant")
+    (rec,) = flat_results({"ceilings": {}, "swiglu_train": [row]})
+    assert KEYS <= rec.keys()
+    assert rec["kernel"] == "swiglu_train bwd_quant"
+    assert rec["shape"] == "P52864 I1408 bfloat16"
+    assert rec["time_us"] == 200.0 and rec["ratio_to_baseline"] == 3.5
+    assert rec["ratio_to_ceiling"] == 0.8 and rec["baseline"] == "PyTorch's ops + act_quant"

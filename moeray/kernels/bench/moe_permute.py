@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moeray.kernels.bench.common import _bench
+from moeray.kernels.bench.common import _bench, _rec
 from moeray.kernels.bench.norm import _cuda_kernels
 from moeray.kernels.moe_permute import moe_combine, moe_combine_ref, moe_permute, moe_positions
 
@@ -224,3 +224,20 @@ def print_moe_permute_train(rows: list[dict]) -> None:
             f"{r['fused_kernels_bwd']}; {r['saved_ms_per_step']} ms a step saved; "
             f"bit== {r['bit_equal_fwd']}"
         )
+
+
+def moe_permute_records(rows: list[dict]) -> list[dict]:
+    """The flat `results` records (runner.flat_results): each row's fused forward+backward against
+    its baseline."""
+    return [
+        _rec(
+            f"moe_{r['kernel']} fwd+bwd (autograd)",
+            f"T{r['T']} K{r['K']} D{r['D']} E{r['E']} {r['dtype']}",
+            r["fused_fwd_bwd_ms"],
+            r["frac_copy_bw"],
+            "copy bandwidth",
+            r.get("baseline", "autograd through Experts._routed's PyTorch ops"),
+            r["speedup_fwd_bwd"],
+        )
+        for r in rows
+    ]

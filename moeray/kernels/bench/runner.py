@@ -49,9 +49,14 @@ from moeray.kernels.bench.mla import (
     sweep_mla_decode,
 )
 from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
-from moeray.kernels.bench.moe_permute import bench_moe_permute_train, print_moe_permute_train
+from moeray.kernels.bench.moe_permute import (
+    bench_moe_permute_train,
+    moe_permute_records,
+    print_moe_permute_train,
+)
 from moeray.kernels.bench.norm import bench_norm_train, print_norm_train
 from moeray.kernels.bench.rope import bench_rope_train, print_rope_train
+from moeray.kernels.bench.swiglu_train import bench_swiglu_train, print_swiglu_train, swiglu_records
 from moeray.results import device_slug, write_result
 
 
@@ -115,6 +120,7 @@ def _print_table(result: dict) -> None:
     print_norm_train(result.get("norm_train", []))
     print_rope_train(result.get("rope_train", []))
     print_moe_permute_train(result.get("moe_permute_train", []))
+    print_swiglu_train(result.get("swiglu_train", []))
     print_cross_entropy(result.get("cross_entropy", []))
     print_adamw(result.get("adamw", []))
     for r in result.get("mla_decode_graph", []):
@@ -431,18 +437,8 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_fwd_bwd"],
             )
         )
-    for r in result.get("moe_permute_train", []):
-        out.append(
-            _rec(
-                f"moe_{r['kernel']} fwd+bwd (autograd)",
-                f"T{r['T']} K{r['K']} D{r['D']} E{r['E']} {r['dtype']}",
-                r["fused_fwd_bwd_ms"],
-                r["frac_copy_bw"],
-                "copy bandwidth",
-                r.get("baseline", "autograd through Experts._routed's PyTorch ops"),
-                r["speedup_fwd_bwd"],
-            )
-        )
+    out.extend(moe_permute_records(result.get("moe_permute_train", [])))
+    out.extend(swiglu_records(result.get("swiglu_train", [])))
     for r in result.get("cross_entropy", []):
         out.append(
             _rec(
@@ -491,6 +487,7 @@ SECTIONS = (
     "norm_train",
     "rope_train",
     "moe_permute_train",
+    "swiglu_train",
     "cross_entropy",
     "adamw",
 )
@@ -556,6 +553,7 @@ def main(argv: list[str]) -> int:
         ("norm_train", lambda: bench_norm_train(result["ceilings"])),
         ("rope_train", lambda: bench_rope_train(result["ceilings"])),
         ("moe_permute_train", lambda: bench_moe_permute_train(result["ceilings"])),
+        ("swiglu_train", lambda: bench_swiglu_train(result["ceilings"])),
         ("cross_entropy", lambda: bench_cross_entropy(result["ceilings"])),
         ("adamw", lambda: bench_adamw(result["ceilings"])),
     ]

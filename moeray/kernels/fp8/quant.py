@@ -121,12 +121,8 @@ def _act_quant_kernel(
     offs_k = g * GROUP + tl.arange(0, GROUP)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), TL_AMAX_FLOOR)
-    s = amax / TL_FP8_MAX
-    y = tl.math.div_rn(x, s[:, None])
-    y = tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX)
-    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], to_e4m3(y, EXACT), mask=mask)
+    q, s = quant_rows(x.to(tl.float32), EXACT)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + g * stride_sk, s, mask=offs_m < M)
 
 
@@ -165,6 +161,16 @@ def _quant_with_scale(w, s, EXACT: tl.constexpr):
     """fp32 values -> e4m3 at scale s: w / s rounded to nearest even, clamped to +-448."""
     y = tl.math.div_rn(w, s)
     return to_e4m3(tl.minimum(tl.maximum(y, -TL_FP8_MAX), TL_FP8_MAX), EXACT)
+
+
+@triton.jit
+def quant_rows(x, EXACT: tl.constexpr):
+    """1x128 groups: a [rows, 128] tile (fp32, zeros outside the tensor) -> (e4m3 values, one
+    scale per row). act_quant's math, also called by the kernels that quantize their own output
+    (kernels/swiglu_train.py), so their bits are act_quant's."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), TL_AMAX_FLOOR)
+    s = amax / TL_FP8_MAX
+    return _quant_with_scale(x, s[:, None], EXACT), s
 
 
 @triton.jit

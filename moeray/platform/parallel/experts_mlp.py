@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.kernels import fp8 as k
+from moeray.kernels import swiglu_train as sw
 from moeray.kernels.common import switched_off
 from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
 from moeray.platform import fp8 as f8
@@ -44,11 +45,17 @@ def _cast(w: torch.Tensor, dtype: torch.dtype, cache) -> torch.Tensor:
     return w.to(dtype) if cache is None else cache.cast(w, dtype)
 
 
-def _swiglu_backward(
-    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of h = silu(g) * u."""
-    return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+def _swiglu_fwd(g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant: bool = False):
+    """The grouped paths' h = silu(g) * u, with quant also act_quant(h, scale_col_major=True): one
+    launch where `use_fused_swiglu_train` allows (CUDA; MOERAY_FUSED_SWIGLU_TRAIN=0: PyTorch's)."""
+    fused = sw.use_fused_swiglu_train(g_PI, u_PI)
+    return (sw.swiglu_fwd if fused else sw.swiglu_fwd_ref)(g_PI, u_PI, quant=quant)
+
+
+def _swiglu_bwd(dh_PI: torch.Tensor, g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant=False):
+    """(dg, du) of `_swiglu_fwd`'s h, with quant also each one's act_quant, chosen as there."""
+    fused = sw.use_fused_swiglu_train(dh_PI, g_PI, u_PI)
+    return (sw.swiglu_bwd if fused else sw.swiglu_bwd_ref)(dh_PI, g_PI, u_PI, quant=quant)
 
 
 class _ExpertsMLPFn(torch.autograd.Function):
@@ -120,7 +127,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
                 x_PD = x_AD.to(act) if ctx.padded else grp.pad(x_AD.to(act))
                 g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
                 u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
-                h_PI = F.silu(g_PI) * u_PI
+                h_PI = _swiglu_fwd(g_PI, u_PI)
                 y_PD = grp.mm(h_PI, w2.transpose(-2, -1))
                 y_AD = y_PD if ctx.padded else grp.unpad(y_PD)
             ctx.grp = grp
@@ -161,7 +168,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
         _, dgrad, wgrad = linear_gemms(ctx.fp8, ctx.cast, ctx.cache)
         with torch.autocast(dy_AD.device.type, enabled=False):
             dh_AI = _per_expert(dgrad, dy_AD, w2, rows, h_AI.dtype, w2.shape[2])
-            dg_AI, du_AI = _swiglu_backward(dh_AI, g_AI, u_AI)
+            dg_AI, du_AI = sw.swiglu_bwd_ref(dh_AI, g_AI, u_AI)
             dx_AD = _per_expert(dgrad, dg_AI, w1, rows, x_AD.dtype, w1.shape[2]) + _per_expert(
                 dgrad, du_AI, w3, rows, x_AD.dtype, w3.shape[2]
             )
@@ -199,7 +206,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
             # padded: dy_PD as the combine's backward wrote it, zeros outside the tokens' rows
             dy_PD = dy_AD.to(act) if ctx.padded else grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
-            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
+            dg_PI, du_PI = _swiglu_bwd(dh_PI, g_PI, u_PI)
             dx_AD = _sum_unpadded(ctx, grp, grp.mm(dg_PI, w1c), grp.mm(du_PI, w3c))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
@@ -223,8 +230,9 @@ class _GroupedFP8:
     (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
     quantization (or, with `kgrouped_wgrad`, one k-grouped launch per projection over the same
     quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
-    micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped), where the per-expert path makes
-    ~29 E.
+    micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped) with PyTorch's SwiGLU, 2 and 5
+    fewer fused (`_swiglu_fwd`: silu, multiply, act_quant of h; `_swiglu_bwd`: 4 ops and 2
+    act_quant), where the per-expert path makes ~29 E.
 
     Rows as a device tensor (`GroupedExperts.device_layout`: k-grouped or bf16 weight gradients)
     give the layout planned on the device: P a bound, the blocks past the last expert's end of
@@ -249,8 +257,7 @@ class _GroupedFP8:
         # rows: every op is row-wise (1x128 groups) or per block (act_quant_t's 128x1 groups:
         # experts start 128-aligned, the tail at the last padded end, and P % 128 == 0), and
         # no sum spans more than an expert's rows (fp8_gemm_kgrouped: [offs[e - 1], offs[e])).
-        h_PI = F.silu(g_PI) * u_PI
-        hq, hs = k.act_quant(h_PI, scale_col_major=True)
+        h_PI, hq, hs = _swiglu_fwd(g_PI, u_PI, quant=True)
         y_PD = k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)
         y_AD = (y_PD if ctx.padded else grp.unpad(y_PD)).to(act)
         ctx.grp, ctx.blocks = grp, blocks
@@ -262,17 +269,17 @@ class _GroupedFP8:
         x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
         grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
 
-        def input_grad(d_PN, s):  # d @ W per expert, with W^T stored K-major
-            dq, ds = k.act_quant(d_PN, scale_col_major=True)
-            return k.fp8_gemm_grouped(dq, ds, *s.transposed, blocks)
+        def input_grad(d_q, s):  # d @ W per expert from d's 1x128 quantization, W^T K-major
+            return k.fp8_gemm_grouped(*d_q, *s.transposed, blocks)
 
         with torch.autocast(dy_AD.device.type, enabled=False):
             s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
             dy_bf16 = dy_AD.to(torch.bfloat16)
             dy_PD = dy_bf16 if ctx.padded else grp.pad(dy_bf16)
-            dh_PI = input_grad(dy_PD, s2)
-            dg_PI, du_PI = _swiglu_backward(dh_PI, g_PI, u_PI)
-            dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_PI, s1), input_grad(du_PI, s3))
+            dh_PI = input_grad(k.act_quant(dy_PD, scale_col_major=True), s2)
+            # dg and du come with their quantizations, made in the same pass
+            dg_PI, du_PI, dg_q, du_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True)
+            dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_q, s1), input_grad(du_q, s3))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
