@@ -80,12 +80,21 @@ def swiglu_fwd_ref(
 
 
 def swiglu_bwd_ref(
-    dh_PI: torch.Tensor, g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant: bool = False
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, Quantized, Quantized]:
+    dh_PI: torch.Tensor,
+    g_PI: torch.Tensor,
+    u_PI: torch.Tensor,
+    *,
+    quant: bool = False,
+    cat: bool = False,
+):
     """(dg, du) of h = silu(g) * u by PyTorch's ops; with quant also act_quant(scale_col_major=True)
-    of each: (dg, du, (dgq, dgs), (duq, dus))."""
+    of each: (dg, du, (dgq, dgs), (duq, dus)). cat: [dg, du] as one [P, 2I] tensor, with quant
+    (dgu, act_quant(dgu, scale_col_major=True))."""
     dg_PI = torch.ops.aten.silu_backward(dh_PI * u_PI, g_PI)
     du_PI = dh_PI * F.silu(g_PI)
+    if cat:
+        dgu_P2I = torch.cat([dg_PI, du_PI], 1)
+        return (dgu_P2I, act_quant(dgu_P2I, scale_col_major=True)) if quant else dgu_P2I
     if not quant:
         return dg_PI, du_PI
     return (
@@ -106,12 +115,12 @@ def _tile(P, width, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _store_quant(x, q_ptr, s_ptr, rows, cols, mask, P, width, stride_sk, EXACT: tl.constexpr):
+def _store_quant(x, q_ptr, s_ptr, rows, cols, mask, P, stride_o, stride_sk, EXACT: tl.constexpr):
     """act_quant of this tile of x (zeros outside the tensor, so the amax is the group's): e4m3 at
-    [rows, cols] of a contiguous [P, I], the scales at [rows, group] of a [P, KB] view with
-    strides (1, stride_sk)."""
+    [rows, cols] of a [P, I] with row stride stride_o, the scales at [rows, group] of a [P, KB]
+    view with strides (1, stride_sk)."""
     q, s = quant_rows(x.to(tl.float32), EXACT)
-    tl.store(q_ptr + rows[:, None] * width + cols[None, :], q, mask=mask)
+    tl.store(q_ptr + rows[:, None] * stride_o + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows + tl.program_id(1).to(tl.int64) * stride_sk, s, mask=rows < P)
 
 
@@ -158,6 +167,7 @@ def _swiglu_bwd_kernel(
     stride_dh,
     stride_g,
     stride_u,
+    stride_o,  # the outputs' row stride: I, or 2I with dg and du side by side (`cat`)
     stride_sk,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
@@ -177,12 +187,12 @@ def _swiglu_bwd_kernel(
     s = tl.math.div_rn(tl.full(gf.shape, 1.0, tl.float32), 1.0 + e)
     dg = to_dtype_rn(dhu * s * tl.fma(gf, 1.0 - s, 1.0), g.dtype)
     du = to_dtype_rn(dh.to(tl.float32) * silu_rn(gf, e, g.dtype).to(tl.float32), g.dtype)
-    out = rows[:, None] * width + cols[None, :]
+    out = rows[:, None] * stride_o + cols[None, :]
     tl.store(dg_ptr + out, dg, mask=mask)
     tl.store(du_ptr + out, du, mask=mask)
     if QUANT:
-        _store_quant(dg, dgq_ptr, dgs_ptr, rows, cols, mask, P, width, stride_sk, EXACT)
-        _store_quant(du, duq_ptr, dus_ptr, rows, cols, mask, P, width, stride_sk, EXACT)
+        _store_quant(dg, dgq_ptr, dgs_ptr, rows, cols, mask, P, stride_o, stride_sk, EXACT)
+        _store_quant(du, duq_ptr, dus_ptr, rows, cols, mask, P, stride_o, stride_sk, EXACT)
 
 
 def swiglu_train_applies(*tensors: torch.Tensor) -> bool:
@@ -298,21 +308,38 @@ def swiglu_bwd(
     u_PI: torch.Tensor,
     *,
     quant: bool = False,
+    cat: bool = False,
     block_m: int = BLOCK_M,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, Quantized, Quantized]:
+):
     """`swiglu_bwd_ref` in one launch: (dg, du), new contiguous [P, I] in g's dtype, or with quant
     (dg, du, (dgq, dgs), (duq, dus)), each pair act_quant(scale_col_major=True) of the returned
     tensor bit for bit. dh, g and u: [P, I] of one dtype, unit stride along I, any row stride.
-    block_m as `swiglu_fwd`. No autograd; no host sync. On CPU without the interpreter it is
-    `swiglu_bwd_ref`."""
+
+    cat: dg and du written side by side into one new [P, 2I] tensor (the input-grad GEMM of gate
+    and up concatenated into one weight), returned as that tensor, or with quant as (dgu, (q, s)),
+    q [P, 2I] e4m3 and s [P, 2 KB] (strides (1, P)): act_quant of dgu bit for bit, which needs I
+    to be a multiple of 128 (no group straddles dg and du). block_m as `swiglu_fwd`. No
+    autograd; no host sync. On CPU without the interpreter it is `swiglu_bwd_ref`."""
     P, width = _check(dh=dh_PI, g=g_PI, u=u_PI)
     _check_block_m(block_m)
+    if cat and quant and width % FP8_BLOCK:
+        raise ValueError(
+            f"cat with quant needs I a multiple of {FP8_BLOCK} (a 1x128 group of [dg, du] would "
+            f"straddle the two), got I={width}"
+        )
     if not use_triton(g_PI):
-        return swiglu_bwd_ref(dh_PI, g_PI, u_PI, quant=quant)
-    dg = torch.empty((P, width), dtype=g_PI.dtype, device=g_PI.device)
-    du = torch.empty_like(dg)
-    dgq, dgs = _quant_out(P, width, g_PI.device) if quant else (dg, dg)
-    duq, dus = _quant_out(P, width, g_PI.device) if quant else (du, du)
+        return swiglu_bwd_ref(dh_PI, g_PI, u_PI, quant=quant, cat=cat)
+    if cat:
+        dgu = torch.empty((P, 2 * width), dtype=g_PI.dtype, device=g_PI.device)
+        dg, du = dgu[:, :width], dgu[:, width:]
+        q, s = _quant_out(P, 2 * width, g_PI.device) if quant else (dgu, dgu)
+        kb = cdiv(width, FP8_BLOCK)
+        dgq, dgs, duq, dus = q[:, :width], s[:, :kb], q[:, width:], s[:, kb:]
+    else:
+        dg = torch.empty((P, width), dtype=g_PI.dtype, device=g_PI.device)
+        du = torch.empty_like(dg)
+        dgq, dgs = _quant_out(P, width, g_PI.device) if quant else (dg, dg)
+        duq, dus = _quant_out(P, width, g_PI.device) if quant else (du, du)
     if P:
         _swiglu_bwd_kernel[(cdiv(P, block_m), cdiv(width, FP8_BLOCK))](
             dh_PI,
@@ -329,6 +356,7 @@ def swiglu_bwd(
             dh_PI.stride(0),
             g_PI.stride(0),
             u_PI.stride(0),
+            dg.stride(0),
             dgs.stride(1),
             BLOCK_M=block_m,
             GROUP=FP8_BLOCK,
@@ -337,4 +365,6 @@ def swiglu_bwd(
             EXACT=interpreting(),
             num_warps=_warps(block_m),
         )
+    if cat:
+        return (dgu, (q, s)) if quant else dgu
     return (dg, du, (dgq, dgs), (duq, dus)) if quant else (dg, du)

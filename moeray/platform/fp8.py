@@ -150,7 +150,7 @@ class WeightCache:
         be cast from the fp32 master weights in every micro-batch's forward and again in its
         backward (6 bytes of traffic per expert parameter each time). A tuple of [E, N_i, K]
         weights: their concatenation along N, cast straight into one tensor."""
-        return self._get(w, lambda d: _cast_cat(d, dtype), f"cast-{dtype}")
+        return self._get(w, lambda d: cast_cat(d, dtype), f"cast-{dtype}")
 
     def _get(self, w: torch.Tensor | tuple[torch.Tensor, ...], make, kind: str):
         ws = w if isinstance(w, tuple) else (w,)
@@ -164,7 +164,7 @@ class WeightCache:
         return q
 
 
-def _cast_cat(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+def cast_cat(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """w in dtype; a tuple of [..., N_i, K] weights concatenated along N in dtype (each cast
     once, into its slice: no fp32 concatenation)."""
     if isinstance(w, torch.Tensor):

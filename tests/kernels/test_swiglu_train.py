@@ -153,6 +153,24 @@ def test_swiglu_bwd(dtype, P, width):
     _assert_quant_of(duq, du, "du")
 
 
+@pytest.mark.parametrize(("P", "width"), [(0, 128), (37, 128), (130, 256), (37, 96)])
+def test_swiglu_bwd_side_by_side(P, width):
+    """cat: dg and du in one [P, 2I] tensor and its act_quant, for the input-grad GEMM of gate
+    and up as one weight: the same bits as the separate outputs, side by side."""
+    dh, g, u = _inputs(P, width, torch.bfloat16, seed=P + width)
+    dg, du = swiglu_bwd(dh, g, u)
+    dgu = swiglu_bwd(dh, g, u, cat=True)
+    assert dgu.shape == (P, 2 * width) and dgu.is_contiguous()
+    _assert_bits(dgu, torch.cat([dg, du], 1), "dgu")
+    if width % 128:
+        with pytest.raises(ValueError, match=r"I a multiple of 128 .*got I=96"):
+            swiglu_bwd(dh, g, u, cat=True, quant=True)
+        return
+    dgu2, pair = swiglu_bwd(dh, g, u, cat=True, quant=True)
+    _assert_bits(dgu2, dgu, "dgu with quant")
+    _assert_quant_of(pair, dgu, "dgu")
+
+
 def test_fp16_and_contiguous_inputs():
     dh, g, u = _inputs(37, 320, torch.float16, seed=5)
     g, u = g.contiguous(), u.contiguous()

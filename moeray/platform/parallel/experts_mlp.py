@@ -9,7 +9,8 @@ Three paths, picked per call (`_ExpertsMLPFn.forward`, by `_grouped_align`): wit
 grouped GEMM per projection for all experts (`GroupedExperts`, grouped_experts.py: bf16 on CUDA,
 any dtype on CPU; its weight gradients one Triton k-grouped launch per projection where
 `use_grouped_wgrad`); otherwise one GEMM per expert (the block-scaled FP8 GEMMs of
-`platform/fp8.py`, or `weight_grad.py`'s padded matmuls).
+`platform/fp8.py`, or `weight_grad.py`'s padded matmuls). The grouped paths run gate and up as
+one [E, 2I, D] weight (`_gate_up_fused`): one GEMM forward, one input-grad GEMM over [dg, du].
 
 The grouped paths take x and return y either as rows sorted by expert (padding them into their
 layout and back: `GroupedExperts.pad` / `unpad`, forward and backward) or, where the layout is
@@ -40,9 +41,10 @@ from moeray.platform.parallel.weight_grad import (
 )
 
 
-def _cast(w: torch.Tensor, dtype: torch.dtype, cache) -> torch.Tensor:
-    """w in the GEMMs' dtype, from `cache` (an fp8.WeightCache) when there is one."""
-    return w.to(dtype) if cache is None else cache.cast(w, dtype)
+def _cast(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype, cache) -> torch.Tensor:
+    """w in the GEMMs' dtype, from `cache` (an fp8.WeightCache) when there is one; a tuple as its
+    concatenation along N (gate and up as one [E, 2I, D] weight)."""
+    return f8.cast_cat(w, dtype) if cache is None else cache.cast(w, dtype)
 
 
 def _swiglu_fwd(g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant: bool = False):
@@ -52,10 +54,21 @@ def _swiglu_fwd(g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant: bool = False):
     return (sw.swiglu_fwd if fused else sw.swiglu_fwd_ref)(g_PI, u_PI, quant=quant)
 
 
-def _swiglu_bwd(dh_PI: torch.Tensor, g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant=False):
-    """(dg, du) of `_swiglu_fwd`'s h, with quant also each one's act_quant, chosen as there."""
+def _swiglu_bwd(dh_PI, g_PI, u_PI, *, quant=False, cat=False):
+    """(dg, du) of `_swiglu_fwd`'s h, with quant also each one's act_quant, chosen as there; cat:
+    side by side as one [P, 2I] tensor (the input-grad GEMM of gate and up as one weight)."""
     fused = sw.use_fused_swiglu_train(dh_PI, g_PI, u_PI)
-    return (sw.swiglu_bwd if fused else sw.swiglu_bwd_ref)(dh_PI, g_PI, u_PI, quant=quant)
+    return (sw.swiglu_bwd if fused else sw.swiglu_bwd_ref)(dh_PI, g_PI, u_PI, quant=quant, cat=cat)
+
+
+def _gate_up_fused(w1_EID: torch.Tensor, fp8: bool) -> bool:
+    """Whether the grouped paths run gate and up as one [E, 2I, D] weight (one GEMM forward, one
+    input-grad GEMM over [dg, du] with no add after it, one quantization of [dg, du]): always in
+    BF16, in FP8 where I is a multiple of 128 (no 128x128 block straddles the two). At
+    Moonlight's MoE layer on the H200 the one GEMM of N 2I = 2816 ran 0.775 ms against 2 x
+    0.382 (FP8) and 0.987 against 2 x 0.490 (BF16), and dx's add (3 passes of [P, D] bf16, ~0.2
+    ms a layer-micro-batch) goes (benchmarks/results/grouped-gemm-probe-nvidia-h200.json)."""
+    return not fp8 or w1_EID.shape[1] % 128 == 0
 
 
 class _ExpertsMLPFn(torch.autograd.Function):
@@ -123,10 +136,9 @@ class _ExpertsMLPFn(torch.autograd.Function):
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
                 grp = GroupedExperts(x_AD, rows) if layout is None else layout
-                w1, w3, w2 = (_cast(w, act, cache) for w in (w1_EID, w3_EID, w2_EDI))
+                w13, w2 = _cast((w1_EID, w3_EID), act, cache), _cast(w2_EDI, act, cache)
                 x_PD = x_AD.to(act) if ctx.padded else grp.pad(x_AD.to(act))
-                g_PI = grp.mm(x_PD, w1.transpose(-2, -1))
-                u_PI = grp.mm(x_PD, w3.transpose(-2, -1))
+                g_PI, u_PI = grp.mm(x_PD, w13.transpose(-2, -1)).chunk(2, dim=1)
                 h_PI = _swiglu_fwd(g_PI, u_PI)
                 y_PD = grp.mm(h_PI, w2.transpose(-2, -1))
                 y_AD = y_PD if ctx.padded else grp.unpad(y_PD)
@@ -202,12 +214,13 @@ class _ExpertsMLPFn(torch.autograd.Function):
         grp = ctx.grp
         act = x_PD.dtype
         with torch.autocast(dy_AD.device.type, enabled=False):
-            w1c, w3c, w2c = (_cast(w, act, ctx.cache) for w in (w1, w3, w2))
+            w13c, w2c = _cast((w1, w3), act, ctx.cache), _cast(w2, act, ctx.cache)
             # padded: dy_PD as the combine's backward wrote it, zeros outside the tokens' rows
             dy_PD = dy_AD.to(act) if ctx.padded else grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
-            dg_PI, du_PI = _swiglu_bwd(dh_PI, g_PI, u_PI)
-            dx_AD = _sum_unpadded(ctx, grp, grp.mm(dg_PI, w1c), grp.mm(du_PI, w3c))
+            dgu_P2I = _swiglu_bwd(dh_PI, g_PI, u_PI, cat=True)
+            dg_PI, du_PI = dgu_P2I.chunk(2, dim=1)
+            dx_AD = _unpadded(ctx, grp, grp.mm(dgu_P2I, w13c))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
@@ -248,9 +261,15 @@ class _GroupedFP8:
         x_bf16 = x_AD.to(torch.bfloat16)
         x_PD = x_bf16 if ctx.padded else grp.pad(x_bf16)
         xq, xs = k.act_quant(x_PD, scale_col_major=True)
-        s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
-        g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
-        u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
+        s2 = cache.stacked(w2)
+        if _gate_up_fused(w1, fp8=True):
+            s13 = cache.stacked((w1, w3))
+            gu_P2I = k.fp8_gemm_grouped(xq, xs, s13.q, s13.scale, blocks)
+            g_PI, u_PI = gu_P2I.chunk(2, dim=1)
+        else:
+            s1, s3 = cache.stacked(w1), cache.stacked(w3)
+            g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
+            u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
         # A device-planned layout's tail (the -1 blocks) is zeros in x (pad, or the permute's
         # zeroed output), g and u (the grouped GEMM), so in h and, backward, in dy (pad, or
         # the combine's zeroed dy), dh, dg, du; nor could it reach real
@@ -273,13 +292,18 @@ class _GroupedFP8:
             return k.fp8_gemm_grouped(*d_q, *s.transposed, blocks)
 
         with torch.autocast(dy_AD.device.type, enabled=False):
-            s1, s3, s2 = cache.stacked(w1), cache.stacked(w3), cache.stacked(w2)
             dy_bf16 = dy_AD.to(torch.bfloat16)
             dy_PD = dy_bf16 if ctx.padded else grp.pad(dy_bf16)
-            dh_PI = input_grad(k.act_quant(dy_PD, scale_col_major=True), s2)
+            dh_PI = input_grad(k.act_quant(dy_PD, scale_col_major=True), cache.stacked(w2))
             # dg and du come with their quantizations, made in the same pass
-            dg_PI, du_PI, dg_q, du_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True)
-            dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_q, s1), input_grad(du_q, s3))
+            if _gate_up_fused(w1, fp8=True):
+                dgu_P2I, dgu_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True, cat=True)
+                dg_PI, du_PI = dgu_P2I.chunk(2, dim=1)
+                dx_AD = _unpadded(ctx, grp, input_grad(dgu_q, cache.stacked((w1, w3))))
+            else:
+                dg_PI, du_PI, dg_q, du_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True)
+                s1, s3 = cache.stacked(w1), cache.stacked(w3)
+                dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_q, s1), input_grad(du_q, s3))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
@@ -320,6 +344,12 @@ class _GroupedFP8:
 # backward's gradients for forward's non-tensor arguments (rows, store, fp8, cache, grouped_fp8,
 # kgrouped_wgrad, bf16_wgrad)
 _NO_GRAD_ARGS = (None,) * 7
+
+
+def _unpadded(ctx, grp: GroupedExperts, dx_PD: torch.Tensor) -> torch.Tensor:
+    """dx in x's dtype from the input-gradient GEMM's output on grp's layout: on it where x came
+    padded, else unpadded (as `_sum_unpadded`, for one GEMM)."""
+    return (dx_PD if ctx.padded else grp.unpad(dx_PD)).to(ctx.x_dtype)
 
 
 def _sum_unpadded(ctx, grp: GroupedExperts, a_PD: torch.Tensor, b_PD: torch.Tensor):
