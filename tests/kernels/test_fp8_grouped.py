@@ -150,18 +150,20 @@ def test_gpu_compiled_grouped_gemm(compiled_check):
     compiled_check(_GPU_CHECK, "fp8_grouped_gpu.txt")
 
 
-def test_grouped_fp8_experts_through_the_triton_kernels():
+@pytest.mark.parametrize("inter", [160, 128], ids=["gate-up-apart", "gate-up-one-weight"])
+def test_grouped_fp8_experts_through_the_triton_kernels(inter):
     """The training path's grouped FP8 experts (parallel/experts_mlp.py `_GroupedFP8`) with the
     Triton kernels themselves (interpreted), against the per-expert FP8 emulation. The kernel
     promotes each 128-deep K block into its fp32 accumulator with its scales, the emulation
     multiplies dequantized matrices: the sums round differently, and the bf16 outputs then feed
     e4m3 quantization (a flip is a whole e4m3 step), so the bound is 5%; a wrong
-    expert, block or scale gives O(1)."""
+    expert, block or scale gives O(1). At I 128 gate and up run as one weight (quantized into
+    the halves of one, [dg, du] side by side), at I 160 apart."""
     from moeray.platform import fp8 as f8
     from moeray.platform.parallel.experts_mlp import experts_mlp
 
     g = torch.Generator().manual_seed(3)
-    rows, D, inter = [3, 0, 9], 128, 160
+    rows, D = [3, 0, 9], 128
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
     ws = [
         torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
