@@ -231,6 +231,28 @@ def test_clipping_through_grad_scale_equals_clip_grad_norm(kind):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_update_reads_the_norm_after_the_step_and_leaves_small_gradients(monkeypatch):
+    """With a fused AdamW the gradient norm is read to the host only after optimizer.step (on a
+    GPU, reading it first drains the device before the optimizer is launched), and gradients
+    under the clip are divided by exactly 1: the parameters equal an unclipped step's."""
+    cfg = ts.OptimConfig(lr=1e-2, warmup_steps=0, clip=1e6)
+    torch.manual_seed(0)
+    ref, mine = (torch.nn.Linear(8, 4) for _ in range(2))
+    mine.load_state_dict(ref.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, fused=True) for m in (ref, mine)]
+    for m in (ref, mine):
+        m(torch.ones(3, 8)).sum().backward()
+    opts[0].step()
+    events = []
+    real_step, real_float = opts[1].step, torch.Tensor.__float__
+    monkeypatch.setattr(opts[1], "step", lambda: events.append("step") or real_step())
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: events.append("read") or real_float(t))
+    norm, _ = ts.apply_update(mine, opts[1], 0, cfg)
+    assert events == ["step", "read"] and norm > 0
+    for p, q in zip(ref.parameters(), mine.parameters(), strict=True):
+        assert torch.equal(q, p)
+
+
 class _Experts(torch.nn.Module):
     """Two linears, a norm and a 3-D stacked weight (the routed experts' layout); `skip` leaves
     the stack out of the loss (its gradient stays None and its step counter lags)."""

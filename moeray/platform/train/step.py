@@ -224,12 +224,19 @@ def apply_update(
     """
     params = [p for p in model.parameters() if p.grad is not None]
     fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    if total_norm is None and fused:
+        # The norm stays on the device: fused AdamW divides each gradient by
+        # max((norm + 1e-6) / clip, 1) (clip_grad_norm_'s factor, inverted; exactly 1 when no
+        # clipping), and the norm is read only after the optimizer's kernels are queued. Reading
+        # it first drained the GPU and left it idle while the host launched the optimizer (the
+        # one-GPU step is near host-bound: benchmarks/notes-train.md).
+        norm_t = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_scale = ((norm_t.float() + 1e-6) / cfg.clip).clamp(min=1.0)
+        optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+        lr = _step(optimizer, step, cfg, fused)
+        return float(norm_t), lr
     if total_norm is None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if fused:
-            norm = float(torch.nn.utils.get_total_norm(grads))
-        else:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
     else:
         norm = float(total_norm)
     # clip_grad_norm_'s factor: clip / (norm + 1e-6) when below 1
@@ -245,6 +252,12 @@ def apply_update(
         for p in params:
             assert p.grad is not None  # params holds only parameters with a gradient
             p.grad.mul_(scale)
+    return norm, _step(optimizer, step, cfg, fused)
+
+
+def _step(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, fused: bool) -> float:
+    """Set this step's learning rate, step the optimizer (its `grad_scale` cleared after), zero
+    the gradients; returns the learning rate."""
     lr = learning_rate(step, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -254,7 +267,7 @@ def apply_update(
         if fused:
             optimizer.grad_scale = None  # type: ignore[attr-defined]
     optimizer.zero_grad(set_to_none=True)
-    return norm, lr
+    return lr
 
 
 def train_step(
