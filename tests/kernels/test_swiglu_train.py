@@ -263,14 +263,15 @@ def _autograd_loop(x, w1, w3, w2, rows):
     return torch.cat(ys)
 
 
-def _experts(rows, seed, *, loop=False, **kw):
+def _experts(rows, seed, *, loop=False, inter=160, **kw):
     """experts_mlp (or `_autograd_loop`) forward + backward: (y, dx, dW1, dW3, dW2). D 128, the
-    expert width 160 (a ragged 128-wide group)."""
+    expert width `inter` (160: a ragged 128-wide group, gate and up apart in FP8; 128: one
+    weight)."""
     from moeray.platform import fp8 as f8
     from moeray.platform.parallel.experts_mlp import experts_mlp
 
     gen = torch.Generator().manual_seed(seed)
-    D, inter = 128, 160
+    D = 128
     x = torch.randn(sum(rows), D, generator=gen).bfloat16().float().requires_grad_()
     shapes = ((inter, D), (inter, D), (D, inter))
     ws = [(torch.randn(len(rows), *s, generator=gen) * 0.2).requires_grad_() for s in shapes]
@@ -300,7 +301,9 @@ def test_experts_run_the_kernels(monkeypatch, launch_spy, fp8):
     launch) and is as far as in test_fp8_grouped.py (measured 0.02, bound 5%)."""
     monkeypatch.setattr(kmod, "use_fused_swiglu_train", swiglu_train_applies)
     rows = [5, 0, 19, 3]
-    kw = dict(fp8=True, grouped_fp8=True) if fp8 else {}
+    # FP8 at expert width 128: gate and up as one weight, [dg, du] side by side with one
+    # quantization (and half the interpreted GEMM tiles of 160)
+    kw = dict(fp8=True, grouped_fp8=True, inter=128) if fp8 else {}
     fwd = launch_spy(kmod, "_swiglu_fwd_kernel")
     bwd = launch_spy(kmod, "_swiglu_bwd_kernel")
     quants = launch_spy(quant_mod, "_act_quant_kernel")
@@ -308,7 +311,9 @@ def test_experts_run_the_kernels(monkeypatch, launch_spy, fp8):
     assert len(fwd) == len(bwd) == 1
     assert len(quants) == (2 if fp8 else 0)  # x forward, dy backward
     assert all(got[i][1].abs().max() == 0 for i in (2, 3, 4))  # expert 1 has no rows
-    other = _experts(rows, seed=9, fp8=True) if fp8 else _experts(rows, seed=9, loop=True)
+    other = (
+        _experts(rows, seed=9, fp8=True, inter=128) if fp8 else _experts(rows, seed=9, loop=True)
+    )
     assert len(fwd) == len(bwd) == 1
     for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), got, other, strict=True):
         assert _rel(a, b) < (5e-2 if fp8 else 1e-5), name
@@ -316,7 +321,7 @@ def test_experts_run_the_kernels(monkeypatch, launch_spy, fp8):
     quants.clear()
     want = _experts(rows, seed=9, **kw)
     assert len(fwd) == len(bwd) == 1
-    assert len(quants) == (5 if fp8 else 0)  # x, h; dy, dg, du
+    assert len(quants) == (4 if fp8 else 0)  # x, h; dy, [dg, du] (one weight: one tensor)
     for name, a, b in zip(("y", "dx", "dW1", "dW3", "dW2"), got, want, strict=True):
         assert _rel(a, b) < (2e-2 if fp8 else 1e-6), name
 
