@@ -1,11 +1,14 @@
 """Serving with redundant experts: hot experts replicated, their tokens spread over the replicas,
 outputs unchanged, and the busiest GPU lighter than with one copy per expert."""
 
+import functools
+
 import torch
 
 from moeray.platform.config import tiny
 from moeray.platform.engine.eplb import PlacedMoE, apply_placement, gpu_loads
 from moeray.platform.model.transformer import Transformer, greedy_generate
+from moeray.platform.parallel.experts_mlp import experts_mlp
 from moeray.platform.placement import place_experts, round_robin_gpu_loads
 
 GPUS = 4
@@ -49,6 +52,27 @@ def test_placed_layers_spread_hot_experts_and_keep_outputs():
         placed_max = int(gpu_loads(m.slot_counts_P, placement).max())
         rr_max = int(round_robin_gpu_loads(m.last_routing.counts_E[None].float(), GPUS).max())
         assert placed_max < rr_max, (placed_max, rr_max)
+
+
+def test_placed_layers_run_the_grouped_experts():
+    """A placed layer's experts hold every physical slot: with the grouped experts' autograd node
+    as mlp_fn (training's path) the logits stay those of the unplaced model."""
+    model = _skewed_model()
+    c = tiny()
+    ids = torch.randint(0, c.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids)
+    loads_LE = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float()
+    placement = place_experts(
+        loads_LE, num_physical=c.n_routed_experts + GPUS, num_groups=c.n_group, num_nodes=1,
+        num_gpus=GPUS,
+    )  # fmt: skip
+    for m in apply_placement(model, placement):
+        assert m.experts.routed_experts == m.experts.num_experts == c.n_routed_experts + GPUS
+        m.experts.mlp_fn = functools.partial(experts_mlp)
+    with torch.no_grad():
+        out = model(ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_generation_unchanged_with_placement():

@@ -40,7 +40,9 @@ class PlacedMoE(MoE):
             )
         experts = Experts.__new__(Experts)
         nn.Module.__init__(experts)
-        experts.num_experts = phy2log_P.numel()
+        # Every physical slot is held here and routing hands out slot ids: the slots are this
+        # module's whole set (Experts._all_local), as the model's experts are an unplaced one's
+        experts.num_experts = experts.routed_experts = phy2log_P.numel()
         experts.linear, experts.mlp_fn = moe.experts.linear, moe.experts.mlp_fn
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(moe.experts, name).detach()
