@@ -23,20 +23,26 @@ def _skewed_model():
     return m
 
 
-def test_placed_layers_spread_hot_experts_and_keep_outputs():
-    model = _skewed_model()
+def _placement_from_last_loads(model):
+    """GPUS redundant slots placed by the expert loads of the model's last forward."""
     c = tiny()
-    ids = torch.randint(0, c.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids)
     loads_LE = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float()
-    placement = place_experts(
+    return place_experts(
         loads_LE,
         num_physical=c.n_routed_experts + GPUS,
         num_groups=c.n_group,
         num_nodes=1,
         num_gpus=GPUS,
     )
+
+
+def test_placed_layers_spread_hot_experts_and_keep_outputs():
+    model = _skewed_model()
+    c = tiny()
+    ids = torch.randint(0, c.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)
+    placement = _placement_from_last_loads(model)
     assert int(placement.logcnt_LE[:, 5].min()) >= 2  # the hot expert got replicas
 
     placed = apply_placement(model, placement)
@@ -62,11 +68,7 @@ def test_placed_layers_run_the_grouped_experts():
     ids = torch.randint(0, c.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids)
-    loads_LE = torch.stack([m.last_routing.counts_E for m in model.moe_layers()]).float()
-    placement = place_experts(
-        loads_LE, num_physical=c.n_routed_experts + GPUS, num_groups=c.n_group, num_nodes=1,
-        num_gpus=GPUS,
-    )  # fmt: skip
+    placement = _placement_from_last_loads(model)
     for m in apply_placement(model, placement):
         assert m.experts.routed_experts == m.experts.num_experts == c.n_routed_experts + GPUS
         m.experts.mlp_fn = functools.partial(experts_mlp)
