@@ -125,6 +125,14 @@ class QuantizedWeight:
         """W^T [K, N] e4m3, contiguous: q_NK.t().contiguous() bit for bit (CUDA only)."""
         return self._q_KN
 
+    def remake(self, w_NK: torch.Tensor) -> None:
+        """Quantize w (same shape) into this object's tensors, in place."""
+        if self.kernels is None:
+            self.qdq_NK.copy_(qdq_128x128(w_NK))
+        else:
+            out = (self.q_NK[None], self.scale[None], self._q_KN[None])
+            self.kernels.weight_quant_t(w_NK[None], out=out)
+
 
 class WeightCache:
     """Quantized (or cast: `cast`) weights kept until the weight changes. Without it every
@@ -135,7 +143,8 @@ class WeightCache:
     module: entries of one weight (or one expert's slice of a stacked weight) replace each other."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[tuple[int, ...], object]] = {}
+        # key -> (the weights' versions when made, the made value, the weights themselves)
+        self._entries: dict[tuple, tuple[tuple[int, ...], object, tuple[torch.Tensor, ...]]] = {}
 
     def get(self, w_NK: torch.Tensor) -> QuantizedWeight:
         return self._get(w_NK, QuantizedWeight, "fp8")
@@ -152,6 +161,28 @@ class WeightCache:
         weights: their concatenation along N, cast straight into one tensor."""
         return self._get(w, lambda d: cast_cat(d, dtype), f"cast-{dtype}")
 
+    def refresh(self) -> int:
+        """Re-make every entry whose weight changed since it was made, into the entry's own
+        tensors (same storage, same objects). A captured CUDA graph reads those tensors by
+        address (`train/graphs.py`): a fresh entry in new storage would leave it reading the
+        previous step's weights. Returns the number of entries re-made."""
+        made = 0
+        for key, (versions, value, ws) in list(self._entries.items()):
+            now = tuple(t._version for t in ws)
+            if now == versions:
+                continue
+            w = ws if len(ws) > 1 else ws[0]
+            if isinstance(value, torch.Tensor):
+                cast_cat(w, value.dtype, out=value)
+            elif isinstance(value, QuantizedWeight):
+                value.remake(ws[0])
+            else:
+                assert isinstance(value, StackedWeight)
+                value.remake(w)
+            self._entries[key] = (now, value, ws)
+            made += 1
+        return made
+
     def _get(self, w: torch.Tensor | tuple[torch.Tensor, ...], make, kind: str):
         ws = w if isinstance(w, tuple) else (w,)
         key = (kind, *((t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in ws))
@@ -159,18 +190,37 @@ class WeightCache:
         hit = self._entries.get(key)
         if hit is not None and hit[0] == versions:
             return hit[1]
-        q = make(tuple(t.detach() for t in ws) if isinstance(w, tuple) else w.detach())
-        self._entries[key] = (versions, q)
+        detached = tuple(t.detach() for t in ws)
+        q = make(detached if isinstance(w, tuple) else detached[0])
+        self._entries[key] = (versions, q, detached)
         return q
 
 
-def cast_cat(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+def weight_caches(model: nn.Module) -> list[WeightCache]:
+    """Every WeightCache of `model`'s modules: held by a module itself (SplitLinear,
+    FP8TrainLinear) or by an object a module holds (the routed experts' `mlp_fn`)."""
+    found: dict[int, WeightCache] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            cache = value if isinstance(value, WeightCache) else getattr(value, "cache", None)
+            if isinstance(cache, WeightCache):
+                found.setdefault(id(cache), cache)
+    return list(found.values())
+
+
+def cast_cat(
+    w: torch.Tensor | tuple[torch.Tensor, ...],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """w in dtype; a tuple of [..., N_i, K] weights concatenated along N in dtype (each cast
-    once, into its slice: no fp32 concatenation)."""
+    once, into its slice: no fp32 concatenation). `out`: the tensor to write into (that shape
+    and dtype), returned."""
     if isinstance(w, torch.Tensor):
-        return w.to(dtype)
+        return w.to(dtype) if out is None else out.copy_(w)
     *lead, _, k = w[0].shape
-    out = w[0].new_empty((*lead, sum(t.shape[-2] for t in w), k), dtype=dtype)
+    if out is None:
+        out = w[0].new_empty((*lead, sum(t.shape[-2] for t in w), k), dtype=dtype)
     start = 0
     for t in w:
         out[..., start : start + t.shape[-2], :].copy_(t)
@@ -203,12 +253,21 @@ class StackedWeight:
         a transposed view would make the kernel transpose every tile)."""
         return self._t
 
+    def remake(self, w_ENK: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        """Quantize w (the same shapes) into this object's tensors, in place."""
+        out = (self.q, self.scale, self._t[0])
+        if isinstance(w_ENK, torch.Tensor):
+            kernels.weight_quant_t(w_ENK, out=out)
+        else:
+            _quant_t_cat(w_ENK, out=out)
+        self._t[1].copy_(self.scale.transpose(1, 2))
 
-def _quant_t_cat(ws: tuple[torch.Tensor, ...]):
+
+def _quant_t_cat(ws: tuple[torch.Tensor, ...], out=None):
     """weight_quant_t of [E, N_i, K] weights concatenated along N, each written by its own launch
     into its slice of the outputs (no fp32 concatenation, no copies of the e4m3 bytes). Equal to
     quantizing the concatenation where every N_i but the last is a multiple of 128 (no 128-row
-    block straddles two): refused otherwise."""
+    block straddles two): refused otherwise. `out`: (q, scales, q_t) to write into."""
     e, _, k = ws[0].shape
     bad = [tuple(w.shape) for w in ws[:-1] if w.shape[1] % FP8_BLOCK]
     if bad or any(w.dim() != 3 or w.shape[0] != e or w.shape[2] != k for w in ws):
@@ -218,9 +277,13 @@ def _quant_t_cat(ws: tuple[torch.Tensor, ...]):
         )
     n = sum(w.shape[1] for w in ws)
     dev = ws[0].device
-    q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=dev)
-    s = torch.empty((e, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), dtype=torch.float32, device=dev)
-    q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=dev)
+    if out is None:
+        q = torch.empty((e, n, k), dtype=FP8_DTYPE, device=dev)
+        nb, kb = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+        s = torch.empty((e, nb, kb), dtype=torch.float32, device=dev)
+        q_t = torch.empty((e, k, n), dtype=FP8_DTYPE, device=dev)
+    else:  # (q, s, q_t) of those shapes, from an earlier call (StackedWeight.remake)
+        q, s, q_t = out
     start = 0
     for w in ws:
         rows, b0 = slice(start, start + w.shape[1]), start // FP8_BLOCK

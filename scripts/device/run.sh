@@ -28,10 +28,11 @@
 #   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
 #   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8 (1 GPU, ~6 min)
 #   train-profile      a one-GPU training step's kernels by launching source line (1 GPU, ~3 min)
+#   train-graphs       one-GPU training replayed from CUDA graphs: GPU test + bench, FP8 experts/all (1 GPU, ~9 min)
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

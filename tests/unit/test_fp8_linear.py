@@ -243,3 +243,69 @@ def test_gemm_pairs_equal_the_single_gemms():
     dwa, dwb = fp8.wgrad_gemm_pair(dya, dyb, x)
     torch.testing.assert_close(dwa, fp8.wgrad_gemm(dya, x))
     torch.testing.assert_close(dwb, fp8.wgrad_gemm(dyb, x))
+
+
+def test_weight_cache_refresh_remakes_every_entry_in_place():
+    """`refresh` (what a captured CUDA graph needs after an optimizer step): every entry whose
+    weight changed is re-made into its own tensors (same objects, same storage) and equals a fresh
+    quantization or cast; unchanged entries are left alone."""
+    cache = fp8.WeightCache()
+    w2 = torch.nn.Parameter(torch.randn(256, 200))
+    w1, w3 = (torch.nn.Parameter(torch.randn(2, 256, 128) * c) for c in (0.1, 20.0))
+    entries = {
+        "get": cache.get(w2),
+        "stacked": cache.stacked(w1),
+        "pair": cache.stacked((w1, w3)),
+        "cast": cache.cast((w1, w3), torch.bfloat16),
+    }
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, fp8.QuantizedWeight):
+            return [value.qdq_NK]  # the CPU emulation's form
+        return [value.q, value.scale, *value.transposed]
+
+    ptrs = {k: [t.data_ptr() for t in tensors(v)] for k, v in entries.items()}
+    assert cache.refresh() == 0  # nothing changed
+    with torch.no_grad():
+        w1.mul_(3)
+        w2.add_(1)
+    assert cache.refresh() == 4  # w1 is in three entries, w2 in one; w3 alone changed nothing
+    assert cache.refresh() == 0
+    fresh = {
+        "get": fp8.QuantizedWeight(w2.detach()),
+        "stacked": fp8.StackedWeight(w1.detach()),
+        "pair": fp8.StackedWeight((w1.detach(), w3.detach())),
+        "cast": torch.cat([w1, w3], 1).detach().to(torch.bfloat16),
+    }
+    for k, value in entries.items():
+        assert [t.data_ptr() for t in tensors(value)] == ptrs[k], k
+        for got, want in zip(tensors(value), tensors(fresh[k]), strict=True):
+            assert torch.equal(got.float(), want.float()), k
+        # and the cache still hands out the same (refreshed) object
+    assert cache.get(w2) is entries["get"] and cache.stacked((w1, w3)) is entries["pair"]
+
+
+def test_fp8_split_linear_with_bf16_wgrad_takes_the_bf16_layers_weight_grad():
+    """An FP8 SplitLinear with `bf16_wgrad`: its forward and input grad are the FP8 layer's, its
+    weight gradient the BF16 layer's (dy^T x from bf16 operands), bit for bit."""
+    from moeray.platform.parallel.weight_grad import split_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 256, generator=g)
+    dy = torch.randn(6, 128, generator=g)
+
+    def run(fp8_on: bool, bf16_wgrad: bool):
+        w = torch.nn.Parameter(torch.randn(128, 256, generator=torch.Generator().manual_seed(1)))
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = split_linear(xi, w, fp8=fp8_on, bf16_wgrad=bf16_wgrad)
+        y.backward(dy.to(y.dtype))
+        return y.detach(), xi.grad, w.grad
+
+    y8, dx8, dw8 = run(True, False)
+    y, dx, dw = run(True, True)
+    _, _, dw_bf16 = run(False, False)
+    assert torch.equal(y, y8) and torch.equal(dx, dx8)  # FP8 forward and input grad
+    assert torch.equal(dw, dw_bf16) and not torch.equal(dw, dw8)  # BF16 weight grad

@@ -99,6 +99,14 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
     assert set(res["runs"]) == {"bf16", "fp8-bf16wgrad"} and res["failed_runs"] == {}
     assert res["runs"]["fp8-bf16wgrad"]["loss_rel_diff_vs_bf16"] < 2.5e-3
     assert res["fastest_fp8_run"] == "fp8-bf16wgrad"
+    # on CUDA a name with -graphs is the same run replayed from CUDA graphs, in the order asked
+    cfg = BenchConfig(device="cuda", pp=1, runs="bf16,fp8-bf16wgrad-graphs,bf16-graphs")
+    specs = bench_one.run_specs(cfg, torch.device("cuda"))
+    assert [(s.name, s.graphs, s.bf16_wgrad) for s in specs] == [
+        ("bf16", False, False),
+        ("fp8-bf16wgrad-graphs", True, True),
+        ("bf16-graphs", True, False),
+    ]
     cfg = BenchConfig(pp=1, runs="bf16,fp8-kgrouped", kgrouped_wgrad=False)
     with pytest.raises(ValueError, match=r"fp8-kgrouped not available here.*available: bf16, fp8"):
         bench_one.run_specs(cfg, torch.device("cpu"))
@@ -115,6 +123,7 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
         (["--pp", "1", "--runs", "fp8"], r"runs='fp8': expected .* including bf16"),
         (["--pp", "1", "--runs", "bf16,fp9"], r"runs='bf16,fp9': expected .*fp8-bf16wgrad"),
         (["--pp", "2", "--runs", "bf16"], r"runs='bf16': .*on one device"),
+        (["--pp", "1", "--runs", "bf16,bf16-graphs"], r"runs='bf16,bf16-graphs': .*CUDA only"),
     ],
 )
 def test_one_device_bench_refuses_bad_flags(flags, match, capsys):
@@ -360,3 +369,32 @@ def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
     with pytest.raises(ValueError, match="fp8_scope='x'"):
         TrainJobConfig.from_dict({"fp8_scope": "x"})
     assert TrainJobConfig.from_dict({"fp8": True, "fp8_scope": "experts"}).fp8_scope == "experts"
+
+
+def test_graphed_runs_are_compared_with_graphed_bf16():
+    """A `-graphs` run's ratios are against `bf16-graphs` where that ran (the same host path),
+    else against `bf16`; the fastest FP8 run is picked on those ratios."""
+    cfg = BenchConfig(pp=1)
+    model_cfg = cfg.model_config()
+
+    def r(step: float, loss: float) -> dict:
+        return {"step_time_s": step, "losses": [loss] * 5}
+
+    got = {
+        "bf16": r(1.0, 10.0),
+        "bf16-graphs": r(0.8, 10.0),
+        "fp8-bf16wgrad": r(0.9, 10.01),
+        "fp8-bf16wgrad-graphs": r(0.72, 10.02),
+    }
+    res = bench_one.summarize(cfg, model_cfg, got, {}, 1e12, None, [])
+    runs = res["runs"]
+    assert runs["bf16-graphs"]["vs_run"] == "bf16"
+    assert runs["fp8-bf16wgrad"]["vs_run"] == "bf16"
+    assert runs["fp8-bf16wgrad-graphs"]["vs_run"] == "bf16-graphs"
+    assert runs["fp8-bf16wgrad-graphs"]["step_time_vs_bf16"] == pytest.approx(0.9)
+    assert runs["fp8-bf16wgrad-graphs"]["loss_rel_diff_vs_bf16"] == pytest.approx(0.002)
+    assert res["fastest_fp8_run"] == "fp8-bf16wgrad-graphs"
+    del got["bf16-graphs"]
+    res = bench_one.summarize(cfg, model_cfg, got, {}, 1e12, None, [])
+    assert res["runs"]["fp8-bf16wgrad-graphs"]["vs_run"] == "bf16"
+    assert res["runs"]["fp8-bf16wgrad-graphs"]["step_time_vs_bf16"] == pytest.approx(0.72)

@@ -196,16 +196,17 @@ def linear_gemms(fp8: bool, cast: torch.dtype | None, cache=None, pad: bool = Tr
 class _SplitLinearFn(torch.autograd.Function):
     """y = x W^T whose dW GEMM can be deferred to the stage's WeightGradStore.
 
-    `fp8`: the three GEMMs of `fp8.py` (block-scaled e4m3); else plain matmuls. Under autocast the
-    GEMMs run in the autocast dtype (like F.linear) and the output takes it; gradients come back
-    in the dtypes of x and W. Without a store (a whole model, no pipeline) the higher-precision
-    GEMMs are not row-padded. dW not deferred, of an fp32 leaf weight under bf16 autocast where
-    `use_fused_linear_wgrad`: `wgrad_fp32` (fp32 from the GEMM, added into `.grad` after the
-    first micro-batch, None then returned for W).
+    `fp8`: the three GEMMs of `fp8.py` (block-scaled e4m3), or with `bf16_wgrad` the forward
+    and input-grad ones, the weight grad a higher-precision GEMM; else plain matmuls. Under
+    autocast the GEMMs run in the autocast dtype (like F.linear) and the output takes it;
+    gradients come back in the dtypes of x and W. Without a store (a whole model, no pipeline)
+    the higher-precision GEMMs are not row-padded. dW not deferred, of an fp32 leaf weight
+    under bf16 autocast where `use_fused_linear_wgrad`: `wgrad_fp32` (fp32 from the GEMM, added
+    into `.grad` after the first micro-batch, None then returned for W).
     """
 
     @staticmethod
-    def forward(ctx, x_MK, w_NK, store: WeightGradStore | None, fp8: bool, cache):
+    def forward(ctx, x_MK, w_NK, store: WeightGradStore | None, fp8: bool, cache, bf16_wgrad):
         dev = x_MK.device.type
         cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         ctx.x_dtype = x_MK.dtype
@@ -216,6 +217,7 @@ class _SplitLinearFn(torch.autograd.Function):
             x_MK = x_MK.to(cast)
         ctx.save_for_backward(x_MK, w_NK)
         ctx.store, ctx.fp8, ctx.cast, ctx.cache = store, fp8, cast, cache
+        ctx.bf16_wgrad = fp8 and bf16_wgrad
         fwd, _, _ = linear_gemms(fp8, cast, cache, pad=store is not None)
         with torch.autocast(dev, enabled=False):
             return fwd(x_MK, w_NK).to(cast or x_MK.dtype)
@@ -225,6 +227,8 @@ class _SplitLinearFn(torch.autograd.Function):
         x_MK, w_NK = ctx.saved_tensors
         store = ctx.store
         _, dgrad, wgrad = linear_gemms(ctx.fp8, ctx.cast, ctx.cache, pad=store is not None)
+        if ctx.bf16_wgrad:
+            wgrad = functools.partial(matmul_wgrad, cast=ctx.cast, pad=store is not None)
         with torch.autocast(dy_MN.device.type, enabled=False):
             dx = dgrad(dy_MN, w_NK).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
             dw = None
@@ -239,7 +243,7 @@ class _SplitLinearFn(torch.autograd.Function):
 
                     store.put(deferred)
                 elif (
-                    not ctx.fp8
+                    (not ctx.fp8 or ctx.bf16_wgrad)
                     and ctx.cast == torch.bfloat16
                     and w_NK.dtype == torch.float32
                     and w_NK.is_leaf
@@ -248,7 +252,7 @@ class _SplitLinearFn(torch.autograd.Function):
                     dw = wgrad_fp32(dy_MN, x_MK, w_NK, ctx.cast)
                 else:
                     dw = wgrad(dy_MN, x_MK).to(w_NK.dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def split_linear(
@@ -259,16 +263,18 @@ def split_linear(
     store: WeightGradStore | None = None,
     fp8: bool = False,
     cache=None,
+    bf16_wgrad: bool = False,
 ) -> torch.Tensor:
     """F.linear (any leading dims) with a deferrable weight gradient. `cache`: an fp8.WeightCache
-    keeping the FP8 weight (or its autocast-dtype cast) from one micro-batch to the next."""
+    keeping the FP8 weight (or its autocast-dtype cast) from one micro-batch to the next.
+    `bf16_wgrad` (with fp8): the weight gradient from operands in the autocast dtype (or x's)."""
     if weight_NK.dim() != 2 or x.shape[-1] != weight_NK.shape[1]:
         raise ValueError(
             f"split_linear: x [..., {x.shape[-1]}] does not match weight "
             f"{tuple(weight_NK.shape)} [N, K]"
         )
     lead = x.shape[:-1]
-    y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8, cache)
+    y = _SplitLinearFn.apply(x.reshape(-1, x.shape[-1]), weight_NK, store, fp8, cache, bf16_wgrad)
     y = y.reshape(*lead, weight_NK.shape[0])
     return y if bias is None else y + bias
 
@@ -285,24 +291,33 @@ class SplitLinear(nn.Module):
         bias: torch.Tensor | None,
         store: WeightGradStore | None,
         fp8: bool,
+        bf16_wgrad: bool = False,
     ) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
-        self.store, self.fp8 = store, fp8
+        self.store, self.fp8, self.bf16_wgrad = store, fp8, bf16_wgrad
         self.cache = f8.WeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return split_linear(
-            x, self.weight, self.bias, store=self.store, fp8=self.fp8, cache=self.cache
+            x,
+            self.weight,
+            self.bias,
+            store=self.store,
+            fp8=self.fp8,
+            cache=self.cache,
+            bf16_wgrad=self.bf16_wgrad,
         )
 
     def extra_repr(self) -> str:
         dw = "deferred dW" if self.store is not None else "dW at once"
-        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}, {dw}"
+        wg = ", bf16 dW" if self.fp8 and self.bf16_wgrad else ""
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, fp8={self.fp8}{wg}, {dw}"
 
 
-def enable_split_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear child (FP8TrainLinear ones too, which stay FP8) of a whole (PP = 1)
+def enable_split_linears(model: nn.Module, bf16_wgrad: bool = False) -> int:
+    """Swap every nn.Linear child (FP8TrainLinear ones too, which stay FP8: with `bf16_wgrad`
+    their weight gradient from bf16 operands, as a BF16 layer's) of a whole (PP = 1)
     model for a SplitLinear without a store that shares its Parameters: parameter names, state
     dict, optimizer state and direct readers of `.weight` (the checkpoint's `hf_state_dict` reads
     `lm_head.weight`) are unchanged, and a module shared by two parents stays one module. Per
@@ -324,6 +339,8 @@ def enable_split_linears(model: nn.Module) -> int:
                 continue
             if id(child) not in made:
                 fp8 = isinstance(child, f8.FP8TrainLinear)
-                made[id(child)] = SplitLinear(child.weight, child.bias, None, fp8=fp8)
+                made[id(child)] = SplitLinear(
+                    child.weight, child.bias, None, fp8=fp8, bf16_wgrad=fp8 and bf16_wgrad
+                )
             setattr(module, name, made[id(child)])
     return len(made)

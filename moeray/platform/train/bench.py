@@ -79,6 +79,7 @@ from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import bench_one
 from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import (
+    GRAPHS_SUFFIX,
     RUN_NAMES,
     BenchConfig,
     bigram_stream,
@@ -453,7 +454,8 @@ def _parser() -> argparse.ArgumentParser:
         "--runs",
         default=d.runs,
         help="--pp 1: the runs to make, comma-separated, bf16 first among "
-        f"{', '.join(RUN_NAMES)} (default: every one that applies)",
+        f"{', '.join(RUN_NAMES)}, each optionally with {GRAPHS_SUFFIX} (micro-batches replayed "
+        "from a CUDA graph; default: every one that applies, none graphed)",
     )
     p.add_argument(
         "--profile",

@@ -16,8 +16,10 @@ from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import MOMENTS_DTYPES
 
-# the one-device bench's runs (bench_one.run_specs)
+# the one-device bench's runs (bench_one.run_specs); each also with GRAPHS_SUFFIX, its
+# micro-batches replayed from a CUDA graph (train/graphs.py, CUDA only)
 RUN_NAMES = ("bf16", "fp8", "fp8-kgrouped", "fp8-bf16wgrad")
+GRAPHS_SUFFIX = "-graphs"
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,15 @@ class BenchConfig:
             )
         if self.runs is not None:
             names = self.runs.split(",")
-            bad = [n for n in names if n not in RUN_NAMES]
-            if bad or "bf16" not in names or not self.one_device:
+            bad = [n for n in names if n.removesuffix(GRAPHS_SUFFIX) not in RUN_NAMES]
+            graphs_off_cuda = self.device != "cuda" and any(
+                n.endswith(GRAPHS_SUFFIX) for n in names
+            )
+            if bad or "bf16" not in names or not self.one_device or graphs_off_cuda:
                 raise ValueError(
                     f"runs={self.runs!r}: expected comma-separated names from "
-                    f"{', '.join(RUN_NAMES)} including bf16, on one device (--pp 1 --ep 1)"
+                    f"{', '.join(RUN_NAMES)} (each may end in {GRAPHS_SUFFIX!r}, CUDA only) "
+                    "including bf16, on one device (--pp 1 --ep 1)"
                 )
         if self.moments_dtype not in MOMENTS_DTYPES:
             raise ValueError(

@@ -12,7 +12,10 @@ the aux-loss-free bias update). Per step `--microbatches` micro-batches of `--mi
 same weights (seed): `bf16` (every GEMM under bf16 autocast), `fp8` (the DeepSeek-V3 recipe of
 `platform/fp8.py`: the projections' three GEMMs in e4m3) and, on CUDA (`--kgrouped-wgrad`),
 `fp8-kgrouped`: FP8 with the routed experts' weight gradients in one k-grouped GEMM per projection
-(`kernels/fp8/kgrouped.py`) instead of one GEMM per expert. Fast paths: the routed experts as one
+(`kernels/fp8/kgrouped.py`) instead of one GEMM per expert, and `fp8-bf16wgrad`: FP8 forward and
+input-grad GEMMs, weight gradients from bf16 operands. Any run name with `-graphs` appended (CUDA)
+replays each micro-batch's forward and backward from a CUDA graph (`train/graphs.py`) and is
+compared with `bf16-graphs` where that ran. Fast paths: the routed experts as one
 autograd node with grouped GEMMs (`experts_mlp.enable_grouped_experts`: `torch._grouped_mm` for
 BF16, the grouped FP8 kernel for FP8's forward and input-grad GEMMs on CUDA), the other linear
 layers as split linears (`weight_grad.enable_split_linears`: the bf16 weight cast once per step,
@@ -55,7 +58,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,11 +74,13 @@ from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
 from moeray.platform.train.bench_common import (
+    GRAPHS_SUFFIX,
     BenchConfig,
     bigram_stream,
     measure_matmul_rate,
     train_flops_per_token,
 )
+from moeray.platform.train.graphs import MicrobatchGraph
 from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
@@ -238,7 +243,7 @@ def build_model(
     """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
     projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
     `kgrouped`, from bf16 operands for `bf16_wgrad`), the other linear layers split linears (FP8
-    ones stay FP8)."""
+    ones stay FP8, their weight gradients from bf16 operands too with `bf16_wgrad`)."""
     model = dummy_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
@@ -248,7 +253,7 @@ def build_model(
     enable_grouped_experts(
         model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped, bf16_wgrad=bf16_wgrad
     )
-    enable_split_linears(model)
+    enable_split_linears(model, bf16_wgrad=bf16_wgrad)
     return model.train()
 
 
@@ -261,6 +266,8 @@ def one_run(
 ) -> dict:
     """Train `cfg.steps` steps; the run's numbers (module docstring)."""
     model = build_model(cfg, model_cfg, spec.fp8, spec.kgrouped, device, spec.bf16_wgrad)
+    loss_cfg = tstep.LossConfig()
+    graphed = MicrobatchGraph(model, loss_cfg, cfg.microbatches, device) if spec.graphs else None
     # on the device once: a copy from pageable memory per micro-batch waits for the GPU
     tokens = tokens.to(device)
     label = spec.name
@@ -271,7 +278,6 @@ def one_run(
         moments_dtype=cfg.moments_dtype,
     )
     opt = zero.build_optimizer(model, optim)
-    loss_cfg = tstep.LossConfig()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     n_moe = len(tstep.moe_layers(model))
     bias_LE = torch.zeros(n_moe, model_cfg.n_routed_experts)
@@ -293,10 +299,16 @@ def one_run(
         # for the GPU after every forward
         loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64, device=device)
         loss_t = torch.zeros((), device=device)
+        if graphed is not None:
+            graphed.zero_outputs()
+            loss_t, loads_LE = graphed.loss_3[0], graphed.loads_LE
         with _profiled(profiled, device, counts, "forward_backward"):
             for mb in range(cfg.microbatches):
                 first = ((step * cfg.microbatches + mb) * mbs) * S1
                 batch = tokens[first : first + mbs * S1].view(mbs, S1).to(device)
+                if graphed is not None:
+                    graphed.run(batch)
+                    continue
                 with autocast:
                     parts = tstep.compute_loss(model, batch, loss_cfg)
                 (parts.total / cfg.microbatches).backward()
@@ -304,7 +316,9 @@ def one_run(
                 loads_LE += tstep.expert_loads_on_device(model)
         loss, loads_LE = float(loss_t), loads_LE.cpu()
         with _profiled(profiled, device, counts, "optimizer"):
-            tstep.apply_update(model, opt, step, optim)
+            tstep.apply_update(model, opt, step, optim, keep_grads=graphed is not None)
+            if graphed is not None:
+                graphed.refresh()
         bias_LE = bias_update(bias_LE, loads_LE, 0.001)
         tstep.set_biases(model, bias_LE)
         if cuda:
@@ -360,20 +374,23 @@ def one_run(
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: its name, FP8 or not, and how FP8's grouped experts make their weight
-    gradients (`kgrouped`: one FP8 k-grouped GEMM per projection; `bf16_wgrad`: the BF16
-    experts' grouped_wgrad on bf16 operands; neither: one FP8 GEMM per expert)."""
+    """One run: its name, FP8 or not, and how FP8 layers make their weight gradients
+    (`kgrouped`: the grouped experts' one FP8 k-grouped GEMM per projection; `bf16_wgrad`: every
+    FP8 layer's from bf16 operands, the experts' through BF16's grouped_wgrad; neither: one FP8
+    GEMM per expert and per layer)."""
 
     name: str
     fp8: bool
     kgrouped: bool = False
     bf16_wgrad: bool = False
+    graphs: bool = False  # each micro-batch replayed from a CUDA graph (train/graphs.py)
 
 
 def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
     """Each run, in order: BF16, FP8, and where grouped FP8 applies (CUDA by default) FP8 with
     the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`) and FP8 with BF16 expert weight
-    gradients; `cfg.runs` picks a subset by name (RUN_NAMES; BenchConfig checks it)."""
+    gradients; `cfg.runs` picks a subset by name (RUN_NAMES; BenchConfig checks it), each name
+    with `-graphs` appended the same run with its micro-batches replayed from a CUDA graph."""
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     kgrouped = device.type == "cuda" if cfg.kgrouped_wgrad is None else cfg.kgrouped_wgrad
     specs = [RunSpec("bf16", False), RunSpec("fp8", True)]
@@ -384,6 +401,12 @@ def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
             specs.append(RunSpec("fp8-bf16wgrad", True, bf16_wgrad=True))
     if cfg.runs is not None:
         wanted = cfg.runs.split(",")
+        graphed = [
+            replace(s, name=f"{s.name}{GRAPHS_SUFFIX}", graphs=True)
+            for s in specs
+            if f"{s.name}{GRAPHS_SUFFIX}" in wanted
+        ]
+        specs += graphed
         missing = [n for n in wanted if n not in {s.name for s in specs}]
         if missing:
             raise ValueError(
@@ -391,7 +414,8 @@ def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
                 f"{grouped_fp8}, k-grouped {kgrouped}); available: "
                 f"{', '.join(s.name for s in specs)}"
             )
-        specs = [s for s in specs if s.name in wanted]
+        by_name = {s.name: s for s in specs}
+        specs = [by_name[n] for n in wanted]
     return specs
 
 
@@ -467,12 +491,12 @@ def summarize(
     retries: list[dict],
 ) -> dict:
     """The result from the finished runs `got` (name -> one_run's numbers); comparisons with a
-    run not (yet) finished are None."""
+    run not (yet) finished are None. Each run is compared with BF16 (`vs_run`): a graphed one
+    with graphed BF16 where that ran."""
     tokens_per_step = cfg.microbatches * cfg.micro_batch_size * cfg.seq_len
     flops = train_flops_per_token(model_cfg, cfg.seq_len)
     peak = datasheet_peak(device_name()) if cfg.device == "cuda" else None
     last = min(5, cfg.steps)
-    bf16 = got.get("bf16")
     runs_out = {}
     for name, r in got.items():
         tps = tokens_per_step / r["step_time_s"]
@@ -484,11 +508,17 @@ def summarize(
             "final_loss": r["losses"][-1],
             "losses": r["losses"],
         }
-        if bf16 is not None and name != "bf16":
-            tail, tail_bf16 = (sum(x["losses"][-last:]) / last for x in (r, bf16))
-            out["step_time_vs_bf16"] = r["step_time_s"] / bf16["step_time_s"]
+        # a graphed run against graphed BF16 where there is one: the same host path
+        base_name = "bf16"
+        if name.endswith(GRAPHS_SUFFIX) and name != f"bf16{GRAPHS_SUFFIX}":
+            base_name = f"bf16{GRAPHS_SUFFIX}" if f"bf16{GRAPHS_SUFFIX}" in got else "bf16"
+        base = got.get(base_name)
+        if base is not None and name != base_name:
+            tail, tail_bf16 = (sum(x["losses"][-last:]) / last for x in (r, base))
+            out["vs_run"] = base_name
+            out["step_time_vs_bf16"] = r["step_time_s"] / base["step_time_s"]
             out["loss_rel_diff_vs_bf16"] = (
-                abs(r["losses"][-1] - bf16["losses"][-1]) / bf16["losses"][-1]
+                abs(r["losses"][-1] - base["losses"][-1]) / base["losses"][-1]
             )
             out[f"loss_rel_diff_vs_bf16_mean_last{last}"] = abs(tail - tail_bf16) / tail_bf16
         runs_out[name] = out

@@ -216,11 +216,15 @@ def apply_update(
     step: int,
     cfg: OptimConfig,
     total_norm: float | None = None,
+    keep_grads: bool = False,
 ) -> tuple[float, float]:
-    """Clip, set this step's learning rate, step the optimizer; returns (grad norm, lr).
+    """Clip, set this step's learning rate, step the optimizer, clear the gradients; returns
+    (grad norm, lr).
 
     `total_norm`: the global gradient norm when parameters are sharded over ranks (every rank
     must scale by the same factor or the replicas drift apart); None computes it locally.
+    `keep_grads`: the gradients are zeroed in place instead of set to None (a captured CUDA
+    graph adds into them by address: `train/graphs.py`).
     """
     params = [p for p in model.parameters() if p.grad is not None]
     fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
@@ -233,7 +237,7 @@ def apply_update(
         norm_t = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         grad_scale = ((norm_t.float() + 1e-6) / cfg.clip).clamp(min=1.0)
         optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
-        lr = _step(optimizer, step, cfg, fused)
+        lr = _step(optimizer, step, cfg, fused, keep_grads)
         return float(norm_t), lr
     if total_norm is None:
         norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
@@ -252,12 +256,15 @@ def apply_update(
         for p in params:
             assert p.grad is not None  # params holds only parameters with a gradient
             p.grad.mul_(scale)
-    return norm, _step(optimizer, step, cfg, fused)
+    return norm, _step(optimizer, step, cfg, fused, keep_grads)
 
 
-def _step(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, fused: bool) -> float:
-    """Set this step's learning rate, step the optimizer (its `grad_scale` cleared after), zero
-    the gradients; returns the learning rate."""
+def _step(
+    optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, fused: bool, keep_grads: bool
+) -> float:
+    """Set this step's learning rate, step the optimizer (its `grad_scale` cleared after), clear
+    the gradients (zeroed in place with `keep_grads`, else set to None); returns the learning
+    rate."""
     lr = learning_rate(step, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -266,7 +273,7 @@ def _step(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, fused: 
     finally:
         if fused:
             optimizer.grad_scale = None  # type: ignore[attr-defined]
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     return lr
 
 

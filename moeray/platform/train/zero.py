@@ -191,11 +191,14 @@ class ShardedAdamW(torch.optim.AdamW):
                 st["step"] = st["step"].to("cpu", torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            # one launch per ~hundred tensors instead of one per parameter
+            grads = [p.grad for p in self.all_params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+            return
         for p in self.all_params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -1,0 +1,87 @@
+"""Training with micro-batches replayed from a CUDA graph (train/graphs.py) against the same
+training run eagerly: the same losses and weights after several optimizer steps (the replays add
+into the gradients, and read weights re-made after each step), for BF16, FP8 experts and FP8
+everywhere with BF16 weight gradients. Marker gpu."""
+
+import pytest
+import torch
+
+from moeray.platform.train import bench_one, zero
+from moeray.platform.train import step as tstep
+from moeray.platform.train.bench_common import BenchConfig
+from moeray.platform.train.graphs import MicrobatchGraph
+from tests.gpu.test_train_one_gpu import CFG, DEV  # tiny, every FP8 GEMM's K a multiple of 128
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+STEPS, MICRO = 3, 3
+
+
+def _train(graphs: bool, fp8: bool, scope: str, tokens_SMBT: torch.Tensor):
+    """STEPS optimizer steps of MICRO micro-batches, the bench's model and step; per-step losses,
+    the final weights and the model (with its graph runner)."""
+    cfg = BenchConfig(device="cuda", pp=1, fp8_scope=scope)
+    model = bench_one.build_model(cfg, CFG, fp8, False, DEV, bf16_wgrad=fp8)
+    # lr 1e-2: each step moves the loss by ~0.1-0.3, so a replay reading last step's weights
+    # (a WeightCache entry not re-made) would miss the eager losses by far more than the 1e-3
+    # the comparisons allow
+    optim = tstep.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=STEPS, moments_dtype="bfloat16")
+    opt = zero.build_optimizer(model, optim)
+    loss_cfg = tstep.LossConfig()
+    graph = MicrobatchGraph(model, loss_cfg, MICRO, DEV) if graphs else None
+    losses = []
+    for step in range(STEPS):
+        loss_t = torch.zeros((), device=DEV)
+        if graph is not None:
+            graph.zero_outputs()
+        for mb in range(MICRO):
+            if graph is not None:
+                graph.run(tokens_SMBT[step, mb])
+                continue
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                parts = tstep.compute_loss(model, tokens_SMBT[step, mb], loss_cfg)
+            (parts.total / MICRO).backward()
+            loss_t += parts.values_3[0] / MICRO
+        losses.append(float(graph.loss_3[0] if graph is not None else loss_t))
+        tstep.apply_update(model, opt, step, optim, keep_grads=graph is not None)
+        if graph is not None:
+            graph.refresh()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, weights, model, graph
+
+
+@pytest.mark.parametrize(
+    "fp8, scope",
+    [(False, "all"), (True, "experts"), (True, "all")],
+    ids=["bf16", "fp8-experts", "fp8-all-bf16wgrad"],
+)
+def test_graphed_training_equals_eager(fp8, scope):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, CFG.vocab_size, (STEPS, MICRO, 2, 65), generator=g).to(DEV)
+    want, w_want, _, _ = _train(False, fp8, scope, tokens)
+    got, w_got, model, graph = _train(True, fp8, scope, tokens)
+    assert graph is not None and graph.graph is not None  # captured, then replayed
+    assert want[-1] < want[0] - 0.05  # the run trains: losses move step to step
+    assert got == pytest.approx(want, rel=1e-3)
+    for name, w in w_want.items():
+        rel = ((w_got[name] - w).norm() / w.norm().clamp(min=1e-12)).item()
+        assert rel < 1e-3, (name, rel)
+    # a replay now computes what an eager forward of the current weights computes
+    graph.zero_outputs()
+    graph.run(tokens[0, 0])
+    replayed = float(graph.loss_3[0]) * MICRO
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = float(tstep.compute_loss(model, tokens[0, 0], tstep.LossConfig()).values_3[0])
+    assert replayed == pytest.approx(eager, rel=1e-3)
+
+
+def test_a_graph_refuses_another_token_shape():
+    cfg = BenchConfig(device="cuda", pp=1)
+    model = bench_one.build_model(cfg, CFG, False, False, DEV)
+    graph = MicrobatchGraph(model, tstep.LossConfig(), 1, DEV)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 33), device=DEV)
+    graph.run(tokens)
+    with pytest.raises(ValueError, match=r"tokens \(2, 17\): this graph was captured for "):
+        graph.run(tokens[:, :17])
