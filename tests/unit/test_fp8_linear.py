@@ -309,3 +309,22 @@ def test_fp8_split_linear_with_bf16_wgrad_takes_the_bf16_layers_weight_grad():
     _, _, dw_bf16 = run(False, False)
     assert torch.equal(y, y8) and torch.equal(dx, dx8)  # FP8 forward and input grad
     assert torch.equal(dw, dw_bf16) and not torch.equal(dw, dw8)  # BF16 weight grad
+
+
+def test_weight_caches_finds_every_cache_of_a_model():
+    """`weight_caches` (what a graphed step refreshes) finds the split linears' caches and the
+    routed experts' (held by their `mlp_fn`): a cache left out is read stale by every replay."""
+    from moeray.platform.config import tiny
+    from moeray.platform.model.moe import Experts
+    from moeray.platform.model.transformer import Transformer
+    from moeray.platform.parallel.experts_mlp import enable_grouped_experts
+    from moeray.platform.parallel.weight_grad import SplitLinear, enable_split_linears
+
+    model = Transformer(tiny())
+    fp8.enable_fp8_training(model, "experts")
+    enable_grouped_experts(model, grouped_fp8=False)
+    enable_split_linears(model)
+    want = {id(m.mlp_fn.cache) for m in model.modules() if isinstance(m, Experts)}
+    want |= {id(m.cache) for m in model.modules() if isinstance(m, SplitLinear)}
+    assert len(want) > 2 and None not in want
+    assert {id(c) for c in fp8.weight_caches(model)} == want

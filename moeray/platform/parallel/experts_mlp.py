@@ -548,6 +548,11 @@ class ExpertsMLP(functools.partial):
     asks for no layout: the rows then go through PyTorch's gather and the experts pad and unpad
     them themselves."""
 
+    @property
+    def cache(self) -> f8.WeightCache | None:
+        """The WeightCache the experts' GEMMs read their weights from (`fp8.weight_caches`)."""
+        return self.keywords.get("cache")
+
     def layout(self, x_TD: torch.Tensor, counts_E: torch.Tensor, A: int) -> GroupedExperts | None:
         if switched_off("MOE_PADFREE"):
             return None
