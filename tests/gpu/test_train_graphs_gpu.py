@@ -24,9 +24,9 @@ def _train(graphs: bool, fp8: bool, scope: str, tokens_SMBT: torch.Tensor):
     the final weights and the model (with its graph runner)."""
     cfg = BenchConfig(device="cuda", pp=1, fp8_scope=scope)
     model = bench_one.build_model(cfg, CFG, fp8, False, DEV, bf16_wgrad=fp8)
-    # lr 1e-2: each step moves the loss by ~0.1-0.3, so a replay reading last step's weights
-    # (a WeightCache entry not re-made) would miss the eager losses by far more than the 1e-3
-    # the comparisons allow
+    # lr 1e-2: each step moves the loss by ~0.1 (up, on this tiny model), so a replay reading
+    # last step's weights (a WeightCache entry not re-made) would miss the eager losses by far
+    # more than the 1e-3 the comparisons allow
     optim = tstep.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=STEPS, moments_dtype="bfloat16")
     opt = zero.build_optimizer(model, optim)
     loss_cfg = tstep.LossConfig()
@@ -64,7 +64,8 @@ def test_graphed_training_equals_eager(fp8, scope):
     want, w_want, _, _ = _train(False, fp8, scope, tokens)
     got, w_got, model, graph = _train(True, fp8, scope, tokens)
     assert graph is not None and graph.graph is not None  # captured, then replayed
-    assert want[-1] < want[0] - 0.05  # the run trains: losses move step to step
+    # the weights move enough that a replay reading a step-old weight would show in the loss
+    assert abs(want[-1] - want[0]) > 0.05, want
     assert got == pytest.approx(want, rel=1e-3)
     for name, w in w_want.items():
         rel = ((w_got[name] - w).norm() / w.norm().clamp(min=1e-12)).item()

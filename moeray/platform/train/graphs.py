@@ -46,8 +46,9 @@ class MicrobatchGraph:
         loss_cfg: tstep.LossConfig,
         microbatches: int,
         device: torch.device,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
+        """`dtype`: the autocast dtype the forward runs under; None: no autocast."""
         if device.type != "cuda":
             raise ValueError(f"MicrobatchGraph needs a CUDA device, got {device}")
         self.model, self.loss_cfg, self.microbatches = model, loss_cfg, microbatches
@@ -70,8 +71,12 @@ class MicrobatchGraph:
         docstring). Returns the entries re-made."""
         return sum(c.refresh() for c in self.caches)
 
-    def run(self, tokens_BS1: torch.Tensor) -> None:
-        """Forward and backward of one micro-batch, adding into the gradients and the outputs."""
+    def run(self, tokens_BS1: torch.Tensor, loss_cfg: tstep.LossConfig | None = None) -> None:
+        """Forward and backward of one micro-batch, adding into the gradients and the outputs.
+        `loss_cfg`: this step's loss (a schedule may change the MTP weight); a new one is
+        captured anew (the graph holds the weights as constants), the old graph released."""
+        if loss_cfg is not None and loss_cfg != self.loss_cfg:
+            self.loss_cfg, self.graph = loss_cfg, None
         if self.graph is None:
             self._first(tokens_BS1)
             return
@@ -86,7 +91,8 @@ class MicrobatchGraph:
 
     def _body(self) -> None:
         assert self.tokens is not None
-        with torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False):
+        on = self.dtype is not None
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=on, cache_enabled=False):
             parts = tstep.compute_loss(self.model, self.tokens, self.loss_cfg)
         (parts.total / self.microbatches).backward()
         self.loss_3.add_(parts.values_3 / self.microbatches)
