@@ -114,7 +114,11 @@ class MicrobatchGraph:
         named = self.model.named_parameters()
         grads = {n: p.grad.data_ptr() for n, p in named if p.grad is not None}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA calls stay legal during the capture. In the default
+        # global mode, a call from another thread (the NCCL process group's watchdog polling its
+        # events, in a Ray Train worker) invalidated the capture, and the next launch failed
+        # ("Pointer argument cannot be accessed from Triton").
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._body()  # recorded, not run: the eager pass above did this micro-batch
         # AccumulateGrad adds out of place (a new tensor assigned to .grad) when something else
         # holds a reference to the gradient: replays would then add into a tensor that is no
