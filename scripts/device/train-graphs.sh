@@ -3,7 +3,8 @@
 # --pp 1` at Moonlight widths (as train-1gpu.sh): FP8 for every projection with BF16 weight
 # gradients, graphed and not, against BF16 graphed and not; then FP8 for the routed experts only,
 # graphed -> $OUT/train-1gpu-<gpu>-graphs-{all,experts}.json. 1 GPU, ~9 min. Overrides: LAYERS
-# (auto), STEPS (8), RUNS_ALL, LIMIT_ALL (300 s), RUNS_EXPERTS (empty: skipped), SKIP_TESTS=1;
+# (auto), STEPS (8), SCOPES ("all experts"), RUNS_ALL, RUNS_EXPERTS, LIMIT (300 s a bench),
+# SKIP_TESTS=1;
 # EXTRA_TESTS: more test files for the same pytest run (tests/gpu/test_train_job_gpu.py needs
 # the Ray bundle: carry .gpu-bundle).
 rc=0
@@ -37,8 +38,9 @@ for f in glob.glob(f"{sys.argv[1]}/train-1gpu-*-graphs-{sys.argv[2]}.json"):
 PY
   return $r
 }
-bench all ${RUNS_ALL:-bf16,bf16-graphs,fp8-bf16wgrad,fp8-bf16wgrad-graphs} ${LIMIT_ALL:-300} || rc=1
-if [ "${RUNS_EXPERTS-x}" != "" ]; then  # RUNS_EXPERTS= (empty) skips it
-  bench experts ${RUNS_EXPERTS:-bf16,fp8-bf16wgrad-graphs} 200 || rc=1
-fi
+for scope in ${SCOPES:-all experts}; do
+  if [ "$scope" = all ]; then runs=${RUNS_ALL:-bf16,bf16-graphs,fp8-bf16wgrad,fp8-bf16wgrad-graphs}
+  else runs=${RUNS_EXPERTS:-bf16,fp8-bf16wgrad-graphs}; fi
+  bench $scope $runs ${LIMIT:-300} || rc=1
+done
 exit $rc
