@@ -1,7 +1,7 @@
-"""Training with micro-batches replayed from a CUDA graph (train/graphs.py) against the same
-training run eagerly: the same losses and weights after several optimizer steps (the replays add
-into the gradients, and read weights re-made after each step), for BF16, FP8 experts and FP8
-everywhere with BF16 weight gradients. Marker gpu."""
+"""Training with micro-batches replayed from CUDA graphs (train/graphs.py) against the same
+training run eagerly: the same losses and weights after several optimizer steps (a step's first
+replay writes the gradients, the others add, and every replay reads the weights re-made after
+each step), for BF16, FP8 experts and FP8 everywhere with BF16 weight gradients. Marker gpu."""
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ def _train(graphs: bool, fp8: bool, scope: str, tokens_SMBT: torch.Tensor):
     for step in range(STEPS):
         loss_t = torch.zeros((), device=DEV)
         if graph is not None:
-            graph.zero_outputs()
+            graph.start_step()
         for mb in range(MICRO):
             if graph is not None:
                 graph.run(tokens_SMBT[step, mb])
@@ -63,7 +63,9 @@ def test_graphed_training_equals_eager(fp8, scope):
     tokens = tokens.to(DEV)
     want, w_want, _, _ = _train(False, fp8, scope, tokens)
     got, w_got, model, graph = _train(True, fp8, scope, tokens)
-    assert graph is not None and graph.graph is not None  # captured, then replayed
+    # captured, then replayed: the first micro-batch's graph writes the gradients (a stale sum
+    # left from the step before would show below), the others' add into them
+    assert graph is not None and graph.first is not None and graph.rest is not None
     # the weights move enough that a replay reading a step-old weight would show in the loss
     assert abs(want[-1] - want[0]) > 0.05, want
     assert got == pytest.approx(want, rel=1e-3)
@@ -71,7 +73,7 @@ def test_graphed_training_equals_eager(fp8, scope):
         rel = ((w_got[name] - w).norm() / w.norm().clamp(min=1e-12)).item()
         assert rel < 1e-3, (name, rel)
     # a replay now computes what an eager forward of the current weights computes
-    graph.zero_outputs()
+    graph.start_step()
     graph.run(tokens[0, 0])
     replayed = float(graph.loss_3[0]) * MICRO
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -79,7 +81,7 @@ def test_graphed_training_equals_eager(fp8, scope):
     assert replayed == pytest.approx(eager, rel=1e-3)
 
 
-def test_a_graph_refuses_another_token_shape():
+def test_a_graph_refuses_another_token_shape_and_a_loss_change_inside_a_step():
     cfg = BenchConfig(device="cuda", pp=1)
     model = bench_one.build_model(cfg, CFG, False, False, DEV)
     graph = MicrobatchGraph(model, tstep.LossConfig(), 1, DEV)
@@ -87,3 +89,5 @@ def test_a_graph_refuses_another_token_shape():
     graph.run(tokens)
     with pytest.raises(ValueError, match=r"tokens \(2, 17\): this graph was captured for "):
         graph.run(tokens[:, :17])
+    with pytest.raises(ValueError, match=r"loss config changed inside a step"):
+        graph.run(tokens, tstep.LossConfig(mtp_lambda=0.1))

@@ -300,7 +300,7 @@ def one_run(
         loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64, device=device)
         loss_t = torch.zeros((), device=device)
         if graphed is not None:
-            graphed.zero_outputs()
+            graphed.start_step()
             loss_t, loads_LE = graphed.loss_3[0], graphed.loads_LE
         with _profiled(profiled, device, counts, "forward_backward"):
             for mb in range(cfg.microbatches):

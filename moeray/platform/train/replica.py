@@ -181,14 +181,14 @@ class FlatReplica:
             if job.cuda_graphs
             else None
         )
-        # a captured graph adds into the gradients by address: zeroed in place, never None
+        # a captured graph writes and adds into the gradients by address: left in place
         self.keep_grads = self.graph is not None
 
     def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
         """Forward and backward on `batch` with `loss` (default: the job's), gradients synced."""
         loss = loss or self.job.loss
         if self.graph is not None:
-            self.graph.zero_outputs()
+            self.graph.start_step()
             self.graph.run(batch.to(self.device), loss)
             main, mtp, balance = self.graph.loss_3.tolist()
             loads = self.graph.loads_LE.cpu()

@@ -223,8 +223,8 @@ def apply_update(
 
     `total_norm`: the global gradient norm when parameters are sharded over ranks (every rank
     must scale by the same factor or the replicas drift apart); None computes it locally.
-    `keep_grads`: the gradients are zeroed in place instead of set to None (a captured CUDA
-    graph adds into them by address: `train/graphs.py`).
+    `keep_grads`: the gradients are left as they are instead of set to None (a captured CUDA
+    graph writes them by address, its step's first micro-batch overwriting: `train/graphs.py`).
     """
     params = [p for p in model.parameters() if p.grad is not None]
     fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
@@ -263,7 +263,7 @@ def _step(
     optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, fused: bool, keep_grads: bool
 ) -> float:
     """Set this step's learning rate, step the optimizer (its `grad_scale` cleared after), clear
-    the gradients (zeroed in place with `keep_grads`, else set to None); returns the learning
+    the gradients (left in place with `keep_grads`, else set to None); returns the learning
     rate."""
     lr = learning_rate(step, cfg)
     for g in optimizer.param_groups:
@@ -273,7 +273,8 @@ def _step(
     finally:
         if fused:
             optimizer.grad_scale = None  # type: ignore[attr-defined]
-    optimizer.zero_grad(set_to_none=not keep_grads)
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
     return lr
 
 
