@@ -146,10 +146,8 @@ class MicrobatchGraph:
         # the peak.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA calls stay legal during the capture. In the default
-        # global mode, a call from another thread (the NCCL process group's watchdog polling its
-        # events, in a Ray Train worker) invalidated the capture, and the next launch failed
-        # ("Pointer argument cannot be accessed from Triton").
+        # thread_local: other threads' CUDA calls (a process group's watchdog polling its events)
+        # stay legal during the capture; the default global mode forbids them process-wide.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._body()  # recorded, not run
         self.first = graph
