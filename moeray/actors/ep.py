@@ -27,7 +27,7 @@ import torch
 from moeray.actors.logs import log_to_stderr
 from moeray.actors.router import get_or_create_router
 from moeray.platform.config import ModelConfig, ServeConfig
-from moeray.platform.parallel.distributed import SERVE_CUDA_ENV, TIMEOUT_ENV
+from moeray.platform.parallel.distributed import GRAPHS_CUDA_ENV, TIMEOUT_ENV
 from moeray.platform.routing.live_placement import PlacementPolicy, serving_router_config
 from moeray.platform.serve.gang import EPRank, GangFront, RankFailed
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
@@ -187,7 +187,7 @@ def start_gang(
         ) from None
     env = {TIMEOUT_ENV: str(cfg.ep_timeout_s)}
     if cfg.gpus_per_replica:
-        env.update(SERVE_CUDA_ENV)  # before the rank's first CUDA call (init_distributed checks)
+        env.update(GRAPHS_CUDA_ENV)  # before the rank's first CUDA call (init_distributed checks)
     rank_cls = ray.remote(EPRank)
     # Any: Ray's stubs type an actor method as the plain function (no .remote).
     actors: list[Any] = [

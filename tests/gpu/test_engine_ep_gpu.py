@@ -1,6 +1,6 @@
 """The expert-parallel engine on CUDA (NCCL): `--ep 1` runs the same lockstep and all-to-all code
 as a gang, and its greedy output equals the plain engine's; with 2 GPUs, ep=2 too. Marker gpu;
-skipped without CUDA. Ranks start with SERVE_CUDA_ENV (torch's caching allocator: decode graphs
+skipped without CUDA. Ranks start with GRAPHS_CUDA_ENV (torch's caching allocator: decode graphs
 capture Triton kernels, parallel/distributed.py)."""
 
 import dataclasses
@@ -17,7 +17,7 @@ from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
-from moeray.platform.parallel.distributed import SERVE_CUDA_ENV, init_distributed
+from moeray.platform.parallel.distributed import GRAPHS_CUDA_ENV, init_distributed
 from moeray.platform.parallel.serve_ep import ExpertStack
 from moeray.platform.parallel.serve_placement import PROJS
 from moeray.platform.placement import place_experts
@@ -62,7 +62,7 @@ def _plain() -> list[list[int]]:
 
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     dev = torch.device("cuda", rank)
-    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, SERVE_CUDA_ENV)
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, GRAPHS_CUDA_ENV)
     try:
         engine = ExpertParallelEngine(_model(str(dev)), ECONF)
         mine = list(range(rank, len(_prompts()), world))
@@ -131,7 +131,7 @@ def _rank_placed(rank: int, world: int, port: int, out_dir: str) -> None:
     """As _rank, with a switch to a placement with redundant slots after the gang's third step
     (experts this rank did not hold come from a full CPU copy of the model)."""
     dev = torch.device("cuda", rank)
-    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, SERVE_CUDA_ENV)
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, GRAPHS_CUDA_ENV)
     try:
         full = _model("cpu").moe_layers()
         engine = ExpertParallelEngine(_model(str(dev)), ECONF, expert_source=_source_from(full))
@@ -162,7 +162,7 @@ def _rank_graphs(rank: int, world: int, port: int, out_dir: str) -> None:
     """A bf16 gang whose decode forwards replay captured graphs; after its third step it switches
     to a placement with two redundant slots per rank, which captures the graphs again."""
     dev = torch.device("cuda", rank)
-    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, SERVE_CUDA_ENV)
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, GRAPHS_CUDA_ENV)
     try:
         full = _bf16("cpu").moe_layers()
         engine = ExpertParallelEngine(

@@ -14,7 +14,7 @@ from moeray.platform.config import tiny
 from moeray.platform.parallel.distributed import (
     CUDA_ENV,
     DEFAULT_TIMEOUT_S,
-    SERVE_CUDA_ENV,
+    GRAPHS_CUDA_ENV,
     TIMEOUT_ENV,
     Topology,
     apply_cuda_env,
@@ -277,9 +277,9 @@ def test_cuda_env_is_set_before_the_context(monkeypatch):
 def test_serving_ranks_keep_the_caching_allocator():
     # serving ranks capture Triton kernels in decode graphs, which cudaMallocAsync breaks
     env = {"CUDA_MODULE_LOADING": "LAZY"}
-    apply_cuda_env(env, SERVE_CUDA_ENV)
+    apply_cuda_env(env, GRAPHS_CUDA_ENV)
     assert env["CUDA_MODULE_LOADING"] == "EAGER" and "PYTORCH_CUDA_ALLOC_CONF" not in env
-    assert SERVE_CUDA_ENV.items() < CUDA_ENV.items()
+    assert GRAPHS_CUDA_ENV.items() < CUDA_ENV.items()
 
 
 def test_cuda_worker_refuses_the_native_allocator(monkeypatch):

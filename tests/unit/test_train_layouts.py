@@ -149,6 +149,12 @@ def test_every_fitting_layout_is_accepted_and_gpu_needs_no_pipeline():
         ({"pp": 5, "schedule": "1f1b", "microbatches": 1}, {}, r"pp=5 stages need"),
         ({"dp": 3}, {}, r"global_batch=8 must be a multiple of the 3 data shards"),
         ({"dp": 0}, {}, r"parallel sizes must be >= 1"),
+        ({}, {"cuda_graphs": True}, r"cuda_graphs=true needs use_gpu=true.*use_gpu=False"),
+        (
+            {"ep": 2},
+            {"cuda_graphs": True, "use_gpu": True},
+            r"cuda_graphs=true needs .*one rank.*got use_gpu=True, pp=1, ep=2, dp=1",
+        ),
     ],
 )
 def test_bad_layouts_are_refused_before_any_worker(parallel, config, match):

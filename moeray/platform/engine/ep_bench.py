@@ -40,7 +40,7 @@ from moeray.platform import config as presets
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
 from moeray.platform.engine.sampler import SamplingParams
-from moeray.platform.parallel.distributed import SERVE_CUDA_ENV, init_distributed
+from moeray.platform.parallel.distributed import GRAPHS_CUDA_ENV, init_distributed
 from moeray.platform.parallel.serve_ep import DECODE_EXCHANGES, check_decode_exchange
 from moeray.platform.placement import gpu_loads, identity_placement, place_experts
 from moeray.platform.rank_weights import dummy_model, rank_experts
@@ -170,7 +170,7 @@ def _plain(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out
 
 def _rank(rank: int, world: int, cfg: WideEPConfig, device: str, port: int, out: str) -> None:
     dev = _device(device, rank)
-    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, SERVE_CUDA_ENV)
+    init_distributed(rank, world, f"tcp://127.0.0.1:{port}", dev, GRAPHS_CUDA_ENV)
     try:
         engine = ExpertParallelEngine(
             _model(cfg, dev, rank, world),
@@ -224,11 +224,11 @@ def placement_ratios(
 
 def _spawn(world: int, cfg: WideEPConfig, device: str, tmp: str, fn=_rank) -> None:
     """Run the `world` rank processes (fn: _rank, or _plain with world 1). On CUDA they start
-    with SERVE_CUDA_ENV (parallel/distributed.py: read at CUDA's start); this process's
+    with GRAPHS_CUDA_ENV (parallel/distributed.py: read at CUDA's start); this process's
     environment is put back after the start, since its own CUDA may have read the old values."""
-    saved = {k: os.environ.get(k) for k in SERVE_CUDA_ENV}
+    saved = {k: os.environ.get(k) for k in GRAPHS_CUDA_ENV}
     if device == "cuda":
-        os.environ.update(SERVE_CUDA_ENV)
+        os.environ.update(GRAPHS_CUDA_ENV)
     try:
         mp.spawn(fn, args=(world, cfg, device, _free_port(), tmp), nprocs=world, join=True)
     finally:

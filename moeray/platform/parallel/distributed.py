@@ -115,18 +115,21 @@ CUDA_ENV = {
     "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
 }
 
-# The CUDA environment of a serving EP rank: CUDA_ENV without the allocator choice. A serving rank
+# The CUDA environment of a process that captures CUDA graphs (a serving EP rank, a training job
+# with `cuda_graphs`): CUDA_ENV without the allocator choice. A serving rank
 # captures its decode steps, Triton kernels included, as CUDA graphs; under cudaMallocAsync the
 # tensors allocated inside a capture have no address until the graph first launches, and Triton's
 # launcher refuses them ("Pointer argument cannot be accessed from Triton"), so no decode graph
-# could be captured (H200, torch 2.11, Triton 3.6). torch's caching allocator gives captured
-# tensors real addresses from the graph's private pool. Its cudaMalloc runs only at a new peak,
-# which a rank reaches while capturing and in its first prefills, before the gang serves traffic.
-SERVE_CUDA_ENV = {k: v for k, v in CUDA_ENV.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+# could be captured (H200, torch 2.11, Triton 3.6); a graphed training step failed the same way at
+# its first RMSNorm. torch's caching allocator gives captured tensors real addresses from the
+# graph's private pool. Its cudaMalloc runs only at a new peak, which a rank reaches while
+# capturing and in its first prefills, before the gang serves traffic (a graphed training job
+# has one rank: no peer to wait on).
+GRAPHS_CUDA_ENV = {k: v for k, v in CUDA_ENV.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
 
 
 def apply_cuda_env(environ, cuda_env: Mapping[str, str] = CUDA_ENV) -> None:
-    """Put `cuda_env` (CUDA_ENV or SERVE_CUDA_ENV) into `environ` (os.environ); a ValueError if
+    """Put `cuda_env` (CUDA_ENV or GRAPHS_CUDA_ENV) into `environ` (os.environ); a ValueError if
     this process's CUDA context already exists, since the settings would then be silently
     ignored."""
     if torch.cuda.is_initialized() and any(environ.get(k) != v for k, v in cuda_env.items()):
@@ -151,7 +154,7 @@ def init_distributed(
     splits its communicator from it eagerly (all ranks of the world take part in each split,
     members or not, so every rank must make every group in one order: `PipelineGroups.create`).
     `cuda_env`: CUDA_ENV for training workers (the stream-ordered allocator is then required),
-    SERVE_CUDA_ENV for serving ranks.
+    GRAPHS_CUDA_ENV for serving ranks.
     Without the binding NCCL guesses the device from the global rank and builds communicators
     lazily at each group's first op."""
     timeout = datetime.timedelta(seconds=dist_timeout_s())

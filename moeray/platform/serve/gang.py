@@ -35,7 +35,7 @@ import torch
 
 from moeray.platform.config import ServeConfig
 from moeray.platform.engine.ep import ExpertParallelEngine
-from moeray.platform.parallel.distributed import SERVE_CUDA_ENV, init_distributed
+from moeray.platform.parallel.distributed import GRAPHS_CUDA_ENV, init_distributed
 from moeray.platform.parallel.serve_ep import expert_loads, rows_computed
 from moeray.platform.placement import Placement
 from moeray.platform.rank_weights import CheckpointExperts, LoadReport, load_rank_model
@@ -103,7 +103,7 @@ class EPRank:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        init_distributed(self.rank, self.world, init_method, dev, SERVE_CUDA_ENV)
+        init_distributed(self.rank, self.world, init_method, dev, GRAPHS_CUDA_ENV)
         _config, model, self.report = load_rank_model(
             cfg.model,
             self.rank,

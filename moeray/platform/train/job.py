@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 
 from moeray.platform.checkpoint import TOKENIZER_FILES
 from moeray.platform.config import PRESETS
-from moeray.platform.parallel.distributed import CUDA_ENV, dist_timeout_s
+from moeray.platform.parallel.distributed import CUDA_ENV, GRAPHS_CUDA_ENV, dist_timeout_s
 from moeray.platform.plan.check import check_train
 from moeray.platform.routing.state import RouterConfig
 from moeray.platform.train import data
@@ -129,8 +129,10 @@ def run(job: TrainJobConfig, filesystem: pafs.FileSystem | None = None) -> Stora
     if not ray.is_initialized():
         # under `ray job submit` RAY_ADDRESS points at the cluster; alone, this starts a local Ray.
         # The pipeline workers' CUDA settings must precede their CUDA contexts
-        # (distributed.CUDA_ENV).
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **CUDA_ENV}
+        # (distributed.CUDA_ENV); a graphed job keeps torch's caching allocator, under which
+        # captured tensors have addresses Triton accepts (distributed.GRAPHS_CUDA_ENV).
+        cuda_env = GRAPHS_CUDA_ENV if job.cuda_graphs else CUDA_ENV
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **cuda_env}
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
     world = job.parallel.world
     router_cfg = RouterConfig.from_model(

@@ -70,6 +70,9 @@ class TrainJobConfig:
     fp8: bool = False
     fp8_scope: str = "all"  # with fp8: every projection (all) or the routed experts only (experts)
     bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
+    # replay each step's forward and backward from a CUDA graph (train/graphs.py): the host
+    # launches one graph instead of ~8,000 kernels a Moonlight-width step. use_gpu, one rank
+    cuda_graphs: bool = False
     seed: int = 0
     use_gpu: bool = False
     router_name: str = ""  # default: moeray-router-<name>
@@ -109,6 +112,14 @@ class TrainJobConfig:
             )
         if min(p.pp, p.ep, p.dp) < 1:
             raise ValueError(f"parallel sizes must be >= 1, got {p}")
+        if self.cuda_graphs and not (self.use_gpu and p.pp == p.ep == p.dp == 1):
+            # Expert parallelism's all-to-alls and the pipeline's sends run inside the forward;
+            # and a graphed job keeps torch's caching allocator, whose cudaMalloc waits for the
+            # GPU to idle, which deadlocks ranks waiting on each other (parallel/distributed.py).
+            raise ValueError(
+                f"cuda_graphs=true needs use_gpu=true and one rank (parallel.pp=ep=dp=1), got "
+                f"use_gpu={self.use_gpu}, pp={p.pp}, ep={p.ep}, dp={p.dp}"
+            )
         if self.data.global_batch % p.shards:
             raise ValueError(
                 f"data.global_batch={self.data.global_batch} must be a multiple of the "

@@ -277,8 +277,14 @@ def train_loop_per_worker(config: dict) -> None:
         loss_cfg = job.loss_at(step)  # this step's MTP weight (schedule.mtp_lambda)
         parts = replica.step(batch, loss_cfg)
         _, lr = tstep.apply_update(
-            replica.module, optimizer, step, job.optim, total_norm=parts.norm
+            replica.module,
+            optimizer,
+            step,
+            job.optim,
+            total_norm=parts.norm,
+            keep_grads=replica.keep_grads,
         )
+        replica.after_update()
         if ema is not None:
             ema.update()  # copies the new parameters to the CPU, folds them in on a thread
         loads = parts.loads_LE

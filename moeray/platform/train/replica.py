@@ -29,6 +29,7 @@ from moeray.platform.parallel.node_limited import enable_node_limited, node_topo
 from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.weight_grad import enable_split_linears
 from moeray.platform.train import step as tstep
+from moeray.platform.train.graphs import MicrobatchGraph
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.recompute import apply_recompute
 
@@ -174,16 +175,36 @@ class FlatReplica:
             model.load_state_dict(start.state_dict())
         self.module = parallelize(model, job, self.groups, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
+        dtype = torch.bfloat16 if job.bf16 else None
+        self.graph = (
+            MicrobatchGraph(self.module, job.loss, 1, torch.device(device), dtype)
+            if job.cuda_graphs
+            else None
+        )
+        # a captured graph writes and adds into the gradients by address: left in place
+        self.keep_grads = self.graph is not None
 
     def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
         """Forward and backward on `batch` with `loss` (default: the job's), gradients synced."""
-        with self.autocast:
-            parts = tstep.compute_loss(self.module, batch.to(self.device), loss or self.job.loss)
-        parts.total.backward()
+        loss = loss or self.job.loss
+        if self.graph is not None:
+            self.graph.start_step()
+            self.graph.run(batch.to(self.device), loss)
+            main, mtp, balance = self.graph.loss_3.tolist()
+            loads = self.graph.loads_LE.cpu()
+        else:
+            with self.autocast:
+                parts = tstep.compute_loss(self.module, batch.to(self.device), loss)
+            parts.total.backward()
+            main, mtp, balance = parts.values_3.tolist()
+            loads = tstep.expert_loads(self.module)
         norm = sync_gradients(self.module, self.groups)
-        return _StepParts(
-            parts.main, parts.mtp, parts.balance, norm, tstep.expert_loads(self.module)
-        )
+        return _StepParts(main, mtp, balance, norm, loads)
+
+    def after_update(self) -> None:
+        """After the optimizer step: a graph's cached weight forms re-made in place."""
+        if self.graph is not None:
+            self.graph.refresh()
 
     def set_biases(self, bias_LE) -> None:
         tstep.set_biases(self.module, bias_LE)
@@ -192,7 +213,8 @@ class FlatReplica:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(state)  # in place: a captured graph reads the same tensors
+        self.after_update()
 
     def full_state(self, state: dict | None = None) -> dict | None:
         return gather_full_state(self.module, self.groups, state)
@@ -223,11 +245,15 @@ class PipelineReplica:
             full_init=None if start is None else lambda m: m.load_state_dict(start.state_dict()),
         )
         self.module = self.pm.modules
+        self.keep_grads = False  # no graphs here (job_config: cuda_graphs needs pp = 1)
 
     def step(self, batch, loss: tstep.LossConfig | None = None) -> _StepParts:
         out = self.pm.forward_backward(batch, loss or self.job.loss)
         norm = self.pm.sync_gradients()
         return _StepParts(out.main_sum, out.mtp_sum, out.balance_sum, norm, out.loads_LE)
+
+    def after_update(self) -> None:
+        pass
 
     def set_biases(self, bias_LE) -> None:
         self.pm.set_biases(bias_LE)
