@@ -26,7 +26,7 @@
 #   wide-ep-v3         DeepSeek-V3 (61 layers, FP8) at ep=8, then 8 layers over 1-8 GPUs (8 GPUs)
 #   kv-serve           KV transports between two actors, P/D vs colocated Serve (2 GPUs, carry .gpu-bundle)
 #   train              `moeray bench train` PP=2 x EP=2 DualPipe, BF16 and FP8 (4 GPUs)
-#   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8 (1 GPU, ~6 min)
+#   train-1gpu         `moeray bench train --pp 1` Moonlight widths, BF16 vs FP8, eager and graphed (1 GPU, ~6 min)
 #   train-profile      a one-GPU training step's kernels by launching source line (1 GPU, ~3 min)
 #   train-graphs       one-GPU training replayed from CUDA graphs: GPU test + bench, FP8 experts/all (1 GPU, ~9 min)
 set -u
