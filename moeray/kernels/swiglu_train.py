@@ -211,7 +211,7 @@ def swiglu_train_applies(*tensors: torch.Tensor) -> bool:
 
 
 def use_fused_swiglu_train(*tensors: torch.Tensor) -> bool:
-    """The grouped experts' choice (platform/parallel/experts_mlp.py `_swiglu_fwd`, `_swiglu_bwd`):
+    """The grouped experts' choice (platform/parallel/experts_common.py `swiglu_fwd`, `swiglu_bwd`):
     CUDA tensors that `swiglu_train_applies` takes. Not the CPU interpreter, which tests choose
     by hand: for the length of a launch it patches triton.language and keeps the grid index in
     one global builder, and the pipeline executor runs stages in threads (under `pytest tests`,

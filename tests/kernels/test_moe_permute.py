@@ -441,6 +441,7 @@ def test_moe_layer_on_the_padded_layout_equals_the_padding_path(monkeypatch, lau
     from moeray.platform.model.moe import Experts
     from moeray.platform.parallel import experts_mlp as em
     from moeray.platform.parallel import grouped_experts as ge
+    from moeray.platform.parallel.experts_common import gate_up_fused
 
     settings, exact = PADDED_PATHS[path]
     monkeypatch.setattr(moe, "use_fused_moe_combine", moe_combine_applies)
@@ -503,7 +504,7 @@ def test_moe_layer_on_the_padded_layout_equals_the_padding_path(monkeypatch, lau
         # backward (two products where gate and up run apart: FP8 at I 160, not a multiple of
         # 128): four or five row copies of the layer's [A, D] a micro-batch, or none
         fp8 = settings.get("fp8", False)
-        apart = [] if em._gate_up_fused(params["gate_proj"], fp8) else ["unpad"]
+        apart = [] if gate_up_fused(params["gate_proj"], fp8) else ["unpad"]
         padding = ["pad", "unpad", "pad", "unpad", *apart] * 2
         assert copies == ([] if fn is em.ExpertsMLP else padding)
         results.append(

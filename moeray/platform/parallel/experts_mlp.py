@@ -5,12 +5,13 @@ Legend: A rows sorted by expert, P rows of the padded layout (each expert's rows
 D model width, I expert width, E local experts, N and K a GEMM's output and input widths.
 
 Three paths, picked per call (`_ExpertsMLPFn.forward`, by `_grouped_align`): with FP8 and
-`grouped_fp8`, the grouped FP8 kernel on the 128-aligned layout (`_GroupedFP8`); without FP8, one
-grouped GEMM per projection for all experts (`GroupedExperts`, grouped_experts.py: bf16 on CUDA,
-any dtype on CPU; its weight gradients one Triton k-grouped launch per projection where
-`use_grouped_wgrad`); otherwise one GEMM per expert (the block-scaled FP8 GEMMs of
-`platform/fp8.py`, or `weight_grad.py`'s padded matmuls). The grouped paths run gate and up as
-one [E, 2I, D] weight (`_gate_up_fused`): one GEMM forward, one input-grad GEMM over [dg, du].
+`grouped_fp8`, the grouped FP8 kernel on the 128-aligned layout (`experts_fp8.GroupedFP8`);
+without FP8, one grouped GEMM per projection for all experts (`GroupedExperts`,
+grouped_experts.py: bf16 on CUDA, any dtype on CPU; its weight gradients one Triton k-grouped
+launch per projection where `use_grouped_wgrad`); otherwise one GEMM per expert (the
+block-scaled FP8 GEMMs of `platform/fp8.py`, or `weight_grad.py`'s padded matmuls). The grouped
+paths run gate and up as one [E, 2I, D] weight (`experts_common.gate_up_fused`): one GEMM
+forward, one input-grad GEMM over [dg, du].
 
 The grouped paths take x and return y either as rows sorted by expert (padding them into their
 layout and back: `GroupedExperts.pad` / `unpad`, forward and backward) or, where the layout is
@@ -26,17 +27,22 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moeray.kernels import fp8 as k
 from moeray.kernels import swiglu_train as sw
 from moeray.kernels.common import switched_off
-from moeray.kernels.fp8.kgrouped import fp8_gemm_kgrouped
 from moeray.platform import fp8 as f8
 from moeray.platform.model.moe import Experts
+from moeray.platform.parallel.experts_common import (
+    grouped_wgrad_bf16,
+    stack_experts,
+    swiglu_bwd,
+    swiglu_fwd,
+    unpadded,
+    weight_grads_or_defer,
+)
+from moeray.platform.parallel.experts_fp8 import NO_GRAD_ARGS, GroupedFP8
 from moeray.platform.parallel.grouped_experts import GroupedExperts, row_segments
 from moeray.platform.parallel.weight_grad import (
     WeightGradStore,
-    accumulate_weight_grad,
-    grad_to_add_into,
     linear_gemms,
 )
 
@@ -45,30 +51,6 @@ def _cast(w: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype, cache)
     """w in the GEMMs' dtype, from `cache` (an fp8.WeightCache) when there is one; a tuple as its
     concatenation along N (gate and up as one [E, 2I, D] weight)."""
     return f8.cast_cat(w, dtype) if cache is None else cache.cast(w, dtype)
-
-
-def _swiglu_fwd(g_PI: torch.Tensor, u_PI: torch.Tensor, *, quant: bool = False):
-    """The grouped paths' h = silu(g) * u, with quant also act_quant(h, scale_col_major=True): one
-    launch where `use_fused_swiglu_train` allows (CUDA; MOERAY_FUSED_SWIGLU_TRAIN=0: PyTorch's)."""
-    fused = sw.use_fused_swiglu_train(g_PI, u_PI)
-    return (sw.swiglu_fwd if fused else sw.swiglu_fwd_ref)(g_PI, u_PI, quant=quant)
-
-
-def _swiglu_bwd(dh_PI, g_PI, u_PI, *, quant=False, cat=False):
-    """(dg, du) of `_swiglu_fwd`'s h, with quant also each one's act_quant, chosen as there; cat:
-    side by side as one [P, 2I] tensor (the input-grad GEMM of gate and up as one weight)."""
-    fused = sw.use_fused_swiglu_train(dh_PI, g_PI, u_PI)
-    return (sw.swiglu_bwd if fused else sw.swiglu_bwd_ref)(dh_PI, g_PI, u_PI, quant=quant, cat=cat)
-
-
-def _gate_up_fused(w1_EID: torch.Tensor, fp8: bool) -> bool:
-    """Whether the grouped paths run gate and up as one [E, 2I, D] weight (one GEMM forward, one
-    input-grad GEMM over [dg, du] with no add after it, one quantization of [dg, du]): always in
-    BF16, in FP8 where I is a multiple of 128 (no 128x128 block straddles the two). At
-    Moonlight's MoE layer on the H200 the one GEMM of N 2I = 2816 ran 0.775 ms against 2 x
-    0.382 (FP8) and 0.987 against 2 x 0.490 (BF16), and dx's add (3 passes of [P, D] bf16, ~0.2
-    ms a layer-micro-batch) goes (benchmarks/results/grouped-gemm-probe-nvidia-h200.json)."""
-    return not fp8 or w1_EID.shape[1] % 128 == 0
 
 
 class _ExpertsMLPFn(torch.autograd.Function):
@@ -81,7 +63,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
     GFLOP/token: host-bound (benchmarks/notes-train.md). Here the SwiGLU runs once over all rows,
     and the weight gradients of all experts are one deferred closure and one accumulation per
     stacked weight. GEMMs (module docstring): without FP8 one grouped GEMM per projection for all
-    experts (`GroupedExperts`); with FP8 the grouped FP8 kernel (`_GroupedFP8`) or the per-expert
+    experts (`GroupedExperts`); with FP8 the grouped FP8 kernel (`GroupedFP8`) or the per-expert
     block-scaled GEMMs of split_linear (padded on CUDA as there). Gradients equal the loop's (unit
     tests): the same products on the same rows.
     """
@@ -132,14 +114,14 @@ class _ExpertsMLPFn(torch.autograd.Function):
         ctx.kgrouped_wgrad, ctx.bf16_wgrad = kgrouped_wgrad, bf16_wgrad
         if ctx.grouped_fp8:
             with torch.autocast(dev, enabled=False):
-                return _GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act, layout)
+                return GroupedFP8.forward(ctx, x_AD, w1_EID, w3_EID, w2_EDI, act, layout)
         if ctx.grouped:
             with torch.autocast(dev, enabled=False):
                 grp = GroupedExperts(x_AD, rows) if layout is None else layout
                 w13, w2 = _cast((w1_EID, w3_EID), act, cache), _cast(w2_EDI, act, cache)
                 x_PD = x_AD.to(act) if ctx.padded else grp.pad(x_AD.to(act))
                 g_PI, u_PI = grp.mm(x_PD, w13.transpose(-2, -1)).chunk(2, dim=1)
-                h_PI = _swiglu_fwd(g_PI, u_PI)
+                h_PI = swiglu_fwd(g_PI, u_PI)
                 y_PD = grp.mm(h_PI, w2.transpose(-2, -1))
                 y_AD = y_PD if ctx.padded else grp.unpad(y_PD)
             ctx.grp = grp
@@ -172,7 +154,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_AD):
         if ctx.grouped_fp8:
-            return _GroupedFP8.backward(ctx, dy_AD)
+            return GroupedFP8.backward(ctx, dy_AD)
         if ctx.grouped:
             return _ExpertsMLPFn._grouped_backward(ctx, dy_AD)
         x_AD, g_AI, u_AI, h_AI, w1, w3, w2 = ctx.saved_tensors
@@ -192,7 +174,7 @@ class _ExpertsMLPFn(torch.autograd.Function):
                         e: f8.wgrad_gemm_pair(dg[sl], du[sl], x[sl]) for e, sl in row_segments(rows)
                     }
                     dw1, dw3 = (
-                        _stack_experts({e: p[i] for e, p in pairs.items()}, w)
+                        stack_experts({e: p[i] for e, p in pairs.items()}, w)
                         for i, w in ((0, w1), (1, w3))
                     )
                 else:
@@ -204,8 +186,8 @@ class _ExpertsMLPFn(torch.autograd.Function):
 
         return (
             dx_AD,
-            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            *_NO_GRAD_ARGS,
+            *weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            *NO_GRAD_ARGS,
         )
 
     @staticmethod
@@ -218,154 +200,29 @@ class _ExpertsMLPFn(torch.autograd.Function):
             # padded: dy_PD as the combine's backward wrote it, zeros outside the tokens' rows
             dy_PD = dy_AD.to(act) if ctx.padded else grp.pad(dy_AD.to(act))
             dh_PI = grp.mm(dy_PD, w2c)
-            dgu_P2I = _swiglu_bwd(dh_PI, g_PI, u_PI, cat=True)
+            dgu_P2I = swiglu_bwd(dh_PI, g_PI, u_PI, cat=True)
             dg_PI, du_PI = dgu_P2I.chunk(2, dim=1)
-            dx_AD = _unpadded(ctx, grp, grp.mm(dgu_P2I, w13c))
+            dx_AD = unpadded(ctx, grp, grp.mm(dgu_P2I, w13c))
 
         def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
             with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
                 return tuple(
-                    _grouped_wgrad(grp, d, a, w)
+                    grouped_wgrad_bf16(grp, d, a, w)
                     for d, a, w in ((dg, x, w1), (du, x, w3), (dy, h, w2))
                 )
 
         return (
             dx_AD,
-            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            *_NO_GRAD_ARGS,
+            *weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
+            *NO_GRAD_ARGS,
         )
-
-
-class _GroupedFP8:
-    """FP8 experts on the 128-aligned layout (`GroupedExperts` with align 128, DeepGEMM's contiguous
-    layout): one quantization per tensor for all experts (1x128 and 128x1 groups never straddle
-    two experts there), one grouped GEMM per projection forward and input-grad
-    (`kernels.fp8.fp8_gemm_grouped`), weight gradients one GEMM per expert on slices of one 128x1
-    quantization (or, with `kgrouped_wgrad`, one k-grouped launch per projection over the same
-    quantization). Weights come stacked from the WeightCache. Launches per MoE layer and
-    micro-batch: ~10 forward, ~12 + 3 E backward (~15 k-grouped) with PyTorch's SwiGLU, 2 and 5
-    fewer fused (`_swiglu_fwd`: silu, multiply, act_quant of h; `_swiglu_bwd`: 4 ops and 2
-    act_quant), where the per-expert path makes ~29 E.
-
-    Rows as a device tensor (`GroupedExperts.device_layout`: k-grouped or bf16 weight gradients)
-    give the layout planned on the device: P a bound, the blocks past the last expert's end of
-    expert -1, whose rows nothing reads (see `forward`). `layout` (that layout, planned by
-    `experts_layout`): x comes as x_PD and y goes as y_PD (dy and dx backward), no pad or
-    unpad."""
-
-    @staticmethod
-    def forward(ctx, x_AD, w1, w3, w2, act, layout=None):
-        cache = ctx.cache
-        grp = GroupedExperts(x_AD, ctx.rows, align=128) if layout is None else layout
-        blocks = grp.block_expert()
-        x_bf16 = x_AD.to(torch.bfloat16)
-        x_PD = x_bf16 if ctx.padded else grp.pad(x_bf16)
-        xq, xs = k.act_quant(x_PD, scale_col_major=True)
-        s2 = cache.stacked(w2)
-        if _gate_up_fused(w1, fp8=True):
-            s13 = cache.stacked((w1, w3))
-            gu_P2I = k.fp8_gemm_grouped(xq, xs, s13.q, s13.scale, blocks)
-            g_PI, u_PI = gu_P2I.chunk(2, dim=1)
-        else:
-            s1, s3 = cache.stacked(w1), cache.stacked(w3)
-            g_PI = k.fp8_gemm_grouped(xq, xs, s1.q, s1.scale, blocks)
-            u_PI = k.fp8_gemm_grouped(xq, xs, s3.q, s3.scale, blocks)
-        # A device-planned layout's tail (the -1 blocks) is zeros in x (pad, or the permute's
-        # zeroed output), g and u (the grouped GEMM), so in h and, backward, in dy (pad, or
-        # the combine's zeroed dy), dh, dg, du; nor could it reach real
-        # rows: every op is row-wise (1x128 groups) or per block (act_quant_t's 128x1 groups:
-        # experts start 128-aligned, the tail at the last padded end, and P % 128 == 0), and
-        # no sum spans more than an expert's rows (fp8_gemm_kgrouped: [offs[e - 1], offs[e])).
-        h_PI, hq, hs = _swiglu_fwd(g_PI, u_PI, quant=True)
-        y_PD = k.fp8_gemm_grouped(hq, hs, s2.q, s2.scale, blocks)
-        y_AD = (y_PD if ctx.padded else grp.unpad(y_PD)).to(act)
-        ctx.grp, ctx.blocks = grp, blocks
-        ctx.save_for_backward(x_PD, g_PI, u_PI, h_PI, w1, w3, w2)
-        return y_AD
-
-    @staticmethod
-    def backward(ctx, dy_AD):
-        x_PD, g_PI, u_PI, h_PI, w1, w3, w2 = ctx.saved_tensors
-        grp, blocks, cache = ctx.grp, ctx.blocks, ctx.cache
-
-        def input_grad(d_q, s):  # d @ W per expert from d's 1x128 quantization, W^T K-major
-            return k.fp8_gemm_grouped(*d_q, *s.transposed, blocks)
-
-        with torch.autocast(dy_AD.device.type, enabled=False):
-            dy_bf16 = dy_AD.to(torch.bfloat16)
-            dy_PD = dy_bf16 if ctx.padded else grp.pad(dy_bf16)
-            dh_PI = input_grad(k.act_quant(dy_PD, scale_col_major=True), cache.stacked(w2))
-            # dg and du come with their quantizations, made in the same pass
-            if _gate_up_fused(w1, fp8=True):
-                dgu_P2I, dgu_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True, cat=True)
-                dg_PI, du_PI = dgu_P2I.chunk(2, dim=1)
-                dx_AD = _unpadded(ctx, grp, input_grad(dgu_q, cache.stacked((w1, w3))))
-            else:
-                dg_PI, du_PI, dg_q, du_q = _swiglu_bwd(dh_PI, g_PI, u_PI, quant=True)
-                s1, s3 = cache.stacked(w1), cache.stacked(w3)
-                dx_AD = _sum_unpadded(ctx, grp, input_grad(dg_q, s1), input_grad(du_q, s3))
-
-        def weight_grads(dy=dy_PD, dg=dg_PI, du=du_PI, x=x_PD, h=h_PI):
-            with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
-                if ctx.bf16_wgrad:  # from the bf16 operands, as the BF16 experts do
-                    return tuple(
-                        _grouped_wgrad(grp, d, a, w)
-                        for d, a, w in ((dg, x, w1), (du, x, w3), (dy, h, w2))
-                    )
-                xt, ht, dgt, dut, dyt = (k.act_quant_t(t) for t in (x, h, dg, du, dy))
-                if ctx.kgrouped_wgrad:  # every expert in one launch, over its own tokens
-
-                    def kgrouped(at, bt, w):
-                        g = grad_to_add_into(w)
-                        if g is not None:  # a later micro-batch: += in the GEMM's epilogue
-                            fp8_gemm_kgrouped(*at, *bt, grp.offs, accumulate_into=g)
-                            return None
-                        out = torch.float32 if w.dtype == torch.float32 else torch.bfloat16
-                        return fp8_gemm_kgrouped(*at, *bt, grp.offs, out_dtype=out).to(w.dtype)
-
-                    return kgrouped(dgt, xt, w1), kgrouped(dut, xt, w3), kgrouped(dyt, ht, w2)
-
-                def per_expert(at, bt, w):  # dW[e] = a[rows of e]^T b[rows of e], 128x1 on both
-                    got = {}
-                    for e, sl in grp.padded_segments():
-                        sb = slice(sl.start // 128, sl.stop // 128)
-                        got[e] = k.fp8_gemm(at[0][:, sl], at[1][:, sb], bt[0][:, sl], bt[1][:, sb])
-                    return _stack_experts(got, w)
-
-                return per_expert(dgt, xt, w1), per_expert(dut, xt, w3), per_expert(dyt, ht, w2)
-
-        return (
-            dx_AD,
-            *_weight_grads_or_defer(ctx, (w1, w3, w2), weight_grads),
-            *_NO_GRAD_ARGS,
-        )
-
-
-# backward's gradients for forward's non-tensor arguments (rows, store, fp8, cache, grouped_fp8,
-# kgrouped_wgrad, bf16_wgrad)
-_NO_GRAD_ARGS = (None,) * 7
-
-
-def _unpadded(ctx, grp: GroupedExperts, dx_PD: torch.Tensor) -> torch.Tensor:
-    """dx in x's dtype from the input-gradient GEMM's output on grp's layout: on it where x came
-    padded, else unpadded (as `_sum_unpadded`, for one GEMM)."""
-    return (dx_PD if ctx.padded else grp.unpad(dx_PD)).to(ctx.x_dtype)
-
-
-def _sum_unpadded(ctx, grp: GroupedExperts, a_PD: torch.Tensor, b_PD: torch.Tensor):
-    """dx = a + b in x's dtype, the two input-gradient GEMMs' outputs on grp's layout: on it
-    (dx_PD) where x came padded (the permute's backward reads its rows), else each unpadded
-    (dx_AD). The same values row for row: the add is elementwise."""
-    if ctx.padded:
-        return a_PD.to(ctx.x_dtype) + b_PD.to(ctx.x_dtype)
-    return grp.unpad(a_PD).to(ctx.x_dtype) + grp.unpad(b_PD).to(ctx.x_dtype)
 
 
 def _grouped_align(
     device: torch.device, n_rows: int, fp8: bool, grouped_fp8: bool, act: torch.dtype
 ) -> int | None:
     """The row alignment of the grouped path that experts with these settings run n_rows rows
-    of act (the GEMMs' dtype) on: 128 for FP8 with `grouped_fp8` (`_GroupedFP8`), ALIGN or 1 for
+    of act (the GEMMs' dtype) on: 128 for FP8 with `grouped_fp8` (`GroupedFP8`), ALIGN or 1 for
     `GroupedExperts` (`GroupedExperts.default_align`); None for the per-expert paths (and for
     no rows). The one rule `_ExpertsMLPFn.forward` and `experts_layout` both follow."""
     if n_rows == 0:
@@ -375,30 +232,6 @@ def _grouped_align(
     if GroupedExperts.available(device, fp8, act):
         return GroupedExperts.default_align(device)
     return None
-
-
-def _grouped_wgrad(grp: GroupedExperts, d_PN, a_PK, w) -> torch.Tensor | None:
-    """w's gradient from bf16 operands on grp's layout (`GroupedExperts.wgrad`). A later
-    micro-batch adds into w.grad (in grouped_wgrad's epilogue where `GroupedExperts.wgrad` runs
-    it, else the add autograd would make) and returns nothing for autograd to add."""
-    g = grad_to_add_into(w)
-    dw = grp.wgrad(d_PN, a_PK, w.dtype, accumulate_into=g)
-    return None if g is not None else dw
-
-
-def _weight_grads_or_defer(ctx, weights, weight_grads) -> tuple:
-    """The weight gradients now, or (during a BI backward) a W-op closure that accumulates them."""
-    needs_w = any(ctx.needs_input_grad[1:4])
-    if needs_w and ctx.store is not None and ctx.store.defer:
-
-        def deferred():
-            for w, dw in zip(weights, weight_grads(), strict=True):
-                if dw is not None:  # None: already added into w.grad
-                    accumulate_weight_grad(w, dw)
-
-        ctx.store.put(deferred)
-        return None, None, None
-    return weight_grads() if needs_w else (None, None, None)
 
 
 def _per_expert(
@@ -414,15 +247,7 @@ def _per_expert_wgrad(
     wgrad, dy_AN: torch.Tensor, x_AK: torch.Tensor, rows: list[int], w_ENK: torch.Tensor
 ) -> torch.Tensor:
     """dW [E, N, K]: dW[e] = dy[rows of e]^T x[rows of e]; zeros for experts without rows."""
-    return _stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in row_segments(rows)}, w_ENK)
-
-
-def _stack_experts(got: dict[int, torch.Tensor], w_ENK: torch.Tensor) -> torch.Tensor:
-    """[E, N, K] in w_ENK's dtype from per-expert results; zeros for experts not in `got`."""
-    zero = torch.zeros_like(w_ENK[0])
-    return torch.stack(
-        [got[e].to(w_ENK.dtype) if e in got else zero for e in range(w_ENK.shape[0])]
-    )
+    return stack_experts({e: wgrad(dy_AN[sl], x_AK[sl]) for e, sl in row_segments(rows)}, w_ENK)
 
 
 def experts_mlp(
@@ -441,7 +266,7 @@ def experts_mlp(
 ) -> torch.Tensor:
     """`Experts.mlp_fn` for pipeline stages (bound as `ExpertsMLP`): see _ExpertsMLPFn. `cache`:
     an fp8.WeightCache. `grouped_fp8`: the FP8 GEMMs on the 128-aligned layout with the grouped
-    kernel (_GroupedFP8).
+    kernel (GroupedFP8).
     `kgrouped_wgrad` (with `grouped_fp8`): its weight gradients in one k-grouped launch per
     projection (`kernels/fp8/kgrouped.py`) instead of one GEMM per expert; one-process training
     only (the kernel's module docstring says why). `bf16_wgrad` (with `grouped_fp8`): the

@@ -61,8 +61,8 @@ class GroupedExperts:
     def device_layout(
         x_AD: torch.Tensor, *, fp8: bool, kgrouped_wgrad: bool, bf16_wgrad: bool = False
     ) -> bool:
-        """Whether a grouped path (BF16 `GroupedExperts`, or `_GroupedFP8` with `fp8`) keeps
-        rows given as a device tensor there (`__init__` plans on the device). On CUDA only (on
+        """Whether a grouped path (BF16 `GroupedExperts`, or `experts_fp8.GroupedFP8` with `fp8`)
+        keeps rows given as a device tensor there (`__init__` plans on the device). On CUDA only (on
         the CPU reading them makes nothing wait), where every weight gradient takes its row
         ranges from the device ends `offs`: BF16 where `use_grouped_wgrad`, FP8 with
         `kgrouped_wgrad` (`fp8_gemm_kgrouped`), FP8 with `bf16_wgrad` as BF16; FP8's per-expert

@@ -196,7 +196,7 @@ def enable_weight_grad_split(
 ) -> int:
     """Route every linear layer and routed-expert GEMM of `stage` through `split_linear` with
     `store` (FP8 ones stay FP8). `grouped_fp8`: FP8 routed experts through the grouped FP8 GEMM
-    (`experts_mlp._GroupedFP8`) instead of one GEMM per expert. Returns how many layers were
+    (`experts_fp8.GroupedFP8`) instead of one GEMM per expert. Returns how many layers were
     switched."""
     n = 0
     for module in list(stage.modules()):
