@@ -124,6 +124,7 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
         (["--pp", "1", "--runs", "bf16,fp9"], r"runs='bf16,fp9': expected .*fp8-bf16wgrad"),
         (["--pp", "2", "--runs", "bf16"], r"runs='bf16': .*on one device"),
         (["--pp", "1", "--runs", "bf16,bf16-graphs"], r"runs='bf16,bf16-graphs': .*CUDA only"),
+        (["--pp", "1", "--runs", "bf16,fp8-graphs"], r"fp8-graphs cannot be captured.*on the host"),
     ],
 )
 def test_one_device_bench_refuses_bad_flags(flags, match, capsys):

@@ -74,6 +74,12 @@ class BenchConfig:
             graphs_off_cuda = self.device != "cuda" and any(
                 n.endswith(GRAPHS_SUFFIX) for n in names
             )
+            if f"fp8{GRAPHS_SUFFIX}" in names:
+                raise ValueError(
+                    f"runs={self.runs!r}: fp8{GRAPHS_SUFFIX} cannot be captured: its per-expert "
+                    "FP8 weight gradients read the token counts on the host; graph "
+                    f"fp8-bf16wgrad{GRAPHS_SUFFIX} or fp8-kgrouped{GRAPHS_SUFFIX}"
+                )
             if bad or "bf16" not in names or not self.one_device or graphs_off_cuda:
                 raise ValueError(
                     f"runs={self.runs!r}: expected comma-separated names from "
