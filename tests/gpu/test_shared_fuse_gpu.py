@@ -2,8 +2,9 @@
 without CUDA): the engine's greedy tokens with the shared experts run as extra experts of the
 fused MoE kernels equal those with MOERAY_FUSED_SHARED=0 (bf16, FP8 e4m3 + 128x128 scales; with MTP
 drafting), and a profiled decode step (CUDA-graph replays) runs fewer kernels: per MoE layer the
-shared MLP's gemv + SwiGLU + gemv (3 in bf16, 3 to 5 in FP8) less the two cats that append the
-shared ids and weights to the routing, so exactly 1 fewer in bf16 and at least 1 in FP8."""
+shared MLP's gemv + SwiGLU + gemv, 3 (at least 3 in FP8, where a gemv without its split-K
+workspace adds a reduce launch; the fused gate writes the shared ids and weights in its own launch
+at decode)."""
 
 import os
 
@@ -94,6 +95,6 @@ def test_fewer_kernels_per_decode_step(fp8, monkeypatch):
     saved = per_step[False] - per_step[True]
     print(f"kernels per decode step, fp8={fp8}: {per_step[False]} -> {per_step[True]}")
     if fp8:
-        assert saved >= moe_layers, per_step
+        assert saved >= 3 * moe_layers, per_step
     else:
-        assert saved == moe_layers, per_step
+        assert saved == 3 * moe_layers, per_step

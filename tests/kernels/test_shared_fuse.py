@@ -16,8 +16,10 @@ import copy
 import pytest
 import torch
 
+from moeray.kernels.gate import moe_gate
 from moeray.platform.config import tiny
 from moeray.platform.engine.bench.model import quantize_fp8_
+from moeray.platform.model import moe as moe_module
 from moeray.platform.model.moe import MoE
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.model.shared_fuse import SharedFused, fuse_shared_experts
@@ -71,9 +73,20 @@ def _unfused_fused_path(moe: MoE, x_TD):
     return y
 
 
+def _kernel_gate(logits_TE, bias_E, *, group_mask_value, shared_experts=0, **kw):
+    """`route` as on the GPU at decode: the fused gate (here interpreted), which appends the
+    shared experts' ids and weights in its launch."""
+    return moe_gate(logits_TE, bias_E, shared_experts=shared_experts, **kw)
+
+
+@pytest.mark.parametrize("gate", ["kernel", "reference"])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n_shared,top_k", [(1, 3), (2, 5), (2, 3)])
-def test_moe_layers_equal_unfused(n_shared, top_k, fp8):
+def test_moe_layers_equal_unfused(n_shared, top_k, fp8, gate, monkeypatch):
+    """With the fused gate the ids and weights come from its launch (decode); with the reference
+    (prefill beyond its 32 rows, CPU) the MoE appends them."""
+    if gate == "kernel":
+        monkeypatch.setattr(moe_module, "route", _kernel_gate)
     cfg = _cfg(n_shared, top_k, fp8)
     plain, fused, report = _models(cfg, fp8)
     # 2 MoE layers, and the MTP module's
@@ -82,6 +95,8 @@ def test_moe_layers_equal_unfused(n_shared, top_k, fp8):
     x = torch.randn(9, cfg.hidden_size, generator=g).to(torch.bfloat16)
     calls: list[str] = []
     for a, b in _moe_pairs(plain, fused):
+        routed_by_kernel = b.route(x, n_shared).fused_ids_TJ is not None
+        assert routed_by_kernel == (gate == "kernel")
         hook = b.shared_experts.register_forward_hook(lambda *_: calls.append("shared"))
         with torch.no_grad():
             want = _unfused_fused_path(a, x).float()
@@ -127,6 +142,31 @@ def test_stack_holds_the_weights_as_views(n_shared):
     assert plain.state_dict().keys() == fused.state_dict().keys()
     for k, v in plain.state_dict().items():
         assert torch.equal(v.float(), fused.state_dict()[k].float()), k
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_save_load_and_load_state_dict_follow(n_shared, fp8, tmp_path):
+    """save_model / load_model give the unfused state dict; loading new weights into the fused
+    model updates its stack (views, and the shared down copy's post hook)."""
+    from moeray.platform.checkpoint import load_model, save_model
+
+    cfg = _cfg(n_shared, 3, fp8)
+    plain, fused, _ = _models(cfg, fp8)
+    save_model(fused, cfg, tmp_path)
+    _, loaded = load_model(tmp_path, dtype=torch.bfloat16, keep_fp8=fp8)
+    a, c = plain.state_dict(), loaded.state_dict()
+    assert list(c) == list(a) and all(torch.equal(a[k].float(), c[k].float()) for k in a)
+    other, _, _ = _models(cfg, fp8, seed=7)
+    fused.load_state_dict(other.state_dict())
+    x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    x = x.to(torch.bfloat16)
+    for a_moe, b_moe in _moe_pairs(other, fused):
+        with torch.no_grad():
+            want = _unfused_fused_path(a_moe, x).float()
+            got = b_moe(x[None]).squeeze(0).float()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < (0.05 if fp8 else 0.01), rel
 
 
 def test_decode_logits_and_greedy_tokens_equal_unfused():

@@ -125,7 +125,7 @@ class Engine:
         # {owner module: None, or why its pair stays apart}.
         self.merged_projections = merge_projections(model)
         # Then the shared experts as extra experts of each MoE layer's fused kernels
-        # (model/shared_fuse.py: 1 decode launch fewer per MoE layer in bf16, 3 in FP8).
+        # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8).
         # {MoE module: None, or why its shared experts run apart}.
         self.fused_shared = fuse_shared_experts(model)
         self.config = config

@@ -64,9 +64,9 @@ ExpertsMLPFn = Callable[
     torch.Tensor,
 ]
 
-# (x_TD, routed ids, routed weights) -> the MoE's output with the shared experts' added, or None
-# where it does not apply: model/shared_fuse.py's SharedFused (an nn.Module), set by its transform.
-SharedFusedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
+# (x_TD, routing) -> the MoE's output with the shared experts' added, or None where it does not
+# apply: model/shared_fuse.py's SharedFused (an nn.Module), set by its transform.
+SharedFusedFn = Callable[[torch.Tensor, Routing], torch.Tensor | None]
 
 
 class MLP(nn.Module):
@@ -375,8 +375,8 @@ class MoE(nn.Module):
         )
         self.group_mask_value = GROUP_MASK_OFFICIAL
         # Set for inference by model/shared_fuse.py: the shared experts run as extra experts of
-        # the fused MoE kernels (their own GEMMs and SwiGLU not launched).
-        self.fused_shared: SharedFusedFn | None = None
+        # the fused MoE kernels (their own GEMMs and SwiGLU not launched). See `_fused_shared`.
+        self.register_module("fused_shared", None)
         # The last forward's routing (counts per expert, affinities): read by the training loop for
         # the bias update and the balance loss, and by serving for expert-load metrics.
         self.last_routing: Routing | None = None
@@ -385,7 +385,9 @@ class MoE(nn.Module):
     def e_score_correction_bias(self) -> torch.Tensor:
         return self.gate.e_score_correction_bias
 
-    def route(self, x_TD: torch.Tensor) -> Routing:
+    def route(self, x_TD: torch.Tensor, shared_experts: int = 0) -> Routing:
+        """The gate's choice; with shared_experts=S the fused gate also appends the S shared
+        experts' ids and weights (Routing.fused_ids_TJ)."""
         c = self.config
         return route(  # routing.gate.route, not this method
             self.gate.logits(x_TD),
@@ -396,14 +398,21 @@ class MoE(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             norm_topk_prob=c.norm_topk_prob,
             group_mask_value=self.group_mask_value,
+            shared_experts=shared_experts,
         )
+
+    def _fused_shared(self) -> SharedFusedFn | None:
+        """model/shared_fuse.py's SharedFused where set, else None; read from the submodules so
+        that the subclasses built without MoE.__init__ (expert-parallel, placed: never fused) that
+        call this forward need no attribute of their own."""
+        return self._modules.get("fused_shared")
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.route(x_TD)
+        fused = self._fused_shared()
+        r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts)
         self.last_routing = r
-        fused = self.fused_shared
-        y_TD = None if fused is None else fused(x_TD, r.expert_ids_TK, r.weights_TK)
+        y_TD = None if fused is None else fused(x_TD, r)
         if y_TD is None:  # not fused, or the fused MoE does not apply (shared_fuse.py)
             shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
             y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD)

@@ -3,11 +3,13 @@ with weight 1 (SGLang's "shared experts fusion"): a transform applied to a loade
 outside, once, for inference.
 
 Why: at decode batch 1 a step is bound by per-kernel ramp and drain (~510-560 kernels per
-Moonlight-16B-A3B step, benchmarks/notes-engine.md), and the shared MLP costs each MoE layer its
-own launches: gate+up gemv, SwiGLU, down gemv (3 in bf16; 5 in FP8, where each gemv is fp8_gemv
-plus its split-K reduce). Fused, it rides on the routed experts' gate/up and down launches; what
-it adds is the two appends of its ids and weights to the routing (one small cat each), so a bf16
-MoE layer launches 1 kernel fewer and an FP8 one 3 fewer (scripts/decode_ops.py counts them).
+Moonlight-16B-A3B step, benchmarks/notes-engine.md), and the shared MLP costs each MoE layer 3
+launches of its own: gate+up gemv, SwiGLU, down gemv (FP8 too: fp8_gemv sums its split-K in the
+same launch). Fused, it rides on the routed experts' gate/up and down launches, and the fused gate
+writes the shared ids and weights after the routed ones in its own launch
+(`moe_gate(shared_experts=S)`): scripts/decode_ops.py counts 22 -> 19 launches per bf16 MoE layer
+at batch 1 (Moonlight: 26 MoE layers, 78 a step). Where the reference gate runs (more than its 32
+rows: prefill) the MoE appends them with two cats.
 
 What changes, per `MoE` whose experts and shared experts qualify (`fuse_refusal`):
 `MoE.fused_shared` gets a `SharedFused` that holds the stacked weights [E + S, ...] as
@@ -16,17 +18,20 @@ experts of width I (Moonlight: 2 shared of 1408 = one MLP of 2816; DeepSeek-V3: 
 their FP8 scale_inv stacked alike. The routed experts' tensors and the shared gate/up weights
 become views of their rows, so those bytes are not doubled and a load_state_dict (in-place copies)
 updates both; the shared down weight [D, S * I] is a column split, no view of [S, D, I]: with S > 1
-it is a copy (Moonlight bf16: 11.5 MB a layer, 0.3 GB in all), which only a rerun refreshes. The
-shared MLP's merged gate_up (model/merge.py) is dropped: its stack would keep a second copy of
-gate/up alive.
+it is a copy (Moonlight bf16: 11.5 MB a layer, 0.3 GB in all), refreshed after a load_state_dict by
+a post hook. The shared MLP's merged gate_up (model/merge.py) is dropped: its stack would keep a
+second copy of gate/up alive. A fused layer replaced afterwards (eplb.apply_placement) leaves its
+stack alive through the shared views: place experts before fusing (`Engine` fuses at build).
 
-Where it runs: the MoE's forward asks `SharedFused` first, which appends the S shared ids E.. E+S-1
-with weight 1.0 to each token's routed ones (the routed weights already carry
-routed_scaling_factor; the shared output is added unscaled, as before) and runs `fused_experts`;
-where that does not apply (CPU, gradients) the MoE runs as before. The sum differs from the
-unfused one by bf16 rounding only: each shared expert's output is rounded to bf16 then summed in
-fp32 with the routed ones, where before the shared MLP's output was rounded and added to the
-rounded routed sum.
+Where it runs: the MoE's forward asks the gate for the appended ids and weights and hands the
+routing to `SharedFused` first, which runs `fused_experts` over the E + S experts with each token's
+routed ids followed by the S shared ids E .. E+S-1 with weight 1.0 (the routed weights already
+carry routed_scaling_factor; the shared output is added unscaled, as before); where that does not
+apply (CPU, gradients) the MoE runs as before. bf16 sums differ from the unfused ones by rounding
+only: each shared expert's output is rounded to bf16 then summed in fp32 with the routed ones,
+where before the shared MLP's output was rounded and added to the rounded routed sum. FP8 also
+quantizes the shared experts' input and hidden activations per 1x128 group, as the fused FP8 MoE
+does for every expert (the FP8Linear gemv of the unfused shared MLP at decode does not).
 
 Only plain `MoE` layers with every expert local are fused: the expert-parallel and placed layers
 (parallel/expert.py, serve_ep.py, engine/eplb.py) have forwards of their own that run the shared
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off
+from moeray.kernels.gate import Routing
 from moeray.platform.model.linear import Linear
 from moeray.platform.model.moe import MoE, fused_experts
 from moeray.platform.model.quant import FP8Linear
@@ -129,9 +135,30 @@ class SharedFused(nn.Module):
                 if proj != "down_proj" or S == 1:  # a view of the stack (docstring: down is not)
                     part.data = whole[E:].flatten(0, 1) if proj != "down_proj" else whole[E]
             shared.gate_up_proj = None  # would hold a second copy of gate/up (docstring)
+        # The shared down weight (and FP8 scale) the stack copied where S > 1: refreshed from
+        # them after a load_state_dict (a plain tuple: not registered twice in the module tree).
+        self.n_shared = S
+        down = shared.down_proj
+        self._down_sources: tuple[tuple[str, torch.Tensor], ...] = ()
+        if S > 1:
+            self._down_sources = (("down_proj", down.weight),)
+            if fp8:
+                down_scale = down.get_buffer("weight_scale_inv")
+                self._down_sources += (("down_proj_scale_inv", down_scale),)
+            self.register_load_state_dict_post_hook(SharedFused._refresh_down)
         ids = torch.arange(E, E + S, device=dev)
         self.register_buffer("shared_ids_S", ids, persistent=False)
         self.register_buffer("shared_weights_S", torch.ones(S, device=dev), persistent=False)
+
+    @staticmethod
+    def _refresh_down(module: nn.Module, _incompatible_keys: object) -> None:
+        """After a load_state_dict (the parent MoE's loads the shared MLP first: it was
+        registered before this module), copy the shared down weight's new values into the stack."""
+        assert isinstance(module, SharedFused)
+        with torch.no_grad():
+            for name, src in module._down_sources:
+                stacked = module.get_buffer(name)[module.routed :]
+                stacked.copy_(_shared_stack(src, "down_proj", module.n_shared))
 
     def holds(self, moe: MoE) -> bool:
         """Whether `moe`'s routed experts' tensors are still the views of their rows here (False
@@ -146,18 +173,18 @@ class SharedFused(nn.Module):
                 return False
         return True
 
-    def forward(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
-    ) -> torch.Tensor | None:
+    def forward(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor | None:
         # Where the routed experts would run the fused kernel (`Experts.forward`: CUDA, some
         # tokens), or its interpreter (tests on CPU); the rest keeps the shared MLP.
         T = x_TD.shape[0]
         if T == 0 or not (x_TD.is_cuda or interpreting()):
             return None
-        # Two small launches (cat) replace the shared MLP's three or five.
-        ids = torch.cat([ids_TK, self.shared_ids_S.to(ids_TK.dtype).expand(T, -1)], 1)
-        ones_TS = self.shared_weights_S.to(weights_TK.dtype).expand(T, -1)
-        weights = torch.cat([weights_TK, ones_TS], 1)
+        ids, weights = r.fused_ids_TJ, r.fused_weights_TJ  # the fused gate wrote them (decode)
+        if ids is None or weights is None:  # the reference gate (prefill): two cats
+            ids_TK, weights_TK = r.expert_ids_TK, r.weights_TK
+            ids = torch.cat([ids_TK, self.shared_ids_S.to(ids_TK.dtype).expand(T, -1)], 1)
+            ones_TS = self.shared_weights_S.to(weights_TK.dtype).expand(T, -1)
+            weights = torch.cat([weights_TK, ones_TS], 1)
         w = (self.gate_proj, self.up_proj, self.down_proj)
         scales = None
         if self.gate_proj.dtype == FP8_DTYPE:
@@ -175,12 +202,12 @@ def fuse_shared_experts(model: nn.Module) -> dict[str, str | None]:
     for name, moe in list(model.named_modules()):
         if not isinstance(moe, MoE) or moe.shared_experts is None:
             continue
-        fused = getattr(moe, "fused_shared", None)
+        fused = moe._fused_shared()
         reason = "MOERAY_FUSED_SHARED=0" if off else fuse_refusal(moe)
         if reason is not None:
             if fused is not None:
-                moe.fused_shared = None
+                moe.register_module("fused_shared", None)
         elif not (isinstance(fused, SharedFused) and fused.holds(moe)):
-            moe.fused_shared = SharedFused(moe)
+            moe.register_module("fused_shared", SharedFused(moe))
         report[name] = reason
     return report
