@@ -12,6 +12,8 @@ bf16 ulps of the output. FP8 also quantizes the shared experts' input and hidden
 a relative error of a few percent of the output's norm, against ~1 for a wrong weight or scale."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from moeray.kernels.gate import moe_gate
 from moeray.platform.config import tiny
 from moeray.platform.engine.bench.model import quantize_fp8_
 from moeray.platform.model import moe as moe_module
+from moeray.platform.model.merge import merge_projections
 from moeray.platform.model.moe import MoE
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.model.shared_fuse import SharedFused, fuse_shared_experts
@@ -139,6 +142,12 @@ def test_stack_holds_the_weights_as_views(n_shared):
                 stacked = getattr(sf, name)[E + j]
                 scale = sf.get_buffer(f"{name}_scale_inv")[E + j]
                 assert torch.equal(dequantize_fp8_blocks(stacked, scale, torch.float32), part)
+    # a merge_projections since re-merges the shared gate + up: a rerun fuses anew
+    merge_projections(fused)
+    assert not any(m.fused_shared.holds(m) for _, m in _moe_pairs(plain, fused))
+    fuse_shared_experts(fused)
+    assert all(m.fused_shared.holds(m) for _, m in _moe_pairs(plain, fused))
+    assert all(m.shared_experts.gate_up_proj is None for _, m in _moe_pairs(plain, fused))
     assert plain.state_dict().keys() == fused.state_dict().keys()
     for k, v in plain.state_dict().items():
         assert torch.equal(v.float(), fused.state_dict()[k].float()), k
@@ -175,6 +184,11 @@ def test_decode_logits_and_greedy_tokens_equal_unfused():
     cfg = _cfg(2, 3)
     plain, fused, _ = _models(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    calls: list[str] = []
+    for model in (plain, fused):
+        for m in model.moe_layers():
+            m.shared_experts.register_forward_hook(lambda mod, *_: calls.append(mod.tag))
+            m.shared_experts.tag = "plain" if model is plain else "fused"
     tokens = {}
     for name, model in (("plain", plain), ("fused", fused)):
         cache = DenseKVCache(cfg.num_hidden_layers, 2, 12, cfg, dtype=torch.bfloat16)
@@ -184,6 +198,7 @@ def test_decode_logits_and_greedy_tokens_equal_unfused():
                 out.append(model(out[-1].argmax(-1), cache=cache).logits)
         tokens[name] = torch.cat([o.argmax(-1) for o in out], 1)
     assert torch.equal(tokens["plain"], tokens["fused"])
+    assert calls and set(calls) == {"plain"}  # the fused model never ran its shared MLP
 
 
 def test_engine_greedy_unchanged_and_switch(monkeypatch):
@@ -195,16 +210,44 @@ def test_engine_greedy_unchanged_and_switch(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = [[1, 2, 3], [7, 9, 11, 13, 15, 4]]
     tokens = {}
+    calls: list[int] = []
+    for m in model.moe_layers():
+        m.shared_experts.register_forward_hook(lambda *_: calls.append(1))
     for on in (True, False):
+        calls.clear()
         monkeypatch.setenv("MOERAY_FUSED_SHARED", "1" if on else "0")
         eng = Engine(model, EngineConfig(page_size=16, num_pages=8, max_model_len=64))
         fused = [k for k, why in eng.fused_shared.items() if why is None]
         assert len(fused) == (2 + cfg.num_nextn_predict_layers if on else 0), eng.fused_shared
         assert all(m.fused_shared is None for m in model.moe_layers()) != on
         tokens[on] = [o.output_token_ids for o in eng.generate(prompts, params)]
+        assert bool(calls) != on  # the shared MLP runs only unfused
         del eng
     assert all(len(t) == 5 for t in tokens[True])
     assert tokens[True] == tokens[False]
+
+
+def test_three_launches_fewer_per_moe_layer(monkeypatch):
+    """scripts/decode_ops.py's count of one batch-1 decode forward (the GPU's fast-path choices,
+    Triton interpreted): the shared MLP's gemv, SwiGLU and gemv are gone from each MoE layer, and
+    nothing came in their place (the fused gate appends the shared ids in its launch)."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "decode_ops.py"
+    spec = importlib.util.spec_from_file_location("decode_ops", path)
+    assert spec is not None and spec.loader is not None
+    decode_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_ops)
+    per_forward = {}
+    for on in (True, False):
+        monkeypatch.setenv("MOERAY_FUSED_SHARED", "1" if on else "0")
+        ops, launches = decode_ops.count(3)  # 1 dense layer, 2 MoE layers
+        per_forward[on] = ops, launches
+    (ops_on, k_on), (ops_off, k_off) = per_forward[True], per_forward[False]
+    total_on = sum(ops_on.values()) + sum(k_on.values())
+    total_off = sum(ops_off.values()) + sum(k_off.values())
+    assert total_off - total_on == 3 * 2, (total_off, total_on)
+    assert k_off["_swiglu_kernel"] - k_on["_swiglu_kernel"] == 2
+    assert k_off["_gemv_kernel"] - k_on["_gemv_kernel"] == 2 * 2
+    assert k_on["_moe_gate_kernel"] == k_off["_moe_gate_kernel"] == 2
 
 
 def test_training_keeps_the_shared_mlp():

@@ -97,6 +97,10 @@ def _shared_stack(w: torch.Tensor, name: str, S: int) -> torch.Tensor:
     return w.unflatten(0, (S, w.shape[0] // S))
 
 
+def _same_view(t: torch.Tensor, v: torch.Tensor) -> bool:
+    return t.shape == v.shape and t.stride() == v.stride() and t.data_ptr() == v.data_ptr()
+
+
 class SharedFused(nn.Module):
     """One MoE layer's routed experts and its S shared experts stacked as E + S experts (module
     docstring): forward(x, routed ids, routed weights) -> the MoE's output, or None where the fused
@@ -161,15 +165,25 @@ class SharedFused(nn.Module):
                 stacked.copy_(_shared_stack(src, "down_proj", module.n_shared))
 
     def holds(self, moe: MoE) -> bool:
-        """Whether `moe`'s routed experts' tensors are still the views of their rows here (False
-        once one was replaced: a dtype or device move, an FP8 quantization, a placement)."""
+        """Whether `moe`'s routed experts' tensors and its shared MLP's viewed ones are still the
+        views of their rows here (False once one was replaced: a dtype or device move, an FP8
+        quantization, a placement, a merge_projections of the shared MLP run since)."""
+        shared = moe.shared_experts
         if fuse_refusal(moe) is not None or moe.experts.num_experts != self.routed:
             return False
+        assert shared is not None  # (fuse_refusal says so; mypy needs it here)
+        E, S = self.routed, self.n_shared
         for n, whole in self._buffers.items():
             if n.startswith("shared_") or whole is None:
                 continue
-            t, v = getattr(moe.experts, n), whole[: self.routed]
-            if t.shape != v.shape or t.stride() != v.stride() or t.data_ptr() != v.data_ptr():
+            if not _same_view(getattr(moe.experts, n), whole[:E]):
+                return False
+            proj = n.removesuffix("_scale_inv")
+            lin = getattr(shared, proj)
+            part = lin.weight_scale_inv if n.endswith("_scale_inv") else lin.weight
+            if proj != "down_proj" and not _same_view(part, whole[E:].flatten(0, 1)):
+                return False
+            if proj == "down_proj" and S == 1 and not _same_view(part, whole[E]):
                 return False
         return True
 
