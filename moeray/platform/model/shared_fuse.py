@@ -73,6 +73,8 @@ def fuse_refusal(moe: MoE) -> str | None:
         return f"experts in {dtype}: the fused MoE takes bf16, fp16 or FP8"
     projs = [getattr(shared, n) for n in PROJS]
     fp8 = dtype == FP8_DTYPE
+    if fp8 and any(getattr(experts, f"{n}_scale_inv", None) is None for n in PROJS):
+        return "FP8 experts without their scale_inv"
     kind = FP8Linear if fp8 else Linear
     if not all(type(p) is kind for p in projs) or any(
         getattr(p, "bias", None) is not None for p in projs
@@ -103,8 +105,8 @@ def _same_view(t: torch.Tensor, v: torch.Tensor) -> bool:
 
 class SharedFused(nn.Module):
     """One MoE layer's routed experts and its S shared experts stacked as E + S experts (module
-    docstring): forward(x, routed ids, routed weights) -> the MoE's output, or None where the fused
-    MoE does not apply."""
+    docstring): forward(x, the gate's routing) -> the MoE's output, or None where the fused MoE
+    does not apply."""
 
     # buffers, registered in __init__: the stacks [E + S, ...] (FP8: e4m3, their scale_inv too)
     gate_proj: torch.Tensor
