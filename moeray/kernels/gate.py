@@ -68,6 +68,12 @@ class Routing:
     weights_TK: torch.Tensor  # fp32, already times routed_scaling_factor
     counts_E: torch.Tensor  # int64 tokens per expert in this batch
     scores_TE: torch.Tensor  # fp32 sigmoid affinities (before bias), for the balance loss
+    # From `moe_gate(shared_experts=S)` only: [T, J = K + S] ids and weights, each token's K
+    # routed choices then the S shared experts E .. E+S-1 with weight 1.0 (their output is not
+    # scaled), for a fused MoE that runs the shared experts as extra experts
+    # (model/shared_fuse.py). None otherwise.
+    fused_ids_TJ: torch.Tensor | None = None  # int64
+    fused_weights_TJ: torch.Tensor | None = None  # fp32
 
 
 def check_group_sizes(num_experts: int, top_k: int, n_group: int, topk_group: int) -> int:
@@ -135,6 +141,8 @@ def _moe_gate_kernel(
     w_ptr,
     counts_ptr,
     scores_ptr,
+    fids_ptr,
+    fw_ptr,
     T,
     stride_lt,
     scaling,
@@ -145,6 +153,7 @@ def _moe_gate_kernel(
     PGP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     K: tl.constexpr,
+    S: tl.constexpr,
     KP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -215,6 +224,13 @@ def _moe_gate_kernel(
     kmask = row_ok[:, None] & (kk < K)
     tl.store(ids_ptr + r64[:, None] * K + kk, ids.to(tl.int64), mask=kmask)
     tl.store(w_ptr + r64[:, None] * K + kk, wts, mask=kmask)
+    if S > 0:  # the shared experts after the routed ones (Routing.fused_ids_TJ), in this launch
+        shared = (kk >= K) & (kk < K + S)
+        ids = tl.where(shared, E + kk - K, ids)
+        wts = tl.where(shared, 1.0, wts)
+        jmask = row_ok[:, None] & (kk < K + S)
+        tl.store(fids_ptr + r64[:, None] * (K + S) + kk, ids.to(tl.int64), mask=jmask)
+        tl.store(fw_ptr + r64[:, None] * (K + S) + kk, wts, mask=jmask)
     cnt_GJ = tl.sum(tl.where(row_ok[:, None, None], hits, 0), axis=0).to(tl.int64)
     if ATOMIC_COUNTS:
         tl.atomic_add(counts_ptr + col_GJ, cnt_GJ, mask=valid_GJ)
@@ -255,14 +271,17 @@ def moe_gate(
     norm_topk_prob: bool = True,
     block_t: int | None = None,
     num_warps: int | None = None,
+    shared_experts: int = 0,
 ) -> Routing:
     """`moe_gate_ref` with the official -inf group mask, in one Triton launch (see module doc).
 
     logits [T, E] fp32/bf16/fp16 with unit stride over experts, bias [E] or None, E <= 256.
     Returns int64 ids [T, K], fp32 weights [T, K], int64 counts [E], fp32 scores [T, E]. No host
     sync, so it captures in CUDA graphs. block_t (rows per program, a power of 2) and num_warps
-    override the automatic choice (benchmark sweeps). On CPU without the interpreter it is
-    `moe_gate_ref`.
+    override the automatic choice (benchmark sweeps). shared_experts=S > 0 also fills
+    Routing.fused_ids_TJ / fused_weights_TJ in the same launch (at decode, two cats fewer per
+    MoE layer than appending them afterwards). On CPU without the interpreter it is `moe_gate_ref`
+    (which leaves them None).
     """
     check_tensor(logits_TE, "logits", dtypes=LOGIT_DTYPES, ndim=2)
     if logits_TE.stride(-1) != 1:
@@ -283,6 +302,8 @@ def moe_gate(
         raise ValueError(f"block_t={block_t} must be a power of 2 >= 1")
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps={num_warps} must be 1, 2, 4 or 8")
+    if shared_experts < 0:
+        raise ValueError(f"shared_experts={shared_experts} must be >= 0")
     if not use_triton(logits_TE):
         return moe_gate_ref(
             logits_TE,
@@ -306,12 +327,16 @@ def moe_gate(
     ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=dev)
     weights_TK = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     scores_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
+    S, J = shared_experts, top_k + shared_experts
+    fused_ids_TJ = torch.empty(T, J, dtype=torch.int64, device=dev) if S else None
+    fused_weights_TJ = torch.empty(T, J, dtype=torch.float32, device=dev) if S else None
+    out = (fused_ids_TJ, fused_weights_TJ)
     atomic = grid > 1
     counts_E = (torch.zeros if atomic or grid == 0 else torch.empty)(
         E, dtype=torch.int64, device=dev
     )
     if grid == 0:
-        return Routing(ids_TK, weights_TK, counts_E, scores_TE)
+        return Routing(ids_TK, weights_TK, counts_E, scores_TE, *out)
     _moe_gate_kernel[(grid,)](
         logits_TE,
         bias_E if bias_E is not None else logits_TE,
@@ -319,6 +344,8 @@ def moe_gate(
         weights_TK,
         counts_E,
         scores_TE,
+        ids_TK if fused_ids_TJ is None else fused_ids_TJ,
+        weights_TK if fused_weights_TJ is None else fused_weights_TJ,
         T,
         logits_TE.stride(0),
         float(routed_scaling_factor),
@@ -329,7 +356,8 @@ def moe_gate(
         PGP=pgp,
         TOPK_GROUP=topk_group,
         K=top_k,
-        KP=triton.next_power_of_2(top_k),
+        S=S,
+        KP=triton.next_power_of_2(J),
         BLOCK_T=block_t,
         HAS_BIAS=bias_E is not None,
         NORM=bool(norm_topk_prob) and top_k > 1,
@@ -337,4 +365,4 @@ def moe_gate(
         PRECISE=precise_exp(),
         num_warps=num_warps,
     )
-    return Routing(ids_TK, weights_TK, counts_E, scores_TE)
+    return Routing(ids_TK, weights_TK, counts_E, scores_TE, *out)

@@ -57,6 +57,9 @@ def _engine(model, monkeypatch, merge: bool, **kw):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
     monkeypatch.setenv("MOERAY_FUSED_PROJ", "1" if merge else "0")
+    # The shared experts' gate + up merged are launched only where they are not fused into the
+    # fused MoE (model/shared_fuse.py): counted here apart from that fusion.
+    monkeypatch.setenv("MOERAY_FUSED_SHARED", "0")
     return Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256, **kw))
 
 

@@ -114,6 +114,31 @@ def test_strided_rows_and_empty_batch():
     )
 
 
+@pytest.mark.parametrize("combo", COMBOS[:5], ids=lambda c: "E{}_G{}_TG{}_K{}".format(*c))
+@pytest.mark.parametrize("shared", [1, 2, 3])
+@pytest.mark.parametrize("t", [1, 6])
+def test_shared_experts_appended_in_the_same_launch(combo, shared, t):
+    """shared_experts=S (model/shared_fuse.py): the routed outputs as without, and [T, K + S] ids
+    and weights that are the routed ones, then E .. E+S-1 with weight 1.0 (not times the routed
+    scaling), at K + S a power of two (K 6 + S 2) and not (K 4 + S 1, 5 + 3)."""
+    e, ng, tg, k = combo
+    logits, bias = _case(t, e, seed=e + t + shared, with_bias=True)
+    kw = dict(top_k=k, n_group=ng, topk_group=tg, routed_scaling_factor=2.5)
+    out = moe_gate(logits, bias, shared_experts=shared, **kw)
+    _check(out, moe_gate_ref(logits, bias, **kw), t, k, e)
+    assert out.fused_ids_TJ is not None and out.fused_weights_TJ is not None
+    assert out.fused_ids_TJ.shape == (t, k + shared) and out.fused_ids_TJ.is_contiguous()
+    assert torch.equal(out.fused_ids_TJ[:, :k], out.expert_ids_TK)
+    assert torch.equal(out.fused_weights_TJ[:, :k], out.weights_TK)
+    want_ids = torch.arange(e, e + shared).expand(t, -1)
+    assert torch.equal(out.fused_ids_TJ[:, k:], want_ids)
+    assert torch.equal(out.fused_weights_TJ[:, k:], torch.ones(t, shared))
+    assert moe_gate(logits, bias, **kw).fused_ids_TJ is None
+    assert moe_gate_ref(logits, bias, **kw).fused_ids_TJ is None
+    empty = moe_gate(torch.empty(0, e), bias, shared_experts=shared, **kw)
+    assert empty.fused_ids_TJ is not None and empty.fused_ids_TJ.shape == (0, k + shared)
+
+
 def test_input_errors():
     logits, bias = _case(3, 16, seed=1, with_bias=True)
     kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
@@ -147,6 +172,8 @@ def test_input_errors():
         moe_gate(logits, bias, block_t=3, **kw)
     with pytest.raises(ValueError, match="num_warps=3"):
         moe_gate(logits, bias, num_warps=3, **kw)
+    with pytest.raises(ValueError, match="shared_experts=-1 must be >= 0"):
+        moe_gate(logits, bias, shared_experts=-1, **kw)
 
 
 def test_dispatch_rule_and_cpu_route():

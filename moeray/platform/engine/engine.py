@@ -53,6 +53,7 @@ from moeray.platform.engine.scheduler import (
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 from moeray.platform.model.merge import merge_projections
+from moeray.platform.model.shared_fuse import fuse_shared_experts
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
     from moeray.platform.engine.grammar import GrammarSet
@@ -123,6 +124,10 @@ class Engine:
         # launches fewer per layer in bf16, 4 in FP8), before any graph captures the weights.
         # {owner module: None, or why its pair stays apart}.
         self.merged_projections = merge_projections(model)
+        # Then the shared experts as extra experts of each MoE layer's fused kernels
+        # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8).
+        # {MoE module: None, or why its shared experts run apart}.
+        self.fused_shared = fuse_shared_experts(model)
         self.config = config
         self.model_config = model.config
         param = next(model.parameters())

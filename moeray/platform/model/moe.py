@@ -64,6 +64,10 @@ ExpertsMLPFn = Callable[
     torch.Tensor,
 ]
 
+# (x_TD, routing) -> the MoE's output with the shared experts' added, or None where it does not
+# apply: model/shared_fuse.py's SharedFused (an nn.Module), set by its transform.
+SharedFusedFn = Callable[[torch.Tensor, Routing], torch.Tensor | None]
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
@@ -297,40 +301,65 @@ class Experts(nn.Module):
         weights_TK: torch.Tensor,
         add_TD: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """GPU inference: the fused Triton MoE (moeray.kernels.moe), one launch per GEMM over all
-        local experts and no host sync, so the engine can capture decode steps in CUDA graphs (the
-        loop in `forward` reads per-expert counts back with .tolist()). None when it does not apply:
-        gradients needed (it has no backward), a swapped `linear` (FP8 training), mixed dtypes, or
-        FP8 weights without whole 128x128 blocks."""
-        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
-        half = (torch.bfloat16, torch.float16)
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x_TD, weights_TK, w1, w3, w2)
-        )
-        if self.linear is not F.linear or needs_grad:
+        """GPU inference: the fused Triton MoE over these experts (`fused_experts`); None where it
+        does not apply, and with a swapped `linear` (FP8 training)."""
+        if self.linear is not F.linear:
             return None
-        scales: tuple = ()
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
+        scales = None
         if w1.dtype == FP8_DTYPE:
-            scales = tuple(
+            s1, s3, s2 = (
                 getattr(self, f"{n}_scale_inv", None) for n in ("gate_proj", "up_proj", "down_proj")
             )
-            ok = (
-                w3.dtype == FP8_DTYPE
-                and w2.dtype == FP8_DTYPE
-                and x_TD.dtype in half
-                and all(s is not None for s in scales)
-                and w1.shape[1] % 128 == 0
-                and w1.shape[2] % 128 == 0
-            )
-        else:
-            ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
-        if add_TD is not None and (add_TD.dtype != x_TD.dtype or add_TD.shape != x_TD.shape):
-            ok = False
-        if not ok:
-            return None
-        names = ("w1_scale", "w3_scale", "w2_scale")
-        kw = dict(zip(names, (s.float() for s in scales), strict=True)) if scales else {}
-        return fused_moe_gate_up(x_TD, w1, w3, w2, local_ids_TK, weights_TK, add_TH=add_TD, **kw)
+            if s1 is None or s3 is None or s2 is None:
+                return None
+            scales = (s1, s3, s2)
+        return fused_experts(x_TD, (w1, w3, w2), scales, local_ids_TK, weights_TK, add_TD)
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    w: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    add_TD: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The fused Triton MoE (moeray.kernels.moe) over stacked experts w = (gate [E, I, D], up
+    [E, I, D], down [E, D, I]; FP8: e4m3 with `scales` their [E, ., .] scale_inv): one launch per
+    GEMM over all of them and no host sync, so the engine can capture decode steps in CUDA graphs
+    (the loop of `Experts._routed` reads per-expert counts back with .tolist()). The one place that
+    says when it applies; None otherwise: gradients needed (it has no backward), mixed dtypes, or
+    FP8 weights without whole 128x128 blocks."""
+    w1, w3, w2 = w
+    half = (torch.bfloat16, torch.float16)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, weights_TK, w1, w3, w2)
+    )
+    if needs_grad:
+        return None
+    if w1.dtype == FP8_DTYPE:
+        ok = (
+            w3.dtype == FP8_DTYPE
+            and w2.dtype == FP8_DTYPE
+            and x_TD.dtype in half
+            and scales is not None
+            and w1.shape[1] % 128 == 0
+            and w1.shape[2] % 128 == 0
+        )
+    else:
+        ok = w1.dtype in half and w1.dtype == w3.dtype == w2.dtype == x_TD.dtype
+        scales = None
+    if add_TD is not None and (add_TD.dtype != x_TD.dtype or add_TD.shape != x_TD.shape):
+        ok = False
+    if not ok:
+        return None
+    s1 = s3 = s2 = None
+    if scales is not None:
+        s1, s3, s2 = (s.float() for s in scales)
+    return fused_moe_gate_up(
+        x_TD, w1, w3, w2, ids_TK, weights_TK, w1_scale=s1, w3_scale=s3, w2_scale=s2, add_TH=add_TD
+    )
 
 
 class MoE(nn.Module):
@@ -345,6 +374,9 @@ class MoE(nn.Module):
             else None
         )
         self.group_mask_value = GROUP_MASK_OFFICIAL
+        # Set for inference by model/shared_fuse.py: the shared experts run as extra experts of
+        # the fused MoE kernels (their own GEMMs and SwiGLU not launched). See `_fused_shared`.
+        self.register_module("fused_shared", None)
         # The last forward's routing (counts per expert, affinities): read by the training loop for
         # the bias update and the balance loss, and by serving for expert-load metrics.
         self.last_routing: Routing | None = None
@@ -353,7 +385,9 @@ class MoE(nn.Module):
     def e_score_correction_bias(self) -> torch.Tensor:
         return self.gate.e_score_correction_bias
 
-    def route(self, x_TD: torch.Tensor) -> Routing:
+    def route(self, x_TD: torch.Tensor, shared_experts: int = 0) -> Routing:
+        """The gate's choice; with shared_experts=S the fused gate also appends the S shared
+        experts' ids and weights (Routing.fused_ids_TJ)."""
         c = self.config
         return route(  # routing.gate.route, not this method
             self.gate.logits(x_TD),
@@ -364,12 +398,22 @@ class MoE(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             norm_topk_prob=c.norm_topk_prob,
             group_mask_value=self.group_mask_value,
+            shared_experts=shared_experts,
         )
+
+    def _fused_shared(self) -> SharedFusedFn | None:
+        """model/shared_fuse.py's SharedFused where set, else None; read from the submodules so
+        that the subclasses built without MoE.__init__ (expert-parallel, placed: never fused) that
+        call this forward need no attribute of their own."""
+        return self._modules.get("fused_shared")
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.route(x_TD)
+        fused = self._fused_shared()
+        r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts)
         self.last_routing = r
-        shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
-        y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD)
+        y_TD = None if fused is None else fused(x_TD, r)
+        if y_TD is None:  # not fused, or the fused MoE does not apply (shared_fuse.py)
+            shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)
+            y_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared_TD)
         return y_TD.view_as(x_BSD)

@@ -36,12 +36,15 @@ def route(
     routed_scaling_factor: float,
     norm_topk_prob: bool = True,
     group_mask_value: float = GROUP_MASK_OFFICIAL,
+    shared_experts: int = 0,
 ) -> Routing:
     """Group-limited top-k routing of T tokens over E experts (see the module docstring).
 
     CUDA inference with the official mask and at most FUSED_MAX_TOKENS rows goes to the fused
     Triton gate (`moe_gate`, one launch instead of ~15; same results, ties aside); training
     (gradients to the gate) and everything else run the PyTorch reference, `moe_gate_ref`.
+    shared_experts=S: the fused gate also writes each token's routed ids and weights followed by
+    the S shared experts' (Routing.fused_ids_TJ); the reference leaves them None.
     """
     kw: dict[str, Any] = dict(
         top_k=top_k,
@@ -59,5 +62,5 @@ def route(
         and not needs_grad
         and moe_gate_applies(logits_TE, bias_E)
     ):
-        return moe_gate(logits_TE, bias_E, **kw)
+        return moe_gate(logits_TE, bias_E, shared_experts=shared_experts, **kw)
     return moe_gate_ref(logits_TE, bias_E, group_mask_value=group_mask_value, **kw)

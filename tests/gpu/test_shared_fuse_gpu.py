@@ -1,0 +1,100 @@
+"""Shared experts fused into the fused MoE (model/shared_fuse.py) on the GPU (marker gpu; skipped
+without CUDA): the engine's greedy tokens with the shared experts run as extra experts of the
+fused MoE kernels equal those with MOERAY_FUSED_SHARED=0 (bf16, FP8 e4m3 + 128x128 scales; with MTP
+drafting), and a profiled decode step (CUDA-graph replays) runs fewer kernels: per MoE layer the
+shared MLP's gemv + SwiGLU + gemv, 3 (at least 3 in FP8, where a gemv without its split-K
+workspace adds a reduce launch; the fused gate writes the shared ids and weights in its own launch
+at decode)."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# fp32 Triton dots default to TF32 (the engine's other kernels): IEEE keeps fp32 paths comparable.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+
+def _cfg():
+    """tiny's features at 128-multiples where FP8 needs them: experts 128 x 128 with 2 shared (a
+    shared MLP of 256 split in two), top-3 of 16 (not a power of two)."""
+    from moeray.platform.config import tiny
+
+    return tiny().replace(
+        hidden_size=128,
+        q_lora_rank=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        eos_token_id=None,
+    )
+
+
+def _model(dtype, fp8: bool):
+    from moeray.platform.engine.bench.model import quantize_fp8_
+    from moeray.platform.model.transformer import Transformer
+
+    model = Transformer(_cfg())
+    model.reset_parameters(seed=5)
+    with torch.no_grad():  # wide logit margins: greedy choices robust to summation order
+        model.lm_head.weight.mul_(30.0)
+    model = model.to("cuda", dtype)
+    if fp8:
+        quantize_fp8_(model)
+    return model
+
+
+def _prompts(n=(3, 70, 16)):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, _cfg().vocab_size, (k,), generator=g).tolist() for k in n]
+
+
+def _engine(model, monkeypatch, fuse: bool, **kw):
+    from moeray.platform.engine.engine import Engine, EngineConfig
+
+    monkeypatch.setenv("MOERAY_FUSED_SHARED", "1" if fuse else "0")
+    return Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256, **kw))
+
+
+@pytest.mark.parametrize("fp8,spec", [(False, 0), (True, 0), (False, 1), (True, 1)])
+def test_engine_greedy_unchanged_by_shared_fusion(fp8, spec, monkeypatch):
+    from moeray.platform.engine.sampler import SamplingParams
+
+    model = _model(torch.bfloat16, fp8)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    tokens = {}
+    for fuse in (True, False):
+        eng = _engine(model, monkeypatch, fuse, num_speculative_tokens=spec)
+        fused = [k for k, why in eng.fused_shared.items() if why is None]
+        assert len(fused) == (2 + 1 if fuse else 0), eng.fused_shared  # 2 MoE layers + MTP's
+        assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
+        tokens[fuse] = [o.output_token_ids for o in eng.generate(_prompts(), params)]
+        del eng
+    assert all(len(t) == 10 for t in tokens[True])
+    assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fewer_kernels_per_decode_step(fp8, monkeypatch):
+    from moeray.platform.engine.bench.profile import profile_decode
+
+    model = _model(torch.bfloat16, fp8)
+    cfg = model.config
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_step = {}
+    for fuse in (True, False):
+        eng = _engine(model, monkeypatch, fuse, max_num_seqs=4)
+        per_step[fuse] = profile_decode(eng, _prompts((5,)), 4)["kernels_per_step"]
+        del eng
+    saved = per_step[False] - per_step[True]
+    print(f"kernels per decode step, fp8={fp8}: {per_step[False]} -> {per_step[True]}")
+    if fp8:
+        assert saved >= 3 * moe_layers, per_step
+    else:
+        assert saved == 3 * moe_layers, per_step
