@@ -188,13 +188,15 @@ def test_grouped_fp8_kgrouped_experts_from_device_counts_through_the_triton_kern
     the chooser forced (`GroupedExperts.device_layout`, CUDA in production): the device plan
     (P 384 where the exact size is 256: a block of expert -1 at the end) through the
     interpreted kernels gives the list's outputs and gradients bit for bit. An expert without
-    rows, one of exactly 128."""
+    rows, one of exactly 128. At I 128 (gate and up as one weight): the -1 blocks go through the
+    same grouped GEMMs as at I 160 in fewer tiles (17 -> 11 s); test_pipeline.py runs the device
+    plan at I 160 (gate and up apart) through the kernels' references."""
     from moeray.platform import fp8 as f8
     from moeray.platform.parallel.experts_mlp import GroupedExperts, experts_mlp
 
     monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x, **kw: True))
     g = torch.Generator().manual_seed(4)
-    rows, D, inter = [2, 0, 128], 128, 160
+    rows, D, inter = [2, 0, 128], 128, 128
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
     ws = [
         torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))
