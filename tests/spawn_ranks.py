@@ -24,12 +24,14 @@ def _rank(rank: int, environ: dict[str, str], fn, args: tuple) -> None:
     fn(rank, *args)
 
 
-def spawn(fn, args: tuple = (), nprocs: int = 1) -> None:
+def spawn(fn, args: tuple = (), nprocs: int = 1, join: bool = True):
+    """mp.spawn's arguments and result (None, or the ProcessContext without join); a test may
+    put it in place of torch.multiprocessing.spawn for code that starts its own ranks."""
     mp.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
-    mp.start_processes(
+    return mp.start_processes(
         _rank,
         args=(dict(os.environ), fn, args),
         nprocs=nprocs,
-        join=True,
+        join=join,
         start_method="forkserver",
     )

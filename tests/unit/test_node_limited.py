@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from moeray.platform.config import tiny
 from moeray.platform.train.job_config import TrainJobConfig
@@ -227,8 +228,12 @@ def test_node_limited_replica_matches_single_process(tmp_path):
     assert all(r["moe_classes"] == ["NodeLimitedMoE"] for r in results["ep4-nodes"])
 
 
-def test_bench_node_ep_measures_both_dispatches_and_refuses_bad_layouts(tmp_path, capsys):
+def test_bench_node_ep_measures_both_dispatches_and_refuses_bad_layouts(
+    tmp_path, capsys, monkeypatch
+):
     from moeray.platform.parallel import node_bench
+
+    monkeypatch.setattr(mp, "spawn", spawn)  # its 4 ranks from the fork server (spawn_ranks.py)
 
     args = ["--model", "tiny", "--ep", "4", "--out-dir", str(tmp_path)]
     assert node_bench.main([*args, "--ranks-per-node", "2"]) == 2
