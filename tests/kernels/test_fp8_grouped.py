@@ -67,9 +67,9 @@ def test_grouped_gemm_skips_blocks_without_an_expert(blocks, monkeypatch):
     skipped by the kernel and the reference: no arithmetic on their rows of a (NaN codes and inf
     scales here), exact zeros in their rows of c (over the NaN torch.empty gives here), and every
     other block equal, bit for bit, to the same call with the -1 blocks given an expert. Odd
-    shapes: N = K = 200 (a ragged last column tile and K block), a -1 block between experts,
-    only -1 blocks."""
-    E, N, K = 3, 200, 200
+    shapes: N = K = 136 (two 128 scale blocks each way, the last column tile and K block ragged:
+    8 wide), a -1 block between experts, only -1 blocks."""
+    E, N, K = 3, 136, 136
     b, b_s = _experts(E, N, K, seed=11)
     x = torch.randn(128 * len(blocks), K, generator=torch.Generator().manual_seed(12))
     a, a_s = fp8.act_quant(x, scale_col_major=True)
