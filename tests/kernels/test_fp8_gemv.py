@@ -122,7 +122,9 @@ def test_fp8_gemv_bad_input():
 
 # Tiles and splits that force split-K whatever num_sms says: the broadcast tiles of 1-4 rows (the
 # GPU's widths) and a dot tile; K = 2048 + 77 is 17 blocks, the last ragged, so S = 3 leaves a
-# short last split (6, 6, 5 blocks).
+# short last split (6, 6, 5 blocks). N = 136 is two 128-row scale blocks and a ragged last tile
+# at every BLOCK_N (9 tiles of 16, 5 of 32, 3 of 64, each its own counter); the interpreter's time
+# goes with the programs, N tiles x S (N 576: 36 x 17 programs, 19 s; 136: 9 x 17, 4 s).
 _SERIAL_CONFIGS = [
     (1, dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=3, DOT=False, num_warps=8, num_stages=4)),
     (2, dict(BLOCK_M=2, BLOCK_N=32, SPLIT_K=5, DOT=False, num_warps=4, num_stages=4)),
@@ -146,7 +148,7 @@ def _poisoned_empty(monkeypatch) -> None:
 @pytest.mark.parametrize("m,cfg", _SERIAL_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_gemv_serial_split_k(m, cfg, dtype, monkeypatch, launch_spy):
-    n, k = 576, 2048 + 77
+    n, k = 136, 2048 + 77
     wq, ws = _weight(n, k, seed=m)
     g = torch.Generator().manual_seed(m)
     x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 2, m)[:, None]).to(dtype)

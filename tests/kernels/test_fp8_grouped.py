@@ -67,9 +67,9 @@ def test_grouped_gemm_skips_blocks_without_an_expert(blocks, monkeypatch):
     skipped by the kernel and the reference: no arithmetic on their rows of a (NaN codes and inf
     scales here), exact zeros in their rows of c (over the NaN torch.empty gives here), and every
     other block equal, bit for bit, to the same call with the -1 blocks given an expert. Odd
-    shapes: N = K = 200 (a ragged last column tile and K block), a -1 block between experts,
-    only -1 blocks."""
-    E, N, K = 3, 200, 200
+    shapes: N = K = 136 (two 128 scale blocks each way, the last column tile and K block ragged:
+    8 wide), a -1 block between experts, only -1 blocks."""
+    E, N, K = 3, 136, 136
     b, b_s = _experts(E, N, K, seed=11)
     x = torch.randn(128 * len(blocks), K, generator=torch.Generator().manual_seed(12))
     a, a_s = fp8.act_quant(x, scale_col_major=True)
@@ -188,13 +188,15 @@ def test_grouped_fp8_kgrouped_experts_from_device_counts_through_the_triton_kern
     the chooser forced (`GroupedExperts.device_layout`, CUDA in production): the device plan
     (P 384 where the exact size is 256: a block of expert -1 at the end) through the
     interpreted kernels gives the list's outputs and gradients bit for bit. An expert without
-    rows, one of exactly 128."""
+    rows, one of exactly 128. At I 128 (gate and up as one weight): the -1 blocks go through the
+    same grouped GEMMs as at I 160 in fewer tiles (17 -> 11 s); test_pipeline.py runs the device
+    plan at I 160 (gate and up apart) through the kernels' references."""
     from moeray.platform import fp8 as f8
     from moeray.platform.parallel.experts_mlp import GroupedExperts, experts_mlp
 
     monkeypatch.setattr(GroupedExperts, "device_layout", staticmethod(lambda x, **kw: True))
     g = torch.Generator().manual_seed(4)
-    rows, D, inter = [2, 0, 128], 128, 160
+    rows, D, inter = [2, 0, 128], 128, 128
     x = torch.randn(sum(rows), D, generator=g).bfloat16().float()
     ws = [
         torch.randn(len(rows), *s, generator=g) * 0.2 for s in ((inter, D), (inter, D), (D, inter))

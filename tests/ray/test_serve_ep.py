@@ -61,6 +61,27 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     serve.shutdown()
 
 
+@pytest.fixture
+def start_app(server):
+    """`start_app(cfg, name, route_prefix)`: one more app on the module's Serve instance, deleted
+    when the test ends. An idle gang keeps stepping (every rank every 50 ms, `EngineLoop`), so
+    the 8 ranks of the ep=4, P/D and MTP apps left running would compete with the later tests
+    for the 2 CPUs. The deletion is not waited for: each app's graceful shutdown takes ~3 s."""
+    from ray import serve
+
+    from moeray.platform.serve.app import start
+
+    names = []
+
+    def run(cfg: ServeConfig, name: str, route_prefix: str) -> None:
+        names.append(name)
+        start(cfg, name=name, route_prefix=route_prefix)
+
+    yield run
+    for name in names:
+        serve.delete(name, _blocking=False)
+
+
 def _expected(model_dir, prompt: str, n: int) -> list[int]:
     tok = ServeTokenizer(model_dir)
     engine = Engine.from_pretrained(
@@ -126,21 +147,15 @@ def test_each_rank_read_only_its_share_of_the_weights(server, tiny_model_dir):
     assert all(ld["bytes_read"] == total - experts + experts // EP for ld in loads)
 
 
-def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_dir):
+def test_pd_with_ep_on_both_sides_across_a_placement_change(server, start_app, tiny_model_dir):
     """A prefill gang and a decode gang (2 ranks each), each with live expert placement (two
     redundant slots, any imbalance replans): KV rows move from the prefill rank that computed
     them to the decode rank that took the request; streams that cross the decode gang's
     placement switch answer what the plain engine does. Decode forwards take the fixed-size
     gathered exchange (`ep_decode_exchange="gather"`; on a GPU "auto" picks it for graphs)."""
-    from moeray.platform.serve.app import start
-
     cfg, url = server
     placed = dict(ep_placement_period_s=0.1, ep_redundant_experts=2, ep_placement_maxvio=0.0)
-    start(
-        cfg.replace(mode="pd", ep_decode_exchange="gather", **placed),
-        name="ep-pd",
-        route_prefix="/pd",
-    )
+    start_app(cfg.replace(mode="pd", ep_decode_exchange="gather", **placed), "ep-pd", "/pd")
     client = openai.OpenAI(base_url=url + "/pd/v1", api_key="unused", timeout=120)
 
     def stream(prompt: str) -> str:
@@ -197,11 +212,9 @@ def test_pd_with_ep_on_both_sides_across_a_placement_change(server, tiny_model_d
     assert "expert placement v1 at step" in text and "GPU MaxVio" in text, text[-2000:]
 
 
-def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir):
-    from moeray.platform.serve.app import start
-
+def test_ep4_serves_what_the_single_process_engine_serves(server, start_app, tiny_model_dir):
     cfg, url = server
-    start(cfg.replace(ep=4), name="ep4", route_prefix="/ep4")
+    start_app(cfg.replace(ep=4), "ep4", "/ep4")
     client = openai.OpenAI(base_url=url + "/ep4/v1", api_key="unused", timeout=60)
     assert _complete_all(client, 8) == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
     stats = _stats("EP", "ep4")
@@ -210,12 +223,11 @@ def test_ep4_serves_what_the_single_process_engine_serves(server, tiny_model_dir
 
 
 def test_ep_gang_with_mtp_serves_what_the_single_process_engine_serves(
-    server, tiny_model_dir, tmp_path
+    server, start_app, tiny_model_dir, tmp_path
 ):
     """`moeray serve --ep 2 --num-speculative-tokens 1`: the flag reaches the gang's engines, which
     draft with the MTP depth (its MoE layer expert-parallel too) and serve the greedy answers."""
     from moeray.platform.serve.app import main as serve_main
-    from moeray.platform.serve.app import start
 
     cfg, url = server
     f = tmp_path / "serve.yaml"
@@ -224,7 +236,7 @@ def test_ep_gang_with_mtp_serves_what_the_single_process_engine_serves(
     assert serve_main(argv) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
     assert app["args"]["ep"] == 2 and app["args"]["num_speculative_tokens"] == 1
-    start(cfg.replace(num_speculative_tokens=1), name="epmtp", route_prefix="/epmtp")
+    start_app(cfg.replace(num_speculative_tokens=1), "epmtp", "/epmtp")
     client = openai.OpenAI(base_url=url + "/epmtp/v1", api_key="unused", timeout=60)
     assert _complete_all(client, 8) == [_expected(tiny_model_dir, p, 8) for p in PROMPTS]
     ranks = _stats("EP", "epmtp")["ranks"]

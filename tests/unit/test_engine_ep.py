@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeray.platform.config import tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
@@ -26,6 +25,7 @@ from moeray.platform.parallel.serve_ep import (
     expert_loads,
     parallelize_for_serving,
 )
+from tests.spawn_ranks import spawn
 
 PROMPTS = [
     list(range(3, 40)),  # 37 tokens: two prefill chunks of different lengths with the others
@@ -94,7 +94,7 @@ def reference() -> dict[int, list[int]]:
 )
 def test_ep_engine_greedy_equals_single_process(world, exchange, tmp_path, reference):
     args = (world, str(tmp_path / "pg"), str(tmp_path), exchange)
-    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    spawn(_worker, args=args, nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
     assert sorted(tokens) == list(range(len(PROMPTS)))
@@ -184,7 +184,7 @@ def test_graph_round_masks_the_padding_rows(tmp_path):
     """The gathered exchange at a graph round's shapes (every rank 8 rows, ranks with 3 and 5
     real ones): the real rows equal the single-device MoE's, and padding rows neither count as
     load nor reach an expert."""
-    mp.spawn(_graph_round_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    spawn(_graph_round_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     K = tiny().num_experts_per_tok
     assert [g["close"] for g in got] == [True, True]

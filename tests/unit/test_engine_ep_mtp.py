@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_engine_ep import PROMPTS, _assignment  # prompts of uneven lengths, one idle rank
 
 from moeray.platform.config import tiny
@@ -19,6 +18,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
 from moeray.platform.parallel.serve_ep import ServingEPMoE
+from tests.spawn_ranks import spawn
 
 MAX_TOKENS = 12
 ECONF = EngineConfig(num_pages=48, page_size=8, max_num_batched_tokens=48, use_cuda_graphs=False)
@@ -95,7 +95,7 @@ def test_ep_mtp_greedy_equals_single_process(world, exchange, tmp_path, referenc
     with_mtp, without_mtp = references
     assert with_mtp == without_mtp  # speculation does not change greedy output
     args = (world, str(tmp_path / "pg"), str(tmp_path), exchange)
-    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    spawn(_worker, args=args, nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
     assert sorted(tokens) == list(range(len(PROMPTS)))

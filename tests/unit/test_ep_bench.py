@@ -5,12 +5,17 @@ ratio to it, and the placement ratios."""
 import json
 
 import pytest
+import torch.multiprocessing as mp
 
 from moeray import cli
 from moeray.platform.engine.ep_bench import WideEPConfig, placement_ratios
+from tests.spawn_ranks import spawn
 
 
-def test_wide_ep_bench_writes_its_numbers(tmp_path, capsys):
+def test_wide_ep_bench_writes_its_numbers(tmp_path, capsys, monkeypatch):
+    # the bench's 4 rank processes (ep=1, ep=2, the plain engine) forked from the tests' fork
+    # server (tests/spawn_ranks.py), not spawned: each would import torch and moeray first
+    monkeypatch.setattr(mp, "spawn", spawn)
     argv = ["bench", "wide-ep", "--preset", "tiny", "--gpus", "1,2", "--device", "cpu"]
     argv += ["--batch", "2", "--prompt-len", "9", "--decode-tokens", "4", "--a2a-mib", "1"]
     argv += ["--repeats", "2"]

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from moeray.platform.config import tiny
 from moeray.platform.train.job_config import TrainJobConfig
+from tests.spawn_ranks import spawn
 
 WORLD = 4
 T_PER_RANK = (7, 12, 0, 9)  # uneven, and one rank without tokens
@@ -126,7 +127,7 @@ def _check_equal(ranks, ref):
 
 
 def test_node_limited_dispatch_matches_flat_and_one_process_with_fewer_bytes(tmp_path):
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, args=(WORLD, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
     got = {
         name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in CASES
     }
@@ -227,8 +228,12 @@ def test_node_limited_replica_matches_single_process(tmp_path):
     assert all(r["moe_classes"] == ["NodeLimitedMoE"] for r in results["ep4-nodes"])
 
 
-def test_bench_node_ep_measures_both_dispatches_and_refuses_bad_layouts(tmp_path, capsys):
+def test_bench_node_ep_measures_both_dispatches_and_refuses_bad_layouts(
+    tmp_path, capsys, monkeypatch
+):
     from moeray.platform.parallel import node_bench
+
+    monkeypatch.setattr(mp, "spawn", spawn)  # its 4 ranks from the fork server (spawn_ranks.py)
 
     args = ["--model", "tiny", "--ep", "4", "--out-dir", str(tmp_path)]
     assert node_bench.main([*args, "--ranks-per-node", "2"]) == 2

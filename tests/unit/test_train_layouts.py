@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_pipeline import LOSS, SEED, B, S, _biases, _check, _reference, _run, _tokens
 
 from moeray.platform.config import tiny
@@ -21,6 +20,7 @@ from moeray.platform.train import bench
 from moeray.platform.train import step as ts
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import FlatReplica
+from tests.spawn_ranks import spawn
 
 
 def _job(**parallel) -> TrainJobConfig:
@@ -78,11 +78,10 @@ def _flat_worker(rank, world, init_file, out_dir, cases):
 
 
 def _run_flat(tmp_path, world, cases):
-    mp.spawn(
+    spawn(
         _flat_worker,
         args=(world, str(tmp_path / "pg"), str(tmp_path), cases),
         nprocs=world,
-        join=True,
     )
     return {
         name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(world)]

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_pipeline import LOSS, SEED, B, S, _tokens
 from test_train_layouts import _bias_LE
 
@@ -18,6 +17,7 @@ from moeray.platform.train import step as ts
 from moeray.platform.train import zero
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import FlatReplica
+from tests.spawn_ranks import spawn
 
 STEPS = 3
 
@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
         ("ep", {"ep": 2}, {}),
         ("ep-zero", {"ep": 2}, {"zero_stage": 1}),
     ]
-    mp.spawn(_worker, args=(2, str(tmp / "pg"), str(tmp), cases), nprocs=2, join=True)
+    spawn(_worker, args=(2, str(tmp / "pg"), str(tmp), cases), nprocs=2)
     return {name: [torch.load(tmp / f"{name}-rank{r}.pt") for r in range(2)] for name, *_ in cases}
 
 
