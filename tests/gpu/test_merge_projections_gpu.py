@@ -34,11 +34,12 @@ def _cfg():
     )
 
 
-def _model(dtype, fp8: bool):
+def _model(dtype, fp8: bool, cfg=None):
+    """The test model on the GPU (`cfg`: default `_cfg()`), FP8 weights with `fp8`."""
     from moeray.platform.engine.bench.model import quantize_fp8_
     from moeray.platform.model.transformer import Transformer
 
-    model = Transformer(_cfg())
+    model = Transformer(cfg or _cfg())
     model.reset_parameters(seed=5)
     with torch.no_grad():  # wide logit margins: greedy choices robust to summation order
         model.lm_head.weight.mul_(30.0)

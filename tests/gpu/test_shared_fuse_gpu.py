@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from tests.gpu import test_merge_projections_gpu as merge_gpu
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -37,22 +39,11 @@ def _cfg():
 
 
 def _model(dtype, fp8: bool):
-    from moeray.platform.engine.bench.model import quantize_fp8_
-    from moeray.platform.model.transformer import Transformer
-
-    model = Transformer(_cfg())
-    model.reset_parameters(seed=5)
-    with torch.no_grad():  # wide logit margins: greedy choices robust to summation order
-        model.lm_head.weight.mul_(30.0)
-    model = model.to("cuda", dtype)
-    if fp8:
-        quantize_fp8_(model)
-    return model
+    return merge_gpu._model(dtype, fp8, _cfg())
 
 
 def _prompts(n=(3, 70, 16)):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, _cfg().vocab_size, (k,), generator=g).tolist() for k in n]
+    return merge_gpu._prompts(n)  # tokens below tiny's vocabulary, as _cfg() keeps it
 
 
 def _engine(model, monkeypatch, fuse: bool, **kw):
