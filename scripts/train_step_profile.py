@@ -33,7 +33,7 @@ from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
 from moeray.platform.train.bench_common import BenchConfig, bigram_stream
-from moeray.platform.train.bench_one import build_model
+from moeray.platform.train.bench_run import build_model
 from moeray.results import device_slug, write_result
 
 

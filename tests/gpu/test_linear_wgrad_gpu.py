@@ -94,7 +94,7 @@ def _train(swap: bool, tokens: torch.Tensor):
     losses and the accumulated gradients; and what autograd handed to one projection's weight."""
     model = Transformer(CFG)
     model.reset_parameters(seed=0)
-    enable_grouped_experts(model, grouped_fp8=True)  # as bench_one.build_model on CUDA
+    enable_grouped_experts(model, grouped_fp8=True)  # as bench_run.build_model on CUDA
     if swap:
         assert enable_split_linears(model) > 20
     model.to(DEV).train()

@@ -6,7 +6,7 @@ each step), for BF16, FP8 experts and FP8 everywhere with BF16 weight gradients.
 import pytest
 import torch
 
-from moeray.platform.train import bench_one, zero
+from moeray.platform.train import bench_run, zero
 from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import BenchConfig, bigram_stream
 from moeray.platform.train.graphs import MicrobatchGraph
@@ -23,7 +23,7 @@ def _train(graphs: bool, fp8: bool, scope: str, tokens_SMBT: torch.Tensor):
     """STEPS optimizer steps of MICRO micro-batches, the bench's model and step; per-step losses,
     the final weights and the model (with its graph runner)."""
     cfg = BenchConfig(device="cuda", pp=1, fp8_scope=scope)
-    model = bench_one.build_model(cfg, CFG, fp8, False, DEV, bf16_wgrad=fp8)
+    model = bench_run.build_model(cfg, CFG, fp8, False, DEV, bf16_wgrad=fp8)
     # lr 1e-2: each step moves the loss by ~0.1 (up, on this tiny model), so a replay reading
     # last step's weights (a WeightCache entry not re-made) would miss the eager losses by far
     # more than the 1e-3 the comparisons allow
@@ -83,7 +83,7 @@ def test_graphed_training_equals_eager(fp8, scope):
 
 def test_a_graph_refuses_another_token_shape_and_a_loss_change_inside_a_step():
     cfg = BenchConfig(device="cuda", pp=1)
-    model = bench_one.build_model(cfg, CFG, False, False, DEV)
+    model = bench_run.build_model(cfg, CFG, False, False, DEV)
     graph = MicrobatchGraph(model, tstep.LossConfig(), 1, DEV)
     tokens = torch.randint(0, CFG.vocab_size, (2, 33), device=DEV)
     graph.run(tokens)

@@ -13,7 +13,7 @@ from moeray.platform.config import tiny
 from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
-from moeray.platform.train import bench_one
+from moeray.platform.train import bench_one, bench_run
 from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import BenchConfig
 
@@ -56,7 +56,7 @@ def _run(
             model, grouped_fp8=True, kgrouped_wgrad=kgrouped, bf16_wgrad=bf16_wgrad
         )
     model.to(DEV).train()
-    with bench_one._profiled(counts is not None, DEV, {} if counts is None else counts, "fb"):
+    with bench_run._profiled(counts is not None, DEV, {} if counts is None else counts, "fb"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             parts = tstep.compute_loss(model, tokens, tstep.LossConfig())
         parts.total.backward()

@@ -25,7 +25,7 @@ from moeray.platform.model import moe as moe_module
 from moeray.platform.model.merge import merge_projections
 from moeray.platform.model.moe import MoE
 from moeray.platform.model.quant import dequantize_fp8_blocks
-from moeray.platform.model.shared_fuse import SharedFused, fuse_shared_experts
+from moeray.platform.model.shared_fuse import MAX_FUSED_TOKENS, SharedFused, fuse_shared_experts
 from moeray.platform.model.transformer import Transformer
 
 
@@ -116,6 +116,24 @@ def test_moe_layers_equal_unfused(n_shared, top_k, fp8, gate, monkeypatch):
             r = a.route(x)
             routed = a.experts._fused(x, r.expert_ids_TK, r.weights_TK).float()
         assert (got - routed).norm() > 10 * (got - want).norm()
+
+
+def test_more_tokens_than_the_fused_maximum_run_the_shared_mlp():
+    """Past MAX_FUSED_TOKENS (a large decode batch, prefill) the shared MLP runs on its own and
+    the layer's output is the unfused one's, bit for bit (the same kernels on the same weights)."""
+    cfg = _cfg(2, 3)
+    plain, fused, _ = _models(cfg)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, MAX_FUSED_TOKENS + 1, cfg.hidden_size, generator=g).to(torch.bfloat16)
+    calls: list[str] = []
+    for a, b in _moe_pairs(plain, fused):
+        calls.clear()
+        hook = b.shared_experts.register_forward_hook(lambda *_: calls.append("shared"))
+        with torch.no_grad():
+            want, got = a(x), b(x)
+        hook.remove()
+        assert calls == ["shared"]
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("n_shared", [1, 2])

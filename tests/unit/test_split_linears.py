@@ -20,7 +20,7 @@ from moeray.platform.parallel.weight_grad import (
     enable_split_linears,
     use_fused_linear_wgrad,
 )
-from moeray.platform.train import bench_one
+from moeray.platform.train import bench_run
 from moeray.platform.train import step as ts
 from moeray.platform.train.bench_common import BenchConfig
 from moeray.platform.train.job_config import TrainJobConfig
@@ -48,7 +48,7 @@ def _model(cfg, fp8: bool, swap: bool) -> Transformer:
     model.reset_parameters(seed=0)
     if fp8:
         enable_fp8_training(model)
-    enable_grouped_experts(model, grouped_fp8=False)  # as bench_one.build_model on the CPU
+    enable_grouped_experts(model, grouped_fp8=False)  # as bench_run.build_model on the CPU
     if swap:
         assert enable_split_linears(model) > 0
     return model.train()
@@ -145,7 +145,7 @@ def test_switch_off_keeps_nn_linear(monkeypatch):
     assert enable_split_linears(model) == 0
     assert isinstance(model.lm_head, nn.Linear)
     cfg = BenchConfig(model="tiny", device="cpu", pp=1)
-    built = bench_one.build_model(cfg, tiny(), False, False, torch.device("cpu"))
+    built = bench_run.build_model(cfg, tiny(), False, False, torch.device("cpu"))
     assert not any(isinstance(m, SplitLinear) for m in built.modules())
 
 
@@ -153,7 +153,7 @@ def test_switch_off_keeps_nn_linear(monkeypatch):
 def test_bench_and_one_rank_replica_build_split_linears(monkeypatch, fp8):
     monkeypatch.delenv("MOERAY_FUSED_LINEAR_WGRAD", raising=False)
     cfg = BenchConfig(model="tiny", device="cpu", pp=1)
-    bench_model = bench_one.build_model(cfg, tiny(), fp8, False, torch.device("cpu"))
+    bench_model = bench_run.build_model(cfg, tiny(), fp8, False, torch.device("cpu"))
     job = TrainJobConfig.from_dict({"fp8": fp8})
     replica_model = parallelize(Transformer(tiny()), job, ONE, torch.device("cpu"))
     for model in (bench_model, replica_model):

@@ -19,7 +19,7 @@ from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.model.moe import Experts
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.experts_mlp import enable_grouped_experts
-from moeray.platform.train import bench, bench_one
+from moeray.platform.train import bench, bench_one, bench_run
 from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import BenchConfig, train_flops_per_token
 
@@ -63,10 +63,10 @@ def test_a_failed_kgrouped_run_keeps_the_others_written(tmp_path, monkeypatch, c
     real = bench_one.one_run
     saved = []
 
-    def one_run(cfg, model_cfg, spec, tokens, device):
+    def one_run(cfg, model_cfg, spec, tokens, device, profile=True):
         if spec.kgrouped:
             raise RuntimeError("kernel exploded")
-        return real(cfg, model_cfg, spec, tokens, device)
+        return real(cfg, model_cfg, spec, tokens, device, profile)
 
     monkeypatch.setattr(bench_one, "one_run", one_run)
     real_write = bench_one.write_result
@@ -101,7 +101,7 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
     assert res["fastest_fp8_run"] == "fp8-bf16wgrad"
     # on CUDA a name with -graphs is the same run replayed from CUDA graphs, in the order asked
     cfg = BenchConfig(device="cuda", pp=1, runs="bf16,fp8-bf16wgrad-graphs,bf16-graphs")
-    specs = bench_one.run_specs(cfg, torch.device("cuda"))
+    specs = bench_run.run_specs(cfg, torch.device("cuda"))
     assert [(s.name, s.graphs, s.bf16_wgrad) for s in specs] == [
         ("bf16", False, False),
         ("fp8-bf16wgrad-graphs", True, True),
@@ -109,7 +109,47 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
     ]
     cfg = BenchConfig(pp=1, runs="bf16,fp8-kgrouped", kgrouped_wgrad=False)
     with pytest.raises(ValueError, match=r"fp8-kgrouped not available here.*available: bf16, fp8"):
-        bench_one.run_specs(cfg, torch.device("cpu"))
+        bench_run.run_specs(cfg, torch.device("cpu"))
+
+
+def test_seeds_train_each_run_from_each_seed_and_compare_seed_by_seed(tmp_path):
+    """`--seeds 2`: each run trains from seeds 3 and 4 (other weights and batches: other losses),
+    the step time is the seeds' mean, and the loss differences are |mean| of the signed per-seed
+    ones, each seed against BF16's from the same seed."""
+    args = ["--pp", "1", "--steps", "3", "--warmup", "1", "--seq-len", "8", "--microbatches", "1"]
+    args += ["--seeds", "2", "--seed", "3", "--runs", "bf16,fp8", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "train-1gpu-cpu.json").read_text())
+    assert res["seeds"] == [3, 4]
+    bf16, fp8 = res["runs"]["bf16"], res["runs"]["fp8"]
+    for r in (bf16, fp8):
+        by_seed = r["losses_by_seed"]
+        assert list(by_seed) == ["3", "4"] and all(len(v) == 3 for v in by_seed.values())
+        assert by_seed["3"] == r["losses"] and by_seed["3"][0] != by_seed["4"][0]
+        times = list(r["step_time_s_by_seed"].values())
+        assert r["step_time_s"] == pytest.approx(sum(times) / 2)
+    signed = {
+        s: (sum(fp8["losses_by_seed"][s][-3:]) - sum(bf16["losses_by_seed"][s][-3:]))
+        / sum(bf16["losses_by_seed"][s][-3:])
+        for s in ("3", "4")
+    }
+    assert fp8["loss_rel_diff_vs_bf16_mean_last3_by_seed"] == pytest.approx(signed)
+    assert fp8["loss_rel_diff_vs_bf16_mean_last3"] == pytest.approx(abs(sum(signed.values()) / 2))
+    final = [(fp8["losses_by_seed"][s][-1] / bf16["losses_by_seed"][s][-1] - 1) for s in signed]
+    assert fp8["loss_rel_diff_vs_bf16"] == pytest.approx(abs(sum(final) / 2))
+    assert res["fastest_fp8_loss_rel_diff_mean_last3"] == fp8["loss_rel_diff_vs_bf16_mean_last3"]
+
+
+def test_each_run_is_compared_with_bf16_on_its_own_host_path():
+    got = dict.fromkeys(["bf16", "bf16-graphs", "fp8", "fp8-bf16wgrad-graphs"])
+    assert bench_one.base_run("fp8", got) == "bf16"
+    assert bench_one.base_run("fp8-bf16wgrad-graphs", got) == "bf16-graphs"
+    assert bench_one.base_run("bf16-graphs", got) == "bf16"
+    assert bench_one.base_run("bf16", got) is None
+    only_graphed = dict.fromkeys(["bf16-graphs", "fp8"])
+    assert bench_one.base_run("fp8", only_graphed) == "bf16-graphs"
+    assert bench_one.tail_steps(4) == 4 and bench_one.tail_steps(30) == 5
+    assert bench_one.tail_steps(120) == 12
 
 
 @pytest.mark.parametrize(
@@ -125,6 +165,8 @@ def test_runs_picks_a_subset_and_bf16_wgrad_trains(tmp_path, monkeypatch):
         (["--pp", "2", "--runs", "bf16"], r"runs='bf16': .*on one device"),
         (["--pp", "1", "--runs", "bf16,bf16-graphs"], r"runs='bf16,bf16-graphs': .*CUDA only"),
         (["--pp", "1", "--runs", "bf16,fp8-graphs"], r"fp8-graphs cannot be captured.*on the host"),
+        (["--pp", "1", "--seeds", "0"], r"seeds=0: expected >= 1"),
+        (["--pp", "2", "--seeds", "2"], r"seeds=2: .*1 unless on one device"),
     ],
 )
 def test_one_device_bench_refuses_bad_flags(flags, match, capsys):
@@ -198,7 +240,7 @@ def test_profile_counter():
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.randn(8, 8) @ torch.randn(8, 8)
-    got = bench_one._count_profile(prof)
+    got = bench_run._count_profile(prof)
     assert set(got.values()) == {None}  # nothing ran on a GPU
 
     def ev(name, cuda, us=0.0):
@@ -209,7 +251,7 @@ def test_profile_counter():
     events = [ev("sm90_gemm", True, 30.0), ev("Memcpy HtoD", True, 5.0), ev("quant", True, 2.0)]
     events += [ev("sm90_gemm", True, 10.0), ev("cudaLaunchKernel", False), ev("aten::mm", False)]
     events += [ev("cuLaunchKernelEx", False)]
-    got = bench_one._count_profile(types.SimpleNamespace(events=lambda: events))
+    got = bench_run._count_profile(types.SimpleNamespace(events=lambda: events))
     assert got["gpu_kernels"] == 3 and got["copies"] == 1 and got["launch_calls"] == 2
     assert got["gpu_time_s"] == pytest.approx(42e-6)  # kernels only, not the copy
     assert got["top"] == [["sm90_gemm", 2, pytest.approx(40e-6)], ["quant", 1, pytest.approx(2e-6)]]
@@ -379,7 +421,7 @@ def test_graphed_runs_are_compared_with_graphed_bf16():
     model_cfg = cfg.model_config()
 
     def r(step: float, loss: float) -> dict:
-        return {"step_time_s": step, "losses": [loss] * 5}
+        return {"step_time_s": step, "losses": [loss] * 5, "losses_by_seed": {0: [loss] * 5}}
 
     got = {
         "bf16": r(1.0, 10.0),

@@ -8,8 +8,10 @@ launches of its own: gate+up gemv, SwiGLU, down gemv (FP8 too: fp8_gemv sums its
 same launch). Fused, it rides on the routed experts' gate/up and down launches, and the fused gate
 writes the shared ids and weights after the routed ones in its own launch
 (`moe_gate(shared_experts=S)`): scripts/decode_ops.py counts 22 -> 19 launches per bf16 MoE layer
-at batch 1 (Moonlight: 26 MoE layers, 78 a step). Where the reference gate runs (more than its 32
-rows: prefill) the MoE appends them with two cats.
+at batch 1 (Moonlight: 26 MoE layers, 78 a step). Only forwards of at most MAX_FUSED_TOKENS
+tokens run fused (decode batches; past that the shared MLP's own GEMMs are faster, numbers at the
+constant); where the reference gate ran (the fused gate declined) the MoE appends them with two
+cats.
 
 What changes, per `MoE` whose experts and shared experts qualify (`fuse_refusal`):
 `MoE.fused_shared` gets a `SharedFused` that holds the stacked weights [E + S, ...] as
@@ -27,11 +29,12 @@ Where it runs: the MoE's forward asks the gate for the appended ids and weights 
 routing to `SharedFused` first, which runs `fused_experts` over the E + S experts with each token's
 routed ids followed by the S shared ids E .. E+S-1 with weight 1.0 (the routed weights already
 carry routed_scaling_factor; the shared output is added unscaled, as before); where that does not
-apply (CPU, gradients) the MoE runs as before. bf16 sums differ from the unfused ones by rounding
-only: each shared expert's output is rounded to bf16 then summed in fp32 with the routed ones,
-where before the shared MLP's output was rounded and added to the rounded routed sum. FP8 also
-quantizes the shared experts' input and hidden activations per 1x128 group, as the fused FP8 MoE
-does for every expert (the FP8Linear gemv of the unfused shared MLP at decode does not).
+apply (CPU, gradients, more than MAX_FUSED_TOKENS tokens) the MoE runs as before. bf16 sums differ
+from the unfused ones by rounding only: each shared expert's output is rounded to bf16 then summed
+in fp32 with the routed ones, where before the shared MLP's output was rounded and added to the
+rounded routed sum. FP8 also quantizes the shared experts' input and hidden activations per 1x128
+group, as the fused FP8 MoE does for every expert (the FP8Linear gemv of the unfused shared MLP at
+decode does not).
 
 Only plain `MoE` layers with every expert local are fused: the expert-parallel and placed layers
 (parallel/expert.py, serve_ep.py, engine/eplb.py) have forwards of their own that run the shared
@@ -52,6 +55,12 @@ from moeray.platform.model.moe import MoE, fused_experts
 from moeray.platform.model.quant import FP8Linear
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+# The most tokens a forward runs the shared experts inside the fused MoE. One H200, Moonlight
+# decode, fused vs MOERAY_FUSED_SHARED=0 (benchmarks/results/engine-nvidia-h200-moonlight-
+# {bf16,fp8}{,-unfused-shared}.json): kernel time a step at batch 1 2.88 vs 3.05 ms (bf16) and
+# 2.69 vs 3.07 (FP8), at batch 8 6.19 vs 6.35 and 4.72 vs 5.00, but at batch 64 11.6 vs 10.9 and
+# 9.24 vs 8.79: there the shared MLP's own dense GEMMs beat 64 more rows in the grouped kernel.
+MAX_FUSED_TOKENS = 16
 FUSED_DTYPES = (torch.bfloat16, torch.float16, FP8_DTYPE)  # what `fused_experts` takes
 
 
@@ -193,10 +202,10 @@ class SharedFused(nn.Module):
         # Where the routed experts would run the fused kernel (`Experts.forward`: CUDA, some
         # tokens), or its interpreter (tests on CPU); the rest keeps the shared MLP.
         T = x_TD.shape[0]
-        if T == 0 or not (x_TD.is_cuda or interpreting()):
+        if not 0 < T <= MAX_FUSED_TOKENS or not (x_TD.is_cuda or interpreting()):
             return None
         ids, weights = r.fused_ids_TJ, r.fused_weights_TJ  # the fused gate wrote them (decode)
-        if ids is None or weights is None:  # the reference gate (prefill): two cats
+        if ids is None or weights is None:  # the reference gate: two cats
             ids_TK, weights_TK = r.expert_ids_TK, r.weights_TK
             ids = torch.cat([ids_TK, self.shared_ids_S.to(ids_TK.dtype).expand(T, -1)], 1)
             ones_TS = self.shared_weights_S.to(weights_TK.dtype).expand(T, -1)

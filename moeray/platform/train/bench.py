@@ -426,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--warmup", type=int, default=d.warmup, help="steps left out of the timings")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="random weights and batches (the first seed)"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker")
     p.add_argument(
         "--overlap",
@@ -453,9 +456,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs",
         default=d.runs,
-        help="--pp 1: the runs to make, comma-separated, bf16 first among "
+        help="--pp 1: the runs to make, comma-separated, among "
         f"{', '.join(RUN_NAMES)}, each optionally with {GRAPHS_SUFFIX} (micro-batches replayed "
-        "from a CUDA graph; default: every one that applies, none graphed)",
+        "from a CUDA graph; default: every one that applies, none graphed); bf16 or "
+        f"bf16{GRAPHS_SUFFIX} among them",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=d.seeds,
+        help="--pp 1: train each run from this many seeds (other weights and batches each) and "
+        "compare its loss with BF16's seed by seed",
     )
     p.add_argument(
         "--profile",
@@ -483,6 +494,7 @@ def main(argv: list[str]) -> int:
             args.steps,
             args.warmup,
             args.lr,
+            seed=args.seed,
             threads=args.threads,
             overlap=args.overlap,
             profile_dir=args.profile,
@@ -492,6 +504,7 @@ def main(argv: list[str]) -> int:
             kgrouped_wgrad=args.kgrouped_wgrad,
             fp8_scope=args.fp8_scope,
             runs=args.runs,
+            seeds=args.seeds,
         )
         if cfg.one_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")

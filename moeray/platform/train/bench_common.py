@@ -16,7 +16,7 @@ from moeray.platform.parallel import schedule as sched
 from moeray.platform.parallel.stages import split_layers
 from moeray.platform.train.step import MOMENTS_DTYPES
 
-# the one-device bench's runs (bench_one.run_specs); each also with GRAPHS_SUFFIX, its
+# the one-device bench's runs (bench_run.run_specs); each also with GRAPHS_SUFFIX, its
 # micro-batches replayed from a CUDA graph (train/graphs.py, CUDA only)
 RUN_NAMES = ("bf16", "fp8", "fp8-kgrouped", "fp8-bf16wgrad")
 GRAPHS_SUFFIX = "-graphs"
@@ -48,9 +48,12 @@ class BenchConfig:
     fp8_scope: str = "all"  # FP8 runs: what runs in FP8 (fp8.FP8_SCOPES)
     # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
     kgrouped_wgrad: bool | None = None
-    # one device: the runs to make, comma-separated names (bench_one.run_specs); None: all that
-    # apply. "bf16" is required: every FP8 run is compared with it.
+    # one device: the runs to make, comma-separated names (bench_run.run_specs); None: all that
+    # apply. "bf16" or "bf16-graphs" is required: every FP8 run is compared with BF16.
     runs: str | None = None
+    # one device: each run trained from this many seeds (seed, seed + 1, ...: other weights and
+    # batches each), its loss compared with BF16's of the same seed
+    seeds: int = 1
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -80,12 +83,17 @@ class BenchConfig:
                     "FP8 weight gradients read the token counts on the host; graph "
                     f"fp8-bf16wgrad{GRAPHS_SUFFIX} or fp8-kgrouped{GRAPHS_SUFFIX}"
                 )
-            if bad or "bf16" not in names or not self.one_device or graphs_off_cuda:
+            no_bf16 = "bf16" not in names and f"bf16{GRAPHS_SUFFIX}" not in names
+            if bad or no_bf16 or not self.one_device or graphs_off_cuda:
                 raise ValueError(
                     f"runs={self.runs!r}: expected comma-separated names from "
                     f"{', '.join(RUN_NAMES)} (each may end in {GRAPHS_SUFFIX!r}, CUDA only) "
-                    "including bf16, on one device (--pp 1 --ep 1)"
+                    f"including bf16 or bf16{GRAPHS_SUFFIX}, on one device (--pp 1 --ep 1)"
                 )
+        if self.seeds < 1 or (self.seeds > 1 and not self.one_device):
+            raise ValueError(
+                f"seeds={self.seeds}: expected >= 1, and 1 unless on one device (--pp 1 --ep 1)"
+            )
         if self.moments_dtype not in MOMENTS_DTYPES:
             raise ValueError(
                 f"moments_dtype={self.moments_dtype!r}: expected one of {', '.join(MOMENTS_DTYPES)}"

@@ -39,8 +39,16 @@ Numbers per run (the first `--warmup` steps and the profiled last step left out 
                               much the GPU waits for the host), and its longest kernels.
 Model FLOPs per token: `bench_common.train_flops_per_token` (6 x active matmul parameters +
 causal attention). Per FP8 run `step_time_vs_bf16` (< 1: faster than BF16) and
-`loss_rel_diff_vs_bf16`, |loss - loss_bf16| / loss_bf16 at the final step; the `fp8` run's are
-also `fp8_bf16_step_time_ratio` and `fp8_bf16_loss_rel_diff`.
+`loss_rel_diff_vs_bf16`, |loss - loss_bf16| / loss_bf16 at the final step, and
+`loss_rel_diff_vs_bf16_mean_last<N>`, the same of the mean loss of the last N steps
+(`tail_steps`: a tenth of the run, at least 5); the `fp8` run's are also
+`fp8_bf16_step_time_ratio` and `fp8_bf16_loss_rel_diff`. With `--seeds K` each run trains K times
+from seeds seed .. seed + K - 1 (other random weights and batches each): `losses` and the
+profile are the first seed's, `losses_by_seed` all, `step_time_s` the mean of
+`step_time_s_by_seed`; the loss differences are |mean over seeds| of the signed per-seed ones
+(`..._by_seed`), each seed against BF16 from the same seed. On a run this short, BF16 against
+itself (eager against graphed: the same arithmetic, atomics in another order) differs by a few
+tenths of a percent at lr 1e-3: the seeds average that noise out.
 
 `--layers auto` (CUDA): the most decoder layers that fit the device (`fit_layers`: weights,
 gradients and AdamW moments in fp32, or bf16 moments with `--moments-dtype bfloat16`, FP8's
@@ -52,27 +60,17 @@ workspace). If a run still runs out of memory, both runs restart with fewer laye
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 
 from moeray.platform.config import ModelConfig
-from moeray.platform.fp8 import enable_fp8_training
 from moeray.platform.loss import fused_cross_entropy_planned
-from moeray.platform.parallel.experts_mlp import enable_grouped_experts
-from moeray.platform.parallel.weight_grad import enable_split_linears
-from moeray.platform.rank_weights import dummy_model
-from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
-from moeray.platform.train import zero
 from moeray.platform.train.bench_common import (
     GRAPHS_SUFFIX,
     BenchConfig,
@@ -80,16 +78,13 @@ from moeray.platform.train.bench_common import (
     measure_matmul_rate,
     train_flops_per_token,
 )
-from moeray.platform.train.graphs import MicrobatchGraph
+from moeray.platform.train.bench_run import one_run, run_specs
 from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
-# Host calls that launch a GPU kernel: torch's (CUDA runtime) and Triton's (driver).
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 WORKSPACE_BYTES = 3 << 30  # cuBLAS / cuDNN workspaces, the CUDA context's share, kernel scratch
 USABLE_FRACTION = 0.9  # of the device's memory: allocator rounding and fragmentation
-TOP_KERNELS = 15  # kernel names kept per profiled span, longest summed duration first
 SUMMARY = (
     "tokens_per_s",
     "step_time_s",
@@ -187,238 +182,6 @@ def fit_layers(cfg: BenchConfig, model: ModelConfig, device_bytes: int) -> Memor
     return MemoryPlan(dense + int(moe_layers), budget, fixed, per_layer, state, dense)
 
 
-def _count_profile(prof) -> dict:
-    """GPU kernels (memcpy/memset apart), copies and host launch calls of a profiled span, the
-    kernels' summed duration (`gpu_time_s`) and the `TOP_KERNELS` longest kernel names by summed
-    duration ([name, count, seconds]); None for each when the span ran nothing on a GPU."""
-    kernels = copies = launches = 0
-    by_name: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            if e.name.startswith(("Memcpy", "Memset")):
-                copies += 1
-                continue
-            kernels += 1
-            row = by_name.setdefault(e.name[:120], [e.name[:120], 0, 0.0])
-            row[1] += 1
-            row[2] += e.time_range.elapsed_us() * 1e-6
-        elif e.name in LAUNCH_CALLS:
-            launches += 1
-    if kernels + copies + launches == 0:
-        return dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
-    top = sorted(by_name.values(), key=lambda r: -r[2])[:TOP_KERNELS]
-    return {
-        "gpu_kernels": kernels,
-        "copies": copies,
-        "launch_calls": launches,
-        "gpu_time_s": sum(r[2] for r in by_name.values()),
-        "top": top,
-    }
-
-
-@contextlib.contextmanager
-def _profiled(on: bool, device: torch.device, into: dict, key: str):
-    """torch.profiler around the span when `on`, its counts into `into[key]`. GPU activity only:
-    the CPU op events of a step (tens of thousands of aten calls at real widths) would cost
-    seconds of Python each time to build, and are not counted."""
-    if not on:
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        yield
-        torch.cuda.synchronize(device)
-    into[key] = _count_profile(prof)
-
-
-def build_model(
-    cfg: BenchConfig,
-    model_cfg: ModelConfig,
-    fp8: bool,
-    kgrouped: bool,
-    device: torch.device,
-    bf16_wgrad: bool = False,
-):
-    """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
-    projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
-    `kgrouped`, from bf16 operands for `bf16_wgrad`), the other linear layers split linears (FP8
-    ones stay FP8, their weight gradients from bf16 operands too with `bf16_wgrad`)."""
-    model = dummy_model(
-        model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
-    )
-    if fp8:
-        enable_fp8_training(model, cfg.fp8_scope)
-    grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
-    enable_grouped_experts(
-        model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped, bf16_wgrad=bf16_wgrad
-    )
-    enable_split_linears(model, bf16_wgrad=bf16_wgrad)
-    return model.train()
-
-
-def one_run(
-    cfg: BenchConfig,
-    model_cfg: ModelConfig,
-    spec: RunSpec,
-    tokens: torch.Tensor,
-    device,
-) -> dict:
-    """Train `cfg.steps` steps; the run's numbers (module docstring)."""
-    model = build_model(cfg, model_cfg, spec.fp8, spec.kgrouped, device, spec.bf16_wgrad)
-    loss_cfg = tstep.LossConfig()
-    graphed = MicrobatchGraph(model, loss_cfg, cfg.microbatches, device) if spec.graphs else None
-    # on the device once: a copy from pageable memory per micro-batch waits for the GPU
-    tokens = tokens.to(device)
-    label = spec.name
-    optim = tstep.OptimConfig(
-        lr=cfg.lr,
-        warmup_steps=max(cfg.steps // 10, 1),
-        total_steps=cfg.steps,
-        moments_dtype=cfg.moments_dtype,
-    )
-    opt = zero.build_optimizer(model, optim)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    n_moe = len(tstep.moe_layers(model))
-    bias_LE = torch.zeros(n_moe, model_cfg.n_routed_experts)
-    S1, mbs = cfg.seq_len + 1, cfg.micro_batch_size
-    cuda = device.type == "cuda"
-    losses: list[float] = []
-    walls: list[float] = []
-    peaks: list[int] = []
-    retries: list[int] = []  # the caching allocator's cumulative count, after each step
-    counts: dict = {}
-    for step in range(cfg.steps):
-        # CUDA: the last step under torch.profiler (its event tables cost seconds to build; on the
-        # CPU, with no kernels to count, the step is not profiled)
-        profiled = cuda and step == cfg.steps - 1
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        # summed on the device and read once a step: a read per micro-batch made the host wait
-        # for the GPU after every forward
-        loads_LE = torch.zeros(n_moe, model_cfg.n_routed_experts, dtype=torch.int64, device=device)
-        loss_t = torch.zeros((), device=device)
-        if graphed is not None:
-            graphed.start_step()
-            loss_t, loads_LE = graphed.loss_3[0], graphed.loads_LE
-        with _profiled(profiled, device, counts, "forward_backward"):
-            for mb in range(cfg.microbatches):
-                first = ((step * cfg.microbatches + mb) * mbs) * S1
-                batch = tokens[first : first + mbs * S1].view(mbs, S1).to(device)
-                if graphed is not None:
-                    graphed.run(batch)
-                    continue
-                with autocast:
-                    parts = tstep.compute_loss(model, batch, loss_cfg)
-                (parts.total / cfg.microbatches).backward()
-                loss_t += parts.values_3[0] / cfg.microbatches
-                loads_LE += tstep.expert_loads_on_device(model)
-        loss, loads_LE = float(loss_t), loads_LE.cpu()
-        with _profiled(profiled, device, counts, "optimizer"):
-            tstep.apply_update(model, opt, step, optim, keep_grads=graphed is not None)
-            if graphed is not None:
-                graphed.refresh()
-        bias_LE = bias_update(bias_LE, loads_LE, 0.001)
-        tstep.set_biases(model, bias_LE)
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t0
-        losses.append(loss)
-        if cuda:
-            peaks.append(torch.cuda.max_memory_allocated(device))
-            stats = torch.cuda.memory_stats(device)
-            retries.append(stats.get("num_alloc_retries", 0))
-        note = " (warm-up)" if step < cfg.warmup else " (profiled)" if profiled else ""
-        print(
-            f"[bench train] {label}: step {step + 1}/{cfg.steps} loss "
-            f"{loss:.4f} step {wall:.3f} s{note}",
-            flush=True,
-        )
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss {loss} at step {step + 1} (losses so far {losses})")
-        if step >= cfg.warmup and not profiled:
-            walls.append(wall)
-    none = dict.fromkeys(("gpu_kernels", "copies", "launch_calls", "gpu_time_s", "top"))
-    fb, op = counts.get("forward_backward", none), counts.get("optimizer", none)
-    # fp32 moments: torch's fused AdamW; bf16: the fused kernel where `zero.use_fused_adamw` says
-    fused = bool(opt.defaults.get("fused")) and (
-        cfg.moments_dtype == "float32" or zero.use_fused_adamw(device)
-    )
-    optimizer = f"{type(opt).__name__}(fused={fused}, moments={cfg.moments_dtype})"
-
-    def total(key: str):
-        return None if fb[key] is None else fb[key] + (op[key] or 0)
-
-    return {
-        "losses": losses,
-        "step_time_s": sum(walls) / len(walls),
-        "peak_memory_bytes": max(peaks) if peaks else None,
-        "peak_memory_bytes_per_step": peaks or None,
-        # Allocations that found no cached block and retried after freeing the cache: each
-        # synchronizes the device, so a step near the memory limit turns host-bound
-        "alloc_retries_per_step": retries or None,
-        "gpu_kernels_per_step": total("gpu_kernels"),
-        "gpu_kernels_forward_backward": fb["gpu_kernels"],
-        "gpu_kernels_optimizer": op["gpu_kernels"],
-        "launch_calls_per_step": total("launch_calls"),
-        "copies_per_step": total("copies"),
-        # the kernels' summed time in the profiled step over the unprofiled step time: well
-        # under 1 means the GPU waits for the host (launches, syncs)
-        "gpu_time_s_per_step": None if fb["gpu_time_s"] is None else total("gpu_time_s"),
-        "top_kernels_forward_backward": fb["top"],
-        "top_kernels_optimizer": op["top"],
-        "optimizer": optimizer,
-    }
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run: its name, FP8 or not, and how FP8 layers make their weight gradients
-    (`kgrouped`: the grouped experts' one FP8 k-grouped GEMM per projection; `bf16_wgrad`: every
-    FP8 layer's from bf16 operands, the experts' through BF16's grouped_wgrad; neither: one FP8
-    GEMM per expert and per layer)."""
-
-    name: str
-    fp8: bool
-    kgrouped: bool = False
-    bf16_wgrad: bool = False
-    graphs: bool = False  # each micro-batch replayed from a CUDA graph (train/graphs.py)
-
-
-def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
-    """Each run, in order: BF16, FP8, and where grouped FP8 applies (CUDA by default) FP8 with
-    the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`) and FP8 with BF16 expert weight
-    gradients; `cfg.runs` picks a subset by name (RUN_NAMES; BenchConfig checks it), each name
-    with `-graphs` appended the same run with its micro-batches replayed from a CUDA graph."""
-    grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
-    kgrouped = device.type == "cuda" if cfg.kgrouped_wgrad is None else cfg.kgrouped_wgrad
-    specs = [RunSpec("bf16", False), RunSpec("fp8", True)]
-    if grouped_fp8:
-        if kgrouped:
-            specs.append(RunSpec("fp8-kgrouped", True, kgrouped=True))
-        if device.type == "cuda" or cfg.runs is not None:
-            specs.append(RunSpec("fp8-bf16wgrad", True, bf16_wgrad=True))
-    if cfg.runs is not None:
-        wanted = cfg.runs.split(",")
-        graphed = [
-            replace(s, name=f"{s.name}{GRAPHS_SUFFIX}", graphs=True)
-            for s in specs
-            if f"{s.name}{GRAPHS_SUFFIX}" in wanted
-        ]
-        specs += graphed
-        missing = [n for n in wanted if n not in {s.name for s in specs}]
-        if missing:
-            raise ValueError(
-                f"runs={cfg.runs!r}: {', '.join(missing)} not available here (grouped FP8 "
-                f"{grouped_fp8}, k-grouped {kgrouped}); available: "
-                f"{', '.join(s.name for s in specs)}"
-            )
-        by_name = {s.name: s for s in specs}
-        specs = [by_name[n] for n in wanted]
-    return specs
-
-
 def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
     """All runs at the same layer count; the result (module docstring). `save` gets the result so
     far after each finished run (a later run that hangs or dies leaves the earlier numbers)."""
@@ -437,11 +200,9 @@ def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
             print(f"[bench train] --layers auto on CPU: the model's {layers} layers", flush=True)
     rate = measure_matmul_rate(device)
     print(f"[bench train] matmul rate {rate / 1e12:.3g} TFLOP/s", flush=True)
-    data = bigram_stream(
-        base.vocab_size,
-        cfg.steps * cfg.microbatches * cfg.micro_batch_size * (cfg.seq_len + 1),
-        cfg.seed,
-    )
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    n_tokens = cfg.steps * cfg.microbatches * cfg.micro_batch_size * (cfg.seq_len + 1)
+    data = {s: bigram_stream(base.vocab_size, n_tokens, s) for s in seeds}
     specs = run_specs(cfg, device)
     retries: list[dict] = []
     while True:
@@ -452,7 +213,7 @@ def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
         for spec in specs:
             name = spec.name
             try:
-                got[name] = one_run(cfg, model_cfg, spec, data, device)
+                got[name] = seeded_runs(cfg, model_cfg, spec, data, device)
             except torch.OutOfMemoryError as err:
                 if plan is None or layers <= model_cfg.first_k_dense_replace + 1:
                     raise
@@ -481,6 +242,50 @@ def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
     return summarize(cfg, model_cfg, got, failed, rate, plan, retries)
 
 
+def seeded_runs(
+    cfg: BenchConfig,
+    model_cfg: ModelConfig,
+    spec,
+    data: dict[int, torch.Tensor],
+    device: torch.device,
+) -> dict:
+    """`one_run` from each seed of `data` (seed -> its batches); the first seed's numbers, with
+    `losses_by_seed` and `step_time_s_by_seed` ({seed: ...}) and `step_time_s` their mean. Only
+    the first seed's last step is profiled (the others' counts would be the same)."""
+    out: dict = {}
+    for i, (seed, tokens) in enumerate(data.items()):
+        r = one_run(replace(cfg, seed=seed), model_cfg, spec, tokens, device, profile=i == 0)
+        if not out:
+            out = {**r, "losses_by_seed": {}, "step_time_s_by_seed": {}}
+        out["losses_by_seed"][seed] = r["losses"]
+        out["step_time_s_by_seed"][seed] = r["step_time_s"]
+        if i > 0:  # the run's memory goes before the next seed's
+            del r
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    times = out["step_time_s_by_seed"].values()
+    out["step_time_s"] = sum(times) / len(times)
+    return out
+
+
+def tail_steps(steps: int) -> int:
+    """How many last steps the losses are averaged over: a tenth of the run, at least 5 (steps
+    to step the loss moves by more than the bar on these short runs)."""
+    return min(steps, max(5, steps // 10))
+
+
+def base_run(name: str, got: dict) -> str | None:
+    """The BF16 run that `name` is compared with: the one on the same host path (graphed with
+    graphed) where it ran, else the other; graphed BF16 with eager BF16; None for eager BF16 or
+    where none ran."""
+    graphed = f"bf16{GRAPHS_SUFFIX}"
+    if name in ("bf16", graphed):
+        return "bf16" if name == graphed and "bf16" in got else None
+    order = (graphed, "bf16") if name.endswith(GRAPHS_SUFFIX) else ("bf16", graphed)
+    return next((n for n in order if n in got), None)
+
+
 def summarize(
     cfg: BenchConfig,
     model_cfg: ModelConfig,
@@ -490,13 +295,13 @@ def summarize(
     plan: MemoryPlan | None,
     retries: list[dict],
 ) -> dict:
-    """The result from the finished runs `got` (name -> one_run's numbers); comparisons with a
-    run not (yet) finished are None. Each run is compared with BF16 (`vs_run`): a graphed one
-    with graphed BF16 where that ran."""
+    """The result from the finished runs `got` (name -> seeded_runs' numbers); comparisons with
+    a run not (yet) finished are None. Each run is compared with BF16 (`vs_run`, `base_run`),
+    its losses seed by seed."""
     tokens_per_step = cfg.microbatches * cfg.micro_batch_size * cfg.seq_len
     flops = train_flops_per_token(model_cfg, cfg.seq_len)
     peak = datasheet_peak(device_name()) if cfg.device == "cuda" else None
-    last = min(5, cfg.steps)
+    last = tail_steps(cfg.steps)
     runs_out = {}
     for name, r in got.items():
         tps = tokens_per_step / r["step_time_s"]
@@ -508,19 +313,21 @@ def summarize(
             "final_loss": r["losses"][-1],
             "losses": r["losses"],
         }
-        # a graphed run against graphed BF16 where there is one: the same host path
-        base_name = "bf16"
-        if name.endswith(GRAPHS_SUFFIX) and name != f"bf16{GRAPHS_SUFFIX}":
-            base_name = f"bf16{GRAPHS_SUFFIX}" if f"bf16{GRAPHS_SUFFIX}" in got else "bf16"
-        base = got.get(base_name)
-        if base is not None and name != base_name:
-            tail, tail_bf16 = (sum(x["losses"][-last:]) / last for x in (r, base))
+        base_name = base_run(name, got)
+        base = got.get(base_name) if base_name is not None else None
+        if base is not None:
+            seeds = [s for s in r["losses_by_seed"] if s in base["losses_by_seed"]]
+            pairs = [(r["losses_by_seed"][s], base["losses_by_seed"][s]) for s in seeds]
+            final = [(a[-1] - b[-1]) / b[-1] for a, b in pairs]
+            tail = [(sum(a[-last:]) - sum(b[-last:])) / sum(b[-last:]) for a, b in pairs]
             out["vs_run"] = base_name
             out["step_time_vs_bf16"] = r["step_time_s"] / base["step_time_s"]
-            out["loss_rel_diff_vs_bf16"] = (
-                abs(r["losses"][-1] - base["losses"][-1]) / base["losses"][-1]
+            # |mean over seeds| of the signed relative differences; per seed signed
+            out["loss_rel_diff_vs_bf16"] = abs(sum(final) / len(final))
+            out[f"loss_rel_diff_vs_bf16_mean_last{last}"] = abs(sum(tail) / len(tail))
+            out[f"loss_rel_diff_vs_bf16_mean_last{last}_by_seed"] = dict(
+                zip(seeds, tail, strict=True)
             )
-            out[f"loss_rel_diff_vs_bf16_mean_last{last}"] = abs(tail - tail_bf16) / tail_bf16
         runs_out[name] = out
     fp8 = runs_out.get("fp8", {})
     ratio = fp8.get("step_time_vs_bf16")
@@ -541,6 +348,7 @@ def summarize(
         "flops_formula": "6 * active matmul params + 3 * (L + mtp) * H * (d_qk + d_v) * (S + 1)",
         "peak_bf16_flops_per_s_datasheet": peak,
         "matmul_flops_per_s_measured": rate,
+        "seeds": [cfg.seed + i for i in range(cfg.seeds)],
         "runs": runs_out,
         "fp8_bf16_step_time_ratio": ratio,
         "fp8_faster": None if ratio is None else ratio < 1,
@@ -555,6 +363,9 @@ def summarize(
         "fastest_fp8_loss_rel_diff": None
         if best is None
         else runs_out[best]["loss_rel_diff_vs_bf16"],
+        f"fastest_fp8_loss_rel_diff_mean_last{last}": None
+        if best is None
+        else runs_out[best][f"loss_rel_diff_vs_bf16_mean_last{last}"],
     }
 
 
@@ -573,7 +384,8 @@ def main(cfg: BenchConfig, out: Path | None = None) -> int:
             v = r.get(k)
             print(f"{name + ' ' + k:<36} {'-' if v is None else format(v, '.6g')}")
     keys = ("layers", "fp8_bf16_step_time_ratio", "fp8_faster", "fp8_bf16_loss_rel_diff")
-    for k in (*keys, "fastest_fp8_run", "fastest_fp8_step_time_ratio"):
+    tail = f"fastest_fp8_loss_rel_diff_mean_last{tail_steps(cfg.steps)}"
+    for k in (*keys, "fastest_fp8_run", "fastest_fp8_step_time_ratio", tail):
         print(f"{k:<36} {numbers[k]}")
     print(f"written to {path}")
     if numbers["failed_runs"]:
