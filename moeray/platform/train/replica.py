@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils import get_total_norm
 
 from moeray.platform.checkpoint import load_model
 from moeray.platform.fp8 import enable_fp8_training
@@ -59,6 +60,14 @@ def make_groups(rank: int, world: int, ep: int) -> Groups:
     return Groups(rank, world, rank % ep, ep, rank // ep, ep_group, dp_group)
 
 
+def _sq_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The summed squares of `grads`, fp64 on `device`, with no host read (a read per parameter
+    made each job step wait on the GPU once per parameter)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return get_total_norm(grads).double().square()
+
+
 def sync_gradients(model, groups: Groups) -> float:
     """Average gradients over the world; returns the global gradient norm (before clipping)."""
     # (parameter, its gradient)
@@ -69,26 +78,21 @@ def sync_gradients(model, groups: Groups) -> float:
             p.grad = torch.zeros_like(p)
         (experts if is_expert_param(name) else replicated).append((p, p.grad))
     for params, group in ((replicated, None), (experts, groups.dp_group)):
-        if not params:
+        if not params or groups.world == 1:  # one rank: its gradients are the average
             continue
         flat = torch.cat([g.reshape(-1) for _, g in params])
-        if groups.world > 1:
-            dist.all_reduce(flat, group=group)
+        dist.all_reduce(flat, group=group)
         flat /= groups.world
         offset = 0
         for p, g in params:
             n = p.numel()
             g.copy_(flat[offset : offset + n].view_as(p))
             offset += n
-    rep_sq = sum(float(g.float().pow(2).sum()) for _, g in replicated)
-    exp_sq = torch.tensor(  # on the gradients' device: NCCL carries no CPU tensor
-        [sum(float(g.float().pow(2).sum()) for _, g in experts)],
-        dtype=torch.float64,
-        device=replicated[0][1].device,
-    )
+    device = replicated[0][1].device  # NCCL carries no CPU tensor
+    exp_sq = _sq_norm([g for _, g in experts], device)
     if groups.ep_size > 1:
         dist.all_reduce(exp_sq, group=groups.ep_group)  # shards of one EP group add up
-    return math.sqrt(rep_sq + float(exp_sq))
+    return math.sqrt(float(_sq_norm([g for _, g in replicated], device) + exp_sq))
 
 
 def gather_full_state(model, groups: Groups, state: dict | None = None) -> dict | None:
