@@ -392,7 +392,8 @@ def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
 
 def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
     """`enable_fp8_training(scope="experts")`: only the routed experts run FP8 (the attention and
-    MLP projections stay nn.Linear); "all" converts those too; an unknown scope is refused with
+    MLP projections stay nn.Linear); "all" converts those too, "mlp" all but the attention
+    projections; an unknown scope is refused with
     the accepted ones named, in the library, the bench's config and the job's."""
     from moeray.platform.fp8 import FP8TrainLinear
     from moeray.platform.train.job_config import TrainJobConfig
@@ -405,7 +406,11 @@ def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
     got_all = enable_fp8_training(everything, "all")
     assert set(got) < set(got_all)
     assert any(isinstance(m, FP8TrainLinear) for m in everything.modules())
-    with pytest.raises(ValueError, match="'attention': expected one of all, experts"):
+    mlps = Transformer(tiny())
+    got_mlp = enable_fp8_training(mlps, "mlp")  # all but MLA's projections
+    assert set(got) < set(got_mlp) < set(got_all)
+    assert set(got_all) - set(got_mlp) == {n for n in got_all if ".self_attn." in n}
+    with pytest.raises(ValueError, match="'attention': expected one of all, mlp, experts"):
         enable_fp8_training(Transformer(tiny()), "attention")
     with pytest.raises(ValueError, match="fp8_scope='x'"):
         BenchConfig(fp8_scope="x")
