@@ -68,7 +68,8 @@ class TrainJobConfig:
     checkpoint_every: int = 50
     max_failures: int = 3
     fp8: bool = False
-    fp8_scope: str = "all"  # with fp8: every projection (all), every MLP (mlp), routed experts (experts)
+    # with fp8: every projection (all), every MLP (mlp) or the routed experts only (experts)
+    fp8_scope: str = "all"
     bf16: bool = False  # run the other GEMMs under bf16 autocast (master weights stay fp32)
     # replay each step's forward and backward from a CUDA graph (train/graphs.py): the host
     # launches one graph instead of ~8,000 kernels a Moonlight-width step. use_gpu, one rank
