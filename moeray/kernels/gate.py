@@ -40,6 +40,8 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     neg_exp,
+    pdl_launch,
+    pdl_wait,
     precise_exp,
     switched_off,
     use_triton,
@@ -160,7 +162,11 @@ def _moe_gate_kernel(
     NORM: tl.constexpr,
     ATOMIC_COUNTS: tl.constexpr,
     PRECISE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # PDL: the wait comes first; even the bias (a few hundred bytes) waits, since the router
+    # updates it between steps.
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -337,6 +343,7 @@ def moe_gate(
     )
     if grid == 0:
         return Routing(ids_TK, weights_TK, counts_E, scores_TE, *out)
+    pdl = pdl_launch(dev)
     _moe_gate_kernel[(grid,)](
         logits_TE,
         bias_E if bias_E is not None else logits_TE,
@@ -363,6 +370,8 @@ def moe_gate(
         NORM=bool(norm_topk_prob) and top_k > 1,
         ATOMIC_COUNTS=atomic,
         PRECISE=precise_exp(),
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return Routing(ids_TK, weights_TK, counts_E, scores_TE, *out)

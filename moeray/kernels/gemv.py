@@ -15,6 +15,12 @@ Split-K only when even BLOCK_N = 1 leaves fewer programs than SMs (N < 132): S p
 write fp32 partials [S, M, N] and `_gemv_reduce_kernel` sums them in split order (deterministic,
 no atomics). Allocations depend on the shape only and nothing syncs with the host: CUDA-graph safe.
 
+With programmatic dependent launch (sm_90, `common.pdl_launch`) each program loads its first
+weight step before it waits for the previous kernel (`common.pdl_wait`), so that read overlaps
+the previous kernel's tail (a chain of 8.4 MB GEMVs: 3.80 -> 3.40 us each on an H200); x and every
+store come after the wait. The weight must not be written by the kernel launched just before
+(model weights are not written during a step).
+
 `linear` is the one dispatch of the model's plain (non-FP8) projections: gemv for up to
 GEMV_MAX_ROWS rows of CUDA inference, F.linear otherwise (training, CPU, bias, more rows, or
 MOERAY_FUSED_GEMV=0).
@@ -27,7 +33,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, num_sms, switched_off
+from moeray.kernels.common import (
+    cdiv,
+    check_tensor,
+    interpreting,
+    num_sms,
+    pdl_launch,
+    pdl_wait,
+    switched_off,
+)
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Rows up to which `linear` takes gemv: the broadcast inner product stays bandwidth-bound up to 4
@@ -53,6 +67,16 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _k_step(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
+    """One K step [rows, BLOCK_K] of an operand at k0; a ragged last step reads zeros past K."""
+    if EVEN_K:
+        v = tl.load(ptrs + k0 * stride_k)
+    else:
+        v = tl.load(ptrs + k0 * stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
+    return v
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -73,6 +97,8 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the loop
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first weight step is loaded
+    # before the wait, so its read overlaps the previous kernel's tail
 ):
     # M tiles vary fastest: programs sharing a weight tile run together and hit it in L2.
     pid_m = tl.program_id(0)
@@ -88,14 +114,19 @@ def _gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            x = tl.load(x_ptrs + k0 * stride_xk)
-            w = tl.load(w_ptrs + k0 * stride_wk)
-        else:  # the ragged last step reads zeros past K in both operands
-            k_ok = offs_k[None, :] < K - k0
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=k_ok, other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok, other=0.0)
+    k_start = k_lo
+    if PDL:
+        # The split's first step (never empty: `_k_splits`) peeled off the loop: its weights
+        # (read by no earlier kernel's writes) before the wait, x after. The same additions in
+        # the same order as the loop's, so the same bits.
+        w = _k_step(w_ptrs, k_lo, stride_wk, offs_k, K, EVEN_K)
+        pdl_wait(PDL)
+        x = _k_step(x_ptrs, k_lo, stride_xk, offs_k, K, EVEN_K)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        k_start = k_lo + BLOCK_K
+    for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+        x = _k_step(x_ptrs, k0, stride_xk, offs_k, K, EVEN_K)
+        w = _k_step(w_ptrs, k0, stride_wk, offs_k, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -104,8 +135,11 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _gemv_reduce_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _gemv_reduce_kernel(
+    p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     # y (contiguous [M, N]) = sum of the S contiguous fp32 partials [S, M, N], in split order.
+    pdl_wait(PDL)  # every read here is of the previous kernel's partials
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -188,7 +222,10 @@ def reduce_splits(c: torch.Tensor, y: torch.Tensor) -> None:
     """y [M, N] (contiguous) = the fp32 partials c [S, M, N] summed in split order, one launch."""
     mn = y.numel()
     block = 1024
-    _gemv_reduce_kernel[(cdiv(mn, block),)](c, y, mn, SPLIT_K=c.shape[0], BLOCK=block, num_warps=4)
+    pdl = pdl_launch(y.device)
+    _gemv_reduce_kernel[(cdiv(mn, block),)](
+        c, y, mn, SPLIT_K=c.shape[0], BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl
+    )
 
 
 def _check_gemv_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -223,6 +260,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: dict | None = None) -> tor
     k_per_split, split = _k_splits(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
     c = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
+    pdl = pdl_launch(x.device)
     _gemv_kernel[grid](
         x,
         w,
@@ -243,8 +281,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: dict | None = None) -> tor
         BLOCK_K=cfg["BLOCK_K"],
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         NUM_STAGES=cfg["num_stages"],
+        PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        launch_pdl=pdl,
     )
     if split > 1:
         reduce_splits(c, y)

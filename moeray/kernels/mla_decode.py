@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, num_sms, use_triton
+from moeray.kernels.common import (
+    cdiv,
+    check_tensor,
+    interpreting,
+    num_sms,
+    pdl_launch,
+    pdl_wait,
+    use_triton,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -87,7 +95,9 @@ def _mla_decode_split_kernel(
     PB: tl.constexpr,
     PAGE: tl.constexpr,
     UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # every read here is the step's query, cache or lengths
     pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -169,7 +179,9 @@ def _mla_merge_kernel(
     stride_lob,
     NS: tl.constexpr,
     R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # every read here is the split kernel's output
     r = tl.program_id(0)  # rows (S x H: 524,288 for a 4K chunk at 128 heads) exceed grid y's 65,535
     b = tl.program_id(1)
     offs_s = tl.arange(0, NS)
@@ -261,6 +273,7 @@ def _mla_decode_rows(
     o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
     lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
     upcast = interpreting()
+    pdl = pdl_launch(q_BRD.device)
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
         q_BRD,
         kv_cache,
@@ -290,8 +303,10 @@ def _mla_decode_rows(
         PB=max(16, d - kv_lora_rank),
         PAGE=page,
         UPCAST=upcast,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages or 2,
+        launch_pdl=pdl,
     )
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
@@ -311,7 +326,9 @@ def _mla_decode_rows(
         lse_out.stride(0),
         NS=triton.next_power_of_2(num_splits),
         R=kv_lora_rank,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out, lse_out
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, to_dtype_rn, use_triton
+from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, to_dtype_rn, use_triton
 from moeray.kernels.norm import rms_norm_ref
 from moeray.kernels.rope import rope_ref
 
@@ -116,7 +116,10 @@ def _mla_write_pack_kernel(
     HB: tl.constexpr,
     CP: tl.constexpr,
     R2P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # PDL: the wait comes first; the norm weight (C values) is not worth a read before it.
+    pdl_wait(PDL)
     t = tl.program_id(0)
     b = (t // S).to(tl.int64)
     s = (t % S).to(tl.int64)
@@ -235,6 +238,7 @@ def mla_write_pack(
         cp = triton.next_power_of_2(C)
         w, eps = norm if norm is not None else (kv_BSC, 0.0)  # the weight is unread without NORM
         cos, sin = rope if rope is not None else (q_pe_BSHR, q_pe_BSHR)  # unread without ROPE
+        pdl = pdl_launch(dev)
         _mla_write_pack_kernel[(B * S,)](
             cache_PNK,
             slots_T,
@@ -270,7 +274,9 @@ def mla_write_pack(
             HB=max(1, min(triton.next_power_of_2(H), 4096 // cp)),
             CP=cp,
             R2P=triton.next_power_of_2(max(R // 2, 1)),
+            PDL=pdl,
             num_warps=4,
             enable_fp_fusion=False,  # the rotations round each product, as PyTorch's kernels do
+            launch_pdl=pdl,
         )
     return q

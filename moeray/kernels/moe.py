@@ -16,6 +16,7 @@ block.
 bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
 quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
+With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    pdl_launch,
+    pdl_wait,
     to_dtype_rn,
     use_triton,
 )
@@ -121,9 +124,13 @@ def _moe_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
     # separate gate_proj / up_proj need no per-call concatenation.
+    # PDL: the wait comes first, before the block's expert id (written by moe_align) picks the
+    # weights; a weight prefetch before it would need that id. Also before the early return.
+    pdl_wait(PDL)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)  # fastest: the n-blocks of one row block share its x rows in L2
     e = tl.load(bexp_ptr + pid_m)
@@ -198,7 +205,9 @@ def _moe_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # first: the expert id that picks the weights is moe_align's output
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
     e = tl.load(bexp_ptr + pid_m)
@@ -397,6 +406,7 @@ def fused_moe_gate_up(
     act_dtype = torch.bfloat16 if x.dtype == torch.float32 and not interpreting() else x.dtype
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
+    pdl = pdl_launch(x.device)
     if scales is not None:  # FP8
         xq, xs = act_quant(x)
         a_in, a_scale = xq, xs
@@ -435,6 +445,8 @@ def fused_moe_gate_up(
         BLOCK_N=bn,
         BLOCK_K=bk,
         UPCAST=upcast,
+        PDL=pdl,
+        launch_pdl=pdl,
         **cfg,
     )
     if fp8:
@@ -468,6 +480,8 @@ def fused_moe_gate_up(
         BLOCK_N=bn,
         BLOCK_K=bk,
         UPCAST=upcast,
+        PDL=pdl,
+        launch_pdl=pdl,
         **cfg,
     )
     y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)
@@ -485,7 +499,9 @@ def fused_moe_gate_up(
         K=k,
         BLOCK=block_h,
         HAS_ADD=add_TH is not None,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return y
 
@@ -502,7 +518,9 @@ def _moe_sum_kernel(
     K: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # every read here is an activation or routing id
     # y[t] = sum over the token's K assignments that went to a local expert (others were never
     # written, so they must be skipped, not read); plus add[t], rounded after the sum is (as
     # PyTorch's add of the two rounded tensors).

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, switched_off, use_triton
+from moeray.kernels.common import cdiv, check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
 
 # The kernel is one program and counts each assignment's rank against all earlier ones
 # (TK^2 / 2 comparisons). In a CUDA graph on an H200 at Moonlight's 64 experts top-6 it takes
@@ -88,7 +88,9 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr,
     EP: tl.constexpr,
     CH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the expert ids are the gate's output
     offs_e = tl.arange(0, EP)
     lanes = tl.arange(0, CH)
     counts = tl.zeros([EP], dtype=tl.int32)
@@ -153,6 +155,7 @@ def moe_align(
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     ep = triton.next_power_of_2(num_experts)
     ch = max(16, min(64, _TILE_CELLS // ep))
+    pdl = pdl_launch(dev)
     _moe_align_kernel[(1,)](
         ids,
         sorted_ids,
@@ -163,6 +166,8 @@ def moe_align(
         BLOCK_M=block_m,
         EP=ep,
         CH=ch,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return sorted_ids, block_expert

@@ -24,6 +24,9 @@ reduces. Backward math, in fp32:
   dn = dy * weight; dh = rstd * (dn - n * mean(dn * n)) + the incoming gradient of h
 and dx = dresidual = dh (each rounded to its input's dtype).
 
+The forward kernel takes programmatic dependent launch on sm_90 (`common.pdl_launch`): it waits
+for the previous kernel before its first load.
+
 Numerics follow DeepSeek-V3's RMSNorm (model/norm.py): the sum in the promoted dtype of x and the
 residual (computed in fp32, rounded once), the mean of squares in fp32, the normed row rounded to
 h's dtype and then multiplied by the weight, rounded to the promoted dtype of weight and h (fp32
@@ -46,6 +49,8 @@ from moeray.kernels.common import (
     check_shape,
     check_tensor,
     num_sms,
+    pdl_launch,
+    pdl_wait,
     switched_off,
     to_dtype_rn,
     use_triton,
@@ -91,7 +96,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     STORE_RSTD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # PDL: the wait comes first. The weight (4 KB at D = 2048) may be `_forward`'s own
+    # .contiguous() copy, which the kernel just before writes, so it is not read before the wait.
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -222,6 +231,7 @@ def _forward(
     rstd = torch.empty(T, dtype=torch.float32, device=x2.device) if store_rstd else None
     if T:
         block = triton.next_power_of_2(D)
+        pdl = pdl_launch(x2.device)
         _rms_norm_kernel[(T,)](
             x2,
             r2,
@@ -238,7 +248,9 @@ def _forward(
             HAS_RESIDUAL=residual_TD is not None,
             STORE_RSTD=store_rstd,
             BLOCK_D=block,
+            PDL=pdl,
             num_warps=8 if block >= 4096 else 4 if block >= 512 else 1,
+            launch_pdl=pdl,
         )
     return y, h, rstd
 

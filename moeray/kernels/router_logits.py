@@ -13,6 +13,9 @@ accumulates in fp32.
 Numerics: every product of two bf16 (or fp16) values is exact in fp32, so the logits differ from
 the reference only by the order of the fp32 sum over D (cuBLAS picks its own): a few fp32 ulps,
 which can change the gate's choice only between experts whose scores tie to ~1e-7.
+
+With PDL (sm_90, `common.pdl_launch`) each program loads its first weight step before it waits
+for the previous kernel, x after.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, switched_off, use_triton
+from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
 
 DTYPES = (torch.bfloat16, torch.float16)
 # Each program re-reads its token's row and BE weight rows: fine for decode batches, where the
@@ -37,22 +40,47 @@ def router_logits_ref(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tens
 
 
 @triton.jit
+def _w_step(w_ptr, offs_e, ok_e, stride_w, d0, offs_d, D):
+    """The BE weight rows' features d0 .. d0 + BD in fp32 (zeros past E and D)."""
+    ok_d = d0 + offs_d < D
+    return tl.load(
+        w_ptr + offs_e[:, None].to(tl.int64) * stride_w + d0 + offs_d[None, :],
+        mask=ok_e[:, None] & ok_d[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
 def _router_logits_kernel(
-    x_ptr, w_ptr, y_ptr, D, E, stride_x, stride_w, BE: tl.constexpr, BD: tl.constexpr
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    D,
+    E,
+    stride_x,
+    stride_w,
+    BE: tl.constexpr,
+    BD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL: the first weight step is loaded before the wait
 ):
     t = tl.program_id(1).to(tl.int64)
     offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
     ok_e = offs_e < E
     offs_d = tl.arange(0, BD)
     acc = tl.zeros([BE], dtype=tl.float32)
-    for d0 in range(0, D, BD):
+    d_start = 0
+    if PDL:
+        # The first step peeled off the loop: the weights (no earlier kernel writes them) before
+        # the wait, x after; the same additions in the same order as the loop's.
+        w = _w_step(w_ptr, offs_e, ok_e, stride_w, 0, offs_d, D)
+        pdl_wait(PDL)
+        x = tl.load(x_ptr + t * stride_x + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+        d_start = BD
+    for d0 in range(d_start, D, BD):
         ok_d = d0 + offs_d < D
         x = tl.load(x_ptr + t * stride_x + d0 + offs_d, mask=ok_d, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_ptr + offs_e[:, None].to(tl.int64) * stride_w + d0 + offs_d[None, :],
-            mask=ok_e[:, None] & ok_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        w = _w_step(w_ptr, offs_e, ok_e, stride_w, d0, offs_d, D)
         acc += tl.sum(w * x[None, :], axis=1)
     tl.store(y_ptr + t * E + offs_e, acc, mask=ok_e)
 
@@ -86,6 +114,8 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     y = torch.empty(T, E, dtype=torch.float32, device=x.device)
     if T and E:
         be = 4 if E <= 64 else 8  # 16 programs per token at 64 experts, 32 at V3's 256
+        # PDL reads the weight before the wait: not a copy made just above (the kernel before)
+        pdl = pdl_launch(x.device) and w is weight_ED
         _router_logits_kernel[(triton.cdiv(E, be), T)](
             x,
             w,
@@ -96,6 +126,8 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
             w.stride(0),
             BE=be,
             BD=min(512, triton.next_power_of_2(max(D, 16))),
+            PDL=pdl,
             num_warps=4,
+            launch_pdl=pdl,
         )
     return y

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, precise_exp, swiglu_rn, switched_off, use_triton
+from moeray.kernels.common import (
+    check_tensor,
+    pdl_launch,
+    pdl_wait,
+    precise_exp,
+    swiglu_rn,
+    switched_off,
+    use_triton,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
@@ -34,8 +42,17 @@ def swiglu_ref(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _swiglu_kernel(
-    g_ptr, u_ptr, y_ptr, width, stride_g, stride_u, BLOCK: tl.constexpr, PRECISE: tl.constexpr
+    g_ptr,
+    u_ptr,
+    y_ptr,
+    width,
+    stride_g,
+    stride_u,
+    BLOCK: tl.constexpr,
+    PRECISE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # every read here is an activation
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < width
@@ -76,6 +93,7 @@ def swiglu(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gate_TI.shape, dtype=gate_TI.dtype, device=gate_TI.device)
     if g.shape[0] and width:
         block = min(BLOCK, triton.next_power_of_2(width))
+        pdl = pdl_launch(y.device)
         _swiglu_kernel[(g.shape[0], triton.cdiv(width, block))](
             g,
             u,
@@ -85,6 +103,8 @@ def swiglu(gate_TI: torch.Tensor, up_TI: torch.Tensor) -> torch.Tensor:
             u.stride(0),
             BLOCK=block,
             PRECISE=precise_exp(),
+            PDL=pdl,
             num_warps=4,
+            launch_pdl=pdl,
         )
     return y

@@ -5,7 +5,8 @@
 # per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
 # DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. A/B of a fast path:
-# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine).
+# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
+# programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
 rc=0
 files=()
 for shape in ${SHAPES:-moonlight v3}; do

@@ -27,6 +27,11 @@ partials are summed in split order 0..S-1 (deterministic, the same bits either w
 - without a workspace, a second small kernel (`gemv.reduce_splits`); each launch costs ~2.7 us
   in a CUDA graph on an H200.
 All allocations depend on the shape only and there is no host sync, so both are CUDA-graph safe.
+
+With programmatic dependent launch (sm_90, `common.pdl_launch`) each program loads its first K
+block's weights and scale before it waits for the previous kernel (`common.pdl_wait`); x, the
+stores and the tile counters come after the wait. The weights and scales must not be written by
+the kernel launched just before (model weights are not written during a step).
 """
 
 from __future__ import annotations
@@ -35,7 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, cdiv, check_tensor, interpreting, num_sms
+from moeray.kernels.common import (
+    FP8_BLOCK,
+    FP8_DTYPE,
+    cdiv,
+    check_tensor,
+    interpreting,
+    num_sms,
+    pdl_launch,
+    pdl_wait,
+)
 from moeray.kernels.fp8.quant import weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
 
@@ -53,6 +67,36 @@ def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) ->
     """x @ dequant(w)^T in fp32, returned in x's dtype (the oracle of fp8_gemv)."""
     w = weight_dequant_ref(w_fp8, w_scale, out_dtype=torch.float32)
     return (x.float() @ w.t()).to(x.dtype)
+
+
+@triton.jit
+def _k_block(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
+    """One 128-deep K block [rows, 128] of an operand at k0; a ragged last block reads zeros
+    past K."""
+    if EVEN_K:
+        v = tl.load(ptrs + k0 * stride_k)
+    else:
+        v = tl.load(ptrs + k0 * stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
+    return v
+
+
+@triton.jit
+def _dot_part(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """w [BN, 128] @ x^T [128, BM] (unscaled) on the tensor cores, fp32."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    if IEEE:
+        part = tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
+    else:
+        part = tl.dot(w.to(x.dtype), tl.trans(x))
+    return part
+
+
+@triton.jit
+def _bcast_part(x, w, s):
+    """The broadcast products x[:, None, :] * (w * s)[None, :, :] [BM, BN, 128] in fp32."""
+    wf = w.to(tl.float32) * s
+    return x.to(tl.float32)[:, None, :] * wf[None, :, :]
 
 
 @triton.jit
@@ -87,6 +131,8 @@ def _fp8_gemv_kernel(
     # into y (contiguous [M, N], as each partial); 0: c is the output (or the partials of the
     # two-launch path), y and lock_ptr are not read.
     REDUCE_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first K block's weights and
+    # scale are loaded before the wait, so their read overlaps the previous kernel's tail
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
@@ -110,27 +156,29 @@ def _fp8_gemv_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
-        k0 = kb * BLOCK_K
-        if EVEN_K:
-            x = tl.load(x_ptrs + k0 * stride_xk)
-            w = tl.load(w_ptrs + k0 * stride_wk)
-        else:  # a ragged last K block reads zeros past K in both operands
-            k_ok = offs_k[None, :] < K - k0
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=k_ok, other=0.0)
-            w = tl.load(w_ptrs + k0 * stride_wk, mask=k_ok, other=0.0)
+    kb_start = kb_lo
+    if PDL:
+        # The split's first K block (never empty: at most ceil(KB / S) blocks a split and no
+        # empty split) peeled off the loop: weight tile and scale (read by no earlier kernel's
+        # writes) before the wait; x, the partial stores and the tile counter after it. The same
+        # additions in the same order as the loop's, so the same bits.
+        w = _k_block(w_ptrs, kb_lo * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
+        s = tl.load(s_ptrs + kb_lo * stride_sk)
+        pdl_wait(PDL)
+        x = _k_block(x_ptrs, kb_lo * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
+        if DOT:
+            acc_t += _dot_part(x, w, IEEE, UPCAST) * s
+        else:
+            acc3 += _bcast_part(x, w, s)
+        kb_start = kb_lo + 1
+    for kb in tl.range(kb_start, kb_hi, num_stages=NUM_STAGES):
+        x = _k_block(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
+        w = _k_block(w_ptrs, kb * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
         s = tl.load(s_ptrs + kb * stride_sk)
         if DOT:
-            if UPCAST:
-                x = x.to(tl.float32)
-            if IEEE:
-                part = tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
-            else:
-                part = tl.dot(w.to(x.dtype), tl.trans(x))
-            acc_t += part * s
+            acc_t += _dot_part(x, w, IEEE, UPCAST) * s
         else:
-            wf = w.to(tl.float32) * s
-            acc3 += x.to(tl.float32)[:, None, :] * wf[None, :, :]
+            acc3 += _bcast_part(x, w, s)
     if DOT:
         acc = acc_t
         c_offs = offs_n[:, None] * stride_cn + offs_m[None, :] * stride_cm
@@ -294,6 +342,7 @@ def fp8_gemv(
     c = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     locks = workspace if split > 1 else None  # serial split-K: the tile counters
+    pdl = pdl_launch(x.device)
     if locks is not None and locks.numel() < grid[0] * grid[1]:
         raise ValueError(
             f"workspace has {locks.numel()} counters; this call has {grid[0] * grid[1]} tiles "
@@ -328,8 +377,10 @@ def fp8_gemv(
         EVEN_K=k % FP8_BLOCK == 0,
         NUM_STAGES=cfg["num_stages"],
         REDUCE_SPLITS=0 if locks is None else split,
+        PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        launch_pdl=pdl,
     )
     if split > 1 and locks is None:
         reduce_splits(c, y)

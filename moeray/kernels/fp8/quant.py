@@ -32,6 +32,8 @@ from moeray.kernels.common import (
     check_shape,
     check_tensor,
     interpreting,
+    pdl_launch,
+    pdl_wait,
     to_e4m3,
     use_triton,
 )
@@ -113,8 +115,10 @@ def _act_quant_kernel(
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
     EXACT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program: BLOCK_M rows x one 128-wide group -> BLOCK_M scales.
+    pdl_wait(PDL)  # x is an activation
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,6 +331,7 @@ def act_quant(
         s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
     block_m = 16
     grid = (cdiv(m, block_m), kb)
+    pdl = pdl_launch(x.device)
     _act_quant_kernel[grid](
         x2,
         q,
@@ -340,7 +345,9 @@ def act_quant(
         BLOCK_M=block_m,
         GROUP=block,
         EXACT=interpreting(),
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     if scale_col_major:
         return q, s

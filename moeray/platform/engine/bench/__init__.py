@@ -35,6 +35,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from moeray.kernels.common import pdl_launch
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import PRESETS, ModelConfig, preset
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
@@ -366,11 +367,13 @@ def main(argv: list[str]) -> int:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
-    # router_logits.py, gemv.py; model/merge.py, shared_fuse.py): on unless set to "0"
-    switches = ("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "PROJ", "SHARED")
+    # router_logits.py, gemv.py; model/merge.py, shared_fuse.py; PDL: common.pdl_launch): on
+    # unless set to "0"
+    switches = "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV PROJ SHARED PDL".split()
     notes["fast_path_env"] = {
         f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "1") for k in switches
     }
+    notes["pdl"] = pdl_launch(device)  # the switch and the GPU (sm_90+) together
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 
     prefill = None

@@ -1,0 +1,201 @@
+"""Check, without a GPU, that every kernel launched with programmatic dependent launch (PDL,
+`moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
+sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
+and so does its first global load, except in the kernels that prefetch their weights before the
+wait (gemv, fp8_gemv, the router logits: there at least one load must come first, or the
+prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
+interpreter and older GPUs run).
+
+Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
+decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
+(`pip install --target /tmp/t36 triton==3.6.0`, then PYTHONPATH=/tmp/t36 in front).
+
+    python scripts/pdl_ptx_check.py          # ~15 s on 2 cores; prints RESULT PASS or FAIL
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET: the kernels must be JIT functions, not interpreted")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeray.kernels import gate, gemv, mla_decode, mla_write, moe, moe_align, norm, router_logits
+from moeray.kernels import swiglu as swiglu_mod
+from moeray.kernels.fp8 import gemv as fp8_gemv
+from moeray.kernels.fp8 import quant
+
+FLOAT_ARGS = {"eps", "scaling", "sm_scale_log2"}  # every other non-pointer argument is an i32
+F8, F32, I32, I64 = "*fp8e4nv", "*fp32", "*i32", "*i64"
+
+# (kernel, constexprs but PDL, pointer types other than *bf16, options, prefetches weights)
+CASES = [
+    (
+        gemv._gemv_kernel,
+        dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=False, NUM_STAGES=3),
+        {},
+        dict(num_warps=4, num_stages=3),
+        True,
+    ),
+    (gemv._gemv_reduce_kernel, dict(SPLIT_K=4, BLOCK=1024), {"p_ptr": F32}, {}, False),
+    (
+        fp8_gemv._fp8_gemv_kernel,
+        # serial split-K (the tile counters' atomics) at both inner products
+        dict(BLOCK_M=1, BLOCK_N=16, DOT=False, IEEE=False, UPCAST=False, EVEN_K=True)
+        | dict(NUM_STAGES=6, REDUCE_SPLITS=8),
+        dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
+        dict(num_warps=2, num_stages=6),
+        True,
+    ),
+    (
+        fp8_gemv._fp8_gemv_kernel,
+        dict(BLOCK_M=16, BLOCK_N=64, DOT=True, IEEE=False, UPCAST=False, EVEN_K=False)
+        | dict(NUM_STAGES=4, REDUCE_SPLITS=8),
+        dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
+        dict(num_warps=4, num_stages=4),
+        True,
+    ),
+    (router_logits._router_logits_kernel, dict(BE=4, BD=512), {"y_ptr": F32}, {}, True),
+    (
+        norm._rms_norm_kernel,
+        dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048),
+        {"rstd_ptr": F32},
+        {},
+        False,
+    ),
+    (
+        gate._moe_gate_kernel,
+        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1),
+        dict(logits_ptr=F32, bias_ptr=F32, ids_ptr=I64, w_ptr=F32, counts_ptr=I64),
+        dict(num_warps=1),
+        False,
+    ),
+    (moe_align._moe_align_kernel, dict(BLOCK_M=32, EP=64, CH=64), dict(ids_ptr=I64), {}, False),
+    (
+        moe._moe_gate_up_kernel,
+        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
+        dict(x_ptr=F8, wg_ptr=F8, wu_ptr=F8, sorted_ptr=I32, bexp_ptr=I32, xs_ptr=F32),
+        dict(num_warps=4, num_stages=4),
+        False,
+    ),
+    (
+        moe._moe_down_kernel,
+        dict(FP8=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
+        dict(sorted_ptr=I32, bexp_ptr=I32, rw_ptr=F32),
+        dict(num_warps=4, num_stages=4),
+        False,
+    ),
+    (moe._moe_sum_kernel, dict(K=6, BLOCK=1024, HAS_ADD=True), dict(ids_ptr=I64), {}, False),
+    (
+        quant._act_quant_kernel,
+        dict(BLOCK_M=16, GROUP=128, EXACT=False),
+        dict(q_ptr=F8, s_ptr=F32),
+        {},
+        False,
+    ),
+    (swiglu_mod._swiglu_kernel, dict(BLOCK=1024, PRECISE=True), {}, {}, False),
+    (
+        mla_write._mla_write_pack_kernel,
+        dict(NORM=True, ROPE=True, HB=8, CP=512, R2P=32),
+        dict(slots_ptr=I64, cos_ptr=F32, sin_ptr=F32),
+        dict(enable_fp_fusion=False),
+        False,
+    ),
+    (
+        mla_decode._mla_decode_split_kernel,
+        dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False),
+        dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32),
+        dict(num_stages=2),
+        False,
+    ),
+    (mla_decode._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
+]
+LOAD = re.compile(r"^(@!?%p\d+ )?(ld\.global|cp\.async\.(ca|cg|bulk)(?!.*(commit|wait)))")
+STORE = re.compile(r"^(@!?%p\d+ )?(st\.global|red\.|atom\.)")
+
+
+def compile_ptx(fn, constants: dict, pointers: dict, options: dict) -> str:
+    """fn's PTX for sm_90 with `constants` as its constexprs; pointer arguments bf16 unless named
+    in `pointers`, other runtime arguments i32 (fp32 for FLOAT_ARGS)."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    names = list(fn.arg_names)
+    src = ASTSource(
+        fn,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+    )
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def events(ptx: str) -> list[str]:
+    """The global loads (L), stores and atomics (S) and griddepcontrol calls (W: wait, D: launch
+    dependents) of a PTX text, in program order (Triton emits one straight function)."""
+    out = []
+    for raw in ptx.split(".section")[0].splitlines():
+        line = raw.strip()
+        if line.startswith("griddepcontrol.wait"):
+            out.append("W")
+        elif line.startswith("griddepcontrol.launch_dependents"):
+            out.append("D")
+        elif LOAD.match(line):
+            out.append("L")
+        elif STORE.match(line):
+            out.append("S")
+    return out
+
+
+def check(fn, constants: dict, pointers: dict, options: dict, prefetch: bool) -> list[str]:
+    """What is wrong with fn's PDL and plain PTX (nothing: an empty list)."""
+    name = fn.__name__
+    plain = events(compile_ptx(fn, {**constants, "PDL": False}, pointers, options))
+    pdl = events(compile_ptx(fn, {**constants, "PDL": True}, pointers, options))
+    errors = []
+    if "W" in plain or "D" in plain:
+        errors.append(f"{name}: griddepcontrol in the plain kernel")
+    if pdl.count("W") != 1 or pdl.count("D") != 1:
+        counts = f"{pdl.count('W')} waits, {pdl.count('D')} launches"
+        return [*errors, f"{name}: the PDL kernel has {counts}"]
+    wait = pdl.index("W")
+    before = pdl[:wait]
+    if "S" in before:
+        errors.append(f"{name}: a store or atomic before the wait")
+    if pdl.index("D") < wait:
+        errors.append(f"{name}: launch_dependents before the wait")
+    if prefetch and "L" not in before:
+        errors.append(f"{name}: no weight load before the wait (the prefetch was lost)")
+    if not prefetch and "L" in before:
+        errors.append(f"{name}: a load before the wait")
+    return errors
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}, sm_90")
+    errors = []
+    for fn, constants, pointers, options, prefetch in CASES:
+        found = check(fn, constants, pointers, options, prefetch)
+        print(f"{'FAIL' if found else 'ok  '} {fn.__name__} {constants}")
+        errors += found
+    for e in errors:
+        print(e)
+    print("RESULT", "FAIL" if errors else "PASS")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
