@@ -106,6 +106,17 @@ def pdl_wait(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def load_k_step(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
+    """One K step [rows, BLOCK_K] of an operand at k0 (`offs_k` the step's column offsets); a
+    ragged last step (not EVEN_K) reads zeros past K."""
+    if EVEN_K:
+        v = tl.load(ptrs + k0 * stride_k)
+    else:
+        v = tl.load(ptrs + k0 * stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
+    return v
+
+
 def precise_exp() -> bool:
     """The PRECISE argument of kernels calling `neg_exp`: libdevice's expf, compiled on the GPU;
     the interpreter's numpy exp under TRITON_INTERPRET=1."""

@@ -37,6 +37,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    load_k_step,
     num_sms,
     pdl_launch,
     pdl_wait,
@@ -64,16 +65,6 @@ _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_st
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w^T in fp32 (F.linear), returned in x's dtype (the oracle of gemv)."""
     return F.linear(x.float(), w.float()).to(x.dtype)
-
-
-@triton.jit
-def _k_step(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
-    """One K step [rows, BLOCK_K] of an operand at k0; a ragged last step reads zeros past K."""
-    if EVEN_K:
-        v = tl.load(ptrs + k0 * stride_k)
-    else:
-        v = tl.load(ptrs + k0 * stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
-    return v
 
 
 @triton.jit
@@ -119,14 +110,14 @@ def _gemv_kernel(
         # The split's first step (never empty: `_k_splits`) peeled off the loop: its weights
         # (read by no earlier kernel's writes) before the wait, x after. The same additions in
         # the same order as the loop's, so the same bits.
-        w = _k_step(w_ptrs, k_lo, stride_wk, offs_k, K, EVEN_K)
+        w = load_k_step(w_ptrs, k_lo, stride_wk, offs_k, K, EVEN_K)
         pdl_wait(PDL)
-        x = _k_step(x_ptrs, k_lo, stride_xk, offs_k, K, EVEN_K)
+        x = load_k_step(x_ptrs, k_lo, stride_xk, offs_k, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         k_start = k_lo + BLOCK_K
     for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-        x = _k_step(x_ptrs, k0, stride_xk, offs_k, K, EVEN_K)
-        w = _k_step(w_ptrs, k0, stride_wk, offs_k, K, EVEN_K)
+        x = load_k_step(x_ptrs, k0, stride_xk, offs_k, K, EVEN_K)
+        w = load_k_step(w_ptrs, k0, stride_wk, offs_k, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn

@@ -46,6 +46,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    load_k_step,
     num_sms,
     pdl_launch,
     pdl_wait,
@@ -67,17 +68,6 @@ def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) ->
     """x @ dequant(w)^T in fp32, returned in x's dtype (the oracle of fp8_gemv)."""
     w = weight_dequant_ref(w_fp8, w_scale, out_dtype=torch.float32)
     return (x.float() @ w.t()).to(x.dtype)
-
-
-@triton.jit
-def _k_block(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
-    """One 128-deep K block [rows, 128] of an operand at k0; a ragged last block reads zeros
-    past K."""
-    if EVEN_K:
-        v = tl.load(ptrs + k0 * stride_k)
-    else:
-        v = tl.load(ptrs + k0 * stride_k, mask=offs_k[None, :] < K - k0, other=0.0)
-    return v
 
 
 @triton.jit
@@ -162,18 +152,18 @@ def _fp8_gemv_kernel(
         # empty split) peeled off the loop: weight tile and scale (read by no earlier kernel's
         # writes) before the wait; x, the partial stores and the tile counter after it. The same
         # additions in the same order as the loop's, so the same bits.
-        w = _k_block(w_ptrs, kb_lo * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
+        w = load_k_step(w_ptrs, kb_lo * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
         s = tl.load(s_ptrs + kb_lo * stride_sk)
         pdl_wait(PDL)
-        x = _k_block(x_ptrs, kb_lo * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
+        x = load_k_step(x_ptrs, kb_lo * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
         if DOT:
             acc_t += _dot_part(x, w, IEEE, UPCAST) * s
         else:
             acc3 += _bcast_part(x, w, s)
         kb_start = kb_lo + 1
     for kb in tl.range(kb_start, kb_hi, num_stages=NUM_STAGES):
-        x = _k_block(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
-        w = _k_block(w_ptrs, kb * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
+        x = load_k_step(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
+        w = load_k_step(w_ptrs, kb * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
         s = tl.load(s_ptrs + kb * stride_sk)
         if DOT:
             acc_t += _dot_part(x, w, IEEE, UPCAST) * s
