@@ -6,7 +6,7 @@
 # LAYERS (auto), STEPS (8), LR (1e-3), SEEDS (1: --seeds, each run from that many seeds), SCOPES
 # ("all experts"; mlp too), RUNS_ALL, RUNS_EXPERTS (any scope but all), LIMIT (300 s a bench),
 # TAG (file suffix), SKIP_TESTS=1;
-# the loss bar: SCOPES=all RUNS_ALL=bf16-graphs,fp8-bf16wgrad-graphs STEPS=100 SEEDS=2 LR=4.2e-4;
+# the loss bar: SCOPES=all RUNS_ALL=bf16-graphs,fp8-bf16wgrad-graphs STEPS=80 SEEDS=2 LR=4.2e-4;
 # EXTRA_TESTS: more test files for the same pytest run (tests/gpu/test_train_job_gpu.py needs
 # the Ray bundle: carry .gpu-bundle).
 rc=0
