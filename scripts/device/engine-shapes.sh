@@ -7,6 +7,8 @@
 # DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. A/B of a fast path:
 # MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
+# HF=1 adds transformers' generate on the same weights (bf16 runs; it saves a copy of the model
+# and loads a second one: ~2 more minutes at Moonlight's 32 GB; HF_MAX_BATCH, default 8).
 rc=0
 files=()
 for shape in ${SHAPES:-moonlight v3}; do
@@ -18,9 +20,13 @@ for shape in ${SHAPES:-moonlight v3}; do
   esac
   for w in ${WEIGHTS:-bf16 fp8}; do
     tag=$shape-$w${TAG_SUFFIX:-}
+    skip=prefill,router-ab,hf,mtp hf=()
+    if [ "${HF:-0}" = 1 ] && [ "$w" = bf16 ]; then
+      skip=prefill,router-ab,mtp hf=(--hf-max-weight-gib 100 --hf-max-batch ${HF_MAX_BATCH:-8})
+    fi
     CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-140} python3 -m moeray.cli bench engine \
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
-      --profile-steps ${PROFILE_STEPS:-8} --skip prefill,router-ab,hf,mtp --tag "$tag" \
+      --profile-steps ${PROFILE_STEPS:-8} --skip $skip "${hf[@]}" --tag "$tag" \
       --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
     r=$?; [ $r -eq 0 ] || rc=1
     el "bench engine $tag rc=$r"; grep -v "UNEXPECTED\|USDT" "$OUT/engine-$tag.log" | tail -4 | cut -c1-200
