@@ -39,7 +39,7 @@ NO_KERNEL = {
     *("view", "view_as", "_unsafe_view", "reshape", "slice", "select", "unsqueeze", "squeeze"),
     *("expand", "t", "transpose", "permute", "unbind", "split", "split_with_sizes", "alias"),
     *("as_strided", "detach", "unflatten", "flatten", "lift_fresh", "empty", "empty_like"),
-    *("empty_strided", "scalar_tensor", "_local_scalar_dense", "item"),
+    *("empty_strided", "scalar_tensor", "_local_scalar_dense", "item", "promote_types"),
 }
 
 
