@@ -78,7 +78,7 @@ from moeray.platform.train.bench_common import (
     measure_matmul_rate,
     train_flops_per_token,
 )
-from moeray.platform.train.bench_run import one_run, run_specs
+from moeray.platform.train.bench_run import RunSpec, one_run, run_specs
 from moeray.results import device_name, device_slug, write_result
 
 # Datasheet dense BF16 tensor-core FLOP/s (no sparsity), by a name fragment of the device.
@@ -245,7 +245,7 @@ def run(cfg: BenchConfig, save: Callable[[dict], object] | None = None) -> dict:
 def seeded_runs(
     cfg: BenchConfig,
     model_cfg: ModelConfig,
-    spec,
+    spec: RunSpec,
     data: dict[int, torch.Tensor],
     device: torch.device,
 ) -> dict:
@@ -259,8 +259,7 @@ def seeded_runs(
             out = {**r, "losses_by_seed": {}, "step_time_s_by_seed": {}}
         out["losses_by_seed"][seed] = r["losses"]
         out["step_time_s_by_seed"][seed] = r["step_time_s"]
-        if i > 0:  # the run's memory goes before the next seed's
-            del r
+        if i + 1 < len(data):  # the run's model and optimizer go before the next seed's
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
