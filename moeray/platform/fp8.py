@@ -449,20 +449,21 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 # What `enable_fp8_training` switches: "all" as DeepSeek-V3 trains (every projection but the
-# embedding, the head and the router), "mlp" every MLP (routed, shared and dense; MLA's
-# projections stay BF16), "experts" the routed experts only. At Moonlight's width (2048) the
-# attention and shared-expert projections are small GEMMs whose quantization launches cost more
+# embedding, the head and the router), "all-but-o-proj" the same less MLA's output projection
+# (whose input DeepSeek-V3 keeps out of E4M3, in an E5M6 format), "mlp" every MLP (routed,
+# shared and dense; MLA's projections stay BF16), "experts" the routed experts only. At
+# Moonlight's width (2048) the attention and shared-expert projections are small GEMMs whose quantization launches cost more
 # than FP8 saves (one H200, 10 layers: their FP8 GEMMs ~52 ms and act_quant ~36 ms a step against
 # ~40 ms of BF16 GEMMs; benchmarks/notes-train.md), and "all" trained to a 0.73% higher loss than
 # BF16 over 80 steps where "experts" stayed within 0.15% (same notes): torchao's recipes too leave
 # per-layer choices to the user.
-FP8_SCOPES = ("all", "mlp", "experts")
+FP8_SCOPES = ("all", "all-but-o-proj", "mlp", "experts")
 
 
 def enable_fp8_training(model: nn.Module, scope: str = "all") -> list[str]:
     """Switch `model`'s projections in `scope` (FP8_SCOPES) to FP8: "all" the attention
-    projections, the dense and shared-expert MLPs and the routed experts; "mlp" all but the
-    attention projections; "experts" the routed experts only.
+    projections, the dense and shared-expert MLPs and the routed experts; "all-but-o-proj" all
+    but MLA's o_proj; "mlp" all but the attention projections; "experts" the routed experts only.
 
     Returns the qualified names of what now runs in FP8 (for logs and tests). Call before the
     optimizer is built or after: the Parameters are the same objects either way.
@@ -487,6 +488,8 @@ def enable_fp8_training(model: nn.Module, scope: str = "all") -> list[str]:
         else:
             continue
         for child in children:
+            if child == "o_proj" and scope == "all-but-o-proj":
+                continue
             lin = getattr(module, child, None)
             if isinstance(lin, nn.Linear):
                 setattr(module, child, FP8TrainLinear(lin))

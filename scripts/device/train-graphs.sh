@@ -5,7 +5,8 @@
 # graphed -> $OUT/train-1gpu-<gpu>-graphs-{all,experts}$TAG.json. 1 GPU, ~9 min. Overrides:
 # LAYERS (auto), STEPS (8), LR (1e-3), SEEDS (1: --seeds, each run from that many seeds), SCOPES
 # ("all experts"; mlp too), RUNS_ALL, RUNS_EXPERTS (any scope but all), LIMIT (300 s a bench),
-# TAG (file suffix), SKIP_TESTS=1;
+# TAG (file suffix), SKIP_TESTS=1; RUNS: one bench of these runs instead of the SCOPES loop
+# (scope all where a run names none: fp8-bf16wgrad-graphs@mlp; -> ...-graphs-all$TAG.json);
 # the loss bar: SCOPES=all RUNS_ALL=bf16-graphs,fp8-bf16wgrad-graphs STEPS=80 SEEDS=2 LR=4.2e-4;
 # EXTRA_TESTS: more test files for the same pytest run (tests/gpu/test_train_job_gpu.py needs
 # the Ray bundle: carry .gpu-bundle).
@@ -46,6 +47,10 @@ for f in glob.glob(f"{sys.argv[1]}/train-1gpu-*-graphs-{sys.argv[2]}.json"):
 PY
   return $r
 }
+if [ -n "${RUNS:-}" ]; then
+  bench all "$RUNS" ${LIMIT:-600} || rc=1
+  exit $rc
+fi
 for scope in ${SCOPES:-all experts}; do
   if [ "$scope" = all ]; then runs=${RUNS_ALL:-bf16,bf16-graphs,fp8-bf16wgrad,fp8-bf16wgrad-graphs}
   else runs=${RUNS_EXPERTS:-bf16,fp8-bf16wgrad-graphs}; fi

@@ -140,6 +140,32 @@ def test_seeds_train_each_run_from_each_seed_and_compare_seed_by_seed(tmp_path):
     assert res["fastest_fp8_loss_rel_diff_mean_last3"] == fp8["loss_rel_diff_vs_bf16_mean_last3"]
 
 
+def test_fp8_runs_with_their_own_scopes_share_one_bf16_run(tmp_path):
+    """`--runs bf16,fp8,fp8@experts`: two FP8 runs of other scopes (other losses), each compared
+    with the one BF16 run and its scope recorded; a scope on a BF16 run or an unknown one is
+    refused with the accepted ones named."""
+    args = ["--pp", "1", "--steps", "3", "--warmup", "1", "--seq-len", "8", "--microbatches", "1"]
+    args += ["--runs", "bf16,fp8,fp8@experts", "--fp8-scope", "all", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    runs = json.loads((tmp_path / "train-1gpu-cpu.json").read_text())["runs"]
+    assert list(runs) == ["bf16", "fp8", "fp8@experts"]
+    assert [runs[n].get("fp8_scope") for n in runs] == [None, "all", "experts"]
+    assert runs["fp8@experts"]["vs_run"] == runs["fp8"]["vs_run"] == "bf16"
+    assert runs["fp8@experts"]["losses"] != runs["fp8"]["losses"]
+    cfg = BenchConfig(device="cuda", pp=1, runs="bf16-graphs,fp8-bf16wgrad-graphs@mlp")
+    (spec,) = bench_run.run_specs(cfg, torch.device("cuda"))[1:]
+    assert (spec.name, spec.scope, spec.graphs, spec.bf16_wgrad) == (
+        "fp8-bf16wgrad-graphs@mlp",
+        "mlp",
+        True,
+        True,
+    )
+    assert bench_one.base_run(spec.name, {"bf16": 0, "bf16-graphs": 0}) == "bf16-graphs"
+    for bad in ("bf16,fp8@attention", "bf16@mlp,fp8"):
+        with pytest.raises(ValueError, match=r"a scope .* FP8 run .* all, all-but-o-proj, mlp"):
+            BenchConfig(pp=1, runs=bad)
+
+
 def test_each_run_is_compared_with_bf16_on_its_own_host_path():
     got = dict.fromkeys(["bf16", "bf16-graphs", "fp8", "fp8-bf16wgrad-graphs"])
     assert bench_one.base_run("fp8", got) == "bf16"
@@ -393,7 +419,7 @@ def test_kgrouped_weight_grads_equal_the_per_expert_gemms(monkeypatch):
 def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
     """`enable_fp8_training(scope="experts")`: only the routed experts run FP8 (the attention and
     MLP projections stay nn.Linear); "all" converts those too, "mlp" all but the attention
-    projections; an unknown scope is refused with
+    projections, "all-but-o-proj" all but MLA's o_proj; an unknown scope is refused with
     the accepted ones named, in the library, the bench's config and the job's."""
     from moeray.platform.fp8 import FP8TrainLinear
     from moeray.platform.train.job_config import TrainJobConfig
@@ -410,7 +436,11 @@ def test_fp8_scope_experts_leaves_the_other_linears_in_bf16():
     got_mlp = enable_fp8_training(mlps, "mlp")  # all but MLA's projections
     assert set(got) < set(got_mlp) < set(got_all)
     assert set(got_all) - set(got_mlp) == {n for n in got_all if ".self_attn." in n}
-    with pytest.raises(ValueError, match="'attention': expected one of all, mlp, experts"):
+    no_o = enable_fp8_training(Transformer(tiny()), "all-but-o-proj")
+    assert set(got_all) - set(no_o) == {n for n in got_all if n.endswith(".o_proj")} != set()
+    with pytest.raises(
+        ValueError, match="'attention': expected one of all, all-but-o-proj, mlp, experts"
+    ):
         enable_fp8_training(Transformer(tiny()), "attention")
     with pytest.raises(ValueError, match="fp8_scope='x'"):
         BenchConfig(fp8_scope="x")

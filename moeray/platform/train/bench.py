@@ -81,6 +81,7 @@ from moeray.platform.train import step as tstep
 from moeray.platform.train.bench_common import (
     GRAPHS_SUFFIX,
     RUN_NAMES,
+    SCOPE_SEP,
     BenchConfig,
     bigram_stream,
     measure_matmul_rate,
@@ -459,7 +460,8 @@ def _parser() -> argparse.ArgumentParser:
         help="--pp 1: the runs to make, comma-separated, among "
         f"{', '.join(RUN_NAMES)}, each optionally with {GRAPHS_SUFFIX} (micro-batches replayed "
         "from a CUDA graph; default: every one that applies, none graphed); bf16 or "
-        f"bf16{GRAPHS_SUFFIX} among them",
+        f"bf16{GRAPHS_SUFFIX} among them; an FP8 run may end in {SCOPE_SEP}<scope> (one of "
+        f"{', '.join(FP8_SCOPES)}): that run with its own --fp8-scope",
     )
     p.add_argument(
         "--seeds",

@@ -20,6 +20,16 @@ from moeray.platform.train.step import MOMENTS_DTYPES
 # micro-batches replayed from a CUDA graph (train/graphs.py, CUDA only)
 RUN_NAMES = ("bf16", "fp8", "fp8-kgrouped", "fp8-bf16wgrad")
 GRAPHS_SUFFIX = "-graphs"
+# an FP8 run's name may end in SCOPE_SEP and an FP8 scope (fp8.FP8_SCOPES): that run with its own
+# scope, so that several scopes share one BF16 base run ("fp8-bf16wgrad-graphs@mlp")
+SCOPE_SEP = "@"
+
+
+def split_run_name(name: str) -> tuple[str, str | None]:
+    """A run name's run and FP8 scope: ("fp8-graphs", "mlp") for "fp8-graphs@mlp", the scope None
+    where the name has none."""
+    run, sep, scope = name.partition(SCOPE_SEP)
+    return run, (scope if sep else None)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,8 @@ class BenchConfig:
     # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
     kgrouped_wgrad: bool | None = None
     # one device: the runs to make, comma-separated names (bench_run.run_specs); None: all that
-    # apply. "bf16" or "bf16-graphs" is required: every FP8 run is compared with BF16.
+    # apply. "bf16" or "bf16-graphs" is required: every FP8 run is compared with BF16. An FP8
+    # run may name its own scope ("fp8-bf16wgrad-graphs@mlp", SCOPE_SEP); else fp8_scope.
     runs: str | None = None
     # one device: each run trained from this many seeds (seed, seed + 1, ...: other weights and
     # batches each), its loss compared with BF16's of the same seed
@@ -72,8 +83,19 @@ class BenchConfig:
                 f"fp8_scope={self.fp8_scope!r}: expected one of {', '.join(FP8_SCOPES)}"
             )
         if self.runs is not None:
-            names = self.runs.split(",")
+            names = [split_run_name(n)[0] for n in self.runs.split(",")]
             bad = [n for n in names if n.removesuffix(GRAPHS_SUFFIX) not in RUN_NAMES]
+            bad_scopes = [
+                n
+                for n in self.runs.split(",")
+                if split_run_name(n)[1] is not None
+                and (split_run_name(n)[1] not in FP8_SCOPES or not n.startswith("fp8"))
+            ]
+            if bad_scopes:
+                raise ValueError(
+                    f"runs={self.runs!r}: {', '.join(bad_scopes)}: a scope ({SCOPE_SEP}<scope>) "
+                    f"goes on an FP8 run and is one of {', '.join(FP8_SCOPES)}"
+                )
             graphs_off_cuda = self.device != "cuda" and any(
                 n.endswith(GRAPHS_SUFFIX) for n in names
             )

@@ -76,6 +76,7 @@ from moeray.platform.train.bench_common import (
     BenchConfig,
     bigram_stream,
     measure_matmul_rate,
+    split_run_name,
     train_flops_per_token,
 )
 from moeray.platform.train.bench_run import RunSpec, one_run, run_specs
@@ -281,7 +282,8 @@ def base_run(name: str, got: dict) -> str | None:
     graphed = f"bf16{GRAPHS_SUFFIX}"
     if name in ("bf16", graphed):
         return "bf16" if name == graphed and "bf16" in got else None
-    order = (graphed, "bf16") if name.endswith(GRAPHS_SUFFIX) else ("bf16", graphed)
+    run = split_run_name(name)[0]
+    order = (graphed, "bf16") if run.endswith(GRAPHS_SUFFIX) else ("bf16", graphed)
     return next((n for n in order if n in got), None)
 
 
@@ -312,6 +314,8 @@ def summarize(
             "final_loss": r["losses"][-1],
             "losses": r["losses"],
         }
+        if name.startswith("fp8"):
+            out["fp8_scope"] = split_run_name(name)[1] or cfg.fp8_scope
         base_name = base_run(name, got)
         base = got.get(base_name) if base_name is not None else None
         if base is not None:

@@ -20,7 +20,7 @@ from moeray.platform.rank_weights import dummy_model
 from moeray.platform.routing.balance import bias_update
 from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
-from moeray.platform.train.bench_common import GRAPHS_SUFFIX, BenchConfig
+from moeray.platform.train.bench_common import GRAPHS_SUFFIX, BenchConfig, split_run_name
 from moeray.platform.train.graphs import MicrobatchGraph
 
 # Host calls that launch a GPU kernel: torch's (CUDA runtime) and Triton's (driver).
@@ -40,13 +40,15 @@ class RunSpec:
     kgrouped: bool = False
     bf16_wgrad: bool = False
     graphs: bool = False  # each micro-batch replayed from a CUDA graph (train/graphs.py)
+    scope: str | None = None  # FP8 runs: their FP8 scope (fp8.FP8_SCOPES); None: the bench's
 
 
 def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
     """Each run, in order: BF16, FP8, and where grouped FP8 applies (CUDA by default) FP8 with
     the k-grouped weight-gradient GEMM (`--kgrouped-wgrad`) and FP8 with BF16 expert weight
     gradients; `cfg.runs` picks a subset by name (RUN_NAMES; BenchConfig checks it), each name
-    with `-graphs` appended the same run with its micro-batches replayed from a CUDA graph."""
+    with `-graphs` appended the same run with its micro-batches replayed from a CUDA graph, and
+    an FP8 name with `@<scope>` appended the same run with that FP8 scope."""
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     kgrouped = device.type == "cuda" if cfg.kgrouped_wgrad is None else cfg.kgrouped_wgrad
     specs = [RunSpec("bf16", False), RunSpec("fp8", True)]
@@ -56,7 +58,8 @@ def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
         if device.type == "cuda" or cfg.runs is not None:
             specs.append(RunSpec("fp8-bf16wgrad", True, bf16_wgrad=True))
     if cfg.runs is not None:
-        wanted = cfg.runs.split(",")
+        named = cfg.runs.split(",")
+        wanted = [split_run_name(n)[0] for n in named]
         graphed = [
             replace(s, name=f"{s.name}{GRAPHS_SUFFIX}", graphs=True)
             for s in specs
@@ -71,7 +74,10 @@ def run_specs(cfg: BenchConfig, device: torch.device) -> list[RunSpec]:
                 f"{', '.join(s.name for s in specs)}"
             )
         by_name = {s.name: s for s in specs}
-        specs = [by_name[n] for n in wanted]
+        specs = [
+            replace(by_name[run], name=n, scope=scope)
+            for n, (run, scope) in zip(named, map(split_run_name, named), strict=True)
+        ]
     return specs
 
 
@@ -127,16 +133,18 @@ def build_model(
     kgrouped: bool,
     device: torch.device,
     bf16_wgrad: bool = False,
+    scope: str | None = None,
 ):
     """The run's model on `device`: the same random weights for every run with `cfg.seed`, FP8
-    projections for `fp8`, routed experts grouped (FP8 weight gradients k-grouped for
-    `kgrouped`, from bf16 operands for `bf16_wgrad`), the other linear layers split linears (FP8
-    ones stay FP8, their weight gradients from bf16 operands too with `bf16_wgrad`)."""
+    projections for `fp8` (those of `scope`, default `cfg.fp8_scope`), routed experts grouped
+    (FP8 weight gradients k-grouped for `kgrouped`, from bf16 operands for `bf16_wgrad`), the
+    other linear layers split linears (FP8 ones stay FP8, their weight gradients from bf16
+    operands too with `bf16_wgrad`)."""
     model = dummy_model(
         model_cfg, list(range(model_cfg.n_routed_experts)), device=device, seed=cfg.seed
     )
     if fp8:
-        enable_fp8_training(model, cfg.fp8_scope)
+        enable_fp8_training(model, scope or cfg.fp8_scope)
     grouped_fp8 = device.type == "cuda" if cfg.grouped_fp8 is None else cfg.grouped_fp8
     enable_grouped_experts(
         model, grouped_fp8=grouped_fp8, kgrouped_wgrad=kgrouped, bf16_wgrad=bf16_wgrad
@@ -155,7 +163,9 @@ def one_run(
 ) -> dict:
     """Train `cfg.steps` steps from `cfg.seed`; the run's numbers (bench_one.py's docstring), the
     last step profiled on CUDA where `profile`."""
-    model = build_model(cfg, model_cfg, spec.fp8, spec.kgrouped, device, spec.bf16_wgrad)
+    model = build_model(
+        cfg, model_cfg, spec.fp8, spec.kgrouped, device, spec.bf16_wgrad, spec.scope
+    )
     loss_cfg = tstep.LossConfig()
     graphed = MicrobatchGraph(model, loss_cfg, cfg.microbatches, device) if spec.graphs else None
     # on the device once: a copy from pageable memory per micro-batch waits for the GPU
