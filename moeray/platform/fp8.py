@@ -449,14 +449,14 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 # What `enable_fp8_training` switches: "all" as DeepSeek-V3 trains (every projection but the
-# embedding, the head and the router), "all-but-o-proj" the same less MLA's output projection
-# (whose input DeepSeek-V3 keeps out of E4M3, in an E5M6 format), "mlp" every MLP (routed,
-# shared and dense; MLA's projections stay BF16), "experts" the routed experts only. At
-# Moonlight's width (2048) the attention and shared-expert projections are small GEMMs whose quantization launches cost more
-# than FP8 saves (one H200, 10 layers: their FP8 GEMMs ~52 ms and act_quant ~36 ms a step against
-# ~40 ms of BF16 GEMMs; benchmarks/notes-train.md), and "all" trained to a 0.73% higher loss than
-# BF16 over 80 steps where "experts" stayed within 0.15% (same notes): torchao's recipes too leave
-# per-layer choices to the user.
+# embedding, the head and the router), "all-but-o-proj" the same less MLA's output projection (whose
+# input DeepSeek-V3 keeps out of E4M3, in an E5M6 format), "mlp" every MLP (routed, shared and
+# dense; MLA's projections stay BF16), "experts" the routed experts only. At Moonlight's width
+# (2048) the attention and shared-expert projections are small GEMMs whose quantization launches
+# cost more than FP8 saves (one H200, 10 layers: their FP8 GEMMs ~52 ms and act_quant ~36 ms a step
+# against ~40 ms of BF16 GEMMs; benchmarks/notes-train.md), and "all" trained to a 0.73% higher loss
+# than BF16 over 80 steps where "experts" stayed within 0.15% (same notes): torchao's recipes too
+# leave per-layer choices to the user.
 FP8_SCOPES = ("all", "all-but-o-proj", "mlp", "experts")
 
 
