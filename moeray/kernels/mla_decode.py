@@ -8,9 +8,9 @@ kv_cache [NP, T, D]: each row is one token's latent (first R) and rope key (last
 queries, scores = q_nope . c_kv + q_rope . k_rope and the values are the latent c_kv itself, so the
 output is [.., R] latent (the caller multiplies by W_UV and W_O).
 
-Stage 1 (Triton): one program per (head block, sequence, split) walks its pages through the block
-table with an online softmax, writes a partial output and its log-sum-exp. Stage 2 merges the
-splits. Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has
+Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
+sequence's own pages through the block table with an online softmax, writes a partial output and
+its log-sum-exp. Stage 2 merges the splits. Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has
 512 pages).
 
 The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
@@ -77,7 +77,7 @@ def _mla_decode_split_kernel(
     ROWS,
     NUM_HEADS,
     Q_LEN,
-    pages_per_split,
+    num_splits,
     stride_qb,
     stride_qr,
     stride_kvp,
@@ -123,6 +123,10 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, RB), dtype=tl.float32)
 
+    # The splits share this sequence's own pages, not the block table's width: at batch 1 with
+    # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
+    # 3 pages while 15 found nothing; now 3 programs take one page each.
+    pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
     t_start = split * pages_per_split * PAGE
     t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
     for t0 in range(t_start, t_end, PAGE):
@@ -268,8 +272,7 @@ def _mla_decode_rows(
         # No split shorter than 4 pages (256 tokens).
         slots = num_sms(q_BRD.device) * (2 if block_h <= 16 else 1)
         num_splits = max(1, min(slots // (b * head_blocks), cdiv(max_pages, 4)))
-    pages_per_split = cdiv(max_pages, num_splits)
-    num_splits = cdiv(max_pages, pages_per_split)
+    num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
     lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
     upcast = interpreting()
@@ -285,7 +288,7 @@ def _mla_decode_rows(
         rows,
         num_heads,
         q_len,
-        pages_per_split,
+        num_splits,
         q_BRD.stride(0),
         q_BRD.stride(1),
         kv_cache.stride(0),

@@ -36,6 +36,24 @@ def test_decode_small_dims(num_splits):
     torch.testing.assert_close(lse, ref_lse[:, 0], atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [None, 5, 16])
+def test_short_sequences_in_a_wide_block_table(num_splits):
+    """As the engine's tables are: as wide as the longest sequence allowed (64 columns here), the
+    sequences a few pages long, unused columns pointing at a scratch page. The splits share each
+    sequence's own pages (5 splits over 1-5 pages, 16 over fewer), none reads past its length."""
+    q, kv, table, lens = _paged_case([37, 1, 80, 16], heads=5, r=64, p=16, page=16, seed=4)
+    scratch = min(set(range(kv.shape[0])) - set(table.flatten().tolist()))
+    wide = torch.full((4, 64), scratch, dtype=torch.int32)
+    wide[:, : table.shape[1]] = table
+    kv[scratch] = 1e4  # a read of the scratch page would swamp the softmax
+    out, lse = mla_decode(
+        q[:, 0], kv, wide, lens, 0.3, kv_lora_rank=64, num_splits=num_splits, return_lse=True
+    )
+    ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
+    assert _rel(out, ref[:, 0]) < 1e-2
+    torch.testing.assert_close(lse, ref_lse[:, 0], atol=2e-2, rtol=0)
+
+
 def test_decode_deepseek_dims():
     # 512 latent + 64 rope, 64-token pages; 17 heads spans two head blocks with a ragged second one.
     q, kv, table, lens = _paged_case([130, 64, 3], heads=17, r=512, p=64, page=64, seed=2)
