@@ -35,6 +35,16 @@ ALIGN_KERNEL_MAX_TK = 768
 _TILE_CELLS = 4096
 
 
+def max_aligned_blocks(tk: int, num_experts: int, block_m: int) -> int:
+    """An upper bound on the padded blocks of TK assignments over E experts, known on the host:
+    the blocks of expert e are ceil(c_e / BM) <= c_e / BM + 1 for each of the at most min(E, TK)
+    experts with c_e > 0, so ceil(TK / BM) + min(E, TK) in all. The fused MoE launches this many
+    row blocks; the unused ones exit at once. At decode batch 1 on Moonlight (TK = 6, E = 64,
+    BM = 32) it is 7 blocks where ceil(TK / BM) + E was 65, so the gate_up and down grids had
+    1,254 empty programs each and the alignment filled 2,080 padding slots instead of 224."""
+    return cdiv(tk, block_m) + min(num_experts, tk)
+
+
 def moe_align_ref(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +67,7 @@ def moe_align_ref(
     ok = sorted_bucket < num_experts
     e_safe = torch.where(ok, sorted_bucket, 0)
     rank = torch.arange(tk, device=dev) - cnt_start[e_safe]
-    max_blocks = cdiv(tk, block_m) + num_experts
+    max_blocks = max_aligned_blocks(tk, num_experts, block_m)
     cap = max_blocks * block_m
     dest = torch.where(ok, pad_start[e_safe] + rank, cap)  # invalid -> a dropped extra slot
     sorted_ids = torch.full((cap + 1,), tk, dtype=torch.int32, device=dev)
@@ -134,7 +144,7 @@ def moe_align(
 
     Returns sorted_ids [max_blocks * block_m] int32 (assignment ids, stable within an expert,
     sentinel TK for padding) and block_expert [max_blocks] int32 (expert of each block, -1 past the
-    end). max_blocks = ceil(TK / block_m) + E bounds the padded total without reading it back to
+    end). max_blocks = `max_aligned_blocks` bounds the padded total without reading it back to
     the host. Ids outside [0, E) (other ranks' experts) get no slot. No host syncs: it can run
     inside a CUDA graph capture.
     """
@@ -149,7 +159,7 @@ def moe_align(
     ids = expert_ids_TK.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
-    max_blocks = cdiv(tk, block_m) + num_experts
+    max_blocks = max_aligned_blocks(tk, num_experts, block_m)
     dev = ids.device
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)

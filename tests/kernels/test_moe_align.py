@@ -40,6 +40,30 @@ def test_moe_align_kernel_equals_reference(t, k, e, bm, dtype, foreign):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize(
+    ("counts", "bm"),
+    [([1] * 20, 16), ([17, 17, 17, 1], 16), ([33, 1, 1, 1, 1, 31], 32), ([6], 32), ([0, 0, 5], 4)],
+)
+def test_blocks_bound_holds_at_worst_case_counts(counts, bm):
+    """block_expert is max_aligned_blocks long (ceil(TK / BM) + min(E, TK)), and at counts that
+    make every run end in a partial block (one assignment each; BM + 1) all assignments still
+    land once, in blocks of their own expert: the kernel (under the interpreter) and the
+    reference alike."""
+    e = len(counts) + 3
+    ids = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]
+    tk = len(ids)
+    for fn in (moe_align, moe_align_ref):
+        sorted_ids, block_expert = fn(ids.view(-1, 1), e, bm)
+        assert block_expert.numel() == align_mod.max_aligned_blocks(tk, e, bm)
+        assert align_mod.max_aligned_blocks(tk, e, bm) == -(-tk // bm) + min(e, tk)
+        real = sorted_ids[sorted_ids < tk].long()
+        assert sorted(real.tolist()) == list(range(tk))
+        slot_expert = block_expert.repeat_interleave(bm)[: sorted_ids.numel()]
+        live = sorted_ids < tk
+        assert torch.equal(slot_expert[live].long(), ids[sorted_ids[live].long()])
+
+
 def test_moe_align_kernel_runs_and_reference_past_limit(launch_spy):
     # Below the limit the kernel runs, past it the reference.
     calls = launch_spy(align_mod, "_moe_align_kernel")
