@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['name'][:44]:44} "
-            + " ".join(f"{r[c]:13d}" if isinstance(r[c], int) else f"{r[c] or 0:13.4g}" for c in cols)
+            + " ".join(
+                f"{r[c]:13d}" if isinstance(r[c], int) else f"{r[c] or 0:13.4g}" for c in cols
+            )
         )
     if args.out:
         with open(args.out, "w") as f:

@@ -3,7 +3,7 @@
 # --pp 1` at Moonlight widths (as train-1gpu.sh): FP8 for every projection with BF16 weight
 # gradients, graphed and not, against BF16 graphed and not; then FP8 for the routed experts only,
 # graphed -> $OUT/train-1gpu-<gpu>-graphs-{all,experts}$TAG.json. 1 GPU, ~9 min. Overrides:
-# LAYERS (auto), STEPS (8), LR (1e-3), SEEDS (1: --seeds, each run from that many seeds), SCOPES
+# LAYERS (auto), STEPS (8), LR (1e-3), SEEDS (1: --seeds, each run from that many seeds), SEED (0), SCOPES
 # ("all experts"; mlp too), RUNS_ALL, RUNS_EXPERTS (any scope but all), LIMIT (300 s a bench),
 # TAG (file suffix), SKIP_TESTS=1; RUNS: one bench of these runs instead of the SCOPES loop
 # (scope all where a run names none: fp8-bf16wgrad-graphs@mlp; -> ...-graphs-all$TAG.json);
@@ -20,7 +20,7 @@ bench() {  # bench SCOPE RUNS LIMIT
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 \
     timeout -k 5 $3 python3 -m moeray.cli bench train --device cuda --pp 1 --ep 1 \
     --model moonlight_16b_a3b --layers ${LAYERS:-auto} --seq-len 4096 --micro-batch-size 2 \
-    --microbatches 4 --steps ${STEPS:-8} --warmup 3 --lr ${LR:-1e-3} --seeds ${SEEDS:-1} \
+    --microbatches 4 --steps ${STEPS:-8} --warmup 3 --lr ${LR:-1e-3} --seeds ${SEEDS:-1} --seed ${SEED:-0} \
     --moments-dtype bfloat16 \
     --fp8-scope $1 --runs $2 --out /tmp/results-$1 > "$OUT/train-graphs-$1.log" 2>&1
   local r=$?; el "bench train scope=$1 runs=$2 rc=$r"
