@@ -255,6 +255,12 @@ def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
     # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at
     # 64x128x128 / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
     rows_per_expert = tk / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        # H200 sweep at Moonlight's experts, 1 and 8 tokens (scripts/moe_decode_sweep.py,
+        # benchmarks/results/moe-decode-sweep-nvidia-h200.json; a whole fused_moe, weights out of
+        # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
+        # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs 148.0)
+        return dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows_per_expert <= 32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if fp8:
