@@ -70,7 +70,7 @@ class PipelineModel:
         *,
         seed: int = 0,
         fp8: bool = False,
-        fp8_scope: str = "all",
+        fp8_scope: str = "experts",
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         overlap: bool | None = None,

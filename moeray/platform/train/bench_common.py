@@ -55,7 +55,7 @@ class BenchConfig:
     # bench_one.fit_layers)
     layers: str | None = None
     moments_dtype: str = "float32"  # one device: AdamW's moments (step.MOMENTS_DTYPES)
-    fp8_scope: str = "all"  # FP8 runs: what runs in FP8 (fp8.FP8_SCOPES)
+    fp8_scope: str = "experts"  # FP8 runs: what runs in FP8 (fp8.FP8_SCOPES; job_config's default)
     # one device: a third run, FP8 with k-grouped expert weight gradients; None: on CUDA only
     kgrouped_wgrad: bool | None = None
     # one device: the runs to make, comma-separated names (bench_run.run_specs); None: all that
