@@ -14,7 +14,13 @@ block.
    weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32.
 
 bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
-quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
+quantize x and h per token in 1x128 groups (act_quant's arithmetic) and use fp8 MMAs with
+per-128-K promotion, as fp8_gemm. At decode shapes (at most DECODE_ROWS_PER_EXPERT assignments per
+expert, BLOCK_K 128) each GEMM program quantizes its own [BM, 128] A tiles in registers (QUANT_A),
+bit-equal to act_quant, instead of two act_quant launches a layer (at batch 1, Moonlight FP8 on an
+H200: 52 launches a step of ~3.4 us, 0.18 of 2.69 ms). At prefill shapes the programs of a row
+block would each quantize the same rows again, so act_quant runs first, once; so it does with
+MOERAY_FUSED_ACT_QUANT=0 (the A/B switch).
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
@@ -32,10 +38,11 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
+    switched_off,
     to_dtype_rn,
     use_triton,
 )
-from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, quant_rows, weight_dequant_ref
 from moeray.kernels.moe_align import moe_align
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
@@ -120,12 +127,15 @@ def _moe_gate_up_kernel(
     stride_wsue,
     stride_wsun,
     FP8: tl.constexpr,
+    QUANT_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    # QUANT_A (FP8 only): x is the bf16 activation, quantized here per K step (`quant_rows`, see
+    # fused_moe_gate_up); else x is act_quant's e4m3 output and xs its scales.
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
     # separate gate_proj / up_proj need no per-call concatenation.
     # PDL: the wait comes first, before the block's expert id (written by moe_align) picks the
@@ -153,9 +163,13 @@ def _moe_gate_up_kernel(
     )
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANT_A:
+        tl.static_assert(BLOCK_K == 128, "in-kernel act quantization: one 1x128 group a K step")
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k < H - k0
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if QUANT_A:  # act_quant's jit function; EXACT as act_quant's (the interpreter: UPCAST)
+            a, a_s = quant_rows(a.to(tl.float32), UPCAST)
         wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
         wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
@@ -164,7 +178,8 @@ def _moe_gate_up_kernel(
             wu = wu.to(tl.float32)
         if FP8:
             kb = k0 // 128
-            a_s = tl.load(xs_ptr + tok * stride_xst + kb)
+            if not QUANT_A:
+                a_s = tl.load(xs_ptr + tok * stride_xst + kb)
             sg = tl.load(wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn + kb)
             su = tl.load(wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun + kb)
             acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
@@ -201,12 +216,14 @@ def _moe_down_kernel(
     stride_wse,
     stride_wsn,
     FP8: tl.constexpr,
+    QUANT_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    # QUANT_A as in _moe_gate_up_kernel: h is the bf16 SwiGLU output, quantized here per K step.
     pdl_wait(PDL)  # first: the expert id that picks the weights is moe_align's output
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
@@ -224,16 +241,21 @@ def _moe_down_kernel(
     a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]
     b_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANT_A:
+        tl.static_assert(BLOCK_K == 128, "in-kernel act quantization: one 1x128 group a K step")
     for k0 in range(0, INTER, BLOCK_K):
         k_ok = offs_k < INTER - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if QUANT_A:
+            a, a_s = quant_rows(a.to(tl.float32), UPCAST)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8:
             kb = k0 // 128
-            a_s = tl.load(hs_ptr + rows * stride_hst + kb)
+            if not QUANT_A:
+                a_s = tl.load(hs_ptr + rows * stride_hst + kb)
             b_s = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -244,6 +266,15 @@ def _moe_down_kernel(
     acc = acc * rw[:, None]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+DECODE_ROWS_PER_EXPERT = 32  # up to this many assignments per expert: the decode config
+
+
+def _decode_shape(tk: int, num_experts: int) -> bool:
+    """Few rows per expert (decode batches): `_moe_config`'s short row blocks, and with FP8 the
+    activations quantized inside the GEMM kernels (`fused_moe_gate_up`)."""
+    return tk / max(num_experts, 1) <= DECODE_ROWS_PER_EXPERT
 
 
 def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
@@ -261,7 +292,7 @@ def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
         # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
         # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs 148.0)
         return dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 32:
+    if _decode_shape(tk, num_experts):
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if fp8:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
@@ -338,7 +369,9 @@ def fused_moe_gate_up(
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
-    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer)."""
+    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
+    FP8 quantizes x and h inside the GEMM kernels at decode shapes, with act_quant launches
+    otherwise or with MOERAY_FUSED_ACT_QUANT=0: the same bits either way."""
     check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
     check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
     check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
@@ -413,13 +446,19 @@ def fused_moe_gate_up(
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
     pdl = pdl_launch(x.device)
+    # FP8 at decode: each GEMM program quantizes its own A tiles, bit-equal to act_quant, saving
+    # 2 launches a layer (Moonlight FP8 at batch 1 on an H200: 52 a step of ~3.4 us, 0.18 of
+    # 2.69 ms; benchmarks/results/engine-nvidia-h200-moonlight-fp8-nopdl.json). Past
+    # DECODE_ROWS_PER_EXPERT the cdiv(I, BN) (resp. cdiv(H, BN)) programs of a row block would
+    # each quantize the same rows again: act_quant there, once.
+    quant_a = fp8 and bk == 128 and _decode_shape(tk, e_count) and not switched_off("ACT_QUANT")
+    a_in, a_scale = x, x  # the scale pointers are unused without FP8 and with quant_a
     if scales is not None:  # FP8
-        xq, xs = act_quant(x)
-        a_in, a_scale = xq, xs
+        if not quant_a:
+            a_in, a_scale = act_quant(x)
         # the kernels step over K blocks with stride 1
         s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
     else:
-        a_in, a_scale = x, x  # the scale pointers are unused without FP8
         s1 = s3 = s2 = w1_EIH
     _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
         a_in,
@@ -447,6 +486,7 @@ def fused_moe_gate_up(
         s3.stride(0),
         s3.stride(1),
         FP8=fp8,
+        QUANT_A=quant_a,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -455,9 +495,8 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    if fp8:
-        hq, hs = act_quant(hbuf)
-        h_in, h_scale = hq, hs
+    if fp8 and not quant_a:
+        h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf
     y_tk = torch.empty(tk, h, dtype=act_dtype, device=x.device)
@@ -482,6 +521,7 @@ def fused_moe_gate_up(
         s2.stride(0),
         s2.stride(1),
         FP8=fp8,
+        QUANT_A=quant_a,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

@@ -367,9 +367,9 @@ def main(argv: list[str]) -> int:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
-    # router_logits.py, gemv.py; model/merge.py, shared_fuse.py; PDL: common.pdl_launch): on
-    # unless set to "0"
-    switches = "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV PROJ SHARED PDL".split()
+    # router_logits.py, gemv.py, moe.py's ACT_QUANT; model/merge.py, shared_fuse.py; PDL:
+    # common.pdl_launch): on unless set to "0"
+    switches = "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV ACT_QUANT PROJ SHARED PDL".split()
     notes["fast_path_env"] = {
         f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "1") for k in switches
     }
