@@ -10,8 +10,8 @@ output is [.., R] latent (the caller multiplies by W_UV and W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
 sequence's own pages through the block table with an online softmax, writes a partial output and
-its log-sum-exp. Stage 2 merges the splits. Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has
-512 pages).
+its log-sum-exp. Stage 2 merges the splits. Splitting the context lets a few long sequences fill
+all SMs (batch 1 with 32K context has 512 pages).
 
 The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
 prefix: query i of a sequence with length L (which already includes the S new tokens in the cache)

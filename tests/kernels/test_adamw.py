@@ -66,9 +66,14 @@ def _assert_params_close(got, want, before, decay):
         (F32, BF16, True, 0.1),
     ],
 )
-def test_adamw_step_matches_the_reference_over_steps(m_dtype, g_dtype, scaled, wd):
+def test_adamw_step_matches_the_reference_over_steps(monkeypatch, m_dtype, g_dtype, scaled, wd):
     """Three steps (state carried, fresh gradients each): the moments equal the reference's bit
-    for bit (rounded to bf16 the same way), the parameters within 2 ulps of its terms."""
+    for bit (rounded to bf16 the same way), the parameters within 2 ulps of its terms. The
+    reference's sqrt is correctly rounded here (as in the bit-for-bit test below): torch's
+    vectorized CPU sqrt is not, and how far it is off depends on the host CPU's vector units
+    (an AMD EPYC host put the parameters 1.03-1.06x past the 2-ulp bound where CI's did not)."""
+    sqrt = torch.Tensor.sqrt
+    monkeypatch.setattr(torch.Tensor, "sqrt", lambda x: sqrt(x.double()).float())
     ps, ms, vs = _state(SHAPES, m_dtype, g_dtype)
     rp, rm, rv = _clone(ps), _clone(ms), _clone(vs)
     for t in (1, 2, 3):

@@ -152,16 +152,22 @@ def test_switch_off_keeps_nn_linear(monkeypatch):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_bench_and_one_rank_replica_build_split_linears(monkeypatch, fp8):
     monkeypatch.delenv("MOERAY_FUSED_LINEAR_WGRAD", raising=False)
-    cfg = BenchConfig(model="tiny", device="cpu", pp=1)
+    cfg = BenchConfig(model="tiny", device="cpu", pp=1, fp8_scope="all")
     bench_model = bench_run.build_model(cfg, tiny(), fp8, False, torch.device("cpu"))
-    job = TrainJobConfig.from_dict({"fp8": fp8})
+    job = TrainJobConfig.from_dict({"fp8": fp8, "fp8_scope": "all"})
     replica_model = parallelize(Transformer(tiny()), job, ONE, torch.device("cpu"))
+    if fp8:  # the default scope, the routed experts: every split linear stays BF16
+        default = parallelize(
+            Transformer(tiny()), TrainJobConfig.from_dict({"fp8": True}), ONE, torch.device("cpu")
+        )
+        assert not any(m.fp8 for m in default.modules() if isinstance(m, SplitLinear))
     for model in (bench_model, replica_model):
         splits = [m for m in model.modules() if isinstance(m, SplitLinear)]
         assert splits and not any(
             isinstance(m, (nn.Linear, FP8TrainLinear)) for m in model.modules()
         )
-        # FP8 runs keep the attention and MLP projections in FP8; the head and eh_proj stay BF16
+        # FP8 runs of scope all keep the attention and MLP projections in FP8; the head and
+        # eh_proj stay BF16
         assert any(m.fp8 for m in splits) == fp8
         assert not model.lm_head.fp8
 
