@@ -16,16 +16,20 @@ block.
 bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
 quantize x and h per token in 1x128 groups (act_quant's arithmetic) and use fp8 MMAs with
 per-128-K promotion, as fp8_gemm. At decode shapes (at most DECODE_ROWS_PER_EXPERT assignments per
-expert, BLOCK_K 128) each GEMM program quantizes its own [BM, 128] A tiles in registers (QUANT_A),
-bit-equal to act_quant, instead of two act_quant launches a layer (at batch 1, Moonlight FP8 on an
-H200: 52 launches a step of ~3.4 us, 0.18 of 2.69 ms). At prefill shapes the programs of a row
-block would each quantize the same rows again, so act_quant runs first, once; so it does with
-MOERAY_FUSED_ACT_QUANT=0 (the A/B switch).
+expert, BLOCK_K 128) with MOERAY_FUSED_ACT_QUANT=1 each GEMM program quantizes its own [BM, 128]
+A tiles in registers (QUANT_A), bit-equal to act_quant, instead of two act_quant launches a layer.
+That is off by default: it saves 52 launches a step at batch 1 (Moonlight FP8 on an H200, ~3.4 us
+each) but ran the step at half the speed (196 vs 397 tok/s at batch 1, 2,962 vs 5,581 at 64:
+benchmarks/results/engine-nvidia-h200-moonlight-fp8-{actquant,noactquant}.json): every one of a
+row block's cdiv(N, BN) programs quantizes the same rows again inside its K loop. act_quant runs
+first, once, otherwise.
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -38,7 +42,6 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
-    switched_off,
     to_dtype_rn,
     use_triton,
 )
@@ -370,8 +373,8 @@ def fused_moe_gate_up(
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
     sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
-    FP8 quantizes x and h inside the GEMM kernels at decode shapes, with act_quant launches
-    otherwise or with MOERAY_FUSED_ACT_QUANT=0: the same bits either way."""
+    FP8 quantizes x and h with act_quant launches, or inside the GEMM kernels at decode shapes
+    with MOERAY_FUSED_ACT_QUANT=1: the same bits either way."""
     check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
     check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
     check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
@@ -446,12 +449,14 @@ def fused_moe_gate_up(
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
     pdl = pdl_launch(x.device)
-    # FP8 at decode: each GEMM program quantizes its own A tiles, bit-equal to act_quant, saving
-    # 2 launches a layer (Moonlight FP8 at batch 1 on an H200: 52 a step of ~3.4 us, 0.18 of
-    # 2.69 ms; benchmarks/results/engine-nvidia-h200-moonlight-fp8-nopdl.json). Past
-    # DECODE_ROWS_PER_EXPERT the cdiv(I, BN) (resp. cdiv(H, BN)) programs of a row block would
-    # each quantize the same rows again: act_quant there, once.
-    quant_a = fp8 and bk == 128 and _decode_shape(tk, e_count) and not switched_off("ACT_QUANT")
+    # FP8 at decode with MOERAY_FUSED_ACT_QUANT=1 (opt-in: measured 2x slower, the module
+    # docstring says why): each GEMM program quantizes its own A tiles, bit-equal to act_quant.
+    quant_a = (
+        fp8
+        and bk == 128
+        and _decode_shape(tk, e_count)
+        and os.environ.get("MOERAY_FUSED_ACT_QUANT") == "1"
+    )
     a_in, a_scale = x, x  # the scale pointers are unused without FP8 and with quant_a
     if scales is not None:  # FP8
         if not quant_a:

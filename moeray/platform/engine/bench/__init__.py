@@ -368,10 +368,11 @@ def main(argv: list[str]) -> int:
     notes["cuda_graphs"] = engine.runner.graph_status
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, moe.py's ACT_QUANT; model/merge.py, shared_fuse.py; PDL:
-    # common.pdl_launch): on unless set to "0"
+    # common.pdl_launch): on unless set to "0"; ACT_QUANT: off unless set to "1"
     switches = "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV ACT_QUANT PROJ SHARED PDL".split()
     notes["fast_path_env"] = {
-        f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "1") for k in switches
+        f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "0" if k == "ACT_QUANT" else "1")
+        for k in switches
     }
     notes["pdl"] = pdl_launch(device)  # the switch and the GPU (sm_90+) together
     notes["attention_calls"] = dict(engine.runner.attention_calls)
