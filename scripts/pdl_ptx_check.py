@@ -2,8 +2,8 @@
 `moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
-wait (gemv, fp8_gemv, the router logits: there at least one load must come first, or the
-prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
+wait (gemv, fp8_gemv, head_gemv, the router logits: there at least one load must come first, or
+the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
 interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
@@ -29,7 +29,17 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeray.kernels import gate, gemv, mla_decode, mla_write, moe, moe_align, norm, router_logits
+from moeray.kernels import (
+    gate,
+    gemv,
+    head_gemv,
+    mla_decode,
+    mla_write,
+    moe,
+    moe_align,
+    norm,
+    router_logits,
+)
 from moeray.kernels import swiglu as swiglu_mod
 from moeray.kernels.fp8 import gemv as fp8_gemv
 from moeray.kernels.fp8 import quant
@@ -42,6 +52,22 @@ CASES = [
     (
         gemv._gemv_kernel,
         dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=False, NUM_STAGES=3),
+        {},
+        dict(num_warps=4, num_stages=3),
+        True,
+    ),
+    (  # Moonlight W_UK at batch 1 (broadcast), W_UV at 16 rows (tl.dot, K contiguous)
+        head_gemv._head_gemv_kernel,
+        dict(BLOCK_R=1, BLOCK_N=16, BLOCK_K=128, DOT=False, UPCAST=False, EVEN_K=True)
+        | dict(NUM_STAGES=3),
+        {},
+        dict(num_warps=4, num_stages=3),
+        True,
+    ),
+    (
+        head_gemv._head_gemv_kernel,
+        dict(BLOCK_R=16, BLOCK_N=16, BLOCK_K=128, DOT=True, UPCAST=False, EVEN_K=True)
+        | dict(NUM_STAGES=3),
         {},
         dict(num_warps=4, num_stages=3),
         True,

@@ -56,6 +56,12 @@ def switched_off(name: str) -> bool:
     return os.environ.get(f"MOERAY_FUSED_{name}", "1") == "0"
 
 
+def switched_on(name: str) -> bool:
+    """Whether MOERAY_FUSED_<name>=1 is set: the opt-in switch of a fused kernel that is off by
+    default (unmeasured on a GPU, or measured slower); the engine bench records it as "0" unset."""
+    return os.environ.get(f"MOERAY_FUSED_{name}", "0") == "1"
+
+
 @functools.lru_cache(maxsize=16)
 def _cuda_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]

@@ -61,9 +61,9 @@ def test_pdl_off_in_this_process():
 
 def test_pdl_kernels_follow_the_rule_in_sm90_ptx():
     """Each PDL kernel, compiled for sm_90: no store or atomic before griddepcontrol.wait, no load
-    either except the weight prefetch of gemv, fp8_gemv and the router logits (which must be
-    there); no griddepcontrol in the plain kernels. A subprocess: the kernels of this process
-    are interpreted (~18 s on 2 cores with an empty Triton cache)."""
+    either except the weight prefetch of gemv, fp8_gemv, head_gemv and the router logits (which
+    must be there); no griddepcontrol in the plain kernels. A subprocess: the kernels of this
+    process are interpreted (~18 s on 2 cores with an empty Triton cache)."""
     root = Path(__file__).resolve().parents[2]
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}

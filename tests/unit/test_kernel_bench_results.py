@@ -32,8 +32,8 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
     # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW, the
-    # training RoPE, the MoE permute/combine and the training SwiGLU.
-    later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep"}
+    # training RoPE, the MoE permute/combine, the training SwiGLU and MLA's per-head head_gemv.
+    later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep", "head_gemv"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
     later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train", "swiglu_train"}
     assert set(SECTIONS) - later <= recorded.keys()
@@ -157,6 +157,17 @@ def test_gemv_rows_become_records():
     assert by_baseline[("gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.1
     assert by_baseline[("fp8_gemv (CUDA graph)", "F.linear bf16 (CUDA graph)")] == 2.0
     assert len(recs) == 3
+
+
+def test_head_gemv_rows_become_records():
+    row = {"model": "moonlight", "weight": "w_uv", "R": 1, "H": 16, "K": 512, "N": 128}
+    row.update(us=0.8, frac_copy=0.6, speedup_vs_einsum=4.2)
+    (rec,) = flat_results({"ceilings": {}, "head_gemv": [row]})
+    assert KEYS <= rec.keys()
+    assert rec["kernel"] == "head_gemv (CUDA graph)"
+    assert rec["shape"] == "moonlight w_uv R1 H16 K512 N128"
+    assert rec["time_us"] == 0.8 and rec["ratio_to_baseline"] == 4.2
+    assert rec["baseline"] == "torch.einsum bf16 (CUDA graph)"
 
 
 def test_cross_entropy_rows_become_records():

@@ -42,6 +42,7 @@ from moeray.kernels.bench.grouped_wgrad import (
     print_grouped_wgrad_sweep,
     sweep_grouped_wgrad,
 )
+from moeray.kernels.bench.head_gemv import bench_head_gemv, head_gemv_records, print_head_gemv
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
@@ -173,6 +174,7 @@ def _print_table(result: dict) -> None:
         print_gemv(result["gemv"])
     if "gemv_sweep" in result:
         print_sweep(result["gemv_sweep"])
+    print_head_gemv(result.get("head_gemv", []))
     if "grouped_wgrad" in result:
         print_grouped_wgrad(result["grouped_wgrad"])
     if "grouped_wgrad_sweep" in result:
@@ -310,6 +312,7 @@ def flat_results(result: dict) -> list[dict]:
                 r["speedup_vs_cublas"],
             )
         )
+    out.extend(head_gemv_records(result.get("head_gemv", [])))
     for r in result.get("grouped_wgrad", []):
         shape = f"{r['shape']}: E{r['experts']} N{r['N']} K{r['K']} P{r['rows']}"
         for mode, baseline in (
@@ -474,6 +477,7 @@ SECTIONS = (
     "fp8_gemv_sweep",
     "gemv",
     "gemv_sweep",
+    "head_gemv",
     "grouped_wgrad",
     "grouped_wgrad_sweep",
     "fp8_kgrouped_sweep",
@@ -535,6 +539,7 @@ def main(argv: list[str]) -> int:
         ("fp8_gemv_sweep", sweep_fp8_gemv),
         ("gemv", lambda: bench_gemv(result["ceilings"])),
         ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
+        ("head_gemv", lambda: bench_head_gemv(result["ceilings"])),
         ("grouped_wgrad", lambda: bench_grouped_wgrad(result["ceilings"])),
         ("grouped_wgrad_sweep", sweep_grouped_wgrad),
         ("fp8_kgrouped_sweep", sweep_fp8_kgrouped),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.linear import Linear, MergedLinear
@@ -195,7 +196,7 @@ class MLA(nn.Module):
             )
             return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
         q_nope, q_pe = self._queries(q_lat, cos, sin, q)
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
+        q_lat_BSHC = self._absorb_query(q_nope)
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache with a kernel attends over its pages itself (engine/paged_view.py).
             o_lat_BSHC = cache.attend(
@@ -216,7 +217,7 @@ class MLA(nn.Module):
         projection and the query as their GEMMs leave them, the norm and rotations to the cache."""
         kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_nope, q_pe = self._split_queries(q_lat, q)
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope, self._w_uk_HNC(q_nope.dtype))
+        q_lat_BSHC = self._absorb_query(q_nope)
         return cache.attend(
             self.layer_idx,
             q_lat_BSHC,
@@ -265,17 +266,28 @@ class MLA(nn.Module):
             )
         return o_BHSV.transpose(1, 2)
 
-    def _w_HKC(self, dtype: torch.dtype) -> torch.Tensor:
-        """kv_b_proj's weight as [H, N + V, C] in `dtype`. Kept in FP8 (load_model(keep_fp8=True))
-        it is dequantized once and cached: V3's 32768 x 512 matrix is 32 MiB per layer in bf16,
-        2 GiB over 61 layers (vLLM keeps the same), where dequantizing it at every decode step
-        would read and write it all per layer and step."""
+    def _w_HKC(self, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """kv_b_proj's weight as [H, N + V, C] in `dtype`, and whether it was made by this call
+        (a cast, or the FP8 copy's first dequantization: a kernel just before the one reading it,
+        so head_gemv must not prefetch it before its PDL wait). Kept in FP8
+        (load_model(keep_fp8=True)) it is dequantized once and cached: V3's 32768 x 512 matrix is
+        32 MiB per layer in bf16, 2 GiB over 61 layers (vLLM keeps the same), where dequantizing
+        it at every decode step would read and write it all per layer and step."""
         proj = self.kv_b_proj
-        w = proj.dequantized_weight(dtype) if isinstance(proj, FP8Linear) else proj.weight.to(dtype)
-        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if isinstance(proj, FP8Linear):
+            fresh = not proj.dequantized_kept(dtype)
+            w = proj.dequantized_weight(dtype)
+        else:
+            w = proj.weight.to(dtype)
+            fresh = w is not proj.weight
+        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank), fresh
 
-    def _w_uk_HNC(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._w_HKC(dtype)[:, : self.nope_dim]
+    def _absorb_query(self, q_nope_BSHN: torch.Tensor) -> torch.Tensor:
+        """q_nope W_UK^T: the queries in latent space [B, S, H, C] (one head_gemv launch at
+        decode rows, kernels/head_gemv.py)."""
+        w_HKC, fresh = self._w_HKC(q_nope_BSHN.dtype)
+        w_uk_HNC = w_HKC[:, : self.nope_dim]
+        return head_matmul(q_nope_BSHN, w_uk_HNC, fresh_w=fresh)
 
     def _absorbed_core(self, q_lat_BSHC, q_pe_BSHR, kv_BTC, pe_BTR, mask_BST):
         """softmax(q_lat.kv + q_pe.pe) @ kv in latent space: [B, S, H, C]."""
@@ -292,6 +304,7 @@ class MLA(nn.Module):
 
     def _absorbed_out(self, o_lat_BSHC):
         B, S, H, _ = o_lat_BSHC.shape
-        w_uv_HVC = self._w_HKC(o_lat_BSHC.dtype)[:, self.nope_dim :]
-        o_BSHV = torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC)
+        w_HKC, fresh = self._w_HKC(o_lat_BSHC.dtype)
+        w_uv_HCV = w_HKC[:, self.nope_dim :].transpose(1, 2)  # contract over C (contiguous)
+        o_BSHV = head_matmul(o_lat_BSHC, w_uv_HCV, fresh_w=fresh)
         return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))

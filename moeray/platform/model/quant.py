@@ -104,12 +104,21 @@ class FP8Linear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def _dequantized_key_of(self, dtype: torch.dtype) -> tuple[object, ...]:
+        w, s = self.weight, self.weight_scale_inv
+        return (dtype, w.device, w.data_ptr(), w._version, s.data_ptr(), s._version)
+
+    def dequantized_kept(self, dtype: torch.dtype) -> bool:
+        """Whether `dequantized_weight(dtype)` returns the kept copy (no dequantization now)."""
+        key = self._dequantized_key_of(dtype)
+        return self._dequantized is not None and key == self._dequantized_key
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a `dtype` matrix, for code that reads the matrix itself rather than
         applying the layer (MLA's absorbed path). Dequantized at the first call and kept until the
         weight, the scales, their device or `dtype` change."""
         w, s = self.weight, self.weight_scale_inv
-        key = (dtype, w.device, w.data_ptr(), w._version, s.data_ptr(), s._version)
+        key = self._dequantized_key_of(dtype)
         if self._dequantized is None or key != self._dequantized_key:
             # A normal tensor even when first asked under inference_mode (the engine's step): an
             # inference tensor could not be saved for backward by a later forward with autograd.

@@ -1,0 +1,165 @@
+"""head_gemv compiled on the GPU (marker gpu; skipped without CUDA): MLA's two absorbed per-head
+GEMMs (W_UK: K 128 -> N 512, N contiguous; W_UV: K 512 -> N 128, the K-contiguous transpose
+view of [H, V, C]) at Moonlight-16B-A3B (16 heads) and DeepSeek-V3 (128 heads) widths, R = 1, 4
+and 16 rows, against the fp32 einsum; one launch per call; a CUDA-graph replay; and the tiny
+model's greedy tokens through the engine with MOERAY_FUSED_HEAD_GEMV=1 and unset."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# fp32 Triton dots default to TF32 (the engine's other kernels): IEEE keeps fp32 paths comparable.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
+HEADS = {"moonlight": 16, "v3": 128}
+ROWS = (1, 4, 16)
+
+
+def _poison(nbytes: int = 1 << 30) -> None:
+    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+
+
+def _weights(h: int, which: str, dtype=torch.bfloat16) -> torch.Tensor:
+    """W_UK [H, 128, 512] (N contiguous) or W_UV as [H, 512, 128] (K contiguous), both views of
+    one kv_b_proj weight [H * 256, 512] as MLA takes them."""
+    g = torch.Generator(device="cuda").manual_seed(h)
+    kv_b = torch.randn(h * 256, 512, device="cuda", generator=g).to(dtype)
+    w_HKC = kv_b.view(h, 256, 512)
+    return w_HKC[:, :128] if which == "uk" else w_HKC[:, 128:].transpose(1, 2)
+
+
+def _x(r: int, h: int, k: int, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(r + h + k)
+    x = torch.randn(r, h, k, device="cuda", generator=g)
+    return (x * torch.logspace(-1, 1, r, device="cuda")[:, None, None]).to(dtype)
+
+
+def _within_rounding(y: torch.Tensor, ref32: torch.Tensor) -> None:
+    """fp32 sums in another order, one rounding to y's dtype (half an ulp, 2^-9 relative for
+    bf16) per element; fp32 output within 1e-5 relative."""
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
+    if y.dtype == torch.float32:
+        assert ((y - ref32).norm() / ref32.norm()).item() < 1e-5
+        return
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * 2.0**-8 + 1e-4 * ref32.abs().max()
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.parametrize("which", ["uk", "uv"])
+@pytest.mark.parametrize("model", sorted(HEADS))
+@pytest.mark.parametrize("r", ROWS)
+def test_head_gemv_mla_shapes(which, model, r):
+    from moeray.kernels.head_gemv import head_gemv
+
+    h = HEADS[model]
+    w = _weights(h, which)
+    x = _x(r, h, w.shape[1])
+    _poison()
+    _within_rounding(head_gemv(x, w), torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [1, 16])
+def test_head_gemv_other_dtypes(dtype, r):
+    from moeray.kernels.head_gemv import head_gemv, head_gemv_ref
+
+    w = _weights(16, "uv", dtype)
+    x = _x(r, 16, 512, dtype)
+    _within_rounding(head_gemv(x, w), head_gemv_ref(x.float(), w.float()))
+
+
+def _cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compile outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("which", ["uk", "uv"])
+@pytest.mark.parametrize("r", ROWS)
+def test_one_launch(which, r, monkeypatch):
+    from moeray.kernels.head_gemv import head_matmul
+
+    monkeypatch.setenv("MOERAY_FUSED_HEAD_GEMV", "1")
+    w = _weights(16, which)
+    x = _x(r, 16, w.shape[1]).view(r, 1, 16, w.shape[1])  # [B, S, H, K] as MLA passes it
+    with torch.inference_mode():
+        names = _cuda_kernels(lambda: head_matmul(x, w))
+    assert len(names) == 1 and "_head_gemv_kernel" in names[0], names
+
+
+@pytest.mark.parametrize("which", ["uk", "uv"])
+@pytest.mark.parametrize("r", [1, 16])
+def test_head_gemv_cuda_graph(which, r):
+    from moeray.kernels.head_gemv import head_gemv
+
+    w = _weights(16, which)
+    x = _x(r, 16, w.shape[1])
+    eager = head_gemv(x, w)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        head_gemv(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = head_gemv(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    _within_rounding(y, torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
+    assert not torch.equal(y, eager)  # the replay read the new x
+
+
+def _tiny_greedy(dtype, monkeypatch, fused: bool) -> tuple[list, int]:
+    from moeray.kernels import head_gemv as hg
+    from moeray.platform.config import tiny
+    from moeray.platform.engine.engine import Engine, EngineConfig
+    from moeray.platform.engine.sampler import SamplingParams
+    from moeray.platform.model.transformer import Transformer
+
+    calls = [0]
+    real = hg.head_gemv
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hg, "head_gemv", counting)
+    if fused:
+        monkeypatch.setenv("MOERAY_FUSED_HEAD_GEMV", "1")
+    else:
+        monkeypatch.delenv("MOERAY_FUSED_HEAD_GEMV", raising=False)
+    cfg = tiny().replace(eos_token_id=None)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=5)
+    with torch.no_grad():  # wide logit margins: greedy choices robust to rounding
+        model.lm_head.weight.mul_(30.0)
+    model = model.to("cuda", dtype)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 16)]
+    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256))
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    monkeypatch.undo()
+    return [o.output_token_ids for o in outs], calls[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_greedy_unchanged_by_head_gemv(dtype, monkeypatch):
+    fused, n_fused = _tiny_greedy(dtype, monkeypatch, fused=True)
+    plain, n_plain = _tiny_greedy(dtype, monkeypatch, fused=False)
+    assert n_fused > 0 and n_plain == 0, (n_fused, n_plain)  # decode rows (3) took head_gemv
+    assert all(len(o) == 10 for o in fused)
+    assert fused == plain
