@@ -29,8 +29,6 @@ With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous ke
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -455,7 +453,7 @@ def fused_moe_gate_up(
         fp8
         and bk == 128
         and _decode_shape(tk, e_count)
-        and os.environ.get("MOERAY_FUSED_ACT_QUANT") == "1"
+        and switched_on("ACT_QUANT")
     )
     a_in, a_scale = x, x  # the scale pointers are unused without FP8 and with quant_a
     if scales is not None:  # FP8
