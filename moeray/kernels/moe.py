@@ -40,6 +40,7 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -449,12 +450,7 @@ def fused_moe_gate_up(
     pdl = pdl_launch(x.device)
     # FP8 at decode with MOERAY_FUSED_ACT_QUANT=1 (opt-in: measured 2x slower, the module
     # docstring says why): each GEMM program quantizes its own A tiles, bit-equal to act_quant.
-    quant_a = (
-        fp8
-        and bk == 128
-        and _decode_shape(tk, e_count)
-        and switched_on("ACT_QUANT")
-    )
+    quant_a = fp8 and bk == 128 and _decode_shape(tk, e_count) and switched_on("ACT_QUANT")
     a_in, a_scale = x, x  # the scale pointers are unused without FP8 and with quant_a
     if scales is not None:  # FP8
         if not quant_a:
