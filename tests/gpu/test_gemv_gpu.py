@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from tests.gpu.tiny_engine import tiny_greedy
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -113,32 +115,9 @@ def test_gemv_cuda_graph(n):
 
 def _tiny_greedy(dtype, monkeypatch, fused: bool) -> tuple[list, int]:
     from moeray.kernels import gemv as gemv_module
-    from moeray.platform.config import tiny
-    from moeray.platform.engine.engine import Engine, EngineConfig
-    from moeray.platform.engine.sampler import SamplingParams
-    from moeray.platform.model.transformer import Transformer
 
-    calls = [0]
-    real = gemv_module.gemv
-
-    def counting(*a, **kw):
-        calls[0] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(gemv_module, "gemv", counting)
     monkeypatch.setenv("MOERAY_FUSED_GEMV", "1" if fused else "0")
-    cfg = tiny().replace(eos_token_id=None)
-    model = Transformer(cfg)
-    model.reset_parameters(seed=5)
-    with torch.no_grad():  # wide logit margins: greedy choices robust to rounding
-        model.lm_head.weight.mul_(30.0)
-    model = model.to("cuda", dtype)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 16)]
-    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256))
-    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
-    monkeypatch.undo()
-    return [o.output_token_ids for o in outs], calls[0]
+    return tiny_greedy(dtype, monkeypatch, gemv_module, "gemv")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from tests.gpu.tiny_engine import tiny_greedy
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -125,35 +127,12 @@ def test_head_gemv_cuda_graph(which, r):
 
 def _tiny_greedy(dtype, monkeypatch, fused: bool) -> tuple[list, int]:
     from moeray.kernels import head_gemv as hg
-    from moeray.platform.config import tiny
-    from moeray.platform.engine.engine import Engine, EngineConfig
-    from moeray.platform.engine.sampler import SamplingParams
-    from moeray.platform.model.transformer import Transformer
 
-    calls = [0]
-    real = hg.head_gemv
-
-    def counting(*a, **kw):
-        calls[0] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(hg, "head_gemv", counting)
     if fused:
         monkeypatch.setenv("MOERAY_FUSED_HEAD_GEMV", "1")
     else:
         monkeypatch.delenv("MOERAY_FUSED_HEAD_GEMV", raising=False)
-    cfg = tiny().replace(eos_token_id=None)
-    model = Transformer(cfg)
-    model.reset_parameters(seed=5)
-    with torch.no_grad():  # wide logit margins: greedy choices robust to rounding
-        model.lm_head.weight.mul_(30.0)
-    model = model.to("cuda", dtype)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 16)]
-    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_model_len=256))
-    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
-    monkeypatch.undo()
-    return [o.output_token_ids for o in outs], calls[0]
+    return tiny_greedy(dtype, monkeypatch, hg, "head_gemv")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
