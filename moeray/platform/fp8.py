@@ -16,9 +16,11 @@ accumulation differs from the GPU's only in summation order). On CUDA it calls
 PyTorch: the CPU path and the test oracle. The three GEMMs (`forward_gemm`, `dgrad_gemm`,
 `wgrad_gemm`) are public: `parallel/weight_grad.py` runs the weight-grad one later, as DualPipe's W.
 
-What runs in FP8 (`enable_fp8_training`): the attention projections (q/kv LoRA, kv_b, o) and the
-SwiGLU projections of the dense layers, shared experts and routed experts. The embedding, output
-head, router gate, norms, MTP's eh_proj and the attention core stay in higher precision.
+What runs in FP8 (`enable_fp8_training`, by scope, FP8_SCOPES): with "all" the attention
+projections (q/kv LoRA, kv_b, o) and the SwiGLU projections of the dense layers, shared experts and
+routed experts; "experts", the Train job's and the bench's default, the routed experts only (the
+one scope measured within 0.25% of BF16's loss, benchmarks/notes-train.md). The embedding, output
+head, router gate, norms, MTP's eh_proj and the attention core stay in higher precision always.
 """
 
 from __future__ import annotations
