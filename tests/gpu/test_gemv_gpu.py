@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.gpu.tiny_engine import tiny_greedy
+from tests.gpu.gemv_checks import captured, cuda_kernels, poison, tiny_greedy, within_rounding
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,23 +21,6 @@ os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 # (N, K) of the dense decode projections (moeray/kernels/bench/gemv.py DECODE_LINEARS).
 MOONLIGHT = [(3072, 2048), (576, 2048), (2048, 2048), (2816, 2048), (2048, 2816)]
 V3 = [(1536, 7168), (576, 7168), (7168, 16384), (2048, 7168), (7168, 2048)]
-
-
-def _poison(nbytes: int = 1 << 30) -> None:
-    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
-    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
-
-
-def _within_rounding(y: torch.Tensor, ref32: torch.Tensor) -> None:
-    """fp32 sums in another order, one rounding to y's dtype (half an ulp, 2^-9 relative for
-    bf16) per element; fp32 output within 1e-5 relative."""
-    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
-    if y.dtype == torch.float32:
-        assert ((y - ref32).norm() / ref32.norm()).item() < 1e-5
-        return
-    err = (y.float() - ref32).abs()
-    bound = ref32.abs() * 2.0**-8 + 1e-4 * ref32.abs().max()
-    assert (err <= bound).all(), (err / bound).max().item()
 
 
 def _x(m: int, k: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -54,8 +37,8 @@ def test_gemv_decode_shapes(nk, m):
     n, k = nk
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     x = _x(m, k)
-    _poison()
-    _within_rounding(gemv(x, w), x.float() @ w.float().t())
+    poison()
+    within_rounding(gemv(x, w), x.float() @ w.float().t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -66,18 +49,7 @@ def test_gemv_other_dtypes_and_strides(dtype):
     x = _x(2, 2048 + 64, dtype).t().contiguous().t()  # strides (1, 2)
     y = gemv(x, w)
     ref32 = gemv_ref(x.float(), w.float())
-    _within_rounding(y, ref32)
-
-
-def _cuda_kernels(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # compile outside the profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    within_rounding(y, ref32)
 
 
 @pytest.mark.parametrize("nk", MOONLIGHT + V3)
@@ -87,7 +59,7 @@ def test_one_launch_at_batch_1(nk):
     n, k = nk
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     x = _x(1, k)
-    names = _cuda_kernels(lambda: gemv(x, w))
+    names = cuda_kernels(lambda: gemv(x, w))
     assert len(names) == 1 and "_gemv_kernel" in names[0], names
 
 
@@ -98,18 +70,11 @@ def test_gemv_cuda_graph(n):
     w = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
     x = _x(1, 2048)
     eager = gemv(x, w)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        gemv(x, w)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = gemv(x, w)
+    graph, y = captured(lambda: gemv(x, w))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    _within_rounding(y, x.float() @ w.float().t())
+    within_rounding(y, x.float() @ w.float().t())
     assert not torch.equal(y, eager)  # the replay read the new x
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.gpu.tiny_engine import tiny_greedy
+from tests.gpu.gemv_checks import captured, cuda_kernels, poison, tiny_greedy, within_rounding
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,11 +21,6 @@ os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 HEADS = {"moonlight": 16, "v3": 128}
 ROWS = (1, 4, 16)
-
-
-def _poison(nbytes: int = 1 << 30) -> None:
-    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
-    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
 
 
 def _weights(h: int, which: str, dtype=torch.bfloat16) -> torch.Tensor:
@@ -43,18 +38,6 @@ def _x(r: int, h: int, k: int, dtype=torch.bfloat16) -> torch.Tensor:
     return (x * torch.logspace(-1, 1, r, device="cuda")[:, None, None]).to(dtype)
 
 
-def _within_rounding(y: torch.Tensor, ref32: torch.Tensor) -> None:
-    """fp32 sums in another order, one rounding to y's dtype (half an ulp, 2^-9 relative for
-    bf16) per element; fp32 output within 1e-5 relative."""
-    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
-    if y.dtype == torch.float32:
-        assert ((y - ref32).norm() / ref32.norm()).item() < 1e-5
-        return
-    err = (y.float() - ref32).abs()
-    bound = ref32.abs() * 2.0**-8 + 1e-4 * ref32.abs().max()
-    assert (err <= bound).all(), (err / bound).max().item()
-
-
 @pytest.mark.parametrize("which", ["uk", "uv"])
 @pytest.mark.parametrize("model", sorted(HEADS))
 @pytest.mark.parametrize("r", ROWS)
@@ -64,8 +47,8 @@ def test_head_gemv_mla_shapes(which, model, r):
     h = HEADS[model]
     w = _weights(h, which)
     x = _x(r, h, w.shape[1])
-    _poison()
-    _within_rounding(head_gemv(x, w), torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
+    poison()
+    within_rounding(head_gemv(x, w), torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -75,18 +58,7 @@ def test_head_gemv_other_dtypes(dtype, r):
 
     w = _weights(16, "uv", dtype)
     x = _x(r, 16, 512, dtype)
-    _within_rounding(head_gemv(x, w), head_gemv_ref(x.float(), w.float()))
-
-
-def _cuda_kernels(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # compile outside the profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    within_rounding(head_gemv(x, w), head_gemv_ref(x.float(), w.float()))
 
 
 @pytest.mark.parametrize("which", ["uk", "uv"])
@@ -98,7 +70,7 @@ def test_one_launch(which, r, monkeypatch):
     w = _weights(16, which)
     x = _x(r, 16, w.shape[1]).view(r, 1, 16, w.shape[1])  # [B, S, H, K] as MLA passes it
     with torch.inference_mode():
-        names = _cuda_kernels(lambda: head_matmul(x, w))
+        names = cuda_kernels(lambda: head_matmul(x, w))
     assert len(names) == 1 and "_head_gemv_kernel" in names[0], names
 
 
@@ -110,18 +82,11 @@ def test_head_gemv_cuda_graph(which, r):
     w = _weights(16, which)
     x = _x(r, 16, w.shape[1])
     eager = head_gemv(x, w)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        head_gemv(x, w)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = head_gemv(x, w)
+    graph, y = captured(lambda: head_gemv(x, w))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    _within_rounding(y, torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
+    within_rounding(y, torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
     assert not torch.equal(y, eager)  # the replay read the new x
 
 
