@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = tstep.compute_loss(model, batch, tstep.LossConfig())
     parts.total.backward()
     rows = []
+    modules = dict(model.named_modules())
     for name, s in seen.items():
-        mod = dict(model.named_modules())[name]
+        mod = modules[name]
         w = mod.weight.detach().float()
         x, dy = s["x"].float(), s["dy"].float()
         with torch.autocast(dev.type, enabled=False):

@@ -14,15 +14,10 @@ block.
    weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32.
 
 bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
-quantize x and h per token in 1x128 groups (act_quant's arithmetic) and use fp8 MMAs with
-per-128-K promotion, as fp8_gemm. At decode shapes (at most DECODE_ROWS_PER_EXPERT assignments per
-expert, BLOCK_K 128) with MOERAY_FUSED_ACT_QUANT=1 each GEMM program quantizes its own [BM, 128]
-A tiles in registers (QUANT_A), bit-equal to act_quant, instead of two act_quant launches a layer.
-That is off by default: it saves 52 launches a step at batch 1 (Moonlight FP8 on an H200, ~3.4 us
-each) but ran the step at half the speed (196 vs 397 tok/s at batch 1, 2,962 vs 5,581 at 64:
-benchmarks/results/engine-nvidia-h200-moonlight-fp8-{actquant,noactquant}.json): every one of a
-row block's cdiv(N, BN) programs quantizes the same rows again inside its K loop. act_quant runs
-first, once, otherwise.
+quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
+The quantization is its own launch (act_quant), once per tensor: quantizing inside the GEMM kernels
+instead, each of a row block's cdiv(N, BN) programs re-quantizing the same rows, ran Moonlight FP8
+decode at half the speed on an H200 (196 vs 397 tok/s at batch 1; benchmarks/notes-engine.md).
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
@@ -40,11 +35,10 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
-    switched_on,
     to_dtype_rn,
     use_triton,
 )
-from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, quant_rows, weight_dequant_ref
+from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.moe_align import moe_align
 
 BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
@@ -129,15 +123,12 @@ def _moe_gate_up_kernel(
     stride_wsue,
     stride_wsun,
     FP8: tl.constexpr,
-    QUANT_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # QUANT_A (FP8 only): x is the bf16 activation, quantized here per K step (`quant_rows`, see
-    # fused_moe_gate_up); else x is act_quant's e4m3 output and xs its scales.
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
     # separate gate_proj / up_proj need no per-call concatenation.
     # PDL: the wait comes first, before the block's expert id (written by moe_align) picks the
@@ -165,13 +156,9 @@ def _moe_gate_up_kernel(
     )
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if QUANT_A:
-        tl.static_assert(BLOCK_K == 128, "in-kernel act quantization: one 1x128 group a K step")
     for k0 in range(0, H, BLOCK_K):
         k_ok = offs_k < H - k0
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANT_A:  # act_quant's jit function; EXACT as act_quant's (the interpreter: UPCAST)
-            a, a_s = quant_rows(a.to(tl.float32), UPCAST)
         wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
         wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
@@ -180,8 +167,7 @@ def _moe_gate_up_kernel(
             wu = wu.to(tl.float32)
         if FP8:
             kb = k0 // 128
-            if not QUANT_A:
-                a_s = tl.load(xs_ptr + tok * stride_xst + kb)
+            a_s = tl.load(xs_ptr + tok * stride_xst + kb)
             sg = tl.load(wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn + kb)
             su = tl.load(wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun + kb)
             acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
@@ -218,14 +204,12 @@ def _moe_down_kernel(
     stride_wse,
     stride_wsn,
     FP8: tl.constexpr,
-    QUANT_A: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # QUANT_A as in _moe_gate_up_kernel: h is the bf16 SwiGLU output, quantized here per K step.
     pdl_wait(PDL)  # first: the expert id that picks the weights is moe_align's output
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
@@ -243,21 +227,16 @@ def _moe_down_kernel(
     a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]
     b_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if QUANT_A:
-        tl.static_assert(BLOCK_K == 128, "in-kernel act quantization: one 1x128 group a K step")
     for k0 in range(0, INTER, BLOCK_K):
         k_ok = offs_k < INTER - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANT_A:
-            a, a_s = quant_rows(a.to(tl.float32), UPCAST)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8:
             kb = k0 // 128
-            if not QUANT_A:
-                a_s = tl.load(hs_ptr + rows * stride_hst + kb)
+            a_s = tl.load(hs_ptr + rows * stride_hst + kb)
             b_s = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
@@ -268,15 +247,6 @@ def _moe_down_kernel(
     acc = acc * rw[:, None]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-DECODE_ROWS_PER_EXPERT = 32  # up to this many assignments per expert: the decode config
-
-
-def _decode_shape(tk: int, num_experts: int) -> bool:
-    """Few rows per expert (decode batches): `_moe_config`'s short row blocks, and with FP8 the
-    activations quantized inside the GEMM kernels (`fused_moe_gate_up`)."""
-    return tk / max(num_experts, 1) <= DECODE_ROWS_PER_EXPERT
 
 
 def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
@@ -294,7 +264,7 @@ def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
         # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
         # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs 148.0)
         return dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if _decode_shape(tk, num_experts):
+    if rows_per_expert <= 32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if fp8:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
@@ -371,9 +341,7 @@ def fused_moe_gate_up(
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
-    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
-    FP8 quantizes x and h with act_quant launches, or inside the GEMM kernels at decode shapes
-    with MOERAY_FUSED_ACT_QUANT=1: the same bits either way."""
+    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer)."""
     check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
     check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
     check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
@@ -448,16 +416,12 @@ def fused_moe_gate_up(
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
     pdl = pdl_launch(x.device)
-    # FP8 at decode with MOERAY_FUSED_ACT_QUANT=1 (opt-in: measured 2x slower, the module
-    # docstring says why): each GEMM program quantizes its own A tiles, bit-equal to act_quant.
-    quant_a = fp8 and bk == 128 and _decode_shape(tk, e_count) and switched_on("ACT_QUANT")
-    a_in, a_scale = x, x  # the scale pointers are unused without FP8 and with quant_a
     if scales is not None:  # FP8
-        if not quant_a:
-            a_in, a_scale = act_quant(x)
+        a_in, a_scale = act_quant(x)
         # the kernels step over K blocks with stride 1
         s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
     else:
+        a_in, a_scale = x, x  # the scale pointers are unused without FP8
         s1 = s3 = s2 = w1_EIH
     _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
         a_in,
@@ -485,7 +449,6 @@ def fused_moe_gate_up(
         s3.stride(0),
         s3.stride(1),
         FP8=fp8,
-        QUANT_A=quant_a,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -494,7 +457,7 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    if fp8 and not quant_a:
+    if fp8:
         h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf
@@ -520,7 +483,6 @@ def fused_moe_gate_up(
         s2.stride(0),
         s2.stride(1),
         FP8=fp8,
-        QUANT_A=quant_a,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

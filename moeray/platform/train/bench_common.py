@@ -83,13 +83,13 @@ class BenchConfig:
                 f"fp8_scope={self.fp8_scope!r}: expected one of {', '.join(FP8_SCOPES)}"
             )
         if self.runs is not None:
-            names = [split_run_name(n)[0] for n in self.runs.split(",")]
+            parsed = [(n, *split_run_name(n)) for n in self.runs.split(",")]
+            names = [run for _, run, _ in parsed]
             bad = [n for n in names if n.removesuffix(GRAPHS_SUFFIX) not in RUN_NAMES]
             bad_scopes = [
                 n
-                for n in self.runs.split(",")
-                if split_run_name(n)[1] is not None
-                and (split_run_name(n)[1] not in FP8_SCOPES or not n.startswith("fp8"))
+                for n, run, scope in parsed
+                if scope is not None and (scope not in FP8_SCOPES or not run.startswith("fp8"))
             ]
             if bad_scopes:
                 raise ValueError(
