@@ -260,3 +260,8 @@ def check_tile_config(cfg: dict, keys: frozenset[str], tiles: tuple[str, ...]) -
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def is_pow2(v: int) -> bool:
+    """v is a power of two (1, 2, 4, ...)."""
+    return v > 0 and v & (v - 1) == 0

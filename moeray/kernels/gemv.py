@@ -37,6 +37,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    is_pow2,
     load_k_step,
     num_sms,
     pdl_launch,
@@ -171,25 +172,21 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     )
 
 
-def _is_pow2(v: int) -> bool:
-    return v >= 1 and v & (v - 1) == 0
-
-
 def _check_config(cfg: dict) -> None:
     """ValueError naming the bad key or value of a tile config and what is accepted."""
     if cfg.keys() != _CONFIG_KEYS:
         raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(_CONFIG_KEYS)}")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not _is_pow2(bm):
+    if not is_pow2(bm):
         raise ValueError(f"BLOCK_M={bm}: must be a power of two")
-    if not _is_pow2(bn) or bn > 128:
+    if not is_pow2(bn) or bn > 128:
         raise ValueError(f"BLOCK_N={bn}: must be a power of two <= 128")
-    if not _is_pow2(bk) or bk < 16:
+    if not is_pow2(bk) or bk < 16:
         raise ValueError(f"BLOCK_K={bk}: must be a power of two >= 16")
     if cfg["SPLIT_K"] < 1:
         raise ValueError(f"SPLIT_K={cfg['SPLIT_K']}: must be >= 1")
     warps, stages = cfg["num_warps"], cfg["num_stages"]
-    if not _is_pow2(warps) or warps > 16:
+    if not is_pow2(warps) or warps > 16:
         raise ValueError(f"num_warps={warps}: must be a power of two <= 16")
     if stages < 1:
         raise ValueError(f"num_stages={stages}: must be >= 1")

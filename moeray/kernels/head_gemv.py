@@ -42,6 +42,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    is_pow2,
     load_k_step,
     num_sms,
     pdl_launch,
@@ -49,7 +50,12 @@ from moeray.kernels.common import (
     switched_on,
     use_triton,
 )
-from moeray.kernels.gemv import ACC_ELEMS, BCAST_MAX_ROWS, PROGRAMS_PER_SM, pow2_at_least
+from moeray.kernels.gemv import (
+    ACC_ELEMS,
+    BCAST_MAX_ROWS,
+    PROGRAMS_PER_SM,
+    pow2_at_least,
+)
 
 HEAD_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Rows up to which `head_matmul` takes head_gemv: one 16-row tl.dot tile, so every dispatched
@@ -190,19 +196,15 @@ def head_config(
     )
 
 
-def _is_pow2(v: int) -> bool:
-    return v >= 1 and v & (v - 1) == 0
-
-
 def _check_config(cfg: dict, dtype: torch.dtype) -> None:
     """ValueError naming the bad key or value of a tile config and what is accepted."""
     if cfg.keys() != _CONFIG_KEYS:
         raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(_CONFIG_KEYS)}")
     br, bn, bk, warps = cfg["BLOCK_R"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
     for key, v, low in (("BLOCK_R", br, 1), ("BLOCK_N", bn, 1), ("BLOCK_K", bk, 16)):
-        if not _is_pow2(v) or v < low or v > 1024:
+        if not is_pow2(v) or v < low or v > 1024:
             raise ValueError(f"{key}={v}: must be a power of two in [{low}, 1024]")
-    if not _is_pow2(warps) or warps > 16:
+    if not is_pow2(warps) or warps > 16:
         raise ValueError(f"num_warps={warps}: must be a power of two <= 16")
     if cfg["num_stages"] < 1:
         raise ValueError(f"num_stages={cfg['num_stages']}: must be >= 1")

@@ -30,6 +30,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    is_pow2,
     num_sms,
     pdl_launch,
     pdl_wait,
@@ -207,10 +208,6 @@ def _mla_merge_kernel(
     tl.store(lse_out_ptr + b * stride_lob + r, (m_safe + tl.log2(w_sum)) / 1.4426950408889634)
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     check_tensor(q, "q", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=nd_q)
     check_tensor(kv_cache, "kv_cache", dtypes=(q.dtype,), ndim=3, device=q.device)
@@ -224,13 +221,13 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     if q.shape[-1] != d:
         raise ValueError(f"q has head dim {q.shape[-1]} but kv_cache rows have {d} (latent + rope)")
     rope = d - kv_lora_rank
-    if not (_is_pow2(kv_lora_rank) and _is_pow2(rope)):
+    if not (is_pow2(kv_lora_rank) and is_pow2(rope)):
         raise ValueError(
             f"kv_lora_rank={kv_lora_rank} and rope dim {rope} (= {d} - kv_lora_rank) must be "
             "powers of 2 (DeepSeek-V3: 512 + 64)"
         )
     page = kv_cache.shape[1]
-    if not _is_pow2(page) or page < 16:
+    if not is_pow2(page) or page < 16:
         raise ValueError(
             f"kv_cache page size {page} must be a power of 2 >= 16 (DeepSeek-V3 uses 64)"
         )
@@ -358,7 +355,7 @@ def mla_decode_multi(
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
-    if block_h is not None and (not _is_pow2(block_h) or block_h < 16):
+    if block_h is not None and (not is_pow2(block_h) or block_h < 16):
         raise ValueError(f"block_h={block_h} must be a power of 2 >= 16")
     b, s, h, d = q_BSHD.shape
     if not use_triton(q_BSHD):

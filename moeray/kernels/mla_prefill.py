@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, interpreting, use_triton
+from moeray.kernels.common import cdiv, check_tensor, interpreting, is_pow2, use_triton
 
 LOG2E = 1.4426950408889634
 FLOAT_IN = (torch.bfloat16, torch.float16, torch.float32)
@@ -214,10 +214,6 @@ def _mla_prefill_kernel(
     tl.store(lse_ptr + (start + offs_m) * stride_lt + h64 * stride_lh, lse, mask=m_ok)
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def default_config(total_tokens: int, num_heads: int, elem_bytes: int = 2) -> dict:
     """Block shapes. Interpreter: small blocks. GPU, 2-byte inputs: 128 query rows x 64 keys, 8
     warps, 3 stages (q 48 KB + 3 x (k 24 KB + v 16 KB) = 168 KB of the H100's 227 KB shared
@@ -291,7 +287,7 @@ def mla_prefill(
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {x.stride()}")
     for name, d in (("qk_nope_head_dim", n), ("qk_rope_head_dim", r), ("v_head_dim", vd)):
-        if not _is_pow2(d) or d < 16:
+        if not is_pow2(d) or d < 16:
             raise ValueError(f"{name}={d} must be a power of 2 >= 16 (DeepSeek-V3: 128 / 64 / 128)")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens needs at least 2 entries (B + 1), got {cu_seqlens.numel()}")
@@ -365,7 +361,7 @@ def mla_prefill_supported(
         torch.is_grad_enabled() and any(t.requires_grad for t in ts)
     ):
         return False
-    return all(_is_pow2(d) and d >= 16 for d in (q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]))
+    return all(is_pow2(d) and d >= 16 for d in (q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]))
 
 
 def mla_prefill_bshd(
