@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from moeray.kernels.fp8.quant import weight_quant
+from moeray.kernels.bench.moe import quantized_experts
 from moeray.kernels.moe import _moe_config, fused_moe
 
 SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the published configs
@@ -34,11 +34,6 @@ def configs() -> list[dict]:
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=ns)
         for bm, bn, ns, nw in itertools.product((16, 32), (32, 64, 128), (3, 4), (4,))
     ]
-
-
-def quantized(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, s = map(torch.stack, zip(*[weight_quant(w) for w in w_ENK], strict=True))
-    return q, s
 
 
 def time_call(fn) -> float:
@@ -78,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         w13 = torch.randn(e, 2 * i, h, device=dev, dtype=torch.bfloat16) / h**0.5
         w2 = torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) / i**0.5
-        q13, s13 = quantized(w13)
-        q2, s2 = quantized(w2)
+        q13, s13 = quantized_experts(w13)
+        q2, s2 = quantized_experts(w2)
         for t in map(int, args.tokens.split(",")):
             x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
             # call r: each token's k experts drawn from window r of a rotation of all experts

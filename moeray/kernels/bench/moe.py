@@ -20,7 +20,7 @@ class _Scales(TypedDict, total=False):
     w2_scale: torch.Tensor
 
 
-def _quantized_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_experts(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert's weight quantized on its own: (e4m3 [E, N, K], scales [E, N/128, K/128])."""
     q, s = map(torch.stack, zip(*[weight_quant(w) for w in w_ENK], strict=True))
     return q, s
@@ -82,8 +82,8 @@ def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
     torch.manual_seed(0)
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    q13, s13 = _quantized_experts(w13)
-    q2, s2 = _quantized_experts(w2)
+    q13, s13 = quantized_experts(w13)
+    q2, s2 = quantized_experts(w2)
     top_k = 8
     for phase, t in (("decode", 64), ("prefill", 8192)):
         rows += _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k)
@@ -96,8 +96,8 @@ def sweep_fused_moe() -> list[dict]:
     e, h, i, top_k = 64, 7168, 2048, 8
     w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
     w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
-    q13, s13 = _quantized_experts(w13)
-    q2, s2 = _quantized_experts(w2)
+    q13, s13 = quantized_experts(w13)
+    q2, s2 = quantized_experts(w2)
     moe_cfgs = {
         "decode": [
             (16, 64, 128, 4, 4),
