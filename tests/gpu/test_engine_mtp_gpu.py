@@ -116,9 +116,9 @@ def _engine(model, *, spec: int, graphs: bool):
     )
 
 
-def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0):
-    """Every expert on every token, weighted by the routing (zero for unchosen experts): the same
-    sum as `Experts.forward`, without its per-expert `.tolist()`. The fused Triton MoE that makes
+def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0, add_TD=None):
+    """Every expert on every token, weighted by the routing (zero for unchosen experts), plus
+    add_TD: the same sum as `Experts.forward`, without its per-expert `.tolist()`. The fused Triton MoE that makes
     bf16 decode capturable takes only bf16/fp16 weights, so fp32 graphs need this stand-in."""
     E = self.num_experts
     local_TK = expert_ids_TK - expert_offset
@@ -128,7 +128,8 @@ def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=
     h_TEI = F.silu(torch.einsum("td,eid->tei", x_TD, self.gate_proj)) * torch.einsum(
         "td,eid->tei", x_TD, self.up_proj
     )
-    return torch.einsum("tei,edi,te->td", h_TEI, self.down_proj, w_TE)
+    y_TD = torch.einsum("tei,edi,te->td", h_TEI, self.down_proj, w_TE)
+    return y_TD if add_TD is None else y_TD + add_TD
 
 
 def _count_decode_forwards(eng):
