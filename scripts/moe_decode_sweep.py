@@ -1,6 +1,7 @@
 """The fused MoE's block configs at decode token counts, at published expert shapes: each config's
 time per fused_moe call (alignment, gate_up, down and sum; FP8's activation quantization too)
-and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe.py` `_moe_config` can
+and the bandwidth that reaches, bf16 weights and FP8 weights with either inner product (e4m3
+activations, or weight-only: `_moe_config`'s ACT_FP8), so that `kernels/moe.py` `_moe_config` can
 be set from numbers.
 
 Timing: a CUDA graph of REPS calls, each call routed to other experts (disjoint sets in turn), so
@@ -29,10 +30,13 @@ SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the 
 REPS = 20
 
 
-def configs() -> list[dict]:
+def configs(block_m: str, block_n: str, stages: str) -> list[dict]:
+    """Every combination of the comma-separated block rows, block columns and stage counts."""
     return [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=ns)
-        for bm, bn, ns, nw in itertools.product((16, 32), (32, 64, 128), (3, 4), (4,))
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=ns)
+        for bm, bn, ns in itertools.product(
+            *(tuple(map(int, v.split(","))) for v in (block_m, block_n, stages))
+        )
     ]
 
 
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="moonlight,v3")
     p.add_argument("--tokens", default="1,8,64")
+    p.add_argument("--block-m", default="16,32")
+    p.add_argument("--block-n", default="32,64,128")
+    p.add_argument("--stages", default="3,4")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -88,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
                 ids.append(pool[pick].to(torch.int32))
             wts = torch.rand(t, k, device=dev, dtype=torch.bfloat16)
             experts = sum(int(torch.unique(a).numel()) for a in ids) / REPS
-            for weights, (a13, a2, kw, bpe) in {
-                "bf16": (w13, w2, {}, 2.0),
-                "fp8": (q13, q2, {"w13_scale": s13, "w2_scale": s2}, 1.0 + 4 / 128**2),
+            fp8_kw = {"w13_scale": s13, "w2_scale": s2}
+            # fp8: e4m3 activations (act_quant + fp8 MMAs); fp8-wonly: weight-only (bf16 MMAs)
+            for weights, (a13, a2, kw, bpe, act_fp8) in {
+                "bf16": (w13, w2, {}, 2.0, False),
+                "fp8": (q13, q2, fp8_kw, 1.0 + 4 / 128**2, True),
+                "fp8-wonly": (q13, q2, fp8_kw, 1.0 + 4 / 128**2, False),
             }.items():
                 nbytes = experts * 3 * h * i * bpe
-                default = _moe_config(t * k, e, weights == "fp8")
-                for cfg in configs():
+                default = _moe_config(t * k, e, weights != "bf16")
+                for cfg in (
+                    dict(c, ACT_FP8=act_fp8)
+                    for c in configs(args.block_m, args.block_n, args.stages)
+                ):
 
                     def call(r, cfg=cfg, a13=a13, a2=a2, kw=kw, x=x, ids=ids, wts=wts):
                         fused_moe(x, a13, a2, ids[r], wts, config=cfg, **kw)
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     r = rows[-1]
                     print(
-                        f"{shape:9} t={t:3} {weights:4} BM{cfg['BLOCK_M']:3} BN{cfg['BLOCK_N']:4} "
+                        f"{shape:9} t={t:3} {weights:9} BM{cfg['BLOCK_M']:3} BN{cfg['BLOCK_N']:4} "
                         f"st{cfg['num_stages']} {'*' if r['default'] else ' '} "
                         f"{us if us is None else round(us, 1)!s:>7} us "
                         f"{r['tb_per_s'] and round(r['tb_per_s'], 2)!s:>5} TB/s {err or ''}",
@@ -130,16 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{r['shape']} t={r['tokens']} {r['weights']}"
         if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    print("\nbest per shape (default's time):")
+    print(
+        "\nbest per shape (the default config's time; '-': the default is the other inner product):"
+    )
     for key, r in best.items():
         d = next(
-            x
-            for x in rows
-            if x["default"] and f"{x['shape']} t={x['tokens']} {x['weights']}" == key
+            (
+                x
+                for x in rows
+                if x["default"] and f"{x['shape']} t={x['tokens']} {x['weights']}" == key
+            ),
+            None,
         )
         print(
-            f"{key:22} BM{r['BLOCK_M']} BN{r['BLOCK_N']} st{r['num_stages']} {r['us']:.1f} us "
-            f"{r['tb_per_s']:.2f} TB/s (default {d['us']} us)"
+            f"{key:26} BM{r['BLOCK_M']} BN{r['BLOCK_N']} st{r['num_stages']} {r['us']:.1f} us "
+            f"{r['tb_per_s']:.2f} TB/s (default {d['us'] if d else '-'} us)"
         )
     if args.out:
         with open(args.out, "w") as f:

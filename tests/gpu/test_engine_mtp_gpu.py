@@ -118,8 +118,9 @@ def _engine(model, *, spec: int, graphs: bool):
 
 def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0, add_TD=None):
     """Every expert on every token, weighted by the routing (zero for unchosen experts), plus
-    add_TD: the same sum as `Experts.forward`, without its per-expert `.tolist()`. The fused Triton MoE that makes
-    bf16 decode capturable takes only bf16/fp16 weights, so fp32 graphs need this stand-in."""
+    add_TD: the same sum as `Experts.forward`, without its per-expert `.tolist()`. The fused
+    Triton MoE that makes bf16 decode capturable takes only bf16/fp16 weights, so fp32 graphs need
+    this stand-in."""
     E = self.num_experts
     local_TK = expert_ids_TK - expert_offset
     ok_TK = (local_TK >= 0) & (local_TK < E)
