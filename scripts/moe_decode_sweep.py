@@ -1,7 +1,6 @@
 """The fused MoE's block configs at decode token counts, at published expert shapes: each config's
 time per fused_moe call (alignment, gate_up, down and sum; FP8's activation quantization too)
-and the bandwidth that reaches, bf16 weights and FP8 weights with either inner product (e4m3
-activations, or weight-only: `_moe_config`'s ACT_FP8), so that `kernels/moe.py` `_moe_config` can
+and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe.py` `_moe_config` can
 be set from numbers.
 
 Timing: a CUDA graph of REPS calls, each call routed to other experts (disjoint sets in turn), so
@@ -95,19 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                 ids.append(pool[pick].to(torch.int32))
             wts = torch.rand(t, k, device=dev, dtype=torch.bfloat16)
             experts = sum(int(torch.unique(a).numel()) for a in ids) / REPS
-            fp8_kw = {"w13_scale": s13, "w2_scale": s2}
-            # fp8: e4m3 activations (act_quant + fp8 MMAs); fp8-wonly: weight-only (bf16 MMAs)
-            for weights, (a13, a2, kw, bpe, act_fp8) in {
-                "bf16": (w13, w2, {}, 2.0, False),
-                "fp8": (q13, q2, fp8_kw, 1.0 + 4 / 128**2, True),
-                "fp8-wonly": (q13, q2, fp8_kw, 1.0 + 4 / 128**2, False),
+            for weights, (a13, a2, kw, bpe) in {
+                "bf16": (w13, w2, {}, 2.0),
+                "fp8": (q13, q2, {"w13_scale": s13, "w2_scale": s2}, 1.0 + 4 / 128**2),
             }.items():
                 nbytes = experts * 3 * h * i * bpe
-                default = _moe_config(t * k, e, weights != "bf16")
-                for cfg in (
-                    dict(c, ACT_FP8=act_fp8)
-                    for c in configs(args.block_m, args.block_n, args.stages)
-                ):
+                default = _moe_config(t * k, e, weights == "fp8")
+                for cfg in configs(args.block_m, args.block_n, args.stages):
 
                     def call(r, cfg=cfg, a13=a13, a2=a2, kw=kw, x=x, ids=ids, wts=wts):
                         fused_moe(x, a13, a2, ids[r], wts, config=cfg, **kw)
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     r = rows[-1]
                     print(
-                        f"{shape:9} t={t:3} {weights:9} BM{cfg['BLOCK_M']:3} BN{cfg['BLOCK_N']:4} "
+                        f"{shape:9} t={t:3} {weights:4} BM{cfg['BLOCK_M']:3} BN{cfg['BLOCK_N']:4} "
                         f"st{cfg['num_stages']} {'*' if r['default'] else ' '} "
                         f"{us if us is None else round(us, 1)!s:>7} us "
                         f"{r['tb_per_s'] and round(r['tb_per_s'], 2)!s:>5} TB/s {err or ''}",
@@ -143,21 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{r['shape']} t={r['tokens']} {r['weights']}"
         if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    print(
-        "\nbest per shape (the default config's time; '-': the default is the other inner product):"
-    )
+    print("\nbest per shape (the default config's time):")
     for key, r in best.items():
         d = next(
-            (
-                x
-                for x in rows
-                if x["default"] and f"{x['shape']} t={x['tokens']} {x['weights']}" == key
-            ),
-            None,
+            x
+            for x in rows
+            if x["default"] and f"{x['shape']} t={x['tokens']} {x['weights']}" == key
         )
         print(
             f"{key:26} BM{r['BLOCK_M']} BN{r['BLOCK_N']} st{r['num_stages']} {r['us']:.1f} us "
-            f"{r['tb_per_s']:.2f} TB/s (default {d['us'] if d else '-'} us)"
+            f"{r['tb_per_s']:.2f} TB/s (default {d['us']} us)"
         )
     if args.out:
         with open(args.out, "w") as f:

@@ -13,17 +13,11 @@ block.
 3. down kernel: block (m, n) multiplies h rows by w2[e] [H, I] columns n, scales by the routing
    weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32.
 
-bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint) take
-one of two inner products, chosen with the block shape in `_moe_config` (key ACT_FP8):
-- weight-only (decode, up to 16 rows an expert): x and h stay bf16; each weight tile is converted to
-  bf16 in registers (e4m3 -> bf16 is exact) for a bf16 MMA, and the fp32 product of each 128-wide K
-  block is scaled by the weight block's scale_inv. No activation quantization, so no act_quant
-  launch: two fewer launches per MoE layer, and the numbers are the dequantized weights' own.
-- FP8 activations (prefill): x and h quantized per token in 1x128 groups (act_quant, its own launch
-  once per tensor) and fp8 MMAs with per-128-K promotion, as fp8_gemm: twice the bf16 MMA rate where
-  the tiles are compute-bound. Quantizing inside the GEMM kernels instead, each of a row block's
-  cdiv(N, BN) programs re-quantizing the same rows, ran Moonlight FP8 decode at half the speed on an
-  H200 (196 vs 397 tok/s at batch 1; benchmarks/notes-engine.md).
+bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
+quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
+The quantization is its own launch (act_quant), once per tensor: quantizing inside the GEMM kernels
+instead, each of a row block's cdiv(N, BN) programs re-quantizing the same rows, ran Moonlight FP8
+decode at half the speed on an H200 (196 vs 397 tok/s at batch 1; benchmarks/notes-engine.md).
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
@@ -60,21 +54,16 @@ def fused_moe_ref(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
-    act_fp8: bool | None = None,
 ) -> torch.Tensor:
     """Loop over experts: y_t = sum_k w_tk * W2_e (silu(W1_e x_t) * W3_e x_t).
 
-    With FP8 weights it dequantizes them; with act_fp8 it also fake-quantizes x and h per token
-    (1x128), the same numbers the FP8-activation kernel multiplies. act_fp8=None: as `fused_moe`
-    chooses for this many assignments (`_moe_config`'s ACT_FP8).
+    With FP8 weights it dequantizes them and fake-quantizes x and h per token (1x128), the same
+    numbers the FP8 kernel multiplies.
     """
     t, h = x_TH.shape
     e_count, two_i, _ = w13_E2IH.shape
     i = two_i // 2
     fp8 = w13_E2IH.dtype == FP8_DTYPE
-    if act_fp8 is None:
-        act_fp8 = _moe_config(expert_ids_TK.numel(), e_count, fp8)["ACT_FP8"]
-    act_fp8 = fp8 and act_fp8
     scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13_scale, w2_scale) with FP8
     if fp8:
         if w13_scale is None or w2_scale is None:
@@ -83,7 +72,7 @@ def fused_moe_ref(
             )
         scales = (w13_scale, w2_scale)
     x = x_TH
-    if act_fp8:
+    if fp8:
         xq, xs = act_quant(x_TH.float())
         x = dequant_rows_ref(xq, xs)
     x = x.to(compute_dtype)
@@ -99,7 +88,7 @@ def fused_moe_ref(
             w13, w2 = w13_E2IH[e].to(compute_dtype), w2_EHI[e].to(compute_dtype)
         gu = x[tok] @ w13.t()
         act = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
-        if act_fp8:
+        if fp8:
             aq, as_ = act_quant(act.float())
             act = dequant_rows_ref(aq, as_).to(compute_dtype)
         out = act @ w2.t()
@@ -134,15 +123,12 @@ def _moe_gate_up_kernel(
     stride_wsue,
     stride_wsun,
     FP8: tl.constexpr,
-    ACT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # FP8: e4m3 weights with 128x128 block scales; ACT_FP8: x is e4m3 too, with per-row 1x128
-    # scales (else x stays bf16 and the weight tile is converted to x's dtype: exact).
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
     # separate gate_proj / up_proj need no per-call concatenation.
     # PDL: the wait comes first, before the block's expert id (written by moe_align) picks the
@@ -181,15 +167,11 @@ def _moe_gate_up_kernel(
             wu = wu.to(tl.float32)
         if FP8:
             kb = k0 // 128
+            a_s = tl.load(xs_ptr + tok * stride_xst + kb)
             sg = tl.load(wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn + kb)
             su = tl.load(wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun + kb)
-            if ACT_FP8:
-                a_s = tl.load(xs_ptr + tok * stride_xst + kb)
-                acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
-                acc_u += tl.dot(a, wu) * a_s[:, None] * su[None, :]
-            else:
-                acc_g += tl.dot(a, wg.to(a.dtype)) * sg[None, :]
-                acc_u += tl.dot(a, wu.to(a.dtype)) * su[None, :]
+            acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
+            acc_u += tl.dot(a, wu) * a_s[:, None] * su[None, :]
         else:
             acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
@@ -222,7 +204,6 @@ def _moe_down_kernel(
     stride_wse,
     stride_wsn,
     FP8: tl.constexpr,
-    ACT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -255,12 +236,9 @@ def _moe_down_kernel(
             b = b.to(tl.float32)
         if FP8:
             kb = k0 // 128
+            a_s = tl.load(hs_ptr + rows * stride_hst + kb)
             b_s = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
-            if ACT_FP8:
-                a_s = tl.load(hs_ptr + rows * stride_hst + kb)
-                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            else:
-                acc += tl.dot(a, b.to(a.dtype)) * b_s[None, :]
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
@@ -271,39 +249,16 @@ def _moe_down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-# Up to this many rows an expert the fused MoE is decode-shaped: 16-row blocks, and FP8 weights
-# are applied weight-only (ACT_FP8=False): at 16 rows a bf16 MMA over a 128x128 weight tile is
-# 0.5 MFLOP for 16 KB of e4m3, ~32 FLOP/B, far under the H200's bf16 rate over its bandwidth
-# (~200 FLOP/B), so fp8 MMAs would save no time and act_quant costs two launches a layer.
-DECODE_ROWS_PER_EXPERT = 16
-
-
 def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
-    """Block shapes and, with FP8 weights, the inner product (ACT_FP8: quantize x and h to e4m3, or
-    keep them bf16 and convert the weight tiles): decode (few rows per expert) wants short row
-    blocks and weight-only FP8; prefill wants big tiles and fp8 MMAs."""
-    rows_per_expert = tk / max(num_experts, 1)
-    act_fp8 = fp8 and rows_per_expert > DECODE_ROWS_PER_EXPERT
+    """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big
+    tiles."""
     if interpreting():
-        return dict(
-            BLOCK_M=16,
-            BLOCK_N=32,
-            BLOCK_K=128 if fp8 else 32,
-            num_warps=4,
-            num_stages=1,
-            ACT_FP8=act_fp8,
-        )
-    cfg = _moe_blocks(rows_per_expert, fp8)
-    cfg["ACT_FP8"] = act_fp8
-    return cfg
-
-
-def _moe_blocks(rows_per_expert: float, fp8: bool) -> dict:
-    """Block shapes and pipeline depth for the GPU."""
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
     # From the H100 sweep (hidden 7168, width 2048, 64 experts, top-8): decode best at 32x64 tiles
     # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at
     # 64x128x128 / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
-    if rows_per_expert <= DECODE_ROWS_PER_EXPERT:
+    rows_per_expert = tk / max(num_experts, 1)
+    if rows_per_expert <= 16:
         # H200 sweep at Moonlight's experts, 1 and 8 tokens (scripts/moe_decode_sweep.py,
         # benchmarks/results/moe-decode-sweep-nvidia-h200.json; a whole fused_moe, weights out of
         # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
@@ -436,22 +391,11 @@ def fused_moe_gate_up(
             check_tensor(sc, name, dtypes=(torch.float32,), ndim=3, device=x_TH.device)
             if tuple(sc.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected {shape}")
-    k = expert_ids_TK.shape[1]
-    tk = t * k
-    cfg = dict(config or _moe_config(tk, e_count, fp8))
-    act_fp8 = cfg.pop("ACT_FP8", True) and fp8  # a config without the key: FP8 activations
     if not use_triton(x_TH):
         w13 = torch.cat([w1_EIH, w3_EIH], 1)
         s13 = torch.cat([scales[0], scales[1]], 1) if scales is not None else None
         y_ref = fused_moe_ref(
-            x_TH,
-            w13,
-            w2_EHI,
-            expert_ids_TK,
-            weights_TK,
-            w13_scale=s13,
-            w2_scale=w2_scale,
-            act_fp8=act_fp8,
+            x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale
         )
         return y_ref if add_TH is None else y_ref + add_TH
     for name, w in (("w1", w1_EIH), ("w3", w3_EIH), ("w2", w2_EHI)):
@@ -459,6 +403,9 @@ def fused_moe_gate_up(
             raise ValueError(
                 f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}"
             )
+    k = expert_ids_TK.shape[1]
+    tk = t * k
+    cfg = dict(config or _moe_config(tk, e_count, fp8))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     if fp8 and 128 % bk:
         raise ValueError(f"BLOCK_K={bk} must divide 128 for FP8 weights")
@@ -469,12 +416,9 @@ def fused_moe_gate_up(
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
     pdl = pdl_launch(x.device)
-    if scales is not None and act_fp8:
+    if scales is not None:  # FP8
         a_in, a_scale = act_quant(x)
         # the kernels step over K blocks with stride 1
-        s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
-    elif scales is not None:  # weight-only FP8: x stays as it is (the x scale pointer is unused)
-        a_in, a_scale = x, x
         s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
     else:
         a_in, a_scale = x, x  # the scale pointers are unused without FP8
@@ -505,7 +449,6 @@ def fused_moe_gate_up(
         s3.stride(0),
         s3.stride(1),
         FP8=fp8,
-        ACT_FP8=act_fp8,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -514,7 +457,7 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    if act_fp8:
+    if fp8:
         h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf
@@ -540,7 +483,6 @@ def fused_moe_gate_up(
         s2.stride(0),
         s2.stride(1),
         FP8=fp8,
-        ACT_FP8=act_fp8,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

@@ -7,10 +7,9 @@ MOERAY_FUSED_SHARED=0 keep the shared MLP; the engine's greedy tokens are the sa
 
 Tolerances: each shared expert's output is rounded to bf16 before the fp32 sum of a token's
 experts, where the unfused path rounds the routed sum and the shared output and adds them: a few
-bf16 ulps of the output. FP8 above 16 rows an expert also quantizes the shared experts' input and
-hidden activations per 1x128 group (the fused FP8 MoE does for every expert there; the shared
-FP8Linear's reference does not): a relative error of a few percent of the output's norm, against
-~1 for a wrong weight or scale."""
+bf16 ulps of the output. FP8 also quantizes the shared experts' input and hidden activations per
+1x128 group (the fused FP8 MoE does for every expert; the shared FP8Linear's reference does not):
+a relative error of a few percent of the output's norm, against ~1 for a wrong weight or scale."""
 
 import copy
 import importlib.util

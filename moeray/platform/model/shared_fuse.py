@@ -32,9 +32,9 @@ carry routed_scaling_factor; the shared output is added unscaled, as before); wh
 apply (CPU, gradients, more than MAX_FUSED_TOKENS tokens) the MoE runs as before. bf16 sums differ
 from the unfused ones by rounding only: each shared expert's output is rounded to bf16 then summed
 in fp32 with the routed ones, where before the shared MLP's output was rounded and added to the
-rounded routed sum. FP8 at decode (up to 16 rows an expert) is weight-only in the fused MoE as in
-the unfused shared MLP's FP8Linear gemv; above that the fused FP8 MoE quantizes every expert's input
-and hidden activations per 1x128 group, the shared experts' too.
+rounded routed sum. FP8 also quantizes the shared experts' input and hidden activations per 1x128
+group, as the fused FP8 MoE does for every expert (the FP8Linear gemv of the unfused shared MLP at
+decode does not).
 
 Only plain `MoE` layers with every expert local are fused: the expert-parallel and placed layers
 (parallel/expert.py, serve_ep.py, engine/eplb.py) have forwards of their own that run the shared
