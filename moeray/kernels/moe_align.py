@@ -1,8 +1,9 @@
 """MoE token alignment: the assignments sorted by expert, each expert's run padded to whole blocks
 of BM rows, as the fused MoE kernels (`moeray.kernels.moe`) read them. `moe_align` is the one
-entry; it runs the one-launch Triton kernel `_moe_align_kernel` for up to ALIGN_KERNEL_MAX_TK
-assignments and the PyTorch reference `moe_align_ref` otherwise (on CPU without the interpreter,
-and with MOERAY_FUSED_ALIGN=0). Both return the same tensors, element for element.
+entry; it runs the one-launch Triton kernel `_moe_align_kernel` for up to
+`align_kernel_max_tk(E)` assignments (ALIGN_KERNEL_MAX_CHUNKS chunks of CH) and the PyTorch
+reference `moe_align_ref` otherwise (past that, on CPU without the interpreter, and with
+MOERAY_FUSED_ALIGN=0). Both return the same tensors, element for element.
 
 Legend: TK assignments (token t's k-th choice is assignment t * K + k), E local experts, BM rows
 per block, EP = E padded to a power of 2, CH assignments per loop step.
@@ -12,8 +13,11 @@ cumsums, a stable radix sort, gathers, a fill and a scatter, searchsorted), each
 sizes for a few hundred bytes: about a quarter of the ~130 kernels of a Moonlight decode layer
 (issue 19's step profile: FillFunctor<long> 156 and add<long> 106 calls per step, radixSortKVInPlace
 6.5 us per layer). One program does it all here: per-expert counts, padded offsets by a cumsum in
-registers, the block -> expert map, then each assignment's slot = its expert's padded start + the
-number of earlier assignments to the same expert (a stable sort, like the reference's).
+registers, the block -> expert map, then each assignment's slot = its expert's padded start + its
+rank, the number of earlier assignments to the same expert (a stable sort, like the reference's).
+The rank is counted chunk by chunk in O(TK * EP): a running per-expert count over the earlier
+chunks plus the exclusive cumsum, down the chunk, of its one-hot [CH, EP] matrix (assignment i's
+expert == e).
 """
 
 from __future__ import annotations
@@ -24,15 +28,34 @@ import triton.language as tl
 
 from moeray.kernels.common import cdiv, check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
 
-# The kernel is one program and counts each assignment's rank against all earlier ones
-# (TK^2 / 2 comparisons). In a CUDA graph on an H200 at Moonlight's 64 experts top-6 it takes
-# 5.4 us at 6 assignments and 10.8 us at 192 (the reference's ~35 launches: 58 and 82 us), but
-# 107 us at 1,020 against the reference's 93 (`moeray bench kernels --only decode_glue`,
-# benchmarks/results/kernels-nvidia-h200-partial.json). Past 768 (decode batch 128 at top-6, 96
-# at V3's top-8) the reference's sort takes over.
-ALIGN_KERNEL_MAX_TK = 768
-# Registers per compare tile: CH x EP cells (64 x 64 at Moonlight's 64 experts, 16 x 256 at V3's).
+# Cells per loop tile, CH x EP (64 x 64 at Moonlight's 64 experts, 16 x 256 at V3's): 32 int32
+# registers a thread over num_warps=4's 128 threads (from EP = 512 CH stays at 16, over it).
 _TILE_CELLS = 4096
+# The kernel is one program whose time is linear in its chunks of CH assignments. An estimate, to
+# be measured with `moeray bench kernels --only decode_glue` on a GPU: the earlier quadratic kernel
+# (in a CUDA graph on an H200, 64 experts top-6) took 5.4 us at 6 assignments, 10.8 at 192 and 107
+# at 1,020, ~0.67 us per 64 x 64 compare-and-sum step (143 more steps from 192 to 1,020). In
+# Triton 3.9's sm_90 PTX a 64-assignment chunk now counts in one such step and ranks in 1,493
+# instructions and 12 barriers against a step's 390 and 6: ~3-4.6 steps, ~2.5 us a chunk, or
+# ~40 us per 1,000 assignments at CH = 64 (~45 us at 1,020, where the reference's ~35 launches
+# took 93). A 16-assignment chunk (EP = 256) is 843 instructions and 8 barriers, ~1.2 us, ~75 us
+# per 1,000. At 24 chunks the kernel is ~65 us at CH = 64 (~80 at 3.1 us a chunk), under the
+# reference's 93; past that the reference's sort takes over. One chunk count for every E keeps
+# CH = 16 on the safe side: 384 assignments, ~35 us by the same estimate.
+ALIGN_KERNEL_MAX_CHUNKS = 24
+
+
+def _chunk(num_experts: int) -> int:
+    """CH, assignments per loop step: _TILE_CELLS / EP within [16, 64] (64 up to 64 experts, 32
+    at 65-128, 16 from 129)."""
+    return max(16, min(64, _TILE_CELLS // triton.next_power_of_2(num_experts)))
+
+
+def align_kernel_max_tk(num_experts: int) -> int:
+    """The most assignments the kernel aligns, ALIGN_KERNEL_MAX_CHUNKS chunks: 1,536 at
+    Moonlight's 64 experts (decode batch 256 at top-6), 768 at 128, 384 at V3's 256 (batch 48 at
+    top-8). More go to `moe_align_ref`."""
+    return ALIGN_KERNEL_MAX_CHUNKS * _chunk(num_experts)
 
 
 def max_aligned_blocks(tk: int, num_experts: int, block_m: int) -> int:
@@ -124,17 +147,19 @@ def _moe_align_kernel(
         e_b = tl.sum((pad_end[None, :] <= start[:, None]).to(tl.int32), axis=1)
         tl.store(bexp_ptr + offs_b, tl.where(start < total, e_b, -1), mask=offs_b < max_blocks)
     tl.debug_barrier()  # the sentinel stores land before the scatter's (one program, many threads)
+    # Rank chunk by chunk: an assignment's earlier assignments to its expert are those of earlier
+    # chunks (seen, the running per-expert count) and the earlier lanes of its own chunk (the
+    # exclusive cumsum of the chunk's one-hot rows). CH x EP cells a chunk, TK * EP in all.
+    seen = tl.zeros([EP], dtype=tl.int32)
     for i0 in range(0, tk, CH):
         offs_i = i0 + lanes
         b_i = _bucket(ids_ptr, offs_i, tk, num_experts)
-        rank = tl.zeros([CH], dtype=tl.int32)
-        for j0 in range(0, i0 + CH, CH):
-            offs_j = j0 + lanes
-            b_j = _bucket(ids_ptr, offs_j, tk, num_experts)
-            same = (b_j[None, :] == b_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
-            rank += tl.sum(same.to(tl.int32), axis=1)
-        start_i = tl.sum(tl.where(offs_e[None, :] == b_i[:, None], pad_start[None, :], 0), axis=1)
-        tl.store(sorted_ptr + start_i + rank, offs_i, mask=b_i >= 0)
+        onehot = (b_i[:, None] == offs_e[None, :]).to(tl.int32)  # all zero for b_i = -1
+        before = tl.cumsum(onehot, axis=0) - onehot
+        base = pad_start + seen
+        slot = tl.sum(onehot * (base[None, :] + before), axis=1)
+        tl.store(sorted_ptr + slot, offs_i, mask=b_i >= 0)
+        seen += tl.sum(onehot, axis=0)
 
 
 def moe_align(
@@ -154,7 +179,7 @@ def moe_align(
     tk = expert_ids_TK.numel()
     # MOERAY_FUSED_ALIGN=0 keeps the reference: an A/B switch for the engine bench.
     off = switched_off("ALIGN")
-    if off or tk > ALIGN_KERNEL_MAX_TK or not use_triton(expert_ids_TK):
+    if off or tk > align_kernel_max_tk(num_experts) or not use_triton(expert_ids_TK):
         return moe_align_ref(expert_ids_TK, num_experts, block_m)
     ids = expert_ids_TK.reshape(-1)
     if not ids.is_contiguous():
@@ -164,7 +189,7 @@ def moe_align(
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     ep = triton.next_power_of_2(num_experts)
-    ch = max(16, min(64, _TILE_CELLS // ep))
+    ch = _chunk(num_experts)
     pdl = pdl_launch(dev)
     _moe_align_kernel[(1,)](
         ids,

@@ -1,12 +1,18 @@
 """The one-launch MoE alignment kernel (moeray.kernels.moe_align) against its PyTorch reference
 under the interpreter: equal tensors at odd sizes, foreign (other ranks') and out-of-range ids,
-empty experts, several chunks of assignments, and the dispatch past ALIGN_KERNEL_MAX_TK."""
+empty experts, non-power-of-2 expert counts, many chunks of assignments with each expert recurring
+in every chunk (the rank's running count), and the dispatch past `align_kernel_max_tk`."""
 
 import pytest
 import torch
 
 from moeray.kernels import moe_align as align_mod
-from moeray.kernels.moe_align import ALIGN_KERNEL_MAX_TK, moe_align, moe_align_ref
+from moeray.kernels.moe_align import (
+    ALIGN_KERNEL_MAX_CHUNKS,
+    align_kernel_max_tk,
+    moe_align,
+    moe_align_ref,
+)
 
 
 def _ids(t, k, e, seed, foreign=False):
@@ -27,6 +33,13 @@ def _ids(t, k, e, seed, foreign=False):
         (37, 6, 64, 32),
         (70, 8, 256, 16),
         (0, 2, 4, 16),
+        # Many chunks, past the quadratic kernel's old 768 limit: 19 and 24 chunks of 64.
+        (200, 6, 64, 32),
+        (256, 6, 64, 16),
+        # Non-power-of-2 E at the limit: 96 experts (EP 128, 24 chunks of 32), 200 (EP 256, 24
+        # chunks of 16).
+        (96, 8, 96, 16),
+        (48, 8, 200, 64),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
@@ -64,15 +77,59 @@ def test_blocks_bound_holds_at_worst_case_counts(counts, bm):
         assert torch.equal(slot_expert[live].long(), ids[sorted_ids[live].long()])
 
 
-def test_moe_align_kernel_runs_and_reference_past_limit(launch_spy):
-    # Below the limit the kernel runs, past it the reference.
+@pytest.mark.parametrize(
+    ("t", "k", "e", "bm", "foreign"),
+    [(400, 6, 64, 32, True), (250, 8, 256, 16, False), (130, 8, 200, 32, True)],
+)
+def test_moe_align_kernel_past_dispatch_limit_equals_reference(
+    t, k, e, bm, foreign, launch_spy, monkeypatch
+):
+    """The kernel itself (the dispatch limit lifted) at 2,400 assignments over 64 experts (38
+    chunks of 64), 2,000 over 256 (125 chunks of 16) and 1,040 over 200 (65 chunks of 16)."""
+    monkeypatch.setattr(align_mod, "ALIGN_KERNEL_MAX_CHUNKS", 10**6)
     calls = launch_spy(align_mod, "_moe_align_kernel")
-    moe_align(_ids(4, 2, 8, seed=1), 8, 16)
+    ids = _ids(t, k, e, seed=t + e, foreign=foreign)
+    got, ref = moe_align(ids, e, bm), moe_align_ref(ids, e, bm)
     assert len(calls) == 1
-    big = _ids(ALIGN_KERNEL_MAX_TK // 2 + 1, 2, 8, seed=2)
-    got = moe_align(big, 8, 16)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize(("tk", "e", "bm"), [(1000, 64, 16), (1000, 256, 32), (77, 3, 4)])
+def test_moe_align_kernel_ranks_experts_recurring_in_every_chunk(
+    tk, e, bm, launch_spy, monkeypatch
+):
+    """Six hot experts fill every chunk, each many times (~8 a chunk of 64, ~2 of 16), with
+    foreign ids between: a rank off by one within a chunk, or a running count not carried from
+    chunk to chunk, moves or overwrites slots."""
+    monkeypatch.setattr(align_mod, "ALIGN_KERNEL_MAX_CHUNKS", 10**6)
+    calls = launch_spy(align_mod, "_moe_align_kernel")
+    i = torch.arange(tk)
+    hot = (i * 5 + i // 13) % 6 * max(e // 6, 1) % e
+    ids = torch.where(i % 7 == 3, -1, torch.where(i % 11 == 5, e, hot))
+    got, ref = moe_align(ids.view(-1, 1), e, bm), moe_align_ref(ids.view(-1, 1), e, bm)
+    assert len(calls) == 1
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # Each expert's run starts with its assignments in order.
+    for x in ids[(ids >= 0) & (ids < e)].unique().tolist():
+        run = got[0][got[1].repeat_interleave(bm) == x]
+        assert torch.equal(run[: int((ids == x).sum())].long(), i[ids == x])
+
+
+@pytest.mark.parametrize(("e", "ch"), [(8, 64), (64, 64), (96, 32), (256, 16), (300, 16)])
+def test_moe_align_kernel_runs_and_reference_past_limit(e, ch, launch_spy):
+    # The limit is ALIGN_KERNEL_MAX_CHUNKS chunks of CH: at it the kernel runs, past it the
+    # reference.
+    limit = align_kernel_max_tk(e)
+    assert limit == ALIGN_KERNEL_MAX_CHUNKS * ch
+    calls = launch_spy(align_mod, "_moe_align_kernel")
+    at = _ids(limit // 2, 2, e, seed=1)
+    got = moe_align(at, e, 16)
+    assert len(calls) == 1
+    assert torch.equal(got[0], moe_align_ref(at, e, 16)[0])
+    big = _ids(limit // 2 + 1, 2, e, seed=2)
+    got = moe_align(big, e, 16)
     assert len(calls) == 1  # the reference, not the kernel
-    assert torch.equal(got[0], moe_align_ref(big, 8, 16)[0])
+    assert torch.equal(got[0], moe_align_ref(big, e, 16)[0])
 
 
 @pytest.mark.parametrize(("experts", "block_m"), [(0, 16), (4, 0)])
@@ -95,11 +152,11 @@ def test_moe_align_compiled_on_gpu(compiled_check):
     compiled_check(
         """
 import torch
-from moeray.kernels.moe_align import ALIGN_KERNEL_MAX_TK, moe_align, moe_align_ref
+from moeray.kernels.moe_align import align_kernel_max_tk, moe_align, moe_align_ref
 bad = 0
 for e, k in ((64, 6), (256, 8), (7, 2)):
-    for t in (1, 3, 32, 64, 127):
-        if t * k > ALIGN_KERNEL_MAX_TK:
+    for t in (1, 3, 32, 64, 127, 256):
+        if t * k > align_kernel_max_tk(e):
             continue
         for bm in (16, 32, 64):
             ids = torch.rand(t, e, device="cuda").topk(k, dim=1).indices
@@ -109,7 +166,7 @@ for e, k in ((64, 6), (256, 8), (7, 2)):
             bad += not ok
             if not ok:
                 print("MISMATCH", e, k, t, bm)
-for t in (1, 64, 170):
+for t in (1, 64, 170, 256):
     ids = torch.rand(t, 64, device="cuda").topk(6, dim=1).indices
     for name, fn in (("kernel", moe_align), ("ref", moe_align_ref)):
         fn(ids, 64, 32)
