@@ -1,7 +1,8 @@
 """`moeray bench kernels --only decode_glue`: the kernels that replace a decode layer's small
 PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits; the EP
-layer's load count) against their PyTorch references at Moonlight-16B-A3B's widths, each replayed
-in a CUDA graph as a decode step runs them, with whether the outputs agree bit for bit."""
+layer's load count) against their PyTorch references at Moonlight-16B-A3B's widths (the alignment
+also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as a decode step runs them, with
+whether the outputs agree bit for bit."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from moeray.kernels.swiglu import swiglu, swiglu_ref
 # Moonlight-16B-A3B: width 2048, 16 heads, latent 512 + rope 64, 64 experts top-6, shared width
 # 2 x 1408.
 D, HEADS, C, R, EXPERTS, TOP_K, SHARED = 2048, 16, 512, 64, 64, 6, 2816
+# DeepSeek-V3's routing for moe_align_v3: 256 experts top-8 (16-assignment chunks in the kernel)
+V3_EXPERTS, V3_TOP_K = 256, 8
 
 
 def _bf16(*shape: int) -> torch.Tensor:
@@ -29,6 +32,7 @@ def _bf16(*shape: int) -> torch.Tensor:
 def _cases(t: int):
     """(name, PyTorch fn, kernel fn, whether the outputs must be bit-equal) at t tokens."""
     ids = torch.rand(t, EXPERTS, device="cuda").topk(TOP_K, dim=1).indices
+    ids_v3 = torch.rand(t, V3_EXPERTS, device="cuda").topk(V3_TOP_K, dim=1).indices
     q = _bf16(t, 1, HEADS, 128 + R)[..., 128:]
     ang = torch.rand(t, 1, R // 2, device="cuda") * 1000
     cache = _bf16(t // 64 + 2, 64, C + R)
@@ -52,6 +56,12 @@ def _cases(t: int):
 
     return [
         ("moe_align", p(moe_align_ref, ids, EXPERTS, 16), p(moe_align, ids, EXPERTS, 16), True),
+        (
+            "moe_align_v3",  # past align_kernel_max_tk(256) = 384 both run the reference
+            p(moe_align_ref, ids_v3, V3_EXPERTS, 16),
+            p(moe_align, ids_v3, V3_EXPERTS, 16),
+            True,
+        ),
         ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
         (
             "mla_prologue",  # the norm's fp32 sum runs in another order: not bit-compared
