@@ -34,7 +34,6 @@ from moeray.kernels import (
     gemv,
     head_gemv,
     mla_decode,
-    mla_merge,
     mla_write,
     moe,
     moe_align,
@@ -144,29 +143,14 @@ CASES = [
         dict(enable_fp_fusion=False),
         False,
     ),
-    (  # the tile counters and the merge of the one-launch path, and the plain split kernel
+    (
         mla_decode._mla_decode_split_kernel,
-        dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False, MERGE=True)
-        | dict(MERGE_COLS=128),
-        dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32, lock_ptr=I32),
+        dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False),
+        dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32),
         dict(num_stages=2),
         False,
     ),
-    (
-        mla_decode._mla_decode_split_kernel,
-        dict(BLOCK_H=64, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False, MERGE=False)
-        | dict(MERGE_COLS=32),
-        dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32, lock_ptr=I32),
-        dict(num_warps=8, num_stages=2),
-        False,
-    ),
-    (
-        mla_merge._mla_merge_kernel,
-        dict(R=512, PAGE=64),
-        dict(o_ptr=F32, lse_ptr=F32, len_ptr=I32, lse_out_ptr=F32),
-        {},
-        False,
-    ),
+    (mla_decode._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
 ]
 LOAD = re.compile(r"^(@!?%p\d+ )?(ld\.global|cp\.async\.(ca|cg|bulk)(?!.*(commit|wait)))")
 STORE = re.compile(r"^(@!?%p\d+ )?(st\.global|red\.|atom\.)")

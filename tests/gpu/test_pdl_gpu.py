@@ -9,8 +9,7 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
 - decode-like MoE layers: fused add + RMSNorm, router logits, the fused gate, the fused MoE
   (moe_align, gate/up, down, sum; FP8 weights add act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
-  mla_decode (split kernel + merge kernel, or the split kernel merging through one tile-counter
-  workspace shared by the layers), gemv; the caches compared too.
+  mla_decode (split kernel + merge), gemv; the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
 graphs) are the same with MOERAY_FUSED_PDL=1 and =0."""
 
@@ -219,10 +218,9 @@ def test_decode_moe_layer_chain(fp8_moe, monkeypatch):
     _check_chain(chain, x0, monkeypatch)
 
 
-@pytest.mark.parametrize("one_launch", [False, True], ids=["merge_kernel", "workspace"])
-def test_mla_decode_layer_chain(one_launch, monkeypatch):
+def test_mla_decode_layer_chain(monkeypatch):
     from moeray.kernels.gemv import gemv
-    from moeray.kernels.mla_decode import mla_decode, mla_decode_workspace
+    from moeray.kernels.mla_decode import mla_decode
     from moeray.kernels.mla_write import mla_write_pack
 
     b, d, heads, c, r, page = 3, 96, 4, 64, 16, 16  # sequences, width, heads, latent, rope, page
@@ -247,8 +245,6 @@ def test_mla_decode_layer_chain(one_launch, monkeypatch):
         for _ in range(4)
     ]
     x0 = torch.empty(b, d, device="cuda", dtype=torch.bfloat16)
-    # One workspace for all layers: each launch's counters must be back at zero before the next
-    ws = mla_decode_workspace(b, heads, "cuda") if one_launch else None
 
     def chain():
         x, outs = x0, []
@@ -265,14 +261,12 @@ def test_mla_decode_layer_chain(one_launch, monkeypatch):
                 norm=(p["norm"], 1e-6),
                 rope=rope,
             )
-            scale = (c + r) ** -0.5
-            o = mla_decode(packed[:, 0], p["cache"], block_table, seq_lens, scale, c, workspace=ws)
+            o = mla_decode(packed[:, 0], p["cache"], block_table, seq_lens, (c + r) ** -0.5, c)
             x = gemv(o.reshape(b, heads * c), p["o"])
             outs += [packed, o, x, p["cache"]]
         return outs
 
     _check_chain(chain, x0, monkeypatch)
-    assert ws is None or not ws.any()
 
 
 @pytest.mark.parametrize("fp8,spec", [(False, 0), (True, 0), (False, 1)])

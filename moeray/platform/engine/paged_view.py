@@ -11,15 +11,14 @@ H heads.
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather); MLA hands it
     the raw latent (`takes_raw_latent`), so the latent's norm, the rotations, the slot writes and
-    the query pack run as one launch (`moeray.kernels.mla_write`). With the runner's
-    `mla_workspace` (tile counters) the kernel merges its KV splits in the same launch.
+    the query pack run as one launch (`moeray.kernels.mla_write`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeray.kernels.mla_decode import mla_decode_multi, mla_decode_workspace_size
+from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
@@ -93,13 +92,10 @@ class GatherPagedView:
 
 
 class KernelPagedView(GatherPagedView):
-    """GPU view: `attend` runs the paged MLA kernel over the pages. `mla_workspace`: the kernel's
-    tile counters (`mla_decode_workspace`, owned by the runner), used by every call that fits
-    them; the others merge the KV splits in a second launch."""
+    """GPU view: `attend` runs the paged MLA kernel over the pages."""
 
-    def __init__(self, *args, mla_workspace: torch.Tensor | None = None, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mla_workspace = mla_workspace
         # The kernel's int32 lengths, converted once per forward rather than in every layer.
         self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
 
@@ -143,10 +139,6 @@ class KernelPagedView(GatherPagedView):
         else:
             self._write(layer_idx, kv_BSC, pe_BSR)
             q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
-        B, S, H = q_BSHK.shape[:3]
-        ws = self.mla_workspace
-        if ws is not None and ws.numel() < mla_decode_workspace_size(B, S * H):
-            ws = None  # more rows than the runner sized it for (an absorbed prefill chunk)
         out = mla_decode_multi(
             q_BSHK,
             cache_PNK,
@@ -154,6 +146,5 @@ class KernelPagedView(GatherPagedView):
             self.seq_lens_i32_B,
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
-            workspace=ws,
         )
         return out.to(q_lat_BSHC.dtype)

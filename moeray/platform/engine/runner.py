@@ -38,9 +38,7 @@ the views live in `paged_view.py`):
     gathers each sequence's context into padded [B, T, C] / [B, T, R] with a mask_BST.
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather). The model uses
-    it when its MLA calls `cache.attend(...)` (see `attend` for the contract). The runner owns the
-    kernel's tile counters (`mla_workspace`), shared by every layer and forward: the calls run one
-    at a time on one stream, and each leaves the counters at zero.
+    it when its MLA calls `cache.attend(...)` (see `attend` for the contract).
 CUDA graphs: for decode groups on GPU (S <= 2: a decode, or a decode plus one draft) the runner
 captures one graph per batch size in `graph_batch_sizes` (a smaller batch is padded up with rows
 that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP forward
@@ -67,8 +65,6 @@ from typing import Protocol
 
 import torch
 
-from moeray.kernels.common import switched_off
-from moeray.kernels.mla_decode import mla_decode_workspace
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import ScheduledSeq
@@ -155,13 +151,7 @@ class _DecodeGraph:
         self.scratch_page = scratch_page
 
     def _forward(self, runner: ModelRunner):
-        view = KernelPagedView(
-            runner.storage,
-            self.block_table_BM,
-            self.starts_B,
-            self.S,
-            mla_workspace=runner.mla_workspace,
-        )
+        view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
         if self.mtp_module is None:
             return view, runner._forward_model(self.ids_BS, view, 0)
         assert self.hidden_in_BSD is not None  # allocated with mtp_module
@@ -224,15 +214,6 @@ class ModelRunner:
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
         self.graph_batch_sizes = sorted(graph_batch_sizes)
-        # The paged MLA kernel's tile counters: with them it merges its KV splits in the split
-        # kernel's launch, one launch a layer fewer (the merge kernel cost ~2-5 us of launch and
-        # dependency latency in an H200 decode graph). Sized for every decode graph (up to the
-        # largest graph batch, PAD_MAX_S tokens a row, all heads): 256 x 2 x 16 heads is 512
-        # counters (2 KB). Larger calls, and all with MOERAY_FUSED_MLA_MERGE=0, take two launches.
-        self.mla_workspace: torch.Tensor | None = None
-        if kernel and not switched_off("MLA_MERGE"):
-            rows = PAD_MAX_S * model.config.num_attention_heads
-            self.mla_workspace = mla_decode_workspace(self.graph_batch_sizes[-1], rows, self.device)
         # Keyed by (padded batch size, S, "main" or "mtp").
         self.graphs: dict[tuple[int, int, str], _DecodeGraph] = {}
         self.graph_pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool
@@ -248,9 +229,8 @@ class ModelRunner:
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
         expanded = self.prefill_expanded and S > PAD_MAX_S
-        kw = {"mla_workspace": self.mla_workspace} if self.view_cls is KernelPagedView else {}
         return self.view_cls(
-            self.storage, block_table_BM, starts_B, S, expanded=expanded, fresh=fresh, **kw
+            self.storage, block_table_BM, starts_B, S, expanded=expanded, fresh=fresh
         )
 
     def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int):
