@@ -1,7 +1,9 @@
 """fp8_gemv (weight-only FP8 GEMM for decode) against fp8_gemv_ref under the interpreter: odd
 shapes (ragged N and K), both inner products (broadcast, dot), split-K, strided x, bad input;
 serial split-K with a workspace (one launch, bit-equal to the two-launch sum, counters back at
-zero) and FP8Linear's workspace buffer."""
+zero) and FP8Linear's workspace buffer; the e4m3-activation path (fp8 x fp8 dots) against
+fp8_gemv_act_ref the same ways, its bad x_scale, and FP8Linear's MOERAY_FUSED_FP8_GEMV_ACT
+switch."""
 
 import pytest
 import torch
