@@ -76,17 +76,25 @@ CASES = [
     (
         fp8_gemv._fp8_gemv_kernel,
         # serial split-K (the tile counters' atomics) at both inner products
-        dict(BLOCK_M=1, BLOCK_N=16, DOT=False, IEEE=False, UPCAST=False, EVEN_K=True)
-        | dict(NUM_STAGES=6, REDUCE_SPLITS=8),
+        dict(BLOCK_M=1, BLOCK_N=16, DOT=False, ACT_FP8=False, IEEE=False, UPCAST=False)
+        | dict(EVEN_K=True, NUM_STAGES=6, REDUCE_SPLITS=8),
         dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
         dict(num_warps=2, num_stages=6),
         True,
     ),
     (
         fp8_gemv._fp8_gemv_kernel,
-        dict(BLOCK_M=16, BLOCK_N=64, DOT=True, IEEE=False, UPCAST=False, EVEN_K=False)
-        | dict(NUM_STAGES=4, REDUCE_SPLITS=8),
+        dict(BLOCK_M=16, BLOCK_N=64, DOT=True, ACT_FP8=False, IEEE=False, UPCAST=False)
+        | dict(EVEN_K=False, NUM_STAGES=4, REDUCE_SPLITS=8),
         dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
+        dict(num_warps=4, num_stages=4),
+        True,
+    ),
+    (  # e4m3 x with act_quant's scales (fp8 x fp8 dots): x and its scales after the wait
+        fp8_gemv._fp8_gemv_kernel,
+        dict(BLOCK_M=16, BLOCK_N=64, DOT=True, ACT_FP8=True, IEEE=False, UPCAST=False)
+        | dict(EVEN_K=True, NUM_STAGES=4, REDUCE_SPLITS=8),
+        dict(x_ptr=F8, xs_ptr=F32, w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
         dict(num_warps=4, num_stages=4),
         True,
     ),

@@ -1,7 +1,7 @@
 """fp8_gemv compiled on the GPU (marker gpu; skipped without CUDA): DeepSeek-V3 linear shapes and
 ragged ones at decode rows, under a CUDA graph, serial split-K with a workspace (one launch,
-bit-equal to the two-launch path, graph replays), and FP8Linear's kernel choice by rows and
-shape."""
+bit-equal to the two-launch path, graph replays), FP8Linear's kernel choice by rows and shape,
+and the e4m3-activation path (fp8 x fp8 dots) at V3 shapes and behind FP8Linear's switch."""
 
 import pytest
 import torch
@@ -213,3 +213,52 @@ def test_fp8_linear_picks_fp8_gemv(monkeypatch, nk, m, kernel):
     # gemv: weight-only (bf16 rounding); gemm: 1x128 e4m3 activations too (~3% relative).
     tol = 1e-2 if kernel == "gemv" else 6e-2
     assert ((y[0].float() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("nk", [(1536, 7168), (7168, 16384), (576, 7168)])  # q_a, o_proj, kv_a
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_fp8_gemv_act_matches_reference(nk, m):
+    # e4m3 x with act_quant's 1x128 scales: fp8 x fp8 dots, against fp8_gemv_act_ref; with the
+    # workspace (one launch) bit-equal to the two-launch split-K sum.
+    from moeray.kernels import fp8
+    from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS
+
+    n, k = nk
+    wq, ws = _weight(n, k, seed=n + k + m)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    x = (x * torch.logspace(-1, 2, m, device="cuda")[:, None]).bfloat16()
+    xq, xs = fp8.act_quant(x)
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS, device="cuda")
+    _poison()
+    y = fp8.fp8_gemv(xq, wq, ws, x_scale=xs, workspace=workspace)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) output"
+    ref32 = fp8.fp8_gemv_act_ref(xq, xs, wq, ws, out_dtype=torch.float32)
+    # One bf16 rounding, plus the fp8 MMA's own sum within each 128-deep K block: Hopper adds
+    # e4m3 products with ~14 mantissa bits (the DeepSeek-V3 report; why each block is promoted
+    # into fp32), ~6e-5 of a block's partial sum, hence 2e-4 of the largest output, not 1e-4.
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * 2.0**-8 + 2e-4 * ref32.abs().max()
+    assert (err <= bound).all(), (err / bound).max().item()
+    assert torch.equal(y, fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
+    assert not workspace.any()
+    y32 = fp8.fp8_gemv(xq, wq, ws, x_scale=xs, out_dtype=torch.float32)
+    assert ((y32 - ref32).norm() / ref32.norm()).item() < 2e-4
+
+
+def test_fp8_linear_act_switch_launches(monkeypatch):
+    # MOERAY_FUSED_FP8_GEMV_ACT=1 at decode rows on an aligned layer (q_a): act_quant, then the
+    # e4m3 fp8_gemv in one launch (serial split-K), the numbers of that pair.
+    from moeray.kernels import fp8
+    from moeray.platform.model.quant import FP8Linear
+
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_ACT", "1")
+    wq, ws = _weight(1536, 7168, seed=3)
+    layer = FP8Linear(wq, ws)
+    x = torch.randn(1, 4, 7168, device="cuda", dtype=torch.bfloat16)
+    names = _cuda_kernels(lambda: layer(x))
+    assert len(names) == 2 and "act_quant" in names[0] and "_fp8_gemv_kernel" in names[1], names
+    xq, xs = fp8.act_quant(x[0])
+    assert torch.equal(layer(x)[0], fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
+    assert not layer.gemv_workspace.any()

@@ -1,7 +1,9 @@
 """fp8_gemv (weight-only FP8 GEMM for decode) against fp8_gemv_ref under the interpreter: odd
 shapes (ragged N and K), both inner products (broadcast, dot), split-K, strided x, bad input;
 serial split-K with a workspace (one launch, bit-equal to the two-launch sum, counters back at
-zero) and FP8Linear's workspace buffer."""
+zero) and FP8Linear's workspace buffer; the e4m3-activation path (fp8 x fp8 dots) against
+fp8_gemv_act_ref the same ways, its bad x_scale, and FP8Linear's MOERAY_FUSED_FP8_GEMV_ACT
+switch."""
 
 import pytest
 import torch
@@ -217,3 +219,184 @@ def test_fp8_linear_workspace_buffer():
         torch.full((36,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
         built = meta.to_empty(device="cpu")
         assert built.gemv_workspace.shape == (36,) and not built.gemv_workspace.any()
+
+
+def _act_input(m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [m, k] bf16 with rows over 3 decades (a row mixed into another's output shows up) and
+    act_quant's (e4m3, fp32 scales [m, KB]) of it."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 2, m)[:, None]).bfloat16()
+    return (x, *fp8.act_quant(x))
+
+
+def _check_act(y, xq, xs, wq, ws, out_dtype=torch.bfloat16) -> None:
+    assert y.dtype == out_dtype and y.shape == (xq.shape[0], wq.shape[0])
+    assert torch.isfinite(y).all(), "unwritten (poisoned) or non-finite output"
+    w32 = fp8.weight_dequant_ref(wq, ws, out_dtype=torch.float32)
+    ref32 = fp8.dequant_rows_ref(xq, xs) @ w32.t()
+    if out_dtype == torch.float32:
+        # Per 128-K block, e4m3 x e4m3 products (exact in fp32) summed, then scaled: fp32 sums in
+        # another order than the reference's dequantize-then-multiply.
+        rel = ((y.double() - ref32.double()).norm() / ref32.double().norm()).item()
+        assert rel < 1e-5, rel
+        return
+    ulp = 2.0**-7 if out_dtype == torch.bfloat16 else 2.0**-10
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * ulp + 1e-4 * ref32.abs().max()
+    assert (err <= bound).all(), (err / bound).max().item()
+    torch.testing.assert_close(
+        y,
+        fp8.fp8_gemv_act_ref(xq, xs, wq, ws, out_dtype),
+        rtol=2 * ulp,
+        atol=1e-4 * ref32.abs().max().item(),
+    )
+
+
+@pytest.mark.parametrize(
+    "m,n,k",
+    [
+        (1, 576, 7168),  # kv_a at batch 1: split-K, rows wrap onto 16
+        (3, 200, 1000),  # N off the 64-row tiles, ragged last K block
+        (16, 576, 512),
+        (17, 200, 1000),  # BLOCK_M 32, rows 17-31 wrap
+        (40, 576, 1000),  # BLOCK_M 64
+        (1, 1536, 2048 + 77),
+    ],
+)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemv_act_matches_reference(m, n, k, out_dtype):
+    wq, ws = _weight(n, k, seed=m * 7 + n + k)
+    _, xq, xs = _act_input(m, k, seed=m + n)
+    y = fp8.fp8_gemv(xq, wq, ws, x_scale=xs, out_dtype=out_dtype)
+    _check_act(y, xq, xs, wq, ws, out_dtype)
+
+
+def test_fp8_gemv_act_layouts_and_default_dtype():
+    # act_quant's column-major scales (strides (1, M)), a strided e4m3 x, fp16 out; the default
+    # out_dtype of e4m3 x is bf16.
+    wq, ws = _weight(200, 1000, seed=11)
+    x, xq, xs = _act_input(5, 1000, seed=11)
+    xq_c, xs_c = fp8.act_quant(x, scale_col_major=True)
+    assert xs_c.stride() == (1, 5)
+    y = fp8.fp8_gemv(xq_c, wq, ws, x_scale=xs_c)
+    _check_act(y, xq, xs, wq, ws)
+    assert torch.equal(y, fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
+    xq_t = xq.t().contiguous().t()  # [5, 1000] with strides (1, 5)
+    xs_small = xs / 1024  # outputs within fp16's range (65504)
+    y16 = fp8.fp8_gemv(xq_t, wq, ws, x_scale=xs_small, out_dtype=torch.float16)
+    _check_act(y16, xq, xs_small, wq, ws, torch.float16)
+    # Weight-only with out_dtype fp32: bf16 x, the fp32 sums unrounded.
+    y32 = fp8.fp8_gemv(x, wq, ws, out_dtype=torch.float32)
+    ref32 = x.float() @ fp8.weight_dequant_ref(wq, ws, out_dtype=torch.float32).t()
+    assert y32.dtype == torch.float32
+    assert ((y32 - ref32).norm() / ref32.norm()).item() < 1e-5
+    empty = fp8.fp8_gemv(xq[:0], wq, ws, x_scale=xs[:0])
+    assert empty.shape == (0, 200) and empty.dtype == torch.bfloat16
+
+
+def test_fp8_gemv_act_config_heuristic():
+    cpu = torch.device("cpu")
+    for m, block_m in ((1, 16), (3, 16), (16, 16), (17, 32), (40, 64), (200, 64)):
+        cfg = _gemv_config(m, 7168, 16384, cpu, act_fp8=True)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["DOT"]) == (block_m, 64, True), (m, cfg)
+        assert (cfg["num_warps"], cfg["num_stages"]) == (4, 4)
+    # The programs-per-SM rule: kv_a's 9 tiles split K, q_b's 384 do not.
+    assert _gemv_config(1, 576, 7168, cpu, act_fp8=True)["SPLIT_K"] > 1
+    assert _gemv_config(1, 24576, 1536, cpu, act_fp8=True)["SPLIT_K"] == 1
+
+
+def test_fp8_gemv_act_bad_input():
+    wq, ws = _weight(200, 300, seed=3)
+    x, xq, xs = _act_input(2, 300, seed=3)
+    with pytest.raises(ValueError, match="x is e4m3 but x_scale is None"):
+        fp8.fp8_gemv(xq, wq, ws)
+    with pytest.raises(ValueError, match=r"x_scale given with x of dtype torch\.bfloat16"):
+        fp8.fp8_gemv(x, wq, ws, x_scale=xs)
+    with pytest.raises(ValueError, match=r"x_scale has shape \(2, 2\); expected \(2, 3\)"):
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs[:, :2])
+    with pytest.raises(ValueError, match=r"x_scale has shape \(1, 3\); expected \(2, 3\)"):
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs[:1])
+    with pytest.raises(ValueError, match=r"x_scale has dtype torch\.bfloat16"):
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs.bfloat16())
+    with pytest.raises(ValueError, match="x_scale must have 2 dims"):
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs.flatten())
+    with pytest.raises(ValueError, match=r"out_dtype=torch\.int32; accepted"):
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="DOT=False with e4m3 x"):
+        bad = dict(BLOCK_M=1, BLOCK_N=16, SPLIT_K=1, DOT=False, num_warps=4, num_stages=1)
+        fp8.fp8_gemv(xq, wq, ws, x_scale=xs, config=bad)
+
+
+# The act path's tiles with split-K forced (as _SERIAL_CONFIGS): rows wrapping at 3 of 16, 17 of
+# 32 and 40 of 64; N = 136 gives a ragged last tile at BLOCK_N 64 and 32; K = 2048 + 77 is 17
+# blocks, the last ragged.
+_ACT_SERIAL_CONFIGS = [
+    (3, dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=4, DOT=True, num_warps=4, num_stages=4)),
+    (17, dict(BLOCK_M=32, BLOCK_N=32, SPLIT_K=3, DOT=True, num_warps=4, num_stages=4)),
+    (40, dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=17, DOT=True, num_warps=4, num_stages=4)),
+]
+
+
+@pytest.mark.parametrize("m,cfg", _ACT_SERIAL_CONFIGS)
+def test_fp8_gemv_act_serial_split_k(m, cfg, monkeypatch, launch_spy):
+    n, k = 136, 2048 + 77
+    wq, ws = _weight(n, k, seed=m)
+    _, xq, xs = _act_input(m, k, seed=m)
+    _, xq2, xs2 = _act_input(m, k, seed=m + 100)
+    two_launch = fp8.fp8_gemv(xq, wq, ws, x_scale=xs, config=cfg)
+    two_launch2 = fp8.fp8_gemv(xq2, wq, ws, x_scale=xs2, config=cfg)
+    _poisoned_empty(monkeypatch)
+    gemv_grids = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    reduce_grids = launch_spy(gemv_module, "_gemv_reduce_kernel")
+    workspace = fp8.fp8_gemv_workspace(n, max(m, FP8_GEMV_MAX_ROWS))
+    y = fp8.fp8_gemv(xq, wq, ws, x_scale=xs, config=cfg, workspace=workspace)
+    assert len(gemv_grids) == 1 and gemv_grids[0][2] > 1 and reduce_grids == [], gemv_grids
+    assert torch.equal(y, two_launch)  # the same fp32 sums in the same order
+    assert not workspace.any(), workspace
+    y2 = fp8.fp8_gemv(xq2, wq, ws, x_scale=xs2, config=cfg, workspace=workspace)
+    assert torch.equal(y2, two_launch2) and not workspace.any()
+    assert torch.equal(y, two_launch)
+    _check_act(y, xq, xs, wq, ws)
+    _check_act(y2, xq2, xs2, wq, ws)
+
+
+def test_fp8_gemv_act_serial_split_k_heuristic_rows(monkeypatch):
+    # FP8Linear's use: its workspace (sized for either x) at every row count up to
+    # FP8_GEMV_MAX_ROWS, heuristic tiles, K split.
+    n, k = 256, 2048
+    wq, ws = _weight(n, k, seed=12)
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
+    monkeypatch.setattr(fp8_gemv_module, "num_sms", lambda device: 8)  # few SMs: K splits
+    for m in (1, 16, 3):
+        _, xq, xs = _act_input(m, k, seed=m)
+        assert _gemv_config(m, n, k, xq.device, act_fp8=True)["SPLIT_K"] > 1
+        expected = fp8.fp8_gemv(xq, wq, ws, x_scale=xs)
+        assert torch.equal(fp8.fp8_gemv(xq, wq, ws, x_scale=xs, workspace=workspace), expected)
+        assert not workspace.any()
+
+
+@pytest.mark.parametrize("switch", [None, "0", "1"])
+def test_fp8_linear_act_switch(switch, monkeypatch):
+    # MOERAY_FUSED_FP8_GEMV_ACT=1 (only): act_quant + the e4m3 path at decode rows on aligned
+    # layers; its numbers are act_quant's rounding of x, not the weight-only ones.
+    if switch is None:
+        monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_ACT", raising=False)
+    else:
+        monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_ACT", switch)
+    wq, ws = _weight(256, 512, seed=13)
+    layer = FP8Linear(wq, ws)
+    x, xq, xs = _act_input(3, 512, seed=13)
+    y = layer.forward_kernels(x)
+    weight_only = fp8.fp8_gemv(x, wq, ws)
+    if switch == "1":
+        assert torch.equal(y, fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
+        _check_act(y, xq, xs, wq, ws)
+        assert not torch.equal(y, weight_only)
+        assert (y.float() - weight_only.float()).abs().max() > 1e-2 * weight_only.abs().max()
+        assert not layer.gemv_workspace.any()
+    else:
+        assert torch.equal(y, weight_only)
+    # Ragged N (kv_a, 576 rows) stays weight-only whatever the switch.
+    wq_r, ws_r = _weight(576, 512, seed=14)
+    ragged = FP8Linear(wq_r, ws_r).forward_kernels(x)
+    assert torch.equal(ragged, fp8.fp8_gemv(x, wq_r, ws_r))

@@ -1,7 +1,9 @@
 """Benchmark of fp8_gemv (weight-only FP8 GEMM for decode) at DeepSeek-V3 linear shapes, against
 the act_quant + fp8_gemm path FP8Linear takes for larger M and bf16 F.linear (cuBLAS). fp8_gemv
 runs with a workspace, as FP8Linear calls it (split-K in one launch); `gemv_two_launch_us` times
-it without one (split-K partials summed by a second launch).
+it without one (split-K partials summed by a second launch). The `act_*` columns time fp8_gemv on
+e4m3 x (fp8 x fp8 dots): `act_us` act_quant + the kernel as FP8Linear runs them with
+MOERAY_FUSED_FP8_GEMV_ACT=1, `act_kernel_us` the kernel alone on x quantized beforehand.
 
 Each variant runs from a CUDA graph of back-to-back calls (the engine replays decode steps from
 graphs, so host launch cost is not what a step pays), cycling over enough weight copies that
@@ -45,14 +47,28 @@ def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16)
         return fp8_gemm(xq, xs, w, s)
 
     t_gemm = _graph_ms(_cycling(quant_gemm, copies_fp8))
+
+    def quant_gemv(w, s):
+        xq, xs = act_quant(x)
+        return fp8_gemv(xq, w, s, x_scale=xs, workspace=ws)
+
+    t_act = _graph_ms(_cycling(quant_gemv, copies_fp8))
+    xq, xs = act_quant(x)
+    t_act_kernel = _graph_ms(
+        _cycling(lambda w, s: fp8_gemv(xq, w, s, x_scale=xs, workspace=ws), copies_fp8)
+    )
     t_bf16 = _graph_ms(_cycling(lambda w: F.linear(x, w), copies_bf16))
     w, s = copies_fp8[0]
     y = fp8_gemv(x, w, s).float()
+    y_act = fp8_gemv(xq, w, s, x_scale=xs).float()
     ref = F.linear(x.float(), copies_bf16[0][0].float())
     fp8_bytes = n * k + cdiv(n, 128) * cdiv(k, 128) * 4 + m * (k + n) * 2
     bf16_bytes = 2 * n * k + m * (k + n) * 2
     copy_bw = ceil["copy_TBps"] * 1e3  # GB/s
     gbs = fp8_bytes / t_gemv / 1e6
+    # The kernel alone reads e4m3 x and its scales, not bf16 x.
+    act_bytes = n * k + cdiv(n, 128) * cdiv(k, 128) * 4 + m * (k + 4 * cdiv(k, 128) + 2 * n)
+    act_gbs = act_bytes / t_act_kernel / 1e6
     return {
         "kernel": "fp8_gemv",
         "layer": name,
@@ -72,6 +88,14 @@ def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16)
         "speedup_vs_bf16": round(t_bf16 / t_gemv, 3),
         "config": _gemv_config(m, n, k, x.device),
         "rel_err_vs_bf16_dequant": round(((y - ref).norm() / ref.norm()).item(), 5),
+        "act_us": round(t_act * 1e3, 2),
+        "act_kernel_us": round(t_act_kernel * 1e3, 2),
+        "act_kernel_GBps": round(act_gbs, 1),
+        "act_kernel_frac_copy_bw": round(act_gbs / copy_bw, 3),
+        "act_speedup_vs_gemv": round(t_gemv / t_act, 3),
+        "act_speedup_vs_bf16": round(t_bf16 / t_act, 3),
+        "act_config": _gemv_config(m, n, k, x.device, act_fp8=True),
+        "act_rel_err_vs_bf16_dequant": round(((y_act - ref).norm() / ref.norm()).item(), 5),
     }
 
 
@@ -93,32 +117,38 @@ def print_fp8_gemv(rows: list[dict]) -> None:
     print(
         f"\n{'fp8_gemv layer':16s} {'M':>3s} {'N':>6s} {'K':>6s} | {'gemv us':>8s} {'GB/s':>6s} "
         f"{'of copy':>7s} | {'quant+gemm us':>13s} {'x':>5s} | {'bf16 us':>8s} {'of copy':>7s} "
-        f"{'x':>5s} | err"
+        f"{'x':>5s} | {'act us':>7s} {'kernel':>7s} {'of copy':>7s} {'x gemv':>6s} "
+        f"{'x bf16':>6s} | err, act err"
     )
     for r in rows:
         print(
             f"{r['layer']:16s} {r['M']:3d} {r['N']:6d} {r['K']:6d} | {r['gemv_us']:8.2f} "
             f"{r['gemv_GBps']:6.0f} {r['gemv_frac_copy_bw']:7.2f} | {r['quant_gemm_us']:13.2f} "
             f"{r['speedup_vs_quant_gemm']:5.2f} | {r['bf16_linear_us']:8.2f} "
-            f"{r['bf16_frac_copy_bw']:7.2f} {r['speedup_vs_bf16']:5.2f} | "
-            f"{r['rel_err_vs_bf16_dequant']}"
+            f"{r['bf16_frac_copy_bw']:7.2f} {r['speedup_vs_bf16']:5.2f} | {r['act_us']:7.2f} "
+            f"{r['act_kernel_us']:7.2f} {r['act_kernel_frac_copy_bw']:7.2f} "
+            f"{r['act_speedup_vs_gemv']:6.2f} {r['act_speedup_vs_bf16']:6.2f} | "
+            f"{r['rel_err_vs_bf16_dequant']}, {r['act_rel_err_vs_bf16_dequant']}"
         )
 
 
-# Candidate tiles for the sweep: (BLOCK_N, num_warps, num_stages) per inner product; BLOCK_M and
-# SPLIT_K follow the heuristic's rule for the shape.
+# Candidate tiles for the sweep: (BLOCK_N, num_warps, num_stages) per inner product (float x:
+# DOT False / True; "act": e4m3 x); BLOCK_M and SPLIT_K follow the heuristic's rule for the shape.
 _SWEEP_TILES = {
     False: ((8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 8, 4), (64, 4, 4), (32, 8, 6), (16, 2, 6)),
     True: ((32, 4, 4), (64, 4, 4), (128, 8, 3), (64, 8, 6)),
+    "act": ((32, 4, 4), (64, 4, 4), (64, 4, 6), (128, 4, 4), (128, 8, 4)),
 }
 _SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")
 
 
-def _time_config(x: torch.Tensor, cfg: dict, copies: list, tiles: int) -> float | str:
+def _time_config(
+    x: torch.Tensor, x_scale: torch.Tensor | None, cfg: dict, copies: list, tiles: int
+) -> float | str:
     ws = torch.zeros(tiles, dtype=torch.int32, device=x.device)
 
     def call(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return fp8_gemv(x, w, s, config=cfg, workspace=ws)
+        return fp8_gemv(x, w, s, x_scale=x_scale, config=cfg, workspace=ws)
 
     try:
         return round(_graph_ms(_cycling(call, copies)) * 1e3, 2)
@@ -127,16 +157,20 @@ def _time_config(x: torch.Tensor, cfg: dict, copies: list, tiles: int) -> float 
 
 
 def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
-    """Time candidate tiles of fp8_gemv (CUDA graph, cold weights) at a few V3 layers, with the
-    split-K count the heuristic rule gives for each tile; `_gemv_config` is tuned from here."""
+    """Time candidate tiles of fp8_gemv (CUDA graph, cold weights) at a few V3 layers, on bf16 x
+    and on act_quant's e4m3 x (rows with "act": True; the kernel alone), with the split-K count
+    the heuristic rule gives for each tile; `_gemv_config` is tuned from here."""
     out = []
     for name, n, k in (lay for lay in V3_LINEARS if lay[0] in _SWEEP_LAYERS):
         q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
         copies = [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
-        for m in m_rows:
+        for m, act in ((m, act) for m in m_rows for act in (False, True)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base = _gemv_config(m, n, k, x.device)
-            for block_n, warps, stages in _SWEEP_TILES[base["DOT"]]:
+            x_scale = None
+            if act:
+                x, x_scale = act_quant(x)
+            base = _gemv_config(m, n, k, x.device, act_fp8=act)
+            for block_n, warps, stages in _SWEEP_TILES["act" if act else base["DOT"]]:
                 bm = base["BLOCK_M"]
                 if not base["DOT"] and bm * block_n > 64:  # acc registers (see _gemv_config)
                     continue
@@ -151,21 +185,20 @@ def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
                     "num_stages": stages,
                     "SPLIT_K": split,
                 }
-                us = _time_config(x, cfg, copies, tiles)
-                out.append(
-                    {"layer": name, "M": m, "N": n, "K": k, **cfg, "us": us, "chosen": cfg == base}
-                )
+                us = _time_config(x, x_scale, cfg, copies, tiles)
+                row = {"layer": name, "M": m, "N": n, "K": k, "act": act, **cfg, "us": us}
+                out.append({**row, "chosen": cfg == base})
         del copies
         torch.cuda.empty_cache()
     return out
 
 
 def print_fp8_gemv_sweep(rows: list[dict]) -> None:
-    best, chosen = best_and_chosen(rows, lambda r: (r["layer"], r["M"]))
+    best, chosen = best_and_chosen(rows, lambda r: (r["layer"], r["M"], r.get("act", False)))
     for g, r in best.items():
         c = chosen.get(g)
         print(
-            f"sweep fp8_gemv {g[0]:12s} M={g[1]:2d}: best BLOCK_N={r['BLOCK_N']} warps="
-            f"{r['num_warps']} stages={r['num_stages']} split={r['SPLIT_K']} {r['us']} us; "
-            f"chosen {c['us'] if c else 'n/a'} us"
+            f"sweep fp8_gemv{' act' if g[2] else '    '} {g[0]:12s} M={g[1]:2d}: best "
+            f"BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']} "
+            f"split={r['SPLIT_K']} {r['us']} us; chosen {c['us'] if c else 'n/a'} us"
         )

@@ -5,8 +5,9 @@
             [E, N, K]), weight_dequant, and their PyTorch references
 - gemm:     the Triton block-scaled GEMM (fp8_gemm_triton), its tile configs and occupancy
             (ctas_per_sm), and fp8_gemm_ref
-- gemv:     fp8_gemv, the weight-only FP8 GEMM for decode (x stays bf16/fp16/fp32, no act_quant),
-            fp8_gemv_ref, and fp8_gemv_workspace (its split-K tile counters)
+- gemv:     fp8_gemv, the FP8-weight GEMM for decode (weight-only with x in bf16/fp16/fp32, or
+            e4m3 x with act_quant's 1x128 scales into fp8 dots), fp8_gemv_ref, fp8_gemv_act_ref
+            and fp8_gemv_workspace (its split-K tile counters)
 - grouped:  fp8_gemm_grouped, the m-grouped GEMM of all experts in one launch
 - dispatch: fp8_gemm (torch._scaled_mm where cuBLASLt computes the shape right, else Triton) and
             the three GEMMs of an FP8 linear layer (fp8_linear_forward / _dgrad / _wgrad)
@@ -24,7 +25,12 @@ from moeray.kernels.fp8.dispatch import (
     native_shape_ok,
 )
 from moeray.kernels.fp8.gemm import ctas_per_sm, fp8_gemm_ref, fp8_gemm_triton
-from moeray.kernels.fp8.gemv import fp8_gemv, fp8_gemv_ref, fp8_gemv_workspace
+from moeray.kernels.fp8.gemv import (
+    fp8_gemv,
+    fp8_gemv_act_ref,
+    fp8_gemv_ref,
+    fp8_gemv_workspace,
+)
 from moeray.kernels.fp8.grouped import fp8_gemm_grouped, fp8_gemm_grouped_ref
 from moeray.kernels.fp8.quant import (
     act_quant,
@@ -53,6 +59,7 @@ __all__ = [
     "fp8_gemm_ref",
     "fp8_gemm_triton",
     "fp8_gemv",
+    "fp8_gemv_act_ref",
     "fp8_gemv_ref",
     "fp8_gemv_workspace",
     "fp8_linear_dgrad",

@@ -1,14 +1,15 @@
-"""fp8_gemv: weight-only FP8 GEMM for decode (few rows), activations stay in their float dtype.
+"""fp8_gemv: FP8-weight GEMM for decode (few rows): weight-only, or on per-token e4m3 activations.
 
-y [M, N] = x [M, K] @ dequant(W [N, K] e4m3, scale_inv [NB, KB] fp32 per 128x128 block)^T, in x's
-dtype with fp32 accumulation. No activation quantization: each program dequantizes its weight tile
-in registers, so the kernel reads the e4m3 bytes and the scales once and x (small) per program.
-Its bandwidth floor is N*K bytes, half the bf16 GEMV's, and it needs no act_quant launch.
+y [M, N] = x [M, K] @ dequant(W [N, K] e4m3, scale_inv [NB, KB] fp32 per 128x128 block)^T with
+fp32 accumulation. x is either float (bf16/fp16/fp32, y in x's dtype: weight-only, no activation
+quantization) or e4m3 with `x_scale` [M, KB] fp32, one per row and 128-column group (act_quant's
+output; y in bf16 unless `out_dtype` says otherwise). The kernel reads the e4m3 weight bytes and
+scales once and x (small) per program: a bandwidth floor of N*K bytes, half the bf16 GEMV's.
 
 Legend: M rows of x (tokens), N output features, K reduction, KB = ceil(K/128), NB = ceil(N/128),
 S the split-K count.
 
-Two inner products, chosen by M:
+Three inner products, chosen by x's dtype and M:
 - broadcast (M <= _BCAST_MAX_ROWS): acc [BM, BN, BK] += x[:, None, :] * w[None, :, :] on the CUDA
   cores, reduced over K once after the loop. Cost per weight byte: one convert, one scale multiply
   and M FMAs; at 4.8 TB/s and M = 4 that is ~19 T FMA/s, under the H200's fp32 rate (~33 T FMA/s),
@@ -16,6 +17,12 @@ Two inner products, chosen by M:
 - dot (larger M): the tile converted to x's dtype (e4m3 -> bf16/fp16 is exact) and tl.dot with
   operands swapped (w as the MMA's 64-row side, BM = 16..64 tokens as its narrow side); fp32 x
   uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
+- act_fp8 (e4m3 x, any M): the dot path's tiles and operand swap with both operands e4m3 into the
+  tensor cores, no convert: acc^T [BN, BM] += (w [BN, 128] @ xq^T [128, BM]) * w_scale *
+  x_scale[rows], each 128-deep K block promoted into fp32 as fp8_gemm does. Converting the weight
+  tile in registers is what holds the float paths at ~2-2.6 TB/s on an H200 (o_proj 7168x16384 at
+  M = 1: 57 us, 2.05 TB/s, where bf16 F.linear reaches 3.8 TB/s); this path trades that for an
+  act_quant launch and 1x128 activation rounding. `_act_tile_shape` picks its tiles.
 
 Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
 S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N]. The
@@ -51,7 +58,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
 )
-from moeray.kernels.fp8.quant import weight_dequant_ref
+from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
 
 GEMV_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -65,14 +72,29 @@ _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "SPLIT_K", "DOT", "num_warps", "num_stages
 
 
 def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x @ dequant(w)^T in fp32, returned in x's dtype (the oracle of fp8_gemv)."""
+    """x @ dequant(w)^T in fp32, returned in x's dtype (the oracle of fp8_gemv on float x)."""
     w = weight_dequant_ref(w_fp8, w_scale, out_dtype=torch.float32)
     return (x.float() @ w.t()).to(x.dtype)
 
 
+def fp8_gemv_act_ref(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """dequant(xq [M, K] e4m3, x_scale [M, KB] per 1x128 group) @ dequant(w)^T in fp32, returned
+    in `out_dtype` (the oracle of fp8_gemv on e4m3 x)."""
+    w = weight_dequant_ref(w_fp8, w_scale, out_dtype=torch.float32)
+    return (dequant_rows_ref(xq, x_scale) @ w.t()).to(out_dtype)
+
+
 @triton.jit
 def _dot_part(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """w [BN, 128] @ x^T [128, BM] (unscaled) on the tensor cores, fp32."""
+    """w [BN, 128] @ x^T [128, BM] (unscaled) on the tensor cores, fp32: in x's dtype (e4m3 x:
+    an fp8 x fp8 MMA, w as it is), or fp32 operands with IEEE (UPCAST: exact, as the e4m3 and
+    bf16 products are exact in fp32)."""
     if UPCAST:
         x = x.to(tl.float32)
     if IEEE:
@@ -80,6 +102,18 @@ def _dot_part(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         part = tl.dot(w.to(x.dtype), tl.trans(x))
     return part
+
+
+@triton.jit
+def _dot_scale(s, xs_ptrs, kb, stride_xsk, ACT_FP8: tl.constexpr):
+    """The promotion scale of one K block's dot part [BN, BM]: the tile's weight scale s, times
+    each token's x scale (a column of acc^T) when x is e4m3. Folded into one vector first, so the
+    promotion is one FMA per accumulator element (fp8_gemm's _scaled_block_dot says why)."""
+    if ACT_FP8:
+        scale = (tl.load(xs_ptrs + kb * stride_xsk) * s)[None, :]
+    else:
+        scale = s
+    return scale
 
 
 @triton.jit
@@ -92,6 +126,7 @@ def _bcast_part(x, w, s):
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr,
+    xs_ptr,
     w_ptr,
     s_ptr,
     c_ptr,
@@ -103,6 +138,8 @@ def _fp8_gemv_kernel(
     KB_PER_SPLIT,
     stride_xm,
     stride_xk,
+    stride_xsm,
+    stride_xsk,
     stride_wn,
     stride_wk,
     stride_sn,
@@ -113,8 +150,10 @@ def _fp8_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # divides 128: the tile lies in one 128-row scale block
     DOT: tl.constexpr,
+    ACT_FP8: tl.constexpr,  # x e4m3 with per-row 1x128 scales xs [M, KB]: fp8 x fp8 dots (DOT)
     IEEE: tl.constexpr,  # fp32 dots in IEEE precision, not TF32 (fp32 x, or UPCAST)
-    UPCAST: tl.constexpr,  # the CPU interpreter's bf16 tl.dot is wrong: the same math in fp32
+    UPCAST: tl.constexpr,  # the CPU interpreter's bf16 tl.dot is wrong and it has no fp8 one:
+    # the same math in fp32
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     # S > 1: serial split-K, c holds the S fp32 partials and the tile's last program sums them
@@ -136,13 +175,15 @@ def _fp8_gemv_kernel(
     # masked.
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    xs_ptrs = xs_ptr + (offs_m % M) * stride_xsm  # read only with ACT_FP8
     s_ptrs = s_ptr + (pid_n * BLOCK_N // 128) * stride_sn
     kb_lo = pid_k * KB_PER_SPLIT
     kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     if DOT:
         # Swapped operands, acc^T [BN, BM] = w [BN, BK] @ x^T [BK, BM]: the weight rows fill the
         # MMA's M side (64 rows, one Hopper warpgroup MMA; w is dequantized in registers, which an
-        # A operand may be) and the few tokens its N side, which may be as narrow as 16.
+        # A operand may be, or fed as e4m3 with ACT_FP8) and the few tokens its N side, which may
+        # be as narrow as 16.
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -150,14 +191,17 @@ def _fp8_gemv_kernel(
     if PDL:
         # The split's first K block (never empty: at most ceil(KB / S) blocks a split and no
         # empty split) peeled off the loop: weight tile and scale (read by no earlier kernel's
-        # writes) before the wait; x, the partial stores and the tile counter after it. The same
-        # additions in the same order as the loop's, so the same bits.
+        # writes) before the wait; x and its scales (act_quant's outputs, written by the kernel
+        # just before), the partial stores and the tile counter after it. The same additions in
+        # the same order as the loop's, so the same bits.
         w = load_k_step(w_ptrs, kb_lo * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
         s = tl.load(s_ptrs + kb_lo * stride_sk)
         pdl_wait(PDL)
         x = load_k_step(x_ptrs, kb_lo * BLOCK_K, stride_xk, offs_k, K, EVEN_K)
         if DOT:
-            acc_t += _dot_part(x, w, IEEE, UPCAST) * s
+            acc_t += _dot_part(x, w, IEEE, UPCAST) * _dot_scale(
+                s, xs_ptrs, kb_lo, stride_xsk, ACT_FP8
+            )
         else:
             acc3 += _bcast_part(x, w, s)
         kb_start = kb_lo + 1
@@ -166,7 +210,7 @@ def _fp8_gemv_kernel(
         w = load_k_step(w_ptrs, kb * BLOCK_K, stride_wk, offs_k, K, EVEN_K)
         s = tl.load(s_ptrs + kb * stride_sk)
         if DOT:
-            acc_t += _dot_part(x, w, IEEE, UPCAST) * s
+            acc_t += _dot_part(x, w, IEEE, UPCAST) * _dot_scale(s, xs_ptrs, kb, stride_xsk, ACT_FP8)
         else:
             acc3 += _bcast_part(x, w, s)
     if DOT:
@@ -223,30 +267,47 @@ def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int, int]:
     return min(64, max(16, pow2_at_least(m))), 64, True, 4, 4
 
 
+def _act_tile_shape(m: int) -> tuple[int, int, bool, int, int]:
+    """(BLOCK_M, BLOCK_N, DOT, num_warps, num_stages) of the act_fp8 path (e4m3 x) for m rows.
+
+    BM: 16 up to 16 rows (the narrowest MMA N side; fewer rows wrap), else the next power of two
+    up to 64. BN = 64: one warpgroup MMA's M, an 8 KB e4m3 weight tile a stage, and N = 576
+    (kv_a) in 9 whole tiles where 128 would read a wrapped half tile (11% more bytes); more tiles
+    also mean fewer K splits to sum. 4 stages: 3 loads in flight are 24 KB of weights per CTA, over
+    the ~22 KB per SM that Little's law asks at 4.8 TB/s (_PROGRAMS_PER_SM), and (8 + 2) KB x 4
+    stages = 40 KB of shared memory at BM = 16 lets all 4 programs per SM of the split-K rule be
+    resident at once (228 KB); 6 stages (60 KB) would fit 3. Unmeasured on a GPU:
+    `moeray bench kernels --only fp8_gemv` times it (the `act_*` columns)."""
+    return min(64, max(16, pow2_at_least(m))), 64, True, 4, 4
+
+
 def fp8_gemv_workspace(
     n: int, max_rows: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
-    `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
-    wider ones). ceil(N/16) counters at FP8Linear's 16 rows: 6 KB for N = 24576."""
+    `max_rows` rows with the heuristic tiles of either x (the GPU's, at least as many as the
+    interpreter's wider ones). ceil(N/16) counters at FP8Linear's 16 rows: 6 KB for N = 24576."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
     tiles = 0
     for m in range(1, max_rows + 1):
-        block_m, block_n, *_ = _tile_shape(m, interpret=False)
-        tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
+        for block_m, block_n, *_ in (_tile_shape(m, interpret=False), _act_tile_shape(m)):
+            tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
-def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
+def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = False) -> dict:
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
     Broadcast tiles: 1 x 16 with 2 warps and 6 stages at M = 1 (`_tile_shape` says why), else
     BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32 and 4x16 with 4 warps (96
     registers in offline sm_90 compiles, no spills). Dot tiles: 64 weight rows (one
-    wgmma M) x BM = 16..64 tokens, 96-142 registers.
+    wgmma M) x BM = 16..64 tokens, 96-142 registers. act_fp8 (e4m3 x): `_act_tile_shape`.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
-    block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
+    if act_fp8:
+        block_m, block_n, dot, num_warps, num_stages = _act_tile_shape(m)
+    else:
+        block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
     split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
@@ -260,9 +321,11 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
     )
 
 
-def _check_config(cfg: dict) -> None:
+def _check_config(cfg: dict, act_fp8: bool) -> None:
     if cfg.keys() != _CONFIG_KEYS:
         raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(_CONFIG_KEYS)}")
+    if act_fp8 and not cfg["DOT"]:
+        raise ValueError("DOT=False with e4m3 x: the e4m3 path runs fp8 dots only, DOT=True")
     bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
     if bn < 1 or bn > 128 or 128 % bn:
         raise ValueError(f"BLOCK_N={bn}: must be a power of two <= 128 (a divisor of 128)")
@@ -274,8 +337,36 @@ def _check_config(cfg: dict) -> None:
         raise ValueError(f"SPLIT_K={split}: must be >= 1")
 
 
-def _check_gemv_inputs(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
-    check_tensor(x, "x", dtypes=GEMV_X_DTYPES, ndim=2)
+def _check_gemv_inputs(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> None:
+    check_tensor(x, "x", dtypes=(*GEMV_X_DTYPES, FP8_DTYPE), ndim=2)
+    if x.dtype == FP8_DTYPE and x_scale is None:
+        raise ValueError(
+            "x is e4m3 but x_scale is None: pass its fp32 scales [M, ceil(K/128)], one per row "
+            "and 128-column group (act_quant's second output)"
+        )
+    if x_scale is not None:
+        if x.dtype != FP8_DTYPE:
+            raise ValueError(
+                f"x_scale given with x of dtype {x.dtype}: x_scale goes with e4m3 x "
+                f"({FP8_DTYPE}, act_quant's first output); float x takes no scales"
+            )
+        check_tensor(x_scale, "x_scale", dtypes=(torch.float32,), ndim=2, device=x.device)
+        expected = (x.shape[0], cdiv(x.shape[1], FP8_BLOCK))
+        if tuple(x_scale.shape) != expected:
+            raise ValueError(
+                f"x_scale has shape {tuple(x_scale.shape)}; expected {expected}: one fp32 scale "
+                f"per row and 128-column group of x [{x.shape[0]}, {x.shape[1]}]"
+            )
+    if out_dtype is not None and out_dtype not in GEMV_X_DTYPES:
+        raise ValueError(
+            f"out_dtype={out_dtype}; accepted: {', '.join(map(str, GEMV_X_DTYPES))} or None"
+        )
     check_tensor(w_fp8, "w_fp8", dtypes=(FP8_DTYPE,), ndim=2, device=x.device)
     check_tensor(w_scale, "w_scale", dtypes=(torch.float32,), ndim=2, device=x.device)
     n, k = w_fp8.shape
@@ -294,15 +385,21 @@ def fp8_gemv(
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     *,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     config: dict | None = None,
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequant(w_fp8 [N, K], w_scale [NB, KB])^T in x's dtype.
+    """y [M, N] = x [M, K] @ dequant(w_fp8 [N, K], w_scale [NB, KB])^T, fp32 accumulation.
 
-    x: bf16, fp16 or fp32 (any strides); w_fp8: e4m3; w_scale: fp32, one per 128x128 block (the
-    checkpoint's weight_scale_inv). Any N and K (ragged last blocks are masked). Made for few rows
-    (decode); correct at any M. `config` (keys of `_CONFIG_KEYS`) overrides the heuristic tiles.
-    On CPU tensors outside the interpreter it runs fp8_gemv_ref.
+    x: bf16, fp16 or fp32 (any strides; weight-only), or e4m3 (any strides) with `x_scale`
+    [M, KB] fp32 (any strides: act_quant's row-major or scale_col_major layout), x = xq * x_scale
+    per 1x128 group (fp8 x fp8 dots). w_fp8: e4m3; w_scale: fp32, one per 128x128 block (the
+    checkpoint's weight_scale_inv). `out_dtype` (bf16, fp16 or fp32): y's dtype; None is x's
+    dtype for float x and bf16 for e4m3 x. Any N and K (ragged last blocks are masked). Made for
+    few rows (decode); correct at any M. `config` (keys of `_CONFIG_KEYS`; DOT=True for e4m3 x)
+    overrides the heuristic tiles. On CPU tensors outside the interpreter it runs fp8_gemv_ref or
+    fp8_gemv_act_ref.
 
     `workspace`: int32 counters on x's device, all zero, at least one per output tile
     (`fp8_gemv_workspace`); with it a split-K call is one launch, and the counters are zero again
@@ -310,22 +407,27 @@ def fp8_gemv(
     would share counters. Without it a split-K call launches `reduce_splits` after the GEMV. The
     output is the same to the bit either way.
     """
-    _check_gemv_inputs(x, w_fp8, w_scale)
+    _check_gemv_inputs(x, w_fp8, w_scale, x_scale, out_dtype)
     if workspace is not None:
         check_tensor(
             workspace, "workspace", dtypes=(torch.int32,), ndim=1, contiguous=True, device=x.device
         )
+    act_fp8 = x_scale is not None
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if act_fp8 else x.dtype
     if not (x.is_cuda or interpreting()):
-        return fp8_gemv_ref(x, w_fp8, w_scale)
+        if act_fp8:
+            return fp8_gemv_act_ref(x, x_scale, w_fp8, w_scale, out_dtype)
+        return fp8_gemv_ref(x, w_fp8, w_scale).to(out_dtype)
     m, k = x.shape
     n = w_fp8.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
         return y.zero_()
-    cfg = config if config is not None else _gemv_config(m, n, k, x.device)
-    _check_config(cfg)
+    cfg = config if config is not None else _gemv_config(m, n, k, x.device, act_fp8)
+    _check_config(cfg, act_fp8)
     kb = cdiv(k, FP8_BLOCK)
     kb_per_split = cdiv(kb, cfg["SPLIT_K"])
     split = cdiv(kb, kb_per_split)  # no empty splits
@@ -339,8 +441,10 @@ def fp8_gemv(
             f"(M={m}, N={n}, BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']}): size it with "
             f"fp8_gemv_workspace(N, max rows)"
         )
+    xs = x_scale if act_fp8 else x  # not read without ACT_FP8
     _fp8_gemv_kernel[grid](
         x,
+        xs,
         w_fp8,
         w_scale,
         c,
@@ -352,6 +456,8 @@ def fp8_gemv(
         kb_per_split,
         x.stride(0),
         x.stride(1),
+        xs.stride(0),
+        xs.stride(1),
         w_fp8.stride(0),
         w_fp8.stride(1),
         w_scale.stride(0),
@@ -362,6 +468,7 @@ def fp8_gemv(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         DOT=cfg["DOT"],
+        ACT_FP8=act_fp8,
         IEEE=x.dtype == torch.float32 or interpreting(),
         UPCAST=interpreting(),
         EVEN_K=k % FP8_BLOCK == 0,

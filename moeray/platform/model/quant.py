@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX, switched_on
 from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
 
 # Rows up to which FP8Linear runs the weight-only fp8_gemv instead of act_quant + fp8_gemm. At
@@ -63,10 +63,11 @@ def dequantize_fp8_blocks(
 class FP8Linear(nn.Module):
     """A linear layer that keeps its weight in FP8 plus block scales (inference).
 
-    On a GPU, `forward` picks the kernel: fp8_gemv (weight-only, x unquantized) for up to
-    FP8_GEMV_MAX_ROWS rows and for any N or K that is not a multiple of 128; act_quant + the
-    block-scaled fp8_gemm otherwise. Elsewhere it dequantizes and runs a plain matmul in the
-    activation dtype.
+    On a GPU, `forward` picks the kernel (`forward_kernels`): fp8_gemv (weight-only, x
+    unquantized) for up to FP8_GEMV_MAX_ROWS rows and for any N or K that is not a multiple of
+    128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on e4m3 x (fp8 dots) instead at
+    those rows when N and K are multiples of 128; act_quant + the block-scaled fp8_gemm otherwise.
+    Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 
     `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_MAX_ROWS rows, so
     a split-K call is one launch. It is a non-persistent buffer: moved with the module, not in
@@ -129,22 +130,41 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            x2 = x.reshape(-1, x.shape[-1])
-            aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
-            if x2.shape[0] <= FP8_GEMV_MAX_ROWS or not aligned:
-                # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
-                # N = 576) keep the dequantized model's numbers at any M, with no per-call
-                # dequantization of the whole weight.
-                # Above FP8_GEMV_MAX_ROWS (ragged layers only) the workspace may have too few
-                # counters: the two-launch split-K, whose extra launch is small next to prefill.
-                rows_ok = x2.shape[0] <= FP8_GEMV_MAX_ROWS
-                ws = self.gemv_workspace if rows_ok else None
-                y = fp8_gemv(x2, self.weight, self.weight_scale_inv, workspace=ws)
-            else:
-                xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
-                y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
+            y = self.forward_kernels(x.reshape(-1, x.shape[-1]))
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
+
+    def forward_kernels(self, x2: torch.Tensor) -> torch.Tensor:
+        """`forward`'s GPU path on x2 [M, K] (float, rows flattened): the one place that picks the
+        kernel. Runs on CPU tensors under Triton's interpreter too (the kernel tests)."""
+        aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
+        rows_ok = x2.shape[0] <= FP8_GEMV_MAX_ROWS
+        if rows_ok and aligned and switched_on("FP8_GEMV_ACT"):
+            # Opt-in until measured on a GPU (`moeray bench kernels --only fp8_gemv`, the act_*
+            # columns): fp8 x fp8 dots skip the in-register weight convert that holds the
+            # weight-only gemv at ~2 TB/s on big decode shapes (o_proj 57 us at M = 1 on an H200,
+            # bf16 F.linear 3.8 TB/s), but add an act_quant launch and round x to 1x128 e4m3
+            # groups. Aligned layers only: ragged ones (kv_a, N = 576, and merged stacks off the
+            # 128-grid) keep the weight-only numbers at any M (below).
+            xq, xs = act_quant(x2)
+            return fp8_gemv(
+                xq,
+                self.weight,
+                self.weight_scale_inv,
+                x_scale=xs,
+                out_dtype=x2.dtype,
+                workspace=self.gemv_workspace,
+            )
+        if rows_ok or not aligned:
+            # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
+            # N = 576) keep the dequantized model's numbers at any M, with no per-call
+            # dequantization of the whole weight.
+            # Above FP8_GEMV_MAX_ROWS (ragged layers only) the workspace may have too few
+            # counters: the two-launch split-K, whose extra launch is small next to prefill.
+            ws = self.gemv_workspace if rows_ok else None
+            return fp8_gemv(x2, self.weight, self.weight_scale_inv, workspace=ws)
+        xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
+        return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
 
 
 def set_fp8_expert_weight(
