@@ -19,10 +19,11 @@ Three inner products, chosen by x's dtype and M:
   uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
 - act_fp8 (e4m3 x, any M): the dot path's tiles and operand swap with both operands e4m3 into the
   tensor cores, no convert: acc^T [BN, BM] += (w [BN, 128] @ xq^T [128, BM]) * w_scale *
-  x_scale[rows], each 128-deep K block promoted into fp32 as fp8_gemm does. Converting the weight
-  tile in registers is what holds the float paths at ~2-2.6 TB/s on an H200 (o_proj 7168x16384 at
-  M = 1: 57 us, 2.05 TB/s, where bf16 F.linear reaches 3.8 TB/s); this path trades that for an
-  act_quant launch and 1x128 activation rounding. `_act_tile_shape` picks its tiles.
+  x_scale[rows], each 128-deep K block promoted into fp32 as fp8_gemm does; the dot path's tiles
+  at every M (`_dot_tile_shape`). It skips the weight convert for an act_quant launch and 1x128
+  activation rounding. On an H200 (benchmarks/results/kernels-nvidia-h200-gemvmma.json, V3 shapes)
+  the kernel is 1.45x the weight-only one at M = 8 on the big layers (o_proj 37.0 vs 54.2 us) and
+  slower at M = 1 (38.9 vs 36.5 us, where the weight-only broadcast tile reads 3.2 TB/s).
 
 Split-K: when cdiv(N, BN) tiles cannot fill the GPU (N = 576 kv_a, 1536 q_a at batch 1) each of
 S programs per tile reduces a K range of whole 128-blocks into an fp32 partial [S, M, N]. The
@@ -264,20 +265,15 @@ def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int, int]:
             # tile below was within 7% of the best.
             return 1, 16, False, 2, 6
         return block_m, 64 // block_m, False, 4, 4
-    return min(64, max(16, pow2_at_least(m))), 64, True, 4, 4
+    return _dot_tile_shape(m)
 
 
-def _act_tile_shape(m: int) -> tuple[int, int, bool, int, int]:
-    """(BLOCK_M, BLOCK_N, DOT, num_warps, num_stages) of the act_fp8 path (e4m3 x) for m rows.
+def _dot_tile_shape(m: int) -> tuple[int, int, bool, int, int]:
+    """The dot path's tiles for m rows (float x above _BCAST_MAX_ROWS, e4m3 x at every m).
 
     BM: 16 up to 16 rows (the narrowest MMA N side; fewer rows wrap), else the next power of two
-    up to 64. BN = 64: one warpgroup MMA's M, an 8 KB e4m3 weight tile a stage, and N = 576
-    (kv_a) in 9 whole tiles where 128 would read a wrapped half tile (11% more bytes); more tiles
-    also mean fewer K splits to sum. 4 stages: 3 loads in flight are 24 KB of weights per CTA, over
-    the ~22 KB per SM that Little's law asks at 4.8 TB/s (_PROGRAMS_PER_SM), and (8 + 2) KB x 4
-    stages = 40 KB of shared memory at BM = 16 lets all 4 programs per SM of the split-K rule be
-    resident at once (228 KB); 6 stages (60 KB) would fit 3. Unmeasured on a GPU:
-    `moeray bench kernels --only fp8_gemv` times it (the `act_*` columns)."""
+    up to 64. BN = 64: one warpgroup MMA's M, and N = 576 (kv_a) in 9 whole tiles where 128 would
+    read a wrapped half tile (11% more bytes). 4 warps, 4 stages."""
     return min(64, max(16, pow2_at_least(m))), 64, True, 4, 4
 
 
@@ -285,14 +281,15 @@ def fp8_gemv_workspace(
     n: int, max_rows: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
-    `max_rows` rows with the heuristic tiles of either x (the GPU's, at least as many as the
-    interpreter's wider ones). ceil(N/16) counters at FP8Linear's 16 rows: 6 KB for N = 24576."""
+    `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
+    wider ones; e4m3 x's dot tiles are never more than float x's). ceil(N/16) counters at
+    FP8Linear's 16 rows: 6 KB for N = 24576."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
     tiles = 0
     for m in range(1, max_rows + 1):
-        for block_m, block_n, *_ in (_tile_shape(m, interpret=False), _act_tile_shape(m)):
-            tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
+        block_m, block_n, *_ = _tile_shape(m, interpret=False)
+        tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
@@ -302,10 +299,10 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     Broadcast tiles: 1 x 16 with 2 warps and 6 stages at M = 1 (`_tile_shape` says why), else
     BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32 and 4x16 with 4 warps (96
     registers in offline sm_90 compiles, no spills). Dot tiles: 64 weight rows (one
-    wgmma M) x BM = 16..64 tokens, 96-142 registers. act_fp8 (e4m3 x): `_act_tile_shape`.
+    wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at every M.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
     if act_fp8:
-        block_m, block_n, dot, num_warps, num_stages = _act_tile_shape(m)
+        block_m, block_n, dot, num_warps, num_stages = _dot_tile_shape(m)
     else:
         block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)

@@ -140,12 +140,13 @@ class FP8Linear(nn.Module):
         aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
         rows_ok = x2.shape[0] <= FP8_GEMV_MAX_ROWS
         if rows_ok and aligned and switched_on("FP8_GEMV_ACT"):
-            # Opt-in until measured on a GPU (`moeray bench kernels --only fp8_gemv`, the act_*
-            # columns): fp8 x fp8 dots skip the in-register weight convert that holds the
-            # weight-only gemv at ~2 TB/s on big decode shapes (o_proj 57 us at M = 1 on an H200,
-            # bf16 F.linear 3.8 TB/s), but add an act_quant launch and round x to 1x128 e4m3
-            # groups. Aligned layers only: ragged ones (kv_a, N = 576, and merged stacks off the
-            # 128-grid) keep the weight-only numbers at any M (below).
+            # Opt-in: fp8 x fp8 dots skip the weight-only gemv's in-register weight convert but
+            # add an act_quant launch and round x to 1x128 e4m3 groups. On an H200 the kernel won
+            # 1.45x at M = 8 on V3's big layers and lost at M = 1 (the act_* columns of
+            # benchmarks/results/kernels-nvidia-h200-gemvmma.json); in the engine V3 FP8 batch 1
+            # gained 2% and Moonlight lost at every batch (benchmarks/notes-engine.md). Aligned
+            # layers only: ragged ones (kv_a, N = 576, and merged stacks off the 128-grid) keep
+            # the weight-only numbers at any M (below).
             xq, xs = act_quant(x2)
             return fp8_gemv(
                 xq,
