@@ -413,7 +413,7 @@ def fp8_gemv(
     if out_dtype is None:
         out_dtype = torch.bfloat16 if act_fp8 else x.dtype
     if not (x.is_cuda or interpreting()):
-        if act_fp8:
+        if x_scale is not None:
             return fp8_gemv_act_ref(x, x_scale, w_fp8, w_scale, out_dtype)
         return fp8_gemv_ref(x, w_fp8, w_scale).to(out_dtype)
     m, k = x.shape
@@ -438,7 +438,7 @@ def fp8_gemv(
             f"(M={m}, N={n}, BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']}): size it with "
             f"fp8_gemv_workspace(N, max rows)"
         )
-    xs = x_scale if act_fp8 else x  # not read without ACT_FP8
+    xs = x_scale if x_scale is not None else x  # not read without ACT_FP8
     _fp8_gemv_kernel[grid](
         x,
         xs,
