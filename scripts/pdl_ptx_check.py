@@ -115,6 +115,13 @@ CASES = [
     ),
     (moe_align._moe_align_kernel, dict(BLOCK_M=32, EP=64, CH=64), dict(ids_ptr=I64), {}, False),
     (
+        moe_align._moe_align_wide_kernel,
+        dict(BLOCK_M=16, PADB=16, NB=512, CH=1024),
+        dict(ids_ptr=I64),
+        {},
+        False,
+    ),
+    (
         moe._moe_gate_up_kernel,
         dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
         dict(x_ptr=F8, wg_ptr=F8, wu_ptr=F8, sorted_ptr=I32, bexp_ptr=I32, xs_ptr=F32),

@@ -4,7 +4,8 @@
 # 128x128 scales, the serve --weights fp8 path), with the roofline and a profile of 8 decode steps
 # per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
-# DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. A/B of a fast path:
+# DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. BATCHES=1,8 replaces the
+# shape's batch sizes. A/B of a fast path:
 # MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
 # HF=1 adds transformers' generate on the same weights (bf16 runs; it saves a copy of the model
@@ -13,9 +14,9 @@ rc=0
 files=()
 for shape in ${SHAPES:-moonlight v3}; do
   case $shape in
-    moonlight) args="--preset moonlight_16b_a3b --batch-sizes 1,8,64" ;;
-    v3) args="--preset deepseek_v3 --layers 4 --dense-layers 1 --batch-sizes 1,64" ;;
-    tiny) args="--preset tiny --batch-sizes 1,8 --prompt-len 16 --decode-tokens 4" ;;
+    moonlight) args="--preset moonlight_16b_a3b --batch-sizes ${BATCHES:-1,8,64}" ;;
+    v3) args="--preset deepseek_v3 --layers 4 --dense-layers 1 --batch-sizes ${BATCHES:-1,64}" ;;
+    tiny) args="--preset tiny --batch-sizes ${BATCHES:-1,8} --prompt-len 16 --decode-tokens 4" ;;
     *) echo "unknown shape '$shape': moonlight, v3 or tiny"; exit 2 ;;
   esac
   for w in ${WEIGHTS:-bf16 fp8}; do

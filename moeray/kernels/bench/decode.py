@@ -55,12 +55,17 @@ def _cases(t: int):
         return run
 
     return [
-        ("moe_align", p(moe_align_ref, ids, EXPERTS, 16), p(moe_align, ids, EXPERTS, 16), True),
-        (
-            "moe_align_v3",  # past align_kernel_max_tk(256) = 384 both run the reference
-            p(moe_align_ref, ids_v3, V3_EXPERTS, 16),
-            p(moe_align, ids_v3, V3_EXPERTS, 16),
-            True,
+        # moe_align's two kernels at each size (`moe_align` picks "small" up to
+        # small_kernel_max_tk: 128 assignments at 64 experts, 32 at 256)
+        *(
+            (
+                f"moe_align{shape}_{kernel}",
+                p(moe_align_ref, i, e, 16),
+                p(moe_align, i, e, 16, kernel=kernel),
+                True,
+            )
+            for shape, i, e in (("", ids, EXPERTS), ("_v3", ids_v3, V3_EXPERTS))
+            for kernel in ("small", "wide")
         ),
         ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
         (
@@ -76,7 +81,7 @@ def _cases(t: int):
     ]
 
 
-def bench_decode_glue(tokens: tuple[int, ...] = (1, 32, 170)) -> list[dict]:
+def bench_decode_glue(tokens: tuple[int, ...] = (1, 8, 32, 64, 170)) -> list[dict]:
     rows = []
     for t in tokens:
         for name, ref_fn, fused_fn, exact in _cases(t):
