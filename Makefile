@@ -34,8 +34,12 @@ demo: $(STAMP)
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install prometheus"
 
+# Two pytest runs: the tiers without Ray over 2 worker processes (pytest-xdist; the interpreted
+# Triton kernels are single-threaded Python), then the Ray tier in one process (one local Ray
+# instance for all of it).
 test: $(TEST_STAMP) prometheus
-	$(BIN)/python -m pytest -q --durations=30 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=20 tests/unit tests/kernels tests/gpu
+	$(BIN)/python -m pytest -q --durations=20 tests/ray
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml.
 lint: $(LINT_STAMP)
