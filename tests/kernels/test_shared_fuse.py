@@ -8,8 +8,10 @@ MOERAY_FUSED_SHARED=0 keep the shared MLP; the engine's greedy tokens are the sa
 Tolerances: each shared expert's output is rounded to bf16 before the fp32 sum of a token's
 experts, where the unfused path rounds the routed sum and the shared output and adds them: a few
 bf16 ulps of the output. FP8 also quantizes the shared experts' input and hidden activations per
-1x128 group (the fused FP8 MoE does for every expert; the shared FP8Linear's reference does not):
-a relative error of a few percent of the output's norm, against ~1 for a wrong weight or scale."""
+1x128 group (the fused FP8 MoE's aligned kernels do for every expert; the shared FP8Linear's
+reference does not): a relative error of a few percent of the output's norm, against ~1 for a
+wrong weight or scale. Up to 16 assignments the fused MoE runs moe_gemv, weight-only (x and h not
+quantized), so where one side has <= 16 assignments and the other more, the FP8 gap is larger."""
 
 import copy
 import importlib.util
@@ -193,7 +195,10 @@ def test_save_load_and_load_state_dict_follow(n_shared, fp8, tmp_path):
             want = _unfused_fused_path(a_moe, x).float()
             got = b_moe(x[None]).squeeze(0).float()
         rel = ((got - want).norm() / want.norm()).item()
-        assert rel < (0.05 if fp8 else 0.01), rel
+        # FP8: `want`'s routed experts (5 tokens x top-3 = 15 assignments) run moe_gemv,
+        # weight-only; `got`'s 20-25 with the shared ones the aligned kernels, x and h quantized:
+        # 4.2-4.6% apart (2.4-3.1% with MOERAY_FUSED_MOE_GEMV=0, both quantized)
+        assert rel < (0.06 if fp8 else 0.01), rel
 
 
 def test_decode_logits_and_greedy_tokens_equal_unfused():
