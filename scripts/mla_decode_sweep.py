@@ -3,8 +3,8 @@ each config's time per call and its error against the reference, so that `kernel
 head block, warps, stages and split count can be set from numbers at the engine bench's shapes
 (prompt 128 + 32 decoded tokens: ~160 cached tokens, 3 pages of 64).
 
-Timing: a CUDA graph of LAYERS calls, each over its own cache (as the layers of one decode step),
-replayed 5 times; the median replay over LAYERS. Bytes: the cache rows read plus q and the output.
+Timing: moe_decode_sweep's `time_call`, a CUDA graph of REPS (20) calls, each over its own cache
+(as the layers of one decode step), replayed 5 times. Bytes: the cache rows read, q and the output.
 
     python scripts/mla_decode_sweep.py --out mla-decode-sweep.json
 """
@@ -16,10 +16,11 @@ import itertools
 import json
 
 import torch
+from moe_decode_sweep import REPS, time_call  # scripts/, on sys.path when run as a script
 
 from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
 
-LAYERS = 27  # Moonlight-16B-A3B's layers: one call each in a decode step
+LAYERS = REPS  # one cache per call of the graph, as the layers of a decode step
 PAGE, D, R = 64, 576, 512
 SCALE = 192**-0.5
 CASES = (  # (heads, batch, context): Moonlight's 16 heads, DeepSeek-V3's 128
@@ -29,30 +30,6 @@ CASES = (  # (heads, batch, context): Moonlight's 16 heads, DeepSeek-V3's 128
     (128, 1, 160),
     (128, 1, 1024),
 )
-
-
-def time_graph(fns) -> float:
-    """Microseconds per call of the functions replayed from one CUDA graph (median of 5)."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for f in fns:  # compile and warm outside the capture
-            f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(fns))
-    return sorted(times)[2]
 
 
 def run_case(heads: int, batch: int, ctx: int) -> list[dict]:
@@ -82,9 +59,7 @@ def run_case(heads: int, batch: int, ctx: int) -> list[dict]:
         try:
             out = mla_decode(q, caches[0], table, lens, SCALE, **kw)
             row["rel_err"] = round(((out.float() - ref[:, 0]).norm() / ref.norm()).item(), 6)
-            us = time_graph(
-                [lambda c=c, kw=kw: mla_decode(q, c, table, lens, SCALE, **kw) for c in caches]
-            )
+            us = time_call(lambda r, kw=kw: mla_decode(q, caches[r], table, lens, SCALE, **kw))
             row.update(us=round(us, 2), TBps=round(nbytes / us / 1e6, 3))
         except Exception as e:  # a config that does not compile (shared memory, registers)
             row["error"] = f"{type(e).__name__}: {str(e)[:100]}"

@@ -1,7 +1,9 @@
 """The fused MoE's block configs at decode token counts, at published expert shapes: each config's
 time per fused_moe call (alignment, gate_up, down and sum; FP8's activation quantization too)
 and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe.py` `_moe_config` can
-be set from numbers.
+be set from numbers. `--path gemv` times `moe_gemv` (no alignment, FP8 weight-only: gate_up, down
+and sum) over its tiles instead, `--path both` the two, for `moe_gemv_config` and
+MOE_GEMV_MAX_ASSIGNMENTS; rows say which ("path"), "default" marks each path's heuristic tile.
 
 Timing: a CUDA graph of REPS calls, each call routed to other experts (disjoint sets in turn), so
 that no call finds its weights in L2 (Moonlight's 6 experts are 69 MB of gate_up, the H200's L2
@@ -9,11 +11,13 @@ is 50 MB); the time is the graph's replay over REPS. Bytes: the distinct experts
 down weights (with their scales) that the call reads.
 
     python scripts/moe_decode_sweep.py --out moe-decode-sweep.json
+    python scripts/moe_decode_sweep.py --path both --tokens 1,2 --out moe-gemv-sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 
@@ -21,6 +25,7 @@ import torch
 
 from moeray.kernels.bench.moe import quantized_experts
 from moeray.kernels.moe import _moe_config, fused_moe
+from moeray.kernels.moe_gemv import moe_gemv, moe_gemv_config
 
 SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the published configs
     "moonlight": (2048, 1408, 64, 6),
@@ -35,6 +40,16 @@ def configs(block_m: str, block_n: str, stages: str) -> list[dict]:
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=ns)
         for bm, bn, ns in itertools.product(
             *(tuple(map(int, v.split(","))) for v in (block_m, block_n, stages))
+        )
+    ]
+
+
+def gemv_configs(block_n: str, warps: str, stages: str) -> list[dict]:
+    """moe_gemv's tiles: every combination of the comma-separated rows, warps and stages."""
+    return [
+        dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+        for bn, nw, ns in itertools.product(
+            *(tuple(map(int, v.split(","))) for v in (block_n, warps, stages))
         )
     ]
 
@@ -63,6 +78,16 @@ def time_call(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _tile(cfg: dict) -> str:
+    """A config in one short column: BM (aligned only), BN, warps, stages."""
+    bm = f"BM{cfg['BLOCK_M']:3} " if "BLOCK_M" in cfg else "      "
+    return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}"
+
+
+def _key(r: dict) -> str:
+    return f"{r['shape']} t={r['tokens']} {r['weights']} {r['path']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="moonlight,v3")
@@ -70,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-m", default="16,32")
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--stages", default="3,4")
+    p.add_argument("--path", default="aligned", choices=("aligned", "gemv", "both"))
+    p.add_argument("--gemv-block-n", default="8,16,32")
+    p.add_argument("--gemv-warps", default="2,4")
+    p.add_argument("--gemv-stages", default="4,6")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -94,16 +123,33 @@ def main(argv: list[str] | None = None) -> int:
                 ids.append(pool[pick].to(torch.int32))
             wts = torch.rand(t, k, device=dev, dtype=torch.bfloat16)
             experts = sum(int(torch.unique(a).numel()) for a in ids) / REPS
-            for weights, (a13, a2, kw, bpe) in {
-                "bf16": (w13, w2, {}, 2.0),
-                "fp8": (q13, q2, {"w13_scale": s13, "w2_scale": s2}, 1.0 + 4 / 128**2),
-            }.items():
+            for (weights, (a13, a2, kw, bpe)), path in itertools.product(
+                {
+                    "bf16": (w13, w2, {}, 2.0),
+                    "fp8": (q13, q2, {"w13_scale": s13, "w2_scale": s2}, 1.0 + 4 / 128**2),
+                }.items(),
+                ("aligned", "gemv") if args.path == "both" else (args.path,),
+            ):
                 nbytes = experts * 3 * h * i * bpe
-                default = _moe_config(t * k, e, weights == "fp8")
-                for cfg in configs(args.block_m, args.block_n, args.stages):
+                if path == "aligned":
+                    default = _moe_config(t * k, e, weights == "fp8")
+                    cfgs = configs(args.block_m, args.block_n, args.stages)
+                else:
+                    default = moe_gemv_config()
+                    cfgs = gemv_configs(args.gemv_block_n, args.gemv_warps, args.gemv_stages)
+                if path == "aligned":
+                    fn = functools.partial(fused_moe, x, a13, a2, **kw)
+                else:  # gate and up as two tensors (views of w13), with their scales
+                    gemv_kw = {}
+                    if kw:
+                        sc13 = kw["w13_scale"]
+                        gemv_kw = dict(w1_scale=sc13[:, : i // 128], w3_scale=sc13[:, i // 128 :])
+                        gemv_kw["w2_scale"] = kw["w2_scale"]
+                    fn = functools.partial(moe_gemv, x, a13[:, :i], a13[:, i:], a2, **gemv_kw)
+                for cfg in cfgs:
 
-                    def call(r, cfg=cfg, a13=a13, a2=a2, kw=kw, x=x, ids=ids, wts=wts):
-                        fused_moe(x, a13, a2, ids[r], wts, config=cfg, **kw)
+                    def call(r, fn=fn, cfg=cfg, ids=ids, wts=wts):
+                        fn(ids[r], wts, config=cfg)
 
                     try:
                         us = time_call(call)
@@ -115,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                             "shape": shape,
                             "tokens": t,
                             "weights": weights,
+                            "path": path,
                             **cfg,
                             "default": all(cfg[k2] == default[k2] for k2 in default),
                             "us": us,
@@ -125,27 +172,22 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     r = rows[-1]
                     print(
-                        f"{shape:9} t={t:3} {weights:4} BM{cfg['BLOCK_M']:3} BN{cfg['BLOCK_N']:4} "
-                        f"st{cfg['num_stages']} {'*' if r['default'] else ' '} "
+                        f"{shape:9} t={t:3} {weights:4} {path:7} {_tile(cfg)} "
+                        f"{'*' if r['default'] else ' '} "
                         f"{us if us is None else round(us, 1)!s:>7} us "
                         f"{r['tb_per_s'] and round(r['tb_per_s'], 2)!s:>5} TB/s {err or ''}",
                         flush=True,
                     )
     best = {}
     for r in rows:
-        key = f"{r['shape']} t={r['tokens']} {r['weights']}"
-        if r["us"] is not None and (key not in best or r["us"] < best[key]["us"]):
-            best[key] = r
-    print("\nbest per shape (the default config's time):")
+        if r["us"] is not None and (_key(r) not in best or r["us"] < best[_key(r)]["us"]):
+            best[_key(r)] = r
+    print("\nbest per shape and path (the default config's time):")
     for key, r in best.items():
-        d = next(
-            x
-            for x in rows
-            if x["default"] and f"{x['shape']} t={x['tokens']} {x['weights']}" == key
-        )
+        d = next((x for x in rows if x["default"] and _key(x) == key), None)
         print(
-            f"{key:26} BM{r['BLOCK_M']} BN{r['BLOCK_N']} st{r['num_stages']} {r['us']:.1f} us "
-            f"{r['tb_per_s']:.2f} TB/s (default {d['us']} us)"
+            f"{key:34} {_tile(r)} {r['us']:.1f} us {r['tb_per_s']:.2f} TB/s "
+            f"(default {d and d['us']} us)"
         )
     if args.out:
         with open(args.out, "w") as f:

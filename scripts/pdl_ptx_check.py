@@ -37,6 +37,8 @@ from moeray.kernels import (
     mla_write,
     moe,
     moe_align,
+    moe_common,
+    moe_gemv,
     norm,
     router_logits,
 )
@@ -142,7 +144,27 @@ CASES = [
         dict(num_warps=4, num_stages=4),
         False,
     ),
-    (moe._moe_sum_kernel, dict(K=6, BLOCK=1024, HAS_ADD=True), dict(ids_ptr=I64), {}, False),
+    (  # FP8 weights with Moonlight's GPU tile; the wait before the expert id's load
+        moe_gemv._moe_gemv_gate_up_kernel,
+        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=6, PRECISE=True),
+        dict(wg_ptr=F8, wu_ptr=F8, ids_ptr=I32, sg_ptr=F32, su_ptr=F32),
+        dict(num_warps=2, num_stages=6),
+        False,
+    ),
+    (
+        moe_gemv._moe_gemv_down_kernel,
+        dict(FP8=False, BLOCK_N=16, EVEN_K=False, NUM_STAGES=6),
+        dict(ids_ptr=I64, rw_ptr=F32),
+        dict(num_warps=2, num_stages=6),
+        False,
+    ),
+    (
+        moe_common._moe_sum_kernel,
+        dict(K=6, BLOCK=1024, HAS_ADD=True),
+        dict(ids_ptr=I64),
+        {},
+        False,
+    ),
     (
         quant._act_quant_kernel,
         dict(BLOCK_M=16, GROUP=128, EXACT=False),

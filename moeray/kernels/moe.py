@@ -4,6 +4,18 @@ Legend: T tokens, H hidden (7168), I expert width (moe_intermediate_size, 2048),
 K top-k (8), TK = T * K assignments (token t's k-th choice is assignment t * K + k), BM rows per
 block.
 
+Two paths, chosen in one place, `fused_moe_gate_up`:
+- `moe_gemv` (`moeray.kernels.moe_gemv`) for TK <= MOE_GEMV_MAX_ASSIGNMENTS (16: decode at 1-2
+  tokens) when no `config` is passed and MOERAY_FUSED_MOE_GEMV=1 (opt-in until an H200 A/B
+  measures it against the aligned path: `scripts/device/run.sh moe-gemv`): no alignment, one
+  program per (row block, assignment) over the full H or I on the CUDA cores, 3 launches
+  (gate/up, down, sum). With FP8 weights it is weight-only, like FP8Linear's decode `fp8_gemv`:
+  x and h are not quantized to e4m3 (no act_quant launches), so its numbers differ from the
+  aligned path's by that quantization (4.1-4.6% of the output's norm on random data).
+- the aligned kernels below for everything else (by default, prefill, larger decode batches, an
+  explicit `config`): 4 launches with bf16 weights, 6 with FP8.
+
+The aligned path:
 1. moe_align (`moeray.kernels.moe_align`): sort assignments by expert and pad each expert's run
    to a multiple of BM, so every block of BM sorted rows belongs to one expert. Padding rows hold
    the sentinel TK. Experts that get no tokens get no blocks. Sizes are upper bounds (no host
@@ -11,7 +23,8 @@ block.
 2. gate/up kernel: block (m, n) gathers its BM token rows of x, multiplies by w13[e] gate rows n and
    up rows I + n, and writes silu(gate) * up -> h [TK, I] (bf16), row = assignment id.
 3. down kernel: block (m, n) multiplies h rows by w2[e] [H, I] columns n, scales by the routing
-   weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32.
+   weight and writes y_TKH; the K contributions of a token are summed afterwards in fp32
+   (`moe_common.moe_sum`, shared with moe_gemv).
 
 bf16 weights use bf16 MMAs. FP8 weights (e4m3, 128x128 block scale_inv as in the checkpoint)
 quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promotion, as fp8_gemm.
@@ -35,13 +48,21 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
-from moeray.kernels.fp8.quant import act_quant, dequant_rows_ref, weight_dequant_ref
+from moeray.kernels.fp8.quant import act_quant
 from moeray.kernels.moe_align import moe_align
-
-BF16_IN = (torch.bfloat16, torch.float16, torch.float32)
+from moeray.kernels.moe_common import (
+    BF16_IN,
+    MoEScales,
+    check_moe_inputs,
+    fused_moe_gate_up_ref,
+    moe_act_dtype,
+    moe_sum,
+)
+from moeray.kernels.moe_gemv import MOE_GEMV_MAX_ASSIGNMENTS, run_moe_gemv
 
 
 def fused_moe_ref(
@@ -54,46 +75,34 @@ def fused_moe_ref(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    quantize_activations: bool = True,
 ) -> torch.Tensor:
-    """Loop over experts: y_t = sum_k w_tk * W2_e (silu(W1_e x_t) * W3_e x_t).
+    """Loop over experts: y_t = sum_k w_tk * W2_e (silu(W1_e x_t) * W3_e x_t), with w13 [E, 2I, H]
+    (gate rows then up rows); `moe_common.fused_moe_gate_up_ref` on its two halves.
 
-    With FP8 weights it dequantizes them and fake-quantizes x and h per token (1x128), the same
-    numbers the FP8 kernel multiplies.
+    With FP8 weights it dequantizes them and, with `quantize_activations` (the aligned FP8
+    kernels), fake-quantizes x and h per token (1x128), the same numbers the FP8 kernel
+    multiplies; False gives moe_gemv's weight-only numbers (x and h not quantized).
     """
-    t, h = x_TH.shape
-    e_count, two_i, _ = w13_E2IH.shape
-    i = two_i // 2
-    fp8 = w13_E2IH.dtype == FP8_DTYPE
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13_scale, w2_scale) with FP8
-    if fp8:
+    i = w13_E2IH.shape[1] // 2
+    scales: MoEScales | None = None
+    if w13_E2IH.dtype == FP8_DTYPE:
         if w13_scale is None or w2_scale is None:
             raise ValueError(
                 "FP8 weights need w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128]"
             )
-        scales = (w13_scale, w2_scale)
-    x = x_TH
-    if fp8:
-        xq, xs = act_quant(x_TH.float())
-        x = dequant_rows_ref(xq, xs)
-    x = x.to(compute_dtype)
-    y = torch.zeros(t, h, dtype=torch.float32, device=x_TH.device)
-    for e in range(e_count):
-        tok, slot = torch.where(expert_ids_TK == e)
-        if tok.numel() == 0:
-            continue
-        if scales is not None:  # FP8
-            w13 = weight_dequant_ref(w13_E2IH[e], scales[0][e], out_dtype=compute_dtype)
-            w2 = weight_dequant_ref(w2_EHI[e], scales[1][e], out_dtype=compute_dtype)
-        else:
-            w13, w2 = w13_E2IH[e].to(compute_dtype), w2_EHI[e].to(compute_dtype)
-        gu = x[tok] @ w13.t()
-        act = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
-        if fp8:
-            aq, as_ = act_quant(act.float())
-            act = dequant_rows_ref(aq, as_).to(compute_dtype)
-        out = act @ w2.t()
-        y.index_add_(0, tok, out.float() * weights_TK[tok, slot].float()[:, None])
-    return y.to(x_TH.dtype)
+        scales = (w13_scale[:, : i // 128], w13_scale[:, i // 128 :], w2_scale)
+    return fused_moe_gate_up_ref(
+        x_TH,
+        w13_E2IH[:, :i],
+        w13_E2IH[:, i:],
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        scales=scales,
+        compute_dtype=compute_dtype,
+        quantize_activations=quantize_activations,
+    )
 
 
 @triton.jit
@@ -180,7 +189,10 @@ def _moe_gate_up_kernel(
         wu_ptrs += BLOCK_K
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, in fp32
     h_ptrs = h_ptr + ids[:, None].to(tl.int64) * stride_ht + offs_n[None, :]
-    tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    # to_dtype_rn: round to nearest as the GPU's cast does, also under the interpreter (whose
+    # plain cast truncates to bf16), so CPU tests check the GPU's numbers
+    h_out = to_dtype_rn(act, h_ptr.dtype.element_ty)
+    tl.store(h_ptrs, h_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -246,7 +258,8 @@ def _moe_down_kernel(
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    y_out = to_dtype_rn(acc, y_ptr.dtype.element_ty)  # (as the gate/up kernel's h)
+    tl.store(y_ptrs, y_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
@@ -289,7 +302,8 @@ def fused_moe(
     x [T, H] bf16; w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], bf16 or e4m3 with
     w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128] (checkpoint scale_inv);
     expert_ids [T, K] int (ids outside [0, E) are skipped), weights [T, K] float.
-    No host syncs (CUDA-graph capturable).
+    No host syncs (CUDA-graph capturable). `fused_moe_gate_up` on w13's halves (with
+    MOERAY_FUSED_MOE_GEMV=1, moe_gemv up to MOE_GEMV_MAX_ASSIGNMENTS assignments).
     """
     check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3)
     e_count, two_i, h_w = w13_E2IH.shape
@@ -341,70 +355,42 @@ def fused_moe_gate_up(
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
-    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer)."""
-    check_tensor(x_TH, "x", dtypes=BF16_IN, ndim=2)
-    check_tensor(w1_EIH, "w1", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3, device=x_TH.device)
-    check_tensor(w3_EIH, "w3", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
-    check_tensor(w2_EHI, "w2", dtypes=(w1_EIH.dtype,), ndim=3, device=x_TH.device)
-    check_tensor(
-        expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64), ndim=2, device=x_TH.device
+    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
+    Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with MOERAY_FUSED_MOE_GEMV=1 and no
+    `config` it runs `moe_gemv` (module docstring; FP8 there is weight-only). On CPU tensors
+    outside the interpreter: the chosen path's reference."""
+    scales = check_moe_inputs(
+        x_TH,
+        w1_EIH,
+        w3_EIH,
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        w1_scale=w1_scale,
+        w3_scale=w3_scale,
+        w2_scale=w2_scale,
+        add_TH=add_TH,
     )
-    check_tensor(weights_TK, "weights", dtypes=BF16_IN, ndim=2, device=x_TH.device)
     t, h = x_TH.shape
-    e_count, i, h_w = w1_EIH.shape
-    if h_w != h:
-        raise ValueError(
-            f"w1 has shape {tuple(w1_EIH.shape)}; expected [E, I, {h}] (x has width {h})"
+    e_count, i, _ = w1_EIH.shape
+    k = expert_ids_TK.shape[1]
+    tk = t * k
+    # The one choice between the two paths (module docstring): an explicit `config` is a tile
+    # config of the aligned kernels, so it keeps them.
+    if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and switched_on("MOE_GEMV"):
+        return run_moe_gemv(
+            x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales, add_TH, None
         )
-    if tuple(w3_EIH.shape) != (e_count, i, h):
-        raise ValueError(f"w3 has shape {tuple(w3_EIH.shape)}; expected {(e_count, i, h)} like w1")
-    if tuple(w2_EHI.shape) != (e_count, h, i):
-        raise ValueError(f"w2 has shape {tuple(w2_EHI.shape)}; expected [{e_count}, {h}, {i}]")
-    if expert_ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(expert_ids_TK.shape):
-        raise ValueError(
-            f"expert_ids {tuple(expert_ids_TK.shape)} and weights {tuple(weights_TK.shape)} "
-            f"must both be [T={t}, K]"
-        )
-    if add_TH is not None:
-        check_tensor(add_TH, "add", dtypes=(x_TH.dtype,), ndim=2, device=x_TH.device)
-        if tuple(add_TH.shape) != (t, h):
-            raise ValueError(f"add has shape {tuple(add_TH.shape)}; expected [T, H] = {(t, h)}")
-    fp8 = w1_EIH.dtype == FP8_DTYPE
-    # (w1_scale, w3_scale, w2_scale), checked, with FP8
-    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    if fp8:
-        if w1_scale is None or w3_scale is None or w2_scale is None:
-            raise ValueError(
-                "FP8 weights need w1_scale, w3_scale [E, I/128, H/128] and "
-                "w2_scale [E, H/128, I/128]"
-            )
-        scales = (w1_scale, w3_scale, w2_scale)
-        if i % 128 or h % 128:
-            raise ValueError(
-                f"FP8 MoE needs H={h} and I={i} to be multiples of 128 (128x128 weight blocks)"
-            )
-        for name, sc, shape in (
-            ("w1_scale", w1_scale, (e_count, i // 128, h // 128)),
-            ("w3_scale", w3_scale, (e_count, i // 128, h // 128)),
-            ("w2_scale", w2_scale, (e_count, h // 128, i // 128)),
-        ):
-            check_tensor(sc, name, dtypes=(torch.float32,), ndim=3, device=x_TH.device)
-            if tuple(sc.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(sc.shape)}; expected {shape}")
     if not use_triton(x_TH):
-        w13 = torch.cat([w1_EIH, w3_EIH], 1)
-        s13 = torch.cat([scales[0], scales[1]], 1) if scales is not None else None
-        y_ref = fused_moe_ref(
-            x_TH, w13, w2_EHI, expert_ids_TK, weights_TK, w13_scale=s13, w2_scale=w2_scale
+        return fused_moe_gate_up_ref(
+            x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales=scales, add_TH=add_TH
         )
-        return y_ref if add_TH is None else y_ref + add_TH
     for name, w in (("w1", w1_EIH), ("w3", w3_EIH), ("w2", w2_EHI)):
         if w.stride(-1) != 1:
             raise ValueError(
                 f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}"
             )
-    k = expert_ids_TK.shape[1]
-    tk = t * k
+    fp8 = scales is not None
     cfg = dict(config or _moe_config(tk, e_count, fp8))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     if fp8 and 128 % bk:
@@ -412,7 +398,7 @@ def fused_moe_gate_up(
     x = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
     sorted_ids, block_expert = moe_align(expert_ids_TK, e_count, bm)
     max_blocks = block_expert.numel()
-    act_dtype = torch.bfloat16 if x.dtype == torch.float32 and not interpreting() else x.dtype
+    act_dtype = moe_act_dtype(x.dtype)
     hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
     upcast = interpreting()
     pdl = pdl_launch(x.device)
@@ -457,7 +443,7 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    if fp8:
+    if scales is not None:  # FP8
         h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf
@@ -491,57 +477,4 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    y = torch.empty(t, h, dtype=x_TH.dtype, device=x.device)
-    ids = expert_ids_TK if expert_ids_TK.is_contiguous() else expert_ids_TK.contiguous()
-    block_h = 128 if interpreting() else 1024
-    add = y if add_TH is None else add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
-    _moe_sum_kernel[(t, cdiv(h, block_h))](
-        y_tk,
-        ids,
-        y,
-        add,
-        h,
-        e_count,
-        add.stride(0),
-        K=k,
-        BLOCK=block_h,
-        HAS_ADD=add_TH is not None,
-        PDL=pdl,
-        num_warps=4,
-        launch_pdl=pdl,
-    )
-    return y
-
-
-@triton.jit
-def _moe_sum_kernel(
-    y_tk_ptr,
-    ids_ptr,
-    y_ptr,
-    add_ptr,
-    H,
-    num_experts,
-    stride_add,
-    K: tl.constexpr,
-    BLOCK: tl.constexpr,
-    HAS_ADD: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_wait(PDL)  # every read here is an activation or routing id
-    # y[t] = sum over the token's K assignments that went to a local expert (others were never
-    # written, so they must be skipped, not read); plus add[t], rounded after the sum is (as
-    # PyTorch's add of the two rounded tensors).
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < H
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for kk in tl.static_range(K):
-        e = tl.load(ids_ptr + t * K + kk)
-        local = ((e >= 0) & (e < num_experts)).to(tl.int32)
-        v = tl.load(y_tk_ptr + (t * K + kk) * H + offs, mask=ok & (offs * 0 + local > 0), other=0.0)
-        acc += v.to(tl.float32)
-    y = acc.to(y_ptr.dtype.element_ty)
-    if HAS_ADD:
-        a = tl.load(add_ptr + t * stride_add + offs, mask=ok, other=0.0)
-        y = to_dtype_rn(y.to(tl.float32) + a.to(tl.float32), y_ptr.dtype.element_ty)
-    tl.store(y_ptr + t * H + offs, y, mask=ok)
+    return moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)

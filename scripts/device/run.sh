@@ -12,6 +12,7 @@
 #   fp8-gemv           fp8_gemv GPU tests + its bench table at V3 decode shapes (1 GPU, ~3 min)
 #   head-gemv          head_gemv GPU tests, bench vs einsum, Moonlight engine A/B with MOERAY_FUSED_HEAD_GEMV=1 (1 GPU, ~5 min)
 #   moe-decode-sweep   fused MoE block configs at decode token counts, weights out of L2 (1 GPU, ~2 min)
+#   moe-gemv           moe_gemv GPU tests, sweep vs the aligned MoE at 1-2 tokens, Moonlight engine A/B (1 GPU, ~10 min)
 #   gemv               gemv GPU tests (+ fp8_gemv's), bench tables, a tile sweep; Moonlight/V3 shapes (1 GPU)
 #   grouped-wgrad      grouped_wgrad (BF16 experts' weight grads) GPU check + bench vs torch, tile sweep (1 GPU, ~3 min)
 #   cross-entropy      fused cross-entropy GPU tests (loss, grads, memory at V 163,840) + bench vs torch (1 GPU, ~2 min)
@@ -22,7 +23,7 @@
 #   engine             `moeray bench engine` (graphs, MTP, HF baseline) (1 GPU)
 #   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
 #   engine-shapes      `moeray bench engine` at Moonlight and V3-width shapes, bf16 and FP8 (1 GPU)
-#   decode-next        GPU tests + timings of moe_gemv, both moe_align kernels, MLA short-context sweep (1 GPU)
+#   decode-next        moe_align's two kernels (GPU test, decode_glue), MLA short-context sweep (1 GPU)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
@@ -35,7 +36,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,34p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,35p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

@@ -7,7 +7,8 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
 - 20 gemvs (bf16; one launch each, and split-K with its reduce kernel);
 - 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products);
 - decode-like MoE layers: fused add + RMSNorm, router logits, the fused gate, the fused MoE
-  (moe_align, gate/up, down, sum; FP8 weights add act_quant), gemv, SwiGLU, fp8_gemv;
+  (12 assignments: moe_gemv's gate/up, down, sum; with MOERAY_FUSED_MOE_GEMV=0 the aligned
+  moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
   mla_decode (split kernel + merge), gemv; the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
@@ -152,8 +153,9 @@ def test_fp8_gemv_chain(m, monkeypatch):
     assert not workspace.any()
 
 
+@pytest.mark.parametrize("moe_gemv", ["1", "0"])
 @pytest.mark.parametrize("fp8_moe", [False, True])
-def test_decode_moe_layer_chain(fp8_moe, monkeypatch):
+def test_decode_moe_layer_chain(fp8_moe, moe_gemv, monkeypatch):
     from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace, weight_quant
     from moeray.kernels.gate import moe_gate
     from moeray.kernels.gemv import gemv
@@ -162,6 +164,7 @@ def test_decode_moe_layer_chain(fp8_moe, monkeypatch):
     from moeray.kernels.router_logits import router_logits
     from moeray.kernels.swiglu import swiglu
 
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
     t, h, i, e, inter = 3, 384, 256, 16, 300  # tokens, hidden, expert width, experts, MLP width
     g = torch.Generator(device="cuda").manual_seed(2)
     layers = []

@@ -41,8 +41,11 @@ def test_moe_align_blocks_and_padding():
 
 
 @pytest.mark.parametrize("t", [1, 19])
-def test_fused_moe_bf16(t):
-    # Expert 3 gets no tokens; 19 tokens x top-3 is not a multiple of the 16-row block.
+def test_fused_moe_bf16(t, monkeypatch):
+    # Expert 3 gets no tokens; 19 tokens x top-3 is not a multiple of the 16-row block. The
+    # aligned kernels at 1 token too: MOERAY_FUSED_MOE_GEMV=0 keeps them below the moe_gemv bound
+    # (test_moe_gemv.py tests moe_gemv and the dispatch).
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
     x, w13, w2, ids, wts = _case(t, h=96, i=80, e=6, k=3, seed=t, skip_experts=(3,))
     out = fused_moe(x, w13, w2, ids, wts)
     ref = fused_moe_ref(x, w13, w2, ids, wts)
@@ -82,11 +85,14 @@ def test_input_errors():
         fused_moe(x, w13, w2, ids.float(), wts)
 
 
-def test_fused_moe_adds_the_shared_output_in_its_last_launch():
+@pytest.mark.parametrize("moe_gemv", ["1", "0"])
+def test_fused_moe_adds_the_shared_output_in_its_last_launch(moe_gemv, monkeypatch):
     """add_TH (the shared experts' output) summed in the final kernel: the same bits as adding it
-    to the result afterwards, foreign ids included; a wrong shape or dtype is refused."""
+    to the result afterwards, foreign ids included; a wrong shape or dtype is refused. 14
+    assignments: moe_gemv's path, and the aligned one with MOERAY_FUSED_MOE_GEMV=0."""
     from moeray.kernels.moe import fused_moe_gate_up
 
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
     x, w13, w2, ids, wts = _case(7, h=64, i=48, e=4, k=2, seed=9, foreign=True)
     i = w13.shape[1] // 2
     args = (x, w13[:, :i], w13[:, i:], w2, ids, wts)

@@ -8,8 +8,10 @@ MOERAY_FUSED_SHARED=0 keep the shared MLP; the engine's greedy tokens are the sa
 Tolerances: each shared expert's output is rounded to bf16 before the fp32 sum of a token's
 experts, where the unfused path rounds the routed sum and the shared output and adds them: a few
 bf16 ulps of the output. FP8 also quantizes the shared experts' input and hidden activations per
-1x128 group (the fused FP8 MoE does for every expert; the shared FP8Linear's reference does not):
-a relative error of a few percent of the output's norm, against ~1 for a wrong weight or scale."""
+1x128 group (the fused FP8 MoE's aligned kernels do for every expert; the shared FP8Linear's
+reference does not): a relative error of a few percent of the output's norm, against ~1 for a
+wrong weight or scale. (With MOERAY_FUSED_MOE_GEMV=1 the fused MoE runs moe_gemv up to 16
+assignments, weight-only: these tests run the default, the aligned kernels.)"""
 
 import copy
 import importlib.util
@@ -196,8 +198,14 @@ def test_save_load_and_load_state_dict_follow(n_shared, fp8, tmp_path):
         assert rel < (0.05 if fp8 else 0.01), rel
 
 
-def test_decode_logits_and_greedy_tokens_equal_unfused():
+@pytest.mark.parametrize("moe_gemv", ["0", "1"])
+def test_decode_logits_and_greedy_tokens_equal_unfused(moe_gemv, monkeypatch):
+    """Greedy tokens of 2 sequences over 4 decode steps, fused shared experts against the shared
+    MLP; with MOERAY_FUSED_MOE_GEMV=1 the fused model's decode MoE (2 x (3 + 2) = 10 assignments)
+    runs moe_gemv and the prefill (14 + 14) the aligned kernels."""
     from moeray.platform.model.mla import DenseKVCache
+
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
 
     cfg = _cfg(2, 3)
     plain, fused, _ = _models(cfg)

@@ -1,0 +1,432 @@
+"""moe_gemv: the decode MoE without token alignment, for few assignments (decode at 1-2 tokens).
+
+Legend: T tokens, H hidden, I expert width, E local experts, K top-k, TK = T * K assignments
+(token t's k-th choice is assignment a = t * K + k, with expert e_a = expert_ids[t, k] and
+routing weight r_a), BN weight rows per program.
+
+    h_a = silu(W1[e_a] x_t) * (W3[e_a] x_t)     [I]  fp32, stored rounded to the act dtype
+    y_a = r_a * (W2[e_a] h_a)                   [H]  fp32, stored rounded to the act dtype
+    y_t = sum_k y_{tK+k} over local e (+ add_t)  [H]  `moe_common.moe_sum`
+
+Three launches: gate/up (grid cdiv(I, BN) x TK), down (cdiv(H, BN) x TK) and the sum. A program
+reads one row of x (or h) and BN rows of each weight over the whole reduction in 128-wide steps,
+accumulates acc [BN, 128] += x[None, :] * w on the CUDA cores and reduces the 128 columns after
+the loop: fp8_gemv's broadcast path with one row. Per weight element one convert, one scale
+multiply (FP8) and one FMA: at 4.8 TB/s of e4m3 ~5 T FMA/s, a sixth of the H200's fp32 rate, so
+the loop stays bandwidth-bound. An id outside [0, E) (an expert on another rank) returns before
+any read: its h and y_tk rows are never written, and moe_sum skips them.
+
+Why: the aligned path (moe.py) pays moe_align's launch and, with FP8, two act_quant launches, and
+its tl.dot pads each expert's rows to 16 (15 of 16 padding at one token). On an H200 at
+Moonlight's experts and one token that MoE took 34.2 us with FP8 weights (1.52 TB/s of weight
+bytes: latency-bound) and 37.7 us in bf16 (2.76 TB/s; results/moe-decode-sweep-nvidia-h200.json),
+where fp8_gemv's one-row broadcast tile reads 3.2 TB/s.
+
+FP8 weights (e4m3, 128x128 block scale_inv) are weight-only, like FP8Linear's decode fp8_gemv:
+each tile is converted to fp32 and multiplied by its block scale; x and h are not quantized. The
+aligned path's FP8 numbers differ by the 1x128 e4m3 rounding of x and h it applies (4.1-4.6% of
+the output's norm on random data). h and y_tk are stored in `moe_act_dtype(x)`, rounded to
+nearest also under the interpreter (`to_dtype_rn`); `moe_gemv_ref` gives the same numbers up to
+the order of fp32 sums.
+
+Programs take assignments slot-major (grid row p: k = p // T, t = p % T): the shared experts,
+which the fused gate appends at the same slots of every token, are then read by neighbouring
+programs, so at two tokens the second read of their rows comes while they are likely in L2.
+
+PDL (`common.pdl_launch`): every read depends on the expert id, written by the kernel before (the
+gate), so each program waits first (`common.pdl_wait`) and prefetches nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import (
+    cdiv,
+    interpreting,
+    is_pow2,
+    load_k_step,
+    neg_exp,
+    pdl_launch,
+    pdl_wait,
+    precise_exp,
+    to_dtype_rn,
+    use_triton,
+)
+from moeray.kernels.moe_common import (
+    MoEScales,
+    check_moe_inputs,
+    fused_moe_gate_up_ref,
+    moe_act_dtype,
+    moe_sum,
+)
+
+# Assignments (T * K) up to which fused_moe_gate_up runs moe_gemv: decode at 1-2 tokens (Moonlight
+# with its 2 shared experts fused: 8 a token; DeepSeek-V3: 9, so one token). There the assignments'
+# experts are mostly distinct (two tokens picking 6 of 64 share 6 * 6 / 64 = 0.56 routed experts on
+# average, 5% of 12), so reading the weights once per assignment costs few bytes over the aligned
+# path's once per expert, while the fixed costs it drops stay: moe_align's launch (3.7 us at one
+# Moonlight token, results/kernels-nvidia-h200-decode-glue.json) and FP8's two act_quant launches.
+# At 8 tokens the 48 picks hit ~35 distinct experts (1.4x the bytes) and 16-row MMAs pay off.
+# `scripts/moe_decode_sweep.py --path both` times the two paths for moving this bound.
+MOE_GEMV_MAX_ASSIGNMENTS = 16
+_CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages"})
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: the assignments
+
+
+def moe_gemv_ref(
+    x_TH: torch.Tensor,
+    w1_EIH: torch.Tensor,
+    w3_EIH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    w1_scale: torch.Tensor | None = None,
+    w3_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    add_TH: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """moe_gemv's numbers in PyTorch: weights dequantized to fp32, x not quantized (weight-only),
+    h and y_tk rounded to `moe_act_dtype(x)` as the kernels store them, each token's K outputs
+    summed in fp32 in k order, rounded to x's dtype, plus add_TH (as `moe_common.moe_sum`)."""
+    scales = None
+    if w1_scale is not None and w3_scale is not None and w2_scale is not None:
+        scales = (w1_scale, w3_scale, w2_scale)
+    return fused_moe_gate_up_ref(
+        x_TH,
+        w1_EIH,
+        w3_EIH,
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        scales=scales,
+        quantize_activations=False,
+        act_dtype=moe_act_dtype(x_TH.dtype),
+        add_TH=add_TH,
+    )
+
+
+@triton.jit
+def _assignment(T, K):
+    """(assignment a = t * K + k, token t) of this program's grid row, taken slot-major (module
+    docstring: a shared expert's programs run side by side)."""
+    p = tl.program_id(1)
+    t = p % T
+    return t * K + p // T, t
+
+
+@triton.jit
+def _weight_step(
+    w_ptrs, s_ptr, kb, stride_k, stride_sk, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr
+):
+    """K step kb of a weight tile [BN, 128] in fp32: with FP8, e4m3 times the scale of its 128x128
+    block (s_ptr: the block row's scales; one per step, the tile lying in one block row)."""
+    w = load_k_step(w_ptrs, kb * 128, stride_k, offs_k, K, EVEN_K).to(tl.float32)
+    if FP8:
+        w = w * tl.load(s_ptr + kb * stride_sk)
+    return w
+
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    h_ptr,
+    ids_ptr,
+    sg_ptr,
+    su_ptr,
+    H,
+    INTER,
+    num_experts,
+    T,
+    K,
+    stride_xt,
+    stride_xk,
+    stride_wge,
+    stride_wgn,
+    stride_wgk,
+    stride_wue,
+    stride_wun,
+    stride_wuk,
+    stride_ht,
+    stride_sge,
+    stride_sgn,
+    stride_sgk,
+    stride_sue,
+    stride_sun,
+    stride_suk,
+    FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # a power of two <= 128: the tile lies in one 128-row scale block
+    EVEN_K: tl.constexpr,  # H % 128 == 0: no masks in the loop
+    NUM_STAGES: tl.constexpr,
+    PRECISE: tl.constexpr,  # libdevice's expf in silu (common.neg_exp)
+    PDL: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
+    pdl_wait(PDL)  # first: the expert id that picks the weights is the gate's output
+    a, tok = _assignment(T, K)
+    e = tl.load(ids_ptr + a)
+    if (e < 0) | (e >= num_experts):
+        return
+    e64 = e.to(tl.int64)
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past I wrap onto valid ones, so loads need no row mask; the store is masked.
+    rows = (offs_n % INTER).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok.to(tl.int64) * stride_xt + offs_k[None, :] * stride_xk
+    # int64: V3's 257 experts of [2048, 7168] are 3.8e9 elements a tensor
+    wg_ptrs = wg_ptr + e64 * stride_wge + rows[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
+    wu_ptrs = wu_ptr + e64 * stride_wue + rows[:, None] * stride_wun + offs_k[None, :] * stride_wuk
+    sg_ptr += e64 * stride_sge + (pid_n * BLOCK_N // 128) * stride_sgn  # read only with FP8
+    su_ptr += e64 * stride_sue + (pid_n * BLOCK_N // 128) * stride_sun
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(H, BLOCK_K), num_stages=NUM_STAGES):
+        x = load_k_step(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, H, EVEN_K).to(tl.float32)
+        acc_g += x * _weight_step(
+            wg_ptrs, sg_ptr, kb, stride_wgk, stride_sgk, offs_k, H, EVEN_K, FP8
+        )
+        acc_u += x * _weight_step(
+            wu_ptrs, su_ptr, kb, stride_wuk, stride_suk, offs_k, H, EVEN_K, FP8
+        )
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    act = tl.math.div_rn(g, 1.0 + neg_exp(g, PRECISE)) * u  # silu(gate) * up, in fp32
+    h_ptrs = h_ptr + a.to(tl.int64) * stride_ht + offs_n
+    tl.store(h_ptrs, to_dtype_rn(act, h_ptr.dtype.element_ty), mask=offs_n < INTER)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    h_ptr,
+    w_ptr,
+    y_ptr,
+    ids_ptr,
+    s_ptr,
+    rw_ptr,
+    H,
+    INTER,
+    num_experts,
+    T,
+    K,
+    stride_ht,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_yt,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,  # I % 128 == 0
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128
+    pdl_wait(PDL)  # first: the expert id, and h, are outputs of kernels before this one
+    a, _ = _assignment(T, K)
+    e = tl.load(ids_ptr + a)
+    if (e < 0) | (e >= num_experts):
+        return
+    e64 = e.to(tl.int64)
+    a64 = a.to(tl.int64)
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_n % H).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + a64 * stride_ht + offs_k[None, :]
+    w_ptrs = w_ptr + e64 * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    s_ptr += e64 * stride_se + (pid_n * BLOCK_N // 128) * stride_sn  # read only with FP8
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(INTER, BLOCK_K), num_stages=NUM_STAGES):
+        hv = load_k_step(h_ptrs, kb * BLOCK_K, 1, offs_k, INTER, EVEN_K).to(tl.float32)
+        acc += hv * _weight_step(
+            w_ptrs, s_ptr, kb, stride_wk, stride_sk, offs_k, INTER, EVEN_K, FP8
+        )
+    y = tl.sum(acc, axis=1) * tl.load(rw_ptr + a64).to(tl.float32)
+    tl.store(
+        y_ptr + a64 * stride_yt + offs_n, to_dtype_rn(y, y_ptr.dtype.element_ty), mask=offs_n < H
+    )
+
+
+def moe_gemv_config() -> dict:
+    """The tiles of both kernels. On the GPU fp8_gemv's fastest one-row tile: 16 weight rows x 128
+    columns, 2 warps, 6 stages (its H200 sweep at M = 1: q_a 8.5 us vs 12.4 for 64 rows x 8 warps
+    x 4 stages; `fp8.gemv._tile_shape`): small tiles, many programs and deep pipelines keep more
+    bytes in flight per SM. At Moonlight's experts and one token that is 88 x 8 gate/up programs
+    and 128 x 8 down programs, 5-8 per SM of 132. Compiled offline for sm_90 (Triton 3.9): gate/up
+    128 registers a thread (its two [16, 128] fp32 accumulators), no spills, 42 KB of shared
+    memory in bf16 and 22 KB in FP8; down 72-78 registers. Not yet timed on a GPU:
+    `scripts/moe_decode_sweep.py --path gemv` sweeps the alternatives. Under the interpreter
+    (numpy per program) 64 rows, so CPU tests stay fast."""
+    if interpreting():
+        return dict(BLOCK_N=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=16, num_warps=2, num_stages=6)
+
+
+def _check_config(cfg: dict) -> None:
+    """ValueError naming the bad key or value of a moe_gemv tile config."""
+    if not isinstance(cfg, dict) or cfg.keys() != _CONFIG_KEYS:
+        got = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"config keys {got}: need exactly {sorted(_CONFIG_KEYS)}")
+    bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    if not isinstance(bn, int) or not is_pow2(bn) or bn > 128:
+        raise ValueError(
+            f"BLOCK_N={bn!r}: must be a power of two <= 128 (a tile within one 128-row FP8 block)"
+        )
+    if not isinstance(warps, int) or not is_pow2(warps) or warps > 16:
+        raise ValueError(f"num_warps={warps!r}: must be a power of two <= 16")
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"num_stages={stages!r}: must be an int >= 1")
+
+
+def run_moe_gemv(
+    x_TH: torch.Tensor,
+    w1_EIH: torch.Tensor,
+    w3_EIH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    scales: MoEScales | None,
+    add_TH: torch.Tensor | None,
+    config: dict | None,
+) -> torch.Tensor:
+    """`moe_gemv` on inputs that `check_moe_inputs` accepted, `scales` being what it returned
+    (fused_moe_gate_up's dispatch checks once and calls this)."""
+    cfg = moe_gemv_config() if config is None else config
+    _check_config(cfg)
+    t, h = x_TH.shape
+    e_count, i, _ = w1_EIH.shape
+    k = expert_ids_TK.shape[1]
+    tk = t * k
+    if tk > _MAX_GRID_Y:
+        raise ValueError(
+            f"moe_gemv takes at most {_MAX_GRID_Y} assignments (a grid dimension), got T*K={tk}: "
+            "it is made for decode; fused_moe_gate_up runs larger batches aligned"
+        )
+    if not use_triton(x_TH):
+        s1, s3, s2 = scales if scales is not None else (None, None, None)
+        return moe_gemv_ref(
+            x_TH,
+            w1_EIH,
+            w3_EIH,
+            w2_EHI,
+            expert_ids_TK,
+            weights_TK,
+            w1_scale=s1,
+            w3_scale=s3,
+            w2_scale=s2,
+            add_TH=add_TH,
+        )
+    # (empty grids launch nothing: at K = 0 moe_sum writes zeros plus add_TH)
+    act_dtype = moe_act_dtype(x_TH.dtype)
+    hbuf = torch.empty(tk, i, dtype=act_dtype, device=x_TH.device)
+    y_tk = torch.empty(tk, h, dtype=act_dtype, device=x_TH.device)
+    ids = expert_ids_TK if expert_ids_TK.is_contiguous() else expert_ids_TK.contiguous()
+    rw = weights_TK.reshape(-1).contiguous()
+    fp8 = scales is not None
+    # without FP8 the scale pointers are never read: the weights stand in
+    w1s, w3s, w2s = scales if scales is not None else (w1_EIH, w3_EIH, w2_EHI)
+    bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    pdl = pdl_launch(x_TH.device)
+    _moe_gemv_gate_up_kernel[(cdiv(i, bn), tk)](
+        x_TH,
+        w1_EIH,
+        w3_EIH,
+        hbuf,
+        ids,
+        w1s,
+        w3s,
+        h,
+        i,
+        e_count,
+        t,
+        k,
+        *x_TH.stride(),
+        *w1_EIH.stride(),
+        *w3_EIH.stride(),
+        hbuf.stride(0),
+        *w1s.stride(),
+        *w3s.stride(),
+        FP8=fp8,
+        BLOCK_N=bn,
+        EVEN_K=h % 128 == 0,
+        NUM_STAGES=stages,
+        PRECISE=precise_exp(),
+        PDL=pdl,
+        num_warps=warps,
+        num_stages=stages,
+        launch_pdl=pdl,
+    )
+    _moe_gemv_down_kernel[(cdiv(h, bn), tk)](
+        hbuf,
+        w2_EHI,
+        y_tk,
+        ids,
+        w2s,
+        rw,
+        h,
+        i,
+        e_count,
+        t,
+        k,
+        hbuf.stride(0),
+        *w2_EHI.stride(),
+        y_tk.stride(0),
+        *w2s.stride(),
+        FP8=fp8,
+        BLOCK_N=bn,
+        EVEN_K=i % 128 == 0,
+        NUM_STAGES=stages,
+        PDL=pdl,
+        num_warps=warps,
+        num_stages=stages,
+        launch_pdl=pdl,
+    )
+    return moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)
+
+
+def moe_gemv(
+    x_TH: torch.Tensor,
+    w1_EIH: torch.Tensor,
+    w3_EIH: torch.Tensor,
+    w2_EHI: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    w1_scale: torch.Tensor | None = None,
+    w3_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    add_TH: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y [T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x_t) (+ add_TH), per assignment without
+    alignment: `fused_moe_gate_up`'s contract (the same checks), made for few assignments.
+
+    x [T, H] bf16/fp16/fp32 (any strides); w1, w3 [E, I, H] and w2 [E, H, I] bf16/fp16/fp32 (any
+    strides), or e4m3 with w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]
+    fp32 (weight-only: x and h are not quantized); expert_ids [T, K] int32/int64 (ids outside
+    [0, E) add nothing); weights [T, K]; add_TH [T, H] in x's dtype, added in the sum's launch.
+    `config` (keys BLOCK_N, num_warps, num_stages) overrides `moe_gemv_config`. No host syncs
+    (CUDA-graph capturable). On CPU tensors outside the interpreter it runs moe_gemv_ref."""
+    scales = check_moe_inputs(
+        x_TH,
+        w1_EIH,
+        w3_EIH,
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        w1_scale=w1_scale,
+        w3_scale=w3_scale,
+        w2_scale=w2_scale,
+        add_TH=add_TH,
+    )
+    return run_moe_gemv(
+        x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales, add_TH, config
+    )
