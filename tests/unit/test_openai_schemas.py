@@ -26,6 +26,7 @@ try:
 except ImportError:  # the openai client in this environment ships httpx as httpx2
     import httpx2 as httpx
 
+from moeray.platform.engine.detokenize import IncrementalDetokenizer
 from moeray.platform.serve.http.admission import AdmissionGate
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import API_KEY_ENV, check_bearer, resolve_api_key
@@ -40,7 +41,7 @@ from moeray.platform.serve.http.protocol import (
 )
 from moeray.platform.serve.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from moeray.platform.serve.http.server import OpenAIServerConfig
-from moeray.platform.serve.http.text import IncrementalDetokenizer, StopMatcher
+from moeray.platform.serve.http.text import StopMatcher
 
 EOS = 256
 
@@ -185,7 +186,7 @@ def test_incremental_detokenizer_random_utf8_splits():
     for _ in range(50):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
         ids = tok.encode(text)
-        det = IncrementalDetokenizer(tok)
+        det = IncrementalDetokenizer(tok.decode)
         pieces, pos = [], 0
         while pos < len(ids):
             n = rng.randint(1, 4)
@@ -198,7 +199,7 @@ def test_incremental_detokenizer_random_utf8_splits():
 
 def test_incremental_detokenizer_flushes_a_truncated_character():
     tok = ByteTokenizer()
-    det = IncrementalDetokenizer(tok)
+    det = IncrementalDetokenizer(tok.decode)
     ids = tok.encode("a€")[:-1]  # the euro sign cut after 2 of 3 bytes
     assert det.push(ids[:1]) == "a"
     assert det.push(ids[1:]) == ""  # held back: the character is incomplete

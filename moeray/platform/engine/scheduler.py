@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from moeray.platform.engine.detokenize import IncrementalDetokenizer
 from moeray.platform.engine.kv_cache import KVCacheManager
 from moeray.platform.engine.sampler import Logprobs, SamplingParams
 
@@ -84,6 +85,9 @@ class Request:
     prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
     # The prompt's ids on the device, kept by the engine for the repetition penalty.
     prompt_ids_tensor: torch.Tensor | None = None
+    # `text` grows by this one's deltas (a scheduler with a detokenizer): O(1) tokens decoded a
+    # step, where decoding the whole output again was O(length).
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -106,7 +110,12 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """A copy: O(length). Counting them is `num_output_tokens`."""
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -286,6 +295,10 @@ class Scheduler:
             self.kv.free(req.request_id)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+        if req.detok is not None and not isinstance(stop_reason, str):
+            # A held-back incomplete character ends the text as decoding the whole output ends
+            # it (U+FFFD); a stop string (a str stop_reason) has cut the text before it.
+            req.text += req.detok.flush()
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
@@ -416,7 +429,7 @@ class Scheduler:
 
     @staticmethod
     def _output(req: Request, added: list[int]) -> RequestOutput:
-        first = len(req.output_token_ids) == len(added)
+        first = req.num_output_tokens == len(added)
         prompt_lps = None
         if req.params.prompt_logprobs is not None and (first or req.finished):
             prompt_lps = list(req.prompt_logprobs)
@@ -439,7 +452,9 @@ class Scheduler:
         p = req.params
         if self.detokenize is not None:
             prev = len(req.text)
-            req.text = self.detokenize(req.output_token_ids)
+            if req.detok is None:
+                req.detok = IncrementalDetokenizer(self.detokenize)
+            req.text += req.detok.push((tok,))
             if p.stop:
                 # only a match ending in the new text is new; start early enough to catch a stop
                 # string that straddles the old and new text
@@ -457,10 +472,7 @@ class Scheduler:
         if tok in self.eos_token_ids and not p.ignore_eos:
             self._finish(req, "stop", tok)
             return True
-        if (
-            len(req.output_token_ids) >= p.max_tokens
-            or len(req.token_ids) >= self.config.max_model_len
-        ):
+        if req.num_output_tokens >= p.max_tokens or len(req.token_ids) >= self.config.max_model_len:
             self._finish(req, "length", None)
             return True
         return False

@@ -203,7 +203,7 @@ class MTPDrafter:
         for req, draft in zip(reqs, drafts, strict=False):
             decoding = len(req.token_ids) - req.num_computed == 1
             room = (
-                len(req.output_token_ids) + 1 < req.params.max_tokens
+                req.num_output_tokens + 1 < req.params.max_tokens
                 and len(req.token_ids) + 1 < max_model_len
             )
             # No drafts under a grammar: verifying a draft would need the matcher to accept it

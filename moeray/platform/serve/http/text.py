@@ -8,42 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moeray.platform.engine.detokenize import IncrementalDetokenizer
 from moeray.platform.serve.http.protocol import Tokenizer
-
-
-class IncrementalDetokenizer:
-    """Turns a growing token list into text deltas without re-decoding everything.
-
-    Decodes the window ids[prefix:] and subtracts the text of ids[prefix:read]: a byte-level BPE
-    token can end in the middle of a UTF-8 character (shown as U+FFFD), so text is held back until
-    the character completes. O(window) per step instead of O(length).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        self._ids.extend(token_ids)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character at the very end)."""
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text) :]
 
 
 class StopMatcher:
@@ -110,7 +76,9 @@ class ChoiceText:
     def __init__(
         self, tokenizer: Tokenizer, stops: Sequence[str], *, skip_special_tokens: bool = True
     ):
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._detok = IncrementalDetokenizer(
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        )
         self._stop = StopMatcher(stops)
         self._pending: deque[TokenText] = deque()
         self._length = 0  # characters detokenized so far
