@@ -164,20 +164,36 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class RequestOutput:
+    """A request's result after a step: its new tokens, and (`output_token_ids`, `logprobs`) its
+    whole output so far. Those two are read on access from the request's own lists, which only
+    grow (appends), up to their lengths at this step: copying them into every step's output was
+    O(length) a request a step (5.7 us at 2.4K tokens on this project's CPU machine)."""
+
     request_id: str
     new_token_ids: list[int]
-    output_token_ids: list[int]
     text: str
     finished: bool
     finish_reason: str | None
     stop_reason: str | int | None
-    logprobs: list[Logprobs]
     num_prompt_tokens: int
     num_cached_tokens: int
+    num_output_tokens: int
+    _token_ids: list[int] = field(repr=False)  # the request's prompt + output ids
+    _logprobs: list[Logprobs] = field(repr=False)  # the request's output logprobs
+    _num_logprobs: int = 0
     kv_export: object = None  # KVRows of the prompt, for requests added with export_kv_from
     # With params.prompt_logprobs, on the request's first and final outputs: one entry per
     # prompt token (None for the first, which has no context).
     prompt_logprobs: list[Logprobs | None] | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        start = self.num_prompt_tokens
+        return self._token_ids[start : start + self.num_output_tokens]
+
+    @property
+    def logprobs(self) -> list[Logprobs]:
+        return self._logprobs[: self._num_logprobs]
 
 
 class Scheduler:
@@ -436,14 +452,16 @@ class Scheduler:
         return RequestOutput(
             req.request_id,
             added,
-            req.output_token_ids,
             req.text,
             req.finished,
             req.finish_reason,
             req.stop_reason,
-            list(req.logprobs),
             req.num_prompt_tokens,
             req.num_cached_tokens,
+            req.num_output_tokens,
+            req.token_ids,
+            req.logprobs,
+            len(req.logprobs),
             prompt_logprobs=prompt_lps,
         )
 

@@ -217,7 +217,7 @@ def _step(out: Any) -> GenerationStep:
     n = len(out.new_token_ids)
     # RequestOutput.logprobs holds the whole output's so far; a step carries its new tokens' own.
     logprobs = tuple(out.logprobs[len(out.logprobs) - n :]) if out.logprobs and n else None
-    first = len(out.output_token_ids) == n
+    first = out.num_output_tokens == n
     prompt_lps = tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and first else None
     return GenerationStep(
         token_ids=tuple(out.new_token_ids),
