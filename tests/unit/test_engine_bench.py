@@ -194,6 +194,13 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert r["model"]["weights"] == "bf16" and r["mtp_skipped"].startswith("--mtp-train-steps 0")
     assert r["hf_skipped"] is None and set(r["hf_generate_tokens_per_s"]) == {"1", "3"}
     _check_decode_record(r, (1, 3), 2)
+    # batch 1 against the published figures, each on its own basis
+    peers = {p["peer"]: p for p in r["vs_peers_batch1"]}
+    vllm, gpt_fast = peers["vLLM DeepSeek-V2-Lite H100"], peers["gpt-fast Mixtral 8x7B"]
+    assert vllm["roofline_fraction"] == r["roofline_fraction"]["1"]
+    assert vllm["ratio"] == pytest.approx(r["roofline_fraction"]["1"] / 0.23, rel=1e-3)
+    assert gpt_fast["roofline_fraction"] == r["roofline_fraction_measured_bandwidth"]["1"]
+    assert gpt_fast["ratio"] == pytest.approx(gpt_fast["roofline_fraction"] / 0.74, rel=1e-3)
     lines = table.render([path]).splitlines()
     assert len(lines) == 3 and lines[1].startswith("tiny-bf16") and lines[2].split()[2] == "3"
 

@@ -40,7 +40,7 @@ from moeray.platform.checkpoint import save_model
 from moeray.platform.config import PRESETS, ModelConfig, preset
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
 from moeray.platform.engine.bench.profile import profile_decode
-from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes
+from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.speculative import SpecStats
@@ -457,6 +457,8 @@ def main(argv: list[str]) -> int:
         "roofline_tokens_per_s": roof,
         "roofline_fraction": frac,
         "roofline_fraction_measured_bandwidth": frac_measured,
+        # batch 1 against published figures, each on its own roofline basis
+        "vs_peers_batch1": vs_peers(frac.get("1"), frac_measured.get("1")),
         "roofline": roofline,
         "roofline_machine": machine,
         "decode_profile": profiles,

@@ -128,3 +128,41 @@ def decode_roofline(
         "tokens_per_s": bound,
         "step_us": {name: 1e6 * batch / t for name, t in bound.items()},
     }
+
+
+@dataclass(frozen=True)
+class PeerDecode:
+    """A published batch-1 decode figure as a fraction of its own machine's roofline, and on
+    which bandwidth that roofline stands ("datasheet" or "measured")."""
+
+    name: str
+    roofline_fraction: float
+    basis: str
+
+
+# The published batch-1 references issue 19 sets against this engine (benchmarks/notes-engine.md
+# quotes them): vLLM decoding DeepSeek-V2-Lite (2.4B active, 27 layers) at 155-164 tok/s on an
+# H100, ~23% of that GPU's datasheet roofline; gpt-fast on Mixtral 8x7B at 74% of its measured
+# bandwidth.
+PEERS_BATCH1 = (
+    PeerDecode("vLLM DeepSeek-V2-Lite H100", 0.23, "datasheet"),
+    PeerDecode("gpt-fast Mixtral 8x7B", 0.74, "measured"),
+)
+
+
+def vs_peers(fraction_datasheet: float | None, fraction_measured: float | None) -> list[dict]:
+    """This run's batch-1 roofline fraction against each peer's, on the peer's basis: the ratio
+    > 1 where this engine runs closer to its roofline than the peer did to its own."""
+    out = []
+    for p in PEERS_BATCH1:
+        ours = fraction_datasheet if p.basis == "datasheet" else fraction_measured
+        out.append(
+            {
+                "peer": p.name,
+                "basis": p.basis,
+                "peer_roofline_fraction": p.roofline_fraction,
+                "roofline_fraction": ours,
+                "ratio": None if ours is None else ours / p.roofline_fraction,
+            }
+        )
+    return out
