@@ -12,7 +12,7 @@
 #   fp8-gemv           fp8_gemv GPU tests + its bench table at V3 decode shapes (1 GPU, ~3 min)
 #   head-gemv          head_gemv GPU tests, bench vs einsum, Moonlight engine A/B with MOERAY_FUSED_HEAD_GEMV=1 (1 GPU, ~5 min)
 #   moe-decode-sweep   fused MoE block configs at decode token counts, weights out of L2 (1 GPU, ~2 min)
-#   moe-gemv           moe_gemv GPU tests, sweep vs the aligned MoE at 1-2 tokens, Moonlight engine A/B (1 GPU, ~10 min)
+#   moe-gemv           moe_gemv GPU tests, sweep vs the aligned MoE at 1-2 tokens (1 GPU, ~6 min; engine A/B in the recipe)
 #   gemv               gemv GPU tests (+ fp8_gemv's), bench tables, a tile sweep; Moonlight/V3 shapes (1 GPU)
 #   grouped-wgrad      grouped_wgrad (BF16 experts' weight grads) GPU check + bench vs torch, tile sweep (1 GPU, ~3 min)
 #   cross-entropy      fused cross-entropy GPU tests (loss, grads, memory at V 163,840) + bench vs torch (1 GPU, ~2 min)
