@@ -18,10 +18,11 @@ import json
 import torch
 from moe_decode_sweep import REPS, time_call  # scripts/, on sys.path when run as a script
 
+from moeray.kernels.bench.mla import _paged_cache
 from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
 
 LAYERS = REPS  # one cache per call of the graph, as the layers of a decode step
-PAGE, D, R = 64, 576, 512
+PAGE, D, R = 64, 576, 512  # _paged_cache's page and row width; the latent rank
 SCALE = 192**-0.5
 CASES = (  # (heads, batch, context): Moonlight's 16 heads, DeepSeek-V3's 128
     (16, 1, 160),
@@ -33,12 +34,10 @@ CASES = (  # (heads, batch, context): Moonlight's 16 heads, DeepSeek-V3's 128
 
 
 def run_case(heads: int, batch: int, ctx: int) -> list[dict]:
-    pages = -(-ctx // PAGE)
-    caches = [
-        torch.randn(batch * pages, PAGE, D, device="cuda", dtype=torch.bfloat16)
-        for _ in range(LAYERS)
-    ]
-    table = torch.randperm(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+    # Whole pages for ctx tokens (the lengths end inside the last one); one block table for every
+    # layer's cache, as one step's sequences have.
+    kv, table = _paged_cache(batch, -(-ctx // PAGE) * PAGE)
+    caches = [kv, *(torch.randn_like(kv) for _ in range(LAYERS - 1))]
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, heads, D, device="cuda", dtype=torch.bfloat16)
     ref, _ = mla_decode_ref(q.unsqueeze(1), caches[0], table, lens, SCALE)

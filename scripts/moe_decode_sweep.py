@@ -34,23 +34,12 @@ SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the 
 REPS = 20
 
 
-def configs(block_m: str, block_n: str, stages: str) -> list[dict]:
-    """Every combination of the comma-separated block rows, block columns and stage counts."""
+def configs(fixed: dict, **lists: str) -> list[dict]:
+    """Every combination of the comma-separated ints given per config key, each with `fixed`."""
+    keys = list(lists)
+    values = (tuple(map(int, v.split(","))) for v in lists.values())
     return [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=ns)
-        for bm, bn, ns in itertools.product(
-            *(tuple(map(int, v.split(","))) for v in (block_m, block_n, stages))
-        )
-    ]
-
-
-def gemv_configs(block_n: str, warps: str, stages: str) -> list[dict]:
-    """moe_gemv's tiles: every combination of the comma-separated rows, warps and stages."""
-    return [
-        dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
-        for bn, nw, ns in itertools.product(
-            *(tuple(map(int, v.split(","))) for v in (block_n, warps, stages))
-        )
+        {**fixed, **dict(zip(keys, combo, strict=True))} for combo in itertools.product(*values)
     ]
 
 
@@ -133,13 +122,21 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes = experts * 3 * h * i * bpe
                 if path == "aligned":
                     default = _moe_config(t * k, e, weights == "fp8")
-                    cfgs = configs(args.block_m, args.block_n, args.stages)
-                else:
-                    default = moe_gemv_config()
-                    cfgs = gemv_configs(args.gemv_block_n, args.gemv_warps, args.gemv_stages)
-                if path == "aligned":
+                    cfgs = configs(
+                        dict(BLOCK_K=128, num_warps=4),
+                        BLOCK_M=args.block_m,
+                        BLOCK_N=args.block_n,
+                        num_stages=args.stages,
+                    )
                     fn = functools.partial(fused_moe, x, a13, a2, **kw)
                 else:  # gate and up as two tensors (views of w13), with their scales
+                    default = moe_gemv_config()
+                    cfgs = configs(
+                        {},
+                        BLOCK_N=args.gemv_block_n,
+                        num_warps=args.gemv_warps,
+                        num_stages=args.gemv_stages,
+                    )
                     gemv_kw = {}
                     if kw:
                         sc13 = kw["w13_scale"]

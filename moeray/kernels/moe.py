@@ -443,7 +443,7 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **cfg,
     )
-    if scales is not None:  # FP8
+    if fp8:
         h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf

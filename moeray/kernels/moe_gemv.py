@@ -299,8 +299,11 @@ def run_moe_gemv(
 ) -> torch.Tensor:
     """`moe_gemv` on inputs that `check_moe_inputs` accepted, `scales` being what it returned
     (fused_moe_gate_up's dispatch checks once and calls this)."""
-    cfg = moe_gemv_config() if config is None else config
-    _check_config(cfg)
+    if config is None:  # the default tiles need no check on every decode layer's call
+        cfg = moe_gemv_config()
+    else:
+        _check_config(config)
+        cfg = config
     t, h = x_TH.shape
     e_count, i, _ = w1_EIH.shape
     k = expert_ids_TK.shape[1]
