@@ -256,18 +256,17 @@ def _moe_gemv_down_kernel(
 
 
 def moe_gemv_config() -> dict:
-    """The tiles of both kernels. On the GPU fp8_gemv's fastest one-row tile: 16 weight rows x 128
-    columns, 2 warps, 6 stages (its H200 sweep at M = 1: q_a 8.5 us vs 12.4 for 64 rows x 8 warps
-    x 4 stages; `fp8.gemv._tile_shape`): small tiles, many programs and deep pipelines keep more
-    bytes in flight per SM. At Moonlight's experts and one token that is 88 x 8 gate/up programs
-    and 128 x 8 down programs, 5-8 per SM of 132. Compiled offline for sm_90 (Triton 3.9): gate/up
-    128 registers a thread (its two [16, 128] fp32 accumulators), no spills, 42 KB of shared
-    memory in bf16 and 22 KB in FP8; down 72-78 registers. Not yet timed on a GPU:
-    `scripts/moe_decode_sweep.py --path gemv` sweeps the alternatives. Under the interpreter
-    (numpy per program) 64 rows, so CPU tests stay fast."""
+    """The tiles of both kernels. On the GPU 16 weight rows x 128 columns, 2 warps, 4 stages: the
+    H200 sweep's best or within 1 us of it at every decode shape it timed (whole MoE, weights out
+    of L2, results/moe-gemv-sweep-nvidia-h200.json): Moonlight's experts 30.2 / 48.1 us in bf16 and
+    21.1 / 30.7 in FP8 at 1 / 2 tokens, V3's 166.3 / 94.6 at one token. 6 stages lost 1-4 us, 4
+    warps 7-15 us: small tiles, many programs and deep pipelines keep more bytes in flight per SM.
+    At Moonlight's experts and one token that is 88 x 8 gate/up programs and 128 x 8 down
+    programs, 5-8 per SM of 132. Under the interpreter (numpy per program) 64 rows, so CPU tests
+    stay fast."""
     if interpreting():
         return dict(BLOCK_N=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=16, num_warps=2, num_stages=6)
+    return dict(BLOCK_N=16, num_warps=2, num_stages=4)
 
 
 def _check_config(cfg: dict) -> None:

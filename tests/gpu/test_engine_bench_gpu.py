@@ -69,3 +69,8 @@ def test_bench_fp8_profile_sees_graph_kernels(tmp_path):
         assert prof["kernels_per_step"] > 3 * 20, prof  # tens of kernels per layer
         assert {"gemm", "moe", "attention"} <= set(prof["by_category"]), prof["by_category"]
         assert 0 < r["roofline_fraction"][B] < 1
+        # the forward alone is part of the step: shorter, and nearer the roofline
+        graph, step = r["decode_graph_ms"][B], r["decode_step_ms"][B]
+        assert 0 < graph < step, (graph, step)
+        assert r["decode_outside_graph_ms"][B] == pytest.approx(step - graph)
+        assert r["roofline_fraction"][B] < r["roofline_fraction_graph"][B] < 1

@@ -69,11 +69,14 @@ def _routing(shape: str, t: int, seed: int):
 
 def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
     """fp32 sums in another order, h and y_tk rounded to bf16 from nearly equal values (a rare
-    one-ulp flip), y rounded once more: within two bf16 ulps plus a hair of the largest value."""
+    one-ulp flip), y rounded once more: within two bf16 ulps of y plus half an ulp of the largest
+    value. The floor is for a flip in a y_tk as large as the largest output, landing on an output
+    the K terms nearly cancel in (seen at Moonlight, bf16, one token: 1.25x a floor of 1e-3 of
+    the largest value); a wrong row or expert is off by whole terms, ~100x this."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output"
     err = (out.float() - ref.float()).abs()
-    bound = ref.float().abs() * 2.0**-7 + 1e-3 * ref.float().abs().max()
+    bound = ref.float().abs() * 2.0**-7 + 2.0**-8 * ref.float().abs().max()
     assert (err <= bound).all(), (err / bound).max().item()
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
 

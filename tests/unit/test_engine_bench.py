@@ -194,6 +194,7 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert r["model"]["weights"] == "bf16" and r["mtp_skipped"].startswith("--mtp-train-steps 0")
     assert r["hf_skipped"] is None and set(r["hf_generate_tokens_per_s"]) == {"1", "3"}
     _check_decode_record(r, (1, 3), 2)
+    assert r["decode_graph_ms"] == {} == r["roofline_fraction_graph"]  # no graphs on CPU
     # batch 1 against the published figures, each on its own basis
     peers = {p["peer"]: p for p in r["vs_peers_batch1"]}
     vllm, gpt_fast = peers["vLLM DeepSeek-V2-Lite H100"], peers["gpt-fast Mixtral 8x7B"]

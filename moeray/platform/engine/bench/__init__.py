@@ -39,7 +39,7 @@ from moeray.kernels.common import pdl_launch
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import PRESETS, ModelConfig, preset
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
-from moeray.platform.engine.bench.profile import profile_decode
+from moeray.platform.engine.bench.profile import decode_graph_ms, profile_decode
 from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
@@ -343,6 +343,7 @@ def main(argv: list[str]) -> int:
     frac_measured: dict[str, float] = {}
     roofline: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
+    graph_ms: dict[str, float] = {}
     hf_rate: dict[str, float] = {}
     notes: dict[str, Any] = {}
     engine = Engine(model, EngineConfig(**ecfg))
@@ -363,6 +364,11 @@ def main(argv: list[str]) -> int:
         roof[k] = bound.get("datasheet", bound["measured"])
         frac[k] = rate / roof[k]
         frac_measured[k] = rate / bound["measured"]
+        # The forward alone (one graph replay) against the whole step: what the GPU spends on the
+        # model, and what the step adds around it (host work, sampling, the sampled ids' read-back).
+        replay = decode_graph_ms(engine, B)
+        if replay is not None:
+            graph_ms[k] = replay
         if a.profile_steps:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
@@ -457,6 +463,15 @@ def main(argv: list[str]) -> int:
         "roofline_tokens_per_s": roof,
         "roofline_fraction": frac,
         "roofline_fraction_measured_bandwidth": frac_measured,
+        # GPU time of the batch's decode graph (the forward alone) and the rest of each step
+        "decode_graph_ms": graph_ms,
+        "decode_outside_graph_ms": {b: step_ms[b] - graph_ms[b] for b in graph_ms},
+        "roofline_fraction_graph": {
+            b: roofline[b]["step_us"].get("datasheet", roofline[b]["step_us"]["measured"])
+            / 1e3
+            / graph_ms[b]
+            for b in graph_ms
+        },
         # batch 1 against published figures, each on its own roofline basis
         "vs_peers_batch1": vs_peers(frac.get("1"), frac_measured.get("1")),
         "roofline": roofline,

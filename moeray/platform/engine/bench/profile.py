@@ -216,3 +216,27 @@ def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
     out = summarize(pairs, steps, source)
     out["wall_ms_per_step"] = wall / steps * 1e3
     return out
+
+
+def decode_graph_ms(engine, batch: int, replays: int = 50) -> float | None:
+    """GPU milliseconds of one replay of the main decode graph that serves `batch` rows: the model
+    forward alone, without scheduling, input copies, sampling or the read-back of the sampled ids
+    that a step adds. CUDA events around `replays` back-to-back replays (the host queues them
+    faster than they run, so no launch gap is counted). None without a captured graph (CPU,
+    --no-cuda-graphs). A replay re-runs the graph's last inputs and rewrites the latent its last
+    row wrote: call it between batches, when no request is running."""
+    runner = engine.runner
+    sizes = [bs for bs, S, kind in runner.graphs if S == 1 and kind == "main" and bs >= batch]
+    if not sizes:
+        return None
+    graph = runner.graphs[(min(sizes), 1, "main")].graph
+    graph.replay()
+    torch.cuda.synchronize(engine.device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays

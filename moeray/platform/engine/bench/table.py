@@ -4,7 +4,8 @@
 
 Columns: the run's tag (file name past `engine-<device>-`), weights, batch, decode tokens/s, ms per
 step, the roofline step at the datasheet bandwidth (the measured one when the GPU is unknown), the
-fraction of the roofline at the datasheet and at the measured bandwidth, and from the profile (when
+fraction of the roofline at the datasheet and at the measured bandwidth, the GPU time of one replay
+of the batch's decode graph (the forward alone; '-' without graphs), and from the profile (when
 the run had --profile-steps) kernels per step, device ms per step and the category that took most.
 """
 
@@ -23,6 +24,7 @@ COLUMNS = (
     ("roof ms", ">8"),
     ("frac", ">6"),
     ("frac meas", ">9"),
+    ("graph ms", ">8"),
     ("kern/step", ">9"),
     ("dev ms", ">7"),
     ("top category", "<24"),
@@ -57,6 +59,7 @@ def rows(path: Path) -> list[list[object]]:
                 roof.get("datasheet", roof.get("measured", 0.0)) / 1e3 if roof else None,
                 r["roofline_fraction"].get(B),
                 r.get("roofline_fraction_measured_bandwidth", {}).get(B),
+                r.get("decode_graph_ms", {}).get(B),
                 prof["kernels_per_step"] if prof else None,
                 prof["device_ms_per_step"] if prof else None,
                 top,
