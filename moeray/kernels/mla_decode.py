@@ -239,6 +239,43 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
         )
 
 
+def decode_launch(
+    b: int,
+    rows: int,
+    max_pages: int,
+    sms: int,
+    block_h: int | None = None,
+    num_warps: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[int, int, int]:
+    """(block_h, num_warps, num_splits) of the split kernel for b sequences of `rows` query rows
+    (heads x tokens) over a block table `max_pages` wide on a GPU of `sms` SMs; a value passed in
+    is kept."""
+    if block_h is None:
+        # 64-row head blocks read each page from memory/L2 in fewer programs: 128 heads ran 1.7x
+        # faster in them than in 16-row ones at batch 64, 4K context (H100: 0.32 vs 0.54 ms). With
+        # few sequences they leave the GPU idle instead: at batch 1, 128 heads, 160 / 1,024 cached
+        # tokens 16-row blocks took 6.2 / 10.8 us against 11.2 / 18.0 for the best 64-row config
+        # (H200, results/mla-decode-sweep-nvidia-h200.json). So 64 only once the sequences alone
+        # give 64-row blocks half a wave.
+        few = b * cdiv(rows, 64) < sms // 2
+        block_h = 16 if rows <= 16 or few else 64
+    if num_warps is None:
+        num_warps = 4 if block_h <= 16 else 8
+    if num_splits is None:
+        # Fill one wave of program slots (2 per SM for 16-row blocks, 1 for 64-row) without spilling
+        # into a second partial wave: at batch 64 x 16 heads, 4 splits took 0.125 ms, 5 took 0.199.
+        # Splits of 4 pages (256 tokens) on long tables, but at least 8 splits (one page each on
+        # shorter ones): on the H200 sweep every decode case ran faster with each added split
+        # (16 heads, batch 1, 3 pages: 9.7 / 7.9 / 5.9 us at 1 / 2 / 3 splits; 16 pages: 12.3 us
+        # at 4 splits, 10.6 at 6). The kernel splits a sequence's own pages, not the table's
+        # width, so in a graph captured for long contexts short sequences leave splits empty.
+        slots = sms * (2 if block_h <= 16 else 1)
+        wanted = max(cdiv(max_pages, 4), min(max_pages, 8))
+        num_splits = max(1, min(slots // (b * cdiv(rows, block_h)), wanted))
+    return block_h, num_warps, num_splits
+
+
 def _mla_decode_rows(
     q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
     kv_cache,
@@ -256,19 +293,12 @@ def _mla_decode_rows(
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
     max_pages = block_table.shape[1]
-    if block_h is None:
-        # H100 sweep: 128 heads ran 1.7x faster in 64-row head blocks (8 warps) than in 16-row ones
-        # (0.32 vs 0.54 ms at batch 64, 4K): each page is read from memory/L2 by fewer programs.
-        block_h = 16 if rows <= 16 or interpreting() else 64
-    if num_warps is None:
-        num_warps = 4 if block_h <= 16 else 8
+    if block_h is None and interpreting():
+        block_h = 16  # numpy per program: small tiles keep CPU tests fast
+    block_h, num_warps, num_splits = decode_launch(
+        b, rows, max_pages, num_sms(q_BRD.device), block_h, num_warps, num_splits
+    )
     head_blocks = cdiv(rows, block_h)
-    if num_splits is None:
-        # Fill one wave of program slots (2 per SM for 16-row blocks, 1 for 64-row) without spilling
-        # into a second partial wave: at batch 64 x 16 heads, 4 splits took 0.125 ms, 5 took 0.199.
-        # No split shorter than 4 pages (256 tokens).
-        slots = num_sms(q_BRD.device) * (2 if block_h <= 16 else 1)
-        num_splits = max(1, min(slots // (b * head_blocks), cdiv(max_pages, 4)))
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
     lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)

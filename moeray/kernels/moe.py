@@ -6,14 +6,15 @@ block.
 
 Two paths, chosen in one place, `fused_moe_gate_up`:
 - `moe_gemv` (`moeray.kernels.moe_gemv`) for TK <= MOE_GEMV_MAX_ASSIGNMENTS (16: decode at 1-2
-  tokens) when no `config` is passed and MOERAY_FUSED_MOE_GEMV=1 (opt-in until an H200 A/B
-  measures it against the aligned path: `scripts/device/run.sh moe-gemv`): no alignment, one
+  tokens) when no `config` is passed, unless MOERAY_FUSED_MOE_GEMV=0. On an H200 at Moonlight's
+  shape its decode graph runs 2.03 ms against the aligned path's 2.28 in FP8 at batch 1, 2.49 vs
+  2.60 in bf16 (benchmarks/results/engine-nvidia-h200-moonlight-*-b12*.json): no alignment, one
   program per (row block, assignment) over the full H or I on the CUDA cores, 3 launches
   (gate/up, down, sum). With FP8 weights it is weight-only, like FP8Linear's decode `fp8_gemv`:
   x and h are not quantized to e4m3 (no act_quant launches), so its numbers differ from the
   aligned path's by that quantization (4.1-4.6% of the output's norm on random data).
-- the aligned kernels below for everything else (by default, prefill, larger decode batches, an
-  explicit `config`): 4 launches with bf16 weights, 6 with FP8.
+- the aligned kernels below for everything else (prefill, larger decode batches, an explicit
+  `config`, MOERAY_FUSED_MOE_GEMV=0): 4 launches with bf16 weights, 6 with FP8.
 
 The aligned path:
 1. moe_align (`moeray.kernels.moe_align`): sort assignments by expert and pad each expert's run
@@ -48,7 +49,7 @@ from moeray.kernels.common import (
     interpreting,
     pdl_launch,
     pdl_wait,
-    switched_on,
+    switched_off,
     to_dtype_rn,
     use_triton,
 )
@@ -302,8 +303,8 @@ def fused_moe(
     x [T, H] bf16; w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], bf16 or e4m3 with
     w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128] (checkpoint scale_inv);
     expert_ids [T, K] int (ids outside [0, E) are skipped), weights [T, K] float.
-    No host syncs (CUDA-graph capturable). `fused_moe_gate_up` on w13's halves (with
-    MOERAY_FUSED_MOE_GEMV=1, moe_gemv up to MOE_GEMV_MAX_ASSIGNMENTS assignments).
+    No host syncs (CUDA-graph capturable). `fused_moe_gate_up` on w13's halves (moe_gemv
+    up to MOE_GEMV_MAX_ASSIGNMENTS assignments unless MOERAY_FUSED_MOE_GEMV=0).
     """
     check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3)
     e_count, two_i, h_w = w13_E2IH.shape
@@ -356,8 +357,8 @@ def fused_moe_gate_up(
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
     sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
-    Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with MOERAY_FUSED_MOE_GEMV=1 and no
-    `config` it runs `moe_gemv` (module docstring; FP8 there is weight-only). On CPU tensors
+    Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with no `config` it runs `moe_gemv`
+    (module docstring; FP8 there is weight-only), unless MOERAY_FUSED_MOE_GEMV=0. On CPU tensors
     outside the interpreter: the chosen path's reference."""
     scales = check_moe_inputs(
         x_TH,
@@ -377,7 +378,7 @@ def fused_moe_gate_up(
     tk = t * k
     # The one choice between the two paths (module docstring): an explicit `config` is a tile
     # config of the aligned kernels, so it keeps them.
-    if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and switched_on("MOE_GEMV"):
+    if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and not switched_off("MOE_GEMV"):
         return run_moe_gemv(
             x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales, add_TH, None
         )

@@ -103,3 +103,22 @@ def test_tiny_model_dims_pad_to_dot_minimum():
     assert out.shape == (2, 2, 4, 32)
     assert _rel(out, ref) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+def test_decode_launch_by_batch_and_table_width():
+    """The split kernel's launch (H200: 132 SMs): 16-row head blocks while the sequences alone
+    would give 64-row blocks less than half a wave (V3's 128 heads up to batch 32), 64 past it;
+    at least 8 splits (one page each on short tables), 4 pages a split on long ones, within one
+    wave of program slots; values passed in are kept."""
+    from moeray.kernels.mla_decode import decode_launch
+
+    assert decode_launch(1, 128, 3, 132) == (16, 4, 3)  # V3 b1, 160 tokens: 8 x 3 programs
+    assert decode_launch(1, 128, 17, 132) == (16, 4, 8)
+    assert decode_launch(32, 128, 17, 132) == (16, 4, 1)  # 264 slots // 256 head blocks
+    assert decode_launch(33, 128, 64, 132) == (64, 8, 2)  # 66 sequences x 2 blocks: half a wave
+    assert decode_launch(64, 128, 64, 132) == (64, 8, 1)
+    assert decode_launch(1, 16, 3, 132) == (16, 4, 3)  # Moonlight b1
+    assert decode_launch(1, 16, 16, 132) == (16, 4, 8)  # 1,024 tokens: 2 pages a split
+    assert decode_launch(1, 16, 64, 132) == (16, 4, 16)  # 4K: 4 pages a split
+    assert decode_launch(64, 16, 64, 132) == (16, 4, 4)  # 264 // 64
+    assert decode_launch(1, 128, 3, 132, block_h=64, num_warps=4, num_splits=2) == (64, 4, 2)

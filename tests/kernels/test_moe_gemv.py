@@ -161,11 +161,11 @@ def _count(launch_spy):
 
 @pytest.mark.parametrize("fp8_weights", [False, True])
 def test_dispatch_by_assignments_switch_and_config(fp8_weights, launch_spy, monkeypatch):
-    """With MOERAY_FUSED_MOE_GEMV=1 fused_moe_gate_up runs moe_gemv up to MOE_GEMV_MAX_ASSIGNMENTS
-    assignments and the aligned kernels above (counted launches), with a config, and with the
-    switch unset or 0 (opt-in until measured on a GPU); each gives its own reference's numbers
-    (FP8: weight-only vs quantized activations, which differ)."""
-    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "1")
+    """By default (and with MOERAY_FUSED_MOE_GEMV=1) fused_moe_gate_up runs moe_gemv up to
+    MOE_GEMV_MAX_ASSIGNMENTS assignments, and the aligned kernels above (counted launches), with
+    a config, and with the switch at 0; each gives its own reference's numbers (FP8: weight-only
+    vs quantized activations, which differ)."""
+    monkeypatch.delenv("MOERAY_FUSED_MOE_GEMV", raising=False)
     make, h, i = (_fp8_case, 256, 128) if fp8_weights else (_bf16_case, 80, 48)
     k = 4
     t_small = MOE_GEMV_MAX_ASSIGNMENTS // k
@@ -198,9 +198,9 @@ def test_dispatch_by_assignments_switch_and_config(fp8_weights, launch_spy, monk
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
     run(1)
     assert (len(gemv_grids), len(aligned_grids)) == (1, 3)
-    monkeypatch.delenv("MOERAY_FUSED_MOE_GEMV")
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "1")
     run(1)
-    assert (len(gemv_grids), len(aligned_grids)) == (1, 4)
+    assert (len(gemv_grids), len(aligned_grids)) == (2, 3)
 
 
 def test_cpu_without_interpreter_runs_the_chosen_paths_reference(monkeypatch):

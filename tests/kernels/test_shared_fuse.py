@@ -10,8 +10,8 @@ experts, where the unfused path rounds the routed sum and the shared output and 
 bf16 ulps of the output. FP8 also quantizes the shared experts' input and hidden activations per
 1x128 group (the fused FP8 MoE's aligned kernels do for every expert; the shared FP8Linear's
 reference does not): a relative error of a few percent of the output's norm, against ~1 for a
-wrong weight or scale. (With MOERAY_FUSED_MOE_GEMV=1 the fused MoE runs moe_gemv up to 16
-assignments, weight-only: these tests run the default, the aligned kernels.)"""
+wrong weight or scale. (The fused MoE runs moe_gemv up to 16 assignments, weight-only, unless
+MOERAY_FUSED_MOE_GEMV=0; the decode test runs both paths.)"""
 
 import copy
 import importlib.util
@@ -201,8 +201,8 @@ def test_save_load_and_load_state_dict_follow(n_shared, fp8, tmp_path):
 @pytest.mark.parametrize("moe_gemv", ["0", "1"])
 def test_decode_logits_and_greedy_tokens_equal_unfused(moe_gemv, monkeypatch):
     """Greedy tokens of 2 sequences over 4 decode steps, fused shared experts against the shared
-    MLP; with MOERAY_FUSED_MOE_GEMV=1 the fused model's decode MoE (2 x (3 + 2) = 10 assignments)
-    runs moe_gemv and the prefill (14 + 14) the aligned kernels."""
+    MLP; with MOERAY_FUSED_MOE_GEMV=1 (the default) the fused model's decode MoE (2 x (3 + 2) =
+    10 assignments) runs moe_gemv and the prefill (14 + 14) the aligned kernels."""
     from moeray.platform.model.mla import DenseKVCache
 
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
