@@ -115,9 +115,8 @@ CASES = [
         dict(num_warps=1),
         False,
     ),
-    (moe_align._moe_align_kernel, dict(BLOCK_M=32, EP=64, CH=64), dict(ids_ptr=I64), {}, False),
-    (
-        moe_align._moe_align_wide_kernel,
+    (  # V3's 256 experts (NB 512)
+        moe_align._moe_align_kernel,
         dict(BLOCK_M=16, PADB=16, NB=512, CH=1024),
         dict(ids_ptr=I64),
         {},

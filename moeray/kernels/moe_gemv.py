@@ -67,8 +67,8 @@ from moeray.kernels.moe_common import (
 # with its 2 shared experts fused: 8 a token; DeepSeek-V3: 9, so one token). There the assignments'
 # experts are mostly distinct (two tokens picking 6 of 64 share 6 * 6 / 64 = 0.56 routed experts on
 # average, 5% of 12), so reading the weights once per assignment costs few bytes over the aligned
-# path's once per expert, while the fixed costs it drops stay: moe_align's launch (3.7 us at one
-# Moonlight token, results/kernels-nvidia-h200-decode-glue.json) and FP8's two act_quant launches.
+# path's once per expert, while the fixed costs it drops stay: moe_align's launch (2.8 us at one
+# Moonlight token, results/kernels-nvidia-h200-decode-next.json) and FP8's two act_quant launches.
 # At 8 tokens the 48 picks hit ~35 distinct experts (1.4x the bytes) and 16-row MMAs pay off.
 # `scripts/moe_decode_sweep.py --path both` times the two paths for moving this bound.
 MOE_GEMV_MAX_ASSIGNMENTS = 16

@@ -23,7 +23,7 @@
 #   engine             `moeray bench engine` (graphs, MTP, HF baseline) (1 GPU)
 #   engine-profile     where a decode step's time goes at batch 1 and 16 (1 GPU)
 #   engine-shapes      `moeray bench engine` at Moonlight and V3-width shapes, bf16 and FP8 (1 GPU)
-#   decode-next        moe_align's two kernels (GPU test, decode_glue), MLA short-context sweep (1 GPU)
+#   decode-next        moe_align GPU test, decode_glue, MLA short-context sweep (1 GPU)
 #   b1-breakdown       MLA short-context sweep, batch-1 engine runs with PDL off (honest per-kernel times), host split (1 GPU, ~6 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)

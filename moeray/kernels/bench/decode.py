@@ -21,7 +21,7 @@ from moeray.kernels.swiglu import swiglu, swiglu_ref
 # Moonlight-16B-A3B: width 2048, 16 heads, latent 512 + rope 64, 64 experts top-6, shared width
 # 2 x 1408.
 D, HEADS, C, R, EXPERTS, TOP_K, SHARED = 2048, 16, 512, 64, 64, 6, 2816
-# DeepSeek-V3's routing for moe_align_v3: 256 experts top-8 (16-assignment chunks in the kernel)
+# DeepSeek-V3's routing for moe_align_v3: 256 experts top-8
 V3_EXPERTS, V3_TOP_K = 256, 8
 
 
@@ -55,17 +55,12 @@ def _cases(t: int):
         return run
 
     return [
-        # moe_align's two kernels at each size (`moe_align` picks "small" up to
-        # small_kernel_max_tk: 128 assignments at 64 experts, 32 at 256)
-        *(
-            (
-                f"moe_align{shape}_{kernel}",
-                p(moe_align_ref, i, e, 16),
-                p(moe_align, i, e, 16, kernel=kernel),
-                True,
-            )
-            for shape, i, e in (("", ids, EXPERTS), ("_v3", ids_v3, V3_EXPERTS))
-            for kernel in ("small", "wide")
+        ("moe_align", p(moe_align_ref, ids, EXPERTS, 16), p(moe_align, ids, EXPERTS, 16), True),
+        (
+            "moe_align_v3",
+            p(moe_align_ref, ids_v3, V3_EXPERTS, 16),
+            p(moe_align, ids_v3, V3_EXPERTS, 16),
+            True,
         ),
         ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
         (
