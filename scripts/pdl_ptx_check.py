@@ -100,7 +100,7 @@ CASES = [
         dict(num_warps=4, num_stages=4),
         True,
     ),
-    (router_logits._router_logits_kernel, dict(BE=4, BD=512), {"y_ptr": F32}, {}, True),
+    (router_logits._router_logits_kernel, dict(BE=2, BD=2048), {"y_ptr": F32}, {}, True),
     (
         norm._rms_norm_kernel,
         dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048),

@@ -39,12 +39,17 @@ def test_mla_write_pack_equals_reference(dtype, B, S, H, C, R):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("with_norm", "with_rope"), [(True, False), (False, True), (True, True)])
-def test_mla_write_pack_with_norm_and_rope(dtype, with_norm, with_rope):
+@pytest.mark.parametrize(
+    ("with_norm", "with_rope", "H", "C"),
+    # 37 heads at the real latent width: 5 programs of 8 heads a token, the last one partial
+    [(True, False, 5, 20), (False, True, 5, 20), (True, True, 5, 20), (True, True, 37, 512)],
+)
+def test_mla_write_pack_with_norm_and_rope(dtype, with_norm, with_rope, H, C):
     """The latent's RMSNorm and both rotations inside the launch: rotations and copies bit-equal to
     the reference, the normed latent within a rounding step of the dtype (its fp32 sum of squares
-    runs in another order, as in moeray.kernels.norm)."""
-    B, S, H, C, R = 3, 2, 5, 20, 6
+    runs in another order, as in moeray.kernels.norm); with several head blocks a token, each
+    packs its own heads (rotated) and one writes the cache row."""
+    B, S, R = 3, 2, 6
     cache, slots, kv, pe, q_lat, q_pe = _case(B, S, H, C, R, dtype, seed=11)
     g = torch.Generator().manual_seed(4)
     kv = kv * 3

@@ -22,7 +22,12 @@ def _close_in_sum_order(out, ref, x, w):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("T", "E", "D"), [(1, 1, 1), (3, 7, 100), (1, 64, 2048), (32, 9, 600)])
+@pytest.mark.parametrize(
+    ("T", "E", "D"),
+    # one-row programs (E <= 128) and two-row ones (E = 257: the last half masked); D over
+    # 2,048-feature steps with a partial last one (4,437 = 2 x 2,048 + 341)
+    [(1, 1, 1), (3, 7, 100), (1, 64, 2048), (32, 9, 600), (3, 130, 2100), (1, 257, 4437)],
+)
 def test_router_logits_match_reference(dtype, T, E, D):
     g = torch.Generator().manual_seed(T * 1000 + E + D)
     x = torch.randn(T, D, generator=g).to(dtype)
