@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.platform.config import preset
+from moeray.platform.engine.bench.profile import host_phases
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
@@ -51,58 +52,6 @@ def kernel_sources(prof, steps: int, rows: int = 60) -> str:
     return "\n".join(lines)
 
 
-def host_phases(engine: Engine, steps: int) -> dict[str, float]:
-    """Medians over `steps` plain engine steps (no added syncs) of where the host's time goes:
-    before the model call (scheduling), inside it before and during the decode graph's run (input
-    copies, cudaGraphLaunch), from its return to the sampler's (the GPU finishing the forward,
-    then sampling and the read-back of the ids), and after (the scheduler's update, outputs, the
-    step's closing sync)."""
-    runner = engine.runner
-    marks: dict[str, float] = {}
-    execute, sampler = runner.execute, engine.sampler
-
-    def mark(name, fn):
-        def wrapped(*args, **kwargs):
-            marks[name + "_in"] = time.perf_counter()
-            out = fn(*args, **kwargs)
-            marks[name + "_out"] = time.perf_counter()
-            return out
-
-        return wrapped
-
-    runs = {k: g.run for k, g in runner.graphs.items()}
-    runner.execute = mark("execute", execute)
-    engine.sampler = mark("sample", sampler)
-    for k, g in runner.graphs.items():
-        g.run = mark("graph", runs[k])
-    rows: dict[str, list[float]] = {}
-    try:
-        for _ in range(steps):
-            marks.clear()
-            t0 = time.perf_counter()
-            engine.step()
-            t1 = time.perf_counter()
-            if "graph_in" not in marks:
-                continue  # a step without a graph replay (none should be at steady decode)
-            parts = {
-                "before the model call": marks["execute_in"] - t0,
-                "model call up to the graph's run": marks["graph_in"] - marks["execute_in"],
-                "graph run (input copies + launch)": marks["graph_out"] - marks["graph_in"],
-                "model call after the launch": marks["execute_out"] - marks["graph_out"],
-                "to the sampler's return (GPU + sampling)": marks["sample_out"]
-                - marks["execute_out"],
-                "after sampling (update, outputs, sync)": t1 - marks["sample_out"],
-                "step": t1 - t0,
-            }
-            for name, v in parts.items():
-                rows.setdefault(name, []).append(v)
-    finally:
-        runner.execute, engine.sampler = execute, sampler
-        for k, g in runner.graphs.items():
-            g.run = runs[k]
-    return {name: statistics.median(v) * 1e3 for name, v in rows.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
@@ -131,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(num_hidden_layers=a.layers)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=device, dtype=dtype)
-    total = 3 * a.steps + a.profile_steps + 8  # decode steps the request must last
+    total = 2 * a.steps + a.profile_steps + 8  # decode steps the request must last
     engine = Engine(
         model,
         EngineConfig(
@@ -159,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     g = torch.Generator().manual_seed(1)
-    for _ in range(a.batch):
-        engine.add_request(
-            torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist(),
-            SamplingParams(temperature=0, max_tokens=total, ignore_eos=True),
-        )
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=g).tolist()
+        for _ in range(a.batch)
+    ]
+    phases = host_phases(engine, prompts, a.steps)  # its own requests, aborted after
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=total, ignore_eos=True))
     for _ in range(4):  # prefill and the first decodes
         engine.step()
     _sync(device)
@@ -178,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     walls = timed_steps()
-    phases = host_phases(engine, a.steps)
     runner.execute = timed_execute
     synced = timed_steps()
     synced_ms = statistics.median(synced) * 1e3
@@ -218,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  step with a sync around the model call       {synced_ms:8.3f} ms\n"
         f"  model call (runner.execute, synced), median   {model_ms:8.3f} ms\n"
         f"  everything else in the step                   {synced_ms - model_ms:8.3f} ms\n"
-        f"unsynced steps, host time by phase (medians; the GPU runs from the graph launch on):\n"
+        f"host time by phase (bench.profile.host_phases: medians of unsynced steps):\n"
         + "\n".join(f"  {name:45s} {ms:8.3f} ms" for name, ms in phases.items())
     )
     return 0

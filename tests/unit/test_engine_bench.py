@@ -12,6 +12,7 @@ from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import moonlight_16b_a3b, preset
 from moeray.platform.engine import bench
 from moeray.platform.engine.bench import table
+from moeray.platform.engine.bench.profile import HOST_PHASES
 from moeray.platform.engine.bench.model import random_model
 from moeray.platform.engine.bench.profile import CATEGORIES, categorize, summarize
 from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
@@ -195,6 +196,11 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert r["hf_skipped"] is None and set(r["hf_generate_tokens_per_s"]) == {"1", "3"}
     _check_decode_record(r, (1, 3), 2)
     assert r["decode_graph_ms"] == {} == r["roofline_fraction_graph"]  # no graphs on CPU
+    for B in ("1", "3"):  # host time by phase: all there, each within the step
+        phases = r["decode_host_phases_ms"][B]
+        assert tuple(phases) == HOST_PHASES
+        assert all(0 <= v <= phases["step"] for v in phases.values()), phases
+        assert phases["inputs and launch"] > 0  # the eager forward on CPU
     # batch 1 against the published figures, each on its own basis
     peers = {p["peer"]: p for p in r["vs_peers_batch1"]}
     vllm, gpt_fast = peers["vLLM DeepSeek-V2-Lite H100"], peers["gpt-fast Mixtral 8x7B"]

@@ -39,7 +39,7 @@ from moeray.kernels.common import pdl_launch
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import PRESETS, ModelConfig, preset
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
-from moeray.platform.engine.bench.profile import decode_graph_ms, profile_decode
+from moeray.platform.engine.bench.profile import decode_graph_ms, host_phases, profile_decode
 from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
@@ -344,6 +344,7 @@ def main(argv: list[str]) -> int:
     roofline: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     graph_ms: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
     hf_rate: dict[str, float] = {}
     notes: dict[str, Any] = {}
     engine = Engine(model, EngineConfig(**ecfg))
@@ -369,6 +370,7 @@ def main(argv: list[str]) -> int:
         replay = decode_graph_ms(engine, B)
         if replay is not None:
             graph_ms[k] = replay
+        phases[k] = host_phases(engine, prompts, max(8, min(32, n)))
         if a.profile_steps:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
@@ -466,6 +468,8 @@ def main(argv: list[str]) -> int:
         # GPU time of the batch's decode graph (the forward alone) and the rest of each step
         "decode_graph_ms": graph_ms,
         "decode_outside_graph_ms": {b: step_ms[b] - graph_ms[b] for b in graph_ms},
+        # host time by phase of a decode step (profile.host_phases; medians, no syncs added)
+        "decode_host_phases_ms": phases,
         "roofline_fraction_graph": {
             b: roofline[b]["step_us"].get("datasheet", roofline[b]["step_us"]["measured"])
             / 1e3

@@ -8,6 +8,7 @@ there. Categories come from the name, first matching rule wins (`CATEGORY_RULES`
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 
@@ -171,19 +172,101 @@ def summarize(events, steps: int, source: str, top: int = 15) -> dict:
     }
 
 
-def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
-    """Profile `steps` engine steps in which every prompt decodes one token (the prompts are
-    prefilled and decoded twice first, outside the profile), then abort the requests."""
+def _start_decoding(engine, prompts: list[list[int]], steps: int) -> list[str]:
+    """Add the prompts and step until every one has decoded twice past its prefill, with room for
+    `steps` more decode steps; returns the request ids (for `_stop_decoding`)."""
     if steps < 1:
         raise ValueError(f"steps={steps}: expected >= 1")
-    device = engine.device
     # Room to spare: a batch whose prefill spans several steps starts decoding some requests early.
     params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     requests = engine.scheduler.requests
     while any(len(requests[r].output_token_ids) < 3 for r in ids if r in requests):
         engine.step()
-    _sync(device)
+    _sync(engine.device)
+    return ids
+
+
+def _stop_decoding(engine, ids: list[str]) -> None:
+    for r in ids:
+        engine.abort(r)
+    while engine.has_unfinished():  # an abort takes effect at the next step
+        engine.step()
+
+
+HOST_PHASES = (
+    "schedule",
+    "inputs and launch",
+    "forward and sampling",
+    "update and outputs",
+    "step",
+)
+
+
+def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """Milliseconds of host time by phase of a decode step, medians over `steps` plain steps (no
+    syncs added) of every prompt decoding: "schedule" (up to the model call), "inputs and launch"
+    (the model call up to the return of its decode graph's launch: input copies, the launch; the
+    whole eager forward without a graph), "forward and sampling" (from there to the sampler's
+    return: on a GPU the wait for the forward, then sampling and the ids' read-back), "update and
+    outputs" (the scheduler's update, outputs, the closing sync), and "step". The GPU idles
+    through "schedule" and "inputs and launch"."""
+    ids = _start_decoding(engine, prompts, steps)
+    runner = engine.runner
+    marks: dict[str, float] = {}
+    execute, sampler = runner.execute, engine.sampler
+    runs = {k: g.run for k, g in runner.graphs.items()}
+
+    def mark(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            marks[name] = time.perf_counter()
+            return out
+
+        return wrapped
+
+    def mark_in(fn):
+        def wrapped(*args, **kwargs):
+            marks["execute_in"] = time.perf_counter()
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    runner.execute = mark_in(mark("execute_out", execute))
+    engine.sampler = mark("sample_out", sampler)
+    for k, g in runner.graphs.items():
+        g.run = mark("launched", runs[k])
+    rows: dict[str, list[float]] = {name: [] for name in HOST_PHASES}
+    try:
+        for _ in range(steps):
+            marks.clear()
+            t0 = time.perf_counter()
+            engine.step()
+            t1 = time.perf_counter()
+            launched = marks.get("launched", marks["execute_out"])
+            sampled = marks.get("sample_out", t1)  # a step of drafts only samples in `verify`
+            parts = (
+                marks["execute_in"] - t0,
+                launched - marks["execute_in"],
+                sampled - launched,
+                t1 - sampled,
+                t1 - t0,
+            )
+            for name, v in zip(HOST_PHASES, parts, strict=True):
+                rows[name].append(v)
+    finally:
+        runner.execute, engine.sampler = execute, sampler
+        for k, g in runner.graphs.items():
+            g.run = runs[k]
+    _stop_decoding(engine, ids)
+    return {name: statistics.median(v) * 1e3 for name, v in rows.items()}
+
+
+def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
+    """Profile `steps` engine steps in which every prompt decodes one token (the prompts are
+    prefilled and decoded twice first, outside the profile), then abort the requests."""
+    ids = _start_decoding(engine, prompts, steps)
+    device = engine.device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t = time.perf_counter()
@@ -192,10 +275,7 @@ def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
             engine.step()
         _sync(device)
     wall = time.perf_counter() - t
-    for r in ids:
-        engine.abort(r)
-    while engine.has_unfinished():  # an abort takes effect at the next step
-        engine.step()
+    _stop_decoding(engine, ids)
     if cuda:
         pairs = [
             (e.name, e.time_range.elapsed_us())
