@@ -12,9 +12,13 @@ from moeray.platform.checkpoint import load_model, save_model
 from moeray.platform.config import moonlight_16b_a3b, preset
 from moeray.platform.engine import bench
 from moeray.platform.engine.bench import table
-from moeray.platform.engine.bench.profile import HOST_PHASES
 from moeray.platform.engine.bench.model import random_model
-from moeray.platform.engine.bench.profile import CATEGORIES, categorize, summarize
+from moeray.platform.engine.bench.profile import (
+    CATEGORIES,
+    HOST_PHASES,
+    categorize,
+    summarize,
+)
 from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
 from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.transformer import greedy_generate
