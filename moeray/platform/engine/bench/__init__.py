@@ -11,8 +11,10 @@ Steps (GPU, bf16, the `small()` preset by default):
      `moeray serve --weights fp8` loads the official checkpoint.
   2. Decode tokens/s at each batch size: prompts of --prompt-len tokens prefilled first, then
      --decode-tokens decode steps timed; the roofline of each (bench/roofline.py) at the datasheet
-     and at the measured bandwidth; with `--profile-steps N` the kernels of N decode steps by
-     category (bench/profile.py).
+     and at the measured bandwidth; the GPU time of one replay of the batch's decode graph (the
+     forward alone) and the host time of a step by phase (schedule, inputs and launch, forward
+     and sampling, update and outputs: bench/profile.py); with `--profile-steps N` the kernels of
+     N decode steps by category.
   3. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token,
      through MLA's expanded path (the engine's default for prefill) and through the absorbed one.
   4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
