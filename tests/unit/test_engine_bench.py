@@ -200,6 +200,8 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert r["hf_skipped"] is None and set(r["hf_generate_tokens_per_s"]) == {"1", "3"}
     _check_decode_record(r, (1, 3), 2)
     assert r["decode_graph_ms"] == {} == r["roofline_fraction_graph"]  # no graphs on CPU
+    assert set(r["decode_step_ms_median"]) == {"1", "3"}
+    assert all(v > 0 for v in r["decode_step_ms_median"].values())
     for B in ("1", "3"):  # host time by phase: all there, each within the step
         phases = r["decode_host_phases_ms"][B]
         assert tuple(phases) == HOST_PHASES

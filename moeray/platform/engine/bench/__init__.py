@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -206,9 +207,11 @@ def train_on_cycle(
     return losses
 
 
-def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
+def engine_decode(
+    engine, prompts, n: int, step_seconds: list[float] | None = None
+) -> tuple[float, list[list[int]]]:
     """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
-    Returns (decode tokens/s, outputs)."""
+    Returns (decode tokens/s, outputs); each timed step's seconds are appended to step_seconds."""
     ids = [
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
         for p in prompts
@@ -226,10 +229,14 @@ def engine_decode(engine, prompts, n: int) -> tuple[float, list[list[int]]]:
     while any(r not in outs and not engine.scheduler.requests[r].output_token_ids for r in ids):
         step()
     produced = 0
-    t = time.perf_counter()
+    t = last = time.perf_counter()
     while engine.has_unfinished():
         for o in step():
             produced += len(o.new_token_ids)
+        if step_seconds is not None:  # each step ends with the engine's sync
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            last = now
     _sync(engine.device)
     dt = time.perf_counter() - t
     return produced / dt, [outs[r] for r in ids]
@@ -340,6 +347,7 @@ def main(argv: list[str]) -> int:
 
     decode: dict[str, float] = {}
     step_ms: dict[str, float] = {}
+    step_median_ms: dict[str, float] = {}
     roof: dict[str, float] = {}
     frac: dict[str, float] = {}
     frac_measured: dict[str, float] = {}
@@ -356,10 +364,13 @@ def main(argv: list[str]) -> int:
         # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
         # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
         engine_decode(engine, prompts, 2)
-        rate, _ = engine_decode(engine, prompts, n)
+        seconds: list[float] = []
+        rate, _ = engine_decode(engine, prompts, n, seconds)
         k = str(B)
         decode[k] = rate
         step_ms[k] = 1e3 * B / rate
+        # the mean step above carries every host hiccup; the median step is the typical one
+        step_median_ms[k] = 1e3 * statistics.median(seconds)
         roofline[k] = decode_roofline(
             step, cfg, B, a.prompt_len + n // 2, bandwidths, machine["peak_flops"]
         )
@@ -459,6 +470,7 @@ def main(argv: list[str]) -> int:
         },
         "decode_tokens_per_s": decode,
         "decode_step_ms": step_ms,
+        "decode_step_ms_median": step_median_ms,
         "hf_generate_tokens_per_s": hf_rate,
         "hf_skipped": hf_skipped,
         "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
