@@ -36,6 +36,7 @@ from moeray.platform.engine.kv_cache import (
     device_budget_bytes,
     num_pages_for_budget,
 )
+from moeray.platform.engine.overlap import DecodeOverlap
 from moeray.platform.engine.runner import ForwardResult, ModelRunner
 from moeray.platform.engine.sampler import (
     History,
@@ -50,6 +51,7 @@ from moeray.platform.engine.scheduler import (
     ScheduledSeq,
     Scheduler,
     SchedulerConfig,
+    SchedulerOutput,
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 from moeray.platform.model.merge import merge_projections
@@ -95,6 +97,9 @@ class EngineConfig:
     seed: int = 0
     # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
     eos_token_ids: tuple[int, ...] = ()
+    # Launch each greedy decode step before the previous one's ids are read back (overlap.py);
+    # step() then returns each step's outputs one call late. Off: not yet timed on a GPU.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -201,6 +206,7 @@ class Engine:
         self._exports: dict[str, int] = {}
         self._exported: dict[str, KVRows] = {}
         self.scheduler.before_free = self._export_before_free
+        self._overlap = DecodeOverlap(self) if config.async_scheduling else None
 
     @classmethod
     def from_pretrained(
@@ -402,7 +408,12 @@ class Engine:
     # ---- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        if self._overlap is not None:
+            return self._overlap.step()
+        return self._step_scheduled(self.scheduler.schedule())
+
+    def _step_scheduled(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Run a scheduled step to its outputs: forward, sampling, the scheduler's update."""
         if not out.scheduled:
             return self._drop_grammars(self._attach_exports(self.scheduler.update(out, {})))
         t0 = time.perf_counter()

@@ -415,12 +415,24 @@ class ModelRunner:
         return groups
 
     @torch.inference_mode()
-    def execute(self, seqs: Sequence[ScheduledSeq]) -> ForwardResult:
+    def execute(
+        self, seqs: Sequence[ScheduledSeq], ids_on_device: torch.Tensor | None = None
+    ) -> ForwardResult:
         """Main-model forward over the scheduled sequences: one forward per group of `_groups`
         (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens.
         A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
-        V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row."""
+        V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row.
+        `ids_on_device` [B] (int64, on the device): the input ids of a step of B one-token
+        decodes, in seqs' order, in place of their `input_ids` (async scheduling: the previous
+        step's sampled ids, not read back)."""
+        if ids_on_device is not None and (
+            any(s.num_tokens != 1 for s in seqs) or ids_on_device.shape != (len(seqs),)
+        ):
+            raise ValueError(
+                f"ids_on_device {tuple(ids_on_device.shape)} for {len(seqs)} sequences: expected "
+                "one id per one-token decode"
+            )
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
         for S, idx in self._groups([s.num_tokens for s in seqs]).items():
@@ -428,6 +440,8 @@ class ModelRunner:
             ids, starts = self._ids_and_starts(
                 [_pad_ids(s.input_ids, S) for s in group], [s.start for s in group]
             )
+            if ids_on_device is not None:  # one group: every sequence is a one-token decode
+                ids = ids_on_device.view(-1, 1)
             bt = self._tables_by_id(
                 [s.request.request_id for s in group],
                 self._pages_to(max(s.start for s in group) + S),
@@ -478,9 +492,13 @@ class ModelRunner:
 
     def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
         """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
+        # Pinned on CUDA: a copy from pageable memory waits for the work already queued on the
+        # stream, which under async scheduling is the step in flight.
         both = torch.tensor(
-            [[*r, s] for r, s in zip(ids, starts, strict=True)], dtype=torch.long
-        ).to(self.device)
+            [[*r, s] for r, s in zip(ids, starts, strict=True)],
+            dtype=torch.long,
+            pin_memory=self.on_gpu,
+        ).to(self.device, non_blocking=True)
         return both[:, :-1], both[:, -1]
 
     def _pages_to(self, end: int) -> int:
@@ -506,6 +524,8 @@ class ModelRunner:
         fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
         padded = [[*r, *[f] * (M - len(r))] for r, f in zip(rows, fill, strict=True)]
         table = torch.from_numpy(np.array(padded, dtype=np.int32))
+        if self.on_gpu:  # as in _ids_and_starts
+            table = table.pin_memory()
         return table.to(self.device, non_blocking=True)
 
 

@@ -201,10 +201,22 @@ class Sampler:
         """histories: each row's tokens so far, needed when a row has min_tokens or penalties.
         token_mask_BW: which tokens each row may take (packed bits, `mask_logits`), applied
         first."""
+        tokens = self.tokens(logits_BV, params, generators, histories, token_mask_BW)
+        return SampleResult(tokens.tolist(), compute_logprobs(logits_BV, tokens, params))
+
+    def tokens(
+        self,
+        logits_BV: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+        histories: Sequence[History] | None = None,
+        token_mask_BW: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sampled ids [B] (int64) on the logits' device, without reading them back (async
+        scheduling feeds them to the next step on the device); arguments as `__call__`."""
         B = logits_BV.shape[0]
         if not (len(params) == len(generators) == B):
             raise ValueError(f"{B} rows, {len(params)} params, {len(generators)} generators")
-        raw_BV = logits_BV
         if token_mask_BW is not None:
             logits_BV = mask_logits(logits_BV, token_mask_BW)
         if any(p.processes_logits for p in params):
@@ -217,4 +229,4 @@ class Sampler:
             probs = filtered_probs(logits_BV[rows], sub)
             u = draw_uniforms([generators[i] for i in sampled_rows], logits_BV.device)
             tokens[rows] = sample_from_probs(probs, u)
-        return SampleResult(tokens.tolist(), compute_logprobs(raw_BV, tokens, params))
+        return tokens

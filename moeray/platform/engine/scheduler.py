@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     import torch
 
 
+# The id of a token that was sampled on the device and not read back yet (`Scheduler.advance`).
+PENDING = -1
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -441,6 +445,48 @@ class Scheduler:
             if not req.finished:
                 self.kv.commit(req.request_id, req.token_ids, req.num_computed)
             outs.append(self._output(req, added))
+        return outs
+
+    # ---- async scheduling (engine/overlap.py) ---------------------------------------------------
+    @property
+    def finished_at_schedule(self) -> bool:
+        """Whether the last `schedule` ended requests (cache full) that `update` reports."""
+        return bool(self._finished_at_schedule)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """A step of decodes was launched and its tokens are not read back yet: hold each one's
+        place with PENDING, so that the next `schedule` runs every request as a decode of it (its
+        id is taken on the device) and the step after that one's `resolve` fills it in. Its KV
+        stays uncommitted until then (page hashes need the ids)."""
+        for s in output.scheduled:
+            if not (s.is_decode and not s.spec_token_ids):
+                raise ValueError(f"{s.request.request_id!r}: advance takes plain decodes only")
+            s.request.token_ids.append(PENDING)
+            s.request.num_computed = s.start + 1
+
+    def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+        """`update` for a step that `advance` held open: each request's PENDING id (at s.start + 1)
+        becomes its sampled token, then the stop checks and outputs run as in `update`. Ids held
+        for a later step are set aside meanwhile (counts, stop checks and outputs see only known
+        tokens) and dropped when the request ends here: that step's token for it is not used."""
+        outs = []
+        for s in output.scheduled:
+            req = s.request
+            if req.status is not Status.RUNNING:
+                continue  # aborted, or ended at an earlier resolve
+            pos = s.start + 1
+            if pos >= len(req.token_ids) or req.token_ids[pos] != PENDING:
+                raise ValueError(f"{req.request_id!r}: no pending token at position {pos}")
+            later = req.token_ids[pos + 1 :]
+            del req.token_ids[pos + 1 :]
+            tok = sampled[req.request_id]
+            req.token_ids[pos] = tok
+            self._check_stop(req, tok)
+            if not req.finished:
+                self.kv.commit(req.request_id, req.token_ids, pos)
+            outs.append(self._output(req, [tok]))
+            if not req.finished:
+                req.token_ids.extend(later)
         return outs
 
     @staticmethod

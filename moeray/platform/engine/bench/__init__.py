@@ -92,6 +92,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="result file engine-<device>-<tag>.json")
     p.add_argument("--device", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="launch each greedy decode step before the previous one's ids are read back",
+    )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
         "--note",
@@ -341,6 +346,7 @@ def main(argv: list[str]) -> int:
         max_num_batched_tokens=max(4096, max_b * 2),
         enable_prefix_caching=False,
         use_cuda_graphs=not a.no_cuda_graphs,
+        async_scheduling=a.async_scheduling,
         # room for profile_decode's requests (64 tokens past the profiled steps)
         max_model_len=max(prefill_len, a.prompt_len + max(n, a.profile_steps + 64)) + 8,
     )
@@ -387,6 +393,7 @@ def main(argv: list[str]) -> int:
         if a.profile_steps:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
+    notes["async_scheduling"] = a.async_scheduling
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
     # quant.py; PDL: common.pdl_launch): on unless set to "0"; the opt-in HEAD_GEMV and

@@ -232,8 +232,14 @@ def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float
 
         return wrapped
 
+    class _MarkedSampler:  # the sampler, its calls marked (async scheduling calls .tokens)
+        __call__ = staticmethod(mark("sample_out", sampler))
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
     runner.execute = mark_in(mark("execute_out", execute))
-    engine.sampler = mark("sample_out", sampler)
+    engine.sampler = _MarkedSampler()
     for k, g in runner.graphs.items():
         g.run = mark("launched", runs[k])
     rows: dict[str, list[float]] = {name: [] for name in HOST_PHASES}
@@ -243,6 +249,8 @@ def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float
             t0 = time.perf_counter()
             engine.step()
             t1 = time.perf_counter()
+            if "execute_in" not in marks:
+                continue  # no forward (async scheduling resolving the step in flight)
             launched = marks.get("launched", marks["execute_out"])
             sampled = marks.get("sample_out", t1)  # a step of drafts only samples in `verify`
             parts = (
@@ -259,7 +267,7 @@ def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float
         for k, g in runner.graphs.items():
             g.run = runs[k]
     _stop_decoding(engine, ids)
-    return {name: statistics.median(v) * 1e3 for name, v in rows.items()}
+    return {name: statistics.median(v) * 1e3 if v else 0.0 for name, v in rows.items()}
 
 
 def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
