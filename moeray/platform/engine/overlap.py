@@ -62,6 +62,7 @@ class DecodeOverlap:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine that owns this (typed loosely: engine.py imports us)
+        engine.runner.pin_inputs = engine.device.type == "cuda"
         self.pending: _Pending | None = None
         self.overlapped_steps = 0  # steps launched while another was in flight
 

@@ -226,6 +226,9 @@ class ModelRunner:
         self._status = {"main": "off", "mtp": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
+        # Upload inputs from pinned memory (set by async scheduling, overlap.py): a copy from
+        # pageable memory waits for the work already queued on the stream, the step in flight.
+        self.pin_inputs = False
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
@@ -492,12 +495,10 @@ class ModelRunner:
 
     def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
         """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
-        # Pinned on CUDA: a copy from pageable memory waits for the work already queued on the
-        # stream, which under async scheduling is the step in flight.
         both = torch.tensor(
             [[*r, s] for r, s in zip(ids, starts, strict=True)],
             dtype=torch.long,
-            pin_memory=self.on_gpu,
+            pin_memory=self.pin_inputs,
         ).to(self.device, non_blocking=True)
         return both[:, :-1], both[:, -1]
 
@@ -524,7 +525,7 @@ class ModelRunner:
         fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
         padded = [[*r, *[f] * (M - len(r))] for r, f in zip(rows, fill, strict=True)]
         table = torch.from_numpy(np.array(padded, dtype=np.int32))
-        if self.on_gpu:  # as in _ids_and_starts
+        if self.pin_inputs:
             table = table.pin_memory()
         return table.to(self.device, non_blocking=True)
 
