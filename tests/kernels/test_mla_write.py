@@ -1,7 +1,7 @@
 """The paged-cache write + query pack kernel (moeray.kernels.mla_write) against its PyTorch
 reference under the interpreter: the same cache bits and packed query at odd shapes, on the
-strided query latent the absorbed einsum returns; the engine view's choice (KernelPagedView.attend)
-with and without it."""
+strided query latent the absorbed einsum returns, the packed query and the cache rows to write
+NaN-poisoned first; the engine view's choice (KernelPagedView.attend) with and without it."""
 
 import pytest
 import torch
@@ -12,10 +12,28 @@ from moeray.platform.engine import paged_view as view_mod
 from moeray.platform.engine.kv_cache import CacheShape, PagedKVStorage
 
 
+class _NanEmptyTorch:
+    """torch, but `empty` fills with NaN: a packed query value the kernel leaves unwritten stays
+    NaN and fails torch.equal."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def _nan_query(monkeypatch):
+    monkeypatch.setattr(write_mod, "torch", _NanEmptyTorch())
+
+
 def _case(B, S, H, C, R, dtype, pages=5, N=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     cache = torch.randn(pages, N, C + R, generator=g).to(dtype)
     slots = torch.randperm(pages * N, generator=g)[: B * S]
+    cache.view(-1, C + R)[slots] = float("nan")  # the rows to write: unwritten ones stay NaN
     kv = torch.randn(B, S, C, generator=g).to(dtype)
     pe = torch.randn(B, S, C + R, generator=g).to(dtype)[..., C:]  # a slice of a wider row
     # the einsum's output layout: [H, B*S, C] permuted to [B, S, H, C]
@@ -35,6 +53,24 @@ def test_mla_write_pack_equals_reference(dtype, B, S, H, C, R):
     q = mla_write_pack(cache, slots, kv, pe, q_lat, q_pe)
     q_ref = mla_write_pack_ref(ref_cache, slots, kv, pe, q_lat, q_pe)
     assert q.is_contiguous() and q.shape == (B, S, H, C + R)
+    assert torch.equal(q, q_ref) and torch.equal(cache, ref_cache)
+
+
+@pytest.mark.parametrize(("H", "blocks"), [(16, 2), (37, 5), (128, 16)])
+def test_mla_write_pack_head_blocks(launch_spy, H, blocks):
+    """At the real widths (C = 512, R = 64) the grid is (tokens, head blocks of 8): 2 a token at
+    Moonlight's 16 heads, 16 at V3's 128, 5 at 37 (the last partial). Every block packs its own
+    heads (NaN-poisoned query and cache rows: one left unwritten fails), rotated bit-equal to the
+    reference, and the cache rows are the reference's."""
+    B, S, C, R = 2, 2, 512, 64
+    cache, slots, kv, pe, q_lat, q_pe = _case(B, S, H, C, R, torch.bfloat16, pages=2, N=4, seed=H)
+    ang = torch.rand(B, S, R // 2, generator=torch.Generator().manual_seed(5)) * 100
+    rope = (ang.cos(), ang.sin())
+    ref_cache = cache.clone()
+    grids = launch_spy(write_mod, "_mla_write_pack_kernel")
+    q = mla_write_pack(cache, slots, kv, pe, q_lat, q_pe, rope=rope)
+    q_ref = mla_write_pack_ref(ref_cache, slots, kv, pe, q_lat, q_pe, rope=rope)
+    assert grids == [(B * S, blocks)]
     assert torch.equal(q, q_ref) and torch.equal(cache, ref_cache)
 
 
