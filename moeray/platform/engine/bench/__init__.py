@@ -238,7 +238,7 @@ def engine_decode(
     while engine.has_unfinished():
         for o in step():
             produced += len(o.new_token_ids)
-        if step_seconds is not None:  # each step ends with the engine's sync
+        if step_seconds is not None:  # a synchronous step ends with the engine's sync
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now

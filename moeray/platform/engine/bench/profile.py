@@ -218,30 +218,26 @@ def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float
     runs = {k: g.run for k, g in runner.graphs.items()}
 
     def mark(name, fn):
+        """fn, recording when each call starts (name_in) and returns (name_out)."""
+
         def wrapped(*args, **kwargs):
+            marks[name + "_in"] = time.perf_counter()
             out = fn(*args, **kwargs)
-            marks[name] = time.perf_counter()
+            marks[name + "_out"] = time.perf_counter()
             return out
 
         return wrapped
 
-    def mark_in(fn):
-        def wrapped(*args, **kwargs):
-            marks["execute_in"] = time.perf_counter()
-            return fn(*args, **kwargs)
-
-        return wrapped
-
     class _MarkedSampler:  # the sampler, its calls marked (async scheduling calls .tokens)
-        __call__ = staticmethod(mark("sample_out", sampler))
+        __call__ = staticmethod(mark("sample", sampler))
 
         def __getattr__(self, name):
             return getattr(sampler, name)
 
-    runner.execute = mark_in(mark("execute_out", execute))
+    runner.execute = mark("execute", execute)
     engine.sampler = _MarkedSampler()
     for k, g in runner.graphs.items():
-        g.run = mark("launched", runs[k])
+        g.run = mark("graph", runs[k])
     rows: dict[str, list[float]] = {name: [] for name in HOST_PHASES}
     try:
         for _ in range(steps):
@@ -251,7 +247,7 @@ def host_phases(engine, prompts: list[list[int]], steps: int) -> dict[str, float
             t1 = time.perf_counter()
             if "execute_in" not in marks:
                 continue  # no forward (async scheduling resolving the step in flight)
-            launched = marks.get("launched", marks["execute_out"])
+            launched = marks.get("graph_out", marks["execute_out"])
             sampled = marks.get("sample_out", t1)  # a step of drafts only samples in `verify`
             parts = (
                 marks["execute_in"] - t0,
