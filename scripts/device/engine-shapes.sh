@@ -8,8 +8,9 @@
 # shape's batch sizes. A/B of a fast path:
 # MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
-# ASYNC=1 passes --async-scheduling (each greedy decode step launched before the previous one's ids
-# are read back: engine/overlap.py); A/B: ASYNC=1 TAG_SUFFIX=-async against a plain run.
+# Async scheduling (engine/overlap.py: each greedy decode step launched before the previous one's
+# ids are read back) is the engine's default on CUDA; ASYNC=0 passes --no-async-scheduling, ASYNC=1
+# --async-scheduling (A/B: ASYNC=0 TAG_SUFFIX=-sync against a plain run).
 # HF=1 adds transformers' generate on the same weights (bf16 runs; it saves a copy of the model
 # and loads a second one: ~2 more minutes at Moonlight's 32 GB; HF_MAX_BATCH, default 8).
 rc=0
@@ -30,7 +31,7 @@ for shape in ${SHAPES:-moonlight v3}; do
     CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-140} python3 -m moeray.cli bench engine \
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
       --profile-steps ${PROFILE_STEPS:-8} --skip $skip "${hf[@]}" --tag "$tag" \
-      $([ "${ASYNC:-0}" = 1 ] && echo --async-scheduling) \
+      $(case "${ASYNC:-}" in 1) echo --async-scheduling ;; 0) echo --no-async-scheduling ;; esac) \
       --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
     r=$?; [ $r -eq 0 ] || rc=1
     el "bench engine $tag rc=$r"; grep -v "UNEXPECTED\|USDT" "$OUT/engine-$tag.log" | tail -4 | cut -c1-200

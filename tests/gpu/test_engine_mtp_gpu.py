@@ -97,7 +97,7 @@ def _prompts(cfg, cycle, lengths_cycle=(40, 100, 70), lengths_random=(5, 64)):
     return out
 
 
-def _engine(model, *, spec: int, graphs: bool):
+def _engine(model, *, spec: int, graphs: bool, async_scheduling: bool | None = None):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
     return Engine(
@@ -112,6 +112,7 @@ def _engine(model, *, spec: int, graphs: bool):
             num_speculative_tokens=spec,
             # lazy: the graph keys then show which S each step used
             capture_graphs_at_start=False,
+            async_scheduling=async_scheduling,
         ),
     )
 
@@ -144,9 +145,9 @@ def _count_decode_forwards(eng):
             steps[-1][0 if kw.get("mtp_module") is None else 1] += 1
         return fg(*a, **kw)
 
-    def execute(seqs):
+    def execute(seqs, **kw):  # kw: async scheduling's ids_on_device
         steps.append([0, 0] if all(s.is_decode for s in seqs) else None)
-        return ex(seqs)
+        return ex(seqs, **kw)
 
     runner.forward_group, runner.execute = forward_group, execute
     return steps
@@ -270,7 +271,8 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
     model = _clone(model32).to(torch.bfloat16).eval()
     ref_model = _clone(model).float().eval()  # the bf16 weights, fp32 arithmetic
     prompts = _prompts(cfg, cycle, lengths_cycle=(100,), lengths_random=(100,))
-    eng = _engine(model, spec=0, graphs=True)
+    # Synchronous steps: the loop reads each step's token from the request before the next.
+    eng = _engine(model, spec=0, graphs=True, async_scheduling=False)
     runner = eng.runner
     # (prompt, p, margin_ref, err1_e, err2_e, err1_g, err2_g, err2row1_g, d12_e, d12_g, agree)
     stats = []

@@ -89,9 +89,12 @@ def test_fp8_gemv_configs(cfg):
 
 def test_fp8_gemv_config_heuristic():
     cuda_like = torch.device("cpu")
-    # Few output tiles (kv_a at batch 1) split K; many (q_b, 24576 rows) do not.
+    # Few output tiles (kv_a at batch 1) split K; many (q_b, 24576 rows) do not, except that at
+    # M = 1 a program streams at most 16 of K's 128-column blocks (K = 4096's 32: 2 splits).
     assert _gemv_config(1, 576, 7168, cuda_like)["SPLIT_K"] > 1
     assert _gemv_config(1, 24576, 1536, cuda_like)["SPLIT_K"] == 1
+    assert _gemv_config(1, 24576, 4096, cuda_like)["SPLIT_K"] == 2
+    assert _gemv_config(2, 24576, 4096, cuda_like)["SPLIT_K"] == 1
     assert not _gemv_config(4, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(5, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(200, 576, 7168, cuda_like)["BLOCK_M"] == 64
@@ -190,11 +193,11 @@ def test_fp8_gemv_serial_split_k_heuristic_rows(monkeypatch, launch_spy):
 
 
 def test_fp8_gemv_workspace_size_and_checks():
-    # The GPU's tiles: 16 columns at 1 row, 64 // BLOCK_M at 2-4 rows (16 at 3-4), 64 above.
-    assert fp8.fp8_gemv_workspace(576, 1).numel() == 36
-    assert fp8.fp8_gemv_workspace(576, 2).numel() == 36
-    assert fp8.fp8_gemv_workspace(576, 16).numel() == 36
-    assert fp8.fp8_gemv_workspace(24576, 16).numel() == 1536
+    # The GPU's tiles: 8 columns at 1 row, 64 // BLOCK_M at 2-4 rows (16 at 3-4), 64 above.
+    assert fp8.fp8_gemv_workspace(576, 1).numel() == 72
+    assert fp8.fp8_gemv_workspace(576, 2).numel() == 72
+    assert fp8.fp8_gemv_workspace(576, 16).numel() == 72
+    assert fp8.fp8_gemv_workspace(24576, 16).numel() == 3072
     wq, ws = _weight(576, 2048, seed=4)
     x = torch.randn(1, 2048, dtype=torch.bfloat16)
     cfg = dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2, DOT=False, num_warps=8, num_stages=4)
@@ -209,16 +212,16 @@ def test_fp8_gemv_workspace_size_and_checks():
 def test_fp8_linear_workspace_buffer():
     q, s = fp8.weight_quant(torch.randn(576, 300))
     layer = FP8Linear(q, s)
-    assert layer.gemv_workspace.dtype == torch.int32 and layer.gemv_workspace.numel() == 36
+    assert layer.gemv_workspace.dtype == torch.int32 and layer.gemv_workspace.numel() == 72
     assert set(layer.state_dict()) == {"weight", "weight_scale_inv"}  # checkpoints unchanged
     # Laid out on meta and materialized as the dummy-weight loader does: to_empty's buffers are
     # uninitialized memory, and the counters must still start at zero.
     with torch.device("meta"):
         meta = FP8Linear(torch.empty(576, 300, dtype=q.dtype), torch.empty(5, 3))
     for _ in range(3):
-        torch.full((36,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
+        torch.full((72,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
         built = meta.to_empty(device="cpu")
-        assert built.gemv_workspace.shape == (36,) and not built.gemv_workspace.any()
+        assert built.gemv_workspace.shape == (72,) and not built.gemv_workspace.any()
 
 
 def _act_input(m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

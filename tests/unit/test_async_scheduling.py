@@ -8,11 +8,12 @@ scheduler's advance/resolve and the runner's device ids refuse what they do not 
 import pytest
 import torch
 
-from moeray.platform.config import tiny
+from moeray.platform.config import ServeConfig, tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.scheduler import PENDING
 from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.worker import engine_config
 
 V = 256
 
@@ -50,6 +51,18 @@ def _run(eng: Engine, prompts, params) -> dict[str, tuple[list[int], str | None,
 def _overlapped(eng: Engine) -> int:
     assert eng._overlap is not None
     return eng._overlap.overlapped_steps
+
+
+def test_default_is_on_for_cuda_engines_only(model):
+    """None (the default) resolves by device: off on CPU, where the forward runs on the host; the
+    serve config carries the choice through to the engine's config."""
+    base = dict(page_size=16, num_pages=64, max_num_seqs=8, max_num_batched_tokens=64)
+    assert EngineConfig().async_scheduling is None
+    assert Engine(model, EngineConfig(**base)).async_scheduling is False
+    assert Engine(model, EngineConfig(**base, async_scheduling=True)).async_scheduling is True
+    for value in (None, True, False):
+        cfg = ServeConfig(async_scheduling=value)
+        assert engine_config(cfg, "cuda").async_scheduling is value
 
 
 def test_greedy_outputs_equal_the_synchronous_engine(model):

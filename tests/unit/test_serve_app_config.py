@@ -36,6 +36,7 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "sk-secret",
                 "--max-body-bytes",
                 "65536",
+                "--no-async-scheduling",
                 "--write-config",
                 str(f),
             ]
@@ -56,7 +57,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.cpus_per_replica,
         cfg.api_key,
         cfg.max_body_bytes,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536)
+        cfg.async_scheduling,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"

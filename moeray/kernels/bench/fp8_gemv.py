@@ -20,6 +20,7 @@ from moeray.kernels.common import cdiv
 from moeray.kernels.fp8.dispatch import fp8_gemm
 from moeray.kernels.fp8.gemv import _gemv_config, fp8_gemv, fp8_gemv_workspace
 from moeray.kernels.fp8.quant import act_quant, weight_dequant, weight_quant
+from moeray.kernels.gemv import linear as gemv_linear
 
 # (name, N, K) of DeepSeek-V3's linear layers (hidden 7168, q_lora 1536, kv_lora 512 + rope 64,
 # 128 heads x 192 / 128 dims, dense intermediate 18432, expert intermediate 2048).
@@ -34,6 +35,16 @@ V3_LINEARS = (
     ("shared_down", 7168, 2048),
 )
 GEMV_BENCH_ROWS = (1, 8, 64)
+# Moonlight-16B-A3B's decode projections as the engine runs them (hidden 2048, 16 heads x 192 /
+# 128 dims, no q_lora, kv_a 576, dense intermediate 11264; q + kv_a and gate + up merged,
+# model/merge.py): K = 2048 is 16 scale blocks, so split-K has little to split and each program
+# little to stream.
+MOONLIGHT_LINEARS = (
+    ("ml_q_kv_a", 3648, 2048),
+    ("ml_o_proj", 2048, 2048),
+    ("ml_dense_gate_up", 22528, 2048),
+    ("ml_dense_down", 2048, 11264),
+)
 
 
 def _row(ceil: dict, name: str, m: int, n: int, k: int, copies_fp8, copies_bf16) -> dict:
@@ -201,4 +212,69 @@ def print_fp8_gemv_sweep(rows: list[dict]) -> None:
             f"sweep fp8_gemv{' act' if g[2] else '    '} {g[0]:12s} M={g[1]:2d}: best "
             f"BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']} "
             f"split={r['SPLIT_K']} {r['us']} us; chosen {c['us'] if c else 'n/a'} us"
+        )
+
+
+# The batch-1 split sweep: broadcast tiles (BLOCK_N, num_warps, num_stages; 4 warps lost
+# everywhere in the first sweep) crossed with explicit
+# split-K counts (None: the heuristic's count for that tile).
+_SPLIT_SWEEP_TILES = tuple((bn, w, st) for bn in (8, 16, 32) for w in (1, 2) for st in (4, 6))
+_SPLIT_SWEEP_SPLITS = (None, 1, 2, 4, 8, 16)
+_SPLIT_SWEEP_LAYERS = ("q_a", "kv_a")  # V3's small ones, next to Moonlight's
+
+
+def sweep_fp8_gemv_splits(names: str | None = None) -> list[dict]:
+    """fp8_gemv at M = 1 on Moonlight's decode projections and V3's q_a, kv_a (or the comma list
+    `names` of MOONLIGHT_LINEARS and V3_LINEARS): every broadcast tile of `_SPLIT_SWEEP_TILES` at
+    split-K 1, 2, 4, 8, 16 and the heuristic's count, CUDA graph, cold weights; each layer's row
+    also times the bf16 `gemv` on the same shape (twice the bytes: the FP8 kernel should not be
+    slower). `_gemv_config` at M = 1 is tuned from here."""
+    out = []
+    every = MOONLIGHT_LINEARS + V3_LINEARS
+    if names is None:
+        layers = MOONLIGHT_LINEARS + tuple(v for v in V3_LINEARS if v[0] in _SPLIT_SWEEP_LAYERS)
+    else:
+        wanted = names.split(",")
+        unknown = sorted(set(wanted) - {v[0] for v in every})
+        if unknown:
+            raise ValueError(f"split sweep layers {unknown}: accepted {[v[0] for v in every]}")
+        layers = tuple(v for v in every if v[0] in wanted)
+    for name, n, k in layers:
+        q, s = weight_quant(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        copies = [(q, s)] + [(q.clone(), s.clone()) for _ in range(_copies(n * k) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        copies_bf16 = [(wb,)] + [(wb.clone(),) for _ in range(_copies(2 * n * k) - 1)]
+        bf16_us = round(_graph_ms(_cycling(lambda w, x=x: gemv_linear(x, w), copies_bf16)) * 1e3, 2)
+        del copies_bf16, wb
+        base = _gemv_config(1, n, k, x.device)
+        kb = cdiv(k, 128)
+        for block_n, warps, stages in _SPLIT_SWEEP_TILES:
+            tiles = cdiv(n, block_n)
+            heuristic = max(1, min(kb, cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles)))
+            splits = (heuristic if sp is None else min(sp, kb) for sp in _SPLIT_SWEEP_SPLITS)
+            for split in dict.fromkeys(splits):
+                cfg = {
+                    **base,
+                    "BLOCK_N": block_n,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                    "SPLIT_K": split,
+                }
+                us = _time_config(x, None, cfg, copies, tiles)
+                row = {"layer": name, "M": 1, "N": n, "K": k, "act": False, **cfg, "us": us}
+                out.append({**row, "bf16_gemv_us": bf16_us, "chosen": cfg == base})
+        del copies
+        torch.cuda.empty_cache()
+    return out
+
+
+def print_fp8_gemv_split_sweep(rows: list[dict]) -> None:
+    best, chosen = best_and_chosen(rows, lambda r: r["layer"])
+    for layer, r in best.items():
+        c = chosen.get(layer)
+        print(
+            f"split sweep fp8_gemv {layer:16s} M=1: best BLOCK_N={r['BLOCK_N']} "
+            f"warps={r['num_warps']} stages={r['num_stages']} split={r['SPLIT_K']} {r['us']} us; "
+            f"chosen {c['us'] if c else 'n/a'} us; bf16 gemv {r['bf16_gemv_us']} us"
         )

@@ -69,6 +69,13 @@ _BCAST_MAX_ROWS = 4
 # latency is ~2.9 MB in flight, ~22 KB per SM, i.e. 2-3 CTAs each streaming 4-8 KB tiles with a
 # few stages; 4 leave room for the CTAs that finish early.
 _PROGRAMS_PER_SM = 4
+# At M = 1 a program also streams at most this many 128-column K blocks (split-K past that). On
+# an H200 (the M = 1 tile x split sweeps, benchmarks/results/kernels-nvidia-h200-fp8-gemv-splits
+# {,-v3}.json, 8-row tiles) V3's dense down (K = 18432, 144 blocks; 896 tiles, so 1 split by the
+# program count) took 40.6 us at 9 splits and 46.1 at 18; its o_proj 36.7 at 8 splits and 41.0 at
+# 16; Moonlight's dense down (88 blocks) 9.9 at 8 splits and 11.6 at 3. 8 blocks instead of 16
+# lost on every V3 layer past 16 blocks.
+_MAX_K_BLOCKS_M1 = 16
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "SPLIT_K", "DOT", "num_warps", "num_stages"}
 
 
@@ -257,13 +264,15 @@ def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int, int]:
         if interpret:  # numpy per program: wider tiles keep CPU tests fast, same code path
             return block_m, 128 // block_m, False, 4, 4
         if block_m == 1:
-            # 16 rows x 128 bytes a stage, 6 stages, 2 warps: the fastest of the sweep at M = 1
-            # on every V3 decode shape (H200: q_a 8.5 us vs 12.4 for 64 rows x 8 warps x 4
-            # stages, kv_a 6.0 vs 9.9, q_b 16.1 vs 22.1, dense_down 44.8 vs 63.2;
-            # fp8_gemv_sweep in results/kernels-nvidia-h200-gemv.json): smaller tiles, more
-            # programs and deeper pipelines keep more bytes in flight per SM. At M = 4 the 4 x 16
-            # tile below was within 7% of the best.
-            return 1, 16, False, 2, 6
+            # 8 rows x 128 bytes a stage, 4 stages, 1 warp: within 3.4% of the best tile on
+            # average over Moonlight's four projections and V3's q_a and kv_a, each at its best
+            # split (H200, results/kernels-nvidia-h200-fp8-gemv-splits.json: Moonlight q + kv_a
+            # 5.36 us vs 6.04 for the 16 x 2 warps x 6 stages tile it replaced, dense gate/up
+            # 19.4 vs 23.6, V3's q_b 15.8 vs 19.4; the bf16 gemv takes 7.9, 27.7 and 23.3).
+            # Small tiles, many programs: bytes in flight per SM come from programs, not from
+            # warps (that tile had beaten 64 rows x 8 warps on V3's shapes: q_a 8.5 us vs
+            # 12.4). At M = 4 the 4 x 16 tile below was within 7% of the best.
+            return 1, 8, False, 1, 4
         return block_m, 64 // block_m, False, 4, 4
     return _dot_tile_shape(m)
 
@@ -282,8 +291,8 @@ def fp8_gemv_workspace(
 ) -> torch.Tensor:
     """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
     `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
-    wider ones; e4m3 x's dot tiles are never more than float x's). ceil(N/16) counters at
-    FP8Linear's 16 rows: 6 KB for N = 24576."""
+    wider ones; e4m3 x's dot tiles are never more than float x's). ceil(N/8) counters at
+    FP8Linear's 16 rows: 12 KB for N = 24576."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
     tiles = 0
@@ -296,7 +305,9 @@ def fp8_gemv_workspace(
 def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = False) -> dict:
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
-    Broadcast tiles: 1 x 16 with 2 warps and 6 stages at M = 1 (`_tile_shape` says why), else
+    Split-K: enough programs for `_PROGRAMS_PER_SM` per SM and, at M = 1, at most
+    `_MAX_K_BLOCKS_M1` K blocks a program. Broadcast tiles: 1 x 8 with 1 warp and 4 stages at
+    M = 1 (`_tile_shape` says why), else
     BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32 and 4x16 with 4 warps (96
     registers in offline sm_90 compiles, no spills). Dot tiles: 64 weight rows (one
     wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at every M.
@@ -307,7 +318,10 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
         block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     kb = cdiv(k, FP8_BLOCK)
-    split = max(1, min(kb, cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)))
+    split = cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)
+    if m == 1 and not dot:
+        split = max(split, cdiv(kb, _MAX_K_BLOCKS_M1))
+    split = max(1, min(kb, split))
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,

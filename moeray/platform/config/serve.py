@@ -52,6 +52,8 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_speculative_tokens: int = 0
+    # EngineConfig.async_scheduling: None is on for CUDA engines, off on CPU
+    async_scheduling: bool | None = None
     # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
     # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
     # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.

@@ -335,6 +335,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
     p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling,
+        help="launch each greedy decode step before the previous one's ids are read back "
+        "(default: on for CUDA engines, off on CPU)",
+    )
+    p.add_argument(
         "--weights",
         choices=("dequantize", "fp8"),
         default=d.weights,
@@ -411,6 +418,7 @@ def main(argv: list[str]) -> int:
             gpus_per_replica=a.gpus_per_replica,
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
+            async_scheduling=a.async_scheduling,
             max_model_len=a.max_model_len,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,

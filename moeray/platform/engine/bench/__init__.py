@@ -94,8 +94,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="launch each greedy decode step before the previous one's ids are read back",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each greedy decode step before the previous one's ids are read back "
+        "(default: the engine's, on with CUDA)",
     )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
@@ -393,7 +395,7 @@ def main(argv: list[str]) -> int:
         if a.profile_steps:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
-    notes["async_scheduling"] = a.async_scheduling
+    notes["async_scheduling"] = engine.async_scheduling
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
     # quant.py; PDL: common.pdl_launch): on unless set to "0"; the opt-in HEAD_GEMV and
