@@ -19,6 +19,7 @@ from moeray.platform.serve.worker import (
     DecodeRoutingPolicy,
     DecodeWorker,
     TransferRecord,
+    freeze_gc,
     make_engine,
 )
 
@@ -57,6 +58,7 @@ class DecodeServer:
             max_waiting=cfg.max_waiting,
         )
         self.metrics = EngineMetrics("decode", self.worker.loop)
+        freeze_gc()
         self._stats_seq = itertools.count()
 
     def _on_transfer(self, rec: TransferRecord) -> None:
@@ -87,6 +89,7 @@ class ColocatedServer:
         cfg = ServeConfig.from_dict(config)
         self.worker = ColocatedWorker(make_engine(cfg), max_waiting=cfg.max_waiting)
         self.metrics = EngineMetrics("colocated", self.worker.loop)
+        freeze_gc()
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationStep, None]:
         return _metered(self.worker.generate(request), self.metrics)

@@ -16,7 +16,7 @@ from moeray.actors.engine_metrics import EngineMetrics
 from moeray.platform.config import ServeConfig
 from moeray.platform.serve.http.protocol import GenerationRequest
 from moeray.platform.serve.kv_transport.factory import make_sender
-from moeray.platform.serve.worker import PrefillResult, PrefillWorker, make_engine
+from moeray.platform.serve.worker import PrefillResult, PrefillWorker, freeze_gc, make_engine
 
 
 class PrefillServer:
@@ -31,6 +31,7 @@ class PrefillServer:
             ),
         )
         self.metrics = EngineMetrics("prefill", self.worker.loop)
+        freeze_gc()
 
     async def prefill(
         self, request: GenerationRequest, export_from: int, dest: Any = None

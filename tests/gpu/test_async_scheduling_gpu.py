@@ -1,7 +1,9 @@
 """Async scheduling (engine/overlap.py) on the GPU with CUDA graphs: the tiny model's greedy tokens
 equal the synchronous engine's at batch 1 and 4 (the decode graphs read the previous step's ids on
 the device), most decode steps launched one step ahead, and a step returning before its forward
-ends (no host sync inside). Marker gpu; skipped without CUDA."""
+ends (no host sync inside), greedy and, with async_scheduling_sampled, seeded sampled requests
+(the sampler's settings and uniforms copied without a sync, its fix-up without a read-back).
+Marker gpu; skipped without CUDA."""
 
 import time
 
@@ -14,7 +16,7 @@ pytestmark = [
 ]
 
 
-def _engine(model, async_scheduling: bool):
+def _engine(model, async_scheduling: bool, sampled: bool = False):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
     return Engine(
@@ -26,6 +28,7 @@ def _engine(model, async_scheduling: bool):
             max_num_seqs=4,
             enable_prefix_caching=False,
             async_scheduling=async_scheduling,
+            async_scheduling_sampled=sampled,
         ),
     )
 
@@ -43,29 +46,33 @@ def model():
     return m.to("cuda", torch.bfloat16)
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_tokens_equal_and_steps_overlap(model, batch):
+@pytest.mark.parametrize("batch,temperature", [(1, 0.0), (4, 0.0), (1, 0.9), (4, 0.9)])
+def test_tokens_equal_and_steps_overlap(model, batch, temperature):
     from moeray.platform.engine.sampler import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, 256, (5 + 9 * i,), generator=g).tolist() for i in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(
+        temperature=temperature, top_p=0.95, max_tokens=24, ignore_eos=True, seed=3
+    )
     want = [o.output_token_ids for o in _engine(model, False).generate(prompts, params)]
-    eng = _engine(model, True)
+    eng = _engine(model, True, sampled=temperature > 0)
     assert eng.metrics()["cuda_graphs"] == "captured"
     got = [o.output_token_ids for o in eng.generate(prompts, params)]
     assert got == want
     assert eng._overlap.overlapped_steps >= 18, eng._overlap.overlapped_steps
 
 
-def test_a_step_returns_before_its_forward_ends(model):
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_step_returns_before_its_forward_ends(model, temperature):
     """With a slow GPU stream (a queued sleep), step() returns while the forward is still
-    queued: the host schedules and launches without waiting for the device."""
+    queued: the host schedules, samples and launches without waiting for the device."""
     from moeray.platform.engine.sampler import SamplingParams
 
-    eng = _engine(model, True)
+    eng = _engine(model, True, sampled=temperature > 0)
     eng.add_request(
-        list(range(1, 20)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        list(range(1, 20)),
+        SamplingParams(temperature=temperature, top_k=50, max_tokens=40, ignore_eos=True, seed=1),
     )
     for _ in range(6):  # prefill, then decodes in flight
         eng.step()

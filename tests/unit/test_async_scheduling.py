@@ -138,7 +138,7 @@ def test_arrivals_and_aborts_mid_decode(model):
 
 
 def test_steps_that_cannot_overlap_run_synchronously(model):
-    """Logprobs and sampling (its draws read back on the host) keep the synchronous step."""
+    """Logprobs, and sampling unless async_scheduling_sampled is set, keep the synchronous step."""
     prompts = _prompts(2, seed=4)
     params = [
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2),
@@ -148,6 +148,31 @@ def test_steps_that_cannot_overlap_run_synchronously(model):
     got = _run(eng, prompts, params)
     assert got == _run(_engine(model, False), prompts, params)
     assert _overlapped(eng) == 0
+    eng = _engine(model, True)
+    assert _run(eng, prompts[1:], params[1:]) == _run(
+        _engine(model, False), prompts[1:], params[1:]
+    )
+    assert _overlapped(eng) == 0
+
+
+def test_sampled_requests_overlap_with_the_same_tokens(model):
+    """With async_scheduling_sampled, seeded sampled requests (temperature, top-k, top-p, min-p,
+    mixed with greedy ones) run ahead and draw exactly the synchronous engine's tokens: one
+    uniform per token from each request's own generator, drawn at launch; ends found at resolve
+    (stop ids) drop the step in flight as for greedy requests."""
+    prompts = _prompts(5, seed=9)
+    params = [
+        SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=1),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=9, ignore_eos=True, seed=2),
+        SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
+        SamplingParams(temperature=1.3, min_p=0.05, max_tokens=12, ignore_eos=True, seed=3),
+        SamplingParams(temperature=1.0, max_tokens=12, seed=4, stop_token_ids=list(range(0, V, 3))),
+    ]
+    want = _run(_engine(model, False), prompts, params)
+    eng = _engine(model, True, async_scheduling_sampled=True)
+    assert _run(eng, prompts, params) == want
+    assert _overlapped(eng) > 0
+    assert want[list(want)[4]][1] == "stop"  # the stop-id request ended on a sampled stop id
 
 
 def test_advance_resolve_and_device_ids_refuse_what_they_do_not_take(model):

@@ -219,15 +219,16 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
 
 
 def test_bench_async_scheduling(tmp_path):
-    """--async-scheduling reaches the engine and the result says so; decode and host phases are
-    measured as without it."""
+    """--async-scheduling (with --async-sampled, sampled at --temperature) reaches the engine and
+    the result says so; decode and host phases are measured as without it."""
     _, r = _run(
         tmp_path,
         "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
         "--decode-tokens", "6", "--batch-sizes", "1,2", "--skip", "prefill,hf",
-        "--async-scheduling",
+        "--async-scheduling", "--async-sampled", "--temperature", "0.8",
     )  # fmt: skip
     assert r["engine"]["async_scheduling"] is True
+    assert r["engine"]["async_scheduling_sampled"] is True and r["engine"]["temperature"] == 0.8
     assert all(r["decode_tokens_per_s"][b] > 0 for b in ("1", "2"))
     assert tuple(r["decode_host_phases_ms"]["2"]) == HOST_PHASES
 
@@ -280,7 +281,7 @@ def test_bench_moonlight_shape_fp8_end_to_end(tmp_path):
 
 def test_layer_cut_keeps_dense_layers_first():
     def cut(*args):
-        return bench._model_config(bench._parse(["--mtp-train-steps", "0", *args]))
+        return bench._model_config(bench.parse_args(["--mtp-train-steps", "0", *args]))
 
     v3 = cut("--preset", "deepseek_v3", "--layers", "4")
     assert (v3.num_hidden_layers, v3.first_k_dense_replace) == (4, 3)  # V3's own 3 dense

@@ -11,6 +11,7 @@ from moeray.platform.engine.sampler import (
     filtered_probs,
     make_generator,
     sample_from_probs,
+    step_back_to_mass,
 )
 
 V = 37
@@ -129,6 +130,22 @@ def test_inverse_cdf_never_picks_zero_probability():
     u = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.99999999])
     tok = sample_from_probs(probs, u)
     assert tok.tolist() == [1, 1, 3, 3, 3]
+
+
+def test_step_back_to_mass_equals_the_per_row_rule():
+    """Any pick, at random zero patterns: a pick with mass stays; a zero-probability pick moves to
+    the last token with mass at or before it, else the first one (the per-row rule it replaced)."""
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(64, 23, generator=g)
+    probs[torch.rand(64, 23, generator=g) < 0.6] = 0
+    probs[torch.arange(64), torch.randint(0, 23, (64,), generator=g)] = 0.5  # mass in every row
+    tok = torch.randint(0, 23, (64,), generator=g)
+    want = []
+    for row, t in zip(probs, tok.tolist(), strict=True):
+        nz = (row > 0).nonzero().flatten()
+        want.append(t if row[t] > 0 else int(nz[nz <= t].max() if (nz <= t).any() else nz.min()))
+    assert step_back_to_mass(probs, tok).tolist() == want
+    assert sum(w != t for w, t in zip(want, tok.tolist(), strict=True)) > 10  # moves tested
 
 
 @pytest.mark.parametrize(

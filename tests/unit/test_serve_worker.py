@@ -1,6 +1,7 @@
 """The replica workers without Ray: an engine on its own thread, P/D through direct calls."""
 
 import asyncio
+import gc
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from moeray.platform.serve.http.protocol import (
     GenerationParams,
     GenerationRequest,
 )
-from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker, PrefillWorker
+from moeray.platform.serve.worker import ColocatedWorker, DecodeWorker, PrefillWorker, freeze_gc
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,15 @@ def test_decode_with_a_full_batch_queues_the_request_and_errors_reach_the_caller
     outs, transfers = asyncio.run(asyncio.wait_for(run(), 60))
     assert outs == expected
     assert [t.recomputed for t in transfers] == [False, True]
+
+
+def test_freeze_gc_moves_live_objects_out_of_collections(model):
+    """What a replica holds at start (here: the test process's objects, the engine's among them)
+    goes to the permanent generation; unfrozen again so later tests collect as usual."""
+    engine = _engine(model)
+    try:
+        freeze_gc()
+        assert gc.get_freeze_count() > 10_000 and gc.is_tracked(engine)
+        assert gc.get_count()[2] == 0  # the oldest generation starts empty
+    finally:
+        gc.unfreeze()

@@ -102,6 +102,10 @@ class EngineConfig:
     # hides the host's 0.3-2.7 ms a step (H200: Moonlight bf16 batch 64 4,774 -> 5,875 tok/s,
     # benchmarks/notes-engine.md), off on CPU, whose forward runs on the host that would overlap it.
     async_scheduling: bool | None = None
+    # Async scheduling for sampled (temperature > 0) requests too, not only greedy ones: their
+    # uniforms are drawn when the step is launched and the sampler reads nothing back. Off until
+    # timed on a GPU (`moeray bench engine --temperature 1 --async-sampled`).
+    async_scheduling_sampled: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

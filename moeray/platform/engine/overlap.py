@@ -13,9 +13,11 @@ behind the next forward. The scheduler holds each in-flight token's place with `
 (`Scheduler.advance`) and fills it in one step later (`Scheduler.resolve`, the stop checks and
 outputs of `update`), so `Engine.step` returns each step's outputs one call late. A request that
 stops on a token found at resolve (EOS, a stop id or string) had one more decode in flight: that
-token is dropped. Only plain greedy decodes overlap: a step with a prefill, a waiting or
-preempted request, drafts, logprobs, logits processing, sampling (its draws read back on the
-host), a grammar or a KV export runs as before, after the step in flight is resolved ("drained");
+token is dropped. Only plain greedy decodes overlap (and sampled ones with
+`EngineConfig.async_scheduling_sampled`: the sampler draws their uniforms at launch and reads
+nothing back): a step with a prefill, a waiting or preempted request, drafts, logprobs, logits
+processing, a grammar or a KV export runs as before, after the step in flight is resolved
+("drained");
 so does a step whose requests reach max_tokens or max_model_len with their in-flight token.
 Outputs equal the synchronous engine's token for token.
 """
@@ -43,12 +45,13 @@ class _Pending:
     launched_at: float
 
 
-def _overlaps(req: Request) -> bool:
-    """Whether a request's decode can run one step ahead: greedy, nothing read per step but its
-    token (no logprobs, no logits processing), no grammar."""
+def _overlaps(req: Request, sampled: bool) -> bool:
+    """Whether a request's decode can run one step ahead: greedy (or sampled, with `sampled`:
+    `EngineConfig.async_scheduling_sampled`), nothing read per step but its token (no logprobs,
+    no logits processing), no grammar."""
     p = req.params
     return (
-        p.greedy
+        (p.greedy or sampled)
         and p.logprobs is None
         and not p.processes_logits
         and p.structured is None
@@ -63,6 +66,7 @@ class DecodeOverlap:
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine that owns this (typed loosely: engine.py imports us)
         engine.runner.pin_inputs = engine.device.type == "cuda"
+        self.sampled = bool(engine.config.async_scheduling_sampled)
         self.pending: _Pending | None = None
         self.overlapped_steps = 0  # steps launched while another was in flight
 
@@ -108,7 +112,8 @@ class DecodeOverlap:
             and eng.runner.gang is None
             and not eng._exports
             and all(
-                s.is_decode and s.num_tokens == 1 and _overlaps(s.request) for s in out.scheduled
+                s.is_decode and s.num_tokens == 1 and _overlaps(s.request, self.sampled)
+                for s in out.scheduled
             )
         )
 
@@ -126,7 +131,7 @@ class DecodeOverlap:
         if sched.kv.pool.num_available < len(running):
             return False
         for req in running:
-            if req.request_id not in launched or not _overlaps(req):
+            if req.request_id not in launched or not _overlaps(req, self.sampled):
                 return False
             n_out = req.num_output_tokens  # with the in-flight token
             if n_out >= req.params.max_tokens or len(req.token_ids) >= sched.config.max_model_len:

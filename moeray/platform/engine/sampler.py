@@ -15,6 +15,12 @@ gives the same tokens whatever else shares its batch, and whatever the device.
 The token is found by inverse transform sampling over the filtered, renormalized probabilities in
 vocabulary order: the first v whose cumulative probability exceeds u.
 
+Drawing a token reads nothing back to the host: the per-row settings and the uniforms reach the
+device through pinned, non-blocking copies (a plain `torch.tensor(..., device="cuda")` waits for
+the stream), and the zero-probability fix-up of inverse transform sampling is a masked reduction,
+not a host branch. So async scheduling can launch a sampled step before the previous one's ids
+are read back (`Sampler.tokens`; engine/overlap.py).
+
 Logprobs are those of the model's raw distribution (log_softmax of the logits, before temperature
 and filtering), as vLLM reports by default: they measure the model, not the sampling settings.
 """
@@ -48,6 +54,15 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     return g
 
 
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device` without a stream sync: pinned and copied non-blocking
+    on CUDA (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities after temperature, min-p, top-k and top-p, renormalized (fp32). Greedy rows
     become a one-hot on the argmax, so speculative verification can treat every row alike.
@@ -57,22 +72,24 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
         raise ValueError(f"{len(params)} sampling params for {B} rows")
     logits = logits_BV.float()
     device = logits.device
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    temps = to_device(
+        [p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device
+    )
     logits = logits / temps[:, None]
     min_ps = [p.min_p for p in params]
     if any(min_ps):
         # min-p: drop tokens below min_p x the top token's probability (after temperature)
         probs = logits.softmax(dim=-1)
-        floor = torch.tensor(min_ps, device=device)[:, None] * probs.amax(-1, keepdim=True)
+        floor = to_device(min_ps, torch.float32, device)[:, None] * probs.amax(-1, keepdim=True)
         logits = logits.masked_fill(probs < floor, float("-inf"))
     # top-k: keep values >= the k-th largest (ties at the boundary are kept, as in transformers)
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
         kmax = max(ks)
         topv = logits.topk(kmax, dim=-1).values
-        idx = torch.tensor([max(k, 1) - 1 for k in ks], device=device)
+        idx = to_device([max(k, 1) - 1 for k in ks], torch.int64, device)
         kth = topv.gather(1, idx[:, None])
-        use = torch.tensor([k > 0 for k in ks], device=device)[:, None]
+        use = to_device([k > 0 for k in ks], torch.bool, device)[:, None]
         logits = torch.where(use & (logits < kth), torch.full_like(logits, float("-inf")), logits)
     probs = logits.softmax(dim=-1)
     top_ps = [p.top_p for p in params]
@@ -80,14 +97,14 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
         # top-p: the smallest set of most likely tokens whose mass reaches p (always >= 1 token)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_p.cumsum(-1) - sorted_p
-        tp = torch.tensor(top_ps, device=device)[:, None]
+        tp = to_device(top_ps, torch.float32, device)[:, None]
         drop_sorted = mass_before >= tp
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     if greedy_rows:
-        rows = torch.tensor(greedy_rows, device=device)
+        rows = to_device(greedy_rows, torch.int64, device)
         onehot = torch.zeros(len(greedy_rows), V, device=device)
         onehot[
             torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)
@@ -97,9 +114,11 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
 
 
 def draw_uniforms(generators: Sequence[torch.Generator], device) -> torch.Tensor:
-    """One uniform in [0, 1) per row from each row's own generator (CPU draws, moved once)."""
+    """One uniform in [0, 1) per row from each row's own generator (CPU draws, moved once without
+    a stream sync)."""
     u = torch.stack([torch.rand((), generator=g) for g in generators])
-    return u.to(device)
+    device = torch.device(device)
+    return u.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else u.to(device)
 
 
 def sample_from_probs(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
@@ -109,14 +128,22 @@ def sample_from_probs(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor
     target = u_B.to(cdf.dtype)[:, None] * cdf[:, -1:]
     tok = torch.searchsorted(cdf, target, right=True).squeeze(1)
     tok = tok.clamp_(max=probs_BV.shape[-1] - 1)
-    # A zero-probability token can only be picked through rounding at its edge: step back to a
-    # token with mass (the previous nonzero one always exists because cdf > target >= 0 there).
-    bad = probs_BV.gather(1, tok[:, None]).squeeze(1) <= 0
-    if bad.any():
-        for i in bad.nonzero().flatten().tolist():
-            nz = (probs_BV[i] > 0).nonzero().flatten()
-            tok[i] = nz[nz <= tok[i]].max() if (nz <= tok[i]).any() else nz.min()
-    return tok
+    # A zero-probability token can only be picked through rounding at its edge (a cumsum whose
+    # partial sums are associated differently on either side of it, or u x total rounding up to
+    # the total).
+    return step_back_to_mass(probs_BV, tok)
+
+
+def step_back_to_mass(probs_BV: torch.Tensor, tok_B: torch.Tensor) -> torch.Tensor:
+    """tok_B with each zero-probability pick moved to the last token with mass before it, else
+    the row's first token with mass. A masked reduction over the row instead of a host branch,
+    so nothing is read back."""
+    has_mass_BV = probs_BV > 0
+    bad_B = ~has_mass_BV.gather(1, tok_B[:, None]).squeeze(1)
+    pos_V = torch.arange(probs_BV.shape[-1], device=probs_BV.device)
+    before_B = torch.where(has_mass_BV & (pos_V <= tok_B[:, None]), pos_V, -1).amax(-1)
+    first_B = torch.where(has_mass_BV, pos_V, probs_BV.shape[-1]).amin(-1)
+    return torch.where(bad_B, torch.where(before_B >= 0, before_B, first_B), tok_B)
 
 
 @dataclass(frozen=True)
@@ -224,7 +251,7 @@ class Sampler:
         tokens = logits_BV.float().argmax(-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits_BV.device)
+            rows = to_device(sampled_rows, torch.int64, logits_BV.device)
             sub = [params[i] for i in sampled_rows]
             probs = filtered_probs(logits_BV[rows], sub)
             u = draw_uniforms([generators[i] for i in sampled_rows], logits_BV.device)

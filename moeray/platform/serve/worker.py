@@ -17,6 +17,7 @@ shells around them, and tests build them directly.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import queue
@@ -549,3 +550,13 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         dtype=dtype,
         keep_fp8=cfg.weights == "fp8",
     )
+
+
+def freeze_gc() -> None:
+    """Collect once, then move every object alive (the model, the engine, its graphs: ~190K
+    tracked objects on a Moonlight-layered engine) into the collector's permanent generation, as
+    vLLM does after start: a full collection, which took 88 ms over those objects on the CPU
+    machine, then skips them instead of stalling a decode step. Serve replicas call it once their
+    engine is up; objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()

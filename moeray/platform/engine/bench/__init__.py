@@ -10,11 +10,11 @@ Steps (GPU, bf16, the `small()` preset by default):
      without MTP. `--weights fp8` stores the projections as e4m3 + 128x128 scales, as
      `moeray serve --weights fp8` loads the official checkpoint.
   2. Decode tokens/s at each batch size: prompts of --prompt-len tokens prefilled first, then
-     --decode-tokens decode steps timed; the roofline of each (bench/roofline.py) at the datasheet
-     and at the measured bandwidth; the GPU time of one replay of the batch's decode graph (the
-     forward alone) and the host time of a step by phase (schedule, inputs and launch, forward
-     and sampling, update and outputs: bench/profile.py); with `--profile-steps N` the kernels of
-     N decode steps by category.
+     --decode-tokens decode steps timed (greedy, or sampled at --temperature); the roofline of
+     each (bench/roofline.py) at the datasheet and at the measured bandwidth; the GPU time of
+     one replay of the batch's decode graph (the forward alone) and the host time of a step by
+     phase (schedule, inputs and launch, forward and sampling, update and outputs:
+     bench/profile.py); with `--profile-steps N` the kernels of N decode steps by category.
   3. Prefill tokens/s: --prefill-batch random prompts of --prefill-len tokens, one output token,
      through MLA's expanded path (the engine's default for prefill) and through the absorbed one.
   4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from moeray.kernels.common import pdl_launch
 from moeray.platform.checkpoint import save_model
-from moeray.platform.config import PRESETS, ModelConfig, preset
+from moeray.platform.config import ModelConfig
+from moeray.platform.engine.bench.args import parse_args
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
 from moeray.platform.engine.bench.profile import decode_graph_ms, host_phases, profile_decode
 from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
@@ -51,84 +52,6 @@ from moeray.platform.model.transformer import Transformer
 from moeray.results import device_slug, write_result
 
 SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
-
-
-SECTIONS = ("prefill", "router-ab", "hf", "mtp")
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="moeray bench engine", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default small)")
-    p.add_argument("--config", default=None, help="an HF config.json (or its directory)")
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    p.add_argument(
-        "--dense-layers",
-        type=int,
-        default=None,
-        help="override first_k_dense_replace (default: the config's, at most --layers)",
-    )
-    p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
-    p.add_argument("--batch-sizes", default="1,16,64,256")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--prefill-batch", type=int, default=8)
-    p.add_argument("--prefill-len", type=int, default=None, help="default: 8 x --prompt-len")
-    p.add_argument("--hf-max-batch", type=int, default=256, help="skip transformers above this")
-    p.add_argument(
-        "--hf-max-weight-gib",
-        type=float,
-        default=8.0,
-        help="skip transformers for larger models (it needs a saved copy and a second model)",
-    )
-    p.add_argument("--cycle-len", type=int, default=512)
-    p.add_argument(
-        "--mtp-train-steps",
-        type=int,
-        default=150,
-        help="0: random weights made on the device, no MTP (speed runs)",
-    )
-    p.add_argument("--profile-steps", type=int, default=0, help="decode steps profiled per batch")
-    p.add_argument("--skip", default="", help=f"comma-separated sections of {list(SECTIONS)}")
-    p.add_argument("--tag", default=None, help="result file engine-<device>-<tag>.json")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="launch each greedy decode step before the previous one's ids are read back "
-        "(default: the engine's, on with CUDA)",
-    )
-    p.add_argument("--out-dir", default=None)
-    p.add_argument(
-        "--note",
-        default=None,
-        help="free text stored in the result (what was special about the run)",
-    )
-    a = p.parse_args(argv)
-    try:
-        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
-    except ValueError:
-        p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers")
-    if not a.batch_sizes or min(a.batch_sizes) < 1:
-        p.error(f"--batch-sizes {a.batch_sizes}: expected positive integers")
-    a.skip = {x for x in a.skip.split(",") if x}
-    if a.skip - set(SECTIONS):
-        p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
-    if a.preset is not None and a.config is not None:
-        p.error("--preset and --config both given: pass one")
-    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps"):
-        v = getattr(a, name)
-        low = 1 if name == "layers" else 0
-        if v is not None and v < low:
-            p.error(f"--{name.replace('_', '-')} {v}: expected an integer >= {low}")
-    if a.tag is not None and not a.tag.replace("-", "").replace("_", "").isalnum():
-        p.error(f"--tag {a.tag!r}: expected letters, digits, '-' and '_'")
-    try:
-        a.model_config = ModelConfig.from_hf(a.config) if a.config else preset(a.preset or "small")
-    except ValueError as e:
-        p.error(str(e))
-    return a
 
 
 def _sync(device) -> None:
@@ -215,13 +138,21 @@ def train_on_cycle(
 
 
 def engine_decode(
-    engine, prompts, n: int, step_seconds: list[float] | None = None
+    engine,
+    prompts,
+    n: int,
+    step_seconds: list[float] | None = None,
+    temperature: float = 0.0,
 ) -> tuple[float, list[list[int]]]:
-    """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens.
-    Returns (decode tokens/s, outputs); each timed step's seconds are appended to step_seconds."""
+    """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens
+    (greedy, or sampled at `temperature` with request i seeded i). Returns (decode tokens/s,
+    outputs); each timed step's seconds are appended to step_seconds."""
     ids = [
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
-        for p in prompts
+        engine.add_request(
+            p,
+            SamplingParams(temperature=temperature, max_tokens=n + 1, ignore_eos=True, seed=i),
+        )
+        for i, p in enumerate(prompts)
     ]
     outs: dict[str, list[int]] = {}
 
@@ -303,7 +234,7 @@ def _hf_skip_reason(a: argparse.Namespace, weight_bytes: int) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    a = _parse(argv)
+    a = parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -349,6 +280,7 @@ def main(argv: list[str]) -> int:
         enable_prefix_caching=False,
         use_cuda_graphs=not a.no_cuda_graphs,
         async_scheduling=a.async_scheduling,
+        async_scheduling_sampled=a.async_sampled,
         # room for profile_decode's requests (64 tokens past the profiled steps)
         max_model_len=max(prefill_len, a.prompt_len + max(n, a.profile_steps + 64)) + 8,
     )
@@ -371,9 +303,9 @@ def main(argv: list[str]) -> int:
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
         # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
         # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
-        engine_decode(engine, prompts, 2)
+        engine_decode(engine, prompts, 2, temperature=a.temperature)
         seconds: list[float] = []
-        rate, _ = engine_decode(engine, prompts, n, seconds)
+        rate, _ = engine_decode(engine, prompts, n, seconds, temperature=a.temperature)
         k = str(B)
         decode[k] = rate
         step_ms[k] = 1e3 * B / rate
@@ -396,6 +328,8 @@ def main(argv: list[str]) -> int:
             profiles[k] = profile_decode(engine, prompts, a.profile_steps)
     notes["cuda_graphs"] = engine.runner.graph_status
     notes["async_scheduling"] = engine.async_scheduling
+    notes["async_scheduling_sampled"] = a.async_sampled
+    notes["temperature"] = a.temperature
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
     # quant.py; PDL: common.pdl_launch): on unless set to "0"; the opt-in HEAD_GEMV and

@@ -1,0 +1,97 @@
+"""`moeray bench engine`'s command line: the flags, checked, with the model config resolved."""
+
+from __future__ import annotations
+
+import argparse
+
+from moeray.platform.config import PRESETS, ModelConfig, preset
+
+DESCRIPTION = "`moeray bench engine`: decode and prefill throughput of the engine"
+
+SECTIONS = ("prefill", "router-ab", "hf", "mtp")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeray bench engine", description=DESCRIPTION)
+    p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default small)")
+    p.add_argument("--config", default=None, help="an HF config.json (or its directory)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument(
+        "--dense-layers",
+        type=int,
+        default=None,
+        help="override first_k_dense_replace (default: the config's, at most --layers)",
+    )
+    p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--prefill-len", type=int, default=None, help="default: 8 x --prompt-len")
+    p.add_argument("--hf-max-batch", type=int, default=256, help="skip transformers above this")
+    p.add_argument(
+        "--hf-max-weight-gib",
+        type=float,
+        default=8.0,
+        help="skip transformers for larger models (it needs a saved copy and a second model)",
+    )
+    p.add_argument("--cycle-len", type=int, default=512)
+    p.add_argument(
+        "--mtp-train-steps",
+        type=int,
+        default=150,
+        help="0: random weights made on the device, no MTP (speed runs)",
+    )
+    p.add_argument("--profile-steps", type=int, default=0, help="decode steps profiled per batch")
+    p.add_argument("--skip", default="", help=f"comma-separated sections of {list(SECTIONS)}")
+    p.add_argument("--tag", default=None, help="result file engine-<device>-<tag>.json")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each greedy decode step before the previous one's ids are read back "
+        "(default: the engine's, on with CUDA)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="decode runs sample at this temperature (request i seeded i); 0: greedy",
+    )
+    p.add_argument(
+        "--async-sampled",
+        action="store_true",
+        help="async scheduling for sampled requests too (EngineConfig.async_scheduling_sampled)",
+    )
+    p.add_argument("--out-dir", default=None)
+    p.add_argument(
+        "--note",
+        default=None,
+        help="free text stored in the result (what was special about the run)",
+    )
+    a = p.parse_args(argv)
+    try:
+        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
+    except ValueError:
+        p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers")
+    if not a.batch_sizes or min(a.batch_sizes) < 1:
+        p.error(f"--batch-sizes {a.batch_sizes}: expected positive integers")
+    a.skip = {x for x in a.skip.split(",") if x}
+    if a.skip - set(SECTIONS):
+        p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
+    if a.preset is not None and a.config is not None:
+        p.error("--preset and --config both given: pass one")
+    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps"):
+        v = getattr(a, name)
+        low = 1 if name == "layers" else 0
+        if v is not None and v < low:
+            p.error(f"--{name.replace('_', '-')} {v}: expected an integer >= {low}")
+    if a.tag is not None and not a.tag.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--tag {a.tag!r}: expected letters, digits, '-' and '_'")
+    try:
+        a.model_config = ModelConfig.from_hf(a.config) if a.config else preset(a.preset or "small")
+    except ValueError as e:
+        p.error(str(e))
+    return a
