@@ -17,8 +17,8 @@ token is dropped. Only plain greedy decodes overlap (and sampled ones with
 `EngineConfig.async_scheduling_sampled`: the sampler draws their uniforms at launch and reads
 nothing back): a step with a prefill, a waiting or preempted request, drafts, logprobs, logits
 processing, a grammar or a KV export runs as before, after the step in flight is resolved
-("drained");
-so does a step whose requests reach max_tokens or max_model_len with their in-flight token.
+("drained"); so does a step whose requests reach max_tokens or max_model_len with their
+in-flight token.
 Outputs equal the synchronous engine's token for token.
 """
 
