@@ -1,7 +1,7 @@
 """vLLM's sampling parameters on the GPU engine: decode still runs as captured CUDA graphs (the
 sampler works on the logits after the replay), greedy with penalties, logit_bias and min_tokens
 equals a plain full-forward reference, and prompt logprobs equal the forward's log_softmax.
-Marker gpu; skipped without CUDA."""
+Sampler.tokens reads nothing back (sync debug mode "error"). Marker gpu; skipped without CUDA."""
 
 import os
 
@@ -99,3 +99,36 @@ def test_prompt_logprobs_equal_the_forward():
     want = lp[torch.arange(149), torch.tensor(prompt[1:])].cpu()
     assert o.prompt_logprobs[0] is None
     assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
+
+
+def test_sampler_tokens_read_nothing_back():
+    """Sampler.tokens on CUDA logits (greedy and sampled rows, temperature, top-k, top-p, min-p)
+    under torch's sync debug mode "error": no host read-back and no synchronizing copy, so async
+    scheduling can launch a sampled step ahead (engine/overlap.py); and the same tokens as on
+    the CPU."""
+    from moeray.platform.engine.sampler import Sampler, SamplingParams, make_generator
+
+    g = torch.Generator().manual_seed(0)
+    logits_cpu = torch.randn(5, 1000, generator=g) * 3
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=2),
+        SamplingParams(temperature=1.2, min_p=0.05, seed=3),
+        SamplingParams(temperature=0.7, top_p=0.5, seed=4),
+    ]
+
+    def gens():
+        fallback = torch.Generator().manual_seed(9)
+        return [make_generator(p.seed, fallback) for p in params]
+
+    want = Sampler().tokens(logits_cpu, params, gens()).tolist()
+    logits = logits_cpu.cuda()
+    sampler, generators = Sampler(), gens()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sampler.tokens(logits, params, generators)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.tolist() == want
