@@ -14,6 +14,7 @@
 #   moe-decode-sweep   fused MoE block configs at decode token counts, weights out of L2 (1 GPU, ~2 min)
 #   moe-gemv           moe_gemv GPU tests, sweep vs the aligned MoE at 1-2 tokens (1 GPU, ~6 min; engine A/B in the recipe)
 #   gemv               gemv GPU tests (+ fp8_gemv's), bench tables, a tile sweep; Moonlight/V3 shapes (1 GPU)
+#   gemv-sweep         the bf16 gemv tile sweep with 1-2 warp split-K tiles, 150 s budget (1 GPU, ~3 min)
 #   grouped-wgrad      grouped_wgrad (BF16 experts' weight grads) GPU check + bench vs torch, tile sweep (1 GPU, ~3 min)
 #   cross-entropy      fused cross-entropy GPU tests (loss, grads, memory at V 163,840) + bench vs torch (1 GPU, ~2 min)
 #   adamw              fused AdamW (bf16/fp32 moments) GPU check + bench vs torch fused AdamW and the loop (1 GPU, ~3 min)
@@ -42,7 +43,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,41p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,42p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

@@ -5,6 +5,9 @@ import json
 from pathlib import Path
 
 from moeray.kernels.bench import SECTIONS, flat_results
+from moeray.kernels.bench.gemv import sweep_candidates
+from moeray.kernels.bench.runner import ON_REQUEST, _parser
+from moeray.kernels.gemv import _check_config
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 KEYS = {"kernel", "shape", "time_us", "ratio_to_ceiling", "baseline", "ratio_to_baseline"}
@@ -141,8 +144,6 @@ def test_a_missing_number_fails_its_target():
 
 
 def test_the_default_run_covers_every_section():
-    from moeray.kernels.bench.runner import ON_REQUEST, _parser
-
     # every section but the long sweeps run only when named
     assert set(ON_REQUEST) < set(SECTIONS)
     assert _parser().parse_args([]).only.split(",") == [s for s in SECTIONS if s not in ON_REQUEST]
@@ -218,3 +219,15 @@ def test_swiglu_train_rows_become_records():
     assert rec["shape"] == "P52864 I1408 bfloat16"
     assert rec["time_us"] == 200.0 and rec["ratio_to_baseline"] == 3.5
     assert rec["ratio_to_ceiling"] == 0.8 and rec["baseline"] == "PyTorch's ops + act_quant"
+
+
+def test_gemv_sweep_candidates_are_valid_tiles_with_small_warp_splits():
+    """Every candidate around a Moonlight q + kv_a heuristic tile passes gemv's config check, the
+    heuristic's comes first, and 1- and 2-warp tiles with split-K 2 and 4 are among them."""
+    base = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, SPLIT_K=1, num_warps=4, num_stages=3)
+    cands = sweep_candidates(base, 1, 3648, 132)
+    for c in cands:
+        _check_config(c)
+    assert cands[0] == base and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+    small = {(c["num_warps"], c["SPLIT_K"]) for c in cands if c["num_warps"] < 4}
+    assert small == {(1, 2), (1, 4), (2, 2), (2, 4)}

@@ -106,19 +106,28 @@ def print_gemv(rows: list[dict]) -> None:
 def sweep_candidates(base: dict, m: int, n: int, sms: int) -> list[dict]:
     """Tiles around the heuristic's `base`, most telling first: the base; BLOCK_N halved and
     doubled (BLOCK_K at the accumulator budget); (num_warps, num_stages) of (4, 2), (8, 3), (4, 4);
-    BLOCK_K halved and doubled; split-K by the heuristic's rule for each BLOCK_N."""
+    BLOCK_K halved and doubled; split-K by the heuristic's rule for each BLOCK_N; then 1- and
+    2-warp tiles at split-K 2 and 4 (fp8_gemv's fastest batch-1 tiles on an H200 had 1 warp and
+    split K: benchmarks/results/kernels-nvidia-h200-fp8-gemv-splits.json)."""
     bm, bn0, bk0 = base["BLOCK_M"], base["BLOCK_N"], base["BLOCK_K"]
-    tries = [(bn0, bk0, base["num_warps"], base["num_stages"])]
+    tries: list[tuple[int, int, int, int, int | None]] = [
+        (bn0, bk0, base["num_warps"], base["num_stages"], None)
+    ]
     for bn in (bn0 // 2, bn0 * 2):
-        tries.append((bn, min(MAX_BLOCK_K * 2, 8192 // (bm * max(bn, 1))), 4, 3))
-    tries += [(bn0, bk0, 4, 2), (bn0, bk0, 8, 3), (bn0, bk0, 4, 4)]
-    tries += [(bn0, bk0 // 2, 4, 3), (bn0, bk0 * 2, 4, 3), (bn0, bk0 * 2, 8, 3)]
+        tries.append((bn, min(MAX_BLOCK_K * 2, 8192 // (bm * max(bn, 1))), 4, 3, None))
+    tries += [(bn0, bk0, 4, 2, None), (bn0, bk0, 8, 3, None), (bn0, bk0, 4, 4, None)]
+    tries += [(bn0, bk0 // 2, 4, 3, None), (bn0, bk0 * 2, 4, 3, None), (bn0, bk0 * 2, 8, 3, None)]
+    for warps in (1, 2):
+        bk = 4096 * warps // (bm * bn0)
+        tries += [(bn0, bk, warps, 4, sp) for sp in (2, 4)]
     out: list[dict] = []
-    for bn, bk, warps, stages in tries:
+    for bn, bk, warps, stages, forced_split in tries:
         if not 1 <= bn <= 64 or not 64 <= bk <= 4096 or bm * bn * bk > 128 * 32 * warps:
             continue
         tiles = -(-m // bm) * -(-n // bn)
         split = 1 if tiles >= sms else max(1, -(-4 * sms // tiles))
+        if forced_split is not None:
+            split = forced_split
         cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
         cfg.update(num_warps=warps, num_stages=stages)
         if cfg not in out:
