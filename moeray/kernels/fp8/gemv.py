@@ -307,10 +307,10 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
 
     Split-K: enough programs for `_PROGRAMS_PER_SM` per SM and, at M = 1, at most
     `_MAX_K_BLOCKS_M1` K blocks a program. Broadcast tiles: 1 x 8 with 1 warp and 4 stages at
-    M = 1 (`_tile_shape` says why), else
-    BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32 and 4x16 with 4 warps (96
-    registers in offline sm_90 compiles, no spills). Dot tiles: 64 weight rows (one
-    wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at every M.
+    M = 1 (`_tile_shape` says why), else BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32
+    and 4x16 with 4 warps (96 registers in offline sm_90 compiles, no spills). Dot tiles: 64
+    weight rows (one wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at
+    every M.
     `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
     if act_fp8:
         block_m, block_n, dot, num_warps, num_stages = _dot_tile_shape(m)
