@@ -206,6 +206,7 @@ def start_gang(
         host = next(nd["NodeManagerAddress"] for nd in ray.nodes() if nd["NodeID"] == node_id)
         addr = ray.get(actors[0].address.remote(host), timeout=timeout_s)
         reports = ray.get([a.start.remote(f"tcp://{addr}") for a in actors], timeout=timeout_s)
+        ray.get([a.freeze_gc.remote() for a in actors], timeout=timeout_s)
     except Exception:
         for a in actors:
             ray.kill(a)

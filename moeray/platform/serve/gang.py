@@ -54,6 +54,7 @@ from moeray.platform.serve.worker import (
     PrefillWorker,
     device_and_dtype,
     engine_config,
+    freeze_gc,
 )
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,11 @@ class EPRank:
         else:
             self.worker = ColocatedWorker(engine, **loop)
         return dataclasses.asdict(self.report)
+
+    def freeze_gc(self) -> None:
+        """`serve.worker.freeze_gc` in this rank's process, once it has started (the gang's
+        builder calls it in each rank actor: in-process callers keep their collector as is)."""
+        freeze_gc()
 
     def _worker(self) -> ColocatedWorker | PrefillWorker | DecodeWorker:
         if self.worker is None:
