@@ -153,6 +153,12 @@ _SWEEP_TILES = {
 _SWEEP_LAYERS = ("q_a", "kv_a", "dense_down", "q_b")
 
 
+def _same_programs_split(base: dict, n: int, k: int, tiles: int) -> int:
+    """The split-K count that gives a candidate tile of `tiles` output tiles about as many
+    programs as the heuristic's `base` config has (at most one split a K block)."""
+    return max(1, min(cdiv(k, 128), cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles)))
+
+
 def _time_config(
     x: torch.Tensor, x_scale: torch.Tensor | None, cfg: dict, copies: list, tiles: int
 ) -> float | str:
@@ -186,9 +192,7 @@ def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
                 if not base["DOT"] and bm * block_n > 64:  # acc registers (see _gemv_config)
                     continue
                 tiles = cdiv(m, bm) * cdiv(n, block_n)
-                split = max(
-                    1, min(cdiv(k, 128), cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles))
-                )
+                split = _same_programs_split(base, n, k, tiles)
                 cfg = {
                     **base,
                     "BLOCK_N": block_n,
@@ -251,7 +255,7 @@ def sweep_fp8_gemv_splits(names: str | None = None) -> list[dict]:
         kb = cdiv(k, 128)
         for block_n, warps, stages in _SPLIT_SWEEP_TILES:
             tiles = cdiv(n, block_n)
-            heuristic = max(1, min(kb, cdiv(base["SPLIT_K"] * cdiv(n, base["BLOCK_N"]), tiles)))
+            heuristic = _same_programs_split(base, n, k, tiles)
             splits = (heuristic if sp is None else min(sp, kb) for sp in _SPLIT_SWEEP_SPLITS)
             for split in dict.fromkeys(splits):
                 cfg = {

@@ -54,13 +54,18 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     return g
 
 
-def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device` without a stream sync: pinned and copied non-blocking
-    on CUDA (the caching host allocator keeps the pinned buffer until the copy has run)."""
-    host = torch.tensor(values, dtype=dtype)
+def host_to(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync: pinned and copied non-blocking on CUDA
+    (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without a stream sync (`host_to`)."""
+    return host_to(torch.tensor(values, dtype=dtype), device)
 
 
 def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -116,9 +121,7 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
 def draw_uniforms(generators: Sequence[torch.Generator], device) -> torch.Tensor:
     """One uniform in [0, 1) per row from each row's own generator (CPU draws, moved once without
     a stream sync)."""
-    u = torch.stack([torch.rand((), generator=g) for g in generators])
-    device = torch.device(device)
-    return u.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else u.to(device)
+    return host_to(torch.stack([torch.rand((), generator=g) for g in generators]), device)
 
 
 def sample_from_probs(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
@@ -138,12 +141,15 @@ def step_back_to_mass(probs_BV: torch.Tensor, tok_B: torch.Tensor) -> torch.Tens
     """tok_B with each zero-probability pick moved to the last token with mass before it, else
     the row's first token with mass. A masked reduction over the row instead of a host branch,
     so nothing is read back."""
+    V = probs_BV.shape[-1]
     has_mass_BV = probs_BV > 0
     bad_B = ~has_mass_BV.gather(1, tok_B[:, None]).squeeze(1)
-    pos_V = torch.arange(probs_BV.shape[-1], device=probs_BV.device)
-    before_B = torch.where(has_mass_BV & (pos_V <= tok_B[:, None]), pos_V, -1).amax(-1)
-    first_B = torch.where(has_mass_BV, pos_V, probs_BV.shape[-1]).amin(-1)
-    return torch.where(bad_B, torch.where(before_B >= 0, before_B, first_B), tok_B)
+    upto_BV = has_mass_BV & (torch.arange(V, device=probs_BV.device) <= tok_B[:, None])
+    # argmax of a row of 0/1 bytes is its first 1: one byte a cell over [B, V] (a sampled step
+    # runs this every time), where int64 positions would move eight.
+    last_B = V - 1 - upto_BV.flip(-1).to(torch.uint8).argmax(-1)
+    first_B = has_mass_BV.to(torch.uint8).argmax(-1)
+    return torch.where(bad_B, torch.where(upto_BV.any(-1), last_B, first_B), tok_B)
 
 
 @dataclass(frozen=True)
