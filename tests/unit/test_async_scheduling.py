@@ -63,6 +63,9 @@ def test_default_is_on_for_cuda_engines_only(model):
     for value in (None, True, False):
         cfg = ServeConfig(async_scheduling=value)
         assert engine_config(cfg, "cuda").async_scheduling is value
+    for value in (True, False):
+        cfg = ServeConfig(async_scheduling_sampled=value)
+        assert engine_config(cfg, "cuda").async_scheduling_sampled is value
 
 
 def test_greedy_outputs_equal_the_synchronous_engine(model):
@@ -138,17 +141,17 @@ def test_arrivals_and_aborts_mid_decode(model):
 
 
 def test_steps_that_cannot_overlap_run_synchronously(model):
-    """Logprobs, and sampling unless async_scheduling_sampled is set, keep the synchronous step."""
+    """Logprobs, and sampling with async_scheduling_sampled=False, keep the synchronous step."""
     prompts = _prompts(2, seed=4)
     params = [
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True, seed=7),
     ]
-    eng = _engine(model, True)
+    eng = _engine(model, True, async_scheduling_sampled=False)
     got = _run(eng, prompts, params)
     assert got == _run(_engine(model, False), prompts, params)
     assert _overlapped(eng) == 0
-    eng = _engine(model, True)
+    eng = _engine(model, True, async_scheduling_sampled=False)
     assert _run(eng, prompts[1:], params[1:]) == _run(
         _engine(model, False), prompts[1:], params[1:]
     )
@@ -156,8 +159,8 @@ def test_steps_that_cannot_overlap_run_synchronously(model):
 
 
 def test_sampled_requests_overlap_with_the_same_tokens(model):
-    """With async_scheduling_sampled, seeded sampled requests (temperature, top-k, top-p, min-p,
-    mixed with greedy ones) run ahead and draw exactly the synchronous engine's tokens: one
+    """With async_scheduling_sampled (the default), seeded sampled requests (temperature, top-k,
+    top-p, min-p, mixed with greedy ones) run ahead and draw exactly the synchronous engine's tokens: one
     uniform per token from each request's own generator, drawn at launch; ends found at resolve
     (stop ids) drop the step in flight as for greedy requests."""
     prompts = _prompts(5, seed=9)
@@ -169,7 +172,7 @@ def test_sampled_requests_overlap_with_the_same_tokens(model):
         SamplingParams(temperature=1.0, max_tokens=12, seed=4, stop_token_ids=list(range(0, V, 3))),
     ]
     want = _run(_engine(model, False), prompts, params)
-    eng = _engine(model, True, async_scheduling_sampled=True)
+    eng = _engine(model, True)
     assert _run(eng, prompts, params) == want
     assert _overlapped(eng) > 0
     assert want[list(want)[4]][1] == "stop"  # the stop-id request ended on a sampled stop id

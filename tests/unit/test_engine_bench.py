@@ -219,16 +219,16 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
 
 
 def test_bench_async_scheduling(tmp_path):
-    """--async-scheduling (with --async-sampled, sampled at --temperature) reaches the engine and
+    """--async-scheduling (and --no-async-sampled, sampled at --temperature) reach the engine and
     the result says so; decode and host phases are measured as without it."""
     _, r = _run(
         tmp_path,
         "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
         "--decode-tokens", "6", "--batch-sizes", "1,2", "--skip", "prefill,hf",
-        "--async-scheduling", "--async-sampled", "--temperature", "0.8",
+        "--async-scheduling", "--no-async-sampled", "--temperature", "0.8",
     )  # fmt: skip
     assert r["engine"]["async_scheduling"] is True
-    assert r["engine"]["async_scheduling_sampled"] is True and r["engine"]["temperature"] == 0.8
+    assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8
     assert all(r["decode_tokens_per_s"][b] > 0 for b in ("1", "2"))
     assert tuple(r["decode_host_phases_ms"]["2"]) == HOST_PHASES
 

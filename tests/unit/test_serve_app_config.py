@@ -37,6 +37,7 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "--max-body-bytes",
                 "65536",
                 "--no-async-scheduling",
+                "--no-async-scheduling-sampled",
                 "--write-config",
                 str(f),
             ]
@@ -58,7 +59,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.api_key,
         cfg.max_body_bytes,
         cfg.async_scheduling,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False)
+        cfg.async_scheduling_sampled,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"

@@ -54,6 +54,8 @@ class ServeConfig:
     num_speculative_tokens: int = 0
     # EngineConfig.async_scheduling: None is on for CUDA engines, off on CPU
     async_scheduling: bool | None = None
+    # EngineConfig.async_scheduling_sampled: sampled requests run ahead too under async scheduling
+    async_scheduling_sampled: bool = True
     # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
     # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
     # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.

@@ -102,10 +102,11 @@ class EngineConfig:
     # hides the host's 0.3-2.7 ms a step (H200: Moonlight bf16 batch 64 4,774 -> 5,875 tok/s,
     # benchmarks/notes-engine.md), off on CPU, whose forward runs on the host that would overlap it.
     async_scheduling: bool | None = None
-    # Async scheduling for sampled (temperature > 0) requests too, not only greedy ones: their
-    # uniforms are drawn when the step is launched and the sampler reads nothing back. Off until
-    # timed on a GPU (`moeray bench engine --temperature 1 --async-sampled`).
-    async_scheduling_sampled: bool = False
+    # With async scheduling, sampled (temperature > 0) requests run ahead too, not only greedy
+    # ones: their uniforms are drawn when the step is launched and the sampler reads nothing back.
+    # H200 at temperature 1 (benchmarks/notes-engine.md): Moonlight FP8 batch 1 / 8 / 64
+    # 420 -> 478 / 1,477 -> 1,757 / 6,009 -> 6,889 tok/s, V3 widths FP8 517 -> 633 at batch 1.
+    async_scheduling_sampled: bool = True
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

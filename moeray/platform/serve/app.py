@@ -342,6 +342,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: on for CUDA engines, off on CPU)",
     )
     p.add_argument(
+        "--async-scheduling-sampled",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling_sampled,
+        help="with async scheduling, sampled (temperature > 0) requests run ahead too (default on)",
+    )
+    p.add_argument(
         "--weights",
         choices=("dequantize", "fp8"),
         default=d.weights,
@@ -419,6 +425,7 @@ def main(argv: list[str]) -> int:
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
             async_scheduling=a.async_scheduling,
+            async_scheduling_sampled=a.async_scheduling_sampled,
             max_model_len=a.max_model_len,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,

@@ -532,6 +532,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         max_model_len=cfg.max_model_len,
         num_speculative_tokens=cfg.num_speculative_tokens,
         async_scheduling=cfg.async_scheduling,
+        async_scheduling_sampled=cfg.async_scheduling_sampled,
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
         eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM

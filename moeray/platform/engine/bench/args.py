@@ -62,8 +62,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--async-sampled",
-        action="store_true",
-        help="async scheduling for sampled requests too (EngineConfig.async_scheduling_sampled)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with async scheduling, sampled requests run ahead too "
+        "(EngineConfig.async_scheduling_sampled; default on)",
     )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
