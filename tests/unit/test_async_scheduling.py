@@ -160,9 +160,9 @@ def test_steps_that_cannot_overlap_run_synchronously(model):
 
 def test_sampled_requests_overlap_with_the_same_tokens(model):
     """With async_scheduling_sampled (the default), seeded sampled requests (temperature, top-k,
-    top-p, min-p, mixed with greedy ones) run ahead and draw exactly the synchronous engine's tokens: one
-    uniform per token from each request's own generator, drawn at launch; ends found at resolve
-    (stop ids) drop the step in flight as for greedy requests."""
+    top-p, min-p, mixed with greedy ones) run ahead and draw exactly the synchronous engine's
+    tokens: one uniform per token from each request's own generator, drawn at launch; ends found
+    at resolve (stop ids) drop the step in flight as for greedy requests."""
     prompts = _prompts(5, seed=9)
     params = [
         SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=1),
