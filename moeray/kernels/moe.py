@@ -47,8 +47,10 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    load_k_block,
     pdl_launch,
     pdl_wait,
+    scaled_block_dot,
     switched_off,
     to_dtype_rn,
     use_triton,
@@ -136,6 +138,9 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no K masks
+    ROW_SCALE: tl.constexpr,  # FP8 with BLOCK_N | 128: one weight scale per tile and K block
+    NUM_STAGES: tl.constexpr,  # the launch's num_stages, for the K loop's tl.range
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -151,6 +156,8 @@ def _moe_gate_up_kernel(
         return
     ids = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = ids < num_valid
+    # Padding rows read token 0 (never stored), so x's loads need no row mask; nor do the weights'
+    # (columns past I read column 0): only a ragged last K block is masked.
     tok = tl.where(row_ok, ids // top_k, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
@@ -164,30 +171,30 @@ def _moe_gate_up_kernel(
     wu_ptrs = (
         wu_ptr + e64 * stride_wue + offs_ng[None, :].to(tl.int64) * stride_wun + offs_k[:, None]
     )
+    if ROW_SCALE:  # the tile's columns lie in one 128-row weight block
+        sg_ptrs = wsg_ptr + e64 * stride_wsge + (pid_n * BLOCK_N // 128) * stride_wsgn
+        su_ptrs = wsu_ptr + e64 * stride_wsue + (pid_n * BLOCK_N // 128) * stride_wsun
+    else:
+        sg_ptrs = wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn
+        su_ptrs = wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = offs_k < H - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
-        wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            wg = wg.to(tl.float32)
-            wu = wu.to(tl.float32)
+    for kb in tl.range(0, tl.cdiv(H, BLOCK_K), num_stages=NUM_STAGES):
+        k_left = H - kb * BLOCK_K
+        a = load_k_block(x_ptrs + kb * BLOCK_K, offs_k[None, :], k_left, EVEN_K)
+        wg = load_k_block(wg_ptrs + kb * BLOCK_K, offs_k[:, None], k_left, EVEN_K)
+        wu = load_k_block(wu_ptrs + kb * BLOCK_K, offs_k[:, None], k_left, EVEN_K)
         if FP8:
-            kb = k0 // 128
-            a_s = tl.load(xs_ptr + tok * stride_xst + kb)
-            sg = tl.load(wsg_ptr + e64 * stride_wsge + (offs_ng // 128) * stride_wsgn + kb)
-            su = tl.load(wsu_ptr + e64 * stride_wsue + (offs_ng // 128) * stride_wsun + kb)
-            acc_g += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
-            acc_u += tl.dot(a, wu) * a_s[:, None] * su[None, :]
+            k128 = kb * BLOCK_K // 128
+            a_s = tl.load(xs_ptr + tok * stride_xst + k128)
+            acc_g = scaled_block_dot(acc_g, a, wg, a_s, tl.load(sg_ptrs + k128), ROW_SCALE, UPCAST)
+            acc_u = scaled_block_dot(acc_u, a, wu, a_s, tl.load(su_ptrs + k128), ROW_SCALE, UPCAST)
+        elif UPCAST:
+            acc_g = tl.dot(a.to(tl.float32), wg.to(tl.float32), acc_g)
+            acc_u = tl.dot(a.to(tl.float32), wu.to(tl.float32), acc_u)
         else:
             acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
-        x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, in fp32
     h_ptrs = h_ptr + ids[:, None].to(tl.int64) * stride_ht + offs_n[None, :]
     # to_dtype_rn: round to nearest as the GPU's cast does, also under the interpreter (whose
@@ -220,6 +227,9 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # INTER % BLOCK_K == 0
+    ROW_SCALE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -237,25 +247,25 @@ def _moe_down_kernel(
     offs_ng = tl.where(n_ok, offs_n, 0)
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
-    a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]
+    a_ptrs = h_ptr + rows[:, None] * stride_ht + offs_k[None, :]  # padding rows read row 0
     b_ptrs = w_ptr + e64 * stride_we + offs_ng[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if ROW_SCALE:
+        bs_ptrs = ws_ptr + e64 * stride_wse + (pid_n * BLOCK_N // 128) * stride_wsn
+    else:
+        bs_ptrs = ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
-        k_ok = offs_k < INTER - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+    for kb in tl.range(0, tl.cdiv(INTER, BLOCK_K), num_stages=NUM_STAGES):
+        k_left = INTER - kb * BLOCK_K
+        a = load_k_block(a_ptrs + kb * BLOCK_K, offs_k[None, :], k_left, EVEN_K)
+        b = load_k_block(b_ptrs + kb * BLOCK_K, offs_k[:, None], k_left, EVEN_K)
         if FP8:
-            kb = k0 // 128
-            a_s = tl.load(hs_ptr + rows * stride_hst + kb)
-            b_s = tl.load(ws_ptr + e64 * stride_wse + (offs_ng // 128) * stride_wsn + kb)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            k128 = kb * BLOCK_K // 128
+            a_s = tl.load(hs_ptr + rows * stride_hst + k128)
+            acc = scaled_block_dot(acc, a, b, a_s, tl.load(bs_ptrs + k128), ROW_SCALE, UPCAST)
+        elif UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         else:
             acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
@@ -439,6 +449,9 @@ def fused_moe_gate_up(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        EVEN_K=h % bk == 0,
+        ROW_SCALE=fp8 and 128 % bn == 0,
+        NUM_STAGES=cfg["num_stages"],
         UPCAST=upcast,
         PDL=pdl,
         launch_pdl=pdl,
@@ -473,6 +486,9 @@ def fused_moe_gate_up(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        EVEN_K=i % bk == 0,
+        ROW_SCALE=fp8 and 128 % bn == 0,
+        NUM_STAGES=cfg["num_stages"],
         UPCAST=upcast,
         PDL=pdl,
         launch_pdl=pdl,

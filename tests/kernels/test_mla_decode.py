@@ -63,6 +63,22 @@ def test_decode_deepseek_dims():
     assert _rel(out, ref[:, 0]) < 1e-2
 
 
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_loop_steps_within_a_page(block_n):
+    """block_n < page: each page is walked in parts (ragged lengths end inside a part or a page,
+    splits start on page bounds); multi-token queries keep their causal limits."""
+    q, kv, table, lens = _paged_case([100, 1, 64, 47], heads=5, r=64, p=16, page=64, seed=6, s_q=2)
+    lens[1] = 2
+    out, lse = mla_decode_multi(
+        q, kv, table, lens, 0.3, kv_lora_rank=64, num_splits=2, block_n=block_n, return_lse=True
+    )
+    ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
+    assert _rel(out, ref) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+    with pytest.raises(ValueError, match="block_n=128 must be a power of 2 from 16 to the page"):
+        mla_decode_multi(q, kv, table, lens, 0.3, kv_lora_rank=64, block_n=128)
+
+
 def test_multi_token_causal():
     q, kv, table, lens = _paged_case([40, 21, 3], heads=3, r=32, p=16, page=16, seed=3, s_q=3)
     out, lse = mla_decode_multi(

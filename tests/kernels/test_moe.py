@@ -73,6 +73,27 @@ def test_fused_moe_fp8():
     assert _rel(out, fused_moe_ref(x, w13, w2, ids, wts)) < 0.08
 
 
+@pytest.mark.parametrize(
+    "h, cfg",
+    [
+        (384, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)),  # one scale per tile, 2 K blocks/scale
+        (256, dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128)),  # wider than a block: column scales
+    ],
+)
+def test_fused_moe_fp8_tiles(h, cfg):
+    """The FP8 kernels' other tile cases equal the reference: K blocks shorter than a scale
+    block, and tiles wider than a 128-row weight block (per-column scales, not ROW_SCALE). (A
+    ragged last K block is bf16's: FP8 needs H and I in whole 128 blocks.)"""
+    t, i, e, k = 9, 256, 3, 2
+    x, w13, w2, ids, wts = _case(t, h, i, e, k, seed=h)
+    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
+    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
+    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
+    kw = dict(w13_scale=s13, w2_scale=s2)
+    out = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(cfg, num_warps=4, num_stages=1))
+    assert _rel(out, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
+
+
 def test_input_errors():
     x, w13, w2, ids, wts = _case(4, h=64, i=32, e=2, k=2, seed=1)
     with pytest.raises(ValueError, match="w2 has shape"):

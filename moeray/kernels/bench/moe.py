@@ -90,6 +90,78 @@ def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
     return rows
 
 
+# The prefill sweep's tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped ones
+# first, then taller / wider tiles and deeper pipelines. gate/up holds two BM x BN accumulators.
+PREFILL_SWEEP = {
+    "bf16": [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 32, 8, 5),
+        (128, 128, 64, 8, 2),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 4),
+        (256, 64, 64, 8, 3),
+        (64, 256, 64, 8, 3),
+    ],
+    "fp8": [
+        (64, 128, 128, 4, 3),
+        (64, 128, 128, 4, 4),
+        (128, 128, 128, 8, 3),
+        (128, 128, 128, 8, 2),
+        (128, 64, 128, 4, 3),
+        (128, 64, 128, 8, 4),
+        (64, 64, 128, 4, 5),
+        (128, 128, 64, 8, 4),
+        (64, 128, 64, 4, 5),
+    ],
+}
+
+
+def sweep_fused_moe_prefill(hidden: int, inter: int, experts: int, tokens: int = 8192) -> dict:
+    """The prefill shape's tiles (PREFILL_SWEEP) timed against the per-expert loop in one run:
+    {"loop_ms", "rows": [{weights, tile, ms, speedup_vs_loop, TFLOPs}]}."""
+    torch.manual_seed(0)
+    top_k = 8
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16)
+    w13 /= hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    q13, s13 = quantized_experts(w13)
+    q2, s2 = quantized_experts(w2)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+    wts = torch.rand(tokens, top_k, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * tokens * top_k * 3 * hidden * inter
+    loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
+    variants: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], _Scales]] = {
+        "bf16": ((w13, w2), {}),
+        "fp8": ((q13, q2), {"w13_scale": s13, "w2_scale": s2}),
+    }
+    rows = []
+    for wname, (args, kw) in variants.items():
+        for bm, bn, bk, nw, ns in PREFILL_SWEEP[wname]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            tms = _try(functools.partial(fused_moe, x, *args, ids, wts, config=cfg, **kw))
+            row: dict = {"weights": wname, **cfg, "ms": tms}
+            if isinstance(tms, float):
+                row.update(speedup_vs_loop=round(loop_ms / tms, 3), TFLOPs=round(flops / tms / 1e9))
+            rows.append(row)
+    shape = f"T{tokens}, top-{top_k} of {experts}, {hidden}/{inter}"
+    return {"shape": shape, "loop_ms": round(loop_ms, 3), "rows": rows}
+
+
+def print_fused_moe_prefill_sweep(sw: dict) -> None:
+    print(f"fused_moe prefill sweep {sw['shape']}: per-expert loop {sw['loop_ms']} ms")
+    for r in sw["rows"]:
+        tile = f"{r['BLOCK_M']}x{r['BLOCK_N']}x{r['BLOCK_K']} w{r['num_warps']} s{r['num_stages']}"
+        tail = (
+            f"{r['ms']:8.3f} ms x{r['speedup_vs_loop']} loop {r['TFLOPs']} TFLOP/s"
+            if "TFLOPs" in r
+            else str(r["ms"])[:100]
+        )
+        print(f"  {r['weights']:4s} {tile:22s} {tail}")
+
+
 def sweep_fused_moe() -> list[dict]:
     """Time candidate block configs of the fused MoE (`_moe_config` comes from here)."""
     out = []

@@ -49,9 +49,16 @@ from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
     bench_mla_prefill,
+    print_mla_decode_heads_sweep,
     sweep_mla_decode,
+    sweep_mla_decode_heads,
 )
-from moeray.kernels.bench.moe import bench_moe, sweep_fused_moe
+from moeray.kernels.bench.moe import (
+    bench_moe,
+    print_fused_moe_prefill_sweep,
+    sweep_fused_moe,
+    sweep_fused_moe_prefill,
+)
 from moeray.kernels.bench.moe_permute import (
     bench_moe_permute_train,
     print_moe_permute_train,
@@ -192,6 +199,8 @@ def _print_table(result: dict) -> None:
             f"per-expert loop {r['per_expert_loop_ms']:.4f} ms "
             f"(x{r['speedup_vs_loop']}), err {r['rel_err_vs_loop']}"
         )
+    if "fused_moe_prefill_sweep" in result:
+        print_fused_moe_prefill_sweep(result["fused_moe_prefill_sweep"])
     for r in result.get("fused_moe", []):
         print(
             f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d}: {r['ms']:8.3f} ms, "
@@ -199,6 +208,7 @@ def _print_table(result: dict) -> None:
             f"x{r['speedup_vs_loop']} loop, {r['frac_of_floor']:.2f} of {r['floor_is']} floor, "
             f"err {r['rel_err_vs_ref_first64']}"
         )
+    print_mla_decode_heads_sweep(result.get("mla_decode_heads_sweep", []))
     for r in result.get("mla_decode", []):
         print(
             f"mla_decode H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d}: "
@@ -222,8 +232,10 @@ SECTIONS = (
     "fp8_kgrouped_sweep",
     "fp8_gemm_grouped",
     "fused_moe",
+    "fused_moe_prefill_sweep",
     "mla_decode",
     "mla_decode_graph",
+    "mla_decode_heads_sweep",
     "mla_prefill",
     "router",
     "decode_glue",
@@ -234,8 +246,9 @@ SECTIONS = (
     "cross_entropy",
     "adamw",
 )
-# Sections run only when named in --only: ~540 timed tile x split-K configs (minutes).
-ON_REQUEST = ("fp8_gemv_split_sweep",)
+# Sections run only when named in --only: fp8_gemv's ~540 timed tile x split-K configs, the
+# fused MoE's prefill tiles, the MLA decode's 128-head loop steps (minutes each).
+ON_REQUEST = ("fp8_gemv_split_sweep", "fused_moe_prefill_sweep", "mla_decode_heads_sweep")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -300,8 +313,13 @@ def main(argv: list[str]) -> int:
                 result["ceilings"], args.moe_hidden, args.moe_inter, args.moe_experts
             ),
         ),
+        (
+            "fused_moe_prefill_sweep",
+            lambda: sweep_fused_moe_prefill(args.moe_hidden, args.moe_inter, args.moe_experts),
+        ),
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
+        ("mla_decode_heads_sweep", lambda: sweep_mla_decode_heads(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),

@@ -20,7 +20,9 @@ from moeray.kernels.common import (
     check_shape,
     check_tensor,
     interpreting,
+    load_k_block,
     num_sms,
+    scaled_block_dot,
 )
 from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 
@@ -40,32 +42,6 @@ def fp8_gemm_ref(
     else:
         b = weight_dequant_ref(b_fp8, b_scale, out_dtype=torch.float32)
     return (a @ b.t()).to(out_dtype)
-
-
-@triton.jit
-def _load_k_block(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
-    # offs_k is broadcast along the K axis of ptrs; a ragged last K block reads zeros past K.
-    if EVEN_K:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=offs_k < k_left, other=0.0)
-    return x
-
-
-@triton.jit
-def _scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE: tl.constexpr, UPCAST: tl.constexpr):
-    # Promote one 128-deep K block into the fp32 accumulator with both scales (DeepSeek-V3 recipe).
-    if UPCAST:  # the CPU interpreter has no fp8 matmul of its own: same math in fp32
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if ROW_SCALE:
-        # b_s is one scalar for the whole tile (128x128 weight blocks, BLOCK_N <= 128): fold it into
-        # the row scale first, so the promotion is one FMA per accumulator element instead of a
-        # multiply plus an FMA (H200 sweep: 0.555x -> 0.699x of _scaled_mm at 4096x2112x7168).
-        out = acc + tl.dot(a, b) * (a_s * b_s)[:, None]
-    else:  # per-column b scales (1x128 row groups of the weight-grad GEMM, or BLOCK_N > 128)
-        out = acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    return out
 
 
 @triton.jit
@@ -158,14 +134,14 @@ def _fp8_gemm_kernel(
         acc1 = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
         for kb in tl.range(0, num_kb, num_stages=NUM_STAGES):
             k_left = K - kb * BLOCK_K
-            b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
+            b = load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
             b_s = tl.load(bs_ptrs + kb * stride_bsk)
-            a0 = _load_k_block(a0_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
-            a1 = _load_k_block(a1_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            a0 = load_k_block(a0_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            a1 = load_k_block(a1_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
             a0_s = tl.load(as0_ptrs + kb * stride_ask)
             a1_s = tl.load(as1_ptrs + kb * stride_ask)
-            acc0 = _scaled_block_dot(acc0, a0, b, a0_s, b_s, ROW_SCALE, UPCAST)
-            acc1 = _scaled_block_dot(acc1, a1, b, a1_s, b_s, ROW_SCALE, UPCAST)
+            acc0 = scaled_block_dot(acc0, a0, b, a0_s, b_s, ROW_SCALE, UPCAST)
+            acc1 = scaled_block_dot(acc1, a1, b, a1_s, b_s, ROW_SCALE, UPCAST)
         _store_tile(c_ptr, acc0, offs_m0, offs_n, M, N, stride_cm, stride_cn)
         _store_tile(c_ptr, acc1, offs_m1, offs_n, M, N, stride_cm, stride_cn)
     else:
@@ -180,11 +156,11 @@ def _fp8_gemm_kernel(
         # 0.78x).
         for kb in tl.range(0, num_kb, num_stages=NUM_STAGES):
             k_left = K - kb * BLOCK_K
-            a = _load_k_block(a_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
-            b = _load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
+            a = load_k_block(a_ptrs + kb * BLOCK_K * stride_ak, offs_k[None, :], k_left, EVEN_K)
+            b = load_k_block(b_ptrs + kb * BLOCK_K * stride_bk, offs_k[:, None], k_left, EVEN_K)
             a_s = tl.load(as_ptrs + kb * stride_ask)
             b_s = tl.load(bs_ptrs + kb * stride_bsk)
-            acc = _scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE, UPCAST)
+            acc = scaled_block_dot(acc, a, b, a_s, b_s, ROW_SCALE, UPCAST)
         _store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
 
 

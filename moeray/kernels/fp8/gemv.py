@@ -116,7 +116,7 @@ def _dot_part(x, w, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 def _dot_scale(s, xs_ptrs, kb, stride_xsk, ACT_FP8: tl.constexpr):
     """The promotion scale of one K block's dot part [BN, BM]: the tile's weight scale s, times
     each token's x scale (a column of acc^T) when x is e4m3. Folded into one vector first, so the
-    promotion is one FMA per accumulator element (fp8_gemm's _scaled_block_dot says why)."""
+    promotion is one FMA per accumulator element (`common.scaled_block_dot` says why)."""
     if ACT_FP8:
         scale = (tl.load(xs_ptrs + kb * stride_xsk) * s)[None, :]
     else:

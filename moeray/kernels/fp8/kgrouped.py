@@ -21,9 +21,10 @@ from moeray.kernels.common import (
     check_tensor,
     check_tile_config,
     interpreting,
+    scaled_block_dot,
     use_triton,
 )
-from moeray.kernels.fp8.gemm import _scaled_block_dot, _store_tile, _tile_coords, fp8_gemm_ref
+from moeray.kernels.fp8.gemm import _store_tile, _tile_coords, fp8_gemm_ref
 
 
 # The token count P changes every training step, and Triton specializes integer arguments on
@@ -85,7 +86,7 @@ def _fp8_gemm_kgrouped_kernel(
         b = tl.load(b_ptrs + kb * BLOCK_K)
         a_s = tl.load(as_ptrs + kb * stride_ask)
         b_s = tl.load(bs_ptrs + kb * stride_bsk)
-        acc = _scaled_block_dot(acc, a, b, a_s, b_s, False, UPCAST)
+        acc = scaled_block_dot(acc, a, b, a_s, b_s, False, UPCAST)
     c_e = c_ptr + e.to(tl.int64) * stride_ce
     if ACCUMULATE:
         c_ptrs = c_e + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
