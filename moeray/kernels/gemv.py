@@ -150,7 +150,7 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     BLOCK_M = all rows up to 4 (one read of the weight for them); BLOCK_N the widest power of two
     <= 64 that still gives PROGRAMS_PER_SM programs per SM (Moonlight q_proj N = 3072 on 132 SMs:
     4 rows, 768 programs; kv_a N = 576: 1 row); BLOCK_K = ACC_ELEMS / (BM * BN), at most
-    MAX_BLOCK_K and not past K. SPLIT_K > 1 only when the tiles are fewer than the SMs (N < 132
+    MAX_BLOCK_K and not past K (at one row: at most half of K). SPLIT_K > 1 only when the tiles are fewer than the SMs (N < 132
     at M <= 4). `moeray bench kernels --only gemv_sweep` sweeps the alternatives."""
     block_m = min(BCAST_MAX_ROWS, pow2_at_least(max(m, 1)))
     m_tiles = cdiv(m, block_m)
@@ -160,6 +160,11 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     while block_n > 1 and m_tiles * cdiv(n, block_n) < target:
         block_n //= 2
     block_k = min(MAX_BLOCK_K, ACC_ELEMS // (block_m * block_n), max(128, pow2_at_least(k)))
+    if m == 1:
+        # At least two K steps, so the loop pipelines its loads: Moonlight q_proj (K = 2,048) at
+        # one row took 7.8 us in one 2,048-deep step and 5.4 in two (H200 sweep, 4 warps x 3
+        # stages, results/kernels-nvidia-h200-gemv-sweep-small-warps.json; kv_a 2.8 -> 2.6).
+        block_k = min(block_k, max(128, pow2_at_least(k) // 2))
     tiles = m_tiles * cdiv(n, block_n)
     split = 1 if tiles >= sms else max(1, min(cdiv(k, block_k), cdiv(target, tiles)))
     return dict(

@@ -96,6 +96,7 @@ def _mla_decode_split_kernel(
     PB: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,  # cache tokens per step of the loop: PAGE or a power-of-2 part of it
+    LAZY_RESCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -148,14 +149,31 @@ def _mla_decode_split_kernel(
         s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
         s = s * sm_scale_log2
         s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
-        m_i = m_new
+        m_blk = tl.max(s, axis=1)
+        if LAZY_RESCALE:
+            # The running max (the exponent's reference) moves, and acc [BLOCK_H, R] is rescaled,
+            # only when some row's max grew past it by more than 8 (log2 units): p stays <= 2^8,
+            # fine in fp32 and bf16, and after the first blocks most steps skip the multiply.
+            # Rows with nothing visible keep m = -inf (m_blk > m_i is false for them).
+            grow = tl.where(m_blk > m_i, m_blk - m_i, 0.0)
+            if tl.max(grow, axis=0) > 8.0:
+                m_new = tl.maximum(m_i, m_blk)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            l_i += tl.sum(p, axis=1)
+            acc = tl.dot(p.to(c_kv.dtype), c_kv, acc)
+        else:
+            m_new = tl.maximum(m_i, m_blk)
+            # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+            m_i = m_new
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -291,6 +309,7 @@ def _mla_decode_rows(
     num_warps=None,
     num_stages=None,
     block_n=None,
+    lazy_rescale=False,
 ):
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
@@ -335,6 +354,7 @@ def _mla_decode_rows(
         PB=max(16, d - kv_lora_rank),
         PAGE=page,
         BLOCK_N=block_n or page,
+        LAZY_RESCALE=lazy_rescale,
         UPCAST=upcast,
         PDL=pdl,
         num_warps=num_warps,
@@ -380,12 +400,14 @@ def mla_decode_multi(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_n: int | None = None,
+    lazy_rescale: bool = False,
 ):
     """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
 
     seq_lens counts the cached tokens including the S new ones; query s sees positions
     0 .. seq_len - S + s. Sequences need seq_len >= S. block_n: cache tokens per loop step (a
-    power of 2 >= 16 dividing the page size; default the page).
+    power of 2 >= 16 dividing the page size; default the page). lazy_rescale: move the online
+    softmax's running max only when it grows by more than 2^8 (fewer rescales of the output).
     """
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
@@ -419,6 +441,7 @@ def mla_decode_multi(
         num_warps,
         num_stages,
         block_n,
+        lazy_rescale,
     )
     out = out.view(b, s, h, kv_lora_rank)
     return (out, lse.view(b, s, h)) if return_lse else out
@@ -438,12 +461,13 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_n: int | None = None,
+    lazy_rescale: bool = False,
 ):
     """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
 
     kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
     int32 (>= 1, including the current token). num_splits / block_h / block_n override the
-    automatic choice.
+    automatic choice; lazy_rescale as in `mla_decode_multi`.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
@@ -459,6 +483,7 @@ def mla_decode(
         num_warps=num_warps,
         num_stages=num_stages,
         block_n=block_n,
+        lazy_rescale=lazy_rescale,
     )
     if return_lse:
         return res[0].squeeze(1), res[1].squeeze(1)

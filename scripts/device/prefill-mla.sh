@@ -7,9 +7,9 @@
 gpu_pytest pytest_moe_mla.log ${MOE_MLA_TEST_LIMIT:-150} tests/gpu/test_kernels_gpu.py \
   -k "fused_moe or mla_decode or moonlight_moe" || rc=1
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${PREFILL_MLA_LIMIT:-300} python3 -m moeray.cli bench kernels \
-  --only ${SECTIONS:-fused_moe,fused_moe_prefill_sweep,mla_decode_heads_sweep} --tag prefill-mla \
+  --only ${SECTIONS:-fused_moe,fused_moe_prefill_sweep,mla_decode_heads_sweep} --tag ${TAG:-prefill-mla} \
   > "$OUT/prefill_mla.log" 2>&1 || rc=1
 el "bench kernels prefill-mla rc=${rc:-0}"
-grep "^fused_moe\|^  bf16\|^  fp8 \|^mla_decode 128\|failed\|Error" "$OUT/prefill_mla.log" | cut -c1-170
-cp benchmarks/results/kernels-*-prefill-mla.json "$OUT/" 2>/dev/null
+grep "^fused_moe\|^  bf16\|^  fp8 \|^mla_decode heads\|failed\|Error" "$OUT/prefill_mla.log" | cut -c1-170
+cp benchmarks/results/kernels-*-${TAG:-prefill-mla}.json "$OUT/" 2>/dev/null
 exit ${rc:-0}

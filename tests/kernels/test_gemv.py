@@ -93,7 +93,10 @@ def test_gemv_heuristic_fills_an_h200(monkeypatch):
             assert cfg["SPLIT_K"] == 1 and cfg["BLOCK_M"] == m, cfg
             assert programs >= 4 * 132 or cfg["BLOCK_N"] == 1, (n, k, cfg)
             assert m * cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 8192, cfg
+            if m == 1:  # at least two K steps: the loop's loads pipeline
+                assert -(-k // cfg["BLOCK_K"]) >= 2, (n, k, cfg)
     assert bcast_config(1, 7, 7168, cpu)["SPLIT_K"] > 1
+    assert bcast_config(1, 3072, 2048, cpu)["BLOCK_K"] == 1024  # Moonlight q_proj at one row
 
 
 def test_gemv_empty_and_k0():

@@ -429,29 +429,28 @@ def sweep_mla_decode() -> list[dict]:
     return out
 
 
-# The 128-head sweep's configs (block_n, num_stages, num_warps, num_splits; None: the heuristic's):
-# the shipped one first, then shorter loop steps with deeper pipelines (a 64-token step of the
-# 576-wide cache is 72 KB of shared memory a stage, so a page-sized step fits only 2 stages).
+# The heads sweep's configs (block_n, num_stages, num_warps, num_splits, lazy_rescale; None: the
+# heuristic's): the shipped one first. A 64-token step of the 576-wide cache is 72 KB of shared
+# memory a stage, so a page-sized step fits only 2 stages; shorter steps with deeper pipelines ran
+# 1.5-2.5x slower at 128 heads on an H200 (results/kernels-nvidia-h200-prefill-mla.json).
 HEADS_SWEEP = (
-    (None, 2, 8, None),
-    (64, 1, 8, None),
-    (32, 2, 8, None),
-    (32, 3, 8, None),
-    (32, 4, 8, None),
-    (16, 4, 8, None),
-    (16, 6, 8, None),
-    (64, 2, 8, 2),
-    (32, 3, 8, 2),
+    (None, 2, 8, None, False),
+    (None, 2, 8, None, True),
+    (None, 2, 8, 2, True),
+    (None, 3, 8, None, True),
+    (32, 3, 8, None, True),
 )
+# (heads, batch) at 4K context: V3's 128 heads (compute-bound) and Moonlight's 16 (memory-bound).
+HEADS_SWEEP_SHAPES = ((128, 64), (128, 128), (16, 64))
 
 
 def sweep_mla_decode_heads(ceil: dict) -> list[dict]:
-    """MLA decode at DeepSeek-V3's 128 heads (compute-bound), 64-row head blocks, batch 64 and 128
-    at 4K context: HEADS_SWEEP's configs timed under a CUDA graph, in TFLOP/s and against the bf16
-    matmul rate of the run, each checked against the reference on its first 4 sequences."""
+    """MLA decode at HEADS_SWEEP_SHAPES, 4K context: HEADS_SWEEP's configs timed under a CUDA
+    graph, in TFLOP/s and against the run's bf16 matmul rate (and copy bandwidth), each checked
+    against the reference on its first 4 sequences."""
     rows = []
-    heads, ctx, d, r = 128, 4096, 576, 512
-    for b in (64, 128):
+    ctx, d, r = 4096, 576, 512
+    for heads, b in HEADS_SWEEP_SHAPES:
         kv, table = _paged_cache(b, ctx, d)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         lens[::3] -= 37  # ragged: every third sequence ends inside a page
@@ -459,14 +458,16 @@ def sweep_mla_decode_heads(ceil: dict) -> list[dict]:
         scale = 192**-0.5
         ref, _ = mla_decode_ref(q[:4].unsqueeze(1), kv, table[:4], lens[:4], scale)
         flops = 2 * heads * int(lens.sum()) * (d + r)
-        for block_n, stages, warps, splits in HEADS_SWEEP:
+        nbytes = int(lens.sum()) * d * 2
+        for block_n, stages, warps, splits, lazy in HEADS_SWEEP:
             fn = functools.partial(
-                mla_decode, q, kv, table, lens, scale, block_h=64, block_n=block_n,
-                num_stages=stages, num_warps=warps, num_splits=splits,
+                mla_decode, q, kv, table, lens, scale, block_n=block_n, num_stages=stages,
+                num_warps=None if heads <= 16 else warps, num_splits=splits, lazy_rescale=lazy,
             )  # fmt: skip
             row: dict[str, Any] = {
                 "heads": heads, "batch": b, "context": ctx, "block_n": block_n or 64,
-                "num_stages": stages, "num_warps": warps, "num_splits": splits or "auto",
+                "num_stages": stages, "num_warps": warps if heads > 16 else "auto",
+                "num_splits": splits or "auto", "lazy_rescale": lazy,
             }  # fmt: skip
             try:
                 out = fn()
@@ -480,6 +481,7 @@ def sweep_mla_decode_heads(ceil: dict) -> list[dict]:
                 graph_ms=round(ms, 4),
                 TFLOPs=round(tflops, 1),
                 frac_bf16_matmul=round(tflops / ceil["bf16_matmul_TFLOPs"], 3),
+                frac_copy_bw=round(nbytes / ms / 1e9 / ceil["copy_TBps"], 3),
                 rel_err_first4=round(err, 5),
             )
             rows.append(row)
@@ -491,13 +493,14 @@ def sweep_mla_decode_heads(ceil: dict) -> list[dict]:
 def print_mla_decode_heads_sweep(rows: list[dict]) -> None:
     for r in rows:
         cfg = (
-            f"B={r['batch']:3d} n{r['block_n']:2d} s{r['num_stages']} w{r['num_warps']} "
-            f"splits {r['num_splits']}"
+            f"H={r['heads']:3d} B={r['batch']:3d} n{r['block_n']:2d} s{r['num_stages']} "
+            f"w{r['num_warps']} splits {r['num_splits']} lazy {int(r['lazy_rescale'])}"
         )
         if "error" in r:
-            print(f"mla_decode 128 heads {cfg}: {r['error']}")
+            print(f"mla_decode heads {cfg}: {r['error']}")
         else:
             print(
-                f"mla_decode 128 heads {cfg}: {r['graph_ms']:.4f} ms {r['TFLOPs']:6.1f} TFLOP/s "
-                f"({r['frac_bf16_matmul']:.2f} of bf16 matmul) err {r['rel_err_first4']}"
+                f"mla_decode heads {cfg}: {r['graph_ms']:.4f} ms {r['TFLOPs']:6.1f} TFLOP/s "
+                f"({r['frac_bf16_matmul']:.2f} of bf16 matmul, {r['frac_copy_bw']:.2f} of copy) "
+                f"err {r['rel_err_first4']}"
             )
