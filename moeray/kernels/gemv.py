@@ -150,8 +150,9 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     BLOCK_M = all rows up to 4 (one read of the weight for them); BLOCK_N the widest power of two
     <= 64 that still gives PROGRAMS_PER_SM programs per SM (Moonlight q_proj N = 3072 on 132 SMs:
     4 rows, 768 programs; kv_a N = 576: 1 row); BLOCK_K = ACC_ELEMS / (BM * BN), at most
-    MAX_BLOCK_K and not past K (at one row: at most half of K). SPLIT_K > 1 only when the tiles are fewer than the SMs (N < 132
-    at M <= 4). `moeray bench kernels --only gemv_sweep` sweeps the alternatives."""
+    MAX_BLOCK_K and not past K (at one row: at most half of K). SPLIT_K > 1 only when the tiles
+    are fewer than the SMs (N < 132 at M <= 4). `moeray bench kernels --only gemv_sweep` sweeps
+    the alternatives."""
     block_m = min(BCAST_MAX_ROWS, pow2_at_least(max(m, 1)))
     m_tiles = cdiv(m, block_m)
     sms = num_sms(device)
