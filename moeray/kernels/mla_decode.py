@@ -95,8 +95,6 @@ def _mla_decode_split_kernel(
     RB: tl.constexpr,
     PB: tl.constexpr,
     PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # cache tokens per step of the loop: PAGE or a power-of-2 part of it
-    LAZY_RESCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -114,7 +112,7 @@ def _mla_decode_split_kernel(
     offs_p = tl.arange(0, PB)
     r_ok = offs_r < R
     p_ok = offs_p < P
-    offs_t = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, PAGE)
     q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
     q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
@@ -132,48 +130,31 @@ def _mla_decode_split_kernel(
     pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
     t_start = split * pages_per_split * PAGE
     t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
-    for t0 in range(t_start, t_end, BLOCK_N):  # t_start is a whole number of pages
+    for t0 in range(t_start, t_end, PAGE):
         page = tl.load(bt_ptr + b * stride_btb + t0 // PAGE).to(tl.int64)
         pos = t0 + offs_t
         t_ok = pos < t_end
-        kv_base = kv_ptr + page * stride_kvp + (t0 % PAGE + offs_t)[:, None] * stride_kvt
+        kv_base = kv_ptr + page * stride_kvp + offs_t[:, None] * stride_kvt
         c_kv = tl.load(
             kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
-        )  # [BLOCK_N, RB]
+        )  # [PAGE, RB]
         k_pe = tl.load(
             kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
-        )  # [BLOCK_N, PB]
+        )  # [PAGE, PB]
         if UPCAST:
             c_kv = c_kv.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
         s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
         s = s * sm_scale_log2
         s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
-        m_blk = tl.max(s, axis=1)
-        if LAZY_RESCALE:
-            # The running max (the exponent's reference) moves, and acc [BLOCK_H, R] is rescaled,
-            # only when some row's max grew past it by more than 8 (log2 units): p stays <= 2^8,
-            # fine in fp32 and bf16, and after the first blocks most steps skip the multiply.
-            # Rows with nothing visible keep m = -inf (m_blk > m_i is false for them).
-            grow = tl.where(m_blk > m_i, m_blk - m_i, 0.0)
-            if tl.max(grow, axis=0) > 8.0:
-                m_new = tl.maximum(m_i, m_blk)
-                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-            l_i += tl.sum(p, axis=1)
-            acc = tl.dot(p.to(c_kv.dtype), c_kv, acc)
-        else:
-            m_new = tl.maximum(m_i, m_blk)
-            # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
-            m_i = m_new
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+        m_i = m_new
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -308,8 +289,6 @@ def _mla_decode_rows(
     block_h,
     num_warps=None,
     num_stages=None,
-    block_n=None,
-    lazy_rescale=False,
 ):
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
@@ -353,8 +332,6 @@ def _mla_decode_rows(
         RB=max(16, kv_lora_rank),
         PB=max(16, d - kv_lora_rank),
         PAGE=page,
-        BLOCK_N=block_n or page,
-        LAZY_RESCALE=lazy_rescale,
         UPCAST=upcast,
         PDL=pdl,
         num_warps=num_warps,
@@ -399,24 +376,17 @@ def mla_decode_multi(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    block_n: int | None = None,
-    lazy_rescale: bool = False,
 ):
     """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
 
     seq_lens counts the cached tokens including the S new ones; query s sees positions
-    0 .. seq_len - S + s. Sequences need seq_len >= S. block_n: cache tokens per loop step (a
-    power of 2 >= 16 dividing the page size; default the page). lazy_rescale: move the online
-    softmax's running max only when it grows by more than 2^8 (fewer rescales of the output).
+    0 .. seq_len - S + s. Sequences need seq_len >= S.
     """
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
     if block_h is not None and (not is_pow2(block_h) or block_h < 16):
         raise ValueError(f"block_h={block_h} must be a power of 2 >= 16")
-    page = kv_cache.shape[1]
-    if block_n is not None and (not is_pow2(block_n) or not 16 <= block_n <= page):
-        raise ValueError(f"block_n={block_n} must be a power of 2 from 16 to the page size {page}")
     b, s, h, d = q_BSHD.shape
     if not use_triton(q_BSHD):
         out, lse = mla_decode_ref(
@@ -440,8 +410,6 @@ def mla_decode_multi(
         block_h,
         num_warps,
         num_stages,
-        block_n,
-        lazy_rescale,
     )
     out = out.view(b, s, h, kv_lora_rank)
     return (out, lse.view(b, s, h)) if return_lse else out
@@ -460,14 +428,11 @@ def mla_decode(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    block_n: int | None = None,
-    lazy_rescale: bool = False,
 ):
     """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
 
     kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
-    int32 (>= 1, including the current token). num_splits / block_h / block_n override the
-    automatic choice; lazy_rescale as in `mla_decode_multi`.
+    int32 (>= 1, including the current token). num_splits / block_h override the automatic choice.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
@@ -482,8 +447,6 @@ def mla_decode(
         return_lse=return_lse,
         num_warps=num_warps,
         num_stages=num_stages,
-        block_n=block_n,
-        lazy_rescale=lazy_rescale,
     )
     if return_lse:
         return res[0].squeeze(1), res[1].squeeze(1)

@@ -31,7 +31,7 @@
 #   decode-defaults    engine GPU tests (async default), fp8_gemv batch-1 split sweep, engine shapes PDL off (1 GPU, ~8 min)
 #   async-sampled      async scheduling for sampled requests: GPU tests, engine shapes at temperature 1 without/with (1 GPU, ~6 min)
 #   host-next          graph-launch probe (host time by kernel nodes, PDL), engine shapes with PDL on and off (1 GPU, ~6 min)
-#   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA 128-head sweep (1 GPU, ~5 min)
+#   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)

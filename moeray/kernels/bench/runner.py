@@ -49,9 +49,7 @@ from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
     bench_mla_prefill,
-    print_mla_decode_heads_sweep,
     sweep_mla_decode,
-    sweep_mla_decode_heads,
 )
 from moeray.kernels.bench.moe import (
     bench_moe,
@@ -208,7 +206,6 @@ def _print_table(result: dict) -> None:
             f"x{r['speedup_vs_loop']} loop, {r['frac_of_floor']:.2f} of {r['floor_is']} floor, "
             f"err {r['rel_err_vs_ref_first64']}"
         )
-    print_mla_decode_heads_sweep(result.get("mla_decode_heads_sweep", []))
     for r in result.get("mla_decode", []):
         print(
             f"mla_decode H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d}: "
@@ -235,7 +232,6 @@ SECTIONS = (
     "fused_moe_prefill_sweep",
     "mla_decode",
     "mla_decode_graph",
-    "mla_decode_heads_sweep",
     "mla_prefill",
     "router",
     "decode_glue",
@@ -247,8 +243,8 @@ SECTIONS = (
     "adamw",
 )
 # Sections run only when named in --only: fp8_gemv's ~540 timed tile x split-K configs, the
-# fused MoE's prefill tiles, the MLA decode's 128-head loop steps (minutes each).
-ON_REQUEST = ("fp8_gemv_split_sweep", "fused_moe_prefill_sweep", "mla_decode_heads_sweep")
+# fused MoE's prefill tiles (minutes each).
+ON_REQUEST = ("fp8_gemv_split_sweep", "fused_moe_prefill_sweep")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -319,7 +315,6 @@ def main(argv: list[str]) -> int:
         ),
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
-        ("mla_decode_heads_sweep", lambda: sweep_mla_decode_heads(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),
