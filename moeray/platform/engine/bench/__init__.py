@@ -481,11 +481,12 @@ def _hf_baseline(model, cfg, a, g, device, dtype) -> dict[str, float]:
     """transformers' generate on the same weights, saved as an HF directory."""
     from transformers import AutoModelForCausalLM
 
-    hf_dir = tempfile.mkdtemp(prefix="moeray-bench-engine-")
-    save_model(model, cfg, hf_dir)
-    # Any: transformers types `to` as @wraps(nn.Module.to) on the class, which mypy does not bind
-    # (and lint environments without transformers see no type at all).
-    hf: Any = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    # The copy is removed once loaded, also when saving fails (a V3-width cut is tens of GB).
+    with tempfile.TemporaryDirectory(prefix="moeray-bench-engine-") as hf_dir:
+        save_model(model, cfg, hf_dir)
+        # Any: transformers types `to` as @wraps(nn.Module.to) on the class, which mypy does not
+        # bind (and lint environments without transformers see no type at all).
+        hf: Any = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     hf = hf.to(device).eval()
     rates = {}
     for B in a.batch_sizes:
