@@ -48,6 +48,10 @@ from moeray.kernels.fp8 import quant
 
 FLOAT_ARGS = {"eps", "scaling", "sm_scale_log2"}  # every other non-pointer argument is an i32
 F8, F32, I32, I64 = "*fp8e4nv", "*fp32", "*i32", "*i64"
+# The aligned MoE kernels' K-loop constexprs as their launches set them (64-column tiles lie in
+# one 128-row weight block: one scale per tile with FP8).
+MOE_K_LOOP = dict(EVEN_K=True, ROW_SCALE=True, NUM_STAGES=4)
+MOE_K_LOOP_BF16 = dict(EVEN_K=True, ROW_SCALE=False, NUM_STAGES=4)
 
 # (kernel, constexprs but PDL, pointer types other than *bf16, options, prefetches weights)
 CASES = [
@@ -124,21 +128,21 @@ CASES = [
     ),
     (
         moe._moe_gate_up_kernel,
-        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
+        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP),
         dict(x_ptr=F8, wg_ptr=F8, wu_ptr=F8, sorted_ptr=I32, bexp_ptr=I32, xs_ptr=F32),
         dict(num_warps=4, num_stages=4),
         False,
     ),
     (
         moe._moe_down_kernel,
-        dict(FP8=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
+        dict(FP8=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP_BF16),
         dict(sorted_ptr=I32, bexp_ptr=I32, rw_ptr=F32),
         dict(num_warps=4, num_stages=4),
         False,
     ),
     (
         moe._moe_down_kernel,
-        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False),
+        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP),
         dict(h_ptr=F8, w_ptr=F8, hs_ptr=F32, sorted_ptr=I32, bexp_ptr=I32, ws_ptr=F32, rw_ptr=F32),
         dict(num_warps=4, num_stages=4),
         False,
