@@ -98,7 +98,8 @@ def test_backward_gemms_real_shape():
         assert _rel(fp8.fp8_linear_wgrad(dy, x, backend=backend), dy.t() @ x) < 0.05
 
 
-@pytest.mark.parametrize("t", [5, 333])
+# 5: decode tiles; 333: 166 rows an expert (64-row tiles); 700: 350 (FP8's 128x128 prefill tile)
+@pytest.mark.parametrize("t", [5, 333, 700])
 @pytest.mark.parametrize("fp8_weights", [False, True])
 def test_fused_moe_real_width(t, fp8_weights, monkeypatch):
     from moeray.kernels import fp8

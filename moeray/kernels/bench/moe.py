@@ -163,33 +163,22 @@ def print_fused_moe_prefill_sweep(sw: dict) -> None:
 
 
 def sweep_fused_moe() -> list[dict]:
-    """Time candidate block configs of the fused MoE (`_moe_config` comes from here)."""
+    """Time candidate block configs of the fused MoE at decode (T64) and prefill (T8192, the
+    PREFILL_SWEEP tiles; `sweep_fused_moe_prefill` times them against the loop too)."""
     out = []
     e, h, i, top_k = 64, 7168, 2048, 8
     w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
     w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
     q13, s13 = quantized_experts(w13)
     q2, s2 = quantized_experts(w2)
-    moe_cfgs = {
-        "decode": [
-            (16, 64, 128, 4, 4),
-            (16, 128, 128, 4, 4),
-            (16, 32, 128, 4, 4),
-            (32, 64, 128, 4, 4),
-            (16, 64, 128, 4, 6),
-            (16, 64, 64, 4, 6),
-        ],
-        "prefill": [
-            (128, 128, 64, 8, 3),
-            (128, 64, 128, 8, 3),
-            (64, 128, 128, 4, 3),
-            (64, 64, 128, 4, 4),
-            (128, 128, 128, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 128, 32, 8, 4),
-        ],
-    }
+    decode_cfgs = [
+        (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+        (16, 32, 128, 4, 4),
+        (32, 64, 128, 4, 4),
+        (16, 64, 128, 4, 6),
+        (16, 64, 64, 4, 6),
+    ]
     for phase, t in (("decode", 64), ("prefill", 8192)):
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(t, e, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
@@ -199,7 +188,7 @@ def sweep_fused_moe() -> list[dict]:
             ("fp8", (q13, q2), {"w13_scale": s13, "w2_scale": s2}),
         )
         for wname, args, kw in variants:
-            for bm, bn, bk, nw, ns in moe_cfgs[phase]:
+            for bm, bn, bk, nw, ns in decode_cfgs if phase == "decode" else PREFILL_SWEEP[wname]:
                 if wname == "fp8" and 128 % bk:
                     continue
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
