@@ -149,16 +149,34 @@ CASES = [
     ),
     (  # FP8 weights with Moonlight's GPU tile; the wait before the expert id's load
         moe_gemv._moe_gemv_gate_up_kernel,
-        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=6, PRECISE=True),
-        dict(wg_ptr=F8, wu_ptr=F8, ids_ptr=I32, sg_ptr=F32, su_ptr=F32),
+        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=6, PRECISE=True)
+        | dict(ZERO_CNT=False, CNT_BLOCK=256),
+        dict(wg_ptr=F8, wu_ptr=F8, ids_ptr=I32, sg_ptr=F32, su_ptr=F32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=6),
+        False,
+    ),
+    (  # the sum fold (MOERAY_FUSED_MOE_SUM_FOLD=1): its counters zeroed after the wait
+        moe_gemv._moe_gemv_gate_up_kernel,
+        dict(FP8=False, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, PRECISE=True)
+        | dict(ZERO_CNT=True, CNT_BLOCK=256),
+        dict(ids_ptr=I32, cnt_ptr=I32),
+        dict(num_warps=2, num_stages=4),
         False,
     ),
     (
         moe_gemv._moe_gemv_down_kernel,
-        dict(FP8=False, BLOCK_N=16, EVEN_K=False, NUM_STAGES=6),
-        dict(ids_ptr=I64, rw_ptr=F32),
+        dict(FP8=False, BLOCK_N=16, EVEN_K=False, NUM_STAGES=6, FOLD_SUM=False, KC=8)
+        | dict(HAS_ADD=False),
+        dict(ids_ptr=I64, rw_ptr=F32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=6),
+        False,
+    ),
+    (  # the sum fold: the counter's atomic and the last program's sum after the wait
+        moe_gemv._moe_gemv_down_kernel,
+        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, FOLD_SUM=True, KC=8)
+        | dict(HAS_ADD=True),
+        dict(w_ptr=F8, s_ptr=F32, ids_ptr=I64, rw_ptr=F32, cnt_ptr=I32),
+        dict(num_warps=2, num_stages=4),
         False,
     ),
     (

@@ -8,7 +8,11 @@ routing weight r_a), BN weight rows per program.
     y_a = r_a * (W2[e_a] h_a)                   [H]  fp32, stored rounded to the act dtype
     y_t = sum_k y_{tK+k} over local e (+ add_t)  [H]  `moe_common.moe_sum`
 
-Three launches: gate/up (grid cdiv(I, BN) x TK), down (cdiv(H, BN) x TK) and the sum. A program
+Three launches: gate/up (grid cdiv(I, BN) x TK), down (cdiv(H, BN) x TK) and the sum. Two with
+MOERAY_FUSED_MOE_SUM_FOLD=1 (opt-in, not yet timed on a GPU; moe_sum took 2.2-2.5 us a Moonlight
+layer at batch 1 on an H200): the last of a token's K down programs for a row block (an atomic
+counter per block, zeroed by the gate/up kernel) sums the token's K rows itself, in k order with
+moe_sum's roundings, so the output is the same bits. A program
 reads one row of x (or h) and BN rows of each weight over the whole reduction in 128-wide steps,
 accumulates acc [BN, 128] += x[None, :] * w on the CUDA cores and reduces the 128 columns after
 the loop: fp8_gemv's broadcast path with one row. Per weight element one convert, one scale
@@ -52,6 +56,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     precise_exp,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -159,15 +164,24 @@ def _moe_gemv_gate_up_kernel(
     stride_sue,
     stride_sun,
     stride_suk,
+    cnt_ptr,
+    num_cnt,
     FP8: tl.constexpr,
     BLOCK_N: tl.constexpr,  # a power of two <= 128: the tile lies in one 128-row scale block
     EVEN_K: tl.constexpr,  # H % 128 == 0: no masks in the loop
     NUM_STAGES: tl.constexpr,
     PRECISE: tl.constexpr,  # libdevice's expf in silu (common.neg_exp)
     PDL: tl.constexpr,
+    ZERO_CNT: tl.constexpr,  # FOLD_SUM: program (0, 0) zeroes the down kernel's num_cnt counters
+    CNT_BLOCK: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     pdl_wait(PDL)  # first: the expert id that picks the weights is the gate's output
+    if ZERO_CNT:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for c0 in range(0, num_cnt, CNT_BLOCK):
+                offs_c = c0 + tl.arange(0, CNT_BLOCK)
+                tl.store(cnt_ptr + offs_c, tl.zeros((CNT_BLOCK,), tl.int32), mask=offs_c < num_cnt)
     a, tok = _assignment(T, K)
     e = tl.load(ids_ptr + a)
     if (e < 0) | (e >= num_experts):
@@ -222,18 +236,53 @@ def _moe_gemv_down_kernel(
     stride_se,
     stride_sn,
     stride_sk,
+    cnt_ptr,
+    out_ptr,
+    add_ptr,
+    stride_add,
     FP8: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr,  # I % 128 == 0
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
+    FOLD_SUM: tl.constexpr,  # the last of a token's K programs for a row block writes out (+ add)
+    KC: tl.constexpr,  # K, as a constexpr for the fold's loop
+    HAS_ADD: tl.constexpr,
 ):
-    BLOCK_K: tl.constexpr = 128
     pdl_wait(PDL)  # first: the expert id, and h, are outputs of kernels before this one
-    a, _ = _assignment(T, K)
+    a, tok = _assignment(T, K)
     e = tl.load(ids_ptr + a)
-    if (e < 0) | (e >= num_experts):
-        return
+    local = (e >= 0) & (e < num_experts)
+    if not FOLD_SUM:
+        if not local:
+            return
+        _down_rows(h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we,
+                   stride_wn, stride_wk, stride_yt, stride_se, stride_sn, stride_sk, FP8, BLOCK_N,
+                   EVEN_K, NUM_STAGES)  # fmt: skip
+    else:
+        if local:
+            _down_rows(h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we,
+                       stride_wn, stride_wk, stride_yt, stride_se, stride_sn, stride_sk, FP8,
+                       BLOCK_N, EVEN_K, NUM_STAGES)  # fmt: skip
+        # Split-K's semaphore: every program of the token's row block stores its y_tk rows (or
+        # none: a remote expert), then counts itself in (the barrier orders the whole program's
+        # stores before the release); the one that counts last sums them, as moe_sum would.
+        tl.debug_barrier()
+        pid_n = tl.program_id(0)
+        done = tl.atomic_add(cnt_ptr + tok * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+        if done == KC - 1:
+            _sum_rows(y_ptr, ids_ptr, out_ptr, add_ptr, tok, pid_n, H, num_experts, stride_yt,
+                      stride_add, KC, BLOCK_N, HAS_ADD)  # fmt: skip
+
+
+@triton.jit
+def _down_rows(
+    h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we, stride_wn, stride_wk,
+    stride_yt, stride_se, stride_sn, stride_sk, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """y_tk[a] rows of this program's block: r_a * (W2[e] h_a), rounded to y's dtype."""
+    BLOCK_K: tl.constexpr = 128
     e64 = e.to(tl.int64)
     a64 = a.to(tl.int64)
     pid_n = tl.program_id(0)
@@ -253,6 +302,34 @@ def _moe_gemv_down_kernel(
     tl.store(
         y_ptr + a64 * stride_yt + offs_n, to_dtype_rn(y, y_ptr.dtype.element_ty), mask=offs_n < H
     )
+
+
+@triton.jit
+def _sum_rows(
+    y_ptr, ids_ptr, out_ptr, add_ptr, tok, pid_n, H, num_experts, stride_yt, stride_add,
+    KC: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ADD: tl.constexpr,
+):  # fmt: skip
+    """out[tok] rows of the block = the token's local y_tk rows summed in fp32 in k order,
+    rounded, plus add rounded after: `moe_common.moe_sum`'s numbers."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs_n < H
+    t64 = tok.to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kk in tl.static_range(KC):
+        e = tl.load(ids_ptr + t64 * KC + kk)
+        local = ((e >= 0) & (e < num_experts)).to(tl.int32)  # rows of remote ids are not written
+        # .cg: from L2, where the other programs' stores are (never cached in this SM's L1)
+        v = tl.load(
+            y_ptr + (t64 * KC + kk) * stride_yt + offs_n, mask=ok & (offs_n * 0 + local > 0),
+            other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        acc += v.to(tl.float32)
+    y = to_dtype_rn(acc, out_ptr.dtype.element_ty)
+    if HAS_ADD:
+        add = tl.load(add_ptr + t64 * stride_add + offs_n, mask=ok, other=0.0)
+        y = to_dtype_rn(y.to(tl.float32) + add.to(tl.float32), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t64 * H + offs_n, y, mask=ok)
 
 
 def moe_gemv_config() -> dict:
@@ -337,6 +414,11 @@ def run_moe_gemv(
     w1s, w3s, w2s = scales if scales is not None else (w1_EIH, w3_EIH, w2_EHI)
     bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     pdl = pdl_launch(x_TH.device)
+    # The sum folded into the down kernel (opt-in, module docstring): one counter per (token,
+    # down row block), zeroed by the gate/up kernel, so no memset and no persistent workspace.
+    fold = tk > 0 and switched_on("MOE_SUM_FOLD")
+    num_cnt = t * cdiv(h, bn) if fold else 0
+    cnt = torch.empty(max(num_cnt, 1), dtype=torch.int32, device=x_TH.device)
     _moe_gemv_gate_up_kernel[(cdiv(i, bn), tk)](
         x_TH,
         w1_EIH,
@@ -356,16 +438,22 @@ def run_moe_gemv(
         hbuf.stride(0),
         *w1s.stride(),
         *w3s.stride(),
+        cnt,
+        num_cnt,
         FP8=fp8,
         BLOCK_N=bn,
         EVEN_K=h % 128 == 0,
         NUM_STAGES=stages,
         PRECISE=precise_exp(),
         PDL=pdl,
+        ZERO_CNT=fold,
+        CNT_BLOCK=256,
         num_warps=warps,
         num_stages=stages,
         launch_pdl=pdl,
     )
+    out = torch.empty(t, h, dtype=x_TH.dtype, device=x_TH.device) if fold else y_tk
+    add = out if add_TH is None else add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
     _moe_gemv_down_kernel[(cdiv(h, bn), tk)](
         hbuf,
         w2_EHI,
@@ -382,16 +470,23 @@ def run_moe_gemv(
         *w2_EHI.stride(),
         y_tk.stride(0),
         *w2s.stride(),
+        cnt,
+        out,
+        add,
+        add.stride(0),
         FP8=fp8,
         BLOCK_N=bn,
         EVEN_K=i % 128 == 0,
         NUM_STAGES=stages,
         PDL=pdl,
+        FOLD_SUM=fold,
+        KC=k,
+        HAS_ADD=add_TH is not None,
         num_warps=warps,
         num_stages=stages,
         launch_pdl=pdl,
     )
-    return moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)
+    return out if fold else moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)
 
 
 def moe_gemv(

@@ -5,7 +5,8 @@ Moonlight-16B-A3B (H 2048, I 1408, 64 routed experts top-6 plus the 2 shared one
 against moe_gemv_ref, with outputs poisoned with NaN first (an unwritten row shows); captured in a
 CUDA graph and replayed on new tokens and routings, bit-equal to eager calls; fused_moe_gate_up's
 dispatch giving moe_gemv's bits, and the aligned path (MOERAY_FUSED_MOE_GEMV=0) agreeing within
-bf16 rounding (bf16 weights) or the 1x128 activation quantization it applies (FP8)."""
+bf16 rounding (bf16 weights) or the 1x128 activation quantization it applies (FP8); the sum folded
+into the down kernel (MOERAY_FUSED_MOE_SUM_FOLD=1) giving the three-launch path's bits."""
 
 import pytest
 import torch
@@ -127,6 +128,46 @@ def test_moe_gemv_in_a_cuda_graph(experts, shape, t, fp8):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static, moe_gemv(x, *ws, ids, wts, add_TH=add0, **scales))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("shape", "t"), CASES)
+def test_sum_fold_gives_the_same_bits_eager_and_in_a_graph(experts, shape, t, fp8, monkeypatch):
+    """MOERAY_FUSED_MOE_SUM_FOLD=1 (the last down program of a row block sums the token's rows,
+    an atomic counter per block): the three-launch path's bits, eager and from a CUDA graph
+    replayed on new routings (a remote id included), output poisoned first."""
+    from moeray.kernels.moe_gemv import moe_gemv
+
+    ws, scales = experts(shape, fp8)
+    x0, ids0, wts0 = _routing(shape, t, seed=300)
+    add0 = torch.randn_like(x0)
+    want = moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
+    _poison()
+    assert torch.equal(moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales), want)
+
+    def call():
+        return moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = call()
+    for seed in range(4):
+        x, ids, wts = _routing(shape, t, seed=400 + seed)
+        ids[0, seed % ids.shape[1]] = -1  # a choice on another rank
+        x0.copy_(x)
+        ids0.copy_(ids)
+        wts0.copy_(wts)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "0")
+        assert torch.equal(static, moe_gemv(x, *ws, ids, wts, add_TH=add0, **scales))
+        monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
 
 
 @pytest.mark.parametrize("fp8", [False, True])

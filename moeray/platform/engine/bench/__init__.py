@@ -332,13 +332,13 @@ def main(argv: list[str]) -> int:
     notes["temperature"] = a.temperature
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
-    # quant.py; PDL: common.pdl_launch): on unless set to "0"; the opt-in HEAD_GEMV and
-    # FP8_GEMV_ACT off unless set to "1"
+    # quant.py; PDL: common.pdl_launch): on unless set to "0"; the opt-in HEAD_GEMV,
+    # FP8_GEMV_ACT and MOE_SUM_FOLD (moe_gemv.py) off unless set to "1"
     switches = (
         "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV HEAD_GEMV FP8_GEMV_ACT PROJ SHARED PDL "
-        "MOE_GEMV"
+        "MOE_GEMV MOE_SUM_FOLD"
     )
-    opt_in = ("HEAD_GEMV", "FP8_GEMV_ACT")
+    opt_in = ("HEAD_GEMV", "FP8_GEMV_ACT", "MOE_SUM_FOLD")
     notes["fast_path_env"] = {
         f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "0" if k in opt_in else "1")
         for k in switches.split()
