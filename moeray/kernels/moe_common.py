@@ -183,24 +183,42 @@ def _moe_sum_kernel(
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # every read here is an activation or routing id
-    # y[t] = sum over the token's K assignments that went to a local expert (others were never
-    # written, so they must be skipped, not read); plus add[t], rounded after the sum is (as
-    # PyTorch's add of the two rounded tensors). to_dtype_rn: the GPU's round-to-nearest, also
-    # under the interpreter (whose plain cast truncates to bf16).
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    store_token_sum(
+        y_tk_ptr, ids_ptr, y_ptr, add_ptr, t, offs, H, num_experts, H, stride_add, K, HAS_ADD,
+        False,
+    )  # fmt: skip
+
+
+@triton.jit
+def store_token_sum(
+    y_tk_ptr, ids_ptr, out_ptr, add_ptr, t, offs, H, num_experts, stride_yt, stride_add,
+    K: tl.constexpr, HAS_ADD: tl.constexpr, FROM_L2: tl.constexpr,
+):  # fmt: skip
+    """out[t, offs] = the sum of token t's K rows of y_tk whose expert id is local (others were
+    never written, so they are skipped, not read), in fp32 in k order, rounded to out's dtype;
+    plus add[t], rounded after the sum is (as PyTorch's add of the two rounded tensors).
+    to_dtype_rn: the GPU's round-to-nearest, also under the interpreter (whose plain cast
+    truncates to bf16). FROM_L2: y_tk read past L1 (.cg), for rows that other programs of the
+    same kernel stored."""
     ok = offs < H
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros(offs.shape, dtype=tl.float32)
     for kk in tl.static_range(K):
         e = tl.load(ids_ptr + t * K + kk)
         local = ((e >= 0) & (e < num_experts)).to(tl.int32)
-        v = tl.load(y_tk_ptr + (t * K + kk) * H + offs, mask=ok & (offs * 0 + local > 0), other=0.0)
+        ptrs = y_tk_ptr + (t * K + kk) * stride_yt + offs
+        mask = ok & (offs * 0 + local > 0)
+        if FROM_L2:
+            v = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        else:
+            v = tl.load(ptrs, mask=mask, other=0.0)
         acc += v.to(tl.float32)
-    y = to_dtype_rn(acc, y_ptr.dtype.element_ty)
+    y = to_dtype_rn(acc, out_ptr.dtype.element_ty)
     if HAS_ADD:
         a = tl.load(add_ptr + t * stride_add + offs, mask=ok, other=0.0)
-        y = to_dtype_rn(y.to(tl.float32) + a.to(tl.float32), y_ptr.dtype.element_ty)
-    tl.store(y_ptr + t * H + offs, y, mask=ok)
+        y = to_dtype_rn(y.to(tl.float32) + a.to(tl.float32), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * H + offs, y, mask=ok)
 
 
 def moe_sum(

@@ -66,6 +66,7 @@ from moeray.kernels.moe_common import (
     fused_moe_gate_up_ref,
     moe_act_dtype,
     moe_sum,
+    store_token_sum,
 )
 
 # Assignments (T * K) up to which fused_moe_gate_up runs moe_gemv: decode at 1-2 tokens (Moonlight
@@ -271,8 +272,9 @@ def _moe_gemv_down_kernel(
         pid_n = tl.program_id(0)
         done = tl.atomic_add(cnt_ptr + tok * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
         if done == KC - 1:
-            _sum_rows(y_ptr, ids_ptr, out_ptr, add_ptr, tok, pid_n, H, num_experts, stride_yt,
-                      stride_add, KC, BLOCK_N, HAS_ADD)  # fmt: skip
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            store_token_sum(y_ptr, ids_ptr, out_ptr, add_ptr, tok.to(tl.int64), offs_n, H,
+                            num_experts, stride_yt, stride_add, KC, HAS_ADD, True)  # fmt: skip
 
 
 @triton.jit
@@ -302,34 +304,6 @@ def _down_rows(
     tl.store(
         y_ptr + a64 * stride_yt + offs_n, to_dtype_rn(y, y_ptr.dtype.element_ty), mask=offs_n < H
     )
-
-
-@triton.jit
-def _sum_rows(
-    y_ptr, ids_ptr, out_ptr, add_ptr, tok, pid_n, H, num_experts, stride_yt, stride_add,
-    KC: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ADD: tl.constexpr,
-):  # fmt: skip
-    """out[tok] rows of the block = the token's local y_tk rows summed in fp32 in k order,
-    rounded, plus add rounded after: `moe_common.moe_sum`'s numbers."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = offs_n < H
-    t64 = tok.to(tl.int64)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kk in tl.static_range(KC):
-        e = tl.load(ids_ptr + t64 * KC + kk)
-        local = ((e >= 0) & (e < num_experts)).to(tl.int32)  # rows of remote ids are not written
-        # .cg: from L2, where the other programs' stores are (never cached in this SM's L1)
-        v = tl.load(
-            y_ptr + (t64 * KC + kk) * stride_yt + offs_n, mask=ok & (offs_n * 0 + local > 0),
-            other=0.0,
-            cache_modifier=".cg",
-        )  # fmt: skip
-        acc += v.to(tl.float32)
-    y = to_dtype_rn(acc, out_ptr.dtype.element_ty)
-    if HAS_ADD:
-        add = tl.load(add_ptr + t64 * stride_add + offs_n, mask=ok, other=0.0)
-        y = to_dtype_rn(y.to(tl.float32) + add.to(tl.float32), out_ptr.dtype.element_ty)
-    tl.store(out_ptr + t64 * H + offs_n, y, mask=ok)
 
 
 def moe_gemv_config() -> dict:
