@@ -8,6 +8,7 @@ import time
 
 import torch
 import triton
+from torch.profiler import ProfilerActivity, profile
 
 
 def _bench(fn, ms: int = 100) -> float:
@@ -35,6 +36,23 @@ def _bench_slow(fn, reps: int = 3) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def device_ms(fn) -> float | None:
+    """ms of GPU time one call of fn takes: its CUDA kernels' own times summed (torch.profiler),
+    the host's gaps between them left out. A host-bound baseline (the per-expert loop) runs at the
+    host's speed, which differs between machines by up to 1.5x; this does not. None where the
+    profiler cannot see the GPU (no CUPTI)."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        us = sum(e.self_device_time_total for e in prof.key_averages())
+    except Exception:  # a profiler without CUPTI on this machine
+        return None
+    return us / 1e3 if us > 0 else None
 
 
 def _graph_ms(fn, calls: int = 20, reps: int = 10) -> float:

@@ -8,7 +8,7 @@ from typing import TypedDict
 
 import torch
 
-from moeray.kernels.bench.common import _bench, _bench_slow, _try
+from moeray.kernels.bench.common import _bench, _bench_slow, _try, device_ms
 from moeray.kernels.fp8.quant import weight_quant
 from moeray.kernels.moe import fused_moe, fused_moe_ref
 
@@ -35,9 +35,14 @@ def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[di
     wts = torch.rand(t, top_k, device="cuda", dtype=torch.bfloat16)
     touched = int(torch.unique(ids).numel())
     flops = 2 * t * top_k * 3 * hidden * inter
+
     # Baseline: the per-expert PyTorch loop with bf16 weights (cuBLAS GEMMs per expert); the FP8
     # kernel is compared with it too, since a loop over FP8 experts would dequantize each time.
-    loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
+    def loop():
+        return fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16)
+
+    loop_ms = _bench_slow(loop)
+    loop_gpu_ms = device_ms(loop)  # its kernels alone: the host's speed left out
 
     def row(wname: str, args: tuple[torch.Tensor, torch.Tensor], kw: _Scales, elt: int) -> dict:
         def fn():
@@ -63,6 +68,8 @@ def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[di
             "ms": round(ms, 4),
             "loop_ms": round(loop_ms, 3),
             "speedup_vs_loop": round(loop_ms / ms, 2),
+            "loop_gpu_ms": round(loop_gpu_ms, 3) if loop_gpu_ms else None,
+            "speedup_vs_loop_gpu": round(loop_gpu_ms / ms, 2) if loop_gpu_ms else None,
             "TBps_weights": round(weight_bytes / ms / 1e9, 3),
             "TFLOPs": round(flops / ms / 1e9, 1),
             "floor_ms": round(max(floor_bw_ms, floor_fl_ms), 4),
@@ -132,7 +139,12 @@ def sweep_fused_moe_prefill(hidden: int, inter: int, experts: int, tokens: int =
     ids = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
     wts = torch.rand(tokens, top_k, device="cuda", dtype=torch.bfloat16)
     flops = 2 * tokens * top_k * 3 * hidden * inter
-    loop_ms = _bench_slow(lambda: fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16))
+
+    def loop():
+        return fused_moe_ref(x, w13, w2, ids, wts, compute_dtype=torch.bfloat16)
+
+    loop_ms = _bench_slow(loop)
+    loop_gpu_ms = device_ms(loop)
     variants: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], _Scales]] = {
         "bf16": ((w13, w2), {}),
         "fp8": ((q13, q2), {"w13_scale": s13, "w2_scale": s2}),
@@ -145,17 +157,24 @@ def sweep_fused_moe_prefill(hidden: int, inter: int, experts: int, tokens: int =
             row: dict = {"weights": wname, **cfg, "ms": tms}
             if isinstance(tms, float):
                 row.update(speedup_vs_loop=round(loop_ms / tms, 3), TFLOPs=round(flops / tms / 1e9))
+                if loop_gpu_ms:
+                    row["speedup_vs_loop_gpu"] = round(loop_gpu_ms / tms, 3)
             rows.append(row)
     shape = f"T{tokens}, top-{top_k} of {experts}, {hidden}/{inter}"
-    return {"shape": shape, "loop_ms": round(loop_ms, 3), "rows": rows}
+    gpu = round(loop_gpu_ms, 3) if loop_gpu_ms else None
+    return {"shape": shape, "loop_ms": round(loop_ms, 3), "loop_gpu_ms": gpu, "rows": rows}
 
 
 def print_fused_moe_prefill_sweep(sw: dict) -> None:
-    print(f"fused_moe prefill sweep {sw['shape']}: per-expert loop {sw['loop_ms']} ms")
+    print(
+        f"fused_moe prefill sweep {sw['shape']}: per-expert loop {sw['loop_ms']} ms "
+        f"(its kernels alone {sw.get('loop_gpu_ms')} ms)"
+    )
     for r in sw["rows"]:
         tile = f"{r['BLOCK_M']}x{r['BLOCK_N']}x{r['BLOCK_K']} w{r['num_warps']} s{r['num_stages']}"
         tail = (
-            f"{r['ms']:8.3f} ms x{r['speedup_vs_loop']} loop {r['TFLOPs']} TFLOP/s"
+            f"{r['ms']:8.3f} ms x{r['speedup_vs_loop']} loop "
+            f"(x{r.get('speedup_vs_loop_gpu')} its kernels) {r['TFLOPs']} TFLOP/s"
             if "TFLOPs" in r
             else str(r["ms"])[:100]
         )
