@@ -392,7 +392,8 @@ def run_moe_gemv(
     # down row block), zeroed by the gate/up kernel, so no memset and no persistent workspace.
     fold = tk > 0 and switched_on("MOE_SUM_FOLD")
     num_cnt = t * cdiv(h, bn) if fold else 0
-    cnt = torch.empty(max(num_cnt, 1), dtype=torch.int32, device=x_TH.device)
+    # (without the fold the counter, output and add pointers are never read: ids stands in)
+    cnt = torch.empty(num_cnt, dtype=torch.int32, device=x_TH.device) if fold else ids
     _moe_gemv_gate_up_kernel[(cdiv(i, bn), tk)](
         x_TH,
         w1_EIH,
@@ -426,8 +427,11 @@ def run_moe_gemv(
         num_stages=stages,
         launch_pdl=pdl,
     )
-    out = torch.empty(t, h, dtype=x_TH.dtype, device=x_TH.device) if fold else y_tk
-    add = out if add_TH is None else add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
+    out = add = y_tk
+    if fold:
+        out = torch.empty(t, h, dtype=x_TH.dtype, device=x_TH.device)
+        if add_TH is not None:
+            add = add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
     _moe_gemv_down_kernel[(cdiv(h, bn), tk)](
         hbuf,
         w2_EHI,

@@ -11,6 +11,8 @@ into the down kernel (MOERAY_FUSED_MOE_SUM_FOLD=1) giving the three-launch path'
 import pytest
 import torch
 
+from tests.gpu.gemv_checks import captured, poison
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -19,11 +21,6 @@ pytestmark = [
 # name: (H, I, routed experts, routed top-k, shared experts)
 SHAPES = {"moonlight": (2048, 1408, 64, 6, 2), "v3": (7168, 2048, 256, 8, 1)}
 CASES = [("moonlight", 1), ("moonlight", 2), ("v3", 1)]
-
-
-def _poison(nbytes: int = 1 << 30) -> None:
-    """Fill a block with NaN and free it: the caching allocator hands it to the next outputs."""
-    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +89,7 @@ def test_moe_gemv_matches_reference(experts, shape, t, fp8):
     if t == 2:  # a choice on another rank (expert parallelism): adds nothing
         ids[1, 0] = ids.max() + 3
     add = torch.randn_like(x)
-    _poison()
+    poison()
     out = moe_gemv(x, *ws, ids, wts, add_TH=add, **scales)
     _check(out, moe_gemv_ref(x, *ws, ids, wts, add_TH=add, **scales))
 
@@ -108,17 +105,7 @@ def test_moe_gemv_in_a_cuda_graph(experts, shape, t, fp8):
     x0, ids0, wts0 = _routing(shape, t, seed=100)
     add0 = torch.randn_like(x0)
 
-    def call():
-        return moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # compiles outside the capture
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = call()
+    graph, static = captured(lambda: moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales))
     for seed in range(3):
         x, ids, wts = _routing(shape, t, seed=200 + seed)
         x0.copy_(x)
@@ -143,20 +130,10 @@ def test_sum_fold_gives_the_same_bits_eager_and_in_a_graph(experts, shape, t, fp
     add0 = torch.randn_like(x0)
     want = moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
     monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
-    _poison()
+    poison()
     assert torch.equal(moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales), want)
 
-    def call():
-        return moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = call()
+    graph, static = captured(lambda: moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales))
     for seed in range(4):
         x, ids, wts = _routing(shape, t, seed=400 + seed)
         ids[0, seed % ids.shape[1]] = -1  # a choice on another rank
@@ -186,7 +163,7 @@ def test_dispatch_and_agreement_with_the_aligned_path(experts, shape, t, fp8, mo
     gemv = moe_gemv(x, *ws, ids, wts, **scales)
     assert torch.equal(fused_moe_gate_up(x, *ws, ids, wts, **scales), gemv)
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
-    _poison()
+    poison()
     aligned = fused_moe_gate_up(x, *ws, ids, wts, **scales)
     assert torch.isfinite(aligned).all()
     rel = ((aligned.float() - gemv.float()).norm() / gemv.float().norm()).item()

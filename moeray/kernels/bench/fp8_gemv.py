@@ -193,19 +193,18 @@ def sweep_fp8_gemv(m_rows: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
                     continue
                 tiles = cdiv(m, bm) * cdiv(n, block_n)
                 split = _same_programs_split(base, n, k, tiles)
-                cfg = {
-                    **base,
-                    "BLOCK_N": block_n,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "SPLIT_K": split,
-                }
+                cfg = _tile(base, block_n, warps, stages, split)
                 us = _time_config(x, x_scale, cfg, copies, tiles)
                 row = {"layer": name, "M": m, "N": n, "K": k, "act": act, **cfg, "us": us}
                 out.append({**row, "chosen": cfg == base})
         del copies
         torch.cuda.empty_cache()
     return out
+
+
+def _tile(base: dict, block_n: int, warps: int, stages: int, split: int) -> dict:
+    """`base` (a `_gemv_config`) with a swept tile and split-K count."""
+    return {**base, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
 
 
 def print_fp8_gemv_sweep(rows: list[dict]) -> None:
@@ -258,13 +257,7 @@ def sweep_fp8_gemv_splits(names: str | None = None) -> list[dict]:
             heuristic = _same_programs_split(base, n, k, tiles)
             splits = (heuristic if sp is None else min(sp, kb) for sp in _SPLIT_SWEEP_SPLITS)
             for split in dict.fromkeys(splits):
-                cfg = {
-                    **base,
-                    "BLOCK_N": block_n,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "SPLIT_K": split,
-                }
+                cfg = _tile(base, block_n, warps, stages, split)
                 us = _time_config(x, None, cfg, copies, tiles)
                 row = {"layer": name, "M": 1, "N": n, "K": k, "act": False, **cfg, "us": us}
                 out.append({**row, "bf16_gemv_us": bf16_us, "chosen": cfg == base})
