@@ -8,11 +8,12 @@ routing weight r_a), BN weight rows per program.
     y_a = r_a * (W2[e_a] h_a)                   [H]  fp32, stored rounded to the act dtype
     y_t = sum_k y_{tK+k} over local e (+ add_t)  [H]  `moe_common.moe_sum`
 
-Three launches: gate/up (grid cdiv(I, BN) x TK), down (cdiv(H, BN) x TK) and the sum. Two with
-MOERAY_FUSED_MOE_SUM_FOLD=1 (opt-in, not yet timed on a GPU; moe_sum took 2.2-2.5 us a Moonlight
-layer at batch 1 on an H200): the last of a token's K down programs for a row block (an atomic
-counter per block, zeroed by the gate/up kernel) sums the token's K rows itself, in k order with
-moe_sum's roundings, so the output is the same bits. A program
+Two launches: gate/up (grid cdiv(I, BN) x TK) and down (cdiv(H, BN) x TK), whose last program of
+a token's K for a row block (an atomic counter per block, zeroed by the gate/up kernel) sums the
+token's K rows itself, in k order with moe_sum's roundings: the bits of the three-launch path
+(MOERAY_FUSED_MOE_SUM_FOLD=0: the sum as its own `moe_sum` launch). On an H200 the fold took a
+Moonlight batch-1 step from 408 to 382 kernels and its graph 2.26 -> 2.24 ms bf16 (the sum ran
+2.2-2.5 us a layer alone, most of it hidden by PDL; benchmarks/notes-engine.md). A program
 reads one row of x (or h) and BN rows of each weight over the whole reduction in 128-wide steps,
 accumulates acc [BN, 128] += x[None, :] * w on the CUDA cores and reduces the 128 columns after
 the loop: fp8_gemv's broadcast path with one row. Per weight element one convert, one scale
@@ -56,7 +57,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     precise_exp,
-    switched_on,
+    switched_off,
     to_dtype_rn,
     use_triton,
 )
@@ -388,9 +389,9 @@ def run_moe_gemv(
     w1s, w3s, w2s = scales if scales is not None else (w1_EIH, w3_EIH, w2_EHI)
     bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     pdl = pdl_launch(x_TH.device)
-    # The sum folded into the down kernel (opt-in, module docstring): one counter per (token,
-    # down row block), zeroed by the gate/up kernel, so no memset and no persistent workspace.
-    fold = tk > 0 and switched_on("MOE_SUM_FOLD")
+    # The sum folded into the down kernel (module docstring): one counter per (token, down row
+    # block), zeroed by the gate/up kernel, so no memset and no persistent workspace.
+    fold = tk > 0 and not switched_off("MOE_SUM_FOLD")
     num_cnt = t * cdiv(h, bn) if fold else 0
     # (without the fold the counter, output and add pointers are never read: ids stands in)
     cnt = torch.empty(num_cnt, dtype=torch.int32, device=x_TH.device) if fold else ids

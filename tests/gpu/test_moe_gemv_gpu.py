@@ -6,7 +6,8 @@ against moe_gemv_ref, with outputs poisoned with NaN first (an unwritten row sho
 CUDA graph and replayed on new tokens and routings, bit-equal to eager calls; fused_moe_gate_up's
 dispatch giving moe_gemv's bits, and the aligned path (MOERAY_FUSED_MOE_GEMV=0) agreeing within
 bf16 rounding (bf16 weights) or the 1x128 activation quantization it applies (FP8); the sum folded
-into the down kernel (MOERAY_FUSED_MOE_SUM_FOLD=1) giving the three-launch path's bits."""
+into the down kernel (the default) giving the three-launch path's bits
+(MOERAY_FUSED_MOE_SUM_FOLD=0)."""
 
 import pytest
 import torch
@@ -120,14 +121,16 @@ def test_moe_gemv_in_a_cuda_graph(experts, shape, t, fp8):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize(("shape", "t"), CASES)
 def test_sum_fold_gives_the_same_bits_eager_and_in_a_graph(experts, shape, t, fp8, monkeypatch):
-    """MOERAY_FUSED_MOE_SUM_FOLD=1 (the last down program of a row block sums the token's rows,
-    an atomic counter per block): the three-launch path's bits, eager and from a CUDA graph
-    replayed on new routings (a remote id included), output poisoned first."""
+    """The fold (the default: the last down program of a row block sums the token's rows, an
+    atomic counter per block): the three-launch path's bits (MOERAY_FUSED_MOE_SUM_FOLD=0), eager
+    and from a CUDA graph replayed on new routings (a remote id included), output poisoned
+    first."""
     from moeray.kernels.moe_gemv import moe_gemv
 
     ws, scales = experts(shape, fp8)
     x0, ids0, wts0 = _routing(shape, t, seed=300)
     add0 = torch.randn_like(x0)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "0")
     want = moe_gemv(x0, *ws, ids0, wts0, add_TH=add0, **scales)
     monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
     poison()

@@ -158,15 +158,17 @@ def test_gpu_tile_gives_the_same_bits(make):
 def test_sum_folded_into_down_gives_the_same_bits(
     make, t, h, i, k, dtype, wdtype, with_add, monkeypatch
 ):
-    """MOERAY_FUSED_MOE_SUM_FOLD=1: the last down program of each (token, row block) sums the
-    token's rows (non-local ids included, add_TH or not) with moe_sum's roundings: the bits of the
-    three-launch path, without moe_sum's launch; run twice (the counters start from zero again)."""
+    """The fold (the default): the last down program of each (token, row block) sums the token's
+    rows (non-local ids included, add_TH or not) with moe_sum's roundings: the bits of the
+    three-launch path (MOERAY_FUSED_MOE_SUM_FOLD=0), without moe_sum's launch; run twice (the
+    counters start from zero again)."""
     args = (t, h, i, k, dtype, 7 * t + h)
     x, ws, ids, wts, scales = make(*args, wdtype) if wdtype else make(*args)
     add = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     add = add if with_add else None
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "0")
     want = moe_gemv(x, *ws, ids, wts, add_TH=add, **scales)
-    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
+    monkeypatch.delenv("MOERAY_FUSED_MOE_SUM_FOLD")
     for _ in range(2):
         assert torch.equal(moe_gemv(x, *ws, ids, wts, add_TH=add, **scales), want)
     cfg = dict(BLOCK_N=16, num_warps=2, num_stages=4)  # the GPU's tile: more row blocks
@@ -174,14 +176,15 @@ def test_sum_folded_into_down_gives_the_same_bits(
 
 
 def test_sum_fold_launches_two_kernels(launch_spy, monkeypatch):
-    """With the fold moe_sum is not launched; without it, it is."""
+    """With the fold (the default) moe_sum is not launched; with MOERAY_FUSED_MOE_SUM_FOLD=0 it
+    is."""
     from moeray.kernels import moe_common
 
     x, ws, ids, wts, _ = _bf16_case(2, 80, 48, 3, torch.bfloat16, seed=4)
     sums = launch_spy(moe_common, "_moe_sum_kernel")
     moe_gemv(x, *ws, ids, wts)
-    assert len(sums) == 1
-    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "1")
+    assert len(sums) == 0
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "0")
     moe_gemv(x, *ws, ids, wts)
     assert len(sums) == 1
 
