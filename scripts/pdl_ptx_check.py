@@ -2,8 +2,8 @@
 `moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
-wait (gemv, fp8_gemv, head_gemv, the router logits, l2_prefetch: there at least one load must
-come first, or the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
+wait (gemv, fp8_gemv, head_gemv, the router logits: there at least one load must come first, or
+the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
 interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
@@ -33,7 +33,6 @@ from moeray.kernels import (
     gate,
     gemv,
     head_gemv,
-    l2_prefetch,
     mla_decode,
     mla_write,
     moe,
@@ -210,16 +209,6 @@ CASES = [
         False,
     ),
     (mla_decode._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
-    *(  # each mode: the table's loads (and TOUCH's weight loads) before the wait, its sum after
-        (
-            l2_prefetch._l2_prefetch_kernel,
-            dict(MODE=mode, CHUNK_BYTES=65536, LINE_BYTES=128, PIECES=32, WORDS=1024),
-            dict(base_ptr=I32, table_ptr=I64, sink_ptr=I32),
-            dict(num_warps=1),
-            True,
-        )
-        for mode in range(3)
-    ),
 ]
 LOAD = re.compile(r"^(@!?%p\d+ )?(ld\.global|cp\.async\.(ca|cg|bulk)(?!.*(commit|wait)))")
 STORE = re.compile(r"^(@!?%p\d+ )?(st\.global|red\.|atom\.)")

@@ -27,4 +27,6 @@ def test_device_ms_leaves_host_gaps_out():
     gpu = device_ms(loop)
     assert gpu is not None, "the profiler saw no CUDA kernels"
     assert 0.5 * 5 * one < gpu < 2.0 * 5 * one, (gpu, one)
-    assert gpu < _bench_slow(loop) / 5  # the 50 ms of sleeps are not in it
+    # the 50 ms of sleeps are not in it: at least half of them is missing from the GPU time
+    # (_bench_slow is the loop's wall time a call: its 5 matmuls and 50 ms of sleeps)
+    assert gpu < _bench_slow(loop) - 25.0

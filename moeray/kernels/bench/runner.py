@@ -45,7 +45,6 @@ from moeray.kernels.bench.grouped_wgrad import (
     sweep_grouped_wgrad,
 )
 from moeray.kernels.bench.head_gemv import bench_head_gemv, print_head_gemv
-from moeray.kernels.bench.l2_prefetch import bench_l2_prefetch, print_l2_prefetch
 from moeray.kernels.bench.mla import (
     bench_mla_decode,
     bench_mla_decode_graph,
@@ -185,7 +184,6 @@ def _print_table(result: dict) -> None:
     if "gemv_sweep" in result:
         print_sweep(result["gemv_sweep"])
     print_head_gemv(result.get("head_gemv", []))
-    print_l2_prefetch(result.get("l2_prefetch", []))
     if "grouped_wgrad" in result:
         print_grouped_wgrad(result["grouped_wgrad"])
     if "grouped_wgrad_sweep" in result:
@@ -227,7 +225,6 @@ SECTIONS = (
     "gemv",
     "gemv_sweep",
     "head_gemv",
-    "l2_prefetch",
     "grouped_wgrad",
     "grouped_wgrad_sweep",
     "fp8_kgrouped_sweep",
@@ -303,7 +300,6 @@ def main(argv: list[str]) -> int:
         ("gemv", lambda: bench_gemv(result["ceilings"])),
         ("gemv_sweep", lambda: sweep_gemv(args.gemv_sweep_s)),
         ("head_gemv", lambda: bench_head_gemv(result["ceilings"])),
-        ("l2_prefetch", lambda: bench_l2_prefetch(result["ceilings"])),
         ("grouped_wgrad", lambda: bench_grouped_wgrad(result["ceilings"])),
         ("grouped_wgrad_sweep", sweep_grouped_wgrad),
         ("fp8_kgrouped_sweep", sweep_fp8_kgrouped),

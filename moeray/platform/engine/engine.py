@@ -55,7 +55,6 @@ from moeray.platform.engine.scheduler import (
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 from moeray.platform.model.merge import merge_projections
-from moeray.platform.model.prefetch import PrefetchSettings, install_l2_prefetch
 from moeray.platform.model.shared_fuse import fuse_shared_experts
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
@@ -141,10 +140,6 @@ class Engine:
         # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8).
         # {MoE module: None, or why its shared experts run apart}.
         self.fused_shared = fuse_shared_experts(model)
-        # Then each layer's late weights (o_proj, the shared experts) fetched into L2 at its
-        # start, at decode-sized forwards (model/prefetch.py; opt-in MOERAY_FUSED_L2_PREFETCH=1).
-        # {layer: bytes a decode forward prefetches}.
-        self.l2_prefetch = install_l2_prefetch(model, PrefetchSettings.from_env())
         self.config = config
         self.model_config = model.config
         param = next(model.parameters())

@@ -27,7 +27,6 @@ SXM 3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a measured copy ban
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -49,7 +48,6 @@ from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, v
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.speculative import SpecStats
-from moeray.platform.model.prefetch import PrefetchSettings
 from moeray.platform.model.transformer import Transformer
 from moeray.results import device_slug, write_result
 
@@ -335,20 +333,16 @@ def main(argv: list[str]) -> int:
     # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
     # quant.py; moe_gemv.py's MOE_SUM_FOLD; PDL: common.pdl_launch): on unless set to "0"; the
-    # opt-in HEAD_GEMV, FP8_GEMV_ACT and L2_PREFETCH (model/prefetch.py, with its budget and
-    # mode) off unless set to "1"
+    # opt-in HEAD_GEMV and FP8_GEMV_ACT off unless set to "1"
     switches = (
         "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV HEAD_GEMV FP8_GEMV_ACT PROJ SHARED PDL "
-        "MOE_GEMV MOE_SUM_FOLD L2_PREFETCH"
+        "MOE_GEMV MOE_SUM_FOLD"
     )
-    opt_in = ("HEAD_GEMV", "FP8_GEMV_ACT", "L2_PREFETCH")
+    opt_in = ("HEAD_GEMV", "FP8_GEMV_ACT")
     notes["fast_path_env"] = {
         f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "0" if k in opt_in else "1")
         for k in switches.split()
     }
-    notes["l2_prefetch_bytes_per_layer"] = sorted(set(engine.l2_prefetch.values()))
-    settings = PrefetchSettings.from_env()
-    notes["l2_prefetch"] = None if settings is None else dataclasses.asdict(settings)
     notes["pdl"] = pdl_launch(device)  # the switch and the GPU (sm_90+) together
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 
