@@ -70,7 +70,8 @@ def time_call(fn) -> float:
 def _tile(cfg: dict) -> str:
     """A config in one short column: BM (aligned only), BN, warps, stages."""
     bm = f"BM{cfg['BLOCK_M']:3} " if "BLOCK_M" in cfg else "      "
-    return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}"
+    mask = f" mask{cfg['MASK_ROWS']}" if "MASK_ROWS" in cfg else ""
+    return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}{mask}"
 
 
 def _key(r: dict) -> str:
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-m", default="16,32")
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--stages", default="3,4")
+    p.add_argument(
+        "--mask-rows",
+        default="",
+        help="aligned path: MASK_ROWS values to try (e.g. 0,1); default: the kernel's rule",
+    )
     p.add_argument("--path", default="aligned", choices=("aligned", "gemv", "both"))
     p.add_argument("--gemv-block-n", default="8,16,32")
     p.add_argument("--gemv-warps", default="2,4")
@@ -122,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes = experts * 3 * h * i * bpe
                 if path == "aligned":
                     default = _moe_config(t * k, e, weights == "fp8")
+                    masks = {"MASK_ROWS": args.mask_rows} if args.mask_rows else {}
                     cfgs = configs(
                         dict(BLOCK_K=128, num_warps=4),
                         BLOCK_M=args.block_m,
                         BLOCK_N=args.block_n,
                         num_stages=args.stages,
+                        **masks,
                     )
                     fn = functools.partial(fused_moe, x, a13, a2, **kw)
                 else:  # gate and up as two tensors (views of w13), with their scales
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                             "weights": weights,
                             "path": path,
                             **cfg,
-                            "default": all(cfg[k2] == default[k2] for k2 in default),
+                            "default": all(cfg[k2] == default[k2] for k2 in default)
+                            and cfg.get("MASK_ROWS", 1) == 1,
                             "us": us,
                             "tb_per_s": None if us is None else nbytes / us / 1e6,
                             "experts_per_call": experts,

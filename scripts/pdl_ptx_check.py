@@ -50,8 +50,8 @@ FLOAT_ARGS = {"eps", "scaling", "sm_scale_log2"}  # every other non-pointer argu
 F8, F32, I32, I64 = "*fp8e4nv", "*fp32", "*i32", "*i64"
 # The aligned MoE kernels' K-loop constexprs as their launches set them (64-column tiles lie in
 # one 128-row weight block: one scale per tile with FP8).
-MOE_K_LOOP = dict(EVEN_K=True, ROW_SCALE=True, NUM_STAGES=4)
-MOE_K_LOOP_BF16 = dict(EVEN_K=True, ROW_SCALE=False, NUM_STAGES=4)
+MOE_K_LOOP = dict(EVEN_K=True, ROW_SCALE=True, NUM_STAGES=4, MASK_ROWS=True)
+MOE_K_LOOP_BF16 = dict(EVEN_K=True, ROW_SCALE=False, NUM_STAGES=4, MASK_ROWS=True)
 
 # (kernel, constexprs but PDL, pointer types other than *bf16, options, prefetches weights)
 CASES = [

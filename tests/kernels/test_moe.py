@@ -53,6 +53,27 @@ def test_fused_moe_bf16(t, monkeypatch):
     assert _rel(out, ref) < 2e-2  # h and y_tk are rounded to bf16 (the interpreter truncates)
 
 
+@pytest.mark.parametrize("fp8_weights", [False, True])
+def test_masked_and_unmasked_padding_rows_give_the_same_bits(fp8_weights, monkeypatch):
+    """MASK_ROWS (decode tiles mask their padding rows' activation loads; prefill tiles let them
+    read token 0's row): padding rows are never stored, so both give the same output bits, at a
+    ragged K (bf16: H 100, I 72 in 32-wide K blocks) and with FP8 scales."""
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
+    h, i = (256, 128) if fp8_weights else (100, 72)
+    x, w13, w2, ids, wts = _case(7, h=h, i=i, e=5, k=2, seed=21, skip_experts=(4,))
+    kw = {}
+    if fp8_weights:
+        q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
+        q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
+        w13, w2 = torch.stack(q13), torch.stack(q2)
+        kw = dict(w13_scale=torch.stack(s13), w2_scale=torch.stack(s2))
+    bk = 128 if fp8_weights else 32
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
+    outs = [fused_moe(x, w13, w2, ids, wts, **kw, config=dict(cfg, MASK_ROWS=m)) for m in (0, 1)]
+    assert torch.equal(outs[0], outs[1])
+    assert _rel(outs[1], fused_moe_ref(x, w13, w2, ids, wts, **kw)) < 2e-2
+
+
 def test_fused_moe_foreign_experts_skipped():
     x, w13, w2, ids, wts = _case(10, h=64, i=48, e=4, k=2, seed=5, foreign=True)
     out = fused_moe(x, w13, w2, ids, wts)
