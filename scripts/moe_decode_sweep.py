@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 nbytes = experts * 3 * h * i * bpe
                 if path == "aligned":
-                    default = _moe_config(t * k, e, weights == "fp8")
+                    default = _moe_config(t * k, e, weights == "fp8", h)
                     masks = {"MASK_ROWS": args.mask_rows} if args.mask_rows else {}
                     cfgs = configs(
                         dict(BLOCK_K=128, num_warps=4),

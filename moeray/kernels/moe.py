@@ -300,9 +300,9 @@ def _mask_rows(block_m: int) -> bool:
     return block_m <= 32
 
 
-def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
+def _moe_config(tk: int, num_experts: int, fp8: bool, hidden: int = 0) -> dict:
     """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big
-    tiles."""
+    tiles. `hidden`: the model width H (FP8 decode tiles depend on it)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
     # From the H100 sweep (hidden 7168, width 2048, 64 experts, top-8): decode best at 32x64 tiles
@@ -313,8 +313,12 @@ def _moe_config(tk: int, num_experts: int, fp8: bool) -> dict:
         # H200 sweep at Moonlight's experts, 1 and 8 tokens (scripts/moe_decode_sweep.py,
         # benchmarks/results/moe-decode-sweep-nvidia-h200.json; a whole fused_moe, weights out of
         # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
-        # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs 148.0)
-        return dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, num_warps=4, num_stages=4)
+        # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs
+        # 148.0). At V3's width (H 7168) FP8 is faster at 64 columns from 16 tokens (865.8 vs
+        # 896.5 us at 16, 2,420 vs 2,493 at 64; equal at 8), at Moonlight's (H 2048) at 32 (85.4
+        # vs 90.3 at 8, equal at 16 and 64): results/moe-decode-bn-nvidia-h200.json.
+        bn = (64 if hidden >= 4096 else 32) if fp8 else 64
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows_per_expert <= 32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if fp8 and rows_per_expert > 256:
@@ -435,7 +439,7 @@ def fused_moe_gate_up(
                 f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}"
             )
     fp8 = scales is not None
-    cfg = dict(config or _moe_config(tk, e_count, fp8))
+    cfg = dict(config or _moe_config(tk, e_count, fp8, h))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     mask_rows = bool(cfg.pop("MASK_ROWS", _mask_rows(bm)))
     if fp8 and 128 % bk:
