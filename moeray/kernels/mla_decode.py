@@ -10,8 +10,9 @@ output is [.., R] latent (the caller multiplies by W_UV and W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
 sequence's own pages through the block table with an online softmax, writes a partial output and
-its log-sum-exp. Stage 2 merges the splits. Splitting the context lets a few long sequences fill
-all SMs (batch 1 with 32K context has 512 pages).
+its log-sum-exp. Stage 2 merges the splits (with one split and MOERAY_FUSED_MLA_DIRECT=1, stage 1
+writes the merged output itself, the same bits). Splitting the context lets a few long sequences
+fill all SMs (batch 1 with 32K context has 512 pages).
 
 The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
 prefix: query i of a sequence with length L (which already includes the S new tokens in the cache)
@@ -34,6 +35,7 @@ from moeray.kernels.common import (
     num_sms,
     pdl_launch,
     pdl_wait,
+    switched_on,
     use_triton,
 )
 
@@ -74,6 +76,8 @@ def _mla_decode_split_kernel(
     len_ptr,
     o_ptr,
     lse_ptr,
+    out_ptr,  # DIRECT: the final output [B, rows, R] and natural-log lse [B, rows]
+    lse_out_ptr,
     sm_scale_log2,
     ROWS,
     NUM_HEADS,
@@ -89,12 +93,16 @@ def _mla_decode_split_kernel(
     stride_os,
     stride_lb,
     stride_lr,
+    stride_outb,
+    stride_outr,
+    stride_lob,
     BLOCK_H: tl.constexpr,
     R: tl.constexpr,
     P: tl.constexpr,
     RB: tl.constexpr,
     PB: tl.constexpr,
     PAGE: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: write what the merge would (`_mla_decode_rows`)
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -159,12 +167,22 @@ def _mla_decode_split_kernel(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(
-        o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :],
-        out,
-        mask=row_ok[:, None] & r_ok[None, :],
-    )
-    tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
+    if DIRECT:
+        # The merge at one split weighs it by exp2(0) = 1 and divides by 1: its output is this
+        # one rounded to the output dtype, its lse this one in natural log (-inf stays -inf).
+        tl.store(
+            out_ptr + b * stride_outb + rows[:, None] * stride_outr + offs_r[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & r_ok[None, :],
+        )
+        tl.store(lse_out_ptr + b * stride_lob + rows, lse / 1.4426950408889634, mask=row_ok)
+    else:
+        tl.store(
+            o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :],
+            out,
+            mask=row_ok[:, None] & r_ok[None, :],
+        )
+        tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
 
 
 @triton.jit
@@ -300,8 +318,19 @@ def _mla_decode_rows(
     )
     head_blocks = cdiv(rows, block_h)
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
-    o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
-    lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
+    out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
+    lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
+    # One split (DeepSeek-V3's 128 heads from batch 33 on: the sequences fill the GPU) writes the
+    # output itself, the same bits as the merge (opt-in MOERAY_FUSED_MLA_DIRECT=1 until timed:
+    # at V3 batch 64 the merge was a 30 us copy of [64, 128, 512] fp32 partials a layer).
+    direct = num_splits == 1 and switched_on("MLA_DIRECT")
+    if direct:  # (the partials' pointers are never read: out and lse_out stand in)
+        o, lse = out, lse_out
+    else:
+        o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
+        lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
+    o_strides = (0, 0, 0) if direct else o.stride()[:3]
+    lse_strides = (0, 0) if direct else lse.stride()[:2]
     upcast = interpreting()
     pdl = pdl_launch(q_BRD.device)
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
@@ -311,6 +340,8 @@ def _mla_decode_rows(
         seq_lens,
         o,
         lse,
+        out,
+        lse_out,
         softmax_scale * LOG2E,
         rows,
         num_heads,
@@ -321,25 +352,26 @@ def _mla_decode_rows(
         kv_cache.stride(0),
         kv_cache.stride(1),
         block_table.stride(0),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        lse.stride(0),
-        lse.stride(1),
+        *o_strides,
+        *lse_strides,
+        out.stride(0),
+        out.stride(1),
+        lse_out.stride(0),
         BLOCK_H=block_h,
         R=kv_lora_rank,
         P=d - kv_lora_rank,
         RB=max(16, kv_lora_rank),
         PB=max(16, d - kv_lora_rank),
         PAGE=page,
+        DIRECT=direct,
         UPCAST=upcast,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages or 2,
         launch_pdl=pdl,
     )
-    out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
-    lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
+    if direct:
+        return out, lse_out
     _mla_merge_kernel[(rows, b)](
         o,
         lse,

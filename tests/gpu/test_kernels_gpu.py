@@ -152,6 +152,55 @@ def test_mla_decode_real_shapes(heads):
     assert _rel(out3, ref3) < 1e-2
 
 
+@pytest.mark.parametrize("batch", [1, 64])
+def test_mla_decode_one_split_direct_gives_the_merge_bits(batch, monkeypatch):
+    """MOERAY_FUSED_MLA_DIRECT=1 at one split (DeepSeek-V3's 128 heads; batch 64 is where the
+    launch rule picks one split itself): the split kernel's own output and lse are the merge
+    path's bits, eager and replayed from a CUDA graph on new queries, outputs poisoned first."""
+    from moeray.kernels.mla_decode import decode_launch, mla_decode
+
+    heads, page = 128, 64
+    lens = [160 + 37 * i for i in range(batch)]
+    max_pages = max(-(-n // page) for n in lens) + 1
+    kv = torch.randn(batch * max_pages + 3, page, 576, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(batch * max_pages + 3, device="cuda")[: batch * max_pages]
+    table = perm.view(batch, max_pages).int()
+    seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
+    if batch == 64:
+        assert decode_launch(batch, heads, max_pages, 132)[2] == 1
+    args = (kv, table, seq, 192**-0.5)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+    want = mla_decode(q, *args, num_splits=1, return_lse=True)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+    _poison()
+    got = mla_decode(q, *args, num_splits=1, return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q0 = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mla_decode(q0, *args, num_splits=1, return_lse=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = mla_decode(q0, *args, num_splits=1, return_lse=True)
+    for seed in range(3):
+        q0.copy_(
+            torch.randn(
+                q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+            ).to(q.dtype)
+            * 0.3
+        )
+        static[0].fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+        ref = mla_decode(q0, *args, num_splits=1, return_lse=True)
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+        assert torch.equal(static[0], ref[0]) and torch.equal(static[1], ref[1])
+
+
 def test_mla_decode_multi_rows_past_grid_y():
     """A 4,097-token chunk at 16 heads is 65,552 query rows: more than a grid's y limit (65,535),
     which the absorbed prefill of a 4K prompt launches."""

@@ -54,6 +54,33 @@ def test_short_sequences_in_a_wide_block_table(num_splits):
     torch.testing.assert_close(lse, ref_lse[:, 0], atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_one_split_writes_the_merged_output_itself(s_q, launch_spy, monkeypatch):
+    """MOERAY_FUSED_MLA_DIRECT=1 at one split: the split kernel writes the output and the
+    natural-log lse itself, no merge launch, the merge path's bits (17 heads: a ragged head
+    block; sequences of 1-80 tokens; several query tokens too)."""
+    from moeray.kernels import mla_decode as mod
+
+    q, kv, table, lens = _paged_case(
+        [37, 1, 80, 16], heads=17, r=64, p=16, page=16, seed=8, s_q=s_q
+    )
+    q = q if s_q > 1 else q[:, 0]
+    run = mla_decode_multi if s_q > 1 else mla_decode
+    args = (q, kv, table, lens, 0.3)
+    kw = dict(kv_lora_rank=64, num_splits=1, return_lse=True)
+    merges = launch_spy(mod, "_mla_merge_kernel")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+    want_out, want_lse = run(*args, **kw)
+    assert len(merges) == 1
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+    out, lse = run(*args, **kw)
+    assert len(merges) == 1  # no second merge
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    # more splits still merge
+    run(*args, **dict(kw, num_splits=3))
+    assert len(merges) == 2
+
+
 def test_decode_deepseek_dims():
     # 512 latent + 64 rope, 64-token pages; 17 heads spans two head blocks with a ragged second one.
     q, kv, table, lens = _paged_case([130, 64, 3], heads=17, r=512, p=64, page=64, seed=2)
