@@ -17,6 +17,7 @@ from moeray.platform.engine.bench.profile import (
     CATEGORIES,
     HOST_PHASES,
     categorize,
+    exclusive_us,
     summarize,
 )
 from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
@@ -153,6 +154,26 @@ def test_categorize_and_summarize():
     assert s["device_ms_per_step"] == pytest.approx(0.0175)
     assert s["by_category"]["gemm"] == {"kernels_per_step": 1.0, "ms_per_step": 0.015}
     assert s["top"][0]["name"] == "_fp8_gemm_kernel"
+    assert "busy_ms_per_step" not in s
+
+
+def test_exclusive_time_counts_pdl_overlap_once():
+    """A kernel launched early (PDL) that waits for its predecessor: its duration covers the
+    predecessor's tail, its exclusive time only what follows; a gap between kernels is nobody's;
+    the exclusive times sum to the union of the intervals, and names rank by them."""
+    # a: 0-10; b launched at 4 (waits), ends 14; c: 20-23; d inside a (fully covered)
+    intervals = [(4.0, 14.0), (0.0, 10.0), (20.0, 23.0), (2.0, 5.0)]
+    assert exclusive_us(intervals) == [4.0, 10.0, 3.0, 0.0]
+    assert exclusive_us([]) == []
+    events = [("wait_kernel", 10.0, 4.0), ("big_kernel", 10.0, 10.0), ("x", 3.0, 3.0)]
+    s = summarize(events * 2, steps=2, source="t")
+    assert s["device_ms_per_step"] == pytest.approx(0.023)
+    assert s["busy_ms_per_step"] == pytest.approx(0.017)
+    assert [t["name"] for t in s["top"]][:2] == ["big_kernel", "wait_kernel"]
+    assert s["top"][1]["us_per_step"] == 10.0 and s["top"][1]["exclusive_us_per_step"] == 4.0
+    other = s["by_category"]["other"]
+    assert other["ms_per_step"] == pytest.approx(0.023)
+    assert other["exclusive_ms_per_step"] == pytest.approx(0.017)
 
 
 def _run(tmp_path, *args):

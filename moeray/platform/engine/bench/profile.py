@@ -136,40 +136,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def exclusive_us(intervals: list[tuple[float, float]]) -> list[float]:
+    """Each interval's (start_us, end_us) share of the timeline that no earlier-starting interval
+    covers: with programmatic dependent launch a kernel starts while its predecessor runs and
+    waits, so its own duration double-counts the predecessor's tail. The shares sum to the time
+    anything ran (the union of the intervals); input in any order, output in the input's order."""
+    order = sorted(range(len(intervals)), key=lambda i: intervals[i][0])
+    out = [0.0] * len(intervals)
+    covered = float("-inf")
+    for i in order:
+        start, end = intervals[i]
+        out[i] = max(0.0, end - max(start, covered))
+        covered = max(covered, end)
+    return out
+
+
 def summarize(events, steps: int, source: str, top: int = 15) -> dict:
-    """Per-step totals of (name, duration_us) pairs: kernels and time per category, top names."""
-    by_cat: dict[str, list[float]] = {c: [0, 0.0] for c in CATEGORIES}
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for name, us in events:
-        cat = by_cat[categorize(name)]
-        cat[0] += 1
-        cat[1] += us
-        entry = by_name[name]
-        entry[0] += 1
-        entry[1] += us
+    """Per-step totals of (name, duration_us) pairs, or (name, duration_us, exclusive_us) triples
+    (`exclusive_us`): kernels and time per category, top names. With exclusive times the record
+    also has `busy_ms_per_step` (their sum) and `exclusive_*` fields, and names rank by them."""
+    by_cat: dict[str, list[float]] = {c: [0, 0.0, 0.0] for c in CATEGORIES}
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    has_excl = False
+    for name, us, *rest in events:
+        excl = rest[0] if rest else 0.0
+        has_excl = has_excl or bool(rest)
+        for entry in (by_cat[categorize(name)], by_name[name]):
+            entry[0] += 1
+            entry[1] += us
+            entry[2] += excl
     n = sum(c[0] for c in by_cat.values())
     total_us = sum(c[1] for c in by_cat.values())
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {
+    rank = 2 if has_excl else 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][rank])[:top]
+
+    def cat_entry(k: float, us: float, excl: float) -> dict:
+        entry = {"kernels_per_step": k / steps, "ms_per_step": us / steps / 1e3}
+        if has_excl:
+            entry["exclusive_ms_per_step"] = excl / steps / 1e3
+        return entry
+
+    def top_entry(name: str, k: float, us: float, excl: float) -> dict:
+        entry = {
+            "name": name[:160],
+            "category": categorize(name),
+            "calls_per_step": k / steps,
+            "us_per_step": us / steps,
+        }
+        if has_excl:
+            entry["exclusive_us_per_step"] = excl / steps
+        return entry
+
+    out = {
         "steps": steps,
         "source": source,
         "kernels_per_step": n / steps,
         "device_ms_per_step": total_us / steps / 1e3,
-        "by_category": {
-            c: {"kernels_per_step": k / steps, "ms_per_step": us / steps / 1e3}
-            for c, (k, us) in by_cat.items()
-            if k
-        },
-        "top": [
-            {
-                "name": name[:160],
-                "category": categorize(name),
-                "calls_per_step": k / steps,
-                "us_per_step": us / steps,
-            }
-            for name, (k, us) in ranked
-        ],
+        "by_category": {c: cat_entry(*v) for c, v in by_cat.items() if v[0]},
+        "top": [top_entry(name, *v) for name, v in ranked],
     }
+    if has_excl:
+        out["busy_ms_per_step"] = sum(c[2] for c in by_cat.values()) / steps / 1e3
+    return out
 
 
 def _start_decoding(engine, prompts: list[list[int]], steps: int) -> list[str]:
@@ -280,13 +308,15 @@ def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
         _sync(device)
     wall = time.perf_counter() - t
     _stop_decoding(engine, ids)
+    pairs: list[tuple]  # (name, duration_us[, exclusive_us])
     if cuda:
-        pairs = [
-            (e.name, e.time_range.elapsed_us())
-            for e in prof.events()
-            if e.device_type == DeviceType.CUDA
-        ]
-        source = "GPU activities (kernels, memcpy, memset), graph replays included"
+        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        excl = exclusive_us([(e.time_range.start, e.time_range.end) for e in gpu])
+        pairs = [(e.name, e.time_range.elapsed_us(), x) for e, x in zip(gpu, excl, strict=True)]
+        source = (
+            "GPU activities (kernels, memcpy, memset), graph replays included; exclusive: the "
+            "time no earlier-starting activity covers (PDL overlap counted once)"
+        )
     else:
         pairs = [
             (e.name, e.time_range.elapsed_us())

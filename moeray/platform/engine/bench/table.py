@@ -6,7 +6,9 @@ Columns: the run's tag (file name past `engine-<device>-`), weights, batch, deco
 step, the roofline step at the datasheet bandwidth (the measured one when the GPU is unknown), the
 fraction of the roofline at the datasheet and at the measured bandwidth, the GPU time of one replay
 of the batch's decode graph (the forward alone; '-' without graphs), and from the profile (when
-the run had --profile-steps) kernels per step, device ms per step and the category that took most.
+the run had --profile-steps) kernels per step, device ms per step and the category that took most:
+busy and exclusive times where the profile has them (profile.exclusive_us: with PDL a kernel's
+duration includes its wait for the one before), else the kernels' summed durations.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def rows(path: Path) -> list[list[object]]:
         prof = r.get("decode_profile", {}).get(B)
         top = None
         if prof and prof["by_category"]:
-            name, cat = max(prof["by_category"].items(), key=lambda kv: kv[1]["ms_per_step"])
-            top = f"{name} {cat['ms_per_step']:.2f} ms"
+            # exclusive times where recorded (PDL overlap counted once), else durations
+            key = "exclusive_ms_per_step" if "busy_ms_per_step" in prof else "ms_per_step"
+            name, cat = max(prof["by_category"].items(), key=lambda kv: kv[1][key])
+            top = f"{name} {cat[key]:.2f} ms"
         out.append(
             [
                 run,
@@ -61,7 +65,7 @@ def rows(path: Path) -> list[list[object]]:
                 r.get("roofline_fraction_measured_bandwidth", {}).get(B),
                 r.get("decode_graph_ms", {}).get(B),
                 prof["kernels_per_step"] if prof else None,
-                prof["device_ms_per_step"] if prof else None,
+                prof.get("busy_ms_per_step", prof["device_ms_per_step"]) if prof else None,
                 top,
             ]
         )
