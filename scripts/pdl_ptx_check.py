@@ -201,15 +201,16 @@ CASES = [
         dict(enable_fp_fusion=False),
         False,
     ),
-    *(  # the partials for the merge, or (one split, DIRECT) the merged output itself
+    *(  # the partials for the merge; one split's output itself (DIRECT); the folded merge
         (
             mla_decode._mla_decode_split_kernel,
-            dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, DIRECT=direct, UPCAST=False),
-            dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32),
+            dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False)
+            | dict(DIRECT=direct, FOLD=fold, NS=4),
+            dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32, cnt_ptr=I32),
             dict(num_stages=2),
             False,
         )
-        for direct in (False, True)
+        for direct, fold in ((False, False), (True, False), (False, True))
     ),
     (mla_decode._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
 ]

@@ -69,6 +69,29 @@ def mla_decode_ref(
 
 
 @triton.jit
+def _merge_split_rows(o_rows, lse_rows, stride_os, num_splits, row_ok, col_ok, NS: tl.constexpr):
+    """The splits' partials of a block of rows merged: (out [rows, R] fp32, natural-log lse
+    [rows]). o_rows / lse_rows point at split 0; splits in order, each weighed by exp2(its lse -
+    the rows' max), as the merge kernel does (the sums over splits run in split order here, in a
+    tree there: the same values up to fp32 rounding)."""
+    m = tl.full(lse_rows.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NS):
+        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
+        m = tl.maximum(m, tl.load(lse_rows + s, mask=ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.zeros(lse_rows.shape, dtype=tl.float32)
+    acc = tl.zeros(o_rows.shape, dtype=tl.float32)
+    for s in tl.static_range(NS):
+        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
+        w = tl.exp2(tl.load(lse_rows + s, mask=ok, other=float("-inf")) - m_safe)
+        w_sum += w
+        o = tl.load(o_rows + s * stride_os, mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += o * w[:, None]
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    return out, (m_safe + tl.log2(w_sum)) / 1.4426950408889634
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     q_ptr,
     kv_ptr,
@@ -76,8 +99,9 @@ def _mla_decode_split_kernel(
     len_ptr,
     o_ptr,
     lse_ptr,
-    out_ptr,  # DIRECT: the final output [B, rows, R] and natural-log lse [B, rows]
+    out_ptr,  # DIRECT / FOLD: the final output [B, rows, R] and natural-log lse [B, rows]
     lse_out_ptr,
+    cnt_ptr,  # FOLD: int32 [B * head blocks], zero before the launch and after it
     sm_scale_log2,
     ROWS,
     NUM_HEADS,
@@ -103,6 +127,8 @@ def _mla_decode_split_kernel(
     PB: tl.constexpr,
     PAGE: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: write what the merge would (`_mla_decode_rows`)
+    FOLD: tl.constexpr,  # several splits: the last program of a (sequence, head block) merges
+    NS: tl.constexpr,  # FOLD: num_splits padded to a power of 2
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -183,6 +209,27 @@ def _mla_decode_split_kernel(
             mask=row_ok[:, None] & r_ok[None, :],
         )
         tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
+    if FOLD:
+        # Count this program in once its stores are issued (the barrier orders the whole
+        # program's stores before the one acq_rel atomic); the last of the sequence's splits
+        # for this head block reads them all back (from L2) and merges, then zeroes the counter
+        # for the next layer's launch.
+        tl.debug_barrier()
+        cnt = cnt_ptr + b * tl.num_programs(0) + pid_h
+        done = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if done == num_splits - 1:
+            o_rows = o_ptr + b * stride_ob + rows[:, None] * stride_or + offs_r[None, :]
+            lse_rows = lse_ptr + b * stride_lb + rows * stride_lr
+            merged, lse_nat = _merge_split_rows(
+                o_rows, lse_rows, stride_os, num_splits, row_ok, r_ok, NS
+            )
+            tl.store(
+                out_ptr + b * stride_outb + rows[:, None] * stride_outr + offs_r[None, :],
+                merged.to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & r_ok[None, :],
+            )
+            tl.store(lse_out_ptr + b * stride_lob + rows, lse_nat, mask=row_ok)
+            tl.atomic_xchg(cnt, 0)
 
 
 @triton.jit
@@ -294,6 +341,15 @@ def decode_launch(
     return block_h, num_warps, num_splits
 
 
+def mla_counters(batch: int, rows: int, device: torch.device) -> torch.Tensor | None:
+    """The zeroed workspace the folded merge counts on for `batch` sequences of `rows` query
+    rows (heads x tokens): one int32 per (sequence, 16-row head block), the most blocks any
+    launch uses; None unless MOERAY_FUSED_MLA_DIRECT=1 (then no caller needs one)."""
+    if not switched_on("MLA_DIRECT"):
+        return None
+    return torch.zeros(batch * cdiv(rows, 16), dtype=torch.int32, device=device)
+
+
 def _mla_decode_rows(
     q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
     kv_cache,
@@ -307,6 +363,7 @@ def _mla_decode_rows(
     block_h,
     num_warps=None,
     num_stages=None,
+    counters=None,
 ):
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
@@ -320,10 +377,20 @@ def _mla_decode_rows(
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
-    # One split (DeepSeek-V3's 128 heads from batch 33 on: the sequences fill the GPU) writes the
-    # output itself, the same bits as the merge (opt-in MOERAY_FUSED_MLA_DIRECT=1 until timed):
-    # at V3 batch 64 the merge copies 16.8 MB of fp32 partials into 8.4 MB a layer, >= 5 us.
-    direct = num_splits == 1 and switched_on("MLA_DIRECT")
+    # The split kernel writes the merged output itself (opt-in MOERAY_FUSED_MLA_DIRECT=1 until
+    # timed): at one split (DeepSeek-V3's 128 heads from batch 33 on) directly, the same bits as
+    # the merge; at several, the last program of each (sequence, head block) merges, counted on
+    # the caller's zeroed `counters` (`mla_counters`), which it leaves zeroed. At V3 batch 64 the
+    # merge copies 16.8 MB of fp32 partials into 8.4 MB a layer (>= 5 us); at batch 1 it is a
+    # launch of its own.
+    on = switched_on("MLA_DIRECT")
+    direct = on and num_splits == 1
+    fold = on and num_splits > 1 and counters is not None
+    if fold and (counters.dtype != torch.int32 or counters.numel() < b * head_blocks):
+        raise ValueError(
+            f"counters must be int32 with at least {b * head_blocks} elements (sequences x head "
+            f"blocks); got {counters.dtype} with {counters.numel()}"
+        )
     if direct:  # (the partials' pointers are never read: out and lse_out stand in)
         o, lse = out, lse_out
     else:
@@ -342,6 +409,7 @@ def _mla_decode_rows(
         lse,
         out,
         lse_out,
+        counters if fold else lse_out,  # (read only when folding)
         softmax_scale * LOG2E,
         rows,
         num_heads,
@@ -364,13 +432,15 @@ def _mla_decode_rows(
         PB=max(16, d - kv_lora_rank),
         PAGE=page,
         DIRECT=direct,
+        FOLD=fold,
+        NS=triton.next_power_of_2(num_splits),
         UPCAST=upcast,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages or 2,
         launch_pdl=pdl,
     )
-    if direct:
+    if direct or fold:
         return out, lse_out
     _mla_merge_kernel[(rows, b)](
         o,
@@ -408,11 +478,14 @@ def mla_decode_multi(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    counters: torch.Tensor | None = None,
 ):
     """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
 
     seq_lens counts the cached tokens including the S new ones; query s sees positions
-    0 .. seq_len - S + s. Sequences need seq_len >= S.
+    0 .. seq_len - S + s. Sequences need seq_len >= S. `counters`: a zeroed int32 workspace
+    (`mla_counters`) for the folded merge (MOERAY_FUSED_MLA_DIRECT=1), left zeroed; reusable by
+    every later call on the stream.
     """
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
@@ -442,6 +515,7 @@ def mla_decode_multi(
         block_h,
         num_warps,
         num_stages,
+        counters,
     )
     out = out.view(b, s, h, kv_lora_rank)
     return (out, lse.view(b, s, h)) if return_lse else out
@@ -460,11 +534,13 @@ def mla_decode(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    counters: torch.Tensor | None = None,
 ):
     """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
 
     kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
-    int32 (>= 1, including the current token). num_splits / block_h override the automatic choice.
+    int32 (>= 1, including the current token). num_splits / block_h override the automatic choice;
+    `counters` as in mla_decode_multi.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
@@ -479,6 +555,7 @@ def mla_decode(
         return_lse=return_lse,
         num_warps=num_warps,
         num_stages=num_stages,
+        counters=counters,
     )
     if return_lse:
         return res[0].squeeze(1), res[1].squeeze(1)

@@ -33,7 +33,7 @@
 #   host-next          graph-launch probe (host time by kernel nodes, PDL), engine shapes with PDL on and off (1 GPU, ~6 min)
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
-#   mla-direct         MLA decode's one-split output without the merge (opt-in): GPU test, MLA graphs, V3 b1/b64 without/with (1 GPU, ~5 min)
+#   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)

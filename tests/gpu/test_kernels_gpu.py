@@ -201,6 +201,57 @@ def test_mla_decode_one_split_direct_gives_the_merge_bits(batch, monkeypatch):
         assert torch.equal(static[0], ref[0]) and torch.equal(static[1], ref[1])
 
 
+@pytest.mark.parametrize(("heads", "batch"), [(16, 1), (16, 64), (128, 1), (128, 8)])
+def test_mla_decode_folded_merge_matches_the_merge_kernel(heads, batch, monkeypatch):
+    """MOERAY_FUSED_MLA_DIRECT=1 with `mla_counters` at the launch rule's own split counts
+    (several here): the last split program of each (sequence, head block) merges; the merge
+    kernel's values up to the order of fp32 sums over splits (nearly all bits equal), eager and
+    replayed from a CUDA graph on new queries (the counters zero again after every replay)."""
+    from moeray.kernels.mla_decode import decode_launch, mla_counters, mla_decode
+
+    page = 64
+    lens = [97 + 61 * i for i in range(batch)]
+    max_pages = max(-(-n // page) for n in lens) + 1
+    kv = torch.randn(batch * max_pages + 3, page, 576, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(batch * max_pages + 3, device="cuda")[: batch * max_pages]
+    table = perm.view(batch, max_pages).int()
+    seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
+    assert decode_launch(batch, heads, max_pages, 132)[2] > 1
+    args = (kv, table, seq, 192**-0.5)
+
+    def close(got, want):
+        torch.testing.assert_close(got[0].float(), want[0].float(), atol=1e-4, rtol=2**-7)
+        assert (got[0] == want[0]).float().mean() > 0.98
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+    want = mla_decode(q, *args, return_lse=True)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+    counters = mla_counters(batch, heads, q.device)
+    _poison()
+    close(mla_decode(q, *args, return_lse=True, counters=counters), want)
+    assert int(counters.abs().sum()) == 0
+    q0 = q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mla_decode(q0, *args, return_lse=True, counters=counters)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = mla_decode(q0, *args, return_lse=True, counters=counters)
+    gen = torch.Generator("cuda").manual_seed(5)
+    for _ in range(3):
+        q0.copy_(torch.randn(q.shape, device="cuda", generator=gen).to(q.dtype) * 0.3)
+        static[0].fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+        close(static, mla_decode(q0, *args, return_lse=True))
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+        assert int(counters.abs().sum()) == 0
+
+
 def test_mla_decode_multi_rows_past_grid_y():
     """A 4,097-token chunk at 16 heads is 65,552 query rows: more than a grid's y limit (65,535),
     which the absorbed prefill of a 4K prompt launches."""

@@ -81,6 +81,43 @@ def test_one_split_writes_the_merged_output_itself(s_q, launch_spy, monkeypatch)
     assert len(merges) == 2
 
 
+@pytest.mark.parametrize(("s_q", "num_splits"), [(1, 3), (1, 5), (2, 4)])
+def test_folded_merge_matches_the_merge_kernel(s_q, num_splits, launch_spy, monkeypatch):
+    """MOERAY_FUSED_MLA_DIRECT=1 with counters at several splits: the last split program of each
+    (sequence, head block) merges (no merge launch); the same values as the merge kernel up to
+    the order of its fp32 sums over splits, empty splits (a 1-token sequence) included; the
+    counters are zero again after each call, so a second call gives the same bits."""
+    from moeray.kernels import mla_decode as mod
+
+    q, kv, table, lens = _paged_case(
+        [37, 1, 80, 16], heads=17, r=64, p=16, page=16, seed=9, s_q=s_q
+    )
+    lens = lens.clamp(min=s_q)
+    args = (q, kv, table, lens, 0.3)
+    kw = dict(kv_lora_rank=64, num_splits=num_splits, return_lse=True)
+    merges = launch_spy(mod, "_mla_merge_kernel")
+    want_out, want_lse = mla_decode_multi(*args, **kw)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+    counters = mod.mla_counters(4, s_q * 17, q.device)
+    assert counters is not None and counters.numel() == 4 * -(-s_q * 17 // 16)
+    out, lse = mla_decode_multi(*args, **kw, counters=counters)
+    assert len(merges) == 1  # the first call's only
+    assert int(counters.abs().sum()) == 0
+    # fp32 sums in another order: at most a bf16 rounding step apart, and nearly all equal
+    torch.testing.assert_close(out.float(), want_out.float(), atol=1e-4, rtol=2**-7)
+    assert (out == want_out).float().mean() > 0.98
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
+    assert _rel(out, ref) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+    again = mla_decode_multi(*args, **kw, counters=counters)
+    assert torch.equal(again[0], out) and torch.equal(again[1], lse)
+    with pytest.raises(ValueError, match="at least"):
+        mla_decode_multi(*args, **kw, counters=counters[:1])
+    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+    assert mod.mla_counters(4, 17, q.device) is None
+
+
 def test_decode_deepseek_dims():
     # 512 latent + 64 rope, 64-token pages; 17 heads spans two head blocks with a ragged second one.
     q, kv, table, lens = _paged_case([130, 64, 3], heads=17, r=512, p=64, page=64, seed=2)

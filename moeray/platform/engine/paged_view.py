@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from moeray.kernels.mla_decode import mla_decode_multi
+from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
@@ -98,6 +98,10 @@ class KernelPagedView(GatherPagedView):
         super().__init__(*args, **kwargs)
         # The kernel's int32 lengths, converted once per forward rather than in every layer.
         self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
+        # The folded MLA merge's counters (kernels/mla_decode.mla_counters): made at the first
+        # attend, zeroed once per forward; each launch leaves them zeroed for the next layer.
+        self._mla_counters: torch.Tensor | None = None
+        self._mla_counters_made = False
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
@@ -139,6 +143,10 @@ class KernelPagedView(GatherPagedView):
         else:
             self._write(layer_idx, kv_BSC, pe_BSR)
             q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
+        if not self._mla_counters_made:
+            B, S, H = q_BSHK.shape[:3]
+            self._mla_counters = mla_counters(B, S * H, q_BSHK.device)
+            self._mla_counters_made = True
         out = mla_decode_multi(
             q_BSHK,
             cache_PNK,
@@ -146,5 +154,6 @@ class KernelPagedView(GatherPagedView):
             self.seq_lens_i32_B,
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
+            counters=self._mla_counters,
         )
         return out.to(q_lat_BSHC.dtype)
