@@ -10,9 +10,11 @@ output is [.., R] latent (the caller multiplies by W_UV and W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
 sequence's own pages through the block table with an online softmax, writes a partial output and
-its log-sum-exp. Stage 2 merges the splits (with one split and MOERAY_FUSED_MLA_DIRECT=1, stage 1
-writes the merged output itself, the same bits). Splitting the context lets a few long sequences
-fill all SMs (batch 1 with 32K context has 512 pages).
+its log-sum-exp. Stage 2 merges the splits. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in) stage 1 writes
+the merged output itself: at one split directly (the same bits), at several in the last split
+program of each (sequence, head block), counted on a caller's zeroed workspace (`mla_counters`).
+Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512
+pages).
 
 The multi-token variant (S > 1) serves MTP verification and chunked prefill on top of a cached
 prefix: query i of a sequence with length L (which already includes the S new tokens in the cache)
@@ -386,10 +388,15 @@ def _mla_decode_rows(
     on = switched_on("MLA_DIRECT")
     direct = on and num_splits == 1
     fold = on and num_splits > 1 and counters is not None
-    if fold and (counters.dtype != torch.int32 or counters.numel() < b * head_blocks):
+    if fold and (
+        counters.dtype != torch.int32
+        or counters.numel() < b * head_blocks
+        or counters.device != q_BRD.device
+    ):
         raise ValueError(
-            f"counters must be int32 with at least {b * head_blocks} elements (sequences x head "
-            f"blocks); got {counters.dtype} with {counters.numel()}"
+            f"counters must be int32 on {q_BRD.device} with at least {b * head_blocks} elements "
+            f"(sequences x head blocks); got {counters.dtype} on {counters.device} with "
+            f"{counters.numel()}"
         )
     if direct:  # (the partials' pointers are never read: out and lse_out stand in)
         o, lse = out, lse_out
