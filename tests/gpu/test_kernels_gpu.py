@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.gpu.gemv_checks import captured
+
 pytestmark = pytest.mark.gpu
 
 
@@ -152,61 +154,17 @@ def test_mla_decode_real_shapes(heads):
     assert _rel(out3, ref3) < 1e-2
 
 
-@pytest.mark.parametrize("batch", [1, 64])
-def test_mla_decode_one_split_direct_gives_the_merge_bits(batch, monkeypatch):
-    """MOERAY_FUSED_MLA_DIRECT=1 at one split (DeepSeek-V3's 128 heads; batch 64 is where the
-    launch rule picks one split itself): the split kernel's own output and lse are the merge
-    path's bits, eager and replayed from a CUDA graph on new queries, outputs poisoned first."""
-    from moeray.kernels.mla_decode import decode_launch, mla_decode
-
-    heads, page = 128, 64
-    lens = [160 + 37 * i for i in range(batch)]
-    max_pages = max(-(-n // page) for n in lens) + 1
-    kv = torch.randn(batch * max_pages + 3, page, 576, device="cuda", dtype=torch.bfloat16)
-    perm = torch.randperm(batch * max_pages + 3, device="cuda")[: batch * max_pages]
-    table = perm.view(batch, max_pages).int()
-    seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
-    if batch == 64:
-        assert decode_launch(batch, heads, max_pages, 132)[2] == 1
-    args = (kv, table, seq, 192**-0.5)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
-    want = mla_decode(q, *args, num_splits=1, return_lse=True)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
-    _poison()
-    got = mla_decode(q, *args, num_splits=1, return_lse=True)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    q0 = q.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mla_decode(q0, *args, num_splits=1, return_lse=True)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = mla_decode(q0, *args, num_splits=1, return_lse=True)
-    for seed in range(3):
-        q0.copy_(
-            torch.randn(
-                q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
-            ).to(q.dtype)
-            * 0.3
-        )
-        static[0].fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
-        ref = mla_decode(q0, *args, num_splits=1, return_lse=True)
-        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
-        assert torch.equal(static[0], ref[0]) and torch.equal(static[1], ref[1])
-
-
-@pytest.mark.parametrize(("heads", "batch"), [(16, 1), (16, 64), (128, 1), (128, 8)])
-def test_mla_decode_folded_merge_matches_the_merge_kernel(heads, batch, monkeypatch):
-    """MOERAY_FUSED_MLA_DIRECT=1 with `mla_counters` at the launch rule's own split counts
-    (several here): the last split program of each (sequence, head block) merges; the merge
-    kernel's values up to the order of fp32 sums over splits (nearly all bits equal), eager and
-    replayed from a CUDA graph on new queries (the counters zero again after every replay)."""
+@pytest.mark.parametrize(
+    ("heads", "batch", "splits"),
+    [(128, 1, 1), (128, 64, None), (16, 1, None), (16, 64, None), (128, 1, None), (128, 8, None)],
+)
+def test_mla_decode_merge_in_the_split_kernel(heads, batch, splits, monkeypatch):
+    """MOERAY_FUSED_MLA_DIRECT=1: at one split (forced, or V3's 128 heads at batch 64 where the
+    launch rule picks one) the split kernel's own output and lse are the merge path's bits; at
+    several (the rule's own counts), with `mla_counters`, the last split program of each
+    (sequence, head block) merges: the merge kernel's values up to the order of fp32 sums over
+    splits (nearly all bits equal), the counters zero again after each call. Eager, outputs
+    poisoned first, and replayed from a CUDA graph on new queries."""
     from moeray.kernels.mla_decode import decode_launch, mla_counters, mla_decode
 
     page = 64
@@ -217,39 +175,35 @@ def test_mla_decode_folded_merge_matches_the_merge_kernel(heads, batch, monkeypa
     table = perm.view(batch, max_pages).int()
     seq = torch.tensor(lens, device="cuda", dtype=torch.int32)
     q = torch.randn(batch, heads, 576, device="cuda", dtype=torch.bfloat16) * 0.3
-    assert decode_launch(batch, heads, max_pages, 132)[2] > 1
-    args = (kv, table, seq, 192**-0.5)
-
-    def close(got, want):
-        torch.testing.assert_close(got[0].float(), want[0].float(), atol=1e-4, rtol=2**-7)
-        assert (got[0] == want[0]).float().mean() > 0.98
-        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
-
-    want = mla_decode(q, *args, return_lse=True)
+    one = (splits or decode_launch(batch, heads, max_pages, 132)[2]) == 1
+    assert one == (splits == 1 or (heads, batch) == (128, 64))
     monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
     counters = mla_counters(batch, heads, q.device)
+    kw = dict(num_splits=splits, return_lse=True, counters=counters)
+
+    def check(q_now, got):
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
+        want = mla_decode(q_now, kv, table, seq, 192**-0.5, num_splits=splits, return_lse=True)
+        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
+        if one:
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        else:
+            torch.testing.assert_close(got[0].float(), want[0].float(), atol=1e-4, rtol=2**-7)
+            assert (got[0] == want[0]).float().mean() > 0.98
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+        assert counters is not None and int(counters.abs().sum()) == 0
+
     _poison()
-    close(mla_decode(q, *args, return_lse=True, counters=counters), want)
-    assert int(counters.abs().sum()) == 0
+    check(q, mla_decode(q, kv, table, seq, 192**-0.5, **kw))
     q0 = q.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mla_decode(q0, *args, return_lse=True, counters=counters)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = mla_decode(q0, *args, return_lse=True, counters=counters)
+    graph, static = captured(lambda: mla_decode(q0, kv, table, seq, 192**-0.5, **kw))
     gen = torch.Generator("cuda").manual_seed(5)
     for _ in range(3):
         q0.copy_(torch.randn(q.shape, device="cuda", generator=gen).to(q.dtype) * 0.3)
         static[0].fill_(float("nan"))
-        g.replay()
+        graph.replay()
         torch.cuda.synchronize()
-        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
-        close(static, mla_decode(q0, *args, return_lse=True))
-        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
-        assert int(counters.abs().sum()) == 0
+        check(q0, static)
 
 
 def test_mla_decode_multi_rows_past_grid_y():
