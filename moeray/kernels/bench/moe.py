@@ -84,16 +84,32 @@ def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[di
     ]
 
 
-def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
-    rows = []
-    torch.manual_seed(0)
+# DeepSeek-V3's routed experts: decode at 64 tokens then has ~2 real rows in each 16-row block
+# (at 64 experts, 8), the padding-heavy case where unmasked padding-row loads made the FP8 MoE
+# 1.2x slower unnoticed (benchmarks/notes-engine.md); timed at decode besides `experts`.
+DECODE_WIDE_EXPERTS = 256
+
+
+def _experts(experts: int, hidden: int, inter: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 expert weights (w13, w2) and their FP8 forms (q13, s13, q2, s2)."""
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    q13, s13 = quantized_experts(w13)
-    q2, s2 = quantized_experts(w2)
+    return (w13, w2, *quantized_experts(w13), *quantized_experts(w2))
+
+
+def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
+    """Decode (64 tokens) and prefill (8,192) at `experts`, top-8; decode again at
+    DECODE_WIDE_EXPERTS."""
+    rows = []
+    torch.manual_seed(0)
     top_k = 8
+    w13, w2, q13, s13, q2, s2 = _experts(experts, hidden, inter)
     for phase, t in (("decode", 64), ("prefill", 8192)):
         rows += _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k)
+    if experts != DECODE_WIDE_EXPERTS:
+        del w13, w2, q13, s13, q2, s2  # (V3's 256 experts are 22.5 GB in bf16)
+        w13, w2, q13, s13, q2, s2 = _experts(DECODE_WIDE_EXPERTS, hidden, inter)
+        rows += _moe_phase_rows(ceil, "decode", 64, w13, w2, q13, s13, q2, s2, top_k)
     return rows
 
 

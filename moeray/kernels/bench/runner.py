@@ -201,7 +201,8 @@ def _print_table(result: dict) -> None:
         print_fused_moe_prefill_sweep(result["fused_moe_prefill_sweep"])
     for r in result.get("fused_moe", []):
         print(
-            f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d}: {r['ms']:8.3f} ms, "
+            f"{r['kernel']:16s} {r['phase']:7s} T={r['tokens']:5d} E={r['experts']:3d}: "
+            f"{r['ms']:8.3f} ms, "
             f"loop {r['loop_ms']:8.3f} ms (kernels alone {r.get('loop_gpu_ms')}), "
             f"x{r['speedup_vs_loop']} loop (x{r.get('speedup_vs_loop_gpu')} its kernels), "
             f"{r['frac_of_floor']:.2f} of {r['floor_is']} floor, "
