@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from moeray.kernels.bench.moe import quantized_experts
+from moeray.kernels.bench.moe import random_experts
 from moeray.kernels.moe import _moe_config, fused_moe
 from moeray.kernels.moe_gemv import moe_gemv, moe_gemv_config
 
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         h, i, e, k = SHAPES[shape]
         torch.manual_seed(0)
-        w13 = torch.randn(e, 2 * i, h, device=dev, dtype=torch.bfloat16) / h**0.5
-        w2 = torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) / i**0.5
-        q13, s13 = quantized_experts(w13)
-        q2, s2 = quantized_experts(w2)
+        w13, w2, q13, s13, q2, s2 = random_experts(e, h, i)
         for t in map(int, args.tokens.split(",")):
             x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
             # call r: each token's k experts drawn from window r of a rotation of all experts

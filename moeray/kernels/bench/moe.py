@@ -90,8 +90,9 @@ def _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k) -> list[di
 DECODE_WIDE_EXPERTS = 256
 
 
-def _experts(experts: int, hidden: int, inter: int) -> tuple[torch.Tensor, ...]:
-    """Random bf16 expert weights (w13, w2) and their FP8 forms (q13, s13, q2, s2)."""
+def random_experts(experts: int, hidden: int, inter: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 expert weights on the GPU (w13 [E, 2I, H], w2 [E, H, I], scaled by
+    1/sqrt(fan-in)) and their FP8 forms: (w13, w2, q13, s13, q2, s2)."""
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     return (w13, w2, *quantized_experts(w13), *quantized_experts(w2))
@@ -103,12 +104,12 @@ def bench_moe(ceil: dict, hidden: int, inter: int, experts: int) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     top_k = 8
-    w13, w2, q13, s13, q2, s2 = _experts(experts, hidden, inter)
+    w13, w2, q13, s13, q2, s2 = random_experts(experts, hidden, inter)
     for phase, t in (("decode", 64), ("prefill", 8192)):
         rows += _moe_phase_rows(ceil, phase, t, w13, w2, q13, s13, q2, s2, top_k)
     if experts != DECODE_WIDE_EXPERTS:
         del w13, w2, q13, s13, q2, s2  # (V3's 256 experts are 22.5 GB in bf16)
-        w13, w2, q13, s13, q2, s2 = _experts(DECODE_WIDE_EXPERTS, hidden, inter)
+        w13, w2, q13, s13, q2, s2 = random_experts(DECODE_WIDE_EXPERTS, hidden, inter)
         rows += _moe_phase_rows(ceil, "decode", 64, w13, w2, q13, s13, q2, s2, top_k)
     return rows
 
@@ -146,11 +147,7 @@ def sweep_fused_moe_prefill(hidden: int, inter: int, experts: int, tokens: int =
     {"loop_ms", "rows": [{weights, tile, ms, speedup_vs_loop, TFLOPs}]}."""
     torch.manual_seed(0)
     top_k = 8
-    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16)
-    w13 /= hidden**0.5
-    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    q13, s13 = quantized_experts(w13)
-    q2, s2 = quantized_experts(w2)
+    w13, w2, q13, s13, q2, s2 = random_experts(experts, hidden, inter)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
     wts = torch.rand(tokens, top_k, device="cuda", dtype=torch.bfloat16)
@@ -202,10 +199,7 @@ def sweep_fused_moe() -> list[dict]:
     PREFILL_SWEEP tiles; `sweep_fused_moe_prefill` times them against the loop too)."""
     out = []
     e, h, i, top_k = 64, 7168, 2048, 8
-    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
-    q13, s13 = quantized_experts(w13)
-    q2, s2 = quantized_experts(w2)
+    w13, w2, q13, s13, q2, s2 = random_experts(e, h, i)
     decode_cfgs = [
         (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 4),
