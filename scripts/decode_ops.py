@@ -28,8 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeray.kernels.fp8 import dispatch as fp8_dispatch
 from moeray.platform.config import moonlight_16b_a3b
 from moeray.platform.engine import runner as runner_mod
+from moeray.platform.engine.bench.model import quantize_fp8_
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
@@ -64,8 +66,11 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def count(layers: int) -> tuple[collections.Counter, collections.Counter]:
-    """(PyTorch ops by (op, line), Triton launches by kernel) of one batch-1 decode forward."""
+def count(
+    layers: int, batch: int = 1, fp8: bool = False
+) -> tuple[collections.Counter, collections.Counter]:
+    """(PyTorch ops by (op, line), Triton launches by kernel) of one decode forward of `batch`
+    sequences, with e4m3 block-scaled projections when `fp8` (as `bench engine --weights fp8`)."""
     cfg = dataclasses.replace(
         moonlight_16b_a3b(),
         hidden_size=128,
@@ -85,9 +90,12 @@ def count(layers: int) -> tuple[collections.Counter, collections.Counter]:
     model = Transformer(cfg)
     model.reset_parameters(seed=1)
     model = model.to(torch.bfloat16).eval()
+    if fp8:
+        quantize_fp8_(model)
     rec, launches, state = _Recorder(), collections.Counter(), {"on": False, "done": False}
     real_getitem = interpreter.InterpretedFunction.__getitem__
     real_forward = runner_mod.ModelRunner._forward_model
+    real_layout = fp8_dispatch.native_blockscaled_layout
 
     def getitem(self, grid):
         if state["on"]:
@@ -104,6 +112,8 @@ def count(layers: int) -> tuple[collections.Counter, collections.Counter]:
         return out
 
     interpreter.InterpretedFunction.__getitem__ = getitem
+    # No cuBLASLt on CPU: FP8 GEMMs take the Triton kernel (one launch, as _scaled_mm's on sm_90).
+    fp8_dispatch.native_blockscaled_layout = lambda *a: None
     runner_mod.ModelRunner._forward_model = forward
     torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[method-assign,assignment]
     try:
@@ -111,32 +121,41 @@ def count(layers: int) -> tuple[collections.Counter, collections.Counter]:
             model,
             EngineConfig(
                 page_size=16,
-                num_pages=16,
+                num_pages=2 * batch + 8,
+                max_num_seqs=batch,
                 max_model_len=64,
                 attention="kernel",
                 use_cuda_graphs=False,
                 enable_prefix_caching=False,
             ),
         )
-        eng.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))
+        prompts = [[1 + (i + j) % 500 for j in range(4)] for i in range(batch)]
+        eng.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     finally:
         torch.Tensor.is_cuda = torch._C.TensorBase.is_cuda  # type: ignore[method-assign]
         interpreter.InterpretedFunction.__getitem__ = real_getitem
         runner_mod.ModelRunner._forward_model = real_forward
+        fp8_dispatch.native_blockscaled_layout = real_layout
     return rec.ops, launches
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=3, help="depth of the table (1 dense + MoE)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--weights", choices=("bf16", "fp8"), default="bf16")
     a = p.parse_args()
     if a.layers < 2:
         raise ValueError(f"--layers={a.layers}: needs >= 2 (one dense layer, then MoE layers)")
-    small_ops, small_k = count(a.layers - 1)
-    ops, kernels = count(a.layers)
+    fp8 = a.weights == "fp8"
+    small_ops, small_k = count(a.layers - 1, a.batch, fp8)
+    ops, kernels = count(a.layers, a.batch, fp8)
     total = sum(ops.values()) + sum(kernels.values())
     moe = total - sum(small_ops.values()) - sum(small_k.values())
-    print(f"one batch-1 decode forward, {a.layers} layers (1 dense + {a.layers - 1} MoE):")
+    print(
+        f"one batch-{a.batch} {a.weights} decode forward, {a.layers} layers "
+        f"(1 dense + {a.layers - 1} MoE):"
+    )
     print(f"  {sum(ops.values())} PyTorch ops + {sum(kernels.values())} Triton launches = {total}")
     print(
         f"  per MoE layer: {moe}; the rest (dense layer, embedding, rope angles, head): "

@@ -62,6 +62,19 @@ def switched_on(name: str) -> bool:
     return os.environ.get(f"MOERAY_FUSED_{name}", "0") == "1"
 
 
+# Decode batches the MoE router's fused kernels (router_logits, moe_gate) take with
+# MOERAY_FUSED_ROUTE_BATCH=1 (opt-in until the engine times it at batch 64): each kernel alone
+# wins at every size to 256 rows, while past their default 32 rows the reference runs ~14 launches
+# a layer (topk's sort and gather, fp32 casts, an fp32 SIMT GEMM).
+ROUTE_BATCH_MAX_TOKENS = 256
+
+
+def route_max_tokens(default: int) -> int:
+    """Rows up to which a router kernel runs: `default`, or ROUTE_BATCH_MAX_TOKENS when
+    MOERAY_FUSED_ROUTE_BATCH=1."""
+    return ROUTE_BATCH_MAX_TOKENS if switched_on("ROUTE_BATCH") else default
+
+
 @functools.lru_cache(maxsize=16)
 def _cuda_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]

@@ -43,6 +43,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     precise_exp,
+    route_max_tokens,
     switched_off,
     use_triton,
 )
@@ -54,11 +55,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
 # prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
 TILE_CELLS = 2048
-# `route` sends at most this many rows to the kernel. In `moeray bench engine` (small(), eager
-# decode, only the gate switched) the fused gate won at batch 16 (534 vs 490 tok/s) and lost at
-# batch 256 (2,617 vs 6,062 tok/s), although the kernel alone wins at 256 rows (8.8 vs 70 us in a
-# CUDA graph): the engine's loss is not the kernel's own time and is not explained. Until it is,
-# decode batches up to 32 keep the one-launch gate: see benchmarks/notes-engine.md.
+# `route` sends at most this many rows to the kernel by default (MOERAY_FUSED_ROUTE_BATCH=1:
+# common.ROUTE_BATCH_MAX_TOKENS). The kernel alone wins at every size (H200, in a CUDA graph:
+# 3.7-14.6 us against 54-73 us for the reference's ~11 launches up to 256 tokens); the bound stays
+# at 32 until the engine times batch 64 with the wider one (an eager engine once lost at batch 256
+# with the fused gate, not explained: benchmarks/notes-engine.md).
 FUSED_MAX_TOKENS = 32
 
 
@@ -246,14 +247,16 @@ def _moe_gate_kernel(
 
 def moe_gate_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
     """Whether `moe_gate` takes these tensors as they are and gets them: at most
-    FUSED_MAX_TOKENS rows (`route`'s dispatch test).
+    FUSED_MAX_TOKENS rows, or common.ROUTE_BATCH_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=1
+    (`route`'s dispatch test).
     MOERAY_FUSED_GATE=0 in the environment routes with PyTorch instead: an A/B switch for
     `moeray bench engine`, and a way out if a new Triton miscompiles the kernel."""
     if switched_off("GATE"):
         return False
     if logits_TE.dim() != 2 or logits_TE.dtype not in LOGIT_DTYPES or logits_TE.stride(-1) != 1:
         return False
-    if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS or logits_TE.shape[0] > FUSED_MAX_TOKENS:
+    rows_ok = logits_TE.shape[0] <= route_max_tokens(FUSED_MAX_TOKENS)
+    if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS or not rows_ok:
         return False
     if bias_E is not None and (
         bias_E.dim() != 1

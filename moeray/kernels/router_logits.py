@@ -14,6 +14,13 @@ Numerics: every product of two bf16 (or fp16) values is exact in fp32, so the lo
 the reference only by the order of the fp32 sum over D (cuBLAS picks its own): a few fp32 ulps,
 which can change the gate's choice only between experts whose scores tie to ~1e-7.
 
+Two kernels by token count: up to ROW_MAX_TOKENS (batch-1 decode and small batches) one program per
+(token, 1-2 expert rows) walks D in 2,048-feature steps (latency-bound: the fewest dependent steps);
+past it (decode batches to 256, which the model's Gate sends with MOERAY_FUSED_ROUTE_BATCH=1) one
+program per (BT tokens, BE experts) tile accumulates [BT, BE] partial products over BD-feature
+steps, so the weight is read once per token tile rather than once per token (V3 at 64 tokens: 3.7 MB
+x 4 tiles, not x 64). Prefill keeps the reference, whose GEMM reads W once for all rows.
+
 With PDL (sm_90, `common.pdl_launch`) each program loads its first weight step before it waits
 for the previous kernel, x after.
 """
@@ -25,13 +32,27 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
+from moeray.kernels.common import (
+    check_tensor,
+    pdl_launch,
+    pdl_wait,
+    route_max_tokens,
+    switched_off,
+    use_triton,
+)
 
 DTYPES = (torch.bfloat16, torch.float16)
-# Each program re-reads its token's row and BE weight rows: fine for decode batches, where the
-# reference's GEMM would be a GEMV too; past this many tokens the reference's GEMM is the better
-# kernel (it reads W once for all rows).
+# The per-token kernel re-reads all of W for each token: fine up to this many tokens (Moonlight:
+# 256 KB a token from L2), past it the tiled kernel reads W once per TILE_T tokens.
+ROW_MAX_TOKENS = 32
+# Rows the model's Gate sends here by default; with MOERAY_FUSED_ROUTE_BATCH=1 decode batches to
+# common.ROUTE_BATCH_MAX_TOKENS (the tiled kernel). The reference is three launches (x and W to
+# fp32, an fp32 SIMT GEMM: 5.6 us a layer at Moonlight batch 64 on an H200, plus a 512 KB fp32
+# copy of W); past the bound (prefill) its GEMM, which reads W once for all rows, is the better one.
 MAX_TOKENS = 32
+# Tiled kernel: 16 tokens x 8 experts x 64 features a step, a [16, 8, 64] fp32 product tile (64
+# registers a thread at 4 warps); V3 (256 experts) at 64 tokens runs 32 x 4 = 128 programs.
+TILE_T, TILE_E, TILE_D = 16, 8, 64
 
 
 def router_logits_ref(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
@@ -85,15 +106,51 @@ def _router_logits_kernel(
     tl.store(y_ptr + t * E + offs_e, acc, mask=ok_e)
 
 
+@triton.jit
+def _router_logits_tiled_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    T,
+    D,
+    E,
+    stride_x,
+    stride_w,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL: the first weight step is loaded before the wait
+):
+    offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
+    offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+    ok_e, ok_t = offs_e < E, offs_t < T
+    offs_d = tl.arange(0, BD)
+    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_x
+    acc = tl.zeros([BT, BE], dtype=tl.float32)
+    w = _w_step(w_ptr, offs_e, ok_e, stride_w, 0, offs_d, D)  # no earlier kernel writes W
+    pdl_wait(PDL)
+    for d0 in range(0, D, BD):
+        ok_d = d0 + offs_d < D
+        if d0 > 0:
+            w = _w_step(w_ptr, offs_e, ok_e, stride_w, d0, offs_d, D)
+        x = tl.load(x_rows + d0 + offs_d[None, :], mask=ok_t[:, None] & ok_d[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * E + offs_e[None, :]
+    tl.store(y_ptrs, acc, mask=ok_t[:, None] & ok_e[None, :])
+
+
 def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
-    """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS and W [E, D]
+    """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS (or
+    common.ROUTE_BATCH_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=1) and W [E, D]
     in one of bf16/fp16, unit stride over D, on CUDA (or the interpreter).
     MOERAY_FUSED_GATE_LOGITS=0 keeps the reference: an A/B switch for the engine bench."""
     if switched_off("GATE_LOGITS"):
         return False
     if x_TD.dim() != 2 or weight_ED.dim() != 2 or x_TD.shape[1] != weight_ED.shape[1]:
         return False
-    if x_TD.dtype not in DTYPES or weight_ED.dtype != x_TD.dtype or x_TD.shape[0] > MAX_TOKENS:
+    if x_TD.shape[0] > route_max_tokens(MAX_TOKENS):
+        return False
+    if x_TD.dtype not in DTYPES or weight_ED.dtype != x_TD.dtype:
         return False
     return x_TD.stride(-1) == 1 and weight_ED.stride(-1) == 1 and use_triton(x_TD, weight_ED)
 
@@ -112,7 +169,26 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     x = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     w = weight_ED if weight_ED.stride(-1) == 1 else weight_ED.contiguous()
     y = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    if T and E:
+    if T > ROW_MAX_TOKENS:
+        # PDL reads the weight before the wait: not a copy made just above (the kernel before)
+        pdl = pdl_launch(x.device) and w is weight_ED
+        _router_logits_tiled_kernel[(triton.cdiv(E, TILE_E), triton.cdiv(T, TILE_T))](
+            x,
+            w,
+            y,
+            T,
+            D,
+            E,
+            x.stride(0),
+            w.stride(0),
+            BT=TILE_T,
+            BE=TILE_E,
+            BD=TILE_D,
+            PDL=pdl,
+            num_warps=4,
+            launch_pdl=pdl,
+        )
+    elif T and E:
         # Latency, not bytes, bounds this GEMV at decode (256 KB of weights at Moonlight, 3.7 MB at
         # V3): one or two expert rows per program (64 programs a token at 64 experts, 128 at
         # V3's 256) and 2,048 features a step (one step at Moonlight's D, four at V3's 7,168).

@@ -34,6 +34,8 @@
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
 #   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
+#   decode-routing     opt-in ROUTE_BATCH (router kernels to 256 tokens) and MLA_DIRECT: GPU tests, Moonlight b1/b64 shipped / each on (1 GPU, ~7 min)
+#   fp8-small-m        decode glue bench; FP8 linears at batch 64: candidates (shipped, bf16, fp8_gemv tiles x splits); V3 b64 ROUTE_BATCH A/B (1 GPU, ~7 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
@@ -46,7 +48,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,45p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,47p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

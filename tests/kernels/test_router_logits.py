@@ -5,8 +5,11 @@ the fp32 sum; the model Gate's one fast-path choice; the compiled kernel on the 
 import pytest
 import torch
 
+from moeray.kernels import router_logits as router_logits_mod
+from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.router_logits import (
     MAX_TOKENS,
+    ROW_MAX_TOKENS,
     router_logits,
     router_logits_applies,
     router_logits_ref,
@@ -24,15 +27,31 @@ def _close_in_sum_order(out, ref, x, w):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("T", "E", "D"),
-    # one-row programs (E <= 128) and two-row ones (E = 257: the last half masked); D over
-    # 2,048-feature steps with a partial last one (4,437 = 2 x 2,048 + 341)
-    [(1, 1, 1), (3, 7, 100), (1, 64, 2048), (32, 9, 600), (3, 130, 2100), (1, 257, 4437)],
+    # per-token kernel (T <= ROW_MAX_TOKENS): one-row programs (E <= 128) and two-row ones
+    # (E = 257: the last half masked); D over 2,048-feature steps with a partial last one
+    # (4,437 = 2 x 2,048 + 341). Tiled kernel (T > ROW_MAX_TOKENS): partial token and expert
+    # tiles (33 = 2 x 16 + 1, 9 = 8 + 1, 257), D below one step (40) and with a partial last one
+    [
+        (1, 1, 1),
+        (3, 7, 100),
+        (1, 64, 2048),
+        (32, 9, 600),
+        (3, 130, 2100),
+        (1, 257, 4437),
+        (33, 9, 600),
+        (64, 64, 2048),
+        (47, 257, 40),
+        (256, 13, 130),
+    ],
 )
-def test_router_logits_match_reference(dtype, T, E, D):
+def test_router_logits_match_reference(dtype, T, E, D, launch_spy):
     g = torch.Generator().manual_seed(T * 1000 + E + D)
     x = torch.randn(T, D, generator=g).to(dtype)
     w = (torch.randn(E, D, generator=g) * 0.05).to(dtype)
+    tiled = launch_spy(router_logits_mod, "_router_logits_tiled_kernel")
+    per_token = launch_spy(router_logits_mod, "_router_logits_kernel")
     out = router_logits(x, w)
+    assert (len(tiled), len(per_token)) == ((1, 0) if T > ROW_MAX_TOKENS else (0, 1))
     assert out.dtype == torch.float32 and out.shape == (T, E)
     _close_in_sum_order(out, router_logits_ref(x, w), x, w)
 
@@ -45,7 +64,12 @@ def test_router_logits_inputs_and_applies(monkeypatch):
         router_logits(x, w.half())
     assert router_logits_applies(x, w)
     assert not router_logits_applies(x.float(), w.float())  # an fp32 model: no copies to save
+    assert router_logits_applies(torch.zeros(MAX_TOKENS, 8).bfloat16(), w)
     assert not router_logits_applies(torch.zeros(MAX_TOKENS + 1, 8).bfloat16(), w)
+    # opt-in: decode batches to ROUTE_BATCH_MAX_TOKENS (the tiled kernel), prefill still not
+    monkeypatch.setenv("MOERAY_FUSED_ROUTE_BATCH", "1")
+    assert router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS, 8).bfloat16(), w)
+    assert not router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS + 1, 8).bfloat16(), w)
     monkeypatch.setenv("MOERAY_FUSED_GATE_LOGITS", "0")
     assert not router_logits_applies(x, w)
 
@@ -77,7 +101,7 @@ import torch
 from moeray.kernels.router_logits import router_logits, router_logits_ref
 bad = 0
 for E, D in ((64, 2048), (256, 7168), (7, 100)):
-    for T in (1, 5, 32):
+    for T in (1, 5, 32, 33, 64, 256):
         x = torch.randn(T, D, device="cuda").bfloat16()
         w = (torch.randn(E, D, device="cuda") * 0.02).bfloat16()
         out, ref = router_logits(x, w), router_logits_ref(x, w)

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from moeray.kernels.bench.common import _graph_ms
+from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.expert_load import count_expert_load, count_expert_load_ref
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_ref
 from moeray.kernels.moe_align import moe_align, moe_align_ref
@@ -21,8 +22,8 @@ from moeray.kernels.swiglu import swiglu, swiglu_ref
 # Moonlight-16B-A3B: width 2048, 16 heads, latent 512 + rope 64, 64 experts top-6, shared width
 # 2 x 1408.
 D, HEADS, C, R, EXPERTS, TOP_K, SHARED = 2048, 16, 512, 64, 64, 6, 2816
-# DeepSeek-V3's routing for moe_align_v3: 256 experts top-8
-V3_EXPERTS, V3_TOP_K = 256, 8
+# DeepSeek-V3's routing for moe_align_v3 and router_logits_v3: 256 experts top-8, width 7168
+V3_EXPERTS, V3_TOP_K, V3_D = 256, 8, 7168
 
 
 def _bf16(*shape: int) -> torch.Tensor:
@@ -43,6 +44,7 @@ def _cases(t: int):
     norm, rot = (_bf16(C) * 0.1 + 1, 1e-6), (ang.cos(), ang.sin())
     gate, up = _bf16(t, SHARED), _bf16(t, SHARED)
     x, w_gate = _bf16(t, D), _bf16(EXPERTS, D)
+    x_v3, w_gate_v3 = _bf16(t, V3_D), _bf16(V3_EXPERTS, V3_D)
     p = functools.partial
     valid_1 = torch.tensor([max(1, t - 1)], device="cuda")  # one padding row
     load_E, rows_1 = torch.zeros(EXPERTS, dtype=torch.int64, device="cuda"), valid_1.new_zeros(())
@@ -72,6 +74,12 @@ def _cases(t: int):
         ("swiglu", p(swiglu_ref, gate, up), p(swiglu, gate, up), True),
         # the fp32 sum runs in another order: not bit-compared
         ("router_logits", p(router_logits_ref, x, w_gate), p(router_logits, x, w_gate), False),
+        (
+            "router_logits_v3",
+            p(router_logits_ref, x_v3, w_gate_v3),
+            p(router_logits, x_v3, w_gate_v3),
+            False,
+        ),
         ("count_expert_load", counted(count_expert_load_ref), counted(count_expert_load), True),
     ]
 
@@ -80,7 +88,8 @@ def bench_decode_glue(tokens: tuple[int, ...] = (1, 8, 32, 64, 170)) -> list[dic
     rows = []
     for t in tokens:
         for name, ref_fn, fused_fn, exact in _cases(t):
-            if name == "router_logits" and t > 32:  # past its MAX_TOKENS the model keeps cuBLAS
+            # past the decode batches (prefill) the model keeps cuBLAS's GEMM
+            if name.startswith("router_logits") and t > ROUTE_BATCH_MAX_TOKENS:
                 continue
             with torch.inference_mode():
                 ref, out = ref_fn(), fused_fn()
