@@ -35,7 +35,7 @@
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
 #   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
 #   decode-routing     opt-in ROUTE_BATCH (router kernels to 256 tokens) and MLA_DIRECT: GPU tests, Moonlight b1/b64 shipped / each on (1 GPU, ~7 min)
-#   fp8-small-m        decode glue bench; FP8 linears at batch 64: candidates (shipped, bf16, fp8_gemv tiles x splits); V3 b64 ROUTE_BATCH A/B (1 GPU, ~7 min)
+#   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)

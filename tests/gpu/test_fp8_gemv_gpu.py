@@ -262,3 +262,43 @@ def test_fp8_linear_act_switch_launches(monkeypatch):
     xq, xs = fp8.act_quant(x[0])
     assert torch.equal(layer(x)[0], fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
     assert not layer.gemv_workspace.any()
+
+
+# Moonlight's q and o_proj, V3's q_a and kv_a (ragged N) at decode batches of 32 and 64.
+@pytest.mark.parametrize("nk", [(3072, 2048), (2048, 2048), (1536, 7168), (576, 7168)])
+@pytest.mark.parametrize("m", [32, 64])
+def test_fp8_linear_batch_switch(monkeypatch, nk, m):
+    # MOERAY_FUSED_FP8_GEMV_BATCH=1: FP8Linear runs one fp8_gemv launch (serial split-K on its
+    # workspace, fewer splits) at 17-64 rows, bit-equal to the two-launch sum with the same tiles,
+    # and from a CUDA graph too, counters back at zero after each replay.
+    from moeray.kernels import fp8
+    from moeray.kernels.fp8.gemv import _gemv_config
+    from moeray.platform.model.quant import FP8Linear
+
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")
+    n, k = nk
+    wq, ws = _weight(n, k, seed=n + k + m)
+    layer = FP8Linear(wq, ws).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    names = _cuda_kernels(lambda: layer.forward_kernels(x))
+    assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
+    cfg = _gemv_config(m, n, k, x.device)
+    _poison()
+    y = layer.forward_kernels(x)
+    assert torch.equal(y, fp8.fp8_gemv(x, wq, ws, config=cfg))  # two launches when split
+    _check(y, x, wq, ws)
+    assert not layer.gemv_workspace.any()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer.forward_kernels(x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer.forward_kernels(x)
+    for i in range(3):
+        x.copy_(torch.randn_like(x) * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, fp8.fp8_gemv(x, wq, ws, config=cfg)), i
+        assert not layer.gemv_workspace.any(), i

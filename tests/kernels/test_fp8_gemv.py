@@ -403,3 +403,47 @@ def test_fp8_linear_act_switch(switch, monkeypatch):
     wq_r, ws_r = _weight(576, 512, seed=14)
     ragged = FP8Linear(wq_r, ws_r).forward_kernels(x)
     assert torch.equal(ragged, fp8.fp8_gemv(x, wq_r, ws_r))
+
+
+def test_fp8_gemv_batch_switch_splits_k_less(monkeypatch):
+    # MOERAY_FUSED_FP8_GEMV_BATCH=1: dot tiles of more than 16 rows stream at least BLOCK_M / 8 K
+    # blocks a program. On a 132-SM GPU the program-count rule gives Moonlight's q (3072 x 2048,
+    # 16 K blocks) 11 splits at 64 rows and V3's q_a (1536 x 7168, 56 blocks) 22.
+    monkeypatch.setattr(fp8_gemv_module, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_BATCH", raising=False)
+    assert _gemv_config(64, 3072, 2048, cpu)["SPLIT_K"] == 11
+    assert _gemv_config(64, 1536, 7168, cpu)["SPLIT_K"] == 22
+    small = [_gemv_config(m, 576, 7168, cpu) for m in (1, 4, 16)]
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")
+    assert _gemv_config(64, 3072, 2048, cpu)["SPLIT_K"] == 2  # 16 blocks // 8
+    assert _gemv_config(64, 1536, 7168, cpu)["SPLIT_K"] == 7
+    assert _gemv_config(32, 1536, 7168, cpu)["SPLIT_K"] == 14  # BLOCK_M 32: >= 4 blocks each
+    # up to 16 rows (BLOCK_M <= 16) the configs are the default's
+    assert _gemv_config(16, 1536, 7168, cpu)["SPLIT_K"] == 22
+    assert [_gemv_config(m, 576, 7168, cpu) for m in (1, 4, 16)] == small
+
+
+@pytest.mark.parametrize("switch", [None, "1"])
+def test_fp8_linear_batch_switch(switch, monkeypatch, launch_spy):
+    # 40 rows (a padded decode batch of 64's shape class): act_quant + the block-scaled GEMM by
+    # default; with MOERAY_FUSED_FP8_GEMV_BATCH=1 one fp8_gemv launch, weight-only numbers, the
+    # layer's workspace (serial split-K) left at zero.
+    if switch is None:
+        monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_BATCH", raising=False)
+    else:
+        monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", switch)
+    monkeypatch.setattr(fp8_gemv_module, "num_sms", lambda device: 64)  # K splits at 40 rows
+    wq, ws = _weight(256, 4096, seed=21)  # 32 K blocks: 4 splits of 8 (BLOCK_M 64 / 8)
+    layer = FP8Linear(wq, ws)
+    x = torch.randn(40, 4096, dtype=torch.bfloat16)
+    gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    y = layer.forward_kernels(x)
+    if switch == "1":
+        assert gemv_launches == [(1, 4, 4)]  # one launch: 4 N tiles x 4 K splits
+        _check(y, x, wq, ws)
+        assert not layer.gemv_workspace.any()
+    else:
+        assert not gemv_launches
+        xq, xs = fp8.act_quant(x)
+        assert torch.equal(y, fp8.fp8_gemm(xq, xs, wq, ws))

@@ -108,12 +108,16 @@ def test_fp8_merges_whole_blocks_only_and_equals_unmerged(q_lora, dtype):
     attn = merged.model.layers[0].self_attn.fused_qkv_a_proj
     dense = merged.model.layers[0].mlp.gate_up_proj
     # q (128) + kv_a (40) = 168 rows, off the grid: merged at fp8_gemv's rows only; 256: always
-    assert attn.max_rows == 16 and dense.max_rows is None
+    assert attn.gemv_only and not dense.gemv_only
     assert attn.applies(torch.zeros(16, cfg.hidden_size)) is False  # grad mode on
     with torch.no_grad():
         assert attn.applies(torch.zeros(2, 8, cfg.hidden_size))
         assert not attn.applies(torch.zeros(1, 17, cfg.hidden_size))
         assert dense.applies(torch.zeros(1, 17, cfg.hidden_size))
+        with pytest.MonkeyPatch.context() as mp:  # opt-in: fp8_gemv (so the stack) to 64 rows
+            mp.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")
+            assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
+            assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
     # S = 19 rows per sequence: the prefill runs the query pair's parts, decode steps the stack
     ids = torch.randint(0, cfg.vocab_size, (3, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -283,6 +287,6 @@ def test_published_shapes_merge_every_pair(preset, fp8):
     assert list(report.values()) == [None] * 4, report
     attn = layers[0].self_attn.fused_qkv_a_proj
     q_rows = cfg.q_lora_rank or cfg.num_attention_heads * 192
-    assert attn.sizes == (q_rows, 576) and attn.max_rows == (16 if fp8 else None)
-    assert layers[0].mlp.gate_up_proj.max_rows is None
-    assert layers[1].mlp.shared_experts.gate_up_proj.max_rows is None
+    assert attn.sizes == (q_rows, 576) and attn.gemv_only == fp8
+    assert not layers[0].mlp.gate_up_proj.gemv_only
+    assert not layers[1].mlp.shared_experts.gate_up_proj.gemv_only

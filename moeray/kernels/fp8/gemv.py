@@ -58,6 +58,7 @@ from moeray.kernels.common import (
     num_sms,
     pdl_launch,
     pdl_wait,
+    switched_on,
 )
 from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
@@ -311,7 +312,9 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     and 4x16 with 4 warps (96 registers in offline sm_90 compiles, no spills). Dot tiles: 64
     weight rows (one wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at
     every M.
-    `moeray bench kernels --only fp8_gemv_sweep` times the alternatives."""
+    With MOERAY_FUSED_FP8_GEMV_BATCH=1, dot tiles of more than 16 rows split K less (below).
+    `moeray bench kernels --only fp8_gemv_sweep` and scripts/fp8_small_m_sweep.py time the
+    alternatives."""
     if act_fp8:
         block_m, block_n, dot, num_warps, num_stages = _dot_tile_shape(m)
     else:
@@ -321,6 +324,13 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     split = cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)
     if m == 1 and not dot:
         split = max(split, cdiv(kb, _MAX_K_BLOCKS_M1))
+    if dot and block_m > 16 and switched_on("FP8_GEMV_BATCH"):
+        # Batch rows (opt-in with FP8Linear's 64-row bound): each program streams at least
+        # BLOCK_M / 8 K blocks, so its fp32 partial tile (BLOCK_M x BLOCK_N x 4 B) is at most a
+        # quarter of its weight slice. The program-count rule alone splits V3's q_a 22 ways at 64
+        # rows: partials of 8.6 MB next to 11 MB of weight, 27.7 us with the serial reduction and
+        # 19.4 with two launches on an H200 (results/kernels-nvidia-h200-gemvmma.json).
+        split = min(split, max(1, kb // (block_m // 8)))
     split = max(1, min(kb, split))
     return dict(
         BLOCK_M=block_m,

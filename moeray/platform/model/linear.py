@@ -19,7 +19,7 @@ from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK
 from moeray.kernels.gemv import linear
-from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS, FP8Linear
+from moeray.platform.model.quant import FP8Linear, fp8_gemv_max_rows
 
 
 class Linear(nn.Linear):
@@ -111,9 +111,9 @@ class MergedLinear(nn.Module):
         self.fused = fused
         # An FP8 stack whose rows are off the 128-grid (q 3072 + kv_a 576 = 3648) runs fp8_gemv at
         # any row count (FP8Linear.forward), which suits decode only: above FP8Linear's gemv rows
-        # the parts run, and an aligned part keeps act_quant + the block-scaled tensor-core GEMM.
-        total = sum(self.sizes)
-        self.max_rows = FP8_GEMV_MAX_ROWS if fp8 and total % FP8_BLOCK else None
+        # (quant.fp8_gemv_max_rows) the parts run, and an aligned part keeps act_quant + the
+        # block-scaled tensor-core GEMM.
+        self.gemv_only = fp8 and sum(self.sizes) % FP8_BLOCK != 0
 
     def _row_ranges(self, name: str) -> list[slice]:
         """Each part's rows of the stacked tensor `name` (scale rows are 128-row blocks)."""
@@ -145,14 +145,14 @@ class MergedLinear(nn.Module):
     def applies(self, x: torch.Tensor) -> bool:
         """Whether the owner runs this merged layer for `x` rather than its parts: never while
         autograd records (training: the stacked tensors are no Parameters, gradients go to the
-        parts'), and for an FP8 stack off the 128-grid up to FP8_GEMV_MAX_ROWS rows only."""
+        parts'), and for an FP8 stack off the 128-grid up to `fp8_gemv_max_rows()` rows only."""
         if torch.is_grad_enabled():
             return False
         rows = x.numel() // max(x.shape[-1], 1)
-        return self.max_rows is None or rows <= self.max_rows
+        return not self.gemv_only or rows <= fp8_gemv_max_rows()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.fused(x).split(self.sizes, dim=-1))
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, max_rows={self.max_rows}"
+        return f"sizes={self.sizes}, gemv_only={self.gemv_only}"

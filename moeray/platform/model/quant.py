@@ -25,6 +25,19 @@ from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
 # this the tensor-core GEMM on quantized activations wins as the work turns compute-bound;
 # `moeray bench kernels --only fp8_gemv` times both at M = 1, 8, 64 for tuning this bound.
 FP8_GEMV_MAX_ROWS = 16
+# With MOERAY_FUSED_FP8_GEMV_BATCH=1 (opt-in, not yet timed in the engine) decode batches up to
+# this many rows take fp8_gemv too, with fewer K splits (kernels/fp8/gemv.py `_gemv_config`).
+# Why: at 64 rows the block-scaled GEMM covers the rows with one 128 x 128 tile per 128 weight rows,
+# so small layers run on a few SMs (H200, V3's q_a: 17.5 us for 2.3 us of bytes, bf16 F.linear
+# 11.0; benchmarks/notes-engine.md), where fp8_gemv puts 64 weight rows on each program and the
+# tokens on the MMA's narrow side.
+FP8_GEMV_BATCH_MAX_ROWS = 64
+
+
+def fp8_gemv_max_rows() -> int:
+    """Rows up to which FP8Linear (and an FP8 MergedLinear off the 128-grid) runs fp8_gemv:
+    FP8_GEMV_MAX_ROWS, or FP8_GEMV_BATCH_MAX_ROWS with MOERAY_FUSED_FP8_GEMV_BATCH=1."""
+    return FP8_GEMV_BATCH_MAX_ROWS if switched_on("FP8_GEMV_BATCH") else FP8_GEMV_MAX_ROWS
 
 
 def quantize_fp8_blocks(
@@ -64,16 +77,16 @@ class FP8Linear(nn.Module):
     """A linear layer that keeps its weight in FP8 plus block scales (inference).
 
     On a GPU, `forward` picks the kernel (`forward_kernels`): fp8_gemv (weight-only, x
-    unquantized) for up to FP8_GEMV_MAX_ROWS rows and for any N or K that is not a multiple of
+    unquantized) for up to `fp8_gemv_max_rows()` rows and for any N or K that is not a multiple of
     128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on e4m3 x (fp8 dots) instead at
     those rows when N and K are multiples of 128; act_quant + the block-scaled fp8_gemm otherwise.
     Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 
-    `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_MAX_ROWS rows, so
-    a split-K call is one launch. It is a non-persistent buffer: moved with the module, not in
+    `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_BATCH_MAX_ROWS rows,
+    so a split-K call is one launch. It is a non-persistent buffer: moved with the module, not in
     the state dict; zero between calls (each call leaves it so), and zeroed again whenever the
-    module's tensors are replaced (`to_empty` leaves new buffers uninitialized). A layer runs on
-    one stream at a time: two of its calls in flight at once would share the counters."""
+    module's tensors are replaced (`to_empty` leaves new buffers uninitialized). A layer runs on one
+    stream at a time: two of its calls in flight at once would share the counters."""
 
     # buffers, registered in __init__
     weight: torch.Tensor  # e4m3 [N, K]
@@ -84,7 +97,8 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight_fp8)
         self.register_buffer("weight_scale_inv", scale_inv.float())
-        workspace = fp8_gemv_workspace(weight_fp8.shape[0], FP8_GEMV_MAX_ROWS, weight_fp8.device)
+        rows = FP8_GEMV_BATCH_MAX_ROWS  # the opt-in bound: as many counters as at 16 rows
+        workspace = fp8_gemv_workspace(weight_fp8.shape[0], rows, weight_fp8.device)
         self.register_buffer("gemv_workspace", workspace, persistent=False)
         # dequantized_weight's copy (a plain attribute: not in the state dict, not moved by .to)
         self._dequantized: torch.Tensor | None = None
@@ -138,7 +152,7 @@ class FP8Linear(nn.Module):
         """`forward`'s GPU path on x2 [M, K] (float, rows flattened): the one place that picks the
         kernel. Runs on CPU tensors under Triton's interpreter too (the kernel tests)."""
         aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
-        rows_ok = x2.shape[0] <= FP8_GEMV_MAX_ROWS
+        rows_ok = x2.shape[0] <= fp8_gemv_max_rows()
         if rows_ok and aligned and switched_on("FP8_GEMV_ACT"):
             # Opt-in: fp8 x fp8 dots skip the weight-only gemv's in-register weight convert but
             # add an act_quant launch and round x to 1x128 e4m3 groups. On an H200 the kernel won
@@ -160,8 +174,9 @@ class FP8Linear(nn.Module):
             # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
             # N = 576) keep the dequantized model's numbers at any M, with no per-call
             # dequantization of the whole weight.
-            # Above FP8_GEMV_MAX_ROWS (ragged layers only) the workspace may have too few
-            # counters: the two-launch split-K, whose extra launch is small next to prefill.
+            # Above fp8_gemv_max_rows() (ragged layers only) the workspace may have too few
+            # counters, and the heuristic's many K splits make a serial reduction slow: the
+            # two-launch split-K, whose extra launch is small next to prefill.
             ws = self.gemv_workspace if rows_ok else None
             return fp8_gemv(x2, self.weight, self.weight_scale_inv, workspace=ws)
         xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
