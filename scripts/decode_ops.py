@@ -1,15 +1,19 @@
-"""Count the launches of one batch-1 decode forward by source line, on CPU, with the GPU's fast-path
-choices: PyTorch ops (each about one CUDA kernel) through a TorchDispatchMode that records the
-innermost moeray frame, and Triton kernels by name. The GPU profiler gave no Python stacks for the
-decode-sources recipe; this gives them for the glue ops, without a GPU.
+"""Count the launches of one decode forward (batch 1 unless --batch; bf16 or --weights fp8) by
+source line, on CPU, with the GPU's fast-path choices: PyTorch ops (each about one CUDA kernel)
+through a TorchDispatchMode that records the innermost moeray frame, and Triton kernels by name.
+The GPU profiler gave no Python stacks for the decode-sources recipe; this gives them for the
+glue ops, without a GPU.
 
 How the GPU path is emulated: TRITON_INTERPRET=1 runs the Triton kernels on CPU, and
 `torch.Tensor.is_cuda` reads True while the engine runs, so every `x.is_cuda` choice (model/norm.py,
 rope.py, moe.py, routing) takes its GPU branch; the runner gets attention="kernel" (the paged MLA
-kernel through `cache.attend`). Shapes are Moonlight-16B-A3B's structure at small widths (the op
-count does not depend on widths). The MoE-layer figure is the difference between two depths.
+kernel through `cache.attend`), FP8 GEMMs the Triton kernel (one launch, as cuBLASLt's). Shapes are
+Moonlight-16B-A3B's structure at small widths (the op count depends on widths only where a width
+picks a path: FP8 layers off the 128-grid run fp8_gemv, and the first FP8 decode step dequantizes
+kv_b once per layer). The MoE-layer figure is the difference between two depths.
 
     .venv/bin/python scripts/decode_ops.py            # 2 and 3 layers, the table of the latter
+    .venv/bin/python scripts/decode_ops.py --batch 64 --weights fp8     # ~2 minutes
 """
 
 import argparse

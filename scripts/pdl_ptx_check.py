@@ -40,6 +40,7 @@ from moeray.kernels import (
     moe_common,
     moe_gemv,
     norm,
+    router_gate,
     router_logits,
 )
 from moeray.kernels import swiglu as swiglu_mod
@@ -105,6 +106,15 @@ CASES = [
         True,
     ),
     (router_logits._router_logits_kernel, dict(BE=2, BD=2048), {"y_ptr": F32}, {}, True),
+    (  # logits + gate in one launch (MOERAY_FUSED_ROUTE_FOLD=1): Moonlight's gate at batch 1
+        router_gate._router_gate_kernel,
+        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1)
+        | dict(HAS_BIAS=True, NORM=True, PRECISE=True, BE=1, BD=2048),
+        dict(logits_ptr=F32, bias_ptr=F32, ids_ptr=I64, wts_ptr=F32, counts_ptr=I64)
+        | dict(scores_ptr=F32, fids_ptr=I64, fw_ptr=F32, cnt_ptr=I32),
+        {},
+        True,
+    ),
     (  # decode batches past 32 tokens (MOERAY_FUSED_ROUTE_BATCH=1)
         router_logits._router_logits_tiled_kernel,
         dict(BT=16, BE=8, BD=64),

@@ -168,7 +168,67 @@ def _moe_gate_kernel(
     # PDL: the wait comes first; even the bias (a few hundred bytes) waits, since the router
     # updates it between steps.
     pdl_wait(PDL)
-    pid = tl.program_id(0)
+    _gate_rows(
+        tl.program_id(0),
+        logits_ptr,
+        bias_ptr,
+        ids_ptr,
+        w_ptr,
+        counts_ptr,
+        scores_ptr,
+        fids_ptr,
+        fw_ptr,
+        T,
+        stride_lt,
+        scaling,
+        E,
+        G,
+        PG,
+        GP,
+        PGP,
+        TOPK_GROUP,
+        K,
+        S,
+        KP,
+        BLOCK_T,
+        HAS_BIAS,
+        NORM,
+        ATOMIC_COUNTS,
+        PRECISE,
+    )
+
+
+@triton.jit
+def _gate_rows(
+    pid,
+    logits_ptr,
+    bias_ptr,
+    ids_ptr,
+    w_ptr,
+    counts_ptr,
+    scores_ptr,
+    fids_ptr,
+    fw_ptr,
+    T,
+    stride_lt,
+    scaling,
+    E: tl.constexpr,
+    G: tl.constexpr,
+    PG: tl.constexpr,
+    GP: tl.constexpr,
+    PGP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    K: tl.constexpr,
+    S: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    ATOMIC_COUNTS: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    """The gate on rows pid * BLOCK_T ..: `_moe_gate_kernel`'s body after its PDL wait, and
+    the folded gate of `router_gate` (its last program, on the logits the launch stored)."""
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     r64 = rows.to(tl.int64)
@@ -258,15 +318,20 @@ def moe_gate_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bo
     rows_ok = logits_TE.shape[0] <= route_max_tokens(FUSED_MAX_TOKENS)
     if not 1 <= logits_TE.shape[1] <= MAX_EXPERTS or not rows_ok:
         return False
-    if bias_E is not None and (
-        bias_E.dim() != 1
-        or bias_E.dtype not in LOGIT_DTYPES
-        or not bias_E.is_contiguous()
-        or bias_E.device != logits_TE.device
-        or bias_E.shape[0] != logits_TE.shape[1]
-    ):
+    if bias_E is not None and not gate_bias_fits(bias_E, logits_TE.shape[1], logits_TE.device):
         return False
     return use_triton(logits_TE)
+
+
+def gate_bias_fits(bias_E: torch.Tensor, num_experts: int, device: torch.device) -> bool:
+    """Whether the gate kernels read this bias as it is: contiguous [E] float on `device`."""
+    return (
+        bias_E.dim() == 1
+        and bias_E.dtype in LOGIT_DTYPES
+        and bias_E.is_contiguous()
+        and bias_E.device == device
+        and bias_E.shape[0] == num_experts
+    )
 
 
 def moe_gate(

@@ -84,6 +84,8 @@ def _router_logits_kernel(
     BD: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL: the first weight step is loaded before the wait
 ):
+    """Token program_id(1)'s logits of experts program_id(0) * BE ..; also the first part of
+    router_gate's folded kernel, which calls it."""
     t = tl.program_id(1).to(tl.int64)
     offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
     ok_e = offs_e < E

@@ -34,7 +34,7 @@
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
 #   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
-#   decode-routing     opt-in ROUTE_BATCH (router kernels to 256 tokens) and MLA_DIRECT: GPU tests, Moonlight b1/b64 shipped / each on (1 GPU, ~7 min)
+#   decode-routing     opt-in ROUTE_BATCH (router kernels to 256 tokens), ROUTE_FOLD (logits + gate, one launch): GPU tests, Moonlight A/B (1 GPU, ~6 min)
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)

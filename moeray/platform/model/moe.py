@@ -11,7 +11,7 @@ maps them to the official per-expert keys `experts.{e}.{gate,up,down}_proj.weigh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from moeray.kernels.moe_permute import (
     moe_permute,
     moe_positions,
 )
+from moeray.kernels.router_gate import router_gate, router_gate_applies
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
@@ -119,6 +120,7 @@ class Gate(nn.Module):
     """Router weight and the aux-loss-free correction bias (used for selection only)."""
 
     e_score_correction_bias: torch.Tensor  # buffer [E], registered in __init__
+    fold_counter: torch.Tensor  # int32 [1], non-persistent: router_gate's counter, zero
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -127,6 +129,15 @@ class Gate(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
         )
+        # Not in the state dict; zero between calls (each router_gate call leaves it so) and
+        # zeroed again after every move (`to_empty` leaves new buffers uninitialized).
+        self.register_buffer("fold_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Gate:
+        super()._apply(fn, recurse)
+        if self.fold_counter.device.type != "meta":
+            self.fold_counter.zero_()
+        return self
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, E] = x . W^T. The one place that picks the Triton kernel (one launch,
@@ -137,6 +148,18 @@ class Gate(nn.Module):
         if x_TD.is_cuda and not needs_grad and router_logits_applies(x_TD, w):
             return router_logits(x_TD, w)
         return router_logits_ref(x_TD, w)
+
+    def fused_route(self, x_TD: torch.Tensor, **gate_kw) -> Routing | None:
+        """The logits and the official-mask gate (`routing.gate.route`'s keywords) in one launch
+        (`kernels.router_gate`, opt-in: MOERAY_FUSED_ROUTE_FOLD=1) for CUDA inference at decode
+        rows; None where it does not apply (the caller runs `logits` and `route`)."""
+        w, bias = self.weight, self.e_score_correction_bias
+        needs_grad = torch.is_grad_enabled() and (
+            x_TD.requires_grad or w.requires_grad or bias.requires_grad
+        )
+        if not x_TD.is_cuda or needs_grad or not router_gate_applies(x_TD, w, bias):
+            return None
+        return router_gate(x_TD, w, bias, self.fold_counter, **gate_kw)
 
 
 class Experts(nn.Module):
@@ -389,16 +412,23 @@ class MoE(nn.Module):
         """The gate's choice; with shared_experts=S the fused gate also appends the S shared
         experts' ids and weights (Routing.fused_ids_TJ)."""
         c = self.config
-        return route(  # routing.gate.route, not this method
-            self.gate.logits(x_TD),
-            self.gate.e_score_correction_bias,
+        kw: dict[str, Any] = dict(
             top_k=c.num_experts_per_tok,
             n_group=c.n_group,
             topk_group=c.topk_group,
             routed_scaling_factor=c.routed_scaling_factor,
             norm_topk_prob=c.norm_topk_prob,
-            group_mask_value=self.group_mask_value,
             shared_experts=shared_experts,
+        )
+        if self.group_mask_value == GROUP_MASK_OFFICIAL:  # the kernels' mask
+            folded = self.gate.fused_route(x_TD, **kw)
+            if folded is not None:
+                return folded
+        return route(  # routing.gate.route, not this method
+            self.gate.logits(x_TD),
+            self.gate.e_score_correction_bias,
+            group_mask_value=self.group_mask_value,
+            **kw,
         )
 
     def _fused_shared(self) -> SharedFusedFn | None:

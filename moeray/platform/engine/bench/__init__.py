@@ -334,13 +334,20 @@ def main(argv: list[str]) -> int:
     # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
     # quant.py; moe_gemv.py's MOE_SUM_FOLD; PDL: common.pdl_launch): on unless set to "0"; the
     # opt-in HEAD_GEMV, FP8_GEMV_ACT, MLA_DIRECT (mla_decode.py), ROUTE_BATCH (common.py: the
-    # router kernels at decode batches to 256) and FP8_GEMV_BATCH (model/quant.py: fp8_gemv to
-    # 64 rows) off unless set to "1"
+    # router kernels at decode batches to 256), FP8_GEMV_BATCH (model/quant.py: fp8_gemv to 64
+    # rows) and ROUTE_FOLD (router_gate.py: logits + gate in one launch) off unless set to "1"
     switches = (
         "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV HEAD_GEMV FP8_GEMV_ACT PROJ SHARED PDL "
-        "MOE_GEMV MOE_SUM_FOLD MLA_DIRECT ROUTE_BATCH FP8_GEMV_BATCH"
+        "MOE_GEMV MOE_SUM_FOLD MLA_DIRECT ROUTE_BATCH FP8_GEMV_BATCH ROUTE_FOLD"
     )
-    opt_in = ("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "ROUTE_BATCH", "FP8_GEMV_BATCH")
+    opt_in = (
+        "HEAD_GEMV",
+        "FP8_GEMV_ACT",
+        "MLA_DIRECT",
+        "ROUTE_BATCH",
+        "FP8_GEMV_BATCH",
+        "ROUTE_FOLD",
+    )
     notes["fast_path_env"] = {
         f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "0" if k in opt_in else "1")
         for k in switches.split()

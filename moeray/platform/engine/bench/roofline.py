@@ -75,8 +75,12 @@ def step_bytes(model: nn.Module, kv_dtype_bytes: int) -> StepBytes:
         if isinstance(m, FP8Linear) and name.endswith("kv_b_proj"):
             fixed += m.weight.numel() * kv_dtype_bytes  # read as the dequantized copy
             continue
-        tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-        fixed += sum(_nbytes(t) for _, t in tensors)
+        # Persistent buffers only: the weights' kin (scales, the routing bias); kernel
+        # workspaces (fp8_gemv's tile counters, the gate's fold counter) are not weights.
+        buffers = [
+            t for n, t in m.named_buffers(recurse=False) if n not in m._non_persistent_buffers_set
+        ]
+        fixed += sum(_nbytes(t) for t in [*m.parameters(recurse=False), *buffers])
     expert = tuple(
         sum(_nbytes(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
         // m.num_experts
