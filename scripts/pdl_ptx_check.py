@@ -115,13 +115,6 @@ CASES = [
         {},
         True,
     ),
-    (  # decode batches past 32 tokens (MOERAY_FUSED_ROUTE_BATCH=1)
-        router_logits._router_logits_tiled_kernel,
-        dict(BT=16, BE=8, BD=64),
-        {"y_ptr": F32},
-        {},
-        True,
-    ),
     (
         norm._rms_norm_kernel,
         dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048),

@@ -62,10 +62,10 @@ def switched_on(name: str) -> bool:
     return os.environ.get(f"MOERAY_FUSED_{name}", "0") == "1"
 
 
-# Decode batches the MoE router's fused kernels (router_logits, moe_gate) take with
-# MOERAY_FUSED_ROUTE_BATCH=1 (opt-in until the engine times it at batch 64): each kernel alone
-# wins at every size to 256 rows, while past their default 32 rows the reference runs ~14 launches
-# a layer (topk's sort and gather, fp32 casts, an fp32 SIMT GEMM).
+# Decode batches the MoE router's fast paths (router_logits: cuBLAS's fp32-output GEMM past 32
+# rows; moe_gate) take with MOERAY_FUSED_ROUTE_BATCH=1 (opt-in until the engine times it at batch
+# 64): past their default 32 rows the reference runs ~14 launches a layer (topk's sort and
+# gather, fp32 casts, an fp32 SIMT GEMM), and the gate kernel alone wins at every size to 256.
 ROUTE_BATCH_MAX_TOKENS = 256
 
 

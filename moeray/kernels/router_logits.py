@@ -1,4 +1,4 @@
-"""The MoE router's logits x . W^T in fp32 from bf16/fp16 x and W as one Triton launch:
+"""The MoE router's logits x . W^T in fp32 from bf16/fp16 x and W in one launch:
 `router_logits`, its PyTorch reference `router_logits_ref` (DeepSeek-V3's and transformers'
 `F.linear(x.float(), W.float())`), and the test `router_logits_applies` by which the model's Gate
 (`moeray.platform.model.moe.Gate.logits`) chooses between them.
@@ -14,12 +14,12 @@ Numerics: every product of two bf16 (or fp16) values is exact in fp32, so the lo
 the reference only by the order of the fp32 sum over D (cuBLAS picks its own): a few fp32 ulps,
 which can change the gate's choice only between experts whose scores tie to ~1e-7.
 
-Two kernels by token count: up to ROW_MAX_TOKENS (batch-1 decode and small batches) one program per
-(token, 1-2 expert rows) walks D in 2,048-feature steps (latency-bound: the fewest dependent steps);
-past it (decode batches to 256, which the model's Gate sends with MOERAY_FUSED_ROUTE_BATCH=1) one
-program per (BT tokens, BE experts) tile accumulates [BT, BE] partial products over BD-feature
-steps, so the weight is read once per token tile rather than once per token (V3 at 64 tokens: 3.7 MB
-x 4 tiles, not x 64). Prefill keeps the reference, whose GEMM reads W once for all rows.
+By token count: up to ROW_MAX_TOKENS (batch-1 decode and small batches) the Triton kernel, one
+program per (token, 1-2 expert rows) walking D in 2,048-feature steps (latency-bound: the fewest
+dependent steps); past it (decode batches to 256, which the model's Gate sends here with
+MOERAY_FUSED_ROUTE_BATCH=1) cuBLAS's bf16 GEMM with fp32 output (`torch.mm(out_dtype=)`: one
+launch, tensor cores, no fp32 copies; the same exact products, fp32 sums in cuBLAS's order as the
+reference's). Prefill keeps the reference.
 
 With PDL (sm_90, `common.pdl_launch`) each program loads its first weight step before it waits
 for the previous kernel, x after.
@@ -43,16 +43,14 @@ from moeray.kernels.common import (
 
 DTYPES = (torch.bfloat16, torch.float16)
 # The per-token kernel re-reads all of W for each token: fine up to this many tokens (Moonlight:
-# 256 KB a token from L2), past it the tiled kernel reads W once per TILE_T tokens.
+# 256 KB a token from L2); past it one GEMM reads W once for all of them.
 ROW_MAX_TOKENS = 32
 # Rows the model's Gate sends here by default; with MOERAY_FUSED_ROUTE_BATCH=1 decode batches to
-# common.ROUTE_BATCH_MAX_TOKENS (the tiled kernel). The reference is three launches (x and W to
-# fp32, an fp32 SIMT GEMM: 5.6 us a layer at Moonlight batch 64 on an H200, plus a 512 KB fp32
-# copy of W); past the bound (prefill) its GEMM, which reads W once for all rows, is the better one.
+# common.ROUTE_BATCH_MAX_TOKENS (cuBLAS's fp32-output GEMM). The reference is three launches (x
+# and W to fp32, an fp32 SIMT GEMM: 5.6 us a layer at Moonlight batch 64 on an H200, plus a 512 KB
+# fp32 copy of W); past the bound (prefill) its GEMM, which reads W once for all rows, is the
+# better one.
 MAX_TOKENS = 32
-# Tiled kernel: 16 tokens x 8 experts x 64 features a step, a [16, 8, 64] fp32 product tile (64
-# registers a thread at 4 warps); V3 (256 experts) at 64 tokens runs 32 x 4 = 128 programs.
-TILE_T, TILE_E, TILE_D = 16, 8, 64
 
 
 def router_logits_ref(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
@@ -108,39 +106,6 @@ def _router_logits_kernel(
     tl.store(y_ptr + t * E + offs_e, acc, mask=ok_e)
 
 
-@triton.jit
-def _router_logits_tiled_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    T,
-    D,
-    E,
-    stride_x,
-    stride_w,
-    BT: tl.constexpr,
-    BE: tl.constexpr,
-    BD: tl.constexpr,
-    PDL: tl.constexpr,  # launched with PDL: the first weight step is loaded before the wait
-):
-    offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
-    offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
-    ok_e, ok_t = offs_e < E, offs_t < T
-    offs_d = tl.arange(0, BD)
-    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_x
-    acc = tl.zeros([BT, BE], dtype=tl.float32)
-    w = _w_step(w_ptr, offs_e, ok_e, stride_w, 0, offs_d, D)  # no earlier kernel writes W
-    pdl_wait(PDL)
-    for d0 in range(0, D, BD):
-        ok_d = d0 + offs_d < D
-        if d0 > 0:
-            w = _w_step(w_ptr, offs_e, ok_e, stride_w, d0, offs_d, D)
-        x = tl.load(x_rows + d0 + offs_d[None, :], mask=ok_t[:, None] & ok_d[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * E + offs_e[None, :]
-    tl.store(y_ptrs, acc, mask=ok_t[:, None] & ok_e[None, :])
-
-
 def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
     """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS (or
     common.ROUTE_BATCH_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=1) and W [E, D]
@@ -157,9 +122,16 @@ def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
     return x_TD.stride(-1) == 1 and weight_ED.stride(-1) == 1 and use_triton(x_TD, weight_ED)
 
 
+def _mm_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """x . W^T by cuBLAS in fp32 from bf16/fp16 operands (CUDA only)."""
+    return torch.mm(x_TD, weight_ED.t(), out_dtype=torch.float32)
+
+
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     """`router_logits_ref` in one launch for x [T, D] and W [E, D] (bf16 or fp16, one dtype):
-    fp32 [T, E]. No gradient (inference); no host sync (CUDA graphs)."""
+    fp32 [T, E]: the Triton kernel up to ROW_MAX_TOKENS rows, cuBLAS's fp32-output GEMM past them
+    on CUDA (the reference under the interpreter). No gradient (inference); no host sync (CUDA
+    graphs)."""
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
     check_tensor(weight_ED, "weight", dtypes=(x_TD.dtype,), ndim=2, device=x_TD.device)
     T, D = x_TD.shape
@@ -170,27 +142,12 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
         return router_logits_ref(x_TD, weight_ED)
     x = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     w = weight_ED if weight_ED.stride(-1) == 1 else weight_ED.contiguous()
-    y = torch.empty(T, E, dtype=torch.float32, device=x.device)
     if T > ROW_MAX_TOKENS:
-        # PDL reads the weight before the wait: not a copy made just above (the kernel before)
-        pdl = pdl_launch(x.device) and w is weight_ED
-        _router_logits_tiled_kernel[(triton.cdiv(E, TILE_E), triton.cdiv(T, TILE_T))](
-            x,
-            w,
-            y,
-            T,
-            D,
-            E,
-            x.stride(0),
-            w.stride(0),
-            BT=TILE_T,
-            BE=TILE_E,
-            BD=TILE_D,
-            PDL=pdl,
-            num_warps=4,
-            launch_pdl=pdl,
-        )
-    elif T and E:
+        if x.is_cuda:
+            return _mm_fp32(x, w)
+        return router_logits_ref(x, w)  # the interpreter: no fp32-output bf16 GEMM on CPU
+    y = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    if T and E:
         # Latency, not bytes, bounds this GEMV at decode (256 KB of weights at Moonlight, 3.7 MB at
         # V3): one or two expert rows per program (64 programs a token at 64 experts, 128 at
         # V3's 256) and 2,048 features a step (one step at Moonlight's D, four at V3's 7,168).

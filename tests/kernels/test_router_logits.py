@@ -27,33 +27,38 @@ def _close_in_sum_order(out, ref, x, w):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("T", "E", "D"),
-    # per-token kernel (T <= ROW_MAX_TOKENS): one-row programs (E <= 128) and two-row ones
-    # (E = 257: the last half masked); D over 2,048-feature steps with a partial last one
-    # (4,437 = 2 x 2,048 + 341). Tiled kernel (T > ROW_MAX_TOKENS): partial token and expert
-    # tiles (33 = 2 x 16 + 1, 9 = 8 + 1, 257), D below one step (40) and with a partial last one
-    [
-        (1, 1, 1),
-        (3, 7, 100),
-        (1, 64, 2048),
-        (32, 9, 600),
-        (3, 130, 2100),
-        (1, 257, 4437),
-        (33, 9, 600),
-        (64, 64, 2048),
-        (47, 257, 40),
-        (256, 13, 130),
-    ],
+    # one-row programs (E <= 128) and two-row ones (E = 257: the last half masked); D over
+    # 2,048-feature steps with a partial last one (4,437 = 2 x 2,048 + 341)
+    [(1, 1, 1), (3, 7, 100), (1, 64, 2048), (32, 9, 600), (3, 130, 2100), (1, 257, 4437)],
 )
-def test_router_logits_match_reference(dtype, T, E, D, launch_spy):
+def test_router_logits_match_reference(dtype, T, E, D):
     g = torch.Generator().manual_seed(T * 1000 + E + D)
     x = torch.randn(T, D, generator=g).to(dtype)
     w = (torch.randn(E, D, generator=g) * 0.05).to(dtype)
-    tiled = launch_spy(router_logits_mod, "_router_logits_tiled_kernel")
-    per_token = launch_spy(router_logits_mod, "_router_logits_kernel")
     out = router_logits(x, w)
-    assert (len(tiled), len(per_token)) == ((1, 0) if T > ROW_MAX_TOKENS else (0, 1))
     assert out.dtype == torch.float32 and out.shape == (T, E)
     _close_in_sum_order(out, router_logits_ref(x, w), x, w)
+
+
+def test_router_logits_past_the_kernels_rows_is_one_gemm(monkeypatch, launch_spy):
+    # Past ROW_MAX_TOKENS a CUDA call is cuBLAS's fp32-output GEMM (CUDA only: its numbers are
+    # the GPU check's), under the interpreter the reference; the kernel does not launch.
+    x = torch.randn(ROW_MAX_TOKENS + 1, 64).bfloat16()
+    w = (torch.randn(16, 64) * 0.1).bfloat16()
+    kernel = launch_spy(router_logits_mod, "_router_logits_kernel")
+    gemms = []
+
+    def mm_fp32(a, b):
+        gemms.append((tuple(a.shape), tuple(b.shape)))
+        return router_logits_ref(a, b)
+
+    monkeypatch.setattr(router_logits_mod, "_mm_fp32", mm_fp32)
+    assert torch.equal(router_logits(x, w), router_logits_ref(x, w)) and not gemms
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    router_logits(x, w)
+    assert gemms == [((ROW_MAX_TOKENS + 1, 64), (16, 64))] and not kernel
+    router_logits(x[:ROW_MAX_TOKENS], w)
+    assert len(gemms) == 1 and len(kernel) == 1
 
 
 def test_router_logits_inputs_and_applies(monkeypatch):
@@ -106,11 +111,16 @@ for E, D in ((64, 2048), (256, 7168), (7, 100)):
         w = (torch.randn(E, D, device="cuda") * 0.02).bfloat16()
         out, ref = router_logits(x, w), router_logits_ref(x, w)
         scale = x.float().abs() @ w.float().abs().t()
-        ok = bool(((out - ref).abs() <= 8 * 1.2e-7 * scale + 1e-30).all())
+        # The kernel (T <= 32) sums in fp32 in its own order: 8 ulps of the sum of |products|.
+        # Past 32 rows cuBLAS's tensor-core GEMM sums in fp32 in blocks: sqrt(D) ulps.
+        ulps = 8 if T <= 32 else max(8, D ** 0.5)
+        ratio = float(((out - ref).abs() / (ulps * 1.2e-7 * scale + 1e-30)).max())
+        ok = ratio <= 1
         same_top = torch.equal(out.topk(min(6, E)).indices, ref.topk(min(6, E)).indices)
         bad += not ok
         print(E, D, T, "ok" if ok else "MISMATCH", "max diff", float((out - ref).abs().max()),
-              "top-6 same:", same_top, "bit-equal:", torch.equal(out, ref))
+              "of the bound", round(ratio, 3), "top-6 same:", same_top,
+              "bit-equal:", torch.equal(out, ref))
 print("RESULT PASS" if bad == 0 else f"RESULT FAIL {bad}")
 """,
         "router-logits-gpu.log",
