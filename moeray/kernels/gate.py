@@ -168,7 +168,7 @@ def _moe_gate_kernel(
     # PDL: the wait comes first; even the bias (a few hundred bytes) waits, since the router
     # updates it between steps.
     pdl_wait(PDL)
-    _gate_rows(
+    gate_rows(
         tl.program_id(0),
         logits_ptr,
         bias_ptr,
@@ -199,7 +199,7 @@ def _moe_gate_kernel(
 
 
 @triton.jit
-def _gate_rows(
+def gate_rows(
     pid,
     logits_ptr,
     bias_ptr,

@@ -9,7 +9,7 @@ Why: at batch 1 a MoE layer runs `router_logits` (64 programs at Moonlight's 64 
 on an H200 with PDL off) and then `moe_gate` (one program; 2.9 us), and under PDL removing a
 kernel boundary returned ~0.8 us (benchmarks/notes-engine.md). Here the router's programs store
 the logits, each counts itself in on a counter (one acq_rel atomic after a barrier that orders
-the program's stores before it), and the one that counts last runs the gate (`gate._gate_rows`)
+the program's stores before it), and the one that counts last runs the gate (`gate.gate_rows`)
 on the stored logits, then sets the counter back to zero for the next call.
 
 Numerics: the logits are `router_logits`' per-token kernel's (the same function, the same order
@@ -35,9 +35,9 @@ from moeray.kernels.common import (
 from moeray.kernels.gate import (
     MAX_EXPERTS,
     Routing,
-    _gate_rows,
     check_group_sizes,
     gate_bias_fits,
+    gate_rows,
 )
 from moeray.kernels.router_logits import DTYPES, _router_logits_kernel, router_logits_applies
 
@@ -87,7 +87,7 @@ def _router_gate_kernel(
     programs = tl.num_programs(0) * tl.num_programs(1)
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if done == programs - 1:
-        _gate_rows(0, logits_ptr, bias_ptr, ids_ptr, wts_ptr, counts_ptr, scores_ptr, fids_ptr,
+        gate_rows(0, logits_ptr, bias_ptr, ids_ptr, wts_ptr, counts_ptr, scores_ptr, fids_ptr,
                    fw_ptr, T, E, scaling, E, G, PG, GP, PGP, TOPK_GROUP, K, S, KP, BLOCK_T,
                    HAS_BIAS, NORM, False, PRECISE)  # fmt: skip
         tl.atomic_xchg(cnt_ptr, 0)  # no program of this launch counts again: zero for the next
