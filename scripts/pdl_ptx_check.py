@@ -124,7 +124,7 @@ CASES = [
     ),
     (
         gate._moe_gate_kernel,
-        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1),
+        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1, FOLDED=False),
         dict(logits_ptr=F32, bias_ptr=F32, ids_ptr=I64, w_ptr=F32, counts_ptr=I64),
         dict(num_warps=1),
         False,

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,18 @@ def check_first_step():
         assert rec["balance"] == pytest.approx(parts.balance, rel=max(rel, 1e-4))
 
     return check
+
+
+@pytest.fixture
+def load_script():
+    """load_script("name") imports scripts/name.py as a module (the scripts are not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

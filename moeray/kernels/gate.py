@@ -164,71 +164,14 @@ def _moe_gate_kernel(
     ATOMIC_COUNTS: tl.constexpr,
     PRECISE: tl.constexpr,
     PDL: tl.constexpr,
+    # The folded gate (router_gate's last program, already past its PDL wait, called as a
+    # function): rows 0 .. BLOCK_T rather than this program's block.
+    FOLDED: tl.constexpr = False,
 ):
     # PDL: the wait comes first; even the bias (a few hundred bytes) waits, since the router
     # updates it between steps.
     pdl_wait(PDL)
-    gate_rows(
-        tl.program_id(0),
-        logits_ptr,
-        bias_ptr,
-        ids_ptr,
-        w_ptr,
-        counts_ptr,
-        scores_ptr,
-        fids_ptr,
-        fw_ptr,
-        T,
-        stride_lt,
-        scaling,
-        E,
-        G,
-        PG,
-        GP,
-        PGP,
-        TOPK_GROUP,
-        K,
-        S,
-        KP,
-        BLOCK_T,
-        HAS_BIAS,
-        NORM,
-        ATOMIC_COUNTS,
-        PRECISE,
-    )
-
-
-@triton.jit
-def gate_rows(
-    pid,
-    logits_ptr,
-    bias_ptr,
-    ids_ptr,
-    w_ptr,
-    counts_ptr,
-    scores_ptr,
-    fids_ptr,
-    fw_ptr,
-    T,
-    stride_lt,
-    scaling,
-    E: tl.constexpr,
-    G: tl.constexpr,
-    PG: tl.constexpr,
-    GP: tl.constexpr,
-    PGP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr,
-    K: tl.constexpr,
-    S: tl.constexpr,
-    KP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    NORM: tl.constexpr,
-    ATOMIC_COUNTS: tl.constexpr,
-    PRECISE: tl.constexpr,
-):
-    """The gate on rows pid * BLOCK_T ..: `_moe_gate_kernel`'s body after its PDL wait, and
-    the folded gate of `router_gate` (its last program, on the logits the launch stored)."""
+    pid = 0 if FOLDED else tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     r64 = rows.to(tl.int64)

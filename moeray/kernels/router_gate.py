@@ -5,12 +5,12 @@ MOERAY_FUSED_ROUTE_FOLD=1 until an engine run times it.
 
 Legend: T tokens (<= FOLD_MAX_TOKENS), D model width, E routed experts, BE experts per program.
 
-Why: at batch 1 a MoE layer runs `router_logits` (64 programs at Moonlight's 64 experts; 2.2 us
-on an H200 with PDL off) and then `moe_gate` (one program; 2.9 us), and under PDL removing a
-kernel boundary returned ~0.8 us (benchmarks/notes-engine.md). Here the router's programs store
-the logits, each counts itself in on a counter (one acq_rel atomic after a barrier that orders
-the program's stores before it), and the one that counts last runs the gate (`gate.gate_rows`)
-on the stored logits, then sets the counter back to zero for the next call.
+Why: at batch 1 a MoE layer runs `router_logits` (64 programs at Moonlight's 64 experts; 2.2 us on
+an H200 with PDL off) and then `moe_gate` (one program; 2.9 us), and under PDL removing a kernel
+boundary returned ~0.8 us (benchmarks/notes-engine.md). Here the router's programs store the
+logits, each counts itself in on a counter (one acq_rel atomic after a barrier that orders the
+program's stores before it), and the one that counts last runs the gate (`gate._moe_gate_kernel`,
+called as a function) on the stored logits, then sets the counter back to zero for the next call.
 
 Numerics: the logits are `router_logits`' per-token kernel's (the same function, the same order
 of additions) and the gate is `moe_gate`'s code on them, read back from memory: ids, counts and
@@ -35,9 +35,9 @@ from moeray.kernels.common import (
 from moeray.kernels.gate import (
     MAX_EXPERTS,
     Routing,
+    _moe_gate_kernel,
     check_group_sizes,
     gate_bias_fits,
-    gate_rows,
 )
 from moeray.kernels.router_logits import DTYPES, _router_logits_kernel, router_logits_applies
 
@@ -87,9 +87,9 @@ def _router_gate_kernel(
     programs = tl.num_programs(0) * tl.num_programs(1)
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if done == programs - 1:
-        gate_rows(0, logits_ptr, bias_ptr, ids_ptr, wts_ptr, counts_ptr, scores_ptr, fids_ptr,
-                   fw_ptr, T, E, scaling, E, G, PG, GP, PGP, TOPK_GROUP, K, S, KP, BLOCK_T,
-                   HAS_BIAS, NORM, False, PRECISE)  # fmt: skip
+        _moe_gate_kernel(logits_ptr, bias_ptr, ids_ptr, wts_ptr, counts_ptr, scores_ptr,
+                         fids_ptr, fw_ptr, T, E, scaling, E, G, PG, GP, PGP, TOPK_GROUP, K, S,
+                         KP, BLOCK_T, HAS_BIAS, NORM, False, PRECISE, False, True)  # fmt: skip
         tl.atomic_xchg(cnt_ptr, 0)  # no program of this launch counts again: zero for the next
 
 

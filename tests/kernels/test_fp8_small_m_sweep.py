@@ -3,22 +3,11 @@ every candidate runs at a small layer, fp8_gemv's rows carry their error against
 of the dequantized weight, and the summary line names each kind; so a GPU call does not find a
 broken sweep."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 
-def _script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "fp8_small_m_sweep.py"
-    spec = importlib.util.spec_from_file_location("fp8_small_m_sweep", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_fp8_small_m_sweep_on_cpu(monkeypatch, capsys):
-    mod = _script()
+def test_fp8_small_m_sweep_on_cpu(monkeypatch, capsys, load_script):
+    mod = load_script("fp8_small_m_sweep")
     calls = []
 
     def timed(fn):

@@ -14,8 +14,6 @@ wrong weight or scale. (The fused MoE runs moe_gemv up to 16 assignments, weight
 MOERAY_FUSED_MOE_GEMV=0; the decode test runs both paths.)"""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -253,15 +251,11 @@ def test_engine_greedy_unchanged_and_switch(monkeypatch):
     assert tokens[True] == tokens[False]
 
 
-def test_three_launches_fewer_per_moe_layer(monkeypatch):
+def test_three_launches_fewer_per_moe_layer(monkeypatch, load_script):
     """scripts/decode_ops.py's count of one batch-1 decode forward (the GPU's fast-path choices,
     Triton interpreted): the shared MLP's gemv, SwiGLU and gemv are gone from each MoE layer, and
     nothing came in their place (the fused gate appends the shared ids in its launch)."""
-    path = Path(__file__).resolve().parents[2] / "scripts" / "decode_ops.py"
-    spec = importlib.util.spec_from_file_location("decode_ops", path)
-    assert spec is not None and spec.loader is not None
-    decode_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode_ops)
+    decode_ops = load_script("decode_ops")
     per_forward = {}
     for on in (True, False):
         monkeypatch.setenv("MOERAY_FUSED_SHARED", "1" if on else "0")

@@ -2,23 +2,13 @@
 projection's output equals the recipe's emulation up to the bf16 rounding of the output, and sits
 E4M3's few percent from BF16; the table and the JSON name every projection."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 
-def _script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "fp8_train_check.py"
-    spec = importlib.util.spec_from_file_location("fp8_train_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_fp8_train_check_on_cpu(tmp_path, capsys):
+def test_fp8_train_check_on_cpu(tmp_path, capsys, load_script):
     out = tmp_path / "check.json"
     args = ["--model", "tiny", "--layers", "2", "--seq-len", "64", "--micro-batch-size", "1"]
-    assert _script().main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    assert load_script("fp8_train_check").main([*args, "--device", "cpu", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     names = {r["name"] for r in rows}
     assert {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"} <= names
