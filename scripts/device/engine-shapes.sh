@@ -8,6 +8,8 @@
 # shape's batch sizes. A/B of a fast path:
 # MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
+# AB=ROUTE_FOLD,MLA_DIRECT passes --ab: each switch flipped alone in the same run (engine.ab; each
+# adds an engine build and its decode runs: raise SHAPES_LIMIT).
 # Async scheduling (engine/overlap.py: each greedy decode step launched before the previous one's
 # ids are read back) is the engine's default on CUDA; ASYNC=0 passes --no-async-scheduling, ASYNC=1
 # --async-scheduling (A/B: ASYNC=0 TAG_SUFFIX=-sync against a plain run). TEMP=1.0 samples the decode
@@ -33,7 +35,7 @@ for shape in ${SHAPES:-moonlight v3}; do
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
       --profile-steps ${PROFILE_STEPS:-8} --skip $skip "${hf[@]}" --tag "$tag" \
       $(case "${ASYNC:-}" in 1) echo --async-scheduling ;; 0) echo --no-async-scheduling ;; esac) \
-      ${TEMP:+--temperature $TEMP} $(case "${ASYNC_SAMPLED:-}" in 1) echo --async-sampled ;; 0) echo --no-async-sampled ;; esac) \
+      ${TEMP:+--temperature $TEMP} ${AB:+--ab $AB} $(case "${ASYNC_SAMPLED:-}" in 1) echo --async-sampled ;; 0) echo --no-async-sampled ;; esac) \
       --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
     r=$?; [ $r -eq 0 ] || rc=1
     el "bench engine $tag rc=$r"; grep -v "UNEXPECTED\|USDT" "$OUT/engine-$tag.log" | tail -4 | cut -c1-200

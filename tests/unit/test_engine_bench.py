@@ -215,6 +215,8 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
         "prefill",
         "--tag",
         "tiny-bf16",
+        "--ab",
+        "route_fold,NORM",
     )
     assert path.name.endswith("-tiny-bf16.json")
     assert r["model"]["weights"] == "bf16" and r["mtp_skipped"].startswith("--mtp-train-steps 0")
@@ -237,6 +239,17 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert gpt_fast["ratio"] == pytest.approx(gpt_fast["roofline_fraction"] / 0.74, rel=1e-3)
     lines = table.render([path]).splitlines()
     assert len(lines) == 3 and lines[1].startswith("tiny-bf16") and lines[2].split()[2] == "3"
+    # --ab: each switch flipped alone on the same prompts, then as run again (bench/ab.py)
+    ab = r["engine"]["ab"]
+    assert list(ab) == ["ROUTE_FOLD", "NORM", "as_run_again"]
+    assert ab["ROUTE_FOLD"]["env"] == {"MOERAY_FUSED_ROUTE_FOLD": "1"}
+    assert ab["NORM"]["env"] == {"MOERAY_FUSED_NORM": "0"}
+    assert r["engine"]["fast_path_env"]["MOERAY_FUSED_ROUTE_FOLD"] == "0"  # the main run's
+    for row in ab.values():
+        assert set(row["decode_tokens_per_s"]) == {"1", "3"}
+        assert all(v > 0 for v in row["tokens_per_s_vs_main"].values())
+        # CPU runs the references whatever the switches: the same greedy tokens
+        assert row["tokens_equal_to_main"] == {"1": 1.0, "3": 1.0}
 
 
 def test_bench_async_scheduling(tmp_path):
@@ -323,6 +336,7 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--layers", "0"], "--layers 0"),
         (["--dense-layers", "-1"], "--dense-layers -1"),
         (["--weights", "int4"], "invalid choice"),
+        (["--ab", "NORM,FOLD"], "'FOLD': not a switch"),
     ):
         with pytest.raises(SystemExit):
             bench.main(args)

@@ -20,8 +20,10 @@ Steps (GPU, bf16, the `small()` preset by default):
   4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
      Skipped for FP8 weights and for models above --hf-max-weight-gib.
   5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
-`--skip prefill,router-ab,hf,mtp` leaves sections out. Known GPUs use their datasheet numbers (H100
-SXM 3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a measured copy bandwidth and matmul.
+`--skip prefill,router-ab,hf,mtp` leaves sections out. `--ab NAME,...` times each named fast-path
+switch flipped alone on the same weights and prompts after step 3 (bench/ab.py). Known GPUs use
+their datasheet numbers (H100 SXM 3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a
+measured copy bandwidth and matmul.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from moeray.kernels.common import pdl_launch
 from moeray.platform.checkpoint import save_model
 from moeray.platform.config import ModelConfig
+from moeray.platform.engine.bench.ab import ab_table, run_ab, switch_env
 from moeray.platform.engine.bench.args import parse_args
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
 from moeray.platform.engine.bench.profile import decode_graph_ms, host_phases, profile_decode
@@ -180,6 +183,12 @@ def engine_decode(
     return produced / dt, [outs[r] for r in ids]
 
 
+def _warm_decode(engine, prompts, n: int, temperature: float) -> tuple[float, list[list[int]]]:
+    """engine_decode after a 2-token warm-up of the whole batch (the main loop's order)."""
+    engine_decode(engine, prompts, 2, temperature=temperature)
+    return engine_decode(engine, prompts, n, temperature=temperature)
+
+
 def hf_decode(hf, prompts, n: int, device) -> float:
     """transformers generate: (time(n+1 tokens) - time(1 token)) gives n decode steps."""
     ids = torch.tensor(prompts, device=device)
@@ -297,16 +306,19 @@ def main(argv: list[str]) -> int:
     phases: dict[str, dict[str, float]] = {}
     hf_rate: dict[str, float] = {}
     notes: dict[str, Any] = {}
+    main_prompts: dict[int, list[list[int]]] = {}
+    main_outputs: dict[str, list[list[int]]] = {}
     engine = Engine(model, EngineConfig(**ecfg))
     for B in a.batch_sizes:
-        prompts = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
+        prompts = main_prompts[B] = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
         # a prefill of B prompts compiles Triton kernels for its own token counts, which a batch-1
         # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
         engine_decode(engine, prompts, 2, temperature=a.temperature)
         seconds: list[float] = []
-        rate, _ = engine_decode(engine, prompts, n, seconds, temperature=a.temperature)
+        rate, outputs = engine_decode(engine, prompts, n, seconds, temperature=a.temperature)
         k = str(B)
+        main_outputs[k] = outputs
         decode[k] = rate
         step_ms[k] = 1e3 * B / rate
         # the mean step above carries every host hiccup; the median step is the typical one
@@ -330,28 +342,7 @@ def main(argv: list[str]) -> int:
     notes["async_scheduling"] = engine.async_scheduling
     notes["async_scheduling_sampled"] = a.async_sampled
     notes["temperature"] = a.temperature
-    # the fast-path switches (kernels/gate.py, norm.py, rope.py, moe_align.py, swiglu.py,
-    # router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV; model/merge.py, shared_fuse.py,
-    # quant.py; moe_gemv.py's MOE_SUM_FOLD; PDL: common.pdl_launch): on unless set to "0"; the
-    # opt-in HEAD_GEMV, FP8_GEMV_ACT, MLA_DIRECT (mla_decode.py), ROUTE_BATCH (common.py: the
-    # router kernels at decode batches to 256), FP8_GEMV_BATCH (model/quant.py: fp8_gemv to 64
-    # rows) and ROUTE_FOLD (router_gate.py: logits + gate in one launch) off unless set to "1"
-    switches = (
-        "GATE NORM ROPE ALIGN SWIGLU GATE_LOGITS GEMV HEAD_GEMV FP8_GEMV_ACT PROJ SHARED PDL "
-        "MOE_GEMV MOE_SUM_FOLD MLA_DIRECT ROUTE_BATCH FP8_GEMV_BATCH ROUTE_FOLD"
-    )
-    opt_in = (
-        "HEAD_GEMV",
-        "FP8_GEMV_ACT",
-        "MLA_DIRECT",
-        "ROUTE_BATCH",
-        "FP8_GEMV_BATCH",
-        "ROUTE_FOLD",
-    )
-    notes["fast_path_env"] = {
-        f"MOERAY_FUSED_{k}": os.environ.get(f"MOERAY_FUSED_{k}", "0" if k in opt_in else "1")
-        for k in switches.split()
-    }
+    notes["fast_path_env"] = switch_env()  # every switch (bench/ab.py), defaults filled in
     notes["pdl"] = pdl_launch(device)  # the switch and the GPU (sm_90+) together
     notes["attention_calls"] = dict(engine.runner.attention_calls)
 
@@ -368,6 +359,18 @@ def main(argv: list[str]) -> int:
         )
         prefill_by_path["absorbed"] = _prefill_rate(engine, prompts, device)
     del engine
+    if a.ab:
+        notes["ab"] = run_ab(
+            a.ab,
+            lambda: Engine(model, EngineConfig(**ecfg)),
+            lambda eng, prompts: _warm_decode(eng, prompts, n, a.temperature),
+            decode_graph_ms,
+            main_prompts,
+            decode,
+            graph_ms,
+            main_outputs,
+        )
+        print("\n".join(ab_table(notes["ab"])))
     if device.type == "cuda" and "router-ab" not in a.skip:
         # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
         # settings, at batch 16 and the largest batch: the gate's row limit FUSED_MAX_TOKENS rests

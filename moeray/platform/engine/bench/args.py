@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
+from moeray.platform.engine.bench.ab import parse_ab
 
 DESCRIPTION = "`moeray bench engine`: decode and prefill throughput of the engine"
 
@@ -67,6 +68,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="with async scheduling, sampled requests run ahead too "
         "(EngineConfig.async_scheduling_sampled; default on)",
     )
+    p.add_argument(
+        "--ab",
+        default="",
+        help="comma-separated fast-path switches (MOERAY_FUSED_<NAME>), each flipped alone after "
+        "the main decode runs and timed on the same weights and prompts (bench/ab.py)",
+    )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
         "--note",
@@ -80,6 +87,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers")
     if not a.batch_sizes or min(a.batch_sizes) < 1:
         p.error(f"--batch-sizes {a.batch_sizes}: expected positive integers")
+    try:
+        a.ab = parse_ab(a.ab)
+    except ValueError as e:
+        p.error(str(e))
     a.skip = {x for x in a.skip.split(",") if x}
     if a.skip - set(SECTIONS):
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")

@@ -1,0 +1,137 @@
+"""`moeray bench engine --ab NAME,...`: fast-path switches flipped one at a time in the same run.
+
+Every fast path of the decode step has a switch, the environment variable MOERAY_FUSED_<NAME>
+(read where the path is chosen: kernels/common.py `switched_on` / `switched_off`): on unless "0",
+or, for the opt-in ones, off unless "1". An A/B of one of them used to be two runs of the bench,
+each building the model again and each against its own clock drift. With `--ab`, after the main
+decode runs, each named switch gets a fresh Engine on the same weights with that one variable
+flipped (the decode graphs are captured under it), timed on the same prompts at the same batches;
+then the switches as shipped once more (`as_run_again`), which gives the run's own noise. Each row
+records tokens/s, the GPU time of one decode-graph replay and its ratio to the main run, and the
+fraction of greedy tokens equal to the main run's (random weights: a path that rounds once in
+another order may flip near-ties, so this is information, not a check)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+from unittest import mock
+
+import torch
+
+# Every MOERAY_FUSED_<NAME> the decode path reads (kernels/gate.py, norm.py, rope.py, moe_align.py,
+# swiglu.py, router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV, moe_gemv.py's
+# MOE_SUM_FOLD, mla_decode.py's MLA_DIRECT, router_gate.py's ROUTE_FOLD, common.py's PDL and
+# ROUTE_BATCH; model/merge.py's PROJ, shared_fuse.py's SHARED, quant.py's FP8_GEMV_ACT and
+# FP8_GEMV_BATCH).
+SWITCHES = (
+    *("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "HEAD_GEMV"),
+    *("FP8_GEMV_ACT", "PROJ", "SHARED", "PDL", "MOE_GEMV", "MOE_SUM_FOLD", "MLA_DIRECT"),
+    *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ROUTE_FOLD"),
+)
+# Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
+OPT_IN = ("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "ROUTE_BATCH", "FP8_GEMV_BATCH", "ROUTE_FOLD")
+AGAIN = "as_run_again"
+
+
+def switch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MOERAY_FUSED_<NAME> -> its value for this run, the default filled in ("0" opt-in, else
+    "1"), as the result JSON records it."""
+    env = os.environ if environ is None else environ
+    return {
+        f"MOERAY_FUSED_{k}": env.get(f"MOERAY_FUSED_{k}", "0" if k in OPT_IN else "1")
+        for k in SWITCHES
+    }
+
+
+def parse_ab(text: str) -> list[str]:
+    """The switch names of `--ab` ("ROUTE_FOLD,MLA_DIRECT"; the MOERAY_FUSED_ prefix optional),
+    in order, each once. ValueError naming an unknown one and the accepted names."""
+    names = []
+    for raw in text.split(","):
+        name = raw.strip().upper().removeprefix("MOERAY_FUSED_")
+        if not name:
+            continue
+        if name not in SWITCHES:
+            raise ValueError(f"--ab {raw.strip()!r}: not a switch; accepted: {', '.join(SWITCHES)}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def flipped(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """The value that turns switch `name` the other way from this run's."""
+    value = switch_env(environ)[f"MOERAY_FUSED_{name}"]
+    on = value == "1" if name in OPT_IN else value != "0"
+    return "0" if on else "1"
+
+
+def run_ab(
+    names: list[str],
+    make_engine: Callable[[], Any],
+    decode: Callable[[Any, list[list[int]]], tuple[float, list[list[int]]]],
+    graph_ms: Callable[[Any, int], float | None],
+    prompts: Mapping[int, list[list[int]]],
+    main_rates: Mapping[str, float],
+    main_graph_ms: Mapping[str, float],
+    main_outputs: Mapping[str, list[list[int]]],
+) -> dict[str, dict]:
+    """One row per name (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
+    timed with only that switch flipped. `decode(engine, prompts)` -> (tokens/s, outputs) after
+    its own warm-up; `graph_ms(engine, batch)` -> one replay's GPU ms or None; the main run's
+    prompts, rates, graph times and outputs by batch size (str keys but `prompts`)."""
+    rows: dict[str, dict] = {}
+    for name in [*names, AGAIN]:
+        env = {} if name == AGAIN else {f"MOERAY_FUSED_{name}": flipped(name)}
+        with mock.patch.dict(os.environ, env):
+            _release()  # the engine before (the main run's first): its KV cache and graphs
+            engine = make_engine()
+            rates: dict[str, float] = {}
+            graphs: dict[str, float] = {}
+            equal: dict[str, float] = {}
+            for B, batch_prompts in prompts.items():
+                k = str(B)
+                rates[k], outs = decode(engine, batch_prompts)
+                replay = graph_ms(engine, B)
+                if replay is not None:
+                    graphs[k] = replay
+                equal[k] = _equal_fraction(outs, main_outputs[k])
+            del engine
+        rows[name] = {
+            "env": env,
+            "decode_tokens_per_s": rates,
+            "decode_graph_ms": graphs,
+            "tokens_per_s_vs_main": {k: v / main_rates[k] for k, v in rates.items()},
+            "graph_ms_vs_main": {k: v / main_graph_ms[k] for k, v in graphs.items()},
+            "tokens_equal_to_main": equal,
+        }
+    return rows
+
+
+def _release() -> None:
+    gc.collect()  # engines hold reference cycles: free them before the next one allocates
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _equal_fraction(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for sa, sb in zip(a, b, strict=True) for x, y in zip(sa, sb, strict=True)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+def ab_table(rows: Mapping[str, dict]) -> list[str]:
+    """Printable lines: per row and batch, tokens/s and graph ms against the main run."""
+    out = [
+        f"{'ab':22s} {'batch':>5s} {'tok/s':>9s} {'vs main':>8s} {'graph ms':>9s} {'vs main':>8s}"
+    ]
+    for name, r in rows.items():
+        for k, rate in r["decode_tokens_per_s"].items():
+            g = r["decode_graph_ms"].get(k)
+            gv = r["graph_ms_vs_main"].get(k)
+            out.append(
+                f"{name:22s} {k:>5s} {rate:9.1f} {r['tokens_per_s_vs_main'][k]:8.3f} "
+                + (f"{g:9.3f} {gv:8.3f}" if g is not None and gv is not None else f"{'-':>9s}")
+            )
+    return out

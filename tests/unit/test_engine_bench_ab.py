@@ -1,0 +1,83 @@
+"""`moeray bench engine --ab`: the switch names it takes, the value that flips each, and that each
+A/B engine is built and timed with its one switch flipped and the others as run."""
+
+import os
+
+import pytest
+
+from moeray.platform.engine.bench.ab import (
+    AGAIN,
+    OPT_IN,
+    SWITCHES,
+    ab_table,
+    flipped,
+    parse_ab,
+    run_ab,
+    switch_env,
+)
+
+
+def test_parse_ab_takes_names_with_or_without_the_prefix_once_each():
+    assert parse_ab("route_fold, MOERAY_FUSED_MLA_DIRECT,,ROUTE_FOLD") == [
+        "ROUTE_FOLD",
+        "MLA_DIRECT",
+    ]
+    assert parse_ab("") == []
+    with pytest.raises(ValueError, match=r"'ROUTE_FLOD': not a switch; accepted: GATE, NORM"):
+        parse_ab("ROUTE_FLOD")
+
+
+def test_flipped_turns_each_switch_the_other_way_from_the_run():
+    assert set(OPT_IN) < set(SWITCHES)
+    assert flipped("ROUTE_FOLD", {}) == "1"  # opt-in: off unless "1"
+    assert flipped("ROUTE_FOLD", {"MOERAY_FUSED_ROUTE_FOLD": "1"}) == "0"
+    assert flipped("ROUTE_FOLD", {"MOERAY_FUSED_ROUTE_FOLD": "yes"}) == "1"  # not "1": off
+    assert flipped("NORM", {}) == "0"  # default on: on unless "0"
+    assert flipped("NORM", {"MOERAY_FUSED_NORM": "0"}) == "1"
+    env = switch_env({"MOERAY_FUSED_PDL": "0"})
+    assert env["MOERAY_FUSED_PDL"] == "0" and env["MOERAY_FUSED_GEMV"] == "1"
+    assert env["MOERAY_FUSED_MLA_DIRECT"] == "0" and len(env) == len(SWITCHES)
+
+
+def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
+    monkeypatch.delenv("MOERAY_FUSED_ROUTE_FOLD", raising=False)
+    monkeypatch.setenv("MOERAY_FUSED_PDL", "0")  # as this run was started
+    seen = []
+
+    def make_engine():
+        return {"built": switch_env()}
+
+    def decode(engine, prompts):
+        now = switch_env()
+        assert now == engine["built"]  # decoded under the env it was built with
+        seen.append(now)
+        fold = now["MOERAY_FUSED_ROUTE_FOLD"] == "1"
+        return (200.0 if fold else 100.0) * len(prompts), [[7, 8] if fold else [7, 9]] * len(
+            prompts
+        )
+
+    rows = run_ab(
+        ["ROUTE_FOLD", "PDL"],
+        make_engine,
+        decode,
+        lambda engine, B: 2.0 * B,
+        {1: [[1, 2]], 2: [[1], [2]]},
+        {"1": 100.0, "2": 200.0},
+        {"1": 4.0, "2": 8.0},
+        {"1": [[7, 9]], "2": [[7, 9], [7, 9]]},
+    )
+    assert list(rows) == ["ROUTE_FOLD", "PDL", AGAIN]
+    fold, pdl, again = rows["ROUTE_FOLD"], rows["PDL"], rows[AGAIN]
+    assert fold["env"] == {"MOERAY_FUSED_ROUTE_FOLD": "1"}
+    assert pdl["env"] == {"MOERAY_FUSED_PDL": "1"} and again["env"] == {}
+    # each engine saw its one flip and the rest as run
+    assert [s["MOERAY_FUSED_ROUTE_FOLD"] for s in seen] == ["1", "1", "0", "0", "0", "0"]
+    assert [s["MOERAY_FUSED_PDL"] for s in seen] == ["0", "0", "1", "1", "0", "0"]
+    assert os.environ["MOERAY_FUSED_PDL"] == "0" and "MOERAY_FUSED_ROUTE_FOLD" not in os.environ
+    assert fold["tokens_per_s_vs_main"] == {"1": 2.0, "2": 2.0}
+    assert fold["decode_graph_ms"] == {"1": 2.0, "2": 4.0}
+    assert fold["graph_ms_vs_main"] == {"1": 0.5, "2": 0.5}
+    assert fold["tokens_equal_to_main"] == {"1": 0.5, "2": 0.5}
+    assert again["tokens_equal_to_main"] == {"1": 1.0, "2": 1.0}
+    lines = ab_table(rows)
+    assert len(lines) == 1 + 3 * 2 and lines[1].split()[:2] == ["ROUTE_FOLD", "1"]
