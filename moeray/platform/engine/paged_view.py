@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from moeray.kernels.mla_block import COUNTERS, mla_decode_block, mla_decode_block_applies
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
+from moeray.platform.model.mla import BlockWeights
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
 from moeray.platform.model.rope import apply_rope, use_fused_rope
 
@@ -60,7 +62,7 @@ class GatherPagedView:
         self.seq_lens_B = starts_B + S
         self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
         self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
-        self.calls = {"update": 0, "attend": 0, "expanded": 0}
+        self.calls = {"update": 0, "attend": 0, "expanded": 0, "block": 0}
 
     def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
         C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
@@ -102,9 +104,52 @@ class KernelPagedView(GatherPagedView):
         # attend, zeroed once per forward; each launch leaves them zeroed for the next layer.
         self._mla_counters: torch.Tensor | None = None
         self._mla_counters_made = False
+        # mla_decode_block's counters: made at the first block launch, left zeroed by each.
+        self._block_counters: torch.Tensor | None = None
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
+
+    def attend_block(
+        self,
+        layer_idx: int,
+        x_BSD: torch.Tensor,
+        w: BlockWeights,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        softmax_scale: float,
+    ) -> torch.Tensor | None:
+        """The MLA attention of one new token a sequence (S = 1) from the normed input x to
+        o_proj's output, the new latents stored, in one launch (`mla_decode_block`, opt-in:
+        MOERAY_FUSED_MLA_BLOCK=1); None where that kernel does not take these (the caller runs
+        the absorbed path through `attend`)."""
+        B, S, D = x_BSD.shape
+        cache_PNK = self.storage.kv_LPNK[layer_idx]
+        x_TD = x_BSD.reshape(B, D) if S == 1 else x_BSD
+        if S != 1 or not mla_decode_block_applies(
+            x_TD, w.w_qkv, w.w_kvb_HKC, w.w_o, cache_PNK, w.nope_dim
+        ):
+            return None
+        self.calls["block"] += 1
+        if self._block_counters is None:
+            self._block_counters = torch.zeros(COUNTERS, dtype=torch.int32, device=x_BSD.device)
+        out = mla_decode_block(
+            x_TD,
+            w.w_qkv,
+            w.kv_norm,
+            cos.reshape(B, -1).float().contiguous(),
+            sin.reshape(B, -1).float().contiguous(),
+            w.w_kvb_HKC,
+            w.w_o,
+            cache_PNK,
+            self.new_slots,
+            self.block_table_BM,
+            self.seq_lens_i32_B,
+            softmax_scale,
+            w.nope_dim,
+            self._block_counters,
+        )
+        return out.view(B, S, D)
 
     def attend(
         self,

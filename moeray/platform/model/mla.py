@@ -12,7 +12,7 @@ H x (N + R + V) = 40,960 for the expanded keys and values.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,24 @@ class KVCache(Protocol):
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
     # norm, the rotations and the store can run as one kernel).
+    # And attend_block(layer_idx, x_BSD, BlockWeights, cos, sin, softmax_scale) -> the attention's
+    # output [B, S, D], or None where the cache has no kernel for it (then the model runs the
+    # steps above): the whole absorbed attention from the normed input, in one launch
+    # (kernels/mla_block.py).
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
     # are the whole context.
+
+
+class BlockWeights(NamedTuple):
+    """An MLA's weights as one-launch decode attention takes them (kernels/mla_block.py)."""
+
+    w_qkv: torch.Tensor  # q_proj's rows then kv_a_proj_with_mqa's [H * (N + R) + C + R, D]
+    kv_norm: tuple[torch.Tensor, float]  # kv_a_layernorm's (weight, eps)
+    w_kvb_HKC: torch.Tensor  # kv_b_proj's weight as [H, N + V, C]
+    w_o: torch.Tensor  # o_proj's weight [D, H * V]
+    nope_dim: int
 
 
 class DenseKVCache:
@@ -180,6 +194,12 @@ class MLA(nn.Module):
         or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
         the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
+        attend_block = getattr(cache, "attend_block", None)
+        weights = None if attend_block is None else self.block_weights(x_BSD.dtype)
+        if attend_block is not None and weights is not None:
+            out = attend_block(self.layer_idx, x_BSD, weights, cos, sin, self.softmax_scale)
+            if out is not None:
+                return out
         q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
             # The engine's paged view norms, rotates and stores the new latent itself.
@@ -211,6 +231,23 @@ class MLA(nn.Module):
                 q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
             )
         return self._absorbed_out(o_lat_BSHC)
+
+    def block_weights(self, dtype: torch.dtype) -> BlockWeights | None:
+        """The weights one-launch decode attention reads, where they exist as it takes them: no q
+        LoRA, q_proj and kv_a merged (model/merge.py) and every projection in `dtype` (not FP8);
+        else None."""
+        fused = self.fused_qkv_a_proj
+        if self.q_lora_rank is not None or fused is None or not isinstance(fused.fused, Linear):
+            return None
+        if not isinstance(self.o_proj, Linear) or not isinstance(self.kv_b_proj, Linear):
+            return None
+        w_qkv, w_o = fused.fused.weight, self.o_proj.weight
+        if w_qkv.dtype != dtype or w_o.dtype != dtype or self.kv_b_proj.weight.dtype != dtype:
+            return None
+        norm = self.kv_a_layernorm
+        return BlockWeights(
+            w_qkv, (norm.weight, norm.eps), self._w_HKC(dtype)[0], w_o, self.nope_dim
+        )
 
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent

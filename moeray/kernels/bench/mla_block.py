@@ -1,0 +1,160 @@
+"""Benchmark of mla_decode_block (a decode layer's MLA attention in one persistent launch,
+moeray/kernels/mla_block.py) against the chain of launches the engine runs for the same math at
+batch 1-4 (`mla_chain`: the merged q + kv_a GEMV, W_UK, mla_write_pack, the MLA split and merge
+kernels, W_UV, o_proj), at Moonlight-16B-A3B's attention (hidden 2048, 16 heads of 128 + 64, kv
+rank 512, values 128), 1 and 4 tokens, 160 and 1,024 cached tokens a sequence.
+
+Both run from CUDA graphs of back-to-back calls cycling over enough weight copies that every call
+reads its weights from HBM (bench/common.py). The floor is the bytes a call must read (weights and
+the cached latents) at the H200's 4.8 TB/s. Each row also carries the block's largest difference
+from the chain's output (relative to the output's largest value) and the waits it gave up (0)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, _rec
+from moeray.kernels.gemv import linear
+from moeray.kernels.head_gemv import head_matmul
+from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, mla_decode_block
+from moeray.kernels.mla_decode import mla_decode_multi
+from moeray.kernels.mla_write import mla_write_pack
+
+HBM_TBPS = 4.8  # H200 datasheet
+PAGE = 64
+MOONLIGHT = dict(D=2048, H=16, N=128, R=64, V=128, C=512)
+
+
+def mla_chain(
+    x_TD, w_qkv, kv_norm, cos_TR2, sin_TR2, w_kvb_HKC, w_o, cache_PNK, slots_T, block_table,
+    seq_lens, softmax_scale, nope_dim,
+):  # fmt: skip
+    """The engine's launches for mla_decode_block's math (model/mla.py's absorbed path through
+    engine/paged_view.py), on the same arguments: out [T, D]."""
+    T = x_TD.shape[0]
+    H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
+    R = cache_PNK.shape[-1] - C
+    Q = w_qkv.shape[0] - C - R
+    qkv = linear(x_TD, w_qkv)
+    q_THK = qkv[:, :Q].view(T, 1, H, Q // H)
+    q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
+    q_lat = head_matmul(q_nope, w_kvb_HKC[:, :nope_dim])
+    kv, pe = qkv[:, None, Q : Q + C], qkv[:, None, Q + C :]
+    rope = (cos_TR2[:, None], sin_TR2[:, None])
+    q = mla_write_pack(cache_PNK, slots_T, kv, pe, q_lat, q_pe, norm=kv_norm, rope=rope)
+    o_lat = mla_decode_multi(q, cache_PNK, block_table, seq_lens, softmax_scale, C).to(x_TD.dtype)
+    v = head_matmul(o_lat, w_kvb_HKC[:, nope_dim:].transpose(1, 2))
+    return linear(v.reshape(T, -1), w_o)
+
+
+def block_case(
+    T: int,
+    ctx: int | Sequence[int],
+    dims: dict = MOONLIGHT,
+    device="cuda",
+    seed: int = 0,
+    page: int = PAGE,
+) -> dict:
+    """Random bf16 weights at `dims`, T sequences of `ctx` cached tokens each (one length for all,
+    or one a sequence; the new token included) on shuffled pages of a paged cache:
+    mla_decode_block's keyword arguments but `counters`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    D, H, N, R, V, C = (dims[k] for k in ("D", "H", "N", "R", "V", "C"))
+    dt = torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
+
+    lens = torch.tensor([ctx] * T if isinstance(ctx, int) else list(ctx), device=device)
+    per_seq = -(-int(lens.max()) // page)
+    pages = torch.randperm(T * per_seq, generator=g, device=device).view(T, per_seq)
+    last = (lens - 1)[:, None]
+    slots = pages.gather(1, last // page)[:, 0] * page + (lens - 1) % page
+    angles = torch.rand(T, R // 2, generator=g, device=device) * 6.0
+    return dict(
+        x_TD=rnd(T, D),
+        w_qkv=rnd(H * (N + R) + C + R, D, scale=D**-0.5),
+        kv_norm=(rnd(C) + 1.0, 1e-6),
+        cos_TR2=angles.cos(),
+        sin_TR2=angles.sin(),
+        w_kvb_HKC=rnd(H, N + V, C, scale=N**-0.5),
+        w_o=rnd(D, H * V, scale=(H * V) ** -0.5),
+        cache_PNK=rnd(T * per_seq, page, C + R),
+        slots_T=slots,
+        block_table=pages.to(torch.int32),
+        seq_lens=lens.to(torch.int32),
+        softmax_scale=(N + R) ** -0.5,
+        nope_dim=N,
+    )
+
+
+def bench_mla_block(ceil: dict) -> list[dict]:
+    return [_block_row(ceil, T, ctx) for T, ctx in ((1, 160), (1, 1024), (4, 160), (4, 1024))]
+
+
+def _block_row(ceil: dict, T: int, ctx: int) -> dict:
+    kw = block_case(T, ctx)
+    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
+    weights = ("w_qkv", "w_kvb_HKC", "w_o")
+    wbytes = sum(kw[k].numel() * 2 for k in weights)
+    copies = [tuple(kw[k] for k in weights)]
+    copies += [tuple(kw[k].clone() for k in weights) for _ in range(_copies(wbytes) - 1)]
+
+    def block(wq, wkvb, wo):
+        named = {**kw, "w_qkv": wq, "w_kvb_HKC": wkvb, "w_o": wo}
+        return mla_decode_block(**named, counters=counters)
+
+    def chain(wq, wkvb, wo):
+        return mla_chain(**{**kw, "w_qkv": wq, "w_kvb_HKC": wkvb, "w_o": wo})
+
+    want, got = chain(*copies[0]).float(), block(*copies[0]).float()
+    torch.cuda.synchronize()
+    err = float((got - want).abs().max() / want.abs().max())
+    t_chain = _graph_ms(_cycling(chain, copies))
+    t_block = _graph_ms(_cycling(block, copies))
+    nbytes = wbytes + T * ctx * kw["cache_PNK"].shape[-1] * 2
+    floor_us = nbytes / (HBM_TBPS * 1e12) * 1e6
+    return {
+        "kernel": "mla_decode_block",
+        "shape": f"moonlight T={T} ctx={ctx}",
+        "T": T,
+        "ctx": ctx,
+        "chain_us": round(t_chain * 1e3, 2),
+        "block_us": round(t_block * 1e3, 2),
+        "speedup": round(t_chain / t_block, 3),
+        "floor_us": round(floor_us, 2),
+        "block_frac_hbm": round(floor_us / (t_block * 1e3), 3),
+        "chain_frac_hbm": round(floor_us / (t_chain * 1e3), 3),
+        "block_frac_copy": round(nbytes / (t_block * 1e-3) / 1e12 / ceil["copy_TBps"], 3),
+        "max_rel_err_vs_chain": err,
+        "waits_given_up": int(counters[GIVEN_UP]),
+    }
+
+
+def print_mla_block(rows: list[dict]) -> None:
+    for r in rows:
+        print(
+            f"mla_decode_block {r['shape']:28s} chain {r['chain_us']:7.2f} us  block "
+            f"{r['block_us']:7.2f} us  x{r['speedup']:.2f}  floor {r['floor_us']:.2f} us "
+            f"({r['block_frac_hbm']:.0%} vs {r['chain_frac_hbm']:.0%})  err "
+            f"{r['max_rel_err_vs_chain']:.1e}  given up {r['waits_given_up']}"
+        )
+
+
+def mla_block_records(rows: list[dict]) -> list[dict]:
+    """The flat `results` records (runner.flat_results): against the copy bandwidth and the
+    engine's chain of launches, both from CUDA graphs."""
+    return [
+        _rec(
+            "mla_decode_block (CUDA graph)",
+            r["shape"],
+            r["block_us"] / 1e3,
+            r["block_frac_copy"],
+            "copy bandwidth",
+            "the engine's launches (CUDA graph)",
+            r["speedup"],
+        )
+        for r in rows
+    ]

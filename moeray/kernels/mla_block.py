@@ -1,0 +1,528 @@
+"""mla_decode_block: a decode layer's whole MLA attention, from the normed hidden rows to o_proj's
+output, in ONE persistent launch, for 1-4 decode tokens (one per sequence) and bf16/fp16 weights.
+`mla_decode_block` is the checked wrapper, `mla_decode_block_ref` the PyTorch reference,
+`mla_decode_block_applies` the test a caller chooses by. Opt-in (MOERAY_FUSED_MLA_BLOCK=1) until
+a GPU run times it.
+
+Legend: T tokens (<= MAX_TOKENS), D hidden, H heads, N nope dims, R rope dims (R2 = R / 2), V value
+dims, C kv_lora_rank, Q = H * (N + R), HV = H * V; NS attention splits; P programs.
+
+Math (the launch-per-step path's, stage by stage; every intermediate rounded to the activation
+dtype where that path rounds it, fp32 accumulation):
+  S0  qkv [T, Q + C + R] = x [T, D] @ W_qkv^T        q_proj and kv_a_proj_with_mqa, merged rows
+  S1  q_lat [T, H, C] = q_nope @ W_UK[h]              W_UK[h] = W_kvb[h, :N]  [N, C]
+      q [T, H, C + R] = (q_lat, rope(q_pe))           the packed query (mla_write_pack)
+      cache[slot_t] = (rmsnorm(kv_t) * w_kvn, rope(pe_t))
+  S2  per (token, 16-head block, split): softmax(q . cache * scale) partials over the split's
+      pages (mla_decode's `_attend_pages`), fp32, with their log-sum-exp
+  S3  o_lat [T, H, C] = the splits merged (`_merge_split_rows`); v [T, H, V] = o_lat @ W_UV[h]^T
+  S4  out [T, D] = v [T, HV] @ W_o^T
+
+Why: at batch 1 these are 7 launches a layer (the merged GEMV, head_gemv or a cuBLAS bmm for W_UK,
+mla_write_pack, the split and merge kernels, W_UV, o_proj) that move ~27 MB at Moonlight's shape
+(~5.7 us at 4.8 TB/s) and took ~27 us with PDL off on an H200 (results/engine-nvidia-h200-
+moonlight-bf16-b1-nopdl.json): each launch pays a ramp and a drain of ~2-3 us, and PDL returned
+little of it (benchmarks/notes-engine.md). Here there is no kernel boundary inside the block: the
+next stage's weights stream while the current stage drains.
+
+How: at most one program per SM, launched cooperatively (all resident at once). The tasks of all
+stages are numbered in stage order (S0's row tiles, then S1's (head, column block) tiles and one
+cache-row task per token, ...); program p runs tasks p, p + P, p + 2P, ... Each task reads its
+weights first, then waits (`common.wait_count`, acquire) until every task of the stage before has
+counted in (`common.count_in`, release), then reads its inputs, computes, stores and counts in.
+A task waits only on earlier-numbered tasks, which every program reaches before its own later
+ones, so the launch cannot deadlock while all programs are resident. The last program to finish
+zeroes the stage counters for the next launch; a wait that times out is counted in the last
+counter (`given_up`) instead of hanging. Under Triton's interpreter, which runs programs one after
+another, one program runs every task in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moeray.kernels.common import (
+    cdiv,
+    check_tensor,
+    count_in,
+    interpreting,
+    num_sms,
+    switched_on,
+    to_dtype_rn,
+    use_triton,
+    wait_count,
+)
+from moeray.kernels.mla_common import _attend_pages, _merge_split_rows
+from moeray.kernels.mla_decode import LOG2E, decode_launch, mla_decode_ref
+from moeray.kernels.mla_write import _rotate_heads, _write_cache_row, mla_write_pack_ref
+
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_TOKENS = 4  # decode rows one broadcast tile covers (gemv.BCAST_MAX_ROWS)
+STAGES = 5
+# Counters: one per stage, the finished programs, the waits given up (read it after a launch).
+COUNTERS = STAGES + 2
+GIVEN_UP = STAGES + 1
+_STAGES = tl.constexpr(STAGES)  # the kernel's view of STAGES
+# A counter polled this often (~0.5-1 us a poll on an H200's L2: seconds) means a broken launch.
+MAX_POLLS = 1 << 22
+# Tile sizes: 16 weight rows a GEMV task (S0: 228 tasks at Moonlight's 3,648 qkv rows, S4: 128),
+# 64 latent columns a query task (S1: H x 8 of W_UK's [128, 64] tiles, 16 KB each), 16 value rows
+# a merge task (S3: H x V / 16, [16, 512] of W_UV, 16 KB).
+BN, BC, BV = 16, 64, 16
+# fp32 products of one K step of the two big GEMVs (S0, S4): [T, 16, BK] with BK = this / (16 T),
+# 64 registers a thread at 8 warps. With one program an SM the weight bytes in flight are what a
+# program has in flight: 2 stages of [16, 1024] bf16 at one token, 64 KB an SM, ~8.4 MB over 132
+# SMs (Little's law at 4.8 TB/s and ~0.6 us wants ~3 MB).
+STEP_ELEMS = 16384
+HEAD_BLOCK = 16  # heads per attention task (tl.dot's smallest M)
+
+
+def mla_decode_block_ref(
+    x_TD: torch.Tensor,
+    w_qkv: torch.Tensor,
+    kv_norm: tuple[torch.Tensor, float],
+    cos_TR2: torch.Tensor,
+    sin_TR2: torch.Tensor,
+    w_kvb_HKC: torch.Tensor,
+    w_o: torch.Tensor,
+    cache_PNK: torch.Tensor,
+    slots_T: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    nope_dim: int,
+) -> torch.Tensor:
+    """The module docstring's math in PyTorch, rounding where the launch-per-step path does; the
+    cache gets the new rows. Returns out [T, D] in x's dtype."""
+    dt = x_TD.dtype
+    T = x_TD.shape[0]
+    H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
+    R = cache_PNK.shape[-1] - C
+    Q = w_qkv.shape[0] - C - R
+    qkv = F.linear(x_TD.float(), w_qkv.float()).to(dt)
+    q_THK = qkv[:, :Q].view(T, H, Q // H)
+    q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
+    w_uk, w_uv = w_kvb_HKC[:, :nope_dim].float(), w_kvb_HKC[:, nope_dim:].float()
+    q_lat = torch.einsum("thn,hnc->thc", q_nope.float(), w_uk).to(dt)
+    q = mla_write_pack_ref(
+        cache_PNK,
+        slots_T,
+        qkv[:, None, Q : Q + C],
+        qkv[:, None, Q + C :],
+        q_lat[:, None],
+        q_pe[:, None],
+        norm=kv_norm,
+        rope=(cos_TR2[:, None], sin_TR2[:, None]),
+    )
+    o_lat = mla_decode_ref(q, cache_PNK, block_table, seq_lens, softmax_scale, C)[0][:, 0].to(dt)
+    v = torch.einsum("thc,hvc->thv", o_lat.float(), w_uv).to(dt)
+    return F.linear(v.reshape(T, -1).float(), w_o.float()).to(dt)
+
+
+@triton.jit
+def _rows_gemv(x_ptr, stride_x, T, w_ptr, rows, w_first, K: tl.constexpr, N: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """[BT, rows] fp32 = x [T, K] @ w[rows]^T, w_first its first K step (read before the wait);
+    gemv's broadcast product over K steps of BK, reduced once after the loop."""
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    t_ok = offs_t < T
+    r_ok = rows < N
+    x = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :],
+                mask=t_ok[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
+    acc = x.to(tl.float32)[:, None, :] * w_first.to(tl.float32)[None, :, :]
+    for k0 in tl.range(BK, K, BK):
+        k_ok = (k0 + offs_k) < K
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k0 + offs_k[None, :],
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        x = tl.load(x_ptr + offs_t[:, None] * stride_x + k0 + offs_k[None, :],
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _first_k_step(w_ptr, rows, K: tl.constexpr, N: tl.constexpr, BK: tl.constexpr):
+    offs_k = tl.arange(0, BK)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :],
+                   mask=(rows < N)[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _mla_block_kernel(
+    x_ptr,
+    wqkv_ptr,
+    qkv_ptr,
+    wkvb_ptr,
+    kvn_ptr,
+    cos_ptr,
+    sin_ptr,
+    cache_ptr,
+    slots_ptr,
+    q_ptr,
+    bt_ptr,
+    len_ptr,
+    po_ptr,
+    plse_ptr,
+    v_ptr,
+    wo_ptr,
+    out_ptr,
+    cnt_ptr,
+    T,
+    eps,
+    sm_scale_log2,
+    num_splits,
+    stride_x,
+    stride_btb,
+    stride_kvp,
+    stride_kvt,
+    D: tl.constexpr,
+    H: tl.constexpr,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    V: tl.constexpr,
+    C: tl.constexpr,
+    BT: tl.constexpr,  # T padded to a power of two
+    BN: tl.constexpr,  # weight rows per S0 / S4 task
+    BK: tl.constexpr,  # their K step
+    BC: tl.constexpr,  # latent columns per S1 task (divides C)
+    BV: tl.constexpr,  # value rows per S3 task (divides V)
+    NSP: tl.constexpr,  # num_splits padded to a power of two
+    R2P: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 dots (the interpreter has no bf16 matmul)
+    MAX_POLLS: tl.constexpr,
+):
+    Q: tl.constexpr = H * (N + R)
+    NQKV: tl.constexpr = Q + C + R
+    K: tl.constexpr = C + R
+    HV: tl.constexpr = H * V
+    NCB: tl.constexpr = C // BC
+    NVB: tl.constexpr = V // BV
+    NHB: tl.constexpr = (H + 15) // 16
+    act = qkv_ptr.dtype.element_ty
+    # Task counts and ends, in stage order.
+    n0 = tl.cdiv(NQKV, BN)
+    n1 = H * NCB + T
+    n2 = T * NHB * num_splits
+    n3 = T * H * NVB
+    n4 = tl.cdiv(D, BN)
+    e0 = n0
+    e1 = e0 + n1
+    e2 = e1 + n2
+    e3 = e2 + n3
+    e4 = e3 + n4
+    given_up = cnt_ptr + _STAGES + 1  # GIVEN_UP
+    offs_n = tl.arange(0, BN)
+    offs_t = tl.arange(0, BT)
+    offs_c = tl.arange(0, C)
+    offs_j = tl.arange(0, R2P)
+    ok_j = offs_j < R // 2
+    P = tl.num_programs(0)
+    for task in range(tl.program_id(0), e4, P):
+        if task < e0:  # S0: 16 rows of qkv for every token (input: x, ready before the launch)
+            rows = task * BN + offs_n
+            w0 = _first_k_step(wqkv_ptr, rows, D, NQKV, BK)
+            y = _rows_gemv(x_ptr, stride_x, T, wqkv_ptr, rows, w0, D, NQKV, BT, BK)
+            tl.store(qkv_ptr + offs_t[:, None] * NQKV + rows[None, :], to_dtype_rn(y, act),
+                     mask=(offs_t < T)[:, None] & (rows < NQKV)[None, :])  # fmt: skip
+            count_in(cnt_ptr + 0)
+        elif task < e1:  # S1: a head's latent columns of the query, or a token's cache row
+            i = task - e0
+            if i < H * NCB:
+                h = i // NCB
+                cols = (i % NCB) * BC + tl.arange(0, BC)
+                offs_nn = tl.arange(0, N)
+                w_uk = tl.load(wkvb_ptr + h * (N + V) * C + offs_nn[:, None] * C + cols[None, :])
+                wait_count(cnt_ptr + 0, n0, given_up, MAX_POLLS)
+                rows16 = tl.arange(0, 16)  # tl.dot's smallest M: rows past T read as zeros
+                qn = tl.load(qkv_ptr + rows16[:, None] * NQKV + h * (N + R) + offs_nn[None, :],
+                             mask=(rows16 < T)[:, None], other=0.0)  # fmt: skip
+                if UPCAST:
+                    q_lat = tl.dot(qn.to(tl.float32), w_uk.to(tl.float32), input_precision="ieee")
+                else:
+                    q_lat = tl.dot(qn, w_uk)
+                tl.store(q_ptr + rows16[:, None] * (H * K) + h * K + cols[None, :],
+                         to_dtype_rn(q_lat, act), mask=(rows16 < T)[:, None])  # fmt: skip
+                if i % NCB == 0:  # the head's rope part, token by token (each its own angle)
+                    one = tl.zeros([1], dtype=tl.int32)
+                    for t in tl.static_range(BT):
+                        if t < T:
+                            c = tl.load(cos_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
+                            sn = tl.load(sin_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
+                            _rotate_heads(qkv_ptr + t * NQKV + h * (N + R) + N, 0,
+                                          q_ptr + t * (H * K) + h * K + C, 0, one, offs_j,
+                                          ok_j[None, :], c, sn, True)  # fmt: skip
+            else:
+                t = i - H * NCB
+                wait_count(cnt_ptr + 0, n0, given_up, MAX_POLLS)
+                c = tl.load(cos_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
+                sn = tl.load(sin_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
+                _write_cache_row(
+                    cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * K,
+                    qkv_ptr + t * NQKV + Q, qkv_ptr + t * NQKV + Q + C, kvn_ptr, eps, C,
+                    offs_c, offs_c < C, offs_j, ok_j, c, sn, True, True,
+                )  # fmt: skip
+            count_in(cnt_ptr + 1)
+        elif task < e2:  # S2: one (token, head block, split)'s attention partials
+            i = task - e1
+            split = i % num_splits
+            hb = (i // num_splits) % NHB
+            t = i // (num_splits * NHB)
+            wait_count(cnt_ptr + 1, n1, given_up, MAX_POLLS)
+            heads = hb * 16 + tl.arange(0, 16)
+            h_ok = heads < H
+            offs_p = tl.arange(0, R)
+            q_rows = q_ptr + t * (H * K) + heads[:, None] * K
+            q_nope = tl.load(q_rows + offs_c[None, :], mask=h_ok[:, None], other=0.0)
+            q_rope = tl.load(q_rows + C + offs_p[None, :], mask=h_ok[:, None], other=0.0)
+            if UPCAST:
+                q_nope = q_nope.to(tl.float32)
+                q_rope = q_rope.to(tl.float32)
+            seq_len = tl.load(len_ptr + t)
+            limit = tl.zeros([16], dtype=tl.int32) + seq_len - 1  # one new token a sequence
+            per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
+            t_start = split * per_split * PAGE
+            t_end = tl.minimum(seq_len, t_start + per_split * PAGE)
+            acc, m_i, l_i = _attend_pages(
+                q_nope, q_rope, cache_ptr, bt_ptr + t * stride_btb, t_start, t_end, limit,
+                sm_scale_log2, stride_kvp, stride_kvt, 16, C, R, C, R, PAGE, UPCAST,
+            )  # fmt: skip
+            has = l_i > 0.0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            part = (t * H + heads) * NSP + split
+            tl.store(po_ptr + part[:, None] * C + offs_c[None, :], o, mask=h_ok[:, None])
+            tl.store(plse_ptr + part, lse, mask=h_ok)
+            count_in(cnt_ptr + 2)
+        elif task < e3:  # S3: a head's splits merged, then BV of its value rows
+            i = task - e2
+            vb = i % NVB
+            h = (i // NVB) % H
+            t = i // (NVB * H)
+            vrows = vb * BV + tl.arange(0, BV)
+            w_uv = tl.load(wkvb_ptr + (h * (N + V) + N + vrows[:, None]) * C + offs_c[None, :])
+            wait_count(cnt_ptr + 2, n2, given_up, MAX_POLLS)
+            one = tl.zeros([1], dtype=tl.int32)
+            row = (t * H + h) * NSP
+            merged, _ = _merge_split_rows(
+                po_ptr + (row + one)[:, None] * C + offs_c[None, :], plse_ptr + row + one,
+                C, num_splits, one == 0, offs_c < C, NSP,
+            )  # fmt: skip
+            o_lat = to_dtype_rn(merged, act).to(tl.float32)  # the merge's stored rounding
+            v = tl.sum(w_uv.to(tl.float32) * o_lat, axis=1)
+            tl.store(v_ptr + t * HV + h * V + vrows, to_dtype_rn(v, act))
+            count_in(cnt_ptr + 3)
+        else:  # S4: 16 rows of o_proj for every token
+            rows = (task - e3) * BN + offs_n
+            w0 = _first_k_step(wo_ptr, rows, HV, D, BK)
+            wait_count(cnt_ptr + 3, n3, given_up, MAX_POLLS)
+            y = _rows_gemv(v_ptr, HV, T, wo_ptr, rows, w0, HV, D, BT, BK)
+            tl.store(out_ptr + offs_t[:, None] * D + rows[None, :], to_dtype_rn(y, act),
+                     mask=(offs_t < T)[:, None] & (rows < D)[None, :])  # fmt: skip
+    # The last program to finish has seen every count: zero them for the next launch (not the
+    # given-up waits: the caller reads those).
+    if tl.atomic_add(cnt_ptr + _STAGES, 1, sem="acq_rel") == P - 1:
+        for j in tl.static_range(_STAGES + 1):
+            tl.atomic_xchg(cnt_ptr + j, 0)
+
+
+def _dims(w_qkv: torch.Tensor, w_kvb_HKC: torch.Tensor, cache_PNK: torch.Tensor, nope_dim: int):
+    """(H, N, R, V, C) from the weights and the cache; ValueError where they do not fit."""
+    H, NV, C = w_kvb_HKC.shape
+    R = cache_PNK.shape[-1] - C
+    N, V = nope_dim, NV - nope_dim
+    Q = w_qkv.shape[0] - C - R
+    if R <= 0 or V <= 0 or Q != H * (N + R):
+        raise ValueError(
+            f"w_qkv has {w_qkv.shape[0]} rows, kv_b {tuple(w_kvb_HKC.shape)}, the cache "
+            f"{cache_PNK.shape[-1]} values a token, nope_dim {nope_dim}: expected "
+            f"H * (N + R) + C + R rows with H, N + V, C from kv_b and R = cache width - C"
+        )
+    return H, N, R, V, C
+
+
+def _pow2(v: int) -> bool:
+    return v >= 16 and v & (v - 1) == 0
+
+
+def mla_decode_block_applies(
+    x_TD: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_kvb_HKC: torch.Tensor,
+    w_o: torch.Tensor,
+    cache_PNK: torch.Tensor,
+    nope_dim: int,
+) -> bool:
+    """Whether `mla_decode_block` takes these (MOERAY_FUSED_MLA_BLOCK=1 only): 1..MAX_TOKENS rows,
+    x, the weights and the cache in one of bf16/fp16, contiguous weights and cache, N, R, V, C
+    powers of two >= 16 (C a multiple of 64), on CUDA or under the interpreter."""
+    if not switched_on("MLA_BLOCK") or not use_triton(x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK):
+        return False
+    tensors = (x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK)
+    if x_TD.dtype not in DTYPES or any(t.dtype != x_TD.dtype for t in tensors):
+        return False
+    if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS or x_TD.stride(-1) != 1:
+        return False
+    if not all(t.is_contiguous() for t in tensors[1:]) or w_kvb_HKC.dim() != 3:
+        return False
+    try:
+        H, N, R, V, C = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim)
+    except ValueError:
+        return False
+    D = x_TD.shape[1]
+    return (
+        all(_pow2(d) for d in (N, R, V, C))
+        and C % BC == 0
+        and w_qkv.shape[1] == D
+        and tuple(w_o.shape) == (D, H * V)
+    )
+
+
+def mla_decode_block(
+    x_TD: torch.Tensor,
+    w_qkv: torch.Tensor,
+    kv_norm: tuple[torch.Tensor, float],
+    cos_TR2: torch.Tensor,
+    sin_TR2: torch.Tensor,
+    w_kvb_HKC: torch.Tensor,
+    w_o: torch.Tensor,
+    cache_PNK: torch.Tensor,
+    slots_T: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    nope_dim: int,
+    counters: torch.Tensor,
+    *,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """`mla_decode_block_ref` in one launch: x [T, D] the normed hidden rows of T decode tokens
+    (token t is sequence t's one new token: seq_lens[t] counts it, slots_T[t] is its cache slot);
+    w_qkv [H * (N + R) + C + R, D] (q_proj's rows, then kv_a_proj_with_mqa's), kv_norm =
+    (kv_a_layernorm's weight [C], eps), cos / sin [T, R / 2] fp32, w_kvb [H, N + V, C], w_o
+    [D, H * V], the paged cache [pages, page size, C + R]; `counters` an int32 [COUNTERS] of
+    zeros on x's device (left zero but for counters[GIVEN_UP], the waits that timed out: 0 on a
+    correct launch; one launch at a time per tensor). `programs` overrides the program count
+    (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA graphs)."""
+    dev = x_TD.device
+    dt = (x_TD.dtype,)
+    check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
+    check_tensor(w_qkv, "w_qkv", dtypes=dt, ndim=2, device=dev, contiguous=True)
+    check_tensor(w_kvb_HKC, "w_kvb", dtypes=dt, ndim=3, device=dev, contiguous=True)
+    check_tensor(w_o, "w_o", dtypes=dt, ndim=2, device=dev, contiguous=True)
+    check_tensor(cache_PNK, "cache", dtypes=dt, ndim=3, device=dev, contiguous=True)
+    check_tensor(counters, "counters", dtypes=(torch.int32,), ndim=1, device=dev)
+    T, D = x_TD.shape
+    H, N, R, V, C = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim)
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"x has {T} rows; mla_decode_block takes 1..{MAX_TOKENS} decode tokens")
+    if not all(_pow2(d) for d in (N, R, V, C)) or C % BC:
+        raise ValueError(
+            f"N={N}, R={R}, V={V}, C={C}: each must be a power of two >= 16, C a multiple of {BC}"
+        )
+    if w_qkv.shape[1] != D or tuple(w_o.shape) != (D, H * V):
+        raise ValueError(
+            f"w_qkv {tuple(w_qkv.shape)}, w_o {tuple(w_o.shape)}: expected [.., {D}] and "
+            f"[{D}, {H * V}] for x [T, {D}] and {H} heads of {V} values"
+        )
+    for name, t in (("cos", cos_TR2), ("sin", sin_TR2)):
+        check_tensor(t, name, dtypes=(torch.float32,), ndim=2, device=dev, contiguous=True)
+        if tuple(t.shape) != (T, R // 2):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(T, R // 2)}")
+    for name, t, n in (("slots", slots_T, T), ("seq_lens", seq_lens, T)):
+        check_tensor(t, name, dtypes=(torch.int32, torch.int64), ndim=1, device=dev)
+        if t.shape[0] != n:
+            raise ValueError(f"{name} has {t.shape[0]} entries; expected one per token ({n})")
+    check_tensor(block_table, "block_table", dtypes=(torch.int32, torch.int64), ndim=2, device=dev)
+    if block_table.shape[0] != T or block_table.stride(-1) != 1:
+        raise ValueError(
+            f"block_table {tuple(block_table.shape)} with strides {block_table.stride()}: "
+            f"expected [{T}, max pages] with unit stride over pages"
+        )
+    check_tensor(kv_norm[0], "kv_norm weight", dtypes=dt, ndim=1, device=dev)
+    if kv_norm[0].shape[0] != C:
+        raise ValueError(f"kv_norm weight has {kv_norm[0].shape[0]} values; expected C = {C}")
+    if counters.numel() < COUNTERS:
+        raise ValueError(f"counters has {counters.numel()} elements; expected {COUNTERS}, zero")
+    if not use_triton(x_TD):
+        raise ValueError("mla_decode_block runs on CUDA tensors (or under Triton's interpreter)")
+    if x_TD.stride(-1) != 1:
+        raise ValueError(f"x needs unit stride over its last dim, got {x_TD.stride()}")
+    max_pages = block_table.shape[1]
+    sms = num_sms(dev)
+    num_splits = decode_launch(T, H, max_pages, sms, block_h=HEAD_BLOCK)[2]
+    num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
+    nsp = triton.next_power_of_2(num_splits)
+    NQKV = w_qkv.shape[0]
+    tasks = (
+        cdiv(NQKV, BN)
+        + H * (C // BC)
+        + T
+        + T * cdiv(H, HEAD_BLOCK) * num_splits
+        + T * H * (V // BV)
+        + cdiv(D, BN)
+    )
+    p = programs or (1 if interpreting() else min(tasks, sms))
+    if not 1 <= p <= tasks:
+        raise ValueError(f"programs={p}: must be 1..{tasks} (the launch's tasks)")
+    f32 = torch.float32
+    qkv = torch.empty(T, NQKV, dtype=x_TD.dtype, device=dev)
+    q = torch.empty(T, H, C + R, dtype=x_TD.dtype, device=dev)
+    po = torch.empty(T * H * nsp, C, dtype=f32, device=dev)
+    plse = torch.empty(T * H * nsp, dtype=f32, device=dev)
+    v = torch.empty(T, H * V, dtype=x_TD.dtype, device=dev)
+    out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    coop = {} if interpreting() else {"launch_cooperative_grid": True}
+    _mla_block_kernel[(p,)](
+        x_TD,
+        w_qkv,
+        qkv,
+        w_kvb_HKC,
+        kv_norm[0],
+        cos_TR2,
+        sin_TR2,
+        cache_PNK,
+        slots_T,
+        q,
+        block_table,
+        seq_lens,
+        po,
+        plse,
+        v,
+        w_o,
+        out,
+        counters,
+        T,
+        float(kv_norm[1]),
+        softmax_scale * LOG2E,
+        num_splits,
+        x_TD.stride(0),
+        block_table.stride(0),
+        cache_PNK.stride(0),
+        cache_PNK.stride(1),
+        D=D,
+        H=H,
+        N=N,
+        R=R,
+        V=V,
+        C=C,
+        BT=triton.next_power_of_2(T),
+        BN=BN,
+        BK=max(16, min(STEP_ELEMS // (BN * triton.next_power_of_2(T)), triton.next_power_of_2(D))),
+        BC=BC,
+        BV=BV,
+        NSP=nsp,
+        R2P=triton.next_power_of_2(R // 2),
+        PAGE=cache_PNK.shape[1],
+        UPCAST=interpreting(),
+        MAX_POLLS=MAX_POLLS,
+        num_warps=8,  # 4 spill at Moonlight's shape (the attention task's [16, 512] tiles)
+        num_stages=2,
+        enable_fp_fusion=False,  # the rotations round each product, as PyTorch's kernels do
+        **coop,
+    )
+    return out

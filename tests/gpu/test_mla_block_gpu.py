@@ -1,0 +1,55 @@
+"""mla_decode_block compiled on the GPU (marker gpu; skipped without CUDA): one cooperative launch
+whose programs wait on each other. Against the engine's launches for the same math (`mla_chain`)
+at Moonlight-16B-A3B's attention and at 128 heads (8 head blocks), 1-4 tokens, from the new token
+alone to 1,024 cached ones: the same cache rows, the output within the bf16 roundings, the counters
+left zero and no wait given up; then from a CUDA graph (replays equal the eager call)."""
+
+import pytest
+import torch
+
+from moeray.kernels.bench.mla_block import MOONLIGHT, block_case, mla_chain
+from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, mla_decode_block
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+WIDE = dict(MOONLIGHT, H=128)  # V3's heads: 8 attention head blocks, 1,024 S3 tasks a token
+
+
+def _check(kw, got, want, chain_cache, counters):
+    torch.testing.assert_close(kw["cache_PNK"], chain_cache, rtol=0, atol=0)
+    scale = want.float().abs().max()
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
+    assert counters.tolist() == [0] * COUNTERS, counters.tolist()
+
+
+@pytest.mark.parametrize("dims", [MOONLIGHT, WIDE], ids=["moonlight", "h128"])
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("ctx", [1, 160, 1024])
+def test_mla_decode_block_matches_the_engines_launches(dims, T, ctx):
+    kw = block_case(T, ctx, dims)
+    chain_cache = kw["cache_PNK"].clone()
+    want = mla_chain(**{**kw, "cache_PNK": chain_cache})
+    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
+    got = mla_decode_block(**kw, counters=counters)
+    torch.cuda.synchronize()
+    _check(kw, got, want, chain_cache, counters)
+
+
+def test_mla_decode_block_from_a_cuda_graph():
+    kw = block_case(2, 300)
+    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
+    eager = mla_decode_block(**kw, counters=counters)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode_block(**kw, counters=counters)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert counters.tolist() == [0] * COUNTERS
+    assert int(counters[GIVEN_UP]) == 0

@@ -1,0 +1,93 @@
+"""mla_decode_block (one persistent launch for a decode layer's MLA attention) under Triton's
+interpreter: out and the cache rows equal the PyTorch reference at odd shapes (3 heads, hidden 48,
+ragged pages, 1 and 3 tokens), the counters are left zero with no wait given up, and bad inputs
+get a ValueError naming them. The GPU's many programs waiting on each other run in
+tests/gpu/test_mla_block_gpu.py."""
+
+import pytest
+import torch
+
+from moeray.kernels.bench.mla_block import block_case, mla_chain
+from moeray.kernels.mla_block import (
+    COUNTERS,
+    GIVEN_UP,
+    mla_decode_block,
+    mla_decode_block_applies,
+    mla_decode_block_ref,
+)
+
+PAGE = 16
+SMALL = dict(H=3, N=16, R=16, V=16, C=64)  # 3 heads: the 16-head block masked
+
+
+def _case(T: int, D: int = 48) -> dict:
+    """Ragged lengths (5, 33, 17 cached tokens with the new one) on 16-token pages."""
+    return block_case(T, [5, 33, 17, 1][:T], dict(SMALL, D=D), device="cpu", page=PAGE)
+
+
+@pytest.mark.parametrize(("T", "D", "step_elems"), [(1, 48, 16384), (3, 40, 256)])
+def test_mla_decode_block_matches_the_reference(T, D, step_elems, monkeypatch):
+    """(3, 40, 256): the two GEMVs in 16-wide K steps, the last one ragged."""
+    from moeray.kernels import mla_block
+
+    monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
+    monkeypatch.setattr(mla_block, "STEP_ELEMS", step_elems)
+    kw = _case(T, D=D)
+    ref_cache = kw["cache_PNK"].clone()
+    want = mla_decode_block_ref(**{**kw, "cache_PNK": ref_cache})
+    counters = torch.zeros(COUNTERS, dtype=torch.int32)
+    assert mla_decode_block_applies(
+        kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], kw["nope_dim"]
+    )
+    for _ in range(2):  # the second launch finds the counters the first one left
+        got = mla_decode_block(**kw, counters=counters)
+        assert counters.tolist() == [0] * COUNTERS
+        torch.testing.assert_close(kw["cache_PNK"].float(), ref_cache.float(), rtol=0, atol=0)
+        scale = want.float().abs().max()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the given-up stages read garbage
+def test_mla_decode_block_counts_a_wait_it_gives_up(monkeypatch):
+    """Two programs under the interpreter run one after the other: program 0's stage-1 task waits
+    for stage-0 tiles that program 1 has not run yet, gives up after MAX_POLLS and counts it."""
+    from moeray.kernels import mla_block
+
+    monkeypatch.setattr(mla_block, "MAX_POLLS", 2)
+    counters = torch.zeros(COUNTERS, dtype=torch.int32)
+    mla_decode_block(**_case(1), counters=counters, programs=2)
+    assert counters[GIVEN_UP] >= 1
+    assert counters[:GIVEN_UP].tolist() == [0] * GIVEN_UP
+
+
+def test_mla_decode_block_rejects_bad_inputs(monkeypatch):
+    kw = _case(1)
+    counters = torch.zeros(COUNTERS, dtype=torch.int32)
+    bad = [
+        (dict(x_TD=torch.zeros(5, 48, dtype=torch.bfloat16)), r"5 rows; .* takes 1\.\.4"),
+        (dict(w_o=torch.zeros(48, 40, dtype=torch.bfloat16)), r"w_o \(48, 40\)"),
+        (dict(cos_TR2=torch.zeros(1, 4)), r"cos has shape \(1, 4\); expected \(1, 8\)"),
+        (dict(nope_dim=8), "nope_dim 8"),
+        (dict(seq_lens=torch.tensor([3, 4], dtype=torch.int32)), "seq_lens has 2 entries"),
+    ]
+    for change, words in bad:
+        with pytest.raises(ValueError, match=words):
+            mla_decode_block(**{**kw, **change}, counters=counters)
+    with pytest.raises(ValueError, match="counters has 3 elements"):
+        mla_decode_block(**kw, counters=torch.zeros(3, dtype=torch.int32))
+    monkeypatch.delenv("MOERAY_FUSED_MLA_BLOCK", raising=False)
+    args = (kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], 16)
+    assert not mla_decode_block_applies(*args)  # opt-in
+
+
+def test_mla_decode_block_matches_the_engines_launches(monkeypatch):
+    """Against the launches the engine runs for the same math (the bench's baseline `mla_chain`:
+    linear, head_matmul, mla_write_pack, mla_decode_multi), not only the reference."""
+    monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
+    kw = block_case(2, 150, dict(SMALL, D=48), device="cpu")
+    chain_cache = kw["cache_PNK"].clone()
+    want = mla_chain(**{**kw, "cache_PNK": chain_cache})
+    got = mla_decode_block(**kw, counters=torch.zeros(COUNTERS, dtype=torch.int32))
+    torch.testing.assert_close(kw["cache_PNK"], chain_cache, rtol=0, atol=0)
+    scale = want.float().abs().max()
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
