@@ -66,6 +66,12 @@ STAGES = 5
 COUNTERS = STAGES + 2
 GIVEN_UP = STAGES + 1
 _STAGES = tl.constexpr(STAGES)  # the kernel's view of STAGES
+# Launch cooperatively: the driver then guarantees every program resident at once (or refuses the
+# launch). Without it residency rests on one program an SM fitting beside nothing else, which
+# holds for a launch without PDL after the kernel before it has ended (the block does not call
+# launch_dependents, so the kernel after it waits for its end too). False if a CUDA graph refuses
+# a cooperative node (tests/gpu/test_mla_block_gpu.py tries both).
+COOPERATIVE = True
 # A counter polled this often (~0.5-1 us a poll on an H200's L2: seconds) means a broken launch.
 MAX_POLLS = 1 << 22
 # Tile sizes: 16 weight rows a GEMV task (S0: 228 tasks at Moonlight's 3,648 qkv rows, S4: 128),
@@ -476,7 +482,7 @@ def mla_decode_block(
     plse = torch.empty(T * H * nsp, dtype=f32, device=dev)
     v = torch.empty(T, H * V, dtype=x_TD.dtype, device=dev)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
-    coop = {} if interpreting() else {"launch_cooperative_grid": True}
+    coop = {"launch_cooperative_grid": True} if COOPERATIVE and not interpreting() else {}
     _mla_block_kernel[(p,)](
         x_TD,
         w_qkv,

@@ -38,7 +38,11 @@ def test_mla_decode_block_matches_the_engines_launches(dims, T, ctx):
     _check(kw, got, want, chain_cache, counters)
 
 
-def test_mla_decode_block_from_a_cuda_graph():
+@pytest.mark.parametrize("cooperative", [True, False])
+def test_mla_decode_block_from_a_cuda_graph(cooperative, monkeypatch):
+    from moeray.kernels import mla_block
+
+    monkeypatch.setattr(mla_block, "COOPERATIVE", cooperative)
     kw = block_case(2, 300)
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
     eager = mla_decode_block(**kw, counters=counters)
