@@ -35,6 +35,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeray.kernels.persistent import count_in, wait_count
 from moeray.results import device_slug, write_result
 
 HBM_TBPS = 4.8  # H200 datasheet
@@ -105,20 +106,13 @@ def _persistent_chain_kernel(
         n_mask = (nrows[:, None] < N) & k_ok[None, :]
         if PREFETCH:
             w_next = tl.load(n_ptrs + offs_k[None, :], mask=n_mask, other=0.0)
-        if layer > 0:
-            seen = tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire")
-            polls = 0
-            while (seen < TILES) & (polls < MAX_POLLS):
-                seen = tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire")
-                polls += 1
-            if seen < TILES:  # never on a correct launch: count it and go on, rather than hang
-                tl.atomic_add(done_ptr + L + 1, 1)
+        if layer > 0:  # a wait that times out is counted in done[L + 1], not hung
+            wait_count(done_ptr + layer - 1, TILES, done_ptr + L + 1, MAX_POLLS)
         # .cg: x was stored by other SMs; read it from L2, never from this SM's L1
         x = tl.load(x_ptr + layer * N + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg")
         y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         tl.store(x_ptr + (layer + 1) * N + rows, y.to(x_ptr.dtype.element_ty), mask=rows < N)
-        tl.debug_barrier()  # every thread's stores before the release below
-        tl.atomic_add(done_ptr + layer, 1, sem="release")
+        count_in(done_ptr + layer)
         if PREFETCH:
             w = w_next
         else:

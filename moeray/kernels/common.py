@@ -126,29 +126,6 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def wait_count(cnt_ptr, target, given_up_ptr, MAX_POLLS: tl.constexpr):
-    """Spin until the int32 counter at cnt_ptr reaches `target` (an acquire load: what the
-    programs that counted in stored before their release is visible after it), at most MAX_POLLS
-    polls; a wait that gives up adds 1 at given_up_ptr and returns (the caller checks it) rather
-    than hang. For persistent kernels whose programs are all resident (a cooperative launch)."""
-    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-    polls = 0
-    while (seen < target) & (polls < MAX_POLLS):
-        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-        polls += 1
-    if seen < target:
-        tl.atomic_add(given_up_ptr, 1)
-
-
-@triton.jit
-def count_in(cnt_ptr):
-    """Add 1 to the counter at cnt_ptr once every thread of the program has issued its stores
-    (the barrier orders them before the one release atomic): `wait_count`'s other half."""
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1, sem="release")
-
-
-@triton.jit
 def load_k_step(ptrs, k0, stride_k, offs_k, K, EVEN_K: tl.constexpr):
     """One K step [rows, BLOCK_K] of an operand at k0 (`offs_k` the step's column offsets); a
     ragged last step (not EVEN_K) reads zeros past K."""

@@ -45,19 +45,20 @@ import triton
 import triton.language as tl
 
 from moeray.kernels.common import (
+    FP8_DTYPE,
     cdiv,
     check_tensor,
-    count_in,
     interpreting,
     num_sms,
     switched_on,
     to_dtype_rn,
     use_triton,
-    wait_count,
 )
+from moeray.kernels.fp8.quant import weight_dequant_ref
 from moeray.kernels.mla_common import _attend_pages, _merge_split_rows
 from moeray.kernels.mla_decode import LOG2E, decode_launch, mla_decode_ref
 from moeray.kernels.mla_write import _rotate_heads, _write_cache_row, mla_write_pack_ref
+from moeray.kernels.persistent import count_in, first_k_step, rows_gemv, wait_count
 
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_TOKENS = 4  # decode rows one broadcast tile covers (gemv.BCAST_MAX_ROWS)
@@ -100,9 +101,15 @@ def mla_decode_block_ref(
     seq_lens: torch.Tensor,
     softmax_scale: float,
     nope_dim: int,
+    w_qkv_scale: torch.Tensor | None = None,
+    w_o_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The module docstring's math in PyTorch, rounding where the launch-per-step path does; the
-    cache gets the new rows. Returns out [T, D] in x's dtype."""
+    cache gets the new rows. FP8 weights (with their scales) are dequantized in fp32. Returns out
+    [T, D] in x's dtype."""
+    if w_qkv_scale is not None and w_o_scale is not None:
+        w_qkv = weight_dequant_ref(w_qkv, w_qkv_scale, out_dtype=torch.float32)
+        w_o = weight_dequant_ref(w_o, w_o_scale, out_dtype=torch.float32)
     dt = x_TD.dtype
     T = x_TD.shape[0]
     H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
@@ -129,38 +136,10 @@ def mla_decode_block_ref(
 
 
 @triton.jit
-def _rows_gemv(x_ptr, stride_x, T, w_ptr, rows, w_first, K: tl.constexpr, N: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """[BT, rows] fp32 = x [T, K] @ w[rows]^T, w_first its first K step (read before the wait);
-    gemv's broadcast product over K steps of BK, reduced once after the loop."""
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    t_ok = offs_t < T
-    r_ok = rows < N
-    x = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :],
-                mask=t_ok[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
-    acc = x.to(tl.float32)[:, None, :] * w_first.to(tl.float32)[None, :, :]
-    for k0 in tl.range(BK, K, BK):
-        k_ok = (k0 + offs_k) < K
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k0 + offs_k[None, :],
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        x = tl.load(x_ptr + offs_t[:, None] * stride_x + k0 + offs_k[None, :],
-                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return tl.sum(acc, axis=2)
-
-
-@triton.jit
-def _first_k_step(w_ptr, rows, K: tl.constexpr, N: tl.constexpr, BK: tl.constexpr):
-    offs_k = tl.arange(0, BK)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :],
-                   mask=(rows < N)[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
-
-
-@triton.jit
 def _mla_block_kernel(
     x_ptr,
     wqkv_ptr,
+    sqkv_ptr,  # FP8: w_qkv's 128x128 block scales (dequantized = e4m3 x scale)
     qkv_ptr,
     wkvb_ptr,
     kvn_ptr,
@@ -175,6 +154,7 @@ def _mla_block_kernel(
     plse_ptr,
     v_ptr,
     wo_ptr,
+    so_ptr,  # FP8: w_o's block scales
     out_ptr,
     cnt_ptr,
     T,
@@ -200,6 +180,7 @@ def _mla_block_kernel(
     R2P: tl.constexpr,
     PAGE: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 dots (the interpreter has no bf16 matmul)
+    FP8: tl.constexpr,  # w_qkv and w_o in e4m3 with block scales (weight-only: x stays bf16)
     MAX_POLLS: tl.constexpr,
 ):
     Q: tl.constexpr = H * (N + R)
@@ -231,8 +212,9 @@ def _mla_block_kernel(
     for task in range(tl.program_id(0), e4, P):
         if task < e0:  # S0: 16 rows of qkv for every token (input: x, ready before the launch)
             rows = task * BN + offs_n
-            w0 = _first_k_step(wqkv_ptr, rows, D, NQKV, BK)
-            y = _rows_gemv(x_ptr, stride_x, T, wqkv_ptr, rows, w0, D, NQKV, BT, BK)
+            w0 = first_k_step(wqkv_ptr, task * BN, D, NQKV, BN, BK)
+            y = rows_gemv(x_ptr, stride_x, T, wqkv_ptr, sqkv_ptr, task * BN, w0, D, NQKV, BN,
+                           BT, BK, FP8)  # fmt: skip
             tl.store(qkv_ptr + offs_t[:, None] * NQKV + rows[None, :], to_dtype_rn(y, act),
                      mask=(offs_t < T)[:, None] & (rows < NQKV)[None, :])  # fmt: skip
             count_in(cnt_ptr + 0)
@@ -323,10 +305,11 @@ def _mla_block_kernel(
             tl.store(v_ptr + t * HV + h * V + vrows, to_dtype_rn(v, act))
             count_in(cnt_ptr + 3)
         else:  # S4: 16 rows of o_proj for every token
-            rows = (task - e3) * BN + offs_n
-            w0 = _first_k_step(wo_ptr, rows, HV, D, BK)
+            row0 = (task - e3) * BN
+            rows = row0 + offs_n
+            w0 = first_k_step(wo_ptr, row0, HV, D, BN, BK)
             wait_count(cnt_ptr + 3, n3, given_up, MAX_POLLS)
-            y = _rows_gemv(v_ptr, HV, T, wo_ptr, rows, w0, HV, D, BT, BK)
+            y = rows_gemv(v_ptr, HV, T, wo_ptr, so_ptr, row0, w0, HV, D, BN, BT, BK, FP8)
             tl.store(out_ptr + offs_t[:, None] * D + rows[None, :], to_dtype_rn(y, act),
                      mask=(offs_t < T)[:, None] & (rows < D)[None, :])  # fmt: skip
     # The last program to finish has seen every count: zero them for the next launch (not the
@@ -364,12 +347,15 @@ def mla_decode_block_applies(
     nope_dim: int,
 ) -> bool:
     """Whether `mla_decode_block` takes these (MOERAY_FUSED_MLA_BLOCK=1 only): 1..MAX_TOKENS rows,
-    x, the weights and the cache in one of bf16/fp16, contiguous weights and cache, N, R, V, C
-    powers of two >= 16 (C a multiple of 64), on CUDA or under the interpreter."""
+    x, kv_b and the cache in one of bf16/fp16, w_qkv and w_o in that dtype too or both e4m3 (their
+    scales go to the call), contiguous weights and cache, N, R, V, C powers of two >= 16 (C a
+    multiple of 64), on CUDA or under the interpreter."""
     if not switched_on("MLA_BLOCK") or not use_triton(x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK):
         return False
     tensors = (x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK)
-    if x_TD.dtype not in DTYPES or any(t.dtype != x_TD.dtype for t in tensors):
+    if x_TD.dtype not in DTYPES or any(t.dtype != x_TD.dtype for t in (w_kvb_HKC, cache_PNK)):
+        return False
+    if {w_qkv.dtype, w_o.dtype} not in ({x_TD.dtype}, {FP8_DTYPE}):
         return False
     if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS or x_TD.stride(-1) != 1:
         return False
@@ -404,6 +390,8 @@ def mla_decode_block(
     nope_dim: int,
     counters: torch.Tensor,
     *,
+    w_qkv_scale: torch.Tensor | None = None,
+    w_o_scale: torch.Tensor | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """`mla_decode_block_ref` in one launch: x [T, D] the normed hidden rows of T decode tokens
@@ -412,14 +400,30 @@ def mla_decode_block(
     (kv_a_layernorm's weight [C], eps), cos / sin [T, R / 2] fp32, w_kvb [H, N + V, C], w_o
     [D, H * V], the paged cache [pages, page size, C + R]; `counters` an int32 [COUNTERS] of
     zeros on x's device (left zero but for counters[GIVEN_UP], the waits that timed out: 0 on a
-    correct launch; one launch at a time per tensor). `programs` overrides the program count
-    (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA graphs)."""
+    correct launch; one launch at a time per tensor). w_qkv and w_o may both be e4m3, with
+    w_qkv_scale / w_o_scale their fp32 128x128 block scales (the checkpoint's weight_scale_inv;
+    each 128-row block of w_qkv's scales must be 128 rows of the stack: every part but the last a
+    multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). `programs` overrides the
+    program count (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA
+    graphs)."""
     dev = x_TD.device
     dt = (x_TD.dtype,)
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
-    check_tensor(w_qkv, "w_qkv", dtypes=dt, ndim=2, device=dev, contiguous=True)
+    fp8 = w_qkv.dtype == FP8_DTYPE
+    proj = (FP8_DTYPE,) if fp8 else dt
+    check_tensor(w_qkv, "w_qkv", dtypes=(*dt, FP8_DTYPE), ndim=2, device=dev, contiguous=True)
     check_tensor(w_kvb_HKC, "w_kvb", dtypes=dt, ndim=3, device=dev, contiguous=True)
-    check_tensor(w_o, "w_o", dtypes=dt, ndim=2, device=dev, contiguous=True)
+    check_tensor(w_o, "w_o", dtypes=proj, ndim=2, device=dev, contiguous=True)
+    for name, w, sc in (("w_qkv", w_qkv, w_qkv_scale), ("w_o", w_o, w_o_scale)):
+        if not fp8:
+            continue
+        want = (cdiv(w.shape[0], 128), cdiv(w.shape[1], 128))
+        if sc is None:
+            raise ValueError(f"{name} is e4m3: pass its block scales {name}_scale {want}")
+        check_tensor(sc, f"{name}_scale", dtypes=(torch.float32,), ndim=2, device=dev,
+                     contiguous=True)  # fmt: skip
+        if tuple(sc.shape) != want:
+            raise ValueError(f"{name}_scale has shape {tuple(sc.shape)}; expected {want}")
     check_tensor(cache_PNK, "cache", dtypes=dt, ndim=3, device=dev, contiguous=True)
     check_tensor(counters, "counters", dtypes=(torch.int32,), ndim=1, device=dev)
     T, D = x_TD.shape
@@ -486,6 +490,7 @@ def mla_decode_block(
     _mla_block_kernel[(p,)](
         x_TD,
         w_qkv,
+        w_qkv_scale if fp8 else x_TD,  # (read only with FP8)
         qkv,
         w_kvb_HKC,
         kv_norm[0],
@@ -500,6 +505,7 @@ def mla_decode_block(
         plse,
         v,
         w_o,
+        w_o_scale if fp8 else x_TD,
         out,
         counters,
         T,
@@ -525,6 +531,7 @@ def mla_decode_block(
         R2P=triton.next_power_of_2(R // 2),
         PAGE=cache_PNK.shape[1],
         UPCAST=interpreting(),
+        FP8=fp8,
         MAX_POLLS=MAX_POLLS,
         num_warps=8,  # 4 spill at Moonlight's shape (the attention task's [16, 512] tiles)
         num_stages=2,

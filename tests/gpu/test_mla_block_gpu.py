@@ -1,8 +1,9 @@
 """mla_decode_block compiled on the GPU (marker gpu; skipped without CUDA): one cooperative launch
 whose programs wait on each other. Against the engine's launches for the same math (`mla_chain`)
-at Moonlight-16B-A3B's attention and at 128 heads (8 head blocks), 1-4 tokens, from the new token
-alone to 1,024 cached ones: the same cache rows, the output within the bf16 roundings, the counters
-left zero and no wait given up; then from a CUDA graph (replays equal the eager call)."""
+at Moonlight-16B-A3B's attention and at 128 heads (8 head blocks), bf16 and FP8 projections, 1-4
+tokens, from the new token alone to 1,024 cached ones: the cache rows and the output within the
+bf16 roundings, the counters left zero and no wait given up; then from a CUDA graph (replays equal
+the eager call), launched cooperatively and not."""
 
 import pytest
 import torch
@@ -19,17 +20,19 @@ WIDE = dict(MOONLIGHT, H=128)  # V3's heads: 8 attention head blocks, 1,024 S3 t
 
 
 def _check(kw, got, want, chain_cache, counters):
-    torch.testing.assert_close(kw["cache_PNK"], chain_cache, rtol=0, atol=0)
+    # the new rows come from qkv, whose fp32 sums run in another order: a bf16 ulp or two
+    torch.testing.assert_close(kw["cache_PNK"], chain_cache, rtol=1.6e-2, atol=1e-2)
     scale = want.float().abs().max()
     torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
     assert counters.tolist() == [0] * COUNTERS, counters.tolist()
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("dims", [MOONLIGHT, WIDE], ids=["moonlight", "h128"])
 @pytest.mark.parametrize("T", [1, 2, 4])
 @pytest.mark.parametrize("ctx", [1, 160, 1024])
-def test_mla_decode_block_matches_the_engines_launches(dims, T, ctx):
-    kw = block_case(T, ctx, dims)
+def test_mla_decode_block_matches_the_engines_launches(dims, T, ctx, fp8):
+    kw = block_case(T, ctx, dims, fp8=fp8)
     chain_cache = kw["cache_PNK"].clone()
     want = mla_chain(**{**kw, "cache_PNK": chain_cache})
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")

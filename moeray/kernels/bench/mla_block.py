@@ -2,7 +2,8 @@
 moeray/kernels/mla_block.py) against the chain of launches the engine runs for the same math at
 batch 1-4 (`mla_chain`: the merged q + kv_a GEMV, W_UK, mla_write_pack, the MLA split and merge
 kernels, W_UV, o_proj), at Moonlight-16B-A3B's attention (hidden 2048, 16 heads of 128 + 64, kv
-rank 512, values 128), 1 and 4 tokens, 160 and 1,024 cached tokens a sequence.
+rank 512, values 128), 1 and 4 tokens, 160 and 1,024 cached tokens a sequence, bf16 weights and
+FP8 ones (e4m3 q + kv_a and o_proj, whose chain runs fp8_gemv as FP8Linear does).
 
 Both run from CUDA graphs of back-to-back calls cycling over enough weight copies that every call
 reads its weights from HBM (bench/common.py). The floor is the bytes a call must read (weights and
@@ -16,9 +17,11 @@ from collections.abc import Sequence
 import torch
 
 from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, _rec
+from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace
+from moeray.kernels.fp8.quant import weight_quant_ref
 from moeray.kernels.gemv import linear
 from moeray.kernels.head_gemv import head_matmul
-from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, mla_decode_block
+from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, MAX_TOKENS, mla_decode_block
 from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack
 
@@ -29,15 +32,21 @@ MOONLIGHT = dict(D=2048, H=16, N=128, R=64, V=128, C=512)
 
 def mla_chain(
     x_TD, w_qkv, kv_norm, cos_TR2, sin_TR2, w_kvb_HKC, w_o, cache_PNK, slots_T, block_table,
-    seq_lens, softmax_scale, nope_dim,
+    seq_lens, softmax_scale, nope_dim, w_qkv_scale=None, w_o_scale=None, workspaces=None,
 ):  # fmt: skip
     """The engine's launches for mla_decode_block's math (model/mla.py's absorbed path through
-    engine/paged_view.py), on the same arguments: out [T, D]."""
+    engine/paged_view.py), on the same arguments: out [T, D]. e4m3 projections run fp8_gemv as
+    FP8Linear does at decode rows (`workspaces`: its split-K counters for w_qkv and w_o)."""
     T = x_TD.shape[0]
     H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
     R = cache_PNK.shape[-1] - C
     Q = w_qkv.shape[0] - C - R
-    qkv = linear(x_TD, w_qkv)
+    ws = workspaces or (None, None)
+
+    def proj(x, w, sc, workspace):
+        return linear(x, w) if sc is None else fp8_gemv(x, w, sc, workspace=workspace)
+
+    qkv = proj(x_TD, w_qkv, w_qkv_scale, ws[0])
     q_THK = qkv[:, :Q].view(T, 1, H, Q // H)
     q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
     q_lat = head_matmul(q_nope, w_kvb_HKC[:, :nope_dim])
@@ -46,7 +55,7 @@ def mla_chain(
     q = mla_write_pack(cache_PNK, slots_T, kv, pe, q_lat, q_pe, norm=kv_norm, rope=rope)
     o_lat = mla_decode_multi(q, cache_PNK, block_table, seq_lens, softmax_scale, C).to(x_TD.dtype)
     v = head_matmul(o_lat, w_kvb_HKC[:, nope_dim:].transpose(1, 2))
-    return linear(v.reshape(T, -1), w_o)
+    return proj(v.reshape(T, -1), w_o, w_o_scale, ws[1])
 
 
 def block_case(
@@ -56,9 +65,11 @@ def block_case(
     device="cuda",
     seed: int = 0,
     page: int = PAGE,
+    fp8: bool = False,
 ) -> dict:
-    """Random bf16 weights at `dims`, T sequences of `ctx` cached tokens each (one length for all,
-    or one a sequence; the new token included) on shuffled pages of a paged cache:
+    """Random bf16 weights at `dims` (with `fp8` q + kv_a and o_proj as e4m3 with 128x128 block
+    scales, the official checkpoint's format), T sequences of `ctx` cached tokens each (one length
+    for all, or one a sequence; the new token included) on shuffled pages of a paged cache:
     mla_decode_block's keyword arguments but `counters`."""
     g = torch.Generator(device=device).manual_seed(seed)
     D, H, N, R, V, C = (dims[k] for k in ("D", "H", "N", "R", "V", "C"))
@@ -73,7 +84,7 @@ def block_case(
     last = (lens - 1)[:, None]
     slots = pages.gather(1, last // page)[:, 0] * page + (lens - 1) % page
     angles = torch.rand(T, R // 2, generator=g, device=device) * 6.0
-    return dict(
+    case = dict(
         x_TD=rnd(T, D),
         w_qkv=rnd(H * (N + R) + C + R, D, scale=D**-0.5),
         kv_norm=(rnd(C) + 1.0, 1e-6),
@@ -88,26 +99,36 @@ def block_case(
         softmax_scale=(N + R) ** -0.5,
         nope_dim=N,
     )
+    if fp8:
+        for name in ("w_qkv", "w_o"):
+            case[name], case[f"{name}_scale"] = weight_quant_ref(case[name])
+    return case
 
 
 def bench_mla_block(ceil: dict) -> list[dict]:
-    return [_block_row(ceil, T, ctx) for T, ctx in ((1, 160), (1, 1024), (4, 160), (4, 1024))]
+    cases = [(T, ctx, False) for T in (1, 4) for ctx in (160, 1024)]
+    cases += [(1, 160, True), (1, 1024, True), (4, 1024, True)]
+    return [_block_row(ceil, T, ctx, fp8) for T, ctx, fp8 in cases]
 
 
-def _block_row(ceil: dict, T: int, ctx: int) -> dict:
-    kw = block_case(T, ctx)
+def _block_row(ceil: dict, T: int, ctx: int, fp8: bool) -> dict:
+    kw = block_case(T, ctx, fp8=fp8)
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
-    weights = ("w_qkv", "w_kvb_HKC", "w_o")
-    wbytes = sum(kw[k].numel() * 2 for k in weights)
+    weights = ("w_qkv", "w_kvb_HKC", "w_o") + (("w_qkv_scale", "w_o_scale") if fp8 else ())
+    wbytes = sum(kw[k].numel() * kw[k].element_size() for k in weights)
     copies = [tuple(kw[k] for k in weights)]
     copies += [tuple(kw[k].clone() for k in weights) for _ in range(_copies(wbytes) - 1)]
+    workspaces = (
+        tuple(fp8_gemv_workspace(kw[k].shape[0], MAX_TOKENS, "cuda") for k in ("w_qkv", "w_o"))
+        if fp8
+        else None
+    )
 
-    def block(wq, wkvb, wo):
-        named = {**kw, "w_qkv": wq, "w_kvb_HKC": wkvb, "w_o": wo}
-        return mla_decode_block(**named, counters=counters)
+    def block(*ws):
+        return mla_decode_block(**{**kw, **dict(zip(weights, ws, strict=True))}, counters=counters)
 
-    def chain(wq, wkvb, wo):
-        return mla_chain(**{**kw, "w_qkv": wq, "w_kvb_HKC": wkvb, "w_o": wo})
+    def chain(*ws):
+        return mla_chain(**{**kw, **dict(zip(weights, ws, strict=True))}, workspaces=workspaces)
 
     want, got = chain(*copies[0]).float(), block(*copies[0]).float()
     torch.cuda.synchronize()
@@ -118,7 +139,8 @@ def _block_row(ceil: dict, T: int, ctx: int) -> dict:
     floor_us = nbytes / (HBM_TBPS * 1e12) * 1e6
     return {
         "kernel": "mla_decode_block",
-        "shape": f"moonlight T={T} ctx={ctx}",
+        "shape": f"moonlight {'fp8' if fp8 else 'bf16'} T={T} ctx={ctx}",
+        "weights": "fp8" if fp8 else "bf16",
         "T": T,
         "ctx": ctx,
         "chain_us": round(t_chain * 1e3, 2),

@@ -16,9 +16,17 @@ H heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from moeray.kernels.mla_block import COUNTERS, mla_decode_block, mla_decode_block_applies
+from moeray.kernels.common import switched_on
+from moeray.kernels.mla_block import (
+    COUNTERS,
+    MAX_TOKENS,
+    mla_decode_block,
+    mla_decode_block_applies,
+)
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
@@ -114,19 +122,23 @@ class KernelPagedView(GatherPagedView):
         self,
         layer_idx: int,
         x_BSD: torch.Tensor,
-        w: BlockWeights,
+        weights: Callable[[torch.dtype], BlockWeights | None],
         cos: torch.Tensor,
         sin: torch.Tensor,
         softmax_scale: float,
     ) -> torch.Tensor | None:
         """The MLA attention of one new token a sequence (S = 1) from the normed input x to
         o_proj's output, the new latents stored, in one launch (`mla_decode_block`, opt-in:
-        MOERAY_FUSED_MLA_BLOCK=1); None where that kernel does not take these (the caller runs
-        the absorbed path through `attend`)."""
+        MOERAY_FUSED_MLA_BLOCK=1); `weights(dtype)` the MLA's BlockWeights (None: not as the
+        kernel takes them). None where that kernel does not apply (the caller runs the absorbed
+        path through `attend`)."""
         B, S, D = x_BSD.shape
+        if S != 1 or B > MAX_TOKENS or not switched_on("MLA_BLOCK"):
+            return None  # (before the weights: nothing to pay with the switch off)
+        w = weights(x_BSD.dtype)
         cache_PNK = self.storage.kv_LPNK[layer_idx]
-        x_TD = x_BSD.reshape(B, D) if S == 1 else x_BSD
-        if S != 1 or not mla_decode_block_applies(
+        x_TD = x_BSD.reshape(B, D)
+        if w is None or not mla_decode_block_applies(
             x_TD, w.w_qkv, w.w_kvb_HKC, w.w_o, cache_PNK, w.nope_dim
         ):
             return None
@@ -148,6 +160,8 @@ class KernelPagedView(GatherPagedView):
             softmax_scale,
             w.nope_dim,
             self._block_counters,
+            w_qkv_scale=w.w_qkv_scale,
+            w_o_scale=w.w_o_scale,
         )
         return out.view(B, S, D)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray.kernels.common import FP8_BLOCK
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
@@ -44,10 +45,10 @@ class KVCache(Protocol):
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
     # norm, the rotations and the store can run as one kernel).
-    # And attend_block(layer_idx, x_BSD, BlockWeights, cos, sin, softmax_scale) -> the attention's
+    # And attend_block(layer_idx, x_BSD, weights, cos, sin, softmax_scale) -> the attention's
     # output [B, S, D], or None where the cache has no kernel for it (then the model runs the
     # steps above): the whole absorbed attention from the normed input, in one launch
-    # (kernels/mla_block.py).
+    # (kernels/mla_block.py); `weights(dtype)` gives the MLA's BlockWeights or None.
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
@@ -62,6 +63,9 @@ class BlockWeights(NamedTuple):
     w_kvb_HKC: torch.Tensor  # kv_b_proj's weight as [H, N + V, C]
     w_o: torch.Tensor  # o_proj's weight [D, H * V]
     nope_dim: int
+    # FP8 projections: w_qkv and w_o in e4m3 with these 128x128 block scales (weight_scale_inv)
+    w_qkv_scale: torch.Tensor | None = None
+    w_o_scale: torch.Tensor | None = None
 
 
 class DenseKVCache:
@@ -195,9 +199,10 @@ class MLA(nn.Module):
         the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
         attend_block = getattr(cache, "attend_block", None)
-        weights = None if attend_block is None else self.block_weights(x_BSD.dtype)
-        if attend_block is not None and weights is not None:
-            out = attend_block(self.layer_idx, x_BSD, weights, cos, sin, self.softmax_scale)
+        if attend_block is not None:
+            out = attend_block(
+                self.layer_idx, x_BSD, self.block_weights, cos, sin, self.softmax_scale
+            )
             if out is not None:
                 return out
         q_lat, q, kv = self._project_input(x_BSD)
@@ -234,20 +239,32 @@ class MLA(nn.Module):
 
     def block_weights(self, dtype: torch.dtype) -> BlockWeights | None:
         """The weights one-launch decode attention reads, where they exist as it takes them: no q
-        LoRA, q_proj and kv_a merged (model/merge.py) and every projection in `dtype` (not FP8);
-        else None."""
+        LoRA, q_proj and kv_a merged (model/merge.py), those and o_proj in `dtype` or both in FP8
+        (an FP8 stack's parts but the last on the 128-row grid, so its scale rows are 128 rows
+        each), kv_b in `dtype` (FP8 kv_b dequantized once, `_w_HKC`); else None."""
         fused = self.fused_qkv_a_proj
-        if self.q_lora_rank is not None or fused is None or not isinstance(fused.fused, Linear):
+        if self.q_lora_rank is not None or fused is None:
             return None
-        if not isinstance(self.o_proj, Linear) or not isinstance(self.kv_b_proj, Linear):
-            return None
-        w_qkv, w_o = fused.fused.weight, self.o_proj.weight
-        if w_qkv.dtype != dtype or w_o.dtype != dtype or self.kv_b_proj.weight.dtype != dtype:
-            return None
+        qkv, o = fused.fused, self.o_proj
         norm = self.kv_a_layernorm
-        return BlockWeights(
-            w_qkv, (norm.weight, norm.eps), self._w_HKC(dtype)[0], w_o, self.nope_dim
-        )
+        w_HKC = self._w_HKC(dtype)[0]
+        if isinstance(qkv, Linear) and isinstance(o, Linear):
+            if qkv.weight.dtype != dtype or o.weight.dtype != dtype:
+                return None
+            return BlockWeights(qkv.weight, (norm.weight, norm.eps), w_HKC, o.weight, self.nope_dim)
+        if isinstance(qkv, FP8Linear) and isinstance(o, FP8Linear):
+            if any(n % FP8_BLOCK for n in fused.sizes[:-1]):
+                return None
+            return BlockWeights(
+                qkv.weight,
+                (norm.weight, norm.eps),
+                w_HKC,
+                o.weight,
+                self.nope_dim,
+                qkv.weight_scale_inv,
+                o.weight_scale_inv,
+            )
+        return None
 
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
