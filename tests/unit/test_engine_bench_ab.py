@@ -81,3 +81,25 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
     assert again["tokens_equal_to_main"] == {"1": 1.0, "2": 1.0}
     lines = ab_table(rows)
     assert len(lines) == 1 + 3 * 2 and lines[1].split()[:2] == ["ROUTE_FOLD", "1"]
+
+
+def test_run_ab_keeps_going_past_a_row_that_fails():
+    def make_engine():
+        if os.environ.get("MOERAY_FUSED_MLA_BLOCK") == "1":
+            raise RuntimeError("capture refused a cooperative launch")
+        return {}
+
+    rows = run_ab(
+        ["MLA_BLOCK", "ROUTE_FOLD"],
+        make_engine,
+        lambda engine, prompts: (10.0, [[1]]),
+        lambda engine, B: None,
+        {1: [[1]]},
+        {"1": 10.0},
+        {},
+        {"1": [[1]]},
+    )
+    assert rows["MLA_BLOCK"]["error"] == "RuntimeError: capture refused a cooperative launch"
+    assert rows["ROUTE_FOLD"]["tokens_per_s_vs_main"] == {"1": 1.0}
+    assert rows[AGAIN]["decode_graph_ms"] == {}
+    assert any("MLA_BLOCK" in line and "failed" in line for line in ab_table(rows))

@@ -82,35 +82,50 @@ def run_ab(
     main_outputs: Mapping[str, list[list[int]]],
 ) -> dict[str, dict]:
     """One row per name (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
-    timed with only that switch flipped. `decode(engine, prompts)` -> (tokens/s, outputs) after
-    its own warm-up; `graph_ms(engine, batch)` -> one replay's GPU ms or None; the main run's
-    prompts, rates, graph times and outputs by batch size (str keys but `prompts`)."""
+    timed with only that switch flipped; a row whose engine fails holds the error instead.
+    `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up; `graph_ms(engine,
+    batch)` -> one replay's GPU ms or None; the main run's prompts, rates, graph times and
+    outputs by batch size (str keys but `prompts`)."""
     rows: dict[str, dict] = {}
     for name in [*names, AGAIN]:
         env = {} if name == AGAIN else {f"MOERAY_FUSED_{name}": flipped(name)}
-        with mock.patch.dict(os.environ, env):
-            _release()  # the engine before (the main run's first): its KV cache and graphs
-            engine = make_engine()
-            rates: dict[str, float] = {}
-            graphs: dict[str, float] = {}
-            equal: dict[str, float] = {}
-            for B, batch_prompts in prompts.items():
-                k = str(B)
-                rates[k], outs = decode(engine, batch_prompts)
-                replay = graph_ms(engine, B)
-                if replay is not None:
-                    graphs[k] = replay
-                equal[k] = _equal_fraction(outs, main_outputs[k])
-            del engine
-        rows[name] = {
-            "env": env,
-            "decode_tokens_per_s": rates,
-            "decode_graph_ms": graphs,
-            "tokens_per_s_vs_main": {k: v / main_rates[k] for k, v in rates.items()},
-            "graph_ms_vs_main": {k: v / main_graph_ms[k] for k, v in graphs.items()},
-            "tokens_equal_to_main": equal,
+        try:
+            rows[name] = _ab_row(env, make_engine, decode, graph_ms, prompts, main_outputs)
+        except (
+            Exception
+        ) as e:  # one path that fails (to build, capture or run) is a row, not the end
+            rows[name] = {"env": env, "error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        r = rows[name]
+        r["tokens_per_s_vs_main"] = {
+            k: v / main_rates[k] for k, v in r["decode_tokens_per_s"].items()
         }
+        r["graph_ms_vs_main"] = {k: v / main_graph_ms[k] for k, v in r["decode_graph_ms"].items()}
     return rows
+
+
+def _ab_row(env, make_engine, decode, graph_ms, prompts, main_outputs) -> dict:
+    """One engine built, warmed and timed under `env` (the rest of the environment as run)."""
+    with mock.patch.dict(os.environ, env):
+        _release()  # the engine before (the main run's first): its KV cache and graphs
+        engine = make_engine()
+        rates: dict[str, float] = {}
+        graphs: dict[str, float] = {}
+        equal: dict[str, float] = {}
+        for B, batch_prompts in prompts.items():
+            k = str(B)
+            rates[k], outs = decode(engine, batch_prompts)
+            replay = graph_ms(engine, B)
+            if replay is not None:
+                graphs[k] = replay
+            equal[k] = _equal_fraction(outs, main_outputs[k])
+        del engine
+    return {
+        "env": env,
+        "decode_tokens_per_s": rates,
+        "decode_graph_ms": graphs,
+        "tokens_equal_to_main": equal,
+    }
 
 
 def _release() -> None:
@@ -130,6 +145,9 @@ def ab_table(rows: Mapping[str, dict]) -> list[str]:
         f"{'ab':22s} {'batch':>5s} {'tok/s':>9s} {'vs main':>8s} {'graph ms':>9s} {'vs main':>8s}"
     ]
     for name, r in rows.items():
+        if "error" in r:
+            out.append(f"{name:22s} failed: {r['error'][:90]}")
+            continue
         for k, rate in r["decode_tokens_per_s"].items():
             g = r["decode_graph_ms"].get(k)
             gv = r["graph_ms_vs_main"].get(k)
