@@ -20,23 +20,26 @@ PAGE = 16
 SMALL = dict(H=3, N=16, R=16, V=16, C=64)  # 3 heads: the 16-head block masked
 
 
-def _case(T: int, D: int = 48, fp8: bool = False) -> dict:
-    """Ragged lengths (5, 33, 17 cached tokens with the new one) on 16-token pages."""
-    return block_case(T, [5, 33, 17, 1][:T], dict(SMALL, D=D), device="cpu", page=PAGE, fp8=fp8)
+def _case(T: int, D: int = 48, fp8: bool = False, H: int = 3) -> dict:
+    """Ragged lengths (5, 33, 17 cached tokens with the new one; then 32, a page boundary) on
+    16-token pages."""
+    lens = [5, 33, 17, 32][:T]
+    return block_case(T, lens, dict(SMALL, D=D, H=H), device="cpu", page=PAGE, fp8=fp8)
 
 
 @pytest.mark.parametrize(
-    ("T", "D", "step_elems", "fp8"),
-    [(1, 48, 16384, False), (3, 40, 256, False), (2, 200, 256, True)],
+    ("T", "D", "step_elems", "fp8", "H"),
+    [(1, 48, 16384, False, 3), (3, 40, 256, False, 3), (2, 200, 256, True, 3), (4, 32, 512, 0, 17)],
 )
-def test_mla_decode_block_matches_the_reference(T, D, step_elems, fp8, monkeypatch):
+def test_mla_decode_block_matches_the_reference(T, D, step_elems, fp8, H, monkeypatch):
     """(3, 40, 256): the two GEMVs in 16-wide K steps, the last one ragged; (2, 200, 256, fp8):
-    e4m3 q + kv_a (row blocks 0-1) and o_proj, K steps across 128-column scale blocks."""
+    e4m3 q + kv_a (row blocks 0-1) and o_proj, K steps across 128-column scale blocks; (4, 32,
+    512, 17 heads): the most tokens, a second 16-head block, a sequence ending on a page."""
     from moeray.kernels import mla_block
 
     monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
     monkeypatch.setattr(mla_block, "STEP_ELEMS", step_elems)
-    kw = _case(T, D=D, fp8=fp8)
+    kw = _case(T, D=D, fp8=bool(fp8), H=H)
     ref_cache = kw["cache_PNK"].clone()
     want = mla_decode_block_ref(**{**kw, "cache_PNK": ref_cache})
     counters = torch.zeros(COUNTERS, dtype=torch.int32)
