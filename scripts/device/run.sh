@@ -38,7 +38,7 @@
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA direct, FP8 gemv batch, head_gemv) (1 GPU, ~5 min)
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
-#   mla-block          one persistent launch for a decode layer's MLA attention (opt-in): GPU tests, bench vs the engine's launches, Moonlight b1/b4 A/B (1 GPU, ~5 min)
+#   mla-block          one persistent launch for a decode layer's MLA attention (opt-in): GPU tests, bench vs the engine's launches (1 GPU, ~4 min)
 #   persistent-probe   one persistent kernel vs a launch per GEMV on a chain of decode GEMVs (pdl_probe.py, N 2048/1024) (1 GPU, ~1 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
