@@ -1,5 +1,6 @@
 """mla_decode_block: a decode layer's whole MLA attention, from the normed hidden rows to o_proj's
-output, in ONE persistent launch, for 1-4 decode tokens (one per sequence) and bf16/fp16 weights.
+output, in ONE persistent launch, for 1-4 decode tokens (one per sequence), bf16/fp16 weights or
+e4m3 projections with 128x128 block scales (weight-only, as fp8_gemv).
 `mla_decode_block` is the checked wrapper, `mla_decode_block_ref` the PyTorch reference,
 `mla_decode_block_applies` the test a caller chooses by. Opt-in (MOERAY_FUSED_MLA_BLOCK=1) until
 a GPU run times it.
@@ -20,16 +21,17 @@ dtype where that path rounds it, fp32 accumulation):
 
 Why: at batch 1 these are 7 launches a layer (the merged GEMV, head_gemv or a cuBLAS bmm for W_UK,
 mla_write_pack, the split and merge kernels, W_UV, o_proj) that move ~27 MB at Moonlight's shape
-(~5.7 us at 4.8 TB/s) and took ~27 us with PDL off on an H200 (results/engine-nvidia-h200-
+(~5.7 us at 4.8 TB/s) and took ~30 us with PDL off on an H200 (results/engine-nvidia-h200-
 moonlight-bf16-b1-nopdl.json): each launch pays a ramp and a drain of ~2-3 us, and PDL returned
 little of it (benchmarks/notes-engine.md). Here there is no kernel boundary inside the block: the
 next stage's weights stream while the current stage drains.
 
-How: at most one program per SM, launched cooperatively (all resident at once). The tasks of all
-stages are numbered in stage order (S0's row tiles, then S1's (head, column block) tiles and one
-cache-row task per token, ...); program p runs tasks p, p + P, p + 2P, ... Each task reads its
-weights first, then waits (`common.wait_count`, acquire) until every task of the stage before has
-counted in (`common.count_in`, release), then reads its inputs, computes, stores and counts in.
+How (the protocol of kernels/persistent.py): at most one program per SM, launched cooperatively
+(all resident at once). The tasks of all stages are numbered in stage order (S0's row tiles, then
+S1's (head, column block) tiles and one cache-row task per token, ...); program p runs tasks p,
+p + P, p + 2P, ... Each task reads its weights first, then waits (`wait_count`, acquire) until
+every task of the stage before has counted in (`count_in`, release), then reads its inputs,
+computes, stores and counts in.
 A task waits only on earlier-numbered tasks, which every program reaches before its own later
 ones, so the launch cannot deadlock while all programs are resident. The last program to finish
 zeroes the stage counters for the next launch; a wait that times out is counted in the last
