@@ -194,9 +194,10 @@ class MLA(nn.Module):
         *,
         absorbed: bool | None = None,
     ) -> torch.Tensor:
-        """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
-        or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
-        the absorbed math over x alone (for tests)."""
+        """Attention over x (causal). With a cache the absorbed path runs over the cached latents
+        (the whole of it in one launch where the cache's `attend_block` takes it), or the expanded
+        one when the cache sets `expanded`; `absorbed=True` without a cache runs the absorbed
+        math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
         attend_block = getattr(cache, "attend_block", None)
         if attend_block is not None:
@@ -246,25 +247,22 @@ class MLA(nn.Module):
         if self.q_lora_rank is not None or fused is None:
             return None
         qkv, o = fused.fused, self.o_proj
-        norm = self.kv_a_layernorm
-        w_HKC = self._w_HKC(dtype)[0]
+        scales: tuple[torch.Tensor | None, torch.Tensor | None]
         if isinstance(qkv, Linear) and isinstance(o, Linear):
             if qkv.weight.dtype != dtype or o.weight.dtype != dtype:
                 return None
-            return BlockWeights(qkv.weight, (norm.weight, norm.eps), w_HKC, o.weight, self.nope_dim)
-        if isinstance(qkv, FP8Linear) and isinstance(o, FP8Linear):
+            scales = (None, None)
+        elif isinstance(qkv, FP8Linear) and isinstance(o, FP8Linear):
             if any(n % FP8_BLOCK for n in fused.sizes[:-1]):
                 return None
-            return BlockWeights(
-                qkv.weight,
-                (norm.weight, norm.eps),
-                w_HKC,
-                o.weight,
-                self.nope_dim,
-                qkv.weight_scale_inv,
-                o.weight_scale_inv,
-            )
-        return None
+            scales = (qkv.weight_scale_inv, o.weight_scale_inv)
+        else:
+            return None
+        norm = self.kv_a_layernorm
+        w_HKC = self._w_HKC(dtype)[0]
+        return BlockWeights(
+            qkv.weight, (norm.weight, norm.eps), w_HKC, o.weight, self.nope_dim, *scales
+        )
 
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
