@@ -49,6 +49,7 @@ import triton.language as tl
 from moeray.kernels.common import (
     FP8_DTYPE,
     cdiv,
+    check_shape,
     check_tensor,
     interpreting,
     num_sms,
@@ -60,11 +61,12 @@ from moeray.kernels.fp8.quant import weight_dequant_ref
 from moeray.kernels.mla_common import _attend_pages, _merge_split_rows
 from moeray.kernels.mla_decode import LOG2E, decode_launch, mla_decode_ref
 from moeray.kernels.mla_write import _rotate_heads, _write_cache_row, mla_write_pack_ref
+from moeray.kernels.norm import rms_norm_ref, rms_norm_row
 from moeray.kernels.persistent import count_in, first_k_step, rows_gemv, wait_count
 
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_TOKENS = 4  # decode rows one broadcast tile covers (gemv.BCAST_MAX_ROWS)
-STAGES = 5
+STAGES = 6  # S0-S4, then SN (the input norm: first in task order, last in counter index)
 # Counters: one per stage, the finished programs, the waits given up (read it after a launch).
 COUNTERS = STAGES + 2
 GIVEN_UP = STAGES + 1
@@ -105,10 +107,19 @@ def mla_decode_block_ref(
     nope_dim: int,
     w_qkv_scale: torch.Tensor | None = None,
     w_o_scale: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    delta_TD: torch.Tensor | None = None,
+    h_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The module docstring's math in PyTorch, rounding where the launch-per-step path does; the
-    cache gets the new rows. FP8 weights (with their scales) are dequantized in fp32. Returns out
-    [T, D] in x's dtype."""
+    cache gets the new rows. FP8 weights (with their scales) are dequantized in fp32. With `norm`
+    x is first normed (after adding `delta_TD`, the sum copied into `h_TD`), as `mla_decode_block`
+    says. Returns out [T, D] in x's dtype."""
+    if norm is not None:
+        x_TD, h = rms_norm_ref(x_TD if delta_TD is None else delta_TD, norm[0], norm[1],
+                               None if delta_TD is None else x_TD)  # fmt: skip
+        if h_TD is not None:
+            h_TD.copy_(h)
     if w_qkv_scale is not None and w_o_scale is not None:
         w_qkv = weight_dequant_ref(w_qkv, w_qkv_scale, out_dtype=torch.float32)
         w_o = weight_dequant_ref(w_o, w_o_scale, out_dtype=torch.float32)
@@ -139,39 +150,16 @@ def mla_decode_block_ref(
 
 @triton.jit
 def _mla_block_kernel(
-    x_ptr,
-    wqkv_ptr,
-    sqkv_ptr,  # FP8: w_qkv's 128x128 block scales (dequantized = e4m3 x scale)
-    qkv_ptr,
-    wkvb_ptr,
-    kvn_ptr,
-    cos_ptr,
-    sin_ptr,
-    cache_ptr,
-    slots_ptr,
-    q_ptr,
-    bt_ptr,
-    len_ptr,
-    po_ptr,
-    plse_ptr,
-    v_ptr,
-    wo_ptr,
-    so_ptr,  # FP8: w_o's block scales
-    out_ptr,
+    xin_ptr, delta_ptr, nw_ptr, h_ptr,  # NORM: un-normed rows, their deferred add, weight, sum
+    x_ptr,  # the normed rows [T, D] (with NORM: written by SN)
+    wqkv_ptr, sqkv_ptr, qkv_ptr,  # S0: w_qkv (FP8: its 128x128 block scales), its output
+    wkvb_ptr, kvn_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr, q_ptr,  # S1
+    bt_ptr, len_ptr, po_ptr, plse_ptr,  # S2: block table, lengths, the splits' partials
+    v_ptr, wo_ptr, so_ptr, out_ptr,  # S3-S4
     cnt_ptr,
-    T,
-    eps,
-    sm_scale_log2,
-    num_splits,
-    stride_x,
-    stride_btb,
-    stride_kvp,
-    stride_kvt,
-    D: tl.constexpr,
-    H: tl.constexpr,
-    N: tl.constexpr,
-    R: tl.constexpr,
-    V: tl.constexpr,
+    T, eps, norm_eps, sm_scale_log2, num_splits,
+    stride_x, stride_btb, stride_kvp, stride_kvt,
+    D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr,
     BT: tl.constexpr,  # T padded to a power of two
     BN: tl.constexpr,  # weight rows per S0 / S4 task
@@ -183,8 +171,11 @@ def _mla_block_kernel(
     PAGE: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 dots (the interpreter has no bf16 matmul)
     FP8: tl.constexpr,  # w_qkv and w_o in e4m3 with block scales (weight-only: x stays bf16)
+    NORM: tl.constexpr,  # SN: x = rmsnorm(xin (+ delta)) first, one task a token
+    HAS_DELTA: tl.constexpr,
+    DP: tl.constexpr,  # D padded to a power of two (SN's row)
     MAX_POLLS: tl.constexpr,
-):
+):  # fmt: skip
     Q: tl.constexpr = H * (N + R)
     NQKV: tl.constexpr = Q + C + R
     K: tl.constexpr = C + R
@@ -194,12 +185,14 @@ def _mla_block_kernel(
     NHB: tl.constexpr = (H + 15) // 16
     act = qkv_ptr.dtype.element_ty
     # Task counts and ends, in stage order.
+    nn = T if NORM else 0
     n0 = tl.cdiv(NQKV, BN)
     n1 = H * NCB + T
     n2 = T * NHB * num_splits
     n3 = T * H * NVB
     n4 = tl.cdiv(D, BN)
-    e0 = n0
+    en = nn
+    e0 = en + n0
     e1 = e0 + n1
     e2 = e1 + n2
     e3 = e2 + n3
@@ -212,11 +205,23 @@ def _mla_block_kernel(
     ok_j = offs_j < R // 2
     P = tl.num_programs(0)
     for task in range(tl.program_id(0), e4, P):
-        if task < e0:  # S0: 16 rows of qkv for every token (input: x, ready before the launch)
-            rows = task * BN + offs_n
-            w0 = first_k_step(wqkv_ptr, task * BN, D, NQKV, BN, BK)
-            y = rows_gemv(x_ptr, stride_x, T, wqkv_ptr, sqkv_ptr, task * BN, w0, D, NQKV, BN,
-                           BT, BK, FP8)  # fmt: skip
+        if task < en:  # SN: token `task`'s input norm (and residual add), as rms_norm's row
+            xn_row = x_ptr + task * D
+            if HAS_DELTA:  # the model's add_forward(delta, x): h = delta + x, stored
+                rms_norm_row(delta_ptr + task * D, xin_ptr + task * D, nw_ptr, xn_row,
+                             h_ptr + task * D, D, norm_eps, True, DP)  # fmt: skip
+            else:
+                rms_norm_row(xin_ptr + task * D, xin_ptr, nw_ptr, xn_row, h_ptr, D, norm_eps,
+                             False, DP)  # fmt: skip
+            count_in(cnt_ptr + _STAGES - 1)
+        elif task < e0:  # S0: 16 rows of qkv for every token (its input: x, or SN's)
+            row0 = (task - en) * BN
+            rows = row0 + offs_n
+            w0 = first_k_step(wqkv_ptr, row0, D, NQKV, BN, BK)
+            if NORM:
+                wait_count(cnt_ptr + _STAGES - 1, T, given_up, MAX_POLLS)
+            y = rows_gemv(x_ptr, stride_x, T, wqkv_ptr, sqkv_ptr, row0, w0, D, NQKV, BN, BT, BK,
+                          FP8)  # fmt: skip
             tl.store(qkv_ptr + offs_t[:, None] * NQKV + rows[None, :], to_dtype_rn(y, act),
                      mask=(offs_t < T)[:, None] & (rows < NQKV)[None, :])  # fmt: skip
             count_in(cnt_ptr + 0)
@@ -394,6 +399,9 @@ def mla_decode_block(
     *,
     w_qkv_scale: torch.Tensor | None = None,
     w_o_scale: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    delta_TD: torch.Tensor | None = None,
+    h_TD: torch.Tensor | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """`mla_decode_block_ref` in one launch: x [T, D] the normed hidden rows of T decode tokens
@@ -405,9 +413,11 @@ def mla_decode_block(
     correct launch; one launch at a time per tensor). w_qkv and w_o may both be e4m3, with
     w_qkv_scale / w_o_scale their fp32 128x128 block scales (the checkpoint's weight_scale_inv;
     each 128-row block of w_qkv's scales must be 128 rows of the stack: every part but the last a
-    multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). `programs` overrides the
-    program count (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA
-    graphs)."""
+    multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). With `norm` = (the input
+    norm's weight [D], eps) x is the layer's un-normed input: the launch norms it first (as
+    `rms_norm`), after adding `delta_TD` to it where given (the previous layer's deferred add),
+    the sum stored in `h_TD` (required with delta). `programs` overrides the program count (one
+    per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA graphs)."""
     dev = x_TD.device
     dt = (x_TD.dtype,)
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
@@ -458,6 +468,20 @@ def mla_decode_block(
     check_tensor(kv_norm[0], "kv_norm weight", dtypes=dt, ndim=1, device=dev)
     if kv_norm[0].shape[0] != C:
         raise ValueError(f"kv_norm weight has {kv_norm[0].shape[0]} values; expected C = {C}")
+    if norm is not None:
+        check_tensor(norm[0], "norm weight", dtypes=dt, ndim=1, device=dev, contiguous=True)
+        if norm[0].shape[0] != D:
+            raise ValueError(f"norm weight has {norm[0].shape[0]} values; expected D = {D}")
+        if not x_TD.is_contiguous():
+            raise ValueError(f"x with a norm must be contiguous, got strides {x_TD.stride()}")
+        if delta_TD is not None:
+            if h_TD is None:
+                raise ValueError("delta_TD needs h_TD, the buffer its sum x + delta goes to")
+            for name, t in (("delta", delta_TD), ("h", h_TD)):
+                check_tensor(t, name, dtypes=dt, ndim=2, device=dev, contiguous=True)
+                check_shape(t, name, (T, D))
+    elif delta_TD is not None:
+        raise ValueError("delta_TD is added before the input norm: pass norm too")
     if counters.numel() < COUNTERS:
         raise ValueError(f"counters has {counters.numel()} elements; expected {COUNTERS}, zero")
     if not use_triton(x_TD):
@@ -471,7 +495,8 @@ def mla_decode_block(
     nsp = triton.next_power_of_2(num_splits)
     NQKV = w_qkv.shape[0]
     tasks = (
-        cdiv(NQKV, BN)
+        (T if norm is not None else 0)
+        + cdiv(NQKV, BN)
         + H * (C // BC)
         + T
         + T * cdiv(H, HEAD_BLOCK) * num_splits
@@ -488,9 +513,15 @@ def mla_decode_block(
     plse = torch.empty(T * H * nsp, dtype=f32, device=dev)
     v = torch.empty(T, H * V, dtype=x_TD.dtype, device=dev)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    xn = x_TD if norm is None else torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    has_delta = delta_TD is not None
     coop = {"launch_cooperative_grid": True} if COOPERATIVE and not interpreting() else {}
     _mla_block_kernel[(p,)](
         x_TD,
+        delta_TD if has_delta else x_TD,  # (read only with a delta)
+        norm[0] if norm is not None else x_TD,  # (read only with a norm)
+        h_TD if has_delta else x_TD,  # (written only with a delta)
+        xn,
         w_qkv,
         w_qkv_scale if fp8 else x_TD,  # (read only with FP8)
         qkv,
@@ -512,9 +543,10 @@ def mla_decode_block(
         counters,
         T,
         float(kv_norm[1]),
+        float(norm[1]) if norm is not None else 0.0,
         softmax_scale * LOG2E,
         num_splits,
-        x_TD.stride(0),
+        xn.stride(0),
         block_table.stride(0),
         cache_PNK.stride(0),
         cache_PNK.stride(1),
@@ -534,6 +566,9 @@ def mla_decode_block(
         PAGE=cache_PNK.shape[1],
         UPCAST=interpreting(),
         FP8=fp8,
+        NORM=norm is not None,
+        HAS_DELTA=has_delta,
+        DP=triton.next_power_of_2(D),
         MAX_POLLS=MAX_POLLS,
         num_warps=8,  # 4 spill at Moonlight's shape (the attention task's [16, 512] tiles)
         num_stages=2,

@@ -105,3 +105,32 @@ def test_mla_decode_block_matches_the_engines_launches(fp8, monkeypatch):
     torch.testing.assert_close(kw["cache_PNK"], chain_cache, rtol=1.6e-2, atol=1e-2)
     scale = want.float().abs().max()
     torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_mla_decode_block_norms_its_input_first(delta, monkeypatch):
+    """With `norm`, x is the layer's un-normed input: the launch adds delta (the previous layer's
+    deferred add) and norms it as rms_norm does, in its first stage; h = x + delta comes back."""
+    monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
+    kw = _case(3)
+    g = torch.Generator().manual_seed(5)
+    D = kw["x_TD"].shape[1]
+    norm = ((torch.rand(D, generator=g) + 0.5).to(torch.bfloat16), 1e-5)
+    d = torch.randn(3, D, generator=g).to(torch.bfloat16) if delta else None
+    ref_cache = kw["cache_PNK"].clone()
+    want = mla_decode_block_ref(**{**kw, "cache_PNK": ref_cache}, norm=norm, delta_TD=d)
+    h = torch.zeros(3, D, dtype=torch.bfloat16) if delta else None
+    counters = torch.zeros(COUNTERS, dtype=torch.int32)
+    got = mla_decode_block(**kw, counters=counters, norm=norm, delta_TD=d, h_TD=h)
+    torch.testing.assert_close(kw["cache_PNK"].float(), ref_cache.float(), rtol=1.6e-2, atol=1e-2)
+    scale = want.float().abs().max()
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
+    if d is not None:
+        assert torch.equal(h, (kw["x_TD"].float() + d.float()).bfloat16())
+    # not the normed-input call's numbers: the norm ran
+    plain = mla_decode_block(**kw, counters=counters)
+    assert (plain.float() - got.float()).abs().max() > 0.1 * scale
+    with pytest.raises(ValueError, match="delta_TD needs h_TD"):
+        mla_decode_block(**kw, counters=counters, norm=norm, delta_TD=torch.zeros_like(kw["x_TD"]))
+    with pytest.raises(ValueError, match="pass norm too"):
+        mla_decode_block(**kw, counters=counters, delta_TD=torch.zeros_like(kw["x_TD"]))

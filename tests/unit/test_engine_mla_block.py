@@ -1,7 +1,7 @@
-"""The engine with MOERAY_FUSED_MLA_BLOCK=1: decode steps run each layer's MLA attention as one
-mla_decode_block launch (here under Triton's interpreter, through the GPU's attention view) with
-the numbers of the launch-per-step path, at Moonlight's structure (no q LoRA, merged q + kv_a) with
-small widths, bf16 and FP8; prefill keeps the expanded path."""
+"""The engine with MOERAY_FUSED_MLA_BLOCK=1: decode steps run each layer's input norm and MLA
+attention as one mla_decode_block launch (here under Triton's interpreter, through the GPU's
+attention view) with the numbers of the launch-per-step path, at Moonlight's structure (no q LoRA,
+merged q + kv_a) with small widths, bf16 and FP8; prefill keeps the usual path."""
 
 import pytest
 import torch
@@ -24,14 +24,17 @@ def _model(fp8: bool = False) -> Transformer:
 
 
 def _generate(model, monkeypatch, on: bool, attn_out: list | None = None):
-    """Greedy tokens and attention call counts; with `attn_out` each layer's decode-step attention
-    output (one token a sequence) appended in call order."""
+    """Greedy tokens and attention call counts; with `attn_out` each layer's decode-step MLP input
+    (one token a sequence: post_attention_layernorm(x + attention), the attention's output normed
+    with the residual it adds to) appended in call order."""
     hooks = []
     if attn_out is not None:
         for layer in model.model.layers:
             hooks.append(
-                layer.self_attn.register_forward_hook(
-                    lambda m, args, out: attn_out.append(out.float()) if out.shape[1] == 1 else None
+                layer.mlp.register_forward_hook(
+                    lambda m, args, out: (
+                        attn_out.append(args[0].float()) if args[0].shape[1] == 1 else None
+                    )
                 )
             )
     if on:
@@ -49,10 +52,10 @@ def _generate(model, monkeypatch, on: bool, attn_out: list | None = None):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_engine_decode_through_mla_block_matches_the_launch_per_step_path(fp8, monkeypatch):
-    """Each decode step's attention output, layer by layer, within the bf16 roundings of the usual
-    path's, for every step whose input tokens agree (random weights: a rounding may flip a
-    near-tie argmax, after which the two runs decode different tokens). FP8: e4m3 q + kv_a (3,072
-    + 576 rows at Moonlight, here 128 + 80) and o_proj with block scales."""
+    """Each decode step's attention output (as the MLP reads it), layer by layer, within the bf16
+    roundings of the usual path's, for every step whose input tokens agree (random weights: a
+    rounding may flip a near-tie argmax, after which the two runs decode different tokens). FP8:
+    e4m3 q + kv_a (3,072 + 576 rows at Moonlight, here 128 + 80) and o_proj with block scales."""
     model = _model(fp8)
     attn_off: list[torch.Tensor] = []
     attn_on: list[torch.Tensor] = []

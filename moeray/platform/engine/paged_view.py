@@ -126,12 +126,16 @@ class KernelPagedView(GatherPagedView):
         cos: torch.Tensor,
         sin: torch.Tensor,
         softmax_scale: float,
-    ) -> torch.Tensor | None:
-        """The MLA attention of one new token a sequence (S = 1) from the normed input x to
-        o_proj's output, the new latents stored, in one launch (`mla_decode_block`, opt-in:
-        MOERAY_FUSED_MLA_BLOCK=1); `weights(dtype)` the MLA's BlockWeights (None: not as the
-        kernel takes them). None where that kernel does not apply (the caller runs the absorbed
-        path through `attend`)."""
+        *,
+        norm: tuple[torch.Tensor, float] | None = None,
+        delta_BSD: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MLA attention of one new token a sequence (S = 1) to o_proj's output, the new
+        latents stored, in one launch (`mla_decode_block`, opt-in: MOERAY_FUSED_MLA_BLOCK=1):
+        (out, h). x is the normed input (h is x), or with `norm` (the input norm's weight, eps)
+        the layer's input, normed in the launch after adding `delta_BSD` where given (h = x +
+        delta). `weights(dtype)` gives the MLA's BlockWeights (None: not as the kernel takes
+        them). None where the kernel does not apply (the caller runs the usual path)."""
         B, S, D = x_BSD.shape
         if S != 1 or B > MAX_TOKENS or not switched_on("MLA_BLOCK"):
             return None  # (before the weights: nothing to pay with the switch off)
@@ -143,6 +147,7 @@ class KernelPagedView(GatherPagedView):
         ):
             return None
         self.calls["block"] += 1
+        h_TD = None if delta_BSD is None else torch.empty_like(x_TD)
         if self._block_counters is None:
             self._block_counters = torch.zeros(COUNTERS, dtype=torch.int32, device=x_BSD.device)
         out = mla_decode_block(
@@ -162,8 +167,11 @@ class KernelPagedView(GatherPagedView):
             self._block_counters,
             w_qkv_scale=w.w_qkv_scale,
             w_o_scale=w.w_o_scale,
+            norm=norm,
+            delta_TD=None if delta_BSD is None else delta_BSD.reshape(B, D),
+            h_TD=h_TD,
         )
-        return out.view(B, S, D)
+        return out.view(B, S, D), (x_BSD if h_TD is None else h_TD.view(B, S, D))
 
     def attend(
         self,

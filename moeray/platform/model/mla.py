@@ -45,10 +45,11 @@ class KVCache(Protocol):
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
     # norm, the rotations and the store can run as one kernel).
-    # And attend_block(layer_idx, x_BSD, weights, cos, sin, softmax_scale) -> the attention's
-    # output [B, S, D], or None where the cache has no kernel for it (then the model runs the
-    # steps above): the whole absorbed attention from the normed input, in one launch
-    # (kernels/mla_block.py); `weights(dtype)` gives the MLA's BlockWeights or None.
+    # And attend_block(layer_idx, x_BSD, weights, cos, sin, softmax_scale, norm=, delta_BSD=) ->
+    # (the attention's output [B, S, D], h), or None where the cache has no kernel for it (then
+    # the model runs the steps above): the whole absorbed attention in one launch
+    # (kernels/mla_block.py), from x normed by `norm` after adding delta (h = x + delta);
+    # `weights(dtype)` gives the MLA's BlockWeights or None.
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
@@ -194,18 +195,11 @@ class MLA(nn.Module):
         *,
         absorbed: bool | None = None,
     ) -> torch.Tensor:
-        """Attention over x (causal). With a cache the absorbed path runs over the cached latents
-        (the whole of it in one launch where the cache's `attend_block` takes it), or the expanded
-        one when the cache sets `expanded`; `absorbed=True` without a cache runs the absorbed
-        math over x alone (for tests)."""
+        """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
+        or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
+        the absorbed math over x alone (for tests). `forward_prenorm` is the one-launch decode
+        form, from the un-normed input."""
         B, S, _ = x_BSD.shape
-        attend_block = getattr(cache, "attend_block", None)
-        if attend_block is not None:
-            out = attend_block(
-                self.layer_idx, x_BSD, self.block_weights, cos, sin, self.softmax_scale
-            )
-            if out is not None:
-                return out
         q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
             # The engine's paged view norms, rotates and stores the new latent itself.
@@ -237,6 +231,32 @@ class MLA(nn.Module):
                 q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
             )
         return self._absorbed_out(o_lat_BSHC)
+
+    def forward_prenorm(
+        self,
+        x_BSD: torch.Tensor,
+        delta_BSD: torch.Tensor | None,
+        norm: RMSNorm,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(norm(x + delta)), x + delta) in one launch where the cache's `attend_block` takes
+        it (the engine's decode, kernels/mla_block.py; delta None: norm(x), x); else None, and the
+        caller norms and calls forward."""
+        attend_block = getattr(cache, "attend_block", None)
+        if attend_block is None:
+            return None
+        return attend_block(
+            self.layer_idx,
+            x_BSD,
+            self.block_weights,
+            cos,
+            sin,
+            self.softmax_scale,
+            norm=(norm.weight, norm.eps),
+            delta_BSD=delta_BSD,
+        )
 
     def block_weights(self, dtype: torch.dtype) -> BlockWeights | None:
         """The weights one-launch decode attention reads, where they exist as it takes them: no q
