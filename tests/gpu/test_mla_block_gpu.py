@@ -60,3 +60,26 @@ def test_mla_decode_block_from_a_cuda_graph(cooperative, monkeypatch):
         assert torch.equal(out, eager)
     assert counters.tolist() == [0] * COUNTERS
     assert int(counters[GIVEN_UP]) == 0
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_mla_decode_block_with_the_input_norm(T, fp8):
+    """The layer's input norm and the previous layer's deferred add as the launch's first stage,
+    against rms_norm's kernel then the engine's launches: h exact, the rest within the roundings."""
+    from moeray.kernels.norm import rms_norm
+
+    kw = block_case(T, 300, MOONLIGHT, fp8=fp8)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    D = kw["x_TD"].shape[1]
+    w = (torch.rand(D, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    delta = torch.randn(T, D, generator=g, device="cuda").to(torch.bfloat16)
+    normed, h_want = rms_norm(delta, w, 1e-5, kw["x_TD"])
+    chain_cache = kw["cache_PNK"].clone()
+    want = mla_chain(**{**kw, "x_TD": normed, "cache_PNK": chain_cache})
+    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
+    h = torch.empty_like(delta)
+    got = mla_decode_block(**kw, counters=counters, norm=(w, 1e-5), delta_TD=delta, h_TD=h)
+    torch.cuda.synchronize()
+    assert torch.equal(h, h_want)
+    _check(kw, got, want, chain_cache, counters)
