@@ -35,12 +35,12 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     # The fp8_gemv sections came after that run (their own run is checked below), decode_glue
     # (issue 19's decode kernels) after both, the bf16 gemv sections after those, then the
     # grouped weight-gradient GEMM, the training RMSNorm, the fused cross-entropy, AdamW, the
-    # training RoPE, the MoE permute/combine, the training SwiGLU, MLA's per-head head_gemv and
-    # the on-request sweeps (fp8_gemv's splits, fused MoE prefill tiles).
+    # training RoPE, the MoE permute/combine, the training SwiGLU, MLA's per-head head_gemv, the
+    # on-request sweeps (fp8_gemv's splits, fused MoE prefill tiles) and the one-launch MLA block.
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep", "head_gemv"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
     later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train", "swiglu_train"}
-    later |= {"fp8_gemv_split_sweep", "fused_moe_prefill_sweep"}
+    later |= {"fp8_gemv_split_sweep", "fused_moe_prefill_sweep", "mla_block"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 
