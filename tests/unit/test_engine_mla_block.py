@@ -14,7 +14,7 @@ from moeray.platform.model.transformer import Transformer
 
 
 def _model(fp8: bool = False) -> Transformer:
-    cfg = moonlight_tiny().replace(num_hidden_layers=2)
+    cfg = moonlight_tiny().replace(num_hidden_layers=1)  # the dense layer: attention is the point
     model = Transformer(cfg)
     model.reset_parameters(seed=3)
     model = model.to(torch.bfloat16).eval()
@@ -43,8 +43,8 @@ def _generate(model, monkeypatch, on: bool, attn_out: list | None = None):
         monkeypatch.delenv("MOERAY_FUSED_MLA_BLOCK", raising=False)
     eng = Engine(model, EngineConfig(page_size=16, num_pages=32, attention="kernel"))
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 20)]
-    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=5))
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 12)]
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=3))
     for h in hooks:
         h.remove()
     return [o.output_token_ids for o in outs], eng.metrics()["attention_calls"]
