@@ -8,7 +8,7 @@ the eager call), launched cooperatively and not."""
 import pytest
 import torch
 
-from moeray.kernels.bench.mla_block import MOONLIGHT, block_case, mla_chain
+from moeray.kernels.bench.mla_block import MOONLIGHT, V3, V3_Q_LORA, block_case, mla_chain
 from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, mla_decode_block
 
 pytestmark = [
@@ -82,4 +82,18 @@ def test_mla_decode_block_with_the_input_norm(T, fp8):
     got = mla_decode_block(**kw, counters=counters, norm=(w, 1e-5), delta_TD=delta, h_TD=h)
     torch.cuda.synchronize()
     assert torch.equal(h, h_want)
+    _check(kw, got, want, chain_cache, counters)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_mla_decode_block_at_deepseek_v3(T, fp8):
+    """DeepSeek-V3's attention (hidden 7168, 128 heads, the q LoRA of rank 1536: q_a, its norm and
+    q_b as stages) against the engine's launches."""
+    kw = block_case(T, 300, V3, fp8=fp8, q_lora=V3_Q_LORA)
+    chain_cache = kw["cache_PNK"].clone()
+    want = mla_chain(**{**kw, "cache_PNK": chain_cache})
+    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
+    got = mla_decode_block(**kw, counters=counters)
+    torch.cuda.synchronize()
     _check(kw, got, want, chain_cache, counters)

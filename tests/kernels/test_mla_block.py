@@ -20,32 +20,42 @@ PAGE = 16
 SMALL = dict(H=3, N=16, R=16, V=16, C=64)  # 3 heads: the 16-head block masked
 
 
-def _case(T: int, D: int = 48, fp8: bool = False, H: int = 3) -> dict:
+def _case(T: int, D: int = 48, fp8: bool = False, H: int = 3, q_lora: int = 0) -> dict:
     """Ragged lengths (5, 33, 17 cached tokens with the new one; then 32, a page boundary) on
     16-token pages."""
     lens = [5, 33, 17, 32][:T]
-    return block_case(T, lens, dict(SMALL, D=D, H=H), device="cpu", page=PAGE, fp8=fp8)
+    dims = dict(SMALL, D=D, H=H)
+    return block_case(T, lens, dims, device="cpu", page=PAGE, fp8=fp8, q_lora=q_lora)
 
 
 @pytest.mark.parametrize(
-    ("T", "D", "step_elems", "fp8", "H"),
-    [(1, 48, 16384, False, 3), (3, 40, 256, False, 3), (2, 200, 256, True, 3), (4, 32, 512, 0, 17)],
+    ("T", "D", "step_elems", "fp8", "H", "q_lora"),
+    [
+        (1, 48, 16384, False, 3, 0),
+        (3, 40, 256, False, 3, 0),
+        (2, 200, 256, True, 3, 0),
+        (4, 32, 512, False, 17, 0),
+        (2, 48, 256, False, 3, 40),
+        (1, 200, 256, True, 3, 136),
+    ],
 )
-def test_mla_decode_block_matches_the_reference(T, D, step_elems, fp8, H, monkeypatch):
+def test_mla_decode_block_matches_the_reference(T, D, step_elems, fp8, H, q_lora, monkeypatch):
     """(3, 40, 256): the two GEMVs in 16-wide K steps, the last one ragged; (2, 200, 256, fp8):
     e4m3 q + kv_a (row blocks 0-1) and o_proj, K steps across 128-column scale blocks; (4, 32,
-    512, 17 heads): the most tokens, a second 16-head block, a sequence ending on a page."""
+    512, 17 heads): the most tokens, a second 16-head block, a sequence ending on a page; q_lora:
+    V3's query LoRA (q_a, its norm, q_b) at ranks 40 and 136 (FP8: q_b's scales over 2 blocks)."""
     from moeray.kernels import mla_block
 
     monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
     monkeypatch.setattr(mla_block, "STEP_ELEMS", step_elems)
-    kw = _case(T, D=D, fp8=bool(fp8), H=H)
+    kw = _case(T, D=D, fp8=fp8, H=H, q_lora=q_lora)
     ref_cache = kw["cache_PNK"].clone()
     want = mla_decode_block_ref(**{**kw, "cache_PNK": ref_cache})
     counters = torch.zeros(COUNTERS, dtype=torch.int32)
     assert mla_decode_block_applies(
-        kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], kw["nope_dim"]
-    )
+        kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], kw["nope_dim"],
+        kw.get("w_qb"),
+    )  # fmt: skip
     for _ in range(2):  # the second launch finds the counters the first one left
         got = mla_decode_block(**kw, counters=counters)
         assert counters.tolist() == [0] * COUNTERS
@@ -92,12 +102,13 @@ def test_mla_decode_block_rejects_bad_inputs(monkeypatch):
     assert not mla_decode_block_applies(*args)  # opt-in
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_mla_decode_block_matches_the_engines_launches(fp8, monkeypatch):
+@pytest.mark.parametrize(("fp8", "q_lora"), [(False, 0), (True, 0), (False, 32), (True, 128)])
+def test_mla_decode_block_matches_the_engines_launches(fp8, q_lora, monkeypatch):
     """Against the launches the engine runs for the same math (the bench's baseline `mla_chain`:
-    linear or fp8_gemv, head_matmul, mla_write_pack, mla_decode_multi), not only the reference."""
+    linear or fp8_gemv, rms_norm and q_b for a q LoRA, head_matmul, mla_write_pack,
+    mla_decode_multi), not only the reference."""
     monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
-    kw = block_case(2, 150, dict(SMALL, D=48), device="cpu", fp8=fp8)
+    kw = block_case(2, 150, dict(SMALL, D=48), device="cpu", fp8=fp8, q_lora=q_lora)
     chain_cache = kw["cache_PNK"].clone()
     want = mla_chain(**{**kw, "cache_PNK": chain_cache})
     got = mla_decode_block(**kw, counters=torch.zeros(COUNTERS, dtype=torch.int32))

@@ -13,8 +13,9 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 
 
-def _model(fp8: bool = False) -> Transformer:
-    cfg = moonlight_tiny().replace(num_hidden_layers=1)  # the dense layer: attention is the point
+def _model(fp8: bool = False, q_lora: int | None = None) -> Transformer:
+    # the dense layer: attention is the point
+    cfg = moonlight_tiny().replace(num_hidden_layers=1, q_lora_rank=q_lora)
     model = Transformer(cfg)
     model.reset_parameters(seed=3)
     model = model.to(torch.bfloat16).eval()
@@ -50,13 +51,18 @@ def _generate(model, monkeypatch, on: bool, attn_out: list | None = None):
     return [o.output_token_ids for o in outs], eng.metrics()["attention_calls"]
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_engine_decode_through_mla_block_matches_the_launch_per_step_path(fp8, monkeypatch):
+@pytest.mark.parametrize(
+    ("fp8", "q_lora"),
+    [(False, None), (True, None), (False, 128), (True, 128)],
+    ids=["bf16", "fp8", "bf16-qlora", "fp8-qlora"],
+)
+def test_engine_decode_through_mla_block_matches_the_launch_per_step_path(fp8, q_lora, monkeypatch):
     """Each decode step's attention output (as the MLP reads it), layer by layer, within the bf16
     roundings of the usual path's, for every step whose input tokens agree (random weights: a
     rounding may flip a near-tie argmax, after which the two runs decode different tokens). FP8:
-    e4m3 q + kv_a (3,072 + 576 rows at Moonlight, here 128 + 80) and o_proj with block scales."""
-    model = _model(fp8)
+    e4m3 q + kv_a (3,072 + 576 rows at Moonlight, here 128 + 80) and o_proj with block scales;
+    q_lora: DeepSeek-V3's query LoRA (q_a + kv_a merged, q_a_layernorm, q_b)."""
+    model = _model(fp8, q_lora)
     attn_off: list[torch.Tensor] = []
     attn_on: list[torch.Tensor] = []
     want, calls_off = _generate(model, monkeypatch, on=False, attn_out=attn_off)

@@ -3,7 +3,8 @@ moeray/kernels/mla_block.py) against the chain of launches the engine runs for t
 batch 1-4 (`mla_chain`: the merged q + kv_a GEMV, W_UK, mla_write_pack, the MLA split and merge
 kernels, W_UV, o_proj), at Moonlight-16B-A3B's attention (hidden 2048, 16 heads of 128 + 64, kv
 rank 512, values 128), 1 and 4 tokens, 160 and 1,024 cached tokens a sequence, bf16 weights and
-FP8 ones (e4m3 q + kv_a and o_proj, whose chain runs fp8_gemv as FP8Linear does).
+FP8 ones (e4m3 q + kv_a and o_proj, whose chain runs fp8_gemv as FP8Linear does); and
+DeepSeek-V3's (hidden 7168, 128 heads, the q LoRA of rank 1536) at one token, 1,024 cached.
 
 Both run from CUDA graphs of back-to-back calls cycling over enough weight copies that every call
 reads its weights from HBM (bench/common.py). The floor is the bytes a call must read (weights and
@@ -25,30 +26,38 @@ from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, MAX_TOKENS, mla_decode_block
 from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack
+from moeray.kernels.norm import rms_norm
 
 HBM_TBPS = 4.8  # H200 datasheet
 PAGE = 64
 MOONLIGHT = dict(D=2048, H=16, N=128, R=64, V=128, C=512)
+# DeepSeek-V3's attention: hidden 7168, 128 heads, a q LoRA of rank 1536 (V3_Q_LORA)
+V3 = dict(D=7168, H=128, N=128, R=64, V=128, C=512)
+V3_Q_LORA = 1536
 
 
 def mla_chain(
     x_TD, w_qkv, kv_norm, cos_TR2, sin_TR2, w_kvb_HKC, w_o, cache_PNK, slots_T, block_table,
     seq_lens, softmax_scale, nope_dim, w_qkv_scale=None, w_o_scale=None, workspaces=None,
+    q_norm=None, w_qb=None, w_qb_scale=None,
 ):  # fmt: skip
     """The engine's launches for mla_decode_block's math (model/mla.py's absorbed path through
     engine/paged_view.py), on the same arguments: out [T, D]. e4m3 projections run fp8_gemv as
-    FP8Linear does at decode rows (`workspaces`: its split-K counters for w_qkv and w_o)."""
+    FP8Linear does at decode rows (`workspaces`: its split-K counters for w_qkv, w_o and w_qb)."""
     T = x_TD.shape[0]
     H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
     R = cache_PNK.shape[-1] - C
-    Q = w_qkv.shape[0] - C - R
-    ws = workspaces or (None, None)
+    Q = w_qkv.shape[0] - C - R  # the kv rows' start: q_proj's rows, or q_a_proj's with a LoRA
+    ws = workspaces or (None, None, None)
 
     def proj(x, w, sc, workspace):
         return linear(x, w) if sc is None else fp8_gemv(x, w, sc, workspace=workspace)
 
     qkv = proj(x_TD, w_qkv, w_qkv_scale, ws[0])
-    q_THK = qkv[:, :Q].view(T, 1, H, Q // H)
+    q = qkv[:, :Q]
+    if w_qb is not None:  # q_a_layernorm, then q_b_proj
+        q = proj(rms_norm(q.contiguous(), q_norm[0], q_norm[1])[0], w_qb, w_qb_scale, ws[2])
+    q_THK = q.view(T, 1, H, -1)
     q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
     q_lat = head_matmul(q_nope, w_kvb_HKC[:, :nope_dim])
     kv, pe = qkv[:, None, Q : Q + C], qkv[:, None, Q + C :]
@@ -67,11 +76,13 @@ def block_case(
     seed: int = 0,
     page: int = PAGE,
     fp8: bool = False,
+    q_lora: int = 0,
 ) -> dict:
     """Random bf16 weights at `dims` (with `fp8` q + kv_a and o_proj as e4m3 with 128x128 block
     scales, the official checkpoint's format), T sequences of `ctx` cached tokens each (one length
     for all, or one a sequence; the new token included) on shuffled pages of a paged cache:
-    mla_decode_block's keyword arguments but `counters`."""
+    mla_decode_block's keyword arguments but `counters`. `q_lora` > 0: DeepSeek-V3's query
+    LoRA of that rank (w_qkv holds q_a_proj's rows; q_norm and w_qb)."""
     g = torch.Generator(device=device).manual_seed(seed)
     D, H, N, R, V, C = (dims[k] for k in ("D", "H", "N", "R", "V", "C"))
     dt = torch.bfloat16
@@ -87,7 +98,7 @@ def block_case(
     angles = torch.rand(T, R // 2, generator=g, device=device) * 6.0
     case = dict(
         x_TD=rnd(T, D),
-        w_qkv=rnd(H * (N + R) + C + R, D, scale=D**-0.5),
+        w_qkv=rnd((q_lora or H * (N + R)) + C + R, D, scale=D**-0.5),
         kv_norm=(rnd(C) + 1.0, 1e-6),
         cos_TR2=angles.cos(),
         sin_TR2=angles.sin(),
@@ -100,36 +111,49 @@ def block_case(
         softmax_scale=(N + R) ** -0.5,
         nope_dim=N,
     )
+    if q_lora:
+        case["q_norm"] = (rnd(q_lora) + 1.0, 1e-6)
+        case["w_qb"] = rnd(H * (N + R), q_lora, scale=q_lora**-0.5)
     if fp8:
-        for name in ("w_qkv", "w_o"):
+        for name in ("w_qkv", "w_o") + (("w_qb",) if q_lora else ()):
             case[name], case[f"{name}_scale"] = weight_quant_ref(case[name])
     return case
 
 
 def bench_mla_block(ceil: dict) -> list[dict]:
-    cases = [(T, ctx, False) for T in (1, 4) for ctx in (160, 1024)]
-    cases += [(1, 160, True), (1, 1024, True), (4, 1024, True)]
+    cases = [("moonlight", T, ctx, False) for T in (1, 4) for ctx in (160, 1024)]
+    cases += [
+        ("moonlight", 1, 160, True),
+        ("moonlight", 1, 1024, True),
+        ("moonlight", 4, 1024, True),
+    ]
+    cases += [("v3", 1, 1024, False), ("v3", 1, 1024, True)]
     rows = []
-    for T, ctx, fp8 in cases:
+    for model, T, ctx, fp8 in cases:
         try:
-            rows.append(_block_row(ceil, T, ctx, fp8))
+            rows.append(_block_row(ceil, model, T, ctx, fp8))
         except Exception as e:  # one case that fails is a row, not the section's end
-            rows.append({"T": T, "ctx": ctx, "fp8": fp8, "error": f"{type(e).__name__}: {e}"[:500]})
+            err = f"{type(e).__name__}: {e}"[:500]
+            rows.append({"shape": f"{model} T={T} ctx={ctx} fp8={fp8}", "error": err})
         print_mla_block(rows[-1:])
     return rows
 
 
-def _block_row(ceil: dict, T: int, ctx: int, fp8: bool) -> dict:
-    kw = block_case(T, ctx, fp8=fp8)
+def _block_row(ceil: dict, model: str, T: int, ctx: int, fp8: bool) -> dict:
+    v3 = model == "v3"
+    kw = block_case(T, ctx, V3 if v3 else MOONLIGHT, fp8=fp8, q_lora=V3_Q_LORA if v3 else 0)
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
-    weights = ("w_qkv", "w_kvb_HKC", "w_o") + (("w_qkv_scale", "w_o_scale") if fp8 else ())
+    weights = tuple(
+        k
+        for k in ("w_qkv", "w_kvb_HKC", "w_o", "w_qb", "w_qkv_scale", "w_o_scale", "w_qb_scale")
+        if k in kw
+    )
     wbytes = sum(kw[k].numel() * kw[k].element_size() for k in weights)
     copies = [tuple(kw[k] for k in weights)]
     copies += [tuple(kw[k].clone() for k in weights) for _ in range(_copies(wbytes) - 1)]
-    workspaces = (
-        tuple(fp8_gemv_workspace(kw[k].shape[0], MAX_TOKENS, "cuda") for k in ("w_qkv", "w_o"))
-        if fp8
-        else None
+    workspaces = tuple(
+        fp8_gemv_workspace(kw[k].shape[0], MAX_TOKENS, "cuda") if fp8 and k in kw else None
+        for k in ("w_qkv", "w_o", "w_qb")
     )
 
     def block(*ws):
@@ -156,7 +180,7 @@ def _block_row(ceil: dict, T: int, ctx: int, fp8: bool) -> dict:
     floor_us = nbytes / (HBM_TBPS * 1e12) * 1e6
     return {
         "kernel": "mla_decode_block",
-        "shape": f"moonlight {'fp8' if fp8 else 'bf16'} T={T} ctx={ctx}",
+        "shape": f"{model} {'fp8' if fp8 else 'bf16'} T={T} ctx={ctx}",
         "weights": "fp8" if fp8 else "bf16",
         "T": T,
         "ctx": ctx,
@@ -177,7 +201,7 @@ def _block_row(ceil: dict, T: int, ctx: int, fp8: bool) -> dict:
 def print_mla_block(rows: list[dict]) -> None:
     for r in rows:
         if "error" in r:
-            print(f"mla_decode_block T={r['T']} ctx={r['ctx']} fp8={r['fp8']} failed: {r['error']}")
+            print(f"mla_decode_block {r['shape']} failed: {r['error']}")
             continue
         print(
             f"mla_decode_block {r['shape']:28s} chain {r['chain_us']:7.2f} us  block "

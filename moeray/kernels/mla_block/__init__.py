@@ -95,11 +95,14 @@ def mla_decode_block_ref(
     norm: tuple[torch.Tensor, float] | None = None,
     delta_TD: torch.Tensor | None = None,
     h_TD: torch.Tensor | None = None,
+    q_norm: tuple[torch.Tensor, float] | None = None,
+    w_qb: torch.Tensor | None = None,
+    w_qb_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The module docstring's math in PyTorch, rounding where the launch-per-step path does; the
     cache gets the new rows. FP8 weights (with their scales) are dequantized in fp32. With `norm`
-    x is first normed (after adding `delta_TD`, the sum copied into `h_TD`), as `mla_decode_block`
-    says. Returns out [T, D] in x's dtype."""
+    x is first normed (after adding `delta_TD`, the sum copied into `h_TD`), with `w_qb` the
+    queries come through a q LoRA, as `mla_decode_block` says. Returns out [T, D] in x's dtype."""
     if norm is not None:
         x_TD, h = rms_norm_ref(x_TD if delta_TD is None else delta_TD, norm[0], norm[1],
                                None if delta_TD is None else x_TD)  # fmt: skip
@@ -108,13 +111,18 @@ def mla_decode_block_ref(
     if w_qkv_scale is not None and w_o_scale is not None:
         w_qkv = weight_dequant_ref(w_qkv, w_qkv_scale, out_dtype=torch.float32)
         w_o = weight_dequant_ref(w_o, w_o_scale, out_dtype=torch.float32)
+    if w_qb is not None and w_qb_scale is not None:
+        w_qb = weight_dequant_ref(w_qb, w_qb_scale, out_dtype=torch.float32)
     dt = x_TD.dtype
     T = x_TD.shape[0]
     H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
     R = cache_PNK.shape[-1] - C
-    Q = w_qkv.shape[0] - C - R
+    Q = w_qkv.shape[0] - C - R  # the kv rows' start: q_proj's rows, or q_a_proj's with a LoRA
     qkv = F.linear(x_TD.float(), w_qkv.float()).to(dt)
-    q_THK = qkv[:, :Q].view(T, H, Q // H)
+    q = qkv[:, :Q]
+    if w_qb is not None and q_norm is not None:
+        q = F.linear(rms_norm_ref(q, q_norm[0], q_norm[1])[0].float(), w_qb.float()).to(dt)
+    q_THK = q.view(T, H, -1)
     q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
     w_uk, w_uv = w_kvb_HKC[:, :nope_dim].float(), w_kvb_HKC[:, nope_dim:].float()
     q_lat = torch.einsum("thn,hnc->thc", q_nope.float(), w_uk).to(dt)
@@ -133,19 +141,29 @@ def mla_decode_block_ref(
     return F.linear(v.reshape(T, -1).float(), w_o.float()).to(dt)
 
 
-def _dims(w_qkv: torch.Tensor, w_kvb_HKC: torch.Tensor, cache_PNK: torch.Tensor, nope_dim: int):
-    """(H, N, R, V, C) from the weights and the cache; ValueError where they do not fit."""
+def _dims(
+    w_qkv: torch.Tensor,
+    w_kvb_HKC: torch.Tensor,
+    cache_PNK: torch.Tensor,
+    nope_dim: int,
+    w_qb: torch.Tensor | None = None,
+) -> tuple[int, int, int, int, int, int]:
+    """(H, N, R, V, C, QL) from the weights and the cache (QL: q_lora_rank, 0 without w_qb);
+    ValueError where they do not fit."""
     H, NV, C = w_kvb_HKC.shape
     R = cache_PNK.shape[-1] - C
     N, V = nope_dim, NV - nope_dim
-    Q = w_qkv.shape[0] - C - R
-    if R <= 0 or V <= 0 or Q != H * (N + R):
+    QL = 0 if w_qb is None else w_qb.shape[1]
+    Q = w_qkv.shape[0] - C - R if w_qb is None else w_qb.shape[0]
+    if R <= 0 or V <= 0 or Q != H * (N + R) or (QL and w_qkv.shape[0] != QL + C + R):
         raise ValueError(
             f"w_qkv has {w_qkv.shape[0]} rows, kv_b {tuple(w_kvb_HKC.shape)}, the cache "
-            f"{cache_PNK.shape[-1]} values a token, nope_dim {nope_dim}: expected "
-            f"H * (N + R) + C + R rows with H, N + V, C from kv_b and R = cache width - C"
+            f"{cache_PNK.shape[-1]} values a token, nope_dim {nope_dim}, w_qb "
+            f"{None if w_qb is None else tuple(w_qb.shape)}: expected H * (N + R) (or, with "
+            f"w_qb [H * (N + R), QL], QL) + C + R rows with H, N + V, C from kv_b and R = cache "
+            f"width - C"
         )
-    return H, N, R, V, C
+    return H, N, R, V, C, QL
 
 
 def _pow2(v: int) -> bool:
@@ -159,6 +177,7 @@ def mla_decode_block_applies(
     w_o: torch.Tensor,
     cache_PNK: torch.Tensor,
     nope_dim: int,
+    w_qb: torch.Tensor | None = None,
 ) -> bool:
     """Whether `mla_decode_block` takes these (MOERAY_FUSED_MLA_BLOCK=1 only): 1..MAX_TOKENS rows,
     x, kv_b and the cache in one of bf16/fp16, w_qkv and w_o in that dtype too or both e4m3 (their
@@ -169,14 +188,15 @@ def mla_decode_block_applies(
     tensors = (x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK)
     if x_TD.dtype not in DTYPES or any(t.dtype != x_TD.dtype for t in (w_kvb_HKC, cache_PNK)):
         return False
-    if {w_qkv.dtype, w_o.dtype} not in ({x_TD.dtype}, {FP8_DTYPE}):
+    projections = {w.dtype for w in (w_qkv, w_o, w_qb) if w is not None}
+    if projections not in ({x_TD.dtype}, {FP8_DTYPE}):
         return False
     if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS or x_TD.stride(-1) != 1:
         return False
     if not all(t.is_contiguous() for t in tensors[1:]) or w_kvb_HKC.dim() != 3:
         return False
     try:
-        H, N, R, V, C = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim)
+        H, N, R, V, C, _ = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim, w_qb)
     except ValueError:
         return False
     D = x_TD.shape[1]
@@ -209,6 +229,9 @@ def mla_decode_block(
     norm: tuple[torch.Tensor, float] | None = None,
     delta_TD: torch.Tensor | None = None,
     h_TD: torch.Tensor | None = None,
+    q_norm: tuple[torch.Tensor, float] | None = None,
+    w_qb: torch.Tensor | None = None,
+    w_qb_scale: torch.Tensor | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """`mla_decode_block_ref` in one launch: x [T, D] the normed hidden rows of T decode tokens
@@ -223,8 +246,11 @@ def mla_decode_block(
     multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). With `norm` = (the input
     norm's weight [D], eps) x is the layer's un-normed input: the launch norms it first (as
     `rms_norm`), after adding `delta_TD` to it where given (the previous layer's deferred add),
-    the sum stored in `h_TD` (required with delta). `programs` overrides the program count (one
-    per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA graphs)."""
+    the sum stored in `h_TD` (required with delta). With a q LoRA (DeepSeek-V3, Kimi-K2) w_qkv
+    holds q_a_proj's rows [QL] instead of q_proj's, `q_norm` = (q_a_layernorm's weight [QL], eps)
+    and `w_qb` [H * (N + R), QL] (e4m3 with w_qb_scale where w_qkv is). `programs` overrides the
+    program count (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA
+    graphs)."""
     dev = x_TD.device
     dt = (x_TD.dtype,)
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
@@ -233,7 +259,13 @@ def mla_decode_block(
     check_tensor(w_qkv, "w_qkv", dtypes=(*dt, FP8_DTYPE), ndim=2, device=dev, contiguous=True)
     check_tensor(w_kvb_HKC, "w_kvb", dtypes=dt, ndim=3, device=dev, contiguous=True)
     check_tensor(w_o, "w_o", dtypes=proj, ndim=2, device=dev, contiguous=True)
-    for name, w, sc in (("w_qkv", w_qkv, w_qkv_scale), ("w_o", w_o, w_o_scale)):
+    scaled = [("w_qkv", w_qkv, w_qkv_scale), ("w_o", w_o, w_o_scale)]
+    if (w_qb is None) != (q_norm is None):
+        raise ValueError("a q LoRA takes both q_norm and w_qb; got one of them")
+    if w_qb is not None:
+        check_tensor(w_qb, "w_qb", dtypes=proj, ndim=2, device=dev, contiguous=True)
+        scaled.append(("w_qb", w_qb, w_qb_scale))
+    for name, w, sc in scaled:
         if not fp8:
             continue
         want = (cdiv(w.shape[0], 128), cdiv(w.shape[1], 128))
@@ -246,7 +278,10 @@ def mla_decode_block(
     check_tensor(cache_PNK, "cache", dtypes=dt, ndim=3, device=dev, contiguous=True)
     check_tensor(counters, "counters", dtypes=(torch.int32,), ndim=1, device=dev)
     T, D = x_TD.shape
-    H, N, R, V, C = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim)
+    H, N, R, V, C, QL = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim, w_qb)
+    if q_norm is not None:
+        check_tensor(q_norm[0], "q_norm weight", dtypes=dt, ndim=1, device=dev, contiguous=True)
+        check_shape(q_norm[0], "q_norm weight", (QL,))
     if not 1 <= T <= MAX_TOKENS:
         raise ValueError(f"x has {T} rows; mla_decode_block takes 1..{MAX_TOKENS} decode tokens")
     if not all(_pow2(d) for d in (N, R, V, C)) or C % BC:
@@ -301,9 +336,11 @@ def mla_decode_block(
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     nsp = triton.next_power_of_2(num_splits)
     NQKV = w_qkv.shape[0]
+    Q = H * (N + R)
     tasks = (
         (T if norm is not None else 0)
         + cdiv(NQKV, BN)
+        + (T + cdiv(Q, BN) if QL else 0)
         + H * (C // BC)
         + T
         + T * cdiv(H, HEAD_BLOCK) * num_splits
@@ -322,6 +359,8 @@ def mla_decode_block(
     out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
     xn = x_TD if norm is None else torch.empty(T, D, dtype=x_TD.dtype, device=dev)
     has_delta = delta_TD is not None
+    qa = torch.empty(T, QL, dtype=x_TD.dtype, device=dev) if QL else x_TD
+    qb = torch.empty(T, Q, dtype=x_TD.dtype, device=dev) if QL else x_TD
     coop = {"launch_cooperative_grid": True} if COOPERATIVE and not interpreting() else {}
     _mla_block_kernel[(p,)](
         x_TD,
@@ -332,6 +371,11 @@ def mla_decode_block(
         w_qkv,
         w_qkv_scale if fp8 else x_TD,  # (read only with FP8)
         qkv,
+        q_norm[0] if q_norm is not None else x_TD,  # (the q LoRA's: read only with one)
+        qa,
+        w_qb if w_qb is not None else x_TD,
+        w_qb_scale if fp8 and w_qb is not None else x_TD,
+        qb,
         w_kvb_HKC,
         kv_norm[0],
         cos_TR2,
@@ -351,6 +395,7 @@ def mla_decode_block(
         T,
         float(kv_norm[1]),
         float(norm[1]) if norm is not None else 0.0,
+        float(q_norm[1]) if q_norm is not None else 0.0,
         softmax_scale * LOG2E,
         num_splits,
         xn.stride(0),
@@ -376,6 +421,12 @@ def mla_decode_block(
         NORM=norm is not None,
         HAS_DELTA=has_delta,
         DP=triton.next_power_of_2(D),
+        QL=QL,
+        QLP=triton.next_power_of_2(max(QL, 1)),
+        BKQ=max(
+            16,
+            min(STEP_ELEMS // (BN * triton.next_power_of_2(T)), triton.next_power_of_2(max(QL, 1))),
+        ),
         MAX_POLLS=MAX_POLLS,
         num_warps=8,  # 4 spill at Moonlight's shape (the attention task's [16, 512] tiles)
         num_stages=2,

@@ -7,6 +7,9 @@ Math (the launch-per-step path's, stage by stage; every intermediate rounded to 
 dtype where that path rounds it, fp32 accumulation):
   SN  x = rmsnorm(xin + delta) * w_in, h = xin + delta  with NORM (one task a token; first)
   S0  qkv [T, Q + C + R] = x [T, D] @ W_qkv^T        q_proj and kv_a_proj_with_mqa, merged rows
+      with a q LoRA (QL > 0) qkv [T, QL + C + R] (q_a_proj's rows instead of q_proj's), then
+  SQN qa = rmsnorm(qkv[:, :QL]) * w_qa                 q_a_layernorm (one task a token)
+  SQB q [T, Q] = qa @ W_qb^T                          q_b_proj, 16-row tiles
   S1  q_lat [T, H, C] = q_nope @ W_UK[h]              W_UK[h] = W_kvb[h, :N]  [N, C]
       q [T, H, C + R] = (q_lat, rope(q_pe))           the packed query (mla_write_pack)
       cache[slot_t] = (rmsnorm(kv_t) * w_kvn, rope(pe_t))
@@ -27,8 +30,10 @@ from moeray.kernels.mla_write import _rotate_heads, _write_cache_row
 from moeray.kernels.norm import rms_norm_row
 from moeray.kernels.persistent import count_in, first_k_step, rows_gemv, wait_count
 
-STAGES = 6  # S0-S4, then SN (the input norm: first in task order, last in counter index)
+# Counter index of each stage: S0-S4, then SN, SQN, SQB (task order: SN, S0, SQN, SQB, S1-S4).
+STAGES = 8
 _STAGES = tl.constexpr(STAGES)  # the kernel's view of STAGES
+_SN, _SQN, _SQB = tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 
 
 @triton.jit
@@ -36,11 +41,12 @@ def _mla_block_kernel(
     xin_ptr, delta_ptr, nw_ptr, h_ptr,  # NORM: un-normed rows, their deferred add, weight, sum
     x_ptr,  # the normed rows [T, D] (with NORM: written by SN)
     wqkv_ptr, sqkv_ptr, qkv_ptr,  # S0: w_qkv (FP8: its 128x128 block scales), its output
+    qan_ptr, qa_ptr, wqb_ptr, sqb_ptr, qb_ptr,  # QL: q_a_layernorm's weight, its output, q_b
     wkvb_ptr, kvn_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr, q_ptr,  # S1
     bt_ptr, len_ptr, po_ptr, plse_ptr,  # S2: block table, lengths, the splits' partials
     v_ptr, wo_ptr, so_ptr, out_ptr,  # S3-S4
     cnt_ptr,
-    T, eps, norm_eps, sm_scale_log2, num_splits,
+    T, eps, norm_eps, q_eps, sm_scale_log2, num_splits,
     stride_x, stride_btb, stride_kvp, stride_kvt,
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr,
@@ -57,26 +63,36 @@ def _mla_block_kernel(
     NORM: tl.constexpr,  # SN: x = rmsnorm(xin (+ delta)) first, one task a token
     HAS_DELTA: tl.constexpr,
     DP: tl.constexpr,  # D padded to a power of two (SN's row)
+    QL: tl.constexpr,  # q_lora_rank; 0: none (q_proj's rows in w_qkv)
+    QLP: tl.constexpr,  # QL padded to a power of two (SQN's row)
+    BKQ: tl.constexpr,  # SQB's K step
     MAX_POLLS: tl.constexpr,
 ):  # fmt: skip
     Q: tl.constexpr = H * (N + R)
-    NQKV: tl.constexpr = Q + C + R
+    KVO: tl.constexpr = QL if QL > 0 else Q  # where kv_a's rows start in qkv
+    NQKV: tl.constexpr = KVO + C + R
+    QS: tl.constexpr = Q if QL > 0 else NQKV  # the row stride of the queries' buffer
     K: tl.constexpr = C + R
     HV: tl.constexpr = H * V
     NCB: tl.constexpr = C // BC
     NVB: tl.constexpr = V // BV
     NHB: tl.constexpr = (H + 15) // 16
     act = qkv_ptr.dtype.element_ty
+    q_src = qb_ptr if QL > 0 else qkv_ptr  # the queries [T, H * (N + R)], row stride QS
     # Task counts and ends, in stage order.
     nn = T if NORM else 0
     n0 = tl.cdiv(NQKV, BN)
+    nqn = T if QL > 0 else 0
+    nqb = tl.cdiv(Q, BN) if QL > 0 else 0
     n1 = H * NCB + T
     n2 = T * NHB * num_splits
     n3 = T * H * NVB
     n4 = tl.cdiv(D, BN)
     en = nn
     e0 = en + n0
-    e1 = e0 + n1
+    eqn = e0 + nqn
+    eqb = eqn + nqb
+    e1 = eqb + n1
     e2 = e1 + n2
     e3 = e2 + n3
     e4 = e3 + n4
@@ -96,28 +112,46 @@ def _mla_block_kernel(
             else:
                 rms_norm_row(xin_ptr + task * D, xin_ptr, nw_ptr, xn_row, h_ptr, D, norm_eps,
                              False, DP)  # fmt: skip
-            count_in(cnt_ptr + _STAGES - 1)
+            count_in(cnt_ptr + _SN)
         elif task < e0:  # S0: 16 rows of qkv for every token (its input: x, or SN's)
             row0 = (task - en) * BN
             rows = row0 + offs_n
             w0 = first_k_step(wqkv_ptr, row0, D, NQKV, BN, BK)
             if NORM:
-                wait_count(cnt_ptr + _STAGES - 1, T, given_up, MAX_POLLS)
+                wait_count(cnt_ptr + _SN, T, given_up, MAX_POLLS)
             y = rows_gemv(x_ptr, stride_x, T, wqkv_ptr, sqkv_ptr, row0, w0, D, NQKV, BN, BT, BK,
                           FP8)  # fmt: skip
             tl.store(qkv_ptr + offs_t[:, None] * NQKV + rows[None, :], to_dtype_rn(y, act),
                      mask=(offs_t < T)[:, None] & (rows < NQKV)[None, :])  # fmt: skip
             count_in(cnt_ptr + 0)
+        elif task < eqn:  # SQN: token t's q_a_layernorm, into qa
+            t = task - e0
+            wait_count(cnt_ptr + 0, n0, given_up, MAX_POLLS)
+            rms_norm_row(qkv_ptr + t * NQKV, qkv_ptr, qan_ptr, qa_ptr + t * QL, qa_ptr, QL, q_eps,
+                         False, QLP)  # fmt: skip
+            count_in(cnt_ptr + _SQN)
+        elif task < eqb:  # SQB: 16 rows of q_b_proj for every token
+            row0 = (task - eqn) * BN
+            rows = row0 + offs_n
+            w0 = first_k_step(wqb_ptr, row0, QL, Q, BN, BKQ)
+            wait_count(cnt_ptr + _SQN, T, given_up, MAX_POLLS)
+            y = rows_gemv(qa_ptr, QL, T, wqb_ptr, sqb_ptr, row0, w0, QL, Q, BN, BT, BKQ, FP8)
+            tl.store(qb_ptr + offs_t[:, None] * Q + rows[None, :], to_dtype_rn(y, act),
+                     mask=(offs_t < T)[:, None] & (rows < Q)[None, :])  # fmt: skip
+            count_in(cnt_ptr + _SQB)
         elif task < e1:  # S1: a head's latent columns of the query, or a token's cache row
-            i = task - e0
+            i = task - eqb
             if i < H * NCB:
                 h = i // NCB
                 cols = (i % NCB) * BC + tl.arange(0, BC)
                 offs_nn = tl.arange(0, N)
                 w_uk = tl.load(wkvb_ptr + h * (N + V) * C + offs_nn[:, None] * C + cols[None, :])
-                wait_count(cnt_ptr + 0, n0, given_up, MAX_POLLS)
+                if QL > 0:  # SQB counted in: S0 and SQN have too (their waits came first)
+                    wait_count(cnt_ptr + _SQB, nqb, given_up, MAX_POLLS)
+                else:
+                    wait_count(cnt_ptr + 0, n0, given_up, MAX_POLLS)
                 rows16 = tl.arange(0, 16)  # tl.dot's smallest M: rows past T read as zeros
-                qn = tl.load(qkv_ptr + rows16[:, None] * NQKV + h * (N + R) + offs_nn[None, :],
+                qn = tl.load(q_src + rows16[:, None] * QS + h * (N + R) + offs_nn[None, :],
                              mask=(rows16 < T)[:, None], other=0.0)  # fmt: skip
                 if UPCAST:
                     q_lat = tl.dot(qn.to(tl.float32), w_uk.to(tl.float32), input_precision="ieee")
@@ -131,7 +165,7 @@ def _mla_block_kernel(
                         if t < T:
                             c = tl.load(cos_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
                             sn = tl.load(sin_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
-                            _rotate_heads(qkv_ptr + t * NQKV + h * (N + R) + N, 0,
+                            _rotate_heads(q_src + t * QS + h * (N + R) + N, 0,
                                           q_ptr + t * (H * K) + h * K + C, 0, one, offs_j,
                                           ok_j[None, :], c, sn, True)  # fmt: skip
             else:
@@ -141,7 +175,7 @@ def _mla_block_kernel(
                 sn = tl.load(sin_ptr + t * (R // 2) + offs_j, mask=ok_j, other=0.0)
                 _write_cache_row(
                     cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * K,
-                    qkv_ptr + t * NQKV + Q, qkv_ptr + t * NQKV + Q + C, kvn_ptr, eps, C,
+                    qkv_ptr + t * NQKV + KVO, qkv_ptr + t * NQKV + KVO + C, kvn_ptr, eps, C,
                     offs_c, offs_c < C, offs_j, ok_j, c, sn, True, True,
                 )  # fmt: skip
             count_in(cnt_ptr + 1)

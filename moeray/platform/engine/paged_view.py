@@ -143,7 +143,7 @@ class KernelPagedView(GatherPagedView):
         cache_PNK = self.storage.kv_LPNK[layer_idx]
         x_TD = x_BSD.reshape(B, D)
         if w is None or not mla_decode_block_applies(
-            x_TD, w.w_qkv, w.w_kvb_HKC, w.w_o, cache_PNK, w.nope_dim
+            x_TD, w.w_qkv, w.w_kvb_HKC, w.w_o, cache_PNK, w.nope_dim, w.w_qb
         ):
             return None
         self.calls["block"] += 1
@@ -170,6 +170,9 @@ class KernelPagedView(GatherPagedView):
             norm=norm,
             delta_TD=None if delta_BSD is None else delta_BSD.reshape(B, D),
             h_TD=h_TD,
+            q_norm=w.q_norm,
+            w_qb=w.w_qb,
+            w_qb_scale=w.w_qb_scale,
         )
         return out.view(B, S, D), (x_BSD if h_TD is None else h_TD.view(B, S, D))
 

@@ -12,7 +12,7 @@ H x (N + R + V) = 40,960 for the expanded keys and values.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class KVCache(Protocol):
 class BlockWeights(NamedTuple):
     """An MLA's weights as one-launch decode attention takes them (kernels/mla_block.py)."""
 
-    w_qkv: torch.Tensor  # q_proj's rows then kv_a_proj_with_mqa's [H * (N + R) + C + R, D]
+    w_qkv: torch.Tensor  # q_proj's (or q_a_proj's) rows then kv_a_proj_with_mqa's [.., D]
     kv_norm: tuple[torch.Tensor, float]  # kv_a_layernorm's (weight, eps)
     w_kvb_HKC: torch.Tensor  # kv_b_proj's weight as [H, N + V, C]
     w_o: torch.Tensor  # o_proj's weight [D, H * V]
@@ -67,6 +67,10 @@ class BlockWeights(NamedTuple):
     # FP8 projections: w_qkv and w_o in e4m3 with these 128x128 block scales (weight_scale_inv)
     w_qkv_scale: torch.Tensor | None = None
     w_o_scale: torch.Tensor | None = None
+    # A q LoRA (DeepSeek-V3): q_a_layernorm's (weight, eps), q_b_proj's weight (and FP8 scales)
+    q_norm: tuple[torch.Tensor, float] | None = None
+    w_qb: torch.Tensor | None = None
+    w_qb_scale: torch.Tensor | None = None
 
 
 class DenseKVCache:
@@ -259,29 +263,38 @@ class MLA(nn.Module):
         )
 
     def block_weights(self, dtype: torch.dtype) -> BlockWeights | None:
-        """The weights one-launch decode attention reads, where they exist as it takes them: no q
-        LoRA, q_proj and kv_a merged (model/merge.py), those and o_proj in `dtype` or both in FP8
-        (an FP8 stack's parts but the last on the 128-row grid, so its scale rows are 128 rows
-        each), kv_b in `dtype` (FP8 kv_b dequantized once, `_w_HKC`); else None."""
+        """The weights one-launch decode attention reads, where they exist as it takes them: the
+        first query projection (q_proj, or q_a_proj with a q LoRA) and kv_a merged
+        (model/merge.py), those, q_b_proj and o_proj all in `dtype` or all in FP8 (an FP8 stack's
+        parts but the last on the 128-row grid, so its scale rows are 128 rows each), kv_b in
+        `dtype` (FP8 kv_b dequantized once, `_w_HKC`); else None."""
         fused = self.fused_qkv_a_proj
-        if self.q_lora_rank is not None or fused is None:
+        if fused is None:
             return None
-        qkv, o = fused.fused, self.o_proj
-        scales: tuple[torch.Tensor | None, torch.Tensor | None]
-        if isinstance(qkv, Linear) and isinstance(o, Linear):
-            if qkv.weight.dtype != dtype or o.weight.dtype != dtype:
-                return None
-            scales = (None, None)
-        elif isinstance(qkv, FP8Linear) and isinstance(o, FP8Linear):
+        lora = self.q_lora_rank is not None
+        projs = (fused.fused, self.o_proj) + ((self.q_b_proj,) if lora else ())
+        if all(isinstance(m, Linear) and m.weight.dtype == dtype for m in projs):
+            scales: list[torch.Tensor | None] = [None] * len(projs)
+        elif all(isinstance(m, FP8Linear) for m in projs):
             if any(n % FP8_BLOCK for n in fused.sizes[:-1]):
                 return None
-            scales = (qkv.weight_scale_inv, o.weight_scale_inv)
+            scales = [cast(FP8Linear, m).weight_scale_inv for m in projs]
         else:
             return None
         norm = self.kv_a_layernorm
         w_HKC = self._w_HKC(dtype)[0]
+        qkv, o = projs[0], projs[1]
         return BlockWeights(
-            qkv.weight, (norm.weight, norm.eps), w_HKC, o.weight, self.nope_dim, *scales
+            qkv.weight,
+            (norm.weight, norm.eps),
+            w_HKC,
+            o.weight,
+            self.nope_dim,
+            scales[0],
+            scales[1],
+            (self.q_a_layernorm.weight, self.q_a_layernorm.eps) if lora else None,
+            self.q_b_proj.weight if lora else None,
+            scales[2] if lora else None,
         )
 
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
