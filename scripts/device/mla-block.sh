@@ -1,8 +1,9 @@
 # One persistent launch for a decode layer's MLA attention (MOERAY_FUSED_MLA_BLOCK=1, opt-in;
-# kernels/mla_block.py) checked and timed (1 GPU, ~4 minutes): its GPU tests (against the engine's
-# launches at Moonlight's and 128 heads, bf16 and FP8, 1-4 tokens, 1-1,024 cached, and from a CUDA
-# graph launched cooperatively and not), then `bench kernels --only mla_block` (the block against
-# those launches from graphs, weights out of L2, and against its HBM floor). The engine A/B is
+# kernels/mla_block/) checked and timed (1 GPU, ~5 minutes): its GPU tests (against the engine's
+# launches at Moonlight's and 128 heads, bf16 and FP8, 1-4 tokens, 1-1,024 cached; the input-norm
+# stage; DeepSeek-V3 with its q LoRA; from a CUDA graph launched cooperatively and not), then
+# `bench kernels --only mla_block` (the block against those launches from graphs, weights out of
+# L2, and against its HBM floor, at Moonlight's and V3's attention). The engine A/B is
 # recipe decode-ab (MLA_BLOCK first in its AB list); ENGINE=1 adds Moonlight bf16 at batch 1 and 4
 # here (~3 more minutes). Run `persistent-probe` first: it says what an in-kernel wait costs
 # against a kernel boundary. Make the block the default at decode (mla_decode_block_applies
