@@ -8,7 +8,7 @@ stores, and counts itself in (`count_in`: a barrier, then one release atomic). A
 on earlier-numbered tasks, which every program reaches before its own later ones, so a launch
 whose programs are all resident cannot deadlock. Weights never depend on the step: a task reads
 its weights before it waits, so the next stage's weight stream overlaps the current stage's drain.
-Used by kernels/mla_block.py.
+Used by kernels/mla_block/.
 
 Legend: T rows (decode tokens, padded to BT), K reduction width (step BK), N output rows (BN a
 tile, BN dividing 128).

@@ -48,7 +48,7 @@ class KVCache(Protocol):
     # And attend_block(layer_idx, x_BSD, weights, cos, sin, softmax_scale, norm=, delta_BSD=) ->
     # (the attention's output [B, S, D], h), or None where the cache has no kernel for it (then
     # the model runs the steps above): the whole absorbed attention in one launch
-    # (kernels/mla_block.py), from x normed by `norm` after adding delta (h = x + delta);
+    # (kernels/mla_block/), from x normed by `norm` after adding delta (h = x + delta);
     # `weights(dtype)` gives the MLA's BlockWeights or None.
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
@@ -57,7 +57,7 @@ class KVCache(Protocol):
 
 
 class BlockWeights(NamedTuple):
-    """An MLA's weights as one-launch decode attention takes them (kernels/mla_block.py)."""
+    """An MLA's weights as one-launch decode attention takes them (kernels/mla_block/)."""
 
     w_qkv: torch.Tensor  # q_proj's (or q_a_proj's) rows then kv_a_proj_with_mqa's [.., D]
     kv_norm: tuple[torch.Tensor, float]  # kv_a_layernorm's (weight, eps)
@@ -246,7 +246,7 @@ class MLA(nn.Module):
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(norm(x + delta)), x + delta) in one launch where the cache's `attend_block` takes
-        it (the engine's decode, kernels/mla_block.py; delta None: norm(x), x); else None, and the
+        it (the engine's decode, kernels/mla_block/; delta None: norm(x), x); else None, and the
         caller norms and calls forward."""
         attend_block = getattr(cache, "attend_block", None)
         if attend_block is None:

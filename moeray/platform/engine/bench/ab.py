@@ -23,7 +23,7 @@ import torch
 
 # Every MOERAY_FUSED_<NAME> the decode path reads (kernels/gate.py, norm.py, rope.py, moe_align.py,
 # swiglu.py, router_logits.py, gemv.py, head_gemv.py, moe.py's MOE_GEMV, moe_gemv.py's
-# MOE_SUM_FOLD, mla_decode.py's MLA_DIRECT, mla_block.py's MLA_BLOCK, router_gate.py's ROUTE_FOLD,
+# MOE_SUM_FOLD, mla_decode.py's MLA_DIRECT, mla_block/'s MLA_BLOCK, router_gate.py's ROUTE_FOLD,
 # common.py's PDL and ROUTE_BATCH; model/merge.py's PROJ, shared_fuse.py's SHARED, quant.py's
 # FP8_GEMV_ACT and FP8_GEMV_BATCH).
 SWITCHES = (
