@@ -32,7 +32,10 @@ def _check(kw, got, want, chain_cache, counters):
 @pytest.mark.parametrize("T", [1, 2, 4])
 @pytest.mark.parametrize("ctx", [1, 160, 1024])
 def test_mla_decode_block_matches_the_engines_launches(dims, T, ctx, fp8):
-    kw = block_case(T, ctx, dims, fp8=fp8)
+    _against_the_chain(block_case(T, ctx, dims, fp8=fp8))
+
+
+def _against_the_chain(kw: dict) -> None:
     chain_cache = kw["cache_PNK"].clone()
     want = mla_chain(**{**kw, "cache_PNK": chain_cache})
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
@@ -90,10 +93,4 @@ def test_mla_decode_block_with_the_input_norm(T, fp8):
 def test_mla_decode_block_at_deepseek_v3(T, fp8):
     """DeepSeek-V3's attention (hidden 7168, 128 heads, the q LoRA of rank 1536: q_a, its norm and
     q_b as stages) against the engine's launches."""
-    kw = block_case(T, 300, V3, fp8=fp8, q_lora=V3_Q_LORA)
-    chain_cache = kw["cache_PNK"].clone()
-    want = mla_chain(**{**kw, "cache_PNK": chain_cache})
-    counters = torch.zeros(COUNTERS, dtype=torch.int32, device="cuda")
-    got = mla_decode_block(**kw, counters=counters)
-    torch.cuda.synchronize()
-    _check(kw, got, want, chain_cache, counters)
+    _against_the_chain(block_case(T, 300, V3, fp8=fp8, q_lora=V3_Q_LORA))
