@@ -6,7 +6,8 @@
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
 # DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. BATCHES=1,8 replaces the
 # shape's batch sizes. A/B of a fast path:
-# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
+# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine). V3_LAYERS=8
+# cuts V3 at 8 layers instead of 4 (the 4-layer cut caps FP8 over bf16 at 1.53x: notes-engine.md);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
 # AB=ROUTE_FOLD,MLA_DIRECT passes --ab: each switch flipped alone in the same run (engine.ab; each
 # adds an engine build and its decode runs: raise SHAPES_LIMIT).
@@ -21,7 +22,7 @@ files=()
 for shape in ${SHAPES:-moonlight v3}; do
   case $shape in
     moonlight) args="--preset moonlight_16b_a3b --batch-sizes ${BATCHES:-1,8,64}" ;;
-    v3) args="--preset deepseek_v3 --layers 4 --dense-layers 1 --batch-sizes ${BATCHES:-1,64}" ;;
+    v3) args="--preset deepseek_v3 --layers ${V3_LAYERS:-4} --dense-layers 1 --batch-sizes ${BATCHES:-1,64}" ;;
     tiny) args="--preset tiny --batch-sizes ${BATCHES:-1,8} --prompt-len 16 --decode-tokens 4" ;;
     *) echo "unknown shape '$shape': moonlight, v3 or tiny"; exit 2 ;;
   esac
