@@ -5,9 +5,9 @@
 # per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
 # DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. BATCHES=1,8 replaces the
-# shape's batch sizes. A/B of a fast path:
-# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine). V3_LAYERS=8
-# cuts V3 at 8 layers instead of 4 (the 4-layer cut caps FP8 over bf16 at 1.53x: notes-engine.md);
+# shape's batch sizes; V3_LAYERS=8 cuts V3 at 8 layers instead of 4 (the 4-layer cut caps FP8 over
+# bf16 at 1.53x: notes-engine.md). A/B of a fast path:
+# MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
 # AB=ROUTE_FOLD,MLA_DIRECT passes --ab: each switch flipped alone in the same run (engine.ab; each
 # adds an engine build and its decode runs: raise SHAPES_LIMIT).
