@@ -35,7 +35,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeray.kernels.persistent import count_in, wait_count
+from moeray.kernels.persistent import count_in, finish, wait_count
 from moeray.results import device_slug, write_result
 
 HBM_TBPS = 4.8  # H200 datasheet
@@ -119,9 +119,7 @@ def _persistent_chain_kernel(
             w = tl.load(n_ptrs + offs_k[None, :], mask=n_mask, other=0.0)
     # The last program to finish has seen every count: it zeroes them for the next launch (not
     # the given-up waits: the caller reads and clears those).
-    if tl.atomic_add(done_ptr + L, 1, sem="acq_rel") == P - 1:
-        for j in range(L + 1):
-            tl.atomic_xchg(done_ptr + j, 0)
+    finish(done_ptr, L)
 
 
 # Persistent variants: (BLOCK_N, num_warps, PREFETCH). At N = 2048, BLOCK_N = 16 is 128 tiles a

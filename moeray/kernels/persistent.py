@@ -36,6 +36,16 @@ def wait_count(cnt_ptr, target, given_up_ptr, MAX_POLLS: tl.constexpr):
 
 
 @triton.jit
+def finish(cnt_ptr, n):
+    """The launch's end for this program: count it in on counter n; the last program (it has seen
+    every program count in, so every wait of the launch is over) zeroes counters 0 .. n for the
+    next launch (the caller's counters past n, e.g. the given-up waits, are left)."""
+    if tl.atomic_add(cnt_ptr + n, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        for j in range(n + 1):
+            tl.atomic_xchg(cnt_ptr + j, 0)
+
+
+@triton.jit
 def count_in(cnt_ptr):
     """Add 1 to the counter at cnt_ptr once every thread of the program has issued its stores
     (the barrier orders them before the one release atomic): `wait_count`'s other half."""

@@ -28,7 +28,7 @@ from moeray.kernels.common import to_dtype_rn
 from moeray.kernels.mla_common import _attend_pages, _merge_split_rows
 from moeray.kernels.mla_write import _rotate_heads, _write_cache_row
 from moeray.kernels.norm import rms_norm_row
-from moeray.kernels.persistent import count_in, first_k_step, rows_gemv, wait_count
+from moeray.kernels.persistent import count_in, finish, first_k_step, rows_gemv, wait_count
 
 # Counter index of each stage: S0-S4, then SN, SQN, SQB (task order: SN, S0, SQN, SQB, S1-S4).
 STAGES = 8
@@ -238,6 +238,4 @@ def _mla_block_kernel(
                      mask=(offs_t < T)[:, None] & (rows < D)[None, :])  # fmt: skip
     # The last program to finish has seen every count: zero them for the next launch (not the
     # given-up waits: the caller reads those).
-    if tl.atomic_add(cnt_ptr + _STAGES, 1, sem="acq_rel") == P - 1:
-        for j in tl.static_range(_STAGES + 1):
-            tl.atomic_xchg(cnt_ptr + j, 0)
+    finish(cnt_ptr, _STAGES)
