@@ -145,3 +145,30 @@ def test_mla_decode_block_norms_its_input_first(delta, monkeypatch):
         mla_decode_block(**kw, counters=counters, norm=norm, delta_TD=torch.zeros_like(kw["x_TD"]))
     with pytest.raises(ValueError, match="pass norm too"):
         mla_decode_block(**kw, counters=counters, delta_TD=torch.zeros_like(kw["x_TD"]))
+
+
+def test_bench_section_runs_every_case_on_the_cpu(monkeypatch):
+    """`bench kernels --only mla_block`'s section end to end under the interpreter (small widths,
+    the graph timer replaced by one call): a row per case with the block's error against the
+    engine's launches and no wait given up, so a GPU call does not find a broken bench."""
+    from moeray.kernels.bench import mla_block as bench
+
+    small = dict(SMALL, D=48)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_BLOCK", "1")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "DIMS", {"moonlight": (small, 0), "v3": (small, 128)})
+    monkeypatch.setattr(bench, "CASES", (("moonlight", 1, 40, False), ("v3", 2, 70, True)))
+    monkeypatch.setattr(bench, "_copies", lambda nbytes: 2)
+    times = iter([2.0, 1.0, 2.0, 1.0])
+
+    def timed(fn):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(bench, "_graph_ms", timed)
+    rows = bench.bench_mla_block({"copy_TBps": 3.0})
+    assert [r["shape"] for r in rows] == ["moonlight bf16 T=1 ctx=40", "v3 fp8 T=2 ctx=70"], rows
+    for r in rows:
+        assert r["speedup"] == 2.0 and r["waits_given_up"] == 0 and r["cooperative"], r
+        assert r["max_rel_err_vs_chain"] < 2e-2, r
+    assert len(bench.mla_block_records(rows)) == 2
