@@ -10,6 +10,6 @@ export AB=${AB:-MLA_BLOCK,HEAD_GEMV,MLA_DIRECT,ROUTE_BATCH,FP8_GEMV_BATCH,ROUTE_
 export TAG_SUFFIX=${TAG_SUFFIX:--ab} SHAPES_LIMIT=${SHAPES_LIMIT:-420}
 ( source scripts/device/engine-shapes.sh ) || rc=1
 for f in "$OUT"/engine-*"$TAG_SUFFIX".log; do
-  [ -f "$f" ] && { echo "== $f"; grep -A14 "^ab  " "$f" | cut -c1-120; }
+  [ -f "$f" ] && { echo "== $f"; grep -A40 "^ab  " "$f" | grep -v "^wrote\|^decode_tokens\|^hf_gen\|^roofline\|^prefill" | cut -c1-120; }
 done
 exit ${rc:-0}
