@@ -52,10 +52,7 @@ def test_mla_decode_block_matches_the_reference(T, D, step_elems, fp8, H, q_lora
     ref_cache = kw["cache_PNK"].clone()
     want = mla_decode_block_ref(**{**kw, "cache_PNK": ref_cache})
     counters = torch.zeros(COUNTERS, dtype=torch.int32)
-    assert mla_decode_block_applies(
-        kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], kw["nope_dim"],
-        kw.get("w_qb"),
-    )  # fmt: skip
+    assert mla_decode_block_applies(kw["x_TD"], kw["w"], kw["cache_PNK"])
     for _ in range(2):  # the second launch finds the counters the first one left
         got = mla_decode_block(**kw, counters=counters)
         assert counters.tolist() == [0] * COUNTERS
@@ -80,26 +77,27 @@ def test_mla_decode_block_counts_a_wait_it_gives_up(monkeypatch):
 def test_mla_decode_block_rejects_bad_inputs(monkeypatch):
     kw = _case(1)
     counters = torch.zeros(COUNTERS, dtype=torch.int32)
+    w = kw["w"]
     bad = [
         (dict(x_TD=torch.zeros(5, 48, dtype=torch.bfloat16)), r"5 rows; .* takes 1\.\.4"),
-        (dict(w_o=torch.zeros(48, 40, dtype=torch.bfloat16)), r"w_o \(48, 40\)"),
+        (dict(w=w._replace(w_o=torch.zeros(48, 40, dtype=torch.bfloat16))), r"w_o \(48, 40\)"),
         (dict(cos_TR2=torch.zeros(1, 4)), r"cos has shape \(1, 4\); expected \(1, 8\)"),
-        (dict(nope_dim=8), "nope_dim 8"),
+        (dict(w=w._replace(nope_dim=8)), "nope_dim 8"),
         (dict(seq_lens=torch.tensor([3, 4], dtype=torch.int32)), "seq_lens has 2 entries"),
     ]
     for change, words in bad:
         with pytest.raises(ValueError, match=words):
             mla_decode_block(**{**kw, **change}, counters=counters)
     fp8 = _case(1, fp8=True)
+    w8 = fp8["w"]
     with pytest.raises(ValueError, match=r"w_qkv is e4m3: pass its block scales w_qkv_scale"):
-        mla_decode_block(**{**fp8, "w_qkv_scale": None}, counters=counters)
+        mla_decode_block(**{**fp8, "w": w8._replace(w_qkv_scale=None)}, counters=counters)
     with pytest.raises(ValueError, match=r"w_o_scale has shape \(1, 2\); expected \(1, 1\)"):
-        mla_decode_block(**{**fp8, "w_o_scale": torch.ones(1, 2)}, counters=counters)
+        mla_decode_block(**{**fp8, "w": w8._replace(w_o_scale=torch.ones(1, 2))}, counters=counters)
     with pytest.raises(ValueError, match="counters has 3 elements"):
         mla_decode_block(**kw, counters=torch.zeros(3, dtype=torch.int32))
     monkeypatch.delenv("MOERAY_FUSED_MLA_BLOCK", raising=False)
-    args = (kw["x_TD"], kw["w_qkv"], kw["w_kvb_HKC"], kw["w_o"], kw["cache_PNK"], 16)
-    assert not mla_decode_block_applies(*args)  # opt-in
+    assert not mla_decode_block_applies(kw["x_TD"], w, kw["cache_PNK"])  # opt-in
 
 
 @pytest.mark.parametrize(("fp8", "q_lora"), [(False, 0), (True, 0), (False, 32), (True, 128)])

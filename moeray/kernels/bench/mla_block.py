@@ -23,7 +23,13 @@ from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace
 from moeray.kernels.fp8.quant import weight_quant_ref
 from moeray.kernels.gemv import linear
 from moeray.kernels.head_gemv import head_matmul
-from moeray.kernels.mla_block import COUNTERS, GIVEN_UP, MAX_TOKENS, mla_decode_block
+from moeray.kernels.mla_block import (
+    COUNTERS,
+    GIVEN_UP,
+    MAX_TOKENS,
+    MLAWeights,
+    mla_decode_block,
+)
 from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack
 from moeray.kernels.norm import rms_norm
@@ -37,25 +43,25 @@ V3_Q_LORA = 1536
 
 
 def mla_chain(
-    x_TD, w_qkv, kv_norm, cos_TR2, sin_TR2, w_kvb_HKC, w_o, cache_PNK, slots_T, block_table,
-    seq_lens, softmax_scale, nope_dim, w_qkv_scale=None, w_o_scale=None, workspaces=None,
-    q_norm=None, w_qb=None, w_qb_scale=None,
+    x_TD, w: MLAWeights, cos_TR2, sin_TR2, cache_PNK, slots_T, block_table, seq_lens,
+    softmax_scale, workspaces=None,
 ):  # fmt: skip
     """The engine's launches for mla_decode_block's math (model/mla.py's absorbed path through
     engine/paged_view.py), on the same arguments: out [T, D]. e4m3 projections run fp8_gemv as
     FP8Linear does at decode rows (`workspaces`: its split-K counters for w_qkv, w_o and w_qb)."""
+    w_qkv, kv_norm, w_kvb_HKC, w_o, nope_dim, w_qkv_scale, w_o_scale, q_norm, w_qb, w_qb_scale = w
     T = x_TD.shape[0]
     H, C = w_kvb_HKC.shape[0], w_kvb_HKC.shape[2]
     R = cache_PNK.shape[-1] - C
     Q = w_qkv.shape[0] - C - R  # the kv rows' start: q_proj's rows, or q_a_proj's with a LoRA
     ws = workspaces or (None, None, None)
 
-    def proj(x, w, sc, workspace):
-        return linear(x, w) if sc is None else fp8_gemv(x, w, sc, workspace=workspace)
+    def proj(x, wt, sc, workspace):
+        return linear(x, wt) if sc is None else fp8_gemv(x, wt, sc, workspace=workspace)
 
     qkv = proj(x_TD, w_qkv, w_qkv_scale, ws[0])
     q = qkv[:, :Q]
-    if w_qb is not None:  # q_a_layernorm, then q_b_proj
+    if w_qb is not None and q_norm is not None:  # q_a_layernorm, then q_b_proj
         q = proj(rms_norm(q.contiguous(), q_norm[0], q_norm[1])[0], w_qb, w_qb_scale, ws[2])
     q_THK = q.view(T, 1, H, -1)
     q_nope, q_pe = q_THK[..., :nope_dim], q_THK[..., nope_dim:]
@@ -81,8 +87,9 @@ def block_case(
     """Random bf16 weights at `dims` (with `fp8` q + kv_a and o_proj as e4m3 with 128x128 block
     scales, the official checkpoint's format), T sequences of `ctx` cached tokens each (one length
     for all, or one a sequence; the new token included) on shuffled pages of a paged cache:
-    mla_decode_block's keyword arguments but `counters`. `q_lora` > 0: DeepSeek-V3's query
-    LoRA of that rank (w_qkv holds q_a_proj's rows; q_norm and w_qb)."""
+    mla_decode_block's keyword arguments but `counters` (the weights as `w`, MLAWeights).
+    `q_lora` > 0: DeepSeek-V3's query LoRA of that rank (w_qkv holds q_a_proj's rows; q_norm and
+    w_qb)."""
     g = torch.Generator(device=device).manual_seed(seed)
     D, H, N, R, V, C = (dims[k] for k in ("D", "H", "N", "R", "V", "C"))
     dt = torch.bfloat16
@@ -96,28 +103,34 @@ def block_case(
     last = (lens - 1)[:, None]
     slots = pages.gather(1, last // page)[:, 0] * page + (lens - 1) % page
     angles = torch.rand(T, R // 2, generator=g, device=device) * 6.0
-    case = dict(
-        x_TD=rnd(T, D),
+    w = MLAWeights(
         w_qkv=rnd((q_lora or H * (N + R)) + C + R, D, scale=D**-0.5),
         kv_norm=(rnd(C) + 1.0, 1e-6),
-        cos_TR2=angles.cos(),
-        sin_TR2=angles.sin(),
         w_kvb_HKC=rnd(H, N + V, C, scale=N**-0.5),
         w_o=rnd(D, H * V, scale=(H * V) ** -0.5),
+        nope_dim=N,
+    )
+    if q_lora:
+        w = w._replace(
+            q_norm=(rnd(q_lora) + 1.0, 1e-6), w_qb=rnd(H * (N + R), q_lora, scale=q_lora**-0.5)
+        )
+    if fp8:
+        (qkv, s_qkv), (o, s_o) = weight_quant_ref(w.w_qkv), weight_quant_ref(w.w_o)
+        w = w._replace(w_qkv=qkv, w_qkv_scale=s_qkv, w_o=o, w_o_scale=s_o)
+        if w.w_qb is not None:
+            qb, s_qb = weight_quant_ref(w.w_qb)
+            w = w._replace(w_qb=qb, w_qb_scale=s_qb)
+    return dict(
+        x_TD=rnd(T, D),
+        w=w,
+        cos_TR2=angles.cos(),
+        sin_TR2=angles.sin(),
         cache_PNK=rnd(T * per_seq, page, C + R),
         slots_T=slots,
         block_table=pages.to(torch.int32),
         seq_lens=lens.to(torch.int32),
         softmax_scale=(N + R) ** -0.5,
-        nope_dim=N,
     )
-    if q_lora:
-        case["q_norm"] = (rnd(q_lora) + 1.0, 1e-6)
-        case["w_qb"] = rnd(H * (N + R), q_lora, scale=q_lora**-0.5)
-    if fp8:
-        for name in ("w_qkv", "w_o") + (("w_qb",) if q_lora else ()):
-            case[name], case[f"{name}_scale"] = weight_quant_ref(case[name])
-    return case
 
 
 # (model, tokens, cached tokens a sequence, FP8 projections)
@@ -147,26 +160,21 @@ def _block_row(ceil: dict, model: str, T: int, ctx: int, fp8: bool) -> dict:
     dims, q_lora = DIMS[model]
     kw = block_case(T, ctx, dims, device=DEVICE, fp8=fp8, q_lora=q_lora)
     counters = torch.zeros(COUNTERS, dtype=torch.int32, device=DEVICE)
-    weights = tuple(
-        k
-        for k in ("w_qkv", "w_kvb_HKC", "w_o", "w_qb", "w_qkv_scale", "w_o_scale", "w_qb_scale")
-        if k in kw
-    )
-    wbytes = sum(kw[k].numel() * kw[k].element_size() for k in weights)
-    copies = [tuple(kw[k] for k in weights)]
-    copies += [tuple(kw[k].clone() for k in weights) for _ in range(_copies(wbytes) - 1)]
+    w = kw["w"]
+    wbytes = sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))
+    copies = [(w,)] + [(_cloned(w),) for _ in range(_copies(wbytes) - 1)]  # _cycling's args
     workspaces = tuple(
-        fp8_gemv_workspace(kw[k].shape[0], MAX_TOKENS, DEVICE) if fp8 and k in kw else None
-        for k in ("w_qkv", "w_o", "w_qb")
+        fp8_gemv_workspace(t.shape[0], MAX_TOKENS, DEVICE) if fp8 and t is not None else None
+        for t in (w.w_qkv, w.w_o, w.w_qb)
     )
 
-    def block(*ws):
-        return mla_decode_block(**{**kw, **dict(zip(weights, ws, strict=True))}, counters=counters)
+    def block(wc):
+        return mla_decode_block(**{**kw, "w": wc}, counters=counters)
 
-    def chain(*ws):
-        return mla_chain(**{**kw, **dict(zip(weights, ws, strict=True))}, workspaces=workspaces)
+    def chain(wc):
+        return mla_chain(**{**kw, "w": wc}, workspaces=workspaces)
 
-    want, got = chain(*copies[0]).float(), block(*copies[0]).float()
+    want, got = chain(w).float(), block(w).float()
     err = float((got - want).abs().max() / want.abs().max())
     t_chain = _graph_ms(_cycling(chain, copies))
     coop_error = None
@@ -199,6 +207,11 @@ def _block_row(ceil: dict, model: str, T: int, ctx: int, fp8: bool) -> dict:
         "cooperative": coop_error is None,
         "cooperative_error": coop_error,
     }
+
+
+def _cloned(w: MLAWeights) -> MLAWeights:
+    """A copy of the big weights (the norms' stay shared: a few KB)."""
+    return MLAWeights._make(v.clone() if isinstance(v, torch.Tensor) else v for v in w)
 
 
 def print_mla_block(rows: list[dict]) -> None:

@@ -31,6 +31,8 @@ another, one program runs every task in order.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -76,33 +78,43 @@ STEP_ELEMS = 16384
 HEAD_BLOCK = 16  # heads per attention task (tl.dot's smallest M)
 
 
+class MLAWeights(NamedTuple):
+    """An MLA layer's weights as the block reads them (the model's `MLA.block_weights` makes them).
+    FP8: w_qkv, w_o (and w_qb) e4m3 with their 128x128 block scales (weight_scale_inv); the rest
+    in the activation dtype."""
+
+    w_qkv: torch.Tensor  # q_proj's (q_a_proj's with a q LoRA) rows, then kv_a's [.., D]
+    kv_norm: tuple[torch.Tensor, float]  # kv_a_layernorm's (weight [C], eps)
+    w_kvb_HKC: torch.Tensor  # kv_b_proj's weight as [H, N + V, C]
+    w_o: torch.Tensor  # o_proj's weight [D, H * V]
+    nope_dim: int  # N
+    w_qkv_scale: torch.Tensor | None = None
+    w_o_scale: torch.Tensor | None = None
+    q_norm: tuple[torch.Tensor, float] | None = None  # q LoRA: q_a_layernorm's (weight [QL], eps)
+    w_qb: torch.Tensor | None = None  # q LoRA: q_b_proj's weight [H * (N + R), QL]
+    w_qb_scale: torch.Tensor | None = None
+
+
 def mla_decode_block_ref(
     x_TD: torch.Tensor,
-    w_qkv: torch.Tensor,
-    kv_norm: tuple[torch.Tensor, float],
+    w: MLAWeights,
     cos_TR2: torch.Tensor,
     sin_TR2: torch.Tensor,
-    w_kvb_HKC: torch.Tensor,
-    w_o: torch.Tensor,
     cache_PNK: torch.Tensor,
     slots_T: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     softmax_scale: float,
-    nope_dim: int,
-    w_qkv_scale: torch.Tensor | None = None,
-    w_o_scale: torch.Tensor | None = None,
+    *,
     norm: tuple[torch.Tensor, float] | None = None,
     delta_TD: torch.Tensor | None = None,
     h_TD: torch.Tensor | None = None,
-    q_norm: tuple[torch.Tensor, float] | None = None,
-    w_qb: torch.Tensor | None = None,
-    w_qb_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The module docstring's math in PyTorch, rounding where the launch-per-step path does; the
     cache gets the new rows. FP8 weights (with their scales) are dequantized in fp32. With `norm`
     x is first normed (after adding `delta_TD`, the sum copied into `h_TD`), with `w_qb` the
     queries come through a q LoRA, as `mla_decode_block` says. Returns out [T, D] in x's dtype."""
+    w_qkv, kv_norm, w_kvb_HKC, w_o, nope_dim, w_qkv_scale, w_o_scale, q_norm, w_qb, w_qb_scale = w
     if norm is not None:
         x_TD, h = rms_norm_ref(x_TD if delta_TD is None else delta_TD, norm[0], norm[1],
                                None if delta_TD is None else x_TD)  # fmt: skip
@@ -141,15 +153,10 @@ def mla_decode_block_ref(
     return F.linear(v.reshape(T, -1).float(), w_o.float()).to(dt)
 
 
-def _dims(
-    w_qkv: torch.Tensor,
-    w_kvb_HKC: torch.Tensor,
-    cache_PNK: torch.Tensor,
-    nope_dim: int,
-    w_qb: torch.Tensor | None = None,
-) -> tuple[int, int, int, int, int, int]:
+def _dims(w: MLAWeights, cache_PNK: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """(H, N, R, V, C, QL) from the weights and the cache (QL: q_lora_rank, 0 without w_qb);
     ValueError where they do not fit."""
+    w_qkv, w_kvb_HKC, nope_dim, w_qb = w.w_qkv, w.w_kvb_HKC, w.nope_dim, w.w_qb
     H, NV, C = w_kvb_HKC.shape
     R = cache_PNK.shape[-1] - C
     N, V = nope_dim, NV - nope_dim
@@ -170,25 +177,18 @@ def _pow2(v: int) -> bool:
     return v >= 16 and v & (v - 1) == 0
 
 
-def mla_decode_block_applies(
-    x_TD: torch.Tensor,
-    w_qkv: torch.Tensor,
-    w_kvb_HKC: torch.Tensor,
-    w_o: torch.Tensor,
-    cache_PNK: torch.Tensor,
-    nope_dim: int,
-    w_qb: torch.Tensor | None = None,
-) -> bool:
+def mla_decode_block_applies(x_TD: torch.Tensor, w: MLAWeights, cache_PNK: torch.Tensor) -> bool:
     """Whether `mla_decode_block` takes these (MOERAY_FUSED_MLA_BLOCK=1 only): 1..MAX_TOKENS rows,
     x, kv_b and the cache in one of bf16/fp16, w_qkv and w_o in that dtype too or both e4m3 (their
     scales go to the call), contiguous weights and cache, N, R, V, C powers of two >= 16 (C a
     multiple of 64), on CUDA or under the interpreter."""
+    w_qkv, w_kvb_HKC, w_o, w_qb = w.w_qkv, w.w_kvb_HKC, w.w_o, w.w_qb
     if not switched_on("MLA_BLOCK") or not use_triton(x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK):
         return False
     tensors = (x_TD, w_qkv, w_kvb_HKC, w_o, cache_PNK)
     if x_TD.dtype not in DTYPES or any(t.dtype != x_TD.dtype for t in (w_kvb_HKC, cache_PNK)):
         return False
-    projections = {w.dtype for w in (w_qkv, w_o, w_qb) if w is not None}
+    projections = {p.dtype for p in (w_qkv, w_o, w_qb) if p is not None}
     if projections not in ({x_TD.dtype}, {FP8_DTYPE}):
         return False
     if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS or x_TD.stride(-1) != 1:
@@ -196,7 +196,7 @@ def mla_decode_block_applies(
     if not all(t.is_contiguous() for t in tensors[1:]) or w_kvb_HKC.dim() != 3:
         return False
     try:
-        H, N, R, V, C, _ = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim, w_qb)
+        H, N, R, V, C, _ = _dims(w, cache_PNK)
     except ValueError:
         return False
     D = x_TD.shape[1]
@@ -210,47 +210,37 @@ def mla_decode_block_applies(
 
 def mla_decode_block(
     x_TD: torch.Tensor,
-    w_qkv: torch.Tensor,
-    kv_norm: tuple[torch.Tensor, float],
+    w: MLAWeights,
     cos_TR2: torch.Tensor,
     sin_TR2: torch.Tensor,
-    w_kvb_HKC: torch.Tensor,
-    w_o: torch.Tensor,
     cache_PNK: torch.Tensor,
     slots_T: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     softmax_scale: float,
-    nope_dim: int,
     counters: torch.Tensor,
     *,
-    w_qkv_scale: torch.Tensor | None = None,
-    w_o_scale: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
     delta_TD: torch.Tensor | None = None,
     h_TD: torch.Tensor | None = None,
-    q_norm: tuple[torch.Tensor, float] | None = None,
-    w_qb: torch.Tensor | None = None,
-    w_qb_scale: torch.Tensor | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """`mla_decode_block_ref` in one launch: x [T, D] the normed hidden rows of T decode tokens
     (token t is sequence t's one new token: seq_lens[t] counts it, slots_T[t] is its cache slot);
-    w_qkv [H * (N + R) + C + R, D] (q_proj's rows, then kv_a_proj_with_mqa's), kv_norm =
-    (kv_a_layernorm's weight [C], eps), cos / sin [T, R / 2] fp32, w_kvb [H, N + V, C], w_o
-    [D, H * V], the paged cache [pages, page size, C + R]; `counters` an int32 [COUNTERS] of
-    zeros on x's device (left zero but for counters[GIVEN_UP], the waits that timed out: 0 on a
-    correct launch; one launch at a time per tensor). w_qkv and w_o may both be e4m3, with
-    w_qkv_scale / w_o_scale their fp32 128x128 block scales (the checkpoint's weight_scale_inv;
-    each 128-row block of w_qkv's scales must be 128 rows of the stack: every part but the last a
-    multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). With `norm` = (the input
-    norm's weight [D], eps) x is the layer's un-normed input: the launch norms it first (as
+    `w` the layer's weights (MLAWeights: w_qkv [H * (N + R) + C + R, D], q_proj's rows then
+    kv_a_proj_with_mqa's; kv_b as [H, N + V, C]; w_o [D, H * V]); cos / sin [T, R / 2] fp32; the
+    paged cache [pages, page size, C + R]; `counters` an int32 [COUNTERS] of zeros on x's device
+    (left zero but for counters[GIVEN_UP], the waits that timed out: 0 on a correct launch; one
+    launch at a time per tensor). w_qkv and w_o may both be e4m3 with their block scales (each
+    128-row block of w_qkv's scales must be 128 rows of the stack: every part but the last a
+    multiple of 128 rows); x stays bf16 (weight-only, as fp8_gemv). With a q LoRA (DeepSeek-V3,
+    Kimi-K2) w_qkv holds q_a_proj's rows [QL] instead of q_proj's, with w.q_norm and w.w_qb
+    [H * (N + R), QL] (e4m3 with its scales where w_qkv is). With `norm` = (the input norm's
+    weight [D], eps) x is the layer's un-normed input: the launch norms it first (as
     `rms_norm`), after adding `delta_TD` to it where given (the previous layer's deferred add),
-    the sum stored in `h_TD` (required with delta). With a q LoRA (DeepSeek-V3, Kimi-K2) w_qkv
-    holds q_a_proj's rows [QL] instead of q_proj's, `q_norm` = (q_a_layernorm's weight [QL], eps)
-    and `w_qb` [H * (N + R), QL] (e4m3 with w_qb_scale where w_qkv is). `programs` overrides the
-    program count (one per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA
-    graphs)."""
+    the sum stored in `h_TD` (required with delta). `programs` overrides the program count (one
+    per SM; one under the interpreter). Returns out [T, D]. No host sync (CUDA graphs)."""
+    w_qkv, kv_norm, w_kvb_HKC, w_o, _, w_qkv_scale, w_o_scale, q_norm, w_qb, w_qb_scale = w
     dev = x_TD.device
     dt = (x_TD.dtype,)
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
@@ -265,10 +255,10 @@ def mla_decode_block(
     if w_qb is not None:
         check_tensor(w_qb, "w_qb", dtypes=proj, ndim=2, device=dev, contiguous=True)
         scaled.append(("w_qb", w_qb, w_qb_scale))
-    for name, w, sc in scaled:
+    for name, wt, sc in scaled:
         if not fp8:
             continue
-        want = (cdiv(w.shape[0], 128), cdiv(w.shape[1], 128))
+        want = (cdiv(wt.shape[0], 128), cdiv(wt.shape[1], 128))
         if sc is None:
             raise ValueError(f"{name} is e4m3: pass its block scales {name}_scale {want}")
         check_tensor(sc, f"{name}_scale", dtypes=(torch.float32,), ndim=2, device=dev,
@@ -278,7 +268,7 @@ def mla_decode_block(
     check_tensor(cache_PNK, "cache", dtypes=dt, ndim=3, device=dev, contiguous=True)
     check_tensor(counters, "counters", dtypes=(torch.int32,), ndim=1, device=dev)
     T, D = x_TD.shape
-    H, N, R, V, C, QL = _dims(w_qkv, w_kvb_HKC, cache_PNK, nope_dim, w_qb)
+    H, N, R, V, C, QL = _dims(w, cache_PNK)
     if q_norm is not None:
         check_tensor(q_norm[0], "q_norm weight", dtypes=dt, ndim=1, device=dev, contiguous=True)
         check_shape(q_norm[0], "q_norm weight", (QL,))

@@ -24,13 +24,13 @@ from moeray.kernels.common import switched_on
 from moeray.kernels.mla_block import (
     COUNTERS,
     MAX_TOKENS,
+    MLAWeights,
     mla_decode_block,
     mla_decode_block_applies,
 )
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
-from moeray.platform.model.mla import BlockWeights
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
 from moeray.platform.model.rope import apply_rope, use_fused_rope
 
@@ -122,7 +122,7 @@ class KernelPagedView(GatherPagedView):
         self,
         layer_idx: int,
         x_BSD: torch.Tensor,
-        weights: Callable[[torch.dtype], BlockWeights | None],
+        weights: Callable[[torch.dtype], MLAWeights | None],
         cos: torch.Tensor,
         sin: torch.Tensor,
         softmax_scale: float,
@@ -134,7 +134,7 @@ class KernelPagedView(GatherPagedView):
         latents stored, in one launch (`mla_decode_block`, opt-in: MOERAY_FUSED_MLA_BLOCK=1):
         (out, h). x is the normed input (h is x), or with `norm` (the input norm's weight, eps)
         the layer's input, normed in the launch after adding `delta_BSD` where given (h = x +
-        delta). `weights(dtype)` gives the MLA's BlockWeights (None: not as the kernel takes
+        delta). `weights(dtype)` gives the MLA's MLAWeights (None: not as the kernel takes
         them). None where the kernel does not apply (the caller runs the usual path)."""
         B, S, D = x_BSD.shape
         if S != 1 or B > MAX_TOKENS or not switched_on("MLA_BLOCK"):
@@ -142,9 +142,7 @@ class KernelPagedView(GatherPagedView):
         w = weights(x_BSD.dtype)
         cache_PNK = self.storage.kv_LPNK[layer_idx]
         x_TD = x_BSD.reshape(B, D)
-        if w is None or not mla_decode_block_applies(
-            x_TD, w.w_qkv, w.w_kvb_HKC, w.w_o, cache_PNK, w.nope_dim, w.w_qb
-        ):
+        if w is None or not mla_decode_block_applies(x_TD, w, cache_PNK):
             return None
         self.calls["block"] += 1
         h_TD = None if delta_BSD is None else torch.empty_like(x_TD)
@@ -152,27 +150,18 @@ class KernelPagedView(GatherPagedView):
             self._block_counters = torch.zeros(COUNTERS, dtype=torch.int32, device=x_BSD.device)
         out = mla_decode_block(
             x_TD,
-            w.w_qkv,
-            w.kv_norm,
+            w,
             cos.reshape(B, -1).float().contiguous(),
             sin.reshape(B, -1).float().contiguous(),
-            w.w_kvb_HKC,
-            w.w_o,
             cache_PNK,
             self.new_slots,
             self.block_table_BM,
             self.seq_lens_i32_B,
             softmax_scale,
-            w.nope_dim,
             self._block_counters,
-            w_qkv_scale=w.w_qkv_scale,
-            w_o_scale=w.w_o_scale,
             norm=norm,
             delta_TD=None if delta_BSD is None else delta_BSD.reshape(B, D),
             h_TD=h_TD,
-            q_norm=w.q_norm,
-            w_qb=w.w_qb,
-            w_qb_scale=w.w_qb_scale,
         )
         return out.view(B, S, D), (x_BSD if h_TD is None else h_TD.view(B, S, D))
 

@@ -12,7 +12,7 @@ H x (N + R + V) = 40,960 for the expanded keys and values.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK
 from moeray.kernels.head_gemv import head_matmul
+from moeray.kernels.mla_block import MLAWeights
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.linear import Linear, MergedLinear
@@ -49,28 +50,11 @@ class KVCache(Protocol):
     # (the attention's output [B, S, D], h), or None where the cache has no kernel for it (then
     # the model runs the steps above): the whole absorbed attention in one launch
     # (kernels/mla_block/), from x normed by `norm` after adding delta (h = x + delta);
-    # `weights(dtype)` gives the MLA's BlockWeights or None.
+    # `weights(dtype)` gives the MLA's MLAWeights or None.
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
     # are the whole context.
-
-
-class BlockWeights(NamedTuple):
-    """An MLA's weights as one-launch decode attention takes them (kernels/mla_block/)."""
-
-    w_qkv: torch.Tensor  # q_proj's (or q_a_proj's) rows then kv_a_proj_with_mqa's [.., D]
-    kv_norm: tuple[torch.Tensor, float]  # kv_a_layernorm's (weight, eps)
-    w_kvb_HKC: torch.Tensor  # kv_b_proj's weight as [H, N + V, C]
-    w_o: torch.Tensor  # o_proj's weight [D, H * V]
-    nope_dim: int
-    # FP8 projections: w_qkv and w_o in e4m3 with these 128x128 block scales (weight_scale_inv)
-    w_qkv_scale: torch.Tensor | None = None
-    w_o_scale: torch.Tensor | None = None
-    # A q LoRA (DeepSeek-V3): q_a_layernorm's (weight, eps), q_b_proj's weight (and FP8 scales)
-    q_norm: tuple[torch.Tensor, float] | None = None
-    w_qb: torch.Tensor | None = None
-    w_qb_scale: torch.Tensor | None = None
 
 
 class DenseKVCache:
@@ -262,7 +246,7 @@ class MLA(nn.Module):
             delta_BSD=delta_BSD,
         )
 
-    def block_weights(self, dtype: torch.dtype) -> BlockWeights | None:
+    def block_weights(self, dtype: torch.dtype) -> MLAWeights | None:
         """The weights one-launch decode attention reads, where they exist as it takes them: the
         first query projection (q_proj, or q_a_proj with a q LoRA) and kv_a merged
         (model/merge.py), those, q_b_proj and o_proj all in `dtype` or all in FP8 (an FP8 stack's
@@ -284,7 +268,7 @@ class MLA(nn.Module):
         norm = self.kv_a_layernorm
         w_HKC = self._w_HKC(dtype)[0]
         qkv, o = projs[0], projs[1]
-        return BlockWeights(
+        return MLAWeights(
             qkv.weight,
             (norm.weight, norm.eps),
             w_HKC,
