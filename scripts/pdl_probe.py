@@ -15,8 +15,10 @@ than L2), timed as CUDA-graph replays:
               the previous layer's tiles are all stored (each counted in with a release atomic).
               No kernel boundary: the weight stream of layer l + 1 runs while layer l drains.
               `_pf` rows also load the next task's weights before the current compute (two tiles
-              in registers). The question for a decode megakernel (benchmarks/notes-engine.md):
-              how far below `prefetch` does a GEMV of the chain get, against its HBM floor?
+              in registers); `_ld` rows poll the counter with volatile loads, not atomics.
+              The question for a decode megakernel: how far below `prefetch` does a GEMV of the
+              chain get? On an H200 it does not: every persistent row is slower than `plain`
+              (benchmarks/notes-engine.md, results/pdl-probe-nvidia-h200*.json).
 Checks every variant's output against the plain chain's, then prints us per GEMV and TB/s of
 weight bytes.
 
@@ -35,11 +37,59 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeray.kernels.persistent import count_in, finish, wait_count
 from moeray.results import device_slug, write_result
 
 HBM_TBPS = 4.8  # H200 datasheet
 DEVICE = "cuda"  # the CPU test runs main under Triton's interpreter
+
+
+# The persistent chain's protocol: a task waits (`wait_count`) until the layer it reads has counted
+# every tile in, reads, computes, stores, and counts itself in (`count_in`: a barrier, then one
+# release atomic). A task waits only on earlier layers, which every program reaches before its own
+# later tasks, so a launch whose programs are all resident cannot deadlock.
+
+
+@triton.jit
+def wait_count(cnt_ptr, target, given_up_ptr, MAX_POLLS: tl.constexpr, SPIN_LOAD: tl.constexpr):
+    """Spin until the int32 counter at cnt_ptr reaches `target`, at most MAX_POLLS polls, then
+    one acquire read-modify-write (what the programs that counted in stored before their release
+    is visible after it); a wait that gives up adds 1 at given_up_ptr and returns (the caller
+    checks it) rather than hang. SPIN_LOAD: poll with volatile loads, else with the acquire atomic
+    itself (the faster of the two on an H200, by 0.1-0.6 us a layer). For persistent kernels whose
+    programs are all resident (a cooperative launch)."""
+    if SPIN_LOAD:
+        seen = tl.load(cnt_ptr, volatile=True)
+    else:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    polls = 0
+    while (seen < target) & (polls < MAX_POLLS):
+        if SPIN_LOAD:
+            seen = tl.load(cnt_ptr, volatile=True)
+        else:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        polls += 1
+    if SPIN_LOAD:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    if seen < target:
+        tl.atomic_add(given_up_ptr, 1)
+
+
+@triton.jit
+def finish(cnt_ptr, n):
+    """The launch's end for this program: count it in on counter n; the last program (it has seen
+    every program count in, so every wait of the launch is over) zeroes counters 0 .. n for the
+    next launch (the caller's counters past n, e.g. the given-up waits, are left)."""
+    if tl.atomic_add(cnt_ptr + n, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        for j in range(n + 1):
+            tl.atomic_xchg(cnt_ptr + j, 0)
+
+
+@triton.jit
+def count_in(cnt_ptr):
+    """Add 1 to the counter at cnt_ptr once every thread of the program has issued its stores
+    (the barrier orders them before the one release atomic): `wait_count`'s other half."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release")
 
 
 @triton.jit
@@ -82,6 +132,7 @@ def _persistent_chain_kernel(
     TILES: tl.constexpr,  # cdiv(N, BLOCK_N): the tiles of one layer
     PREFETCH: tl.constexpr,  # load the next task's weights before this task's wait and compute
     MAX_POLLS: tl.constexpr,  # polls of a counter before a wait gives up (seconds: a broken run)
+    SPIN_LOAD: tl.constexpr,  # poll with volatile loads (else with the acquire atomic)
 ):
     # Program p owns tiles p, p + P, ... of every layer; its tasks run layer by layer. A task's
     # weights never depend on the chain, so they are read before the task waits for its input
@@ -107,7 +158,7 @@ def _persistent_chain_kernel(
         if PREFETCH:
             w_next = tl.load(n_ptrs + offs_k[None, :], mask=n_mask, other=0.0)
         if layer > 0:  # a wait that times out is counted in done[L + 1], not hung
-            wait_count(done_ptr + layer - 1, TILES, done_ptr + L + 1, MAX_POLLS)
+            wait_count(done_ptr + layer - 1, TILES, done_ptr + L + 1, MAX_POLLS, SPIN_LOAD)
         # .cg: x was stored by other SMs; read it from L2, never from this SM's L1
         x = tl.load(x_ptr + layer * N + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg")
         y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
@@ -122,11 +173,21 @@ def _persistent_chain_kernel(
     finish(done_ptr, L)
 
 
-# Persistent variants: (BLOCK_N, num_warps, PREFETCH). At N = 2048, BLOCK_N = 16 is 128 tiles a
-# layer (one per program on 132 SMs, 64 KB of weights each); 8 and 4 give programs 2 and 4 tiles.
+# Persistent variants: (BLOCK_N, num_warps, PREFETCH, SPIN_LOAD). At N = 2048, BLOCK_N = 16 is
+# 128 tiles a layer (one per program on 132 SMs, 64 KB of weights each); 8 and 4 give programs 2
+# and 4 tiles.
 # A counter polled this often (~0.5-1 us a poll on an H200's L2: seconds) means a broken run.
 MAX_POLLS = 1 << 22
-PERSISTENT_TILES = ((16, 8, False), (16, 8, True), (16, 16, True), (8, 4, True), (4, 4, True))
+PERSISTENT_TILES = (
+    (16, 8, False, False),
+    (16, 8, True, False),
+    (16, 16, True, False),
+    (8, 4, True, False),
+    (16, 8, False, True),
+    (16, 8, True, True),
+    (8, 4, True, True),
+    (4, 4, True, True),
+)
 
 
 def chain(xs, ws, mode: int, block_n: int, warps: int) -> None:
@@ -162,6 +223,7 @@ def persistent_chain(
     block_n: int,
     warps: int,
     prefetch: bool,
+    spin_load: bool = True,
     programs: int | None = None,
     coop: bool = True,
 ) -> None:
@@ -195,6 +257,7 @@ def persistent_chain(
         TILES=tiles,
         PREFETCH=prefetch,
         MAX_POLLS=MAX_POLLS,
+        SPIN_LOAD=spin_load,
         num_warps=warps,
         **coop_kw,
     )
@@ -239,14 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, mode in (("plain", 0), ("pdl", 1), ("prefetch", 2))
     ]
     done = torch.zeros(a.layers + 2, dtype=torch.int32, device=dev)
-    for bn, warps, pf in PERSISTENT_TILES:
+    for bn, warps, pf, spin in PERSISTENT_TILES:
         for coop in (True, False):  # the second only if the first fails (below)
-            name = f"persistent_b{bn}_w{warps}" + ("_pf" if pf else "") + ("" if coop else "_nc")
+            name = (
+                f"persistent_b{bn}_w{warps}"
+                + ("_pf" if pf else "")
+                + ("_ld" if spin else "")
+                + ("" if coop else "_nc")
+            )
             variants.append(
                 (
                     name,
-                    lambda xs, bn=bn, w=warps, pf=pf, c=coop: persistent_chain(
-                        xs, w_LNN, done, bn, w, pf, coop=c
+                    lambda xs, bn=bn, w=warps, pf=pf, sp=spin, c=coop: persistent_chain(
+                        xs, w_LNN, done, bn, w, pf, sp, coop=c
                     ),
                 )
             )

@@ -55,11 +55,9 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
 # prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
 TILE_CELLS = 2048
-# `route` sends at most this many rows to the kernel by default (MOERAY_FUSED_ROUTE_BATCH=1:
-# common.ROUTE_BATCH_MAX_TOKENS). The kernel alone wins at every size (H200, in a CUDA graph:
-# 3.7-14.6 us against 54-73 us for the reference's ~11 launches up to 256 tokens); the bound stays
-# at 32 until the engine times batch 64 with the wider one (an eager engine once lost at batch 256
-# with the fused gate, not explained: benchmarks/notes-engine.md).
+# `route` sends at most common.ROUTE_BATCH_MAX_TOKENS rows to the kernel, this many with
+# MOERAY_FUSED_ROUTE_BATCH=0. The kernel alone wins at every size (H200, in a CUDA graph:
+# 3.7-14.6 us against 54-73 us for the reference's ~11 launches up to 256 tokens).
 FUSED_MAX_TOKENS = 32
 
 
@@ -250,7 +248,7 @@ def _moe_gate_kernel(
 
 def moe_gate_applies(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> bool:
     """Whether `moe_gate` takes these tensors as they are and gets them: at most
-    FUSED_MAX_TOKENS rows, or common.ROUTE_BATCH_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=1
+    common.ROUTE_BATCH_MAX_TOKENS rows, or FUSED_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=0
     (`route`'s dispatch test).
     MOERAY_FUSED_GATE=0 in the environment routes with PyTorch instead: an A/B switch for
     `moeray bench engine`, and a way out if a new Triton miscompiles the kernel."""

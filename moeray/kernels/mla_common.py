@@ -1,7 +1,6 @@
 """The device functions MLA's decode kernels share: `_attend_pages`, one block of query rows'
 online softmax over a range of a sequence's cached pages, and `_merge_split_rows`, the merge of
-the split-KV partials (the split kernel and the merge folded into it, `mla_decode.py`; the
-one-launch decode attention, `mla_block/`).
+the split-KV partials (the split kernel and the merge folded into it, `mla_decode.py`).
 
 Legend: rows (query heads x tokens) of BLOCK_H, R = kv_lora_rank latent dims (RB padded), P rope
 dims (PB padded), PAGE tokens a page; scores and the log-sum-exp in base 2.

@@ -330,12 +330,13 @@ def _mla_decode_rows(
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
-    # The split kernel writes the merged output itself (opt-in MOERAY_FUSED_MLA_DIRECT=1 until
-    # timed): at one split (DeepSeek-V3's 128 heads from batch 33 on) directly, the same bits as
-    # the merge; at several, the last program of each (sequence, head block) merges, counted on
-    # the caller's zeroed `counters` (`mla_counters`), which it leaves zeroed. At V3 batch 64 the
-    # merge copies 16.8 MB of fp32 partials into 8.4 MB a layer (>= 5 us); at batch 1 it is a
-    # launch of its own.
+    # The split kernel writes the merged output itself (opt-in MOERAY_FUSED_MLA_DIRECT=1: on an
+    # H200 Moonlight's batch 1 ran 8-9% fewer tokens/s with it, batch 64 within 0.5%,
+    # benchmarks/results/engine-nvidia-h200-moonlight-*-ab.json): at one split (DeepSeek-V3's 128
+    # heads from batch 33 on) directly, the same bits as the merge; at several, the last program
+    # of each (sequence, head block) merges, counted on the caller's zeroed `counters`
+    # (`mla_counters`), which it leaves zeroed. At V3 batch 64 the merge copies 16.8 MB of fp32
+    # partials into 8.4 MB a layer (>= 5 us); at batch 1 it is a launch of its own.
     on = switched_on("MLA_DIRECT")
     direct = on and num_splits == 1
     fold = on and num_splits > 1 and counters is not None

@@ -114,8 +114,7 @@ def _rms_norm_kernel(
 def rms_norm_row(x_row, r_row, w_ptr, y_row, h_row, D, eps, HAS_RESIDUAL: tl.constexpr,
                  BLOCK_D: tl.constexpr):  # fmt: skip
     """One row of the forward: h = x + r (stored at h_row) with HAS_RESIDUAL, else x; y =
-    weight * normalize(h) stored at y_row; returns 1/rms (fp32). Also run by the one-launch decode
-    attention (kernels/mla_block/) for its input norm."""
+    weight * normalize(h) stored at y_row; returns 1/rms (fp32)."""
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
     x = tl.load(x_row + offs, mask=mask, other=0.0)

@@ -1,7 +1,8 @@
 """The MoE router's logits and its gate in one launch, for decode's few tokens: `router_gate`,
 the test `router_gate_applies` by which the model's Gate (`moeray.platform.model.moe.Gate.
 fused_route`) chooses it, and the kernel `_router_gate_kernel`. Opt-in with
-MOERAY_FUSED_ROUTE_FOLD=1 until an engine run times it.
+MOERAY_FUSED_ROUTE_FOLD=1: in the engine on an H200 Moonlight's batch 1 runs 6.1% (bf16) and 3.9%
+(FP8) fewer tokens/s with it (benchmarks/results/engine-nvidia-h200-moonlight-*-ab.json).
 
 Legend: T tokens (<= FOLD_MAX_TOKENS), D model width, E routed experts, BE experts per program.
 

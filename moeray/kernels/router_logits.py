@@ -16,8 +16,8 @@ which can change the gate's choice only between experts whose scores tie to ~1e-
 
 By token count: up to ROW_MAX_TOKENS (batch-1 decode and small batches) the Triton kernel, one
 program per (token, 1-2 expert rows) walking D in 2,048-feature steps (latency-bound: the fewest
-dependent steps); past it (decode batches to 256, which the model's Gate sends here with
-MOERAY_FUSED_ROUTE_BATCH=1) cuBLAS's bf16 GEMM with fp32 output (`torch.mm(out_dtype=)`: one
+dependent steps); past it (decode batches to 256, which the model's Gate sends here unless
+MOERAY_FUSED_ROUTE_BATCH=0) cuBLAS's bf16 GEMM with fp32 output (`torch.mm(out_dtype=)`: one
 launch, tensor cores, no fp32 copies; the same exact products, fp32 sums in cuBLAS's order as the
 reference's). Prefill keeps the reference.
 
@@ -45,11 +45,11 @@ DTYPES = (torch.bfloat16, torch.float16)
 # The per-token kernel re-reads all of W for each token: fine up to this many tokens (Moonlight:
 # 256 KB a token from L2); past it one GEMM reads W once for all of them.
 ROW_MAX_TOKENS = 32
-# Rows the model's Gate sends here by default; with MOERAY_FUSED_ROUTE_BATCH=1 decode batches to
-# common.ROUTE_BATCH_MAX_TOKENS (cuBLAS's fp32-output GEMM). The reference is three launches (x
-# and W to fp32, an fp32 SIMT GEMM: 5.6 us a layer at Moonlight batch 64 on an H200, plus a 512 KB
-# fp32 copy of W); past the bound (prefill) its GEMM, which reads W once for all rows, is the
-# better one.
+# Rows the model's Gate sends here with MOERAY_FUSED_ROUTE_BATCH=0; by default decode batches to
+# common.ROUTE_BATCH_MAX_TOKENS (cuBLAS's fp32-output GEMM past ROW_MAX_TOKENS). The reference
+# is three launches (x and W to fp32, an fp32 SIMT GEMM: 5.6 us a layer at Moonlight batch 64 on
+# an H200, plus a 512 KB fp32 copy of W); past the bound (prefill) its GEMM, which reads W once
+# for all rows, is the better one.
 MAX_TOKENS = 32
 
 
@@ -107,8 +107,8 @@ def _router_logits_kernel(
 
 
 def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
-    """Whether `router_logits` takes these as they are: x [T, D] with T <= MAX_TOKENS (or
-    common.ROUTE_BATCH_MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=1) and W [E, D]
+    """Whether `router_logits` takes these as they are: x [T, D] with T <=
+    common.ROUTE_BATCH_MAX_TOKENS (MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=0) and W [E, D]
     in one of bf16/fp16, unit stride over D, on CUDA (or the interpreter).
     MOERAY_FUSED_GATE_LOGITS=0 keeps the reference: an A/B switch for the engine bench."""
     if switched_off("GATE_LOGITS"):

@@ -1,5 +1,6 @@
-# The GPU tests of every opt-in decode fast path, in one call (1 GPU, ~5 minutes): the router
-# kernels at decode batches (ROUTE_BATCH) and folded with the gate (ROUTE_FOLD), MLA decode's
+# The GPU tests of the routing fast paths and every opt-in decode one, in one call (1 GPU, ~5
+# minutes): the router kernels at decode batches (ROUTE_BATCH, the default since it won in
+# decode-ab) and folded with the gate (ROUTE_FOLD), MLA decode's
 # merge folded into its split kernel (MLA_DIRECT), fp8_gemv to 64 rows (FP8_GEMV_BATCH) and
 # head_gemv (HEAD_GEMV). A switch becomes the default only with its tests passed here and a win
 # in recipe decode-ab.

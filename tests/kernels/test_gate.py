@@ -183,13 +183,13 @@ def test_dispatch_rule_and_cpu_route():
     assert not moe_gate_applies(logits.t().contiguous().t(), bias)
     assert not moe_gate_applies(torch.randn(2, 512), None)
     assert not moe_gate_applies(logits, bias[:32])
-    # beyond FUSED_MAX_TOKENS rows the PyTorch gate runs (kernels/gate.py)
-    assert moe_gate_applies(torch.randn(FUSED_MAX_TOKENS, 64), bias)
-    assert not moe_gate_applies(torch.randn(FUSED_MAX_TOKENS + 1, 64), bias)
-    with pytest.MonkeyPatch.context() as mp:  # opt-in: decode batches to ROUTE_BATCH_MAX_TOKENS
-        mp.setenv("MOERAY_FUSED_ROUTE_BATCH", "1")
-        assert moe_gate_applies(torch.randn(ROUTE_BATCH_MAX_TOKENS, 64), bias)
-        assert not moe_gate_applies(torch.randn(ROUTE_BATCH_MAX_TOKENS + 1, 64), bias)
+    # beyond ROUTE_BATCH_MAX_TOKENS rows (prefill) the PyTorch gate runs (kernels/gate.py)
+    assert moe_gate_applies(torch.randn(ROUTE_BATCH_MAX_TOKENS, 64), bias)
+    assert not moe_gate_applies(torch.randn(ROUTE_BATCH_MAX_TOKENS + 1, 64), bias)
+    with pytest.MonkeyPatch.context() as mp:  # the A/B switch: the kernel's own 32-row bound
+        mp.setenv("MOERAY_FUSED_ROUTE_BATCH", "0")
+        assert moe_gate_applies(torch.randn(FUSED_MAX_TOKENS, 64), bias)
+        assert not moe_gate_applies(torch.randn(FUSED_MAX_TOKENS + 1, 64), bias)
     # route() sends only CUDA tensors to the kernel: on CPU it is moe_gate_ref, gradients included.
     x = logits.clone().requires_grad_()
     r = route(x, bias, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)

@@ -17,9 +17,11 @@ def _reference(x0: torch.Tensor, w_LNN: torch.Tensor) -> torch.Tensor:
     return torch.stack(xs)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch, spin", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("n, block_n", [(40, 16), (33, 8), (64, 64)])
-def test_persistent_chain_matches_the_layer_by_layer_product(load_script, n, block_n, prefetch):
+def test_persistent_chain_matches_the_layer_by_layer_product(
+    load_script, n, block_n, prefetch, spin
+):
     mod = load_script("pdl_probe")
     g = torch.Generator().manual_seed(n)
     L = 3
@@ -30,7 +32,7 @@ def test_persistent_chain_matches_the_layer_by_layer_product(load_script, n, blo
     want = _reference(x_LN[0], w_LNN)
     for _ in range(2):  # the second launch finds the counters the first one left
         x_LN[1:] = 0
-        mod.persistent_chain(x_LN, w_LNN, done, block_n, 4, prefetch)
+        mod.persistent_chain(x_LN, w_LNN, done, block_n, 4, prefetch, spin)
         torch.testing.assert_close(x_LN.float(), want.float(), rtol=1e-2, atol=1e-2)
         assert done.tolist() == [0] * (L + 2)
 
@@ -67,7 +69,7 @@ def test_probe_main_runs_every_variant_and_writes_its_table(load_script, monkeyp
     interpreter has no griddepcontrol) and are recorded as errors, as a GPU failure would be."""
     mod = load_script("pdl_probe")
     monkeypatch.setattr(mod, "DEVICE", "cpu")
-    monkeypatch.setattr(mod, "PERSISTENT_TILES", ((16, 4, False), (8, 4, True)))
+    monkeypatch.setattr(mod, "PERSISTENT_TILES", ((16, 4, False, False), (8, 4, True, True)))
     monkeypatch.setattr(mod, "device_slug", lambda: "cpu")
     times = iter(range(1, 100))
 
@@ -78,8 +80,8 @@ def test_probe_main_runs_every_variant_and_writes_its_table(load_script, monkeyp
     monkeypatch.setattr(mod, "_timed", timed)
     assert mod.main(["--n", "32", "--layers", "3", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "pdl-probe-cpu-n32.json").read_text())["rows"]
-    assert list(rows) == ["plain", "pdl", "prefetch", "persistent_b16_w4", "persistent_b8_w4_pf"]
-    for name in ("plain", "persistent_b16_w4", "persistent_b8_w4_pf"):
+    assert list(rows) == ["plain", "pdl", "prefetch", "persistent_b16_w4", "persistent_b8_w4_pf_ld"]
+    for name in ("plain", "persistent_b16_w4", "persistent_b8_w4_pf_ld"):
         r = rows[name]
         assert r["max_rel_err_vs_plain"] < 1e-2, (name, r)
         assert r["counters_zero"] and r["waits_given_up"] == 0, (name, r)

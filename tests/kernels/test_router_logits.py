@@ -69,12 +69,12 @@ def test_router_logits_inputs_and_applies(monkeypatch):
         router_logits(x, w.half())
     assert router_logits_applies(x, w)
     assert not router_logits_applies(x.float(), w.float())  # an fp32 model: no copies to save
-    assert router_logits_applies(torch.zeros(MAX_TOKENS, 8).bfloat16(), w)
-    assert not router_logits_applies(torch.zeros(MAX_TOKENS + 1, 8).bfloat16(), w)
-    # opt-in: decode batches to ROUTE_BATCH_MAX_TOKENS (the tiled kernel), prefill still not
-    monkeypatch.setenv("MOERAY_FUSED_ROUTE_BATCH", "1")
+    # decode batches to ROUTE_BATCH_MAX_TOKENS (cuBLAS's fp32-output GEMM), prefill not
     assert router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS, 8).bfloat16(), w)
     assert not router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS + 1, 8).bfloat16(), w)
+    monkeypatch.setenv("MOERAY_FUSED_ROUTE_BATCH", "0")  # the A/B switch: the kernel's own bound
+    assert router_logits_applies(torch.zeros(MAX_TOKENS, 8).bfloat16(), w)
+    assert not router_logits_applies(torch.zeros(MAX_TOKENS + 1, 8).bfloat16(), w)
     monkeypatch.setenv("MOERAY_FUSED_GATE_LOGITS", "0")
     assert not router_logits_applies(x, w)
 

@@ -40,7 +40,7 @@ def test_the_recorded_records_are_what_flat_results_makes_of_the_sections():
     later = {"fp8_gemv", "fp8_gemv_sweep", "decode_glue", "gemv", "gemv_sweep", "head_gemv"}
     later |= {"grouped_wgrad", "grouped_wgrad_sweep", "norm_train", "fp8_kgrouped_sweep"}
     later |= {"cross_entropy", "adamw", "rope_train", "moe_permute_train", "swiglu_train"}
-    later |= {"fp8_gemv_split_sweep", "fused_moe_prefill_sweep", "mla_block"}
+    later |= {"fp8_gemv_split_sweep", "fused_moe_prefill_sweep"}
     assert set(SECTIONS) - later <= recorded.keys()
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from moeray.kernels.bench.adamw import adamw_records
 from moeray.kernels.bench.common import _rec
 from moeray.kernels.bench.head_gemv import head_gemv_records
-from moeray.kernels.bench.mla_block import mla_block_records
 from moeray.kernels.bench.moe_permute import moe_permute_records
 from moeray.kernels.bench.swiglu_train import swiglu_records
 
@@ -121,7 +120,6 @@ def flat_results(result: dict) -> list[dict]:
             )
         )
     out.extend(head_gemv_records(result.get("head_gemv", [])))
-    out.extend(mla_block_records(result.get("mla_block", [])))
     for r in result.get("grouped_wgrad", []):
         shape = f"{r['shape']}: E{r['experts']} N{r['N']} K{r['K']} P{r['rows']}"
         for mode, baseline in (

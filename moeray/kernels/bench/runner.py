@@ -51,7 +51,6 @@ from moeray.kernels.bench.mla import (
     bench_mla_prefill,
     sweep_mla_decode,
 )
-from moeray.kernels.bench.mla_block import bench_mla_block, print_mla_block
 from moeray.kernels.bench.moe import (
     bench_moe,
     print_fused_moe_prefill_sweep,
@@ -185,7 +184,6 @@ def _print_table(result: dict) -> None:
     if "gemv_sweep" in result:
         print_sweep(result["gemv_sweep"])
     print_head_gemv(result.get("head_gemv", []))
-    print_mla_block(result.get("mla_block", []))
     if "grouped_wgrad" in result:
         print_grouped_wgrad(result["grouped_wgrad"])
     if "grouped_wgrad_sweep" in result:
@@ -236,7 +234,6 @@ SECTIONS = (
     "fused_moe_prefill_sweep",
     "mla_decode",
     "mla_decode_graph",
-    "mla_block",
     "mla_prefill",
     "router",
     "decode_glue",
@@ -320,7 +317,6 @@ def main(argv: list[str]) -> int:
         ),
         ("mla_decode", lambda: bench_mla_decode(result["ceilings"], args.quick)),
         ("mla_decode_graph", lambda: bench_mla_decode_graph(result["ceilings"])),
-        ("mla_block", lambda: bench_mla_block(result["ceilings"])),
         ("mla_prefill", lambda: bench_mla_prefill(result["ceilings"], args.quick)),
         ("router", bench_moe_gate),
         ("decode_glue", bench_decode_glue),

@@ -402,7 +402,7 @@ def moonlight_tiny() -> ModelConfig:
     """Moonlight-16B-A3B's structure (no query LoRA, merged q + kv_a, 64 experts in one group,
     top-6, 2 shared experts) at CPU-test widths: hidden 128, 4 heads of 16 + 16 dims with 16-dim
     values, a 64-wide latent, experts of 128, a 512-token vocabulary, 27 layers (cut them with
-    `replace`). Every decode kernel applies, mla_block's powers of two included."""
+    `replace`). Every decode kernel applies."""
     return moonlight_16b_a3b().replace(
         hidden_size=128,
         intermediate_size=256,

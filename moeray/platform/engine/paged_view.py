@@ -16,18 +16,8 @@ H heads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from moeray.kernels.common import switched_on
-from moeray.kernels.mla_block import (
-    COUNTERS,
-    MAX_TOKENS,
-    MLAWeights,
-    mla_decode_block,
-    mla_decode_block_applies,
-)
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
@@ -70,7 +60,7 @@ class GatherPagedView:
         self.seq_lens_B = starts_B + S
         self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
         self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
-        self.calls = {"update": 0, "attend": 0, "expanded": 0, "block": 0}
+        self.calls = {"update": 0, "attend": 0, "expanded": 0}
 
     def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
         C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
@@ -112,58 +102,9 @@ class KernelPagedView(GatherPagedView):
         # attend, zeroed once per forward; each launch leaves them zeroed for the next layer.
         self._mla_counters: torch.Tensor | None = None
         self._mla_counters_made = False
-        # mla_decode_block's counters: made at the first block launch, left zeroed by each.
-        self._block_counters: torch.Tensor | None = None
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
-
-    def attend_block(
-        self,
-        layer_idx: int,
-        x_BSD: torch.Tensor,
-        weights: Callable[[torch.dtype], MLAWeights | None],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        softmax_scale: float,
-        *,
-        norm: tuple[torch.Tensor, float] | None = None,
-        delta_BSD: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The MLA attention of one new token a sequence (S = 1) to o_proj's output, the new
-        latents stored, in one launch (`mla_decode_block`, opt-in: MOERAY_FUSED_MLA_BLOCK=1):
-        (out, h). x is the normed input (h is x), or with `norm` (the input norm's weight, eps)
-        the layer's input, normed in the launch after adding `delta_BSD` where given (h = x +
-        delta). `weights(dtype)` gives the MLA's MLAWeights (None: not as the kernel takes
-        them). None where the kernel does not apply (the caller runs the usual path)."""
-        B, S, D = x_BSD.shape
-        if S != 1 or B > MAX_TOKENS or not switched_on("MLA_BLOCK"):
-            return None  # (before the weights: nothing to pay with the switch off)
-        w = weights(x_BSD.dtype)
-        cache_PNK = self.storage.kv_LPNK[layer_idx]
-        x_TD = x_BSD.reshape(B, D)
-        if w is None or not mla_decode_block_applies(x_TD, w, cache_PNK):
-            return None
-        self.calls["block"] += 1
-        h_TD = None if delta_BSD is None else torch.empty_like(x_TD)
-        if self._block_counters is None:
-            self._block_counters = torch.zeros(COUNTERS, dtype=torch.int32, device=x_BSD.device)
-        out = mla_decode_block(
-            x_TD,
-            w,
-            cos.reshape(B, -1).float().contiguous(),
-            sin.reshape(B, -1).float().contiguous(),
-            cache_PNK,
-            self.new_slots,
-            self.block_table_BM,
-            self.seq_lens_i32_B,
-            softmax_scale,
-            self._block_counters,
-            norm=norm,
-            delta_TD=None if delta_BSD is None else delta_BSD.reshape(B, D),
-            h_TD=h_TD,
-        )
-        return out.view(B, S, D), (x_BSD if h_TD is None else h_TD.view(B, S, D))
 
     def attend(
         self,

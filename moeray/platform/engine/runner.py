@@ -224,7 +224,7 @@ class ModelRunner:
         # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
         self.use_mtp_graphs = self.use_cuda_graphs
         self._status = {"main": "off", "mtp": "off"}
-        self.attention_calls = {"update": 0, "attend": 0, "expanded": 0, "block": 0}
+        self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
         # Upload inputs from pinned memory (set by async scheduling, overlap.py): a copy from
         # pageable memory waits for the work already queued on the stream, the step in flight.

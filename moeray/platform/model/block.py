@@ -41,17 +41,11 @@ class DecoderLayer(nn.Module):
         previous layer left undone; `defer=True` returns (x + attn, mlp) and leaves this layer's
         last add to the next norm. Each such add then runs inside that norm's kernel on the GPU
         (model/norm.py), one launch fewer per layer; the sums are the same either way."""
-        block = self.self_attn.forward_prenorm(
-            x_BSD, delta_BSD, self.input_layernorm, cos, sin, cache
-        )  # the norm and the attention in one launch (engine decode, opt-in), or None
-        if block is not None:
-            attn_BSD, x_BSD = block
+        if delta_BSD is None:
+            normed_BSD = self.input_layernorm(x_BSD)
         else:
-            if delta_BSD is None:
-                normed_BSD = self.input_layernorm(x_BSD)
-            else:
-                normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
-            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
+            normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
+        attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
         normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)
         mlp_BSD = self.mlp(normed_BSD)
         return (x_BSD, mlp_BSD) if defer else x_BSD + mlp_BSD

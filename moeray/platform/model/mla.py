@@ -12,15 +12,13 @@ H x (N + R + V) = 40,960 for the expanded keys and values.
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK
 from moeray.kernels.head_gemv import head_matmul
-from moeray.kernels.mla_block import MLAWeights
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.linear import Linear, MergedLinear
@@ -46,11 +44,6 @@ class KVCache(Protocol):
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
     # norm, the rotations and the store can run as one kernel).
-    # And attend_block(layer_idx, x_BSD, weights, cos, sin, softmax_scale, norm=, delta_BSD=) ->
-    # (the attention's output [B, S, D], h), or None where the cache has no kernel for it (then
-    # the model runs the steps above): the whole absorbed attention in one launch
-    # (kernels/mla_block/), from x normed by `norm` after adding delta (h = x + delta);
-    # `weights(dtype)` gives the MLA's MLAWeights or None.
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
@@ -185,8 +178,7 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
         or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
-        the absorbed math over x alone (for tests). `forward_prenorm` is the one-launch decode
-        form, from the un-normed input."""
+        the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
         q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
@@ -219,67 +211,6 @@ class MLA(nn.Module):
                 q_lat_BSHC, q_pe, kv_BTC.to(q_nope.dtype), pe_BTR.to(q_nope.dtype), mask
             )
         return self._absorbed_out(o_lat_BSHC)
-
-    def forward_prenorm(
-        self,
-        x_BSD: torch.Tensor,
-        delta_BSD: torch.Tensor | None,
-        norm: RMSNorm,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(norm(x + delta)), x + delta) in one launch where the cache's `attend_block` takes
-        it (the engine's decode, kernels/mla_block/; delta None: norm(x), x); else None, and the
-        caller norms and calls forward."""
-        attend_block = getattr(cache, "attend_block", None)
-        if attend_block is None:
-            return None
-        return attend_block(
-            self.layer_idx,
-            x_BSD,
-            self.block_weights,
-            cos,
-            sin,
-            self.softmax_scale,
-            norm=(norm.weight, norm.eps),
-            delta_BSD=delta_BSD,
-        )
-
-    def block_weights(self, dtype: torch.dtype) -> MLAWeights | None:
-        """The weights one-launch decode attention reads, where they exist as it takes them: the
-        first query projection (q_proj, or q_a_proj with a q LoRA) and kv_a merged
-        (model/merge.py), those, q_b_proj and o_proj all in `dtype` or all in FP8 (an FP8 stack's
-        parts but the last on the 128-row grid, so its scale rows are 128 rows each), kv_b in
-        `dtype` (FP8 kv_b dequantized once, `_w_HKC`); else None."""
-        fused = self.fused_qkv_a_proj
-        if fused is None:
-            return None
-        lora = self.q_lora_rank is not None
-        projs = (fused.fused, self.o_proj) + ((self.q_b_proj,) if lora else ())
-        if all(isinstance(m, Linear) and m.weight.dtype == dtype for m in projs):
-            scales: list[torch.Tensor | None] = [None] * len(projs)
-        elif all(isinstance(m, FP8Linear) for m in projs):
-            if any(n % FP8_BLOCK for n in fused.sizes[:-1]):
-                return None
-            scales = [cast(FP8Linear, m).weight_scale_inv for m in projs]
-        else:
-            return None
-        norm = self.kv_a_layernorm
-        w_HKC = self._w_HKC(dtype)[0]
-        qkv, o = projs[0], projs[1]
-        return MLAWeights(
-            qkv.weight,
-            (norm.weight, norm.eps),
-            w_HKC,
-            o.weight,
-            self.nope_dim,
-            scales[0],
-            scales[1],
-            (self.q_a_layernorm.weight, self.q_a_layernorm.eps) if lora else None,
-            self.q_b_proj.weight if lora else None,
-            scales[2] if lora else None,
-        )
 
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent

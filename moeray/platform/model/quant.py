@@ -25,8 +25,10 @@ from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
 # this the tensor-core GEMM on quantized activations wins as the work turns compute-bound;
 # `moeray bench kernels --only fp8_gemv` times both at M = 1, 8, 64 for tuning this bound.
 FP8_GEMV_MAX_ROWS = 16
-# With MOERAY_FUSED_FP8_GEMV_BATCH=1 (opt-in, not yet timed in the engine) decode batches up to
-# this many rows take fp8_gemv too, with fewer K splits (kernels/fp8/gemv.py `_gemv_config`). Why:
+# With MOERAY_FUSED_FP8_GEMV_BATCH=1 (opt-in: at batch 64 on an H200 the engine ran 2.3% more
+# tokens/s at Moonlight FP8, 4.0% fewer at V3 widths: results/engine-nvidia-h200-*-fp8-ab.json)
+# decode batches up to this many rows take fp8_gemv too, with fewer K splits (kernels/fp8/gemv.py
+# `_gemv_config`). Why:
 # at 64 rows the block-scaled GEMM (its kernel name says 128 x 128 tiles) covers the rows with one
 # tile per 128 weight rows, so small layers run on a few SMs (H200, V3's q_a: 17.5 us for 2.3 us
 # of bytes, bf16 F.linear 11.0; benchmarks/notes-engine.md), where fp8_gemv puts 64 weight rows on

@@ -40,7 +40,7 @@ def route(
 ) -> Routing:
     """Group-limited top-k routing of T tokens over E experts (see the module docstring).
 
-    CUDA inference with the official mask and at most FUSED_MAX_TOKENS rows goes to the fused
+    CUDA inference with the official mask and at most `moe_gate_applies`'s rows goes to the fused
     Triton gate (`moe_gate`, one launch instead of ~15; same results, ties aside); training
     (gradients to the gate) and everything else run the PyTorch reference, `moe_gate_ref`.
     shared_experts=S: the fused gate also writes each token's routed ids and weights followed by

@@ -373,8 +373,8 @@ def main(argv: list[str]) -> int:
         print("\n".join(ab_table(notes["ab"])))
     if device.type == "cuda" and "router-ab" not in a.skip:
         # A/B of the fused MoE gate (kernels/gate.py) against its PyTorch reference, same engine
-        # settings, at batch 16 and the largest batch: the gate's row limit FUSED_MAX_TOKENS rests
-        # on this comparison (benchmarks/notes-engine.md).
+        # settings, at batch 16 and the largest batch: the gate's row limit
+        # (common.ROUTE_BATCH_MAX_TOKENS) rests on this comparison (benchmarks/notes-engine.md).
         ab = {}
         with mock.patch.dict(os.environ, {"MOERAY_FUSED_GATE": "0"}):
             engine = Engine(model, EngineConfig(**ecfg))
