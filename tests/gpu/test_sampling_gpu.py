@@ -132,3 +132,23 @@ def test_sampler_tokens_read_nothing_back():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert tokens.tolist() == want
+
+
+@pytest.mark.parametrize("V", [129280, 163840])
+def test_argmax_rows_on_cuda_keeps_the_first_maximal_column(V):
+    """The two-level greedy argmax on CUDA (whose reductions order ties their own way) against
+    torch.argmax, ties planted within and across chunks, batch 1 and 64, bf16 and fp32."""
+    from moeray.platform.engine.sampler import argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(V)
+    for B in (1, 64):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(B, V, device="cuda", generator=g).to(dtype)
+            top = x.max() + 1
+            x[0, 5000] = x[0, 2100] = x[0, 2101] = x[0, V - 1] = top
+            if B > 1:
+                x[1] = top
+                x[2, V - 1] = top
+            want = x.float().argmax(-1)
+            assert want[0] == 2100
+            assert torch.equal(argmax_rows(x), want), (B, dtype)

@@ -45,6 +45,35 @@ class Logprobs:
     top: tuple[tuple[int, float], ...]
 
 
+# Greedy's argmax in two levels past this many columns a row: the maxima of chunks of about
+# ARGMAX_CHUNK columns (B x C rows reduced in parallel), then the first chunk holding the row's
+# maximum. One reduction over a [1, V] row runs as a single 512-thread block: 27.6 us a step at
+# DeepSeek-V3's 129,280 tokens on an H200 (benchmarks/notes-engine.md, the greedy-argmax entry).
+ARGMAX_CHUNK = 1024
+
+
+def _chunk_len(V: int) -> int | None:
+    """The divisor of V nearest ARGMAX_CHUNK within [ARGMAX_CHUNK / 2, 2 ARGMAX_CHUNK] (so the
+    chunks are a view, no padded copy), or None where V has none (then one reduction)."""
+    fits = [n for n in range(ARGMAX_CHUNK // 2, 2 * ARGMAX_CHUNK + 1) if V % n == 0]
+    return min(fits, key=lambda n: abs(n - ARGMAX_CHUNK)) if fits else None
+
+
+def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
+    """x_BV.argmax(-1) (int64 [B]; ties to the lowest column, as torch.argmax), in any float dtype
+    without an fp32 copy (every bf16/fp16 value is exactly an fp32 one, so the order is the same).
+    Rows of more than 2 ARGMAX_CHUNK columns reduce in two levels: each chunk's maximum and its
+    first column, then the first chunk whose maximum is the row's, which holds the row's first
+    maximal column."""
+    B, V = x_BV.shape
+    L = _chunk_len(V) if V > 2 * ARGMAX_CHUNK else None
+    if L is None or not x_BV.is_contiguous():
+        return x_BV.argmax(-1)
+    vals_BC, idx_BC = x_BV.view(B, V // L, L).max(-1)
+    c_B = vals_BC.argmax(-1)
+    return c_B * L + idx_BC.gather(1, c_B[:, None]).squeeze(1)
+
+
 def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generator:
     """A request's CPU generator: from its seed, else from a draw of the engine's generator."""
     g = torch.Generator(device="cpu")
@@ -112,7 +141,7 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
         rows = to_device(greedy_rows, torch.int64, device)
         onehot = torch.zeros(len(greedy_rows), V, device=device)
         onehot[
-            torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)
+            torch.arange(len(greedy_rows), device=device), argmax_rows(logits_BV[rows])
         ] = 1
         probs[rows] = onehot
     return probs
@@ -254,7 +283,7 @@ class Sampler:
             logits_BV = mask_logits(logits_BV, token_mask_BW)
         if any(p.processes_logits for p in params):
             logits_BV = self.process(logits_BV, params, histories)
-        tokens = logits_BV.float().argmax(-1)
+        tokens = argmax_rows(logits_BV)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows = to_device(sampled_rows, torch.int64, logits_BV.device)
