@@ -135,20 +135,24 @@ def test_sampler_tokens_read_nothing_back():
 
 
 @pytest.mark.parametrize("V", [129280, 163840])
-def test_argmax_rows_on_cuda_keeps_the_first_maximal_column(V):
-    """The two-level greedy argmax on CUDA (whose reductions order ties their own way) against
-    torch.argmax, ties planted within and across chunks, batch 1 and 64, bf16 and fp32."""
-    from moeray.platform.engine.sampler import argmax_rows
+def test_argmax_rows_on_cuda_is_torch_argmax(V):
+    """kernels/argmax.py compiled, through Sampler.greedy_ids: torch.argmax's ids with ties planted
+    within and across chunks and a NaN, at batch 1, 64 and 300, bf16 and fp32; counters left
+    zero."""
+    from moeray.platform.engine.sampler import Sampler
 
+    sampler = Sampler()
     g = torch.Generator(device="cuda").manual_seed(V)
-    for B in (1, 64):
+    for B in (1, 64, 300):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(B, V, device="cuda", generator=g).to(dtype)
             top = x.max() + 1
-            x[0, 5000] = x[0, 2100] = x[0, 2101] = x[0, V - 1] = top
+            x[0, 5000] = x[0, 4097] = x[0, 4096] = x[0, V - 1] = top
             if B > 1:
                 x[1] = top
-                x[2, V - 1] = top
+                x[2, V - 1] = float("nan")
             want = x.float().argmax(-1)
-            assert want[0] == 2100
-            assert torch.equal(argmax_rows(x), want), (B, dtype)
+            assert want[0] == 4096
+            for _ in range(2):
+                assert torch.equal(sampler.greedy_ids(x), want), (B, dtype)
+            assert sampler._argmax_counters[x.device].count_nonzero() == 0

@@ -8,7 +8,6 @@ from moeray.platform.engine.sampler import (
     History,
     Sampler,
     SamplingParams,
-    argmax_rows,
     filtered_probs,
     make_generator,
     sample_from_probs,
@@ -33,31 +32,6 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     r = Sampler()(x, [SamplingParams(temperature=0)] * 4, gens([None] * 4))
     assert r.token_ids == x.argmax(-1).tolist() and r.token_ids[2] == 5
     assert r.logprobs == [None] * 4
-
-
-@pytest.mark.parametrize(
-    "V, dtype",
-    [
-        (129280, torch.bfloat16),
-        (163840, torch.float32),
-        (2049 * 6, torch.float16),
-        (65537, torch.float32),
-    ],
-)  # DeepSeek-V3's and Moonlight's vocabularies in chunks of 1010 and 1024, 12,294 in chunks of 683,
-# a prime (one reduction)
-def test_argmax_rows_is_torch_argmax_with_the_first_index_on_ties(V, dtype):
-    g = torch.Generator().manual_seed(V)
-    x = torch.randn(5, V, generator=g).to(dtype)
-    top = x.max() + 1
-    x[1, 3 * 1010 + 7] = x[1, 9 * 1010 + 2] = x[1, V - 1] = top  # ties in later chunks
-    x[2, 1500] = x[2, 1501] = x[2, 700] = top  # the first in an earlier chunk, a tie beside it
-    x[3, V - 1] = top  # the last column
-    x[4] = top  # every column ties: column 0
-    want = x.float().argmax(-1)
-    assert want.tolist()[1:] == [3 * 1010 + 7, 700, V - 1, 0]
-    assert torch.equal(argmax_rows(x), want)
-    assert torch.equal(argmax_rows(x.flip(-1)), x.float().flip(-1).argmax(-1))
-    assert torch.equal(argmax_rows(x.t().contiguous().t()), want)  # not contiguous: one reduction
 
 
 def test_top_k_and_top_p_filters():

@@ -1,8 +1,9 @@
-"""`moeray bench kernels --only decode_glue`: the kernels that replace a decode layer's small
+"""`moeray bench kernels --only decode_glue`: the kernels that replace a decode step's small
 PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits; the EP
-layer's load count) against their PyTorch references at Moonlight-16B-A3B's widths (the alignment
-also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as a decode step runs them, with
-whether the outputs agree bit for bit."""
+layer's load count; greedy's argmax over DeepSeek-V3's and Moonlight's vocabularies, against the
+engine's former fp32 copy + torch.argmax) against their PyTorch references at Moonlight-16B-A3B's
+widths (the alignment also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as a
+decode step runs them, with whether the outputs agree bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 
 import torch
 
+from moeray.kernels.argmax import argmax_rows
 from moeray.kernels.bench.common import _graph_ms
 from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.expert_load import count_expert_load, count_expert_load_ref
@@ -24,6 +26,8 @@ from moeray.kernels.swiglu import swiglu, swiglu_ref
 D, HEADS, C, R, EXPERTS, TOP_K, SHARED = 2048, 16, 512, 64, 64, 6, 2816
 # DeepSeek-V3's routing for moe_align_v3 and router_logits_v3: 256 experts top-8, width 7168
 V3_EXPERTS, V3_TOP_K, V3_D = 256, 8, 7168
+# Vocabularies: DeepSeek-V3's and Moonlight's (Kimi-K2's too)
+V3_VOCAB, MOONLIGHT_VOCAB = 129_280, 163_840
 
 
 def _bf16(*shape: int) -> torch.Tensor:
@@ -48,6 +52,9 @@ def _cases(t: int):
     p = functools.partial
     valid_1 = torch.tensor([max(1, t - 1)], device="cuda")  # one padding row
     load_E, rows_1 = torch.zeros(EXPERTS, dtype=torch.int64, device="cuda"), valid_1.new_zeros(())
+
+    logits_v3, logits_ml = _bf16(t, V3_VOCAB), _bf16(t, MOONLIGHT_VOCAB)
+    counters = torch.zeros(t, dtype=torch.int32, device="cuda")
 
     def counted(fn):  # counts from zero each call: in-place accumulation, compared as outputs
         def run():
@@ -81,6 +88,18 @@ def _cases(t: int):
             False,
         ),
         ("count_expert_load", counted(count_expert_load_ref), counted(count_expert_load), True),
+        (
+            "argmax_v3",
+            lambda: logits_v3.float().argmax(-1),
+            p(argmax_rows, logits_v3, counters),
+            True,
+        ),
+        (
+            "argmax_moonlight",
+            lambda: logits_ml.float().argmax(-1),
+            p(argmax_rows, logits_ml, counters),
+            True,
+        ),
     ]
 
 

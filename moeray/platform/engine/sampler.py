@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeray.kernels.argmax import MAX_ROWS, argmax_rows, argmax_rows_applies
+from moeray.kernels.common import switched_off
 from moeray.platform.engine.logits_processing import History, process_logits
 from moeray.platform.engine.sampling_params import SamplingParams
 
@@ -43,35 +45,6 @@ class Logprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
-
-
-# Greedy's argmax in two levels past this many columns a row: the maxima of chunks of about
-# ARGMAX_CHUNK columns (B x C rows reduced in parallel), then the first chunk holding the row's
-# maximum. One reduction over a [1, V] row runs as a single 512-thread block: 27.6 us a step at
-# DeepSeek-V3's 129,280 tokens on an H200 (benchmarks/notes-engine.md, the greedy-argmax entry).
-ARGMAX_CHUNK = 1024
-
-
-def _chunk_len(V: int) -> int | None:
-    """The divisor of V nearest ARGMAX_CHUNK within [ARGMAX_CHUNK / 2, 2 ARGMAX_CHUNK] (so the
-    chunks are a view, no padded copy), or None where V has none (then one reduction)."""
-    fits = [n for n in range(ARGMAX_CHUNK // 2, 2 * ARGMAX_CHUNK + 1) if V % n == 0]
-    return min(fits, key=lambda n: abs(n - ARGMAX_CHUNK)) if fits else None
-
-
-def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
-    """x_BV.argmax(-1) (int64 [B]; ties to the lowest column, as torch.argmax), in any float dtype
-    without an fp32 copy (every bf16/fp16 value is exactly an fp32 one, so the order is the same).
-    Rows of more than 2 ARGMAX_CHUNK columns reduce in two levels: each chunk's maximum and its
-    first column, then the first chunk whose maximum is the row's, which holds the row's first
-    maximal column."""
-    B, V = x_BV.shape
-    L = _chunk_len(V) if V > 2 * ARGMAX_CHUNK else None
-    if L is None or not x_BV.is_contiguous():
-        return x_BV.argmax(-1)
-    vals_BC, idx_BC = x_BV.view(B, V // L, L).max(-1)
-    c_B = vals_BC.argmax(-1)
-    return c_B * L + idx_BC.gather(1, c_B[:, None]).squeeze(1)
 
 
 def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generator:
@@ -140,9 +113,7 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
     if greedy_rows:
         rows = to_device(greedy_rows, torch.int64, device)
         onehot = torch.zeros(len(greedy_rows), V, device=device)
-        onehot[
-            torch.arange(len(greedy_rows), device=device), argmax_rows(logits_BV[rows])
-        ] = 1
+        onehot[torch.arange(len(greedy_rows), device=device), logits_BV[rows].argmax(-1)] = 1
         probs[rows] = onehot
     return probs
 
@@ -237,11 +208,26 @@ def mask_logits(logits_BV: torch.Tensor, mask_BW: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Samples one token per row. Holds the model's eos ids (min_tokens masks them); otherwise
-    stateless apart from the per-request generators it is given."""
+    """Samples one token per row. Holds the model's eos ids (min_tokens masks them) and, per
+    device, the greedy argmax kernel's row counters; otherwise stateless apart from the
+    per-request generators it is given."""
 
     def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self._argmax_counters: dict[torch.device, torch.Tensor] = {}
+
+    def greedy_ids(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        """logits_BV.argmax(-1) (int64 [B], ties to the lowest id): kernels/argmax.py's one launch
+        where it applies (a vocabulary's row in chunks over many SMs), else torch.argmax, in the
+        logits' own dtype (every bf16/fp16 value is exactly an fp32 one: the same order).
+        MOERAY_FUSED_ARGMAX=0 keeps torch.argmax (the A/B switch)."""
+        if switched_off("ARGMAX") or not argmax_rows_applies(logits_BV):
+            return logits_BV.argmax(-1)
+        counters = self._argmax_counters.get(logits_BV.device)
+        if counters is None:  # zero; every launch leaves it zero
+            counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=logits_BV.device)
+            self._argmax_counters[logits_BV.device] = counters
+        return argmax_rows(logits_BV, counters)
 
     def process(
         self,
@@ -283,7 +269,7 @@ class Sampler:
             logits_BV = mask_logits(logits_BV, token_mask_BW)
         if any(p.processes_logits for p in params):
             logits_BV = self.process(logits_BV, params, histories)
-        tokens = argmax_rows(logits_BV)
+        tokens = self.greedy_ids(logits_BV)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows = to_device(sampled_rows, torch.int64, logits_BV.device)
