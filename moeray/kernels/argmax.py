@@ -10,6 +10,11 @@ and 8.3 us at Moonlight's 163,840 on an H200 (after an fp32 copy of the logits),
 first column, stores the pair, and counts itself in on row b's counter (a barrier, then one acq_rel
 atomic); the row's last program to count in reduces the C pairs and sets the counter back to zero.
 
+Opt-in (MOERAY_FUSED_ARGMAX=1, `Sampler.greedy_ids`) until timed on a GPU (recipe `argmax`). The
+same reduction in four torch launches (chunk maxima, their argmax, two gathers) measured 13.9 us
+at V3 batch 1 against 27.6 + the fp32 copy, and 13.7 against 8.3 + the copy at Moonlight's
+(benchmarks/notes-engine.md): the one launch has to beat both.
+
 What it returns is torch.argmax's: the first column holding the row's maximum, and a NaN counts as
 larger than any number (the first NaN's column). Chunks are in column order, so among chunks whose
 maximum ties, the smallest stored column is the row's first.

@@ -37,6 +37,7 @@
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA direct, FP8 gemv batch, head_gemv) (1 GPU, ~5 min)
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
+#   argmax           greedy's argmax in one launch (opt-in): GPU test, decode_glue bench rows, V3/Moonlight A/B (1 GPU, ~4 min)
 #   persistent-probe   one persistent kernel vs a launch per GEMV on a chain of decode GEMVs (pdl_probe.py, N 2048/1024) (1 GPU, <1 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
@@ -50,7 +51,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,49p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,50p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

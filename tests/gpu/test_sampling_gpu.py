@@ -135,12 +135,13 @@ def test_sampler_tokens_read_nothing_back():
 
 
 @pytest.mark.parametrize("V", [129280, 163840])
-def test_argmax_rows_on_cuda_is_torch_argmax(V):
+def test_argmax_rows_on_cuda_is_torch_argmax(V, monkeypatch):
     """kernels/argmax.py compiled, through Sampler.greedy_ids: torch.argmax's ids with ties planted
     within and across chunks and a NaN, at batch 1, 64 and 300, bf16 and fp32; counters left
     zero."""
     from moeray.platform.engine.sampler import Sampler
 
+    monkeypatch.setenv("MOERAY_FUSED_ARGMAX", "1")  # opt-in
     sampler = Sampler()
     g = torch.Generator(device="cuda").manual_seed(V)
     for B in (1, 64, 300):

@@ -87,8 +87,8 @@ def test_sampler_greedy_ids_takes_the_kernel(monkeypatch):
     x = _rows(129_280, torch.bfloat16, seed=3)
     sampler = Sampler()
     assert torch.equal(sampler.greedy_ids(x), x.float().argmax(-1))
+    assert calls == []  # opt-in: torch.argmax unless MOERAY_FUSED_ARGMAX=1
+    monkeypatch.setenv("MOERAY_FUSED_ARGMAX", "1")
+    assert torch.equal(sampler.greedy_ids(x), x.float().argmax(-1))
     assert torch.equal(sampler.greedy_ids(x[:2]), x[:2].float().argmax(-1))
     assert calls == [(6, 32), (2, 32)]
-    monkeypatch.setenv("MOERAY_FUSED_ARGMAX", "0")
-    assert torch.equal(sampler.greedy_ids(x), x.float().argmax(-1))
-    assert len(calls) == 2  # torch.argmax

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from moeray.kernels.argmax import MAX_ROWS, argmax_rows, argmax_rows_applies
-from moeray.kernels.common import switched_off
+from moeray.kernels.common import switched_on
 from moeray.platform.engine.logits_processing import History, process_logits
 from moeray.platform.engine.sampling_params import SamplingParams
 
@@ -217,12 +217,12 @@ class Sampler:
         self._argmax_counters: dict[torch.device, torch.Tensor] = {}
 
     def greedy_ids(self, logits_BV: torch.Tensor) -> torch.Tensor:
-        """logits_BV.argmax(-1) (int64 [B], ties to the lowest id): kernels/argmax.py's one launch
-        where it applies (a vocabulary's row in chunks over many SMs), else torch.argmax, in the
-        logits' own dtype (every bf16/fp16 value is exactly an fp32 one: the same order).
-        MOERAY_FUSED_ARGMAX=0 keeps torch.argmax (the A/B switch)."""
-        if switched_off("ARGMAX") or not argmax_rows_applies(logits_BV):
-            return logits_BV.argmax(-1)
+        """logits_BV.argmax(-1) (int64 [B], ties to the lowest id): torch.argmax over an fp32 copy,
+        or with MOERAY_FUSED_ARGMAX=1 (opt-in, not yet timed on a GPU) kernels/argmax.py's one
+        launch where it applies (a vocabulary's row in chunks over many SMs; every bf16/fp16 value
+        is exactly an fp32 one, so it reads the logits as they are)."""
+        if not switched_on("ARGMAX") or not argmax_rows_applies(logits_BV):
+            return logits_BV.float().argmax(-1)
         counters = self._argmax_counters.get(logits_BV.device)
         if counters is None:  # zero; every launch leaves it zero
             counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=logits_BV.device)
