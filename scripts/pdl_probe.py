@@ -223,7 +223,7 @@ def persistent_chain(
     block_n: int,
     warps: int,
     prefetch: bool,
-    spin_load: bool = True,
+    spin_load: bool = False,
     programs: int | None = None,
     coop: bool = True,
 ) -> None:

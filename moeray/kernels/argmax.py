@@ -110,7 +110,8 @@ def argmax_rows_applies(x_BV: torch.Tensor) -> bool:
 def argmax_rows(x_BV: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """`argmax_rows_ref` in one launch: x [B, V] (bf16, fp16 or fp32; unit stride over V);
     `counters` an int32 [>= B] of zeros on x's device (left zero; one launch at a time per
-    tensor). Returns int64 [B]."""
+    tensor: a row whose counter is not zero at the launch is never reduced, and its id is left
+    unwritten). Returns int64 [B]."""
     check_tensor(x_BV, "x", dtypes=DTYPES, ndim=2)
     check_tensor(counters, "counters", dtypes=(torch.int32,), ndim=1, device=x_BV.device)
     B, V = x_BV.shape

@@ -28,8 +28,9 @@ launched just before (model weights are not written during a step); a weight mad
 (a dtype cast, a first dequantization) is passed with `fresh_w=True` and launches without PDL.
 
 `head_matmul` is the one dispatch (MLA's three per-head einsums): head_gemv for CUDA inference at
-up to HEAD_GEMV_MAX_ROWS rows with MOERAY_FUSED_HEAD_GEMV=1, torch.einsum otherwise. Opt-in:
-default off until measured on a GPU (`moeray bench kernels --only head_gemv`).
+up to HEAD_GEMV_MAX_ROWS rows with MOERAY_FUSED_HEAD_GEMV=1, torch.einsum otherwise. Opt-in: in
+the engine on an H200 it is +1.5% at Moonlight bf16 batch 1 and 2-4% slower in FP8 and at V3's
+widths (benchmarks/results/engine-nvidia-h200-*-ab.json).
 """
 
 from __future__ import annotations
@@ -312,8 +313,9 @@ def head_gemv_fits(x: torch.Tensor, w_HKN: torch.Tensor) -> bool:
 
 
 def head_gemv_applies(x: torch.Tensor, w_HKN: torch.Tensor) -> bool:
-    """Whether `head_matmul` takes head_gemv: CUDA tensors that `head_gemv_fits`. Default off
-    until measured on a GPU: MOERAY_FUSED_HEAD_GEMV=1 turns it on (the engine bench records it)."""
+    """Whether `head_matmul` takes head_gemv: CUDA tensors that `head_gemv_fits`. Opt-in (mixed
+    on an H200, module docstring): MOERAY_FUSED_HEAD_GEMV=1 turns it on (the engine bench records
+    it)."""
     # the device first: on CPU (training, tests) this runs at every MLA layer
     return x.is_cuda and w_HKN.is_cuda and head_gemv_fits(x, w_HKN)
 

@@ -84,6 +84,7 @@ def test_sampler_greedy_ids_takes_the_kernel(monkeypatch):
             return real[grid]
 
     monkeypatch.setattr(mod, "_argmax_rows_kernel", Spy())
+    monkeypatch.delenv("MOERAY_FUSED_ARGMAX", raising=False)
     x = _rows(129_280, torch.bfloat16, seed=3)
     sampler = Sampler()
     assert torch.equal(sampler.greedy_ids(x), x.float().argmax(-1))

@@ -177,7 +177,8 @@ def test_input_errors():
         moe_gate(logits, bias, shared_experts=-1, **kw)
 
 
-def test_dispatch_rule_and_cpu_route():
+def test_dispatch_rule_and_cpu_route(monkeypatch):
+    monkeypatch.delenv("MOERAY_FUSED_ROUTE_BATCH", raising=False)
     logits, bias = _case(4, 64, seed=2, with_bias=True)
     assert moe_gate_applies(logits, bias)  # under the interpreter CPU tensors qualify
     assert not moe_gate_applies(logits.t().contiguous().t(), bias)

@@ -69,6 +69,7 @@ def test_router_logits_inputs_and_applies(monkeypatch):
         router_logits(x, w.half())
     assert router_logits_applies(x, w)
     assert not router_logits_applies(x.float(), w.float())  # an fp32 model: no copies to save
+    monkeypatch.delenv("MOERAY_FUSED_ROUTE_BATCH", raising=False)
     # decode batches to ROUTE_BATCH_MAX_TOKENS (cuBLAS's fp32-output GEMM), prefill not
     assert router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS, 8).bfloat16(), w)
     assert not router_logits_applies(torch.zeros(ROUTE_BATCH_MAX_TOKENS + 1, 8).bfloat16(), w)

@@ -1,7 +1,7 @@
 """`moeray bench kernels --only decode_glue`: the kernels that replace a decode step's small
 PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits; the EP
 layer's load count; greedy's argmax over DeepSeek-V3's and Moonlight's vocabularies, against the
-engine's former fp32 copy + torch.argmax) against their PyTorch references at Moonlight-16B-A3B's
+engine's default fp32 copy + torch.argmax) against their PyTorch references at Moonlight-16B-A3B's
 widths (the alignment also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as a
 decode step runs them, with whether the outputs agree bit for bit."""
 

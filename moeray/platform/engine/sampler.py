@@ -113,7 +113,9 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
     if greedy_rows:
         rows = to_device(greedy_rows, torch.int64, device)
         onehot = torch.zeros(len(greedy_rows), V, device=device)
-        onehot[torch.arange(len(greedy_rows), device=device), logits_BV[rows].argmax(-1)] = 1
+        onehot[
+            torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)
+        ] = 1
         probs[rows] = onehot
     return probs
 
