@@ -302,3 +302,30 @@ def test_fp8_linear_batch_switch(monkeypatch, nk, m):
         torch.cuda.synchronize()
         assert torch.equal(y, fp8.fp8_gemv(x, wq, ws, config=cfg)), i
         assert not layer.gemv_workspace.any(), i
+
+
+@pytest.mark.parametrize("m", [17, 40, 64])
+def test_fp8_linear_as_bf16_switch(monkeypatch, m):
+    # MOERAY_FUSED_FP8_AS_BF16=1: at 17-64 rows Moonlight's q_proj-sized layer is one bf16 GEMM
+    # over the copy kept after the first call (no dequantization in later calls, none in a CUDA
+    # graph), weight-only numbers within the fp8_gemv check's bound.
+    from moeray.platform.model.quant import FP8Linear, dequantize_fp8_blocks
+
+    monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "1")
+    wq, ws = _weight(3072, 2048, seed=m)
+    layer = FP8Linear(wq, ws).cuda()
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    layer.forward_kernels(x)  # the copy is made here
+    names = _cuda_kernels(lambda: layer.forward_kernels(x))
+    assert not any("fp8" in n or "act_quant" in n for n in names), names
+    w = dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, torch.bfloat16)
+    y = layer.forward_kernels(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    _check(y, x, layer.weight, layer.weight_scale_inv)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer.forward_kernels(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.nn.functional.linear(x, w))

@@ -72,18 +72,10 @@ def test_argmax_rows_applies_to_vocabulary_rows_only():
     assert not argmax_rows_applies(torch.zeros(mod.MIN_COLUMNS, 2).t())
 
 
-def test_sampler_greedy_ids_takes_the_kernel(monkeypatch):
+def test_sampler_greedy_ids_takes_the_kernel(monkeypatch, launch_spy):
     from moeray.platform.engine.sampler import Sampler
 
-    calls = []
-    real = mod._argmax_rows_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(mod, "_argmax_rows_kernel", Spy())
+    calls = launch_spy(mod, "_argmax_rows_kernel")
     monkeypatch.delenv("MOERAY_FUSED_ARGMAX", raising=False)
     x = _rows(129_280, torch.bfloat16, seed=3)
     sampler = Sampler()

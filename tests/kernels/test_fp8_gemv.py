@@ -10,8 +10,10 @@ import torch
 
 from moeray.kernels import fp8
 from moeray.kernels import gemv as gemv_module
+from moeray.kernels.fp8 import gemm as fp8_gemm_module
 from moeray.kernels.fp8 import gemv as fp8_gemv_module
 from moeray.kernels.fp8.gemv import _gemv_config
+from moeray.platform.model import quant as quant_module
 from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS, FP8Linear
 
 
@@ -447,3 +449,31 @@ def test_fp8_linear_batch_switch(switch, monkeypatch, launch_spy):
         assert not gemv_launches
         xq, xs = fp8.act_quant(x)
         assert torch.equal(y, fp8.fp8_gemm(xq, xs, wq, ws))
+
+
+def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
+    # MOERAY_FUSED_FP8_AS_BF16=1: from 17 to 64 rows a layer of at most FP8_AS_BF16_MAX_WEIGHTS
+    # weights is F.linear over the kept bf16 copy (one dequantization, then none); not at 16 rows
+    # (fp8_gemv), 65 rows or a larger layer (act_quant + the block-scaled GEMM), nor by default.
+    wq, ws = _weight(256, 512, seed=23)
+    layer = FP8Linear(wq, ws)
+    w_bf16 = quant_module.dequantize_fp8_blocks(wq, ws, torch.bfloat16)
+    gemm_launches = launch_spy(fp8_gemm_module, "_fp8_gemm_kernel")
+    gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    x40, x16, x65 = (torch.randn(m, 512, dtype=torch.bfloat16) for m in (40, 16, 65))
+    monkeypatch.delenv("MOERAY_FUSED_FP8_AS_BF16", raising=False)
+    assert torch.equal(layer.forward_kernels(x40), fp8.fp8_gemm(*fp8.act_quant(x40), wq, ws))
+    assert not layer.dequantized_kept(torch.bfloat16)
+    monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "1")
+    gemm_launches.clear()
+    for _ in range(2):
+        assert torch.equal(layer.forward_kernels(x40), torch.nn.functional.linear(x40, w_bf16))
+        assert layer.dequantized_kept(torch.bfloat16)
+    assert not gemm_launches and not gemv_launches
+    layer.forward_kernels(x16)
+    assert len(gemv_launches) == 1 and not gemm_launches
+    layer.forward_kernels(x65)
+    assert len(gemm_launches) == 1
+    monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512 - 1)
+    layer.forward_kernels(x40)
+    assert len(gemm_launches) == 2

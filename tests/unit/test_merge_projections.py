@@ -22,6 +22,7 @@ from moeray.platform.config import tiny
 from moeray.platform.engine.bench.model import quantize_fp8_
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.model import quant
 from moeray.platform.model.block import DecoderLayer
 from moeray.platform.model.linear import MergedLinear
 from moeray.platform.model.merge import merge_projections
@@ -118,6 +119,12 @@ def test_fp8_merges_whole_blocks_only_and_equals_unmerged(q_lora, dtype):
             mp.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")
             assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
             assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
+        with pytest.MonkeyPatch.context() as mp:  # opt-in: the small stack as bf16 to 64 rows
+            mp.setenv("MOERAY_FUSED_FP8_AS_BF16", "1")
+            assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
+            assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
+            mp.setattr(quant, "FP8_AS_BF16_MAX_WEIGHTS", attn.fused.weight.numel() - 1)
+            assert not attn.applies(torch.zeros(2, 32, cfg.hidden_size))  # too many weights
     # S = 19 rows per sequence: the prefill runs the query pair's parts, decode steps the stack
     ids = torch.randint(0, cfg.vocab_size, (3, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -19,7 +19,7 @@ from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK
 from moeray.kernels.gemv import linear
-from moeray.platform.model.quant import FP8Linear, fp8_gemv_max_rows
+from moeray.platform.model.quant import FP8Linear, fp8_as_bf16, fp8_gemv_max_rows
 
 
 class Linear(nn.Linear):
@@ -145,11 +145,14 @@ class MergedLinear(nn.Module):
     def applies(self, x: torch.Tensor) -> bool:
         """Whether the owner runs this merged layer for `x` rather than its parts: never while
         autograd records (training: the stacked tensors are no Parameters, gradients go to the
-        parts'), and for an FP8 stack off the 128-grid up to `fp8_gemv_max_rows()` rows only."""
+        parts'), and for an FP8 stack off the 128-grid up to `fp8_gemv_max_rows()` rows only (or
+        where it runs as bf16 over its kept copy, `quant.fp8_as_bf16`)."""
         if torch.is_grad_enabled():
             return False
         rows = x.numel() // max(x.shape[-1], 1)
-        return not self.gemv_only or rows <= fp8_gemv_max_rows()
+        if not self.gemv_only or rows <= fp8_gemv_max_rows():
+            return True
+        return fp8_as_bf16(rows, *self.fused.weight.shape)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.fused(x).split(self.sizes, dim=-1))

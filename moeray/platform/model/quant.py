@@ -42,6 +42,30 @@ def fp8_gemv_max_rows() -> int:
     return FP8_GEMV_BATCH_MAX_ROWS if switched_on("FP8_GEMV_BATCH") else FP8_GEMV_MAX_ROWS
 
 
+# With MOERAY_FUSED_FP8_AS_BF16=1 (opt-in, not yet timed in the engine) an FP8Linear of at most
+# FP8_AS_BF16_MAX_WEIGHTS weights runs F.linear over a kept bf16 copy of its weight (dequantized
+# once, `dequantized_weight`) from fp8_gemv_max_rows() + 1 to FP8_AS_BF16_MAX_ROWS rows, in place
+# of act_quant + the block-scaled GEMM (or the parts of a ragged merged stack). Why: at 64 rows on
+# an H200 such a layer is latency-bound, and bf16 F.linear beat act_quant + the GEMM on every
+# layer up to 14.7M weights (V3's q_a 11.3 us vs 18.6, kv_a 9.7 vs 17.9, a shared expert's gate
+# 13.4 vs 24.6 and down 10.4 vs 11.5) and lost from 37.7M up (q_b 22.3 vs 18.8, o_proj, the
+# dense MLP; benchmarks/results/kernels-nvidia-h200-gemv.json, its fp8_gemv rows). Moonlight's
+# projections and shared experts are 4-12M weights each. Weight-only, as fp8_gemv (x is not
+# rounded to e4m3); the copy costs 2 more bytes a weight (Moonlight: 1.6 GB).
+FP8_AS_BF16_MAX_ROWS = 64
+FP8_AS_BF16_MAX_WEIGHTS = 16 * 2**20
+
+
+def fp8_as_bf16(rows: int, n: int, k: int) -> bool:
+    """Whether an FP8 [n, k] layer at `rows` rows runs as bf16 F.linear over its kept copy
+    (MOERAY_FUSED_FP8_AS_BF16=1 only; see FP8_AS_BF16_MAX_ROWS)."""
+    return (
+        switched_on("FP8_AS_BF16")
+        and fp8_gemv_max_rows() < rows <= FP8_AS_BF16_MAX_ROWS
+        and n * k <= FP8_AS_BF16_MAX_WEIGHTS
+    )
+
+
 def quantize_fp8_blocks(
     w_NK: torch.Tensor, block: int = FP8_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +105,9 @@ class FP8Linear(nn.Module):
     On a GPU, `forward` picks the kernel (`forward_kernels`): fp8_gemv (weight-only, x
     unquantized) for up to `fp8_gemv_max_rows()` rows and for any N or K that is not a multiple of
     128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on e4m3 x (fp8 dots) instead at
-    those rows when N and K are multiples of 128; act_quant + the block-scaled fp8_gemm otherwise.
+    those rows when N and K are multiples of 128; with MOERAY_FUSED_FP8_AS_BF16=1, bf16 F.linear
+    over a kept dequantized copy for small layers just above those rows (`fp8_as_bf16`);
+    act_quant + the block-scaled fp8_gemm otherwise.
     Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 
     `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_BATCH_MAX_ROWS rows,
@@ -153,6 +179,9 @@ class FP8Linear(nn.Module):
     def forward_kernels(self, x2: torch.Tensor) -> torch.Tensor:
         """`forward`'s GPU path on x2 [M, K] (float, rows flattened): the one place that picks the
         kernel. Runs on CPU tensors under Triton's interpreter too (the kernel tests)."""
+        if fp8_as_bf16(x2.shape[0], self.out_features, self.in_features):
+            dt = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            return F.linear(x2.to(dt), self.dequantized_weight(dt))
         aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
         rows_ok = x2.shape[0] <= fp8_gemv_max_rows()
         if rows_ok and aligned and switched_on("FP8_GEMV_ACT"):
