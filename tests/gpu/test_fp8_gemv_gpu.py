@@ -322,6 +322,11 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, m):
     y = layer.forward_kernels(x)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
     _check(y, x, layer.weight, layer.weight_scale_inv)
+    s = torch.cuda.Stream()  # warm up on a side stream, as a capture wants
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer.forward_kernels(x)
+    torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = layer.forward_kernels(x)
