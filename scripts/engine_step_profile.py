@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.platform.config import preset
+from moeray.platform.engine.bench.model import random_model
 from moeray.platform.engine.bench.profile import host_phases
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for the profile tables")
     p.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
     p.add_argument(
+        "--weights",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="fp8: e4m3 projections and experts with 128x128 scales, as `serve --weights fp8`",
+    )
+    p.add_argument(
         "--eager",
         action="store_true",
         help="no CUDA graphs, and attribute each kernel to the moeray source line that launched it",
@@ -79,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.layers is not None:
         cfg = cfg.replace(num_hidden_layers=a.layers)
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device=device, dtype=dtype)
+    if a.weights == "fp8":
+        model = random_model(cfg, device, dtype, fp8=True)
+    else:
+        model = Transformer(cfg).to(device=device, dtype=dtype)
     total = 2 * a.steps + a.profile_steps + 8  # decode steps the request must last
     engine = Engine(
         model,
