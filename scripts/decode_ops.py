@@ -18,6 +18,7 @@ kv_b once per layer). The MoE-layer figure is the difference between two depths.
 
 import argparse
 import collections
+import dataclasses
 import os
 import sys
 import traceback
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.kernels.fp8 import dispatch as fp8_dispatch
-from moeray.platform.config import moonlight_tiny
+from moeray.platform.config import moonlight_16b_a3b
 from moeray.platform.engine import runner as runner_mod
 from moeray.platform.engine.bench.model import quantize_fp8_
 from moeray.platform.engine.engine import Engine, EngineConfig
@@ -74,7 +75,22 @@ def count(
 ) -> tuple[collections.Counter, collections.Counter]:
     """(PyTorch ops by (op, line), Triton launches by kernel) of one decode forward of `batch`
     sequences, with e4m3 block-scaled projections when `fp8` (as `bench engine --weights fp8`)."""
-    cfg = moonlight_tiny().replace(num_hidden_layers=layers)
+    cfg = dataclasses.replace(
+        moonlight_16b_a3b(),
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=layers,
+        vocab_size=512,
+        kv_lora_rank=64,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=None,
+    )
     model = Transformer(cfg)
     model.reset_parameters(seed=1)
     model = model.to(torch.bfloat16).eval()

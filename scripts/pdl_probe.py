@@ -50,6 +50,14 @@ DEVICE = "cuda"  # the CPU test runs main under Triton's interpreter
 
 
 @triton.jit
+def _poll(cnt_ptr, SPIN_LOAD: tl.constexpr):
+    """One read of the counter: a volatile load, or the acquire atomic."""
+    if SPIN_LOAD:
+        return tl.load(cnt_ptr, volatile=True)
+    return tl.atomic_add(cnt_ptr, 0, sem="acquire")
+
+
+@triton.jit
 def wait_count(cnt_ptr, target, given_up_ptr, MAX_POLLS: tl.constexpr, SPIN_LOAD: tl.constexpr):
     """Spin until the int32 counter at cnt_ptr reaches `target`, at most MAX_POLLS polls, then
     one acquire read-modify-write (what the programs that counted in stored before their release
@@ -57,16 +65,10 @@ def wait_count(cnt_ptr, target, given_up_ptr, MAX_POLLS: tl.constexpr, SPIN_LOAD
     checks it) rather than hang. SPIN_LOAD: poll with volatile loads, else with the acquire atomic
     itself (the faster of the two on an H200, by 0.1-0.6 us a layer). For persistent kernels whose
     programs are all resident (a cooperative launch)."""
-    if SPIN_LOAD:
-        seen = tl.load(cnt_ptr, volatile=True)
-    else:
-        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    seen = _poll(cnt_ptr, SPIN_LOAD)
     polls = 0
     while (seen < target) & (polls < MAX_POLLS):
-        if SPIN_LOAD:
-            seen = tl.load(cnt_ptr, volatile=True)
-        else:
-            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        seen = _poll(cnt_ptr, SPIN_LOAD)
         polls += 1
     if SPIN_LOAD:
         seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")

@@ -40,7 +40,6 @@ from moeray.kernels.common import (
     switched_on,
     use_triton,
 )
-from moeray.kernels.mla_common import _attend_pages, _merge_split_rows
 
 LOG2E = 1.4426950408889634
 
@@ -69,6 +68,29 @@ def mla_decode_ref(
         lse[b] = torch.logsumexp(scores, dim=-1)
         out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
     return out, lse
+
+
+@triton.jit
+def _merge_split_rows(o_rows, lse_rows, stride_os, num_splits, row_ok, col_ok, NS: tl.constexpr):
+    """The splits' partials of a block of rows merged: (out [rows, R] fp32, natural-log lse
+    [rows]). o_rows / lse_rows point at split 0; splits in order, each weighed by exp2(its lse -
+    the rows' max), as the merge kernel does (the sums over splits run in split order here, in a
+    tree there: the same values up to fp32 rounding)."""
+    m = tl.full(lse_rows.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NS):
+        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
+        m = tl.maximum(m, tl.load(lse_rows + s, mask=ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.zeros(lse_rows.shape, dtype=tl.float32)
+    acc = tl.zeros(o_rows.shape, dtype=tl.float32)
+    for s in tl.static_range(NS):
+        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
+        w = tl.exp2(tl.load(lse_rows + s, mask=ok, other=float("-inf")) - m_safe)
+        w_sum += w
+        o = tl.load(o_rows + s * stride_os, mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += o * w[:, None]
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    return out, (m_safe + tl.log2(w_sum)) / 1.4426950408889634
 
 
 @triton.jit
@@ -126,6 +148,7 @@ def _mla_decode_split_kernel(
     offs_p = tl.arange(0, PB)
     r_ok = offs_r < R
     p_ok = offs_p < P
+    offs_t = tl.arange(0, PAGE)
     q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
     q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
@@ -133,16 +156,42 @@ def _mla_decode_split_kernel(
         q_nope = q_nope.to(tl.float32)
         q_rope = q_rope.to(tl.float32)
 
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, RB), dtype=tl.float32)
+
     # The splits share this sequence's own pages, not the block table's width: at batch 1 with
     # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
     # 3 pages while 15 found nothing; now 3 programs take one page each.
     pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
     t_start = split * pages_per_split * PAGE
     t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
-    acc, m_i, l_i = _attend_pages(
-        q_nope, q_rope, kv_ptr, bt_ptr + b * stride_btb, t_start, t_end, limit, sm_scale_log2,
-        stride_kvp, stride_kvt, BLOCK_H, R, P, RB, PB, PAGE, UPCAST,
-    )  # fmt: skip
+    for t0 in range(t_start, t_end, PAGE):
+        page = tl.load(bt_ptr + b * stride_btb + t0 // PAGE).to(tl.int64)
+        pos = t0 + offs_t
+        t_ok = pos < t_end
+        kv_base = kv_ptr + page * stride_kvp + offs_t[:, None] * stride_kvt
+        c_kv = tl.load(
+            kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
+        )  # [PAGE, RB]
+        k_pe = tl.load(
+            kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
+        )  # [PAGE, PB]
+        if UPCAST:
+            c_kv = c_kv.to(tl.float32)
+            k_pe = k_pe.to(tl.float32)
+        s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
+        s = s * sm_scale_log2
+        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+        m_i = m_new
+
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

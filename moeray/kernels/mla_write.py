@@ -87,25 +87,6 @@ def _rotate_heads(
 
 
 @triton.jit
-def _write_cache_row(
-    row, kv_row, pe_row, w_ptr, eps, C, offs_c, ok_c, offs_j, ok_j, c, sn,
-    NORM: tl.constexpr, ROPE: tl.constexpr,
-):  # fmt: skip
-    """One token's cache row: its latent (C values at kv_row, RMS-normed with weight w_ptr when
-    NORM), then its rope key (at pe_row, rotated by (c, sn) when ROPE)."""
-    kv = tl.load(kv_row + offs_c, mask=ok_c, other=0.0)
-    if NORM:  # as moeray.kernels.norm's _rms_norm_kernel without a residual
-        hf = kv.to(tl.float32)
-        mean_sq = tl.sum(hf * hf, axis=0) / C
-        normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
-        w = tl.load(w_ptr + offs_c, mask=ok_c, other=0.0)
-        kv = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
-    tl.store(row + offs_c, kv, mask=ok_c)
-    one = tl.zeros([1], dtype=tl.int32)  # the rope key as a single "head"
-    _rotate_heads(pe_row, 0, row + C, 0, one, offs_j, ok_j[None, :], c, sn, ROPE)
-
-
-@triton.jit
 def _mla_write_pack_kernel(
     cache_ptr,
     slots_ptr,
@@ -159,12 +140,18 @@ def _mla_write_pack_kernel(
         c = tl.load(cos_ptr + b * stride_cb + s * stride_cs + offs_j, mask=ok_j, other=0.0)
         sn = tl.load(sin_ptr + b * stride_sb + s * stride_ss + offs_j, mask=ok_j, other=0.0)
     if tl.program_id(1) == 0:  # the token's cache row: written by its first head block only
-        _write_cache_row(
-            cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * K,
-            kv_ptr + b * stride_kvb + s * stride_kvs,
-            pe_ptr + b * stride_peb + s * stride_pes,
-            w_ptr, eps, C, offs_c, ok_c, offs_j, ok_j, c, sn, NORM, ROPE,
-        )  # fmt: skip
+        row = cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * K
+        kv = tl.load(kv_ptr + b * stride_kvb + s * stride_kvs + offs_c, mask=ok_c, other=0.0)
+        if NORM:  # as moeray.kernels.norm's _rms_norm_kernel without a residual
+            hf = kv.to(tl.float32)
+            mean_sq = tl.sum(hf * hf, axis=0) / C
+            normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
+            w = tl.load(w_ptr + offs_c, mask=ok_c, other=0.0)
+            kv = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
+        tl.store(row + offs_c, kv, mask=ok_c)
+        one = tl.zeros([1], dtype=tl.int32)  # the rope key as a single "head"
+        pe_row = pe_ptr + b * stride_peb + s * stride_pes
+        _rotate_heads(pe_row, 0, row + C, 0, one, offs_j, ok_j[None, :], c, sn, ROPE)
     q_row = q_ptr + t.to(tl.int64) * H * K
     ql_row = ql_ptr + b * stride_qlb + s * stride_qls
     qp_row = qp_ptr + b * stride_qpb + s * stride_qps

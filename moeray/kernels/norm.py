@@ -102,36 +102,24 @@ def _rms_norm_kernel(
     # .contiguous() copy, which the kernel just before writes, so it is not read before the wait.
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
-    rstd = rms_norm_row(
-        x_ptr + row * stride_x, r_ptr + row * stride_r, w_ptr, y_ptr + row * stride_y,
-        h_ptr + row * stride_h, D, eps, HAS_RESIDUAL, BLOCK_D,
-    )  # fmt: skip
-    if STORE_RSTD:
-        tl.store(rstd_ptr + row, rstd)
-
-
-@triton.jit
-def rms_norm_row(x_row, r_row, w_ptr, y_row, h_row, D, eps, HAS_RESIDUAL: tl.constexpr,
-                 BLOCK_D: tl.constexpr):  # fmt: skip
-    """One row of the forward: h = x + r (stored at h_row) with HAS_RESIDUAL, else x; y =
-    weight * normalize(h) stored at y_row; returns 1/rms (fp32)."""
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(r_row + offs, mask=mask, other=0.0)
-        h = to_dtype_rn(x.to(tl.float32) + r.to(tl.float32), h_row.dtype.element_ty)
-        tl.store(h_row + offs, h, mask=mask)
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        h = to_dtype_rn(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     else:
         h = x
     hf = h.to(tl.float32)
     mean_sq = tl.sum(hf * hf, axis=0) / D
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    if STORE_RSTD:
+        tl.store(rstd_ptr + row, rstd)
     normed = to_dtype_rn(hf * rstd, h.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), y_row.dtype.element_ty)
-    tl.store(y_row + offs, y, mask=mask)
-    return rstd
+    y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
 
 @triton.jit

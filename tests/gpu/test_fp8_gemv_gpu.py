@@ -6,6 +6,8 @@ and the e4m3-activation path (fp8 x fp8 dots) at V3 shapes and behind FP8Linear'
 import pytest
 import torch
 
+from tests.gpu.gemv_checks import captured, cuda_kernels
+
 pytestmark = pytest.mark.gpu
 
 # (N, K): q_a, q_b, kv_a (ragged N), o_proj, dense gate/up, down, shared expert in/out, and ragged
@@ -89,31 +91,12 @@ def test_fp8_gemv_cuda_graph(nk):
     wq, ws = _weight(n, k, seed=5)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     eager = fp8.fp8_gemv(x, wq, ws)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fp8.fp8_gemv(x, wq, ws)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fp8.fp8_gemv(x, wq, ws)
+    graph, y = captured(lambda: fp8.fp8_gemv(x, wq, ws))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
     _check(y, x, wq, ws)
     assert not torch.equal(y, eager)  # the replay read the new x
-
-
-def _cuda_kernels(fn) -> list[str]:
-    """Names of the CUDA kernels one call of fn launches (torch.profiler), compiled beforehand."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 # kv_a and q_a at Moonlight's hidden 2048 (+ a ragged K) and V3's 7168: few tiles, K split.
@@ -129,23 +112,16 @@ def test_fp8_gemv_serial_split_k(nk, m):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     assert _gemv_config(m, n, k, x.device)["SPLIT_K"] > 1
     workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS, device="cuda")
-    names = _cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws, workspace=workspace))
+    names = cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws, workspace=workspace))
     assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
-    assert len(_cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws))) == 2  # the two-launch path
+    assert len(cuda_kernels(lambda: fp8.fp8_gemv(x, wq, ws))) == 2  # the two-launch path
     _poison()
     y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
     assert torch.equal(y, fp8.fp8_gemv(x, wq, ws))  # the same fp32 sums in the same order
     _check(y, x, wq, ws)
     assert not workspace.any()
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fp8.fp8_gemv(x, wq, ws, workspace=workspace)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
+    graph, y = captured(lambda: fp8.fp8_gemv(x, wq, ws, workspace=workspace))
     # Each replay needs the counters the previous one left at zero; the two-launch result on the
     # same x is the oracle, to the bit.
     for i in range(5):
@@ -166,7 +142,7 @@ def test_fp8_linear_one_launch_at_decode(m):
     wq, ws = _weight(576, 7168, seed=m)
     layer = FP8Linear(wq.cpu(), ws.cpu()).cuda()  # the counters move with the module
     x = torch.randn(1, m, 7168, device="cuda", dtype=torch.bfloat16)
-    names = _cuda_kernels(lambda: layer(x))
+    names = cuda_kernels(lambda: layer(x))
     assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
     assert torch.equal(layer(x)[0], fp8.fp8_gemv(x[0], wq, ws))
     assert layer.gemv_workspace.is_cuda and not layer.gemv_workspace.any()
@@ -257,7 +233,7 @@ def test_fp8_linear_act_switch_launches(monkeypatch):
     wq, ws = _weight(1536, 7168, seed=3)
     layer = FP8Linear(wq, ws)
     x = torch.randn(1, 4, 7168, device="cuda", dtype=torch.bfloat16)
-    names = _cuda_kernels(lambda: layer(x))
+    names = cuda_kernels(lambda: layer(x))
     assert len(names) == 2 and "act_quant" in names[0] and "_fp8_gemv_kernel" in names[1], names
     xq, xs = fp8.act_quant(x[0])
     assert torch.equal(layer(x)[0], fp8.fp8_gemv(xq, wq, ws, x_scale=xs))
@@ -280,7 +256,7 @@ def test_fp8_linear_batch_switch(monkeypatch, nk, m):
     wq, ws = _weight(n, k, seed=n + k + m)
     layer = FP8Linear(wq, ws).cuda()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    names = _cuda_kernels(lambda: layer.forward_kernels(x))
+    names = cuda_kernels(lambda: layer.forward_kernels(x))
     assert len(names) == 1 and "_fp8_gemv_kernel" in names[0], names
     cfg = _gemv_config(m, n, k, x.device)
     _poison()
@@ -288,14 +264,7 @@ def test_fp8_linear_batch_switch(monkeypatch, nk, m):
     assert torch.equal(y, fp8.fp8_gemv(x, wq, ws, config=cfg))  # two launches when split
     _check(y, x, wq, ws)
     assert not layer.gemv_workspace.any()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        layer.forward_kernels(x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer.forward_kernels(x)
+    graph, y = captured(lambda: layer.forward_kernels(x))
     for i in range(3):
         x.copy_(torch.randn_like(x) * (i + 1))
         graph.replay()
@@ -316,20 +285,13 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, m):
     layer = FP8Linear(wq, ws).cuda()
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     layer.forward_kernels(x)  # the copy is made here
-    names = _cuda_kernels(lambda: layer.forward_kernels(x))
+    names = cuda_kernels(lambda: layer.forward_kernels(x))
     assert not any("fp8" in n or "act_quant" in n for n in names), names
     w = dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, torch.bfloat16)
     y = layer.forward_kernels(x)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
     _check(y, x, layer.weight, layer.weight_scale_inv)
-    s = torch.cuda.Stream()  # warm up on a side stream, as a capture wants
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        layer.forward_kernels(x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer.forward_kernels(x)
+    graph, y = captured(lambda: layer.forward_kernels(x))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

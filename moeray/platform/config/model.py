@@ -398,27 +398,6 @@ def moonlight_16b_a3b() -> ModelConfig:
     )
 
 
-def moonlight_tiny() -> ModelConfig:
-    """Moonlight-16B-A3B's structure (no query LoRA, merged q + kv_a, 64 experts in one group,
-    top-6, 2 shared experts) at CPU-test widths: hidden 128, 4 heads of 16 + 16 dims with 16-dim
-    values, a 64-wide latent, experts of 128, a 512-token vocabulary, 27 layers (cut them with
-    `replace`). Every decode kernel applies."""
-    return moonlight_16b_a3b().replace(
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        vocab_size=512,
-        kv_lora_rank=64,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=16,
-        v_head_dim=16,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=None,
-    )
-
-
 def kimi_k2() -> ModelConfig:
     """moonshotai/Kimi-K2-Instruct's config.json: V3's shape with 384 experts in one group
     (`n_group: 1`), 64 heads, a dense first layer only, YaRN 32x over 4096 positions with
@@ -454,7 +433,6 @@ PRESETS = {
     "small": small,
     "deepseek_v3": deepseek_v3,
     "moonlight_16b_a3b": moonlight_16b_a3b,
-    "moonlight_tiny": moonlight_tiny,
     "kimi_k2": kimi_k2,
 }
 
