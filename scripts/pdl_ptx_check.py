@@ -160,7 +160,7 @@ CASES = [
     (  # FP8 weights with Moonlight's GPU tile; the wait before the expert id's load
         moe_gemv._moe_gemv_gate_up_kernel,
         dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=6, PRECISE=True)
-        | dict(ZERO_CNT=False, CNT_BLOCK=256),
+        | dict(ZERO_CNT=False, CNT_BLOCK=256, EARLY_SHARED=0),
         dict(wg_ptr=F8, wu_ptr=F8, ids_ptr=I32, sg_ptr=F32, su_ptr=F32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=6),
         False,
@@ -168,10 +168,19 @@ CASES = [
     (  # the sum fold (MOERAY_FUSED_MOE_SUM_FOLD=1): its counters zeroed after the wait
         moe_gemv._moe_gemv_gate_up_kernel,
         dict(FP8=False, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, PRECISE=True)
-        | dict(ZERO_CNT=True, CNT_BLOCK=256),
+        | dict(ZERO_CNT=True, CNT_BLOCK=256, EARLY_SHARED=0),
         dict(ids_ptr=I32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=4),
         False,
+    ),
+    (  # early_shared (MOERAY_FUSED_SHARED_EARLY=1): the shared slots' x and weights before the
+        # wait, every store (h, the fold's counters) after it
+        moe_gemv._moe_gemv_gate_up_kernel,
+        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, PRECISE=True)
+        | dict(ZERO_CNT=True, CNT_BLOCK=256, EARLY_SHARED=2),
+        dict(wg_ptr=F8, wu_ptr=F8, ids_ptr=I64, sg_ptr=F32, su_ptr=F32, cnt_ptr=I32),
+        dict(num_warps=2, num_stages=4),
+        True,
     ),
     (
         moe_gemv._moe_gemv_down_kernel,

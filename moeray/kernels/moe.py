@@ -65,7 +65,7 @@ from moeray.kernels.moe_common import (
     moe_act_dtype,
     moe_sum,
 )
-from moeray.kernels.moe_gemv import MOE_GEMV_MAX_ASSIGNMENTS, run_moe_gemv
+from moeray.kernels.moe_gemv import MOE_GEMV_MAX_ASSIGNMENTS, check_early_shared, run_moe_gemv
 
 
 def fused_moe_ref(
@@ -398,6 +398,7 @@ def fused_moe_gate_up(
     w2_scale: torch.Tensor | None = None,
     config: dict | None = None,
     add_TH: torch.Tensor | None = None,
+    early_shared: int = 0,
 ) -> torch.Tensor:
     """`fused_moe` with the gate (w1 [E, I, H]) and up (w3 [E, I, H]) weights as two tensors, as the
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
@@ -405,8 +406,9 @@ def fused_moe_gate_up(
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
     sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
     Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with no `config` it runs `moe_gemv`
-    (module docstring; FP8 there is weight-only), unless MOERAY_FUSED_MOE_GEMV=0. On CPU tensors
-    outside the interpreter: the chosen path's reference."""
+    (module docstring; FP8 there is weight-only), unless MOERAY_FUSED_MOE_GEMV=0; `early_shared`
+    is moe_gemv's (its promise about the last ids and x; the aligned path has no use for it). On
+    CPU tensors outside the interpreter: the chosen path's reference."""
     scales = check_moe_inputs(
         x_TH,
         w1_EIH,
@@ -419,6 +421,7 @@ def fused_moe_gate_up(
         w2_scale=w2_scale,
         add_TH=add_TH,
     )
+    check_early_shared(early_shared, expert_ids_TK, w1_EIH.shape[0])
     t, h = x_TH.shape
     e_count, i, _ = w1_EIH.shape
     k = expert_ids_TK.shape[1]
@@ -427,7 +430,16 @@ def fused_moe_gate_up(
     # config of the aligned kernels, so it keeps them.
     if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and not switched_off("MOE_GEMV"):
         return run_moe_gemv(
-            x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales, add_TH, None
+            x_TH,
+            w1_EIH,
+            w3_EIH,
+            w2_EHI,
+            expert_ids_TK,
+            weights_TK,
+            scales,
+            add_TH,
+            None,
+            early_shared,
         )
     if not use_triton(x_TH):
         return fused_moe_gate_up_ref(

@@ -38,8 +38,15 @@ Programs take assignments slot-major (grid row p: k = p // T, t = p % T): the sh
 which the fused gate appends at the same slots of every token, are then read by neighbouring
 programs, so at two tokens the second read of their rows comes while they are likely in L2.
 
-PDL (`common.pdl_launch`): every read depends on the expert id, written by the kernel before (the
-gate), so each program waits first (`common.pdl_wait`) and prefetches nothing.
+PDL (`common.pdl_launch`): a routed assignment's reads depend on its expert id, written by the
+kernel before (the gate), so its programs wait first (`common.pdl_wait`). With `early_shared=S`
+(opt-in, MOERAY_FUSED_SHARED_EARLY=1 in model/shared_fuse.py) the caller promises that each
+token's last S slots hold experts E-S .. E-1 in order (the fused gate's shared experts) and that x
+was not written by the kernel launched just before this one (the gate, which writes ids and
+weights): those slots' programs come first in the grid and run their whole gate/up before the wait
+(the x rows two launches back are complete by then: `common.pdl_launch`'s rule), storing after it.
+Why: at Moonlight's batch 1 the shared gate/up is 23 MB in bf16 (4.8 us of HBM), streamed while
+the one-program gate runs (~3 us) instead of after it.
 """
 
 from __future__ import annotations
@@ -117,12 +124,16 @@ def moe_gemv_ref(
 
 
 @triton.jit
-def _assignment(T, K):
-    """(assignment a = t * K + k, token t) of this program's grid row, taken slot-major (module
-    docstring: a shared expert's programs run side by side)."""
+def _assignment(T, K, EARLY_SHARED: tl.constexpr):
+    """(assignment a = t * K + k, token t, slot k) of this program's grid row, taken slot-major
+    (module docstring: a shared expert's programs run side by side); with EARLY_SHARED = S the
+    rows start at slot K - S, so that the S shared slots' programs are dispatched first."""
     p = tl.program_id(1)
     t = p % T
-    return t * K + p // T, t
+    k = p // T
+    if EARLY_SHARED > 0:
+        k = (k + K - EARLY_SHARED) % K
+    return t * K + k, t, k
 
 
 @triton.jit
@@ -176,20 +187,52 @@ def _moe_gemv_gate_up_kernel(
     PDL: tl.constexpr,
     ZERO_CNT: tl.constexpr,  # FOLD_SUM: program (0, 0) zeroes the down kernel's num_cnt counters
     CNT_BLOCK: tl.constexpr,
+    EARLY_SHARED: tl.constexpr,  # S: the last S slots hold experts E-S .. E-1 (module docstring)
 ):
-    BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
-    pdl_wait(PDL)  # first: the expert id that picks the weights is the gate's output
+    a, tok, slot = _assignment(T, K, EARLY_SHARED)
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_ptrs = h_ptr + a.to(tl.int64) * stride_ht + offs_n
+    early = False
+    if EARLY_SHARED > 0:
+        early = slot >= K - EARLY_SHARED
+    if early:  # a shared expert: its id is fixed and x is two launches back, so before the wait
+        act = _gate_up_act(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, num_experts - K + slot, tok,
+                           pid_n, H, INTER, stride_xt, stride_xk, stride_wge, stride_wgn,
+                           stride_wgk, stride_wue, stride_wun, stride_wuk, stride_sge, stride_sgn,
+                           stride_sgk, stride_sue, stride_sun, stride_suk, FP8, BLOCK_N, EVEN_K,
+                           NUM_STAGES, PRECISE)  # fmt: skip
+    else:
+        act = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    pdl_wait(PDL)  # the gate's expert ids pick the routed weights; every store comes after
     if ZERO_CNT:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             for c0 in range(0, num_cnt, CNT_BLOCK):
                 offs_c = c0 + tl.arange(0, CNT_BLOCK)
                 tl.store(cnt_ptr + offs_c, tl.zeros((CNT_BLOCK,), tl.int32), mask=offs_c < num_cnt)
-    a, tok = _assignment(T, K)
-    e = tl.load(ids_ptr + a)
-    if (e < 0) | (e >= num_experts):
-        return
+    if early:
+        tl.store(h_ptrs, to_dtype_rn(act, h_ptr.dtype.element_ty), mask=offs_n < INTER)
+    else:
+        e = tl.load(ids_ptr + a)
+        if (e >= 0) & (e < num_experts):  # an id outside [0, E): another rank's, never written
+            act = _gate_up_act(x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, e, tok, pid_n, H, INTER,
+                               stride_xt, stride_xk, stride_wge, stride_wgn, stride_wgk,
+                               stride_wue, stride_wun, stride_wuk, stride_sge, stride_sgn,
+                               stride_sgk, stride_sue, stride_sun, stride_suk, FP8, BLOCK_N,
+                               EVEN_K, NUM_STAGES, PRECISE)  # fmt: skip
+            tl.store(h_ptrs, to_dtype_rn(act, h_ptr.dtype.element_ty), mask=offs_n < INTER)
+
+
+@triton.jit
+def _gate_up_act(
+    x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, e, tok, pid_n, H, INTER, stride_xt, stride_xk,
+    stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk, stride_sge, stride_sgn,
+    stride_sgk, stride_sue, stride_sun, stride_suk, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, PRECISE: tl.constexpr,
+):  # fmt: skip
+    """silu(W1[e] x_tok) * (W3[e] x_tok) [BLOCK_N] in fp32 for this program's rows."""
+    BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     e64 = e.to(tl.int64)
-    pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past I wrap onto valid ones, so loads need no row mask; the store is masked.
     rows = (offs_n % INTER).to(tl.int64)
@@ -212,9 +255,7 @@ def _moe_gemv_gate_up_kernel(
         )
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
-    act = tl.math.div_rn(g, 1.0 + neg_exp(g, PRECISE)) * u  # silu(gate) * up, in fp32
-    h_ptrs = h_ptr + a.to(tl.int64) * stride_ht + offs_n
-    tl.store(h_ptrs, to_dtype_rn(act, h_ptr.dtype.element_ty), mask=offs_n < INTER)
+    return tl.math.div_rn(g, 1.0 + neg_exp(g, PRECISE)) * u  # silu(gate) * up, in fp32
 
 
 @triton.jit
@@ -252,7 +293,7 @@ def _moe_gemv_down_kernel(
     HAS_ADD: tl.constexpr,
 ):
     pdl_wait(PDL)  # first: the expert id, and h, are outputs of kernels before this one
-    a, tok = _assignment(T, K)
+    a, tok, _ = _assignment(T, K, 0)
     e = tl.load(ids_ptr + a)
     local = (e >= 0) & (e < num_experts)
     if not FOLD_SUM:
@@ -321,6 +362,28 @@ def moe_gemv_config() -> dict:
     return dict(BLOCK_N=16, num_warps=2, num_stages=4)
 
 
+def check_early_shared(early_shared: int, expert_ids_TK: torch.Tensor, num_experts: int) -> None:
+    """ValueError unless 0 <= early_shared <= min(K, E); on CPU tensors (the interpreter, the
+    reference) also unless each token's last S ids are E-S .. E-1 in order, the promise the early
+    programs rely on (on the GPU that check would cost a host sync per layer, so the caller's
+    word stands: model/shared_fuse.py passes it only for the fused gate's appended ids)."""
+    k = expert_ids_TK.shape[1]
+    if isinstance(early_shared, bool) or not isinstance(early_shared, int):
+        raise ValueError(f"early_shared={early_shared!r}: must be an int")
+    if not 0 <= early_shared <= min(k, num_experts):
+        raise ValueError(
+            f"early_shared={early_shared}: must lie in [0, min(K={k}, E={num_experts})]"
+        )
+    if early_shared and not expert_ids_TK.is_cuda:
+        want = torch.arange(num_experts - early_shared, num_experts)
+        tail = expert_ids_TK[:, k - early_shared :].to(torch.int64)
+        if not torch.equal(tail, want.expand_as(tail)):
+            raise ValueError(
+                f"early_shared={early_shared}: each token's last {early_shared} expert ids must be "
+                f"{want.tolist()} (the shared experts), got {tail.unique().tolist()}"
+            )
+
+
 def _check_config(cfg: dict) -> None:
     """ValueError naming the bad key or value of a moe_gemv tile config."""
     if not isinstance(cfg, dict) or cfg.keys() != _CONFIG_KEYS:
@@ -347,9 +410,11 @@ def run_moe_gemv(
     scales: MoEScales | None,
     add_TH: torch.Tensor | None,
     config: dict | None,
+    early_shared: int = 0,
 ) -> torch.Tensor:
     """`moe_gemv` on inputs that `check_moe_inputs` accepted, `scales` being what it returned
-    (fused_moe_gate_up's dispatch checks once and calls this)."""
+    (fused_moe_gate_up's dispatch checks once and calls this), and an `early_shared` that
+    `check_early_shared` accepted."""
     if config is None:  # the default tiles need no check on every decode layer's call
         cfg = moe_gemv_config()
     else:
@@ -424,6 +489,7 @@ def run_moe_gemv(
         PDL=pdl,
         ZERO_CNT=fold,
         CNT_BLOCK=256,
+        EARLY_SHARED=early_shared,
         num_warps=warps,
         num_stages=stages,
         launch_pdl=pdl,
@@ -481,6 +547,7 @@ def moe_gemv(
     w2_scale: torch.Tensor | None = None,
     add_TH: torch.Tensor | None = None,
     config: dict | None = None,
+    early_shared: int = 0,
 ) -> torch.Tensor:
     """y [T, H] = sum_k weights[t, k] * expert_{ids[t, k]}(x_t) (+ add_TH), per assignment without
     alignment: `fused_moe_gate_up`'s contract (the same checks), made for few assignments.
@@ -489,8 +556,11 @@ def moe_gemv(
     strides), or e4m3 with w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]
     fp32 (weight-only: x and h are not quantized); expert_ids [T, K] int32/int64 (ids outside
     [0, E) add nothing); weights [T, K]; add_TH [T, H] in x's dtype, added in the sum's launch.
-    `config` (keys BLOCK_N, num_warps, num_stages) overrides `moe_gemv_config`. No host syncs
-    (CUDA-graph capturable). On CPU tensors outside the interpreter it runs moe_gemv_ref."""
+    `config` (keys BLOCK_N, num_warps, num_stages) overrides `moe_gemv_config`. early_shared=S
+    (the module docstring's promise: the last S ids of every token are E-S .. E-1, and x was not
+    written by the kernel launched just before) runs those slots' gate/up before the PDL wait;
+    the numbers are the same bits. No host syncs (CUDA-graph capturable). On CPU tensors outside
+    the interpreter it runs moe_gemv_ref."""
     scales = check_moe_inputs(
         x_TH,
         w1_EIH,
@@ -503,6 +573,16 @@ def moe_gemv(
         w2_scale=w2_scale,
         add_TH=add_TH,
     )
+    check_early_shared(early_shared, expert_ids_TK, w1_EIH.shape[0])
     return run_moe_gemv(
-        x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales, add_TH, config
+        x_TH,
+        w1_EIH,
+        w3_EIH,
+        w2_EHI,
+        expert_ids_TK,
+        weights_TK,
+        scales,
+        add_TH,
+        config,
+        early_shared,
     )

@@ -3,7 +3,7 @@
 # decode-ab) and folded with the gate (ROUTE_FOLD), MLA decode's
 # merge folded into its split kernel (MLA_DIRECT), fp8_gemv to 64 rows (FP8_GEMV_BATCH) and
 # head_gemv (HEAD_GEMV), small FP8 layers as bf16 at 17-64 rows (FP8_AS_BF16), greedy's
-# argmax (ARGMAX). A switch becomes the default only with its tests passed here and a win
+# argmax (ARGMAX), moe_gemv's shared slots before its PDL wait (SHARED_EARLY). A switch becomes the default only with its tests passed here and a win
 # in recipe decode-ab.
 gpu_pytest pytest_opt_in_routing.log ${TEST_LIMIT:-150} tests/kernels/test_router_logits.py \
   tests/kernels/test_gate.py tests/kernels/test_router_gate.py -m gpu || rc=1
@@ -12,4 +12,6 @@ gpu_pytest pytest_opt_in_gpu.log ${GPU_TEST_LIMIT:-150} tests/gpu/test_kernels_g
   -k "mla_decode or batch_switch or as_bf16 or head_gemv" || rc=1
 gpu_pytest pytest_opt_in_argmax.log ${ARGMAX_TEST_LIMIT:-120} tests/gpu/test_sampling_gpu.py \
   -k argmax || rc=1
+gpu_pytest pytest_opt_in_early.log ${EARLY_TEST_LIMIT:-150} tests/gpu/test_moe_gemv_gpu.py \
+  tests/gpu/test_shared_fuse_gpu.py -k early || rc=1
 exit ${rc:-0}

@@ -172,3 +172,41 @@ def test_dispatch_and_agreement_with_the_aligned_path(experts, shape, t, fp8, mo
     rel = ((aligned.float() - gemv.float()).norm() / gemv.float().norm()).item()
     # FP8: two e4m3 roundings (x, h) per 1x128 group, 4.1-4.6% of the norm on random data
     assert rel < (0.08 if fp8 else 1e-2), rel
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("shape", "t"), CASES)
+def test_early_shared_after_the_routing_launches_in_a_graph(experts, shape, t, fp8):
+    """early_shared (the shared slots' gate/up before the PDL wait, x read two launches back) in
+    the engine's launch order, captured once and replayed on new inputs: rms_norm writes x,
+    router_logits and moe_gate (appending the shared ids) route it, moe_gemv runs; the output is
+    the bits of the same chain with early_shared=0, run eagerly. An x read before the norm had
+    finished (the previous replay's) would differ."""
+    from moeray.kernels.gate import moe_gate
+    from moeray.kernels.moe_gemv import moe_gemv
+    from moeray.kernels.norm import rms_norm
+    from moeray.kernels.router_logits import router_logits
+
+    h, _, routed, top_k, shared = SHAPES[shape]
+    ws, scales = experts(shape, fp8)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    norm_w = torch.rand(h, device="cuda", generator=g).bfloat16() + 0.5
+    router_w = (torch.randn(routed, h, device="cuda", generator=g) * h**-0.5).bfloat16()
+    bias = torch.zeros(routed, device="cuda")
+    groups = 8 if routed % 8 == 0 else 1
+    gate_kw = dict(top_k=top_k, n_group=groups, topk_group=min(4, groups))
+    gate_kw |= dict(routed_scaling_factor=2.5, shared_experts=shared)
+
+    def chain(x_in, early):
+        x, _ = rms_norm(x_in, norm_w, 1e-6)
+        r = moe_gate(router_logits(x, router_w), bias, **gate_kw)
+        return moe_gemv(x, *ws, r.fused_ids_TJ, r.fused_weights_TJ,
+                        early_shared=early, **scales)  # fmt: skip
+
+    x_in = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    graph, static = captured(lambda: chain(x_in, shared))
+    for _ in range(4):
+        x_in.normal_(generator=g)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, chain(x_in.clone(), 0))

@@ -108,6 +108,29 @@ def test_engine_greedy_matches_unfused(fp8, spec, monkeypatch):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+def test_shared_early_keeps_the_engine_outputs(fp8, monkeypatch):
+    """MOERAY_FUSED_SHARED_EARLY=1 (moe_gemv runs the shared slots' gate/up before its PDL wait,
+    reading x two launches back) in the engine's captured decode graphs: the same tokens and
+    logprobs as without it, at batch 1 and 3 (1 x 5 and 3 x 5 assignments: moe_gemv). Stale x
+    read before the norm had finished would change them."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    model = _model(torch.bfloat16, fp8)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=TOP_LOGPROBS)
+    outs = {}
+    for early in ("0", "1"):
+        monkeypatch.setenv("MOERAY_FUSED_SHARED_EARLY", early)
+        eng = _engine(model, monkeypatch, True)
+        assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
+        outs[early] = [eng.generate(_prompts(n), params) for n in ((5,), (3, 70, 16))]
+        del eng
+    for a, b in zip(outs["0"], outs["1"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.output_token_ids == y.output_token_ids
+            assert [lp.logprob for lp in x.logprobs] == [lp.logprob for lp in y.logprobs]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 def test_fewer_kernels_per_decode_step(fp8, monkeypatch):
     from moeray.platform.engine.bench.profile import profile_decode
 

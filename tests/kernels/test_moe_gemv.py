@@ -281,3 +281,67 @@ def test_bad_inputs_and_configs_name_the_value():
     for cfg, match in bad:
         with pytest.raises(ValueError, match=match):
             moe_gemv(x, w1, w3, w2, ids, wts, config=cfg)
+
+
+def _shared_tail(ids: torch.Tensor, s: int) -> torch.Tensor:
+    """ids with each token's last s slots set to experts E-s .. E-1 (the fused gate's shared
+    experts) and the routed slots moved off them (-1 stays: another rank's expert)."""
+    ids = ids.clone()
+    k = ids.shape[1]
+    routed = ids[:, : k - s]
+    ids[:, : k - s] = torch.where(routed >= E - s, routed % (E - s), routed)
+    ids[:, k - s :] = torch.arange(E - s, E)
+    return ids
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize(
+    ("make", "t", "h", "i", "k", "dtype"),
+    [
+        (_bf16_case, 1, 80, 48, 3, torch.bfloat16),
+        (_bf16_case, 3, 72, 40, 4, torch.float16),
+        (_fp8_case, 2, 256, 128, 3, torch.bfloat16),
+    ],
+)
+def test_early_shared_gives_the_same_bits(make, t, h, i, k, dtype, s, launch_spy, monkeypatch):
+    """early_shared=S (the shared slots' gate/up before the PDL wait, their programs first in the
+    grid): the bits of the plain launch on the same grid, with the sum folded or not, at the
+    interpreter's tile and the GPU's, and through fused_moe_gate_up's dispatch."""
+    x, ws, ids, wts, scales = make(t, h, i, k, dtype, 11 * t + s)
+    ids = _shared_tail(ids, s)
+    wts[:, k - s :] = 1.0
+    add = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grids = launch_spy(gemv_mod, "_moe_gemv_gate_up_kernel")
+    want = moe_gemv(x, *ws, ids, wts, add_TH=add, **scales)
+    assert _rel(want, moe_gemv_ref(x, *ws, ids, wts, add_TH=add, **scales)) < 1e-2
+    assert torch.equal(moe_gemv(x, *ws, ids, wts, add_TH=add, early_shared=s, **scales), want)
+    assert grids[0] == grids[1]
+    cfg = dict(BLOCK_N=16, num_warps=2, num_stages=4)
+    got = moe_gemv(x, *ws, ids, wts, add_TH=add, config=cfg, early_shared=s, **scales)
+    assert torch.equal(got, want)
+    got = fused_moe_gate_up(x, *ws, ids, wts, add_TH=add, early_shared=s, **scales)
+    assert torch.equal(got, want)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", "0")
+    assert torch.equal(moe_gemv(x, *ws, ids, wts, add_TH=add, early_shared=s, **scales), want)
+
+
+def test_early_shared_is_checked():
+    """A bad early_shared, or ids whose last slots are not the last experts, name the value."""
+    x, ws, ids, wts, _ = _bf16_case(2, 80, 48, 3, torch.bfloat16, 1)
+    tail = _shared_tail(ids, 1)
+    for bad, match in [
+        (True, "early_shared=True: must be an int"),
+        (1.0, "early_shared=1.0: must be an int"),
+        (-1, r"early_shared=-1: must lie in \[0, min\(K=3, E=5\)\]"),
+        (4, r"early_shared=4: must lie in \[0, min\(K=3, E=5\)\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            moe_gemv(x, *ws, tail, wts, early_shared=bad)
+        with pytest.raises(ValueError, match=match):
+            fused_moe_gate_up(x, *ws, tail, wts, early_shared=bad)
+    wrong = tail.clone()
+    wrong[1, -1] = 0
+    with pytest.raises(ValueError, match=r"last 1 expert ids must be \[4\].*got \[0, 4\]"):
+        moe_gemv(x, *ws, wrong, wts, early_shared=1)
+    with pytest.raises(ValueError, match=r"last 2 expert ids must be \[3, 4\]"):
+        moe_gemv(x, *ws, tail, wts, early_shared=2)

@@ -118,6 +118,39 @@ def test_moe_layers_equal_unfused(n_shared, top_k, fp8, gate, monkeypatch):
         assert (got - routed).norm() > 10 * (got - want).norm()
 
 
+@pytest.mark.parametrize("gate", ["kernel", "reference"])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("n_shared,top_k", [(1, 3), (2, 5)])
+def test_shared_early_switch_keeps_the_bits(n_shared, top_k, fp8, gate, monkeypatch):
+    """MOERAY_FUSED_SHARED_EARLY=1: the fused MoE's moe_gemv gets early_shared = n_shared (the
+    shared slots' gate/up before its PDL wait) and gives the bits of the switch unset, at 1 and 2
+    tokens, with the fused gate's appended ids and with the reference gate's cats."""
+    from moeray.kernels import moe as kernels_moe
+
+    if gate == "kernel":
+        monkeypatch.setattr(moe_module, "route", _kernel_gate)
+    seen: list[int] = []
+    real = kernels_moe.run_moe_gemv
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(kernels_moe, "run_moe_gemv", spy)
+    _, fused, _ = _models(_cfg(n_shared, top_k, fp8), fp8)
+    g = torch.Generator().manual_seed(4)
+    for t in (1, 2):
+        x = torch.randn(1, t, fused.config.hidden_size, generator=g).to(torch.bfloat16)
+        for _, b in _moe_pairs(fused, fused)[:1]:
+            with torch.no_grad():
+                monkeypatch.delenv("MOERAY_FUSED_SHARED_EARLY", raising=False)
+                want = b(x)
+                monkeypatch.setenv("MOERAY_FUSED_SHARED_EARLY", "1")
+                got = b(x)
+            assert torch.equal(got, want)
+    assert seen == [0, n_shared] * 2
+
+
 def test_more_tokens_than_the_fused_maximum_run_the_shared_mlp():
     """Past MAX_FUSED_TOKENS (a large decode batch, prefill) the shared MLP runs on its own and
     the layer's output is the unfused one's, bit for bit (the same kernels on the same weights)."""

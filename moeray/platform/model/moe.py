@@ -347,13 +347,15 @@ def fused_experts(
     ids_TK: torch.Tensor,
     weights_TK: torch.Tensor,
     add_TD: torch.Tensor | None = None,
+    early_shared: int = 0,
 ) -> torch.Tensor | None:
     """The fused Triton MoE (moeray.kernels.moe) over stacked experts w = (gate [E, I, D], up
     [E, I, D], down [E, D, I]; FP8: e4m3 with `scales` their [E, ., .] scale_inv): one launch per
     GEMM over all of them and no host sync, so the engine can capture decode steps in CUDA graphs
     (the loop of `Experts._routed` reads per-expert counts back with .tolist()). The one place that
     says when it applies; None otherwise: gradients needed (it has no backward), mixed dtypes, or
-    FP8 weights without whole 128x128 blocks."""
+    FP8 weights without whole 128x128 blocks. `early_shared` is moe_gemv's (its promise: the
+    last S ids of each token are the last S experts, x not written by the launch just before)."""
     w1, w3, w2 = w
     half = (torch.bfloat16, torch.float16)
     needs_grad = torch.is_grad_enabled() and any(
@@ -381,7 +383,17 @@ def fused_experts(
     if scales is not None:
         s1, s3, s2 = (s.float() for s in scales)
     return fused_moe_gate_up(
-        x_TD, w1, w3, w2, ids_TK, weights_TK, w1_scale=s1, w3_scale=s3, w2_scale=s2, add_TH=add_TD
+        x_TD,
+        w1,
+        w3,
+        w2,
+        ids_TK,
+        weights_TK,
+        w1_scale=s1,
+        w3_scale=s3,
+        w2_scale=s2,
+        add_TH=add_TD,
+        early_shared=early_shared,
     )
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off, switched_on
 from moeray.kernels.gate import Routing
 from moeray.platform.model.linear import Linear
 from moeray.platform.model.moe import MoE, fused_experts
@@ -215,7 +215,12 @@ class SharedFused(nn.Module):
         if self.gate_proj.dtype == FP8_DTYPE:
             s1, s3, s2 = (self.get_buffer(f"{n}_scale_inv") for n in PROJS)
             scales = (s1, s3, s2)
-        return fused_experts(x_TD, w, scales, ids, weights)
+        # MOERAY_FUSED_SHARED_EARLY=1 (opt-in, not yet timed on a GPU): moe_gemv runs the shared
+        # slots' gate/up before its PDL wait, overlapping the gate. Its promise holds here: the
+        # ids end with E .. E+S-1, and since the norm wrote x only the routing's launches (and
+        # the cats above) ran, none of which writes x.
+        early = self.n_shared if switched_on("SHARED_EARLY") else 0
+        return fused_experts(x_TD, w, scales, ids, weights, early_shared=early)
 
 
 def fuse_shared_experts(model: nn.Module) -> dict[str, str | None]:
