@@ -6,7 +6,7 @@
 # default where it wins at both batches by more than the as_run_again spread, after its GPU tests
 # (recipe opt-in-tests) pass.
 export SHAPES="${SHAPES:-moonlight}" BATCHES=${BATCHES:-1,64} PROFILE_STEPS=${PROFILE_STEPS:-2}
-export AB=${AB:-SHARED_EARLY,ARGMAX,FP8_AS_BF16,HEAD_GEMV,FP8_GEMV_BATCH}
+export AB=${AB:-ARGMAX,HEAD_GEMV,FP8_GEMV_BATCH,SHARED_EARLY,FP8_AS_BF16}
 export TAG_SUFFIX=${TAG_SUFFIX:--ab} SHAPES_LIMIT=${SHAPES_LIMIT:-420}
 ( source scripts/device/engine-shapes.sh ) || rc=1
 for f in "$OUT"/engine-*"$TAG_SUFFIX".log; do

@@ -109,9 +109,9 @@ def test_engine_greedy_matches_unfused(fp8, spec, monkeypatch):
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_shared_early_keeps_the_engine_outputs(fp8, monkeypatch):
-    """MOERAY_FUSED_SHARED_EARLY=1 (moe_gemv runs the shared slots' gate/up before its PDL wait,
-    reading x two launches back) in the engine's captured decode graphs: the same tokens and
-    logprobs as without it, at batch 1 and 3 (1 x 5 and 3 x 5 assignments: moe_gemv). Stale x
+    """moe_gemv running the shared slots' gate/up before its PDL wait (the default; reading x two
+    launches back) in the engine's captured decode graphs: the same tokens and logprobs as with
+    MOERAY_FUSED_SHARED_EARLY=0, at batch 1 and 3 (1 x 5 and 3 x 5 assignments: moe_gemv). Stale x
     read before the norm had finished would change them."""
     from moeray.platform.engine.sampler import SamplingParams
 

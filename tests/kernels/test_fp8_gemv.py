@@ -430,7 +430,9 @@ def test_fp8_gemv_batch_switch_splits_k_less(monkeypatch):
 def test_fp8_linear_batch_switch(switch, monkeypatch, launch_spy):
     # 40 rows (a padded decode batch of 64's shape class): act_quant + the block-scaled GEMM by
     # default; with MOERAY_FUSED_FP8_GEMV_BATCH=1 one fp8_gemv launch, weight-only numbers, the
-    # layer's workspace (serial split-K) left at zero.
+    # layer's workspace (serial split-K) left at zero. (Without the bf16 copies, which take such
+    # a small layer at these rows by default: test_fp8_linear_as_bf16_switch.)
+    monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
     if switch is None:
         monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_BATCH", raising=False)
     else:
@@ -452,19 +454,22 @@ def test_fp8_linear_batch_switch(switch, monkeypatch, launch_spy):
 
 
 def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
-    # MOERAY_FUSED_FP8_AS_BF16=1: from 17 to 64 rows a layer of at most FP8_AS_BF16_MAX_WEIGHTS
-    # weights is F.linear over the kept bf16 copy (one dequantization, then none); not at 16 rows
-    # (fp8_gemv), 65 rows or a larger layer (act_quant + the block-scaled GEMM), nor by default.
+    # By default (MOERAY_FUSED_FP8_AS_BF16 unset or 1): from 17 to 64 rows a layer of at most
+    # FP8_AS_BF16_MAX_WEIGHTS weights is F.linear over the kept bf16 copy (one dequantization,
+    # then none); not at 16 rows (fp8_gemv), 65 rows or a larger layer (act_quant + the
+    # block-scaled GEMM), nor with MOERAY_FUSED_FP8_AS_BF16=0.
     wq, ws = _weight(256, 512, seed=23)
     layer = FP8Linear(wq, ws)
     w_bf16 = quant_module.dequantize_fp8_blocks(wq, ws, torch.bfloat16)
     gemm_launches = launch_spy(fp8_gemm_module, "_fp8_gemm_kernel")
     gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
     x40, x16, x65 = (torch.randn(m, 512, dtype=torch.bfloat16) for m in (40, 16, 65))
-    monkeypatch.delenv("MOERAY_FUSED_FP8_AS_BF16", raising=False)
+    monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
     assert torch.equal(layer.forward_kernels(x40), fp8.fp8_gemm(*fp8.act_quant(x40), wq, ws))
     assert not layer.dequantized_kept(torch.bfloat16)
-    monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "1")
+    assert quant_module.keep_bf16_copies(layer, torch.bfloat16) == 0
+    assert not layer.dequantized_kept(torch.bfloat16)
+    monkeypatch.delenv("MOERAY_FUSED_FP8_AS_BF16")
     gemm_launches.clear()
     for _ in range(2):
         assert torch.equal(layer.forward_kernels(x40), torch.nn.functional.linear(x40, w_bf16))
@@ -477,3 +482,13 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
     monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512 - 1)
     layer.forward_kernels(x40)
     assert len(gemm_launches) == 2
+
+
+def test_keep_bf16_copies_makes_them_up_front(monkeypatch):
+    """keep_bf16_copies (the engine calls it before sizing its KV cache) dequantizes every FP8
+    layer that runs as bf16 and none larger, and returns their bytes."""
+    small, big = FP8Linear(*_weight(256, 512, seed=1)), FP8Linear(*_weight(256, 1024, seed=2))
+    model = torch.nn.Sequential(small, torch.nn.Linear(4, 4), big)
+    monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512)
+    assert quant_module.keep_bf16_copies(model, torch.bfloat16) == 256 * 512 * 2
+    assert small.dequantized_kept(torch.bfloat16) and not big.dequantized_kept(torch.bfloat16)

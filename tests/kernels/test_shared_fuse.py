@@ -122,9 +122,10 @@ def test_moe_layers_equal_unfused(n_shared, top_k, fp8, gate, monkeypatch):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n_shared,top_k", [(1, 3), (2, 5)])
 def test_shared_early_switch_keeps_the_bits(n_shared, top_k, fp8, gate, monkeypatch):
-    """MOERAY_FUSED_SHARED_EARLY=1: the fused MoE's moe_gemv gets early_shared = n_shared (the
-    shared slots' gate/up before its PDL wait) and gives the bits of the switch unset, at 1 and 2
-    tokens, with the fused gate's appended ids and with the reference gate's cats."""
+    """By default the fused MoE's moe_gemv gets early_shared = n_shared (the shared slots'
+    gate/up before its PDL wait) and gives the bits of MOERAY_FUSED_SHARED_EARLY=0 (which passes
+    0), at 1 and 2 tokens, with the fused gate's appended ids and with the reference gate's
+    cats."""
     from moeray.kernels import moe as kernels_moe
 
     if gate == "kernel":
@@ -143,9 +144,9 @@ def test_shared_early_switch_keeps_the_bits(n_shared, top_k, fp8, gate, monkeypa
         x = torch.randn(1, t, fused.config.hidden_size, generator=g).to(torch.bfloat16)
         for _, b in _moe_pairs(fused, fused)[:1]:
             with torch.no_grad():
-                monkeypatch.delenv("MOERAY_FUSED_SHARED_EARLY", raising=False)
+                monkeypatch.setenv("MOERAY_FUSED_SHARED_EARLY", "0")
                 want = b(x)
-                monkeypatch.setenv("MOERAY_FUSED_SHARED_EARLY", "1")
+                monkeypatch.delenv("MOERAY_FUSED_SHARED_EARLY")
                 got = b(x)
             assert torch.equal(got, want)
     assert seen == [0, n_shared] * 2

@@ -113,14 +113,15 @@ def test_fp8_merges_whole_blocks_only_and_equals_unmerged(q_lora, dtype):
     assert attn.applies(torch.zeros(16, cfg.hidden_size)) is False  # grad mode on
     with torch.no_grad():
         assert attn.applies(torch.zeros(2, 8, cfg.hidden_size))
-        assert not attn.applies(torch.zeros(1, 17, cfg.hidden_size))
         assert dense.applies(torch.zeros(1, 17, cfg.hidden_size))
-        with pytest.MonkeyPatch.context() as mp:  # opt-in: fp8_gemv (so the stack) to 64 rows
-            mp.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")
+        with pytest.MonkeyPatch.context() as mp:  # without the bf16 copies: fp8_gemv's rows only
+            mp.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
+            assert not attn.applies(torch.zeros(1, 17, cfg.hidden_size))
+            mp.setenv("MOERAY_FUSED_FP8_GEMV_BATCH", "1")  # opt-in: fp8_gemv to 64 rows
             assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
             assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
-        with pytest.MonkeyPatch.context() as mp:  # opt-in: the small stack as bf16 to 64 rows
-            mp.setenv("MOERAY_FUSED_FP8_AS_BF16", "1")
+        with pytest.MonkeyPatch.context() as mp:  # the default: the small stack as bf16 to 64 rows
+            mp.delenv("MOERAY_FUSED_FP8_AS_BF16", raising=False)
             assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
             assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
             mp.setattr(quant, "FP8_AS_BF16_MAX_WEIGHTS", attn.fused.weight.numel() - 1)

@@ -55,6 +55,7 @@ from moeray.platform.engine.scheduler import (
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 from moeray.platform.model.merge import merge_projections
+from moeray.platform.model.quant import keep_bf16_copies
 from moeray.platform.model.shared_fuse import fuse_shared_experts
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
@@ -145,6 +146,12 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.float32
+        # The bf16 copies that small FP8 layers run from at 17-64 rows (model/quant.py), made
+        # before the KV cache is sized from the free memory; their bytes.
+        self.fp8_as_bf16_bytes = 0
+        if self.device.type == "cuda":
+            half = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            self.fp8_as_bf16_bytes = keep_bf16_copies(model, half)
         self.tokenizer = tokenizer
         spec = config.num_speculative_tokens
         if spec:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX, switched_on
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX, switched_off, switched_on
 from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
 
 # Rows up to which FP8Linear runs the weight-only fp8_gemv instead of act_quant + fp8_gemm. At
@@ -42,28 +42,43 @@ def fp8_gemv_max_rows() -> int:
     return FP8_GEMV_BATCH_MAX_ROWS if switched_on("FP8_GEMV_BATCH") else FP8_GEMV_MAX_ROWS
 
 
-# With MOERAY_FUSED_FP8_AS_BF16=1 (opt-in, not yet timed in the engine) an FP8Linear of at most
-# FP8_AS_BF16_MAX_WEIGHTS weights runs F.linear over a kept bf16 copy of its weight (dequantized
-# once, `dequantized_weight`) from fp8_gemv_max_rows() + 1 to FP8_AS_BF16_MAX_ROWS rows, in place
-# of act_quant + the block-scaled GEMM (or the parts of a ragged merged stack). Why: at 64 rows on
-# an H200 such a layer is latency-bound, and bf16 F.linear beat act_quant + the GEMM on every
-# layer up to 14.7M weights (V3's q_a 11.3 us vs 18.6, kv_a 9.7 vs 17.9, a shared expert's gate
-# 13.4 vs 24.6 and down 10.4 vs 11.5) and lost from 37.7M up (q_b 22.3 vs 18.8, o_proj, the
-# dense MLP; benchmarks/results/kernels-nvidia-h200-gemv.json, its fp8_gemv rows). Moonlight's
-# projections and shared experts are 4-12M weights each. Weight-only, as fp8_gemv (x is not
-# rounded to e4m3); the copy costs 2 more bytes a weight (Moonlight: 1.6 GB).
+# An FP8Linear of at most FP8_AS_BF16_MAX_WEIGHTS weights runs F.linear over a kept bf16 copy of
+# its weight (dequantized once, `dequantized_weight`; made up front by `keep_bf16_copies`) from
+# fp8_gemv_max_rows() + 1 to FP8_AS_BF16_MAX_ROWS rows, in place of act_quant + the block-scaled
+# GEMM (or the parts of a ragged merged stack); MOERAY_FUSED_FP8_AS_BF16=0 keeps the FP8 path.
+# Why: at 64 rows on an H200 such a layer is latency-bound, and bf16 F.linear beat act_quant + the
+# GEMM on every layer up to 14.7M weights (V3's q_a 11.3 us vs 18.6, kv_a 9.7 vs 17.9, a shared
+# expert's gate 13.4 vs 24.6 and down 10.4 vs 11.5) and lost from 37.7M up (q_b 22.3 vs 18.8,
+# o_proj, the dense MLP; benchmarks/results/kernels-nvidia-h200-gemv.json, its fp8_gemv rows).
+# In the engine at batch 64 (benchmarks/results/engine-nvidia-h200-{moonlight,v3}-fp8-ab2.json):
+# Moonlight FP8 +9.8% tokens/s (graph 7.53 -> 6.79 ms), V3 widths +2.8%, batch 1 unchanged.
+# Weight-only, as fp8_gemv (x is not rounded to e4m3); the copy costs 2 more bytes a weight
+# (Moonlight: 1.6 GB; DeepSeek-V3: q_a + kv_a and the shared down, ~60 MB a layer).
 FP8_AS_BF16_MAX_ROWS = 64
 FP8_AS_BF16_MAX_WEIGHTS = 16 * 2**20
 
 
 def fp8_as_bf16(rows: int, n: int, k: int) -> bool:
     """Whether an FP8 [n, k] layer at `rows` rows runs as bf16 F.linear over its kept copy
-    (MOERAY_FUSED_FP8_AS_BF16=1 only; see FP8_AS_BF16_MAX_ROWS)."""
-    return (
-        switched_on("FP8_AS_BF16")
-        and fp8_gemv_max_rows() < rows <= FP8_AS_BF16_MAX_ROWS
-        and n * k <= FP8_AS_BF16_MAX_WEIGHTS
-    )
+    (unless MOERAY_FUSED_FP8_AS_BF16=0; see FP8_AS_BF16_MAX_ROWS)."""
+    return fp8_as_bf16_layer(n, k) and fp8_gemv_max_rows() < rows <= FP8_AS_BF16_MAX_ROWS
+
+
+def fp8_as_bf16_layer(n: int, k: int) -> bool:
+    """Whether an FP8 [n, k] layer runs as bf16 at some row counts (`fp8_as_bf16`): it keeps a
+    bf16 copy of its weight."""
+    return not switched_off("FP8_AS_BF16") and n * k <= FP8_AS_BF16_MAX_WEIGHTS
+
+
+def keep_bf16_copies(model: nn.Module, dtype: torch.dtype) -> int:
+    """Make now the `dtype` copies that the FP8Linear layers of `model` which run as bf16
+    (`fp8_as_bf16_layer`) keep, so that a serving engine counts their memory before it sizes its
+    KV cache instead of meeting them at its first batch of 17-64 rows. Returns their bytes."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, FP8Linear) and fp8_as_bf16_layer(m.out_features, m.in_features):
+            total += m.dequantized_weight(dtype).nbytes
+    return total
 
 
 def quantize_fp8_blocks(
@@ -105,8 +120,8 @@ class FP8Linear(nn.Module):
     On a GPU, `forward` picks the kernel (`forward_kernels`): fp8_gemv (weight-only, x
     unquantized) for up to `fp8_gemv_max_rows()` rows and for any N or K that is not a multiple of
     128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on e4m3 x (fp8 dots) instead at
-    those rows when N and K are multiples of 128; with MOERAY_FUSED_FP8_AS_BF16=1, bf16 F.linear
-    over a kept dequantized copy for small layers just above those rows (`fp8_as_bf16`);
+    those rows when N and K are multiples of 128; bf16 F.linear over a kept dequantized copy for
+    small layers just above those rows (`fp8_as_bf16`; MOERAY_FUSED_FP8_AS_BF16=0 turns it off);
     act_quant + the block-scaled fp8_gemm otherwise.
     Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off, switched_on
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off
 from moeray.kernels.gate import Routing
 from moeray.platform.model.linear import Linear
 from moeray.platform.model.moe import MoE, fused_experts
@@ -215,11 +215,12 @@ class SharedFused(nn.Module):
         if self.gate_proj.dtype == FP8_DTYPE:
             s1, s3, s2 = (self.get_buffer(f"{n}_scale_inv") for n in PROJS)
             scales = (s1, s3, s2)
-        # MOERAY_FUSED_SHARED_EARLY=1 (opt-in, not yet timed on a GPU): moe_gemv runs the shared
-        # slots' gate/up before its PDL wait, overlapping the gate. Its promise holds here: the
-        # ids end with E .. E+S-1, and since the norm wrote x only the routing's launches (and
-        # the cats above) ran, none of which writes x.
-        early = self.n_shared if switched_on("SHARED_EARLY") else 0
+        # moe_gemv runs the shared slots' gate/up before its PDL wait, overlapping the gate: on
+        # an H200 at batch 1 +2.6% / +2.1% tokens/s at Moonlight bf16 / FP8 and +3.1% at V3
+        # widths FP8 (benchmarks/results/engine-nvidia-h200-*-ab2.json); MOERAY_FUSED_SHARED_EARLY=0
+        # keeps the wait first. Its promise holds here: the ids end with E .. E+S-1, and since the
+        # norm wrote x only the routing's launches (and the cats above) ran, none writing x.
+        early = 0 if switched_off("SHARED_EARLY") else self.n_shared
         return fused_experts(x_TD, w, scales, ids, weights, early_shared=early)
 
 
