@@ -16,10 +16,11 @@ Moonlight batch-1 step from 408 to 382 kernels and its graph 2.26 -> 2.24 ms bf1
 2.2-2.5 us a layer alone, most of it hidden by PDL; benchmarks/notes-engine.md). A program
 reads one row of x (or h) and BN rows of each weight over the whole reduction in 128-wide steps,
 accumulates acc [BN, 128] += x[None, :] * w on the CUDA cores and reduces the 128 columns after
-the loop: fp8_gemv's broadcast path with one row. Per weight element one convert, one scale
-multiply (FP8) and one FMA: at 4.8 TB/s of e4m3 ~5 T FMA/s, a sixth of the H200's fp32 rate, so
-the loop stays bandwidth-bound. An id outside [0, E) (an expert on another rank) returns before
-any read: its h and y_tk rows are never written, and moe_sum skips them.
+the loop: fp8_gemv's broadcast path with one row. Per weight element one convert and one FMA
+(FP8's block scale multiplies the step's 128 x values instead): at 4.8 TB/s of e4m3 ~5 T FMA/s, a
+sixth of the H200's fp32 rate, so the loop stays bandwidth-bound. An id outside [0, E) (an
+expert on another rank) returns before any read: its h and y_tk rows are never written, and
+moe_sum skips them.
 
 Why: the aligned path (moe.py) pays moe_align's launch and, with FP8, two act_quant launches, and
 its tl.dot pads each expert's rows to 16 (15 of 16 padding at one token). On an H200 at
@@ -28,7 +29,8 @@ bytes: latency-bound) and 37.7 us in bf16 (2.76 TB/s; results/moe-decode-sweep-n
 where fp8_gemv's one-row broadcast tile reads 3.2 TB/s.
 
 FP8 weights (e4m3, 128x128 block scale_inv) are weight-only, like FP8Linear's decode fp8_gemv:
-each tile is converted to fp32 and multiplied by its block scale; x and h are not quantized. The
+each tile is converted to fp32 and its block scale applied (to the step's x or h values); x and
+h are not quantized. The
 aligned path's FP8 numbers differ by the 1x128 e4m3 rounding of x and h it applies (4.1-4.6% of
 the output's norm on random data). h and y_tk are stored in `moe_act_dtype(x)`, rounded to
 nearest also under the interpreter (`to_dtype_rn`); `moe_gemv_ref` gives the same numbers up to
@@ -138,15 +140,17 @@ def _assignment(T, K, EARLY_SHARED: tl.constexpr):
 
 
 @triton.jit
-def _weight_step(
-    w_ptrs, s_ptr, kb, stride_k, stride_sk, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr
+def _step_product(
+    v, w_ptrs, s_ptr, kb, stride_k, stride_sk, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr
 ):
-    """K step kb of a weight tile [BN, 128] in fp32: with FP8, e4m3 times the scale of its 128x128
-    block (s_ptr: the block row's scales; one per step, the tile lying in one block row)."""
+    """v [1, 128] (fp32) times K step kb of a weight tile [BN, 128], in fp32. With FP8 the e4m3
+    tile's block scale (s_ptr: the block row's scales; one per step, the tile lying in one block
+    row) multiplies v's 128 values, not the tile's BN x 128: per weight one convert and one FMA
+    instead of a convert and two ops (the scale's multiply was a quarter of the loop's ALU work)."""
     w = load_k_step(w_ptrs, kb * 128, stride_k, offs_k, K, EVEN_K).to(tl.float32)
     if FP8:
-        w = w * tl.load(s_ptr + kb * stride_sk)
-    return w
+        v = v * tl.load(s_ptr + kb * stride_sk)
+    return v * w
 
 
 @triton.jit
@@ -248,11 +252,11 @@ def _gate_up_act(
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(H, BLOCK_K), num_stages=NUM_STAGES):
         x = load_k_step(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, H, EVEN_K).to(tl.float32)
-        acc_g += x * _weight_step(
-            wg_ptrs, sg_ptr, kb, stride_wgk, stride_sgk, offs_k, H, EVEN_K, FP8
+        acc_g += _step_product(
+            x, wg_ptrs, sg_ptr, kb, stride_wgk, stride_sgk, offs_k, H, EVEN_K, FP8
         )
-        acc_u += x * _weight_step(
-            wu_ptrs, su_ptr, kb, stride_wuk, stride_suk, offs_k, H, EVEN_K, FP8
+        acc_u += _step_product(
+            x, wu_ptrs, su_ptr, kb, stride_wuk, stride_suk, offs_k, H, EVEN_K, FP8
         )
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
@@ -340,8 +344,8 @@ def _down_rows(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(INTER, BLOCK_K), num_stages=NUM_STAGES):
         hv = load_k_step(h_ptrs, kb * BLOCK_K, 1, offs_k, INTER, EVEN_K).to(tl.float32)
-        acc += hv * _weight_step(
-            w_ptrs, s_ptr, kb, stride_wk, stride_sk, offs_k, INTER, EVEN_K, FP8
+        acc += _step_product(
+            hv, w_ptrs, s_ptr, kb, stride_wk, stride_sk, offs_k, INTER, EVEN_K, FP8
         )
     y = tl.sum(acc, axis=1) * tl.load(rw_ptr + a64).to(tl.float32)
     tl.store(

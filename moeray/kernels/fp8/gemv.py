@@ -11,9 +11,10 @@ S the split-K count.
 
 Three inner products, chosen by x's dtype and M:
 - broadcast (M <= _BCAST_MAX_ROWS): acc [BM, BN, BK] += x[:, None, :] * w[None, :, :] on the CUDA
-  cores, reduced over K once after the loop. Cost per weight byte: one convert, one scale multiply
-  and M FMAs; at 4.8 TB/s and M = 4 that is ~19 T FMA/s, under the H200's fp32 rate (~33 T FMA/s),
-  so the loop stays bandwidth-bound. tl.dot would pad M to 16 for the tensor cores.
+  cores, reduced over K once after the loop (the block scale applied to x's values, not the
+  weights'). Cost per weight byte: one convert and M FMAs; at 4.8 TB/s and M = 4 that is ~19 T
+  FMA/s, under the H200's fp32 rate (~33 T FMA/s), so the loop stays bandwidth-bound. tl.dot
+  would pad M to 16 for the tensor cores.
 - dot (larger M): the tile converted to x's dtype (e4m3 -> bf16/fp16 is exact) and tl.dot with
   operands swapped (w as the MMA's 64-row side, BM = 16..64 tokens as its narrow side); fp32 x
   uses IEEE fp32 dots (no TF32), so fp32 models keep fp32 numbers.
@@ -127,9 +128,10 @@ def _dot_scale(s, xs_ptrs, kb, stride_xsk, ACT_FP8: tl.constexpr):
 
 @triton.jit
 def _bcast_part(x, w, s):
-    """The broadcast products x[:, None, :] * (w * s)[None, :, :] [BM, BN, 128] in fp32."""
-    wf = w.to(tl.float32) * s
-    return x.to(tl.float32)[:, None, :] * wf[None, :, :]
+    """The broadcast products (x * s)[:, None, :] * w[None, :, :] [BM, BN, 128] in fp32: the block
+    scale s multiplies x's BM x 128 values, not the tile's BN x 128 (per weight one convert and
+    one FMA a row)."""
+    return (x.to(tl.float32) * s)[:, None, :] * w.to(tl.float32)[None, :, :]
 
 
 @triton.jit
