@@ -345,6 +345,8 @@ def main(argv: list[str]) -> int:
     notes["fast_path_env"] = switch_env()  # every switch (bench/ab.py), defaults filled in
     notes["pdl"] = pdl_launch(device)  # the switch and the GPU (sm_90+) together
     notes["attention_calls"] = dict(engine.runner.attention_calls)
+    # the memory the small FP8 layers' bf16 copies take (model/quant.py's FP8_AS_BF16)
+    notes["fp8_as_bf16_gib"] = round(engine.fp8_as_bf16_bytes / 2**30, 3)
 
     prefill = None
     prefill_by_path: dict[str, float] = {}
