@@ -467,7 +467,7 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
     monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
     assert torch.equal(layer.forward_kernels(x40), fp8.fp8_gemm(*fp8.act_quant(x40), wq, ws))
     assert not layer.dequantized_kept(torch.bfloat16)
-    assert quant_module.keep_bf16_copies(layer, torch.bfloat16) == 0
+    assert quant_module.keep_bf16_copies([layer], torch.bfloat16) == 0
     assert not layer.dequantized_kept(torch.bfloat16)
     monkeypatch.delenv("MOERAY_FUSED_FP8_AS_BF16")
     gemm_launches.clear()
@@ -490,5 +490,5 @@ def test_keep_bf16_copies_makes_them_up_front(monkeypatch):
     small, big = FP8Linear(*_weight(256, 512, seed=1)), FP8Linear(*_weight(256, 1024, seed=2))
     model = torch.nn.Sequential(small, torch.nn.Linear(4, 4), big)
     monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512)
-    assert quant_module.keep_bf16_copies(model, torch.bfloat16) == 256 * 512 * 2
+    assert quant_module.keep_bf16_copies(model.modules(), torch.bfloat16) == 256 * 512 * 2
     assert small.dequantized_kept(torch.bfloat16) and not big.dequantized_kept(torch.bfloat16)

@@ -298,3 +298,23 @@ def test_published_shapes_merge_every_pair(preset, fp8):
     assert attn.sizes == (q_rows, 576) and attn.gemv_only == fp8
     assert not layers[0].mlp.gate_up_proj.gemv_only
     assert not layers[1].mlp.shared_experts.gate_up_proj.gemv_only
+
+
+def test_decode_modules_leave_out_merged_parts_and_idle_mtp():
+    """The engine's decode modules (whose FP8 layers get bf16 copies up front): each merged
+    layer, not its parts; the MTP module only when drafting."""
+    from moeray.platform.engine.engine import decode_modules
+    from moeray.platform.model.merge import merged_parts
+
+    _, merged, report = _models(_cfg(q_lora=False), torch.bfloat16, fp8=True)
+    parts = merged_parts(merged)
+    attn = merged.model.layers[0].self_attn
+    assert attn.q_proj in parts and attn.kv_a_proj_with_mqa in parts
+    assert len(parts) == 2 * sum(why is None for why in report.values())
+    ids = {id(m) for m in decode_modules(merged, drafting=False)}
+    assert id(attn.fused_qkv_a_proj.fused) in ids and not ids & {id(m) for m in parts}
+    mtp = list(merged.mtp.modules())
+    assert mtp and not ids & {id(m) for m in mtp}
+    with_mtp = {id(m) for m in decode_modules(merged, drafting=True)}
+    assert {id(m) for m in mtp} - {id(m) for m in parts} <= with_mtp  # (its merged parts not)
+    assert with_mtp - ids == {id(m) for m in mtp} - {id(m) for m in parts}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from moeray.platform.checkpoint import load_model
 from moeray.platform.engine.disagg import KVRows
@@ -54,7 +55,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
 )
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
-from moeray.platform.model.merge import merge_projections
+from moeray.platform.model.merge import merge_projections, merged_parts
 from moeray.platform.model.quant import keep_bf16_copies
 from moeray.platform.model.shared_fuse import fuse_shared_experts
 
@@ -130,6 +131,15 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def decode_modules(model: nn.Module, drafting: bool) -> list[nn.Module]:
+    """The modules of `model` that a decode step may run: all but the parts of merged projections
+    (their MergedLinear runs instead: model/merge.py) and, unless `drafting`, the MTP modules."""
+    idle = {id(m) for m in merged_parts(model)}
+    if not drafting:
+        idle |= {id(m) for m in getattr(model, "mtp", nn.ModuleList()).modules()}
+    return [m for m in model.modules() if id(m) not in idle]
+
+
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), *, tokenizer=None) -> None:
         self.model = model.eval()
@@ -146,16 +156,17 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.float32
-        # The bf16 copies that small FP8 layers run from at 17-64 rows (model/quant.py), made
-        # before the KV cache is sized from the free memory; their bytes.
-        self.fp8_as_bf16_bytes = 0
-        if self.device.type == "cuda":
-            half = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            self.fp8_as_bf16_bytes = keep_bf16_copies(model, half)
         self.tokenizer = tokenizer
         spec = config.num_speculative_tokens
         if spec:
             require_mtp(model)  # before the cache is allocated
+        # The bf16 copies that small FP8 layers run from at 17-64 rows (model/quant.py), made
+        # before the KV cache is sized from the free memory; their bytes. Not for layers that
+        # never run at those rows: the parts of merged projections, the MTP module unless drafting.
+        self.fp8_as_bf16_bytes = 0
+        if self.device.type == "cuda":
+            half = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            self.fp8_as_bf16_bytes = keep_bf16_copies(decode_modules(model, spec > 0), half)
         shape = CacheShape.from_model_config(
             model.config,
             page_size=config.page_size,

@@ -44,6 +44,18 @@ def _pair(module: nn.Module) -> tuple[str, tuple[str, str]] | None:
     return None
 
 
+def merged_parts(model: nn.Module) -> list[nn.Module]:
+    """The projections of `model` that run inside a MergedLinear (merge_projections merged them):
+    at decode rows their own layers do not run; they run only where the merged one does not apply
+    (autograd on; an FP8 stack off the 128-row grid past its rows)."""
+    parts: list[nn.Module] = []
+    for owner in model.modules():
+        pair = _pair(owner)
+        if pair is not None and getattr(owner, pair[0], None) is not None:
+            parts += [getattr(owner, n) for n in pair[1]]
+    return parts
+
+
 def merge_projections(model: nn.Module) -> dict[str, str | None]:
     """Merge, in place, each pair of projections of `model` that read one input (module
     docstring). Returns {owner module name: None where merged, else why not}."""

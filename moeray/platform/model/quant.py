@@ -9,7 +9,7 @@ These are the PyTorch references; `moeray.kernels` has the Triton versions for t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +70,13 @@ def fp8_as_bf16_layer(n: int, k: int) -> bool:
     return not switched_off("FP8_AS_BF16") and n * k <= FP8_AS_BF16_MAX_WEIGHTS
 
 
-def keep_bf16_copies(model: nn.Module, dtype: torch.dtype) -> int:
-    """Make now the `dtype` copies that the FP8Linear layers of `model` which run as bf16
+def keep_bf16_copies(modules: Iterable[nn.Module], dtype: torch.dtype) -> int:
+    """Make now the `dtype` copies that the FP8Linear layers among `modules` which run as bf16
     (`fp8_as_bf16_layer`) keep, so that a serving engine counts their memory before it sizes its
-    KV cache instead of meeting them at its first batch of 17-64 rows. Returns their bytes."""
+    KV cache instead of meeting them at its first batch of 17-64 rows. Returns their bytes (a copy
+    already kept counts too)."""
     total = 0
-    for m in model.modules():
+    for m in modules:
         if isinstance(m, FP8Linear) and fp8_as_bf16_layer(m.out_features, m.in_features):
             total += m.dequantized_weight(dtype).nbytes
     return total
