@@ -122,6 +122,7 @@ def test_shared_early_keeps_the_engine_outputs(fp8, monkeypatch):
         monkeypatch.setenv("MOERAY_FUSED_SHARED_EARLY", early)
         eng = _engine(model, monkeypatch, True)
         assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
+        assert (eng.fp8_as_bf16_bytes > 0) == fp8  # the small FP8 layers' copies, made up front
         outs[early] = [eng.generate(_prompts(n), params) for n in ((5,), (3, 70, 16))]
         del eng
     for a, b in zip(outs["0"], outs["1"], strict=True):
