@@ -26,7 +26,10 @@ try:
 except ImportError:  # the openai client in this environment ships httpx as httpx2
     import httpx2 as httpx
 
+from moeray.platform.config import ServeConfig
 from moeray.platform.engine.detokenize import IncrementalDetokenizer
+from moeray.platform.serve.app import check_model_dir
+from moeray.platform.serve.generation_config import sampling_defaults
 from moeray.platform.serve.http.admission import AdmissionGate
 from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.auth import API_KEY_ENV, check_bearer, resolve_api_key
@@ -42,6 +45,8 @@ from moeray.platform.serve.http.protocol import (
 from moeray.platform.serve.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from moeray.platform.serve.http.server import OpenAIServerConfig
 from moeray.platform.serve.http.text import StopMatcher
+from moeray.platform.serve.tokenizer import ServeTokenizer
+from moeray.platform.serve.worker import ColocatedWorker, make_engine
 
 EOS = 256
 
@@ -163,6 +168,30 @@ def serve_app(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_model_dir(model_dir, model_id: str, **engine) -> Iterator[str]:
+    """`model_dir` served as `moeray serve --mode colocated` serves it, on the CPU in fp32
+    (check_model_dir, make_engine, a ColocatedWorker behind the OpenAI app with the directory's
+    tokenizer, chat template and generation config), under `serve_app`: yield the base URL.
+    `engine`: ServeConfig's sizes (page_size, num_pages, max_model_len, ...)."""
+    cfg = ServeConfig(
+        model=str(model_dir), mode="colocated", device="cpu", dtype="float32", **engine
+    )
+    check_model_dir(cfg)
+    worker = ColocatedWorker(make_engine(cfg))
+    tok = ServeTokenizer(model_dir)
+    config = OpenAIServerConfig(
+        model_id=model_id,
+        max_context=cfg.max_model_len,
+        sampling_defaults=sampling_defaults(model_dir),
+    )
+    try:
+        with serve_app(build_app(worker, tok, config, chat_template=tok.chat_template())) as url:
+            yield url
+    finally:
+        worker.loop.shutdown()
 
 
 def make_server(engine=None, *, metrics=None, **cfg):

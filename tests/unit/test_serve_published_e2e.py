@@ -31,14 +31,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from moeray.platform.checkpoint import save_model  # noqa: E402
-from moeray.platform.config import ServeConfig, preset  # noqa: E402
+from moeray.platform.config import preset  # noqa: E402
 from moeray.platform.model.transformer import Transformer  # noqa: E402
-from moeray.platform.serve.app import check_model_dir  # noqa: E402
-from moeray.platform.serve.generation_config import sampling_defaults  # noqa: E402
-from moeray.platform.serve.http.app import build_app  # noqa: E402
-from moeray.platform.serve.http.server import OpenAIServerConfig  # noqa: E402
-from moeray.platform.serve.tokenizer import ServeTokenizer  # noqa: E402
-from moeray.platform.serve.worker import ColocatedWorker, make_engine  # noqa: E402
 
 
 def _load(name: str):
@@ -173,27 +167,6 @@ def _write_tokenizer(d: Path, files: dict[str, str]):
     return transformers.AutoTokenizer.from_pretrained(str(d))
 
 
-def _serve(d: Path):
-    cfg = ServeConfig(
-        model=str(d),
-        mode="colocated",
-        device="cpu",
-        dtype="float32",
-        page_size=16,
-        num_pages=16,
-        max_num_seqs=4,
-        max_num_batched_tokens=128,
-        max_model_len=128,
-    )
-    check_model_dir(cfg)
-    worker = ColocatedWorker(make_engine(cfg))
-    tok = ServeTokenizer(d)
-    config = OpenAIServerConfig(
-        model_id="m", max_context=128, sampling_defaults=sampling_defaults(d)
-    )
-    return worker, build_app(worker, tok, config, chat_template=tok.chat_template())
-
-
 def _ids(tokens: list[str]) -> list[int]:
     assert all(t.startswith("token_id:") for t in tokens), tokens
     return [int(t.split(":", 1)[1]) for t in tokens]
@@ -216,17 +189,16 @@ def test_served_checkpoints_match_transformers_greedy(name, tmp_path, tokenizer_
     chat_prompt = list(getattr(chat_prompt, "input_ids", chat_prompt))
     assert chat_prompt.count(BOS) == 1
     want_chat = _greedy(hf, chat_prompt, MAX_TOKENS)
+    sizes = dict(
+        page_size=16, num_pages=16, max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128
+    )
     for fmt, d in checkpoints:
-        worker, app = _serve(d)
-        try:
-            with srv.serve_app(app) as url:
-                client = openai.OpenAI(
-                    base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60
-                )
-                _check_completions(client, hf_tok, prompt, want, fmt)
-                _check_chat(client, hf_tok, chat_prompt, want_chat, fmt)
-        finally:
-            worker.loop.shutdown()
+        with srv.serve_model_dir(d, "m", **sizes) as url:
+            client = openai.OpenAI(
+                base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60
+            )
+            _check_completions(client, hf_tok, prompt, want, fmt)
+            _check_chat(client, hf_tok, chat_prompt, want_chat, fmt)
 
 
 def _check_completions(client, hf_tok, prompt, want, fmt):
