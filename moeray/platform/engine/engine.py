@@ -58,6 +58,7 @@ from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, requi
 from moeray.platform.model.merge import merge_projections, merged_parts
 from moeray.platform.model.quant import keep_bf16_copies
 from moeray.platform.model.shared_fuse import fuse_shared_experts
+from moeray.platform.tokenizer_dir import has_tokenizer, load_tokenizer_dir
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
     from moeray.platform.engine.grammar import GrammarSet
@@ -250,10 +251,8 @@ class Engine:
         """An engine over the HF directory at `path`; `keep_fp8` keeps an FP8 checkpoint's e4m3
         weights (load_model)."""
         _cfg, model = load_model(path, device=device, dtype=dtype, keep_fp8=keep_fp8)
-        if tokenizer is None and (Path(path) / "tokenizer.json").exists():
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        if tokenizer is None and has_tokenizer(path):
+            tokenizer = load_tokenizer_dir(path)
         return cls(model, config, tokenizer=tokenizer)
 
     # ---- tokenizer ---------------------------------------------------------------------------
@@ -273,7 +272,7 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError(
                     "structured output needs the engine's tokenizer (the model directory's "
-                    "tokenizer.json)"
+                    "tokenizer.json or tiktoken.model)"
                 )
             # Imported here: xgrammar is a native extension only engines that constrain load.
             from moeray.platform.engine.grammar import GrammarSet

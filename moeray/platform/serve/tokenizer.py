@@ -13,6 +13,7 @@ import jinja2.ext
 import jinja2.sandbox
 
 from moeray.platform.serve.http.chat import ChatTemplateError
+from moeray.platform.tokenizer_dir import load_tokenizer_dir
 
 # tokenizer_config.json keys naming special tokens; transformers (5.x) registers each one it finds
 # in the vocabulary as special, so decoding with skip_special_tokens drops it even where
@@ -22,7 +23,8 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 
 
 class ServeTokenizer:
-    """`tokenizers.Tokenizer` from `<model>/tokenizer.json` behind the app's Tokenizer protocol.
+    """The model directory's `tokenizers.Tokenizer` (tokenizer.json, or Moonlight's and Kimi-K2's
+    tiktoken.model converted: platform/tokenizer_dir.py) behind the app's Tokenizer protocol.
 
     Encoding with add_special_tokens applies tokenizer.json's post-processor (DeepSeek-V3's
     prepends <｜begin▁of▁sentence｜>), as transformers does; an explicit `add_bos_token` in
@@ -31,17 +33,12 @@ class ServeTokenizer:
     """
 
     def __init__(self, path: str | Path) -> None:
-        from tokenizers import AddedToken, Tokenizer
+        from tokenizers import AddedToken
 
         path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.exists():
-            raise ValueError(
-                f"no tokenizer.json in {path}: the model directory needs its tokenizer files"
-            )
-        self._tok = Tokenizer.from_file(str(file))
-        self.directory = file.parent
-        config = file.parent / "tokenizer_config.json"
+        self._tok = load_tokenizer_dir(path)
+        self.directory = path if path.is_dir() else path.parent
+        config = self.directory / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(config.read_text()) if config.exists() else {}
         named = [self._special(k) for k in _SPECIAL_KEYS]
         known = [t for t in named if t and self._tok.token_to_id(t) is not None]
