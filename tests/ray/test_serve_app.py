@@ -225,7 +225,9 @@ def test_lm_eval_and_aiperf_through_prefill_and_decode(server, model_dir, tmp_pa
         batch_size=3,
     )
     oracle = clients.evaluate("hf", clients.hf_args(model_dir), clients.TASKS, tasks, device="cpu")
-    assert any(greedy) and clients.greedy_flags(oracle) == greedy
+    # This model's greedy tokens are mostly past its 400-token tokenizer (vocab 1024): few or
+    # no greedy choices; test_eval_clients.py has one per question.
+    assert clients.greedy_flags(oracle) == greedy
     clients.assert_same(api, oracle)
     monkeypatch.delenv("HF_HUB_OFFLINE")  # aiperf 0.13 then cannot load a local tokenizer
     report = clients.run_aiperf(url, "tiny", model_dir, tmp_path / "aiperf", "chat", 6, 8)
