@@ -23,6 +23,9 @@ from moeray.platform.serve.http.app import build_app
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep
 from moeray.platform.serve.http.server import OpenAIServerConfig
 from moeray.platform.serve.http.tool_parsers.deepseek_v3 import format_tool_calls
+from moeray.platform.serve.http.tool_parsers.kimi_k2 import (
+    format_tool_calls as kimi_format_tool_calls,
+)
 from moeray.platform.serve.tokenizer import ServeTokenizer
 from moeray.platform.serve.worker import ColocatedWorker
 
@@ -321,3 +324,25 @@ def test_tool_choice_auto_parses_deepseek_v3_calls_whole_and_streamed():
     )
     assert "### get_weather" not in bytes(backend.requests[-1].prompt_ids).decode()
     assert all(q.params.structured is None for q in backend.requests)  # auto/none: no grammar
+
+
+def test_tool_choice_auto_parses_kimi_k2_calls_with_its_parser():
+    """`--tool-call-parser kimi_k2`: Kimi-K2's markers become tool_calls, whole and streamed."""
+    args = '{"city": "Lima", "days": 5}'
+    text = "On it. " + kimi_format_tool_calls([("get_weather", args)])
+    config = OpenAIServerConfig(model_id="tiny", max_context=4096, tool_call_parser="kimi_k2")
+    app = build_app(ScriptedBackend(text), srv.ByteTokenizer(), config)
+    with srv.serve_app(app) as url:
+        client = _client(url)
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and msg.content == "On it. "
+        assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [
+            ("get_weather", args)
+        ]
+        stream = client.chat.completions.create(
+            model="tiny", messages=USER, tools=TOOLS, stream=True
+        )
+        deltas = [d for c in stream if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert [d.function.name for d in deltas if d.function.name] == ["get_weather"]
+        assert "".join(d.function.arguments for d in deltas) == args

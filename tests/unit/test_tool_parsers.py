@@ -1,5 +1,5 @@
-"""Tool-call parsers (DeepSeek-V3's format, generic JSON), whole and streamed at every split, and
-the DeepSeek-V3 chat prompt with tools, tool calls and tool results."""
+"""Tool-call parsers (DeepSeek-V3's and Kimi-K2's formats, generic JSON), whole and streamed at
+every split, and the DeepSeek-V3 chat prompt with tools, tool calls and tool results."""
 
 import json
 import random
@@ -11,6 +11,7 @@ from moeray.platform.serve.http.schemas import ChatMessage
 from moeray.platform.serve.http.tool_parsers import ToolCall, get_tool_parser
 from moeray.platform.serve.http.tool_parsers.base import join_pieces
 from moeray.platform.serve.http.tool_parsers.deepseek_v3 import format_tool_calls
+from moeray.platform.serve.http.tool_parsers.kimi_k2 import format_tool_calls as kimi_format
 
 WEATHER = json.dumps({"city": "Paris", "days": 3, "note": "```json inside ``` a string"})
 TIME = json.dumps({"tz": "Europe/Paris"})
@@ -25,6 +26,16 @@ DS_TEXT = (
     "<｜tool▁calls▁end｜>"
 )
 DS_CALLS = [ToolCall("get_weather", WEATHER), ToolCall("get_time", TIME)]
+# Kimi-K2 output: markers with whitespace between them, one id without "functions.".
+KIMI_TEXT = (
+    "Let me check. "
+    "<|tool_calls_section_begin|>\n"
+    "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+    + WEATHER
+    + "<|tool_call_end|>\n"
+    "<|tool_call_begin|> get_time:1 <|tool_call_argument_begin|>" + TIME + "<|tool_call_end|>"
+    "<|tool_calls_section_end|>"
+)
 
 
 def _stream(parser, chunks):
@@ -45,9 +56,26 @@ def test_deepseek_v3_whole_text():
     assert p.parse(DS_TEXT[14:]) == (None, DS_CALLS)
 
 
-@pytest.mark.parametrize("text", [DS_TEXT, "plain answer ``` <｜ not a marker", DS_TEXT[14:]])
-def test_deepseek_v3_streamed_split_at_every_position(text):
-    p = get_tool_parser("deepseek_v3")
+def test_kimi_k2_whole_text():
+    p = get_tool_parser("kimi_k2")
+    assert p.parse(KIMI_TEXT) == ("Let me check. ", DS_CALLS)
+    canonical = kimi_format([(c.name, c.arguments) for c in DS_CALLS])
+    assert p.parse(canonical) == (None, DS_CALLS)
+    assert p.parse("text <|tool_call_begin|> alone") == ("text <|tool_call_begin|> alone", [])
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("deepseek_v3", DS_TEXT),
+        ("deepseek_v3", "plain answer ``` <｜ not a marker"),
+        ("deepseek_v3", DS_TEXT[14:]),
+        ("kimi_k2", KIMI_TEXT),
+        ("kimi_k2", "plain <| not a marker <|tool_calls"),
+    ],
+)
+def test_streamed_split_at_every_position(name, text):
+    p = get_tool_parser(name)
     whole = p.parse(text)
     for cut in range(len(text) + 1):
         content, pieces = _stream(p, [text[:cut], text[cut:]])

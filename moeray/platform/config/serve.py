@@ -159,4 +159,4 @@ LOAD_FORMATS = ("safetensors", "dummy")
 # An EP gang's decode exchange (parallel/serve_ep.py: "auto" gathers when graphs replay).
 DECODE_EXCHANGES = ("auto", "gather", "all_to_all")
 # How a chat's output becomes tool_calls (serve/http/tool_parsers/): `--tool-call-parser`.
-TOOL_CALL_PARSERS = ("deepseek_v3", "json")
+TOOL_CALL_PARSERS = ("deepseek_v3", "json", "kimi_k2")

@@ -3,6 +3,7 @@
 Selected by `--tool-call-parser` (ServeConfig.tool_call_parser), as in vLLM:
     deepseek_v3  DeepSeek-V3's special-token format (deepseek_v3.py)
     json         one JSON call object or an array of them (json_tools.py)
+    kimi_k2      Kimi-K2's special-token format (kimi_k2.py)
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from moeray.platform.serve.http.tool_parsers.base import (
 )
 from moeray.platform.serve.http.tool_parsers.deepseek_v3 import DeepSeekV3ToolParser
 from moeray.platform.serve.http.tool_parsers.json_tools import JSONToolParser
+from moeray.platform.serve.http.tool_parsers.kimi_k2 import KimiK2ToolParser
 
 _PARSERS: dict[str, type[ToolParser]] = {
     DeepSeekV3ToolParser.name: DeepSeekV3ToolParser,
     JSONToolParser.name: JSONToolParser,
+    KimiK2ToolParser.name: KimiK2ToolParser,
 }
 assert tuple(_PARSERS) == TOOL_CALL_PARSERS, "config.TOOL_CALL_PARSERS names every parser"
 

@@ -11,6 +11,7 @@ is the same parser run over the whole text at once, so a stream's pieces always 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -74,3 +75,80 @@ def held_back(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+@dataclass(frozen=True)
+class SectionFormat:
+    """A format whose calls sit in one marked section after the content:
+
+        CONTENT<begin> <call_begin>HEADER<args_open>ARGUMENTS<args_close> ... <end>
+
+    with `between` characters allowed around the calls; `name(HEADER)` is the function's name,
+    or None while the header may still be incomplete. What follows the section is dropped."""
+
+    begin: str
+    end: str
+    call_begin: str
+    args_open: str
+    args_close: str
+    between: str
+    name: Callable[[str], str | None]
+
+
+class SectionStream(StreamingToolParser):
+    """The incremental parser of a `SectionFormat` (DeepSeek-V3's and Kimi-K2's)."""
+
+    def __init__(self, fmt: SectionFormat) -> None:
+        self.fmt = fmt
+        self.text = ""
+        self.pos = 0  # everything before pos is decided and emitted
+        self.in_section = False
+        self.index = -1  # the call being read; -1 before the first
+        self.in_args = False
+
+    def push(self, delta: str, final: bool = False) -> ParseDelta:
+        f = self.fmt
+        self.text += delta
+        out = ParseDelta()
+        while True:
+            rest = self.text[self.pos :]
+            if not self.in_section:
+                at = rest.find(f.begin)
+                if at < 0:
+                    keep = 0 if final else held_back(rest, f.begin)
+                    out.content += rest[: len(rest) - keep]
+                    self.pos += len(rest) - keep
+                    return out
+                out.content += rest[:at]
+                self.pos += at + len(f.begin)
+                self.in_section = True
+            elif self.in_args:
+                at = rest.find(f.args_close)
+                if at < 0:
+                    keep = 0 if final else held_back(rest, f.args_close)
+                    if len(rest) > keep:
+                        out.calls.append(ToolCallPiece(self.index, None, rest[: len(rest) - keep]))
+                    self.pos += len(rest) - keep
+                    return out
+                if at:
+                    out.calls.append(ToolCallPiece(self.index, None, rest[:at]))
+                self.pos += at + len(f.args_close)
+                self.in_args = False
+            else:
+                # Between calls: a whole call header, or the end of the section; anything else
+                # (an unfinished header) waits for more text.
+                stripped = rest.lstrip(f.between)
+                skipped = len(rest) - len(stripped)
+                if stripped.startswith(f.end) or (final and not stripped):
+                    self.pos = len(self.text)  # what follows the calls is not content
+                    return out
+                end = stripped.find(f.args_open)
+                if not stripped.startswith(f.call_begin) or end < 0:
+                    return out
+                name = f.name(stripped[len(f.call_begin) : end])
+                if name is None:
+                    return out
+                self.index += 1
+                out.calls.append(ToolCallPiece(self.index, name, ""))
+                self.pos += skipped + end + len(f.args_open)
+                self.in_args = True

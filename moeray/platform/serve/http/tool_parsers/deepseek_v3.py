@@ -14,11 +14,10 @@ with them kept (skip_special_tokens false) for this parser to see them.
 from __future__ import annotations
 
 from moeray.platform.serve.http.tool_parsers.base import (
-    ParseDelta,
+    SectionFormat,
+    SectionStream,
     StreamingToolParser,
-    ToolCallPiece,
     ToolParser,
-    held_back,
 )
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
@@ -38,61 +37,24 @@ def format_tool_calls(calls: list[tuple[str, str]]) -> str:
     return CALLS_BEGIN + body + CALLS_END
 
 
-class _Stream(StreamingToolParser):
-    def __init__(self) -> None:
-        self.text = ""
-        self.pos = 0  # everything before pos is decided and emitted
-        self.in_calls = False
-        self.index = -1  # the call being read; -1 before the first
-        self.in_args = False
+def _name(header: str) -> str | None:
+    """`function<sep>NAME` -> NAME (None until the separator has arrived)."""
+    return header.split(SEP, 1)[1].strip() if SEP in header else None
 
-    def push(self, delta: str, final: bool = False) -> ParseDelta:
-        self.text += delta
-        out = ParseDelta()
-        while True:
-            rest = self.text[self.pos :]
-            if not self.in_calls:
-                at = rest.find(CALLS_BEGIN)
-                if at < 0:
-                    keep = 0 if final else held_back(rest, CALLS_BEGIN)
-                    out.content += rest[: len(rest) - keep]
-                    self.pos += len(rest) - keep
-                    return out
-                out.content += rest[:at]
-                self.pos += at + len(CALLS_BEGIN)
-                self.in_calls = True
-            elif self.in_args:
-                at = rest.find(ARGS_CLOSE)
-                if at < 0:
-                    keep = 0 if final else held_back(rest, ARGS_CLOSE)
-                    if len(rest) > keep:
-                        out.calls.append(ToolCallPiece(self.index, None, rest[: len(rest) - keep]))
-                    self.pos += len(rest) - keep
-                    return out
-                if at:
-                    out.calls.append(ToolCallPiece(self.index, None, rest[:at]))
-                self.pos += at + len(ARGS_CLOSE)
-                self.in_args = False
-            else:
-                # Between calls: a whole call header `<call_begin>TYPE<sep>NAME\n```json\n`, or
-                # the end of the calls; anything else (an unfinished header) waits for more text.
-                stripped = rest.lstrip("\n")
-                skipped = len(rest) - len(stripped)
-                if stripped.startswith(CALLS_END) or (final and not stripped):
-                    self.pos = len(self.text)  # what follows the calls is not content
-                    return out
-                end = stripped.find(ARGS_OPEN)
-                if not stripped.startswith(CALL_BEGIN) or end < 0 or SEP not in stripped[:end]:
-                    return out
-                name = stripped[:end].split(SEP, 1)[1].strip()
-                self.index += 1
-                out.calls.append(ToolCallPiece(self.index, name, ""))
-                self.pos += skipped + end + len(ARGS_OPEN)
-                self.in_args = True
+
+FORMAT = SectionFormat(
+    begin=CALLS_BEGIN,
+    end=CALLS_END,
+    call_begin=CALL_BEGIN,
+    args_open=ARGS_OPEN,
+    args_close=ARGS_CLOSE,
+    between="\n",
+    name=_name,
+)
 
 
 class DeepSeekV3ToolParser(ToolParser):
     name = "deepseek_v3"
 
     def stream(self) -> StreamingToolParser:
-        return _Stream()
+        return SectionStream(FORMAT)
