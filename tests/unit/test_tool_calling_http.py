@@ -327,7 +327,8 @@ def test_tool_choice_auto_parses_deepseek_v3_calls_whole_and_streamed():
 
 
 def test_tool_choice_auto_parses_kimi_k2_calls_with_its_parser():
-    """`--tool-call-parser kimi_k2`: Kimi-K2's markers become tool_calls, whole and streamed."""
+    """`--tool-call-parser kimi_k2`: Kimi-K2's markers become tool_calls with Kimi's ids, whole
+    and streamed."""
     args = '{"city": "Lima", "days": 5}'
     text = "On it. " + kimi_format_tool_calls([("get_weather", args)])
     config = OpenAIServerConfig(model_id="tiny", max_context=4096, tool_call_parser="kimi_k2")
@@ -337,12 +338,14 @@ def test_tool_choice_auto_parses_kimi_k2_calls_with_its_parser():
         r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
         msg = r.choices[0].message
         assert r.choices[0].finish_reason == "tool_calls" and msg.content == "On it. "
-        assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [
-            ("get_weather", args)
+        # the id is Kimi's own, which its chat template writes back with the call's result
+        assert [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls] == [
+            ("functions.get_weather:0", "get_weather", args)
         ]
         stream = client.chat.completions.create(
             model="tiny", messages=USER, tools=TOOLS, stream=True
         )
         deltas = [d for c in stream if c.choices for d in c.choices[0].delta.tool_calls or []]
-        assert [d.function.name for d in deltas if d.function.name] == ["get_weather"]
+        firsts = [(d.id, d.function.name) for d in deltas if d.function.name]
+        assert firsts == [("functions.get_weather:0", "get_weather")]
         assert "".join(d.function.arguments for d in deltas) == args

@@ -57,10 +57,18 @@ def test_deepseek_v3_whole_text():
 
 
 def test_kimi_k2_whole_text():
+    """Names without the `functions.` prefix and index; the ids as the model wrote them."""
     p = get_tool_parser("kimi_k2")
-    assert p.parse(KIMI_TEXT) == ("Let me check. ", DS_CALLS)
+    calls = [
+        ToolCall("get_weather", WEATHER, "functions.get_weather:0"),
+        ToolCall("get_time", TIME, "get_time:1"),
+    ]
+    assert p.parse(KIMI_TEXT) == ("Let me check. ", calls)
     canonical = kimi_format([(c.name, c.arguments) for c in DS_CALLS])
-    assert p.parse(canonical) == (None, DS_CALLS)
+    assert p.parse(canonical) == (
+        None,
+        [*calls[:1], ToolCall("get_time", TIME, "functions.get_time:1")],
+    )
     assert p.parse("text <|tool_call_begin|> alone") == ("text <|tool_call_begin|> alone", [])
 
 

@@ -224,7 +224,7 @@ class ChoiceOutput:
         for p in d.calls:
             first = p.name is not None
             if first:
-                self.ids.append(_call_id())
+                self.ids.append(p.call_id or _call_id())
             deltas.append(
                 ToolCallDelta(
                     index=p.index,
@@ -245,7 +245,7 @@ class ChoiceOutput:
         calls = join_pieces(d.calls)
         if not calls:
             return d.content, None
-        self.ids = [_call_id() for _ in calls]
+        self.ids = [c.call_id or _call_id() for c in calls]
         return (d.content or None), [
             ToolCall(id=i, function=FunctionCall(name=c.name, arguments=c.arguments))
             for i, c in zip(self.ids, calls, strict=True)

@@ -17,19 +17,24 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ToolCall:
-    """One parsed call: the function's name and its arguments as JSON text."""
+    """One parsed call: the function's name, its arguments as JSON text, and the id the model
+    wrote for it where its format has one (Kimi-K2's `functions.NAME:INDEX`; else None and the
+    server makes one)."""
 
     name: str
     arguments: str
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)
 class ToolCallPiece:
-    """Part of call `index`: its name (first piece only, else None) and more argument text."""
+    """Part of call `index`: its name and model-written id (first piece only, else None) and
+    more argument text."""
 
     index: int
     name: str | None
     arguments: str
+    call_id: str | None = None
 
 
 @dataclass
@@ -60,12 +65,14 @@ class ToolParser(ABC):
 def join_pieces(pieces: list[ToolCallPiece]) -> list[ToolCall]:
     """Tool calls from their streamed pieces (in index order)."""
     names: dict[int, str] = {}
+    ids: dict[int, str | None] = {}
     args: dict[int, list[str]] = {}
     for p in pieces:
         if p.name is not None:
             names[p.index] = p.name
+            ids[p.index] = p.call_id
         args.setdefault(p.index, []).append(p.arguments)
-    return [ToolCall(names[i], "".join(args[i])) for i in sorted(names)]
+    return [ToolCall(names[i], "".join(args[i]), ids[i]) for i in sorted(names)]
 
 
 def held_back(text: str, marker: str) -> int:
@@ -84,7 +91,8 @@ class SectionFormat:
         CONTENT<begin> <call_begin>HEADER<args_open>ARGUMENTS<args_close> ... <end>
 
     with `between` characters allowed around the calls; `name(HEADER)` is the function's name,
-    or None while the header may still be incomplete. What follows the section is dropped."""
+    or None while the header may still be incomplete; `call_id(HEADER)` the id the model wrote
+    (None: the format has none). What follows the section is dropped."""
 
     begin: str
     end: str
@@ -93,6 +101,7 @@ class SectionFormat:
     args_close: str
     between: str
     name: Callable[[str], str | None]
+    call_id: Callable[[str], str | None] = lambda header: None
 
 
 class SectionStream(StreamingToolParser):
@@ -145,10 +154,11 @@ class SectionStream(StreamingToolParser):
                 end = stripped.find(f.args_open)
                 if not stripped.startswith(f.call_begin) or end < 0:
                     return out
-                name = f.name(stripped[len(f.call_begin) : end])
+                header = stripped[len(f.call_begin) : end]
+                name = f.name(header)
                 if name is None:
                     return out
                 self.index += 1
-                out.calls.append(ToolCallPiece(self.index, name, ""))
+                out.calls.append(ToolCallPiece(self.index, name, "", f.call_id(header)))
                 self.pos += skipped + end + len(f.args_open)
                 self.in_args = True

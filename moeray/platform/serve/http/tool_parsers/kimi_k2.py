@@ -6,9 +6,11 @@ same):
     <|tool_call_begin|>functions.NAME2:1<|tool_call_argument_begin|>...<|tool_call_end|>
     <|tool_calls_section_end|>
 
-A call's id is `functions.NAME:INDEX` (some outputs drop the `functions.` prefix); whitespace may
-stand between the markers. The markers are special tokens, so the output must be decoded with them
-kept (skip_special_tokens false) for this parser to see them.
+A call's id is `functions.NAME:INDEX` (some outputs drop the `functions.` prefix); it is the
+tool call's id in the response, as vLLM returns it, since Kimi's chat template writes it back
+with the call and its result. Whitespace may stand between the markers. The markers are special
+tokens, so the output must be decoded with them kept (skip_special_tokens false) for this parser
+to see them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ FORMAT = SectionFormat(
     args_close=CALL_END,
     between=" \t\r\n",
     name=call_name,
+    call_id=str.strip,  # the id goes back into the template with the call's result
 )
 
 
