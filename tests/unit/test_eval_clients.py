@@ -1,6 +1,6 @@
 """Clients that no one here wrote, used unchanged against the OpenAI server: lm-evaluation-harness
 (its `local-completions` and `local-chat-completions` API backends) and NVIDIA's aiperf
-(tests/eval_clients.py runs them; the prefill/decode Serve application meets them in
+(tests/eval_clients.py runs them; the prefill/decode Serve application meets lm-eval in
 tests/ray/test_serve_app.py).
 
 The model directory is the kind the training job writes (tiny() without MTP, random weights, the
