@@ -88,7 +88,7 @@ def _write_tiktoken_dir(d: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])
     ]
     (d / "tiktoken.model").write_text("\n".join(lines) + "\n")
-    parts = "".join(f"            r{json.dumps(p)},\n" for p in PATTERN_PARTS).replace("\\\\", "\\")
+    parts = "".join(f'            r"""{p}""",\n' for p in PATTERN_PARTS)  # as Kimi writes them
     (d / "tokenization_kimi.py").write_text(
         'raise RuntimeError("this file is read as data, never run")\n\n\n'
         "class TikTokenTokenizer:\n"
