@@ -2,9 +2,9 @@
 `moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
-wait (gemv, fp8_gemv, head_gemv, the router logits: there at least one load must come first, or
-the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that the
-interpreter and older GPUs run).
+wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants: there at least one
+load must come first, or the prefetch was lost); with PDL=False no griddepcontrol at all (the
+plain kernel that the interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
 decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
@@ -84,15 +84,23 @@ CASES = [
         fp8_gemv._fp8_gemv_kernel,
         # serial split-K (the tile counters' atomics) at both inner products
         dict(BLOCK_M=1, BLOCK_N=16, DOT=False, ACT_FP8=False, IEEE=False, UPCAST=False)
-        | dict(EVEN_K=True, NUM_STAGES=6, REDUCE_SPLITS=8),
+        | dict(EVEN_K=True, NUM_STAGES=6, REDUCE_SPLITS=8, K_BLOCKS=1),
         dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
         dict(num_warps=2, num_stages=6),
+        True,
+    ),
+    (  # the wide step (MOERAY_FUSED_FP8_GEMV_WIDE=1): 4 rows x 16 blocks before the wait
+        fp8_gemv._fp8_gemv_kernel,
+        dict(BLOCK_M=1, BLOCK_N=4, DOT=False, ACT_FP8=False, IEEE=False, UPCAST=False)
+        | dict(EVEN_K=True, NUM_STAGES=2, REDUCE_SPLITS=4, K_BLOCKS=16),
+        dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
+        dict(num_warps=4, num_stages=2),
         True,
     ),
     (
         fp8_gemv._fp8_gemv_kernel,
         dict(BLOCK_M=16, BLOCK_N=64, DOT=True, ACT_FP8=False, IEEE=False, UPCAST=False)
-        | dict(EVEN_K=False, NUM_STAGES=4, REDUCE_SPLITS=8),
+        | dict(EVEN_K=False, NUM_STAGES=4, REDUCE_SPLITS=8, K_BLOCKS=1),
         dict(w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
         dict(num_warps=4, num_stages=4),
         True,
@@ -100,7 +108,7 @@ CASES = [
     (  # e4m3 x with act_quant's scales (fp8 x fp8 dots): x and its scales after the wait
         fp8_gemv._fp8_gemv_kernel,
         dict(BLOCK_M=16, BLOCK_N=64, DOT=True, ACT_FP8=True, IEEE=False, UPCAST=False)
-        | dict(EVEN_K=True, NUM_STAGES=4, REDUCE_SPLITS=8),
+        | dict(EVEN_K=True, NUM_STAGES=4, REDUCE_SPLITS=8, K_BLOCKS=1),
         dict(x_ptr=F8, xs_ptr=F32, w_ptr=F8, s_ptr=F32, c_ptr=F32, lock_ptr=I32),
         dict(num_warps=4, num_stages=4),
         True,
@@ -185,7 +193,7 @@ CASES = [
     (
         moe_gemv._moe_gemv_down_kernel,
         dict(FP8=False, BLOCK_N=16, EVEN_K=False, NUM_STAGES=6, FOLD_SUM=False, KC=8)
-        | dict(HAS_ADD=False),
+        | dict(HAS_ADD=False, EARLY=False),
         dict(ids_ptr=I64, rw_ptr=F32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=6),
         False,
@@ -193,10 +201,19 @@ CASES = [
     (  # the sum fold: the counter's atomic and the last program's sum after the wait
         moe_gemv._moe_gemv_down_kernel,
         dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, FOLD_SUM=True, KC=8)
-        | dict(HAS_ADD=True),
+        | dict(HAS_ADD=True, EARLY=False),
         dict(w_ptr=F8, s_ptr=F32, ids_ptr=I64, rw_ptr=F32, cnt_ptr=I32),
         dict(num_warps=2, num_stages=4),
         False,
+    ),
+    (  # MOERAY_FUSED_MOE_DOWN_EARLY=1: the ids (two launches back) and the first weight step
+        # before the wait; h, the counter and every store after it
+        moe_gemv._moe_gemv_down_kernel,
+        dict(FP8=True, BLOCK_N=16, EVEN_K=True, NUM_STAGES=4, FOLD_SUM=True, KC=8)
+        | dict(HAS_ADD=True, EARLY=True),
+        dict(w_ptr=F8, s_ptr=F32, ids_ptr=I64, rw_ptr=F32, cnt_ptr=I32),
+        dict(num_warps=2, num_stages=4),
+        True,
     ),
     (
         moe_common._moe_sum_kernel,

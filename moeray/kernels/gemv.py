@@ -43,6 +43,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
+    switched_on,
 )
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -161,10 +162,14 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     while block_n > 1 and m_tiles * cdiv(n, block_n) < target:
         block_n //= 2
     block_k = min(MAX_BLOCK_K, ACC_ELEMS // (block_m * block_n), max(128, pow2_at_least(k)))
-    if m == 1:
+    if m == 1 and not switched_on("GEMV_WIDE"):
         # At least two K steps, so the loop pipelines its loads: Moonlight q_proj (K = 2,048) at
         # one row took 7.8 us in one 2,048-deep step and 5.4 in two (H200 sweep, 4 warps x 3
         # stages, results/kernels-nvidia-h200-gemv-sweep-small-warps.json; kv_a 2.8 -> 2.6).
+        # That sweep timed launches alone; in a chain of PDL launches a program that reads its
+        # whole K before the wait overlaps the kernel before it (the probe's 4 x 2048 tiles, 3.38
+        # us for 8.4 MB: results/pdl-probe-nvidia-h200.json). MOERAY_FUSED_GEMV_WIDE=1 (opt-in,
+        # unmeasured in the engine) keeps the one deep step for that A/B.
         block_k = min(block_k, max(128, pow2_at_least(k) // 2))
     tiles = m_tiles * cdiv(n, block_n)
     split = 1 if tiles >= sms else max(1, min(cdiv(k, block_k), cdiv(target, tiles)))

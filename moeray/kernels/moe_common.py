@@ -8,7 +8,9 @@ Both paths (`moe.py`'s aligned kernels, `moe_gemv.py`'s per-assignment GEMVs) wr
 row y_tk [TK, H] per assignment whose expert is local; `moe_sum` then adds a token's K rows in fp32
 in k order, skipping the ids outside [0, E) (never written), rounds to x's dtype and adds the
 shared experts' output `add_TH` if given. Below both in the import graph: moe.py imports
-moe_gemv.py for its dispatch, and both import this.
+moe_gemv.py for its dispatch, and both import this. Also here: what moe_gemv's two kernels
+(moe_gemv.py's gate/up, moe_gemv_down.py's down) share, a program's assignment and one K step's
+product.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    load_k_step,
     pdl_launch,
     pdl_wait,
     to_dtype_rn,
@@ -253,3 +256,31 @@ def moe_sum(
         launch_pdl=pdl,
     )
     return y
+
+
+@triton.jit
+def gemv_assignment(T, K, EARLY_SHARED: tl.constexpr):
+    """(assignment a = t * K + k, token t, slot k) of this moe_gemv program's grid row, taken
+    slot-major (moe_gemv.py's docstring: a shared expert's programs run side by side); with
+    EARLY_SHARED = S the rows start at slot K - S, so that the S shared slots' programs are
+    dispatched first."""
+    p = tl.program_id(1)
+    t = p % T
+    k = p // T
+    if EARLY_SHARED > 0:
+        k = (k + K - EARLY_SHARED) % K
+    return t * K + k, t, k
+
+
+@triton.jit
+def gemv_step_product(
+    v, w_ptrs, s_ptr, kb, stride_k, stride_sk, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr
+):
+    """v [1, 128] (fp32) times K step kb of a weight tile [BN, 128], in fp32. With FP8 the e4m3
+    tile's block scale (s_ptr: the block row's scales; one per step, the tile lying in one block
+    row) multiplies v's 128 values, not the tile's BN x 128: per weight one convert and one FMA
+    instead of a convert and two ops (the scale's multiply was a quarter of the loop's ALU work)."""
+    w = load_k_step(w_ptrs, kb * 128, stride_k, offs_k, K, EVEN_K).to(tl.float32)
+    if FP8:
+        v = v * tl.load(s_ptr + kb * stride_sk)
+    return v * w

@@ -8,10 +8,11 @@ routing weight r_a), BN weight rows per program.
     y_a = r_a * (W2[e_a] h_a)                   [H]  fp32, stored rounded to the act dtype
     y_t = sum_k y_{tK+k} over local e (+ add_t)  [H]  `moe_common.moe_sum`
 
-Two launches: gate/up (grid cdiv(I, BN) x TK) and down (cdiv(H, BN) x TK), whose last program of
-a token's K for a row block (an atomic counter per block, zeroed by the gate/up kernel) sums the
-token's K rows itself, in k order with moe_sum's roundings: the bits of the three-launch path
-(MOERAY_FUSED_MOE_SUM_FOLD=0: the sum as its own `moe_sum` launch). On an H200 the fold took a
+Two launches: gate/up (grid cdiv(I, BN) x TK) and down (cdiv(H, BN) x TK; moe_gemv_down.py),
+whose last program of a token's K for a row block (an atomic counter per block, zeroed by the
+gate/up kernel) sums the token's K rows itself, in k order with moe_sum's roundings: the bits of
+the three-launch path (MOERAY_FUSED_MOE_SUM_FOLD=0: the sum as its own `moe_sum` launch). On an
+H200 the fold took a
 Moonlight batch-1 step from 408 to 382 kernels and its graph 2.26 -> 2.24 ms bf16 (the sum ran
 2.2-2.5 us a layer alone, most of it hidden by PDL; benchmarks/notes-engine.md). A program
 reads one row of x (or h) and BN rows of each weight over the whole reduction in 128-wide steps,
@@ -68,6 +69,7 @@ from moeray.kernels.common import (
     pdl_wait,
     precise_exp,
     switched_off,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -75,10 +77,12 @@ from moeray.kernels.moe_common import (
     MoEScales,
     check_moe_inputs,
     fused_moe_gate_up_ref,
+    gemv_assignment,
+    gemv_step_product,
     moe_act_dtype,
     moe_sum,
-    store_token_sum,
 )
+from moeray.kernels.moe_gemv_down import _moe_gemv_down_kernel
 
 # Assignments (T * K) up to which fused_moe_gate_up runs moe_gemv: decode at 1-2 tokens (Moonlight
 # with its 2 shared experts fused: 8 a token; DeepSeek-V3: 9, so one token). There the assignments'
@@ -127,33 +131,6 @@ def moe_gemv_ref(
 
 
 @triton.jit
-def _assignment(T, K, EARLY_SHARED: tl.constexpr):
-    """(assignment a = t * K + k, token t, slot k) of this program's grid row, taken slot-major
-    (module docstring: a shared expert's programs run side by side); with EARLY_SHARED = S the
-    rows start at slot K - S, so that the S shared slots' programs are dispatched first."""
-    p = tl.program_id(1)
-    t = p % T
-    k = p // T
-    if EARLY_SHARED > 0:
-        k = (k + K - EARLY_SHARED) % K
-    return t * K + k, t, k
-
-
-@triton.jit
-def _step_product(
-    v, w_ptrs, s_ptr, kb, stride_k, stride_sk, offs_k, K, EVEN_K: tl.constexpr, FP8: tl.constexpr
-):
-    """v [1, 128] (fp32) times K step kb of a weight tile [BN, 128], in fp32. With FP8 the e4m3
-    tile's block scale (s_ptr: the block row's scales; one per step, the tile lying in one block
-    row) multiplies v's 128 values, not the tile's BN x 128: per weight one convert and one FMA
-    instead of a convert and two ops (the scale's multiply was a quarter of the loop's ALU work)."""
-    w = load_k_step(w_ptrs, kb * 128, stride_k, offs_k, K, EVEN_K).to(tl.float32)
-    if FP8:
-        v = v * tl.load(s_ptr + kb * stride_sk)
-    return v * w
-
-
-@triton.jit
 def _moe_gemv_gate_up_kernel(
     x_ptr,
     wg_ptr,
@@ -194,7 +171,7 @@ def _moe_gemv_gate_up_kernel(
     CNT_BLOCK: tl.constexpr,
     EARLY_SHARED: tl.constexpr,  # S: the last S slots hold experts E-S .. E-1 (module docstring)
 ):
-    a, tok, slot = _assignment(T, K, EARLY_SHARED)
+    a, tok, slot = gemv_assignment(T, K, EARLY_SHARED)
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_ptrs = h_ptr + a.to(tl.int64) * stride_ht + offs_n
@@ -252,105 +229,15 @@ def _gate_up_act(
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(H, BLOCK_K), num_stages=NUM_STAGES):
         x = load_k_step(x_ptrs, kb * BLOCK_K, stride_xk, offs_k, H, EVEN_K).to(tl.float32)
-        acc_g += _step_product(
+        acc_g += gemv_step_product(
             x, wg_ptrs, sg_ptr, kb, stride_wgk, stride_sgk, offs_k, H, EVEN_K, FP8
         )
-        acc_u += _step_product(
+        acc_u += gemv_step_product(
             x, wu_ptrs, su_ptr, kb, stride_wuk, stride_suk, offs_k, H, EVEN_K, FP8
         )
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     return tl.math.div_rn(g, 1.0 + neg_exp(g, PRECISE)) * u  # silu(gate) * up, in fp32
-
-
-@triton.jit
-def _moe_gemv_down_kernel(
-    h_ptr,
-    w_ptr,
-    y_ptr,
-    ids_ptr,
-    s_ptr,
-    rw_ptr,
-    H,
-    INTER,
-    num_experts,
-    T,
-    K,
-    stride_ht,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_yt,
-    stride_se,
-    stride_sn,
-    stride_sk,
-    cnt_ptr,
-    out_ptr,
-    add_ptr,
-    stride_add,
-    FP8: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr,  # I % 128 == 0
-    NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
-    FOLD_SUM: tl.constexpr,  # the last of a token's K programs for a row block writes out (+ add)
-    KC: tl.constexpr,  # K, as a constexpr for the fold's loop
-    HAS_ADD: tl.constexpr,
-):
-    pdl_wait(PDL)  # first: the expert id, and h, are outputs of kernels before this one
-    a, tok, _ = _assignment(T, K, 0)
-    e = tl.load(ids_ptr + a)
-    local = (e >= 0) & (e < num_experts)
-    if not FOLD_SUM:
-        if not local:
-            return
-        _down_rows(h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we,
-                   stride_wn, stride_wk, stride_yt, stride_se, stride_sn, stride_sk, FP8, BLOCK_N,
-                   EVEN_K, NUM_STAGES)  # fmt: skip
-    else:
-        if local:
-            _down_rows(h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we,
-                       stride_wn, stride_wk, stride_yt, stride_se, stride_sn, stride_sk, FP8,
-                       BLOCK_N, EVEN_K, NUM_STAGES)  # fmt: skip
-        # Split-K's semaphore: every program of the token's row block stores its y_tk rows (or
-        # none: a remote expert), then counts itself in (the barrier orders the whole program's
-        # stores before the release); the one that counts last sums them, as moe_sum would.
-        tl.debug_barrier()
-        pid_n = tl.program_id(0)
-        done = tl.atomic_add(cnt_ptr + tok * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
-        if done == KC - 1:
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            store_token_sum(y_ptr, ids_ptr, out_ptr, add_ptr, tok.to(tl.int64), offs_n, H,
-                            num_experts, stride_yt, stride_add, KC, HAS_ADD, True)  # fmt: skip
-
-
-@triton.jit
-def _down_rows(
-    h_ptr, w_ptr, y_ptr, s_ptr, rw_ptr, e, a, H, INTER, stride_ht, stride_we, stride_wn, stride_wk,
-    stride_yt, stride_se, stride_sn, stride_sk, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-):  # fmt: skip
-    """y_tk[a] rows of this program's block: r_a * (W2[e] h_a), rounded to y's dtype."""
-    BLOCK_K: tl.constexpr = 128
-    e64 = e.to(tl.int64)
-    a64 = a.to(tl.int64)
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = (offs_n % H).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + a64 * stride_ht + offs_k[None, :]
-    w_ptrs = w_ptr + e64 * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    s_ptr += e64 * stride_se + (pid_n * BLOCK_N // 128) * stride_sn  # read only with FP8
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for kb in tl.range(0, tl.cdiv(INTER, BLOCK_K), num_stages=NUM_STAGES):
-        hv = load_k_step(h_ptrs, kb * BLOCK_K, 1, offs_k, INTER, EVEN_K).to(tl.float32)
-        acc += _step_product(
-            hv, w_ptrs, s_ptr, kb, stride_wk, stride_sk, offs_k, INTER, EVEN_K, FP8
-        )
-    y = tl.sum(acc, axis=1) * tl.load(rw_ptr + a64).to(tl.float32)
-    tl.store(
-        y_ptr + a64 * stride_yt + offs_n, to_dtype_rn(y, y_ptr.dtype.element_ty), mask=offs_n < H
-    )
 
 
 def moe_gemv_config() -> dict:
@@ -532,6 +419,7 @@ def run_moe_gemv(
         FOLD_SUM=fold,
         KC=k,
         HAS_ADD=add_TH is not None,
+        EARLY=switched_on("MOE_DOWN_EARLY"),
         num_warps=warps,
         num_stages=stages,
         launch_pdl=pdl,

@@ -70,6 +70,31 @@ def test_fp8_gemv_matches_reference(nk, m):
     _check(fp8.fp8_gemv(x, wq, ws), x, wq, ws)
 
 
+@pytest.mark.parametrize("nk", [*V3_SHAPES, (3648, 2048), (2048, 2048), (2048, 11264)])
+def test_fp8_gemv_wide_matches_reference(nk, monkeypatch):
+    """MOERAY_FUSED_FP8_GEMV_WIDE=1 at one row: V3's and Moonlight's shapes (q + kv_a, o_proj,
+    the dense down), in the serial split-K's one launch where K splits, and under a CUDA graph
+    replayed on a new x."""
+    from moeray.kernels import fp8
+    from moeray.kernels.fp8.gemv import _gemv_config
+
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", "1")
+    n, k = nk
+    assert _gemv_config(1, n, k, torch.device("cuda"))["K_BLOCKS"] > 1
+    wq, ws = _weight(n, k, seed=n + k + 1)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    workspace = fp8.fp8_gemv_workspace(n, 16, device="cuda")
+    _poison()
+    _check(fp8.fp8_gemv(x, wq, ws, workspace=workspace), x, wq, ws)
+    assert not workspace.any()
+    graph, y = captured(lambda: fp8.fp8_gemv(x, wq, ws, workspace=workspace))
+    x.copy_(torch.randn_like(x) * 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(y, x, wq, ws)
+    assert not workspace.any()
+
+
 @pytest.mark.parametrize("m", [1, 64, 333])
 def test_fp8_gemv_fp32_and_larger_m(m):
     from moeray.kernels import fp8

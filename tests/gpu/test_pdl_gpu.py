@@ -4,11 +4,14 @@ ahead of it ends; these tests would catch one that reads its input before its gd
 chains of dependent launches (the output of one kernel is the input of the next) with
 MOERAY_FUSED_PDL=1 and =0, eagerly and captured in a CUDA graph replayed on new inputs, and asks
 for the same outputs to the bit (torch.equal) as the plain eager chain:
-- 20 gemvs (bf16; one launch each, and split-K with its reduce kernel);
-- 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products);
+- 20 gemvs (bf16; one launch each, and split-K with its reduce kernel; MOERAY_FUSED_GEMV_WIDE
+  on and off);
+- 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products; at
+  one row also the wide step, MOERAY_FUSED_FP8_GEMV_WIDE=1);
 - decode-like MoE layers: fused add + RMSNorm, router logits, the fused gate, the fused MoE
-  (12 assignments: moe_gemv's gate/up, down, sum; with MOERAY_FUSED_MOE_GEMV=0 the aligned
-  moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
+  (12 assignments: moe_gemv's gate/up, down, sum, down also with MOERAY_FUSED_MOE_DOWN_EARLY=1,
+  which reads the gate's ids two launches back before its wait; with MOERAY_FUSED_MOE_GEMV=0 the
+  aligned moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
   mla_decode (split kernel + merge), gemv; the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
@@ -115,8 +118,11 @@ def _randn(g, *shape, scale=1.0, dtype=torch.bfloat16):
     ids=["square", "split"],
 )
 @pytest.mark.parametrize("m", [1, 3])
-def test_gemv_chain(dims, m, monkeypatch):
+@pytest.mark.parametrize("wide", ["0", "1"])  # MOERAY_FUSED_GEMV_WIDE: one K step at M = 1
+def test_gemv_chain(dims, m, wide, monkeypatch):
     from moeray.kernels.gemv import gemv
+
+    monkeypatch.setenv("MOERAY_FUSED_GEMV_WIDE", wide)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [_randn(g, n, k, scale=k**-0.5) for k, n in pairwise(dims)]
@@ -131,9 +137,14 @@ def test_gemv_chain(dims, m, monkeypatch):
     _check_chain(chain, x0, monkeypatch)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])  # broadcast 1 x 16 and 4 x 16 tiles; dot 16 x 64 tiles
-def test_fp8_gemv_chain(m, monkeypatch):
+@pytest.mark.parametrize(
+    "m,wide",  # broadcast 1 x 8 and 4 x 16 tiles; dot 16 x 64; at M = 1 the wide step's 4 x 16
+    [(1, "0"), (3, "0"), (8, "0"), (1, "1")],
+)
+def test_fp8_gemv_chain(m, wide, monkeypatch):
     from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace, weight_quant
+
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", wide)
 
     dims = [600, 4100] * 10 + [600]  # serial split-K both ways (11 and 3 splits at M = 1), ragged
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -153,9 +164,12 @@ def test_fp8_gemv_chain(m, monkeypatch):
     assert not workspace.any()
 
 
-@pytest.mark.parametrize("moe_gemv", ["1", "0"])
+@pytest.mark.parametrize(
+    "moe_gemv,down_early",  # MOERAY_FUSED_MOE_DOWN_EARLY: down's ids and first step before the wait
+    [("1", "0"), ("0", "0"), ("1", "1")],
+)
 @pytest.mark.parametrize("fp8_moe", [False, True])
-def test_decode_moe_layer_chain(fp8_moe, moe_gemv, monkeypatch):
+def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, monkeypatch):
     from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace, weight_quant
     from moeray.kernels.gate import moe_gate
     from moeray.kernels.gemv import gemv
@@ -165,6 +179,7 @@ def test_decode_moe_layer_chain(fp8_moe, moe_gemv, monkeypatch):
     from moeray.kernels.swiglu import swiglu
 
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_DOWN_EARLY", down_early)
     t, h, i, e, inter = 3, 384, 256, 16, 300  # tokens, hidden, expert width, experts, MLP width
     g = torch.Generator(device="cuda").manual_seed(2)
     layers = []

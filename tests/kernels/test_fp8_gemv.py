@@ -78,6 +78,10 @@ def test_fp8_gemv_fp16_and_strided_x():
         dict(BLOCK_M=4, BLOCK_N=8, SPLIT_K=1, DOT=False, num_warps=4, num_stages=2),
         dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=8, DOT=True, num_warps=4, num_stages=4),
         dict(BLOCK_M=32, BLOCK_N=128, SPLIT_K=2, DOT=True, num_warps=8, num_stages=3),
+        # the wide step (one program a row: M = 3 is 3 row tiles): K = 1000's 8 blocks in one
+        # step of 8, and in 4 steps of 2 (the loop after the peeled first step)
+        dict(BLOCK_M=1, BLOCK_N=4, SPLIT_K=1, DOT=False, K_BLOCKS=8, num_warps=4, num_stages=2),
+        dict(BLOCK_M=1, BLOCK_N=8, SPLIT_K=1, DOT=False, K_BLOCKS=2, num_warps=4, num_stages=2),
     ],
 )
 def test_fp8_gemv_configs(cfg):
@@ -100,6 +104,32 @@ def test_fp8_gemv_config_heuristic():
     assert not _gemv_config(4, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(5, 576, 7168, cuda_like)["DOT"]
     assert _gemv_config(200, 576, 7168, cuda_like)["BLOCK_M"] == 64
+
+
+def test_fp8_gemv_wide_switch_config(monkeypatch, launch_spy):
+    # MOERAY_FUSED_FP8_GEMV_WIDE=1: at M = 1 (float x) 4 rows a program, each split one step of
+    # at most 16 K blocks; other row counts and e4m3 x keep their tiles.
+    cuda_like = torch.device("cpu")
+    monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_WIDE", raising=False)
+    assert _gemv_config(1, 3648, 2048, cuda_like).get("K_BLOCKS", 1) == 1
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", "1")
+    moonlight_q = _gemv_config(1, 3648, 2048, cuda_like)  # q + kv_a: 912 programs of 16 blocks
+    assert (moonlight_q["BLOCK_N"], moonlight_q["SPLIT_K"], moonlight_q["K_BLOCKS"]) == (4, 1, 16)
+    v3_q_a = _gemv_config(1, 1536, 7168, cuda_like)  # 56 blocks: 4 splits of 14 in steps of 16
+    assert (v3_q_a["SPLIT_K"], v3_q_a["K_BLOCKS"]) == (4, 16)
+    assert _gemv_config(2, 3648, 2048, cuda_like).get("K_BLOCKS", 1) == 1
+    assert _gemv_config(1, 3648, 2048, cuda_like, act_fp8=True)["DOT"]
+    # Split K at a ragged K (2048 + 77: 17 blocks, 2 splits) with the serial reduction: the
+    # wide grid (N / 4 tiles x 2) ran, right, and the counters are back at zero.
+    n, k = 200, 2048 + 77
+    wq, ws = _weight(n, k, seed=4)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    grids = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
+    y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
+    assert grids == [(1, 50, 2)], grids
+    assert not workspace.any()
+    _check(y, x, wq, ws)
 
 
 def test_fp8_gemv_empty():
@@ -125,6 +155,12 @@ def test_fp8_gemv_bad_input():
         fp8.fp8_gemv(x, wq, ws, config=bad)
     with pytest.raises(ValueError, match=r"BLOCK_M=4: .* >= 16 when DOT"):
         fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 32, "BLOCK_M": 4, "DOT": True})
+    with pytest.raises(ValueError, match="K_BLOCKS=3: must be a power of two"):
+        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 4, "K_BLOCKS": 3})
+    with pytest.raises(ValueError, match=r"K_BLOCKS=2 with BLOCK_M=2, DOT=False: .* BLOCK_M=1"):
+        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 4, "BLOCK_M": 2, "K_BLOCKS": 2})
+    with pytest.raises(ValueError, match=r"config keys .* K_BLOCKS optionally"):
+        fp8.fp8_gemv(x, wq, ws, config={**bad, "BLOCK_N": 4, "SPLIT": 2})
 
 
 # Tiles and splits that force split-K whatever num_sms says: the broadcast tiles of 1-4 rows (the
@@ -138,6 +174,8 @@ _SERIAL_CONFIGS = [
     (3, dict(BLOCK_M=4, BLOCK_N=16, SPLIT_K=3, DOT=False, num_warps=4, num_stages=4)),
     (4, dict(BLOCK_M=4, BLOCK_N=16, SPLIT_K=17, DOT=False, num_warps=4, num_stages=4)),
     (7, dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=4, DOT=True, num_warps=4, num_stages=4)),
+    # the wide step: 3 splits of 6, 6, 5 blocks, each one step of 8
+    (1, dict(BLOCK_M=1, BLOCK_N=4, SPLIT_K=3, DOT=False, K_BLOCKS=8, num_warps=4, num_stages=2)),
 ]
 
 
@@ -195,11 +233,12 @@ def test_fp8_gemv_serial_split_k_heuristic_rows(monkeypatch, launch_spy):
 
 
 def test_fp8_gemv_workspace_size_and_checks():
-    # The GPU's tiles: 8 columns at 1 row, 64 // BLOCK_M at 2-4 rows (16 at 3-4), 64 above.
-    assert fp8.fp8_gemv_workspace(576, 1).numel() == 72
-    assert fp8.fp8_gemv_workspace(576, 2).numel() == 72
-    assert fp8.fp8_gemv_workspace(576, 16).numel() == 72
-    assert fp8.fp8_gemv_workspace(24576, 16).numel() == 3072
+    # The GPU's tiles: 8 columns at 1 row, 64 // BLOCK_M at 2-4 rows (16 at 3-4), 64 above;
+    # the wide step's 4 at 1 row (MOERAY_FUSED_FP8_GEMV_WIDE=1) sets the count.
+    assert fp8.fp8_gemv_workspace(576, 1).numel() == 144
+    assert fp8.fp8_gemv_workspace(576, 2).numel() == 144
+    assert fp8.fp8_gemv_workspace(576, 16).numel() == 144
+    assert fp8.fp8_gemv_workspace(24576, 16).numel() == 6144
     wq, ws = _weight(576, 2048, seed=4)
     x = torch.randn(1, 2048, dtype=torch.bfloat16)
     cfg = dict(BLOCK_M=1, BLOCK_N=64, SPLIT_K=2, DOT=False, num_warps=8, num_stages=4)
@@ -214,16 +253,16 @@ def test_fp8_gemv_workspace_size_and_checks():
 def test_fp8_linear_workspace_buffer():
     q, s = fp8.weight_quant(torch.randn(576, 300))
     layer = FP8Linear(q, s)
-    assert layer.gemv_workspace.dtype == torch.int32 and layer.gemv_workspace.numel() == 72
+    assert layer.gemv_workspace.dtype == torch.int32 and layer.gemv_workspace.numel() == 144
     assert set(layer.state_dict()) == {"weight", "weight_scale_inv"}  # checkpoints unchanged
     # Laid out on meta and materialized as the dummy-weight loader does: to_empty's buffers are
     # uninitialized memory, and the counters must still start at zero.
     with torch.device("meta"):
         meta = FP8Linear(torch.empty(576, 300, dtype=q.dtype), torch.empty(5, 3))
     for _ in range(3):
-        torch.full((72,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
+        torch.full((144,), 7, dtype=torch.int32)  # leaves nonzero bytes for empty() to reuse
         built = meta.to_empty(device="cpu")
-        assert built.gemv_workspace.shape == (72,) and not built.gemv_workspace.any()
+        assert built.gemv_workspace.shape == (144,) and not built.gemv_workspace.any()
 
 
 def _act_input(m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

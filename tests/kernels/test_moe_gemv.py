@@ -175,6 +175,24 @@ def test_sum_folded_into_down_gives_the_same_bits(
     assert torch.equal(moe_gemv(x, *ws, ids, wts, add_TH=add, config=cfg, **scales), want)
 
 
+@pytest.mark.parametrize("fold", ["1", "0"])
+@pytest.mark.parametrize(("make", "t", "h", "i", "k", "dtype", "wdtype"), CASES)
+def test_down_early_gives_the_same_bits(make, t, h, i, k, dtype, wdtype, fold, monkeypatch):
+    """MOERAY_FUSED_MOE_DOWN_EARLY=1: the down kernel's ids and first weight step read first
+    (before the PDL wait on a GPU), the loop from step 1: the same products in the same order,
+    so the bits of the plain order, with the sum folded or not, non-local ids (the cases' -1 and
+    E + 2) included, at the interpreter's tile and the GPU's."""
+    args = (t, h, i, k, dtype, 7 * t + h)
+    x, ws, ids, wts, scales = make(*args, wdtype) if wdtype else make(*args)
+    add = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_SUM_FOLD", fold)
+    for cfg in (None, dict(BLOCK_N=16, num_warps=2, num_stages=4)):
+        monkeypatch.delenv("MOERAY_FUSED_MOE_DOWN_EARLY", raising=False)
+        want = moe_gemv(x, *ws, ids, wts, add_TH=add, config=cfg, **scales)
+        monkeypatch.setenv("MOERAY_FUSED_MOE_DOWN_EARLY", "1")
+        assert torch.equal(moe_gemv(x, *ws, ids, wts, add_TH=add, config=cfg, **scales), want)
+
+
 def test_sum_fold_launches_two_kernels(launch_spy, monkeypatch):
     """With the fold (the default) moe_sum is not launched; with MOERAY_FUSED_MOE_SUM_FOLD=0 it
     is."""

@@ -55,12 +55,14 @@ from moeray.kernels.common import (
     cdiv,
     check_tensor,
     interpreting,
+    is_pow2,
     load_k_step,
     num_sms,
     pdl_launch,
     pdl_wait,
     switched_on,
 )
+from moeray.kernels.fp8.gemv_wide import WIDE_ROWS, wide_config, wide_rows
 from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
 
@@ -78,7 +80,7 @@ _PROGRAMS_PER_SM = 4
 # 16; Moonlight's dense down (88 blocks) 9.9 at 8 splits and 11.6 at 3. 8 blocks instead of 16
 # lost on every V3 layer past 16 blocks.
 _MAX_K_BLOCKS_M1 = 16
-_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "SPLIT_K", "DOT", "num_warps", "num_stages"}
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "SPLIT_K", "DOT", "K_BLOCKS", "num_warps", "num_stages"}
 
 
 def fp8_gemv_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -171,8 +173,9 @@ def _fp8_gemv_kernel(
     # into y (contiguous [M, N], as each partial); 0: c is the output (or the partials of the
     # two-launch path), y and lock_ptr are not read.
     REDUCE_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first K block's weights and
-    # scale are loaded before the wait, so their read overlaps the previous kernel's tail
+    PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first K step's weights and
+    # scales are loaded before the wait, so their read overlaps the previous kernel's tail
+    K_BLOCKS: tl.constexpr,  # > 1: the wide step (BLOCK_M = 1, broadcast; `wide_rows`)
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
@@ -182,14 +185,67 @@ def _fp8_gemv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    s_ptrs = s_ptr + (pid_n * BLOCK_N // 128) * stride_sn
+    kb_lo = pid_k * KB_PER_SPLIT
+    kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    if K_BLOCKS > 1:
+        acc = wide_rows(
+            x_ptr + pid_m * stride_xm, w_ptr, s_ptrs, (offs_n % N).to(tl.int64), kb_lo, kb_hi, K,
+            stride_xk, stride_wn, stride_wk, stride_sk, BLOCK_N, K_BLOCKS, EVEN_K, PDL,
+        )[None, :]  # fmt: skip
+        c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    else:
+        acc, c_offs, mask = _step_rows(
+            x_ptr, xs_ptr, w_ptr, s_ptrs, offs_m, offs_n, offs_k, kb_lo, kb_hi, M, N, K,
+            stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_sk,
+            stride_cm, stride_cn, BLOCK_M, BLOCK_N, DOT, ACT_FP8, IEEE, UPCAST, EVEN_K,
+            NUM_STAGES, PDL,
+        )  # fmt: skip
+    tl.store(c_ptr + pid_k * stride_cs + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if REDUCE_SPLITS > 0:
+        # Every thread's partial store must happen before the increment: a scalar atomic runs on
+        # one thread, and its release orders only what that thread has seen, so the CTA barrier
+        # comes first. acq_rel at GPU scope: the release publishes this partial to the other
+        # SMs; the acquire (then the barrier that hands the result to the whole CTA) makes the
+        # last program see the S-1 partials released before its increment.
+        tl.debug_barrier()
+        lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == REDUCE_SPLITS - 1:
+            # The last of the tile's programs. ".cg" loads read L2, not this SM's L1, which is not
+            # coherent with the other SMs' stores. Split order 0..S-1 from zero, as
+            # reduce_splits sums: bit-identical outputs with or without a workspace.
+            # Unrolled, the independent loads are in flight together (one L2 round trip, not S).
+            # Broadcast tiles hold <= 1 element a thread: all S at once, sm_90 registers stay
+            # 60 / 96 at S = 56. Dot tiles hold 8 (16 x 64 at 4 warps): 4 at a time keeps them
+            # at 80-102; all 56 took 150 under Triton 3.6 (3 CTAs an SM, not 5).
+            total = tl.zeros_like(acc)
+            for i in tl.range(0, REDUCE_SPLITS, loop_unroll_factor=4 if DOT else REDUCE_SPLITS):
+                total += tl.load(
+                    c_ptr + i * stride_cs + c_offs, mask=mask, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(y_ptr + c_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            # No program of this launch touches the counter again: back to 0 for the next call.
+            tl.store(lock, 0)
+
+
+@triton.jit
+def _step_rows(
+    x_ptr, xs_ptr, w_ptr, s_ptrs, offs_m, offs_n, offs_k, kb_lo, kb_hi, M, N, K, stride_xm,
+    stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_sk, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, ACT_FP8: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """The tile [BM, BN] over K blocks kb_lo .. kb_hi - 1, one 128-column block a step (dot or
+    broadcast inner product): (acc, its offsets in c, its store mask)."""
+    BLOCK_K: tl.constexpr = 128
     # Out-of-range rows and columns wrap onto valid ones, so loads need no row mask; the store is
     # masked.
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :] * stride_wk
     xs_ptrs = xs_ptr + (offs_m % M) * stride_xsm  # read only with ACT_FP8
-    s_ptrs = s_ptr + (pid_n * BLOCK_N // 128) * stride_sn
-    kb_lo = pid_k * KB_PER_SPLIT
-    kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     if DOT:
         # Swapped operands, acc^T [BN, BM] = w [BN, BK] @ x^T [BK, BM]: the weight rows fill the
         # MMA's M side (64 rows, one Hopper warpgroup MMA; w is dequantized in registers, which an
@@ -232,32 +288,7 @@ def _fp8_gemv_kernel(
         acc = tl.sum(acc3, axis=2)
         c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + pid_k * stride_cs + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    if REDUCE_SPLITS > 0:
-        # Every thread's partial store must happen before the increment: a scalar atomic runs on
-        # one thread, and its release orders only what that thread has seen, so the CTA barrier
-        # comes first. acq_rel at GPU scope: the release publishes this partial to the other
-        # SMs; the acquire (then the barrier that hands the result to the whole CTA) makes the
-        # last program see the S-1 partials released before its increment.
-        tl.debug_barrier()
-        lock = lock_ptr + pid_n * tl.num_programs(0) + pid_m
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if arrived == REDUCE_SPLITS - 1:
-            # The last of the tile's programs. ".cg" loads read L2, not this SM's L1, which is not
-            # coherent with the other SMs' stores. Split order 0..S-1 from zero, as
-            # reduce_splits sums: bit-identical outputs with or without a workspace.
-            # Unrolled, the independent loads are in flight together (one L2 round trip, not S).
-            # Broadcast tiles hold <= 1 element a thread: all S at once, sm_90 registers stay
-            # 60 / 96 at S = 56. Dot tiles hold 8 (16 x 64 at 4 warps): 4 at a time keeps them
-            # at 80-102; all 56 took 150 under Triton 3.6 (3 CTAs an SM, not 5).
-            total = tl.zeros_like(acc)
-            for i in tl.range(0, REDUCE_SPLITS, loop_unroll_factor=4 if DOT else REDUCE_SPLITS):
-                total += tl.load(
-                    c_ptr + i * stride_cs + c_offs, mask=mask, other=0.0, cache_modifier=".cg"
-                )
-            tl.store(y_ptr + c_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            # No program of this launch touches the counter again: back to 0 for the next call.
-            tl.store(lock, 0)
+    return acc, c_offs, mask
 
 
 def _tile_shape(m: int, interpret: bool) -> tuple[int, int, bool, int, int]:
@@ -294,11 +325,11 @@ def fp8_gemv_workspace(
 ) -> torch.Tensor:
     """Zeroed int32 tile counters for fp8_gemv's `workspace`: enough for N outputs at 1 to
     `max_rows` rows with the heuristic tiles (the GPU's, at least as many as the interpreter's
-    wider ones; e4m3 x's dot tiles are never more than float x's). ceil(N/8) counters at
-    FP8Linear's 16 rows: 12 KB for N = 24576."""
+    wider ones; e4m3 x's dot tiles are never more than float x's), and the wide step's 4-row
+    tiles at 1 row (`gemv_wide.wide_config`): ceil(N/4) counters, 24 KB for N = 24576."""
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows}: must be >= 1")
-    tiles = 0
+    tiles = cdiv(n, WIDE_ROWS)
     for m in range(1, max_rows + 1):
         block_m, block_n, *_ = _tile_shape(m, interpret=False)
         tiles = max(tiles, cdiv(m, block_m) * cdiv(n, block_n))
@@ -317,12 +348,14 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     With MOERAY_FUSED_FP8_GEMV_BATCH=1, dot tiles of more than 16 rows split K less (below).
     `moeray bench kernels --only fp8_gemv_sweep` and scripts/fp8_small_m_sweep.py time the
     alternatives."""
+    kb = cdiv(k, FP8_BLOCK)
+    if m == 1 and not act_fp8 and switched_on("FP8_GEMV_WIDE"):
+        return wide_config(n, kb, num_sms(device))
     if act_fp8:
         block_m, block_n, dot, num_warps, num_stages = _dot_tile_shape(m)
     else:
         block_m, block_n, dot, num_warps, num_stages = _tile_shape(m, interpreting())
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
-    kb = cdiv(k, FP8_BLOCK)
     split = cdiv(_PROGRAMS_PER_SM * num_sms(device), tiles)
     if m == 1 and not dot:
         split = max(split, cdiv(kb, _MAX_K_BLOCKS_M1))
@@ -339,14 +372,18 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
         BLOCK_N=block_n,
         SPLIT_K=split,
         DOT=dot,
+        K_BLOCKS=1,
         num_warps=num_warps,
         num_stages=num_stages,
     )
 
 
 def _check_config(cfg: dict, act_fp8: bool) -> None:
-    if cfg.keys() != _CONFIG_KEYS:
-        raise ValueError(f"config keys {sorted(cfg)}: need exactly {sorted(_CONFIG_KEYS)}")
+    if not _CONFIG_KEYS - {"K_BLOCKS"} <= cfg.keys() <= _CONFIG_KEYS:
+        raise ValueError(
+            f"config keys {sorted(cfg)}: need {sorted(_CONFIG_KEYS - {'K_BLOCKS'})}, and "
+            "K_BLOCKS optionally (default 1)"
+        )
     if act_fp8 and not cfg["DOT"]:
         raise ValueError("DOT=False with e4m3 x: the e4m3 path runs fp8 dots only, DOT=True")
     bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
@@ -358,6 +395,14 @@ def _check_config(cfg: dict, act_fp8: bool) -> None:
         raise ValueError(f"BLOCK_N={bn}: must be >= 16 when DOT=True")
     if split < 1:
         raise ValueError(f"SPLIT_K={split}: must be >= 1")
+    kbs = cfg.get("K_BLOCKS", 1)
+    if not is_pow2(kbs):
+        raise ValueError(f"K_BLOCKS={kbs}: must be a power of two (1: one 128-column block a step)")
+    if kbs > 1 and (bm != 1 or cfg["DOT"]):
+        raise ValueError(
+            f"K_BLOCKS={kbs} with BLOCK_M={bm}, DOT={cfg['DOT']}: the wide step (K_BLOCKS > 1) "
+            "takes BLOCK_M=1 and DOT=False"
+        )
 
 
 def _check_gemv_inputs(
@@ -498,6 +543,7 @@ def fp8_gemv(
         NUM_STAGES=cfg["num_stages"],
         REDUCE_SPLITS=0 if locks is None else split,
         PDL=pdl,
+        K_BLOCKS=cfg.get("K_BLOCKS", 1),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         launch_pdl=pdl,
