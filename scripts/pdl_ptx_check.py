@@ -2,9 +2,9 @@
 `moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
-wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants: there at least one
-load must come first, or the prefetch was lost); with PDL=False no griddepcontrol at all (the
-plain kernel that the interpreter and older GPUs run).
+wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants, the MLA merge with
+W_UV: there at least one load must come first, or the prefetch was lost); with PDL=False no
+griddepcontrol at all (the plain kernel that the interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
 decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
@@ -34,6 +34,7 @@ from moeray.kernels import (
     gemv,
     head_gemv,
     mla_decode,
+    mla_merge,
     mla_write,
     moe,
     moe_align,
@@ -248,7 +249,17 @@ CASES = [
         )
         for direct, fold in ((False, False), (True, False), (False, True))
     ),
-    (mla_decode._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
+    (mla_merge._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
+    *(  # the merge with W_UV (MOERAY_FUSED_MLA_WUV=1): W's slice before the wait unless fresh
+        (
+            mla_merge._mla_merge_out_kernel,
+            dict(NS=8, R=512, V=128, BV=16, PREFETCH_W=prefetch),
+            dict(o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32),
+            {},
+            prefetch,
+        )
+        for prefetch in (True, False)
+    ),
 ]
 LOAD = re.compile(r"^(@!?%p\d+ )?(ld\.global|cp\.async\.(ca|cg|bulk)(?!.*(commit|wait)))")
 STORE = re.compile(r"^(@!?%p\d+ )?(st\.global|red\.|atom\.)")

@@ -6,13 +6,17 @@ pool, MP max pages per sequence, NS KV splits.
 
 kv_cache [NP, T, D]: each row is one token's latent (first R) and rope key (last P). With absorbed
 queries, scores = q_nope . c_kv + q_rope . k_rope and the values are the latent c_kv itself, so the
-output is [.., R] latent (the caller multiplies by W_UV and W_O).
+output is [.., R] latent (the caller multiplies by W_UV and W_O), or, given W_UV (`w_out`), the
+value output [.., V] (the caller multiplies by W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
 sequence's own pages through the block table with an online softmax, writes a partial output and
-its log-sum-exp. Stage 2 merges the splits. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in) stage 1 writes
-the merged output itself: at one split directly (the same bits), at several in the last split
-program of each (sequence, head block), counted on a caller's zeroed workspace (`mla_counters`).
+its log-sum-exp. Stage 2 merges the splits (kernels/mla_merge.py); with W_UV and
+MOERAY_FUSED_MLA_WUV=1 (opt-in) it also applies W_UV for up to MERGE_OUT_MAX_ROWS query tokens,
+where otherwise `head_gemv.head_matmul` does after it. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in)
+stage 1 writes the merged output itself: at one split directly (the same bits), at several in the
+last split program of each (sequence, head block), counted on a caller's zeroed workspace
+(`mla_counters`).
 Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512
 pages).
 
@@ -39,6 +43,14 @@ from moeray.kernels.common import (
     pdl_wait,
     switched_on,
     use_triton,
+)
+from moeray.kernels.head_gemv import head_matmul
+from moeray.kernels.mla_merge import (
+    MERGE_OUT_MAX_ROWS,
+    check_w_out,
+    merge_out_takes,
+    mla_merge,
+    mla_merge_out,
 )
 
 LOG2E = 1.4426950408889634
@@ -234,47 +246,6 @@ def _mla_decode_split_kernel(
             tl.atomic_xchg(cnt, 0)
 
 
-@triton.jit
-def _mla_merge_kernel(
-    o_ptr,
-    lse_ptr,
-    out_ptr,
-    lse_out_ptr,
-    num_splits,
-    stride_ob,
-    stride_or,
-    stride_os,
-    stride_lb,
-    stride_lr,
-    stride_outb,
-    stride_outr,
-    stride_lob,
-    NS: tl.constexpr,
-    R: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_wait(PDL)  # every read here is the split kernel's output
-    r = tl.program_id(0)  # rows (S x H: 524,288 for a 4K chunk at 128 heads) exceed grid y's 65,535
-    b = tl.program_id(1)
-    offs_s = tl.arange(0, NS)
-    s_ok = offs_s < num_splits
-    lse = tl.load(lse_ptr + b * stride_lb + r * stride_lr + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)  # empty splits (lse = -inf) weigh 0
-    w_sum = tl.sum(w, axis=0)
-    offs_r = tl.arange(0, R)
-    o = tl.load(
-        o_ptr + b * stride_ob + r * stride_or + offs_s[:, None] * stride_os + offs_r[None, :],
-        mask=s_ok[:, None],
-        other=0.0,
-    )
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
-    tl.store(out_ptr + b * stride_outb + r * stride_outr + offs_r, out.to(out_ptr.dtype.element_ty))
-    # natural-log LSE, for merging with other attention pieces (chunked prefill)
-    tl.store(lse_out_ptr + b * stride_lob + r, (m_safe + tl.log2(w_sum)) / 1.4426950408889634)
-
-
 def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
     check_tensor(q, "q", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=nd_q)
     check_tensor(kv_cache, "kv_cache", dtypes=(q.dtype,), ndim=3, device=q.device)
@@ -366,7 +337,12 @@ def _mla_decode_rows(
     num_warps=None,
     num_stages=None,
     counters=None,
+    w_out=None,
+    fresh_w=False,
 ):
+    """`mla_decode_multi` over checked inputs -> (out, lse [B, rows], applied): out is w_out's
+    product [B, rows, V] where `applied` (the merge kernel folded it in), else the latent
+    [B, rows, R]."""
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
     max_pages = block_table.shape[1]
@@ -407,6 +383,7 @@ def _mla_decode_rows(
     o_strides = (0, 0, 0) if direct else o.stride()[:3]
     lse_strides = (0, 0) if direct else lse.stride()[:2]
     upcast = interpreting()
+    ns_pow2 = triton.next_power_of_2(num_splits)
     pdl = pdl_launch(q_BRD.device)
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
         q_BRD,
@@ -441,7 +418,7 @@ def _mla_decode_rows(
         PAGE=page,
         DIRECT=direct,
         FOLD=fold,
-        NS=triton.next_power_of_2(num_splits),
+        NS=ns_pow2,
         UPCAST=upcast,
         PDL=pdl,
         num_warps=num_warps,
@@ -449,28 +426,16 @@ def _mla_decode_rows(
         launch_pdl=pdl,
     )
     if direct or fold:
-        return out, lse_out
-    _mla_merge_kernel[(rows, b)](
-        o,
-        lse,
-        out,
-        lse_out,
-        num_splits,
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse_out.stride(0),
-        NS=triton.next_power_of_2(num_splits),
-        R=kv_lora_rank,
-        PDL=pdl,
-        num_warps=4,
-        launch_pdl=pdl,
-    )
-    return out, lse_out
+        return out, lse_out, False
+    # W_UV in the merge launch (opt-in MOERAY_FUSED_MLA_WUV=1, kernels/mla_merge.py): for few
+    # query tokens, where the separate per-head GEMM is a launch of its own (H200, Moonlight batch
+    # 1: 3.2 us of cuBLAS for 2 MB of W_UV, ~0.4 us of bytes).
+    few = b * q_len <= MERGE_OUT_MAX_ROWS
+    if w_out is not None and few and merge_out_takes(w_out.shape[-1]) and switched_on("MLA_WUV"):
+        out, lse_out = mla_merge_out(o, lse, w_out, out.dtype, num_splits, ns_pow2, fresh_w)
+        return out, lse_out, True
+    mla_merge(o, lse, out, lse_out, num_splits, ns_pow2)
+    return out, lse_out, False
 
 
 def mla_decode_multi(
@@ -487,6 +452,8 @@ def mla_decode_multi(
     num_warps: int | None = None,
     num_stages: int | None = None,
     counters: torch.Tensor | None = None,
+    w_out: torch.Tensor | None = None,
+    fresh_w: bool = False,
 ):
     """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
 
@@ -494,6 +461,16 @@ def mla_decode_multi(
     0 .. seq_len - S + s. Sequences need seq_len >= S. `counters`: a zeroed int32 workspace
     (`mla_counters`) for the folded merge (MOERAY_FUSED_MLA_DIRECT=1), left zeroed; reusable by
     every later call on the stream.
+
+    `w_out`: MLA's W_UV as [H, R, V] in q's dtype (any strides: the model passes kv_b_proj's
+    weight viewed [H, N + V, R], sliced [:, N:] and transposed). out is then the value output
+    o_v [B, S, H, V] = o_lat W_UV[h] per head: computed by the merge kernel (one launch,
+    `mla_merge.mla_merge_out`) where the split kernel's partials are merged separately (not the
+    MLA_DIRECT paths), MOERAY_FUSED_MLA_WUV=1, B * S <= MERGE_OUT_MAX_ROWS and V is a power of
+    two >= 16; else by `head_gemv.head_matmul(o_lat, w_out, fresh_w=fresh_w)`, the model's own
+    unfused product. Fused, the latent is rounded to q's dtype as the unfused path stores it and
+    the product sums in fp32: within one rounding of the unfused output. `fresh_w`: w_out was
+    just made (a cast or dequantized copy): no kernel reads it before its PDL wait.
     """
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
@@ -501,16 +478,20 @@ def mla_decode_multi(
     if block_h is not None and (not is_pow2(block_h) or block_h < 16):
         raise ValueError(f"block_h={block_h} must be a power of 2 >= 16")
     b, s, h, d = q_BSHD.shape
+    if w_out is not None:
+        check_w_out(w_out, h, kv_lora_rank, q_BSHD.dtype, q_BSHD.device)
     if not use_triton(q_BSHD):
         out, lse = mla_decode_ref(
             q_BSHD, kv_cache, block_table, seq_lens, softmax_scale, kv_lora_rank
         )
         out = out.to(q_BSHD.dtype)
+        if w_out is not None:
+            out = head_matmul(out, w_out, fresh_w=fresh_w)
         return (out, lse) if return_lse else out
     q = q_BSHD.reshape(b, s * h, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out, lse = _mla_decode_rows(
+    out, lse, applied = _mla_decode_rows(
         q,
         kv_cache,
         block_table,
@@ -524,8 +505,12 @@ def mla_decode_multi(
         num_warps,
         num_stages,
         counters,
+        w_out,
+        fresh_w,
     )
-    out = out.view(b, s, h, kv_lora_rank)
+    out = out.view(b, s, h, out.shape[-1])
+    if w_out is not None and not applied:
+        out = head_matmul(out, w_out, fresh_w=fresh_w)
     return (out, lse.view(b, s, h)) if return_lse else out
 
 
@@ -543,12 +528,15 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     counters: torch.Tensor | None = None,
+    w_out: torch.Tensor | None = None,
+    fresh_w: bool = False,
 ):
-    """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output.
+    """One new token per sequence: q [B, H, 576] absorbed queries -> [B, H, 512] latent output
+    ([B, H, V] with w_out).
 
     kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
     int32 (>= 1, including the current token). num_splits / block_h override the automatic choice;
-    `counters` as in mla_decode_multi.
+    `counters`, `w_out` and `fresh_w` as in mla_decode_multi.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
@@ -564,6 +552,8 @@ def mla_decode(
         num_warps=num_warps,
         num_stages=num_stages,
         counters=counters,
+        w_out=w_out,
+        fresh_w=fresh_w,
     )
     if return_lse:
         return res[0].squeeze(1), res[1].squeeze(1)

@@ -13,7 +13,8 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
   which reads the gate's ids two launches back before its wait; with MOERAY_FUSED_MOE_GEMV=0 the
   aligned moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
-  mla_decode (split kernel + merge), gemv; the caches compared too.
+  mla_decode (split kernel + merge; also with W_UV in the merge, MOERAY_FUSED_MLA_WUV=1), gemv;
+  the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
 graphs) are the same with MOERAY_FUSED_PDL=1 and =0."""
 
@@ -236,12 +237,26 @@ def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, monkeypatch):
     _check_chain(chain, x0, monkeypatch)
 
 
-def test_mla_decode_layer_chain(monkeypatch):
+@pytest.mark.parametrize("wuv", [False, True], ids=["latent", "wuv"])
+def test_mla_decode_layer_chain(monkeypatch, wuv):
+    """wuv: mla_decode takes W_UV with MOERAY_FUSED_MLA_WUV=1 (3 query tokens, within
+    MERGE_OUT_MAX_ROWS): its merge launch applies it, reading W's slice before its wait."""
+    from moeray.kernels import mla_decode as decode_mod
     from moeray.kernels.gemv import gemv
     from moeray.kernels.mla_decode import mla_decode
+    from moeray.kernels.mla_merge import MERGE_OUT_MAX_ROWS
     from moeray.kernels.mla_write import mla_write_pack
 
     b, d, heads, c, r, page = 3, 96, 4, 64, 16, 16  # sequences, width, heads, latent, rope, page
+    v = 32 if wuv else c  # value dims a head after W_UV (o_proj's input), or the latent's
+    assert b <= MERGE_OUT_MAX_ROWS
+    folds = []
+    if wuv:
+        monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1")
+        real_fold = decode_mod.mla_merge_out
+        monkeypatch.setattr(
+            decode_mod, "mla_merge_out", lambda *a, **k: folds.append(1) or real_fold(*a, **k)
+        )
     lens = [37, 5, 70]  # cached tokens including the new one
     max_pages, num_pages = 8, 24
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -256,9 +271,13 @@ def test_mla_decode_layer_chain(monkeypatch):
         {
             "q": _randn(g, heads * (c + r), d, scale=d**-0.5),
             "kv": _randn(g, c + r, d, scale=d**-0.5),
-            "o": _randn(g, d, heads * c, scale=(heads * c) ** -0.5),
+            "o": _randn(g, d, heads * v, scale=(heads * v) ** -0.5),
             "norm": 1 + _randn(g, c, scale=0.1),
             "cache": _randn(g, num_pages, page, c + r),
+            # W_UV [heads, c, v] as MLA passes it: kv_b_proj's rows [heads, 8 + v, c] transposed
+            "w_uv": _randn(g, heads, 8 + v, c, scale=c**-0.5)[:, 8:].transpose(1, 2)
+            if wuv
+            else None,
         }
         for _ in range(4)
     ]
@@ -279,12 +298,15 @@ def test_mla_decode_layer_chain(monkeypatch):
                 norm=(p["norm"], 1e-6),
                 rope=rope,
             )
-            o = mla_decode(packed[:, 0], p["cache"], block_table, seq_lens, (c + r) ** -0.5, c)
-            x = gemv(o.reshape(b, heads * c), p["o"])
+            o = mla_decode(
+                packed[:, 0], p["cache"], block_table, seq_lens, (c + r) ** -0.5, c, w_out=p["w_uv"]
+            )
+            x = gemv(o.reshape(b, heads * v), p["o"])
             outs += [packed, o, x, p["cache"]]
         return outs
 
     _check_chain(chain, x0, monkeypatch)
+    assert bool(folds) == wuv
 
 
 @pytest.mark.parametrize("fp8,spec", [(False, 0), (True, 0), (False, 1)])

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -68,3 +69,25 @@ def launch_spy(monkeypatch):
         return grids
 
     return spy
+
+
+class _NanEmptyTorch:
+    """torch, but `empty` fills with NaN: an output value a kernel leaves unwritten stays NaN and
+    fails torch.equal."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """nan_empty(module): the module's `torch.empty` fills with NaN (its wrappers' outputs)."""
+
+    def poison(module) -> None:
+        monkeypatch.setattr(module, "torch", _NanEmptyTorch())
+
+    return poison

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moeray.kernels import mla_merge
 from moeray.kernels.mla_decode import mla_decode, mla_decode_multi, mla_decode_ref
 
 
@@ -59,8 +60,6 @@ def test_one_split_writes_the_merged_output_itself(s_q, launch_spy, monkeypatch)
     """MOERAY_FUSED_MLA_DIRECT=1 at one split: the split kernel writes the output and the
     natural-log lse itself, no merge launch, the merge path's bits (17 heads: a ragged head
     block; sequences of 1-80 tokens; several query tokens too)."""
-    from moeray.kernels import mla_decode as mod
-
     q, kv, table, lens = _paged_case(
         [37, 1, 80, 16], heads=17, r=64, p=16, page=16, seed=8, s_q=s_q
     )
@@ -68,7 +67,7 @@ def test_one_split_writes_the_merged_output_itself(s_q, launch_spy, monkeypatch)
     run = mla_decode_multi if s_q > 1 else mla_decode
     args = (q, kv, table, lens, 0.3)
     kw = dict(kv_lora_rank=64, num_splits=1, return_lse=True)
-    merges = launch_spy(mod, "_mla_merge_kernel")
+    merges = launch_spy(mla_merge, "_mla_merge_kernel")
     monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
     want_out, want_lse = run(*args, **kw)
     assert len(merges) == 1
@@ -95,7 +94,7 @@ def test_folded_merge_matches_the_merge_kernel(s_q, num_splits, launch_spy, monk
     lens = lens.clamp(min=s_q)
     args = (q, kv, table, lens, 0.3)
     kw = dict(kv_lora_rank=64, num_splits=num_splits, return_lse=True)
-    merges = launch_spy(mod, "_mla_merge_kernel")
+    merges = launch_spy(mla_merge, "_mla_merge_kernel")
     want_out, want_lse = mla_decode_multi(*args, **kw)
     monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
     counters = mod.mla_counters(4, s_q * 17, q.device)

@@ -1,32 +1,25 @@
 """The paged-cache write + query pack kernel (moeray.kernels.mla_write) against its PyTorch
 reference under the interpreter: the same cache bits and packed query at odd shapes, on the
 strided query latent the absorbed einsum returns, the packed query and the cache rows to write
-NaN-poisoned first; the engine view's choice (KernelPagedView.attend) with and without it."""
+NaN-poisoned first; the engine view's choice (KernelPagedView.attend) with and without it; MLA
+handing the view its W_UV (MOERAY_FUSED_MLA_WUV=1: the attention's merge launch applies it)."""
 
 import pytest
 import torch
 
+from moeray.kernels import mla_merge
 from moeray.kernels import mla_write as write_mod
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies, mla_write_pack_ref
+from moeray.platform.config import tiny
 from moeray.platform.engine import paged_view as view_mod
 from moeray.platform.engine.kv_cache import CacheShape, PagedKVStorage
-
-
-class _NanEmptyTorch:
-    """torch, but `empty` fills with NaN: a packed query value the kernel leaves unwritten stays
-    NaN and fails torch.equal."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
+from moeray.platform.model.mla import MLA
+from moeray.platform.model.rope import RotaryEmbedding
 
 
 @pytest.fixture(autouse=True)
-def _nan_query(monkeypatch):
-    monkeypatch.setattr(write_mod, "torch", _NanEmptyTorch())
+def _nan_query(nan_empty):
+    nan_empty(write_mod)  # a packed query value the kernel leaves unwritten stays NaN
 
 
 def _case(B, S, H, C, R, dtype, pages=5, N=4, seed=0):
@@ -195,6 +188,31 @@ print("RESULT PASS" if bad == 0 else f"RESULT FAIL {bad}")
     )
 
 
+STARTS = (3, 17)  # the 2 sequences' cached tokens before their 2 new ones
+
+
+def _tiny_mla(dtype: torch.dtype):
+    """An MLA layer of tiny() (weights normal(0, 0.1)) in `dtype` and its input: (mla,
+    x [2, 2, D], cos, sin at positions STARTS[b] + s)."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    mla = MLA(cfg, 1)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(len(STARTS), 2, cfg.hidden_size).to(dtype)
+    cos, sin = RotaryEmbedding(cfg)(torch.tensor(STARTS)[:, None] + torch.arange(2))
+    return mla.to(dtype).eval(), x, cos, sin
+
+
+def _view(mla, dtype: torch.dtype):
+    """A KernelPagedView over a random cache in `dtype` for _tiny_mla's input: (view, storage)."""
+    shape = CacheShape(num_layers=2, kv_lora_rank=mla.kv_lora_rank, rope_dim=8, page_size=16)
+    storage = PagedKVStorage(shape, num_pages=6, dtype=dtype)
+    storage.kv_LPNK.normal_(generator=torch.Generator().manual_seed(3))
+    table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
+    return view_mod.KernelPagedView(storage, table, torch.tensor(STARTS), 2), storage
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
     """An MLA layer of tiny() decoding through KernelPagedView.attend with the raw latent (the
@@ -203,21 +221,8 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
     does not take it (MLA norms and rotates): the same output and the same cache."""
     from moeray.kernels.norm import rms_norm_applies
     from moeray.kernels.rope import rope_applies
-    from moeray.platform.config import tiny
-    from moeray.platform.model.mla import MLA
-    from moeray.platform.model.rope import RotaryEmbedding
 
-    cfg = tiny()
-    torch.manual_seed(0)
-    mla = MLA(cfg, 1)
-    for p in mla.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    mla.eval()
-    B, S = 2, 2
-    shape = CacheShape(num_layers=2, kv_lora_rank=cfg.kv_lora_rank, rope_dim=8, page_size=16)
-    x = torch.randn(B, S, cfg.hidden_size)
-    starts = torch.tensor([3, 17])
-    cos, sin = RotaryEmbedding(cfg)(starts[:, None] + torch.arange(S))
+    mla, x, cos, sin = _tiny_mla(torch.float32)
     launches = launch_spy(write_mod, "_mla_write_pack_kernel")
     view_ropes = []  # the view's own rotations: none when the kernel rotates
     real_rope = view_mod.apply_rope
@@ -227,10 +232,7 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
         monkeypatch.setattr(view_mod, "use_fused_rope", rope_applies)
     results = []
     for raw in (True, False):
-        storage = PagedKVStorage(shape, num_pages=6, dtype=torch.float32)
-        storage.kv_LPNK.normal_(generator=torch.Generator().manual_seed(3))
-        table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
-        view = view_mod.KernelPagedView(storage, table, starts, S)
+        view, storage = _view(mla, torch.float32)
         if not raw:  # a view without takes_raw_latent: MLA norms and rotates, then calls attend
             view = _AttendOnly(view)
         with torch.no_grad():
@@ -243,6 +245,34 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
         torch.testing.assert_close(cache, cache_ref, rtol=1e-6, atol=1e-7)
     else:
         assert torch.equal(out, out_ref) and torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_mla_hands_w_uv_to_the_view(monkeypatch, launch_spy, on):
+    """A bf16 MLA layer of tiny() decoding 2 sequences x 2 tokens through KernelPagedView, which
+    `folds_w_uv` (MLA passes W_UV and applies only o_proj), against a view that does not (MLA's
+    own W_UV product): unset, the same bits; with MOERAY_FUSED_MLA_WUV=1 the merge launch applies
+    W_UV (one per layer call), its o_v within a bf16 rounding, the layer's output within a few."""
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1" if on else "0")
+    mla, x, cos, sin = _tiny_mla(torch.bfloat16)
+    folds = launch_spy(mla_merge, "_mla_merge_out_kernel")
+    o_v = []  # o_proj's input
+    real_o_proj = mla.o_proj.forward
+    monkeypatch.setattr(mla.o_proj, "forward", lambda t: o_v.append(t) or real_o_proj(t))
+    results = []
+    for folds_w_uv in (True, False):
+        view, _ = _view(mla, torch.bfloat16)
+        if not folds_w_uv:
+            monkeypatch.setattr(view, "folds_w_uv", False)
+        with torch.no_grad():
+            results.append(mla(x, cos, sin, view))
+    assert len(folds) == (1 if on else 0)
+    (out, out_ref), (ov, ov_ref) = results, o_v
+    if on:
+        torch.testing.assert_close(ov.float(), ov_ref.float(), rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(out.float(), out_ref.float(), rtol=2**-6, atol=1e-3)
+    else:
+        assert torch.equal(ov, ov_ref) and torch.equal(out, out_ref)
 
 
 class _AttendOnly:

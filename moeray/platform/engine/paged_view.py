@@ -11,13 +11,15 @@ H heads.
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather); MLA hands it
     the raw latent (`takes_raw_latent`), so the latent's norm, the rotations, the slot writes and
-    the query pack run as one launch (`moeray.kernels.mla_write`).
+    the query pack run as one launch (`moeray.kernels.mla_write`), and its W_UV (`folds_w_uv`),
+    so the value up-projection may run in the attention's merge launch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
@@ -105,6 +107,8 @@ class KernelPagedView(GatherPagedView):
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
+    # and its W_UV (`w_uv_HCV`), to get the value output back instead of the latent
+    folds_w_uv = True
 
     def attend(
         self,
@@ -118,10 +122,16 @@ class KernelPagedView(GatherPagedView):
         kv_norm: RMSNorm | None = None,
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
+        w_uv_HCV: torch.Tensor | None = None,
+        fresh_w: bool = False,
     ) -> torch.Tensor:
         """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
-        context (query s sees positions <= start + s). The caller applies W_UV and o_proj.
+        context (query s sees positions <= start + s), in q_lat's dtype; the caller applies W_UV
+        and o_proj. Given MLA's W_UV as w_uv_HCV [H, C, V] in q_lat's dtype (`fresh_w`: a copy
+        just made, as in head_gemv), the value output o_BSHV = o_lat W_UV[h] per head instead
+        (`mla_decode_multi`'s w_out: its merge launch applies it where it chooses to), and the
+        caller applies o_proj.
         With kv_norm, cos and sin (the MLA's kv_a_layernorm and rope angles), kv_BSC is not yet
         normed and pe_BSR, q_pe_BSHR not yet rotated: where the model would run its fused norm and
         RoPE kernels anyway (model/norm.py, model/rope.py choose), the norm, both rotations, the
@@ -147,6 +157,9 @@ class KernelPagedView(GatherPagedView):
             B, S, H = q_BSHK.shape[:3]
             self._mla_counters = mla_counters(B, S * H, q_BSHK.device)
             self._mla_counters_made = True
+        # The kernel's output is in the cache's dtype; W_UV goes in only where that is q_lat's
+        # (the engine's cache is in the model's dtype), else the model's product after the cast.
+        fold = w_uv_HCV is not None and q_BSHK.dtype == q_lat_BSHC.dtype
         out = mla_decode_multi(
             q_BSHK,
             cache_PNK,
@@ -155,5 +168,9 @@ class KernelPagedView(GatherPagedView):
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
             counters=self._mla_counters,
-        )
-        return out.to(q_lat_BSHC.dtype)
+            w_out=w_uv_HCV if fold else None,
+            fresh_w=fresh_w,
+        ).to(q_lat_BSHC.dtype)
+        if w_uv_HCV is not None and not fold:
+            out = head_matmul(out, w_uv_HCV, fresh_w=fresh_w)
+        return out

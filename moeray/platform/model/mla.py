@@ -43,7 +43,10 @@ class KVCache(Protocol):
     # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context,
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
-    # norm, the rotations and the store can run as one kernel).
+    # norm, the rotations and the store can run as one kernel); with `folds_w_uv = True` as well
+    # (raw-latent calls only) also w_uv_HCV=W_UV [H, C, V], fresh_w=bool (W_UV just made, as in
+    # head_gemv), and then return o_BSHV = o_lat W_UV[h] per head in q_lat's dtype (so the
+    # up-projection can run in the attention's last kernel).
     # And `expanded = True` asks for the expanded path over what `update` returns (long prefill
     # chunks, where up-projecting the context costs less than attending in the 512-wide latent
     # space with 128 heads); `update` may then return (kv_BSC, pe_BSR, None) when the S new tokens
@@ -182,7 +185,10 @@ class MLA(nn.Module):
         B, S, _ = x_BSD.shape
         q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
-            # The engine's paged view norms, rotates and stores the new latent itself.
+            # The engine's paged view norms, rotates and stores the new latent itself, and with
+            # `folds_w_uv` applies W_UV too (its kernel decides where).
+            if getattr(cache, "folds_w_uv", False):
+                return self._o_proj(self._attend_raw(cache, q_lat, q, kv, cos, sin, w_uv=True))
             return self._absorbed_out(self._attend_raw(cache, q_lat, q, kv, cos, sin))
         kv_BSC, pe_BSR = self._latent(kv, cos, sin)
         if cache is None and not absorbed:
@@ -212,12 +218,17 @@ class MLA(nn.Module):
             )
         return self._absorbed_out(o_lat_BSHC)
 
-    def _attend_raw(self, cache, q_lat, q, kv, cos, sin):
+    def _attend_raw(self, cache, q_lat, q, kv, cos, sin, *, w_uv=False):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
-        projection and the query as their GEMMs leave them, the norm and rotations to the cache."""
+        projection and the query as their GEMMs leave them, the norm and rotations to the cache.
+        -> o_lat_BSHC, or with `w_uv` (a cache that `folds_w_uv`) o_BSHV with W_UV applied."""
         kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_nope, q_pe = self._split_queries(q_lat, q)
         q_lat_BSHC = self._absorb_query(q_nope)
+        w_kw = {}
+        if w_uv:
+            w_uv_HCV, fresh = self._w_uv(q_lat_BSHC.dtype)
+            w_kw = {"w_uv_HCV": w_uv_HCV, "fresh_w": fresh}
         return cache.attend(
             self.layer_idx,
             q_lat_BSHC,
@@ -228,6 +239,7 @@ class MLA(nn.Module):
             kv_norm=self.kv_a_layernorm,
             cos=cos,
             sin=sin,
+            **w_kw,
         )
 
     def expanded_attention(self, q_lat, kv_BTC, pe_BTR, cos, sin, mask_BST=None, *, q=None):
@@ -302,9 +314,15 @@ class MLA(nn.Module):
         probs_BSHT = scores_BSHT.softmax(dim=-1).to(kv_BTC.dtype)
         return torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
 
+    def _w_uv(self, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """W_UV as the [H, C, V] view of `_w_HKC`'s weight (C contiguous), and its `fresh`."""
+        w_HKC, fresh = self._w_HKC(dtype)
+        return w_HKC[:, self.nope_dim :].transpose(1, 2), fresh
+
+    def _o_proj(self, o_BSHV):
+        B, S, H, V = o_BSHV.shape
+        return self.o_proj(o_BSHV.reshape(B, S, H * V))
+
     def _absorbed_out(self, o_lat_BSHC):
-        B, S, H, _ = o_lat_BSHC.shape
-        w_HKC, fresh = self._w_HKC(o_lat_BSHC.dtype)
-        w_uv_HCV = w_HKC[:, self.nope_dim :].transpose(1, 2)  # contract over C (contiguous)
-        o_BSHV = head_matmul(o_lat_BSHC, w_uv_HCV, fresh_w=fresh)
-        return self.o_proj(o_BSHV.reshape(B, S, H * self.v_dim))
+        w_uv_HCV, fresh = self._w_uv(o_lat_BSHC.dtype)  # contract over C (contiguous)
+        return self._o_proj(head_matmul(o_lat_BSHC, w_uv_HCV, fresh_w=fresh))
