@@ -36,14 +36,10 @@ from moeray.platform.model.quant import (
 )
 from moeray.platform.model.rope import rope_frequencies
 from moeray.platform.model.transformer import Transformer
+from moeray.platform.tokenizer_dir import HF_TOKENIZER_FILES, tokenizer_files
 
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
@@ -105,9 +101,11 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
-        files = [src] if src.is_file() else [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+        files = [src] if src.is_file() else tokenizer_files(src)
         if not files:
-            raise ValueError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) at {src}")
+            raise ValueError(
+                f"no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}, or tiktoken.model) at {src}"
+            )
         for f in files:
             shutil.copy(f, path / f.name)
     elif hasattr(tokenizer, "save_pretrained"):

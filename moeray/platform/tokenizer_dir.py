@@ -32,6 +32,37 @@ TOKENIZER_JSON = "tokenizer.json"
 TIKTOKEN_MODEL = "tiktoken.model"
 
 
+# The files a model directory's tokenizer may consist of (HF's, then tiktoken's): what a copy of the
+# tokenizer takes along (`tokenizer_files`), so that transformers and this module both load it.
+HF_TOKENIZER_FILES = (
+    TOKENIZER_JSON,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """The tokenizer files in model directory `path`: HF_TOKENIZER_FILES, tiktoken.model and the
+    tokenization_*.py that tokenizer_config.json's auto_map names (Moonlight, Kimi-K2)."""
+    p = Path(path)
+    found = [p / f for f in HF_TOKENIZER_FILES if (p / f).is_file()]
+    if (p / TIKTOKEN_MODEL).is_file():
+        found += [p / TIKTOKEN_MODEL, *sorted(p.glob("tokenization_*.py"))]
+    return found
+
+
+def eos_token(path: str | Path, default: str) -> str:
+    """The end-of-sequence token text that tokenizer_config.json names in directory `path`
+    (a string or {"content": ...}), else `default`: DeepSeek-V3's <｜end▁of▁sentence｜>,
+    Moonlight's and Kimi-K2's [EOS]."""
+    config = Path(path) / "tokenizer_config.json"
+    value = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else default
+
+
 def has_tokenizer(path: str | Path) -> bool:
     """Whether the directory ships tokenizer files this module loads."""
     p = Path(path)

@@ -6,6 +6,9 @@ import random
 import pytest
 import torch
 
+from moeray.platform.checkpoint import save_model
+from moeray.platform.config import tiny
+from moeray.platform.model.transformer import Transformer
 from moeray.platform.train import data
 
 
@@ -84,6 +87,66 @@ def test_tokenize_corpus_appends_eos(tok):
     assert stream.dtype == torch.int32
     assert (stream == eos).sum() == 2 and stream[-1] == eos
     assert tok.decode([int(i) for i in stream if i != eos]) == "x = 1y = 2\n"
+
+
+def test_finetune_corpus_from_a_tiktoken_checkpoint(tmp_path):
+    """Fine-tuning from a Moonlight/Kimi-K2-style directory (tiktoken.model + tokenization_*.py,
+    no tokenizer.json): the corpus is encoded with the checkpoint's ids (tiktoken's own encoder
+    as the oracle), each document ended by the [EOS] its tokenizer_config.json names; the run's
+    tokenizer directory holds the checkpoint's files and a tokenizer.json, and loads alone."""
+    from tests.unit.test_tokenizer_dir import PATTERN, _write_tiktoken_dir
+
+    tiktoken = pytest.importorskip("tiktoken")
+    start = tmp_path / "kimi"
+    start.mkdir()
+    ranks, specials = _write_tiktoken_dir(start)
+    oracle = tiktoken.Encoding(
+        name="kimi-test", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
+    docs = ["Hello, world! 中文English混合", "for i in range(3):\n\tprint(i)"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(docs):
+        (corpus / f"{i}.txt").write_text(doc)
+    tok_dir, tokens = data.prepare_corpus(tmp_path / "run", str(corpus), tokenizer=start)
+    eos = specials["[EOS]"]
+    want = [t for doc in docs for t in [*oracle.encode_ordinary(doc), eos]]
+    assert torch.load(tokens).tolist() == want
+    assert tok_dir == tmp_path / "run" / "tokenizer"
+    assert {f.name for f in tok_dir.iterdir()} == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tiktoken.model",
+        "tokenization_kimi.py",
+    }
+    again = data.load_tokenizer(tok_dir)
+    assert again.encode(docs[0], add_special_tokens=False).ids == oracle.encode_ordinary(docs[0])
+    # The fine-tuned model's directory (the job saves it with the run's tokenizer) ships them too.
+    out = save_model(Transformer(tiny()), tiny(), tmp_path / "out", tokenizer=tok_dir)
+    assert {f.name for f in tok_dir.iterdir()} <= {f.name for f in out.iterdir()}
+
+
+def test_finetune_corpus_ends_documents_with_the_checkpoints_eos(tok, tmp_path):
+    """A tokenizer.json checkpoint whose EOS is not ours (DeepSeek-V3's <｜end▁of▁sentence｜>):
+    the documents end with it; a tokenizer without the named EOS is refused by name."""
+    from tokenizers import AddedToken
+
+    start = tmp_path / "v3"
+    v3_tok = data.train_tokenizer(["x = 1\n"] * 50, vocab_size=300)
+    v3_tok.add_special_tokens([AddedToken("<｜end▁of▁sentence｜>", special=True)])
+    start.mkdir()
+    v3_tok.save(str(start / "tokenizer.json"))
+    config = {"eos_token": {"content": "<｜end▁of▁sentence｜>", "special": True}}
+    (start / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "doc.txt").write_text("x = 1")
+    _, tokens = data.prepare_corpus(tmp_path / "run", str(tmp_path / "doc.txt"), tokenizer=start)
+    stream = torch.load(tokens).tolist()
+    eos = v3_tok.token_to_id("<｜end▁of▁sentence｜>")
+    assert stream[-1] == eos and stream.count(eos) == 1
+    assert stream[:-1] == v3_tok.encode("x = 1", add_special_tokens=False).ids
+    (start / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="no </s> token"):
+        data.prepare_corpus(tmp_path / "run2", str(tmp_path / "doc.txt"), tokenizer=start)
 
 
 def test_packed_windows_are_consecutive_slices():

@@ -27,10 +27,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from moeray.platform.tokenizer_dir import (
+    TOKENIZER_JSON,
+    eos_token,
+    load_tokenizer_dir,
+    tokenizer_files,
+)
 
 if TYPE_CHECKING:
     import tokenizers
@@ -214,23 +222,24 @@ def save_tokenizer(
 
 
 def load_tokenizer(directory_or_file: str | os.PathLike) -> tokenizers.Tokenizer:
-    from tokenizers import Tokenizer
-
+    """The tokenizer of a model directory (tokenizer.json, or Moonlight's and Kimi-K2's
+    tiktoken.model converted: platform/tokenizer_dir.py) or of a tokenizer.json file."""
     p = Path(directory_or_file)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
+    if not (p.is_dir() or (p.is_file() and p.name == TOKENIZER_JSON)):
         raise ValueError(f"no tokenizer.json at {str(directory_or_file)!r}")
-    return Tokenizer.from_file(str(p))
+    return load_tokenizer_dir(p)
 
 
-def tokenize_corpus(texts: list[str], tok: tokenizers.Tokenizer) -> torch.Tensor:
-    """One int32 token stream: each document's tokens followed by <|eos|>."""
+def tokenize_corpus(
+    texts: list[str], tok: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN
+) -> torch.Tensor:
+    """One int32 token stream: each document's tokens followed by `eos_token` (ours: <|eos|>; a
+    checkpoint's tokenizer: the one its tokenizer_config.json names, `tokenizer_dir.eos_token`)."""
     import torch
 
-    eos = tok.token_to_id(EOS_TOKEN)
+    eos = tok.token_to_id(eos_token)
     if eos is None:
-        raise ValueError(f"tokenizer has no {EOS_TOKEN} token")
+        raise ValueError(f"tokenizer has no {eos_token} token (the end-of-document marker)")
     ids: list[int] = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         ids.extend(enc.ids)
@@ -250,21 +259,29 @@ def prepare_corpus(
     """Train the tokenizer and tokenize the corpus once (the driver does it, workers load files).
 
     Writes `directory/tokenizer/` (HF tokenizer files) and `directory/tokens.pt` (int32 stream);
-    returns (tokenizer directory, tokens.pt). `tokenizer`: an HF directory whose tokenizer encodes
-    the corpus instead (fine-tuning keeps the checkpoint's vocabulary); it is returned as is.
+    returns (tokenizer directory, tokens.pt). `tokenizer`: a model directory whose tokenizer
+    encodes the corpus instead (fine-tuning keeps the checkpoint's vocabulary), each document
+    ended by the EOS token its tokenizer_config.json names; its tokenizer files are copied into
+    `directory/tokenizer/`, with a tokenizer.json converted from tiktoken.model where it ships
+    none (Moonlight, Kimi-K2), so the run's tokenizer loads without the start directory.
     """
     import torch
 
     texts = corpus_texts(corpus, max_bytes)
+    tok_dir = Path(directory) / "tokenizer"
     if tokenizer is not None:
-        tok, tok_dir = load_tokenizer(tokenizer), Path(tokenizer)
+        start = Path(tokenizer)
+        tok, eos = load_tokenizer(start), eos_token(start, EOS_TOKEN)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in tokenizer_files(start):
+            shutil.copy(f, tok_dir / f.name)
+        if not (tok_dir / TOKENIZER_JSON).exists():
+            tok.save(str(tok_dir / TOKENIZER_JSON))
     else:
-        tok = train_tokenizer(texts, vocab_size)
-        tok_dir = Path(directory) / "tokenizer"
+        tok, eos = train_tokenizer(texts, vocab_size), EOS_TOKEN
         save_tokenizer(tok, tok_dir, model_max_length)
-    Path(directory).mkdir(parents=True, exist_ok=True)
     tokens_path = Path(directory) / "tokens.pt"
-    torch.save(tokenize_corpus(texts, tok), tokens_path)
+    torch.save(tokenize_corpus(texts, tok, eos), tokens_path)
     return tok_dir, tokens_path
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from moeray.platform.checkpoint import TOKENIZER_FILES
 from moeray.platform.config import PRESETS
 from moeray.platform.parallel.distributed import CUDA_ENV, GRAPHS_CUDA_ENV, dist_timeout_s
 from moeray.platform.plan.check import check_train
@@ -93,11 +92,6 @@ def prepare_data(job: TrainJobConfig, run: Storage) -> None:
                 max_bytes=job.data.max_bytes,
                 tokenizer=start,
             )
-            if start is not None:  # the run keeps a copy: workers never read init_from's
-                (local / "tokenizer").mkdir(parents=True, exist_ok=True)
-                for name in TOKENIZER_FILES:
-                    if (Path(start) / name).exists():
-                        shutil.copy(Path(start) / name, local / "tokenizer" / name)
         data_dir.upload(local)
     if not fresh:
         stamp.write_text(json.dumps(key) + "\n")
