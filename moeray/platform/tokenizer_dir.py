@@ -52,15 +52,21 @@ def tokenizer_files(path: str | Path) -> list[Path]:
     return found
 
 
-def eos_token(path: str | Path, default: str) -> str:
-    """The end-of-sequence token text that tokenizer_config.json names in directory `path`
-    (a string or {"content": ...}), else `default`: DeepSeek-V3's <｜end▁of▁sentence｜>,
-    Moonlight's and Kimi-K2's [EOS]."""
-    config = Path(path) / "tokenizer_config.json"
-    value = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+def config_token(config: dict[str, Any], key: str) -> str:
+    """The token text that tokenizer_config.json's `key` ("eos_token", ...) names: a string or
+    {"content": ...}; "" when absent."""
+    value = config.get(key)
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) and value else default
+    return value if isinstance(value, str) else ""
+
+
+def eos_token(path: str | Path, default: str) -> str:
+    """The end-of-sequence token text that tokenizer_config.json names in directory `path`, else
+    `default`: DeepSeek-V3's <｜end▁of▁sentence｜>, Moonlight's and Kimi-K2's [EOS]."""
+    config = Path(path) / "tokenizer_config.json"
+    named = config_token(json.loads(config.read_text()), "eos_token") if config.is_file() else ""
+    return named or default
 
 
 def has_tokenizer(path: str | Path) -> bool:

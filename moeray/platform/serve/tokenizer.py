@@ -13,7 +13,7 @@ import jinja2.ext
 import jinja2.sandbox
 
 from moeray.platform.serve.http.chat import ChatTemplateError
-from moeray.platform.tokenizer_dir import load_tokenizer_dir
+from moeray.platform.tokenizer_dir import config_token, load_tokenizer_dir
 
 # tokenizer_config.json keys naming special tokens; transformers (5.x) registers each one it finds
 # in the vocabulary as special, so decoding with skip_special_tokens drops it even where
@@ -69,8 +69,7 @@ class ServeTokenizer:
         return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def _special(self, key: str) -> str:
-        value = self.config.get(key) or ""
-        return value.get("content", "") if isinstance(value, dict) else value
+        return config_token(self.config, key)
 
     def chat_template(self) -> Callable[..., str] | None:
         """The directory's Jinja chat template (tokenizer_config.json `chat_template` or

@@ -231,15 +231,15 @@ def load_tokenizer(directory_or_file: str | os.PathLike) -> tokenizers.Tokenizer
 
 
 def tokenize_corpus(
-    texts: list[str], tok: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN
+    texts: list[str], tok: tokenizers.Tokenizer, end_token: str = EOS_TOKEN
 ) -> torch.Tensor:
-    """One int32 token stream: each document's tokens followed by `eos_token` (ours: <|eos|>; a
-    checkpoint's tokenizer: the one its tokenizer_config.json names, `tokenizer_dir.eos_token`)."""
+    """One int32 token stream: each document's tokens followed by `end_token` (ours: <|eos|>; a
+    checkpoint's tokenizer: the EOS its tokenizer_config.json names, `tokenizer_dir.eos_token`)."""
     import torch
 
-    eos = tok.token_to_id(eos_token)
+    eos = tok.token_to_id(end_token)
     if eos is None:
-        raise ValueError(f"tokenizer has no {eos_token} token (the end-of-document marker)")
+        raise ValueError(f"tokenizer has no {end_token} token (the end-of-document marker)")
     ids: list[int] = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         ids.extend(enc.ids)
