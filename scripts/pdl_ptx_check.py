@@ -3,8 +3,9 @@
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
 wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants, the MLA merge with
-W_UV: there at least one load must come first, or the prefetch was lost); with PDL=False no
-griddepcontrol at all (the plain kernel that the interpreter and older GPUs run).
+W_UV, the MLA write with W_UK: there at least one load must come first, or the prefetch was
+lost); with PDL=False no griddepcontrol at all (the plain kernel that the interpreter and older
+GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
 decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
@@ -36,6 +37,7 @@ from moeray.kernels import (
     mla_decode,
     mla_merge,
     mla_write,
+    mla_write_absorb,
     moe,
     moe_align,
     moe_common,
@@ -237,6 +239,16 @@ CASES = [
         dict(slots_ptr=I64, cos_ptr=F32, sin_ptr=F32),
         dict(enable_fp_fusion=False),
         False,
+    ),
+    *(  # the write with W_UK (MOERAY_FUSED_MLA_WUK=1): the W_UK tile before the wait unless fresh
+        (
+            mla_write_absorb._mla_write_absorb_kernel,
+            dict(NORM=True, ROPE=True, ROWS=4, NP=128, BC=32, CP=512, R2P=32, EARLY=early),
+            dict(slots_ptr=I64, cos_ptr=F32, sin_ptr=F32),
+            dict(enable_fp_fusion=False),
+            early,
+        )
+        for early in (True, False)
     ),
     *(  # the partials for the merge; one split's output itself (DIRECT); the folded merge
         (

@@ -87,6 +87,36 @@ def _rotate_heads(
 
 
 @triton.jit
+def _token_angles(cos_row, sin_row, offs_j, R2, ROPE: tl.constexpr):
+    """A token's rope angles (cos, sin) [R2P] in fp32 (zeros without ROPE: unread)."""
+    c = tl.zeros(offs_j.shape, dtype=tl.float32)
+    sn = tl.zeros(offs_j.shape, dtype=tl.float32)
+    if ROPE:
+        c = tl.load(cos_row + offs_j, mask=offs_j < R2, other=0.0)
+        sn = tl.load(sin_row + offs_j, mask=offs_j < R2, other=0.0)
+    return c, sn
+
+
+@triton.jit
+def _store_cache_row(
+    row, kv_row, pe_row, w_ptr, eps, C, R2, offs_c, offs_j, c, sn, NORM: tl.constexpr, ROPE
+):
+    """One token's cache row: its latent [C] (RMS-normed with NORM) then its rope key [2 * R2]
+    (rotated by (c, sn) with ROPE); offs_c / offs_j pad C / R2 to powers of 2."""
+    ok_c = offs_c < C
+    kv = tl.load(kv_row + offs_c, mask=ok_c, other=0.0)
+    if NORM:  # as moeray.kernels.norm's _rms_norm_kernel without a residual
+        hf = kv.to(tl.float32)
+        mean_sq = tl.sum(hf * hf, axis=0) / C
+        normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
+        w = tl.load(w_ptr + offs_c, mask=ok_c, other=0.0)
+        kv = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
+    tl.store(row + offs_c, kv, mask=ok_c)
+    one = tl.zeros([1], dtype=tl.int32)  # the rope key as a single "head"
+    _rotate_heads(pe_row, 0, row + C, 0, one, offs_j, (offs_j < R2)[None, :], c, sn, ROPE)
+
+
+@triton.jit
 def _mla_write_pack_kernel(
     cache_ptr,
     slots_ptr,
@@ -134,24 +164,18 @@ def _mla_write_pack_kernel(
     offs_j = tl.arange(0, R2P)
     ok_c = offs_c < C
     ok_j = offs_j < R2
-    c = tl.zeros([R2P], dtype=tl.float32)
-    sn = tl.zeros([R2P], dtype=tl.float32)
-    if ROPE:
-        c = tl.load(cos_ptr + b * stride_cb + s * stride_cs + offs_j, mask=ok_j, other=0.0)
-        sn = tl.load(sin_ptr + b * stride_sb + s * stride_ss + offs_j, mask=ok_j, other=0.0)
+    c, sn = _token_angles(
+        cos_ptr + b * stride_cb + s * stride_cs,
+        sin_ptr + b * stride_sb + s * stride_ss,
+        offs_j,
+        R2,
+        ROPE,
+    )
     if tl.program_id(1) == 0:  # the token's cache row: written by its first head block only
         row = cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * K
-        kv = tl.load(kv_ptr + b * stride_kvb + s * stride_kvs + offs_c, mask=ok_c, other=0.0)
-        if NORM:  # as moeray.kernels.norm's _rms_norm_kernel without a residual
-            hf = kv.to(tl.float32)
-            mean_sq = tl.sum(hf * hf, axis=0) / C
-            normed = to_dtype_rn(hf * (1.0 / tl.sqrt(mean_sq + eps)), kv.dtype)
-            w = tl.load(w_ptr + offs_c, mask=ok_c, other=0.0)
-            kv = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), kv.dtype)
-        tl.store(row + offs_c, kv, mask=ok_c)
-        one = tl.zeros([1], dtype=tl.int32)  # the rope key as a single "head"
+        kv_row = kv_ptr + b * stride_kvb + s * stride_kvs
         pe_row = pe_ptr + b * stride_peb + s * stride_pes
-        _rotate_heads(pe_row, 0, row + C, 0, one, offs_j, ok_j[None, :], c, sn, ROPE)
+        _store_cache_row(row, kv_row, pe_row, w_ptr, eps, C, R2, offs_c, offs_j, c, sn, NORM, ROPE)
     q_row = q_ptr + t.to(tl.int64) * H * K
     ql_row = ql_ptr + b * stride_qlb + s * stride_qls
     qp_row = qp_ptr + b * stride_qpb + s * stride_qps
@@ -190,28 +214,28 @@ def mla_write_pack_applies(
     return kv_BSC.dim() == 3 and q_lat_BSHC.dim() == 4 and use_triton(*tensors)
 
 
-def mla_write_pack(
+def check_write_inputs(
     cache_PNK: torch.Tensor,
     slots_T: torch.Tensor,
     kv_BSC: torch.Tensor,
     pe_BSR: torch.Tensor,
-    q_lat_BSHC: torch.Tensor,
+    q_lat_shape: tuple[int, ...] | torch.Size,
     q_pe_BSHR: torch.Tensor,
-    *,
-    norm: tuple[torch.Tensor, float] | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """`mla_write_pack_ref` in one launch (see `mla_write_pack_applies` for what it takes).
-    Slots must be distinct (each new token has its own). No host sync (CUDA graphs)."""
+    norm: tuple[torch.Tensor, float] | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """ValueError naming the first input `mla_write_pack` cannot take, the packed query's latent
+    being of `q_lat_shape` [B, S, H, C]: dtypes (the cache's), devices, ranks and shapes."""
     check_tensor(cache_PNK, "cache", dtypes=DTYPES, ndim=3, contiguous=True)
     dev = cache_PNK.device
     check_tensor(slots_T, "slots", dtypes=(torch.int32, torch.int64), ndim=1, device=dev)
     dt = (cache_PNK.dtype,)
     check_tensor(kv_BSC, "kv", dtypes=dt, ndim=3, device=dev)
     check_tensor(pe_BSR, "pe", dtypes=dt, ndim=3, device=dev)
-    check_tensor(q_lat_BSHC, "q_lat", dtypes=dt, ndim=4, device=dev)
     check_tensor(q_pe_BSHR, "q_pe", dtypes=dt, ndim=4, device=dev)
-    B, S, H, C = q_lat_BSHC.shape
+    if len(q_lat_shape) != 4:
+        raise ValueError(f"q_lat has shape {tuple(q_lat_shape)}; expected [B, S, H, C]")
+    B, S, H, C = q_lat_shape
     R = q_pe_BSHR.shape[-1]
     K = cache_PNK.shape[-1]
     shapes = (tuple(kv_BSC.shape), tuple(pe_BSR.shape), tuple(q_pe_BSHR.shape), slots_T.numel())
@@ -230,6 +254,28 @@ def mla_write_pack(
             check_tensor(t, name, dtypes=(torch.float32,), ndim=3, device=dev)
             if tuple(t.shape) != (B, S, R // 2):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, S, R // 2)}")
+
+
+def mla_write_pack(
+    cache_PNK: torch.Tensor,
+    slots_T: torch.Tensor,
+    kv_BSC: torch.Tensor,
+    pe_BSR: torch.Tensor,
+    q_lat_BSHC: torch.Tensor,
+    q_pe_BSHR: torch.Tensor,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`mla_write_pack_ref` in one launch (see `mla_write_pack_applies` for what it takes).
+    Slots must be distinct (each new token has its own). No host sync (CUDA graphs)."""
+    check_tensor(q_lat_BSHC, "q_lat", ndim=4)
+    check_write_inputs(cache_PNK, slots_T, kv_BSC, pe_BSR, q_lat_BSHC.shape, q_pe_BSHR, norm, rope)
+    dev = cache_PNK.device
+    check_tensor(q_lat_BSHC, "q_lat", dtypes=(cache_PNK.dtype,), device=dev)
+    B, S, H, C = q_lat_BSHC.shape
+    R = q_pe_BSHR.shape[-1]
+    K = cache_PNK.shape[-1]
     if not use_triton(cache_PNK):
         return mla_write_pack_ref(
             cache_PNK, slots_T, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR, norm=norm, rope=rope

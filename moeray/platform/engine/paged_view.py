@@ -11,8 +11,9 @@ H heads.
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather); MLA hands it
     the raw latent (`takes_raw_latent`), so the latent's norm, the rotations, the slot writes and
-    the query pack run as one launch (`moeray.kernels.mla_write`), and its W_UV (`folds_w_uv`),
-    so the value up-projection may run in the attention's merge launch.
+    the query pack run as one launch (`moeray.kernels.mla_write`); its W_UK (`folds_w_uk`), so the
+    query's absorption may run in that launch too (`moeray.kernels.mla_write_absorb`); and its
+    W_UV (`folds_w_uv`), so the value up-projection may run in the attention's merge launch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
+from moeray.kernels.mla_write_absorb import mla_write_absorb, mla_write_absorb_applies
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
 from moeray.platform.model.rope import apply_rope, use_fused_rope
@@ -107,6 +109,8 @@ class KernelPagedView(GatherPagedView):
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
+    # its W_UK (`w_uk_HNC`) with the query before absorption,
+    folds_w_uk = True
     # and its W_UV (`w_uv_HCV`), to get the value output back instead of the latent
     folds_w_uv = True
 
@@ -122,16 +126,19 @@ class KernelPagedView(GatherPagedView):
         kv_norm: RMSNorm | None = None,
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
+        w_uk_HNC: torch.Tensor | None = None,
         w_uv_HCV: torch.Tensor | None = None,
         fresh_w: bool = False,
     ) -> torch.Tensor:
         """Store the new tokens' latent kv_BSC and rope key pe_BSR, then return the absorbed
         attention output o_lat_BSHC = softmax(q_lat.kv + q_pe.pe) @ kv over each sequence's cached
         context (query s sees positions <= start + s), in q_lat's dtype; the caller applies W_UV
-        and o_proj. Given MLA's W_UV as w_uv_HCV [H, C, V] in q_lat's dtype (`fresh_w`: a copy
-        just made, as in head_gemv), the value output o_BSHV = o_lat W_UV[h] per head instead
-        (`mla_decode_multi`'s w_out: its merge launch applies it where it chooses to), and the
-        caller applies o_proj.
+        and o_proj. Given MLA's W_UK as w_uk_HNC [H, N, C], q_lat_BSHC is the query before its
+        absorption, q_nope [B, S, H, N], and the view absorbs it (q_nope W_UK[h] per head: in the
+        write launch where `mla_write_absorb_applies`, else `head_matmul`). Given MLA's W_UV as
+        w_uv_HCV [H, C, V] in q_lat's dtype, the value output o_BSHV = o_lat W_UV[h] per head
+        instead (`mla_decode_multi`'s w_out: its merge launch applies it where it chooses to), and
+        the caller applies o_proj. `fresh_w`: either weight is a copy just made (as in head_gemv).
         With kv_norm, cos and sin (the MLA's kv_a_layernorm and rope angles), kv_BSC is not yet
         normed and pe_BSR, q_pe_BSHR not yet rotated: where the model would run its fused norm and
         RoPE kernels anyway (model/norm.py, model/rope.py choose), the norm, both rotations, the
@@ -148,11 +155,31 @@ class KernelPagedView(GatherPagedView):
                 pe_BSR, rope = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2), None
                 q_pe_BSHR = apply_rope(q_pe_BSHR, cos, sin)
                 tensors = (cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR)
-        if mla_write_pack_applies(*tensors, norm=norm, rope=rope):
-            q_BSHK = mla_write_pack(cache_PNK, self.new_slots, *tensors[1:], norm=norm, rope=rope)
+        if w_uk_HNC is not None and mla_write_absorb_applies(
+            *tensors[:3], q_lat_BSHC, w_uk_HNC, q_pe_BSHR, norm=norm, rope=rope
+        ):
+            q_BSHK = mla_write_absorb(
+                cache_PNK,
+                self.new_slots,
+                *tensors[1:3],
+                q_lat_BSHC,
+                w_uk_HNC,
+                q_pe_BSHR,
+                norm=norm,
+                rope=rope,
+                fresh_w=fresh_w,
+            )
         else:
-            self._write(layer_idx, kv_BSC, pe_BSR)
-            q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
+            if w_uk_HNC is not None:  # q_lat_BSHC is q_nope: absorbed here
+                q_lat_BSHC = head_matmul(q_lat_BSHC, w_uk_HNC, fresh_w=fresh_w)
+                tensors = (*tensors[:3], q_lat_BSHC, q_pe_BSHR)
+            if mla_write_pack_applies(*tensors, norm=norm, rope=rope):
+                q_BSHK = mla_write_pack(
+                    cache_PNK, self.new_slots, *tensors[1:], norm=norm, rope=rope
+                )
+            else:
+                self._write(layer_idx, kv_BSC, pe_BSR)
+                q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
         if not self._mla_counters_made:
             B, S, H = q_BSHK.shape[:3]
             self._mla_counters = mla_counters(B, S * H, q_BSHK.device)

@@ -43,7 +43,9 @@ class KVCache(Protocol):
     # which stores the new entries and returns softmax(q_lat.kv + q_pe.pe) @ kv over the context,
     # and with `takes_raw_latent = True` accept kv_norm=RMSNorm, cos=..., sin=... keywords, meaning
     # kv_BSC is not yet normed by kv_norm and pe_BSR, q_pe_BSHR not yet rotated by cos/sin (so the
-    # norm, the rotations and the store can run as one kernel); with `folds_w_uv = True` as well
+    # norm, the rotations and the store can run as one kernel); with `folds_w_uk = True` as well
+    # (raw-latent calls only) the query comes unabsorbed: q_nope [B, S, H, N] in q_lat's place
+    # with w_uk_HNC=W_UK [H, N, C] and fresh_w (the cache absorbs it); with `folds_w_uv = True`
     # (raw-latent calls only) also w_uv_HCV=W_UV [H, C, V], fresh_w=bool (W_UV just made, as in
     # head_gemv), and then return o_BSHV = o_lat W_UV[h] per head in q_lat's dtype (so the
     # up-projection can run in the attention's last kernel).
@@ -221,17 +223,23 @@ class MLA(nn.Module):
     def _attend_raw(self, cache, q_lat, q, kv, cos, sin, *, w_uv=False):
         """The absorbed path through a cache that `takes_raw_latent` (see KVCache): the latent
         projection and the query as their GEMMs leave them, the norm and rotations to the cache.
-        -> o_lat_BSHC, or with `w_uv` (a cache that `folds_w_uv`) o_BSHV with W_UV applied."""
+        -> o_lat_BSHC, or with `w_uv` (a cache that `folds_w_uv`) o_BSHV with W_UV applied. A
+        cache that `folds_w_uk` gets q_nope and W_UK, and absorbs the query itself."""
         kv_BSC, pe_BSR = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         q_nope, q_pe = self._split_queries(q_lat, q)
-        q_lat_BSHC = self._absorb_query(q_nope)
-        w_kw = {}
+        w_kw: dict = {}
+        if getattr(cache, "folds_w_uk", False):  # the cache absorbs the query (q_nope W_UK)
+            w_HKC, fresh_uk = self._w_HKC(q_nope.dtype)
+            q_in = q_nope
+            w_kw = {"w_uk_HNC": w_HKC[:, : self.nope_dim], "fresh_w": fresh_uk}
+        else:
+            q_in = self._absorb_query(q_nope)
         if w_uv:
-            w_uv_HCV, fresh = self._w_uv(q_lat_BSHC.dtype)
-            w_kw = {"w_uv_HCV": w_uv_HCV, "fresh_w": fresh}
+            w_uv_HCV, fresh_uv = self._w_uv(q_nope.dtype)
+            w_kw |= {"w_uv_HCV": w_uv_HCV, "fresh_w": w_kw.get("fresh_w", False) or fresh_uv}
         return cache.attend(
             self.layer_idx,
-            q_lat_BSHC,
+            q_in,
             q_pe,
             kv_BSC,
             pe_BSR,
