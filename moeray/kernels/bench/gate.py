@@ -12,11 +12,17 @@ import triton
 
 from moeray.kernels.gate import moe_gate, moe_gate_ref
 
-# The gate shapes: small() and DeepSeek-V3's expert counts.
+# The gate shapes: small(), DeepSeek-V3's and Moonlight-16B-A3B's expert counts.
 BENCH_SHAPES = (  # (name, E, n_group, topk_group, top_k, routed_scaling_factor)
     ("small", 64, 8, 4, 8, 2.5),
     ("v3", 256, 8, 4, 8, 2.5),
+    ("moonlight", 64, 1, 1, 6, 2.446),
 )
+# Rows per program tried at decode batches past one program's natural size (the kernel's default
+# packs up to 2048 cells a program: 32 rows at 64 experts, 2 programs at batch 64): the graph
+# time of each, so a default that spreads the batch over more programs can be chosen by numbers.
+SWEEP_TOKENS = (16, 64, 256)
+SWEEP_BLOCK_T = (1, 2, 4, 8, 16, 32)
 
 
 def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[dict]:
@@ -56,6 +62,11 @@ def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[
                 fused_ms = timed(fused_fn)
                 torch_graph_ms = graphed(ref_fn)
                 fused_graph_ms = graphed(fused_fn)
+                sweep = {
+                    str(bt): round(graphed(functools.partial(fused_fn, block_t=bt)) * 1e3, 2)
+                    for bt in (SWEEP_BLOCK_T if t in SWEEP_TOKENS else ())
+                    if bt <= t
+                }
             rows.append(
                 {
                     "shape": name,
@@ -69,6 +80,7 @@ def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[
                     "torch_graph_us": round(torch_graph_ms * 1e3, 2),
                     "fused_graph_us": round(fused_graph_ms * 1e3, 2),
                     "graph_speedup": round(torch_graph_ms / fused_graph_ms, 2),
+                    "fused_graph_us_by_block_t": sweep,
                     "ids_equal": bool(torch.equal(ref.expert_ids_TK, out.expert_ids_TK)),
                     "counts_equal": bool(torch.equal(ref.counts_E, out.counts_E)),
                     "scores_bit_equal": bool(torch.equal(ref.scores_TE, out.scores_TE)),

@@ -118,6 +118,9 @@ def _print_table(result: dict) -> None:
             f"{r['fused_ms']:.4f} ms; ids== {r['ids_equal']} counts== {r['counts_equal']} "
             f"scores bit== {r['scores_bit_equal']} w diff {r['weights_max_abs_diff']:.1e}"
         )
+        if r.get("fused_graph_us_by_block_t"):
+            sweep = " ".join(f"{k}:{v}" for k, v in r["fused_graph_us_by_block_t"].items())
+            print(f"router {r['shape']:5s} T={r['tokens']:5d} graph us by rows a program: {sweep}")
     for r in result.get("decode_glue", []):
         print(
             f"decode glue {r['kernel']:12s} T={r['tokens']:4d}: in a graph "
