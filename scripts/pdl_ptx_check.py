@@ -240,7 +240,7 @@ CASES = [
         dict(enable_fp_fusion=False),
         False,
     ),
-    *(  # the write with W_UK (MOERAY_FUSED_MLA_WUK=1): the W_UK tile before the wait unless fresh
+    *(  # the write with W_UK (mla_write_absorb): the W_UK tile before the wait unless fresh
         (
             mla_write_absorb._mla_write_absorb_kernel,
             dict(NORM=True, ROPE=True, ROWS=4, NP=128, BC=32, CP=512, R2P=32, EARLY=early),

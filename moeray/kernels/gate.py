@@ -52,9 +52,27 @@ from moeray.kernels.common import (
 # cells, and a 256-wide group tile (n_group=1) is the widest case tested.
 MAX_EXPERTS = 256
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows per program: enough cells per program (~2048 fp32, 16 per thread at 4 warps) for
-# prefill-sized T, while decode (T <= 8) stays a single program that writes counts without atomics.
+# Rows per program: at most this many cells (~2048 fp32, 16 per thread at 4 warps); `gate_block_t`.
 TILE_CELLS = 2048
+ONE_PROGRAM_ROWS = 8
+
+
+def gate_block_t(tokens: int, cells: int) -> int:
+    """Rows a program of the gate takes by default (a power of 2), for `tokens` rows of `cells`
+    padded experts: up to ONE_PROGRAM_ROWS rows one program (plain count stores, no zero-fill
+    launch), then one row a program up to 64 rows, then about 16 programs of at most TILE_CELLS
+    cells. Why (kernels bench `--only router` on an H100, one gate a call in a CUDA graph of 20,
+    benchmarks/results/kernels-nvidia-h100-80gb-hbm3-gate.txt): a program's rows run one after
+    another through K rounds of max, so 64 rows as 2 programs of 32 took 9.8 us at Moonlight's 64
+    experts and 14.2 at V3's 256 (8 rows a program), against 6.0 and 11.6 at one row a program; at
+    256 rows 16 a program took 6.6 us at Moonlight against 9.8 with 32."""
+    if tokens <= ONE_PROGRAM_ROWS:
+        return max(1, triton.next_power_of_2(max(tokens, 1)))
+    if tokens <= 64:
+        return 1
+    return max(1, min(triton.next_power_of_2(cdiv(tokens, 16)), TILE_CELLS // cells))
+
+
 # `route` sends at most common.ROUTE_BATCH_MAX_TOKENS rows to the kernel, this many with
 # MOERAY_FUSED_ROUTE_BATCH=0. The kernel alone wins at every size (H200, in a CUDA graph:
 # 3.7-14.6 us against 54-73 us for the reference's ~11 launches up to 256 tokens).
@@ -333,7 +351,7 @@ def moe_gate(
     gp, pgp = triton.next_power_of_2(n_group), triton.next_power_of_2(per_group)
     cells = gp * pgp
     if block_t is None:
-        block_t = max(1, min(triton.next_power_of_2(max(T, 1)), TILE_CELLS // cells))
+        block_t = gate_block_t(T, cells)
     if num_warps is None:
         # One warp holds a decode row of V3 (256 cells, 8 per thread): every reduction is warp
         # shuffles, no shared memory round trip; bigger tiles get more warps.

@@ -27,7 +27,11 @@ Numerics: the latent query is the fp32 sum over N of q_nope * W_UK rounded once 
 (cuBLAS's einsum: the same up to the fp32 summation order); the rope part and the cache rows are
 `mla_write_pack`'s bits.
 
-Opt-in with MOERAY_FUSED_MLA_WUK=1 (`mla_write_absorb_applies`): unmeasured on a GPU.
+On by default; MOERAY_FUSED_MLA_WUK=0 keeps the absorption apart (`mla_write_absorb_applies`).
+In the engine at Moonlight's shape, batch 1, on an H100 (`bench engine --ab`), the decode graph
+replays 2.3-2.6% faster with it than the main run while the same engine built again (as_run_again)
+replays 1.3-2.4% slower: FP8 twice, bf16 once; at DeepSeek-V3's widths (128 heads) it is even with
+as_run_again (benchmarks/results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, switched_on, use_triton
+from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_write import (
     _rotate_heads,
@@ -92,10 +96,10 @@ def mla_write_absorb_applies(
     norm: tuple[torch.Tensor, float] | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> bool:
-    """Whether `mla_write_absorb` runs its kernel here: MOERAY_FUSED_MLA_WUK=1, at most
+    """Whether `mla_write_absorb` runs its kernel here: MOERAY_FUSED_MLA_WUK not "0", at most
     ABSORB_MAX_ROWS tokens, W_UK [H, N, C] in the cache's dtype with C contiguous, and what
     `mla_write_pack_applies` asks of the rest (q_nope in the place of q_lat)."""
-    if not switched_on("MLA_WUK") or q_nope_BSHN.dim() != 4 or w_uk_HNC.dim() != 3:
+    if switched_off("MLA_WUK") or q_nope_BSHN.dim() != 4 or w_uk_HNC.dim() != 3:
         return False
     if q_nope_BSHN.shape[0] * q_nope_BSHN.shape[1] > ABSORB_MAX_ROWS:
         return False

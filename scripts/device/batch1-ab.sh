@@ -1,9 +1,9 @@
-# The batch-1 opt-in switches (FP8_GEMV_WIDE, GEMV_WIDE, MOE_DOWN_EARLY, MLA_WUV, MLA_WUK) timed
+# The batch-1 switches (FP8_GEMV_WIDE, GEMV_WIDE, MOE_DOWN_EARLY, MLA_WUV opt-in; MLA_WUK) timed
 # against the shipped engine in one run each at the Moonlight shape (`bench engine --ab`, batch 1
 # only: none of them changes a launch past 4 rows), for each of B1_WEIGHTS (default "fp8 bf16"),
 # then the GPU tests of their kernels and of the engine paths they touch (GPU_TESTS, GPU_LIMIT
-# seconds, default 200). 1 GPU, ~10 minutes for both weights: past one call's 600 s, so one
-# weights a call (B1_WEIGHTS=fp8, then B1_WEIGHTS=bf16 GPU_TESTS=...). Results
+# seconds, default 200; the whole list takes longer: 150 s reached test_pdl_gpu.py). 1 GPU: each
+# weights' A/B took ~1 minute on an H100, compiles included. Results
 # engine-<gpu>-moonlight-<w>-b1ab.json (engine.ab), the A/B tables in the log.
 export BATCHES=1 PROFILE_STEPS=${PROFILE_STEPS:-4} SHAPES_LIMIT=${SHAPES_LIMIT:-240}
 export TAG_SUFFIX=${TAG_SUFFIX:--b1ab}

@@ -37,7 +37,7 @@
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA direct, FP8 gemv batch, head_gemv, argmax, shared early) (1 GPU, ~7 min)
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
-#   batch1-ab          the batch-1 opt-in switches (wide GEMV steps, moe_gemv down early, W_UV in the merge, W_UK in the write): A/B at Moonlight, B1_WEIGHTS="fp8 bf16", their GPU tests (1 GPU, ~5 min a weights)
+#   batch1-ab          the batch-1 opt-in switches (wide GEMV steps, moe_gemv down early, W_UV in the merge, W_UK in the write): A/B at Moonlight, B1_WEIGHTS="fp8 bf16", their GPU tests (1 GPU, ~2 min + GPU_LIMIT)
 #   argmax             greedy's argmax in one launch (opt-in): GPU test, decode_glue bench rows, V3/Moonlight A/B (1 GPU, ~4 min)
 #   persistent-probe   one persistent kernel vs a launch per GEMV on a chain of decode GEMVs (pdl_probe.py, N 2048/1024) (1 GPU, <1 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)

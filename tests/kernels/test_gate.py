@@ -13,6 +13,7 @@ from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.gate import (
     FUSED_MAX_TOKENS,
     MAX_EXPERTS,
+    gate_block_t,
     moe_gate,
     moe_gate_applies,
     moe_gate_ref,
@@ -82,6 +83,23 @@ def test_row_blocks_and_atomic_counts(block_t):
     kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=1.0)
     out = moe_gate(logits, bias, block_t=block_t, **kw)
     _check(out, moe_gate_ref(logits, bias, **kw), 37, 8, 64)
+
+
+def test_default_rows_a_program(launch_spy):
+    """Decode batches up to 8 rows: one program; 9-64: one row a program; past 64 about 16
+    programs of at most 2048 cells (Moonlight's 64 experts: 16 rows at 256 tokens; V3's 256: 8);
+    the launch takes that grid and routes as the reference."""
+    assert [gate_block_t(t, 64) for t in (1, 3, 8, 9, 64, 65, 256, 4096)] == [
+        *(1, 4, 8, 1, 1, 8, 16, 32)
+    ]
+    assert [gate_block_t(t, 256) for t in (8, 64, 256, 4096)] == [8, 1, 8, 8]
+    from moeray.kernels import gate as gate_mod
+
+    grids = launch_spy(gate_mod, "_moe_gate_kernel")
+    logits, bias = _case(37, 64, seed=8, with_bias=True)
+    kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=1.0)
+    _check(moe_gate(logits, bias, **kw), moe_gate_ref(logits, bias, **kw), 37, 8, 64)
+    assert grids == [(37,)]
 
 
 def test_group_limit_with_negative_biased_scores():

@@ -222,6 +222,8 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
     from moeray.kernels.norm import rms_norm_applies
     from moeray.kernels.rope import rope_applies
 
+    # W_UK stays with MLA on both sides (test_mla_write_absorb.py folds it into the write)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")
     mla, x, cos, sin = _tiny_mla(torch.float32)
     launches = launch_spy(write_mod, "_mla_write_pack_kernel")
     view_ropes = []  # the view's own rotations: none when the kernel rotates
@@ -254,6 +256,7 @@ def test_mla_hands_w_uv_to_the_view(monkeypatch, launch_spy, on):
     own W_UV product): unset, the same bits; with MOERAY_FUSED_MLA_WUV=1 the merge launch applies
     W_UV (one per layer call), its o_v within a bf16 rounding, the layer's output within a few."""
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1" if on else "0")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")  # the query absorbed by MLA on both sides
     mla, x, cos, sin = _tiny_mla(torch.bfloat16)
     folds = launch_spy(mla_merge, "_mla_merge_out_kernel")
     o_v = []  # o_proj's input

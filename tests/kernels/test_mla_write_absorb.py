@@ -1,5 +1,5 @@
 """The write + pack kernel with the query's absorption folded in (moeray.kernels.mla_write_absorb)
-against its PyTorch reference under the interpreter, MOERAY_FUSED_MLA_WUK=1: the cache rows and
+against its PyTorch reference under the interpreter (on by default): the cache rows and
 the rope part bit-equal to `mla_write_pack`'s, the latent query within one rounding of the fp32
 sum, at odd shapes (heads, N and C not powers of 2, C in several partial blocks, B x S tokens up
 to ABSORB_MAX_ROWS); past that, or unset, the absorption runs apart (head_matmul) and
@@ -27,7 +27,7 @@ def _nan_query(nan_empty):
 
 @pytest.fixture
 def wuk_on(monkeypatch):
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "1")
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUK", raising=False)  # the default: on
 
 
 def _case(B, S, H, N, C, R, dtype, seed=0):
@@ -96,12 +96,15 @@ def test_absorb_block_keeps_two_programs_an_sm():
     assert absorb_block_c(33, 512, 132) == 64 and absorb_block_c(32, 512, 132) == 32
 
 
-@pytest.mark.parametrize("why", ["unset", "rows"])
+@pytest.mark.parametrize("why", ["off", "rows"])
 def test_mla_write_absorb_declines_to_head_matmul_then_pack(monkeypatch, launch_spy, why):
-    """Unset, or past ABSORB_MAX_ROWS tokens: the absorption apart, then mla_write_pack's launch;
-    the same result as the reference."""
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0" if why == "unset" else "1")
-    B = 1 if why == "unset" else ABSORB_MAX_ROWS + 1
+    """MOERAY_FUSED_MLA_WUK=0, or past ABSORB_MAX_ROWS tokens: the absorption apart, then
+    mla_write_pack's launch; the same result as the reference."""
+    if why == "off":
+        monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")
+    else:
+        monkeypatch.delenv("MOERAY_FUSED_MLA_WUK", raising=False)
+    B = 1 if why == "off" else ABSORB_MAX_ROWS + 1
     cache, slots, kv, pe, q_nope, w_uk, q_pe, norm, rope = _case(B, 1, 3, 8, 20, 4, torch.float32)
     ref_cache = cache.clone()
     folds = launch_spy(absorb_mod, "_mla_write_absorb_kernel")
@@ -134,9 +137,9 @@ def test_mla_write_absorb_rejects(wuk_on):
 def test_mla_hands_w_uk_to_the_view(monkeypatch, launch_spy, on):
     """A bf16 MLA layer of tiny() decoding 2 sequences x 2 tokens (4 rows) through KernelPagedView,
     which `folds_w_uk` (MLA passes q_nope and W_UK), against a view that does not (MLA absorbs):
-    unset, the same bits; with MOERAY_FUSED_MLA_WUK=1 the write launch absorbs (one per layer
+    with MOERAY_FUSED_MLA_WUK=0 the same bits; by default the write launch absorbs (one per layer
     call, no separate pack), the layer's output within a few bf16 roundings."""
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "1" if on else "0")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "1" if on else "0")  # "1": as unset
     mla, x, cos, sin = _tiny_mla(torch.bfloat16)
     folds = launch_spy(absorb_mod, "_mla_write_absorb_kernel")
     results = []
