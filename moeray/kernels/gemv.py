@@ -168,8 +168,9 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
         # stages, results/kernels-nvidia-h200-gemv-sweep-small-warps.json; kv_a 2.8 -> 2.6).
         # That sweep timed launches alone; in a chain of PDL launches a program that reads its
         # whole K before the wait overlaps the kernel before it (the probe's 4 x 2048 tiles, 3.38
-        # us for 8.4 MB: results/pdl-probe-nvidia-h200.json). MOERAY_FUSED_GEMV_WIDE=1 (opt-in,
-        # unmeasured in the engine) keeps the one deep step for that A/B.
+        # us for 8.4 MB: results/pdl-probe-nvidia-h200.json). MOERAY_FUSED_GEMV_WIDE=1 (opt-in)
+        # keeps the one deep step: in the engine at Moonlight bf16 batch 1 on an H100 the decode
+        # graph ran ~4% slower with it (results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json).
         block_k = min(block_k, max(128, pow2_at_least(k) // 2))
     tiles = m_tiles * cdiv(n, block_n)
     split = 1 if tiles >= sms else max(1, min(cdiv(k, block_k), cdiv(target, tiles)))

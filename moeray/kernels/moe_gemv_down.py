@@ -10,8 +10,9 @@ tile and scale are read before the PDL wait. The ids are the gate's output, two 
 the wait first, a program reads the id, then the weights that it selects, two dependent memory
 round trips after the gate/up kernel ends (~1 us each on an H200) before any weight byte
 arrives; at Moonlight's batch 1 the down launch took 13.3 us a layer exclusive for 4.8 us of FP8
-bytes (benchmarks/results/engine-nvidia-h200-moonlight-fp8-ab2.json). Unmeasured: opt-in until
-its A/B.
+bytes (benchmarks/results/engine-nvidia-h200-moonlight-fp8-ab2.json). In the engine at Moonlight
+FP8 batch 1 on an H100 the decode graph ran even with the run's own rebuilt engine with it
+(benchmarks/results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json): opt-in.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ from moeray.kernels.gemv import pow2_at_least
 # Moonlight's batch 1 fp8_gemv took ~5.9 us a call for ~1.2 us of bytes (56 calls a step, the
 # engine profile in benchmarks/results/engine-nvidia-h200-moonlight-fp8-ab2.json), while a chain
 # of GEMVs whose programs each read 4 rows x full K before the wait ran an 8.4 MB bf16 weight in
-# 3.38 us (results/pdl-probe-nvidia-h200.json). Unmeasured in fp8_gemv: opt-in until its A/B.
+# 3.38 us (results/pdl-probe-nvidia-h200.json). In the engine at batch 1 on an H100 the decode
+# graph ran ~4% faster with it at Moonlight FP8 and ~3% slower at V3 widths (K up to 16,384:
+# split-K tiles) against the run's own rebuilt engine
+# (results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json): opt-in.
 WIDE_ROWS = 4
 _WIDE_MAX_BLOCKS = 16
 
