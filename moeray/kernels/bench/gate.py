@@ -18,14 +18,13 @@ BENCH_SHAPES = (  # (name, E, n_group, topk_group, top_k, routed_scaling_factor)
     ("v3", 256, 8, 4, 8, 2.5),
     ("moonlight", 64, 1, 1, 6, 2.446),
 )
-# Rows per program tried at decode batches past one program's natural size (the kernel's default
-# packs up to 2048 cells a program: 32 rows at 64 experts, 2 programs at batch 64): the graph
-# time of each, so a default that spreads the batch over more programs can be chosen by numbers.
-SWEEP_TOKENS = (16, 64, 256)
+# Rows per program tried at decode batches (`gate.gate_block_t` chose its default from these): the
+# graph time of each; 8 rows is one program by default, the case not yet decided by numbers.
+SWEEP_TOKENS = (8, 16, 64, 256)
 SWEEP_BLOCK_T = (1, 2, 4, 8, 16, 32)
 
 
-def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 32, 64, 256, 4096)) -> list[dict]:
+def bench_moe_gate(tokens: tuple[int, ...] = (1, 8, 16, 32, 64, 256, 4096)) -> list[dict]:
     """Per shape and token count: `moe_gate_ref` vs `moe_gate`, eager and replayed in a CUDA graph
     (the engine's decode path), plus whether ids, counts and scores agree exactly."""
 
