@@ -190,8 +190,23 @@ def _poisoned_empty(monkeypatch) -> None:
     monkeypatch.setattr(fp8_gemv_module.torch, "empty", empty)
 
 
-@pytest.mark.parametrize("m,cfg", _SERIAL_CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# x's dtype reaches the serial reduction only in x's loads and the last store's cast (the one
+# reduce_splits makes); the interpreter picks the same constexprs for both: both dtypes at the
+# one-row broadcast tile and the dot tile, one each at the other tiles, which split alike in
+# either (~20 s of the interpreter).
+_SERIAL_CASES = [
+    (*_SERIAL_CONFIGS[0], torch.bfloat16),
+    (*_SERIAL_CONFIGS[0], torch.float32),
+    (*_SERIAL_CONFIGS[1], torch.float32),
+    (*_SERIAL_CONFIGS[2], torch.bfloat16),
+    (*_SERIAL_CONFIGS[3], torch.bfloat16),
+    (*_SERIAL_CONFIGS[4], torch.bfloat16),
+    (*_SERIAL_CONFIGS[4], torch.float32),
+    (*_SERIAL_CONFIGS[5], torch.float32),
+]
+
+
+@pytest.mark.parametrize("m,cfg,dtype", _SERIAL_CASES)
 def test_fp8_gemv_serial_split_k(m, cfg, dtype, monkeypatch, launch_spy):
     n, k = 136, 2048 + 77
     wq, ws = _weight(n, k, seed=m)
@@ -219,8 +234,10 @@ def test_fp8_gemv_serial_split_k(m, cfg, dtype, monkeypatch, launch_spy):
 
 def test_fp8_gemv_serial_split_k_heuristic_rows(monkeypatch, launch_spy):
     # FP8Linear's use: one workspace for every row count up to FP8_GEMV_MAX_ROWS, heuristic tiles
-    # (tile and split counts change from call to call).
-    n, k = 576, 2048 + 77
+    # (tile and split counts change from call to call). N 136 (as the serial cases: two scale
+    # blocks, a ragged last tile) with 8 SMs: splits 16, 7, 11, 11 at M 1, 4, 2, 16, where N 576
+    # split 7, 2, 4, 4 over 4x the interpreter's K blocks (10 s).
+    n, k = 136, 2048 + 77
     wq, ws = _weight(n, k, seed=9)
     workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
     monkeypatch.setattr(fp8_gemv_module, "num_sms", lambda device: 8)  # few SMs: K splits
@@ -296,18 +313,25 @@ def _check_act(y, xq, xs, wq, ws, out_dtype=torch.bfloat16) -> None:
     )
 
 
+# out_dtype reaches only the output store's cast: both at the four narrow shapes, one each at the
+# two wide ones (~9 s of the interpreter a dtype there).
 @pytest.mark.parametrize(
-    "m,n,k",
+    "m,n,k,out_dtype",
     [
-        (1, 576, 7168),  # kv_a at batch 1: split-K, rows wrap onto 16
-        (3, 200, 1000),  # N off the 64-row tiles, ragged last K block
-        (16, 576, 512),
-        (17, 200, 1000),  # BLOCK_M 32, rows 17-31 wrap
-        (40, 576, 1000),  # BLOCK_M 64
-        (1, 1536, 2048 + 77),
+        (1, 576, 7168, torch.bfloat16),  # kv_a at batch 1: split-K, rows wrap onto 16
+        *[
+            (*shape, out_dtype)
+            for shape in (
+                (3, 200, 1000),  # N off the 64-row tiles, ragged last K block
+                (16, 576, 512),
+                (17, 200, 1000),  # BLOCK_M 32, rows 17-31 wrap
+                (40, 576, 1000),  # BLOCK_M 64
+            )
+            for out_dtype in (torch.bfloat16, torch.float32)
+        ],
+        (1, 1536, 2048 + 77, torch.float32),
     ],
 )
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_fp8_gemv_act_matches_reference(m, n, k, out_dtype):
     wq, ws = _weight(n, k, seed=m * 7 + n + k)
     _, xq, xs = _act_input(m, k, seed=m + n)
