@@ -67,7 +67,7 @@ def gate_block_t(tokens: int, cells: int) -> int:
     experts and 14.2 at V3's 256 (8 rows a program), against 6.0 and 11.6 at one row a program; at
     256 rows 16 a program took 6.6 us at Moonlight against 9.8 with 32."""
     if tokens <= ONE_PROGRAM_ROWS:
-        return max(1, triton.next_power_of_2(max(tokens, 1)))
+        return triton.next_power_of_2(max(tokens, 1))
     if tokens <= 64:
         return 1
     return max(1, min(triton.next_power_of_2(cdiv(tokens, 16)), TILE_CELLS // cells))

@@ -23,7 +23,7 @@ import torch
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
-from moeray.kernels.mla_write_absorb import mla_write_absorb, mla_write_absorb_applies
+from moeray.kernels.mla_write_absorb import mla_write_absorb
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
 from moeray.platform.model.rope import apply_rope, use_fused_rope
@@ -135,7 +135,7 @@ class KernelPagedView(GatherPagedView):
         context (query s sees positions <= start + s), in q_lat's dtype; the caller applies W_UV
         and o_proj. Given MLA's W_UK as w_uk_HNC [H, N, C], q_lat_BSHC is the query before its
         absorption, q_nope [B, S, H, N], and the view absorbs it (q_nope W_UK[h] per head: in the
-        write launch where `mla_write_absorb_applies`, else `head_matmul`). Given MLA's W_UV as
+        write launch where `mla_write_absorb` chooses to, else `head_matmul`). Given MLA's W_UV as
         w_uv_HCV [H, C, V] in q_lat's dtype, the value output o_BSHV = o_lat W_UV[h] per head
         instead (`mla_decode_multi`'s w_out: its merge launch applies it where it chooses to), and
         the caller applies o_proj. `fresh_w`: either weight is a copy just made (as in head_gemv).
@@ -155,9 +155,9 @@ class KernelPagedView(GatherPagedView):
                 pe_BSR, rope = apply_rope(pe_BSR.unsqueeze(2), cos, sin).squeeze(2), None
                 q_pe_BSHR = apply_rope(q_pe_BSHR, cos, sin)
                 tensors = (cache_PNK, kv_BSC, pe_BSR, q_lat_BSHC, q_pe_BSHR)
-        if w_uk_HNC is not None and mla_write_absorb_applies(
-            *tensors[:3], q_lat_BSHC, w_uk_HNC, q_pe_BSHR, norm=norm, rope=rope
-        ):
+        if w_uk_HNC is not None and mla_write_pack_applies(*tensors, norm=norm, rope=rope):
+            # q_lat_BSHC is q_nope: mla_write_absorb absorbs it in the write launch where
+            # `mla_write_absorb_applies`, else by head_matmul before mla_write_pack's launch.
             q_BSHK = mla_write_absorb(
                 cache_PNK,
                 self.new_slots,
@@ -169,17 +169,13 @@ class KernelPagedView(GatherPagedView):
                 rope=rope,
                 fresh_w=fresh_w,
             )
-        else:
-            if w_uk_HNC is not None:  # q_lat_BSHC is q_nope: absorbed here
+        elif w_uk_HNC is None and mla_write_pack_applies(*tensors, norm=norm, rope=rope):
+            q_BSHK = mla_write_pack(cache_PNK, self.new_slots, *tensors[1:], norm=norm, rope=rope)
+        else:  # no write kernel here (an FP8 cache, CPU): the writes and the query one by one
+            if w_uk_HNC is not None:  # q_lat_BSHC is q_nope
                 q_lat_BSHC = head_matmul(q_lat_BSHC, w_uk_HNC, fresh_w=fresh_w)
-                tensors = (*tensors[:3], q_lat_BSHC, q_pe_BSHR)
-            if mla_write_pack_applies(*tensors, norm=norm, rope=rope):
-                q_BSHK = mla_write_pack(
-                    cache_PNK, self.new_slots, *tensors[1:], norm=norm, rope=rope
-                )
-            else:
-                self._write(layer_idx, kv_BSC, pe_BSR)
-                q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
+            self._write(layer_idx, kv_BSC, pe_BSR)
+            q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
         if not self._mla_counters_made:
             B, S, H = q_BSHK.shape[:3]
             self._mla_counters = mla_counters(B, S * H, q_BSHK.device)
