@@ -92,7 +92,7 @@ CASES = [
         dict(num_warps=2, num_stages=6),
         True,
     ),
-    (  # the wide step (MOERAY_FUSED_FP8_GEMV_WIDE=1): 4 rows x 16 blocks before the wait
+    (  # the wide step (K in one step, or MOERAY_FUSED_FP8_GEMV_WIDE=1): 4 x 16 blocks, pre-wait
         fp8_gemv._fp8_gemv_kernel,
         dict(BLOCK_M=1, BLOCK_N=4, DOT=False, ACT_FP8=False, IEEE=False, UPCAST=False)
         | dict(EVEN_K=True, NUM_STAGES=2, REDUCE_SPLITS=4, K_BLOCKS=16),

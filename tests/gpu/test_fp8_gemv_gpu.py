@@ -124,14 +124,17 @@ def test_fp8_gemv_cuda_graph(nk):
     assert not torch.equal(y, eager)  # the replay read the new x
 
 
-# kv_a and q_a at Moonlight's hidden 2048 (+ a ragged K) and V3's 7168: few tiles, K split.
+# kv_a and q_a at Moonlight's hidden 2048 (+ a ragged K) and V3's 7168: few tiles, K split. At
+# one row the default tiles, not the wide step that K = 2048 takes by default (one step, no split;
+# its split-K is test_fp8_gemv_wide_matches_reference's).
 @pytest.mark.parametrize("nk", [(576, 2048 + 77), (1536, 2048), (576, 7168)])
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_fp8_gemv_serial_split_k(nk, m):
+def test_fp8_gemv_serial_split_k(nk, m, monkeypatch):
     from moeray.kernels import fp8
     from moeray.kernels.fp8.gemv import _gemv_config
     from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS
 
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_ONE_STEP", "0")
     n, k = nk
     wq, ws = _weight(n, k, seed=n + k + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -7,7 +7,8 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
 - 20 gemvs (bf16; one launch each, and split-K with its reduce kernel; MOERAY_FUSED_GEMV_WIDE
   on and off);
 - 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products; at
-  one row also the wide step, MOERAY_FUSED_FP8_GEMV_WIDE=1);
+  one row also the wide step, by default where K is one step and with
+  MOERAY_FUSED_FP8_GEMV_WIDE=1 everywhere);
 - decode-like MoE layers: fused add + RMSNorm, router logits, the fused gate, the fused MoE
   (12 assignments: moe_gemv's gate/up, down, sum, down also with MOERAY_FUSED_MOE_DOWN_EARLY=1,
   which reads the gate's ids two launches back before its wait; with MOERAY_FUSED_MOE_GEMV=0 the
@@ -139,13 +140,17 @@ def test_gemv_chain(dims, m, wide, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "m,wide",  # broadcast 1 x 8 and 4 x 16 tiles; dot 16 x 64; at M = 1 the wide step's 4 x 16
-    [(1, "0"), (3, "0"), (8, "0"), (1, "1")],
+    # broadcast 1 x 8 and 4 x 16 tiles; dot 16 x 64; at M = 1 the wide step's 4 x 16 blocks:
+    # by default at K = 600 (one step) between 1 x 8 tiles at K = 4100, "all" at every K
+    # (MOERAY_FUSED_FP8_GEMV_WIDE=1), "none" nowhere (MOERAY_FUSED_FP8_GEMV_ONE_STEP=0)
+    "m,wide",
+    [(1, "none"), (3, "default"), (8, "default"), (1, "default"), (1, "all")],
 )
 def test_fp8_gemv_chain(m, wide, monkeypatch):
     from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace, weight_quant
 
-    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", wide)
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", "1" if wide == "all" else "0")
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_ONE_STEP", "0" if wide == "none" else "1")
 
     dims = [600, 4100] * 10 + [600]  # serial split-K both ways (11 and 3 splits at M = 1), ragged
     g = torch.Generator(device="cuda").manual_seed(1)

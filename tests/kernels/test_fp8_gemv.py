@@ -13,6 +13,7 @@ from moeray.kernels import gemv as gemv_module
 from moeray.kernels.fp8 import gemm as fp8_gemm_module
 from moeray.kernels.fp8 import gemv as fp8_gemv_module
 from moeray.kernels.fp8.gemv import _gemv_config
+from moeray.kernels.fp8.gemv_wide import INTERPRET_WIDE_ROWS, wide_config
 from moeray.platform.model import quant as quant_module
 from moeray.platform.model.quant import FP8_GEMV_MAX_ROWS, FP8Linear
 
@@ -106,28 +107,39 @@ def test_fp8_gemv_config_heuristic():
     assert _gemv_config(200, 576, 7168, cuda_like)["BLOCK_M"] == 64
 
 
-def test_fp8_gemv_wide_switch_config(monkeypatch, launch_spy):
-    # MOERAY_FUSED_FP8_GEMV_WIDE=1: at M = 1 (float x) 4 rows a program, each split one step of
-    # at most 16 K blocks; other row counts and e4m3 x keep their tiles.
+def test_fp8_gemv_wide_step_rule(monkeypatch, launch_spy):
+    # At M = 1 (float x) the wide step by default where K is one step of at most 16 blocks
+    # (Moonlight's 2,048; V3's q_b 1,536), at every K with MOERAY_FUSED_FP8_GEMV_WIDE=1, nowhere
+    # with MOERAY_FUSED_FP8_GEMV_ONE_STEP=0 alone; other row counts and e4m3 x keep their tiles.
     cuda_like = torch.device("cpu")
     monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_WIDE", raising=False)
-    assert _gemv_config(1, 3648, 2048, cuda_like).get("K_BLOCKS", 1) == 1
-    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", "1")
-    moonlight_q = _gemv_config(1, 3648, 2048, cuda_like)  # q + kv_a: 912 programs of 16 blocks
-    assert (moonlight_q["BLOCK_N"], moonlight_q["SPLIT_K"], moonlight_q["K_BLOCKS"]) == (4, 1, 16)
-    v3_q_a = _gemv_config(1, 1536, 7168, cuda_like)  # 56 blocks: 4 splits of 14 in steps of 16
-    assert (v3_q_a["SPLIT_K"], v3_q_a["K_BLOCKS"]) == (4, 16)
+    monkeypatch.delenv("MOERAY_FUSED_FP8_GEMV_ONE_STEP", raising=False)
+    moonlight_q = _gemv_config(1, 3648, 2048, cuda_like)  # q + kv_a: one step of 16 blocks
+    assert (moonlight_q["SPLIT_K"], moonlight_q["K_BLOCKS"]) == (1, 16)
+    assert _gemv_config(1, 24576, 1536, cuda_like)["K_BLOCKS"] == 16  # V3's q_b: 12 blocks
+    assert _gemv_config(1, 1536, 2048 + 1, cuda_like).get("K_BLOCKS", 1) == 1  # 17 blocks
+    assert _gemv_config(1, 1536, 7168, cuda_like).get("K_BLOCKS", 1) == 1  # V3's q_a
     assert _gemv_config(2, 3648, 2048, cuda_like).get("K_BLOCKS", 1) == 1
     assert _gemv_config(1, 3648, 2048, cuda_like, act_fp8=True)["DOT"]
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_ONE_STEP", "0")
+    assert _gemv_config(1, 3648, 2048, cuda_like).get("K_BLOCKS", 1) == 1
+    monkeypatch.setenv("MOERAY_FUSED_FP8_GEMV_WIDE", "1")
+    v3_q_a = _gemv_config(1, 1536, 7168, cuda_like)  # 56 blocks: 4 splits of 14 in steps of 16
+    assert (v3_q_a["SPLIT_K"], v3_q_a["K_BLOCKS"]) == (4, 16)
+    # The GPU's tiles: 4 rows a program (912 programs at Moonlight's q + kv_a); the interpreter
+    # runs 32.
+    assert wide_config(3648, 16, 132)["BLOCK_N"] == 4
+    assert _gemv_config(1, 3648, 2048, cuda_like)["BLOCK_N"] == INTERPRET_WIDE_ROWS
     # Split K at a ragged K (2048 + 77: 17 blocks, 2 splits) with the serial reduction: the
-    # wide grid (N / 4 tiles x 2) ran, right, and the counters are back at zero.
+    # wide grid (N / 32 tiles x 2 under the interpreter) ran, right, and the counters are back
+    # at zero.
     n, k = 200, 2048 + 77
     wq, ws = _weight(n, k, seed=4)
     x = torch.randn(1, k, dtype=torch.bfloat16)
     grids = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
     workspace = fp8.fp8_gemv_workspace(n, FP8_GEMV_MAX_ROWS)
     y = fp8.fp8_gemv(x, wq, ws, workspace=workspace)
-    assert grids == [(1, 50, 2)], grids
+    assert grids == [(1, 7, 2)], grids  # 200 / 32 rows a program (the interpreter's)
     assert not workspace.any()
     _check(y, x, wq, ws)
 

@@ -62,7 +62,13 @@ from moeray.kernels.common import (
     pdl_wait,
     switched_on,
 )
-from moeray.kernels.fp8.gemv_wide import WIDE_ROWS, wide_config, wide_rows
+from moeray.kernels.fp8.gemv_wide import (
+    INTERPRET_WIDE_ROWS,
+    WIDE_ROWS,
+    wide_applies,
+    wide_config,
+    wide_rows,
+)
 from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
 
@@ -340,8 +346,9 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     """Tile shape and split-K count by shape (not autotuned: one launch per shape, graph-safe).
 
     Split-K: enough programs for `_PROGRAMS_PER_SM` per SM and, at M = 1, at most
-    `_MAX_K_BLOCKS_M1` K blocks a program. Broadcast tiles: 1 x 8 with 1 warp and 4 stages at
-    M = 1 (`_tile_shape` says why), else BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32
+    `_MAX_K_BLOCKS_M1` K blocks a program. At M = 1 the wide step where `gemv_wide.wide_applies`
+    (K in one step by default). Broadcast tiles: 1 x 8 with 1 warp and 4 stages at M = 1
+    (`_tile_shape` says why), else BM x BN = 64 (the BM x BN x 128 fp32 accumulator): 2x32
     and 4x16 with 4 warps (96 registers in offline sm_90 compiles, no spills). Dot tiles: 64
     weight rows (one wgmma M) x BM = 16..64 tokens, 96-142 registers. e4m3 x: the dot tiles at
     every M.
@@ -349,8 +356,9 @@ def _gemv_config(m: int, n: int, k: int, device: torch.device, act_fp8: bool = F
     `moeray bench kernels --only fp8_gemv_sweep` and scripts/fp8_small_m_sweep.py time the
     alternatives."""
     kb = cdiv(k, FP8_BLOCK)
-    if m == 1 and not act_fp8 and switched_on("FP8_GEMV_WIDE"):
-        return wide_config(n, kb, num_sms(device))
+    if m == 1 and not act_fp8 and wide_applies(kb):
+        rows = INTERPRET_WIDE_ROWS if interpreting() else WIDE_ROWS
+        return wide_config(n, kb, num_sms(device), rows)
     if act_fp8:
         block_m, block_n, dot, num_warps, num_stages = _dot_tile_shape(m)
     else:
