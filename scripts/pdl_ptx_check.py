@@ -3,9 +3,9 @@
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
 wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants, the MLA merge with
-W_UV, the MLA write with W_UK: there at least one load must come first, or the prefetch was
-lost); with PDL=False no griddepcontrol at all (the plain kernel that the interpreter and older
-GPUs run).
+W_UV, the MLA write with W_UK, MLA decode's early first page: there at least one load must come
+first, or the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that
+the interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
 decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
@@ -250,16 +250,23 @@ CASES = [
         )
         for early in (True, False)
     ),
-    *(  # the partials for the merge; one split's output itself (DIRECT); the folded merge
+    *(  # the partials for the merge; one split's output itself (DIRECT); the folded merge;
+        # the first page's older rows before the wait (MOERAY_FUSED_MLA_KV_EARLY=1)
         (
             mla_decode._mla_decode_split_kernel,
             dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=64, UPCAST=False)
-            | dict(DIRECT=direct, FOLD=fold, NS=4),
+            | dict(DIRECT=direct, FOLD=fold, NS=4, EARLY=early),
             dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32, cnt_ptr=I32),
             dict(num_stages=2),
-            False,
+            early,
         )
-        for direct, fold in ((False, False), (True, False), (False, True))
+        for direct, fold, early in (
+            (False, False, False),
+            (True, False, False),
+            (False, True, False),
+            (False, False, True),
+            (False, True, True),
+        )
     ),
     (mla_merge._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),
     *(  # the merge with W_UV (MOERAY_FUSED_MLA_WUV=1): W's slice before the wait unless fresh

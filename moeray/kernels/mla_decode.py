@@ -16,7 +16,9 @@ MOERAY_FUSED_MLA_WUV=1 (opt-in) it also applies W_UV for up to MERGE_OUT_MAX_ROW
 where otherwise `head_gemv.head_matmul` does after it. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in)
 stage 1 writes the merged output itself: at one split directly (the same bits), at several in the
 last split program of each (sequence, head block), counted on a caller's zeroed workspace
-(`mla_counters`).
+(`mla_counters`). With MOERAY_FUSED_MLA_KV_EARLY=1 (opt-in) each split reads its first page
+before the PDL wait, all but the step's S new rows, which the cache write launched right before
+stores; they and q are read after it.
 Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512
 pages).
 
@@ -106,6 +108,28 @@ def _merge_split_rows(o_rows, lse_rows, stride_os, num_splits, row_ok, col_ok, N
 
 
 @triton.jit
+def _attend_page(q_nope, q_rope, c_kv, k_pe, pos, limit, m_i, l_i, acc, sm_scale_log2,
+                 UPCAST: tl.constexpr):  # fmt: skip
+    """One cache page's step of the online softmax: scores of the [BLOCK_H] query rows against
+    the page's [PAGE] rows (positions past each row's `limit` masked), then the running max m_i,
+    sum l_i and latent output acc [BLOCK_H, RB] updated."""
+    if UPCAST:
+        c_kv = c_kv.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
+    s = s * sm_scale_log2
+    s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     q_ptr,
     kv_ptr,
@@ -145,22 +169,44 @@ def _mla_decode_split_kernel(
     NS: tl.constexpr,  # FOLD: num_splits padded to a power of 2
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr,  # the split's first page, all but this step's rows, before the PDL wait
 ):
-    pdl_wait(PDL)  # every read here is the step's query, cache or lengths
     pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
     b = tl.program_id(1)
     split = tl.program_id(2)
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < ROWS
-    seq_len = tl.load(len_ptr + b)
-    limit = seq_len - Q_LEN + rows // NUM_HEADS  # last cache position each row may attend to
-
     # RB, PB: R and P padded to >= 16 (tl.dot's minimum on GPUs; tiny()'s rope dim is 8).
     offs_r = tl.arange(0, RB)
     offs_p = tl.arange(0, PB)
     r_ok = offs_r < R
     p_ok = offs_p < P
     offs_t = tl.arange(0, PAGE)
+    if not EARLY:
+        pdl_wait(PDL)  # every read here is the step's query, cache or lengths
+    seq_len = tl.load(len_ptr + b)
+    # The splits share this sequence's own pages, not the block table's width: at batch 1 with
+    # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
+    # 3 pages while 15 found nothing; now 3 programs take one page each.
+    pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
+    t_start = split * pages_per_split * PAGE
+    t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
+    if EARLY:
+        # Before the wait (common.pdl_launch's exception: nothing here is written by the kernel
+        # right before): the lengths and the block table are the step's inputs, in place before
+        # its first kernel, and the cache rows older than this step's Q_LEN are earlier steps'.
+        # The new rows (the cache write right before this launch wrote them) and q come after.
+        first = tl.load(bt_ptr + b * stride_btb + t_start // PAGE, mask=t_start < t_end, other=0)
+        pos0 = t_start + offs_t
+        old = pos0 < tl.minimum(t_end, seq_len - Q_LEN)
+        kv0 = kv_ptr + first.to(tl.int64) * stride_kvp + offs_t[:, None] * stride_kvt
+        c_kv0 = tl.load(kv0 + offs_r[None, :], mask=old[:, None] & r_ok[None, :], other=0.0)
+        k_pe0 = tl.load(kv0 + R + offs_p[None, :], mask=old[:, None] & p_ok[None, :], other=0.0)
+        pdl_wait(PDL)
+        new = (pos0 >= seq_len - Q_LEN) & (pos0 < t_end)
+        c_kv0 = tl.load(kv0 + offs_r[None, :], mask=new[:, None] & r_ok[None, :], other=c_kv0)
+        k_pe0 = tl.load(kv0 + R + offs_p[None, :], mask=new[:, None] & p_ok[None, :], other=k_pe0)
+    limit = seq_len - Q_LEN + rows // NUM_HEADS  # last cache position each row may attend to
     q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
     q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     q_rope = tl.load(q_base + R + offs_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
@@ -171,14 +217,14 @@ def _mla_decode_split_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, RB), dtype=tl.float32)
-
-    # The splits share this sequence's own pages, not the block table's width: at batch 1 with
-    # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
-    # 3 pages while 15 found nothing; now 3 programs take one page each.
-    pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
-    t_start = split * pages_per_split * PAGE
-    t_end = tl.minimum(seq_len, t_start + pages_per_split * PAGE)
-    for t0 in range(t_start, t_end, PAGE):
+    t_loop = t_start
+    if EARLY:
+        if t_start < t_end:
+            m_i, l_i, acc = _attend_page(
+                q_nope, q_rope, c_kv0, k_pe0, pos0, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
+            )
+        t_loop = t_start + PAGE
+    for t0 in range(t_loop, t_end, PAGE):
         page = tl.load(bt_ptr + b * stride_btb + t0 // PAGE).to(tl.int64)
         pos = t0 + offs_t
         t_ok = pos < t_end
@@ -189,20 +235,9 @@ def _mla_decode_split_kernel(
         k_pe = tl.load(
             kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
         )  # [PAGE, PB]
-        if UPCAST:
-            c_kv = c_kv.to(tl.float32)
-            k_pe = k_pe.to(tl.float32)
-        s = tl.dot(q_nope, tl.trans(c_kv)) + tl.dot(q_rope, tl.trans(k_pe))
-        s = s * sm_scale_log2
-        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows with nothing visible yet keep m = -inf; subtract 0 instead to avoid -inf - -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
-        m_i = m_new
+        m_i, l_i, acc = _attend_page(
+            q_nope, q_rope, c_kv, k_pe, pos, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
+        )
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -385,6 +420,12 @@ def _mla_decode_rows(
     upcast = interpreting()
     ns_pow2 = triton.next_power_of_2(num_splits)
     pdl = pdl_launch(q_BRD.device)
+    # The split's first page read before the PDL wait, all but the step's new rows (opt-in
+    # MOERAY_FUSED_MLA_KV_EARLY=1, not yet timed in the engine): at batch 1 a program's chain of
+    # reads (length, block table, page, then 72 KB of latents at Moonlight's widths) comes after
+    # the cache write before it ends, 7.2 us a layer exclusive at Moonlight FP8 batch 1 on an
+    # H100 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-onestep.json).
+    early = switched_on("MLA_KV_EARLY")
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
         q_BRD,
         kv_cache,
@@ -421,6 +462,7 @@ def _mla_decode_rows(
         NS=ns_pow2,
         UPCAST=upcast,
         PDL=pdl,
+        EARLY=early,
         num_warps=num_warps,
         num_stages=num_stages or 2,
         launch_pdl=pdl,

@@ -129,8 +129,11 @@ def test_fused_moe_real_width(t, fp8_weights, monkeypatch):
 
 
 @pytest.mark.parametrize("heads", [16, 128])
-def test_mla_decode_real_shapes(heads):
+@pytest.mark.parametrize("kv_early", ["0", "1"])  # MOERAY_FUSED_MLA_KV_EARLY
+def test_mla_decode_real_shapes(heads, kv_early, monkeypatch):
     from moeray.kernels.mla_decode import mla_decode, mla_decode_multi, mla_decode_ref
+
+    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", kv_early)
 
     lens = [5000, 1, 64, 4097, 300]
     b, page = len(lens), 64

@@ -117,6 +117,31 @@ def test_folded_merge_matches_the_merge_kernel(s_q, num_splits, launch_spy, monk
     assert mod.mla_counters(4, 17, q.device) is None
 
 
+@pytest.mark.parametrize(
+    ("s_q", "num_splits", "lens"),
+    [
+        (1, None, [37, 1, 80, 16]),  # one page a split; a 1-token sequence: its only row is new
+        (3, 4, [33, 3, 48, 20]),  # new rows across a page edge (30-32), in two splits' first pages
+        (2, 1, [33, 2, 17, 64]),  # one split (the whole sequence from its first page)
+    ],
+)
+def test_early_first_page_same_bits(s_q, num_splits, lens, monkeypatch):
+    """MOERAY_FUSED_MLA_KV_EARLY=1: each split reads its first page's older rows before the PDL
+    wait and the step's s_q new rows after it; the same bits as the plain order (the interpreter
+    has no PDL: this checks the row split and the loop that follows it, the GPU chain test in
+    tests/gpu/test_pdl_gpu.py the wait)."""
+    q, kv, table, lens_t = _paged_case(lens, heads=17, r=64, p=16, page=16, seed=11, s_q=s_q)
+    args = (q, kv, table, lens_t, 0.3)
+    kw = dict(kv_lora_rank=64, num_splits=num_splits, return_lse=True)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", "0")
+    want_out, want_lse = mla_decode_multi(*args, **kw)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", "1")
+    out, lse = mla_decode_multi(*args, **kw)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    ref, _ = mla_decode_ref(q, kv, table, lens_t, 0.3, kv_lora_rank=64)
+    assert _rel(out, ref) < 1e-2
+
+
 def test_decode_deepseek_dims():
     # 512 latent + 64 rope, 64-token pages; 17 heads spans two head blocks with a ragged second one.
     q, kv, table, lens = _paged_case([130, 64, 3], heads=17, r=512, p=64, page=64, seed=2)
