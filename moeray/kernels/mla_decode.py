@@ -51,6 +51,7 @@ from moeray.kernels.mla_merge import (
     MERGE_OUT_MAX_ROWS,
     check_w_out,
     merge_out_takes,
+    merge_split_rows,
     mla_merge,
     mla_merge_out,
 )
@@ -82,29 +83,6 @@ def mla_decode_ref(
         lse[b] = torch.logsumexp(scores, dim=-1)
         out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
     return out, lse
-
-
-@triton.jit
-def _merge_split_rows(o_rows, lse_rows, stride_os, num_splits, row_ok, col_ok, NS: tl.constexpr):
-    """The splits' partials of a block of rows merged: (out [rows, R] fp32, natural-log lse
-    [rows]). o_rows / lse_rows point at split 0; splits in order, each weighed by exp2(its lse -
-    the rows' max), as the merge kernel does (the sums over splits run in split order here, in a
-    tree there: the same values up to fp32 rounding)."""
-    m = tl.full(lse_rows.shape, float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NS):
-        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
-        m = tl.maximum(m, tl.load(lse_rows + s, mask=ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_sum = tl.zeros(lse_rows.shape, dtype=tl.float32)
-    acc = tl.zeros(o_rows.shape, dtype=tl.float32)
-    for s in tl.static_range(NS):
-        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
-        w = tl.exp2(tl.load(lse_rows + s, mask=ok, other=float("-inf")) - m_safe)
-        w_sum += w
-        o = tl.load(o_rows + s * stride_os, mask=ok[:, None] & col_ok[None, :], other=0.0)
-        acc += o * w[:, None]
-    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-    return out, (m_safe + tl.log2(w_sum)) / 1.4426950408889634
 
 
 @triton.jit
@@ -269,7 +247,7 @@ def _mla_decode_split_kernel(
         if done == num_splits - 1:
             o_rows = o_ptr + b * stride_ob + rows[:, None] * stride_or + offs_r[None, :]
             lse_rows = lse_ptr + b * stride_lb + rows * stride_lr
-            merged, lse_nat = _merge_split_rows(
+            merged, lse_nat = merge_split_rows(
                 o_rows, lse_rows, stride_os, num_splits, row_ok, r_ok, NS
             )
             tl.store(
