@@ -399,10 +399,12 @@ def _mla_decode_rows(
     ns_pow2 = triton.next_power_of_2(num_splits)
     pdl = pdl_launch(q_BRD.device)
     # The split's first page read before the PDL wait, all but the step's new rows (opt-in
-    # MOERAY_FUSED_MLA_KV_EARLY=1, not yet timed in the engine): at batch 1 a program's chain of
-    # reads (length, block table, page, then 72 KB of latents at Moonlight's widths) comes after
+    # MOERAY_FUSED_MLA_KV_EARLY=1). Why it was tried: at batch 1 a program's chain of reads
+    # (length, block table, page, then 72 KB of latents at Moonlight's widths) starts only once
     # the cache write before it ends, 7.2 us a layer exclusive at Moonlight FP8 batch 1 on an
-    # H100 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-onestep.json).
+    # H100. Measured there (`bench engine --ab`): the decode graph 3.9% slower with it, while the
+    # same engine rebuilt ran 1.1% faster than the main run
+    # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
     early = switched_on("MLA_KV_EARLY")
     _mla_decode_split_kernel[(head_blocks, b, num_splits)](
         q_BRD,
