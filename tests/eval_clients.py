@@ -139,7 +139,8 @@ def evaluate(model: str, model_args: dict, tasks: list[str], task_dir: Path, **k
         model=model,
         model_args=model_args,
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(task_dir)),
+        # Only the local tasks: indexing lm-eval's ~15,000 built-in ones takes ~10 s a call here.
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
         **kw,
     )

@@ -155,12 +155,16 @@ def test_gpu_tile_gives_the_same_bits(make):
 
 # The fold's sum reads y_tk in x's dtype whatever the weights: every x and weight dtype, and one
 # FP8 case (t 2: both non-local ids) for its down rows; the two FP8 cases of I 256 add only more
-# programs (~20 s of the interpreter).
+# programs (~20 s of the interpreter). add_TH enters only that sum, which does not know the
+# weights: the bf16-weight cases run with and without it, the FP8 case with it (~3.5 s). Checked:
+# the fold's sum without add_TH fails the 6 cases with it, the FP8 one among them.
 FOLD_CASES = CASES[:6]
 
 
-@pytest.mark.parametrize("with_add", [False, True])
-@pytest.mark.parametrize(("make", "t", "h", "i", "k", "dtype", "wdtype"), FOLD_CASES)
+@pytest.mark.parametrize(
+    ("make", "t", "h", "i", "k", "dtype", "wdtype", "with_add"),
+    [(*case, add) for case in FOLD_CASES[:5] for add in (False, True)] + [(*FOLD_CASES[5], True)],
+)
 def test_sum_folded_into_down_gives_the_same_bits(
     make, t, h, i, k, dtype, wdtype, with_add, monkeypatch
 ):
@@ -183,12 +187,18 @@ def test_sum_folded_into_down_gives_the_same_bits(
 
 # The early read peels K step 0 (and, FP8, its scale): every bf16-weight case (one ragged step)
 # and FP8 at I 256 (an even first step, its scale, then the loop from step 1); FP8 at I 128 (one
-# step) and the one-token FP8 case repeat what those run (~21 s of the interpreter).
+# step) and the one-token FP8 case repeat what those run (~21 s of the interpreter). The early
+# read changes only how a program's K loop starts, the fold only what follows the loop (both
+# paths call the same row loop with the peeled step): the bf16-weight cases run both folds, the
+# FP8 case the default fold alone (its unfolded run: ~10 s). Checked: the peeled step without its
+# FP8 scale fails the FP8 case; step 0 summed twice fails all 11.
 EARLY_CASES = CASES[:5] + CASES[6:7]
 
 
-@pytest.mark.parametrize("fold", ["1", "0"])
-@pytest.mark.parametrize(("make", "t", "h", "i", "k", "dtype", "wdtype"), EARLY_CASES)
+@pytest.mark.parametrize(
+    ("make", "t", "h", "i", "k", "dtype", "wdtype", "fold"),
+    [(*case, fold) for case in EARLY_CASES[:5] for fold in ("1", "0")] + [(*EARLY_CASES[5], "1")],
+)
 def test_down_early_gives_the_same_bits(make, t, h, i, k, dtype, wdtype, fold, monkeypatch):
     """MOERAY_FUSED_MOE_DOWN_EARLY=1: the down kernel's ids and first weight step read first
     (before the PDL wait on a GPU), the loop from step 1: the same products in the same order,

@@ -86,12 +86,24 @@ def _kernel_gate(logits_TE, bias_E, *, group_mask_value, shared_experts=0, **kw)
     return moe_gate(logits_TE, bias_E, shared_experts=shared_experts, **kw)
 
 
-@pytest.mark.parametrize("gate", ["kernel", "reference"])
-@pytest.mark.parametrize("fp8", [False, True])
 # (1, 3): the fused gate's K + S = 4 ids fill its power-of-two width; (2, 5): 7 of 8, a padding
 # slot, and S = 2 (the shared MLP split in two experts, its down weight a column-split copy).
-# (2, 3) took no branch these two miss: 4 cases, ~43 s of the interpreter.
-@pytest.mark.parametrize("n_shared,top_k", [(1, 3), (2, 5)])
+# (2, 3) took no branch these two miss: 4 cases, ~43 s of the interpreter. Each gate with bf16 and
+# FP8 and S 1 and 2, pairwise: 4 cases (the full product's 8: ~60 s). The gate decides only where
+# the ids come from (its launch, or the MoE's cats), the same J ids either way; bf16 or FP8 and S
+# decide the stacks. These are the 4 that test_shared_early_switch_keeps_the_bits leaves out, so
+# the fused path still runs every combination. Checked: the shared weights of the MoE's cats times
+# 2.5, the fused gate's shared weights 2.0, S = 2's two down column blocks swapped, and the FP8 down
+# scales doubled each fail 2 of the 4.
+@pytest.mark.parametrize(
+    "n_shared,top_k,fp8,gate",
+    [
+        (1, 3, True, "kernel"),
+        (2, 5, False, "kernel"),
+        (1, 3, False, "reference"),
+        (2, 5, True, "reference"),
+    ],
+)
 def test_moe_layers_equal_unfused(n_shared, top_k, fp8, gate, monkeypatch):
     """With the fused gate the ids and weights come from its launch (decode); with the reference
     (prefill beyond its 32 rows, CPU) the MoE appends them."""

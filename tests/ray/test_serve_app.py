@@ -4,8 +4,8 @@ One Serve start per module (CI time): the P/D app is brought up the way an opera
 `moeray serve --write-config F` and the `serve run F` CLI (a subprocess against this test's Ray
 cluster); 1 prefill + 2 decode replicas, KV over Ray Direct Transport (gloo). A second, colocated
 app under /secure checks the API key. Greedy answers are compared with an in-process engine on the
-same directory, lm-eval's log-likelihoods with its transformers backend's; a real Prometheus
-scrapes Ray's metrics endpoint at the end."""
+same directory, lm-eval's log-likelihoods with its transformers backend's; a real Prometheus,
+scraping Ray's metrics endpoint from the module's start, holds the module's metrics near its end."""
 
 import http.client
 import json
@@ -61,11 +61,10 @@ def model_dir(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, model_dir, tmp_path_factory):
-    from ray import serve
-
+def server(ray_local, serve_shutdowns, model_dir, tmp_path_factory):
     from moeray.platform.serve.app import main as serve_main
 
+    serve_shutdowns.wait()
     port = _free_port()
     f = tmp_path_factory.mktemp("cfg") / "serve.yaml"
     assert (
@@ -128,10 +127,10 @@ def server(ray_local, model_dir, tmp_path_factory):
         except OSError:
             pass
         assert time.monotonic() < deadline, "the app from `serve run` never answered"
-        time.sleep(0.5)
+        time.sleep(0.2)
     cfg = ServeConfig.from_dict(app["args"])
     yield cfg, url
-    serve.shutdown()
+    serve_shutdowns.start()  # serve.shutdown() on a thread, overlapping the next module
 
 
 @pytest.fixture(scope="module")
@@ -411,33 +410,49 @@ def test_disconnect_mid_stream_frees_decode_pages(server):
     assert now == idle
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="`prometheus` binary not installed")
-def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
-    """TTFT (ingress) and KV transfer bytes/seconds (decode replicas) scraped by a real Prometheus
-    from the node's metrics export port."""
-    import ray
-
-    _cfg, _url = server
-    (node,) = [n for n in ray.nodes() if n["Alive"]]
+@pytest.fixture(scope="module", autouse=True)
+def prometheus(ray_local, tmp_path_factory):
+    """A real Prometheus scraping the node's metrics export port every second from the module's
+    start, so that test_metrics_reach_prometheus_through_rays_endpoint finds it up and scraping
+    (its start and first scrapes took ~5 s inside that test); None without the binary. Yields
+    (query URL, process)."""
+    if shutil.which("prometheus") is None:
+        yield None
+        return
+    (node,) = [n for n in ray_local.nodes() if n["Alive"]]
     target = f"127.0.0.1:{node['MetricsExportPort']}"
     prom_port = _free_port()
-    (tmp_path / "prometheus.yml").write_text(
+    d = tmp_path_factory.mktemp("prometheus")
+    (d / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ray\n    static_configs:\n"
         f"      - targets: ['{target}']\n"
     )
     proc = subprocess.Popen(
         [
             "prometheus",
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    try:
+        yield f"http://127.0.0.1:{prom_port}", proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="`prometheus` binary not installed")
+def test_metrics_reach_prometheus_through_rays_endpoint(server, prometheus):
+    """TTFT (ingress) and KV transfer bytes/seconds (decode replicas) scraped by a real Prometheus
+    from the node's metrics export port."""
+    _cfg, _url = server
+    prom_url, proc = prometheus
 
     def query(q: str) -> float | None:
-        u = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        u = f"{prom_url}/api/v1/query?" + urllib.parse.urlencode({"query": q})
         try:
             with urllib.request.urlopen(u, timeout=2) as r:
                 res = json.loads(r.read())["data"]["result"]
@@ -452,19 +467,15 @@ def test_metrics_reach_prometheus_through_rays_endpoint(server, tmp_path):
         "pages": 'count(ray_moeray_kv_pages_free{deployment="decode"})',
     }
     got: dict[str, float | None] = {}
-    try:
-        deadline = time.monotonic() + 60  # Ray exports every ~10 s
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            got = {k: query(q) for k, q in want.items()}
-            # Each replica's gauges reach Prometheus on their own export tick: wait for both
-            # decode replicas, not only the first series to appear.
-            if all(v for v in got.values()) and got["pages"] == 2:
-                break
-            time.sleep(1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    deadline = time.monotonic() + 60  # Ray exports every ~10 s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        got = {k: query(q) for k, q in want.items()}
+        # Each replica's gauges reach Prometheus on their own export tick: wait for both
+        # decode replicas, not only the first series to appear.
+        if all(v for v in got.values()) and got["pages"] == 2:
+            break
+        time.sleep(0.5)
     assert all(got.values()), got
     c = tiny()
     per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * c.num_hidden_layers
@@ -532,7 +543,7 @@ def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, mode
         if len(now) == 2 and owner[0] not in now:
             break
         assert time.monotonic() < deadline, f"the killed replica {owner[0]} was not replaced: {now}"
-        time.sleep(1.0)
+        time.sleep(0.25)
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     prompt = "def add(a, b):"
     want = _expected(model_dir, prompt, 8)
@@ -552,7 +563,7 @@ def test_killed_decode_replica_is_replaced_and_new_requests_succeed(server, mode
                     e.status_code,
                     str(e),
                 )
-                time.sleep(1.0)
+                time.sleep(0.25)
         assert r.choices[0].text == want
     stats = _decode_stats()  # both replicas answer, the new one included
     assert len(stats) == 2 and owner[0] not in stats

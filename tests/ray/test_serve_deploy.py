@@ -149,7 +149,7 @@ def cluster():
                 pytest.skip(
                     f"the Ray dashboard did not start on this machine: {log.read()[-1500:]}"
                 )
-            time.sleep(0.5)
+            time.sleep(0.2)
         yield url, env, Path(tmp)
     finally:
         _stop_session(head)
@@ -202,7 +202,7 @@ def deployed(cluster, model_dir):
     deadline = time.monotonic() + 60
     while _get_json(dash + "/api/serve/applications/") is None:
         assert time.monotonic() < deadline, "the dashboard's Serve REST API never answered"
-        time.sleep(0.5)
+        time.sleep(0.2)
     run = subprocess.run(
         [str(BIN / "serve"), "deploy", str(f), "--address", dash],
         capture_output=True,
@@ -219,7 +219,7 @@ def deployed(cluster, model_dir):
             break
         assert status != "DEPLOY_FAILED", apps["moeray"].get("message")
         assert time.monotonic() < deadline, f"`serve deploy` app never ran: {apps}"
-        time.sleep(1)
+        time.sleep(0.25)
     yield app["args"], f"http://127.0.0.1:{port}", apps["moeray"]
 
 

@@ -39,12 +39,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_model_dir, tmp_path_factory):
-    from ray import serve
-
+def server(ray_local, serve_shutdowns, tiny_model_dir, tmp_path_factory):
     from moeray.platform.serve.app import main as serve_main
     from moeray.platform.serve.app import start
 
+    serve_shutdowns.wait()  # test_serve_app's Serve instance is gone
     port = _free_port()
     f = tmp_path_factory.mktemp("cfg") / "serve.yaml"
     argv = ["--model", str(tiny_model_dir), "--model-id", "tiny", "--mode", "colocated"]
@@ -58,7 +57,7 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     )
     start(cfg, name="ep", route_prefix="/")
     yield cfg, f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    serve_shutdowns.start()  # serve.shutdown() on a thread, overlapping the next module
 
 
 @pytest.fixture
@@ -313,7 +312,7 @@ def test_a_killed_rank_takes_the_gang_down_and_serve_brings_it_back(server, tiny
             break
         except openai.APIError:
             assert time.monotonic() < deadline, "the gang never came back"
-            time.sleep(1.0)
+            time.sleep(0.25)
     assert r.choices[0].text == _expected(tiny_model_dir, PROMPTS[1], 10)
     after = [r["pid"] for r in _stats()["ranks"]]
     assert len(after) == EP and not set(after) & set(before)  # a whole new gang
