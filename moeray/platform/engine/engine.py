@@ -58,6 +58,7 @@ from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, requi
 from moeray.platform.model.merge import merge_projections, merged_parts
 from moeray.platform.model.quant import keep_bf16_copies
 from moeray.platform.model.shared_fuse import fuse_shared_experts
+from moeray.platform.model.shared_stream import overlap_shared_experts
 from moeray.platform.tokenizer_dir import has_tokenizer, load_tokenizer_dir
 
 if TYPE_CHECKING:  # at run time imported where first needed: see Engine.grammars
@@ -152,6 +153,8 @@ class Engine:
         # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8).
         # {MoE module: None, or why its shared experts run apart}.
         self.fused_shared = fuse_shared_experts(model)
+        # Past 16 tokens, on a second CUDA stream beside the routed ones (model/shared_stream.py).
+        self.shared_stream = overlap_shared_experts(model)
         self.config = config
         self.model_config = model.config
         param = next(model.parameters())

@@ -65,9 +65,27 @@ ExpertsMLPFn = Callable[
     torch.Tensor,
 ]
 
-# (x_TD, routing) -> the MoE's output with the shared experts' added, or None where it does not
-# apply: model/shared_fuse.py's SharedFused (an nn.Module), set by its transform.
-SharedFusedFn = Callable[[torch.Tensor, Routing], torch.Tensor | None]
+
+class SharedFusedFn(Protocol):
+    """model/shared_fuse.py's SharedFused (an nn.Module), set by its transform: whether it takes
+    x_TD, and (x_TD, routing) -> the MoE's output with the shared experts' added."""
+
+    def applies(self, x_TD: torch.Tensor) -> bool: ...
+
+    def __call__(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor | None: ...
+
+
+class SharedStreamFn(Protocol):
+    """model/shared_stream.py's SharedStream, set by its transform: the shared MLP started beside
+    the routed experts (`start`) and added after both (`join`), for the x_TD it `applies` to."""
+
+    def applies(self, x_TD: torch.Tensor) -> bool: ...
+
+    def start(
+        self, mlp: Callable[[torch.Tensor], torch.Tensor], x_TD: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def join(self, routed_TD: torch.Tensor, shared_TD: torch.Tensor) -> torch.Tensor: ...
 
 
 class MLP(nn.Module):
@@ -412,6 +430,9 @@ class MoE(nn.Module):
         # Set for inference by model/shared_fuse.py: the shared experts run as extra experts of
         # the fused MoE kernels (their own GEMMs and SwiGLU not launched). See `_fused_shared`.
         self.register_module("fused_shared", None)
+        # Set for inference by model/shared_stream.py: the shared MLP on a second CUDA stream beside
+        # the routing and the routed experts where the fused one does not apply.
+        self.register_module("shared_stream", None)
         # The last forward's routing (counts per expert, affinities): read by the training loop for
         # the bias update and the balance loss, and by serving for expert-load metrics.
         self.last_routing: Routing | None = None
@@ -447,13 +468,30 @@ class MoE(nn.Module):
         """model/shared_fuse.py's SharedFused where set, else None; read from the submodules so
         that the subclasses built without MoE.__init__ (expert-parallel, placed: never fused) that
         call this forward need no attribute of their own."""
-        return self._modules.get("fused_shared")
+        return self._modules.get("fused_shared")  # type: ignore[return-value]
+
+    def _shared_stream(self) -> SharedStreamFn | None:
+        """model/shared_stream.py's SharedStream where set, else None (read as `_fused_shared`)."""
+        return self._modules.get("shared_stream")  # type: ignore[return-value]
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         fused = self._fused_shared()
+        side = self._shared_stream()
+        shared_TD = None
+        if (
+            side is not None
+            and self.shared_experts is not None
+            and not (fused is not None and fused.applies(x_TD))
+            and side.applies(x_TD)
+        ):
+            # Launched first: its GEMMs take SMs while the router's short launches run.
+            shared_TD = side.start(self.shared_experts, x_TD)
         r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts)
         self.last_routing = r
+        if side is not None and shared_TD is not None:  # the shared MLP ran beside (above)
+            routed_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)
+            return side.join(routed_TD, shared_TD).view_as(x_BSD)
         y_TD = None if fused is None else fused(x_TD, r)
         if y_TD is None:  # not fused, or the fused MoE does not apply (shared_fuse.py)
             shared_TD = None if self.shared_experts is None else self.shared_experts(x_TD)

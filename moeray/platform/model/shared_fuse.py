@@ -198,12 +198,17 @@ class SharedFused(nn.Module):
                 return False
         return True
 
-    def forward(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor | None:
-        # Where the routed experts would run the fused kernel (`Experts.forward`: CUDA, some
-        # tokens), or its interpreter (tests on CPU); the rest keeps the shared MLP.
+    def applies(self, x_TD: torch.Tensor) -> bool:
+        """Where the routed experts would run the fused kernel (`Experts.forward`: CUDA, some
+        tokens, at most MAX_FUSED_TOKENS), or its interpreter (tests on CPU); the rest keeps
+        the shared MLP."""
         T = x_TD.shape[0]
-        if not 0 < T <= MAX_FUSED_TOKENS or not (x_TD.is_cuda or interpreting()):
+        return 0 < T <= MAX_FUSED_TOKENS and (x_TD.is_cuda or interpreting())
+
+    def forward(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor | None:
+        if not self.applies(x_TD):
             return None
+        T = x_TD.shape[0]
         ids, weights = r.fused_ids_TJ, r.fused_weights_TJ  # the fused gate wrote them (decode)
         if ids is None or weights is None:  # the reference gate: two cats
             ids_TK, weights_TK = r.expert_ids_TK, r.weights_TK
