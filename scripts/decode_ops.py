@@ -28,10 +28,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
 import torch
 import triton.runtime.interpreter as interpreter
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeray.kernels import router_logits as router_logits_mod
 from moeray.kernels.fp8 import dispatch as fp8_dispatch
 from moeray.platform.config import moonlight_16b_a3b
 from moeray.platform.engine import runner as runner_mod
@@ -100,6 +101,12 @@ def count(
     real_getitem = interpreter.InterpretedFunction.__getitem__
     real_forward = runner_mod.ModelRunner._forward_model
     real_layout = fp8_dispatch.native_blockscaled_layout
+    real_mm_fp32 = router_logits_mod._mm_fp32
+
+    def mm_fp32(x, w):  # cuBLAS's fp32-output GEMM (ROUTE_BATCH) has no CPU kernel: one mm here
+        with _disable_current_modes():
+            x, w = x.float(), w.float()
+        return torch.mm(x, w.t())
 
     def getitem(self, grid):
         if state["on"]:
@@ -118,6 +125,7 @@ def count(
     interpreter.InterpretedFunction.__getitem__ = getitem
     # No cuBLASLt on CPU: FP8 GEMMs take the Triton kernel (one launch, as _scaled_mm's on sm_90).
     fp8_dispatch.native_blockscaled_layout = lambda *a: None
+    router_logits_mod._mm_fp32 = mm_fp32
     runner_mod.ModelRunner._forward_model = forward
     torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[method-assign,assignment]
     try:
@@ -140,6 +148,7 @@ def count(
         interpreter.InterpretedFunction.__getitem__ = real_getitem
         runner_mod.ModelRunner._forward_model = real_forward
         fp8_dispatch.native_blockscaled_layout = real_layout
+        router_logits_mod._mm_fp32 = real_mm_fp32
     return rec.ops, launches
 
 

@@ -12,6 +12,10 @@ main one; the streams join before the shared output is added. Measured on an H10
 engine --ab SHARED_STREAM` (benchmarks/results/engine-nvidia-h100-80gb-hbm3-*-sstream.json), batch
 64 tokens/s: Moonlight FP8 +5.1% (decode graph 8.33 -> 7.95 ms), bf16 +3.5%, V3 widths FP8 even
 (its routed experts outweigh the shared MLP ~40x); batch 1 and 8 (fused shared experts) even.
+With FP8 weights the shared MLP's layers still run at 17-64 rows as bf16 GEMMs over kept copies
+(model/quant.py `fp8_as_bf16`): keeping them FP8 on the side stream (act_quant + the block-scaled
+GEMM, half the bytes beside the routed experts' stream) measured even at batch 64 and 1.2% slower
+at 32 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-sstreamfp8.json).
 
 What changes, per `MoE` with shared experts: `MoE.shared_stream` gets a `SharedStream`, and the
 MoE's forward hands it the shared MLP where it `applies` (CUDA inference of 1 to MAX_TOKENS tokens
