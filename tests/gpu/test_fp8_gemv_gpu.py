@@ -161,7 +161,7 @@ def test_fp8_gemv_serial_split_k(nk, m, monkeypatch):
         assert not workspace.any(), i
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 8])  # (from 9 rows it runs its bf16 copy: FP8_AS_BF16_SMALL)
 def test_fp8_linear_one_launch_at_decode(m):
     # FP8Linear hands fp8_gemv its own workspace: kv_a (N = 576) at decode rows is one kernel.
     from moeray.kernels import fp8
@@ -180,9 +180,13 @@ def test_fp8_linear_one_launch_at_decode(m):
     "nk,m,kernel",
     [
         ((1536, 7168), 1, "gemv"),
-        ((1536, 7168), "bound", "gemv"),
-        # past the bound a layer of at most FP8_AS_BF16_MAX_WEIGHTS runs F.linear over its bf16
-        # copy (dequantized at the first call); with MOERAY_FUSED_FP8_AS_BF16=0 act_quant + GEMM
+        ((1536, 7168), 8, "gemv"),
+        ((1536, 7168), "bound", "gemv_small_off"),
+        # from 9 rows (FP8_AS_BF16_SMALL; past the bound without it) a layer of at most
+        # FP8_AS_BF16_MAX_WEIGHTS runs F.linear over its bf16 copy (dequantized at the first
+        # call); with MOERAY_FUSED_FP8_AS_BF16=0 act_quant + GEMM
+        ((1536, 7168), 9, "bf16"),
+        ((1536, 7168), "bound", "bf16"),
         ((1536, 7168), "bound + 1", "bf16"),
         ((1536, 7168), "bound + 1", "gemm"),
         ((576, 7168), 1, "gemv"),
@@ -197,6 +201,9 @@ def test_fp8_linear_picks_fp8_gemv(monkeypatch, nk, m, kernel):
     m = {"bound": FP8_GEMV_MAX_ROWS, "bound + 1": FP8_GEMV_MAX_ROWS + 1}.get(m, m)
     if kernel == "gemm":
         monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
+    if kernel == "gemv_small_off":
+        monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16_SMALL", "0")
+        kernel = "gemv"
     calls = {"gemv": 0, "gemm": 0, "dequant": 0}
 
     def counting(name, fn):

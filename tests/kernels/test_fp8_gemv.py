@@ -529,16 +529,16 @@ def test_fp8_linear_batch_switch(switch, monkeypatch, launch_spy):
 
 
 def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
-    # By default (MOERAY_FUSED_FP8_AS_BF16 unset or 1): from 17 to 64 rows a layer of at most
+    # By default (MOERAY_FUSED_FP8_AS_BF16 unset or 1): from 9 to 64 rows a layer of at most
     # FP8_AS_BF16_MAX_WEIGHTS weights is F.linear over the kept bf16 copy (one dequantization,
-    # then none); not at 16 rows (fp8_gemv), 65 rows or a larger layer (act_quant + the
+    # then none); not at 8 rows (fp8_gemv), 65 rows or a larger layer (act_quant + the
     # block-scaled GEMM), nor with MOERAY_FUSED_FP8_AS_BF16=0.
     wq, ws = _weight(256, 512, seed=23)
     layer = FP8Linear(wq, ws)
     w_bf16 = quant_module.dequantize_fp8_blocks(wq, ws, torch.bfloat16)
     gemm_launches = launch_spy(fp8_gemm_module, "_fp8_gemm_kernel")
     gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
-    x40, x16, x65 = (torch.randn(m, 512, dtype=torch.bfloat16) for m in (40, 16, 65))
+    x40, x8, x65 = (torch.randn(m, 512, dtype=torch.bfloat16) for m in (40, 8, 65))
     monkeypatch.setenv("MOERAY_FUSED_FP8_AS_BF16", "0")
     assert torch.equal(layer.forward_kernels(x40), fp8.fp8_gemm(*fp8.act_quant(x40), wq, ws))
     assert not layer.dequantized_kept(torch.bfloat16)
@@ -550,7 +550,7 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
         assert torch.equal(layer.forward_kernels(x40), torch.nn.functional.linear(x40, w_bf16))
         assert layer.dequantized_kept(torch.bfloat16)
     assert not gemm_launches and not gemv_launches
-    layer.forward_kernels(x16)
+    layer.forward_kernels(x8)
     assert len(gemv_launches) == 1 and not gemm_launches
     layer.forward_kernels(x65)
     assert len(gemm_launches) == 1
@@ -567,3 +567,25 @@ def test_keep_bf16_copies_makes_them_up_front(monkeypatch):
     monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512)
     assert quant_module.keep_bf16_copies(model.modules(), torch.bfloat16) == 256 * 512 * 2
     assert small.dequantized_kept(torch.bfloat16) and not big.dequantized_kept(torch.bfloat16)
+
+
+def test_fp8_linear_as_bf16_small_switch(monkeypatch, launch_spy):
+    """By default the kept bf16 copy runs from 9 rows (FP8_AS_BF16_SMALL_MIN_ROWS), where
+    fp8_gemv ran before; 8 rows keep fp8_gemv; MOERAY_FUSED_FP8_AS_BF16_SMALL=0 keeps fp8_gemv to
+    16 rows, and so does the opt-in MOERAY_FUSED_FP8_GEMV_BATCH=1 (to its 64)."""
+    wq, ws = _weight(256, 512, seed=29)
+    layer = FP8Linear(wq, ws)
+    w_bf16 = quant_module.dequantize_fp8_blocks(wq, ws, torch.bfloat16)
+    gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    x8, x9, x16 = (torch.randn(m, 512, dtype=torch.bfloat16) for m in (8, 9, 16))
+    for x in (x9, x16):
+        assert torch.equal(layer.forward_kernels(x), torch.nn.functional.linear(x, w_bf16))
+    assert not gemv_launches
+    layer.forward_kernels(x8)
+    assert len(gemv_launches) == 1
+    for env in ("MOERAY_FUSED_FP8_AS_BF16_SMALL", "MOERAY_FUSED_FP8_GEMV_BATCH"):
+        with monkeypatch.context() as m:
+            m.setenv(env, "0" if env.endswith("SMALL") else "1")
+            layer.forward_kernels(x9)
+            layer.forward_kernels(x16)
+    assert len(gemv_launches) == 5

@@ -164,7 +164,7 @@ class Engine:
         spec = config.num_speculative_tokens
         if spec:
             require_mtp(model)  # before the cache is allocated
-        # The bf16 copies that small FP8 layers run from at 17-64 rows (model/quant.py), made
+        # The bf16 copies that small FP8 layers run from at 9-64 rows (model/quant.py), made
         # before the KV cache is sized from the free memory; their bytes. Not for layers that
         # never run at those rows: the parts of merged projections, the MTP module unless drafting.
         self.fp8_as_bf16_bytes = 0

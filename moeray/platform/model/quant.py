@@ -44,8 +44,9 @@ def fp8_gemv_max_rows() -> int:
 
 # An FP8Linear of at most FP8_AS_BF16_MAX_WEIGHTS weights runs F.linear over a kept bf16 copy of
 # its weight (dequantized once, `dequantized_weight`; made up front by `keep_bf16_copies`) from
-# fp8_gemv_max_rows() + 1 to FP8_AS_BF16_MAX_ROWS rows, in place of act_quant + the block-scaled
-# GEMM (or the parts of a ragged merged stack); MOERAY_FUSED_FP8_AS_BF16=0 keeps the FP8 path.
+# fp8_gemv_max_rows() + 1 (FP8_AS_BF16_SMALL_MIN_ROWS by default, below) to FP8_AS_BF16_MAX_ROWS
+# rows, in place of act_quant + the block-scaled GEMM (or the parts of a ragged merged stack);
+# MOERAY_FUSED_FP8_AS_BF16=0 keeps the FP8 path.
 # Why: at 64 rows on an H200 such a layer is latency-bound, and bf16 F.linear beat act_quant + the
 # GEMM on every layer up to 14.7M weights (V3's q_a 11.3 us vs 18.6, kv_a 9.7 vs 17.9, a shared
 # expert's gate 13.4 vs 24.6 and down 10.4 vs 11.5) and lost from 37.7M up (q_b 22.3 vs 18.8,
@@ -56,12 +57,24 @@ def fp8_gemv_max_rows() -> int:
 # (Moonlight: 1.6 GB; DeepSeek-V3: q_a + kv_a and the shared down, ~60 MB a layer).
 FP8_AS_BF16_MAX_ROWS = 64
 FP8_AS_BF16_MAX_WEIGHTS = 16 * 2**20
+# The kept copies also run from this many rows up to fp8_gemv_max_rows() (MOERAY_FUSED_FP8_AS_BF16_
+# SMALL=0 keeps fp8_gemv there; so does the opt-in FP8_GEMV_BATCH). Measured with `bench engine
+# --ab` on an H100, decode graph time against fp8_gemv at those rows: the copies from 5 rows
+# (benchmarks/results/engine-nvidia-h100-80gb-hbm3-{moonlight,v3}-fp8-small.json) Moonlight FP8
+# batch 8 1.003 (even), batch 16 0.985, V3 widths batch 16 0.984; from 9 rows (`-small2.json`,
+# the switch flipped off against them) fp8_gemv 1.024x at batch 12, 1.002x at 16; batch 1
+# unchanged. At 8 rows fp8_gemv reads q + kv_a (7.5 MB e4m3) and o_proj in ~8.5 us a call, about
+# what cuBLAS takes for the bf16 copy's twice the bytes.
+FP8_AS_BF16_SMALL_MIN_ROWS = 9
 
 
 def fp8_as_bf16(rows: int, n: int, k: int) -> bool:
     """Whether an FP8 [n, k] layer at `rows` rows runs as bf16 F.linear over its kept copy
-    (unless MOERAY_FUSED_FP8_AS_BF16=0; see FP8_AS_BF16_MAX_ROWS)."""
-    return fp8_as_bf16_layer(n, k) and fp8_gemv_max_rows() < rows <= FP8_AS_BF16_MAX_ROWS
+    (unless MOERAY_FUSED_FP8_AS_BF16=0; see FP8_AS_BF16_MAX_ROWS and FP8_AS_BF16_SMALL_MIN_ROWS)."""
+    low = fp8_gemv_max_rows() + 1
+    if not switched_off("FP8_AS_BF16_SMALL") and low == FP8_GEMV_MAX_ROWS + 1:
+        low = FP8_AS_BF16_SMALL_MIN_ROWS
+    return fp8_as_bf16_layer(n, k) and low <= rows <= FP8_AS_BF16_MAX_ROWS
 
 
 def fp8_as_bf16_layer(n: int, k: int) -> bool:
@@ -73,7 +86,7 @@ def fp8_as_bf16_layer(n: int, k: int) -> bool:
 def keep_bf16_copies(modules: Iterable[nn.Module], dtype: torch.dtype) -> int:
     """Make now the `dtype` copies that the FP8Linear layers among `modules` which run as bf16
     (`fp8_as_bf16_layer`) keep, so that a serving engine counts their memory before it sizes its
-    KV cache instead of meeting them at its first batch of 17-64 rows. Returns their bytes (a copy
+    KV cache instead of meeting them at its first batch of 9-64 rows. Returns their bytes (a copy
     already kept counts too)."""
     total = 0
     for m in modules:
@@ -119,11 +132,11 @@ class FP8Linear(nn.Module):
     """A linear layer that keeps its weight in FP8 plus block scales (inference).
 
     On a GPU, `forward` picks the kernel (`forward_kernels`): fp8_gemv (weight-only, x
-    unquantized) for up to `fp8_gemv_max_rows()` rows and for any N or K that is not a multiple of
-    128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on e4m3 x (fp8 dots) instead at
-    those rows when N and K are multiples of 128; bf16 F.linear over a kept dequantized copy for
-    small layers just above those rows (`fp8_as_bf16`; MOERAY_FUSED_FP8_AS_BF16=0 turns it off);
-    act_quant + the block-scaled fp8_gemm otherwise.
+    unquantized) for up to `fp8_gemv_max_rows()` rows (8 for small layers, below) and for any N or
+    K that is not a multiple of 128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on
+    e4m3 x (fp8 dots) instead at those rows when N and K are multiples of 128; bf16 F.linear over
+    a kept dequantized copy for small layers from 9 to 64 rows (`fp8_as_bf16`;
+    MOERAY_FUSED_FP8_AS_BF16=0 turns it off); act_quant + the block-scaled fp8_gemm otherwise.
     Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 
     `gemv_workspace` holds fp8_gemv's split-K tile counters for up to FP8_GEMV_BATCH_MAX_ROWS rows,
