@@ -323,10 +323,21 @@ def head_gemv_applies(x: torch.Tensor, w_HKN: torch.Tensor) -> bool:
 def head_matmul(x: torch.Tensor, w_HKN: torch.Tensor, *, fresh_w: bool = False) -> torch.Tensor:
     """einsum("...hk,hkn->...hn", x, w_HKN): x [..., H, K], w [H, K, N] -> [..., H, N], computed
     by head_gemv where `head_gemv_applies` (decode rows on CUDA without gradients, opt-in with
-    MOERAY_FUSED_HEAD_GEMV=1): the same values up to fp32 summation order. `fresh_w` as in
-    head_gemv."""
+    MOERAY_FUSED_HEAD_GEMV=1): the same values up to fp32 summation order; else the einsum, or
+    with MOERAY_FUSED_HEAD_BMM=1 (opt-in, not yet timed on a GPU) outside autograd one torch.bmm
+    into a contiguous [..., H, N]. `fresh_w` as in head_gemv."""
+    h, k = x.shape[-2:]
+    n = w_HKN.shape[2]
     if head_gemv_applies(x, w_HKN):
-        h, k = x.shape[-2:]
         y = head_gemv(x.reshape(-1, h, k), w_HKN, fresh_w=fresh_w)
-        return y.reshape(*x.shape[:-1], w_HKN.shape[2])
-    return torch.einsum("...hk,hkn->...hn", x, w_HKN)
+        return y.reshape(*x.shape[:-1], n)
+    if not switched_on("HEAD_BMM") or x.dtype != w_HKN.dtype or torch.is_grad_enabled():
+        return torch.einsum("...hk,hkn->...hn", x, w_HKN)
+    # One batched GEMM over the heads writing y in [..., H, N] order through a transposed view:
+    # einsum's bmm writes [H, rows, N] and hands back a permuted view, which the next reshape
+    # (MLA's o_proj input) copies: likely the one copy launch a layer, ~2.5 us, of Moonlight FP8's
+    # batch-64 step on an H100 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-
+    # defaults2.json, 27 direct_copy calls a step). To time: `bench engine --ab HEAD_BMM`.
+    y_MHN = x.new_empty(x.numel() // (h * k), h, n)
+    torch.bmm(x.reshape(-1, h, k).transpose(0, 1), w_HKN, out=y_MHN.transpose(0, 1))
+    return y_MHN.reshape(*x.shape[:-1], n)
