@@ -12,6 +12,8 @@ down weights (with their scales) that the call reads.
 
     python scripts/moe_decode_sweep.py --out moe-decode-sweep.json
     python scripts/moe_decode_sweep.py --path both --tokens 1,2 --out moe-gemv-sweep.json
+    python scripts/moe_decode_sweep.py --path gemv --tokens 1 --gemv-block-n 16 --gemv-warps 2 \
+        --gemv-stages 4 --gemv-down 16:2:4,32:2:4,32:4:4,64:4:4,64:8:3   # down's own tiles
 """
 
 from __future__ import annotations
@@ -68,10 +70,26 @@ def time_call(fn) -> float:
 
 
 def _tile(cfg: dict) -> str:
-    """A config in one short column: BM (aligned only), BN, warps, stages."""
+    """A config in one short column: BM (aligned only), BN, warps, stages (and moe_gemv's down
+    tile where it has its own)."""
     bm = f"BM{cfg['BLOCK_M']:3} " if "BLOCK_M" in cfg else "      "
     mask = f" mask{cfg['MASK_ROWS']}" if "MASK_ROWS" in cfg else ""
-    return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}{mask}"
+    d = cfg.get("down")
+    down = f" down BN{d['BLOCK_N']} w{d['num_warps']} st{d['num_stages']}" if d else ""
+    return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}{mask}{down}"
+
+
+def down_tiles(text: str) -> list[dict | None]:
+    """--gemv-down's tiles as moe_gemv "down" configs ([None]: the gate/up tile)."""
+    out: list[dict | None] = []
+    for part in filter(None, text.split(",")):
+        try:
+            bn, warps, stages = map(int, part.split(":"))
+        except ValueError:
+            want = "want BLOCK_N:warps:stages, e.g. 32:4:4"
+            raise SystemExit(f"--gemv-down {part!r}: {want}") from None
+        out.append(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    return out or [None]
 
 
 def _key(r: dict) -> str:
@@ -94,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv-block-n", default="8,16,32")
     p.add_argument("--gemv-warps", default="2,4")
     p.add_argument("--gemv-stages", default="4,6")
+    p.add_argument(
+        "--gemv-down",
+        default="",
+        help="moe_gemv: the down launch's own tiles to try, BLOCK_N:warps:stages,... (each with "
+        "every gate/up tile); default: the gate/up tile",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -136,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                     fn = functools.partial(fused_moe, x, a13, a2, **kw)
                 else:  # gate and up as two tensors (views of w13), with their scales
                     default = moe_gemv_config()
-                    cfgs = configs(
-                        {},
-                        BLOCK_N=args.gemv_block_n,
-                        num_warps=args.gemv_warps,
-                        num_stages=args.gemv_stages,
-                    )
+                    cfgs = [
+                        cfg if down is None else {**cfg, "down": down}
+                        for cfg in configs(
+                            {},
+                            BLOCK_N=args.gemv_block_n,
+                            num_warps=args.gemv_warps,
+                            num_stages=args.gemv_stages,
+                        )
+                        for down in down_tiles(args.gemv_down)
+                    ]
                     gemv_kw = {}
                     if kw:
                         sc13 = kw["w13_scale"]
@@ -166,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                             "path": path,
                             **cfg,
                             "default": all(cfg[k2] == default[k2] for k2 in default)
-                            and cfg.get("MASK_ROWS", 1) == 1,
+                            and cfg.get("MASK_ROWS", 1) == 1
+                            and "down" not in cfg,
                             "us": us,
                             "tb_per_s": None if us is None else nbytes / us / 1e6,
                             "experts_per_call": experts,

@@ -276,11 +276,15 @@ def check_early_shared(early_shared: int, expert_ids_TK: torch.Tensor, num_exper
             )
 
 
-def _check_config(cfg: dict) -> None:
-    """ValueError naming the bad key or value of a moe_gemv tile config."""
-    if not isinstance(cfg, dict) or cfg.keys() != _CONFIG_KEYS:
+def _check_config(cfg: dict, *, down: bool = True) -> None:
+    """ValueError naming the bad key or value of a moe_gemv tile config (with `down`: also of its
+    optional "down" entry, the down launch's own tiles, a config without one)."""
+    if not isinstance(cfg, dict) or cfg.keys() - ({"down"} if down else set()) != _CONFIG_KEYS:
         got = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
-        raise ValueError(f"config keys {got}: need exactly {sorted(_CONFIG_KEYS)}")
+        extra = ' (and optionally "down")' if down else ' (the "down" tiles)'
+        raise ValueError(f"config keys {got}: need exactly {sorted(_CONFIG_KEYS)}{extra}")
+    if down and "down" in cfg:
+        _check_config(cfg["down"], down=False)
     bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     if not isinstance(bn, int) or not is_pow2(bn) or bn > 128:
         raise ValueError(
@@ -345,11 +349,13 @@ def run_moe_gemv(
     # without FP8 the scale pointers are never read: the weights stand in
     w1s, w3s, w2s = scales if scales is not None else (w1_EIH, w3_EIH, w2_EHI)
     bn, warps, stages = cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    dcfg = cfg.get("down", cfg)
+    dbn, dwarps, dstages = dcfg["BLOCK_N"], dcfg["num_warps"], dcfg["num_stages"]
     pdl = pdl_launch(x_TH.device)
     # The sum folded into the down kernel (module docstring): one counter per (token, down row
     # block), zeroed by the gate/up kernel, so no memset and no persistent workspace.
     fold = tk > 0 and not switched_off("MOE_SUM_FOLD")
-    num_cnt = t * cdiv(h, bn) if fold else 0
+    num_cnt = t * cdiv(h, dbn) if fold else 0
     # (without the fold the counter, output and add pointers are never read: ids stands in)
     cnt = torch.empty(num_cnt, dtype=torch.int32, device=x_TH.device) if fold else ids
     _moe_gemv_gate_up_kernel[(cdiv(i, bn), tk)](
@@ -391,7 +397,7 @@ def run_moe_gemv(
         out = torch.empty(t, h, dtype=x_TH.dtype, device=x_TH.device)
         if add_TH is not None:
             add = add_TH if add_TH.stride(-1) == 1 else add_TH.contiguous()
-    _moe_gemv_down_kernel[(cdiv(h, bn), tk)](
+    _moe_gemv_down_kernel[(cdiv(h, dbn), tk)](
         hbuf,
         w2_EHI,
         y_tk,
@@ -412,16 +418,16 @@ def run_moe_gemv(
         add,
         add.stride(0),
         FP8=fp8,
-        BLOCK_N=bn,
+        BLOCK_N=dbn,
         EVEN_K=i % 128 == 0,
-        NUM_STAGES=stages,
+        NUM_STAGES=dstages,
         PDL=pdl,
         FOLD_SUM=fold,
         KC=k,
         HAS_ADD=add_TH is not None,
         EARLY=switched_on("MOE_DOWN_EARLY"),
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=dwarps,
+        num_stages=dstages,
         launch_pdl=pdl,
     )
     return out if fold else moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)
@@ -449,7 +455,8 @@ def moe_gemv(
     strides), or e4m3 with w1_scale, w3_scale [E, I/128, H/128] and w2_scale [E, H/128, I/128]
     fp32 (weight-only: x and h are not quantized); expert_ids [T, K] int32/int64 (ids outside
     [0, E) add nothing); weights [T, K]; add_TH [T, H] in x's dtype, added in the sum's launch.
-    `config` (keys BLOCK_N, num_warps, num_stages) overrides `moe_gemv_config`. early_shared=S
+    `config` (keys BLOCK_N, num_warps, num_stages; optionally "down", a dict of the same three
+    for the down launch alone) overrides `moe_gemv_config`. early_shared=S
     (the module docstring's promise: the last S ids of every token are E-S .. E-1, and x was not
     written by the kernel launched just before) runs those slots' gate/up before the PDL wait;
     the numbers are the same bits. No host syncs (CUDA-graph capturable). On CPU tensors outside

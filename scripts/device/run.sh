@@ -12,6 +12,7 @@
 #   fp8-gemv           fp8_gemv GPU tests + its bench table at V3 decode shapes (1 GPU, ~3 min)
 #   head-gemv          head_gemv GPU tests, bench vs einsum, Moonlight engine A/B with MOERAY_FUSED_HEAD_GEMV=1 (1 GPU, ~5 min)
 #   moe-decode-sweep   fused MoE block configs at decode token counts, weights out of L2 (1 GPU, ~2 min)
+#   moe-gemv-down      moe_gemv's down launch over its own tiles (whole MoE, Moonlight/V3, 1-2 tokens) (1 GPU, ~3 min)
 #   moe-gemv           moe_gemv GPU tests, sweep vs the aligned MoE at 1-2 tokens (1 GPU, ~6 min; engine A/B in the recipe)
 #   gemv               gemv GPU tests (+ fp8_gemv's), bench tables, a tile sweep; Moonlight/V3 shapes (1 GPU)
 #   gemv-sweep         the bf16 gemv tile sweep with 1-2 warp split-K tiles, 150 s budget (1 GPU, ~3 min)
@@ -53,7 +54,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,52p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,53p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

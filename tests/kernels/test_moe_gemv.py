@@ -151,6 +151,10 @@ def test_gpu_tile_gives_the_same_bits(make):
         cfg = dict(BLOCK_N=bn, num_warps=2, num_stages=6)
         assert torch.equal(moe_gemv(x, *ws, ids, wts, config=cfg, **scales), want)
     assert moe_gemv_config()["BLOCK_N"] != 16  # (under the interpreter: the wider tile)
+    # The down launch's own tile ("down"): its grid and the fold's counters follow it.
+    down = dict(BLOCK_N=16, num_warps=2, num_stages=2)
+    cfg = {**moe_gemv_config(), "down": down}
+    assert torch.equal(moe_gemv(x, *ws, ids, wts, config=cfg, **scales), want)
 
 
 # The fold's sum reads y_tk in x's dtype whatever the weights: every x and weight dtype, and one
@@ -317,10 +321,18 @@ def test_bad_inputs_and_configs_name_the_value():
         ({"BLOCK_N": 256, "num_warps": 2, "num_stages": 6}, "BLOCK_N=256"),
         ({"BLOCK_N": 16, "num_warps": 3, "num_stages": 6}, "num_warps=3"),
         ({"BLOCK_N": 16, "num_warps": 2, "num_stages": 0}, "num_stages=0"),
+        ({"BLOCK_N": 16, "num_warps": 2, "num_stages": 6, "down": {"BLOCK_N": 16}}, "down"),
+        (
+            {"BLOCK_N": 16, "num_warps": 2, "num_stages": 6, "down": dict(_GOOD, BLOCK_N=48)},
+            "BLOCK_N=48",
+        ),
     ]
     for cfg, match in bad:
         with pytest.raises(ValueError, match=match):
             moe_gemv(x, w1, w3, w2, ids, wts, config=cfg)
+
+
+_GOOD = {"BLOCK_N": 16, "num_warps": 2, "num_stages": 6}
 
 
 def _shared_tail(ids: torch.Tensor, s: int) -> torch.Tensor:
