@@ -225,6 +225,7 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert r["decode_graph_ms"] == {} == r["roofline_fraction_graph"]  # no graphs on CPU
     assert set(r["decode_step_ms_median"]) == {"1", "3"}
     assert all(v > 0 for v in r["decode_step_ms_median"].values())
+    assert set(r["decode_step_outliers_ms"]) == {"1", "3"}
     for B in ("1", "3"):  # host time by phase: all there, each within the step
         phases = r["decode_host_phases_ms"][B]
         assert tuple(phases) == HOST_PHASES
@@ -342,3 +343,10 @@ def test_bench_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             bench.main(args)
         assert words in capsys.readouterr().err
+
+
+def test_step_outliers_name_the_slow_steps():
+    """Steps over 1.5x the median, with their index in the timed loop; none of an even loop."""
+    secs = [0.010, 0.011, 0.010, 0.030, 0.010, 0.016, 0.017]  # median 11 ms: bound 16.5 ms
+    assert bench.step_outliers(secs) == [[3, 30.0], [6, 17.0]]
+    assert bench.step_outliers([0.01] * 5) == [] == bench.step_outliers([])

@@ -183,6 +183,20 @@ def engine_decode(
     return produced / dt, [outs[r] for r in ids]
 
 
+# A timed step this many times the batch's median step is reported as an outlier: the mean step
+# (tokens/s) carries such stalls, the median and the graph time do not.
+OUTLIER_FACTOR = 1.5
+
+
+def step_outliers(seconds: list[float], factor: float = OUTLIER_FACTOR) -> list[list[float]]:
+    """[[step index, ms], ...] of the timed steps longer than `factor` x their median, in order:
+    where in the loop a batch's stalls fall (first step, last, or anywhere)."""
+    if not seconds:
+        return []
+    bound = factor * statistics.median(seconds)
+    return [[i, round(1e3 * s, 3)] for i, s in enumerate(seconds) if s > bound]
+
+
 def _warm_decode(engine, prompts, n: int, temperature: float) -> tuple[float, list[list[int]]]:
     """engine_decode after a 2-token warm-up of the whole batch (the main loop's order)."""
     engine_decode(engine, prompts, 2, temperature=temperature)
@@ -297,6 +311,7 @@ def main(argv: list[str]) -> int:
     decode: dict[str, float] = {}
     step_ms: dict[str, float] = {}
     step_median_ms: dict[str, float] = {}
+    outliers: dict[str, list[list[float]]] = {}
     roof: dict[str, float] = {}
     frac: dict[str, float] = {}
     frac_measured: dict[str, float] = {}
@@ -323,6 +338,7 @@ def main(argv: list[str]) -> int:
         step_ms[k] = 1e3 * B / rate
         # the mean step above carries every host hiccup; the median step is the typical one
         step_median_ms[k] = 1e3 * statistics.median(seconds)
+        outliers[k] = step_outliers(seconds)
         roofline[k] = decode_roofline(
             step, cfg, B, a.prompt_len + n // 2, bandwidths, machine["peak_flops"]
         )
@@ -428,6 +444,7 @@ def main(argv: list[str]) -> int:
         "decode_tokens_per_s": decode,
         "decode_step_ms": step_ms,
         "decode_step_ms_median": step_median_ms,
+        "decode_step_outliers_ms": outliers,  # [[step, ms]] over OUTLIER_FACTOR x the median
         "hf_generate_tokens_per_s": hf_rate,
         "hf_skipped": hf_skipped,
         "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
