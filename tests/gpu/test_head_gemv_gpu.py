@@ -2,7 +2,8 @@
 GEMMs (W_UK: K 128 -> N 512, N contiguous; W_UV: K 512 -> N 128, the K-contiguous transpose
 view of [H, V, C]) at Moonlight-16B-A3B (16 heads) and DeepSeek-V3 (128 heads) widths, R = 1, 4
 and 16 rows, against the fp32 einsum; one launch per call; a CUDA-graph replay; and the tiny
-model's greedy tokens through the engine with MOERAY_FUSED_HEAD_GEMV=1 and unset."""
+model's greedy tokens through the engine with MOERAY_FUSED_HEAD_GEMV=1 and unset; the opt-in
+MOERAY_FUSED_HEAD_BMM=1 product past head_gemv's rows launching no copy after it."""
 
 import os
 
@@ -72,6 +73,34 @@ def test_one_launch(which, r, monkeypatch):
     with torch.inference_mode():
         names = cuda_kernels(lambda: head_matmul(x, w))
     assert len(names) == 1 and "_head_gemv_kernel" in names[0], names
+
+
+@pytest.mark.parametrize("which", ["uk", "uv"])
+@pytest.mark.parametrize("model", ["moonlight", "v3"])
+def test_head_bmm_leaves_no_copy(which, model, monkeypatch):
+    """MOERAY_FUSED_HEAD_BMM=1 at 64 rows (past head_gemv): the product and the [rows, H * N]
+    reshape that MLA's o_proj input takes launch one GEMM and no copy, where the einsum's
+    permuted output makes the reshape copy; the values are the einsum's within bf16 rounding."""
+    from moeray.kernels.head_gemv import head_matmul
+
+    h = HEADS[model]
+    w = _weights(h, which)
+    x = _x(64, h, w.shape[1]).view(64, 1, h, w.shape[1])
+    with torch.inference_mode():
+        monkeypatch.setenv("MOERAY_FUSED_HEAD_BMM", "0")
+        want = head_matmul(x, w)
+        einsum = cuda_kernels(lambda: head_matmul(x, w).reshape(64, -1))
+        monkeypatch.setenv("MOERAY_FUSED_HEAD_BMM", "1")
+        got = head_matmul(x, w)
+        bmm = cuda_kernels(lambda: head_matmul(x, w).reshape(64, -1))
+    print(f"{model} {which}: einsum {einsum}, bmm {bmm}")
+
+    def copies(names):
+        return [n for n in names if "copy" in n or "elementwise" in n]
+
+    assert got.is_contiguous() and not copies(bmm), bmm
+    assert copies(einsum), einsum  # the reshape's copy: why HEAD_BMM exists
+    within_rounding(got, want.float())
 
 
 @pytest.mark.parametrize("which", ["uk", "uv"])
