@@ -72,7 +72,8 @@ def fp8_as_bf16(rows: int, n: int, k: int) -> bool:
     """Whether an FP8 [n, k] layer at `rows` rows runs as bf16 F.linear over its kept copy
     (unless MOERAY_FUSED_FP8_AS_BF16=0; see FP8_AS_BF16_MAX_ROWS and FP8_AS_BF16_SMALL_MIN_ROWS)."""
     low = fp8_gemv_max_rows() + 1
-    if not switched_off("FP8_AS_BF16_SMALL") and low == FP8_GEMV_MAX_ROWS + 1:
+    # (with the opt-in FP8_GEMV_BATCH, fp8_gemv keeps its rows up to 64: no small-row copies)
+    if low == FP8_GEMV_MAX_ROWS + 1 and not switched_off("FP8_AS_BF16_SMALL"):
         low = FP8_AS_BF16_SMALL_MIN_ROWS
     return fp8_as_bf16_layer(n, k) and low <= rows <= FP8_AS_BF16_MAX_ROWS
 
