@@ -48,6 +48,7 @@ from moeray.kernels.common import (
     num_sms,
     pdl_launch,
     pdl_wait,
+    switched_off,
     switched_on,
     use_triton,
 )
@@ -323,21 +324,24 @@ def head_gemv_applies(x: torch.Tensor, w_HKN: torch.Tensor) -> bool:
 def head_matmul(x: torch.Tensor, w_HKN: torch.Tensor, *, fresh_w: bool = False) -> torch.Tensor:
     """einsum("...hk,hkn->...hn", x, w_HKN): x [..., H, K], w [H, K, N] -> [..., H, N], computed
     by head_gemv where `head_gemv_applies` (decode rows on CUDA without gradients, opt-in with
-    MOERAY_FUSED_HEAD_GEMV=1): the same values up to fp32 summation order; else the einsum, or
-    with MOERAY_FUSED_HEAD_BMM=1 (opt-in, not yet timed on a GPU) outside autograd one torch.bmm
-    into a contiguous [..., H, N]. `fresh_w` as in head_gemv."""
+    MOERAY_FUSED_HEAD_GEMV=1): the same values up to fp32 summation order; else, outside autograd
+    at 2 or more rows, one torch.bmm into a contiguous [..., H, N] (MOERAY_FUSED_HEAD_BMM=0 keeps
+    the einsum there); else the einsum. `fresh_w` as in head_gemv."""
     h, k = x.shape[-2:]
     n = w_HKN.shape[2]
     if head_gemv_applies(x, w_HKN):
         y = head_gemv(x.reshape(-1, h, k), w_HKN, fresh_w=fresh_w)
         return y.reshape(*x.shape[:-1], n)
-    if not switched_on("HEAD_BMM") or x.dtype != w_HKN.dtype or torch.is_grad_enabled():
+    rows = x.numel() // (h * k)
+    if rows < 2 or x.dtype != w_HKN.dtype or torch.is_grad_enabled() or switched_off("HEAD_BMM"):
         return torch.einsum("...hk,hkn->...hn", x, w_HKN)
     # One batched GEMM over the heads writing y in [..., H, N] order through a transposed view:
     # einsum's bmm writes [H, rows, N] and hands back a permuted view, which the next reshape
-    # (MLA's o_proj input) copies: likely the one copy launch a layer, ~2.5 us, of Moonlight FP8's
-    # batch-64 step on an H100 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-
-    # defaults2.json, 27 direct_copy calls a step). To time: `bench engine --ab HEAD_BMM`.
-    y_MHN = x.new_empty(x.numel() // (h * k), h, n)
+    # (MLA's o_proj input) copies, one launch a layer (~2.5 us at Moonlight batch 64 on an H100).
+    # `bench engine --ab HEAD_BMM` there (H100): decode graph 1.0-1.1% faster at batch 16 / 64
+    # (Moonlight FP8 and bf16), even at V3 widths; at one row einsum's output is already in order
+    # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-{moonlight-fp8,moonlight-bf16,v3-fp8}-
+    # hbmm.json).
+    y_MHN = x.new_empty(rows, h, n)
     torch.bmm(x.reshape(-1, h, k).transpose(0, 1), w_HKN, out=y_MHN.transpose(0, 1))
     return y_MHN.reshape(*x.shape[:-1], n)

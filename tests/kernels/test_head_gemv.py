@@ -229,16 +229,24 @@ def test_head_matmul_launches_only_where_it_applies(monkeypatch, launch_spy):
 
 @pytest.mark.parametrize("k_contiguous", [False, True])
 def test_head_matmul_bmm_writes_rows_by_head(k_contiguous, monkeypatch):
-    """MOERAY_FUSED_HEAD_BMM=1, where head_gemv does not apply: one batched GEMM whose output is
-    [..., H, N] in memory (no permuted view for the next reshape to copy), equal to the einsum."""
-    monkeypatch.setenv("MOERAY_FUSED_HEAD_BMM", "1")
+    """By default, where head_gemv does not apply, at 2+ rows outside autograd: one batched GEMM
+    whose output is [..., H, N] in memory (no permuted view for the next reshape to copy), equal
+    to the einsum. MOERAY_FUSED_HEAD_BMM=0, and one row, keep the einsum (a permuted view at
+    2+ rows)."""
+    monkeypatch.delenv("MOERAY_FUSED_HEAD_BMM", raising=False)
     x = torch.randn(3, 5, 7, 24)  # B 3, S 5, H 7, K 24
     w = torch.randn(7, 40, 24).transpose(1, 2) if k_contiguous else torch.randn(7, 24, 40)
     ref = torch.einsum("bshk,hkn->bshn", x, w)
     with torch.no_grad():
         y = head_matmul(x, w)
+        one = head_matmul(x[:1, :1], w)
+        monkeypatch.setenv("MOERAY_FUSED_HEAD_BMM", "0")
+        off = head_matmul(x, w)
     assert y.shape == (3, 5, 7, 40) and y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+    assert not off.is_contiguous()  # einsum's [H, rows, N] product, permuted back
+    torch.testing.assert_close(off, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(one, ref[:1, :1], rtol=1e-6, atol=1e-5)
 
 
 def test_fresh_weight_launches_without_pdl(monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moeray.kernels.bench.common import _bench, _bench_slow, _graph_ms, _try
+from moeray.kernels.bench.common import _bench, _bench_slow, _graph_ms, _try, fused_switch
 from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
 from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref
 
@@ -72,20 +72,25 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
     scale = 192**-0.5
     nbytes = kv.numel() * 2 + q.numel() * 2 + b * heads * r * 2
     ref, _ = mla_decode_ref(q[:4].unsqueeze(1), kv, table[:4], lens[:4], scale)
+    flops = 2 * int(lens.sum()) * heads * (d + r)
     rows = []
     splits_options = (None, 2, 4, 8) if (heads, b, ctx) == (16, 64, 4096) else (None,)
-    for splits in splits_options:
-        for stages in (2, 3) if splits is None or heads == 16 else (2,):
+    # 128 heads: the Triton split kernel, then the wgmma one (kernels/mla_decode_wgmma.py)
+    impls = ("triton", "wgmma") if heads >= 64 else ("triton",)
+    for impl, splits in ((i, s) for i in impls for s in splits_options):
+        stage_options = (2, 3, 4) if impl == "wgmma" else (2, 3)  # wgmma: 2 x 64 tokens, 3-4 x 32
+        for stages in stage_options if splits is None or heads == 16 else (2,):
             fn = functools.partial(
                 mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages
             )
-            out = fn()
+            with fused_switch("MLA_WGMMA", impl == "wgmma"):
+                out = fn()
+                eager = _bench(fn)
+                graph = _graph_ms(fn)
             err = ((out[:4].float() - ref[:, 0]).norm() / ref.norm()).item()
-            eager = _bench(fn)
-            graph = _graph_ms(fn)
             rows.append(
                 {
-                    "kernel": "mla_decode",
+                    "kernel": "mla_decode" if impl == "triton" else "mla_decode_wgmma",
                     "heads": heads,
                     "batch": b,
                     "context": ctx,
@@ -94,6 +99,7 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
                     "eager_ms": round(eager, 4),
                     "graph_ms": round(graph, 4),
                     "graph_TBps": round(nbytes / graph / 1e9, 3),
+                    "graph_TFLOPs": round(flops / graph / 1e9, 1),
                     "graph_frac_copy_bw": round(nbytes / graph / 1e9 / ceil["copy_TBps"], 3),
                     "eager_frac_copy_bw": round(nbytes / eager / 1e9 / ceil["copy_TBps"], 3),
                     "rel_err_first4": round(err, 5),

@@ -136,9 +136,10 @@ def _print_table(result: dict) -> None:
     print_adamw(result.get("adamw", []))
     for r in result.get("mla_decode_graph", []):
         print(
-            f"mla_decode graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
+            f"{r['kernel']} graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
             f"splits={r['num_splits']!s:4s} stages={r['num_stages']}: graph "
-            f"{r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy), "
+            f"{r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy, "
+            f"{r['graph_TFLOPs']} TFLOP/s), "
             f"eager {r['eager_ms']:.4f} ms ({r['eager_frac_copy_bw']:.2f}), "
             f"err {r['rel_err_first4']}"
         )
