@@ -7,6 +7,7 @@ ends the requests in flight with a 503 error body (an error event in a stream) a
 its whole gang."""
 
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -81,7 +82,10 @@ def start_app(server):
         serve.delete(name, _blocking=False)
 
 
+@functools.cache
 def _expected(model_dir, prompt: str, n: int) -> list[int]:
+    """The single-process engine's greedy answer (a fresh engine per answer), computed once per
+    (prompt, n) for the module: the apps asked the same are compared with the same answer."""
     tok = ServeTokenizer(model_dir)
     engine = Engine.from_pretrained(
         model_dir, EngineConfig(num_pages=64, page_size=16, use_cuda_graphs=False)
