@@ -50,6 +50,7 @@ from moeray.kernels.common import (
 )
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode_wgmma import mla_decode_wgmma_fits, mla_decode_wgmma_split
+from moeray.kernels.mla_decode_ws import mla_decode_ws_split
 from moeray.kernels.mla_merge import (
     MERGE_OUT_MAX_ROWS,
     check_w_out,
@@ -413,9 +414,11 @@ def _mla_decode_rows(
     # opt-in MOERAY_FUSED_MLA_WGMMA=1 until timed): the same partials, merged below.
     wgmma = not (direct or fold or early) and switched_on("MLA_WGMMA")
     if wgmma and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h):
-        mla_decode_wgmma_split(
+        # its warp-specialized form (kernels/mla_decode_ws.py; opt-in MOERAY_FUSED_MLA_WS=1)
+        split = mla_decode_ws_split if switched_on("MLA_WS") else mla_decode_wgmma_split
+        split(
             q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads,
-            q_len, num_splits, num_stages,
+            q_len, num_splits, *(() if split is mla_decode_ws_split else (num_stages,)),
         )  # fmt: skip
     else:
         _mla_decode_split_kernel[(head_blocks, b, num_splits)](

@@ -24,11 +24,15 @@ stages x 72 KB + p 8 KB = 224 KB of the H100/H200's 227 KB.
 
 Hopper only (wgmma is sm_90a); bf16 / fp16, R = 512 and P = 64 (DeepSeek-V3's widths), page
 size a multiple of BT. `mla_decode_wgmma_fits` says where it applies; `mla_decode` chooses it.
+The pieces shared with the warp-specialized form (kernels/mla_decode_ws.py) live here: the copy
+of a cache step, the split's token range, Q's load, a softmax step, the store of the partials and
+the launch.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -38,6 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from moeray.kernels.common import cdiv
+
 BLOCK_H = 64  # query rows a program: one wgmma M of 64 per warpgroup
 BLOCK_T = 64  # cached tokens a loop step at the default 2 stages
 # Cached tokens a step by pipeline depth: Q's 72 KB and p leave ~150 KB for the stages, 2 of 64
@@ -45,16 +51,20 @@ BLOCK_T = 64  # cached tokens a loop step at the default 2 stages
 STEP_TOKENS = {2: 64, 3: 32, 4: 32}
 NUM_WARPS = 8  # two warpgroups
 WGMMA_DTYPES = (torch.bfloat16, torch.float16)
+# Gluon's API moves between releases (3.9 renamed the cp.async copy and dropped thread_barrier):
+# these kernels are written against the GPU image's 3.6; elsewhere the Triton kernel runs.
+# scripts/gluon_compile.py compiles them for sm_90a without a GPU.
+GLUON_TRITON = "3.6."
 
 
 @gluon.jit
-def _issue_step(kv_ptr, bt_ptr, c_smem, pe_smem, b, t0, t_end, stride_kvp, stride_kvt, stride_btb,
-                R: gl.constexpr, P: gl.constexpr, PAGE: gl.constexpr, BT: gl.constexpr,
-                C_LOAD: gl.constexpr, PE_LOAD: gl.constexpr):  # fmt: skip
+def copy_step(kv_ptr, bt_ptr, c_smem, pe_smem, b, t0, t_end, stride_kvp, stride_kvt, stride_btb,
+              R: gl.constexpr, P: gl.constexpr, PAGE: gl.constexpr, BT: gl.constexpr,
+              C_LOAD: gl.constexpr, PE_LOAD: gl.constexpr):  # fmt: skip
     """cp.async of the BT cache rows from position t0 (its page through the block table) into
-    one stage; rows at or past t_end (none for a step past the split's end) are zero-filled, so
-    the wgmmas never meet the pool's other rows. One commit group, issued even when empty, so
-    the consumer always waits for all groups but the newest."""
+    one stage (c_smem [BT, R] latents, pe_smem [BT, P] rope keys); rows at or past t_end (all of
+    a step past the split's end) are zero-filled, so the wgmmas never meet the pool's other
+    rows (which may hold anything, NaN included)."""
     in_split = t0 < t_end
     page = gl.load(bt_ptr + b * stride_btb + t0 // PAGE, mask=in_split, other=0).to(gl.int64)
     base = kv_ptr + page * stride_kvp + (t0 % PAGE) * stride_kvt
@@ -70,7 +80,80 @@ def _issue_step(kv_ptr, bt_ptr, c_smem, pe_smem, b, t0, t_end, stride_kvp, strid
     async_copy.async_copy_global_to_shared(
         pe_smem, base + R + t_p[:, None] * stride_kvt + r_p[None, :], mask=ok_p
     )
+
+
+@gluon.jit
+def _issue_step(kv_ptr, bt_ptr, c_smem, pe_smem, b, t0, t_end, stride_kvp, stride_kvt, stride_btb,
+                R: gl.constexpr, P: gl.constexpr, PAGE: gl.constexpr, BT: gl.constexpr,
+                C_LOAD: gl.constexpr, PE_LOAD: gl.constexpr):  # fmt: skip
+    """`copy_step` as one commit group, issued even when empty, so the consumer always waits
+    for all groups but the newest."""
+    copy_step(kv_ptr, bt_ptr, c_smem, pe_smem, b, t0, t_end, stride_kvp, stride_kvt, stride_btb,
+              R, P, PAGE, BT, C_LOAD, PE_LOAD)  # fmt: skip
     async_copy.commit_group()
+
+
+@gluon.jit
+def split_range(len_ptr, b, split, num_splits, PAGE: gl.constexpr, BT: gl.constexpr):
+    """(seq_len, t_start, t_end, n_steps): this split's share of the sequence's own pages (not
+    the block table's width) and the BT-token steps that cover it (0 for an empty share)."""
+    seq_len = gl.load(len_ptr + b)
+    pages_per_split = gl.cdiv(gl.cdiv(seq_len, PAGE), num_splits)
+    t_start = split * pages_per_split * PAGE
+    t_end = gl.minimum(seq_len, t_start + pages_per_split * PAGE)
+    n_steps = gl.cdiv(gl.maximum(t_end - t_start, 0), BT)
+    return seq_len, t_start, t_end, n_steps
+
+
+@gluon.jit
+def load_q(q_ptr, b, pid_h, ROWS, stride_qb, stride_qr, BH: gl.constexpr, R: gl.constexpr,
+           P: gl.constexpr, SMEM: gl.constexpr, Q_LOAD: gl.constexpr,
+           QP_LOAD: gl.constexpr):  # fmt: skip
+    """The head block's query rows (row = token * H + head; zeros past ROWS) into shared memory:
+    (latent part [BH, R], rope part [BH, P])."""
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    q_rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, Q_LOAD))
+    q_cols = gl.arange(0, R, layout=gl.SliceLayout(0, Q_LOAD))
+    q_ok = (q_rows < ROWS)[:, None] & (q_cols < R)[None, :]
+    q_base = q_ptr + b * stride_qb + q_rows[:, None] * stride_qr
+    q_smem = gl.allocate_shared_memory(
+        dtype, [BH, R], SMEM, gl.load(q_base + q_cols[None, :], mask=q_ok, other=0.0)
+    )
+    qp_rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, QP_LOAD))
+    qp_cols = gl.arange(0, P, layout=gl.SliceLayout(0, QP_LOAD))
+    qp_ok = (qp_rows < ROWS)[:, None] & (qp_cols < P)[None, :]
+    qp_base = q_ptr + b * stride_qb + qp_rows[:, None] * stride_qr + R
+    qpe_smem = gl.allocate_shared_memory(
+        dtype, [BH, P], SMEM, gl.load(qp_base + qp_cols[None, :], mask=qp_ok, other=0.0)
+    )
+    return q_smem, qpe_smem
+
+
+@gluon.jit
+def softmax_step(s, pos, limit, m_i, l_i, sm_scale_log2):
+    """One step of the online softmax over raw scores s [BH, BT] at cache positions pos [BT]
+    (past each row's `limit` masked): (p, alpha = the old rows' rescale, new m, new l)."""
+    s = gl.where(pos[None, :] <= limit[:, None], s * sm_scale_log2, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    # Rows with nothing visible yet keep m = -inf; subtract 0 instead of -inf - -inf.
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def store_out(o_ptr, out, b, split, pid_h, ROWS, stride_ob, stride_or, stride_os,
+              COL0: gl.constexpr, BH: gl.constexpr, NC: gl.constexpr,
+              R: gl.constexpr):  # fmt: skip
+    """out [BH, NC] (fp32) into the partials o[b, rows, split, COL0 : COL0 + NC]."""
+    rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, out.type.layout))
+    cols = COL0 + gl.arange(0, NC, layout=gl.SliceLayout(0, out.type.layout))
+    gl.store(
+        o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + cols[None, :],
+        out,
+        mask=(rows < ROWS)[:, None] & (cols < R)[None, :],
+    )
 
 
 @gluon.jit
@@ -120,34 +203,15 @@ def _mla_decode_wgmma_kernel(
     PE_LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
     dtype: gl.constexpr = q_ptr.dtype.element_ty
 
-    seq_len = gl.load(len_ptr + b)
-    pages_per_split = gl.cdiv(gl.cdiv(seq_len, PAGE), num_splits)
-    t_start = split * pages_per_split * PAGE
-    t_end = gl.minimum(seq_len, t_start + pages_per_split * PAGE)
-    n_steps = gl.cdiv(gl.maximum(t_end - t_start, 0), BT)
-
+    seq_len, t_start, t_end, n_steps = split_range(len_ptr, b, split, num_splits, PAGE, BT)
     c_smem = gl.allocate_shared_memory(dtype, [STAGES, BT, R], SMEM)
     pe_smem = gl.allocate_shared_memory(dtype, [STAGES, BT, P], SMEM)
     for j in gl.static_range(STAGES - 1):  # the first STAGES - 1 steps in flight
         _issue_step(kv_ptr, bt_ptr, c_smem.index(j), pe_smem.index(j), b, t_start + j * BT,
                     t_end, stride_kvp, stride_kvt, stride_btb, R, P, PAGE, BT, C_LOAD,
                     PE_LOAD)  # fmt: skip
-
-    # Q: this block's rows (row = token * H + head), zeros past ROWS
-    q_rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, C_LOAD))
-    q_cols = gl.arange(0, R, layout=gl.SliceLayout(0, C_LOAD))
-    q_ok = (q_rows < ROWS)[:, None] & (q_cols < R)[None, :]
-    q_base = q_ptr + b * stride_qb + q_rows[:, None] * stride_qr
-    q_smem = gl.allocate_shared_memory(
-        dtype, [BH, R], SMEM, gl.load(q_base + q_cols[None, :], mask=q_ok, other=0.0)
-    )
-    qp_rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, PE_LOAD))
-    qp_cols = gl.arange(0, P, layout=gl.SliceLayout(0, PE_LOAD))
-    qp_ok = (qp_rows < ROWS)[:, None] & (qp_cols < P)[None, :]
-    qp_base = q_ptr + b * stride_qb + qp_rows[:, None] * stride_qr + R
-    qpe_smem = gl.allocate_shared_memory(
-        dtype, [BH, P], SMEM, gl.load(qp_base + qp_cols[None, :], mask=qp_ok, other=0.0)
-    )
+    q_smem, qpe_smem = load_q(q_ptr, b, pid_h, ROWS, stride_qb, stride_qr, BH, R, P, SMEM,
+                              C_LOAD, PE_LOAD)  # fmt: skip
     # p's rows are BT x 2 bytes: 64 B at 32 tokens, the swizzle may not be wider than a row
     P_SMEM: gl.constexpr = gl.NVMMASharedLayout(
         swizzle_byte_width=128 if BT >= 64 else 64, element_bitwidth=16, rank=2
@@ -179,14 +243,7 @@ def _mla_decode_wgmma_kernel(
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
         pos = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, S_L))
-        s = gl.where(pos[None, :] <= limit[:, None], s * sm_scale_log2, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        # Rows with nothing visible yet keep m = -inf; subtract 0 instead of -inf - -inf.
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, pos, limit, m_i, l_i, sm_scale_log2)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
         p_smem.store(p.to(dtype))
         fence_async_shared()
@@ -199,14 +256,8 @@ def _mla_decode_wgmma_kernel(
     lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
     gl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=rows < ROWS)
     l_o = gl.convert_layout(gl.where(has, l_i, 1.0), gl.SliceLayout(1, O_L))
-    out = acc / l_o[:, None]
-    o_rows = pid_h * BH + gl.arange(0, BH, layout=gl.SliceLayout(1, O_L))
-    o_cols = gl.arange(0, R, layout=gl.SliceLayout(0, O_L))
-    gl.store(
-        o_ptr + b * stride_ob + o_rows[:, None] * stride_or + split * stride_os + o_cols[None, :],
-        out,
-        mask=(o_rows < ROWS)[:, None] & (o_cols < R)[None, :],
-    )
+    store_out(o_ptr, acc / l_o[:, None], b, split, pid_h, ROWS, stride_ob, stride_or, stride_os,
+              0, BH, R, R)  # fmt: skip
 
 
 def mla_decode_wgmma_fits(
@@ -214,7 +265,8 @@ def mla_decode_wgmma_fits(
 ) -> bool:
     """Whether `mla_decode_wgmma_split` takes these (checked) inputs: Hopper (sm_90) CUDA
     tensors in bf16 / fp16, DeepSeek-V3's widths (R 512 + P 64), a page size that is a multiple
-    of BLOCK_T, 64-row head blocks."""
+    of BLOCK_T, 64-row head blocks, the cache's rows and pages 16-element aligned (cp.async's
+    16-byte copies), and the Triton whose Gluon these kernels are written in (GLUON_TRITON)."""
     return (
         q_BRD.is_cuda
         and q_BRD.dtype in WGMMA_DTYPES
@@ -222,11 +274,16 @@ def mla_decode_wgmma_fits(
         and kv_lora_rank == 512
         and kv_cache.shape[-1] == 576
         and kv_cache.shape[1] % BLOCK_T == 0
+        and kv_cache.stride(0) % 16 == 0
+        and kv_cache.stride(1) % 16 == 0
+        and kv_cache.data_ptr() % 16 == 0
+        and triton.__version__.startswith(GLUON_TRITON)
         and torch.cuda.get_device_capability(q_BRD.device)[0] == 9
     )
 
 
-def mla_decode_wgmma_split(
+def launch_split(
+    kernel,
     q_BRD: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
@@ -237,20 +294,15 @@ def mla_decode_wgmma_split(
     num_heads: int,
     q_len: int,
     num_splits: int,
-    num_stages: int | None = None,
+    num_warps: int,
+    **constexprs: int,
 ) -> None:
-    """The split stage into o [B, rows, NS, R] fp32 and lse [B, rows, NS] (log2 units), as
-    `_mla_decode_split_kernel` writes them, for inputs `mla_decode_wgmma_fits`; `num_stages`
-    cache steps in flight (a key of STEP_TOKENS; default 2 of BLOCK_T tokens)."""
-    stages = 2 if num_stages is None else num_stages
-    if stages not in STEP_TOKENS:
-        raise ValueError(
-            f"num_stages={num_stages} for the wgmma kernel: one of {list(STEP_TOKENS)}"
-        )
+    """One launch of a split kernel of this family (this module's, kernels/mla_decode_ws.py's):
+    a program per (64-row head block, sequence, split), the arguments they share, `constexprs`
+    its own."""
     b, rows, d = q_BRD.shape
     r = o.shape[-1]
-    grid = ((rows + BLOCK_H - 1) // BLOCK_H, b, num_splits)
-    _mla_decode_wgmma_kernel[grid](
+    kernel[(cdiv(rows, BLOCK_H), b, num_splits)](
         q_BRD,
         kv_cache,
         block_table,
@@ -276,7 +328,34 @@ def mla_decode_wgmma_split(
         R=r,
         P=d - r,
         PAGE=kv_cache.shape[1],
-        BT=STEP_TOKENS[stages],
-        STAGES=stages,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
+        **constexprs,
     )
+
+
+def mla_decode_wgmma_split(
+    q_BRD: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale_log2: float,
+    num_heads: int,
+    q_len: int,
+    num_splits: int,
+    num_stages: int | None = None,
+) -> None:
+    """The split stage into o [B, rows, NS, R] fp32 and lse [B, rows, NS] (log2 units), as
+    `_mla_decode_split_kernel` writes them, for inputs `mla_decode_wgmma_fits`; `num_stages`
+    cache steps in flight (a key of STEP_TOKENS; default 2 of BLOCK_T tokens)."""
+    stages = 2 if num_stages is None else num_stages
+    if stages not in STEP_TOKENS:
+        raise ValueError(
+            f"num_stages={num_stages} for the wgmma kernel: one of {list(STEP_TOKENS)}"
+        )
+    launch_split(
+        _mla_decode_wgmma_kernel, q_BRD, kv_cache, block_table, seq_lens, o, lse,
+        softmax_scale_log2, num_heads, q_len, num_splits, NUM_WARPS,
+        BT=STEP_TOKENS[stages], STAGES=stages,
+    )  # fmt: skip

@@ -15,6 +15,7 @@
 # ids are read back) is the engine's default on CUDA; ASYNC=0 passes --no-async-scheduling, ASYNC=1
 # --async-scheduling (A/B: ASYNC=0 TAG_SUFFIX=-sync against a plain run). TEMP=1.0 samples the decode
 # runs at that temperature (seeded); sampled steps run ahead too unless ASYNC_SAMPLED=0.
+# PROMPT_LEN=2048 decodes after longer prompts (default 128), where MLA's cache reads weigh more.
 # HF=1 adds transformers' generate on the same weights (bf16 runs; it saves a copy of the model
 # and loads a second one: ~2 more minutes at Moonlight's 32 GB; HF_MAX_BATCH, default 8).
 rc=0
@@ -36,7 +37,7 @@ for shape in ${SHAPES:-moonlight v3}; do
       --device ${DEVICE:-cuda} $args --weights "$w" --mtp-train-steps 0 \
       --profile-steps ${PROFILE_STEPS:-8} --skip $skip "${hf[@]}" --tag "$tag" \
       $(case "${ASYNC:-}" in 1) echo --async-scheduling ;; 0) echo --no-async-scheduling ;; esac) \
-      ${TEMP:+--temperature $TEMP} ${AB:+--ab $AB} $(case "${ASYNC_SAMPLED:-}" in 1) echo --async-sampled ;; 0) echo --no-async-sampled ;; esac) \
+      ${TEMP:+--temperature $TEMP} ${AB:+--ab $AB} ${PROMPT_LEN:+--prompt-len $PROMPT_LEN} $(case "${ASYNC_SAMPLED:-}" in 1) echo --async-sampled ;; 0) echo --no-async-sampled ;; esac) \
       --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
     r=$?; [ $r -eq 0 ] || rc=1
     el "bench engine $tag rc=$r"; grep -v "UNEXPECTED\|USDT" "$OUT/engine-$tag.log" | tail -4 | cut -c1-200

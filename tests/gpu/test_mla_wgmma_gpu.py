@@ -11,7 +11,7 @@ from tests.gpu.gemv_checks import captured, cuda_kernels
 
 pytestmark = pytest.mark.gpu
 
-KERNEL = "_mla_decode_wgmma_kernel"
+KERNELS = {"0": "_mla_decode_wgmma_kernel", "1": "_mla_decode_ws_kernel"}  # by MLA_WS
 
 
 def _hopper() -> bool:
@@ -54,7 +54,8 @@ def _rel(out, ref):
         (16, 4, 64, 5, 2),  # Moonlight's 16 heads x 4 tokens = 64 rows
     ],
 )
-def test_wgmma_matches_reference(heads, q_len, page, splits, stages, monkeypatch):
+@pytest.mark.parametrize("ws", ["0", "1"])  # MOERAY_FUSED_MLA_WS: the warp-specialized form
+def test_wgmma_matches_reference(heads, q_len, page, splits, stages, ws, monkeypatch):
     lens = [5000, q_len, 64, 4097, 300, 129]
     q, kv, table, seq = _case(lens, heads, q_len, page)
     scale = 192**-0.5
@@ -67,8 +68,9 @@ def test_wgmma_matches_reference(heads, q_len, page, splits, stages, monkeypatch
         )  # fmt: skip
 
     monkeypatch.setenv("MOERAY_FUSED_MLA_WGMMA", "1")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WS", ws)
     names = cuda_kernels(run)
-    assert sum(KERNEL in n for n in names) == 1, names
+    assert sum(KERNELS[ws] in n for n in names) == 1, names
     out, lse = run()
     assert _rel(out, ref) < 1e-2
     # fp32 scores of the same bf16 inputs: a token dropped or read twice moves the lse of the
@@ -82,13 +84,15 @@ def test_wgmma_matches_reference(heads, q_len, page, splits, stages, monkeypatch
     def triton_run():
         return mla_decode_multi(q, kv, table, seq, scale, num_splits=splits, block_h=block_h)
 
-    assert not any(KERNEL in n for n in cuda_kernels(triton_run))
+    assert not any(k in n for n in cuda_kernels(triton_run) for k in KERNELS.values())
     assert _rel(out, triton_run()) < 1e-2
 
 
 @needs_hopper
-def test_wgmma_graph_replays_new_inputs(monkeypatch):
+@pytest.mark.parametrize("ws", ["0", "1"])
+def test_wgmma_graph_replays_new_inputs(ws, monkeypatch):
     monkeypatch.setenv("MOERAY_FUSED_MLA_WGMMA", "1")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WS", ws)
     q, kv, table, seq = _case([700, 2000, 64, 1], 128, 1, seed=1)
     scale = 192**-0.5
     graph, out = captured(lambda: mla_decode_multi(q, kv, table, seq, scale, block_h=64))

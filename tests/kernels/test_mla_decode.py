@@ -212,27 +212,37 @@ def test_decode_launch_by_batch_and_table_width():
     assert decode_launch(1, 128, 3, 132, block_h=64, num_warps=4, num_splits=2) == (64, 4, 2)
 
 
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_wgmma_split_takes_the_partials(switch, monkeypatch):
-    """MOERAY_FUSED_MLA_WGMMA=1 where the wgmma kernel fits (faked here: it is sm_90 only; its
-    numbers are tests/gpu/test_mla_wgmma_gpu.py's): it writes the split partials the merge reads,
-    given the log2-unit scale, the heads, tokens and splits; off, the Triton split kernel runs."""
+@pytest.mark.parametrize(("wgmma", "ws"), [("1", "0"), ("1", "1"), ("0", "1")])
+def test_wgmma_split_takes_the_partials(wgmma, ws, monkeypatch):
+    """MOERAY_FUSED_MLA_WGMMA=1 where the wgmma kernels fit (faked here: they are sm_90 only;
+    their numbers are tests/gpu/test_mla_wgmma_gpu.py's): the plain one (MLA_WS=0, given the
+    stages) or the warp-specialized one (MLA_WS=1) writes the split partials the merge reads,
+    given the log2-unit scale, the heads, tokens and splits; with MLA_WGMMA=0 the Triton split
+    kernel runs."""
     from moeray.kernels import mla_decode as md
 
     calls = []
 
-    def fake_split(q, kv, table, lens, o, lse, scale_log2, heads, q_len, splits, stages):
-        calls.append((tuple(o.shape), tuple(lse.shape), round(scale_log2, 6), heads, q_len, splits))
-        o.fill_(1.0)
-        lse.fill_(0.0)
+    def fake(name):
+        def split(q, kv, table, lens, o, lse, scale_log2, heads, q_len, splits, *stages):
+            calls.append((name, tuple(o.shape), tuple(lse.shape), round(scale_log2, 6)))
+            calls.append((heads, q_len, splits, *stages))
+            o.fill_(1.0)
+            lse.fill_(0.0)
 
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WGMMA", switch)
+        return split
+
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WGMMA", wgmma)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WS", ws)
     monkeypatch.setattr(md, "mla_decode_wgmma_fits", lambda *a: True)
-    monkeypatch.setattr(md, "mla_decode_wgmma_split", fake_split)
+    monkeypatch.setattr(md, "mla_decode_wgmma_split", fake("wgmma"))
+    monkeypatch.setattr(md, "mla_decode_ws_split", fake("ws"))
     q, kv, table, lens = _paged_case([130, 64, 3], heads=8, r=64, p=16, page=16, seed=5, s_q=2)
-    out = mla_decode_multi(q, kv, table, lens, 0.5, kv_lora_rank=64, num_splits=3)
-    if switch == "1":
-        assert calls == [((3, 16, 3, 64), (3, 16, 3), round(0.5 * md.LOG2E, 6), 8, 2, 3)]
+    out = mla_decode_multi(q, kv, table, lens, 0.5, kv_lora_rank=64, num_splits=3, num_stages=3)
+    scale = round(0.5 * md.LOG2E, 6)
+    if wgmma == "1":
+        name, stages = ("ws", ()) if ws == "1" else ("wgmma", (3,))
+        assert calls == [(name, (3, 16, 3, 64), (3, 16, 3), scale), (8, 2, 3, *stages)]
         assert torch.equal(out, torch.ones_like(out))  # the merge of the fake's partials
     else:
         ref, _ = mla_decode_ref(q, kv, table, lens, 0.5, kv_lora_rank=64)

@@ -75,22 +75,27 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
     flops = 2 * int(lens.sum()) * heads * (d + r)
     rows = []
     splits_options = (None, 2, 4, 8) if (heads, b, ctx) == (16, 64, 4096) else (None,)
-    # 128 heads: the Triton split kernel, then the wgmma one (kernels/mla_decode_wgmma.py)
-    impls = ("triton", "wgmma") if heads >= 64 else ("triton",)
+    # 128 heads: the Triton split kernel, then the wgmma one (kernels/mla_decode_wgmma.py) and
+    # its warp-specialized form (kernels/mla_decode_ws.py)
+    impls = ("triton", "wgmma", "wgmma_ws") if heads >= 64 else ("triton",)
     for impl, splits in ((i, s) for i in impls for s in splits_options):
-        stage_options = (2, 3, 4) if impl == "wgmma" else (2, 3)  # wgmma: 2 x 64 tokens, 3-4 x 32
+        # wgmma: 2 stages of 64 tokens or 3-4 of 32; its warp-specialized form: 2 of 64
+        stage_options = {"wgmma": (2, 3, 4), "wgmma_ws": (2,)}.get(impl, (2, 3))
         for stages in stage_options if splits is None or heads == 16 else (2,):
             fn = functools.partial(
                 mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages
             )
-            with fused_switch("MLA_WGMMA", impl == "wgmma"):
+            with (
+                fused_switch("MLA_WGMMA", impl != "triton"),
+                fused_switch("MLA_WS", impl == "wgmma_ws"),
+            ):
                 out = fn()
                 eager = _bench(fn)
                 graph = _graph_ms(fn)
             err = ((out[:4].float() - ref[:, 0]).norm() / ref.norm()).item()
             rows.append(
                 {
-                    "kernel": "mla_decode" if impl == "triton" else "mla_decode_wgmma",
+                    "kernel": {"triton": "mla_decode"}.get(impl, f"mla_decode_{impl}"),
                     "heads": heads,
                     "batch": b,
                     "context": ctx,
