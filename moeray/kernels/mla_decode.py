@@ -18,9 +18,10 @@ stage 1 writes the merged output itself: at one split directly (the same bits), 
 last split program of each (sequence, head block), counted on a caller's zeroed workspace
 (`mla_counters`). With MOERAY_FUSED_MLA_KV_EARLY=1 (opt-in) each split reads its first page
 before the PDL wait, all but the step's S new rows, which the cache write launched right before
-stores; they and q are read after it. On Hopper with MOERAY_FUSED_MLA_WGMMA=1 (opt-in), stage 1
-of 64-row head blocks is kernels/mla_decode_wgmma.py's tensor-core (wgmma) kernel instead: the
-same partials, 1.4x the TFLOP/s at 128 heads.
+stores; they and q are read after it. On Hopper, stage 1 of 64-row head blocks is a tensor-core
+(wgmma) kernel instead, warp-specialized (kernels/mla_decode_ws.py; the plain form
+kernels/mla_decode_wgmma.py with MOERAY_FUSED_MLA_WS=0, this module's Triton kernel with
+MOERAY_FUSED_MLA_WGMMA=0): the same partials, 1.9x the TFLOP/s at 128 heads.
 Splitting the context lets a few long sequences fill all SMs (batch 1 with 32K context has 512
 pages).
 
@@ -45,6 +46,7 @@ from moeray.kernels.common import (
     num_sms,
     pdl_launch,
     pdl_wait,
+    switched_off,
     switched_on,
     use_triton,
 )
@@ -410,12 +412,16 @@ def _mla_decode_rows(
     # same engine rebuilt ran 1.1% faster than the main run
     # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
     early = switched_on("MLA_KV_EARLY")
-    # Hopper's tensor cores through wgmma for 64-row head blocks (kernels/mla_decode_wgmma.py;
-    # opt-in MOERAY_FUSED_MLA_WGMMA=1 until timed): the same partials, merged below.
-    wgmma = not (direct or fold or early) and switched_on("MLA_WGMMA")
+    # Hopper's tensor cores through wgmma for 64-row head blocks, warp-specialized: the same
+    # partials, merged below. H100, 128 heads, batch 64, 4K context, CUDA graph: 472 TFLOP/s
+    # against this module's Triton kernel's 246 and the plain wgmma kernel's 352 (MLA_WS=0); the
+    # engine at V3 widths FP8 batch 64 even at 128-token prompts, 2.9% faster decode graph at
+    # 2,048 (benchmarks/results/kernels-nvidia-h100-80gb-hbm3-mla-ws.json,
+    # engine-nvidia-h100-80gb-hbm3-v3-fp8-ws-{short,long}.json). MOERAY_FUSED_MLA_WGMMA=0 keeps
+    # the Triton kernel.
+    wgmma = not (direct or fold or early or switched_off("MLA_WGMMA"))
     if wgmma and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h):
-        # its warp-specialized form (kernels/mla_decode_ws.py; opt-in MOERAY_FUSED_MLA_WS=1)
-        split = mla_decode_ws_split if switched_on("MLA_WS") else mla_decode_wgmma_split
+        split = mla_decode_wgmma_split if switched_off("MLA_WS") else mla_decode_ws_split
         split(
             q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads,
             q_len, num_splits, *(() if split is mla_decode_ws_split else (num_stages,)),

@@ -23,7 +23,8 @@ wgmmas run, and p goes through shared memory to both warpgroups. Shared memory: 
 stages x 72 KB + p 8 KB = 224 KB of the H100/H200's 227 KB.
 
 Hopper only (wgmma is sm_90a); bf16 / fp16, R = 512 and P = 64 (DeepSeek-V3's widths), page
-size a multiple of BT. `mla_decode_wgmma_fits` says where it applies; `mla_decode` chooses it.
+size a multiple of BT. `mla_decode_wgmma_fits` says where it applies; `mla_decode` runs its
+warp-specialized form (kernels/mla_decode_ws.py, 1.34x this one) unless MOERAY_FUSED_MLA_WS=0.
 The pieces shared with the warp-specialized form (kernels/mla_decode_ws.py) live here: the copy
 of a cache step, the split's token range, Q's load, a softmax step, the store of the partials and
 the launch.

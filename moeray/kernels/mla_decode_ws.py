@@ -1,4 +1,8 @@
 """MLA decode's wgmma split kernel with warp specialization: three warp groups, each one job.
+The split kernel `mla_decode` runs for 64-row head blocks on Hopper (MOERAY_FUSED_MLA_WS=0: the
+plain form; MOERAY_FUSED_MLA_WGMMA=0: the Triton kernel). H100, 128 heads, batch 64, 4K
+context, CUDA graph: 472 TFLOP/s (plain form 352, Triton 246;
+benchmarks/results/kernels-nvidia-h100-80gb-hbm3-mla-ws.json).
 
 Same math, inputs and partials as kernels/mla_decode_wgmma.py (read its docstring first); what
 differs is who does what. There both warpgroups compute half of every step's scores, each

@@ -212,13 +212,13 @@ def test_decode_launch_by_batch_and_table_width():
     assert decode_launch(1, 128, 3, 132, block_h=64, num_warps=4, num_splits=2) == (64, 4, 2)
 
 
-@pytest.mark.parametrize(("wgmma", "ws"), [("1", "0"), ("1", "1"), ("0", "1")])
+@pytest.mark.parametrize(("wgmma", "ws"), [(None, None), ("1", "0"), ("0", None)])
 def test_wgmma_split_takes_the_partials(wgmma, ws, monkeypatch):
-    """MOERAY_FUSED_MLA_WGMMA=1 where the wgmma kernels fit (faked here: they are sm_90 only;
-    their numbers are tests/gpu/test_mla_wgmma_gpu.py's): the plain one (MLA_WS=0, given the
-    stages) or the warp-specialized one (MLA_WS=1) writes the split partials the merge reads,
-    given the log2-unit scale, the heads, tokens and splits; with MLA_WGMMA=0 the Triton split
-    kernel runs."""
+    """Where the wgmma kernels fit (faked here: they are sm_90 only; their numbers are
+    tests/gpu/test_mla_wgmma_gpu.py's), by default the warp-specialized one, with
+    MOERAY_FUSED_MLA_WS=0 the plain one (given the stages), writes the split partials the merge
+    reads, given the log2-unit scale, the heads, tokens and splits; with MLA_WGMMA=0 the Triton
+    split kernel runs."""
     from moeray.kernels import mla_decode as md
 
     calls = []
@@ -232,16 +232,19 @@ def test_wgmma_split_takes_the_partials(wgmma, ws, monkeypatch):
 
         return split
 
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WGMMA", wgmma)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WS", ws)
+    for name, value in (("MLA_WGMMA", wgmma), ("MLA_WS", ws)):
+        if value is None:
+            monkeypatch.delenv(f"MOERAY_FUSED_{name}", raising=False)
+        else:
+            monkeypatch.setenv(f"MOERAY_FUSED_{name}", value)
     monkeypatch.setattr(md, "mla_decode_wgmma_fits", lambda *a: True)
     monkeypatch.setattr(md, "mla_decode_wgmma_split", fake("wgmma"))
     monkeypatch.setattr(md, "mla_decode_ws_split", fake("ws"))
     q, kv, table, lens = _paged_case([130, 64, 3], heads=8, r=64, p=16, page=16, seed=5, s_q=2)
     out = mla_decode_multi(q, kv, table, lens, 0.5, kv_lora_rank=64, num_splits=3, num_stages=3)
     scale = round(0.5 * md.LOG2E, 6)
-    if wgmma == "1":
-        name, stages = ("ws", ()) if ws == "1" else ("wgmma", (3,))
+    if wgmma != "0":
+        name, stages = ("wgmma", (3,)) if ws == "0" else ("ws", ())
         assert calls == [(name, (3, 16, 3, 64), (3, 16, 3), scale), (8, 2, 3, *stages)]
         assert torch.equal(out, torch.ones_like(out))  # the merge of the fake's partials
     else:
