@@ -412,13 +412,9 @@ def _mla_decode_rows(
     # same engine rebuilt ran 1.1% faster than the main run
     # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
     early = switched_on("MLA_KV_EARLY")
-    # Hopper's tensor cores through wgmma for 64-row head blocks, warp-specialized: the same
-    # partials, merged below. H100, 128 heads, batch 64, 4K context, CUDA graph: 472 TFLOP/s
-    # against this module's Triton kernel's 246 and the plain wgmma kernel's 352 (MLA_WS=0); the
-    # engine at V3 widths FP8 batch 64 even at 128-token prompts, 2.9% faster decode graph at
-    # 2,048 (benchmarks/results/kernels-nvidia-h100-80gb-hbm3-mla-ws.json,
-    # engine-nvidia-h100-80gb-hbm3-v3-fp8-ws-{short,long}.json). MOERAY_FUSED_MLA_WGMMA=0 keeps
-    # the Triton kernel.
+    # Hopper's wgmma for 64-row head blocks, warp-specialized (the same partials, merged below):
+    # 472 TFLOP/s against this kernel's 246 at 128 heads, batch 64, 4K on an H100; V3 FP8 batch
+    # 64 decode even at 128-token prompts, 2.9% faster at 2,048 (benchmarks/notes-kernels.md).
     wgmma = not (direct or fold or early or switched_off("MLA_WGMMA"))
     if wgmma and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h):
         split = mla_decode_wgmma_split if switched_off("MLA_WS") else mla_decode_ws_split
