@@ -232,3 +232,14 @@ def test_gemv_sweep_candidates_are_valid_tiles_with_small_warp_splits():
     assert cands[0] == base and len(cands) == len({tuple(sorted(c.items())) for c in cands})
     small = {(c["num_warps"], c["SPLIT_K"]) for c in cands if c["num_warps"] < 4}
     assert small == {(1, 2), (1, 4), (2, 2), (2, 4)}
+
+
+def test_mla_decode_graph_rows_at_128_heads_against_the_matmul_rate():
+    """The wgmma kernels' rows keep their kernel's name; 128-head rows (compute-bound) are read
+    against the run's bf16 matmul rate, 16-head ones against copy bandwidth."""
+    run = json.loads((RESULTS / "kernels-nvidia-h100-80gb-hbm3-mla-ws.json").read_text())
+    recs = [r for r in flat_results(run) if r["kernel"].startswith("mla_decode")]
+    ws = [r for r in recs if r["kernel"] == "mla_decode_wgmma_ws (CUDA graph)"]
+    assert len(ws) == 1 and ws[0]["ceiling"] == "bf16 matmul rate"
+    assert ws[0]["ratio_to_ceiling"] == round(472.2 / run["ceilings"]["bf16_matmul_TFLOPs"], 3)
+    assert {r["ceiling"] for r in recs if r["shape"].startswith("H16 ")} == {"copy bandwidth"}

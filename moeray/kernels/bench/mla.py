@@ -82,9 +82,13 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
         # wgmma: 2 stages of 64 tokens or 3-4 of 32; its warp-specialized form: 2 of 64
         stage_options = {"wgmma": (2, 3, 4), "wgmma_ws": (2,)}.get(impl, (2, 3))
         for stages in stage_options if splits is None or heads == 16 else (2,):
+            # the wgmma kernels take 64-row head blocks (`decode_launch` picks them from 33
+            # sequences at 128 heads: at fewer, this row shows what they would give)
+            block_h = None if impl == "triton" else 64
             fn = functools.partial(
-                mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages
-            )
+                mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages,
+                block_h=block_h,
+            )  # fmt: skip
             with (
                 fused_switch("MLA_WGMMA", impl != "triton"),
                 fused_switch("MLA_WS", impl == "wgmma_ws"),
@@ -101,6 +105,7 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
                     "context": ctx,
                     "num_splits": splits if splits is not None else "auto",
                     "num_stages": stages,
+                    "block_h": block_h or "auto",
                     "eager_ms": round(eager, 4),
                     "graph_ms": round(graph, 4),
                     "graph_TBps": round(nbytes / graph / 1e9, 3),
@@ -116,9 +121,11 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
 def bench_mla_decode_graph(ceil: dict) -> list[dict]:
     """MLA decode timed under a CUDA graph, as the engine's decode steps run it (eager calls add
     the host's launch cost), against do_bench's back-to-back eager calls, for a few split
-    counts."""
+    counts; at 128 heads the wgmma kernels too, also at 4 sequences of 16K tokens (compute-bound
+    with few sequences, where `decode_launch` picks 16-row Triton blocks)."""
     rows = []
-    for heads, b, ctx in ((16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096)):
+    cases = ((16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096), (128, 4, 16384))
+    for heads, b, ctx in cases:
         rows += _mla_decode_graph_rows(ceil, heads, b, ctx)
     return rows
 
