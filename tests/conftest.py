@@ -22,6 +22,55 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _patch_triton_lang_once_per_launch() -> None:
+    """Triton's interpreter (3.9) patches triton.language for the interpreter at each launch
+    (GridExecutor) and again at every call of a @triton.jit helper inside it
+    (InterpretedFunction.__call__), though the launch's patch is still in place: the same module
+    objects, whose builtins are already wrapped (not builtins any more, so left alone) and whose
+    other attributes get equal replacements. The scans (inspect.getmembers of triton.language,
+    its tensor and math) took ~35% of the interpreted kernels' time. A helper call inside a
+    launch whose modules the launch patched skips them; every other call patches as before. The
+    kernels run the same code: only where Triton's interpreter has these two names."""
+    from triton.runtime import interpreter as interp
+
+    if not (hasattr(interp, "_patch_lang") and hasattr(interp, "_LangPatchScope")):
+        return
+    import inspect
+
+    import triton.language as tl
+
+    patch, launch = interp._patch_lang, interp.GridExecutor.__call__
+    patched: list[frozenset | None] = []  # the modules patched in the innermost running launch
+
+    def langs(fn) -> frozenset:
+        return frozenset(
+            id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)
+        )
+
+    def patch_lang(fn):
+        mods = langs(fn)
+        if patched and patched[-1] is not None and mods <= patched[-1]:
+            return interp._LangPatchScope()  # the launch's patch stands
+        scope = patch(fn)
+        if patched:  # the launch's own patch, or a helper's of a module it had not patched
+            patched[-1] = mods | (patched[-1] or frozenset())
+        return scope
+
+    def grid_call(self, *args, **kwargs):
+        patched.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    interp._patch_lang = patch_lang
+    interp.GridExecutor.__call__ = grid_call
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_triton_lang_once_per_launch()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
