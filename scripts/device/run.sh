@@ -32,7 +32,7 @@
 #   decode-defaults    engine GPU tests (async default), fp8_gemv batch-1 split sweep, engine shapes PDL off (1 GPU, ~8 min)
 #   async-sampled      async scheduling for sampled requests: GPU tests, engine shapes at temperature 1 without/with (1 GPU, ~6 min)
 #   host-next          graph-launch probe (host time by kernel nodes, PDL), engine shapes with PDL on and off (1 GPU, ~6 min)
-#   mla-wgmma          MLA decode's wgmma split kernel (opt-in): GPU tests, 128-head graphs vs the Triton kernel (1 GPU, ~3 min)
+#   mla-wgmma          MLA decode's wgmma split kernels (WS the default): GPU tests, 128-head graphs vs the Triton kernel (1 GPU, ~2 min)
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
 #   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
