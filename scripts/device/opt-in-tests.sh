@@ -3,7 +3,7 @@
 # the gate (ROUTE_FOLD, opt-in), MLA decode's merge folded into its split kernel (MLA_DIRECT,
 # opt-in), fp8_gemv to 64 rows (FP8_GEMV_BATCH, opt-in), head_gemv (HEAD_GEMV, opt-in), small FP8
 # layers as bf16 at 9-64 rows (FP8_AS_BF16), greedy's argmax (ARGMAX, opt-in), moe_gemv's shared
-# slots before its PDL wait (SHARED_EARLY), MLA's per-head products as one bmm (HEAD_BMM, opt-in). A switch becomes the default only with its tests
+# slots before its PDL wait (SHARED_EARLY), MLA's per-head products as one bmm (HEAD_BMM, the default at 2+ rows). A switch becomes the default only with its tests
 # passed here and a win in recipe decode-ab.
 gpu_pytest pytest_opt_in_routing.log ${TEST_LIMIT:-150} tests/kernels/test_router_logits.py \
   tests/kernels/test_gate.py tests/kernels/test_router_gate.py -m gpu || rc=1
