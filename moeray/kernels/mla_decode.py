@@ -417,11 +417,11 @@ def _mla_decode_rows(
     # 64 decode even at 128-token prompts, 2.9% faster at 2,048 (benchmarks/notes-kernels.md).
     wgmma = not (direct or fold or early or switched_off("MLA_WGMMA"))
     if wgmma and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h):
-        split = mla_decode_wgmma_split if switched_off("MLA_WS") else mla_decode_ws_split
-        split(
-            q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads,
-            q_len, num_splits, *(() if split is mla_decode_ws_split else (num_stages,)),
-        )  # fmt: skip
+        args = (q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads)
+        if switched_off("MLA_WS"):
+            mla_decode_wgmma_split(*args, q_len, num_splits, num_stages)
+        else:  # 2 stages of 64 tokens; num_stages is the other kernels'
+            mla_decode_ws_split(*args, q_len, num_splits)
     else:
         _mla_decode_split_kernel[(head_blocks, b, num_splits)](
             q_BRD,

@@ -3,31 +3,12 @@ uniform result record."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import time
-from collections.abc import Iterator
 
 import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
-
-
-@contextlib.contextmanager
-def fused_switch(name: str, on: bool) -> Iterator[None]:
-    """MOERAY_FUSED_<name> set to "1" (on) or "0" inside the block, as before after it: a row of
-    one fast path against another in the same run."""
-    key = f"MOERAY_FUSED_{name}"
-    before = os.environ.get(key)
-    os.environ[key] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
 
 
 def _bench(fn, ms: int = 100) -> float:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moeray.kernels.bench.common import _bench, _bench_slow, _graph_ms, _try, fused_switch
+from moeray.kernels.bench.common import _bench, _bench_slow, _graph_ms, _try
 from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
 from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref
 
@@ -89,10 +91,11 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
                 mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages,
                 block_h=block_h,
             )  # fmt: skip
-            with (
-                fused_switch("MLA_WGMMA", impl != "triton"),
-                fused_switch("MLA_WS", impl == "wgmma_ws"),
-            ):
+            switches = {
+                "MOERAY_FUSED_MLA_WGMMA": "0" if impl == "triton" else "1",
+                "MOERAY_FUSED_MLA_WS": "1" if impl == "wgmma_ws" else "0",
+            }
+            with mock.patch.dict(os.environ, switches):
                 out = fn()
                 eager = _bench(fn)
                 graph = _graph_ms(fn)
@@ -402,8 +405,14 @@ def bench_mla_prefill(ceil: dict, quick: bool = False) -> dict:
 
 
 def sweep_mla_decode() -> list[dict]:
-    """Time candidate configs of the MLA decode kernel (its head block, warps, stages and split
-    count heuristics come from here)."""
+    """Time candidate configs of the Triton MLA decode kernel (its head block, warps, stages and
+    split count heuristics come from here; the wgmma kernels, which would take its 64-row
+    blocks on Hopper, are switched off)."""
+    with mock.patch.dict(os.environ, {"MOERAY_FUSED_MLA_WGMMA": "0"}):
+        return _sweep_triton_mla_decode()
+
+
+def _sweep_triton_mla_decode() -> list[dict]:
     out = []
     for heads, b, ctx in ((16, 64, 4096), (128, 64, 4096), (16, 1, 32768)):
         kv, table = _paged_cache(b, ctx)
