@@ -21,6 +21,7 @@ from moeray.platform.engine.bench.profile import (
     summarize,
 )
 from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
+from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.model.quant import FP8Linear
 from moeray.platform.model.transformer import greedy_generate
 
@@ -350,3 +351,38 @@ def test_step_outliers_name_the_slow_steps():
     secs = [0.010, 0.011, 0.010, 0.030, 0.010, 0.016, 0.017]  # median 11 ms: bound 16.5 ms
     assert bench.step_outliers(secs) == [[3, 30.0], [6, 17.0]]
     assert bench.step_outliers([0.01] * 5) == [] == bench.step_outliers([])
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_decode_times_the_whole_batch_decoding(async_scheduling):
+    """Prompts that take four prefill steps start decoding the first ones early: every timed
+    step still decodes the whole batch (none ended early, which also drains async scheduling),
+    and each request's first n+1 tokens come back, equal with and without async scheduling."""
+    cfg = preset("tiny").replace(num_nextn_predict_layers=0, eos_token_id=None)
+    model = random_model(cfg, torch.device("cpu"), torch.float32, fp8=False)
+    B, P, n = 8, 64, 5
+    engine = Engine(
+        model,
+        EngineConfig(
+            page_size=16, num_pages=80, max_num_seqs=B, max_num_batched_tokens=128,
+            enable_prefix_caching=False, async_scheduling=async_scheduling, max_model_len=128,
+        ),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (P,), generator=g).tolist() for _ in range(B)]
+    schedule, sizes = engine.scheduler.schedule, []
+
+    def record():
+        out = schedule()
+        sizes.append(sum(s.is_decode for s in out.scheduled))
+        return out
+
+    engine.scheduler.schedule = record
+    seconds: list[float] = []
+    rate, outs = bench.engine_decode(engine, prompts, n, seconds)
+    assert rate > 0 and len(seconds) >= n
+    assert [len(o) for o in outs] == [n + 1] * B
+    assert sizes.count(B) >= n  # the timed steps: all B requests decode
+    assert not engine.has_unfinished()  # aborted past the window
+    ref = [greedy_generate(model, torch.tensor([p]), n + 1)[0, P:].tolist() for p in prompts]
+    assert outs == ref

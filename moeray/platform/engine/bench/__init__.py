@@ -140,6 +140,15 @@ def train_on_cycle(
     return losses
 
 
+def decode_room(batch: int, prompt_len: int, max_num_batched_tokens: int, drafts: int = 0) -> int:
+    """Output tokens a request may decode past another of the same batch: prompts that take k
+    prefill steps of max_num_batched_tokens start decoding the first requests while the last ones
+    prefill (continuous batching), up to 1 + drafts tokens a step. With 64 prompts of 2,048 tokens
+    and a 4,096-token budget, k = 32: more than a 32-token timed run."""
+    steps = -(-batch * prompt_len // max_num_batched_tokens)
+    return (1 + drafts) * (steps + 2)
+
+
 def engine_decode(
     engine,
     prompts,
@@ -147,40 +156,60 @@ def engine_decode(
     step_seconds: list[float] | None = None,
     temperature: float = 0.0,
 ) -> tuple[float, list[list[int]]]:
-    """Prefill all prompts (untimed), then time decode steps until every request has n+1 tokens
-    (greedy, or sampled at `temperature` with request i seeded i). Returns (decode tokens/s,
-    outputs); each timed step's seconds are appended to step_seconds."""
+    """Decode tokens/s of the whole batch decoding together (greedy, or sampled at `temperature`
+    with request i seeded i) and each request's first n+1 output tokens.
+
+    The prompts are added with room (`decode_room`) past n+1 tokens and stepped untimed until
+    every one has its first token; the timed steps then run until the request furthest behind has
+    n+1 tokens, and the requests are aborted. Without the room, a batch whose prompts take several
+    prefill steps would time a shrinking batch: its first requests, ahead by a token a prefill
+    step, would end first (and every step would end some, which drains async scheduling). Each
+    timed step's seconds are appended to step_seconds."""
+    drafts = engine.config.num_speculative_tokens
+    budget = engine.scheduler.config.max_num_batched_tokens
+    room = decode_room(len(prompts), max(map(len, prompts)), budget, drafts)
     ids = [
         engine.add_request(
             p,
-            SamplingParams(temperature=temperature, max_tokens=n + 1, ignore_eos=True, seed=i),
+            SamplingParams(
+                temperature=temperature, max_tokens=n + 1 + room, ignore_eos=True, seed=i
+            ),
         )
         for i, p in enumerate(prompts)
     ]
-    outs: dict[str, list[int]] = {}
+    outs: dict[str, list[int]] = {r: [] for r in ids}
 
-    def step():
-        res = engine.step()
-        for o in res:
-            if o.finished:
-                outs[o.request_id] = o.output_token_ids
-        return res
+    def step() -> int:
+        if not engine.has_unfinished():
+            raise RuntimeError(
+                f"every request ended before each had {n + 1} tokens "
+                f"({min(map(len, outs.values()))} at least): max_model_len too short?"
+            )
+        new = 0
+        for o in engine.step():
+            if o.request_id in outs:
+                outs[o.request_id].extend(o.new_token_ids)
+                new += len(o.new_token_ids)
+        return new
 
-    # A large batch prefills over several steps; early requests may decode (even finish) meanwhile.
-    while any(r not in outs and not engine.scheduler.requests[r].output_token_ids for r in ids):
+    while min(map(len, outs.values())) < 1:
         step()
     produced = 0
     t = last = time.perf_counter()
-    while engine.has_unfinished():
-        for o in step():
-            produced += len(o.new_token_ids)
+    while min(map(len, outs.values())) < n + 1:
+        produced += step()
         if step_seconds is not None:  # a synchronous step ends with the engine's sync
             now = time.perf_counter()
             step_seconds.append(now - last)
             last = now
-    _sync(engine.device)
+    # No sync here: the last step has read back every counted token (async scheduling leaves one
+    # more step in flight, uncounted, as one was in flight uncounted when the clock started).
     dt = time.perf_counter() - t
-    return produced / dt, [outs[r] for r in ids]
+    for r in ids:
+        engine.abort(r)
+    while engine.has_unfinished():  # an abort takes effect at the next step
+        engine.step()
+    return produced / dt, [outs[r][: n + 1] for r in ids]
 
 
 # A timed step this many times the batch's median step is reported as an outlier: the mean step
@@ -294,18 +323,21 @@ def main(argv: list[str]) -> int:
     g = torch.Generator().manual_seed(1)
     n = a.decode_tokens
     max_b = max(a.batch_sizes)
-    need_tokens = max(max_b * (a.prompt_len + n + 66), a.prefill_batch * (prefill_len + 2))
+    budget = max(4096, max_b * 2)
+    # engine_decode's requests run up to n + 1 + room tokens (the whole batch decodes together)
+    room = decode_room(max_b, a.prompt_len, budget, drafts=1)
+    need_tokens = max(max_b * (a.prompt_len + n + room + 66), a.prefill_batch * (prefill_len + 2))
     ecfg = dict(
         page_size=64,
         num_pages=need_tokens // 64 + 2 * max_b + 8,
         max_num_seqs=max_b,
-        max_num_batched_tokens=max(4096, max_b * 2),
+        max_num_batched_tokens=budget,
         enable_prefix_caching=False,
         use_cuda_graphs=not a.no_cuda_graphs,
         async_scheduling=a.async_scheduling,
         async_scheduling_sampled=a.async_sampled,
         # room for profile_decode's requests (64 tokens past the profiled steps)
-        max_model_len=max(prefill_len, a.prompt_len + max(n, a.profile_steps + 64)) + 8,
+        max_model_len=max(prefill_len, a.prompt_len + max(n + room, a.profile_steps + 64)) + 8,
     )
 
     decode: dict[str, float] = {}
