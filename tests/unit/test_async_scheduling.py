@@ -211,3 +211,43 @@ def test_prefix_cache_pages_committed_with_the_real_ids(model):
         results[async_on] = (first, second, eng.kv.prefix_hits - before)
     assert results[True] == results[False]
     assert results[True][2] >= 64  # the decoded tokens' full pages were hit, not only the prompt's
+
+
+def test_known_ends_at_different_steps_keep_overlapping(model):
+    """Requests ending by max_tokens (and one by max_model_len) at different steps: each is left
+    out of the step after its last token's launch while the others go on one step ahead, so
+    the overlap drains once, when the last one ends; outputs as the synchronous engine's."""
+    prompts = [p[:5] for p in _prompts(5, seed=5)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 7, 9, 12, 40)
+    ]
+    rows = {}
+
+    def counted(eng: Engine) -> Engine:
+        """Count the decode rows every schedule of `eng` runs, into rows[eng]."""
+        schedule = eng.scheduler.schedule
+        rows[eng] = 0
+
+        def run():
+            out = schedule()
+            rows[eng] += sum(s.is_decode for s in out.scheduled)
+            return out
+
+        eng.scheduler.schedule = run
+        return eng
+
+    sync = counted(_engine(model, False, max_model_len=20))
+    want = _run(sync, prompts, params)
+    eng = counted(_engine(model, True, max_model_len=20))
+    assert eng._overlap is not None
+    drains = []
+    drain = eng._overlap._drain
+    eng._overlap._drain = lambda: drains.append(1) or drain()
+    got = _run(eng, prompts, params)
+    assert got == want
+    assert rows[eng] == rows[sync]  # no decode launched past a request's end
+    assert [len(v[0]) for v in got.values()] == [4, 7, 9, 12, 15]  # the last: 5 + 15 = 20
+    assert got[next(reversed(got))][1] == "length"
+    assert len(drains) == 1
+    assert _overlapped(eng) >= 13
+    assert eng.kv.pool.num_available == eng.kv.num_pages

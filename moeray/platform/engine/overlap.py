@@ -17,8 +17,9 @@ token is dropped. Only plain greedy decodes overlap (and sampled ones with
 `EngineConfig.async_scheduling_sampled`: the sampler draws their uniforms at launch and reads
 nothing back): a step with a prefill, a waiting or preempted request, drafts, logprobs, logits
 processing, a grammar or a KV export runs as before, after the step in flight is resolved
-("drained"); so does a step whose requests reach max_tokens or max_model_len with their
-in-flight token.
+("drained"). A request whose in-flight token is its last by max_tokens or max_model_len is left
+out of the next step (`Scheduler.ends_in_flight`) while the rest go on overlapping; the step
+drains only when all of them end so.
 Outputs equal the synchronous engine's token for token.
 """
 
@@ -118,11 +119,12 @@ class DecodeOverlap:
         )
 
     def _can_continue(self, prev: _Pending) -> bool:
-        """Whether the next schedule will run exactly the in-flight step's running requests as
-        one-token decodes, with no request past its end: nothing waiting (an admission is a
-        prefill), a page free for each (no preemption), room in the token budget, and no request
-        whose in-flight token is its last by max_tokens or max_model_len (known ends drain
-        instead of launching a step whose token would be dropped)."""
+        """Whether the next schedule will run the in-flight step's running requests as one-token
+        decodes: nothing waiting (an admission is a prefill), a page free for each (no
+        preemption), room in the token budget. A request whose in-flight token is its last by
+        max_tokens or max_model_len is left out of that schedule (`Scheduler.ends_in_flight`)
+        and ends at this step's resolve, so a batch whose requests end at different steps keeps
+        overlapping; only when every one ends there does the step drain."""
         sched = self.engine.scheduler
         running = sched.running
         launched = {s.request.request_id for s in prev.output.scheduled}
@@ -130,13 +132,9 @@ class DecodeOverlap:
             return False
         if sched.kv.pool.num_available < len(running):
             return False
-        for req in running:
-            if req.request_id not in launched or not _overlaps(req, self.sampled):
-                return False
-            n_out = req.num_output_tokens  # with the in-flight token
-            if n_out >= req.params.max_tokens or len(req.token_ids) >= sched.config.max_model_len:
-                return False
-        return True
+        if all(sched.ends_in_flight(req) for req in running):
+            return False
+        return all(req.request_id in launched and _overlaps(req, self.sampled) for req in running)
 
     def _launch(self, out: SchedulerOutput, ids_B: torch.Tensor | None) -> _Pending:
         """Forward and greedy sampling of a step of decodes, queued without a host sync; the ids'

@@ -351,6 +351,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self.ends_in_flight(req):
+                i += 1  # its last token is in flight: nothing more to compute for it
+                continue
             missing = len(req.token_ids) - req.num_computed
             assert missing >= 1, (req.request_id, missing)
             spec: tuple[int, ...] = ()
@@ -448,6 +451,20 @@ class Scheduler:
         return outs
 
     # ---- async scheduling (engine/overlap.py) ---------------------------------------------------
+    def ends_in_flight(self, req: Request) -> bool:
+        """Whether a request's in-flight (PENDING) token is its last by length: max_tokens or
+        max_model_len. `schedule` leaves it out (its next token would be dropped); the resolve
+        of the step in flight finishes it. Never true without async scheduling, where update
+        finishes a request at its last token."""
+        return (
+            bool(req.token_ids)
+            and req.token_ids[-1] == PENDING
+            and (
+                req.num_output_tokens >= req.params.max_tokens
+                or len(req.token_ids) >= self.config.max_model_len
+            )
+        )
+
     @property
     def finished_at_schedule(self) -> bool:
         """Whether the last `schedule` ended requests (cache full) that `update` reports."""
