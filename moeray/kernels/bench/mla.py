@@ -78,8 +78,12 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
     rows = []
     splits_options = (None, 2, 4, 8) if (heads, b, ctx) == (16, 64, 4096) else (None,)
     # 128 heads: the Triton split kernel, then the wgmma one (kernels/mla_decode_wgmma.py) and
-    # its warp-specialized form (kernels/mla_decode_ws.py)
-    impls = ("triton", "wgmma", "wgmma_ws") if heads >= 64 else ("triton",)
+    # its warp-specialized form (kernels/mla_decode_ws.py); at batch 64 / 4K only the plain
+    # wgmma form and its stage counts, elsewhere the default (WS) alone
+    impls: tuple[str, ...] = ("triton",)
+    if heads >= 64:
+        plain = ("wgmma",) if (b, ctx) == (64, 4096) else ()
+        impls = ("triton", *plain, "wgmma_ws")
     for impl, splits in ((i, s) for i in impls for s in splits_options):
         # wgmma: 2 stages of 64 tokens or 3-4 of 32; its warp-specialized form: 2 of 64
         stage_options = {"wgmma": (2, 3, 4), "wgmma_ws": (2,)}.get(impl, (2, 3))
@@ -124,10 +128,15 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
 def bench_mla_decode_graph(ceil: dict) -> list[dict]:
     """MLA decode timed under a CUDA graph, as the engine's decode steps run it (eager calls add
     the host's launch cost), against do_bench's back-to-back eager calls, for a few split
-    counts; at 128 heads the wgmma kernels too, also at 4 sequences of 16K tokens (compute-bound
-    with few sequences, where `decode_launch` picks 16-row Triton blocks)."""
+    counts; at 128 heads the wgmma kernels too, also with fewer sequences of longer contexts
+    (where `decode_launch` picks 16-row Triton blocks below 33 sequences: the WS rows at 64-row
+    blocks say where those would win)."""
     rows = []
-    cases = ((16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096), (128, 4, 16384))
+    cases = (
+        (16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096), (128, 4, 16384),
+        (128, 1, 1024), (128, 1, 4096), (128, 1, 32768), (128, 8, 1024), (128, 8, 4096),
+        (128, 16, 4096), (128, 32, 2048),
+    )  # fmt: skip
     for heads, b, ctx in cases:
         rows += _mla_decode_graph_rows(ceil, heads, b, ctx)
     return rows
