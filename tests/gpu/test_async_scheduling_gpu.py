@@ -63,6 +63,22 @@ def test_tokens_equal_and_steps_overlap(model, batch, temperature):
     assert eng._overlap.overlapped_steps >= 18, eng._overlap.overlapped_steps
 
 
+def test_staggered_ends_keep_overlapping(model):
+    """Four requests ending by max_tokens at different steps: each later step runs the rest one
+    step ahead (a subset of the step in flight's rows, their ids gathered on the device, the
+    graph of a smaller batch), tokens equal to the synchronous engine's."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (5 + 9 * i,), generator=g).tolist() for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 11, 17, 24)]
+    want = [o.output_token_ids for o in _engine(model, False).generate(prompts, params)]
+    eng = _engine(model, True)
+    got = [o.output_token_ids for o in eng.generate(prompts, params)]
+    assert got == want
+    assert eng._overlap.overlapped_steps >= 21, eng._overlap.overlapped_steps  # 19 if ends drain
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_a_step_returns_before_its_forward_ends(model, temperature):
     """With a slow GPU stream (a queued sleep), step() returns while the forward is still
