@@ -65,6 +65,11 @@ HEAD_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # next to it (Moonlight W_UK: x 64 KB + y 256 KB vs 2 MB of weight); past that cuBLAS's batched
 # GEMM tiles start to fill and head_gemv would re-read the weight per row tile.
 HEAD_GEMV_MAX_ROWS = 16
+# HEAD_TILE (opt-in): 17 to 64 rows in one row tile of up to 64 (a [64, 32] fp32 accumulator is 16
+# registers a thread at 4 warps), 32 output columns a program (Moonlight W_UK: 16 heads x 16
+# column tiles = 256 programs).
+HEAD_TILE_MAX_ROWS = 64
+HEAD_TILE_BLOCK_N = 32
 DOT_ROWS = 16  # tl.dot's smallest M (and N, K) on the tensor cores
 MAX_BLOCK_N = 64
 # tl.dot's K step: a [64, 128] bf16 weight tile is 16 KB a stage in shared memory.
@@ -321,6 +326,37 @@ def head_gemv_applies(x: torch.Tensor, w_HKN: torch.Tensor) -> bool:
     return x.is_cuda and w_HKN.is_cuda and head_gemv_fits(x, w_HKN)
 
 
+def head_tile_config(r: int, h: int, k: int, n: int) -> dict:
+    """head_gemv's tiles for HEAD_TILE: one row tile holding all r rows (16 to HEAD_TILE_MAX_ROWS),
+    so each weight tile is read once (the 16-row tiles of `head_config` read it once per tile),
+    HEAD_TILE_BLOCK_N columns, tl.dot over DOT_BLOCK_K."""
+    return dict(
+        BLOCK_R=max(DOT_ROWS, pow2_at_least(r)),
+        BLOCK_N=HEAD_TILE_BLOCK_N,
+        BLOCK_K=min(DOT_BLOCK_K, max(16, pow2_at_least(k))),
+        DOT=True,
+        num_warps=4,
+        num_stages=3,
+    )
+
+
+def head_tile_applies(x: torch.Tensor, w_HKN: torch.Tensor, rows: int) -> bool:
+    """Whether `head_matmul` takes head_gemv with one row tile (MOERAY_FUSED_HEAD_TILE=1,
+    opt-in): CUDA bf16/fp16 tensors of one dtype, HEAD_GEMV_MAX_ROWS < rows <=
+    HEAD_TILE_MAX_ROWS, no gradient. Made for MLA's per-head products at decode batches of 17-64,
+    where the batched cuBLAS GEMM took ~6.5 us a call for ~2 MB of weight at Moonlight batch 64
+    on an H100 (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-hbmm.json); not yet
+    timed in the engine."""
+    return (
+        x.is_cuda
+        and HEAD_GEMV_MAX_ROWS < rows <= HEAD_TILE_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and w_HKN.dtype == x.dtype
+        and not torch.is_grad_enabled()
+        and switched_on("HEAD_TILE")
+    )
+
+
 def head_matmul(x: torch.Tensor, w_HKN: torch.Tensor, *, fresh_w: bool = False) -> torch.Tensor:
     """einsum("...hk,hkn->...hn", x, w_HKN): x [..., H, K], w [H, K, N] -> [..., H, N], computed
     by head_gemv where `head_gemv_applies` (decode rows on CUDA without gradients, opt-in with
@@ -333,6 +369,10 @@ def head_matmul(x: torch.Tensor, w_HKN: torch.Tensor, *, fresh_w: bool = False) 
         y = head_gemv(x.reshape(-1, h, k), w_HKN, fresh_w=fresh_w)
         return y.reshape(*x.shape[:-1], n)
     rows = x.numel() // (h * k)
+    if head_tile_applies(x, w_HKN, rows):
+        y = head_gemv(x.reshape(-1, h, k), w_HKN, config=head_tile_config(rows, h, k, n),
+                      fresh_w=fresh_w)  # fmt: skip
+        return y.reshape(*x.shape[:-1], n)
     if rows < 2 or x.dtype != w_HKN.dtype or torch.is_grad_enabled() or switched_off("HEAD_BMM"):
         return torch.einsum("...hk,hkn->...hn", x, w_HKN)
     # One batched GEMM over the heads writing y in [..., H, N] order through a transposed view:

@@ -307,3 +307,31 @@ def test_mla_weight_views_say_when_they_are_fresh():
     w_HKC, fresh = mla._w_HKC(torch.float32)
     assert not fresh and w_HKC.data_ptr() == mla.kv_b_proj.weight.data_ptr()
     assert mla._w_HKC(torch.bfloat16)[1]
+
+
+@pytest.mark.parametrize("k_contiguous", [False, True], ids=["n_contig", "k_contig"])
+@pytest.mark.parametrize("r", [17, 40, 64])
+def test_head_tile_rows_in_one_tile(r, k_contiguous, monkeypatch, launch_spy):
+    """MOERAY_FUSED_HEAD_TILE=1 (opt-in): 17-64 bf16 rows through head_gemv with one row tile
+    (grid: one row tile, N / HEAD_TILE_BLOCK_N column tiles, H heads), each element within one
+    bf16 ulp of the exact product at both weight layouts; unset, 16 rows, 65 rows, fp32 and a
+    wanted gradient keep the bmm (no launch)."""
+    grids = launch_spy(hg, "_head_gemv_kernel")
+    x, w = _operands(r, 3, 128, 96, torch.bfloat16, k_contiguous, seed=r)
+    monkeypatch.delenv("MOERAY_FUSED_HEAD_TILE", raising=False)
+    monkeypatch.delenv("MOERAY_FUSED_HEAD_GEMV", raising=False)
+    _on_cuda(monkeypatch)
+    with torch.no_grad():
+        head_matmul(x, w)
+        assert grids == []  # opt-in
+        monkeypatch.setenv("MOERAY_FUSED_HEAD_TILE", "1")
+        y = head_matmul(x.view(r, 1, 3, 128), w).view(r, 3, 96)
+        assert grids == [(1, 96 // hg.HEAD_TILE_BLOCK_N, 3)]
+        _check(y, x, w)
+        for rows in (16, 65):
+            head_matmul(torch.randn(rows, 3, 128, dtype=torch.bfloat16), w)
+        head_matmul(x.float(), w.float())
+    assert len(grids) == 1
+    head_matmul(x.requires_grad_(), w)
+    assert len(grids) == 1
+    assert hg.head_tile_config(r, 3, 128, 96)["BLOCK_R"] == (32 if r <= 32 else 64)
