@@ -136,3 +136,23 @@ def test_engine_greedy_unchanged_by_head_gemv(dtype, monkeypatch):
     assert n_fused > 0 and n_plain == 0, (n_fused, n_plain)  # decode rows (3) took head_gemv
     assert all(len(o) == 10 for o in fused)
     assert fused == plain
+
+
+@pytest.mark.parametrize("which", ["uk", "uv"])
+@pytest.mark.parametrize("model", sorted(HEADS))
+@pytest.mark.parametrize("r", [17, 64])
+def test_head_tile_mla_shapes(which, model, r, monkeypatch):
+    """MOERAY_FUSED_HEAD_TILE=1: 17 and 64 rows in one launch of one row tile, within rounding of
+    the fp32 einsum at both MLA widths and weight layouts."""
+    from moeray.kernels.head_gemv import head_matmul
+
+    monkeypatch.setenv("MOERAY_FUSED_HEAD_TILE", "1")
+    h = HEADS[model]
+    w = _weights(h, which)
+    x = _x(r, h, w.shape[1])
+    poison()
+    with torch.inference_mode():
+        names = cuda_kernels(lambda: head_matmul(x, w))
+        y = head_matmul(x, w)
+    assert len(names) == 1 and "_head_gemv_kernel" in names[0], names
+    within_rounding(y, torch.einsum("rhk,hkn->rhn", x.float(), w.float()))
