@@ -10,8 +10,8 @@ CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${HEAD_LIMIT:-150} python3 -m moeray.cli ben
 el "bench kernels head_gemv rc=${rc:-0}"
 grep -A40 "^head_gemv" "$OUT/head_rows.log" | cut -c1-160
 cp benchmarks/results/kernels-*-head-rows.json "$OUT/" 2>/dev/null
-gpu_pytest pytest_async.log ${ASYNC_TEST_LIMIT:-150} tests/gpu/test_async_scheduling_gpu.py \
-  tests/gpu/test_head_gemv_gpu.py -k "staggered or head_tile or mla_shapes" || rc=1
+gpu_pytest pytest_async.log ${ASYNC_TEST_LIMIT:-150} tests/gpu/test_async_scheduling_gpu.py || rc=1
+gpu_pytest pytest_head_tile.log 120 tests/gpu/test_head_gemv_gpu.py -k head_tile || rc=1
 ( export TAG_SUFFIX=-long2 PROMPT_LEN=2048 PROFILE_STEPS=0 SHAPES=v3 WEIGHTS=fp8 BATCHES=64
   source scripts/device/engine-shapes.sh ) || rc=1
 exit ${rc:-0}
