@@ -53,6 +53,7 @@ from moeray.kernels.common import (
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode_wgmma import mla_decode_wgmma_fits, mla_decode_wgmma_split
 from moeray.kernels.mla_decode_ws import mla_decode_ws_split
+from moeray.kernels.mla_launch import decode_launch
 from moeray.kernels.mla_merge import (
     MERGE_OUT_MAX_ROWS,
     check_w_out,
@@ -296,43 +297,6 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
         )
 
 
-def decode_launch(
-    b: int,
-    rows: int,
-    max_pages: int,
-    sms: int,
-    block_h: int | None = None,
-    num_warps: int | None = None,
-    num_splits: int | None = None,
-) -> tuple[int, int, int]:
-    """(block_h, num_warps, num_splits) of the split kernel for b sequences of `rows` query rows
-    (heads x tokens) over a block table `max_pages` wide on a GPU of `sms` SMs; a value passed in
-    is kept."""
-    if block_h is None:
-        # 64-row head blocks read each page from memory/L2 in fewer programs: 128 heads ran 1.7x
-        # faster in them than in 16-row ones at batch 64, 4K context (H100: 0.32 vs 0.54 ms). With
-        # few sequences they leave the GPU idle instead: at batch 1, 128 heads, 160 / 1,024 cached
-        # tokens 16-row blocks took 6.2 / 10.8 us against 11.2 / 18.0 for the best 64-row config
-        # (H200, results/mla-decode-sweep-nvidia-h200.json). So 64 only once the sequences alone
-        # give 64-row blocks half a wave.
-        few = b * cdiv(rows, 64) < sms // 2
-        block_h = 16 if rows <= 16 or few else 64
-    if num_warps is None:
-        num_warps = 4 if block_h <= 16 else 8
-    if num_splits is None:
-        # Fill one wave of program slots (2 per SM for 16-row blocks, 1 for 64-row) without spilling
-        # into a second partial wave: at batch 64 x 16 heads, 4 splits took 0.125 ms, 5 took 0.199.
-        # Splits of 4 pages (256 tokens) on long tables, but at least 8 splits (one page each on
-        # shorter ones): on the H200 sweep every decode case ran faster with each added split
-        # (16 heads, batch 1, 3 pages: 9.7 / 7.9 / 5.9 us at 1 / 2 / 3 splits; 16 pages: 12.3 us
-        # at 4 splits, 10.6 at 6). The kernel splits a sequence's own pages, not the table's
-        # width, so in a graph captured for long contexts short sequences leave splits empty.
-        slots = sms * (2 if block_h <= 16 else 1)
-        wanted = max(cdiv(max_pages, 4), min(max_pages, 8))
-        num_splits = max(1, min(slots // (b * cdiv(rows, block_h)), wanted))
-    return block_h, num_warps, num_splits
-
-
 def mla_counters(batch: int, rows: int, device: torch.device) -> torch.Tensor | None:
     """The zeroed workspace the folded merge counts on for `batch` sequences of `rows` query
     rows (heads x tokens): one int32 per (sequence, 16-row head block), the most blocks any
@@ -367,8 +331,17 @@ def _mla_decode_rows(
     max_pages = block_table.shape[1]
     if block_h is None and interpreting():
         block_h = 16  # numpy per program: small tiles keep CPU tests fast
+    on, early = switched_on("MLA_DIRECT"), switched_on("MLA_KV_EARLY")
+    wgmma = not (early or switched_off("MLA_WGMMA"))  # nor MLA_DIRECT's direct / fold (below)
+    fits64 = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, 64)
+    # the tables' tokens, where the wgmma kernels could take 64-row blocks
+    wide = (
+        b * max_pages * page
+        if wgmma and not on and not switched_off("MLA_WIDE") and fits64
+        else None
+    )
     block_h, num_warps, num_splits = decode_launch(
-        b, rows, max_pages, num_sms(q_BRD.device), block_h, num_warps, num_splits
+        b, rows, max_pages, num_sms(q_BRD.device), block_h, num_warps, num_splits, wide
     )
     head_blocks = cdiv(rows, block_h)
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
@@ -381,7 +354,6 @@ def _mla_decode_rows(
     # of each (sequence, head block) merges, counted on the caller's zeroed `counters`
     # (`mla_counters`), which it leaves zeroed. At V3 batch 64 the merge copies 16.8 MB of fp32
     # partials into 8.4 MB a layer (>= 5 us); at batch 1 it is a launch of its own.
-    on = switched_on("MLA_DIRECT")
     direct = on and num_splits == 1
     fold = on and num_splits > 1 and counters is not None
     if fold and (
@@ -411,12 +383,11 @@ def _mla_decode_rows(
     # H100. Measured there (`bench engine --ab`): the decode graph 3.9% slower with it, while the
     # same engine rebuilt ran 1.1% faster than the main run
     # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
-    early = switched_on("MLA_KV_EARLY")
     # Hopper's wgmma for 64-row head blocks, warp-specialized (the same partials, merged below):
     # 472 TFLOP/s against this kernel's 246 at 128 heads, batch 64, 4K on an H100; V3 FP8 batch
     # 64 decode even at 128-token prompts, 2.9% faster at 2,048 (benchmarks/notes-kernels.md).
-    wgmma = not (direct or fold or early or switched_off("MLA_WGMMA"))
-    if wgmma and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h):
+    fits = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h)
+    if wgmma and not (direct or fold) and fits:
         args = (q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads)
         if switched_off("MLA_WS"):
             mla_decode_wgmma_split(*args, q_len, num_splits, num_stages)

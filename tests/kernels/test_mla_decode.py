@@ -212,6 +212,54 @@ def test_decode_launch_by_batch_and_table_width():
     assert decode_launch(1, 128, 3, 132, block_h=64, num_warps=4, num_splits=2) == (64, 4, 2)
 
 
+def test_decode_launch_wide_blocks_on_long_tables():
+    """Where the wgmma kernels fit (`wide_tokens` given: the tables' tokens), 64-row blocks from
+    WIDE_TOKENS tokens over the batch at 64+ rows, whatever the count of sequences; below it, at
+    16-row heads (Moonlight) or without the kernels, the rule by sequences above."""
+    from moeray.kernels.mla_launch import WIDE_TOKENS, decode_launch
+
+    assert WIDE_TOKENS == 8192
+    assert decode_launch(1, 128, 16, 132, wide_tokens=1024) == (16, 4, 8)  # 1 x 1K: Triton's
+    assert decode_launch(1, 128, 64, 132, wide_tokens=4096) == (16, 4, 16)
+    assert decode_launch(8, 128, 16, 132, wide_tokens=8192) == (64, 8, 8)  # 8 x 1K
+    assert decode_launch(1, 128, 512, 132, wide_tokens=32768) == (64, 8, 66)  # 1 x 32K: 66 slots
+    assert decode_launch(4, 128, 256, 132, wide_tokens=65536) == (64, 8, 16)  # 132 // 8
+    assert decode_launch(8, 128, 64, 132) == (16, 4, 4)  # no wgmma kernels: by sequences
+    assert decode_launch(8, 16, 64, 132, wide_tokens=32768) == (16, 4, 16)  # 16 rows
+    assert decode_launch(8, 128, 64, 132, block_h=16, wide_tokens=32768)[0] == 16  # kept
+
+
+@pytest.mark.parametrize(
+    ("env", "fits", "wide"),
+    [({}, True, 2 * 12 * 16), ({"MLA_WIDE": "0"}, True, None), ({"MLA_WGMMA": "0"}, True, None),
+     ({"MLA_KV_EARLY": "1"}, True, None), ({}, False, None)],
+)  # fmt: skip
+def test_wide_block_rule_wiring(env, fits, wide, monkeypatch):
+    """`decode_launch` gets the tables' tokens (sequences x width x page) only where the wgmma
+    kernels fit and neither MLA_WIDE=0, MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT (Triton-only
+    paths) is set."""
+    from moeray.kernels import mla_decode as md
+    from moeray.kernels import mla_launch
+
+    for name in ("MLA_WIDE", "MLA_WGMMA", "MLA_KV_EARLY", "MLA_DIRECT"):
+        monkeypatch.delenv(f"MOERAY_FUSED_{name}", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(f"MOERAY_FUSED_{name}", value)
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return mla_launch.decode_launch(*args)
+
+    monkeypatch.setattr(md, "decode_launch", spy)
+    monkeypatch.setattr(md, "mla_decode_wgmma_fits", lambda *a: fits)
+    monkeypatch.setattr(md, "mla_decode_ws_split", lambda *a: None)  # (partials unused here)
+    q, kv, table, lens = _paged_case([150, 64], heads=8, r=64, p=16, page=16, seed=2)
+    table = torch.cat([table, table.new_zeros(2, 12 - table.shape[1])], dim=1)
+    mla_decode_multi(q, kv, table, lens, 0.5, kv_lora_rank=64)
+    assert seen == [wide]
+
+
 @pytest.mark.parametrize(("wgmma", "ws"), [(None, None), ("1", "0"), ("0", None)])
 def test_wgmma_split_takes_the_partials(wgmma, ws, monkeypatch):
     """Where the wgmma kernels fit (faked here: they are sm_90 only; their numbers are

@@ -21,6 +21,8 @@ from moeray.kernels.bench.common import _bench, _bench_slow, _graph_ms, _try
 from moeray.kernels.mla_decode import mla_decode, mla_decode_ref
 from moeray.kernels.mla_prefill import mla_prefill, mla_prefill_ref
 
+GRAPH_TABLE_PAGES = 2560  # 163,840 tokens (DeepSeek-V3's max_position_embeddings) of 64
+
 
 def _paged_cache(b: int, ctx: int, d: int = 576, page: int = 64):
     """A bf16 latent cache of b sequences of ctx tokens in shuffled pages: (kv, block table)."""
@@ -65,9 +67,16 @@ def bench_mla_decode(ceil: dict, quick: bool) -> list[dict]:
     ]
 
 
-def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dict]:
+def _mla_decode_graph_rows(
+    ceil: dict, heads: int, b: int, ctx: int, width: int | None = None
+) -> list[dict]:
+    """Rows of `bench_mla_decode_graph` at one shape; `width`: the block table that many pages
+    wide (columns past ctx point at page 0, read by no sequence), as the engine's decode graphs
+    are captured at max_model_len's width whatever the lengths."""
     d, r = 576, 512
     kv, table = _paged_cache(b, ctx, d)
+    if width is not None:
+        table = torch.cat([table, table.new_zeros(b, width - table.shape[1])], dim=1)
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
     lens[::3] -= 37  # ragged: every third sequence ends inside a page
     q = torch.randn(b, heads, d, device="cuda", dtype=torch.bfloat16)
@@ -113,6 +122,7 @@ def _mla_decode_graph_rows(ceil: dict, heads: int, b: int, ctx: int) -> list[dic
                     "num_splits": splits if splits is not None else "auto",
                     "num_stages": stages,
                     "block_h": block_h or "auto",
+                    "table_pages": table.shape[1],
                     "eager_ms": round(eager, 4),
                     "graph_ms": round(graph, 4),
                     "graph_TBps": round(nbytes / graph / 1e9, 3),
@@ -130,7 +140,8 @@ def bench_mla_decode_graph(ceil: dict) -> list[dict]:
     the host's launch cost), against do_bench's back-to-back eager calls, for a few split
     counts; at 128 heads the wgmma kernels too, also with fewer sequences of longer contexts
     (where `decode_launch` picks 16-row Triton blocks below 33 sequences: the WS rows at 64-row
-    blocks say where those would win)."""
+    blocks say where those would win), and short contexts in a block table 2,560 pages wide
+    (V3's 163,840-token max_model_len: the width a decode graph is captured at)."""
     rows = []
     cases = (
         (16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096), (128, 4, 16384),
@@ -139,6 +150,8 @@ def bench_mla_decode_graph(ceil: dict) -> list[dict]:
     )  # fmt: skip
     for heads, b, ctx in cases:
         rows += _mla_decode_graph_rows(ceil, heads, b, ctx)
+    for b, ctx in ((1, 1024), (1, 4096), (4, 1024), (8, 1024), (16, 1024)):
+        rows += _mla_decode_graph_rows(ceil, 128, b, ctx, width=GRAPH_TABLE_PAGES)
     return rows
 
 

@@ -137,6 +137,7 @@ def _print_table(result: dict) -> None:
     for r in result.get("mla_decode_graph", []):
         print(
             f"{r['kernel']} graph H={r['heads']:3d} B={r['batch']:3d} ctx={r['context']:5d} "
+            f"table={r.get('table_pages', '-')!s:4s} "
             f"splits={r['num_splits']!s:4s} stages={r['num_stages']} bh={r['block_h']}: graph "
             f"{r['graph_ms']:.4f} ms ({r['graph_frac_copy_bw']:.2f} of copy, "
             f"{r['graph_TFLOPs']} TFLOP/s), "
