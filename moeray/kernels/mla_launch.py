@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from moeray.kernels.common import cdiv
 
-# 64-row head blocks on the wgmma kernels (sm_90) from this many block-table tokens over the batch
-# (MOERAY_FUSED_MLA_WIDE=0: only from 33 sequences at 128 heads). 128 heads, H100, WS kernel in
-# 64-row blocks against 16-row Triton ones: 1.8-2.3x at 8 x 4K to 1 x 32K, even at 8 x 1K, 1.2-1.5x
-# slower at 1 x 1K / 4K (benchmarks/results/kernels-nvidia-h100-80gb-hbm3-mla-rows.json).
+# 64-row head blocks on the wgmma kernels (sm_90) from this many block-table tokens over the
+# batch (opt-in, MOERAY_FUSED_MLA_WIDE=1; else 64 only from 33 sequences at 128 heads). 128 heads,
+# H100, WS kernel in 64-row blocks against 16-row Triton ones: 1.8-2.3x at 8 x 4K to 1 x 32K,
+# even at 8 x 1K, 1.2-1.5x slower at 1 x 1K / 4K (benchmarks/results/kernels-nvidia-h100-80gb-
+# hbm3-mla-rows.json). Opt-in: a CUDA graph's table is max_model_len wide whatever the lengths,
+# so there it would pick 64 for every batch; not yet timed so.
 WIDE_TOKENS = 8192
 
 

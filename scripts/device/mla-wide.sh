@@ -1,8 +1,8 @@
-# MLA decode's wide-block rule (kernels/mla_launch.py WIDE_TOKENS; MOERAY_FUSED_MLA_WIDE=0 turns it
-# off): the wgmma GPU tests (the rule's picks at one long sequence and in a 2,560-page table),
+# MLA decode's wide-block rule (kernels/mla_launch.py WIDE_TOKENS; opt-in MOERAY_FUSED_MLA_WIDE=1):
+# the wgmma GPU tests (the rule's picks at one long sequence and in a 2,560-page table),
 # `bench kernels --only mla_decode_graph` (128 heads at 1-64 sequences, also short contexts in a
 # 2,560-page table as decode graphs capture them), then V3 widths FP8 at batch 1 and 8 with the
-# rule flipped off (`--ab ARGMAX,MLA_WIDE`: on an 80 GB H100 the first A/B row runs out of
+# rule flipped on (`--ab ARGMAX,MLA_WIDE`: on an 80 GB H100 the first A/B row runs out of
 # memory, so ARGMAX takes it) after 128- and 2,048-token prompts (tables 17 / 258 pages wide).
 # 1 GPU, ~7 minutes.
 gpu_pytest pytest_mla_wide.log ${WIDE_TEST_LIMIT:-150} tests/gpu/test_mla_wgmma_gpu.py || rc=1

@@ -231,13 +231,14 @@ def test_decode_launch_wide_blocks_on_long_tables():
 
 @pytest.mark.parametrize(
     ("env", "fits", "wide"),
-    [({}, True, 2 * 12 * 16), ({"MLA_WIDE": "0"}, True, None), ({"MLA_WGMMA": "0"}, True, None),
-     ({"MLA_KV_EARLY": "1"}, True, None), ({}, False, None)],
+    [({"MLA_WIDE": "1"}, True, 2 * 12 * 16), ({}, True, None),
+     ({"MLA_WIDE": "1", "MLA_WGMMA": "0"}, True, None),
+     ({"MLA_WIDE": "1", "MLA_KV_EARLY": "1"}, True, None), ({"MLA_WIDE": "1"}, False, None)],
 )  # fmt: skip
 def test_wide_block_rule_wiring(env, fits, wide, monkeypatch):
-    """`decode_launch` gets the tables' tokens (sequences x width x page) only where the wgmma
-    kernels fit and neither MLA_WIDE=0, MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT (Triton-only
-    paths) is set."""
+    """`decode_launch` gets the tables' tokens (sequences x width x page) only with the opt-in
+    MLA_WIDE=1, where the wgmma kernels fit and neither MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT
+    (Triton-only paths) is set."""
     from moeray.kernels import mla_decode as md
     from moeray.kernels import mla_launch
 
