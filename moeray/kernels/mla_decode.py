@@ -334,8 +334,7 @@ def _mla_decode_rows(
     on, early = switched_on("MLA_DIRECT"), switched_on("MLA_KV_EARLY")
     wgmma = not (early or switched_off("MLA_WGMMA"))  # nor MLA_DIRECT's direct / fold (below)
     fits64 = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, 64)
-    # the tables' tokens, where the wgmma kernels could take 64-row blocks
-    wide = b * max_pages * page if wgmma and not on and switched_on("MLA_WIDE") and fits64 else None
+    wide = wgmma and not on and not switched_off("MLA_WIDE") and fits64  # (kernels/mla_launch.py)
     block_h, num_warps, num_splits = decode_launch(
         b, rows, max_pages, num_sms(q_BRD.device), block_h, num_warps, num_splits, wide
     )

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from moeray.kernels.common import cdiv
 
-# 64-row head blocks on the wgmma kernels (sm_90) from this many block-table tokens over the
-# batch (opt-in, MOERAY_FUSED_MLA_WIDE=1; else 64 only from 33 sequences at 128 heads). 128 heads,
-# H100, WS kernel in 64-row blocks against 16-row Triton ones: 1.8-2.3x at 8 x 4K to 1 x 32K,
-# even at 8 x 1K, 1.2-1.5x slower at 1 x 1K / 4K (benchmarks/results/kernels-nvidia-h100-80gb-
-# hbm3-mla-rows.json). Opt-in: a CUDA graph's table is max_model_len wide whatever the lengths,
-# so there it would pick 64 for every batch; not yet timed so.
-WIDE_TOKENS = 8192
+# 64-row head blocks from this many (sequence, 64-row block) pairs at 64+ rows where the wgmma
+# kernels take them (sm_90; MOERAY_FUSED_MLA_WIDE=0: half a wave of SMs, the Triton kernel's rule
+# below): 8 sequences at 128 heads, 4 at 128 heads x 2 MTP tokens. One H100, 128 heads, graph us
+# of the WS kernel in 64-row blocks against 16-row Triton ones (benchmarks/results/kernels-
+# nvidia-h100-80gb-hbm3-mla-{rows,wide}.json): block tables as wide as the context, 19.5 / 21.4
+# at 8 x 1K, 35 / 67 at 8 x 4K, 52 / 117 at 16 x 4K, 55 / 118 at 32 x 2K; tables 2,560 pages wide
+# (a decode graph's width at V3's max_model_len), 20.1 / 21.4 at 8 x 1K, 25.4 / 35.6 at 16 x 1K.
+# Below 8 sequences the 16-row blocks win at short contexts, by 5.6x at 1 x 1K in the wide table
+# (66 mostly empty splits), and the WS kernel only at long ones (36 / 66 at 1 x 32K): a graph
+# captured at max_model_len's width cannot tell them apart.
+WGMMA_MIN_BLOCKS = 16
 
 
 def decode_launch(
@@ -23,14 +27,11 @@ def decode_launch(
     block_h: int | None = None,
     num_warps: int | None = None,
     num_splits: int | None = None,
-    wide_tokens: int | None = None,
+    wgmma: bool = False,
 ) -> tuple[int, int, int]:
     """(block_h, num_warps, num_splits) of the split kernel for b sequences of `rows` query rows
     (heads x tokens) over a block table `max_pages` wide on a GPU of `sms` SMs; a value passed in
-    is kept. `wide_tokens`: the tokens the tables span (b x width x page) where the wgmma kernels
-    can take 64-row blocks, else None."""
-    if block_h is None and wide_tokens is not None and rows >= 64 and wide_tokens >= WIDE_TOKENS:
-        block_h = 64
+    is kept. `wgmma`: the wgmma kernels can take 64-row blocks (WGMMA_MIN_BLOCKS)."""
     if block_h is None:
         # 64-row head blocks read each page from memory/L2 in fewer programs: 128 heads ran 1.7x
         # faster in them than in 16-row ones at batch 64, 4K context (H100: 0.32 vs 0.54 ms). With
@@ -38,7 +39,7 @@ def decode_launch(
         # tokens 16-row blocks took 6.2 / 10.8 us against 11.2 / 18.0 for the best 64-row config
         # (H200, results/mla-decode-sweep-nvidia-h200.json). So 64 only once the sequences alone
         # give 64-row blocks half a wave.
-        few = b * cdiv(rows, 64) < sms // 2
+        few = b * cdiv(rows, 64) < (WGMMA_MIN_BLOCKS if wgmma and rows >= 64 else sms // 2)
         block_h = 16 if rows <= 16 or few else 64
     if num_warps is None:
         num_warps = 4 if block_h <= 16 else 8

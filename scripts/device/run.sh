@@ -33,7 +33,7 @@
 #   async-sampled      async scheduling for sampled requests: GPU tests, engine shapes at temperature 1 without/with (1 GPU, ~6 min)
 #   host-next          graph-launch probe (host time by kernel nodes, PDL), engine shapes with PDL on and off (1 GPU, ~6 min)
 #   mla-wgmma          MLA decode's wgmma split kernels (WS the default): GPU tests, 128-head graphs vs the Triton kernel (1 GPU, ~2 min)
-#   mla-wide           MLA's wide-block rule: wgmma GPU tests, 128-head graphs incl. 2,560-page tables, V3 FP8 b1/b8 A/B MLA_WIDE (1 GPU, ~7 min)
+#   mla-wide           MLA's 64-row block rule: wgmma GPU tests, 128-head graphs incl. 2,560-page tables, V3 FP8 b8/b16 A/B MLA_WIDE (1 GPU, ~7 min)
 #   decode-rules       mla-wgmma's rows at 1-64 sequences, head_gemv vs bmm at 32/64 rows, async GPU tests, V3 FP8 b64 after 2K prompts (1 GPU, ~7 min)
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)

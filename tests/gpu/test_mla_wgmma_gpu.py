@@ -105,28 +105,27 @@ def test_wgmma_graph_replays_new_inputs(ws, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize(("lens", "width"), [([20000], None), ([700, 64, 1], 2560)])
-def test_wide_rule_picks_the_ws_kernel(lens, width, monkeypatch):
-    """MOERAY_FUSED_MLA_WIDE=1, no block size given: 128 heads over >= 8K tokens of block table
-    take the WS kernel at any count of sequences (one 20K-token sequence; three short ones in a
-    2,560-page table, as a decode graph captures them: most splits empty), the reference's
-    output and lse; with the switch unset (opt-in) the same calls run the Triton kernel."""
+@pytest.mark.parametrize(
+    ("lens", "ws"), [([700, 64, 1, 300, 5000, 129, 2, 64], True), ([20000], False)]
+)
+def test_wgmma_block_rule(lens, ws, monkeypatch):
+    """No block size given, 128 heads: 8 sequences (short ones, in a 2,560-page table as a decode
+    graph captures them: most splits empty) take the WS kernel, the reference's output and lse;
+    one sequence (even of 20K tokens) and MOERAY_FUSED_MLA_WIDE=0 keep the Triton kernel."""
     q, kv, table, seq = _case(lens, 128, 1)
-    if width is not None:
-        table = torch.cat([table, table.new_zeros(len(lens), width - table.shape[1])], dim=1)
+    table = torch.cat([table, table.new_zeros(len(lens), 2560 - table.shape[1])], dim=1)
     scale = 192**-0.5
     ref, ref_lse = mla_decode_ref(q, kv, table, seq, scale)
-    for name in ("MLA_WGMMA", "MLA_WS"):
+    for name in ("MLA_WIDE", "MLA_WGMMA", "MLA_WS"):
         monkeypatch.delenv(f"MOERAY_FUSED_{name}", raising=False)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WIDE", "1")
 
     def run():
         return mla_decode_multi(q, kv, table, seq, scale, return_lse=True)
 
     names = cuda_kernels(run)
-    assert sum(KERNELS["1"] in n for n in names) == 1, names
+    assert sum(KERNELS["1"] in n for n in names) == int(ws), names
     out, lse = run()
     assert _rel(out, ref) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
-    monkeypatch.delenv("MOERAY_FUSED_MLA_WIDE")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WIDE", "0")
     assert not any(k in n for n in cuda_kernels(run) for k in KERNELS.values())

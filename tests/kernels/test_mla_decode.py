@@ -212,33 +212,32 @@ def test_decode_launch_by_batch_and_table_width():
     assert decode_launch(1, 128, 3, 132, block_h=64, num_warps=4, num_splits=2) == (64, 4, 2)
 
 
-def test_decode_launch_wide_blocks_on_long_tables():
-    """Where the wgmma kernels fit (`wide_tokens` given: the tables' tokens), 64-row blocks from
-    WIDE_TOKENS tokens over the batch at 64+ rows, whatever the count of sequences; below it, at
-    16-row heads (Moonlight) or without the kernels, the rule by sequences above."""
-    from moeray.kernels.mla_launch import WIDE_TOKENS, decode_launch
+def test_decode_launch_wgmma_blocks_from_eight_sequences():
+    """Where the wgmma kernels take 64-row blocks (`wgmma`), 64 from WGMMA_MIN_BLOCKS
+    (sequence, block) pairs at 64+ rows (V3's 128 heads from 8 sequences, 128 x 2 MTP rows
+    from 4) whatever the table's width; Moonlight's 16 / 32 rows and the Triton-only path keep
+    the rule by half a wave."""
+    from moeray.kernels.mla_launch import WGMMA_MIN_BLOCKS, decode_launch
 
-    assert WIDE_TOKENS == 8192
-    assert decode_launch(1, 128, 16, 132, wide_tokens=1024) == (16, 4, 8)  # 1 x 1K: Triton's
-    assert decode_launch(1, 128, 64, 132, wide_tokens=4096) == (16, 4, 16)
-    assert decode_launch(8, 128, 16, 132, wide_tokens=8192) == (64, 8, 8)  # 8 x 1K
-    assert decode_launch(1, 128, 512, 132, wide_tokens=32768) == (64, 8, 66)  # 1 x 32K: 66 slots
-    assert decode_launch(4, 128, 256, 132, wide_tokens=65536) == (64, 8, 16)  # 132 // 8
-    assert decode_launch(8, 128, 64, 132) == (16, 4, 4)  # no wgmma kernels: by sequences
-    assert decode_launch(8, 16, 64, 132, wide_tokens=32768) == (16, 4, 16)  # 16 rows
-    assert decode_launch(8, 128, 64, 132, block_h=16, wide_tokens=32768)[0] == 16  # kept
+    assert WGMMA_MIN_BLOCKS == 16
+    assert decode_launch(7, 128, 16, 132, wgmma=True) == (16, 4, 4)  # 264 // 56
+    assert decode_launch(8, 128, 16, 132, wgmma=True) == (64, 8, 8)  # 132 // 16
+    assert decode_launch(8, 128, 2560, 132, wgmma=True) == (64, 8, 8)  # a graph's wide table
+    assert decode_launch(1, 128, 512, 132, wgmma=True) == (16, 4, 33)  # 1 x 32K: 16-row
+    assert decode_launch(4, 256, 64, 132, wgmma=True) == (64, 8, 8)  # 128 heads x 2 tokens
+    assert decode_launch(8, 128, 16, 132) == (16, 4, 4)  # no wgmma kernels: from 33
+    assert decode_launch(64, 32, 64, 132, wgmma=True) == (16, 4, 2)  # Moonlight MTP: 16-row
+    assert decode_launch(8, 128, 64, 132, block_h=16, wgmma=True)[0] == 16  # kept
 
 
 @pytest.mark.parametrize(
     ("env", "fits", "wide"),
-    [({"MLA_WIDE": "1"}, True, 2 * 12 * 16), ({}, True, None),
-     ({"MLA_WIDE": "1", "MLA_WGMMA": "0"}, True, None),
-     ({"MLA_WIDE": "1", "MLA_KV_EARLY": "1"}, True, None), ({"MLA_WIDE": "1"}, False, None)],
+    [({}, True, True), ({"MLA_WIDE": "0"}, True, False), ({"MLA_WGMMA": "0"}, True, False),
+     ({"MLA_KV_EARLY": "1"}, True, False), ({"MLA_DIRECT": "1"}, True, False), ({}, False, False)],
 )  # fmt: skip
-def test_wide_block_rule_wiring(env, fits, wide, monkeypatch):
-    """`decode_launch` gets the tables' tokens (sequences x width x page) only with the opt-in
-    MLA_WIDE=1, where the wgmma kernels fit and neither MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT
-    (Triton-only paths) is set."""
+def test_wgmma_block_rule_wiring(env, fits, wide, monkeypatch):
+    """`decode_launch` hears that the wgmma kernels take 64-row blocks only where they fit and
+    neither MLA_WIDE=0, MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT (Triton-only paths) is set."""
     from moeray.kernels import mla_decode as md
     from moeray.kernels import mla_launch
 
@@ -256,7 +255,6 @@ def test_wide_block_rule_wiring(env, fits, wide, monkeypatch):
     monkeypatch.setattr(md, "mla_decode_wgmma_fits", lambda *a: fits)
     monkeypatch.setattr(md, "mla_decode_ws_split", lambda *a: None)  # (partials unused here)
     q, kv, table, lens = _paged_case([150, 64], heads=8, r=64, p=16, page=16, seed=2)
-    table = torch.cat([table, table.new_zeros(2, 12 - table.shape[1])], dim=1)
     mla_decode_multi(q, kv, table, lens, 0.5, kv_lora_rank=64)
     assert seen == [wide]
 
