@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from tests.engine_helpers import prefill_exports
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -77,6 +79,36 @@ def test_staggered_ends_keep_overlapping(model):
     got = [o.output_token_ids for o in eng.generate(prompts, params)]
     assert got == want
     assert eng._overlap.overlapped_steps >= 21, eng._overlap.overlapped_steps  # 19 if ends drain
+
+
+def test_prefilled_arrivals_join_the_step_in_flight(model):
+    """Requests added with their prompt KV from a prefill engine while decode graphs run one step
+    ahead join the next step (their first token uploaded beside the ids gathered on the device):
+    tokens equal the synchronous engine's, most steps overlapped."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 256, (7 + 5 * i,), generator=g).tolist() for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.output_token_ids for o in _engine(model, False).generate(prompts, params)]
+    exported = prefill_exports(_engine(model, False), prompts[1:])
+    eng = _engine(model, True)
+    ids = [eng.add_request(prompts[0], params)]
+    final = {}
+    for k in range(40):
+        if k in (3, 5):
+            out = exported[len(ids) - 1]
+            o = eng.add_prefilled_request(
+                prompts[len(ids)], out.output_token_ids[0], out.kv_export, params
+            )
+            ids.append(o.request_id)
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o.output_token_ids
+        if not eng.has_unfinished():
+            break
+    assert [final[r] for r in ids] == want
+    assert eng._overlap.overlapped_steps >= 14, eng._overlap.overlapped_steps
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])

@@ -14,6 +14,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.scheduler import PENDING
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
+from tests.engine_helpers import prefill_exports
 
 V = 256
 
@@ -250,4 +251,46 @@ def test_known_ends_at_different_steps_keep_overlapping(model):
     assert got[next(reversed(got))][1] == "length"
     assert len(drains) == 1
     assert _overlapped(eng) >= 13
+    assert eng.kv.pool.num_available == eng.kv.num_pages
+
+
+def test_prefilled_arrivals_join_without_draining(model):
+    """The decode side of prefill/decode disaggregation: requests added with their prompt KV from
+    a prefill engine while a step is in flight join the next step (their first token uploaded
+    beside the gathered ids) instead of draining the overlap; every output equals one
+    synchronous engine doing prefill and decode."""
+    prompts = _prompts(3, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    want = _run(_engine(model, False), prompts, [params] * 3)
+    exported = prefill_exports(_engine(model, False), prompts[1:])
+    eng = _engine(model, True)
+    assert eng._overlap is not None
+    drains = []
+    drain = eng._overlap._drain
+    eng._overlap._drain = lambda: drains.append(1) or drain()
+    a = eng.add_request(prompts[0], params)
+    got: dict[str, list[int]] = {a: []}
+    final = {}
+
+    def step():
+        for o in eng.step():
+            got[o.request_id] += o.new_token_ids
+            if o.finished:
+                final[o.request_id] = o.output_token_ids
+
+    for _ in range(3):
+        step()
+    joined = []
+    for p, out in zip(prompts[1:], exported, strict=True):
+        first = out.output_token_ids[0]
+        o = eng.add_prefilled_request(p, first, out.kv_export, params)
+        assert o is not None and o.new_token_ids == [first]
+        joined.append(o.request_id)
+        got[o.request_id] = [first]
+        step()
+    while eng.has_unfinished():
+        step()
+    assert [final[r] for r in (a, *joined)] == [v[0] for v in want.values()]
+    assert [got[r] for r in (a, *joined)] == [v[0] for v in want.values()]
+    assert len(drains) == 1  # the last step's: every request ends there
     assert eng.kv.pool.num_available == eng.kv.num_pages

@@ -17,9 +17,11 @@ token is dropped. Only plain greedy decodes overlap (and sampled ones with
 `EngineConfig.async_scheduling_sampled`: the sampler draws their uniforms at launch and reads
 nothing back): a step with a prefill, a waiting or preempted request, drafts, logprobs, logits
 processing, a grammar or a KV export runs as before, after the step in flight is resolved
-("drained"). A request whose in-flight token is its last by max_tokens or max_model_len is left
-out of the next step (`Scheduler.ends_in_flight`) while the rest go on overlapping; the step
-drains only when all of them end so.
+("drained"). A request added with its prefill done elsewhere (`Engine.add_prefilled_request`, the
+decode side of prefill/decode disaggregation) joins the next step without a drain: its known
+token goes up beside the gathered ids. A request whose in-flight token is its last by
+max_tokens or max_model_len is left out of the next step (`Scheduler.ends_in_flight`) while the
+rest go on overlapping; the step drains only when all of them end so.
 Outputs equal the synchronous engine's token for token.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from moeray.platform.engine.scheduler import Request, RequestOutput, SchedulerOutput
+from moeray.platform.engine.scheduler import PENDING, Request, RequestOutput, SchedulerOutput
 
 
 @dataclass
@@ -60,6 +62,12 @@ def _overlaps(req: Request, sampled: bool) -> bool:
     )
 
 
+def _joins(req: Request) -> bool:
+    """Whether a running request the step in flight did not run can join the next one: a
+    one-token decode of a known token (one added by `add_prefilled_request` meanwhile)."""
+    return req.token_ids[-1] != PENDING and len(req.token_ids) - req.num_computed == 1
+
+
 class DecodeOverlap:
     """Runs an engine's steps with async scheduling (`EngineConfig.async_scheduling`); `step`
     takes the place of `Engine.step`'s body."""
@@ -80,13 +88,7 @@ class DecodeOverlap:
             prev = self.pending
             if out.preempted or not self._plain(out):  # _can_continue rules both out
                 raise RuntimeError("async scheduling: the next step is not the in-flight one's")
-            rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
-            idx = [rows[s.request.request_id] for s in out.scheduled]
-            # The previous step's ids, gathered on the device in this step's row order (an index
-            # upload that is no read-back: the host never waits for them here).
-            pinned = torch.tensor(idx, pin_memory=eng.device.type == "cuda")
-            ids = prev.tokens_B[pinned.to(eng.device, non_blocking=True)]
-            self.pending = self._launch(out, ids)
+            self.pending = self._launch(out, self._next_ids(prev, out))
             sched.advance(out)
             self.overlapped_steps += 1
             return self._resolve(prev)
@@ -96,6 +98,26 @@ class DecodeOverlap:
             sched.advance(out)
             return []
         return eng._step_scheduled(out)
+
+    def _next_ids(self, prev: _Pending, out: SchedulerOutput) -> torch.Tensor:
+        """The input ids of a step launched while `prev` is in flight, in its row order: prev's
+        sampled ids for the rows it ran, gathered on the device, and the known last token of a
+        request that joined since (one added with its prefill done elsewhere) after them; index
+        and token uploads, no read-back: the host never waits for them here."""
+        eng = self.engine
+        pin = eng.device.type == "cuda"
+        rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
+        src, joined, idx = prev.tokens_B, list[int](), list[int]()
+        for s in out.scheduled:
+            i = rows.get(s.request.request_id)
+            if i is None:
+                i = len(rows) + len(joined)
+                joined.append(s.input_ids[0])
+            idx.append(i)
+        if joined:
+            known = torch.tensor(joined, dtype=src.dtype, pin_memory=pin)
+            src = torch.cat([src, known.to(eng.device, non_blocking=True)])
+        return src[torch.tensor(idx, pin_memory=pin).to(eng.device, non_blocking=True)]
 
     def _drain(self) -> list[RequestOutput]:
         """Resolve the step in flight; the next call schedules from known tokens."""
@@ -134,7 +156,10 @@ class DecodeOverlap:
             return False
         if all(sched.ends_in_flight(req) for req in running):
             return False
-        return all(req.request_id in launched and _overlaps(req, self.sampled) for req in running)
+        return all(
+            _overlaps(req, self.sampled) and (req.request_id in launched or _joins(req))
+            for req in running
+        )
 
     def _launch(self, out: SchedulerOutput, ids_B: torch.Tensor | None) -> _Pending:
         """Forward and greedy sampling of a step of decodes, queued without a host sync; the ids'
