@@ -329,12 +329,12 @@ def _mla_decode_rows(
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
     max_pages = block_table.shape[1]
-    if block_h is None and interpreting():
-        block_h = 16  # numpy per program: small tiles keep CPU tests fast
     on, early = switched_on("MLA_DIRECT"), switched_on("MLA_KV_EARLY")
     wgmma = not (early or switched_off("MLA_WGMMA"))  # nor MLA_DIRECT's direct / fold (below)
-    fits64 = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, 64)
-    wide = wgmma and not on and not switched_off("MLA_WIDE") and fits64  # (kernels/mla_launch.py)
+    wide = block_h is None and wgmma and not on and not switched_off("MLA_WIDE")
+    wide = wide and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, 64)  # (mla_launch.py)
+    if block_h is None and interpreting():
+        block_h = 16  # numpy per program: small tiles keep CPU tests fast
     block_h, num_warps, num_splits = decode_launch(
         b, rows, max_pages, num_sms(q_BRD.device), block_h, num_warps, num_splits, wide
     )
@@ -379,8 +379,8 @@ def _mla_decode_rows(
     # same engine rebuilt ran 1.1% faster than the main run
     # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
     # Hopper's wgmma for 64-row head blocks, warp-specialized (the same partials, merged below):
-    # 472 TFLOP/s against this kernel's 246 at 128 heads, batch 64, 4K on an H100; V3 FP8 batch
-    # 64 decode even at 128-token prompts, 2.9% faster at 2,048 (benchmarks/notes-kernels.md).
+    # 480 TFLOP/s against this kernel's 244 at 128 heads, batch 64, 4K on an H100 (benchmarks/
+    # notes-kernels.md; the engine at V3 widths: notes-engine.md).
     fits = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h)
     if wgmma and not (direct or fold) and fits:
         args = (q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads)

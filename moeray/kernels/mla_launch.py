@@ -38,7 +38,7 @@ def decode_launch(
         # few sequences they leave the GPU idle instead: at batch 1, 128 heads, 160 / 1,024 cached
         # tokens 16-row blocks took 6.2 / 10.8 us against 11.2 / 18.0 for the best 64-row config
         # (H200, results/mla-decode-sweep-nvidia-h200.json). So 64 only once the sequences alone
-        # give 64-row blocks half a wave.
+        # give 64-row blocks half a wave, or on the wgmma kernels WGMMA_MIN_BLOCKS (above).
         few = b * cdiv(rows, 64) < (WGMMA_MIN_BLOCKS if wgmma and rows >= 64 else sms // 2)
         block_h = 16 if rows <= 16 or few else 64
     if num_warps is None:
