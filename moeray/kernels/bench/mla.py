@@ -97,8 +97,9 @@ def _mla_decode_graph_rows(
         # wgmma: 2 stages of 64 tokens or 3-4 of 32; its warp-specialized form: 2 of 64
         stage_options = {"wgmma": (2, 3, 4), "wgmma_ws": (2,)}.get(impl, (2, 3))
         for stages in stage_options if splits is None or heads == 16 else (2,):
-            # the wgmma kernels take 64-row head blocks (`decode_launch` picks them from 33
-            # sequences at 128 heads: at fewer, this row shows what they would give)
+            # the wgmma kernels take 64-row head blocks (`decode_launch` picks them from 8
+            # sequences at 128 heads: at fewer, this row shows what they would give); the Triton
+            # rows run with MLA_WGMMA=0, where its rule picks 64 from 33
             block_h = None if impl == "triton" else 64
             fn = functools.partial(
                 mla_decode, q, kv, table, lens, scale, num_splits=splits, num_stages=stages,
@@ -139,9 +140,10 @@ def bench_mla_decode_graph(ceil: dict) -> list[dict]:
     """MLA decode timed under a CUDA graph, as the engine's decode steps run it (eager calls add
     the host's launch cost), against do_bench's back-to-back eager calls, for a few split
     counts; at 128 heads the wgmma kernels too, also with fewer sequences of longer contexts
-    (where `decode_launch` picks 16-row Triton blocks below 33 sequences: the WS rows at 64-row
-    blocks say where those would win), and short contexts in a block table 2,560 pages wide
-    (V3's 163,840-token max_model_len: the width a decode graph is captured at)."""
+    (the Triton kernel at its own rule, 16-row blocks below 33 sequences, against the WS kernel
+    at 64-row blocks: `kernels/mla_launch.py` takes the WS kernel from 8), and short contexts in
+    a block table 2,560 pages wide (V3's 163,840-token max_model_len: the width a decode graph is
+    captured at)."""
     rows = []
     cases = (
         (16, 64, 4096), (16, 1, 1024), (16, 128, 4096), (128, 64, 4096), (128, 4, 16384),
