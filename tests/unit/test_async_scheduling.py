@@ -249,7 +249,7 @@ def test_known_ends_at_different_steps_keep_overlapping(model):
     assert rows[eng] == rows[sync]  # no decode launched past a request's end
     assert [len(v[0]) for v in got.values()] == [4, 7, 9, 12, 15]  # the last: 5 + 15 = 20
     assert got[next(reversed(got))][1] == "length"
-    assert len(drains) == 1
+    assert len(drains) == 1 == eng.metrics()["async_drains"]
     assert _overlapped(eng) >= 13
     assert eng.kv.pool.num_available == eng.kv.num_pages
 

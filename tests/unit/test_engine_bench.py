@@ -379,8 +379,10 @@ def test_engine_decode_times_the_whole_batch_decoding(async_scheduling):
 
     engine.scheduler.schedule = record
     seconds: list[float] = []
-    rate, outs = bench.engine_decode(engine, prompts, n, seconds)
+    drains: list[int] = []
+    rate, outs = bench.engine_decode(engine, prompts, n, seconds, drains=drains)
     assert rate > 0 and len(seconds) >= n
+    assert drains == ([0] if async_scheduling else [])  # no timed step drained the overlap
     assert [len(o) for o in outs] == [n + 1] * B
     assert sizes.count(B) >= n  # the timed steps: all B requests decode
     assert not engine.has_unfinished()  # aborted past the window

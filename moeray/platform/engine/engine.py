@@ -593,6 +593,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "cuda_graphs": self.runner.graph_status,
             "attention_calls": dict(self.runner.attention_calls),
+            "async_drains": self._overlap.drained_steps if self._overlap is not None else 0,
         }
         if self.drafter is not None:
             m["mtp"] = self.drafter.stats.as_dict()

@@ -78,6 +78,7 @@ class DecodeOverlap:
         self.sampled = bool(engine.config.async_scheduling_sampled)
         self.pending: _Pending | None = None
         self.overlapped_steps = 0  # steps launched while another was in flight
+        self.drained_steps = 0  # calls that resolved the step in flight without launching one
 
     def step(self) -> list[RequestOutput]:
         eng, sched = self.engine, self.engine.scheduler
@@ -122,6 +123,7 @@ class DecodeOverlap:
     def _drain(self) -> list[RequestOutput]:
         """Resolve the step in flight; the next call schedules from known tokens."""
         assert self.pending is not None
+        self.drained_steps += 1
         outs = self._resolve(self.pending)
         self.pending = None
         return outs

@@ -45,6 +45,14 @@ from moeray.platform.checkpoint import save_model
 from moeray.platform.config import ModelConfig
 from moeray.platform.engine.bench.ab import ab_table, run_ab, switch_env
 from moeray.platform.engine.bench.args import parse_args
+from moeray.platform.engine.bench.decode import (
+    decode_room,
+    engine_decode,
+    hf_decode,
+    step_outliers,
+    sync,
+    warm_decode,
+)
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
 from moeray.platform.engine.bench.profile import decode_graph_ms, host_phases, profile_decode
 from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
@@ -57,11 +65,6 @@ from moeray.results import device_slug, write_result
 SPEC = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (bytes/s, bf16 dense FLOP/s)
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_machine(device) -> dict:
     """Measured copy bandwidth (read + write bytes/s) and matmul FLOP/s, and the datasheet numbers
     when the GPU is known; the roofline uses the datasheet where there is one."""
@@ -69,21 +72,21 @@ def measure_machine(device) -> dict:
     x = torch.empty(n, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(5):
         y.copy_(x)
-    _sync(device)
+    sync(device)
     bw = 2 * n * 5 / (time.perf_counter() - t)
     m = 4096 if device.type == "cuda" else 512
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(m, m, device=device, dtype=dt)
     a @ a
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(5):
         a @ a
-    _sync(device)
+    sync(device)
     flops = 2 * m**3 * 5 / (time.perf_counter() - t)
     out = {
         "measured_bandwidth_Bps": bw,
@@ -138,117 +141,6 @@ def train_on_cycle(
         losses.append(float(loss.detach()))
     model.eval()
     return losses
-
-
-def decode_room(batch: int, prompt_len: int, max_num_batched_tokens: int, drafts: int = 0) -> int:
-    """Output tokens a request may decode past another of the same batch: prompts that take k
-    prefill steps of max_num_batched_tokens start decoding the first requests while the last ones
-    prefill (continuous batching), up to 1 + drafts tokens a step. With 64 prompts of 2,048 tokens
-    and a 4,096-token budget, k = 32: more than a 32-token timed run."""
-    steps = -(-batch * prompt_len // max_num_batched_tokens)
-    return (1 + drafts) * (steps + 2)
-
-
-def engine_decode(
-    engine,
-    prompts,
-    n: int,
-    step_seconds: list[float] | None = None,
-    temperature: float = 0.0,
-) -> tuple[float, list[list[int]]]:
-    """Decode tokens/s of the whole batch decoding together (greedy, or sampled at `temperature`
-    with request i seeded i) and each request's first n+1 output tokens.
-
-    The prompts are added with room (`decode_room`) past n+1 tokens and stepped untimed until
-    every one has its first token; the timed steps then run until the request furthest behind has
-    n+1 tokens, and the requests are aborted. Without the room, a batch whose prompts take several
-    prefill steps would time a shrinking batch: its first requests, ahead by a token a prefill
-    step, would end first (and every step would end some, which drains async scheduling). Each
-    timed step's seconds are appended to step_seconds."""
-    drafts = engine.config.num_speculative_tokens
-    budget = engine.scheduler.config.max_num_batched_tokens
-    room = decode_room(len(prompts), max(map(len, prompts)), budget, drafts)
-    ids = [
-        engine.add_request(
-            p,
-            SamplingParams(
-                temperature=temperature, max_tokens=n + 1 + room, ignore_eos=True, seed=i
-            ),
-        )
-        for i, p in enumerate(prompts)
-    ]
-    outs: dict[str, list[int]] = {r: [] for r in ids}
-
-    def step() -> int:
-        if not engine.has_unfinished():
-            raise RuntimeError(
-                f"every request ended before each had {n + 1} tokens "
-                f"({min(map(len, outs.values()))} at least): max_model_len too short?"
-            )
-        new = 0
-        for o in engine.step():
-            if o.request_id in outs:
-                outs[o.request_id].extend(o.new_token_ids)
-                new += len(o.new_token_ids)
-        return new
-
-    while min(map(len, outs.values())) < 1:
-        step()
-    produced = 0
-    t = last = time.perf_counter()
-    while min(map(len, outs.values())) < n + 1:
-        produced += step()
-        if step_seconds is not None:  # a synchronous step ends with the engine's sync
-            now = time.perf_counter()
-            step_seconds.append(now - last)
-            last = now
-    # No sync here: the last step has read back every counted token (async scheduling leaves one
-    # more step in flight, uncounted, as one was in flight uncounted when the clock started).
-    dt = time.perf_counter() - t
-    for r in ids:
-        engine.abort(r)
-    while engine.has_unfinished():  # an abort takes effect at the next step
-        engine.step()
-    return produced / dt, [outs[r][: n + 1] for r in ids]
-
-
-# A timed step this many times the batch's median step is reported as an outlier: the mean step
-# (tokens/s) carries such stalls, the median and the graph time do not.
-OUTLIER_FACTOR = 1.5
-
-
-def step_outliers(seconds: list[float], factor: float = OUTLIER_FACTOR) -> list[list[float]]:
-    """[[step index, ms], ...] of the timed steps longer than `factor` x their median, in order:
-    where in the loop a batch's stalls fall (first step, last, or anywhere)."""
-    if not seconds:
-        return []
-    bound = factor * statistics.median(seconds)
-    return [[i, round(1e3 * s, 3)] for i, s in enumerate(seconds) if s > bound]
-
-
-def _warm_decode(engine, prompts, n: int, temperature: float) -> tuple[float, list[list[int]]]:
-    """engine_decode after a 2-token warm-up of the whole batch (the main loop's order)."""
-    engine_decode(engine, prompts, 2, temperature=temperature)
-    return engine_decode(engine, prompts, n, temperature=temperature)
-
-
-def hf_decode(hf, prompts, n: int, device) -> float:
-    """transformers generate: (time(n+1 tokens) - time(1 token)) gives n decode steps."""
-    ids = torch.tensor(prompts, device=device)
-    kw = dict(do_sample=False, pad_token_id=0)
-
-    def timed(k):
-        _sync(device)
-        t = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
-        _sync(device)
-        return time.perf_counter() - t
-
-    timed(2)  # warm up
-    t1 = timed(1)
-    tn = timed(n + 1)
-    return len(prompts) * n / max(tn - t1, 1e-9)
 
 
 def _model_config(a: argparse.Namespace) -> ModelConfig:
@@ -344,6 +236,7 @@ def main(argv: list[str]) -> int:
     step_ms: dict[str, float] = {}
     step_median_ms: dict[str, float] = {}
     outliers: dict[str, list[list[float]]] = {}
+    async_drains: dict[str, int] = {}  # timed steps that drained async scheduling, by batch
     roof: dict[str, float] = {}
     frac: dict[str, float] = {}
     frac_measured: dict[str, float] = {}
@@ -363,7 +256,10 @@ def main(argv: list[str]) -> int:
         # warm-up leaves inside the timed loop (benchmarks/notes-engine.md).
         engine_decode(engine, prompts, 2, temperature=a.temperature)
         seconds: list[float] = []
-        rate, outputs = engine_decode(engine, prompts, n, seconds, temperature=a.temperature)
+        drained: list[int] = []
+        rate, outputs = engine_decode(engine, prompts, n, seconds, a.temperature, drained)
+        if drained:
+            async_drains[str(B)] = drained[0]
         k = str(B)
         main_outputs[k] = outputs
         decode[k] = rate
@@ -413,7 +309,7 @@ def main(argv: list[str]) -> int:
         notes["ab"] = run_ab(
             a.ab,
             lambda: Engine(model, EngineConfig(**ecfg)),
-            lambda eng, prompts: _warm_decode(eng, prompts, n, a.temperature),
+            lambda eng, prompts: warm_decode(eng, prompts, n, a.temperature),
             decode_graph_ms,
             main_prompts,
             decode,
@@ -477,6 +373,7 @@ def main(argv: list[str]) -> int:
         "decode_step_ms": step_ms,
         "decode_step_ms_median": step_median_ms,
         "decode_step_outliers_ms": outliers,  # [[step, ms]] over OUTLIER_FACTOR x the median
+        "decode_async_drains": async_drains,  # timed steps that drained async scheduling
         "hf_generate_tokens_per_s": hf_rate,
         "hf_skipped": hf_skipped,
         "speedup_vs_hf": {b: decode[b] / hf_rate[b] for b in hf_rate},
@@ -533,10 +430,10 @@ def _prefill_rate(engine: Engine, prompts: list[list[int]], device: torch.device
     Triton cache was already filled (benchmarks/notes-engine.md)."""
     params = SamplingParams(temperature=0, max_tokens=1)
     engine.generate(prompts, params)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     engine.generate(prompts, params)
-    _sync(device)
+    sync(device)
     return sum(len(p) for p in prompts) / (time.perf_counter() - t)
 
 
