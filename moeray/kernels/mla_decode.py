@@ -381,7 +381,8 @@ def _mla_decode_rows(
     # Hopper's wgmma for 64-row head blocks, warp-specialized (the same partials, merged below):
     # 480 TFLOP/s against this kernel's 244 at 128 heads, batch 64, 4K on an H100 (benchmarks/
     # notes-kernels.md; the engine at V3 widths: notes-engine.md).
-    fits = mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h)
+    # (`wide` checked the 64-row fit already)
+    fits = (wide and block_h == 64) or mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h)
     if wgmma and not (direct or fold) and fits:
         args = (q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads)
         if switched_off("MLA_WS"):

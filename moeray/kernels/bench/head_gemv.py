@@ -17,10 +17,13 @@ against the device-to-device copy measured in the same run."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 
 from moeray.kernels.bench.common import _copies, _cycling, _graph_ms, _rec
-from moeray.kernels.head_gemv import head_config, head_gemv
+from moeray.kernels.head_gemv import head_config, head_gemv, head_matmul
 
 HBM_TBPS = 4.8  # H200 datasheet
 HEADS = (("moonlight", 16), ("v3", 128))
@@ -86,11 +89,10 @@ def bench_head_gemv(ceil: dict) -> list[dict]:
 
 
 def _bmm(x_RHK: torch.Tensor, w_HKN: torch.Tensor) -> torch.Tensor:
-    """head_matmul's path at 2+ rows (MOERAY_FUSED_HEAD_BMM): one bmm into [R, H, N]."""
-    r, h, _ = x_RHK.shape
-    y = torch.empty(r, h, w_HKN.shape[2], device=x_RHK.device, dtype=x_RHK.dtype)
-    torch.bmm(x_RHK.transpose(0, 1), w_HKN, out=y.transpose(0, 1))
-    return y
+    """head_matmul's default past 16 rows at inference (MOERAY_FUSED_HEAD_BMM: one bmm into
+    [R, H, N]), HEAD_TILE off whatever the environment says."""
+    with torch.inference_mode(), mock.patch.dict(os.environ, {"MOERAY_FUSED_HEAD_TILE": "0"}):
+        return head_matmul(x_RHK, w_HKN)
 
 
 def _wide_rows(x_RHK: torch.Tensor, copies: list, ref: torch.Tensor) -> dict:

@@ -16,6 +16,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from moeray.platform.engine.bench.decode import sync
 from moeray.platform.engine.sampler import SamplingParams
 
 # (category, name fragments), lowercase. The router before the MoE (its Triton kernel is
@@ -131,11 +132,6 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def exclusive_us(intervals: list[tuple[float, float]]) -> list[float]:
     """Each interval's (start_us, end_us) share of the timeline that no earlier-starting interval
     covers: with programmatic dependent launch a kernel starts while its predecessor runs and
@@ -211,7 +207,7 @@ def _start_decoding(engine, prompts: list[list[int]], steps: int) -> list[str]:
     requests = engine.scheduler.requests
     while any(len(requests[r].output_token_ids) < 3 for r in ids if r in requests):
         engine.step()
-    _sync(engine.device)
+    sync(engine.device)
     return ids
 
 
@@ -305,7 +301,7 @@ def profile_decode(engine, prompts: list[list[int]], steps: int) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
-        _sync(device)
+        sync(device)
     wall = time.perf_counter() - t
     _stop_decoding(engine, ids)
     pairs: list[tuple]  # (name, duration_us[, exclusive_us])
