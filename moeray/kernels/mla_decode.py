@@ -11,9 +11,9 @@ value output [.., V] (the caller multiplies by W_O).
 
 Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS share of the
 sequence's own pages through the block table with an online softmax, writes a partial output and
-its log-sum-exp. Stage 2 merges the splits (kernels/mla_merge.py); with W_UV and
-MOERAY_FUSED_MLA_WUV=1 (opt-in) it also applies W_UV for up to MERGE_OUT_MAX_ROWS query tokens,
-where otherwise `head_gemv.head_matmul` does after it. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in)
+its log-sum-exp. Stage 2 merges the splits (kernels/mla_merge.py); given W_UV it also applies
+W_UV for up to MERGE_OUT_MAX_ROWS query tokens (MOERAY_FUSED_MLA_WUV=0: never), where otherwise
+`head_gemv.head_matmul` does after it. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in)
 stage 1 writes the merged output itself: at one split directly (the same bits), at several in the
 last split program of each (sequence, head block), counted on a caller's zeroed workspace
 (`mla_counters`). With MOERAY_FUSED_MLA_KV_EARLY=1 (opt-in) each split reads its first page
@@ -433,11 +433,12 @@ def _mla_decode_rows(
         )
     if direct or fold:
         return out, lse_out, False
-    # W_UV in the merge launch (opt-in MOERAY_FUSED_MLA_WUV=1, kernels/mla_merge.py): for few
-    # query tokens, where the separate per-head GEMM is a launch of its own (H200, Moonlight batch
-    # 1: 3.2 us of cuBLAS for 2 MB of W_UV, ~0.4 us of bytes).
+    # W_UV in the merge launch (kernels/mla_merge.py; MOERAY_FUSED_MLA_WUV=0 keeps the GEMM): for
+    # few query tokens, where the separate per-head GEMM is a launch of its own (H200, Moonlight
+    # batch 1: 3.5 us of cuBLAS for 2 MB of W_UV, ~0.4 us of bytes).
     few = b * q_len <= MERGE_OUT_MAX_ROWS
-    if w_out is not None and few and merge_out_takes(w_out.shape[-1]) and switched_on("MLA_WUV"):
+    fold_w = few and not switched_off("MLA_WUV")
+    if fold_w and w_out is not None and merge_out_takes(w_out.shape[-1]):
         out, lse_out = mla_merge_out(o, lse, w_out, out.dtype, num_splits, ns_pow2, fresh_w)
         return out, lse_out, True
     mla_merge(o, lse, out, lse_out, num_splits, ns_pow2)
@@ -472,7 +473,7 @@ def mla_decode_multi(
     weight viewed [H, N + V, R], sliced [:, N:] and transposed). out is then the value output
     o_v [B, S, H, V] = o_lat W_UV[h] per head: computed by the merge kernel (one launch,
     `mla_merge.mla_merge_out`) where the split kernel's partials are merged separately (not the
-    MLA_DIRECT paths), MOERAY_FUSED_MLA_WUV=1, B * S <= MERGE_OUT_MAX_ROWS and V is a power of
+    MLA_DIRECT paths), MOERAY_FUSED_MLA_WUV not "0", B * S <= MERGE_OUT_MAX_ROWS and V is a power of
     two >= 16; else by `head_gemv.head_matmul(o_lat, w_out, fresh_w=fresh_w)`, the model's own
     unfused product. Fused, the latent is rounded to q's dtype as the unfused path stores it and
     the product sums in fp32: within one rounding of the unfused output. `fresh_w`: w_out was

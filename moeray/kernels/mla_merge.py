@@ -32,11 +32,11 @@ import triton.language as tl
 
 from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, to_dtype_rn
 
-# Query rows (B x S) up to which `mla_decode_multi` folds W_UV into the merge (opt-in
-# MOERAY_FUSED_MLA_WUV=1: at Moonlight batch 1 on an H100 ~3% faster in bf16 and ~3% slower in
-# FP8, results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json): at batch 1-2 decode and MTP
-# verification. Each query token's programs read all of W_UV (Moonlight 2 MB, V3 16 MB in bf16),
-# mostly from L2 after the first.
+# Query rows (B x S) up to which `mla_decode_multi` folds W_UV into the merge (the default;
+# MOERAY_FUSED_MLA_WUV=0 keeps the separate GEMM): at batch 1-4 decode and MTP verification. At
+# Moonlight batch 1 on an H200 the decode graph runs 3.6-5.9% faster in bf16 and FP8, even at V3's
+# 128 heads (results/engine-nvidia-h200-*-wuv.json, -b1ab3.json). Each query token's programs read
+# all of W_UV (Moonlight 2 MB, V3 16 MB in bf16), mostly from L2 after the first.
 MERGE_OUT_MAX_ROWS = 4
 _BV = 16  # value dims a program: [16, 512] bf16 is 16 KB of W, 32 registers a thread at 4 warps
 

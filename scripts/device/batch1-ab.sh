@@ -1,4 +1,4 @@
-# The batch-1 switches (FP8_GEMV_WIDE, GEMV_WIDE, MOE_DOWN_EARLY, MLA_WUV opt-in; MLA_WUK,
+# The batch-1 switches (FP8_GEMV_WIDE, GEMV_WIDE, MOE_DOWN_EARLY opt-in; MLA_WUV, MLA_WUK,
 # FP8_GEMV_ONE_STEP) timed against the shipped engine in one run each at the Moonlight shape (`bench
 # engine --ab`, batch 1 only: none of them changes a launch past 4 rows), for each of B1_WEIGHTS
 # (default "fp8 bf16"), then the GPU tests of their kernels and of the engine paths they touch

@@ -1,11 +1,11 @@
-"""The MLA decode's merge with W_UV folded in (kernels/mla_merge.py `mla_merge_out`) compiled on
-the GPU (marker gpu; skipped without CUDA), at Moonlight-16B-A3B (16 heads) and DeepSeek-V3 (128
-heads) widths, C = 512, V = 128, batch 1: against mla_merge (the same latent bits) and the per-head
-product (within one bf16 rounding, nearly all bits equal), outputs NaN-poisoned first, eagerly
-and replayed from a CUDA graph on new partials; and mla_decode with W_UV and
-MOERAY_FUSED_MLA_WUV=1: two launches (split, merge with W_UV), within a rounding of the unfused
-latent + head_matmul; and the tiny model's greedy tokens through the engine (decode in CUDA
-graphs) with the switch set and unset."""
+"""The MLA decode's merge with W_UV folded in (kernels/mla_merge.py `mla_merge_out`) compiled on the
+GPU (marker gpu; skipped without CUDA), at Moonlight-16B-A3B (16 heads) and DeepSeek-V3 (128 heads)
+widths, C = 512, V = 128, batch 1: against mla_merge (the same latent bits) and the per-head product
+(within one bf16 rounding, nearly all bits equal), outputs NaN-poisoned first, eagerly and replayed
+from a CUDA graph on new partials; and mla_decode with W_UV (by default; MOERAY_FUSED_MLA_WUV=0
+keeps the GEMM): two launches (split, merge with W_UV), within a rounding of the unfused latent +
+head_matmul; and the tiny model's greedy tokens through the engine (decode in CUDA graphs) with the
+switch set and unset."""
 
 import os
 
@@ -92,8 +92,9 @@ def test_merge_out_model_shapes(model, fresh_w):
 
 @pytest.mark.parametrize("model", sorted(HEADS))
 def test_decode_with_w_uv_in_the_merge(model, monkeypatch):
-    """Batch 1 over 300 cached tokens: with MOERAY_FUSED_MLA_WUV=1 the split kernel and the merge
-    with W_UV, no GEMM; unset, the latent and head_matmul (cuBLAS): within one bf16 rounding."""
+    """Batch 1 over 300 cached tokens: by default the split kernel and the merge with W_UV, no
+    GEMM; with MOERAY_FUSED_MLA_WUV=0 the latent and head_matmul (cuBLAS): within one bf16
+    rounding."""
     h = HEADS[model]
     w = _w_uv(h)
     page, n = 64, 300
@@ -106,10 +107,10 @@ def test_decode_with_w_uv_in_the_merge(model, monkeypatch):
     def run():
         return mla_decode(q, kv, table, seq, 192**-0.5, w_out=w)
 
-    monkeypatch.delenv("MOERAY_FUSED_MLA_WUV", raising=False)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "0")
     off = run()
     assert torch.equal(off, head_matmul(mla_decode(q, kv, table, seq, 192**-0.5), w))
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1")
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUV", raising=False)
     poison()
     on = run()
     assert on.shape == (1, h, V) and torch.isfinite(on).all()
@@ -122,7 +123,7 @@ def test_decode_with_w_uv_in_the_merge(model, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_greedy_unchanged_by_w_uv_in_the_merge(dtype, monkeypatch):
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1")
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUV", raising=False)
     fused, n_fused = tiny_greedy(dtype, monkeypatch, decode_mod, "mla_merge_out")
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "0")
     plain, n_plain = tiny_greedy(dtype, monkeypatch, decode_mod, "mla_merge_out")

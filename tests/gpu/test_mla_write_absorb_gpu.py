@@ -9,6 +9,7 @@ model's greedy tokens through the engine with the switch on and off."""
 import pytest
 import torch
 
+from moeray.kernels import mla_write_absorb as absorb_mod
 from moeray.kernels.mla_write_absorb import mla_write_absorb, mla_write_absorb_ref
 from moeray.platform.engine import paged_view as view_mod
 from tests.gpu.gemv_checks import captured, cuda_kernels, poison, tiny_greedy, within_rounding
@@ -90,10 +91,21 @@ def test_absorb_at_model_shapes(model, rows, fresh_w, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_greedy_unchanged_by_absorbing_in_the_write(dtype, monkeypatch):
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "1")
-    fused, n_fused = tiny_greedy(dtype, monkeypatch, view_mod, "mla_write_absorb")
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")
-    plain, n_plain = tiny_greedy(dtype, monkeypatch, view_mod, "mla_write_absorb")
+    def greedy(switch: str) -> tuple[list[list[int]], int]:
+        """Greedy tokens with MLA_WUK set to `switch`, and the write launches that absorbed the
+        query (the view calls mla_write_absorb either way; it runs its kernel where it applies)."""
+        monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", switch)
+        ran, real = [], absorb_mod.mla_write_absorb_applies
+        monkeypatch.setattr(
+            absorb_mod,
+            "mla_write_absorb_applies",
+            lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1],
+        )
+        tokens, _ = tiny_greedy(dtype, monkeypatch, view_mod, "mla_write_absorb")
+        return tokens, sum(ran)
+
+    fused, n_fused = greedy("1")
+    plain, n_plain = greedy("0")
     assert n_fused > 0 and n_plain == 0, (n_fused, n_plain)  # decode rows (3) took the fold
     assert all(len(o) == 10 for o in fused)
     assert fused == plain

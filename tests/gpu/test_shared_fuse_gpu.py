@@ -2,9 +2,9 @@
 without CUDA): the engine's greedy outputs with the shared experts run as extra experts of the
 fused MoE kernels match those with MOERAY_FUSED_SHARED=0 (bf16, FP8 e4m3 + 128x128 scales; with MTP
 drafting), and a profiled decode step (CUDA-graph replays) runs fewer kernels: per MoE layer the
-shared MLP's gemv + SwiGLU + gemv, 3 (at least 3 in FP8, where a gemv without its split-K
-workspace adds a reduce launch; the fused gate writes the shared ids and weights in its own launch
-at decode).
+shared MLP's gemv + SwiGLU + gemv, at least 3 (a gemv that splits K adds a reduce launch: 5 a
+layer in bf16 and 4 in FP8 on an H200; the fused gate writes the shared ids and weights in its own
+launch at decode).
 
 "Match" as vLLM's check_logprobs_close: the fused sums round differently (shared_fuse.py), so a
 near-tie may flip a greedy token; each sequence's tokens are equal up to its first difference,
@@ -145,7 +145,4 @@ def test_fewer_kernels_per_decode_step(fp8, monkeypatch):
         del eng
     saved = per_step[False] - per_step[True]
     print(f"kernels per decode step, fp8={fp8}: {per_step[False]} -> {per_step[True]}")
-    if fp8:
-        assert saved >= 3 * moe_layers, per_step
-    else:
-        assert saved == 3 * moe_layers, per_step
+    assert saved >= 3 * moe_layers, per_step

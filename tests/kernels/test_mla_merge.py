@@ -1,10 +1,10 @@
 """The split-KV MLA decode's merge with W_UV folded in (moeray.kernels.mla_merge.mla_merge_out)
-under the interpreter: the merge kernel followed by the per-head product, to the bit, at odd
-shapes (3 heads x 2 tokens, 3 splits padded to 4, a row whose splits are all empty, W_UV as the
-model's transposed view); mla_decode_multi's choice (MOERAY_FUSED_MLA_WUV=1 and few query
-tokens: one merge launch; else the latent and head_matmul, the model's own product); the bad
-W_UV values it names; the tiny model's greedy tokens through the engine's paged view with the
-switch on and off."""
+under the interpreter: the merge kernel followed by the per-head product, to the bit, at odd shapes
+(3 heads x 2 tokens, 3 splits padded to 4, a row whose splits are all empty, W_UV as the model's
+transposed view); mla_decode_multi's choice (few query tokens and MOERAY_FUSED_MLA_WUV not 0, the
+default: one merge launch; else the latent and head_matmul, the model's own product); the bad W_UV
+values it names; the tiny model's greedy tokens through the engine's paged view with the switch on
+and off."""
 
 import pytest
 import torch
@@ -106,21 +106,21 @@ def _decode_case(lens, s_q, v=16):
 
 @pytest.mark.parametrize(("lens", "s_q"), [([37, 1, 80, 16], 1), ([37, 5], 2)])
 def test_decode_folds_w_uv_into_the_merge(lens, s_q, monkeypatch, launch_spy):
-    """mla_decode_multi with w_out at B * S = 4 query tokens (MERGE_OUT_MAX_ROWS): unset, the
-    latent then head_matmul, to the bit; MOERAY_FUSED_MLA_WUV=1, one merge launch applying W_UV
-    (no plain merge): the same lse, the latent's product to the bit, within a bf16 rounding of
-    head_matmul's."""
+    """mla_decode_multi with w_out at B * S = 4 query tokens (MERGE_OUT_MAX_ROWS): with
+    MOERAY_FUSED_MLA_WUV=0, the latent then head_matmul, to the bit; by default, one merge launch
+    applying W_UV (no plain merge): the same lse, the latent's product to the bit, within a bf16
+    rounding of head_matmul's."""
     assert len(lens) * s_q == MERGE_OUT_MAX_ROWS
     args, w = _decode_case(lens, s_q)
     kw = dict(kv_lora_rank=C, num_splits=3, return_lse=True)
     merges = launch_spy(mla_merge, "_mla_merge_kernel")
     folds = launch_spy(mla_merge, "_mla_merge_out_kernel")
-    monkeypatch.delenv("MOERAY_FUSED_MLA_WUV", raising=False)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "0")
     lat, lse = decode_mod.mla_decode_multi(*args, **kw)
     off, off_lse = decode_mod.mla_decode_multi(*args, **kw, w_out=w)
     assert torch.equal(off, head_matmul(lat, w)) and torch.equal(off_lse, lse)
     assert (len(merges), len(folds)) == (2, 0)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1")
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUV", raising=False)
     on, on_lse = decode_mod.mla_decode_multi(*args, **kw, w_out=w, fresh_w=True)
     assert (len(merges), len(folds)) == (2, 1)
     b = len(lens)
@@ -134,7 +134,7 @@ def test_decode_folds_w_uv_into_the_merge(lens, s_q, monkeypatch, launch_spy):
 
 
 def test_decode_keeps_w_uv_apart_where_the_merge_does_not_fold(monkeypatch, launch_spy):
-    """With MOERAY_FUSED_MLA_WUV=1 the latent and head_matmul (to the bit) past
+    """With MLA_WUV on the latent and head_matmul (to the bit) past
     MERGE_OUT_MAX_ROWS query tokens, where the split kernel writes the output itself
     (MOERAY_FUSED_MLA_DIRECT=1 at one split), for a V the kernel does not take, and on the CPU
     reference path."""
@@ -161,7 +161,7 @@ def test_decode_keeps_w_uv_apart_where_the_merge_does_not_fold(monkeypatch, laun
 
 def test_engine_greedy_same_with_w_uv_in_the_merge(monkeypatch, launch_spy):
     """tiny() in bf16 through the engine's paged view (attention="kernel", the interpreter
-    standing in for CUDA; MLA hands the view its W_UV) with MOERAY_FUSED_MLA_WUV=1 and unset:
+    standing in for CUDA; MLA hands the view its W_UV) with MOERAY_FUSED_MLA_WUV=1 and 0:
     the same greedy tokens and their logprobs within bf16 rounding, the merge applying W_UV at
     decode (2 sequences) only when set. Dense layers only: the interpreter's MoE would take most
     of the time."""

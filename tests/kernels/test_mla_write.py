@@ -222,8 +222,10 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
     from moeray.kernels.norm import rms_norm_applies
     from moeray.kernels.rope import rope_applies
 
-    # W_UK stays with MLA on both sides (test_mla_write_absorb.py folds it into the write)
+    # W_UK and W_UV stay with MLA on both sides (test_mla_write_absorb.py folds W_UK into the
+    # write, test_mla_hands_w_uv_to_the_view below W_UV into the merge)
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "0")
     mla, x, cos, sin = _tiny_mla(torch.float32)
     launches = launch_spy(write_mod, "_mla_write_pack_kernel")
     view_ropes = []  # the view's own rotations: none when the kernel rotates
@@ -253,8 +255,9 @@ def test_mla_hands_the_raw_latent_to_the_view(monkeypatch, launch_spy, fused):
 def test_mla_hands_w_uv_to_the_view(monkeypatch, launch_spy, on):
     """A bf16 MLA layer of tiny() decoding 2 sequences x 2 tokens through KernelPagedView, which
     `folds_w_uv` (MLA passes W_UV and applies only o_proj), against a view that does not (MLA's
-    own W_UV product): unset, the same bits; with MOERAY_FUSED_MLA_WUV=1 the merge launch applies
-    W_UV (one per layer call), its o_v within a bf16 rounding, the layer's output within a few."""
+    own W_UV product): with MOERAY_FUSED_MLA_WUV=0, the same bits; with 1 (the default) the
+    merge launch applies W_UV (one per layer call), its o_v within a bf16 rounding, the layer's
+    output within a few."""
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1" if on else "0")
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")  # the query absorbed by MLA on both sides
     mla, x, cos, sin = _tiny_mla(torch.bfloat16)
