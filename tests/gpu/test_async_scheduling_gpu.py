@@ -2,8 +2,10 @@
 equal the synchronous engine's at batch 1 and 4 (the decode graphs read the previous step's ids on
 the device), most decode steps launched one step ahead, and a step returning before its forward
 ends (no host sync inside), greedy and, with async_scheduling_sampled, seeded sampled requests
-(the sampler's settings and uniforms copied without a sync, its fix-up without a read-back).
-Marker gpu; skipped without CUDA."""
+(the sampler's settings and uniforms copied without a sync, its fix-up without a read-back);
+with async_scheduling_prefill, requests admitted mid-decode prefill (one over two chunks) in steps
+launched ahead beside the graphed decodes, with the synchronous engine's tokens. Marker gpu;
+skipped without CUDA."""
 
 import time
 
@@ -18,7 +20,7 @@ pytestmark = [
 ]
 
 
-def _engine(model, async_scheduling: bool, sampled: bool = False):
+def _engine(model, async_scheduling: bool, sampled: bool = False, prefill: bool = False):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
     return Engine(
@@ -28,9 +30,11 @@ def _engine(model, async_scheduling: bool, sampled: bool = False):
             num_pages=64,
             max_model_len=256,
             max_num_seqs=4,
+            max_num_batched_tokens=64 if prefill else 2048,
             enable_prefix_caching=False,
             async_scheduling=async_scheduling,
             async_scheduling_sampled=sampled,
+            async_scheduling_prefill=prefill,
         ),
     )
 
@@ -134,3 +138,31 @@ def test_a_step_returns_before_its_forward_ends(model, temperature):
     assert host < 0.5 * waited, (host, waited)
     while eng.has_unfinished():
         eng.step()
+
+
+def test_admissions_prefill_in_steps_launched_ahead(model):
+    """Two requests decode; three arrive at later steps (one of 100 tokens: two chunks at the
+    64-token budget), each prefilling beside the decodes in a step launched ahead (pending ids
+    put into their rows on the device): tokens equal the synchronous engine's, one drain."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 20, 100, 13, 30)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    arrive = {0: prompts[:2], 4: prompts[2:4], 7: prompts[4:]}
+    results, drains = {}, {}
+    for mode in ("sync", "ahead"):
+        eng = _engine(model, mode == "ahead", prefill=mode == "ahead")
+        ids, final, call = [], {}, 0
+        while call <= max(arrive) or eng.has_unfinished():
+            ids += [eng.add_request(p, params) for p in arrive.get(call, [])]
+            for o in eng.step():
+                if o.finished:
+                    final[o.request_id] = o.output_token_ids
+            call += 1
+        results[mode] = [final[r] for r in ids]
+        if mode == "ahead":
+            assert eng.runner.graph_status.startswith("captured"), eng.runner.graph_status
+            drains[mode] = eng._overlap.drained_steps
+    assert results["ahead"] == results["sync"]
+    assert drains["ahead"] <= 1, drains

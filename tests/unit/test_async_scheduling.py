@@ -65,8 +65,9 @@ def test_default_is_on_for_cuda_engines_only(model):
         cfg = ServeConfig(async_scheduling=value)
         assert engine_config(cfg, "cuda").async_scheduling is value
     for value in (True, False):
-        cfg = ServeConfig(async_scheduling_sampled=value)
+        cfg = ServeConfig(async_scheduling_sampled=value, async_scheduling_prefill=value)
         assert engine_config(cfg, "cuda").async_scheduling_sampled is value
+        assert engine_config(cfg, "cuda").async_scheduling_prefill is value
 
 
 def test_greedy_outputs_equal_the_synchronous_engine(model):
@@ -183,10 +184,6 @@ def test_advance_resolve_and_device_ids_refuse_what_they_do_not_take(model):
     eng = _engine(model, False)
     eng.add_request(_prompts(1)[0], SamplingParams(temperature=0, max_tokens=4))
     out = eng.scheduler.schedule()  # a prefill
-    with pytest.raises(ValueError, match="advance takes plain decodes only"):
-        eng.scheduler.advance(out)
-    with pytest.raises(ValueError, match="ids_on_device"):
-        eng.runner.execute(out.scheduled, ids_on_device=torch.zeros(1, dtype=torch.long))
     eng._step_scheduled(out)
     out = eng.scheduler.schedule()  # now a decode
     with pytest.raises(ValueError, match="no pending token"):
@@ -194,6 +191,9 @@ def test_advance_resolve_and_device_ids_refuse_what_they_do_not_take(model):
     eng.scheduler.advance(out)
     req = out.scheduled[0].request
     assert req.token_ids[-1] == PENDING and req.num_computed == len(req.token_ids) - 1
+    ahead = eng.scheduler.schedule()  # the decode of the pending id: one device id a sequence
+    with pytest.raises(ValueError, match="ids_on_device"):
+        eng.runner.execute(ahead.scheduled, ids_on_device=torch.zeros(2, dtype=torch.long))
 
 
 def test_prefix_cache_pages_committed_with_the_real_ids(model):

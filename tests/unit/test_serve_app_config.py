@@ -38,6 +38,7 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "65536",
                 "--no-async-scheduling",
                 "--no-async-scheduling-sampled",
+                "--async-scheduling-prefill",
                 "--write-config",
                 str(f),
             ]
@@ -60,7 +61,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.max_body_bytes,
         cfg.async_scheduling,
         cfg.async_scheduling_sampled,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False)
+        cfg.async_scheduling_prefill,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"

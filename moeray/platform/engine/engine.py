@@ -91,12 +91,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    # GPU: capture every decode graph up to max_num_seqs when the engine starts (as vLLM does),
-    # not at a batch size's first step.
+    # GPU: capture every decode graph up to max_num_seqs at the start (as vLLM does), not later.
     capture_graphs_at_start: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
-    # MLA path of prefill chunks: "auto"/"expanded" (up-projected keys and values), "absorbed"
-    # (latent space, as decode); see ModelRunner.
+    # MLA path of prefill chunks: "auto"/"expanded" (up-projected K and V), "absorbed" (latent).
     prefill_attention: str = "auto"
     seed: int = 0
     # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
@@ -106,11 +104,13 @@ class EngineConfig:
     # hides the host's 0.3-2.7 ms a step (H200: Moonlight bf16 batch 64 4,774 -> 5,875 tok/s,
     # benchmarks/notes-engine.md), off on CPU, whose forward runs on the host that would overlap it.
     async_scheduling: bool | None = None
-    # With async scheduling, sampled (temperature > 0) requests run ahead too, not only greedy
-    # ones: their uniforms are drawn when the step is launched and the sampler reads nothing back.
-    # H200 at temperature 1 (benchmarks/notes-engine.md): Moonlight FP8 batch 1 / 8 / 64
-    # 420 -> 478 / 1,477 -> 1,757 / 6,009 -> 6,889 tok/s, V3 widths FP8 517 -> 633 at batch 1.
+    # With async scheduling, sampled (temperature > 0) requests run ahead too: their uniforms are
+    # drawn at launch, nothing read back (H200, temperature 1: Moonlight FP8 batch 64 6,009 ->
+    # 6,889 tok/s, V3 widths FP8 batch 1 517 -> 633; benchmarks/notes-engine.md).
     async_scheduling_sampled: bool = True
+    # ... and steps with prefill chunks (a request admitted while a step is in flight) as well;
+    # opt-in: each admission then skips a drain, not yet timed on a GPU.
+    async_scheduling_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

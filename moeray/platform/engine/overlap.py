@@ -15,14 +15,16 @@ outputs of `update`), so `Engine.step` returns each step's outputs one call late
 stops on a token found at resolve (EOS, a stop id or string) had one more decode in flight: that
 token is dropped. Only plain greedy decodes overlap (and sampled ones with
 `EngineConfig.async_scheduling_sampled`: the sampler draws their uniforms at launch and reads
-nothing back): a step with a prefill, a waiting or preempted request, drafts, logprobs, logits
-processing, a grammar or a KV export runs as before, after the step in flight is resolved
-("drained"). A request added with its prefill done elsewhere (`Engine.add_prefilled_request`, the
-decode side of prefill/decode disaggregation) joins the next step without a drain: its known
-token goes up beside the gathered ids. A request whose in-flight token is its last by
-max_tokens or max_model_len is left out of the next step (`Scheduler.ends_in_flight`) while the
-rest go on overlapping; the step drains only when all of them end so.
-Outputs equal the synchronous engine's token for token.
+nothing back), and with `EngineConfig.async_scheduling_prefill` prefill chunks beside them (a
+waiting request is admitted while a step is in flight: its chunk's ids are known, its first token
+stays on the device like a decode's); a step with a preempted request, drafts, logprobs (prompt
+logprobs too), logits processing, a grammar or a KV export runs as before, after the step in flight
+is resolved ("drained"), and so does one with a prefill without that setting. A request added with
+its prefill done elsewhere (`Engine.add_prefilled_request`, the decode side of prefill/decode
+disaggregation) joins the next step without a drain: its known token goes up from the host. A
+request whose in-flight token is its last by max_tokens or max_model_len is left out of the next
+step (`Scheduler.ends_in_flight`) while the rest go on overlapping; the step drains only when all of
+them end so. Outputs equal the synchronous engine's token for token.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from typing import Any
 
 import torch
 
-from moeray.platform.engine.scheduler import PENDING, Request, RequestOutput, SchedulerOutput
+from moeray.platform.engine.scheduler import (
+    PENDING,
+    Request,
+    RequestOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+)
 
 
 @dataclass
@@ -62,10 +70,15 @@ def _overlaps(req: Request, sampled: bool) -> bool:
     )
 
 
-def _joins(req: Request) -> bool:
-    """Whether a running request the step in flight did not run can join the next one: a
-    one-token decode of a known token (one added by `add_prefilled_request` meanwhile)."""
-    return req.token_ids[-1] != PENDING and len(req.token_ids) - req.num_computed == 1
+def _in_flight(s: ScheduledSeq) -> bool:
+    """Whether a scheduled row decodes the token of the step in flight (its id on the device)."""
+    return s.input_ids == (PENDING,)
+
+
+def _admits(req: Request) -> bool:
+    """Whether a waiting request's prefill can run in a step launched ahead: no prompt logprobs
+    (the step's logits are not read back)."""
+    return not req.needs_prompt_logprobs
 
 
 class DecodeOverlap:
@@ -76,6 +89,7 @@ class DecodeOverlap:
         self.engine = engine  # the Engine that owns this (typed loosely: engine.py imports us)
         engine.runner.pin_inputs = engine.device.type == "cuda"
         self.sampled = bool(engine.config.async_scheduling_sampled)
+        self.prefill = bool(engine.config.async_scheduling_prefill)
         self.pending: _Pending | None = None
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0  # calls that resolved the step in flight without launching one
@@ -87,6 +101,8 @@ class DecodeOverlap:
                 return self._drain()
             out = sched.schedule()
             prev = self.pending
+            if not (out.scheduled or out.preempted or sched.finished_at_schedule):
+                return self._drain()  # a waiting request that found no pages: nothing to launch
             if out.preempted or not self._plain(out):  # _can_continue rules both out
                 raise RuntimeError("async scheduling: the next step is not the in-flight one's")
             self.pending = self._launch(out, self._next_ids(prev, out))
@@ -101,24 +117,16 @@ class DecodeOverlap:
         return eng._step_scheduled(out)
 
     def _next_ids(self, prev: _Pending, out: SchedulerOutput) -> torch.Tensor:
-        """The input ids of a step launched while `prev` is in flight, in its row order: prev's
-        sampled ids for the rows it ran, gathered on the device, and the known last token of a
-        request that joined since (one added with its prefill done elsewhere) after them; index
-        and token uploads, no read-back: the host never waits for them here."""
+        """One id per row of a step launched while `prev` is in flight: for a decode of an
+        in-flight token (input (PENDING,)) prev's sampled id for the same request, gathered on the
+        device; for every other row (a prefill chunk, a request added with its prefill done
+        elsewhere) an unread 0, its known ids going up from the host (`ModelRunner.execute`). An
+        index upload, no read-back: the host never waits for them here."""
         eng = self.engine
         pin = eng.device.type == "cuda"
         rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
-        src, joined, idx = prev.tokens_B, list[int](), list[int]()
-        for s in out.scheduled:
-            i = rows.get(s.request.request_id)
-            if i is None:
-                i = len(rows) + len(joined)
-                joined.append(s.input_ids[0])
-            idx.append(i)
-        if joined:
-            known = torch.tensor(joined, dtype=src.dtype, pin_memory=pin)
-            src = torch.cat([src, known.to(eng.device, non_blocking=True)])
-        return src[torch.tensor(idx, pin_memory=pin).to(eng.device, non_blocking=True)]
+        idx = [rows[s.request.request_id] if _in_flight(s) else 0 for s in out.scheduled]
+        return prev.tokens_B[torch.tensor(idx, pin_memory=pin).to(eng.device, non_blocking=True)]
 
     def _drain(self) -> list[RequestOutput]:
         """Resolve the step in flight; the next call schedules from known tokens."""
@@ -136,11 +144,18 @@ class DecodeOverlap:
             and eng.drafter is None
             and eng.runner.gang is None
             and not eng._exports
-            and all(
-                s.is_decode and s.num_tokens == 1 and _overlaps(s.request, self.sampled)
-                for s in out.scheduled
-            )
+            and all(self._ahead(s) for s in out.scheduled)
         )
+
+    def _ahead(self, s: ScheduledSeq) -> bool:
+        """Whether a scheduled row can run in a step launched ahead: a one-token decode, or with
+        `prefill` a chunk of a prompt (no draft tokens, no prompt logprobs), of a request that
+        `_overlaps`."""
+        if s.spec_token_ids or not _overlaps(s.request, self.sampled):
+            return False
+        if s.is_decode:
+            return s.num_tokens == 1
+        return self.prefill and not s.request.needs_prompt_logprobs
 
     def _can_continue(self, prev: _Pending) -> bool:
         """Whether the next schedule will run the in-flight step's running requests as one-token
@@ -149,19 +164,34 @@ class DecodeOverlap:
         max_tokens or max_model_len is left out of that schedule (`Scheduler.ends_in_flight`)
         and ends at this step's resolve, so a batch whose requests end at different steps keeps
         overlapping; only when every one ends there does the step drain."""
-        sched = self.engine.scheduler
-        running = sched.running
+        eng, sched = self.engine, self.engine.scheduler
+        running, waiting = sched.running, sched.waiting
         launched = {s.request.request_id for s in prev.output.scheduled}
-        if sched.waiting or not running or len(running) > sched.config.max_num_batched_tokens:
+        if waiting and not (self.prefill and not eng._exports and all(map(_admits, waiting))):
+            return False  # an admission runs a prefill step after the drain
+        if not (running or waiting) or len(running) > sched.config.max_num_batched_tokens:
             return False
-        if sched.kv.pool.num_available < len(running):
+        # A page for each decode, and a prompt's remaining pages for each request mid-prefill:
+        # the next schedule must not preempt (a preempted request would lose its in-flight id).
+        kv = sched.kv
+        prefilling = [r for r in running if len(r.token_ids) - r.num_computed > 1]
+        need = sum(kv.can_grow(r.request_id, len(r.token_ids)) for r in prefilling)
+        if kv.pool.num_available < len(running) + need:
             return False
-        if all(sched.ends_in_flight(req) for req in running):
+        if not waiting and all(sched.ends_in_flight(req) for req in running):
             return False
         return all(
-            _overlaps(req, self.sampled) and (req.request_id in launched or _joins(req))
+            _overlaps(req, self.sampled) and (req.request_id in launched or self._known(req))
             for req in running
-        )
+        ) and all(_overlaps(req, self.sampled) for req in waiting)
+
+    def _known(self, req: Request) -> bool:
+        """Whether a running request the step in flight did not run can be in the next one from
+        known ids: a one-token decode of a known token (one added by `add_prefilled_request`, or
+        left out of that step by the token budget), or with `prefill` a prompt's next chunk."""
+        if req.token_ids[-1] == PENDING:
+            return False
+        return len(req.token_ids) - req.num_computed == 1 or (self.prefill and _admits(req))
 
     def _launch(self, out: SchedulerOutput, ids_B: torch.Tensor | None) -> _Pending:
         """Forward and greedy sampling of a step of decodes, queued without a host sync; the ids'
@@ -170,10 +200,21 @@ class DecodeOverlap:
         seqs = out.scheduled
         t0 = time.perf_counter()
         fwd = eng.runner.execute(seqs, ids_on_device=ids_B)
-        rows = torch.stack([fwd.logits[i][-1] for i in range(len(seqs))])
-        params = [s.request.params for s in seqs]
-        gens = [s.request.generator for s in seqs]
-        tokens = eng.sampler.tokens(rows, params, gens)
+        # Rows that sample (decodes, a prompt's last chunk); a chunk short of its prompt's end
+        # draws nothing (its generator untouched, as in the synchronous engine) and gets a 0.
+        samp = [i for i, s in enumerate(seqs) if s.samples]
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=eng.device)
+        if samp:
+            rows = torch.stack([fwd.logits[i][-1] for i in samp])
+            params = [seqs[i].request.params for i in samp]
+            gens = [seqs[i].request.generator for i in samp]
+            drawn = eng.sampler.tokens(rows, params, gens)
+            if len(samp) == len(seqs):
+                tokens = drawn
+            else:
+                pin = eng.device.type == "cuda"
+                at = torch.tensor(samp, pin_memory=pin).to(eng.device, non_blocking=True)
+                tokens[at] = drawn.to(tokens.dtype)
         copied: torch.cuda.Event | None = None
         host = tokens
         if tokens.is_cuda:
@@ -189,9 +230,11 @@ class DecodeOverlap:
         if p.copied is not None:
             p.copied.synchronize()
         ids = p.host_B.tolist()
-        sampled = {s.request.request_id: t for s, t in zip(p.output.scheduled, ids, strict=True)}
+        seqs = p.output.scheduled
+        sampled = {s.request.request_id: t for s, t in zip(seqs, ids, strict=True) if s.samples}
         outs = eng.scheduler.resolve(p.output, sampled)
         eng.stats.forward_seconds += time.perf_counter() - p.launched_at
         eng.stats.steps += 1
+        eng.stats.prompt_tokens += sum(s.num_tokens for s in seqs if not s.is_decode)
         eng.stats.generated_tokens += len(outs)
         return eng._attach_exports(outs)

@@ -68,7 +68,7 @@ import torch
 
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
-from moeray.platform.engine.scheduler import ScheduledSeq
+from moeray.platform.engine.scheduler import PENDING, ScheduledSeq
 
 logger = logging.getLogger(__name__)
 
@@ -426,25 +426,38 @@ class ModelRunner:
         A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
         V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row.
-        `ids_on_device` [B] (int64, on the device): the input ids of a step of B one-token
-        decodes, in seqs' order, in place of their `input_ids` (async scheduling: the previous
-        step's sampled ids, not read back)."""
-        if ids_on_device is not None and (
-            any(s.num_tokens != 1 for s in seqs) or ids_on_device.shape != (len(seqs),)
+        `ids_on_device` [B] (int64, on the device, one per sequence in seqs' order): the input
+        id of each one-token decode whose `input_ids` is (PENDING,) (async scheduling: the
+        previous step's sampled id, not read back); the other sequences' entries are unread and
+        their `input_ids` go up from the host."""
+        pending = [i for i, s in enumerate(seqs) if PENDING in s.input_ids]
+        pending_set = set(pending)
+        if pending and (
+            ids_on_device is None
+            or ids_on_device.shape != (len(seqs),)
+            or any(seqs[i].input_ids != (PENDING,) for i in pending)
         ):
+            shape = None if ids_on_device is None else tuple(ids_on_device.shape)
             raise ValueError(
-                f"ids_on_device {tuple(ids_on_device.shape)} for {len(seqs)} sequences: expected "
-                "one id per one-token decode"
+                f"ids_on_device {shape} for {len(seqs)} sequences, {len(pending)} of them "
+                "one-token decodes of a pending id: expected one id per sequence, and a pending "
+                "id only as a decode's one input"
             )
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
         for S, idx in self._groups([s.num_tokens for s in seqs]).items():
             group = [seqs[i] for i in idx]
             ids, starts = self._ids_and_starts(
-                [_pad_ids(s.input_ids, S) for s in group], [s.start for s in group]
+                [_pad_ids(_known(s.input_ids), S) for s in group], [s.start for s in group]
             )
-            if ids_on_device is not None:  # one group: every sequence is a one-token decode
-                ids = ids_on_device.view(-1, 1)
+            rows = [j for j, i in enumerate(idx) if i in pending_set]
+            if rows:
+                assert ids_on_device is not None  # (checked above)
+                if len(rows) == len(seqs):  # every sequence a pending decode: the ids as they are
+                    ids = ids_on_device.view(-1, 1)
+                else:  # pending ids into their rows' first column, the rest from the host
+                    to, fro = self._index(rows), self._index([idx[j] for j in rows])
+                    ids[to, 0] = ids_on_device[fro]
             bt = self._tables_by_id(
                 [s.request.request_id for s in group],
                 self._pages_to(max(s.start for s in group) + S),
@@ -502,6 +515,11 @@ class ModelRunner:
         ).to(self.device, non_blocking=True)
         return both[:, :-1], both[:, -1]
 
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """Row indices as an int64 tensor on the device (one host->device copy, no sync)."""
+        t = torch.tensor(rows, dtype=torch.long, pin_memory=self.pin_inputs)
+        return t.to(self.device, non_blocking=True)
+
     def _pages_to(self, end: int) -> int:
         """Block-table width that covers positions [0, end)."""
         M = -(-end // self.page_size)
@@ -528,6 +546,11 @@ class ModelRunner:
         if self.pin_inputs:
             table = table.pin_memory()
         return table.to(self.device, non_blocking=True)
+
+
+def _known(ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Input ids with a PENDING id as 0: a valid embedding row, overwritten on the device."""
+    return tuple(0 if t == PENDING else t for t in ids)
 
 
 def _pad_ids(ids: Sequence[int], S: int) -> list[int]:

@@ -471,27 +471,33 @@ class Scheduler:
         return bool(self._finished_at_schedule)
 
     def advance(self, output: SchedulerOutput) -> None:
-        """A step of decodes was launched and its tokens are not read back yet: hold each one's
-        place with PENDING, so that the next `schedule` runs every request as a decode of it (its
-        id is taken on the device) and the step after that one's `resolve` fills it in. Its KV
-        stays uncommitted until then (page hashes need the ids)."""
+        """A step was launched and its tokens are not read back yet: a row that samples (a decode,
+        or the prefill chunk that reaches the prompt's end) holds its token's place with PENDING,
+        so that the next `schedule` runs the request as a decode of it (its id is taken on the
+        device) and the step after that one's `resolve` fills it in; a prefill chunk short of the
+        prompt's end counts as computed. KV stays uncommitted until `resolve`."""
         for s in output.scheduled:
-            if not (s.is_decode and not s.spec_token_ids):
-                raise ValueError(f"{s.request.request_id!r}: advance takes plain decodes only")
-            s.request.token_ids.append(PENDING)
-            s.request.num_computed = s.start + 1
+            if s.spec_token_ids:
+                raise ValueError(f"{s.request.request_id!r}: advance takes no draft tokens")
+            if s.samples:
+                s.request.token_ids.append(PENDING)
+            s.request.num_computed = s.start + s.num_tokens
 
     def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
-        """`update` for a step that `advance` held open: each request's PENDING id (at s.start + 1)
-        becomes its sampled token, then the stop checks and outputs run as in `update`. Ids held
-        for a later step are set aside meanwhile (counts, stop checks and outputs see only known
+        """`update` for a step that `advance` held open: each sampling row's PENDING id (at
+        s.start + s.num_tokens) becomes its sampled token, then the stop checks and outputs run as
+        in `update`; a prefill chunk short of the prompt's end commits its KV. Ids held for a
+        later step are set aside meanwhile (counts, stop checks and outputs see only known
         tokens) and dropped when the request ends here: that step's token for it is not used."""
         outs = []
         for s in output.scheduled:
             req = s.request
             if req.status is not Status.RUNNING:
                 continue  # aborted, or ended at an earlier resolve
-            pos = s.start + 1
+            if not s.samples:
+                self.kv.commit(req.request_id, req.token_ids, s.start + s.num_tokens)
+                continue
+            pos = s.start + s.num_tokens
             if pos >= len(req.token_ids) or req.token_ids[pos] != PENDING:
                 raise ValueError(f"{req.request_id!r}: no pending token at position {pos}")
             later = req.token_ids[pos + 1 :]

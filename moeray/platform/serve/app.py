@@ -348,6 +348,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with async scheduling, sampled (temperature > 0) requests run ahead too (default on)",
     )
     p.add_argument(
+        "--async-scheduling-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling_prefill,
+        help="with async scheduling, steps that admit new requests (prefill chunks beside the "
+        "decodes) run ahead too instead of draining (default off)",
+    )
+    p.add_argument(
         "--weights",
         choices=("dequantize", "fp8"),
         default=d.weights,
@@ -426,6 +433,7 @@ def main(argv: list[str]) -> int:
             num_speculative_tokens=a.num_speculative_tokens,
             async_scheduling=a.async_scheduling,
             async_scheduling_sampled=a.async_scheduling_sampled,
+            async_scheduling_prefill=a.async_scheduling_prefill,
             max_model_len=a.max_model_len,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,
