@@ -30,6 +30,7 @@
 #   async-ab           async scheduling: GPU tests, engine shapes with and without it (1 GPU, ~7 min)
 #   decode-check       engine + fp8_gemv GPU tests, engine shapes as shipped, fp8_gemv at V3 shapes (1 GPU, ~9 min)
 #   decode-defaults    engine GPU tests (async default), fp8_gemv batch-1 split sweep, engine shapes PDL off (1 GPU, ~8 min)
+#   async-prefill      async scheduling through admissions (opt-in): async GPU tests, `bench engine --arrivals` off vs on at Moonlight (1 GPU, ~4 min)
 #   async-sampled      async scheduling for sampled requests: GPU tests, engine shapes at temperature 1 without/with (1 GPU, ~6 min)
 #   host-next          graph-launch probe (host time by kernel nodes, PDL), engine shapes with PDL on and off (1 GPU, ~6 min)
 #   mla-wgmma          MLA decode's wgmma split kernels (WS the default): GPU tests, 128-head graphs vs the Triton kernel (1 GPU, ~2 min)
@@ -57,7 +58,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,56p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,57p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

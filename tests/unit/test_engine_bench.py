@@ -257,13 +257,20 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
 
 def test_bench_async_scheduling(tmp_path):
     """--async-scheduling (and --no-async-sampled, sampled at --temperature) reach the engine and
-    the result says so; decode and host phases are measured as without it."""
+    the result says so; decode and host phases are measured as without it. --arrivals: six
+    requests arriving every other step call, with async_scheduling_prefill off (a drain per
+    admission) and on (the run ends with one), the same tokens."""
     _, r = _run(
         tmp_path,
         "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
         "--decode-tokens", "6", "--batch-sizes", "1,2", "--skip", "prefill,hf",
         "--async-scheduling", "--no-async-sampled", "--temperature", "0.8",
+        "--arrivals", "6", "--arrival-every", "2",
     )  # fmt: skip
+    arr = r["engine"]["arrivals"]
+    assert (arr["requests"], arr["every"], arr["outputs_equal"]) == (6, 2, 1.0)
+    assert arr["on"]["async_drains"] <= 1 < arr["off"]["async_drains"], arr
+    assert arr["on"]["tokens_per_s"] > 0 and arr["on_vs_off"] > 0
     assert r["engine"]["async_scheduling"] is True
     assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8
     assert all(r["decode_tokens_per_s"][b] > 0 for b in ("1", "2"))
@@ -340,6 +347,8 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--dense-layers", "-1"], "--dense-layers -1"),
         (["--weights", "int4"], "invalid choice"),
         (["--ab", "NORM,FOLD"], "'FOLD': not a switch"),
+        (["--arrival-every", "0"], "--arrival-every 0"),
+        (["--arrivals", "-1"], "--arrivals -1"),
     ):
         with pytest.raises(SystemExit):
             bench.main(args)

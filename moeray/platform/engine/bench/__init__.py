@@ -21,7 +21,9 @@ Steps (GPU, bf16, the `small()` preset by default):
      Skipped for FP8 weights and for models above --hf-max-weight-gib.
   5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
 `--skip prefill,router-ab,hf,mtp` leaves sections out. `--ab NAME,...` times each named fast-path
-switch flipped alone on the same weights and prompts after step 3 (bench/ab.py). Known GPUs use
+switch flipped alone on the same weights and prompts after step 3 (bench/ab.py); `--arrivals N`
+times requests arriving mid-decode with async scheduling through admissions off and on
+(bench/arrivals.py). Known GPUs use
 their datasheet numbers (H100 SXM 3.35 TB/s, H200 4.8 TB/s, 989 dense bf16 TFLOPS); others a
 measured copy bandwidth and matmul.
 """
@@ -45,6 +47,7 @@ from moeray.platform.checkpoint import save_model
 from moeray.platform.config import ModelConfig
 from moeray.platform.engine.bench.ab import ab_table, run_ab, switch_env
 from moeray.platform.engine.bench.args import parse_args
+from moeray.platform.engine.bench.arrivals import arrivals_ab
 from moeray.platform.engine.bench.decode import (
     decode_room,
     engine_decode,
@@ -305,6 +308,14 @@ def main(argv: list[str]) -> int:
         )
         prefill_by_path["absorbed"] = _prefill_rate(engine, prompts, device)
     del engine
+    if a.arrivals:
+        notes["arrivals"] = arrivals_ab(
+            lambda **kw: Engine(model, EngineConfig(**{**ecfg, **kw})),
+            _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
+            n,
+            a.arrival_every,
+        )
+        print("arrivals", {k: notes["arrivals"][k] for k in ("on_vs_off", "outputs_equal")})
     if a.ab:
         notes["ab"] = run_ab(
             a.ab,

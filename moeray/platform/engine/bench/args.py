@@ -74,6 +74,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated fast-path switches (MOERAY_FUSED_<NAME>), each flipped alone after "
         "the main decode runs and timed on the same weights and prompts (bench/ab.py)",
     )
+    p.add_argument(
+        "--arrivals",
+        type=int,
+        default=0,
+        help="N requests arriving one every --arrival-every step calls, timed with "
+        "async_scheduling_prefill off and on (bench/arrivals.py); 0: skip",
+    )
+    p.add_argument("--arrival-every", type=int, default=2, help="step calls between arrivals")
     p.add_argument("--out-dir", default=None)
     p.add_argument(
         "--note",
@@ -96,7 +104,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
     if a.preset is not None and a.config is not None:
         p.error("--preset and --config both given: pass one")
-    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps"):
+    if a.arrival_every < 1:
+        p.error(f"--arrival-every {a.arrival_every}: expected an integer >= 1")
+    for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps", "arrivals"):
         v = getattr(a, name)
         low = 1 if name == "layers" else 0
         if v is not None and v < low:
