@@ -203,15 +203,16 @@ class DecodeOverlap:
         # Rows that sample (decodes, a prompt's last chunk); a chunk short of its prompt's end
         # draws nothing (its generator untouched, as in the synchronous engine) and gets a 0.
         samp = [i for i, s in enumerate(seqs) if s.samples]
-        tokens = torch.zeros(len(seqs), dtype=torch.long, device=eng.device)
-        if samp:
+        if len(samp) == len(seqs):  # every row samples (a decode step): no scatter
             rows = torch.stack([fwd.logits[i][-1] for i in samp])
-            params = [seqs[i].request.params for i in samp]
-            gens = [seqs[i].request.generator for i in samp]
-            drawn = eng.sampler.tokens(rows, params, gens)
-            if len(samp) == len(seqs):
-                tokens = drawn
-            else:
+            tokens = eng.sampler.tokens(rows, [s.request.params for s in seqs],
+                                        [s.request.generator for s in seqs])  # fmt: skip
+        else:
+            tokens = torch.zeros(len(seqs), dtype=torch.long, device=eng.device)
+            if samp:
+                rows = torch.stack([fwd.logits[i][-1] for i in samp])
+                params = [seqs[i].request.params for i in samp]
+                drawn = eng.sampler.tokens(rows, params, [seqs[i].request.generator for i in samp])
                 pin = eng.device.type == "cuda"
                 at = torch.tensor(samp, pin_memory=pin).to(eng.device, non_blocking=True)
                 tokens[at] = drawn.to(tokens.dtype)

@@ -550,7 +550,7 @@ class ModelRunner:
 
 def _known(ids: tuple[int, ...]) -> tuple[int, ...]:
     """Input ids with a PENDING id as 0: a valid embedding row, overwritten on the device."""
-    return tuple(0 if t == PENDING else t for t in ids)
+    return tuple(0 if t == PENDING else t for t in ids) if PENDING in ids else ids
 
 
 def _pad_ids(ids: Sequence[int], S: int) -> list[int]:
