@@ -158,12 +158,14 @@ class DecodeOverlap:
         return self.prefill and not s.request.needs_prompt_logprobs
 
     def _can_continue(self, prev: _Pending) -> bool:
-        """Whether the next schedule will run the in-flight step's running requests as one-token
-        decodes: nothing waiting (an admission is a prefill), a page free for each (no
-        preemption), room in the token budget. A request whose in-flight token is its last by
-        max_tokens or max_model_len is left out of that schedule (`Scheduler.ends_in_flight`)
-        and ends at this step's resolve, so a batch whose requests end at different steps keeps
-        overlapping; only when every one ends there does the step drain."""
+        """Whether the next schedule can launch while `prev` is in flight: its running requests
+        as one-token decodes (of the in-flight token, or of a known one) or, with `prefill`,
+        prompt chunks, and nothing waiting unless `prefill` admits it (no prompt logprobs, no KV
+        export); pages free for every decode and every running prompt's rest (no preemption);
+        room in the token budget. A request whose in-flight token is its last by max_tokens or
+        max_model_len is left out of that schedule (`Scheduler.ends_in_flight`) and ends at
+        this step's resolve, so a batch whose requests end at different steps keeps overlapping;
+        only when every one ends there, with nothing waiting, does the step drain."""
         eng, sched = self.engine, self.engine.scheduler
         running, waiting = sched.running, sched.waiting
         launched = {s.request.request_id for s in prev.output.scheduled}
@@ -194,8 +196,8 @@ class DecodeOverlap:
         return len(req.token_ids) - req.num_computed == 1 or (self.prefill and _admits(req))
 
     def _launch(self, out: SchedulerOutput, ids_B: torch.Tensor | None) -> _Pending:
-        """Forward and greedy sampling of a step of decodes, queued without a host sync; the ids'
-        copy to the host starts behind them."""
+        """Forward and sampling of a step (decodes; with `prefill` prompt chunks too), queued
+        without a host sync; the ids' copy to the host starts behind them."""
         eng = self.engine
         seqs = out.scheduled
         t0 = time.perf_counter()
