@@ -128,10 +128,17 @@ CASES = [
     ),
     (
         norm._rms_norm_kernel,
-        dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048),
+        dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048, W_EARLY=False),
         {"rstd_ptr": F32},
         {},
         False,
+    ),
+    (  # MOERAY_FUSED_NORM_W_EARLY=1: the model's weight before the wait
+        norm._rms_norm_kernel,
+        dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048, W_EARLY=True),
+        {"rstd_ptr": F32},
+        {},
+        True,
     ),
     (
         gate._moe_gate_kernel,

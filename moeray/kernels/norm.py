@@ -52,6 +52,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -97,13 +98,17 @@ def _rms_norm_kernel(
     STORE_RSTD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
+    W_EARLY: tl.constexpr,  # the weight before the PDL wait (`_forward` says when)
 ):
-    # PDL: the wait comes first. The weight (4 KB at D = 2048) may be `_forward`'s own
-    # .contiguous() copy, which the kernel just before writes, so it is not read before the wait.
-    pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
+    # PDL: the wait comes first, unless W_EARLY: the weight (4 KB at D = 2048) is the model's own
+    # parameter, which no kernel of the step writes; otherwise it may be `_forward`'s .contiguous()
+    # copy, which the kernel just before writes, and is read after the reduction.
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
+    if W_EARLY:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    pdl_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -117,7 +122,8 @@ def _rms_norm_kernel(
     if STORE_RSTD:
         tl.store(rstd_ptr + row, rstd)
     normed = to_dtype_rn(hf * rstd, h.dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    if not W_EARLY:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = to_dtype_rn(normed.to(tl.float32) * w.to(tl.float32), y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
@@ -217,8 +223,10 @@ def _forward(
     eps: float,
     residual_TD: torch.Tensor | None,
     store_rstd: bool,
+    fresh_w: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One launch: (y, h (x itself without a residual), both x's shape; rstd [T] fp32 or None)."""
+    """One launch: (y, h (x itself without a residual), both x's shape; rstd [T] fp32 or None).
+    `fresh_w`: the weight may have been written by the launch right before (`w_early`)."""
     x2 = _rows(x_TD)
     r2 = x2 if residual_TD is None else _rows(residual_TD)
     h_dtype = x_TD.dtype if residual_TD is None else torch.promote_types(x_TD.dtype, r2.dtype)
@@ -232,10 +240,11 @@ def _forward(
     if T:
         block = triton.next_power_of_2(D)
         pdl = pdl_launch(x2.device)
+        w = weight_D.contiguous()
         _rms_norm_kernel[(T,)](
             x2,
             r2,
-            weight_D.contiguous(),
+            w,
             y2,
             h2,
             y2 if rstd is None else rstd,
@@ -249,10 +258,21 @@ def _forward(
             STORE_RSTD=store_rstd,
             BLOCK_D=block,
             PDL=pdl,
+            W_EARLY=w_early(w, weight_D, fresh_w),
             num_warps=8 if block >= 4096 else 4 if block >= 512 else 1,
             launch_pdl=pdl,
         )
     return y, h, rstd
+
+
+def w_early(w_D: torch.Tensor, weight_D: torch.Tensor, fresh_w: bool) -> bool:
+    """Whether the forward kernel reads its weight before its PDL wait: with
+    MOERAY_FUSED_NORM_W_EARLY=1 (opt-in, not yet timed on a GPU), when the caller says its weight
+    is not `fresh_w` (made for this call, as a cast) and the kernel gets that tensor itself (no
+    .contiguous() copy): then no kernel of the step writes it. Why: a decode step runs 2 norms a
+    layer (55 at Moonlight), each one program that reads its weight only after its reduction:
+    one more memory round trip after the wait, on the step's chain of launches."""
+    return switched_on("NORM_W_EARLY") and not fresh_w and w_D is weight_D
 
 
 def _backward(
@@ -347,6 +367,8 @@ def rms_norm(
     weight_D: torch.Tensor,
     eps: float,
     residual_TD: torch.Tensor | None = None,
+    *,
+    fresh_w: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rms_norm_ref` in one launch: (normed, h) with h = x + residual, or h = x (the input itself,
     no copy) without a residual. x [..., D] with unit stride over D, weight [D] and residual like
@@ -354,7 +376,8 @@ def rms_norm(
     and h, as in the reference). When autograd records (grad mode on and an input requiring grad)
     it runs `_RMSNormFunction`: the same forward plus 1/rms per row saved, and a fused backward
     giving x, residual and weight their gradients (both outputs may receive gradients). Without
-    autograd no host sync (CUDA graphs). On CPU without the interpreter it is `rms_norm_ref`."""
+    autograd no host sync (CUDA graphs). On CPU without the interpreter it is `rms_norm_ref`.
+    `fresh_w`: the weight was made for this call (a cast): never read before the PDL wait."""
     check_tensor(x_TD, "x", dtypes=DTYPES)
     check_tensor(weight_D, "weight", dtypes=DTYPES, ndim=1, device=x_TD.device)
     D = x_TD.shape[-1]
@@ -371,5 +394,5 @@ def rms_norm(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         out = _RMSNormFunction.apply(x_TD, weight_D, residual_TD, eps)
         return (out, x_TD) if residual_TD is None else out
-    y, h, _ = _forward(x_TD, weight_D, eps, residual_TD, store_rstd=False)
+    y, h, _ = _forward(x_TD, weight_D, eps, residual_TD, store_rstd=False, fresh_w=fresh_w)
     return y, h

@@ -9,12 +9,13 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
 - 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products; at
   one row also the wide step, by default where K is one step and with
   MOERAY_FUSED_FP8_GEMV_WIDE=1 everywhere);
-- decode-like MoE layers: fused add + RMSNorm, router logits, the fused gate, the fused MoE
+- decode-like MoE layers: fused add + RMSNorm (also with its weight read before its wait,
+  MOERAY_FUSED_NORM_W_EARLY=1), router logits, the fused gate, the fused MoE
   (12 assignments: moe_gemv's gate/up, down, sum, down also with MOERAY_FUSED_MOE_DOWN_EARLY=1,
   which reads the gate's ids two launches back before its wait; with MOERAY_FUSED_MOE_GEMV=0 the
   aligned moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
-  mla_decode (split kernel + merge; also with W_UV in the merge, MOERAY_FUSED_MLA_WUV=1, and
+  mla_decode (split kernel + merge; also with W_UV in the merge, MLA_WUV's default, and
   with each split's first page read before the wait, MOERAY_FUSED_MLA_KV_EARLY=1), gemv;
   the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
@@ -172,11 +173,11 @@ def test_fp8_gemv_chain(m, wide, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "moe_gemv,down_early",  # MOERAY_FUSED_MOE_DOWN_EARLY: down's ids and first step before the wait
-    [("1", "0"), ("0", "0"), ("1", "1")],
-)
+    "moe_gemv,down_early,norm_early",  # MOE_DOWN_EARLY: down's ids and first step before the
+    [("1", "0", "0"), ("0", "0", "0"), ("1", "1", "0"), ("1", "0", "1")],  # wait; NORM_W_EARLY:
+)  # the norm's weight before its wait
 @pytest.mark.parametrize("fp8_moe", [False, True])
-def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, monkeypatch):
+def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, norm_early, monkeypatch):
     from moeray.kernels.fp8 import fp8_gemv, fp8_gemv_workspace, weight_quant
     from moeray.kernels.gate import moe_gate
     from moeray.kernels.gemv import gemv
@@ -187,6 +188,7 @@ def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, monkeypatch):
 
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", moe_gemv)
     monkeypatch.setenv("MOERAY_FUSED_MOE_DOWN_EARLY", down_early)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_W_EARLY", norm_early)
     t, h, i, e, inter = 3, 384, 256, 16, 300  # tokens, hidden, expert width, experts, MLP width
     g = torch.Generator(device="cuda").manual_seed(2)
     layers = []
@@ -245,7 +247,7 @@ def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["latent", "wuv", "kv_early"])
 def test_mla_decode_layer_chain(monkeypatch, mode):
-    """wuv: mla_decode takes W_UV with MOERAY_FUSED_MLA_WUV=1 (3 query tokens, within
+    """wuv: mla_decode takes W_UV with MOERAY_FUSED_MLA_WUV on (3 query tokens, within
     MERGE_OUT_MAX_ROWS): its merge launch applies it, reading W's slice before its wait.
     kv_early: MOERAY_FUSED_MLA_KV_EARLY=1, each split's first page read before the split
     kernel's wait but for the row the write launch right before it stores (8 splits of one page

@@ -5,6 +5,7 @@ one fast-path choice (model/norm.py use_fused_norm); the compiled kernel on the 
 import pytest
 import torch
 
+from moeray.kernels import norm as kernel_norm
 from moeray.kernels.norm import MAX_D, rms_norm, rms_norm_applies, rms_norm_ref
 from moeray.platform.config import tiny
 from moeray.platform.model import norm as model_norm
@@ -157,3 +158,26 @@ def test_transformer_defers_each_layers_last_add_into_the_next_norm(monkeypatch,
             x = layer(x, cos, sin)
         plain = model.model.norm(x)
     assert torch.equal(hidden, plain)
+
+
+def test_weight_before_the_wait_only_when_switched_on_and_not_copied(monkeypatch):
+    """MOERAY_FUSED_NORM_W_EARLY=1: the kernel reads a contiguous weight before its PDL wait (the
+    caller's own tensor), never a strided one (the .contiguous() copy made for the call) nor one
+    the caller calls fresh (a cast made for the call); the same bits either way, with and without
+    the residual add (bf16 rows, odd D)."""
+    seen = []
+    real = kernel_norm.w_early
+    monkeypatch.setattr(kernel_norm, "w_early", lambda *a: seen.append(real(*a)) or seen[-1])
+    g = torch.Generator().manual_seed(6)
+    x, r = (torch.randn(3, 200, generator=g).bfloat16() for _ in range(2))
+    w_wide = torch.randn(200, 2, generator=g).bfloat16()
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("MOERAY_FUSED_NORM_W_EARLY", switch)
+        for w in (w_wide[:, 0].contiguous(), w_wide[:, 1]):
+            outs[switch, w.is_contiguous()] = (rms_norm(x, w, 1e-6, r), rms_norm(x, w, 1e-6))
+        rms_norm(x, w_wide[:, 0].contiguous(), 1e-6, fresh_w=True)
+    assert seen == [False] * 5 + [True, True, False, False, False]
+    for key in (True, False):
+        for a, b in zip(outs["0", key], outs["1", key], strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = to_autocast(self.weight)  # under autocast: scale in its dtype (model/autocast.py)
         if use_fused_norm(x, weight):
-            return rms_norm(x, weight, self.eps)[0]
+            return rms_norm(x, weight, self.eps, fresh_w=weight is not self.weight)[0]
         return rms_norm_ref(x, weight, self.eps)[0]
 
     def add_forward(
@@ -45,5 +45,5 @@ class RMSNorm(nn.Module):
         norm that follows it (one kernel on the GPU)."""
         weight = to_autocast(self.weight)
         if use_fused_norm(x, weight, residual):
-            return rms_norm(x, weight, self.eps, residual)
+            return rms_norm(x, weight, self.eps, residual, fresh_w=weight is not self.weight)
         return rms_norm_ref(x, weight, self.eps, residual)
