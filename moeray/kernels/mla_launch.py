@@ -1,10 +1,10 @@
 """How MLA decode's split kernels are launched (kernels/mla_decode.py): rows of heads a program,
-warps, and KV splits, by batch, rows, block-table width and SM count. Pure arithmetic: the kernel
-modules and their benchmarks share it."""
+warps, and KV splits, by batch, rows, block-table width and SM count; the Triton kernel's chunk.
+Arithmetic and switches: the kernel modules and their benchmarks share it."""
 
 from __future__ import annotations
 
-from moeray.kernels.common import cdiv
+from moeray.kernels.common import cdiv, switched_on
 
 # 64-row head blocks from this many (sequence, 64-row block) pairs at 64+ rows where the wgmma
 # kernels take them (sm_90; MOERAY_FUSED_MLA_WIDE=0: half a wave of SMs, the Triton kernel's rule
@@ -55,3 +55,16 @@ def decode_launch(
         wanted = max(cdiv(max_pages, 4), min(max_pages, 8))
         num_splits = max(1, min(slots // (b * cdiv(rows, block_h)), wanted))
     return block_h, num_warps, num_splits
+
+
+def mla_chunk(page: int, early: bool) -> int:
+    """Tokens the Triton split kernel reads a loop step, and the unit its splits share a sequence
+    in: the page, or half of it with MOERAY_FUSED_MLA_SUBPAGE=1 (opt-in, not yet timed; pages of
+    32+ tokens, and not with MLA_KV_EARLY, whose early read is a whole page). Why: at short
+    contexts each split holds one page, and a split's latency is its page's: 160 cached tokens
+    at Moonlight's batch 1 are 3 programs of 64 tokens (5.6 us a layer exclusive on an H200,
+    benchmarks/notes-engine.md), 5 programs of 32 with half pages; on the H200 sweep each split
+    added at 3 pages took ~2 us off (9.7 / 7.9 / 5.9 us at 1 / 2 / 3 splits)."""
+    if switched_on("MLA_SUBPAGE") and not early and page >= 32:
+        return page // 2
+    return page

@@ -129,11 +129,14 @@ def test_fused_moe_real_width(t, fp8_weights, monkeypatch):
 
 
 @pytest.mark.parametrize("heads", [16, 128])
-@pytest.mark.parametrize("kv_early", ["0", "1"])  # MOERAY_FUSED_MLA_KV_EARLY
-def test_mla_decode_real_shapes(heads, kv_early, monkeypatch):
+@pytest.mark.parametrize(  # MOERAY_FUSED_MLA_KV_EARLY, MOERAY_FUSED_MLA_SUBPAGE (half pages)
+    ("kv_early", "subpage"), [("0", "0"), ("1", "0"), ("0", "1")]
+)
+def test_mla_decode_real_shapes(heads, kv_early, subpage, monkeypatch):
     from moeray.kernels.mla_decode import mla_decode, mla_decode_multi, mla_decode_ref
 
     monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", kv_early)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_SUBPAGE", subpage)
 
     lens = [5000, 1, 64, 4097, 300]
     b, page = len(lens), 64

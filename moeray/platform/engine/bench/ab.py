@@ -25,6 +25,7 @@ import torch
 # rope.py, moe_align.py, swiglu.py, router_logits.py, gemv.py's GEMV and GEMV_WIDE, head_gemv.py's
 # HEAD_GEMV, HEAD_BMM and HEAD_TILE, moe.py's MOE_GEMV, moe_gemv.py's MOE_SUM_FOLD and
 # MOE_DOWN_EARLY, mla_decode.py's MLA_DIRECT, MLA_WUV, MLA_KV_EARLY, MLA_WGMMA, MLA_WS and MLA_WIDE,
+# mla_launch.py's MLA_SUBPAGE,
 # mla_write_absorb.py's MLA_WUK, router_gate.py's ROUTE_FOLD, common.py's PDL and ROUTE_BATCH,
 # fp8/gemv_wide.py's FP8_GEMV_WIDE and FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX;
 # model/merge.py's PROJ, shared_fuse.py's SHARED and SHARED_EARLY, shared_stream.py's SHARED_STREAM,
@@ -35,13 +36,13 @@ SWITCHES = (
     *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX", "FP8_AS_BF16", "SHARED_EARLY"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
-    *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY"),
+    *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE"),
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
-    "NORM_W_EARLY",
+    *("NORM_W_EARLY", "MLA_SUBPAGE"),
 )
 AGAIN = "as_run_again"
 
