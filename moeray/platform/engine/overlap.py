@@ -116,12 +116,15 @@ class DecodeOverlap:
             return []
         return eng._step_scheduled(out)
 
-    def _next_ids(self, prev: _Pending, out: SchedulerOutput) -> torch.Tensor:
+    def _next_ids(self, prev: _Pending, out: SchedulerOutput) -> torch.Tensor | None:
         """One id per row of a step launched while `prev` is in flight: for a decode of an
         in-flight token (input (PENDING,)) prev's sampled id for the same request, gathered on the
         device; for every other row (a prefill chunk, a request added with its prefill done
-        elsewhere) an unread 0, its known ids going up from the host (`ModelRunner.execute`). An
-        index upload, no read-back: the host never waits for them here."""
+        elsewhere) an unread 0, its known ids going up from the host (`ModelRunner.execute`).
+        None when no row decodes an in-flight token. An index upload, no read-back: the host
+        never waits for them here."""
+        if not any(map(_in_flight, out.scheduled)):
+            return None
         eng = self.engine
         pin = eng.device.type == "cuda"
         rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
@@ -137,7 +140,8 @@ class DecodeOverlap:
         return outs
 
     def _plain(self, out: SchedulerOutput) -> bool:
-        """A step that can be launched ahead: one-token greedy decodes only, nothing exported."""
+        """A step that can be launched ahead: every row `_ahead`, no drafter, no gang, nothing
+        exported."""
         eng = self.engine
         return (
             bool(out.scheduled)
@@ -155,7 +159,7 @@ class DecodeOverlap:
             return False
         if s.is_decode:
             return s.num_tokens == 1
-        return self.prefill and not s.request.needs_prompt_logprobs
+        return self.prefill and _admits(s.request)
 
     def _can_continue(self, prev: _Pending) -> bool:
         """Whether the next schedule can launch while `prev` is in flight: its running requests
@@ -169,7 +173,8 @@ class DecodeOverlap:
         eng, sched = self.engine, self.engine.scheduler
         running, waiting = sched.running, sched.waiting
         launched = {s.request.request_id for s in prev.output.scheduled}
-        if waiting and not (self.prefill and not eng._exports and all(map(_admits, waiting))):
+        admits = all(_admits(req) and _overlaps(req, self.sampled) for req in waiting)
+        if waiting and not (self.prefill and not eng._exports and admits):
             return False  # an admission runs a prefill step after the drain
         if not (running or waiting) or len(running) > sched.config.max_num_batched_tokens:
             return False
@@ -185,7 +190,7 @@ class DecodeOverlap:
         return all(
             _overlaps(req, self.sampled) and (req.request_id in launched or self._known(req))
             for req in running
-        ) and all(_overlaps(req, self.sampled) for req in waiting)
+        )
 
     def _known(self, req: Request) -> bool:
         """Whether a running request the step in flight did not run can be in the next one from
