@@ -111,13 +111,14 @@ def test_ends_found_at_resolve_drop_the_step_in_flight(model):
 
 
 def test_arrivals_and_aborts_mid_decode(model):
-    """A request added while a step is in flight drains the overlap (its prefill runs as
-    before); an aborted one stops producing; the rest end as in the synchronous engine."""
+    """Without async_scheduling_prefill, a request added while a step is in flight drains the
+    overlap (its prefill runs as before); an aborted one stops producing; the rest end as in the
+    synchronous engine."""
     prompts = _prompts(3, seed=2)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     results = {}
     for async_on in (False, True):
-        eng = _engine(model, async_on)
+        eng = _engine(model, async_on, async_scheduling_prefill=False)
         a = eng.add_request(prompts[0], params)
         b = eng.add_request(prompts[1], params)
         seen: dict[str, list[int]] = {a: [], b: []}

@@ -258,8 +258,9 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
 def test_bench_async_scheduling(tmp_path):
     """--async-scheduling (and --no-async-sampled, sampled at --temperature) reach the engine and
     the result says so; decode and host phases are measured as without it. --arrivals: six
-    requests arriving every other step call, with async_scheduling_prefill off (a drain per
-    admission) and on (the run ends with one), the same tokens."""
+    requests arriving every other step call, without async scheduling, and with
+    async_scheduling_prefill off (a drain per admission) and on (the run ends with one), the same
+    tokens."""
     _, r = _run(
         tmp_path,
         "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
@@ -269,7 +270,10 @@ def test_bench_async_scheduling(tmp_path):
     )  # fmt: skip
     arr = r["engine"]["arrivals"]
     assert (arr["requests"], arr["every"], arr["outputs_equal"]) == (6, 2, 1.0)
+    assert arr["on_equals_sync"] == 1.0 and arr["on_vs_sync"] > 0
     assert arr["on"]["async_drains"] <= 1 < arr["off"]["async_drains"], arr
+    # without async scheduling, one step a call: as many calls as the run launched ahead
+    assert arr["sync"]["async_drains"] == 0 and arr["sync"]["step_calls"] <= arr["on"]["step_calls"]
     assert arr["on"]["tokens_per_s"] > 0 and arr["on_vs_off"] > 0
     assert r["engine"]["async_scheduling"] is True
     assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8

@@ -315,7 +315,8 @@ def main(argv: list[str]) -> int:
             n,
             a.arrival_every,
         )
-        print("arrivals", {k: notes["arrivals"][k] for k in ("on_vs_off", "outputs_equal")})
+        keys = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")
+        print("arrivals", {k: notes["arrivals"][k] for k in keys})
     if a.ab:
         notes["ab"] = run_ab(
             a.ab,

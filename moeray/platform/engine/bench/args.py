@@ -78,8 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--arrivals",
         type=int,
         default=0,
-        help="N requests arriving one every --arrival-every step calls, timed with "
-        "async_scheduling_prefill off and on (bench/arrivals.py); 0: skip",
+        help="N requests arriving one every --arrival-every step calls, timed without async "
+        "scheduling, then with async_scheduling_prefill off and on (bench/arrivals.py); 0: skip",
     )
     p.add_argument("--arrival-every", type=int, default=2, help="step calls between arrivals")
     p.add_argument("--out-dir", default=None)
