@@ -1,11 +1,11 @@
-# Async scheduling through admissions (EngineConfig.async_scheduling_prefill, the default): the async
+# Async scheduling through admissions (EngineConfig.async_scheduling_prefill, opt-in): the async
 # GPU tests (the admissions test among them), then `moeray bench engine --arrivals` at the Moonlight
 # shape: ARRIVALS (default 64) requests of 128-token prompts and 32 output tokens, one every
 # EVERY (default 2) step calls, at most BATCH (default 16) running, timed without async scheduling
 # (sync), then with the setting off and on, on the same weights (engine.arrivals in
 # engine-<gpu>-moonlight-<w>-arrivals.json: tokens/s, drains, on_vs_off, on_vs_sync, and
 # on_equals_sync: 1.0 unless the step launched ahead computes something the synchronous one does
-# not).
+# not). Each arm first runs the same arrivals on other prompts untimed (compiles, graphs).
 # 1 GPU, ~4 minutes.
 gpu_pytest pytest_async.log ${ASYNC_TEST_LIMIT:-150} tests/gpu/test_async_scheduling_gpu.py || rc=1
 for w in ${WEIGHTS:-fp8 bf16}; do

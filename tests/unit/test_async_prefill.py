@@ -47,16 +47,14 @@ def _params(i: int) -> SamplingParams:
 def test_admissions_run_ahead_with_the_same_outputs(model):
     """Arrivals at four step calls, one prompt of 150 tokens (three chunks at the 64-token
     budget, the decodes beside each): outputs equal the synchronous engine's; with the setting
-    (the default) the overlap drains once per time the engine runs dry, without it once per
-    admission wave."""
+    the overlap drains once per time the engine runs dry, without it once per admission wave."""
     prompts = _prompts(6, seed=11)
     long_prompt = torch.randint(0, V, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     waves = {0: prompts[:2], 3: [long_prompt], 4: prompts[2:4], 9: prompts[4:]}  # long: sampled
     want = _arrivals(_engine(model, False), waves, _params)
-    eng = _engine(model, True)
-    assert eng.config.async_scheduling_prefill is True
+    eng = _engine(model, True, async_scheduling_prefill=True)
     assert _arrivals(eng, waves, _params) == want
-    plain = _engine(model, True, async_scheduling_prefill=False)
+    plain = _engine(model, True)
     assert _arrivals(plain, waves, _params) == want
     assert eng._overlap is not None and eng._overlap.overlapped_steps > 15
     assert _drains(eng) <= 1 and _drains(plain) >= 3, (_drains(eng), _drains(plain))

@@ -38,7 +38,7 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "65536",
                 "--no-async-scheduling",
                 "--no-async-scheduling-sampled",
-                "--no-async-scheduling-prefill",
+                "--async-scheduling-prefill",
                 "--write-config",
                 str(f),
             ]
@@ -62,7 +62,7 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.async_scheduling,
         cfg.async_scheduling_sampled,
         cfg.async_scheduling_prefill,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, False)
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"

@@ -56,8 +56,8 @@ class ServeConfig:
     async_scheduling: bool | None = None
     # EngineConfig.async_scheduling_sampled: sampled requests run ahead too under async scheduling
     async_scheduling_sampled: bool = True
-    # EngineConfig.async_scheduling_prefill: steps that admit requests run ahead too
-    async_scheduling_prefill: bool = True
+    # EngineConfig.async_scheduling_prefill: steps that admit requests run ahead too (opt-in)
+    async_scheduling_prefill: bool = False
     # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
     # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
     # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.

@@ -108,9 +108,9 @@ class EngineConfig:
     # drawn at launch, nothing read back (H200, temperature 1: Moonlight FP8 batch 64 6,009 ->
     # 6,889 tok/s, V3 widths FP8 batch 1 517 -> 633; benchmarks/notes-engine.md).
     async_scheduling_sampled: bool = True
-    # ... and steps that admit requests (their prefill beside the decodes), not draining first:
-    # H100, Moonlight, arrivals every other step: 0.99-1.21x tokens/s FP8, 1.15-1.38x bf16.
-    async_scheduling_prefill: bool = True
+    # ... and steps with prefill chunks (admissions) instead of draining; opt-in: same tokens, but
+    # arrival runs timed 0.87-1.38x on an H100 (eager prefill steps' host noise; notes-engine.md).
+    async_scheduling_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

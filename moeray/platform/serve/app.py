@@ -352,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=d.async_scheduling_prefill,
         help="with async scheduling, steps that admit new requests (prefill chunks beside the "
-        "decodes) run ahead too instead of draining (default on)",
+        "decodes) run ahead too instead of draining (default off)",
     )
     p.add_argument(
         "--weights",

@@ -312,6 +312,7 @@ def main(argv: list[str]) -> int:
         notes["arrivals"] = arrivals_ab(
             lambda **kw: Engine(model, EngineConfig(**{**ecfg, **kw})),
             _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
+            _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
             n,
             a.arrival_every,
         )

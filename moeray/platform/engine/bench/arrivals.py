@@ -6,8 +6,10 @@ N greedy requests of the bench's prompt length and --decode-tokens outputs, one 
 schedule of arrivals against their own steps), stepped until all end. Off, each admission drains
 the step in flight and runs its prefill step synchronously: two host gaps with the GPU idle;
 on, the admission's prefill runs in the step launched ahead. Each engine is built on the same
-weights, warmed on two requests (compiles, graph captures), then timed; the result gives output
-tokens/s, steps, the steps that drained the overlap, and whether the runs' tokens agree.
+weights and warmed by the whole arrival run on other prompts of the same lengths, then timed:
+the mixed steps' token counts meet kernel variants that compile on first use (seconds on a GPU),
+and without that warm run the arm timed first would pay them for the others. The result gives
+output tokens/s, steps, the steps that drained the overlap, and whether the runs' tokens agree.
 
 Off and on batch different requests together at the same step call (a drain step prefills
 without decoding), so at real shapes their greedy tokens part where a near-tied logit rounds
@@ -57,12 +59,19 @@ def arrivals_run(
 
 
 def arrivals_ab(
-    make_engine: Callable[..., Engine], prompts: list[list[int]], max_tokens: int, every: int
+    make_engine: Callable[..., Engine],
+    prompts: list[list[int]],
+    warm_prompts: list[list[int]],
+    max_tokens: int,
+    every: int,
 ) -> dict[str, Any]:
     """The arrival run without async scheduling (`sync`), then with async_scheduling_prefill off
-    and on, each on a fresh engine (`make_engine(**settings)`), warmed first."""
+    and on, each on a fresh engine (`make_engine(**settings)`) warmed by the same run on
+    `warm_prompts` (other tokens, the same lengths: no prefix-cache hits in the timed run)."""
     if every < 1:
         raise ValueError(f"arrival every {every} step calls: expected >= 1")
+    if list(map(len, warm_prompts)) != list(map(len, prompts)):
+        raise ValueError("warm_prompts must have the lengths of prompts, one for one")
     result: dict[str, Any] = {"requests": len(prompts), "every": every, "max_tokens": max_tokens}
     outputs = {}
     arms = (
@@ -72,7 +81,7 @@ def arrivals_ab(
     )
     for name, settings in arms:
         engine = make_engine(**settings)
-        engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        arrivals_run(engine, warm_prompts, max_tokens, every)
         result[name], outputs[name] = arrivals_run(engine, prompts, max_tokens, every)
         del engine
     result["on_vs_off"] = result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"]
