@@ -267,11 +267,11 @@ def _forward(
 
 def w_early(w_D: torch.Tensor, weight_D: torch.Tensor, fresh_w: bool) -> bool:
     """Whether the forward kernel reads its weight before its PDL wait: with
-    MOERAY_FUSED_NORM_W_EARLY=1 (opt-in, not yet timed on a GPU), when the caller says its weight
-    is not `fresh_w` (made for this call, as a cast) and the kernel gets that tensor itself (no
-    .contiguous() copy): then no kernel of the step writes it. Why: a decode step runs 2 norms a
-    layer (55 at Moonlight), each one program that reads its weight only after its reduction:
-    one more memory round trip after the wait, on the step's chain of launches."""
+    MOERAY_FUSED_NORM_W_EARLY=1 (opt-in: even in the engine on an H100), when the caller says
+    its weight is not `fresh_w` (made for this call, as a cast) and the kernel gets that tensor
+    itself (no .contiguous() copy): then no kernel of the step writes it. Why: a decode step runs
+    2 norms a layer (55 at Moonlight), each one program that reads its weight only after its
+    reduction: one more memory round trip after the wait, on the step's chain of launches."""
     return switched_on("NORM_W_EARLY") and not fresh_w and w_D is weight_D
 
 
