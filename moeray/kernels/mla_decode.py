@@ -53,7 +53,7 @@ from moeray.kernels.common import (
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode_wgmma import mla_decode_wgmma_fits, mla_decode_wgmma_split
 from moeray.kernels.mla_decode_ws import mla_decode_ws_split
-from moeray.kernels.mla_launch import decode_launch, mla_chunk
+from moeray.kernels.mla_launch import decode_launch, mla_subpage
 from moeray.kernels.mla_merge import (
     MERGE_OUT_MAX_ROWS,
     check_w_out,
@@ -90,6 +90,32 @@ def mla_decode_ref(
         lse[b] = torch.logsumexp(scores, dim=-1)
         out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
     return out, lse
+
+
+@triton.jit
+def _walk_split(
+    q_nope, q_rope, kv_ptr, bt_row_ptr, stride_kvp, stride_kvt, t_loop, t_end, limit, m_i, l_i,
+    acc, sm_scale_log2, offs_r, offs_p, r_ok, p_ok, R: tl.constexpr, PAGE: tl.constexpr,
+    CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The split's cache positions t_loop .. t_end - 1 in steps of CHUNK tokens (a page or a part
+    of one; t_loop a multiple of CHUNK), each folded into the online softmax."""
+    offs_t = tl.arange(0, CHUNK)
+    for t0 in range(t_loop, t_end, CHUNK):
+        page = tl.load(bt_row_ptr + t0 // PAGE).to(tl.int64)
+        pos = t0 + offs_t
+        t_ok = pos < t_end
+        kv_base = kv_ptr + page * stride_kvp + (t0 % PAGE + offs_t)[:, None] * stride_kvt
+        c_kv = tl.load(
+            kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
+        )  # [CHUNK, RB]
+        k_pe = tl.load(
+            kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
+        )  # [CHUNK, PB]
+        m_i, l_i, acc = _attend_page(
+            q_nope, q_rope, c_kv, k_pe, pos, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
+        )
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -149,7 +175,7 @@ def _mla_decode_split_kernel(
     RB: tl.constexpr,
     PB: tl.constexpr,
     PAGE: tl.constexpr,
-    CHUNK: tl.constexpr,  # tokens a loop step and the splits' unit: PAGE, or a part (MLA_SUBPAGE)
+    SUBPAGE: tl.constexpr,  # half-page units where a sequence has fewer pages than splits
     DIRECT: tl.constexpr,  # one split: write what the merge would (`_mla_decode_rows`)
     FOLD: tl.constexpr,  # several splits: the last program of a (sequence, head block) merges
     NS: tl.constexpr,  # FOLD: num_splits padded to a power of 2
@@ -167,15 +193,20 @@ def _mla_decode_split_kernel(
     offs_p = tl.arange(0, PB)
     r_ok = offs_r < R
     p_ok = offs_p < P
-    offs_t = tl.arange(0, CHUNK)  # (EARLY: CHUNK = PAGE)
+    offs_t = tl.arange(0, PAGE)  # (EARLY's first page)
     if not EARLY:
         pdl_wait(PDL)  # every read here is the step's query, cache or lengths
     seq_len = tl.load(len_ptr + b)
     # The splits share this sequence's own pages, not the block table's width: at batch 1 with
     # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
-    # 3 pages while 15 found nothing; now 3 programs take one page each (with CHUNK = PAGE / 2,
-    # 5 programs half a page each).
-    per_split = tl.cdiv(tl.cdiv(seq_len, CHUNK), num_splits) * CHUNK
+    # 3 pages while 15 found nothing; now 3 programs take one page each (with SUBPAGE, as the
+    # sequence has fewer pages than splits, 5 programs half a page each).
+    if SUBPAGE:
+        half = tl.cdiv(seq_len, PAGE) < num_splits
+        unit = tl.where(half, PAGE // 2, PAGE)
+    else:
+        unit = PAGE
+    per_split = tl.cdiv(tl.cdiv(seq_len, unit), num_splits) * unit
     t_start = split * per_split
     t_end = tl.minimum(seq_len, t_start + per_split)
     if EARLY:
@@ -210,21 +241,18 @@ def _mla_decode_split_kernel(
             m_i, l_i, acc = _attend_page(
                 q_nope, q_rope, c_kv0, k_pe0, pos0, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
             )
-        t_loop = t_start + CHUNK
-    for t0 in range(t_loop, t_end, CHUNK):
-        page = tl.load(bt_ptr + b * stride_btb + t0 // PAGE).to(tl.int64)
-        pos = t0 + offs_t
-        t_ok = pos < t_end
-        kv_base = kv_ptr + page * stride_kvp + (t0 % PAGE + offs_t)[:, None] * stride_kvt
-        c_kv = tl.load(
-            kv_base + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
-        )  # [CHUNK, RB]
-        k_pe = tl.load(
-            kv_base + R + offs_p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0
-        )  # [CHUNK, PB]
-        m_i, l_i, acc = _attend_page(
-            q_nope, q_rope, c_kv, k_pe, pos, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
-        )
+        t_loop = t_start + PAGE
+    walk = (q_nope, q_rope, kv_ptr, bt_ptr + b * stride_btb, stride_kvp, stride_kvt, t_loop, t_end)
+    if SUBPAGE:
+        if half:
+            m_i, l_i, acc = _walk_split(*walk, limit, m_i, l_i, acc, sm_scale_log2, offs_r,
+                                        offs_p, r_ok, p_ok, R, PAGE, PAGE // 2, UPCAST)  # fmt: skip
+        else:
+            m_i, l_i, acc = _walk_split(*walk, limit, m_i, l_i, acc, sm_scale_log2, offs_r,
+                                        offs_p, r_ok, p_ok, R, PAGE, PAGE, UPCAST)  # fmt: skip
+    else:
+        m_i, l_i, acc = _walk_split(*walk, limit, m_i, l_i, acc, sm_scale_log2, offs_r, offs_p,
+                                    r_ok, p_ok, R, PAGE, PAGE, UPCAST)  # fmt: skip
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -423,7 +451,7 @@ def _mla_decode_rows(
             RB=max(16, kv_lora_rank),
             PB=max(16, d - kv_lora_rank),
             PAGE=page,
-            CHUNK=mla_chunk(page, early),
+            SUBPAGE=mla_subpage(page, early),
             DIRECT=direct,
             FOLD=fold,
             NS=ns_pow2,

@@ -1,6 +1,6 @@
 """How MLA decode's split kernels are launched (kernels/mla_decode.py): rows of heads a program,
-warps, and KV splits, by batch, rows, block-table width and SM count; the Triton kernel's chunk.
-Arithmetic and switches: the kernel modules and their benchmarks share it."""
+warps, and KV splits, by batch, rows, block-table width and SM count; the Triton kernel's half
+pages. Arithmetic and switches: the kernel modules and their benchmarks share it."""
 
 from __future__ import annotations
 
@@ -57,15 +57,15 @@ def decode_launch(
     return block_h, num_warps, num_splits
 
 
-def mla_chunk(page: int, early: bool) -> int:
-    """Tokens the Triton split kernel reads a loop step, and the unit its splits share a sequence
-    in: the page, or half of it with MOERAY_FUSED_MLA_SUBPAGE=1 (opt-in; pages of 32+ tokens, and
-    not with MLA_KV_EARLY, whose early read is a whole page). On an H100 it ran Moonlight FP8's
-    batch 1 1.2-1.8% faster at 160 cached tokens and 0-0.5% slower at 2K (notes-engine.md). At short
-    contexts each split holds one page, and a split's latency is its page's: 160 cached tokens
-    at Moonlight's batch 1 are 3 programs of 64 tokens (5.6 us a layer exclusive on an H200,
-    benchmarks/notes-engine.md), 5 programs of 32 with half pages; on the H200 sweep each split
-    added at 3 pages took ~2 us off (9.7 / 7.9 / 5.9 us at 1 / 2 / 3 splits)."""
-    if switched_on("MLA_SUBPAGE") and not early and page >= 32:
-        return page // 2
-    return page
+def mla_subpage(page: int, early: bool) -> bool:
+    """Whether the Triton split kernel may walk a sequence in half pages
+    (MOERAY_FUSED_MLA_SUBPAGE=1, opt-in; pages of 32+ tokens, and not with MLA_KV_EARLY, whose
+    early read is a whole page).
+    The kernel takes half pages only for a sequence with fewer pages than splits, where whole
+    pages leave splits idle: at Moonlight's batch 1 with 160 cached tokens, 5 programs of 32
+    tokens instead of 3 of 64 (the split kernel took 5.6 us a layer exclusive there on an H200;
+    on the H200 sweep each split added at 3 pages took ~2 us off: 9.7 / 7.9 / 5.9 us at 1 / 2 / 3
+    splits). Half pages for every sequence (the first form) ran Moonlight FP8's batch 1 1.2-1.8%
+    faster on an H100 and 2K-token contexts 0-0.5% slower (benchmarks/notes-engine.md), where
+    the sequences have more pages than splits and the shorter loop step only costs."""
+    return switched_on("MLA_SUBPAGE") and not early and page >= 32

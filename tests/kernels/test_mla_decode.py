@@ -299,13 +299,14 @@ def test_wgmma_split_takes_the_partials(wgmma, ws, monkeypatch):
         assert not calls and _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize(("s_q", "num_splits"), [(1, None), (2, 3), (1, 16)])
+@pytest.mark.parametrize(("s_q", "num_splits"), [(1, None), (2, 3), (1, 2), (1, 16)])
 def test_half_page_splits_match_the_reference(s_q, num_splits, monkeypatch):
     """MOERAY_FUSED_MLA_SUBPAGE=1: the Triton split kernel walks 16-token halves of 32-token pages
-    and splits each sequence's halves (16 splits over at most 6): within the fp32 reference's
-    bound, the wide table's unused columns (a poisoned scratch page) never read; the chunk rule
-    (a whole page without the switch, with MLA_KV_EARLY, or for 16-token pages)."""
-    from moeray.kernels.mla_launch import mla_chunk
+    for the sequences with fewer pages than splits (at 2 and 3 splits some sequences take halves,
+    others whole pages, in one launch; 16 splits over at most 6 halves): within the fp32
+    reference's bound, the wide table's unused columns (a poisoned scratch page) never read; the
+    rule (no halves without the switch, with MLA_KV_EARLY, or for 16-token pages)."""
+    from moeray.kernels.mla_launch import mla_subpage
 
     q, kv, table, lens = _paged_case([37, 2, 80, 16, 33], heads=5, r=64, p=16, page=32, seed=9,
                                      s_q=s_q)  # fmt: skip
@@ -319,7 +320,11 @@ def test_half_page_splits_match_the_reference(s_q, num_splits, monkeypatch):
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
     assert _rel(out, ref) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
-    assert (mla_chunk(32, False), mla_chunk(64, False), mla_chunk(64, True)) == (16, 32, 64)
-    assert mla_chunk(16, False) == 16
+    assert (mla_subpage(32, False), mla_subpage(64, False), mla_subpage(64, True)) == (
+        True,
+        True,
+        False,
+    )
+    assert mla_subpage(16, False) is False
     monkeypatch.setenv("MOERAY_FUSED_MLA_SUBPAGE", "0")
-    assert mla_chunk(64, False) == 64
+    assert mla_subpage(64, False) is False

@@ -78,6 +78,40 @@ def test_yarn_frequencies_interpolate_low_and_keep_high():
     assert torch.allclose(yarn[-1], plain[-1] / c.rope_scaling["factor"])  # slowest: interpolated
 
 
+@pytest.mark.parametrize("mscale", [None, 0.707])
+def test_rotary_cos_sin_in_three_ops(mscale):
+    """cos/sin are the fp32 values of the written-out formula, bit for bit (integer positions
+    cast to fp32, times inv_freq; times the YaRN factor), in 3 ops where the factor is 1.0
+    (mscale == mscale_all_dim: DeepSeek-V3) and 5 where it is not."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moeray.platform.model.rope import RotaryEmbedding
+
+    c = tiny()
+    if mscale is not None:
+        c = c.replace(rope_scaling={**c.rope_scaling, "mscale": mscale})
+    emb = RotaryEmbedding(c)
+    assert (emb.attention_factor == 1.0) == (mscale is None)
+    positions = torch.tensor([[0, 1, 7, 4095], [163839, 3, 2, 100000]])
+    angles = positions.float()[..., None] * emb.inv_freq
+    want = (angles.cos() * emb.attention_factor, angles.sin() * emb.attention_factor)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        got = emb(positions)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    core = [n for n in ops.names if not n.startswith(("aten.unsqueeze", "aten.view", "aten.slice"))]
+    assert len(core) == (3 if mscale is None else 5), ops.names
+
+
 def test_group_masking_official_vs_transformers_with_negative_scores():
     """With negative biased scores, masking excluded groups with 0.0 (what transformers did through
     4.x) lets an excluded expert (0.0) beat every kept one (< 0), so a token reaches more groups

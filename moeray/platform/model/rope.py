@@ -62,9 +62,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, S, R2] in fp32."""
-        angles_BSR2 = positions_BS.float()[..., None] * self.inv_freq.float()
-        return angles_BSR2.cos() * self.attention_factor, angles_BSR2.sin() * self.attention_factor
+        """cos, sin of shape [B, S, R2] in fp32. Three kernels at decode, where there were six:
+        the integer positions are cast inside the multiply (type promotion: the same fp32
+        values), and a factor of 1.0 (DeepSeek-V3's, Moonlight's) multiplies nothing."""
+        angles_BSR2 = positions_BS[..., None] * self.inv_freq.float()
+        cos_BSR2, sin_BSR2 = angles_BSR2.cos(), angles_BSR2.sin()
+        if self.attention_factor != 1.0:
+            cos_BSR2, sin_BSR2 = cos_BSR2 * self.attention_factor, sin_BSR2 * self.attention_factor
+        return cos_BSR2, sin_BSR2
 
 
 def use_fused_rope(x_BSHR: torch.Tensor, cos_BSR2: torch.Tensor, sin_BSR2: torch.Tensor) -> bool:
