@@ -274,6 +274,11 @@ def test_bench_async_scheduling(tmp_path):
     assert arr["on"]["async_drains"] <= 1 < arr["off"]["async_drains"], arr
     # without async scheduling, one step a call: as many calls as the run launched ahead
     assert arr["sync"]["async_drains"] == 0 and arr["sync"]["step_calls"] <= arr["on"]["step_calls"]
+    # ... each one prefill chunk (12-token prompts, one per arrival) or decode-only, timed apart
+    steps = arr["sync"]["mixed_steps"] + arr["sync"]["decode_steps"]
+    assert arr["sync"]["mixed_steps"] == 6 and steps == arr["sync"]["step_calls"], arr["sync"]
+    assert arr["sync"]["mixed_step_ms"] > 0 and arr["sync"]["decode_step_ms"] > 0
+    assert "mixed_step_ms" not in arr["on"]
     assert arr["on"]["tokens_per_s"] > 0 and arr["on_vs_off"] > 0
     assert r["engine"]["async_scheduling"] is True
     assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8

@@ -316,8 +316,10 @@ def main(argv: list[str]) -> int:
             n,
             a.arrival_every,
         )
+        arr = notes["arrivals"]
         keys = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")
-        print("arrivals", {k: notes["arrivals"][k] for k in keys})
+        steps = {k: arr["sync"][k] for k in ("mixed_step_ms", "decode_step_ms")}
+        print("arrivals", {k: arr[k] for k in keys}, "sync", steps)
     if a.ab:
         notes["ab"] = run_ab(
             a.ab,

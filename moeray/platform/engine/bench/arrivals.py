@@ -16,7 +16,9 @@ without decoding), so at real shapes their greedy tokens part where a near-tied 
 differently at another batch size (`outputs_equal`). A third run without async scheduling
 (`sync`) steps exactly as `on` does, one step a call, the same requests in each step: on a
 GPU its tokens equal `on`'s bit for bit unless the step launched ahead computes something else
-(`on_equals_sync`).
+(`on_equals_sync`), and its steps' times split into those with a prefill chunk and the rest
+(`sync.mixed_step_ms`, `sync.decode_step_ms`): on an H100 at Moonlight the former ran eagerly at
+~50-110 ms (benchmarks/notes-engine.md), the case for graphs or fewer launches there.
 """
 
 from __future__ import annotations
@@ -33,18 +35,26 @@ from moeray.platform.engine.sampler import SamplingParams
 def arrivals_run(
     engine: Engine, prompts: list[list[int]], max_tokens: int, every: int
 ) -> tuple[dict[str, float], list[list[int]]]:
-    """One timed arrival run on a warmed engine: (numbers, each request's output ids)."""
+    """One timed arrival run on a warmed engine: (numbers, each request's output ids). Without
+    async scheduling each call is one whole step (the engine synchronizes before returning), so
+    the numbers also split the calls' wall time between steps that computed prompt tokens
+    (`mixed_step_ms`, a prefill chunk beside the decodes) and decode-only steps
+    (`decode_step_ms`); under async scheduling a call's prompt tokens are counted a step late,
+    when that step resolves, and no split is given."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     drains0 = engine.metrics().get("async_drains", 0)
     steps, ids, final = 0, list[str](), dict[str, list[int]]()
+    calls: dict[bool, list[float]] = {True: [], False: []}  # wall seconds by "computed a prompt"
     sync(engine.device)
     t0 = time.perf_counter()
     while len(ids) < len(prompts) or engine.has_unfinished():
         if steps % every == 0 and len(ids) < len(prompts):
             ids.append(engine.add_request(prompts[len(ids)], params))
+        prompt0, t_call = engine.stats.prompt_tokens, time.perf_counter()
         for o in engine.step():
             if o.finished:
                 final[o.request_id] = o.output_token_ids
+        calls[engine.stats.prompt_tokens > prompt0].append(time.perf_counter() - t_call)
         steps += 1
     sync(engine.device)
     seconds = time.perf_counter() - t0
@@ -55,6 +65,10 @@ def arrivals_run(
         "step_calls": steps,
         "async_drains": engine.metrics().get("async_drains", 0) - drains0,
     }
+    if not engine.async_scheduling:
+        for key, mixed in (("mixed", True), ("decode", False)):
+            numbers[f"{key}_steps"] = len(calls[mixed])
+            numbers[f"{key}_step_ms"] = 1e3 * sum(calls[mixed]) / max(1, len(calls[mixed]))
     return numbers, outputs
 
 
