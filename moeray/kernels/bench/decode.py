@@ -1,9 +1,10 @@
 """`moeray bench kernels --only decode_glue`: the kernels that replace a decode step's small
-PyTorch ops (issue 19: alignment, RoPE, the paged-cache prologue, SwiGLU, router logits; the EP
-layer's load count; greedy's argmax over DeepSeek-V3's and Moonlight's vocabularies, against the
-engine's default fp32 copy + torch.argmax) against their PyTorch references at Moonlight-16B-A3B's
-widths (the alignment also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as a
-decode step runs them, with whether the outputs agree bit for bit."""
+PyTorch ops (issue 19: alignment, RoPE, the step's positions and slots, the paged-cache prologue,
+SwiGLU, router logits; the EP layer's load count; greedy's argmax over DeepSeek-V3's and
+Moonlight's vocabularies, against the engine's default fp32 copy + torch.argmax) against their
+PyTorch references at Moonlight-16B-A3B's widths (the alignment also at DeepSeek-V3's 256
+experts), each replayed in a CUDA graph as a decode step runs them, with whether the outputs
+agree bit for bit."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.expert_load import count_expert_load, count_expert_load_ref
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_ref
 from moeray.kernels.moe_align import moe_align, moe_align_ref
+from moeray.kernels.paged_positions import paged_positions, paged_positions_ref
 from moeray.kernels.rope import rope, rope_ref
 from moeray.kernels.router_logits import router_logits, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_ref
@@ -54,6 +56,8 @@ def _cases(t: int):
     load_E, rows_1 = torch.zeros(EXPERTS, dtype=torch.int64, device="cuda"), valid_1.new_zeros(())
 
     logits_v3, logits_ml = _bf16(t, V3_VOCAB), _bf16(t, MOONLIGHT_VOCAB)
+    table = torch.randperm(t * 40, device="cuda", dtype=torch.int32).view(t, 40)  # 64-token pages
+    starts = torch.randint(0, 40 * 64 - 1, (t,), device="cuda")
     counters = torch.zeros(t, dtype=torch.int32, device="cuda")
 
     def counted(fn):  # counts from zero each call: in-place accumulation, compared as outputs
@@ -72,6 +76,12 @@ def _cases(t: int):
             True,
         ),
         ("rope", p(rope_ref, q, *rot), p(rope, q, *rot), True),
+        (
+            "paged_positions",
+            p(paged_positions_ref, table, starts, 1, 64),
+            p(paged_positions, table, starts, 1, 64),
+            True,
+        ),
         (
             "mla_prologue",  # the norm's fp32 sum runs in another order: not bit-compared
             p(mla_write_pack_ref, cache, *prologue, norm=norm, rope=rot),

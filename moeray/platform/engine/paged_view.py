@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import torch
 
+from moeray.kernels.common import switched_on
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.kernels.mla_write_absorb import mla_write_absorb
+from moeray.kernels.paged_positions import (
+    PagedPositions,
+    paged_positions,
+    paged_positions_ref,
+    slots_ref,
+)
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.model.norm import RMSNorm, use_fused_norm
 from moeray.platform.model.rope import apply_rope, use_fused_rope
-
-
-def _slots(
-    block_table_BM: torch.Tensor, positions_BS: torch.Tensor, page_size: int
-) -> torch.Tensor:
-    """Flat slot (page * N + offset) of each position through each row's block table."""
-    page_BS = block_table_BM.gather(1, positions_BS // page_size).long()
-    return page_BS * page_size + positions_BS % page_size
 
 
 class GatherPagedView:
@@ -59,12 +58,16 @@ class GatherPagedView:
         self.block_table_BM = block_table_BM
         self.starts_B = starts_B
         self.S = S
-        dev = block_table_BM.device
-        self.positions_BS = starts_B[:, None] + torch.arange(S, device=dev)[None, :]
-        self.seq_lens_B = starts_B + S
-        self.new_slots = _slots(block_table_BM, self.positions_BS, self.N).flatten()
+        # positions [B, S], lengths (int64, and int32 for the MLA kernel), the new tokens' slots
+        p = self._positions(block_table_BM, starts_B, S)
+        self.positions_BS, self.seq_lens_B, self.seq_lens_i32_B, self.new_slots = p
         self._ctx = None  # (slots_BT, mask_BST), built on the first update and shared by all layers
         self.calls = {"update": 0, "attend": 0, "expanded": 0}
+
+    def _positions(
+        self, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
+    ) -> PagedPositions:
+        return paged_positions_ref(block_table_BM, starts_B, S, self.N)
 
     def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
         C, R = kv_BSC.shape[-1], pe_BSR.shape[-1]
@@ -77,7 +80,7 @@ class GatherPagedView:
             t_T = torch.arange(T, device=dev)
             # Positions past a row's end read its last position again; the mask hides them.
             t_BT = torch.minimum(t_T[None, :], (self.seq_lens_B - 1)[:, None])
-            slots_BT = _slots(self.block_table_BM, t_BT, self.N)
+            slots_BT = slots_ref(self.block_table_BM, t_BT, self.N)
             mask_BST = t_T[None, None, :] <= self.positions_BS[:, :, None]
             self._ctx = (slots_BT, mask_BST)
         return self._ctx
@@ -100,12 +103,19 @@ class KernelPagedView(GatherPagedView):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # The kernel's int32 lengths, converted once per forward rather than in every layer.
-        self.seq_lens_i32_B = self.seq_lens_B.to(torch.int32)
         # The folded MLA merge's counters (kernels/mla_decode.mla_counters): made at the first
         # attend, zeroed once per forward; each launch leaves them zeroed for the next layer.
         self._mla_counters: torch.Tensor | None = None
         self._mla_counters_made = False
+
+    def _positions(
+        self, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
+    ) -> PagedPositions:
+        """In one launch with MOERAY_FUSED_PAGED_POSITIONS=1 (opt-in, not yet timed on a GPU;
+        kernels/paged_positions.py says why), else as the gather view: the same values."""
+        if switched_on("PAGED_POSITIONS"):
+            return paged_positions(block_table_BM, starts_B, S, self.N)
+        return super()._positions(block_table_BM, starts_B, S)
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
