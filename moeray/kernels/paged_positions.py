@@ -12,9 +12,10 @@ Legend: B sequences, S new tokens each, M block-table width (pages), N tokens a 
 Why: the reference is nine small PyTorch kernels (an arange, three adds, a floor division, a
 gather, a cast, a multiply, a remainder) and the int32 copy of the lengths, ~13.5 us of a
 Moonlight FP8 batch-1 decode graph on an H200 (benchmarks/results/engine-nvidia-h200-moonlight-
-fp8-defaults4.json, their exclusive times); one program a sequence does it here. Integer math:
-the outputs equal the reference's exactly. Opt-in in the engine (MOERAY_FUSED_PAGED_POSITIONS=1,
-`moeray.platform.engine.paged_view.KernelPagedView`) until timed on a GPU.
+fp8-defaults4.json, their exclusive times); one program a sequence (per 256 new tokens) does it
+here. Integer math: the outputs equal the reference's exactly. Opt-in in the engine
+(MOERAY_FUSED_PAGED_POSITIONS=1, `moeray.platform.engine.paged_view.KernelPagedView`) until
+timed on a GPU.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, use_triton
+from moeray.kernels.common import cdiv, check_tensor, use_triton
 from moeray.kernels.gemv import pow2_at_least
+
+# New tokens a program: a decode step's 1-2 in one, a prefill chunk's thousands over several.
+MAX_BLOCK_S = 256
 
 
 class PagedPositions(NamedTuple):
@@ -69,10 +73,11 @@ def _paged_positions_kernel(
     stride_btb,
     stride_btm,
     PAGE: tl.constexpr,
-    SB: tl.constexpr,  # S padded to a power of two
+    SB: tl.constexpr,  # new tokens a program: S padded to a power of two, at most MAX_BLOCK_S
 ):
     b = tl.program_id(0)
-    offs_s = tl.arange(0, SB)
+    pid_s = tl.program_id(1)
+    offs_s = pid_s * SB + tl.arange(0, SB)
     ok = offs_s < S
     start = tl.load(starts_ptr + b).to(tl.int64)
     pos = start + offs_s
@@ -80,8 +85,9 @@ def _paged_positions_kernel(
     page = page.to(tl.int64)
     tl.store(pos_ptr + b * S + offs_s, pos, mask=ok)
     tl.store(slots_ptr + b * S + offs_s, page * PAGE + pos % PAGE, mask=ok)
-    tl.store(lens_ptr + b, start + S)
-    tl.store(lens32_ptr + b, (start + S).to(tl.int32))
+    if pid_s == 0:
+        tl.store(lens_ptr + b, start + S)
+        tl.store(lens32_ptr + b, (start + S).to(tl.int32))
 
 
 def paged_positions(
@@ -116,7 +122,8 @@ def paged_positions(
         torch.empty(b * S, dtype=torch.int64, device=dev),
     )
     if b:
-        _paged_positions_kernel[(b,)](
+        sb = min(pow2_at_least(S), MAX_BLOCK_S)
+        _paged_positions_kernel[(b, cdiv(S, sb))](
             block_table_BM,
             starts_B,
             *out,
@@ -124,7 +131,7 @@ def paged_positions(
             block_table_BM.stride(0),
             block_table_BM.stride(1),
             PAGE=page_size,
-            SB=pow2_at_least(S),
+            SB=sb,
             num_warps=1,
         )
     return out

@@ -37,6 +37,17 @@ def test_equals_reference(dtype, S):
     assert got.seq_lens_i32_B.dtype == torch.int32
 
 
+def test_prefill_chunk_over_several_programs(monkeypatch):
+    """S past the block of new tokens a program takes: the chunk split over programs, the
+    lengths written once."""
+    from moeray.kernels import paged_positions as mod
+
+    monkeypatch.setattr(mod, "MAX_BLOCK_S", 4)
+    table, starts = _case(torch.int64, 11)
+    got, want = paged_positions(table, starts, 11, 16), paged_positions_ref(table, starts, 11, 16)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_strided_block_table():
     table, starts = _case(torch.int32, 3)
     wide_t = table.t().contiguous().t()  # the same values, column-major
