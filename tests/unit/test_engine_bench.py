@@ -286,6 +286,21 @@ def test_bench_async_scheduling(tmp_path):
     assert tuple(r["decode_host_phases_ms"]["2"]) == HOST_PHASES
 
 
+def test_arrivals_checks_its_arguments_before_building_an_engine():
+    """--arrivals' A/B names a bad step count or warm-up prompts of other lengths (the warm run
+    must meet the timed run's shapes) before it builds any engine."""
+    from moeray.platform.engine.bench.arrivals import arrivals_ab
+
+    def make_engine(**settings):
+        raise AssertionError("no engine may be built for bad arguments")
+
+    prompts = [[1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="arrival every 0"):
+        arrivals_ab(make_engine, prompts, [[7, 8, 9], [1, 1]], 4, 0)
+    with pytest.raises(ValueError, match="warm_prompts must have the lengths"):
+        arrivals_ab(make_engine, prompts, [[7, 8], [1, 1]], 4, 2)
+
+
 def test_bench_moonlight_shape_fp8_end_to_end(tmp_path):
     """Moonlight's config.json (no query LoRA, one expert group, 2 shared experts, top-6 of 64)
     with the widths shrunk for CPU, cut to 2 layers (1 dense + 1 MoE) by --layers."""
