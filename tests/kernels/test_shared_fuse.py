@@ -225,8 +225,17 @@ def test_stack_holds_the_weights_as_views(n_shared):
                 stacked = getattr(sf, name)[E + j]
                 scale = sf.get_buffer(f"{name}_scale_inv")[E + j]
                 assert torch.equal(dequantize_fp8_blocks(stacked, scale, torch.float32), part)
-    # a merge_projections since re-merges the shared gate + up: a rerun fuses anew
-    merge_projections(fused)
+    # merge_projections leaves the stacked shared gate + up as they are (no copy out of the
+    # stacks), so a second fuse_shared_experts (a second engine on this model) keeps the stacks
+    report = merge_projections(fused)
+    stacks = [m.fused_shared.gate_proj.data_ptr() for _, m in _moe_pairs(plain, fused)]
+    assert all(m.fused_shared.holds(m) for _, m in _moe_pairs(plain, fused))
+    assert all("fused expert stacks" in str(v) for k, v in report.items() if "shared" in k)
+    fuse_shared_experts(fused)
+    assert [m.fused_shared.gate_proj.data_ptr() for _, m in _moe_pairs(plain, fused)] == stacks
+    # a view replaced (a new tensor for a part): the stack no longer holds, a rerun fuses anew
+    for _, m in _moe_pairs(plain, fused):
+        m.shared_experts.up_proj.weight.data = m.shared_experts.up_proj.weight.data.clone()
     assert not any(m.fused_shared.holds(m) for _, m in _moe_pairs(plain, fused))
     fuse_shared_experts(fused)
     assert all(m.fused_shared.holds(m) for _, m in _moe_pairs(plain, fused))
@@ -316,6 +325,23 @@ def test_engine_greedy_unchanged_and_switch(monkeypatch):
         del eng
     assert all(len(t) == 5 for t in tokens[True])
     assert tokens[True] == tokens[False]
+
+
+def test_a_second_engine_keeps_the_stacks():
+    """Engines built one after another on one model (the bench's A/B rows, a restarted replica)
+    keep the first one's expert stacks: no second copy of every routed expert while a new
+    engine fuses (at DeepSeek-V3's widths 11 GB a MoE layer, which ran an H100 out of memory)."""
+    from moeray.platform.engine.engine import Engine, EngineConfig
+
+    _, model, _ = _models(_cfg(2, 3))
+    stacks = []
+    for _ in range(2):
+        eng = Engine(model, EngineConfig(page_size=16, num_pages=8, max_model_len=64))
+        assert all(why is None for why in eng.fused_shared.values()), eng.fused_shared
+        stacks.append([(id(m.fused_shared), m.fused_shared.down_proj.data_ptr())
+                       for m in model.moe_layers()])  # fmt: skip
+        del eng
+    assert stacks[0] == stacks[1] and len(stacks[0]) == 2
 
 
 def test_three_launches_fewer_per_moe_layer(monkeypatch, load_script):

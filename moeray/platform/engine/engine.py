@@ -145,14 +145,15 @@ def decode_modules(model: nn.Module, drafting: bool) -> list[nn.Module]:
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), *, tokenizer=None) -> None:
         self.model = model.eval()
-        # Each pair of projections that read one input as one GEMM (model/merge.py: 2 decode
-        # launches fewer per layer in bf16, 4 in FP8), before any graph captures the weights.
-        # {owner module: None, or why its pair stays apart}.
-        self.merged_projections = merge_projections(model)
-        # Then the shared experts as extra experts of each MoE layer's fused kernels
-        # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8).
-        # {MoE module: None, or why its shared experts run apart}.
+        # The shared experts as extra experts of each MoE layer's fused kernels
+        # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8), kept as
+        # they are where an earlier engine on this model fused them. {MoE module: None, or why
+        # its shared experts run apart}.
         self.fused_shared = fuse_shared_experts(model)
+        # Then each pair of projections that read one input as one GEMM (model/merge.py: 2 decode
+        # launches fewer per layer in bf16, 4 in FP8; not the shared experts' rows of those
+        # stacks), before any graph captures the weights. {owner: None, or why apart}.
+        self.merged_projections = merge_projections(model)
         # Past 16 tokens, on a second CUDA stream beside the routed ones (model/shared_stream.py).
         self.shared_stream = overlap_shared_experts(model)
         self.config = config

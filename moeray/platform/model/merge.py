@@ -19,9 +19,11 @@ are whole 128-row scale blocks (q 3072 / q_a 1536 then kv_a 576; gate then up at
 shape); otherwise that pair stays as it is and the report says why.
 
 Run it once the weights are final (`Engine` does, at construction, before capturing its CUDA
-graphs); again after a part's module or tensor was replaced (a new FP8Linear, a dtype or device
-move): pairs whose views still hold are kept, the others merged anew. MOERAY_FUSED_PROJ=0 leaves
-every pair unmerged (and unmerges a model merged before): the A/B switch for the engine bench.
+graphs, after fusing the shared experts: their gate and up, rows of the fused expert stacks, are
+left apart); again after a part's module or tensor was replaced (a new FP8Linear, a dtype or
+device move): pairs whose views still hold are kept, the others merged anew. MOERAY_FUSED_PROJ=0
+leaves every pair unmerged (and unmerges a model merged before): the A/B switch for the engine
+bench.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from moeray.kernels.common import switched_off
 from moeray.platform.model.linear import MergedLinear, merge_refusal
 from moeray.platform.model.mla import MLA
-from moeray.platform.model.moe import MLP
+from moeray.platform.model.moe import MLP, MoE
 
 
 def _pair(module: nn.Module) -> tuple[str, tuple[str, str]] | None:
@@ -56,10 +58,27 @@ def merged_parts(model: nn.Module) -> list[nn.Module]:
     return parts
 
 
+def _stacked_shared_mlps(model: nn.Module) -> set[int]:
+    """The shared-expert MLPs whose weights are rows of their MoE layer's fused expert stacks
+    (model/shared_fuse.py, while it holds them): merging their gate and up would copy those rows
+    out, and the next `fuse_shared_experts` (another engine on the same model) would then stack
+    every routed expert of the layer anew, a second copy of them all while it runs."""
+    return {
+        id(m.shared_experts)
+        for m in model.modules()
+        if isinstance(m, MoE)
+        and m.shared_experts is not None
+        and (fused := m._fused_shared()) is not None
+        and fused.holds(m)
+    }
+
+
 def merge_projections(model: nn.Module) -> dict[str, str | None]:
     """Merge, in place, each pair of projections of `model` that read one input (module
-    docstring). Returns {owner module name: None where merged, else why not}."""
+    docstring), but the gate and up of shared experts stacked with their layer's routed ones.
+    Returns {owner module name: None where merged, else why not}."""
     off = switched_off("PROJ")
+    stacked = _stacked_shared_mlps(model)
     report: dict[str, str | None] = {}
     for name, owner in list(model.named_modules()):
         pair = _pair(owner)
@@ -68,7 +87,10 @@ def merge_projections(model: nn.Module) -> dict[str, str | None]:
         attr, part_names = pair
         parts = [getattr(owner, n) for n in part_names]
         merged = getattr(owner, attr)
-        reason = "MOERAY_FUSED_PROJ=0" if off else merge_refusal(parts)
+        if id(owner) in stacked:
+            reason: str | None = "rows of the fused expert stacks (model/shared_fuse.py)"
+        else:
+            reason = "MOERAY_FUSED_PROJ=0" if off else merge_refusal(parts)
         if reason is not None:
             setattr(owner, attr, None)
         elif merged is None or not merged.holds(parts):

@@ -39,7 +39,10 @@ decode does not).
 Only plain `MoE` layers with every expert local are fused: the expert-parallel and placed layers
 (parallel/expert.py, serve_ep.py, engine/eplb.py) have forwards of their own that run the shared
 MLP themselves. MOERAY_FUSED_SHARED=0 fuses nothing (and unfuses a model fused before): the A/B
-switch for the engine bench. Run it after merge_projections (`Engine` does).
+switch for the engine bench. Run it before merge_projections (`Engine` does), which then leaves
+the stacked shared gate/up alone: a stack that still holds its views is kept by a second run (a
+second engine on the model), where re-merging them first would have made it stack every routed
+expert of the layer anew.
 """
 
 from __future__ import annotations
