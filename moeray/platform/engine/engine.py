@@ -145,10 +145,9 @@ def decode_modules(model: nn.Module, drafting: bool) -> list[nn.Module]:
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), *, tokenizer=None) -> None:
         self.model = model.eval()
-        # The shared experts as extra experts of each MoE layer's fused kernels
-        # (model/shared_fuse.py: 3 decode launches fewer per MoE layer, bf16 and FP8), kept as
-        # they are where an earlier engine on this model fused them. {MoE module: None, or why
-        # its shared experts run apart}.
+        # The shared experts as extra experts of each MoE layer's fused kernels (model/shared_fuse
+        # .py: 3 decode launches fewer per MoE layer), kept where an earlier engine on this model
+        # fused them. {MoE module: None, or why its shared experts run apart}.
         self.fused_shared = fuse_shared_experts(model)
         # Then each pair of projections that read one input as one GEMM (model/merge.py: 2 decode
         # launches fewer per layer in bf16, 4 in FP8; not the shared experts' rows of those
