@@ -67,6 +67,7 @@ class GatherPagedView:
     def _positions(
         self, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
     ) -> PagedPositions:
+        """The new tokens' positions, the lengths and the new tokens' slots, by PyTorch ops."""
         return paged_positions_ref(block_table_BM, starts_B, S, self.N)
 
     def _write(self, layer_idx: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> None:
