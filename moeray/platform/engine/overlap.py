@@ -125,11 +125,9 @@ class DecodeOverlap:
         never waits for them here."""
         if not any(map(_in_flight, out.scheduled)):
             return None
-        eng = self.engine
-        pin = eng.device.type == "cuda"
         rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
         idx = [rows[s.request.request_id] if _in_flight(s) else 0 for s in out.scheduled]
-        return prev.tokens_B[torch.tensor(idx, pin_memory=pin).to(eng.device, non_blocking=True)]
+        return prev.tokens_B[self.engine.runner.device_index(idx)]
 
     def _drain(self) -> list[RequestOutput]:
         """Resolve the step in flight; the next call schedules from known tokens."""
@@ -220,9 +218,7 @@ class DecodeOverlap:
                 rows = torch.stack([fwd.logits[i][-1] for i in samp])
                 params = [seqs[i].request.params for i in samp]
                 drawn = eng.sampler.tokens(rows, params, [seqs[i].request.generator for i in samp])
-                pin = eng.device.type == "cuda"
-                at = torch.tensor(samp, pin_memory=pin).to(eng.device, non_blocking=True)
-                tokens[at] = drawn.to(tokens.dtype)
+                tokens[eng.runner.device_index(samp)] = drawn.to(tokens.dtype)
         copied: torch.cuda.Event | None = None
         host = tokens
         if tokens.is_cuda:

@@ -456,7 +456,7 @@ class ModelRunner:
                 if len(rows) == len(seqs):  # every sequence a pending decode: the ids as they are
                     ids = ids_on_device.view(-1, 1)
                 else:  # pending ids into their rows' first column, the rest from the host
-                    to, fro = self._index(rows), self._index([idx[j] for j in rows])
+                    to, fro = self.device_index(rows), self.device_index([idx[j] for j in rows])
                     ids[to, 0] = ids_on_device[fro]
             bt = self._tables_by_id(
                 [s.request.request_id for s in group],
@@ -515,8 +515,9 @@ class ModelRunner:
         ).to(self.device, non_blocking=True)
         return both[:, :-1], both[:, -1]
 
-    def _index(self, rows: list[int]) -> torch.Tensor:
-        """Row indices as an int64 tensor on the device (one host->device copy, no sync)."""
+    def device_index(self, rows: list[int]) -> torch.Tensor:
+        """Row indices as an int64 tensor on the device (one host->device copy from pinned memory
+        where `pin_inputs`, no sync)."""
         t = torch.tensor(rows, dtype=torch.long, pin_memory=self.pin_inputs)
         return t.to(self.device, non_blocking=True)
 
