@@ -205,7 +205,7 @@ def _mla_decode_split_kernel(
         half = tl.cdiv(seq_len, PAGE) < num_splits
         unit = tl.where(half, PAGE // 2, PAGE)
     else:
-        half = False  # a constant: only the whole-page walk below is compiled
+        half = False
         unit = PAGE
     per_split = tl.cdiv(tl.cdiv(seq_len, unit), num_splits) * unit
     t_start = split * per_split
@@ -244,7 +244,9 @@ def _mla_decode_split_kernel(
             )
         t_loop = t_start + PAGE
     walk = (q_nope, q_rope, kv_ptr, bt_ptr + b * stride_btb, stride_kvp, stride_kvt, t_loop, t_end)
-    if half:
+    # The half-page walk only under SUBPAGE (pages of 32+ tokens): at 16-token pages its 8-token
+    # chunks are below tl.dot's K >= 16, and Triton checks a branch's shapes before it folds it.
+    if SUBPAGE and half:
         m_i, l_i, acc = _walk_split(*walk, limit, m_i, l_i, acc, sm_scale_log2, offs_r, offs_p,
                                     r_ok, p_ok, R, PAGE, PAGE // 2, UPCAST)  # fmt: skip
     else:

@@ -13,9 +13,12 @@ Why: the reference is nine small PyTorch kernels (an arange, three adds, a floor
 gather, a cast, a multiply, a remainder) and the int32 copy of the lengths, ~13.5 us of a
 Moonlight FP8 batch-1 decode graph on an H200 (benchmarks/results/engine-nvidia-h200-moonlight-
 fp8-defaults4.json, their exclusive times); one program a sequence (per 256 new tokens) does it
-here. Integer math: the outputs equal the reference's exactly. Opt-in in the engine
-(MOERAY_FUSED_PAGED_POSITIONS=1, `moeray.platform.engine.paged_view.KernelPagedView`) until
-timed on a GPU.
+here. Integer math: the outputs equal the reference's exactly. In a CUDA graph on an H100 the
+nine ops take 14.0 us and this 1.6 us at batch 1 (benchmarks/results/kernels-nvidia-h100-80gb-
+hbm3-glue.json); the engine's decode graphs replay 0.2-1.0% faster with it
+(engine-nvidia-h100-80gb-hbm3-{moonlight-fp8-glue,v3-fp8-glue-v3}.json). The engine's default
+(`moeray.platform.engine.paged_view.KernelPagedView`); MOERAY_FUSED_PAGED_POSITIONS=0 keeps the
+reference.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def _paged_positions_kernel(
     S,
     stride_btb,
     stride_btm,
+    stride_st,
     PAGE: tl.constexpr,
     SB: tl.constexpr,  # new tokens a program: S padded to a power of two, at most MAX_BLOCK_S
 ):
@@ -79,7 +83,7 @@ def _paged_positions_kernel(
     pid_s = tl.program_id(1)
     offs_s = pid_s * SB + tl.arange(0, SB)
     ok = offs_s < S
-    start = tl.load(starts_ptr + b).to(tl.int64)
+    start = tl.load(starts_ptr + b * stride_st).to(tl.int64)
     pos = start + offs_s
     page = tl.load(bt_ptr + b * stride_btb + (pos // PAGE) * stride_btm, mask=ok, other=0)
     page = page.to(tl.int64)
@@ -130,6 +134,7 @@ def paged_positions(
             S,
             block_table_BM.stride(0),
             block_table_BM.stride(1),
+            starts_B.stride(0),  # the engine's starts are a column of its ids upload
             PAGE=page_size,
             SB=sb,
             num_warps=1,

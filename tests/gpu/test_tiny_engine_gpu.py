@@ -160,17 +160,19 @@ def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
 
 
 def test_paged_positions_in_the_decode_graphs(monkeypatch):
-    """MOERAY_FUSED_PAGED_POSITIONS=1 (opt-in): the step's positions, lengths and slots from one
-    launch inside the captured bf16 decode graphs, the same greedy tokens as the PyTorch ops
+    """The step's positions, lengths and slots from one launch (the default) inside the captured
+    bf16 decode graphs and in the eager prefill steps (whose starts are a strided column of the
+    ids upload): the same greedy tokens as the PyTorch ops with MOERAY_FUSED_PAGED_POSITIONS=0
     (integer math: the same values)."""
     from moeray.kernels import paged_positions as positions_mod
 
     launcher = _LaunchSpy(positions_mod._paged_positions_kernel)
     monkeypatch.setattr(positions_mod, "_paged_positions_kernel", launcher)
     cfg, model = _model(torch.bfloat16)
+    monkeypatch.setenv("MOERAY_FUSED_PAGED_POSITIONS", "0")
     _, ref = _generate(model, cfg, "kernel")
     assert launcher.launches == 0
-    monkeypatch.setenv("MOERAY_FUSED_PAGED_POSITIONS", "1")
+    monkeypatch.delenv("MOERAY_FUSED_PAGED_POSITIONS")
     eng, got = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
     assert launcher.launches > 0

@@ -1,8 +1,8 @@
 """paged_positions under the interpreter: positions, lengths (int64 and int32) and slots equal
 paged_positions_ref's exactly at odd shapes (5 sequences, 3 new tokens each, 16-token pages,
-starts crossing page ends, int32 and int64 inputs, a block table wider than needed and one read
-through a transposed view), the engine's paged view giving the same values with the switch on
-and off, and bad inputs named."""
+starts crossing page ends, int32 and int64 inputs, a block table wider than needed, one read
+through a transposed view, starts read with a stride), the engine's paged view giving the same
+values with the switch on and off, and bad inputs named."""
 
 import pytest
 import torch
@@ -48,11 +48,16 @@ def test_prefill_chunk_over_several_programs(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_strided_block_table():
-    table, starts = _case(torch.int32, 3)
+def test_strided_inputs():
+    """A column-major block table, and starts read as the last column of the engine's one
+    [B, S + 1] upload of ids and starts (`ModelRunner._ids_and_starts`), stride S + 1."""
+    table, starts = _case(torch.int64, 3)
     wide_t = table.t().contiguous().t()  # the same values, column-major
     assert wide_t.stride(1) != 1
-    got, want = paged_positions(wide_t, starts, 3, 16), paged_positions_ref(table, starts, 3, 16)
+    both = torch.cat([torch.full((5, 3), 7), starts[:, None]], dim=1)
+    col = both[:, -1]
+    assert col.stride(0) == 4
+    got, want = paged_positions(wide_t, col, 3, 16), paged_positions_ref(table, starts, 3, 16)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moeray.kernels.common import switched_on
+from moeray.kernels.common import switched_off
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
@@ -112,11 +112,11 @@ class KernelPagedView(GatherPagedView):
     def _positions(
         self, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
     ) -> PagedPositions:
-        """In one launch with MOERAY_FUSED_PAGED_POSITIONS=1 (opt-in, not yet timed on a GPU;
-        kernels/paged_positions.py says why), else as the gather view: the same values."""
-        if switched_on("PAGED_POSITIONS"):
-            return paged_positions(block_table_BM, starts_B, S, self.N)
-        return super()._positions(block_table_BM, starts_B, S)
+        """In one launch (kernels/paged_positions.py says why), or as the gather view with
+        MOERAY_FUSED_PAGED_POSITIONS=0 (the A/B switch): the same values."""
+        if switched_off("PAGED_POSITIONS"):
+            return super()._positions(block_table_BM, starts_B, S)
+        return paged_positions(block_table_BM, starts_B, S, self.N)
 
     # MLA may hand `attend` its latent before the norm and the rope parts before the rotation.
     takes_raw_latent = True
