@@ -177,3 +177,47 @@ def test_paged_positions_in_the_decode_graphs(monkeypatch):
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
     assert launcher.launches > 0
     assert all(len(o) == 10 for o in got) and got == ref
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunk_graphs_capture_and_match_eager(async_scheduling):
+    """EngineConfig.prefill_graph_tokens: prefill chunks of 3-129 tokens replay CUDA graphs of
+    16-256-token buckets (the absorbed MLA path through the paged kernel, padded at the end, the
+    LM head on the last real row) and give the greedy tokens of the eager engine that prefills
+    through the same path (prefill_attention="absorbed"). The expanded path's tokens (the
+    default eager prefill) are printed beside them: bf16 rounding differs between the paths."""
+    from moeray.platform.engine.engine import Engine, EngineConfig
+    from moeray.platform.engine.sampler import SamplingParams
+
+    cfg, model = _model(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 129, 16)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    outs, engines = {}, {}
+    for name, kw in (
+        ("expanded", {}),
+        ("absorbed", {"prefill_attention": "absorbed"}),
+        ("graphs", {"prefill_graph_tokens": 256}),
+    ):
+        engines[name] = eng = Engine(
+            model,
+            EngineConfig(
+                page_size=16,
+                num_pages=64,
+                max_model_len=256,
+                attention="kernel",
+                enable_prefix_caching=False,
+                async_scheduling=async_scheduling,
+                **kw,
+            ),
+        )
+        outs[name] = [o.output_token_ids for o in eng.generate(prompts, params)]
+        print(name, outs[name])
+    runner = engines["graphs"].runner
+    want = {(1, s, "chunk") for s in (16, 32, 64, 128, 256)}
+    assert want <= set(runner.graphs), (sorted(runner.graphs), runner.graph_status)
+    assert runner.graph_status == "captured"
+    assert runner.chunk_graph_replays == 4 and runner.attention_calls["expanded"] == 0
+    assert outs["graphs"] == outs["absorbed"]

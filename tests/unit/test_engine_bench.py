@@ -279,6 +279,11 @@ def test_bench_async_scheduling(tmp_path):
     assert arr["sync"]["mixed_steps"] == 6 and steps == arr["sync"]["step_calls"], arr["sync"]
     assert arr["sync"]["mixed_step_ms"] > 0 and arr["sync"]["decode_step_ms"] > 0
     assert "mixed_step_ms" not in arr["on"]
+    # the eager references of prefill-chunk graphs (none on CPU: the same steps as sync)
+    assert arr["prefill_graph_tokens"] == 256
+    assert arr["eager"]["mixed_steps"] == arr["absorbed"]["mixed_steps"] == 6
+    assert arr["sync_equals_eager"] == arr["sync_equals_absorbed"] == 1.0
+    assert arr["sync_vs_eager"] > 0
     assert arr["on"]["tokens_per_s"] > 0 and arr["on_vs_off"] > 0
     assert r["engine"]["async_scheduling"] is True
     assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8

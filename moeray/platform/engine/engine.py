@@ -30,6 +30,7 @@ from torch import nn
 
 from moeray.platform.checkpoint import load_model
 from moeray.platform.engine.disagg import KVRows
+from moeray.platform.engine.engine_config import EngineConfig
 from moeray.platform.engine.kv_cache import (
     CacheShape,
     KVCacheManager,
@@ -73,55 +74,6 @@ def _generator(req: Request) -> torch.Generator:
     if req.generator is None:
         raise RuntimeError(f"request {req.request_id!r} has no generator (not added by the engine)")
     return req.generator
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 64
-    # Pages in the cache; None sizes it from memory: memory_fraction of free GPU memory, or
-    # cpu_cache_bytes on CPU.
-    num_pages: int | None = None
-    memory_fraction: float = 0.9
-    cpu_cache_bytes: int = 256 * 1024**2
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    # None: the model's max_position_embeddings, capped by what the cache holds.
-    max_model_len: int | None = None
-    num_speculative_tokens: int = 0
-    enable_prefix_caching: bool = True
-    use_cuda_graphs: bool = True
-    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    # GPU: capture every decode graph up to max_num_seqs at the start (as vLLM does), not later.
-    capture_graphs_at_start: bool = True
-    attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
-    # MLA path of prefill chunks: "auto"/"expanded" (up-projected K and V), "absorbed" (latent).
-    prefill_attention: str = "auto"
-    seed: int = 0
-    # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
-    eos_token_ids: tuple[int, ...] = ()
-    # Launch each greedy decode step before the previous one's ids are read back (overlap.py);
-    # step() then returns each step's outputs one call late. None: on for CUDA engines, where it
-    # hides the host's 0.3-2.7 ms a step (H200: Moonlight bf16 batch 64 4,774 -> 5,875 tok/s,
-    # benchmarks/notes-engine.md), off on CPU, whose forward runs on the host that would overlap it.
-    async_scheduling: bool | None = None
-    # With async scheduling, sampled (temperature > 0) requests run ahead too: their uniforms are
-    # drawn at launch, nothing read back (H200, temperature 1: Moonlight FP8 batch 64 6,009 ->
-    # 6,889 tok/s, V3 widths FP8 batch 1 517 -> 633; benchmarks/notes-engine.md).
-    async_scheduling_sampled: bool = True
-    # ... and steps with prefill chunks (admissions) instead of draining; opt-in: same tokens, but
-    # arrival runs timed 0.87-1.38x on an H100 (eager prefill steps' host noise; notes-engine.md).
-    async_scheduling_prefill: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None")
-        if self.page_size < 1:
-            raise ValueError(f"page_size={self.page_size} must be >= 1")
-        if self.num_speculative_tokens not in (0, 1):
-            raise ValueError(
-                f"num_speculative_tokens={self.num_speculative_tokens}: accepted 0 "
-                "(off) or 1 (one MTP draft per step)"
-            )
 
 
 @dataclass
@@ -220,6 +172,7 @@ class Engine:
             graph_batch_sizes=config.graph_batch_sizes,
             attention=config.attention,
             prefill_attention=config.prefill_attention,
+            prefill_graph_tokens=config.prefill_graph_tokens,
         )
         self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
@@ -593,6 +546,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "cuda_graphs": self.runner.graph_status,
             "attention_calls": dict(self.runner.attention_calls),
+            "chunk_graph_replays": self.runner.chunk_graph_replays,
             "async_drains": self._overlap.drained_steps if self._overlap is not None else 0,
         }
         if self.drafter is not None:

@@ -21,7 +21,7 @@ start_b + n_b (main forward) or exactly start_b + n_b (MTP forward). So
     main forward, or the MTP forward right after it) rewrites p in that layer before anything
     reads it; a page holding p is not full-and-computed, so it is never registered or shared;
   * it never touches a page the sequence does not own: `_tables_by_id` points block-table columns
-    past a row's own pages at the scratch page (as `_DecodeGraph` does for padding rows), so such
+    past a row's own pages at the scratch page (as `StepGraph` does for padding rows), so such
     a p writes and reads scratch. The scheduler allocates nothing extra for padding;
   * its outputs are cut off (`lg[j, :n]`), and its inputs (the row's last token repeated; a zero
     hidden row for MTP, whose RMSNorm is zero, not NaN) are finite, so the masked-out reads of p
@@ -44,7 +44,9 @@ captures one graph per batch size in `graph_batch_sizes` (a smaller batch is pad
 that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP forward
 after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is captured the same
 way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
-zero). Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
+zero). With `prefill_graph_tokens`, prefill chunks of up to that many tokens replay a graph of one
+sequence padded to a power-of-two bucket, keyed (1, S, "chunk") (step_graphs.py says how and why).
+Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
 
 In an expert-parallel gang (`gang` set: `parallel/serve_ep.Lockstep`) every forward, main model
@@ -69,6 +71,7 @@ import torch
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import PENDING, ScheduledSeq
+from moeray.platform.engine.step_graphs import StepGraph, chunk_bucket, chunk_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -99,80 +102,6 @@ class ForwardResult:
     hidden: list[torch.Tensor]  # [num_tokens, D] each
 
 
-class _DecodeGraph:
-    """One captured decode forward for a fixed batch size bs and S tokens per row: the main model
-    (kind "main"), or one MTP depth (kind "mtp") reading a static hidden_BSD input as well."""
-
-    def __init__(
-        self,
-        runner: ModelRunner,
-        bs: int,
-        S: int,
-        mtp_module=None,
-        hidden_dtype: torch.dtype | None = None,
-    ) -> None:
-        dev = runner.device
-        scratch_page = runner.scratch_page
-        if scratch_page is None:
-            raise RuntimeError("a decode graph needs the storage's scratch page for padding rows")
-        self.bs, self.S = bs, S
-        self.mtp_module = mtp_module
-        self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
-        self.block_table_BM = torch.full(
-            (bs, runner.max_pages), scratch_page, dtype=torch.int32, device=dev
-        )
-        self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
-        self.hidden_in_BSD: torch.Tensor | None = None
-        if mtp_module is not None:
-            D = runner.model.config.hidden_size
-            # Padding rows stay zero: RMSNorm of a zero row is zero (no NaN), and those rows only
-            # write the MTP layer's latent into the scratch page.
-            self.hidden_in_BSD = torch.zeros(bs, S, D, dtype=hidden_dtype, device=dev)
-        # The view is built inside the capture: its slots and positions derive from the static
-        # starts and block table, so they must be recomputed at every replay.
-        view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
-        if view.calls["attend"] == 0:
-            raise RuntimeError(
-                "the model's MLA does not call cache.attend, so attention would "
-                "gather with host-side sizes: not capturable"
-            )
-        # A host sync inside a capture invalidates it (and can leave the stream in an error
-        # state), so first replay the forward with syncs turned into errors.
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            self._forward(runner)
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
-        torch.cuda.synchronize(dev)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
-        runner.graph_pool = self.graph.pool()
-        self.scratch_page = scratch_page
-
-    def _forward(self, runner: ModelRunner):
-        view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
-        if self.mtp_module is None:
-            return view, runner._forward_model(self.ids_BS, view, 0)
-        assert self.hidden_in_BSD is not None  # allocated with mtp_module
-        return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
-
-    def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None):
-        b, m = block_table_BM.shape
-        self.ids_BS[:b].copy_(ids_BS)
-        self.ids_BS[b:].zero_()
-        self.block_table_BM.fill_(self.scratch_page)  # padding rows: positions 0..S-1 of scratch
-        self.block_table_BM[:b, :m].copy_(block_table_BM)
-        self.starts_B[:b].copy_(starts_B)
-        self.starts_B[b:].zero_()
-        if self.hidden_in_BSD is not None:
-            self.hidden_in_BSD[:b].copy_(hidden_BSD)
-            self.hidden_in_BSD[b:].zero_()
-        self.graph.replay()
-        return self.logits_BSV[:b], self.hidden_BSD[:b]
-
-
 class ModelRunner:
     """Runs the model over scheduled sequences against a PagedKVStorage."""
 
@@ -187,6 +116,7 @@ class ModelRunner:
         graph_batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
         attention: str = "auto",
         prefill_attention: str = "auto",
+        prefill_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -215,15 +145,19 @@ class ModelRunner:
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None
         self.graph_batch_sizes = sorted(graph_batch_sizes)
-        # Keyed by (padded batch size, S, "main" or "mtp").
-        self.graphs: dict[tuple[int, int, str], _DecodeGraph] = {}
+        # Keyed by (padded batch size, S, "main", "mtp" or "chunk"); step_graphs.py.
+        self.graphs: dict[tuple[int, int, str], StepGraph] = {}
         self.graph_pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool
         self.use_cuda_graphs = bool(
             use_cuda_graphs and self.on_gpu and kernel and self.scratch_page is not None
         )
         # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
         self.use_mtp_graphs = self.use_cuda_graphs
-        self._status = {"main": "off", "mtp": "off"}
+        # Prefill chunks up to the largest of these replay a chunk graph (step_graphs.py); a
+        # failed chunk capture empties it and leaves the decode graphs on.
+        self.chunk_buckets = chunk_buckets(prefill_graph_tokens) if self.use_cuda_graphs else ()
+        self.chunk_graph_replays = 0
+        self._status = {"main": "off", "mtp": "off", "chunk": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
         # Upload inputs from pinned memory (set by async scheduling, overlap.py): a copy from
@@ -237,7 +171,9 @@ class ModelRunner:
             self.storage, block_table_BM, starts_B, S, expanded=expanded, fresh=fresh
         )
 
-    def _forward_model(self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int):
+    def _forward_model(
+        self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int | torch.Tensor
+    ):
         out = self.model(
             ids_BS,
             positions_BS=view.positions_BS,
@@ -258,11 +194,14 @@ class ModelRunner:
     @property
     def graph_status(self) -> str:
         """ "off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
-        the main forward could not be captured; an MTP failure alone reads
-        "captured; mtp disabled: <why>"."""
-        main, mtp = self._status["main"], self._status["mtp"]
-        if mtp.startswith("disabled") and not main.startswith("disabled"):
-            return f"{main}; mtp {mtp}"
+        the main forward could not be captured; an MTP or prefill-chunk failure alone reads
+        "captured; mtp disabled: <why>" / "captured; chunk disabled: <why>"."""
+        main = self._status["main"]
+        if main.startswith("disabled"):
+            return main
+        for kind in ("mtp", "chunk"):
+            if self._status[kind].startswith("disabled"):
+                main += f"; {kind} {self._status[kind]}"
         return main
 
     def forward_group(
@@ -343,14 +282,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def recapture(self) -> int:
-        """Drop the main-model graphs and capture the same ones again: after the model's weights
-        were replaced (an expert placement switch: the graphs read the old tensors' memory).
-        Returns the number of graphs held."""
-        keys = sorted(k for k in self.graphs if k[2] == "main")
-        self.graphs = {k: g for k, g in self.graphs.items() if k[2] != "main"}
-        for bs, S, _ in keys:
-            self._graph_for(bs, S)
+        """Drop the main-model and prefill-chunk graphs and capture the same ones again: after the
+        model's weights were replaced (an expert placement switch: the graphs read the old
+        tensors' memory). Returns the number of graphs held."""
+        keys = sorted(k for k in self.graphs if k[2] in ("main", "chunk"))
+        self.graphs = {k: g for k, g in self.graphs.items() if k[2] == "mtp"}
+        for bs, S, kind in keys:
+            if kind == "chunk":
+                self._chunk_graph(S)
+            else:
+                self._graph_for(bs, S)
         return len(self.graphs)
+
+    def _chunk_graph(self, S: int) -> StepGraph | None:
+        """The prefill-chunk graph of bucket S, captured now if it is not yet; None (and chunk
+        graphs off, the reason in graph_status) if its capture fails."""
+        key = (1, S, "chunk")
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = StepGraph(self, 1, S, chunk=True)
+            except Exception as e:  # as _graph_for: say why, run the chunks eagerly
+                logger.warning("chunk graph %s not captured:\n%s", key, traceback.format_exc())
+                self.chunk_buckets = ()
+                self._status["chunk"] = f"disabled: {type(e).__name__}: {e}"
+                return None
+            self.graphs[key] = graph
+            self._status["chunk"] = "captured"
+        return graph
 
     def _graph_for(self, B: int, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None):
         if B > self.graph_batch_sizes[-1]:
@@ -365,7 +324,7 @@ class ModelRunner:
             )
         if graph is None:
             try:
-                graph = _DecodeGraph(self, bs, S, mtp_module, hidden_dtype)
+                graph = StepGraph(self, bs, S, mtp_module, hidden_dtype)
             except Exception as e:  # capture is an optimization: say why and run eagerly
                 logger.warning("decode graph %s not captured:\n%s", key, traceback.format_exc())
                 if kind == "main":
@@ -388,7 +347,8 @@ class ModelRunner:
         of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns
         the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
         takes its per-expert training loop, which reads counts back to the host, and every capture
-        fails ("called a synchronizing CUDA operation")."""
+        fails ("called a synchronizing CUDA operation"). Then each prefill-chunk bucket's graph
+        (none unless prefill_graph_tokens)."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
@@ -398,6 +358,9 @@ class ModelRunner:
                 self._graph_for(bs, S)
                 if mtp_module is not None and self.use_mtp_graphs:
                     self._graph_for(bs, S, mtp_module, hidden_dtype)
+        for S in self.chunk_buckets:
+            if self.use_cuda_graphs:
+                self._chunk_graph(S)
         return len(self.graphs)
 
     # ---- a step --------------------------------------------------------------------------------
@@ -421,7 +384,8 @@ class ModelRunner:
     def execute(
         self, seqs: Sequence[ScheduledSeq], ids_on_device: torch.Tensor | None = None
     ) -> ForwardResult:
-        """Main-model forward over the scheduled sequences: one forward per group of `_groups`
+        """Main-model forward over the scheduled sequences: a chunk graph's replay for each
+        prefill chunk `_chunk_rows` picks, then one forward per group of `_groups` of the rest
         (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens.
         A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
@@ -445,7 +409,13 @@ class ModelRunner:
             )
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
-        for S, idx in self._groups([s.num_tokens for s in seqs]).items():
+        for i, S in self._chunk_rows(seqs).items():
+            ran = self._run_chunk(seqs[i], S)
+            if ran is not None:
+                logits[i], hidden[i] = ran
+        rest = [i for i in range(len(seqs)) if logits[i] is None]
+        for S, in_rest in self._groups([seqs[i].num_tokens for i in rest]).items():
+            idx = [rest[k] for k in in_rest]
             group = [seqs[i] for i in idx]
             ids, starts = self._ids_and_starts(
                 [_pad_ids(_known(s.input_ids), S) for s in group], [s.start for s in group]
@@ -472,6 +442,38 @@ class ModelRunner:
                 logits[i] = lg[j, -1:] if keep else lg[j, :n]
                 hidden[i] = hd[j, :n]
         return ForwardResult(logits, hidden)
+
+    def _chunk_rows(self, seqs: Sequence[ScheduledSeq]) -> dict[int, int]:
+        """{index: bucket} of the prefill chunks that replay a chunk graph (step_graphs.py):
+        more than PAD_MAX_S tokens, a bucket that holds them inside max_model_len, no prompt
+        logprobs (the graph keeps one logits row); none in an expert-parallel gang, whose ranks
+        agree on every forward's shape."""
+        if not (self.chunk_buckets and self.use_cuda_graphs and self.gang is None):
+            return {}
+        limit = self.max_pages * self.page_size
+        rows = {}
+        for i, s in enumerate(seqs):
+            if s.num_tokens > PAD_MAX_S and not s.request.needs_prompt_logprobs:
+                S = chunk_bucket(s.num_tokens, s.start, self.chunk_buckets, limit)
+                if S:
+                    rows[i] = S
+        return rows
+
+    def _run_chunk(self, seq: ScheduledSeq, S: int):
+        """One prefill chunk through its bucket's graph: (logits [1, V] of its last token, hidden
+        [n, D]), copies (another chunk of this step may replay the same graph); None if that
+        graph was not captured (the chunk then runs eagerly). Chunk graphs are captured by
+        `capture_graphs` only, never inside a step (where async scheduling's work in flight
+        would run beside the capture)."""
+        graph = self.graphs.get((1, S, "chunk"))
+        if graph is None:
+            return None
+        n = seq.num_tokens
+        ids, starts = self._ids_and_starts([_pad_ids(seq.input_ids, S)], [seq.start])
+        bt = self._tables_by_id([seq.request.request_id], self._pages_to(seq.start + S))
+        lg, hd = graph.run(ids, bt, starts, n=n)
+        self.chunk_graph_replays += 1
+        return lg[0].clone(), hd[0, :n].clone()
 
     @torch.inference_mode()
     def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):

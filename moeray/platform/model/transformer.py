@@ -88,12 +88,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_mtp: bool | None = None,
         absorbed: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> ModelOutput:
-        """Logits for every position, or for the last `logits_to_keep` ones when it is > 0 (as in
-        transformers). With `cache` the attention runs the absorbed path over the cached latents;
-        positions then default to continuing the cache. MTP logits are computed without a cache
-        unless `return_mtp=False`."""
+        """Logits for every position, for the last `logits_to_keep` ones when it is an int > 0, or
+        for the positions it lists when it is a 1-D index tensor (as in transformers; on the
+        device, a CUDA graph's static input). With `cache` the attention runs the absorbed path
+        over the cached latents; positions then default to continuing the cache. MTP logits are
+        computed without a cache unless `return_mtp=False`."""
         B, S = input_ids_BS.shape
         if positions_BS is None:
             start = getattr(cache, "seq_len", 0) if cache is not None else 0
@@ -107,7 +108,10 @@ class Transformer(nn.Module):
             hidden_BSD = self.model.norm(x_BSD)
         else:
             hidden_BSD = self.model.norm.add_forward(delta_BSD, x_BSD)[0]
-        kept_BSD = hidden_BSD[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_BSD
+        if isinstance(logits_to_keep, torch.Tensor):
+            kept_BSD = hidden_BSD[:, logits_to_keep]
+        else:
+            kept_BSD = hidden_BSD[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_BSD
         out = ModelOutput(logits=self.lm_head(kept_BSD), hidden=hidden_BSD)
         if return_mtp is None:
             return_mtp = cache is None

@@ -355,6 +355,13 @@ def _parser() -> argparse.ArgumentParser:
         "decodes) run ahead too instead of draining (default off)",
     )
     p.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=d.prefill_graph_tokens,
+        help="GPU: prefill chunks of up to this many tokens (a power of two, 16-1024) replay CUDA "
+        "graphs captured at start instead of running eagerly (default 0: off)",
+    )
+    p.add_argument(
         "--weights",
         choices=("dequantize", "fp8"),
         default=d.weights,
@@ -434,6 +441,7 @@ def main(argv: list[str]) -> int:
             async_scheduling=a.async_scheduling,
             async_scheduling_sampled=a.async_scheduling_sampled,
             async_scheduling_prefill=a.async_scheduling_prefill,
+            prefill_graph_tokens=a.prefill_graph_tokens,
             max_model_len=a.max_model_len,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,

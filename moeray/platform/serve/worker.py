@@ -534,6 +534,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         async_scheduling=cfg.async_scheduling,
         async_scheduling_sampled=cfg.async_scheduling_sampled,
         async_scheduling_prefill=cfg.async_scheduling_prefill,
+        prefill_graph_tokens=cfg.prefill_graph_tokens,
         use_cuda_graphs=device == "cuda",
         capture_graphs_at_start=decodes,
         eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM

@@ -315,11 +315,15 @@ def main(argv: list[str]) -> int:
             _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
             n,
             a.arrival_every,
+            a.arrival_graph_tokens,
         )
         arr = notes["arrivals"]
-        keys = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")
-        steps = {k: arr["sync"][k] for k in ("mixed_step_ms", "decode_step_ms")}
-        print("arrivals", {k: arr[k] for k in keys}, "sync", steps)
+        keys: tuple[str, ...] = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")
+        if a.arrival_graph_tokens:
+            keys += ("sync_vs_eager", "sync_equals_eager", "sync_equals_absorbed")
+        print("arrivals", {k: arr[k] for k in keys})
+        for arm in ("sync", "eager") if a.arrival_graph_tokens else ("sync",):
+            print(arm, {k: arr[arm][k] for k in ("mixed_step_ms", "decode_step_ms")})
     if a.ab:
         notes["ab"] = run_ab(
             a.ab,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
+from moeray.platform.config.graphs import check_chunk_tokens
 from moeray.platform.engine.bench.ab import parse_ab
 
 DESCRIPTION = "`moeray bench engine`: decode and prefill throughput of the engine"
@@ -82,6 +83,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "scheduling, then with async_scheduling_prefill off and on (bench/arrivals.py); 0: skip",
     )
     p.add_argument("--arrival-every", type=int, default=2, help="step calls between arrivals")
+    p.add_argument(
+        "--arrival-graph-tokens",
+        type=int,
+        default=256,
+        help="--arrivals: prefill chunks of up to this many tokens replay CUDA graphs "
+        "(EngineConfig.prefill_graph_tokens) in every run, and two more synchronous runs chunk "
+        "eagerly (expanded, absorbed MLA) to compare; 0: every chunk eagerly, no extra runs",
+    )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
         "--note",
@@ -104,6 +113,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
     if a.preset is not None and a.config is not None:
         p.error("--preset and --config both given: pass one")
+    try:
+        check_chunk_tokens(a.arrival_graph_tokens, "--arrival-graph-tokens")
+    except ValueError as e:
+        p.error(str(e))
     if a.arrival_every < 1:
         p.error(f"--arrival-every {a.arrival_every}: expected an integer >= 1")
     for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps", "arrivals"):

@@ -18,7 +18,14 @@ differently at another batch size (`outputs_equal`). A third run without async s
 GPU its tokens equal `on`'s bit for bit unless the step launched ahead computes something else
 (`on_equals_sync`), and its steps' times split into those with a prefill chunk and the rest
 (`sync.mixed_step_ms`, `sync.decode_step_ms`): on an H100 at Moonlight the former ran eagerly at
-~50-110 ms (benchmarks/notes-engine.md), the case for graphs or fewer launches there.
+~50-110 ms eagerly (benchmarks/notes-engine.md). Every run replays prefill chunks of up to
+`graph_tokens` tokens from CUDA graphs (EngineConfig.prefill_graph_tokens, engine/step_graphs.py;
+0: all eagerly); with `graph_tokens` > 0 two more runs are `sync` with every chunk eager:
+`eager` through MLA's expanded path (what chunks past the graphs run), `absorbed` through the
+absorbed one, which the graphs run. `sync_vs_eager` is the graphs' tokens/s against eager
+chunks'; `sync_equals_absorbed` the share of requests with the same tokens as the absorbed run
+(1.0 unless a graph computes something else), `sync_equals_eager` the same against `eager`
+(near-tied logits part between the two MLA paths' rounding).
 """
 
 from __future__ import annotations
@@ -78,21 +85,29 @@ def arrivals_ab(
     warm_prompts: list[list[int]],
     max_tokens: int,
     every: int,
+    graph_tokens: int = 0,
 ) -> dict[str, Any]:
     """The arrival run without async scheduling (`sync`), then with async_scheduling_prefill off
-    and on, each on a fresh engine (`make_engine(**settings)`) warmed by the same run on
-    `warm_prompts` (other tokens, the same lengths: no prefix-cache hits in the timed run)."""
+    and on, all with prefill_graph_tokens=`graph_tokens`; with `graph_tokens` > 0 also `sync`'s
+    eager references (`eager`: chunks through the expanded path; `absorbed`: through the absorbed
+    one, as the graphs). Each arm on a fresh engine (`make_engine(**settings)`) warmed by the same
+    run on `warm_prompts` (other tokens, the same lengths: no prefix-cache hits when timed)."""
     if every < 1:
         raise ValueError(f"arrival every {every} step calls: expected >= 1")
     if list(map(len, warm_prompts)) != list(map(len, prompts)):
         raise ValueError("warm_prompts must have the lengths of prompts, one for one")
     result: dict[str, Any] = {"requests": len(prompts), "every": every, "max_tokens": max_tokens}
+    result["prefill_graph_tokens"] = graph_tokens
     outputs = {}
-    arms = (
-        ("sync", {"async_scheduling": False}),
-        ("off", {"async_scheduling": True, "async_scheduling_prefill": False}),
-        ("on", {"async_scheduling": True, "async_scheduling_prefill": True}),
-    )
+    graphs = {"prefill_graph_tokens": graph_tokens}
+    arms: list[tuple[str, dict[str, Any]]] = [
+        ("sync", {"async_scheduling": False, **graphs}),
+        ("off", {"async_scheduling": True, "async_scheduling_prefill": False, **graphs}),
+        ("on", {"async_scheduling": True, "async_scheduling_prefill": True, **graphs}),
+    ]
+    if graph_tokens:
+        eager = {"async_scheduling": False, "prefill_graph_tokens": 0}
+        arms += [("eager", eager), ("absorbed", {**eager, "prefill_attention": "absorbed"})]
     for name, settings in arms:
         engine = make_engine(**settings)
         arrivals_run(engine, warm_prompts, max_tokens, every)
@@ -100,7 +115,12 @@ def arrivals_ab(
         del engine
     result["on_vs_off"] = result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"]
     result["on_vs_sync"] = result["on"]["tokens_per_s"] / result["sync"]["tokens_per_s"]
-    for key, other in (("outputs_equal", "off"), ("on_equals_sync", "sync")):
-        same = sum(a == b for a, b in zip(outputs["on"], outputs[other], strict=True))
+    pairs = [("outputs_equal", "on", "off"), ("on_equals_sync", "on", "sync")]
+    if graph_tokens:
+        result["sync_vs_eager"] = result["sync"]["tokens_per_s"] / result["eager"]["tokens_per_s"]
+        pairs.append(("sync_equals_eager", "sync", "eager"))
+        pairs.append(("sync_equals_absorbed", "sync", "absorbed"))
+    for key, arm, other in pairs:
+        same = sum(a == b for a, b in zip(outputs[arm], outputs[other], strict=True))
         result[key] = same / len(prompts)
     return result

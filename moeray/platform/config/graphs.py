@@ -1,0 +1,20 @@
+"""The prefill-chunk CUDA graphs' size rule, which EngineConfig and ServeConfig both check
+(engine/step_graphs.py captures and replays them)."""
+
+from __future__ import annotations
+
+# Chunk buckets: powers of two from 16 (shorter chunks pad to 16) to 1,024 tokens, a bound on the
+# memory the captures take (timed up to 256: benchmarks/notes-engine.md).
+CHUNK_GRAPH_MIN = 16
+CHUNK_GRAPH_MAX = 1024
+
+
+def check_chunk_tokens(tokens: int, name: str = "prefill_graph_tokens") -> None:
+    """ValueError naming `tokens` unless it is 0 (no chunk graphs) or a power of two from
+    CHUNK_GRAPH_MIN to CHUNK_GRAPH_MAX."""
+    t = tokens
+    if t != 0 and not (CHUNK_GRAPH_MIN <= t <= CHUNK_GRAPH_MAX and t & (t - 1) == 0):
+        raise ValueError(
+            f"{name}={t}: accepted 0 (off) or a power of two from {CHUNK_GRAPH_MIN} to "
+            f"{CHUNK_GRAPH_MAX}"
+        )

@@ -1,0 +1,64 @@
+"""EngineConfig: the engine's settings (engine.py builds the engine from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeray.platform.config.graphs import check_chunk_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 64
+    # Pages in the cache; None sizes it from memory: memory_fraction of free GPU memory, or
+    # cpu_cache_bytes on CPU.
+    num_pages: int | None = None
+    memory_fraction: float = 0.9
+    cpu_cache_bytes: int = 256 * 1024**2
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    # None: the model's max_position_embeddings, capped by what the cache holds.
+    max_model_len: int | None = None
+    num_speculative_tokens: int = 0
+    enable_prefix_caching: bool = True
+    use_cuda_graphs: bool = True
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # GPU: capture every decode graph up to max_num_seqs at the start (as vLLM does), not later.
+    capture_graphs_at_start: bool = True
+    attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
+    # MLA path of prefill chunks: "auto"/"expanded" (up-projected K and V), "absorbed" (latent).
+    prefill_attention: str = "auto"
+    seed: int = 0
+    # Ids that end a request besides config.json's eos_token_id (generation_config.json's list).
+    eos_token_ids: tuple[int, ...] = ()
+    # Launch each greedy decode step before the previous one's ids are read back (overlap.py);
+    # step() then returns each step's outputs one call late. None: on for CUDA engines, where it
+    # hides the host's 0.3-2.7 ms a step (H200: Moonlight bf16 batch 64 4,774 -> 5,875 tok/s,
+    # benchmarks/notes-engine.md), off on CPU, whose forward runs on the host that would overlap it.
+    async_scheduling: bool | None = None
+    # With async scheduling, sampled (temperature > 0) requests run ahead too: their uniforms are
+    # drawn at launch, nothing read back (H200, temperature 1: Moonlight FP8 batch 64 6,009 ->
+    # 6,889 tok/s, V3 widths FP8 batch 1 517 -> 633; benchmarks/notes-engine.md).
+    async_scheduling_sampled: bool = True
+    # ... and steps with prefill chunks (admissions) instead of draining; opt-in: same tokens, but
+    # arrival runs timed 0.87-1.38x on an H100 (eager prefill steps' host noise; notes-engine.md).
+    async_scheduling_prefill: bool = False
+    # Prefill chunks of up to this many tokens (one sequence, no prompt logprobs) replay a CUDA
+    # graph captured at the start, the chunk padded at its end to the next power of two from 16
+    # (engine/step_graphs.py; captured with capture_graphs_at_start); longer chunks run eagerly.
+    # 0: every chunk eagerly. Requests arriving while others decode (Moonlight, 128-token
+    # prompts, H100): a step with a chunk 67-83 -> 15 ms in FP8, 49 -> 22 ms in bf16; tokens/s
+    # 3.1-3.6x / 1.8x (notes-engine.md). Opt-in: as the default, three engine GPU tests failed.
+    prefill_graph_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None")
+        if self.page_size < 1:
+            raise ValueError(f"page_size={self.page_size} must be >= 1")
+        if self.num_speculative_tokens not in (0, 1):
+            raise ValueError(
+                f"num_speculative_tokens={self.num_speculative_tokens}: accepted 0 "
+                "(off) or 1 (one MTP draft per step)"
+            )
+        check_chunk_tokens(self.prefill_graph_tokens)

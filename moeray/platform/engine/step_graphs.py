@@ -1,0 +1,171 @@
+"""CUDA graphs of the runner's forwards: decode groups, and short prefill chunks.
+
+Legend: B sequences in a forward (bs padded up to a captured size), S tokens per row, M pages per
+block table, D model width, V vocabulary.
+
+`StepGraph` captures one forward [bs, S] against static inputs (ids, block table, starts, and for
+an MTP depth the main model's hidden rows) and replays it after copying a step's inputs in:
+  * kind "main": decode groups, S = 1 or 2 (runner.PAD_MAX_S), bs one of graph_batch_sizes;
+  * kind "mtp": one MTP depth over the same shapes;
+  * kind "chunk": one prefill chunk, bs = 1, S a bucket (a power of two from CHUNK_GRAPH_MIN up to
+    EngineConfig.prefill_graph_tokens). The chunk's n real tokens come first and its ids are
+    padded to S at the end; the LM head runs on row n - 1 only (a static index, set at each
+    replay), so the graph holds one logits row, not S x V.
+
+Why graph the chunks. A step that carries a prefill chunk ran eagerly: each of Moonlight's
+27 layers launches ~100 kernels from Python, and such steps took ~50-110 ms on an H100 where a
+decode-only step replayed its graph in a few ms (benchmarks/notes-engine.md, `bench engine
+--arrivals`, `sync.mixed_step_ms`). The chunk graph runs MLA's absorbed path through the paged
+kernel (the one decode runs; each query row attends causally up to its own position), not the
+expanded path eager chunks take: that path gathers the context with host-side sizes and cannot
+be captured. Padding is harmless for the reasons runner.py's docstring gives for decode padding
+(rows past the real tokens write positions no real row reads, into the sequence's own pages or
+the scratch page); the runner only picks a bucket whose last position stays inside
+max_model_len's block-table columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from moeray.platform.config.graphs import CHUNK_GRAPH_MIN
+from moeray.platform.engine.kv_cache import PagedKVStorage
+from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
+
+
+def chunk_buckets(max_tokens: int) -> tuple[int, ...]:
+    """The chunk graph sizes up to `max_tokens` (0: none)."""
+    sizes, s = [], CHUNK_GRAPH_MIN
+    while max_tokens and s <= max_tokens:
+        sizes.append(s)
+        s *= 2
+    return tuple(sizes)
+
+
+def chunk_bucket(n: int, start: int, buckets: tuple[int, ...], max_positions: int) -> int:
+    """The bucket a chunk of `n` tokens from position `start` replays, 0 for none: the smallest
+    bucket of at least n tokens whose padded positions (start .. start + bucket - 1) stay below
+    `max_positions` (the block table's columns x the page size)."""
+    for s in buckets:
+        if s >= n:
+            return s if start + s <= max_positions else 0
+    return 0
+
+
+class ModelRunner(Protocol):
+    """What a StepGraph reads of the runner that owns it (engine/runner.py's ModelRunner)."""
+
+    device: torch.device
+    model: Any
+    storage: PagedKVStorage
+    max_pages: int
+    scratch_page: int | None
+    graph_pool: Any  # the graphs' shared memory pool, None before the first capture
+
+    def _forward_model(
+        self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _forward_mtp(
+        self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, view: GatherPagedView
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class StepGraph:
+    """One captured forward for a fixed batch size bs and S tokens per row: the main model (kind
+    "main"), one MTP depth (kind "mtp", reading a static hidden_BSD input as well), or a prefill
+    chunk (kind "chunk": bs 1, logits of one row, the one `run` names)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        bs: int,
+        S: int,
+        mtp_module=None,
+        hidden_dtype: torch.dtype | None = None,
+        *,
+        chunk: bool = False,
+    ) -> None:
+        dev = runner.device
+        scratch_page = runner.scratch_page
+        if scratch_page is None:
+            raise RuntimeError("a step graph needs the storage's scratch page for padding rows")
+        if chunk and (bs != 1 or mtp_module is not None):
+            raise ValueError(f"a chunk graph is one main-model sequence, got bs={bs} / MTP")
+        self.bs, self.S = bs, S
+        self.mtp_module = mtp_module
+        self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
+        self.block_table_BM = torch.full(
+            (bs, runner.max_pages), scratch_page, dtype=torch.int32, device=dev
+        )
+        self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
+        # chunk: the row whose logits the LM head computes (n - 1 for n real tokens).
+        self.keep_K = torch.zeros(1, dtype=torch.long, device=dev) if chunk else None
+        self.hidden_in_BSD: torch.Tensor | None = None
+        if mtp_module is not None:
+            D = runner.model.config.hidden_size
+            # Padding rows stay zero: RMSNorm of a zero row is zero (no NaN), and those rows only
+            # write the MTP layer's latent into the scratch page.
+            self.hidden_in_BSD = torch.zeros(bs, S, D, dtype=hidden_dtype, device=dev)
+        self.scratch_page = scratch_page
+        self._capture(runner)
+
+    def _capture(self, runner: ModelRunner) -> None:
+        """Capture the forward over the static inputs into self.graph, its outputs
+        self.logits_BSV / self.hidden_BSD. The view is built inside the capture: its slots and
+        positions derive from the static starts and block table, so they are recomputed at
+        every replay."""
+        dev = runner.device
+        view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
+        if view.calls["attend"] == 0:
+            raise RuntimeError(
+                "the model's MLA does not call cache.attend, so attention would "
+                "gather with host-side sizes: not capturable"
+            )
+        # A host sync inside a capture invalidates it (and can leave the stream in an error
+        # state), so first replay the forward with syncs turned into errors.
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._forward(runner)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
+        runner.graph_pool = self.graph.pool()
+
+    def _replay(self) -> None:
+        self.graph.replay()
+
+    def _forward(self, runner: ModelRunner):
+        view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
+        if self.mtp_module is None:
+            keep = 0 if self.keep_K is None else self.keep_K
+            return view, runner._forward_model(self.ids_BS, view, keep)
+        assert self.hidden_in_BSD is not None  # allocated with mtp_module
+        return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
+
+    def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
+        """Replay on B <= bs rows (ids_BS [B, S]); `n`: a chunk's real tokens. -> (logits, hidden)
+        of the B rows: [B, S, V] (a chunk: [1, 1, V], row n - 1's) and [B, S, D], views of the
+        graph's static outputs, valid until its next replay."""
+        b, m = block_table_BM.shape
+        self.ids_BS[:b].copy_(ids_BS)
+        self.ids_BS[b:].zero_()
+        self.block_table_BM.fill_(self.scratch_page)  # padding rows: positions 0..S-1 of scratch
+        self.block_table_BM[:b, :m].copy_(block_table_BM)
+        self.starts_B[:b].copy_(starts_B)
+        self.starts_B[b:].zero_()
+        if self.keep_K is not None:
+            if not 1 <= n <= self.S:
+                raise ValueError(f"chunk of n={n} real tokens in a graph of {self.S}")
+            self.keep_K.fill_(n - 1)
+        if self.hidden_in_BSD is not None:
+            self.hidden_in_BSD[:b].copy_(hidden_BSD)
+            self.hidden_in_BSD[b:].zero_()
+        self._replay()
+        return self.logits_BSV[:b], self.hidden_BSD[:b]

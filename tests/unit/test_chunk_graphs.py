@@ -1,0 +1,120 @@
+"""Prefill-chunk graphs (engine/step_graphs.py) on CPU: the bucket rules, EngineConfig's check,
+the model's logits for an index tensor, and the runner's chunk path end to end through a
+`StepGraph` whose capture and replay run the captured forward eagerly (CPU has no CUDA graphs;
+everything else, the static buffers, the padding, the kept logits row, the block-table width, is
+the real code). Greedy tokens equal transformers' generate with chunks of 3-32 tokens padded to
+16 / 32-token buckets, over 16-token pages, a prefix-cache hit included; a GPU test replays real
+graphs (tests/gpu/test_tiny_engine_gpu.py -k chunk_graphs)."""
+
+import pytest
+import torch
+
+from moeray.platform.engine import runner as runner_mod
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.step_graphs import StepGraph, chunk_bucket, chunk_buckets
+from moeray.platform.serve.app import main as serve_main
+from tests.unit.test_engine import N_NEW, setup  # noqa: F401  (the module fixture)
+
+
+def test_buckets():
+    assert chunk_buckets(0) == ()
+    assert chunk_buckets(16) == (16,)
+    assert chunk_buckets(256) == (16, 32, 64, 128, 256)
+    b = chunk_buckets(64)
+    assert chunk_bucket(3, 0, b, 256) == 16
+    assert chunk_bucket(16, 0, b, 256) == 16
+    assert chunk_bucket(17, 0, b, 256) == 32
+    assert chunk_bucket(65, 0, b, 256) == 0  # past the largest bucket: eager
+    assert chunk_bucket(10, 240, b, 256) == 16  # positions 240..255: inside
+    assert chunk_bucket(10, 241, b, 256) == 0  # its padding would pass position 255
+
+
+@pytest.mark.parametrize("bad", [8, 48, 2048, -16])
+def test_config_names_the_bad_value(bad, capsys):
+    with pytest.raises(ValueError, match=f"prefill_graph_tokens={bad}: accepted 0"):
+        EngineConfig(prefill_graph_tokens=bad)
+    assert EngineConfig(prefill_graph_tokens=256).prefill_graph_tokens == 256
+    assert serve_main(["--prefill-graph-tokens", str(bad), "--write-config", "/dev/null"]) == 2
+    assert f"prefill_graph_tokens={bad}" in capsys.readouterr().err
+
+
+def test_serve_flag_reaches_the_engine_config(tmp_path):
+    import yaml
+
+    from moeray.platform.config.serve import ServeConfig
+    from moeray.platform.serve.worker import engine_config
+
+    f = tmp_path / "serve.yaml"
+    assert serve_main(["--prefill-graph-tokens", "128", "--write-config", str(f)]) == 0
+    (app,) = yaml.safe_load(f.read_text())["applications"]
+    cfg = ServeConfig.from_dict(app["args"])
+    assert engine_config(cfg, "cuda").prefill_graph_tokens == 128
+
+
+def test_logits_for_an_index_tensor(setup):  # noqa: F811
+    _cfg, model, *_ = setup
+    ids = torch.tensor([[5, 9, 2, 7, 1]])
+    with torch.no_grad():
+        full = model(ids, return_mtp=False).logits
+        one = model(ids, return_mtp=False, logits_to_keep=torch.tensor([2])).logits
+    assert one.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(one[:, 0], full[:, 2], rtol=0, atol=1e-6)
+
+
+class EagerStepGraph(StepGraph):
+    """A StepGraph that runs its forward at each replay instead of capturing it, into the same
+    output tensors every time, as a graph's static outputs (a second chunk of one step in the
+    same bucket overwrites the first's unless the runner copied them)."""
+
+    def _capture(self, runner) -> None:
+        self.runner = runner
+        _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
+
+    def _replay(self) -> None:
+        _, (logits, hidden) = self._forward(self.runner)
+        self.logits_BSV.copy_(logits)
+        self.hidden_BSD.copy_(hidden)
+
+
+def _graphed(model, monkeypatch, **kw) -> Engine:
+    monkeypatch.setattr(runner_mod, "StepGraph", EagerStepGraph)
+    cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32, attention="kernel")
+    eng = Engine(model, EngineConfig(**cfg, **kw))
+    # CPU: no graphs unless forced on, then captured as at a GPU engine's start (chunk graphs
+    # only there: a step never captures one); the fake runs their forwards.
+    eng.runner.use_cuda_graphs = True
+    eng.runner.chunk_buckets = chunk_buckets(kw.get("prefill_graph_tokens", 0))
+    eng.runner.capture_graphs(4)
+    return eng
+
+
+def test_engine_chunks_through_graphs_match_hf(setup, monkeypatch):  # noqa: F811
+    _cfg, model, _path, prompts, ref = setup
+    eng = _graphed(model, monkeypatch, prefill_graph_tokens=32)
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert [o.output_token_ids for o in outs] == ref
+    runner = eng.runner
+    # prompts of 3, 17, 40, 70 and 37 tokens in chunks of at most 32 (the token budget): every
+    # chunk of 3+ tokens went through a bucket's graph, none eagerly.
+    assert runner.chunk_graph_replays >= len(prompts)
+    assert {k for k in runner.graphs if k[2] == "chunk"} == {(1, 16, "chunk"), (1, 32, "chunk")}
+    assert runner.attention_calls["expanded"] == 0
+    assert eng.metrics()["chunk_graph_replays"] == runner.chunk_graph_replays
+    assert eng.metrics()["free_pages"] == 64
+
+
+def test_chunk_graphs_skip_prompt_logprobs_and_the_last_positions(setup, monkeypatch):  # noqa: F811
+    _cfg, model, _path, prompts, ref = setup
+    eng = _graphed(model, monkeypatch, prefill_graph_tokens=16, max_model_len=48)
+    # prompt logprobs need every row's logits: eager, and equal to the graphed engine's tokens
+    params = SamplingParams(temperature=0, max_tokens=N_NEW, prompt_logprobs=1)
+    out = eng.generate([prompts[0]], params)[0]
+    assert out.output_token_ids == ref[0] and eng.runner.chunk_graph_replays == 0
+    assert len(out.prompt_logprobs) == len(prompts[0])
+    # a 3-token chunk from position 40 would pad to 40..55, past max_model_len's 48: eager
+    assert chunk_bucket(3, 40, eng.runner.chunk_buckets, eng.runner.max_pages * 16) == 0
+    eng.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert eng.runner.chunk_graph_replays == 0  # 17 tokens: more than the 16-token bucket
+    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert eng.runner.chunk_graph_replays == 1
