@@ -3,8 +3,9 @@ the model's logits for an index tensor, and the runner's chunk path end to end t
 `StepGraph` whose capture and replay run the captured forward eagerly (CPU has no CUDA graphs;
 everything else, the static buffers, the padding, the kept logits row, the block-table width, is
 the real code). Greedy tokens equal transformers' generate with chunks of 3-32 tokens padded to
-16 / 32-token buckets, over 16-token pages, a prefix-cache hit included; a GPU test replays real
-graphs (tests/gpu/test_tiny_engine_gpu.py -k chunk_graphs)."""
+16 / 32-token buckets, over 16-token pages, a prefix-cache hit included; a failed capture is
+tried once and a failed chunk capture leaves the decode graphs on. A GPU test replays real graphs
+(tests/gpu/test_tiny_engine_gpu.py -k chunk_graphs)."""
 
 import pytest
 import torch
@@ -118,3 +119,47 @@ def test_chunk_graphs_skip_prompt_logprobs_and_the_last_positions(setup, monkeyp
     assert eng.runner.chunk_graph_replays == 0  # 17 tokens: more than the 16-token bucket
     eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=N_NEW))
     assert eng.runner.chunk_graph_replays == 1
+
+
+class FailingStepGraph(EagerStepGraph):
+    """A capture that fails as an fp32 model's does (the MoE's host sync), counting the tries."""
+
+    tries = 0
+
+    def _capture(self, runner) -> None:
+        FailingStepGraph.tries += 1
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+
+def test_a_failed_capture_is_tried_once(setup, monkeypatch):  # noqa: F811
+    """At the start, after the first decode capture fails, no other size or kind is tried (each
+    try runs two forwards): the status says why and every forward runs eagerly."""
+    _cfg, model, _path, prompts, ref = setup
+    monkeypatch.setattr(runner_mod, "StepGraph", FailingStepGraph)
+    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_batched_tokens=32))
+    eng.runner.use_cuda_graphs = True
+    eng.runner.chunk_buckets = chunk_buckets(32)
+    assert eng.runner.capture_graphs(64) == 0
+    assert FailingStepGraph.tries == 1
+    assert eng.runner.graph_status.startswith("disabled: RuntimeError: called a synchronizing")
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert [o.output_token_ids for o in outs] == ref and eng.runner.chunk_graph_replays == 0
+
+
+def test_a_failed_chunk_capture_leaves_the_decode_graphs(setup, monkeypatch):  # noqa: F811
+    class ChunkFails(EagerStepGraph):
+        def _capture(self, runner) -> None:
+            if self.keep_K is not None:
+                raise RuntimeError("no chunk here")
+            super()._capture(runner)
+
+    _cfg, model, _path, prompts, ref = setup
+    monkeypatch.setattr(runner_mod, "StepGraph", ChunkFails)
+    eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_batched_tokens=32))
+    eng.runner.use_cuda_graphs = True
+    eng.runner.chunk_buckets = chunk_buckets(32)
+    eng.runner.capture_graphs(4)
+    assert eng.runner.graph_status == "captured; chunk disabled: RuntimeError: no chunk here"
+    assert {k[2] for k in eng.runner.graphs} == {"main"} and eng.runner.chunk_buckets == ()
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert [o.output_token_ids for o in outs] == ref

@@ -355,11 +355,13 @@ class ModelRunner:
         sizes += [b for b in self.graph_batch_sizes if b >= max_batch][:1]
         for bs in sizes:
             for S in (1, 2):
+                if not self.use_cuda_graphs:
+                    return len(self.graphs)  # one failed capture says why; a try costs 2 forwards
                 self._graph_for(bs, S)
                 if mtp_module is not None and self.use_mtp_graphs:
                     self._graph_for(bs, S, mtp_module, hidden_dtype)
         for S in self.chunk_buckets:
-            if self.use_cuda_graphs:
+            if self.use_cuda_graphs and self.chunk_buckets:
                 self._chunk_graph(S)
         return len(self.graphs)
 

@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
             keys += ("sync_vs_eager", "sync_equals_eager", "sync_equals_absorbed")
         print("arrivals", {k: arr[k] for k in keys})
         for arm in ("sync", "eager") if a.arrival_graph_tokens else ("sync",):
-            print(arm, {k: arr[arm][k] for k in ("mixed_step_ms", "decode_step_ms")})
+            print(arm, {k: arr[arm][k] for k in ("mixed_step_ms", "decode_step_ms", "build_s")})
     if a.ab:
         notes["ab"] = run_ab(
             a.ab,

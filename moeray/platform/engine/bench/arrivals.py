@@ -91,7 +91,8 @@ def arrivals_ab(
     and on, all with prefill_graph_tokens=`graph_tokens`; with `graph_tokens` > 0 also `sync`'s
     eager references (`eager`: chunks through the expanded path; `absorbed`: through the absorbed
     one, as the graphs). Each arm on a fresh engine (`make_engine(**settings)`) warmed by the same
-    run on `warm_prompts` (other tokens, the same lengths: no prefix-cache hits when timed)."""
+    run on `warm_prompts` (other tokens, the same lengths: no prefix-cache hits when timed).
+    Each arm's `build_s`: the seconds its engine took to build, graph captures included."""
     if every < 1:
         raise ValueError(f"arrival every {every} step calls: expected >= 1")
     if list(map(len, warm_prompts)) != list(map(len, prompts)):
@@ -109,9 +110,12 @@ def arrivals_ab(
         eager = {"async_scheduling": False, "prefill_graph_tokens": 0}
         arms += [("eager", eager), ("absorbed", {**eager, "prefill_attention": "absorbed"})]
     for name, settings in arms:
+        t0 = time.perf_counter()
         engine = make_engine(**settings)
+        build_s = time.perf_counter() - t0  # with the graphs captured at the start
         arrivals_run(engine, warm_prompts, max_tokens, every)
         result[name], outputs[name] = arrivals_run(engine, prompts, max_tokens, every)
+        result[name]["build_s"] = build_s
         del engine
     result["on_vs_off"] = result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"]
     result["on_vs_sync"] = result["on"]["tokens_per_s"] / result["sync"]["tokens_per_s"]
