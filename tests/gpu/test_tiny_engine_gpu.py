@@ -179,13 +179,14 @@ def test_paged_positions_in_the_decode_graphs(monkeypatch):
     assert all(len(o) == 10 for o in got) and got == ref
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_chunk_graphs_capture_and_match_eager(async_scheduling):
+@pytest.mark.parametrize("async_scheduling,spec", [(False, 0), (True, 0), (False, 1)])
+def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec):
     """EngineConfig.prefill_graph_tokens: prefill chunks of 3-129 tokens replay CUDA graphs of
     16-256-token buckets (the absorbed MLA path through the paged kernel, padded at the end, the
     LM head on the last real row) and give the greedy tokens of the eager engine that prefills
     through the same path (prefill_attention="absorbed"). The expanded path's tokens (the
-    default eager prefill) are printed beside them: bf16 rounding differs between the paths."""
+    default eager prefill) are printed beside them: bf16 rounding differs between the paths.
+    With MTP speculation (spec 1) each chunk's MTP forward replays its "mtp_chunk" graph too."""
     from moeray.platform.engine.engine import Engine, EngineConfig
     from moeray.platform.engine.sampler import SamplingParams
 
@@ -210,14 +211,17 @@ def test_chunk_graphs_capture_and_match_eager(async_scheduling):
                 attention="kernel",
                 enable_prefix_caching=False,
                 async_scheduling=async_scheduling,
+                num_speculative_tokens=spec,
                 **kw,
             ),
         )
         outs[name] = [o.output_token_ids for o in eng.generate(prompts, params)]
         print(name, outs[name])
     runner = engines["graphs"].runner
-    want = {(1, s, "chunk") for s in (16, 32, 64, 128, 256)}
+    kinds = ("chunk", "mtp_chunk") if spec else ("chunk",)
+    want = {(1, s, k) for s in (16, 32, 64, 128, 256) for k in kinds}
     assert want <= set(runner.graphs), (sorted(runner.graphs), runner.graph_status)
     assert runner.graph_status == "captured"
-    assert runner.chunk_graph_replays == 4 and runner.attention_calls["expanded"] == 0
+    assert runner.chunk_graph_replays == {"chunk": 4, "mtp_chunk": 4 if spec else 0}
+    assert runner.attention_calls["expanded"] == 0
     assert outs["graphs"] == outs["absorbed"]

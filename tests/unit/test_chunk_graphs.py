@@ -84,21 +84,31 @@ def _graphed(model, monkeypatch, **kw) -> Engine:
     eng = Engine(model, EngineConfig(**cfg, **kw))
     # CPU: no graphs unless forced on, then captured as at a GPU engine's start (chunk graphs
     # only there: a step never captures one); the fake runs their forwards.
-    eng.runner.use_cuda_graphs = True
+    eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
     eng.runner.chunk_buckets = chunk_buckets(kw.get("prefill_graph_tokens", 0))
-    eng.runner.capture_graphs(4)
+    mtp = model.mtp[0] if kw.get("num_speculative_tokens") else None
+    eng.runner.capture_graphs(4, mtp, eng.dtype)
     return eng
 
 
 def test_engine_chunks_through_graphs_match_hf(setup, monkeypatch):  # noqa: F811
     _cfg, model, _path, prompts, ref = setup
     eng = _graphed(model, monkeypatch, prefill_graph_tokens=32)
+    runner = eng.runner
+    chunks: list[int] = []  # the token count of every scheduled sequence past 2 tokens
+    execute = runner.execute
+
+    def spy(seqs, *args, **kw):
+        chunks.extend(s.num_tokens for s in seqs if s.num_tokens > 2)
+        return execute(seqs, *args, **kw)
+
+    monkeypatch.setattr(runner, "execute", spy)
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
     assert [o.output_token_ids for o in outs] == ref
-    runner = eng.runner
-    # prompts of 3, 17, 40, 70 and 37 tokens in chunks of at most 32 (the token budget): every
-    # chunk of 3+ tokens went through a bucket's graph, none eagerly.
-    assert runner.chunk_graph_replays >= len(prompts)
+    # prompts of 3, 17, 40, 70 and 37 tokens (32 of them cached) in chunks of at most 32 (the
+    # token budget): every chunk went through a bucket's graph, none eagerly.
+    assert len(chunks) >= len(prompts) and max(chunks) <= 32
+    assert runner.chunk_graph_replays == {"chunk": len(chunks), "mtp_chunk": 0}
     assert {k for k in runner.graphs if k[2] == "chunk"} == {(1, 16, "chunk"), (1, 32, "chunk")}
     assert runner.attention_calls["expanded"] == 0
     assert eng.metrics()["chunk_graph_replays"] == runner.chunk_graph_replays
@@ -111,14 +121,15 @@ def test_chunk_graphs_skip_prompt_logprobs_and_the_last_positions(setup, monkeyp
     # prompt logprobs need every row's logits: eager, and equal to the graphed engine's tokens
     params = SamplingParams(temperature=0, max_tokens=N_NEW, prompt_logprobs=1)
     out = eng.generate([prompts[0]], params)[0]
-    assert out.output_token_ids == ref[0] and eng.runner.chunk_graph_replays == 0
+    replays = eng.runner.chunk_graph_replays
+    assert out.output_token_ids == ref[0] and replays["chunk"] == 0
     assert len(out.prompt_logprobs) == len(prompts[0])
     # a 3-token chunk from position 40 would pad to 40..55, past max_model_len's 48: eager
     assert chunk_bucket(3, 40, eng.runner.chunk_buckets, eng.runner.max_pages * 16) == 0
     eng.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=N_NEW))
-    assert eng.runner.chunk_graph_replays == 0  # 17 tokens: more than the 16-token bucket
+    assert replays["chunk"] == 0  # 17 tokens: more than the 16-token bucket
     eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=N_NEW))
-    assert eng.runner.chunk_graph_replays == 1
+    assert replays["chunk"] == 1
 
 
 class FailingStepGraph(EagerStepGraph):
@@ -143,7 +154,8 @@ def test_a_failed_capture_is_tried_once(setup, monkeypatch):  # noqa: F811
     assert FailingStepGraph.tries == 1
     assert eng.runner.graph_status.startswith("disabled: RuntimeError: called a synchronizing")
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
-    assert [o.output_token_ids for o in outs] == ref and eng.runner.chunk_graph_replays == 0
+    assert [o.output_token_ids for o in outs] == ref
+    assert eng.runner.chunk_graph_replays == {"chunk": 0, "mtp_chunk": 0}
 
 
 def test_a_failed_chunk_capture_leaves_the_decode_graphs(setup, monkeypatch):  # noqa: F811
@@ -163,3 +175,38 @@ def test_a_failed_chunk_capture_leaves_the_decode_graphs(setup, monkeypatch):  #
     assert {k[2] for k in eng.runner.graphs} == {"main"} and eng.runner.chunk_buckets == ()
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
     assert [o.output_token_ids for o in outs] == ref
+
+
+def _record_drafts(runner, monkeypatch) -> list[int]:
+    """The draft (last row's MTP argmax) of every item of every MTP forward, in order."""
+    drafts: list[int] = []
+    execute_mtp = runner.execute_mtp
+
+    def spy(mtp_module, items):
+        results = execute_mtp(mtp_module, items)
+        drafts.extend(int(lg[-1].argmax()) for _h, lg in results)
+        return results
+
+    monkeypatch.setattr(runner, "execute_mtp", spy)
+    return drafts
+
+
+def test_mtp_chunks_through_graphs_draft_as_eager(setup, monkeypatch):  # noqa: F811
+    """With MTP speculation each prefill chunk's MTP forward replays its bucket's "mtp_chunk"
+    graph (the draft from its last row): greedy tokens equal transformers', and every draft of
+    every MTP forward equals the eager speculative engine's."""
+    _cfg, model, _path, prompts, ref = setup
+    params = SamplingParams(temperature=0, max_tokens=N_NEW)
+    cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32, attention="kernel")
+    eager = Engine(model, EngineConfig(**cfg, num_speculative_tokens=1))
+    want_drafts = _record_drafts(eager.runner, monkeypatch)
+    want = [o.output_token_ids for o in eager.generate(prompts, params)]
+    eng = _graphed(model, monkeypatch, prefill_graph_tokens=32, num_speculative_tokens=1)
+    drafts = _record_drafts(eng.runner, monkeypatch)
+    got = [o.output_token_ids for o in eng.generate(prompts, params)]
+    assert got == want == ref
+    assert drafts == want_drafts and len(drafts) > len(prompts)
+    runner = eng.runner
+    mtp_keys = {k for k in runner.graphs if k[2] == "mtp_chunk"}
+    assert mtp_keys == {(1, 16, "mtp_chunk"), (1, 32, "mtp_chunk")}
+    assert runner.chunk_graph_replays["mtp_chunk"] == runner.chunk_graph_replays["chunk"] > 0

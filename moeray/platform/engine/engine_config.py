@@ -45,7 +45,8 @@ class EngineConfig:
     async_scheduling_prefill: bool = False
     # Prefill chunks of up to this many tokens (one sequence, no prompt logprobs) replay a CUDA
     # graph captured at the start, the chunk padded at its end to the next power of two from 16
-    # (engine/step_graphs.py; captured with capture_graphs_at_start); longer chunks run eagerly.
+    # (engine/step_graphs.py; captured with capture_graphs_at_start), and with MTP speculation
+    # so does each chunk's MTP forward; longer chunks run eagerly.
     # 0: every chunk eagerly. Requests arriving while others decode (Moonlight, 128-token
     # prompts, H100): a step with a chunk 67-83 -> 15 ms in FP8, 49 -> 22 ms in bf16; tokens/s
     # 3.1-3.6x / 1.8x (notes-engine.md). Opt-in: as the default, three engine GPU tests failed.

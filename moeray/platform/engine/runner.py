@@ -156,8 +156,9 @@ class ModelRunner:
         # Prefill chunks up to the largest of these replay a chunk graph (step_graphs.py); a
         # failed chunk capture empties it and leaves the decode graphs on.
         self.chunk_buckets = chunk_buckets(prefill_graph_tokens) if self.use_cuda_graphs else ()
-        self.chunk_graph_replays = 0
-        self._status = {"main": "off", "mtp": "off", "chunk": "off"}
+        self.mtp_chunk_graphs = True  # the MTP depth's chunk graphs too (with a drafter)
+        self.chunk_graph_replays = {"chunk": 0, "mtp_chunk": 0}
+        self._status = {"main": "off", "mtp": "off", "chunk": "off", "mtp_chunk": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
         # Upload inputs from pinned memory (set by async scheduling, overlap.py): a copy from
@@ -184,22 +185,32 @@ class ModelRunner:
         return out.logits.float(), out.hidden
 
     def _forward_mtp(
-        self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, view: GatherPagedView
+        self,
+        mtp_module,
+        hidden_BSD: torch.Tensor,
+        ids_BS: torch.Tensor,
+        view: GatherPagedView,
+        logits_to_keep: int | torch.Tensor = 0,
     ):
         hidden, logits = self.model.mtp_step(
-            mtp_module, hidden_BSD, ids_BS, view.positions_BS, cache=view
+            mtp_module,
+            hidden_BSD,
+            ids_BS,
+            view.positions_BS,
+            cache=view,
+            logits_to_keep=logits_to_keep,
         )
         return logits.float(), hidden
 
     @property
     def graph_status(self) -> str:
         """ "off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
-        the main forward could not be captured; an MTP or prefill-chunk failure alone reads
-        "captured; mtp disabled: <why>" / "captured; chunk disabled: <why>"."""
+        the main forward could not be captured; a failure of another kind alone reads
+        "captured; <kind> disabled: <why>" (kinds mtp, chunk, mtp_chunk)."""
         main = self._status["main"]
         if main.startswith("disabled"):
             return main
-        for kind in ("mtp", "chunk"):
+        for kind in ("mtp", "chunk", "mtp_chunk"):
             if self._status[kind].startswith("disabled"):
                 main += f"; {kind} {self._status[kind]}"
         return main
@@ -294,21 +305,27 @@ class ModelRunner:
                 self._graph_for(bs, S)
         return len(self.graphs)
 
-    def _chunk_graph(self, S: int) -> StepGraph | None:
-        """The prefill-chunk graph of bucket S, captured now if it is not yet; None (and chunk
-        graphs off, the reason in graph_status) if its capture fails."""
-        key = (1, S, "chunk")
+    def _chunk_graph(
+        self, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None
+    ) -> StepGraph | None:
+        """The prefill-chunk graph of bucket S (with `mtp_module`, that MTP depth's), captured now
+        if it is not yet; None if its capture fails, which turns that kind off (the reason in
+        graph_status)."""
+        kind = "chunk" if mtp_module is None else "mtp_chunk"
+        key = (1, S, kind)
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = StepGraph(self, 1, S, chunk=True)
+                graph = StepGraph(self, 1, S, mtp_module, hidden_dtype, chunk=True)
             except Exception as e:  # as _graph_for: say why, run the chunks eagerly
-                logger.warning("chunk graph %s not captured:\n%s", key, traceback.format_exc())
-                self.chunk_buckets = ()
-                self._status["chunk"] = f"disabled: {type(e).__name__}: {e}"
+                logger.warning("%s graph %s not captured:\n%s", kind, key, traceback.format_exc())
+                if mtp_module is None:
+                    self.chunk_buckets = ()
+                self.mtp_chunk_graphs = False
+                self._status[kind] = f"disabled: {type(e).__name__}: {e}"
                 return None
             self.graphs[key] = graph
-            self._status["chunk"] = "captured"
+            self._status[kind] = "captured"
         return graph
 
     def _graph_for(self, B: int, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None):
@@ -348,7 +365,7 @@ class ModelRunner:
         the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
         takes its per-expert training loop, which reads counts back to the host, and every capture
         fails ("called a synchronizing CUDA operation"). Then each prefill-chunk bucket's graph
-        (none unless prefill_graph_tokens)."""
+        (none unless prefill_graph_tokens), and with `mtp_module` its MTP depth's."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
@@ -363,6 +380,9 @@ class ModelRunner:
         for S in self.chunk_buckets:
             if self.use_cuda_graphs and self.chunk_buckets:
                 self._chunk_graph(S)
+        for S in self.chunk_buckets if mtp_module is not None else ():
+            if self.use_mtp_graphs and self.mtp_chunk_graphs:
+                self._chunk_graph(S, mtp_module, hidden_dtype)
         return len(self.graphs)
 
     # ---- a step --------------------------------------------------------------------------------
@@ -387,8 +407,9 @@ class ModelRunner:
         self, seqs: Sequence[ScheduledSeq], ids_on_device: torch.Tensor | None = None
     ) -> ForwardResult:
         """Main-model forward over the scheduled sequences: a chunk graph's replay for each
-        prefill chunk `_chunk_rows` picks, then one forward per group of `_groups` of the rest
-        (so one for all decodes), each sequence's logits and hidden rows cut to its own tokens.
+        prefill chunk `_chunk_graph_for` finds one for, then one forward per group of `_groups`
+        of the rest (so one for all decodes), each sequence's logits and hidden rows cut to its
+        own tokens.
         A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
         V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row.
@@ -411,10 +432,14 @@ class ModelRunner:
             )
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
-        for i, S in self._chunk_rows(seqs).items():
-            ran = self._run_chunk(seqs[i], S)
-            if ran is not None:
-                logits[i], hidden[i] = ran
+        for i, s in enumerate(seqs):
+            # prompt logprobs read every row's logits; a chunk graph keeps its last one's
+            prompt_logprobs = s.request.needs_prompt_logprobs
+            graph = None if prompt_logprobs else self._chunk_graph_for(s.num_tokens, s.start)
+            if graph is not None:
+                logits[i], hidden[i] = self._replay_chunk(
+                    graph, s.request.request_id, s.start, s.input_ids
+                )
         rest = [i for i in range(len(seqs)) if logits[i] is None]
         for S, in_rest in self._groups([seqs[i].num_tokens for i in rest]).items():
             idx = [rest[k] for k in in_rest]
@@ -445,50 +470,57 @@ class ModelRunner:
                 hidden[i] = hd[j, :n]
         return ForwardResult(logits, hidden)
 
-    def _chunk_rows(self, seqs: Sequence[ScheduledSeq]) -> dict[int, int]:
-        """{index: bucket} of the prefill chunks that replay a chunk graph (step_graphs.py):
-        more than PAD_MAX_S tokens, a bucket that holds them inside max_model_len, no prompt
-        logprobs (the graph keeps one logits row); none in an expert-parallel gang, whose ranks
-        agree on every forward's shape."""
-        if not (self.chunk_buckets and self.use_cuda_graphs and self.gang is None):
-            return {}
-        limit = self.max_pages * self.page_size
-        rows = {}
-        for i, s in enumerate(seqs):
-            if s.num_tokens > PAD_MAX_S and not s.request.needs_prompt_logprobs:
-                S = chunk_bucket(s.num_tokens, s.start, self.chunk_buckets, limit)
-                if S:
-                    rows[i] = S
-        return rows
-
-    def _run_chunk(self, seq: ScheduledSeq, S: int):
-        """One prefill chunk through its bucket's graph: (logits [1, V] of its last token, hidden
-        [n, D]), copies (another chunk of this step may replay the same graph); None if that
-        graph was not captured (the chunk then runs eagerly). Chunk graphs are captured by
-        `capture_graphs` only, never inside a step (where async scheduling's work in flight
-        would run beside the capture)."""
-        graph = self.graphs.get((1, S, "chunk"))
-        if graph is None:
+    def _chunk_graph_for(self, n: int, start: int, mtp_module=None) -> StepGraph | None:
+        """The captured chunk graph (with `mtp_module`, its MTP depth's) that a chunk of n tokens
+        from `start` replays, or None (it runs eagerly): more than PAD_MAX_S tokens, the smallest
+        bucket that holds them with its padded positions inside max_model_len; none in an
+        expert-parallel gang, whose ranks agree on every forward's shape. Chunk graphs are
+        captured by `capture_graphs` only, never inside a step (where async scheduling's work in
+        flight would run beside the capture)."""
+        if n <= PAD_MAX_S or not (self.chunk_buckets and self.gang is None):
             return None
-        n = seq.num_tokens
-        ids, starts = self._ids_and_starts([_pad_ids(seq.input_ids, S)], [seq.start])
-        bt = self._tables_by_id([seq.request.request_id], self._pages_to(seq.start + S))
-        lg, hd = graph.run(ids, bt, starts, n=n)
-        self.chunk_graph_replays += 1
+        S = chunk_bucket(n, start, self.chunk_buckets, self.max_pages * self.page_size)
+        if mtp_module is None:
+            return self.graphs.get((1, S, "chunk")) if self.use_cuda_graphs else None
+        graph = self.graphs.get((1, S, "mtp_chunk"))
+        ok = self.use_mtp_graphs and self.mtp_chunk_graphs
+        return graph if ok and graph is not None and graph.mtp_module is mtp_module else None
+
+    def _replay_chunk(self, graph: StepGraph, request_id: str, start: int, ids, hidden_SD=None):
+        """One chunk's n = len(ids) tokens through `graph` (hidden_SD [n, D]: an MTP depth's
+        input, padded with zero rows): (logits [1, V] of its last token, hidden [n, D]), copies
+        (another chunk of this step may replay the same graph)."""
+        n, S = len(ids), graph.S
+        ids_BS, starts_B = self._ids_and_starts([_pad_ids(ids, S)], [start])
+        bt = self._tables_by_id([request_id], self._pages_to(start + S))
+        hid = None
+        if hidden_SD is not None:
+            hid = torch.cat([hidden_SD, hidden_SD.new_zeros(S - n, hidden_SD.shape[1])])[None]
+        lg, hd = graph.run(ids_BS, bt, starts_B, hid, n=n)
+        self.chunk_graph_replays["chunk" if hidden_SD is None else "mtp_chunk"] += 1
         return lg[0].clone(), hd[0, :n].clone()
 
     @torch.inference_mode()
     def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):
         """MTP forwards: items = (request_id, start, hidden_SD, next_ids) with S = len(next_ids)
         positions from start. Returns per item (hidden_SD, logits_SV) of its S positions, run in
-        the groups of `_groups` like execute (padded rows get zero hidden rows)."""
+        the groups of `_groups` like execute (padded rows get zero hidden rows); a prefill chunk
+        that replays its bucket's MTP chunk graph gets the logits of its last position only
+        ([1, V]: the draft's)."""
         for rid, _start, h_SD, next_ids in items:
             if h_SD.shape[0] != len(next_ids):
                 raise ValueError(
                     f"MTP item {rid!r}: {h_SD.shape[0]} hidden rows for {len(next_ids)} next tokens"
                 )
         results: list = [None] * len(items)
-        for S, idx in self._groups([len(it[3]) for it in items]).items():
+        for i, (rid, start, h_SD, next_ids) in enumerate(items):
+            graph = self._chunk_graph_for(len(next_ids), start, mtp_module)
+            if graph is not None:
+                lg, hd = self._replay_chunk(graph, rid, start, next_ids, h_SD)
+                results[i] = (hd, lg)
+        rest = [i for i in range(len(items)) if results[i] is None]
+        for S, in_rest in self._groups([len(items[i][3]) for i in rest]).items():
+            idx = [rest[k] for k in in_rest]
             rows = [items[i] for i in idx]
             ids, starts = self._ids_and_starts(
                 [_pad_ids(r[3], S) for r in rows], [r[1] for r in rows]

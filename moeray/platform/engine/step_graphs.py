@@ -10,7 +10,9 @@ an MTP depth the main model's hidden rows) and replays it after copying a step's
   * kind "chunk": one prefill chunk, bs = 1, S a bucket (a power of two from CHUNK_GRAPH_MIN up to
     EngineConfig.prefill_graph_tokens). The chunk's n real tokens come first and its ids are
     padded to S at the end; the LM head runs on row n - 1 only (a static index, set at each
-    replay), so the graph holds one logits row, not S x V.
+    replay), so the graph holds one logits row, not S x V;
+  * kind "mtp_chunk": the MTP depth over a prefill chunk's positions, bucketed as "chunk" (the
+    main model's hidden rows padded with zero rows), its logits row n - 1's: the draft.
 
 Why graph the chunks. A step that carries a prefill chunk ran eagerly: each of Moonlight's
 27 layers launches ~100 kernels from Python, and such steps took ~50-110 ms on an H100 where a
@@ -26,13 +28,14 @@ max_model_len's block-table columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from moeray.platform.config.graphs import CHUNK_GRAPH_MIN
 from moeray.platform.engine.kv_cache import PagedKVStorage
-from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
+from moeray.platform.engine.paged_view import KernelPagedView
 
 
 def chunk_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -64,19 +67,20 @@ class ModelRunner(Protocol):
     scratch_page: int | None
     graph_pool: Any  # the graphs' shared memory pool, None before the first capture
 
-    def _forward_model(
-        self, ids_BS: torch.Tensor, view: GatherPagedView, logits_to_keep: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    # The forwards a graph captures, -> (logits, hidden): (ids_BS, view, logits_to_keep) and
+    # (mtp_module, hidden_BSD, ids_BS, view, logits_to_keep).
+    @property
+    def _forward_model(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def _forward_mtp(
-        self, mtp_module, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, view: GatherPagedView
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @property
+    def _forward_mtp(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class StepGraph:
     """One captured forward for a fixed batch size bs and S tokens per row: the main model (kind
-    "main"), one MTP depth (kind "mtp", reading a static hidden_BSD input as well), or a prefill
-    chunk (kind "chunk": bs 1, logits of one row, the one `run` names)."""
+    "main"), one MTP depth (kind "mtp", reading a static hidden_BSD input as well), or either over
+    a prefill chunk (`chunk`, kinds "chunk" / "mtp_chunk": bs 1, logits of one row, the one `run`
+    names)."""
 
     def __init__(
         self,
@@ -92,8 +96,8 @@ class StepGraph:
         scratch_page = runner.scratch_page
         if scratch_page is None:
             raise RuntimeError("a step graph needs the storage's scratch page for padding rows")
-        if chunk and (bs != 1 or mtp_module is not None):
-            raise ValueError(f"a chunk graph is one main-model sequence, got bs={bs} / MTP")
+        if chunk and bs != 1:
+            raise ValueError(f"a chunk graph is one sequence, got bs={bs}")
         self.bs, self.S = bs, S
         self.mtp_module = mtp_module
         self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
@@ -134,7 +138,12 @@ class StepGraph:
             torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+        # thread_local: only this thread's unsafe calls (a sync, a cudaMalloc) break the capture,
+        # not another thread's CUDA work (a serving process's transfer or telemetry threads),
+        # which "global" counts too; the sync check above already ran this forward.
+        with torch.cuda.graph(
+            self.graph, pool=runner.graph_pool, capture_error_mode="thread_local"
+        ):
             _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
         runner.graph_pool = self.graph.pool()
 
@@ -143,11 +152,12 @@ class StepGraph:
 
     def _forward(self, runner: ModelRunner):
         view = KernelPagedView(runner.storage, self.block_table_BM, self.starts_B, self.S)
+        keep = 0 if self.keep_K is None else self.keep_K
         if self.mtp_module is None:
-            keep = 0 if self.keep_K is None else self.keep_K
             return view, runner._forward_model(self.ids_BS, view, keep)
         assert self.hidden_in_BSD is not None  # allocated with mtp_module
-        return view, runner._forward_mtp(self.mtp_module, self.hidden_in_BSD, self.ids_BS, view)
+        h_BSD = self.hidden_in_BSD
+        return view, runner._forward_mtp(self.mtp_module, h_BSD, self.ids_BS, view, keep)
 
     def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
         """Replay on B <= bs rows (ids_BS [B, S]); `n`: a chunk's real tokens. -> (logits, hidden)

@@ -108,11 +108,9 @@ class Transformer(nn.Module):
             hidden_BSD = self.model.norm(x_BSD)
         else:
             hidden_BSD = self.model.norm.add_forward(delta_BSD, x_BSD)[0]
-        if isinstance(logits_to_keep, torch.Tensor):
-            kept_BSD = hidden_BSD[:, logits_to_keep]
-        else:
-            kept_BSD = hidden_BSD[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_BSD
-        out = ModelOutput(logits=self.lm_head(kept_BSD), hidden=hidden_BSD)
+        out = ModelOutput(
+            logits=self.lm_head(_kept_rows(hidden_BSD, logits_to_keep)), hidden=hidden_BSD
+        )
         if return_mtp is None:
             return_mtp = cache is None
         if return_mtp:
@@ -138,12 +136,21 @@ class Transformer(nn.Module):
         positions_BS: torch.Tensor,
         cache: KVCache | None = None,
         absorbed: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth: hidden of position s and the token at s+k -> (hidden', logits for
-        s+k+1)."""
+        s+k+1), the logits of the rows `logits_to_keep` names as in `forward`."""
         cos, sin = self.model.rotary_emb(positions_BS)
         h_BSD = module(hidden_BSD, self.model.embed_tokens(next_ids_BS), cos, sin, cache, absorbed)
-        return h_BSD, self.lm_head(module.shared_head.norm(h_BSD))
+        return h_BSD, self.lm_head(module.shared_head.norm(_kept_rows(h_BSD, logits_to_keep)))
+
+
+def _kept_rows(h_BSD: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """The rows the LM head runs on: all (keep 0), the last `keep` (an int), or the positions a
+    1-D index tensor lists (as transformers' logits_to_keep)."""
+    if isinstance(keep, torch.Tensor):
+        return h_BSD[:, keep]
+    return h_BSD[:, -keep:] if keep > 0 else h_BSD
 
 
 @torch.no_grad()
