@@ -5,7 +5,8 @@
 # before any time limit, then the rest (CHUNK_REST=0 skips it); then `moeray bench engine
 # --arrivals` at the Moonlight shape: ARRIVALS (default
 # 48) requests of 128-token prompts and 32 output tokens, one every EVERY (default 2) step calls,
-# at most BATCH (default 16) running; every run with chunk graphs up to GRAPH_TOKENS (default
+# at most BATCH (default 16) running (PROMPT_LENS=LO,HI: prompt lengths drawn from LO..HI, with
+# TAG_SUFFIX naming the result apart); every run with chunk graphs up to GRAPH_TOKENS (default
 # 256), and two synchronous runs with eager chunks (expanded, absorbed MLA) to compare:
 # sync_vs_eager, sync_equals_absorbed (1.0: the graphs compute the eager absorbed chunks'
 # tokens), sync_equals_eager, the step times split and each engine's build_s (engine.arrivals
@@ -26,10 +27,12 @@ for w in ${WEIGHTS:-fp8}; do
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${SHAPES_LIMIT:-300} python3 -m moeray.cli bench engine \
     --preset moonlight_16b_a3b --weights "$w" --mtp-train-steps 0 --batch-sizes ${BATCH:-16} \
     --skip prefill,router-ab,hf,mtp --arrivals ${ARRIVALS:-48} --arrival-every ${EVERY:-2} \
-    --arrival-graph-tokens ${GRAPH_TOKENS:-256} --tag "moonlight-$w-chunkgraphs" --out-dir "$OUT" \
-    > "$OUT/engine-moonlight-$w-chunkgraphs.log" 2>&1
+    --arrival-graph-tokens ${GRAPH_TOKENS:-256} ${PROMPT_LENS:+--arrival-prompt-lens $PROMPT_LENS} \
+    --tag "moonlight-$w-chunkgraphs${TAG_SUFFIX:-}" --out-dir "$OUT" \
+    > "$OUT/engine-moonlight-$w-chunkgraphs${TAG_SUFFIX:-}.log" 2>&1
   r=$?; [ $r -eq 0 ] || rc=1
   el "bench engine arrivals $w rc=$r"
-  grep "^arrivals\|^sync\|^eager\|Error\|not captured" "$OUT/engine-moonlight-$w-chunkgraphs.log" | cut -c1-240
+  grep "^arrivals\|^sync\|^eager\|Error\|not captured" \
+    "$OUT/engine-moonlight-$w-chunkgraphs${TAG_SUFFIX:-}.log" | cut -c1-240
 done
 exit ${rc:-0}

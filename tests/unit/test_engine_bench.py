@@ -258,7 +258,7 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
 def test_bench_async_scheduling(tmp_path):
     """--async-scheduling (and --no-async-sampled, sampled at --temperature) reach the engine and
     the result says so; decode and host phases are measured as without it. --arrivals: six
-    requests arriving every other step call, without async scheduling, and with
+    requests of 6-20 tokens arriving every other step call, without async scheduling, and with
     async_scheduling_prefill off (a drain per admission) and on (the run ends with one), the same
     tokens."""
     _, r = _run(
@@ -266,9 +266,10 @@ def test_bench_async_scheduling(tmp_path):
         "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
         "--decode-tokens", "6", "--batch-sizes", "1,2", "--skip", "prefill,hf",
         "--async-scheduling", "--no-async-sampled", "--temperature", "0.8",
-        "--arrivals", "6", "--arrival-every", "2",
+        "--arrivals", "6", "--arrival-every", "2", "--arrival-prompt-lens", "6,20",
     )  # fmt: skip
     arr = r["engine"]["arrivals"]
+    assert 6 <= arr["prompt_lens"][0] <= arr["prompt_lens"][1] <= 20
     assert (arr["requests"], arr["every"], arr["outputs_equal"]) == (6, 2, 1.0)
     assert arr["on_equals_sync"] == 1.0 and arr["on_vs_sync"] > 0
     assert arr["on"]["async_drains"] <= 1 < arr["off"]["async_drains"], arr
@@ -379,6 +380,9 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--ab", "NORM,FOLD"], "'FOLD': not a switch"),
         (["--arrival-every", "0"], "--arrival-every 0"),
         (["--arrivals", "-1"], "--arrivals -1"),
+        (["--arrival-prompt-lens", "20,6"], "--arrival-prompt-lens '20,6'"),
+        (["--arrival-prompt-lens", "x"], "expected LO,HI"),
+        (["--arrival-graph-tokens", "100"], "--arrival-graph-tokens=100: accepted 0"),
     ):
         with pytest.raises(SystemExit):
             bench.main(args)

@@ -309,10 +309,15 @@ def main(argv: list[str]) -> int:
         prefill_by_path["absorbed"] = _prefill_rate(engine, prompts, device)
     del engine
     if a.arrivals:
+        if a.arrival_prompt_lens is None:
+            lens = [a.prompt_len] * a.arrivals
+        else:
+            lo, hi = a.arrival_prompt_lens
+            lens = torch.randint(lo, hi + 1, (a.arrivals,), generator=g).tolist()
         notes["arrivals"] = arrivals_ab(
             lambda **kw: Engine(model, EngineConfig(**{**ecfg, **kw})),
-            _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
-            _random_prompts(g, cfg.vocab_size, a.arrivals, a.prompt_len),
+            [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in lens],
+            [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in lens],
             n,
             a.arrival_every,
             a.arrival_graph_tokens,

@@ -84,6 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--arrival-every", type=int, default=2, help="step calls between arrivals")
     p.add_argument(
+        "--arrival-prompt-lens",
+        default=None,
+        help="LO,HI: --arrivals' prompts of lengths drawn uniformly from LO..HI (seeded; the warm "
+        "run gets the same lengths) instead of --prompt-len each",
+    )
+    p.add_argument(
         "--arrival-graph-tokens",
         type=int,
         default=256,
@@ -113,6 +119,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")
     if a.preset is not None and a.config is not None:
         p.error("--preset and --config both given: pass one")
+    if a.arrival_prompt_lens is not None:
+        try:
+            lo, hi = (int(x) for x in a.arrival_prompt_lens.split(","))
+        except ValueError:
+            lo = hi = 0
+        if not 1 <= lo <= hi:
+            p.error(
+                f"--arrival-prompt-lens {a.arrival_prompt_lens!r}: expected LO,HI with "
+                "1 <= LO <= HI"
+            )
+        a.arrival_prompt_lens = (lo, hi)
     try:
         check_chunk_tokens(a.arrival_graph_tokens, "--arrival-graph-tokens")
     except ValueError as e:

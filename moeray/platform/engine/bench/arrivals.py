@@ -98,6 +98,7 @@ def arrivals_ab(
     if list(map(len, warm_prompts)) != list(map(len, prompts)):
         raise ValueError("warm_prompts must have the lengths of prompts, one for one")
     result: dict[str, Any] = {"requests": len(prompts), "every": every, "max_tokens": max_tokens}
+    result["prompt_lens"] = [min(map(len, prompts)), max(map(len, prompts))]
     result["prefill_graph_tokens"] = graph_tokens
     outputs = {}
     graphs = {"prefill_graph_tokens": graph_tokens}
