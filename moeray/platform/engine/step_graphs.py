@@ -16,14 +16,15 @@ an MTP depth the main model's hidden rows) and replays it after copying a step's
 
 Why graph the chunks. A step that carries a prefill chunk ran eagerly: each of Moonlight's
 27 layers launches ~100 kernels from Python, and such steps took ~50-110 ms on an H100 where a
-decode-only step replayed its graph in a few ms (benchmarks/notes-engine.md, `bench engine
---arrivals`, `sync.mixed_step_ms`). The chunk graph runs MLA's absorbed path through the paged
+decode-only step replayed its graph in a few ms; with 128-token chunks replayed from graphs those
+steps take 15 ms in FP8 and 22 in bf16 (benchmarks/notes-engine.md, `bench engine --arrivals`,
+`mixed_step_ms`). The chunk graph runs MLA's absorbed path through the paged
 kernel (the one decode runs; each query row attends causally up to its own position), not the
 expanded path eager chunks take: that path gathers the context with host-side sizes and cannot
 be captured. Padding is harmless for the reasons runner.py's docstring gives for decode padding
 (rows past the real tokens write positions no real row reads, into the sequence's own pages or
-the scratch page); the runner only picks a bucket whose last position stays inside
-max_model_len's block-table columns.
+the scratch page; an MTP depth's padded hidden rows are zero, whose RMSNorm is zero); the runner
+only picks a bucket whose last position stays inside max_model_len's block-table columns.
 """
 
 from __future__ import annotations
