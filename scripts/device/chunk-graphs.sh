@@ -2,7 +2,7 @@
 # step_graphs.py). First the engine GPU tests with every engine's chunk graphs on
 # (MOERAY_TEST_PREFILL_GRAPH_TOKENS, tests/gpu/conftest.py): the files of the three that failed
 # so in the twentieth session first, in a pytest of their own so that its failure reasons print
-# before any time limit, then the rest (CHUNK_REST=0 skips it); then `moeray bench engine
+# before any time limit, then (CHUNK_REST=1, ~4 minutes more) the rest; then `moeray bench engine
 # --arrivals` at the Moonlight shape: ARRIVALS (default
 # 48) requests of 128-token prompts and 32 output tokens, one every EVERY (default 2) step calls,
 # at most BATCH (default 16) running (PROMPT_LENS=LO,HI: prompt lengths drawn from LO..HI, with
@@ -10,14 +10,14 @@
 # 256), and two synchronous runs with eager chunks (expanded, absorbed MLA) to compare:
 # sync_vs_eager, sync_equals_absorbed (1.0: the graphs compute the eager absorbed chunks'
 # tokens), sync_equals_eager, the step times split and each engine's build_s (engine.arrivals
-# in engine-<gpu>-moonlight-<w>-chunkgraphs.json). 1 GPU, ~4 minutes + ~2 a WEIGHTS.
+# in engine-<gpu>-moonlight-<w>-chunkgraphs.json). 1 GPU, ~3 minutes + ~2 a WEIGHTS.
 FIRST="tests/gpu/test_fp8_kv_cache_gpu.py tests/gpu/test_tiny_engine_gpu.py::test_fused_decode_kernels_captured_and_equal_to_reference tests/gpu/test_async_scheduling_gpu.py::test_tokens_equal_and_steps_overlap"
 REST="tests/gpu/test_tiny_engine_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_mtp_gpu.py tests/gpu/test_prefill_moe_graphs_gpu.py"
 # shellcheck disable=SC2086  # lists of paths
 MOERAY_TEST_PREFILL_GRAPH_TOKENS=${GRAPH_TOKENS:-256} gpu_pytest pytest_chunk_first.log \
-  ${FIRST_LIMIT:-200} $FIRST --tb=short || rc=1
+  ${FIRST_LIMIT:-180} $FIRST --tb=short || rc=1
 grep -h "^FAILED\|^E  \|Error" "$OUT/pytest_chunk_first.log" | cut -c1-220 | head -30
-if [ "${CHUNK_REST:-1}" = 1 ]; then
+if [ "${CHUNK_REST:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   MOERAY_TEST_PREFILL_GRAPH_TOKENS=${GRAPH_TOKENS:-256} gpu_pytest pytest_chunk_rest.log \
     ${REST_LIMIT:-240} $REST --tb=short || rc=1

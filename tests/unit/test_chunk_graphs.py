@@ -22,6 +22,9 @@ def test_buckets():
     assert chunk_buckets(0) == ()
     assert chunk_buckets(16) == (16,)
     assert chunk_buckets(256) == (16, 32, 64, 128, 256)
+    # no graph past the one that holds the longest chunk the scheduler makes
+    assert chunk_buckets(256, 48) == (16, 32, 64) and chunk_buckets(256, 64) == (16, 32, 64)
+    assert chunk_buckets(256, 4096) == chunk_buckets(256) and chunk_buckets(0, 48) == ()
     b = chunk_buckets(64)
     assert chunk_bucket(3, 0, b, 256) == 16
     assert chunk_bucket(16, 0, b, 256) == 16

@@ -117,6 +117,7 @@ class ModelRunner:
         attention: str = "auto",
         prefill_attention: str = "auto",
         prefill_graph_tokens: int = 0,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -153,9 +154,11 @@ class ModelRunner:
         )
         # The MTP forward is captured separately: a failed MTP capture leaves the main graphs on.
         self.use_mtp_graphs = self.use_cuda_graphs
-        # Prefill chunks up to the largest of these replay a chunk graph (step_graphs.py); a
-        # failed chunk capture empties it and leaves the decode graphs on.
-        self.chunk_buckets = chunk_buckets(prefill_graph_tokens) if self.use_cuda_graphs else ()
+        # Prefill chunks up to the largest of these (none past the longest chunk the scheduler
+        # makes, `max_chunk_tokens`) replay a chunk graph (step_graphs.py); a failed chunk capture
+        # empties it and leaves the decode graphs on.
+        buckets = chunk_buckets(prefill_graph_tokens, max_chunk_tokens)
+        self.chunk_buckets = buckets if self.use_cuda_graphs else ()
         self.mtp_chunk_graphs = True  # the MTP depth's chunk graphs too (with a drafter)
         self.chunk_graph_replays = {"chunk": 0, "mtp_chunk": 0}
         self._status = {"main": "off", "mtp": "off", "chunk": "off", "mtp_chunk": "off"}

@@ -39,11 +39,15 @@ from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.engine.paged_view import KernelPagedView
 
 
-def chunk_buckets(max_tokens: int) -> tuple[int, ...]:
-    """The chunk graph sizes up to `max_tokens` (0: none)."""
+def chunk_buckets(max_tokens: int, longest_chunk: int | None = None) -> tuple[int, ...]:
+    """The chunk graph sizes up to `max_tokens` (0: none), and none past the first that holds
+    `longest_chunk` tokens (the scheduler's token budget: no chunk is longer, so a larger graph
+    would never replay)."""
     sizes, s = [], CHUNK_GRAPH_MIN
     while max_tokens and s <= max_tokens:
         sizes.append(s)
+        if longest_chunk is not None and s >= longest_chunk:
+            break
         s *= 2
     return tuple(sizes)
 
