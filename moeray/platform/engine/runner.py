@@ -315,16 +315,25 @@ class ModelRunner:
         if it is not yet; None if its capture fails, which turns that kind off (the reason in
         graph_status)."""
         kind = "chunk" if mtp_module is None else "mtp_chunk"
-        key = (1, S, kind)
+        graph = self._captured((1, S, kind), mtp_module, hidden_dtype)
+        if graph is None:
+            if mtp_module is None:
+                self.chunk_buckets = ()
+            self.mtp_chunk_graphs = False
+        return graph
+
+    def _captured(self, key, mtp_module, hidden_dtype) -> StepGraph | None:
+        """The graph of `key` = (bs, S, kind), captured now if it is not yet; None if its capture
+        fails, the kind's status then saying why (capture is an optimization: the caller turns
+        the graphs that failed off and those forwards run eagerly)."""
         graph = self.graphs.get(key)
         if graph is None:
+            bs, S, kind = key
             try:
-                graph = StepGraph(self, 1, S, mtp_module, hidden_dtype, chunk=True)
-            except Exception as e:  # as _graph_for: say why, run the chunks eagerly
+                chunk = kind in ("chunk", "mtp_chunk")
+                graph = StepGraph(self, bs, S, mtp_module, hidden_dtype, chunk=chunk)
+            except Exception as e:
                 logger.warning("%s graph %s not captured:\n%s", kind, key, traceback.format_exc())
-                if mtp_module is None:
-                    self.chunk_buckets = ()
-                self.mtp_chunk_graphs = False
                 self._status[kind] = f"disabled: {type(e).__name__}: {e}"
                 return None
             self.graphs[key] = graph
@@ -342,18 +351,11 @@ class ModelRunner:
             raise ValueError(
                 f"graph {key} was captured for another MTP module: one drafter depth per runner"
             )
+        graph = self._captured(key, mtp_module, hidden_dtype)
         if graph is None:
-            try:
-                graph = StepGraph(self, bs, S, mtp_module, hidden_dtype)
-            except Exception as e:  # capture is an optimization: say why and run eagerly
-                logger.warning("decode graph %s not captured:\n%s", key, traceback.format_exc())
-                if kind == "main":
-                    self.use_cuda_graphs = False
-                self.use_mtp_graphs = False
-                self._status[kind] = f"disabled: {type(e).__name__}: {e}"
-                return None
-            self.graphs[key] = graph
-            self._status[kind] = "captured"
+            if kind == "main":
+                self.use_cuda_graphs = False
+            self.use_mtp_graphs = False
         return graph
 
     @torch.inference_mode()  # as in execute: with grad on, MoE takes its training path, which syncs
@@ -491,14 +493,12 @@ class ModelRunner:
 
     def _replay_chunk(self, graph: StepGraph, request_id: str, start: int, ids, hidden_SD=None):
         """One chunk's n = len(ids) tokens through `graph` (hidden_SD [n, D]: an MTP depth's
-        input, padded with zero rows): (logits [1, V] of its last token, hidden [n, D]), copies
+        input): (logits [1, V] of its last token, hidden [n, D]), copies
         (another chunk of this step may replay the same graph)."""
         n, S = len(ids), graph.S
         ids_BS, starts_B = self._ids_and_starts([_pad_ids(ids, S)], [start])
         bt = self._tables_by_id([request_id], self._pages_to(start + S))
-        hid = None
-        if hidden_SD is not None:
-            hid = torch.cat([hidden_SD, hidden_SD.new_zeros(S - n, hidden_SD.shape[1])])[None]
+        hid = None if hidden_SD is None else hidden_SD[None]
         lg, hd = graph.run(ids_BS, bt, starts_B, hid, n=n)
         self.chunk_graph_replays["chunk" if hidden_SD is None else "mtp_chunk"] += 1
         return lg[0].clone(), hd[0, :n].clone()

@@ -165,7 +165,8 @@ class StepGraph:
         return view, runner._forward_mtp(self.mtp_module, h_BSD, self.ids_BS, view, keep)
 
     def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
-        """Replay on B <= bs rows (ids_BS [B, S]); `n`: a chunk's real tokens. -> (logits, hidden)
+        """Replay on B <= bs rows (ids_BS [B, S], an MTP depth's hidden_BSD [B, S, D] or a chunk's
+        [1, n, D]); `n`: a chunk's real tokens. -> (logits, hidden)
         of the B rows: [B, S, V] (a chunk: [1, 1, V], row n - 1's) and [B, S, D], views of the
         graph's static outputs, valid until its next replay."""
         b, m = block_table_BM.shape
@@ -180,7 +181,9 @@ class StepGraph:
                 raise ValueError(f"chunk of n={n} real tokens in a graph of {self.S}")
             self.keep_K.fill_(n - 1)
         if self.hidden_in_BSD is not None:
-            self.hidden_in_BSD[:b].copy_(hidden_BSD)
+            t = hidden_BSD.shape[1]  # S; a chunk's n real rows, its padding rows zero
+            self.hidden_in_BSD[:b, :t].copy_(hidden_BSD)
+            self.hidden_in_BSD[:b, t:].zero_()
             self.hidden_in_BSD[b:].zero_()
         self._replay()
         return self.logits_BSV[:b], self.hidden_BSD[:b]

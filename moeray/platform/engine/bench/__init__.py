@@ -162,7 +162,12 @@ def _model_config(a: argparse.Namespace) -> ModelConfig:
 
 
 def _random_prompts(g: torch.Generator, vocab: int, n: int, length: int) -> list[list[int]]:
-    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+    return _prompts_of(g, vocab, [length] * n)
+
+
+def _prompts_of(g: torch.Generator, vocab: int, lengths: list[int]) -> list[list[int]]:
+    """Random prompts, one of each length."""
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
 def _hf_skip_reason(a: argparse.Namespace, weight_bytes: int) -> str | None:
@@ -316,8 +321,8 @@ def main(argv: list[str]) -> int:
             lens = torch.randint(lo, hi + 1, (a.arrivals,), generator=g).tolist()
         notes["arrivals"] = arrivals_ab(
             lambda **kw: Engine(model, EngineConfig(**{**ecfg, **kw})),
-            [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in lens],
-            [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in lens],
+            _prompts_of(g, cfg.vocab_size, lens),
+            _prompts_of(g, cfg.vocab_size, lens),
             n,
             a.arrival_every,
             a.arrival_graph_tokens,

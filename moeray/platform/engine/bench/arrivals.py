@@ -18,7 +18,7 @@ differently at another batch size (`outputs_equal`). A third run without async s
 GPU its tokens equal `on`'s bit for bit unless the step launched ahead computes something else
 (`on_equals_sync`), and its steps' times split into those with a prefill chunk and the rest
 (`sync.mixed_step_ms`, `sync.decode_step_ms`): on an H100 at Moonlight the former ran eagerly at
-~50-110 ms eagerly (benchmarks/notes-engine.md). Every run replays prefill chunks of up to
+~50-110 ms (benchmarks/notes-engine.md). Every run replays prefill chunks of up to
 `graph_tokens` tokens from CUDA graphs (EngineConfig.prefill_graph_tokens, engine/step_graphs.py;
 0: all eagerly); with `graph_tokens` > 0 two more runs are `sync` with every chunk eager:
 `eager` through MLA's expanded path (what chunks past the graphs run), `absorbed` through the
