@@ -1,7 +1,8 @@
-# Prefill chunks replayed from CUDA graphs (EngineConfig.prefill_graph_tokens, opt-in, engine/
-# step_graphs.py). First the engine GPU tests with every engine's chunk graphs on
-# (MOERAY_TEST_PREFILL_GRAPH_TOKENS, tests/gpu/conftest.py): the files of the three that failed
-# so in the twentieth session first, in a pytest of their own so that its failure reasons print
+# Prefill chunks replayed from CUDA graphs (EngineConfig.prefill_graph_tokens, default 256,
+# engine/step_graphs.py). First the engine GPU tests with every engine's chunk graphs up to
+# GRAPH_TOKENS (MOERAY_TEST_PREFILL_GRAPH_TOKENS, tests/gpu/conftest.py; 0: all eager): the
+# files of the three that failed as the default in the twentieth session first, in a pytest of
+# their own so that its failure reasons print
 # before any time limit, then (CHUNK_REST=1, ~4 minutes more) the rest; then `moeray bench engine
 # --arrivals` at the Moonlight shape: ARRIVALS (default
 # 48) requests of 128-token prompts and 32 output tokens, one every EVERY (default 2) step calls,
@@ -13,6 +14,12 @@
 # in engine-<gpu>-moonlight-<w>-chunkgraphs.json). 1 GPU, ~3 minutes + ~2 a WEIGHTS.
 FIRST="tests/gpu/test_fp8_kv_cache_gpu.py tests/gpu/test_tiny_engine_gpu.py::test_fused_decode_kernels_captured_and_equal_to_reference tests/gpu/test_async_scheduling_gpu.py::test_tokens_equal_and_steps_overlap"
 REST="tests/gpu/test_tiny_engine_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_mtp_gpu.py tests/gpu/test_prefill_moe_graphs_gpu.py"
+# The fp8 test builds fp32 engines (no chunk graph is captured there): without chunk graphs first,
+# so a failure of the default path shows apart from one of the graphs.
+# graph_capture's test (a collection mid-capture) with it: the capture failure of the async test.
+gpu_pytest pytest_fp8_plain.log 90 --tb=short tests/gpu/test_graph_capture_gpu.py \
+  tests/gpu/test_fp8_kv_cache_gpu.py::test_kept_fp8_cache_matches_dequantized_fp32 || rc=1
+grep -h "^E  " "$OUT/pytest_fp8_plain.log" | cut -c1-220 | head -12
 # shellcheck disable=SC2086  # lists of paths
 MOERAY_TEST_PREFILL_GRAPH_TOKENS=${GRAPH_TOKENS:-256} gpu_pytest pytest_chunk_first.log \
   ${FIRST_LIMIT:-180} $FIRST --tb=short || rc=1

@@ -4,8 +4,8 @@ process would run every kernel in the CPU interpreter: on 2x H200 (2026-11-27) t
 failed so, with interpreter errors and no captured CUDA graph. Refuse that mix loudly.
 
 MOERAY_TEST_PREFILL_GRAPH_TOKENS=N runs every engine the tests build with prefill-chunk graphs up
-to N tokens unless the test sets its own (EngineConfig.prefill_graph_tokens, opt-in): how a
-candidate default is checked against the whole GPU suite (scripts/device/chunk-graphs.sh)."""
+to N tokens (0: none) unless the test sets its own (EngineConfig.prefill_graph_tokens, default
+256): how another value is checked against the whole GPU suite (scripts/device/chunk-graphs.sh)."""
 
 import dataclasses
 import os

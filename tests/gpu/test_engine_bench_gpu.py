@@ -66,7 +66,9 @@ def test_bench_fp8_profile_sees_graph_kernels(tmp_path):
     assert r["engine"]["cuda_graphs"] == "captured"
     for B in ("1", "8"):
         prof = r["decode_profile"][B]
-        assert prof["kernels_per_step"] > 3 * 20, prof  # tens of kernels per layer
+        # graph replays' kernels, not only the step's few launches outside its graph: after
+        # the decode fusions 57 a step at batch 1 (19 a layer) on an H100
+        assert prof["kernels_per_step"] > 3 * 10, prof
         assert {"gemm", "moe", "attention"} <= set(prof["by_category"]), prof["by_category"]
         assert 0 < r["roofline_fraction"][B] < 1
         # the forward alone is part of the step: shorter, and nearer the roofline

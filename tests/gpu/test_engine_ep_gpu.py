@@ -178,6 +178,7 @@ def _rank_graphs(rank: int, world: int, port: int, out_dir: str) -> None:
                 "tokens": tokens,
                 "status": (status, engine.runner.graph_status),
                 "graphs": (len(before), len(after), kept),
+                "kinds": sorted({k[2] for k in engine.runner.graphs}),
                 "replays": (replayed_before_switch, engine.lockstep.graph_forwards),
                 "switches": [v for v, _ in engine.placements.switches],
             },
@@ -188,15 +189,20 @@ def _rank_graphs(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_ep_engine_replays_decode_graphs_and_equals_the_plain_engine(world, tmp_path):
+def test_ep_engine_replays_decode_graphs_and_equals_the_plain_engine(world, tmp_path, monkeypatch):
     """ep=1 (and ep=2 on 2 GPUs): the gang captures its decode graphs at start (the gathered
-    exchange), replays them, captures them again after a placement switch mid-stream (to two
-    redundant slots per rank), and its greedy output equals the plain bf16 engine's (with its own
-    graphs). At ep=1 every forward is the plain MoE's computation, so the tokens are exact."""
+    exchange), decode graphs only, replays them, captures them again after a placement switch
+    mid-stream (to two redundant slots per rank), and its greedy output equals the plain bf16
+    engine's (with its own decode graphs). The plain reference computes what the gang's layers do:
+    eager prefill chunks (the gang replays no chunk graph: they would take MLA's absorbed path)
+    and shared experts outside the fused MoE (model/shared_fuse.py fuses plain MoE layers only;
+    its fp32 sum parted the bf16 tokens from the gang's). So at ep=1 the tokens are exact."""
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    plain = Engine(_bf16("cuda"), GRAPH_ECONF)
-    expected = [o.output_token_ids for o in plain.generate(_prompts(), _params())]
+    with monkeypatch.context() as m:
+        m.setenv("MOERAY_FUSED_SHARED", "0")
+        plain = Engine(_bf16("cuda"), dataclasses.replace(GRAPH_ECONF, prefill_graph_tokens=0))
+        expected = [o.output_token_ids for o in plain.generate(_prompts(), _params())]
     assert plain.runner.graph_status == "captured"
     mp.spawn(_rank_graphs, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
@@ -206,6 +212,7 @@ def test_ep_engine_replays_decode_graphs_and_equals_the_plain_engine(world, tmp_
         assert g["status"] == ("captured", "captured")  # at start and after the switch
         n_before, n_after, kept = g["graphs"]
         assert n_before == n_after > 0 and kept == 0  # every graph captured again
+        assert g["kinds"] == ["main"]  # no MTP or prefill-chunk graph in a gang
         assert g["switches"] == [1]
         first, total = g["replays"]
         assert 0 < first < total  # decode steps replayed graphs before and after the switch

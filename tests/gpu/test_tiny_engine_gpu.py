@@ -77,7 +77,8 @@ def test_tiny_bf16_decode_graphs_capture():
 
 def test_engine_captures_every_decode_graph_at_start():
     """EngineConfig.capture_graphs_at_start: every padded batch size up to max_num_seqs, S = 1
-    and 2, main and MTP, before the first request, so no step pays for a capture."""
+    and 2, main and MTP, and by default each prefill-chunk bucket to 256 tokens (main and MTP),
+    before the first request, so no step pays for a capture."""
     from moeray.platform.config import tiny
     from moeray.platform.engine.engine import Engine, EngineConfig
     from moeray.platform.model.transformer import Transformer
@@ -98,6 +99,8 @@ def test_engine_captures_every_decode_graph_at_start():
         ),
     )
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
+    assert eng.runner.chunk_buckets == (16, 32, 64, 128, 256)
+    want |= {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
     assert set(eng.runner.graphs) == want, (sorted(eng.runner.graphs), eng.runner.graph_status)
     assert eng.runner.graph_status == "captured"
     before = set(eng.runner.graphs)
@@ -119,15 +122,16 @@ class _LaunchSpy:
 
 
 def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
-    """The RoPE, MoE-alignment, SwiGLU, router-logits and cache-write kernels (issue 19) run inside
-    the captured bf16 decode graphs, and greedy tokens equal those of the PyTorch references of the
-    first four (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0, MOERAY_FUSED_SWIGLU=0,
-    MOERAY_FUSED_GATE_LOGITS=0; ROPE=0 also sends the decode prologue back to separate norm and
-    rope launches): the kernels are bit-exact on the GPU but for the order of two fp32 sums (the
-    latent norm's, the router's), and the tiny model's logit margins are wide."""
+    """The MoE-alignment, SwiGLU, router-logits and cache-write kernels (issue 19) run inside the
+    captured bf16 graphs (decode and, by default, prefill chunks), the cache write with the
+    latent norm and both RoPE rotations in it, and greedy tokens equal those of the PyTorch
+    references (MOERAY_FUSED_ROPE=0, MOERAY_FUSED_ALIGN=0, MOERAY_FUSED_SWIGLU=0,
+    MOERAY_FUSED_GATE_LOGITS=0; ROPE=0 sends the write's norm and rotations back to separate
+    launches): the kernels are bit-exact on the GPU but for the order of two fp32 sums (the
+    latent norm's, the router's), and the tiny model's logit margins are wide. (The standalone
+    rope kernel runs in eager prefill chunks only, which these prompts no longer take.)"""
     from moeray.kernels import mla_write as write_mod
     from moeray.kernels import moe_align as align_mod
-    from moeray.kernels import rope as rope_mod
     from moeray.kernels import router_logits as logits_mod
     from moeray.kernels import swiglu as swiglu_mod
 
@@ -137,16 +141,17 @@ def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
         return launcher
 
     spies = (
-        spy(rope_mod, "_rope_kernel"),
         spy(align_mod, "_moe_align_kernel"),
         spy(swiglu_mod, "_swiglu_kernel"),
         spy(logits_mod, "_router_logits_kernel"),
     )
     write_spy = spy(write_mod, "_mla_write_pack_kernel")
+    names = ("moe_align", "swiglu", "router_logits", "mla_write_pack")
     cfg, model = _model(torch.bfloat16)
     eng, fused = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
-    assert all(s.launches > 0 for s in spies) and write_spy.launches > 0
+    counts = {name: s.launches for name, s in zip(names, (*spies, write_spy), strict=True)}
+    assert all(counts.values()), counts
     monkeypatch.setenv("MOERAY_FUSED_ROPE", "0")
     monkeypatch.setenv("MOERAY_FUSED_ALIGN", "0")
     monkeypatch.setenv("MOERAY_FUSED_SWIGLU", "0")

@@ -564,6 +564,22 @@ def test_fp8_linear_as_bf16_switch(monkeypatch, launch_spy):
     assert len(gemm_launches) == 2
 
 
+def test_fp8_linear_fp32_rows_stay_weight_only(launch_spy):
+    # fp32 activations never run the bf16 copy (an fp32 model keeps fp32 numbers): a ragged layer
+    # (N 200, K 320) at 40 rows is fp8_gemv's weight-only product, within fp32 summation order
+    # of F.linear over the fp32 dequantized weight, and no copy is kept.
+    wq, ws = _weight(200, 320, seed=31)
+    layer = FP8Linear(wq, ws)
+    gemv_launches = launch_spy(fp8_gemv_module, "_fp8_gemv_kernel")
+    x40 = torch.randn(40, 320)
+    y = layer.forward_kernels(x40)
+    assert y.dtype == torch.float32 and gemv_launches
+    want = torch.nn.functional.linear(x40, quant_module.dequantize_fp8_blocks(wq, ws, x40.dtype))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert not layer.dequantized_kept(torch.bfloat16)
+    assert not layer.dequantized_kept(torch.float32)
+
+
 def test_keep_bf16_copies_makes_them_up_front(monkeypatch):
     """keep_bf16_copies (the engine calls it before sizing its KV cache) dequantizes every FP8
     layer that runs as bf16 and none larger, and returns their bytes."""

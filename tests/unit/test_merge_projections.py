@@ -122,10 +122,13 @@ def test_fp8_merges_whole_blocks_only_and_equals_unmerged(q_lora, dtype):
             assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
         with pytest.MonkeyPatch.context() as mp:  # the default: the small stack as bf16 to 64 rows
             mp.delenv("MOERAY_FUSED_FP8_AS_BF16", raising=False)
-            assert attn.applies(torch.zeros(2, 32, cfg.hidden_size))
-            assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size))
+            bf16 = torch.bfloat16
+            assert attn.applies(torch.zeros(2, 32, cfg.hidden_size, dtype=bf16))
+            assert not attn.applies(torch.zeros(1, 65, cfg.hidden_size, dtype=bf16))
+            # fp32 activations never run a bf16 copy: fp8_gemv's rows only
+            assert not attn.applies(torch.zeros(2, 32, cfg.hidden_size))
             mp.setattr(quant, "FP8_AS_BF16_MAX_WEIGHTS", attn.fused.weight.numel() - 1)
-            assert not attn.applies(torch.zeros(2, 32, cfg.hidden_size))  # too many weights
+            assert not attn.applies(torch.zeros(2, 32, cfg.hidden_size, dtype=bf16))  # too many
     # S = 19 rows per sequence: the prefill runs the query pair's parts, decode steps the stack
     ids = torch.randint(0, cfg.vocab_size, (3, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

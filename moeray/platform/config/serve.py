@@ -61,7 +61,7 @@ class ServeConfig:
     # EngineConfig.async_scheduling_prefill: steps that admit requests run ahead too (opt-in)
     async_scheduling_prefill: bool = False
     # EngineConfig.prefill_graph_tokens: prefill chunks up to this many tokens replay CUDA graphs
-    prefill_graph_tokens: int = 0
+    prefill_graph_tokens: int = 256
     # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
     # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
     # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.

@@ -48,9 +48,11 @@ class EngineConfig:
     # (engine/step_graphs.py; captured with capture_graphs_at_start), and with MTP speculation
     # so does each chunk's MTP forward; longer chunks run eagerly.
     # 0: every chunk eagerly. Requests arriving while others decode (Moonlight, 128-token
-    # prompts, H100): a step with a chunk 67-83 -> 15 ms in FP8, 49 -> 22 ms in bf16; tokens/s
-    # 3.1-3.6x / 1.8x (notes-engine.md). Opt-in: as the default, three engine GPU tests failed.
-    prefill_graph_tokens: int = 0
+    # prompts, H100): a step with a chunk 67-83 -> 15 ms in FP8, 39-49 -> 22 ms in bf16;
+    # tokens/s 3.1-3.6x / 1.5-1.8x (notes-engine.md). The chunks compute MLA's absorbed path
+    # (eager chunks the expanded one): tokens equal the eager absorbed prefill's, and part from
+    # the expanded path's by bf16 rounding, neither path the more accurate (7.4-8.8% from fp32).
+    prefill_graph_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:

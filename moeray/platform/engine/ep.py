@@ -59,10 +59,17 @@ class ExpertParallelEngine(Engine):
         self.lockstep = parallelize_for_serving(model, group, decode_exchange)
         # Graphs are captured below, once the runner agrees forwards with the gang; always at
         # start: a capture inside a step would need every rank to capture it in the same round.
+        # Decode graphs only: prefill chunks run eagerly in a gang (the runner replays no chunk
+        # graph there: its ranks agree each forward's shape first), so none is captured.
         graphs = config.use_cuda_graphs and decode_exchange != "all_to_all"
         super().__init__(
             model,
-            dataclasses.replace(config, use_cuda_graphs=graphs, capture_graphs_at_start=False),
+            dataclasses.replace(
+                config,
+                use_cuda_graphs=graphs,
+                capture_graphs_at_start=False,
+                prefill_graph_tokens=0,
+            ),
             tokenizer=tokenizer,
         )
         self.runner.gang = self.lockstep

@@ -37,6 +37,7 @@ import torch
 from moeray.platform.config.graphs import CHUNK_GRAPH_MIN
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.engine.paged_view import KernelPagedView
+from moeray.platform.graph_capture import graph_capture
 
 
 def chunk_buckets(max_tokens: int, longest_chunk: int | None = None) -> tuple[int, ...]:
@@ -143,12 +144,7 @@ class StepGraph:
             torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: only this thread's unsafe calls (a sync, a cudaMalloc) break the capture,
-        # not another thread's CUDA work (a serving process's transfer or telemetry threads),
-        # which "global" counts too; the sync check above already ran this forward.
-        with torch.cuda.graph(
-            self.graph, pool=runner.graph_pool, capture_error_mode="thread_local"
-        ):
+        with graph_capture(self.graph, pool=runner.graph_pool):
             _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
         runner.graph_pool = self.graph.pool()
 

@@ -152,7 +152,8 @@ class MergedLinear(nn.Module):
         rows = x.numel() // max(x.shape[-1], 1)
         if not self.gemv_only or rows <= fp8_gemv_max_rows():
             return True
-        return fp8_as_bf16(rows, *self.fused.weight.shape)
+        n, k = self.fused.weight.shape
+        return fp8_as_bf16(rows, n, k, x.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.fused(x).split(self.sizes, dim=-1))

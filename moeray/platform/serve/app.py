@@ -359,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=d.prefill_graph_tokens,
         help="GPU: prefill chunks of up to this many tokens (a power of two, 16-1024) replay CUDA "
-        "graphs captured at start instead of running eagerly (default 0: off)",
+        "graphs captured at start instead of running eagerly (default 256; 0: off)",
     )
     p.add_argument(
         "--weights",

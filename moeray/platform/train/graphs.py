@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from moeray.platform import fp8 as f8
+from moeray.platform.graph_capture import graph_capture
 from moeray.platform.train import step as tstep
 
 
@@ -146,9 +147,7 @@ class MicrobatchGraph:
         # the peak.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA calls (a process group's watchdog polling its events)
-        # stay legal during the capture; the default global mode forbids them process-wide.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with graph_capture(graph):
             self._body()  # recorded, not run
         self.first = graph
 
@@ -157,7 +156,7 @@ class MicrobatchGraph:
         named = self.model.named_parameters()
         grads = {n: p.grad.data_ptr() for n, p in named if p.grad is not None}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.first.pool(), capture_error_mode="thread_local"):
+        with graph_capture(graph, pool=self.first.pool()):
             self._body()  # recorded, not run
         # AccumulateGrad adds out of place (a new tensor assigned to .grad) when something else
         # holds a reference to the gradient: replays would then add into a tensor that is no
