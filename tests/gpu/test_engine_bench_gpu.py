@@ -64,6 +64,9 @@ def test_bench_fp8_profile_sees_graph_kernels(tmp_path):
     (path,) = tmp_path.glob("engine-*.json")
     r = json.loads(path.read_text())
     assert r["engine"]["cuda_graphs"] == "captured"
+    # decode graphs and, by default, the prefill-chunk buckets, all captured at the start
+    assert r["engine"]["graphs"]["main"] > 0 and r["engine"]["graphs"]["chunk"] > 0
+    assert r["engine"]["engine_build_s"] > 0
     for B in ("1", "8"):
         prof = r["decode_profile"][B]
         # graph replays' kernels, not only the step's few launches outside its graph: after

@@ -283,7 +283,7 @@ def test_bf16_verify_row0_vs_plain_decode(trained):
             req = eng.scheduler.requests[rid]
             p = req.num_computed
             tok = req.token_ids[p]
-            bt = runner._tables_by_id([rid])
+            bt = runner.inputs.tables_by_id([rid])
             assert bt.shape[1] * PAGE > p + 1, "position p + 1 must be on an allocated page"
             starts = torch.tensor([p], device="cuda")
             res = {}

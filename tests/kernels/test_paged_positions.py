@@ -50,7 +50,7 @@ def test_prefill_chunk_over_several_programs(monkeypatch):
 
 def test_strided_inputs():
     """A column-major block table, and starts read as the last column of the engine's one
-    [B, S + 1] upload of ids and starts (`ModelRunner._ids_and_starts`), stride S + 1."""
+    [B, S + 1] upload of ids and starts (`StepInputs.ids_and_starts`), stride S + 1."""
     table, starts = _case(torch.int64, 3)
     wide_t = table.t().contiguous().t()  # the same values, column-major
     assert wide_t.stride(1) != 1

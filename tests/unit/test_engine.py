@@ -274,7 +274,7 @@ def test_batched_greedy_targets_and_mtp_forward_checks(setup):
     eng = engine(model, num_speculative_tokens=1)
     rid = eng.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=4))
     eng.step()
-    bt = eng.runner._tables_by_id([rid])
+    bt = eng.runner.inputs.tables_by_id([rid])
     ids = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match=r"hidden_BSD \[B=1, S=2"):
         eng.runner.forward_group(

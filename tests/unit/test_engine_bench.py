@@ -248,6 +248,7 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert ab["NORM"]["env"] == {"MOERAY_FUSED_NORM": "0"}
     assert r["engine"]["fast_path_env"]["MOERAY_FUSED_ROUTE_FOLD"] == "0"  # the main run's
     assert r["engine"]["fp8_as_bf16_gib"] == 0.0  # bf16 weights on CPU: no copies
+    assert r["engine"]["engine_build_s"] > 0 and r["engine"]["graphs"] == {}  # no graphs on CPU
     for row in ab.values():
         assert set(row["decode_tokens_per_s"]) == {"1", "3"}
         assert all(v > 0 for v in row["tokens_per_s_vs_main"].values())

@@ -87,7 +87,7 @@ class DecodeOverlap:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine that owns this (typed loosely: engine.py imports us)
-        engine.runner.pin_inputs = engine.device.type == "cuda"
+        engine.runner.inputs.pin = engine.device.type == "cuda"
         self.sampled = bool(engine.config.async_scheduling_sampled)
         self.prefill = bool(engine.config.async_scheduling_prefill)
         self.pending: _Pending | None = None
@@ -127,7 +127,7 @@ class DecodeOverlap:
             return None
         rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
         idx = [rows[s.request.request_id] if _in_flight(s) else 0 for s in out.scheduled]
-        return prev.tokens_B[self.engine.runner.device_index(idx)]
+        return prev.tokens_B[self.engine.runner.inputs.device_index(idx)]
 
     def _drain(self) -> list[RequestOutput]:
         """Resolve the step in flight; the next call schedules from known tokens."""
@@ -218,7 +218,7 @@ class DecodeOverlap:
                 rows = torch.stack([fwd.logits[i][-1] for i in samp])
                 params = [seqs[i].request.params for i in samp]
                 drawn = eng.sampler.tokens(rows, params, [seqs[i].request.generator for i in samp])
-                tokens[eng.runner.device_index(samp)] = drawn.to(tokens.dtype)
+                tokens[eng.runner.inputs.device_index(samp)] = drawn.to(tokens.dtype)
         copied: torch.cuda.Event | None = None
         host = tokens
         if tokens.is_cuda:

@@ -20,9 +20,10 @@ start_b + n_b (main forward) or exactly start_b + n_b (MTP forward). So
   * its cache write is dead: p is not valid, so the forward that makes p valid (the next step's
     main forward, or the MTP forward right after it) rewrites p in that layer before anything
     reads it; a page holding p is not full-and-computed, so it is never registered or shared;
-  * it never touches a page the sequence does not own: `_tables_by_id` points block-table columns
-    past a row's own pages at the scratch page (as `StepGraph` does for padding rows), so such
-    a p writes and reads scratch. The scheduler allocates nothing extra for padding;
+  * it never touches a page the sequence does not own: `StepInputs.tables_by_id` points the
+    block-table columns past a row's own pages at the scratch page (as `StepGraph` does for
+    padding rows), so such a p writes and reads scratch. The scheduler allocates nothing extra
+    for padding;
   * its outputs are cut off (`lg[j, :n]`), and its inputs (the row's last token repeated; a zero
     hidden row for MTP, whose RMSNorm is zero, not NaN) are finite, so the masked-out reads of p
     by the real rows (weight exactly 0) stay finite.
@@ -65,13 +66,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import PENDING, ScheduledSeq
 from moeray.platform.engine.step_graphs import StepGraph, chunk_bucket, chunk_buckets
+from moeray.platform.engine.step_inputs import StepInputs, known, pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +165,7 @@ class ModelRunner:
         self._status = {"main": "off", "mtp": "off", "chunk": "off", "mtp_chunk": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
-        # Upload inputs from pinned memory (set by async scheduling, overlap.py): a copy from
-        # pageable memory waits for the work already queued on the stream, the step in flight.
-        self.pin_inputs = False
+        self.inputs = StepInputs(kv, self.device, self.max_pages, self.scratch_page)
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
@@ -449,8 +448,8 @@ class ModelRunner:
         for S, in_rest in self._groups([seqs[i].num_tokens for i in rest]).items():
             idx = [rest[k] for k in in_rest]
             group = [seqs[i] for i in idx]
-            ids, starts = self._ids_and_starts(
-                [_pad_ids(_known(s.input_ids), S) for s in group], [s.start for s in group]
+            ids, starts = self.inputs.ids_and_starts(
+                [pad_ids(known(s.input_ids), S) for s in group], [s.start for s in group]
             )
             rows = [j for j, i in enumerate(idx) if i in pending_set]
             if rows:
@@ -458,11 +457,14 @@ class ModelRunner:
                 if len(rows) == len(seqs):  # every sequence a pending decode: the ids as they are
                     ids = ids_on_device.view(-1, 1)
                 else:  # pending ids into their rows' first column, the rest from the host
-                    to, fro = self.device_index(rows), self.device_index([idx[j] for j in rows])
+                    to, fro = (
+                        self.inputs.device_index(rows),
+                        self.inputs.device_index([idx[j] for j in rows]),
+                    )
                     ids[to, 0] = ids_on_device[fro]
-            bt = self._tables_by_id(
+            bt = self.inputs.tables_by_id(
                 [s.request.request_id for s in group],
-                self._pages_to(max(s.start for s in group) + S),
+                self.inputs.pages_to(max(s.start for s in group) + S),
             )
             keep = 0
             if S > PAD_MAX_S and not any(s.request.needs_prompt_logprobs for s in group):
@@ -496,8 +498,8 @@ class ModelRunner:
         input): (logits [1, V] of its last token, hidden [n, D]), copies
         (another chunk of this step may replay the same graph)."""
         n, S = len(ids), graph.S
-        ids_BS, starts_B = self._ids_and_starts([_pad_ids(ids, S)], [start])
-        bt = self._tables_by_id([request_id], self._pages_to(start + S))
+        ids_BS, starts_B = self.inputs.ids_and_starts([pad_ids(ids, S)], [start])
+        bt = self.inputs.tables_by_id([request_id], self.inputs.pages_to(start + S))
         hid = None if hidden_SD is None else hidden_SD[None]
         lg, hd = graph.run(ids_BS, bt, starts_B, hid, n=n)
         self.chunk_graph_replays["chunk" if hidden_SD is None else "mtp_chunk"] += 1
@@ -525,8 +527,8 @@ class ModelRunner:
         for S, in_rest in self._groups([len(items[i][3]) for i in rest]).items():
             idx = [rest[k] for k in in_rest]
             rows = [items[i] for i in idx]
-            ids, starts = self._ids_and_starts(
-                [_pad_ids(r[3], S) for r in rows], [r[1] for r in rows]
+            ids, starts = self.inputs.ids_and_starts(
+                [pad_ids(r[3], S) for r in rows], [r[1] for r in rows]
             )
             hid = torch.stack(
                 [
@@ -536,64 +538,11 @@ class ModelRunner:
                     for r in rows
                 ]
             )
-            bt = self._tables_by_id(
-                [r[0] for r in rows], self._pages_to(max(r[1] for r in rows) + S)
+            bt = self.inputs.tables_by_id(
+                [r[0] for r in rows], self.inputs.pages_to(max(r[1] for r in rows) + S)
             )
             lg, hd = self.forward_group(ids, bt, starts, mtp_module=mtp_module, hidden_BSD=hid)
             for j, i in enumerate(idx):
                 n = len(items[i][3])
                 results[i] = (hd[j, :n], lg[j, :n])
         return results
-
-    def _ids_and_starts(self, ids: list[list[int]], starts: list[int]):
-        """-> (ids_BS, starts_B) on the device through one host->device copy instead of two."""
-        both = torch.tensor(
-            [[*r, s] for r, s in zip(ids, starts, strict=True)],
-            dtype=torch.long,
-            pin_memory=self.pin_inputs,
-        ).to(self.device, non_blocking=True)
-        return both[:, :-1], both[:, -1]
-
-    def device_index(self, rows: list[int]) -> torch.Tensor:
-        """Row indices as an int64 tensor on the device (one host->device copy from pinned memory
-        where `pin_inputs`, no sync)."""
-        t = torch.tensor(rows, dtype=torch.long, pin_memory=self.pin_inputs)
-        return t.to(self.device, non_blocking=True)
-
-    def _pages_to(self, end: int) -> int:
-        """Block-table width that covers positions [0, end)."""
-        M = -(-end // self.page_size)
-        if M > self.max_pages:
-            raise ValueError(
-                f"positions up to {end - 1} need {M} pages, past max_model_len's "
-                f"{self.max_pages} pages of {self.page_size}"
-            )
-        return M
-
-    def _tables_by_id(self, request_ids: Sequence[str], min_width: int = 0) -> torch.Tensor:
-        """Block tables [B, M], M = the most pages any row holds (at least min_width). Columns past
-        a row's own pages point at the scratch page, so a padded position there writes (and reads
-        back) scratch, never another sequence's page; without a scratch page they repeat the row's
-        first page, which only masked reads touch (nothing is padded then)."""
-        rows = [self.kv.tables[r].pages for r in request_ids]
-        M = max(max(len(r) for r in rows), min_width)
-        # One host array, one host->device copy. numpy from the padded lists: at 64 rows of 64
-        # pages (batch 64 at 4K context) 91 us a step on the CPU machine, where torch.tensor on
-        # the nested lists took 252 (it converts element by element), on the decode step's path.
-        fill = [r[0] if self.scratch_page is None else self.scratch_page for r in rows]
-        padded = [[*r, *[f] * (M - len(r))] for r, f in zip(rows, fill, strict=True)]
-        table = torch.from_numpy(np.array(padded, dtype=np.int32))
-        if self.pin_inputs:
-            table = table.pin_memory()
-        return table.to(self.device, non_blocking=True)
-
-
-def _known(ids: tuple[int, ...]) -> tuple[int, ...]:
-    """Input ids with a PENDING id as 0: a valid embedding row, overwritten on the device."""
-    return tuple(0 if t == PENDING else t for t in ids) if PENDING in ids else ids
-
-
-def _pad_ids(ids: Sequence[int], S: int) -> list[int]:
-    """ids then its last token repeated up to S: any finite input will do, a padded row's outputs
-    are cut off."""
-    return list(ids) + [ids[-1]] * (S - len(ids))

@@ -46,7 +46,7 @@ def fp8_gemv_max_rows() -> int:
 # its weight (dequantized once, `dequantized_weight`; made up front by `keep_bf16_copies`) from
 # fp8_gemv_max_rows() + 1 (FP8_AS_BF16_SMALL_MIN_ROWS by default, below) to FP8_AS_BF16_MAX_ROWS
 # rows, in place of act_quant + the block-scaled GEMM (or the parts of a ragged merged stack);
-# MOERAY_FUSED_FP8_AS_BF16=0 keeps the FP8 path.
+# MOERAY_FUSED_FP8_AS_BF16=0 keeps the FP8 path. Half-precision activations only (`fp8_as_bf16`).
 # Why: at 64 rows on an H200 such a layer is latency-bound, and bf16 F.linear beat act_quant + the
 # GEMM on every layer up to 14.7M weights (V3's q_a 11.3 us vs 18.6, kv_a 9.7 vs 17.9, a shared
 # expert's gate 13.4 vs 24.6 and down 10.4 vs 11.5) and lost from 37.7M up (q_b 22.3 vs 18.8,
@@ -141,7 +141,7 @@ class FP8Linear(nn.Module):
     unquantized) for up to `fp8_gemv_max_rows()` rows (8 for small layers, below) and for any N or
     K that is not a multiple of 128; with MOERAY_FUSED_FP8_GEMV_ACT=1, act_quant + fp8_gemv on
     e4m3 x (fp8 dots) instead at those rows when N and K are multiples of 128; bf16 F.linear over
-    a kept dequantized copy for small layers from 9 to 64 rows (`fp8_as_bf16`;
+    a kept dequantized copy for small layers from 9 to 64 rows of bf16/fp16 x (`fp8_as_bf16`;
     MOERAY_FUSED_FP8_AS_BF16=0 turns it off); act_quant + the block-scaled fp8_gemm otherwise.
     Elsewhere it dequantizes and runs a plain matmul in the activation dtype.
 

@@ -256,7 +256,14 @@ def main(argv: list[str]) -> int:
     notes: dict[str, Any] = {}
     main_prompts: dict[int, list[list[int]]] = {}
     main_outputs: dict[str, list[list[int]]] = {}
+    t0 = time.perf_counter()
     engine = Engine(model, EngineConfig(**ecfg))
+    # the engine's start: its graph captures (decode sizes, prefill-chunk buckets) and their
+    # Triton compiles; the graphs it holds, by kind
+    notes["engine_build_s"] = time.perf_counter() - t0
+    notes["graphs"] = {}
+    for _bs, _S, kind in engine.runner.graphs:
+        notes["graphs"][kind] = notes["graphs"].get(kind, 0) + 1
     for B in a.batch_sizes:
         prompts = main_prompts[B] = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
