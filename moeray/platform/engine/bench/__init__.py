@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 from unittest import mock
 
@@ -261,9 +262,7 @@ def main(argv: list[str]) -> int:
     # the engine's start: its graph captures (decode sizes, prefill-chunk buckets) and their
     # Triton compiles; the graphs it holds, by kind
     notes["engine_build_s"] = time.perf_counter() - t0
-    notes["graphs"] = {}
-    for _bs, _S, kind in engine.runner.graphs:
-        notes["graphs"][kind] = notes["graphs"].get(kind, 0) + 1
+    notes["graphs"] = dict(Counter(kind for _bs, _S, kind in engine.runner.graphs))
     for B in a.batch_sizes:
         prompts = main_prompts[B] = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
