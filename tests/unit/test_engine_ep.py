@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, exchange: str) 
                 "gathered_forwards": engine.lockstep.gathered_forwards,
                 "rounds": engine.lockstep.rounds,
                 "expert_loads": expert_loads(engine.model),
+                "prefill_graph_tokens": engine.config.prefill_graph_tokens,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -101,6 +102,9 @@ def test_ep_engine_greedy_equals_single_process(world, exchange, tmp_path, refer
     assert tokens == reference
     E = tiny().n_routed_experts
     assert [g["experts_held"] for g in got] == [E // world] * world
+    # a gang prefills eagerly: no prefill-chunk graph to capture (ECONF keeps the default 256)
+    assert ECONF.prefill_graph_tokens > 0
+    assert [g["prefill_graph_tokens"] for g in got] == [0] * world
     # Per-expert loads: every token of every forward (prompt tokens and all generated but the
     # last, which is never fed back) routed to K experts in each MoE layer, summed over the gang.
     c = tiny()
