@@ -11,7 +11,9 @@
 # 256), and two synchronous runs with eager chunks (expanded, absorbed MLA) to compare:
 # sync_vs_eager, sync_equals_absorbed (1.0: the graphs compute the eager absorbed chunks'
 # tokens), sync_equals_eager, the step times split and each engine's build_s (engine.arrivals
-# in engine-<gpu>-moonlight-<w>-chunkgraphs.json). 1 GPU, ~3 minutes + ~2 a WEIGHTS.
+# in engine-<gpu>-moonlight-<w>-chunkgraphs.json). BURST=K: K requests arrive together (same-length
+# prompts: an eager step batches them into one forward, the graphs replay one chunk each; e.g.
+# BURST=16 EVERY=8 TAG_SUFFIX=-burst16). 1 GPU, ~3 minutes + ~2 a WEIGHTS.
 FIRST="tests/gpu/test_fp8_kv_cache_gpu.py tests/gpu/test_tiny_engine_gpu.py::test_fused_decode_kernels_captured_and_equal_to_reference tests/gpu/test_async_scheduling_gpu.py::test_tokens_equal_and_steps_overlap"
 REST="tests/gpu/test_tiny_engine_gpu.py tests/gpu/test_sampling_gpu.py tests/gpu/test_engine_mtp_gpu.py tests/gpu/test_prefill_moe_graphs_gpu.py"
 # The fp8 test builds fp32 engines (no chunk graph is captured there): without chunk graphs first,
@@ -35,6 +37,7 @@ for w in ${WEIGHTS:-fp8}; do
     --preset moonlight_16b_a3b --weights "$w" --mtp-train-steps 0 --batch-sizes ${BATCH:-16} \
     --skip prefill,router-ab,hf,mtp --arrivals ${ARRIVALS:-48} --arrival-every ${EVERY:-2} \
     --arrival-graph-tokens ${GRAPH_TOKENS:-256} ${PROMPT_LENS:+--arrival-prompt-lens $PROMPT_LENS} \
+    --arrival-burst ${BURST:-1} \
     --tag "moonlight-$w-chunkgraphs${TAG_SUFFIX:-}" --out-dir "$OUT" \
     > "$OUT/engine-moonlight-$w-chunkgraphs${TAG_SUFFIX:-}.log" 2>&1
   r=$?; [ $r -eq 0 ] || rc=1

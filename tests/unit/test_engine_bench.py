@@ -294,6 +294,22 @@ def test_bench_async_scheduling(tmp_path):
     assert tuple(r["decode_host_phases_ms"]["2"]) == HOST_PHASES
 
 
+def test_arrivals_in_bursts(tmp_path):
+    """--arrival-burst 2: four 12-token requests arrive two at a time, every third step call;
+    each pair is prefilled in one step (batch 2), so two steps carry prompt tokens."""
+    _, r = _run(
+        tmp_path,
+        "--preset", "tiny", "--mtp-train-steps", "0", "--prompt-len", "12",
+        "--decode-tokens", "4", "--batch-sizes", "2", "--skip", "prefill,hf,router-ab",
+        "--profile-steps", "0", "--arrivals", "4", "--arrival-every", "3",
+        "--arrival-burst", "2", "--arrival-graph-tokens", "0",
+    )  # fmt: skip
+    arr = r["engine"]["arrivals"]
+    assert (arr["requests"], arr["every"], arr["burst"]) == (4, 3, 2)
+    assert arr["sync"]["mixed_steps"] == 2, arr["sync"]
+    assert arr["on_equals_sync"] == 1.0
+
+
 def test_arrivals_checks_its_arguments_before_building_an_engine():
     """--arrivals' A/B names a bad step count or warm-up prompts of other lengths (the warm run
     must meet the timed run's shapes) before it builds any engine."""
@@ -305,6 +321,8 @@ def test_arrivals_checks_its_arguments_before_building_an_engine():
     prompts = [[1, 2, 3], [4, 5]]
     with pytest.raises(ValueError, match="arrival every 0"):
         arrivals_ab(make_engine, prompts, [[7, 8, 9], [1, 1]], 4, 0)
+    with pytest.raises(ValueError, match="arrival burst 0"):
+        arrivals_ab(make_engine, prompts, [[7, 8, 9], [1, 1]], 4, 2, burst=0)
     with pytest.raises(ValueError, match="warm_prompts must have the lengths"):
         arrivals_ab(make_engine, prompts, [[7, 8], [1, 1]], 4, 2)
 
@@ -380,6 +398,7 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--weights", "int4"], "invalid choice"),
         (["--ab", "NORM,FOLD"], "'FOLD': not a switch"),
         (["--arrival-every", "0"], "--arrival-every 0"),
+        (["--arrival-burst", "0"], "--arrival-burst 0"),
         (["--arrivals", "-1"], "--arrivals -1"),
         (["--arrival-prompt-lens", "20,6"], "--arrival-prompt-lens '20,6'"),
         (["--arrival-prompt-lens", "x"], "expected LO,HI"),

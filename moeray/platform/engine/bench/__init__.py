@@ -332,6 +332,7 @@ def main(argv: list[str]) -> int:
             n,
             a.arrival_every,
             a.arrival_graph_tokens,
+            a.arrival_burst,
         )
         arr = notes["arrivals"]
         keys: tuple[str, ...] = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")

@@ -84,6 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--arrival-every", type=int, default=2, help="step calls between arrivals")
     p.add_argument(
+        "--arrival-burst",
+        type=int,
+        default=1,
+        help="requests that arrive together at each arrival (default 1)",
+    )
+    p.add_argument(
         "--arrival-prompt-lens",
         default=None,
         help="LO,HI: --arrivals' prompts of lengths drawn uniformly from LO..HI (seeded; the warm "
@@ -136,6 +142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(str(e))
     if a.arrival_every < 1:
         p.error(f"--arrival-every {a.arrival_every}: expected an integer >= 1")
+    if a.arrival_burst < 1:
+        p.error(f"--arrival-burst {a.arrival_burst}: expected an integer >= 1")
     for name in ("layers", "dense_layers", "profile_steps", "mtp_train_steps", "arrivals"):
         v = getattr(a, name)
         low = 1 if name == "layers" else 0

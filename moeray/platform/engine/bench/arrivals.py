@@ -1,15 +1,19 @@
 """`moeray bench engine --arrivals N`: decode throughput while requests keep arriving, with async
 scheduling through admissions (`EngineConfig.async_scheduling_prefill`) off and on.
 
-N greedy requests of the bench's prompt length and --decode-tokens outputs, one added every
---arrival-every step calls (a steady arrival rate counted in steps, so both engines see the same
-schedule of arrivals against their own steps), stepped until all end. Off, each admission drains
-the step in flight and runs its prefill step synchronously: two host gaps with the GPU idle;
-on, the admission's prefill runs in the step launched ahead. Each engine is built on the same
-weights and warmed by the whole arrival run on other prompts of the same lengths, then timed:
-the mixed steps' token counts meet kernel variants that compile on first use (seconds on a GPU),
-and without that warm run the arm timed first would pay them for the others. The result gives
-output tokens/s, steps, the steps that drained the overlap, and whether the runs' tokens agree.
+N greedy requests of the bench's prompt length and --decode-tokens outputs, one (or a burst of
+--arrival-burst) added every --arrival-every step calls (a steady arrival rate counted in steps,
+so both engines see the same schedule of arrivals against their own steps), stepped until all
+end. A burst of same-length prompts is what an eager step batches into one forward per length
+and the chunk graphs replay one chunk at a time: the case where the graphs could lose.
+
+Off, each admission drains the step in flight and runs its prefill step synchronously: two host
+gaps with the GPU idle; on, the admission's prefill runs in the step launched ahead. Each engine is
+built on the same weights and warmed by the whole arrival run on other prompts of the same lengths,
+then timed: the mixed steps' token counts meet kernel variants that compile on first use (seconds
+on a GPU), and without that warm run the arm timed first would pay them for the others. The result
+gives output tokens/s, steps, the steps that drained the overlap, and whether the runs' tokens
+agree.
 
 Off and on batch different requests together at the same step call (a drain step prefills
 without decoding), so at real shapes their greedy tokens part where a near-tied logit rounds
@@ -40,7 +44,7 @@ from moeray.platform.engine.sampler import SamplingParams
 
 
 def arrivals_run(
-    engine: Engine, prompts: list[list[int]], max_tokens: int, every: int
+    engine: Engine, prompts: list[list[int]], max_tokens: int, every: int, burst: int = 1
 ) -> tuple[dict[str, float], list[list[int]]]:
     """One timed arrival run on a warmed engine: (numbers, each request's output ids). Without
     async scheduling each call is one whole step (the engine synchronizes before returning), so
@@ -55,8 +59,9 @@ def arrivals_run(
     sync(engine.device)
     t0 = time.perf_counter()
     while len(ids) < len(prompts) or engine.has_unfinished():
-        if steps % every == 0 and len(ids) < len(prompts):
-            ids.append(engine.add_request(prompts[len(ids)], params))
+        if steps % every == 0:
+            for p in prompts[len(ids) : len(ids) + burst]:
+                ids.append(engine.add_request(p, params))
         prompt0, t_call = engine.stats.prompt_tokens, time.perf_counter()
         for o in engine.step():
             if o.finished:
@@ -86,6 +91,7 @@ def arrivals_ab(
     max_tokens: int,
     every: int,
     graph_tokens: int = 0,
+    burst: int = 1,
 ) -> dict[str, Any]:
     """The arrival run without async scheduling (`sync`), then with async_scheduling_prefill off
     and on, all with prefill_graph_tokens=`graph_tokens`; with `graph_tokens` > 0 also `sync`'s
@@ -95,9 +101,12 @@ def arrivals_ab(
     Each arm's `build_s`: the seconds its engine took to build, graph captures included."""
     if every < 1:
         raise ValueError(f"arrival every {every} step calls: expected >= 1")
+    if burst < 1:
+        raise ValueError(f"arrival burst {burst}: expected >= 1 requests at a time")
     if list(map(len, warm_prompts)) != list(map(len, prompts)):
         raise ValueError("warm_prompts must have the lengths of prompts, one for one")
-    result: dict[str, Any] = {"requests": len(prompts), "every": every, "max_tokens": max_tokens}
+    result: dict[str, Any] = {"requests": len(prompts), "every": every, "burst": burst}
+    result["max_tokens"] = max_tokens
     result["prompt_lens"] = [min(map(len, prompts)), max(map(len, prompts))]
     result["prefill_graph_tokens"] = graph_tokens
     outputs = {}
@@ -114,8 +123,8 @@ def arrivals_ab(
         t0 = time.perf_counter()
         engine = make_engine(**settings)
         build_s = time.perf_counter() - t0  # with the graphs captured at the start
-        arrivals_run(engine, warm_prompts, max_tokens, every)
-        result[name], outputs[name] = arrivals_run(engine, prompts, max_tokens, every)
+        arrivals_run(engine, warm_prompts, max_tokens, every, burst)
+        result[name], outputs[name] = arrivals_run(engine, prompts, max_tokens, every, burst)
         result[name]["build_s"] = build_s
         del engine
     result["on_vs_off"] = result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"]
