@@ -586,6 +586,8 @@ def test_keep_bf16_copies_makes_them_up_front(monkeypatch):
     small, big = FP8Linear(*_weight(256, 512, seed=1)), FP8Linear(*_weight(256, 1024, seed=2))
     model = torch.nn.Sequential(small, torch.nn.Linear(4, 4), big)
     monkeypatch.setattr(quant_module, "FP8_AS_BF16_MAX_WEIGHTS", 256 * 512)
+    assert quant_module.keep_bf16_copies(model.modules(), torch.float32) == 0  # fp32: never run
+    assert not small.dequantized_kept(torch.float32)
     assert quant_module.keep_bf16_copies(model.modules(), torch.bfloat16) == 256 * 512 * 2
     assert small.dequantized_kept(torch.bfloat16) and not big.dequantized_kept(torch.bfloat16)
 

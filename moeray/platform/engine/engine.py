@@ -119,9 +119,9 @@ class Engine:
         # The bf16 copies that small FP8 layers run from at 9-64 rows (model/quant.py), made
         # before the KV cache is sized from the free memory; their bytes. Not for layers that
         # never run at those rows: the parts of merged projections, the MTP module unless drafting;
-        # none for an fp32 model (its FP8 layers stay weight-only fp8_gemv: quant.fp8_as_bf16).
+        # none for an fp32 model (quant.fp8_as_bf16).
         self.fp8_as_bf16_bytes = 0
-        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+        if self.device.type == "cuda":
             self.fp8_as_bf16_bytes = keep_bf16_copies(decode_modules(model, spec > 0), self.dtype)
         shape = CacheShape.from_model_config(
             model.config,

@@ -56,6 +56,7 @@ def fp8_gemv_max_rows() -> int:
 # Weight-only, as fp8_gemv (x is not rounded to e4m3); the copy costs 2 more bytes a weight
 # (Moonlight: 1.6 GB; DeepSeek-V3: q_a + kv_a and the shared down, ~60 MB a layer).
 FP8_AS_BF16_MAX_ROWS = 64
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the activations that run the kept copies
 FP8_AS_BF16_MAX_WEIGHTS = 16 * 2**20
 # The kept copies also run from this many rows up to fp8_gemv_max_rows() (MOERAY_FUSED_FP8_AS_BF16_
 # SMALL=0 keeps fp8_gemv there; so does the opt-in FP8_GEMV_BATCH). Measured with `bench engine
@@ -74,7 +75,7 @@ def fp8_as_bf16(rows: int, n: int, k: int, dtype: torch.dtype) -> bool:
     FP8_AS_BF16_SMALL_MIN_ROWS). Half activations only: an fp32 model keeps fp32 numbers
     (fp8_gemv's weight-only dots), where a bf16 copy cost the tiny model 2.2e-3 relative logit
     error (tests/gpu/test_fp8_kv_cache_gpu.py bounds it at 1e-5)."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in HALF_DTYPES:
         return False
     low = fp8_gemv_max_rows() + 1
     # (with the opt-in FP8_GEMV_BATCH, fp8_gemv keeps its rows up to 64: no small-row copies)
@@ -93,7 +94,10 @@ def keep_bf16_copies(modules: Iterable[nn.Module], dtype: torch.dtype) -> int:
     """Make now the `dtype` copies that the FP8Linear layers among `modules` which run as bf16
     (`fp8_as_bf16_layer`) keep, so that a serving engine counts their memory before it sizes its
     KV cache instead of meeting them at its first batch of 9-64 rows. Returns their bytes (a copy
-    already kept counts too)."""
+    already kept counts too); none for an fp32 model, whose FP8 layers never run them
+    (`fp8_as_bf16`)."""
+    if dtype not in HALF_DTYPES:
+        return 0
     total = 0
     for m in modules:
         if isinstance(m, FP8Linear) and fp8_as_bf16_layer(m.out_features, m.in_features):
