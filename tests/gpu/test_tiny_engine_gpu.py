@@ -108,6 +108,26 @@ def test_engine_captures_every_decode_graph_at_start():
 
     eng.generate([[1, 2, 3]] * 5, SamplingParams(temperature=0, max_tokens=6))
     assert set(eng.runner.graphs) == before, "a step captured a graph after start"
+    # a P/D prefill replica's engine: the chunk graphs (main and MTP) only, and its first tokens
+    # through them equal the full engine's
+    prefill = Engine(
+        model,
+        EngineConfig(
+            page_size=16,
+            num_pages=64,
+            max_num_seqs=5,
+            graph_batch_sizes=(1, 2, 4, 8, 16),
+            num_speculative_tokens=1,
+            capture_decode_graphs=False,
+        ),
+    )
+    chunks = {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
+    assert set(prefill.runner.graphs) == chunks, sorted(prefill.runner.graphs)
+    prompts = [list(range(1, n)) for n in (20, 70, 140)]
+    first = SamplingParams(temperature=0, max_tokens=1)
+    got = [o.output_token_ids for o in prefill.generate(prompts, first)]
+    assert prefill.runner.chunk_graph_replays["chunk"] >= len(prompts)
+    assert got == [o.output_token_ids for o in eng.generate(prompts, first)]
 
 
 class _LaunchSpy:

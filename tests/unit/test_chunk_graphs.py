@@ -213,3 +213,36 @@ def test_mtp_chunks_through_graphs_draft_as_eager(setup, monkeypatch):  # noqa: 
     mtp_keys = {k for k in runner.graphs if k[2] == "mtp_chunk"}
     assert mtp_keys == {(1, 16, "mtp_chunk"), (1, 32, "mtp_chunk")}
     assert runner.chunk_graph_replays["mtp_chunk"] == runner.chunk_graph_replays["chunk"] > 0
+
+
+def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa: F811
+    """A P/D prefill replica (`make_engine(decodes=False)`) captures its prefill-chunk graphs at
+    start and no decode graph: its requests end at their first token, which its chunks compute
+    through the graphs; the decode replica's config captures both."""
+    from moeray.platform.config.serve import ServeConfig
+    from moeray.platform.serve.worker import engine_config
+
+    prefill = engine_config(ServeConfig(), "cuda", decodes=False)
+    assert prefill.capture_graphs_at_start and not prefill.capture_decode_graphs
+    assert engine_config(ServeConfig(), "cuda").capture_decode_graphs
+    # the engine hands the config's choice to the runner's start capture
+    seen: list[bool] = []
+    monkeypatch.setattr(
+        runner_mod.ModelRunner, "capture_graphs", lambda *a, decode=True: seen.append(decode) or 0
+    )
+    _cfg, model, _path, prompts, ref = setup
+    cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32)
+    Engine(model, EngineConfig(**cfg, capture_decode_graphs=False))
+    Engine(model, EngineConfig(**cfg))
+    assert seen == [False, True]
+    monkeypatch.undo()
+    monkeypatch.setattr(runner_mod, "StepGraph", EagerStepGraph)
+    eng = Engine(model, EngineConfig(**cfg, attention="kernel", prefill_graph_tokens=32))
+    runner = eng.runner
+    runner.use_cuda_graphs = runner.use_mtp_graphs = True
+    runner.chunk_buckets = chunk_buckets(32)
+    runner.capture_graphs(4, decode=False)
+    assert set(runner.graphs) == {(1, 16, "chunk"), (1, 32, "chunk")}
+    firsts = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+    assert [o.output_token_ids for o in firsts] == [r[:1] for r in ref]
+    assert runner.chunk_graph_replays["chunk"] >= len(prompts)

@@ -179,7 +179,10 @@ class Engine:
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
         if config.capture_graphs_at_start:
             self.runner.capture_graphs(
-                config.max_num_seqs, model.mtp[0] if spec else None, self.dtype
+                config.max_num_seqs,
+                model.mtp[0] if spec else None,
+                self.dtype,
+                decode=config.capture_decode_graphs,
             )
         self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)

@@ -25,6 +25,10 @@ class EngineConfig:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     # GPU: capture every decode graph up to max_num_seqs at the start (as vLLM does), not later.
     capture_graphs_at_start: bool = True
+    # ... the decode graphs among them; False captures the prefill-chunk graphs only (a P/D
+    # prefill replica: its requests end at their first token; a chunk of 1-2 tokens, a token
+    # budget's remainder, still captures its decode-shaped graph when it first comes).
+    capture_decode_graphs: bool = True
     attention: str = "auto"  # "kernel" (paged MLA kernel via cache.attend), "gather", "auto"
     # MLA path of prefill chunks: "auto"/"expanded" (up-projected K and V), "absorbed" (latent).
     prefill_attention: str = "auto"

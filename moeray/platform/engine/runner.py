@@ -359,7 +359,12 @@ class ModelRunner:
 
     @torch.inference_mode()  # as in execute: with grad on, MoE takes its training path, which syncs
     def capture_graphs(
-        self, max_batch: int, mtp_module=None, hidden_dtype: torch.dtype | None = None
+        self,
+        max_batch: int,
+        mtp_module=None,
+        hidden_dtype: torch.dtype | None = None,
+        *,
+        decode: bool = True,
     ) -> int:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
         that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
@@ -369,11 +374,14 @@ class ModelRunner:
         the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
         takes its per-expert training loop, which reads counts back to the host, and every capture
         fails ("called a synchronizing CUDA operation"). Then each prefill-chunk bucket's graph
-        (none unless prefill_graph_tokens), and with `mtp_module` its MTP depth's."""
+        (none unless prefill_graph_tokens), and with `mtp_module` its MTP depth's. `decode`
+        False: the chunk graphs only (a prefill replica never decodes)."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
         sizes += [b for b in self.graph_batch_sizes if b >= max_batch][:1]
+        if not decode:
+            sizes = []
         for bs in sizes:
             for S in (1, 2):
                 if not self.use_cuda_graphs:

@@ -536,15 +536,15 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         async_scheduling_prefill=cfg.async_scheduling_prefill,
         prefill_graph_tokens=cfg.prefill_graph_tokens,
         use_cuda_graphs=device == "cuda",
-        capture_graphs_at_start=decodes,
+        capture_decode_graphs=decodes,
         eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM
     )
 
 
 def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
     """Load the model directory into an engine as the serve config says (device, dtype, pages).
-    `decodes=False` (a prefill replica) skips capturing decode CUDA graphs at start: it never
-    replays them."""
+    `decodes=False` (a prefill replica) captures the prefill-chunk CUDA graphs at start and no
+    decode graph: its requests end at their first token."""
     device, dtype = device_and_dtype(cfg)
     return Engine.from_pretrained(
         cfg.model,
