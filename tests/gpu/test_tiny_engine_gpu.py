@@ -88,16 +88,14 @@ def test_engine_captures_every_decode_graph_at_start():
     # bf16 as served: an fp32 model's MoE takes the per-expert loop, whose .tolist() host sync
     # makes every capture fail (see test_tiny_paged_kernel_matches_gather_fp32).
     model = Transformer(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    eng = Engine(
-        model,
-        EngineConfig(
-            page_size=16,
-            num_pages=64,
-            max_num_seqs=5,
-            graph_batch_sizes=(1, 2, 4, 8, 16),
-            num_speculative_tokens=1,
-        ),
+    engine_cfg = dict(
+        page_size=16,
+        num_pages=64,
+        max_num_seqs=5,
+        graph_batch_sizes=(1, 2, 4, 8, 16),
+        num_speculative_tokens=1,
     )
+    eng = Engine(model, EngineConfig(**engine_cfg))
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
     assert eng.runner.chunk_buckets == (16, 32, 64, 128, 256)
     want |= {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
@@ -110,17 +108,7 @@ def test_engine_captures_every_decode_graph_at_start():
     assert set(eng.runner.graphs) == before, "a step captured a graph after start"
     # a P/D prefill replica's engine: the chunk graphs (main and MTP) only, and its first tokens
     # through them equal the full engine's
-    prefill = Engine(
-        model,
-        EngineConfig(
-            page_size=16,
-            num_pages=64,
-            max_num_seqs=5,
-            graph_batch_sizes=(1, 2, 4, 8, 16),
-            num_speculative_tokens=1,
-            capture_decode_graphs=False,
-        ),
-    )
+    prefill = Engine(model, EngineConfig(**engine_cfg, capture_decode_graphs=False))
     chunks = {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
     assert set(prefill.runner.graphs) == chunks, sorted(prefill.runner.graphs)
     prompts = [list(range(1, n)) for n in (20, 70, 140)]
