@@ -98,7 +98,10 @@ def test_engine_captures_every_decode_graph_at_start():
     eng = Engine(model, EngineConfig(**engine_cfg))
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
     assert eng.runner.chunk_buckets == (16, 32, 64, 128, 256)
-    want |= {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
+    # chunk graphs: bs up to 8 (the padded max_num_seqs), bs x S within the longest chunk (64
+    # pages of 16 tokens: max_model_len 1,024, under the 2,048-token budget)
+    chunks = {(bs, S) for S in eng.runner.chunk_buckets for bs in (1, 2, 4, 8) if bs * S <= 1024}
+    want |= {(bs, S, kind) for bs, S in chunks for kind in ("chunk", "mtp_chunk")}
     assert set(eng.runner.graphs) == want, (sorted(eng.runner.graphs), eng.runner.graph_status)
     assert eng.runner.graph_status == "captured"
     before = set(eng.runner.graphs)
@@ -109,8 +112,8 @@ def test_engine_captures_every_decode_graph_at_start():
     # a P/D prefill replica's engine: the chunk graphs (main and MTP) only, and its first tokens
     # through them equal the full engine's
     prefill = Engine(model, EngineConfig(**engine_cfg, capture_decode_graphs=False))
-    chunks = {(1, S, kind) for S in eng.runner.chunk_buckets for kind in ("chunk", "mtp_chunk")}
-    assert set(prefill.runner.graphs) == chunks, sorted(prefill.runner.graphs)
+    want = {(bs, S, kind) for bs, S in chunks for kind in ("chunk", "mtp_chunk")}
+    assert set(prefill.runner.graphs) == want, sorted(prefill.runner.graphs)
     prompts = [list(range(1, n)) for n in (20, 70, 140)]
     first = SamplingParams(temperature=0, max_tokens=1)
     got = [o.output_token_ids for o in prefill.generate(prompts, first)]
@@ -192,27 +195,46 @@ def test_paged_positions_in_the_decode_graphs(monkeypatch):
     assert all(len(o) == 10 for o in got) and got == ref
 
 
-@pytest.mark.parametrize("async_scheduling,spec", [(False, 0), (True, 0), (False, 1)])
-def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec):
+@pytest.mark.parametrize(
+    "async_scheduling,spec,lens",
+    [
+        (False, 0, (3, 70, 129, 16)),
+        (True, 0, (3, 70, 129, 16)),
+        (False, 1, (3, 70, 129, 16)),
+        (False, 0, (40, 40, 40, 70, 70)),
+        (False, 1, (40, 40, 40, 70, 70)),
+    ],
+)
+def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec, lens, monkeypatch):
     """EngineConfig.prefill_graph_tokens: prefill chunks of 3-129 tokens replay CUDA graphs of
     16-256-token buckets (the absorbed MLA path through the paged kernel, padded at the end, the
     LM head on the last real row) and give the greedy tokens of the eager engine that prefills
     through the same path (prefill_attention="absorbed"). The expanded path's tokens (the
     default eager prefill) are printed beside them: bf16 rounding differs between the paths.
-    With MTP speculation (spec 1) each chunk's MTP forward replays its "mtp_chunk" graph too."""
+    With MTP speculation (spec 1) each chunk's MTP forward replays its "mtp_chunk" graph too.
+    Same-length chunks of a step (40, 40, 40 and 70, 70) replay one graph each length
+    (EngineConfig.prefill_graph_seqs), padded to 4 and 2 sequences."""
+    from moeray.platform.engine import step_graphs
     from moeray.platform.engine.engine import Engine, EngineConfig
     from moeray.platform.engine.sampler import SamplingParams
 
+    replays: list[tuple[int, int, bool]] = []
+    run = step_graphs.StepGraph.run
+
+    def spy(graph, *a, **kw):
+        if graph.keep_K is not None:
+            replays.append((graph.bs, graph.S, graph.mtp_module is not None))
+        return run(graph, *a, **kw)
+
+    monkeypatch.setattr(step_graphs.StepGraph, "run", spy)
     cfg, model = _model(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 129, 16)
-    ]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
     params = SamplingParams(temperature=0, max_tokens=10)
     outs, engines = {}, {}
     for name, kw in (
-        ("expanded", {}),
-        ("absorbed", {"prefill_attention": "absorbed"}),
+        ("expanded", {"prefill_graph_tokens": 0}),  # eager chunks
+        ("absorbed", {"prefill_graph_tokens": 0, "prefill_attention": "absorbed"}),
         ("graphs", {"prefill_graph_tokens": 256}),
     ):
         engines[name] = eng = Engine(
@@ -235,6 +257,11 @@ def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec):
     want = {(1, s, k) for s in (16, 32, 64, 128, 256) for k in kinds}
     assert want <= set(runner.graphs), (sorted(runner.graphs), runner.graph_status)
     assert runner.graph_status == "captured"
-    assert runner.chunk_graph_replays == {"chunk": 4, "mtp_chunk": 4 if spec else 0}
+    n = len(prompts)
+    assert runner.chunk_graph_replays == {"chunk": n, "mtp_chunk": n if spec else 0}
+    if lens[0] == lens[1]:
+        one = [(2, 128), (4, 64)]  # sorted
+        assert sorted(r[:2] for r in replays if not r[2]) == one, replays
+        assert sorted(r[:2] for r in replays if r[2]) == (one if spec else []), replays
     assert runner.attention_calls["expanded"] == 0
     assert outs["graphs"] == outs["absorbed"]

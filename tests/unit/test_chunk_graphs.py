@@ -13,7 +13,13 @@ import torch
 from moeray.platform.engine import runner as runner_mod
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
-from moeray.platform.engine.step_graphs import StepGraph, chunk_bucket, chunk_buckets
+from moeray.platform.engine.step_graphs import (
+    StepGraph,
+    chunk_bucket,
+    chunk_buckets,
+    chunk_graph_shapes,
+    chunk_replay_plan,
+)
 from moeray.platform.serve.app import main as serve_main
 from tests.unit.test_engine import N_NEW, setup  # noqa: F401  (the module fixture)
 
@@ -34,6 +40,32 @@ def test_buckets():
     assert chunk_bucket(10, 241, b, 256) == 0  # its padding would pass position 255
 
 
+def test_chunk_graph_shapes():
+    b = chunk_buckets(256)
+    sizes = (1, 2, 4, 8, 16, 32)
+    shapes = chunk_graph_shapes(b, sizes, 8, 2048)
+    assert (8, 256) in shapes and (16, 16) not in shapes  # at most max_seqs sequences
+    assert len(shapes) == 5 * 4
+    shapes = chunk_graph_shapes(b, sizes, 8, 512)  # bs x S within the token budget
+    assert {bs for bs, S in shapes if S == 128} == {1, 2, 4}
+    assert {bs for bs, S in shapes if S == 256} == {1, 2}
+    assert chunk_graph_shapes(b, sizes, 1, 2048) == tuple((1, S) for S in b)
+    assert chunk_graph_shapes((16,), sizes, 8, 8) == ((1, 16),)  # one sequence always
+
+
+def test_chunk_replay_plan():
+    batches = {32: [1, 2, 4], 64: [1]}
+    chunks = [(20, 0), (20, 8), None, (40, 0), (20, 0), (20, 0), (20, 0), (17, 0), (20, 480)]
+    plan = chunk_replay_plan(chunks, (16, 32, 64), 496, batches)
+    # the five 20-token chunks whose bucket fits: a group of 4 (bs 4), then 1 (bs 1); 17
+    # tokens share the bucket, not the length; the chunk from 480 would pad past 496: eager;
+    # no 16-token graph captured: nothing for bucket 16
+    assert sorted(plan) == sorted([(4, 32, [0, 1, 4, 5]), (1, 32, [6]), (1, 64, [3]), (1, 32, [7])])
+    three = chunk_replay_plan([(20, 0)] * 3, (16, 32, 64), 496, batches)
+    assert three == [(4, 32, [0, 1, 2])]  # padded up to the smallest batch that holds them
+    assert chunk_replay_plan([(20, 0)], (16, 32), 496, {}) == []
+
+
 @pytest.mark.parametrize("bad", [8, 48, 2048, -16])
 def test_config_names_the_bad_value(bad, capsys):
     with pytest.raises(ValueError, match=f"prefill_graph_tokens={bad}: accepted 0"):
@@ -43,6 +75,14 @@ def test_config_names_the_bad_value(bad, capsys):
     assert f"prefill_graph_tokens={bad}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", [0, 3, 128])
+def test_graph_seqs_names_the_bad_value(bad, capsys):
+    with pytest.raises(ValueError, match=f"prefill_graph_seqs={bad}: accepted a power of two"):
+        EngineConfig(prefill_graph_seqs=bad)
+    assert serve_main(["--prefill-graph-seqs", str(bad), "--write-config", "/dev/null"]) == 2
+    assert f"prefill_graph_seqs={bad}" in capsys.readouterr().err
+
+
 def test_serve_flag_reaches_the_engine_config(tmp_path):
     import yaml
 
@@ -50,10 +90,12 @@ def test_serve_flag_reaches_the_engine_config(tmp_path):
     from moeray.platform.serve.worker import engine_config
 
     f = tmp_path / "serve.yaml"
-    assert serve_main(["--prefill-graph-tokens", "128", "--write-config", str(f)]) == 0
+    argv = ["--prefill-graph-tokens", "128", "--prefill-graph-seqs", "4"]
+    assert serve_main([*argv, "--write-config", str(f)]) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
     cfg = ServeConfig.from_dict(app["args"])
     assert engine_config(cfg, "cuda").prefill_graph_tokens == 128
+    assert engine_config(cfg, "cuda").prefill_graph_seqs == 4
 
 
 def test_logits_for_an_index_tensor(setup):  # noqa: F811
@@ -112,7 +154,9 @@ def test_engine_chunks_through_graphs_match_hf(setup, monkeypatch):  # noqa: F81
     # token budget): every chunk went through a bucket's graph, none eagerly.
     assert len(chunks) >= len(prompts) and max(chunks) <= 32
     assert runner.chunk_graph_replays == {"chunk": len(chunks), "mtp_chunk": 0}
-    assert {k for k in runner.graphs if k[2] == "chunk"} == {(1, 16, "chunk"), (1, 32, "chunk")}
+    # bs x S within the 32-token budget: two 16-token chunks of one length share a graph
+    want = {(1, 16, "chunk"), (2, 16, "chunk"), (1, 32, "chunk")}
+    assert {k for k in runner.graphs if k[2] == "chunk"} == want
     assert runner.attention_calls["expanded"] == 0
     assert eng.metrics()["chunk_graph_replays"] == runner.chunk_graph_replays
     assert eng.metrics()["free_pages"] == 64
@@ -211,7 +255,7 @@ def test_mtp_chunks_through_graphs_draft_as_eager(setup, monkeypatch):  # noqa: 
     assert drafts == want_drafts and len(drafts) > len(prompts)
     runner = eng.runner
     mtp_keys = {k for k in runner.graphs if k[2] == "mtp_chunk"}
-    assert mtp_keys == {(1, 16, "mtp_chunk"), (1, 32, "mtp_chunk")}
+    assert mtp_keys == {(1, 16, "mtp_chunk"), (2, 16, "mtp_chunk"), (1, 32, "mtp_chunk")}
     assert runner.chunk_graph_replays["mtp_chunk"] == runner.chunk_graph_replays["chunk"] > 0
 
 
@@ -242,7 +286,41 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     runner.use_cuda_graphs = runner.use_mtp_graphs = True
     runner.chunk_buckets = chunk_buckets(32)
     runner.capture_graphs(4, decode=False)
-    assert set(runner.graphs) == {(1, 16, "chunk"), (1, 32, "chunk")}
+    assert set(runner.graphs) == {(1, 16, "chunk"), (2, 16, "chunk"), (1, 32, "chunk")}
     firsts = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     assert [o.output_token_ids for o in firsts] == [r[:1] for r in ref]
     assert runner.chunk_graph_replays["chunk"] >= len(prompts)
+
+
+def test_same_length_chunks_replay_one_graph(setup, monkeypatch):  # noqa: F811
+    """A burst of same-length prompts: their chunks of one step replay one graph [bs, S] (bs the
+    smallest captured batch that holds them, padded), and the greedy tokens equal the eager
+    engine's; with prefill_graph_seqs=1 each chunk replays a graph of its own."""
+    cfg, model, *_ = setup
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist() for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=N_NEW)
+    base = dict(page_size=16, num_pages=64, max_num_batched_tokens=64, attention="kernel")
+    want = [
+        o.output_token_ids for o in Engine(model, EngineConfig(**base)).generate(prompts, params)
+    ]
+    replays: list[tuple[int, int]] = []
+
+    class Counting(EagerStepGraph):
+        def _replay(self) -> None:
+            if self.keep_K is not None:
+                replays.append((self.bs, self.S))
+            super()._replay()
+
+    monkeypatch.setattr(runner_mod, "StepGraph", Counting)
+    for seqs, expect in ((8, [(4, 16)]), (1, [(1, 16)] * 3)):
+        replays.clear()
+        eng = Engine(model, EngineConfig(**base, prefill_graph_tokens=16, prefill_graph_seqs=seqs))
+        eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
+        eng.runner.chunk_buckets = chunk_buckets(16)
+        eng.runner.capture_graphs(4)  # max_num_seqs 4: no chunk graph of more (seqs 8)
+        assert max(k[0] for k in eng.runner.graphs if k[2] == "chunk") == min(seqs, 4)
+        got = [o.output_token_ids for o in eng.generate(prompts, params)]
+        assert got == want
+        assert replays == expect, replays
+        assert eng.runner.chunk_graph_replays["chunk"] == 3

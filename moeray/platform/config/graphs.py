@@ -7,6 +7,8 @@ from __future__ import annotations
 # memory the captures take (timed up to 256: benchmarks/notes-engine.md).
 CHUNK_GRAPH_MIN = 16
 CHUNK_GRAPH_MAX = 1024
+# Same-length chunks of one step replay one graph of up to this many sequences (a power of two).
+CHUNK_GRAPH_MAX_SEQS = 64
 
 
 def check_chunk_tokens(tokens: int, name: str = "prefill_graph_tokens") -> None:
@@ -17,4 +19,13 @@ def check_chunk_tokens(tokens: int, name: str = "prefill_graph_tokens") -> None:
         raise ValueError(
             f"{name}={t}: accepted 0 (off) or a power of two from {CHUNK_GRAPH_MIN} to "
             f"{CHUNK_GRAPH_MAX}"
+        )
+
+
+def check_chunk_seqs(seqs: int, name: str = "prefill_graph_seqs") -> None:
+    """ValueError naming `seqs` unless it is a power of two from 1 to CHUNK_GRAPH_MAX_SEQS."""
+    if not (1 <= seqs <= CHUNK_GRAPH_MAX_SEQS and seqs & (seqs - 1) == 0):
+        raise ValueError(
+            f"{name}={seqs}: accepted a power of two from 1 (one sequence a chunk graph) to "
+            f"{CHUNK_GRAPH_MAX_SEQS}"
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeray.platform.config.graphs import check_chunk_tokens
+from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
 
 # The ingress' request body limit (413 above it). 8 MiB: a full 128K-token context is ~0.5 MB of
 # English text, ~1 MB as a JSON list of token ids, ~3 MB as \uXXXX-escaped CJK; 8 MiB leaves room
@@ -62,6 +62,8 @@ class ServeConfig:
     async_scheduling_prefill: bool = False
     # EngineConfig.prefill_graph_tokens: prefill chunks up to this many tokens replay CUDA graphs
     prefill_graph_tokens: int = 256
+    # EngineConfig.prefill_graph_seqs: a step's same-length chunks replay one graph of up to this
+    prefill_graph_seqs: int = 8
     # Expert parallelism: None serves each engine replica from one process; N makes it a gang of
     # N Ray actors (one per GPU), each running attention for its own requests and holding 1/N of
     # the routed experts (serve/gang.py). gpus/cpus_per_replica then apply per rank.
@@ -118,6 +120,7 @@ class ServeConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         check_chunk_tokens(self.prefill_graph_tokens)
+        check_chunk_seqs(self.prefill_graph_seqs)
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port} must be in 1..65535")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -173,6 +173,7 @@ class Engine:
             attention=config.attention,
             prefill_attention=config.prefill_attention,
             prefill_graph_tokens=config.prefill_graph_tokens,
+            prefill_graph_seqs=config.prefill_graph_seqs,
             max_chunk_tokens=min(config.max_num_batched_tokens, self.max_model_len),
         )
         self.sampler = Sampler(self.scheduler.eos_token_ids)

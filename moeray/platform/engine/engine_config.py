@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeray.platform.config.graphs import check_chunk_tokens
+from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,14 @@ class EngineConfig:
     # (eager chunks the expanded one): tokens equal the eager absorbed prefill's, and part from
     # the expanded path's by bf16 rounding, neither path the more accurate (7.4-8.8% from fp32).
     prefill_graph_tokens: int = 256
+    # A step's chunks of one length replay one chunk graph of up to this many sequences (graphs
+    # captured at each of graph_batch_sizes up to it, bs x S within max_num_batched_tokens): a
+    # burst of same-length prompts then reads the weights once a graph, not once a chunk
+    # (step_graphs.py). 1: one sequence a chunk graph. Bursts of 16 128-token prompts at
+    # Moonlight on an H100: tokens/s 1.36x (FP8) / 1.45x (bf16) against 1, where one chunk a
+    # graph lost to eager chunks (0.87x / 0.70x); steady arrivals even (0.995x); an engine's
+    # start +5 s for the 14 more captures (notes-engine.md).
+    prefill_graph_seqs: int = 8
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -69,3 +77,4 @@ class EngineConfig:
                 "(off) or 1 (one MTP draft per step)"
             )
         check_chunk_tokens(self.prefill_graph_tokens)
+        check_chunk_seqs(self.prefill_graph_seqs)

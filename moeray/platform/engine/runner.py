@@ -45,8 +45,9 @@ captures one graph per batch size in `graph_batch_sizes` (a smaller batch is pad
 that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP forward
 after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is captured the same
 way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
-zero). With `prefill_graph_tokens`, prefill chunks of up to that many tokens replay a graph of one
-sequence padded to a power-of-two bucket, keyed (1, S, "chunk") (step_graphs.py says how and why).
+zero). With `prefill_graph_tokens`, prefill chunks of up to that many tokens replay a graph padded
+to a power-of-two bucket, a step's chunks of one length together (up to `prefill_graph_seqs`
+sequences a graph), keyed (bs, S, "chunk") (step_graphs.py says how and why).
 Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
 
@@ -71,7 +72,12 @@ import torch
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.scheduler import PENDING, ScheduledSeq
-from moeray.platform.engine.step_graphs import StepGraph, chunk_bucket, chunk_buckets
+from moeray.platform.engine.step_graphs import (
+    StepGraph,
+    chunk_buckets,
+    chunk_graph_shapes,
+    chunk_replay_plan,
+)
 from moeray.platform.engine.step_inputs import StepInputs, known, pad_ids
 
 logger = logging.getLogger(__name__)
@@ -118,6 +124,7 @@ class ModelRunner:
         attention: str = "auto",
         prefill_attention: str = "auto",
         prefill_graph_tokens: int = 0,
+        prefill_graph_seqs: int = 1,
         max_chunk_tokens: int | None = None,
     ) -> None:
         self.model = model
@@ -160,7 +167,10 @@ class ModelRunner:
         # empties it and leaves the decode graphs on.
         buckets = chunk_buckets(prefill_graph_tokens, max_chunk_tokens)
         self.chunk_buckets = buckets if self.use_cuda_graphs else ()
+        self.chunk_seqs = prefill_graph_seqs  # the most same-length chunks a chunk graph holds
+        self.max_chunk_tokens = max_chunk_tokens or max_model_len
         self.mtp_chunk_graphs = True  # the MTP depth's chunk graphs too (with a drafter)
+        # prefill chunks run through a chunk graph, by kind (one replay may carry several)
         self.chunk_graph_replays = {"chunk": 0, "mtp_chunk": 0}
         self._status = {"main": "off", "mtp": "off", "chunk": "off", "mtp_chunk": "off"}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
@@ -302,19 +312,19 @@ class ModelRunner:
         self.graphs = {k: g for k, g in self.graphs.items() if k[2] == "mtp"}
         for bs, S, kind in keys:
             if kind == "chunk":
-                self._chunk_graph(S)
+                self._chunk_graph(bs, S)
             else:
                 self._graph_for(bs, S)
         return len(self.graphs)
 
     def _chunk_graph(
-        self, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None
+        self, bs: int, S: int, mtp_module=None, hidden_dtype: torch.dtype | None = None
     ) -> StepGraph | None:
-        """The prefill-chunk graph of bucket S (with `mtp_module`, that MTP depth's), captured now
-        if it is not yet; None if its capture fails, which turns that kind off (the reason in
-        graph_status)."""
+        """The prefill-chunk graph of bs sequences in bucket S (with `mtp_module`, that MTP
+        depth's), captured now if it is not yet; None if its capture fails, which turns that kind
+        off (the reason in graph_status)."""
         kind = "chunk" if mtp_module is None else "mtp_chunk"
-        graph = self._captured((1, S, kind), mtp_module, hidden_dtype)
+        graph = self._captured((bs, S, kind), mtp_module, hidden_dtype)
         if graph is None:
             if mtp_module is None:
                 self.chunk_buckets = ()
@@ -380,21 +390,24 @@ class ModelRunner:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
         sizes += [b for b in self.graph_batch_sizes if b >= max_batch][:1]
-        if not decode:
-            sizes = []
-        for bs in sizes:
+        # a step holds at most max_batch chunks: no chunk graph past the padded batch of them
+        chunk_seqs = min(self.chunk_seqs, sizes[-1])
+        for bs in sizes if decode else ():
             for S in (1, 2):
                 if not self.use_cuda_graphs:
                     return len(self.graphs)  # one failed capture says why; a try costs 2 forwards
                 self._graph_for(bs, S)
                 if mtp_module is not None and self.use_mtp_graphs:
                     self._graph_for(bs, S, mtp_module, hidden_dtype)
-        for S in self.chunk_buckets:
+        shapes = chunk_graph_shapes(
+            self.chunk_buckets, self.graph_batch_sizes, chunk_seqs, self.max_chunk_tokens
+        )
+        for bs, S in shapes:
             if self.use_cuda_graphs and self.chunk_buckets:
-                self._chunk_graph(S)
-        for S in self.chunk_buckets if mtp_module is not None else ():
+                self._chunk_graph(bs, S)
+        for bs, S in shapes if mtp_module is not None else ():
             if self.use_mtp_graphs and self.mtp_chunk_graphs:
-                self._chunk_graph(S, mtp_module, hidden_dtype)
+                self._chunk_graph(bs, S, mtp_module, hidden_dtype)
         return len(self.graphs)
 
     # ---- a step --------------------------------------------------------------------------------
@@ -418,10 +431,9 @@ class ModelRunner:
     def execute(
         self, seqs: Sequence[ScheduledSeq], ids_on_device: torch.Tensor | None = None
     ) -> ForwardResult:
-        """Main-model forward over the scheduled sequences: a chunk graph's replay for each
-        prefill chunk `_chunk_graph_for` finds one for, then one forward per group of `_groups`
-        of the rest (so one for all decodes), each sequence's logits and hidden rows cut to its
-        own tokens.
+        """Main-model forward over the scheduled sequences: chunk graph replays for the prefill
+        chunks `_chunk_plan` places, then one forward per group of `_groups` of the rest (so one
+        for all decodes), each sequence's logits and hidden rows cut to its own tokens.
         A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
         V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row.
@@ -444,14 +456,20 @@ class ModelRunner:
             )
         logits: list = [None] * len(seqs)
         hidden: list = [None] * len(seqs)
-        for i, s in enumerate(seqs):
-            # prompt logprobs read every row's logits; a chunk graph keeps its last one's
-            prompt_logprobs = s.request.needs_prompt_logprobs
-            graph = None if prompt_logprobs else self._chunk_graph_for(s.num_tokens, s.start)
-            if graph is not None:
-                logits[i], hidden[i] = self._replay_chunk(
-                    graph, s.request.request_id, s.start, s.input_ids
-                )
+        # prompt logprobs read every row's logits; a chunk graph keeps each chunk's last one's
+        chunks = [
+            None if s.request.needs_prompt_logprobs else (s.num_tokens, s.start) for s in seqs
+        ]
+        for graph, idx in self._chunk_plan(chunks):
+            group = [seqs[i] for i in idx]
+            outs = self._replay_chunks(
+                graph,
+                [s.request.request_id for s in group],
+                [s.start for s in group],
+                [s.input_ids for s in group],
+            )
+            for i, (lg, hd) in zip(idx, outs, strict=True):
+                logits[i], hidden[i] = lg, hd
         rest = [i for i in range(len(seqs)) if logits[i] is None]
         for S, in_rest in self._groups([seqs[i].num_tokens for i in rest]).items():
             idx = [rest[k] for k in in_rest]
@@ -485,33 +503,41 @@ class ModelRunner:
                 hidden[i] = hd[j, :n]
         return ForwardResult(logits, hidden)
 
-    def _chunk_graph_for(self, n: int, start: int, mtp_module=None) -> StepGraph | None:
-        """The captured chunk graph (with `mtp_module`, its MTP depth's) that a chunk of n tokens
-        from `start` replays, or None (it runs eagerly): more than PAD_MAX_S tokens, the smallest
-        bucket that holds them with its padded positions inside max_model_len; none in an
-        expert-parallel gang, whose ranks agree on every forward's shape. Chunk graphs are
-        captured by `capture_graphs` only, never inside a step (where async scheduling's work in
-        flight would run beside the capture)."""
-        if n <= PAD_MAX_S or not (self.chunk_buckets and self.gang is None):
-            return None
-        S = chunk_bucket(n, start, self.chunk_buckets, self.max_pages * self.page_size)
+    def _chunk_plan(self, chunks, mtp_module=None) -> list[tuple[StepGraph, list[int]]]:
+        """The chunk graph replays of a step (with `mtp_module`, its MTP depth's graphs):
+        `chunks` one (n, start) per item or None (it may not replay) -> [(graph, item indices)]
+        (`step_graphs.chunk_replay_plan`: same-length chunks of more than PAD_MAX_S tokens
+        together, each in the smallest bucket that holds them with its padded positions inside
+        max_model_len); the items in none run eagerly. None in an expert-parallel gang, whose
+        ranks agree on every forward's shape. Chunk graphs are captured by `capture_graphs`
+        only, never inside a step (where async scheduling's work in flight would run beside the
+        capture)."""
+        if not (self.chunk_buckets and self.gang is None):
+            return []
         if mtp_module is None:
-            return self.graphs.get((1, S, "chunk")) if self.use_cuda_graphs else None
-        graph = self.graphs.get((1, S, "mtp_chunk"))
-        ok = self.use_mtp_graphs and self.mtp_chunk_graphs
-        return graph if ok and graph is not None and graph.mtp_module is mtp_module else None
+            kind, ok = "chunk", self.use_cuda_graphs
+        else:
+            kind, ok = "mtp_chunk", self.use_mtp_graphs and self.mtp_chunk_graphs
+        batches: dict[int, list[int]] = {}
+        for (bs, S, k), graph in sorted(self.graphs.items()) if ok else ():
+            if k == kind and graph.mtp_module is mtp_module:
+                batches.setdefault(S, []).append(bs)
+        chunks = [c if c is None or c[0] > PAD_MAX_S else None for c in chunks]
+        max_positions = self.max_pages * self.page_size
+        plan = chunk_replay_plan(chunks, self.chunk_buckets, max_positions, batches)
+        return [(self.graphs[(bs, S, kind)], idx) for bs, S, idx in plan]
 
-    def _replay_chunk(self, graph: StepGraph, request_id: str, start: int, ids, hidden_SD=None):
-        """One chunk's n = len(ids) tokens through `graph` (hidden_SD [n, D]: an MTP depth's
-        input): (logits [1, V] of its last token, hidden [n, D]), copies
-        (another chunk of this step may replay the same graph)."""
-        n, S = len(ids), graph.S
-        ids_BS, starts_B = self.inputs.ids_and_starts([pad_ids(ids, S)], [start])
-        bt = self.inputs.tables_by_id([request_id], self.inputs.pages_to(start + S))
-        hid = None if hidden_SD is None else hidden_SD[None]
+    def _replay_chunks(self, graph: StepGraph, request_ids, starts, ids, hidden=None):
+        """Chunks of one length n through `graph`, one a row (`hidden` [n, D] each: an MTP
+        depth's input) -> per chunk (logits [1, V] of its last token, hidden [n, D]), copies
+        (another group of this step may replay the same graph)."""
+        n, S = len(ids[0]), graph.S
+        ids_BS, starts_B = self.inputs.ids_and_starts([pad_ids(t, S) for t in ids], starts)
+        bt = self.inputs.tables_by_id(request_ids, self.inputs.pages_to(max(starts) + S))
+        hid = None if hidden is None else torch.stack(hidden)
         lg, hd = graph.run(ids_BS, bt, starts_B, hid, n=n)
-        self.chunk_graph_replays["chunk" if hidden_SD is None else "mtp_chunk"] += 1
-        return lg[0].clone(), hd[0, :n].clone()
+        self.chunk_graph_replays["chunk" if hidden is None else "mtp_chunk"] += len(ids)
+        return [(lg[j].clone(), hd[j, :n].clone()) for j in range(len(ids))]
 
     @torch.inference_mode()
     def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):
@@ -526,10 +552,17 @@ class ModelRunner:
                     f"MTP item {rid!r}: {h_SD.shape[0]} hidden rows for {len(next_ids)} next tokens"
                 )
         results: list = [None] * len(items)
-        for i, (rid, start, h_SD, next_ids) in enumerate(items):
-            graph = self._chunk_graph_for(len(next_ids), start, mtp_module)
-            if graph is not None:
-                lg, hd = self._replay_chunk(graph, rid, start, next_ids, h_SD)
+        plan = self._chunk_plan([(len(it[3]), it[1]) for it in items], mtp_module)
+        for graph, idx in plan:
+            group = [items[i] for i in idx]
+            outs = self._replay_chunks(
+                graph,
+                [g[0] for g in group],
+                [g[1] for g in group],
+                [g[3] for g in group],
+                [g[2] for g in group],
+            )
+            for i, (lg, hd) in zip(idx, outs, strict=True):
                 results[i] = (hd, lg)
         rest = [i for i in range(len(items)) if results[i] is None]
         for S, in_rest in self._groups([len(items[i][3]) for i in rest]).items():

@@ -7,12 +7,13 @@ block table, D model width, V vocabulary.
 an MTP depth the main model's hidden rows) and replays it after copying a step's inputs in:
   * kind "main": decode groups, S = 1 or 2 (runner.PAD_MAX_S), bs one of graph_batch_sizes;
   * kind "mtp": one MTP depth over the same shapes;
-  * kind "chunk": one prefill chunk, bs = 1, S a bucket (a power of two from CHUNK_GRAPH_MIN up to
-    EngineConfig.prefill_graph_tokens). The chunk's n real tokens come first and its ids are
-    padded to S at the end; the LM head runs on row n - 1 only (a static index, set at each
-    replay), so the graph holds one logits row, not S x V;
-  * kind "mtp_chunk": the MTP depth over a prefill chunk's positions, bucketed as "chunk" (the
-    main model's hidden rows padded with zero rows), its logits row n - 1's: the draft.
+  * kind "chunk": prefill chunks of one length n, S a bucket (a power of two from
+    CHUNK_GRAPH_MIN up to EngineConfig.prefill_graph_tokens), bs up to
+    EngineConfig.prefill_graph_seqs sequences. Each chunk's n real tokens come first and its
+    ids are padded to S at the end; the LM head runs on position n - 1 of each row only (a
+    static index, set at each replay), so the graph holds bs logits rows, not bs x S x V;
+  * kind "mtp_chunk": the MTP depth over the chunks' positions, shaped as "chunk" (the main
+    model's hidden rows padded with zero rows), its logits at position n - 1: the drafts.
 
 Why graph the chunks. A step that carries a prefill chunk ran eagerly: each of Moonlight's
 27 layers launches ~100 kernels from Python, and such steps took ~50-110 ms on an H100 where a
@@ -21,7 +22,17 @@ steps take 15 ms in FP8 and 22 in bf16 (benchmarks/notes-engine.md, `bench engin
 `mixed_step_ms`). The chunk graph runs MLA's absorbed path through the paged
 kernel (the one decode runs; each query row attends causally up to its own position), not the
 expanded path eager chunks take: that path gathers the context with host-side sizes and cannot
-be captured. Padding is harmless for the reasons runner.py's docstring gives for decode padding
+be captured.
+
+Why several chunks a graph. A step's chunks of one length (a burst of same-length prompts, as
+fixed-length benchmark clients send) run eagerly as one forward, which reads the MoE's weights
+once; replayed one chunk a graph they read them once a chunk: sixteen 128-token chunks took 138
+ms a step in FP8 and 197 in bf16 so, 98 and 48 as one eager forward (Moonlight, H100, `bench
+engine --arrivals --arrival-burst 16`). So a step's same-length chunks replay one graph [bs, S]
+together, bs the smallest captured batch that holds them (padding rows as decode's), in groups
+of the largest when there are more.
+
+Padding is harmless for the reasons runner.py's docstring gives for decode padding
 (rows past the real tokens write positions no real row reads, into the sequence's own pages or
 the scratch page; an MTP depth's padded hidden rows are zero, whose RMSNorm is zero); the runner
 only picks a bucket whose last position stays inside max_model_len's block-table columns.
@@ -51,6 +62,43 @@ def chunk_buckets(max_tokens: int, longest_chunk: int | None = None) -> tuple[in
             break
         s *= 2
     return tuple(sizes)
+
+
+def chunk_graph_shapes(
+    buckets: tuple[int, ...], batch_sizes, max_seqs: int, max_tokens: int
+) -> tuple[tuple[int, int], ...]:
+    """(bs, S) of every chunk graph: each bucket S, bs each of `batch_sizes` up to `max_seqs`
+    whose bs x S tokens stay within `max_tokens` (the scheduler's token budget: k same-length
+    chunks of a step hold at most that many real tokens) or is 1."""
+    return tuple(
+        (bs, S)
+        for S in buckets
+        for bs in sorted(batch_sizes)
+        if bs <= max_seqs and (bs == 1 or bs * S <= max_tokens)
+    )
+
+
+def chunk_replay_plan(
+    chunks, buckets: tuple[int, ...], max_positions: int, batches: dict[int, list[int]]
+) -> list[tuple[int, int, list[int]]]:
+    """Which chunks replay which graph: `chunks` one (n, start) per item, None for an item that
+    may not (prompt logprobs); `batches` each bucket's captured batch sizes, ascending. Items of
+    one length n whose bucket holds their padded positions (`chunk_bucket`) go in groups of at
+    most the largest batch captured for that bucket, each on the smallest that holds it.
+    -> [(bs, S, item indices)]; items in none run eagerly."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(chunks):
+        if c is not None:
+            S = chunk_bucket(c[0], c[1], buckets, max_positions)
+            if S and batches.get(S):
+                by_shape.setdefault((c[0], S), []).append(i)
+    plan = []
+    for (_n, S), items in by_shape.items():
+        sizes = batches[S]
+        for k in range(0, len(items), sizes[-1]):
+            group = items[k : k + sizes[-1]]
+            plan.append((next(b for b in sizes if b >= len(group)), S, group))
+    return plan
 
 
 def chunk_bucket(n: int, start: int, buckets: tuple[int, ...], max_positions: int) -> int:
@@ -85,8 +133,8 @@ class ModelRunner(Protocol):
 class StepGraph:
     """One captured forward for a fixed batch size bs and S tokens per row: the main model (kind
     "main"), one MTP depth (kind "mtp", reading a static hidden_BSD input as well), or either over
-    a prefill chunk (`chunk`, kinds "chunk" / "mtp_chunk": bs 1, logits of one row, the one `run`
-    names)."""
+    prefill chunks of one length (`chunk`, kinds "chunk" / "mtp_chunk": logits of one position
+    a row, the one `run` names)."""
 
     def __init__(
         self,
@@ -102,8 +150,6 @@ class StepGraph:
         scratch_page = runner.scratch_page
         if scratch_page is None:
             raise RuntimeError("a step graph needs the storage's scratch page for padding rows")
-        if chunk and bs != 1:
-            raise ValueError(f"a chunk graph is one sequence, got bs={bs}")
         self.bs, self.S = bs, S
         self.mtp_module = mtp_module
         self.ids_BS = torch.zeros(bs, S, dtype=torch.long, device=dev)
@@ -111,7 +157,7 @@ class StepGraph:
             (bs, runner.max_pages), scratch_page, dtype=torch.int32, device=dev
         )
         self.starts_B = torch.zeros(bs, dtype=torch.long, device=dev)
-        # chunk: the row whose logits the LM head computes (n - 1 for n real tokens).
+        # chunk: the position whose logits the LM head computes (n - 1 for n real tokens).
         self.keep_K = torch.zeros(1, dtype=torch.long, device=dev) if chunk else None
         self.hidden_in_BSD: torch.Tensor | None = None
         if mtp_module is not None:
@@ -161,10 +207,10 @@ class StepGraph:
         return view, runner._forward_mtp(self.mtp_module, h_BSD, self.ids_BS, view, keep)
 
     def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
-        """Replay on B <= bs rows (ids_BS [B, S], an MTP depth's hidden_BSD [B, S, D] or a chunk's
-        [1, n, D]); `n`: a chunk's real tokens. -> (logits, hidden)
-        of the B rows: [B, S, V] (a chunk: [1, 1, V], row n - 1's) and [B, S, D], views of the
-        graph's static outputs, valid until its next replay."""
+        """Replay on B <= bs rows (ids_BS [B, S], an MTP depth's hidden_BSD [B, S, D] or chunks'
+        [B, n, D]); `n`: chunks' real tokens. -> (logits, hidden)
+        of the B rows: [B, S, V] (chunks: [B, 1, V], position n - 1's) and [B, S, D], views of
+        the graph's static outputs, valid until its next replay."""
         b, m = block_table_BM.shape
         self.ids_BS[:b].copy_(ids_BS)
         self.ids_BS[b:].zero_()
@@ -177,7 +223,7 @@ class StepGraph:
                 raise ValueError(f"chunk of n={n} real tokens in a graph of {self.S}")
             self.keep_K.fill_(n - 1)
         if self.hidden_in_BSD is not None:
-            t = hidden_BSD.shape[1]  # S; a chunk's n real rows, its padding rows zero
+            t = hidden_BSD.shape[1]  # S; chunks' n real positions, their padding zero
             self.hidden_in_BSD[:b, :t].copy_(hidden_BSD)
             self.hidden_in_BSD[:b, t:].zero_()
             self.hidden_in_BSD[b:].zero_()

@@ -362,6 +362,13 @@ def _parser() -> argparse.ArgumentParser:
         "graphs captured at start instead of running eagerly (default 256; 0: off)",
     )
     p.add_argument(
+        "--prefill-graph-seqs",
+        type=int,
+        default=d.prefill_graph_seqs,
+        help="GPU: a step's prefill chunks of one length replay one CUDA graph of up to this "
+        "many sequences (a power of two, 1-64; default 8)",
+    )
+    p.add_argument(
         "--weights",
         choices=("dequantize", "fp8"),
         default=d.weights,
@@ -442,6 +449,7 @@ def main(argv: list[str]) -> int:
             async_scheduling_sampled=a.async_scheduling_sampled,
             async_scheduling_prefill=a.async_scheduling_prefill,
             prefill_graph_tokens=a.prefill_graph_tokens,
+            prefill_graph_seqs=a.prefill_graph_seqs,
             max_model_len=a.max_model_len,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,

@@ -535,6 +535,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         async_scheduling_sampled=cfg.async_scheduling_sampled,
         async_scheduling_prefill=cfg.async_scheduling_prefill,
         prefill_graph_tokens=cfg.prefill_graph_tokens,
+        prefill_graph_seqs=cfg.prefill_graph_seqs,
         use_cuda_graphs=device == "cuda",
         capture_decode_graphs=decodes,
         eos_token_ids=eos_token_ids(cfg.model),  # generation_config.json's too, as in vLLM

@@ -333,13 +333,17 @@ def main(argv: list[str]) -> int:
             a.arrival_every,
             a.arrival_graph_tokens,
             a.arrival_burst,
+            a.arrival_graph_seqs,
         )
         arr = notes["arrivals"]
         keys: tuple[str, ...] = ("on_vs_off", "on_vs_sync", "outputs_equal", "on_equals_sync")
         if a.arrival_graph_tokens:
             keys += ("sync_vs_eager", "sync_equals_eager", "sync_equals_absorbed")
+        keys += tuple(k for k in ("sync_vs_single", "sync_equals_single") if k in arr)
         print("arrivals", {k: arr[k] for k in keys})
-        for arm in ("sync", "eager") if a.arrival_graph_tokens else ("sync",):
+        for arm in ("sync", "eager", "single") if a.arrival_graph_tokens else ("sync",):
+            if arm not in arr:
+                continue
             print(arm, {k: arr[arm][k] for k in ("mixed_step_ms", "decode_step_ms", "build_s")})
     if a.ab:
         notes["ab"] = run_ab(

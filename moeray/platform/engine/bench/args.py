@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
-from moeray.platform.config.graphs import check_chunk_tokens
+from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
 from moeray.platform.engine.bench.ab import parse_ab
 
 DESCRIPTION = "`moeray bench engine`: decode and prefill throughput of the engine"
@@ -103,6 +103,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(EngineConfig.prefill_graph_tokens) in every run, and two more synchronous runs chunk "
         "eagerly (expanded, absorbed MLA) to compare; 0: every chunk eagerly, no extra runs",
     )
+    p.add_argument(
+        "--arrival-graph-seqs",
+        type=int,
+        default=8,
+        help="--arrivals: a step's same-length chunks replay one graph of up to this many "
+        "(EngineConfig.prefill_graph_seqs); past 1, one more synchronous run replays one chunk "
+        "a graph to compare (`single`)",
+    )
     p.add_argument("--out-dir", default=None)
     p.add_argument(
         "--note",
@@ -138,6 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.arrival_prompt_lens = (lo, hi)
     try:
         check_chunk_tokens(a.arrival_graph_tokens, "--arrival-graph-tokens")
+        check_chunk_seqs(a.arrival_graph_seqs, "--arrival-graph-seqs")
     except ValueError as e:
         p.error(str(e))
     if a.arrival_every < 1:

@@ -4,8 +4,9 @@ scheduling through admissions (`EngineConfig.async_scheduling_prefill`) off and 
 N greedy requests of the bench's prompt length and --decode-tokens outputs, one (or a burst of
 --arrival-burst) added every --arrival-every step calls (a steady arrival rate counted in steps,
 so both engines see the same schedule of arrivals against their own steps), stepped until all
-end. A burst of same-length prompts is what an eager step batches into one forward per length
-and the chunk graphs replay one chunk at a time: the case where the graphs could lose.
+end. A burst of same-length prompts is what an eager step batches into one forward per length;
+the chunk graphs replay them together too, up to `graph_seqs` a graph, and a `single` run
+replays them one chunk a graph (prefill_graph_seqs=1), which lost to eager chunks there.
 
 Off, each admission drains the step in flight and runs its prefill step synchronously: two host
 gaps with the GPU idle; on, the admission's prefill runs in the step launched ahead. Each engine is
@@ -29,7 +30,8 @@ GPU its tokens equal `on`'s bit for bit unless the step launched ahead computes 
 absorbed one, which the graphs run. `sync_vs_eager` is the graphs' tokens/s against eager
 chunks'; `sync_equals_absorbed` the share of requests with the same tokens as the absorbed run
 (1.0 unless a graph computes something else), `sync_equals_eager` the same against `eager`
-(near-tied logits part between the two MLA paths' rounding).
+(near-tied logits part between the two MLA paths' rounding). With `graph_seqs` > 1, `single` is
+`sync` with one chunk a graph: `sync_vs_single`, `sync_equals_single`.
 """
 
 from __future__ import annotations
@@ -92,13 +94,15 @@ def arrivals_ab(
     every: int,
     graph_tokens: int = 0,
     burst: int = 1,
+    graph_seqs: int = 1,
 ) -> dict[str, Any]:
     """The arrival run without async scheduling (`sync`), then with async_scheduling_prefill off
-    and on, all with prefill_graph_tokens=`graph_tokens`; with `graph_tokens` > 0 also `sync`'s
-    eager references (`eager`: chunks through the expanded path; `absorbed`: through the absorbed
-    one, as the graphs). Each arm on a fresh engine (`make_engine(**settings)`) warmed by the same
-    run on `warm_prompts` (other tokens, the same lengths: no prefix-cache hits when timed).
-    Each arm's `build_s`: the seconds its engine took to build, graph captures included."""
+    and on, all with prefill_graph_tokens=`graph_tokens` and prefill_graph_seqs=`graph_seqs`;
+    with `graph_tokens` > 0 also `sync`'s eager references (`eager`: chunks through the expanded
+    path; `absorbed`: through the absorbed one, as the graphs), and with `graph_seqs` > 1
+    `single` (one chunk a graph). Each arm on a fresh engine (`make_engine(**settings)`) warmed
+    by the same run on `warm_prompts` (other tokens, the same lengths: no prefix-cache hits when
+    timed). Each arm's `build_s`: the seconds its engine took to build, graph captures included."""
     if every < 1:
         raise ValueError(f"arrival every {every} step calls: expected >= 1")
     if burst < 1:
@@ -109,8 +113,9 @@ def arrivals_ab(
     result["max_tokens"] = max_tokens
     result["prompt_lens"] = [min(map(len, prompts)), max(map(len, prompts))]
     result["prefill_graph_tokens"] = graph_tokens
+    result["prefill_graph_seqs"] = graph_seqs
     outputs = {}
-    graphs = {"prefill_graph_tokens": graph_tokens}
+    graphs = {"prefill_graph_tokens": graph_tokens, "prefill_graph_seqs": graph_seqs}
     arms: list[tuple[str, dict[str, Any]]] = [
         ("sync", {"async_scheduling": False, **graphs}),
         ("off", {"async_scheduling": True, "async_scheduling_prefill": False, **graphs}),
@@ -119,6 +124,8 @@ def arrivals_ab(
     if graph_tokens:
         eager = {"async_scheduling": False, "prefill_graph_tokens": 0}
         arms += [("eager", eager), ("absorbed", {**eager, "prefill_attention": "absorbed"})]
+        if graph_seqs > 1:
+            arms.append(("single", {**arms[0][1], "prefill_graph_seqs": 1}))
     for name, settings in arms:
         t0 = time.perf_counter()
         engine = make_engine(**settings)
@@ -134,6 +141,9 @@ def arrivals_ab(
         result["sync_vs_eager"] = result["sync"]["tokens_per_s"] / result["eager"]["tokens_per_s"]
         pairs.append(("sync_equals_eager", "sync", "eager"))
         pairs.append(("sync_equals_absorbed", "sync", "absorbed"))
+    if "single" in result:
+        result["sync_vs_single"] = result["sync"]["tokens_per_s"] / result["single"]["tokens_per_s"]
+        pairs.append(("sync_equals_single", "sync", "single"))
     for key, arm, other in pairs:
         same = sum(a == b for a, b in zip(outputs[arm], outputs[other], strict=True))
         result[key] = same / len(prompts)
