@@ -19,5 +19,9 @@ gpu_pytest() {
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$limit" python3 -m pytest -v -s --durations=15 -p no:cacheprovider "$@" > "$OUT/$log" 2>&1
   local rc=$?
   el "pytest $* rc=$rc"; grep "passed\|failed\|skipped\|error" "$OUT/$log" | tail -6 | cut -c1-200
+  # cut off by the limit (no summary line): the counts so far and what failed
+  [ $rc -ne 124 ] || echo "cut at ${limit}s: $(grep -c ' PASSED' "$OUT/$log") passed," \
+    "$(grep -c ' FAILED' "$OUT/$log") failed; last: $(grep '::' "$OUT/$log" | tail -1 | cut -c1-120)"
+  grep -h "^FAILED\|^ERROR\|::.* FAILED" "$OUT/$log" | cut -c1-200 | head -20
   return $rc
 }

@@ -73,5 +73,10 @@ for name in "$@"; do
   rows+=("$(printf '%-16s %4s %6s' "$name" "$rc" "$(( $(date +%s) - start ))")")
   [ $rc -eq 0 ] || status=1
 done
+# Only the first 8 files under $OUT come back from the device: past that, the logs go into one
+# archive (result JSONs stay apart).
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && ls | grep -v '\.json$\|\.tar\.gz$' | tar czf "logs-$(date +%s).tar.gz" -T - --remove-files)
+fi
 echo; printf '%-16s %4s %6s\n' recipe rc seconds; printf '%s\n' "${rows[@]}"
 exit $status
