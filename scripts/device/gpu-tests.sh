@@ -1,8 +1,17 @@
 # The GPU tier: tests/gpu, then the compiled-kernel checks in tests/kernels (marker gpu), in two
-# pytest processes (env.sh says why). 1 GPU, ~7 minutes with the Ray Train job test; carry
-# .gpu-bundle for it. GPU_TESTS="tests/gpu/test_a.py tests/gpu/test_b.py::test_c" runs a subset
-# (GPU_LIMIT seconds, default 300); KERNEL_TESTS=0 leaves out the tests/kernels tier.
+# pytest processes (env.sh says why). 1 GPU; carry .gpu-bundle for the Ray Train job test. The
+# whole tier no longer fits one 600 s call (cut at 360 + 200 s in the twenty-second session):
+# GPU_PART=1/2 and GPU_PART=2/2 run halves of tests/gpu's files (sorted, alternating) and
+# KERNEL_TESTS=0 leaves out the tests/kernels tier; GPU_TESTS="tests/gpu/test_a.py
+# tests/gpu/test_b.py::test_c" runs a subset (GPU_LIMIT seconds, default 300).
 use_bundle  # the Ray Train job test needs Ray
-gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} ${GPU_TESTS:-tests/gpu} || rc=1
+tests=${GPU_TESTS:-tests/gpu}
+if [ -n "${GPU_PART:-}" ]; then
+  k=${GPU_PART%/*} n=${GPU_PART#*/}
+  tests=$(ls tests/gpu/test_*.py | sort | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1' | tr '\n' ' ')
+  echo "GPU_PART $GPU_PART: $(echo $tests | wc -w) files"
+fi
+# shellcheck disable=SC2086  # a list of paths
+gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} $tests || rc=1
 [ "${KERNEL_TESTS:-1}" = 0 ] || gpu_pytest pytest_kernels_gpu.log 200 tests/kernels -m gpu || rc=1
 exit ${rc:-0}
