@@ -286,7 +286,10 @@ def test_bench_async_scheduling(tmp_path):
     assert arr["eager"]["mixed_steps"] == arr["absorbed"]["mixed_steps"] == 6
     assert arr["sync_equals_eager"] == arr["sync_equals_absorbed"] == 1.0
     assert arr["sync_vs_eager"] > 0
-    assert all(arr[k]["build_s"] > 0 for k in ("sync", "off", "on", "eager", "absorbed"))
+    # ... and of several same-length chunks a graph: one chunk a graph (`single`)
+    assert arr["prefill_graph_seqs"] == 8 and arr["sync_equals_single"] == 1.0
+    assert arr["single"]["mixed_steps"] == 6 and arr["sync_vs_single"] > 0
+    assert all(arr[k]["build_s"] > 0 for k in ("sync", "off", "on", "eager", "absorbed", "single"))
     assert arr["on"]["tokens_per_s"] > 0 and arr["on_vs_off"] > 0
     assert r["engine"]["async_scheduling"] is True
     assert r["engine"]["async_scheduling_sampled"] is False and r["engine"]["temperature"] == 0.8

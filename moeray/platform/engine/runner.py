@@ -512,8 +512,9 @@ class ModelRunner:
         ranks agree on every forward's shape. Chunk graphs are captured by `capture_graphs`
         only, never inside a step (where async scheduling's work in flight would run beside the
         capture)."""
-        if not (self.chunk_buckets and self.gang is None):
-            return []
+        chunks = [c if c is None or c[0] > PAD_MAX_S else None for c in chunks]
+        if not (self.chunk_buckets and self.gang is None) or chunks.count(None) == len(chunks):
+            return []  # (a decode-only step returns here, before the graphs are looked at)
         if mtp_module is None:
             kind, ok = "chunk", self.use_cuda_graphs
         else:
@@ -522,7 +523,6 @@ class ModelRunner:
         for (bs, S, k), graph in sorted(self.graphs.items()) if ok else ():
             if k == kind and graph.mtp_module is mtp_module:
                 batches.setdefault(S, []).append(bs)
-        chunks = [c if c is None or c[0] > PAD_MAX_S else None for c in chunks]
         max_positions = self.max_pages * self.page_size
         plan = chunk_replay_plan(chunks, self.chunk_buckets, max_positions, batches)
         return [(self.graphs[(bs, S, kind)], idx) for bs, S, idx in plan]
