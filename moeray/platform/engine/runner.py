@@ -383,9 +383,10 @@ class ModelRunner:
         of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns
         the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
         takes its per-expert training loop, which reads counts back to the host, and every capture
-        fails ("called a synchronizing CUDA operation"). Then each prefill-chunk bucket's graph
-        (none unless prefill_graph_tokens), and with `mtp_module` its MTP depth's. `decode`
-        False: the chunk graphs only (a prefill replica never decodes)."""
+        fails ("called a synchronizing CUDA operation"). Then the prefill-chunk graphs (none
+        unless prefill_graph_tokens: `step_graphs.chunk_graph_shapes`, at most as many sequences
+        as the padded max_batch), and with `mtp_module` its MTP depth's. `decode` False: the
+        chunk graphs only (a P/D prefill replica, whose requests end at their first token)."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
