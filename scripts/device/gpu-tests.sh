@@ -3,7 +3,8 @@
 # whole tier no longer fits one 600 s call (cut at 360 + 200 s in the twenty-second session):
 # GPU_PART=1/2 and GPU_PART=2/2 run halves of tests/gpu's files (sorted, alternating) and
 # KERNEL_TESTS=0 leaves out the tests/kernels tier; GPU_TESTS="tests/gpu/test_a.py
-# tests/gpu/test_b.py::test_c" runs a subset (GPU_LIMIT seconds, default 300).
+# tests/gpu/test_b.py::test_c" runs a subset (GPU_LIMIT seconds, default 300), GPU_TESTS=none
+# the kernel tier alone.
 use_bundle  # the Ray Train job test needs Ray
 tests=${GPU_TESTS:-tests/gpu}
 if [ -n "${GPU_PART:-}" ]; then
@@ -12,6 +13,6 @@ if [ -n "${GPU_PART:-}" ]; then
   echo "GPU_PART $GPU_PART: $(echo $tests | wc -w) files"
 fi
 # shellcheck disable=SC2086  # a list of paths
-gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} $tests || rc=1
+[ "$tests" = none ] || gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} $tests || rc=1
 [ "${KERNEL_TESTS:-1}" = 0 ] || gpu_pytest pytest_kernels_gpu.log 200 tests/kernels -m gpu || rc=1
 exit ${rc:-0}
