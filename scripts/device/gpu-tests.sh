@@ -1,6 +1,6 @@
 # The GPU tier: tests/gpu, then the compiled-kernel checks in tests/kernels (marker gpu), in two
 # pytest processes (env.sh says why). 1 GPU; carry .gpu-bundle for the Ray Train job test. The
-# whole tier no longer fits one 600 s call (cut at 360 + 200 s in the twenty-second session):
+# whole tier takes longer than one 600 s call (tests/gpu past 360 s, tests/kernels past 200 s):
 # GPU_PART=1/2 and GPU_PART=2/2 run halves of tests/gpu's files (sorted, alternating) and
 # KERNEL_TESTS=0 leaves out the tests/kernels tier; GPU_TESTS="tests/gpu/test_a.py
 # tests/gpu/test_b.py::test_c" runs a subset (GPU_LIMIT seconds, default 300), GPU_TESTS=none
