@@ -292,35 +292,42 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     assert runner.chunk_graph_replays["chunk"] >= len(prompts)
 
 
-def test_same_length_chunks_replay_one_graph(setup, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("spec", [0, 1])
+def test_same_length_chunks_replay_one_graph(setup, monkeypatch, spec):  # noqa: F811
     """A burst of same-length prompts: their chunks of one step replay one graph [bs, S] (bs the
     smallest captured batch that holds them, padded), and the greedy tokens equal the eager
-    engine's; with prefill_graph_seqs=1 each chunk replays a graph of its own."""
+    engine's; with prefill_graph_seqs=1 each chunk replays a graph of its own. With MTP
+    speculation the chunks' MTP forwards replay the same way, every draft the eager engine's."""
     cfg, model, *_ = setup
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist() for _ in range(3)]
     params = SamplingParams(temperature=0, max_tokens=N_NEW)
     base = dict(page_size=16, num_pages=64, max_num_batched_tokens=64, attention="kernel")
-    want = [
-        o.output_token_ids for o in Engine(model, EngineConfig(**base)).generate(prompts, params)
-    ]
-    replays: list[tuple[int, int]] = []
+    base["num_speculative_tokens"] = spec
+    eager = Engine(model, EngineConfig(**base))
+    want_drafts = _record_drafts(eager.runner, monkeypatch) if spec else []
+    want = [o.output_token_ids for o in eager.generate(prompts, params)]
+    replays: list[tuple[int, int, bool]] = []
 
     class Counting(EagerStepGraph):
         def _replay(self) -> None:
             if self.keep_K is not None:
-                replays.append((self.bs, self.S))
+                replays.append((self.bs, self.S, self.mtp_module is not None))
             super()._replay()
 
     monkeypatch.setattr(runner_mod, "StepGraph", Counting)
-    for seqs, expect in ((8, [(4, 16)]), (1, [(1, 16)] * 3)):
+    for seqs, shapes in ((8, [(4, 16)]), (1, [(1, 16)] * 3)):
         replays.clear()
         eng = Engine(model, EngineConfig(**base, prefill_graph_tokens=16, prefill_graph_seqs=seqs))
         eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
         eng.runner.chunk_buckets = chunk_buckets(16)
-        eng.runner.capture_graphs(4)  # max_num_seqs 4: no chunk graph of more (seqs 8)
+        eng.runner.capture_graphs(4, model.mtp[0] if spec else None, eng.dtype)
+        # max_num_seqs 4: no chunk graph of more (seqs 8)
         assert max(k[0] for k in eng.runner.graphs if k[2] == "chunk") == min(seqs, 4)
+        drafts = _record_drafts(eng.runner, monkeypatch) if spec else []
         got = [o.output_token_ids for o in eng.generate(prompts, params)]
-        assert got == want
-        assert replays == expect, replays
-        assert eng.runner.chunk_graph_replays["chunk"] == 3
+        assert got == want and drafts == want_drafts
+        expect = [(*shape, False) for shape in shapes]
+        expect += [(*shape, True) for shape in shapes] if spec else []
+        assert sorted(replays) == sorted(expect), replays
+        assert eng.runner.chunk_graph_replays == {"chunk": 3, "mtp_chunk": 3 * spec}
