@@ -44,8 +44,9 @@ def test_chunk_graph_shapes():
     b = chunk_buckets(256)
     sizes = (1, 2, 4, 8, 16, 32)
     shapes = chunk_graph_shapes(b, sizes, 8, 2048)
-    assert (8, 256) in shapes and (16, 16) not in shapes  # at most max_seqs sequences
-    assert len(shapes) == 5 * 4
+    assert (8, 128) in shapes and (16, 16) not in shapes  # at most max_seqs sequences
+    assert (8, 256) not in shapes and (4, 256) in shapes  # at most 1,024 tokens a graph
+    assert len(shapes) == 5 * 4 - 1
     shapes = chunk_graph_shapes(b, sizes, 8, 512)  # bs x S within the token budget
     assert {bs for bs, S in shapes if S == 128} == {1, 2, 4}
     assert {bs for bs, S in shapes if S == 256} == {1, 2}

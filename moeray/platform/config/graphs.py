@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 # Chunk buckets: powers of two from 16 (shorter chunks pad to 16) to 1,024 tokens, a bound on the
-# memory the captures take (timed up to 256: benchmarks/notes-engine.md).
+# memory the captures take (timed up to 256: benchmarks/notes-engine.md); a chunk graph of
+# several sequences holds at most CHUNK_GRAPH_MAX tokens too (timed up to 8 x 128).
 CHUNK_GRAPH_MIN = 16
 CHUNK_GRAPH_MAX = 1024
 # Same-length chunks of one step replay one graph of up to this many sequences (a power of two).

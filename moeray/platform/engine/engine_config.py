@@ -58,12 +58,12 @@ class EngineConfig:
     # the expanded path's by bf16 rounding, neither path the more accurate (7.4-8.8% from fp32).
     prefill_graph_tokens: int = 256
     # A step's chunks of one length replay one chunk graph of up to this many sequences (graphs
-    # captured at each of graph_batch_sizes up to it, bs x S within max_num_batched_tokens): a
-    # burst of same-length prompts then reads the weights once a graph, not once a chunk
-    # (step_graphs.py). 1: one sequence a chunk graph. Bursts of 16 128-token prompts at
-    # Moonlight on an H100: tokens/s 1.36x (FP8) / 1.45x (bf16) against 1, where one chunk a
-    # graph lost to eager chunks (0.87x / 0.70x); steady arrivals even (0.995x); an engine's
-    # start +5 s for the 14 more captures (notes-engine.md).
+    # captured at each of graph_batch_sizes up to it, bs x S within max_num_batched_tokens and
+    # 1,024 tokens, config/graphs.py): a burst of same-length prompts then reads the weights
+    # once a graph, not once a chunk (step_graphs.py). 1: one sequence a chunk graph. Bursts of
+    # 16 128-token prompts at Moonlight on an H100: tokens/s 1.36x (FP8) / 1.45x (bf16) against
+    # 1, where one chunk a graph lost to eager chunks (0.87x / 0.70x); steady arrivals even
+    # (0.995x); an engine's start +5 s for the 14 more captures (notes-engine.md).
     prefill_graph_seqs: int = 8
 
     def __post_init__(self) -> None:

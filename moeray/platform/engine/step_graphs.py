@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moeray.platform.config.graphs import CHUNK_GRAPH_MIN
+from moeray.platform.config.graphs import CHUNK_GRAPH_MAX, CHUNK_GRAPH_MIN
 from moeray.platform.engine.kv_cache import PagedKVStorage
 from moeray.platform.engine.paged_view import KernelPagedView
 from moeray.platform.graph_capture import graph_capture
@@ -69,12 +69,15 @@ def chunk_graph_shapes(
 ) -> tuple[tuple[int, int], ...]:
     """(bs, S) of every chunk graph: each bucket S, bs each of `batch_sizes` up to `max_seqs`
     whose bs x S tokens stay within `max_tokens` (the scheduler's token budget: k same-length
-    chunks of a step hold at most that many real tokens) or is 1."""
+    chunks of a step hold at most that many real tokens) and CHUNK_GRAPH_MAX, or is 1. The
+    graphs' memory pool holds the largest one's activations beside the eager path's: at V3's
+    128 heads MLA's fp32 partials alone are 0.27 GB a 1,024 tokens."""
+    limit = min(max_tokens, CHUNK_GRAPH_MAX)
     return tuple(
         (bs, S)
         for S in buckets
         for bs in sorted(batch_sizes)
-        if bs <= max_seqs and (bs == 1 or bs * S <= max_tokens)
+        if bs <= max_seqs and (bs == 1 or bs * S <= limit)
     )
 
 
