@@ -124,16 +124,16 @@ class EagerStepGraph(StepGraph):
         self.hidden_BSD.copy_(hidden)
 
 
-def _graphed(model, monkeypatch, **kw) -> Engine:
-    monkeypatch.setattr(runner_mod, "StepGraph", EagerStepGraph)
+def _graphed(model, monkeypatch, graph_cls=EagerStepGraph, decode=True, **kw) -> Engine:
+    monkeypatch.setattr(runner_mod, "StepGraph", graph_cls)
     cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32, attention="kernel")
-    eng = Engine(model, EngineConfig(**cfg, **kw))
+    eng = Engine(model, EngineConfig(**{**cfg, **kw}))
     # CPU: no graphs unless forced on, then captured as at a GPU engine's start (chunk graphs
     # only there: a step never captures one); the fake runs their forwards.
     eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
     eng.runner.chunk_buckets = chunk_buckets(kw.get("prefill_graph_tokens", 0))
     mtp = model.mtp[0] if kw.get("num_speculative_tokens") else None
-    eng.runner.capture_graphs(4, mtp, eng.dtype)
+    eng.runner.capture_graphs(4, mtp, eng.dtype, decode=decode)
     return eng
 
 
@@ -281,12 +281,8 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     Engine(model, EngineConfig(**cfg))
     assert seen == [False, True]
     monkeypatch.undo()
-    monkeypatch.setattr(runner_mod, "StepGraph", EagerStepGraph)
-    eng = Engine(model, EngineConfig(**cfg, attention="kernel", prefill_graph_tokens=32))
+    eng = _graphed(model, monkeypatch, decode=False, prefill_graph_tokens=32)
     runner = eng.runner
-    runner.use_cuda_graphs = runner.use_mtp_graphs = True
-    runner.chunk_buckets = chunk_buckets(32)
-    runner.capture_graphs(4, decode=False)
     assert set(runner.graphs) == {(1, 16, "chunk"), (2, 16, "chunk"), (1, 32, "chunk")}
     firsts = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     assert [o.output_token_ids for o in firsts] == [r[:1] for r in ref]
@@ -305,7 +301,7 @@ def test_same_length_chunks_replay_one_graph(setup, monkeypatch, spec):  # noqa:
     params = SamplingParams(temperature=0, max_tokens=N_NEW)
     base = dict(page_size=16, num_pages=64, max_num_batched_tokens=64, attention="kernel")
     base["num_speculative_tokens"] = spec
-    eager = Engine(model, EngineConfig(**base))
+    eager = Engine(model, EngineConfig(**base))  # the three prompts in one step's budget
     want_drafts = _record_drafts(eager.runner, monkeypatch) if spec else []
     want = [o.output_token_ids for o in eager.generate(prompts, params)]
     replays: list[tuple[int, int, bool]] = []
@@ -316,14 +312,11 @@ def test_same_length_chunks_replay_one_graph(setup, monkeypatch, spec):  # noqa:
                 replays.append((self.bs, self.S, self.mtp_module is not None))
             super()._replay()
 
-    monkeypatch.setattr(runner_mod, "StepGraph", Counting)
     for seqs, shapes in ((8, [(4, 16)]), (1, [(1, 16)] * 3)):
         replays.clear()
-        eng = Engine(model, EngineConfig(**base, prefill_graph_tokens=16, prefill_graph_seqs=seqs))
-        eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
-        eng.runner.chunk_buckets = chunk_buckets(16)
-        eng.runner.capture_graphs(4, model.mtp[0] if spec else None, eng.dtype)
-        # max_num_seqs 4: no chunk graph of more (seqs 8)
+        kw = dict(base, prefill_graph_tokens=16, prefill_graph_seqs=seqs)
+        eng = _graphed(model, monkeypatch, Counting, **kw)
+        # captured for max_num_seqs 4: no chunk graph of more (seqs 8)
         assert max(k[0] for k in eng.runner.graphs if k[2] == "chunk") == min(seqs, 4)
         drafts = _record_drafts(eng.runner, monkeypatch) if spec else []
         got = [o.output_token_ids for o in eng.generate(prompts, params)]

@@ -7,6 +7,7 @@ import argparse
 from moeray.platform.config import PRESETS, ModelConfig, preset
 from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
 from moeray.platform.engine.bench.ab import parse_ab
+from moeray.platform.engine.engine_config import EngineConfig
 
 DESCRIPTION = "`moeray bench engine`: decode and prefill throughput of the engine"
 
@@ -98,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--arrival-graph-tokens",
         type=int,
-        default=256,
+        default=EngineConfig.prefill_graph_tokens,
         help="--arrivals: prefill chunks of up to this many tokens replay CUDA graphs "
         "(EngineConfig.prefill_graph_tokens) in every run, and two more synchronous runs chunk "
         "eagerly (expanded, absorbed MLA) to compare; 0: every chunk eagerly, no extra runs",
@@ -106,7 +107,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--arrival-graph-seqs",
         type=int,
-        default=8,
+        default=EngineConfig.prefill_graph_seqs,
         help="--arrivals: a step's same-length chunks replay one graph of up to this many "
         "(EngineConfig.prefill_graph_seqs); past 1, one more synchronous run replays one chunk "
         "a graph to compare (`single`)",

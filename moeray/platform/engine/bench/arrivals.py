@@ -116,8 +116,9 @@ def arrivals_ab(
     result["prefill_graph_seqs"] = graph_seqs
     outputs = {}
     graphs = {"prefill_graph_tokens": graph_tokens, "prefill_graph_seqs": graph_seqs}
+    sync_settings = {"async_scheduling": False, **graphs}
     arms: list[tuple[str, dict[str, Any]]] = [
-        ("sync", {"async_scheduling": False, **graphs}),
+        ("sync", sync_settings),
         ("off", {"async_scheduling": True, "async_scheduling_prefill": False, **graphs}),
         ("on", {"async_scheduling": True, "async_scheduling_prefill": True, **graphs}),
     ]
@@ -125,7 +126,7 @@ def arrivals_ab(
         eager = {"async_scheduling": False, "prefill_graph_tokens": 0}
         arms += [("eager", eager), ("absorbed", {**eager, "prefill_attention": "absorbed"})]
         if graph_seqs > 1:
-            arms.append(("single", {**arms[0][1], "prefill_graph_seqs": 1}))
+            arms.append(("single", {**sync_settings, "prefill_graph_seqs": 1}))
     for name, settings in arms:
         t0 = time.perf_counter()
         engine = make_engine(**settings)
