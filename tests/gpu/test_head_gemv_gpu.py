@@ -126,6 +126,11 @@ def _tiny_greedy(dtype, monkeypatch, fused: bool) -> tuple[list, int]:
         monkeypatch.setenv("MOERAY_FUSED_HEAD_GEMV", "1")
     else:
         monkeypatch.delenv("MOERAY_FUSED_HEAD_GEMV", raising=False)
+    # MLA_WUK and MLA_WUV (the defaults) take W_UK and W_UV into the cache write and the merge at
+    # up to 4 query rows, so decode rows reach head_matmul only with both off: without this the
+    # fp32 engine (eager: its per-expert MoE cannot be captured) never called head_gemv.
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK", "0")
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "0")
     return tiny_greedy(dtype, monkeypatch, hg, "head_gemv")
 
 

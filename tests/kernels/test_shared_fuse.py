@@ -25,12 +25,7 @@ from moeray.platform.model import moe as moe_module
 from moeray.platform.model.merge import merge_projections
 from moeray.platform.model.moe import MoE
 from moeray.platform.model.quant import dequantize_fp8_blocks
-from moeray.platform.model.shared_fuse import (
-    MAX_FUSED_TOKENS,
-    WIDE_FUSED_TOKENS,
-    SharedFused,
-    fuse_shared_experts,
-)
+from moeray.platform.model.shared_fuse import MAX_FUSED_TOKENS, SharedFused, fuse_shared_experts
 from moeray.platform.model.transformer import Transformer
 
 
@@ -204,30 +199,6 @@ def test_more_tokens_than_the_fused_maximum_run_the_shared_mlp():
         hook.remove()
         assert calls == ["shared"]
         assert torch.equal(got, want)
-
-
-def test_shared_wide_switch_fuses_to_its_bound(monkeypatch):
-    """MOERAY_FUSED_SHARED_WIDE=1 (opt-in) runs the shared experts fused past MAX_FUSED_TOKENS
-    (a batch-64 decode step), within the fused path's bf16 rounding of the unfused layer, and
-    keeps the shared MLP past WIDE_FUSED_TOKENS."""
-    monkeypatch.setenv("MOERAY_FUSED_SHARED_WIDE", "1")
-    cfg = _cfg(1, 3)
-    plain, fused, _ = _models(cfg)
-    a, b = _moe_pairs(plain, fused)[0]
-    g = torch.Generator().manual_seed(3)
-    calls: list[str] = []
-    hook = b.shared_experts.register_forward_hook(lambda *_: calls.append("shared"))
-    for T, runs_shared in ((MAX_FUSED_TOKENS + 1, False), (WIDE_FUSED_TOKENS + 1, True)):
-        x = torch.randn(T, cfg.hidden_size, generator=g).to(torch.bfloat16)
-        calls.clear()
-        with torch.no_grad():
-            got = b(x[None]).squeeze(0).float()
-        assert calls == (["shared"] if runs_shared else []), T
-        if not runs_shared:
-            with torch.no_grad():
-                want = _unfused_fused_path(a, x)[0].float()
-            torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6 * want.abs().max().item())
-    hook.remove()
 
 
 @pytest.mark.parametrize("n_shared", [1, 2])

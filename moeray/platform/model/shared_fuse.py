@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off, switched_on
+from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, interpreting, switched_off
 from moeray.kernels.gate import Routing
 from moeray.platform.model.linear import Linear
 from moeray.platform.model.moe import MoE, fused_experts
@@ -63,19 +63,11 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 # {bf16,fp8}{,-unfused-shared}.json): kernel time a step at batch 1 2.88 vs 3.05 ms (bf16) and
 # 2.69 vs 3.07 (FP8), at batch 8 6.19 vs 6.35 and 4.72 vs 5.00, but at batch 64 11.6 vs 10.9 and
 # 9.24 vs 8.79: there the shared MLP's own dense GEMMs beat 64 more rows in the grouped kernel.
+# With today's decode tiles, fused up to 64 tokens still loses at batch 64 on an H100: decode
+# graph 1.005x (FP8) and 1.025x (bf16) as long, batch 1 even (benchmarks/results/engine-nvidia-
+# h100-80gb-hbm3-moonlight-{fp8,bf16}-sharedwide.json, engine.ab.SHARED_WIDE).
 MAX_FUSED_TOKENS = 16
-# MOERAY_FUSED_SHARED_WIDE=1 (opt-in; the A/B of that bound since the fused MoE's decode tiles
-# changed): fused up to 64 tokens, so a batch-64 decode step's shared MLP runs no launches of its
-# own instead of 4 (gate, up, SwiGLU, down: ~18 us a Moonlight FP8 layer at batch 64 on an H200,
-# benchmarks/results/engine-nvidia-h200-moonlight-fp8-defaults4.json's profile).
-WIDE_FUSED_TOKENS = 64
 FUSED_DTYPES = (torch.bfloat16, torch.float16, FP8_DTYPE)  # what `fused_experts` takes
-
-
-def max_fused_tokens() -> int:
-    """The most tokens a forward runs its shared experts fused: MAX_FUSED_TOKENS, or
-    WIDE_FUSED_TOKENS with MOERAY_FUSED_SHARED_WIDE=1."""
-    return WIDE_FUSED_TOKENS if switched_on("SHARED_WIDE") else MAX_FUSED_TOKENS
 
 
 def fuse_refusal(moe: MoE) -> str | None:
@@ -214,10 +206,10 @@ class SharedFused(nn.Module):
 
     def applies(self, x_TD: torch.Tensor) -> bool:
         """Where the routed experts would run the fused kernel (`Experts.forward`: CUDA, some
-        tokens, at most `max_fused_tokens()`), or its interpreter (tests on CPU); the rest keeps
+        tokens, at most MAX_FUSED_TOKENS), or its interpreter (tests on CPU); the rest keeps
         the shared MLP."""
         T = x_TD.shape[0]
-        return 0 < T <= max_fused_tokens() and (x_TD.is_cuda or interpreting())
+        return 0 < T <= MAX_FUSED_TOKENS and (x_TD.is_cuda or interpreting())
 
     def forward(self, x_TD: torch.Tensor, r: Routing) -> torch.Tensor | None:
         if not self.applies(x_TD):
