@@ -325,3 +325,23 @@ def test_same_length_chunks_replay_one_graph(setup, monkeypatch, spec):  # noqa:
         expect += [(*shape, True) for shape in shapes] if spec else []
         assert sorted(replays) == sorted(expect), replays
         assert eng.runner.chunk_graph_replays == {"chunk": 3, "mtp_chunk": 3 * spec}
+
+
+def test_graph_inputs_padding_rows_to_scratch(setup, monkeypatch):  # noqa: F811
+    """A replay on fewer rows than the graph's batch puts the padding rows at position 0 of the
+    scratch page (token 0), whatever real rows held them before; the real rows' tables are
+    copied into their first columns."""
+    _cfg, model, *_ = setup
+    eng = _graphed(model, monkeypatch)
+    graph = eng.runner.graphs[(4, 1, "main")]
+    scratch = eng.runner.scratch_page
+    full = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]], dtype=torch.int32)
+    two = torch.tensor([[9, 10], [11, 12]], dtype=torch.int32)
+    with torch.inference_mode():  # as the runner replays (its buffers are inference tensors)
+        graph.run(torch.tensor([[11], [12], [13], [14]]), full, torch.tensor([20, 5, 17, 30]))
+        assert torch.equal(graph.block_table_BM[:, :2], full)
+        graph.run(torch.tensor([[15], [16]]), two, torch.tensor([3, 18]))
+    assert torch.equal(graph.block_table_BM[:2, :2], two)
+    assert (graph.block_table_BM[2:] == scratch).all()
+    assert graph.starts_B.tolist() == [3, 18, 0, 0]
+    assert graph.ids_BS[:, 0].tolist() == [15, 16, 0, 0]

@@ -9,6 +9,7 @@ from moeray.platform.engine.sampler import (
     Sampler,
     SamplingParams,
     filtered_probs,
+    last_rows,
     make_generator,
     sample_from_probs,
     step_back_to_mass,
@@ -322,3 +323,30 @@ def test_seeded_rows_with_penalties_do_not_depend_on_the_batch():
         for b in range(4)
     ]
     assert together == alone
+
+
+def test_last_rows_views_one_outputs_rows_and_copies_the_rest():
+    """A decode group's rows (views [1, V] of one [B, S, V] output, as ModelRunner.execute cuts
+    them) come back as a view of that output, equal to the stacked copy; rows out of order, of
+    separate tensors, or a prefill chunk's [n, V] among them are stacked."""
+    g = torch.Generator().manual_seed(0)
+    out_BSV = torch.randn(5, 2, 11, generator=g)
+    for S in (1, 2):
+        lg = out_BSV[:, :S].contiguous()
+        rows = [lg[j, :S] for j in range(4)]  # padded row 4 cut off
+        got = last_rows(rows)
+        assert torch.equal(got, torch.stack([r[-1] for r in rows]))
+        assert got.untyped_storage().data_ptr() == lg.untyped_storage().data_ptr()
+        one = last_rows(rows[2:3])
+        assert torch.equal(one, lg[2, -1:]) and one.data_ptr() == lg[2, -1].data_ptr()
+    lg = out_BSV[:, :1].contiguous()
+    cases = [
+        [lg[j, :1] for j in (0, 2, 1)],  # out of order
+        [lg[0, :1], lg[2, :1], lg[4, :1], lg[1, :1]],  # one stride apart, then not
+        [lg[0, :1], lg[1, :1].clone()],  # another tensor
+        [lg[0, :1], out_BSV[3]],  # a chunk's [2, V] rows
+    ]
+    for rows in cases:
+        got = last_rows(rows)
+        assert torch.equal(got, torch.stack([r[-1] for r in rows]))
+        assert got.data_ptr() != lg.data_ptr()

@@ -44,6 +44,7 @@ from moeray.platform.engine.sampler import (
     History,
     Sampler,
     SamplingParams,
+    last_rows,
     make_generator,
     topk_logprobs,
 )
@@ -417,7 +418,7 @@ class Engine:
         plain = [i for i, s in enumerate(out.scheduled) if s.samples and not s.spec_token_ids]
         if plain:
             seqs = [out.scheduled[i] for i in plain]
-            rows = torch.stack([fwd.logits[i][-1] for i in plain])
+            rows = last_rows([fwd.logits[i] for i in plain])
             params = [s.request.params for s in seqs]
             hist = None
             if any(p.processes_logits for p in params):

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from moeray.platform.engine.sampler import last_rows
 from moeray.platform.engine.scheduler import (
     PENDING,
     Request,
@@ -209,13 +210,13 @@ class DecodeOverlap:
         # draws nothing (its generator untouched, as in the synchronous engine) and gets a 0.
         samp = [i for i, s in enumerate(seqs) if s.samples]
         if len(samp) == len(seqs):  # every row samples (a decode step): no scatter
-            rows = torch.stack([fwd.logits[i][-1] for i in samp])
+            rows = last_rows([fwd.logits[i] for i in samp])
             tokens = eng.sampler.tokens(rows, [s.request.params for s in seqs],
                                         [s.request.generator for s in seqs])  # fmt: skip
         else:
             tokens = torch.zeros(len(seqs), dtype=torch.long, device=eng.device)
             if samp:
-                rows = torch.stack([fwd.logits[i][-1] for i in samp])
+                rows = last_rows([fwd.logits[i] for i in samp])
                 params = [seqs[i].request.params for i in samp]
                 drawn = eng.sampler.tokens(rows, params, [seqs[i].request.generator for i in samp])
                 tokens[eng.runner.inputs.device_index(samp)] = drawn.to(tokens.dtype)

@@ -217,7 +217,11 @@ class StepGraph:
         b, m = block_table_BM.shape
         self.ids_BS[:b].copy_(ids_BS)
         self.ids_BS[b:].zero_()
-        self.block_table_BM.fill_(self.scratch_page)  # padding rows: positions 0..S-1 of scratch
+        # Padding rows: positions 0..S-1 of the scratch page. A real row's columns past m keep
+        # an earlier step's page ids: no kernel reads them (a row's positions, start .. start +
+        # S - 1, lie in its first m columns: `StepInputs.pages_to`), so only the padding rows
+        # are filled, and a full batch runs no fill launch (empty slices launch nothing).
+        self.block_table_BM[b:].fill_(self.scratch_page)
         self.block_table_BM[:b, :m].copy_(block_table_BM)
         self.starts_B[:b].copy_(starts_B)
         self.starts_B[b:].zero_()
