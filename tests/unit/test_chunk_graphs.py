@@ -19,6 +19,7 @@ from moeray.platform.engine.step_graphs import (
     chunk_buckets,
     chunk_graph_shapes,
     chunk_replay_plan,
+    graph_seconds,
 )
 from moeray.platform.serve.app import main as serve_main
 from tests.unit.test_engine import N_NEW, setup  # noqa: F401  (the module fixture)
@@ -345,3 +346,20 @@ def test_graph_inputs_padding_rows_to_scratch(setup, monkeypatch):  # noqa: F811
     assert (graph.block_table_BM[2:] == scratch).all()
     assert graph.starts_B.tolist() == [3, 18, 0, 0]
     assert graph.ids_BS[:, 0].tolist() == [15, 16, 0, 0]
+
+
+def test_graph_seconds_by_kind(setup, monkeypatch):  # noqa: F811
+    """The start time of an engine's graphs, by kind: counts, seconds and warm-up seconds summed
+    over that kind's graphs (the bench's engine.graph_seconds)."""
+    _cfg, model, *_ = setup
+    eng = _graphed(model, monkeypatch, prefill_graph_tokens=32)
+    graphs = eng.runner.graphs
+    for g in graphs.values():
+        g.seconds, g.warmup_s = 0.5 + g.bs + g.S / 100, 0.25 * g.bs
+    got = graph_seconds(graphs)
+    assert sorted(got) == ["chunk", "main"]
+    for kind, row in got.items():
+        mine = [g for (_b, _s, k), g in graphs.items() if k == kind]
+        assert row["graphs"] == len(mine) > 0
+        assert row["seconds"] == pytest.approx(sum(0.5 + g.bs + g.S / 100 for g in mine))
+        assert row["warmup_s"] == pytest.approx(sum(0.25 * g.bs for g in mine))

@@ -40,6 +40,7 @@ only picks a bucket whose last position stays inside max_model_len's block-table
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -114,6 +115,19 @@ def chunk_bucket(n: int, start: int, buckets: tuple[int, ...], max_positions: in
     return 0
 
 
+def graph_seconds(graphs) -> dict[str, dict[str, float]]:
+    """The start time of a runner's graphs ({(bs, S, kind): StepGraph}) by kind: how many,
+    their seconds in all, and of those their warm-up forwards' (Triton's compiles on a cold
+    cache)."""
+    out: dict[str, dict[str, float]] = {}
+    for (_bs, _S, kind), g in sorted(graphs.items()):
+        k = out.setdefault(kind, {"graphs": 0, "seconds": 0.0, "warmup_s": 0.0})
+        k["graphs"] += 1
+        k["seconds"] += g.seconds
+        k["warmup_s"] += g.warmup_s
+    return out
+
+
 class ModelRunner(Protocol):
     """What a StepGraph reads of the runner that owns it (engine/runner.py's ModelRunner)."""
 
@@ -169,7 +183,13 @@ class StepGraph:
             # write the MTP layer's latent into the scratch page.
             self.hidden_in_BSD = torch.zeros(bs, S, D, dtype=hidden_dtype, device=dev)
         self.scratch_page = scratch_page
+        # Seconds of this graph's start: all of it, and its first (warm-up) forward, where
+        # Triton compiles the kernels for these shapes (a cold cache's cost; the rest is the
+        # checked forward and the capture).
+        self.warmup_s = 0.0
+        t0 = time.perf_counter()
         self._capture(runner)
+        self.seconds = time.perf_counter() - t0
 
     def _capture(self, runner: ModelRunner) -> None:
         """Capture the forward over the static inputs into self.graph, its outputs
@@ -177,7 +197,10 @@ class StepGraph:
         positions derive from the static starts and block table, so they are recomputed at
         every replay."""
         dev = runner.device
+        t0 = time.perf_counter()
         view = self._forward(runner)[0]  # warm up (Triton compilation) outside the capture
+        torch.cuda.synchronize(dev)
+        self.warmup_s = time.perf_counter() - t0
         if view.calls["attend"] == 0:
             raise RuntimeError(
                 "the model's MLA does not call cache.attend, so attention would "

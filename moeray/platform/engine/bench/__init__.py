@@ -63,6 +63,7 @@ from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, v
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.speculative import SpecStats
+from moeray.platform.engine.step_graphs import graph_seconds
 from moeray.platform.model.transformer import Transformer
 from moeray.results import device_slug, write_result
 
@@ -263,6 +264,7 @@ def main(argv: list[str]) -> int:
     # Triton compiles; the graphs it holds, by kind
     notes["engine_build_s"] = time.perf_counter() - t0
     notes["graphs"] = dict(Counter(kind for _bs, _S, kind in engine.runner.graphs))
+    notes["graph_seconds"] = graph_seconds(engine.runner.graphs)  # by kind, compiles apart
     for B in a.batch_sizes:
         prompts = main_prompts[B] = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
         # Warm up with the whole batch: the decode graphs are captured when the engine starts, but
