@@ -4,7 +4,8 @@
 # GPU_PART=1/2 and GPU_PART=2/2 run halves of tests/gpu's files (sorted, alternating) and
 # KERNEL_TESTS=0 leaves out the tests/kernels tier; GPU_TESTS="tests/gpu/test_a.py
 # tests/gpu/test_b.py::test_c" runs a subset (GPU_LIMIT seconds, default 300), GPU_TESTS=none
-# the kernel tier alone.
+# the kernel tier alone; KERNEL_PART=k/n runs part of the kernel tier's files (those with a gpu
+# mark, sorted, alternating; KERNEL_LIMIT seconds, default 200).
 use_bundle  # the Ray Train job test needs Ray
 tests=${GPU_TESTS:-tests/gpu}
 if [ -n "${GPU_PART:-}" ]; then
@@ -14,5 +15,12 @@ if [ -n "${GPU_PART:-}" ]; then
 fi
 # shellcheck disable=SC2086  # a list of paths
 [ "$tests" = none ] || gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} $tests || rc=1
-[ "${KERNEL_TESTS:-1}" = 0 ] || gpu_pytest pytest_kernels_gpu.log 200 tests/kernels -m gpu || rc=1
+kernel_tests=tests/kernels
+if [ -n "${KERNEL_PART:-}" ]; then
+  k=${KERNEL_PART%/*} n=${KERNEL_PART#*/}
+  kernel_tests=$(grep -l "mark.gpu" tests/kernels/test_*.py | sort | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1' | tr '\n' ' ')
+  echo "KERNEL_PART $KERNEL_PART: $(echo $kernel_tests | wc -w) files"
+fi
+# shellcheck disable=SC2086  # a list of paths
+[ "${KERNEL_TESTS:-1}" = 0 ] || gpu_pytest pytest_kernels_gpu.log ${KERNEL_LIMIT:-200} $kernel_tests -m gpu || rc=1
 exit ${rc:-0}
