@@ -295,3 +295,28 @@ def test_prefilled_arrivals_join_without_draining(model):
     assert [got[r] for r in (a, *joined)] == [v[0] for v in want.values()]
     assert len(drains) == 1  # the last step's: every request ends there
     assert eng.kv.pool.num_available == eng.kv.num_pages
+
+
+def test_steady_batch_feeds_its_ids_without_a_gather(model, monkeypatch):
+    """A step launched while the previous one is in flight takes that step's sampled ids as
+    they are when every row sits where it sat (no index upload, no gather); when rows move (a
+    request ended, one arrived) it gathers them. Outputs equal the synchronous engine's."""
+    from moeray.platform.engine.overlap import DecodeOverlap
+
+    prompts = _prompts(3)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 12, 12)]
+    want = _run(_engine(model, False), prompts, params)
+    kinds: list[str] = []
+    real = DecodeOverlap._next_ids
+
+    def spy(self, prev, out):
+        ids = real(self, prev, out)
+        if ids is not None:
+            kinds.append("as is" if ids is prev.tokens_B else "gathered")
+        return ids
+
+    monkeypatch.setattr(DecodeOverlap, "_next_ids", spy)
+    eng = _engine(model, True)
+    assert _run(eng, prompts, params) == want
+    assert kinds.count("as is") >= 6, kinds  # the three decoding together, then the two
+    assert "gathered" in kinds, kinds  # after the 6-token request left the batch

@@ -122,12 +122,15 @@ class DecodeOverlap:
         in-flight token (input (PENDING,)) prev's sampled id for the same request, gathered on the
         device; for every other row (a prefill chunk, a request added with its prefill done
         elsewhere) an unread 0, its known ids going up from the host (`ModelRunner.execute`).
-        None when no row decodes an in-flight token. An index upload, no read-back: the host
-        never waits for them here."""
+        None when no row decodes an in-flight token. An index upload and a gather, no read-back:
+        the host never waits for them here; none of either where every row sits where it sat in
+        prev (a steady decode batch), whose ids are then prev's as they are."""
         if not any(map(_in_flight, out.scheduled)):
             return None
         rows = {s.request.request_id: i for i, s in enumerate(prev.output.scheduled)}
         idx = [rows[s.request.request_id] if _in_flight(s) else 0 for s in out.scheduled]
+        if idx == list(range(len(prev.output.scheduled))):
+            return prev.tokens_B
         return prev.tokens_B[self.engine.runner.inputs.device_index(idx)]
 
     def _drain(self) -> list[RequestOutput]:
