@@ -363,3 +363,26 @@ def test_graph_seconds_by_kind(setup, monkeypatch):  # noqa: F811
         assert row["graphs"] == len(mine) > 0
         assert row["seconds"] == pytest.approx(sum(0.5 + g.bs + g.S / 100 for g in mine))
         assert row["warmup_s"] == pytest.approx(sum(0.25 * g.bs for g in mine))
+
+
+def test_replica_start_logs_its_graphs(setup, monkeypatch, caplog):  # noqa: F811
+    """A serve replica's engine start logs its seconds and its CUDA graphs by kind (count,
+    seconds, warm-up seconds)."""
+    import logging
+
+    from moeray.platform.config.serve import ServeConfig
+    from moeray.platform.serve import worker
+
+    _cfg, model, *_ = setup
+    eng = _graphed(model, monkeypatch, prefill_graph_tokens=32)
+    for g in eng.runner.graphs.values():
+        g.seconds, g.warmup_s = 0.5, 0.25
+    counts = graph_seconds(eng.runner.graphs)
+    monkeypatch.setattr(worker.Engine, "from_pretrained", lambda *a, **kw: eng)
+    with caplog.at_level(logging.INFO, logger=worker.__name__):
+        assert worker.make_engine(ServeConfig(device="cpu")) is eng
+    (line,) = [r.getMessage() for r in caplog.records if "engine ready" in r.getMessage()]
+    n_main, n_chunk = int(counts["main"]["graphs"]), int(counts["chunk"]["graphs"])
+    assert f"main {n_main} in {0.5 * n_main:.1f} s ({0.25 * n_main:.1f} s warm-up)" in line
+    assert f"chunk {n_chunk} in {0.5 * n_chunk:.1f} s" in line
+    assert "CUDA graphs captured" in line, line

@@ -34,6 +34,7 @@ from moeray.platform.config import ServeConfig
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.step_graphs import graph_seconds
 from moeray.platform.serve.generation_config import eos_token_ids
 from moeray.platform.serve.http.protocol import (
     BackendOverloaded,
@@ -545,15 +546,30 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
 def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
     """Load the model directory into an engine as the serve config says (device, dtype, pages).
     `decodes=False` (a prefill replica) captures the prefill-chunk CUDA graphs at start and no
-    decode graph: its requests end at their first token."""
+    decode graph: its requests end at their first token. Logs the start's seconds and its CUDA
+    graphs by kind."""
     device, dtype = device_and_dtype(cfg)
-    return Engine.from_pretrained(
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(
         cfg.model,
         engine_config(cfg, device, decodes=decodes),
         device=device,
         dtype=dtype,
         keep_fp8=cfg.weights == "fp8",
     )
+    # What a replica's start went to: on a cold Triton cache the graphs' warm-up forwards
+    # (compiles) are most of it (16-45 s at Moonlight / V3 widths on an H100, 33 graphs).
+    graphs = "; ".join(
+        f"{kind} {int(k['graphs'])} in {k['seconds']:.1f} s ({k['warmup_s']:.1f} s warm-up)"
+        for kind, k in graph_seconds(engine.runner.graphs).items()
+    )
+    log.info(
+        "engine ready in %.1f s; CUDA graphs %s%s",
+        time.perf_counter() - t0,
+        engine.runner.graph_status,
+        f": {graphs}" if graphs else "",
+    )
+    return engine
 
 
 def freeze_gc() -> None:
