@@ -10,6 +10,7 @@ import torch
 
 from moeray.platform.config import ServeConfig, tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.overlap import DecodeOverlap
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.scheduler import PENDING
 from moeray.platform.model.transformer import Transformer
@@ -301,8 +302,6 @@ def test_steady_batch_feeds_its_ids_without_a_gather(model, monkeypatch):
     """A step launched while the previous one is in flight takes that step's sampled ids as
     they are when every row sits where it sat (no index upload, no gather); when rows move (a
     request ended, one arrived) it gathers them. Outputs equal the synchronous engine's."""
-    from moeray.platform.engine.overlap import DecodeOverlap
-
     prompts = _prompts(3)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 12, 12)]
     want = _run(_engine(model, False), prompts, params)

@@ -7,9 +7,12 @@ the real code). Greedy tokens equal transformers' generate with chunks of 3-32 t
 tried once and a failed chunk capture leaves the decode graphs on. A GPU test replays real graphs
 (tests/gpu/test_tiny_engine_gpu.py -k chunk_graphs)."""
 
+import logging
+
 import pytest
 import torch
 
+from moeray.platform.config.serve import ServeConfig
 from moeray.platform.engine import runner as runner_mod
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
@@ -21,6 +24,7 @@ from moeray.platform.engine.step_graphs import (
     chunk_replay_plan,
     graph_seconds,
 )
+from moeray.platform.serve import worker
 from moeray.platform.serve.app import main as serve_main
 from tests.unit.test_engine import N_NEW, setup  # noqa: F401  (the module fixture)
 
@@ -88,7 +92,6 @@ def test_graph_seqs_names_the_bad_value(bad, capsys):
 def test_serve_flag_reaches_the_engine_config(tmp_path):
     import yaml
 
-    from moeray.platform.config.serve import ServeConfig
     from moeray.platform.serve.worker import engine_config
 
     f = tmp_path / "serve.yaml"
@@ -265,7 +268,6 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     """A P/D prefill replica (`make_engine(decodes=False)`) captures its prefill-chunk graphs at
     start and no decode graph: its requests end at their first token, which its chunks compute
     through the graphs; the decode replica's config captures both."""
-    from moeray.platform.config.serve import ServeConfig
     from moeray.platform.serve.worker import engine_config
 
     prefill = engine_config(ServeConfig(), "cuda", decodes=False)
@@ -368,11 +370,6 @@ def test_graph_seconds_by_kind(setup, monkeypatch):  # noqa: F811
 def test_replica_start_logs_its_graphs(setup, monkeypatch, caplog):  # noqa: F811
     """A serve replica's engine start logs its seconds and its CUDA graphs by kind (count,
     seconds, warm-up seconds)."""
-    import logging
-
-    from moeray.platform.config.serve import ServeConfig
-    from moeray.platform.serve import worker
-
     _cfg, model, *_ = setup
     eng = _graphed(model, monkeypatch, prefill_graph_tokens=32)
     for g in eng.runner.graphs.values():
