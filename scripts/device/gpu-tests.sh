@@ -7,18 +7,22 @@
 # the kernel tier alone; KERNEL_PART=k/n runs part of the kernel tier's files (those with a gpu
 # mark, sorted, alternating; KERNEL_LIMIT seconds, default 200).
 use_bundle  # the Ray Train job test needs Ray
+# part K/N FILES...: the K-th of N alternating shares of the sorted FILES, space-separated
+part() {
+  local k=${1%/*} n=${1#*/}; shift
+  printf '%s\n' "$@" | sort | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1' | tr '\n' ' '
+}
 tests=${GPU_TESTS:-tests/gpu}
 if [ -n "${GPU_PART:-}" ]; then
-  k=${GPU_PART%/*} n=${GPU_PART#*/}
-  tests=$(ls tests/gpu/test_*.py | sort | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1' | tr '\n' ' ')
+  tests=$(part "$GPU_PART" tests/gpu/test_*.py)
   echo "GPU_PART $GPU_PART: $(echo $tests | wc -w) files"
 fi
 # shellcheck disable=SC2086  # a list of paths
 [ "$tests" = none ] || gpu_pytest pytest_gpu.log ${GPU_LIMIT:-300} $tests || rc=1
 kernel_tests=tests/kernels
 if [ -n "${KERNEL_PART:-}" ]; then
-  k=${KERNEL_PART%/*} n=${KERNEL_PART#*/}
-  kernel_tests=$(grep -l "mark.gpu" tests/kernels/test_*.py | sort | awk -v k="$k" -v n="$n" '(NR - 1) % n == k - 1' | tr '\n' ' ')
+  # shellcheck disable=SC2046  # a list of paths
+  kernel_tests=$(part "$KERNEL_PART" $(grep -l "mark.gpu" tests/kernels/test_*.py))
   echo "KERNEL_PART $KERNEL_PART: $(echo $kernel_tests | wc -w) files"
 fi
 # shellcheck disable=SC2086  # a list of paths

@@ -6,7 +6,7 @@
 #   scripts/device/run.sh gpu-tests kernels          # from the repository root, on the device
 #
 # Recipes (scripts/device/<name>.sh; the header of each says what it needs: GPUs, carry):
-#   gpu-tests          tests/gpu and the compiled kernel checks (1 GPU; GPU_PART=1/2, 2/2: halves)
+#   gpu-tests          tests/gpu and the compiled kernel checks (1 GPU; GPU_PART / KERNEL_PART=k/n)
 #   kernels            `moeray bench kernels`, every section (1 GPU)
 #   fp8-gemm-sweep     the FP8 GEMM tile sweep against the shipped kernel, registers per tile (1 GPU)
 #   fp8-gemv           fp8_gemv GPU tests + its bench table at V3 decode shapes (1 GPU, ~3 min)

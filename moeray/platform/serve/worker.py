@@ -557,8 +557,8 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         dtype=dtype,
         keep_fp8=cfg.weights == "fp8",
     )
-    # What a replica's start went to: on a cold Triton cache the graphs' warm-up forwards
-    # (compiles) are most of it (16-45 s at Moonlight / V3 widths on an H100, 33 graphs).
+    # What a replica's start went to: a first engine took 16-45 s at Moonlight / V3 widths on
+    # an H100 (33 graphs, a cold Triton cache), not yet split into compiles and captures.
     graphs = "; ".join(
         f"{kind} {int(k['graphs'])} in {k['seconds']:.1f} s ({k['warmup_s']:.1f} s warm-up)"
         for kind, k in graph_seconds(engine.runner.graphs).items()
