@@ -328,7 +328,8 @@ def test_seeded_rows_with_penalties_do_not_depend_on_the_batch():
 def test_last_rows_views_one_outputs_rows_and_copies_the_rest():
     """A decode group's rows (views [1, V] of one [B, S, V] output, as ModelRunner.execute cuts
     them) come back as a view of that output, equal to the stacked copy; rows out of order, of
-    separate tensors, or a prefill chunk's [n, V] among them are stacked."""
+    separate tensors, or a prefill chunk's [n, V] among them are stacked, as are tensors one
+    stride apart of unequal lengths (their last rows are not)."""
     g = torch.Generator().manual_seed(0)
     out_BSV = torch.randn(5, 2, 11, generator=g)
     for S in (1, 2):
@@ -345,6 +346,7 @@ def test_last_rows_views_one_outputs_rows_and_copies_the_rest():
         [lg[0, :1], lg[2, :1], lg[4, :1], lg[1, :1]],  # one stride apart, then not
         [lg[0, :1], lg[1, :1].clone()],  # another tensor
         [lg[0, :1], out_BSV[3]],  # a chunk's [2, V] rows
+        [out_BSV[0, :1], out_BSV[1, :2]],  # one stride apart, but [1, V] then [2, V]
     ]
     for rows in cases:
         got = last_rows(rows)
