@@ -265,3 +265,22 @@ def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec, lens, monk
         assert sorted(r[:2] for r in replays if r[2]) == (one if spec else []), replays
     assert runner.attention_calls["expanded"] == 0
     assert outs["graphs"] == outs["absorbed"]
+
+
+def test_norm_folded_into_the_router_in_the_graphs(monkeypatch):
+    """MOERAY_FUSED_NORM_ROUTER=1: each MoE layer's post-attention add, norm and router logits as
+    one launch (kernels.norm_router) inside the captured bf16 graphs, and greedy tokens equal to
+    the unfolded engine's (the norm's sum of squares in another fp32 order only)."""
+    from moeray.kernels import norm_router as norm_router_mod
+
+    cfg, model = _model(torch.bfloat16)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "0")
+    _, ref = _generate(model, cfg, "kernel")
+    launcher = _LaunchSpy(norm_router_mod._norm_router_logits_kernel)
+    monkeypatch.setattr(norm_router_mod, "_norm_router_logits_kernel", launcher)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
+    eng, folded = _generate(model, cfg, "kernel")
+    assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
+    assert launcher.launches > 0
+    assert all(len(o) == 10 for o in folded)
+    assert folded == ref

@@ -46,6 +46,24 @@ class DecoderLayer(nn.Module):
         else:
             normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
         attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
-        normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)
-        mlp_BSD = self.mlp(normed_BSD)
+        folded = self._norm_logits(attn_BSD, x_BSD)
+        if folded is None:
+            normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)
+            mlp_BSD = self.mlp(normed_BSD)
+        else:
+            logits_TE, normed_TD, x_TD = folded
+            assert isinstance(self.mlp, MoE)  # as `_norm_logits` checked
+            mlp_BSD = self.mlp.forward_with_logits(normed_TD.view_as(x_BSD), logits_TE)
+            x_BSD = x_TD.view_as(x_BSD)
         return (x_BSD, mlp_BSD) if defer else x_BSD + mlp_BSD
+
+    def _norm_logits(self, attn_BSD, x_BSD):
+        """The post-attention add and norm with the router's logits of the normed rows, one
+        launch at decode rows (`Gate.norm_logits`: (logits, normed, sum) or None). A plain MoE
+        only: the expert-parallel and placed subclasses route in forwards of their own."""
+        if type(self.mlp) is not MoE:
+            return None
+        D = x_BSD.shape[-1]
+        return self.mlp.gate.norm_logits(
+            self.post_attention_layernorm, attn_BSD.reshape(-1, D), x_BSD.reshape(-1, D)
+        )

@@ -26,11 +26,13 @@ from moeray.kernels.moe_permute import (
     moe_permute,
     moe_positions,
 )
+from moeray.kernels.norm_router import norm_router_logits, norm_router_logits_applies
 from moeray.kernels.router_gate import router_gate, router_gate_applies
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.linear import Linear, MergedLinear
+from moeray.platform.model.norm import RMSNorm
 from moeray.platform.model.quant import dequantize_fp8_blocks
 from moeray.platform.routing.gate import GROUP_MASK_OFFICIAL, route
 
@@ -132,6 +134,22 @@ def use_fused_moe_combine(
     return x_TD.is_cuda and moe_combine_applies(x_TD, weights_TK, add_TD)
 
 
+def use_norm_router(
+    x_TD: torch.Tensor,
+    norm_weight_D: torch.Tensor,
+    router_weight_ED: torch.Tensor,
+    residual_TD: torch.Tensor | None,
+) -> bool:
+    """Whether `Gate.norm_logits` runs kernels.norm_router: CUDA inference (no gradient wanted)
+    where `norm_router_logits_applies`."""
+    tensors = (x_TD, norm_weight_D, router_weight_ED, residual_TD)
+    if not x_TD.is_cuda or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    ):
+        return False
+    return norm_router_logits_applies(x_TD, norm_weight_D, router_weight_ED, residual_TD)
+
+
 def _plus(y_TD: torch.Tensor, add_TD: torch.Tensor | None) -> torch.Tensor:
     return y_TD if add_TD is None else y_TD + add_TD
 
@@ -168,6 +186,18 @@ class Gate(nn.Module):
         if x_TD.is_cuda and not needs_grad and router_logits_applies(x_TD, w):
             return router_logits(x_TD, w)
         return router_logits_ref(x_TD, w)
+
+    def norm_logits(
+        self, norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(fp32 logits [T, E] of y, y = norm(h), h = x + residual) in one launch
+        (`kernels.norm_router`, opt-in: MOERAY_FUSED_NORM_ROUTER=1) for CUDA inference at decode
+        rows, where the norm's weight and the router's are in the rows' dtype; None where it does
+        not apply (the caller runs the norm, then `logits`)."""
+        w, nw = self.weight, norm.weight
+        if not use_norm_router(x_TD, nw, w, residual_TD):
+            return None
+        return norm_router_logits(x_TD, nw, norm.eps, w, residual_TD)
 
     def fused_route(self, x_TD: torch.Tensor, **gate_kw) -> Routing | None:
         """The logits and the official-mask gate (`routing.gate.route`'s keywords) in one launch
@@ -443,9 +473,15 @@ class MoE(nn.Module):
     def e_score_correction_bias(self) -> torch.Tensor:
         return self.gate.e_score_correction_bias
 
-    def route(self, x_TD: torch.Tensor, shared_experts: int = 0) -> Routing:
+    def route(
+        self,
+        x_TD: torch.Tensor,
+        shared_experts: int = 0,
+        logits_TE: torch.Tensor | None = None,
+    ) -> Routing:
         """The gate's choice; with shared_experts=S the fused gate also appends the S shared
-        experts' ids and weights (Routing.fused_ids_TJ)."""
+        experts' ids and weights (Routing.fused_ids_TJ). `logits_TE`: the router's logits of x
+        where the caller computed them already (`Gate.norm_logits`)."""
         c = self.config
         kw: dict[str, Any] = dict(
             top_k=c.num_experts_per_tok,
@@ -455,12 +491,12 @@ class MoE(nn.Module):
             norm_topk_prob=c.norm_topk_prob,
             shared_experts=shared_experts,
         )
-        if self.group_mask_value == GROUP_MASK_OFFICIAL:  # the kernels' mask
+        if logits_TE is None and self.group_mask_value == GROUP_MASK_OFFICIAL:  # the kernels' mask
             folded = self.gate.fused_route(x_TD, **kw)
             if folded is not None:
                 return folded
         return route(  # routing.gate.route, not this method
-            self.gate.logits(x_TD),
+            self.gate.logits(x_TD) if logits_TE is None else logits_TE,
             self.gate.e_score_correction_bias,
             group_mask_value=self.group_mask_value,
             **kw,
@@ -477,6 +513,13 @@ class MoE(nn.Module):
         return self._modules.get("shared_stream")  # type: ignore[return-value]
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_logits(x_BSD, None)
+
+    def forward_with_logits(
+        self, x_BSD: torch.Tensor, logits_TE: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layer's output for x; `logits_TE`: the router's logits of x where the decoder layer
+        computed them with its norm (`Gate.norm_logits`), else None."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         fused = self._fused_shared()
         side = self._shared_stream()
@@ -489,7 +532,7 @@ class MoE(nn.Module):
         ):
             # Launched first: its GEMMs take SMs while the router's short launches run.
             shared_TD = side.start(self.shared_experts, x_TD)
-        r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts)
+        r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts, logits_TE)
         self.last_routing = r
         if side is not None and shared_TD is not None:  # the shared MLP ran beside (above)
             routed_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)

@@ -26,7 +26,8 @@ import torch
 # HEAD_GEMV, HEAD_BMM and HEAD_TILE, moe.py's MOE_GEMV, moe_gemv.py's MOE_SUM_FOLD and
 # MOE_DOWN_EARLY, mla_decode.py's MLA_DIRECT, MLA_WUV, MLA_KV_EARLY, MLA_WGMMA, MLA_WS and MLA_WIDE,
 # mla_launch.py's MLA_SUBPAGE,
-# mla_write_absorb.py's MLA_WUK, router_gate.py's ROUTE_FOLD, common.py's PDL and ROUTE_BATCH,
+# mla_write_absorb.py's MLA_WUK, router_gate.py's ROUTE_FOLD, norm_router.py's NORM_ROUTER,
+# common.py's PDL and ROUTE_BATCH,
 # fp8/gemv_wide.py's FP8_GEMV_WIDE and FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX;
 # paged_positions.py's PAGED_POSITIONS (read by engine/paged_view.py), model/merge.py's PROJ,
 # shared_fuse.py's SHARED and SHARED_EARLY, shared_stream.py's SHARED_STREAM, quant.py's
@@ -37,13 +38,13 @@ SWITCHES = (
     *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX", "FP8_AS_BF16", "SHARED_EARLY"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
-    *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS"),
+    *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
-    *("NORM_W_EARLY", "MLA_SUBPAGE"),
+    *("NORM_W_EARLY", "MLA_SUBPAGE", "NORM_ROUTER"),
 )
 AGAIN = "as_run_again"
 
