@@ -2,8 +2,8 @@
 launch, for decode's few tokens: `norm_router_logits`, its PyTorch reference
 `norm_router_logits_ref` (`norm.rms_norm_ref` then `router_logits.router_logits_ref`), the test
 `norm_router_logits_applies` by which the model's Gate (`moeray.platform.model.moe.Gate.
-norm_logits`) chooses it, and the kernel `_norm_router_logits_kernel`. Opt-in with
-MOERAY_FUSED_NORM_ROUTER=1 until an engine A/B on a GPU says it wins.
+norm_logits`) chooses it, and the kernel `_norm_router_logits_kernel`. On by default;
+MOERAY_FUSED_NORM_ROUTER=0 keeps the norm and the router apart (the A/B switch).
 
 Legend: T tokens (<= MAX_TOKENS), D model width, E routed experts, BE experts per program,
 BD features per step.
@@ -14,7 +14,11 @@ step's chain of dependent launches; 27 of a Moonlight step's 55 norms) and then 
 Here each of the router's programs recomputes the norm of its token's row (8 KB of L2 reads at
 Moonlight's D = 2,048) before its dot products, and the first program of each token also stores
 the sum and the normed row for the experts after the router: one launch fewer per MoE layer, and
-the norm's reads overlap the router's weight reads, which start before the PDL wait.
+the norm's reads overlap the router's weight reads, which start before the PDL wait. Measured
+in the engine on an H100 (`bench engine --ab NORM_ROUTER`, benchmarks/results/engine-nvidia-
+h100-80gb-hbm3-*-normrouter.json): Moonlight's batch-1 decode graph 0.989x (bf16) and 0.984x
+(FP8) as long, ~0.8 us a MoE layer; batch 8 and V3 widths (3 MoE layers, rows of 4 steps read
+twice) even within the run's spread.
 
 Numerics: h = x + residual rounded once to the row's dtype, rstd = 1 / sqrt(mean(h^2) + eps) in
 fp32, y = weight * (h * rstd rounded to the dtype), rounded again: `rms_norm`'s formula, so y and
@@ -32,7 +36,7 @@ from moeray.kernels.common import (
     check_tensor,
     pdl_launch,
     pdl_wait,
-    switched_on,
+    switched_off,
     to_dtype_rn,
     use_triton,
 )
@@ -140,11 +144,11 @@ def norm_router_logits_applies(
     router_weight_ED: torch.Tensor,
     residual_TD: torch.Tensor | None = None,
 ) -> bool:
-    """Whether `norm_router_logits` takes these as they are: MOERAY_FUSED_NORM_ROUTER=1 (opt-in),
+    """Whether `norm_router_logits` takes these as they are (not with MOERAY_FUSED_NORM_ROUTER=0):
     x [T, D] with 1 <= T <= MAX_TOKENS and D <= norm.MAX_D, the norm weight [D], the router weight
     [E, D] and the residual (x's shape) all in x's dtype (bf16 or fp16), unit stride over D, on
     CUDA (or the interpreter)."""
-    if not switched_on("NORM_ROUTER"):
+    if switched_off("NORM_ROUTER"):
         return False
     if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS:
         return False

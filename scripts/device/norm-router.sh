@@ -1,5 +1,6 @@
 # The post-attention add + RMSNorm folded into the router's logits kernel (MOERAY_FUSED_NORM_ROUTER,
-# opt-in: kernels/norm_router.py) checked and timed in one call (1 GPU, ~9 minutes): its compiled
+# the default since this recipe measured it: kernels/norm_router.py) checked and timed in one call
+# (1 GPU, ~4 minutes on an H100): its compiled
 # check at Moonlight / V3 widths and odd shapes, the tiny engine's greedy tokens with it in the
 # captured graphs, then `bench engine --ab NORM_ROUTER` (each engine built without and with it in
 # one run) at Moonlight bf16 and FP8, batch 1 and 8, and V3 widths FP8 at batch 1 and 64.

@@ -158,6 +158,8 @@ def test_fused_decode_kernels_captured_and_equal_to_reference(monkeypatch):
     )
     write_spy = spy(write_mod, "_mla_write_pack_kernel")
     names = ("moe_align", "swiglu", "router_logits", "mla_write_pack")
+    # router_logits itself: not folded with the norm before it (kernels/norm_router.py's test)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "0")
     cfg, model = _model(torch.bfloat16)
     eng, fused = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
@@ -268,9 +270,10 @@ def test_chunk_graphs_capture_and_match_eager(async_scheduling, spec, lens, monk
 
 
 def test_norm_folded_into_the_router_in_the_graphs(monkeypatch):
-    """MOERAY_FUSED_NORM_ROUTER=1: each MoE layer's post-attention add, norm and router logits as
-    one launch (kernels.norm_router) inside the captured bf16 graphs, and greedy tokens equal to
-    the unfolded engine's (the norm's sum of squares in another fp32 order only)."""
+    """Each MoE layer's post-attention add, norm and router logits as one launch
+    (kernels.norm_router, the default) inside the captured bf16 graphs, and greedy tokens equal
+    to those with MOERAY_FUSED_NORM_ROUTER=0 (the norm's sum of squares in another fp32 order
+    only)."""
     from moeray.kernels import norm_router as norm_router_mod
 
     cfg, model = _model(torch.bfloat16)
@@ -278,7 +281,7 @@ def test_norm_folded_into_the_router_in_the_graphs(monkeypatch):
     _, ref = _generate(model, cfg, "kernel")
     launcher = _LaunchSpy(norm_router_mod._norm_router_logits_kernel)
     monkeypatch.setattr(norm_router_mod, "_norm_router_logits_kernel", launcher)
-    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
+    monkeypatch.delenv("MOERAY_FUSED_NORM_ROUTER")
     eng, folded = _generate(model, cfg, "kernel")
     assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
     assert launcher.launches > 0

@@ -69,10 +69,10 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
     with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} rows"):
         big = torch.zeros(MAX_TOKENS + 1, 8).bfloat16()
         norm_router_logits(big, nw, 1e-6, w, big)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "0")
+    assert not norm_router_logits_applies(x, nw, w, r)  # the A/B switch
     monkeypatch.delenv("MOERAY_FUSED_NORM_ROUTER", raising=False)
-    assert not norm_router_logits_applies(x, nw, w, r)  # opt-in
-    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
-    assert norm_router_logits_applies(x, nw, w, r)
+    assert norm_router_logits_applies(x, nw, w, r)  # the default
     assert norm_router_logits_applies(x, nw, w)
     assert not norm_router_logits_applies(x, nw.float(), w, r)  # autocast's fp32 weight: no
     assert not norm_router_logits_applies(x.float(), nw.float(), w.float(), r.float())
@@ -83,8 +83,7 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
 
 @pytest.mark.parametrize("defer", [False, True])
 def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_spy, defer):
-    """A tiny() MoE decoder layer at 3 decode rows in bf16 with MOERAY_FUSED_NORM_ROUTER=1 (the
-    interpreter stands in for CUDA): one norm_router launch, the post-attention norm not run, the
+    """A tiny() MoE decoder layer at 3 decode rows in bf16 (the interpreter stands in for CUDA): one norm_router launch, the post-attention norm not run, the
     same experts chosen and the output equal to the unfolded layer's up to the norm's rounding;
     with `defer` the residual sum bit-equal. A dense layer keeps the norm."""
     cfg = tiny()
@@ -93,7 +92,7 @@ def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_sp
     x = torch.randn(3, 1, cfg.hidden_size).bfloat16()
     delta = torch.randn(3, 1, cfg.hidden_size).bfloat16()
     launches = launch_spy(norm_router_mod, "_norm_router_logits_kernel")
-    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
+    monkeypatch.delenv("MOERAY_FUSED_NORM_ROUTER", raising=False)
     monkeypatch.setattr(
         model_moe, "use_norm_router", lambda *a: norm_router_mod.norm_router_logits_applies(*a)
     )
@@ -115,7 +114,7 @@ def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_sp
             ids = None if not moe else layer.mlp.last_routing.expert_ids_TK.clone()
             monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "0")
             ref = layer(x, cos, sin, delta_BSD=delta, defer=defer)
-            monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
+            monkeypatch.delenv("MOERAY_FUSED_NORM_ROUTER")
         assert len(launches) == int(moe) and len(norm_calls) == 2 - int(moe)
         if moe:
             assert torch.equal(ids, layer.mlp.last_routing.expert_ids_TK)
@@ -129,7 +128,6 @@ def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_sp
 def test_the_model_folds_only_for_cuda_inference(monkeypatch):
     """`moe.use_norm_router`: CUDA tensors (the property stands in for them), no gradient wanted."""
     x, r, nw, w = _inputs(2, 4, 8, torch.bfloat16, True, seed=1)
-    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "1")
     assert not model_moe.use_norm_router(x, nw, w, r)  # CPU
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert model_moe.use_norm_router(x, nw, w, r)
