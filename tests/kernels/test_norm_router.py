@@ -83,8 +83,9 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
 
 @pytest.mark.parametrize("defer", [False, True])
 def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_spy, defer):
-    """A tiny() MoE decoder layer at 3 decode rows in bf16 (the interpreter stands in for CUDA): one norm_router launch, the post-attention norm not run, the
-    same experts chosen and the output equal to the unfolded layer's up to the norm's rounding;
+    """A tiny() MoE decoder layer at 3 decode rows in bf16 (the interpreter stands in for CUDA):
+    one norm_router launch, the post-attention norm not run, the same experts chosen and the
+    output equal to the unfolded layer's (MOERAY_FUSED_NORM_ROUTER=0) up to the norm's rounding;
     with `defer` the residual sum bit-equal. A dense layer keeps the norm."""
     cfg = tiny()
     torch.manual_seed(0)

@@ -191,9 +191,9 @@ class Gate(nn.Module):
         self, norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(fp32 logits [T, E] of y, y = norm(h), h = x + residual) in one launch
-        (`kernels.norm_router`; MOERAY_FUSED_NORM_ROUTER=0 turns it off) for CUDA inference at decode
-        rows, where the norm's weight and the router's are in the rows' dtype; None where it does
-        not apply (the caller runs the norm, then `logits`)."""
+        (`kernels.norm_router`; MOERAY_FUSED_NORM_ROUTER=0 turns it off) for CUDA inference at
+        decode rows, where the norm's weight and the router's are in the rows' dtype; None where
+        it does not apply (the caller runs the norm, then `logits`)."""
         w, nw = self.weight, norm.weight
         if not use_norm_router(x_TD, nw, w, residual_TD):
             return None
