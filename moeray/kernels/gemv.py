@@ -45,7 +45,6 @@ from moeray.kernels.common import (
     switched_off,
     switched_on,
 )
-from moeray.kernels.prenorm import PreNorm, prenorm_block, prenorm_rstd, prenorm_values
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Rows up to which `linear` takes gemv: the broadcast inner product stays bandwidth-bound up to 4
@@ -71,25 +70,10 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _x_step(x_ptrs, x_rows, r_rows, nw_ptr, rstd, k0, stride_xk, offs_k, K,
-            EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
-    """x's K step at k0 [BM, BK]; with NORM the normed rows (prenorm.py; rstd [BM, 1])."""
-    if NORM:
-        cols = k0 + offs_k[None, :]
-        x = prenorm_values(x_rows, r_rows, nw_ptr, cols, cols < K, rstd, HAS_RES)
-    else:
-        x = load_k_step(x_ptrs, k0, stride_xk, offs_k, K, EVEN_K)
-    return x
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
     c_ptr,
-    r_ptr,  # NORM: the residual (HAS_RES), the norm weight, where h = x + residual goes
-    nw_ptr,
-    h_ptr,
     M,
     N,
     K,
@@ -101,9 +85,6 @@ def _gemv_kernel(
     stride_cs,
     stride_cm,
     stride_cn,
-    stride_rm,
-    stride_hm,
-    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -111,9 +92,6 @@ def _gemv_kernel(
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first weight step is loaded
     # before the wait, so its read overlaps the previous kernel's tail
-    NORM: tl.constexpr,  # x is normed in the prologue (prenorm.py; unit stride over K)
-    HAS_RES: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
 ):
     # M tiles vary fastest: programs sharing a weight tile run together and hit it in L2.
     pid_m = tl.program_id(0)
@@ -129,8 +107,6 @@ def _gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    x_rows = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm
-    r_rows = r_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_rm
     k_start = k_lo
     if PDL:
         # The split's first step (never empty: `_k_splits`) peeled off the loop: its weights
@@ -138,20 +114,11 @@ def _gemv_kernel(
         # the same order as the loop's, so the same bits.
         w = load_k_step(w_ptrs, k_lo, stride_wk, offs_k, K, EVEN_K)
         pdl_wait(PDL)
-    rstd = 1.0
-    if NORM:
-        # every program the whole rows' norm; the first N tile's first split stores h
-        write = (offs_m[:, None] < M) & (pid_n == 0) & (pid_k == 0)
-        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
-        rstd = prenorm_rstd(x_rows, r_rows, h_rows, K, eps, write, HAS_RES, NORM_BLOCK)[:, None]
-    if PDL:
-        x = _x_step(x_ptrs, x_rows, r_rows, nw_ptr, rstd, k_lo, stride_xk, offs_k, K, EVEN_K,
-                    NORM, HAS_RES)  # fmt: skip
+        x = load_k_step(x_ptrs, k_lo, stride_xk, offs_k, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         k_start = k_lo + BLOCK_K
     for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-        x = _x_step(x_ptrs, x_rows, r_rows, nw_ptr, rstd, k0, stride_xk, offs_k, K, EVEN_K,
-                    NORM, HAS_RES)  # fmt: skip
+        x = load_k_step(x_ptrs, k0, stride_xk, offs_k, K, EVEN_K)
         w = load_k_step(w_ptrs, k0, stride_wk, offs_k, K, EVEN_K)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
@@ -281,36 +248,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: dict | None = None) -> tor
     _check_gemv_inputs(x, w)
     if not (x.is_cuda or interpreting()):
         return gemv_ref(x, w)
-    return _launch(x, w, config, None, x)
-
-
-def norm_gemv_ref(
-    x: torch.Tensor, w: torch.Tensor, norm: PreNorm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x) @ w^T, h = x + the norm's residual): the norm's reference, then gemv_ref."""
-    normed, h = norm.ref(x)
-    return gemv_ref(normed, w), h
-
-
-def norm_gemv(
-    x: torch.Tensor, w: torch.Tensor, norm: PreNorm, *, config: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm_gemv_ref` in gemv's launch: the norm computed in its prologue (kernels/prenorm.py),
-    h stored by the programs of the first N tile and split. x bf16 / fp16 with unit stride over
-    K, w and the norm's tensors in its dtype; h is x itself without a residual."""
-    _check_gemv_inputs(x, w)
-    norm.check(x)
-    if not (x.is_cuda or interpreting()):
-        return norm_gemv_ref(x, w, norm)
-    h = norm.sum_buffer(x)
-    return _launch(x, w, config, norm, h), h
-
-
-def _launch(
-    x: torch.Tensor, w: torch.Tensor, config: dict | None, norm: PreNorm | None, h: torch.Tensor
-) -> torch.Tensor:
-    """gemv's launch (and its split-K reduce); with `norm` the prologue that normalizes x and
-    stores h (see norm_gemv)."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -324,14 +261,10 @@ def _launch(
     c = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     pdl = pdl_launch(x.device)
-    r = x if norm is None or norm.residual is None else norm.residual
     _gemv_kernel[grid](
         x,
         w,
         c,
-        r,
-        x if norm is None else norm.weight,
-        h,
         m,
         n,
         k,
@@ -343,18 +276,12 @@ def _launch(
         c.stride(0) if split > 1 else 0,
         c.stride(-2),
         c.stride(-1),
-        r.stride(0),
-        h.stride(0),
-        0.0 if norm is None else norm.eps,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         EVEN_K=k % cfg["BLOCK_K"] == 0,
         NUM_STAGES=cfg["num_stages"],
         PDL=pdl,
-        NORM=norm is not None,
-        HAS_RES=norm is not None and norm.residual is not None,
-        NORM_BLOCK=prenorm_block(k),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         launch_pdl=pdl,
@@ -380,22 +307,6 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x.dtype not in GEMV_DTYPES or weight.dtype != x.dtype:
         return False
     return 0 < x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
-
-
-def norm_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: PreNorm
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(F.linear(norm(x), weight, bias), h = x + the norm's residual), both x's shape, in one
-    norm_gemv launch where `gemv_applies` and the norm fits x (bf16 / fp16 rows, unit stride),
-    opt-in with MOERAY_FUSED_NORM_GEMV=1; None elsewhere (the caller runs the norm, then
-    `linear`)."""
-    if not switched_on("NORM_GEMV") or not gemv_applies(x, weight, bias):
-        return None
-    x2, norm = x.reshape(-1, x.shape[-1]), norm.flat()
-    if not norm.fits(x2):
-        return None
-    y, h = norm_gemv(x2, weight, norm)
-    return y.view(*x.shape[:-1], weight.shape[0]), h.view_as(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

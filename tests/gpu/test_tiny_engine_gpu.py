@@ -287,22 +287,3 @@ def test_norm_folded_into_the_router_in_the_graphs(monkeypatch):
     assert launcher.launches > 0
     assert all(len(o) == 10 for o in folded)
     assert folded == ref
-
-
-def test_input_norm_folded_into_the_merged_projection_in_the_graphs(monkeypatch):
-    """MOERAY_FUSED_NORM_GEMV=1 (opt-in): each layer's input add and norm inside the merged q /
-    kv_a gemv's prologue (kernels/prenorm.py) in the captured bf16 graphs, greedy tokens equal to
-    those without it."""
-    from moeray.kernels import gemv as gemv_mod
-
-    cfg, model = _model(torch.bfloat16)
-    _, ref = _generate(model, cfg, "kernel")
-    calls = []
-    real = gemv_mod.norm_gemv
-    monkeypatch.setattr(gemv_mod, "norm_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("MOERAY_FUSED_NORM_GEMV", "1")
-    eng, folded = _generate(model, cfg, "kernel")
-    assert eng.metrics()["cuda_graphs"] == "captured", eng.metrics()["cuda_graphs"]
-    assert calls
-    assert all(len(o) == 10 for o in folded)
-    assert folded == ref

@@ -71,7 +71,6 @@ from moeray.kernels.fp8.gemv_wide import (
 )
 from moeray.kernels.fp8.quant import dequant_rows_ref, weight_dequant_ref
 from moeray.kernels.gemv import pow2_at_least, reduce_splits
-from moeray.kernels.prenorm import PreNorm, prenorm_block
 
 GEMV_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Up to 4 rows the broadcast inner product keeps up with HBM (module docstring, the FMA count).
@@ -183,15 +182,6 @@ def _fp8_gemv_kernel(
     PDL: tl.constexpr,  # launched with PDL (common.pdl_launch): the first K step's weights and
     # scales are loaded before the wait, so their read overlaps the previous kernel's tail
     K_BLOCKS: tl.constexpr,  # > 1: the wide step (BLOCK_M = 1, broadcast; `wide_rows`)
-    r_ptr,  # NORM (wide step only): the residual, the norm weight, where h = x + r goes
-    nw_ptr,
-    h_ptr,
-    stride_rm,
-    stride_hm,
-    eps,
-    NORM: tl.constexpr,  # x normed in the prologue (kernels/prenorm.py, fp8/norm_gemv.py)
-    HAS_RES: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128  # one scale block deep: one scale per (tile, K step)
     # M tiles vary fastest, so the programs sharing a weight tile run together and hit it in L2.
@@ -207,9 +197,7 @@ def _fp8_gemv_kernel(
     if K_BLOCKS > 1:
         acc = wide_rows(
             x_ptr + pid_m * stride_xm, w_ptr, s_ptrs, (offs_n % N).to(tl.int64), kb_lo, kb_hi, K,
-            stride_xk, stride_wn, stride_wk, stride_sk, r_ptr + pid_m * stride_rm, nw_ptr,
-            h_ptr + pid_m * stride_hm, (pid_n == 0) & (pid_k == 0), eps, BLOCK_N, K_BLOCKS,
-            EVEN_K, PDL, NORM, HAS_RES, NORM_BLOCK,
+            stride_xk, stride_wn, stride_wk, stride_sk, BLOCK_N, K_BLOCKS, EVEN_K, PDL,
         )[None, :]  # fmt: skip
         c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -507,23 +495,6 @@ def fp8_gemv(
         if x_scale is not None:
             return fp8_gemv_act_ref(x, x_scale, w_fp8, w_scale, out_dtype)
         return fp8_gemv_ref(x, w_fp8, w_scale).to(out_dtype)
-    return launch_fp8_gemv(x, w_fp8, w_scale, x_scale, out_dtype, config, workspace)
-
-
-def launch_fp8_gemv(
-    x: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale: torch.Tensor,
-    x_scale: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: dict | None,
-    workspace: torch.Tensor | None,
-    norm: PreNorm | None = None,
-    h: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """fp8_gemv's launch on checked inputs; with `norm` (float x, wide-step configs only: see
-    fp8/norm_gemv.py) x is normed in the prologue and h = x + the norm's residual stored."""
-    act_fp8 = x_scale is not None
     m, k = x.shape
     n = w_fp8.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -547,7 +518,6 @@ def launch_fp8_gemv(
             f"fp8_gemv_workspace(N, max rows)"
         )
     xs = x_scale if x_scale is not None else x  # not read without ACT_FP8
-    r, h = (x if norm is None or norm.residual is None else norm.residual), (x if h is None else h)
     _fp8_gemv_kernel[grid](
         x,
         xs,
@@ -582,15 +552,6 @@ def launch_fp8_gemv(
         REDUCE_SPLITS=0 if locks is None else split,
         PDL=pdl,
         K_BLOCKS=cfg.get("K_BLOCKS", 1),
-        r_ptr=r,
-        nw_ptr=x if norm is None else norm.weight,
-        h_ptr=h,
-        stride_rm=r.stride(0),
-        stride_hm=h.stride(0),
-        eps=0.0 if norm is None else norm.eps,
-        NORM=norm is not None,
-        HAS_RES=norm is not None and norm.residual is not None,
-        NORM_BLOCK=prenorm_block(k),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         launch_pdl=pdl,

@@ -17,7 +17,6 @@ import triton.language as tl
 
 from moeray.kernels.common import cdiv, pdl_wait, switched_off, switched_on
 from moeray.kernels.gemv import pow2_at_least
-from moeray.kernels.prenorm import prenorm_rstd, prenorm_values
 
 # The wide step at M = 1 (fp8/gemv.py's `_gemv_config`, `wide_applies`): 4 weight rows x up to
 # 16 K blocks (8 KB of e4m3) a program, read whole before the PDL wait, where the default tile
@@ -85,53 +84,36 @@ def _wide_load(w_ptr, s_ptrs, rows, kb0, kb_hi, K, stride_wn, stride_wk, stride_
 
 
 @triton.jit
-def _wide_part(x_row_ptr, stride_xk, w, s, kb0, kb_hi, K, r_row_ptr, nw_ptr, rstd,
-               K_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
-               HAS_RES: tl.constexpr):  # fmt: skip
+def _wide_part(x_row_ptr, stride_xk, w, s, kb0, kb_hi, K, K_BLOCKS: tl.constexpr,
+               EVEN_K: tl.constexpr):  # fmt: skip
     """[BN, K_BLOCKS]: each weight row's product with x over each of the step's blocks, fp32, the
-    block scale applied to x's 128 values (as `_bcast_part`); with NORM x's normed values
-    (kernels/prenorm.py, unit stride)."""
+    block scale applied to x's 128 values (as `_bcast_part`)."""
     blk = kb0 + tl.arange(0, K_BLOCKS)
     blk_ok = blk < kb_hi
     cols = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
     ok = blk_ok[:, None] if EVEN_K else blk_ok[:, None] & (cols < K)
-    if NORM:
-        x = prenorm_values(x_row_ptr, r_row_ptr, nw_ptr, cols, ok & (cols < K), rstd, HAS_RES)
-    else:
-        x = tl.load(x_row_ptr + cols * stride_xk, mask=ok, other=0.0)
-    x = x.to(tl.float32) * s[:, None]
+    x = tl.load(x_row_ptr + cols * stride_xk, mask=ok, other=0.0).to(tl.float32) * s[:, None]
     return tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
 
 
 @triton.jit
 def wide_rows(
     x_row_ptr, w_ptr, s_ptrs, rows, kb_lo, kb_hi, K, stride_xk, stride_wn, stride_wk, stride_sk,
-    r_row_ptr, nw_ptr, h_row_ptr, write, eps,
     BLOCK_N: tl.constexpr, K_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-    NORM: tl.constexpr, HAS_RES: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """y [BN] of one x row over K blocks kb_lo .. kb_hi - 1 in steps of K_BLOCKS blocks (the wide
     step: `wide_applies`, `wide_config`). With PDL the first step's weights and scales
-    (the whole split when it is one step) are read before the wait, x after it. With NORM the row
-    is normed first (prenorm.py: the residual r, the norm weight nw; h stored where `write`)."""
+    (the whole split when it is one step) are read before the wait, x after it."""
     acc = tl.zeros((BLOCK_N, K_BLOCKS), dtype=tl.float32)
     kb_start = kb_lo
     if PDL:
         w, s = _wide_load(w_ptr, s_ptrs, rows, kb_lo, kb_hi, K, stride_wn, stride_wk, stride_sk,
                           K_BLOCKS, EVEN_K)  # fmt: skip
         pdl_wait(PDL)
-    rstd = 1.0
-    if NORM:
-        one = tl.zeros([1, 1], dtype=tl.int64)  # the prologue's [rows, 1] pointers, one row
-        rstd = tl.sum(prenorm_rstd(x_row_ptr + one, r_row_ptr + one, h_row_ptr + one, K, eps,
-                                   write, HAS_RES, NORM_BLOCK), axis=0)  # fmt: skip
-    if PDL:
-        acc += _wide_part(x_row_ptr, stride_xk, w, s, kb_lo, kb_hi, K, r_row_ptr, nw_ptr, rstd,
-                          K_BLOCKS, EVEN_K, NORM, HAS_RES)  # fmt: skip
+        acc += _wide_part(x_row_ptr, stride_xk, w, s, kb_lo, kb_hi, K, K_BLOCKS, EVEN_K)
         kb_start = kb_lo + K_BLOCKS
     for kb0 in tl.range(kb_start, kb_hi, K_BLOCKS):
         w, s = _wide_load(w_ptr, s_ptrs, rows, kb0, kb_hi, K, stride_wn, stride_wk, stride_sk,
                           K_BLOCKS, EVEN_K)  # fmt: skip
-        acc += _wide_part(x_row_ptr, stride_xk, w, s, kb0, kb_hi, K, r_row_ptr, nw_ptr, rstd,
-                          K_BLOCKS, EVEN_K, NORM, HAS_RES)  # fmt: skip
+        acc += _wide_part(x_row_ptr, stride_xk, w, s, kb0, kb_hi, K, K_BLOCKS, EVEN_K)
     return tl.sum(acc, axis=1)

@@ -41,18 +41,11 @@ class DecoderLayer(nn.Module):
         previous layer left undone; `defer=True` returns (x + attn, mlp) and leaves this layer's
         last add to the next norm. Each such add then runs inside that norm's kernel on the GPU
         (model/norm.py), one launch fewer per layer; the sums are the same either way."""
-        folded_in = self.self_attn.norm_project(self.input_layernorm, x_BSD, delta_BSD)
-        if folded_in is not None:  # the norm in the merged q / kv_a GEMV (decode rows)
-            projected, x_BSD = folded_in
-            attn_BSD = self.self_attn(
-                x_BSD, cos, sin, cache, absorbed=absorbed, projected=projected
-            )
+        if delta_BSD is None:
+            normed_BSD = self.input_layernorm(x_BSD)
         else:
-            if delta_BSD is None:
-                normed_BSD = self.input_layernorm(x_BSD)
-            else:
-                normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
-            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
+            normed_BSD, x_BSD = self.input_layernorm.add_forward(delta_BSD, x_BSD)
+        attn_BSD = self.self_attn(normed_BSD, cos, sin, cache, absorbed=absorbed)
         folded = self._norm_logits(attn_BSD, x_BSD)
         if folded is None:
             normed_BSD, x_BSD = self.post_attention_layernorm.add_forward(attn_BSD, x_BSD)

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK
-from moeray.kernels.gemv import linear, norm_linear
-from moeray.kernels.prenorm import PreNorm
+from moeray.kernels.gemv import linear
 from moeray.platform.model.quant import FP8Linear, fp8_as_bf16, fp8_gemv_max_rows
 
 
@@ -28,13 +27,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-    def norm_forward(
-        self, x: torch.Tensor, norm: PreNorm
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(norm(x)), h = x + the norm's residual) with the norm in gemv's prologue where
-        kernels.gemv.norm_linear takes them (decode rows on CUDA, opt-in); None elsewhere."""
-        return norm_linear(x, self.weight, self.bias, norm)
 
 
 def _tensor_names(part: Linear | FP8Linear) -> tuple[str, ...]:
@@ -165,18 +157,6 @@ class MergedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.fused(x).split(self.sizes, dim=-1))
-
-    def norm_forward(
-        self, x: torch.Tensor, norm: PreNorm
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
-        """(each part's output of norm(x), h = x + the norm's residual) with the norm in the
-        merged GEMV's prologue (Linear / FP8Linear.norm_forward), where it applies; else None."""
-        assert isinstance(self.fused, (Linear, FP8Linear))  # as __init__ built it
-        out = self.fused.norm_forward(x, norm)
-        if out is None:
-            return None
-        y, h = out
-        return tuple(y.split(self.sizes, dim=-1)), h
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, gemv_only={self.gemv_only}"

@@ -20,7 +20,6 @@ from torch import nn
 
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_prefill import mla_prefill_bshd, mla_prefill_supported
-from moeray.kernels.prenorm import PreNorm
 from moeray.platform.config import ModelConfig
 from moeray.platform.model.linear import Linear, MergedLinear
 from moeray.platform.model.norm import RMSNorm
@@ -152,27 +151,10 @@ class MLA(nn.Module):
         q_lat = x_BSD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BSD))
         return q_lat, None, self.kv_a_proj_with_mqa(x_BSD)
 
-    def norm_project(self, norm: RMSNorm, x_BSD, delta_BSD=None):
-        """`_project_input` of norm(x + delta) with the norm (and the add) in the merged
-        projection's GEMV (MergedLinear.norm_forward: decode rows on CUDA, opt-in) -> (its
-        result, h = x + delta), or None where that does not apply (the caller runs the norm, then
-        this layer). Without a q LoRA the query latent comes back None: the queries are made."""
-        fused = self.fused_qkv_a_proj
-        if fused is None or not fused.applies(x_BSD):
-            return None
-        out = fused.norm_forward(x_BSD, PreNorm(norm.weight, norm.eps, delta_BSD))
-        if out is None:
-            return None
-        (q_a, kv), h_BSD = out
-        if self.q_lora_rank is None:
-            return (None, q_a, kv), h_BSD
-        return (self.q_a_layernorm(q_a), None, kv), h_BSD
-
     def _split_queries(self, q_lat, q=None):
         """Up-project the query latent to per-head queries: (q_nope [B,S,H,N], q_pe unrotated).
-        `q`: q_proj's output [B, S, H * (N + R)] when the merged projection already made it (then
-        q_lat is not read and may be None)."""
-        B, S, _ = q_lat.shape if q is None else q.shape
+        `q`: q_proj's output [B, S, H * (N + R)] when the merged projection already made it."""
+        B, S, _ = q_lat.shape
         if q is None:
             q = self.q_proj(q_lat) if self.q_lora_rank is None else self.q_b_proj(q_lat)
         q_BSHK = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)
@@ -198,14 +180,12 @@ class MLA(nn.Module):
         cache: KVCache | None = None,
         *,
         absorbed: bool | None = None,
-        projected: tuple | None = None,
     ) -> torch.Tensor:
         """Attention over x (causal). With a cache the absorbed path runs over the cached latents,
         or the expanded one when the cache sets `expanded`; `absorbed=True` without a cache runs
-        the absorbed math over x alone (for tests). `projected`: `norm_project`'s projections,
-        made by the caller from x's un-normed rows (x is then read for its shape only)."""
+        the absorbed math over x alone (for tests)."""
         B, S, _ = x_BSD.shape
-        q_lat, q, kv = self._project_input(x_BSD) if projected is None else projected
+        q_lat, q, kv = self._project_input(x_BSD)
         if getattr(cache, "takes_raw_latent", False) and not getattr(cache, "expanded", False):
             # The engine's paged view norms, rotates and stores the new latent itself, and with
             # `folds_w_uv` applies W_UV too (its kernel decides where).

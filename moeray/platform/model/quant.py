@@ -17,8 +17,6 @@ from torch import nn
 
 from moeray.kernels.common import FP8_BLOCK, FP8_DTYPE, FP8_MAX, switched_off, switched_on
 from moeray.kernels.fp8 import act_quant, fp8_gemm, fp8_gemv, fp8_gemv_workspace
-from moeray.kernels.fp8.norm_gemv import norm_fp8_gemv, norm_fp8_gemv_fits
-from moeray.kernels.prenorm import PreNorm
 
 # Rows up to which FP8Linear runs the weight-only fp8_gemv instead of act_quant + fp8_gemm. At
 # decode batch sizes the layer is a weight read: fp8_gemv reads the e4m3 bytes once with x in
@@ -217,26 +215,14 @@ class FP8Linear(nn.Module):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, dequantize_fp8_blocks(self.weight, self.weight_scale_inv, x.dtype))
 
-    def _path(self, x2: torch.Tensor) -> str:
-        """The kernel `forward_kernels` runs for x2 [M, K]: "bf16_copy" (F.linear over the kept
-        copy), "act" (act_quant + fp8_gemv's fp8 dots), "gemv" (weight-only fp8_gemv) or "gemm"
-        (act_quant + the block-scaled GEMM)."""
+    def forward_kernels(self, x2: torch.Tensor) -> torch.Tensor:
+        """`forward`'s GPU path on x2 [M, K] (float, rows flattened): the one place that picks the
+        kernel. Runs on CPU tensors under Triton's interpreter too (the kernel tests)."""
         if fp8_as_bf16(x2.shape[0], self.out_features, self.in_features, x2.dtype):
-            return "bf16_copy"
+            return F.linear(x2, self.dequantized_weight(x2.dtype))
         aligned = x2.shape[-1] % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0
         rows_ok = x2.shape[0] <= fp8_gemv_max_rows()
         if rows_ok and aligned and switched_on("FP8_GEMV_ACT"):
-            return "act"
-        return "gemv" if rows_ok or not aligned else "gemm"
-
-    def forward_kernels(self, x2: torch.Tensor) -> torch.Tensor:
-        """`forward`'s GPU path on x2 [M, K] (float, rows flattened): the one place that picks the
-        kernel (`_path`). Runs on CPU tensors under Triton's interpreter too (the kernel tests)."""
-        path = self._path(x2)
-        if path == "bf16_copy":
-            return F.linear(x2, self.dequantized_weight(x2.dtype))
-        rows_ok = x2.shape[0] <= fp8_gemv_max_rows()
-        if path == "act":
             # Opt-in: fp8 x fp8 dots skip the weight-only gemv's in-register weight convert but
             # add an act_quant launch and round x to 1x128 e4m3 groups. On an H200 the kernel won
             # 1.45x at M = 8 on V3's big layers and lost at M = 1 (the act_* columns of
@@ -253,7 +239,7 @@ class FP8Linear(nn.Module):
                 out_dtype=x2.dtype,
                 workspace=self.gemv_workspace,
             )
-        if path == "gemv":
+        if rows_ok or not aligned:
             # Weight-only, exact up to fp32 summation order: ragged layers (kv_a_proj_with_mqa,
             # N = 576) keep the dequantized model's numbers at any M, with no per-call
             # dequantization of the whole weight.
@@ -264,23 +250,6 @@ class FP8Linear(nn.Module):
             return fp8_gemv(x2, self.weight, self.weight_scale_inv, workspace=ws)
         xq, xs = act_quant(x2.to(torch.bfloat16).contiguous())
         return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
-
-    def norm_forward(
-        self, x: torch.Tensor, norm: PreNorm
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(norm(x)), h = x + the norm's residual), both x's shape, with the norm in
-        fp8_gemv's prologue (kernels/fp8/norm_gemv.py; opt-in: MOERAY_FUSED_NORM_GEMV=1) where
-        `forward` would run the weight-only fp8_gemv's wide step on CUDA (one decode row);
-        None elsewhere (the caller runs the norm, then the layer)."""
-        x2, norm = x.reshape(-1, x.shape[-1]), norm.flat()
-        if not (x.is_cuda and switched_on("NORM_GEMV")) or self._path(x2) != "gemv":
-            return None
-        if not (norm_fp8_gemv_fits(x2, self.weight) and norm.fits(x2)):
-            return None
-        y, h = norm_fp8_gemv(
-            x2, self.weight, self.weight_scale_inv, norm, workspace=self.gemv_workspace
-        )
-        return y.view(*x.shape[:-1], self.out_features), h.view_as(x)
 
 
 def set_fp8_expert_weight(
