@@ -2,10 +2,10 @@
 `moeray.kernels.common.pdl_launch`) follows the rule written there, in the PTX Triton emits for
 sm_90: with PDL=True the program's first global store or atomic comes after griddepcontrol.wait,
 and so does its first global load, except in the kernels that prefetch their weights before the
-wait (gemv, fp8_gemv, head_gemv, the router logits, moe_gemv's early variants, the MLA merge with
-W_UV, the MLA write with W_UK, MLA decode's early first page: there at least one load must come
-first, or the prefetch was lost); with PDL=False no griddepcontrol at all (the plain kernel that
-the interpreter and older GPUs run).
+wait (gemv, fp8_gemv, head_gemv, the router logits and the norm + router, moe_gemv's early
+variants, the MLA merge with W_UV, the MLA write with W_UK, MLA decode's early first page: there
+at least one load must come first, or the prefetch was lost); with PDL=False no griddepcontrol
+at all (the plain kernel that the interpreter and older GPUs run).
 
 Triton compiles to PTX on any machine (its wheel ships ptxas); each kernel is compiled at a
 decode-like specialization. The PTX depends on the Triton version: the device runs 3.6
@@ -43,6 +43,7 @@ from moeray.kernels import (
     moe_common,
     moe_gemv,
     norm,
+    norm_router,
     router_gate,
     router_logits,
 )
@@ -117,6 +118,13 @@ CASES = [
         True,
     ),
     (router_logits._router_logits_kernel, dict(BE=2, BD=2048), {"y_ptr": F32}, {}, True),
+    (  # the post-attention add + norm + router logits (the default at decode rows)
+        norm_router._norm_router_logits_kernel,
+        dict(HAS_RESIDUAL=True, BE=1, BD=2048),
+        {"logits_ptr": F32},
+        {},
+        True,
+    ),
     (  # logits + gate in one launch (MOERAY_FUSED_ROUTE_FOLD=1): Moonlight's gate at batch 1
         router_gate._router_gate_kernel,
         dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1)
