@@ -1,10 +1,11 @@
 """`moeray bench kernels --only decode_glue`: the kernels that replace a decode step's small
 PyTorch ops (issue 19: alignment, RoPE, the step's positions and slots, the paged-cache prologue,
-SwiGLU, router logits; the EP layer's load count; greedy's argmax over DeepSeek-V3's and
-Moonlight's vocabularies, against the engine's default fp32 copy + torch.argmax) against their
-PyTorch references at Moonlight-16B-A3B's widths (the alignment also at DeepSeek-V3's 256
-experts), each replayed in a CUDA graph as a decode step runs them, with whether the outputs
-agree bit for bit."""
+SwiGLU, router logits, the post-attention add + norm + router logits in one launch; the EP
+layer's load count; greedy's argmax over DeepSeek-V3's and Moonlight's vocabularies, against the
+engine's default fp32 copy + torch.argmax) against their PyTorch references at Moonlight-16B-
+A3B's widths (the alignment also at DeepSeek-V3's 256 experts), each replayed in a CUDA graph as
+a decode step runs them, with whether the outputs agree bit for bit. `norm_router_vs_pair` times
+the folded kernel against the two kernels it replaces (rms_norm, then router_logits)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from moeray.kernels.common import ROUTE_BATCH_MAX_TOKENS
 from moeray.kernels.expert_load import count_expert_load, count_expert_load_ref
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_ref
 from moeray.kernels.moe_align import moe_align, moe_align_ref
+from moeray.kernels.norm import rms_norm
+from moeray.kernels.norm_router import MAX_TOKENS as NORM_ROUTER_MAX_TOKENS
+from moeray.kernels.norm_router import norm_router_logits, norm_router_logits_ref
 from moeray.kernels.paged_positions import paged_positions, paged_positions_ref
 from moeray.kernels.rope import rope, rope_ref
 from moeray.kernels.router_logits import router_logits, router_logits_ref
@@ -54,6 +58,12 @@ def _cases(t: int):
     p = functools.partial
     valid_1 = torch.tensor([max(1, t - 1)], device="cuda")  # one padding row
     load_E, rows_1 = torch.zeros(EXPERTS, dtype=torch.int64, device="cuda"), valid_1.new_zeros(())
+
+    attn, post_norm = _bf16(t, D), (_bf16(D) * 0.1 + 1, 1e-6)
+
+    def norm_then_router():  # the unfolded pair, as the engine ran it before the fold
+        y, h = rms_norm(attn, post_norm[0], post_norm[1], x)
+        return router_logits(y, w_gate), y, h
 
     logits_v3, logits_ml = _bf16(t, V3_VOCAB), _bf16(t, MOONLIGHT_VOCAB)
     table = torch.randperm(t * 40, device="cuda", dtype=torch.int32).view(t, 40)  # 64-token pages
@@ -97,6 +107,18 @@ def _cases(t: int):
             p(router_logits, x_v3, w_gate_v3),
             False,
         ),
+        (  # the norm's fp32 sum of squares in another order: not bit-compared
+            "norm_router",
+            p(norm_router_logits_ref, attn, *post_norm, w_gate, x),
+            p(norm_router_logits, attn, *post_norm, w_gate, x),
+            False,
+        ),
+        (
+            "norm_router_vs_pair",
+            norm_then_router,
+            p(norm_router_logits, attn, *post_norm, w_gate, x),
+            False,
+        ),
         ("count_expert_load", counted(count_expert_load_ref), counted(count_expert_load), True),
         (
             "argmax_v3",
@@ -120,6 +142,8 @@ def bench_decode_glue(tokens: tuple[int, ...] = (1, 8, 32, 64, 170)) -> list[dic
             # past the decode batches (prefill) the model keeps cuBLAS's GEMM
             if name.startswith("router_logits") and t > ROUTE_BATCH_MAX_TOKENS:
                 continue
+            if name.startswith("norm_router") and t > NORM_ROUTER_MAX_TOKENS:
+                continue  # the model runs the two kernels there
             with torch.inference_mode():
                 ref, out = ref_fn(), fused_fn()
                 torch_ms, fused_ms = _graph_ms(ref_fn), _graph_ms(fused_fn)
