@@ -2,7 +2,9 @@
 the test `router_gate_applies` by which the model's Gate (`moeray.platform.model.moe.Gate.
 fused_route`) chooses it, and the kernel `_router_gate_kernel`. Opt-in with
 MOERAY_FUSED_ROUTE_FOLD=1: in the engine on an H200 Moonlight's batch 1 runs 6.1% (bf16) and 3.9%
-(FP8) fewer tokens/s with it (benchmarks/results/engine-nvidia-h200-moonlight-*-ab.json).
+(FP8) fewer tokens/s with it (benchmarks/results/engine-nvidia-h200-moonlight-*-ab.json). The
+model takes it only where the router's logits are not made with the norm before them
+(kernels/norm_router.py, the default at up to 32 rows): with MOERAY_FUSED_NORM_ROUTER=0.
 
 Legend: T tokens (<= FOLD_MAX_TOKENS), D model width, E routed experts, BE experts per program.
 
