@@ -2,7 +2,8 @@
 # no HF baseline, no prefill): Moonlight-16B-A3B (27 layers) at batch 1, 8, 64 and DeepSeek-V3
 # widths cut to 4 layers (1 dense + 3 MoE) at batch 1 and 64, each in bf16 and FP8 (e4m3 +
 # 128x128 scales, the serve --weights fp8 path), with the roofline and a profile of 8 decode steps
-# per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table last. 1 GPU, ~6 minutes;
+# per batch. Result files engine-<gpu>-<shape>-<weights>.json, a table and issue 19's targets last
+# (`bench/targets.py`). 1 GPU, ~6 minutes;
 # Ray is not needed. SHAPES="moonlight v3" and WEIGHTS="bf16 fp8" pick a subset; SHAPES=tiny
 # DEVICE=cpu PROFILE_STEPS=2 is the CPU smoke run of the same commands. BATCHES=1,8 replaces the
 # shape's batch sizes; V3_LAYERS=8 cuts V3 at 8 layers instead of 4 (the 4-layer cut caps FP8 over
@@ -46,4 +47,6 @@ for shape in ${SHAPES:-moonlight v3}; do
 done
 echo
 [ ${#files[@]} -gt 0 ] && python3 -m moeray.platform.engine.bench.table "${files[@]}" || rc=1
+# issue 19's targets that these files measure (met or not; says nothing of the exit status)
+[ ${#files[@]} -gt 0 ] && { echo; python3 -m moeray.platform.engine.bench.targets "${files[@]}"; }
 exit $rc

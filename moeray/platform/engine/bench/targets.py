@@ -1,0 +1,92 @@
+"""Issue 19's decode targets checked against `moeray bench engine` result files, one line each:
+
+    python -m moeray.platform.engine.bench.targets benchmarks/results/engine-*-defaults4.json
+
+The targets (the issue's basis is one H200; on another GPU the fractions are of that GPU's
+roofline): Moonlight-16B-A3B at batch 1 >= 50% of the roofline in bf16 and >= 40% in FP8, at
+batch 64 >= 60% (both weights); FP8 faster than bf16 at every batch both runs measured; at
+DeepSeek-V3 widths FP8 >= 1.6x bf16 at batch 1 and >= 60% of the roofline at every batch from 1
+to 64; MTP speculation at batch 1 >= 1.6x where a run measured it. A file counts by its model
+preset, layer count and weights (`model` in the JSON); the last file given wins a key. Rows say
+which files they read; a target with no file is not printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MOONLIGHT, V3 = "moonlight_16b_a3b", "deepseek_v3"
+
+
+@dataclass(frozen=True)
+class Check:
+    target: str
+    value: float
+    needed: float
+    files: tuple[str, ...]
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.needed
+
+
+def _key(r: dict) -> tuple[str, int, str]:
+    m = r["model"]
+    return m.get("preset") or "?", int(m.get("num_hidden_layers") or 0), m.get("weights") or "?"
+
+
+def checks(results: dict[str, dict]) -> list[Check]:
+    """The targets the results {file name: result JSON} can evaluate."""
+    runs = {_key(r): (name, r) for name, r in results.items()}
+    out: list[Check] = []
+
+    def frac(name: str, r: dict, batch: int, needed: float, what: str) -> None:
+        value = r.get("roofline_fraction", {}).get(str(batch))
+        if value is not None:
+            out.append(Check(what, float(value), needed, (name,)))
+
+    for (preset, layers, weights), (name, r) in sorted(runs.items()):
+        shape = f"{preset} ({layers} layers) {weights}"
+        if preset == MOONLIGHT:
+            frac(name, r, 1, 0.50 if weights == "bf16" else 0.40, f"{shape} batch 1 roofline")
+            frac(name, r, 64, 0.60, f"{shape} batch 64 roofline")
+        if preset == V3 and weights == "fp8":
+            for b in sorted(int(b) for b in r.get("roofline_fraction", {}) if int(b) <= 64):
+                frac(name, r, b, 0.60, f"{shape} batch {b} roofline")
+        if r.get("mtp_speedup") is not None and "1" in r.get("decode_tokens_per_s", {}):
+            out.append(Check(f"{shape} MTP at batch 1", float(r["mtp_speedup"]), 1.6, (name,)))
+        bf16 = runs.get((preset, layers, "bf16"))
+        if weights == "fp8" and bf16 is not None:
+            rates, base = r["decode_tokens_per_s"], bf16[1]["decode_tokens_per_s"]
+            for b in sorted(set(rates) & set(base), key=int):
+                needed = 1.6 if preset == V3 and b == "1" else 1.0
+                what = f"{preset} ({layers} layers) FP8 / bf16 tokens/s at batch {b}"
+                out.append(Check(what, rates[b] / base[b], needed, (name, bf16[0])))
+    return out
+
+
+def table(found: list[Check]) -> str:
+    lines = [f"{'target':<62} {'value':>7} {'needed':>7}  met"]
+    for c in found:
+        lines.append(
+            f"{c.target:<62} {c.value:>7.3f} {c.needed:>7.2f}  {'yes' if c.met else 'NO'}"
+            f"  ({', '.join(c.files)})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    results = {Path(p).name: json.loads(Path(p).read_text()) for p in argv}
+    found = checks(results)
+    print(table(found) if found else "no issue-19 target in these files (Moonlight / V3 shapes)")
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
