@@ -8,8 +8,9 @@ from moeray.platform.engine.bench.targets import checks, main
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-def _run(preset, weights, rates, fracs, layers=27, mtp=None):
+def _run(preset, weights, rates, fracs, layers=27, mtp=None, device="NVIDIA H200"):
     return {
+        "device": device,
         "model": {"preset": preset, "num_hidden_layers": layers, "weights": weights},
         "decode_tokens_per_s": rates,
         "roofline_fraction": fracs,
@@ -53,9 +54,17 @@ def test_each_target_from_the_runs_that_measure_it():
     }
     pair = found["deepseek_v3 (4 layers) FP8 / bf16 tokens/s at batch 1"]
     assert pair.value == 1.6 and pair.needed == 1.6 and pair.files == ("v3-fp8", "v3-bf16")
-    # a bf16 run alone: no FP8 ratio; another layer count is another shape
+    assert {c.device for c in found.values()} == {"NVIDIA H200"}
+    # a bf16 run alone: no FP8 ratio; another layer count is another shape, another GPU too
     alone = checks({"v3-8": _run("deepseek_v3", "bf16", {"1": 1}, {"1": 0.9}, 8)})
     assert alone == []
+    mixed = checks(
+        {
+            "ml-bf16-h100": _run("moonlight_16b_a3b", "bf16", {"1": 1}, {}, device="NVIDIA H100"),
+            "ml-fp8-h200": _run("moonlight_16b_a3b", "fp8", {"1": 2}, {}),
+        }
+    )
+    assert mixed == []
 
 
 def test_main_reads_files_and_the_eighteenth_sessions_h200_gap(tmp_path, capsys):

@@ -7,8 +7,9 @@ roofline): Moonlight-16B-A3B at batch 1 >= 50% of the roofline in bf16 and >= 40
 batch 64 >= 60% (both weights); FP8 faster than bf16 at every batch both runs measured; at
 DeepSeek-V3 widths FP8 >= 1.6x bf16 at batch 1 and >= 60% of the roofline at every batch from 1
 to 64; MTP speculation at batch 1 >= 1.6x where a run measured it. A file counts by its model
-preset, layer count and weights (`model` in the JSON); the last file given wins a key. Rows say
-which files they read; a target with no file is not printed.
+GPU, preset, layer count and weights (`device`, `model` in the JSON; FP8 pairs with bf16 on
+the same GPU only); the last file given wins a key. Rows say which files they read; a target
+with no file is not printed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MOONLIGHT, V3 = "moonlight_16b_a3b", "deepseek_v3"
 
 @dataclass(frozen=True)
 class Check:
+    device: str
     target: str
     value: float
     needed: float
@@ -33,9 +35,10 @@ class Check:
         return self.value >= self.needed
 
 
-def _key(r: dict) -> tuple[str, int, str]:
+def _key(r: dict) -> tuple[str, str, int, str]:
     m = r["model"]
-    return m.get("preset") or "?", int(m.get("num_hidden_layers") or 0), m.get("weights") or "?"
+    preset, layers = m.get("preset") or "?", int(m.get("num_hidden_layers") or 0)
+    return r.get("device", "?"), preset, layers, m.get("weights") or "?"
 
 
 def checks(results: dict[str, dict]) -> list[Check]:
@@ -46,9 +49,9 @@ def checks(results: dict[str, dict]) -> list[Check]:
     def frac(name: str, r: dict, batch: int, needed: float, what: str) -> None:
         value = r.get("roofline_fraction", {}).get(str(batch))
         if value is not None:
-            out.append(Check(what, float(value), needed, (name,)))
+            out.append(Check(device, what, float(value), needed, (name,)))
 
-    for (preset, layers, weights), (name, r) in sorted(runs.items()):
+    for (device, preset, layers, weights), (name, r) in sorted(runs.items()):
         shape = f"{preset} ({layers} layers) {weights}"
         if preset == MOONLIGHT:
             frac(name, r, 1, 0.50 if weights == "bf16" else 0.40, f"{shape} batch 1 roofline")
@@ -57,23 +60,24 @@ def checks(results: dict[str, dict]) -> list[Check]:
             for b in sorted(int(b) for b in r.get("roofline_fraction", {}) if int(b) <= 64):
                 frac(name, r, b, 0.60, f"{shape} batch {b} roofline")
         if r.get("mtp_speedup") is not None and "1" in r.get("decode_tokens_per_s", {}):
-            out.append(Check(f"{shape} MTP at batch 1", float(r["mtp_speedup"]), 1.6, (name,)))
-        bf16 = runs.get((preset, layers, "bf16"))
+            mtp = float(r["mtp_speedup"])
+            out.append(Check(device, f"{shape} MTP at batch 1", mtp, 1.6, (name,)))
+        bf16 = runs.get((device, preset, layers, "bf16"))
         if weights == "fp8" and bf16 is not None:
             rates, base = r["decode_tokens_per_s"], bf16[1]["decode_tokens_per_s"]
             for b in sorted(set(rates) & set(base), key=int):
                 needed = 1.6 if preset == V3 and b == "1" else 1.0
                 what = f"{preset} ({layers} layers) FP8 / bf16 tokens/s at batch {b}"
-                out.append(Check(what, rates[b] / base[b], needed, (name, bf16[0])))
+                out.append(Check(device, what, rates[b] / base[b], needed, (name, bf16[0])))
     return out
 
 
 def table(found: list[Check]) -> str:
-    lines = [f"{'target':<62} {'value':>7} {'needed':>7}  met"]
+    lines = [f"{'gpu':<22} {'target':<62} {'value':>7} {'needed':>7}  met"]
     for c in found:
         lines.append(
-            f"{c.target:<62} {c.value:>7.3f} {c.needed:>7.2f}  {'yes' if c.met else 'NO'}"
-            f"  ({', '.join(c.files)})"
+            f"{c.device[:22]:<22} {c.target:<62} {c.value:>7.3f} {c.needed:>7.2f}  "
+            f"{'yes' if c.met else 'NO'}  ({', '.join(c.files)})"
         )
     return "\n".join(lines)
 
