@@ -402,7 +402,7 @@ def test_rayservice_groups_follow_ep_and_replicas(tmp_path):
     from moeray.platform.k8s.render import rayservice
 
     args = yaml.safe_load((REPO / SERVE).read_text())["applications"][0]["args"]
-    svc, *_ = rayservice({**args, "prefill_replicas": 1, "decode_replicas": 3}, tag="t")
+    (svc, _) = rayservice({**args, "prefill_replicas": 1, "decode_replicas": 3}, tag="t")
     groups = {g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
 
     def gpu(g: dict) -> int:
@@ -410,7 +410,7 @@ def test_rayservice_groups_follow_ep_and_replicas(tmp_path):
 
     assert gpu(groups["prefill"]) * groups["prefill"]["replicas"] == 1
     assert gpu(groups["decode"]) * groups["decode"]["replicas"] == 3
-    svc, *_ = rayservice({**args, "decode_replicas": 16}, tag="t")
+    (svc, _) = rayservice({**args, "decode_replicas": 16}, tag="t")
     groups = {g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     dec = groups["decode"]
     assert dec["replicas"] == 2 and gpu(dec) == 8  # two 8-GPU pods
@@ -418,31 +418,6 @@ def test_rayservice_groups_follow_ep_and_replicas(tmp_path):
         rayservice({**args, "decode_replicas": 12}, tag="t")
     with pytest.raises(ValueError, match="api_key"):
         rayservice({**args, "api_key": "secret"}, tag="t")
-
-
-def test_gpu_serve_pods_share_a_triton_cache():
-    """Each GPU serve pod mounts one shared volume for Triton's compiled kernels and points
-    TRITON_CACHE_DIR at it (a replica's start is mostly compiling); CPU-only serving has none."""
-    from moeray.platform.k8s.render import TRITON_CACHE_CLAIM, TRITON_CACHE_MOUNT, rayservice
-
-    args = yaml.safe_load((REPO / SERVE).read_text())["applications"][0]["args"]
-    svc, *pvcs = rayservice({**args, "prefill_replicas": 1, "decode_replicas": 2}, tag="t")
-    assert [p["metadata"]["name"] for p in pvcs] == ["moeray-models", TRITON_CACHE_CLAIM]
-    groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert {g["groupName"] for g in groups} == {"prefill", "decode"}
-    for g in groups:
-        spec = g["template"]["spec"]
-        (c,) = spec["containers"]
-        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "triton-cache"]
-        assert mount["mountPath"] == TRITON_CACHE_MOUNT
-        assert {"name": "TRITON_CACHE_DIR", "value": TRITON_CACHE_MOUNT} in c["env"]
-        (vol,) = [v for v in spec["volumes"] if v["name"] == "triton-cache"]
-        assert vol["persistentVolumeClaim"]["claimName"] == TRITON_CACHE_CLAIM
-    svc, *pvcs = rayservice({**args, "gpus_per_replica": 0}, tag="t")
-    assert [p["metadata"]["name"] for p in pvcs] == ["moeray-models"]
-    for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
-        (c,) = g["template"]["spec"]["containers"]
-        assert all(e["name"] != "TRITON_CACHE_DIR" for e in c["env"])
 
 
 def test_serve_gpus_count_ep_and_gpu_env_reaches_the_pods():

@@ -37,14 +37,6 @@ API_KEY_ENV = {
     "valueFrom": {"secretKeyRef": {"name": "moeray-api-key", "key": "api-key", "optional": True}},
 }
 DSHM = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
-# Triton's compiled kernels, shared by the GPU serve pods (TRITON_CACHE_DIR): a replica's first
-# engine spends most of its start compiling them (Moonlight FP8 on an H100: 58.5 s to start, 41.5
-# of its 42.9 s of decode graphs in the warm-up forwards that compile; a second engine of the
-# process, kernels compiled, 8.7-14.4 s; benchmarks/notes-engine.md), so a restarted or added pod
-# loads what an earlier one compiled. Entries are keyed by kernel source, Triton version and GPU
-# and written by rename: pods may share one volume.
-TRITON_CACHE_MOUNT = "/cache/triton"
-TRITON_CACHE_CLAIM = "moeray-triton-cache"
 
 
 def images(tag: str) -> dict[str, str]:
@@ -269,12 +261,6 @@ def rayservice(
         {"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    triton_cache = {
-        "name": "triton-cache",
-        "persistentVolumeClaim": {"claimName": TRITON_CACHE_CLAIM},
-    }
-    cache_mount = {"name": "triton-cache", "mountPath": TRITON_CACHE_MOUNT}
-    cache_env = {"name": "TRITON_CACHE_DIR", "value": TRITON_CACHE_MOUNT}
     groups = []
     for phase, gpus in serve_gpus(cfg).items():
         replicas = cfg.prefill_replicas if phase == "prefill" else cfg.decode_replicas
@@ -288,17 +274,16 @@ def rayservice(
         else:
             pods, per_pod = replicas, 0
         cpus = math.ceil(cfg.cpus_per_replica * replicas / pods) + 1
-        gpu_pod = per_pod > 0
         c = _container(
             "ray-worker",
             image,
             cpus,
             16 + 32 * per_pod,
             gpus=per_pod,
-            env=[API_KEY_ENV, *([cache_env] if gpu_pod else [])],
-            mounts=[*mounts, *([cache_mount] if gpu_pod else [])],
+            env=[API_KEY_ENV],
+            mounts=mounts,
         )
-        groups.append(_group(phase, pods, c, [models, DSHM, *([triton_cache] if gpu_pod else [])]))
+        groups.append(_group(phase, pods, c, [models, DSHM]))
     head = _head(
         image,
         dashboard_private=False,
@@ -334,7 +319,6 @@ def rayservice(
             },
         },
         pvc("moeray-models", "2Ti"),
-        *([pvc(TRITON_CACHE_CLAIM, "20Gi")] if any(serve_gpus(cfg).values()) else []),
     ]
 
 
