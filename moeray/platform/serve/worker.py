@@ -557,8 +557,9 @@ def make_engine(cfg: ServeConfig, *, decodes: bool = True) -> Engine:
         dtype=dtype,
         keep_fp8=cfg.weights == "fp8",
     )
-    # What a replica's start went to: a first engine took 16-45 s at Moonlight / V3 widths on
-    # an H100 (33 graphs, a cold Triton cache), not yet split into compiles and captures.
+    # What a replica's start went to: a first engine took 16-59 s at Moonlight / V3 widths on
+    # an H100 (33 graphs, a cold Triton cache), nearly all of it the graphs' warm-up forwards,
+    # where Triton compiles (Moonlight FP8: 41.5 of 58.5 s; capture ~1-3 s).
     graphs = "; ".join(
         f"{kind} {int(k['graphs'])} in {k['seconds']:.1f} s ({k['warmup_s']:.1f} s warm-up)"
         for kind, k in graph_seconds(engine.runner.graphs).items()
