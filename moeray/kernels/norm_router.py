@@ -41,7 +41,13 @@ from moeray.kernels.common import (
     use_triton,
 )
 from moeray.kernels.norm import MAX_D, rms_norm_ref
-from moeray.kernels.router_logits import DTYPES, ROW_MAX_TOKENS, _w_step, router_logits_ref
+from moeray.kernels.router_logits import (
+    DTYPES,
+    ROW_MAX_TOKENS,
+    _w_step,
+    router_logits_ref,
+    row_tiles,
+)
 
 # The per-token programs re-read all of W and the row for each token: router_logits' own bound.
 MAX_TOKENS = ROW_MAX_TOKENS
@@ -197,10 +203,10 @@ def norm_router_logits(
         )
     if T > MAX_TOKENS or D > MAX_D:
         raise ValueError(f"x [{T}, {D}]: at most {MAX_TOKENS} rows and {MAX_D} features")
-    if any(t.stride(-1) != 1 for t in (x_TD, norm_weight_D, router_weight_ED)) or (
-        residual_TD is not None and residual_TD.stride(-1) != 1
-    ):
-        raise ValueError("x, residual, norm_weight and router_weight need unit stride over D")
+    named = {"x": x_TD, "residual": residual_TD, "norm_weight": norm_weight_D}
+    for name, t in {**named, "router_weight": router_weight_ED}.items():
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name} has stride {t.stride(-1)} over D: needs 1")
     if not use_triton(x_TD):
         return norm_router_logits_ref(x_TD, norm_weight_D, eps, router_weight_ED, residual_TD)
     E = router_weight_ED.shape[0]
@@ -209,10 +215,9 @@ def norm_router_logits(
     h = x_TD if residual_TD is None else torch.empty_like(y)
     r = x_TD if residual_TD is None else residual_TD
     if T and E:
-        # router_logits' tiles (its comment has the timings): 1 expert row a program up to 128
-        # experts, 2 past, 2,048 features a step.
+        be, bd = row_tiles(E, D)  # router_logits' per-token tiles
         pdl = pdl_launch(x_TD.device)
-        _norm_router_logits_kernel[(triton.cdiv(E, 1 if E <= 128 else 2), T)](
+        _norm_router_logits_kernel[(triton.cdiv(E, be), T)](
             x_TD,
             r,
             norm_weight_D,
@@ -229,8 +234,8 @@ def norm_router_logits(
             router_weight_ED.stride(0),
             eps,
             HAS_RESIDUAL=residual_TD is not None,
-            BE=1 if E <= 128 else 2,
-            BD=min(2048, triton.next_power_of_2(max(D, 16))),
+            BE=be,
+            BD=bd,
             PDL=pdl,
             num_warps=4,
             launch_pdl=pdl,

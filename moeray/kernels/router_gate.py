@@ -42,7 +42,12 @@ from moeray.kernels.gate import (
     check_group_sizes,
     gate_bias_fits,
 )
-from moeray.kernels.router_logits import DTYPES, _router_logits_kernel, router_logits_applies
+from moeray.kernels.router_logits import (
+    DTYPES,
+    _router_logits_kernel,
+    router_logits_applies,
+    row_tiles,
+)
 
 # Tokens up to which the gate runs in the last program (one [BLOCK_T, GP, PGP] tile: V3's 256
 # experts x 8 rows is 2,048 cells, gate.TILE_CELLS); decode batches of 1-8.
@@ -163,7 +168,7 @@ def router_gate(
     scores_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     fused_ids_TJ = torch.empty(T, J, dtype=torch.int64, device=dev) if S else None
     fused_weights_TJ = torch.empty(T, J, dtype=torch.float32, device=dev) if S else None
-    be = 1 if E <= 128 else 2  # router_logits' per-token tiles (its launch comment says why)
+    be, bd = row_tiles(E, D)  # router_logits' per-token tiles
     pdl = pdl_launch(dev) and w is weight_ED
     _router_gate_kernel[(triton.cdiv(E, be), T)](
         x,
@@ -196,7 +201,7 @@ def router_gate(
         NORM=bool(norm_topk_prob) and top_k > 1,
         PRECISE=precise_exp(),
         BE=be,
-        BD=min(2048, triton.next_power_of_2(max(D, 16))),
+        BD=bd,
         PDL=pdl,
         num_warps=4,
         launch_pdl=pdl,

@@ -106,6 +106,18 @@ def _router_logits_kernel(
     tl.store(y_ptr + t * E + offs_e, acc, mask=ok_e)
 
 
+def row_tiles(E: int, D: int) -> tuple[int, int]:
+    """(BE expert rows a program, BD features a step) of the per-token kernels (this one,
+    router_gate's and norm_router's). Latency, not bytes, bounds them at decode (256 KB of
+    weights at Moonlight, 3.7 MB at V3): one or two expert rows per program (64 programs a token
+    at 64 experts, 128 at V3's 256) and 2,048 features a step (one step at Moonlight's D, four at
+    V3's 7,168). With 4 / 8 rows and 512-feature steps (16 / 32 programs of 4 / 14 dependent
+    steps) the logits took 4.7 us at Moonlight and 20.2 us at V3 on an H200 (engine decode at
+    batch 1); as here 2.2 and 8.5 us. The loop's loads are not software-pipelined (a loop
+    without tl.dot pipelines only as `tl.range(..., num_stages=)`, which is untimed here)."""
+    return (1 if E <= 128 else 2), min(2048, triton.next_power_of_2(max(D, 16)))
+
+
 def router_logits_applies(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> bool:
     """Whether `router_logits` takes these as they are: x [T, D] with T <=
     common.ROUTE_BATCH_MAX_TOKENS (MAX_TOKENS with MOERAY_FUSED_ROUTE_BATCH=0) and W [E, D]
@@ -148,14 +160,7 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
         return router_logits_ref(x, w)  # the interpreter: no fp32-output bf16 GEMM on CPU
     y = torch.empty(T, E, dtype=torch.float32, device=x.device)
     if T and E:
-        # Latency, not bytes, bounds this GEMV at decode (256 KB of weights at Moonlight, 3.7 MB at
-        # V3): one or two expert rows per program (64 programs a token at 64 experts, 128 at
-        # V3's 256) and 2,048 features a step (one step at Moonlight's D, four at V3's 7,168).
-        # With 4 / 8 rows and 512-feature steps (16 / 32 programs of 4 / 14 dependent steps) it
-        # took 4.7 us at Moonlight and 20.2 us at V3 on an H200 (engine decode at batch 1); as
-        # here 2.2 and 8.5 us. The loop's loads are not software-pipelined (a loop without tl.dot
-        # pipelines only as `tl.range(..., num_stages=)`, which is untimed here).
-        be = 1 if E <= 128 else 2
+        be, bd = row_tiles(E, D)
         # PDL reads the weight before the wait: not a copy made just above (the kernel before)
         pdl = pdl_launch(x.device) and w is weight_ED
         _router_logits_kernel[(triton.cdiv(E, be), T)](
@@ -167,7 +172,7 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
             x.stride(0),
             w.stride(0),
             BE=be,
-            BD=min(2048, triton.next_power_of_2(max(D, 16))),
+            BD=bd,
             PDL=pdl,
             num_warps=4,
             launch_pdl=pdl,

@@ -46,19 +46,17 @@ def checks(results: dict[str, dict]) -> list[Check]:
     runs = {_key(r): (name, r) for name, r in results.items()}
     out: list[Check] = []
 
-    def frac(name: str, r: dict, batch: int, needed: float, what: str) -> None:
-        value = r.get("roofline_fraction", {}).get(str(batch))
-        if value is not None:
-            out.append(Check(device, what, float(value), needed, (name,)))
-
     for (device, preset, layers, weights), (name, r) in sorted(runs.items()):
         shape = f"{preset} ({layers} layers) {weights}"
+        fracs = r.get("roofline_fraction", {})
+        bars: dict[str, float] = {}  # batch -> the roofline fraction it must reach
         if preset == MOONLIGHT:
-            frac(name, r, 1, 0.50 if weights == "bf16" else 0.40, f"{shape} batch 1 roofline")
-            frac(name, r, 64, 0.60, f"{shape} batch 64 roofline")
+            bars = {"1": 0.50 if weights == "bf16" else 0.40, "64": 0.60}
         if preset == V3 and weights == "fp8":
-            for b in sorted(int(b) for b in r.get("roofline_fraction", {}) if int(b) <= 64):
-                frac(name, r, b, 0.60, f"{shape} batch {b} roofline")
+            bars = {b: 0.60 for b in fracs if int(b) <= 64}
+        for b in sorted(set(bars) & set(fracs), key=int):
+            what = f"{shape} batch {b} roofline"
+            out.append(Check(device, what, float(fracs[b]), bars[b], (name,)))
         if r.get("mtp_speedup") is not None and "1" in r.get("decode_tokens_per_s", {}):
             mtp = float(r["mtp_speedup"])
             out.append(Check(device, f"{shape} MTP at batch 1", mtp, 1.6, (name,)))
