@@ -1,8 +1,9 @@
 """The fused MoE's block configs at decode token counts, at published expert shapes: each config's
 time per fused_moe call (alignment, gate_up, down and sum; FP8's activation quantization too)
-and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe.py` `_moe_config` can
-be set from numbers. `--path gemv` times `moe_gemv` (no alignment, FP8 weight-only: gate_up, down
-and sum) over its tiles instead, `--path both` the two, for `moe_gemv_config` and
+and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe_tiles.py`
+`moe_config` can be set from numbers. `--path gemv` times `moe_gemv` (no alignment, FP8
+weight-only: gate_up, down and sum) over its tiles instead, `--path both` the two, for
+`moe_gemv_config` and
 MOE_GEMV_MAX_ASSIGNMENTS; rows say which ("path"), "default" marks each path's heuristic tile.
 
 Timing: a CUDA graph of REPS calls, each call routed to other experts (disjoint sets in turn), so
@@ -14,6 +15,8 @@ down weights (with their scales) that the call reads.
     python scripts/moe_decode_sweep.py --path both --tokens 1,2 --out moe-gemv-sweep.json
     python scripts/moe_decode_sweep.py --path gemv --tokens 1 --gemv-block-n 16 --gemv-warps 2 \
         --gemv-stages 4 --gemv-down 16:2:4,32:2:4,32:4:4,64:4:4,64:8:3   # down's own tiles
+    python scripts/moe_decode_sweep.py --tokens 64 --block-m 16 --block-n 32 --stages 4 \
+        --aligned-down 64:4:4,128:4:4,128:8:3   # the aligned down launch's own tiles
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import json
 import torch
 
 from moeray.kernels.bench.moe import random_experts
-from moeray.kernels.moe import _moe_config, fused_moe
+from moeray.kernels.moe import fused_moe
 from moeray.kernels.moe_gemv import moe_gemv, moe_gemv_config
+from moeray.kernels.moe_tiles import moe_config
 
 SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the published configs
     "moonlight": (2048, 1408, 64, 6),
@@ -70,7 +74,7 @@ def time_call(fn) -> float:
 
 
 def _tile(cfg: dict) -> str:
-    """A config in one short column: BM (aligned only), BN, warps, stages (and moe_gemv's down
+    """A config in one short column: BM (aligned only), BN, warps, stages (and the down launch's
     tile where it has its own)."""
     bm = f"BM{cfg['BLOCK_M']:3} " if "BLOCK_M" in cfg else "      "
     mask = f" mask{cfg['MASK_ROWS']}" if "MASK_ROWS" in cfg else ""
@@ -79,17 +83,18 @@ def _tile(cfg: dict) -> str:
     return f"{bm}BN{cfg['BLOCK_N']:4} w{cfg['num_warps']} st{cfg['num_stages']}{mask}{down}"
 
 
-def down_tiles(text: str) -> list[dict | None]:
-    """--gemv-down's tiles as moe_gemv "down" configs ([None]: the gate/up tile)."""
-    out: list[dict | None] = []
+def down_tiles(text: str, flag: str = "--gemv-down") -> list[dict | None]:
+    """--gemv-down's (or --aligned-down's) tiles as "down" configs, after None (the gate/up
+    tile, the baseline each is read against)."""
+    out: list[dict | None] = [None]
     for part in filter(None, text.split(",")):
         try:
             bn, warps, stages = map(int, part.split(":"))
         except ValueError:
             want = "want BLOCK_N:warps:stages, e.g. 32:4:4"
-            raise SystemExit(f"--gemv-down {part!r}: {want}") from None
+            raise SystemExit(f"{flag} {part!r}: {want}") from None
         out.append(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages))
-    return out or [None]
+    return out
 
 
 def _key(r: dict) -> str:
@@ -107,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         "--mask-rows",
         default="",
         help="aligned path: MASK_ROWS values to try (e.g. 0,1); default: the kernel's rule",
+    )
+    p.add_argument(
+        "--aligned-down",
+        default="",
+        help="aligned path: the down launch's own tiles to try, BLOCK_N:warps:stages,... (each "
+        'with every gate/up tile; `fused_moe`\'s config "down"); default: the gate/up tile',
     )
     p.add_argument("--path", default="aligned", choices=("aligned", "gemv", "both"))
     p.add_argument("--gemv-block-n", default="8,16,32")
@@ -148,15 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 nbytes = experts * 3 * h * i * bpe
                 if path == "aligned":
-                    default = _moe_config(t * k, e, weights == "fp8", h)
+                    default = moe_config(t * k, e, weights == "fp8", h)
                     masks = {"MASK_ROWS": args.mask_rows} if args.mask_rows else {}
-                    cfgs = configs(
-                        dict(BLOCK_K=128, num_warps=4),
-                        BLOCK_M=args.block_m,
-                        BLOCK_N=args.block_n,
-                        num_stages=args.stages,
-                        **masks,
-                    )
+                    cfgs = [
+                        cfg if down is None else {**cfg, "down": down}
+                        for cfg in configs(
+                            dict(BLOCK_K=128, num_warps=4),
+                            BLOCK_M=args.block_m,
+                            BLOCK_N=args.block_n,
+                            num_stages=args.stages,
+                            **masks,
+                        )
+                        for down in down_tiles(args.aligned_down, "--aligned-down")
+                    ]
                     fn = functools.partial(fused_moe, x, a13, a2, **kw)
                 else:  # gate and up as two tensors (views of w13), with their scales
                     default = moe_gemv_config()

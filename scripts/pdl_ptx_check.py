@@ -25,6 +25,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET: the kernels must be JIT functions, not interpreted")
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -164,8 +165,18 @@ CASES = [
     ),
     (
         moe._moe_gate_up_kernel,
-        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP),
+        dict(FP8=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP)
+        | dict(QUANT_H=False, H_DTYPE=tl.bfloat16, EXACT=False),
         dict(x_ptr=F8, wg_ptr=F8, wu_ptr=F8, sorted_ptr=I32, bexp_ptr=I32, xs_ptr=F32),
+        dict(num_warps=4, num_stages=4),
+        False,
+    ),
+    (  # 128-column FP8 tiles: h quantized in the epilogue (e4m3 h, fp32 scales)
+        moe._moe_gate_up_kernel,
+        dict(FP8=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, UPCAST=False, **MOE_K_LOOP)
+        | dict(QUANT_H=True, H_DTYPE=tl.bfloat16, EXACT=False),
+        dict(x_ptr=F8, wg_ptr=F8, wu_ptr=F8, h_ptr=F8, sorted_ptr=I32, bexp_ptr=I32)
+        | dict(xs_ptr=F32, wsg_ptr=F32, wsu_ptr=F32, hs_ptr=F32),
         dict(num_warps=4, num_stages=4),
         False,
     ),

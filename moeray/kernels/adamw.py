@@ -61,6 +61,7 @@ import triton.language as tl
 from torch.autograd.graph import increment_version
 
 from moeray.kernels.common import (
+    TL_DTYPES,
     cdiv,
     check_shape,
     check_tensor,
@@ -72,7 +73,6 @@ from moeray.kernels.common import (
 )
 
 DTYPES = (torch.float32, torch.bfloat16)  # of the moments (one per call) and of the gradients
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 CONFIG_KEYS = frozenset({"BLOCK", "ITERS", "num_warps"})
 # 2048 elements a loop iteration over 8 warps: 8 a thread, two 16-byte loads of each fp32 operand
 # and one of each bf16 moment; 16 iterations a program (CHUNK 32,768: 655 KB moved with bf16
@@ -394,8 +394,8 @@ def _launch(
         scalars["decay"],
         scalars["step_size"],
         scalars["bias2_sqrt"],
-        G_DTYPE=_TL[g0.dtype],
-        M_DTYPE=_TL[m0.dtype],
+        G_DTYPE=TL_DTYPES[g0.dtype],
+        M_DTYPE=TL_DTYPES[m0.dtype],
         HAS_SCALE=grad_scale is not None,
         LERP_FROM_END=lerp_from_end,
         ALIGNED=aligned,

@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - every supported Triton (3.x) has it
     libdevice = None
 
 FP8_DTYPE = torch.float8_e4m3fn
+# torch float dtypes as Triton's, for dtype constexprs
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 FP8_MAX = 448.0  # largest finite e4m3fn value; scale = amax / 448 (DeepSeek-V3 recipe)
 FP8_BLOCK = 128  # one scale per 1x128 activation group and per 128x128 weight block
 # A zero group would give scale 0 and 0/0; clamping amax keeps zero groups at q = 0, scale ~2e-15.

@@ -43,7 +43,9 @@ import triton
 import triton.language as tl
 
 from moeray.kernels.common import (
+    FP8_BLOCK,
     FP8_DTYPE,
+    TL_DTYPES,
     cdiv,
     check_tensor,
     interpreting,
@@ -55,7 +57,7 @@ from moeray.kernels.common import (
     to_dtype_rn,
     use_triton,
 )
-from moeray.kernels.fp8.quant import act_quant
+from moeray.kernels.fp8.quant import act_quant, quant_rows
 from moeray.kernels.moe_align import moe_align
 from moeray.kernels.moe_common import (
     BF16_IN,
@@ -66,6 +68,7 @@ from moeray.kernels.moe_common import (
     moe_sum,
 )
 from moeray.kernels.moe_gemv import MOE_GEMV_MAX_ASSIGNMENTS, check_early_shared, run_moe_gemv
+from moeray.kernels.moe_tiles import DECODE_BLOCK_M, down_config, mask_rows, moe_config
 
 
 def fused_moe_ref(
@@ -133,6 +136,7 @@ def _moe_gate_up_kernel(
     xs_ptr,
     wsg_ptr,
     wsu_ptr,
+    hs_ptr,
     num_valid,
     top_k,
     H,
@@ -148,6 +152,7 @@ def _moe_gate_up_kernel(
     stride_wsgn,
     stride_wsue,
     stride_wsun,
+    stride_hst,
     FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,9 +160,12 @@ def _moe_gate_up_kernel(
     EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no K masks
     ROW_SCALE: tl.constexpr,  # FP8 with BLOCK_N | 128: one weight scale per tile and K block
     NUM_STAGES: tl.constexpr,  # the launch's num_stages, for the K loop's tl.range
-    MASK_ROWS: tl.constexpr,  # padding rows' x loads masked off (decode tiles: `_mask_rows`)
+    MASK_ROWS: tl.constexpr,  # padding rows' x loads masked off (moe_tiles.mask_rows)
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
+    QUANT_H: tl.constexpr,  # h stored as act_quant stores it: e4m3 (h_ptr), 1x128 scales (hs_ptr)
+    H_DTYPE: tl.constexpr,  # h's activation dtype (QUANT_H: what act_quant would have read)
+    EXACT: tl.constexpr,  # act_quant's EXACT (the interpreter's rounding)
 ):
     # Gate and up weights come as two tensors (or two views of one [E, 2I, H] w13), so the model's
     # separate gate_proj / up_proj need no per-call concatenation.
@@ -214,8 +222,16 @@ def _moe_gate_up_kernel(
     h_ptrs = h_ptr + ids[:, None].to(tl.int64) * stride_ht + offs_n[None, :]
     # to_dtype_rn: round to nearest as the GPU's cast does, also under the interpreter (whose
     # plain cast truncates to bf16), so CPU tests check the GPU's numbers
-    h_out = to_dtype_rn(act, h_ptr.dtype.element_ty)
-    tl.store(h_ptrs, h_out, mask=row_ok[:, None] & n_ok[None, :])
+    if QUANT_H:
+        # BLOCK_N = 128 columns, one 128-group of each row: act_quant's math on the h it would
+        # read (rounded to the activation dtype first), so the bits are act_quant's
+        h_act = to_dtype_rn(act, H_DTYPE)
+        q, h_scale = quant_rows(h_act.to(tl.float32), EXACT)
+        tl.store(h_ptrs, q, mask=row_ok[:, None])
+        tl.store(hs_ptr + ids.to(tl.int64) * stride_hst + pid_n, h_scale, mask=row_ok)
+    else:
+        h_out = to_dtype_rn(act, h_ptr.dtype.element_ty)
+        tl.store(h_ptrs, h_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -290,50 +306,6 @@ def _moe_down_kernel(
     tl.store(y_ptrs, y_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _mask_rows(block_m: int) -> bool:
-    """Whether the aligned kernels mask their padding rows' activation loads: at decode tiles
-    (BLOCK_M <= 32), where most of a block's rows are padding (DeepSeek-V3 at batch 64: ~2 rows
-    of 16 an expert). Unmasked, those rows read token 0's row again: on an H200 at batch 64 the
-    FP8 fused MoE took 2,816 us unmasked and 2,431 masked at V3's experts, 186.9 and 153.9 at
-    Moonlight's (bf16 283.5 / 266.4; results/moe-mask-rows-nvidia-h200.json). Prefill tiles are
-    full and keep the unmasked loads (results/kernels-nvidia-h200-prefill-mla.json)."""
-    return block_m <= 32
-
-
-def _moe_config(tk: int, num_experts: int, fp8: bool, hidden: int = 0) -> dict:
-    """Block shapes: decode (few rows per expert) wants short row blocks; prefill wants big
-    tiles. `hidden`: the model width H (FP8 decode tiles depend on it)."""
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 32, num_warps=4, num_stages=1)
-    # From the H100 sweep (hidden 7168, width 2048, 64 experts, top-8): decode best at 32x64 tiles
-    # (2.67 ms bf16, 1.84 ms fp8); prefill bf16 at 128x128x64 / 8 warps (13.2 ms), fp8 at
-    # 64x128x128 / 4 warps (11.9 ms; 128x128 with two fp32 accumulators spilled: 28.6 ms).
-    rows_per_expert = tk / max(num_experts, 1)
-    if rows_per_expert <= 16:
-        # H200 sweep at Moonlight's experts, 1 and 8 tokens (scripts/moe_decode_sweep.py,
-        # benchmarks/results/moe-decode-sweep-nvidia-h200.json; a whole fused_moe, weights out of
-        # L2): 16-row blocks beat 32 at every width and stage count, FP8 best at 32 columns
-        # (34.2 vs 41.5 us at 1 token, 86.4 vs 94.3 at 8), bf16 at 64 (37.7 vs 39.3, 139.5 vs
-        # 148.0). At V3's width (H 7168) FP8 is faster at 64 columns from 16 tokens (865.8 vs
-        # 896.5 us at 16, 2,420 vs 2,493 at 64; equal at 8), at Moonlight's (H 2048) at 32 (85.4
-        # vs 90.3 at 8, equal at 16 and 64): results/moe-decode-bn-nvidia-h200.json.
-        bn = (64 if hidden >= 4096 else 32) if fp8 else 64
-        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    if fp8 and rows_per_expert > 256:
-        # H200 prefill sweep (T8192: 1,024 rows an expert; results/kernels-nvidia-h200-prefill-mla-
-        # sweep.json): 128x128 tiles on 8 warps 8.65 ms (667 TFLOP/s), 64x128 on 4 warps 9.39.
-        # One weight scale per tile (ROW_SCALE) is what lets 128x128's two accumulators fit: with
-        # per-column scales it spilled (28.6 ms on the H100).
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-    if fp8:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
-    if rows_per_expert <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-
-
 def fused_moe(
     x_TH: torch.Tensor,
     w13_E2IH: torch.Tensor,
@@ -405,6 +377,9 @@ def fused_moe_gate_up(
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
     sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
+    `config`: the aligned kernels' tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
+    optional MASK_ROWS; `moe_tiles.moe_config` picks them otherwise) and an optional "down" dict of
+    BLOCK_N / num_warps / num_stages for the down launch alone.
     Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with no `config` it runs `moe_gemv`
     (module docstring; FP8 there is weight-only), unless MOERAY_FUSED_MOE_GEMV=0; `early_shared`
     is moe_gemv's (its promise about the last ids and x; the aligned path has no use for it). On
@@ -451,16 +426,27 @@ def fused_moe_gate_up(
                 f"{name} rows must be contiguous (stride(-1) == 1), got strides {w.stride()}"
             )
     fp8 = scales is not None
-    cfg = dict(config or _moe_config(tk, e_count, fp8, h))
+    cfg = dict(config or moe_config(tk, e_count, fp8, h))
+    # the down launch's own columns, warps and stages ("down"; rows and K blocks are shared: both
+    # launches walk the same aligned row blocks)
+    down_cfg = down_config(cfg.pop("down", None))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    mask_rows = bool(cfg.pop("MASK_ROWS", _mask_rows(bm)))
+    mask_rows_on = bool(cfg.pop("MASK_ROWS", mask_rows(bm)))
+    down_bn = down_cfg.pop("BLOCK_N", bn)
+    down_cfg = {**cfg, **down_cfg}
     if fp8 and 128 % bk:
         raise ValueError(f"BLOCK_K={bk} must divide 128 for FP8 weights")
     x = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
     sorted_ids, block_expert = moe_align(expert_ids_TK, e_count, bm)
     max_blocks = block_expert.numel()
     act_dtype = moe_act_dtype(x.dtype)
-    hbuf = torch.empty(tk, i, dtype=act_dtype, device=x.device)
+    # FP8 decode tiles of 128 columns: each gate/up program holds whole 128-groups of its h
+    # rows, so it quantizes them itself (act_quant's bits) and the act_quant launch between the
+    # two GEMMs goes away (prefill tiles keep act_quant: not measured there)
+    quant_h = fp8 and bn == FP8_BLOCK and i % FP8_BLOCK == 0 and bm <= DECODE_BLOCK_M
+    hbuf = torch.empty(tk, i, dtype=FP8_DTYPE if quant_h else act_dtype, device=x.device)
+    # h's scales (QUANT_H; otherwise an unused pointer)
+    hs = torch.empty(tk, i // FP8_BLOCK, dtype=torch.float32, device=x.device) if quant_h else hbuf
     upcast = interpreting()
     pdl = pdl_launch(x.device)
     if scales is not None:  # FP8
@@ -480,6 +466,7 @@ def fused_moe_gate_up(
         a_scale,
         s1,
         s3,
+        hs,
         tk,
         k,
         h,
@@ -495,6 +482,7 @@ def fused_moe_gate_up(
         s1.stride(1),
         s3.stride(0),
         s3.stride(1),
+        hs.stride(0),
         FP8=fp8,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -502,19 +490,24 @@ def fused_moe_gate_up(
         EVEN_K=h % bk == 0,
         ROW_SCALE=fp8 and 128 % bn == 0,
         NUM_STAGES=cfg["num_stages"],
-        MASK_ROWS=mask_rows,
+        MASK_ROWS=mask_rows_on,
         UPCAST=upcast,
         PDL=pdl,
+        QUANT_H=quant_h,
+        H_DTYPE=TL_DTYPES[act_dtype],
+        EXACT=upcast,
         launch_pdl=pdl,
         **cfg,
     )
-    if fp8:
+    if quant_h:
+        h_in, h_scale = hbuf, hs
+    elif fp8:
         h_in, h_scale = act_quant(hbuf)
     else:
         h_in, h_scale = hbuf, hbuf
     y_tk = torch.empty(tk, h, dtype=act_dtype, device=x.device)
     rw = weights_TK.reshape(-1).contiguous()
-    _moe_down_kernel[(cdiv(h, bn), max_blocks)](
+    _moe_down_kernel[(cdiv(h, down_bn), max_blocks)](
         h_in,
         w2_EHI,
         y_tk,
@@ -535,15 +528,15 @@ def fused_moe_gate_up(
         s2.stride(1),
         FP8=fp8,
         BLOCK_M=bm,
-        BLOCK_N=bn,
+        BLOCK_N=down_bn,
         BLOCK_K=bk,
         EVEN_K=i % bk == 0,
-        ROW_SCALE=fp8 and 128 % bn == 0,
-        NUM_STAGES=cfg["num_stages"],
-        MASK_ROWS=mask_rows,
+        ROW_SCALE=fp8 and 128 % down_bn == 0,
+        NUM_STAGES=down_cfg["num_stages"],
+        MASK_ROWS=mask_rows_on,
         UPCAST=upcast,
         PDL=pdl,
         launch_pdl=pdl,
-        **cfg,
+        **down_cfg,
     )
     return moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)

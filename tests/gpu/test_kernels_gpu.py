@@ -128,6 +128,35 @@ def test_fused_moe_real_width(t, fp8_weights, monkeypatch):
     assert _rel(out, ref) < (2e-2 if fp8_weights else 1e-2)
 
 
+@pytest.mark.parametrize(
+    ("h", "i", "e", "k", "t"), [(7168, 2048, 32, 8, 64), (2048, 1408, 64, 6, 50)]
+)
+def test_fp8_gate_up_quantizes_h_itself_at_real_widths(h, i, e, k, t):
+    """FP8 decode tiles of 128 columns quantize h in gate/up's epilogue: the fused MoE's output
+    has the bits of 64-column tiles + act_quant (the same down tile in both), at V3's and
+    Moonlight's expert widths (I = 2048 / 1408: 16 / 11 groups a row)."""
+    from moeray.kernels import fp8
+    from moeray.kernels.moe import fused_moe, fused_moe_ref
+
+    torch.manual_seed(h)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i**0.5
+    q13, s13 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w13], strict=False))
+    q2, s2 = map(torch.stack, zip(*[fp8.weight_quant(w) for w in w2], strict=False))
+    ids = torch.rand(t, e, device="cuda").topk(k, dim=1).indices.to(torch.int32)
+    wts = torch.rand(t, k, device="cuda", dtype=torch.bfloat16)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    base = dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
+    base["down"] = dict(BLOCK_N=64)
+    _poison()
+    want = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(base, BLOCK_N=64))
+    _poison()
+    got = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(base, BLOCK_N=128))
+    assert torch.equal(got, want)
+    assert _rel(got, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize(  # MOERAY_FUSED_MLA_KV_EARLY, MOERAY_FUSED_MLA_SUBPAGE (half pages)
     ("kv_early", "subpage"), [("0", "0"), ("1", "0"), ("0", "1")]

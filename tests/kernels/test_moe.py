@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moeray.kernels import fp8
+from moeray.kernels import moe as moe_mod
 from moeray.kernels.moe import fused_moe, fused_moe_ref, moe_align
 
 
@@ -19,6 +20,17 @@ def _case(t, h, i, e, k, seed, skip_experts=(), foreign=False):
         ids[1, 1] = -1
     wts = torch.rand(t, k, generator=g).bfloat16()
     return x, w13, w2, ids.to(torch.int32), wts
+
+
+def _fp8_experts(w13, w2):
+    """The experts' weights as e4m3 with 128x128 block scales: (w13, w2, their scale kwargs)."""
+    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
+    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
+    return (
+        torch.stack(q13),
+        torch.stack(q2),
+        dict(w13_scale=torch.stack(s13), w2_scale=torch.stack(s2)),
+    )
 
 
 def _rel(out, ref):
@@ -63,10 +75,7 @@ def test_masked_and_unmasked_padding_rows_give_the_same_bits(fp8_weights, monkey
     x, w13, w2, ids, wts = _case(7, h=h, i=i, e=5, k=2, seed=21, skip_experts=(4,))
     kw = {}
     if fp8_weights:
-        q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
-        q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
-        w13, w2 = torch.stack(q13), torch.stack(q2)
-        kw = dict(w13_scale=torch.stack(s13), w2_scale=torch.stack(s2))
+        w13, w2, kw = _fp8_experts(w13, w2)
     bk = 128 if fp8_weights else 32
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
     outs = [fused_moe(x, w13, w2, ids, wts, **kw, config=dict(cfg, MASK_ROWS=m)) for m in (0, 1)]
@@ -84,11 +93,9 @@ def test_fused_moe_foreign_experts_skipped():
 def test_fused_moe_fp8():
     t, h, i, e, k = 11, 256, 128, 4, 2
     x, w13, w2, ids, wts = _case(t, h, i, e, k, seed=9, skip_experts=(1,))
-    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
-    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
-    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-    out = fused_moe(x, q13, q2, ids, wts, w13_scale=s13, w2_scale=s2)
-    ref = fused_moe_ref(x, q13, q2, ids, wts, w13_scale=s13, w2_scale=s2)
+    q13, q2, kw = _fp8_experts(w13, w2)
+    out = fused_moe(x, q13, q2, ids, wts, **kw)
+    ref = fused_moe_ref(x, q13, q2, ids, wts, **kw)
     assert _rel(out, ref) < 2e-2
     # and FP8 stays near the bf16 model (e4m3 weights and activations: a few percent)
     assert _rel(out, fused_moe_ref(x, w13, w2, ids, wts)) < 0.08
@@ -107,12 +114,57 @@ def test_fused_moe_fp8_tiles(h, cfg):
     ragged last K block is bf16's: FP8 needs H and I in whole 128 blocks.)"""
     t, i, e, k = 9, 256, 3, 2
     x, w13, w2, ids, wts = _case(t, h, i, e, k, seed=h)
-    q13, s13 = zip(*[fp8.weight_quant(w.float()) for w in w13], strict=False)
-    q2, s2 = zip(*[fp8.weight_quant(w.float()) for w in w2], strict=False)
-    q13, s13, q2, s2 = torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
-    kw = dict(w13_scale=s13, w2_scale=s2)
+    q13, q2, kw = _fp8_experts(w13, w2)
     out = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(cfg, num_warps=4, num_stages=1))
     assert _rel(out, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
+
+
+@pytest.mark.parametrize("fp8_weights", [False, True])
+def test_down_launch_takes_its_own_tile(fp8_weights, monkeypatch):
+    """A config's "down" entry sets the down launch's columns (its grid: cdiv(H, 64) column
+    blocks, not gate/up's cdiv(H, 32)) and warps, and the output still equals the reference, with
+    ROW_SCALE off in down (128 % 256) and on in gate/up for FP8."""
+    h, i = 256, 128
+    x, w13, w2, ids, wts = _case(9, h=h, i=i, e=3, k=2, seed=33)
+    kw = {}
+    if fp8_weights:
+        w13, w2, kw = _fp8_experts(w13, w2)
+    grids = []
+    down_kernel = moe_mod._moe_down_kernel
+
+    class Recorder:  # the down kernel, its launch grid written down
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return down_kernel[grid]
+
+    monkeypatch.setattr(moe_mod, "_moe_down_kernel", Recorder())
+    down_bn = 256 if fp8_weights else 64
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8_weights else 32, num_warps=4)
+    down = dict(BLOCK_N=down_bn, num_warps=2, num_stages=1)
+    out = fused_moe(x, w13, w2, ids, wts, **kw, config=dict(cfg, num_stages=1, down=down))
+    assert [g[0] for g in grids] == [h // down_bn]
+    assert _rel(out, fused_moe_ref(x, w13, w2, ids, wts, **kw)) < 2e-2
+
+
+@pytest.mark.parametrize("t", [3, 21])
+def test_fp8_gate_up_quantizes_h_itself_at_128_columns(t, monkeypatch):
+    """FP8 gate/up tiles of 128 columns write h as e4m3 with its 1x128 scales (no act_quant
+    launch on h): the output has the bits of 64-column tiles + act_quant, at I = 384 (three
+    groups), with the down launch's tile the same in both."""
+    x, w13, w2, ids, wts = _case(t, h=256, i=384, e=4, k=2, seed=40 + t, skip_experts=(2,))
+    q13, q2, kw = _fp8_experts(w13, w2)
+    quantized = []
+    act_quant = moe_mod.act_quant
+    monkeypatch.setattr(moe_mod, "act_quant", lambda a: quantized.append(a.shape) or act_quant(a))
+    down = dict(BLOCK_N=64, num_warps=4, num_stages=1)
+    base = dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=1, down=down)
+    want = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(base, BLOCK_N=64))
+    assert quantized == [x.shape, (t * 2, 384)]  # x, then h
+    quantized.clear()
+    got = fused_moe(x, q13, q2, ids, wts, **kw, config=dict(base, BLOCK_N=128))
+    assert quantized == [x.shape]
+    assert torch.equal(got, want)
+    assert _rel(got, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
 
 
 def test_input_errors():
@@ -121,6 +173,11 @@ def test_input_errors():
         fused_moe(x, w13, w2[:, :, :16], ids, wts)
     with pytest.raises(ValueError, match="must both be"):
         fused_moe(x, w13, w2, ids, wts[:, :1])
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match=r"config \"down\" keys \['BLOCK_M'\]"):
+        fused_moe(x, w13, w2, ids, wts, config=dict(cfg, down=dict(BLOCK_M=32)))
+    with pytest.raises(ValueError, match="BLOCK_N=48"):
+        fused_moe(x, w13, w2, ids, wts, config=dict(cfg, down=dict(BLOCK_N=48)))
     with pytest.raises(ValueError, match="FP8 weights need"):
         fused_moe(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), ids, wts)
     with pytest.raises(ValueError, match="expert_ids has dtype"):

@@ -243,9 +243,10 @@ class Sampler:
 
     def greedy_ids(self, logits_BV: torch.Tensor) -> torch.Tensor:
         """logits_BV.argmax(-1) (int64 [B], ties to the lowest id): torch.argmax over an fp32 copy,
-        or with MOERAY_FUSED_ARGMAX=1 (opt-in, not yet timed on a GPU) kernels/argmax.py's one
-        launch where it applies (a vocabulary's row in chunks over many SMs; every bf16/fp16 value
-        is exactly an fp32 one, so it reads the logits as they are)."""
+        or with MOERAY_FUSED_ARGMAX=1 kernels/argmax.py's one launch where it applies (a
+        vocabulary's row in chunks over many SMs; every bf16/fp16 value is exactly an fp32 one, so
+        it reads the logits as they are). Opt-in: alone it is 2.9-8x faster than copy + argmax,
+        but an H200 engine A/B came out even (benchmarks/notes-engine.md)."""
         if not switched_on("ARGMAX") or not argmax_rows_applies(logits_BV):
             return logits_BV.float().argmax(-1)
         counters = self._argmax_counters.get(logits_BV.device)
