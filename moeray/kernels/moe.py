@@ -371,12 +371,15 @@ def fused_moe_gate_up(
     config: dict | None = None,
     add_TH: torch.Tensor | None = None,
     early_shared: int = 0,
+    add_ready: torch.cuda.Event | None = None,
 ) -> torch.Tensor:
     """`fused_moe` with the gate (w1 [E, I, H]) and up (w3 [E, I, H]) weights as two tensors, as the
     model stores them (`Experts.gate_proj` / `up_proj`); FP8 weights take w1_scale / w3_scale
     [E, I/128, H/128] and w2_scale [E, H/128, I/128]. Views are fine (last dim contiguous).
     `add_TH` [T, H] (x's dtype; the shared experts' output): added to the result in the final
-    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer).
+    sum's launch, rounded as `fused_moe_gate_up(...) + add_TH` rounds (one launch fewer);
+    `add_ready`: an event recorded after add_TH's producer on another stream, which the launch
+    that reads add_TH waits for (the aligned path's sum: the GEMMs before it run meanwhile).
     `config`: the aligned kernels' tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
     optional MASK_ROWS; `moe_tiles.moe_config` picks them otherwise) and an optional "down" dict of
     BLOCK_N / num_warps / num_stages for the down launch alone.
@@ -404,6 +407,7 @@ def fused_moe_gate_up(
     # The one choice between the two paths (module docstring): an explicit `config` is a tile
     # config of the aligned kernels, so it keeps them.
     if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and not switched_off("MOE_GEMV"):
+        _wait(add_ready, x_TH)  # its down launch may read add_TH
         return run_moe_gemv(
             x_TH,
             w1_EIH,
@@ -417,6 +421,7 @@ def fused_moe_gate_up(
             early_shared,
         )
     if not use_triton(x_TH):
+        _wait(add_ready, x_TH)
         return fused_moe_gate_up_ref(
             x_TH, w1_EIH, w3_EIH, w2_EHI, expert_ids_TK, weights_TK, scales=scales, add_TH=add_TH
         )
@@ -539,4 +544,11 @@ def fused_moe_gate_up(
         launch_pdl=pdl,
         **down_cfg,
     )
+    _wait(add_ready, x_TH)
     return moe_sum(y_tk, expert_ids_TK, e_count, x_TH.dtype, add_TH)
+
+
+def _wait(event: torch.cuda.Event | None, x: torch.Tensor) -> None:
+    """x's current stream waits for `event` (None: nothing to wait for)."""
+    if event is not None:
+        torch.cuda.current_stream(x.device).wait_event(event)

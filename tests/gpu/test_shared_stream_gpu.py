@@ -18,15 +18,16 @@ pytestmark = [
 ]
 
 
-def _moe_layer(fp8: bool, monkeypatch):
+def _moe_layer(fp8: bool, monkeypatch, add_in_sum: bool = False):
     """The test model's first MoE layer, merged and fused as the engine leaves it, with the
-    transform applied."""
+    transform applied (`add_in_sum`: MOERAY_FUSED_SHARED_SUM=1, the add in the routed sum)."""
     from moeray.platform.model.merge import merge_projections
     from moeray.platform.model.moe import MoE
     from moeray.platform.model.shared_fuse import fuse_shared_experts
     from moeray.platform.model.shared_stream import overlap_shared_experts
 
     monkeypatch.setenv("MOERAY_FUSED_SHARED_STREAM", "1")
+    monkeypatch.setenv("MOERAY_FUSED_SHARED_SUM", "1" if add_in_sum else "0")
     model = fuse_gpu._model(torch.bfloat16, fp8)
     merge_projections(model)
     fuse_shared_experts(model)
@@ -46,10 +47,15 @@ def _in_order(moe, x):
         moe.register_module("shared_stream", side)
 
 
+@pytest.mark.parametrize("add_in_sum", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("T", [17, 64])
-def test_same_bits_as_in_order_eager_and_graphed(fp8, T, monkeypatch):
-    moe = _moe_layer(fp8, monkeypatch)  # built outside inference mode, as the engine's model
+def test_same_bits_as_in_order_eager_and_graphed(fp8, T, add_in_sum, monkeypatch):
+    """Also with the shared output added in the routed experts' last launch after an event wait
+    (SHARED_SUM): the fused MoE's sum rounds as the separate add does."""
+    # built outside inference mode, as the engine's model
+    moe = _moe_layer(fp8, monkeypatch, add_in_sum)
+    assert moe._modules["shared_stream"].add_in_sum is add_in_sum
     with torch.inference_mode():
         _same_bits(moe, T)
 

@@ -17,8 +17,8 @@ from moeray.platform.model.transformer import Transformer
 class Recording(SharedStream):
     """SharedStream(None) that counts its forks and joins."""
 
-    def __init__(self) -> None:
-        super().__init__(None)
+    def __init__(self, add_in_sum: bool = False) -> None:
+        super().__init__(None, add_in_sum)
         self.starts = 0
         self.joins = 0
 
@@ -68,6 +68,25 @@ def test_output_is_the_routed_sum_plus_the_shared_mlp():
     moe.register_module("shared_stream", None)
     with torch.no_grad():
         torch.testing.assert_close(moe(x_TD).view(20, -1), y.view(20, -1))
+
+
+def test_add_in_the_routed_sum():
+    """SHARED_SUM: no join; the routed experts take the shared output as their add_TD (the
+    fused MoE adds it in its sum's launch on CUDA; here `_routed` in its combine)."""
+    moe = _moe(seed=3)
+    side = Recording(add_in_sum=True)
+    moe.register_module("shared_stream", side)
+    x_TD = torch.randn(20, moe.config.hidden_size)
+    with torch.no_grad():
+        y = moe(x_TD)
+        r = moe.route(x_TD)
+        shared = moe.shared_experts(x_TD)
+        want = moe.experts(x_TD, r.expert_ids_TK, r.weights_TK, add_TD=shared)
+        routed = moe.experts(x_TD, r.expert_ids_TK, r.weights_TK)
+    assert (side.starts, side.joins) == (1, 0)
+    assert side.ready(x_TD) is None  # no stream: nothing to wait for
+    torch.testing.assert_close(y.view(20, -1), want, rtol=0, atol=0)
+    torch.testing.assert_close(y.view(20, -1), routed + shared)
 
 
 @pytest.mark.parametrize("case", ["grad", "too_many_tokens", "fused_applies"])

@@ -91,6 +91,11 @@ class SharedStreamFn(Protocol):
 
     def join(self, routed_TD: torch.Tensor, shared_TD: torch.Tensor) -> torch.Tensor: ...
 
+    # True: the routed experts add the shared output in their last launch, after `ready`
+    add_in_sum: bool
+
+    def ready(self, x_TD: torch.Tensor) -> torch.cuda.Event | None: ...
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
@@ -251,17 +256,22 @@ class Experts(nn.Module):
         weights_TK: torch.Tensor,
         expert_offset: int = 0,
         add_TD: torch.Tensor | None = None,
+        add_ready: torch.cuda.Event | None = None,
     ) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(x), plus add_TD if given (the shared
         experts' output: the fused MoE kernel adds it in its last launch, the fused combine of
         `_routed` in its one pass). Ids outside
-        [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped."""
+        [expert_offset, expert_offset + E) belong to other expert-parallel ranks and are skipped.
+        `add_ready`: an event after add_TD's producer on another stream; the current stream waits
+        for it before add_TD is read (in the fused kernel: before its last launch only)."""
         if x_TD.is_cuda and x_TD.shape[0] > 0:
             # Without expert parallelism the offset is 0: no subtraction kernel per layer.
             local_TK = expert_ids_TK - expert_offset if expert_offset else expert_ids_TK
-            y_TD = self._fused(x_TD, local_TK, weights_TK, add_TD)
+            y_TD = self._fused(x_TD, local_TK, weights_TK, add_TD, add_ready)
             if y_TD is not None:
                 return y_TD
+        if add_ready is not None:
+            torch.cuda.current_stream(x_TD.device).wait_event(add_ready)
         return self._routed(x_TD, expert_ids_TK, weights_TK, expert_offset, add_TD)
 
     def _routed(
@@ -373,6 +383,7 @@ class Experts(nn.Module):
         local_ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         add_TD: torch.Tensor | None = None,
+        add_ready: torch.cuda.Event | None = None,
     ) -> torch.Tensor | None:
         """GPU inference: the fused Triton MoE over these experts (`fused_experts`); None where it
         does not apply, and with a swapped `linear` (FP8 training)."""
@@ -387,7 +398,9 @@ class Experts(nn.Module):
             if s1 is None or s3 is None or s2 is None:
                 return None
             scales = (s1, s3, s2)
-        return fused_experts(x_TD, (w1, w3, w2), scales, local_ids_TK, weights_TK, add_TD)
+        return fused_experts(
+            x_TD, (w1, w3, w2), scales, local_ids_TK, weights_TK, add_TD, add_ready=add_ready
+        )
 
 
 def fused_experts(
@@ -398,6 +411,7 @@ def fused_experts(
     weights_TK: torch.Tensor,
     add_TD: torch.Tensor | None = None,
     early_shared: int = 0,
+    add_ready: torch.cuda.Event | None = None,
 ) -> torch.Tensor | None:
     """The fused Triton MoE (moeray.kernels.moe) over stacked experts w = (gate [E, I, D], up
     [E, I, D], down [E, D, I]; FP8: e4m3 with `scales` their [E, ., .] scale_inv): one launch per
@@ -405,7 +419,8 @@ def fused_experts(
     (the loop of `Experts._routed` reads per-expert counts back with .tolist()). The one place that
     says when it applies; None otherwise: gradients needed (it has no backward), mixed dtypes, or
     FP8 weights without whole 128x128 blocks. `early_shared` is moe_gemv's (its promise: the
-    last S ids of each token are the last S experts, x not written by the launch just before)."""
+    last S ids of each token are the last S experts, x not written by the launch just before);
+    `add_ready` is fused_moe_gate_up's (an event the launch reading add_TD waits for)."""
     w1, w3, w2 = w
     half = (torch.bfloat16, torch.float16)
     needs_grad = torch.is_grad_enabled() and any(
@@ -444,6 +459,7 @@ def fused_experts(
         w2_scale=s2,
         add_TH=add_TD,
         early_shared=early_shared,
+        add_ready=add_ready,
     )
 
 
@@ -535,6 +551,10 @@ class MoE(nn.Module):
         r = self.route(x_TD, 0 if fused is None else self.config.n_shared_experts, logits_TE)
         self.last_routing = r
         if side is not None and shared_TD is not None:  # the shared MLP ran beside (above)
+            if side.add_in_sum:
+                ids_TK, w_TK, ready = r.expert_ids_TK, r.weights_TK, side.ready(x_TD)
+                y_TD = self.experts(x_TD, ids_TK, w_TK, add_TD=shared_TD, add_ready=ready)
+                return y_TD.view_as(x_BSD)
             routed_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)
             return side.join(routed_TD, shared_TD).view_as(x_BSD)
         y_TD = None if fused is None else fused(x_TD, r)

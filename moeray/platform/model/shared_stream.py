@@ -33,7 +33,11 @@ starts after the next fork, so its memory is not reused early either. Under capt
 join are event edges of the graph (the side stream joins before the forward returns).
 
 MOERAY_FUSED_SHARED_STREAM=0 turns it off (the A/B switch); `SharedStream(None)` runs the same
-path in order on the current stream (CPU tests).
+path in order on the current stream (CPU tests). With MOERAY_FUSED_SHARED_SUM=1 (opt-in, not yet
+timed) the main stream does not join before an add launch of its own: the routed experts take the
+shared output as their `add_TD` and their last launch (the fused MoE's sum) waits for the side
+stream's event, then adds it with the same rounding (one launch fewer a layer; the main stream
+still waits for the side stream inside the MoE, so the memory argument below holds).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moeray.kernels.common import switched_off
+from moeray.kernels.common import switched_off, switched_on
 from moeray.platform.model.moe import MoE
 
 # The most tokens a forward runs the shared MLP on the side stream: decode batches. Past that the
@@ -56,9 +60,12 @@ class SharedStream(nn.Module):
     instance serves every layer of a model (the layers run one after another). `stream` None runs
     the same steps in order on the current stream."""
 
-    def __init__(self, stream: torch.cuda.Stream | None) -> None:
+    def __init__(self, stream: torch.cuda.Stream | None, add_in_sum: bool = False) -> None:
         super().__init__()
         self.stream = stream
+        # The MoE hands the shared output to the routed experts, whose last launch adds it after
+        # waiting on `ready` (no add launch of its own); else `join` adds it.
+        self.add_in_sum = add_in_sum
 
     def applies(self, x_TD: torch.Tensor) -> bool:
         """Inference (no autograd) of 1 to MAX_TOKENS tokens, on CUDA where a stream is set."""
@@ -76,6 +83,15 @@ class SharedStream(nn.Module):
         self.stream.wait_stream(torch.cuda.current_stream(x_TD.device))
         with torch.cuda.stream(self.stream):
             return mlp(x_TD)
+
+    def ready(self, x_TD: torch.Tensor) -> torch.cuda.Event | None:
+        """An event recorded on the side stream after the work `start` launched there (None
+        without a stream); the current stream waits for it before it reads the shared output."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
 
     def join(self, routed_TD: torch.Tensor, shared_TD: torch.Tensor) -> torch.Tensor:
         """routed + shared on the current stream, once the side stream's work is done."""
@@ -95,7 +111,9 @@ def overlap_shared_experts(model: nn.Module) -> dict[str, str | None]:
         reason = "MOERAY_FUSED_SHARED_STREAM=0"
     elif device is None or device.type != "cuda":
         reason = f"parameters on {device}: needs CUDA"
-    side = None if reason is not None else SharedStream(torch.cuda.Stream(device))
+    side = None
+    if reason is None:
+        side = SharedStream(torch.cuda.Stream(device), add_in_sum=switched_on("SHARED_SUM"))
     report: dict[str, str | None] = {}
     for name, moe in list(model.named_modules()):
         if not isinstance(moe, MoE) or moe.shared_experts is None:

@@ -31,8 +31,8 @@ import torch
 # common.py's PDL and ROUTE_BATCH,
 # fp8/gemv_wide.py's FP8_GEMV_WIDE and FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX;
 # paged_positions.py's PAGED_POSITIONS (read by engine/paged_view.py), model/merge.py's PROJ,
-# shared_fuse.py's SHARED and SHARED_EARLY, shared_stream.py's SHARED_STREAM, quant.py's
-# FP8_GEMV_ACT, FP8_GEMV_BATCH, FP8_AS_BF16 and FP8_AS_BF16_SMALL).
+# shared_fuse.py's SHARED and SHARED_EARLY, shared_stream.py's SHARED_STREAM and SHARED_SUM,
+# quant.py's FP8_GEMV_ACT, FP8_GEMV_BATCH, FP8_AS_BF16 and FP8_AS_BF16_SMALL).
 SWITCHES = (
     *("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "HEAD_GEMV"),
     *("FP8_GEMV_ACT", "PROJ", "SHARED", "PDL", "MOE_GEMV", "MOE_SUM_FOLD", "MLA_DIRECT"),
@@ -40,13 +40,13 @@ SWITCHES = (
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
     *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
-    "MOE_H128",
+    *("MOE_H128", "SHARED_SUM"),
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
-    *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128"),
+    *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "SHARED_SUM"),
 )
 AGAIN = "as_run_again"
 
