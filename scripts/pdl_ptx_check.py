@@ -158,8 +158,15 @@ CASES = [
     ),
     (  # V3's 256 experts (NB 512)
         moe_align._moe_align_kernel,
-        dict(BLOCK_M=16, PADB=16, NB=512, CH=1024),
+        dict(BLOCK_M=16, PADB=16, NB=512, CH=1024, QUANT=False, QUANT_M=16, EXACT=False),
         dict(ids_ptr=I64),
+        {},
+        False,
+    ),
+    (  # with x's act_quant in the same launch (its quantizing programs read x after the wait)
+        moe_align._moe_align_kernel,
+        dict(BLOCK_M=16, PADB=16, NB=64, CH=1024, QUANT=True, QUANT_M=16, EXACT=False),
+        dict(ids_ptr=I32, sorted_ptr=I32, bexp_ptr=I32, q_ptr=F8, s_ptr=F32),
         {},
         False,
     ),

@@ -54,11 +54,12 @@ from moeray.kernels.common import (
     pdl_wait,
     scaled_block_dot,
     switched_off,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
 from moeray.kernels.fp8.quant import act_quant, quant_rows
-from moeray.kernels.moe_align import moe_align
+from moeray.kernels.moe_align import moe_align, moe_align_quant
 from moeray.kernels.moe_common import (
     BF16_IN,
     MoEScales,
@@ -306,6 +307,12 @@ def _moe_down_kernel(
     tl.store(y_ptrs, y_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
+# With MOERAY_FUSED_ALIGN_QUANT=1 (opt-in, not yet timed) the FP8 aligned path quantizes x in
+# moe_align's launch (`moe_align_quant`) up to this many tokens: decode batches, where the two
+# launches are ~2-3 us each for a few KB; prefill keeps act_quant's own launch.
+ALIGN_QUANT_MAX_TOKENS = 256
+
+
 def fused_moe(
     x_TH: torch.Tensor,
     w13_E2IH: torch.Tensor,
@@ -442,7 +449,14 @@ def fused_moe_gate_up(
     if fp8 and 128 % bk:
         raise ValueError(f"BLOCK_K={bk} must divide 128 for FP8 weights")
     x = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
-    sorted_ids, block_expert = moe_align(expert_ids_TK, e_count, bm)
+    a_in = a_scale = x  # bf16: the scale pointer is unused
+    if fp8 and t <= ALIGN_QUANT_MAX_TOKENS and switched_on("ALIGN_QUANT"):
+        # x's act_quant in the alignment's launch (its programs after the E aligning ones)
+        sorted_ids, block_expert, a_in, a_scale = moe_align_quant(expert_ids_TK, e_count, bm, x)
+    else:
+        sorted_ids, block_expert = moe_align(expert_ids_TK, e_count, bm)
+        if fp8:
+            a_in, a_scale = act_quant(x)
     max_blocks = block_expert.numel()
     act_dtype = moe_act_dtype(x.dtype)
     # FP8 decode tiles of 128 columns: each gate/up program holds whole 128-groups of its h
@@ -455,12 +469,10 @@ def fused_moe_gate_up(
     upcast = interpreting()
     pdl = pdl_launch(x.device)
     if scales is not None:  # FP8
-        a_in, a_scale = act_quant(x)
         # the kernels step over K blocks with stride 1
         s1, s3, s2 = (sc if sc.stride(-1) == 1 else sc.contiguous() for sc in scales)
     else:
-        a_in, a_scale = x, x  # the scale pointers are unused without FP8
-        s1 = s3 = s2 = w1_EIH
+        s1 = s3 = s2 = w1_EIH  # unused without FP8
     _moe_gate_up_kernel[(cdiv(i, bn), max_blocks)](
         a_in,
         w1_EIH,

@@ -36,11 +36,24 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import cdiv, check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
+from moeray.kernels.common import (
+    FP8_BLOCK,
+    FP8_DTYPE,
+    cdiv,
+    check_tensor,
+    interpreting,
+    pdl_launch,
+    pdl_wait,
+    switched_off,
+    use_triton,
+)
+from moeray.kernels.fp8.quant import act_quant, quant_rows
 
 # Ids per loop step: 1,024 (8 a thread at 4 warps) cover a decode batch of 128 at top-8 in one
 # step.
 _CHUNK = 1024
+# Rows of x a quantizing program of `moe_align_quant` takes, as act_quant's programs do.
+_QUANT_M = 16
 
 
 def max_aligned_blocks(tk: int, num_experts: int, block_m: int) -> int:
@@ -108,13 +121,38 @@ def _moe_align_kernel(
     NB: tl.constexpr,
     CH: tl.constexpr,
     PDL: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    x_rows,
+    x_cols,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    QUANT: tl.constexpr,  # programs E.. quantize x as act_quant does (`moe_align_quant`)
+    QUANT_M: tl.constexpr,  # rows of x a quantizing program takes (one 128-group of each)
+    EXACT: tl.constexpr,  # act_quant's EXACT (the interpreter's rounding)
 ):
     """Grid (E,): program e writes expert e's slots and blocks and its share of the tail past
     the padded total, so every element of sorted_ptr [max_blocks * BLOCK_M] and bexp_ptr
-    [max_blocks] has one writer."""
+    [max_blocks] has one writer. With QUANT the grid has more programs, each writing act_quant's
+    e4m3 values and scales of QUANT_M rows x one 128-group of x."""
     pdl_wait(PDL)  # the expert ids are the gate's output
     e = tl.program_id(0)  # this program's expert
-    nprog = tl.num_programs(0)
+    if QUANT:
+        if e >= num_experts:
+            groups = tl.cdiv(x_cols, 128)
+            pid_m = (e - num_experts) // groups
+            g = (e - num_experts) % groups
+            offs_r = pid_m * QUANT_M + tl.arange(0, QUANT_M)
+            offs_c = g * 128 + tl.arange(0, 128)
+            ok = (offs_r[:, None] < x_rows) & (offs_c[None, :] < x_cols)
+            x = tl.load(x_ptr + offs_r[:, None] * stride_xm + offs_c[None, :], mask=ok, other=0.0)
+            q, scale = quant_rows(x.to(tl.float32), EXACT)
+            tl.store(q_ptr + offs_r[:, None] * stride_qm + offs_c[None, :], q, mask=ok)
+            tl.store(s_ptr + offs_r * stride_sm + g, scale, mask=offs_r < x_rows)
+            return
+    nprog = num_experts  # the aligning programs (the quantizing ones come after them)
     lanes = tl.arange(0, CH)
     bins = tl.arange(0, NB)
     # Every expert's count: padding lanes and foreign ids go to bin NB - 1 (>= E), never read.
@@ -166,12 +204,36 @@ def moe_align(
     the host. Ids outside [0, E) (other ranks' experts) get no slot. No host syncs: it can run
     inside a CUDA graph capture.
     """
+    sorted_ids, block_expert, _ = _align(expert_ids_TK, num_experts, block_m, None)
+    return sorted_ids, block_expert
+
+
+def moe_align_quant(
+    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, x_TH: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_align` and `act_quant(x_TH)` (the FP8 fused MoE's two launches before its GEMMs) in
+    one launch: programs past the E aligning ones quantize x [T, H] (a 2-D view with unit
+    last-dim stride) with act_quant's math. Returns (sorted_ids, block_expert, q [T, H] e4m3,
+    scale [T, H/128] fp32), each what the two functions return."""
+    check_tensor(x_TH, "x", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    if x_TH.stride(-1) != 1:
+        raise ValueError(f"x needs a unit last-dim stride, got strides {x_TH.stride()}")
+    sorted_ids, block_expert, qs = _align(expert_ids_TK, num_experts, block_m, x_TH)
+    q, scale = act_quant(x_TH) if qs is None else qs
+    return sorted_ids, block_expert, q, scale
+
+
+def _align(
+    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, x_TH: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """moe_align's outputs, and x_TH's act_quant from the same launch where the kernel runs
+    (None otherwise, or without x_TH)."""
     check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64))
     if num_experts < 1 or block_m < 1:
         raise ValueError(f"num_experts={num_experts} and block_m={block_m} must be >= 1")
     # MOERAY_FUSED_ALIGN=0 keeps the reference: an A/B switch for the engine bench.
     if switched_off("ALIGN") or not use_triton(expert_ids_TK):
-        return moe_align_ref(expert_ids_TK, num_experts, block_m)
+        return (*moe_align_ref(expert_ids_TK, num_experts, block_m), None)
     tk = expert_ids_TK.numel()
     ids = expert_ids_TK.reshape(-1)
     if not ids.is_contiguous():
@@ -181,7 +243,17 @@ def moe_align(
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     pdl = pdl_launch(dev)
-    _moe_align_kernel[(num_experts,)](
+    quant = x_TH is not None
+    if x_TH is None:
+        x_TH = q = s = ids  # unused pointers
+        rows = cols = 0
+        quant_programs = 0
+    else:
+        rows, cols = x_TH.shape
+        q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=dev)
+        s = torch.empty((rows, cdiv(cols, FP8_BLOCK)), dtype=torch.float32, device=dev)
+        quant_programs = cdiv(rows, _QUANT_M) * cdiv(cols, FP8_BLOCK)
+    _moe_align_kernel[(num_experts + quant_programs,)](
         ids,
         sorted_ids,
         block_expert,
@@ -193,7 +265,18 @@ def moe_align(
         NB=triton.next_power_of_2(num_experts + 1),
         CH=_CHUNK,
         PDL=pdl,
+        x_ptr=x_TH,
+        q_ptr=q,
+        s_ptr=s,
+        x_rows=rows,
+        x_cols=cols,
+        stride_xm=x_TH.stride(0),
+        stride_qm=q.stride(0),
+        stride_sm=s.stride(0),
+        QUANT=quant,
+        QUANT_M=_QUANT_M,
+        EXACT=interpreting(),
         num_warps=4,
         launch_pdl=pdl,
     )
-    return sorted_ids, block_expert
+    return sorted_ids, block_expert, (q, s) if quant else None

@@ -157,6 +157,23 @@ def test_fp8_gate_up_quantizes_h_itself_at_real_widths(h, i, e, k, t):
     assert _rel(got, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
 
 
+@pytest.mark.parametrize(("t", "h", "e", "k"), [(64, 2048, 64, 6), (33, 7168, 256, 8)])
+def test_moe_align_quant_real_shapes(t, h, e, k):
+    """moe_align + act_quant in one launch equal the two apart, compiled, at Moonlight's and V3's
+    widths (64 / 33 decode tokens)."""
+    from moeray.kernels import fp8
+    from moeray.kernels.moe_align import moe_align_quant, moe_align_ref
+
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16) * 3
+    ids = torch.rand(t, e, device="cuda").topk(k, dim=1).indices.to(torch.int32)
+    _poison()
+    sorted_ids, block_expert, q, scale = moe_align_quant(ids, e, 16, x)
+    ref = moe_align_ref(ids, e, 16)
+    q_ref, s_ref = fp8.act_quant(x)
+    assert torch.equal(sorted_ids, ref[0]) and torch.equal(block_expert, ref[1])
+    assert torch.equal(q.float(), q_ref.float()) and torch.equal(scale, s_ref)
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize(  # MOERAY_FUSED_MLA_KV_EARLY, MOERAY_FUSED_MLA_SUBPAGE (half pages)
     ("kv_early", "subpage"), [("0", "0"), ("1", "0"), ("0", "1")]

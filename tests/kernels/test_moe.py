@@ -167,6 +167,24 @@ def test_fp8_gate_up_quantizes_h_itself_at_128_columns(t, monkeypatch):
     assert _rel(got, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
 
 
+def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch):
+    """MOERAY_FUSED_ALIGN_QUANT=1: x's act_quant runs inside moe_align's launch
+    (`moe_align_quant`); the fused MoE's output has the same bits, and act_quant is left with h
+    only."""
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
+    x, w13, w2, ids, wts = _case(13, h=256, i=128, e=5, k=2, seed=50, skip_experts=(3,))
+    q13, q2, kw = _fp8_experts(w13, w2)
+    quantized = []
+    act_quant = moe_mod.act_quant
+    monkeypatch.setattr(moe_mod, "act_quant", lambda a: quantized.append(a.shape) or act_quant(a))
+    want = fused_moe(x, q13, q2, ids, wts, **kw)
+    assert quantized == [x.shape, (26, 128)]
+    quantized.clear()
+    monkeypatch.setenv("MOERAY_FUSED_ALIGN_QUANT", "1")
+    assert torch.equal(fused_moe(x, q13, q2, ids, wts, **kw), want)
+    assert quantized == [(26, 128)]
+
+
 def test_input_errors():
     x, w13, w2, ids, wts = _case(4, h=64, i=32, e=2, k=2, seed=1)
     with pytest.raises(ValueError, match="w2 has shape"):

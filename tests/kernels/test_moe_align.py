@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moeray.kernels import moe_align as align_mod
-from moeray.kernels.moe_align import moe_align, moe_align_ref
+from moeray.kernels.fp8 import act_quant_ref
+from moeray.kernels.moe_align import moe_align, moe_align_quant, moe_align_ref
 
 
 def _ids(t, k, e, seed, foreign=False):
@@ -140,6 +141,33 @@ def test_moe_align_kernel_spans_loop_steps(align, monkeypatch):
     ids = _ids(50, 4, 9, seed=3, foreign=True)
     got, ref = align(ids, 9, 8), moe_align_ref(ids, 9, 8)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    ("t", "h", "k", "e", "bm"), [(1, 256, 6, 64, 16), (37, 384, 3, 6, 16), (19, 200, 2, 5, 32)]
+)
+def test_moe_align_quant_equals_align_and_act_quant(launch_spy, t, h, k, e, bm):
+    """moe_align_quant: one launch of E aligning programs plus ceil(T/16) x ceil(H/128)
+    quantizing ones gives moe_align's tensors and act_quant's (e4m3 values and scales) exactly,
+    at a ragged last group (H 200) and rows past one 16-row block."""
+    grids = launch_spy(align_mod, "_moe_align_kernel")
+    ids = _ids(t, k, e, seed=t + h, foreign=True)
+    g = torch.Generator().manual_seed(t)
+    x = (torch.randn(t, h, generator=g) * torch.rand(t, 1, generator=g) * 3).bfloat16()
+    x[0, :7] = 0  # a group with zeros
+    sorted_ids, block_expert, q, scale = moe_align_quant(ids, e, bm, x)
+    assert grids == [(e + -(-t // 16) * -(-h // 128),)]
+    ref = moe_align_ref(ids, e, bm)
+    assert torch.equal(sorted_ids, ref[0]) and torch.equal(block_expert, ref[1])
+    q_ref, s_ref = act_quant_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(q.float(), q_ref.float())
+    assert torch.equal(scale, s_ref)
+
+
+def test_moe_align_quant_checks_x():
+    ids = _ids(3, 2, 4, seed=0)
+    with pytest.raises(ValueError, match="unit last-dim stride"):
+        moe_align_quant(ids, 4, 16, torch.zeros(8, 3, dtype=torch.bfloat16).t())
 
 
 @pytest.mark.parametrize(("experts", "block_m"), [(0, 16), (4, 0)])
