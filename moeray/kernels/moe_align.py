@@ -204,6 +204,8 @@ def moe_align(
     the host. Ids outside [0, E) (other ranks' experts) get no slot. No host syncs: it can run
     inside a CUDA graph capture.
     """
+    if _reference(expert_ids_TK, num_experts, block_m):
+        return moe_align_ref(expert_ids_TK, num_experts, block_m)
     sorted_ids, block_expert, _ = _align(expert_ids_TK, num_experts, block_m, None)
     return sorted_ids, block_expert
 
@@ -218,22 +220,28 @@ def moe_align_quant(
     check_tensor(x_TH, "x", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     if x_TH.stride(-1) != 1:
         raise ValueError(f"x needs a unit last-dim stride, got strides {x_TH.stride()}")
+    if _reference(expert_ids_TK, num_experts, block_m):
+        return (*moe_align_ref(expert_ids_TK, num_experts, block_m), *act_quant(x_TH))
     sorted_ids, block_expert, qs = _align(expert_ids_TK, num_experts, block_m, x_TH)
-    q, scale = act_quant(x_TH) if qs is None else qs
-    return sorted_ids, block_expert, q, scale
+    assert qs is not None  # (x_TH given)
+    return sorted_ids, block_expert, *qs
+
+
+def _reference(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> bool:
+    """Checks the arguments (ValueError naming a bad one); whether the PyTorch reference runs:
+    on CPU outside the interpreter, or with MOERAY_FUSED_ALIGN=0 (the engine bench's A/B
+    switch)."""
+    check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64))
+    if num_experts < 1 or block_m < 1:
+        raise ValueError(f"num_experts={num_experts} and block_m={block_m} must be >= 1")
+    return switched_off("ALIGN") or not use_triton(expert_ids_TK)
 
 
 def _align(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, x_TH: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """moe_align's outputs, and x_TH's act_quant from the same launch where the kernel runs
-    (None otherwise, or without x_TH)."""
-    check_tensor(expert_ids_TK, "expert_ids", dtypes=(torch.int32, torch.int64))
-    if num_experts < 1 or block_m < 1:
-        raise ValueError(f"num_experts={num_experts} and block_m={block_m} must be >= 1")
-    # MOERAY_FUSED_ALIGN=0 keeps the reference: an A/B switch for the engine bench.
-    if switched_off("ALIGN") or not use_triton(expert_ids_TK):
-        return (*moe_align_ref(expert_ids_TK, num_experts, block_m), None)
+    """The kernel's launch (arguments checked by `_reference`): moe_align's outputs, and x_TH's
+    act_quant from the same launch where x_TH is given."""
     tk = expert_ids_TK.numel()
     ids = expert_ids_TK.reshape(-1)
     if not ids.is_contiguous():
