@@ -3,8 +3,8 @@ time per fused_moe call (alignment, gate_up, down and sum; FP8's activation quan
 and the bandwidth that reaches, bf16 and FP8 weights, so that `kernels/moe_tiles.py`
 `moe_config` can be set from numbers. `--path gemv` times `moe_gemv` (no alignment, FP8
 weight-only: gate_up, down and sum) over its tiles instead, `--path both` the two, for
-`moe_gemv_config` and
-MOE_GEMV_MAX_ASSIGNMENTS; rows say which ("path"), "default" marks each path's heuristic tile.
+`moe_gemv_config` and MOE_GEMV_MAX_ASSIGNMENTS; rows say which ("path"), "default" marks each
+path's heuristic tile.
 
 Timing: a CUDA graph of REPS calls, each call routed to other experts (disjoint sets in turn), so
 that no call finds its weights in L2 (Moonlight's 6 experts are 69 MB of gate_up, the H200's L2

@@ -32,6 +32,10 @@ quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promo
 The quantization is its own launch (act_quant), once per tensor: quantizing inside the GEMM kernels
 instead, each of a row block's cdiv(N, BN) programs re-quantizing the same rows, ran Moonlight FP8
 decode at half the speed on an H200 (196 vs 397 tok/s at batch 1; benchmarks/notes-engine.md).
+Two opt-in exceptions (not yet timed) quantize without that re-work: FP8 decode tiles of 128
+columns hold whole 128-groups of h, so gate/up writes h already quantized (QUANT_H; MOE_H128 picks
+those tiles, `moe_tiles.moe_config`), and at decode batches x's quantization runs in extra
+programs of moe_align's launch (ALIGN_QUANT, `moe_align.moe_align_quant`).
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """

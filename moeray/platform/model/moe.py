@@ -94,7 +94,7 @@ class SharedStreamFn(Protocol):
     # True: the routed experts add the shared output in their last launch, after `ready`
     add_in_sum: bool
 
-    def ready(self, x_TD: torch.Tensor) -> torch.cuda.Event | None: ...
+    def ready(self) -> torch.cuda.Event | None: ...
 
 
 class MLP(nn.Module):
@@ -552,8 +552,8 @@ class MoE(nn.Module):
         self.last_routing = r
         if side is not None and shared_TD is not None:  # the shared MLP ran beside (above)
             if side.add_in_sum:
-                ids_TK, w_TK, ready = r.expert_ids_TK, r.weights_TK, side.ready(x_TD)
-                y_TD = self.experts(x_TD, ids_TK, w_TK, add_TD=shared_TD, add_ready=ready)
+                ids_TK, w_TK = r.expert_ids_TK, r.weights_TK
+                y_TD = self.experts(x_TD, ids_TK, w_TK, add_TD=shared_TD, add_ready=side.ready())
                 return y_TD.view_as(x_BSD)
             routed_TD = self.experts(x_TD, r.expert_ids_TK, r.weights_TK)
             return side.join(routed_TD, shared_TD).view_as(x_BSD)

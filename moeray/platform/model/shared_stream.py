@@ -84,7 +84,7 @@ class SharedStream(nn.Module):
         with torch.cuda.stream(self.stream):
             return mlp(x_TD)
 
-    def ready(self, x_TD: torch.Tensor) -> torch.cuda.Event | None:
+    def ready(self) -> torch.cuda.Event | None:
         """An event recorded on the side stream after the work `start` launched there (None
         without a stream); the current stream waits for it before it reads the shared output."""
         if self.stream is None:
