@@ -2,7 +2,7 @@
 # (gate/up in 128-column tiles quantizing h in their epilogue), ALIGN_QUANT (x's act_quant in
 # moe_align's launch), SHARED_SUM (the side stream's shared output added in the routed sum's
 # launch). Their GPU tests (bit-equal to the launches they replace), then `bench engine --ab` of
-# each at Moonlight FP8 batch 32 and 64 (1 GPU, ~7 minutes; carry .gpu-bundle for nothing: no Ray).
+# each at Moonlight FP8 batch 32 and 64 (1 GPU, ~7 minutes; Ray is not needed).
 # Make each the default where it wins past the as_run_again spread.
 gpu_pytest pytest_moe_launches.log ${TEST_LIMIT:-120} \
   tests/gpu/test_kernels_gpu.py::test_fp8_gate_up_quantizes_h_itself_at_real_widths \
