@@ -47,7 +47,7 @@ from moeray.kernels.common import (
     switched_off,
     use_triton,
 )
-from moeray.kernels.fp8.quant import act_quant, quant_rows
+from moeray.kernels.fp8.quant import act_quant, quant_row_block
 
 # Ids per loop step: 1,024 (8 a thread at 4 warps) cover a decode batch of 128 at top-8 in one
 # step.
@@ -142,15 +142,10 @@ def _moe_align_kernel(
     if QUANT:
         if e >= num_experts:
             groups = tl.cdiv(x_cols, 128)
-            pid_m = (e - num_experts) // groups
-            g = (e - num_experts) % groups
-            offs_r = pid_m * QUANT_M + tl.arange(0, QUANT_M)
-            offs_c = g * 128 + tl.arange(0, 128)
-            ok = (offs_r[:, None] < x_rows) & (offs_c[None, :] < x_cols)
-            x = tl.load(x_ptr + offs_r[:, None] * stride_xm + offs_c[None, :], mask=ok, other=0.0)
-            q, scale = quant_rows(x.to(tl.float32), EXACT)
-            tl.store(q_ptr + offs_r[:, None] * stride_qm + offs_c[None, :], q, mask=ok)
-            tl.store(s_ptr + offs_r * stride_sm + g, scale, mask=offs_r < x_rows)
+            quant_row_block(
+                x_ptr, q_ptr, s_ptr, x_rows, x_cols, stride_xm, stride_qm, stride_sm, 1,
+                (e - num_experts) // groups, (e - num_experts) % groups, QUANT_M, 128, EXACT,
+            )  # fmt: skip
             return
     nprog = num_experts  # the aligning programs (the quantizing ones come after them)
     lanes = tl.arange(0, CH)

@@ -117,10 +117,33 @@ def _act_quant_kernel(
     EXACT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # One program: BLOCK_M rows x one 128-wide group -> BLOCK_M scales.
     pdl_wait(PDL)  # x is an activation
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1)
+    quant_row_block(
+        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+        tl.program_id(0), tl.program_id(1), BLOCK_M, GROUP, EXACT,
+    )  # fmt: skip
+
+
+@triton.jit
+def quant_row_block(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    stride_sk,
+    pid_m,
+    g,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """One act_quant program: rows pid_m * BLOCK_M.. x the g-th GROUP-wide group of x [M, K] ->
+    their e4m3 values in q and one scale per row in s (also run by kernels/moe_align.py's
+    quantizing programs, so their bits are act_quant's)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = g * GROUP + tl.arange(0, GROUP)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
