@@ -25,6 +25,13 @@ def test_parse_ab_takes_names_with_or_without_the_prefix_once_each():
     assert parse_ab("") == []
     with pytest.raises(ValueError, match=r"'ROUTE_FLOD': not a switch; accepted: GATE, NORM"):
         parse_ab("ROUTE_FLOD")
+    # an arm of several switches flipped together, each once, named in the order given
+    assert parse_ab("moe_h128 + ALIGN_QUANT+MOE_H128, MOE_H128,MOE_H128+ALIGN_QUANT") == [
+        "MOE_H128+ALIGN_QUANT",
+        "MOE_H128",
+    ]
+    with pytest.raises(ValueError, match=r"'SHARED_SUMM': not a switch"):
+        parse_ab("MOE_H128+SHARED_SUMM")
 
 
 def test_flipped_turns_each_switch_the_other_way_from_the_run():
@@ -57,7 +64,7 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
         )
 
     rows = run_ab(
-        ["ROUTE_FOLD", "PDL"],
+        ["ROUTE_FOLD", "PDL", "ROUTE_FOLD+PDL"],
         make_engine,
         decode,
         lambda engine, B: 2.0 * B,
@@ -66,13 +73,17 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
         {"1": 4.0, "2": 8.0},
         {"1": [[7, 9]], "2": [[7, 9], [7, 9]]},
     )
-    assert list(rows) == ["ROUTE_FOLD", "PDL", AGAIN]
+    assert list(rows) == ["ROUTE_FOLD", "PDL", "ROUTE_FOLD+PDL", AGAIN]
     fold, pdl, again = rows["ROUTE_FOLD"], rows["PDL"], rows[AGAIN]
     assert fold["env"] == {"MOERAY_FUSED_ROUTE_FOLD": "1"}
     assert pdl["env"] == {"MOERAY_FUSED_PDL": "1"} and again["env"] == {}
-    # each engine saw its one flip and the rest as run
-    assert [s["MOERAY_FUSED_ROUTE_FOLD"] for s in seen] == ["1", "1", "0", "0", "0", "0"]
-    assert [s["MOERAY_FUSED_PDL"] for s in seen] == ["0", "0", "1", "1", "0", "0"]
+    assert rows["ROUTE_FOLD+PDL"]["env"] == {
+        "MOERAY_FUSED_ROUTE_FOLD": "1",
+        "MOERAY_FUSED_PDL": "1",
+    }
+    # each engine saw its arm's flips and the rest as run
+    assert [s["MOERAY_FUSED_ROUTE_FOLD"] for s in seen] == ["1", "1", "0", "0", "1", "1", "0", "0"]
+    assert [s["MOERAY_FUSED_PDL"] for s in seen] == ["0", "0", "1", "1", "1", "1", "0", "0"]
     assert os.environ["MOERAY_FUSED_PDL"] == "0" and "MOERAY_FUSED_ROUTE_FOLD" not in os.environ
     assert fold["tokens_per_s_vs_main"] == {"1": 2.0, "2": 2.0}
     assert fold["decode_graph_ms"] == {"1": 2.0, "2": 4.0}
@@ -80,7 +91,7 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
     assert fold["tokens_equal_to_main"] == {"1": 0.5, "2": 0.5}
     assert again["tokens_equal_to_main"] == {"1": 1.0, "2": 1.0}
     lines = ab_table(rows)
-    assert len(lines) == 1 + 3 * 2 and lines[1].split()[:2] == ["ROUTE_FOLD", "1"]
+    assert len(lines) == 1 + 4 * 2 and lines[1].split()[:2] == ["ROUTE_FOLD", "1"]
 
 
 def test_run_ab_keeps_going_past_a_row_that_fails():

@@ -62,18 +62,35 @@ def switch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def parse_ab(text: str) -> list[str]:
-    """The switch names of `--ab` ("ROUTE_FOLD,MLA_DIRECT"; the MOERAY_FUSED_ prefix optional),
-    in order, each once. ValueError naming an unknown one and the accepted names."""
-    names = []
+    """The arms of `--ab` ("ROUTE_FOLD,MLA_DIRECT+ARGMAX"; the MOERAY_FUSED_ prefix optional), in
+    order, each once: an arm is one switch, or several joined by "+" flipped together (gains of
+    ~1% each can sum past a run's noise where alone none does). ValueError naming an unknown
+    switch and the accepted names."""
+    arms = []
     for raw in text.split(","):
-        name = raw.strip().upper().removeprefix("MOERAY_FUSED_")
-        if not name:
-            continue
-        if name not in SWITCHES:
-            raise ValueError(f"--ab {raw.strip()!r}: not a switch; accepted: {', '.join(SWITCHES)}")
-        if name not in names:
-            names.append(name)
-    return names
+        names = []
+        for part in raw.split("+"):
+            name = part.strip().upper().removeprefix("MOERAY_FUSED_")
+            if not name:
+                continue
+            if name not in SWITCHES:
+                raise ValueError(
+                    f"--ab {part.strip()!r}: not a switch; accepted: {', '.join(SWITCHES)}"
+                )
+            if name not in names:
+                names.append(name)
+        arm = "+".join(names)
+        if arm and arm not in arms:
+            arms.append(arm)
+    return arms
+
+
+def arm_env(arm: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that run arm `arm` ("A" or "A+B"): each of its switches flipped from this
+    run's value; none for AGAIN."""
+    if arm == AGAIN:
+        return {}
+    return {f"MOERAY_FUSED_{name}": flipped(name, environ) for name in arm.split("+")}
 
 
 def flipped(name: str, environ: Mapping[str, str] | None = None) -> str:
@@ -93,14 +110,14 @@ def run_ab(
     main_graph_ms: Mapping[str, float],
     main_outputs: Mapping[str, list[list[int]]],
 ) -> dict[str, dict]:
-    """One row per name (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
-    timed with only that switch flipped; a row whose engine fails holds the error instead.
-    `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up; `graph_ms(engine,
+    """One row per arm (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
+    timed with only that arm's switches flipped (`arm_env`); a row whose engine fails holds the
+    error instead. `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up; `graph_ms(engine,
     batch)` -> one replay's GPU ms or None; the main run's prompts, rates, graph times and
     outputs by batch size (str keys but `prompts`)."""
     rows: dict[str, dict] = {}
     for name in [*names, AGAIN]:
-        env = {} if name == AGAIN else {f"MOERAY_FUSED_{name}": flipped(name)}
+        env = arm_env(name)
         try:
             rows[name] = _ab_row(env, make_engine, decode, graph_ms, prompts, main_outputs)
         except (

@@ -74,7 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--ab",
         default="",
         help="comma-separated fast-path switches (MOERAY_FUSED_<NAME>), each flipped alone after "
-        "the main decode runs and timed on the same weights and prompts (bench/ab.py)",
+        "the main decode runs and timed on the same weights and prompts (bench/ab.py); A+B flips "
+        "several together in one arm",
     )
     p.add_argument(
         "--arrivals",
