@@ -112,9 +112,9 @@ def run_ab(
 ) -> dict[str, dict]:
     """One row per arm (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
     timed with only that arm's switches flipped (`arm_env`); a row whose engine fails holds the
-    error instead. `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up; `graph_ms(engine,
-    batch)` -> one replay's GPU ms or None; the main run's prompts, rates, graph times and
-    outputs by batch size (str keys but `prompts`)."""
+    error instead. `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up;
+    `graph_ms(engine, batch)` -> one replay's GPU ms or None; the main run's prompts, rates,
+    graph times and outputs by batch size (str keys but `prompts`)."""
     rows: dict[str, dict] = {}
     for name in [*names, AGAIN]:
         env = arm_env(name)
