@@ -3,9 +3,11 @@ launch, for decode's few tokens: `norm_router_logits`, its PyTorch reference
 `norm_router_logits_ref` (`norm.rms_norm_ref` then `router_logits.router_logits_ref`), the test
 `norm_router_logits_applies` by which the model's Gate (`moeray.platform.model.moe.Gate.
 norm_logits`) chooses it, and the kernel `_norm_router_logits_kernel`. On by default;
-MOERAY_FUSED_NORM_ROUTER=0 keeps the norm and the router apart (the A/B switch).
+MOERAY_FUSED_NORM_ROUTER=0 keeps the norm and the router apart (the A/B switch);
+MOERAY_FUSED_NORM_ROUTER_WIDE=1 (opt-in) takes it past 32 rows to 64 for small routers
+(`max_tokens`).
 
-Legend: T tokens (<= MAX_TOKENS), D model width, E routed experts, BE experts per program,
+Legend: T tokens (<= `max_tokens`), D model width, E routed experts, BE experts per program,
 BD features per step.
 
 Why: at decode batch 1 every MoE layer runs the post-attention `rms_norm` (one program, ~2.5 us
@@ -37,6 +39,7 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
+    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -51,6 +54,29 @@ from moeray.kernels.router_logits import (
 
 # The per-token programs re-read all of W and the row for each token: router_logits' own bound.
 MAX_TOKENS = ROW_MAX_TOKENS
+# With MOERAY_FUSED_NORM_ROUTER_WIDE=1 (opt-in, not yet timed) decode batches up to this many rows
+# take the fold too, where the router's weight is at most WIDE_MAX_ROUTER_BYTES. Why: past 32 rows
+# the post-attention norm runs alone and the router as cuBLAS's fp32-output GEMM; in Moonlight's
+# FP8 batch-64 profile on an H200 (benchmarks/results/engine-nvidia-h200-moonlight-fp8-
+# defaults5.json) `_rms_norm_kernel` takes 2.3 us a call and the 26 calls of the fp32-output GEMM
+# (`nvjet_sm90_tss_64x8...`) 8.0 us each for a 64 x 64 x 2,048 product: latency, not bytes. Folded,
+# each token's programs re-read the 256 KB router and the token's rows from L2 (WIDE_ROWS expert
+# rows a program: 64 x 16 programs, ~25 MB of L2 reads at Moonlight batch 64).
+WIDE_MAX_TOKENS = 64
+# Moonlight's router is 256 KB (64 x 2,048 bf16); DeepSeek-V3's 3.7 MB would be ~0.35 GB of L2
+# reads at 64 rows, where the GEMM reads it once.
+WIDE_MAX_ROUTER_BYTES = 512 * 1024
+WIDE_ROWS = (
+    4  # expert rows a program past MAX_TOKENS rows: a quarter of the x and residual re-reads
+)
+
+
+def max_tokens(router_weight_ED: torch.Tensor) -> int:
+    """The most rows `norm_router_logits` takes with this router weight: MAX_TOKENS, or
+    WIDE_MAX_TOKENS with MOERAY_FUSED_NORM_ROUTER_WIDE=1 and a router of at most
+    WIDE_MAX_ROUTER_BYTES."""
+    small = router_weight_ED.numel() * router_weight_ED.element_size() <= WIDE_MAX_ROUTER_BYTES
+    return WIDE_MAX_TOKENS if small and switched_on("NORM_ROUTER_WIDE") else MAX_TOKENS
 
 
 def norm_router_logits_ref(
@@ -151,17 +177,19 @@ def norm_router_logits_applies(
     residual_TD: torch.Tensor | None = None,
 ) -> bool:
     """Whether `norm_router_logits` takes these as they are (not with MOERAY_FUSED_NORM_ROUTER=0):
-    x [T, D] with 1 <= T <= MAX_TOKENS and D <= norm.MAX_D, the norm weight [D], the router weight
+    x [T, D] with 1 <= T <= `max_tokens` and D <= norm.MAX_D, the norm weight [D], the router weight
     [E, D] and the residual (x's shape) all in x's dtype (bf16 or fp16), unit stride over D, on
     CUDA (or the interpreter)."""
     if switched_off("NORM_ROUTER"):
         return False
-    if x_TD.dim() != 2 or not 1 <= x_TD.shape[0] <= MAX_TOKENS:
+    if x_TD.dim() != 2 or router_weight_ED.dim() != 2:
+        return False
+    if not 1 <= x_TD.shape[0] <= max_tokens(router_weight_ED):
         return False
     D = x_TD.shape[1]
     if not 1 <= D <= MAX_D or norm_weight_D.shape != (D,):
         return False
-    if router_weight_ED.dim() != 2 or router_weight_ED.shape[1] != D:
+    if router_weight_ED.shape[1] != D:
         return False
     tensors = [x_TD, norm_weight_D, router_weight_ED]
     if residual_TD is not None:
@@ -182,7 +210,7 @@ def norm_router_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`norm_router_logits_ref` in one launch: (fp32 logits [T, E], y [T, D], h [T, D]; h is x
     itself without a residual). x, the residual, the norm weight and the router weight in one of
-    bf16 / fp16, unit stride over D, T <= MAX_TOKENS rows. No gradient (inference); no host sync
+    bf16 / fp16, unit stride over D, T <= `max_tokens` rows. No gradient (inference); no host sync
     (CUDA graphs). The reference on CPU outside the interpreter."""
     check_tensor(x_TD, "x", dtypes=DTYPES, ndim=2)
     T, D = x_TD.shape
@@ -201,8 +229,9 @@ def norm_router_logits(
             f"norm_weight {tuple(norm_weight_D.shape)} and router_weight "
             f"{tuple(router_weight_ED.shape)}: expected [{D}] and [E, {D}] for x [{T}, {D}]"
         )
-    if T > MAX_TOKENS or D > MAX_D:
-        raise ValueError(f"x [{T}, {D}]: at most {MAX_TOKENS} rows and {MAX_D} features")
+    most = max_tokens(router_weight_ED)
+    if T > most or D > MAX_D:
+        raise ValueError(f"x [{T}, {D}]: at most {most} rows and {MAX_D} features")
     named = {"x": x_TD, "residual": residual_TD, "norm_weight": norm_weight_D}
     for name, t in {**named, "router_weight": router_weight_ED}.items():
         if t is not None and t.stride(-1) != 1:
@@ -216,6 +245,8 @@ def norm_router_logits(
     r = x_TD if residual_TD is None else residual_TD
     if T and E:
         be, bd = row_tiles(E, D)  # router_logits' per-token tiles
+        if T > MAX_TOKENS:
+            be = max(be, WIDE_ROWS)
         pdl = pdl_launch(x_TD.device)
         _norm_router_logits_kernel[(triton.cdiv(E, be), T)](
             x_TD,

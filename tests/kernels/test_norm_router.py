@@ -81,6 +81,50 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
     assert not norm_router_logits_applies(x.t().contiguous().t(), nw, w, r)  # strided features
 
 
+@pytest.mark.parametrize(("T", "E"), [(33, 5), (64, 6)])
+def test_norm_router_wide_takes_64_rows_of_a_small_router(monkeypatch, T, E):
+    """MOERAY_FUSED_NORM_ROUTER_WIDE=1: 33-64 rows fold too, WIDE_ROWS expert rows a program (the
+    last program's rows past E masked), the same numbers as the per-token tiles; a router past
+    WIDE_MAX_ROUTER_BYTES keeps the 32-row bound, and so does the default."""
+    x, r, nw, w = _inputs(T, E, 130, torch.bfloat16, True, seed=T + E)
+    assert not norm_router_logits_applies(x, nw, w, r)  # opt-in
+    with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} rows"):
+        norm_router_logits(x, nw, 1e-6, w, r)
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER_WIDE", "1")
+    assert norm_router_mod.max_tokens(w) == norm_router_mod.WIDE_MAX_TOKENS == 64
+    assert norm_router_logits_applies(x, nw, w, r)
+    launches = []
+    real = norm_router_mod._norm_router_logits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, kw["BE"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(norm_router_mod, "_norm_router_logits_kernel", Spy())
+    logits, y, h = norm_router_logits(x, nw, 1e-6, w, r)
+    wide = norm_router_mod.WIDE_ROWS
+    assert launches == [((-(-E // wide), T), wide)]
+    # the same per-row numbers as 32-row launches of the per-token tiles
+    parts = [norm_router_logits(x[i : i + 16], nw, 1e-6, w, r[i : i + 16]) for i in range(0, T, 16)]
+    assert torch.equal(logits, torch.cat([p[0] for p in parts]))
+    assert torch.equal(y, torch.cat([p[1] for p in parts]))
+    assert torch.equal(h, torch.cat([p[2] for p in parts]))
+    logits_ref, _, h_ref = norm_router_logits_ref(x, nw, 1e-6, w, r)
+    assert torch.equal(h, h_ref)
+    assert torch.allclose(logits, logits_ref, rtol=1e-2, atol=1e-2 * float(logits_ref.abs().max()))
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        big = torch.zeros(65, 130).bfloat16()
+        norm_router_logits(big, nw, 1e-6, w, big)
+    # a router of more than WIDE_MAX_ROUTER_BYTES (DeepSeek-V3's 3.7 MB) keeps 32 rows
+    large = torch.zeros(norm_router_mod.WIDE_MAX_ROUTER_BYTES // (2 * 130) + 1, 130).bfloat16()
+    assert norm_router_mod.max_tokens(large) == MAX_TOKENS
+    assert not norm_router_logits_applies(x, nw, large, r)
+
+
 @pytest.mark.parametrize("defer", [False, True])
 def test_moe_decoder_layer_folds_its_norm_into_the_router(monkeypatch, launch_spy, defer):
     """A tiny() MoE decoder layer at 3 decode rows in bf16 (the interpreter stands in for CUDA):
@@ -143,12 +187,16 @@ def test_the_model_folds_only_for_cuda_inference(monkeypatch):
 def test_norm_router_logits_compiled_on_gpu(compiled_check):
     compiled_check(
         """
+import os
 import torch
-from moeray.kernels.norm_router import norm_router_logits, norm_router_logits_ref
+from moeray.kernels.norm_router import max_tokens, norm_router_logits, norm_router_logits_ref
 from moeray.kernels.router_logits import router_logits_ref
+os.environ["MOERAY_FUSED_NORM_ROUTER_WIDE"] = "1"  # 33-64 rows too, where the router is small
 bad = 0
 for E, D in ((64, 2048), (256, 7168), (7, 100), (257, 4437)):
-    for T in (1, 5, 32):
+    for T in (1, 5, 32, 48, 64):
+        if T > max_tokens(torch.empty(E, D, dtype=torch.bfloat16)):
+            continue
         for res in (False, True):
             x = torch.randn(T, D, device="cuda").bfloat16()
             r = torch.randn(T, D, device="cuda").bfloat16() if res else None

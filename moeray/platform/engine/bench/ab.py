@@ -26,7 +26,8 @@ import torch
 # HEAD_GEMV, HEAD_BMM and HEAD_TILE, moe.py's MOE_GEMV, moe_gemv.py's MOE_SUM_FOLD and
 # MOE_DOWN_EARLY, mla_decode.py's MLA_DIRECT, MLA_WUV, MLA_KV_EARLY, MLA_WGMMA, MLA_WS and MLA_WIDE,
 # mla_launch.py's MLA_SUBPAGE,
-# mla_write_absorb.py's MLA_WUK, router_gate.py's ROUTE_FOLD, norm_router.py's NORM_ROUTER,
+# mla_write_absorb.py's MLA_WUK, router_gate.py's ROUTE_FOLD, norm_router.py's NORM_ROUTER and
+# NORM_ROUTER_WIDE,
 # moe.py's MOE_H128 and ALIGN_QUANT,
 # common.py's PDL and ROUTE_BATCH,
 # fp8/gemv_wide.py's FP8_GEMV_WIDE and FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX;
@@ -40,13 +41,14 @@ SWITCHES = (
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
     *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
-    *("MOE_H128", "SHARED_SUM", "ALIGN_QUANT"),
+    *("MOE_H128", "SHARED_SUM", "ALIGN_QUANT", "NORM_ROUTER_WIDE"),
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
     *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "SHARED_SUM", "ALIGN_QUANT"),
+    "NORM_ROUTER_WIDE",
 )
 AGAIN = "as_run_again"
 
