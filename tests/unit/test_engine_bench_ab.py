@@ -72,6 +72,7 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
         {"1": 100.0, "2": 200.0},
         {"1": 4.0, "2": 8.0},
         {"1": [[7, 9]], "2": [[7, 9], [7, 9]]},
+        {"1": 400.0, "2": 1600.0},
     )
     assert list(rows) == ["ROUTE_FOLD", "PDL", "ROUTE_FOLD+PDL", AGAIN]
     fold, pdl, again = rows["ROUTE_FOLD"], rows["PDL"], rows[AGAIN]
@@ -89,9 +90,11 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
     assert fold["decode_graph_ms"] == {"1": 2.0, "2": 4.0}
     assert fold["graph_ms_vs_main"] == {"1": 0.5, "2": 0.5}
     assert fold["tokens_equal_to_main"] == {"1": 0.5, "2": 0.5}
+    assert fold["roofline_fraction"] == {"1": 0.5, "2": 0.25}  # 200 / 400, 400 / 1,600
     assert again["tokens_equal_to_main"] == {"1": 1.0, "2": 1.0}
     lines = ab_table(rows)
     assert len(lines) == 1 + 4 * 2 and lines[1].split()[:2] == ["ROUTE_FOLD", "1"]
+    assert lines[1].split()[-1] == "50.0%" and lines[2].split()[-1] == "25.0%"
 
 
 def test_run_ab_keeps_going_past_a_row_that_fails():

@@ -357,6 +357,7 @@ def main(argv: list[str]) -> int:
             decode,
             graph_ms,
             main_outputs,
+            roof,
         )
         print("\n".join(ab_table(notes["ab"])))
     if device.type == "cuda" and "router-ab" not in a.skip:

@@ -111,12 +111,14 @@ def run_ab(
     main_rates: Mapping[str, float],
     main_graph_ms: Mapping[str, float],
     main_outputs: Mapping[str, list[list[int]]],
+    roofline_rates: Mapping[str, float] | None = None,
 ) -> dict[str, dict]:
     """One row per arm (then AGAIN, unflipped): a fresh engine from `make_engine()` built and
     timed with only that arm's switches flipped (`arm_env`); a row whose engine fails holds the
     error instead. `decode(engine, prompts)` -> (tokens/s, outputs) after its own warm-up;
     `graph_ms(engine, batch)` -> one replay's GPU ms or None; the main run's prompts, rates,
-    graph times and outputs by batch size (str keys but `prompts`)."""
+    graph times and outputs by batch size (str keys but `prompts`); `roofline_rates`, the
+    roofline's tokens/s by batch size, gives each row its fraction of it."""
     rows: dict[str, dict] = {}
     for name in [*names, AGAIN]:
         env = arm_env(name)
@@ -132,6 +134,12 @@ def run_ab(
             k: v / main_rates[k] for k, v in r["decode_tokens_per_s"].items()
         }
         r["graph_ms_vs_main"] = {k: v / main_graph_ms[k] for k, v in r["decode_graph_ms"].items()}
+        if roofline_rates:
+            r["roofline_fraction"] = {
+                k: v / roofline_rates[k]
+                for k, v in r["decode_tokens_per_s"].items()
+                if k in roofline_rates
+            }
     return rows
 
 
@@ -171,9 +179,11 @@ def _equal_fraction(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def ab_table(rows: Mapping[str, dict]) -> list[str]:
-    """Printable lines: per row and batch, tokens/s and graph ms against the main run."""
+    """Printable lines: per row and batch, tokens/s and graph ms against the main run, and the
+    fraction of the roofline where the row has it."""
     out = [
         f"{'ab':22s} {'batch':>5s} {'tok/s':>9s} {'vs main':>8s} {'graph ms':>9s} {'vs main':>8s}"
+        f" {'roofline':>8s}"
     ]
     for name, r in rows.items():
         if "error" in r:
@@ -182,8 +192,10 @@ def ab_table(rows: Mapping[str, dict]) -> list[str]:
         for k, rate in r["decode_tokens_per_s"].items():
             g = r["decode_graph_ms"].get(k)
             gv = r["graph_ms_vs_main"].get(k)
+            roof = r.get("roofline_fraction", {}).get(k)
             out.append(
                 f"{name:22s} {k:>5s} {rate:9.1f} {r['tokens_per_s_vs_main'][k]:8.3f} "
-                + (f"{g:9.3f} {gv:8.3f}" if g is not None and gv is not None else f"{'-':>9s}")
+                + (f"{g:9.3f} {gv:8.3f}" if g is not None and gv is not None else f"{'-':>18s}")
+                + (f" {roof:8.1%}" if roof is not None else "")
             )
     return out
