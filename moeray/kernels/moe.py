@@ -32,10 +32,10 @@ quantize x and h per token in 1x128 groups and use fp8 MMAs with per-128-K promo
 The quantization is its own launch (act_quant), once per tensor: quantizing inside the GEMM kernels
 instead, each of a row block's cdiv(N, BN) programs re-quantizing the same rows, ran Moonlight FP8
 decode at half the speed on an H200 (196 vs 397 tok/s at batch 1; benchmarks/notes-engine.md).
-Two opt-in exceptions (not yet timed) quantize without that re-work: FP8 decode tiles of 128
-columns hold whole 128-groups of h, so gate/up writes h already quantized (QUANT_H; MOE_H128 picks
-those tiles, `moe_tiles.moe_config`), and at decode batches x's quantization runs in extra
-programs of moe_align's launch (ALIGN_QUANT, `moe_align.moe_align_quant`).
+Two exceptions quantize without that re-work: at decode batches x's quantization runs in extra
+programs of moe_align's launch (ALIGN_QUANT, the default; `moe_align.moe_align_quant`), and, opt-in
+(even or slower where timed), FP8 decode tiles of 128 columns hold whole 128-groups of h, so
+gate/up writes h already quantized (QUANT_H; MOE_H128 picks those tiles, `moe_tiles.moe_config`).
 Assignments whose expert id is outside [0, E) (tokens routed to experts on other ranks) add nothing.
 With PDL (sm_90, `common.pdl_launch`) the three kernels wait for the previous kernel first thing.
 """
@@ -58,7 +58,6 @@ from moeray.kernels.common import (
     pdl_wait,
     scaled_block_dot,
     switched_off,
-    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -311,9 +310,12 @@ def _moe_down_kernel(
     tl.store(y_ptrs, y_out, mask=row_ok[:, None] & n_ok[None, :])
 
 
-# With MOERAY_FUSED_ALIGN_QUANT=1 (opt-in, not yet timed) the FP8 aligned path quantizes x in
-# moe_align's launch (`moe_align_quant`) up to this many tokens: decode batches, where the two
-# launches are ~2-3 us each for a few KB; prefill keeps act_quant's own launch.
+# The FP8 aligned path quantizes x in moe_align's launch (`moe_align_quant`) up to this many
+# tokens (MOERAY_FUSED_ALIGN_QUANT=0 keeps act_quant's own launch): decode batches, where the two
+# launches are ~2-3 us each for a few KB; prefill keeps act_quant's own launch. On an H100,
+# Moonlight FP8 (`bench engine --ab`, benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-
+# fp8-{moelaunches,launches832}.json): decode graph 0.995x as long at batch 64 alone; with
+# SHARED_SUM and NORM_ROUTER_WIDE 0.978x at 64, 0.989x at 32, 0.987x at 8; V3 widths at 64 even.
 ALIGN_QUANT_MAX_TOKENS = 256
 
 
@@ -454,7 +456,7 @@ def fused_moe_gate_up(
         raise ValueError(f"BLOCK_K={bk} must divide 128 for FP8 weights")
     x = x_TH if x_TH.stride(-1) == 1 else x_TH.contiguous()
     a_in = a_scale = x  # bf16: the scale pointer is unused
-    if fp8 and t <= ALIGN_QUANT_MAX_TOKENS and switched_on("ALIGN_QUANT"):
+    if fp8 and t <= ALIGN_QUANT_MAX_TOKENS and not switched_off("ALIGN_QUANT"):
         # x's act_quant in the alignment's launch (its programs after the E aligning ones)
         sorted_ids, block_expert, a_in, a_scale = moe_align_quant(expert_ids_TK, e_count, bm, x)
     else:

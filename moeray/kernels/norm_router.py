@@ -3,9 +3,8 @@ launch, for decode's few tokens: `norm_router_logits`, its PyTorch reference
 `norm_router_logits_ref` (`norm.rms_norm_ref` then `router_logits.router_logits_ref`), the test
 `norm_router_logits_applies` by which the model's Gate (`moeray.platform.model.moe.Gate.
 norm_logits`) chooses it, and the kernel `_norm_router_logits_kernel`. On by default;
-MOERAY_FUSED_NORM_ROUTER=0 keeps the norm and the router apart (the A/B switch);
-MOERAY_FUSED_NORM_ROUTER_WIDE=1 (opt-in) takes it past 32 rows to 64 for small routers
-(`max_tokens`).
+MOERAY_FUSED_NORM_ROUTER=0 keeps the norm and the router apart (the A/B switch); past 32 rows it
+runs to 64 for small routers (`max_tokens`; MOERAY_FUSED_NORM_ROUTER_WIDE=0 keeps 32).
 
 Legend: T tokens (<= `max_tokens`), D model width, E routed experts, BE experts per program,
 BD features per step.
@@ -39,7 +38,6 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
-    switched_on,
     to_dtype_rn,
     use_triton,
 )
@@ -54,14 +52,17 @@ from moeray.kernels.router_logits import (
 
 # The per-token programs re-read all of W and the row for each token: router_logits' own bound.
 MAX_TOKENS = ROW_MAX_TOKENS
-# With MOERAY_FUSED_NORM_ROUTER_WIDE=1 (opt-in, not yet timed) decode batches up to this many rows
-# take the fold too, where the router's weight is at most WIDE_MAX_ROUTER_BYTES. Why: past 32 rows
+# Decode batches up to this many rows take the fold too, where the router's weight is at most
+# WIDE_MAX_ROUTER_BYTES (MOERAY_FUSED_NORM_ROUTER_WIDE=0 keeps MAX_TOKENS). Why: past 32 rows
 # the post-attention norm runs alone and the router as cuBLAS's fp32-output GEMM; in Moonlight's
 # FP8 batch-64 profile on an H200 (benchmarks/results/engine-nvidia-h200-moonlight-fp8-
 # defaults5.json) `_rms_norm_kernel` takes 2.3 us a call and the 26 calls of the fp32-output GEMM
 # (`nvjet_sm90_tss_64x8...`) 8.0 us each for a 64 x 64 x 2,048 product: latency, not bytes. Folded,
 # each token's programs re-read the 256 KB router and the token's rows from L2 (WIDE_ROWS expert
-# rows a program: 64 x 16 programs, ~25 MB of L2 reads at Moonlight batch 64).
+# rows a program: 64 x 16 programs, ~25 MB of L2 reads at Moonlight batch 64). On an H100 at
+# Moonlight batch 64 (`bench engine --ab NORM_ROUTER_WIDE`, benchmarks/results/engine-nvidia-
+# h100-80gb-hbm3-moonlight-{fp8-moelaunches,bf16-launches}.json): decode graph 0.984x as long in
+# FP8, 0.996x in bf16 (its run's own spread 1.000x).
 WIDE_MAX_TOKENS = 64
 # Moonlight's router is 256 KB (64 x 2,048 bf16); DeepSeek-V3's 3.7 MB would be ~0.35 GB of L2
 # reads at 64 rows, where the GEMM reads it once.
@@ -72,11 +73,11 @@ WIDE_ROWS = (
 
 
 def max_tokens(router_weight_ED: torch.Tensor) -> int:
-    """The most rows `norm_router_logits` takes with this router weight: MAX_TOKENS, or
-    WIDE_MAX_TOKENS with MOERAY_FUSED_NORM_ROUTER_WIDE=1 and a router of at most
-    WIDE_MAX_ROUTER_BYTES."""
+    """The most rows `norm_router_logits` takes with this router weight: WIDE_MAX_TOKENS for a
+    router of at most WIDE_MAX_ROUTER_BYTES (unless MOERAY_FUSED_NORM_ROUTER_WIDE=0), else
+    MAX_TOKENS."""
     small = router_weight_ED.numel() * router_weight_ED.element_size() <= WIDE_MAX_ROUTER_BYTES
-    return WIDE_MAX_TOKENS if small and switched_on("NORM_ROUTER_WIDE") else MAX_TOKENS
+    return WIDE_MAX_TOKENS if small and not switched_off("NORM_ROUTER_WIDE") else MAX_TOKENS
 
 
 def norm_router_logits_ref(

@@ -151,6 +151,7 @@ def test_fp8_gate_up_quantizes_h_itself_at_128_columns(t, monkeypatch):
     """FP8 gate/up tiles of 128 columns write h as e4m3 with its 1x128 scales (no act_quant
     launch on h): the output has the bits of 64-column tiles + act_quant, at I = 384 (three
     groups), with the down launch's tile the same in both."""
+    monkeypatch.setenv("MOERAY_FUSED_ALIGN_QUANT", "0")  # x's act_quant in its own launch too
     x, w13, w2, ids, wts = _case(t, h=256, i=384, e=4, k=2, seed=40 + t, skip_experts=(2,))
     q13, q2, kw = _fp8_experts(w13, w2)
     quantized = []
@@ -168,10 +169,11 @@ def test_fp8_gate_up_quantizes_h_itself_at_128_columns(t, monkeypatch):
 
 
 def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch):
-    """MOERAY_FUSED_ALIGN_QUANT=1: x's act_quant runs inside moe_align's launch
-    (`moe_align_quant`); the fused MoE's output has the same bits, and act_quant is left with h
-    only."""
+    """ALIGN_QUANT (the default): x's act_quant runs inside moe_align's launch
+    (`moe_align_quant`); the fused MoE's output has the same bits as with
+    MOERAY_FUSED_ALIGN_QUANT=0, and act_quant is left with h only."""
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
+    monkeypatch.setenv("MOERAY_FUSED_ALIGN_QUANT", "0")
     x, w13, w2, ids, wts = _case(13, h=256, i=128, e=5, k=2, seed=50, skip_experts=(3,))
     q13, q2, kw = _fp8_experts(w13, w2)
     quantized = []
@@ -180,7 +182,7 @@ def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch):
     want = fused_moe(x, q13, q2, ids, wts, **kw)
     assert quantized == [x.shape, (26, 128)]
     quantized.clear()
-    monkeypatch.setenv("MOERAY_FUSED_ALIGN_QUANT", "1")
+    monkeypatch.delenv("MOERAY_FUSED_ALIGN_QUANT")
     assert torch.equal(fused_moe(x, q13, q2, ids, wts, **kw), want)
     assert quantized == [(26, 128)]
 

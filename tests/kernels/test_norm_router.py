@@ -66,8 +66,9 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
         norm_router_logits(x, nw.float(), 1e-6, w, r)
     with pytest.raises(ValueError, match="residual has shape"):
         norm_router_logits(x, nw, 1e-6, w, r[:1])
-    with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} rows"):
-        big = torch.zeros(MAX_TOKENS + 1, 8).bfloat16()
+    most = norm_router_mod.WIDE_MAX_TOKENS  # a small router's bound
+    with pytest.raises(ValueError, match=f"at most {most} rows"):
+        big = torch.zeros(most + 1, 8).bfloat16()
         norm_router_logits(big, nw, 1e-6, w, big)
     monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER", "0")
     assert not norm_router_logits_applies(x, nw, w, r)  # the A/B switch
@@ -76,21 +77,22 @@ def test_norm_router_logits_inputs_and_applies(monkeypatch):
     assert norm_router_logits_applies(x, nw, w)
     assert not norm_router_logits_applies(x, nw.float(), w, r)  # autocast's fp32 weight: no
     assert not norm_router_logits_applies(x.float(), nw.float(), w.float(), r.float())
-    assert not norm_router_logits_applies(torch.zeros(MAX_TOKENS + 1, 8).bfloat16(), nw, w)
+    assert not norm_router_logits_applies(torch.zeros(most + 1, 8).bfloat16(), nw, w)
     assert not norm_router_logits_applies(x, nw, w, r[:1])
     assert not norm_router_logits_applies(x.t().contiguous().t(), nw, w, r)  # strided features
 
 
 @pytest.mark.parametrize(("T", "E"), [(33, 5), (64, 6)])
 def test_norm_router_wide_takes_64_rows_of_a_small_router(monkeypatch, T, E):
-    """MOERAY_FUSED_NORM_ROUTER_WIDE=1: 33-64 rows fold too, WIDE_ROWS expert rows a program (the
+    """NORM_ROUTER_WIDE (the default): 33-64 rows fold too, WIDE_ROWS expert rows a program (the
     last program's rows past E masked), the same numbers as the per-token tiles; a router past
-    WIDE_MAX_ROUTER_BYTES keeps the 32-row bound, and so does the default."""
+    WIDE_MAX_ROUTER_BYTES keeps the 32-row bound, and so does MOERAY_FUSED_NORM_ROUTER_WIDE=0."""
     x, r, nw, w = _inputs(T, E, 130, torch.bfloat16, True, seed=T + E)
-    assert not norm_router_logits_applies(x, nw, w, r)  # opt-in
+    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER_WIDE", "0")
+    assert not norm_router_logits_applies(x, nw, w, r)  # the A/B switch
     with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} rows"):
         norm_router_logits(x, nw, 1e-6, w, r)
-    monkeypatch.setenv("MOERAY_FUSED_NORM_ROUTER_WIDE", "1")
+    monkeypatch.delenv("MOERAY_FUSED_NORM_ROUTER_WIDE")
     assert norm_router_mod.max_tokens(w) == norm_router_mod.WIDE_MAX_TOKENS == 64
     assert norm_router_logits_applies(x, nw, w, r)
     launches = []
@@ -187,11 +189,9 @@ def test_the_model_folds_only_for_cuda_inference(monkeypatch):
 def test_norm_router_logits_compiled_on_gpu(compiled_check):
     compiled_check(
         """
-import os
 import torch
 from moeray.kernels.norm_router import max_tokens, norm_router_logits, norm_router_logits_ref
 from moeray.kernels.router_logits import router_logits_ref
-os.environ["MOERAY_FUSED_NORM_ROUTER_WIDE"] = "1"  # 33-64 rows too, where the router is small
 bad = 0
 for E, D in ((64, 2048), (256, 7168), (7, 100), (257, 4437)):
     for T in (1, 5, 32, 48, 64):
