@@ -315,7 +315,8 @@ def _moe_down_kernel(
 # launches are ~2-3 us each for a few KB; prefill keeps act_quant's own launch. On an H100,
 # Moonlight FP8 (`bench engine --ab`, benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-
 # fp8-{moelaunches,launches832}.json): decode graph 0.995x as long at batch 64 alone; with
-# SHARED_SUM and NORM_ROUTER_WIDE 0.978x at 64, 0.989x at 32, 0.987x at 8; V3 widths at 64 even.
+# SHARED_SUM and NORM_ROUTER_WIDE 0.989x at 32 and 0.987x at 8 (0.978x at 64 with MOE_H128 on
+# too, itself 0.998x alone); V3 widths at 64 even.
 ALIGN_QUANT_MAX_TOKENS = 256
 
 
