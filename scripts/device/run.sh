@@ -44,7 +44,7 @@
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
 #   step-glue          PAGED_POSITIONS, MLA_SUBPAGE (half pages by rule), NORM_W_EARLY: GPU tests, decode_glue row, Moonlight FP8 A/B at 128 and 2K prompts (1 GPU, ~7 min)
 #   norm-router        post-attention norm folded into the router (default): GPU tests, Moonlight bf16/FP8 b1/b8 and V3 FP8 A/B (1 GPU, ~4 min)
-#   moe-launches       MOE_H128, ALIGN_QUANT, SHARED_SUM, NORM_ROUTER_WIDE (opt-in): GPU tests, Moonlight FP8 b32/b64 A/B, alone and together (1 GPU, ~8 min at BATCHES=64)
+#   moe-launches       ALIGN_QUANT, SHARED_SUM, NORM_ROUTER_WIDE (default), MOE_H128 (opt-in): GPU tests, Moonlight FP8 b32/b64 A/B, alone and together (1 GPU, ~3 min at BATCHES=64)
 #   chunk-graphs       prefill chunks replayed from CUDA graphs: engine GPU tests with them on (CHUNK_REST=1: all), `bench engine --arrivals` graphs vs eager at Moonlight (1 GPU, ~5 min)
 #   batch1-ab          the batch-1 opt-in switches (wide GEMV steps, moe_gemv down early, W_UV in the merge, W_UK in the write): A/B at Moonlight, B1_WEIGHTS="fp8 bf16", their GPU tests (1 GPU, ~2 min + GPU_LIMIT)
 #   shared-stream      the shared experts on a second stream: GPU tests, `bench engine --ab SHARED_STREAM` (1 GPU, ~6 min)
