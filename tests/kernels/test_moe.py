@@ -168,13 +168,17 @@ def test_fp8_gate_up_quantizes_h_itself_at_128_columns(t, monkeypatch):
     assert _rel(got, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
 
 
-def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch):
+@pytest.mark.parametrize("foreign", [False, True])
+def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch, foreign):
     """ALIGN_QUANT (the default): x's act_quant runs inside moe_align's launch
     (`moe_align_quant`); the fused MoE's output has the same bits as with
-    MOERAY_FUSED_ALIGN_QUANT=0, and act_quant is left with h only."""
+    MOERAY_FUSED_ALIGN_QUANT=0, and act_quant is left with h only; also where some ids name
+    experts on other ranks (expert parallelism: outside [0, E), they add nothing)."""
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
     monkeypatch.setenv("MOERAY_FUSED_ALIGN_QUANT", "0")
-    x, w13, w2, ids, wts = _case(13, h=256, i=128, e=5, k=2, seed=50, skip_experts=(3,))
+    x, w13, w2, ids, wts = _case(
+        13, h=256, i=128, e=5, k=2, seed=50, skip_experts=(3,), foreign=foreign
+    )
     q13, q2, kw = _fp8_experts(w13, w2)
     quantized = []
     act_quant = moe_mod.act_quant
@@ -185,6 +189,8 @@ def test_fp8_x_quantized_in_the_alignment_launch(monkeypatch):
     monkeypatch.delenv("MOERAY_FUSED_ALIGN_QUANT")
     assert torch.equal(fused_moe(x, q13, q2, ids, wts, **kw), want)
     assert quantized == [(26, 128)]
+    if foreign:
+        assert _rel(want, fused_moe_ref(x, q13, q2, ids, wts, **kw)) < 2e-2
 
 
 def test_input_errors():

@@ -454,3 +454,12 @@ def test_engine_decode_times_the_whole_batch_decoding(async_scheduling):
     assert not engine.has_unfinished()  # aborted past the window
     ref = [greedy_generate(model, torch.tensor([p]), n + 1)[0, P:].tolist() for p in prompts]
     assert outs == ref
+
+
+def test_parted_at_names_where_each_sequence_leaves_the_plain_one():
+    plain = [[5, 6, 7, 8], [1, 2, 3], [9, 9]]
+    spec = [[5, 6, 0, 8], [1, 2, 3], [9, 9, 4]]
+    assert bench.parted_at(plain, spec) == [2, None, 2]
+    assert bench.parted_at([[1]], [[2]]) == [0]
+    with pytest.raises(ValueError):
+        bench.parted_at(plain, spec[:2])  # one list per sequence on both sides

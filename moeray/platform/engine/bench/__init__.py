@@ -500,6 +500,18 @@ def _hf_baseline(model, cfg, a, g, device, dtype) -> dict[str, float]:
     return rates
 
 
+def parted_at(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    """Per sequence, the index of the first token where `a` and `b` differ (the shorter one's
+    length where one is a prefix of the other), None where they are equal."""
+    out: list[int | None] = []
+    for sa, sb in zip(a, b, strict=True):
+        first = next((j for j, (x, y) in enumerate(zip(sa, sb)) if x != y), None)
+        if first is None and len(sa) != len(sb):
+            first = min(len(sa), len(sb))
+        out.append(first)
+    return out
+
+
 def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
     """MTP on the training text: greedy with and without the drafter, same prompts."""
     mtp = {}
@@ -530,6 +542,9 @@ def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
             "acceptance": st.acceptance_rate,
             "mean_accepted_length": st.mean_accepted_length,
             "outputs_identical": out0 == out1,
+            # where each sequence's greedy tokens first differ from the plain engine's (None:
+            # never): a flipped near-tie parts them once and for all, a bug usually early
+            "outputs_part_at": parted_at(out0, out1),
             "cuda_graphs": spec.runner.graph_status,
             "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs),
         }
