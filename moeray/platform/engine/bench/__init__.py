@@ -505,7 +505,7 @@ def parted_at(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
     length where one is a prefix of the other), None where they are equal."""
     out: list[int | None] = []
     for sa, sb in zip(a, b, strict=True):
-        first = next((j for j, (x, y) in enumerate(zip(sa, sb)) if x != y), None)
+        first = next((j for j, (x, y) in enumerate(zip(sa, sb, strict=False)) if x != y), None)
         if first is None and len(sa) != len(sb):
             first = min(len(sa), len(sb))
         out.append(first)
