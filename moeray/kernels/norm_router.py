@@ -67,9 +67,8 @@ WIDE_MAX_TOKENS = 64
 # Moonlight's router is 256 KB (64 x 2,048 bf16); DeepSeek-V3's 3.7 MB would be ~0.35 GB of L2
 # reads at 64 rows, where the GEMM reads it once.
 WIDE_MAX_ROUTER_BYTES = 512 * 1024
-WIDE_ROWS = (
-    4  # expert rows a program past MAX_TOKENS rows: a quarter of the x and residual re-reads
-)
+# Expert rows a program past MAX_TOKENS rows: a quarter of the x and residual re-reads of one.
+WIDE_ROWS = 4
 
 
 def max_tokens(router_weight_ED: torch.Tensor) -> int:
