@@ -262,6 +262,45 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
         print(f"{m:10} {b:8} {name:13} {d:6d} {a:8d} {fw[0]:>4},{fw[1]:<3}  {status} {keys}")
 
 
+def test_mtp_chain_graphs_fp32_exact(trained_small_latent, monkeypatch):
+    """MOERAY_FUSED_MTP_CHAIN=1 (the MTP forward right after the main one, one read-back a step:
+    `MTPDrafter.chain`), eagerly and under CUDA graphs, with drafts mostly accepted (the trained
+    MTP) and mostly rejected (a random one): greedy outputs equal plain decoding, the drafts and
+    acceptances those of the unchained engine, and decode steps did chain."""
+    from moeray.platform.model.moe import Experts
+
+    cfg, trained_model, cycle = trained_small_latent
+    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
+    random_mtp = _clone(trained_model)
+    with torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(7)
+        for prm in random_mtp.mtp.parameters():
+            if prm.dim() >= 2:
+                prm.copy_(torch.randn(prm.shape, generator=g, device="cuda") * 0.02)
+    prompts = _prompts(cfg, cycle)
+    n = 24
+    for model in (trained_model, random_mtp):
+        plain = [
+            o for p in prompts for o in _generate(_engine(model, spec=0, graphs=False), [p], n)
+        ]
+        stats = {}
+        for chain in ("0", "1"):
+            monkeypatch.setenv("MOERAY_FUSED_MTP_CHAIN", chain)
+            for graphs in (False, True):
+                eng = _engine(model, spec=1, graphs=graphs)
+                calls: list[int] = []
+                fn = eng.drafter.chain
+                eng.drafter.chain = lambda *a, fn=fn, calls=calls: calls.append(1) or fn(*a)
+                outs = [o for p in prompts for o in _generate(eng, [p], n)]
+                assert outs == plain, (chain, graphs)
+                st = eng.drafter.stats
+                stats[(chain, graphs)] = (st.num_draft_tokens, st.num_accepted_tokens)
+                assert bool(calls) == (chain == "1"), (chain, graphs, len(calls))
+                if graphs:
+                    assert eng.runner.graph_status == "captured", eng.runner.graph_status
+        assert len(set(stats.values())) == 1, stats
+
+
 def test_bf16_verify_row0_vs_plain_decode(trained):
     """The S = 2 verify forward's row 0 is the same prediction as the S = 1 plain forward; in bf16
     they differ by rounding only. Measured against an fp32 forward of the same bf16 weights."""

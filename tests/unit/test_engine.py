@@ -443,3 +443,70 @@ def test_capture_graphs_covers_every_padded_batch_up_to_max_num_seqs(setup):
     assert sorted(asked) == sorted(
         (b, s, "main", None) for b in (1, 2, 4, 8, 16, 32) for s in (1, 2)
     )
+
+
+def test_mtp_chain_runs_the_draft_forward_before_verifying(setup, monkeypatch):
+    """MOERAY_FUSED_MTP_CHAIN=1: a step of greedy decodes with drafts runs its MTP forward right
+    after the main one (`MTPDrafter.chain`, one read-back), not after the update (`propose`);
+    the output stays HF's greedy tokens, every draft is still the model's own uncached MTP
+    head's argmax, and a step with a prefill, logprobs or sampling keeps `propose`."""
+    _cfg, model, _path, prompts, ref = setup
+    monkeypatch.setenv("MOERAY_FUSED_MTP_CHAIN", "1")
+    eng = engine(model, num_speculative_tokens=1)
+    calls = {"chain": 0, "propose": 0}
+    chain, propose = eng.drafter.chain, eng.drafter.propose
+
+    def counted(name, fn):
+        def call(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+
+        return call
+
+    eng.drafter.chain = counted("chain", chain)
+    eng.drafter.propose = counted("propose", propose)
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=N_NEW))
+    assert [o.output_token_ids for o in outs] == ref
+    st = eng.drafter.stats
+    assert calls["chain"] >= 2 and calls["propose"] >= 1, calls  # prefill steps propose
+    assert 0 < st.num_accepted_tokens <= st.num_draft_tokens
+    # one request, its drafts forced right and wrong in turn (both verdicts chain): after each
+    # chained step the draft is the uncached MTP head's at the last newly valid position
+    eng = engine(model, num_speculative_tokens=1)
+    chained = []
+    chain = eng.drafter.chain
+    eng.drafter.chain = lambda *a: chained.append(1) or chain(*a)
+    rid = eng.add_request(prompts[3], SamplingParams(temperature=0, max_tokens=N_NEW))
+    accepted = checked = 0
+    while eng.has_unfinished():
+        req = eng.scheduler.requests[rid]
+        if req.spec_token_ids:
+            right = ref[3][req.num_output_tokens]
+            req.spec_token_ids = [right if len(chained) % 2 else (right + 1) % V]
+        before, outputs = len(chained), req.num_output_tokens
+        eng.step()
+        req = eng.scheduler.requests.get(rid)
+        if req is not None and req.spec_token_ids and len(chained) > before:
+            accepted += req.num_output_tokens - outputs == 2
+            with torch.no_grad():
+                mtp = model(torch.tensor([req.token_ids]), return_mtp=True).mtp_logits[0]
+            assert req.spec_token_ids == [int(mtp[0, len(req.token_ids) - 2].argmax())]
+            checked += 1
+    assert checked >= 2 and 0 < accepted < checked, (checked, accepted)
+    # what does not chain: logprobs, sampling, the switch off
+    eng = engine(model, num_speculative_tokens=1)
+    eng.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=N_NEW))
+    eng.step()
+    out = eng.scheduler.schedule()
+    assert eng.drafter.chains(out.scheduled)
+    s = out.scheduled[0]
+    for params in (
+        SamplingParams(temperature=0, max_tokens=N_NEW, logprobs=1),
+        SamplingParams(temperature=1.0, max_tokens=N_NEW, seed=1),
+    ):
+        real = s.request.params
+        s.request.params = params
+        assert not eng.drafter.chains(out.scheduled)
+        s.request.params = real
+    monkeypatch.delenv("MOERAY_FUSED_MTP_CHAIN")
+    assert not eng.drafter.chains(out.scheduled)  # opt-in

@@ -438,7 +438,15 @@ class Engine:
         spec = [i for i, s in enumerate(out.scheduled) if s.samples and s.spec_token_ids]
         target_logits = self._spec_logits(out.scheduled, spec, fwd)
         greedy = [i for i in spec if out.scheduled[i].request.params.greedy]
-        targets = dict(zip(greedy, greedy_targets([target_logits[i] for i in greedy]), strict=True))
+        drafter = self.drafter
+        chained = None  # the MTP forward before verifying: one sync a step (MTPDrafter.chain)
+        if drafter is not None and drafter.chains(out.scheduled):
+            pairs, chained = drafter.chain(out.scheduled, fwd.logits, fwd.hidden)
+            targets = dict(enumerate(pairs))
+        else:
+            targets = dict(
+                zip(greedy, greedy_targets([target_logits[i] for i in greedy]), strict=True)
+            )
         for i in spec:
             s = out.scheduled[i]
             toks, lps = verify(
@@ -456,8 +464,10 @@ class Engine:
         outs = self._drop_grammars(
             self._attach_exports(self.scheduler.update(out, sampled, logprobs))
         )
-        if self.drafter is not None:
-            self.drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)
+        if drafter is not None and chained is not None:
+            drafter.assign(out.scheduled, chained, self.max_model_len)
+        elif drafter is not None:
+            drafter.propose(out.scheduled, fwd.hidden, self.max_model_len)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.forward_seconds += time.perf_counter() - t0

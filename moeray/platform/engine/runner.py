@@ -541,12 +541,15 @@ class ModelRunner:
         return [(lg[j].clone(), hd[j, :n].clone()) for j in range(len(ids))]
 
     @torch.inference_mode()
-    def execute_mtp(self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int]]]):
+    def execute_mtp(
+        self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int] | torch.Tensor]]
+    ):
         """MTP forwards: items = (request_id, start, hidden_SD, next_ids) with S = len(next_ids)
-        positions from start. Returns per item (hidden_SD, logits_SV) of its S positions, run in
-        the groups of `_groups` like execute (padded rows get zero hidden rows); a prefill chunk
-        that replays its bucket's MTP chunk graph gets the logits of its last position only
-        ([1, V]: the draft's)."""
+        positions from start (next_ids a list, or for decodes of PAD_MAX_S positions a tensor on
+        the device: speculative.MTPDrafter.chain). Returns per item (hidden_SD, logits_SV) of its
+        S positions, run in the groups of `_groups` like execute (padded rows get zero hidden
+        rows); a prefill chunk that replays its bucket's MTP chunk graph gets the logits of its
+        last position only ([1, V]: the draft's)."""
         for rid, _start, h_SD, next_ids in items:
             if h_SD.shape[0] != len(next_ids):
                 raise ValueError(
@@ -569,9 +572,15 @@ class ModelRunner:
         for S, in_rest in self._groups([len(items[i][3]) for i in rest]).items():
             idx = [rest[k] for k in in_rest]
             rows = [items[i] for i in idx]
+            host = [[0] * S if isinstance(r[3], torch.Tensor) else r[3] for r in rows]
             ids, starts = self.inputs.ids_and_starts(
-                [pad_ids(r[3], S) for r in rows], [r[1] for r in rows]
+                [pad_ids(t, S) for t in host], [r[1] for r in rows]
             )
+            dev = [(j, r[3]) for j, r in enumerate(rows) if isinstance(r[3], torch.Tensor)]
+            if dev:  # (of S ids each: `chain`'s rows are never padded)
+                ids[self.inputs.device_index([j for j, _t in dev])] = torch.stack(
+                    [t for _j, t in dev]
+                )
             hid = torch.stack(
                 [
                     r[2]

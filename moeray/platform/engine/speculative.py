@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeray.kernels.common import switched_on
 from moeray.platform.engine.sampler import (
     Logprobs,
     SamplingParams,
@@ -181,6 +182,58 @@ class MTPDrafter:
             self.stats.num_draft_tokens += num_drafts
             self.stats.num_accepted_tokens += num_accepted
 
+    def chains(self, scheduled) -> bool:
+        """Whether a step's MTP forward can run right after its main forward, before verifying
+        (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1, not yet timed on a GPU): every row a greedy
+        decode of its last token and one draft whose tokens are all that is read back (no
+        logprobs, no logits processing), outside an expert-parallel gang."""
+        if not scheduled or not switched_on("MTP_CHAIN") or self.runner.gang is not None:
+            return False
+        return all(
+            s.samples
+            and s.num_tokens == 2
+            and len(s.spec_token_ids) == 1
+            and s.request.params.greedy
+            and s.request.params.logprobs is None
+            and not s.request.params.processes_logits
+            for s in scheduled
+        )
+
+    def chain(self, scheduled, logits: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor]):
+        """A step `chains` allows: its greedy targets (the argmax of each row's 2 logit rows) and
+        the MTP block's argmax at both verified positions of each row, read back in one
+        device->host copy, where verifying first and then running the MTP forward
+        (`propose`) takes two, with the host's verify and update between them. Why it is exact:
+        the MTP inputs at positions start and start + 1 are the main model's hidden rows and the
+        tokens after them, which are the targets whatever the verdict (an accepted draft equals
+        target 0). Where the draft is rejected, position start + 1 is not valid: its MTP write
+        is dead (the next step's MTP forward rewrites it first, as for a padded row; runner
+        module docstring) and its argmax unused. -> ([target 0, target 1], [draft after
+        position start, draft after start + 1]) per row; `assign` picks each row's draft."""
+        targets_B2 = torch.stack(list(logits)).argmax(-1)
+        items = [
+            (s.request.request_id, s.start, h_SD, targets_B2[i])
+            for i, (s, h_SD) in enumerate(zip(scheduled, hidden, strict=True))
+        ]
+        results = self.runner.execute_mtp(self.model.mtp[0], items)
+        drafts_B2 = torch.stack([logits_SV for _h, logits_SV in results]).argmax(-1)
+        host = torch.cat([targets_B2, drafts_B2], 1).tolist()  # the step's one sync
+        return [r[:2] for r in host], [r[2:] for r in host]
+
+    def assign(self, scheduled, drafts: Sequence[Sequence[int]], max_model_len: int) -> None:
+        """After the scheduler's update of a `chain` step: each row's draft, the MTP argmax at
+        its last newly valid position (1 + accepted drafts of them)."""
+        reqs, picked = [], []
+        for s, pair in zip(scheduled, drafts, strict=True):
+            req = s.request
+            if req.status.value != "running":
+                continue
+            m = req.num_computed - s.start
+            assert 1 <= m <= len(pair), (req.request_id, m)
+            reqs.append(req)
+            picked.append(pair[m - 1])
+        self._set_drafts(reqs, picked, max_model_len)
+
     def propose(self, scheduled, hidden: Sequence[torch.Tensor], max_model_len: int) -> None:
         """After the scheduler's update: run the MTP block over each scheduled request's newly
         valid positions and set request.spec_token_ids for those now waiting to decode."""
@@ -200,7 +253,13 @@ class MTPDrafter:
         results = self.runner.execute_mtp(self.model.mtp[0], items)
         # Every request's draft in one device->host copy (one sync per step, not per request).
         drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
-        for req, draft in zip(reqs, drafts, strict=False):
+        self._set_drafts(reqs, drafts, max_model_len)
+
+    @staticmethod
+    def _set_drafts(reqs, drafts: Sequence[int], max_model_len: int) -> None:
+        """request.spec_token_ids: its draft where it decodes next with room for two more tokens
+        and no grammar, else none."""
+        for req, draft in zip(reqs, drafts, strict=True):
             decoding = len(req.token_ids) - req.num_computed == 1
             room = (
                 req.num_output_tokens + 1 < req.params.max_tokens
