@@ -24,7 +24,11 @@ def mask_rows(block_m: int) -> bool:
 # (T * K) run gate/up in 128-column tiles, which quantize h in their epilogue: one act_quant
 # launch a layer fewer. At 8 tokens (48 assignments at Moonlight) 128-column tiles ran the whole
 # fused MoE 7% slower than 32 on an H200, at 64 tokens (384) 1% faster
-# (benchmarks/results/moe-decode-sweep-nvidia-h200.json, before the epilogue quantization).
+# (benchmarks/results/moe-decode-sweep-nvidia-h200.json, before the epilogue quantization). With
+# the epilogue, in the engine on an H100 (`bench engine --ab MOE_H128`, Moonlight FP8): decode
+# graph 1.007x as long at batch 32, 0.998x at 64, V3 widths 0.999x at 64
+# (benchmarks/results/engine-nvidia-h100-80gb-hbm3-*-launches*.json, -moelaunches.json): even
+# or slower, so it stays opt-in.
 MOE_H128_MIN_ASSIGNMENTS = 128
 
 
@@ -47,7 +51,7 @@ def moe_config(tk: int, num_experts: int, fp8: bool, hidden: int = 0) -> dict:
         # vs 90.3 at 8, equal at 16 and 64): results/moe-decode-bn-nvidia-h200.json.
         bn = (64 if hidden >= 4096 else 32) if fp8 else 64
         if fp8 and tk >= MOE_H128_MIN_ASSIGNMENTS and switched_on("MOE_H128"):
-            bn = 128  # gate/up quantizes h itself (`moe.fused_moe_gate_up`); opt-in, unmeasured
+            bn = 128  # gate/up quantizes h itself (`moe.fused_moe_gate_up`); opt-in, even
         return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows_per_expert <= 32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
