@@ -166,6 +166,18 @@ def _ref_logits(ref_model, ids: list[int]) -> torch.Tensor:
         )
 
 
+def _random_mtp_copy(model, seed: int):
+    """A copy of `model` whose MTP block's matrices are re-drawn at random: its drafts are
+    nearly all rejected."""
+    copy = _clone(model)
+    with torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for prm in copy.mtp.parameters():
+            if prm.dim() >= 2:
+                prm.copy_(torch.randn(prm.shape, generator=g, device="cuda") * 0.02)
+    return copy
+
+
 def _generate(eng, prompts, n):
     from moeray.platform.engine.sampler import SamplingParams
 
@@ -182,12 +194,7 @@ def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
     # agrees with the main model even off the cycle). A copy with a re-initialized MTP block
     # drafts at random: nearly all rejected, so verify's rejection path and the S = 1 MTP forward
     # after a rejection run too.
-    random_mtp = _clone(trained_model)
-    with torch.no_grad():
-        g = torch.Generator(device="cuda").manual_seed(5)
-        for prm in random_mtp.mtp.parameters():
-            if prm.dim() >= 2:
-                prm.copy_(torch.randn(prm.shape, generator=g, device="cuda") * 0.02)
+    random_mtp = _random_mtp_copy(trained_model, seed=5)
     prompts = _prompts(cfg, cycle)
     n = 24
     rows = []
@@ -271,12 +278,7 @@ def test_mtp_chain_graphs_fp32_exact(trained_small_latent, monkeypatch):
 
     cfg, trained_model, cycle = trained_small_latent
     monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
-    random_mtp = _clone(trained_model)
-    with torch.no_grad():
-        g = torch.Generator(device="cuda").manual_seed(7)
-        for prm in random_mtp.mtp.parameters():
-            if prm.dim() >= 2:
-                prm.copy_(torch.randn(prm.shape, generator=g, device="cuda") * 0.02)
+    random_mtp = _random_mtp_copy(trained_model, seed=7)
     prompts = _prompts(cfg, cycle)
     n = 24
     for model in (trained_model, random_mtp):

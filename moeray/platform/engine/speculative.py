@@ -225,13 +225,10 @@ class MTPDrafter:
         its last newly valid position (1 + accepted drafts of them)."""
         reqs, picked = [], []
         for s, pair in zip(scheduled, drafts, strict=True):
-            req = s.request
-            if req.status.value != "running":
-                continue
-            m = req.num_computed - s.start
-            assert 1 <= m <= len(pair), (req.request_id, m)
-            reqs.append(req)
-            picked.append(pair[m - 1])
+            m = self._newly_valid(s, len(pair))
+            if m is not None:
+                reqs.append(s.request)
+                picked.append(pair[m - 1])
         self._set_drafts(reqs, picked, max_model_len)
 
     def propose(self, scheduled, hidden: Sequence[torch.Tensor], max_model_len: int) -> None:
@@ -239,11 +236,10 @@ class MTPDrafter:
         valid positions and set request.spec_token_ids for those now waiting to decode."""
         items, reqs = [], []
         for s, h_SD in zip(scheduled, hidden, strict=False):
-            req = s.request
-            if req.status.value != "running":
+            m = self._newly_valid(s, h_SD.shape[0])
+            if m is None:
                 continue
-            m = req.num_computed - s.start
-            assert 1 <= m <= h_SD.shape[0], (req.request_id, m)
+            req = s.request
             next_ids = req.token_ids[s.start + 1 : s.start + m + 1]
             assert len(next_ids) == m
             items.append((req.request_id, s.start, h_SD[:m], next_ids))
@@ -254,6 +250,18 @@ class MTPDrafter:
         # Every request's draft in one device->host copy (one sync per step, not per request).
         drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
         self._set_drafts(reqs, drafts, max_model_len)
+
+    @staticmethod
+    def _newly_valid(s, most: int) -> int | None:
+        """After the scheduler's update: how many positions of scheduled row `s` just became
+        valid (a decode's 1 + accepted drafts, a chunk's tokens; 1 to `most`), or None where its
+        request no longer runs."""
+        req = s.request
+        if req.status.value != "running":
+            return None
+        m = req.num_computed - s.start
+        assert 1 <= m <= most, (req.request_id, m)
+        return m
 
     @staticmethod
     def _set_drafts(reqs, drafts: Sequence[int], max_model_len: int) -> None:
