@@ -51,6 +51,7 @@
 #   argmax             greedy's argmax in one launch (opt-in): GPU test, decode_glue bench rows, V3/Moonlight A/B (1 GPU, ~4 min)
 #   persistent-probe   one persistent kernel vs a launch per GEMV on a chain of decode GEMVs (pdl_probe.py, N 2048/1024) (1 GPU, <1 min)
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
+#   mtp-async        MTP at batch 1/16 (small preset): plain, synchronous MTP, MTP under async scheduling; their GPU tests (1 GPU, ~5 min; CHAIN=1)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
 #   wide-ep-v3         DeepSeek-V3 (61 layers, FP8) at ep=8, then 8 layers over 1-8 GPUs (8 GPUs)
@@ -62,7 +63,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,61p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,62p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

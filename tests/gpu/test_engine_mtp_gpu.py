@@ -97,7 +97,14 @@ def _prompts(cfg, cycle, lengths_cycle=(40, 100, 70), lengths_random=(5, 64)):
     return out
 
 
-def _engine(model, *, spec: int, graphs: bool, async_scheduling: bool | None = None):
+def _engine(
+    model,
+    *,
+    spec: int,
+    graphs: bool,
+    async_scheduling: bool | None = None,
+    async_spec: bool = False,
+):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
     return Engine(
@@ -113,6 +120,7 @@ def _engine(model, *, spec: int, graphs: bool, async_scheduling: bool | None = N
             # lazy: the graph keys then show which S each step used
             capture_graphs_at_start=False,
             async_scheduling=async_scheduling,
+            async_scheduling_spec=async_spec,
         ),
     )
 
@@ -301,6 +309,37 @@ def test_mtp_chain_graphs_fp32_exact(trained_small_latent, monkeypatch):
                 if graphs:
                     assert eng.runner.graph_status == "captured", eng.runner.graph_status
         assert len(set(stats.values())) == 1, stats
+
+
+def test_mtp_async_spec_graphs_fp32_exact(trained_small_latent, monkeypatch):
+    """EngineConfig.async_scheduling_spec (engine/spec_overlap.py: each MTP step launched from
+    the previous one's device outputs, read back one step late) under CUDA graphs, one request at
+    a time and all together, drafts mostly accepted (trained MTP) and mostly rejected (random):
+    greedy outputs equal plain decoding, drafts and acceptances equal the synchronous MTP
+    engine's, steps did run ahead."""
+    from moeray.platform.model.moe import Experts
+
+    cfg, trained_model, cycle = trained_small_latent
+    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
+    random_mtp = _random_mtp_copy(trained_model, seed=9)
+    prompts = _prompts(cfg, cycle)
+    n = 24
+    for model in (trained_model, random_mtp):
+        for groups in ([[p] for p in prompts], [prompts]):
+            plain = [
+                o for g in groups for o in _generate(_engine(model, spec=0, graphs=False), g, n)
+            ]
+            stats = []
+            for ahead in (False, True):
+                eng = _engine(model, spec=1, graphs=True, async_scheduling=True, async_spec=ahead)
+                outs = [o for g in groups for o in _generate(eng, g, n)]
+                assert outs == plain, (ahead, len(groups))
+                st = eng.drafter.stats
+                stats.append((st.num_draft_tokens, st.num_accepted_tokens))
+                assert eng.runner.graph_status == "captured", eng.runner.graph_status
+                if ahead:
+                    assert eng._overlap.spec.overlapped_steps >= n // 4, len(groups)
+            assert stats[0] == stats[1], stats
 
 
 def test_bf16_verify_row0_vs_plain_decode(trained):

@@ -227,6 +227,9 @@ def test_bench_cpu_path(tmp_path, monkeypatch):
         v > 0 for v in r["decode_tokens_per_s"].values()
     )
     assert 0 <= r["mtp_acceptance"] <= 1
+    # MTP under async scheduling, same tokens, its steps launched ahead
+    ahead = r["mtp"]["1"]["async_spec"]
+    assert ahead["outputs_identical"] and ahead["overlapped_steps"] > 0 and ahead["speedup"] > 0
     by_path = r["prefill_tokens_per_s_by_attention"]
     assert set(by_path) == {"expanded", "absorbed"} and all(v > 0 for v in by_path.values())
     assert r["prefill_tokens_per_s"] == by_path["expanded"]

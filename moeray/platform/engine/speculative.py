@@ -83,6 +83,19 @@ def greedy_targets(logits: Sequence[torch.Tensor]) -> list[list[int]]:
     return out
 
 
+def greedy_accept(drafts: Sequence[int], target: Sequence[int]) -> list[int]:
+    """Greedy verification: the drafts while each equals the target (argmax) of the row before
+    it, then the target after the last accepted one: 1 to len(drafts) + 1 tokens, exactly what
+    plain greedy decoding emits."""
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        if d != target[j]:
+            break
+        out.append(d)
+    out.append(target[len(out)])
+    return out
+
+
 def verify(
     logits_JV: torch.Tensor,
     drafts: Sequence[int],
@@ -106,11 +119,7 @@ def verify(
             target = logits_JV.argmax(-1).tolist()
         elif len(target) != J:
             raise ValueError(f"{len(target)} greedy targets for {J} logit rows")
-        for j, d in enumerate(drafts):
-            if d != target[j]:
-                break
-            out.append(d)
-        out.append(target[len(out)])
+        out = greedy_accept(drafts, target)
     else:
         probs_JV = filtered_probs(logits_JV, [params] * J)
         for j, d in enumerate(drafts):
@@ -183,11 +192,16 @@ class MTPDrafter:
             self.stats.num_accepted_tokens += num_accepted
 
     def chains(self, scheduled) -> bool:
-        """Whether a step's MTP forward can run right after its main forward, before verifying
-        (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1, not yet timed on a GPU): every row a greedy
-        decode of its last token and one draft whose tokens are all that is read back (no
-        logprobs, no logits processing), outside an expert-parallel gang."""
-        if not scheduled or not switched_on("MTP_CHAIN") or self.runner.gang is not None:
+        """Whether a synchronous step's MTP forward runs right after its main forward, before
+        verifying (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1): a `chainable` step."""
+        return switched_on("MTP_CHAIN") and self.chainable(scheduled)
+
+    def chainable(self, scheduled) -> bool:
+        """Whether a step's MTP forward can run right after its main forward, on the targets
+        still on the device: every row a greedy decode of its last token and one draft whose
+        tokens are all that is read back (no logprobs, no logits processing), outside an
+        expert-parallel gang."""
+        if not scheduled or self.runner.gang is not None:
             return False
         return all(
             s.samples

@@ -355,6 +355,13 @@ def _parser() -> argparse.ArgumentParser:
         "decodes) run ahead too instead of draining (default off)",
     )
     p.add_argument(
+        "--async-scheduling-spec",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling_spec,
+        help="with async scheduling and --num-speculative-tokens 1, greedy MTP steps run ahead "
+        "too: the next step's ids and positions computed on the device (default off)",
+    )
+    p.add_argument(
         "--prefill-graph-tokens",
         type=int,
         default=d.prefill_graph_tokens,
@@ -448,6 +455,7 @@ def main(argv: list[str]) -> int:
             async_scheduling=a.async_scheduling,
             async_scheduling_sampled=a.async_scheduling_sampled,
             async_scheduling_prefill=a.async_scheduling_prefill,
+            async_scheduling_spec=a.async_scheduling_spec,
             prefill_graph_tokens=a.prefill_graph_tokens,
             prefill_graph_seqs=a.prefill_graph_seqs,
             max_model_len=a.max_model_len,

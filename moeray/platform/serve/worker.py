@@ -535,6 +535,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         async_scheduling=cfg.async_scheduling,
         async_scheduling_sampled=cfg.async_scheduling_sampled,
         async_scheduling_prefill=cfg.async_scheduling_prefill,
+        async_scheduling_spec=cfg.async_scheduling_spec,
         prefill_graph_tokens=cfg.prefill_graph_tokens,
         prefill_graph_seqs=cfg.prefill_graph_seqs,
         use_cuda_graphs=device == "cuda",

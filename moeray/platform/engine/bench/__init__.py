@@ -549,4 +549,32 @@ def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
             "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs),
         }
         del spec
+        # The same with the MTP steps under async scheduling (EngineConfig.async_scheduling_spec,
+        # engine/spec_overlap.py), against the same plain baseline.
+        spec = Engine(
+            model,
+            EngineConfig(
+                **{**ecfg, "max_num_seqs": B, "async_scheduling": True},
+                num_speculative_tokens=1,
+                async_scheduling_spec=True,
+            ),
+        )
+        assert spec.drafter is not None and spec._overlap is not None and spec._overlap.spec
+        engine_decode(spec, prompts, 8)
+        spec.drafter.stats = SpecStats()
+        overlap = spec._overlap.spec
+        launched = overlap.overlapped_steps
+        r2, out2 = engine_decode(spec, prompts, n)
+        st = spec.drafter.stats
+        mtp[str(B)]["async_spec"] = {
+            "tokens_per_s": r2,
+            "speedup": r2 / r0,
+            "acceptance": st.acceptance_rate,
+            "mean_accepted_length": st.mean_accepted_length,
+            "outputs_identical": out0 == out2,
+            "outputs_part_at": parted_at(out0, out2),
+            "overlapped_steps": overlap.overlapped_steps - launched,  # in the timed run
+            "cuda_graphs": spec.runner.graph_status,
+        }
+        del spec
     return mtp

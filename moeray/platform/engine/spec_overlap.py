@@ -1,0 +1,231 @@
+"""Speculative decoding under async scheduling: a greedy MTP step is launched before the previous
+one's verdict is read back (`EngineConfig.async_scheduling_spec`).
+
+Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft.
+
+Why. A synchronous MTP step (engine.py) reads its targets and next drafts back and runs the host's
+verify, scheduler update, schedule and input building before the next forward: on an H100 the
+small preset's cycle took 1.29 ms where its two graph replays take ~0.65, so MTP ran at 0.89x of
+plain decoding, which overlaps that host work (overlap.py; benchmarks/notes-engine.md). Here the
+next step's inputs are computed on the device, so its launch needs nothing read back.
+
+The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start):
+    targets_B2 = argmax of the main logits at both positions        (target j follows input j)
+    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, targets_B2)
+    acc_B      = (d == targets_B2[:, 0])                            (the draft accepted: 0 or 1)
+    next ids   = [targets_B2[b, acc], drafts_B2[b, acc]]            (the new last token, its draft)
+    next start = s + 1 + acc
+This is `MTPDrafter.chain`'s step (why the MTP inputs are exact whatever the verdict is said there)
+and what the synchronous engine then schedules: greedy verification emits d and targets[1] when d
+is accepted, else targets[0], and the draft after the new last token is the MTP argmax at the last
+newly valid position. So every forward runs on the inputs the synchronous engine would give it,
+and the outputs are its outputs.
+
+The host, one step late. Step N + 1 is launched from step N's device outputs, its rows step N's
+(those still running, less those that surely end at N), with pages reserved for the farthest it can
+reach: s_N + 3 (two accepted drafts), s_N known on the host since step N - 1 was resolved. Then step
+N is resolved: its targets and drafts arrive in one device->host copy (pinned, behind step N + 1's
+launch), the host applies the same greedy verification (`greedy_accept`) and the scheduler's
+`update` (stop checks, outputs, KV commits) exactly as for a synchronous step, and notes each row's
+next draft (what step N + 1 was fed). A request that ends at that resolve (EOS, a stop id or
+string, max_tokens) had step N + 1 in flight: its row there is dropped (its KV writes land in pages
+it no longer owns, before any later step that reuses them, in stream order). Tokens past max_tokens
+that a step emits are cut by the scheduler's stop checks, as in the synchronous engine.
+
+The overlap drains (resolves the step in flight and hands back to the synchronous path) when a
+request is waiting (its prefill runs synchronously; the decodes then resume here), when a running
+request was not in the step in flight, when pages for the next step cannot be reserved, when a row's
+next positions would pass max_model_len, or when no row is left. Only greedy rows with one draft
+each, no logprobs, no logits processing, no grammar, outside an expert-parallel gang, run here
+(`MTPDrafter.chainable`); every other step runs as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeray.platform.engine.scheduler import (
+    Request,
+    RequestOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    Status,
+)
+from moeray.platform.engine.speculative import greedy_accept
+
+
+@dataclass
+class _SpecStep:
+    """A launched speculative step: its rows' requests, the next step's inputs on the device,
+    and the copy of its [targets, drafts] to the host with the event after it (None on CPU)."""
+
+    requests: list[Request]
+    next_ids_B2: torch.Tensor
+    next_starts_B: torch.Tensor
+    host_B4: torch.Tensor
+    copied: torch.cuda.Event | None
+    launched_at: float
+
+
+def spec_step_outputs(
+    ids_B2: torch.Tensor, starts_B: torch.Tensor, targets_B2: torch.Tensor, drafts_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next step's inputs from a step's (module docstring): -> (next ids [B, 2], next starts
+    [B]), on the device, no sync."""
+    acc_B1 = (ids_B2[:, 1:] == targets_B2[:, :1]).long()
+    next_ids_B2 = torch.cat([targets_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
+    return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
+
+
+class SpecOverlap:
+    """Runs greedy MTP decode steps one ahead of their read-back for a DecodeOverlap."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine  # the Engine (typed loosely: engine.py imports overlap.py, us)
+        self.pending: _SpecStep | None = None
+        self.fed: dict[str, int] = {}  # request id -> the draft the step in flight was fed
+        self.overlapped_steps = 0  # steps launched while another was in flight
+        self.drained_steps = 0
+
+    def takes(self, out: SchedulerOutput) -> bool:
+        """Whether a synchronously scheduled step can start the overlap: every row a greedy
+        decode with one draft (`MTPDrafter.chainable`), nothing preempted, ended at schedule or
+        exported."""
+        eng = self.engine
+        return (
+            eng.drafter is not None
+            and not out.preempted
+            and not eng.scheduler.finished_at_schedule
+            and not eng._exports
+            and eng.drafter.chainable(out.scheduled)
+        )
+
+    def start(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Launch a step `takes` allows from its host inputs; its outputs come at the next call."""
+        eng = self.engine
+        rows = [s.request for s in out.scheduled]
+        for s in out.scheduled:
+            self.fed[s.request.request_id] = s.spec_token_ids[0]
+        ids_B2, starts_B = eng.runner.inputs.ids_and_starts(
+            [list(s.input_ids) for s in out.scheduled], [s.start for s in out.scheduled]
+        )
+        self.pending = self._launch(rows, ids_B2, starts_B, max(s.start for s in out.scheduled))
+        return []
+
+    def step(self) -> list[RequestOutput]:
+        """With a step in flight: launch the next one from its device outputs when the batch
+        can go on (else drain), then resolve the one in flight."""
+        prev = self.pending
+        assert prev is not None
+        rows = self._next_rows(prev)
+        if rows is None:
+            self.pending = None
+            self.drained_steps += 1
+            outs = self._resolve(prev)
+            self.fed.clear()  # nothing was fed: the next step is scheduled synchronously
+            return outs
+        ids_B2, starts_B = prev.next_ids_B2, prev.next_starts_B
+        if len(rows) != len(prev.requests):  # rows left: gather the rest's inputs
+            keep = {id(r) for r in rows}
+            idx = [i for i, r in enumerate(prev.requests) if id(r) in keep]
+            dev = self.engine.runner.inputs.device_index(idx)
+            ids_B2, starts_B = ids_B2[dev], starts_B[dev]
+        # the farthest start: a row's step-in-flight start plus two accepted tokens
+        self.pending = self._launch(rows, ids_B2, starts_B, max(r.num_computed for r in rows) + 2)
+        self.overlapped_steps += 1
+        return self._resolve(prev)
+
+    def _next_rows(self, prev: _SpecStep) -> list[Request] | None:
+        """The requests of the step after `prev` (prev's rows still running, less those whose
+        tokens in flight surely end them), their pages reserved; None to drain."""
+        eng, sched = self.engine, self.engine.scheduler
+        if sched.waiting or eng._exports:
+            return None
+        launched = {id(r) for r in prev.requests}
+        if any(id(r) not in launched for r in sched.running):
+            return None  # joined since (a request added with its prefill done elsewhere)
+        max_len = sched.config.max_model_len
+        rows = []
+        for r in prev.requests:
+            if r.status is not Status.RUNNING:
+                continue
+            # After the previous resolve r's last known token sits at s = num_computed, the
+            # step in flight's start; it adds 1-2 tokens, the next step reads s + 1 .. s + 3.
+            if r.num_output_tokens + 1 >= r.params.max_tokens or len(r.token_ids) + 1 >= max_len:
+                continue  # ends at the step in flight by length
+            if len(r.token_ids) + 3 > max_len:
+                return None  # the next positions could pass max_model_len: run synchronously
+            rows.append(r)
+        if not rows or 2 * len(rows) > sched.config.max_num_batched_tokens:
+            return None
+        if not all(sched.kv.grow(r.request_id, r.num_computed + 4) for r in rows):
+            return None  # (pages grown for some rows stay theirs; the next steps fill them)
+        return rows
+
+    def _launch(
+        self, rows: list[Request], ids_B2: torch.Tensor, starts_B: torch.Tensor, farthest: int
+    ) -> _SpecStep:
+        """One step's main forward, its MTP forward on the targets (both graph replays on CUDA),
+        the next step's inputs, and the [targets, drafts] copy to the host: queued, no sync.
+        `farthest`: the largest start any row can have (the block tables cover it + 1)."""
+        eng = self.engine
+        runner, drafter = eng.runner, eng.drafter
+        t0 = time.perf_counter()
+        bt = runner.inputs.tables_by_id(
+            [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
+        )
+        logits_B2V, hidden_B2D = runner.forward_group(ids_B2, bt, starts_B)
+        targets_B2 = logits_B2V.argmax(-1)
+        mtp_logits_B2V, _ = runner.forward_group(
+            targets_B2, bt, starts_B, mtp_module=drafter.model.mtp[0], hidden_BSD=hidden_B2D
+        )
+        drafts_B2 = mtp_logits_B2V.argmax(-1)
+        next_ids_B2, next_starts_B = spec_step_outputs(ids_B2, starts_B, targets_B2, drafts_B2)
+        both_B4 = torch.cat([targets_B2, drafts_B2], 1)
+        copied: torch.cuda.Event | None = None
+        host = both_B4
+        if both_B4.is_cuda:
+            host = torch.empty(both_B4.shape, dtype=both_B4.dtype, pin_memory=True)
+            host.copy_(both_B4, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
+
+    def _resolve(self, p: _SpecStep) -> list[RequestOutput]:
+        """Wait for a step's targets and drafts on the host and apply them as a synchronous
+        step's: greedy verification, the scheduler's update, each row's next draft."""
+        eng = self.engine
+        if p.copied is not None:
+            p.copied.synchronize()
+        host = p.host_B4.tolist()
+        scheduled, sampled, pairs, counted = [], {}, [], []
+        for req, (t0, t1, m0, m1) in zip(p.requests, host, strict=True):
+            draft = self.fed.pop(req.request_id, None)
+            if req.status is not Status.RUNNING:
+                continue  # aborted, or ended at an earlier resolve: its row is dropped
+            assert draft is not None, req.request_id  # every running row was fed one
+            # the step as the synchronous engine scheduled it: from the last known token
+            scheduled.append(ScheduledSeq.make(req, req.num_computed, 2, (draft,)))
+            sampled[req.request_id] = greedy_accept([draft], [t0, t1])
+            pairs.append((m0, m1))
+            # A row the synchronous engine would have run without a draft (no room for two more
+            # tokens: its request's drafts were set empty) emits what it would have: the
+            # scheduler's stop checks cut the token past the limit. Its draft is not counted.
+            counted.append(bool(req.spec_token_ids))
+        outs = eng.scheduler.update(SchedulerOutput(scheduled, []), sampled)
+        for s, pair, count in zip(scheduled, pairs, counted, strict=True):
+            new = sampled[s.request.request_id]
+            if count:
+                eng.drafter.record(1, len(new) - 1)
+            if s.request.status is Status.RUNNING:
+                self.fed[s.request.request_id] = pair[len(new) - 1]  # what the next step got
+        # the requests' own drafts, for a synchronous step after a drain
+        eng.drafter.assign(scheduled, pairs, eng.max_model_len)
+        eng.stats.forward_seconds += time.perf_counter() - p.launched_at
+        eng.stats.steps += 1
+        eng.stats.generated_tokens += sum(len(v) for v in sampled.values())
+        return eng._drop_grammars(eng._attach_exports(outs))

@@ -1,0 +1,281 @@
+"""Speculative steps under async scheduling (engine/spec_overlap.py,
+`EngineConfig.async_scheduling_spec`) on CPU: the same outputs as plain greedy decoding and as
+the synchronous MTP engine, the same drafts at the same positions and the same acceptance counts,
+with steps launched one ahead (counted) through accepted and rejected drafts, ends found at resolve
+(EOS, stop ids), ends by length (max_tokens, max_model_len), arrivals (a drain, then ahead again)
+and aborts; what does not run ahead runs as before."""
+
+import pytest
+import torch
+
+from moeray.platform.config import ServeConfig, tiny
+from moeray.platform.engine.bench import train_on_cycle
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.runner import ModelRunner
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.scheduler import Scheduler
+from moeray.platform.engine.spec_overlap import spec_step_outputs
+from moeray.platform.model.transformer import Transformer
+from moeray.platform.serve.worker import engine_config
+
+V = 256
+CYCLE = 48
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 2-layer model trained briefly (~3 s) on a cyclic text, with its MTP block: its drafts
+    follow the cycle, so they are accepted where the output does (prompts off the cycle join it)."""
+    cfg = tiny().replace(num_hidden_layers=2, vocab_size=V, eos_token_id=None)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=3)
+    g = torch.Generator().manual_seed(0)
+    cycle = torch.randperm(V, generator=g)[:CYCLE]
+    train_on_cycle(model, cycle, 30, torch.device("cpu"), seq_len=48, batch=8, lr=3e-3)
+    on = [cycle[(s + torch.arange(n)) % CYCLE].tolist() for s, n in ((3, 9), (20, 30), (40, 17))]
+    off = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 12)]
+    return model, on + off
+
+
+@pytest.fixture
+def mixed_drafts(monkeypatch):
+    """The MTP head's argmax dropped wherever it is even (the next best drafts instead): about
+    half the drafts rejected. A function of the MTP forward's inputs, so every engine drafts
+    the same token at the same position."""
+    real = ModelRunner._forward_mtp
+
+    def forward_mtp(self, *args, **kw):
+        logits, hidden = real(self, *args, **kw)
+        top = logits.argmax(-1, keepdim=True)
+        return torch.where(top % 2 == 0, logits.scatter(-1, top, -1e9), logits), hidden
+
+    monkeypatch.setattr(ModelRunner, "_forward_mtp", forward_mtp)
+
+
+def _engine(model, *, spec: int = 1, ahead: bool = True, **kw) -> Engine:
+    base = dict(page_size=16, num_pages=64, max_num_seqs=8, max_num_batched_tokens=64)
+    return Engine(
+        model,
+        EngineConfig(
+            **{**base, **kw},
+            num_speculative_tokens=spec,
+            async_scheduling=ahead,
+            async_scheduling_spec=ahead,
+        ),
+    )
+
+
+def _run(eng: Engine, prompts, params) -> list[tuple[list[int], str | None, object]]:
+    """Every request to its end: (output ids, finish reason, stop reason), in prompt order."""
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    final = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = (o.output_token_ids, o.finish_reason, o.stop_reason)
+    return [final[r] for r in ids]
+
+
+def _ahead(eng: Engine) -> int:
+    assert eng._overlap is not None and eng._overlap.spec is not None
+    return eng._overlap.spec.overlapped_steps
+
+
+def _drafts_by_position(eng: Engine) -> dict[tuple[str, int], tuple[int, ...]]:
+    """Every draft the engine's steps verify, by (request id, the step's start), through the
+    scheduler's update (which both paths call with the step as scheduled)."""
+    seen: dict[tuple[str, int], tuple[int, ...]] = {}
+    update = eng.scheduler.update
+
+    def spy(output, sampled, logprobs=None):
+        for s in output.scheduled:
+            if s.spec_token_ids:
+                seen[(s.request.request_id, s.start)] = s.spec_token_ids
+        return update(output, sampled, logprobs)
+
+    eng.scheduler.update = spy  # type: ignore[method-assign]
+    return seen
+
+
+def _inputs_check(eng: Engine):
+    """Record each step the overlap launches (row request ids, device ids and starts read back
+    here) and each step it resolves as scheduled; the returned function asserts that every
+    launched row ran on its resolved step's inputs (start, [last token, draft]): those the
+    synchronous engine would have given it. (The trained model predicts from the last token
+    alone, so wrong positions would not change its outputs: this checks them directly.)"""
+    spec = eng._overlap.spec
+    launched: list[tuple[str, int, tuple[int, ...]]] = []
+    resolved: set[tuple[str, int, tuple[int, ...]]] = set()
+    launch, update = spec._launch, eng.scheduler.update
+
+    def spy_launch(rows, ids_B2, starts_B, farthest):
+        for r, ids, start in zip(rows, ids_B2.tolist(), starts_B.tolist(), strict=True):
+            launched.append((r.request_id, start, tuple(ids)))
+        return launch(rows, ids_B2, starts_B, farthest)
+
+    def spy_update(output, sampled, logprobs=None):
+        resolved.update((s.request.request_id, s.start, s.input_ids) for s in output.scheduled)
+        return update(output, sampled, logprobs)
+
+    spec._launch = spy_launch
+    eng.scheduler.update = spy_update  # type: ignore[method-assign]
+
+    def check() -> int:
+        """-> rows launched. A row never resolved must be its request's last (dropped: the
+        request ended at the resolve of the step before it)."""
+        last = {rid: (rid, start, ids) for rid, start, ids in launched}
+        missing = [row for row in launched if row not in resolved]
+        assert all(row == last[row[0]] for row in missing), missing[:4]
+        return len(launched)
+
+    return check
+
+
+def test_spec_step_outputs_pick_by_the_verdict():
+    """Row b accepted (draft == target 0): next ids [target 1, draft 1], start + 2; rejected:
+    [target 0, draft 0], start + 1."""
+    ids = torch.tensor([[5, 7], [5, 9], [1, 2]])
+    targets = torch.tensor([[7, 8], [7, 8], [3, 4]])
+    drafts = torch.tensor([[10, 11], [12, 13], [14, 15]])
+    nxt, starts = spec_step_outputs(ids, torch.tensor([10, 20, 30]), targets, drafts)
+    assert nxt.tolist() == [[8, 11], [7, 12], [3, 14]]
+    assert starts.tolist() == [12, 21, 31]
+
+
+def test_outputs_drafts_and_acceptance_equal_the_synchronous_engine(trained, mixed_drafts):
+    model, prompts = trained
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 19, 1, 30, 24)
+    ]
+    plain = _run(_engine(model, spec=0, ahead=False), prompts, params)
+    sync = _engine(model, ahead=False)
+    sync_drafts = _drafts_by_position(sync)
+    assert _run(sync, prompts, params) == plain
+    eng = _engine(model)
+    drafts = _drafts_by_position(eng)
+    check = _inputs_check(eng)
+    assert _run(eng, prompts, params) == plain
+    assert check() >= 30
+    assert [len(o[0]) for o in plain] == [3, 19, 1, 30, 24]
+    # the same draft at every position the synchronous engine verified one; beyond those only
+    # rows with no room for two more tokens (their request's last step)
+    assert {k: drafts[k] for k in sync_drafts} == sync_drafts
+    assert len(drafts) - len(sync_drafts) <= len(prompts)
+    st, st_sync = eng.drafter.stats, sync.drafter.stats
+    assert (st.num_draft_tokens, st.num_accepted_tokens) == (
+        st_sync.num_draft_tokens,
+        st_sync.num_accepted_tokens,
+    )
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens, st  # both verdicts ran ahead
+    assert _ahead(eng) >= 15
+    assert eng.kv.pool.num_available == eng.kv.num_pages  # every page back
+
+
+def test_ends_found_at_resolve_and_by_length(trained, mixed_drafts):
+    """EOS and a stop id end requests on a token only the read-back shows (the step in flight
+    for them is dropped); max_tokens and max_model_len end others at different steps."""
+    model, prompts = trained
+    free = _run(
+        _engine(model, spec=0, ahead=False),
+        prompts,
+        [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)] * len(prompts),
+    )
+    eos = free[1][0][6]  # a token request 1 emits mid-run (first at its 7th token or earlier)
+    stop = next(t for t in free[3][0][4:] if t != eos)
+    params = [
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14, stop_token_ids=[stop], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    ]
+    kw = dict(eos_token_ids=(eos,), max_model_len=48)
+    want = _run(_engine(model, spec=0, ahead=False, **kw), prompts, params)
+    assert _run(_engine(model, ahead=False, **kw), prompts, params) == want
+    eng = _engine(model, **kw)
+    check = _inputs_check(eng)
+    assert _run(eng, prompts, params) == want
+    assert check() >= 20
+    reasons = [(r, s) for _o, r, s in want]
+    assert reasons[1] == ("stop", eos) and reasons[3] == ("stop", stop), reasons
+    assert reasons[4] == ("length", None) and len(want[4][0]) == 48 - len(prompts[4])
+    assert _ahead(eng) >= 8
+    assert eng.kv.pool.num_available == eng.kv.num_pages
+
+
+def test_arrivals_drain_then_run_ahead_again_and_aborts_stop(trained, mixed_drafts):
+    model, prompts = trained
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    results = {}
+    for ahead in (False, True):
+        eng = _engine(model, ahead=ahead)
+        a = eng.add_request(prompts[0], params)
+        b = eng.add_request(prompts[1], params)
+        final: dict[str, list[int]] = {}
+        emitted: dict[str, int] = {}
+
+        def step(eng=eng, final=final, emitted=emitted):
+            for o in eng.step():
+                emitted[o.request_id] = emitted.get(o.request_id, 0) + len(o.new_token_ids)
+                if o.finished:
+                    final[o.request_id] = o.output_token_ids
+
+        for _ in range(4):
+            step()
+        before = _ahead(eng) if ahead else 0
+        c = eng.add_request(prompts[4], params)
+        eng.abort(b)
+        for _ in range(3):  # admitted at once: the step in flight drains, the prefill runs
+            step()
+        assert emitted.get(c, 0) >= 1
+        while eng.has_unfinished():
+            step()
+        assert set(final) == {a, c} and all(len(v) == 16 for v in final.values())
+        results[ahead] = (final[a], final[c])
+        if ahead:
+            assert before >= 2 and _ahead(eng) >= before + 4  # ahead again after the prefill
+            assert eng._overlap.spec.drained_steps >= 2
+        assert eng.kv.pool.num_available == eng.kv.num_pages
+    assert results[True] == results[False]
+
+
+def test_what_does_not_run_ahead(trained):
+    """Off by default; logprobs and sampled requests keep the synchronous MTP step; the serve
+    config carries the switch to the engine's config."""
+    model, prompts = trained
+    assert EngineConfig().async_scheduling_spec is False
+    eng = Engine(
+        model,
+        EngineConfig(page_size=16, num_pages=64, num_speculative_tokens=1, async_scheduling=True),
+    )
+    assert eng._overlap is not None and eng._overlap.spec is None
+    for params in (
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=3),
+    ):
+        eng = _engine(model)
+        got = _run(eng, prompts[:2], [params] * 2)
+        assert got == _run(_engine(model, ahead=False), prompts[:2], [params] * 2)
+        assert _ahead(eng) == 0 and eng._overlap.spec.pending is None
+    for value in (True, False):
+        cfg = ServeConfig(async_scheduling_spec=value)
+        assert engine_config(cfg, "cuda").async_scheduling_spec is value
+
+
+def test_resolve_applies_the_step_through_the_scheduler_update(trained, monkeypatch):
+    """The overlap verifies and updates through `Scheduler.update` (the synchronous engine's
+    stop checks and KV commits), one step after the launch: a step's outputs come one call
+    late."""
+    model, prompts = trained
+    calls = []
+    real = Scheduler.update
+    monkeypatch.setattr(
+        Scheduler, "update", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw)
+    )
+    eng = _engine(model)
+    eng.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert eng.step()  # the prefill (synchronous): its first token
+    assert eng.step() == [] and eng._overlap.spec.pending is not None  # launched, not read
+    n = len(calls)
+    outs = eng.step()  # the next launched, the first resolved
+    assert len(calls) == n + 1 and len(outs) == 1 and 1 <= len(outs[0].new_token_ids) <= 2
