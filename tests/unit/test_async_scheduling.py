@@ -15,7 +15,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.scheduler import PENDING
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
-from tests.engine_helpers import prefill_exports
+from tests.engine_helpers import prefill_exports, run_to_end
 
 V = 256
 
@@ -38,16 +38,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, V, (5 + 7 * i,), generator=g).tolist() for i in range(n)]
 
 
-def _run(eng: Engine, prompts, params) -> dict[str, tuple[list[int], str | None, object]]:
-    """Every request to its end: (output ids, finish reason, stop reason) by request id."""
-    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    final = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                final[o.request_id] = (o.output_token_ids, o.finish_reason, o.stop_reason)
-    assert set(final) == set(ids)
-    return {r: final[r] for r in ids}
+_run = run_to_end
 
 
 def _overlapped(eng: Engine) -> int:

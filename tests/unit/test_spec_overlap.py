@@ -17,6 +17,7 @@ from moeray.platform.engine.scheduler import Scheduler
 from moeray.platform.engine.spec_overlap import spec_step_outputs
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
+from tests.engine_helpers import run_to_end
 
 V = 256
 CYCLE = 48
@@ -67,13 +68,7 @@ def _engine(model, *, spec: int = 1, ahead: bool = True, **kw) -> Engine:
 
 def _run(eng: Engine, prompts, params) -> list[tuple[list[int], str | None, object]]:
     """Every request to its end: (output ids, finish reason, stop reason), in prompt order."""
-    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    final = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                final[o.request_id] = (o.output_token_ids, o.finish_reason, o.stop_reason)
-    return [final[r] for r in ids]
+    return list(run_to_end(eng, prompts, params).values())
 
 
 def _ahead(eng: Engine) -> int:

@@ -46,6 +46,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
 )
 from moeray.platform.engine.spec_overlap import SpecOverlap
+from moeray.platform.engine.step_inputs import copy_to_host
 
 
 @dataclass
@@ -232,13 +233,7 @@ class DecodeOverlap:
                 params = [seqs[i].request.params for i in samp]
                 drawn = eng.sampler.tokens(rows, params, [seqs[i].request.generator for i in samp])
                 tokens[eng.runner.inputs.device_index(samp)] = drawn.to(tokens.dtype)
-        copied: torch.cuda.Event | None = None
-        host = tokens
-        if tokens.is_cuda:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
+        host, copied = copy_to_host(tokens)
         return _Pending(out, tokens, host, copied, t0)
 
     def _resolve(self, p: _Pending) -> list[RequestOutput]:

@@ -56,6 +56,7 @@ from moeray.platform.engine.scheduler import (
     Status,
 )
 from moeray.platform.engine.speculative import greedy_accept
+from moeray.platform.engine.step_inputs import copy_to_host
 
 
 @dataclass
@@ -185,14 +186,7 @@ class SpecOverlap:
         )
         drafts_B2 = mtp_logits_B2V.argmax(-1)
         next_ids_B2, next_starts_B = spec_step_outputs(ids_B2, starts_B, targets_B2, drafts_B2)
-        both_B4 = torch.cat([targets_B2, drafts_B2], 1)
-        copied: torch.cuda.Event | None = None
-        host = both_B4
-        if both_B4.is_cuda:
-            host = torch.empty(both_B4.shape, dtype=both_B4.dtype, pin_memory=True)
-            host.copy_(both_B4, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
+        host, copied = copy_to_host(torch.cat([targets_B2, drafts_B2], 1))
         return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
 
     def _resolve(self, p: _SpecStep) -> list[RequestOutput]:

@@ -74,6 +74,19 @@ class StepInputs:
         return table.to(self.device, non_blocking=True)
 
 
+def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a device tensor to pinned host memory behind the work queued so far ->
+    (the host tensor, the event after the copy: synchronize it before reading). On CPU: the
+    tensor itself and None."""
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 def known(ids: tuple[int, ...]) -> tuple[int, ...]:
     """Input ids with a PENDING id as 0: a valid embedding row, overwritten on the device."""
     return tuple(0 if t == PENDING else t for t in ids) if PENDING in ids else ids
