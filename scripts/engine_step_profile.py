@@ -24,6 +24,7 @@ from moeray.platform.engine.bench.profile import host_phases
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
+from moeray.profile_sources import launching_source
 
 
 def _sync(device: torch.device) -> None:
@@ -39,8 +40,7 @@ def kernel_sources(prof, steps: int, rows: int = 60) -> str:
         kernels = getattr(evt, "kernels", None) or []
         if not kernels:
             continue
-        frames = [f for f in (evt.stack or []) if "moeray/" in f and "engine_step_profile" not in f]
-        key = (frames[0] if frames else "(no moeray frame)", evt.name)
+        key = (launching_source(evt, "engine_step_profile"), evt.name)
         n_us = by.setdefault(key, [0.0, 0.0])
         n_us[0] += len(kernels)
         n_us[1] += sum(k.duration for k in kernels)

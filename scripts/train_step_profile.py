@@ -34,27 +34,8 @@ from moeray.platform.train import step as tstep
 from moeray.platform.train import zero
 from moeray.platform.train.bench_common import BenchConfig, bigram_stream
 from moeray.platform.train.bench_run import build_model
+from moeray.profile_sources import launching_source
 from moeray.results import device_slug, write_result
-
-
-def _source(evt) -> str:
-    """The innermost moeray frame above the op: from its recorded stack (older torch) or its
-    ancestors, which with_stack makes Python-function events ("path.py(line): name"); else the
-    backward node that ran it; else the innermost Python frame (torch's optimizer, clipping)."""
-    frames = [f for f in (evt.stack or []) if "moeray/" in f]
-    if frames:
-        return frames[0].split("moeray/", 1)[1]
-    parent, python = evt.cpu_parent, None
-    while parent is not None:
-        name = parent.name
-        if name.startswith("autograd::engine::evaluate_function: "):
-            return "bwd:" + name.split(": ", 1)[1]
-        if "moeray/" in name and "train_step_profile" not in name:
-            return name.split("moeray/", 1)[1]
-        if python is None and ".py(" in name:
-            python = name.rsplit("site-packages/", 1)[-1]
-        parent = parent.cpu_parent
-    return python or "(no Python frame)"
 
 
 def _work(evt, cuda: bool) -> list[tuple[str, float]]:
@@ -79,7 +60,7 @@ def kernel_table(prof, rows: int, cuda: bool) -> tuple[list[dict], float, int]:
         if not work:
             continue
         row = by.setdefault(
-            (_source(evt), evt.name),
+            (launching_source(evt, "train_step_profile"), evt.name),
             {"kernels": 0, "us": 0.0, "shapes": Counter(), "names": Counter()},
         )
         us = sum(d for _, d in work)
