@@ -563,7 +563,7 @@ class Engine:
             "cuda_graphs": self.runner.graph_status,
             "attention_calls": dict(self.runner.attention_calls),
             "chunk_graph_replays": self.runner.chunk_graph_replays,
-            "async_drains": self._overlap.drained_steps if self._overlap is not None else 0,
+            "async_drains": self._overlap.drains if self._overlap is not None else 0,
         }
         if self.drafter is not None:
             m["mtp"] = self.drafter.stats.as_dict()

@@ -127,6 +127,11 @@ class DecodeOverlap:
             return self.spec.start(out)
         return eng._step_scheduled(out)
 
+    @property
+    def drains(self) -> int:
+        """Calls that resolved a step in flight without launching one (speculative ones too)."""
+        return self.drained_steps + (self.spec.drained_steps if self.spec is not None else 0)
+
     def _next_ids(self, prev: _Pending, out: SchedulerOutput) -> torch.Tensor | None:
         """One id per row of a step launched while `prev` is in flight: for a decode of an
         in-flight token (input (PENDING,)) prev's sampled id for the same request, gathered on the

@@ -564,7 +564,8 @@ def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
         spec.drafter.stats = SpecStats()
         overlap = spec._overlap.spec
         launched = overlap.overlapped_steps
-        r2, out2 = engine_decode(spec, prompts, n)
+        drained: list[int] = []
+        r2, out2 = engine_decode(spec, prompts, n, drains=drained)
         st = spec.drafter.stats
         mtp[str(B)]["async_spec"] = {
             "tokens_per_s": r2,
@@ -574,6 +575,7 @@ def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
             "outputs_identical": out0 == out2,
             "outputs_part_at": parted_at(out0, out2),
             "overlapped_steps": overlap.overlapped_steps - launched,  # in the timed run
+            "drained_steps": drained[0],  # timed steps that drained it (none expected)
             "cuda_graphs": spec.runner.graph_status,
         }
         del spec
