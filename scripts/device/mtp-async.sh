@@ -2,11 +2,12 @@
 # steps and MTP steps under async scheduling (EngineConfig.async_scheduling_spec,
 # engine/spec_overlap.py) in one `bench engine` run (mtp.<batch> and mtp.<batch>.async_spec),
 # after their GPU tests (chain and async spec, fp32 graphs exact). CHAIN=1 runs the synchronous
-# arm with MOERAY_FUSED_MTP_CHAIN=1 (tag suffix -chain); TESTS=0 skips the tests. 1 GPU, ~5 min.
+# arm with MOERAY_FUSED_MTP_CHAIN=1 (tag suffix -chain); TESTS=0 skips the tests, TESTS_K picks
+# them (pytest -k). 1 GPU, ~5 min.
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest mtp-async-tests.log ${TEST_LIMIT:-200} tests/gpu/test_engine_mtp_gpu.py \
-    -k "async_spec or chain" || rc=1
+    -k "${TESTS_K:-async_spec or chain}" || rc=1
 fi
 tag=small-mtpasync${CHAIN:+-chain}
 CUDA_VISIBLE_DEVICES=0 MOERAY_FUSED_MTP_CHAIN=${CHAIN:-0} timeout -k 5 ${ENGINE_LIMIT:-300} \
