@@ -3,7 +3,7 @@
 # engine/spec_overlap.py) in one `bench engine` run (mtp.<batch> and mtp.<batch>.async_spec),
 # after their GPU tests (chain and async spec, fp32 graphs exact). CHAIN=1 runs the synchronous
 # arm with MOERAY_FUSED_MTP_CHAIN=1 (tag suffix -chain); TESTS=0 skips the tests, TESTS_K picks
-# them (pytest -k). 1 GPU, ~5 min.
+# them (pytest -k); BATCHES (default 1,16) and BENCH_ARGS pass to the bench. 1 GPU, ~5 min.
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest mtp-async-tests.log ${TEST_LIMIT:-200} tests/gpu/test_engine_mtp_gpu.py \
@@ -12,7 +12,7 @@ fi
 tag=small-mtpasync${CHAIN:+-chain}
 CUDA_VISIBLE_DEVICES=0 MOERAY_FUSED_MTP_CHAIN=${CHAIN:-0} timeout -k 5 ${ENGINE_LIMIT:-300} \
   python3 -m moeray.cli bench engine --device cuda --skip hf,router-ab,prefill \
-  --batch-sizes 1,16 --tag $tag --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
+  --batch-sizes ${BATCHES:-1,16} ${BENCH_ARGS:-} --tag $tag --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1
 r=$?; [ $r -eq 0 ] || rc=1
 el "bench engine $tag rc=$r"
 python3 - "$OUT" "$tag" <<'PY'
