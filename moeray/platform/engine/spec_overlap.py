@@ -5,9 +5,10 @@ Legend: B rows (requests) of a step, each 2 tokens: its last known token and one
 
 Why. A synchronous MTP step (engine.py) reads its targets and next drafts back and runs the host's
 verify, scheduler update, schedule and input building before the next forward: on an H100 the
-small preset's cycle took 1.29 ms where its two graph replays take ~0.65, so MTP ran at 0.89x of
-plain decoding, which overlaps that host work (overlap.py; benchmarks/notes-engine.md). Here the
-next step's inputs are computed on the device, so its launch needs nothing read back.
+small preset's cycle took 1.29 ms where its two graph replays should take ~0.65 (estimated, not
+profiled), so MTP ran at 0.89x of plain decoding, which overlaps that host work (overlap.py;
+benchmarks/notes-engine.md). Here the next step's inputs are computed on the device, so its launch
+needs nothing read back.
 
 The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start):
     targets_B2 = argmax of the main logits at both positions        (target j follows input j)
