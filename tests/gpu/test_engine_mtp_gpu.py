@@ -186,6 +186,17 @@ def _random_mtp_copy(model, seed: int):
     return copy
 
 
+def _fp32_exact_setup(trained_small_latent, monkeypatch, seed: int):
+    """What the fp32 exactness tests run: the experts as a dense sum (capturable in fp32), the
+    trained model and a copy with a random MTP block (`_random_mtp_copy`, drawn from `seed`), and
+    the prompts. -> (trained model, random-MTP copy, prompts)."""
+    from moeray.platform.model.moe import Experts
+
+    cfg, trained_model, cycle = trained_small_latent
+    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
+    return trained_model, _random_mtp_copy(trained_model, seed), _prompts(cfg, cycle)
+
+
 def _generate(eng, prompts, n):
     from moeray.platform.engine.sampler import SamplingParams
 
@@ -194,16 +205,11 @@ def _generate(eng, prompts, n):
 
 
 def test_mtp_graphs_fp32_exact(trained_small_latent, monkeypatch):
-    from moeray.platform.model.moe import Experts
-
-    cfg, trained_model, cycle = trained_small_latent
-    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
     # The trained model's drafts are nearly all accepted (its MTP uses the true next token, so it
     # agrees with the main model even off the cycle). A copy with a re-initialized MTP block
     # drafts at random: nearly all rejected, so verify's rejection path and the S = 1 MTP forward
     # after a rejection run too.
-    random_mtp = _random_mtp_copy(trained_model, seed=5)
-    prompts = _prompts(cfg, cycle)
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 5)
     n = 24
     rows = []
     cases = [
@@ -282,12 +288,7 @@ def test_mtp_chain_graphs_fp32_exact(trained_small_latent, monkeypatch):
     `MTPDrafter.chain`), eagerly and under CUDA graphs, with drafts mostly accepted (the trained
     MTP) and mostly rejected (a random one): greedy outputs equal plain decoding, the drafts and
     acceptances those of the unchained engine, and decode steps did chain."""
-    from moeray.platform.model.moe import Experts
-
-    cfg, trained_model, cycle = trained_small_latent
-    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
-    random_mtp = _random_mtp_copy(trained_model, seed=7)
-    prompts = _prompts(cfg, cycle)
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 7)
     n = 24
     for model in (trained_model, random_mtp):
         plain = [
@@ -317,12 +318,7 @@ def test_mtp_async_spec_graphs_fp32_exact(trained_small_latent, monkeypatch):
     a time and all together, drafts mostly accepted (trained MTP) and mostly rejected (random):
     greedy outputs equal plain decoding, drafts and acceptances equal the synchronous MTP
     engine's, steps did run ahead."""
-    from moeray.platform.model.moe import Experts
-
-    cfg, trained_model, cycle = trained_small_latent
-    monkeypatch.setattr(Experts, "forward", _dense_experts_forward)
-    random_mtp = _random_mtp_copy(trained_model, seed=9)
-    prompts = _prompts(cfg, cycle)
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 9)
     n = 24
     for model in (trained_model, random_mtp):
         for groups in ([[p] for p in prompts], [prompts]):
