@@ -338,6 +338,35 @@ def test_mtp_async_spec_graphs_fp32_exact(trained_small_latent, monkeypatch):
             assert stats[0] == stats[1], stats
 
 
+def test_mtp_async_spec_sampled_graphs_fp32(trained_small_latent, monkeypatch):
+    """Seeded sampled requests (temperature, top-k, top-p) under async_scheduling_spec with CUDA
+    graphs emit the synchronous MTP engine's tokens (the verdict drawn on the device from the
+    uniforms verify draws), with the same acceptance counts, drafts accepted and rejected; steps
+    ran ahead."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 9)
+    n = 24
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=tp, max_tokens=n, seed=100 + i)
+        for i, (t, k, tp) in enumerate([(1.0, 0, 1.0), (1.5, 8, 1.0), (0.8, 0, 0.9)] * 4)
+    ][: len(prompts)]
+    counts = []
+    for model in (trained_model, random_mtp):
+        res = []
+        for ahead in (False, True):
+            eng = _engine(model, spec=1, graphs=True, async_scheduling=True, async_spec=ahead)
+            outs = [o.output_token_ids for o in eng.generate(prompts, params)]
+            st = eng.drafter.stats
+            res.append((outs, st.num_draft_tokens, st.num_accepted_tokens))
+            assert eng.runner.graph_status == "captured", eng.runner.graph_status
+            if ahead:
+                assert eng._overlap.spec.overlapped_steps >= n // 4
+        assert res[0] == res[1]
+        counts.append(res[0][1:])
+    assert counts[0][1] > 0 and counts[1][1] < counts[1][0], counts  # accepted and rejected
+
+
 def test_bf16_verify_row0_vs_plain_decode(trained):
     """The S = 2 verify forward's row 0 is the same prediction as the S = 1 plain forward; in bf16
     they differ by rounding only. Measured against an fp32 forward of the same bf16 weights."""

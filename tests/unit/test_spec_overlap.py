@@ -5,6 +5,9 @@ with steps launched one ahead (counted) through accepted and rejected drafts, en
 (EOS, stop ids), ends by length (max_tokens, max_model_len), arrivals (a drain, then ahead again)
 and aborts; what does not run ahead runs as before."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,9 +15,15 @@ from moeray.platform.config import ServeConfig, tiny
 from moeray.platform.engine.bench import train_on_cycle
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.runner import ModelRunner
-from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.sampler import SamplingParams, filtered_probs, sample_from_probs
 from moeray.platform.engine.scheduler import Scheduler
-from moeray.platform.engine.spec_overlap import spec_step_outputs
+from moeray.platform.engine.spec_overlap import (
+    SpecOverlap,
+    greedy_verdict,
+    sampled_verdict,
+    spec_step_outputs,
+)
+from moeray.platform.engine.speculative import verify
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
 from tests.engine_helpers import run_to_end
@@ -132,9 +141,58 @@ def test_spec_step_outputs_pick_by_the_verdict():
     ids = torch.tensor([[5, 7], [5, 9], [1, 2]])
     targets = torch.tensor([[7, 8], [7, 8], [3, 4]])
     drafts = torch.tensor([[10, 11], [12, 13], [14, 15]])
-    nxt, starts = spec_step_outputs(ids, torch.tensor([10, 20, 30]), targets, drafts)
+    acc, toks, plain = greedy_verdict(ids, targets)
+    assert acc.tolist() == [[1], [0], [0]] and plain.tolist() == [7, 7, 3]
+    nxt, starts = spec_step_outputs(torch.tensor([10, 20, 30]), acc, toks, drafts)
     assert nxt.tolist() == [[8, 11], [7, 12], [3, 14]]
     assert starts.tolist() == [12, 21, 31]
+
+
+def test_sampled_verdict_is_what_verify_draws():
+    """Row by row, `sampled_verdict` emits what `speculative.verify` emits from the same logits,
+    params and generator state (accepted: [d, toks 1]; rejected: [toks 0]), plain is the plain
+    sampler's token at u0, and it draws what verify draws: the generators end in the same state.
+    Rows at several temperatures, top-k/top-p/min-p, a draft on the argmax (mostly accepted)
+    and off it (mostly rejected), a draft holding all the mass (kept), and a greedy row."""
+    V, g = 64, torch.Generator().manual_seed(1)
+    sets = [(1.0, 0, 1.0, 0.0), (0.7, 8, 1.0, 0.0), (1.3, 0, 0.8, 0.0)]
+    sets += [(1.0, 0, 1.0, 0.1), (0.5, 5, 0.9, 0.0), (1.0, 1, 1.0, 0.0)]
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp) for t, k, tp, mp in sets
+    ] * 40 + [SamplingParams(temperature=0)] * 8
+    B = len(params)
+    logits = torch.randn(B, 2, V, generator=g) * 3
+    last = torch.randint(0, V, (B,), generator=g)
+    on_argmax = logits[:, 0].argmax(-1)
+    off = torch.randint(0, V, (B,), generator=g)
+    draft = torch.where(torch.arange(B) // 6 % 2 == 0, on_argmax, off)  # every param set both ways
+    ids = torch.stack([last, draft], 1)
+    seeds = list(range(B))
+    want_toks, want_plain, want_state = [], [], []
+    for b, p in enumerate(params):
+        gen = torch.Generator().manual_seed(seeds[b])
+        toks, _ = verify(logits[b], [int(draft[b])], p, gen)
+        want_toks.append(toks)
+        want_state.append(gen.get_state())
+        gen = torch.Generator().manual_seed(seeds[b])
+        u0 = torch.rand((1,), generator=gen)
+        want_plain.append(int(sample_from_probs(filtered_probs(logits[b, :1], [p]), u0)[0]))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    rows = [SimpleNamespace(params=p, generator=gen) for p, gen in zip(params, gens, strict=True)]
+    overlap = SimpleNamespace(engine=SimpleNamespace(device=torch.device("cpu")))
+    u = SpecOverlap._uniforms(overlap, rows)
+    probs = filtered_probs(logits.reshape(2 * B, V), [p for p in params for _ in (0, 1)])
+    acc, toks, plain = sampled_verdict(ids, probs.view(B, 2, V), u)
+    got = [t[:2] if a else t[:1] for t, a in zip(toks.tolist(), acc[:, 0].tolist(), strict=True)]
+    assert got == want_toks
+    assert plain.tolist() == want_plain
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    assert all(torch.equal(gens[b].get_state(), want_state[b]) for b in range(B))
+    n_acc = sum(acc[b, 0].item() for b in sampled)
+    assert 0.2 * len(sampled) < n_acc < 0.8 * len(sampled), n_acc  # both verdicts exercised
+    # top_k=1 rows hold all of p0 on the argmax: a draft there is kept whatever u0
+    kept = [b for b in range(5, 240, 6) if b // 6 % 2 == 0]
+    assert len(kept) == 20 and all(acc[b, 0] for b in kept)
 
 
 def test_outputs_drafts_and_acceptance_equal_the_synchronous_engine(trained, mixed_drafts):
@@ -234,9 +292,44 @@ def test_arrivals_drain_then_run_ahead_again_and_aborts_stop(trained, mixed_draf
     assert results[True] == results[False]
 
 
+def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts):
+    """Seeded sampled requests (top-k, top-p, min-p; one greedy among them) run ahead and emit
+    the synchronous MTP engine's tokens: the verdict drawn on the device from the same uniforms
+    in the same order; rows whose last step has no room for a draft emit the plain sample."""
+    model, prompts = trained
+    params = [
+        SamplingParams(temperature=2.5, max_tokens=21, ignore_eos=True, seed=11),
+        SamplingParams(temperature=3.0, top_k=6, max_tokens=30, ignore_eos=True, seed=12),
+        SamplingParams(temperature=0, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=2.0, top_p=0.95, max_tokens=26, ignore_eos=True, seed=13),
+        SamplingParams(temperature=3.0, min_p=0.01, max_tokens=40, ignore_eos=True, seed=14),
+    ]
+    kw = dict(max_model_len=48)
+    sync = _engine(model, ahead=False, **kw)
+    sync_drafts = _drafts_by_position(sync)
+    want = _run(sync, prompts, params)
+    eng = _engine(model, **kw)
+    drafts = _drafts_by_position(eng)
+    check = _inputs_check(eng)
+    assert _run(eng, prompts, params) == want
+    assert {k: drafts[k] for k in sync_drafts} == sync_drafts
+    assert check() >= 30 and _ahead(eng) >= 20
+    assert want[4][1] == "length" and len(want[4][0]) == 48 - len(prompts[4])
+    st, st_sync = eng.drafter.stats, sync.drafter.stats
+    assert (st.num_draft_tokens, st.num_accepted_tokens) == (
+        st_sync.num_draft_tokens,
+        st_sync.num_accepted_tokens,
+    )
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens, st
+    # the draws matter: other seeds give other outputs
+    other = [p if p.greedy else dataclasses.replace(p, seed=p.seed + 100) for p in params]
+    assert _run(_engine(model, **kw), prompts, other) != want
+    assert eng.kv.pool.num_available == eng.kv.num_pages
+
+
 def test_what_does_not_run_ahead(trained):
-    """Off by default; logprobs and sampled requests keep the synchronous MTP step; the serve
-    config carries the switch to the engine's config."""
+    """Off by default; logprobs requests, and sampled ones without async_scheduling_sampled,
+    keep the synchronous MTP step; the serve config carries the switch to the engine's config."""
     model, prompts = trained
     assert EngineConfig().async_scheduling_spec is False
     eng = Engine(
@@ -244,11 +337,14 @@ def test_what_does_not_run_ahead(trained):
         EngineConfig(page_size=16, num_pages=64, num_speculative_tokens=1, async_scheduling=True),
     )
     assert eng._overlap is not None and eng._overlap.spec is None
-    for params in (
-        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1),
-        SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=3),
+    for params, kw in (
+        (SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1), {}),
+        (
+            SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=3),
+            dict(async_scheduling_sampled=False),
+        ),
     ):
-        eng = _engine(model)
+        eng = _engine(model, **kw)
         got = _run(eng, prompts[:2], [params] * 2)
         assert got == _run(_engine(model, ahead=False), prompts[:2], [params] * 2)
         assert _ahead(eng) == 0 and eng._overlap.spec.pending is None

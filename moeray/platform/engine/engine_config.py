@@ -47,9 +47,9 @@ class EngineConfig:
     # ... and steps with prefill chunks (admissions) instead of draining; opt-in: same tokens, but
     # arrival runs timed 0.87-1.38x on an H100 (eager prefill steps' host noise; notes-engine.md).
     async_scheduling_prefill: bool = False
-    # ... and greedy MTP speculative steps: the next step's ids and positions computed on the
-    # device from the verdict, read back one step late (engine/spec_overlap.py); opt-in until
-    # timed on a GPU.
+    # ... and MTP speculative steps (sampled ones with async_scheduling_sampled): the verdict and
+    # the next step's ids and positions computed on the device, read back one step late
+    # (engine/spec_overlap.py); opt-in until timed on a GPU.
     async_scheduling_spec: bool = False
     # Prefill chunks of up to this many tokens (one sequence, no prompt logprobs) replay a CUDA
     # graph captured at the start, the chunk padded at its end to the next power of two from 16

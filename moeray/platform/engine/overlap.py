@@ -19,9 +19,9 @@ nothing back), and with `EngineConfig.async_scheduling_prefill` prefill chunks b
 waiting request is admitted while a step is in flight: its chunk's ids are known, its first token
 stays on the device like a decode's); a step with a preempted request, drafts, logprobs (prompt
 logprobs too), logits processing, a grammar or a KV export runs as before, after the step in flight
-is resolved ("drained"), and so does one with a prefill without that setting (greedy MTP steps
-with drafts run one ahead their own way with `EngineConfig.async_scheduling_spec`: their next
-inputs depend on the verdict and are computed on the device, spec_overlap.py). A request added with
+is resolved ("drained"), and so does one with a prefill without that setting (MTP steps with
+drafts run one ahead their own way with `EngineConfig.async_scheduling_spec`: their next inputs
+depend on the verdict, which is computed on the device, spec_overlap.py). A request added with
 its prefill done elsewhere (`Engine.add_prefilled_request`, the decode side of prefill/decode
 disaggregation) joins the next step without a drain: its known token goes up from the host. A
 request whose in-flight token is its last by max_tokens or max_model_len is left out of the next
@@ -96,7 +96,7 @@ class DecodeOverlap:
         self.sampled = bool(engine.config.async_scheduling_sampled)
         self.prefill = bool(engine.config.async_scheduling_prefill)
         self.pending: _Pending | None = None
-        # greedy MTP steps one ahead too (EngineConfig.async_scheduling_spec; spec_overlap.py)
+        # MTP steps one ahead too (EngineConfig.async_scheduling_spec; spec_overlap.py)
         self.spec = SpecOverlap(engine) if engine.config.async_scheduling_spec else None
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0  # calls that resolved the step in flight without launching one

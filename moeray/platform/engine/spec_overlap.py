@@ -1,7 +1,8 @@
-"""Speculative decoding under async scheduling: a greedy MTP step is launched before the previous
-one's verdict is read back (`EngineConfig.async_scheduling_spec`).
+"""Speculative decoding under async scheduling: an MTP step is launched before the previous one's
+verdict is read back (`EngineConfig.async_scheduling_spec`).
 
-Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft.
+Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft;
+V vocabulary.
 
 Why. A synchronous MTP step (engine.py) reads its targets and next drafts back and runs the host's
 verify, scheduler update, schedule and input building before the next forward: on an H100 the
@@ -10,35 +11,44 @@ profiled), so MTP ran at 0.89x of plain decoding, which overlaps that host work 
 benchmarks/notes-engine.md). Here the next step's inputs are computed on the device, so its launch
 needs nothing read back.
 
-The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start):
-    targets_B2 = argmax of the main logits at both positions        (target j follows input j)
-    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, targets_B2)
-    acc_B      = (d == targets_B2[:, 0])                            (the draft accepted: 0 or 1)
-    next ids   = [targets_B2[b, acc], drafts_B2[b, acc]]            (the new last token, its draft)
+The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start).
+The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the draft accepted: 0 or 1) and
+toks_B2, the tokens after positions s and s + 1 (toks[1] used only where acc):
+    greedy:  toks = argmax of the main logits at both positions, acc = (d == toks[0])
+    sampled: with p0, p1 the filtered distributions at both positions and u0, u1 the row's two
+             uniforms: acc = u0 < p0(d); toks[0] = d where acc, else the residual p0 with d removed
+             sampled at u1; toks[1] = p1 sampled at u1
+    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, toks_B2)
+    next ids   = [toks_B2[b, acc], drafts_B2[b, acc]]               (the new last token, its draft)
     next start = s + 1 + acc
 This is `MTPDrafter.chain`'s step (why the MTP inputs are exact whatever the verdict is said there)
-and what the synchronous engine then schedules: greedy verification emits d and targets[1] when d
-is accepted, else targets[0], and the draft after the new last token is the MTP argmax at the last
-newly valid position. So every forward runs on the inputs the synchronous engine would give it,
-and the outputs are its outputs.
+and what the synchronous engine then schedules: its verification (`speculative.verify`) emits d and
+toks[1] when d is accepted, else toks[0], drawing the same two uniforms from the request's generator
+in the same order (u0 for the verdict, then u1 for the token after it), and the draft after the new
+last token is the MTP argmax at the last newly valid position. So every forward runs on the inputs
+the synchronous engine would give it, and the outputs are its outputs, sampled ones included. The
+uniforms are drawn on the host at launch (sampled rows only: a greedy row's generator is left
+untouched, as verification leaves it) and go up with the step.
 
 The host, one step late. Step N + 1 is launched from step N's device outputs, its rows step N's
 (those still running, less those that surely end at N), with pages reserved for the farthest it can
 reach: s_N + 3 (two accepted drafts), s_N known on the host since step N - 1 was resolved. Then step
-N is resolved: its targets and drafts arrive in one device->host copy (pinned, behind step N + 1's
-launch), the host applies the same greedy verification (`greedy_accept`) and the scheduler's
-`update` (stop checks, outputs, KV commits) exactly as for a synchronous step, and notes each row's
-next draft (what step N + 1 was fed). A request that ends at that resolve (EOS, a stop id or
-string, max_tokens) had step N + 1 in flight: its row there is dropped (its KV writes land in pages
-it no longer owns, before any later step that reuses them, in stream order). Tokens past max_tokens
-that a step emits are cut by the scheduler's stop checks, as in the synchronous engine.
+N is resolved: its tokens, verdicts and drafts arrive in one device->host copy (pinned, behind step
+N + 1's launch), the host applies them through the scheduler's `update` (stop checks, outputs, KV
+commits) exactly as for a synchronous step, and notes each row's next draft (what step N + 1 was
+fed). A request that ends at that resolve (EOS, a stop id or string, max_tokens) had step N + 1 in
+flight: its row there is dropped (its KV writes land in pages it no longer owns, before any later
+step that reuses them, in stream order). A row the synchronous engine would have run without a
+draft (no room for two more tokens: its last step) emits what that step samples, the first
+position's token drawn at u0 (`plain`), and ends there.
 
 The overlap drains (resolves the step in flight and hands back to the synchronous path) when a
 request is waiting (its prefill runs synchronously; the decodes then resume here), when a running
 request was not in the step in flight, when pages for the next step cannot be reserved, when a row's
-next positions would pass max_model_len, or when no row is left. Only greedy rows with one draft
-each, no logprobs, no logits processing, no grammar, outside an expert-parallel gang, run here
-(`MTPDrafter.chainable`); every other step runs as before.
+next positions would pass max_model_len, or when no row is left. Only rows with one draft each, no
+logprobs, no logits processing, no grammar, outside an expert-parallel gang, greedy or (with
+`EngineConfig.async_scheduling_sampled`) sampled, run here (`MTPDrafter.chainable`); every other
+step runs as before.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from typing import Any
 
 import torch
 
+from moeray.platform.engine.sampler import filtered_probs, host_to, sample_from_probs
 from moeray.platform.engine.scheduler import (
     Request,
     RequestOutput,
@@ -56,54 +67,90 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
     Status,
 )
-from moeray.platform.engine.speculative import greedy_accept
 from moeray.platform.engine.step_inputs import copy_to_host
 
 
 @dataclass
 class _SpecStep:
     """A launched speculative step: its rows' requests, the next step's inputs on the device,
-    and the copy of its [targets, drafts] to the host with the event after it (None on CPU)."""
+    and the copy of its [toks, acc, plain, drafts] to the host with the event after it (None on
+    CPU)."""
 
     requests: list[Request]
     next_ids_B2: torch.Tensor
     next_starts_B: torch.Tensor
-    host_B4: torch.Tensor
+    host_B6: torch.Tensor
     copied: torch.cuda.Event | None
     launched_at: float
 
 
+def greedy_verdict(
+    ids_B2: torch.Tensor, targets_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy step's verdict (module docstring) -> (acc [B, 1] int64, toks [B, 2], plain [B]):
+    the targets, accepted where the draft is target 0, plain the token without a draft."""
+    return (ids_B2[:, 1:] == targets_B2[:, :1]).long(), targets_B2, targets_B2[:, 0]
+
+
+def sampled_verdict(
+    ids_B2: torch.Tensor, probs_B2V: torch.Tensor, u_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampled step's verdict (module docstring), what `speculative.verify` draws from the same
+    probabilities (`filtered_probs` of both rows) and uniforms -> (acc [B, 1] int64, toks [B, 2],
+    plain [B]: `sample_from_probs` of p0 at u0, what a step without the draft samples). A draft
+    that holds all of p0's mass is accepted whatever u0 (verify keeps it: its residual is empty).
+    On the device, nothing read back; a one-hot row (greedy) gives the greedy verdict."""
+    p0_BV, p1_BV = probs_B2V[:, 0], probs_B2V[:, 1]
+    d_B1 = ids_B2[:, 1:]
+    residual_BV = p0_BV.scatter(1, d_B1, 0.0)
+    total_B1 = residual_BV.sum(-1, keepdim=True)
+    acc_B1 = (u_B2[:, :1] < p0_BV.gather(1, d_B1)) | (total_B1 <= 0)
+    # (an empty residual is never sampled from: p0 stands in so no row divides by zero)
+    residual_BV = torch.where(total_B1 > 0, residual_BV / total_B1, p0_BV)
+    rejected_B = sample_from_probs(residual_BV, u_B2[:, 1])
+    toks_B2 = torch.stack(
+        [torch.where(acc_B1[:, 0], d_B1[:, 0], rejected_B), sample_from_probs(p1_BV, u_B2[:, 1])],
+        1,
+    )
+    return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
+
+
+def _two_uniforms(g: torch.Generator | None) -> tuple[float, float]:
+    """Two draws of `g`, as `speculative.verify` makes them for one draft."""
+    return float(torch.rand((), generator=g)), float(torch.rand((1,), generator=g)[0])
+
+
 def spec_step_outputs(
-    ids_B2: torch.Tensor, starts_B: torch.Tensor, targets_B2: torch.Tensor, drafts_B2: torch.Tensor
+    starts_B: torch.Tensor, acc_B1: torch.Tensor, toks_B2: torch.Tensor, drafts_B2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next step's inputs from a step's (module docstring): -> (next ids [B, 2], next starts
-    [B]), on the device, no sync."""
-    acc_B1 = (ids_B2[:, 1:] == targets_B2[:, :1]).long()
-    next_ids_B2 = torch.cat([targets_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
+    """The next step's inputs from a step's verdict and drafts (module docstring): -> (next ids
+    [B, 2], next starts [B]), on the device, no sync."""
+    next_ids_B2 = torch.cat([toks_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
     return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
 
 
 class SpecOverlap:
-    """Runs greedy MTP decode steps one ahead of their read-back for a DecodeOverlap."""
+    """Runs MTP decode steps one ahead of their read-back for a DecodeOverlap."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine (typed loosely: engine.py imports overlap.py, us)
+        self.sampled = bool(engine.config.async_scheduling_sampled)  # sampled rows run here too
         self.pending: _SpecStep | None = None
         self.fed: dict[str, int] = {}  # request id -> the draft the step in flight was fed
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0
 
     def takes(self, out: SchedulerOutput) -> bool:
-        """Whether a synchronously scheduled step can start the overlap: every row a greedy
-        decode with one draft (`MTPDrafter.chainable`), nothing preempted, ended at schedule or
-        exported."""
+        """Whether a synchronously scheduled step can start the overlap: every row a decode with
+        one draft, greedy or (with `sampled`) sampled (`MTPDrafter.chainable`), nothing
+        preempted, ended at schedule or exported."""
         eng = self.engine
         return (
             eng.drafter is not None
             and not out.preempted
             and not eng.scheduler.finished_at_schedule
             and not eng._exports
-            and eng.drafter.chainable(out.scheduled)
+            and eng.drafter.chainable(out.scheduled, sampled=self.sampled)
         )
 
     def start(self, out: SchedulerOutput) -> list[RequestOutput]:
@@ -171,9 +218,10 @@ class SpecOverlap:
     def _launch(
         self, rows: list[Request], ids_B2: torch.Tensor, starts_B: torch.Tensor, farthest: int
     ) -> _SpecStep:
-        """One step's main forward, its MTP forward on the targets (both graph replays on CUDA),
-        the next step's inputs, and the [targets, drafts] copy to the host: queued, no sync.
-        `farthest`: the largest start any row can have (the block tables cover it + 1)."""
+        """One step's main forward, its verdict, its MTP forward on the verdict's tokens (both
+        forwards graph replays on CUDA), the next step's inputs, and the copy of [toks, acc,
+        plain, drafts] to the host: queued, no sync. `farthest`: the largest start any row can
+        have (the block tables cover it + 1)."""
         eng = self.engine
         runner, drafter = eng.runner, eng.drafter
         t0 = time.perf_counter()
@@ -181,36 +229,53 @@ class SpecOverlap:
             [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
         )
         logits_B2V, hidden_B2D = runner.forward_group(ids_B2, bt, starts_B)
-        targets_B2 = logits_B2V.argmax(-1)
+        if all(r.params.greedy for r in rows):
+            acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+        else:
+            B, _, V = logits_B2V.shape
+            params = [r.params for r in rows for _ in range(2)]
+            probs_B2V = filtered_probs(logits_B2V.reshape(2 * B, V), params).view(B, 2, V)
+            acc_B1, toks_B2, plain_B = sampled_verdict(ids_B2, probs_B2V, self._uniforms(rows))
         mtp_logits_B2V, _ = runner.forward_group(
-            targets_B2, bt, starts_B, mtp_module=drafter.model.mtp[0], hidden_BSD=hidden_B2D
+            toks_B2, bt, starts_B, mtp_module=drafter.model.mtp[0], hidden_BSD=hidden_B2D
         )
         drafts_B2 = mtp_logits_B2V.argmax(-1)
-        next_ids_B2, next_starts_B = spec_step_outputs(ids_B2, starts_B, targets_B2, drafts_B2)
-        host, copied = copy_to_host(torch.cat([targets_B2, drafts_B2], 1))
+        next_ids_B2, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_B2, drafts_B2)
+        host, copied = copy_to_host(torch.cat([toks_B2, acc_B1, plain_B[:, None], drafts_B2], 1))
         return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
 
+    def _uniforms(self, rows: list[Request]) -> torch.Tensor:
+        """[B, 2] on the device: a sampled row's two uniforms from its generator, drawn as
+        `speculative.verify` draws them (the verdict's, then the next token's); a greedy row's
+        generator untouched (its one-hot verdict reads no uniform: 0.5 stands in)."""
+        u = [(0.5, 0.5) if r.params.greedy else _two_uniforms(r.generator) for r in rows]
+        return host_to(torch.tensor(u, dtype=torch.float32), self.engine.device)
+
     def _resolve(self, p: _SpecStep) -> list[RequestOutput]:
-        """Wait for a step's targets and drafts on the host and apply them as a synchronous
-        step's: greedy verification, the scheduler's update, each row's next draft."""
+        """Wait for a step's tokens, verdicts and drafts on the host and apply them as a
+        synchronous step's: the scheduler's update, the drafter's counts, each row's next
+        draft."""
         eng = self.engine
         if p.copied is not None:
             p.copied.synchronize()
-        host = p.host_B4.tolist()
+        host = p.host_B6.tolist()
         scheduled, sampled, pairs, counted = [], {}, [], []
-        for req, (t0, t1, m0, m1) in zip(p.requests, host, strict=True):
+        for req, (t0, t1, acc, plain, m0, m1) in zip(p.requests, host, strict=True):
             draft = self.fed.pop(req.request_id, None)
             if req.status is not Status.RUNNING:
                 continue  # aborted, or ended at an earlier resolve: its row is dropped
             assert draft is not None, req.request_id  # every running row was fed one
             # the step as the synchronous engine scheduled it: from the last known token
             scheduled.append(ScheduledSeq.make(req, req.num_computed, 2, (draft,)))
-            sampled[req.request_id] = greedy_accept([draft], [t0, t1])
             pairs.append((m0, m1))
             # A row the synchronous engine would have run without a draft (no room for two more
-            # tokens: its request's drafts were set empty) emits what it would have: the
-            # scheduler's stop checks cut the token past the limit. Its draft is not counted.
+            # tokens: its request's drafts were set empty) emits the token that step samples,
+            # its last. Its draft is not counted.
             counted.append(bool(req.spec_token_ids))
+            if not counted[-1]:
+                sampled[req.request_id] = [plain]
+            else:
+                sampled[req.request_id] = [t0, t1] if acc else [t0]
         outs = eng.scheduler.update(SchedulerOutput(scheduled, []), sampled)
         for s, pair, count in zip(scheduled, pairs, counted, strict=True):
             new = sampled[s.request.request_id]

@@ -196,18 +196,18 @@ class MTPDrafter:
         verifying (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1): a `chainable` step."""
         return switched_on("MTP_CHAIN") and self.chainable(scheduled)
 
-    def chainable(self, scheduled) -> bool:
-        """Whether a step's MTP forward can run right after its main forward, on the targets
-        still on the device: every row a greedy decode of its last token and one draft whose
-        tokens are all that is read back (no logprobs, no logits processing), outside an
-        expert-parallel gang."""
+    def chainable(self, scheduled, *, sampled: bool = False) -> bool:
+        """Whether a step's MTP forward can run right after its main forward, on tokens still on
+        the device: every row a decode of its last token and one draft whose tokens are all that
+        is read back (no logprobs, no logits processing), greedy (or with `sampled` sampled too:
+        the verdict drawn on the device, spec_overlap.py), outside an expert-parallel gang."""
         if not scheduled or self.runner.gang is not None:
             return False
         return all(
             s.samples
             and s.num_tokens == 2
             and len(s.spec_token_ids) == 1
-            and s.request.params.greedy
+            and (sampled or s.request.params.greedy)
             and s.request.params.logprobs is None
             and not s.request.params.processes_logits
             for s in scheduled

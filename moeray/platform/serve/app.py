@@ -358,8 +358,9 @@ def _parser() -> argparse.ArgumentParser:
         "--async-scheduling-spec",
         action=argparse.BooleanOptionalAction,
         default=d.async_scheduling_spec,
-        help="with async scheduling and --num-speculative-tokens 1, greedy MTP steps run ahead "
-        "too: the next step's ids and positions computed on the device (default off)",
+        help="with async scheduling and --num-speculative-tokens 1, MTP steps run ahead too "
+        "(sampled ones with --async-scheduling-sampled): the verdict and the next step's ids and "
+        "positions computed on the device (default off)",
     )
     p.add_argument(
         "--prefill-graph-tokens",
