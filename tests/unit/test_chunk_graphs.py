@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from moeray.platform.config.serve import ServeConfig
-from moeray.platform.engine import runner as runner_mod
+from moeray.platform.engine import runner_graphs
 from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.engine.step_graphs import (
     StepGraph,
@@ -129,7 +130,7 @@ class EagerStepGraph(StepGraph):
 
 
 def _graphed(model, monkeypatch, graph_cls=EagerStepGraph, decode=True, **kw) -> Engine:
-    monkeypatch.setattr(runner_mod, "StepGraph", graph_cls)
+    monkeypatch.setattr(runner_graphs, "StepGraph", graph_cls)
     cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32, attention="kernel")
     eng = Engine(model, EngineConfig(**{**cfg, **kw}))
     # CPU: no graphs unless forced on, then captured as at a GPU engine's start (chunk graphs
@@ -198,7 +199,7 @@ def test_a_failed_capture_is_tried_once(setup, monkeypatch):  # noqa: F811
     """At the start, after the first decode capture fails, no other size or kind is tried (each
     try runs two forwards): the status says why and every forward runs eagerly."""
     _cfg, model, _path, prompts, ref = setup
-    monkeypatch.setattr(runner_mod, "StepGraph", FailingStepGraph)
+    monkeypatch.setattr(runner_graphs, "StepGraph", FailingStepGraph)
     eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_batched_tokens=32))
     eng.runner.use_cuda_graphs = True
     eng.runner.chunk_buckets = chunk_buckets(32)
@@ -218,7 +219,7 @@ def test_a_failed_chunk_capture_leaves_the_decode_graphs(setup, monkeypatch):  #
             super()._capture(runner)
 
     _cfg, model, _path, prompts, ref = setup
-    monkeypatch.setattr(runner_mod, "StepGraph", ChunkFails)
+    monkeypatch.setattr(runner_graphs, "StepGraph", ChunkFails)
     eng = Engine(model, EngineConfig(page_size=16, num_pages=64, max_num_batched_tokens=32))
     eng.runner.use_cuda_graphs = True
     eng.runner.chunk_buckets = chunk_buckets(32)
@@ -276,7 +277,7 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     # the engine hands the config's choice to the runner's start capture
     seen: list[bool] = []
     monkeypatch.setattr(
-        runner_mod.ModelRunner, "capture_graphs", lambda *a, decode=True: seen.append(decode) or 0
+        ModelRunner, "capture_graphs", lambda *a, decode=True: seen.append(decode) or 0
     )
     _cfg, model, _path, prompts, ref = setup
     cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32)
