@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeray.platform.model.shared_stream import SharedStream
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -81,10 +83,13 @@ def trained_small_latent():
 
 
 def _clone(model):
-    """deepcopy, dropping each MoE's last routing (non-leaf tensors from the last forward)."""
+    """deepcopy, dropping each MoE's last routing (non-leaf tensors from the last forward) and
+    sharing its CUDA streams (an engine gave its MoE layers a side stream for the shared experts:
+    streams cannot be copied)."""
     for m in model.moe_layers():
         m.last_routing = None
-    return copy.deepcopy(model)
+    streams = [m.stream for m in model.modules() if isinstance(m, SharedStream) and m.stream]
+    return copy.deepcopy(model, memo={id(s): s for s in streams})
 
 
 def _prompts(cfg, cycle, lengths_cycle=(40, 100, 70), lengths_random=(5, 64)):
@@ -125,11 +130,15 @@ def _engine(
     )
 
 
-def _dense_experts_forward(self, x_TD, expert_ids_TK, weights_TK, expert_offset=0, add_TD=None):
+def _dense_experts_forward(
+    self, x_TD, expert_ids_TK, weights_TK, expert_offset=0, add_TD=None, add_ready=None
+):
     """Every expert on every token, weighted by the routing (zero for unchosen experts), plus
-    add_TD: the same sum as `Experts.forward`, without its per-expert `.tolist()`. The fused
-    Triton MoE that makes bf16 decode capturable takes only bf16/fp16 weights, so fp32 graphs need
-    this stand-in."""
+    add_TD (after `add_ready`, its producer's event on the shared experts' stream): the same sum
+    as `Experts.forward`, without its per-expert `.tolist()`. The fused Triton MoE that makes
+    bf16 decode capturable takes only bf16/fp16 weights, so fp32 graphs need this stand-in."""
+    if add_ready is not None:
+        torch.cuda.current_stream(x_TD.device).wait_event(add_ready)
     E = self.num_experts
     local_TK = expert_ids_TK - expert_offset
     ok_TK = (local_TK >= 0) & (local_TK < E)

@@ -1,0 +1,167 @@
+"""Where an MTP cycle's time goes under async scheduling (engine/spec_overlap.py) against plain
+decoding's step: per engine call, the wall time, the host's launch and resolve (and of the
+resolve, the wait for the read-back), and from a profile of a few calls the GPU's busy time and
+its kernels (graph replays count their kernels). A GPU busy for the whole call is the work itself;
+a wait of ~0 with launch + resolve ~ the wall is the host. Random weights: the cycle's forwards
+are [B, 2] main + [B, 2] MTP whatever the drafts' verdict, so acceptance does not change its cost
+(the tokens a cycle does: 1 + accepted).
+
+    python scripts/mtp_cycle_profile.py --preset small --batch 1 --device cuda
+    .venv/bin/python scripts/mtp_cycle_profile.py --preset tiny --device cpu --calls 8   # smoke
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeray.platform.config import preset
+from moeray.platform.engine.bench.model import random_model
+from moeray.platform.engine.bench.profile import exclusive_us
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.sampler import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _engine(model, a, spec: bool, device: torch.device) -> Engine:
+    total = 4 * a.calls + 64
+    return Engine(
+        model,
+        EngineConfig(
+            page_size=64,
+            num_pages=a.batch * ((a.prompt_len + total) // 64 + 2) + 8,
+            max_num_seqs=a.batch,
+            max_num_batched_tokens=max(4096, a.batch * a.prompt_len),
+            enable_prefix_caching=False,
+            use_cuda_graphs=device.type == "cuda",
+            max_model_len=a.prompt_len + total + 8,
+            async_scheduling=True,
+            num_speculative_tokens=1 if spec else 0,
+            async_scheduling_spec=spec,
+        ),
+    )
+
+
+def _timers(engine: Engine, spec: bool) -> dict[str, list[float]]:
+    """Wrap the overlap's launch and resolve (and the resolve's wait on the read-back's event)
+    to record their host seconds per call."""
+    ov = engine._overlap
+    assert ov is not None
+    target = ov.spec if spec else ov
+    assert target is not None
+    rec: dict[str, list[float]] = {"launch": [], "resolve": [], "wait": []}
+    launch, resolve = target._launch, target._resolve
+
+    def timed(fn, key):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            rec[key].append(time.perf_counter() - t)
+            return out
+
+        return wrapper
+
+    def timed_resolve(p):
+        if p.copied is not None:
+            t = time.perf_counter()
+            p.copied.synchronize()
+            rec["wait"].append(time.perf_counter() - t)
+        else:
+            rec["wait"].append(0.0)
+        return timed(resolve, "resolve")(p)
+
+    target._launch = timed(launch, "launch")
+    target._resolve = timed_resolve
+    return rec
+
+
+def run_arm(model, a, spec: bool, device: torch.device) -> dict:
+    engine = _engine(model, a, spec, device)
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist()]
+    prompts *= a.batch
+    params = SamplingParams(temperature=0, max_tokens=4 * a.calls + 32, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    for _ in range(8):  # prefill, the first steps, graph captures (lazy ones too)
+        engine.step()
+    _sync(device)
+    rec = _timers(engine, spec)
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(a.calls):
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    wall = (time.perf_counter() - t0) / a.calls
+    timed = {k: statistics.median(v) * 1e3 if v else 0.0 for k, v in rec.items()}
+    busy_ms, kernels = 0.0, 0.0
+    if device.type == "cuda":
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(a.profile_calls):
+                engine.step()
+            _sync(device)
+        spans = [
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        ]
+        busy_ms = sum(exclusive_us(spans)) / 1e3 / a.profile_calls
+        kernels = len(spans) / a.profile_calls
+    for r in list(engine.scheduler.requests):
+        engine.abort(r)
+    while engine.has_unfinished():
+        engine.step()
+    return {
+        "arm": "mtp async" if spec else "plain async",
+        "wall_ms": wall * 1e3,
+        "tokens_per_call": tokens / a.calls / a.batch,
+        "gpu_busy_ms": busy_ms,
+        "kernels": kernels,
+        "launch_ms": timed["launch"],
+        "resolve_ms": timed["resolve"],
+        "wait_ms": timed["wait"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--calls", type=int, default=64, help="engine calls timed per arm")
+    p.add_argument("--profile-calls", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if min(a.batch, a.calls, a.profile_calls) < 1:
+        p.error(f"--batch {a.batch}, --calls {a.calls}, --profile-calls {a.profile_calls}: >= 1")
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = preset(a.preset).replace(eos_token_id=None)
+    if not cfg.num_nextn_predict_layers:
+        p.error(f"--preset {a.preset} has no MTP module (num_nextn_predict_layers=0)")
+    model = random_model(cfg, device, dtype)
+    rows = [run_arm(model, a, spec, device) for spec in (False, True)]
+    print(f"preset {a.preset}, batch {a.batch}, {a.calls} calls timed, medians per call")
+    head = ("arm", "wall ms", "tok/row", "gpu busy", "kernels", "launch", "resolve", "wait")
+    print("{:12} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}".format(*head))
+    for r in rows:
+        print(
+            f"{r['arm']:12} {r['wall_ms']:8.3f} {r['tokens_per_call']:8.2f} "
+            f"{r['gpu_busy_ms']:9.3f} {r['kernels']:8.0f} {r['launch_ms']:7.3f} "
+            f"{r['resolve_ms']:8.3f} {r['wait_ms']:6.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
