@@ -25,6 +25,7 @@ from moeray.platform.engine.bench.model import random_model
 from moeray.platform.engine.bench.profile import exclusive_us
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
+from moeray.results import device_slug, write_result
 
 
 def _sync(device: torch.device) -> None:
@@ -104,19 +105,19 @@ def run_arm(model, a, spec: bool, device: torch.device) -> dict:
     wall = (time.perf_counter() - t0) / a.calls
     timed = {k: statistics.median(v) * 1e3 if v else 0.0 for k, v in rec.items()}
     busy_ms, kernels = 0.0, 0.0
+    by_name: dict[str, float] = {}  # kernel name -> exclusive us per call
     if device.type == "cuda":
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(a.profile_calls):
                 engine.step()
             _sync(device)
-        spans = [
-            (e.time_range.start, e.time_range.end)
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-        ]
-        busy_ms = sum(exclusive_us(spans)) / 1e3 / a.profile_calls
-        kernels = len(spans) / a.profile_calls
+        evts = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        shares = exclusive_us([(e.time_range.start, e.time_range.end) for e in evts])
+        busy_ms = sum(shares) / 1e3 / a.profile_calls
+        kernels = len(evts) / a.profile_calls
+        for e, us in zip(evts, shares, strict=True):
+            by_name[e.name] = by_name.get(e.name, 0.0) + us / a.profile_calls
     for r in list(engine.scheduler.requests):
         engine.abort(r)
     while engine.has_unfinished():
@@ -130,6 +131,7 @@ def run_arm(model, a, spec: bool, device: torch.device) -> dict:
         "launch_ms": timed["launch"],
         "resolve_ms": timed["resolve"],
         "wait_ms": timed["wait"],
+        "kernel_us": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
     }
 
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=64, help="engine calls timed per arm")
     p.add_argument("--profile-calls", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="directory for mtp-cycle-<device>-b<batch>.json")
     a = p.parse_args(argv)
     if min(a.batch, a.calls, a.profile_calls) < 1:
         p.error(f"--batch {a.batch}, --calls {a.calls}, --profile-calls {a.profile_calls}: >= 1")
@@ -160,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['gpu_busy_ms']:9.3f} {r['kernels']:8.0f} {r['launch_ms']:7.3f} "
             f"{r['resolve_ms']:8.3f} {r['wait_ms']:6.3f}"
         )
+    # where the cycle's extra GPU time goes: kernels by name, the MTP cycle's us less plain's
+    plain, spec = rows[0]["kernel_us"], rows[1]["kernel_us"]
+    diff = {k: spec.get(k, 0.0) - plain.get(k, 0.0) for k in set(plain) | set(spec)}
+    print("us per call, mtp async - plain async, by kernel (largest 12):")
+    for k, v in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:12]:
+        print(f"  {v:+8.1f}  {k[:100]}")
+    if a.out is not None:
+        numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
+        name = f"mtp-cycle-{device_slug()}-b{a.batch}"
+        print(write_result(name, numbers, directory=Path(a.out), command=" ".join(sys.argv)))
     return 0
 
 

@@ -9,7 +9,7 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 for b in ${BATCHES:-1 16}; do
   CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${CYCLE_LIMIT:-150} python3 scripts/mtp_cycle_profile.py \
-    --preset ${PRESET:-small} --batch $b > "$OUT/mtp_cycle_b$b.log" 2>&1 || rc=1
-  el "mtp cycle batch $b"; tail -4 "$OUT/mtp_cycle_b$b.log"
+    --preset ${PRESET:-small} --batch $b --out "$OUT" > "$OUT/mtp_cycle_b$b.log" 2>&1 || rc=1
+  el "mtp cycle batch $b"; grep -A20 "^preset" "$OUT/mtp_cycle_b$b.log" | grep -v "^/\|json$"
 done
 exit $rc

@@ -328,15 +328,24 @@ def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts):
 
 
 def test_what_does_not_run_ahead(trained):
-    """Off by default; logprobs requests, and sampled ones without async_scheduling_sampled,
-    keep the synchronous MTP step; the serve config carries the switch to the engine's config."""
+    """On by default (off: no speculative overlap); logprobs requests, and sampled ones without
+    async_scheduling_sampled, keep the synchronous MTP step; the serve config carries the switch
+    to the engine's config."""
     model, prompts = trained
-    assert EngineConfig().async_scheduling_spec is False
-    eng = Engine(
-        model,
-        EngineConfig(page_size=16, num_pages=64, num_speculative_tokens=1, async_scheduling=True),
-    )
-    assert eng._overlap is not None and eng._overlap.spec is None
+    assert EngineConfig().async_scheduling_spec is True
+    assert ServeConfig().async_scheduling_spec is True
+    for spec in (True, False):
+        eng = Engine(
+            model,
+            EngineConfig(
+                page_size=16,
+                num_pages=64,
+                num_speculative_tokens=1,
+                async_scheduling=True,
+                async_scheduling_spec=spec,
+            ),
+        )
+        assert eng._overlap is not None and (eng._overlap.spec is not None) is spec
     for params, kw in (
         (SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1), {}),
         (

@@ -60,8 +60,8 @@ class ServeConfig:
     async_scheduling_sampled: bool = True
     # EngineConfig.async_scheduling_prefill: steps that admit requests run ahead too (opt-in)
     async_scheduling_prefill: bool = False
-    # EngineConfig.async_scheduling_spec: MTP speculative steps run ahead too (opt-in)
-    async_scheduling_spec: bool = False
+    # EngineConfig.async_scheduling_spec: MTP speculative steps run ahead too
+    async_scheduling_spec: bool = True
     # EngineConfig.prefill_graph_tokens: prefill chunks up to this many tokens replay CUDA graphs
     prefill_graph_tokens: int = 256
     # EngineConfig.prefill_graph_seqs: a step's same-length chunks replay one graph of up to this

@@ -49,8 +49,10 @@ class EngineConfig:
     async_scheduling_prefill: bool = False
     # ... and MTP speculative steps (sampled ones with async_scheduling_sampled): the verdict and
     # the next step's ids and positions computed on the device, read back one step late
-    # (engine/spec_overlap.py); opt-in until timed on a GPU.
-    async_scheduling_spec: bool = False
+    # (engine/spec_overlap.py). H100, small preset, acceptance ~1: MTP at 1.26x plain decoding at
+    # batch 1 and 1.53x at 16, where synchronous MTP steps ran at 0.86x / 0.89x
+    # (benchmarks/notes-engine.md).
+    async_scheduling_spec: bool = True
     # Prefill chunks of up to this many tokens (one sequence, no prompt logprobs) replay a CUDA
     # graph captured at the start, the chunk padded at its end to the next power of two from 16
     # (engine/step_graphs.py; captured with capture_graphs_at_start), and with MTP speculation

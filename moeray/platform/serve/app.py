@@ -360,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
         default=d.async_scheduling_spec,
         help="with async scheduling and --num-speculative-tokens 1, MTP steps run ahead too "
         "(sampled ones with --async-scheduling-sampled): the verdict and the next step's ids and "
-        "positions computed on the device (default off)",
+        "positions computed on the device (default on)",
     )
     p.add_argument(
         "--prefill-graph-tokens",

@@ -527,7 +527,13 @@ def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
         engine_decode(base, prompts, 8)
         r0, out0 = engine_decode(base, prompts, n)
         del base
-        spec = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1))
+        # synchronous MTP steps (async_scheduling_spec off): the arm below runs them ahead
+        spec = Engine(
+            model,
+            EngineConfig(
+                **{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1, async_scheduling_spec=False
+            ),
+        )
         drafter = spec.drafter
         if drafter is None:
             raise RuntimeError("num_speculative_tokens=1 but the engine made no MTP drafter")

@@ -60,12 +60,13 @@ def checks(results: dict[str, dict]) -> list[Check]:
             out.append(Check(device, what, float(fracs[b]), bars[b], (name,)))
         if r.get("mtp_speedup") is not None and "1" in r.get("decode_tokens_per_s", {}):
             mtp = float(r["mtp_speedup"])
-            out.append(Check(device, f"{shape} MTP at batch 1", mtp, 1.6, (name,)))
-            # the MTP steps under async scheduling (EngineConfig.async_scheduling_spec), where
-            # the run timed them: same target, their own row
+            what = f"{shape} MTP at batch 1, synchronous steps"
+            out.append(Check(device, what, mtp, 1.6, (name,)))
+            # the MTP steps under async scheduling (EngineConfig.async_scheduling_spec, the
+            # default), where the run timed them: same target, their own row
             ahead = r.get("mtp", {}).get("1", {}).get("async_spec")
             if ahead:
-                what = f"{shape} MTP at batch 1, steps under async scheduling"
+                what = f"{shape} MTP at batch 1, async scheduling (default)"
                 out.append(Check(device, what, float(ahead["speedup"]), 1.6, (name,)))
         bf16 = runs.get((device, preset, layers, "bf16"))
         if weights == "fp8" and bf16 is not None:
@@ -78,10 +79,10 @@ def checks(results: dict[str, dict]) -> list[Check]:
 
 
 def table(found: list[Check]) -> str:
-    lines = [f"{'gpu':<22} {'target':<74} {'value':>7} {'needed':>7}  met"]
+    lines = [f"{'gpu':<22} {'target':<78} {'value':>7} {'needed':>7}  met"]
     for c in found:
         lines.append(
-            f"{c.device[:22]:<22} {c.target:<74} {c.value:>7.3f} {c.needed:>7.2f}  "
+            f"{c.device[:22]:<22} {c.target:<78} {c.value:>7.3f} {c.needed:>7.2f}  "
             f"{'yes' if c.met else 'NO'}  ({', '.join(c.files)})"
         )
     return "\n".join(lines)
