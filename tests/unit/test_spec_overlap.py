@@ -64,15 +64,8 @@ def mixed_drafts(monkeypatch):
 
 def _engine(model, *, spec: int = 1, ahead: bool = True, **kw) -> Engine:
     base = dict(page_size=16, num_pages=64, max_num_seqs=8, max_num_batched_tokens=64)
-    return Engine(
-        model,
-        EngineConfig(
-            **{**base, **kw},
-            num_speculative_tokens=spec,
-            async_scheduling=ahead,
-            async_scheduling_spec=ahead,
-        ),
-    )
+    ahead_kw = dict(async_scheduling=ahead, async_scheduling_spec=ahead)
+    return Engine(model, EngineConfig(**{**base, **ahead_kw, **kw}, num_speculative_tokens=spec))
 
 
 def _run(eng: Engine, prompts, params) -> list[tuple[list[int], str | None, object]]:
@@ -335,16 +328,7 @@ def test_what_does_not_run_ahead(trained):
     assert EngineConfig().async_scheduling_spec is True
     assert ServeConfig().async_scheduling_spec is True
     for spec in (True, False):
-        eng = Engine(
-            model,
-            EngineConfig(
-                page_size=16,
-                num_pages=64,
-                num_speculative_tokens=1,
-                async_scheduling=True,
-                async_scheduling_spec=spec,
-            ),
-        )
+        eng = _engine(model, async_scheduling_spec=spec)
         assert eng._overlap is not None and (eng._overlap.spec is not None) is spec
     for params, kw in (
         (SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1), {}),
