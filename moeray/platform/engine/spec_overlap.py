@@ -5,11 +5,11 @@ Legend: B rows (requests) of a step, each 2 tokens: its last known token and one
 V vocabulary.
 
 Why. A synchronous MTP step (engine.py) reads its targets and next drafts back and runs the host's
-verify, scheduler update, schedule and input building before the next forward: on an H100 the
-small preset's cycle took 1.29 ms where its two graph replays should take ~0.65 (estimated, not
-profiled), so MTP ran at 0.89x of plain decoding, which overlaps that host work (overlap.py;
-benchmarks/notes-engine.md). Here the next step's inputs are computed on the device, so its launch
-needs nothing read back.
+verify, scheduler update, schedule and input building before the next forward, with the GPU idle
+meanwhile. Here the next step's inputs are computed on the device, so its launch needs nothing read
+back, and the host's work runs while the GPU computes. On an H100 (small preset, acceptance ~1)
+MTP went from 0.86x of plain decoding at batch 1 (synchronous steps) to 1.26x, and from 0.89x to
+1.53x at batch 16; the cycle is then GPU-bound (benchmarks/notes-engine.md).
 
 The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start).
 The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the draft accepted: 0 or 1) and
