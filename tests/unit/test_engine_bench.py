@@ -2,6 +2,7 @@
 `load_model(keep_fp8=True)` holds them), the decode roofline, the step profile, and the bench end
 to end on CPU through the same code path as the GPU runs (shrunk shapes)."""
 
+import argparse
 import json
 import tempfile
 
@@ -13,6 +14,7 @@ from moeray.platform.config import moonlight_16b_a3b, preset
 from moeray.platform.engine import bench
 from moeray.platform.engine.bench import table
 from moeray.platform.engine.bench.model import random_model
+from moeray.platform.engine.bench.mtp import mtp_speedup, parted_at
 from moeray.platform.engine.bench.profile import (
     CATEGORIES,
     HOST_PHASES,
@@ -23,7 +25,7 @@ from moeray.platform.engine.bench.profile import (
 from moeray.platform.engine.bench.roofline import StepBytes, decode_roofline, step_bytes
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.model.quant import FP8Linear
-from moeray.platform.model.transformer import greedy_generate
+from moeray.platform.model.transformer import Transformer, greedy_generate
 
 FP8 = torch.float8_e4m3fn
 
@@ -456,10 +458,33 @@ def test_engine_decode_times_the_whole_batch_decoding(async_scheduling):
     assert outs == ref
 
 
+def test_mtp_section_times_greedy_and_sampled_arms():
+    """`bench engine`'s MTP section on CPU (a tiny model trained on the cycle it decodes): greedy
+    MTP arms, synchronous and under async scheduling, emit plain greedy's tokens; with a
+    temperature the sampled arms run too, and the two MTP arms' sampled tokens are equal (the
+    same uniforms in the same order), steps launched ahead."""
+    cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=256, eos_token_id=None)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=3)
+    cycle = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:48]
+    bench.train_on_cycle(model, cycle, 30, torch.device("cpu"), seq_len=48, batch=8, lr=3e-3)
+    ecfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=64, max_model_len=128)
+    a = argparse.Namespace(decode_tokens=10, prompt_len=12, temperature=1.5)
+    r = mtp_speedup(model, cycle, ecfg, a, torch.Generator().manual_seed(1), 1)
+    row = r["1"]
+    assert row["outputs_identical"] and row["async_spec"]["outputs_identical"]
+    assert row["async_spec"]["overlapped_steps"] > 0 and row["acceptance"] > 0
+    s = row["sampled"]
+    assert s["temperature"] == 1.5 and s["async_spec_outputs_equal_sync"], s
+    assert s["async_spec_overlapped_steps"] > 0
+    assert s["acceptance"] == s["async_spec_acceptance"] and 0 < s["acceptance"] < 1, s
+    assert all(s[k] > 0 for k in ("tokens_per_s", "async_spec_tokens_per_s"))
+
+
 def test_parted_at_names_where_each_sequence_leaves_the_plain_one():
     plain = [[5, 6, 7, 8], [1, 2, 3], [9, 9]]
     spec = [[5, 6, 0, 8], [1, 2, 3], [9, 9, 4]]
-    assert bench.parted_at(plain, spec) == [2, None, 2]
-    assert bench.parted_at([[1]], [[2]]) == [0]
+    assert parted_at(plain, spec) == [2, None, 2]
+    assert parted_at([[1]], [[2]]) == [0]
     with pytest.raises(ValueError):
-        bench.parted_at(plain, spec[:2])  # one list per sequence on both sides
+        parted_at(plain, spec[:2])  # one list per sequence on both sides

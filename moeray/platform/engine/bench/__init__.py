@@ -58,11 +58,11 @@ from moeray.platform.engine.bench.decode import (
     warm_decode,
 )
 from moeray.platform.engine.bench.model import quantize_fp8_, random_model
+from moeray.platform.engine.bench.mtp import mtp_speedup
 from moeray.platform.engine.bench.profile import decode_graph_ms, host_phases, profile_decode
 from moeray.platform.engine.bench.roofline import decode_roofline, step_bytes, vs_peers
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
-from moeray.platform.engine.speculative import SpecStats
 from moeray.platform.engine.step_graphs import graph_seconds
 from moeray.platform.model.transformer import Transformer
 from moeray.results import device_slug, write_result
@@ -388,7 +388,7 @@ def main(argv: list[str]) -> int:
         else None
     )
     if mtp_skipped is None:
-        mtp = _mtp_speedup(model, cycle, ecfg, a, g, max_b)
+        mtp = mtp_speedup(model, cycle, ecfg, a, g, max_b)
 
     result: dict[str, Any] = {
         "model": {
@@ -498,91 +498,3 @@ def _hf_baseline(model, cfg, a, g, device, dtype) -> dict[str, float]:
         prompts = _random_prompts(g, cfg.vocab_size, B, a.prompt_len)
         rates[str(B)] = hf_decode(hf, prompts, min(a.decode_tokens, 16), device)
     return rates
-
-
-def parted_at(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
-    """Per sequence, the index of the first token where `a` and `b` differ (the shorter one's
-    length where one is a prefix of the other), None where they are equal."""
-    out: list[int | None] = []
-    for sa, sb in zip(a, b, strict=True):
-        first = next((j for j, (x, y) in enumerate(zip(sa, sb, strict=False)) if x != y), None)
-        if first is None and len(sa) != len(sb):
-            first = min(len(sa), len(sb))
-        out.append(first)
-    return out
-
-
-def _mtp_speedup(model, cycle, ecfg, a, g, max_b) -> dict[str, dict]:
-    """MTP on the training text: greedy with and without the drafter, same prompts."""
-    mtp = {}
-    n, cycle_len = a.decode_tokens, len(cycle)
-    for B in sorted({1, min(16, max_b)}):
-        starts = torch.randint(0, cycle_len, (B,), generator=g)
-        prompts = [cycle[(s + torch.arange(a.prompt_len)) % cycle_len].tolist() for s in starts]
-        # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
-        # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured
-        # outside the timed loop.
-        # max_num_seqs = B: the engine captures its decode graphs up to B at start
-        base = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": B}))
-        engine_decode(base, prompts, 8)
-        r0, out0 = engine_decode(base, prompts, n)
-        del base
-        # synchronous MTP steps (async_scheduling_spec off): the arm below runs them ahead
-        spec = Engine(
-            model,
-            EngineConfig(
-                **{**ecfg, "max_num_seqs": B}, num_speculative_tokens=1, async_scheduling_spec=False
-            ),
-        )
-        drafter = spec.drafter
-        if drafter is None:
-            raise RuntimeError("num_speculative_tokens=1 but the engine made no MTP drafter")
-        engine_decode(spec, prompts, 8)
-        drafter.stats = SpecStats()  # count the timed run only
-        r1, out1 = engine_decode(spec, prompts, n)
-        st = drafter.stats
-        mtp[str(B)] = {
-            "tokens_per_s": r1,
-            "baseline_tokens_per_s": r0,
-            "speedup": r1 / r0,
-            "acceptance": st.acceptance_rate,
-            "mean_accepted_length": st.mean_accepted_length,
-            "outputs_identical": out0 == out1,
-            # where each sequence's greedy tokens first differ from the plain engine's (None:
-            # never): a flipped near-tie parts them once and for all, a bug usually early
-            "outputs_part_at": parted_at(out0, out1),
-            "cuda_graphs": spec.runner.graph_status,
-            "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in spec.runner.graphs),
-        }
-        del spec
-        # The same with the MTP steps under async scheduling (EngineConfig.async_scheduling_spec,
-        # engine/spec_overlap.py), against the same plain baseline.
-        spec = Engine(
-            model,
-            EngineConfig(
-                **{**ecfg, "max_num_seqs": B, "async_scheduling": True},
-                num_speculative_tokens=1,
-                async_scheduling_spec=True,
-            ),
-        )
-        assert spec.drafter is not None and spec._overlap is not None and spec._overlap.spec
-        engine_decode(spec, prompts, 8)
-        spec.drafter.stats = SpecStats()
-        overlap = spec._overlap.spec
-        launched = overlap.overlapped_steps
-        drained: list[int] = []
-        r2, out2 = engine_decode(spec, prompts, n, drains=drained)
-        st = spec.drafter.stats
-        mtp[str(B)]["async_spec"] = {
-            "tokens_per_s": r2,
-            "speedup": r2 / r0,
-            "acceptance": st.acceptance_rate,
-            "mean_accepted_length": st.mean_accepted_length,
-            "outputs_identical": out0 == out2,
-            "outputs_part_at": parted_at(out0, out2),
-            "overlapped_steps": overlap.overlapped_steps - launched,  # in the timed run
-            "drained_steps": drained[0],  # timed steps that drained it (none expected)
-            "cuda_graphs": spec.runner.graph_status,
-        }
-        del spec
-    return mtp

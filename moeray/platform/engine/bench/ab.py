@@ -13,13 +13,12 @@ another order may flip near-ties, so this is information, not a check)."""
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 from unittest import mock
 
-import torch
+from moeray.platform.engine.bench.decode import release_engines
 
 # Every MOERAY_FUSED_<NAME> the decode path reads (kernels/gate.py, norm.py's NORM and NORM_W_EARLY,
 # rope.py, moe_align.py, swiglu.py, router_logits.py, gemv.py's GEMV and GEMV_WIDE, head_gemv.py's
@@ -146,7 +145,7 @@ def run_ab(
 def _ab_row(env, make_engine, decode, graph_ms, prompts, main_outputs) -> dict:
     """One engine built, warmed and timed under `env` (the rest of the environment as run)."""
     with mock.patch.dict(os.environ, env):
-        _release()  # the engine before (the main run's first): its KV cache and graphs
+        release_engines()  # the engine before (the main run's first): its KV cache and graphs
         engine = make_engine()
         rates: dict[str, float] = {}
         graphs: dict[str, float] = {}
@@ -165,12 +164,6 @@ def _ab_row(env, make_engine, decode, graph_ms, prompts, main_outputs) -> dict:
         "decode_graph_ms": graphs,
         "tokens_equal_to_main": equal,
     }
-
-
-def _release() -> None:
-    gc.collect()  # engines hold reference cycles: free them before the next one allocates
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _equal_fraction(a: list[list[int]], b: list[list[int]]) -> float:

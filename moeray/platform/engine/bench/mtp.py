@@ -1,0 +1,120 @@
+"""`moeray bench engine`'s MTP section: decode with and without the MTP drafter on the training
+text's prompts, at batch 1 and 16 (or the largest batch the run has, if smaller), against the
+same plain baseline. Arms: plain decoding, synchronous MTP steps (`async_scheduling_spec` off),
+and MTP steps under async scheduling (`engine/spec_overlap.py`, the default). Greedy always; with
+`--temperature T > 0` the same three arms sampled at T too (request i seeded i), under
+`mtp.<batch>.sampled`: the two MTP arms draw the same uniforms (their tokens must be equal), plain
+decoding draws one a token (its tokens differ; speed only)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moeray.platform.engine.bench.decode import engine_decode, release_engines
+from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.speculative import SpecStats
+
+
+def parted_at(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    """Per sequence, the index of the first token where `a` and `b` differ (the shorter one's
+    length where one is a prefix of the other), None where they are equal."""
+    out: list[int | None] = []
+    for sa, sb in zip(a, b, strict=True):
+        first = next((j for j, (x, y) in enumerate(zip(sa, sb, strict=False)) if x != y), None)
+        if first is None and len(sa) != len(sb):
+            first = min(len(sa), len(sb))
+        out.append(first)
+    return out
+
+
+def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
+    """One arm: an engine of `ecfg` + kw for this batch, warmed on 8 tokens, then timed on n
+    (`engine_decode`). -> tokens/s, the outputs, the drafter's counts of the timed run and what
+    the engine says of its graphs and of the speculative overlap (None where they do not
+    apply)."""
+    release_engines()  # the arm before's
+    # max_num_seqs = B: the engine captures its decode graphs up to B at start
+    eng = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": len(prompts), **kw}))
+    # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
+    # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured outside
+    # the timed loop.
+    engine_decode(eng, prompts, 8, temperature=temperature)
+    if eng.drafter is not None:
+        eng.drafter.stats = SpecStats()  # count the timed run only
+    spec = eng._overlap.spec if eng._overlap is not None else None
+    launched = spec.overlapped_steps if spec is not None else 0
+    drained: list[int] = []
+    rate, outs = engine_decode(eng, prompts, n, temperature=temperature, drains=drained)
+    return {
+        "rate": rate,
+        "outs": outs,
+        "stats": eng.drafter.stats if eng.drafter is not None else None,
+        "cuda_graphs": eng.runner.graph_status,
+        "graph_keys": sorted(f"{k[0]}x{k[1]}:{k[2]}" for k in eng.runner.graphs),
+        # steps launched while another was in flight, and timed steps that drained the overlap
+        "overlapped": spec.overlapped_steps - launched if spec is not None else None,
+        "drained": drained[0] if drained else None,
+    }
+
+
+def _mtp_row(arm: dict, base: dict) -> dict:
+    st = arm["stats"]
+    return {
+        "tokens_per_s": arm["rate"],
+        "speedup": arm["rate"] / base["rate"],
+        "acceptance": st.acceptance_rate,
+        "mean_accepted_length": st.mean_accepted_length,
+        "outputs_identical": base["outs"] == arm["outs"],
+        # where each sequence's tokens first differ from the baseline's (None: never): a
+        # flipped near-tie parts them once and for all, a bug usually early
+        "outputs_part_at": parted_at(base["outs"], arm["outs"]),
+        "cuda_graphs": arm["cuda_graphs"],
+    }
+
+
+def mtp_speedup(
+    model, cycle: torch.Tensor, ecfg: dict, a: argparse.Namespace, g: torch.Generator, max_b: int
+) -> dict[str, dict]:
+    """MTP on the training text (module docstring), per batch size: the synchronous arm's row
+    (tokens_per_s, speedup, acceptance, outputs against plain greedy), `async_spec` (the same for
+    MTP under async scheduling, with its overlapped and drained steps) and, with a.temperature >
+    0, `sampled` (plain / synchronous / async tokens/s at that temperature, the speedups, and
+    whether the two MTP arms' tokens are equal)."""
+    out: dict[str, dict] = {}
+    n, cycle_len = a.decode_tokens, len(cycle)
+    temps = [0.0] + ([a.temperature] if a.temperature > 0 else [])
+    for B in sorted({1, min(16, max_b)}):
+        starts = torch.randint(0, cycle_len, (B,), generator=g)
+        prompts = [cycle[(s + torch.arange(a.prompt_len)) % cycle_len].tolist() for s in starts]
+        for t in temps:
+            plain = _arm(model, ecfg, prompts, n, t)
+            sync = _arm(model, ecfg, prompts, n, t, num_speculative_tokens=1,
+                        async_scheduling_spec=False)  # fmt: skip
+            ahead = _arm(model, ecfg, prompts, n, t, num_speculative_tokens=1,
+                         async_scheduling=True, async_scheduling_spec=True)  # fmt: skip
+            if t == 0:
+                row = _mtp_row(sync, plain)
+                row["baseline_tokens_per_s"] = plain["rate"]
+                row["graph_keys"] = sync["graph_keys"]
+                row["async_spec"] = _mtp_row(ahead, plain)
+                row["async_spec"]["overlapped_steps"] = ahead["overlapped"]
+                row["async_spec"]["drained_steps"] = ahead["drained"]
+                out[str(B)] = row
+            else:
+                out[str(B)]["sampled"] = {
+                    "temperature": t,
+                    "baseline_tokens_per_s": plain["rate"],
+                    "tokens_per_s": sync["rate"],
+                    "speedup": sync["rate"] / plain["rate"],
+                    "acceptance": sync["stats"].acceptance_rate,
+                    "async_spec_tokens_per_s": ahead["rate"],
+                    "async_spec_speedup": ahead["rate"] / plain["rate"],
+                    "async_spec_acceptance": ahead["stats"].acceptance_rate,
+                    "async_spec_overlapped_steps": ahead["overlapped"],
+                    # the two MTP arms draw the same uniforms in the same order
+                    "async_spec_outputs_equal_sync": ahead["outs"] == sync["outs"],
+                    "async_spec_parts_sync_at": parted_at(sync["outs"], ahead["outs"]),
+                }
+    return out
