@@ -19,7 +19,9 @@ Steps (GPU, bf16, the `small()` preset by default):
      through MLA's expanded path (the engine's default for prefill) and through the absorbed one.
   4. transformers' generate on the same weights (saved as an HF directory): n tokens minus 1.
      Skipped for FP8 weights and for models above --hf-max-weight-gib.
-  5. MTP: greedy decode at batch 1 and 16 on corpus prompts with and without the drafter.
+  5. MTP: decode at batch 1 and 16 on corpus prompts without the drafter, with synchronous MTP
+     steps and with MTP steps under async scheduling (the default); greedy, and sampled too at
+     --temperature (bench/mtp.py).
 `--skip prefill,router-ab,hf,mtp` leaves sections out. `--ab NAME,...` times each named fast-path
 switch flipped alone on the same weights and prompts after step 3 (bench/ab.py); `--arrivals N`
 times requests arriving mid-decode with async scheduling through admissions off and on
