@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -65,10 +66,10 @@ def make_engine(model, **kw) -> Engine:
     return Engine(model, EngineConfig(**{**base, **kw}))
 
 
-@pytest.fixture(scope="module")
-def api(model):
-    """(client, engine) of one server over a colocated worker."""
-    worker = ColocatedWorker(make_engine(model))
+@contextmanager
+def openai_client(engine: Engine) -> Iterator[openai.OpenAI]:
+    """The official client of one OpenAI server over a colocated worker of `engine`."""
+    worker = ColocatedWorker(engine)
     app = build_app(
         worker,
         TOK,
@@ -80,6 +81,12 @@ def api(model):
             yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     finally:
         worker.loop.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api(model):
+    with openai_client(make_engine(model)) as client:
+        yield client
 
 
 def forward_logits(model, ids: Sequence[int]) -> torch.Tensor:
