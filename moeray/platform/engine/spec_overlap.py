@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from moeray.platform.engine.sampler import filtered_probs, host_to, sample_from_probs
+from moeray.platform.engine.sampler import filtered_probs, sample_from_probs, to_device
 from moeray.platform.engine.scheduler import (
     Request,
     RequestOutput,
@@ -67,6 +67,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
     Status,
 )
+from moeray.platform.engine.speculative import token_uniform, verdict_uniform
 from moeray.platform.engine.step_inputs import copy_to_host
 
 
@@ -113,11 +114,6 @@ def sampled_verdict(
         1,
     )
     return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
-
-
-def _two_uniforms(g: torch.Generator | None) -> tuple[float, float]:
-    """Two draws of `g`, as `speculative.verify` makes them for one draft."""
-    return float(torch.rand((), generator=g)), float(torch.rand((1,), generator=g)[0])
 
 
 def spec_step_outputs(
@@ -248,8 +244,13 @@ class SpecOverlap:
         """[B, 2] on the device: a sampled row's two uniforms from its generator, drawn as
         `speculative.verify` draws them (the verdict's, then the next token's); a greedy row's
         generator untouched (its one-hot verdict reads no uniform: 0.5 stands in)."""
-        u = [(0.5, 0.5) if r.params.greedy else _two_uniforms(r.generator) for r in rows]
-        return host_to(torch.tensor(u, dtype=torch.float32), self.engine.device)
+        u = [
+            (0.5, 0.5)
+            if r.params.greedy
+            else (verdict_uniform(r.generator), float(token_uniform(r.generator)[0]))
+            for r in rows
+        ]
+        return to_device(u, torch.float32, self.engine.device)
 
     def _resolve(self, p: _SpecStep) -> list[RequestOutput]:
         """Wait for a step's tokens, verdicts and drafts on the host and apply them as a

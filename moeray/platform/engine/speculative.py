@@ -96,6 +96,19 @@ def greedy_accept(drafts: Sequence[int], target: Sequence[int]) -> list[int]:
     return out
 
 
+def verdict_uniform(generator: torch.Generator | None) -> float:
+    """The uniform that accepts or rejects a draft (`verify`: accepted where u < p(draft))."""
+    return float(torch.rand((), generator=generator))
+
+
+def token_uniform(generator: torch.Generator | None) -> torch.Tensor:
+    """The uniform [1] that samples the token after a verdict (`verify`: from the residual after
+    a rejection, from the next row's distribution after the last accepted draft). A one-draft
+    row draws `verdict_uniform` then this, whatever the verdict (spec_overlap.py draws both at
+    launch)."""
+    return torch.rand((1,), generator=generator)
+
+
 def verify(
     logits_JV: torch.Tensor,
     drafts: Sequence[int],
@@ -123,7 +136,7 @@ def verify(
     else:
         probs_JV = filtered_probs(logits_JV, [params] * J)
         for j, d in enumerate(drafts):
-            u = float(torch.rand((), generator=generator))
+            u = verdict_uniform(generator)
             if u < float(probs_JV[j, d]):
                 out.append(d)
                 continue
@@ -133,11 +146,11 @@ def verify(
             if total <= 0:  # p was all on d: rejection had probability 0, keep d
                 out.append(d)
                 continue
-            u2 = torch.rand((1,), generator=generator).to(residual.device)
+            u2 = token_uniform(generator).to(residual.device)
             out.append(int(sample_from_probs((residual / total)[None], u2)[0]))
             break
         else:
-            u_last = torch.rand((1,), generator=generator).to(logits_JV.device)
+            u_last = token_uniform(generator).to(logits_JV.device)
             out.append(int(sample_from_probs(probs_JV[-1:], u_last)[0]))
     if params.logprobs is None:  # skip the token upload when no logprobs are asked
         return out, [None] * len(out)
