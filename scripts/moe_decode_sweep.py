@@ -36,6 +36,11 @@ from moeray.kernels.moe_tiles import moe_config
 SHAPES = {  # name: (hidden, moe_intermediate, routed experts, top-k), from the published configs
     "moonlight": (2048, 1408, 64, 6),
     "v3": (7168, 2048, 256, 8),
+    # As the engine runs them with the shared expert fused into the gate (model/shared_fuse.py:
+    # one more expert and one more pick a token): V3's 9 picks, and the `small` preset's (the
+    # MTP benchmark's model) 1024 x 288 experts, 64 + 1 with 8 + 1 picks.
+    "v3+shared": (7168, 2048, 257, 9),
+    "small+shared": (1024, 288, 65, 9),
 }
 REPS = 20
 

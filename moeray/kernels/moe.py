@@ -6,13 +6,14 @@ block.
 
 Two paths, chosen in one place, `fused_moe_gate_up`:
 - `moe_gemv` (`moeray.kernels.moe_gemv`) for TK <= MOE_GEMV_MAX_ASSIGNMENTS (16: decode at 1-2
-  tokens) when no `config` is passed, unless MOERAY_FUSED_MOE_GEMV=0. On an H200 at Moonlight's
-  shape its decode graph runs 2.03 ms against the aligned path's 2.28 in FP8 at batch 1, 2.49 vs
-  2.60 in bf16 (benchmarks/results/engine-nvidia-h200-moonlight-*-b12*.json): no alignment, one
-  program per (row block, assignment) over the full H or I on the CUDA cores, 3 launches
-  (gate/up, down, sum). With FP8 weights it is weight-only, like FP8Linear's decode `fp8_gemv`:
-  x and h are not quantized to e4m3 (no act_quant launches), so its numbers differ from the
-  aligned path's by that quantization (4.1-4.6% of the output's norm on random data).
+  tokens), and at 2 tokens of small experts whatever K (MTP's verification at batch 1;
+  `moe_gemv.moe_gemv_applies`), when no `config` is passed, unless MOERAY_FUSED_MOE_GEMV=0. On an
+  H200 at Moonlight's shape its decode graph runs 2.03 ms against the aligned path's 2.28 in FP8 at
+  batch 1, 2.49 vs 2.60 in bf16 (benchmarks/results/engine-nvidia-h200-moonlight-*-b12*.json): no
+  alignment, one program per (row block, assignment) over the full H or I on the CUDA cores, 3
+  launches (gate/up, down, sum). With FP8 weights it is weight-only, like FP8Linear's decode
+  `fp8_gemv`: x and h are not quantized to e4m3 (no act_quant launches), so its numbers differ from
+  the aligned path's by that quantization (4.1-4.6% of the output's norm on random data).
 - the aligned kernels below for everything else (prefill, larger decode batches, an explicit
   `config`, MOERAY_FUSED_MOE_GEMV=0): 4 launches with bf16 weights, 6 with FP8.
 
@@ -71,7 +72,7 @@ from moeray.kernels.moe_common import (
     moe_act_dtype,
     moe_sum,
 )
-from moeray.kernels.moe_gemv import MOE_GEMV_MAX_ASSIGNMENTS, check_early_shared, run_moe_gemv
+from moeray.kernels.moe_gemv import check_early_shared, moe_gemv_applies, run_moe_gemv
 from moeray.kernels.moe_tiles import DECODE_BLOCK_M, down_config, mask_rows, moe_config
 
 
@@ -337,8 +338,7 @@ def fused_moe(
     w13_scale [E, 2I/128, H/128] and w2_scale [E, H/128, I/128] (checkpoint scale_inv);
     expert_ids [T, K] int (ids outside [0, E) are skipped), weights [T, K] float.
     No host syncs (CUDA-graph capturable). `fused_moe_gate_up` on w13's halves (moe_gemv
-    up to MOE_GEMV_MAX_ASSIGNMENTS assignments unless MOERAY_FUSED_MOE_GEMV=0).
-    """
+    where `moe_gemv_applies`)."""
     check_tensor(w13_E2IH, "w13", dtypes=(*BF16_IN, FP8_DTYPE), ndim=3)
     e_count, two_i, h_w = w13_E2IH.shape
     if two_i % 2:
@@ -397,7 +397,8 @@ def fused_moe_gate_up(
     `config`: the aligned kernels' tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
     optional MASK_ROWS; `moe_tiles.moe_config` picks them otherwise) and an optional "down" dict of
     BLOCK_N / num_warps / num_stages for the down launch alone.
-    Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K) with no `config` it runs `moe_gemv`
+    Up to MOE_GEMV_MAX_ASSIGNMENTS assignments (T * K; two tokens of small experts: the
+    module docstring) with no `config` it runs `moe_gemv`
     (module docstring; FP8 there is weight-only), unless MOERAY_FUSED_MOE_GEMV=0; `early_shared`
     is moe_gemv's (its promise about the last ids and x; the aligned path has no use for it). On
     CPU tensors outside the interpreter: the chosen path's reference."""
@@ -420,7 +421,7 @@ def fused_moe_gate_up(
     tk = t * k
     # The one choice between the two paths (module docstring): an explicit `config` is a tile
     # config of the aligned kernels, so it keeps them.
-    if config is None and 0 < tk <= MOE_GEMV_MAX_ASSIGNMENTS and not switched_off("MOE_GEMV"):
+    if config is None and moe_gemv_applies(t, k, h, i):
         _wait(add_ready, x_TH)  # its down launch may read add_TH
         return run_moe_gemv(
             x_TH,

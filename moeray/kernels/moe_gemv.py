@@ -93,6 +93,18 @@ from moeray.kernels.moe_gemv_down import _moe_gemv_down_kernel
 # At 8 tokens the 48 picks hit ~35 distinct experts (1.4x the bytes) and 16-row MMAs pay off.
 # `scripts/moe_decode_sweep.py --path both` times the two paths for moving this bound.
 MOE_GEMV_MAX_ASSIGNMENTS = 16
+# Past that bound, two tokens (MTP's verification at batch 1: with the shared expert fused into
+# the gate, V3's and the `small` preset's 9 picks a token make 18) still take moe_gemv where an
+# expert is small, H x I up to MOE_GEMV_PAIR_MAX_HI: there the aligned path's fixed costs (its
+# alignment launch, 16-row MMAs for 2 rows) outweigh re-reading a few small experts. On an H100
+# at 2 tokens and 9 picks, default tiles, weights out of L2
+# (benchmarks/results/moe-gemv-pair-sweep-nvidia-h100-80gb-hbm3.json): the small preset's
+# 1024 x 288 experts 18.1 us against the aligned path's 20.0, and in the engine its MTP cycle 0.840
+# ms against 0.897 (mtp-cycle-nvidia-h100-80gb-hbm3-b1-{pair,aligned}.json); V3's 7168 x 2048
+# experts 505 us against 418 in bf16 and 261 against 233 in FP8, so the aligned path keeps them.
+# 2^22 lies between (Moonlight's 2048 x 1408 = 2.9M runs moe_gemv at 2 tokens anyway: 16 picks).
+# MOERAY_FUSED_MOE_GEMV_PAIR=0 keeps the 16-assignment bound alone (the A/B switch).
+MOE_GEMV_PAIR_MAX_HI = 1 << 22
 _CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages"})
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: the assignments
 
@@ -238,6 +250,18 @@ def _gate_up_act(
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     return tl.math.div_rn(g, 1.0 + neg_exp(g, PRECISE)) * u  # silu(gate) * up, in fp32
+
+
+def moe_gemv_applies(tokens: int, k: int, hidden: int, inter: int) -> bool:
+    """Whether `fused_moe_gate_up` (no explicit tiles) runs moe_gemv for `tokens` tokens of `k`
+    picks over experts [inter, hidden]: up to MOE_GEMV_MAX_ASSIGNMENTS assignments, or two tokens
+    of small experts (MOE_GEMV_PAIR_MAX_HI); never with MOERAY_FUSED_MOE_GEMV=0."""
+    if switched_off("MOE_GEMV") or tokens * k <= 0:
+        return False
+    if tokens * k <= MOE_GEMV_MAX_ASSIGNMENTS:
+        return True
+    pair = tokens <= 2 and hidden * inter <= MOE_GEMV_PAIR_MAX_HI
+    return pair and not switched_off("MOE_GEMV_PAIR")
 
 
 def moe_gemv_config() -> dict:

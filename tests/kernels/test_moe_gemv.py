@@ -2,8 +2,9 @@
 moe_gemv_ref at odd shapes (bf16/fp16/fp32 x, bf16 and fp32 weights, FP8 weights weight-only),
 moe_gemv_ref against the plain float64 math, ids outside [0, E) adding nothing, the GPU's 16-row
 tile giving the interpreter tile's bits, fused_moe_gate_up's dispatch (moe_gemv up to
-MOE_GEMV_MAX_ASSIGNMENTS assignments, the aligned kernels above it, with MOERAY_FUSED_MOE_GEMV=0
-or a config; on CPU without the interpreter the chosen path's reference), and bad inputs.
+MOE_GEMV_MAX_ASSIGNMENTS assignments and at two tokens of small experts, the aligned kernels
+otherwise, with MOERAY_FUSED_MOE_GEMV=0 or a config; on CPU without the interpreter the chosen
+path's reference), and bad inputs.
 
 Tolerances: the kernels and the reference differ only in the order of fp32 sums (and silu's exp,
 numpy's vs torch's, an ulp): fp32 outputs within ~3e-7 of the norm; bf16 and fp16 outputs, rounded
@@ -21,6 +22,7 @@ from moeray.kernels.moe_common import fused_moe_gate_up_ref
 from moeray.kernels.moe_gemv import (
     MOE_GEMV_MAX_ASSIGNMENTS,
     moe_gemv,
+    moe_gemv_applies,
     moe_gemv_config,
     moe_gemv_ref,
 )
@@ -283,6 +285,43 @@ def test_dispatch_by_assignments_switch_and_config(fp8_weights, launch_spy, monk
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "1")
     run(1)
     assert (len(gemv_grids), len(aligned_grids)) == (2, 3)
+
+
+def test_two_tokens_of_small_experts_take_moe_gemv_past_the_bound(launch_spy, monkeypatch):
+    """Past MOE_GEMV_MAX_ASSIGNMENTS (4 here, so 2 tokens x 3 picks pass it) two tokens of small
+    experts still run moe_gemv (MTP's verification at batch 1), with its numbers; three tokens
+    run the aligned kernels, as do two with MOERAY_FUSED_MOE_GEMV_PAIR=0."""
+    for name in ("MOERAY_FUSED_MOE_GEMV", "MOERAY_FUSED_MOE_GEMV_PAIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(gemv_mod, "MOE_GEMV_MAX_ASSIGNMENTS", 4)
+    x, ws, ids, wts, _ = _bf16_case(3, 80, 48, 3, torch.bfloat16, 5)
+    gemv_grids, aligned_grids = _count(launch_spy)
+    out = fused_moe_gate_up(x[:2], *ws, ids[:2], wts[:2])
+    assert (len(gemv_grids), len(aligned_grids)) == (1, 0)
+    _check_close(out, moe_gemv_ref(x[:2], *ws, ids[:2], wts[:2]))
+    fused_moe_gate_up(x, *ws, ids, wts)
+    assert (len(gemv_grids), len(aligned_grids)) == (1, 1)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV_PAIR", "0")
+    fused_moe_gate_up(x[:2], *ws, ids[:2], wts[:2])
+    assert (len(gemv_grids), len(aligned_grids)) == (1, 2)
+
+
+def test_moe_gemv_applies_at_published_shapes(monkeypatch):
+    """The rule at the engine's picks (the shared experts fused into the gate): one token of any
+    model and two of the small preset's or Moonlight's experts take moe_gemv, two tokens of V3's
+    7168 x 2048 experts (9 picks) and three of the small preset's the aligned kernels; the
+    switches turn the pair rule, and moe_gemv, off."""
+    for name in ("MOERAY_FUSED_MOE_GEMV", "MOERAY_FUSED_MOE_GEMV_PAIR"):
+        monkeypatch.delenv(name, raising=False)
+    small, moonlight, v3 = (1024, 288), (2048, 1408), (7168, 2048)
+    assert moe_gemv_applies(1, 9, *v3) and moe_gemv_applies(2, 8, *moonlight)
+    assert moe_gemv_applies(2, 9, *small)
+    assert not moe_gemv_applies(2, 9, *v3)
+    assert not moe_gemv_applies(3, 9, *small) and not moe_gemv_applies(0, 9, *small)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV_PAIR", "0")
+    assert not moe_gemv_applies(2, 9, *small) and moe_gemv_applies(2, 8, *moonlight)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
+    assert not moe_gemv_applies(1, 9, *v3)
 
 
 def test_cpu_without_interpreter_runs_the_chosen_paths_reference(monkeypatch):
