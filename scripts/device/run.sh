@@ -53,6 +53,7 @@
 #   long-prefill       4K-token prefill, expanded vs absorbed MLA, Moonlight and V3 widths (1 GPU)
 #   mtp-async        MTP at batch 1/16 (small preset): plain, synchronous MTP, MTP under async scheduling; their GPU tests (1 GPU, ~5 min; CHAIN=1)
 #   mtp-cycle          an MTP cycle under async scheduling vs a plain step: wall, host launch/resolve/wait, GPU busy (1 GPU, ~3 min)
+#   spec-graph         greedy MTP steps as one CUDA graph (SPEC_GRAPH): GPU tests, mtp cycle with it off/on at b1/b16 (1 GPU, ~3 min)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
 #   wide-ep-v3         DeepSeek-V3 (61 layers, FP8) at ep=8, then 8 layers over 1-8 GPUs (8 GPUs)
@@ -64,7 +65,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,63p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,64p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

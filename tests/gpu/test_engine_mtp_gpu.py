@@ -109,6 +109,7 @@ def _engine(
     graphs: bool,
     async_scheduling: bool | None = None,
     async_spec: bool = False,
+    capture: bool = False,
 ):
     from moeray.platform.engine.engine import Engine, EngineConfig
 
@@ -122,8 +123,9 @@ def _engine(
             use_cuda_graphs=graphs,
             graph_batch_sizes=(1, 2, 4, 8),
             num_speculative_tokens=spec,
-            # lazy: the graph keys then show which S each step used
-            capture_graphs_at_start=False,
+            # lazy by default: the graph keys then show which S each step used (whole-step
+            # "spec" graphs are captured at start only)
+            capture_graphs_at_start=capture,
             async_scheduling=async_scheduling,
             async_scheduling_spec=async_spec,
         ),
@@ -345,6 +347,65 @@ def test_mtp_async_spec_graphs_fp32_exact(trained_small_latent, monkeypatch):
                 if ahead:
                     assert eng._overlap.spec.overlapped_steps >= n // 4, len(groups)
             assert stats[0] == stats[1], stats
+
+
+def test_mtp_spec_graph_fp32_exact(trained_small_latent, monkeypatch):
+    """Greedy MTP steps under async scheduling as one CUDA graph each (spec_step.SpecGraph,
+    captured at start): greedy outputs equal plain decoding's, drafts and acceptances equal the
+    two-graph steps' (MOERAY_FUSED_SPEC_GRAPH=0, which captures none), with drafts mostly
+    accepted and mostly rejected, one request at a time and 5 at once with different lengths
+    (rows leave mid-run: the next inputs gathered, 5 rows and then fewer padded to the captured
+    8, 4, 2, 1); every step launched replayed a whole-step graph."""
+    from moeray.platform.engine.spec_step import SpecGraph
+
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 11)
+    replays = []
+    real_replay = SpecGraph._replay
+
+    def counted(self):
+        replays.append(self.bs)
+        real_replay(self)
+
+    monkeypatch.setattr(SpecGraph, "_replay", counted)
+    from moeray.platform.engine.sampler import SamplingParams
+
+    lengths = [24 - 2 * i for i in range(len(prompts))]
+    for model in (trained_model, random_mtp):
+        plain_eng = _engine(model, spec=0, graphs=False)
+        want = [
+            o.output_token_ids
+            for o in plain_eng.generate(
+                prompts, [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+            )
+        ]
+        res = {}
+        for graph in ("0", "1"):
+            monkeypatch.setenv("MOERAY_FUSED_SPEC_GRAPH", graph)
+            eng = _engine(
+                model, spec=1, graphs=True, async_scheduling=True, async_spec=True, capture=True
+            )
+            keys = sorted(k for k in eng.runner.graphs if k[2] == "spec")
+            assert keys == ([] if graph == "0" else [(b, 2, "spec") for b in (1, 2, 4, 8)])
+            del replays[:]
+            alone = [_generate(eng, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
+            together = [
+                o.output_token_ids
+                for o in eng.generate(
+                    prompts, [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+                )
+            ]
+            assert alone == want and together == want, graph
+            assert eng.runner.graph_status == "captured", eng.runner.graph_status
+            spec = eng._overlap.spec  # each run's steps: launched by a start or ahead
+            launched = spec.overlapped_steps + spec.drained_steps
+            assert launched >= 30 and spec.overlapped_steps >= launched // 2, launched
+            if graph == "1":
+                assert len(replays) == launched and {1, 8} <= set(replays) <= {1, 2, 4, 8}, replays
+            else:
+                assert not replays
+            st = eng.drafter.stats
+            res[graph] = (st.num_draft_tokens, st.num_accepted_tokens)
+        assert res["0"] == res["1"], res
 
 
 def test_mtp_async_spec_sampled_graphs_fp32(trained_small_latent, monkeypatch):

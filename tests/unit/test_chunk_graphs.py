@@ -277,7 +277,7 @@ def test_prefill_replica_captures_chunk_graphs_only(setup, monkeypatch):  # noqa
     # the engine hands the config's choice to the runner's start capture
     seen: list[bool] = []
     monkeypatch.setattr(
-        ModelRunner, "capture_graphs", lambda *a, decode=True: seen.append(decode) or 0
+        ModelRunner, "capture_graphs", lambda *a, decode=True, spec=False: seen.append(decode) or 0
     )
     _cfg, model, _path, prompts, ref = setup
     cfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=32)

@@ -17,12 +17,8 @@ from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import SamplingParams, filtered_probs, sample_from_probs
 from moeray.platform.engine.scheduler import Scheduler
-from moeray.platform.engine.spec_overlap import (
-    SpecOverlap,
-    greedy_verdict,
-    sampled_verdict,
-    spec_step_outputs,
-)
+from moeray.platform.engine.spec_overlap import SpecOverlap
+from moeray.platform.engine.spec_step import greedy_verdict, sampled_verdict, spec_step_outputs
 from moeray.platform.engine.speculative import verify
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moeray.kernels.common import switched_off
 from moeray.platform.checkpoint import load_model
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine_config import EngineConfig
@@ -179,12 +180,18 @@ class Engine:
         )
         self.sampler = Sampler(self.scheduler.eos_token_ids)
         self.drafter = MTPDrafter(model, self.runner, spec) if spec else None
+        overlap = config.async_scheduling
+        if overlap is None:
+            overlap = self.device.type == "cuda"
         if config.capture_graphs_at_start:
             self.runner.capture_graphs(
                 config.max_num_seqs,
                 model.mtp[0] if spec else None,
                 self.dtype,
                 decode=config.capture_decode_graphs,
+                # MTP steps under async scheduling, greedy ones as one graph each (spec_step.py);
+                # MOERAY_FUSED_SPEC_GRAPH=0 keeps them two graphs and eager glue (the A/B switch)
+                spec=overlap and config.async_scheduling_spec and not switched_off("SPEC_GRAPH"),
             )
         self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -194,9 +201,6 @@ class Engine:
         self._exports: dict[str, int] = {}
         self._exported: dict[str, KVRows] = {}
         self.scheduler.before_free = self._export_before_free
-        overlap = config.async_scheduling
-        if overlap is None:
-            overlap = self.device.type == "cuda"
         self._overlap = DecodeOverlap(self) if overlap else None
 
     @classmethod

@@ -162,7 +162,7 @@ class ModelRunner(RunnerGraphs):
         self.mtp_chunk_graphs = True  # the MTP depth's chunk graphs too (with a drafter)
         # prefill chunks run through a chunk graph, by kind (one replay may carry several)
         self.chunk_graph_replays = {"chunk": 0, "mtp_chunk": 0}
-        self._status = {"main": "off", "mtp": "off", "chunk": "off", "mtp_chunk": "off"}
+        self._status = {k: "off" for k in ("main", "mtp", "chunk", "mtp_chunk", "spec")}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
         self.inputs = StepInputs(kv, self.device, self.max_pages, self.scratch_page)

@@ -11,24 +11,9 @@ back, and the host's work runs while the GPU computes. On an H100 (small preset,
 MTP went from 0.86x of plain decoding at batch 1 (synchronous steps) to 1.26x, and from 0.89x to
 1.53x at batch 16; the cycle is then GPU-bound (benchmarks/notes-engine.md).
 
-The step on the device. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start).
-The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the draft accepted: 0 or 1) and
-toks_B2, the tokens after positions s and s + 1 (toks[1] used only where acc):
-    greedy:  toks = argmax of the main logits at both positions, acc = (d == toks[0])
-    sampled: with p0, p1 the filtered distributions at both positions and u0, u1 the row's two
-             uniforms: acc = u0 < p0(d); toks[0] = d where acc, else the residual p0 with d removed
-             sampled at u1; toks[1] = p1 sampled at u1
-    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, toks_B2)
-    next ids   = [toks_B2[b, acc], drafts_B2[b, acc]]               (the new last token, its draft)
-    next start = s + 1 + acc
-This is `MTPDrafter.chain`'s step (why the MTP inputs are exact whatever the verdict is said there)
-and what the synchronous engine then schedules: its verification (`speculative.verify`) emits d and
-toks[1] when d is accepted, else toks[0], drawing the same two uniforms from the request's generator
-in the same order (u0 for the verdict, then u1 for the token after it), and the draft after the new
-last token is the MTP argmax at the last newly valid position. So every forward runs on the inputs
-the synchronous engine would give it, and the outputs are its outputs, sampled ones included. The
-uniforms are drawn on the host at launch (sampled rows only: a greedy row's generator is left
-untouched, as verification leaves it) and go up with the step.
+The step on the device (the verdict, the drafts, the next step's inputs: spec_step.py says what
+they are and why they are exact) runs as the two forwards' graph replays with eager glue between,
+or, for an all-greedy batch whose size was captured, as one replay of `spec_step.SpecGraph`.
 
 The host, one step late. Step N + 1 is launched from step N's device outputs, its rows step N's
 (those still running, less those that surely end at N), with pages reserved for the farthest it can
@@ -59,7 +44,7 @@ from typing import Any
 
 import torch
 
-from moeray.platform.engine.sampler import filtered_probs, sample_from_probs, to_device
+from moeray.platform.engine.sampler import filtered_probs, to_device
 from moeray.platform.engine.scheduler import (
     Request,
     RequestOutput,
@@ -67,6 +52,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
     Status,
 )
+from moeray.platform.engine.spec_step import greedy_verdict, sampled_verdict, spec_step_outputs
 from moeray.platform.engine.speculative import token_uniform, verdict_uniform
 from moeray.platform.engine.step_inputs import copy_to_host
 
@@ -83,46 +69,6 @@ class _SpecStep:
     host_B6: torch.Tensor
     copied: torch.cuda.Event | None
     launched_at: float
-
-
-def greedy_verdict(
-    ids_B2: torch.Tensor, targets_B2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A greedy step's verdict (module docstring) -> (acc [B, 1] int64, toks [B, 2], plain [B]):
-    the targets, accepted where the draft is target 0, plain the token without a draft."""
-    return (ids_B2[:, 1:] == targets_B2[:, :1]).long(), targets_B2, targets_B2[:, 0]
-
-
-def sampled_verdict(
-    ids_B2: torch.Tensor, probs_B2V: torch.Tensor, u_B2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A sampled step's verdict (module docstring), what `speculative.verify` draws from the same
-    probabilities (`filtered_probs` of both rows) and uniforms -> (acc [B, 1] int64, toks [B, 2],
-    plain [B]: `sample_from_probs` of p0 at u0, what a step without the draft samples). A draft
-    that holds all of p0's mass is accepted whatever u0 (verify keeps it: its residual is empty).
-    On the device, nothing read back; a one-hot row (greedy) gives the greedy verdict."""
-    p0_BV, p1_BV = probs_B2V[:, 0], probs_B2V[:, 1]
-    d_B1 = ids_B2[:, 1:]
-    residual_BV = p0_BV.scatter(1, d_B1, 0.0)
-    total_B1 = residual_BV.sum(-1, keepdim=True)
-    acc_B1 = (u_B2[:, :1] < p0_BV.gather(1, d_B1)) | (total_B1 <= 0)
-    # (an empty residual is never sampled from: p0 stands in so no row divides by zero)
-    residual_BV = torch.where(total_B1 > 0, residual_BV / total_B1, p0_BV)
-    rejected_B = sample_from_probs(residual_BV, u_B2[:, 1])
-    toks_B2 = torch.stack(
-        [torch.where(acc_B1[:, 0], d_B1[:, 0], rejected_B), sample_from_probs(p1_BV, u_B2[:, 1])],
-        1,
-    )
-    return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
-
-
-def spec_step_outputs(
-    starts_B: torch.Tensor, acc_B1: torch.Tensor, toks_B2: torch.Tensor, drafts_B2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next step's inputs from a step's verdict and drafts (module docstring): -> (next ids
-    [B, 2], next starts [B]), on the device, no sync."""
-    next_ids_B2 = torch.cat([toks_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
-    return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
 
 
 class SpecOverlap:
@@ -224,8 +170,14 @@ class SpecOverlap:
         bt = runner.inputs.tables_by_id(
             [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
         )
+        greedy = all(r.params.greedy for r in rows)
+        graph = runner.spec_graph(len(rows)) if greedy else None
+        if graph is not None:  # the whole step in one replay (spec_step.SpecGraph)
+            next_ids_B2, next_starts_B, out_B6 = graph.run_step(ids_B2, bt, starts_B)
+            host, copied = copy_to_host(out_B6)
+            return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
         logits_B2V, hidden_B2D = runner.forward_group(ids_B2, bt, starts_B)
-        if all(r.params.greedy for r in rows):
+        if greedy:
             acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
         else:
             B, _, V = logits_B2V.shape

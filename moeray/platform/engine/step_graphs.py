@@ -217,8 +217,12 @@ class StepGraph:
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
         with graph_capture(self.graph, pool=runner.graph_pool):
-            _, (self.logits_BSV, self.hidden_BSD) = self._forward(runner)
+            self._keep(self._forward(runner)[1])
         runner.graph_pool = self.graph.pool()
+
+    def _keep(self, outputs) -> None:
+        """Hold the captured forward's outputs, the static tensors each replay rewrites."""
+        self.logits_BSV, self.hidden_BSD = outputs
 
     def _replay(self) -> None:
         self.graph.replay()

@@ -1,0 +1,138 @@
+"""The device half of an MTP step under async scheduling (engine/spec_overlap.py runs the steps):
+the verdict, the drafts and the next step's inputs, and `SpecGraph`, a greedy step in one CUDA
+graph.
+
+Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft;
+V vocabulary.
+
+The step. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start).
+The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the draft accepted: 0 or 1) and
+toks_B2, the tokens after positions s and s + 1 (toks[1] used only where acc):
+    greedy:  toks = argmax of the main logits at both positions, acc = (d == toks[0])
+    sampled: with p0, p1 the filtered distributions at both positions and u0, u1 the row's two
+             uniforms: acc = u0 < p0(d); toks[0] = d where acc, else the residual p0 with d removed
+             sampled at u1; toks[1] = p1 sampled at u1
+    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, toks_B2)
+    next ids   = [toks_B2[b, acc], drafts_B2[b, acc]]               (the new last token, its draft)
+    next start = s + 1 + acc
+This is `MTPDrafter.chain`'s step (why the MTP inputs are exact whatever the verdict is said there)
+and what the synchronous engine then schedules: its verification (`speculative.verify`) emits d and
+toks[1] when d is accepted, else toks[0], drawing the same two uniforms from the request's generator
+in the same order (u0 for the verdict, then u1 for the token after it), and the draft after the new
+last token is the MTP argmax at the last newly valid position. So every forward runs on the inputs
+the synchronous engine would give it, and the outputs are its outputs, sampled ones included. The
+uniforms are drawn on the host at launch (sampled rows only: a greedy row's generator is left
+untouched, as verification leaves it) and go up with the step.
+
+Why one graph. Run as the main forward's graph, the verdict, the MTP depth's graph and the next
+inputs, a step launched ~35 operations from Python (the graphs' input copies, argmaxes, the
+verdict's and the next inputs' elementwise ops): 0.70 ms of host time at batch 1 on an H100 for
+0.87 ms of GPU work, so a faster kernel would soon have left the step host-bound (small preset,
+benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1.json). `SpecGraph` captures all of it for a
+greedy batch, and writes the next step's ids and starts over its own static inputs, where its next
+replay reads them: a step is then its block table's copy in, one replay and one copy back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeray.platform.engine.paged_view import KernelPagedView
+from moeray.platform.engine.sampler import sample_from_probs
+from moeray.platform.engine.step_graphs import ModelRunner, StepGraph
+
+
+def greedy_verdict(
+    ids_B2: torch.Tensor, targets_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy step's verdict (module docstring) -> (acc [B, 1] int64, toks [B, 2], plain [B]):
+    the targets, accepted where the draft is target 0, plain the token without a draft."""
+    return (ids_B2[:, 1:] == targets_B2[:, :1]).long(), targets_B2, targets_B2[:, 0]
+
+
+def sampled_verdict(
+    ids_B2: torch.Tensor, probs_B2V: torch.Tensor, u_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampled step's verdict (module docstring), what `speculative.verify` draws from the same
+    probabilities (`filtered_probs` of both rows) and uniforms -> (acc [B, 1] int64, toks [B, 2],
+    plain [B]: `sample_from_probs` of p0 at u0, what a step without the draft samples). A draft
+    that holds all of p0's mass is accepted whatever u0 (verify keeps it: its residual is empty).
+    On the device, nothing read back; a one-hot row (greedy) gives the greedy verdict."""
+    p0_BV, p1_BV = probs_B2V[:, 0], probs_B2V[:, 1]
+    d_B1 = ids_B2[:, 1:]
+    residual_BV = p0_BV.scatter(1, d_B1, 0.0)
+    total_B1 = residual_BV.sum(-1, keepdim=True)
+    acc_B1 = (u_B2[:, :1] < p0_BV.gather(1, d_B1)) | (total_B1 <= 0)
+    # (an empty residual is never sampled from: p0 stands in so no row divides by zero)
+    residual_BV = torch.where(total_B1 > 0, residual_BV / total_B1, p0_BV)
+    rejected_B = sample_from_probs(residual_BV, u_B2[:, 1])
+    toks_B2 = torch.stack(
+        [torch.where(acc_B1[:, 0], d_B1[:, 0], rejected_B), sample_from_probs(p1_BV, u_B2[:, 1])],
+        1,
+    )
+    return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
+
+
+def spec_step_outputs(
+    starts_B: torch.Tensor, acc_B1: torch.Tensor, toks_B2: torch.Tensor, drafts_B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next step's inputs from a step's verdict and drafts (module docstring): -> (next ids
+    [B, 2], next starts [B]), on the device, no sync."""
+    next_ids_B2 = torch.cat([toks_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
+    return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
+
+
+class SpecGraph(StepGraph):
+    """A greedy MTP step (the module docstring) captured whole for bs rows of 2 tokens: the main
+    forward, the verdict, `mtp_module`'s forward over the verdict's tokens, the drafts, the next
+    step's inputs and the [toks, acc, plain, drafts] the host reads back (`host_B6`). The next
+    step's ids and starts overwrite this graph's static inputs (after every read of them, in
+    stream order), so a replay that follows its own needs no input copies."""
+
+    def __init__(
+        self, runner: ModelRunner, bs: int, mtp_module, hidden_dtype: torch.dtype | None = None
+    ) -> None:
+        self.depth = mtp_module  # (set before StepGraph's __init__ captures)
+        super().__init__(runner, bs, 2)
+        self.hidden_dtype = hidden_dtype
+
+    def _forward(self, runner: ModelRunner):
+        ids_B2, starts_B = self.ids_BS, self.starts_B
+        view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
+        logits_B2V, hidden_B2D = runner._forward_model(ids_B2, view, 0)
+        acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+        mtp_view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
+        mtp_logits_B2V, _ = runner._forward_mtp(self.depth, hidden_B2D, toks_B2, mtp_view, 0)
+        drafts_B2 = mtp_logits_B2V.argmax(-1)
+        next_ids_B2, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_B2, drafts_B2)
+        host_B6 = torch.cat([toks_B2, acc_B1, plain_B[:, None], drafts_B2], 1)
+        ids_B2.copy_(next_ids_B2)
+        starts_B.copy_(next_starts_B)
+        return view, (host_B6,)
+
+    def _keep(self, outputs) -> None:
+        (self.host_B6,) = outputs
+
+    def run_step(
+        self, ids_B2: torch.Tensor, block_table_BM: torch.Tensor, starts_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay one step on B <= bs rows -> (next ids [B, 2], next starts [B], [B, 6] of toks,
+        acc, plain, drafts): views of the static buffers, valid until the next replay. Inputs
+        that are this graph's own next inputs (the views its last replay returned) are where
+        they belong and are not copied."""
+        b, m = block_table_BM.shape
+        if not self._own(ids_B2, self.ids_BS, b):
+            self.ids_BS[:b].copy_(ids_B2)
+        if not self._own(starts_B, self.starts_B, b):
+            self.starts_B[:b].copy_(starts_B)
+        # padding rows (none at a full batch: empty slices launch nothing), as StepGraph.run
+        self.ids_BS[b:].zero_()
+        self.starts_B[b:].zero_()
+        self.block_table_BM[b:].fill_(self.scratch_page)
+        self.block_table_BM[:b, :m].copy_(block_table_BM)
+        self._replay()
+        return self.ids_BS[:b], self.starts_B[:b], self.host_B6[:b]
+
+    @staticmethod
+    def _own(t: torch.Tensor, static: torch.Tensor, b: int) -> bool:
+        return t.data_ptr() == static.data_ptr() and t.shape[0] == b and t.is_contiguous()
