@@ -14,9 +14,10 @@ one head and BC latent columns of W_UK over the whole N (128 at V3 and Moonlight
 once for all T tokens: 16 KB a program at BC = 64, 1,024 programs at V3's 128 heads; BC = 32 where
 64 would give fewer than two programs an SM (Moonlight: 16 heads x 16 blocks = 256 programs). Past
 ABSORB_MAX_ROWS the per-token loop would re-read nothing but lengthen every program, and a GEMM
-serves better: the caller absorbs first (`head_matmul`) and packs with `mla_write_pack`.
-The program of (head h, block 0) also rotates head h's rope query for every token, and that of
-(head 0, block 0) writes every token's cache row.
+serves better: the caller absorbs first (`head_matmul`) and packs with `mla_write_pack`. Where
+the grid is small, each of the tokens gets its own programs instead (`absorb_token_programs`).
+The program of (head h, block 0) also rotates head h's rope query for each of its tokens, and
+that of (head 0, block 0) writes their cache rows.
 
 PDL (sm_90, `common.pdl_launch`), gemv's rule: a program loads its W_UK tile before it waits for
 the previous kernel, so the read overlaps that kernel's tail; the query, the latent and every store
@@ -62,6 +63,20 @@ def absorb_block_c(heads: int, c: int, sms: int) -> int:
     gives two programs an SM, else 32 (H200, 132 SMs: 32 at Moonlight's 16 heads, 256 programs;
     64 at V3's 128, 1,024)."""
     return 64 if heads * triton.cdiv(c, 64) >= 2 * sms else 32
+
+
+def absorb_token_programs(programs: int, tokens: int, sms: int) -> bool:
+    """Whether each of a few tokens gets its own programs (grid axis 2) rather than one program
+    looping over them with the W_UK tile in registers: where the grid of one token's `programs`
+    times `tokens` stays within 4 programs an SM (Moonlight's and the small preset's 16 heads at
+    2 tokens: 512 on an H200's 132 SMs; V3's 128 heads keep the loop), as at MTP's 2-token
+    verification, whose serial loop made each launch ~2x a token's. The tile is then read once
+    a token (the repeats from L2). On an H100 the small preset's MTP cycle at batch 1 took 0.793
+    ms with it against 0.815 without (benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1-wuk
+    {split,loop}.json). MOERAY_FUSED_MLA_WUK_SPLIT=0: always the loop."""
+    if tokens < 2 or switched_off("MLA_WUK_SPLIT"):
+        return False
+    return programs * tokens <= 4 * sms
 
 
 def mla_write_absorb_ref(
@@ -171,7 +186,11 @@ def _mla_write_absorb_kernel(
     wf = w.to(tl.float32)
     K = C + 2 * R2
     offs_j = tl.arange(0, R2P)
-    for r in tl.static_range(ROWS):
+    # tokens program_id(2) .. + ROWS - 1: all of them in one program (ROWS = ABSORB_MAX_ROWS, one
+    # program along axis 2), or one each (ROWS = 1, `absorb_token_programs`)
+    r0 = tl.program_id(2)
+    for i in tl.static_range(ROWS):
+        r = r0 + i
         if r < T:
             b = r // S
             s = r % S
@@ -245,7 +264,8 @@ def mla_write_absorb(
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     bc = absorb_block_c(H, C, sms)
     np_ = triton.next_power_of_2(N)
-    _mla_write_absorb_kernel[(H, triton.cdiv(C, bc))](
+    per_token = absorb_token_programs(H * triton.cdiv(C, bc), B * S, sms)
+    _mla_write_absorb_kernel[(H, triton.cdiv(C, bc), B * S if per_token else 1)](
         cache_PNK,
         slots_T,
         kv_BSC,
@@ -282,7 +302,7 @@ def mla_write_absorb(
         sin.stride(1),
         NORM=norm is not None,
         ROPE=rope is not None,
-        ROWS=ABSORB_MAX_ROWS,
+        ROWS=1 if per_token else ABSORB_MAX_ROWS,
         NP=np_,
         BC=bc,
         CP=triton.next_power_of_2(C),

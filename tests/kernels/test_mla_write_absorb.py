@@ -14,6 +14,7 @@ from moeray.kernels import mla_write_absorb as absorb_mod
 from moeray.kernels.mla_write_absorb import (
     ABSORB_MAX_ROWS,
     absorb_block_c,
+    absorb_token_programs,
     mla_write_absorb,
     mla_write_absorb_applies,
     mla_write_absorb_ref,
@@ -69,7 +70,7 @@ def test_mla_write_absorb_equals_reference(wuk_on, launch_spy, dtype, B, S, H, N
     assert mla_write_absorb_applies(cache, *args, norm=norm, rope=rope)
     q = mla_write_absorb(cache, slots, *args, norm=norm, rope=rope)
     q_ref = mla_write_absorb_ref(ref_cache, slots, *args, norm=norm, rope=rope)
-    assert grids == [(H, -(-C // 64))] and packs == []
+    assert grids == [(H, -(-C // 64), 1)] and packs == []  # (one "SM": tokens in a loop)
     assert q.is_contiguous() and q.shape == (B, S, H, C + R)
     assert torch.equal(q[..., C:], q_ref[..., C:])  # the rotated rope query: the same bits
     assert _close_latent(q[..., :C], q_ref[..., :C], dtype)
@@ -88,6 +89,37 @@ def test_mla_write_absorb_without_norm_and_rope(wuk_on):
     q_ref = mla_write_absorb_ref(ref_cache, slots, kv, pe, q_nope, w_uk, q_pe)
     assert torch.equal(cache, ref_cache) and torch.equal(q[..., 20:], q_pe)
     assert _close_latent(q[..., :20], q_ref[..., :20], torch.float32)
+
+
+@pytest.mark.parametrize(("B", "S"), [(1, 2), (3, 1), (2, 2)])
+def test_mla_write_absorb_per_token_programs_give_the_loops_bits(
+    wuk_on, launch_spy, monkeypatch, B, S
+):
+    """A program per token (grid axis 2, `absorb_token_programs`) writes what one program
+    looping over the tokens writes: the query and the cache rows, bit for bit."""
+    H, N, C, R, dtype = 3, 24, 136, 4, torch.bfloat16
+    case = _case(B, S, H, N, C, R, dtype, 7)
+    cache, slots, kv, pe, q_nope, w_uk, q_pe, norm, rope = case
+    grids = launch_spy(absorb_mod, "_mla_write_absorb_kernel")
+    args = (slots, kv, pe, q_nope, w_uk, q_pe)
+    loop_cache = cache.clone()
+    q_loop = mla_write_absorb(loop_cache, *args, norm=norm, rope=rope)
+    monkeypatch.setattr(absorb_mod, "absorb_token_programs", lambda p, t, sms: True)
+    q = mla_write_absorb(cache, *args, norm=norm, rope=rope)
+    assert grids == [(H, 3, 1), (H, 3, B * S)]
+    assert torch.equal(q, q_loop) and torch.equal(cache.nan_to_num(), loop_cache.nan_to_num())
+    assert not cache.view(-1, C + R)[slots].isnan().any()
+
+
+def test_absorb_token_programs_rule(monkeypatch):
+    """A program per token where the grid stays within 4 programs an SM (16 heads x 16 blocks x 2
+    tokens on 132 SMs), one looping program at one token, at V3's 128 heads, and with the switch
+    off."""
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUK_SPLIT", raising=False)
+    assert absorb_token_programs(16 * 16, 2, 132) and not absorb_token_programs(16 * 16, 1, 132)
+    assert not absorb_token_programs(128 * 8, 2, 132) and not absorb_token_programs(256, 4, 132)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK_SPLIT", "0")
+    assert not absorb_token_programs(16 * 16, 2, 132)
 
 
 def test_absorb_block_keeps_two_programs_an_sm():
