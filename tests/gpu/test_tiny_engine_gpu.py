@@ -77,8 +77,9 @@ def test_tiny_bf16_decode_graphs_capture():
 
 def test_engine_captures_every_decode_graph_at_start():
     """EngineConfig.capture_graphs_at_start: every padded batch size up to max_num_seqs, S = 1
-    and 2, main and MTP, and by default each prefill-chunk bucket to 256 tokens (main and MTP),
-    before the first request, so no step pays for a capture."""
+    and 2, main and MTP, the whole-step MTP graph (S = 2, async scheduling's MTP steps), and by
+    default each prefill-chunk bucket to 256 tokens (main and MTP), before the first request, so
+    no step pays for a capture."""
     from moeray.platform.config import tiny
     from moeray.platform.engine.engine import Engine, EngineConfig
     from moeray.platform.model.transformer import Transformer
@@ -97,6 +98,7 @@ def test_engine_captures_every_decode_graph_at_start():
     )
     eng = Engine(model, EngineConfig(**engine_cfg))
     want = {(bs, S, kind) for bs in (1, 2, 4, 8) for S in (1, 2) for kind in ("main", "mtp")}
+    want |= {(bs, 2, "spec") for bs in (1, 2, 4, 8)}
     assert eng.runner.chunk_buckets == (16, 32, 64, 128, 256)
     # chunk graphs: bs up to 8 (the padded max_num_seqs), bs x S within the longest chunk (64
     # pages of 16 tokens: max_model_len 1,024, under the 2,048-token budget)
