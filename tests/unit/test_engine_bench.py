@@ -474,6 +474,7 @@ def test_mtp_section_times_greedy_and_sampled_arms():
     row = r["1"]
     assert row["outputs_identical"] and row["async_spec"]["outputs_identical"]
     assert row["async_spec"]["overlapped_steps"] > 0 and row["acceptance"] > 0
+    assert row["async_spec"]["spec_graph_steps"] == 0  # on CPU: no graphs, every step two forwards
     s = row["sampled"]
     assert s["temperature"] == 1.5 and s["async_spec_outputs_equal_sync"], s
     assert s["async_spec_overlapped_steps"] > 0

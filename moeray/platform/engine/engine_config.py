@@ -49,8 +49,8 @@ class EngineConfig:
     async_scheduling_prefill: bool = False
     # ... and MTP speculative steps (sampled ones with async_scheduling_sampled): the verdict and
     # the next step's ids and positions computed on the device, read back one step late
-    # (engine/spec_overlap.py). H100, small preset, acceptance ~1: MTP at 1.26x plain decoding at
-    # batch 1 and 1.53x at 16, where synchronous MTP steps ran at 0.86x / 0.89x
+    # (engine/spec_overlap.py). H100, small preset, acceptance ~1: MTP at 1.41x plain decoding at
+    # batch 1 and 1.54x at 16, where synchronous MTP steps ran at 1.07x / 0.90x
     # (benchmarks/notes-engine.md).
     async_scheduling_spec: bool = True
     # Prefill chunks of up to this many tokens (one sequence, no prompt logprobs) replay a CUDA

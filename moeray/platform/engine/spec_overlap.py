@@ -8,8 +8,8 @@ Why. A synchronous MTP step (engine.py) reads its targets and next drafts back a
 verify, scheduler update, schedule and input building before the next forward, with the GPU idle
 meanwhile. Here the next step's inputs are computed on the device, so its launch needs nothing read
 back, and the host's work runs while the GPU computes. On an H100 (small preset, acceptance ~1)
-MTP went from 0.86x of plain decoding at batch 1 (synchronous steps) to 1.26x, and from 0.89x to
-1.53x at batch 16; the cycle is then GPU-bound (benchmarks/notes-engine.md).
+MTP runs at 1.41x plain decoding at batch 1 where synchronous steps run at 1.07x, and at 1.54x
+against 0.90x at batch 16; the cycle is GPU-bound (benchmarks/notes-engine.md).
 
 The step on the device (the verdict, the drafts, the next step's inputs: spec_step.py says what
 they are and why they are exact) runs as the two forwards' graph replays with eager glue between,

@@ -95,6 +95,7 @@ class SpecGraph(StepGraph):
         self.depth = mtp_module  # (set before StepGraph's __init__ captures)
         super().__init__(runner, bs, 2)
         self.hidden_dtype = hidden_dtype
+        self.replays = 0  # steps run through this graph
 
     def _forward(self, runner: ModelRunner):
         ids_B2, starts_B = self.ids_BS, self.starts_B
@@ -131,6 +132,7 @@ class SpecGraph(StepGraph):
         self.block_table_BM[b:].fill_(self.scratch_page)
         self.block_table_BM[:b, :m].copy_(block_table_BM)
         self._replay()
+        self.replays += 1
         return self.ids_BS[:b], self.starts_B[:b], self.host_B6[:b]
 
     @staticmethod

@@ -14,6 +14,7 @@ import torch
 
 from moeray.platform.engine.bench.decode import engine_decode, release_engines
 from moeray.platform.engine.engine import Engine, EngineConfig
+from moeray.platform.engine.spec_step import SpecGraph
 from moeray.platform.engine.speculative import SpecStats
 
 
@@ -45,6 +46,8 @@ def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
         eng.drafter.stats = SpecStats()  # count the timed run only
     spec = eng._overlap.spec if eng._overlap is not None else None
     launched = spec.overlapped_steps if spec is not None else 0
+    whole = [g for g in eng.runner.graphs.values() if isinstance(g, SpecGraph)]
+    replayed = sum(g.replays for g in whole)
     drained: list[int] = []
     rate, outs = engine_decode(eng, prompts, n, temperature=temperature, drains=drained)
     return {
@@ -56,6 +59,8 @@ def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
         # steps launched while another was in flight, and timed steps that drained the overlap
         "overlapped": spec.overlapped_steps - launched if spec is not None else None,
         "drained": drained[0] if drained else None,
+        # timed steps that ran as one whole-step graph (spec_step.SpecGraph)
+        "spec_graph_steps": sum(g.replays for g in whole) - replayed,
     }
 
 
@@ -79,7 +84,8 @@ def mtp_speedup(
 ) -> dict[str, dict]:
     """MTP on the training text (module docstring), per batch size: the synchronous arm's row
     (tokens_per_s, speedup, acceptance, outputs against plain greedy), `async_spec` (the same for
-    MTP under async scheduling, with its overlapped and drained steps) and, with a.temperature >
+    MTP under async scheduling, with its overlapped and drained steps and those that replayed a
+    whole-step graph, `spec_graph_steps`) and, with a.temperature >
     0, `sampled` (plain / synchronous / async tokens/s at that temperature, the speedups, and
     whether the two MTP arms' tokens are equal)."""
     out: dict[str, dict] = {}
@@ -101,6 +107,7 @@ def mtp_speedup(
                 row["async_spec"] = _mtp_row(ahead, plain)
                 row["async_spec"]["overlapped_steps"] = ahead["overlapped"]
                 row["async_spec"]["drained_steps"] = ahead["drained"]
+                row["async_spec"]["spec_graph_steps"] = ahead["spec_graph_steps"]
                 out[str(B)] = row
             else:
                 out[str(B)]["sampled"] = {
