@@ -66,6 +66,24 @@ def test_top_k_and_top_p_filters():
     assert set(p[2].nonzero().flatten().tolist()) == set(keep[qo[:m]].tolist())
 
 
+def test_a_rows_filtered_probs_do_not_depend_on_its_batch_mates():
+    """Each row's filtered distribution is the one it gets alone, whatever its batch-mates ask:
+    a top_p = 1 row beside a top_p < 1 one keeps every token (its fp32 running sum reaches 1.0
+    before the last tokens, so a drop applied to all rows would cut ~1,000 of 32,768 here), and
+    likewise top-k, min-p and temperature rows beside others."""
+    big = torch.randn(4, 32768, generator=torch.Generator().manual_seed(0)) * 3
+    rows = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.2, top_k=50),
+        SamplingParams(temperature=0.9, min_p=0.05),
+    ]
+    together = filtered_probs(big, rows)
+    for i, p in enumerate(rows):
+        assert torch.equal(together[i], filtered_probs(big[i : i + 1], [p])[0]), p
+    assert (together[0] > 0).all()
+
+
 def test_temperature_sampling_matches_distribution():
     x = logits(1, seed=2)[:, :6]
     params = SamplingParams(temperature=0.7)

@@ -124,14 +124,18 @@ def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) ->
     probs = logits.softmax(dim=-1)
     top_ps = [p.top_p for p in params]
     if any(tp < 1.0 for tp in top_ps):
-        # top-p: the smallest set of most likely tokens whose mass reaches p (always >= 1 token)
+        # top-p: the smallest set of most likely tokens whose mass reaches p (always >= 1 token),
+        # in the rows that ask for it only: a row at top_p = 1 whose fp32 running sum reaches 1.0
+        # early would otherwise lose its tail tokens (~1,000 of 32,768 on random logits) and be
+        # renormalized, its numbers depending on its batch-mates' settings
         sorted_p, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_p.cumsum(-1) - sorted_p
         tp = to_device(top_ps, torch.float32, device)[:, None]
-        drop_sorted = mass_before >= tp
+        use = tp < 1.0
+        drop_sorted = (mass_before >= tp) & use
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = torch.where(use, probs / probs.sum(-1, keepdim=True), probs)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     if greedy_rows:
         rows = to_device(greedy_rows, torch.int64, device)
