@@ -17,6 +17,7 @@ and MTP drafts are mostly accepted on cycle prompts and mostly rejected on rando
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -406,6 +407,58 @@ def test_mtp_spec_graph_fp32_exact(trained_small_latent, monkeypatch):
             st = eng.drafter.stats
             res[graph] = (st.num_draft_tokens, st.num_accepted_tokens)
         assert res["0"] == res["1"], res
+
+
+def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch):
+    """MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1: sampled MTP steps under async scheduling as one CUDA
+    graph each (kinds "spec_sampled" and "spec_top_p"), seeded requests with temperature alone,
+    with top-p, and a greedy row among them: the tokens and acceptance counts of the two-graph
+    steps (the switch off, which captures no sampled graph), drafts accepted and rejected; the
+    sampled graphs replayed; a batch with top-k rows takes the two-graph step."""
+    from moeray.platform.engine.sampler import SamplingParams
+    from moeray.platform.engine.spec_step import SpecGraph
+
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 13)
+    replays: list[str] = []
+    real_replay = SpecGraph._replay
+
+    def counted(self):
+        replays.append(self.kind)
+        real_replay(self)
+
+    monkeypatch.setattr(SpecGraph, "_replay", counted)
+    n = 20
+    batches = {
+        "spec_sampled": [SamplingParams(temperature=t, max_tokens=n) for t in (1.0, 0.7, 0, 1.3)],
+        "spec_top_p": [SamplingParams(temperature=0.9, top_p=tp, max_tokens=n) for tp in (1, 0.8)],
+        "none": [SamplingParams(temperature=1.0, top_k=8, max_tokens=n)] * 2,
+    }
+    for model in (trained_model, random_mtp):
+        for kind, params in batches.items():
+            params = [dataclasses.replace(p, seed=50 + i) for i, p in enumerate(params)]
+            res = {}
+            for on in ("0", "1"):
+                monkeypatch.setenv("MOERAY_FUSED_SPEC_GRAPH_SAMPLED", on)
+                eng = _engine(
+                    model, spec=1, graphs=True, async_scheduling=True, async_spec=True, capture=True
+                )
+                kinds = {k[2] for k in eng.runner.graphs if k[2].startswith("spec")}
+                assert kinds == ({"spec"} if on == "0" else {"spec", "spec_sampled", "spec_top_p"})
+                del replays[:]
+                outs = eng.generate(prompts[: len(params)], params)
+                st = eng.drafter.stats
+                res[on] = (
+                    [o.output_token_ids for o in outs],
+                    st.num_draft_tokens,
+                    st.num_accepted_tokens,
+                )
+                assert eng._overlap.spec.overlapped_steps >= n // 4
+                # (a greedy row left alone at the end replays the greedy graph)
+                if on == "1" and kind != "none":
+                    assert kind in replays and set(replays) <= {kind, "spec"}, set(replays)
+                else:
+                    assert set(replays) <= {"spec"}, (kind, on, set(replays))
+            assert res["0"] == res["1"], kind
 
 
 def test_mtp_async_spec_sampled_graphs_fp32(trained_small_latent, monkeypatch):

@@ -8,6 +8,7 @@ from moeray.platform.engine.sampler import (
     History,
     Sampler,
     SamplingParams,
+    apply_filters,
     filtered_probs,
     last_rows,
     make_generator,
@@ -82,6 +83,28 @@ def test_a_rows_filtered_probs_do_not_depend_on_its_batch_mates():
     for i, p in enumerate(rows):
         assert torch.equal(together[i], filtered_probs(big[i : i + 1], [p])[0]), p
     assert (together[0] > 0).all()
+
+
+def test_a_filter_no_row_uses_changes_nothing():
+    """`apply_filters` with a filter present whose every row has it off (min-p 0, top-p 1, no
+    greedy row) gives the bits of the call without it: a CUDA graph captured with a filter serves
+    batches that do not use it (engine/spec_step.py)."""
+    x = torch.randn(3, 500, generator=torch.Generator().manual_seed(4)) * 3
+    temps = torch.tensor([0.7, 1.0, 1.3])
+    plain = apply_filters(x, temps, None)
+    assert torch.equal(
+        plain, filtered_probs(x, [SamplingParams(temperature=t) for t in (0.7, 1.0, 1.3)])
+    )
+    off = dict(min_ps_B=torch.zeros(3), top_ps_B=torch.ones(3))
+    assert torch.equal(apply_filters(x, temps, torch.zeros(3, dtype=torch.bool), **off), plain)
+    top_k = (5, torch.tensor([4, 0, 0]), torch.tensor([False, False, False]))
+    assert torch.equal(apply_filters(x, temps, None, top_k=top_k), plain)
+    # and with them on, the rows that use them change
+    some = apply_filters(
+        x, temps, torch.tensor([True, False, False]), top_ps_B=torch.tensor([1.0, 0.5, 1.0])
+    )
+    assert torch.equal(some[2], plain[2]) and not torch.equal(some[1], plain[1])
+    assert torch.equal(some[0], torch.nn.functional.one_hot(x[0].argmax(), 500).float())
 
 
 def test_temperature_sampling_matches_distribution():

@@ -18,7 +18,13 @@ from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import SamplingParams, filtered_probs, sample_from_probs
 from moeray.platform.engine.scheduler import Scheduler
 from moeray.platform.engine.spec_overlap import SpecOverlap
-from moeray.platform.engine.spec_step import greedy_verdict, sampled_verdict, spec_step_outputs
+from moeray.platform.engine.spec_step import (
+    greedy_verdict,
+    sampled_verdict,
+    spec_graph_kind,
+    spec_graph_rows,
+    spec_step_outputs,
+)
 from moeray.platform.engine.speculative import verify
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
@@ -137,6 +143,24 @@ def test_spec_step_outputs_pick_by_the_verdict():
     assert starts.tolist() == [12, 21, 31]
 
 
+def test_spec_graph_kind_by_the_rows_settings():
+    """Which whole-step graph a batch replays: greedy batches "spec"; sampled rows with
+    temperature (and top-p: "spec_top_p") "spec_sampled", greedy rows among them read as
+    one-hots whatever their own settings; min-p or top-k in a sampled row: none (their filters'
+    shapes are chosen on the host). The settings a sampled graph reads, a row each."""
+    g, t = SamplingParams(temperature=0), SamplingParams(temperature=0.8)
+    tp, V = SamplingParams(temperature=0.8, top_p=0.9), 100
+    assert spec_graph_kind([g, g], V) == "spec"
+    assert spec_graph_kind([g, t], V) == "spec_sampled"
+    assert spec_graph_kind([t, tp, g], V) == "spec_top_p"
+    assert spec_graph_kind([SamplingParams(temperature=0, top_p=0.5), t], V) == "spec_sampled"
+    assert spec_graph_kind([t, SamplingParams(temperature=1.0, top_k=5)], V) is None
+    assert spec_graph_kind([t, SamplingParams(temperature=1.0, top_k=V)], V) == "spec_sampled"
+    assert spec_graph_kind([SamplingParams(temperature=1.0, min_p=0.1)], V) is None
+    rows = spec_graph_rows([g, tp], [(0.5, 0.5), (0.25, 0.75)])
+    assert rows == [[1.0, 1.0, 1.0, 0.5, 0.5], [0.8, 0.9, 0.0, 0.25, 0.75]]
+
+
 def test_sampled_verdict_is_what_verify_draws():
     """Row by row, `sampled_verdict` emits what `speculative.verify` emits from the same logits,
     params and generator state (accepted: [d, toks 1]; rejected: [toks 0]), plain is the plain
@@ -168,8 +192,7 @@ def test_sampled_verdict_is_what_verify_draws():
         want_plain.append(int(sample_from_probs(filtered_probs(logits[b, :1], [p]), u0)[0]))
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     rows = [SimpleNamespace(params=p, generator=gen) for p, gen in zip(params, gens, strict=True)]
-    overlap = SimpleNamespace(engine=SimpleNamespace(device=torch.device("cpu")))
-    u = SpecOverlap._uniforms(overlap, rows)
+    u = torch.tensor(SpecOverlap._uniforms(SimpleNamespace(), rows))
     probs = filtered_probs(logits.reshape(2 * B, V), [p for p in params for _ in (0, 1)])
     acc, toks, plain = sampled_verdict(ids, probs.view(B, 2, V), u)
     got = [t[:2] if a else t[:1] for t, a in zip(toks.tolist(), acc[:, 0].tolist(), strict=True)]

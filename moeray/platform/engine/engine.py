@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from moeray.kernels.common import switched_off
+from moeray.kernels.common import switched_off, switched_on
 from moeray.platform.checkpoint import load_model
 from moeray.platform.engine.disagg import KVRows
 from moeray.platform.engine.engine_config import EngineConfig
@@ -57,6 +57,7 @@ from moeray.platform.engine.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from moeray.platform.engine.spec_step import SPEC_KINDS
 from moeray.platform.engine.speculative import MTPDrafter, greedy_targets, require_mtp, verify
 from moeray.platform.model.merge import merge_projections, merged_parts
 from moeray.platform.model.quant import keep_bf16_copies
@@ -189,9 +190,7 @@ class Engine:
                 model.mtp[0] if spec else None,
                 self.dtype,
                 decode=config.capture_decode_graphs,
-                # MTP steps under async scheduling, greedy ones as one graph each (spec_step.py);
-                # MOERAY_FUSED_SPEC_GRAPH=0 keeps them two graphs and eager glue (the A/B switch)
-                spec=overlap and config.async_scheduling_spec and not switched_off("SPEC_GRAPH"),
+                spec=self._spec_graph_kinds(overlap),
             )
         self._grammar_set: GrammarSet | None = None  # built at the first structured request
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -202,6 +201,15 @@ class Engine:
         self._exported: dict[str, KVRows] = {}
         self.scheduler.before_free = self._export_before_free
         self._overlap = DecodeOverlap(self) if overlap else None
+
+    def _spec_graph_kinds(self, overlap: bool) -> tuple[str, ...]:
+        """The whole-step graphs (spec_step.py) MTP steps under async scheduling replay: greedy
+        steps' unless MOERAY_FUSED_SPEC_GRAPH=0 (the A/B switch: two graphs and eager glue), and
+        sampled steps' with MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1 (opt-in, not yet timed on a GPU)."""
+        if not (overlap and self.config.async_scheduling_spec) or switched_off("SPEC_GRAPH"):
+            return ()
+        sampled = self.config.async_scheduling_sampled and switched_on("SPEC_GRAPH_SAMPLED")
+        return SPEC_KINDS if sampled else SPEC_KINDS[:1]
 
     @classmethod
     def from_pretrained(

@@ -71,6 +71,7 @@ from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.runner_graphs import PAD_MAX_S, RunnerGraphs
 from moeray.platform.engine.scheduler import PENDING, ScheduledSeq
+from moeray.platform.engine.spec_step import SPEC_KINDS
 from moeray.platform.engine.step_graphs import StepGraph, chunk_buckets
 from moeray.platform.engine.step_inputs import StepInputs, known, pad_ids
 
@@ -162,7 +163,7 @@ class ModelRunner(RunnerGraphs):
         self.mtp_chunk_graphs = True  # the MTP depth's chunk graphs too (with a drafter)
         # prefill chunks run through a chunk graph, by kind (one replay may carry several)
         self.chunk_graph_replays = {"chunk": 0, "mtp_chunk": 0}
-        self._status = {k: "off" for k in ("main", "mtp", "chunk", "mtp_chunk", "spec")}
+        self._status = {k: "off" for k in ("main", "mtp", "chunk", "mtp_chunk", *SPEC_KINDS)}
         self.attention_calls = {"update": 0, "attend": 0, "expanded": 0}
         self.gang: Gang | None = None  # set by an expert-parallel engine
         self.inputs = StepInputs(kv, self.device, self.max_pages, self.scratch_page)

@@ -4,9 +4,10 @@ on first use for decode groups), which one a forward replays, and their status.
 
 Kinds (step_graphs.py says how each is captured): "main" and "mtp" for decode groups of
 S <= PAD_MAX_S tokens a row, "chunk" and "mtp_chunk" for prefill chunks padded to a bucket, and
-"spec" for a whole greedy MTP step under async scheduling (spec_step.py's SpecGraph, S = 2). A
-failed capture turns its kind off with the reason in `graph_status`; those forwards then run
-eagerly (a failed "spec" capture: its steps as two graph replays).
+"spec" for a whole greedy MTP step under async scheduling (spec_step.py's SpecGraph, S = 2;
+opt-in "spec_sampled" and "spec_top_p" for sampled ones). A failed capture turns its kind off
+with the reason in `graph_status`; those forwards then run eagerly (a failed whole-step capture:
+its steps as two graph replays).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moeray.platform.engine.spec_step import SpecGraph
+from moeray.platform.engine.spec_step import SPEC_KINDS, SpecGraph
 from moeray.platform.engine.step_graphs import StepGraph, chunk_graph_shapes, chunk_replay_plan
 from moeray.platform.engine.step_inputs import StepInputs, pad_ids
 
@@ -59,11 +60,11 @@ class RunnerGraphs:
     def graph_status(self) -> str:
         """ "off", "captured" (every graph kind used so far captured), or "disabled: <why>" when
         the main forward could not be captured; a failure of another kind alone reads
-        "captured; <kind> disabled: <why>" (kinds mtp, chunk, mtp_chunk, spec)."""
+        "captured; <kind> disabled: <why>" (kinds mtp, chunk, mtp_chunk and SPEC_KINDS)."""
         main = self._status["main"]
         if main.startswith("disabled"):
             return main
-        for kind in ("mtp", "chunk", "mtp_chunk", "spec"):
+        for kind in ("mtp", "chunk", "mtp_chunk", *SPEC_KINDS):
             if self._status[kind].startswith("disabled"):
                 main += f"; {kind} {self._status[kind]}"
         return main
@@ -94,27 +95,27 @@ class RunnerGraphs:
         """Drop the main-model and prefill-chunk graphs and capture the same ones again: after the
         model's weights were replaced (an expert placement switch: the graphs read the old
         tensors' memory). Returns the number of graphs held."""
-        keys = sorted(k for k in self.graphs if k[2] in ("main", "chunk", "spec"))
+        keys = sorted(k for k in self.graphs if k[2] in ("main", "chunk", *SPEC_KINDS))
         spec = {
             k: (g.depth, g.hidden_dtype) for k, g in self.graphs.items() if isinstance(g, SpecGraph)
-        }
+        }  # (the kind is the key's)
         self.graphs = {k: g for k, g in self.graphs.items() if k[2] == "mtp"}
         for bs, S, kind in keys:
             if kind == "chunk":
                 self._chunk_graph(bs, S)
-            elif kind == "spec":
+            elif kind in SPEC_KINDS:
                 self._captured((bs, S, kind), *spec[(bs, S, kind)])
             else:
                 self._graph_for(bs, S)
         return len(self.graphs)
 
-    def spec_graph(self, B: int) -> SpecGraph | None:
-        """The captured whole-step graph (kind "spec") that runs a greedy MTP step of B rows, None
-        if there is none (captured by `capture_graphs` with spec=True, at start only)."""
+    def spec_graph(self, B: int, kind: str = "spec") -> SpecGraph | None:
+        """The captured whole-step graph of `kind` (SPEC_KINDS) that runs an MTP step of B rows,
+        None if there is none (captured by `capture_graphs` with `spec`, at start only)."""
         if not self.use_mtp_graphs or B > self.graph_batch_sizes[-1]:
             return None
         bs = next(b for b in self.graph_batch_sizes if b >= B)
-        graph = self.graphs.get((bs, PAD_MAX_S, "spec"))
+        graph = self.graphs.get((bs, PAD_MAX_S, kind))
         return graph if isinstance(graph, SpecGraph) else None
 
     def _chunk_graph(
@@ -139,8 +140,8 @@ class RunnerGraphs:
         if graph is None:
             bs, S, kind = key
             try:
-                if kind == "spec":
-                    graph = SpecGraph(self, bs, mtp_module, hidden_dtype)
+                if kind in SPEC_KINDS:
+                    graph = SpecGraph(self, bs, mtp_module, hidden_dtype, kind)
                 else:
                     chunk = kind in ("chunk", "mtp_chunk")
                     graph = StepGraph(self, bs, S, mtp_module, hidden_dtype, chunk=chunk)
@@ -178,7 +179,7 @@ class RunnerGraphs:
         hidden_dtype: torch.dtype | None = None,
         *,
         decode: bool = True,
-        spec: bool = False,
+        spec: tuple[str, ...] = (),
     ) -> int:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
         that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
@@ -191,8 +192,8 @@ class RunnerGraphs:
         unless prefill_graph_tokens: `step_graphs.chunk_graph_shapes`, at most as many sequences
         as the padded max_batch), and with `mtp_module` its MTP depth's. `decode` False: the
         chunk graphs only (a P/D prefill replica, whose requests end at their first token). `spec`
-        (with `mtp_module`): also each size's whole-step graph for MTP steps under async
-        scheduling (kind "spec")."""
+        (with `mtp_module`): the kinds of whole-step graph (SPEC_KINDS) to capture at each size
+        for MTP steps under async scheduling."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
@@ -206,9 +207,10 @@ class RunnerGraphs:
                 self._graph_for(bs, S)
                 if mtp_module is not None and self.use_mtp_graphs:
                     self._graph_for(bs, S, mtp_module, hidden_dtype)
-            spec_ok = not self._status["spec"].startswith("disabled")  # one failure says why
-            if spec and spec_ok and mtp_module is not None and self.use_mtp_graphs:
-                self._captured((bs, PAD_MAX_S, "spec"), mtp_module, hidden_dtype)
+            for kind in spec if mtp_module is not None else ():
+                # one failure of a kind says why: the kind's later sizes are not tried
+                if self.use_mtp_graphs and not self._status[kind].startswith("disabled"):
+                    self._captured((bs, PAD_MAX_S, kind), mtp_module, hidden_dtype)
         shapes = chunk_graph_shapes(
             self.chunk_buckets, self.graph_batch_sizes, chunk_seqs, self.max_chunk_tokens
         )

@@ -96,54 +96,79 @@ def last_rows(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 def filtered_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities after temperature, min-p, top-k and top-p, renormalized (fp32). Greedy rows
     become a one-hot on the argmax, so speculative verification can treat every row alike.
-    `logits_BV` are the processed logits (`process_logits`) when the requests have any."""
+    `logits_BV` are the processed logits (`process_logits`) when the requests have any. The
+    filters no row uses are skipped (`apply_filters` on the rows' settings)."""
     B, V = logits_BV.shape
     if len(params) != B:
         raise ValueError(f"{len(params)} sampling params for {B} rows")
-    logits = logits_BV.float()
-    device = logits.device
+    device = logits_BV.device
     temps = to_device(
         [p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device
     )
-    logits = logits / temps[:, None]
     min_ps = [p.min_p for p in params]
-    if any(min_ps):
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    top_k = None
+    if any(ks):
+        idx = to_device([max(k, 1) - 1 for k in ks], torch.int64, device)
+        top_k = (max(ks), idx, to_device([k > 0 for k in ks], torch.bool, device))
+    top_ps = [p.top_p for p in params]
+    greedy = [p.greedy for p in params]
+    return apply_filters(
+        logits_BV,
+        temps,
+        to_device(greedy, torch.bool, device) if any(greedy) else None,
+        min_ps_B=to_device(min_ps, torch.float32, device) if any(min_ps) else None,
+        top_k=top_k,
+        top_ps_B=to_device(top_ps, torch.float32, device) if any(t < 1.0 for t in top_ps) else None,
+    )
+
+
+def apply_filters(
+    logits_BV: torch.Tensor,
+    temps_B: torch.Tensor,
+    greedy_B: torch.Tensor | None,
+    *,
+    min_ps_B: torch.Tensor | None = None,
+    top_k: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+    top_ps_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`filtered_probs` on the device from each row's settings as tensors, nothing read back (a
+    CUDA graph can capture it for one choice of the filters present): temps_B [B] (1.0 on greedy
+    rows), greedy_B bool [B] (None: no greedy row), min_ps_B [B] (None: no row uses min-p),
+    top_k (the largest k, each row's k - 1 [B] int64, whether each row uses it [B] bool; None: no
+    row does), top_ps_B [B] (None: no row uses top-p). A row whose filter is off (min-p 0, top-k
+    off, top-p 1) comes out as it would without the filter: a row's numbers do not depend on
+    its batch-mates'."""
+    logits = logits_BV.float() / temps_B[:, None]
+    if min_ps_B is not None:
         # min-p: drop tokens below min_p x the top token's probability (after temperature)
         probs = logits.softmax(dim=-1)
-        floor = to_device(min_ps, torch.float32, device)[:, None] * probs.amax(-1, keepdim=True)
+        floor = min_ps_B[:, None] * probs.amax(-1, keepdim=True)
         logits = logits.masked_fill(probs < floor, float("-inf"))
-    # top-k: keep values >= the k-th largest (ties at the boundary are kept, as in transformers)
-    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-    if any(ks):
-        kmax = max(ks)
-        topv = logits.topk(kmax, dim=-1).values
-        idx = to_device([max(k, 1) - 1 for k in ks], torch.int64, device)
-        kth = topv.gather(1, idx[:, None])
-        use = to_device([k > 0 for k in ks], torch.bool, device)[:, None]
-        logits = torch.where(use & (logits < kth), torch.full_like(logits, float("-inf")), logits)
+    if top_k is not None:
+        # top-k: keep values >= the k-th largest (ties at the boundary are kept, as transformers)
+        kmax, idx_B, use_B = top_k
+        kth = logits.topk(kmax, dim=-1).values.gather(1, idx_B[:, None])
+        drop = use_B[:, None] & (logits < kth)
+        logits = torch.where(drop, torch.full_like(logits, float("-inf")), logits)
     probs = logits.softmax(dim=-1)
-    top_ps = [p.top_p for p in params]
-    if any(tp < 1.0 for tp in top_ps):
+    if top_ps_B is not None:
         # top-p: the smallest set of most likely tokens whose mass reaches p (always >= 1 token),
         # in the rows that ask for it only: a row at top_p = 1 whose fp32 running sum reaches 1.0
         # early would otherwise lose its tail tokens (~1,000 of 32,768 on random logits) and be
         # renormalized, its numbers depending on its batch-mates' settings
         sorted_p, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_p.cumsum(-1) - sorted_p
-        tp = to_device(top_ps, torch.float32, device)[:, None]
+        tp = top_ps_B[:, None]
         use = tp < 1.0
         drop_sorted = (mass_before >= tp) & use
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = torch.where(use, probs / probs.sum(-1, keepdim=True), probs)
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    if greedy_rows:
-        rows = to_device(greedy_rows, torch.int64, device)
-        onehot = torch.zeros(len(greedy_rows), V, device=device)
-        onehot[
-            torch.arange(len(greedy_rows), device=device), logits_BV[rows].float().argmax(-1)
-        ] = 1
-        probs[rows] = onehot
+    if greedy_B is not None:
+        # greedy rows: a one-hot on the argmax of the logits as given
+        onehot = torch.zeros_like(probs).scatter_(1, logits_BV.float().argmax(-1)[:, None], 1.0)
+        probs = torch.where(greedy_B[:, None], onehot, probs)
     return probs
 
 

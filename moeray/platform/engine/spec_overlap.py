@@ -52,7 +52,13 @@ from moeray.platform.engine.scheduler import (
     SchedulerOutput,
     Status,
 )
-from moeray.platform.engine.spec_step import greedy_verdict, sampled_verdict, spec_step_outputs
+from moeray.platform.engine.spec_step import (
+    greedy_verdict,
+    sampled_verdict,
+    spec_graph_kind,
+    spec_graph_rows,
+    spec_step_outputs,
+)
 from moeray.platform.engine.speculative import token_uniform, verdict_uniform
 from moeray.platform.engine.step_inputs import copy_to_host
 
@@ -171,19 +177,26 @@ class SpecOverlap:
             [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
         )
         greedy = all(r.params.greedy for r in rows)
-        graph = runner.spec_graph(len(rows)) if greedy else None
+        # (uniforms drawn once, in row order, whichever way the step runs)
+        uniforms = None if greedy else self._uniforms(rows)
+        kind = spec_graph_kind([r.params for r in rows], eng.model_config.vocab_size)
+        graph = runner.spec_graph(len(rows), kind) if kind is not None else None
         if graph is not None:  # the whole step in one replay (spec_step.SpecGraph)
-            next_ids_B2, next_starts_B, out_B6 = graph.run_step(ids_B2, bt, starts_B)
+            settings = (
+                None if uniforms is None else spec_graph_rows([r.params for r in rows], uniforms)
+            )
+            next_ids_B2, next_starts_B, out_B6 = graph.run_step(ids_B2, bt, starts_B, settings)
             host, copied = copy_to_host(out_B6)
             return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
         logits_B2V, hidden_B2D = runner.forward_group(ids_B2, bt, starts_B)
-        if greedy:
+        if uniforms is None:
             acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
         else:
             B, _, V = logits_B2V.shape
             params = [r.params for r in rows for _ in range(2)]
             probs_B2V = filtered_probs(logits_B2V.reshape(2 * B, V), params).view(B, 2, V)
-            acc_B1, toks_B2, plain_B = sampled_verdict(ids_B2, probs_B2V, self._uniforms(rows))
+            u_B2 = to_device(uniforms, torch.float32, eng.device)
+            acc_B1, toks_B2, plain_B = sampled_verdict(ids_B2, probs_B2V, u_B2)
         mtp_logits_B2V, _ = runner.forward_group(
             toks_B2, bt, starts_B, mtp_module=drafter.model.mtp[0], hidden_BSD=hidden_B2D
         )
@@ -192,17 +205,16 @@ class SpecOverlap:
         host, copied = copy_to_host(torch.cat([toks_B2, acc_B1, plain_B[:, None], drafts_B2], 1))
         return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
 
-    def _uniforms(self, rows: list[Request]) -> torch.Tensor:
-        """[B, 2] on the device: a sampled row's two uniforms from its generator, drawn as
-        `speculative.verify` draws them (the verdict's, then the next token's); a greedy row's
-        generator untouched (its one-hot verdict reads no uniform: 0.5 stands in)."""
-        u = [
+    def _uniforms(self, rows: list[Request]) -> list[tuple[float, float]]:
+        """A sampled row's two uniforms from its generator, drawn as `speculative.verify` draws
+        them (the verdict's, then the next token's); a greedy row's generator untouched (its
+        one-hot verdict reads no uniform: 0.5 stands in)."""
+        return [
             (0.5, 0.5)
             if r.params.greedy
             else (verdict_uniform(r.generator), float(token_uniform(r.generator)[0]))
             for r in rows
         ]
-        return to_device(u, torch.float32, self.engine.device)
 
     def _resolve(self, p: _SpecStep) -> list[RequestOutput]:
         """Wait for a step's tokens, verdicts and drafts on the host and apply them as a

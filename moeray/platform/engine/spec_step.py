@@ -1,6 +1,5 @@
 """The device half of an MTP step under async scheduling (engine/spec_overlap.py runs the steps):
-the verdict, the drafts and the next step's inputs, and `SpecGraph`, a greedy step in one CUDA
-graph.
+the verdict, the drafts and the next step's inputs, and `SpecGraph`, a step in one CUDA graph.
 
 Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft;
 V vocabulary.
@@ -31,6 +30,11 @@ verdict's and the next inputs' elementwise ops): 0.70 ms of host time at batch 1
 benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1.json). `SpecGraph` captures all of it for a
 greedy batch, and writes the next step's ids and starts over its own static inputs, where its next
 replay reads them: a step is then its block table's copy in, one replay and one copy back.
+Sampled batches whose rows use temperature and top-p only (min-p and top-k pick their filters'
+shapes on the host) have graphs of their own, opt-in until timed (MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1;
+kinds "spec_sampled" and "spec_top_p", `spec_graph_kind`): each row's temperature, top-p,
+greediness and two uniforms go up in one copy, and the filters run as `sampler.apply_filters`,
+whose rows come out as `filtered_probs` makes them for the two-graph step.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from moeray.platform.engine.paged_view import KernelPagedView
-from moeray.platform.engine.sampler import sample_from_probs
+from moeray.platform.engine.sampler import SamplingParams, apply_filters, sample_from_probs
 from moeray.platform.engine.step_graphs import ModelRunner, StepGraph
 
 
@@ -82,17 +86,55 @@ def spec_step_outputs(
     return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
 
 
+# The whole-step graph kinds: greedy batches, and (opt-in) sampled batches without and with top-p.
+SPEC_KINDS = ("spec", "spec_sampled", "spec_top_p")
+
+
+def spec_graph_kind(params: list[SamplingParams], vocab: int) -> str | None:
+    """The whole-step graph kind that runs a batch of these rows' settings: "spec" when every row
+    is greedy, "spec_sampled" / "spec_top_p" when no row uses min-p or top-k (and some row uses
+    top-p: "spec_top_p"), None otherwise (the two-graph step)."""
+    if all(p.greedy for p in params):
+        return "spec"
+    if any(p.min_p or 0 < p.top_k < vocab for p in params if not p.greedy):
+        return None
+    return "spec_top_p" if any(p.top_p < 1.0 for p in params if not p.greedy) else "spec_sampled"
+
+
+def spec_graph_rows(params: list[SamplingParams], uniforms: list[tuple[float, float]]) -> list:
+    """The per-row settings a sampled whole-step graph reads, [temperature (1 if greedy), top_p,
+    greedy (0 / 1), u0, u1] a row."""
+    return [
+        [1.0 if p.greedy else p.temperature, p.top_p, float(p.greedy), *u]
+        for p, u in zip(params, uniforms, strict=True)
+    ]
+
+
 class SpecGraph(StepGraph):
-    """A greedy MTP step (the module docstring) captured whole for bs rows of 2 tokens: the main
+    """An MTP step (the module docstring) captured whole for bs rows of 2 tokens: the main
     forward, the verdict, `mtp_module`'s forward over the verdict's tokens, the drafts, the next
     step's inputs and the [toks, acc, plain, drafts] the host reads back (`host_B6`). The next
     step's ids and starts overwrite this graph's static inputs (after every read of them, in
-    stream order), so a replay that follows its own needs no input copies."""
+    stream order), so a replay that follows its own needs no input copies. `kind` (SPEC_KINDS):
+    a greedy verdict ("spec"), or a sampled one reading each row's settings and uniforms from
+    `rows_B5` (`spec_graph_rows`), with top-p ("spec_top_p") or without."""
 
     def __init__(
-        self, runner: ModelRunner, bs: int, mtp_module, hidden_dtype: torch.dtype | None = None
+        self,
+        runner: ModelRunner,
+        bs: int,
+        mtp_module,
+        hidden_dtype: torch.dtype | None = None,
+        kind: str = "spec",
     ) -> None:
-        self.depth = mtp_module  # (set before StepGraph's __init__ captures)
+        if kind not in SPEC_KINDS:
+            raise ValueError(f"kind={kind!r}: must be one of {SPEC_KINDS}")
+        self.depth = mtp_module  # (these before StepGraph's __init__ captures)
+        self.kind = kind
+        # padding rows: greedy (a one-hot verdict reads no setting)
+        self.rows_B5 = (
+            None if kind == "spec" else torch.ones(bs, 5, dtype=torch.float32, device=runner.device)
+        )
         super().__init__(runner, bs, 2)
         self.hidden_dtype = hidden_dtype
         self.replays = 0  # steps run through this graph
@@ -101,7 +143,18 @@ class SpecGraph(StepGraph):
         ids_B2, starts_B = self.ids_BS, self.starts_B
         view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
         logits_B2V, hidden_B2D = runner._forward_model(ids_B2, view, 0)
-        acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+        if self.rows_B5 is None:
+            acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+        else:
+            bs, _, V = logits_B2V.shape
+            r_2B5 = self.rows_B5.repeat_interleave(2, dim=0)  # a row's settings at both positions
+            top_ps = r_2B5[:, 1] if self.kind == "spec_top_p" else None
+            probs_2BV = apply_filters(
+                logits_B2V.reshape(2 * bs, V), r_2B5[:, 0], r_2B5[:, 2] > 0, top_ps_B=top_ps
+            )
+            acc_B1, toks_B2, plain_B = sampled_verdict(
+                ids_B2, probs_2BV.view(bs, 2, V), self.rows_B5[:, 3:]
+            )
         mtp_view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
         mtp_logits_B2V, _ = runner._forward_mtp(self.depth, hidden_B2D, toks_B2, mtp_view, 0)
         drafts_B2 = mtp_logits_B2V.argmax(-1)
@@ -115,13 +168,23 @@ class SpecGraph(StepGraph):
         (self.host_B6,) = outputs
 
     def run_step(
-        self, ids_B2: torch.Tensor, block_table_BM: torch.Tensor, starts_B: torch.Tensor
+        self,
+        ids_B2: torch.Tensor,
+        block_table_BM: torch.Tensor,
+        starts_B: torch.Tensor,
+        rows: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replay one step on B <= bs rows -> (next ids [B, 2], next starts [B], [B, 6] of toks,
         acc, plain, drafts): views of the static buffers, valid until the next replay. Inputs
         that are this graph's own next inputs (the views its last replay returned) are where
-        they belong and are not copied."""
+        they belong and are not copied. `rows`: a sampled graph's `spec_graph_rows`."""
         b, m = block_table_BM.shape
+        if (rows is None) != (self.rows_B5 is None) or (rows is not None and len(rows) != b):
+            raise ValueError(f"a {self.kind} graph of {b} rows was given rows={rows!r}")
+        if self.rows_B5 is not None:
+            host = torch.tensor(rows, dtype=torch.float32)
+            self.rows_B5[:b].copy_(host.pin_memory(), non_blocking=True)
+            self.rows_B5[b:].fill_(1.0)
         if not self._own(ids_B2, self.ids_BS, b):
             self.ids_BS[:b].copy_(ids_B2)
         if not self._own(starts_B, self.starts_B, b):

@@ -28,10 +28,10 @@ from moeray.platform.engine.bench.decode import release_engines
 # router_gate.py's ROUTE_FOLD, norm_router.py's NORM_ROUTER and NORM_ROUTER_WIDE, moe.py's MOE_H128
 # and ALIGN_QUANT, common.py's PDL and ROUTE_BATCH, fp8/gemv_wide.py's FP8_GEMV_WIDE and
 # FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX; engine/speculative.py's MTP_CHAIN and engine.py's
-# SPEC_GRAPH (MTP steps only: the decode A/B runs none); paged_positions.py's PAGED_POSITIONS (read
-# by engine/paged_view.py), model/merge.py's PROJ, shared_fuse.py's SHARED and SHARED_EARLY,
-# shared_stream.py's SHARED_STREAM and SHARED_SUM, quant.py's FP8_GEMV_ACT, FP8_GEMV_BATCH,
-# FP8_AS_BF16 and FP8_AS_BF16_SMALL).
+# SPEC_GRAPH and SPEC_GRAPH_SAMPLED (MTP steps only: the decode A/B runs none); paged_positions.py's
+# PAGED_POSITIONS (read by engine/paged_view.py), model/merge.py's PROJ, shared_fuse.py's SHARED and
+# SHARED_EARLY, shared_stream.py's SHARED_STREAM and SHARED_SUM, quant.py's FP8_GEMV_ACT,
+# FP8_GEMV_BATCH, FP8_AS_BF16 and FP8_AS_BF16_SMALL).
 SWITCHES = (
     *("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "HEAD_GEMV"),
     *("FP8_GEMV_ACT", "PROJ", "SHARED", "PDL", "MOE_GEMV", "MOE_SUM_FOLD", "MLA_DIRECT"),
@@ -40,13 +40,13 @@ SWITCHES = (
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
     *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
     *("MOE_H128", "SHARED_SUM", "ALIGN_QUANT", "NORM_ROUTER_WIDE", "MTP_CHAIN", "MOE_GEMV_PAIR"),
-    *("SPEC_GRAPH", "MLA_WUK_SPLIT"),
+    *("SPEC_GRAPH", "MLA_WUK_SPLIT", "SPEC_GRAPH_SAMPLED"),
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
-    *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "MTP_CHAIN"),
+    *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "MTP_CHAIN", "SPEC_GRAPH_SAMPLED"),
 )
 AGAIN = "as_run_again"
 
