@@ -1,12 +1,34 @@
-# Greedy MTP steps under async scheduling as one CUDA graph each (engine/spec_step.py SpecGraph,
-# the default; MOERAY_FUSED_SPEC_GRAPH=0 the two-graph step): the MTP GPU tests (TESTS=0 skips
-# them), then scripts/mtp_cycle_profile.py with the switch off and on at BATCHES (default 1 16):
-# wall, host launch, GPU busy and kernels per cycle. The bench's speedups: the mtp-async recipe.
-# 1 GPU, ~3 min.
+# MTP steps under async scheduling as one CUDA graph each (engine/spec_step.py SpecGraph): the MTP
+# GPU tests (TESTS=0 skips them; TESTS_K picks them), then scripts/mtp_cycle_profile.py with
+# MOERAY_FUSED_SPEC_GRAPH off and on at BATCHES (default 1 16): wall, host launch, GPU busy and
+# kernels per greedy cycle. SAMPLED=1 instead times the opt-in sampled graphs
+# (MOERAY_FUSED_SPEC_GRAPH_SAMPLED off, then on): `bench engine` at --temperature ${TEMP:-1.0}
+# (its mtp.<batch>.sampled arms, the MTP section only). 1 GPU, ~3 min (SAMPLED=1: ~5 min).
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
-  gpu_pytest spec-graph-tests.log ${TEST_LIMIT:-240} tests/gpu/test_engine_mtp_gpu.py \
+  gpu_pytest spec-graph-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
     -k "${TESTS_K:-spec_graph or async_spec}" || rc=1
+fi
+if [ "${SAMPLED:-0}" = 1 ]; then
+  for g in 0 1; do
+    tag=small-specsampled$g
+    CUDA_VISIBLE_DEVICES=0 MOERAY_FUSED_SPEC_GRAPH_SAMPLED=$g timeout -k 5 ${ENGINE_LIMIT:-240} \
+      python3 -m moeray.cli bench engine --device cuda --skip hf,router-ab,prefill \
+      --batch-sizes ${BATCHES_CSV:-1,16} --temperature ${TEMP:-1.0} --tag $tag \
+      --out-dir "$OUT" > "$OUT/engine-$tag.log" 2>&1 || rc=1
+    el "bench engine SPEC_GRAPH_SAMPLED=$g"
+    python3 - "$OUT" "$tag" <<'PY'
+import glob, json, sys
+for f in glob.glob(f"{sys.argv[1]}/engine-*-{sys.argv[2]}.json"):
+    for b, m in sorted(json.load(open(f))["mtp"].items(), key=lambda kv: int(kv[0])):
+        s = m.get("sampled", {})
+        print(f"batch {b}: sampled plain {s.get('baseline_tokens_per_s', 0):.0f} tok/s, "
+              f"async MTP {s.get('async_spec_speedup', 0):.3f}x, "
+              f"whole-step steps {s.get('async_spec_graph_steps')}, "
+              f"= synchronous MTP: {s.get('async_spec_outputs_equal_sync')}")
+PY
+  done
+  exit $rc
 fi
 for b in ${BATCHES:-1 16}; do
   for g in 0 1; do

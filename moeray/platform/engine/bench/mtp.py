@@ -120,6 +120,7 @@ def mtp_speedup(
                     "async_spec_speedup": ahead["rate"] / plain["rate"],
                     "async_spec_acceptance": ahead["stats"].acceptance_rate,
                     "async_spec_overlapped_steps": ahead["overlapped"],
+                    "async_spec_graph_steps": ahead["spec_graph_steps"],  # whole-step replays
                     # the two MTP arms draw the same uniforms in the same order
                     "async_spec_outputs_equal_sync": ahead["outs"] == sync["outs"],
                     "async_spec_parts_sync_at": parted_at(sync["outs"], ahead["outs"]),
