@@ -8,6 +8,7 @@ are [B, 2] main + [B, 2] MTP whatever the drafts' verdict, so acceptance does no
 
     python scripts/mtp_cycle_profile.py --preset small --batch 1 --device cuda
     .venv/bin/python scripts/mtp_cycle_profile.py --preset tiny --device cpu --calls 8   # smoke
+    python scripts/mtp_cycle_profile.py --batch 1 --temperature 1.0 --top-p 0.9   # sampled rows
 """
 
 import argparse
@@ -91,7 +92,9 @@ def run_arm(model, a, spec: bool, device: torch.device) -> dict:
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist()]
     prompts *= a.batch
-    params = SamplingParams(temperature=0, max_tokens=4 * a.calls + 32, ignore_eos=True)
+    params = SamplingParams(
+        temperature=a.temperature, top_p=a.top_p, max_tokens=4 * a.calls + 32, ignore_eos=True
+    )
     for p in prompts:
         engine.add_request(p, params)
     for _ in range(8):  # prefill, the first steps, graph captures (lazy ones too)
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-calls", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="directory for mtp-cycle-<device>-b<batch>.json")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests")
+    p.add_argument("--top-p", type=float, default=1.0)
     a = p.parse_args(argv)
     if min(a.batch, a.calls, a.profile_calls) < 1:
         p.error(f"--batch {a.batch}, --calls {a.calls}, --profile-calls {a.profile_calls}: >= 1")
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--preset {a.preset} has no MTP module (num_nextn_predict_layers=0)")
     model = random_model(cfg, device, dtype)
     rows = [run_arm(model, a, spec, device) for spec in (False, True)]
-    print(f"preset {a.preset}, batch {a.batch}, {a.calls} calls timed, medians per call")
+    how = f"temperature {a.temperature}, top-p {a.top_p}" if a.temperature > 0 else "greedy"
+    print(f"preset {a.preset}, batch {a.batch}, {how}, {a.calls} calls timed, medians per call")
     head = ("arm", "wall ms", "tok/row", "gpu busy", "kernels", "launch", "resolve", "wait")
     print("{:12} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}".format(*head))
     for r in rows:
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {v:+8.1f}  {k[:100]}")
     if a.out is not None:
         numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
-        name = f"mtp-cycle-{device_slug()}-b{a.batch}"
+        numbers |= {"temperature": a.temperature, "top_p": a.top_p}
+        name = f"mtp-cycle-{device_slug()}-b{a.batch}" + ("-sampled" if a.temperature > 0 else "")
         print(write_result(name, numbers, directory=Path(a.out), command=" ".join(sys.argv)))
     return 0
 

@@ -2,14 +2,24 @@
 # GPU tests (TESTS=0 skips them; TESTS_K picks them), then scripts/mtp_cycle_profile.py with
 # MOERAY_FUSED_SPEC_GRAPH off and on at BATCHES (default 1 16): wall, host launch, GPU busy and
 # kernels per greedy cycle. SAMPLED=1 instead times the opt-in sampled graphs
-# (MOERAY_FUSED_SPEC_GRAPH_SAMPLED off, then on): `bench engine` at --temperature ${TEMP:-1.0}
-# (its mtp.<batch>.sampled arms, the MTP section only). 1 GPU, ~3 min (SAMPLED=1: ~5 min).
+# (MOERAY_FUSED_SPEC_GRAPH_SAMPLED off, then on): the cycle at batch 1 (TEMP, default 1.0, TOP_P
+# 0.9), then `bench engine` at --temperature TEMP (its mtp.<batch>.sampled arms, the MTP section
+# only). 1 GPU, ~3 min (SAMPLED=1: ~6 min).
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest spec-graph-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
     -k "${TESTS_K:-spec_graph or async_spec}" || rc=1
 fi
 if [ "${SAMPLED:-0}" = 1 ]; then
+  for g in 0 1; do  # the cycle first (seconds), then the bench
+    mkdir -p "$OUT/spec-sampled$g"
+    CUDA_VISIBLE_DEVICES=0 MOERAY_FUSED_SPEC_GRAPH_SAMPLED=$g timeout -k 5 ${CYCLE_LIMIT:-150} \
+      python3 scripts/mtp_cycle_profile.py --preset ${PRESET:-small} --batch 1 \
+      --temperature ${TEMP:-1.0} --top-p ${TOP_P:-0.9} --out "$OUT/spec-sampled$g" \
+      > "$OUT/spec_sampled${g}_b1.log" 2>&1 || rc=1
+    el "sampled mtp cycle batch 1 SPEC_GRAPH_SAMPLED=$g"
+    grep -A3 "^arm" "$OUT/spec_sampled${g}_b1.log"
+  done
   for g in 0 1; do
     tag=small-specsampled$g
     CUDA_VISIBLE_DEVICES=0 MOERAY_FUSED_SPEC_GRAPH_SAMPLED=$g timeout -k 5 ${ENGINE_LIMIT:-240} \
