@@ -147,7 +147,8 @@ class SpecGraph(StepGraph):
             acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
         else:
             bs, _, V = logits_B2V.shape
-            r_2B5 = self.rows_B5.repeat_interleave(2, dim=0)  # a row's settings at both positions
+            # a row's settings at both positions (an expand: repeat_interleave may sync to size)
+            r_2B5 = self.rows_B5[:, None].expand(bs, 2, 5).reshape(2 * bs, 5)
             top_ps = r_2B5[:, 1] if self.kind == "spec_top_p" else None
             probs_2BV = apply_filters(
                 logits_B2V.reshape(2 * bs, V), r_2B5[:, 0], r_2B5[:, 2] > 0, top_ps_B=top_ps
