@@ -184,7 +184,8 @@ class SpecGraph(StepGraph):
             raise ValueError(f"a {self.kind} graph of {b} rows was given rows={rows!r}")
         if self.rows_B5 is not None:
             host = torch.tensor(rows, dtype=torch.float32)
-            self.rows_B5[:b].copy_(host.pin_memory(), non_blocking=True)
+            host = host.pin_memory() if self.rows_B5.is_cuda else host
+            self.rows_B5[:b].copy_(host, non_blocking=True)
             self.rows_B5[b:].fill_(1.0)
         if not self._own(ids_B2, self.ids_BS, b):
             self.ids_BS[:b].copy_(ids_B2)

@@ -1,0 +1,143 @@
+"""Whole-step MTP graphs (engine/spec_step.py `SpecGraph`) on CPU: a stand-in that runs the
+captured step at each replay (as test_chunk_graphs' EagerStepGraph does for forwards) gives the
+outputs, drafts and acceptance of the two-forward step, greedy and sampled (temperature, top-p, a
+greedy row among them), rows ending mid-run at different lengths (the next inputs gathered,
+smaller batches padded to the captured sizes); every step a graph can run replays one; a batch
+with top-k rows runs the two-forward step; run_step refuses rows that do not fit its kind."""
+
+import pytest
+import torch
+
+from moeray.platform.engine import runner_graphs
+from moeray.platform.engine.sampler import SamplingParams
+from moeray.platform.engine.spec_step import SPEC_KINDS, SpecGraph
+from moeray.platform.engine.speculative import SpecStats
+from tests.unit.test_chunk_graphs import EagerStepGraph
+from tests.unit.test_spec_overlap import (  # noqa: F401 (the fixtures, by name)
+    _drafts_by_position,
+    _engine,
+    _run,
+    mixed_drafts,
+    trained,
+)
+
+
+class EagerSpecGraph(SpecGraph):
+    """A SpecGraph that runs its whole step at each replay, its next ids and starts written over
+    its static inputs as the captured graph writes them. Its [toks, acc, plain, drafts] are a
+    new tensor each replay: on CPU `copy_to_host` hands the host the tensor itself, where on a
+    GPU it copies the static output out before the next replay overwrites it."""
+
+    def _capture(self, runner) -> None:
+        self.runner = runner
+        self._keep(self._forward(runner)[1])
+
+    def _replay(self) -> None:
+        self._keep(self._forward(self.runner)[1])
+
+
+@pytest.fixture(scope="module")
+def graphed(trained):  # noqa: F811
+    """An engine whose start captured the stand-in graphs up to 4 rows: decode forwards and every
+    whole-step kind (built once: its captures are most of this file's time on CPU, where the MLA
+    kernels run in Triton's interpreter)."""
+    model, _ = trained
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_graphs, "StepGraph", EagerStepGraph)
+        mp.setattr(runner_graphs, "SpecGraph", EagerSpecGraph)
+        # no prefill-chunk graphs: their stand-ins' forwards would be most of the start
+        eng = _engine(
+            model, attention="kernel", capture_graphs_at_start=False, prefill_graph_tokens=0
+        )
+        eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
+        eng.runner.capture_graphs(4, model.mtp[0], eng.dtype, spec=SPEC_KINDS)
+    return eng
+
+
+def _replays(eng) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (_bs, _S, kind), g in eng.runner.graphs.items():
+        if isinstance(g, SpecGraph):
+            out[kind] = out.get(kind, 0) + g.replays
+    return out
+
+
+GREEDY = [SamplingParams(temperature=0, max_tokens=12 - 2 * i) for i in range(4)]
+SAMPLED = [
+    SamplingParams(temperature=t, top_p=tp, seed=10 + i, max_tokens=12 - i)
+    for i, (t, tp) in enumerate([(1.0, 1.0), (0.8, 0.9), (0, 1.0), (0.9, 0.7)])
+]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_whole_step_graphs_give_the_two_graph_steps_outputs(
+    trained,  # noqa: F811
+    graphed,
+    mixed_drafts,  # noqa: F811
+    params,
+):
+    model, prompts = trained
+    prompts = prompts[: len(params)]
+    two, eng = _engine(model), graphed  # CPU: the two-forward step, eagerly
+    assert {k[2] for k in eng.runner.graphs if k[2] in SPEC_KINDS} == set(SPEC_KINDS)
+    spec = eng._overlap.spec
+    before = (_replays(eng), spec.overlapped_steps)
+    launches: list[int] = []  # rows of each step the overlap launched
+    launch = spec._launch
+
+    def counted(rows, *args):
+        launches.append(len(rows))
+        return launch(rows, *args)
+
+    spec._launch = counted
+    runs = []
+    for e in (two, eng):
+        e.drafter.stats = SpecStats()
+        drafts = _drafts_by_position(e)
+        outs = _run(e, prompts, params)
+        st = e.drafter.stats
+        # drafts by (request's place in this run, start): the shared engine numbers on
+        first = min(int(rid.rsplit("-", 1)[1]) for rid, _ in drafts)
+        by_place = {(int(r.rsplit("-", 1)[1]) - first, st_): d for (r, st_), d in drafts.items()}
+        runs.append((outs, by_place, st.num_draft_tokens, st.num_accepted_tokens))
+    assert runs[1] == runs[0]
+    assert 0 < runs[0][3] < runs[0][2]  # drafts accepted and rejected
+    del spec._launch
+    ahead = spec.overlapped_steps - before[1]
+    assert ahead >= 5, ahead
+    # every launched step replayed a graph: greedy batches "spec"; the sampled batch
+    # "spec_top_p" while a top-p row runs, then "spec_sampled" / "spec"
+    replays = {k: n - before[0].get(k, 0) for k, n in _replays(eng).items()}
+    assert sum(replays.values()) == len(launches), (replays, launches)
+    want = {"spec"} if params is GREEDY else {"spec_top_p"}
+    assert want <= {k for k, n in replays.items() if n}, replays
+
+
+def test_rows_of_every_captured_size_replayed(graphed):
+    """After the runs above: 4 rows, then fewer padded to 2 and down to 1."""
+    sizes = {
+        bs
+        for (bs, _S, kind), g in graphed.runner.graphs.items()
+        if kind in SPEC_KINDS and g.replays
+    }
+    assert sizes == {1, 2, 4}, sizes
+
+
+def test_a_batch_with_top_k_takes_the_two_graph_step(trained, graphed):  # noqa: F811
+    _, prompts = trained
+    before = _replays(graphed)
+    params = [SamplingParams(temperature=1.0, top_k=5, seed=i, max_tokens=8) for i in range(3)]
+    ahead = graphed._overlap.spec.overlapped_steps
+    _run(graphed, prompts[:3], params)
+    assert graphed._overlap.spec.overlapped_steps > ahead and _replays(graphed) == before
+
+
+def test_run_step_checks_its_rows(graphed):
+    """A sampled graph needs each row's settings, a greedy one takes none: ValueError naming
+    the graph's kind otherwise, before anything is copied."""
+    ids, starts = torch.tensor([[1, 2]]), torch.zeros(1, dtype=torch.long)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="a spec_sampled graph of 1 rows was given rows=None"):
+        graphed.runner.spec_graph(1, "spec_sampled").run_step(ids, bt, starts)
+    with pytest.raises(ValueError, match="a spec graph of 1 rows was given rows="):
+        graphed.runner.spec_graph(1).run_step(ids, bt, starts, [[1.0, 1.0, 0.0, 0.5, 0.5]])
