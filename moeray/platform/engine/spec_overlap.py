@@ -13,7 +13,8 @@ against 0.90x at batch 16; the cycle is GPU-bound (benchmarks/notes-engine.md).
 
 The step on the device (the verdict, the drafts, the next step's inputs: spec_step.py says what
 they are and why they are exact) runs as the two forwards' graph replays with eager glue between,
-or, for an all-greedy batch whose size was captured, as one replay of `spec_step.SpecGraph`.
+or, where a whole-step graph of the batch's size and kind was captured (all-greedy batches; opt-in,
+sampled ones: `spec_step.spec_graph_kind`), as one replay of `spec_step.SpecGraph`.
 
 The host, one step late. Step N + 1 is launched from step N's device outputs, its rows step N's
 (those still running, less those that surely end at N), with pages reserved for the farthest it can
