@@ -54,12 +54,13 @@ def graphed(trained):  # noqa: F811
     return eng
 
 
-def _replays(eng) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for (_bs, _S, kind), g in eng.runner.graphs.items():
-        if isinstance(g, SpecGraph):
-            out[kind] = out.get(kind, 0) + g.replays
-    return out
+def _replays(eng) -> dict[tuple[int, str], int]:
+    """Replays so far by (batch size, kind) of every whole-step graph."""
+    return {
+        (bs, kind): g.replays
+        for (bs, _S, kind), g in eng.runner.graphs.items()
+        if isinstance(g, SpecGraph)
+    }
 
 
 GREEDY = [SamplingParams(temperature=0, max_tokens=12 - 2 * i) for i in range(4)]
@@ -106,21 +107,13 @@ def test_whole_step_graphs_give_the_two_graph_steps_outputs(
     ahead = spec.overlapped_steps - before[1]
     assert ahead >= 5, ahead
     # every launched step replayed a graph: greedy batches "spec"; the sampled batch
-    # "spec_top_p" while a top-p row runs, then "spec_sampled" / "spec"
+    # "spec_top_p" while a top-p row runs, then "spec_sampled" / "spec"; 4 rows, then fewer
+    # padded to the captured sizes, down to 1
     replays = {k: n - before[0].get(k, 0) for k, n in _replays(eng).items()}
     assert sum(replays.values()) == len(launches), (replays, launches)
-    want = {"spec"} if params is GREEDY else {"spec_top_p"}
-    assert want <= {k for k, n in replays.items() if n}, replays
-
-
-def test_rows_of_every_captured_size_replayed(graphed):
-    """After the runs above: 4 rows, then fewer padded to 2 and down to 1."""
-    sizes = {
-        bs
-        for (bs, _S, kind), g in graphed.runner.graphs.items()
-        if kind in SPEC_KINDS and g.replays
-    }
-    assert sizes == {1, 2, 4}, sizes
+    ran = {k for k, n in replays.items() if n}
+    want = "spec" if params is GREEDY else "spec_top_p"
+    assert (4, want) in ran and {1, 4} <= {bs for bs, _ in ran}, ran
 
 
 def test_a_batch_with_top_k_takes_the_two_graph_step(trained, graphed):  # noqa: F811
@@ -141,3 +134,15 @@ def test_run_step_checks_its_rows(graphed):
         graphed.runner.spec_graph(1, "spec_sampled").run_step(ids, bt, starts)
     with pytest.raises(ValueError, match="a spec graph of 1 rows was given rows="):
         graphed.runner.spec_graph(1).run_step(ids, bt, starts, [[1.0, 1.0, 0.0, 0.5, 0.5]])
+
+
+def test_recapture_keeps_the_whole_step_graphs(graphed, monkeypatch):
+    """`ModelRunner.recapture` (after the weights were replaced) captures every whole-step graph
+    again, of the same sizes and kinds."""
+    old = {k: g for k, g in graphed.runner.graphs.items() if k[2] in SPEC_KINDS}
+    monkeypatch.setattr(runner_graphs, "StepGraph", EagerStepGraph)
+    monkeypatch.setattr(runner_graphs, "SpecGraph", EagerSpecGraph)
+    graphed.runner.recapture()
+    new = {k: g for k, g in graphed.runner.graphs.items() if k[2] in SPEC_KINDS}
+    assert new.keys() == old.keys() and len(new) == 3 * 3  # sizes 1, 2, 4 x three kinds
+    assert all(new[k] is not old[k] and new[k].kind == k[2] for k in new)
