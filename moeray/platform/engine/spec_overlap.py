@@ -177,15 +177,13 @@ class SpecOverlap:
         bt = runner.inputs.tables_by_id(
             [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
         )
-        greedy = all(r.params.greedy for r in rows)
+        params = [r.params for r in rows]
         # (uniforms drawn once, in row order, whichever way the step runs)
-        uniforms = None if greedy else self._uniforms(rows)
-        kind = spec_graph_kind([r.params for r in rows], eng.model_config.vocab_size)
+        uniforms = None if all(p.greedy for p in params) else self._uniforms(rows)
+        kind = spec_graph_kind(params, eng.model_config.vocab_size)
         graph = runner.spec_graph(len(rows), kind) if kind is not None else None
         if graph is not None:  # the whole step in one replay (spec_step.SpecGraph)
-            settings = (
-                None if uniforms is None else spec_graph_rows([r.params for r in rows], uniforms)
-            )
+            settings = None if uniforms is None else spec_graph_rows(params, uniforms)
             next_ids_B2, next_starts_B, out_B6 = graph.run_step(ids_B2, bt, starts_B, settings)
             host, copied = copy_to_host(out_B6)
             return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
@@ -194,8 +192,8 @@ class SpecOverlap:
             acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
         else:
             B, _, V = logits_B2V.shape
-            params = [r.params for r in rows for _ in range(2)]
-            probs_B2V = filtered_probs(logits_B2V.reshape(2 * B, V), params).view(B, 2, V)
+            both = [p for p in params for _ in range(2)]  # a row's settings at both positions
+            probs_B2V = filtered_probs(logits_B2V.reshape(2 * B, V), both).view(B, 2, V)
             u_B2 = to_device(uniforms, torch.float32, eng.device)
             acc_B1, toks_B2, plain_B = sampled_verdict(ids_B2, probs_B2V, u_B2)
         mtp_logits_B2V, _ = runner.forward_group(

@@ -179,7 +179,7 @@ class SpecGraph(StepGraph):
         acc, plain, drafts): views of the static buffers, valid until the next replay. Inputs
         that are this graph's own next inputs (the views its last replay returned) are where
         they belong and are not copied. `rows`: a sampled graph's `spec_graph_rows`."""
-        b, m = block_table_BM.shape
+        b = block_table_BM.shape[0]
         if (rows is None) != (self.rows_B5 is None) or (rows is not None and len(rows) != b):
             raise ValueError(f"a {self.kind} graph of {b} rows was given rows={rows!r}")
         if self.rows_B5 is not None:
@@ -187,19 +187,7 @@ class SpecGraph(StepGraph):
             host = host.pin_memory() if self.rows_B5.is_cuda else host
             self.rows_B5[:b].copy_(host, non_blocking=True)
             self.rows_B5[b:].fill_(1.0)
-        if not self._own(ids_B2, self.ids_BS, b):
-            self.ids_BS[:b].copy_(ids_B2)
-        if not self._own(starts_B, self.starts_B, b):
-            self.starts_B[:b].copy_(starts_B)
-        # padding rows (none at a full batch: empty slices launch nothing), as StepGraph.run
-        self.ids_BS[b:].zero_()
-        self.starts_B[b:].zero_()
-        self.block_table_BM[b:].fill_(self.scratch_page)
-        self.block_table_BM[:b, :m].copy_(block_table_BM)
+        self._load(ids_B2, block_table_BM, starts_B)
         self._replay()
         self.replays += 1
         return self.ids_BS[:b], self.starts_B[:b], self.host_B6[:b]
-
-    @staticmethod
-    def _own(t: torch.Tensor, static: torch.Tensor, b: int) -> bool:
-        return t.data_ptr() == static.data_ptr() and t.shape[0] == b and t.is_contiguous()

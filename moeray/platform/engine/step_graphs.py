@@ -236,13 +236,13 @@ class StepGraph:
         h_BSD = self.hidden_in_BSD
         return view, runner._forward_mtp(self.mtp_module, h_BSD, self.ids_BS, view, keep)
 
-    def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
-        """Replay on B <= bs rows (ids_BS [B, S], an MTP depth's hidden_BSD [B, S, D] or chunks'
-        [B, n, D]); `n`: chunks' real tokens. -> (logits, hidden)
-        of the B rows: [B, S, V] (chunks: [B, 1, V], position n - 1's) and [B, S, D], views of
-        the graph's static outputs, valid until its next replay."""
+    def _load(self, ids_BS, block_table_BM, starts_B) -> int:
+        """Copy B rows' ids, block table and starts into the static inputs, padding rows after
+        them; -> B. Ids or starts that already are the static inputs' first B rows (a
+        whole-step graph's next inputs, written there by its last replay) are not copied."""
         b, m = block_table_BM.shape
-        self.ids_BS[:b].copy_(ids_BS)
+        if not _is_lead(ids_BS, self.ids_BS, b):
+            self.ids_BS[:b].copy_(ids_BS)
         self.ids_BS[b:].zero_()
         # Padding rows: positions 0..S-1 of the scratch page. A real row's columns past m keep
         # an earlier step's page ids: no kernel reads them (a row's positions, start .. start +
@@ -250,8 +250,17 @@ class StepGraph:
         # are filled, and a full batch runs no fill launch (empty slices launch nothing).
         self.block_table_BM[b:].fill_(self.scratch_page)
         self.block_table_BM[:b, :m].copy_(block_table_BM)
-        self.starts_B[:b].copy_(starts_B)
+        if not _is_lead(starts_B, self.starts_B, b):
+            self.starts_B[:b].copy_(starts_B)
         self.starts_B[b:].zero_()
+        return b
+
+    def run(self, ids_BS, block_table_BM, starts_B, hidden_BSD=None, *, n: int = 0):
+        """Replay on B <= bs rows (ids_BS [B, S], an MTP depth's hidden_BSD [B, S, D] or chunks'
+        [B, n, D]); `n`: chunks' real tokens. -> (logits, hidden)
+        of the B rows: [B, S, V] (chunks: [B, 1, V], position n - 1's) and [B, S, D], views of
+        the graph's static outputs, valid until its next replay."""
+        b = self._load(ids_BS, block_table_BM, starts_B)
         if self.keep_K is not None:
             if not 1 <= n <= self.S:
                 raise ValueError(f"chunk of n={n} real tokens in a graph of {self.S}")
@@ -263,3 +272,8 @@ class StepGraph:
             self.hidden_in_BSD[b:].zero_()
         self._replay()
         return self.logits_BSV[:b], self.hidden_BSD[:b]
+
+
+def _is_lead(t: torch.Tensor, static: torch.Tensor, b: int) -> bool:
+    """Whether `t` is `static`'s first b rows (the same memory, contiguous)."""
+    return t.data_ptr() == static.data_ptr() and t.shape[0] == b and t.is_contiguous()
