@@ -11,6 +11,7 @@ directory and sys.path (multiprocessing sends them) and with the caller's enviro
 call (sent here; the server's own is that of its start), as a spawned one would."""
 
 import os
+import tempfile
 
 import torch.multiprocessing as mp
 
@@ -35,3 +36,11 @@ def spawn(fn, args: tuple = (), nprocs: int = 1, join: bool = True):
         join=join,
         start_method="forkserver",
     )
+
+
+def init_file(directory) -> str:
+    """A path no process group has used, for `file://` init of one spawn's ranks. torch's FileStore
+    needs a new (absent or empty) file per initialization: its ranks delete the file as they shut
+    down, and a file a run left behind hands the next run's ranks the old run's gloo addresses
+    (connect refused, then a timeout) if a rank exited before its FileStore was destroyed."""
+    return os.path.join(tempfile.mkdtemp(prefix="pg-", dir=directory), "store")

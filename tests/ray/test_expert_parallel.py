@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 T_PER_RANK = (7, 12)  # uneven token counts: the split sizes differ per rank and direction
 SEED = 11
@@ -66,7 +66,7 @@ def _worker(rank, world, init_file, out_dir):
 
 def test_expert_parallel_matches_single_process(tmp_path):
     world = 2
-    spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world)
+    spawn(_worker, args=(world, init_file(tmp_path), str(tmp_path)), nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # EP=1 reference: the same weights on all tokens of both ranks in one process

@@ -25,7 +25,7 @@ from moeray.platform.parallel.serve_ep import (
     expert_loads,
     parallelize_for_serving,
 )
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 PROMPTS = [
     list(range(3, 40)),  # 37 tokens: two prefill chunks of different lengths with the others
@@ -94,7 +94,7 @@ def reference() -> dict[int, list[int]]:
     ("world", "exchange"), [(1, "gather"), (2, "auto"), (2, "gather"), (4, "gather")]
 )
 def test_ep_engine_greedy_equals_single_process(world, exchange, tmp_path, reference):
-    args = (world, str(tmp_path / "pg"), str(tmp_path), exchange)
+    args = (world, init_file(tmp_path), str(tmp_path), exchange)
     spawn(_worker, args=args, nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}
@@ -188,7 +188,7 @@ def test_graph_round_masks_the_padding_rows(tmp_path):
     """The gathered exchange at a graph round's shapes (every rank 8 rows, ranks with 3 and 5
     real ones): the real rows equal the single-device MoE's, and padding rows neither count as
     load nor reach an expert."""
-    spawn(_graph_round_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    spawn(_graph_round_worker, args=(2, init_file(tmp_path), str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     K = tiny().num_experts_per_tok
     assert [g["close"] for g in got] == [True, True]

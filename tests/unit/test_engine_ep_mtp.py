@@ -18,7 +18,7 @@ from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
 from moeray.platform.parallel.distributed import init_distributed
 from moeray.platform.parallel.serve_ep import ServingEPMoE
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 MAX_TOKENS = 12
 ECONF = EngineConfig(num_pages=48, page_size=8, max_num_batched_tokens=48, use_cuda_graphs=False)
@@ -94,7 +94,7 @@ def references() -> tuple[dict[int, list[int]], dict[int, list[int]]]:
 def test_ep_mtp_greedy_equals_single_process(world, exchange, tmp_path, references):
     with_mtp, without_mtp = references
     assert with_mtp == without_mtp  # speculation does not change greedy output
-    args = (world, str(tmp_path / "pg"), str(tmp_path), exchange)
+    args = (world, init_file(tmp_path), str(tmp_path), exchange)
     spawn(_worker, args=args, nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}

@@ -42,7 +42,7 @@ from moeray.platform.routing.live_placement import (
     serving_router_config,
 )
 from moeray.platform.serve.gang import GangFront, LocalPlacement
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 CONFIG = tiny().replace(num_nextn_predict_layers=0)
 PROMPTS = [list(range(3, 40)), [5, 9, 2, 77, 31], list(range(500, 521)), [42]]
@@ -143,7 +143,7 @@ def test_placement_switch_mid_stream_keeps_greedy_output(model_dir, tmp_path, fp
         save_model(plain, CONFIG, model_dir, fp8=True)
     _cfg, full = load_model(model_dir, keep_fp8=fp8)
     reference = Engine(full, ECONF).generate(PROMPTS, _params())
-    args = (2, str(model_dir), str(tmp_path / "pg"), str(tmp_path), fp8, exchange)
+    args = (2, str(model_dir), init_file(tmp_path), str(tmp_path), fp8, exchange)
     spawn(_worker, args=args, nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from moeray.platform.config import tiny
 from moeray.platform.train.job_config import TrainJobConfig
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 WORLD = 4
 T_PER_RANK = (7, 12, 0, 9)  # uneven, and one rank without tokens
@@ -127,7 +127,7 @@ def _check_equal(ranks, ref):
 
 
 def test_node_limited_dispatch_matches_flat_and_one_process_with_fewer_bytes(tmp_path):
-    spawn(_worker, args=(WORLD, str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD)
+    spawn(_worker, args=(WORLD, init_file(tmp_path), str(tmp_path)), nprocs=WORLD)
     got = {
         name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in CASES
     }

@@ -31,7 +31,7 @@ from moeray.platform.parallel.pipeline import PipelineModel, PipelineSpec
 from moeray.platform.parallel.stages import PipelineStage, enable_weight_grad_split, split_layers
 from moeray.platform.parallel.weight_grad import WeightGradStore
 from moeray.platform.train import step as ts
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 SEED = 5
 B, S = 8, 12
@@ -107,7 +107,7 @@ def _worker(rank, world, init_file, out_dir, cases):
 
 
 def _run(tmp_path, world, cases):
-    spawn(_worker, args=(world, str(tmp_path / "pg"), str(tmp_path), cases), nprocs=world)
+    spawn(_worker, args=(world, init_file(tmp_path), str(tmp_path), cases), nprocs=world)
     return {
         name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(world)]
         for name, _, _ in cases

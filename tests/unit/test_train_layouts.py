@@ -20,7 +20,7 @@ from moeray.platform.train import bench
 from moeray.platform.train import step as ts
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import FlatReplica
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 
 def _job(**parallel) -> TrainJobConfig:
@@ -80,7 +80,7 @@ def _flat_worker(rank, world, init_file, out_dir, cases):
 def _run_flat(tmp_path, world, cases):
     spawn(
         _flat_worker,
-        args=(world, str(tmp_path / "pg"), str(tmp_path), cases),
+        args=(world, init_file(tmp_path), str(tmp_path), cases),
         nprocs=world,
     )
     return {

@@ -17,7 +17,7 @@ from moeray.platform.train import step as ts
 from moeray.platform.train import zero
 from moeray.platform.train.job_config import TrainJobConfig
 from moeray.platform.train.replica import FlatReplica
-from tests.spawn_ranks import spawn
+from tests.spawn_ranks import init_file, spawn
 
 STEPS = 3
 
@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
         ("ep", {"ep": 2}, {}),
         ("ep-zero", {"ep": 2}, {"zero_stage": 1}),
     ]
-    spawn(_worker, args=(2, str(tmp / "pg"), str(tmp), cases), nprocs=2)
+    spawn(_worker, args=(2, init_file(tmp), str(tmp), cases), nprocs=2)
     return {name: [torch.load(tmp / f"{name}-rank{r}.pt") for r in range(2)] for name, *_ in cases}
 
 
