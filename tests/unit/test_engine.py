@@ -179,8 +179,8 @@ def test_abort_and_bad_input(setup):
     assert eng.abort(rid) and eng.kv.pool.num_available == 64
     with pytest.raises(ValueError, match="outside the vocabulary"):
         eng.add_request([V + 3], SamplingParams())
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        EngineConfig(num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="num_speculative_tokens=5: accepted 0"):
+        EngineConfig(num_speculative_tokens=5)
 
 
 def test_bench_cpu_path(tmp_path, monkeypatch):

@@ -408,6 +408,8 @@ def test_bench_rejects_bad_arguments(capsys):
         (["--arrival-prompt-lens", "20,6"], "--arrival-prompt-lens '20,6'"),
         (["--arrival-prompt-lens", "x"], "expected LO,HI"),
         (["--arrival-graph-tokens", "100"], "--arrival-graph-tokens=100: accepted 0"),
+        (["--mtp-drafts", "2,5"], "--mtp-drafts '2,5': expected comma-separated integers from 2"),
+        (["--mtp-drafts", "x"], "--mtp-drafts 'x'"),
     ):
         with pytest.raises(SystemExit):
             bench.main(args)
@@ -462,19 +464,22 @@ def test_mtp_section_times_greedy_and_sampled_arms():
     """`bench engine`'s MTP section on CPU (a tiny model trained on the cycle it decodes): greedy
     MTP arms, synchronous and under async scheduling, emit plain greedy's tokens; with a
     temperature the sampled arms run too, and the two MTP arms' sampled tokens are equal (the
-    same uniforms in the same order), steps launched ahead."""
+    same uniforms in the same order), steps launched ahead; `--mtp-drafts 3` adds a greedy arm of
+    three drafts a step, its tokens plain greedy's too."""
     cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=256, eos_token_id=None)
     model = Transformer(cfg)
     model.reset_parameters(seed=3)
     cycle = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:48]
     bench.train_on_cycle(model, cycle, 30, torch.device("cpu"), seq_len=48, batch=8, lr=3e-3)
     ecfg = dict(page_size=16, num_pages=64, max_num_batched_tokens=64, max_model_len=128)
-    a = argparse.Namespace(decode_tokens=10, prompt_len=12, temperature=1.5)
+    a = argparse.Namespace(decode_tokens=10, prompt_len=12, temperature=1.5, mtp_drafts=[3])
     r = mtp_speedup(model, cycle, ecfg, a, torch.Generator().manual_seed(1), 1)
     row = r["1"]
     assert row["outputs_identical"] and row["async_spec"]["outputs_identical"]
     assert row["async_spec"]["overlapped_steps"] > 0 and row["acceptance"] > 0
     assert row["async_spec"]["spec_graph_steps"] == 0  # on CPU: no graphs, every step two forwards
+    three = row["drafts"]["3"]
+    assert three["outputs_identical"] and three["mean_accepted_length"] > 2.0, three
     s = row["sampled"]
     assert s["temperature"] == 1.5 and s["async_spec_outputs_equal_sync"], s
     assert s["async_spec_overlapped_steps"] > 0 and s["async_spec_graph_steps"] == 0  # CPU

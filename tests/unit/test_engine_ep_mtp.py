@@ -2,8 +2,10 @@
 MoE layer is expert-parallel too, so its forwards go through the lockstep with the main model's.
 Each rank serves its own prompts (uneven counts, one rank with none, whose MTP forwards are all
 empty ones) and its greedy output equals the single-process engine's with MTP and without it, for
-the gathered and the all-to-all exchange."""
+the gathered and the all-to-all exchange, with one draft a step and (ranks drafting chains of
+different lengths in the same step) with three."""
 
+import dataclasses
 import os
 
 import pytest
@@ -50,12 +52,15 @@ def _params() -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, exchange: str) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, out_dir: str, exchange: str, drafts: int
+) -> None:
     torch.set_num_threads(1)
     os.environ["MOERAY_DIST_TIMEOUT_S"] = "60"
     init_distributed(rank, world, f"file://{init_file}", torch.device("cpu"))
     try:
-        engine = ExpertParallelEngine(_model(), MTP_CONF, decode_exchange=exchange)
+        conf = dataclasses.replace(MTP_CONF, num_speculative_tokens=drafts)
+        engine = ExpertParallelEngine(_model(), conf, decode_exchange=exchange)
         mine = _assignment(world)[rank]
         outs = engine.generate([PROMPTS[i] for i in mine], _params())
         assert engine.drafter is not None
@@ -89,12 +94,19 @@ def references() -> tuple[dict[int, list[int]], dict[int, list[int]]]:
 
 
 @pytest.mark.parametrize(
-    ("world", "exchange"), [(2, "gather"), (2, "all_to_all"), (4, "gather"), (4, "all_to_all")]
+    ("world", "exchange", "drafts"),
+    [
+        (2, "gather", 1),
+        (2, "all_to_all", 1),
+        (4, "gather", 1),
+        (4, "all_to_all", 1),
+        (2, "gather", 3),
+    ],
 )
-def test_ep_mtp_greedy_equals_single_process(world, exchange, tmp_path, references):
+def test_ep_mtp_greedy_equals_single_process(world, exchange, drafts, tmp_path, references):
     with_mtp, without_mtp = references
     assert with_mtp == without_mtp  # speculation does not change greedy output
-    args = (world, init_file(tmp_path), str(tmp_path), exchange)
+    args = (world, init_file(tmp_path), str(tmp_path), exchange, drafts)
     spawn(_worker, args=args, nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     tokens = {i: t for g in got for i, t in g["tokens"].items()}

@@ -76,6 +76,10 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert "decode_replicas=0" in capsys.readouterr().err
     assert main(["--max-body-bytes", "0", "--write-config", "/dev/null"]) == 2
     assert "max_body_bytes=0" in capsys.readouterr().err
+    assert main(["--num-speculative-tokens", "9", "--write-config", "/dev/null"]) == 2
+    assert "num_speculative_tokens=9" in capsys.readouterr().err
+    # several drafts a step are accepted (the serve config carries them to the engine)
+    assert main(["--num-speculative-tokens", "3", "--write-config", "/dev/null"]) == 0
 
 
 @pytest.mark.parametrize("name", ["pd.yaml", "colocated.yaml"])
@@ -92,6 +96,7 @@ def test_serve_config_rejects_bad_values():
         ({"routing_stats_period_s": -1.0}, "routing_stats_period_s"),
         ({"ep_decode_exchange": "nccl"}, "ep_decode_exchange='nccl'"),
         ({"autoscaling": {"max_replica": 3}}, "max_replica"),
+        ({"num_speculative_tokens": 5}, r"num_speculative_tokens=5: accepted 0 \(off\) to 4"),
     ):
         with pytest.raises(ValueError, match=match):
             ServeConfig(**bad)

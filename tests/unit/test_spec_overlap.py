@@ -11,10 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moeray.platform.config import ServeConfig, tiny
-from moeray.platform.engine.bench import train_on_cycle
+from moeray.platform.config import ServeConfig
 from moeray.platform.engine.engine import Engine, EngineConfig
-from moeray.platform.engine.runner import ModelRunner
 from moeray.platform.engine.sampler import SamplingParams, filtered_probs, sample_from_probs
 from moeray.platform.engine.scheduler import Scheduler
 from moeray.platform.engine.spec_overlap import SpecOverlap
@@ -26,9 +24,8 @@ from moeray.platform.engine.spec_step import (
     spec_step_outputs,
 )
 from moeray.platform.engine.speculative import verify
-from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.worker import engine_config
-from tests.engine_helpers import run_to_end
+from tests.engine_helpers import drop_even_drafts, run_to_end, trained_on_cycle
 
 V = 256
 CYCLE = 48
@@ -36,32 +33,14 @@ CYCLE = 48
 
 @pytest.fixture(scope="module")
 def trained():
-    """A 2-layer model trained briefly (~3 s) on a cyclic text, with its MTP block: its drafts
-    follow the cycle, so they are accepted where the output does (prompts off the cycle join it)."""
-    cfg = tiny().replace(num_hidden_layers=2, vocab_size=V, eos_token_id=None)
-    model = Transformer(cfg)
-    model.reset_parameters(seed=3)
-    g = torch.Generator().manual_seed(0)
-    cycle = torch.randperm(V, generator=g)[:CYCLE]
-    train_on_cycle(model, cycle, 30, torch.device("cpu"), seq_len=48, batch=8, lr=3e-3)
-    on = [cycle[(s + torch.arange(n)) % CYCLE].tolist() for s, n in ((3, 9), (20, 30), (40, 17))]
-    off = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 12)]
-    return model, on + off
+    """tests/engine_helpers.trained_on_cycle: drafts accepted on the cycle, rejected off it."""
+    return trained_on_cycle(V, CYCLE)
 
 
 @pytest.fixture
 def mixed_drafts(monkeypatch):
-    """The MTP head's argmax dropped wherever it is even (the next best drafts instead): about
-    half the drafts rejected. A function of the MTP forward's inputs, so every engine drafts
-    the same token at the same position."""
-    real = ModelRunner._forward_mtp
-
-    def forward_mtp(self, *args, **kw):
-        logits, hidden = real(self, *args, **kw)
-        top = logits.argmax(-1, keepdim=True)
-        return torch.where(top % 2 == 0, logits.scatter(-1, top, -1e9), logits), hidden
-
-    monkeypatch.setattr(ModelRunner, "_forward_mtp", forward_mtp)
+    """About half the drafts rejected (tests/engine_helpers.drop_even_drafts)."""
+    drop_even_drafts(monkeypatch)
 
 
 def _engine(model, *, spec: int = 1, ahead: bool = True, **kw) -> Engine:

@@ -1,5 +1,6 @@
-"""The prefill-chunk CUDA graphs' size rule, which EngineConfig and ServeConfig both check
-(engine/step_graphs.py captures and replays them)."""
+"""The CUDA graphs' size rules, which EngineConfig and ServeConfig both check: the prefill-chunk
+graphs' (engine/step_graphs.py captures and replays them) and the drafts a decode step verifies
+(each decode width is a graph per batch size: engine/runner_graphs.py)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,20 @@ def check_chunk_seqs(seqs: int, name: str = "prefill_graph_seqs") -> None:
         raise ValueError(
             f"{name}={seqs}: accepted a power of two from 1 (one sequence a chunk graph) to "
             f"{CHUNK_GRAPH_MAX_SEQS}"
+        )
+
+
+# Drafts a step at most. The one MTP depth drafts the first; each further draft runs it again on its
+# own last hidden row (as vLLM and SGLang reuse DeepSeek-V3's one MTP module), and each decode width
+# 1 .. 1 + k is a CUDA graph per batch size for the main model and the MTP depth, so past a few
+# drafts the captures grow while a draft's chance to be reached falls (acceptance is a product over
+# the drafts before it).
+MAX_SPECULATIVE_TOKENS = 4
+
+
+def check_speculative_tokens(k: int, name: str = "num_speculative_tokens") -> None:
+    """ValueError naming `k` unless it is 0 (no drafting) to MAX_SPECULATIVE_TOKENS."""
+    if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(
+            f"{name}={k}: accepted 0 (off) to {MAX_SPECULATIVE_TOKENS} (MTP drafts a step)"
         )

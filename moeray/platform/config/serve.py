@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
+from moeray.platform.config.graphs import (
+    check_chunk_seqs,
+    check_chunk_tokens,
+    check_speculative_tokens,
+)
 
 # The ingress' request body limit (413 above it). 8 MiB: a full 128K-token context is ~0.5 MB of
 # English text, ~1 MB as a JSON list of token ids, ~3 MB as \uXXXX-escaped CJK; 8 MiB leaves room
@@ -123,6 +127,7 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         check_chunk_tokens(self.prefill_graph_tokens)
         check_chunk_seqs(self.prefill_graph_seqs)
+        check_speculative_tokens(self.num_speculative_tokens)
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port} must be in 1..65535")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
+from moeray.platform.config.graphs import (
+    check_chunk_seqs,
+    check_chunk_tokens,
+    check_speculative_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     # None: the model's max_position_embeddings, capped by what the cache holds.
     max_model_len: int | None = None
+    # MTP drafts a decode step verifies (0 off; up to config/graphs.py's MAX_SPECULATIVE_TOKENS).
+    # Steps of one draft run under async scheduling (async_scheduling_spec); more run synchronously.
     num_speculative_tokens: int = 0
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
@@ -77,10 +83,6 @@ class EngineConfig:
             raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None")
         if self.page_size < 1:
             raise ValueError(f"page_size={self.page_size} must be >= 1")
-        if self.num_speculative_tokens not in (0, 1):
-            raise ValueError(
-                f"num_speculative_tokens={self.num_speculative_tokens}: accepted 0 "
-                "(off) or 1 (one MTP draft per step)"
-            )
+        check_speculative_tokens(self.num_speculative_tokens)
         check_chunk_tokens(self.prefill_graph_tokens)
         check_chunk_seqs(self.prefill_graph_seqs)

@@ -5,13 +5,14 @@ M pages per sequence (block table width), N tokens per page, C kv_lora_rank, R r
 H heads, D model width, V vocabulary, L cached layers.
 
 A step's scheduled sequences run as few forwards [B, S] as possible: every row of at most
-PAD_MAX_S = 2 tokens (a decode, a decode plus its one MTP draft, a 1- or 2-token prefill chunk) runs
-in ONE forward at the longest such row's S, shorter rows padded; longer prefill chunks group by
-exact length. The MTP forward after the step groups the same way over each row's newly valid
-positions (1 after a rejected draft or no draft, 2 after an accepted one). So a pure-decode MTP
-step is one main forward and one MTP forward (one graph replay each) whatever the mix of drafts and
-acceptances. Query s of sequence b sits at position start_b + s with the S new tokens last in its
-context, which is exactly what the paged MLA kernel computes.
+`pad_max_s` tokens (1 + the drafts a step verifies, at least PAD_MAX_S = 2: a decode, a decode plus
+its MTP drafts, a short prefill chunk) runs in ONE forward at the longest such row's S, shorter rows
+padded; longer prefill chunks group by exact length. The MTP forward after the step groups the same
+way over each row's newly valid positions (1 + its accepted drafts). So a pure-decode MTP step is
+one main forward and one MTP forward (one graph replay each) whatever the mix of drafts and
+acceptances, plus one MTP forward of one position a row for each draft after the first
+(speculative.py). Query s of sequence b sits at position start_b + s with the S new tokens last
+in its context, which is exactly what the paged MLA kernel computes.
 
 Why padding is harmless. A padded row of sequence b sits at a position p >= start_b + n_b (n_b its
 real tokens) whose KV is not valid: after the step the sequence's num_computed is at most
@@ -29,9 +30,10 @@ start_b + n_b (main forward) or exactly start_b + n_b (MTP forward). So
     by the real rows (weight exactly 0) stay finite.
 The real rows compute what they computed unpadded up to rounding (a [B, 2] forward instead of a
 [B, 1] one, as any change of batch size already does), so greedy outputs stay those of plain
-decoding (tests/unit/test_engine.py). Positions stay below max_model_len: a row's last real
-position is at most max_model_len - 2 (a sequence of max_model_len tokens has finished), so a
-1-token pad stays inside the max_pages block-table columns.
+decoding (tests/unit/test_engine.py). A row's last real position is at most max_model_len - 2 (a
+sequence of max_model_len tokens has finished), so its pads reach max_model_len + pad_max_s - 3 at
+most: `max_pages`, the block tables' widest, covers that many positions (the columns past
+max_model_len's pages point at the scratch page, as every column past a row's own pages does).
 
 Attention over the pages, through the model's KVCache protocol (`moeray.platform.model.mla`;
 the views live in `paged_view.py`):
@@ -40,14 +42,14 @@ the views live in `paged_view.py`):
   * KernelPagedView (GPU): also offers `attend`, which writes the new latents and runs
     `moeray.kernels.mla_decode.mla_decode_multi` straight over the pages (no gather). The model uses
     it when its MLA calls `cache.attend(...)` (see `attend` for the contract).
-CUDA graphs: for decode groups on GPU (S <= 2: a decode, or a decode plus one draft) the runner
-captures one graph per batch size in `graph_batch_sizes` (a smaller batch is padded up with rows
-that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP forward
-after each step covers S = 1 + accepted drafts <= 2 positions per row, so it is captured the same
-way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static input (padding rows
-zero). With `prefill_graph_tokens`, prefill chunks of up to that many tokens replay a graph padded
-to a power-of-two bucket, a step's chunks of one length together (up to `prefill_graph_seqs`
-sequences a graph), keyed (bs, S, "chunk") (step_graphs.py says how and why).
+CUDA graphs: for decode groups on GPU (S <= pad_max_s: a decode, or a decode plus its drafts) the
+runner captures one graph per batch size in `graph_batch_sizes` (a smaller batch is padded up with
+rows that write into a scratch page), keyed (bs, S, "main"). With speculative decoding the MTP
+forward after each step covers S = 1 + accepted drafts <= pad_max_s positions per row, so it is
+captured the same way, keyed (bs, S, "mtp"), with the main model's hidden rows as one more static
+input (padding rows zero). With `prefill_graph_tokens`, prefill chunks of up to that many tokens
+replay a graph padded to a power-of-two bucket, a step's chunks of one length together (up to
+`prefill_graph_seqs` sequences a graph), keyed (bs, S, "chunk") (step_graphs.py says how and why).
 Capture needs a forward without host syncs (kernel attention, no `.tolist()` in the MoE); if
 capture fails the runner says why in `graph_status` and runs that kind eagerly.
 
@@ -83,8 +85,8 @@ class Gang(Protocol):
         self, B: int, S: int, decode: bool, graph_batch: int, module: int = 0
     ) -> int:
         """Collective: B sequences x S tokens here through `module` (0 the main model, d + 1 MTP
-        depth d), `decode` if S <= PAD_MAX_S, graph_batch the padded batch of this rank's
-        captured graph for it (0: none). Returns the padded batch every rank replays, or 0
+        depth d), `decode` if S <= the runner's pad_max_s, graph_batch the padded batch of this
+        rank's captured graph for it (0: none). Returns the padded batch every rank replays, or 0
         (eager)."""
         ...
 
@@ -117,13 +119,18 @@ class ModelRunner(RunnerGraphs):
         prefill_graph_tokens: int = 0,
         prefill_graph_seqs: int = 1,
         max_chunk_tokens: int | None = None,
+        max_decode_tokens: int = PAD_MAX_S,
     ) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
         self.device = storage.device
         self.page_size = kv.page_size
-        self.max_pages = -(-max_model_len // kv.page_size)
+        # Decode rows up to this many tokens share a padded forward (module docstring): 1 + the
+        # drafts a step verifies (`max_decode_tokens`), at least PAD_MAX_S.
+        self.pad_max_s = max(PAD_MAX_S, max_decode_tokens)
+        # (the padded positions' too: module docstring)
+        self.max_pages = -(-(max_model_len + self.pad_max_s - 2) // kv.page_size)
         self.on_gpu = self.device.type == "cuda"
         # "kernel" offers cache.attend (the paged MLA kernel on GPU; its PyTorch reference on CPU),
         # "gather" only cache.update; "auto" is kernel on GPU, gather on CPU.
@@ -131,7 +138,7 @@ class ModelRunner(RunnerGraphs):
             raise ValueError(f"attention={attention!r}: accepted 'auto', 'kernel' or 'gather'")
         kernel = attention == "kernel" or (attention == "auto" and self.on_gpu)
         self.view_cls = KernelPagedView if kernel else GatherPagedView
-        # Forwards of more than PAD_MAX_S tokens per row (prefill chunks) run MLA's expanded path
+        # Forwards of more than pad_max_s tokens per row (prefill chunks) run MLA's expanded path
         # ("expanded", and "auto"), as vLLM and SGLang prefill: per cached token it up-projects
         # C = 512 latents once for all H heads, where the absorbed path attends in the 576-wide
         # latent space per head (V3: 128 x 576 x 2 FLOPs per query-key pair against 128 x 320 x 2
@@ -170,7 +177,7 @@ class ModelRunner(RunnerGraphs):
 
     # ---- building blocks -----------------------------------------------------------------------
     def _view(self, block_table_BM, starts_B, S, fresh: bool = False):
-        expanded = self.prefill_expanded and S > PAD_MAX_S
+        expanded = self.prefill_expanded and S > self.pad_max_s
         return self.view_cls(
             self.storage, block_table_BM, starts_B, S, expanded=expanded, fresh=fresh
         )
@@ -233,12 +240,14 @@ class ModelRunner(RunnerGraphs):
                 module, captured = 0, self._captured_batch(B, S)
             else:
                 module, captured = self._mtp_depth(mtp_module) + 1, 0
-            agreed = self.gang.before_forward(B, S, S <= PAD_MAX_S, captured, module)
+            agreed = self.gang.before_forward(B, S, S <= self.pad_max_s, captured, module)
             graph = self.graphs.get((agreed, S, "main")) if mtp_module is None else None
             if graph is not None:
                 return graph.run(ids_BS, block_table_BM, starts_B)
-        # Decode (S = 1), decode + 1 draft (S = 2); for MTP, the last token plus its accepted draft.
-        elif S <= 2 and (self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs):
+        # Decode (S = 1), decode + drafts; for MTP, the last token plus its accepted drafts.
+        elif S <= self.pad_max_s and (
+            self.use_mtp_graphs if mtp_module is not None else self.use_cuda_graphs
+        ):
             graph = self._graph_for(
                 B, S, mtp_module, None if hidden_BSD is None else hidden_BSD.dtype
             )
@@ -262,18 +271,18 @@ class ModelRunner(RunnerGraphs):
 
     # ---- a step --------------------------------------------------------------------------------
     def _groups(self, lengths: Sequence[int]) -> dict[int, list[int]]:
-        """Row indices by the S their forward runs at. Rows of at most PAD_MAX_S tokens (decodes
-        with or without a draft, MTP steps over 1 or 2 newly valid positions) form ONE group padded
+        """Row indices by the S their forward runs at. Rows of at most pad_max_s tokens (decodes
+        with or without drafts, MTP steps over their newly valid positions) form ONE group padded
         up to its longest row (see the module docstring); longer rows (prefill chunks) group by
         exact length. Without a scratch page nothing is padded (a padded position could land on a
         page the sequence does not own)."""
         groups: dict[int, list[int]] = {}
         pad = self.scratch_page is not None
-        small = [i for i, n in enumerate(lengths) if pad and n <= PAD_MAX_S]
+        small = [i for i, n in enumerate(lengths) if pad and n <= self.pad_max_s]
         if small:
             groups[max(lengths[i] for i in small)] = small
         for i, n in enumerate(lengths):
-            if not (pad and n <= PAD_MAX_S):
+            if not (pad and n <= self.pad_max_s):
                 groups.setdefault(n, []).append(i)
         return groups
 
@@ -284,7 +293,7 @@ class ModelRunner(RunnerGraphs):
         """Main-model forward over the scheduled sequences: chunk graph replays for the prefill
         chunks `_chunk_plan` places, then one forward per group of `_groups` of the rest (so one
         for all decodes), each sequence's logits and hidden rows cut to its own tokens.
-        A prefill group (more than PAD_MAX_S tokens per row) that no request reads prompt
+        A prefill group (more than pad_max_s tokens per row) that no request reads prompt
         logprobs from computes only its last row's logits: the LM head over a 4K-token chunk at
         V3's vocabulary would write 4096 x 129,280 fp32 logits (2.1 GB) to use one row.
         `ids_on_device` [B] (int64, on the device, one per sequence in seqs' order): the input
@@ -343,7 +352,7 @@ class ModelRunner(RunnerGraphs):
                 self.inputs.pages_to(max(s.start for s in group) + S),
             )
             keep = 0
-            if S > PAD_MAX_S and not any(s.request.needs_prompt_logprobs for s in group):
+            if S > self.pad_max_s and not any(s.request.needs_prompt_logprobs for s in group):
                 keep = 1  # rows of a group have S real tokens: the last row is each one's last
             fresh = all(s.start == 0 for s in group)
             lg, hd = self.forward_group(ids, bt, starts, fresh=fresh, logits_to_keep=keep)
@@ -358,8 +367,8 @@ class ModelRunner(RunnerGraphs):
         self, mtp_module, items: Sequence[tuple[str, int, torch.Tensor, list[int] | torch.Tensor]]
     ):
         """MTP forwards: items = (request_id, start, hidden_SD, next_ids) with S = len(next_ids)
-        positions from start (next_ids a list, or for decodes of PAD_MAX_S positions a tensor on
-        the device: speculative.MTPDrafter.chain). Returns per item (hidden_SD, logits_SV) of its
+        positions from start (next_ids a list, or a tensor of S ids on the device: the drafts of
+        speculative.MTPDrafter, never padded). Returns per item (hidden_SD, logits_SV) of its
         S positions, run in the groups of `_groups` like execute (padded rows get zero hidden
         rows); a prefill chunk that replays its bucket's MTP chunk graph gets the logits of its
         last position only ([1, V]: the draft's)."""

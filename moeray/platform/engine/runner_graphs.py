@@ -2,12 +2,12 @@
 holds, keyed (padded batch size, S, kind), how they are captured (up front by `capture_graphs`, or
 on first use for decode groups), which one a forward replays, and their status.
 
-Kinds (step_graphs.py says how each is captured): "main" and "mtp" for decode groups of
-S <= PAD_MAX_S tokens a row, "chunk" and "mtp_chunk" for prefill chunks padded to a bucket, and
-"spec" for a whole greedy MTP step under async scheduling (spec_step.py's SpecGraph, S = 2;
-opt-in "spec_sampled" and "spec_top_p" for sampled ones). A failed capture turns its kind off
-with the reason in `graph_status`; those forwards then run eagerly (a failed whole-step capture:
-its steps as two graph replays).
+Kinds (step_graphs.py says how each is captured): "main" and "mtp" for decode groups of S <=
+pad_max_s tokens a row (1 + the drafts a step verifies, at least PAD_MAX_S), "chunk" and "mtp_chunk"
+for prefill chunks padded to a bucket, and "spec" for a whole greedy MTP step under async scheduling
+(spec_step.py's SpecGraph, S = 2; opt-in "spec_sampled" and "spec_top_p" for sampled ones). A failed
+capture turns its kind off with the reason in `graph_status`; those forwards then run eagerly (a
+failed whole-step capture: its steps as two graph replays).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from moeray.platform.engine.step_inputs import StepInputs, pad_ids
 
 logger = logging.getLogger(__name__)
 
-# Rows of up to this many tokens share one padded forward: 1 + the MTP drafter's one draft
-# (runner.py's module docstring says why padding is harmless).
+# Rows of up to this many tokens share one padded forward at least: 1 + one MTP draft (with more
+# drafts, 1 + their number: `ModelRunner.pad_max_s`; runner.py's module docstring says why padding
+# is harmless). The whole-step graphs (spec_step.py) are of this width.
 PAD_MAX_S = 2
 
 
@@ -38,6 +39,7 @@ class RunnerGraphs:
     model: Any
     storage: Any
     max_pages: int
+    pad_max_s: int
     page_size: int
     scratch_page: int | None
     graph_pool: Any
@@ -71,7 +73,7 @@ class RunnerGraphs:
 
     def _captured_batch(self, B: int, S: int) -> int:
         """The padded batch of the captured main graph that runs B x S, 0 if there is none."""
-        if not self.use_cuda_graphs or S > PAD_MAX_S or B > self.graph_batch_sizes[-1]:
+        if not self.use_cuda_graphs or S > self.pad_max_s or B > self.graph_batch_sizes[-1]:
             return 0
         bs = next(b for b in self.graph_batch_sizes if b >= B)
         return bs if (bs, S, "main") in self.graphs else 0
@@ -182,18 +184,18 @@ class RunnerGraphs:
         spec: tuple[str, ...] = (),
     ) -> int:
         """Capture every decode graph a step can replay, now: each padded batch size up to the one
-        that holds `max_batch` rows, S = 1 and 2, the main model and (with `mtp_module`) the MTP
-        depth. Captured lazily instead, a batch that shrank or grew into a new size paid for the
+        that holds `max_batch` rows, S = 1 to pad_max_s, the main model and (with `mtp_module`) the
+        MTP depth. Captured lazily instead, a batch that shrank or grew into a new size paid for the
         capture (and Triton's compiles for its shapes) inside a step: MTP at batch 16 ran at 0.31x
-        of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns
-        the number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE
-        takes its per-expert training loop, which reads counts back to the host, and every capture
-        fails ("called a synchronizing CUDA operation"). Then the prefill-chunk graphs (none
-        unless prefill_graph_tokens: `step_graphs.chunk_graph_shapes`, at most as many sequences
-        as the padded max_batch), and with `mtp_module` its MTP depth's. `decode` False: the
-        chunk graphs only (a P/D prefill replica, whose requests end at their first token). `spec`
-        (with `mtp_module`): the kinds of whole-step graph (SPEC_KINDS) to capture at each size
-        for MTP steps under async scheduling."""
+        of plain decoding so, capturing its shrinking tail (benchmarks/notes-engine.md). Returns the
+        number of graphs held; 0 without graphs. Runs in inference mode: with grad on, the MoE takes
+        its per-expert training loop, which reads counts back to the host, and every capture fails
+        ("called a synchronizing CUDA operation"). Then the prefill-chunk graphs (none unless
+        prefill_graph_tokens: `step_graphs.chunk_graph_shapes`, at most as many sequences as the
+        padded max_batch), and with `mtp_module` its MTP depth's. `decode` False: the chunk graphs
+        only (a P/D prefill replica, whose requests end at their first token). `spec` (with
+        `mtp_module`): the kinds of whole-step graph (SPEC_KINDS) to capture at each size for MTP
+        steps under async scheduling."""
         if not self.use_cuda_graphs:
             return 0
         sizes = [b for b in self.graph_batch_sizes if b < max_batch]
@@ -201,7 +203,7 @@ class RunnerGraphs:
         # a step holds at most max_batch chunks: no chunk graph past the padded batch of them
         chunk_seqs = min(self.chunk_seqs, sizes[-1])
         for bs in sizes if decode else ():
-            for S in (1, 2):
+            for S in range(1, self.pad_max_s + 1):
                 if not self.use_cuda_graphs:
                     return len(self.graphs)  # one failed capture says why; a try costs 2 forwards
                 self._graph_for(bs, S)
@@ -225,13 +227,13 @@ class RunnerGraphs:
     def _chunk_plan(self, chunks, mtp_module=None) -> list[tuple[StepGraph, list[int]]]:
         """The chunk graph replays of a step (with `mtp_module`, its MTP depth's graphs):
         `chunks` one (n, start) per item or None (it may not replay) -> [(graph, item indices)]
-        (`step_graphs.chunk_replay_plan`: same-length chunks of more than PAD_MAX_S tokens
+        (`step_graphs.chunk_replay_plan`: same-length chunks of more than pad_max_s tokens
         together, each in the smallest bucket that holds them with its padded positions inside
         max_model_len); the items in none run eagerly. None in an expert-parallel gang, whose
         ranks agree on every forward's shape. Chunk graphs are captured by `capture_graphs`
         only, never inside a step (where async scheduling's work in flight would run beside the
         capture)."""
-        chunks = [c if c is None or c[0] > PAD_MAX_S else None for c in chunks]
+        chunks = [c if c is None or c[0] > self.pad_max_s else None for c in chunks]
         if not (self.chunk_buckets and self.gang is None) or chunks.count(None) == len(chunks):
             return []  # (a decode-only step returns here, before the graphs are looked at)
         if mtp_module is None:

@@ -31,10 +31,11 @@ position's token drawn at u0 (`plain`), and ends there.
 The overlap drains (resolves the step in flight and hands back to the synchronous path) when a
 request is waiting (its prefill runs synchronously; the decodes then resume here), when a running
 request was not in the step in flight, when pages for the next step cannot be reserved, when a row's
-next positions would pass max_model_len, or when no row is left. Only rows with one draft each, no
-logprobs, no logits processing, no grammar, outside an expert-parallel gang, greedy or (with
-`EngineConfig.async_scheduling_sampled`) sampled, run here (`MTPDrafter.chainable`); every other
-step runs as before.
+next positions would pass max_model_len, or when no row is left. Only a drafter of one draft a
+step (num_speculative_tokens=1) runs here, and only rows with one draft each, no logprobs, no
+logits processing, no grammar, outside an expert-parallel gang, greedy or (with
+`EngineConfig.async_scheduling_sampled`) sampled (`MTPDrafter.chainable`); every other step runs
+as before.
 """
 
 from __future__ import annotations
@@ -90,12 +91,14 @@ class SpecOverlap:
         self.drained_steps = 0
 
     def takes(self, out: SchedulerOutput) -> bool:
-        """Whether a synchronously scheduled step can start the overlap: every row a decode with
-        one draft, greedy or (with `sampled`) sampled (`MTPDrafter.chainable`), nothing
-        preempted, ended at schedule or exported."""
+        """Whether a synchronously scheduled step can start the overlap: a drafter of one draft a
+        step (with more, every step runs synchronously), every row a decode with one draft, greedy
+        or (with `sampled`) sampled (`MTPDrafter.chainable`), nothing preempted, ended at
+        schedule or exported."""
         eng = self.engine
         return (
             eng.drafter is not None
+            and eng.drafter.k == 1
             and not out.preempted
             and not eng.scheduler.finished_at_schedule
             and not eng._exports

@@ -2,23 +2,35 @@
 
 Legend: J = 1 + k verified rows (the last known token, then the k drafts), V vocabulary, D width.
 
-Drafting (k = 1, DeepSeek-V3's single MTP depth). The MTP block at position i reads the main
-model's hidden state at i and the embedding of token i+1, and predicts token i+2. It keeps its own
-latent cache (layer index num_hidden_layers), so after every step it runs over exactly the positions
-whose main-model KV just became valid, each with its now-known next token: a prefill chunk's
-positions, or a decode's last token plus its accepted drafts. Its output at the last of them drafts
-the token after the one just sampled. (A prefix-cache hit reuses the MTP latents of shared pages;
-the MTP latent of a page's last position was computed with the original request's next token, which
-can only lower the draft's acceptance, never change the verified output.)
+Drafting (DeepSeek-V3's single MTP depth). The MTP block at position i reads the main model's
+hidden state at i and the embedding of token i+1, and predicts token i+2. It keeps its own latent
+cache (layer index num_hidden_layers), so after every step it runs over exactly the positions whose
+main-model KV just became valid, each with its now-known next token: a prefill chunk's positions,
+or a decode's last token plus its accepted drafts. Its output at the last of them drafts the token
+after the one just sampled. (A prefix-cache hit reuses the MTP latents of shared pages; the MTP
+latent of a page's last position was computed with the original request's next token, which can
+only lower the draft's acceptance, never change the verified output.)
 
-One forward each per step. A decode step mixes rows of 2 verified tokens (a draft) and 1 (no room
-for a draft: max_tokens or max_model_len next), and MTP rows of 2 newly valid positions (draft
-accepted) and 1 (rejected, or none). The runner pads the shorter rows of each to 2 (runner module
-docstring: the padded position is not valid yet, so its cache write is dead and sits on an owned
-or the scratch page, and its outputs are cut off), so a pure-decode step is one main-model forward
-plus one MTP forward at any batch size and acceptance, not up to 2 + 2 graph replays.
+More drafts (k > 1: vLLM's and SGLang's way of running DeepSeek-V3's one MTP module for several
+tokens). With c = num_computed, the last known token sits at position c and draft 1 is token c + 1.
+Draft j >= 2 (token c + j) is the MTP block run again at position c + j - 2 on the embedding of
+draft j - 1 and, for the main model's hidden state there, which is not known yet, the MTP block's
+own output hidden row at the position before (`draft_chain`). Those MTP latents at positions
+c .. c + k - 2 are guesses; every one is rewritten with the exact inputs by the step after which
+its position becomes valid (that step's MTP forward starts at the old c), before any forward at a
+later position reads it, so they too can only lower acceptance. They are written into the
+request's own pages (grown for them here, which the next step's verification needs anyway; where
+no page is free a row gets the drafts its pages hold), never into the shared scratch page, since
+the chain's later positions read them back.
 
-Verification. The main model computes the last known token and the draft in one forward (J = 2
+One forward each per step. A decode step mixes rows of 1 + n verified tokens (n <= k drafts: fewer
+where max_tokens or max_model_len is near), and MTP rows of 1 + accepted newly valid positions. The
+runner pads the shorter rows of each to the longest (runner module docstring: the padded positions
+are not valid yet, so their cache writes are dead and sit on owned or the scratch page, and their
+outputs are cut off), so a pure-decode step is one main-model forward plus one MTP forward at any
+batch size and acceptance, and k - 1 MTP forwards of one position a row for the further drafts.
+
+Verification. The main model computes the last known token and the drafts in one forward (J = 1 + n
 rows). Row j predicts the token after input j. Greedy: drafts are accepted while they equal the
 argmax of the row before them, and the first mismatch (or the row after the last draft) gives one
 more token, so the output is exactly plain greedy decoding. Sampling: drafts are the MTP argmax
@@ -184,14 +196,15 @@ def require_mtp(model) -> None:
 
 
 class MTPDrafter:
-    """Keeps the MTP layer's cache up to date and proposes one draft per decoding request."""
+    """Keeps the MTP layer's cache up to date and proposes up to `k` drafts per decoding request
+    (the module docstring)."""
 
     def __init__(self, model, runner, num_speculative_tokens: int = 1) -> None:
         require_mtp(model)
-        if num_speculative_tokens != 1:
+        if num_speculative_tokens < 1:
             raise ValueError(
-                f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter "
-                "proposes 1 token per step (DeepSeek-V3's MTP depth is 1)"
+                f"num_speculative_tokens={num_speculative_tokens}: the MTP drafter proposes 1 or "
+                "more tokens a step"
             )
         self.model = model
         self.runner = runner
@@ -206,8 +219,9 @@ class MTPDrafter:
 
     def chains(self, scheduled) -> bool:
         """Whether a synchronous step's MTP forward runs right after its main forward, before
-        verifying (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1): a `chainable` step."""
-        return switched_on("MTP_CHAIN") and self.chainable(scheduled)
+        verifying (`chain`; opt-in, MOERAY_FUSED_MTP_CHAIN=1): a `chainable` step of a one-draft
+        drafter."""
+        return switched_on("MTP_CHAIN") and self.k == 1 and self.chainable(scheduled)
 
     def chainable(self, scheduled, *, sampled: bool = False) -> bool:
         """Whether a step's MTP forward can run right after its main forward, on tokens still on
@@ -255,12 +269,13 @@ class MTPDrafter:
             m = self._newly_valid(s, len(pair))
             if m is not None:
                 reqs.append(s.request)
-                picked.append(pair[m - 1])
+                picked.append([pair[m - 1]])
         self._set_drafts(reqs, picked, max_model_len)
 
     def propose(self, scheduled, hidden: Sequence[torch.Tensor], max_model_len: int) -> None:
         """After the scheduler's update: run the MTP block over each scheduled request's newly
-        valid positions and set request.spec_token_ids for those now waiting to decode."""
+        valid positions, then (k > 1) `draft_chain` for the further drafts, and set
+        request.spec_token_ids for those now waiting to decode (`_set_drafts`)."""
         items, reqs = [], []
         for s, h_SD in zip(scheduled, hidden, strict=False):
             m = self._newly_valid(s, h_SD.shape[0])
@@ -274,9 +289,55 @@ class MTPDrafter:
         if not items:
             return
         results = self.runner.execute_mtp(self.model.mtp[0], items)
-        # Every request's draft in one device->host copy (one sync per step, not per request).
-        drafts = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1).tolist()
-        self._set_drafts(reqs, drafts, max_model_len)
+        first_B = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1)
+        counts = [self._room(req, max_model_len) for req in reqs]
+        drafts_BK = self.draft_chain(reqs, first_B, [h_SD[-1:] for h_SD, _lg in results], counts)
+        # Every request's drafts in one device->host copy (one sync per step, not per request).
+        host = drafts_BK.tolist()
+        self._set_drafts(
+            reqs, [row[:n] for row, n in zip(host, counts, strict=True)], max_model_len
+        )
+
+    def draft_chain(
+        self,
+        reqs: Sequence,
+        first_B: torch.Tensor,
+        last_hidden: Sequence[torch.Tensor],
+        counts: list[int],
+    ) -> torch.Tensor:
+        """The drafts after the first (module docstring): -> [B, k] int64 on the device, row b's
+        first counts[b] entries its drafts (the rest 0). first_B: each request's first draft;
+        last_hidden: its MTP output row [1, D] at position num_computed - 1. `counts` (each
+        0..k) is lowered in place where a request's pages cannot grow to hold the chain's
+        positions."""
+        B = len(reqs)
+        drafts_BK = torch.zeros(B, self.k, dtype=torch.long, device=first_B.device)
+        drafts_BK[:, 0] = first_B
+        kv = self.runner.kv
+        for b, req in enumerate(reqs):
+            c = req.num_computed
+            # draft j's forward writes position c + j - 2: hold c + counts[b] - 1 tokens
+            if counts[b] > 1 and not kv.grow(req.request_id, c + counts[b] - 1):
+                held = len(kv.tables[req.request_id].pages) * kv.page_size
+                counts[b] = max(1, min(counts[b], held - c + 1))
+        hidden = list(last_hidden)
+        for j in range(2, max(counts, default=0) + 1):
+            rows = [b for b in range(B) if counts[b] >= j]
+            items = [
+                (
+                    reqs[b].request_id,
+                    reqs[b].num_computed + j - 2,
+                    hidden[b],
+                    drafts_BK[b, j - 2 : j - 1],
+                )
+                for b in rows
+            ]
+            results = self.runner.execute_mtp(self.model.mtp[0], items)
+            new_R = torch.stack([logits_SV[-1] for _h, logits_SV in results]).argmax(-1)
+            drafts_BK[:, j - 1].index_copy_(0, self.runner.inputs.device_index(rows), new_R)
+            for b, (h_SD, _lg) in zip(rows, results, strict=True):
+                hidden[b] = h_SD
+        return drafts_BK
 
     @staticmethod
     def _newly_valid(s, most: int) -> int | None:
@@ -290,17 +351,23 @@ class MTPDrafter:
         assert 1 <= m <= most, (req.request_id, m)
         return m
 
-    @staticmethod
-    def _set_drafts(reqs, drafts: Sequence[int], max_model_len: int) -> None:
-        """request.spec_token_ids: its draft where it decodes next with room for two more tokens
-        and no grammar, else none."""
-        for req, draft in zip(reqs, drafts, strict=True):
-            decoding = len(req.token_ids) - req.num_computed == 1
-            room = (
-                req.num_output_tokens + 1 < req.params.max_tokens
-                and len(req.token_ids) + 1 < max_model_len
-            )
-            # No drafts under a grammar: verifying a draft would need the matcher to accept it
-            # and roll back on rejection (not done), and its mask for the bonus token.
-            plain = req.params.structured is None
-            req.spec_token_ids = [draft] if decoding and room and plain else []
+    def _room(self, req, max_model_len: int) -> int:
+        """The drafts request `req` may verify at its next step: none unless it decodes next
+        (its prompt done) without a grammar; else k, fewer where the step's 1 + n tokens would pass
+        max_tokens or max_model_len."""
+        if len(req.token_ids) - req.num_computed != 1:
+            return 0
+        # No drafts under a grammar: verifying a draft would need the matcher to accept it and
+        # roll back on rejection (not done), and its mask for the bonus token.
+        if req.params.structured is not None:
+            return 0
+        room = min(
+            req.params.max_tokens - req.num_output_tokens - 1,
+            max_model_len - len(req.token_ids) - 1,
+        )
+        return max(0, min(self.k, room))
+
+    def _set_drafts(self, reqs, drafts: Sequence[Sequence[int]], max_model_len: int) -> None:
+        """request.spec_token_ids: its drafts, cut to what `_room` allows."""
+        for req, row in zip(reqs, drafts, strict=True):
+            req.spec_token_ids = list(row[: self._room(req, max_model_len)])

@@ -5,7 +5,8 @@ block table, D model width, V vocabulary.
 
 `StepGraph` captures one forward [bs, S] against static inputs (ids, block table, starts, and for
 an MTP depth the main model's hidden rows) and replays it after copying a step's inputs in:
-  * kind "main": decode groups, S = 1 or 2 (runner.PAD_MAX_S), bs one of graph_batch_sizes;
+  * kind "main": decode groups, S = 1 to the runner's pad_max_s (1 + the drafts a step verifies,
+    at least 2), bs one of graph_batch_sizes;
   * kind "mtp": one MTP depth over the same shapes;
   * kind "chunk": prefill chunks of one length n, S a bucket (a power of two from
     CHUNK_GRAPH_MIN up to EngineConfig.prefill_graph_tokens), bs up to

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from moeray.platform.config import PRESETS, ModelConfig, preset
-from moeray.platform.config.graphs import check_chunk_seqs, check_chunk_tokens
+from moeray.platform.config.graphs import (
+    MAX_SPECULATIVE_TOKENS,
+    check_chunk_seqs,
+    check_chunk_tokens,
+)
 from moeray.platform.engine.bench.ab import parse_ab
 from moeray.platform.engine.engine_config import EngineConfig
 
@@ -44,6 +48,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=150,
         help="0: random weights made on the device, no MTP (speed runs)",
+    )
+    p.add_argument(
+        "--mtp-drafts",
+        default="",
+        help="comma-separated draft counts past 1 (2 .. MAX_SPECULATIVE_TOKENS) for the MTP "
+        "section's synchronous arms of several drafts a step (greedy)",
     )
     p.add_argument("--profile-steps", type=int, default=0, help="decode steps profiled per batch")
     p.add_argument("--skip", default="", help=f"comma-separated sections of {list(SECTIONS)}")
@@ -130,6 +140,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.ab = parse_ab(a.ab)
     except ValueError as e:
         p.error(str(e))
+    raw = a.mtp_drafts
+    try:
+        a.mtp_drafts = [int(x) for x in raw.split(",") if x]
+    except ValueError:
+        a.mtp_drafts = [0]
+    if not all(2 <= k <= MAX_SPECULATIVE_TOKENS for k in a.mtp_drafts):
+        p.error(
+            f"--mtp-drafts {raw!r}: expected comma-separated integers from 2 to "
+            f"{MAX_SPECULATIVE_TOKENS}"
+        )
     a.skip = {x for x in a.skip.split(",") if x}
     if a.skip - set(SECTIONS):
         p.error(f"--skip {sorted(a.skip - set(SECTIONS))}: accepted sections are {list(SECTIONS)}")

@@ -4,7 +4,9 @@ same plain baseline. Arms: plain decoding, synchronous MTP steps (`async_schedul
 and MTP steps under async scheduling (`engine/spec_overlap.py`, the default). Greedy always; with
 `--temperature T > 0` the same three arms sampled at T too (request i seeded i), under
 `mtp.<batch>.sampled`: the two MTP arms draw the same uniforms (their tokens must be equal), plain
-decoding draws one a token (its tokens differ; speed only)."""
+decoding draws one a token (its tokens differ; speed only). With `--mtp-drafts 2,3` greedy arms of
+that many drafts a step too (`mtp.<batch>.drafts.<k>`: synchronous steps, the only kind past one
+draft)."""
 
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
     release_engines()  # the arm before's
     # max_num_seqs = B: the engine captures its decode graphs up to B at start
     eng = Engine(model, EngineConfig(**{**ecfg, "max_num_seqs": len(prompts), **kw}))
-    # Warm-ups of 8 tokens: with MTP a step can emit 2 tokens, and the warm-up must reach both
-    # S = 1 and S = 2 decode steps so that every CUDA graph (main and MTP) is captured outside
-    # the timed loop.
+    # Warm-ups of 8 tokens: with MTP a step can emit 1 + k tokens, and the warm-up must reach
+    # steps of S = 1 .. 1 + k so that every CUDA graph (main and MTP) is captured outside the
+    # timed loop.
     engine_decode(eng, prompts, 8, temperature=temperature)
     if eng.drafter is not None:
         eng.drafter.stats = SpecStats()  # count the timed run only
@@ -85,9 +87,9 @@ def mtp_speedup(
     """MTP on the training text (module docstring), per batch size: the synchronous arm's row
     (tokens_per_s, speedup, acceptance, outputs against plain greedy), `async_spec` (the same for
     MTP under async scheduling, with its overlapped and drained steps and those that replayed a
-    whole-step graph, `spec_graph_steps`) and, with a.temperature >
-    0, `sampled` (plain / synchronous / async tokens/s at that temperature, the speedups, and
-    whether the two MTP arms' tokens are equal)."""
+    whole-step graph, `spec_graph_steps`), `drafts` (a row per a.mtp_drafts count) and, with
+    a.temperature > 0, `sampled` (plain / synchronous / async tokens/s at that temperature, the
+    speedups, and whether the two MTP arms' tokens are equal)."""
     out: dict[str, dict] = {}
     n, cycle_len = a.decode_tokens, len(cycle)
     temps = [0.0] + ([a.temperature] if a.temperature > 0 else [])
@@ -108,6 +110,12 @@ def mtp_speedup(
                 row["async_spec"]["overlapped_steps"] = ahead["overlapped"]
                 row["async_spec"]["drained_steps"] = ahead["drained"]
                 row["async_spec"]["spec_graph_steps"] = ahead["spec_graph_steps"]
+                row["drafts"] = {
+                    str(k): _mtp_row(
+                        _arm(model, ecfg, prompts, n, t, num_speculative_tokens=k), plain
+                    )
+                    for k in a.mtp_drafts
+                }
                 out[str(B)] = row
             else:
                 out[str(B)]["sampled"] = {
