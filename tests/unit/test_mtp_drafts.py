@@ -5,8 +5,8 @@ later draft); every step is one main forward, one MTP forward and k - 1 one-posi
 acceptance reaches every count 0..k; max_tokens and max_model_len cut the drafts; the chain's
 positions sit in the request's own pages, and a request whose pages cannot grow drafts what they
 hold; sampled verification over several drafts keeps the target's distribution; steps of more
-than one draft run synchronously under async scheduling; the OpenAI server's completions and
-logprobs are plain greedy decoding's."""
+than one draft a step run ahead under async scheduling only when greedy, with the synchronous
+steps' drafts; the OpenAI server's completions and logprobs are plain greedy decoding's."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +21,7 @@ from moeray.platform.engine.sampler import SamplingParams, filtered_probs
 from moeray.platform.engine.speculative import verify
 from moeray.platform.model.transformer import Transformer
 from tests.engine_helpers import drop_even_drafts, run_to_end, trained_on_cycle
+from tests.unit.test_spec_overlap import _drafts_by_position
 
 V = 256
 CYCLE = 48
@@ -244,19 +245,54 @@ def test_sampled_steps_run_and_repeat_by_seed(trained):
     assert all(len(o) == 12 for o, _r, _s in a.values())
 
 
-def test_config_bounds_and_async_scheduling_runs_them_synchronously(trained, plain):
-    model, prompts = trained
+def test_config_bounds():
     for bad in (-1, MAX_SPECULATIVE_TOKENS + 1):
         with pytest.raises(ValueError, match=rf"num_speculative_tokens={bad}: accepted 0 .* 4"):
             EngineConfig(num_speculative_tokens=bad)
-    eng = _engine(model, 2, async_scheduling=True, async_scheduling_spec=True)
-    assert eng._spec_graph_kinds(True) == ()
-    # (even were every row's step one it could run: the overlap refuses a drafter of 2)
-    eng.drafter.chainable = lambda *a, **kw: True
-    assert list(run_to_end(eng, prompts, _params()).values()) == plain
-    assert eng._overlap is not None and eng._overlap.spec is not None
-    assert eng._overlap.spec.overlapped_steps == 0
-    assert eng.runner.pad_max_s == 3
+
+
+def _hidden_mixing_model() -> Transformer:
+    """Random weights whose MTP block reads the next token's embedding whole and the hidden row
+    at half its random weight: drafts follow the main model often enough to be accepted (about
+    1 in 6), and hidden rows and positions still change them."""
+    cfg = tiny().replace(num_hidden_layers=2, vocab_size=V, eos_token_id=None)
+    model = Transformer(cfg)
+    model.reset_parameters(seed=1)
+    D = cfg.hidden_size
+    with torch.no_grad():
+        w = model.mtp[0].eh_proj.weight  # [D, 2D] over [enorm(embedding), hnorm(hidden)]
+        w[:, :D] = torch.eye(D)
+        w[:, D:] *= 0.5
+    return model
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_async_steps_draft_what_the_synchronous_engine_drafts(k):
+    """Under async scheduling (greedy rows run ahead, spec_overlap.py) a step's drafts come from
+    the device (spec_step.spec_drafts: the MTP row at s + acc, then its chain): the same drafts at
+    every position, the same acceptance and the same outputs as synchronous steps, with accepted
+    and rejected drafts, on weights where hidden rows and positions matter."""
+    model = _hidden_mixing_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 9, 14, 20)]
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (24, 17, 24, 11)]
+    expect = run_to_end(_engine(model, 0), prompts, params)
+    runs = {}
+    for ahead in (False, True):
+        eng = _engine(model, k, async_scheduling=ahead, async_scheduling_spec=ahead)
+        drafts = _drafts_by_position(eng)
+        assert run_to_end(eng, prompts, params) == expect
+        runs[ahead] = (drafts, eng.drafter.stats.as_dict(), eng)
+    (sync_drafts, sync_stats, _), (drafts, stats, eng) = runs[False], runs[True]
+    assert drafts == sync_drafts and stats == sync_stats
+    assert stats["accepted_tokens"] > 5 and max(len(d) for d in drafts.values()) == k
+    assert eng._overlap.spec.overlapped_steps >= 10
+    # sampled rows of more than one draft a step run synchronously
+    sampled = [SamplingParams(temperature=0.9, seed=i, max_tokens=8) for i in range(len(prompts))]
+    spec = eng._overlap.spec
+    before = spec.overlapped_steps
+    run_to_end(eng, prompts, sampled)
+    assert spec.overlapped_steps == before
 
 
 def test_openai_client_gets_plain_greedy_tokens_and_logprobs(trained, plain):

@@ -2,8 +2,9 @@
 captured step at each replay (as test_chunk_graphs' EagerStepGraph does for forwards) gives the
 outputs, drafts and acceptance of the two-forward step, greedy and sampled (temperature, top-p, a
 greedy row among them), rows ending mid-run at different lengths (the next inputs gathered,
-smaller batches padded to the captured sizes); every step a graph can run replays one; a batch
-with top-k rows runs the two-forward step; run_step refuses rows that do not fit its kind."""
+smaller batches padded to the captured sizes), and greedy with 3 drafts a step (the MTP chain in
+the graph); every step a graph can run replays one; a batch with top-k rows runs the two-forward
+step; run_step refuses rows that do not fit its kind."""
 
 import pytest
 import torch
@@ -146,3 +147,37 @@ def test_recapture_keeps_the_whole_step_graphs(graphed, monkeypatch):
     new = {k: g for k, g in graphed.runner.graphs.items() if k[2] in SPEC_KINDS}
     assert new.keys() == old.keys() and len(new) == 3 * 3  # sizes 1, 2, 4 x three kinds
     assert all(new[k] is not old[k] and new[k].kind == k[2] for k in new)
+
+
+def test_three_drafts_a_step_in_one_graph(trained, mixed_drafts, monkeypatch):  # noqa: F811
+    """Greedy steps of 3 drafts replay graphs of 4 tokens a row, the MTP chain captured with
+    them: the two-forward step's outputs, drafts and acceptance; sampled kinds are refused at
+    that width."""
+    model, prompts = trained
+    params = [SamplingParams(temperature=0, max_tokens=14 - 3 * i) for i in range(2)]
+    prompts = prompts[:2]
+    monkeypatch.setattr(runner_graphs, "StepGraph", EagerStepGraph)
+    monkeypatch.setattr(runner_graphs, "SpecGraph", EagerSpecGraph)
+    eng = _engine(
+        model, spec=3, attention="kernel", capture_graphs_at_start=False, prefill_graph_tokens=0
+    )
+    # the whole-step graphs only (the stand-ins' captures are this test's time on CPU); the
+    # synchronous steps' decode forwards capture theirs on first use
+    eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
+    for bs in (1, 2):
+        assert eng.runner._captured((bs, 4, "spec"), model.mtp[0], eng.dtype) is not None
+    with pytest.raises(ValueError, match="a spec_sampled graph of tokens=4"):
+        EagerSpecGraph(eng.runner, 1, model.mtp[0], eng.dtype, "spec_sampled", 4)
+    runs = []
+    for e in (_engine(model, spec=3), eng):
+        drafts = _drafts_by_position(e)
+        outs = _run(e, prompts, params)
+        first = min(int(rid.rsplit("-", 1)[1]) for rid, _ in drafts)
+        by_place = {(int(r.rsplit("-", 1)[1]) - first, st): d for (r, st), d in drafts.items()}
+        st = e.drafter.stats
+        runs.append((outs, by_place, st.num_draft_tokens, st.num_accepted_tokens))
+    assert runs[1] == runs[0]
+    assert 0 < runs[0][3] < runs[0][2]
+    replays = _replays(eng)
+    assert sum(replays.values()) == eng._overlap.spec.overlapped_steps + 1  # every launched step
+    assert replays[(1, "spec")] and replays[(2, "spec")]  # both rows, then the longer one

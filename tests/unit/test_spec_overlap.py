@@ -19,6 +19,7 @@ from moeray.platform.engine.spec_overlap import SpecOverlap
 from moeray.platform.engine.spec_step import (
     greedy_verdict,
     sampled_verdict,
+    spec_drafts,
     spec_graph_kind,
     spec_graph_rows,
     spec_step_outputs,
@@ -76,23 +77,27 @@ def _drafts_by_position(eng: Engine) -> dict[tuple[str, int], tuple[int, ...]]:
 
 
 def _inputs_check(eng: Engine):
-    """Record each step the overlap launches (row request ids, device ids and starts read back
-    here) and each step it resolves as scheduled; the returned function asserts that every
-    launched row ran on its resolved step's inputs (start, [last token, draft]): those the
-    synchronous engine would have given it. (The trained model predicts from the last token
-    alone, so wrong positions would not change its outputs: this checks them directly.)"""
+    """Record each step the overlap launches (row request ids, device ids and starts read back here)
+    and each step it resolves as scheduled; the returned function asserts that every launched row
+    ran on its resolved step's inputs (start, [last token, drafts]): those the synchronous engine
+    would have given it (a row resolved with fewer drafts, its room cut them, ran on those first),
+    in pages of its own. (The trained model predicts from the last token alone, so wrong positions
+    would not change its outputs: this checks them directly.)"""
     spec = eng._overlap.spec
     launched: list[tuple[str, int, tuple[int, ...]]] = []
-    resolved: set[tuple[str, int, tuple[int, ...]]] = set()
+    resolved: dict[tuple[str, int], tuple[int, ...]] = {}
     launch, update = spec._launch, eng.scheduler.update
 
-    def spy_launch(rows, ids_B2, starts_B, farthest):
-        for r, ids, start in zip(rows, ids_B2.tolist(), starts_B.tolist(), strict=True):
+    def spy_launch(rows, ids_BJ, starts_B, farthest):
+        for r, ids, start in zip(rows, ids_BJ.tolist(), starts_B.tolist(), strict=True):
             launched.append((r.request_id, start, tuple(ids)))
-        return launch(rows, ids_B2, starts_B, farthest)
+            # its pages hold the step's positions and its chain's: start .. start + 2K - 1
+            held = len(eng.kv.tables[r.request_id].pages) * eng.kv.page_size
+            assert held >= start + 2 * spec.k, (r.request_id, start, held)
+        return launch(rows, ids_BJ, starts_B, farthest)
 
     def spy_update(output, sampled, logprobs=None):
-        resolved.update((s.request.request_id, s.start, s.input_ids) for s in output.scheduled)
+        resolved.update({(s.request.request_id, s.start): s.input_ids for s in output.scheduled})
         return update(output, sampled, logprobs)
 
     spec._launch = spy_launch
@@ -102,24 +107,53 @@ def _inputs_check(eng: Engine):
         """-> rows launched. A row never resolved must be its request's last (dropped: the
         request ended at the resolve of the step before it)."""
         last = {rid: (rid, start, ids) for rid, start, ids in launched}
-        missing = [row for row in launched if row not in resolved]
+        missing = []
+        for rid, start, ids in launched:
+            got = resolved.get((rid, start))
+            if got is None or ids[: len(got)] != got:
+                missing.append((rid, start, ids))
         assert all(row == last[row[0]] for row in missing), missing[:4]
         return len(launched)
 
     return check
 
 
-def test_spec_step_outputs_pick_by_the_verdict():
-    """Row b accepted (draft == target 0): next ids [target 1, draft 1], start + 2; rejected:
-    [target 0, draft 0], start + 1."""
-    ids = torch.tensor([[5, 7], [5, 9], [1, 2]])
-    targets = torch.tensor([[7, 8], [7, 8], [3, 4]])
-    drafts = torch.tensor([[10, 11], [12, 13], [14, 15]])
+def test_verdict_drafts_and_next_inputs_of_a_step():
+    """K = 3 drafts: the verdict accepts the leading drafts equal to the target before each;
+    the first next draft is the MTP argmax at s + acc, the others the MTP depth again one
+    position at a time from s + acc + 1, each on its own last hidden row and the draft before;
+    the next inputs are [target acc, the drafts] from s + 1 + acc."""
+    ids = torch.tensor([[5, 7, 8, 9], [5, 7, 0, 9], [1, 2, 3, 4]])
+    targets = torch.tensor([[7, 8, 9, 6], [7, 8, 9, 6], [3, 4, 5, 6]])
     acc, toks, plain = greedy_verdict(ids, targets)
-    assert acc.tolist() == [[1], [0], [0]] and plain.tolist() == [7, 7, 3]
-    nxt, starts = spec_step_outputs(torch.tensor([10, 20, 30]), acc, toks, drafts)
-    assert nxt.tolist() == [[8, 11], [7, 12], [3, 14]]
-    assert starts.tolist() == [12, 21, 31]
+    assert acc.tolist() == [[3], [1], [0]] and plain.tolist() == [7, 7, 3]
+    starts, V, D = torch.tensor([10, 20, 30]), 200, 2
+    calls = []
+
+    def mtp_forward(ids_BS, at_B, h_BSD):
+        """The argmax at each row's position p is 100 + p; the hidden row out is h + 1000."""
+        calls.append((ids_BS.clone(), at_B.clone(), h_BSD.clone()))
+        B, S = ids_BS.shape
+        pos_BS = at_B[:, None] + torch.arange(S)
+        logits = torch.zeros(B, S, V).scatter(-1, (100 + pos_BS)[..., None], 1.0)
+        return logits, h_BSD + 1000
+
+    hidden = torch.arange(4.0)[None, :, None].expand(3, 4, D)  # row j of each: j
+    drafts = spec_drafts(mtp_forward, toks, hidden, starts, acc, 3)
+    at = starts + acc[:, 0]  # the last newly valid position
+    assert drafts.tolist() == [[100 + p, 101 + p, 102 + p] for p in at.tolist()]
+    (ids0, at0, _h0), (ids1, at1, h1), (ids2, at2, h2) = calls
+    assert torch.equal(ids0, toks) and torch.equal(at0, starts)
+    assert at1.tolist() == (at + 1).tolist() and at2.tolist() == (at + 2).tolist()
+    assert (
+        ids1[:, 0].tolist() == drafts[:, 0].tolist()
+        and ids2[:, 0].tolist() == drafts[:, 1].tolist()
+    )
+    assert h1[:, 0, 0].tolist() == (acc[:, 0] + 1000.0).tolist()  # the MTP row at s + acc
+    assert h2[:, 0, 0].tolist() == (acc[:, 0] + 2000.0).tolist()
+    nxt, next_starts = spec_step_outputs(starts, acc, toks, drafts)
+    assert nxt[:, 0].tolist() == [6, 8, 3] and torch.equal(nxt[:, 1:], drafts)
+    assert next_starts.tolist() == [14, 22, 31]
 
 
 def test_spec_graph_kind_by_the_rows_settings():
@@ -186,36 +220,39 @@ def test_sampled_verdict_is_what_verify_draws():
     assert len(kept) == 20 and all(acc[b, 0] for b in kept)
 
 
-def test_outputs_drafts_and_acceptance_equal_the_synchronous_engine(trained, mixed_drafts):
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_outputs_drafts_and_acceptance_equal_the_synchronous_engine(trained, mixed_drafts, k):
+    """K drafts a step (greedy): the same outputs, the same drafts verified at the same
+    positions (rows near max_tokens with fewer, as the synchronous engine cuts them) and the
+    same acceptance counts as the synchronous engine's, steps launched ahead."""
     model, prompts = trained
     params = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 19, 1, 30, 24)
     ]
     plain = _run(_engine(model, spec=0, ahead=False), prompts, params)
-    sync = _engine(model, ahead=False)
+    sync = _engine(model, spec=k, ahead=False)
     sync_drafts = _drafts_by_position(sync)
     assert _run(sync, prompts, params) == plain
-    eng = _engine(model)
+    eng = _engine(model, spec=k)
     drafts = _drafts_by_position(eng)
     check = _inputs_check(eng)
     assert _run(eng, prompts, params) == plain
-    assert check() >= 30
+    assert check() >= 30 // k
     assert [len(o[0]) for o in plain] == [3, 19, 1, 30, 24]
-    # the same draft at every position the synchronous engine verified one; beyond those only
-    # rows with no room for two more tokens (their request's last step)
-    assert {k: drafts[k] for k in sync_drafts} == sync_drafts
-    assert len(drafts) - len(sync_drafts) <= len(prompts)
+    assert drafts == sync_drafts  # the same drafts at every position the engines verified
+    assert max(len(d) for d in drafts.values()) == k
     st, st_sync = eng.drafter.stats, sync.drafter.stats
     assert (st.num_draft_tokens, st.num_accepted_tokens) == (
         st_sync.num_draft_tokens,
         st_sync.num_accepted_tokens,
     )
     assert 0 < st.num_accepted_tokens < st.num_draft_tokens, st  # both verdicts ran ahead
-    assert _ahead(eng) >= 15
+    assert _ahead(eng) >= 15 // k
     assert eng.kv.pool.num_available == eng.kv.num_pages  # every page back
 
 
-def test_ends_found_at_resolve_and_by_length(trained, mixed_drafts):
+@pytest.mark.parametrize("k", [1, 3])
+def test_ends_found_at_resolve_and_by_length(trained, mixed_drafts, k):
     """EOS and a stop id end requests on a token only the read-back shows (the step in flight
     for them is dropped); max_tokens and max_model_len end others at different steps."""
     model, prompts = trained
@@ -235,15 +272,15 @@ def test_ends_found_at_resolve_and_by_length(trained, mixed_drafts):
     ]
     kw = dict(eos_token_ids=(eos,), max_model_len=48)
     want = _run(_engine(model, spec=0, ahead=False, **kw), prompts, params)
-    assert _run(_engine(model, ahead=False, **kw), prompts, params) == want
-    eng = _engine(model, **kw)
+    assert _run(_engine(model, spec=k, ahead=False, **kw), prompts, params) == want
+    eng = _engine(model, spec=k, **kw)
     check = _inputs_check(eng)
     assert _run(eng, prompts, params) == want
-    assert check() >= 20
+    assert check() >= 20 // k
     reasons = [(r, s) for _o, r, s in want]
     assert reasons[1] == ("stop", eos) and reasons[3] == ("stop", stop), reasons
     assert reasons[4] == ("length", None) and len(want[4][0]) == 48 - len(prompts[4])
-    assert _ahead(eng) >= 8
+    assert _ahead(eng) >= 8 // k
     assert eng.kv.pool.num_available == eng.kv.num_pages
 
 

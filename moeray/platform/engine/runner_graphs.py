@@ -5,9 +5,9 @@ on first use for decode groups), which one a forward replays, and their status.
 Kinds (step_graphs.py says how each is captured): "main" and "mtp" for decode groups of S <=
 pad_max_s tokens a row (1 + the drafts a step verifies, at least PAD_MAX_S), "chunk" and "mtp_chunk"
 for prefill chunks padded to a bucket, and "spec" for a whole greedy MTP step under async scheduling
-(spec_step.py's SpecGraph, S = 2; opt-in "spec_sampled" and "spec_top_p" for sampled ones). A failed
-capture turns its kind off with the reason in `graph_status`; those forwards then run eagerly (a
-failed whole-step capture: its steps as two graph replays).
+(spec_step.py's SpecGraph, S = pad_max_s; opt-in "spec_sampled" and "spec_top_p" for sampled ones).
+A failed capture turns its kind off with the reason in `graph_status`; those forwards then run
+eagerly (a failed whole-step capture: its steps as two graph replays).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Rows of up to this many tokens share one padded forward at least: 1 + one MTP draft (with more
 # drafts, 1 + their number: `ModelRunner.pad_max_s`; runner.py's module docstring says why padding
-# is harmless). The whole-step graphs (spec_step.py) are of this width.
+# is harmless).
 PAD_MAX_S = 2
 
 
@@ -117,7 +117,7 @@ class RunnerGraphs:
         if not self.use_mtp_graphs or B > self.graph_batch_sizes[-1]:
             return None
         bs = next(b for b in self.graph_batch_sizes if b >= B)
-        graph = self.graphs.get((bs, PAD_MAX_S, kind))
+        graph = self.graphs.get((bs, self.pad_max_s, kind))
         return graph if isinstance(graph, SpecGraph) else None
 
     def _chunk_graph(
@@ -143,7 +143,7 @@ class RunnerGraphs:
             bs, S, kind = key
             try:
                 if kind in SPEC_KINDS:
-                    graph = SpecGraph(self, bs, mtp_module, hidden_dtype, kind)
+                    graph = SpecGraph(self, bs, mtp_module, hidden_dtype, kind, S)
                 else:
                     chunk = kind in ("chunk", "mtp_chunk")
                     graph = StepGraph(self, bs, S, mtp_module, hidden_dtype, chunk=chunk)
@@ -212,7 +212,7 @@ class RunnerGraphs:
             for kind in spec if mtp_module is not None else ():
                 # one failure of a kind says why: the kind's later sizes are not tried
                 if self.use_mtp_graphs and not self._status[kind].startswith("disabled"):
-                    self._captured((bs, PAD_MAX_S, kind), mtp_module, hidden_dtype)
+                    self._captured((bs, self.pad_max_s, kind), mtp_module, hidden_dtype)
         shapes = chunk_graph_shapes(
             self.chunk_buckets, self.graph_batch_sizes, chunk_seqs, self.max_chunk_tokens
         )

@@ -1,8 +1,8 @@
 """Speculative decoding under async scheduling: an MTP step is launched before the previous one's
 verdict is read back (`EngineConfig.async_scheduling_spec`).
 
-Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft;
-V vocabulary.
+Legend: B rows (requests) of a step, each J = 1 + K tokens: its last known token and K drafts
+(K = num_speculative_tokens); V vocabulary; D model width.
 
 Why. A synchronous MTP step (engine.py) reads its targets and next drafts back and runs the host's
 verify, scheduler update, schedule and input building before the next forward, with the GPU idle
@@ -18,24 +18,26 @@ sampled ones: `spec_step.spec_graph_kind`), as one replay of `spec_step.SpecGrap
 
 The host, one step late. Step N + 1 is launched from step N's device outputs, its rows step N's
 (those still running, less those that surely end at N), with pages reserved for the farthest it can
-reach: s_N + 3 (two accepted drafts), s_N known on the host since step N - 1 was resolved. Then step
-N is resolved: its tokens, verdicts and drafts arrive in one device->host copy (pinned, behind step
-N + 1's launch), the host applies them through the scheduler's `update` (stop checks, outputs, KV
-commits) exactly as for a synchronous step, and notes each row's next draft (what step N + 1 was
-fed). A request that ends at that resolve (EOS, a stop id or string, max_tokens) had step N + 1 in
-flight: its row there is dropped (its KV writes land in pages it no longer owns, before any later
-step that reuses them, in stream order). A row the synchronous engine would have run without a
-draft (no room for two more tokens: its last step) emits what that step samples, the first
-position's token drawn at u0 (`plain`), and ends there.
+reach: s_N + 3K (K + 1 tokens accepted at N, then N + 1's K + 1 positions and its chain's K - 1),
+s_N known on the host since step N - 1 was resolved. Then step N is resolved: its tokens, verdicts
+and drafts arrive in one device->host copy (pinned, behind step N + 1's launch), the host applies
+them through the scheduler's `update` (stop checks, outputs, KV commits) exactly as for a
+synchronous step, and notes each row's next drafts (what step N + 1 was fed). A request that ends at
+that resolve (EOS, a stop id or string, max_tokens) had step N + 1 in flight: its row there is
+dropped (its KV writes land in pages it no longer owns, before any later step that reuses them, in
+stream order). A row the synchronous engine would have run with fewer drafts (r < K: max_tokens or
+max_model_len near; r is what its drafts were cut to at the last resolve) emits what that step
+emits: the verdict over its first r drafts (a greedy target does not depend on the drafts after
+it), or with none the first position's token drawn at u0 (`plain`); past r the request ends
+there.
 
 The overlap drains (resolves the step in flight and hands back to the synchronous path) when a
 request is waiting (its prefill runs synchronously; the decodes then resume here), when a running
 request was not in the step in flight, when pages for the next step cannot be reserved, when a row's
-next positions would pass max_model_len, or when no row is left. Only a drafter of one draft a
-step (num_speculative_tokens=1) runs here, and only rows with one draft each, no logprobs, no
-logits processing, no grammar, outside an expert-parallel gang, greedy or (with
-`EngineConfig.async_scheduling_sampled`) sampled (`MTPDrafter.chainable`); every other step runs
-as before.
+next positions would pass max_model_len, or when no row is left. Only rows with K drafts each, no
+logprobs, no logits processing, no grammar, outside an expert-parallel gang, greedy or (with
+`EngineConfig.async_scheduling_sampled` and K = 1) sampled, start it (`MTPDrafter.chainable`);
+every other step runs as before.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from moeray.platform.engine.scheduler import (
 from moeray.platform.engine.spec_step import (
     greedy_verdict,
     sampled_verdict,
+    spec_drafts,
     spec_graph_kind,
     spec_graph_rows,
     spec_step_outputs,
@@ -72,9 +75,9 @@ class _SpecStep:
     CPU)."""
 
     requests: list[Request]
-    next_ids_B2: torch.Tensor
+    next_ids_BJ: torch.Tensor
     next_starts_B: torch.Tensor
-    host_B6: torch.Tensor
+    host_BH: torch.Tensor
     copied: torch.cuda.Event | None
     launched_at: float
 
@@ -84,25 +87,32 @@ class SpecOverlap:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine (typed loosely: engine.py imports overlap.py, us)
-        self.sampled = bool(engine.config.async_scheduling_sampled)  # sampled rows run here too
+        self.k = max(1, engine.config.num_speculative_tokens)  # drafts a step
+        # sampled rows run here too (one draft a step: their verdict draws two uniforms)
+        self.sampled = bool(engine.config.async_scheduling_sampled) and self.k == 1
         self.pending: _SpecStep | None = None
-        self.fed: dict[str, int] = {}  # request id -> the draft the step in flight was fed
+        self.fed: dict[str, list[int]] = {}  # request id -> the drafts the step in flight got
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0
 
     def takes(self, out: SchedulerOutput) -> bool:
-        """Whether a synchronously scheduled step can start the overlap: a drafter of one draft a
-        step (with more, every step runs synchronously), every row a decode with one draft, greedy
-        or (with `sampled`) sampled (`MTPDrafter.chainable`), nothing preempted, ended at
-        schedule or exported."""
+        """Whether a synchronously scheduled step can start the overlap: every row a decode with
+        K drafts, greedy or (with `sampled`) sampled (`MTPDrafter.chainable`), nothing
+        preempted, ended at schedule or exported, and (K > 1) every row's pages grown for its
+        chain's positions (up to s + 2K - 1; pages grown for some rows stay theirs)."""
         eng = self.engine
         return (
             eng.drafter is not None
-            and eng.drafter.k == 1
             and not out.preempted
             and not eng.scheduler.finished_at_schedule
             and not eng._exports
-            and eng.drafter.chainable(out.scheduled, sampled=self.sampled)
+            and eng.drafter.chainable(out.scheduled, sampled=self.sampled, drafts=self.k)
+            and (
+                self.k == 1
+                or all(
+                    eng.kv.grow(s.request.request_id, s.start + 2 * self.k) for s in out.scheduled
+                )
+            )
         )
 
     def start(self, out: SchedulerOutput) -> list[RequestOutput]:
@@ -110,11 +120,11 @@ class SpecOverlap:
         eng = self.engine
         rows = [s.request for s in out.scheduled]
         for s in out.scheduled:
-            self.fed[s.request.request_id] = s.spec_token_ids[0]
-        ids_B2, starts_B = eng.runner.inputs.ids_and_starts(
+            self.fed[s.request.request_id] = list(s.spec_token_ids)
+        ids_BJ, starts_B = eng.runner.inputs.ids_and_starts(
             [list(s.input_ids) for s in out.scheduled], [s.start for s in out.scheduled]
         )
-        self.pending = self._launch(rows, ids_B2, starts_B, max(s.start for s in out.scheduled))
+        self.pending = self._launch(rows, ids_BJ, starts_B, max(s.start for s in out.scheduled))
         return []
 
     def step(self) -> list[RequestOutput]:
@@ -129,21 +139,22 @@ class SpecOverlap:
             outs = self._resolve(prev)
             self.fed.clear()  # nothing was fed: the next step is scheduled synchronously
             return outs
-        ids_B2, starts_B = prev.next_ids_B2, prev.next_starts_B
+        ids_BJ, starts_B = prev.next_ids_BJ, prev.next_starts_B
         if len(rows) != len(prev.requests):  # rows left: gather the rest's inputs
             keep = {id(r) for r in rows}
             idx = [i for i, r in enumerate(prev.requests) if id(r) in keep]
             dev = self.engine.runner.inputs.device_index(idx)
-            ids_B2, starts_B = ids_B2[dev], starts_B[dev]
-        # the farthest start: a row's step-in-flight start plus two accepted tokens
-        self.pending = self._launch(rows, ids_B2, starts_B, max(r.num_computed for r in rows) + 2)
+            ids_BJ, starts_B = ids_BJ[dev], starts_B[dev]
+        # the farthest start: a row's step-in-flight start plus K + 1 accepted tokens
+        farthest = max(r.num_computed for r in rows) + self.k + 1
+        self.pending = self._launch(rows, ids_BJ, starts_B, farthest)
         self.overlapped_steps += 1
         return self._resolve(prev)
 
     def _next_rows(self, prev: _SpecStep) -> list[Request] | None:
         """The requests of the step after `prev` (prev's rows still running, less those whose
         tokens in flight surely end them), their pages reserved; None to drain."""
-        eng, sched = self.engine, self.engine.scheduler
+        eng, sched, k = self.engine, self.engine.scheduler, self.k
         if sched.waiting or eng._exports:
             return None
         launched = {id(r) for r in prev.requests}
@@ -155,30 +166,31 @@ class SpecOverlap:
             if r.status is not Status.RUNNING:
                 continue
             # After the previous resolve r's last known token sits at s = num_computed, the
-            # step in flight's start; it adds 1-2 tokens, the next step reads s + 1 .. s + 3.
+            # step in flight's start; it adds 1 .. K + 1 tokens, the next step reads up to
+            # s + 2K + 1 and its chain writes up to s + 3K.
             if r.num_output_tokens + 1 >= r.params.max_tokens or len(r.token_ids) + 1 >= max_len:
                 continue  # ends at the step in flight by length
-            if len(r.token_ids) + 3 > max_len:
+            if len(r.token_ids) + 3 * k > max_len:
                 return None  # the next positions could pass max_model_len: run synchronously
             rows.append(r)
-        if not rows or 2 * len(rows) > sched.config.max_num_batched_tokens:
+        if not rows or (1 + k) * len(rows) > sched.config.max_num_batched_tokens:
             return None
-        if not all(sched.kv.grow(r.request_id, r.num_computed + 4) for r in rows):
+        if not all(sched.kv.grow(r.request_id, r.num_computed + 3 * k + 1) for r in rows):
             return None  # (pages grown for some rows stay theirs; the next steps fill them)
         return rows
 
     def _launch(
-        self, rows: list[Request], ids_B2: torch.Tensor, starts_B: torch.Tensor, farthest: int
+        self, rows: list[Request], ids_BJ: torch.Tensor, starts_B: torch.Tensor, farthest: int
     ) -> _SpecStep:
-        """One step's main forward, its verdict, its MTP forward on the verdict's tokens (both
-        forwards graph replays on CUDA), the next step's inputs, and the copy of [toks, acc,
-        plain, drafts] to the host: queued, no sync. `farthest`: the largest start any row can
-        have (the block tables cover it + 1)."""
+        """One step's main forward, its verdict, its MTP forwards on the verdict's tokens (graph
+        replays on CUDA), the next step's inputs, and the copy of [toks, acc, plain, drafts] to
+        the host: queued, no sync. `farthest`: the largest start any row can have (the block
+        tables cover it + 2K - 1: the step's positions and its chain's)."""
         eng = self.engine
-        runner, drafter = eng.runner, eng.drafter
+        runner, drafter, k = eng.runner, eng.drafter, self.k
         t0 = time.perf_counter()
         bt = runner.inputs.tables_by_id(
-            [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2)
+            [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2 * k)
         )
         params = [r.params for r in rows]
         # (uniforms drawn once, in row order, whichever way the step runs)
@@ -187,25 +199,27 @@ class SpecOverlap:
         graph = runner.spec_graph(len(rows), kind) if kind is not None else None
         if graph is not None:  # the whole step in one replay (spec_step.SpecGraph)
             settings = None if uniforms is None else spec_graph_rows(params, uniforms)
-            next_ids_B2, next_starts_B, out_B6 = graph.run_step(ids_B2, bt, starts_B, settings)
-            host, copied = copy_to_host(out_B6)
-            return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
-        logits_B2V, hidden_B2D = runner.forward_group(ids_B2, bt, starts_B)
+            next_ids_BJ, next_starts_B, out_BH = graph.run_step(ids_BJ, bt, starts_B, settings)
+            host, copied = copy_to_host(out_BH)
+            return _SpecStep(rows, next_ids_BJ, next_starts_B, host, copied, t0)
+        logits_BJV, hidden_BJD = runner.forward_group(ids_BJ, bt, starts_B)
         if uniforms is None:
-            acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+            acc_B1, toks_BJ, plain_B = greedy_verdict(ids_BJ, logits_BJV.argmax(-1))
         else:
-            B, _, V = logits_B2V.shape
+            B, _, V = logits_BJV.shape
             both = [p for p in params for _ in range(2)]  # a row's settings at both positions
-            probs_B2V = filtered_probs(logits_B2V.reshape(2 * B, V), both).view(B, 2, V)
+            probs_B2V = filtered_probs(logits_BJV.reshape(2 * B, V), both).view(B, 2, V)
             u_B2 = to_device(uniforms, torch.float32, eng.device)
-            acc_B1, toks_B2, plain_B = sampled_verdict(ids_B2, probs_B2V, u_B2)
-        mtp_logits_B2V, _ = runner.forward_group(
-            toks_B2, bt, starts_B, mtp_module=drafter.model.mtp[0], hidden_BSD=hidden_B2D
-        )
-        drafts_B2 = mtp_logits_B2V.argmax(-1)
-        next_ids_B2, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_B2, drafts_B2)
-        host, copied = copy_to_host(torch.cat([toks_B2, acc_B1, plain_B[:, None], drafts_B2], 1))
-        return _SpecStep(rows, next_ids_B2, next_starts_B, host, copied, t0)
+            acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_B2V, u_B2)
+        depth = drafter.model.mtp[0]
+
+        def mtp_forward(ids_BS, at_B, h_BSD):
+            return runner.forward_group(ids_BS, bt, at_B, mtp_module=depth, hidden_BSD=h_BSD)
+
+        drafts_BK = spec_drafts(mtp_forward, toks_BJ, hidden_BJD, starts_B, acc_B1, k)
+        next_ids_BJ, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_BJ, drafts_BK)
+        host, copied = copy_to_host(torch.cat([toks_BJ, acc_B1, plain_B[:, None], drafts_BK], 1))
+        return _SpecStep(rows, next_ids_BJ, next_starts_B, host, copied, t0)
 
     def _uniforms(self, rows: list[Request]) -> list[tuple[float, float]]:
         """A sampled row's two uniforms from its generator, drawn as `speculative.verify` draws
@@ -221,37 +235,34 @@ class SpecOverlap:
     def _resolve(self, p: _SpecStep) -> list[RequestOutput]:
         """Wait for a step's tokens, verdicts and drafts on the host and apply them as a
         synchronous step's: the scheduler's update, the drafter's counts, each row's next
-        draft."""
-        eng = self.engine
+        drafts."""
+        eng, J = self.engine, 1 + self.k
         if p.copied is not None:
             p.copied.synchronize()
-        host = p.host_B6.tolist()
-        scheduled, sampled, pairs, counted = [], {}, [], []
-        for req, (t0, t1, acc, plain, m0, m1) in zip(p.requests, host, strict=True):
-            draft = self.fed.pop(req.request_id, None)
+        host = p.host_BH.tolist()
+        scheduled, sampled, drafts, counted = [], {}, [], []
+        for req, row in zip(p.requests, host, strict=True):
+            toks, acc, plain = row[:J], row[J], row[J + 1]
+            fed = self.fed.pop(req.request_id, None)
             if req.status is not Status.RUNNING:
                 continue  # aborted, or ended at an earlier resolve: its row is dropped
-            assert draft is not None, req.request_id  # every running row was fed one
-            # the step as the synchronous engine scheduled it: from the last known token
-            scheduled.append(ScheduledSeq.make(req, req.num_computed, 2, (draft,)))
-            pairs.append((m0, m1))
-            # A row the synchronous engine would have run without a draft (no room for two more
-            # tokens: its request's drafts were set empty) emits the token that step samples,
-            # its last. Its draft is not counted.
-            counted.append(bool(req.spec_token_ids))
-            if not counted[-1]:
-                sampled[req.request_id] = [plain]
-            else:
-                sampled[req.request_id] = [t0, t1] if acc else [t0]
+            assert fed is not None, req.request_id  # every running row was fed its drafts
+            # The step as the synchronous engine scheduled it: from the last known token, with
+            # the drafts its request holds (cut to its room at the last resolve). With none it
+            # emits what a step without drafts samples, its last.
+            r = len(req.spec_token_ids)
+            scheduled.append(ScheduledSeq.make(req, req.num_computed, 1 + r, tuple(fed[:r])))
+            sampled[req.request_id] = toks[: min(acc, r) + 1] if r else [plain]
+            drafts.append(row[J + 2 :])
+            counted.append(r)
         outs = eng.scheduler.update(SchedulerOutput(scheduled, []), sampled)
-        for s, pair, count in zip(scheduled, pairs, counted, strict=True):
-            new = sampled[s.request.request_id]
-            if count:
-                eng.drafter.record(1, len(new) - 1)
+        for s, row_drafts, r in zip(scheduled, drafts, counted, strict=True):
+            if r:
+                eng.drafter.record(r, len(sampled[s.request.request_id]) - 1)
             if s.request.status is Status.RUNNING:
-                self.fed[s.request.request_id] = pair[len(new) - 1]  # what the next step got
+                self.fed[s.request.request_id] = row_drafts  # what the next step got
         # the requests' own drafts, for a synchronous step after a drain
-        eng.drafter.assign(scheduled, pairs, eng.max_model_len)
+        eng.drafter.assign_drafts([s.request for s in scheduled], drafts, eng.max_model_len)
         eng.stats.forward_seconds += time.perf_counter() - p.launched_at
         eng.stats.steps += 1
         eng.stats.generated_tokens += sum(len(v) for v in sampled.values())

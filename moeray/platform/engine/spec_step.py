@@ -1,27 +1,32 @@
 """The device half of an MTP step under async scheduling (engine/spec_overlap.py runs the steps):
 the verdict, the drafts and the next step's inputs, and `SpecGraph`, a step in one CUDA graph.
 
-Legend: B rows (requests) of a step, each 2 tokens: its last known token and one draft;
-V vocabulary.
+Legend: B rows (requests) of a step, each J = 1 + K tokens: its last known token and K drafts
+(K = the drafter's num_speculative_tokens); V vocabulary; D model width.
 
-The step. Row b of step N has inputs [t, d] at positions [s, s + 1] (s = its start).
-The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the draft accepted: 0 or 1) and
-toks_B2, the tokens after positions s and s + 1 (toks[1] used only where acc):
-    greedy:  toks = argmax of the main logits at both positions, acc = (d == toks[0])
+The step. Row b of step N has inputs [t, d_1 .. d_K] at positions s .. s + K (s = its start).
+The verdict (`greedy_verdict`; `sampled_verdict`, K = 1 only) gives acc_B (the drafts accepted,
+0 .. K) and toks_BJ, the tokens after positions s .. s + K (toks[j] used only where j <= acc):
+    greedy:  toks = argmax of the main logits at each position, acc = how many leading drafts
+             equal the toks before them (d_j == toks[j - 1])
     sampled: with p0, p1 the filtered distributions at both positions and u0, u1 the row's two
              uniforms: acc = u0 < p0(d); toks[0] = d where acc, else the residual p0 with d removed
              sampled at u1; toks[1] = p1 sampled at u1
-    drafts_B2  = argmax of the MTP logits at s and s + 1, on inputs (hidden rows, toks_B2)
-    next ids   = [toks_B2[b, acc], drafts_B2[b, acc]]               (the new last token, its draft)
+    drafts_BK  = `spec_drafts`: the argmax of the MTP logits at s + acc, its forward over
+                 s .. s + K on inputs (hidden rows, toks_BJ); then (K > 1) the MTP depth again,
+                 one position at a time from s + acc + 1, on its own last hidden row and the
+                 draft before (speculative.py's chain)
+    next ids   = [toks_BJ[b, acc], drafts_BK[b]]                   (the new last token, its drafts)
     next start = s + 1 + acc
-This is `MTPDrafter.chain`'s step (why the MTP inputs are exact whatever the verdict is said there)
-and what the synchronous engine then schedules: its verification (`speculative.verify`) emits d and
-toks[1] when d is accepted, else toks[0], drawing the same two uniforms from the request's generator
-in the same order (u0 for the verdict, then u1 for the token after it), and the draft after the new
-last token is the MTP argmax at the last newly valid position. So every forward runs on the inputs
-the synchronous engine would give it, and the outputs are its outputs, sampled ones included. The
-uniforms are drawn on the host at launch (sampled rows only: a greedy row's generator is left
-untouched, as verification leaves it) and go up with the step.
+This is what the synchronous engine schedules (`MTPDrafter.chain` says why the MTP inputs are exact
+whatever the verdict: an accepted draft equals the target before it): its verification
+(`speculative.verify`) emits the accepted drafts and the token after them, drawing (K = 1) the same
+two uniforms from the request's generator in the same order (u0 for the verdict, then u1 for the
+token after it), and its drafts after the new last token are the MTP argmax at the last newly valid
+position and its chain. So every forward runs on the inputs the synchronous engine would give it,
+and the outputs are its outputs, sampled ones included. The uniforms are drawn on the host at
+launch (sampled rows only: a greedy row's generator is left untouched, as verification leaves it)
+and go up with the step.
 
 Why one graph. Run as the main forward's graph, the verdict, the MTP depth's graph and the next
 inputs, a step launched ~35 operations from Python (the graphs' input copies, argmaxes, the
@@ -39,6 +44,8 @@ whose rows come out as `filtered_probs` makes them for the two-graph step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeray.platform.engine.paged_view import KernelPagedView
@@ -47,11 +54,14 @@ from moeray.platform.engine.step_graphs import ModelRunner, StepGraph
 
 
 def greedy_verdict(
-    ids_B2: torch.Tensor, targets_B2: torch.Tensor
+    ids_BJ: torch.Tensor, targets_BJ: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A greedy step's verdict (module docstring) -> (acc [B, 1] int64, toks [B, 2], plain [B]):
-    the targets, accepted where the draft is target 0, plain the token without a draft."""
-    return (ids_B2[:, 1:] == targets_B2[:, :1]).long(), targets_B2, targets_B2[:, 0]
+    """A greedy step's verdict (module docstring) -> (acc [B, 1] int64, toks [B, J], plain [B]):
+    the targets, the drafts accepted while each is the target before it, plain the token
+    without drafts."""
+    match_BK = (ids_BJ[:, 1:] == targets_BJ[:, :-1]).long()
+    acc_B1 = match_BK.cumprod(1).sum(1, keepdim=True)
+    return acc_B1, targets_BJ, targets_BJ[:, 0]
 
 
 def sampled_verdict(
@@ -77,13 +87,42 @@ def sampled_verdict(
     return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
 
 
+# An MTP forward as a step runs it: (ids_BS, starts_B, hidden_BSD) -> (logits_BSV, hidden_BSD),
+# over S positions a row from each start (a graph replay, or the forward a whole-step graph
+# captures).
+MTPForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def spec_drafts(
+    mtp_forward: MTPForward,
+    toks_BJ: torch.Tensor,
+    hidden_BJD: torch.Tensor,
+    starts_B: torch.Tensor,
+    acc_B1: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """A step's next drafts (module docstring) -> [B, k] int64, on the device, no sync: the MTP
+    argmax at position s + acc of its forward over the step's positions, then k - 1 forwards of
+    one position each on the MTP's own last hidden row (speculative.py's chain)."""
+    logits_BJV, h_BJD = mtp_forward(toks_BJ, starts_B, hidden_BJD)
+    drafts = [logits_BJV.argmax(-1).gather(1, acc_B1)]
+    if k > 1:
+        D = h_BJD.shape[-1]
+        h_B1D = h_BJD.gather(1, acc_B1[:, :, None].expand(-1, 1, D))
+        at_B = starts_B + acc_B1[:, 0] + 1  # the new last token's position: draft 2's MTP row
+        for j in range(2, k + 1):
+            logits_B1V, h_B1D = mtp_forward(drafts[-1], at_B + (j - 2), h_B1D)
+            drafts.append(logits_B1V.argmax(-1))
+    return torch.cat(drafts, 1)
+
+
 def spec_step_outputs(
-    starts_B: torch.Tensor, acc_B1: torch.Tensor, toks_B2: torch.Tensor, drafts_B2: torch.Tensor
+    starts_B: torch.Tensor, acc_B1: torch.Tensor, toks_BJ: torch.Tensor, drafts_BK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next step's inputs from a step's verdict and drafts (module docstring): -> (next ids
-    [B, 2], next starts [B]), on the device, no sync."""
-    next_ids_B2 = torch.cat([toks_B2.gather(1, acc_B1), drafts_B2.gather(1, acc_B1)], 1)
-    return next_ids_B2, starts_B + 1 + acc_B1[:, 0]
+    [B, J], next starts [B]), on the device, no sync."""
+    next_ids_BJ = torch.cat([toks_BJ.gather(1, acc_B1), drafts_BK], 1)
+    return next_ids_BJ, starts_B + 1 + acc_B1[:, 0]
 
 
 # The whole-step graph kinds: greedy batches, and (opt-in) sampled batches without and with top-p.
@@ -111,13 +150,14 @@ def spec_graph_rows(params: list[SamplingParams], uniforms: list[tuple[float, fl
 
 
 class SpecGraph(StepGraph):
-    """An MTP step (the module docstring) captured whole for bs rows of 2 tokens: the main
-    forward, the verdict, `mtp_module`'s forward over the verdict's tokens, the drafts, the next
-    step's inputs and the [toks, acc, plain, drafts] the host reads back (`host_B6`). The next
-    step's ids and starts overwrite this graph's static inputs (after every read of them, in
-    stream order), so a replay that follows its own needs no input copies. `kind` (SPEC_KINDS):
-    a greedy verdict ("spec"), or a sampled one reading each row's settings and uniforms from
-    `rows_B5` (`spec_graph_rows`), with top-p ("spec_top_p") or without."""
+    """An MTP step (the module docstring) captured whole for bs rows of `tokens` = 1 + K tokens:
+    the main forward, the verdict, `mtp_module`'s forwards over the verdict's tokens (and its
+    chain, K > 1), the drafts, the next step's inputs and the [toks (J), acc, plain, drafts (K)]
+    the host reads back (`host_BH`). The next step's ids and starts overwrite this graph's static
+    inputs (after every read of them, in stream order), so a replay that follows its own needs no
+    input copies. `kind` (SPEC_KINDS): a greedy verdict ("spec"), or (K = 1) a sampled one reading
+    each row's settings and uniforms from `rows_B5` (`spec_graph_rows`), with top-p
+    ("spec_top_p") or without."""
 
     def __init__(
         self,
@@ -126,57 +166,67 @@ class SpecGraph(StepGraph):
         mtp_module,
         hidden_dtype: torch.dtype | None = None,
         kind: str = "spec",
+        tokens: int = 2,
     ) -> None:
         if kind not in SPEC_KINDS:
             raise ValueError(f"kind={kind!r}: must be one of {SPEC_KINDS}")
+        if tokens < 2 or (kind != "spec" and tokens != 2):
+            raise ValueError(
+                f"a {kind} graph of tokens={tokens}: accepted 1 + the drafts a step verifies "
+                "(2 or more; sampled kinds 2: one draft)"
+            )
         self.depth = mtp_module  # (these before StepGraph's __init__ captures)
         self.kind = kind
         # padding rows: greedy (a one-hot verdict reads no setting)
         self.rows_B5 = (
             None if kind == "spec" else torch.ones(bs, 5, dtype=torch.float32, device=runner.device)
         )
-        super().__init__(runner, bs, 2)
+        super().__init__(runner, bs, tokens)
         self.hidden_dtype = hidden_dtype
         self.replays = 0  # steps run through this graph
 
     def _forward(self, runner: ModelRunner):
-        ids_B2, starts_B = self.ids_BS, self.starts_B
-        view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
-        logits_B2V, hidden_B2D = runner._forward_model(ids_B2, view, 0)
+        ids_BJ, starts_B = self.ids_BS, self.starts_B
+        J = self.S
+        view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, J)
+        logits_BJV, hidden_BJD = runner._forward_model(ids_BJ, view, 0)
         if self.rows_B5 is None:
-            acc_B1, toks_B2, plain_B = greedy_verdict(ids_B2, logits_B2V.argmax(-1))
+            acc_B1, toks_BJ, plain_B = greedy_verdict(ids_BJ, logits_BJV.argmax(-1))
         else:
-            bs, _, V = logits_B2V.shape
+            bs, _, V = logits_BJV.shape
             # a row's settings at both positions (an expand: repeat_interleave may sync to size)
             r_2B5 = self.rows_B5[:, None].expand(bs, 2, 5).reshape(2 * bs, 5)
             top_ps = r_2B5[:, 1] if self.kind == "spec_top_p" else None
             probs_2BV = apply_filters(
-                logits_B2V.reshape(2 * bs, V), r_2B5[:, 0], r_2B5[:, 2] > 0, top_ps_B=top_ps
+                logits_BJV.reshape(2 * bs, V), r_2B5[:, 0], r_2B5[:, 2] > 0, top_ps_B=top_ps
             )
-            acc_B1, toks_B2, plain_B = sampled_verdict(
-                ids_B2, probs_2BV.view(bs, 2, V), self.rows_B5[:, 3:]
+            acc_B1, toks_BJ, plain_B = sampled_verdict(
+                ids_BJ, probs_2BV.view(bs, 2, V), self.rows_B5[:, 3:]
             )
-        mtp_view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, 2)
-        mtp_logits_B2V, _ = runner._forward_mtp(self.depth, hidden_B2D, toks_B2, mtp_view, 0)
-        drafts_B2 = mtp_logits_B2V.argmax(-1)
-        next_ids_B2, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_B2, drafts_B2)
-        host_B6 = torch.cat([toks_B2, acc_B1, plain_B[:, None], drafts_B2], 1)
-        ids_B2.copy_(next_ids_B2)
+
+        def mtp_forward(ids_BS, at_B, h_BSD):
+            mtp_view = KernelPagedView(runner.storage, self.block_table_BM, at_B, ids_BS.shape[1])
+            return runner._forward_mtp(self.depth, h_BSD, ids_BS, mtp_view, 0)
+
+        drafts_BK = spec_drafts(mtp_forward, toks_BJ, hidden_BJD, starts_B, acc_B1, J - 1)
+        next_ids_BJ, next_starts_B = spec_step_outputs(starts_B, acc_B1, toks_BJ, drafts_BK)
+        host_BH = torch.cat([toks_BJ, acc_B1, plain_B[:, None], drafts_BK], 1)
+        ids_BJ.copy_(next_ids_BJ)
         starts_B.copy_(next_starts_B)
-        return view, (host_B6,)
+        return view, (host_BH,)
 
     def _keep(self, outputs) -> None:
-        (self.host_B6,) = outputs
+        (self.host_BH,) = outputs
 
     def run_step(
         self,
-        ids_B2: torch.Tensor,
+        ids_BJ: torch.Tensor,
         block_table_BM: torch.Tensor,
         starts_B: torch.Tensor,
         rows: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replay one step on B <= bs rows -> (next ids [B, 2], next starts [B], [B, 6] of toks,
-        acc, plain, drafts): views of the static buffers, valid until the next replay. Inputs
+        """Replay one step on B <= bs rows -> (next ids [B, J], next starts [B], [B, 2J + 1] of
+        toks, acc, plain, drafts): views of the static buffers, valid until the next replay. Inputs
         that are this graph's own next inputs (the views its last replay returned) are where
         they belong and are not copied. `rows`: a sampled graph's `spec_graph_rows`."""
         b = block_table_BM.shape[0]
@@ -187,7 +237,7 @@ class SpecGraph(StepGraph):
             host = host.pin_memory() if self.rows_B5.is_cuda else host
             self.rows_B5[:b].copy_(host, non_blocking=True)
             self.rows_B5[b:].fill_(1.0)
-        self._load(ids_B2, block_table_BM, starts_B)
+        self._load(ids_BJ, block_table_BM, starts_B)
         self._replay()
         self.replays += 1
-        return self.ids_BS[:b], self.starts_B[:b], self.host_B6[:b]
+        return self.ids_BS[:b], self.starts_B[:b], self.host_BH[:b]

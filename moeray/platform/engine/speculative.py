@@ -223,17 +223,18 @@ class MTPDrafter:
         drafter."""
         return switched_on("MTP_CHAIN") and self.k == 1 and self.chainable(scheduled)
 
-    def chainable(self, scheduled, *, sampled: bool = False) -> bool:
+    def chainable(self, scheduled, *, sampled: bool = False, drafts: int = 1) -> bool:
         """Whether a step's MTP forward can run right after its main forward, on tokens still on
-        the device: every row a decode of its last token and one draft whose tokens are all that
-        is read back (no logprobs, no logits processing), greedy (or with `sampled` sampled too:
-        the verdict drawn on the device, spec_overlap.py), outside an expert-parallel gang."""
+        the device: every row a decode of its last token and `drafts` drafts whose tokens are all
+        that is read back (no logprobs, no logits processing), greedy (or with `sampled` sampled
+        too: the verdict drawn on the device, spec_overlap.py), outside an expert-parallel
+        gang."""
         if not scheduled or self.runner.gang is not None:
             return False
         return all(
             s.samples
-            and s.num_tokens == 2
-            and len(s.spec_token_ids) == 1
+            and s.num_tokens == 1 + drafts
+            and len(s.spec_token_ids) == drafts
             and (sampled or s.request.params.greedy)
             and s.request.params.logprobs is None
             and not s.request.params.processes_logits
@@ -271,6 +272,12 @@ class MTPDrafter:
                 reqs.append(s.request)
                 picked.append([pair[m - 1]])
         self._set_drafts(reqs, picked, max_model_len)
+
+    def assign_drafts(self, reqs, drafts: Sequence[Sequence[int]], max_model_len: int) -> None:
+        """After a step resolved on the host (spec_overlap.py): each still running request's
+        drafts, those its next step was fed, cut to what a synchronous step would verify."""
+        running = [(r, d) for r, d in zip(reqs, drafts, strict=True) if r.status.value == "running"]
+        self._set_drafts([r for r, _d in running], [d for _r, d in running], max_model_len)
 
     def propose(self, scheduled, hidden: Sequence[torch.Tensor], max_model_len: int) -> None:
         """After the scheduler's update: run the MTP block over each scheduled request's newly
