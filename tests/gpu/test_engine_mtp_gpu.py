@@ -209,6 +209,22 @@ def _fp32_exact_setup(trained_small_latent, monkeypatch, seed: int):
     return trained_model, _random_mtp_copy(trained_model, seed), _prompts(cfg, cycle)
 
 
+def _spec_replays(monkeypatch, attr: str = "bs") -> list:
+    """The batch size (or another attribute: "kind") of every whole-step graph replay from now
+    on (spec_step.SpecGraph), in a list this returns and appends to."""
+    from moeray.platform.engine.spec_step import SpecGraph
+
+    replays: list = []
+    real_replay = SpecGraph._replay
+
+    def counted(self):
+        replays.append(getattr(self, attr))
+        real_replay(self)
+
+    monkeypatch.setattr(SpecGraph, "_replay", counted)
+    return replays
+
+
 def _generate(eng, prompts, n):
     from moeray.platform.engine.sampler import SamplingParams
 
@@ -357,17 +373,8 @@ def test_mtp_spec_graph_fp32_exact(trained_small_latent, monkeypatch):
     accepted and mostly rejected, one request at a time and 5 at once with different lengths
     (rows leave mid-run: the next inputs gathered, 5 rows and then fewer padded to the captured
     8, 4, 2, 1); every step launched replayed a whole-step graph."""
-    from moeray.platform.engine.spec_step import SpecGraph
-
     trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 11)
-    replays = []
-    real_replay = SpecGraph._replay
-
-    def counted(self):
-        replays.append(self.bs)
-        real_replay(self)
-
-    monkeypatch.setattr(SpecGraph, "_replay", counted)
+    replays = _spec_replays(monkeypatch)
     from moeray.platform.engine.sampler import SamplingParams
 
     lengths = [24 - 2 * i for i in range(len(prompts))]
@@ -409,6 +416,44 @@ def test_mtp_spec_graph_fp32_exact(trained_small_latent, monkeypatch):
         assert res["0"] == res["1"], res
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_mtp_drafts_k_fp32_exact(trained_small_latent, monkeypatch, k):
+    """K drafts a step (speculative.py's chain) under CUDA graphs: synchronous steps (decode
+    graphs of 1 .. 1 + K tokens) and greedy steps under async scheduling as one whole-step graph
+    of 1 + K tokens each, drafts mostly accepted (trained MTP) and mostly rejected (random):
+    greedy outputs equal plain decoding, drafts and acceptances equal between the two, every
+    launched step replayed a whole-step graph."""
+    from moeray.platform.engine.sampler import SamplingParams
+
+    trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 13)
+    replays = _spec_replays(monkeypatch)
+    lengths = [24 - 2 * i for i in range(len(prompts))]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+    for model in (trained_model, random_mtp):
+        want = [
+            o.output_token_ids
+            for o in _engine(model, spec=0, graphs=False).generate(prompts, params)
+        ]
+        res = {}
+        for ahead in (False, True):
+            eng = _engine(
+                model, spec=k, graphs=True, async_scheduling=ahead, async_spec=ahead, capture=True
+            )
+            keys = sorted(key for key in eng.runner.graphs if key[2] == "spec")
+            assert keys == ([(b, 1 + k, "spec") for b in (1, 2, 4, 8)] if ahead else [])
+            del replays[:]
+            outs = [o.output_token_ids for o in eng.generate(prompts, params)]
+            assert outs == want, ahead
+            assert eng.runner.graph_status == "captured", eng.runner.graph_status
+            if ahead:
+                spec = eng._overlap.spec
+                launched = spec.overlapped_steps + spec.drained_steps
+                assert len(replays) == launched >= 8, (replays, launched)
+            st = eng.drafter.stats
+            res[ahead] = (st.num_draft_tokens, st.num_accepted_tokens)
+        assert res[False] == res[True], res
+
+
 def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch):
     """MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1: sampled MTP steps under async scheduling as one CUDA
     graph each (kinds "spec_sampled" and "spec_top_p"), seeded requests with temperature alone,
@@ -416,17 +461,9 @@ def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch):
     steps (the switch off, which captures no sampled graph), drafts accepted and rejected; the
     sampled graphs replayed; a batch with top-k rows takes the two-graph step."""
     from moeray.platform.engine.sampler import SamplingParams
-    from moeray.platform.engine.spec_step import SpecGraph
 
     trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 13)
-    replays: list[str] = []
-    real_replay = SpecGraph._replay
-
-    def counted(self):
-        replays.append(self.kind)
-        real_replay(self)
-
-    monkeypatch.setattr(SpecGraph, "_replay", counted)
+    replays = _spec_replays(monkeypatch, "kind")
     n = 20
     batches = {
         "spec_sampled": [SamplingParams(temperature=t, max_tokens=n) for t in (1.0, 0.7, 0, 1.3)],

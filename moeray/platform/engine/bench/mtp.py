@@ -5,8 +5,8 @@ and MTP steps under async scheduling (`engine/spec_overlap.py`, the default). Gr
 `--temperature T > 0` the same three arms sampled at T too (request i seeded i), under
 `mtp.<batch>.sampled`: the two MTP arms draw the same uniforms (their tokens must be equal), plain
 decoding draws one a token (its tokens differ; speed only). With `--mtp-drafts 2,3` greedy arms of
-that many drafts a step too (`mtp.<batch>.drafts.<k>`: synchronous steps, the only kind past one
-draft)."""
+that many drafts a step too (`mtp.<batch>.drafts.<k>`, the engine's defaults: on CUDA run ahead
+under async scheduling, one whole-step graph a step)."""
 
 from __future__ import annotations
 
@@ -110,12 +110,12 @@ def mtp_speedup(
                 row["async_spec"]["overlapped_steps"] = ahead["overlapped"]
                 row["async_spec"]["drained_steps"] = ahead["drained"]
                 row["async_spec"]["spec_graph_steps"] = ahead["spec_graph_steps"]
-                row["drafts"] = {
-                    str(k): _mtp_row(
-                        _arm(model, ecfg, prompts, n, t, num_speculative_tokens=k), plain
-                    )
-                    for k in a.mtp_drafts
-                }
+                row["drafts"] = {}
+                for k in a.mtp_drafts:
+                    arm = _arm(model, ecfg, prompts, n, t, num_speculative_tokens=k)
+                    row["drafts"][str(k)] = _mtp_row(arm, plain)
+                    row["drafts"][str(k)]["overlapped_steps"] = arm["overlapped"]
+                    row["drafts"][str(k)]["spec_graph_steps"] = arm["spec_graph_steps"]
                 out[str(B)] = row
             else:
                 out[str(B)]["sampled"] = {

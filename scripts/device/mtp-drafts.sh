@@ -1,0 +1,36 @@
+# MTP with K drafts a step (num_speculative_tokens 2..4: the MTP module chained on its own hidden
+# row; greedy steps run ahead under async scheduling as one whole-step graph of 1 + K tokens):
+# the GPU tests (fp32 exact against plain decoding, K = 2 and 3, and the one-draft whole-step
+# graphs, whose code K > 1 generalized), then one `bench engine` run of the small preset's
+# trained MTP at batch 1 and 16 with --mtp-drafts (default 2,3): plain, one draft synchronous
+# and ahead, K drafts (mtp.<batch>.drafts.<K>). TESTS=0 skips the tests, TESTS_K picks them;
+# DRAFTS, BATCHES pass to the bench. 1 GPU, ~6 min.
+rc=0
+if [ "${TESTS:-1}" = 1 ]; then
+  gpu_pytest mtp-drafts-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
+    -k "${TESTS_K:-drafts_k or spec_graph_fp32_exact or async_spec_graphs}" || rc=1
+fi
+tag=small-mtpdrafts
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ENGINE_LIMIT:-300} \
+  python3 -m moeray.cli bench engine --device cuda --skip hf,router-ab,prefill \
+  --batch-sizes ${BATCHES:-1,16} --mtp-drafts ${DRAFTS:-2,3} --tag $tag --out-dir "$OUT" \
+  > "$OUT/engine-$tag.log" 2>&1
+r=$?; [ $r -eq 0 ] || rc=1
+el "bench engine $tag rc=$r"
+python3 - "$OUT" "$tag" <<'PY'
+import glob, json, sys
+for f in glob.glob(f"{sys.argv[1]}/engine-*-{sys.argv[2]}.json"):
+    d = json.load(open(f))
+    print(f"{'batch':>5} {'arm':>12} {'tok/s':>9} {'x plain':>8} {'acc':>5} {'len':>5} {'same':>5} {'graphs':>6}")
+    for b, m in sorted(d["mtp"].items(), key=lambda kv: int(kv[0])):
+        arms = [("plain", None), ("1 sync", m), ("1 ahead", m.get("async_spec", {}))]
+        arms += [(f"{k} drafts", r) for k, r in sorted(m.get("drafts", {}).items())]
+        for name, r in arms:
+            if r is None:
+                print(f"{b:>5} {name:>12} {m['baseline_tokens_per_s']:9.0f}")
+                continue
+            print(f"{b:>5} {name:>12} {r.get('tokens_per_s', 0):9.0f} {r.get('speedup', 0):8.3f} "
+                  f"{r.get('acceptance', 0):5.2f} {r.get('mean_accepted_length', 0):5.2f} "
+                  f"{str(r.get('outputs_identical')):>5} {str(r.get('spec_graph_steps')):>6}")
+PY
+exit $rc
