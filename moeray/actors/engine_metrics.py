@@ -46,6 +46,7 @@ class EngineMetrics:
             "ray", default_labels={"deployment": deployment, "replica": replica_id()}
         )
         self._mtp_seen = (0, 0)
+        self._mtp_seen_by_position: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()  # update() runs on the request path and the publisher
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -72,13 +73,24 @@ class EngineMetrics:
             self.m.set("moeray_kv_pages_used", engine.kv.num_pages - free)
             drafter = getattr(engine, "drafter", None)
             if drafter is not None:
-                stats = drafter.stats.as_dict()
-                drafted, accepted = int(stats["draft_tokens"]), int(stats["accepted_tokens"])
-                d0, a0 = self._mtp_seen
-                if drafted > d0:
-                    self.m.inc("moeray_mtp_draft_tokens", drafted - d0)
-                    self.m.inc("moeray_mtp_accepted_tokens", accepted - a0)
-                    self._mtp_seen = (drafted, accepted)
+                self._count_mtp(drafter.stats)
+
+    def _count_mtp(self, stats) -> None:
+        """Add the drafts verified since the last update to the MTP counters (the totals and by
+        draft position)."""
+        drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+        d0, a0 = self._mtp_seen
+        if drafted <= d0:
+            return
+        self.m.inc("moeray_mtp_draft_tokens", drafted - d0)
+        self.m.inc("moeray_mtp_accepted_tokens", accepted - a0)
+        self._mtp_seen = (drafted, accepted)
+        by_position = zip(stats.drafted_per_position, stats.accepted_per_position, strict=True)
+        for j, (dj, aj) in enumerate(by_position):
+            dj0, aj0 = self._mtp_seen_by_position.get(j, (0, 0))
+            self.m.inc("moeray_mtp_draft_tokens_per_position", dj - dj0, position=str(j))
+            self.m.inc("moeray_mtp_accepted_tokens_per_position", aj - aj0, position=str(j))
+            self._mtp_seen_by_position[j] = (dj, aj)
 
     def transfer(self, nbytes: int, seconds: float, *, recomputed: bool, transport: str) -> None:
         if not recomputed:

@@ -115,6 +115,8 @@ def _derived(group: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
     if group == "kv":
         used, free = s("moeray_kv_pages_used"), s("moeray_kv_pages_free")
         acc, draft = s("moeray_mtp_accepted_tokens"), s("moeray_mtp_draft_tokens")
+        acc_j = s("moeray_mtp_accepted_tokens_per_position")
+        draft_j = s("moeray_mtp_draft_tokens_per_position")
         return [
             (
                 "KV cache utilization",
@@ -136,6 +138,18 @@ def _derived(group: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
                         f"sum by (deployment) (rate({acc}[{RATE}])) / "
                         f"sum by (deployment) (rate({draft}[{RATE}]))",
                         "{{deployment}}",
+                    )
+                ],
+                "percentunit",
+            ),
+            (
+                "MTP acceptance by draft position",
+                "accepted / verified drafts at each position of a step (0: the first draft)",
+                [
+                    (
+                        f"sum by (deployment, position) (rate({acc_j}[{RATE}])) / "
+                        f"sum by (deployment, position) (rate({draft_j}[{RATE}]))",
+                        "{{deployment}} draft {{position}}",
                     )
                 ],
                 "percentunit",

@@ -235,6 +235,23 @@ MTP_ACCEPTED = MetricDef(
     unit="short",
     group="kv",
 )
+MTP_DRAFT_BY_POSITION = MetricDef(
+    "moeray_mtp_draft_tokens_per_position",
+    "MTP draft tokens verified, by draft position in the step (0: the first draft).",
+    "counter",
+    ("deployment", "position"),
+    unit="short",
+    group="kv",
+)
+MTP_ACCEPTED_BY_POSITION = MetricDef(
+    "moeray_mtp_accepted_tokens_per_position",
+    "MTP draft tokens accepted, by draft position in the step (0: the first draft); with "
+    "num_speculative_tokens > 1 the acceptance by position says how many drafts pay.",
+    "counter",
+    ("deployment", "position"),
+    unit="short",
+    group="kv",
+)
 
 # ---- router (RouterActor: training and serving) --------------------------------------------
 # `gang` names the router's owner, so that routers of several gangs export apart: "train" (the
@@ -318,7 +335,8 @@ TRAIN_LR = MetricDef(
 METRICS: tuple[MetricDef, ...] = (
     TTFT, TPOT, ITL, E2E, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS,
     RUNNING, WAITING, KV_USED, KV_FREE, KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, MTP_DRAFT,
-    MTP_ACCEPTED, EXPERT_LOAD, ROUTER_MAXVIO, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES,
+    MTP_ACCEPTED, MTP_DRAFT_BY_POSITION, MTP_ACCEPTED_BY_POSITION,
+    EXPERT_LOAD, ROUTER_MAXVIO, GPU_LOAD, PLACEMENT_MAXVIO, PLACEMENT_CHANGES,
     TRAIN_STEP, TRAIN_LOSS, TRAIN_MTP_LOSS, TRAIN_TOKENS_PER_S, TRAIN_MAXVIO, TRAIN_LR,
 )  # fmt: skip
 GROUPS: tuple[str, ...] = ("serving", "kv", "router", "training")

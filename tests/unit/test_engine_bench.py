@@ -480,6 +480,7 @@ def test_mtp_section_times_greedy_and_sampled_arms():
     assert row["async_spec"]["spec_graph_steps"] == 0  # on CPU: no graphs, every step two forwards
     three = row["drafts"]["3"]
     assert three["outputs_identical"] and three["mean_accepted_length"] > 2.0, three
+    assert len(three["acceptance_by_position"]) == 3 and three["acceptance_by_position"][2] > 0
     assert three["spec_graph_steps"] == 0 and three["overlapped_steps"] is None  # CPU: synchronous
     s = row["sampled"]
     assert s["temperature"] == 1.5 and s["async_spec_outputs_equal_sync"], s

@@ -39,6 +39,8 @@ def test_registry_has_every_metric_the_issue_names():
         "moeray_kv_transfer_seconds": "histogram",
         "moeray_mtp_draft_tokens": "counter",
         "moeray_mtp_accepted_tokens": "counter",
+        "moeray_mtp_draft_tokens_per_position": "counter",
+        "moeray_mtp_accepted_tokens_per_position": "counter",
         "moeray_prompt_tokens": "counter",
         "moeray_generation_tokens": "counter",
         "moeray_expert_load": "gauge",
@@ -53,6 +55,7 @@ def test_registry_has_every_metric_the_issue_names():
         assert names[name].kind == kind, name
     assert names["moeray_expert_load"].labels == ("gang", "layer", "expert")
     assert names["moeray_router_maxvio"].labels == ("gang", "layer")
+    assert names["moeray_mtp_accepted_tokens_per_position"].labels == ("deployment", "position")
     assert names["moeray_running_requests"].labels[0] == "deployment"
     assert len(names) == len(M.METRICS)
     assert M.metric("moeray_ttft_seconds") is M.TTFT

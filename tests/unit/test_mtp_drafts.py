@@ -9,6 +9,7 @@ than one draft a step run ahead under async scheduling only when greedy, with th
 steps' drafts; the OpenAI server's completions and logprobs are plain greedy decoding's."""
 
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -323,3 +324,51 @@ def test_openai_client_gets_plain_greedy_tokens_and_logprobs(trained, plain):
         lps = choice.logprobs.token_logprobs
         assert lps == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
     assert eng.drafter.stats.mean_accepted_length > 2.0
+
+
+def test_acceptance_by_draft_position_reaches_the_replica_counters(trained, plain):
+    """SpecStats counts drafts and acceptances by draft position (a draft counts as accepted
+    only after those before it); EngineMetrics adds what is new at each update to the counters
+    by position, as Prometheus scrapes them."""
+    import prometheus_client as pc
+
+    from moeray.actors.engine_metrics import EngineMetrics
+    from moeray.platform.engine.speculative import SpecStats
+    from moeray.platform.metrics import Metrics
+
+    st = SpecStats()
+    for n, a in ((3, 3), (3, 1), (2, 0), (1, 1)):
+        st.record(n, a)
+    assert st.drafted_per_position == [4, 3, 2] and st.accepted_per_position == [3, 1, 1]
+    assert (st.num_verify_steps, st.num_draft_tokens, st.num_accepted_tokens) == (4, 9, 5)
+    with pytest.raises(ValueError, match="3 accepted of 2 drafts"):
+        st.record(2, 3)
+
+    model, prompts = trained
+    eng = _engine(model, 3)
+    loop = SimpleNamespace(engine=eng, num_running=lambda: 0, num_waiting=lambda: 0)
+    reg = pc.CollectorRegistry()
+    labels = {"deployment": "decode", "replica": "r0"}
+    metrics = EngineMetrics(
+        "decode",
+        loop,
+        metrics=Metrics("prometheus", registry=reg, default_labels=labels),
+        period_s=3600,
+    )
+    try:
+        for half in (prompts[:2], prompts[2:]):  # two updates: each adds what is new
+            run_to_end(eng, half, _params()[: len(half)])
+            metrics.update()
+    finally:
+        metrics.close()
+    st = eng.drafter.stats
+    assert len(st.drafted_per_position) == 3 and st.accepted_per_position[2] > 0
+
+    def sample(name, j):
+        return reg.get_sample_value(f"{name}_total", {"deployment": "decode", "position": str(j)})
+
+    for j in range(3):
+        assert sample("moeray_mtp_draft_tokens_per_position", j) == st.drafted_per_position[j]
+        assert sample("moeray_mtp_accepted_tokens_per_position", j) == st.accepted_per_position[j]
+    total = reg.get_sample_value("moeray_mtp_accepted_tokens_total", {"deployment": "decode"})
+    assert total == st.num_accepted_tokens == sum(st.accepted_per_position)

@@ -42,7 +42,7 @@ removed, renormalized. That leaves each emitted token distributed exactly as p.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,28 @@ class SpecStats:
     num_verify_steps: int = 0  # sequence-steps that verified at least one draft
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # by draft position j (0: the first draft): drafts verified there, and accepted (a draft is
+    # accepted only if those before it were, so acceptance by position falls with j)
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        """One sequence-step that verified `num_drafts` drafts and accepted the first
+        `num_accepted` of them."""
+        if not 0 <= num_accepted <= num_drafts:
+            raise ValueError(f"{num_accepted} accepted of {num_drafts} drafts")
+        if not num_drafts:
+            return
+        self.num_verify_steps += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        grow = num_drafts - len(self.drafted_per_position)
+        if grow > 0:
+            self.drafted_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        for j in range(num_drafts):
+            self.drafted_per_position[j] += 1
+            self.accepted_per_position[j] += j < num_accepted
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,12 +95,14 @@ class SpecStats:
             return 0.0
         return 1.0 + self.num_accepted_tokens / self.num_verify_steps
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | list[int]]:
         return {
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "draft_tokens": self.num_draft_tokens,
             "accepted_tokens": self.num_accepted_tokens,
+            "drafted_per_position": list(self.drafted_per_position),
+            "accepted_per_position": list(self.accepted_per_position),
         }
 
 
@@ -212,10 +236,7 @@ class MTPDrafter:
         self.stats = SpecStats()
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
-        if num_drafts:
-            self.stats.num_verify_steps += 1
-            self.stats.num_draft_tokens += num_drafts
-            self.stats.num_accepted_tokens += num_accepted
+        self.stats.record(num_drafts, num_accepted)
 
     def chains(self, scheduled) -> bool:
         """Whether a synchronous step's MTP forward runs right after its main forward, before

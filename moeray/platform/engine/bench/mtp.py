@@ -73,6 +73,11 @@ def _mtp_row(arm: dict, base: dict) -> dict:
         "speedup": arm["rate"] / base["rate"],
         "acceptance": st.acceptance_rate,
         "mean_accepted_length": st.mean_accepted_length,
+        # accepted / verified drafts at each draft position of a step (0: the first)
+        "acceptance_by_position": [
+            a / d if d else 0.0
+            for d, a in zip(st.drafted_per_position, st.accepted_per_position, strict=True)
+        ],
         "outputs_identical": base["outs"] == arm["outs"],
         # where each sequence's tokens first differ from the baseline's (None: never): a
         # flipped near-tie parts them once and for all, a bug usually early
