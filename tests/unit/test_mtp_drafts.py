@@ -4,9 +4,9 @@ drafts when run again on its own hidden rows (so the chain's guessed MTP latents
 later draft); every step is one main forward, one MTP forward and k - 1 one-position MTP forwards;
 acceptance reaches every count 0..k; max_tokens and max_model_len cut the drafts; the chain's
 positions sit in the request's own pages, and a request whose pages cannot grow drafts what they
-hold; sampled verification over several drafts keeps the target's distribution; steps of more
-than one draft a step run ahead under async scheduling only when greedy, with the synchronous
-steps' drafts; the OpenAI server's completions and logprobs are plain greedy decoding's."""
+hold; sampled verification over several drafts keeps the target's distribution; steps of several
+drafts run ahead under async scheduling (greedy and seeded sampled) with the synchronous steps'
+drafts and tokens; the OpenAI server's completions and logprobs are plain greedy decoding's."""
 
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -288,12 +288,13 @@ def test_async_steps_draft_what_the_synchronous_engine_drafts(k):
     assert drafts == sync_drafts and stats == sync_stats
     assert stats["accepted_tokens"] > 5 and max(len(d) for d in drafts.values()) == k
     assert eng._overlap.spec.overlapped_steps >= 10
-    # sampled rows of more than one draft a step run synchronously
-    sampled = [SamplingParams(temperature=0.9, seed=i, max_tokens=8) for i in range(len(prompts))]
+    # seeded sampled rows run ahead too, with the synchronous steps' tokens
+    sampled = [SamplingParams(temperature=0.9, seed=i, max_tokens=12) for i in range(len(prompts))]
     spec = eng._overlap.spec
     before = spec.overlapped_steps
-    run_to_end(eng, prompts, sampled)
-    assert spec.overlapped_steps == before
+    want = run_to_end(_engine(model, k), prompts, sampled)
+    assert list(run_to_end(eng, prompts, sampled).values()) == list(want.values())
+    assert spec.overlapped_steps > before
 
 
 def test_openai_client_gets_plain_greedy_tokens_and_logprobs(trained, plain):

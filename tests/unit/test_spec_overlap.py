@@ -174,50 +174,68 @@ def test_spec_graph_kind_by_the_rows_settings():
     assert rows == [[1.0, 1.0, 1.0, 0.5, 0.5], [0.8, 0.9, 0.0, 0.25, 0.75]]
 
 
-def test_sampled_verdict_is_what_verify_draws():
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampled_verdict_is_what_verify_draws(k):
     """Row by row, `sampled_verdict` emits what `speculative.verify` emits from the same logits,
-    params and generator state (accepted: [d, toks 1]; rejected: [toks 0]), plain is the plain
-    sampler's token at u0, and it draws what verify draws: the generators end in the same state.
-    Rows at several temperatures, top-k/top-p/min-p, a draft on the argmax (mostly accepted)
-    and off it (mostly rejected), a draft holding all the mass (kept), and a greedy row."""
-    V, g = 64, torch.Generator().manual_seed(1)
+    params and generator state over k drafts (the tokens toks[: acc + 1]), plain is the plain
+    sampler's token at the first uniform, and it draws what verify draws (k verdicts, then the
+    token's, whatever the verdicts): the generators end in the same state. Rows at several
+    temperatures, top-k/top-p/min-p, drafts on each row's argmax (mostly accepted) and off it
+    (mostly rejected), drafts holding all the mass (kept), and greedy rows."""
+    V, J, g = 64, k + 1, torch.Generator().manual_seed(1)
     sets = [(1.0, 0, 1.0, 0.0), (0.7, 8, 1.0, 0.0), (1.3, 0, 0.8, 0.0)]
     sets += [(1.0, 0, 1.0, 0.1), (0.5, 5, 0.9, 0.0), (1.0, 1, 1.0, 0.0)]
     params = [
-        SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp) for t, k, tp, mp in sets
+        SamplingParams(temperature=t, top_k=tk, top_p=tp, min_p=mp) for t, tk, tp, mp in sets
     ] * 40 + [SamplingParams(temperature=0)] * 8
     B = len(params)
-    logits = torch.randn(B, 2, V, generator=g) * 3
-    last = torch.randint(0, V, (B,), generator=g)
-    on_argmax = logits[:, 0].argmax(-1)
-    off = torch.randint(0, V, (B,), generator=g)
-    draft = torch.where(torch.arange(B) // 6 % 2 == 0, on_argmax, off)  # every param set both ways
-    ids = torch.stack([last, draft], 1)
-    seeds = list(range(B))
+    logits = torch.randn(B, J, V, generator=g) * 3
+    last = torch.randint(0, V, (B, 1), generator=g)
+    on_argmax = logits[:, :k].argmax(-1)
+    off = torch.randint(0, V, (B, k), generator=g)
+    on = (torch.arange(B) // 6 % 2 == 0)[:, None]  # every param set both ways
+    drafts = torch.where(on, on_argmax, off)
+    ids = torch.cat([last, drafts], 1)
     want_toks, want_plain, want_state = [], [], []
     for b, p in enumerate(params):
-        gen = torch.Generator().manual_seed(seeds[b])
-        toks, _ = verify(logits[b], [int(draft[b])], p, gen)
+        gen = torch.Generator().manual_seed(b)
+        toks, _ = verify(logits[b], drafts[b].tolist(), p, gen, num_verdicts=k)
         want_toks.append(toks)
         want_state.append(gen.get_state())
-        gen = torch.Generator().manual_seed(seeds[b])
+        gen = torch.Generator().manual_seed(b)
         u0 = torch.rand((1,), generator=gen)
         want_plain.append(int(sample_from_probs(filtered_probs(logits[b, :1], [p]), u0)[0]))
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [torch.Generator().manual_seed(b) for b in range(B)]
     rows = [SimpleNamespace(params=p, generator=gen) for p, gen in zip(params, gens, strict=True)]
-    u = torch.tensor(SpecOverlap._uniforms(SimpleNamespace(), rows))
-    probs = filtered_probs(logits.reshape(2 * B, V), [p for p in params for _ in (0, 1)])
-    acc, toks, plain = sampled_verdict(ids, probs.view(B, 2, V), u)
-    got = [t[:2] if a else t[:1] for t, a in zip(toks.tolist(), acc[:, 0].tolist(), strict=True)]
+    u = torch.tensor(SpecOverlap._uniforms(SimpleNamespace(k=k), rows))
+    probs = filtered_probs(logits.reshape(J * B, V), [p for p in params for _ in range(J)])
+    acc, toks, plain = sampled_verdict(ids, probs.view(B, J, V), u)
+    got = [t[: a + 1] for t, a in zip(toks.tolist(), acc[:, 0].tolist(), strict=True)]
     assert got == want_toks
     assert plain.tolist() == want_plain
     sampled = [b for b, p in enumerate(params) if not p.greedy]
     assert all(torch.equal(gens[b].get_state(), want_state[b]) for b in range(B))
-    n_acc = sum(acc[b, 0].item() for b in sampled)
+    n_acc = sum(acc[b, 0].item() > 0 for b in sampled)
     assert 0.2 * len(sampled) < n_acc < 0.8 * len(sampled), n_acc  # both verdicts exercised
-    # top_k=1 rows hold all of p0 on the argmax: a draft there is kept whatever u0
+    assert {int(a) for a in acc[sampled, 0]} == set(range(k + 1))  # every count of accepted
+    # top_k=1 rows hold all of each p_j on its argmax: drafts there are kept whatever u
     kept = [b for b in range(5, 240, 6) if b // 6 % 2 == 0]
-    assert len(kept) == 20 and all(acc[b, 0] for b in kept)
+    assert len(kept) == 20 and all(acc[b, 0] == k for b in kept)
+    # a room of r < k drafts a row: what verify emits over the first r drafts, with the same
+    # draws (k verdicts, then the token's); r = 0 rows emit `plain` (the sampler's one draw)
+    room = torch.arange(B)[:, None] % (k + 1)
+    gens = [torch.Generator().manual_seed(b) for b in range(B)]
+    rows = [SimpleNamespace(params=p, generator=gen) for p, gen in zip(params, gens, strict=True)]
+    u = torch.tensor(SpecOverlap._uniforms(SimpleNamespace(k=k), rows))
+    acc, toks, plain = sampled_verdict(ids, probs.view(B, J, V), u, room)
+    for b, p in enumerate(params):
+        r = int(room[b, 0])
+        if r == 0:
+            assert int(plain[b]) == want_plain[b]
+            continue
+        gen = torch.Generator().manual_seed(b)
+        want, _ = verify(logits[b, : r + 1], drafts[b, :r].tolist(), p, gen, num_verdicts=k)
+        assert toks[b, : int(acc[b, 0]) + 1].tolist() == want, (b, r)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -320,10 +338,12 @@ def test_arrivals_drain_then_run_ahead_again_and_aborts_stop(trained, mixed_draf
     assert results[True] == results[False]
 
 
-def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts):
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts, k):
     """Seeded sampled requests (top-k, top-p, min-p; one greedy among them) run ahead and emit
-    the synchronous MTP engine's tokens: the verdict drawn on the device from the same uniforms
-    in the same order; rows whose last step has no room for a draft emit the plain sample."""
+    the synchronous MTP engine's tokens, k drafts a step: the verdict drawn on the device from
+    the same uniforms in the same order; rows whose last step has no room for a draft emit the
+    plain sample (k = 1), or the overlap drains first (k > 1: module docstring)."""
     model, prompts = trained
     params = [
         SamplingParams(temperature=2.5, max_tokens=21, ignore_eos=True, seed=11),
@@ -333,15 +353,15 @@ def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts):
         SamplingParams(temperature=3.0, min_p=0.01, max_tokens=40, ignore_eos=True, seed=14),
     ]
     kw = dict(max_model_len=48)
-    sync = _engine(model, ahead=False, **kw)
+    sync = _engine(model, spec=k, ahead=False, **kw)
     sync_drafts = _drafts_by_position(sync)
     want = _run(sync, prompts, params)
-    eng = _engine(model, **kw)
+    eng = _engine(model, spec=k, **kw)
     drafts = _drafts_by_position(eng)
     check = _inputs_check(eng)
     assert _run(eng, prompts, params) == want
-    assert {k: drafts[k] for k in sync_drafts} == sync_drafts
-    assert check() >= 30 and _ahead(eng) >= 20
+    assert drafts == sync_drafts
+    assert check() >= 30 // k and _ahead(eng) >= 20 // k
     assert want[4][1] == "length" and len(want[4][0]) == 48 - len(prompts[4])
     st, st_sync = eng.drafter.stats, sync.drafter.stats
     assert (st.num_draft_tokens, st.num_accepted_tokens) == (
@@ -351,7 +371,7 @@ def test_sampled_outputs_equal_the_synchronous_engine(trained, mixed_drafts):
     assert 0 < st.num_accepted_tokens < st.num_draft_tokens, st
     # the draws matter: other seeds give other outputs
     other = [p if p.greedy else dataclasses.replace(p, seed=p.seed + 100) for p in params]
-    assert _run(_engine(model, **kw), prompts, other) != want
+    assert _run(_engine(model, spec=k, **kw), prompts, other) != want
     assert eng.kv.pool.num_available == eng.kv.num_pages
 
 
@@ -398,3 +418,23 @@ def test_resolve_applies_the_step_through_the_scheduler_update(trained, monkeypa
     n = len(calls)
     outs = eng.step()  # the next launched, the first resolved
     assert len(calls) == n + 1 and len(outs) == 1 and 1 <= len(outs[0].new_token_ids) <= 2
+
+
+def test_sampled_rows_near_their_end_are_cut_on_the_device(trained):
+    """k = 3, sampled at temperature ~1 (drafts often accepted), requests ending at
+    different lengths: a row whose step has room for r < 3 drafts gets the synchronous step's
+    verdict over r drafts from the device (the token after draft r sampled from p_r, not draft
+    r + 1 judged), every token the synchronous engine's, steps run ahead to the ends."""
+    model, prompts = trained
+    params = [
+        SamplingParams(temperature=t, max_tokens=n, ignore_eos=True, seed=20 + i)
+        for i, (t, n) in enumerate(((0.9, 13), (1.0, 17), (1.1, 22), (1.0, 9), (0.9, 26)))
+    ]
+    for rep in range(4):  # ends at other places: 20 ends in all
+        params = [dataclasses.replace(p, seed=p.seed + 10 * rep) for p in params]
+        want = _run(_engine(model, spec=3, ahead=False), prompts, params)
+        eng = _engine(model, spec=3)
+        assert _run(eng, prompts, params) == want, rep
+        assert _ahead(eng) >= 4
+        st = eng.drafter.stats
+        assert st.num_accepted_tokens > 0.3 * st.num_draft_tokens, st.as_dict()

@@ -207,7 +207,7 @@ class Engine:
         """The whole-step graphs (spec_step.py) MTP steps under async scheduling replay: greedy
         steps' unless MOERAY_FUSED_SPEC_GRAPH=0 (the A/B switch: two graphs and eager glue), and
         sampled steps' with MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1 (opt-in, not yet timed on a GPU) at
-        one draft a step (sampled steps of more run synchronously: spec_overlap.py)."""
+        one draft a step (sampled steps of more run as two graph replays: spec_overlap.py)."""
         if not (overlap and self.config.async_scheduling_spec) or switched_off("SPEC_GRAPH"):
             return ()
         sampled = (
@@ -467,6 +467,7 @@ class Engine:
             )
         for i in spec:
             s = out.scheduled[i]
+            assert self.drafter is not None  # drafts come only from the drafter
             toks, lps = verify(
                 target_logits[i],
                 s.spec_token_ids,
@@ -474,10 +475,10 @@ class Engine:
                 _generator(s.request),
                 targets.get(i),
                 raw_logits_JV=fwd.logits[i],
+                num_verdicts=self.drafter.k,
             )
             sampled[s.request.request_id] = toks
             logprobs[s.request.request_id] = lps
-            assert self.drafter is not None  # drafts come only from the drafter
             self.drafter.record(len(s.spec_token_ids), len(toks) - 1)
         outs = self._drop_grammars(
             self._attach_exports(self.scheduler.update(out, sampled, logprobs))

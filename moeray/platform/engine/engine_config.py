@@ -24,7 +24,7 @@ class EngineConfig:
     # None: the model's max_position_embeddings, capped by what the cache holds.
     max_model_len: int | None = None
     # MTP drafts a decode step verifies (0 off; up to config/graphs.py's MAX_SPECULATIVE_TOKENS).
-    # Greedy steps run under async scheduling (async_scheduling_spec); sampled ones too at 1.
+    # Their steps run under async scheduling (async_scheduling_spec).
     num_speculative_tokens: int = 0
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True

@@ -36,8 +36,15 @@ request is waiting (its prefill runs synchronously; the decodes then resume here
 request was not in the step in flight, when pages for the next step cannot be reserved, when a row's
 next positions would pass max_model_len, or when no row is left. Only rows with K drafts each, no
 logprobs, no logits processing, no grammar, outside an expert-parallel gang, greedy or (with
-`EngineConfig.async_scheduling_sampled` and K = 1) sampled, start it (`MTPDrafter.chainable`);
-every other step runs as before.
+`EngineConfig.async_scheduling_sampled`) sampled, start it (`MTPDrafter.chainable`); every other
+step runs as before.
+
+A sampled row's verdict cannot be cut on the host as a greedy one is (the synchronous step of r < K
+drafts samples the token after its last draft from p_r, where the device would have judged draft
+r + 1), so with K > 1 the device cuts it: r = its last position limit less its start, clamped to
+0 .. K (`sampled_verdict`'s room). The limit, min(max_tokens + prompt length, max_model_len) - 2,
+is the same for the whole request (start, outputs and length grow together), so the host sends it
+with the step without knowing what the step in flight emits.
 """
 
 from __future__ import annotations
@@ -88,8 +95,7 @@ class SpecOverlap:
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the Engine (typed loosely: engine.py imports overlap.py, us)
         self.k = max(1, engine.config.num_speculative_tokens)  # drafts a step
-        # sampled rows run here too (one draft a step: their verdict draws two uniforms)
-        self.sampled = bool(engine.config.async_scheduling_sampled) and self.k == 1
+        self.sampled = bool(engine.config.async_scheduling_sampled)  # sampled rows run here too
         self.pending: _SpecStep | None = None
         self.fed: dict[str, list[int]] = {}  # request id -> the drafts the step in flight got
         self.overlapped_steps = 0  # steps launched while another was in flight
@@ -206,11 +212,19 @@ class SpecOverlap:
         if uniforms is None:
             acc_B1, toks_BJ, plain_B = greedy_verdict(ids_BJ, logits_BJV.argmax(-1))
         else:
-            B, _, V = logits_BJV.shape
-            both = [p for p in params for _ in range(2)]  # a row's settings at both positions
-            probs_B2V = filtered_probs(logits_BJV.reshape(2 * B, V), both).view(B, 2, V)
-            u_B2 = to_device(uniforms, torch.float32, eng.device)
-            acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_B2V, u_B2)
+            B, J, V = logits_BJV.shape
+            every = [p for p in params for _ in range(J)]  # a row's settings at each position
+            probs_BJV = filtered_probs(logits_BJV.reshape(J * B, V), every).view(B, J, V)
+            u_BJ = to_device(uniforms, torch.float32, eng.device)
+            room_B1 = None
+            if k > 1:  # the drafts a synchronous step would verify (module docstring)
+                max_len = eng.scheduler.config.max_model_len
+                limits = [
+                    min(r.params.max_tokens + len(r.prompt_token_ids), max_len) - 2 for r in rows
+                ]
+                limit_B = to_device(limits, torch.long, eng.device)
+                room_B1 = (limit_B - starts_B).clamp(0, k)[:, None]
+            acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_BJV, u_BJ, room_B1)
         depth = drafter.model.mtp[0]
 
         def mtp_forward(ids_BS, at_B, h_BSD):
@@ -221,14 +235,18 @@ class SpecOverlap:
         host, copied = copy_to_host(torch.cat([toks_BJ, acc_B1, plain_B[:, None], drafts_BK], 1))
         return _SpecStep(rows, next_ids_BJ, next_starts_B, host, copied, t0)
 
-    def _uniforms(self, rows: list[Request]) -> list[tuple[float, float]]:
-        """A sampled row's two uniforms from its generator, drawn as `speculative.verify` draws
-        them (the verdict's, then the next token's); a greedy row's generator untouched (its
+    def _uniforms(self, rows: list[Request]) -> list[tuple[float, ...]]:
+        """A sampled row's K + 1 uniforms from its generator, drawn as `speculative.verify` draws
+        them (the K verdicts', then the next token's); a greedy row's generator untouched (its
         one-hot verdict reads no uniform: 0.5 stands in)."""
+        k = self.k
         return [
-            (0.5, 0.5)
+            (0.5,) * (k + 1)
             if r.params.greedy
-            else (verdict_uniform(r.generator), float(token_uniform(r.generator)[0]))
+            else (
+                *[verdict_uniform(r.generator) for _ in range(k)],
+                float(token_uniform(r.generator)[0]),
+            )
             for r in rows
         ]
 

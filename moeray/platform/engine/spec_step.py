@@ -5,13 +5,14 @@ Legend: B rows (requests) of a step, each J = 1 + K tokens: its last known token
 (K = the drafter's num_speculative_tokens); V vocabulary; D model width.
 
 The step. Row b of step N has inputs [t, d_1 .. d_K] at positions s .. s + K (s = its start).
-The verdict (`greedy_verdict`; `sampled_verdict`, K = 1 only) gives acc_B (the drafts accepted,
-0 .. K) and toks_BJ, the tokens after positions s .. s + K (toks[j] used only where j <= acc):
+The verdict (`greedy_verdict`, `sampled_verdict`) gives acc_B (the drafts accepted, 0 .. K) and
+toks_BJ, the tokens after positions s .. s + K (toks[j] used only where j <= acc):
     greedy:  toks = argmax of the main logits at each position, acc = how many leading drafts
              equal the toks before them (d_j == toks[j - 1])
-    sampled: with p0, p1 the filtered distributions at both positions and u0, u1 the row's two
-             uniforms: acc = u0 < p0(d); toks[0] = d where acc, else the residual p0 with d removed
-             sampled at u1; toks[1] = p1 sampled at u1
+    sampled: with p_j the filtered distribution at position s + j, u_j the row's K verdict
+             uniforms and t its token uniform: draft d_{j+1} is accepted where u_j < p_j(d_{j+1}),
+             acc = how many leading drafts are; toks[j] = d_{j+1} where accepted, else p_j's
+             residual without d_{j+1} sampled at t; toks[K] = p_K sampled at t
     drafts_BK  = `spec_drafts`: the argmax of the MTP logits at s + acc, its forward over
                  s .. s + K on inputs (hidden rows, toks_BJ); then (K > 1) the MTP depth again,
                  one position at a time from s + acc + 1, on its own last hidden row and the
@@ -20,13 +21,13 @@ The verdict (`greedy_verdict`; `sampled_verdict`, K = 1 only) gives acc_B (the d
     next start = s + 1 + acc
 This is what the synchronous engine schedules (`MTPDrafter.chain` says why the MTP inputs are exact
 whatever the verdict: an accepted draft equals the target before it): its verification
-(`speculative.verify`) emits the accepted drafts and the token after them, drawing (K = 1) the same
-two uniforms from the request's generator in the same order (u0 for the verdict, then u1 for the
-token after it), and its drafts after the new last token are the MTP argmax at the last newly valid
+(`speculative.verify`) emits the accepted drafts and the token after them, drawing the same K + 1
+uniforms from the request's generator in the same order (the K verdicts', then the token's, whatever
+the verdicts), and its drafts after the new last token are the MTP argmax at the last newly valid
 position and its chain. So every forward runs on the inputs the synchronous engine would give it,
-and the outputs are its outputs, sampled ones included. The uniforms are drawn on the host at
-launch (sampled rows only: a greedy row's generator is left untouched, as verification leaves it)
-and go up with the step.
+and the outputs are its outputs, sampled ones included. The uniforms are drawn on the host at launch
+(sampled rows only: a greedy row's generator is left untouched, as verification leaves it) and go up
+with the step.
 
 Why one graph. Run as the main forward's graph, the verdict, the MTP depth's graph and the next
 inputs, a step launched ~35 operations from Python (the graphs' input copies, argmaxes, the
@@ -35,11 +36,11 @@ verdict's and the next inputs' elementwise ops): 0.70 ms of host time at batch 1
 benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1.json). `SpecGraph` captures all of it for a
 greedy batch, and writes the next step's ids and starts over its own static inputs, where its next
 replay reads them: a step is then its block table's copy in, one replay and one copy back.
-Sampled batches whose rows use temperature and top-p only (min-p and top-k pick their filters'
-shapes on the host) have graphs of their own, opt-in until timed (MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1;
-kinds "spec_sampled" and "spec_top_p", `spec_graph_kind`): each row's temperature, top-p,
-greediness and two uniforms go up in one copy, and the filters run as `sampler.apply_filters`,
-whose rows come out as `filtered_probs` makes them for the two-graph step.
+Sampled batches of one draft a step whose rows use temperature and top-p only (min-p and top-k pick
+their filters' shapes on the host) have graphs of their own, opt-in until timed
+(MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1; kinds "spec_sampled" and "spec_top_p", `spec_graph_kind`): each
+row's temperature, top-p, greediness and two uniforms go up in one copy, and the filters run as
+`sampler.apply_filters`, whose rows come out as `filtered_probs` makes them for the two-graph step.
 """
 
 from __future__ import annotations
@@ -65,26 +66,48 @@ def greedy_verdict(
 
 
 def sampled_verdict(
-    ids_B2: torch.Tensor, probs_B2V: torch.Tensor, u_B2: torch.Tensor
+    ids_BJ: torch.Tensor,
+    probs_BJV: torch.Tensor,
+    u_BJ: torch.Tensor,
+    room_B1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sampled step's verdict (module docstring), what `speculative.verify` draws from the same
-    probabilities (`filtered_probs` of both rows) and uniforms -> (acc [B, 1] int64, toks [B, 2],
-    plain [B]: `sample_from_probs` of p0 at u0, what a step without the draft samples). A draft
-    that holds all of p0's mass is accepted whatever u0 (verify keeps it: its residual is empty).
-    On the device, nothing read back; a one-hot row (greedy) gives the greedy verdict."""
-    p0_BV, p1_BV = probs_B2V[:, 0], probs_B2V[:, 1]
-    d_B1 = ids_B2[:, 1:]
-    residual_BV = p0_BV.scatter(1, d_B1, 0.0)
-    total_B1 = residual_BV.sum(-1, keepdim=True)
-    acc_B1 = (u_B2[:, :1] < p0_BV.gather(1, d_B1)) | (total_B1 <= 0)
-    # (an empty residual is never sampled from: p0 stands in so no row divides by zero)
-    residual_BV = torch.where(total_B1 > 0, residual_BV / total_B1, p0_BV)
-    rejected_B = sample_from_probs(residual_BV, u_B2[:, 1])
-    toks_B2 = torch.stack(
-        [torch.where(acc_B1[:, 0], d_B1[:, 0], rejected_B), sample_from_probs(p1_BV, u_B2[:, 1])],
+    probabilities (`filtered_probs` of the J rows) and uniforms (u_BJ: the K verdicts' then the
+    token's) -> (acc [B, 1] int64, toks [B, J], plain [B]: `sample_from_probs` of p0 at the first
+    uniform, what a step without drafts samples). toks[j] is draft j + 1 where its verdict
+    accepts it, else the residual of p_j without it sampled at the token's uniform; toks[K] is
+    p_K sampled there: the emitted tokens are toks[: acc + 1]. A draft that holds all of p_j's
+    mass is accepted whatever its uniform (verify keeps it: its residual is empty). `room_B1`
+    (0 .. K a row): the drafts a synchronous step would verify there (max_tokens or
+    max_model_len near): acc stops at it and toks[room] is p_room sampled at the token's uniform,
+    as verify does after its last draft. On the device, nothing read back; one-hot rows (greedy)
+    give the greedy verdict."""
+    B, J, V = probs_BJV.shape
+    K = J - 1
+    p_BKV, d_BK = probs_BJV[:, :K], ids_BJ[:, 1:]
+    residual_BKV = p_BKV.scatter(2, d_BK[..., None], 0.0)
+    total_BK1 = residual_BKV.sum(-1, keepdim=True)
+    ok_BK = (u_BJ[:, :K] < p_BKV.gather(2, d_BK[..., None])[..., 0]) | (total_BK1[..., 0] <= 0)
+    acc_B1 = ok_BK.long().cumprod(1).sum(1, keepdim=True)
+    # (an empty residual is never sampled from: p stands in so no row divides by zero)
+    residual_BKV = torch.where(total_BK1 > 0, residual_BKV / total_BK1, p_BKV)
+    t_B = u_BJ[:, K]
+    # (an expand: repeat_interleave may sync to size)
+    rejected_BK = sample_from_probs(
+        residual_BKV.reshape(B * K, V), t_B[:, None].expand(B, K).reshape(B * K)
+    ).view(B, K)
+    toks_BJ = torch.cat(
+        [torch.where(ok_BK, d_BK, rejected_BK), sample_from_probs(probs_BJV[:, K], t_B)[:, None]],
         1,
     )
-    return acc_B1.long(), toks_B2, sample_from_probs(p0_BV, u_B2[:, 0])
+    if room_B1 is not None:
+        acc_B1 = torch.minimum(acc_B1, room_B1)
+        bonus_BJ = sample_from_probs(
+            probs_BJV.reshape(B * J, V), t_B[:, None].expand(B, J).reshape(B * J)
+        ).view(B, J)
+        at_room_BJ = torch.arange(J, device=toks_BJ.device)[None] == room_B1
+        toks_BJ = torch.where(at_room_BJ, bonus_BJ, toks_BJ)
+    return acc_B1, toks_BJ, sample_from_probs(probs_BJV[:, 0], u_BJ[:, 0])
 
 
 # An MTP forward as a step runs it: (ids_BS, starts_B, hidden_BSD) -> (logits_BSV, hidden_BSD),
@@ -140,9 +163,9 @@ def spec_graph_kind(params: list[SamplingParams], vocab: int) -> str | None:
     return "spec_top_p" if any(p.top_p < 1.0 for p in params if not p.greedy) else "spec_sampled"
 
 
-def spec_graph_rows(params: list[SamplingParams], uniforms: list[tuple[float, float]]) -> list:
+def spec_graph_rows(params: list[SamplingParams], uniforms: list[tuple[float, ...]]) -> list:
     """The per-row settings a sampled whole-step graph reads, [temperature (1 if greedy), top_p,
-    greedy (0 / 1), u0, u1] a row."""
+    greedy (0 / 1), the row's uniforms (the verdicts', the token's)] a row."""
     return [
         [1.0 if p.greedy else p.temperature, p.top_p, float(p.greedy), *u]
         for p, u in zip(params, uniforms, strict=True)

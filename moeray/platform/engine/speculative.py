@@ -138,10 +138,10 @@ def verdict_uniform(generator: torch.Generator | None) -> float:
 
 
 def token_uniform(generator: torch.Generator | None) -> torch.Tensor:
-    """The uniform [1] that samples the token after a verdict (`verify`: from the residual after
-    a rejection, from the next row's distribution after the last accepted draft). A one-draft
-    row draws `verdict_uniform` then this, whatever the verdict (spec_overlap.py draws both at
-    launch)."""
+    """The uniform [1] that samples the token after the verdicts (`verify`: from the residual
+    after a rejection, from the next row's distribution after the last accepted draft). A row
+    of k drafts draws k `verdict_uniform`s then this, whatever the verdicts (spec_overlap.py
+    draws them all at launch)."""
     return torch.rand((1,), generator=generator)
 
 
@@ -152,13 +152,16 @@ def verify(
     generator: torch.Generator,
     target: Sequence[int] | None = None,
     raw_logits_JV: torch.Tensor | None = None,
+    num_verdicts: int = 0,
 ) -> tuple[list[int], list[Logprobs | None]]:
     """Accepted drafts then one more token, and their logprobs (see the module docstring).
     logits_JV: what the request samples from, i.e. the processed logits when it has min_tokens,
     logit_bias or penalties (row j processed with the drafts before it as output), so a draft is
     accepted exactly as plain decoding would sample it. raw_logits_JV: the model's logits, which
     logprobs report (default logits_JV). Greedy: `target` may carry logits_JV's row argmaxes
-    already read back (`greedy_targets`)."""
+    already read back (`greedy_targets`). Sampled: the generator gives max(num_verdicts,
+    len(drafts)) verdict uniforms, then the token's, whatever the verdicts (the drafter's k: a
+    row's draws then do not depend on how many drafts its room allowed)."""
     J = logits_JV.shape[0]
     if J != len(drafts) + 1:
         raise ValueError(f"{J} logit rows for {len(drafts)} drafts: expected {len(drafts) + 1}")
@@ -171,9 +174,10 @@ def verify(
         out = greedy_accept(drafts, target)
     else:
         probs_JV = filtered_probs(logits_JV, [params] * J)
+        us = [verdict_uniform(generator) for _ in range(max(num_verdicts, len(drafts)))]
+        u_tok = token_uniform(generator).to(probs_JV.device)
         for j, d in enumerate(drafts):
-            u = verdict_uniform(generator)
-            if u < float(probs_JV[j, d]):
+            if us[j] < float(probs_JV[j, d]):
                 out.append(d)
                 continue
             residual = probs_JV[j].clone()
@@ -182,12 +186,10 @@ def verify(
             if total <= 0:  # p was all on d: rejection had probability 0, keep d
                 out.append(d)
                 continue
-            u2 = token_uniform(generator).to(residual.device)
-            out.append(int(sample_from_probs((residual / total)[None], u2)[0]))
+            out.append(int(sample_from_probs((residual / total)[None], u_tok)[0]))
             break
         else:
-            u_last = token_uniform(generator).to(logits_JV.device)
-            out.append(int(sample_from_probs(probs_JV[-1:], u_last)[0]))
+            out.append(int(sample_from_probs(probs_JV[-1:], u_tok)[0]))
     if params.logprobs is None:  # skip the token upload when no logprobs are asked
         return out, [None] * len(out)
     rows = (logits_JV if raw_logits_JV is None else raw_logits_JV)[: len(out)]
