@@ -3,12 +3,14 @@ decoding's step: per engine call, the wall time, the host's launch and resolve (
 resolve, the wait for the read-back), and from a profile of a few calls the GPU's busy time and
 its kernels (graph replays count their kernels). A GPU busy for the whole call is the work itself;
 a wait of ~0 with launch + resolve ~ the wall is the host. Random weights: the cycle's forwards
-are [B, 2] main + [B, 2] MTP whatever the drafts' verdict, so acceptance does not change its cost
-(the tokens a cycle does: 1 + accepted).
+are [B, 1 + K] main + [B, 1 + K] MTP (and K - 1 MTP forwards of one position: --drafts K) whatever
+the drafts' verdict, so acceptance does not change its cost (the tokens a cycle does: 1 +
+accepted).
 
     python scripts/mtp_cycle_profile.py --preset small --batch 1 --device cuda
     .venv/bin/python scripts/mtp_cycle_profile.py --preset tiny --device cpu --calls 8   # smoke
     python scripts/mtp_cycle_profile.py --batch 1 --temperature 1.0 --top-p 0.9   # sampled rows
+    python scripts/mtp_cycle_profile.py --batch 1 --drafts 3   # 3 drafts a step
 """
 
 import argparse
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.platform.config import preset
+from moeray.platform.config.graphs import MAX_SPECULATIVE_TOKENS
 from moeray.platform.engine.bench.model import random_model
 from moeray.platform.engine.bench.profile import exclusive_us
 from moeray.platform.engine.engine import Engine, EngineConfig
@@ -47,7 +50,7 @@ def _engine(model, a, spec: bool, device: torch.device) -> Engine:
             use_cuda_graphs=device.type == "cuda",
             max_model_len=a.prompt_len + total + 8,
             async_scheduling=True,
-            num_speculative_tokens=1 if spec else 0,
+            num_speculative_tokens=a.drafts if spec else 0,
             async_scheduling_spec=spec,
         ),
     )
@@ -149,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for mtp-cycle-<device>-b<batch>.json")
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--drafts", type=int, default=1, help="MTP drafts a step (1 .. 4)")
     a = p.parse_args(argv)
     if min(a.batch, a.calls, a.profile_calls) < 1:
         p.error(f"--batch {a.batch}, --calls {a.calls}, --profile-calls {a.profile_calls}: >= 1")
+    if not 1 <= a.drafts <= MAX_SPECULATIVE_TOKENS:
+        p.error(f"--drafts {a.drafts}: accepted 1 to {MAX_SPECULATIVE_TOKENS}")
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = preset(a.preset).replace(eos_token_id=None)
@@ -160,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model(cfg, device, dtype)
     rows = [run_arm(model, a, spec, device) for spec in (False, True)]
     how = f"temperature {a.temperature}, top-p {a.top_p}" if a.temperature > 0 else "greedy"
-    print(f"preset {a.preset}, batch {a.batch}, {how}, {a.calls} calls timed, medians per call")
+    print(
+        f"preset {a.preset}, batch {a.batch}, {how}, {a.drafts} drafts a step, {a.calls} calls "
+        "timed, medians per call"
+    )
     head = ("arm", "wall ms", "tok/row", "gpu busy", "kernels", "launch", "resolve", "wait")
     print("{:12} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}".format(*head))
     for r in rows:
@@ -177,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {v:+8.1f}  {k[:100]}")
     if a.out is not None:
         numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
-        numbers |= {"temperature": a.temperature, "top_p": a.top_p}
+        numbers |= {"temperature": a.temperature, "top_p": a.top_p, "drafts": a.drafts}
         name = f"mtp-cycle-{device_slug()}-b{a.batch}" + ("-sampled" if a.temperature > 0 else "")
+        name += f"-k{a.drafts}" if a.drafts > 1 else ""
         print(write_result(name, numbers, directory=Path(a.out), command=" ".join(sys.argv)))
     return 0
 

@@ -3,8 +3,10 @@
 # the GPU tests (fp32 exact against plain decoding, K = 2 and 3, and the one-draft whole-step
 # graphs, whose code K > 1 generalized), then one `bench engine` run of the small preset's
 # trained MTP at batch 1 and 16 with --mtp-drafts (default 2,3): plain, one draft synchronous
-# and ahead, K drafts (mtp.<batch>.drafts.<K>). TESTS=0 skips the tests, TESTS_K picks them;
-# DRAFTS, BATCHES pass to the bench. 1 GPU, ~6 min.
+# and ahead, K drafts (mtp.<batch>.drafts.<K>); then (CYCLES=1, the default) the batch-1 cycle of
+# 1 and each K drafts, random weights (scripts/mtp_cycle_profile.py --drafts: its GPU time, kernels,
+# host launch). TESTS=0 skips the tests, TESTS_K picks them; DRAFTS, BATCHES pass to the bench.
+# 1 GPU, ~8 min.
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest mtp-drafts-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
@@ -33,4 +35,14 @@ for f in glob.glob(f"{sys.argv[1]}/engine-*-{sys.argv[2]}.json"):
                   f"{r.get('acceptance', 0):5.2f} {r.get('mean_accepted_length', 0):5.2f} "
                   f"{str(r.get('outputs_identical')):>5} {str(r.get('spec_graph_steps')):>6}")
 PY
+if [ "${CYCLES:-1}" = 1 ]; then
+  mkdir -p "$OUT/cycles"
+  for k in 1 ${DRAFTS//,/ }; do
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${CYCLE_LIMIT:-150} python3 scripts/mtp_cycle_profile.py \
+      --preset ${PRESET:-small} --batch 1 --drafts $k --out "$OUT/cycles" \
+      > "$OUT/cycle-k$k.log" 2>&1 || rc=1
+    el "mtp cycle batch 1, $k drafts"
+    grep -A3 "^arm" "$OUT/cycle-k$k.log"
+  done
+fi
 exit $rc
