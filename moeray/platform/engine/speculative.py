@@ -340,6 +340,8 @@ class MTPDrafter:
         last_hidden: its MTP output row [1, D] at position num_computed - 1. `counts` (each
         0..k) is lowered in place where a request's pages cannot grow to hold the chain's
         positions."""
+        if self.k == 1:
+            return first_B[:, None]  # (no launch for a chain there is none of)
         B = len(reqs)
         drafts_BK = torch.zeros(B, self.k, dtype=torch.long, device=first_B.device)
         drafts_BK[:, 0] = first_B
