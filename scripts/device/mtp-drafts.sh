@@ -1,19 +1,23 @@
 # MTP with K drafts a step (num_speculative_tokens 2..4: the MTP module chained on its own hidden
-# row; greedy steps run ahead under async scheduling as one whole-step graph of 1 + K tokens):
-# the GPU tests (fp32 exact against plain decoding, K = 2 and 3, and the one-draft whole-step
-# graphs, whose code K > 1 generalized), then one `bench engine` run of the small preset's
-# trained MTP at batch 1 and 16 with --mtp-drafts (default 2,3): plain, one draft synchronous
-# and ahead, K drafts (mtp.<batch>.drafts.<K>); then (CYCLES=1, the default) the batch-1 cycle of
-# 1 and each K drafts, random weights (scripts/mtp_cycle_profile.py --drafts: its GPU time, kernels,
-# host launch). TESTS=0 skips the tests, TESTS_K picks them; DRAFTS, BATCHES pass to the bench.
-# 1 GPU, ~8 min.
+# row; greedy steps run ahead under async scheduling as one whole-step graph of 1 + K tokens), in
+# three parts, each off with its switch set to 0:
+#   TESTS   the GPU tests: fp32 exact against plain decoding at K = 2 and 3, and the one-draft
+#           whole-step graphs, whose code K > 1 generalized (TESTS_K picks them; ~3 min)
+#   BENCH   one `bench engine` run of the small preset's trained MTP at BATCHES (default 1,16)
+#           with --mtp-drafts DRAFTS (default 2,3): plain, one draft synchronous and ahead, K
+#           drafts (mtp.<batch>.drafts.<K>, acceptance by position; ~4-5 min)
+#   CYCLES  the batch-1 cycle of 1 and each K drafts, random weights
+#           (scripts/mtp_cycle_profile.py --drafts: GPU time, kernels, host launch; ~1 min each)
+# 1 GPU, ~10 min in all: past one call's 600 s, so run TESTS=1 BENCH=0 CYCLES=0 first, then
+# TESTS=0 (bench and cycles).
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest mtp-drafts-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
     -k "${TESTS_K:-drafts_k or spec_graph_fp32_exact or async_spec_graphs}" || rc=1
 fi
 tag=small-mtpdrafts
-CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ENGINE_LIMIT:-300} \
+if [ "${BENCH:-1}" = 1 ]; then
+CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ENGINE_LIMIT:-360} \
   python3 -m moeray.cli bench engine --device cuda --skip hf,router-ab,prefill \
   --batch-sizes ${BATCHES:-1,16} --mtp-drafts ${DRAFTS:-2,3} --tag $tag --out-dir "$OUT" \
   > "$OUT/engine-$tag.log" 2>&1
@@ -35,6 +39,7 @@ for f in glob.glob(f"{sys.argv[1]}/engine-*-{sys.argv[2]}.json"):
                   f"{r.get('acceptance', 0):5.2f} {r.get('mean_accepted_length', 0):5.2f} "
                   f"{str(r.get('outputs_identical')):>5} {str(r.get('spec_graph_steps')):>6}")
 PY
+fi
 if [ "${CYCLES:-1}" = 1 ]; then
   mkdir -p "$OUT/cycles"
   for k in 1 ${DRAFTS//,/ }; do

@@ -54,7 +54,7 @@
 #   mtp-async        MTP at batch 1/16 (small preset): plain, synchronous MTP, MTP under async scheduling; their GPU tests (1 GPU, ~5 min; CHAIN=1)
 #   mtp-cycle          an MTP cycle under async scheduling vs a plain step: wall, host launch/resolve/wait, GPU busy (1 GPU, ~3 min)
 #   spec-graph         MTP steps as one CUDA graph (SPEC_GRAPH): GPU tests, mtp cycle off/on at b1/b16; SAMPLED=1: sampled graphs A/B (1 GPU, ~3-5 min)
-#   mtp-drafts         MTP with 2-3 drafts a step (chained MTP, whole-step graphs): GPU tests, `bench engine --mtp-drafts` at b1/b16, b1 cycles (1 GPU, ~8 min)
+#   mtp-drafts         MTP with 2-3 drafts a step (chained MTP, whole-step graphs): GPU tests, `bench engine --mtp-drafts` at b1/b16, b1 cycles (1 GPU, ~10 min: two calls, TESTS / BENCH / CYCLES)
 #   decode-sources     kernels per eager decode step by the moeray line that launched them (1 GPU)
 #   wide-ep            EP GPU tests (decode graphs at ep=1) + `bench wide-ep --gpus 1` vs plain (1 GPU)
 #   wide-ep-v3         DeepSeek-V3 (61 layers, FP8) at ep=8, then 8 layers over 1-8 GPUs (8 GPUs)
