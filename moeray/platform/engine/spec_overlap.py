@@ -42,9 +42,9 @@ step runs as before.
 A sampled row's verdict cannot be cut on the host as a greedy one is (the synchronous step of r < K
 drafts samples the token after its last draft from p_r, where the device would have judged draft
 r + 1), so with K > 1 the device cuts it: r = its last position limit less its start, clamped to
-0 .. K (`sampled_verdict`'s room). The limit, min(max_tokens + prompt length, max_model_len) - 2,
-is the same for the whole request (start, outputs and length grow together), so the host sends it
-with the step without knowing what the step in flight emits.
+0 .. K (`sampled_verdict`'s room). The limit (`speculative.draft_limit`, the rule the synchronous
+drafter cuts by) is the same for the whole request, so the host sends it with the step without
+knowing what the step in flight emits.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from moeray.platform.engine.spec_step import (
     spec_graph_rows,
     spec_step_outputs,
 )
-from moeray.platform.engine.speculative import token_uniform, verdict_uniform
+from moeray.platform.engine.speculative import draft_limit, token_uniform, verdict_uniform
 from moeray.platform.engine.step_inputs import copy_to_host
 
 
@@ -219,9 +219,7 @@ class SpecOverlap:
             room_B1 = None
             if k > 1:  # the drafts a synchronous step would verify (module docstring)
                 max_len = eng.scheduler.config.max_model_len
-                limits = [
-                    min(r.params.max_tokens + len(r.prompt_token_ids), max_len) - 2 for r in rows
-                ]
+                limits = [draft_limit(r, max_len) for r in rows]
                 limit_B = to_device(limits, torch.long, eng.device)
                 room_B1 = (limit_B - starts_B).clamp(0, k)[:, None]
             acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_BJV, u_BJ, room_B1)

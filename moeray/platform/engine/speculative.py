@@ -197,6 +197,16 @@ def verify(
     return out, lps
 
 
+def draft_limit(req, max_model_len: int) -> int:
+    """The most drafts a decoding request's step from start s may verify is this limit less s:
+    its 1 + n tokens must not pass max_tokens (n <= max_tokens - outputs - 1) nor max_model_len
+    (n <= max_model_len - length - 1), and with s = length - 1 both read as
+    min(max_tokens + prompt length, max_model_len) - 2 - s. The limit holds for the whole
+    request (start, outputs and length grow together), so a step launched before the one in
+    flight is read back can still be cut on the device (spec_overlap.py)."""
+    return min(req.params.max_tokens + len(req.prompt_token_ids), max_model_len) - 2
+
+
 def no_mtp_reason(num_hidden_layers: int, missing_mtp_layers: int = 0) -> str:
     """Why speculative decoding is refused for a model without MTP modules."""
     if missing_mtp_layers:
@@ -393,11 +403,7 @@ class MTPDrafter:
         # roll back on rejection (not done), and its mask for the bonus token.
         if req.params.structured is not None:
             return 0
-        room = min(
-            req.params.max_tokens - req.num_output_tokens - 1,
-            max_model_len - len(req.token_ids) - 1,
-        )
-        return max(0, min(self.k, room))
+        return max(0, min(self.k, draft_limit(req, max_model_len) - req.num_computed))
 
     def _set_drafts(self, reqs, drafts: Sequence[Sequence[int]], max_model_len: int) -> None:
         """request.spec_token_ids: its drafts, cut to what `_room` allows."""
