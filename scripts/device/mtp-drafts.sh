@@ -1,8 +1,9 @@
 # MTP with K drafts a step (num_speculative_tokens 2..4: the MTP module chained on its own hidden
 # row; greedy steps run ahead under async scheduling as one whole-step graph of 1 + K tokens), in
 # three parts, each off with its switch set to 0:
-#   TESTS   the GPU tests: fp32 exact against plain decoding at K = 2 and 3, and the one-draft
-#           whole-step graphs, whose code K > 1 generalized (TESTS_K picks them; ~3 min)
+#   TESTS   the GPU tests: fp32 exact against plain decoding at K = 2 and 3, the one-draft
+#           whole-step graphs, whose code K > 1 generalized, and the opt-in sampled whole-step
+#           graphs at 1 and 3 drafts (TESTS_K picks them; ~4 min)
 #   BENCH   one `bench engine` run of the small preset's trained MTP at BATCHES (default 1,16)
 #           with --mtp-drafts DRAFTS (default 2,3): plain, one draft synchronous and ahead, K
 #           drafts (mtp.<batch>.drafts.<K>, acceptance by position; ~4-5 min)
@@ -13,7 +14,7 @@
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
   gpu_pytest mtp-drafts-tests.log ${TEST_LIMIT:-300} tests/gpu/test_engine_mtp_gpu.py \
-    -k "${TESTS_K:-drafts_k or spec_graph_fp32_exact or async_spec_graphs}" || rc=1
+    -k "${TESTS_K:-drafts_k or spec_graph_fp32_exact or async_spec_graphs or spec_graph_sampled}" || rc=1
 fi
 tag=small-mtpdrafts
 if [ "${BENCH:-1}" = 1 ]; then

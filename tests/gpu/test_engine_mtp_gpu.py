@@ -454,12 +454,14 @@ def test_mtp_drafts_k_fp32_exact(trained_small_latent, monkeypatch, k):
         assert res[False] == res[True], res
 
 
-def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch):
-    """MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1: sampled MTP steps under async scheduling as one CUDA
-    graph each (kinds "spec_sampled" and "spec_top_p"), seeded requests with temperature alone,
-    with top-p, and a greedy row among them: the tokens and acceptance counts of the two-graph
-    steps (the switch off, which captures no sampled graph), drafts accepted and rejected; the
-    sampled graphs replayed; a batch with top-k rows takes the two-graph step."""
+@pytest.mark.parametrize("k", [1, 3], ids=["drafts1", "drafts3"])
+def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch, k):
+    """MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1: sampled MTP steps of k drafts under async scheduling
+    as one CUDA graph each (kinds "spec_sampled" and "spec_top_p"; at k = 3 each row's verdict
+    cut on the device as its end nears), seeded requests with temperature alone, with top-p,
+    and a greedy row among them: the tokens and acceptance counts of the two-graph steps (the
+    switch off, which captures no sampled graph), drafts accepted and rejected; the sampled
+    graphs replayed; a batch with top-k rows takes the two-graph step."""
     from moeray.platform.engine.sampler import SamplingParams
 
     trained_model, random_mtp, prompts = _fp32_exact_setup(trained_small_latent, monkeypatch, 13)
@@ -477,9 +479,9 @@ def test_mtp_spec_graph_sampled_fp32(trained_small_latent, monkeypatch):
             for on in ("0", "1"):
                 monkeypatch.setenv("MOERAY_FUSED_SPEC_GRAPH_SAMPLED", on)
                 eng = _engine(
-                    model, spec=1, graphs=True, async_scheduling=True, async_spec=True, capture=True
+                    model, spec=k, graphs=True, async_scheduling=True, async_spec=True, capture=True
                 )
-                kinds = {k[2] for k in eng.runner.graphs if k[2].startswith("spec")}
+                kinds = {key[2] for key in eng.runner.graphs if key[2].startswith("spec")}
                 assert kinds == ({"spec"} if on == "0" else {"spec", "spec_sampled", "spec_top_p"})
                 del replays[:]
                 outs = eng.generate(prompts[: len(params)], params)

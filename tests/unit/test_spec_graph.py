@@ -2,9 +2,9 @@
 captured step at each replay (as test_chunk_graphs' EagerStepGraph does for forwards) gives the
 outputs, drafts and acceptance of the two-forward step, greedy and sampled (temperature, top-p, a
 greedy row among them), rows ending mid-run at different lengths (the next inputs gathered,
-smaller batches padded to the captured sizes), and greedy with 3 drafts a step (the MTP chain in
-the graph); every step a graph can run replays one; a batch with top-k rows runs the two-forward
-step; run_step refuses rows that do not fit its kind."""
+smaller batches padded to the captured sizes), and 3 drafts a step (the MTP chain in the graph),
+greedy and sampled; every step a graph can run replays one; a batch with top-k rows runs the
+two-forward step; run_step refuses rows that do not fit its kind."""
 
 import pytest
 import torch
@@ -135,6 +135,9 @@ def test_run_step_checks_its_rows(graphed):
         graphed.runner.spec_graph(1, "spec_sampled").run_step(ids, bt, starts)
     with pytest.raises(ValueError, match="a spec graph of 1 rows was given rows="):
         graphed.runner.spec_graph(1).run_step(ids, bt, starts, [[1.0, 1.0, 0.0, 0.5, 0.5]])
+    # one draft: no position limit (the host cuts nothing a sampled verdict of one draft judges)
+    with pytest.raises(ValueError, match="accepted 1 rows of 5 settings"):
+        graphed.runner.spec_graph(1, "spec_top_p").run_step(ids, bt, starts, [[1.0] * 6])
 
 
 def test_recapture_keeps_the_whole_step_graphs(graphed, monkeypatch):
@@ -149,13 +152,29 @@ def test_recapture_keeps_the_whole_step_graphs(graphed, monkeypatch):
     assert all(new[k] is not old[k] and new[k].kind == k[2] for k in new)
 
 
-def test_three_drafts_a_step_in_one_graph(trained, mixed_drafts, monkeypatch):  # noqa: F811
-    """Greedy steps of 3 drafts replay graphs of 4 tokens a row, the MTP chain captured with
-    them: the two-forward step's outputs, drafts and acceptance; sampled kinds are refused at
-    that width."""
+THREE_DRAFTS = {
+    "greedy": [SamplingParams(temperature=0, max_tokens=14 - 3 * i) for i in range(2)],
+    # temperature ~1, drafts often accepted up to the rows' ends, where the device cuts the
+    # verdicts at their rooms; the top-p row ends first: "spec_top_p", then "spec_sampled"
+    "sampled": [
+        SamplingParams(temperature=t, top_p=tp, seed=50 + i, max_tokens=n, ignore_eos=True)
+        for i, (t, tp, n) in enumerate([(0.9, 0.9, 13), (1.0, 1, 17), (1.1, 1, 22), (1.0, 1, 9)])
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(THREE_DRAFTS))
+def test_three_drafts_a_step_in_one_graph(trained, monkeypatch, request, case):  # noqa: F811
+    """Steps of 3 drafts replay graphs of 4 tokens a row, the MTP chain captured with them:
+    the two-forward step's outputs, drafts and acceptance, greedy (about half the drafts
+    rejected) and sampled (each row's verdict cut on the device at its room as its end
+    nears)."""
     model, prompts = trained
-    params = [SamplingParams(temperature=0, max_tokens=14 - 3 * i) for i in range(2)]
-    prompts = prompts[:2]
+    params = THREE_DRAFTS[case]
+    if case == "greedy":
+        request.getfixturevalue("mixed_drafts")
+    kinds = ("spec",) if case == "greedy" else ("spec", "spec_sampled", "spec_top_p")
+    prompts = prompts[: len(params)]
     monkeypatch.setattr(runner_graphs, "StepGraph", EagerStepGraph)
     monkeypatch.setattr(runner_graphs, "SpecGraph", EagerSpecGraph)
     eng = _engine(
@@ -164,10 +183,9 @@ def test_three_drafts_a_step_in_one_graph(trained, mixed_drafts, monkeypatch):  
     # the whole-step graphs only (the stand-ins' captures are this test's time on CPU); the
     # synchronous steps' decode forwards capture theirs on first use
     eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
-    for bs in (1, 2):
-        assert eng.runner._captured((bs, 4, "spec"), model.mtp[0], eng.dtype) is not None
-    with pytest.raises(ValueError, match="a spec_sampled graph of tokens=4"):
-        EagerSpecGraph(eng.runner, 1, model.mtp[0], eng.dtype, "spec_sampled", 4)
+    for bs in (1, 2) if case == "greedy" else (1, 2, 4):
+        for kind in kinds:
+            assert eng.runner._captured((bs, 4, kind), model.mtp[0], eng.dtype) is not None
     runs = []
     for e in (_engine(model, spec=3), eng):
         drafts = _drafts_by_position(e)
@@ -180,4 +198,7 @@ def test_three_drafts_a_step_in_one_graph(trained, mixed_drafts, monkeypatch):  
     assert 0 < runs[0][3] < runs[0][2]
     replays = _replays(eng)
     assert sum(replays.values()) == eng._overlap.spec.overlapped_steps + 1  # every launched step
-    assert replays[(1, "spec")] and replays[(2, "spec")]  # both rows, then the longer one
+    if case == "greedy":
+        assert replays[(1, "spec")] and replays[(2, "spec")]  # both rows, then the longer one
+    else:
+        assert replays[(4, "spec_top_p")] and replays[(1, "spec_sampled")], replays

@@ -206,15 +206,10 @@ class Engine:
     def _spec_graph_kinds(self, overlap: bool) -> tuple[str, ...]:
         """The whole-step graphs (spec_step.py) MTP steps under async scheduling replay: greedy
         steps' unless MOERAY_FUSED_SPEC_GRAPH=0 (the A/B switch: two graphs and eager glue), and
-        sampled steps' with MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1 (opt-in, not yet timed on a GPU) at
-        one draft a step (sampled steps of more run as two graph replays: spec_overlap.py)."""
+        sampled steps' with MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1 (opt-in, not yet timed on a GPU)."""
         if not (overlap and self.config.async_scheduling_spec) or switched_off("SPEC_GRAPH"):
             return ()
-        sampled = (
-            self.config.async_scheduling_sampled
-            and self.config.num_speculative_tokens == 1
-            and switched_on("SPEC_GRAPH_SAMPLED")
-        )
+        sampled = self.config.async_scheduling_sampled and switched_on("SPEC_GRAPH_SAMPLED")
         return SPEC_KINDS if sampled else SPEC_KINDS[:1]
 
     @classmethod

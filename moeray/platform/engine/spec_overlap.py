@@ -44,7 +44,8 @@ drafts samples the token after its last draft from p_r, where the device would h
 r + 1), so with K > 1 the device cuts it: r = its last position limit less its start, clamped to
 0 .. K (`sampled_verdict`'s room). The limit (`speculative.draft_limit`, the rule the synchronous
 drafter cuts by) is the same for the whole request, so the host sends it with the step without
-knowing what the step in flight emits.
+knowing what the step in flight emits (in a sampled whole-step graph's row settings, or as its own
+tensor).
 """
 
 from __future__ import annotations
@@ -201,10 +202,15 @@ class SpecOverlap:
         params = [r.params for r in rows]
         # (uniforms drawn once, in row order, whichever way the step runs)
         uniforms = None if all(p.greedy for p in params) else self._uniforms(rows)
+        # the drafts a synchronous step would verify end at each row's limit (module docstring)
+        limits = None
+        if uniforms is not None and k > 1:
+            max_len = eng.scheduler.config.max_model_len
+            limits = [draft_limit(r, max_len) for r in rows]
         kind = spec_graph_kind(params, eng.model_config.vocab_size)
         graph = runner.spec_graph(len(rows), kind) if kind is not None else None
         if graph is not None:  # the whole step in one replay (spec_step.SpecGraph)
-            settings = None if uniforms is None else spec_graph_rows(params, uniforms)
+            settings = None if uniforms is None else spec_graph_rows(params, uniforms, limits)
             next_ids_BJ, next_starts_B, out_BH = graph.run_step(ids_BJ, bt, starts_B, settings)
             host, copied = copy_to_host(out_BH)
             return _SpecStep(rows, next_ids_BJ, next_starts_B, host, copied, t0)
@@ -217,9 +223,7 @@ class SpecOverlap:
             probs_BJV = filtered_probs(logits_BJV.reshape(J * B, V), every).view(B, J, V)
             u_BJ = to_device(uniforms, torch.float32, eng.device)
             room_B1 = None
-            if k > 1:  # the drafts a synchronous step would verify (module docstring)
-                max_len = eng.scheduler.config.max_model_len
-                limits = [draft_limit(r, max_len) for r in rows]
+            if limits is not None:
                 limit_B = to_device(limits, torch.long, eng.device)
                 room_B1 = (limit_B - starts_B).clamp(0, k)[:, None]
             acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_BJV, u_BJ, room_B1)

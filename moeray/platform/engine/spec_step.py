@@ -36,11 +36,13 @@ verdict's and the next inputs' elementwise ops): 0.70 ms of host time at batch 1
 benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1.json). `SpecGraph` captures all of it for a
 greedy batch, and writes the next step's ids and starts over its own static inputs, where its next
 replay reads them: a step is then its block table's copy in, one replay and one copy back.
-Sampled batches of one draft a step whose rows use temperature and top-p only (min-p and top-k pick
-their filters' shapes on the host) have graphs of their own, opt-in until timed
-(MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1; kinds "spec_sampled" and "spec_top_p", `spec_graph_kind`): each
-row's temperature, top-p, greediness and two uniforms go up in one copy, and the filters run as
-`sampler.apply_filters`, whose rows come out as `filtered_probs` makes them for the two-graph step.
+Sampled batches whose rows use temperature and top-p only (min-p and top-k pick their filters'
+shapes on the host) have graphs of their own, opt-in until timed (MOERAY_FUSED_SPEC_GRAPH_SAMPLED=1;
+kinds "spec_sampled" and "spec_top_p", `spec_graph_kind`): each row's temperature, top-p,
+greediness, K + 1 uniforms and (K > 1) its position limit go up in one copy (`spec_graph_rows`),
+the filters run as `sampler.apply_filters`, whose rows come out as `filtered_probs` makes them for
+the two-graph step, and (K > 1) the verdict is cut at the room the limit leaves past the row's
+start, as spec_overlap.py cuts the two-graph step's.
 """
 
 from __future__ import annotations
@@ -163,13 +165,23 @@ def spec_graph_kind(params: list[SamplingParams], vocab: int) -> str | None:
     return "spec_top_p" if any(p.top_p < 1.0 for p in params if not p.greedy) else "spec_sampled"
 
 
-def spec_graph_rows(params: list[SamplingParams], uniforms: list[tuple[float, ...]]) -> list:
+def spec_graph_rows(
+    params: list[SamplingParams],
+    uniforms: list[tuple[float, ...]],
+    limits: list[int] | None = None,
+) -> list:
     """The per-row settings a sampled whole-step graph reads, [temperature (1 if greedy), top_p,
-    greedy (0 / 1), the row's uniforms (the verdicts', the token's)] a row."""
-    return [
+    greedy (0 / 1), the row's K + 1 uniforms (the verdicts', the token's)] a row, and with
+    `limits` (K > 1: `speculative.draft_limit`, the last position a row's drafts may reach) that
+    limit last. (Positions are exact in float32: below 2**24.)"""
+    rows = [
         [1.0 if p.greedy else p.temperature, p.top_p, float(p.greedy), *u]
         for p, u in zip(params, uniforms, strict=True)
     ]
+    if limits is not None:
+        for row, lim in zip(rows, limits, strict=True):
+            row.append(float(lim))
+    return rows
 
 
 class SpecGraph(StepGraph):
@@ -178,9 +190,9 @@ class SpecGraph(StepGraph):
     chain, K > 1), the drafts, the next step's inputs and the [toks (J), acc, plain, drafts (K)]
     the host reads back (`host_BH`). The next step's ids and starts overwrite this graph's static
     inputs (after every read of them, in stream order), so a replay that follows its own needs no
-    input copies. `kind` (SPEC_KINDS): a greedy verdict ("spec"), or (K = 1) a sampled one reading
-    each row's settings and uniforms from `rows_B5` (`spec_graph_rows`), with top-p
-    ("spec_top_p") or without."""
+    input copies. `kind` (SPEC_KINDS): a greedy verdict ("spec"), or a sampled one reading each
+    row's settings, uniforms and (K > 1) position limit from `rows_BR` (`spec_graph_rows`: R =
+    3 + J, plus 1 for K > 1), with top-p ("spec_top_p") or without."""
 
     def __init__(
         self,
@@ -193,16 +205,17 @@ class SpecGraph(StepGraph):
     ) -> None:
         if kind not in SPEC_KINDS:
             raise ValueError(f"kind={kind!r}: must be one of {SPEC_KINDS}")
-        if tokens < 2 or (kind != "spec" and tokens != 2):
+        if tokens < 2:
             raise ValueError(
                 f"a {kind} graph of tokens={tokens}: accepted 1 + the drafts a step verifies "
-                "(2 or more; sampled kinds 2: one draft)"
+                "(2 or more)"
             )
         self.depth = mtp_module  # (these before StepGraph's __init__ captures)
         self.kind = kind
         # padding rows: greedy (a one-hot verdict reads no setting)
-        self.rows_B5 = (
-            None if kind == "spec" else torch.ones(bs, 5, dtype=torch.float32, device=runner.device)
+        R = 3 + tokens + (tokens > 2)
+        self.rows_BR = (
+            None if kind == "spec" else torch.ones(bs, R, dtype=torch.float32, device=runner.device)
         )
         super().__init__(runner, bs, tokens)
         self.hidden_dtype = hidden_dtype
@@ -213,18 +226,23 @@ class SpecGraph(StepGraph):
         J = self.S
         view = KernelPagedView(runner.storage, self.block_table_BM, starts_B, J)
         logits_BJV, hidden_BJD = runner._forward_model(ids_BJ, view, 0)
-        if self.rows_B5 is None:
+        if self.rows_BR is None:
             acc_B1, toks_BJ, plain_B = greedy_verdict(ids_BJ, logits_BJV.argmax(-1))
         else:
             bs, _, V = logits_BJV.shape
-            # a row's settings at both positions (an expand: repeat_interleave may sync to size)
-            r_2B5 = self.rows_B5[:, None].expand(bs, 2, 5).reshape(2 * bs, 5)
-            top_ps = r_2B5[:, 1] if self.kind == "spec_top_p" else None
-            probs_2BV = apply_filters(
-                logits_BJV.reshape(2 * bs, V), r_2B5[:, 0], r_2B5[:, 2] > 0, top_ps_B=top_ps
-            )
+            R = self.rows_BR.shape[1]
+            # a row's settings at each position (an expand: repeat_interleave may sync to size)
+            r_BJR = self.rows_BR[:, None].expand(bs, J, R).reshape(bs * J, R)
+            top_ps = r_BJR[:, 1] if self.kind == "spec_top_p" else None
+            probs_BJV = apply_filters(
+                logits_BJV.reshape(bs * J, V), r_BJR[:, 0], r_BJR[:, 2] > 0, top_ps_B=top_ps
+            ).view(bs, J, V)
+            room_B1 = None
+            if J > 2:  # the drafts a synchronous step would verify: its limit past its start
+                limit_B = self.rows_BR[:, 3 + J].long()
+                room_B1 = (limit_B - starts_B).clamp(0, J - 1)[:, None]
             acc_B1, toks_BJ, plain_B = sampled_verdict(
-                ids_BJ, probs_2BV.view(bs, 2, V), self.rows_B5[:, 3:]
+                ids_BJ, probs_BJV, self.rows_BR[:, 3 : 3 + J], room_B1
             )
 
         def mtp_forward(ids_BS, at_B, h_BSD):
@@ -253,13 +271,19 @@ class SpecGraph(StepGraph):
         that are this graph's own next inputs (the views its last replay returned) are where
         they belong and are not copied. `rows`: a sampled graph's `spec_graph_rows`."""
         b = block_table_BM.shape[0]
-        if (rows is None) != (self.rows_B5 is None) or (rows is not None and len(rows) != b):
-            raise ValueError(f"a {self.kind} graph of {b} rows was given rows={rows!r}")
-        if self.rows_B5 is not None:
+        R = None if self.rows_BR is None else self.rows_BR.shape[1]
+        if (rows is None) != (R is None) or (
+            rows is not None and (len(rows) != b or any(len(r) != R for r in rows))
+        ):
+            raise ValueError(
+                f"a {self.kind} graph of {b} rows was given rows={rows!r}: accepted "
+                + ("none" if R is None else f"{b} rows of {R} settings (spec_graph_rows)")
+            )
+        if self.rows_BR is not None:
             host = torch.tensor(rows, dtype=torch.float32)
-            host = host.pin_memory() if self.rows_B5.is_cuda else host
-            self.rows_B5[:b].copy_(host, non_blocking=True)
-            self.rows_B5[b:].fill_(1.0)
+            host = host.pin_memory() if self.rows_BR.is_cuda else host
+            self.rows_BR[:b].copy_(host, non_blocking=True)
+            self.rows_BR[b:].fill_(1.0)
         self._load(ids_BJ, block_table_BM, starts_B)
         self._replay()
         self.replays += 1
