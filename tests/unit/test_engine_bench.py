@@ -465,7 +465,7 @@ def test_mtp_section_times_greedy_and_sampled_arms():
     MTP arms, synchronous and under async scheduling, emit plain greedy's tokens; with a
     temperature the sampled arms run too, and the two MTP arms' sampled tokens are equal (the
     same uniforms in the same order), steps launched ahead; `--mtp-drafts 3` adds a greedy arm of
-    three drafts a step, its tokens plain greedy's too."""
+    three drafts a step, its tokens plain greedy's too, and the sampled pair at three drafts."""
     cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=256, eos_token_id=None)
     model = Transformer(cfg)
     model.reset_parameters(seed=3)
@@ -487,6 +487,9 @@ def test_mtp_section_times_greedy_and_sampled_arms():
     assert s["async_spec_overlapped_steps"] > 0 and s["async_spec_graph_steps"] == 0  # CPU
     assert s["acceptance"] == s["async_spec_acceptance"] and 0 < s["acceptance"] < 1, s
     assert all(s[k] > 0 for k in ("tokens_per_s", "async_spec_tokens_per_s"))
+    s3 = s["drafts"]["3"]  # the sampled pair at three drafts: ahead and synchronous agree
+    assert s3["async_spec_outputs_equal_sync"] and s3["async_spec_overlapped_steps"] > 0, s3
+    assert s3["acceptance"] == s3["async_spec_acceptance"] and 0 < s3["acceptance"] < 1, s3
 
 
 def test_parted_at_names_where_each_sequence_leaves_the_plain_one():

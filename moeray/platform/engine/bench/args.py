@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--mtp-drafts",
         default="",
         help="comma-separated draft counts past 1 (2 .. MAX_SPECULATIVE_TOKENS) for the MTP "
-        "section's synchronous arms of several drafts a step (greedy)",
+        "section's arms of several drafts a step (greedy; with --temperature, sampled too)",
     )
     p.add_argument("--profile-steps", type=int, default=0, help="decode steps profiled per batch")
     p.add_argument("--skip", default="", help=f"comma-separated sections of {list(SECTIONS)}")

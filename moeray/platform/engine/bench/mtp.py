@@ -4,9 +4,10 @@ same plain baseline. Arms: plain decoding, synchronous MTP steps (`async_schedul
 and MTP steps under async scheduling (`engine/spec_overlap.py`, the default). Greedy always; with
 `--temperature T > 0` the same three arms sampled at T too (request i seeded i), under
 `mtp.<batch>.sampled`: the two MTP arms draw the same uniforms (their tokens must be equal), plain
-decoding draws one a token (its tokens differ; speed only). With `--mtp-drafts 2,3` greedy arms of
-that many drafts a step too (`mtp.<batch>.drafts.<k>`, the engine's defaults: on CUDA run ahead
-under async scheduling, one whole-step graph a step)."""
+decoding draws one a token (its tokens differ; speed only). With `--mtp-drafts 2,3` arms of that
+many drafts a step too: greedy with the engine's defaults (`mtp.<batch>.drafts.<k>`: on CUDA run
+ahead under async scheduling, one whole-step graph a step), and with `--temperature` the sampled
+pair of synchronous and ahead arms (`mtp.<batch>.sampled.drafts.<k>`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,24 @@ def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
         "drained": drained[0] if drained else None,
         # timed steps that ran as one whole-step graph (spec_step.SpecGraph)
         "spec_graph_steps": sum(g.replays for g in whole) - replayed,
+    }
+
+
+def _sampled_row(plain: dict, sync: dict, ahead: dict) -> dict:
+    """Sampled MTP, synchronous and ahead, against sampled plain decoding (speed only: plain
+    draws one uniform a token, so its tokens differ), and whether the two MTP arms' tokens are
+    equal (they draw the same uniforms in the same order)."""
+    return {
+        "tokens_per_s": sync["rate"],
+        "speedup": sync["rate"] / plain["rate"],
+        "acceptance": sync["stats"].acceptance_rate,
+        "async_spec_tokens_per_s": ahead["rate"],
+        "async_spec_speedup": ahead["rate"] / plain["rate"],
+        "async_spec_acceptance": ahead["stats"].acceptance_rate,
+        "async_spec_overlapped_steps": ahead["overlapped"],
+        "async_spec_graph_steps": ahead["spec_graph_steps"],  # whole-step replays
+        "async_spec_outputs_equal_sync": ahead["outs"] == sync["outs"],
+        "async_spec_parts_sync_at": parted_at(sync["outs"], ahead["outs"]),
     }
 
 
@@ -123,19 +142,15 @@ def mtp_speedup(
                     row["drafts"][str(k)]["spec_graph_steps"] = arm["spec_graph_steps"]
                 out[str(B)] = row
             else:
-                out[str(B)]["sampled"] = {
-                    "temperature": t,
-                    "baseline_tokens_per_s": plain["rate"],
-                    "tokens_per_s": sync["rate"],
-                    "speedup": sync["rate"] / plain["rate"],
-                    "acceptance": sync["stats"].acceptance_rate,
-                    "async_spec_tokens_per_s": ahead["rate"],
-                    "async_spec_speedup": ahead["rate"] / plain["rate"],
-                    "async_spec_acceptance": ahead["stats"].acceptance_rate,
-                    "async_spec_overlapped_steps": ahead["overlapped"],
-                    "async_spec_graph_steps": ahead["spec_graph_steps"],  # whole-step replays
-                    # the two MTP arms draw the same uniforms in the same order
-                    "async_spec_outputs_equal_sync": ahead["outs"] == sync["outs"],
-                    "async_spec_parts_sync_at": parted_at(sync["outs"], ahead["outs"]),
-                }
+                sampled = _sampled_row(plain, sync, ahead)
+                sampled["temperature"] = t
+                sampled["baseline_tokens_per_s"] = plain["rate"]
+                sampled["drafts"] = {}
+                for k in a.mtp_drafts:  # the same pair of arms at k drafts a step
+                    sync_k = _arm(model, ecfg, prompts, n, t, num_speculative_tokens=k,
+                                  async_scheduling_spec=False)  # fmt: skip
+                    ahead_k = _arm(model, ecfg, prompts, n, t, num_speculative_tokens=k,
+                                   async_scheduling=True, async_scheduling_spec=True)  # fmt: skip
+                    sampled["drafts"][str(k)] = _sampled_row(plain, sync_k, ahead_k)
+                out[str(B)]["sampled"] = sampled
     return out
