@@ -173,7 +173,7 @@ def test_three_drafts_a_step_in_one_graph(trained, monkeypatch, request, case): 
     params = THREE_DRAFTS[case]
     if case == "greedy":
         request.getfixturevalue("mixed_drafts")
-    kinds = ("spec",) if case == "greedy" else ("spec", "spec_sampled", "spec_top_p")
+    kinds = ("spec",) if case == "greedy" else ("spec_sampled", "spec_top_p")  # no greedy row
     prompts = prompts[: len(params)]
     monkeypatch.setattr(runner_graphs, "StepGraph", EagerStepGraph)
     monkeypatch.setattr(runner_graphs, "SpecGraph", EagerSpecGraph)
