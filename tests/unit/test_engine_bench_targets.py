@@ -8,14 +8,27 @@ from moeray.platform.engine.bench.targets import checks, main
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-def _run(preset, weights, rates, fracs, layers=27, mtp=None, device="NVIDIA H200", mtp_ahead=None):
+def _run(
+    preset,
+    weights,
+    rates,
+    fracs,
+    layers=27,
+    mtp=None,
+    device="NVIDIA H200",
+    mtp_ahead=None,
+    mtp_drafts=None,
+):
+    one = {} if mtp_ahead is None else {"async_spec": {"speedup": mtp_ahead}}
+    if mtp_drafts:  # {k: (speedup, acceptance)}
+        one["drafts"] = {str(k): {"speedup": x, "acceptance": a} for k, (x, a) in mtp_drafts.items()}
     return {
         "device": device,
         "model": {"preset": preset, "num_hidden_layers": layers, "weights": weights},
         "decode_tokens_per_s": rates,
         "roofline_fraction": fracs,
         "mtp_speedup": mtp,
-        "mtp": {} if mtp_ahead is None else {"1": {"async_spec": {"speedup": mtp_ahead}}},
+        "mtp": {"1": one} if one else {},
     }
 
 
@@ -41,6 +54,7 @@ def test_each_target_from_the_runs_that_measure_it():
                     4,
                     1.2,
                     mtp_ahead=1.7,
+                    mtp_drafts={3: (1.73, 1.0), 2: (1.47, 0.995)},
                 ),
             }
         )
@@ -57,6 +71,8 @@ def test_each_target_from_the_runs_that_measure_it():
         "deepseek_v3 (4 layers) fp8 batch 64 roofline": False,
         "deepseek_v3 (4 layers) fp8 MTP at batch 1, synchronous steps": False,
         "deepseek_v3 (4 layers) fp8 MTP at batch 1, async scheduling (default)": True,
+        "deepseek_v3 (4 layers) fp8 MTP at batch 1, 2 drafts a step (acceptance 0.99)": False,
+        "deepseek_v3 (4 layers) fp8 MTP at batch 1, 3 drafts a step (acceptance 1.00)": True,
         "deepseek_v3 (4 layers) FP8 / bf16 tokens/s at batch 1": True,  # 1.6x: V3's own bar
         "deepseek_v3 (4 layers) FP8 / bf16 tokens/s at batch 64": True,
     }

@@ -394,7 +394,7 @@ def main(argv: list[str]) -> int:
 
     result: dict[str, Any] = {
         "model": {
-            "preset": a.preset if a.config is None else None,
+            "preset": (a.preset or "small") if a.config is None else None,
             "config": a.config,
             "num_hidden_layers": cfg.num_hidden_layers,
             "first_k_dense_replace": cfg.first_k_dense_replace,
