@@ -21,7 +21,9 @@ def _run(
 ):
     one = {} if mtp_ahead is None else {"async_spec": {"speedup": mtp_ahead}}
     if mtp_drafts:  # {k: (speedup, acceptance)}
-        one["drafts"] = {str(k): {"speedup": x, "acceptance": a} for k, (x, a) in mtp_drafts.items()}
+        one["drafts"] = {
+            str(k): {"speedup": x, "acceptance": a} for k, (x, a) in mtp_drafts.items()
+        }
     return {
         "device": device,
         "model": {"preset": preset, "num_hidden_layers": layers, "weights": weights},

@@ -7,10 +7,10 @@ roofline): Moonlight-16B-A3B at batch 1 >= 50% of the roofline in bf16 and >= 40
 batch 64 >= 60% (both weights); FP8 faster than bf16 at every batch both runs measured; at
 DeepSeek-V3 widths FP8 >= 1.6x bf16 at batch 1 and >= 60% of the roofline at every batch from 1
 to 64; MTP speculation at batch 1 >= 1.6x where a run measured it (and the same for its steps
-under async scheduling and for each `--mtp-drafts` count, rows of their own). A file counts by its model
-GPU, preset, layer count and weights (`device`, `model` in the JSON; FP8 pairs with bf16 on
-the same GPU only); the last file given wins a key. Rows say which files they read; a target
-with no file is not printed.
+under async scheduling and for each `--mtp-drafts` count, rows of their own). A file counts by
+its model GPU, preset, layer count and weights (`device`, `model` in the JSON; FP8 pairs with
+bf16 on the same GPU only); the last file given wins a key. Rows say which files they read; a
+target with no file is not printed.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def checks(results: dict[str, dict]) -> list[Check]:
             # depends on how many chained drafts the MTP gets right
             drafts = r.get("mtp", {}).get("1", {}).get("drafts", {})
             for k, row in sorted(drafts.items(), key=lambda kv: int(kv[0])):
-                what = f"{shape} MTP at batch 1, {k} drafts a step (acceptance {row['acceptance']:.2f})"
+                acc = float(row["acceptance"])
+                what = f"{shape} MTP at batch 1, {k} drafts a step (acceptance {acc:.2f})"
                 out.append(Check(device, what, float(row["speedup"]), 1.6, (name,)))
         bf16 = runs.get((device, preset, layers, "bf16"))
         if weights == "fp8" and bf16 is not None:
