@@ -71,6 +71,7 @@ from moeray.platform.engine.spec_step import (
     spec_graph_kind,
     spec_graph_rows,
     spec_step_outputs,
+    verdict_room,
 )
 from moeray.platform.engine.speculative import draft_limit, token_uniform, verdict_uniform
 from moeray.platform.engine.step_inputs import copy_to_host
@@ -224,8 +225,7 @@ class SpecOverlap:
             u_BJ = to_device(uniforms, torch.float32, eng.device)
             room_B1 = None
             if limits is not None:
-                limit_B = to_device(limits, torch.long, eng.device)
-                room_B1 = (limit_B - starts_B).clamp(0, k)[:, None]
+                room_B1 = verdict_room(to_device(limits, torch.long, eng.device), starts_B, k)
             acc_B1, toks_BJ, plain_B = sampled_verdict(ids_BJ, probs_BJV, u_BJ, room_B1)
         depth = drafter.model.mtp[0]
 

@@ -112,6 +112,12 @@ def sampled_verdict(
     return acc_B1, toks_BJ, sample_from_probs(probs_BJV[:, 0], u_BJ[:, 0])
 
 
+def verdict_room(limit_B: torch.Tensor, starts_B: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, 1] int64: the drafts (0 .. k) a synchronous step from each start would verify, given
+    each request's `speculative.draft_limit`: `sampled_verdict`'s room."""
+    return (limit_B - starts_B).clamp(0, k)[:, None]
+
+
 # An MTP forward as a step runs it: (ids_BS, starts_B, hidden_BSD) -> (logits_BSV, hidden_BSD),
 # over S positions a row from each start (a graph replay, or the forward a whole-step graph
 # captures).
@@ -239,8 +245,7 @@ class SpecGraph(StepGraph):
             ).view(bs, J, V)
             room_B1 = None
             if J > 2:  # the drafts a synchronous step would verify: its limit past its start
-                limit_B = self.rows_BR[:, 3 + J].long()
-                room_B1 = (limit_B - starts_B).clamp(0, J - 1)[:, None]
+                room_B1 = verdict_room(self.rows_BR[:, 3 + J].long(), starts_B, J - 1)
             acc_B1, toks_BJ, plain_B = sampled_verdict(
                 ids_BJ, probs_BJV, self.rows_BR[:, 3 : 3 + J], room_B1
             )
