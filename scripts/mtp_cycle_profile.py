@@ -14,6 +14,7 @@ accepted).
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is not None:
         numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
         numbers |= {"temperature": a.temperature, "top_p": a.top_p, "drafts": a.drafts}
+        numbers["switches_set"] = {  # the A/B switches this run set (the rest: their defaults)
+            k: v for k, v in sorted(os.environ.items()) if k.startswith("MOERAY_FUSED_")
+        }
         name = f"mtp-cycle-{device_slug()}-b{a.batch}" + ("-sampled" if a.temperature > 0 else "")
         name += f"-k{a.drafts}" if a.drafts > 1 else ""
         print(write_result(name, numbers, directory=Path(a.out), command=" ".join(sys.argv)))

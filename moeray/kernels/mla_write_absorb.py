@@ -41,7 +41,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moeray.kernels.common import check_tensor, pdl_launch, pdl_wait, switched_off, use_triton
+from moeray.kernels.common import (
+    check_tensor,
+    pdl_launch,
+    pdl_wait,
+    switched_off,
+    switched_on,
+    use_triton,
+)
 from moeray.kernels.head_gemv import head_matmul
 from moeray.kernels.mla_write import (
     _rotate_heads,
@@ -73,10 +80,13 @@ def absorb_token_programs(programs: int, tokens: int, sms: int) -> bool:
     verification, whose serial loop made each launch ~2x a token's. The tile is then read once
     a token (the repeats from L2). On an H100 the small preset's MTP cycle at batch 1 took 0.793
     ms with it against 0.815 without (benchmarks/results/mtp-cycle-nvidia-h100-80gb-hbm3-b1-wuk
-    {split,loop}.json). MOERAY_FUSED_MLA_WUK_SPLIT=0: always the loop."""
+    {split,loop}.json). MOERAY_FUSED_MLA_WUK_SPLIT=0: always the loop. With
+    MOERAY_FUSED_MLA_WUK_SPLIT_WIDE=1 (opt-in, not yet timed) the bound is 8 programs an SM, so
+    the 3-4 tokens of 2-3 drafts' verification at 16 heads split too (768-1,024 programs)."""
     if tokens < 2 or switched_off("MLA_WUK_SPLIT"):
         return False
-    return programs * tokens <= 4 * sms
+    per_sm = 8 if switched_on("MLA_WUK_SPLIT_WIDE") else 4
+    return programs * tokens <= per_sm * sms
 
 
 def mla_write_absorb_ref(

@@ -105,6 +105,15 @@ MOE_GEMV_MAX_ASSIGNMENTS = 16
 # 2^22 lies between (Moonlight's 2048 x 1408 = 2.9M runs moe_gemv at 2 tokens anyway: 16 picks).
 # MOERAY_FUSED_MOE_GEMV_PAIR=0 keeps the 16-assignment bound alone (the A/B switch).
 MOE_GEMV_PAIR_MAX_HI = 1 << 22
+# Tokens up to which that small-expert rule holds: 2 (MTP's one-draft verification, the pair
+# measured above), or MOE_GEMV_FEW_MAX_TOKENS with MOERAY_FUSED_MOE_GEMV_FEW=1 (opt-in, not yet
+# timed): 3-4 tokens, the verification of 2-3 drafts a step, where the small preset's 27-36 picks
+# re-read its 1024 x 288 experts (0.6 MB each in bf16) rather than pay the aligned path's launches.
+# An H100 run of 2 and 3 drafts a step took 1.21 and 1.37 ms against one draft's 0.84
+# (benchmarks/results/engine-nvidia-h100-80gb-hbm3-small-mtpdrafts.json): the step past the pair
+# grows most. `scripts/device/mtp-drafts.sh` CYCLE_SWITCHES times it.
+MOE_GEMV_PAIR_MAX_TOKENS = 2
+MOE_GEMV_FEW_MAX_TOKENS = 4
 _CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages"})
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension: the assignments
 
@@ -255,12 +264,14 @@ def _gate_up_act(
 def moe_gemv_applies(tokens: int, k: int, hidden: int, inter: int) -> bool:
     """Whether `fused_moe_gate_up` (no explicit tiles) runs moe_gemv for `tokens` tokens of `k`
     picks over experts [inter, hidden]: up to MOE_GEMV_MAX_ASSIGNMENTS assignments, or two tokens
-    of small experts (MOE_GEMV_PAIR_MAX_HI); never with MOERAY_FUSED_MOE_GEMV=0."""
+    (four with MOERAY_FUSED_MOE_GEMV_FEW=1) of small experts (MOE_GEMV_PAIR_MAX_HI); never with
+    MOERAY_FUSED_MOE_GEMV=0."""
     if switched_off("MOE_GEMV") or tokens * k <= 0:
         return False
     if tokens * k <= MOE_GEMV_MAX_ASSIGNMENTS:
         return True
-    pair = tokens <= 2 and hidden * inter <= MOE_GEMV_PAIR_MAX_HI
+    few = MOE_GEMV_FEW_MAX_TOKENS if switched_on("MOE_GEMV_FEW") else MOE_GEMV_PAIR_MAX_TOKENS
+    pair = tokens <= few and hidden * inter <= MOE_GEMV_PAIR_MAX_HI
     return pair and not switched_off("MOE_GEMV_PAIR")
 
 

@@ -8,7 +8,10 @@
 #           with --mtp-drafts DRAFTS (default 2,3): plain, one draft synchronous and ahead, K
 #           drafts (mtp.<batch>.drafts.<K>, acceptance by position; ~4-5 min)
 #   CYCLES  the batch-1 cycle of 1 and each K drafts, random weights
-#           (scripts/mtp_cycle_profile.py --drafts: GPU time, kernels, host launch; ~1 min each)
+#           (scripts/mtp_cycle_profile.py --drafts: GPU time, kernels, host launch; ~1 min each),
+#           again for each K with each opt-in set of CYCLE_SWITCHES on (space-separated sets of
+#           comma-joined names, e.g. "MOE_GEMV_FEW MOE_GEMV_FEW,MLA_WUK_SPLIT_WIDE": the few-token
+#           rules at 3-4 tokens a row); all of it in $OUT/cycles.tar.gz
 # 1 GPU, ~10 min in all: past one call's 600 s, so run TESTS=1 BENCH=0 CYCLES=0 first, then
 # TESTS=0 (bench and cycles).
 rc=0
@@ -42,13 +45,21 @@ for f in glob.glob(f"{sys.argv[1]}/engine-*-{sys.argv[2]}.json"):
 PY
 fi
 if [ "${CYCLES:-1}" = 1 ]; then
+  # one arm a switch set: "default" and each CYCLE_SWITCHES entry (comma-joined MOERAY_FUSED_
+  # names set to 1), every draft count; logs and JSONs go back as one tarball (8 files return)
   mkdir -p "$OUT/cycles"
-  for k in 1 ${DRAFTS//,/ }; do
-    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${CYCLE_LIMIT:-150} python3 scripts/mtp_cycle_profile.py \
-      --preset ${PRESET:-small} --batch 1 --drafts $k --out "$OUT/cycles" \
-      > "$OUT/cycle-k$k.log" 2>&1 || rc=1
-    el "mtp cycle batch 1, $k drafts"
-    grep -A3 "^arm" "$OUT/cycle-k$k.log"
+  for set in default ${CYCLE_SWITCHES:-}; do
+    sw=(); [ "$set" = default ] || for n in ${set//,/ }; do sw+=("MOERAY_FUSED_$n=1"); done
+    for k in 1 ${DRAFTS//,/ }; do
+      [ "$set" = default ] || [ "$k" != 1 ] || continue  # (one draft: 2 tokens, no rule changes)
+      mkdir -p "$OUT/cycles/$set"
+      env "${sw[@]}" CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${CYCLE_LIMIT:-150} \
+        python3 scripts/mtp_cycle_profile.py --preset ${PRESET:-small} --batch 1 --drafts $k \
+        --out "$OUT/cycles/$set" > "$OUT/cycles/$set/k$k.log" 2>&1 || rc=1
+      el "mtp cycle batch 1, $k drafts, $set"
+      grep -A3 "^arm" "$OUT/cycles/$set/k$k.log"
+    done
   done
+  tar czf "$OUT/cycles.tar.gz" -C "$OUT" cycles && rm -rf "$OUT/cycles"
 fi
 exit $rc

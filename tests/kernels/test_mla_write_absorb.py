@@ -114,10 +114,15 @@ def test_mla_write_absorb_per_token_programs_give_the_loops_bits(
 def test_absorb_token_programs_rule(monkeypatch):
     """A program per token where the grid stays within 4 programs an SM (16 heads x 16 blocks x 2
     tokens on 132 SMs), one looping program at one token, at V3's 128 heads, and with the switch
-    off."""
+    off; 8 programs an SM with MOERAY_FUSED_MLA_WUK_SPLIT_WIDE=1 (3-4 tokens at 16 heads)."""
     monkeypatch.delenv("MOERAY_FUSED_MLA_WUK_SPLIT", raising=False)
+    monkeypatch.delenv("MOERAY_FUSED_MLA_WUK_SPLIT_WIDE", raising=False)
     assert absorb_token_programs(16 * 16, 2, 132) and not absorb_token_programs(16 * 16, 1, 132)
     assert not absorb_token_programs(128 * 8, 2, 132) and not absorb_token_programs(256, 4, 132)
+    assert not absorb_token_programs(256, 3, 132)
+    monkeypatch.setenv("MOERAY_FUSED_MLA_WUK_SPLIT_WIDE", "1")
+    assert absorb_token_programs(256, 3, 132) and absorb_token_programs(256, 4, 132)
+    assert not absorb_token_programs(256, 5, 132) and not absorb_token_programs(128 * 8, 2, 132)
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUK_SPLIT", "0")
     assert not absorb_token_programs(16 * 16, 2, 132)
 

@@ -310,14 +310,19 @@ def test_moe_gemv_applies_at_published_shapes(monkeypatch):
     """The rule at the engine's picks (the shared experts fused into the gate): one token of any
     model and two of the small preset's or Moonlight's experts take moe_gemv, two tokens of V3's
     7168 x 2048 experts (9 picks) and three of the small preset's the aligned kernels; the
-    switches turn the pair rule, and moe_gemv, off."""
-    for name in ("MOERAY_FUSED_MOE_GEMV", "MOERAY_FUSED_MOE_GEMV_PAIR"):
-        monkeypatch.delenv(name, raising=False)
+    switches turn the pair rule, and moe_gemv, off. MOERAY_FUSED_MOE_GEMV_FEW=1 stretches the
+    small-expert rule to 4 tokens (2-3 MTP drafts verified), not to 5 nor to V3's experts."""
+    for name in ("MOE_GEMV", "MOE_GEMV_PAIR", "MOE_GEMV_FEW"):
+        monkeypatch.delenv(f"MOERAY_FUSED_{name}", raising=False)
     small, moonlight, v3 = (1024, 288), (2048, 1408), (7168, 2048)
     assert moe_gemv_applies(1, 9, *v3) and moe_gemv_applies(2, 8, *moonlight)
     assert moe_gemv_applies(2, 9, *small)
     assert not moe_gemv_applies(2, 9, *v3)
     assert not moe_gemv_applies(3, 9, *small) and not moe_gemv_applies(0, 9, *small)
+    monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV_FEW", "1")
+    assert moe_gemv_applies(3, 9, *small) and moe_gemv_applies(4, 9, *small)
+    assert not moe_gemv_applies(5, 9, *small) and not moe_gemv_applies(3, 9, *v3)
+    monkeypatch.delenv("MOERAY_FUSED_MOE_GEMV_FEW")
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV_PAIR", "0")
     assert not moe_gemv_applies(2, 9, *small) and moe_gemv_applies(2, 8, *moonlight)
     monkeypatch.setenv("MOERAY_FUSED_MOE_GEMV", "0")
