@@ -6,7 +6,9 @@
 #           graphs at 1 and 3 drafts (TESTS_K picks them; ~4 min)
 #   BENCH   one `bench engine` run of the small preset's trained MTP at BATCHES (default 1,16)
 #           with --mtp-drafts DRAFTS (default 2,3): plain, one draft synchronous and ahead, K
-#           drafts (mtp.<batch>.drafts.<K>, acceptance by position; ~4-5 min)
+#           drafts (mtp.<batch>.drafts.<K>, acceptance by position; ~4-5 min). DECODE_TOKENS
+#           (64) timed a sequence: 16-32 steps an arm, where 32 gave 8-17 and one slow step
+#           moved an arm by a few percent
 #   CYCLES  the batch-1 cycle of 1 and each K drafts, random weights
 #           (scripts/mtp_cycle_profile.py --drafts: GPU time, kernels, host launch; ~1 min each),
 #           again for each K with each opt-in set of CYCLE_SWITCHES on (space-separated sets of
@@ -23,7 +25,8 @@ tag=small-mtpdrafts
 if [ "${BENCH:-1}" = 1 ]; then
 CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${ENGINE_LIMIT:-360} \
   python3 -m moeray.cli bench engine --device cuda --skip hf,router-ab,prefill \
-  --batch-sizes ${BATCHES:-1,16} --mtp-drafts ${DRAFTS:-2,3} --tag $tag --out-dir "$OUT" \
+  --batch-sizes ${BATCHES:-1,16} --mtp-drafts ${DRAFTS:-2,3} --decode-tokens ${DECODE_TOKENS:-64} \
+  --tag $tag --out-dir "$OUT" \
   > "$OUT/engine-$tag.log" 2>&1
 r=$?; [ $r -eq 0 ] || rc=1
 el "bench engine $tag rc=$r"
