@@ -27,10 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeray.platform.config import preset
 from moeray.platform.config.graphs import MAX_SPECULATIVE_TOKENS
 from moeray.platform.engine.bench.model import random_model
+from moeray.platform.engine.bench.mtp import cycle_speedup
 from moeray.platform.engine.bench.profile import exclusive_us
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.results import device_slug, write_result
+
+
+# Draft acceptances the cycle's speedup is given at: issue 19's 0.78 (one draft, a real
+# checkpoint), DeepSeek-V3's report's 0.85-0.9 for its first draft, and 1 (the ceiling).
+ACCEPT = (0.6, 0.78, 0.9, 1.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -179,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['gpu_busy_ms']:9.3f} {r['kernels']:8.0f} {r['launch_ms']:7.3f} "
             f"{r['resolve_ms']:8.3f} {r['wait_ms']:6.3f}"
         )
+    # what the measured cycle gives at a draft acceptance (bench/mtp.py's geometric chain)
+    at = {a_: cycle_speedup(a_, a.drafts, rows[0]["wall_ms"], rows[1]["wall_ms"]) for a_ in ACCEPT}
+    print("x plain at acceptance " + ", ".join(f"{a_:.2f}: {x:.3f}" for a_, x in at.items()))
     # where the cycle's extra GPU time goes: kernels by name, the MTP cycle's us less plain's
     plain, spec = rows[0]["kernel_us"], rows[1]["kernel_us"]
     diff = {k: spec.get(k, 0.0) - plain.get(k, 0.0) for k in set(plain) | set(spec)}
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {v:+8.1f}  {k[:100]}")
     if a.out is not None:
         numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
+        numbers["speedup_at_acceptance"] = {f"{a_:.2f}": x for a_, x in at.items()}
         numbers |= {"temperature": a.temperature, "top_p": a.top_p, "drafts": a.drafts}
         numbers["switches_set"] = {  # the A/B switches this run set (the rest: their defaults)
             k: v for k, v in sorted(os.environ.items()) if k.startswith("MOERAY_FUSED_")

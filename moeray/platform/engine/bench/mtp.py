@@ -33,6 +33,22 @@ def parted_at(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
     return out
 
 
+def cycle_speedup(acceptance: float, drafts: int, plain_ms: float, cycle_ms: float) -> float:
+    """MTP's tokens/s over plain decoding's where each draft is accepted with probability
+    `acceptance` once the drafts before it were (a geometric chain: 1 + a + ... + a^K tokens a
+    cycle), from a measured plain step and MTP cycle. A cycle costs the same whatever its verdict
+    (its forwards have fixed shapes), so random weights time it; real checkpoints accept later
+    drafts less often than the first, so at a given first-draft rate this bounds K > 1 from
+    above."""
+    if not 0.0 <= acceptance <= 1.0 or drafts < 1 or min(plain_ms, cycle_ms) <= 0:
+        raise ValueError(
+            f"acceptance {acceptance} (0..1), drafts {drafts} (>= 1), plain_ms {plain_ms} and "
+            f"cycle_ms {cycle_ms} (> 0)"
+        )
+    tokens = sum(acceptance**i for i in range(drafts + 1))
+    return tokens * plain_ms / cycle_ms
+
+
 def _arm(model, ecfg: dict, prompts, n: int, temperature: float, **kw) -> dict:
     """One arm: an engine of `ecfg` + kw for this batch, warmed on 8 tokens, then timed on n
     (`engine_decode`). -> tokens/s, the outputs, the drafter's counts of the timed run and what
