@@ -33,7 +33,6 @@ from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.results import device_slug, write_result
 
-
 # Draft acceptances the cycle's speedup is given at: issue 19's 0.78 (one draft, a real
 # checkpoint), DeepSeek-V3's report's 0.85-0.9 for its first draft, and 1 (the ceiling).
 ACCEPT = (0.6, 0.78, 0.9, 1.0)
