@@ -45,7 +45,6 @@ from moeray.kernels import (
     moe_gemv,
     norm,
     norm_router,
-    router_gate,
     router_logits,
 )
 from moeray.kernels import swiglu as swiglu_mod
@@ -126,15 +125,6 @@ CASES = [
         {},
         True,
     ),
-    (  # logits + gate in one launch (MOERAY_FUSED_ROUTE_FOLD=1): Moonlight's gate at batch 1
-        router_gate._router_gate_kernel,
-        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1)
-        | dict(HAS_BIAS=True, NORM=True, PRECISE=True, BE=1, BD=2048),
-        dict(logits_ptr=F32, bias_ptr=F32, ids_ptr=I64, wts_ptr=F32, counts_ptr=I64)
-        | dict(scores_ptr=F32, fids_ptr=I64, fw_ptr=F32, cnt_ptr=I32),
-        {},
-        True,
-    ),
     (
         norm._rms_norm_kernel,
         dict(HAS_RESIDUAL=True, STORE_RSTD=False, BLOCK_D=2048, W_EARLY=False),
@@ -151,7 +141,7 @@ CASES = [
     ),
     (
         gate._moe_gate_kernel,
-        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1, FOLDED=False),
+        dict(E=64, G=1, PG=64, GP=1, PGP=64, TOPK_GROUP=1, K=6, S=2, KP=8, BLOCK_T=1),
         dict(logits_ptr=F32, bias_ptr=F32, ids_ptr=I64, w_ptr=F32, counts_ptr=I64),
         dict(num_warps=1),
         False,

@@ -180,14 +180,11 @@ def _moe_gate_kernel(
     ATOMIC_COUNTS: tl.constexpr,
     PRECISE: tl.constexpr,
     PDL: tl.constexpr,
-    # The folded gate (router_gate's last program, already past its PDL wait, called as a
-    # function): rows 0 .. BLOCK_T rather than this program's block.
-    FOLDED: tl.constexpr = False,
 ):
     # PDL: the wait comes first; even the bias (a few hundred bytes) waits, since the router
     # updates it between steps.
     pdl_wait(PDL)
-    pid = 0 if FOLDED else tl.program_id(0)
+    pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     r64 = rows.to(tl.int64)

@@ -82,8 +82,7 @@ def _router_logits_kernel(
     BD: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL: the first weight step is loaded before the wait
 ):
-    """Token program_id(1)'s logits of experts program_id(0) * BE ..; also the first part of
-    router_gate's folded kernel, which calls it."""
+    """Token program_id(1)'s logits of experts program_id(0) * BE .."""
     t = tl.program_id(1).to(tl.int64)
     offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
     ok_e = offs_e < E
@@ -107,8 +106,8 @@ def _router_logits_kernel(
 
 
 def row_tiles(E: int, D: int) -> tuple[int, int]:
-    """(BE expert rows a program, BD features a step) of the per-token kernels (this one,
-    router_gate's and norm_router's). Latency, not bytes, bounds them at decode (256 KB of
+    """(BE expert rows a program, BD features a step) of the per-token kernels (this one
+    and norm_router's). Latency, not bytes, bounds them at decode (256 KB of
     weights at Moonlight, 3.7 MB at V3): one or two expert rows per program (64 programs a token
     at 64 experts, 128 at V3's 256) and 2,048 features a step (one step at Moonlight's D, four at
     V3's 7,168). With 4 / 8 rows and 512-feature steps (16 / 32 programs of 4 / 14 dependent

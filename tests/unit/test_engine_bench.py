@@ -231,7 +231,7 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
         "--tag",
         "tiny-bf16",
         "--ab",
-        "route_fold,NORM",
+        "argmax,NORM",
     )
     assert path.name.endswith("-tiny-bf16.json")
     assert r["model"]["weights"] == "bf16" and r["mtp_skipped"].startswith("--mtp-train-steps 0")
@@ -257,10 +257,10 @@ def test_bench_tiny_bf16_end_to_end(tmp_path):
     assert len(lines) == 3 and lines[1].startswith("tiny-bf16") and lines[2].split()[2] == "3"
     # --ab: each switch flipped alone on the same prompts, then as run again (bench/ab.py)
     ab = r["engine"]["ab"]
-    assert list(ab) == ["ROUTE_FOLD", "NORM", "as_run_again"]
-    assert ab["ROUTE_FOLD"]["env"] == {"MOERAY_FUSED_ROUTE_FOLD": "1"}
+    assert list(ab) == ["ARGMAX", "NORM", "as_run_again"]
+    assert ab["ARGMAX"]["env"] == {"MOERAY_FUSED_ARGMAX": "1"}
     assert ab["NORM"]["env"] == {"MOERAY_FUSED_NORM": "0"}
-    assert r["engine"]["fast_path_env"]["MOERAY_FUSED_ROUTE_FOLD"] == "0"  # the main run's
+    assert r["engine"]["fast_path_env"]["MOERAY_FUSED_ARGMAX"] == "0"  # the main run's
     assert r["engine"]["fp8_as_bf16_gib"] == 0.0  # bf16 weights on CPU: no copies
     assert r["engine"]["engine_build_s"] > 0 and r["engine"]["graphs"] == {}  # no graphs on CPU
     for row in ab.values():

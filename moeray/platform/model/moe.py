@@ -27,7 +27,6 @@ from moeray.kernels.moe_permute import (
     moe_positions,
 )
 from moeray.kernels.norm_router import norm_router_logits, norm_router_logits_applies
-from moeray.kernels.router_gate import router_gate, router_gate_applies
 from moeray.kernels.router_logits import router_logits, router_logits_applies, router_logits_ref
 from moeray.kernels.swiglu import swiglu, swiglu_applies, swiglu_ref
 from moeray.platform.config import ModelConfig
@@ -163,7 +162,6 @@ class Gate(nn.Module):
     """Router weight and the aux-loss-free correction bias (used for selection only)."""
 
     e_score_correction_bias: torch.Tensor  # buffer [E], registered in __init__
-    fold_counter: torch.Tensor  # int32 [1], non-persistent: router_gate's counter, zero
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -172,15 +170,6 @@ class Gate(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
         )
-        # Not in the state dict; zero between calls (each router_gate call leaves it so) and
-        # zeroed again after every move (`to_empty` leaves new buffers uninitialized).
-        self.register_buffer("fold_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Gate:
-        super()._apply(fn, recurse)
-        if self.fold_counter.device.type != "meta":
-            self.fold_counter.zero_()
-        return self
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """fp32 logits [T, E] = x . W^T. The one place that picks the Triton kernel (one launch,
@@ -203,18 +192,6 @@ class Gate(nn.Module):
         if not use_norm_router(x_TD, nw, w, residual_TD):
             return None
         return norm_router_logits(x_TD, nw, norm.eps, w, residual_TD)
-
-    def fused_route(self, x_TD: torch.Tensor, **gate_kw) -> Routing | None:
-        """The logits and the official-mask gate (`routing.gate.route`'s keywords) in one launch
-        (`kernels.router_gate`, opt-in: MOERAY_FUSED_ROUTE_FOLD=1) for CUDA inference at decode
-        rows; None where it does not apply (the caller runs `logits` and `route`)."""
-        w, bias = self.weight, self.e_score_correction_bias
-        needs_grad = torch.is_grad_enabled() and (
-            x_TD.requires_grad or w.requires_grad or bias.requires_grad
-        )
-        if not x_TD.is_cuda or needs_grad or not router_gate_applies(x_TD, w, bias):
-            return None
-        return router_gate(x_TD, w, bias, self.fold_counter, **gate_kw)
 
 
 class Experts(nn.Module):
@@ -507,10 +484,6 @@ class MoE(nn.Module):
             norm_topk_prob=c.norm_topk_prob,
             shared_experts=shared_experts,
         )
-        if logits_TE is None and self.group_mask_value == GROUP_MASK_OFFICIAL:  # the kernels' mask
-            folded = self.gate.fused_route(x_TD, **kw)
-            if folded is not None:
-                return folded
         return route(  # routing.gate.route, not this method
             self.gate.logits(x_TD) if logits_TE is None else logits_TE,
             self.gate.e_score_correction_bias,

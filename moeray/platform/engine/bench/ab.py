@@ -25,7 +25,7 @@ from moeray.platform.engine.bench.decode import release_engines
 # HEAD_GEMV, HEAD_BMM and HEAD_TILE, moe.py's MOE_GEMV, moe_gemv.py's MOE_GEMV_PAIR and
 # MOE_GEMV_FEW, MOE_SUM_FOLD and MOE_DOWN_EARLY, mla_decode.py's MLA_DIRECT, MLA_WUV, MLA_KV_EARLY,
 # MLA_WGMMA, MLA_WS and MLA_WIDE, mla_launch.py's MLA_SUBPAGE, mla_write_absorb.py's MLA_WUK,
-# MLA_WUK_SPLIT and MLA_WUK_SPLIT_WIDE, router_gate.py's ROUTE_FOLD, norm_router.py's NORM_ROUTER
+# MLA_WUK_SPLIT and MLA_WUK_SPLIT_WIDE, norm_router.py's NORM_ROUTER
 # and NORM_ROUTER_WIDE, moe.py's MOE_H128 and ALIGN_QUANT, common.py's PDL and ROUTE_BATCH,
 # fp8/gemv_wide.py's FP8_GEMV_WIDE and FP8_GEMV_ONE_STEP; engine/sampler.py's ARGMAX;
 # engine/speculative.py's MTP_CHAIN and engine.py's SPEC_GRAPH and SPEC_GRAPH_SAMPLED (MTP steps
@@ -36,7 +36,7 @@ from moeray.platform.engine.bench.decode import release_engines
 SWITCHES = (
     *("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "HEAD_GEMV"),
     *("FP8_GEMV_ACT", "PROJ", "SHARED", "PDL", "MOE_GEMV", "MOE_SUM_FOLD", "MLA_DIRECT"),
-    *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX", "FP8_AS_BF16", "SHARED_EARLY"),
+    *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ARGMAX", "FP8_AS_BF16", "SHARED_EARLY"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("MLA_KV_EARLY", "SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
     *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
@@ -45,7 +45,7 @@ SWITCHES = (
 )
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
-    *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ROUTE_FOLD", "ARGMAX"),
+    *("HEAD_GEMV", "FP8_GEMV_ACT", "MLA_DIRECT", "FP8_GEMV_BATCH", "ARGMAX"),
     *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_KV_EARLY", "HEAD_TILE"),
     *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "MTP_CHAIN", "SPEC_GRAPH_SAMPLED"),
     *("MOE_GEMV_FEW", "MLA_WUK_SPLIT_WIDE"),
@@ -64,7 +64,7 @@ def switch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def parse_ab(text: str) -> list[str]:
-    """The arms of `--ab` ("ROUTE_FOLD,MLA_DIRECT+ARGMAX"; the MOERAY_FUSED_ prefix optional), in
+    """The arms of `--ab` ("ARGMAX,MLA_DIRECT+HEAD_GEMV"; the MOERAY_FUSED_ prefix optional), in
     order, each once: an arm is one switch, or several joined by "+" flipped together (gains of
     ~1% each can sum past a run's noise where alone none does). ValueError naming an unknown
     switch and the accepted names."""
