@@ -273,25 +273,18 @@ CASES = [
         )
         for early in (True, False)
     ),
-    *(  # the partials for the merge; one split's output itself (DIRECT); the folded merge;
-        # the first page's older rows before the wait (MOERAY_FUSED_MLA_KV_EARLY=1); half pages
-        # (MOERAY_FUSED_MLA_SUBPAGE=1)
+    *(  # the partials for the merge; half pages (MOERAY_FUSED_MLA_SUBPAGE=1)
         (
             mla_decode._mla_decode_split_kernel,
-            dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=page, SUBPAGE=sub, UPCAST=False)
-            | dict(DIRECT=direct, FOLD=fold, NS=4, EARLY=early),
-            dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32, lse_out_ptr=F32, cnt_ptr=I32),
+            dict(BLOCK_H=16, R=512, P=64, RB=512, PB=64, PAGE=page, SUBPAGE=sub, UPCAST=False),
+            dict(bt_ptr=I32, len_ptr=I32, o_ptr=F32, lse_ptr=F32),
             dict(num_stages=2),
-            early,
+            False,
         )
-        for direct, fold, early, sub, page in (
-            (False, False, False, False, 64),
-            (True, False, False, False, 64),
-            (False, True, False, False, 64),
-            (False, False, True, False, 64),
-            (False, True, True, False, 64),
-            (False, False, False, True, 64),
-            (False, False, False, False, 16),  # the smallest page the engine takes (tests' 16)
+        for sub, page in (
+            (False, 64),
+            (True, 64),
+            (False, 16),  # the smallest page the engine takes (tests' 16)
         )
     ),
     (mla_merge._mla_merge_kernel, dict(NS=8, R=512), dict(o_ptr=F32, lse_ptr=F32), {}, False),

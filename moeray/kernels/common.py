@@ -110,9 +110,7 @@ def pdl_launch(device: torch.device) -> bool:
       one exception: a tensor that the kernel launched right before this one does not write,
       where the caller promises it or the launches guarantee it (moe_gemv's `early_shared` reads
       x, the norm's output two launches back; its down kernel with MOERAY_FUSED_MOE_DOWN_EARLY=1
-      the gate's ids, the gate/up launch always between; MLA decode's split kernel with
-      MOERAY_FUSED_MLA_KV_EARLY=1 the step's lengths and block table and the cache rows older
-      than the step's, the cache write right before it storing only the new ones). A kernel
+      the gate's ids, the gate/up launch always between). A kernel
       starts only once every program of its predecessor has passed that predecessor's own wait
       (or the predecessor, launched plainly, started after its own predecessor ended), so
       everything two launches back has completed.

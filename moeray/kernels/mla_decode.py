@@ -13,12 +13,7 @@ Stage 1 (Triton): one program per (head block, sequence, split) walks its 1/NS s
 sequence's own pages through the block table with an online softmax, writes a partial output and
 its log-sum-exp. Stage 2 merges the splits (kernels/mla_merge.py); given W_UV it also applies
 W_UV for up to MERGE_OUT_MAX_ROWS query tokens (MOERAY_FUSED_MLA_WUV=0: never), where otherwise
-`head_gemv.head_matmul` does after it. With MOERAY_FUSED_MLA_DIRECT=1 (opt-in)
-stage 1 writes the merged output itself: at one split directly (the same bits), at several in the
-last split program of each (sequence, head block), counted on a caller's zeroed workspace
-(`mla_counters`). With MOERAY_FUSED_MLA_KV_EARLY=1 (opt-in) each split reads its first page
-before the PDL wait, all but the step's S new rows, which the cache write launched right before
-stores; they and q are read after it. On Hopper, stage 1 of 64-row head blocks is a tensor-core
+`head_gemv.head_matmul` does after it. On Hopper, stage 1 of 64-row head blocks is a tensor-core
 (wgmma) kernel instead, warp-specialized (kernels/mla_decode_ws.py; the plain form
 kernels/mla_decode_wgmma.py with MOERAY_FUSED_MLA_WS=0, this module's Triton kernel with
 MOERAY_FUSED_MLA_WGMMA=0): the same partials, 1.9x the TFLOP/s at 128 heads.
@@ -47,7 +42,6 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
-    switched_on,
     use_triton,
 )
 from moeray.kernels.head_gemv import head_matmul
@@ -58,7 +52,6 @@ from moeray.kernels.mla_merge import (
     MERGE_OUT_MAX_ROWS,
     check_w_out,
     merge_out_takes,
-    merge_split_rows,
     mla_merge,
     mla_merge_out,
 )
@@ -148,9 +141,6 @@ def _mla_decode_split_kernel(
     len_ptr,
     o_ptr,
     lse_ptr,
-    out_ptr,  # DIRECT / FOLD: the final output [B, rows, R] and natural-log lse [B, rows]
-    lse_out_ptr,
-    cnt_ptr,  # FOLD: int32 [B * head blocks], zero before the launch and after it
     sm_scale_log2,
     ROWS,
     NUM_HEADS,
@@ -166,9 +156,6 @@ def _mla_decode_split_kernel(
     stride_os,
     stride_lb,
     stride_lr,
-    stride_outb,
-    stride_outr,
-    stride_lob,
     BLOCK_H: tl.constexpr,
     R: tl.constexpr,
     P: tl.constexpr,
@@ -176,12 +163,8 @@ def _mla_decode_split_kernel(
     PB: tl.constexpr,
     PAGE: tl.constexpr,
     SUBPAGE: tl.constexpr,  # half-page units where a sequence has fewer pages than splits
-    DIRECT: tl.constexpr,  # one split: write what the merge would (`_mla_decode_rows`)
-    FOLD: tl.constexpr,  # several splits: the last program of a (sequence, head block) merges
-    NS: tl.constexpr,  # FOLD: num_splits padded to a power of 2
     UPCAST: tl.constexpr,
     PDL: tl.constexpr,
-    EARLY: tl.constexpr,  # the split's first page, all but this step's rows, before the PDL wait
 ):
     pid_h = tl.program_id(0)  # fastest: head blocks of one (sequence, split) reuse its pages in L2
     b = tl.program_id(1)
@@ -193,9 +176,7 @@ def _mla_decode_split_kernel(
     offs_p = tl.arange(0, PB)
     r_ok = offs_r < R
     p_ok = offs_p < P
-    offs_t = tl.arange(0, PAGE)  # (EARLY's first page)
-    if not EARLY:
-        pdl_wait(PDL)  # every read here is the step's query, cache or lengths
+    pdl_wait(PDL)  # every read here is the step's query, cache or lengths
     seq_len = tl.load(len_ptr + b)
     # The splits share this sequence's own pages, not the block table's width: at batch 1 with
     # 160 cached tokens (3 pages) and 16 splits sized for a 64-page table, one program walked all
@@ -210,21 +191,6 @@ def _mla_decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(seq_len, unit), num_splits) * unit
     t_start = split * per_split
     t_end = tl.minimum(seq_len, t_start + per_split)
-    if EARLY:
-        # Before the wait (common.pdl_launch's exception: nothing here is written by the kernel
-        # right before): the lengths and the block table are the step's inputs, in place before
-        # its first kernel, and the cache rows older than this step's Q_LEN are earlier steps'.
-        # The new rows (the cache write right before this launch wrote them) and q come after.
-        first = tl.load(bt_ptr + b * stride_btb + t_start // PAGE, mask=t_start < t_end, other=0)
-        pos0 = t_start + offs_t
-        old = pos0 < tl.minimum(t_end, seq_len - Q_LEN)
-        kv0 = kv_ptr + first.to(tl.int64) * stride_kvp + offs_t[:, None] * stride_kvt
-        c_kv0 = tl.load(kv0 + offs_r[None, :], mask=old[:, None] & r_ok[None, :], other=0.0)
-        k_pe0 = tl.load(kv0 + R + offs_p[None, :], mask=old[:, None] & p_ok[None, :], other=0.0)
-        pdl_wait(PDL)
-        new = (pos0 >= seq_len - Q_LEN) & (pos0 < t_end)
-        c_kv0 = tl.load(kv0 + offs_r[None, :], mask=new[:, None] & r_ok[None, :], other=c_kv0)
-        k_pe0 = tl.load(kv0 + R + offs_p[None, :], mask=new[:, None] & p_ok[None, :], other=k_pe0)
     limit = seq_len - Q_LEN + rows // NUM_HEADS  # last cache position each row may attend to
     q_base = q_ptr + b * stride_qb + rows[:, None] * stride_qr
     q_nope = tl.load(q_base + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
@@ -236,14 +202,7 @@ def _mla_decode_split_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, RB), dtype=tl.float32)
-    t_loop = t_start
-    if EARLY:
-        if t_start < t_end:
-            m_i, l_i, acc = _attend_page(
-                q_nope, q_rope, c_kv0, k_pe0, pos0, limit, m_i, l_i, acc, sm_scale_log2, UPCAST
-            )
-        t_loop = t_start + PAGE
-    walk = (q_nope, q_rope, kv_ptr, bt_ptr + b * stride_btb, stride_kvp, stride_kvt, t_loop, t_end)
+    walk = (q_nope, q_rope, kv_ptr, bt_ptr + b * stride_btb, stride_kvp, stride_kvt, t_start, t_end)
     # The half-page walk only under SUBPAGE (pages of 32+ tokens): at 16-token pages its 8-token
     # chunks are below tl.dot's K >= 16, and Triton checks a branch's shapes before it folds it.
     if SUBPAGE and half:
@@ -256,43 +215,12 @@ def _mla_decode_split_kernel(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    if DIRECT:
-        # The merge at one split weighs it by exp2(0) = 1 and divides by 1: its output is this
-        # one rounded to the output dtype, its lse this one in natural log (-inf stays -inf).
-        tl.store(
-            out_ptr + b * stride_outb + rows[:, None] * stride_outr + offs_r[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & r_ok[None, :],
-        )
-        tl.store(lse_out_ptr + b * stride_lob + rows, lse / 1.4426950408889634, mask=row_ok)
-    else:
-        tl.store(
-            o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :],
-            out,
-            mask=row_ok[:, None] & r_ok[None, :],
-        )
-        tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
-    if FOLD:
-        # Count this program in once its stores are issued (the barrier orders the whole
-        # program's stores before the one acq_rel atomic); the last of the sequence's splits
-        # for this head block reads them all back (from L2) and merges, then zeroes the counter
-        # for the next layer's launch.
-        tl.debug_barrier()
-        cnt = cnt_ptr + b * tl.num_programs(0) + pid_h
-        done = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if done == num_splits - 1:
-            o_rows = o_ptr + b * stride_ob + rows[:, None] * stride_or + offs_r[None, :]
-            lse_rows = lse_ptr + b * stride_lb + rows * stride_lr
-            merged, lse_nat = merge_split_rows(
-                o_rows, lse_rows, stride_os, num_splits, row_ok, r_ok, NS
-            )
-            tl.store(
-                out_ptr + b * stride_outb + rows[:, None] * stride_outr + offs_r[None, :],
-                merged.to(out_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & r_ok[None, :],
-            )
-            tl.store(lse_out_ptr + b * stride_lob + rows, lse_nat, mask=row_ok)
-            tl.atomic_xchg(cnt, 0)
+    tl.store(
+        o_ptr + b * stride_ob + rows[:, None] * stride_or + split * stride_os + offs_r[None, :],
+        out,
+        mask=row_ok[:, None] & r_ok[None, :],
+    )
+    tl.store(lse_ptr + b * stride_lb + rows * stride_lr + split, lse, mask=row_ok)
 
 
 def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
@@ -326,15 +254,6 @@ def _check_inputs(q, kv_cache, block_table, seq_lens, kv_lora_rank, nd_q):
         )
 
 
-def mla_counters(batch: int, rows: int, device: torch.device) -> torch.Tensor | None:
-    """The zeroed workspace the folded merge counts on for `batch` sequences of `rows` query
-    rows (heads x tokens): one int32 per (sequence, 16-row head block), the most blocks any
-    launch uses; None unless MOERAY_FUSED_MLA_DIRECT=1 (then no caller needs one)."""
-    if not switched_on("MLA_DIRECT"):
-        return None
-    return torch.zeros(batch * cdiv(rows, 16), dtype=torch.int32, device=device)
-
-
 def _mla_decode_rows(
     q_BRD: torch.Tensor,  # [B, S*H, D], row = s * H + h
     kv_cache,
@@ -348,7 +267,6 @@ def _mla_decode_rows(
     block_h,
     num_warps=None,
     num_stages=None,
-    counters=None,
     w_out=None,
     fresh_w=False,
 ):
@@ -358,9 +276,8 @@ def _mla_decode_rows(
     b, rows, d = q_BRD.shape
     page = kv_cache.shape[1]
     max_pages = block_table.shape[1]
-    on, early = switched_on("MLA_DIRECT"), switched_on("MLA_KV_EARLY")
-    wgmma = not (early or switched_off("MLA_WGMMA"))  # nor MLA_DIRECT's direct / fold (below)
-    wide = block_h is None and wgmma and not on and not switched_off("MLA_WIDE")
+    wgmma = not switched_off("MLA_WGMMA")
+    wide = block_h is None and wgmma and not switched_off("MLA_WIDE")
     wide = wide and mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, 64)  # (mla_launch.py)
     if block_h is None and interpreting():
         block_h = 16  # numpy per program: small tiles keep CPU tests fast
@@ -371,48 +288,17 @@ def _mla_decode_rows(
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
     out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
     lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
-    # The split kernel writes the merged output itself (opt-in MOERAY_FUSED_MLA_DIRECT=1: on an
-    # H200 Moonlight's batch 1 ran 8-9% fewer tokens/s with it, batch 64 within 0.5%,
-    # benchmarks/results/engine-nvidia-h200-moonlight-*-ab.json): at one split (DeepSeek-V3's 128
-    # heads from batch 33 on) directly, the same bits as the merge; at several, the last program
-    # of each (sequence, head block) merges, counted on the caller's zeroed `counters`
-    # (`mla_counters`), which it leaves zeroed. At V3 batch 64 the merge copies 16.8 MB of fp32
-    # partials into 8.4 MB a layer (>= 5 us); at batch 1 it is a launch of its own.
-    direct = on and num_splits == 1
-    fold = on and num_splits > 1 and counters is not None
-    if fold and (
-        counters.dtype != torch.int32
-        or counters.numel() < b * head_blocks
-        or counters.device != q_BRD.device
-    ):
-        raise ValueError(
-            f"counters must be int32 on {q_BRD.device} with at least {b * head_blocks} elements "
-            f"(sequences x head blocks); got {counters.dtype} on {counters.device} with "
-            f"{counters.numel()}"
-        )
-    if direct:  # (the partials' pointers are never read: out and lse_out stand in)
-        o, lse = out, lse_out
-    else:
-        o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
-        lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
-    o_strides = (0, 0, 0) if direct else o.stride()[:3]
-    lse_strides = (0, 0) if direct else lse.stride()[:2]
+    o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
+    lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
     upcast = interpreting()
     ns_pow2 = triton.next_power_of_2(num_splits)
     pdl = pdl_launch(q_BRD.device)
-    # The split's first page read before the PDL wait, all but the step's new rows (opt-in
-    # MOERAY_FUSED_MLA_KV_EARLY=1). Why it was tried: at batch 1 a program's chain of reads
-    # (length, block table, page, then 72 KB of latents at Moonlight's widths) starts only once
-    # the cache write before it ends, 7.2 us a layer exclusive at Moonlight FP8 batch 1 on an
-    # H100. Measured there (`bench engine --ab`): the decode graph 3.9% slower with it, while the
-    # same engine rebuilt ran 1.1% faster than the main run
-    # (benchmarks/results/engine-nvidia-h100-80gb-hbm3-moonlight-fp8-kvearly.json): opt-in.
     # Hopper's wgmma for 64-row head blocks, warp-specialized (the same partials, merged below):
     # 480 TFLOP/s against this kernel's 244 at 128 heads, batch 64, 4K on an H100 (benchmarks/
     # notes-kernels.md; the engine at V3 widths: notes-engine.md).
     # (`wide` checked the 64-row fit already)
     fits = (wide and block_h == 64) or mla_decode_wgmma_fits(q_BRD, kv_cache, kv_lora_rank, block_h)
-    if wgmma and not (direct or fold) and fits:
+    if wgmma and fits:
         args = (q_BRD, kv_cache, block_table, seq_lens, o, lse, softmax_scale * LOG2E, num_heads)
         if switched_off("MLA_WS"):
             mla_decode_wgmma_split(*args, q_len, num_splits, num_stages)
@@ -426,9 +312,6 @@ def _mla_decode_rows(
             seq_lens,
             o,
             lse,
-            out,
-            lse_out,
-            counters if fold else lse_out,  # (read only when folding)
             softmax_scale * LOG2E,
             rows,
             num_heads,
@@ -439,30 +322,21 @@ def _mla_decode_rows(
             kv_cache.stride(0),
             kv_cache.stride(1),
             block_table.stride(0),
-            *o_strides,
-            *lse_strides,
-            out.stride(0),
-            out.stride(1),
-            lse_out.stride(0),
+            *o.stride()[:3],
+            *lse.stride()[:2],
             BLOCK_H=block_h,
             R=kv_lora_rank,
             P=d - kv_lora_rank,
             RB=max(16, kv_lora_rank),
             PB=max(16, d - kv_lora_rank),
             PAGE=page,
-            SUBPAGE=mla_subpage(page, early),
-            DIRECT=direct,
-            FOLD=fold,
-            NS=ns_pow2,
+            SUBPAGE=mla_subpage(page),
             UPCAST=upcast,
             PDL=pdl,
-            EARLY=early,
             num_warps=num_warps,
             num_stages=num_stages or 2,
             launch_pdl=pdl,
         )
-    if direct or fold:
-        return out, lse_out, False
     # W_UV in the merge launch (kernels/mla_merge.py; MOERAY_FUSED_MLA_WUV=0 keeps the GEMM): for
     # few query tokens, where the separate per-head GEMM is a launch of its own (H200, Moonlight
     # batch 1: 3.5 us of cuBLAS for 2 MB of W_UV, ~0.4 us of bytes).
@@ -488,26 +362,23 @@ def mla_decode_multi(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    counters: torch.Tensor | None = None,
     w_out: torch.Tensor | None = None,
     fresh_w: bool = False,
 ):
     """Several query tokens per sequence: q [B, S, H, D] -> out [B, S, H, R] (and lse [B, S, H]).
 
     seq_lens counts the cached tokens including the S new ones; query s sees positions
-    0 .. seq_len - S + s. Sequences need seq_len >= S. `counters`: a zeroed int32 workspace
-    (`mla_counters`) for the folded merge (MOERAY_FUSED_MLA_DIRECT=1), left zeroed; reusable by
-    every later call on the stream.
+    0 .. seq_len - S + s. Sequences need seq_len >= S.
 
     `w_out`: MLA's W_UV as [H, R, V] in q's dtype (any strides: the model passes kv_b_proj's
     weight viewed [H, N + V, R], sliced [:, N:] and transposed). out is then the value output
     o_v [B, S, H, V] = o_lat W_UV[h] per head: computed by the merge kernel (one launch,
-    `mla_merge.mla_merge_out`) where the split kernel's partials are merged separately (not the
-    MLA_DIRECT paths), MOERAY_FUSED_MLA_WUV not "0", B * S <= MERGE_OUT_MAX_ROWS and V is a power of
-    two >= 16; else by `head_gemv.head_matmul(o_lat, w_out, fresh_w=fresh_w)`, the model's own
-    unfused product. Fused, the latent is rounded to q's dtype as the unfused path stores it and
-    the product sums in fp32: within one rounding of the unfused output. `fresh_w`: w_out was
-    just made (a cast or dequantized copy): no kernel reads it before its PDL wait.
+    `mla_merge.mla_merge_out`) where MOERAY_FUSED_MLA_WUV is not "0", B * S <=
+    MERGE_OUT_MAX_ROWS and V is a power of two >= 16; else by `head_gemv.head_matmul(o_lat,
+    w_out, fresh_w=fresh_w)`, the model's own unfused product. Fused, the latent is rounded to
+    q's dtype as the unfused path stores it and the product sums in fp32: within one rounding of
+    the unfused output. `fresh_w`: w_out was just made (a cast or dequantized copy): no kernel
+    reads it before its PDL wait.
     """
     _check_inputs(q_BSHD, kv_cache, block_table, seq_lens, kv_lora_rank, 4)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
@@ -541,7 +412,6 @@ def mla_decode_multi(
         block_h,
         num_warps,
         num_stages,
-        counters,
         w_out,
         fresh_w,
     )
@@ -564,7 +434,6 @@ def mla_decode(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    counters: torch.Tensor | None = None,
     w_out: torch.Tensor | None = None,
     fresh_w: bool = False,
 ):
@@ -573,7 +442,7 @@ def mla_decode(
 
     kv_cache [pages, 64, 576] (bf16), block_table [B, max_pages] int32 (page ids), seq_lens [B]
     int32 (>= 1, including the current token). num_splits / block_h override the automatic choice;
-    `counters`, `w_out` and `fresh_w` as in mla_decode_multi.
+    `w_out` and `fresh_w` as in mla_decode_multi.
     """
     check_tensor(q_BHD, "q", ndim=3)
     res = mla_decode_multi(
@@ -588,7 +457,6 @@ def mla_decode(
         return_lse=return_lse,
         num_warps=num_warps,
         num_stages=num_stages,
-        counters=counters,
         w_out=w_out,
         fresh_w=fresh_w,
     )

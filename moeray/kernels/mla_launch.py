@@ -57,10 +57,9 @@ def decode_launch(
     return block_h, num_warps, num_splits
 
 
-def mla_subpage(page: int, early: bool) -> bool:
+def mla_subpage(page: int) -> bool:
     """Whether the Triton split kernel may walk a sequence in half pages
-    (MOERAY_FUSED_MLA_SUBPAGE=1, opt-in; pages of 32+ tokens, and not with MLA_KV_EARLY, whose
-    early read is a whole page).
+    (MOERAY_FUSED_MLA_SUBPAGE=1, opt-in; pages of 32+ tokens).
     The kernel takes half pages only for a sequence with fewer pages than splits, where whole
     pages leave splits idle: at Moonlight's batch 1 with 160 cached tokens, 5 programs of 32
     tokens instead of 3 of 64 (the split kernel took 5.6 us a layer exclusive there on an H200;
@@ -68,4 +67,4 @@ def mla_subpage(page: int, early: bool) -> bool:
     splits). Half pages for every sequence (the first form) ran Moonlight FP8's batch 1 1.2-1.8%
     faster on an H100 and 2K-token contexts 0-0.5% slower (benchmarks/notes-engine.md), where
     the sequences have more pages than splits and the shorter loop step only costs."""
-    return switched_on("MLA_SUBPAGE") and not early and page >= 32
+    return switched_on("MLA_SUBPAGE") and page >= 32

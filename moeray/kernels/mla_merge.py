@@ -63,30 +63,6 @@ def _merge_row(o_ptr, lse_ptr, b, r, num_splits, stride_ob, stride_or, stride_os
 
 
 @triton.jit
-def merge_split_rows(o_rows, lse_rows, stride_os, num_splits, row_ok, col_ok, NS: tl.constexpr):
-    """The splits' partials of a block of rows merged, for the split kernel that merges its own
-    (mla_decode.py's FOLD): (out [rows, R] fp32, natural-log lse [rows]). o_rows / lse_rows point
-    at split 0; splits in order, each weighed by exp2(its lse - the rows' max), as the merge
-    kernel does (the sums over splits run in split order here, in a tree there: the same values
-    up to fp32 rounding)."""
-    m = tl.full(lse_rows.shape, float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NS):
-        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
-        m = tl.maximum(m, tl.load(lse_rows + s, mask=ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_sum = tl.zeros(lse_rows.shape, dtype=tl.float32)
-    acc = tl.zeros(o_rows.shape, dtype=tl.float32)
-    for s in tl.static_range(NS):
-        ok = row_ok & (tl.full(row_ok.shape, s, tl.int32) < num_splits)
-        w = tl.exp2(tl.load(lse_rows + s, mask=ok, other=float("-inf")) - m_safe)
-        w_sum += w
-        o = tl.load(o_rows + s * stride_os, mask=ok[:, None] & col_ok[None, :], other=0.0)
-        acc += o * w[:, None]
-    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-    return out, (m_safe + tl.log2(w_sum)) / 1.4426950408889634
-
-
-@triton.jit
 def _mla_merge_kernel(
     o_ptr,
     lse_ptr,

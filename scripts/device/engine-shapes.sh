@@ -10,7 +10,7 @@
 # bf16 at 1.53x: notes-engine.md). A/B of a fast path:
 # MOERAY_FUSED_NORM=0 TAG_SUFFIX=-torchnorm (the result records the switches under engine);
 # programmatic dependent launch: MOERAY_FUSED_PDL=0 TAG_SUFFIX=-nopdl (engine.pdl: whether it was on).
-# AB=ARGMAX,MLA_DIRECT passes --ab: each switch flipped alone in the same run (engine.ab; each
+# AB=ARGMAX,HEAD_GEMV passes --ab: each switch flipped alone in the same run (engine.ab; each
 # adds an engine build and its decode runs: raise SHAPES_LIMIT).
 # Async scheduling (engine/overlap.py: each greedy decode step launched before the previous one's
 # ids are read back) is the engine's default on CUDA; ASYNC=0 passes --no-async-scheduling, ASYNC=1

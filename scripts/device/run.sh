@@ -38,7 +38,6 @@
 #   decode-rules       mla-wgmma's rows at 1-64 sequences, head_gemv vs bmm at 32/64 rows, async GPU tests, V3 FP8 b64 after 2K prompts (1 GPU, ~7 min)
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
-#   mla-direct         MLA decode's merge folded into its split kernel (opt-in): GPU tests, MLA graphs, Moonlight/V3 b1/b64 without/with (1 GPU, ~7 min)
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
 #   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA direct, FP8 gemv batch, head_gemv, argmax, shared early) (1 GPU, ~7 min)
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
@@ -66,7 +65,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 source scripts/device/env.sh
-[ $# -gt 0 ] || { sed -n '2,65p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,64p' "$0"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 declare -a rows

@@ -15,8 +15,7 @@ for the same outputs to the bit (torch.equal) as the plain eager chain:
   which reads the gate's ids two launches back before its wait; with MOERAY_FUSED_MOE_GEMV=0 the
   aligned moe_align, gate/up, down, sum, FP8 weights adding act_quant), gemv, SwiGLU, fp8_gemv;
 - MLA decode layers: gemv, mla_write_pack (latent norm + rope into the paged cache),
-  mla_decode (split kernel + merge; also with W_UV in the merge, MLA_WUV's default, and
-  with each split's first page read before the wait, MOERAY_FUSED_MLA_KV_EARLY=1), gemv;
+  mla_decode (split kernel + merge; also with W_UV in the merge, MLA_WUV's default), gemv;
   the caches compared too.
 And the engine's greedy tokens on test_merge_projections_gpu's model (bf16, FP8; decode in CUDA
 graphs) are the same with MOERAY_FUSED_PDL=1 and =0."""
@@ -245,13 +244,10 @@ def test_decode_moe_layer_chain(fp8_moe, moe_gemv, down_early, norm_early, monke
     _check_chain(chain, x0, monkeypatch)
 
 
-@pytest.mark.parametrize("mode", ["latent", "wuv", "kv_early"])
+@pytest.mark.parametrize("mode", ["latent", "wuv"])
 def test_mla_decode_layer_chain(monkeypatch, mode):
     """wuv: mla_decode takes W_UV with MOERAY_FUSED_MLA_WUV on (3 query tokens, within
-    MERGE_OUT_MAX_ROWS): its merge launch applies it, reading W's slice before its wait.
-    kv_early: MOERAY_FUSED_MLA_KV_EARLY=1, each split's first page read before the split
-    kernel's wait but for the row the write launch right before it stores (8 splits of one page
-    each: the 37- and 5-token sequences' new rows lie in a split's first page)."""
+    MERGE_OUT_MAX_ROWS): its merge launch applies it, reading W's slice before its wait."""
     from moeray.kernels import mla_decode as decode_mod
     from moeray.kernels.gemv import gemv
     from moeray.kernels.mla_decode import mla_decode
@@ -259,7 +255,6 @@ def test_mla_decode_layer_chain(monkeypatch, mode):
     from moeray.kernels.mla_write import mla_write_pack
 
     wuv = mode == "wuv"
-    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", "1" if mode == "kv_early" else "0")
     b, d, heads, c, r, page = 3, 96, 4, 64, 16, 16  # sequences, width, heads, latent, rope, page
     v = 32 if wuv else c  # value dims a head after W_UV (o_proj's input), or the latent's
     assert b <= MERGE_OUT_MAX_ROWS

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from moeray.kernels import mla_merge
 from moeray.kernels.mla_decode import mla_decode, mla_decode_multi, mla_decode_ref
 
 
@@ -53,93 +52,6 @@ def test_short_sequences_in_a_wide_block_table(num_splits):
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
     assert _rel(out, ref[:, 0]) < 1e-2
     torch.testing.assert_close(lse, ref_lse[:, 0], atol=2e-2, rtol=0)
-
-
-@pytest.mark.parametrize("s_q", [1, 3])
-def test_one_split_writes_the_merged_output_itself(s_q, launch_spy, monkeypatch):
-    """MOERAY_FUSED_MLA_DIRECT=1 at one split: the split kernel writes the output and the
-    natural-log lse itself, no merge launch, the merge path's bits (17 heads: a ragged head
-    block; sequences of 1-80 tokens; several query tokens too)."""
-    q, kv, table, lens = _paged_case(
-        [37, 1, 80, 16], heads=17, r=64, p=16, page=16, seed=8, s_q=s_q
-    )
-    q = q if s_q > 1 else q[:, 0]
-    run = mla_decode_multi if s_q > 1 else mla_decode
-    args = (q, kv, table, lens, 0.3)
-    kw = dict(kv_lora_rank=64, num_splits=1, return_lse=True)
-    merges = launch_spy(mla_merge, "_mla_merge_kernel")
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
-    want_out, want_lse = run(*args, **kw)
-    assert len(merges) == 1
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
-    out, lse = run(*args, **kw)
-    assert len(merges) == 1  # no second merge
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    # more splits still merge
-    run(*args, **dict(kw, num_splits=3))
-    assert len(merges) == 2
-
-
-@pytest.mark.parametrize(("s_q", "num_splits"), [(1, 3), (1, 5), (2, 4)])
-def test_folded_merge_matches_the_merge_kernel(s_q, num_splits, launch_spy, monkeypatch):
-    """MOERAY_FUSED_MLA_DIRECT=1 with counters at several splits: the last split program of each
-    (sequence, head block) merges (no merge launch); the same values as the merge kernel up to
-    the order of its fp32 sums over splits, empty splits (a 1-token sequence) included; the
-    counters are zero again after each call, so a second call gives the same bits."""
-    from moeray.kernels import mla_decode as mod
-
-    q, kv, table, lens = _paged_case(
-        [37, 1, 80, 16], heads=17, r=64, p=16, page=16, seed=9, s_q=s_q
-    )
-    lens = lens.clamp(min=s_q)
-    args = (q, kv, table, lens, 0.3)
-    kw = dict(kv_lora_rank=64, num_splits=num_splits, return_lse=True)
-    merges = launch_spy(mla_merge, "_mla_merge_kernel")
-    want_out, want_lse = mla_decode_multi(*args, **kw)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1")
-    counters = mod.mla_counters(4, s_q * 17, q.device)
-    assert counters is not None and counters.numel() == 4 * -(-s_q * 17 // 16)
-    out, lse = mla_decode_multi(*args, **kw, counters=counters)
-    assert len(merges) == 1  # the first call's only
-    assert int(counters.abs().sum()) == 0
-    # fp32 sums in another order: at most a bf16 rounding step apart, and nearly all equal
-    torch.testing.assert_close(out.float(), want_out.float(), atol=1e-4, rtol=2**-7)
-    assert (out == want_out).float().mean() > 0.98
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
-    ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
-    assert _rel(out, ref) < 1e-2
-    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
-    again = mla_decode_multi(*args, **kw, counters=counters)
-    assert torch.equal(again[0], out) and torch.equal(again[1], lse)
-    with pytest.raises(ValueError, match="at least"):
-        mla_decode_multi(*args, **kw, counters=counters[:1])
-    monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "0")
-    assert mod.mla_counters(4, 17, q.device) is None
-
-
-@pytest.mark.parametrize(
-    ("s_q", "num_splits", "lens"),
-    [
-        (1, None, [37, 1, 80, 16]),  # one page a split; a 1-token sequence: its only row is new
-        (3, 4, [33, 3, 48, 20]),  # new rows across a page edge (30-32), in two splits' first pages
-        (2, 1, [33, 2, 17, 64]),  # one split (the whole sequence from its first page)
-    ],
-)
-def test_early_first_page_same_bits(s_q, num_splits, lens, monkeypatch):
-    """MOERAY_FUSED_MLA_KV_EARLY=1: each split reads its first page's older rows before the PDL
-    wait and the step's s_q new rows after it; the same bits as the plain order (the interpreter
-    has no PDL: this checks the row split and the loop that follows it, the GPU chain test in
-    tests/gpu/test_pdl_gpu.py the wait)."""
-    q, kv, table, lens_t = _paged_case(lens, heads=17, r=64, p=16, page=16, seed=11, s_q=s_q)
-    args = (q, kv, table, lens_t, 0.3)
-    kw = dict(kv_lora_rank=64, num_splits=num_splits, return_lse=True)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", "0")
-    want_out, want_lse = mla_decode_multi(*args, **kw)
-    monkeypatch.setenv("MOERAY_FUSED_MLA_KV_EARLY", "1")
-    out, lse = mla_decode_multi(*args, **kw)
-    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    ref, _ = mla_decode_ref(q, kv, table, lens_t, 0.3, kv_lora_rank=64)
-    assert _rel(out, ref) < 1e-2
 
 
 def test_decode_deepseek_dims():
@@ -233,15 +145,15 @@ def test_decode_launch_wgmma_blocks_from_eight_sequences():
 @pytest.mark.parametrize(
     ("env", "fits", "wide"),
     [({}, True, True), ({"MLA_WIDE": "0"}, True, False), ({"MLA_WGMMA": "0"}, True, False),
-     ({"MLA_KV_EARLY": "1"}, True, False), ({"MLA_DIRECT": "1"}, True, False), ({}, False, False)],
+     ({}, False, False)],
 )  # fmt: skip
 def test_wgmma_block_rule_wiring(env, fits, wide, monkeypatch):
     """`decode_launch` hears that the wgmma kernels take 64-row blocks only where they fit and
-    neither MLA_WIDE=0, MLA_WGMMA=0 nor KV_EARLY / MLA_DIRECT (Triton-only paths) is set."""
+    neither MLA_WIDE=0 nor MLA_WGMMA=0 is set."""
     from moeray.kernels import mla_decode as md
     from moeray.kernels import mla_launch
 
-    for name in ("MLA_WIDE", "MLA_WGMMA", "MLA_KV_EARLY", "MLA_DIRECT"):
+    for name in ("MLA_WIDE", "MLA_WGMMA"):
         monkeypatch.delenv(f"MOERAY_FUSED_{name}", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(f"MOERAY_FUSED_{name}", value)
@@ -305,7 +217,7 @@ def test_half_page_splits_match_the_reference(s_q, num_splits, monkeypatch):
     for the sequences with fewer pages than splits (at 2 and 3 splits some sequences take halves,
     others whole pages, in one launch; 16 splits over at most 6 halves): within the fp32
     reference's bound, the wide table's unused columns (a poisoned scratch page) never read; the
-    rule (no halves without the switch, with MLA_KV_EARLY, or for 16-token pages)."""
+    rule (no halves without the switch, or for 16-token pages)."""
     from moeray.kernels.mla_launch import mla_subpage
 
     q, kv, table, lens = _paged_case([37, 2, 80, 16, 33], heads=5, r=64, p=16, page=32, seed=9,
@@ -320,11 +232,6 @@ def test_half_page_splits_match_the_reference(s_q, num_splits, monkeypatch):
     ref, ref_lse = mla_decode_ref(q, kv, table, lens, 0.3, kv_lora_rank=64)
     assert _rel(out, ref) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
-    assert (mla_subpage(32, False), mla_subpage(64, False), mla_subpage(64, True)) == (
-        True,
-        True,
-        False,
-    )
-    assert mla_subpage(16, False) is False
+    assert mla_subpage(32) and mla_subpage(64) and not mla_subpage(16)
     monkeypatch.setenv("MOERAY_FUSED_MLA_SUBPAGE", "0")
-    assert mla_subpage(64, False) is False
+    assert mla_subpage(64) is False

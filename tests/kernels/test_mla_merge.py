@@ -135,18 +135,15 @@ def test_decode_folds_w_uv_into_the_merge(lens, s_q, monkeypatch, launch_spy):
 
 def test_decode_keeps_w_uv_apart_where_the_merge_does_not_fold(monkeypatch, launch_spy):
     """With MLA_WUV on the latent and head_matmul (to the bit) past
-    MERGE_OUT_MAX_ROWS query tokens, where the split kernel writes the output itself
-    (MOERAY_FUSED_MLA_DIRECT=1 at one split), for a V the kernel does not take, and on the CPU
+    MERGE_OUT_MAX_ROWS query tokens, for a V the kernel does not take, and on the CPU
     reference path."""
     monkeypatch.setenv("MOERAY_FUSED_MLA_WUV", "1")
     folds = launch_spy(mla_merge, "_mla_merge_out_kernel")
     cases = [
-        ([37, 1, 80, 16, 9], 1, 16, 3, False),  # 5 query tokens
-        ([37, 1], 1, 16, 1, True),  # one split, MLA_DIRECT
-        ([37, 1], 1, 8, 3, False),  # V = 8
+        ([37, 1, 80, 16, 9], 1, 16, 3),  # 5 query tokens
+        ([37, 1], 1, 8, 3),  # V = 8
     ]
-    for lens, s_q, v, splits, direct in cases:
-        monkeypatch.setenv("MOERAY_FUSED_MLA_DIRECT", "1" if direct else "0")
+    for lens, s_q, v, splits in cases:
         args, w = _decode_case(lens, s_q, v)
         kw = dict(kv_lora_rank=C, num_splits=splits)
         want = head_matmul(decode_mod.mla_decode_multi(*args, **kw), w)

@@ -18,9 +18,9 @@ from moeray.platform.engine.bench.ab import (
 
 
 def test_parse_ab_takes_names_with_or_without_the_prefix_once_each():
-    assert parse_ab("argmax, MOERAY_FUSED_MLA_DIRECT,,ARGMAX") == [
+    assert parse_ab("argmax, MOERAY_FUSED_HEAD_TILE,,ARGMAX") == [
         "ARGMAX",
-        "MLA_DIRECT",
+        "HEAD_TILE",
     ]
     assert parse_ab("") == []
     with pytest.raises(ValueError, match=r"'ARGMAXX': not a switch; accepted: GATE, NORM"):
@@ -43,7 +43,7 @@ def test_flipped_turns_each_switch_the_other_way_from_the_run():
     assert flipped("NORM", {"MOERAY_FUSED_NORM": "0"}) == "1"
     env = switch_env({"MOERAY_FUSED_PDL": "0"})
     assert env["MOERAY_FUSED_PDL"] == "0" and env["MOERAY_FUSED_GEMV"] == "1"
-    assert env["MOERAY_FUSED_MLA_DIRECT"] == "0" and len(env) == len(SWITCHES)
+    assert env["MOERAY_FUSED_HEAD_TILE"] == "0" and len(env) == len(SWITCHES)
 
 
 def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
@@ -99,12 +99,12 @@ def test_run_ab_builds_and_times_each_engine_under_its_one_flip(monkeypatch):
 
 def test_run_ab_keeps_going_past_a_row_that_fails():
     def make_engine():
-        if os.environ.get("MOERAY_FUSED_MLA_DIRECT") == "1":
+        if os.environ.get("MOERAY_FUSED_HEAD_TILE") == "1":
             raise RuntimeError("graph capture failed")
         return {}
 
     rows = run_ab(
-        ["MLA_DIRECT", "ARGMAX"],
+        ["HEAD_TILE", "ARGMAX"],
         make_engine,
         lambda engine, prompts: (10.0, [[1]]),
         lambda engine, B: None,
@@ -113,7 +113,7 @@ def test_run_ab_keeps_going_past_a_row_that_fails():
         {},
         {"1": [[1]]},
     )
-    assert rows["MLA_DIRECT"]["error"] == "RuntimeError: graph capture failed"
+    assert rows["HEAD_TILE"]["error"] == "RuntimeError: graph capture failed"
     assert rows["ARGMAX"]["tokens_per_s_vs_main"] == {"1": 1.0}
     assert rows[AGAIN]["decode_graph_ms"] == {}
-    assert any("MLA_DIRECT" in line and "failed" in line for line in ab_table(rows))
+    assert any("HEAD_TILE" in line and "failed" in line for line in ab_table(rows))

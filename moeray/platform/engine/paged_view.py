@@ -22,7 +22,7 @@ import torch
 
 from moeray.kernels.common import switched_off
 from moeray.kernels.head_gemv import head_matmul
-from moeray.kernels.mla_decode import mla_counters, mla_decode_multi
+from moeray.kernels.mla_decode import mla_decode_multi
 from moeray.kernels.mla_write import mla_write_pack, mla_write_pack_applies
 from moeray.kernels.mla_write_absorb import mla_write_absorb
 from moeray.kernels.paged_positions import (
@@ -102,13 +102,6 @@ class GatherPagedView:
 class KernelPagedView(GatherPagedView):
     """GPU view: `attend` runs the paged MLA kernel over the pages."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # The folded MLA merge's counters (kernels/mla_decode.mla_counters): made at the first
-        # attend, zeroed once per forward; each launch leaves them zeroed for the next layer.
-        self._mla_counters: torch.Tensor | None = None
-        self._mla_counters_made = False
-
     def _positions(
         self, block_table_BM: torch.Tensor, starts_B: torch.Tensor, S: int
     ) -> PagedPositions:
@@ -187,10 +180,6 @@ class KernelPagedView(GatherPagedView):
                 q_lat_BSHC = head_matmul(q_lat_BSHC, w_uk_HNC, fresh_w=fresh_w)
             self._write(layer_idx, kv_BSC, pe_BSR)
             q_BSHK = torch.cat([q_lat_BSHC, q_pe_BSHR], dim=-1).to(self.storage.dtype)
-        if not self._mla_counters_made:
-            B, S, H = q_BSHK.shape[:3]
-            self._mla_counters = mla_counters(B, S * H, q_BSHK.device)
-            self._mla_counters_made = True
         # The kernel's output is in the cache's dtype; W_UV goes in only where that is q_lat's
         # (the engine's cache is in the model's dtype), else the model's product after the cast.
         fold = w_uv_HCV is not None and q_BSHK.dtype == q_lat_BSHC.dtype
@@ -201,7 +190,6 @@ class KernelPagedView(GatherPagedView):
             self.seq_lens_i32_B,
             softmax_scale,
             kv_lora_rank=self.storage.shape.kv_lora_rank,
-            counters=self._mla_counters,
             w_out=w_uv_HCV if fold else None,
             fresh_w=fresh_w,
         ).to(q_lat_BSHC.dtype)
