@@ -43,7 +43,6 @@ from moeray.kernels.common import (
     pdl_launch,
     pdl_wait,
     switched_off,
-    switched_on,
 )
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -162,15 +161,13 @@ def bcast_config(m: int, n: int, k: int, device: torch.device) -> dict:
     while block_n > 1 and m_tiles * cdiv(n, block_n) < target:
         block_n //= 2
     block_k = min(MAX_BLOCK_K, ACC_ELEMS // (block_m * block_n), max(128, pow2_at_least(k)))
-    if m == 1 and not switched_on("GEMV_WIDE"):
+    if m == 1:
         # At least two K steps, so the loop pipelines its loads: Moonlight q_proj (K = 2,048) at
         # one row took 7.8 us in one 2,048-deep step and 5.4 in two (H200 sweep, 4 warps x 3
         # stages, results/kernels-nvidia-h200-gemv-sweep-small-warps.json; kv_a 2.8 -> 2.6).
-        # That sweep timed launches alone; in a chain of PDL launches a program that reads its
-        # whole K before the wait overlaps the kernel before it (the probe's 4 x 2048 tiles, 3.38
-        # us for 8.4 MB: results/pdl-probe-nvidia-h200.json). MOERAY_FUSED_GEMV_WIDE=1 (opt-in)
-        # keeps the one deep step: in the engine at Moonlight bf16 batch 1 on an H100 the decode
-        # graph ran ~4% slower with it (results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json).
+        # One deep step, whose whole K a program reads before its PDL wait, ran the engine's
+        # decode graph ~4% slower at Moonlight bf16 batch 1 on an H100
+        # (results/engine-nvidia-h100-80gb-hbm3-*-b1ab*.json).
         block_k = min(block_k, max(128, pow2_at_least(k) // 2))
     tiles = m_tiles * cdiv(n, block_n)
     split = 1 if tiles >= sms else max(1, min(cdiv(k, block_k), cdiv(target, tiles)))

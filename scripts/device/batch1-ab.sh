@@ -1,4 +1,4 @@
-# The batch-1 switches (FP8_GEMV_WIDE, GEMV_WIDE, MOE_DOWN_EARLY opt-in; MLA_WUV, MLA_WUK,
+# The batch-1 switches (FP8_GEMV_WIDE, MOE_DOWN_EARLY opt-in; MLA_WUV, MLA_WUK,
 # FP8_GEMV_ONE_STEP) timed against the shipped engine in one run each at the Moonlight shape (`bench
 # engine --ab`, batch 1 only: none of them changes a launch past 4 rows), for each of B1_WEIGHTS
 # (default "fp8 bf16"), then the GPU tests of their kernels and of the engine paths they touch
@@ -9,7 +9,7 @@ export BATCHES=1 PROFILE_STEPS=${PROFILE_STEPS:-4} SHAPES_LIMIT=${SHAPES_LIMIT:-
 export TAG_SUFFIX=${TAG_SUFFIX:--b1ab}
 declare -A SWITCHES_OF=(
   [fp8]=FP8_GEMV_ONE_STEP,FP8_GEMV_WIDE,MOE_DOWN_EARLY,MLA_WUV,MLA_WUK
-  [bf16]=GEMV_WIDE,MOE_DOWN_EARLY,MLA_WUV,MLA_WUK
+  [bf16]=MOE_DOWN_EARLY,MLA_WUV,MLA_WUK
 )
 for w in ${B1_WEIGHTS:-fp8 bf16}; do
   ( export WEIGHTS=$w AB=${SWITCHES_OF[$w]}; source scripts/device/decode-ab.sh ) || rc=1

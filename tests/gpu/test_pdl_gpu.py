@@ -4,8 +4,7 @@ ahead of it ends; these tests would catch one that reads its input before its gd
 chains of dependent launches (the output of one kernel is the input of the next) with
 MOERAY_FUSED_PDL=1 and =0, eagerly and captured in a CUDA graph replayed on new inputs, and asks
 for the same outputs to the bit (torch.equal) as the plain eager chain:
-- 20 gemvs (bf16; one launch each, and split-K with its reduce kernel; MOERAY_FUSED_GEMV_WIDE
-  on and off);
+- 20 gemvs (bf16; one launch each, and split-K with its reduce kernel);
 - 20 fp8_gemvs sharing one split-K tile-counter workspace (broadcast and dot inner products; at
   one row also the wide step, by default where K is one step and with
   MOERAY_FUSED_FP8_GEMV_WIDE=1 everywhere);
@@ -121,11 +120,8 @@ def _randn(g, *shape, scale=1.0, dtype=torch.bfloat16):
     ids=["square", "split"],
 )
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("wide", ["0", "1"])  # MOERAY_FUSED_GEMV_WIDE: one K step at M = 1
-def test_gemv_chain(dims, m, wide, monkeypatch):
+def test_gemv_chain(dims, m, monkeypatch):
     from moeray.kernels.gemv import gemv
-
-    monkeypatch.setenv("MOERAY_FUSED_GEMV_WIDE", wide)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [_randn(g, n, k, scale=k**-0.5) for k, n in pairwise(dims)]

@@ -99,12 +99,6 @@ def test_gemv_heuristic_fills_an_h200(monkeypatch):
                 assert -(-k // cfg["BLOCK_K"]) >= 2, (n, k, cfg)
     assert bcast_config(1, 7, 7168, cpu)["SPLIT_K"] > 1
     assert bcast_config(1, 3072, 2048, cpu)["BLOCK_K"] == 1024  # Moonlight q_proj at one row
-    # MOERAY_FUSED_GEMV_WIDE=1: at one row the whole K in one step where the accumulator allows
-    # (all of it read before the PDL wait), other rows unchanged.
-    monkeypatch.setenv("MOERAY_FUSED_GEMV_WIDE", "1")
-    assert bcast_config(1, 3072, 2048, cpu)["BLOCK_K"] == 2048
-    assert bcast_config(1, 2048, 2048, cpu)["BLOCK_K"] == 2048  # o_proj: 2 rows a program
-    assert bcast_config(2, 3072, 2048, cpu)["BLOCK_K"] == 1024
 
 
 def test_gemv_empty_and_k0():

@@ -21,7 +21,7 @@ from unittest import mock
 from moeray.platform.engine.bench.decode import release_engines
 
 # Every MOERAY_FUSED_<NAME> the decode path reads (kernels/gate.py, norm.py's NORM and NORM_W_EARLY,
-# rope.py, moe_align.py, swiglu.py, router_logits.py, gemv.py's GEMV and GEMV_WIDE, head_gemv.py's
+# rope.py, moe_align.py, swiglu.py, router_logits.py, gemv.py's GEMV, head_gemv.py's
 # HEAD_GEMV, HEAD_BMM and HEAD_TILE, moe.py's MOE_GEMV, moe_gemv.py's MOE_GEMV_PAIR and
 # MOE_GEMV_FEW, MOE_SUM_FOLD and MOE_DOWN_EARLY, mla_decode.py's MLA_WUV,
 # MLA_WGMMA, MLA_WS and MLA_WIDE, mla_launch.py's MLA_SUBPAGE, mla_write_absorb.py's MLA_WUK,
@@ -37,7 +37,7 @@ SWITCHES = (
     *("GATE", "NORM", "ROPE", "ALIGN", "SWIGLU", "GATE_LOGITS", "GEMV", "HEAD_GEMV"),
     *("FP8_GEMV_ACT", "PROJ", "SHARED", "PDL", "MOE_GEMV", "MOE_SUM_FOLD"),
     *("ROUTE_BATCH", "FP8_GEMV_BATCH", "ARGMAX", "FP8_AS_BF16", "SHARED_EARLY"),
-    *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
+    *("FP8_GEMV_WIDE", "MOE_DOWN_EARLY", "MLA_WUV", "MLA_WUK", "FP8_GEMV_ONE_STEP"),
     *("SHARED_STREAM", "FP8_AS_BF16_SMALL", "HEAD_BMM", "MLA_WGMMA", "MLA_WS"),
     *("HEAD_TILE", "MLA_WIDE", "NORM_W_EARLY", "MLA_SUBPAGE", "PAGED_POSITIONS", "NORM_ROUTER"),
     *("MOE_H128", "SHARED_SUM", "ALIGN_QUANT", "NORM_ROUTER_WIDE", "MTP_CHAIN", "MOE_GEMV_PAIR"),
@@ -46,7 +46,7 @@ SWITCHES = (
 # Off unless set to "1" (not yet shown to win on a GPU); every other switch is on unless "0".
 OPT_IN = (
     *("HEAD_GEMV", "FP8_GEMV_ACT", "FP8_GEMV_BATCH", "ARGMAX"),
-    *("FP8_GEMV_WIDE", "GEMV_WIDE", "MOE_DOWN_EARLY", "HEAD_TILE"),
+    *("FP8_GEMV_WIDE", "MOE_DOWN_EARLY", "HEAD_TILE"),
     *("NORM_W_EARLY", "MLA_SUBPAGE", "MOE_H128", "MTP_CHAIN", "SPEC_GRAPH_SAMPLED"),
     *("MOE_GEMV_FEW", "MLA_WUK_SPLIT_WIDE"),
 )
