@@ -110,10 +110,10 @@ def pdl_launch(device: torch.device) -> bool:
       one exception: a tensor that the kernel launched right before this one does not write,
       where the caller promises it or the launches guarantee it (moe_gemv's `early_shared` reads
       x, the norm's output two launches back; its down kernel with MOERAY_FUSED_MOE_DOWN_EARLY=1
-      the gate's ids, the gate/up launch always between). A kernel
-      starts only once every program of its predecessor has passed that predecessor's own wait
-      (or the predecessor, launched plainly, started after its own predecessor ended), so
-      everything two launches back has completed.
+      the gate's ids, the gate/up launch always between). A kernel starts only once every
+      program of its predecessor has passed that predecessor's own wait (or the predecessor,
+      launched plainly, started after its own predecessor ended), so everything two launches
+      back has completed.
     Calling gdc_launch_dependents right after the wait is safe: a dependent runs only its own
     pre-wait part (weight reads) early and waits in its own gdc_wait for this kernel's completion.
     A plain kernel between two PDL ones is correct too; it only ends the overlap there.
