@@ -14,7 +14,6 @@ accepted).
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeray.platform.config import preset
 from moeray.platform.config.graphs import MAX_SPECULATIVE_TOKENS
+from moeray.platform.engine.bench.ab import switch_env
 from moeray.platform.engine.bench.model import random_model
 from moeray.platform.engine.bench.mtp import cycle_speedup
 from moeray.platform.engine.bench.profile import exclusive_us
@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         numbers = {"preset": a.preset, "batch": a.batch, "calls": a.calls, "arms": rows}
         numbers["speedup_at_acceptance"] = {f"{a_:.2f}": x for a_, x in at.items()}
         numbers |= {"temperature": a.temperature, "top_p": a.top_p, "drafts": a.drafts}
-        numbers["switches_set"] = {  # the A/B switches this run set (the rest: their defaults)
-            k: v for k, v in sorted(os.environ.items()) if k.startswith("MOERAY_FUSED_")
-        }
+        numbers["fast_path_env"] = switch_env()  # every switch, as `bench engine` records it
         name = f"mtp-cycle-{device_slug()}-b{a.batch}" + ("-sampled" if a.temperature > 0 else "")
         name += f"-k{a.drafts}" if a.drafts > 1 else ""
         print(write_result(name, numbers, directory=Path(a.out), command=" ".join(sys.argv)))

@@ -286,8 +286,6 @@ def _mla_decode_rows(
     )
     head_blocks = cdiv(rows, block_h)
     num_splits = cdiv(max_pages, cdiv(max_pages, num_splits))  # none that no length could use
-    out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
-    lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
     o = torch.empty(b, rows, num_splits, kv_lora_rank, dtype=torch.float32, device=q_BRD.device)
     lse = torch.empty(b, rows, num_splits, dtype=torch.float32, device=q_BRD.device)
     upcast = interpreting()
@@ -343,8 +341,10 @@ def _mla_decode_rows(
     few = b * q_len <= MERGE_OUT_MAX_ROWS
     fold_w = few and not switched_off("MLA_WUV")
     if fold_w and w_out is not None and merge_out_takes(w_out.shape[-1]):
-        out, lse_out = mla_merge_out(o, lse, w_out, out.dtype, num_splits, ns_pow2, fresh_w)
+        out, lse_out = mla_merge_out(o, lse, w_out, q_BRD.dtype, num_splits, ns_pow2, fresh_w)
         return out, lse_out, True
+    out = torch.empty(b, rows, kv_lora_rank, dtype=q_BRD.dtype, device=q_BRD.device)
+    lse_out = torch.empty(b, rows, dtype=torch.float32, device=q_BRD.device)
     mla_merge(o, lse, out, lse_out, num_splits, ns_pow2)
     return out, lse_out, False
 

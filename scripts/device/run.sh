@@ -39,7 +39,7 @@
 #   prefill-mla        fused MoE + MLA decode GPU tests, fused MoE prefill tile sweep vs the loop, MLA decode graphs (1 GPU, ~5 min)
 #   moe-sum-fold       moe_gemv's sum folded into down (now the default): GPU tests, Moonlight b1/b8 without/with (1 GPU, ~6 min)
 #   fp8-small-m        opt-in FP8_GEMV_BATCH (fp8_gemv to 64 rows): GPU test, FP8 linears at 64 rows: candidate sweep; Moonlight FP8 b64 A/B (1 GPU, ~7 min)
-#   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA direct, FP8 gemv batch, head_gemv, argmax, shared early) (1 GPU, ~7 min)
+#   opt-in-tests       the GPU tests of every opt-in decode fast path (routing, MLA decode, FP8 gemv batch, head_gemv, argmax, shared early) (1 GPU, ~7 min)
 #   decode-ab          `bench engine --ab`: each opt-in fast path flipped alone in one run, Moonlight b1/b64, WEIGHTS=bf16|fp8 (1 GPU, ~5 min)
 #   step-glue          PAGED_POSITIONS, MLA_SUBPAGE (half pages by rule), NORM_W_EARLY: GPU tests, decode_glue row, Moonlight FP8 A/B at 128 and 2K prompts (1 GPU, ~7 min)
 #   norm-router        post-attention norm folded into the router (default): GPU tests, Moonlight bf16/FP8 b1/b8 and V3 FP8 A/B (1 GPU, ~4 min)
