@@ -30,8 +30,7 @@ class EagerSpecGraph(SpecGraph):
     GPU it copies the static output out before the next replay overwrites it."""
 
     def _capture(self, runner) -> None:
-        self.runner = runner
-        self._keep(self._forward(runner)[1])
+        self.runner = runner  # nothing to run: each replay makes its outputs (EagerStepGraph)
 
     def _replay(self) -> None:
         self._keep(self._forward(self.runner)[1])
@@ -40,8 +39,7 @@ class EagerSpecGraph(SpecGraph):
 @pytest.fixture(scope="module")
 def graphed(trained):  # noqa: F811
     """An engine whose start captured the stand-in graphs up to 4 rows: decode forwards and every
-    whole-step kind (built once: its captures are most of this file's time on CPU, where the MLA
-    kernels run in Triton's interpreter)."""
+    whole-step kind (built once, shared by the tests that only replay them)."""
     model, _ = trained
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner_graphs, "StepGraph", EagerStepGraph)
