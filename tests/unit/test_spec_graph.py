@@ -178,8 +178,8 @@ def test_three_drafts_a_step_in_one_graph(trained, monkeypatch, request, case): 
     eng = _engine(
         model, spec=3, attention="kernel", capture_graphs_at_start=False, prefill_graph_tokens=0
     )
-    # the whole-step graphs only (the stand-ins' captures are this test's time on CPU); the
-    # synchronous steps' decode forwards capture theirs on first use
+    # the whole-step graphs only: the synchronous steps' decode forwards capture theirs on
+    # first use
     eng.runner.use_cuda_graphs = eng.runner.use_mtp_graphs = True
     for bs in (1, 2) if case == "greedy" else (1, 2, 4):
         for kind in kinds:
