@@ -185,9 +185,9 @@ def test_chunk_graphs_skip_prompt_logprobs_and_the_last_positions(setup, monkeyp
     assert len(out.prompt_logprobs) == len(prompts[0])
     # a 3-token chunk from position 40 would pad to 40..55, past max_model_len's 48: eager
     assert chunk_bucket(3, 40, eng.runner.chunk_buckets, eng.runner.max_pages * 16) == 0
-    eng.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=N_NEW))
+    eng.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=1))
     assert replays["chunk"] == 0  # 17 tokens: more than the 16-token bucket
-    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=N_NEW))
+    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))
     assert replays["chunk"] == 1
 
 
@@ -310,7 +310,8 @@ def test_same_length_chunks_replay_one_graph(setup, monkeypatch, spec):  # noqa:
     cfg, model, *_ = setup
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, cfg.vocab_size, (12,), generator=g).tolist() for _ in range(3)]
-    params = SamplingParams(temperature=0, max_tokens=N_NEW)
+    # the chunks are the point: 3 tokens take the rows through a decode step or two after them
+    params = SamplingParams(temperature=0, max_tokens=3)
     base = dict(page_size=16, num_pages=64, max_num_batched_tokens=64)
     base["num_speculative_tokens"] = spec
     # the three prompts in one step's budget; the reference attends by gather (PyTorch)
