@@ -21,7 +21,7 @@ def make_sender(
     if transport == "object_store":
         return ObjectStoreSender()
     if transport == "rdt":
-        return RDTSender(backend_for(device))
+        return RDTSender(backend_for(device), timeout_s=timeout_s)
     if transport == "channel":
         return ChannelSender(backend_for(device), timeout_s=timeout_s, device=device)
     raise ValueError(f"kv_transport={transport!r}: accepted {TRANSPORTS}")
@@ -38,7 +38,7 @@ def make_receiver(
     if transport == "object_store":
         return ObjectStoreReceiver(device)
     if transport == "rdt":
-        return RDTReceiver(replica_id, device)
+        return RDTReceiver(replica_id, device, timeout_s=timeout_s)
     if transport == "channel":
         return ChannelReceiver(
             replica_id, backend_for(device), host=host, timeout_s=timeout_s, device=device

@@ -11,6 +11,12 @@ same node), src -> dst (RDT, out of band), dst -> decode replica (object store, 
 ticket holds the ObjectRef of dst's copy. On one node the two extra local hops cost more than RDT
 saves; the RDT hop is what crosses nodes. The relays are owned by the prefill replica's process,
 so Ray removes them with it.
+
+Both ends wait at most `timeout_s` (serve's kv_transfer_timeout_s): the sender for a new pair's
+collective group and for each transfer (a pair whose transfer is late is killed and rebuilt), the
+receiver for the rows. Ray's own RDT fetch gives up only after 60 s
+(RAY_rdt_fetch_fail_timeout_milliseconds), and a first transfer over a new gloo pair has been
+seen to fail so on a busy 2-core machine; the decode replica then recomputes the prefill.
 """
 
 from __future__ import annotations
@@ -51,10 +57,11 @@ class KVRelay:
 class RDTSender:
     name = "rdt"
 
-    def __init__(self, backend: str = "gloo") -> None:
+    def __init__(self, backend: str = "gloo", *, timeout_s: float = 30.0) -> None:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"RDT backend {backend!r}: accepted gloo, nccl")
         self.backend = backend
+        self.timeout_s = _check_timeout(timeout_s)
         self._pairs: dict[str, tuple[Any, Any, str]] = {}
         self._lock = asyncio.Lock()
         self._dead_lock = threading.Lock()  # _check runs on Ray's callback thread
@@ -87,8 +94,18 @@ class RDTSender:
                 src = relay.options(num_cpus=0, **gpu, **on(here)).remote()
                 dst = relay.options(num_cpus=0, **gpu, **on(dest.node_id)).remote()
                 name = f"moeray-kv-{uuid.uuid4().hex[:12]}"
-                # create_collective_group blocks on ray.get: keep it off the event loop.
-                await asyncio.to_thread(create_collective_group, [src, dst], self.backend, name)
+                # create_collective_group blocks on ray.get: keep it off the event loop. A pair
+                # that is not up in time is killed (which also ends that ray.get).
+                setup = asyncio.to_thread(create_collective_group, [src, dst], self.backend, name)
+                try:
+                    await asyncio.wait_for(setup, self.timeout_s)
+                except TimeoutError:
+                    ray.kill(src)
+                    ray.kill(dst)
+                    raise TimeoutError(
+                        f"rdt: the relay pair to decode replica {dest.replica_id} was not up "
+                        f"within kv_transfer_timeout_s={self.timeout_s}"
+                    ) from None
                 pair = (src, dst, name)
                 with self._dead_lock:
                     self._pairs[dest.replica_id] = pair
@@ -100,8 +117,33 @@ class RDTSender:
         src, dst = await self._pair(dest)
         ref = src.take.options(tensor_transport=self.backend).remote(rows.kv_LTC, rows.pe_LTR)
         out = dst.receive.remote(ref)
-        out.future().add_done_callback(lambda fut: self._check(fut, dest.replica_id, src))
+        done = out.future()
+        done.add_done_callback(lambda fut: self._check(fut, dest.replica_id, src))
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.timeout_s, self._expire, done, dest.replica_id, src, dst)
         return RDTTicket(rows.start, out, rows.nbytes)
+
+    def _expire(self, done: Any, replica_id: str, src: Any, dst: Any) -> None:
+        """On the event loop, timeout_s after a send: a transfer not done by then takes its pair
+        down. Both relays are killed, which fails the decode side's wait at once (it recomputes)
+        and with it the sends queued behind the stuck receive on the same dst relay; the next
+        send to that replica builds a new pair."""
+        import ray
+
+        if done.done():
+            return
+        with self._dead_lock:
+            pair = self._pairs.get(replica_id)
+            if pair is not None and pair[0] is src:
+                del self._pairs[replica_id]
+        ray.kill(src)
+        ray.kill(dst)
+        log.warning(
+            "KV transfer to decode replica %s not done within kv_transfer_timeout_s=%s; its "
+            "relay pair is killed and rebuilt on next use",
+            replica_id,
+            self.timeout_s,
+        )
 
     def _check(self, fut: Any, replica_id: str, src: Any) -> None:
         """A relay that died takes its pair with it: the next send to that decode replica builds
@@ -135,10 +177,13 @@ class RDTSender:
 class RDTReceiver:
     name = "rdt"
 
-    def __init__(self, replica_id: str, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, replica_id: str, device: torch.device | str = "cpu", *, timeout_s: float = 30.0
+    ) -> None:
         import ray
 
         self.device = torch.device(device)
+        self.timeout_s = _check_timeout(timeout_s)
         self._endpoint = DecodeEndpoint(
             replica_id=replica_id, node_id=ray.get_runtime_context().get_node_id()
         )
@@ -156,8 +201,25 @@ class RDTReceiver:
     async def receive(self, ticket: Any) -> KVRows:
         if not isinstance(ticket, RDTTicket):
             raise TypeError(f"rdt receiver got a {type(ticket).__name__} ticket")
-        kv_LTC, pe_LTR = await ticket.rows_ref
+        try:
+            kv_LTC, pe_LTR = await asyncio.wait_for(_resolve(ticket.rows_ref), self.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"rdt: {ticket.nbytes} bytes of KV rows not received within "
+                f"kv_transfer_timeout_s={self.timeout_s}"
+            ) from None
         return KVRows(ticket.start, kv_LTC.to(self.device), pe_LTR.to(self.device))
 
     def close(self) -> None:
         pass
+
+
+async def _resolve(ref: Any) -> Any:
+    """An ObjectRef's value (a coroutine, which asyncio.wait_for can cancel)."""
+    return await ref
+
+
+def _check_timeout(timeout_s: float) -> float:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s}: accepted a number of seconds > 0")
+    return timeout_s
