@@ -4,6 +4,7 @@ replica holding a prompt's prefix)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 from collections.abc import AsyncGenerator
@@ -18,6 +19,7 @@ from moeray.platform.serve.worker import (
     ColocatedWorker,
     DecodeRoutingPolicy,
     DecodeWorker,
+    PrefillResult,
     TransferRecord,
     freeze_gc,
     make_engine,
@@ -33,14 +35,30 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+class PrefillFetch:
+    """A decode replica's (or decode rank's) `fetch`: a call of the prefill deployment through
+    its Serve handle (which pickles into a rank actor). A caller that gives up (the decode
+    worker's prefill_timeout_s) cancels the call, and Serve cancels it in the prefill replica."""
+
+    def __init__(self, prefill: Any) -> None:
+        self.prefill = prefill
+
+    async def __call__(
+        self, req: GenerationRequest, export_from: int, endpoint: Any
+    ) -> PrefillResult:
+        response = self.prefill.prefill.remote(req, export_from, endpoint)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+
+
 class DecodeServer:
     def __init__(self, config: dict[str, Any], prefill: Any) -> None:
         cfg = ServeConfig.from_dict(config)
         self.transport = cfg.kv_transport
         self.prefill = prefill  # DeploymentHandle of the prefill deployment
-
-        async def fetch(req: GenerationRequest, export_from: int, endpoint: Any):
-            return await self.prefill.prefill.remote(req, export_from, endpoint)
 
         engine = make_engine(cfg)
         receiver = make_receiver(
@@ -52,9 +70,10 @@ class DecodeServer:
         )
         self.worker = DecodeWorker(
             engine,
-            fetch,
+            PrefillFetch(prefill),
             receiver=receiver,
             on_transfer=self._on_transfer,
+            prefill_timeout_s=cfg.prefill_timeout_s,
             max_waiting=cfg.max_waiting,
         )
         self.metrics = EngineMetrics("decode", self.worker.loop)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from moeray.actors.decode import PrefillFetch
 from moeray.actors.logs import log_to_stderr
 from moeray.actors.router import get_or_create_router
 from moeray.platform.config import ModelConfig, ServeConfig
@@ -136,19 +137,6 @@ class RouterPlacement:
         if ok and self._decided is not None and version == self._decided[0]:
             self._applied = self._decided
         await self._call(self.actor.serve_staged, version, ok)
-
-
-class PrefillFetch:
-    """A decode rank's `fetch`: the prefill gang's Serve deployment (its handle pickles into the
-    rank actor)."""
-
-    def __init__(self, prefill: Any) -> None:
-        self.prefill = prefill
-
-    async def __call__(
-        self, req: GenerationRequest, export_from: int, endpoint: Any
-    ) -> PrefillResult:
-        return await self.prefill.prefill.remote(req, export_from, endpoint)
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 import asyncio
 import gc
+import logging
+import time
 
 import pytest
 import torch
 
-from moeray.platform.config import tiny
+from moeray.actors.decode import PrefillFetch
+from moeray.platform.config import ServeConfig, tiny
 from moeray.platform.engine.engine import Engine, EngineConfig
 from moeray.platform.engine.sampler import SamplingParams
 from moeray.platform.model.transformer import Transformer
@@ -98,6 +101,69 @@ def test_failed_prefill_is_recomputed_and_completes(model):
     (tokens, reason), transfers = asyncio.run(run())
     assert tokens == expected.output_token_ids and reason == "length"
     assert transfers[0].recomputed and transfers[0].bytes == 0
+
+
+def test_a_prefill_past_its_timeout_is_cancelled_and_recomputed(model, caplog):
+    """A prefill reply that does not come within prefill_timeout_s: the call is cancelled (a Serve
+    call's cancellation reaches the prefill replica) and the decode engine prefills itself."""
+    prompt = list(range(2, 30))
+    expected = _engine(model).generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
+    cancelled = []
+
+    async def stuck(req, start, endpoint):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(req.request_id)
+            raise
+
+    async def run():
+        decode = DecodeWorker(_engine(model), stuck, prefill_timeout_s=0.3)
+        try:
+            t0 = time.monotonic()
+            out = await _collect(decode.generate(_req("late", prompt, 6)))
+            return out, decode.transfers, time.monotonic() - t0
+        finally:
+            decode.loop.shutdown()
+
+    with caplog.at_level(logging.WARNING):
+        (tokens, reason), transfers, seconds = asyncio.run(run())
+    assert tokens == expected.output_token_ids and reason == "length"
+    assert cancelled == ["late"] and transfers[0].recomputed and seconds < 10
+    assert "no prefill reply within prefill_timeout_s=0.3" in caplog.text
+    with pytest.raises(ValueError, match="prefill_timeout_s=0: accepted seconds > 0"):
+        DecodeWorker(_engine(model), stuck, prefill_timeout_s=0)
+    with pytest.raises(ValueError, match="prefill_timeout_s=-1 must be > 0"):
+        ServeConfig(prefill_timeout_s=-1)
+
+
+def test_prefill_fetch_cancels_the_serve_call_it_gives_up(model):
+    """PrefillFetch, the decode side's fetch in production: a caller's cancellation (the decode
+    worker's prefill_timeout_s) cancels the Serve call (`DeploymentResponse.cancel`)."""
+
+    class Response:  # what a DeploymentHandle call returns: awaitable, cancellable
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.sleep(60).__await__()
+
+        def cancel(self):
+            Response.cancelled = True
+
+    class Handle:
+        class prefill:  # the deployment method's name
+            @staticmethod
+            def remote(req, export_from, endpoint):
+                return Response()
+
+    async def run():
+        decode = DecodeWorker(_engine(model), PrefillFetch(Handle()), prefill_timeout_s=0.2)
+        try:
+            return await _collect(decode.generate(_req("late", list(range(2, 12)), 2)))
+        finally:
+            decode.loop.shutdown()
+
+    assert asyncio.run(run())[1] == "length" and Response.cancelled
 
 
 def test_closing_the_stream_aborts_and_frees_pages(model):

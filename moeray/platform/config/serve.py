@@ -42,6 +42,9 @@ class ServeConfig:
     max_waiting: int = 64  # requests queued per engine replica before 429
     kv_transport: str = "object_store"
     kv_transfer_timeout_s: float = 30.0  # rdt/channel setup and each send/recv; then recompute
+    # A decode replica waits this long for the prefill replica's reply (its queue and prefill
+    # included), then cancels the call and prefills the request itself.
+    prefill_timeout_s: float = 300.0
     # Decode replicas report free KV pages to the decode router this often (Serve routing stats).
     routing_stats_period_s: float = 1.0
     gpus_per_replica: float = 0.0
@@ -122,7 +125,12 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("kv_transfer_timeout_s", "routing_stats_period_s", "ep_timeout_s"):
+        for name in (
+            "kv_transfer_timeout_s",
+            "prefill_timeout_s",
+            "routing_stats_period_s",
+            "ep_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         check_chunk_tokens(self.prefill_graph_tokens)

@@ -128,7 +128,9 @@ class EPRank:
             self.worker = PrefillWorker(engine, **loop)
         elif self.role == "decode":
             assert self.fetch is not None  # checked in __init__
-            self.worker = DecodeWorker(engine, self.fetch, **loop)
+            self.worker = DecodeWorker(
+                engine, self.fetch, prefill_timeout_s=cfg.prefill_timeout_s, **loop
+            )
         else:
             self.worker = ColocatedWorker(engine, **loop)
         return dataclasses.asdict(self.report)

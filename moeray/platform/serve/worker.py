@@ -321,7 +321,8 @@ class TransferRecord:
 class DecodeWorker:
     """Decode with KV from a prefill replica. `fetch(req, export_from, endpoint)` returns a
     PrefillResult (over a Serve handle in production, a direct call in tests); `receiver`
-    (serve/kv_transport/) turns its ticket into rows."""
+    (serve/kv_transport/) turns its ticket into rows. A fetch that fails or has not returned
+    within `prefill_timeout_s` (then cancelled) leaves the request to this engine's own prefill."""
 
     def __init__(
         self,
@@ -330,10 +331,14 @@ class DecodeWorker:
         *,
         receiver: KVReceiver | None = None,
         on_transfer: Callable[[TransferRecord], None] | None = None,
+        prefill_timeout_s: float = 300.0,
         **loop_kwargs: Any,
     ) -> None:
+        if not prefill_timeout_s > 0:
+            raise ValueError(f"prefill_timeout_s={prefill_timeout_s}: accepted seconds > 0")
         self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
         self.fetch = fetch
+        self.prefill_timeout_s = prefill_timeout_s
         self.receiver = receiver if receiver is not None else ObjectStoreReceiver(engine.device)
         self.on_transfer = on_transfer
         self.transfers: list[TransferRecord] = []
@@ -365,7 +370,7 @@ class DecodeWorker:
         # arrives; the other transports ignore this.
         self.receiver.expect(req.request_id)
         try:
-            pre = await self.fetch(req, have, self.receiver.endpoint())
+            pre = await self._fetch(req, have)
             t_recv = time.perf_counter()
             rows = await self.receiver.receive(pre.kv)
         except asyncio.CancelledError:
@@ -417,6 +422,15 @@ class DecodeWorker:
             async for out in outs:
                 if out.new_token_ids or out.finished:
                     yield _step(out)
+
+    async def _fetch(self, req: GenerationRequest, have: int) -> PrefillResult:
+        """The prefill replica's reply; past prefill_timeout_s the fetch is cancelled."""
+        fetch = self.fetch(req, have, self.receiver.endpoint())
+        try:
+            return await asyncio.wait_for(fetch, self.prefill_timeout_s)
+        except TimeoutError:
+            msg = f"no prefill reply within prefill_timeout_s={self.prefill_timeout_s}"
+            raise TimeoutError(msg) from None
 
     def _record(self, rec: TransferRecord) -> None:
         self.transfers.append(rec)
