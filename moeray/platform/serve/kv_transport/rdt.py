@@ -15,8 +15,9 @@ so Ray removes them with it.
 Both ends wait at most `timeout_s` (serve's kv_transfer_timeout_s): the sender for a new pair's
 collective group and for each transfer (a pair whose transfer is late is killed and rebuilt), the
 receiver for the rows. Ray's own RDT fetch gives up only after 60 s
-(RAY_rdt_fetch_fail_timeout_milliseconds), and a first transfer over a new gloo pair has been
-seen to fail so on a busy 2-core machine; the decode replica then recomputes the prefill.
+(RAY_rdt_fetch_fail_timeout_milliseconds), and a transfer can wait that out: the rows never reach
+the dst relay's RDT store (benchmarks/notes-serve.md). The decode replica then recomputes the
+prefill.
 """
 
 from __future__ import annotations
