@@ -39,6 +39,10 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "--no-async-scheduling",
                 "--no-async-scheduling-sampled",
                 "--async-scheduling-prefill",
+                "--kv-transfer-timeout-s",
+                "12.5",
+                "--prefill-timeout-s",
+                "90",
                 "--write-config",
                 str(f),
             ]
@@ -62,7 +66,9 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.async_scheduling,
         cfg.async_scheduling_sampled,
         cfg.async_scheduling_prefill,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True)
+        cfg.kv_transfer_timeout_s,
+        cfg.prefill_timeout_s,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True, 12.5, 90.0)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"
@@ -78,6 +84,10 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert "max_body_bytes=0" in capsys.readouterr().err
     assert main(["--num-speculative-tokens", "9", "--write-config", "/dev/null"]) == 2
     assert "num_speculative_tokens=9" in capsys.readouterr().err
+    assert main(["--prefill-timeout-s", "0", "--write-config", "/dev/null"]) == 2
+    assert "prefill_timeout_s=0.0 must be > 0" in capsys.readouterr().err
+    assert main(["--kv-transfer-timeout-s", "-1", "--write-config", "/dev/null"]) == 2
+    assert "kv_transfer_timeout_s=-1.0 must be > 0" in capsys.readouterr().err
     # several drafts a step are accepted (the serve config carries them to the engine)
     assert main(["--num-speculative-tokens", "3", "--write-config", "/dev/null"]) == 0
 

@@ -331,6 +331,18 @@ def _parser() -> argparse.ArgumentParser:
         default=d.kv_transport,
         help="how KV moves from prefill to decode (default: object_store)",
     )
+    p.add_argument(
+        "--kv-transfer-timeout-s",
+        type=float,
+        default=d.kv_transfer_timeout_s,
+        help="P/D: a KV transfer's set-up, send and receive each; then decode prefills itself",
+    )
+    p.add_argument(
+        "--prefill-timeout-s",
+        type=float,
+        default=d.prefill_timeout_s,
+        help="P/D: decode's wait for the prefill reply; then it cancels it and prefills itself",
+    )
     p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
@@ -450,6 +462,8 @@ def main(argv: list[str]) -> int:
             port=a.port,
             api_key=a.api_key,
             kv_transport=a.kv_transport,
+            kv_transfer_timeout_s=a.kv_transfer_timeout_s,
+            prefill_timeout_s=a.prefill_timeout_s,
             gpus_per_replica=a.gpus_per_replica,
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
