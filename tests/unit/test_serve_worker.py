@@ -131,7 +131,7 @@ def test_a_prefill_past_its_timeout_is_cancelled_and_recomputed(model, caplog):
     assert tokens == expected.output_token_ids and reason == "length"
     assert cancelled == ["late"] and transfers[0].recomputed and seconds < 10
     assert "no prefill reply within prefill_timeout_s=0.3" in caplog.text
-    with pytest.raises(ValueError, match="prefill_timeout_s=0: accepted seconds > 0"):
+    with pytest.raises(ValueError, match="prefill_timeout_s=0 must be > 0"):
         DecodeWorker(_engine(model), stuck, prefill_timeout_s=0)
     with pytest.raises(ValueError, match="prefill_timeout_s=-1 must be > 0"):
         ServeConfig(prefill_timeout_s=-1)

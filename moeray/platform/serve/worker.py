@@ -335,7 +335,7 @@ class DecodeWorker:
         **loop_kwargs: Any,
     ) -> None:
         if not prefill_timeout_s > 0:
-            raise ValueError(f"prefill_timeout_s={prefill_timeout_s}: accepted seconds > 0")
+            raise ValueError(f"prefill_timeout_s={prefill_timeout_s} must be > 0")
         self.loop = EngineLoop(engine, name="decode", **loop_kwargs)
         self.fetch = fetch
         self.prefill_timeout_s = prefill_timeout_s

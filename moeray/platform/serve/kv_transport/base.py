@@ -116,3 +116,10 @@ def pair_process_group(backend: str, store: Any, rank: int, timeout_s: float, de
     opts._timeout = timeout
     pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
     return pg
+
+
+def check_timeout(timeout_s: float) -> float:
+    """A transport's wait bound in seconds: ValueError unless > 0."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s} must be > 0")
+    return timeout_s

@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-from moeray.platform.serve.kv_transport.base import device_identity, pair_process_group
+from moeray.platform.serve.kv_transport.base import (
+    check_timeout,
+    device_identity,
+    pair_process_group,
+)
 
 
 class P2PPeer:
@@ -94,8 +98,7 @@ def raw_p2p_seconds(
 
     if nbytes < 1 or iters < 1:
         raise ValueError(f"nbytes={nbytes} and iters={iters} must be >= 1")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s} must be > 0")
+    check_timeout(timeout_s)
     if backend == "nccl":
         free = ray.available_resources().get("GPU", 0.0)
         if free < 2:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moeray.platform.engine.disagg import KVRows
-from moeray.platform.serve.kv_transport.base import DecodeEndpoint, RDTTicket
+from moeray.platform.serve.kv_transport.base import DecodeEndpoint, RDTTicket, check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class RDTSender:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"RDT backend {backend!r}: accepted gloo, nccl")
         self.backend = backend
-        self.timeout_s = _check_timeout(timeout_s)
+        self.timeout_s = check_timeout(timeout_s)
         self._pairs: dict[str, tuple[Any, Any, str]] = {}
         self._lock = asyncio.Lock()
         self._dead_lock = threading.Lock()  # _check runs on Ray's callback thread
@@ -184,7 +184,7 @@ class RDTReceiver:
         import ray
 
         self.device = torch.device(device)
-        self.timeout_s = _check_timeout(timeout_s)
+        self.timeout_s = check_timeout(timeout_s)
         self._endpoint = DecodeEndpoint(
             replica_id=replica_id, node_id=ray.get_runtime_context().get_node_id()
         )
@@ -203,7 +203,7 @@ class RDTReceiver:
         if not isinstance(ticket, RDTTicket):
             raise TypeError(f"rdt receiver got a {type(ticket).__name__} ticket")
         try:
-            kv_LTC, pe_LTR = await asyncio.wait_for(_resolve(ticket.rows_ref), self.timeout_s)
+            kv_LTC, pe_LTR = await asyncio.wait_for(ticket.rows_ref, self.timeout_s)
         except TimeoutError:
             raise TimeoutError(
                 f"rdt: {ticket.nbytes} bytes of KV rows not received within "
@@ -213,14 +213,3 @@ class RDTReceiver:
 
     def close(self) -> None:
         pass
-
-
-async def _resolve(ref: Any) -> Any:
-    """An ObjectRef's value (a coroutine, which asyncio.wait_for can cancel)."""
-    return await ref
-
-
-def _check_timeout(timeout_s: float) -> float:
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s}: accepted a number of seconds > 0")
-    return timeout_s

@@ -20,6 +20,7 @@ from moeray.platform.engine.disagg import KVRows
 from moeray.platform.serve.kv_transport.base import (
     ChannelTicket,
     DecodeEndpoint,
+    check_timeout,
     device_identity,
     pair_process_group,
 )
@@ -72,10 +73,8 @@ class ChannelReceiver:
 
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"channel backend {backend!r}: accepted gloo, nccl")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.backend = backend
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.device = torch.device(device)
         self.host = host
         # Port 0: the OS picks a free one; senders learn it from the endpoint.
