@@ -43,6 +43,8 @@ def test_write_config_round_trips_the_flags(tmp_path):
                 "12.5",
                 "--prefill-timeout-s",
                 "90",
+                "--routing-stats-period-s",
+                "0.5",
                 "--write-config",
                 str(f),
             ]
@@ -68,11 +70,21 @@ def test_write_config_round_trips_the_flags(tmp_path):
         cfg.async_scheduling_prefill,
         cfg.kv_transfer_timeout_s,
         cfg.prefill_timeout_s,
-    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True, 12.5, 90.0)
+        cfg.routing_stats_period_s,
+    ) == ("/m/dir", 3, 5, 9123, "channel", 0.25, None, 65536, False, False, True, 12.5, 90.0, 0.5)
     assert (
         conf["http_options"]["port"] == 9123
         and app["import_path"] == "moeray.platform.serve.app:build"
     )
+
+
+def test_ep_flags_reach_the_written_config(tmp_path):
+    f = tmp_path / "ep.yaml"
+    argv = ["--model", "/m/dir", "--mode", "colocated", "--ep", "2", "--ep-timeout-s", "45"]
+    assert main([*argv, "--write-config", str(f)]) == 0
+    (app,) = yaml.safe_load(f.read_text())["applications"]
+    cfg = ServeConfig.from_dict(app["args"])
+    assert (cfg.ep, cfg.ep_timeout_s) == (2, 45.0)
 
 
 def test_bad_flags_exit_with_a_message(capsys):
@@ -88,6 +100,10 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert "prefill_timeout_s=0.0 must be > 0" in capsys.readouterr().err
     assert main(["--kv-transfer-timeout-s", "-1", "--write-config", "/dev/null"]) == 2
     assert "kv_transfer_timeout_s=-1.0 must be > 0" in capsys.readouterr().err
+    assert main(["--routing-stats-period-s", "0", "--write-config", "/dev/null"]) == 2
+    assert "routing_stats_period_s=0.0 must be > 0" in capsys.readouterr().err
+    assert main(["--ep-timeout-s", "0", "--write-config", "/dev/null"]) == 2
+    assert "ep_timeout_s=0.0 must be > 0" in capsys.readouterr().err
     # several drafts a step are accepted (the serve config carries them to the engine)
     assert main(["--num-speculative-tokens", "3", "--write-config", "/dev/null"]) == 0
 

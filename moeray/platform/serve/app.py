@@ -343,6 +343,12 @@ def _parser() -> argparse.ArgumentParser:
         default=d.prefill_timeout_s,
         help="P/D: decode's wait for the prefill reply; then it cancels it and prefills itself",
     )
+    p.add_argument(
+        "--routing-stats-period-s",
+        type=float,
+        default=d.routing_stats_period_s,
+        help="P/D: decode replicas report free KV pages to the decode router this often",
+    )
     p.add_argument("--gpus-per-replica", type=float, default=d.gpus_per_replica)
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica)
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
@@ -425,6 +431,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ep-placement-maxvio", type=float, default=d.ep_placement_maxvio)
     p.add_argument(
+        "--ep-timeout-s",
+        type=float,
+        default=d.ep_timeout_s,
+        help="--ep: how long a gang's collective waits before it fails (a dead rank)",
+    )
+    p.add_argument(
         "--ep-decode-exchange",
         choices=DECODE_EXCHANGES,
         default=d.ep_decode_exchange,
@@ -464,6 +476,7 @@ def main(argv: list[str]) -> int:
             kv_transport=a.kv_transport,
             kv_transfer_timeout_s=a.kv_transfer_timeout_s,
             prefill_timeout_s=a.prefill_timeout_s,
+            routing_stats_period_s=a.routing_stats_period_s,
             gpus_per_replica=a.gpus_per_replica,
             cpus_per_replica=a.cpus_per_replica,
             num_speculative_tokens=a.num_speculative_tokens,
@@ -482,6 +495,7 @@ def main(argv: list[str]) -> int:
             ep_placement_period_s=a.ep_placement_period,
             ep_redundant_experts=a.ep_redundant_experts,
             ep_placement_maxvio=a.ep_placement_maxvio,
+            ep_timeout_s=a.ep_timeout_s,
             ep_decode_exchange=a.ep_decode_exchange,
             tool_call_parser=a.tool_call_parser,
         )
