@@ -289,3 +289,23 @@ def test_norm_folded_into_the_router_in_the_graphs(monkeypatch):
     assert launcher.launches > 0
     assert all(len(o) == 10 for o in folded)
     assert folded == ref
+
+
+def test_engine_keeps_to_its_memory_share():
+    """EngineConfig.gpu_memory_utilization: the engine, weights and cache, holds at most that share
+    of the GPU (a replica on a fraction of a GPU), and its cache takes 0.9 of the share's unused
+    part, where the default takes 0.9 of all free memory."""
+    from moeray.platform.engine.engine import Engine, EngineConfig
+
+    _, model = _model(torch.bfloat16)
+    total = torch.cuda.mem_get_info()[1]
+    weights = torch.cuda.memory_reserved()
+    eng = Engine(model, EngineConfig(gpu_memory_utilization=0.2, use_cuda_graphs=False))
+    cache = eng.storage.num_pages * eng.cache_shape.bytes_per_page
+    assert torch.cuda.memory_reserved() <= 0.2 * total
+    assert cache >= 0.85 * (0.2 * total - weights), (cache, total, weights)
+    pages = eng.kv.num_pages
+    del eng
+    torch.cuda.empty_cache()
+    whole = Engine(model, EngineConfig(use_cuda_graphs=False))
+    assert whole.kv.num_pages > 3 * pages  # 0.9 of a free H100/H200 against 0.2 of it

@@ -8,6 +8,7 @@ from moeray.platform.engine.kv_cache import (
     KVCacheManager,
     PagedKVStorage,
     PagePool,
+    cache_budget_bytes,
     device_budget_bytes,
     hash_page,
     num_pages_for_budget,
@@ -28,6 +29,25 @@ def test_v3_bytes_per_token_and_budget():
         device_budget_bytes("cpu")
     with pytest.raises(ValueError, match="page_size"):
         CacheShape(num_layers=1, kv_lora_rank=8, rope_dim=4, page_size=0)
+
+
+def test_cache_budget_keeps_to_the_memory_share():
+    GB = 1 << 30
+    # One engine a GPU: 0.9 of what is free, whatever this process holds.
+    assert cache_budget_bytes(60 * GB, 80 * GB, 16 * GB) == int(54 * GB)
+    # Two engines packed on an 80 GB GPU at half each. The first starts alone (64 GB free after
+    # its 16 GB of weights) yet keeps to its 40 GB: 0.9 x (40 - 16) = 21.6 GB of cache.
+    first = cache_budget_bytes(64 * GB, 80 * GB, 16 * GB, memory_utilization=0.5)
+    assert first == int(0.9 * 24 * GB)
+    # The second comes up beside it (its weights loaded, the first's cache taken): the same.
+    free = 80 * GB - 16 * GB - first - 16 * GB
+    assert cache_budget_bytes(free, 80 * GB, 16 * GB, memory_utilization=0.5) == first
+    # A share larger than what is free is capped by what is free; weights past the share: none.
+    assert cache_budget_bytes(10 * GB, 80 * GB, 16 * GB, memory_utilization=0.9) == 9 * GB
+    assert cache_budget_bytes(60 * GB, 80 * GB, 50 * GB, memory_utilization=0.5) == 0
+    for bad in ({"memory_utilization": 0.0}, {"memory_utilization": 1.5}, {"fraction": 0.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}={next(iter(bad.values()))}"):
+            cache_budget_bytes(GB, GB, 0, **bad)
 
 
 def test_from_model_config_counts_mtp_layers():

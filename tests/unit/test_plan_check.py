@@ -90,6 +90,12 @@ def test_serve_check_bytes_and_passes_small_models(monkeypatch):
     w1, kv = check.serve_bytes_per_rank(cfg, deepseek_v3())
     w8, _ = check.serve_bytes_per_rank(check._with_ep(cfg, 8), deepseek_v3())
     assert kv == 0 and w1 > 1.2e12 and w8 < w1 / 5  # bf16 V3: 1.34 TB whole, experts / 8
+    # A replica holds its share of the GPU (gpu_memory_utilization, or a fractional GPU): Small
+    # fits a whole H100, not a twentieth of one, either way.
+    assert check.check_serve(cfg.replace(gpu_memory_utilization=0.9), small()) == []
+    for share in ({"gpu_memory_utilization": 0.05}, {"gpus_per_replica": 0.05}):
+        with pytest.raises(ValueError, match="does not fit"):
+            check.check_serve(cfg.replace(**share), small())
     paged = cfg.replace(num_pages=1000)
     assert (
         check.serve_bytes_per_rank(paged, tiny())[1] == 1000 * 64 * tiny().kv_cache_bytes_per_token

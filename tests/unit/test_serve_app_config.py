@@ -87,6 +87,28 @@ def test_ep_flags_reach_the_written_config(tmp_path):
     assert (cfg.ep, cfg.ep_timeout_s) == (2, 45.0)
 
 
+def test_engine_flags_reach_the_engine_config(tmp_path):
+    """The vLLM-named engine flags go through the written config to the engines' EngineConfig;
+    a replica on a fraction of a GPU sizes its cache from that share unless told otherwise."""
+    from moeray.platform.serve.worker import engine_config
+
+    f = tmp_path / "engine.yaml"
+    argv = ["--model", "/m/dir", "--max-num-seqs", "24", "--max-num-batched-tokens", "1024"]
+    argv += ["--block-size", "32", "--num-pages", "500", "--gpu-memory-utilization", "0.4"]
+    assert main([*argv, "--write-config", str(f)]) == 0
+    (app,) = yaml.safe_load(f.read_text())["applications"]
+    e = engine_config(ServeConfig.from_dict(app["args"]), "cuda")
+    got = (e.max_num_seqs, e.max_num_batched_tokens, e.page_size, e.num_pages)
+    assert (*got, e.gpu_memory_utilization) == (24, 1024, 32, 500, 0.4)
+    half = ServeConfig(model="m", gpus_per_replica=0.5)
+    assert engine_config(half, "cuda").gpu_memory_utilization == 0.5
+    set_share = half.replace(gpu_memory_utilization=0.3)
+    assert engine_config(set_share, "cuda").gpu_memory_utilization == 0.3
+    for whole in (0.0, 1.0, 2.0):  # CPU, or a GPU (or more) of its own: all free memory
+        cfg = ServeConfig(model="m", gpus_per_replica=whole)
+        assert engine_config(cfg, "cuda").gpu_memory_utilization is None
+
+
 def test_bad_flags_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["--kv-transport", "carrier-pigeon"])
@@ -102,6 +124,8 @@ def test_bad_flags_exit_with_a_message(capsys):
     assert "kv_transfer_timeout_s=-1.0 must be > 0" in capsys.readouterr().err
     assert main(["--routing-stats-period-s", "0", "--write-config", "/dev/null"]) == 2
     assert "routing_stats_period_s=0.0 must be > 0" in capsys.readouterr().err
+    assert main(["--gpu-memory-utilization", "0", "--write-config", "/dev/null"]) == 2
+    assert "gpu_memory_utilization=0.0 must be in (0, 1]" in capsys.readouterr().err
     assert main(["--ep-timeout-s", "0", "--write-config", "/dev/null"]) == 2
     assert "ep_timeout_s=0.0 must be > 0" in capsys.readouterr().err
     # several drafts a step are accepted (the serve config carries them to the engine)
@@ -123,6 +147,8 @@ def test_serve_config_rejects_bad_values():
         ({"ep_decode_exchange": "nccl"}, "ep_decode_exchange='nccl'"),
         ({"autoscaling": {"max_replica": 3}}, "max_replica"),
         ({"num_speculative_tokens": 5}, r"num_speculative_tokens=5: accepted 0 \(off\) to 4"),
+        ({"num_pages": 0}, r"num_pages=0 must be >= 1 or None"),
+        ({"gpu_memory_utilization": 1.2}, r"gpu_memory_utilization=1.2 must be in \(0, 1\]"),
     ):
         with pytest.raises(ValueError, match=match):
             ServeConfig(**bad)

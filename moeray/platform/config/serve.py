@@ -56,7 +56,11 @@ class ServeConfig:
     weights: str = "dequantize"
     # engine
     page_size: int = 64
-    num_pages: int | None = None
+    num_pages: int | None = None  # None: sized from memory (gpu_memory_utilization)
+    # The share of its GPU's total memory an engine replica (or EP rank) may hold, weights
+    # included, as vLLM's gpu_memory_utilization. None: gpus_per_replica when that is a
+    # fraction (replicas that share a GPU each keep to their share), else all free memory.
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -133,6 +137,12 @@ class ServeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None (sized from memory)")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1] or None"
+            )
         check_chunk_tokens(self.prefill_graph_tokens)
         check_chunk_seqs(self.prefill_graph_seqs)
         check_speculative_tokens(self.num_speculative_tokens)
@@ -155,6 +165,13 @@ class ServeConfig:
             }
             if unknown:
                 raise ValueError(f"autoscaling keys {sorted(unknown)} are not accepted")
+
+    def memory_share(self) -> float | None:
+        """The engine's gpu_memory_utilization: the one set, else gpus_per_replica when it is a
+        fraction (replicas packed on one GPU each size their cache from their own share)."""
+        if self.gpu_memory_utilization is None and 0 < self.gpus_per_replica < 1:
+            return self.gpus_per_replica
+        return self.gpu_memory_utilization
 
     @property
     def served_model_id(self) -> str:

@@ -138,6 +138,7 @@ class Engine:
             budget = device_budget_bytes(
                 self.device,
                 fraction=config.memory_fraction,
+                memory_utilization=config.gpu_memory_utilization,
                 cpu_budget_bytes=config.cpu_cache_bytes,
             )
             num_pages = num_pages_for_budget(shape, budget) - 1  # one page kept as scratch

@@ -18,6 +18,10 @@ class EngineConfig:
     # cpu_cache_bytes on CPU.
     num_pages: int | None = None
     memory_fraction: float = 0.9
+    # The share of the GPU's total memory this engine may hold, its weights included (vLLM's
+    # gpu_memory_utilization); the cache then takes memory_fraction of that share's unused part
+    # (kv_cache.cache_budget_bytes). None: of all free memory (one engine a GPU).
+    gpu_memory_utilization: float | None = None
     cpu_cache_bytes: int = 256 * 1024**2
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -83,6 +87,10 @@ class EngineConfig:
             raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None")
         if self.page_size < 1:
             raise ValueError(f"page_size={self.page_size} must be >= 1")
+        for name in ("memory_fraction", "gpu_memory_utilization"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v <= 1.0:
+                raise ValueError(f"{name}={v} must be in (0, 1]")
         check_speculative_tokens(self.num_speculative_tokens)
         check_chunk_tokens(self.prefill_graph_tokens)
         check_chunk_seqs(self.prefill_graph_seqs)

@@ -84,20 +84,57 @@ def num_pages_for_budget(shape: CacheShape, budget_bytes: int) -> int:
     return int(budget_bytes) // shape.bytes_per_page
 
 
-def device_budget_bytes(
-    device, *, fraction: float = 0.9, cpu_budget_bytes: int | None = None, reserve_bytes: int = 0
+def cache_budget_bytes(
+    free: int,
+    total: int,
+    held: int,
+    *,
+    fraction: float = 0.9,
+    memory_utilization: float | None = None,
+    reserve_bytes: int = 0,
 ) -> int:
-    """Bytes the cache may take: `fraction` of the free device memory minus `reserve_bytes`
-    (activations, CUDA graphs) on GPU; on CPU the caller's byte budget (there is no free-memory
-    query worth trusting on a shared host)."""
-    import torch
-
+    """Bytes a GPU's KV cache may take: `fraction` of what this engine may still use, minus
+    `reserve_bytes`. Without `memory_utilization` that is the device's free memory. With it (vLLM's
+    gpu_memory_utilization: the share of the device's `total` memory this process may hold,
+    weights and working memory included) it is that share less the `held` bytes, capped by what
+    is free: engines that share one GPU (fractional Ray GPUs) each size from their own share, in
+    whatever order they start, instead of the first taking 90% of the card. The (1 - fraction)
+    kept back is for activations, CUDA graphs and memory outside PyTorch's allocator (the CUDA
+    context, ~0.5 GB)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in (0, 1]")
+    available = free
+    if memory_utilization is not None:
+        if not 0.0 < memory_utilization <= 1.0:
+            raise ValueError(f"memory_utilization={memory_utilization} must be in (0, 1]")
+        available = min(free, int(total * memory_utilization) - held)
+    return max(0, int(available * fraction) - int(reserve_bytes))
+
+
+def device_budget_bytes(
+    device,
+    *,
+    fraction: float = 0.9,
+    memory_utilization: float | None = None,
+    cpu_budget_bytes: int | None = None,
+    reserve_bytes: int = 0,
+) -> int:
+    """Bytes the cache may take: on GPU `cache_budget_bytes` of the device's free and total
+    memory and what PyTorch's allocator holds for this process; on CPU the caller's byte budget
+    (there is no free-memory query worth trusting on a shared host)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return max(0, int(free * fraction) - int(reserve_bytes))
+        free, total = torch.cuda.mem_get_info(device)
+        return cache_budget_bytes(
+            free,
+            total,
+            torch.cuda.memory_reserved(device),
+            fraction=fraction,
+            memory_utilization=memory_utilization,
+            reserve_bytes=reserve_bytes,
+        )
     if cpu_budget_bytes is None:
         raise ValueError(f"device {device} has no free-memory query: pass cpu_budget_bytes")
     return int(cpu_budget_bytes)

@@ -402,6 +402,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--page-size", "--block-size", type=int, default=d.page_size)
+    p.add_argument(
+        "--num-pages", type=int, default=None, help="KV cache pages (default: sized from memory)"
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the share of the GPU's memory a replica may hold, weights included (default: "
+        "--gpus-per-replica when it is a fraction, else all free memory)",
+    )
     p.add_argument(
         "--ep",
         type=int,
@@ -487,6 +500,11 @@ def main(argv: list[str]) -> int:
             prefill_graph_tokens=a.prefill_graph_tokens,
             prefill_graph_seqs=a.prefill_graph_seqs,
             max_model_len=a.max_model_len,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            page_size=a.page_size,
+            num_pages=a.num_pages,
+            gpu_memory_utilization=a.gpu_memory_utilization,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,
             dtype=a.dtype,
