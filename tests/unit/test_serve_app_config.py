@@ -1,6 +1,7 @@
 """`moeray serve --write-config`, the shipped Serve configs, and ServeConfig validation (no Ray
 cluster)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,11 @@ def test_bad_flags_exit_with_a_message(capsys):
 @pytest.mark.parametrize("name", ["pd.yaml", "colocated.yaml"])
 def test_shipped_serve_configs_parse(name):
     conf = yaml.safe_load((ROOT / "configs" / "serve" / name).read_text())
-    cfg = ServeConfig.from_dict(conf["applications"][0]["args"])
+    args = conf["applications"][0]["args"]
+    cfg = ServeConfig.from_dict(args)
     assert cfg.mode == name.split(".")[0] and cfg.kv_transport in KV_TRANSPORTS
+    # every setting but the key listed, as `--write-config` writes them: what can be set
+    assert set(args) == {f.name for f in dataclasses.fields(ServeConfig)} - {"api_key"}
 
 
 def test_serve_config_rejects_bad_values():
