@@ -96,11 +96,13 @@ def test_engine_flags_reach_the_engine_config(tmp_path):
     f = tmp_path / "engine.yaml"
     argv = ["--model", "/m/dir", "--max-num-seqs", "24", "--max-num-batched-tokens", "1024"]
     argv += ["--block-size", "32", "--num-pages", "500", "--gpu-memory-utilization", "0.4"]
-    assert main([*argv, "--write-config", str(f)]) == 0
+    assert main([*argv, "--no-enable-prefix-caching", "--write-config", str(f)]) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
     e = engine_config(ServeConfig.from_dict(app["args"]), "cuda")
     got = (e.max_num_seqs, e.max_num_batched_tokens, e.page_size, e.num_pages)
     assert (*got, e.gpu_memory_utilization) == (24, 1024, 32, 500, 0.4)
+    assert e.enable_prefix_caching is False
+    assert engine_config(ServeConfig(model="m"), "cpu").enable_prefix_caching is True
     half = ServeConfig(model="m", gpus_per_replica=0.5)
     assert engine_config(half, "cuda").gpu_memory_utilization == 0.5
     set_share = half.replace(gpu_memory_utilization=0.3)

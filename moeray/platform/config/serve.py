@@ -57,6 +57,7 @@ class ServeConfig:
     # engine
     page_size: int = 64
     num_pages: int | None = None  # None: sized from memory (gpu_memory_utilization)
+    enable_prefix_caching: bool = True  # a prompt's cached full pages are reused, not recomputed
     # The share of its GPU's total memory an engine replica (or EP rank) may hold, weights
     # included, as vLLM's gpu_memory_utilization. None: gpus_per_replica when that is a
     # fraction (replicas that share a GPU each keep to their share), else all free memory.

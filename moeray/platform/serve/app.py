@@ -409,6 +409,12 @@ def _parser() -> argparse.ArgumentParser:
         "--num-pages", type=int, default=None, help="KV cache pages (default: sized from memory)"
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+        help="reuse the KV pages of a prompt's cached full pages (default on)",
+    )
+    p.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=None,
@@ -504,6 +510,7 @@ def main(argv: list[str]) -> int:
             max_num_batched_tokens=a.max_num_batched_tokens,
             page_size=a.page_size,
             num_pages=a.num_pages,
+            enable_prefix_caching=a.enable_prefix_caching,
             gpu_memory_utilization=a.gpu_memory_utilization,
             max_body_bytes=a.max_body_bytes,
             weights=a.weights,

@@ -543,6 +543,7 @@ def engine_config(cfg: ServeConfig, device: str, *, decodes: bool = True) -> Eng
         page_size=cfg.page_size,
         num_pages=cfg.num_pages,
         gpu_memory_utilization=cfg.memory_share(),
+        enable_prefix_caching=cfg.enable_prefix_caching,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=cfg.max_model_len,
