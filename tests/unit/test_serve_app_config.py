@@ -89,15 +89,17 @@ def test_ep_flags_reach_the_written_config(tmp_path):
 
 
 def test_engine_flags_reach_the_engine_config(tmp_path):
-    """The vLLM-named engine flags go through the written config to the engines' EngineConfig;
+    """The vLLM-named flags go through the written config to the engines' EngineConfig;
     a replica on a fraction of a GPU sizes its cache from that share unless told otherwise."""
     from moeray.platform.serve.worker import engine_config
 
     f = tmp_path / "engine.yaml"
-    argv = ["--model", "/m/dir", "--max-num-seqs", "24", "--max-num-batched-tokens", "1024"]
+    argv = ["--model", "/m/dir", "--served-model-name", "m1", "--max-num-seqs", "24"]
+    argv += ["--max-num-batched-tokens", "1024"]
     argv += ["--block-size", "32", "--num-pages", "500", "--gpu-memory-utilization", "0.4"]
     assert main([*argv, "--no-enable-prefix-caching", "--write-config", str(f)]) == 0
     (app,) = yaml.safe_load(f.read_text())["applications"]
+    assert app["args"]["model_id"] == "m1"
     e = engine_config(ServeConfig.from_dict(app["args"]), "cuda")
     got = (e.max_num_seqs, e.max_num_batched_tokens, e.page_size, e.num_pages)
     assert (*got, e.gpu_memory_utilization) == (24, 1024, 32, 500, 0.4)

@@ -315,7 +315,10 @@ def _parser() -> argparse.ArgumentParser:
         "--model", default=d.model, help=f"HF model directory (default: {d.model}, from make demo)"
     )
     p.add_argument(
-        "--model-id", default=None, help="name clients use as `model` (default: directory name)"
+        "--model-id",
+        "--served-model-name",
+        default=None,
+        help="name clients use as `model` (default: directory name)",
     )
     p.add_argument("--mode", choices=("pd", "colocated"), default=d.mode)
     p.add_argument("--prefill-replicas", type=int, default=d.prefill_replicas)
