@@ -14,7 +14,11 @@ from moeray.platform.model.transformer import Transformer
 from moeray.platform.serve.app import Ingress
 from moeray.platform.serve.generation_config import eos_token_ids, sampling_defaults
 from moeray.platform.serve.http.protocol import GenerationRequest, GenerationStep, SamplingDefaults
-from moeray.platform.serve.http.schemas import ChatCompletionRequest, CompletionRequest
+from moeray.platform.serve.http.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+)
 from moeray.platform.serve.http.server import OpenAIServer, OpenAIServerConfig
 from moeray.platform.serve.worker import make_engine, sampling_params
 
@@ -153,6 +157,12 @@ def test_the_ingress_reads_the_model_directory(tmp_path, refuse_ray_init):
     ingress = Ingress(ServeConfig(model=str(path)).to_dict(), Handle())
     app = ingress.__serve_build_asgi_app__()
     assert app.state.server.config.sampling_defaults == SamplingDefaults(0.6, 0.95)
+    # --chat-template: the server renders chats with the given template, not the directory's
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<bot>"
+    cfg = ServeConfig(model=str(path), chat_template=template)
+    app = Ingress(cfg.to_dict(), Handle()).__serve_build_asgi_app__()
+    messages = [ChatMessage(role="user", content="hi")]
+    assert app.state.server.chat_template(messages) == "<user>hi<bot>"
 
 
 def test_its_eos_token_ids_end_generation(tmp_path):

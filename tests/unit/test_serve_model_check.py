@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from moeray import cli
@@ -109,6 +110,25 @@ def test_missing_or_broken_tokenizer(tmp_path, capsys):
     (path / "tokenizer.json").write_text("{not json")
     rc, err = _serve(capsys, path)
     assert rc == 2 and "tokenizer does not load" in err
+
+
+def test_chat_template_from_a_file_or_as_written(tmp_path, capsys):
+    """--chat-template FILE|TEMPLATE: the template's text goes into the written config (the
+    replicas need no file); one that does not parse, or a path that is no file, exits 2."""
+    path = _model_dir(tmp_path / "m")
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (str(tmp_path / "t.jinja"), template):
+        out = tmp_path / "serve.yaml"
+        rc, err = _serve(capsys, path, "--chat-template", given, "--write-config", str(out))
+        (app,) = yaml.safe_load(out.read_text())["applications"]
+        assert rc == 0 and app["args"]["chat_template"] == template, err
+    assert check_model_dir(ServeConfig(model=str(path), chat_template=template)) == []
+    with pytest.raises(ValueError, match="chat_template does not parse"):
+        check_model_dir(ServeConfig(model=str(path), chat_template="{% if %}"))
+    with pytest.raises(SystemExit):
+        _serve(capsys, path, "--chat-template", str(tmp_path / "nowhere.jinja"))
+    assert "is neither a file nor a Jinja template" in capsys.readouterr().err
 
 
 def test_missing_weights_and_missing_directory(tmp_path, capsys):

@@ -3,6 +3,7 @@
 import json
 from datetime import datetime
 
+import jinja2
 import pytest
 
 from moeray.platform.serve.http.chat import ChatTemplateError
@@ -42,6 +43,11 @@ def test_a_directory_template_wins_and_missing_files_are_errors(tok_dir, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     render = ServeTokenizer(tmp_path).chat_template()
     assert render([ChatMessage(role="user", content="x")]) == "[user]x"
+    # the server's --chat-template wins over the directory's; one that does not parse raises
+    render = ServeTokenizer(tmp_path).chat_template("{{ messages[0]['content'] }}!")
+    assert render([ChatMessage(role="user", content="x")]) == "x!"
+    with pytest.raises(jinja2.TemplateSyntaxError):
+        ServeTokenizer(tmp_path).chat_template("{% for m in messages %}")
     with pytest.raises(ValueError, match=r"no tokenizer.json"):
         ServeTokenizer(tmp_path / "nowhere")
 

@@ -93,6 +93,9 @@ class ServeConfig:
     ep_decode_exchange: str = "auto"  # the gang's decode exchange (DECODE_EXCHANGES)
     # The model's tool-call syntax: "deepseek_v3" (its special tokens) or "json" (a JSON object)
     tool_call_parser: str = "deepseek_v3"
+    # A Jinja chat template (its text) used instead of the model directory's: vLLM's
+    # --chat-template, which `moeray serve` reads from a file or takes as written.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("pd", "colocated"):

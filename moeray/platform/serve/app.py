@@ -22,6 +22,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from moeray.actors.decode import ColocatedServer, DecodeServer
 from moeray.actors.ep import EPServer
 from moeray.actors.prefill import PrefillServer
@@ -115,7 +117,8 @@ class Ingress:
             self.tokenizer,
             server_cfg,
             metrics=Metrics("ray", default_labels={"model": self.cfg.served_model_id}),
-            chat_template=self.tokenizer.chat_template() or deepseek_chat_prompt,
+            chat_template=self.tokenizer.chat_template(self.cfg.chat_template)
+            or deepseek_chat_prompt,
         )
 
 
@@ -208,9 +211,15 @@ def check_model_dir(cfg: ServeConfig) -> list[str]:
         if cfg.num_speculative_tokens and config.num_nextn_predict_layers == 0:
             raise ValueError(no_mtp_reason(config.num_hidden_layers, missing_mtp))
         try:
-            ServeTokenizer(path).chat_template()
+            tokenizer = ServeTokenizer(path)
+            tokenizer.chat_template()
         except Exception as e:  # tokenizers, json and jinja2 raise their own types
             raise ValueError(f"its tokenizer does not load: {type(e).__name__}: {e}") from None
+        if cfg.chat_template:
+            try:
+                tokenizer.chat_template(cfg.chat_template)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"chat_template does not parse: {e}") from None
         sampling_defaults(path)
         eos_token_ids(path)
     return [str(w.message) for w in caught]
@@ -303,6 +312,17 @@ def start(
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     cfg = cfg.replace(api_key=resolve_api_key(cfg.api_key))
     return serve.run(build_serve_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
+
+
+def _chat_template_arg(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it reads as a template (as vLLM
+    takes it). The text goes into the config, so the replicas need no such file."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a file nor a Jinja template")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -478,6 +498,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the model's tool-call syntax, parsed into tool_calls (default: deepseek_v3)",
     )
     p.add_argument(
+        "--chat-template",
+        metavar="FILE|TEMPLATE",
+        type=_chat_template_arg,
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) instead of the model's",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", help="write the equivalent Serve config YAML and exit"
     )
     return p
@@ -526,6 +553,7 @@ def main(argv: list[str]) -> int:
             ep_timeout_s=a.ep_timeout_s,
             ep_decode_exchange=a.ep_decode_exchange,
             tool_call_parser=a.tool_call_parser,
+            chat_template=a.chat_template,
         )
     except ValueError as e:
         print(f"moeray serve: {e}", file=sys.stderr)

@@ -71,12 +71,14 @@ class ServeTokenizer:
     def _special(self, key: str) -> str:
         return config_token(self.config, key)
 
-    def chat_template(self) -> Callable[..., str] | None:
-        """The directory's Jinja chat template (tokenizer_config.json `chat_template` or
-        chat_template.jinja) in a sandbox, with the filters and globals transformers gives it;
-        None when there is none. Rendering raises ChatTemplateError (the API's 400) when the
-        template raises or the sandbox refuses an operation."""
-        source = self.config.get("chat_template")
+    def chat_template(self, override: str | None = None) -> Callable[..., str] | None:
+        """The Jinja chat template `override` (the server's --chat-template), else the
+        directory's (tokenizer_config.json `chat_template` or chat_template.jinja), in a sandbox
+        with the filters and globals transformers gives it; None when there is none. A template
+        that does not parse raises jinja2.TemplateSyntaxError here; rendering raises
+        ChatTemplateError (the API's 400) when the template raises or the sandbox refuses an
+        operation."""
+        source = override or self.config.get("chat_template")
         jinja_file = self.directory / "chat_template.jinja"
         if not source and jinja_file.exists():
             source = jinja_file.read_text()
