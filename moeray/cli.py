@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a tiny model, serve it with prefill/decode split, send requests",
     ),
     "train": ("moeray.platform.train.job", "run the training job (Ray Train) from a YAML config"),
-    "serve": ("moeray.platform.serve.app", "serve a model directory with Ray Serve (OpenAI API)"),
+    "serve": ("moeray.platform.serve.cli", "serve a model directory with Ray Serve (OpenAI API)"),
     "bench": ("moeray.bench", "benchmarks: kernels | engine | serve | kv | train | balance"),
     "plan": ("moeray.platform.plan", "pipeline schedules and capacity planning"),
     "dashboards": ("moeray.platform.dashboards", "generate or push the Grafana dashboards"),

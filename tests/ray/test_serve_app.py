@@ -62,7 +62,7 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(ray_local, serve_shutdowns, model_dir, tmp_path_factory):
-    from moeray.platform.serve.app import main as serve_main
+    from moeray.platform.serve.cli import main as serve_main
 
     serve_shutdowns.wait()
     port = _free_port()

@@ -165,7 +165,7 @@ def model_dir(tiny_model_dir):
 @pytest.fixture(scope="module")
 def deployed(cluster, model_dir):
     """`moeray serve --write-config F`, edit F's args, `serve deploy F`; yields (args, API URL)."""
-    from moeray.platform.serve.app import main as serve_main
+    from moeray.platform.serve.cli import main as serve_main
 
     dash, env, tmp = cluster
     port = _free_port()

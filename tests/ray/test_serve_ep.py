@@ -41,8 +41,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(ray_local, serve_shutdowns, tiny_model_dir, tmp_path_factory):
-    from moeray.platform.serve.app import main as serve_main
     from moeray.platform.serve.app import start
+    from moeray.platform.serve.cli import main as serve_main
 
     serve_shutdowns.wait()  # test_serve_app's Serve instance is gone
     port = _free_port()
@@ -230,7 +230,7 @@ def test_ep_gang_with_mtp_serves_what_the_single_process_engine_serves(
 ):
     """`moeray serve --ep 2 --num-speculative-tokens 1`: the flag reaches the gang's engines, which
     draft with the MTP depth (its MoE layer expert-parallel too) and serve the greedy answers."""
-    from moeray.platform.serve.app import main as serve_main
+    from moeray.platform.serve.cli import main as serve_main
 
     cfg, url = server
     f = tmp_path / "serve.yaml"

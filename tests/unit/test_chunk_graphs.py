@@ -26,7 +26,7 @@ from moeray.platform.engine.step_graphs import (
     graph_seconds,
 )
 from moeray.platform.serve import worker
-from moeray.platform.serve.app import main as serve_main
+from moeray.platform.serve.cli import main as serve_main
 from tests.unit.test_engine import N_NEW, setup  # noqa: F401  (the module fixture)
 
 

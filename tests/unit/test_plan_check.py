@@ -71,13 +71,13 @@ def test_train_gpu_without_a_budget_is_noted(monkeypatch, tmp_path):
 
 
 def test_serve_refuses_v3_on_one_gpu_and_names_ep(monkeypatch, tmp_path, capsys, refuse_ray_init):
-    from moeray.platform.serve import app
+    from moeray.platform.serve import cli
 
     (tmp_path / "config.json").write_text(json.dumps(deepseek_v3().to_hf()))
-    monkeypatch.setattr(app, "check_model_dir", lambda cfg: [])  # no weights in this directory
+    monkeypatch.setattr(cli, "check_model_dir", lambda cfg: [])  # no weights in this directory
     monkeypatch.setenv("MOERAY_GPU", "h200")
     argv = ["--model", str(tmp_path), "--gpus-per-replica", "1", "--weights", "fp8"]
-    assert app.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "141.0 GB" in err and "--ep 8" in err
 

@@ -9,7 +9,8 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from moeray.platform.config import KV_TRANSPORTS, ServeConfig  # noqa: E402
-from moeray.platform.serve.app import _decode_request_router, main  # noqa: E402
+from moeray.platform.serve.app import _decode_request_router  # noqa: E402
+from moeray.platform.serve.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
