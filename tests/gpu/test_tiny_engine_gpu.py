@@ -306,6 +306,8 @@ def test_engine_keeps_to_its_memory_share():
     assert cache >= 0.85 * (0.2 * total - weights), (cache, total, weights)
     pages = eng.kv.num_pages
     del eng
+    with pytest.raises(ValueError, match=r"no KV page .*gpu_memory_utilization=1e-06: raise it"):
+        Engine(model, EngineConfig(gpu_memory_utilization=1e-6, use_cuda_graphs=False))
     torch.cuda.empty_cache()
     whole = Engine(model, EngineConfig(use_cuda_graphs=False))
     assert whole.kv.num_pages > 3 * pages  # 0.9 of a free H100/H200 against 0.2 of it

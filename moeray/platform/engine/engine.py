@@ -143,7 +143,11 @@ class Engine:
             )
             num_pages = num_pages_for_budget(shape, budget) - 1  # one page kept as scratch
             if num_pages < 1:
-                raise ValueError(f"{budget} bytes hold no KV page of {shape.bytes_per_page} bytes")
+                share = config.gpu_memory_utilization if self.device.type == "cuda" else None
+                raise ValueError(
+                    f"{budget} bytes hold no KV page of {shape.bytes_per_page} bytes"
+                    + (f" (gpu_memory_utilization={share}: raise it)" if share else "")
+                )
         self.cache_shape = shape
         capacity = num_pages * config.page_size
         max_len = config.max_model_len or model.config.max_position_embeddings
