@@ -157,6 +157,11 @@ def test_serve_config_rejects_bad_values():
         ({"autoscaling": {"max_replica": 3}}, "max_replica"),
         ({"num_speculative_tokens": 5}, r"num_speculative_tokens=5: accepted 0 \(off\) to 4"),
         ({"num_pages": 0}, r"num_pages=0 must be >= 1 or None"),
+        ({"model": ""}, r"model='': give the model directory"),
+        ({"max_model_len": 0}, r"max_model_len=0 must be >= 1"),
+        ({"cpus_per_replica": -1}, r"cpus_per_replica=-1 must be >= 0"),
+        ({"gpus_per_replica": -0.5}, r"gpus_per_replica=-0.5: accepted 0, a fraction"),
+        ({"gpus_per_replica": 1.5}, r"gpus_per_replica=1.5: accepted 0, a fraction"),
         ({"gpu_memory_utilization": 1.2}, r"gpu_memory_utilization=1.2 must be in \(0, 1\]"),
     ):
         with pytest.raises(ValueError, match=match):

@@ -141,8 +141,17 @@ class ServeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not self.model:
+            raise ValueError("model='': give the model directory")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None (sized from memory)")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1 or None")
+        if self.cpus_per_replica < 0:
+            raise ValueError(f"cpus_per_replica={self.cpus_per_replica} must be >= 0")
+        g = self.gpus_per_replica
+        if g < 0 or (g > 1 and g != int(g)):  # Ray: a fraction of one GPU, or whole GPUs
+            raise ValueError(f"gpus_per_replica={g}: accepted 0, a fraction below 1, or whole GPUs")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1] or None"
