@@ -513,3 +513,20 @@ def test_mtp_chain_runs_the_draft_forward_before_verifying(setup, monkeypatch):
         s.request.params = real
     monkeypatch.delenv("MOERAY_FUSED_MTP_CHAIN")
     assert not eng.drafter.chains(out.scheduled)  # opt-in
+
+
+def test_engine_config_names_the_bad_value():
+    """EngineConfig refuses a bad setting when it is made, before an engine allocates its cache."""
+    for bad, match in (
+        ({"max_num_seqs": 0}, r"max_num_seqs=0 must be >= 1"),
+        ({"max_num_batched_tokens": 0}, r"max_num_batched_tokens=0 must be >= 1"),
+        ({"max_model_len": 0}, r"max_model_len=0 must be >= 1 or None"),
+        ({"cpu_cache_bytes": 0}, r"cpu_cache_bytes=0 must be >= 1"),
+        ({"graph_batch_sizes": ()}, r"graph_batch_sizes=\(\): accepted one or more sizes >= 1"),
+        ({"attention": "flash"}, r"attention='flash': accepted \('auto', 'kernel', 'gather'\)"),
+        ({"prefill_attention": "x"}, r"prefill_attention='x': accepted \('auto', 'expanded'"),
+        ({"memory_fraction": 0.0}, r"memory_fraction=0.0 must be in \(0, 1\]"),
+        ({"gpu_memory_utilization": 2.0}, r"gpu_memory_utilization=2.0 must be in \(0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(**bad)

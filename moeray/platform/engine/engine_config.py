@@ -10,6 +10,11 @@ from moeray.platform.config.graphs import (
     check_speculative_tokens,
 )
 
+# Decode attention: "kernel" (the paged MLA kernel via cache.attend), "gather", "auto" (kernel on
+# GPU, gather on CPU); prefill chunks' MLA path (runner.py says why "auto" is expanded).
+ATTENTIONS = ("auto", "kernel", "gather")
+PREFILL_ATTENTIONS = ("auto", "expanded", "absorbed")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -87,6 +92,21 @@ class EngineConfig:
             raise ValueError(f"num_pages={self.num_pages} must be >= 1 or None")
         if self.page_size < 1:
             raise ValueError(f"page_size={self.page_size} must be >= 1")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "cpu_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1 or None")
+        if not self.graph_batch_sizes or min(self.graph_batch_sizes) < 1:
+            raise ValueError(
+                f"graph_batch_sizes={self.graph_batch_sizes}: accepted one or more sizes >= 1"
+            )
+        for name, accepted in (
+            ("attention", ATTENTIONS),
+            ("prefill_attention", PREFILL_ATTENTIONS),
+        ):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name}={getattr(self, name)!r}: accepted {accepted}")
         for name in ("memory_fraction", "gpu_memory_utilization"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:
