@@ -405,7 +405,9 @@ def test_mtp_spec_graph_fp32_exact(trained_small_latent, monkeypatch):
             assert alone == want and together == want, graph
             assert eng.runner.graph_status == "captured", eng.runner.graph_status
             spec = eng._overlap.spec  # each run's steps: launched by a start or ahead
-            launched = spec.overlapped_steps + spec.drained_steps
+            launched = spec.launched_steps
+            in_flight = spec.pending is not None  # launched for rows its predecessor ended
+            assert launched == spec.overlapped_steps + spec.drained_steps + in_flight
             assert launched >= 30 and spec.overlapped_steps >= launched // 2, launched
             if graph == "1":
                 assert len(replays) == launched and {1, 8} <= set(replays) <= {1, 2, 4, 8}, replays
@@ -447,7 +449,10 @@ def test_mtp_drafts_k_fp32_exact(trained_small_latent, monkeypatch, k):
             assert eng.runner.graph_status == "captured", eng.runner.graph_status
             if ahead:
                 spec = eng._overlap.spec
-                launched = spec.overlapped_steps + spec.drained_steps
+                # (one launched for rows its predecessor ended may still be in flight)
+                launched = spec.launched_steps
+                in_flight = spec.pending is not None
+                assert launched == spec.overlapped_steps + spec.drained_steps + in_flight
                 assert len(replays) == launched >= 8, (replays, launched)
             st = eng.drafter.stats
             res[ahead] = (st.num_draft_tokens, st.num_accepted_tokens)

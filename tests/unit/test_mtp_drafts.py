@@ -287,10 +287,13 @@ def test_async_steps_draft_what_the_synchronous_engine_drafts(k):
     (sync_drafts, sync_stats, _), (drafts, stats, eng) = runs[False], runs[True]
     assert drafts == sync_drafts and stats == sync_stats
     assert stats["accepted_tokens"] > 5 and max(len(d) for d in drafts.values()) == k
-    assert eng._overlap.spec.overlapped_steps >= 10
+    spec = eng._overlap.spec
+    assert spec.overlapped_steps >= 10
+    assert spec.launched_steps == spec.overlapped_steps + spec.drained_steps + (
+        spec.pending is not None
+    )
     # seeded sampled rows run ahead too, with the synchronous steps' tokens
     sampled = [SamplingParams(temperature=0.9, seed=i, max_tokens=12) for i in range(len(prompts))]
-    spec = eng._overlap.spec
     before = spec.overlapped_steps
     want = run_to_end(_engine(model, k), prompts, sampled)
     assert list(run_to_end(eng, prompts, sampled).values()) == list(want.values())
@@ -373,3 +376,26 @@ def test_acceptance_by_draft_position_reaches_the_replica_counters(trained, plai
         assert sample("moeray_mtp_accepted_tokens_per_position", j) == st.accepted_per_position[j]
     total = reg.get_sample_value("moeray_mtp_accepted_tokens_total", {"deployment": "decode"})
     assert total == st.num_accepted_tokens == sum(st.accepted_per_position)
+
+
+def test_a_step_launched_for_rows_that_end_is_drained_by_the_next_run():
+    """With K = 2 a step in flight can accept drafts past a row's max_tokens, after the next step
+    was launched for that row: when it was the last row, that step stays in flight with nothing
+    left to run (counted in launched_steps, as a whole-step graph replays it on a GPU). The next
+    run's first step drains it, and its tokens equal the synchronous engine's."""
+    model = _hidden_mixing_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 9, 14, 20)]
+    short = [SamplingParams(temperature=0, max_tokens=5) for _ in prompts]
+    longer = [SamplingParams(temperature=0, max_tokens=m) for m in (24, 17, 24, 11)]
+    sync = _engine(model, 2)
+    eng = _engine(model, 2, async_scheduling=True, async_scheduling_spec=True)
+    spec = eng._overlap.spec
+    assert run_to_end(eng, prompts, short) == run_to_end(sync, prompts, short)
+    assert spec.pending is not None and not eng.has_unfinished()
+    assert spec.launched_steps == spec.overlapped_steps + spec.drained_steps + 1
+    drained = spec.drained_steps
+    want = list(run_to_end(sync, prompts, longer).values())
+    assert list(run_to_end(eng, prompts, longer).values()) == want
+    assert spec.drained_steps > drained and spec.pending is None
+    assert spec.launched_steps == spec.overlapped_steps + spec.drained_steps

@@ -102,6 +102,10 @@ class SpecOverlap:
         self.fed: dict[str, list[int]] = {}  # request id -> the drafts the step in flight got
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0
+        # Every step launched: overlapped + drained + the one in flight. A step launched for rows
+        # that its predecessor then ends (K > 1 drafts accepted past max_tokens) stays in flight
+        # once nothing is left to run, until the next step() drains it.
+        self.launched_steps = 0
 
     def takes(self, out: SchedulerOutput) -> bool:
         """Whether a synchronously scheduled step can start the overlap: every row a decode with
@@ -197,6 +201,7 @@ class SpecOverlap:
         eng = self.engine
         runner, drafter, k = eng.runner, eng.drafter, self.k
         t0 = time.perf_counter()
+        self.launched_steps += 1
         bt = runner.inputs.tables_by_id(
             [r.request_id for r in rows], runner.inputs.pages_to(farthest + 2 * k)
         )
