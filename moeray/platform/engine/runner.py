@@ -69,7 +69,6 @@ from typing import Protocol
 
 import torch
 
-from moeray.platform.engine.engine_config import ATTENTIONS, PREFILL_ATTENTIONS
 from moeray.platform.engine.kv_cache import KVCacheManager, PagedKVStorage
 from moeray.platform.engine.paged_view import GatherPagedView, KernelPagedView
 from moeray.platform.engine.runner_graphs import PAD_MAX_S, RunnerGraphs
@@ -134,9 +133,8 @@ class ModelRunner(RunnerGraphs):
         self.max_pages = -(-(max_model_len + self.pad_max_s - 2) // kv.page_size)
         self.on_gpu = self.device.type == "cuda"
         # "kernel" offers cache.attend (the paged MLA kernel on GPU; its PyTorch reference on CPU),
-        # "gather" only cache.update; "auto" is kernel on GPU, gather on CPU.
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention={attention!r}: accepted {ATTENTIONS}")
+        # "gather" only cache.update; "auto" is kernel on GPU, gather on CPU (EngineConfig checks
+        # both attention settings).
         kernel = attention == "kernel" or (attention == "auto" and self.on_gpu)
         self.view_cls = KernelPagedView if kernel else GatherPagedView
         # Forwards of more than pad_max_s tokens per row (prefill chunks) run MLA's expanded path
@@ -144,10 +142,6 @@ class ModelRunner(RunnerGraphs):
         # C = 512 latents once for all H heads, where the absorbed path attends in the 576-wide
         # latent space per head (V3: 128 x 576 x 2 FLOPs per query-key pair against 128 x 320 x 2
         # expanded). "absorbed" keeps every forward absorbed. Decode is always absorbed.
-        if prefill_attention not in PREFILL_ATTENTIONS:
-            raise ValueError(
-                f"prefill_attention={prefill_attention!r}: accepted {PREFILL_ATTENTIONS}"
-            )
         self.prefill_expanded = prefill_attention != "absorbed"
         # Rows that pad a graph batch write into the storage's extra last page, owned by no one.
         self.scratch_page = storage.num_pages - 1 if storage.num_pages > kv.num_pages else None

@@ -103,7 +103,7 @@ class SpecOverlap:
         self.overlapped_steps = 0  # steps launched while another was in flight
         self.drained_steps = 0
         # Every step launched: overlapped + drained + the one in flight. A step launched for rows
-        # that its predecessor then ends (K > 1 drafts accepted past max_tokens) stays in flight
+        # that its predecessor then ends (drafts accepted past max_tokens) stays in flight
         # once nothing is left to run, until the next step() drains it.
         self.launched_steps = 0
 

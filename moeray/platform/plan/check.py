@@ -146,8 +146,7 @@ def check_serve(serve: Any, cfg: ModelConfig) -> list[str]:
         return ["memory not checked: no CUDA device here; set MOERAY_GPU=h800|h100|h200|b200"]
     limit, source = budget
     if on_gpu:  # the replica's share of its GPU, as the engine sizes its cache
-        share = serve.memory_share()
-        limit *= share if share is not None else min(1.0, serve.gpus_per_replica)
+        limit *= serve.memory_share() or 1.0
     weights, kv = serve_bytes_per_rank(serve, cfg)
     reserve = (GPU_RESERVE_GB if on_gpu else CPU_RESERVE_GB) * GB
     if weights + kv + reserve <= limit * GB:
